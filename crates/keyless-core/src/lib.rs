@@ -1,0 +1,25 @@
+//! Pure domain logic for Keyless. Nothing in this crate does IO: no sockets, no files, no
+//! database, no clock reads. Time is passed in as Unix seconds (see [`clock`]), so every rule
+//! here is unit tested without servers.
+//!
+//! - [`resource_id`]: ARM resource ids and request paths (case-insensitive like ARM).
+//! - [`names`]: naming rules for resource groups, identities and VMs.
+//! - [`api_version`]: the api-versions each surface accepts.
+//! - [`claims`]: the claims of a managed-identity access token.
+//! - [`imds`]: parsing and validating IMDS token requests, and the IMDS response/error shapes.
+//! - [`selection`]: which identity of a host a request selects (the one decision point).
+//! - [`rotation`]: signing-key rotation plan.
+//! - [`refresh`]: when a cached token must be renewed.
+
+pub mod api_version;
+pub mod claims;
+pub mod clock;
+pub mod error;
+pub mod imds;
+pub mod names;
+pub mod refresh;
+pub mod resource_id;
+pub mod rotation;
+pub mod selection;
+
+pub use error::CoreError;

@@ -1,0 +1,303 @@
+//! ARM resource ids and request paths.
+//!
+//! ARM treats the fixed segments (`subscriptions`, `resourceGroups`, `providers`, namespaces
+//! and type names) case-insensitively, and resource names case-insensitively for lookup while
+//! echoing the case they were created with. [`ResourceId::key`] is the lookup key; the
+//! canonical form is what responses carry.
+
+use crate::CoreError;
+
+/// Resource types this build of Keyless knows, with their canonical spelling.
+pub const KNOWN_TYPES: &[(&str, &str)] = &[
+    ("Microsoft.ManagedIdentity", "userAssignedIdentities"),
+    ("Microsoft.Compute", "virtualMachines"),
+];
+
+/// Canonical spelling of a provider namespace and type, if known.
+pub fn canonical_type(namespace: &str, type_name: &str) -> Option<(&'static str, &'static str)> {
+    KNOWN_TYPES
+        .iter()
+        .find(|(ns, ty)| ns.eq_ignore_ascii_case(namespace) && ty.eq_ignore_ascii_case(type_name))
+        .copied()
+}
+
+/// `Microsoft.ManagedIdentity/userAssignedIdentities`.
+pub const UAMI: (&str, &str) = ("Microsoft.ManagedIdentity", "userAssignedIdentities");
+/// `Microsoft.Compute/virtualMachines`.
+pub const VM: (&str, &str) = ("Microsoft.Compute", "virtualMachines");
+
+/// A tracked resource inside a resource group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResourceId {
+    pub subscription: String,
+    pub resource_group: String,
+    pub namespace: String,
+    pub type_name: String,
+    pub name: String,
+}
+
+impl ResourceId {
+    pub fn new(
+        subscription: &str,
+        resource_group: &str,
+        (namespace, type_name): (&str, &str),
+        name: &str,
+    ) -> Self {
+        Self {
+            subscription: subscription.to_string(),
+            resource_group: resource_group.to_string(),
+            namespace: namespace.to_string(),
+            type_name: type_name.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// `/subscriptions/{s}/resourceGroups/{rg}/providers/{ns}/{type}/{name}`.
+    pub fn canonical(&self) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/{}/{}/{}",
+            self.subscription, self.resource_group, self.namespace, self.type_name, self.name
+        )
+    }
+
+    /// The form Entra puts in `xms_mirid`: like [`Self::canonical`] but with a lowercase
+    /// `resourcegroups` segment (as observed in real tokens).
+    pub fn mirid(&self) -> String {
+        format!(
+            "/subscriptions/{}/resourcegroups/{}/providers/{}/{}/{}",
+            self.subscription, self.resource_group, self.namespace, self.type_name, self.name
+        )
+    }
+
+    /// Case-insensitive lookup key.
+    pub fn key(&self) -> String {
+        self.canonical().to_ascii_lowercase()
+    }
+
+    /// `{namespace}/{type}` as ARM writes it in the `type` property.
+    pub fn full_type(&self) -> String {
+        format!("{}/{}", self.namespace, self.type_name)
+    }
+
+    pub fn is_type(&self, (ns, ty): (&str, &str)) -> bool {
+        self.namespace.eq_ignore_ascii_case(ns) && self.type_name.eq_ignore_ascii_case(ty)
+    }
+
+    /// Parse a full resource id (as found in request bodies, e.g. `userAssignedIdentities` keys).
+    pub fn parse(id: &str) -> Result<Self, CoreError> {
+        match ArmPath::parse(id)? {
+            ArmPath::Resource(r) => Ok(r),
+            _ => Err(CoreError::InvalidResourceId(id.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.canonical())
+    }
+}
+
+/// The ARM request paths Keyless routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArmPath {
+    Subscriptions,
+    Subscription {
+        subscription: String,
+    },
+    ResourceGroups {
+        subscription: String,
+    },
+    ResourceGroup {
+        subscription: String,
+        resource_group: String,
+    },
+    /// `.../providers/{ns}/{type}` under a subscription or a resource group.
+    Collection {
+        subscription: String,
+        resource_group: Option<String>,
+        namespace: String,
+        type_name: String,
+    },
+    Resource(ResourceId),
+    /// `POST {resource}/{action}`.
+    Action {
+        resource: ResourceId,
+        action: String,
+    },
+}
+
+fn percent_decode(s: &str) -> Result<String, CoreError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| CoreError::InvalidResourceId(s.to_string()))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| CoreError::InvalidResourceId(s.to_string()))
+}
+
+impl ArmPath {
+    /// Parse a request path or resource id. Percent-escapes are decoded per segment; a trailing
+    /// slash is ignored.
+    pub fn parse(path: &str) -> Result<Self, CoreError> {
+        let bad = || CoreError::InvalidResourceId(path.to_string());
+        let trimmed = path.trim_end_matches('/');
+        let mut segs = Vec::new();
+        for (i, s) in trimmed.split('/').enumerate() {
+            if i == 0 {
+                if !s.is_empty() {
+                    return Err(bad());
+                }
+                continue;
+            }
+            if s.is_empty() {
+                return Err(bad());
+            }
+            segs.push(percent_decode(s)?);
+        }
+        let eq = |s: &String, k: &str| s.eq_ignore_ascii_case(k);
+        match segs.as_slice() {
+            [s] if eq(s, "subscriptions") => Ok(ArmPath::Subscriptions),
+            [s, sub] if eq(s, "subscriptions") => Ok(ArmPath::Subscription {
+                subscription: sub.clone(),
+            }),
+            [s, sub, g] if eq(s, "subscriptions") && eq(g, "resourcegroups") => {
+                Ok(ArmPath::ResourceGroups {
+                    subscription: sub.clone(),
+                })
+            }
+            [s, sub, g, rg] if eq(s, "subscriptions") && eq(g, "resourcegroups") => {
+                Ok(ArmPath::ResourceGroup {
+                    subscription: sub.clone(),
+                    resource_group: rg.clone(),
+                })
+            }
+            [s, sub, p, ns, ty] if eq(s, "subscriptions") && eq(p, "providers") => {
+                let (ns, ty) = canon(ns, ty);
+                Ok(ArmPath::Collection {
+                    subscription: sub.clone(),
+                    resource_group: None,
+                    namespace: ns,
+                    type_name: ty,
+                })
+            }
+            [s, sub, g, rg, p, ns, ty]
+                if eq(s, "subscriptions") && eq(g, "resourcegroups") && eq(p, "providers") =>
+            {
+                let (ns, ty) = canon(ns, ty);
+                Ok(ArmPath::Collection {
+                    subscription: sub.clone(),
+                    resource_group: Some(rg.clone()),
+                    namespace: ns,
+                    type_name: ty,
+                })
+            }
+            [s, sub, g, rg, p, ns, ty, name, rest @ ..]
+                if eq(s, "subscriptions") && eq(g, "resourcegroups") && eq(p, "providers") =>
+            {
+                let (ns, ty) = canon(ns, ty);
+                let resource = ResourceId {
+                    subscription: sub.clone(),
+                    resource_group: rg.clone(),
+                    namespace: ns,
+                    type_name: ty,
+                    name: name.clone(),
+                };
+                match rest {
+                    [] => Ok(ArmPath::Resource(resource)),
+                    [action] => Ok(ArmPath::Action {
+                        resource,
+                        action: action.clone(),
+                    }),
+                    _ => Err(bad()),
+                }
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+fn canon(ns: &str, ty: &str) -> (String, String) {
+    match canonical_type(ns, ty) {
+        Some((n, t)) => (n.to_string(), t.to_string()),
+        None => (ns.to_string(), ty.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_resource_case_insensitively_and_canonicalises() {
+        let p = ArmPath::parse(
+            "/SUBSCRIPTIONS/s1/resourcegroups/My-RG/providers/microsoft.managedidentity/USERASSIGNEDIDENTITIES/id1",
+        )
+        .unwrap();
+        let ArmPath::Resource(r) = p else { panic!("{p:?}") };
+        assert_eq!(
+            r.canonical(),
+            "/subscriptions/s1/resourceGroups/My-RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1"
+        );
+        assert_eq!(
+            r.mirid(),
+            "/subscriptions/s1/resourcegroups/My-RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1"
+        );
+        assert_eq!(r.key(), r.canonical().to_lowercase());
+        assert!(r.is_type(UAMI));
+    }
+
+    #[test]
+    fn parses_collections_and_groups() {
+        assert_eq!(ArmPath::parse("/subscriptions").unwrap(), ArmPath::Subscriptions);
+        assert_eq!(
+            ArmPath::parse("/subscriptions/s/resourceGroups/").unwrap(),
+            ArmPath::ResourceGroups { subscription: "s".into() }
+        );
+        assert!(matches!(
+            ArmPath::parse("/subscriptions/s/providers/Microsoft.Compute/virtualMachines").unwrap(),
+            ArmPath::Collection { resource_group: None, .. }
+        ));
+        assert!(matches!(
+            ArmPath::parse("/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/v/joinToken").unwrap(),
+            ArmPath::Action { ref action, .. } if action == "joinToken"
+        ));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for p in [
+            "",
+            "subscriptions",
+            "/subscriptions//resourceGroups",
+            "/foo/bar",
+            "/subscriptions/s/resourceGroups/g/providers/a/b/c/d/e",
+            "/subscriptions/s/resourceGroups/g%zz",
+        ] {
+            assert!(ArmPath::parse(p).is_err(), "{p}");
+        }
+        assert!(ResourceId::parse("/subscriptions/s/resourceGroups/g").is_err());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        let ArmPath::ResourceGroup { resource_group, .. } =
+            ArmPath::parse("/subscriptions/s/resourceGroups/rg%28a%29").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(resource_group, "rg(a)");
+    }
+}

@@ -1,0 +1,99 @@
+//! The persistence boundary. [`Store`] is what the server needs from storage, in domain terms;
+//! [`sqlite::SqliteStore`] is the embedded default (one SQLite file in the data dir). A
+//! PostgreSQL backend implements the same trait; nothing above this crate knows which is used.
+//!
+//! Secrets (private keys) go through [`crypto::Kek`]: AES-256-GCM with a key-encryption key
+//! kept outside the database file.
+
+pub mod crypto;
+pub mod records;
+pub mod sqlite;
+
+pub use crypto::Kek;
+pub use records::*;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("decryption failed (wrong key-encryption key?)")]
+    Decrypt,
+    #[error("key-encryption key: {0}")]
+    Kek(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("not found")]
+    NotFound,
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Outcome of consuming a join token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinTokenOutcome {
+    /// The token was valid and is now spent; it names this VM.
+    Accepted { vm_key: String },
+    Unknown,
+    Expired,
+    AlreadyUsed,
+}
+
+/// Everything the server persists. Methods are small and transactional on their own.
+pub trait Store: Send + Sync + 'static {
+    // -- instance metadata (tenant, subscription, settings)
+    fn get_meta(&self, key: &str) -> Result<Option<String>>;
+    fn set_meta(&self, key: &str, value: &str) -> Result<()>;
+
+    // -- encrypted blobs (CA key, TLS key, ...)
+    fn put_secret(&self, name: &str, plaintext: &[u8]) -> Result<()>;
+    fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>>;
+
+    // -- token signing keys
+    fn insert_signing_key(&self, key: &SigningKeyRecord) -> Result<()>;
+    fn list_signing_keys(&self) -> Result<Vec<SigningKeyRecord>>;
+    fn delete_signing_key(&self, kid: &str) -> Result<()>;
+
+    // -- resource groups
+    fn put_resource_group(&self, rg: &ResourceGroupRecord) -> Result<bool>;
+    fn get_resource_group(&self, subscription: &str, name: &str) -> Result<Option<ResourceGroupRecord>>;
+    fn list_resource_groups(&self, subscription: &str) -> Result<Vec<ResourceGroupRecord>>;
+    /// Delete a group and everything in it (identities, VMs with their system identities,
+    /// assignments, join tokens; host credentials of its VMs are revoked).
+    fn delete_resource_group(&self, subscription: &str, name: &str) -> Result<bool>;
+
+    // -- identities (user-assigned and system-assigned)
+    /// Insert or replace; returns true when created.
+    fn put_identity(&self, id: &IdentityRecord) -> Result<bool>;
+    fn get_identity(&self, key: &str) -> Result<Option<IdentityRecord>>;
+    fn list_identities(&self, subscription: &str, rg: Option<&str>) -> Result<Vec<IdentityRecord>>;
+    /// Delete a user-assigned identity and remove it from every VM.
+    fn delete_identity(&self, key: &str) -> Result<bool>;
+
+    // -- virtual machines
+    /// Write a VM, its system identity (created, kept or deleted as `system` says) and its
+    /// user-assigned identity set, in one transaction. Returns true when created.
+    fn put_vm(&self, vm: &VmRecord, system: Option<&IdentityRecord>, user_keys: &[String]) -> Result<bool>;
+    fn get_vm(&self, key: &str) -> Result<Option<VmRecord>>;
+    fn list_vms(&self, subscription: &str, rg: Option<&str>) -> Result<Vec<VmRecord>>;
+    /// Delete a VM, its system identity, its assignments, join tokens and host credentials.
+    fn delete_vm(&self, key: &str) -> Result<bool>;
+    /// Keys of the user-assigned identities assigned to a VM.
+    fn vm_user_identities(&self, vm_key: &str) -> Result<Vec<IdentityRecord>>;
+    /// The system-assigned identity of a VM.
+    fn vm_system_identity(&self, vm_key: &str) -> Result<Option<IdentityRecord>>;
+
+    // -- service principals
+    fn put_service_principal(&self, sp: &ServicePrincipalRecord) -> Result<()>;
+    fn get_service_principal(&self, client_id: &str) -> Result<Option<ServicePrincipalRecord>>;
+
+    // -- host join and credentials
+    fn insert_join_token(&self, hash: &str, vm_key: &str, expires_at: u64) -> Result<()>;
+    fn consume_join_token(&self, hash: &str, now: u64) -> Result<JoinTokenOutcome>;
+    fn insert_host_credential(&self, cred: &HostCredentialRecord) -> Result<()>;
+    fn get_host_credential(&self, fingerprint: &str) -> Result<Option<HostCredentialRecord>>;
+}

@@ -1,0 +1,82 @@
+//! Stored shapes. These are data, not behaviour: rules live in `keyless-core` and the server.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceGroupRecord {
+    pub subscription: String,
+    pub name: String,
+    pub location: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRecord {
+    /// Lookup key (lowercase canonical id).
+    pub key: String,
+    /// Canonical ARM id: the identity's, or for a system-assigned identity the VM's.
+    pub resource_id: String,
+    pub name: String,
+    pub subscription: String,
+    pub resource_group: String,
+    pub location: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    pub tenant_id: String,
+    pub principal_id: String,
+    pub client_id: String,
+    /// For a system-assigned identity: the key of its VM.
+    pub system_vm: Option<String>,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub key: String,
+    pub resource_id: String,
+    pub name: String,
+    pub subscription: String,
+    pub resource_group: String,
+    pub location: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// The VM's unique id (`vmId`).
+    pub vm_id: String,
+    /// `None`, `SystemAssigned`, `UserAssigned` or `SystemAssigned, UserAssigned`.
+    pub identity_type: String,
+    /// Other `properties` the caller sent (hardwareProfile, osProfile, ...), echoed back.
+    #[serde(default)]
+    pub properties: serde_json::Value,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePrincipalRecord {
+    pub client_id: String,
+    pub object_id: String,
+    pub display_name: String,
+    /// Hex SHA-256 of the (256-bit random) client secret.
+    pub secret_sha256: String,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigningKeyRecord {
+    pub kid: String,
+    pub created: u64,
+    pub activate_at: u64,
+    pub cert_der: Vec<u8>,
+    /// PKCS#8 private key (plaintext in memory; encrypted by the store at rest).
+    pub key_pkcs8: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCredentialRecord {
+    /// Hex SHA-256 of the client certificate DER.
+    pub fingerprint: String,
+    pub vm_key: String,
+    pub not_after: u64,
+    pub issued: u64,
+}
