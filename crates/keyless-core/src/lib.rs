@@ -7,6 +7,7 @@
 //! - [`api_version`]: the api-versions each surface accepts.
 //! - [`claims`]: the claims of a managed-identity access token.
 //! - [`imds`]: parsing and validating IMDS token requests, and the IMDS response/error shapes.
+//! - [`identity_type`]: the `identity` property of a host resource (PUT and PATCH rules).
 //! - [`selection`]: which identity of a host a request selects (the one decision point).
 //! - [`rotation`]: signing-key rotation plan.
 //! - [`refresh`]: when a cached token must be renewed.
@@ -15,6 +16,7 @@ pub mod api_version;
 pub mod claims;
 pub mod clock;
 pub mod error;
+pub mod identity_type;
 pub mod imds;
 pub mod names;
 pub mod refresh;

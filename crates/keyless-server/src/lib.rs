@@ -1,1 +1,150 @@
+//! The Keyless server: one HTTPS listener serving the token service ([`sts`]), the control
+//! plane ([`arm`]) and the host API ([`host`]), over a [`keyless_store::Store`].
+//!
+//! Request flow for a managed-identity token: workload → `keyless node` (IMDS, plain HTTP on
+//! the host) → `POST /keyless/host/v1/token` here over mTLS → [`host`] resolves the VM from the
+//! client certificate, asks `keyless_core::selection` which of the VM's identities the request
+//! names, and [`tokens::mint`] signs the claims built by `keyless_core::claims`.
 
+pub mod arm;
+pub mod error;
+pub mod host;
+pub mod keys;
+pub mod resources;
+pub mod state;
+pub mod sts;
+pub mod tokens;
+pub mod util;
+
+use crate::error::{Result, ServerError};
+use crate::host::PeerCert;
+use crate::state::{AppState, Bootstrap, ServerConfig};
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use keyless_core::clock::Clock;
+use keyless_store::Store;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+pub use state::{AdminCredential, ServerConfig as Config};
+
+/// A started server.
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    pub state: Arc<AppState>,
+    pub bootstrap: Bootstrap,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// The HTTP application (without TLS), for the listener and for tests.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .merge(sts::routes())
+        .merge(arm::routes())
+        .merge(host::routes())
+        .fallback(|| async {
+            ServerError::InvalidPath("The requested path is not served by Keyless.".into())
+        })
+        .with_state(state)
+}
+
+/// Bootstrap the data dir and start serving on `cfg.listen`.
+pub async fn start(cfg: ServerConfig, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<RunningServer> {
+    keyless_pki::install_crypto_provider();
+    let now = clock.now();
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: cfg.listen.to_string(),
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: cfg.listen.to_string(),
+        source,
+    })?;
+    let (boot, ca) = state::bootstrap(store.as_ref(), &cfg, now)?;
+    let sans = state::tls_sans(&cfg.tls_sans);
+    let (chain, key) = state::tls_identity(store.as_ref(), &ca, &sans, now)?;
+    let tls = keyless_pki::server_tls_config(chain, &key, ca.cert_der())?;
+    let base_url = cfg
+        .public_url
+        .clone()
+        .map(|u| u.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| format!("https://localhost:{}", local_addr.port()));
+    let state = Arc::new(AppState {
+        store,
+        clock,
+        tenant_id: boot.tenant_id.clone(),
+        subscription_id: boot.subscription_id.clone(),
+        tenant_created: boot.tenant_created,
+        base_url,
+        keys: keys::KeyRing::default(),
+        ca,
+        cfg,
+    });
+    state.keys.reload(state.store.as_ref())?;
+    state.keys.rotate(state.store.as_ref(), &state.ca, now, &state.cfg.rotation)?;
+
+    // Key rotation, and reloading keys other replicas may have written.
+    let rot = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(rot.cfg.key_check_interval);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let r = rot.keys.reload(rot.store.as_ref()).and_then(|_| {
+                rot.keys.rotate(rot.store.as_ref(), &rot.ca, rot.now(), &rot.cfg.rotation)
+            });
+            if let Err(e) = r {
+                tracing::error!(error = %e, "signing key rotation failed");
+            }
+        }
+    });
+
+    let app = app(state.clone());
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, _peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let app = app.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    _ => return,
+                };
+                let peer = PeerCert(
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| keyless_pki::sha256_hex(c)),
+                );
+                let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(RunningServer {
+        local_addr,
+        state,
+        bootstrap: boot,
+        task,
+    })
+}

@@ -1,0 +1,353 @@
+//! The control plane over HTTPS in ARM's shapes. Order of checks follows ARM: authentication,
+//! then `api-version`, then the path, then authorization, then the body.
+
+use crate::error::{Result, ServerError};
+use crate::resources::{self as res, VmBody};
+use crate::state::AppState;
+use crate::tokens;
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::{Json, Router};
+use keyless_core::api_version;
+use keyless_core::claims::JwtError;
+use keyless_core::resource_id::{canonical_type, ArmPath, ResourceId, UAMI, VM};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Largest control-plane request body.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/subscriptions", any(handle))
+        .route("/subscriptions/{*rest}", any(handle))
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub object_id: String,
+    pub client_id: String,
+    pub is_service_principal: bool,
+}
+
+fn authenticate(s: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller> {
+    let tenant_uri = format!("{}/{}", s.base_url, s.tenant_id);
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ServerError::AuthenticationMissing { tenant: tenant_uri });
+    };
+    let invalid = |m: &str| ServerError::InvalidAuthenticationToken {
+        tenant: tenant_uri.clone(),
+        message: m.to_string(),
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or_else(|| invalid("The authentication scheme of Bearer is required."))?;
+    let claims = tokens::verify(s, token, &s.management_audiences()).map_err(|e| match e {
+        JwtError::Expired => ServerError::ExpiredAuthenticationToken(
+            "The access token has expired. Acquire a new token and retry.".into(),
+        ),
+        JwtError::Audience(a) => invalid(&format!(
+            "The access token has been obtained for wrong audience or resource '{a}'. It should exactly match with one of the allowed audiences '{}'.",
+            s.management_audiences().join("','")
+        )),
+        JwtError::Issuer(i) => invalid(&format!(
+            "The access token is from the wrong issuer '{i}'. It must match the tenant '{}' associated with this subscription.",
+            s.issuer_v1()
+        )),
+        _ => invalid("The access token is invalid."),
+    })?;
+    let str_claim = |k: &str| claims.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let (object_id, client_id) = (str_claim("oid"), str_claim("appid"));
+    if object_id.is_empty() {
+        return Err(invalid(
+            "The received access token is not valid: at least one of the claims 'puid' or 'altsecid' or 'oid' should be present.",
+        ));
+    }
+    // Only registered service principals administer the control plane until role assignments
+    // exist; a managed identity's token is authenticated but not authorized.
+    let is_service_principal = claims.get("xms_mirid").is_none()
+        && s.store
+            .get_service_principal(&client_id)?
+            .is_some_and(|sp| sp.object_id == object_id);
+    Ok(Caller {
+        object_id,
+        client_id,
+        is_service_principal,
+    })
+}
+
+fn authorize(caller: &Caller, action: &str, scope: &str) -> Result<()> {
+    if caller.is_service_principal {
+        Ok(())
+    } else {
+        Err(ServerError::AuthorizationFailed {
+            principal: caller.object_id.clone(),
+            action: action.to_string(),
+            scope: scope.to_string(),
+        })
+    }
+}
+
+fn verb(method: &Method) -> &'static str {
+    match *method {
+        Method::GET | Method::HEAD => "read",
+        Method::DELETE => "delete",
+        Method::POST => "action",
+        _ => "write",
+    }
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    if body.is_empty() {
+        return Err(ServerError::InvalidRequestContent("The request content is empty.".into()));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| ServerError::InvalidRequestContent(e.to_string()))?;
+    if !v.is_object() {
+        return Err(ServerError::InvalidRequestContent("The request content must be a JSON object.".into()));
+    }
+    serde_json::from_value(v).map_err(|e| ServerError::InvalidRequestContent(e.to_string()))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct TrackedBody {
+    location: Option<String>,
+    tags: Option<BTreeMap<String, String>>,
+}
+
+fn list(values: Vec<Value>) -> Response {
+    Json(json!({ "value": values })).into_response()
+}
+
+fn created_or_ok(created: bool, body: Value) -> Response {
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    (status, Json(body)).into_response()
+}
+
+fn check_version(supported: &[&str], v: &str, provider: Option<(&str, &str)>) -> Result<()> {
+    if api_version::is_supported(supported, v) {
+        return Ok(());
+    }
+    Err(match provider {
+        None => ServerError::InvalidApiVersion {
+            version: v.to_string(),
+            supported: supported.iter().rev().copied().collect::<Vec<_>>().join(","),
+        },
+        Some((_, ty)) => ServerError::NoRegisteredProviderFound {
+            location: "local".into(),
+            version: v.to_string(),
+            type_name: ty.to_string(),
+            supported: supported.join(", "),
+        },
+    })
+}
+
+fn type_versions(ns: &str, ty: &str) -> Result<(&'static [&'static str], (&'static str, &'static str))> {
+    match canonical_type(ns, ty) {
+        Some(t) if t == UAMI => Ok((api_version::MSI, t)),
+        Some(t) if t == VM => Ok((api_version::COMPUTE, t)),
+        _ => Err(ServerError::InvalidResourceType {
+            namespace: ns.to_string(),
+            type_name: ty.to_string(),
+        }),
+    }
+}
+
+async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let caller = authenticate(&s, &parts.headers)?;
+    let query: Vec<(String, String)> = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
+        .map_err(|_| ServerError::InvalidRequestContent("The query string is malformed.".into()))?;
+    let version = query
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("api-version"))
+        .map(|(_, v)| v.clone())
+        .ok_or(ServerError::MissingApiVersion)?;
+    let path = ArmPath::parse(parts.uri.path()).map_err(|_| ServerError::InvalidPath(parts.uri.path().to_string()))?;
+    let body = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ServerError::RequestTooLarge(MAX_BODY))?;
+    let m = &parts.method;
+    let sub_scope = |sub: &str| format!("/subscriptions/{sub}");
+
+    match path {
+        ArmPath::Subscriptions => {
+            check_version(api_version::RESOURCES, &version, None)?;
+            authorize(&caller, "Microsoft.Resources/subscriptions/read", "/")?;
+            Ok(list(vec![subscription_json(&s)]))
+        }
+        ArmPath::Subscription { subscription } => {
+            check_version(api_version::RESOURCES, &version, None)?;
+            res::check_subscription(&s, &subscription)?;
+            authorize(&caller, "Microsoft.Resources/subscriptions/read", &sub_scope(&subscription))?;
+            match *m {
+                Method::GET => Ok(Json(subscription_json(&s)).into_response()),
+                _ => Err(ServerError::MethodNotAllowed(m.to_string())),
+            }
+        }
+        ArmPath::ResourceGroups { subscription } => {
+            check_version(api_version::RESOURCES, &version, None)?;
+            res::check_subscription(&s, &subscription)?;
+            authorize(&caller, "Microsoft.Resources/subscriptions/resourceGroups/read", &sub_scope(&subscription))?;
+            if *m != Method::GET {
+                return Err(ServerError::MethodNotAllowed(m.to_string()));
+            }
+            let groups = s.store.list_resource_groups(&subscription)?;
+            Ok(list(groups.iter().map(res::rg_json).collect()))
+        }
+        ArmPath::ResourceGroup { subscription, resource_group } => {
+            check_version(api_version::RESOURCES, &version, None)?;
+            res::check_subscription(&s, &subscription)?;
+            let scope = format!("/subscriptions/{subscription}/resourceGroups/{resource_group}");
+            authorize(&caller, &format!("Microsoft.Resources/subscriptions/resourceGroups/{}", verb(m)), &scope)?;
+            match *m {
+                Method::PUT => {
+                    let b: TrackedBody = parse_body(&body)?;
+                    let (rg, created) = res::put_resource_group(&s, &subscription, &resource_group, b.location.as_deref(), b.tags)?;
+                    Ok(created_or_ok(created, res::rg_json(&rg)))
+                }
+                Method::PATCH => {
+                    let b: TrackedBody = parse_body(&body)?;
+                    let cur = res::get_resource_group(&s, &subscription, &resource_group)?;
+                    let (rg, _) = res::put_resource_group(&s, &subscription, &resource_group, Some(&cur.location), b.tags.or(Some(cur.tags)))?;
+                    Ok(Json(res::rg_json(&rg)).into_response())
+                }
+                Method::GET => Ok(Json(res::rg_json(&res::get_resource_group(&s, &subscription, &resource_group)?)).into_response()),
+                Method::HEAD => Ok(match s.store.get_resource_group(&subscription, &resource_group)? {
+                    Some(_) => StatusCode::NO_CONTENT.into_response(),
+                    None => StatusCode::NOT_FOUND.into_response(),
+                }),
+                Method::DELETE => {
+                    if s.store.delete_resource_group(&subscription, &resource_group)? {
+                        Ok(StatusCode::OK.into_response())
+                    } else {
+                        Err(ServerError::ResourceGroupNotFound(resource_group))
+                    }
+                }
+                _ => Err(ServerError::MethodNotAllowed(m.to_string())),
+            }
+        }
+        ArmPath::Collection { subscription, resource_group, namespace, type_name } => {
+            let (versions, t) = type_versions(&namespace, &type_name)?;
+            check_version(versions, &version, Some(t))?;
+            res::check_subscription(&s, &subscription)?;
+            let scope = match &resource_group {
+                Some(rg) => format!("/subscriptions/{subscription}/resourceGroups/{rg}"),
+                None => sub_scope(&subscription),
+            };
+            authorize(&caller, &format!("{}/{}/read", t.0, t.1), &scope)?;
+            if *m != Method::GET {
+                return Err(ServerError::MethodNotAllowed(m.to_string()));
+            }
+            if let Some(rg) = &resource_group {
+                res::get_resource_group(&s, &subscription, rg)?;
+            }
+            if t == UAMI {
+                let ids = s.store.list_identities(&subscription, resource_group.as_deref())?;
+                Ok(list(ids.iter().map(res::identity_json).collect()))
+            } else {
+                let vms = s.store.list_vms(&subscription, resource_group.as_deref())?;
+                Ok(list(vms.iter().map(|v| res::vm_json(&s, v)).collect::<Result<Vec<_>>>()?))
+            }
+        }
+        ArmPath::Resource(rid) => {
+            let (versions, t) = type_versions(&rid.namespace, &rid.type_name)?;
+            check_version(versions, &version, Some(t))?;
+            res::check_subscription(&s, &rid.subscription)?;
+            authorize(&caller, &format!("{}/{}/{}", t.0, t.1, verb(m)), &rid.canonical())?;
+            if t == UAMI {
+                identity(&s, m, &rid, &body)
+            } else {
+                vm(&s, m, &rid, &body)
+            }
+        }
+        ArmPath::Action { resource, action } => {
+            let (versions, t) = type_versions(&resource.namespace, &resource.type_name)?;
+            check_version(versions, &version, Some(t))?;
+            res::check_subscription(&s, &resource.subscription)?;
+            if t == VM && action.eq_ignore_ascii_case("generateJoinToken") && *m == Method::POST {
+                authorize(&caller, "Microsoft.Compute/virtualMachines/generateJoinToken/action", &resource.canonical())?;
+                #[derive(Default, serde::Deserialize)]
+                #[serde(rename_all = "camelCase")]
+                struct JoinBody {
+                    expires_in_seconds: Option<u64>,
+                }
+                let b: JoinBody = if body.is_empty() { JoinBody::default() } else { parse_body(&body)? };
+                let ttl = b.expires_in_seconds.unwrap_or(3600);
+                if !(1..=7 * 86_400).contains(&ttl) {
+                    return Err(ServerError::InvalidParameter {
+                        message: "expiresInSeconds must be between 1 and 604800.".into(),
+                        target: Some("expiresInSeconds".into()),
+                    });
+                }
+                let (token, expires) = res::create_join_token(&s, &resource, ttl)?;
+                let vm = res::get_vm(&s, &resource)?;
+                Ok(Json(json!({"joinToken": token, "expiresOn": expires, "vmResourceId": vm.resource_id})).into_response())
+            } else {
+                Err(ServerError::InvalidPath(parts.uri.path().to_string()))
+            }
+        }
+    }
+}
+
+fn subscription_json(s: &AppState) -> Value {
+    json!({
+        "id": format!("/subscriptions/{}", s.subscription_id),
+        "subscriptionId": s.subscription_id,
+        "tenantId": s.tenant_id,
+        "displayName": "Keyless",
+        "state": "Enabled",
+        "subscriptionPolicies": {"locationPlacementId": "Public_2014-09-01", "quotaId": "Keyless", "spendingLimit": "Off"},
+        "authorizationSource": "RoleBased",
+    })
+}
+
+fn identity(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<Response> {
+    match *m {
+        Method::PUT => {
+            let b: TrackedBody = parse_body(body)?;
+            let (rec, created) = res::put_identity(s, rid, b.location.as_deref(), b.tags)?;
+            Ok(created_or_ok(created, res::identity_json(&rec)))
+        }
+        Method::PATCH => {
+            let b: TrackedBody = parse_body(body)?;
+            Ok(Json(res::identity_json(&res::patch_identity(s, rid, b.tags)?)).into_response())
+        }
+        Method::GET => Ok(Json(res::identity_json(&res::get_identity(s, rid)?)).into_response()),
+        Method::DELETE => {
+            res::get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+            Ok(if s.store.delete_identity(&rid.key())? {
+                StatusCode::OK.into_response()
+            } else {
+                StatusCode::NO_CONTENT.into_response()
+            })
+        }
+        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
+    }
+}
+
+fn vm(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<Response> {
+    match *m {
+        Method::PUT | Method::PATCH => {
+            let b: VmBody = parse_body(body)?;
+            let (rec, created) = res::write_vm(s, rid, b, *m == Method::PATCH)?;
+            Ok(created_or_ok(created, res::vm_json(s, &rec)?))
+        }
+        Method::GET => Ok(Json(res::vm_json(s, &res::get_vm(s, rid)?)?).into_response()),
+        Method::DELETE => {
+            res::get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+            Ok(if s.store.delete_vm(&rid.key())? {
+                StatusCode::OK.into_response()
+            } else {
+                StatusCode::NO_CONTENT.into_response()
+            })
+        }
+        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
+    }
+}

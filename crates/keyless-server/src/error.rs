@@ -1,0 +1,222 @@
+//! The server's error type, and the one place it becomes an HTTP response in the service's
+//! own error shape: ARM (`{"error":{"code","message"}}`), the STS (AADSTS JSON) or IMDS-style
+//! flat errors for the host API.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    // ---- ARM (control plane)
+    #[error("Authentication failed. The 'Authorization' header is missing.")]
+    AuthenticationMissing { tenant: String },
+    #[error("{message}")]
+    InvalidAuthenticationToken { tenant: String, message: String },
+    #[error("{0}")]
+    ExpiredAuthenticationToken(String),
+    #[error("The client '{principal}' does not have authorization to perform action '{action}' over scope '{scope}' or the scope is invalid.")]
+    AuthorizationFailed {
+        principal: String,
+        action: String,
+        scope: String,
+    },
+    #[error("The api-version query parameter (?api-version=) is required for all requests.")]
+    MissingApiVersion,
+    #[error("The api-version '{version}' is invalid. The supported versions are '{supported}'.")]
+    InvalidApiVersion { version: String, supported: String },
+    #[error("No registered resource provider found for location '{location}' and API version '{version}' for type '{type_name}'. The supported api-versions are '{supported}'.")]
+    NoRegisteredProviderFound {
+        location: String,
+        version: String,
+        type_name: String,
+        supported: String,
+    },
+    #[error("The resource type '{type_name}' could not be found in the namespace '{namespace}'.")]
+    InvalidResourceType { namespace: String, type_name: String },
+    #[error("The request path '{0}' is not a valid resource path.")]
+    InvalidPath(String),
+    #[error("The subscription '{0}' could not be found.")]
+    SubscriptionNotFound(String),
+    #[error("Resource group '{0}' could not be found.")]
+    ResourceGroupNotFound(String),
+    #[error("The Resource '{type_name}/{name}' under resource group '{group}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix")]
+    ResourceNotFound {
+        type_name: String,
+        name: String,
+        group: String,
+    },
+    #[error("The request content was invalid and could not be deserialized: '{0}'.")]
+    InvalidRequestContent(String),
+    #[error("The request content size exceeds the maximum size of {0} bytes.")]
+    RequestTooLarge(usize),
+    #[error("{0}")]
+    InvalidResourceName(String),
+    #[error("The provided resource group name '{0}' has invalid characters. The name can only be a letter, digit, '-', '.', '(', ')' or '_', up to 90 characters, and must not end with '.'.")]
+    InvalidResourceGroup(String),
+    #[error("{0}")]
+    LocationRequired(String),
+    #[error("{0}")]
+    InvalidResourceLocation(String),
+    #[error("{message}")]
+    InvalidParameter { message: String, target: Option<String> },
+    #[error("{0}")]
+    FailedIdentityOperation(String),
+    #[error("The HTTP method '{0}' is not supported for this resource.")]
+    MethodNotAllowed(String),
+
+    // ---- STS (OAuth / AADSTS)
+    #[error("{error}: AADSTS{code}: {description}")]
+    Sts {
+        status: StatusCode,
+        error: &'static str,
+        code: u32,
+        description: String,
+    },
+
+    // ---- host API (flat IMDS-like)
+    #[error("{error}: {description}")]
+    Host {
+        status: StatusCode,
+        error: &'static str,
+        description: String,
+    },
+
+    // ---- internal
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("no signing key is active")]
+    NoSigningKey,
+    #[error("storage: {0}")]
+    Store(#[from] keyless_store::StoreError),
+    #[error("pki: {0}")]
+    Pki(#[from] keyless_pki::PkiError),
+}
+
+pub type Result<T> = std::result::Result<T, ServerError>;
+
+impl ServerError {
+    pub fn sts(status: u16, error: &'static str, code: u32, description: impl Into<String>) -> Self {
+        ServerError::Sts {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            error,
+            code,
+            description: description.into(),
+        }
+    }
+
+    pub fn host(status: u16, error: &'static str, description: impl Into<String>) -> Self {
+        ServerError::Host {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            error,
+            description: description.into(),
+        }
+    }
+
+    fn arm_code(&self) -> (StatusCode, &'static str) {
+        use ServerError::*;
+        match self {
+            AuthenticationMissing { .. } => (StatusCode::UNAUTHORIZED, "AuthenticationFailed"),
+            InvalidAuthenticationToken { .. } => (StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken"),
+            ExpiredAuthenticationToken(_) => (StatusCode::UNAUTHORIZED, "ExpiredAuthenticationToken"),
+            AuthorizationFailed { .. } => (StatusCode::FORBIDDEN, "AuthorizationFailed"),
+            MissingApiVersion => (StatusCode::BAD_REQUEST, "MissingApiVersionParameter"),
+            InvalidApiVersion { .. } => (StatusCode::BAD_REQUEST, "InvalidApiVersionParameter"),
+            NoRegisteredProviderFound { .. } => (StatusCode::BAD_REQUEST, "NoRegisteredProviderFound"),
+            InvalidResourceType { .. } => (StatusCode::NOT_FOUND, "InvalidResourceType"),
+            InvalidPath(_) => (StatusCode::NOT_FOUND, "InvalidResourceId"),
+            SubscriptionNotFound(_) => (StatusCode::NOT_FOUND, "SubscriptionNotFound"),
+            ResourceGroupNotFound(_) => (StatusCode::NOT_FOUND, "ResourceGroupNotFound"),
+            ResourceNotFound { .. } => (StatusCode::NOT_FOUND, "ResourceNotFound"),
+            InvalidRequestContent(_) => (StatusCode::BAD_REQUEST, "InvalidRequestContent"),
+            RequestTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge"),
+            InvalidResourceName(_) => (StatusCode::BAD_REQUEST, "InvalidResourceName"),
+            InvalidResourceGroup(_) => (StatusCode::BAD_REQUEST, "InvalidResourceGroup"),
+            LocationRequired(_) => (StatusCode::BAD_REQUEST, "LocationRequired"),
+            InvalidResourceLocation(_) => (StatusCode::CONFLICT, "InvalidResourceLocation"),
+            InvalidParameter { .. } => (StatusCode::BAD_REQUEST, "InvalidParameter"),
+            FailedIdentityOperation(_) => (StatusCode::BAD_REQUEST, "FailedIdentityOperation"),
+            MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
+            Sts { .. } | Host { .. } | Store(_) | Pki(_) | Bind { .. } | DataDir { .. }
+            | NoSigningKey => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ServerError {
+    fn into_response(self) -> Response {
+        match &self {
+            ServerError::Sts {
+                status,
+                error,
+                code,
+                description,
+            } => {
+                let trace = uuid::Uuid::new_v4();
+                let corr = uuid::Uuid::new_v4();
+                let ts = crate::util::utc_timestamp();
+                let body = json!({
+                    "error": error,
+                    "error_description": format!("AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {corr} Timestamp: {ts}"),
+                    "error_codes": [code],
+                    "timestamp": ts,
+                    "trace_id": trace,
+                    "correlation_id": corr,
+                    "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+                });
+                (*status, axum::Json(body)).into_response()
+            }
+            ServerError::Host {
+                status,
+                error,
+                description,
+            } => (*status, axum::Json(json!({"error": error, "error_description": description})))
+                .into_response(),
+            ServerError::Store(e) => {
+                tracing::error!(error = %e, "storage failure");
+                arm_body(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", "An internal storage error occurred.", None)
+            }
+            ServerError::Pki(e) => {
+                tracing::error!(error = %e, "pki failure");
+                arm_body(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", "An internal error occurred.", None)
+            }
+            _ => {
+                let (status, code) = self.arm_code();
+                let target = match &self {
+                    ServerError::InvalidParameter { target, .. } => target.clone(),
+                    _ => None,
+                };
+                let mut resp = arm_body(status, code, &self.to_string(), target);
+                if let ServerError::AuthenticationMissing { tenant }
+                | ServerError::InvalidAuthenticationToken { tenant, .. } = &self
+                {
+                    let desc = if matches!(self, ServerError::AuthenticationMissing { .. }) {
+                        "The authentication failed because of missing 'Authorization' header."
+                    } else {
+                        "The access token is invalid."
+                    };
+                    let v = format!(
+                        "Bearer authorization_uri=\"{}\", error=\"invalid_token\", error_description=\"{desc}\"",
+                        tenant
+                    );
+                    if let Ok(h) = HeaderValue::from_str(&v) {
+                        resp.headers_mut().insert(header::WWW_AUTHENTICATE, h);
+                    }
+                }
+                resp
+            }
+        }
+    }
+}
+
+fn arm_body(status: StatusCode, code: &str, message: &str, target: Option<String>) -> Response {
+    let mut err = json!({"code": code, "message": message});
+    if let Some(t) = target {
+        err["target"] = json!(t);
+    }
+    (status, axum::Json(json!({ "error": err }))).into_response()
+}

@@ -1,0 +1,220 @@
+//! The host API used by `keyless node`: join with a one-time token (CSR → client
+//! certificate bound to one VM), then, authenticated by that certificate over mTLS, read the
+//! VM's identities, get managed-identity tokens for them, and rotate the certificate.
+
+use crate::error::{Result, ServerError};
+use crate::state::AppState;
+use crate::tokens;
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use keyless_core::claims::Principal;
+use keyless_core::imds::IssuedToken;
+use keyless_core::resource_id::ResourceId;
+use keyless_core::selection::{CallerIdentities, IdentityRef, Selector};
+use keyless_store::{HostCredentialRecord, JoinTokenOutcome, VmRecord};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// SHA-256 fingerprint of the TLS client certificate of the connection, if one was presented.
+#[derive(Debug, Clone, Default)]
+pub struct PeerCert(pub Option<String>);
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/keyless/host/v1/join", post(join))
+        .route("/keyless/host/v1/identities", get(identities))
+        .route("/keyless/host/v1/token", post(token))
+        .route("/keyless/host/v1/rotate", post(rotate))
+}
+
+const MAX_BODY: usize = 64 * 1024;
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    if body.len() > MAX_BODY {
+        return Err(ServerError::host(413, "request_too_large", "The request body is too large."));
+    }
+    serde_json::from_slice(body).map_err(|e| ServerError::host(400, "invalid_request", format!("Malformed request body: {e}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinRequest {
+    pub join_token: String,
+    pub csr: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateResponse {
+    pub certificate: String,
+    pub ca: String,
+    pub vm_resource_id: String,
+    pub not_after: u64,
+}
+
+fn issue_cert(s: &AppState, vm: &VmRecord, csr: &str) -> Result<CertificateResponse> {
+    let now = s.now();
+    let der = s
+        .ca
+        .sign_client_csr(csr, &vm.name, &format!("keyless:host:{}", vm.vm_id), now, s.cfg.host_cert_lifetime)
+        .map_err(|_| ServerError::host(400, "invalid_request", "The certificate signing request is invalid."))?;
+    let (_, not_after) = keyless_pki::cert_validity(&der)?;
+    s.store.insert_host_credential(&HostCredentialRecord {
+        fingerprint: keyless_pki::sha256_hex(&der),
+        vm_key: vm.key.clone(),
+        not_after,
+        issued: now,
+    })?;
+    Ok(CertificateResponse {
+        certificate: keyless_pki::pem("CERTIFICATE", &der),
+        ca: s.ca.cert_pem(),
+        vm_resource_id: vm.resource_id.clone(),
+        not_after,
+    })
+}
+
+async fn join(State(s): State<Arc<AppState>>, body: axum::body::Bytes) -> Result<Json<CertificateResponse>> {
+    let req: JoinRequest = parse(&body)?;
+    if req.join_token.len() > 256 || req.csr.len() > 16 * 1024 {
+        return Err(ServerError::host(400, "invalid_request", "The join request is too large."));
+    }
+    let hash = keyless_pki::sha256_hex(req.join_token.as_bytes());
+    let vm_key = match s.store.consume_join_token(&hash, s.now())? {
+        JoinTokenOutcome::Accepted { vm_key } => vm_key,
+        JoinTokenOutcome::Unknown => {
+            return Err(ServerError::host(401, "invalid_join_token", "The join token is not valid."))
+        }
+        JoinTokenOutcome::Expired => {
+            return Err(ServerError::host(401, "invalid_join_token", "The join token has expired."))
+        }
+        JoinTokenOutcome::AlreadyUsed => {
+            return Err(ServerError::host(401, "invalid_join_token", "The join token has already been used."))
+        }
+    };
+    let vm = s
+        .store
+        .get_vm(&vm_key)?
+        .ok_or_else(|| ServerError::host(404, "vm_not_found", "The virtual machine of this join token no longer exists."))?;
+    let resp = issue_cert(&s, &vm, &req.csr)?;
+    tracing::info!(vm = %vm.resource_id, "host joined");
+    Ok(Json(resp))
+}
+
+/// The VM whose credential the connection presented.
+fn host_vm(s: &AppState, peer: &PeerCert) -> Result<VmRecord> {
+    let fp = peer
+        .0
+        .as_deref()
+        .ok_or_else(|| ServerError::host(401, "host_credential_required", "A host client certificate is required."))?;
+    let cred = s
+        .store
+        .get_host_credential(fp)?
+        .filter(|c| c.not_after > s.now())
+        .ok_or_else(|| ServerError::host(401, "invalid_host_credential", "The host credential is unknown, revoked or expired."))?;
+    s.store
+        .get_vm(&cred.vm_key)?
+        .ok_or_else(|| ServerError::host(401, "invalid_host_credential", "The host credential's virtual machine no longer exists."))
+}
+
+/// The identities a host may use: those assigned to its VM, nothing else.
+pub fn host_identities(s: &AppState, vm: &VmRecord) -> Result<CallerIdentities> {
+    let system = s.store.vm_system_identity(&vm.key)?.map(|i| IdentityRef {
+        principal_id: i.principal_id,
+        client_id: i.client_id,
+        resource_id: vm.resource_id.clone(),
+        system_assigned: true,
+    });
+    let user = s
+        .store
+        .vm_user_identities(&vm.key)?
+        .into_iter()
+        .map(|i| IdentityRef {
+            principal_id: i.principal_id,
+            client_id: i.client_id,
+            resource_id: i.resource_id,
+            system_assigned: false,
+        })
+        .collect();
+    Ok(CallerIdentities { system, user })
+}
+
+async fn identities(State(s): State<Arc<AppState>>, Extension(peer): Extension<PeerCert>) -> Result<Json<Value>> {
+    let vm = host_vm(&s, &peer)?;
+    let ids = host_identities(&s, &vm)?;
+    Ok(Json(json!({
+        "tenantId": s.tenant_id,
+        "vm": {
+            "resourceId": vm.resource_id,
+            "name": vm.name,
+            "vmId": vm.vm_id,
+            "location": vm.location,
+            "subscriptionId": vm.subscription,
+            "resourceGroupName": vm.resource_group,
+            "tags": vm.tags,
+            "vmSize": vm.properties.pointer("/hardwareProfile/vmSize").cloned().unwrap_or(json!("")),
+        },
+        "identities": ids,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HostTokenRequest {
+    pub resource: String,
+    pub selector: Selector,
+}
+
+async fn token(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerCert>,
+    body: axum::body::Bytes,
+) -> Result<Json<IssuedToken>> {
+    let vm = host_vm(&s, &peer)?;
+    let req: HostTokenRequest = parse(&body)?;
+    let resource = req.resource.trim();
+    if resource.is_empty() || resource.len() > keyless_core::imds::MAX_PARAM_LEN {
+        return Err(ServerError::host(400, "invalid_request", "Required audience parameter not specified"));
+    }
+    let ids = host_identities(&s, &vm)?;
+    let chosen = ids
+        .select(&req.selector)
+        .map_err(|e| ServerError::host(400, "invalid_request", e.to_string()))?;
+    let mirid = ResourceId::parse(&chosen.resource_id)
+        .map(|r| r.mirid())
+        .unwrap_or_else(|_| chosen.resource_id.clone());
+    let principal = Principal::ManagedIdentity {
+        principal_id: chosen.principal_id.clone(),
+        client_id: chosen.client_id.clone(),
+        mirid,
+        host_resource: Some(vm.resource_id.clone()),
+    };
+    let t = tokens::mint(&s, &principal, resource, s.cfg.mi_token_lifetime)?;
+    tracing::debug!(vm = %vm.resource_id, identity = %chosen.client_id, resource, "issued managed identity token");
+    Ok(Json(IssuedToken {
+        access_token: t.access_token,
+        expires_on: t.expires_on,
+        not_before: t.not_before,
+        resource: resource.to_string(),
+        client_id: chosen.client_id.clone(),
+        object_id: chosen.principal_id.clone(),
+        msi_res_id: chosen.resource_id.clone(),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct RotateRequest {
+    csr: String,
+}
+
+async fn rotate(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerCert>,
+    body: axum::body::Bytes,
+) -> Result<Json<CertificateResponse>> {
+    let vm = host_vm(&s, &peer)?;
+    let req: RotateRequest = parse(&body)?;
+    let resp = issue_cert(&s, &vm, &req.csr)?;
+    tracing::info!(vm = %vm.resource_id, "host credential rotated");
+    Ok(Json(resp))
+}

@@ -1,0 +1,249 @@
+//! Server configuration, shared state, and first-start bootstrap (tenant, subscription, CA,
+//! TLS certificate, signing key, bootstrap admin).
+
+use crate::error::{Result, ServerError};
+use crate::keys::KeyRing;
+use crate::util::{new_guid, random_b64url};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use keyless_core::clock::Clock;
+use keyless_core::rotation::RotationPolicy;
+use keyless_pki::Ca;
+use keyless_store::{ServicePrincipalRecord, Store};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Settings of `keyless server` (and of the server half of `keyless up`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Base URL clients use (issuer host). Default `https://localhost:<port>`.
+    pub public_url: Option<String>,
+    /// Extra TLS SANs besides localhost, 127.0.0.1, ::1 and the host name.
+    pub tls_sans: Vec<String>,
+    /// Managed-identity token lifetime (Azure: 24 h).
+    pub mi_token_lifetime: u64,
+    /// Service-principal token lifetime (Entra: ~1 h).
+    pub sp_token_lifetime: u64,
+    pub rotation: RotationPolicy,
+    /// How often the rotation plan is checked.
+    pub key_check_interval: std::time::Duration,
+    /// Host credential (client certificate) lifetime.
+    pub host_cert_lifetime: u64,
+    /// Location given to resources created by bootstrap.
+    pub location: String,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        let mi = 86_400 + 300;
+        Self {
+            data_dir,
+            listen,
+            public_url: None,
+            tls_sans: vec![],
+            mi_token_lifetime: mi,
+            sp_token_lifetime: 3_600 + 300,
+            rotation: RotationPolicy {
+                rotate_every: 30 * 86_400,
+                prepublish: 86_400,
+                max_token_lifetime: mi,
+                skew: 300,
+            },
+            key_check_interval: std::time::Duration::from_secs(60),
+            host_cert_lifetime: 7 * 86_400,
+            location: "local".into(),
+        }
+    }
+}
+
+/// Shared state of a running server.
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub cfg: ServerConfig,
+    pub tenant_id: String,
+    pub subscription_id: String,
+    pub tenant_created: u64,
+    pub base_url: String,
+    pub keys: KeyRing,
+    pub ca: Ca,
+}
+
+impl AppState {
+    pub fn now(&self) -> u64 {
+        self.clock.now()
+    }
+    /// `iss` of v1 tokens (the form managed-identity tokens carry).
+    pub fn issuer_v1(&self) -> String {
+        format!("{}/{}/", self.base_url, self.tenant_id)
+    }
+    pub fn issuer_v2(&self) -> String {
+        format!("{}/{}/v2.0", self.base_url, self.tenant_id)
+    }
+    /// Audiences the control plane accepts (Azure's management audiences and our own URL).
+    pub fn management_audiences(&self) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "https://management.core.windows.net/",
+            "https://management.core.windows.net",
+            "https://management.azure.com/",
+            "https://management.azure.com",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.push(self.base_url.clone());
+        v.push(format!("{}/", self.base_url));
+        v
+    }
+}
+
+/// What bootstrap found or created.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    pub tenant_id: String,
+    pub subscription_id: String,
+    pub tenant_created: u64,
+    /// Set only on the start that created the admin: the secret is shown once.
+    pub new_admin: Option<AdminCredential>,
+    pub admin_client_id: String,
+    pub ca_path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminCredential {
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+/// The host name of this machine.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Create (first start) or load the tenant, subscription, CA and admin.
+pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Bootstrap, Ca)> {
+    let tenant_id = match store.get_meta("tenant_id")? {
+        Some(t) => t,
+        None => {
+            let t = new_guid();
+            store.set_meta("tenant_id", &t)?;
+            store.set_meta("tenant_created", &now.to_string())?;
+            store.set_meta("subscription_id", &new_guid())?;
+            t
+        }
+    };
+    let subscription_id = store.get_meta("subscription_id")?.unwrap_or_default();
+    let tenant_created = store
+        .get_meta("tenant_created")?
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(now);
+
+    // CA: certificate in meta (public), key encrypted.
+    let ca = match (store.get_meta("ca_cert")?, store.get_secret("ca_key")?) {
+        (Some(cert_b64), Some(key)) => {
+            let cert = STANDARD
+                .decode(cert_b64)
+                .map_err(|e| keyless_store::StoreError::Corrupt(e.to_string()))?;
+            Ca::load(&cert, &key)?
+        }
+        _ => {
+            let (ca, key) = Ca::generate(&format!("Keyless Root CA {}", &tenant_id[..8]), now)?;
+            store.put_secret("ca_key", &key)?;
+            store.set_meta("ca_cert", &STANDARD.encode(ca.cert_der()))?;
+            ca
+        }
+    };
+    let pki_dir = cfg.data_dir.join("pki");
+    std::fs::create_dir_all(&pki_dir).map_err(|source| ServerError::DataDir {
+        path: pki_dir.display().to_string(),
+        source,
+    })?;
+    let ca_path = pki_dir.join("ca.pem");
+    std::fs::write(&ca_path, ca.cert_pem()).map_err(|source| ServerError::DataDir {
+        path: ca_path.display().to_string(),
+        source,
+    })?;
+
+    let (new_admin, admin_client_id) = match store.get_meta("admin_client_id")? {
+        Some(id) => (None, id),
+        None => {
+            let client_id = new_guid();
+            let secret = random_b64url(32);
+            store.put_service_principal(&ServicePrincipalRecord {
+                client_id: client_id.clone(),
+                object_id: new_guid(),
+                display_name: "keyless-bootstrap-admin".into(),
+                secret_sha256: keyless_pki::sha256_hex(secret.as_bytes()),
+                created: now,
+            })?;
+            store.set_meta("admin_client_id", &client_id)?;
+            (
+                Some(AdminCredential {
+                    client_id: client_id.clone(),
+                    client_secret: secret,
+                }),
+                client_id,
+            )
+        }
+    };
+    Ok((
+        Bootstrap {
+            tenant_id,
+            subscription_id,
+            tenant_created,
+            new_admin,
+            admin_client_id,
+            ca_path,
+        },
+        ca,
+    ))
+}
+
+/// Load or (re)issue the TLS server certificate for `sans`; returns (chain DER, key DER).
+pub fn tls_identity(store: &dyn Store, ca: &Ca, sans: &[String], now: u64) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+    let wanted = sans.join(",");
+    if let (Some(have), Some(cert_b64), Some(key)) = (
+        store.get_meta("tls_sans")?,
+        store.get_meta("tls_cert")?,
+        store.get_secret("tls_key")?,
+    ) {
+        let cert = STANDARD
+            .decode(cert_b64)
+            .map_err(|e| keyless_store::StoreError::Corrupt(e.to_string()))?;
+        let fresh = keyless_pki::cert_validity(&cert)
+            .map(|(_, na)| na > now + 30 * 86_400)
+            .unwrap_or(false);
+        if have == wanted && fresh {
+            return Ok((vec![cert, ca.cert_der().to_vec()], key));
+        }
+    }
+    let (cert, key) = ca.issue_server_cert(sans, now, 365 * 86_400)?;
+    store.put_secret("tls_key", &key)?;
+    store.set_meta("tls_cert", &STANDARD.encode(&cert))?;
+    store.set_meta("tls_sans", &wanted)?;
+    Ok((vec![cert, ca.cert_der().to_vec()], key))
+}
+
+/// The SANs of the server certificate.
+pub fn tls_sans(extra: &[String]) -> Vec<String> {
+    let mut sans = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let hn = host_name();
+    for s in std::iter::once(hn).chain(extra.iter().cloned()) {
+        if !s.is_empty() && !sans.iter().any(|x| x.eq_ignore_ascii_case(&s)) {
+            sans.push(s);
+        }
+    }
+    sans
+}

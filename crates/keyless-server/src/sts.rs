@@ -1,0 +1,271 @@
+//! The token service: OIDC discovery (v1 and v2), JWKS, and the token endpoints
+//! (`/{tenant}/oauth2/v2.0/token`, `/{tenant}/oauth2/token`) for service principals.
+
+use crate::error::{Result, ServerError};
+use crate::state::AppState;
+use crate::tokens;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use keyless_core::claims::{resource_from_scope, Principal};
+use serde_json::json;
+use std::sync::Arc;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/{tenant}/v2.0/.well-known/openid-configuration", get(discovery_v2))
+        .route("/{tenant}/.well-known/openid-configuration", get(discovery_v1))
+        .route("/{tenant}/discovery/v2.0/keys", get(jwks))
+        .route("/{tenant}/discovery/keys", get(jwks))
+        .route("/{tenant}/oauth2/v2.0/token", post(token_v2))
+        .route("/{tenant}/oauth2/token", post(token_v1))
+}
+
+/// Accept our tenant id (any case) and the `common`/`organizations` aliases for discovery.
+fn check_tenant(state: &AppState, tenant: &str, allow_alias: bool) -> Result<()> {
+    if tenant.eq_ignore_ascii_case(&state.tenant_id)
+        || (allow_alias && matches!(tenant, "common" | "organizations"))
+    {
+        Ok(())
+    } else {
+        Err(ServerError::sts(
+            400,
+            "invalid_request",
+            90002,
+            format!("Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."),
+        ))
+    }
+}
+
+fn cached_json(body: serde_json::Value) -> Response {
+    (
+        [
+            (header::CACHE_CONTROL, "max-age=86400, private"),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
+        Json(body),
+    )
+        .into_response()
+}
+
+async fn discovery_v2(State(s): State<Arc<AppState>>, Path(tenant): Path<String>) -> Result<Response> {
+    check_tenant(&s, &tenant, true)?;
+    let (b, t) = (&s.base_url, &s.tenant_id);
+    Ok(cached_json(json!({
+        "token_endpoint": format!("{b}/{t}/oauth2/v2.0/token"),
+        "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+        "jwks_uri": format!("{b}/{t}/discovery/v2.0/keys"),
+        "response_modes_supported": ["query", "fragment", "form_post"],
+        "subject_types_supported": ["pairwise"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+        "scopes_supported": ["openid", "profile", "email", "offline_access"],
+        "issuer": s.issuer_v2(),
+        "request_uri_parameter_supported": false,
+        "authorization_endpoint": format!("{b}/{t}/oauth2/v2.0/authorize"),
+        "device_authorization_endpoint": format!("{b}/{t}/oauth2/v2.0/devicecode"),
+        "end_session_endpoint": format!("{b}/{t}/oauth2/v2.0/logout"),
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "tid", "ver", "oid", "appid", "xms_mirid"],
+        "tenant_region_scope": "WW",
+        "cloud_instance_name": "keyless",
+    })))
+}
+
+async fn discovery_v1(State(s): State<Arc<AppState>>, Path(tenant): Path<String>) -> Result<Response> {
+    check_tenant(&s, &tenant, true)?;
+    let (b, t) = (&s.base_url, &s.tenant_id);
+    Ok(cached_json(json!({
+        "token_endpoint": format!("{b}/{t}/oauth2/token"),
+        "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+        "jwks_uri": format!("{b}/{t}/discovery/keys"),
+        "response_modes_supported": ["query", "fragment", "form_post"],
+        "subject_types_supported": ["pairwise"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
+        "scopes_supported": ["openid"],
+        "issuer": s.issuer_v1(),
+        "authorization_endpoint": format!("{b}/{t}/oauth2/authorize"),
+        "end_session_endpoint": format!("{b}/{t}/oauth2/logout"),
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "tid", "ver", "oid", "appid", "xms_mirid"],
+        "microsoft_multi_refresh_token": true,
+        "cloud_instance_name": "keyless",
+    })))
+}
+
+async fn jwks(State(s): State<Arc<AppState>>, Path(tenant): Path<String>) -> Result<Response> {
+    check_tenant(&s, &tenant, true)?;
+    Ok(cached_json(json!({ "keys": s.keys.jwks() })))
+}
+
+/// Largest token request body accepted.
+const MAX_FORM: usize = 64 * 1024;
+
+fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>> {
+    if body.len() > MAX_FORM {
+        return Err(ServerError::sts(400, "invalid_request", 900144, "The request body is too large."));
+    }
+    serde_urlencoded::from_bytes(body).map_err(|_| {
+        ServerError::sts(400, "invalid_request", 900144, "The request body must be application/x-www-form-urlencoded.")
+    })
+}
+
+fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+}
+
+fn require<'a>(form: &'a [(String, String)], name: &str) -> Result<&'a str> {
+    field(form, name).ok_or_else(|| {
+        ServerError::sts(
+            400,
+            "invalid_request",
+            900144,
+            format!("The request body must contain the following parameter: '{name}'."),
+        )
+    })
+}
+
+/// Authenticate the client of a client-credentials request; returns the principal.
+fn authenticate_client(s: &AppState, form: &[(String, String)], basic: Option<(String, String)>) -> Result<Principal> {
+    let grant = require(form, "grant_type")?;
+    if grant != "client_credentials" {
+        return Err(ServerError::sts(
+            400,
+            "unsupported_grant_type",
+            70003,
+            format!("The app requested an unsupported grant type '{grant}'."),
+        ));
+    }
+    let (client_id, secret) = match (field(form, "client_id"), basic) {
+        (_, Some((id, secret))) => (id, Some(secret)),
+        (Some(id), None) => (id.to_string(), field(form, "client_secret").map(str::to_string)),
+        (None, None) => (require(form, "client_id")?.to_string(), None),
+    };
+    let sp = s.store.get_service_principal(&client_id)?.ok_or_else(|| {
+        ServerError::sts(
+            400,
+            "unauthorized_client",
+            700016,
+            format!("Application with identifier '{client_id}' was not found in the directory '{}'.", s.tenant_id),
+        )
+    })?;
+    match secret {
+        Some(secret) => {
+            let presented = keyless_pki::sha256(secret.as_bytes());
+            let stored = hex_decode(&sp.secret_sha256);
+            if aws_lc_rs::constant_time::verify_slices_are_equal(&presented, &stored).is_err() {
+                return Err(ServerError::sts(
+                    401,
+                    "invalid_client",
+                    7000215,
+                    "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
+                ));
+            }
+        }
+        None if field(form, "client_assertion").is_some() => {
+            return Err(ServerError::sts(
+                401,
+                "invalid_client",
+                700027,
+                "Client assertion failed signature validation: no certificate is registered for this client.",
+            ));
+        }
+        None => {
+            return Err(ServerError::sts(
+                401,
+                "invalid_client",
+                7000218,
+                "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+            ));
+        }
+    }
+    Ok(Principal::ServicePrincipal {
+        object_id: sp.object_id,
+        client_id: sp.client_id,
+    })
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .filter_map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
+fn basic_auth(headers: &axum::http::HeaderMap) -> Option<(String, String)> {
+    use base64::Engine;
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let b64 = v.strip_prefix("Basic ")?;
+    let dec = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+    let s = String::from_utf8(dec).ok()?;
+    let (id, secret) = s.split_once(':')?;
+    let unesc = |x: &str| {
+        serde_urlencoded::from_str::<Vec<(String, String)>>(&format!("v={x}"))
+            .ok()
+            .and_then(|mut v| v.pop())
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| x.to_string())
+    };
+    Some((unesc(id), unesc(secret)))
+}
+
+async fn token_v2(
+    State(s): State<Arc<AppState>>,
+    Path(tenant): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    check_tenant(&s, &tenant, false)?;
+    let form = parse_form(&body)?;
+    if field(&form, "resource").is_some() {
+        return Err(ServerError::sts(
+            400,
+            "invalid_request",
+            901002,
+            "The 'resource' request parameter is not supported.",
+        ));
+    }
+    let scope = require(&form, "scope")?;
+    let principal = authenticate_client(&s, &form, basic_auth(&headers))?;
+    let resource = resource_from_scope(scope).ok_or_else(|| {
+        ServerError::sts(
+            400,
+            "invalid_scope",
+            1002012,
+            format!("The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."),
+        )
+    })?;
+    let t = tokens::mint(&s, &principal, resource, s.cfg.sp_token_lifetime)?;
+    let expires_in = t.expires_on.saturating_sub(s.now());
+    Ok(Json(json!({
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+        "ext_expires_in": expires_in,
+        "access_token": t.access_token,
+    }))
+    .into_response())
+}
+
+async fn token_v1(
+    State(s): State<Arc<AppState>>,
+    Path(tenant): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    check_tenant(&s, &tenant, false)?;
+    let form = parse_form(&body)?;
+    let resource = require(&form, "resource")?.to_string();
+    let principal = authenticate_client(&s, &form, basic_auth(&headers))?;
+    let t = tokens::mint(&s, &principal, &resource, s.cfg.sp_token_lifetime)?;
+    let expires_in = t.expires_on.saturating_sub(s.now());
+    Ok(Json(json!({
+        "token_type": "Bearer",
+        "expires_in": expires_in.to_string(),
+        "ext_expires_in": expires_in.to_string(),
+        "expires_on": t.expires_on.to_string(),
+        "not_before": t.not_before.to_string(),
+        "resource": resource,
+        "access_token": t.access_token,
+    }))
+    .into_response())
+}
