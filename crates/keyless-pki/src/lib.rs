@@ -410,3 +410,21 @@ mod tests {
         assert_eq!(URL_SAFE_NO_PAD.decode(&jwk.n).unwrap().len(), 256);
     }
 }
+
+/// Client TLS configuration trusting only `ca_der`, optionally presenting a client
+/// certificate (the host credential).
+pub fn client_tls_config(ca_der: &[u8], client: Option<(&[u8], &[u8])>) -> Result<rustls::ClientConfig> {
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut cfg = match client {
+        Some((cert, key)) => builder.with_client_auth_cert(
+            vec![CertificateDer::from(cert.to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())),
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}

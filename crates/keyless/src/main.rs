@@ -1,1 +1,88 @@
-fn main() {}
+//! `keyless`: one binary for the server, the host agent, the all-in-one `up`, and az-like
+//! admin verbs.
+
+mod admin;
+mod run;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "keyless", version, about = "Self-hosted managed identities, wire-compatible with Azure")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything on this machine: server + host agent + a VM for this machine with a
+    /// system-assigned identity and a demo user-assigned identity.
+    Up(run::UpArgs),
+    /// Run the server (token service, control plane, host API).
+    Server(run::ServerArgs),
+    /// Run the host agent (IMDS endpoint) on this host.
+    Node(run::NodeArgs),
+    /// Manage user-assigned identities.
+    Identity(admin::IdentityCmd),
+    /// Manage virtual machines (hosts).
+    Vm(admin::VmCmd),
+    /// Manage resource groups.
+    Group(admin::GroupCmd),
+    /// Get a managed-identity token from the local IMDS endpoint.
+    GetToken(admin::GetTokenArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ERROR: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Up(a) => run::up(a).await,
+            Command::Server(a) => run::server(a).await,
+            Command::Node(a) => run::node(a).await,
+            Command::Identity(c) => admin::identity(c).await,
+            Command::Vm(c) => admin::vm(c).await,
+            Command::Group(c) => admin::group(c).await,
+            Command::GetToken(a) => admin::get_token(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ERROR: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Errors surfaced to the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Server(#[from] keyless_server::error::ServerError),
+    #[error(transparent)]
+    Node(#[from] keyless_node::NodeError),
+    #[error(transparent)]
+    Store(#[from] keyless_store::StoreError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("({code}) {message}")]
+    Remote { code: String, message: String },
+    #[error("cannot reach {url}: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}

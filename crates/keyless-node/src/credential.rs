@@ -1,0 +1,126 @@
+//! The host credential: key pair generated here, certificate issued by the server at join,
+//! kept in the state directory (key 0600), rotated at two thirds of its lifetime.
+
+use crate::{NodeConfig, NodeError, Result};
+use keyless_core::clock::Clock;
+use keyless_store::crypto::write_private;
+use serde_json::Value;
+use std::path::Path;
+use std::sync::RwLock;
+
+struct Current {
+    client: reqwest::Client,
+    not_before: u64,
+    not_after: u64,
+}
+
+pub struct CredentialHolder {
+    current: RwLock<Current>,
+}
+
+fn state_err(path: &Path, source: std::io::Error) -> NodeError {
+    NodeError::State { path: path.display().to_string(), source }
+}
+
+fn build_client(ca_pem: &str, client: Option<(&[u8], &[u8])>) -> Result<reqwest::Client> {
+    let ca = keyless_pki::pem_blocks(ca_pem, "CERTIFICATE")
+        .into_iter()
+        .next()
+        .ok_or_else(|| NodeError::Client("the CA file holds no certificate".into()))?;
+    let tls = keyless_pki::client_tls_config(&ca, client)?;
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(std::time::Duration::from_secs(15))
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .no_proxy()
+        .build()
+        .map_err(|e| NodeError::Client(e.to_string()))
+}
+
+async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> Result<Value> {
+    let resp = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|source| NodeError::Unreachable { url: url.to_string(), source })?;
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    if status != 200 {
+        let message = v["error_description"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+        return Err(NodeError::Refused { status, message });
+    }
+    Ok(v)
+}
+
+impl CredentialHolder {
+    pub async fn load_or_join(cfg: &NodeConfig, clock: &dyn Clock) -> Result<Self> {
+        let dir = &cfg.state_dir;
+        std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+        let (key_path, cert_path) = (dir.join("host-key.pem"), dir.join("host-cert.pem"));
+        let now = clock.now();
+        if let (Ok(key), Ok(cert)) = (std::fs::read_to_string(&key_path), std::fs::read_to_string(&cert_path)) {
+            let key_der = keyless_pki::pem_blocks(&key, "PRIVATE KEY").into_iter().next();
+            let cert_der = keyless_pki::pem_blocks(&cert, "CERTIFICATE").into_iter().next();
+            if let (Some(k), Some(c)) = (key_der, cert_der) {
+                let (nb, na) = keyless_pki::cert_validity(&c)?;
+                if na > now + 60 {
+                    let client = build_client(&cfg.ca_pem, Some((&c, &k)))?;
+                    return Ok(Self { current: RwLock::new(Current { client, not_before: nb, not_after: na }) });
+                }
+                tracing::warn!("stored host credential has expired; joining again");
+            }
+        }
+        let token = cfg
+            .join_token
+            .as_deref()
+            .ok_or_else(|| NodeError::NotJoined(dir.display().to_string()))?;
+        let anon = build_client(&cfg.ca_pem, None)?;
+        let (csr, key) = keyless_pki::generate_csr("keyless-node")?;
+        let url = format!("{}/keyless/host/v1/join", cfg.server_url);
+        let resp = post_json(&anon, &url, &serde_json::json!({"joinToken": token, "csr": csr})).await?;
+        let current = Self::save(cfg, &resp, &key)?;
+        tracing::info!(vm = resp["vmResourceId"].as_str().unwrap_or(""), "joined");
+        Ok(Self { current: RwLock::new(current) })
+    }
+
+    fn save(cfg: &NodeConfig, resp: &Value, key_der: &[u8]) -> Result<Current> {
+        let dir = &cfg.state_dir;
+        let cert_pem = resp["certificate"].as_str().unwrap_or_default();
+        let cert = keyless_pki::pem_blocks(cert_pem, "CERTIFICATE")
+            .into_iter()
+            .next()
+            .ok_or_else(|| NodeError::Client("the server returned no certificate".into()))?;
+        let (nb, na) = keyless_pki::cert_validity(&cert)?;
+        let key_path = dir.join("host-key.pem");
+        write_private(&key_path, keyless_pki::pem("PRIVATE KEY", key_der).as_bytes())
+            .map_err(|e| NodeError::Client(format!("cannot write {}: {e}", key_path.display())))?;
+        let cert_path = dir.join("host-cert.pem");
+        std::fs::write(&cert_path, cert_pem).map_err(|e| state_err(&cert_path, e))?;
+        let client = build_client(&cfg.ca_pem, Some((&cert, key_der)))?;
+        Ok(Current { client, not_before: nb, not_after: na })
+    }
+
+    /// The HTTPS client presenting the current credential.
+    pub fn client(&self) -> reqwest::Client {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).client.clone()
+    }
+
+    /// Rotate when two thirds of the credential's lifetime have passed.
+    pub async fn rotate_if_due(&self, cfg: &NodeConfig, clock: &dyn Clock) -> Result<bool> {
+        let (nb, na, client) = {
+            let c = self.current.read().unwrap_or_else(|p| p.into_inner());
+            (c.not_before, c.not_after, c.client.clone())
+        };
+        if clock.now() < keyless_core::refresh::rotate_credential_at(nb, na) {
+            return Ok(false);
+        }
+        let (csr, key) = keyless_pki::generate_csr("keyless-node")?;
+        let url = format!("{}/keyless/host/v1/rotate", cfg.server_url);
+        let resp = post_json(&client, &url, &serde_json::json!({"csr": csr})).await?;
+        let next = Self::save(cfg, &resp, &key)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        tracing::info!("host credential rotated");
+        Ok(true)
+    }
+}

@@ -1,0 +1,199 @@
+//! The IMDS HTTP surface: `/metadata/identity/oauth2/token` (with and without the trailing
+//! slash node's SDK sends), `/metadata/instance[/...]`, `/metadata/versions`,
+//! `/metadata/identity/info`. Validation rules live in `keyless_core::imds`.
+
+use crate::{Agent, CallerKind, TokenFailure};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use keyless_core::api_version;
+use keyless_core::imds::{self, ImdsError, RequestHeaders};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/metadata/identity/oauth2/token", get(token))
+        .route("/metadata/identity/oauth2/token/", get(token))
+        .route("/metadata/identity/info", get(info))
+        .route("/metadata/versions", get(versions))
+        .route("/metadata/instance", get(instance))
+        .route("/metadata/instance/", get(instance))
+        .route("/metadata/instance/{*path}", get(instance))
+        .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))) })
+        .with_state(agent)
+}
+
+fn err(e: ImdsError) -> Response {
+    (StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST), Json(e.body)).into_response()
+}
+
+fn headers(h: &HeaderMap) -> RequestHeaders<'_> {
+    RequestHeaders {
+        metadata: h.get("metadata").and_then(|v| v.to_str().ok()),
+        forwarded: h.contains_key("x-forwarded-for"),
+    }
+}
+
+async fn token(State(agent): State<Arc<Agent>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    if let Err(e) = imds::check_headers(headers(&h)) {
+        return err(e);
+    }
+    let req = match imds::parse_query(q.as_deref().unwrap_or("")).and_then(|q| imds::parse_token_request(&q)) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
+    match agent.token(CallerKind::Host, &req.selector, &req.resource, req.bypass_cache).await {
+        Ok(t) => Json(imds::token_response(&t, &req.selector, agent.clock.now())).into_response(),
+        Err(TokenFailure::IdentityNotFound) => err(ImdsError::identity_not_found()),
+        Err(TokenFailure::Upstream(m)) => {
+            tracing::warn!(error = %m, "token request failed upstream");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": "unknown", "error_description": format!("Failed to retrieve token from the Active directory. {m}")})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Header and api-version checks of the non-identity paths (their error bodies differ).
+fn check_plain(h: &HeaderMap, q: &[(String, String)]) -> Result<(), Response> {
+    let hd = headers(h);
+    if hd.forwarded || hd.metadata != Some("true") {
+        return Err((StatusCode::BAD_REQUEST, Json(json!({"error": "Bad request. Required metadata header not specified"}))).into_response());
+    }
+    let v = q.iter().find(|(k, _)| k == "api-version").map(|(_, v)| v.as_str()).unwrap_or("");
+    if !api_version::is_supported(api_version::IMDS, v) {
+        return Err(err(ImdsError::bad_api_version()));
+    }
+    Ok(())
+}
+
+async fn versions(h: HeaderMap) -> Response {
+    if headers(&h).metadata != Some("true") {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "Bad request. Required metadata header not specified"}))).into_response();
+    }
+    Json(json!({"apiVersions": api_version::IMDS})).into_response()
+}
+
+async fn info(State(agent): State<Arc<Agent>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    let q = match imds::parse_query(q.as_deref().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return err(e),
+    };
+    if let Err(r) = check_plain(&h, &q) {
+        return r;
+    }
+    Json(json!({"tenantId": agent.view().map(|v| v.tenant_id).unwrap_or_default()})).into_response()
+}
+
+fn private_ip(agent: &Agent) -> String {
+    if let Some(ip) = &agent.cfg.private_ip {
+        return ip.clone();
+    }
+    // The address this host uses to reach the server (no packet is sent).
+    let host = agent
+        .cfg
+        .server_url
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("127.0.0.1:443")
+        .to_string();
+    std::net::ToSocketAddrs::to_socket_addrs(&host)
+        .ok()
+        .and_then(|mut a| a.next())
+        .and_then(|addr| {
+            let sock = std::net::UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+            sock.connect(addr).ok()?;
+            sock.local_addr().ok().map(|a| a.ip().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// The instance document of `/metadata/instance` (all primitives strings).
+pub fn instance_document(agent: &Agent) -> Value {
+    let view = agent.view().unwrap_or_default();
+    let vm = &view.vm;
+    let s = |k: &str| vm.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let tags: Vec<(String, String)> = vm
+        .get("tags")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+        .unwrap_or_default();
+    json!({
+        "compute": {
+            "azEnvironment": "Keyless",
+            "location": s("location"),
+            "name": s("name"),
+            "osType": std::env::consts::OS.replace("linux", "Linux"),
+            "resourceGroupName": s("resourceGroupName"),
+            "subscriptionId": s("subscriptionId"),
+            "resourceId": s("resourceId"),
+            "vmId": s("vmId"),
+            "vmSize": s("vmSize"),
+            "zone": "",
+            "vmScaleSetName": "",
+            "tags": tags.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(";"),
+            "tagsList": tags.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
+            "osProfile": {"adminUsername": "", "computerName": s("name"), "disablePasswordAuthentication": "true"},
+            "platformFaultDomain": "0",
+            "platformUpdateDomain": "0",
+            "priority": "Regular",
+            "provider": "Microsoft.Compute",
+            "publisher": "", "offer": "", "sku": "", "version": "",
+            "userData": "", "customData": "", "evictionPolicy": "", "licenseType": "", "placementGroupId": "",
+            "plan": {"name": "", "product": "", "publisher": ""},
+            "publicKeys": [],
+            "isHostCompatibilityLayerVm": "false",
+            "extendedLocation": {"type": "", "name": ""},
+            "host": {"id": ""}, "hostGroup": {"id": ""},
+            "virtualMachineScaleSet": {"id": ""},
+        },
+        "network": {"interface": [{
+            "ipv4": {"ipAddress": [{"privateIpAddress": private_ip(agent), "publicIpAddress": ""}], "subnet": []},
+            "ipv6": {"ipAddress": []},
+            "macAddress": "",
+        }]},
+    })
+}
+
+async fn instance(
+    State(agent): State<Arc<Agent>>,
+    path: Option<axum::extract::Path<String>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let q = match imds::parse_query(q.as_deref().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return err(e),
+    };
+    if let Err(r) = check_plain(&h, &q) {
+        return r;
+    }
+    let text = q.iter().any(|(k, v)| k == "format" && v == "text");
+    let mut node = instance_document(&agent);
+    for seg in path.map(|p| p.0).unwrap_or_default().split('/').filter(|s| !s.is_empty()) {
+        let next = match &node {
+            Value::Object(m) => m.get(seg).cloned(),
+            Value::Array(a) => seg.parse::<usize>().ok().and_then(|i| a.get(i).cloned()),
+            _ => None,
+        };
+        match next {
+            Some(n) => node = n,
+            None => return (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))).into_response(),
+        }
+    }
+    match (&node, text) {
+        (Value::String(s), true) => s.clone().into_response(),
+        (Value::String(_), false) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "Bad request. Leaf values require format=text"})),
+        )
+            .into_response(),
+        (_, _) => Json(node).into_response(),
+    }
+}

@@ -1,0 +1,612 @@
+//! az-like admin verbs. They talk to the control plane over HTTPS with a bearer token from
+//! our token service (client-credentials grant with the admin service principal).
+
+use crate::CliError;
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+const RESOURCES_API: &str = "2024-11-01";
+const MSI_API: &str = "2023-01-31";
+const COMPUTE_API: &str = "2024-11-01";
+
+#[derive(Clone, Copy, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Json,
+    Table,
+    Tsv,
+    None,
+}
+
+/// Connection options shared by the admin verbs. Defaults come from the environment, then
+/// from `<data-dir>/endpoints.json` written by `keyless up`.
+#[derive(Args, Clone)]
+pub struct Conn {
+    #[arg(long, env = "KEYLESS_SERVER", global = true)]
+    server: Option<String>,
+    #[arg(long = "tenant", env = "KEYLESS_TENANT_ID", global = true)]
+    tenant: Option<String>,
+    #[arg(long, env = "KEYLESS_CLIENT_ID", global = true)]
+    client_id_admin: Option<String>,
+    #[arg(long, env = "KEYLESS_CLIENT_SECRET", global = true, hide_env_values = true)]
+    client_secret: Option<String>,
+    #[arg(long, env = "KEYLESS_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    #[arg(long, env = "KEYLESS_DATA_DIR", default_value = ".keyless", global = true)]
+    data_dir: PathBuf,
+    /// Subscription id (default: the one of the tenant).
+    #[arg(long, env = "KEYLESS_SUBSCRIPTION_ID", global = true)]
+    subscription: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Json, global = true)]
+    output: Output,
+}
+
+struct Api {
+    http: reqwest::Client,
+    server: String,
+    token: String,
+    subscription: String,
+    output: Output,
+}
+
+fn endpoints(data_dir: &std::path::Path) -> Value {
+    std::fs::read(data_dir.join("endpoints.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn http_client(ca_file: Option<&PathBuf>) -> Result<reqwest::Client, CliError> {
+    let mut b = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60));
+    if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca).map_err(|source| CliError::Io { path: ca.display().to_string(), source })?;
+        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| CliError::Usage(format!("{}: {e}", ca.display())))?;
+        b = b.tls_certs_only([cert]);
+    }
+    b.build().map_err(|e| CliError::Usage(e.to_string()))
+}
+
+async fn remote_error(resp: reqwest::Response) -> CliError {
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    let (code, message) = if let Some(e) = v.get("error").filter(|e| e.is_object()) {
+        (e["code"].as_str().unwrap_or("").to_string(), e["message"].as_str().unwrap_or("").to_string())
+    } else {
+        (
+            v["error"].as_str().unwrap_or(status.as_str()).to_string(),
+            v["error_description"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    CliError::Remote { code, message }
+}
+
+impl Api {
+    async fn connect(c: &Conn) -> Result<Self, CliError> {
+        let ep = endpoints(&c.data_dir);
+        let server = c
+            .server
+            .clone()
+            .or_else(|| ep["serverUrl"].as_str().map(str::to_string))
+            .ok_or_else(|| CliError::Usage("no server: set KEYLESS_SERVER or --server (or run `keyless up` here)".into()))?;
+        let server = server.trim_end_matches('/').to_string();
+        let tenant = c
+            .tenant
+            .clone()
+            .or_else(|| ep["tenantId"].as_str().map(str::to_string))
+            .ok_or_else(|| CliError::Usage("no tenant: set KEYLESS_TENANT_ID or --tenant".into()))?;
+        let ca = c.ca_file.clone().or_else(|| ep["caFile"].as_str().map(PathBuf::from));
+        let client_id = c
+            .client_id_admin
+            .clone()
+            .or_else(|| ep["adminClientId"].as_str().map(str::to_string))
+            .ok_or_else(|| CliError::Usage("no admin client id: set KEYLESS_CLIENT_ID".into()))?;
+        let secret = c
+            .client_secret
+            .clone()
+            .ok_or_else(|| CliError::Usage("no admin secret: set KEYLESS_CLIENT_SECRET (printed by the first `keyless up`)".into()))?;
+        let http = http_client(ca.as_ref())?;
+        let url = format!("{server}/{tenant}/oauth2/v2.0/token");
+        let resp = http
+            .post(&url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id.as_str()),
+                ("client_secret", secret.as_str()),
+                ("scope", "https://management.azure.com/.default"),
+            ])
+            .send()
+            .await
+            .map_err(|source| CliError::Http { url: url.clone(), source })?;
+        if !resp.status().is_success() {
+            return Err(remote_error(resp).await);
+        }
+        let v: Value = resp.json().await.map_err(|source| CliError::Http { url, source })?;
+        let token = v["access_token"].as_str().unwrap_or_default().to_string();
+        let subscription = match c.subscription.clone().or_else(|| ep["subscriptionId"].as_str().map(str::to_string)) {
+            Some(s) => s,
+            None => {
+                let mut api = Self { http, server, token, subscription: String::new(), output: c.output };
+                let subs = api.call(reqwest::Method::GET, &format!("/subscriptions?api-version={RESOURCES_API}"), None).await?;
+                api.subscription = subs["value"][0]["subscriptionId"].as_str().unwrap_or_default().to_string();
+                return Ok(api);
+            }
+        };
+        Ok(Self { http, server, token, subscription, output: c.output })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, CliError> {
+        let url = format!("{}{}", self.server, path);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|source| CliError::Http { url: url.clone(), source })?;
+        if !resp.status().is_success() {
+            return Err(remote_error(resp).await);
+        }
+        let bytes = resp.bytes().await.map_err(|source| CliError::Http { url, source })?;
+        Ok(if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) })
+    }
+
+    fn rg_path(&self, rg: &str) -> String {
+        format!("/subscriptions/{}/resourceGroups/{rg}", self.subscription)
+    }
+
+    fn print(&self, v: &Value) {
+        print_value(v, self.output);
+    }
+}
+
+/// Resolve `--identities` values: a full id stays; a bare name means a user-assigned identity
+/// in the VM's group; `[system]` means the system-assigned identity.
+fn identity_ids(api: &Api, rg: &str, names: &[String]) -> (bool, Vec<String>) {
+    let mut system = false;
+    let mut ids = vec![];
+    for n in names {
+        if n.eq_ignore_ascii_case("[system]") {
+            system = true;
+        } else if n.starts_with('/') {
+            ids.push(n.clone());
+        } else {
+            ids.push(format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{n}", api.rg_path(rg)));
+        }
+    }
+    (system, ids)
+}
+
+fn flatten_row(v: &Value) -> Vec<(String, String)> {
+    let mut out = vec![];
+    let mut push = |k: &str, v: &Value| {
+        if let Some(s) = v.as_str() {
+            out.push((k.to_string(), s.to_string()));
+        } else if v.is_number() || v.is_boolean() {
+            out.push((k.to_string(), v.to_string()));
+        }
+    };
+    if let Some(m) = v.as_object() {
+        for (k, val) in m {
+            if k == "properties" {
+                if let Some(p) = val.as_object() {
+                    for (pk, pv) in p {
+                        push(pk, pv);
+                    }
+                }
+            } else {
+                push(k, val);
+            }
+        }
+    }
+    out
+}
+
+fn print_value(v: &Value, output: Output) {
+    match output {
+        Output::None => {}
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Table | Output::Tsv => {
+            let rows: Vec<&Value> = match v.get("value").and_then(Value::as_array) {
+                Some(a) => a.iter().collect(),
+                None => match v.as_array() {
+                    Some(a) => a.iter().collect(),
+                    None => vec![v],
+                },
+            };
+            const PREFERRED: &[&str] = &["name", "location", "type", "clientId", "principalId", "tenantId", "vmId", "provisioningState", "access_token", "expires_on", "resource"];
+            let flat: Vec<Vec<(String, String)>> = rows.iter().map(|r| flatten_row(r)).collect();
+            let cols: Vec<&str> = PREFERRED
+                .iter()
+                .copied()
+                .filter(|c| flat.iter().any(|r| r.iter().any(|(k, _)| k == c)))
+                .collect();
+            let cell = |r: &Vec<(String, String)>, c: &str| r.iter().find(|(k, _)| k == c).map(|(_, v)| v.clone()).unwrap_or_default();
+            if matches!(output, Output::Tsv) {
+                for r in &flat {
+                    println!("{}", cols.iter().map(|c| cell(r, c)).collect::<Vec<_>>().join("\t"));
+                }
+                return;
+            }
+            let widths: Vec<usize> = cols
+                .iter()
+                .map(|c| flat.iter().map(|r| cell(r, c).len()).max().unwrap_or(0).max(c.len()))
+                .collect();
+            let line = |vals: Vec<String>| {
+                vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+            };
+            let title = |c: &str| {
+                let mut s = c.to_string();
+                if let Some(f) = s.get_mut(0..1) {
+                    f.make_ascii_uppercase();
+                }
+                s
+            };
+            println!("{}", line(cols.iter().map(|c| title(c)).collect()));
+            println!("{}", line(widths.iter().map(|w| "-".repeat(*w)).collect()));
+            for r in &flat {
+                println!("{}", line(cols.iter().map(|c| cell(r, c)).collect()));
+            }
+        }
+    }
+}
+
+fn parse_tags(tags: &[String]) -> Result<Value, CliError> {
+    let mut m = serde_json::Map::new();
+    for t in tags {
+        let (k, v) = t.split_once('=').unwrap_or((t.as_str(), ""));
+        if k.is_empty() {
+            return Err(CliError::Usage(format!("invalid tag '{t}': use key=value")));
+        }
+        m.insert(k.to_string(), json!(v));
+    }
+    Ok(Value::Object(m))
+}
+
+// ------------------------------------------------------------------ identity
+
+#[derive(Args)]
+pub struct IdentityCmd {
+    #[command(subcommand)]
+    cmd: IdentityVerb,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Subcommand)]
+enum IdentityVerb {
+    /// Create (or update) a user-assigned identity.
+    Create {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'l', long, default_value = "local")]
+        location: String,
+        #[arg(long, num_args = 0..)]
+        tags: Vec<String>,
+    },
+    Show {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+    },
+    Delete {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+}
+
+pub async fn identity(c: IdentityCmd) -> Result<(), CliError> {
+    let api = Api::connect(&c.conn).await?;
+    let path = |rg: &str, n: &str| {
+        format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{n}?api-version={MSI_API}", api.rg_path(rg))
+    };
+    let v = match c.cmd {
+        IdentityVerb::Create { resource_group, name, location, tags } => {
+            let body = json!({"location": location, "tags": parse_tags(&tags)?});
+            api.call(reqwest::Method::PUT, &path(&resource_group, &name), Some(body)).await?
+        }
+        IdentityVerb::Show { resource_group, name } => api.call(reqwest::Method::GET, &path(&resource_group, &name), None).await?,
+        IdentityVerb::List { resource_group } => {
+            let p = match resource_group {
+                Some(rg) => format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities?api-version={MSI_API}", api.rg_path(&rg)),
+                None => format!("/subscriptions/{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities?api-version={MSI_API}", api.subscription),
+            };
+            api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
+        }
+        IdentityVerb::Delete { resource_group, name } => {
+            api.call(reqwest::Method::DELETE, &path(&resource_group, &name), None).await?;
+            return Ok(());
+        }
+    };
+    api.print(&v);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ vm
+
+#[derive(Args)]
+pub struct VmCmd {
+    #[command(subcommand)]
+    cmd: VmVerb,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Subcommand)]
+enum VmVerb {
+    /// Create a VM (a host record); `--assign-identity` takes `[system]` and identity names/ids.
+    Create {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'l', long, default_value = "local")]
+        location: String,
+        #[arg(long, num_args = 0..)]
+        assign_identity: Option<Vec<String>>,
+        #[arg(long, num_args = 0..)]
+        tags: Vec<String>,
+    },
+    Show {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+    },
+    Delete {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+    /// Issue a one-time join token for `keyless node --join-token`.
+    JoinToken {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        expires_in: u64,
+    },
+    /// Assign or remove identities.
+    Identity {
+        #[command(subcommand)]
+        verb: VmIdentityVerb,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmIdentityVerb {
+    Assign {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        /// `[system]` and/or user-assigned identity names or ids (default: [system]).
+        #[arg(long, num_args = 0..)]
+        identities: Vec<String>,
+    },
+    Remove {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long, num_args = 0..)]
+        identities: Vec<String>,
+    },
+}
+
+fn identity_type(system: bool, user: bool) -> &'static str {
+    match (system, user) {
+        (true, true) => "SystemAssigned, UserAssigned",
+        (true, false) => "SystemAssigned",
+        (false, true) => "UserAssigned",
+        (false, false) => "None",
+    }
+}
+
+pub async fn vm(c: VmCmd) -> Result<(), CliError> {
+    let api = Api::connect(&c.conn).await?;
+    let path = |rg: &str, n: &str| format!("{}/providers/Microsoft.Compute/virtualMachines/{n}?api-version={COMPUTE_API}", api.rg_path(rg));
+    let v = match c.cmd {
+        VmVerb::Create { resource_group, name, location, assign_identity, tags } => {
+            let mut body = json!({"location": location, "tags": parse_tags(&tags)?, "properties": {}});
+            if let Some(ids) = assign_identity {
+                let ids = if ids.is_empty() { vec!["[system]".to_string()] } else { ids };
+                let (system, user) = identity_ids(&api, &resource_group, &ids);
+                let mut ident = json!({"type": identity_type(system, !user.is_empty())});
+                if !user.is_empty() {
+                    ident["userAssignedIdentities"] = user.iter().map(|u| (u.clone(), json!({}))).collect::<serde_json::Map<_, _>>().into();
+                }
+                body["identity"] = ident;
+            }
+            api.call(reqwest::Method::PUT, &path(&resource_group, &name), Some(body)).await?
+        }
+        VmVerb::Show { resource_group, name } => api.call(reqwest::Method::GET, &path(&resource_group, &name), None).await?,
+        VmVerb::List { resource_group } => {
+            let p = match resource_group {
+                Some(rg) => format!("{}/providers/Microsoft.Compute/virtualMachines?api-version={COMPUTE_API}", api.rg_path(&rg)),
+                None => format!("/subscriptions/{}/providers/Microsoft.Compute/virtualMachines?api-version={COMPUTE_API}", api.subscription),
+            };
+            api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
+        }
+        VmVerb::Delete { resource_group, name } => {
+            api.call(reqwest::Method::DELETE, &path(&resource_group, &name), None).await?;
+            return Ok(());
+        }
+        VmVerb::JoinToken { resource_group, name, expires_in } => {
+            let p = format!(
+                "{}/providers/Microsoft.Compute/virtualMachines/{name}/generateJoinToken?api-version={COMPUTE_API}",
+                api.rg_path(&resource_group)
+            );
+            api.call(reqwest::Method::POST, &p, Some(json!({"expiresInSeconds": expires_in}))).await?
+        }
+        VmVerb::Identity { verb } => {
+            let (rg, name, ids, assign) = match verb {
+                VmIdentityVerb::Assign { resource_group, name, identities } => (resource_group, name, identities, true),
+                VmIdentityVerb::Remove { resource_group, name, identities } => (resource_group, name, identities, false),
+            };
+            let ids = if ids.is_empty() { vec!["[system]".to_string()] } else { ids };
+            let cur = api.call(reqwest::Method::GET, &path(&rg, &name), None).await?;
+            let cur_type = cur["identity"]["type"].as_str().unwrap_or("None").to_ascii_lowercase();
+            let cur_users: Vec<String> = cur["identity"]["userAssignedIdentities"]
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            let (sys, user) = identity_ids(&api, &rg, &ids);
+            let had_sys = cur_type.contains("systemassigned");
+            let same = |a: &String, b: &String| a.eq_ignore_ascii_case(b);
+            let (new_sys, new_users): (bool, Vec<String>) = if assign {
+                let mut u = cur_users.clone();
+                for x in &user {
+                    if !u.iter().any(|y| same(x, y)) {
+                        u.push(x.clone());
+                    }
+                }
+                (had_sys || sys, u)
+            } else {
+                (had_sys && !sys, cur_users.iter().filter(|y| !user.iter().any(|x| same(x, y))).cloned().collect())
+            };
+            let mut ident = json!({"type": identity_type(new_sys, !new_users.is_empty())});
+            if !new_users.is_empty() || !cur_users.is_empty() {
+                let mut m = serde_json::Map::new();
+                for u in &cur_users {
+                    if !new_users.iter().any(|x| same(x, u)) {
+                        m.insert(u.clone(), Value::Null);
+                    }
+                }
+                for u in &new_users {
+                    m.insert(u.clone(), json!({}));
+                }
+                if !new_users.is_empty() {
+                    ident["userAssignedIdentities"] = Value::Object(m);
+                }
+            }
+            let vm = api.call(reqwest::Method::PATCH, &path(&rg, &name), Some(json!({"identity": ident}))).await?;
+            vm["identity"].clone()
+        }
+    };
+    api.print(&v);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ group
+
+#[derive(Args)]
+pub struct GroupCmd {
+    #[command(subcommand)]
+    cmd: GroupVerb,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Subcommand)]
+enum GroupVerb {
+    Create {
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'l', long, default_value = "local")]
+        location: String,
+        #[arg(long, num_args = 0..)]
+        tags: Vec<String>,
+    },
+    Show {
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+    List,
+    Delete {
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+}
+
+pub async fn group(c: GroupCmd) -> Result<(), CliError> {
+    let api = Api::connect(&c.conn).await?;
+    let path = |n: &str| format!("{}?api-version={RESOURCES_API}", api.rg_path(n));
+    let v = match c.cmd {
+        GroupVerb::Create { name, location, tags } => {
+            api.call(reqwest::Method::PUT, &path(&name), Some(json!({"location": location, "tags": parse_tags(&tags)?}))).await?
+        }
+        GroupVerb::Show { name } => api.call(reqwest::Method::GET, &path(&name), None).await?,
+        GroupVerb::List => {
+            let p = format!("/subscriptions/{}/resourcegroups?api-version={RESOURCES_API}", api.subscription);
+            api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
+        }
+        GroupVerb::Delete { name } => {
+            api.call(reqwest::Method::DELETE, &path(&name), None).await?;
+            return Ok(());
+        }
+    };
+    api.print(&v);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ get-token
+
+#[derive(Args)]
+pub struct GetTokenArgs {
+    /// The resource (audience), e.g. https://management.azure.com/.
+    #[arg(long)]
+    resource: String,
+    #[arg(long)]
+    client_id: Option<String>,
+    #[arg(long)]
+    object_id: Option<String>,
+    #[arg(long)]
+    msi_res_id: Option<String>,
+    /// IMDS base URL (default: AZURE_POD_IDENTITY_AUTHORITY_HOST, then endpoints.json, then
+    /// http://169.254.169.254).
+    #[arg(long, env = "AZURE_POD_IDENTITY_AUTHORITY_HOST")]
+    imds_endpoint: Option<String>,
+    #[arg(long, env = "KEYLESS_DATA_DIR", default_value = ".keyless")]
+    data_dir: PathBuf,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Json)]
+    output: Output,
+}
+
+pub async fn get_token(a: GetTokenArgs) -> Result<(), CliError> {
+    let base = a
+        .imds_endpoint
+        .clone()
+        .or_else(|| endpoints(&a.data_dir)["imdsUrl"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "http://169.254.169.254".to_string());
+    let mut q = vec![("api-version", "2018-02-01".to_string()), ("resource", a.resource.clone())];
+    for (k, v) in [("client_id", &a.client_id), ("object_id", &a.object_id), ("msi_res_id", &a.msi_res_id)] {
+        if let Some(v) = v {
+            q.push((k, v.clone()));
+        }
+    }
+    let url = format!(
+        "{}/metadata/identity/oauth2/token?{}",
+        base.trim_end_matches('/'),
+        serde_urlencoded::to_string(&q).unwrap_or_default()
+    );
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| CliError::Usage(e.to_string()))?
+        .get(&url)
+        .header("Metadata", "true")
+        .send()
+        .await
+        .map_err(|source| CliError::Http { url: url.clone(), source })?;
+    if !resp.status().is_success() {
+        return Err(remote_error(resp).await);
+    }
+    let v: Value = resp.json().await.map_err(|source| CliError::Http { url, source })?;
+    print_value(&v, a.output);
+    Ok(())
+}

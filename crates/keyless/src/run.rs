@@ -1,0 +1,361 @@
+//! `keyless up`, `keyless server`, `keyless node`.
+
+use crate::CliError;
+use clap::Args;
+use keyless_core::clock::{Clock, SystemClock};
+use keyless_core::resource_id::{ResourceId, UAMI, VM};
+use keyless_server::resources::{self, IdentityBody, VmBody};
+use keyless_server::state::ServerConfig;
+use keyless_store::sqlite::SqliteStore;
+use keyless_store::{Kek, Store};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Clone)]
+pub struct ServerArgs {
+    /// Data directory (SQLite file, key-encryption key, CA certificate).
+    #[arg(long, default_value = ".keyless", env = "KEYLESS_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// HTTPS listen address of the server.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Base URL clients use to reach the server (the token issuer); default https://localhost:<port>.
+    #[arg(long)]
+    pub public_url: Option<String>,
+    /// Extra subject alternative names for the TLS certificate (repeatable).
+    #[arg(long = "tls-san")]
+    pub tls_san: Vec<String>,
+    /// Key-encryption key (base64 of 32 bytes); default: generated into <data-dir>/kek.
+    #[arg(long, env = "KEYLESS_KEK", hide_env_values = true)]
+    pub kek: Option<String>,
+    /// Managed-identity token lifetime in seconds (Azure: 24 h 5 min).
+    #[arg(long, default_value_t = 86_700)]
+    pub token_lifetime: u64,
+    /// Signing key rotation period in seconds.
+    #[arg(long, default_value_t = 30 * 86_400)]
+    pub key_rotation: u64,
+    /// How long a new signing key is published before it signs, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub key_prepublish: u64,
+    /// How often the rotation plan is checked, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub key_check_interval: u64,
+    /// Host credential lifetime in seconds.
+    #[arg(long, default_value_t = 7 * 86_400)]
+    pub host_cert_lifetime: u64,
+}
+
+#[derive(Args, Clone)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// IMDS listen address of the embedded host agent. On a real host use
+    /// 169.254.169.254:80 (after `ip addr add 169.254.169.254/32 dev lo`).
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    pub imds_listen: SocketAddr,
+    /// How often the agent refreshes its identity set, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub sync_interval: u64,
+}
+
+#[derive(Args, Clone)]
+pub struct NodeArgs {
+    /// Server base URL, e.g. https://10.0.0.1:8443.
+    #[arg(long, env = "KEYLESS_SERVER")]
+    pub server: String,
+    /// PEM file of the Keyless CA.
+    #[arg(long, env = "KEYLESS_CA_FILE")]
+    pub ca_file: PathBuf,
+    /// Where the host credential is kept.
+    #[arg(long, default_value = "/var/lib/keyless/node")]
+    pub state_dir: PathBuf,
+    /// One-time join token (from `keyless vm join-token`); needed only for the first start.
+    #[arg(long, env = "KEYLESS_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// IMDS listen address.
+    #[arg(long, default_value = "169.254.169.254:80")]
+    pub imds_listen: SocketAddr,
+    /// How often the agent refreshes its identity set, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub sync_interval: u64,
+    /// Private IP reported in /metadata/instance.
+    #[arg(long)]
+    pub private_ip: Option<String>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |source| CliError::Io { path: path.display().to_string(), source }
+}
+
+/// Open the data dir: lock it (one process per data dir), load the KEK, open the store.
+fn open_store(a: &ServerArgs) -> Result<(Arc<dyn Store>, std::fs::File), CliError> {
+    std::fs::create_dir_all(&a.data_dir).map_err(io_err(&a.data_dir))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&a.data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let lock_path = a.data_dir.join("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    if lock.try_lock().is_err() {
+        return Err(CliError::Usage(format!(
+            "the data directory {} is in use by another keyless process; stop it or use --data-dir",
+            a.data_dir.display()
+        )));
+    }
+    let kek = match &a.kek {
+        Some(k) => Kek::from_base64(k)?,
+        None => Kek::load_or_create(&a.data_dir.join("kek"))?,
+    };
+    let store = SqliteStore::open(&a.data_dir.join("keyless.db"), kek)?;
+    Ok((Arc::new(store), lock))
+}
+
+fn server_config(a: &ServerArgs) -> ServerConfig {
+    let mut cfg = ServerConfig::new(a.data_dir.clone(), a.listen);
+    cfg.public_url = a.public_url.clone();
+    cfg.tls_sans = a.tls_san.clone();
+    cfg.mi_token_lifetime = a.token_lifetime;
+    cfg.rotation.rotate_every = a.key_rotation;
+    cfg.rotation.prepublish = a.key_prepublish;
+    cfg.rotation.max_token_lifetime = a.token_lifetime.max(cfg.sp_token_lifetime);
+    cfg.key_check_interval = Duration::from_secs(a.key_check_interval.max(1));
+    cfg.host_cert_lifetime = a.host_cert_lifetime;
+    cfg
+}
+
+fn bind_hint(e: keyless_server::error::ServerError) -> CliError {
+    match e {
+        keyless_server::error::ServerError::Bind { addr, source } => CliError::Usage(format!(
+            "cannot listen on {addr}: {source}. Is another `keyless up` or server running? Pick another address with --listen."
+        )),
+        other => other.into(),
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub async fn server(a: ServerArgs) -> Result<(), CliError> {
+    let (store, _lock) = open_store(&a)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let srv = keyless_server::start(server_config(&a), store, clock).await.map_err(bind_hint)?;
+    let b = &srv.bootstrap;
+    println!("Keyless server listening on https://{} (issuer {})", srv.local_addr, srv.state.base_url);
+    println!("Tenant:        {}", b.tenant_id);
+    println!("Subscription:  {}", b.subscription_id);
+    println!("CA certificate: {}", b.ca_path.display());
+    print_admin(b);
+    wait_for_signal().await;
+    Ok(())
+}
+
+fn print_admin(b: &keyless_server::state::Bootstrap) {
+    match &b.new_admin {
+        Some(admin) => {
+            println!();
+            println!("Bootstrap admin (shown once; only a hash is stored):");
+            println!("  export KEYLESS_CLIENT_ID={}", admin.client_id);
+            println!("  export KEYLESS_CLIENT_SECRET={}", admin.client_secret);
+        }
+        None => println!(
+            "Bootstrap admin client id: {} (its secret was shown at first start)",
+            b.admin_client_id
+        ),
+    }
+}
+
+pub async fn node(a: NodeArgs) -> Result<(), CliError> {
+    let ca_pem = std::fs::read_to_string(&a.ca_file).map_err(io_err(&a.ca_file))?;
+    let cfg = keyless_node::NodeConfig {
+        server_url: a.server.trim_end_matches('/').to_string(),
+        ca_pem,
+        state_dir: a.state_dir.clone(),
+        join_token: a.join_token.clone(),
+        imds_listen: a.imds_listen,
+        sync_interval: Duration::from_secs(a.sync_interval.max(1)),
+        private_ip: a.private_ip.clone(),
+    };
+    let node = keyless_node::start(cfg, Arc::new(SystemClock::new())).await?;
+    println!("IMDS endpoint: http://{}", node.imds_addr);
+    if let Some(v) = node.agent.view() {
+        println!("VM: {}", v.vm["resourceId"].as_str().unwrap_or(""));
+    }
+    wait_for_signal().await;
+    Ok(())
+}
+
+/// A VM name for this machine: the host name when it is a valid VM name.
+fn machine_vm_name() -> String {
+    let hn = keyless_server::state::host_name();
+    if keyless_core::names::validate_vm_name(&hn).is_ok() {
+        hn
+    } else {
+        "keyless-host".to_string()
+    }
+}
+
+pub async fn up(a: UpArgs) -> Result<(), CliError> {
+    let (store, _lock) = open_store(&a.server)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let srv = keyless_server::start(server_config(&a.server), store, clock.clone())
+        .await
+        .map_err(bind_hint)?;
+    let s = srv.state.clone();
+    let b = srv.bootstrap.clone();
+
+    // This machine as a VM with a system-assigned identity and the demo user-assigned identity.
+    let rg = "keyless";
+    let sub = s.subscription_id.clone();
+    if s.store.get_resource_group(&sub, rg)?.is_none() {
+        resources::put_resource_group(&s, &sub, rg, Some(&s.cfg.location), None)?;
+    }
+    let demo = ResourceId::new(&sub, rg, UAMI, "keyless-demo");
+    let demo_rec = match s.store.get_identity(&demo.key())? {
+        Some(r) => r,
+        None => resources::put_identity(&s, &demo, Some(&s.cfg.location), None)?.0,
+    };
+    let vm_id = match s.store.get_meta("up_vm")? {
+        Some(id) => ResourceId::parse(&id).map_err(|e| CliError::Usage(e.to_string()))?,
+        None => {
+            let id = ResourceId::new(&sub, rg, VM, &machine_vm_name());
+            s.store.set_meta("up_vm", &id.canonical())?;
+            id
+        }
+    };
+    if s.store.get_vm(&vm_id.key())?.is_none() {
+        let mut user = BTreeMap::new();
+        user.insert(demo_rec.resource_id.clone(), json!({}));
+        resources::write_vm(
+            &s,
+            &vm_id,
+            VmBody {
+                location: Some(s.cfg.location.clone()),
+                identity: Some(IdentityBody {
+                    kind: Some("SystemAssigned, UserAssigned".into()),
+                    user_assigned: Some(user),
+                }),
+                ..Default::default()
+            },
+            false,
+        )?;
+    }
+    let vm = resources::get_vm(&s, &vm_id)?;
+    let system = s.store.vm_system_identity(&vm.key)?;
+
+    // The embedded host agent joins like any other host.
+    let state_dir = a.server.data_dir.join("node");
+    let joined = state_dir.join("host-cert.pem").exists();
+    let join_token = if joined { None } else { Some(resources::create_join_token(&s, &vm_id, 600)?.0) };
+    let server_url = format!("https://localhost:{}", srv.local_addr.port());
+    let node = keyless_node::start(
+        keyless_node::NodeConfig {
+            server_url: server_url.clone(),
+            ca_pem: s.ca.cert_pem(),
+            state_dir: state_dir.clone(),
+            join_token: join_token.clone(),
+            imds_listen: a.imds_listen,
+            sync_interval: Duration::from_secs(a.sync_interval.max(1)),
+            private_ip: None,
+        },
+        clock,
+    )
+    .await;
+    let node = match node {
+        Ok(n) => n,
+        // The stored credential may be stale (VM recreated); join again once.
+        Err(keyless_node::NodeError::Refused { .. }) if joined => {
+            let _ = std::fs::remove_file(state_dir.join("host-cert.pem"));
+            keyless_node::start(
+                keyless_node::NodeConfig {
+                    server_url: server_url.clone(),
+                    ca_pem: s.ca.cert_pem(),
+                    state_dir: state_dir.clone(),
+                    join_token: Some(resources::create_join_token(&s, &vm_id, 600)?.0),
+                    imds_listen: a.imds_listen,
+                    sync_interval: Duration::from_secs(a.sync_interval.max(1)),
+                    private_ip: None,
+                },
+                Arc::new(SystemClock::new()),
+            )
+            .await?
+        }
+        Err(keyless_node::NodeError::Bind { addr, source }) => {
+            return Err(CliError::Usage(format!(
+                "cannot listen on {addr}: {source}. Is another `keyless up` running? Pick another address with --imds-listen."
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let imds_url = format!("http://{}", node.imds_addr);
+
+    let info = json!({
+        "serverUrl": server_url,
+        "tenantId": b.tenant_id,
+        "subscriptionId": b.subscription_id,
+        "caFile": b.ca_path.canonicalize().unwrap_or(b.ca_path.clone()),
+        "imdsUrl": imds_url,
+        "adminClientId": b.admin_client_id,
+        "vm": {"resourceId": vm.resource_id, "vmId": vm.vm_id},
+        "systemIdentity": system.as_ref().map(|i| json!({"principalId": i.principal_id, "clientId": i.client_id})),
+        "demoIdentity": {"resourceId": demo_rec.resource_id, "principalId": demo_rec.principal_id, "clientId": demo_rec.client_id},
+    });
+    let info_path = a.server.data_dir.join("endpoints.json");
+    std::fs::write(&info_path, serde_json::to_vec_pretty(&info).unwrap_or_default()).map_err(io_err(&info_path))?;
+
+    let ca = info["caFile"].as_str().unwrap_or_default().to_string();
+    println!("Keyless is up.");
+    println!();
+    println!("  Server (token service + control plane): {server_url}");
+    println!("  IMDS endpoint (host agent):              {imds_url}");
+    println!("  Tenant:       {}", b.tenant_id);
+    println!("  Subscription: {}", b.subscription_id);
+    println!("  VM:           {}", vm.resource_id);
+    if let Some(sys) = &system {
+        println!("  System-assigned identity: principalId {} clientId {}", sys.principal_id, sys.client_id);
+    }
+    println!(
+        "  Demo user-assigned identity: {} (clientId {})",
+        demo_rec.resource_id, demo_rec.client_id
+    );
+    println!("  CA certificate: {ca}");
+    print_admin(&b);
+    println!();
+    println!("For workloads (Azure SDKs) on this machine:");
+    println!("  export AZURE_POD_IDENTITY_AUTHORITY_HOST={imds_url}");
+    println!("  export REQUESTS_CA_BUNDLE={ca} SSL_CERT_FILE={ca} NODE_EXTRA_CA_CERTS={ca}");
+    println!("For the keyless admin verbs:");
+    println!("  export KEYLESS_SERVER={server_url} KEYLESS_TENANT_ID={} KEYLESS_CA_FILE={ca}", b.tenant_id);
+    println!();
+    println!("Endpoints are also written to {}. Stop with Ctrl-C.", info_path.display());
+    wait_for_signal().await;
+    node.task.abort();
+    srv.task.abort();
+    Ok(())
+}
