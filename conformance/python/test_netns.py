@@ -1,0 +1,73 @@
+"""The same SDK code with no environment at all: inside a network namespace where the agent
+listens on 169.254.169.254:80, exactly where the SDKs look by default."""
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+
+import pytest
+
+from conftest import run_client, start_up
+
+ARM = "https://management.azure.com"
+
+
+def can_netns():
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+@pytest.fixture(scope="module")
+def netns_up():
+    if not can_netns():
+        if os.environ.get("CI"):
+            pytest.fail("CI must run as root with iproute2 for the network-namespace tests")
+        pytest.skip("needs root and `ip` (network namespaces)")
+    ns = f"kl-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    d = tempfile.mkdtemp(prefix="keyless-netns-")
+    up = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", "169.254.169.254/32", "dev", "lo"], check=True)
+        prefix = ("ip", "netns", "exec", ns)
+        up = start_up(os.path.join(d, "data"), extra=("--imds-listen", "169.254.169.254:80"), prefix=prefix)
+        yield up, prefix
+    finally:
+        if up:
+            up.stop()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def verify(up):
+    return {"authority": up.authority, "ca": up.info["caFile"], "audience": ARM}
+
+
+def test_managed_identity_credential_with_no_environment(netns_up):
+    up, prefix = netns_up
+    assert up.info["imdsUrl"] == "http://169.254.169.254:80"
+    out = run_client({"credential": "mi", "scope": ARM + "/.default", "verify": verify(up)}, prefix=prefix, clean_env=True)
+    assert "error" not in out, out
+    assert out["claims"]["oid"] == up.info["systemIdentity"]["principalId"]
+    assert out["claims"]["xms_mirid"] == up.info["vm"]["resourceId"].replace("/resourceGroups/", "/resourcegroups/", 1)
+
+
+def test_user_assigned_with_no_environment(netns_up):
+    up, prefix = netns_up
+    demo = up.info["demoIdentity"]
+    out = run_client(
+        {"credential": "mi", "kwargs": {"client_id": demo["clientId"]}, "scope": ARM + "/.default", "verify": verify(up)},
+        prefix=prefix,
+        clean_env=True,
+    )
+    assert "error" not in out, out
+    assert out["claims"]["oid"] == demo["principalId"]
+
+
+def test_default_azure_credential_with_no_environment(netns_up):
+    # DAC probes IMDS without the Metadata header first (a 400 means "present"), then asks
+    up, prefix = netns_up
+    out = run_client({"credential": "dac", "scope": ARM + "/.default", "verify": verify(up)}, prefix=prefix, clean_env=True)
+    assert "error" not in out, out
+    assert out["claims"]["oid"] == up.info["systemIdentity"]["principalId"]
