@@ -1,0 +1,181 @@
+//! Helpers for end-to-end tests: real `keyless` processes on port 0 with their own temp data
+//! dirs, killed (by PID) when dropped.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keyless")
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub lines: Vec<String>,
+    pub stderr_path: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn stop(&mut self) {
+        // SIGTERM for a clean stop, then make sure.
+        unsafe_free_kill(self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn find(&self, prefix: &str) -> Option<String> {
+        self.lines.iter().find_map(|l| l.trim().strip_prefix(prefix).map(|s| s.trim().to_string()))
+    }
+}
+
+fn unsafe_free_kill(pid: u32) {
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+}
+
+/// Spawn `keyless args...` and read stdout until a line contains `marker`.
+pub fn spawn_until(args: &[&str], marker: &str, log_dir: &Path) -> Result<Proc, String> {
+    let stderr_path = log_dir.join(format!("stderr-{}.log", uuid::Uuid::new_v4()));
+    let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr))
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = vec![];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut proc = Proc { child, lines: vec![], stderr_path };
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) => {
+                let done = l.contains(marker);
+                lines.push(l);
+                if done {
+                    proc.lines = lines;
+                    return Ok(proc);
+                }
+            }
+            Err(_) => {
+                if let Ok(Some(status)) = proc.child.try_wait() {
+                    let err = std::fs::read_to_string(&proc.stderr_path).unwrap_or_default();
+                    return Err(format!("exited {status}: stdout {lines:?} stderr {err}"));
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("timed out waiting for {marker:?}: {lines:?}"));
+                }
+            }
+        }
+    }
+}
+
+/// Run `keyless args...` to completion.
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(bin()).args(args).envs(env.iter().copied()).output().expect("run keyless")
+}
+
+/// A running `keyless up`.
+pub struct Up {
+    pub proc: Proc,
+    pub info: Value,
+    pub dir: PathBuf,
+}
+
+impl Up {
+    pub fn start(dir: &Path, extra: &[&str]) -> Result<Up, String> {
+        let data = dir.join("data");
+        let data_s = data.to_string_lossy().to_string();
+        let mut args = vec!["up", "--data-dir", &data_s, "--listen", "127.0.0.1:0", "--imds-listen", "127.0.0.1:0", "--sync-interval", "1"];
+        args.extend_from_slice(extra);
+        let proc = spawn_until(&args, "Stop with Ctrl-C", dir)?;
+        let info: Value = serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        Ok(Up { proc, info, dir: data })
+    }
+
+    pub fn s(&self, ptr: &str) -> String {
+        self.info.pointer(ptr).and_then(Value::as_str).unwrap_or_default().to_string()
+    }
+
+    pub fn secret(&self) -> Option<String> {
+        self.proc.find("export KEYLESS_CLIENT_SECRET=")
+    }
+}
+
+pub fn https(ca_file: &str) -> reqwest::Client {
+    let pem = std::fs::read(ca_file).expect("ca");
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("pem")])
+        .build()
+        .expect("client")
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().expect("client")
+}
+
+/// Client-credentials token from the STS.
+pub async fn sp_token(c: &reqwest::Client, server: &str, tenant: &str, id: &str, secret: &str, scope: &str) -> (u16, Value) {
+    let r = c
+        .post(format!("{server}/{tenant}/oauth2/v2.0/token"))
+        .form(&[("grant_type", "client_credentials"), ("client_id", id), ("client_secret", secret), ("scope", scope)])
+        .send()
+        .await
+        .expect("token request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// GET the IMDS token endpoint.
+pub async fn imds_token(imds: &str, query: &str) -> (u16, Value) {
+    let r = http()
+        .get(format!("{imds}/metadata/identity/oauth2/token?api-version=2018-02-01&{query}"))
+        .header("Metadata", "true")
+        .send()
+        .await
+        .expect("imds");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Decode a JWT's claims (no verification; signatures are verified by the python suite with
+/// PyJWT and by `verify_with_jwks`).
+pub fn claims(token: &str) -> Value {
+    use base64::Engine;
+    let part = token.split('.').nth(1).unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap_or_default();
+    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+}
+
+pub fn header(token: &str) -> Value {
+    use base64::Engine;
+    let part = token.split('.').next().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap_or_default();
+    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+}
