@@ -142,7 +142,11 @@ impl JwtHeader {
 pub fn signing_input<C: Serialize>(header: &JwtHeader, claims: &C) -> String {
     let h = serde_json::to_vec(header).unwrap_or_default();
     let c = serde_json::to_vec(claims).unwrap_or_default();
-    format!("{}.{}", URL_SAFE_NO_PAD.encode(h), URL_SAFE_NO_PAD.encode(c))
+    format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(h),
+        URL_SAFE_NO_PAD.encode(c)
+    )
 }
 
 /// Append the signature to a signing input.
@@ -184,13 +188,19 @@ pub fn decode(token: &str) -> Result<DecodedJwt<'_>, JwtError> {
         return Err(JwtError::Malformed);
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(c), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(JwtError::Malformed);
     };
-    let dec = |p: &str| URL_SAFE_NO_PAD.decode(p.trim_end_matches('=')).map_err(|_| JwtError::Malformed);
+    let dec = |p: &str| {
+        URL_SAFE_NO_PAD
+            .decode(p.trim_end_matches('='))
+            .map_err(|_| JwtError::Malformed)
+    };
     let header: JwtHeader = serde_json::from_slice(&dec(h)?).map_err(|_| JwtError::Malformed)?;
-    let claims: serde_json::Value = serde_json::from_slice(&dec(c)?).map_err(|_| JwtError::Malformed)?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&dec(c)?).map_err(|_| JwtError::Malformed)?;
     if !claims.is_object() {
         return Err(JwtError::Malformed);
     }
@@ -286,13 +296,19 @@ mod tests {
         assert_eq!(c.nbf, c.iat);
         assert!(c.iat < 1_700_000_000);
         let v = serde_json::to_value(&c).unwrap();
-        assert!(v["xms_mirid"].as_str().unwrap().contains("/resourcegroups/"));
+        assert!(v["xms_mirid"]
+            .as_str()
+            .unwrap()
+            .contains("/resourcegroups/"));
         assert!(v.get("aio").is_none());
     }
 
     #[test]
     fn sp_claims_have_no_mirid() {
-        let p = Principal::ServicePrincipal { object_id: "o".into(), client_id: "c".into() };
+        let p = Principal::ServicePrincipal {
+            object_id: "o".into(),
+            client_id: "c".into(),
+        };
         let c = access_token_claims(&ctx(), &p);
         assert_eq!(c.appidacr, "1");
         assert!(c.xms_mirid.is_none());
@@ -300,7 +316,10 @@ mod tests {
 
     #[test]
     fn encode_decode_roundtrip_and_validation() {
-        let p = Principal::ServicePrincipal { object_id: "o".into(), client_id: "c".into() };
+        let p = Principal::ServicePrincipal {
+            object_id: "o".into(),
+            client_id: "c".into(),
+        };
         let c = access_token_claims(&ctx(), &p);
         let si = signing_input(&JwtHeader::rs256("k1"), &c);
         let tok = assemble(&si, b"sig");
@@ -310,7 +329,10 @@ mod tests {
         assert_eq!(d.signature, b"sig");
         let iss = ["https://localhost:8443/t1/"];
         let aud = ["https://management.azure.com/"];
-        assert_eq!(validate_claims(&d.claims, ctx().now, 60, &iss, &aud), Ok(()));
+        assert_eq!(
+            validate_claims(&d.claims, ctx().now, 60, &iss, &aud),
+            Ok(())
+        );
         assert_eq!(
             validate_claims(&d.claims, c.exp + 61, 60, &iss, &aud),
             Err(JwtError::Expired)
@@ -342,9 +364,18 @@ mod tests {
 
     #[test]
     fn scopes() {
-        assert_eq!(resource_from_scope("https://vault.azure.net/.default"), Some("https://vault.azure.net"));
-        assert_eq!(resource_from_scope("https://management.azure.com//.default"), Some("https://management.azure.com/"));
-        assert_eq!(resource_from_scope("api://x/.default offline_access openid profile"), Some("api://x"));
+        assert_eq!(
+            resource_from_scope("https://vault.azure.net/.default"),
+            Some("https://vault.azure.net")
+        );
+        assert_eq!(
+            resource_from_scope("https://management.azure.com//.default"),
+            Some("https://management.azure.com/")
+        );
+        assert_eq!(
+            resource_from_scope("api://x/.default offline_access openid profile"),
+            Some("api://x")
+        );
         assert_eq!(resource_from_scope("https://vault.azure.net/read"), None);
         assert_eq!(resource_from_scope("/.default"), None);
         assert_eq!(resource_from_scope(""), None);

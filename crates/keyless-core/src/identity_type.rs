@@ -15,7 +15,11 @@ pub enum IdentityType {
 
 impl IdentityType {
     pub fn parse(s: &str) -> Result<Self, CoreError> {
-        let norm: String = s.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_lowercase();
+        let norm: String = s
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect::<String>()
+            .to_ascii_lowercase();
         match norm.as_str() {
             "none" => Ok(Self::None),
             "systemassigned" => Ok(Self::SystemAssigned),
@@ -57,7 +61,9 @@ pub const MAX_USER_ASSIGNED: usize = 1000;
 
 fn parse_uami(id: &str) -> Result<ResourceId, CoreError> {
     let r = ResourceId::parse(id).map_err(|_| {
-        CoreError::InvalidIdentityType(format!("The user-assigned identity id '{id}' is not a valid resource id."))
+        CoreError::InvalidIdentityType(format!(
+            "The user-assigned identity id '{id}' is not a valid resource id."
+        ))
     })?;
     if !r.is_type(UAMI) {
         return Err(CoreError::InvalidIdentityType(format!(
@@ -99,8 +105,14 @@ pub fn apply_put(
     kind: Option<&str>,
     user: &BTreeMap<String, serde_json::Value>,
 ) -> Result<HostIdentity, CoreError> {
-    let kind = kind.map(IdentityType::parse).transpose()?.unwrap_or(IdentityType::None);
-    let ids = user.keys().map(|k| parse_uami(k)).collect::<Result<Vec<_>, _>>()?;
+    let kind = kind
+        .map(IdentityType::parse)
+        .transpose()?
+        .unwrap_or(IdentityType::None);
+    let ids = user
+        .keys()
+        .map(|k| parse_uami(k))
+        .collect::<Result<Vec<_>, _>>()?;
     check(kind, dedup(ids))
 }
 
@@ -115,7 +127,11 @@ pub fn apply_patch(
         Some(k) => IdentityType::parse(k)?,
         None => current.kind,
     };
-    let mut set = if kind.has_user() { current.user.clone() } else { vec![] };
+    let mut set = if kind.has_user() {
+        current.user.clone()
+    } else {
+        vec![]
+    };
     if let Some(map) = user {
         for (id, v) in map {
             let r = parse_uami(id)?;
@@ -145,26 +161,55 @@ mod tests {
 
     #[test]
     fn types_parse_like_arm() {
-        assert_eq!(IdentityType::parse("SystemAssigned,UserAssigned").unwrap(), IdentityType::SystemAndUserAssigned);
-        assert_eq!(IdentityType::parse("systemassigned, userassigned").unwrap().as_str(), "SystemAssigned, UserAssigned");
+        assert_eq!(
+            IdentityType::parse("SystemAssigned,UserAssigned").unwrap(),
+            IdentityType::SystemAndUserAssigned
+        );
+        assert_eq!(
+            IdentityType::parse("systemassigned, userassigned")
+                .unwrap()
+                .as_str(),
+            "SystemAssigned, UserAssigned"
+        );
         assert_eq!(IdentityType::parse("None").unwrap(), IdentityType::None);
         assert!(IdentityType::parse("Both").is_err());
     }
 
     #[test]
     fn put_rules() {
-        let h = apply_put(Some("UserAssigned"), &map(&[(U1, json!({})), (&U1.to_uppercase().replace("SUBSCRIPTIONS", "subscriptions"), json!({}))])).unwrap();
+        let h = apply_put(
+            Some("UserAssigned"),
+            &map(&[
+                (U1, json!({})),
+                (
+                    &U1.to_uppercase().replace("SUBSCRIPTIONS", "subscriptions"),
+                    json!({}),
+                ),
+            ]),
+        )
+        .unwrap();
         assert_eq!(h.user.len(), 1, "case-insensitive duplicates collapse");
         assert!(apply_put(Some("UserAssigned"), &map(&[])).is_err());
         assert!(apply_put(Some("SystemAssigned"), &map(&[(U1, json!({}))])).is_err());
-        assert!(apply_put(Some("UserAssigned"), &map(&[("/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/v", json!({}))])).is_err());
+        assert!(apply_put(
+            Some("UserAssigned"),
+            &map(&[(
+                "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/v",
+                json!({})
+            )])
+        )
+        .is_err());
         assert!(apply_put(Some("UserAssigned"), &map(&[("garbage", json!({}))])).is_err());
         assert_eq!(apply_put(None, &map(&[])).unwrap().kind, IdentityType::None);
     }
 
     #[test]
     fn patch_rules() {
-        let cur = apply_put(Some("SystemAssigned, UserAssigned"), &map(&[(U1, json!({}))])).unwrap();
+        let cur = apply_put(
+            Some("SystemAssigned, UserAssigned"),
+            &map(&[(U1, json!({}))]),
+        )
+        .unwrap();
         let added = apply_patch(&cur, None, Some(&map(&[(U2, json!({}))]))).unwrap();
         assert_eq!(added.user.len(), 2);
         let removed = apply_patch(&added, None, Some(&map(&[(U1, json!(null))]))).unwrap();

@@ -100,7 +100,9 @@ pub fn parse_token_request(query: &[(String, String)]) -> Result<TokenRequest, I
     }
     let resource = get("resource").unwrap_or("").trim();
     if resource.is_empty() {
-        return Err(ImdsError::invalid("Required audience parameter not specified"));
+        return Err(ImdsError::invalid(
+            "Required audience parameter not specified",
+        ));
     }
     if resource.len() > MAX_PARAM_LEN {
         return Err(ImdsError::invalid("The resource parameter is too long"));
@@ -115,7 +117,9 @@ pub fn parse_token_request(query: &[(String, String)]) -> Result<TokenRequest, I
     ] {
         if let Some(v) = get(name) {
             if v.is_empty() || v.len() > MAX_PARAM_LEN {
-                return Err(ImdsError::invalid(&format!("The {name} parameter is invalid")));
+                return Err(ImdsError::invalid(&format!(
+                    "The {name} parameter is invalid"
+                )));
             }
             selectors.push(make(v.to_string()));
         }
@@ -128,7 +132,11 @@ pub fn parse_token_request(query: &[(String, String)]) -> Result<TokenRequest, I
     let bypass_cache = match get("bypass_cache") {
         None => false,
         Some("true") => true,
-        Some(_) => return Err(ImdsError::invalid("bypass_cache must be 'true' when present")),
+        Some(_) => {
+            return Err(ImdsError::invalid(
+                "bypass_cache must be 'true' when present",
+            ))
+        }
     };
     Ok(TokenRequest {
         api_version: api_version.to_string(),
@@ -181,20 +189,38 @@ mod tests {
 
     #[test]
     fn headers() {
-        assert!(check_headers(RequestHeaders { metadata: Some("true"), forwarded: false }).is_ok());
+        assert!(check_headers(RequestHeaders {
+            metadata: Some("true"),
+            forwarded: false
+        })
+        .is_ok());
         for m in [None, Some("True"), Some("false"), Some("")] {
-            let e = check_headers(RequestHeaders { metadata: m, forwarded: false }).unwrap_err();
+            let e = check_headers(RequestHeaders {
+                metadata: m,
+                forwarded: false,
+            })
+            .unwrap_err();
             assert_eq!(e.status, 400);
-            assert_eq!(e.body["error_description"], "Required metadata header not specified");
+            assert_eq!(
+                e.body["error_description"],
+                "Required metadata header not specified"
+            );
         }
-        let e = check_headers(RequestHeaders { metadata: Some("true"), forwarded: true }).unwrap_err();
+        let e = check_headers(RequestHeaders {
+            metadata: Some("true"),
+            forwarded: true,
+        })
+        .unwrap_err();
         assert_eq!(e.status, 400);
     }
 
     #[test]
     fn parses_the_client_forms() {
         // python: unencoded resource; node: encoded
-        let r = parse_token_request(&q("api-version=2018-02-01&resource=https://vault.azure.net")).unwrap();
+        let r = parse_token_request(&q(
+            "api-version=2018-02-01&resource=https://vault.azure.net",
+        ))
+        .unwrap();
         assert_eq!(r.resource, "https://vault.azure.net");
         assert_eq!(r.selector, Selector::SystemAssigned);
         let r = parse_token_request(&q(
@@ -203,7 +229,10 @@ mod tests {
         .unwrap();
         assert_eq!(r.resource, "https://management.azure.com/");
         assert_eq!(r.selector, Selector::ClientId("abc".into()));
-        let r = parse_token_request(&q("api-version=2018-02-01&resource=x&mi_res_id=/sub/x&bypass_cache=true")).unwrap();
+        let r = parse_token_request(&q(
+            "api-version=2018-02-01&resource=x&mi_res_id=/sub/x&bypass_cache=true",
+        ))
+        .unwrap();
         assert_eq!(r.selector, Selector::ResourceId("/sub/x".into()));
         assert!(r.bypass_cache);
     }
@@ -240,7 +269,18 @@ mod tests {
             msi_res_id: "/x".into(),
         };
         let b = token_response(&t, &Selector::ObjectId("o".into()), 1000);
-        for k in ["access_token", "refresh_token", "expires_in", "expires_on", "ext_expires_in", "not_before", "resource", "token_type", "client_id", "object_id"] {
+        for k in [
+            "access_token",
+            "refresh_token",
+            "expires_in",
+            "expires_on",
+            "ext_expires_in",
+            "not_before",
+            "resource",
+            "token_type",
+            "client_id",
+            "object_id",
+        ] {
             assert!(b[k].is_string(), "{k}");
         }
         assert_eq!(b["expires_in"], "1000");

@@ -67,9 +67,13 @@ pub fn validate_tags(tags: &std::collections::BTreeMap<String, String>) -> Resul
         ));
     }
     for (k, v) in tags {
-        if k.is_empty() || k.chars().count() > 512 || k.contains(['<', '>', '%', '&', '\\', '?', '/'])
+        if k.is_empty()
+            || k.chars().count() > 512
+            || k.contains(['<', '>', '%', '&', '\\', '?', '/'])
         {
-            return Err(CoreError::InvalidName(format!("The tag name '{k}' is invalid.")));
+            return Err(CoreError::InvalidName(format!(
+                "The tag name '{k}' is invalid."
+            )));
         }
         if v.chars().count() > 256 {
             return Err(CoreError::InvalidName(format!(
@@ -114,7 +118,15 @@ mod tests {
         for ok in ["abc", "my-id_1", "1ab", &"a".repeat(128)] {
             assert!(validate_identity_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["ab", "-abc", "_abc", "a b c", "abc.", "idé", &"a".repeat(129)] {
+        for bad in [
+            "ab",
+            "-abc",
+            "_abc",
+            "a b c",
+            "abc.",
+            "idé",
+            &"a".repeat(129),
+        ] {
             assert!(validate_identity_name(bad).is_err(), "{bad}");
         }
     }
@@ -124,7 +136,16 @@ mod tests {
         for ok in ["vm1", "my.vm-1", "a", "vm_x"] {
             assert!(validate_vm_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "_vm", "vm.", "vm-", "vm 1", "vm/1", "vm@x", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "_vm",
+            "vm.",
+            "vm-",
+            "vm 1",
+            "vm/1",
+            "vm@x",
+            &"a".repeat(65),
+        ] {
             assert!(validate_vm_name(bad).is_err(), "{bad}");
         }
     }

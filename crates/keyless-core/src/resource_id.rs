@@ -246,7 +246,9 @@ mod tests {
             "/SUBSCRIPTIONS/s1/resourcegroups/My-RG/providers/microsoft.managedidentity/USERASSIGNEDIDENTITIES/id1",
         )
         .unwrap();
-        let ArmPath::Resource(r) = p else { panic!("{p:?}") };
+        let ArmPath::Resource(r) = p else {
+            panic!("{p:?}")
+        };
         assert_eq!(
             r.canonical(),
             "/subscriptions/s1/resourceGroups/My-RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1"
@@ -261,14 +263,22 @@ mod tests {
 
     #[test]
     fn parses_collections_and_groups() {
-        assert_eq!(ArmPath::parse("/subscriptions").unwrap(), ArmPath::Subscriptions);
+        assert_eq!(
+            ArmPath::parse("/subscriptions").unwrap(),
+            ArmPath::Subscriptions
+        );
         assert_eq!(
             ArmPath::parse("/subscriptions/s/resourceGroups/").unwrap(),
-            ArmPath::ResourceGroups { subscription: "s".into() }
+            ArmPath::ResourceGroups {
+                subscription: "s".into()
+            }
         );
         assert!(matches!(
             ArmPath::parse("/subscriptions/s/providers/Microsoft.Compute/virtualMachines").unwrap(),
-            ArmPath::Collection { resource_group: None, .. }
+            ArmPath::Collection {
+                resource_group: None,
+                ..
+            }
         ));
         assert!(matches!(
             ArmPath::parse("/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/v/joinToken").unwrap(),

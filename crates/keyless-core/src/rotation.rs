@@ -84,7 +84,11 @@ mod tests {
     };
 
     fn k(kid: &str, created: u64, activate_at: u64) -> KeyState {
-        KeyState { kid: kid.into(), created, activate_at }
+        KeyState {
+            kid: kid.into(),
+            created,
+            activate_at,
+        }
     }
 
     /// Apply the plan step by step over time and check the invariants.
@@ -109,7 +113,10 @@ mod tests {
             // Every key that signed a still-valid token is still published.
             for (kid, at) in &signed_by {
                 if at + P.max_token_lifetime > now {
-                    assert!(keys.iter().any(|x| &x.kid == kid), "{kid} removed too early at {now}");
+                    assert!(
+                        keys.iter().any(|x| &x.kid == kid),
+                        "{kid} removed too early at {now}"
+                    );
                 }
             }
             // A key signs only after it was published for `prepublish` (except the first).
@@ -123,7 +130,10 @@ mod tests {
 
     #[test]
     fn creates_first_key_immediately() {
-        assert_eq!(plan(&[], 7, &P), vec![RotationAction::Create { activate_at: 7 }]);
+        assert_eq!(
+            plan(&[], 7, &P),
+            vec![RotationAction::Create { activate_at: 7 }]
+        );
         // a pending key exists: nothing to do
         assert_eq!(plan(&[k("a", 0, 10)], 7, &P), vec![]);
     }
@@ -132,8 +142,14 @@ mod tests {
     fn prepublishes_before_due() {
         let keys = [k("a", 0, 0)];
         assert_eq!(plan(&keys, 899, &P), vec![]);
-        assert_eq!(plan(&keys, 900, &P), vec![RotationAction::Create { activate_at: 1000 }]);
+        assert_eq!(
+            plan(&keys, 900, &P),
+            vec![RotationAction::Create { activate_at: 1000 }]
+        );
         // overdue (server was down): new key still prepublished
-        assert_eq!(plan(&keys, 5000, &P), vec![RotationAction::Create { activate_at: 5100 }]);
+        assert_eq!(
+            plan(&keys, 5000, &P),
+            vec![RotationAction::Create { activate_at: 5100 }]
+        );
     }
 }

@@ -61,15 +61,18 @@ impl CallerIdentities {
     /// if there is none and exactly one user-assigned identity, that one (as IMDS does).
     pub fn select(&self, selector: &Selector) -> Result<&IdentityRef, SelectionError> {
         let found = match selector {
-            Selector::SystemAssigned => self
-                .system
-                .as_ref()
-                .or(if self.user.len() == 1 { self.user.first() } else { None }),
+            Selector::SystemAssigned => self.system.as_ref().or(if self.user.len() == 1 {
+                self.user.first()
+            } else {
+                None
+            }),
             Selector::ClientId(c) => self.all().find(|i| i.client_id.eq_ignore_ascii_case(c)),
             Selector::ObjectId(o) => self.all().find(|i| i.principal_id.eq_ignore_ascii_case(o)),
             Selector::ResourceId(r) => {
                 let r = r.trim_end_matches('/');
-                self.user.iter().find(|i| i.resource_id.eq_ignore_ascii_case(r))
+                self.user
+                    .iter()
+                    .find(|i| i.resource_id.eq_ignore_ascii_case(r))
             }
         };
         found.ok_or(SelectionError::NotFound)
@@ -102,9 +105,22 @@ mod tests {
     #[test]
     fn selects_by_each_selector() {
         let h = host();
-        assert_eq!(h.select(&Selector::SystemAssigned).unwrap().principal_id, "sp");
-        assert_eq!(h.select(&Selector::ClientId("U1C".into())).unwrap().principal_id, "u1p");
-        assert_eq!(h.select(&Selector::ObjectId("u2p".into())).unwrap().client_id, "u2c");
+        assert_eq!(
+            h.select(&Selector::SystemAssigned).unwrap().principal_id,
+            "sp"
+        );
+        assert_eq!(
+            h.select(&Selector::ClientId("U1C".into()))
+                .unwrap()
+                .principal_id,
+            "u1p"
+        );
+        assert_eq!(
+            h.select(&Selector::ObjectId("u2p".into()))
+                .unwrap()
+                .client_id,
+            "u2c"
+        );
         assert_eq!(
             h.select(&Selector::ResourceId(
                 "/subscriptions/s/resourcegroups/G/providers/microsoft.managedidentity/userassignedidentities/U2".into()
@@ -118,23 +134,38 @@ mod tests {
     #[test]
     fn refuses_what_the_caller_does_not_hold() {
         let h = host();
-        assert_eq!(h.select(&Selector::ClientId("other".into())), Err(SelectionError::NotFound));
-        assert_eq!(h.select(&Selector::ObjectId("".into())), Err(SelectionError::NotFound));
+        assert_eq!(
+            h.select(&Selector::ClientId("other".into())),
+            Err(SelectionError::NotFound)
+        );
+        assert_eq!(
+            h.select(&Selector::ObjectId("".into())),
+            Err(SelectionError::NotFound)
+        );
         // The VM id is not a user-assigned identity id.
         assert_eq!(
             h.select(&Selector::ResourceId(h.system.clone().unwrap().resource_id)),
             Err(SelectionError::NotFound)
         );
         let none = CallerIdentities::default();
-        assert_eq!(none.select(&Selector::SystemAssigned), Err(SelectionError::NotFound));
+        assert_eq!(
+            none.select(&Selector::SystemAssigned),
+            Err(SelectionError::NotFound)
+        );
     }
 
     #[test]
     fn single_user_identity_serves_default_requests() {
         let mut h = host();
         h.system = None;
-        assert_eq!(h.select(&Selector::SystemAssigned), Err(SelectionError::NotFound));
+        assert_eq!(
+            h.select(&Selector::SystemAssigned),
+            Err(SelectionError::NotFound)
+        );
         h.user.truncate(1);
-        assert_eq!(h.select(&Selector::SystemAssigned).unwrap().principal_id, "u1p");
+        assert_eq!(
+            h.select(&Selector::SystemAssigned).unwrap().principal_id,
+            "u1p"
+        );
     }
 }

@@ -19,7 +19,10 @@ pub struct CredentialHolder {
 }
 
 fn state_err(path: &Path, source: std::io::Error) -> NodeError {
-    NodeError::State { path: path.display().to_string(), source }
+    NodeError::State {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn build_client(ca_pem: &str, client: Option<(&[u8], &[u8])>) -> Result<reqwest::Client> {
@@ -38,16 +41,23 @@ fn build_client(ca_pem: &str, client: Option<(&[u8], &[u8])>) -> Result<reqwest:
 }
 
 async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> Result<Value> {
-    let resp = client
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .map_err(|source| NodeError::Unreachable { url: url.to_string(), source })?;
+    let resp =
+        client
+            .post(url)
+            .json(body)
+            .send()
+            .await
+            .map_err(|source| NodeError::Unreachable {
+                url: url.to_string(),
+                source,
+            })?;
     let status = resp.status().as_u16();
     let v: Value = resp.json().await.unwrap_or(Value::Null);
     if status != 200 {
-        let message = v["error_description"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+        let message = v["error_description"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string());
         return Err(NodeError::Refused { status, message });
     }
     Ok(v)
@@ -59,14 +69,27 @@ impl CredentialHolder {
         std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
         let (key_path, cert_path) = (dir.join("host-key.pem"), dir.join("host-cert.pem"));
         let now = clock.now();
-        if let (Ok(key), Ok(cert)) = (std::fs::read_to_string(&key_path), std::fs::read_to_string(&cert_path)) {
-            let key_der = keyless_pki::pem_blocks(&key, "PRIVATE KEY").into_iter().next();
-            let cert_der = keyless_pki::pem_blocks(&cert, "CERTIFICATE").into_iter().next();
+        if let (Ok(key), Ok(cert)) = (
+            std::fs::read_to_string(&key_path),
+            std::fs::read_to_string(&cert_path),
+        ) {
+            let key_der = keyless_pki::pem_blocks(&key, "PRIVATE KEY")
+                .into_iter()
+                .next();
+            let cert_der = keyless_pki::pem_blocks(&cert, "CERTIFICATE")
+                .into_iter()
+                .next();
             if let (Some(k), Some(c)) = (key_der, cert_der) {
                 let (nb, na) = keyless_pki::cert_validity(&c)?;
                 if na > now + 60 {
                     let client = build_client(&cfg.ca_pem, Some((&c, &k)))?;
-                    return Ok(Self { current: RwLock::new(Current { client, not_before: nb, not_after: na }) });
+                    return Ok(Self {
+                        current: RwLock::new(Current {
+                            client,
+                            not_before: nb,
+                            not_after: na,
+                        }),
+                    });
                 }
                 tracing::warn!("stored host credential has expired; joining again");
             }
@@ -78,10 +101,17 @@ impl CredentialHolder {
         let anon = build_client(&cfg.ca_pem, None)?;
         let (csr, key) = keyless_pki::generate_csr("keyless-node")?;
         let url = format!("{}/keyless/host/v1/join", cfg.server_url);
-        let resp = post_json(&anon, &url, &serde_json::json!({"joinToken": token, "csr": csr})).await?;
+        let resp = post_json(
+            &anon,
+            &url,
+            &serde_json::json!({"joinToken": token, "csr": csr}),
+        )
+        .await?;
         let current = Self::save(cfg, &resp, &key)?;
         tracing::info!(vm = resp["vmResourceId"].as_str().unwrap_or(""), "joined");
-        Ok(Self { current: RwLock::new(current) })
+        Ok(Self {
+            current: RwLock::new(current),
+        })
     }
 
     fn save(cfg: &NodeConfig, resp: &Value, key_der: &[u8]) -> Result<Current> {
@@ -93,17 +123,28 @@ impl CredentialHolder {
             .ok_or_else(|| NodeError::Client("the server returned no certificate".into()))?;
         let (nb, na) = keyless_pki::cert_validity(&cert)?;
         let key_path = dir.join("host-key.pem");
-        write_private(&key_path, keyless_pki::pem("PRIVATE KEY", key_der).as_bytes())
-            .map_err(|e| NodeError::Client(format!("cannot write {}: {e}", key_path.display())))?;
+        write_private(
+            &key_path,
+            keyless_pki::pem("PRIVATE KEY", key_der).as_bytes(),
+        )
+        .map_err(|e| NodeError::Client(format!("cannot write {}: {e}", key_path.display())))?;
         let cert_path = dir.join("host-cert.pem");
         std::fs::write(&cert_path, cert_pem).map_err(|e| state_err(&cert_path, e))?;
         let client = build_client(&cfg.ca_pem, Some((&cert, key_der)))?;
-        Ok(Current { client, not_before: nb, not_after: na })
+        Ok(Current {
+            client,
+            not_before: nb,
+            not_after: na,
+        })
     }
 
     /// The HTTPS client presenting the current credential.
     pub fn client(&self) -> reqwest::Client {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).client.clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .client
+            .clone()
     }
 
     /// Rotate when two thirds of the credential's lifetime have passed.

@@ -27,7 +27,11 @@ pub fn router(agent: Arc<Agent>) -> Router {
 }
 
 fn err(e: ImdsError) -> Response {
-    (StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST), Json(e.body)).into_response()
+    (
+        StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+        Json(e.body),
+    )
+        .into_response()
 }
 
 fn headers(h: &HeaderMap) -> RequestHeaders<'_> {
@@ -41,11 +45,21 @@ async fn token(State(agent): State<Arc<Agent>>, h: HeaderMap, RawQuery(q): RawQu
     if let Err(e) = imds::check_headers(headers(&h)) {
         return err(e);
     }
-    let req = match imds::parse_query(q.as_deref().unwrap_or("")).and_then(|q| imds::parse_token_request(&q)) {
+    let req = match imds::parse_query(q.as_deref().unwrap_or(""))
+        .and_then(|q| imds::parse_token_request(&q))
+    {
         Ok(r) => r,
         Err(e) => return err(e),
     };
-    match agent.token(CallerKind::Host, &req.selector, &req.resource, req.bypass_cache).await {
+    match agent
+        .token(
+            CallerKind::Host,
+            &req.selector,
+            &req.resource,
+            req.bypass_cache,
+        )
+        .await
+    {
         Ok(t) => Json(imds::token_response(&t, &req.selector, agent.clock.now())).into_response(),
         Err(TokenFailure::IdentityNotFound) => err(ImdsError::identity_not_found()),
         Err(TokenFailure::Upstream(m)) => {
@@ -60,21 +74,32 @@ async fn token(State(agent): State<Arc<Agent>>, h: HeaderMap, RawQuery(q): RawQu
 }
 
 /// Header and api-version checks of the non-identity paths (their error bodies differ).
-fn check_plain(h: &HeaderMap, q: &[(String, String)]) -> Result<(), Response> {
+fn check_plain(h: &HeaderMap, q: &[(String, String)]) -> Result<(), ImdsError> {
     let hd = headers(h);
     if hd.forwarded || hd.metadata != Some("true") {
-        return Err((StatusCode::BAD_REQUEST, Json(json!({"error": "Bad request. Required metadata header not specified"}))).into_response());
+        return Err(ImdsError {
+            status: 400,
+            body: json!({"error": "Bad request. Required metadata header not specified"}),
+        });
     }
-    let v = q.iter().find(|(k, _)| k == "api-version").map(|(_, v)| v.as_str()).unwrap_or("");
+    let v = q
+        .iter()
+        .find(|(k, _)| k == "api-version")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
     if !api_version::is_supported(api_version::IMDS, v) {
-        return Err(err(ImdsError::bad_api_version()));
+        return Err(ImdsError::bad_api_version());
     }
     Ok(())
 }
 
 async fn versions(h: HeaderMap) -> Response {
     if headers(&h).metadata != Some("true") {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "Bad request. Required metadata header not specified"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "Bad request. Required metadata header not specified"})),
+        )
+            .into_response();
     }
     Json(json!({"apiVersions": api_version::IMDS})).into_response()
 }
@@ -84,8 +109,8 @@ async fn info(State(agent): State<Arc<Agent>>, h: HeaderMap, RawQuery(q): RawQue
         Ok(q) => q,
         Err(e) => return err(e),
     };
-    if let Err(r) = check_plain(&h, &q) {
-        return r;
+    if let Err(e) = check_plain(&h, &q) {
+        return err(e);
     }
     Json(json!({"tenantId": agent.view().map(|v| v.tenant_id).unwrap_or_default()})).into_response()
 }
@@ -107,7 +132,12 @@ fn private_ip(agent: &Agent) -> String {
         .ok()
         .and_then(|mut a| a.next())
         .and_then(|addr| {
-            let sock = std::net::UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+            let sock = std::net::UdpSocket::bind(if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            })
+            .ok()?;
             sock.connect(addr).ok()?;
             sock.local_addr().ok().map(|a| a.ip().to_string())
         })
@@ -122,7 +152,11 @@ pub fn instance_document(agent: &Agent) -> Value {
     let tags: Vec<(String, String)> = vm
         .get("tags")
         .and_then(Value::as_object)
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                .collect()
+        })
         .unwrap_or_default();
     json!({
         "compute": {
@@ -171,12 +205,17 @@ async fn instance(
         Ok(q) => q,
         Err(e) => return err(e),
     };
-    if let Err(r) = check_plain(&h, &q) {
-        return r;
+    if let Err(e) = check_plain(&h, &q) {
+        return err(e);
     }
     let text = q.iter().any(|(k, v)| k == "format" && v == "text");
     let mut node = instance_document(&agent);
-    for seg in path.map(|p| p.0).unwrap_or_default().split('/').filter(|s| !s.is_empty()) {
+    for seg in path
+        .map(|p| p.0)
+        .unwrap_or_default()
+        .split('/')
+        .filter(|s| !s.is_empty())
+    {
         let next = match &node {
             Value::Object(m) => m.get(seg).cloned(),
             Value::Array(a) => seg.parse::<usize>().ok().and_then(|i| a.get(i).cloned()),
@@ -184,7 +223,9 @@ async fn instance(
         };
         match next {
             Some(n) => node = n,
-            None => return (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))).into_response(),
+            None => {
+                return (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))).into_response()
+            }
         }
     }
     match (&node, text) {

@@ -30,9 +30,15 @@ pub enum NodeError {
     #[error("no host credential in {0} and no join token given (pass --join-token)")]
     NotJoined(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("state directory {path}: {source}")]
-    State { path: String, source: std::io::Error },
+    State {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("pki: {0}")]
     Pki(#[from] keyless_pki::PkiError),
     #[error("http client: {0}")]
@@ -99,7 +105,12 @@ impl Agent {
     /// The identities `caller` may use.
     fn allowed(&self, caller: CallerKind) -> Option<CallerIdentities> {
         match caller {
-            CallerKind::Host => self.view.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|v| v.identities.clone()),
+            CallerKind::Host => self
+                .view
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|v| v.identities.clone()),
         }
     }
 
@@ -116,19 +127,33 @@ impl Agent {
     pub async fn sync(&self) -> Result<()> {
         let client = self.cred.client();
         let url = format!("{}/keyless/host/v1/identities", self.cfg.server_url);
-        let resp = client.get(&url).send().await.map_err(|source| NodeError::Unreachable { url: url.clone(), source })?;
+        let resp = client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|source| NodeError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
         let status = resp.status().as_u16();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if status == 401 || status == 403 {
             // Credential revoked or VM deleted: this host may use nothing.
             *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some(HostView::default());
             self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            return Err(NodeError::Refused { status, message: body.to_string() });
+            return Err(NodeError::Refused {
+                status,
+                message: body.to_string(),
+            });
         }
         if status != 200 {
-            return Err(NodeError::Refused { status, message: body.to_string() });
+            return Err(NodeError::Refused {
+                status,
+                message: body.to_string(),
+            });
         }
-        let identities: CallerIdentities = serde_json::from_value(body["identities"].clone()).unwrap_or_default();
+        let identities: CallerIdentities =
+            serde_json::from_value(body["identities"].clone()).unwrap_or_default();
         let view = HostView {
             tenant_id: body["tenantId"].as_str().unwrap_or_default().to_string(),
             vm: body["vm"].clone(),
@@ -160,10 +185,17 @@ impl Agent {
         if self.view().is_none() {
             let _ = self.sync().await;
         }
-        let chosen = self.decide(caller, selector).ok_or(TokenFailure::IdentityNotFound)?;
+        let chosen = self
+            .decide(caller, selector)
+            .ok_or(TokenFailure::IdentityNotFound)?;
         let key = (chosen.client_id.to_ascii_lowercase(), resource.to_string());
         let now = self.clock.now();
-        let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
         if let Some(c) = &cached {
             if !bypass_cache && !refresh::refresh_due(c.iat, c.token.expires_on, now) {
                 return Ok(c.token.clone());
@@ -171,14 +203,20 @@ impl Agent {
         }
         match self.fetch(&chosen, resource).await {
             Ok(token) => {
-                self.cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, Cached { token: token.clone(), iat: now });
+                self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    key,
+                    Cached {
+                        token: token.clone(),
+                        iat: now,
+                    },
+                );
                 Ok(token)
             }
             Err(TokenFailure::IdentityNotFound) => {
-                self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
                 let _ = self.sync().await;
                 Err(TokenFailure::IdentityNotFound)
             }
@@ -190,7 +228,11 @@ impl Agent {
         }
     }
 
-    async fn fetch(&self, id: &IdentityRef, resource: &str) -> std::result::Result<IssuedToken, TokenFailure> {
+    async fn fetch(
+        &self,
+        id: &IdentityRef,
+        resource: &str,
+    ) -> std::result::Result<IssuedToken, TokenFailure> {
         let url = format!("{}/keyless/host/v1/token", self.cfg.server_url);
         let body = serde_json::json!({"resource": resource, "selector": Selector::ClientId(id.client_id.clone())});
         let resp = self
@@ -213,7 +255,9 @@ impl Agent {
                 }
                 Err(TokenFailure::IdentityNotFound)
             }
-            _ => Err(TokenFailure::Upstream(format!("the Keyless server answered {status}"))),
+            _ => Err(TokenFailure::Upstream(format!(
+                "the Keyless server answered {status}"
+            ))),
         }
     }
 }
@@ -229,8 +273,14 @@ pub struct RunningNode {
 pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode> {
     let listener = tokio::net::TcpListener::bind(cfg.imds_listen)
         .await
-        .map_err(|source| NodeError::Bind { addr: cfg.imds_listen.to_string(), source })?;
-    let imds_addr = listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.imds_listen.to_string(), source })?;
+        .map_err(|source| NodeError::Bind {
+            addr: cfg.imds_listen.to_string(),
+            source,
+        })?;
+    let imds_addr = listener.local_addr().map_err(|source| NodeError::Bind {
+        addr: cfg.imds_listen.to_string(),
+        source,
+    })?;
     let cred = credential::CredentialHolder::load_or_join(&cfg, clock.as_ref()).await?;
     let agent = Arc::new(Agent {
         cfg,
@@ -263,5 +313,9 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         }
     });
     tracing::info!(%imds_addr, "IMDS endpoint listening");
-    Ok(RunningNode { imds_addr, agent, task })
+    Ok(RunningNode {
+        imds_addr,
+        agent,
+        task,
+    })
 }

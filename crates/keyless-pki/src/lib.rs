@@ -157,7 +157,10 @@ impl Ca {
             params.subject_alt_names.push(san);
         }
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, sans.first().cloned().unwrap_or_default());
+        dn.push(
+            DnType::CommonName,
+            sans.first().cloned().unwrap_or_default(),
+        );
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -177,16 +180,16 @@ impl Ca {
         now: u64,
         lifetime: u64,
     ) -> Result<Vec<u8>> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|_| PkiError::InvalidCsr)?;
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|_| PkiError::InvalidCsr)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, subject);
         params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(
-            uri.to_string()
-                .try_into()
-                .map_err(|_| PkiError::InvalidCertificate("bad URI SAN".into()))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(uri.to_string().try_into().map_err(|_| {
+                PkiError::InvalidCertificate("bad URI SAN".into())
+            })?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = at(now.saturating_sub(300))?;
@@ -370,6 +373,27 @@ pub fn server_tls_config(
     Ok(Arc::new(cfg))
 }
 
+/// Client TLS configuration trusting only `ca_der`, optionally presenting a client
+/// certificate (the host credential).
+pub fn client_tls_config(
+    ca_der: &[u8],
+    client: Option<(&[u8], &[u8])>,
+) -> Result<rustls::ClientConfig> {
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut cfg = match client {
+        Some((cert, key)) => builder.with_client_auth_cert(
+            vec![CertificateDer::from(cert.to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())),
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,17 +404,28 @@ mod tests {
         let (ca, key_der) = Ca::generate("Keyless test CA", now).unwrap();
         let ca2 = Ca::load(ca.cert_der(), &key_der).unwrap();
         let (cert, _k) = ca2
-            .issue_server_cert(&["localhost".into(), "127.0.0.1".into(), "::1".into()], now, 86_400)
+            .issue_server_cert(
+                &["localhost".into(), "127.0.0.1".into(), "::1".into()],
+                now,
+                86_400,
+            )
             .unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
         let san = parsed.subject_alternative_name().unwrap().unwrap();
         assert_eq!(san.value.general_names.len(), 3);
         let (csr, _key) = generate_csr("host").unwrap();
-        let client = ca.sign_client_csr(&csr, "vm1", "keyless:host:vm1", now, 600).unwrap();
+        let client = ca
+            .sign_client_csr(&csr, "vm1", "keyless:host:vm1", now, 600)
+            .unwrap();
         let (nb, na) = cert_validity(&client).unwrap();
         assert_eq!(na - nb, 900);
-        assert!(ca.sign_client_csr("garbage", "x", "keyless:x", now, 1).is_err());
-        assert_eq!(pem_blocks(&ca.cert_pem(), "CERTIFICATE"), vec![ca.cert_der().to_vec()]);
+        assert!(ca
+            .sign_client_csr("garbage", "x", "keyless:x", now, 1)
+            .is_err());
+        assert_eq!(
+            pem_blocks(&ca.cert_pem(), "CERTIFICATE"),
+            vec![ca.cert_der().to_vec()]
+        );
     }
 
     #[test]
@@ -409,22 +444,4 @@ mod tests {
         assert_eq!(jwk.kid, jwk.x5t);
         assert_eq!(URL_SAFE_NO_PAD.decode(&jwk.n).unwrap().len(), 256);
     }
-}
-
-/// Client TLS configuration trusting only `ca_der`, optionally presenting a client
-/// certificate (the host credential).
-pub fn client_tls_config(ca_der: &[u8], client: Option<(&[u8], &[u8])>) -> Result<rustls::ClientConfig> {
-    install_crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(ca_der.to_vec()))?;
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-    let mut cfg = match client {
-        Some((cert, key)) => builder.with_client_auth_cert(
-            vec![CertificateDer::from(cert.to_vec())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())),
-        )?,
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
 }

@@ -46,7 +46,10 @@ fn authenticate(s: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller>
     let token = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .ok_or_else(|| invalid("The authentication scheme of Bearer is required."))?;
     let claims = tokens::verify(s, token, &s.management_audiences()).map_err(|e| match e {
@@ -63,7 +66,13 @@ fn authenticate(s: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller>
         )),
         _ => invalid("The access token is invalid."),
     })?;
-    let str_claim = |k: &str| claims.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let str_claim = |k: &str| {
+        claims
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     let (object_id, client_id) = (str_claim("oid"), str_claim("appid"));
     if object_id.is_empty() {
         return Err(invalid(
@@ -106,11 +115,16 @@ fn verb(method: &Method) -> &'static str {
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     if body.is_empty() {
-        return Err(ServerError::InvalidRequestContent("The request content is empty.".into()));
+        return Err(ServerError::InvalidRequestContent(
+            "The request content is empty.".into(),
+        ));
     }
-    let v: Value = serde_json::from_slice(body).map_err(|e| ServerError::InvalidRequestContent(e.to_string()))?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ServerError::InvalidRequestContent(e.to_string()))?;
     if !v.is_object() {
-        return Err(ServerError::InvalidRequestContent("The request content must be a JSON object.".into()));
+        return Err(ServerError::InvalidRequestContent(
+            "The request content must be a JSON object.".into(),
+        ));
     }
     serde_json::from_value(v).map_err(|e| ServerError::InvalidRequestContent(e.to_string()))
 }
@@ -126,7 +140,11 @@ fn list(values: Vec<Value>) -> Response {
 }
 
 fn created_or_ok(created: bool, body: Value) -> Response {
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     (status, Json(body)).into_response()
 }
 
@@ -137,7 +155,12 @@ fn check_version(supported: &[&str], v: &str, provider: Option<(&str, &str)>) ->
     Err(match provider {
         None => ServerError::InvalidApiVersion {
             version: v.to_string(),
-            supported: supported.iter().rev().copied().collect::<Vec<_>>().join(","),
+            supported: supported
+                .iter()
+                .rev()
+                .copied()
+                .collect::<Vec<_>>()
+                .join(","),
         },
         Some((_, ty)) => ServerError::NoRegisteredProviderFound {
             location: "local".into(),
@@ -148,7 +171,10 @@ fn check_version(supported: &[&str], v: &str, provider: Option<(&str, &str)>) ->
     })
 }
 
-fn type_versions(ns: &str, ty: &str) -> Result<(&'static [&'static str], (&'static str, &'static str))> {
+fn type_versions(
+    ns: &str,
+    ty: &str,
+) -> Result<(&'static [&'static str], (&'static str, &'static str))> {
     match canonical_type(ns, ty) {
         Some(t) if t == UAMI => Ok((api_version::MSI, t)),
         Some(t) if t == VM => Ok((api_version::COMPUTE, t)),
@@ -169,7 +195,8 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
         .find(|(k, _)| k.eq_ignore_ascii_case("api-version"))
         .map(|(_, v)| v.clone())
         .ok_or(ServerError::MissingApiVersion)?;
-    let path = ArmPath::parse(parts.uri.path()).map_err(|_| ServerError::InvalidPath(parts.uri.path().to_string()))?;
+    let path = ArmPath::parse(parts.uri.path())
+        .map_err(|_| ServerError::InvalidPath(parts.uri.path().to_string()))?;
     let body = axum::body::to_bytes(body, MAX_BODY)
         .await
         .map_err(|_| ServerError::RequestTooLarge(MAX_BODY))?;
@@ -185,7 +212,11 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
         ArmPath::Subscription { subscription } => {
             check_version(api_version::RESOURCES, &version, None)?;
             res::check_subscription(&s, &subscription)?;
-            authorize(&caller, "Microsoft.Resources/subscriptions/read", &sub_scope(&subscription))?;
+            authorize(
+                &caller,
+                "Microsoft.Resources/subscriptions/read",
+                &sub_scope(&subscription),
+            )?;
             match *m {
                 Method::GET => Ok(Json(subscription_json(&s)).into_response()),
                 _ => Err(ServerError::MethodNotAllowed(m.to_string())),
@@ -194,37 +225,72 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
         ArmPath::ResourceGroups { subscription } => {
             check_version(api_version::RESOURCES, &version, None)?;
             res::check_subscription(&s, &subscription)?;
-            authorize(&caller, "Microsoft.Resources/subscriptions/resourceGroups/read", &sub_scope(&subscription))?;
+            authorize(
+                &caller,
+                "Microsoft.Resources/subscriptions/resourceGroups/read",
+                &sub_scope(&subscription),
+            )?;
             if *m != Method::GET {
                 return Err(ServerError::MethodNotAllowed(m.to_string()));
             }
             let groups = s.store.list_resource_groups(&subscription)?;
             Ok(list(groups.iter().map(res::rg_json).collect()))
         }
-        ArmPath::ResourceGroup { subscription, resource_group } => {
+        ArmPath::ResourceGroup {
+            subscription,
+            resource_group,
+        } => {
             check_version(api_version::RESOURCES, &version, None)?;
             res::check_subscription(&s, &subscription)?;
             let scope = format!("/subscriptions/{subscription}/resourceGroups/{resource_group}");
-            authorize(&caller, &format!("Microsoft.Resources/subscriptions/resourceGroups/{}", verb(m)), &scope)?;
+            authorize(
+                &caller,
+                &format!(
+                    "Microsoft.Resources/subscriptions/resourceGroups/{}",
+                    verb(m)
+                ),
+                &scope,
+            )?;
             match *m {
                 Method::PUT => {
                     let b: TrackedBody = parse_body(&body)?;
-                    let (rg, created) = res::put_resource_group(&s, &subscription, &resource_group, b.location.as_deref(), b.tags)?;
+                    let (rg, created) = res::put_resource_group(
+                        &s,
+                        &subscription,
+                        &resource_group,
+                        b.location.as_deref(),
+                        b.tags,
+                    )?;
                     Ok(created_or_ok(created, res::rg_json(&rg)))
                 }
                 Method::PATCH => {
                     let b: TrackedBody = parse_body(&body)?;
                     let cur = res::get_resource_group(&s, &subscription, &resource_group)?;
-                    let (rg, _) = res::put_resource_group(&s, &subscription, &resource_group, Some(&cur.location), b.tags.or(Some(cur.tags)))?;
+                    let (rg, _) = res::put_resource_group(
+                        &s,
+                        &subscription,
+                        &resource_group,
+                        Some(&cur.location),
+                        b.tags.or(Some(cur.tags)),
+                    )?;
                     Ok(Json(res::rg_json(&rg)).into_response())
                 }
-                Method::GET => Ok(Json(res::rg_json(&res::get_resource_group(&s, &subscription, &resource_group)?)).into_response()),
-                Method::HEAD => Ok(match s.store.get_resource_group(&subscription, &resource_group)? {
-                    Some(_) => StatusCode::NO_CONTENT.into_response(),
-                    None => StatusCode::NOT_FOUND.into_response(),
-                }),
+                Method::GET => Ok(Json(res::rg_json(&res::get_resource_group(
+                    &s,
+                    &subscription,
+                    &resource_group,
+                )?))
+                .into_response()),
+                Method::HEAD => Ok(
+                    match s.store.get_resource_group(&subscription, &resource_group)? {
+                        Some(_) => StatusCode::NO_CONTENT.into_response(),
+                        None => StatusCode::NOT_FOUND.into_response(),
+                    },
+                ),
                 Method::DELETE => {
-                    if s.store.delete_resource_group(&subscription, &resource_group)? {
+                    if s.store
+                        .delete_resource_group(&subscription, &resource_group)?
+                    {
                         Ok(StatusCode::OK.into_response())
                     } else {
                         Err(ServerError::ResourceGroupNotFound(resource_group))
@@ -233,7 +299,12 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 _ => Err(ServerError::MethodNotAllowed(m.to_string())),
             }
         }
-        ArmPath::Collection { subscription, resource_group, namespace, type_name } => {
+        ArmPath::Collection {
+            subscription,
+            resource_group,
+            namespace,
+            type_name,
+        } => {
             let (versions, t) = type_versions(&namespace, &type_name)?;
             check_version(versions, &version, Some(t))?;
             res::check_subscription(&s, &subscription)?;
@@ -249,18 +320,28 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 res::get_resource_group(&s, &subscription, rg)?;
             }
             if t == UAMI {
-                let ids = s.store.list_identities(&subscription, resource_group.as_deref())?;
+                let ids = s
+                    .store
+                    .list_identities(&subscription, resource_group.as_deref())?;
                 Ok(list(ids.iter().map(res::identity_json).collect()))
             } else {
                 let vms = s.store.list_vms(&subscription, resource_group.as_deref())?;
-                Ok(list(vms.iter().map(|v| res::vm_json(&s, v)).collect::<Result<Vec<_>>>()?))
+                Ok(list(
+                    vms.iter()
+                        .map(|v| res::vm_json(&s, v))
+                        .collect::<Result<Vec<_>>>()?,
+                ))
             }
         }
         ArmPath::Resource(rid) => {
             let (versions, t) = type_versions(&rid.namespace, &rid.type_name)?;
             check_version(versions, &version, Some(t))?;
             res::check_subscription(&s, &rid.subscription)?;
-            authorize(&caller, &format!("{}/{}/{}", t.0, t.1, verb(m)), &rid.canonical())?;
+            authorize(
+                &caller,
+                &format!("{}/{}/{}", t.0, t.1, verb(m)),
+                &rid.canonical(),
+            )?;
             if t == UAMI {
                 identity(&s, m, &rid, &body)
             } else {
@@ -272,13 +353,21 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             check_version(versions, &version, Some(t))?;
             res::check_subscription(&s, &resource.subscription)?;
             if t == VM && action.eq_ignore_ascii_case("generateJoinToken") && *m == Method::POST {
-                authorize(&caller, "Microsoft.Compute/virtualMachines/generateJoinToken/action", &resource.canonical())?;
+                authorize(
+                    &caller,
+                    "Microsoft.Compute/virtualMachines/generateJoinToken/action",
+                    &resource.canonical(),
+                )?;
                 #[derive(Default, serde::Deserialize)]
                 #[serde(rename_all = "camelCase")]
                 struct JoinBody {
                     expires_in_seconds: Option<u64>,
                 }
-                let b: JoinBody = if body.is_empty() { JoinBody::default() } else { parse_body(&body)? };
+                let b: JoinBody = if body.is_empty() {
+                    JoinBody::default()
+                } else {
+                    parse_body(&body)?
+                };
                 let ttl = b.expires_in_seconds.unwrap_or(3600);
                 if !(1..=7 * 86_400).contains(&ttl) {
                     return Err(ServerError::InvalidParameter {

@@ -33,7 +33,10 @@ pub enum ServerError {
         supported: String,
     },
     #[error("The resource type '{type_name}' could not be found in the namespace '{namespace}'.")]
-    InvalidResourceType { namespace: String, type_name: String },
+    InvalidResourceType {
+        namespace: String,
+        type_name: String,
+    },
     #[error("The request path '{0}' is not a valid resource path.")]
     InvalidPath(String),
     #[error("The subscription '{0}' could not be found.")]
@@ -59,7 +62,10 @@ pub enum ServerError {
     #[error("{0}")]
     InvalidResourceLocation(String),
     #[error("{message}")]
-    InvalidParameter { message: String, target: Option<String> },
+    InvalidParameter {
+        message: String,
+        target: Option<String>,
+    },
     #[error("{0}")]
     FailedIdentityOperation(String),
     #[error("The HTTP method '{0}' is not supported for this resource.")]
@@ -84,9 +90,15 @@ pub enum ServerError {
 
     // ---- internal
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no signing key is active")]
     NoSigningKey,
     #[error("storage: {0}")]
@@ -98,7 +110,12 @@ pub enum ServerError {
 pub type Result<T> = std::result::Result<T, ServerError>;
 
 impl ServerError {
-    pub fn sts(status: u16, error: &'static str, code: u32, description: impl Into<String>) -> Self {
+    pub fn sts(
+        status: u16,
+        error: &'static str,
+        code: u32,
+        description: impl Into<String>,
+    ) -> Self {
         ServerError::Sts {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
             error,
@@ -119,12 +136,18 @@ impl ServerError {
         use ServerError::*;
         match self {
             AuthenticationMissing { .. } => (StatusCode::UNAUTHORIZED, "AuthenticationFailed"),
-            InvalidAuthenticationToken { .. } => (StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken"),
-            ExpiredAuthenticationToken(_) => (StatusCode::UNAUTHORIZED, "ExpiredAuthenticationToken"),
+            InvalidAuthenticationToken { .. } => {
+                (StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken")
+            }
+            ExpiredAuthenticationToken(_) => {
+                (StatusCode::UNAUTHORIZED, "ExpiredAuthenticationToken")
+            }
             AuthorizationFailed { .. } => (StatusCode::FORBIDDEN, "AuthorizationFailed"),
             MissingApiVersion => (StatusCode::BAD_REQUEST, "MissingApiVersionParameter"),
             InvalidApiVersion { .. } => (StatusCode::BAD_REQUEST, "InvalidApiVersionParameter"),
-            NoRegisteredProviderFound { .. } => (StatusCode::BAD_REQUEST, "NoRegisteredProviderFound"),
+            NoRegisteredProviderFound { .. } => {
+                (StatusCode::BAD_REQUEST, "NoRegisteredProviderFound")
+            }
             InvalidResourceType { .. } => (StatusCode::NOT_FOUND, "InvalidResourceType"),
             InvalidPath(_) => (StatusCode::NOT_FOUND, "InvalidResourceId"),
             SubscriptionNotFound(_) => (StatusCode::NOT_FOUND, "SubscriptionNotFound"),
@@ -139,10 +162,13 @@ impl ServerError {
             InvalidParameter { .. } => (StatusCode::BAD_REQUEST, "InvalidParameter"),
             FailedIdentityOperation(_) => (StatusCode::BAD_REQUEST, "FailedIdentityOperation"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
-            Sts { .. } | Host { .. } | Store(_) | Pki(_) | Bind { .. } | DataDir { .. }
-            | NoSigningKey => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError")
-            }
+            Sts { .. }
+            | Host { .. }
+            | Store(_)
+            | Pki(_)
+            | Bind { .. }
+            | DataDir { .. }
+            | NoSigningKey => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError"),
         }
     }
 }
@@ -174,15 +200,28 @@ impl IntoResponse for ServerError {
                 status,
                 error,
                 description,
-            } => (*status, axum::Json(json!({"error": error, "error_description": description})))
+            } => (
+                *status,
+                axum::Json(json!({"error": error, "error_description": description})),
+            )
                 .into_response(),
             ServerError::Store(e) => {
                 tracing::error!(error = %e, "storage failure");
-                arm_body(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", "An internal storage error occurred.", None)
+                arm_body(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalServerError",
+                    "An internal storage error occurred.",
+                    None,
+                )
             }
             ServerError::Pki(e) => {
                 tracing::error!(error = %e, "pki failure");
-                arm_body(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", "An internal error occurred.", None)
+                arm_body(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalServerError",
+                    "An internal error occurred.",
+                    None,
+                )
             }
             _ => {
                 let (status, code) = self.arm_code();

@@ -33,9 +33,19 @@ const MAX_BODY: usize = 64 * 1024;
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     if body.len() > MAX_BODY {
-        return Err(ServerError::host(413, "request_too_large", "The request body is too large."));
+        return Err(ServerError::host(
+            413,
+            "request_too_large",
+            "The request body is too large.",
+        ));
     }
-    serde_json::from_slice(body).map_err(|e| ServerError::host(400, "invalid_request", format!("Malformed request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ServerError::host(
+            400,
+            "invalid_request",
+            format!("Malformed request body: {e}"),
+        )
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,10 +66,21 @@ pub struct CertificateResponse {
 
 fn issue_cert(s: &AppState, vm: &VmRecord, csr: &str) -> Result<CertificateResponse> {
     let now = s.now();
-    let der = s
-        .ca
-        .sign_client_csr(csr, &vm.name, &format!("keyless:host:{}", vm.vm_id), now, s.cfg.host_cert_lifetime)
-        .map_err(|_| ServerError::host(400, "invalid_request", "The certificate signing request is invalid."))?;
+    let der =
+        s.ca.sign_client_csr(
+            csr,
+            &vm.name,
+            &format!("keyless:host:{}", vm.vm_id),
+            now,
+            s.cfg.host_cert_lifetime,
+        )
+        .map_err(|_| {
+            ServerError::host(
+                400,
+                "invalid_request",
+                "The certificate signing request is invalid.",
+            )
+        })?;
     let (_, not_after) = keyless_pki::cert_validity(&der)?;
     s.store.insert_host_credential(&HostCredentialRecord {
         fingerprint: keyless_pki::sha256_hex(&der),
@@ -75,28 +96,50 @@ fn issue_cert(s: &AppState, vm: &VmRecord, csr: &str) -> Result<CertificateRespo
     })
 }
 
-async fn join(State(s): State<Arc<AppState>>, body: axum::body::Bytes) -> Result<Json<CertificateResponse>> {
+async fn join(
+    State(s): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<CertificateResponse>> {
     let req: JoinRequest = parse(&body)?;
     if req.join_token.len() > 256 || req.csr.len() > 16 * 1024 {
-        return Err(ServerError::host(400, "invalid_request", "The join request is too large."));
+        return Err(ServerError::host(
+            400,
+            "invalid_request",
+            "The join request is too large.",
+        ));
     }
     let hash = keyless_pki::sha256_hex(req.join_token.as_bytes());
     let vm_key = match s.store.consume_join_token(&hash, s.now())? {
         JoinTokenOutcome::Accepted { vm_key } => vm_key,
         JoinTokenOutcome::Unknown => {
-            return Err(ServerError::host(401, "invalid_join_token", "The join token is not valid."))
+            return Err(ServerError::host(
+                401,
+                "invalid_join_token",
+                "The join token is not valid.",
+            ))
         }
         JoinTokenOutcome::Expired => {
-            return Err(ServerError::host(401, "invalid_join_token", "The join token has expired."))
+            return Err(ServerError::host(
+                401,
+                "invalid_join_token",
+                "The join token has expired.",
+            ))
         }
         JoinTokenOutcome::AlreadyUsed => {
-            return Err(ServerError::host(401, "invalid_join_token", "The join token has already been used."))
+            return Err(ServerError::host(
+                401,
+                "invalid_join_token",
+                "The join token has already been used.",
+            ))
         }
     };
-    let vm = s
-        .store
-        .get_vm(&vm_key)?
-        .ok_or_else(|| ServerError::host(404, "vm_not_found", "The virtual machine of this join token no longer exists."))?;
+    let vm = s.store.get_vm(&vm_key)?.ok_or_else(|| {
+        ServerError::host(
+            404,
+            "vm_not_found",
+            "The virtual machine of this join token no longer exists.",
+        )
+    })?;
     let resp = issue_cert(&s, &vm, &req.csr)?;
     tracing::info!(vm = %vm.resource_id, "host joined");
     Ok(Json(resp))
@@ -104,18 +147,31 @@ async fn join(State(s): State<Arc<AppState>>, body: axum::body::Bytes) -> Result
 
 /// The VM whose credential the connection presented.
 fn host_vm(s: &AppState, peer: &PeerCert) -> Result<VmRecord> {
-    let fp = peer
-        .0
-        .as_deref()
-        .ok_or_else(|| ServerError::host(401, "host_credential_required", "A host client certificate is required."))?;
+    let fp = peer.0.as_deref().ok_or_else(|| {
+        ServerError::host(
+            401,
+            "host_credential_required",
+            "A host client certificate is required.",
+        )
+    })?;
     let cred = s
         .store
         .get_host_credential(fp)?
         .filter(|c| c.not_after > s.now())
-        .ok_or_else(|| ServerError::host(401, "invalid_host_credential", "The host credential is unknown, revoked or expired."))?;
-    s.store
-        .get_vm(&cred.vm_key)?
-        .ok_or_else(|| ServerError::host(401, "invalid_host_credential", "The host credential's virtual machine no longer exists."))
+        .ok_or_else(|| {
+            ServerError::host(
+                401,
+                "invalid_host_credential",
+                "The host credential is unknown, revoked or expired.",
+            )
+        })?;
+    s.store.get_vm(&cred.vm_key)?.ok_or_else(|| {
+        ServerError::host(
+            401,
+            "invalid_host_credential",
+            "The host credential's virtual machine no longer exists.",
+        )
+    })
 }
 
 /// The identities a host may use: those assigned to its VM, nothing else.
@@ -140,7 +196,10 @@ pub fn host_identities(s: &AppState, vm: &VmRecord) -> Result<CallerIdentities> 
     Ok(CallerIdentities { system, user })
 }
 
-async fn identities(State(s): State<Arc<AppState>>, Extension(peer): Extension<PeerCert>) -> Result<Json<Value>> {
+async fn identities(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerCert>,
+) -> Result<Json<Value>> {
     let vm = host_vm(&s, &peer)?;
     let ids = host_identities(&s, &vm)?;
     Ok(Json(json!({
@@ -174,7 +233,11 @@ async fn token(
     let req: HostTokenRequest = parse(&body)?;
     let resource = req.resource.trim();
     if resource.is_empty() || resource.len() > keyless_core::imds::MAX_PARAM_LEN {
-        return Err(ServerError::host(400, "invalid_request", "Required audience parameter not specified"));
+        return Err(ServerError::host(
+            400,
+            "invalid_request",
+            "Required audience parameter not specified",
+        ));
     }
     let ids = host_identities(&s, &vm)?;
     let chosen = ids

@@ -41,14 +41,23 @@ impl KeyRing {
     }
 
     /// Apply the rotation plan at `now`; returns whether anything changed.
-    pub fn rotate(&self, store: &dyn Store, ca: &Ca, now: u64, policy: &RotationPolicy) -> Result<bool> {
+    pub fn rotate(
+        &self,
+        store: &dyn Store,
+        ca: &Ca,
+        now: u64,
+        policy: &RotationPolicy,
+    ) -> Result<bool> {
         let states: Vec<KeyState> = self.snapshot().iter().map(|k| k.state.clone()).collect();
         let actions = rotation::plan(&states, now, policy);
         for a in &actions {
             match a {
                 RotationAction::Create { activate_at } => {
                     // The key's certificate outlives every token it can sign.
-                    let lifetime = policy.rotate_every + policy.prepublish + policy.max_token_lifetime + 86_400;
+                    let lifetime = policy.rotate_every
+                        + policy.prepublish
+                        + policy.max_token_lifetime
+                        + 86_400;
                     let (key, der) = SigningKey::generate(ca, now, lifetime)?;
                     store.insert_signing_key(&SigningKeyRecord {
                         kid: key.kid().to_string(),
@@ -87,7 +96,7 @@ impl KeyRing {
     /// Every published key, newest first.
     pub fn jwks(&self) -> Vec<Jwk> {
         let mut keys = self.snapshot();
-        keys.sort_by(|a, b| b.state.activate_at.cmp(&a.state.activate_at));
+        keys.sort_by_key(|k| std::cmp::Reverse(k.state.activate_at));
         keys.iter().map(|k| k.key.jwk()).collect()
     }
 }

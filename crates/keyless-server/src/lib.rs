@@ -50,7 +50,11 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 /// Bootstrap the data dir and start serving on `cfg.listen`.
-pub async fn start(cfg: ServerConfig, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<RunningServer> {
+pub async fn start(
+    cfg: ServerConfig,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+) -> Result<RunningServer> {
     keyless_pki::install_crypto_provider();
     let now = clock.now();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -84,7 +88,9 @@ pub async fn start(cfg: ServerConfig, store: Arc<dyn Store>, clock: Arc<dyn Cloc
         cfg,
     });
     state.keys.reload(state.store.as_ref())?;
-    state.keys.rotate(state.store.as_ref(), &state.ca, now, &state.cfg.rotation)?;
+    state
+        .keys
+        .rotate(state.store.as_ref(), &state.ca, now, &state.cfg.rotation)?;
 
     // Key rotation, and reloading keys other replicas may have written.
     let rot = state.clone();
@@ -94,7 +100,8 @@ pub async fn start(cfg: ServerConfig, store: Arc<dyn Store>, clock: Arc<dyn Cloc
         loop {
             tick.tick().await;
             let r = rot.keys.reload(rot.store.as_ref()).and_then(|_| {
-                rot.keys.rotate(rot.store.as_ref(), &rot.ca, rot.now(), &rot.cfg.rotation)
+                rot.keys
+                    .rotate(rot.store.as_ref(), &rot.ca, rot.now(), &rot.cfg.rotation)
             });
             if let Err(e) = r {
                 tracing::error!(error = %e, "signing key rotation failed");
@@ -118,7 +125,12 @@ pub async fn start(cfg: ServerConfig, store: Arc<dyn Store>, clock: Arc<dyn Cloc
             let acceptor = acceptor.clone();
             let app = app.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    acceptor.accept(tcp),
+                )
+                .await
+                {
                     Ok(Ok(t)) => t,
                     _ => return,
                 };
@@ -129,10 +141,12 @@ pub async fn start(cfg: ServerConfig, store: Arc<dyn Store>, clock: Arc<dyn Cloc
                         .and_then(|c| c.first())
                         .map(|c| keyless_pki::sha256_hex(c)),
                 );
-                let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(peer.clone());
-                    app.clone().oneshot(req.map(axum::body::Body::new))
-                });
+                let svc = hyper::service::service_fn(
+                    move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(peer.clone());
+                        app.clone().oneshot(req.map(axum::body::Body::new))
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(std::time::Duration::from_secs(30))

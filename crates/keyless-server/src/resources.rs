@@ -18,7 +18,9 @@ fn name_err(e: CoreError) -> ServerError {
 
 fn location(loc: Option<&str>) -> Result<String> {
     let loc = loc.ok_or_else(|| {
-        ServerError::LocationRequired("The location property is required for this definition.".into())
+        ServerError::LocationRequired(
+            "The location property is required for this definition.".into(),
+        )
     })?;
     names::normalize_location(loc).map_err(|e| ServerError::InvalidParameter {
         message: e.to_string(),
@@ -53,7 +55,8 @@ pub fn put_resource_group(
     t: Option<BTreeMap<String, String>>,
 ) -> Result<(ResourceGroupRecord, bool)> {
     check_subscription(s, sub)?;
-    names::validate_resource_group(name).map_err(|_| ServerError::InvalidResourceGroup(name.to_string()))?;
+    names::validate_resource_group(name)
+        .map_err(|_| ServerError::InvalidResourceGroup(name.to_string()))?;
     let loc = location(loc)?;
     if let Some(existing) = s.store.get_resource_group(sub, name)? {
         if existing.location != loc {
@@ -147,10 +150,16 @@ fn not_found(rid: &ResourceId) -> ServerError {
 
 pub fn get_identity(s: &AppState, rid: &ResourceId) -> Result<IdentityRecord> {
     get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-    s.store.get_identity(&rid.key())?.ok_or_else(|| not_found(rid))
+    s.store
+        .get_identity(&rid.key())?
+        .ok_or_else(|| not_found(rid))
 }
 
-pub fn patch_identity(s: &AppState, rid: &ResourceId, t: Option<BTreeMap<String, String>>) -> Result<IdentityRecord> {
+pub fn patch_identity(
+    s: &AppState,
+    rid: &ResourceId,
+    t: Option<BTreeMap<String, String>>,
+) -> Result<IdentityRecord> {
     let mut rec = get_identity(s, rid)?;
     if let Some(t) = t {
         rec.tags = tags(Some(t))?;
@@ -215,7 +224,12 @@ fn current_host_identity(s: &AppState, vm: &VmRecord) -> Result<HostIdentity> {
 
 /// Create or replace (PUT) or merge (PATCH) a VM, applying the identity lifecycle of seed 002:
 /// a system-assigned identity is created with the VM and deleted when the type drops it.
-pub fn write_vm(s: &AppState, rid: &ResourceId, body: VmBody, patch: bool) -> Result<(VmRecord, bool)> {
+pub fn write_vm(
+    s: &AppState,
+    rid: &ResourceId,
+    body: VmBody,
+    patch: bool,
+) -> Result<(VmRecord, bool)> {
     let rg = get_resource_group(s, &rid.subscription, &rid.resource_group)?;
     names::validate_vm_name(&rid.name).map_err(name_err)?;
     let existing = s.store.get_vm(&rid.key())?;
@@ -239,11 +253,16 @@ pub fn write_vm(s: &AppState, rid: &ResourceId, body: VmBody, patch: bool) -> Re
         (_, t) => tags(t)?,
     };
     let ident = match (&existing, &body.identity) {
-        (Some(e), Some(i)) if patch => {
-            identity_type::apply_patch(&current_host_identity(s, e)?, i.kind.as_deref(), i.user_assigned.as_ref())
-        }
+        (Some(e), Some(i)) if patch => identity_type::apply_patch(
+            &current_host_identity(s, e)?,
+            i.kind.as_deref(),
+            i.user_assigned.as_ref(),
+        ),
         (Some(e), None) if patch => Ok(current_host_identity(s, e)?),
-        (_, Some(i)) => identity_type::apply_put(i.kind.as_deref(), &i.user_assigned.clone().unwrap_or_default()),
+        (_, Some(i)) => identity_type::apply_put(
+            i.kind.as_deref(),
+            &i.user_assigned.clone().unwrap_or_default(),
+        ),
         (_, None) => identity_type::apply_put(None, &BTreeMap::new()),
     }
     .map_err(identity_err)?;
@@ -252,7 +271,9 @@ pub fn write_vm(s: &AppState, rid: &ResourceId, body: VmBody, patch: bool) -> Re
     let mut user_keys = Vec::with_capacity(ident.user.len());
     for u in &ident.user {
         let found = if u.subscription.eq_ignore_ascii_case(&s.subscription_id) {
-            s.store.get_identity(&u.key())?.filter(|i| i.system_vm.is_none())
+            s.store
+                .get_identity(&u.key())?
+                .filter(|i| i.system_vm.is_none())
         } else {
             None
         };
@@ -274,7 +295,9 @@ pub fn write_vm(s: &AppState, rid: &ResourceId, body: VmBody, patch: bool) -> Re
         (Some(e), Some(p)) if patch => merge(e.properties.clone(), p),
         (_, Some(p)) if p.is_object() => p,
         (_, Some(_)) => {
-            return Err(ServerError::InvalidRequestContent("properties must be an object".into()));
+            return Err(ServerError::InvalidRequestContent(
+                "properties must be an object".into(),
+            ));
         }
         (None, None) => json!({}),
     };
@@ -286,15 +309,24 @@ pub fn write_vm(s: &AppState, rid: &ResourceId, body: VmBody, patch: bool) -> Re
     let vm = VmRecord {
         key: canonical.key(),
         resource_id: canonical.canonical(),
-        name: existing.as_ref().map(|e| e.name.clone()).unwrap_or_else(|| rid.name.clone()),
+        name: existing
+            .as_ref()
+            .map(|e| e.name.clone())
+            .unwrap_or_else(|| rid.name.clone()),
         subscription: s.subscription_id.clone(),
         resource_group: rg.name.clone(),
         location: loc,
         tags,
-        vm_id: existing.as_ref().map(|e| e.vm_id.clone()).unwrap_or_else(new_guid),
+        vm_id: existing
+            .as_ref()
+            .map(|e| e.vm_id.clone())
+            .unwrap_or_else(new_guid),
         identity_type: ident.kind.as_str().to_string(),
         properties,
-        created: existing.as_ref().map(|e| e.created).unwrap_or_else(|| s.now()),
+        created: existing
+            .as_ref()
+            .map(|e| e.created)
+            .unwrap_or_else(|| s.now()),
     };
     let system = if ident.kind.has_system() {
         Some(match s.store.vm_system_identity(&vm.key)? {
@@ -350,7 +382,11 @@ pub fn get_vm(s: &AppState, rid: &ResourceId) -> Result<VmRecord> {
 }
 
 pub fn vm_json(s: &AppState, vm: &VmRecord) -> Result<Value> {
-    let mut props = if vm.properties.is_object() { vm.properties.clone() } else { json!({}) };
+    let mut props = if vm.properties.is_object() {
+        vm.properties.clone()
+    } else {
+        json!({})
+    };
     props["vmId"] = json!(vm.vm_id);
     props["provisioningState"] = json!("Succeeded");
     let mut out = json!({
@@ -373,7 +409,12 @@ pub fn vm_json(s: &AppState, vm: &VmRecord) -> Result<Value> {
                 .store
                 .vm_user_identities(&vm.key)?
                 .into_iter()
-                .map(|u| (u.resource_id, json!({"principalId": u.principal_id, "clientId": u.client_id})))
+                .map(|u| {
+                    (
+                        u.resource_id,
+                        json!({"principalId": u.principal_id, "clientId": u.client_id}),
+                    )
+                })
                 .collect();
             ident["userAssignedIdentities"] = Value::Object(map);
         }

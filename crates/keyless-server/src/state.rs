@@ -208,7 +208,12 @@ pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Boo
 }
 
 /// Load or (re)issue the TLS server certificate for `sans`; returns (chain DER, key DER).
-pub fn tls_identity(store: &dyn Store, ca: &Ca, sans: &[String], now: u64) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+pub fn tls_identity(
+    store: &dyn Store,
+    ca: &Ca,
+    sans: &[String],
+    now: u64,
+) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
     let wanted = sans.join(",");
     if let (Some(have), Some(cert_b64), Some(key)) = (
         store.get_meta("tls_sans")?,

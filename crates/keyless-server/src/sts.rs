@@ -15,8 +15,14 @@ use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/{tenant}/v2.0/.well-known/openid-configuration", get(discovery_v2))
-        .route("/{tenant}/.well-known/openid-configuration", get(discovery_v1))
+        .route(
+            "/{tenant}/v2.0/.well-known/openid-configuration",
+            get(discovery_v2),
+        )
+        .route(
+            "/{tenant}/.well-known/openid-configuration",
+            get(discovery_v1),
+        )
         .route("/{tenant}/discovery/v2.0/keys", get(jwks))
         .route("/{tenant}/discovery/keys", get(jwks))
         .route("/{tenant}/oauth2/v2.0/token", post(token_v2))
@@ -50,7 +56,10 @@ fn cached_json(body: serde_json::Value) -> Response {
         .into_response()
 }
 
-async fn discovery_v2(State(s): State<Arc<AppState>>, Path(tenant): Path<String>) -> Result<Response> {
+async fn discovery_v2(
+    State(s): State<Arc<AppState>>,
+    Path(tenant): Path<String>,
+) -> Result<Response> {
     check_tenant(&s, &tenant, true)?;
     let (b, t) = (&s.base_url, &s.tenant_id);
     Ok(cached_json(json!({
@@ -73,7 +82,10 @@ async fn discovery_v2(State(s): State<Arc<AppState>>, Path(tenant): Path<String>
     })))
 }
 
-async fn discovery_v1(State(s): State<Arc<AppState>>, Path(tenant): Path<String>) -> Result<Response> {
+async fn discovery_v1(
+    State(s): State<Arc<AppState>>,
+    Path(tenant): Path<String>,
+) -> Result<Response> {
     check_tenant(&s, &tenant, true)?;
     let (b, t) = (&s.base_url, &s.tenant_id);
     Ok(cached_json(json!({
@@ -104,15 +116,28 @@ const MAX_FORM: usize = 64 * 1024;
 
 fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>> {
     if body.len() > MAX_FORM {
-        return Err(ServerError::sts(400, "invalid_request", 900144, "The request body is too large."));
+        return Err(ServerError::sts(
+            400,
+            "invalid_request",
+            900144,
+            "The request body is too large.",
+        ));
     }
     serde_urlencoded::from_bytes(body).map_err(|_| {
-        ServerError::sts(400, "invalid_request", 900144, "The request body must be application/x-www-form-urlencoded.")
+        ServerError::sts(
+            400,
+            "invalid_request",
+            900144,
+            "The request body must be application/x-www-form-urlencoded.",
+        )
     })
 }
 
 fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+    form.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
 }
 
 fn require<'a>(form: &'a [(String, String)], name: &str) -> Result<&'a str> {
@@ -127,7 +152,11 @@ fn require<'a>(form: &'a [(String, String)], name: &str) -> Result<&'a str> {
 }
 
 /// Authenticate the client of a client-credentials request; returns the principal.
-fn authenticate_client(s: &AppState, form: &[(String, String)], basic: Option<(String, String)>) -> Result<Principal> {
+fn authenticate_client(
+    s: &AppState,
+    form: &[(String, String)],
+    basic: Option<(String, String)>,
+) -> Result<Principal> {
     let grant = require(form, "grant_type")?;
     if grant != "client_credentials" {
         return Err(ServerError::sts(
@@ -139,7 +168,10 @@ fn authenticate_client(s: &AppState, form: &[(String, String)], basic: Option<(S
     }
     let (client_id, secret) = match (field(form, "client_id"), basic) {
         (_, Some((id, secret))) => (id, Some(secret)),
-        (Some(id), None) => (id.to_string(), field(form, "client_secret").map(str::to_string)),
+        (Some(id), None) => (
+            id.to_string(),
+            field(form, "client_secret").map(str::to_string),
+        ),
         (None, None) => (require(form, "client_id")?.to_string(), None),
     };
     let sp = s.store.get_service_principal(&client_id)?.ok_or_else(|| {
@@ -147,7 +179,10 @@ fn authenticate_client(s: &AppState, form: &[(String, String)], basic: Option<(S
             400,
             "unauthorized_client",
             700016,
-            format!("Application with identifier '{client_id}' was not found in the directory '{}'.", s.tenant_id),
+            format!(
+                "Application with identifier '{client_id}' was not found in the directory '{}'.",
+                s.tenant_id
+            ),
         )
     })?;
     match secret {
@@ -196,7 +231,9 @@ fn basic_auth(headers: &axum::http::HeaderMap) -> Option<(String, String)> {
     use base64::Engine;
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let b64 = v.strip_prefix("Basic ")?;
-    let dec = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+    let dec = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
     let s = String::from_utf8(dec).ok()?;
     let (id, secret) = s.split_once(':')?;
     let unesc = |x: &str| {

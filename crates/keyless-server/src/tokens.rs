@@ -12,7 +12,12 @@ pub struct Minted {
 }
 
 /// Sign an access token for `principal` with audience `audience`.
-pub fn mint(state: &AppState, principal: &Principal, audience: &str, lifetime: u64) -> Result<Minted> {
+pub fn mint(
+    state: &AppState,
+    principal: &Principal,
+    audience: &str,
+    lifetime: u64,
+) -> Result<Minted> {
     let now = state.now();
     let signer = state.keys.signer(now).ok_or(ServerError::NoSigningKey)?;
     let issuer = state.issuer_v1();
@@ -38,12 +43,21 @@ pub fn mint(state: &AppState, principal: &Principal, audience: &str, lifetime: u
 
 /// Verify one of our tokens (signature with a published key, time, issuer, audience) and
 /// return its claims.
-pub fn verify(state: &AppState, token: &str, audiences: &[String]) -> std::result::Result<serde_json::Value, JwtError> {
+pub fn verify(
+    state: &AppState,
+    token: &str,
+    audiences: &[String],
+) -> std::result::Result<serde_json::Value, JwtError> {
     let d = claims::decode(token)?;
     if d.header.alg != "RS256" {
         return Err(JwtError::Algorithm(d.header.alg));
     }
-    let kid = d.header.kid.as_deref().or(d.header.x5t.as_deref()).ok_or(JwtError::Signature)?;
+    let kid = d
+        .header
+        .kid
+        .as_deref()
+        .or(d.header.x5t.as_deref())
+        .ok_or(JwtError::Signature)?;
     let key = state.keys.by_kid(kid).ok_or(JwtError::Signature)?;
     if !keyless_pki::verify_rs256(&key.key.public(), d.signing_input.as_bytes(), &d.signature) {
         return Err(JwtError::Signature);

@@ -23,7 +23,8 @@ impl Kek {
         if bytes.len() != 32 {
             return Err(StoreError::Kek("must be 32 bytes".into()));
         }
-        let unbound = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| StoreError::Kek("invalid".into()))?;
+        let unbound =
+            UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| StoreError::Kek("invalid".into()))?;
         Ok(Self {
             key: LessSafeKey::new(unbound),
         })
@@ -57,7 +58,11 @@ impl Kek {
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| StoreError::Kek("rng".into()))?;
         let mut buf = plaintext.to_vec();
         self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad.as_bytes()), &mut buf)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad.as_bytes()),
+                &mut buf,
+            )
             .map_err(|_| StoreError::Kek("seal".into()))?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&buf);
@@ -123,7 +128,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 }

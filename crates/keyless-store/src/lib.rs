@@ -37,7 +37,9 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JoinTokenOutcome {
     /// The token was valid and is now spent; it names this VM.
-    Accepted { vm_key: String },
+    Accepted {
+        vm_key: String,
+    },
     Unknown,
     Expired,
     AlreadyUsed,
@@ -60,7 +62,11 @@ pub trait Store: Send + Sync + 'static {
 
     // -- resource groups
     fn put_resource_group(&self, rg: &ResourceGroupRecord) -> Result<bool>;
-    fn get_resource_group(&self, subscription: &str, name: &str) -> Result<Option<ResourceGroupRecord>>;
+    fn get_resource_group(
+        &self,
+        subscription: &str,
+        name: &str,
+    ) -> Result<Option<ResourceGroupRecord>>;
     fn list_resource_groups(&self, subscription: &str) -> Result<Vec<ResourceGroupRecord>>;
     /// Delete a group and everything in it (identities, VMs with their system identities,
     /// assignments, join tokens; host credentials of its VMs are revoked).
@@ -77,7 +83,12 @@ pub trait Store: Send + Sync + 'static {
     // -- virtual machines
     /// Write a VM, its system identity (created, kept or deleted as `system` says) and its
     /// user-assigned identity set, in one transaction. Returns true when created.
-    fn put_vm(&self, vm: &VmRecord, system: Option<&IdentityRecord>, user_keys: &[String]) -> Result<bool>;
+    fn put_vm(
+        &self,
+        vm: &VmRecord,
+        system: Option<&IdentityRecord>,
+        user_keys: &[String],
+    ) -> Result<bool>;
     fn get_vm(&self, key: &str) -> Result<Option<VmRecord>>;
     fn list_vms(&self, subscription: &str, rg: Option<&str>) -> Result<Vec<VmRecord>>;
     /// Delete a VM, its system identity, its assignments, join tokens and host credentials.

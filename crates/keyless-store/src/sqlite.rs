@@ -105,7 +105,9 @@ fn delete_vm_tx(tx: &Transaction<'_>, key: &str) -> Result<bool> {
 
 fn put_identity_tx(tx: &Transaction<'_>, id: &IdentityRecord) -> Result<bool> {
     let existed: bool = tx
-        .query_row("SELECT 1 FROM identities WHERE key = ?1", [&id.key], |_| Ok(()))
+        .query_row("SELECT 1 FROM identities WHERE key = ?1", [&id.key], |_| {
+            Ok(())
+        })
         .optional()?
         .is_some();
     tx.execute(
@@ -153,7 +155,9 @@ impl Store for SqliteStore {
     fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let sealed: Option<Vec<u8>> = self
             .lock()
-            .query_row("SELECT sealed FROM secrets WHERE name = ?1", [name], |r| r.get(0))
+            .query_row("SELECT sealed FROM secrets WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
             .optional()?;
         sealed
             .map(|s| self.kek.open(&format!("secret:{name}"), &s))
@@ -161,7 +165,9 @@ impl Store for SqliteStore {
     }
 
     fn insert_signing_key(&self, k: &SigningKeyRecord) -> Result<()> {
-        let sealed = self.kek.seal(&format!("signing_key:{}", k.kid), &k.key_pkcs8)?;
+        let sealed = self
+            .kek
+            .seal(&format!("signing_key:{}", k.kid), &k.key_pkcs8)?;
         self.lock().execute(
             "INSERT INTO signing_keys(kid, created, activate_at, cert_der, sealed_key) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![k.kid, k.created as i64, k.activate_at as i64, k.cert_der, sealed],
@@ -199,7 +205,8 @@ impl Store for SqliteStore {
     }
 
     fn delete_signing_key(&self, kid: &str) -> Result<()> {
-        self.lock().execute("DELETE FROM signing_keys WHERE kid = ?1", [kid])?;
+        self.lock()
+            .execute("DELETE FROM signing_keys WHERE kid = ?1", [kid])?;
         Ok(())
     }
 
@@ -228,7 +235,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn get_resource_group(&self, subscription: &str, name: &str) -> Result<Option<ResourceGroupRecord>> {
+    fn get_resource_group(
+        &self,
+        subscription: &str,
+        name: &str,
+    ) -> Result<Option<ResourceGroupRecord>> {
         let body: Option<String> = self
             .lock()
             .query_row(
@@ -242,7 +253,9 @@ impl Store for SqliteStore {
 
     fn list_resource_groups(&self, subscription: &str) -> Result<Vec<ResourceGroupRecord>> {
         let conn = self.lock();
-        let mut st = conn.prepare("SELECT body FROM resource_groups WHERE subscription = ?1 ORDER BY name_key")?;
+        let mut st = conn.prepare(
+            "SELECT body FROM resource_groups WHERE subscription = ?1 ORDER BY name_key",
+        )?;
         let rows = st.query_map([lower(subscription)], |r| r.get::<_, String>(0))?;
         rows.map(|b| parse(&b?)).collect()
     }
@@ -251,7 +264,8 @@ impl Store for SqliteStore {
         let (sub, rg) = (lower(subscription), lower(name));
         self.tx(|tx| {
             let vms: Vec<String> = {
-                let mut st = tx.prepare("SELECT key FROM vms WHERE subscription = ?1 AND rg_key = ?2")?;
+                let mut st =
+                    tx.prepare("SELECT key FROM vms WHERE subscription = ?1 AND rg_key = ?2")?;
                 let rows = st.query_map([&sub, &rg], |r| r.get(0))?;
                 rows.collect::<std::result::Result<_, _>>()?
             };
@@ -259,7 +273,9 @@ impl Store for SqliteStore {
                 delete_vm_tx(tx, vm)?;
             }
             let ids: Vec<String> = {
-                let mut st = tx.prepare("SELECT key FROM identities WHERE subscription = ?1 AND rg_key = ?2")?;
+                let mut st = tx.prepare(
+                    "SELECT key FROM identities WHERE subscription = ?1 AND rg_key = ?2",
+                )?;
                 let rows = st.query_map([&sub, &rg], |r| r.get(0))?;
                 rows.collect::<std::result::Result<_, _>>()?
             };
@@ -282,7 +298,9 @@ impl Store for SqliteStore {
     fn get_identity(&self, key: &str) -> Result<Option<IdentityRecord>> {
         let body: Option<String> = self
             .lock()
-            .query_row("SELECT body FROM identities WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT body FROM identities WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()?;
         body.map(|b| parse(&b)).transpose()
     }
@@ -311,13 +329,21 @@ impl Store for SqliteStore {
 
     fn delete_identity(&self, key: &str) -> Result<bool> {
         self.tx(|tx| {
-            let n = tx.execute("DELETE FROM identities WHERE key = ?1 AND system_vm IS NULL", [key])?;
+            let n = tx.execute(
+                "DELETE FROM identities WHERE key = ?1 AND system_vm IS NULL",
+                [key],
+            )?;
             tx.execute("DELETE FROM vm_identities WHERE identity_key = ?1", [key])?;
             Ok(n > 0)
         })
     }
 
-    fn put_vm(&self, vm: &VmRecord, system: Option<&IdentityRecord>, user_keys: &[String]) -> Result<bool> {
+    fn put_vm(
+        &self,
+        vm: &VmRecord,
+        system: Option<&IdentityRecord>,
+        user_keys: &[String],
+    ) -> Result<bool> {
         self.tx(|tx| {
             let existed = tx
                 .query_row("SELECT 1 FROM vms WHERE key = ?1", [&vm.key], |_| Ok(()))
@@ -326,7 +352,12 @@ impl Store for SqliteStore {
             tx.execute(
                 "INSERT INTO vms(key, subscription, rg_key, body) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(key) DO UPDATE SET body = excluded.body",
-                params![vm.key, lower(&vm.subscription), lower(&vm.resource_group), json(vm)?],
+                params![
+                    vm.key,
+                    lower(&vm.subscription),
+                    lower(&vm.resource_group),
+                    json(vm)?
+                ],
             )?;
             match system {
                 Some(sys) => {
@@ -375,13 +406,15 @@ impl Store for SqliteStore {
         let sub = lower(subscription);
         let rows: Vec<String> = match rg {
             Some(rg) => {
-                let mut st =
-                    conn.prepare("SELECT body FROM vms WHERE subscription = ?1 AND rg_key = ?2 ORDER BY key")?;
+                let mut st = conn.prepare(
+                    "SELECT body FROM vms WHERE subscription = ?1 AND rg_key = ?2 ORDER BY key",
+                )?;
                 let r = st.query_map([sub, lower(rg)], |r| r.get(0))?;
                 r.collect::<std::result::Result<_, _>>()?
             }
             None => {
-                let mut st = conn.prepare("SELECT body FROM vms WHERE subscription = ?1 ORDER BY key")?;
+                let mut st =
+                    conn.prepare("SELECT body FROM vms WHERE subscription = ?1 ORDER BY key")?;
                 let r = st.query_map([sub], |r| r.get(0))?;
                 r.collect::<std::result::Result<_, _>>()?
             }
@@ -406,7 +439,11 @@ impl Store for SqliteStore {
     fn vm_system_identity(&self, vm_key: &str) -> Result<Option<IdentityRecord>> {
         let body: Option<String> = self
             .lock()
-            .query_row("SELECT body FROM identities WHERE system_vm = ?1", [vm_key], |r| r.get(0))
+            .query_row(
+                "SELECT body FROM identities WHERE system_vm = ?1",
+                [vm_key],
+                |r| r.get(0),
+            )
             .optional()?;
         body.map(|b| parse(&b)).transpose()
     }
@@ -458,7 +495,10 @@ impl Store for SqliteStore {
             if (expires_at as u64) <= now {
                 return Ok(JoinTokenOutcome::Expired);
             }
-            tx.execute("UPDATE join_tokens SET used_at = ?2 WHERE hash = ?1", params![hash, now as i64])?;
+            tx.execute(
+                "UPDATE join_tokens SET used_at = ?2 WHERE hash = ?1",
+                params![hash, now as i64],
+            )?;
             Ok(JoinTokenOutcome::Accepted { vm_key })
         })
     }
@@ -511,7 +551,9 @@ mod tests {
     }
 
     fn vm(name: &str) -> VmRecord {
-        let rid = format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{name}");
+        let rid = format!(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{name}"
+        );
         VmRecord {
             key: rid.to_lowercase(),
             resource_id: rid,
@@ -537,10 +579,14 @@ mod tests {
         }
         let s = store(d.path());
         assert_eq!(s.get_meta("tenant").unwrap().as_deref(), Some("t1"));
-        assert_eq!(s.get_secret("ca").unwrap().unwrap(), b"-----BEGIN PRIVATE KEY-----");
+        assert_eq!(
+            s.get_secret("ca").unwrap().unwrap(),
+            b"-----BEGIN PRIVATE KEY-----"
+        );
         // wrong KEK: reads fail loudly, nothing decrypts
         drop(s);
-        let wrong = SqliteStore::open(&d.path().join("k.db"), Kek::from_bytes(&[2u8; 32]).unwrap()).unwrap();
+        let wrong = SqliteStore::open(&d.path().join("k.db"), Kek::from_bytes(&[2u8; 32]).unwrap())
+            .unwrap();
         assert!(matches!(wrong.get_secret("ca"), Err(StoreError::Decrypt)));
     }
 
@@ -557,16 +603,21 @@ mod tests {
         sys.system_vm = Some(v.key.clone());
         sys.principal_id = "sys-p".into();
         sys.client_id = "sys-c".into();
-        assert!(s.put_vm(&v, Some(&sys), &[u.key.clone()]).unwrap());
+        assert!(s
+            .put_vm(&v, Some(&sys), std::slice::from_ref(&u.key))
+            .unwrap());
         assert_eq!(s.vm_user_identities(&v.key).unwrap(), vec![u.clone()]);
-        assert_eq!(s.vm_system_identity(&v.key).unwrap().unwrap().principal_id, "sys-p");
+        assert_eq!(
+            s.vm_system_identity(&v.key).unwrap().unwrap().principal_id,
+            "sys-p"
+        );
         // system identities are not listed as user-assigned
         assert_eq!(s.list_identities("S", Some("RG")).unwrap().len(), 1);
         // assigning a missing identity fails and changes nothing
         assert!(s.put_vm(&v, Some(&sys), &["nope".into()]).is_err());
         assert_eq!(s.vm_user_identities(&v.key).unwrap().len(), 1);
         // dropping the system identity deletes it
-        s.put_vm(&v, None, &[u.key.clone()]).unwrap();
+        s.put_vm(&v, None, std::slice::from_ref(&u.key)).unwrap();
         assert!(s.vm_system_identity(&v.key).unwrap().is_none());
         // deleting the user identity removes it from the VM
         assert!(s.delete_identity(&u.key).unwrap());
@@ -580,14 +631,25 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path());
         s.insert_join_token("h", "vm", 100).unwrap();
-        assert_eq!(s.consume_join_token("x", 10).unwrap(), JoinTokenOutcome::Unknown);
+        assert_eq!(
+            s.consume_join_token("x", 10).unwrap(),
+            JoinTokenOutcome::Unknown
+        );
         assert_eq!(
             s.consume_join_token("h", 10).unwrap(),
-            JoinTokenOutcome::Accepted { vm_key: "vm".into() }
+            JoinTokenOutcome::Accepted {
+                vm_key: "vm".into()
+            }
         );
-        assert_eq!(s.consume_join_token("h", 10).unwrap(), JoinTokenOutcome::AlreadyUsed);
+        assert_eq!(
+            s.consume_join_token("h", 10).unwrap(),
+            JoinTokenOutcome::AlreadyUsed
+        );
         s.insert_join_token("h2", "vm", 100).unwrap();
-        assert_eq!(s.consume_join_token("h2", 100).unwrap(), JoinTokenOutcome::Expired);
+        assert_eq!(
+            s.consume_join_token("h2", 100).unwrap(),
+            JoinTokenOutcome::Expired
+        );
     }
 
     #[test]
@@ -604,7 +666,7 @@ mod tests {
         let u = ident("u1", "rg");
         s.put_identity(&u).unwrap();
         let v = vm("vm1");
-        s.put_vm(&v, None, &[u.key.clone()]).unwrap();
+        s.put_vm(&v, None, std::slice::from_ref(&u.key)).unwrap();
         s.insert_host_credential(&HostCredentialRecord {
             fingerprint: "f".into(),
             vm_key: v.key.clone(),

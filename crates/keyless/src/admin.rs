@@ -29,11 +29,21 @@ pub struct Conn {
     tenant: Option<String>,
     #[arg(long, env = "KEYLESS_CLIENT_ID", global = true)]
     client_id_admin: Option<String>,
-    #[arg(long, env = "KEYLESS_CLIENT_SECRET", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "KEYLESS_CLIENT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
     client_secret: Option<String>,
     #[arg(long, env = "KEYLESS_CA_FILE", global = true)]
     ca_file: Option<PathBuf>,
-    #[arg(long, env = "KEYLESS_DATA_DIR", default_value = ".keyless", global = true)]
+    #[arg(
+        long,
+        env = "KEYLESS_DATA_DIR",
+        default_value = ".keyless",
+        global = true
+    )]
     data_dir: PathBuf,
     /// Subscription id (default: the one of the tenant).
     #[arg(long, env = "KEYLESS_SUBSCRIPTION_ID", global = true)]
@@ -60,8 +70,12 @@ fn endpoints(data_dir: &std::path::Path) -> Value {
 fn http_client(ca_file: Option<&PathBuf>) -> Result<reqwest::Client, CliError> {
     let mut b = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60));
     if let Some(ca) = ca_file {
-        let pem = std::fs::read(ca).map_err(|source| CliError::Io { path: ca.display().to_string(), source })?;
-        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| CliError::Usage(format!("{}: {e}", ca.display())))?;
+        let pem = std::fs::read(ca).map_err(|source| CliError::Io {
+            path: ca.display().to_string(),
+            source,
+        })?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", ca.display())))?;
         b = b.tls_certs_only([cert]);
     }
     b.build().map_err(|e| CliError::Usage(e.to_string()))
@@ -71,7 +85,10 @@ async fn remote_error(resp: reqwest::Response) -> CliError {
     let status = resp.status();
     let v: Value = resp.json().await.unwrap_or(Value::Null);
     let (code, message) = if let Some(e) = v.get("error").filter(|e| e.is_object()) {
-        (e["code"].as_str().unwrap_or("").to_string(), e["message"].as_str().unwrap_or("").to_string())
+        (
+            e["code"].as_str().unwrap_or("").to_string(),
+            e["message"].as_str().unwrap_or("").to_string(),
+        )
     } else {
         (
             v["error"].as_str().unwrap_or(status.as_str()).to_string(),
@@ -88,23 +105,34 @@ impl Api {
             .server
             .clone()
             .or_else(|| ep["serverUrl"].as_str().map(str::to_string))
-            .ok_or_else(|| CliError::Usage("no server: set KEYLESS_SERVER or --server (or run `keyless up` here)".into()))?;
+            .ok_or_else(|| {
+                CliError::Usage(
+                    "no server: set KEYLESS_SERVER or --server (or run `keyless up` here)".into(),
+                )
+            })?;
         let server = server.trim_end_matches('/').to_string();
         let tenant = c
             .tenant
             .clone()
             .or_else(|| ep["tenantId"].as_str().map(str::to_string))
-            .ok_or_else(|| CliError::Usage("no tenant: set KEYLESS_TENANT_ID or --tenant".into()))?;
-        let ca = c.ca_file.clone().or_else(|| ep["caFile"].as_str().map(PathBuf::from));
+            .ok_or_else(|| {
+                CliError::Usage("no tenant: set KEYLESS_TENANT_ID or --tenant".into())
+            })?;
+        let ca = c
+            .ca_file
+            .clone()
+            .or_else(|| ep["caFile"].as_str().map(PathBuf::from));
         let client_id = c
             .client_id_admin
             .clone()
             .or_else(|| ep["adminClientId"].as_str().map(str::to_string))
             .ok_or_else(|| CliError::Usage("no admin client id: set KEYLESS_CLIENT_ID".into()))?;
-        let secret = c
-            .client_secret
-            .clone()
-            .ok_or_else(|| CliError::Usage("no admin secret: set KEYLESS_CLIENT_SECRET (printed by the first `keyless up`)".into()))?;
+        let secret = c.client_secret.clone().ok_or_else(|| {
+            CliError::Usage(
+                "no admin secret: set KEYLESS_CLIENT_SECRET (printed by the first `keyless up`)"
+                    .into(),
+            )
+        })?;
         let http = http_client(ca.as_ref())?;
         let url = format!("{server}/{tenant}/oauth2/v2.0/token");
         let resp = http
@@ -117,36 +145,82 @@ impl Api {
             ])
             .send()
             .await
-            .map_err(|source| CliError::Http { url: url.clone(), source })?;
+            .map_err(|source| CliError::Http {
+                url: url.clone(),
+                source,
+            })?;
         if !resp.status().is_success() {
             return Err(remote_error(resp).await);
         }
-        let v: Value = resp.json().await.map_err(|source| CliError::Http { url, source })?;
+        let v: Value = resp
+            .json()
+            .await
+            .map_err(|source| CliError::Http { url, source })?;
         let token = v["access_token"].as_str().unwrap_or_default().to_string();
-        let subscription = match c.subscription.clone().or_else(|| ep["subscriptionId"].as_str().map(str::to_string)) {
+        let subscription = match c
+            .subscription
+            .clone()
+            .or_else(|| ep["subscriptionId"].as_str().map(str::to_string))
+        {
             Some(s) => s,
             None => {
-                let mut api = Self { http, server, token, subscription: String::new(), output: c.output };
-                let subs = api.call(reqwest::Method::GET, &format!("/subscriptions?api-version={RESOURCES_API}"), None).await?;
-                api.subscription = subs["value"][0]["subscriptionId"].as_str().unwrap_or_default().to_string();
+                let mut api = Self {
+                    http,
+                    server,
+                    token,
+                    subscription: String::new(),
+                    output: c.output,
+                };
+                let subs = api
+                    .call(
+                        reqwest::Method::GET,
+                        &format!("/subscriptions?api-version={RESOURCES_API}"),
+                        None,
+                    )
+                    .await?;
+                api.subscription = subs["value"][0]["subscriptionId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 return Ok(api);
             }
         };
-        Ok(Self { http, server, token, subscription, output: c.output })
+        Ok(Self {
+            http,
+            server,
+            token,
+            subscription,
+            output: c.output,
+        })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, CliError> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CliError> {
         let url = format!("{}{}", self.server, path);
         let mut req = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|source| CliError::Http { url: url.clone(), source })?;
+        let resp = req.send().await.map_err(|source| CliError::Http {
+            url: url.clone(),
+            source,
+        })?;
         if !resp.status().is_success() {
             return Err(remote_error(resp).await);
         }
-        let bytes = resp.bytes().await.map_err(|source| CliError::Http { url, source })?;
-        Ok(if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) })
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| CliError::Http { url, source })?;
+        Ok(if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        })
     }
 
     fn rg_path(&self, rg: &str) -> String {
@@ -169,7 +243,10 @@ fn identity_ids(api: &Api, rg: &str, names: &[String]) -> (bool, Vec<String>) {
         } else if n.starts_with('/') {
             ids.push(n.clone());
         } else {
-            ids.push(format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{n}", api.rg_path(rg)));
+            ids.push(format!(
+                "{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{n}",
+                api.rg_path(rg)
+            ));
         }
     }
     (system, ids)
@@ -212,26 +289,61 @@ fn print_value(v: &Value, output: Output) {
                     None => vec![v],
                 },
             };
-            const PREFERRED: &[&str] = &["name", "location", "type", "clientId", "principalId", "tenantId", "vmId", "provisioningState", "access_token", "expires_on", "resource"];
+            const PREFERRED: &[&str] = &[
+                "name",
+                "location",
+                "type",
+                "clientId",
+                "principalId",
+                "tenantId",
+                "vmId",
+                "provisioningState",
+                "access_token",
+                "expires_on",
+                "resource",
+            ];
             let flat: Vec<Vec<(String, String)>> = rows.iter().map(|r| flatten_row(r)).collect();
             let cols: Vec<&str> = PREFERRED
                 .iter()
                 .copied()
                 .filter(|c| flat.iter().any(|r| r.iter().any(|(k, _)| k == c)))
                 .collect();
-            let cell = |r: &Vec<(String, String)>, c: &str| r.iter().find(|(k, _)| k == c).map(|(_, v)| v.clone()).unwrap_or_default();
+            let cell = |r: &Vec<(String, String)>, c: &str| {
+                r.iter()
+                    .find(|(k, _)| k == c)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
             if matches!(output, Output::Tsv) {
                 for r in &flat {
-                    println!("{}", cols.iter().map(|c| cell(r, c)).collect::<Vec<_>>().join("\t"));
+                    println!(
+                        "{}",
+                        cols.iter()
+                            .map(|c| cell(r, c))
+                            .collect::<Vec<_>>()
+                            .join("\t")
+                    );
                 }
                 return;
             }
             let widths: Vec<usize> = cols
                 .iter()
-                .map(|c| flat.iter().map(|r| cell(r, c).len()).max().unwrap_or(0).max(c.len()))
+                .map(|c| {
+                    flat.iter()
+                        .map(|r| cell(r, c).len())
+                        .max()
+                        .unwrap_or(0)
+                        .max(c.len())
+                })
                 .collect();
             let line = |vals: Vec<String>| {
-                vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+                vals.iter()
+                    .zip(&widths)
+                    .map(|(v, w)| format!("{v:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
             };
             let title = |c: &str| {
                 let mut s = c.to_string();
@@ -308,11 +420,27 @@ pub async fn identity(c: IdentityCmd) -> Result<(), CliError> {
         format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{n}?api-version={MSI_API}", api.rg_path(rg))
     };
     let v = match c.cmd {
-        IdentityVerb::Create { resource_group, name, location, tags } => {
+        IdentityVerb::Create {
+            resource_group,
+            name,
+            location,
+            tags,
+        } => {
             let body = json!({"location": location, "tags": parse_tags(&tags)?});
-            api.call(reqwest::Method::PUT, &path(&resource_group, &name), Some(body)).await?
+            api.call(
+                reqwest::Method::PUT,
+                &path(&resource_group, &name),
+                Some(body),
+            )
+            .await?
         }
-        IdentityVerb::Show { resource_group, name } => api.call(reqwest::Method::GET, &path(&resource_group, &name), None).await?,
+        IdentityVerb::Show {
+            resource_group,
+            name,
+        } => {
+            api.call(reqwest::Method::GET, &path(&resource_group, &name), None)
+                .await?
+        }
         IdentityVerb::List { resource_group } => {
             let p = match resource_group {
                 Some(rg) => format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities?api-version={MSI_API}", api.rg_path(&rg)),
@@ -320,8 +448,12 @@ pub async fn identity(c: IdentityCmd) -> Result<(), CliError> {
             };
             api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
         }
-        IdentityVerb::Delete { resource_group, name } => {
-            api.call(reqwest::Method::DELETE, &path(&resource_group, &name), None).await?;
+        IdentityVerb::Delete {
+            resource_group,
+            name,
+        } => {
+            api.call(reqwest::Method::DELETE, &path(&resource_group, &name), None)
+                .await?;
             return Ok(());
         }
     };
@@ -419,22 +551,53 @@ fn identity_type(system: bool, user: bool) -> &'static str {
 
 pub async fn vm(c: VmCmd) -> Result<(), CliError> {
     let api = Api::connect(&c.conn).await?;
-    let path = |rg: &str, n: &str| format!("{}/providers/Microsoft.Compute/virtualMachines/{n}?api-version={COMPUTE_API}", api.rg_path(rg));
+    let path = |rg: &str, n: &str| {
+        format!(
+            "{}/providers/Microsoft.Compute/virtualMachines/{n}?api-version={COMPUTE_API}",
+            api.rg_path(rg)
+        )
+    };
     let v = match c.cmd {
-        VmVerb::Create { resource_group, name, location, assign_identity, tags } => {
-            let mut body = json!({"location": location, "tags": parse_tags(&tags)?, "properties": {}});
+        VmVerb::Create {
+            resource_group,
+            name,
+            location,
+            assign_identity,
+            tags,
+        } => {
+            let mut body =
+                json!({"location": location, "tags": parse_tags(&tags)?, "properties": {}});
             if let Some(ids) = assign_identity {
-                let ids = if ids.is_empty() { vec!["[system]".to_string()] } else { ids };
+                let ids = if ids.is_empty() {
+                    vec!["[system]".to_string()]
+                } else {
+                    ids
+                };
                 let (system, user) = identity_ids(&api, &resource_group, &ids);
                 let mut ident = json!({"type": identity_type(system, !user.is_empty())});
                 if !user.is_empty() {
-                    ident["userAssignedIdentities"] = user.iter().map(|u| (u.clone(), json!({}))).collect::<serde_json::Map<_, _>>().into();
+                    ident["userAssignedIdentities"] = user
+                        .iter()
+                        .map(|u| (u.clone(), json!({})))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into();
                 }
                 body["identity"] = ident;
             }
-            api.call(reqwest::Method::PUT, &path(&resource_group, &name), Some(body)).await?
+            api.call(
+                reqwest::Method::PUT,
+                &path(&resource_group, &name),
+                Some(body),
+            )
+            .await?
         }
-        VmVerb::Show { resource_group, name } => api.call(reqwest::Method::GET, &path(&resource_group, &name), None).await?,
+        VmVerb::Show {
+            resource_group,
+            name,
+        } => {
+            api.call(reqwest::Method::GET, &path(&resource_group, &name), None)
+                .await?
+        }
         VmVerb::List { resource_group } => {
             let p = match resource_group {
                 Some(rg) => format!("{}/providers/Microsoft.Compute/virtualMachines?api-version={COMPUTE_API}", api.rg_path(&rg)),
@@ -442,25 +605,55 @@ pub async fn vm(c: VmCmd) -> Result<(), CliError> {
             };
             api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
         }
-        VmVerb::Delete { resource_group, name } => {
-            api.call(reqwest::Method::DELETE, &path(&resource_group, &name), None).await?;
+        VmVerb::Delete {
+            resource_group,
+            name,
+        } => {
+            api.call(reqwest::Method::DELETE, &path(&resource_group, &name), None)
+                .await?;
             return Ok(());
         }
-        VmVerb::JoinToken { resource_group, name, expires_in } => {
+        VmVerb::JoinToken {
+            resource_group,
+            name,
+            expires_in,
+        } => {
             let p = format!(
                 "{}/providers/Microsoft.Compute/virtualMachines/{name}/generateJoinToken?api-version={COMPUTE_API}",
                 api.rg_path(&resource_group)
             );
-            api.call(reqwest::Method::POST, &p, Some(json!({"expiresInSeconds": expires_in}))).await?
+            api.call(
+                reqwest::Method::POST,
+                &p,
+                Some(json!({"expiresInSeconds": expires_in})),
+            )
+            .await?
         }
         VmVerb::Identity { verb } => {
             let (rg, name, ids, assign) = match verb {
-                VmIdentityVerb::Assign { resource_group, name, identities } => (resource_group, name, identities, true),
-                VmIdentityVerb::Remove { resource_group, name, identities } => (resource_group, name, identities, false),
+                VmIdentityVerb::Assign {
+                    resource_group,
+                    name,
+                    identities,
+                } => (resource_group, name, identities, true),
+                VmIdentityVerb::Remove {
+                    resource_group,
+                    name,
+                    identities,
+                } => (resource_group, name, identities, false),
             };
-            let ids = if ids.is_empty() { vec!["[system]".to_string()] } else { ids };
-            let cur = api.call(reqwest::Method::GET, &path(&rg, &name), None).await?;
-            let cur_type = cur["identity"]["type"].as_str().unwrap_or("None").to_ascii_lowercase();
+            let ids = if ids.is_empty() {
+                vec!["[system]".to_string()]
+            } else {
+                ids
+            };
+            let cur = api
+                .call(reqwest::Method::GET, &path(&rg, &name), None)
+                .await?;
+            let cur_type = cur["identity"]["type"]
+                .as_str()
+                .unwrap_or("None")
+                .to_ascii_lowercase();
             let cur_users: Vec<String> = cur["identity"]["userAssignedIdentities"]
                 .as_object()
                 .map(|m| m.keys().cloned().collect())
@@ -477,7 +670,14 @@ pub async fn vm(c: VmCmd) -> Result<(), CliError> {
                 }
                 (had_sys || sys, u)
             } else {
-                (had_sys && !sys, cur_users.iter().filter(|y| !user.iter().any(|x| same(x, y))).cloned().collect())
+                (
+                    had_sys && !sys,
+                    cur_users
+                        .iter()
+                        .filter(|y| !user.iter().any(|x| same(x, y)))
+                        .cloned()
+                        .collect(),
+                )
             };
             let mut ident = json!({"type": identity_type(new_sys, !new_users.is_empty())});
             if !new_users.is_empty() || !cur_users.is_empty() {
@@ -494,7 +694,13 @@ pub async fn vm(c: VmCmd) -> Result<(), CliError> {
                     ident["userAssignedIdentities"] = Value::Object(m);
                 }
             }
-            let vm = api.call(reqwest::Method::PATCH, &path(&rg, &name), Some(json!({"identity": ident}))).await?;
+            let vm = api
+                .call(
+                    reqwest::Method::PATCH,
+                    &path(&rg, &name),
+                    Some(json!({"identity": ident})),
+                )
+                .await?;
             vm["identity"].clone()
         }
     };
@@ -537,16 +743,29 @@ pub async fn group(c: GroupCmd) -> Result<(), CliError> {
     let api = Api::connect(&c.conn).await?;
     let path = |n: &str| format!("{}?api-version={RESOURCES_API}", api.rg_path(n));
     let v = match c.cmd {
-        GroupVerb::Create { name, location, tags } => {
-            api.call(reqwest::Method::PUT, &path(&name), Some(json!({"location": location, "tags": parse_tags(&tags)?}))).await?
+        GroupVerb::Create {
+            name,
+            location,
+            tags,
+        } => {
+            api.call(
+                reqwest::Method::PUT,
+                &path(&name),
+                Some(json!({"location": location, "tags": parse_tags(&tags)?})),
+            )
+            .await?
         }
         GroupVerb::Show { name } => api.call(reqwest::Method::GET, &path(&name), None).await?,
         GroupVerb::List => {
-            let p = format!("/subscriptions/{}/resourcegroups?api-version={RESOURCES_API}", api.subscription);
+            let p = format!(
+                "/subscriptions/{}/resourcegroups?api-version={RESOURCES_API}",
+                api.subscription
+            );
             api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
         }
         GroupVerb::Delete { name } => {
-            api.call(reqwest::Method::DELETE, &path(&name), None).await?;
+            api.call(reqwest::Method::DELETE, &path(&name), None)
+                .await?;
             return Ok(());
         }
     };
@@ -581,10 +800,21 @@ pub async fn get_token(a: GetTokenArgs) -> Result<(), CliError> {
     let base = a
         .imds_endpoint
         .clone()
-        .or_else(|| endpoints(&a.data_dir)["imdsUrl"].as_str().map(str::to_string))
+        .or_else(|| {
+            endpoints(&a.data_dir)["imdsUrl"]
+                .as_str()
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "http://169.254.169.254".to_string());
-    let mut q = vec![("api-version", "2018-02-01".to_string()), ("resource", a.resource.clone())];
-    for (k, v) in [("client_id", &a.client_id), ("object_id", &a.object_id), ("msi_res_id", &a.msi_res_id)] {
+    let mut q = vec![
+        ("api-version", "2018-02-01".to_string()),
+        ("resource", a.resource.clone()),
+    ];
+    for (k, v) in [
+        ("client_id", &a.client_id),
+        ("object_id", &a.object_id),
+        ("msi_res_id", &a.msi_res_id),
+    ] {
         if let Some(v) = v {
             q.push((k, v.clone()));
         }
@@ -602,11 +832,17 @@ pub async fn get_token(a: GetTokenArgs) -> Result<(), CliError> {
         .header("Metadata", "true")
         .send()
         .await
-        .map_err(|source| CliError::Http { url: url.clone(), source })?;
+        .map_err(|source| CliError::Http {
+            url: url.clone(),
+            source,
+        })?;
     if !resp.status().is_success() {
         return Err(remote_error(resp).await);
     }
-    let v: Value = resp.json().await.map_err(|source| CliError::Http { url, source })?;
+    let v: Value = resp
+        .json()
+        .await
+        .map_err(|source| CliError::Http { url, source })?;
     print_value(&v, a.output);
     Ok(())
 }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "keyless", version, about = "Self-hosted managed identities, wire-compatible with Azure")]
+#[command(
+    name = "keyless",
+    version,
+    about = "Self-hosted managed identities, wire-compatible with Azure"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,7 +45,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ERROR: cannot start the runtime: {e}");
@@ -84,5 +91,8 @@ pub enum CliError {
     #[error("cannot reach {url}: {source}")]
     Http { url: String, source: reqwest::Error },
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }

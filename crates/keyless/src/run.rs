@@ -88,7 +88,10 @@ pub struct NodeArgs {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
-    move |source| CliError::Io { path: path.display().to_string(), source }
+    move |source| CliError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Open the data dir: lock it (one process per data dir), load the KEK, open the store.
@@ -146,13 +149,14 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -165,9 +169,14 @@ async fn wait_for_signal() {
 pub async fn server(a: ServerArgs) -> Result<(), CliError> {
     let (store, _lock) = open_store(&a)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let srv = keyless_server::start(server_config(&a), store, clock).await.map_err(bind_hint)?;
+    let srv = keyless_server::start(server_config(&a), store, clock)
+        .await
+        .map_err(bind_hint)?;
     let b = &srv.bootstrap;
-    println!("Keyless server listening on https://{} (issuer {})", srv.local_addr, srv.state.base_url);
+    println!(
+        "Keyless server listening on https://{} (issuer {})",
+        srv.local_addr, srv.state.base_url
+    );
     println!("Tenant:        {}", b.tenant_id);
     println!("Subscription:  {}", b.subscription_id);
     println!("CA certificate: {}", b.ca_path.display());
@@ -272,7 +281,11 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     // The embedded host agent joins like any other host.
     let state_dir = a.server.data_dir.join("node");
     let joined = state_dir.join("host-cert.pem").exists();
-    let join_token = if joined { None } else { Some(resources::create_join_token(&s, &vm_id, 600)?.0) };
+    let join_token = if joined {
+        None
+    } else {
+        Some(resources::create_join_token(&s, &vm_id, 600)?.0)
+    };
     let server_url = format!("https://localhost:{}", srv.local_addr.port());
     let node = keyless_node::start(
         keyless_node::NodeConfig {
@@ -327,7 +340,11 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
         "demoIdentity": {"resourceId": demo_rec.resource_id, "principalId": demo_rec.principal_id, "clientId": demo_rec.client_id},
     });
     let info_path = a.server.data_dir.join("endpoints.json");
-    std::fs::write(&info_path, serde_json::to_vec_pretty(&info).unwrap_or_default()).map_err(io_err(&info_path))?;
+    std::fs::write(
+        &info_path,
+        serde_json::to_vec_pretty(&info).unwrap_or_default(),
+    )
+    .map_err(io_err(&info_path))?;
 
     let ca = info["caFile"].as_str().unwrap_or_default().to_string();
     println!("Keyless is up.");
@@ -338,7 +355,10 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     println!("  Subscription: {}", b.subscription_id);
     println!("  VM:           {}", vm.resource_id);
     if let Some(sys) = &system {
-        println!("  System-assigned identity: principalId {} clientId {}", sys.principal_id, sys.client_id);
+        println!(
+            "  System-assigned identity: principalId {} clientId {}",
+            sys.principal_id, sys.client_id
+        );
     }
     println!(
         "  Demo user-assigned identity: {} (clientId {})",
@@ -351,9 +371,15 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     println!("  export AZURE_POD_IDENTITY_AUTHORITY_HOST={imds_url}");
     println!("  export REQUESTS_CA_BUNDLE={ca} SSL_CERT_FILE={ca} NODE_EXTRA_CA_CERTS={ca}");
     println!("For the keyless admin verbs:");
-    println!("  export KEYLESS_SERVER={server_url} KEYLESS_TENANT_ID={} KEYLESS_CA_FILE={ca}", b.tenant_id);
+    println!(
+        "  export KEYLESS_SERVER={server_url} KEYLESS_TENANT_ID={} KEYLESS_CA_FILE={ca}",
+        b.tenant_id
+    );
     println!();
-    println!("Endpoints are also written to {}. Stop with Ctrl-C.", info_path.display());
+    println!(
+        "Endpoints are also written to {}. Stop with Ctrl-C.",
+        info_path.display()
+    );
     wait_for_signal().await;
     node.task.abort();
     srv.task.abort();

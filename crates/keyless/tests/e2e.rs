@@ -30,11 +30,19 @@ impl Admin {
         )
         .await;
         assert_eq!(st, 200, "{tok}");
-        Admin { c, server: up.s("/serverUrl"), token: tok["access_token"].as_str().unwrap().to_string(), sub: up.s("/subscriptionId") }
+        Admin {
+            c,
+            server: up.s("/serverUrl"),
+            token: tok["access_token"].as_str().unwrap().to_string(),
+            sub: up.s("/subscriptionId"),
+        }
     }
 
     async fn req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = self.c.request(method, format!("{}{}", self.server, path)).bearer_auth(&self.token);
+        let mut r = self
+            .c
+            .request(method, format!("{}{}", self.server, path))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             r = r.json(&b);
         }
@@ -52,7 +60,10 @@ impl Admin {
     }
 
     fn rg_path(&self, rg: &str) -> String {
-        format!("/subscriptions/{}/resourceGroups/{rg}?api-version={RG_API}", self.sub)
+        format!(
+            "/subscriptions/{}/resourceGroups/{rg}?api-version={RG_API}",
+            self.sub
+        )
     }
 }
 
@@ -68,13 +79,22 @@ async fn control_plane_refuses_bad_callers_and_bad_input_without_changing_state(
     let up = Up::start(dir.path(), &[]).unwrap();
     let a = Admin::new(&up).await;
     let c = https(&up.s("/caFile"));
-    let list = format!("{}/subscriptions/{}/resourcegroups?api-version={RG_API}", a.server, a.sub);
+    let list = format!(
+        "{}/subscriptions/{}/resourcegroups?api-version={RG_API}",
+        a.server, a.sub
+    );
 
     // unauthenticated: 401 with ARM's body and challenge
     let r = c.get(&list).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_string();
-    assert!(challenge.starts_with("Bearer authorization_uri="), "{challenge}");
+    let challenge = r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        challenge.starts_with("Bearer authorization_uri="),
+        "{challenge}"
+    );
     let v: Value = r.json().await.unwrap();
     assert_eq!(code(&v), "AuthenticationFailed");
 
@@ -86,38 +106,107 @@ async fn control_plane_refuses_bad_callers_and_bad_input_without_changing_state(
         assert_eq!(code(&v), "InvalidAuthenticationToken");
     }
     // a token for another audience
-    let (_, vault) = sp_token(&c, &a.server, &up.s("/tenantId"), &up.s("/adminClientId"), &up.secret().unwrap(), "https://vault.azure.net/.default").await;
-    let r = c.get(&list).bearer_auth(vault["access_token"].as_str().unwrap()).send().await.unwrap();
+    let (_, vault) = sp_token(
+        &c,
+        &a.server,
+        &up.s("/tenantId"),
+        &up.s("/adminClientId"),
+        &up.secret().unwrap(),
+        "https://vault.azure.net/.default",
+    )
+    .await;
+    let r = c
+        .get(&list)
+        .bearer_auth(vault["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     // a managed identity token for ARM is authenticated but not authorized
     let (st, mi) = imds_token(&up.s("/imdsUrl"), "resource=https://management.azure.com/").await;
     assert_eq!(st, 200);
-    let r = c.get(&list).bearer_auth(mi["access_token"].as_str().unwrap()).send().await.unwrap();
+    let r = c
+        .get(&list)
+        .bearer_auth(mi["access_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     let v: Value = r.json().await.unwrap();
     assert_eq!(code(&v), "AuthorizationFailed");
-    assert!(v["error"]["message"].as_str().unwrap().contains(up.s("/systemIdentity/principalId").as_str()));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(up.s("/systemIdentity/principalId").as_str()));
 
     // api-version
-    let (st, v) = a.req(Method::GET, &format!("/subscriptions/{}/resourcegroups", a.sub), None).await;
+    let (st, v) = a
+        .req(
+            Method::GET,
+            &format!("/subscriptions/{}/resourcegroups", a.sub),
+            None,
+        )
+        .await;
     assert_eq!((st, code(&v)), (400, "MissingApiVersionParameter"));
-    let (st, v) = a.req(Method::GET, &format!("/subscriptions/{}/resourcegroups?api-version=2001-01-01", a.sub), None).await;
+    let (st, v) = a
+        .req(
+            Method::GET,
+            &format!(
+                "/subscriptions/{}/resourcegroups?api-version=2001-01-01",
+                a.sub
+            ),
+            None,
+        )
+        .await;
     assert_eq!((st, code(&v)), (400, "InvalidApiVersionParameter"));
-    let (st, v) = a.req(Method::GET, &a.id_path("keyless", "keyless-demo").replace(MSI, "2001-01-01"), None).await;
+    let (st, v) = a
+        .req(
+            Method::GET,
+            &a.id_path("keyless", "keyless-demo")
+                .replace(MSI, "2001-01-01"),
+            None,
+        )
+        .await;
     assert_eq!((st, code(&v)), (400, "NoRegisteredProviderFound"));
 
     // names
-    let (st, v) = a.req(Method::PUT, &a.id_path("keyless", "a"), Some(json!({"location": "local"}))).await;
+    let (st, v) = a
+        .req(
+            Method::PUT,
+            &a.id_path("keyless", "a"),
+            Some(json!({"location": "local"})),
+        )
+        .await;
     assert_eq!((st, code(&v)), (400, "InvalidResourceName"));
-    let (st, v) = a.req(Method::PUT, &a.rg_path("bad.rg."), Some(json!({"location": "local"}))).await;
+    let (st, v) = a
+        .req(
+            Method::PUT,
+            &a.rg_path("bad.rg."),
+            Some(json!({"location": "local"})),
+        )
+        .await;
     assert_eq!((st, code(&v)), (400, "InvalidResourceGroup"));
-    let (st, v) = a.req(Method::PUT, &a.vm_path("keyless", "_vm"), Some(json!({"location": "local"}))).await;
+    let (st, v) = a
+        .req(
+            Method::PUT,
+            &a.vm_path("keyless", "_vm"),
+            Some(json!({"location": "local"})),
+        )
+        .await;
     assert_eq!((st, code(&v)), (400, "InvalidResourceName"));
 
     // an identity with tags, then bad updates that must not change it
-    let (st, _) = a.req(Method::PUT, &a.id_path("keyless", "stable"), Some(json!({"location": "local", "tags": {"k": "v"}}))).await;
+    let (st, _) = a
+        .req(
+            Method::PUT,
+            &a.id_path("keyless", "stable"),
+            Some(json!({"location": "local", "tags": {"k": "v"}})),
+        )
+        .await;
     assert_eq!(st, 201);
-    let (_, before) = a.req(Method::GET, &a.id_path("keyless", "stable"), None).await;
+    let (_, before) = a
+        .req(Method::GET, &a.id_path("keyless", "stable"), None)
+        .await;
     let r = c
         .put(format!("{}{}", a.server, a.id_path("keyless", "stable")))
         .bearer_auth(&a.token)
@@ -127,19 +216,44 @@ async fn control_plane_refuses_bad_callers_and_bad_input_without_changing_state(
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert_eq!(code(&r.json::<Value>().await.unwrap()), "InvalidRequestContent");
+    assert_eq!(
+        code(&r.json::<Value>().await.unwrap()),
+        "InvalidRequestContent"
+    );
     let big = json!({"location": "local", "tags": {"k": "x".repeat(2 * 1024 * 1024)}});
-    let (st, v) = a.req(Method::PUT, &a.id_path("keyless", "stable"), Some(big)).await;
+    let (st, v) = a
+        .req(Method::PUT, &a.id_path("keyless", "stable"), Some(big))
+        .await;
     assert_eq!((st, code(&v)), (413, "RequestEntityTooLarge"));
-    let (st, v) = a.req(Method::PUT, &a.id_path("keyless", "stable"), Some(json!({"location": "elsewhere"}))).await;
+    let (st, v) = a
+        .req(
+            Method::PUT,
+            &a.id_path("keyless", "stable"),
+            Some(json!({"location": "elsewhere"})),
+        )
+        .await;
     assert_eq!((st, code(&v)), (409, "InvalidResourceLocation"));
-    let (st, v) = a.req(Method::PUT, &a.id_path("keyless", "stable"), Some(json!({"tags": {}}))).await;
+    let (st, v) = a
+        .req(
+            Method::PUT,
+            &a.id_path("keyless", "stable"),
+            Some(json!({"tags": {}})),
+        )
+        .await;
     assert_eq!((st, code(&v)), (400, "LocationRequired"));
-    let (_, after) = a.req(Method::GET, &a.id_path("keyless", "stable"), None).await;
+    let (_, after) = a
+        .req(Method::GET, &a.id_path("keyless", "stable"), None)
+        .await;
     assert_eq!(before, after);
 
     // a VM referencing a missing identity is refused and the VM is untouched
-    let (st, _) = a.req(Method::PUT, &a.vm_path("keyless", "vmx"), Some(json!({"location": "local", "identity": {"type": "SystemAssigned"}}))).await;
+    let (st, _) = a
+        .req(
+            Method::PUT,
+            &a.vm_path("keyless", "vmx"),
+            Some(json!({"location": "local", "identity": {"type": "SystemAssigned"}})),
+        )
+        .await;
     assert_eq!(st, 201);
     let (_, vm_before) = a.req(Method::GET, &a.vm_path("keyless", "vmx"), None).await;
     let missing = format!("/subscriptions/{}/resourceGroups/keyless/providers/Microsoft.ManagedIdentity/userAssignedIdentities/missing", a.sub);
@@ -147,7 +261,13 @@ async fn control_plane_refuses_bad_callers_and_bad_input_without_changing_state(
         .req(Method::PUT, &a.vm_path("keyless", "vmx"), Some(json!({"location": "local", "identity": {"type": "SystemAssigned, UserAssigned", "userAssignedIdentities": {missing: {}}}})))
         .await;
     assert_eq!((st, code(&v)), (400, "FailedIdentityOperation"));
-    let (st, v) = a.req(Method::PUT, &a.vm_path("keyless", "vmx"), Some(json!({"location": "local", "identity": {"type": "Both"}}))).await;
+    let (st, v) = a
+        .req(
+            Method::PUT,
+            &a.vm_path("keyless", "vmx"),
+            Some(json!({"location": "local", "identity": {"type": "Both"}})),
+        )
+        .await;
     assert_eq!((st, code(&v)), (400, "InvalidParameter"));
     let (_, vm_after) = a.req(Method::GET, &a.vm_path("keyless", "vmx"), None).await;
     assert_eq!(vm_before, vm_after);
@@ -166,32 +286,84 @@ async fn token_endpoint_refusals_are_aadsts_shaped() {
     let dir = tempfile::tempdir().unwrap();
     let up = Up::start(dir.path(), &[]).unwrap();
     let c = https(&up.s("/caFile"));
-    let (server, tenant, id, secret) = (up.s("/serverUrl"), up.s("/tenantId"), up.s("/adminClientId"), up.secret().unwrap());
+    let (server, tenant, id, secret) = (
+        up.s("/serverUrl"),
+        up.s("/tenantId"),
+        up.s("/adminClientId"),
+        up.secret().unwrap(),
+    );
     let arm = "https://management.azure.com/.default";
     let cases: Vec<(String, String, String, String, u16, i64)> = vec![
-        (tenant.clone(), id.clone(), "wrong-secret".into(), arm.into(), 401, 7000215),
-        (tenant.clone(), "00000000-0000-0000-0000-000000000001".into(), secret.clone(), arm.into(), 400, 700016),
-        ("11111111-1111-1111-1111-111111111111".into(), id.clone(), secret.clone(), arm.into(), 400, 90002),
-        (tenant.clone(), id.clone(), secret.clone(), "https://management.azure.com/user_impersonation".into(), 400, 1002012),
-        (tenant.clone(), id.clone(), secret.clone(), "".into(), 400, 900144),
+        (
+            tenant.clone(),
+            id.clone(),
+            "wrong-secret".into(),
+            arm.into(),
+            401,
+            7000215,
+        ),
+        (
+            tenant.clone(),
+            "00000000-0000-0000-0000-000000000001".into(),
+            secret.clone(),
+            arm.into(),
+            400,
+            700016,
+        ),
+        (
+            "11111111-1111-1111-1111-111111111111".into(),
+            id.clone(),
+            secret.clone(),
+            arm.into(),
+            400,
+            90002,
+        ),
+        (
+            tenant.clone(),
+            id.clone(),
+            secret.clone(),
+            "https://management.azure.com/user_impersonation".into(),
+            400,
+            1002012,
+        ),
+        (
+            tenant.clone(),
+            id.clone(),
+            secret.clone(),
+            "".into(),
+            400,
+            900144,
+        ),
     ];
     for (t, cid, sec, scope, status, aadsts) in cases {
         let (st, v) = sp_token(&c, &server, &t, &cid, &sec, &scope).await;
         assert_eq!(st, status, "{v}");
         assert_eq!(v["error_codes"][0].as_i64(), Some(aadsts), "{v}");
-        assert!(v["error_description"].as_str().unwrap().starts_with(&format!("AADSTS{aadsts}:")));
+        assert!(v["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("AADSTS{aadsts}:")));
         assert!(v["error"].is_string());
     }
     // no secret and no assertion
     let r = c
         .post(format!("{server}/{tenant}/oauth2/v2.0/token"))
-        .form(&[("grant_type", "client_credentials"), ("client_id", id.as_str()), ("scope", arm)])
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", id.as_str()),
+            ("scope", arm),
+        ])
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
     // garbage body
-    let r = c.post(format!("{server}/{tenant}/oauth2/v2.0/token")).body("%%%").send().await.unwrap();
+    let r = c
+        .post(format!("{server}/{tenant}/oauth2/v2.0/token"))
+        .body("%%%")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     // success: integer expires_in, token verifies as ours
     let (st, v) = sp_token(&c, &server, &tenant, &id, &secret, arm).await;
@@ -202,11 +374,36 @@ async fn token_endpoint_refusals_are_aadsts_shaped() {
     assert_eq!(cl["appid"], id.as_str());
     assert_eq!(cl["idtyp"], "app");
     // discovery documents point at our host, JWKS has kid/x5t/n/e/x5c
-    let d: Value = c.get(format!("{server}/{tenant}/v2.0/.well-known/openid-configuration")).send().await.unwrap().json().await.unwrap();
+    let d: Value = c
+        .get(format!(
+            "{server}/{tenant}/v2.0/.well-known/openid-configuration"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(d["issuer"], format!("{server}/{tenant}/v2.0"));
-    let d1: Value = c.get(format!("{server}/{tenant}/.well-known/openid-configuration")).send().await.unwrap().json().await.unwrap();
+    let d1: Value = c
+        .get(format!(
+            "{server}/{tenant}/.well-known/openid-configuration"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(d1["issuer"], format!("{server}/{tenant}/"));
-    let jwks: Value = c.get(d["jwks_uri"].as_str().unwrap()).send().await.unwrap().json().await.unwrap();
+    let jwks: Value = c
+        .get(d["jwks_uri"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let k = &jwks["keys"][0];
     for f in ["kid", "x5t", "n", "e"] {
         assert!(k[f].is_string(), "{f}");
@@ -220,30 +417,66 @@ async fn vm_identity_lifecycle_follows_seed_002() {
     let dir = tempfile::tempdir().unwrap();
     let up = Up::start(dir.path(), &[]).unwrap();
     let a = Admin::new(&up).await;
-    let (st, _) = a.req(Method::PUT, &a.rg_path("life"), Some(json!({"location": "local"}))).await;
+    let (st, _) = a
+        .req(
+            Method::PUT,
+            &a.rg_path("life"),
+            Some(json!({"location": "local"})),
+        )
+        .await;
     assert_eq!(st, 201);
-    let (_, u1) = a.req(Method::PUT, &a.id_path("life", "uid1"), Some(json!({"location": "local"}))).await;
+    let (_, u1) = a
+        .req(
+            Method::PUT,
+            &a.id_path("life", "uid1"),
+            Some(json!({"location": "local"})),
+        )
+        .await;
     let u1_id = u1["id"].as_str().unwrap().to_string();
     let (st, vm) = a
         .req(Method::PUT, &a.vm_path("life", "vm1"), Some(json!({"location": "local", "identity": {"type": "SystemAssigned, UserAssigned", "userAssignedIdentities": {u1_id.clone(): {}}}})))
         .await;
     assert_eq!(st, 201, "{vm}");
     let sys1 = vm["identity"]["principalId"].as_str().unwrap().to_string();
-    assert_eq!(vm["identity"]["userAssignedIdentities"][&u1_id]["clientId"], u1["properties"]["clientId"]);
+    assert_eq!(
+        vm["identity"]["userAssignedIdentities"][&u1_id]["clientId"],
+        u1["properties"]["clientId"]
+    );
     // PATCH: drop the system identity
-    let (st, vm) = a.req(Method::PATCH, &a.vm_path("life", "vm1"), Some(json!({"identity": {"type": "UserAssigned"}}))).await;
+    let (st, vm) = a
+        .req(
+            Method::PATCH,
+            &a.vm_path("life", "vm1"),
+            Some(json!({"identity": {"type": "UserAssigned"}})),
+        )
+        .await;
     assert_eq!(st, 200);
     assert!(vm["identity"]["principalId"].is_null());
     // re-adding it creates a new principal
-    let (_, vm) = a.req(Method::PATCH, &a.vm_path("life", "vm1"), Some(json!({"identity": {"type": "SystemAssigned, UserAssigned"}}))).await;
+    let (_, vm) = a
+        .req(
+            Method::PATCH,
+            &a.vm_path("life", "vm1"),
+            Some(json!({"identity": {"type": "SystemAssigned, UserAssigned"}})),
+        )
+        .await;
     let sys2 = vm["identity"]["principalId"].as_str().unwrap().to_string();
     assert_ne!(sys1, sys2);
     // deleting the user identity removes it from the VM
-    let (st, _) = a.req(Method::DELETE, &a.id_path("life", "uid1"), None).await;
+    let (st, _) = a
+        .req(Method::DELETE, &a.id_path("life", "uid1"), None)
+        .await;
     assert_eq!(st, 200);
     let (_, vm) = a.req(Method::GET, &a.vm_path("life", "vm1"), None).await;
-    assert!(vm["identity"]["userAssignedIdentities"].as_object().is_none_or(|m| m.is_empty()), "{vm}");
-    let (st, _) = a.req(Method::DELETE, &a.id_path("life", "uid1"), None).await;
+    assert!(
+        vm["identity"]["userAssignedIdentities"]
+            .as_object()
+            .is_none_or(|m| m.is_empty()),
+        "{vm}"
+    );
+    let (st, _) = a
+        .req(Method::DELETE, &a.id_path("life", "uid1"), None)
+        .await;
     assert_eq!(st, 204);
     // lists
     let (_, l) = a.req(Method::GET, &format!("/subscriptions/{}/providers/Microsoft.Compute/virtualMachines?api-version={COMPUTE}", a.sub), None).await;
@@ -255,8 +488,25 @@ async fn vm_identity_lifecycle_follows_seed_002() {
     assert_eq!(st, 404);
 }
 
-fn node_args<'a>(server: &'a str, ca: &'a str, state: &'a str, token: Option<&'a str>) -> Vec<&'a str> {
-    let mut v = vec!["node", "--server", server, "--ca-file", ca, "--state-dir", state, "--imds-listen", "127.0.0.1:0", "--sync-interval", "1"];
+fn node_args<'a>(
+    server: &'a str,
+    ca: &'a str,
+    state: &'a str,
+    token: Option<&'a str>,
+) -> Vec<&'a str> {
+    let mut v = vec![
+        "node",
+        "--server",
+        server,
+        "--ca-file",
+        ca,
+        "--state-dir",
+        state,
+        "--imds-listen",
+        "127.0.0.1:0",
+        "--sync-interval",
+        "1",
+    ];
     if let Some(t) = token {
         v.extend(["--join-token", t]);
     }
@@ -268,9 +518,21 @@ async fn hosts_only_get_their_own_identities() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("server");
     let data_s = data.to_string_lossy().to_string();
-    let mut server = spawn_until(&["server", "--data-dir", &data_s, "--listen", "127.0.0.1:0"], "export KEYLESS_CLIENT_SECRET=", dir.path()).unwrap();
+    let mut server = spawn_until(
+        &["server", "--data-dir", &data_s, "--listen", "127.0.0.1:0"],
+        "export KEYLESS_CLIENT_SECRET=",
+        dir.path(),
+    )
+    .unwrap();
     let listen = server.find("Keyless server listening on https://").unwrap();
-    let port = listen.split_whitespace().next().unwrap().rsplit(':').next().unwrap().to_string();
+    let port = listen
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
     let url = format!("https://localhost:{port}");
     let tenant = server.find("Tenant:").unwrap();
     let ca = data.join("pki/ca.pem").to_string_lossy().to_string();
@@ -278,59 +540,148 @@ async fn hosts_only_get_their_own_identities() {
         ("KEYLESS_SERVER", url.as_str()),
         ("KEYLESS_TENANT_ID", tenant.as_str()),
         ("KEYLESS_CA_FILE", ca.as_str()),
-        ("KEYLESS_CLIENT_ID", &server.find("export KEYLESS_CLIENT_ID=").unwrap()),
-        ("KEYLESS_CLIENT_SECRET", &server.find("export KEYLESS_CLIENT_SECRET=").unwrap()),
+        (
+            "KEYLESS_CLIENT_ID",
+            &server.find("export KEYLESS_CLIENT_ID=").unwrap(),
+        ),
+        (
+            "KEYLESS_CLIENT_SECRET",
+            &server.find("export KEYLESS_CLIENT_SECRET=").unwrap(),
+        ),
         ("KEYLESS_DATA_DIR", &data_s),
     ]
     .map(|(k, v)| (k, v.to_string()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let cli = |args: &[&str]| -> Value {
         let out = run(args, &env);
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     };
     cli(&["group", "create", "-n", "hosts"]);
     let x = cli(&["identity", "create", "-g", "hosts", "-n", "ident-x"]);
     let y = cli(&["identity", "create", "-g", "hosts", "-n", "ident-y"]);
-    let vm_a = cli(&["vm", "create", "-g", "hosts", "-n", "vm-a", "--assign-identity", "[system]", "ident-x"]);
-    cli(&["vm", "create", "-g", "hosts", "-n", "vm-b", "--assign-identity", "ident-y"]);
-    let tok_a = cli(&["vm", "join-token", "-g", "hosts", "-n", "vm-a"])["joinToken"].as_str().unwrap().to_string();
-    let tok_b = cli(&["vm", "join-token", "-g", "hosts", "-n", "vm-b"])["joinToken"].as_str().unwrap().to_string();
+    let vm_a = cli(&[
+        "vm",
+        "create",
+        "-g",
+        "hosts",
+        "-n",
+        "vm-a",
+        "--assign-identity",
+        "[system]",
+        "ident-x",
+    ]);
+    cli(&[
+        "vm",
+        "create",
+        "-g",
+        "hosts",
+        "-n",
+        "vm-b",
+        "--assign-identity",
+        "ident-y",
+    ]);
+    let tok_a = cli(&["vm", "join-token", "-g", "hosts", "-n", "vm-a"])["joinToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tok_b = cli(&["vm", "join-token", "-g", "hosts", "-n", "vm-b"])["joinToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // wrong, expired and replayed join tokens are refused, nothing is joined
     let bad_state = dir.path().join("bad").to_string_lossy().to_string();
-    let out = run(&node_args(&url, &ca, &bad_state, Some("kljt1.not-a-token")), &[]);
+    let out = run(
+        &node_args(&url, &ca, &bad_state, Some("kljt1.not-a-token")),
+        &[],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("join token is not valid"));
-    let short = cli(&["vm", "join-token", "-g", "hosts", "-n", "vm-a", "--expires-in", "1"])["joinToken"].as_str().unwrap().to_string();
+    let short = cli(&[
+        "vm",
+        "join-token",
+        "-g",
+        "hosts",
+        "-n",
+        "vm-a",
+        "--expires-in",
+        "1",
+    ])["joinToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
     std::thread::sleep(Duration::from_millis(2100));
     let out = run(&node_args(&url, &ca, &bad_state, Some(&short)), &[]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("expired"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expired"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!dir.path().join("bad/host-cert.pem").exists());
 
     let state_a = dir.path().join("a").to_string_lossy().to_string();
     let state_b = dir.path().join("b").to_string_lossy().to_string();
-    let node_a = spawn_until(&node_args(&url, &ca, &state_a, Some(&tok_a)), "IMDS endpoint:", dir.path()).unwrap();
-    let node_b = spawn_until(&node_args(&url, &ca, &state_b, Some(&tok_b)), "IMDS endpoint:", dir.path()).unwrap();
-    let replay = run(&node_args(&url, &ca, &dir.path().join("c").to_string_lossy(), Some(&tok_a)), &[]);
+    let node_a = spawn_until(
+        &node_args(&url, &ca, &state_a, Some(&tok_a)),
+        "IMDS endpoint:",
+        dir.path(),
+    )
+    .unwrap();
+    let node_b = spawn_until(
+        &node_args(&url, &ca, &state_b, Some(&tok_b)),
+        "IMDS endpoint:",
+        dir.path(),
+    )
+    .unwrap();
+    let replay = run(
+        &node_args(
+            &url,
+            &ca,
+            &dir.path().join("c").to_string_lossy(),
+            Some(&tok_a),
+        ),
+        &[],
+    );
     assert!(String::from_utf8_lossy(&replay.stderr).contains("already been used"));
     let imds_a = node_a.find("IMDS endpoint:").unwrap();
     let imds_b = node_b.find("IMDS endpoint:").unwrap();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("a/host-key.pem")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("a/host-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
     let x_cid = x["properties"]["clientId"].as_str().unwrap();
     let y_cid = y["properties"]["clientId"].as_str().unwrap();
-    let (st, t) = imds_token(&imds_a, &format!("resource=https://vault.azure.net&client_id={x_cid}")).await;
+    let (st, t) = imds_token(
+        &imds_a,
+        &format!("resource=https://vault.azure.net&client_id={x_cid}"),
+    )
+    .await;
     assert_eq!(st, 200, "{t}");
-    assert_eq!(claims(t["access_token"].as_str().unwrap())["oid"], x["properties"]["principalId"]);
+    assert_eq!(
+        claims(t["access_token"].as_str().unwrap())["oid"],
+        x["properties"]["principalId"]
+    );
     assert_eq!(t["client_id"], x_cid);
     // A may not use B's identity, by any selector
-    for q in [format!("client_id={y_cid}"), format!("object_id={}", y["properties"]["principalId"].as_str().unwrap()), format!("msi_res_id={}", y["id"].as_str().unwrap())] {
+    for q in [
+        format!("client_id={y_cid}"),
+        format!(
+            "object_id={}",
+            y["properties"]["principalId"].as_str().unwrap()
+        ),
+        format!("msi_res_id={}", y["id"].as_str().unwrap()),
+    ] {
         let (st, v) = imds_token(&imds_a, &format!("resource=https://vault.azure.net&{q}")).await;
         assert_eq!(st, 400, "{q}");
         assert_eq!(v["error_description"], "Identity not found");
@@ -338,11 +689,17 @@ async fn hosts_only_get_their_own_identities() {
     // B has only a user-assigned identity: a default request gets it (as IMDS does)
     let (st, t) = imds_token(&imds_b, "resource=https://vault.azure.net").await;
     assert_eq!(st, 200);
-    assert_eq!(claims(t["access_token"].as_str().unwrap())["oid"], y["properties"]["principalId"]);
+    assert_eq!(
+        claims(t["access_token"].as_str().unwrap())["oid"],
+        y["properties"]["principalId"]
+    );
     // A's system identity, then the VM is deleted: its system identity is refused
     let (st, t) = imds_token(&imds_a, "resource=https://management.azure.com/").await;
     assert_eq!(st, 200);
-    assert_eq!(claims(t["access_token"].as_str().unwrap())["oid"], vm_a["identity"]["principalId"]);
+    assert_eq!(
+        claims(t["access_token"].as_str().unwrap())["oid"],
+        vm_a["identity"]["principalId"]
+    );
     // the host API without a client certificate gets nothing
     let r = https(&ca)
         .post(format!("{url}/keyless/host/v1/token"))
@@ -353,7 +710,10 @@ async fn hosts_only_get_their_own_identities() {
     assert_eq!(r.status(), 401);
     cli(&["vm", "delete", "-g", "hosts", "-n", "vm-a"]);
     let (st, v) = imds_token(&imds_a, "resource=https://storage.azure.com/").await;
-    assert_eq!((st, v["error_description"].as_str()), (400, Some("Identity not found")));
+    assert_eq!(
+        (st, v["error_description"].as_str()),
+        (400, Some("Identity not found"))
+    );
     std::thread::sleep(Duration::from_millis(1500));
     // after the next sync the cached token is gone too
     let (st, _) = imds_token(&imds_a, "resource=https://management.azure.com/").await;
@@ -375,29 +735,82 @@ async fn restart_keeps_state_and_busy_ports_fail_clearly() {
     let info1 = up.info.clone();
 
     // a second `up` on the same data dir, or on a busy port, fails with a clear message
-    let port = info1["serverUrl"].as_str().unwrap().rsplit(':').next().unwrap().to_string();
+    let port = info1["serverUrl"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
     let other = dir.path().join("other").to_string_lossy().to_string();
-    let out = run(&["up", "--data-dir", &other, "--listen", &format!("127.0.0.1:{port}"), "--imds-listen", "127.0.0.1:0"], &[]);
+    let out = run(
+        &[
+            "up",
+            "--data-dir",
+            &other,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--imds-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot listen on") && err.contains("--listen"), "{err}");
+    assert!(
+        err.contains("cannot listen on") && err.contains("--listen"),
+        "{err}"
+    );
     let same = up.dir.to_string_lossy().to_string();
-    let out = run(&["up", "--data-dir", &same, "--listen", "127.0.0.1:0", "--imds-listen", "127.0.0.1:0"], &[]);
+    let out = run(
+        &[
+            "up",
+            "--data-dir",
+            &same,
+            "--listen",
+            "127.0.0.1:0",
+            "--imds-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another keyless process"));
 
     up.proc.stop();
     let up2 = Up::start(dir.path(), &[]).unwrap();
-    assert!(up2.secret().is_none(), "the admin secret is shown only once");
-    for k in ["/tenantId", "/subscriptionId", "/adminClientId", "/vm/resourceId", "/systemIdentity/principalId", "/demoIdentity/clientId"] {
+    assert!(
+        up2.secret().is_none(),
+        "the admin secret is shown only once"
+    );
+    for k in [
+        "/tenantId",
+        "/subscriptionId",
+        "/adminClientId",
+        "/vm/resourceId",
+        "/systemIdentity/principalId",
+        "/demoIdentity/clientId",
+    ] {
         assert_eq!(info1.pointer(k), up2.info.pointer(k), "{k}");
     }
     let (st, t2) = imds_token(&up2.s("/imdsUrl"), "resource=https://management.azure.com/").await;
     assert_eq!(st, 200);
-    assert_eq!(header(t2["access_token"].as_str().unwrap())["kid"], kid1, "signing key survives restart");
+    assert_eq!(
+        header(t2["access_token"].as_str().unwrap())["kid"],
+        kid1,
+        "signing key survives restart"
+    );
     // the admin credential from the first start still works
     let c = https(&up2.s("/caFile"));
-    let (st, _) = sp_token(&c, &up2.s("/serverUrl"), &up2.s("/tenantId"), &up2.s("/adminClientId"), &secret, "https://management.azure.com/.default").await;
+    let (st, _) = sp_token(
+        &c,
+        &up2.s("/serverUrl"),
+        &up2.s("/tenantId"),
+        &up2.s("/adminClientId"),
+        &secret,
+        "https://management.azure.com/.default",
+    )
+    .await;
     assert_eq!(st, 200);
 }
 
@@ -408,7 +821,10 @@ fn has(hay: &[u8], w: &[u8]) -> bool {
 /// Whether any 16-byte piece of `secret` that is not also public (a certificate carries the
 /// public half of a key) occurs in `hay`.
 fn leaks(hay: &[u8], secret: &[u8], public: &[u8]) -> bool {
-    secret.windows(16).step_by(4).any(|w| has(hay, w) && !has(public, w))
+    secret
+        .windows(16)
+        .step_by(4)
+        .any(|w| has(hay, w) && !has(public, w))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,8 +836,8 @@ async fn private_keys_are_encrypted_at_rest() {
     let data = up.dir.clone();
     let kek = keyless_store::Kek::load_or_create(&data.join("kek")).unwrap();
     let store = keyless_store::sqlite::SqliteStore::open(&data.join("keyless.db"), kek).unwrap();
-    use keyless_store::Store;
     use base64::Engine;
+    use keyless_store::Store;
     let mut plaintexts: Vec<Vec<u8>> = vec![];
     let mut public: Vec<u8> = vec![];
     for name in ["ca_key", "tls_key"] {
@@ -429,7 +845,11 @@ async fn private_keys_are_encrypted_at_rest() {
     }
     for name in ["ca_cert", "tls_cert"] {
         let b64 = store.get_meta(name).unwrap().expect(name);
-        public.extend(base64::engine::general_purpose::STANDARD.decode(b64).unwrap());
+        public.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+        );
     }
     for k in store.list_signing_keys().unwrap() {
         plaintexts.push(k.key_pkcs8);
@@ -440,7 +860,11 @@ async fn private_keys_are_encrypted_at_rest() {
     let mut db = vec![];
     for f in std::fs::read_dir(&data).unwrap() {
         let p = f.unwrap().path();
-        if p.file_name().unwrap().to_string_lossy().starts_with("keyless.db") {
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("keyless.db")
+        {
             db.extend(std::fs::read(&p).unwrap());
         }
     }
@@ -448,32 +872,69 @@ async fn private_keys_are_encrypted_at_rest() {
     for pt in &plaintexts {
         // the detector finds a key that is stored in the clear
         assert!(leaks(&[b"row".as_slice(), pt].concat(), pt, &public));
-        assert!(!leaks(&db, pt, &public), "private key bytes found in the database file");
+        assert!(
+            !leaks(&db, pt, &public),
+            "private key bytes found in the database file"
+        );
     }
     for text in [&b"PRIVATE KEY"[..], &b"BEGIN"[..], secret.as_bytes()] {
-        assert!(!db.windows(text.len()).any(|w| w == text), "{}", String::from_utf8_lossy(text));
+        assert!(
+            !db.windows(text.len()).any(|w| w == text),
+            "{}",
+            String::from_utf8_lossy(text)
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_keys_are_published_before_they_sign_and_kept_after() {
     let dir = tempfile::tempdir().unwrap();
-    let up = Up::start(dir.path(), &["--key-rotation", "4", "--key-prepublish", "2", "--key-check-interval", "1"]).unwrap();
+    let up = Up::start(
+        dir.path(),
+        &[
+            "--key-rotation",
+            "4",
+            "--key-prepublish",
+            "2",
+            "--key-check-interval",
+            "1",
+        ],
+    )
+    .unwrap();
     let c = https(&up.s("/caFile"));
-    let (server, tenant, id, secret) = (up.s("/serverUrl"), up.s("/tenantId"), up.s("/adminClientId"), up.secret().unwrap());
+    let (server, tenant, id, secret) = (
+        up.s("/serverUrl"),
+        up.s("/tenantId"),
+        up.s("/adminClientId"),
+        up.secret().unwrap(),
+    );
     let jwks_url = format!("{server}/{tenant}/discovery/v2.0/keys");
     let mut seen_signers: Vec<String> = vec![];
     let mut prepublished = false;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::time::Instant::now() < deadline && (seen_signers.len() < 3 || !prepublished) {
         let jwks: Value = c.get(&jwks_url).send().await.unwrap().json().await.unwrap();
-        let kids: Vec<String> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_string()).collect();
+        let kids: Vec<String> = jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_string())
+            .collect();
         let (_, t) = sp_token(&c, &server, &tenant, &id, &secret, "api://x/.default").await;
-        let kid = header(t["access_token"].as_str().unwrap())["kid"].as_str().unwrap().to_string();
-        assert!(kids.contains(&kid), "a token is signed by a key not in JWKS");
+        let kid = header(t["access_token"].as_str().unwrap())["kid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            kids.contains(&kid),
+            "a token is signed by a key not in JWKS"
+        );
         // every key that signed (its tokens are still valid) is still published
         for s in &seen_signers {
-            assert!(kids.contains(s), "signer {s} removed while its tokens are valid");
+            assert!(
+                kids.contains(s),
+                "signer {s} removed while its tokens are valid"
+            );
         }
         if kids.len() > 1 && kids.iter().any(|k| k != &kid && !seen_signers.contains(k)) {
             prepublished = true;
@@ -485,5 +946,8 @@ async fn signing_keys_are_published_before_they_sign_and_kept_after() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(prepublished, "never saw a key published ahead of signing");
-    assert!(seen_signers.len() >= 3, "keys did not rotate: {seen_signers:?}");
+    assert!(
+        seen_signers.len() >= 3,
+        "keys did not rotate: {seen_signers:?}"
+    );
 }

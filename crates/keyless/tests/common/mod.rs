@@ -42,12 +42,17 @@ impl Proc {
     }
 
     pub fn find(&self, prefix: &str) -> Option<String> {
-        self.lines.iter().find_map(|l| l.trim().strip_prefix(prefix).map(|s| s.trim().to_string()))
+        self.lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|s| s.trim().to_string()))
     }
 }
 
 fn unsafe_free_kill(pid: u32) {
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
 }
 
 /// Spawn `keyless args...` and read stdout until a line contains `marker`.
@@ -71,7 +76,11 @@ pub fn spawn_until(args: &[&str], marker: &str, log_dir: &Path) -> Result<Proc, 
     });
     let mut lines = vec![];
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut proc = Proc { child, lines: vec![], stderr_path };
+    let mut proc = Proc {
+        child,
+        lines: vec![],
+        stderr_path,
+    };
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(l) => {
@@ -97,7 +106,11 @@ pub fn spawn_until(args: &[&str], marker: &str, log_dir: &Path) -> Result<Proc, 
 
 /// Run `keyless args...` to completion.
 pub fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    Command::new(bin()).args(args).envs(env.iter().copied()).output().expect("run keyless")
+    Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run keyless")
 }
 
 /// A running `keyless up`.
@@ -111,16 +124,36 @@ impl Up {
     pub fn start(dir: &Path, extra: &[&str]) -> Result<Up, String> {
         let data = dir.join("data");
         let data_s = data.to_string_lossy().to_string();
-        let mut args = vec!["up", "--data-dir", &data_s, "--listen", "127.0.0.1:0", "--imds-listen", "127.0.0.1:0", "--sync-interval", "1"];
+        let mut args = vec![
+            "up",
+            "--data-dir",
+            &data_s,
+            "--listen",
+            "127.0.0.1:0",
+            "--imds-listen",
+            "127.0.0.1:0",
+            "--sync-interval",
+            "1",
+        ];
         args.extend_from_slice(extra);
         let proc = spawn_until(&args, "Stop with Ctrl-C", dir)?;
-        let info: Value = serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-        Ok(Up { proc, info, dir: data })
+        let info: Value = serde_json::from_slice(
+            &std::fs::read(data.join("endpoints.json")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Up {
+            proc,
+            info,
+            dir: data,
+        })
     }
 
     pub fn s(&self, ptr: &str) -> String {
-        self.info.pointer(ptr).and_then(Value::as_str).unwrap_or_default().to_string()
+        self.info
+            .pointer(ptr)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
     }
 
     pub fn secret(&self) -> Option<String> {
@@ -137,14 +170,29 @@ pub fn https(ca_file: &str) -> reqwest::Client {
 }
 
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().expect("client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
 }
 
 /// Client-credentials token from the STS.
-pub async fn sp_token(c: &reqwest::Client, server: &str, tenant: &str, id: &str, secret: &str, scope: &str) -> (u16, Value) {
+pub async fn sp_token(
+    c: &reqwest::Client,
+    server: &str,
+    tenant: &str,
+    id: &str,
+    secret: &str,
+    scope: &str,
+) -> (u16, Value) {
     let r = c
         .post(format!("{server}/{tenant}/oauth2/v2.0/token"))
-        .form(&[("grant_type", "client_credentials"), ("client_id", id), ("client_secret", secret), ("scope", scope)])
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", id),
+            ("client_secret", secret),
+            ("scope", scope),
+        ])
         .send()
         .await
         .expect("token request");
@@ -155,7 +203,9 @@ pub async fn sp_token(c: &reqwest::Client, server: &str, tenant: &str, id: &str,
 /// GET the IMDS token endpoint.
 pub async fn imds_token(imds: &str, query: &str) -> (u16, Value) {
     let r = http()
-        .get(format!("{imds}/metadata/identity/oauth2/token?api-version=2018-02-01&{query}"))
+        .get(format!(
+            "{imds}/metadata/identity/oauth2/token?api-version=2018-02-01&{query}"
+        ))
         .header("Metadata", "true")
         .send()
         .await
@@ -169,13 +219,17 @@ pub async fn imds_token(imds: &str, query: &str) -> (u16, Value) {
 pub fn claims(token: &str) -> Value {
     use base64::Engine;
     let part = token.split('.').nth(1).unwrap_or_default();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap_or_default();
     serde_json::from_slice(&bytes).unwrap_or(Value::Null)
 }
 
 pub fn header(token: &str) -> Value {
     use base64::Engine;
     let part = token.split('.').next().unwrap_or_default();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap_or_default();
     serde_json::from_slice(&bytes).unwrap_or(Value::Null)
 }
