@@ -1,0 +1,249 @@
+//! `cargo bench -p keyless --bench tokens`: throughput of the two hot paths, each beside a
+//! baseline measured in the same run on the same machine (these machines are noisy, so the
+//! ratios are the figures to compare across runs):
+//!
+//! - cached managed-identity tokens at the host agent's IMDS endpoint, vs a bare hyper server
+//!   answering a same-size JSON body (same load generator, same connections);
+//! - fresh RS256 tokens at the token service (client-credentials grant over HTTPS keep-alive),
+//!   vs raw RS256 signatures/s with aws-lc-rs on as many threads as the server has.
+//!
+//! Environment: BENCH_SECS (default 5), BENCH_CONNS (default 16).
+
+use keyless_core::clock::SystemClock;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn env_u64(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// HTTP/1.1 keep-alive GET load: `conns` connections for `secs`; returns requests/s.
+async fn load_get(addr: SocketAddr, request: String, conns: usize, secs: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = vec![];
+    for _ in 0..conns {
+        let done = done.clone();
+        let req = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.set_nodelay(true).ok();
+            let mut buf = vec![0u8; 64 * 1024];
+            while Instant::now() < stop {
+                s.write_all(req.as_bytes()).await.expect("write");
+                // read one response: headers, then Content-Length bytes
+                let mut have = 0;
+                let (head_end, len) = loop {
+                    let n = s.read(&mut buf[have..]).await.expect("read");
+                    assert!(n > 0, "connection closed");
+                    have += n;
+                    if let Some(p) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = std::str::from_utf8(&buf[..p])
+                            .unwrap_or("")
+                            .to_ascii_lowercase();
+                        assert!(head.starts_with("http/1.1 200"), "{head}");
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        break (p + 4, len);
+                    }
+                };
+                while have < head_end + len {
+                    let n = s.read(&mut buf[have..]).await.expect("read body");
+                    assert!(n > 0);
+                    have += n;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    done.load(Ordering::Relaxed) as f64 / secs as f64
+}
+
+/// A bare hyper server answering every request with `body` (JSON).
+async fn bare_server(body: String) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(body)
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn raw_rs256(threads: usize, secs: u64) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (ca, _) = keyless_pki::Ca::generate("bench", now).unwrap();
+    let (key, der) = keyless_pki::SigningKey::generate(&ca, now, 86_400).unwrap();
+    let cert = key.cert_der().to_vec();
+    let input = vec![b'a'; 700];
+    let total = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(secs);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let (der, cert, input, total) = (&der, &cert, &input, total.clone());
+            s.spawn(move || {
+                let k = keyless_pki::SigningKey::load(der, cert).unwrap();
+                let mut n = 0;
+                while Instant::now() < stop {
+                    k.sign(input).unwrap();
+                    n += 1;
+                }
+                total.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+    });
+    total.load(Ordering::Relaxed) as f64 / secs as f64
+}
+
+fn main() {
+    let secs = env_u64("BENCH_SECS", 5);
+    let conns = env_u64("BENCH_CONNS", 16) as usize;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn keyless_store::Store> = Arc::new(
+            keyless_store::sqlite::SqliteStore::open(
+                &dir.path().join("keyless.db"),
+                keyless_store::Kek::load_or_create(&dir.path().join("kek")).unwrap(),
+            )
+            .unwrap(),
+        );
+        let clock = Arc::new(SystemClock::new());
+        let cfg = keyless_server::state::ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        let srv = keyless_server::start(cfg, store, clock.clone()).await.unwrap();
+        let s = srv.state.clone();
+        let admin = srv.bootstrap.new_admin.clone().unwrap();
+        // a VM with a system identity, and an agent joined to it
+        use keyless_core::resource_id::{ResourceId, VM};
+        use keyless_server::resources;
+        resources::put_resource_group(&s, &s.subscription_id, "bench", Some("local"), None).unwrap();
+        let vm = ResourceId::new(&s.subscription_id, "bench", VM, "bench-vm");
+        resources::write_vm(
+            &s,
+            &vm,
+            resources::VmBody {
+                location: Some("local".into()),
+                identity: Some(resources::IdentityBody { kind: Some("SystemAssigned".into()), user_assigned: None }),
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+        let (join, _) = resources::create_join_token(&s, &vm, 60).unwrap();
+        let server_url = format!("https://localhost:{}", srv.local_addr.port());
+        let node = keyless_node::start(
+            keyless_node::NodeConfig {
+                server_url: server_url.clone(),
+                ca_pem: s.ca.cert_pem(),
+                state_dir: dir.path().join("node"),
+                join_token: Some(join),
+                imds_listen: "127.0.0.1:0".parse().unwrap(),
+                sync_interval: Duration::from_secs(30),
+                private_ip: None,
+            },
+            clock,
+        )
+        .await
+        .unwrap();
+
+        // ---- cached tokens at the agent vs a bare hyper server with the same body
+        let path = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/";
+        let warm = reqwest::Client::builder().no_proxy().build().unwrap();
+        let body = warm
+            .get(format!("http://{}{}", node.imds_addr, path))
+            .header("Metadata", "true")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(body.contains("access_token"), "{body}");
+        let bare = bare_server(body.clone()).await;
+        let req = |host: SocketAddr| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nMetadata: true\r\n\r\n");
+        let bare_rps = load_get(bare, req(bare), conns, secs).await;
+        let agent_rps = load_get(node.imds_addr, req(node.imds_addr), conns, secs).await;
+
+        // ---- fresh RS256 tokens at the token service vs raw signatures
+        let raw = tokio::task::spawn_blocking(move || raw_rs256(threads, secs)).await.unwrap();
+        let pem = s.ca.cert_pem();
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(pem.as_bytes()).unwrap()])
+            .build()
+            .unwrap();
+        let url = format!("{server_url}/{}/oauth2/v2.0/token", s.tenant_id);
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Instant::now() + Duration::from_secs(secs);
+        let mut tasks = vec![];
+        for _ in 0..conns {
+            let (client, url, done, admin) = (client.clone(), url.clone(), done.clone(), admin.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < stop {
+                    let r = client
+                        .post(&url)
+                        .form(&[
+                            ("grant_type", "client_credentials"),
+                            ("client_id", admin.client_id.as_str()),
+                            ("client_secret", admin.client_secret.as_str()),
+                            ("scope", "https://management.azure.com/.default"),
+                        ])
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    let _ = r.bytes().await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let sts = done.load(Ordering::Relaxed) as f64 / secs as f64;
+
+        println!("keyless bench ({secs} s per run, {conns} connections, {threads} cores; load generator in the same process)");
+        println!("  bare hyper server, same {} B body:    {bare_rps:>10.0} req/s", body.len());
+        println!("  agent IMDS, cached token:              {agent_rps:>10.0} req/s   ratio to bare {:.2}", agent_rps / bare_rps);
+        println!("  raw RS256 signs (aws-lc-rs, {threads} threads): {raw:>10.0} /s");
+        println!("  token service, fresh RS256 tokens:     {sts:>10.0} tokens/s ratio to raw signs {:.2}", sts / raw);
+    });
+}
