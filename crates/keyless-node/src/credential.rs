@@ -10,7 +10,8 @@ use std::sync::RwLock;
 
 struct Current {
     client: reqwest::Client,
-    not_before: u64,
+    /// When this host received the certificate (its not_before is backdated for clock skew).
+    received: u64,
     not_after: u64,
 }
 
@@ -83,10 +84,16 @@ impl CredentialHolder {
                 let (nb, na) = keyless_pki::cert_validity(&c)?;
                 if na > now + 60 {
                     let client = build_client(&cfg.ca_pem, Some((&c, &k)))?;
+                    let received = std::fs::metadata(&cert_path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs().clamp(nb, na))
+                        .unwrap_or(nb);
                     return Ok(Self {
                         current: RwLock::new(Current {
                             client,
-                            not_before: nb,
+                            received,
                             not_after: na,
                         }),
                     });
@@ -107,21 +114,21 @@ impl CredentialHolder {
             &serde_json::json!({"joinToken": token, "csr": csr}),
         )
         .await?;
-        let current = Self::save(cfg, &resp, &key)?;
+        let current = Self::save(cfg, &resp, &key, now)?;
         tracing::info!(vm = resp["vmResourceId"].as_str().unwrap_or(""), "joined");
         Ok(Self {
             current: RwLock::new(current),
         })
     }
 
-    fn save(cfg: &NodeConfig, resp: &Value, key_der: &[u8]) -> Result<Current> {
+    fn save(cfg: &NodeConfig, resp: &Value, key_der: &[u8], now: u64) -> Result<Current> {
         let dir = &cfg.state_dir;
         let cert_pem = resp["certificate"].as_str().unwrap_or_default();
         let cert = keyless_pki::pem_blocks(cert_pem, "CERTIFICATE")
             .into_iter()
             .next()
             .ok_or_else(|| NodeError::Client("the server returned no certificate".into()))?;
-        let (nb, na) = keyless_pki::cert_validity(&cert)?;
+        let (_, na) = keyless_pki::cert_validity(&cert)?;
         let key_path = dir.join("host-key.pem");
         write_private(
             &key_path,
@@ -133,7 +140,7 @@ impl CredentialHolder {
         let client = build_client(&cfg.ca_pem, Some((&cert, key_der)))?;
         Ok(Current {
             client,
-            not_before: nb,
+            received: now,
             not_after: na,
         })
     }
@@ -149,17 +156,18 @@ impl CredentialHolder {
 
     /// Rotate when two thirds of the credential's lifetime have passed.
     pub async fn rotate_if_due(&self, cfg: &NodeConfig, clock: &dyn Clock) -> Result<bool> {
-        let (nb, na, client) = {
+        let (received, na, client) = {
             let c = self.current.read().unwrap_or_else(|p| p.into_inner());
-            (c.not_before, c.not_after, c.client.clone())
+            (c.received, c.not_after, c.client.clone())
         };
-        if clock.now() < keyless_core::refresh::rotate_credential_at(nb, na) {
+        let now = clock.now();
+        if now < keyless_core::refresh::rotate_credential_at(received, na) {
             return Ok(false);
         }
         let (csr, key) = keyless_pki::generate_csr("keyless-node")?;
         let url = format!("{}/keyless/host/v1/rotate", cfg.server_url);
         let resp = post_json(&client, &url, &serde_json::json!({"csr": csr})).await?;
-        let next = Self::save(cfg, &resp, &key)?;
+        let next = Self::save(cfg, &resp, &key, now)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
         tracing::info!("host credential rotated");
         Ok(true)

@@ -19,6 +19,9 @@ use std::sync::Arc;
 
 /// Largest control-plane request body.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// Bodies up to this size are read to the end before a 413, so the client, still sending,
+/// sees the answer instead of a reset connection.
+const DRAIN_LIMIT: usize = 8 * MAX_BODY;
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -197,9 +200,11 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
         .ok_or(ServerError::MissingApiVersion)?;
     let path = ArmPath::parse(parts.uri.path())
         .map_err(|_| ServerError::InvalidPath(parts.uri.path().to_string()))?;
-    let body = axum::body::to_bytes(body, MAX_BODY)
+    let body = axum::body::to_bytes(body, DRAIN_LIMIT)
         .await
-        .map_err(|_| ServerError::RequestTooLarge(MAX_BODY))?;
+        .ok()
+        .filter(|b| b.len() <= MAX_BODY)
+        .ok_or(ServerError::RequestTooLarge(MAX_BODY))?;
     let m = &parts.method;
     let sub_scope = |sub: &str| format!("/subscriptions/{sub}");
 

@@ -951,3 +951,95 @@ async fn signing_keys_are_published_before_they_sign_and_kept_after() {
         "keys did not rotate: {seen_signers:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_credential_rotates_before_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let data_s = data.to_string_lossy().to_string();
+    let mut server = spawn_until(
+        &[
+            "server",
+            "--data-dir",
+            &data_s,
+            "--listen",
+            "127.0.0.1:0",
+            "--host-cert-lifetime",
+            "6",
+        ],
+        "export KEYLESS_CLIENT_SECRET=",
+        dir.path(),
+    )
+    .unwrap();
+    let port = server
+        .find("Keyless server listening on https://")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let url = format!("https://localhost:{port}");
+    let env_owned = [
+        ("KEYLESS_SERVER", url.clone()),
+        ("KEYLESS_TENANT_ID", server.find("Tenant:").unwrap()),
+        (
+            "KEYLESS_CA_FILE",
+            data.join("pki/ca.pem").to_string_lossy().to_string(),
+        ),
+        (
+            "KEYLESS_CLIENT_ID",
+            server.find("export KEYLESS_CLIENT_ID=").unwrap(),
+        ),
+        (
+            "KEYLESS_CLIENT_SECRET",
+            server.find("export KEYLESS_CLIENT_SECRET=").unwrap(),
+        ),
+        ("KEYLESS_DATA_DIR", data_s.clone()),
+    ];
+    let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cli = |args: &[&str]| -> Value {
+        let out = run(args, &env);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    cli(&["group", "create", "-n", "rot"]);
+    cli(&[
+        "vm",
+        "create",
+        "-g",
+        "rot",
+        "-n",
+        "vm-r",
+        "--assign-identity",
+    ]);
+    let tok = cli(&["vm", "join-token", "-g", "rot", "-n", "vm-r"])["joinToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ca = data.join("pki/ca.pem").to_string_lossy().to_string();
+    let state = dir.path().join("n").to_string_lossy().to_string();
+    let node = spawn_until(
+        &node_args(&url, &ca, &state, Some(&tok)),
+        "IMDS endpoint:",
+        dir.path(),
+    )
+    .unwrap();
+    let imds = node.find("IMDS endpoint:").unwrap();
+    let first = std::fs::read_to_string(dir.path().join("n/host-cert.pem")).unwrap();
+    // past the first certificate's expiry the host still gets fresh tokens
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (st, v) = imds_token(&imds, "resource=https://fresh.example/").await;
+    assert_eq!(st, 200, "{v}");
+    assert_ne!(
+        first,
+        std::fs::read_to_string(dir.path().join("n/host-cert.pem")).unwrap()
+    );
+    server.stop();
+}

@@ -1,0 +1,68 @@
+"""Real node @azure/identity against `keyless up` through AZURE_POD_IDENTITY_AUTHORITY_HOST."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+ARM = "https://management.azure.com"
+NODE_CLIENT = pathlib.Path(__file__).resolve().parents[1] / "node" / "client.mjs"
+
+
+def node_modules():
+    d = os.environ.get("KEYLESS_NODE_MODULES")
+    if not d or not (pathlib.Path(d) / "@azure" / "identity").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("KEYLESS_NODE_MODULES with @azure/identity is required in CI (scripts/test installs it)")
+        pytest.skip("node clients not installed (run scripts/test)")
+    return d
+
+
+def run_node(up, args, **env):
+    nm = node_modules()
+    proc_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": tempfile.gettempdir(),
+        "KEYLESS_NODE_MODULES": nm,
+        "NODE_EXTRA_CA_CERTS": up.info["caFile"],
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST": up.info["imdsUrl"],
+        **env,
+    }
+    out = subprocess.run([shutil.which("node") or "node", str(NODE_CLIENT), json.dumps(args)], env=proc_env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def verify(up):
+    return {"authority": up.authority, "audience": ARM}
+
+
+def test_node_system_assigned(up):
+    out = run_node(up, {"credential": "mi", "scope": ARM + "/.default", "verify": verify(up)})
+    assert out.get("verified"), out
+    assert out["claims"]["oid"] == up.info["systemIdentity"]["principalId"]
+    assert out["second_token_same"]
+
+
+def test_node_user_assigned_by_client_id_and_resource_id(up):
+    demo = up.info["demoIdentity"]
+    for options in ({"clientId": demo["clientId"]}, {"resourceId": demo["resourceId"]}, {"objectId": demo["principalId"]}):
+        out = run_node(up, {"credential": "mi", "options": options, "scope": ARM + "/.default", "verify": verify(up)})
+        assert out.get("verified"), (options, out)
+        assert out["claims"]["oid"] == demo["principalId"], options
+        assert out["claims"]["xms_mirid"] == demo["resourceId"].replace("/resourceGroups/", "/resourcegroups/", 1)
+
+
+def test_node_default_azure_credential(up):
+    out = run_node(up, {"credential": "dac", "scope": ARM + "/.default", "verify": verify(up)})
+    assert out.get("verified"), out
+    assert out["claims"]["oid"] == up.info["systemIdentity"]["principalId"]
+
+
+def test_node_unknown_client_id_is_refused(up):
+    out = run_node(up, {"credential": "mi", "options": {"clientId": "00000000-0000-0000-0000-000000000000"}, "scope": ARM + "/.default"})
+    assert "error" in out, out
