@@ -18,8 +18,33 @@ import sys
 import urllib.request
 
 
+def verify(token, v):
+    """Verify `token` like a generic relying party: OIDC discovery, JWKS, signature, aud, iss, exp."""
+    import jwt
+
+    ctx = ssl.create_default_context(cafile=v["ca"])
+    with urllib.request.urlopen(v["authority"] + "/.well-known/openid-configuration", context=ctx) as r:
+        oidc = json.load(r)
+    jwks = jwt.PyJWKClient(oidc["jwks_uri"], ssl_context=ctx)
+    key = jwks.get_signing_key_from_jwt(token)
+    claims = jwt.decode(
+        token,
+        key.key,
+        algorithms=["RS256"],
+        audience=v["audience"],
+        issuer=oidc["issuer"],
+        options={"require": ["exp", "iat", "nbf", "aud", "iss"]},
+    )
+    return claims, key.key_id
+
+
 def main():
     args = json.loads(sys.argv[1])
+    if "verify_token" in args:
+        # verification only (of a token another client obtained)
+        claims, kid = verify(args["verify_token"], args["verify"])
+        print(json.dumps({"claims": claims, "kid": kid}))
+        return
     from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 
     kwargs = args.get("kwargs", {})
@@ -48,25 +73,8 @@ def main():
     out = {"token": tok.token, "expires_on": tok.expires_on}
     # a second call must be served from the SDK cache or the agent cache: same token
     out["second_token_same"] = again.token == tok.token
-    v = args.get("verify")
-    if v:
-        import jwt
-
-        ctx = ssl.create_default_context(cafile=v["ca"])
-        with urllib.request.urlopen(v["authority"] + "/.well-known/openid-configuration", context=ctx) as r:
-            oidc = json.load(r)
-        jwks = jwt.PyJWKClient(oidc["jwks_uri"], ssl_context=ctx)
-        key = jwks.get_signing_key_from_jwt(tok.token)
-        claims = jwt.decode(
-            tok.token,
-            key.key,
-            algorithms=["RS256"],
-            audience=v["audience"],
-            issuer=oidc["issuer"],
-            options={"require": ["exp", "iat", "nbf", "aud", "iss"]},
-        )
-        out["claims"] = claims
-        out["kid"] = key.key_id
+    if args.get("verify"):
+        out["claims"], out["kid"] = verify(tok.token, args["verify"])
     print(json.dumps(out))
 
 

@@ -1,6 +1,8 @@
 """The same SDK code with no environment at all: inside a network namespace where the agent
 listens on 169.254.169.254:80, exactly where the SDKs look by default."""
+import json
 import os
+import pathlib
 import shutil
 import subprocess
 import tempfile
@@ -71,3 +73,31 @@ def test_default_azure_credential_with_no_environment(netns_up):
     out = run_client({"credential": "dac", "scope": ARM + "/.default", "verify": verify(up)}, prefix=prefix, clean_env=True)
     assert "error" not in out, out
     assert out["claims"]["oid"] == up.info["systemIdentity"]["principalId"]
+
+
+def rust_client():
+    b = os.environ.get("KEYLESS_RUST_CLIENT")
+    if not b:
+        target = os.environ.get("CARGO_TARGET_DIR", str(pathlib.Path(__file__).resolve().parents[2] / "target"))
+        b = str(pathlib.Path(target) / "debug" / "keyless-conformance-rust")
+    if not os.path.exists(b):
+        pytest.fail(f"{b} is missing: build it with `cargo build -p keyless-conformance-rust`")
+    return b
+
+
+@pytest.mark.parametrize("kind", ["system", "client_id", "object_id", "resource_id"])
+def test_rust_azure_identity(netns_up, kind):
+    # The Rust crate always calls 169.254.169.254 with api-version 2019-08-01 and needs
+    # expires_on as a JSON string, token_type and resource.
+    up, prefix = netns_up
+    demo = up.info["demoIdentity"]
+    value = {"system": "-", "client_id": demo["clientId"], "object_id": demo["principalId"], "resource_id": demo["resourceId"]}[kind]
+    out = subprocess.run([*prefix, "env", "-i", rust_client(), kind, value, ARM + "/.default"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "error" not in got, got
+    assert got["second_token_same"]
+    checked = run_client({"verify_token": got["token"], "verify": verify(up)}, prefix=prefix, clean_env=True)
+    want = up.info["systemIdentity"]["principalId"] if kind == "system" else demo["principalId"]
+    assert checked["claims"]["oid"] == want
+    assert checked["claims"]["exp"] == got["expires_on"]
