@@ -227,6 +227,24 @@ impl Api {
         format!("/subscriptions/{}/resourceGroups/{rg}", self.subscription)
     }
 
+    /// Path of a resource of type `ty` (`Namespace/type`), with its api-version.
+    fn res_path(&self, rg: &str, ty: &str, name: &str, version: &str) -> String {
+        format!(
+            "{}/providers/{ty}/{name}?api-version={version}",
+            self.rg_path(rg)
+        )
+    }
+
+    /// List resources of type `ty` in a group or the whole subscription.
+    async fn list(&self, rg: Option<&str>, ty: &str, version: &str) -> Result<Value, CliError> {
+        let scope = match rg {
+            Some(rg) => self.rg_path(rg),
+            None => format!("/subscriptions/{}", self.subscription),
+        };
+        let p = format!("{scope}/providers/{ty}?api-version={version}");
+        Ok(self.call(reqwest::Method::GET, &p, None).await?["value"].clone())
+    }
+
     fn print(&self, v: &Value) {
         print_value(v, self.output);
     }
@@ -416,9 +434,8 @@ enum IdentityVerb {
 
 pub async fn identity(c: IdentityCmd) -> Result<(), CliError> {
     let api = Api::connect(&c.conn).await?;
-    let path = |rg: &str, n: &str| {
-        format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{n}?api-version={MSI_API}", api.rg_path(rg))
-    };
+    const TY: &str = "Microsoft.ManagedIdentity/userAssignedIdentities";
+    let path = |rg: &str, n: &str| api.res_path(rg, TY, n, MSI_API);
     let v = match c.cmd {
         IdentityVerb::Create {
             resource_group,
@@ -442,11 +459,7 @@ pub async fn identity(c: IdentityCmd) -> Result<(), CliError> {
                 .await?
         }
         IdentityVerb::List { resource_group } => {
-            let p = match resource_group {
-                Some(rg) => format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities?api-version={MSI_API}", api.rg_path(&rg)),
-                None => format!("/subscriptions/{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities?api-version={MSI_API}", api.subscription),
-            };
-            api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
+            api.list(resource_group.as_deref(), TY, MSI_API).await?
         }
         IdentityVerb::Delete {
             resource_group,
@@ -551,12 +564,8 @@ fn identity_type(system: bool, user: bool) -> &'static str {
 
 pub async fn vm(c: VmCmd) -> Result<(), CliError> {
     let api = Api::connect(&c.conn).await?;
-    let path = |rg: &str, n: &str| {
-        format!(
-            "{}/providers/Microsoft.Compute/virtualMachines/{n}?api-version={COMPUTE_API}",
-            api.rg_path(rg)
-        )
-    };
+    const TY: &str = "Microsoft.Compute/virtualMachines";
+    let path = |rg: &str, n: &str| api.res_path(rg, TY, n, COMPUTE_API);
     let v = match c.cmd {
         VmVerb::Create {
             resource_group,
@@ -599,11 +608,7 @@ pub async fn vm(c: VmCmd) -> Result<(), CliError> {
                 .await?
         }
         VmVerb::List { resource_group } => {
-            let p = match resource_group {
-                Some(rg) => format!("{}/providers/Microsoft.Compute/virtualMachines?api-version={COMPUTE_API}", api.rg_path(&rg)),
-                None => format!("/subscriptions/{}/providers/Microsoft.Compute/virtualMachines?api-version={COMPUTE_API}", api.subscription),
-            };
-            api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
+            api.list(resource_group.as_deref(), TY, COMPUTE_API).await?
         }
         VmVerb::Delete {
             resource_group,

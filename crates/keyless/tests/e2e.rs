@@ -488,79 +488,12 @@ async fn vm_identity_lifecycle_follows_seed_002() {
     assert_eq!(st, 404);
 }
 
-fn node_args<'a>(
-    server: &'a str,
-    ca: &'a str,
-    state: &'a str,
-    token: Option<&'a str>,
-) -> Vec<&'a str> {
-    let mut v = vec![
-        "node",
-        "--server",
-        server,
-        "--ca-file",
-        ca,
-        "--state-dir",
-        state,
-        "--imds-listen",
-        "127.0.0.1:0",
-        "--sync-interval",
-        "1",
-    ];
-    if let Some(t) = token {
-        v.extend(["--join-token", t]);
-    }
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_only_get_their_own_identities() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("server");
-    let data_s = data.to_string_lossy().to_string();
-    let mut server = spawn_until(
-        &["server", "--data-dir", &data_s, "--listen", "127.0.0.1:0"],
-        "export KEYLESS_CLIENT_SECRET=",
-        dir.path(),
-    )
-    .unwrap();
-    let listen = server.find("Keyless server listening on https://").unwrap();
-    let port = listen
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
-    let url = format!("https://localhost:{port}");
-    let tenant = server.find("Tenant:").unwrap();
-    let ca = data.join("pki/ca.pem").to_string_lossy().to_string();
-    let env = [
-        ("KEYLESS_SERVER", url.as_str()),
-        ("KEYLESS_TENANT_ID", tenant.as_str()),
-        ("KEYLESS_CA_FILE", ca.as_str()),
-        (
-            "KEYLESS_CLIENT_ID",
-            &server.find("export KEYLESS_CLIENT_ID=").unwrap(),
-        ),
-        (
-            "KEYLESS_CLIENT_SECRET",
-            &server.find("export KEYLESS_CLIENT_SECRET=").unwrap(),
-        ),
-        ("KEYLESS_DATA_DIR", &data_s),
-    ]
-    .map(|(k, v)| (k, v.to_string()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let cli = |args: &[&str]| -> Value {
-        let out = run(args, &env);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
+    let mut server = ServerProc::start(dir.path(), &[]);
+    let (url, ca) = (server.url.clone(), server.ca.clone());
+    let cli = |args: &[&str]| server.cli(args);
     cli(&["group", "create", "-n", "hosts"]);
     let x = cli(&["identity", "create", "-g", "hosts", "-n", "ident-x"]);
     let y = cli(&["identity", "create", "-g", "hosts", "-n", "ident-y"]);
@@ -597,7 +530,7 @@ async fn hosts_only_get_their_own_identities() {
     // wrong, expired and replayed join tokens are refused, nothing is joined
     let bad_state = dir.path().join("bad").to_string_lossy().to_string();
     let out = run(
-        &node_args(&url, &ca, &bad_state, Some("kljt1.not-a-token")),
+        &server.node_args(&bad_state, Some("kljt1.not-a-token")),
         &[],
     );
     assert!(!out.status.success());
@@ -616,7 +549,7 @@ async fn hosts_only_get_their_own_identities() {
         .unwrap()
         .to_string();
     std::thread::sleep(Duration::from_millis(2100));
-    let out = run(&node_args(&url, &ca, &bad_state, Some(&short)), &[]);
+    let out = run(&server.node_args(&bad_state, Some(&short)), &[]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("expired"),
         "{}",
@@ -627,24 +560,19 @@ async fn hosts_only_get_their_own_identities() {
     let state_a = dir.path().join("a").to_string_lossy().to_string();
     let state_b = dir.path().join("b").to_string_lossy().to_string();
     let node_a = spawn_until(
-        &node_args(&url, &ca, &state_a, Some(&tok_a)),
+        &server.node_args(&state_a, Some(&tok_a)),
         "IMDS endpoint:",
         dir.path(),
     )
     .unwrap();
     let node_b = spawn_until(
-        &node_args(&url, &ca, &state_b, Some(&tok_b)),
+        &server.node_args(&state_b, Some(&tok_b)),
         "IMDS endpoint:",
         dir.path(),
     )
     .unwrap();
     let replay = run(
-        &node_args(
-            &url,
-            &ca,
-            &dir.path().join("c").to_string_lossy(),
-            Some(&tok_a),
-        ),
+        &server.node_args(&dir.path().join("c").to_string_lossy(), Some(&tok_a)),
         &[],
     );
     assert!(String::from_utf8_lossy(&replay.stderr).contains("already been used"));
@@ -721,7 +649,7 @@ async fn hosts_only_get_their_own_identities() {
     // B is unaffected
     let (st, _) = imds_token(&imds_b, "resource=https://vault.azure.net").await;
     assert_eq!(st, 200);
-    server.stop();
+    server.proc.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -955,60 +883,8 @@ async fn signing_keys_are_published_before_they_sign_and_kept_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_credential_rotates_before_it_expires() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("server");
-    let data_s = data.to_string_lossy().to_string();
-    let mut server = spawn_until(
-        &[
-            "server",
-            "--data-dir",
-            &data_s,
-            "--listen",
-            "127.0.0.1:0",
-            "--host-cert-lifetime",
-            "6",
-        ],
-        "export KEYLESS_CLIENT_SECRET=",
-        dir.path(),
-    )
-    .unwrap();
-    let port = server
-        .find("Keyless server listening on https://")
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
-    let url = format!("https://localhost:{port}");
-    let env_owned = [
-        ("KEYLESS_SERVER", url.clone()),
-        ("KEYLESS_TENANT_ID", server.find("Tenant:").unwrap()),
-        (
-            "KEYLESS_CA_FILE",
-            data.join("pki/ca.pem").to_string_lossy().to_string(),
-        ),
-        (
-            "KEYLESS_CLIENT_ID",
-            server.find("export KEYLESS_CLIENT_ID=").unwrap(),
-        ),
-        (
-            "KEYLESS_CLIENT_SECRET",
-            server.find("export KEYLESS_CLIENT_SECRET=").unwrap(),
-        ),
-        ("KEYLESS_DATA_DIR", data_s.clone()),
-    ];
-    let env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let cli = |args: &[&str]| -> Value {
-        let out = run(args, &env);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
+    let mut server = ServerProc::start(dir.path(), &["--host-cert-lifetime", "6"]);
+    let cli = |args: &[&str]| server.cli(args);
     cli(&["group", "create", "-n", "rot"]);
     cli(&[
         "vm",
@@ -1023,10 +899,9 @@ async fn host_credential_rotates_before_it_expires() {
         .as_str()
         .unwrap()
         .to_string();
-    let ca = data.join("pki/ca.pem").to_string_lossy().to_string();
     let state = dir.path().join("n").to_string_lossy().to_string();
     let node = spawn_until(
-        &node_args(&url, &ca, &state, Some(&tok)),
+        &server.node_args(&state, Some(&tok)),
         "IMDS endpoint:",
         dir.path(),
     )
@@ -1041,5 +916,5 @@ async fn host_credential_rotates_before_it_expires() {
         first,
         std::fs::read_to_string(dir.path().join("n/host-cert.pem")).unwrap()
     );
-    server.stop();
+    server.proc.stop();
 }

@@ -233,3 +233,80 @@ pub fn header(token: &str) -> Value {
         .unwrap_or_default();
     serde_json::from_slice(&bytes).unwrap_or(Value::Null)
 }
+
+/// A running `keyless server`, with the admin environment for the CLI verbs.
+pub struct ServerProc {
+    pub proc: Proc,
+    pub url: String,
+    pub ca: String,
+    env: Vec<(&'static str, String)>,
+}
+
+impl ServerProc {
+    pub fn start(dir: &Path, extra: &[&str]) -> ServerProc {
+        let data = dir.join("server");
+        let data_s = data.to_string_lossy().to_string();
+        let mut args = vec!["server", "--data-dir", &data_s, "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let proc = spawn_until(&args, "export KEYLESS_CLIENT_SECRET=", dir).unwrap();
+        let listen = proc.find("Keyless server listening on https://").unwrap();
+        let port = listen
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .to_string();
+        let url = format!("https://localhost:{port}");
+        let ca = data.join("pki/ca.pem").to_string_lossy().to_string();
+        let env = vec![
+            ("KEYLESS_SERVER", url.clone()),
+            ("KEYLESS_TENANT_ID", proc.find("Tenant:").unwrap()),
+            ("KEYLESS_CA_FILE", ca.clone()),
+            (
+                "KEYLESS_CLIENT_ID",
+                proc.find("export KEYLESS_CLIENT_ID=").unwrap(),
+            ),
+            (
+                "KEYLESS_CLIENT_SECRET",
+                proc.find("export KEYLESS_CLIENT_SECRET=").unwrap(),
+            ),
+            ("KEYLESS_DATA_DIR", data_s),
+        ];
+        ServerProc { proc, url, ca, env }
+    }
+
+    /// Run an admin verb that must succeed; its JSON output.
+    pub fn cli(&self, args: &[&str]) -> Value {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let out = run(args, &env);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// `keyless node` arguments for a node of this server.
+    pub fn node_args<'a>(&'a self, state: &'a str, token: Option<&'a str>) -> Vec<&'a str> {
+        let mut v = vec![
+            "node",
+            "--server",
+            &self.url,
+            "--ca-file",
+            &self.ca,
+            "--state-dir",
+            state,
+            "--imds-listen",
+            "127.0.0.1:0",
+            "--sync-interval",
+            "1",
+        ];
+        if let Some(t) = token {
+            v.extend(["--join-token", t]);
+        }
+        v
+    }
+}
