@@ -101,3 +101,15 @@ def test_rust_azure_identity(netns_up, kind):
     want = up.info["systemIdentity"]["principalId"] if kind == "system" else demo["principalId"]
     assert checked["claims"]["oid"] == want
     assert checked["claims"]["exp"] == got["expires_on"]
+
+
+@pytest.mark.parametrize("credential", ["mi", "dac"])
+def test_node_azure_identity_with_no_azure_environment(netns_up, credential):
+    # @azure/identity's DAC probes IMDS with a bare GET (no query, no Metadata header) first
+    from test_node_identity import run_node
+
+    up, prefix = netns_up
+    out = run_node(up, {"credential": credential, "scope": ARM + "/.default", "verify": verify(up)},
+                   prefix=prefix, imds_env=False)
+    assert out.get("verified"), out
+    assert out["claims"]["oid"] == up.info["systemIdentity"]["principalId"]

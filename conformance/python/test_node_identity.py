@@ -21,18 +21,23 @@ def node_modules():
     return d
 
 
-def run_node(up, args, **env):
+def run_node(up, args, prefix=(), imds_env=True, **env):
+    """Run client.mjs. Only the CA (to verify against our JWKS) and the module path are set, plus
+    AZURE_POD_IDENTITY_AUTHORITY_HOST unless `imds_env` is false (then the SDK's default IMDS
+    address is used)."""
     nm = node_modules()
     proc_env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": tempfile.gettempdir(),
         "KEYLESS_NODE_MODULES": nm,
         "NODE_EXTRA_CA_CERTS": up.info["caFile"],
-        "AZURE_POD_IDENTITY_AUTHORITY_HOST": up.info["imdsUrl"],
         **env,
     }
-    out = subprocess.run([shutil.which("node") or "node", str(NODE_CLIENT), json.dumps(args)], env=proc_env,
-                         capture_output=True, text=True, timeout=180)
+    if imds_env:
+        proc_env["AZURE_POD_IDENTITY_AUTHORITY_HOST"] = up.info["imdsUrl"]
+    cmd = [*prefix, "env", "-i", *[f"{k}={v}" for k, v in proc_env.items()], shutil.which("node") or "node",
+           str(NODE_CLIENT), json.dumps(args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
