@@ -249,12 +249,9 @@ impl Agent {
                 .json::<IssuedToken>()
                 .await
                 .map_err(|e| TokenFailure::Upstream(format!("bad token response: {e}"))),
-            400 | 401 | 403 | 404 => {
-                if status != 400 {
-                    let _ = self.sync().await;
-                }
-                Err(TokenFailure::IdentityNotFound)
-            }
+            // The server refused this host the identity (not assigned, VM or credential gone);
+            // the caller drops the cached token and re-syncs.
+            400 | 401 | 403 | 404 => Err(TokenFailure::IdentityNotFound),
             _ => Err(TokenFailure::Upstream(format!(
                 "the Keyless server answered {status}"
             ))),

@@ -42,11 +42,6 @@ pub fn format_utc(unix: u64) -> String {
     )
 }
 
-/// ISO-8601 `YYYY-MM-DDThh:mm:ssZ`.
-pub fn format_iso(unix: u64) -> String {
-    format_utc(unix).replacen(' ', "T", 1)
-}
-
 pub fn utc_timestamp() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -63,6 +58,6 @@ mod tests {
     fn formats_dates() {
         assert_eq!(format_utc(0), "1970-01-01 00:00:00Z");
         assert_eq!(format_utc(1_768_695_376), "2026-01-18 00:16:16Z");
-        assert_eq!(format_iso(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(951_782_400), "2000-02-29 00:00:00Z");
     }
 }
