@@ -20,9 +20,10 @@ pub struct ServerArgs {
     /// Data directory (SQLite file, key-encryption key, CA certificate).
     #[arg(long, default_value = ".keyless", env = "KEYLESS_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// HTTPS listen address of the server.
-    #[arg(long, default_value = "0.0.0.0:8443")]
-    pub listen: SocketAddr,
+    /// HTTPS listen address of the server [default: 0.0.0.0:8443 for `server`,
+    /// 127.0.0.1:8443 for `up`].
+    #[arg(long, env = "KEYLESS_LISTEN")]
+    pub listen: Option<SocketAddr>,
     /// Base URL clients use to reach the server (the token issuer); default https://localhost:<port>.
     #[arg(long)]
     pub public_url: Option<String>,
@@ -55,7 +56,7 @@ pub struct UpArgs {
     pub server: ServerArgs,
     /// IMDS listen address of the embedded host agent. On a real host use
     /// 169.254.169.254:80 (after `ip addr add 169.254.169.254/32 dev lo`).
-    #[arg(long, default_value = "127.0.0.1:8444")]
+    #[arg(long, default_value = "127.0.0.1:8444", env = "KEYLESS_IMDS_LISTEN")]
     pub imds_listen: SocketAddr,
     /// How often the agent refreshes its identity set, in seconds.
     #[arg(long, default_value_t = 30)]
@@ -77,7 +78,11 @@ pub struct NodeArgs {
     #[arg(long, env = "KEYLESS_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
     /// IMDS listen address.
-    #[arg(long, default_value = "169.254.169.254:80")]
+    #[arg(
+        long,
+        default_value = "169.254.169.254:80",
+        env = "KEYLESS_IMDS_LISTEN"
+    )]
     pub imds_listen: SocketAddr,
     /// How often the agent refreshes its identity set, in seconds.
     #[arg(long, default_value_t = 30)]
@@ -123,8 +128,11 @@ fn open_store(a: &ServerArgs) -> Result<(Arc<dyn Store>, std::fs::File), CliErro
     Ok((Arc::new(store), lock))
 }
 
-fn server_config(a: &ServerArgs) -> ServerConfig {
-    let mut cfg = ServerConfig::new(a.data_dir.clone(), a.listen);
+fn server_config(a: &ServerArgs, default_listen: &str) -> ServerConfig {
+    let listen = a
+        .listen
+        .unwrap_or_else(|| default_listen.parse().expect("valid default address"));
+    let mut cfg = ServerConfig::new(a.data_dir.clone(), listen);
     cfg.public_url = a.public_url.clone();
     cfg.tls_sans = a.tls_san.clone();
     cfg.mi_token_lifetime = a.token_lifetime;
@@ -169,7 +177,7 @@ async fn wait_for_signal() {
 pub async fn server(a: ServerArgs) -> Result<(), CliError> {
     let (store, _lock) = open_store(&a)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let srv = keyless_server::start(server_config(&a), store, clock)
+    let srv = keyless_server::start(server_config(&a, "0.0.0.0:8443"), store, clock)
         .await
         .map_err(bind_hint)?;
     let b = &srv.bootstrap;
@@ -233,9 +241,13 @@ fn machine_vm_name() -> String {
 pub async fn up(a: UpArgs) -> Result<(), CliError> {
     let (store, _lock) = open_store(&a.server)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let srv = keyless_server::start(server_config(&a.server), store, clock.clone())
-        .await
-        .map_err(bind_hint)?;
+    let srv = keyless_server::start(
+        server_config(&a.server, "127.0.0.1:8443"),
+        store,
+        clock.clone(),
+    )
+    .await
+    .map_err(bind_hint)?;
     let s = srv.state.clone();
     let b = srv.bootstrap.clone();
 
