@@ -9,6 +9,7 @@
 //! - [`imds`]: parsing and validating IMDS token requests, and the IMDS response/error shapes.
 //! - [`identity_type`]: the `identity` property of a host resource (PUT and PATCH rules).
 //! - [`selection`]: which identity of a host a request selects (the one decision point).
+//! - [`rbac`]: built-in roles, action wildcard matching, scope inheritance, the access decision.
 //! - [`rotation`]: signing-key rotation plan.
 //! - [`refresh`]: when a cached token must be renewed.
 
@@ -19,6 +20,7 @@ pub mod error;
 pub mod identity_type;
 pub mod imds;
 pub mod names;
+pub mod rbac;
 pub mod refresh;
 pub mod resource_id;
 pub mod rotation;

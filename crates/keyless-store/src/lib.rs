@@ -45,6 +45,23 @@ pub enum JoinTokenOutcome {
     AlreadyUsed,
 }
 
+/// Kinds of principal the directory knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    ServicePrincipal,
+    ManagedIdentity,
+}
+
+/// Outcome of inserting a role assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleAssignmentInsert {
+    Created,
+    /// An assignment with this name exists (returned as stored).
+    NameTaken(RoleAssignmentRecord),
+    /// The same principal already has the same role at the same scope.
+    Duplicate,
+}
+
 /// Everything the server persists. Methods are small and transactional on their own.
 pub trait Store: Send + Sync + 'static {
     // -- instance metadata (tenant, subscription, settings)
@@ -77,7 +94,8 @@ pub trait Store: Send + Sync + 'static {
     fn put_identity(&self, id: &IdentityRecord) -> Result<bool>;
     fn get_identity(&self, key: &str) -> Result<Option<IdentityRecord>>;
     fn list_identities(&self, subscription: &str, rg: Option<&str>) -> Result<Vec<IdentityRecord>>;
-    /// Delete a user-assigned identity and remove it from every VM.
+    /// Delete a user-assigned identity, remove it from every VM, and delete the role
+    /// assignments it holds or that are scoped to it.
     fn delete_identity(&self, key: &str) -> Result<bool>;
 
     // -- virtual machines
@@ -107,4 +125,17 @@ pub trait Store: Send + Sync + 'static {
     fn consume_join_token(&self, hash: &str, now: u64) -> Result<JoinTokenOutcome>;
     fn insert_host_credential(&self, cred: &HostCredentialRecord) -> Result<()>;
     fn get_host_credential(&self, fingerprint: &str) -> Result<Option<HostCredentialRecord>>;
+
+    // -- directory and role assignments
+    /// What kind of principal an object id names, if it exists.
+    fn principal_kind(&self, object_id: &str) -> Result<Option<PrincipalKind>>;
+    fn insert_role_assignment(&self, ra: &RoleAssignmentRecord) -> Result<RoleAssignmentInsert>;
+    fn get_role_assignment(&self, name: &str) -> Result<Option<RoleAssignmentRecord>>;
+    fn list_role_assignments(&self) -> Result<Vec<RoleAssignmentRecord>>;
+    /// The assignments a principal holds (the authorization hot path; indexed).
+    fn role_assignments_for_principal(
+        &self,
+        principal_id: &str,
+    ) -> Result<Vec<RoleAssignmentRecord>>;
+    fn delete_role_assignment(&self, name: &str) -> Result<Option<RoleAssignmentRecord>>;
 }

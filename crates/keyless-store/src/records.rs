@@ -80,3 +80,18 @@ pub struct HostCredentialRecord {
     pub not_after: u64,
     pub issued: u64,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleAssignmentRecord {
+    /// The assignment's GUID (lowercase).
+    pub name: String,
+    /// The scope as given (subscription, group or resource id; `/` for root).
+    pub scope: String,
+    /// Full role definition id.
+    pub role_definition_id: String,
+    pub principal_id: String,
+    pub principal_type: String,
+    pub description: Option<String>,
+    pub created: u64,
+    pub created_by: String,
+}

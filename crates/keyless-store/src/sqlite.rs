@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE secrets(name TEXT PRIMARY KEY, sealed BLOB NOT NULL);
 CREATE TABLE signing_keys(kid TEXT PRIMARY KEY, created INTEGER NOT NULL, activate_at INTEGER NOT NULL,
@@ -26,7 +27,18 @@ CREATE TABLE join_tokens(hash TEXT PRIMARY KEY, vm_key TEXT NOT NULL, expires_at
 CREATE TABLE host_credentials(fingerprint TEXT PRIMARY KEY, vm_key TEXT NOT NULL, not_after INTEGER NOT NULL,
     body TEXT NOT NULL);
 CREATE INDEX host_credentials_vm ON host_credentials(vm_key);
-"#];
+"#,
+    r#"
+CREATE TABLE role_assignments(name TEXT PRIMARY KEY, scope_key TEXT NOT NULL, principal_id TEXT NOT NULL,
+    role_guid TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX role_assignments_principal ON role_assignments(principal_id);
+CREATE INDEX role_assignments_scope ON role_assignments(scope_key);
+CREATE UNIQUE INDEX role_assignments_unique ON role_assignments(scope_key, principal_id, role_guid);
+ALTER TABLE service_principals ADD COLUMN object_id TEXT;
+UPDATE service_principals SET object_id = lower(json_extract(body, '$.object_id'));
+CREATE INDEX service_principals_object ON service_principals(object_id);
+"#,
+];
 
 /// SQLite implementation of [`Store`].
 pub struct SqliteStore {
@@ -94,9 +106,50 @@ impl SqliteStore {
     }
 }
 
+/// Remove role assignments at or below `scope_key` (lowercase).
+fn delete_assignments_under(tx: &Transaction<'_>, scope_key: &str) -> Result<()> {
+    tx.execute(
+        "DELETE FROM role_assignments WHERE scope_key = ?1 OR substr(scope_key, 1, length(?1) + 1) = ?1 || '/'",
+        [scope_key],
+    )?;
+    Ok(())
+}
+
+/// Remove an identity and what refers to it: its assignments to hosts, the role assignments
+/// it holds and those on its scope.
+fn delete_identity_rows(tx: &Transaction<'_>, key: &str) -> Result<usize> {
+    let principal: Option<String> = tx
+        .query_row(
+            "SELECT principal_id FROM identities WHERE key = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(p) = principal {
+        tx.execute(
+            "DELETE FROM role_assignments WHERE principal_id = ?1",
+            [p.to_ascii_lowercase()],
+        )?;
+    }
+    tx.execute("DELETE FROM vm_identities WHERE identity_key = ?1", [key])?;
+    if !key.ends_with("#system") {
+        // a user-assigned identity is also a scope; a system identity's scope is its VM's
+        delete_assignments_under(tx, key)?;
+    }
+    Ok(tx.execute("DELETE FROM identities WHERE key = ?1", [key])?)
+}
+
 fn delete_vm_tx(tx: &Transaction<'_>, key: &str) -> Result<bool> {
     let n = tx.execute("DELETE FROM vms WHERE key = ?1", [key])?;
-    tx.execute("DELETE FROM identities WHERE system_vm = ?1", [key])?;
+    let system: Vec<String> = {
+        let mut st = tx.prepare("SELECT key FROM identities WHERE system_vm = ?1")?;
+        let rows = st.query_map([key], |r| r.get(0))?;
+        rows.collect::<std::result::Result<_, _>>()?
+    };
+    for s in &system {
+        delete_identity_rows(tx, s)?;
+    }
+    delete_assignments_under(tx, key)?;
     tx.execute("DELETE FROM vm_identities WHERE vm_key = ?1", [key])?;
     tx.execute("DELETE FROM join_tokens WHERE vm_key = ?1", [key])?;
     tx.execute("DELETE FROM host_credentials WHERE vm_key = ?1", [key])?;
@@ -280,9 +333,9 @@ impl Store for SqliteStore {
                 rows.collect::<std::result::Result<_, _>>()?
             };
             for id in &ids {
-                tx.execute("DELETE FROM vm_identities WHERE identity_key = ?1", [id])?;
-                tx.execute("DELETE FROM identities WHERE key = ?1", [id])?;
+                delete_identity_rows(tx, id)?;
             }
+            delete_assignments_under(tx, &format!("/subscriptions/{sub}/resourcegroups/{rg}"))?;
             let n = tx.execute(
                 "DELETE FROM resource_groups WHERE subscription = ?1 AND name_key = ?2",
                 [&sub, &rg],
@@ -329,12 +382,15 @@ impl Store for SqliteStore {
 
     fn delete_identity(&self, key: &str) -> Result<bool> {
         self.tx(|tx| {
-            let n = tx.execute(
-                "DELETE FROM identities WHERE key = ?1 AND system_vm IS NULL",
-                [key],
-            )?;
-            tx.execute("DELETE FROM vm_identities WHERE identity_key = ?1", [key])?;
-            Ok(n > 0)
+            let user: bool = tx
+                .query_row(
+                    "SELECT 1 FROM identities WHERE key = ?1 AND system_vm IS NULL",
+                    [key],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            Ok(user && delete_identity_rows(tx, key)? > 0)
         })
     }
 
@@ -361,14 +417,20 @@ impl Store for SqliteStore {
             )?;
             match system {
                 Some(sys) => {
-                    tx.execute(
-                        "DELETE FROM identities WHERE system_vm = ?1 AND key <> ?2",
-                        [&vm.key, &sys.key],
-                    )?;
                     put_identity_tx(tx, sys)?;
                 }
                 None => {
-                    tx.execute("DELETE FROM identities WHERE system_vm = ?1", [&vm.key])?;
+                    // the type dropped SystemAssigned: the identity and what it holds go
+                    let system: Option<String> = tx
+                        .query_row(
+                            "SELECT key FROM identities WHERE system_vm = ?1",
+                            [&vm.key],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(k) = system {
+                        delete_identity_rows(tx, &k)?;
+                    }
                 }
             }
             tx.execute("DELETE FROM vm_identities WHERE vm_key = ?1", [&vm.key])?;
@@ -450,9 +512,9 @@ impl Store for SqliteStore {
 
     fn put_service_principal(&self, sp: &ServicePrincipalRecord) -> Result<()> {
         self.lock().execute(
-            "INSERT INTO service_principals(client_id, body) VALUES (?1, ?2)
-             ON CONFLICT(client_id) DO UPDATE SET body = excluded.body",
-            params![sp.client_id, json(sp)?],
+            "INSERT INTO service_principals(client_id, object_id, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT(client_id) DO UPDATE SET body = excluded.body, object_id = excluded.object_id",
+            params![sp.client_id, lower(&sp.object_id), json(sp)?],
         )?;
         Ok(())
     }
@@ -521,6 +583,105 @@ impl Store for SqliteStore {
             )
             .optional()?;
         body.map(|b| parse(&b)).transpose()
+    }
+
+    fn principal_kind(&self, object_id: &str) -> Result<Option<PrincipalKind>> {
+        let conn = self.lock();
+        let oid = lower(object_id);
+        if conn
+            .query_row(
+                "SELECT 1 FROM service_principals WHERE object_id = ?1",
+                [&oid],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some()
+        {
+            return Ok(Some(PrincipalKind::ServicePrincipal));
+        }
+        let id: Option<Option<String>> = conn
+            .query_row(
+                "SELECT system_vm FROM identities WHERE lower(principal_id) = ?1",
+                [&oid],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(id.map(|_| PrincipalKind::ManagedIdentity))
+    }
+
+    fn insert_role_assignment(&self, ra: &RoleAssignmentRecord) -> Result<RoleAssignmentInsert> {
+        self.tx(|tx| {
+            let existing: Option<String> = tx
+                .query_row("SELECT body FROM role_assignments WHERE name = ?1", [&ra.name], |r| r.get(0))
+                .optional()?;
+            if let Some(b) = existing {
+                return Ok(RoleAssignmentInsert::NameTaken(parse(&b)?));
+            }
+            let guid = ra.role_definition_id.rsplit('/').next().unwrap_or_default().to_ascii_lowercase();
+            let dup = tx
+                .query_row(
+                    "SELECT 1 FROM role_assignments WHERE scope_key = ?1 AND principal_id = ?2 AND role_guid = ?3",
+                    params![lower(&ra.scope), lower(&ra.principal_id), guid],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if dup {
+                return Ok(RoleAssignmentInsert::Duplicate);
+            }
+            tx.execute(
+                "INSERT INTO role_assignments(name, scope_key, principal_id, role_guid, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![ra.name, lower(&ra.scope), lower(&ra.principal_id), guid, json(ra)?],
+            )?;
+            Ok(RoleAssignmentInsert::Created)
+        })
+    }
+
+    fn get_role_assignment(&self, name: &str) -> Result<Option<RoleAssignmentRecord>> {
+        let body: Option<String> = self
+            .lock()
+            .query_row(
+                "SELECT body FROM role_assignments WHERE name = ?1",
+                [lower(name)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        body.map(|b| parse(&b)).transpose()
+    }
+
+    fn list_role_assignments(&self) -> Result<Vec<RoleAssignmentRecord>> {
+        let conn = self.lock();
+        let mut st = conn.prepare("SELECT body FROM role_assignments ORDER BY scope_key, name")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|b| parse(&b?)).collect()
+    }
+
+    fn role_assignments_for_principal(
+        &self,
+        principal_id: &str,
+    ) -> Result<Vec<RoleAssignmentRecord>> {
+        let conn = self.lock();
+        let mut st =
+            conn.prepare_cached("SELECT body FROM role_assignments WHERE principal_id = ?1")?;
+        let rows = st.query_map([lower(principal_id)], |r| r.get::<_, String>(0))?;
+        rows.map(|b| parse(&b?)).collect()
+    }
+
+    fn delete_role_assignment(&self, name: &str) -> Result<Option<RoleAssignmentRecord>> {
+        self.tx(|tx| {
+            let body: Option<String> = tx
+                .query_row(
+                    "SELECT body FROM role_assignments WHERE name = ?1",
+                    [lower(name)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            tx.execute(
+                "DELETE FROM role_assignments WHERE name = ?1",
+                [lower(name)],
+            )?;
+            body.map(|b| parse(&b)).transpose()
+        })
     }
 }
 
@@ -650,6 +811,94 @@ mod tests {
             s.consume_join_token("h2", 100).unwrap(),
             JoinTokenOutcome::Expired
         );
+    }
+
+    #[test]
+    fn a_failure_mid_transaction_leaves_no_trace() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        s.put_resource_group(&ResourceGroupRecord {
+            subscription: "s".into(),
+            name: "rg".into(),
+            location: "local".into(),
+            tags: Default::default(),
+        })
+        .unwrap();
+        let (u1, u2) = (ident("u1", "rg"), ident("u2", "rg"));
+        s.put_identity(&u1).unwrap();
+        s.put_identity(&u2).unwrap();
+        let v = vm("vm1");
+        s.put_vm(&v, None, std::slice::from_ref(&u1.key)).unwrap();
+        // Inject a failure in the middle of the group delete: deleting u2 aborts, after the VM
+        // and u1 rows were already deleted inside the same transaction.
+        s.lock()
+            .execute_batch(&format!(
+                "CREATE TRIGGER fail BEFORE DELETE ON identities WHEN old.key = '{}' BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+                u2.key
+            ))
+            .unwrap();
+        assert!(s.delete_resource_group("s", "rg").is_err());
+        assert!(s.get_vm(&v.key).unwrap().is_some());
+        assert!(s.get_identity(&u1.key).unwrap().is_some());
+        assert_eq!(s.vm_user_identities(&v.key).unwrap().len(), 1);
+        assert!(s.get_resource_group("s", "rg").unwrap().is_some());
+        s.lock().execute_batch("DROP TRIGGER fail;").unwrap();
+        assert!(s.delete_resource_group("s", "rg").unwrap());
+        assert!(s.get_identity(&u1.key).unwrap().is_none());
+    }
+
+    #[test]
+    fn role_assignments_unique_and_cascading() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let u = ident("u1", "rg");
+        s.put_identity(&u).unwrap();
+        let ra = |name: &str, scope: &str| {
+            RoleAssignmentRecord {
+            name: name.into(),
+            scope: scope.into(),
+            role_definition_id: "/subscriptions/s/providers/Microsoft.Authorization/roleDefinitions/acdd72a7-3385-48ef-bd42-f606fba81ae7".into(),
+            principal_id: u.principal_id.clone(),
+            principal_type: "ServicePrincipal".into(),
+            description: None,
+            created: 1,
+            created_by: "x".into(),
+        }
+        };
+        assert_eq!(
+            s.insert_role_assignment(&ra("a1", "/subscriptions/s/resourceGroups/rg"))
+                .unwrap(),
+            RoleAssignmentInsert::Created
+        );
+        assert_eq!(
+            s.insert_role_assignment(&ra("a2", "/subscriptions/S/resourcegroups/RG"))
+                .unwrap(),
+            RoleAssignmentInsert::Duplicate
+        );
+        assert!(matches!(
+            s.insert_role_assignment(&ra("a1", "/subscriptions/s"))
+                .unwrap(),
+            RoleAssignmentInsert::NameTaken(_)
+        ));
+        assert_eq!(
+            s.insert_role_assignment(&ra("a3", "/subscriptions/s"))
+                .unwrap(),
+            RoleAssignmentInsert::Created
+        );
+        assert_eq!(
+            s.role_assignments_for_principal(&u.principal_id.to_uppercase())
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            s.principal_kind(&u.principal_id).unwrap(),
+            Some(PrincipalKind::ManagedIdentity)
+        );
+        assert_eq!(s.principal_kind("nobody").unwrap(), None);
+        // deleting the identity deletes what it holds
+        assert!(s.delete_identity(&u.key).unwrap());
+        assert!(s.list_role_assignments().unwrap().is_empty());
     }
 
     #[test]
