@@ -55,6 +55,20 @@ pub const RESOURCES: &[&str] = &[
     "2026-06-01",
 ];
 
+/// `Microsoft.Authorization` (roleAssignments, roleDefinitions).
+pub const AUTHORIZATION: &[&str] = &[
+    "2015-07-01",
+    "2018-01-01-preview",
+    "2018-09-01-preview",
+    "2020-03-01-preview",
+    "2020-04-01-preview",
+    "2020-08-01-preview",
+    "2020-10-01-preview",
+    "2022-01-01-preview",
+    "2022-04-01",
+    "2022-05-01-preview",
+];
+
 /// Instance Metadata Service versions (2017-03-01 … 2025-04-07).
 pub const IMDS: &[&str] = &[
     "2017-03-01",
@@ -134,7 +148,7 @@ mod tests {
 
     #[test]
     fn lists_are_sorted_and_unique() {
-        for list in [MSI, COMPUTE, RESOURCES, IMDS] {
+        for list in [MSI, COMPUTE, RESOURCES, AUTHORIZATION, IMDS] {
             let mut s = list.to_vec();
             s.sort();
             s.dedup();

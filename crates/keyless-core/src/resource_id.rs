@@ -125,6 +125,76 @@ pub enum ArmPath {
         resource: ResourceId,
         action: String,
     },
+    /// `{scope}/providers/Microsoft.Authorization/{roleAssignments|roleDefinitions}[/{name}]`,
+    /// an extension resource on a scope (`/` root, subscription, group or resource).
+    Authorization {
+        scope: Scope,
+        kind: AuthorizationKind,
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorizationKind {
+    RoleAssignments,
+    RoleDefinitions,
+}
+
+/// A scope for role assignments and authorization checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Root,
+    Subscription(String),
+    ResourceGroup {
+        subscription: String,
+        resource_group: String,
+    },
+    Resource(ResourceId),
+}
+
+impl Scope {
+    /// The canonical scope string (`/` for the root).
+    pub fn canonical(&self) -> String {
+        match self {
+            Scope::Root => "/".to_string(),
+            Scope::Subscription(s) => format!("/subscriptions/{s}"),
+            Scope::ResourceGroup {
+                subscription,
+                resource_group,
+            } => {
+                format!("/subscriptions/{subscription}/resourceGroups/{resource_group}")
+            }
+            Scope::Resource(r) => r.canonical(),
+        }
+    }
+
+    pub fn subscription(&self) -> Option<&str> {
+        match self {
+            Scope::Root => None,
+            Scope::Subscription(s) => Some(s),
+            Scope::ResourceGroup { subscription, .. } => Some(subscription),
+            Scope::Resource(r) => Some(&r.subscription),
+        }
+    }
+
+    /// Parse a scope string (`/`, `/subscriptions/s`, a group or a resource id).
+    pub fn parse(scope: &str) -> Result<Scope, CoreError> {
+        if scope.trim_end_matches('/').is_empty() {
+            return Ok(Scope::Root);
+        }
+        match ArmPath::parse(scope)? {
+            ArmPath::Subscription { subscription } => Ok(Scope::Subscription(subscription)),
+            ArmPath::ResourceGroup {
+                subscription,
+                resource_group,
+            } => Ok(Scope::ResourceGroup {
+                subscription,
+                resource_group,
+            }),
+            ArmPath::Resource(r) => Ok(Scope::Resource(r)),
+            _ => Err(CoreError::InvalidResourceId(scope.to_string())),
+        }
+    }
 }
 
 fn percent_decode(s: &str) -> Result<String, CoreError> {
@@ -153,6 +223,28 @@ impl ArmPath {
     /// slash is ignored.
     pub fn parse(path: &str) -> Result<Self, CoreError> {
         let bad = || CoreError::InvalidResourceId(path.to_string());
+        const AUTHZ: &str = "/providers/microsoft.authorization/";
+        if let Some(i) = path.to_ascii_lowercase().rfind(AUTHZ) {
+            let rest: Vec<&str> = path[i + AUTHZ.len()..]
+                .trim_end_matches('/')
+                .split('/')
+                .collect();
+            let kind = match rest.first().map(|k| k.to_ascii_lowercase()).as_deref() {
+                Some("roleassignments") => AuthorizationKind::RoleAssignments,
+                Some("roledefinitions") => AuthorizationKind::RoleDefinitions,
+                _ => return Err(bad()),
+            };
+            let name = match rest.as_slice() {
+                [_] => None,
+                [_, n] if !n.is_empty() => Some(percent_decode(n)?),
+                _ => return Err(bad()),
+            };
+            return Ok(ArmPath::Authorization {
+                scope: Scope::parse(&path[..i])?,
+                kind,
+                name,
+            });
+        }
         let trimmed = path.trim_end_matches('/');
         let mut segs = Vec::new();
         for (i, s) in trimmed.split('/').enumerate() {
@@ -284,6 +376,43 @@ mod tests {
             ArmPath::parse("/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/v/joinToken").unwrap(),
             ArmPath::Action { ref action, .. } if action == "joinToken"
         ));
+    }
+
+    #[test]
+    fn parses_authorization_extension_paths() {
+        let p = ArmPath::parse("/subscriptions/s/resourceGroups/g/providers/Microsoft.Authorization/roleAssignments/abc").unwrap();
+        let ArmPath::Authorization { scope, kind, name } = p else {
+            panic!("{p:?}")
+        };
+        assert_eq!(scope.canonical(), "/subscriptions/s/resourceGroups/g");
+        assert_eq!(kind, AuthorizationKind::RoleAssignments);
+        assert_eq!(name.as_deref(), Some("abc"));
+        let p = ArmPath::parse("/providers/Microsoft.Authorization/roleDefinitions").unwrap();
+        assert!(matches!(
+            p,
+            ArmPath::Authorization {
+                scope: Scope::Root,
+                kind: AuthorizationKind::RoleDefinitions,
+                name: None
+            }
+        ));
+        let p = ArmPath::parse(
+            "/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u/providers/microsoft.authorization/roleassignments",
+        )
+        .unwrap();
+        let ArmPath::Authorization {
+            scope: Scope::Resource(r),
+            ..
+        } = p
+        else {
+            panic!()
+        };
+        assert_eq!(r.name, "u");
+        assert!(
+            ArmPath::parse("/subscriptions/s/providers/Microsoft.Authorization/locks").is_err()
+        );
+        assert!(ArmPath::parse("/foo/providers/Microsoft.Authorization/roleAssignments").is_err());
+        assert!(Scope::parse("/subscriptions/s/resourceGroups").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The control plane over HTTPS in ARM's shapes. Order of checks follows ARM: authentication,
 //! then `api-version`, then the path, then authorization, then the body.
 
+use crate::authz;
 use crate::error::{Result, ServerError};
 use crate::resources::{self as res, VmBody};
 use crate::state::AppState;
@@ -27,6 +28,7 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/subscriptions", any(handle))
         .route("/subscriptions/{*rest}", any(handle))
+        .route("/providers/{*rest}", any(handle))
 }
 
 /// The authenticated caller.
@@ -34,7 +36,6 @@ pub fn routes() -> Router<Arc<AppState>> {
 pub struct Caller {
     pub object_id: String,
     pub client_id: String,
-    pub is_service_principal: bool,
 }
 
 fn authenticate(s: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller> {
@@ -82,29 +83,20 @@ fn authenticate(s: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller>
             "The received access token is not valid: at least one of the claims 'puid' or 'altsecid' or 'oid' should be present.",
         ));
     }
-    // Only registered service principals administer the control plane until role assignments
-    // exist; a managed identity's token is authenticated but not authorized.
-    let is_service_principal = claims.get("xms_mirid").is_none()
-        && s.store
-            .get_service_principal(&client_id)?
-            .is_some_and(|sp| sp.object_id == object_id);
     Ok(Caller {
         object_id,
         client_id,
-        is_service_principal,
     })
 }
 
-fn authorize(caller: &Caller, action: &str, scope: &str) -> Result<()> {
-    if caller.is_service_principal {
-        Ok(())
-    } else {
-        Err(ServerError::AuthorizationFailed {
-            principal: caller.object_id.clone(),
-            action: action.to_string(),
-            scope: scope.to_string(),
-        })
-    }
+fn authorize(s: &AppState, caller: &Caller, action: &str, scope: &str) -> Result<()> {
+    authz::check(s, &caller.object_id, action, scope)
+}
+
+/// Whether `grants` allow `action` on the resource whose JSON is `item` (its `id`).
+fn readable(grants: &[keyless_core::rbac::Grant], action: &str, item: &Value) -> bool {
+    let id = item["id"].as_str().unwrap_or_default();
+    keyless_core::rbac::authorize(grants, action, id).is_some()
 }
 
 fn verb(method: &Method) -> &'static str {
@@ -116,7 +108,7 @@ fn verb(method: &Method) -> &'static str {
     }
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     if body.is_empty() {
         return Err(ServerError::InvalidRequestContent(
             "The request content is empty.".into(),
@@ -209,15 +201,31 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
     let sub_scope = |sub: &str| format!("/subscriptions/{sub}");
 
     match path {
+        ArmPath::Authorization { scope, kind, name } => {
+            check_version(api_version::AUTHORIZATION, &version, None)?;
+            crate::roles::handle(&s, &caller, m, &scope, kind, name, &query, &body)
+        }
         ArmPath::Subscriptions => {
             check_version(api_version::RESOURCES, &version, None)?;
-            authorize(&caller, "Microsoft.Resources/subscriptions/read", "/")?;
-            Ok(list(vec![subscription_json(&s)]))
+            // the subscriptions the caller can read
+            let scope = sub_scope(&s.subscription_id);
+            let readable = authz::permitted(
+                &s,
+                &caller.object_id,
+                "Microsoft.Resources/subscriptions/read",
+                &scope,
+            )?;
+            Ok(list(if readable {
+                vec![subscription_json(&s)]
+            } else {
+                vec![]
+            }))
         }
         ArmPath::Subscription { subscription } => {
             check_version(api_version::RESOURCES, &version, None)?;
             res::check_subscription(&s, &subscription)?;
             authorize(
+                &s,
                 &caller,
                 "Microsoft.Resources/subscriptions/read",
                 &sub_scope(&subscription),
@@ -230,16 +238,25 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
         ArmPath::ResourceGroups { subscription } => {
             check_version(api_version::RESOURCES, &version, None)?;
             res::check_subscription(&s, &subscription)?;
-            authorize(
-                &caller,
-                "Microsoft.Resources/subscriptions/resourceGroups/read",
-                &sub_scope(&subscription),
-            )?;
             if *m != Method::GET {
                 return Err(ServerError::MethodNotAllowed(m.to_string()));
             }
+            // the groups the caller can read
+            let grants = authz::grants(&s, &caller.object_id)?;
             let groups = s.store.list_resource_groups(&subscription)?;
-            Ok(list(groups.iter().map(res::rg_json).collect()))
+            Ok(list(
+                groups
+                    .iter()
+                    .map(res::rg_json)
+                    .filter(|g| {
+                        readable(
+                            &grants,
+                            "Microsoft.Resources/subscriptions/resourceGroups/read",
+                            g,
+                        )
+                    })
+                    .collect(),
+            ))
         }
         ArmPath::ResourceGroup {
             subscription,
@@ -249,6 +266,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             res::check_subscription(&s, &subscription)?;
             let scope = format!("/subscriptions/{subscription}/resourceGroups/{resource_group}");
             authorize(
+                &s,
                 &caller,
                 &format!(
                     "Microsoft.Resources/subscriptions/resourceGroups/{}",
@@ -317,24 +335,37 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 Some(rg) => format!("/subscriptions/{subscription}/resourceGroups/{rg}"),
                 None => sub_scope(&subscription),
             };
-            authorize(&caller, &format!("{}/{}/read", t.0, t.1), &scope)?;
+            let read = format!("{}/{}/read", t.0, t.1);
+            if resource_group.is_some() {
+                authorize(&s, &caller, &read, &scope)?;
+            }
             if *m != Method::GET {
                 return Err(ServerError::MethodNotAllowed(m.to_string()));
             }
             if let Some(rg) = &resource_group {
                 res::get_resource_group(&s, &subscription, rg)?;
             }
+            // a subscription-wide list shows what the caller can read
+            let grants = authz::grants(&s, &caller.object_id)?;
             if t == UAMI {
                 let ids = s
                     .store
                     .list_identities(&subscription, resource_group.as_deref())?;
-                Ok(list(ids.iter().map(res::identity_json).collect()))
+                let items = ids.iter().map(res::identity_json);
+                Ok(list(
+                    items.filter(|v| readable(&grants, &read, v)).collect(),
+                ))
             } else {
                 let vms = s.store.list_vms(&subscription, resource_group.as_deref())?;
+                let items = vms
+                    .iter()
+                    .map(|v| res::vm_json(&s, v))
+                    .collect::<Result<Vec<_>>>()?;
                 Ok(list(
-                    vms.iter()
-                        .map(|v| res::vm_json(&s, v))
-                        .collect::<Result<Vec<_>>>()?,
+                    items
+                        .into_iter()
+                        .filter(|v| readable(&grants, &read, v))
+                        .collect(),
                 ))
             }
         }
@@ -343,6 +374,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             check_version(versions, &version, Some(t))?;
             res::check_subscription(&s, &rid.subscription)?;
             authorize(
+                &s,
                 &caller,
                 &format!("{}/{}/{}", t.0, t.1, verb(m)),
                 &rid.canonical(),
@@ -350,7 +382,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             if t == UAMI {
                 identity(&s, m, &rid, &body)
             } else {
-                vm(&s, m, &rid, &body)
+                vm(&s, &caller, m, &rid, &body)
             }
         }
         ArmPath::Action { resource, action } => {
@@ -359,6 +391,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             res::check_subscription(&s, &resource.subscription)?;
             if t == VM && action.eq_ignore_ascii_case("generateJoinToken") && *m == Method::POST {
                 authorize(
+                    &s,
                     &caller,
                     "Microsoft.Compute/virtualMachines/generateJoinToken/action",
                     &resource.canonical(),
@@ -426,11 +459,31 @@ fn identity(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<R
     }
 }
 
-fn vm(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<Response> {
+fn vm(
+    s: &AppState,
+    caller: &Caller,
+    m: &Method,
+    rid: &ResourceId,
+    body: &[u8],
+) -> Result<Response> {
     match *m {
         Method::PUT | Method::PATCH => {
             let b: VmBody = parse_body(body)?;
-            let (rec, created) = res::write_vm(s, rid, b, *m == Method::PATCH)?;
+            let action = "Microsoft.Compute/virtualMachines/write";
+            let may_assign = |identity: &str| -> Result<()> {
+                if authz::permitted(s, &caller.object_id, authz::ASSIGN_IDENTITY, identity)? {
+                    Ok(())
+                } else {
+                    Err(ServerError::LinkedAuthorizationFailed {
+                        principal: caller.object_id.clone(),
+                        action: action.to_string(),
+                        scope: rid.canonical(),
+                        linked_action: authz::ASSIGN_IDENTITY.to_string(),
+                        linked_scope: identity.to_string(),
+                    })
+                }
+            };
+            let (rec, created) = res::write_vm(s, rid, b, *m == Method::PATCH, &may_assign)?;
             Ok(created_or_ok(created, res::vm_json(s, &rec)?))
         }
         Method::GET => Ok(Json(res::vm_json(s, &res::get_vm(s, rid)?)?).into_response()),

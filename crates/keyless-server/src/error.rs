@@ -68,6 +68,28 @@ pub enum ServerError {
     },
     #[error("{0}")]
     FailedIdentityOperation(String),
+    #[error("The client '{principal}' with object id '{principal}' has permission to perform action '{action}' on scope '{scope}'; however, it does not have permission to perform action '{linked_action}' on the linked scope(s) '{linked_scope}' or the linked scope(s) are invalid.")]
+    LinkedAuthorizationFailed {
+        principal: String,
+        action: String,
+        scope: String,
+        linked_action: String,
+        linked_scope: String,
+    },
+    #[error("The specified role definition with ID '{0}' does not exist.")]
+    RoleDefinitionDoesNotExist(String),
+    #[error("Principal {principal} does not exist in the directory {tenant}. Check that you have the correct principal ID. If you are creating this principal and then immediately assigning a role, this error might be related to a replication delay.")]
+    PrincipalNotFound { principal: String, tenant: String },
+    #[error("The role assignment ID '{0}' is not valid. The role assignment ID must be a GUID.")]
+    InvalidRoleAssignmentId(String),
+    #[error("The role assignment '{0}' is not found.")]
+    RoleAssignmentNotFound(String),
+    #[error("The role assignment already exists.")]
+    RoleAssignmentExists,
+    #[error("Tenant ID, application ID, principal ID, and scope are not allowed to be updated.")]
+    RoleAssignmentUpdateNotPermitted,
+    #[error("The role definition '{0}' is not assignable at this scope, or the scope is invalid.")]
+    InvalidRoleAssignmentScope(String),
     #[error("The HTTP method '{0}' is not supported for this resource.")]
     MethodNotAllowed(String),
 
@@ -161,6 +183,22 @@ impl ServerError {
             InvalidResourceLocation(_) => (StatusCode::CONFLICT, "InvalidResourceLocation"),
             InvalidParameter { .. } => (StatusCode::BAD_REQUEST, "InvalidParameter"),
             FailedIdentityOperation(_) => (StatusCode::BAD_REQUEST, "FailedIdentityOperation"),
+            LinkedAuthorizationFailed { .. } => {
+                (StatusCode::FORBIDDEN, "LinkedAuthorizationFailed")
+            }
+            RoleDefinitionDoesNotExist(_) => {
+                (StatusCode::BAD_REQUEST, "RoleDefinitionDoesNotExist")
+            }
+            PrincipalNotFound { .. } => (StatusCode::BAD_REQUEST, "PrincipalNotFound"),
+            InvalidRoleAssignmentId(_) => (StatusCode::BAD_REQUEST, "InvalidRoleAssignmentId"),
+            RoleAssignmentExists => (StatusCode::CONFLICT, "RoleAssignmentExists"),
+            RoleAssignmentNotFound(_) => (StatusCode::NOT_FOUND, "RoleAssignmentNotFound"),
+            RoleAssignmentUpdateNotPermitted => {
+                (StatusCode::CONFLICT, "RoleAssignmentUpdateNotPermitted")
+            }
+            InvalidRoleAssignmentScope(_) => {
+                (StatusCode::BAD_REQUEST, "InvalidRoleAssignmentScope")
+            }
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             Sts { .. }
             | Host { .. }

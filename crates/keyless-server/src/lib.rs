@@ -7,10 +7,12 @@
 //! names, and [`tokens::mint`] signs the claims built by `keyless_core::claims`.
 
 pub mod arm;
+pub mod authz;
 pub mod error;
 pub mod host;
 pub mod keys;
 pub mod resources;
+pub mod roles;
 pub mod state;
 pub mod sts;
 pub mod tokens;

@@ -224,11 +224,22 @@ fn current_host_identity(s: &AppState, vm: &VmRecord) -> Result<HostIdentity> {
 
 /// Create or replace (PUT) or merge (PATCH) a VM, applying the identity lifecycle of seed 002:
 /// a system-assigned identity is created with the VM and deleted when the type drops it.
+/// Checks that the caller may attach a user-assigned identity (by its canonical id) to a host.
+pub type LinkCheck<'a> = &'a dyn Fn(&str) -> Result<()>;
+
+/// A [`LinkCheck`] for trusted internal callers (bootstrap).
+pub fn trusted(_: &str) -> Result<()> {
+    Ok(())
+}
+
+/// Create or replace (PUT) or merge (PATCH) a VM. `may_assign` is asked for every
+/// user-assigned identity the write adds to the VM.
 pub fn write_vm(
     s: &AppState,
     rid: &ResourceId,
     body: VmBody,
     patch: bool,
+    may_assign: LinkCheck<'_>,
 ) -> Result<(VmRecord, bool)> {
     let rg = get_resource_group(s, &rid.subscription, &rid.resource_group)?;
     names::validate_vm_name(&rid.name).map_err(name_err)?;
@@ -267,6 +278,15 @@ pub fn write_vm(
     }
     .map_err(identity_err)?;
 
+    let current_keys: Vec<String> = match &existing {
+        Some(e) => s
+            .store
+            .vm_user_identities(&e.key)?
+            .into_iter()
+            .map(|i| i.key)
+            .collect(),
+        None => vec![],
+    };
     // Every user-assigned identity must exist in this subscription.
     let mut user_keys = Vec::with_capacity(ident.user.len());
     for u in &ident.user {
@@ -278,7 +298,12 @@ pub fn write_vm(
             None
         };
         match found {
-            Some(i) => user_keys.push(i.key),
+            Some(i) => {
+                if !current_keys.contains(&i.key) {
+                    may_assign(&i.resource_id)?;
+                }
+                user_keys.push(i.key)
+            }
             None => {
                 return Err(ServerError::FailedIdentityOperation(format!(
                     "Identity operation for resource '{}' failed with error 'Failed to perform resource identity operation. Status: 'BadRequest'. Response: '{{\"error\":{{\"code\":\"BadRequest\",\"message\":\"Resource '{}' was not found.\"}}}}'.'.",

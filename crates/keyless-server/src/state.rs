@@ -194,6 +194,27 @@ pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Boo
             )
         }
     };
+    // The bootstrap admin is Owner of the subscription (once: a later removal is respected).
+    if store.get_meta("admin_owner_assigned")?.is_none() {
+        if let Some(sp) = store.get_service_principal(&admin_client_id)? {
+            let role = keyless_core::rbac::role_by_id(keyless_core::rbac::OWNER)
+                .map(|r| r.id)
+                .unwrap_or_default();
+            store.insert_role_assignment(&keyless_store::RoleAssignmentRecord {
+                name: new_guid(),
+                scope: format!("/subscriptions/{subscription_id}"),
+                role_definition_id: format!(
+                    "/subscriptions/{subscription_id}/providers/Microsoft.Authorization/roleDefinitions/{role}"
+                ),
+                principal_id: sp.object_id.to_ascii_lowercase(),
+                principal_type: "ServicePrincipal".into(),
+                description: Some("Keyless bootstrap admin".into()),
+                created: now,
+                created_by: "keyless".into(),
+            })?;
+        }
+        store.set_meta("admin_owner_assigned", "1")?;
+    }
     Ok((
         Bootstrap {
             tenant_id,

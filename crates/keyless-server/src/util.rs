@@ -42,6 +42,11 @@ pub fn format_utc(unix: u64) -> String {
     )
 }
 
+/// ISO-8601 `YYYY-MM-DDThh:mm:ssZ`.
+pub fn format_iso(unix: u64) -> String {
+    format_utc(unix).replacen(' ', "T", 1)
+}
+
 pub fn utc_timestamp() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -166,6 +166,7 @@ fn main() {
                 ..Default::default()
             },
             false,
+            &resources::trusted,
         )
         .unwrap();
         let (join, _) = resources::create_join_token(&s, &vm, 60).unwrap();

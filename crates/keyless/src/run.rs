@@ -285,6 +285,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
                 ..Default::default()
             },
             false,
+            &resources::trusted,
         )?;
     }
     let vm = resources::get_vm(&s, &vm_id)?;

@@ -125,9 +125,14 @@ async fn control_plane_refuses_bad_callers_and_bad_input_without_changing_state(
     // a managed identity token for ARM is authenticated but not authorized
     let (st, mi) = imds_token(&up.s("/imdsUrl"), "resource=https://management.azure.com/").await;
     assert_eq!(st, 200);
+    let mi_token = mi["access_token"].as_str().unwrap();
+    // lists show only what the caller may read: nothing
+    let r = c.get(&list).bearer_auth(mi_token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["value"], json!([]));
     let r = c
-        .get(&list)
-        .bearer_auth(mi["access_token"].as_str().unwrap())
+        .get(format!("{}{}", a.server, a.rg_path("keyless")))
+        .bearer_auth(mi_token)
         .send()
         .await
         .unwrap();

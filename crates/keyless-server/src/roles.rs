@@ -1,0 +1,389 @@
+//! `Microsoft.Authorization/roleDefinitions` (built-in roles, read-only) and
+//! `Microsoft.Authorization/roleAssignments` at any scope.
+
+use crate::arm::Caller;
+use crate::authz;
+use crate::error::{Result, ServerError};
+use crate::resources as res;
+use crate::state::AppState;
+use crate::util::format_iso;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keyless_core::rbac::{self, RoleDefinition, BUILT_IN_ROLES};
+use keyless_core::resource_id::{AuthorizationKind, Scope, UAMI, VM};
+use keyless_store::{PrincipalKind, RoleAssignmentInsert, RoleAssignmentRecord};
+use serde_json::{json, Value};
+
+/// The `{scope}` prefix of an extension resource id (empty for the root scope).
+fn prefix(scope: &str) -> &str {
+    if scope == "/" {
+        ""
+    } else {
+        scope
+    }
+}
+
+fn definition_id(s: &AppState, role: &RoleDefinition) -> String {
+    format!(
+        "/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/{}",
+        s.subscription_id, role.id
+    )
+}
+
+pub fn definition_json(s: &AppState, role: &RoleDefinition) -> Value {
+    json!({
+        "id": definition_id(s, role),
+        "name": role.id,
+        "type": "Microsoft.Authorization/roleDefinitions",
+        "properties": {
+            "roleName": role.role_name,
+            "type": "BuiltInRole",
+            "description": role.description,
+            "assignableScopes": ["/"],
+            "permissions": [{
+                "actions": role.actions,
+                "notActions": role.not_actions,
+                "dataActions": role.data_actions,
+                "notDataActions": role.not_data_actions,
+            }],
+            "createdOn": "2015-02-02T21:55:09.8806423Z",
+            "updatedOn": "2025-01-01T00:00:00.0000000Z",
+            "createdBy": null,
+            "updatedBy": null,
+        },
+    })
+}
+
+pub fn assignment_json(ra: &RoleAssignmentRecord) -> Value {
+    json!({
+        "properties": {
+            "roleDefinitionId": ra.role_definition_id,
+            "principalId": ra.principal_id,
+            "principalType": ra.principal_type,
+            "scope": ra.scope,
+            "condition": null,
+            "conditionVersion": null,
+            "createdOn": format_iso(ra.created),
+            "updatedOn": format_iso(ra.created),
+            "createdBy": ra.created_by,
+            "updatedBy": ra.created_by,
+            "delegatedManagedIdentityResourceId": null,
+            "description": ra.description,
+        },
+        "id": format!("{}/providers/Microsoft.Authorization/roleAssignments/{}", prefix(&ra.scope), ra.name),
+        "type": "Microsoft.Authorization/roleAssignments",
+        "name": ra.name,
+    })
+}
+
+/// The scope must be in our subscription and exist.
+fn check_scope(s: &AppState, scope: &Scope) -> Result<()> {
+    if let Some(sub) = scope.subscription() {
+        res::check_subscription(s, sub)?;
+    }
+    match scope {
+        Scope::ResourceGroup {
+            subscription,
+            resource_group,
+        } => {
+            res::get_resource_group(s, subscription, resource_group)?;
+        }
+        Scope::Resource(r) if r.is_type(UAMI) => {
+            res::get_identity(s, r)?;
+        }
+        Scope::Resource(r) if r.is_type(VM) => {
+            res::get_vm(s, r)?;
+        }
+        Scope::Resource(r) => {
+            return Err(ServerError::InvalidResourceType {
+                namespace: r.namespace.clone(),
+                type_name: r.type_name.clone(),
+            })
+        }
+        Scope::Root | Scope::Subscription(_) => {}
+    }
+    Ok(())
+}
+
+/// `$filter` of role assignment lists: `atScope()`, `principalId eq '…'`, `assignedTo('…')`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AssignmentFilter {
+    pub at_scope: bool,
+    pub principal: Option<String>,
+}
+
+pub fn parse_filter(f: &str) -> AssignmentFilter {
+    let lower = f.to_ascii_lowercase();
+    let quoted_after = |key: &str| -> Option<String> {
+        let i = lower.find(key)? + key.len();
+        let rest = &f[i..];
+        let start = rest.find('\'')? + 1;
+        let end = rest[start..].find('\'')? + start;
+        Some(rest[start..end].to_string())
+    };
+    AssignmentFilter {
+        at_scope: lower.contains("atscope()"),
+        principal: quoted_after("principalid eq").or_else(|| quoted_after("assignedto(")),
+    }
+}
+
+/// Which stored assignments a list at `scope` shows: those at, above (inherited) and, unless
+/// `atScope()`, below the scope.
+pub fn visible(ra: &RoleAssignmentRecord, scope: &str, filter: &AssignmentFilter) -> bool {
+    let above_or_at = rbac::scope_covers(&ra.scope, scope);
+    let below = rbac::scope_covers(scope, &ra.scope);
+    let in_scope = above_or_at || (!filter.at_scope && below);
+    in_scope
+        && filter
+            .principal
+            .as_deref()
+            .is_none_or(|p| p.eq_ignore_ascii_case(&ra.principal_id))
+}
+
+#[derive(serde::Deserialize)]
+struct AssignmentBody {
+    properties: AssignmentProps,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AssignmentProps {
+    role_definition_id: String,
+    principal_id: String,
+    principal_type: Option<String>,
+    description: Option<String>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn handle(
+    s: &AppState,
+    caller: &Caller,
+    m: &Method,
+    scope: &Scope,
+    kind: AuthorizationKind,
+    name: Option<String>,
+    query: &[(String, String)],
+    body: &[u8],
+) -> Result<Response> {
+    let scope_s = scope.canonical();
+    let filter = query
+        .iter()
+        .find(|(k, _)| k == "$filter")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    match (kind, m.clone(), name) {
+        (AuthorizationKind::RoleDefinitions, Method::GET, None) => {
+            authz::check(
+                s,
+                &caller.object_id,
+                "Microsoft.Authorization/roleDefinitions/read",
+                &scope_s,
+            )?;
+            check_scope(s, scope)?;
+            let lower = filter.to_ascii_lowercase();
+            let wanted = lower.find("rolename eq").and_then(|i| {
+                let rest = &filter[i..];
+                let a = rest.find('\'')? + 1;
+                let b = rest[a..].find('\'')? + a;
+                Some(rest[a..b].to_string())
+            });
+            let roles: Vec<Value> = BUILT_IN_ROLES
+                .iter()
+                .filter(|r| {
+                    wanted
+                        .as_deref()
+                        .is_none_or(|w| r.role_name.eq_ignore_ascii_case(w))
+                })
+                .filter(|_| !lower.contains("type eq 'customrole'"))
+                .map(|r| definition_json(s, r))
+                .collect();
+            Ok(Json(json!({ "value": roles })).into_response())
+        }
+        (AuthorizationKind::RoleDefinitions, Method::GET, Some(id)) => {
+            authz::check(
+                s,
+                &caller.object_id,
+                "Microsoft.Authorization/roleDefinitions/read",
+                &scope_s,
+            )?;
+            let role = rbac::role_by_id(&id).ok_or(ServerError::RoleDefinitionDoesNotExist(id))?;
+            Ok(Json(definition_json(s, role)).into_response())
+        }
+        (AuthorizationKind::RoleDefinitions, m, _) => {
+            Err(ServerError::MethodNotAllowed(m.to_string()))
+        }
+
+        (AuthorizationKind::RoleAssignments, Method::GET, None) => {
+            authz::check(
+                s,
+                &caller.object_id,
+                "Microsoft.Authorization/roleAssignments/read",
+                &scope_s,
+            )?;
+            check_scope(s, scope)?;
+            let f = parse_filter(filter);
+            let list: Vec<Value> = s
+                .store
+                .list_role_assignments()?
+                .iter()
+                .filter(|ra| visible(ra, &scope_s, &f))
+                .map(assignment_json)
+                .collect();
+            Ok(Json(json!({ "value": list })).into_response())
+        }
+        (AuthorizationKind::RoleAssignments, Method::GET, Some(n)) => {
+            authz::check(
+                s,
+                &caller.object_id,
+                "Microsoft.Authorization/roleAssignments/read",
+                &scope_s,
+            )?;
+            let ra = s
+                .store
+                .get_role_assignment(&n)?
+                .filter(|ra| ra.scope.eq_ignore_ascii_case(&scope_s))
+                .ok_or(ServerError::RoleAssignmentNotFound(n))?;
+            Ok(Json(assignment_json(&ra)).into_response())
+        }
+        (AuthorizationKind::RoleAssignments, Method::PUT, Some(n)) => {
+            let guid = uuid::Uuid::parse_str(&n)
+                .map_err(|_| ServerError::InvalidRoleAssignmentId(n.clone()))?;
+            authz::check(
+                s,
+                &caller.object_id,
+                "Microsoft.Authorization/roleAssignments/write",
+                &scope_s,
+            )?;
+            let b: AssignmentBody = crate::arm::parse_body(body)?;
+            check_scope(s, scope)?;
+            let role = rbac::role_by_id(&b.properties.role_definition_id).ok_or_else(|| {
+                ServerError::RoleDefinitionDoesNotExist(
+                    b.properties
+                        .role_definition_id
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })?;
+            let principal = b.properties.principal_id.trim().to_ascii_lowercase();
+            let kind = s.store.principal_kind(&principal)?.ok_or_else(|| {
+                ServerError::PrincipalNotFound {
+                    principal: b.properties.principal_id.clone(),
+                    tenant: s.tenant_id.clone(),
+                }
+            })?;
+            let principal_type = b.properties.principal_type.unwrap_or_else(|| match kind {
+                PrincipalKind::ServicePrincipal | PrincipalKind::ManagedIdentity => {
+                    "ServicePrincipal".into()
+                }
+            });
+            let rec = RoleAssignmentRecord {
+                name: guid.to_string(),
+                scope: scope_s.clone(),
+                role_definition_id: definition_id(s, role),
+                principal_id: principal,
+                principal_type,
+                description: b.properties.description,
+                created: s.now(),
+                created_by: caller.object_id.clone(),
+            };
+            match s.store.insert_role_assignment(&rec)? {
+                RoleAssignmentInsert::Created => {
+                    Ok((StatusCode::CREATED, Json(assignment_json(&rec))).into_response())
+                }
+                RoleAssignmentInsert::NameTaken(existing) => {
+                    let same = existing.scope.eq_ignore_ascii_case(&rec.scope)
+                        && existing.principal_id == rec.principal_id
+                        && rbac::role_by_id(&existing.role_definition_id).map(|r| r.id)
+                            == Some(role.id);
+                    if same {
+                        Ok((StatusCode::CREATED, Json(assignment_json(&existing))).into_response())
+                    } else {
+                        Err(ServerError::RoleAssignmentUpdateNotPermitted)
+                    }
+                }
+                RoleAssignmentInsert::Duplicate => Err(ServerError::RoleAssignmentExists),
+            }
+        }
+        (AuthorizationKind::RoleAssignments, Method::DELETE, Some(n)) => {
+            authz::check(
+                s,
+                &caller.object_id,
+                "Microsoft.Authorization/roleAssignments/delete",
+                &scope_s,
+            )?;
+            match s.store.get_role_assignment(&n)? {
+                Some(ra) if ra.scope.eq_ignore_ascii_case(&scope_s) => {
+                    s.store.delete_role_assignment(&n)?;
+                    Ok(Json(assignment_json(&ra)).into_response())
+                }
+                _ => Ok(StatusCode::NO_CONTENT.into_response()),
+            }
+        }
+        (AuthorizationKind::RoleAssignments, m, _) => {
+            Err(ServerError::MethodNotAllowed(m.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ra(scope: &str, principal: &str) -> RoleAssignmentRecord {
+        RoleAssignmentRecord {
+            name: "n".into(),
+            scope: scope.into(),
+            role_definition_id: "x".into(),
+            principal_id: principal.into(),
+            principal_type: "ServicePrincipal".into(),
+            description: None,
+            created: 0,
+            created_by: "c".into(),
+        }
+    }
+
+    #[test]
+    fn filters() {
+        assert_eq!(
+            parse_filter("atScope() and principalId eq 'ABC'"),
+            AssignmentFilter {
+                at_scope: true,
+                principal: Some("ABC".into())
+            }
+        );
+        assert_eq!(
+            parse_filter("assignedTo('x')").principal.as_deref(),
+            Some("x")
+        );
+        assert_eq!(parse_filter(""), AssignmentFilter::default());
+    }
+
+    #[test]
+    fn visibility_at_above_below() {
+        let rg = "/subscriptions/s/resourceGroups/rg";
+        let below = format!("{rg}/providers/Microsoft.Compute/virtualMachines/v");
+        let all = AssignmentFilter::default();
+        let at = AssignmentFilter {
+            at_scope: true,
+            principal: None,
+        };
+        assert!(visible(&ra("/subscriptions/s", "p"), rg, &all));
+        assert!(visible(&ra(rg, "p"), rg, &at));
+        assert!(visible(&ra(&below, "p"), rg, &all));
+        assert!(!visible(&ra(&below, "p"), rg, &at));
+        assert!(!visible(
+            &ra("/subscriptions/s/resourceGroups/other", "p"),
+            rg,
+            &all
+        ));
+        let who = AssignmentFilter {
+            at_scope: false,
+            principal: Some("P".into()),
+        };
+        assert!(visible(&ra(rg, "p"), rg, &who));
+        assert!(!visible(&ra(rg, "q"), rg, &who));
+    }
+}
