@@ -39,6 +39,15 @@ pub struct Caller {
 }
 
 fn authenticate(s: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller> {
+    authenticate_with(s, headers, &s.management_audiences())
+}
+
+/// Authenticate a bearer token from our token service for one of `audiences`.
+pub fn authenticate_with(
+    s: &AppState,
+    headers: &axum::http::HeaderMap,
+    audiences: &[String],
+) -> Result<Caller> {
     let tenant_uri = format!("{}/{}", s.base_url, s.tenant_id);
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ServerError::AuthenticationMissing { tenant: tenant_uri });
@@ -56,7 +65,7 @@ fn authenticate(s: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller>
         })
         .map(str::trim)
         .ok_or_else(|| invalid("The authentication scheme of Bearer is required."))?;
-    let claims = tokens::verify(s, token, &s.management_audiences()).map_err(|e| match e {
+    let claims = tokens::verify(s, token, audiences).map_err(|e| match e {
         JwtError::Expired => ServerError::ExpiredAuthenticationToken(
             "The access token has expired. Acquire a new token and retry.".into(),
         ),

@@ -9,6 +9,7 @@
 pub mod arm;
 pub mod authz;
 pub mod error;
+pub mod graph;
 pub mod host;
 pub mod keys;
 pub mod resources;
@@ -45,6 +46,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(sts::routes())
         .merge(arm::routes())
         .merge(host::routes())
+        .merge(graph::routes())
         .fallback(|| async {
             ServerError::InvalidPath("The requested path is not served by Keyless.".into())
         })

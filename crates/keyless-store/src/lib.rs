@@ -52,6 +52,17 @@ pub enum PrincipalKind {
     ManagedIdentity,
 }
 
+/// A directory object (service principal or managed identity), as a Graph-like lookup shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    pub object_id: String,
+    pub app_id: String,
+    pub display_name: String,
+    pub kind: PrincipalKind,
+    /// For a managed identity: its ARM resource id.
+    pub resource_id: Option<String>,
+}
+
 /// Outcome of inserting a role assignment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoleAssignmentInsert {
@@ -129,6 +140,8 @@ pub trait Store: Send + Sync + 'static {
     // -- directory and role assignments
     /// What kind of principal an object id names, if it exists.
     fn principal_kind(&self, object_id: &str) -> Result<Option<PrincipalKind>>;
+    /// A principal by object id or by app (client) id.
+    fn directory_lookup(&self, id: &str) -> Result<Option<DirectoryEntry>>;
     fn insert_role_assignment(&self, ra: &RoleAssignmentRecord) -> Result<RoleAssignmentInsert>;
     fn get_role_assignment(&self, name: &str) -> Result<Option<RoleAssignmentRecord>>;
     fn list_role_assignments(&self) -> Result<Vec<RoleAssignmentRecord>>;

@@ -609,6 +609,47 @@ impl Store for SqliteStore {
         Ok(id.map(|_| PrincipalKind::ManagedIdentity))
     }
 
+    fn directory_lookup(&self, id: &str) -> Result<Option<DirectoryEntry>> {
+        let id = lower(id);
+        let sp: Option<String> = self
+            .lock()
+            .query_row(
+                "SELECT body FROM service_principals WHERE object_id = ?1 OR lower(client_id) = ?1",
+                [&id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(b) = sp {
+            let sp: ServicePrincipalRecord = parse(&b)?;
+            return Ok(Some(DirectoryEntry {
+                object_id: sp.object_id,
+                app_id: sp.client_id,
+                display_name: sp.display_name,
+                kind: PrincipalKind::ServicePrincipal,
+                resource_id: None,
+            }));
+        }
+        let mi: Option<String> = self
+            .lock()
+            .query_row(
+                "SELECT body FROM identities WHERE lower(principal_id) = ?1 OR lower(client_id) = ?1",
+                [&id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        mi.map(|b| {
+            let i: IdentityRecord = parse(&b)?;
+            Ok(DirectoryEntry {
+                object_id: i.principal_id,
+                app_id: i.client_id,
+                display_name: i.name,
+                kind: PrincipalKind::ManagedIdentity,
+                resource_id: Some(i.resource_id),
+            })
+        })
+        .transpose()
+    }
+
     fn insert_role_assignment(&self, ra: &RoleAssignmentRecord) -> Result<RoleAssignmentInsert> {
         self.tx(|tx| {
             let existing: Option<String> = tx

@@ -851,3 +851,318 @@ pub async fn get_token(a: GetTokenArgs) -> Result<(), CliError> {
     print_value(&v, a.output);
     Ok(())
 }
+
+// ------------------------------------------------------------------ role
+
+const AUTHZ_API: &str = "2022-04-01";
+
+#[derive(Args)]
+pub struct RoleCmd {
+    #[command(subcommand)]
+    cmd: RoleVerb,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Subcommand)]
+enum RoleVerb {
+    /// Role assignments.
+    Assignment {
+        #[command(subcommand)]
+        verb: AssignmentVerb,
+    },
+    /// Role definitions (built-in roles).
+    Definition {
+        #[command(subcommand)]
+        verb: DefinitionVerb,
+    },
+}
+
+#[derive(Subcommand)]
+enum DefinitionVerb {
+    List {
+        /// A role name, e.g. "Managed Identity Operator".
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AssignmentVerb {
+    /// Assign a role to a principal (object id, or client id of a service principal or managed identity).
+    Create {
+        #[arg(long)]
+        assignee: Option<String>,
+        /// Skip the directory lookup: the object id of the principal.
+        #[arg(long)]
+        assignee_object_id: Option<String>,
+        /// Role name or id.
+        #[arg(long)]
+        role: String,
+        /// Scope: subscription, group or resource id (default: -g's group, else the subscription).
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        assignee: Option<String>,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+        /// Show assignments at and above the scope and below it (default: at and above).
+        #[arg(long)]
+        all: bool,
+    },
+    Delete {
+        /// Role assignment ids.
+        #[arg(long, num_args = 1..)]
+        ids: Vec<String>,
+        #[arg(long)]
+        assignee: Option<String>,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+    },
+}
+
+impl Api {
+    fn scope(&self, scope: Option<String>, rg: Option<String>) -> Result<String, CliError> {
+        let s = match (scope, rg) {
+            (Some(s), _) => s.trim_end_matches('/').to_string(),
+            (None, Some(rg)) => self.rg_path(&rg),
+            (None, None) => format!("/subscriptions/{}", self.subscription),
+        };
+        if keyless_core::resource_id::Scope::parse(&s).is_err() {
+            return Err(CliError::Usage(format!("invalid scope '{s}': use /subscriptions/<id>[/resourceGroups/<name>[/providers/...]]")));
+        }
+        Ok(s)
+    }
+
+    /// A role's full definition id from its name or id.
+    async fn role_id(&self, role: &str) -> Result<String, CliError> {
+        let base = format!(
+            "/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions",
+            self.subscription
+        );
+        let filter = if uuid::Uuid::parse_str(role).is_ok() {
+            None
+        } else {
+            Some(format!("roleName eq '{role}'"))
+        };
+        let path = match &filter {
+            Some(f) => format!(
+                "{base}?api-version={AUTHZ_API}&{}",
+                serde_urlencoded::to_string([("$filter", f)]).unwrap_or_default()
+            ),
+            None => format!("{base}/{role}?api-version={AUTHZ_API}"),
+        };
+        let v = match self.call(reqwest::Method::GET, &path, None).await {
+            Ok(v) => v,
+            Err(CliError::Remote { code, .. }) if code == "RoleDefinitionDoesNotExist" => {
+                Value::Null
+            }
+            Err(e) => return Err(e),
+        };
+        let id = if filter.is_some() {
+            v["value"][0]["id"].as_str()
+        } else {
+            v["id"].as_str()
+        };
+        id.map(str::to_string)
+            .ok_or_else(|| CliError::Usage(format!("Role '{role}' doesn't exist.")))
+    }
+
+    /// An assignee's object id, from an object id or a client (app) id.
+    async fn principal(&self, assignee: &str) -> Result<String, CliError> {
+        let f = serde_urlencoded::to_string([("$filter", format!("appId eq '{assignee}'"))])
+            .unwrap_or_default();
+        let by_app = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1.0/servicePrincipals?{f}"),
+                None,
+            )
+            .await?;
+        if let Some(id) = by_app["value"][0]["id"].as_str() {
+            return Ok(id.to_string());
+        }
+        match self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1.0/servicePrincipals/{assignee}"),
+                None,
+            )
+            .await
+        {
+            Ok(v) => Ok(v["id"].as_str().unwrap_or(assignee).to_string()),
+            Err(_) => Err(CliError::Usage(format!(
+                "Cannot find user or service principal in graph database for '{assignee}'."
+            ))),
+        }
+    }
+
+    async fn list_assignments(
+        &self,
+        scope: &str,
+        assignee: Option<&str>,
+        all: bool,
+    ) -> Result<Vec<Value>, CliError> {
+        let mut f = vec![];
+        if !all {
+            f.push("atScope()".to_string());
+        }
+        if let Some(a) = assignee {
+            f.push(format!("principalId eq '{}'", self.principal(a).await?));
+        }
+        let mut path = format!(
+            "{scope}/providers/Microsoft.Authorization/roleAssignments?api-version={AUTHZ_API}"
+        );
+        if !f.is_empty() {
+            path.push('&');
+            path.push_str(
+                &serde_urlencoded::to_string([("$filter", f.join(" and "))]).unwrap_or_default(),
+            );
+        }
+        Ok(self.call(reqwest::Method::GET, &path, None).await?["value"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+fn same_role(a: &Value, role_id: &str) -> bool {
+    let guid = |s: &str| {
+        s.rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
+    guid(
+        a["properties"]["roleDefinitionId"]
+            .as_str()
+            .unwrap_or_default(),
+    ) == guid(role_id)
+}
+
+pub async fn role(c: RoleCmd) -> Result<(), CliError> {
+    let api = Api::connect(&c.conn).await?;
+    let v = match c.cmd {
+        RoleVerb::Definition {
+            verb: DefinitionVerb::List { name },
+        } => {
+            let mut path = format!("/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions?api-version={AUTHZ_API}", api.subscription);
+            if let Some(n) = name {
+                path.push('&');
+                path.push_str(
+                    &serde_urlencoded::to_string([("$filter", format!("roleName eq '{n}'"))])
+                        .unwrap_or_default(),
+                );
+            }
+            api.call(reqwest::Method::GET, &path, None).await?["value"].clone()
+        }
+        RoleVerb::Assignment {
+            verb:
+                AssignmentVerb::Create {
+                    assignee,
+                    assignee_object_id,
+                    role,
+                    scope,
+                    resource_group,
+                    description,
+                },
+        } => {
+            let scope = api.scope(scope, resource_group)?;
+            let role_id = api.role_id(&role).await?;
+            let principal = match (assignee_object_id, assignee) {
+                (Some(o), _) => o,
+                (None, Some(a)) => api.principal(&a).await?,
+                (None, None) => {
+                    return Err(CliError::Usage(
+                        "--assignee or --assignee-object-id is required".into(),
+                    ))
+                }
+            };
+            let name = uuid::Uuid::new_v4();
+            let path = format!("{scope}/providers/Microsoft.Authorization/roleAssignments/{name}?api-version={AUTHZ_API}");
+            let body = json!({"properties": {"roleDefinitionId": role_id, "principalId": principal, "principalType": "ServicePrincipal", "description": description}});
+            api.call(reqwest::Method::PUT, &path, Some(body)).await?
+        }
+        RoleVerb::Assignment {
+            verb:
+                AssignmentVerb::List {
+                    assignee,
+                    role,
+                    scope,
+                    resource_group,
+                    all,
+                },
+        } => {
+            let scope = api.scope(scope, resource_group)?;
+            let mut list = api
+                .list_assignments(&scope, assignee.as_deref(), all)
+                .await?;
+            if let Some(r) = role {
+                let id = api.role_id(&r).await?;
+                list.retain(|a| same_role(a, &id));
+            }
+            Value::Array(list)
+        }
+        RoleVerb::Assignment {
+            verb:
+                AssignmentVerb::Delete {
+                    ids,
+                    assignee,
+                    role,
+                    scope,
+                    resource_group,
+                },
+        } => {
+            let targets: Vec<String> = if !ids.is_empty() {
+                ids
+            } else {
+                let scope = api.scope(scope, resource_group)?;
+                let mut list = api
+                    .list_assignments(&scope, assignee.as_deref(), false)
+                    .await?;
+                list.retain(|a| {
+                    a["properties"]["scope"]
+                        .as_str()
+                        .is_some_and(|s| s.eq_ignore_ascii_case(&scope))
+                });
+                if let Some(r) = role {
+                    let id = api.role_id(&r).await?;
+                    list.retain(|a| same_role(a, &id));
+                }
+                list.iter()
+                    .filter_map(|a| a["id"].as_str().map(str::to_string))
+                    .collect()
+            };
+            if targets.is_empty() {
+                return Err(CliError::Usage(
+                    "No matched assignments were found to delete".into(),
+                ));
+            }
+            for id in &targets {
+                api.call(
+                    reqwest::Method::DELETE,
+                    &format!("{id}?api-version={AUTHZ_API}"),
+                    None,
+                )
+                .await?;
+            }
+            return Ok(());
+        }
+    };
+    api.print(&v);
+    Ok(())
+}

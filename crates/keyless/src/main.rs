@@ -33,6 +33,8 @@ enum Command {
     Vm(admin::VmCmd),
     /// Manage resource groups.
     Group(admin::GroupCmd),
+    /// Role definitions and role assignments.
+    Role(admin::RoleCmd),
     /// Get a managed-identity token from the local IMDS endpoint.
     GetToken(admin::GetTokenArgs),
 }
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
             Command::Identity(c) => admin::identity(c).await,
             Command::Vm(c) => admin::vm(c).await,
             Command::Group(c) => admin::group(c).await,
+            Command::Role(c) => admin::role(c).await,
             Command::GetToken(a) => admin::get_token(a).await,
         }
     });

@@ -923,3 +923,290 @@ async fn host_credential_rotates_before_it_expires() {
     );
     server.proc.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_negative_matrix_for_a_managed_identity_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), &[]).unwrap();
+    let a = Admin::new(&up).await;
+    let data = up.dir.to_string_lossy().to_string();
+    let secret = up.secret().unwrap();
+    let env = [
+        ("KEYLESS_DATA_DIR", data.as_str()),
+        ("KEYLESS_CLIENT_SECRET", secret.as_str()),
+    ];
+    let cli = |args: &[&str]| run(args, &env);
+    let ok = |args: &[&str]| -> Value {
+        let out = cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let rg_scope = format!("/subscriptions/{}/resourceGroups/keyless", a.sub);
+    let demo_id = up.s("/demoIdentity/resourceId");
+    // the caller: this VM's system-assigned identity, with a token from IMDS
+    let me = up.s("/systemIdentity/principalId");
+    let (_, t) = imds_token(&up.s("/imdsUrl"), "resource=https://management.azure.com/").await;
+    let mi = Admin {
+        c: a.c.clone(),
+        server: a.server.clone(),
+        token: t["access_token"].as_str().unwrap().to_string(),
+        sub: a.sub.clone(),
+    };
+    let vm_body = |ids: &[&str]| {
+        let map: serde_json::Map<String, Value> =
+            ids.iter().map(|i| (i.to_string(), json!({}))).collect();
+        json!({"location": "local", "identity": {"type": "UserAssigned", "userAssignedIdentities": map}})
+    };
+
+    // Reader: can read, cannot create an identity
+    let reader = ok(&[
+        "role",
+        "assignment",
+        "create",
+        "--assignee",
+        &me,
+        "--role",
+        "Reader",
+        "--scope",
+        &rg_scope,
+    ]);
+    assert_eq!(reader["properties"]["principalId"], me.as_str());
+    let (st, _) = mi
+        .req(Method::GET, &mi.id_path("keyless", "keyless-demo"), None)
+        .await;
+    assert_eq!(st, 200);
+    let (st, v) = mi
+        .req(
+            Method::PUT,
+            &mi.id_path("keyless", "by-reader"),
+            Some(json!({"location": "local"})),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (403, "AuthorizationFailed"), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&me) && msg.contains("Microsoft.ManagedIdentity/userAssignedIdentities/write"),
+        "{msg}"
+    );
+
+    // Contributor on its own group, without Managed Identity Operator on the identity (which
+    // lives in another group where it is only Reader): cannot attach it
+    let (st, _) = a
+        .req(
+            Method::PUT,
+            &a.rg_path("workloads"),
+            Some(json!({"location": "local"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    ok(&[
+        "role",
+        "assignment",
+        "create",
+        "--assignee",
+        &me,
+        "--role",
+        "Contributor",
+        "-g",
+        "workloads",
+    ]);
+    let (st, _) = mi
+        .req(
+            Method::PUT,
+            &mi.id_path("workloads", "by-contrib"),
+            Some(json!({"location": "local"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let (st, v) = mi
+        .req(
+            Method::PUT,
+            &mi.vm_path("workloads", "mi-vm"),
+            Some(vm_body(&[&demo_id])),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (403, "LinkedAuthorizationFailed"), "{v}");
+    let (st, _) = mi
+        .req(Method::GET, &mi.vm_path("workloads", "mi-vm"), None)
+        .await;
+    assert_eq!(st, 404, "nothing written");
+    // ... but it may not grant itself the role either (Contributor's notActions)
+    let (st, v) = mi
+        .req(
+            Method::PUT,
+            &format!("{demo_id}/providers/Microsoft.Authorization/roleAssignments/{}?api-version=2022-04-01", uuid::Uuid::new_v4()),
+            Some(json!({"properties": {"roleDefinitionId": "/providers/Microsoft.Authorization/roleDefinitions/f1a07417-d97a-45cb-824c-7a7467783830", "principalId": me}})),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (403, "AuthorizationFailed"));
+
+    // granted Managed Identity Operator on the identity: it can
+    let mio = ok(&[
+        "role",
+        "assignment",
+        "create",
+        "--assignee",
+        &up.s("/systemIdentity/clientId"),
+        "--role",
+        "Managed Identity Operator",
+        "--scope",
+        &demo_id,
+    ]);
+    let (st, v) = mi
+        .req(
+            Method::PUT,
+            &mi.vm_path("workloads", "mi-vm"),
+            Some(vm_body(&[&demo_id])),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+
+    // the assignment deleted: it cannot again
+    ok(&[
+        "role",
+        "assignment",
+        "delete",
+        "--ids",
+        mio["id"].as_str().unwrap(),
+    ]);
+    let (st, v) = mi
+        .req(
+            Method::PUT,
+            &mi.vm_path("workloads", "mi-vm2"),
+            Some(vm_body(&[&demo_id])),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (403, "LinkedAuthorizationFailed"));
+
+    // lists and filters
+    let mine = ok(&["role", "assignment", "list", "--assignee", &me, "--all"]);
+    assert_eq!(mine.as_array().unwrap().len(), 2, "{mine}");
+    let at_group = ok(&[
+        "role",
+        "assignment",
+        "list",
+        "--assignee",
+        &me,
+        "-g",
+        "keyless",
+    ]);
+    assert_eq!(at_group.as_array().unwrap().len(), 1, "{at_group}");
+    let defs = ok(&[
+        "role",
+        "definition",
+        "list",
+        "--name",
+        "managed identity operator",
+    ]);
+    assert_eq!(defs[0]["name"], "f1a07417-d97a-45cb-824c-7a7467783830");
+
+    // bad input
+    let out = cli(&[
+        "role",
+        "assignment",
+        "create",
+        "--assignee",
+        &me,
+        "--role",
+        "Nope",
+        "-g",
+        "keyless",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Role 'Nope' doesn't exist."));
+    let out = cli(&[
+        "role",
+        "assignment",
+        "create",
+        "--assignee",
+        "00000000-0000-0000-0000-00000000dead",
+        "--role",
+        "Reader",
+        "-g",
+        "keyless",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Cannot find user or service principal"));
+    let out = cli(&[
+        "role",
+        "assignment",
+        "create",
+        "--assignee",
+        &me,
+        "--role",
+        "Reader",
+        "--scope",
+        "/subscriptions",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid scope"));
+    let out = cli(&[
+        "role",
+        "assignment",
+        "create",
+        "--assignee",
+        &me,
+        "--role",
+        "Reader",
+        "-g",
+        "keyless",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(RoleAssignmentExists)"));
+    let ra = |scope: &str, name: &str, role: &str, principal: &str| {
+        (
+            format!("{scope}/providers/Microsoft.Authorization/roleAssignments/{name}?api-version=2022-04-01"),
+            json!({"properties": {"roleDefinitionId": format!("/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/{role}", a.sub), "principalId": principal}}),
+        )
+    };
+    let reader_id = "acdd72a7-3385-48ef-bd42-f606fba81ae7";
+    for (scope, name, role, principal, status, want) in [
+        (
+            rg_scope.clone(),
+            "not-a-guid".to_string(),
+            reader_id,
+            me.clone(),
+            400,
+            "InvalidRoleAssignmentId",
+        ),
+        (
+            rg_scope.clone(),
+            uuid::Uuid::new_v4().to_string(),
+            "00000000-0000-0000-0000-000000000000",
+            me.clone(),
+            400,
+            "RoleDefinitionDoesNotExist",
+        ),
+        (
+            rg_scope.clone(),
+            uuid::Uuid::new_v4().to_string(),
+            reader_id,
+            uuid::Uuid::new_v4().to_string(),
+            400,
+            "PrincipalNotFound",
+        ),
+        (
+            format!("/subscriptions/{}/resourceGroups/nope", a.sub),
+            uuid::Uuid::new_v4().to_string(),
+            reader_id,
+            me.clone(),
+            404,
+            "ResourceGroupNotFound",
+        ),
+    ] {
+        let (path, body) = ra(&scope, &name, role, &principal);
+        let (st, v) = a.req(Method::PUT, &path, Some(body)).await;
+        assert_eq!((st, code(&v)), (status, want), "{v}");
+    }
+    let (st, v) = a
+        .req(Method::DELETE, &a.rg_path("does-not-exist"), None)
+        .await;
+    assert_eq!((st, code(&v)), (404, "ResourceGroupNotFound"));
+
+    // deleting a group deletes the assignments at its scope
+    let (st, _) = a.req(Method::DELETE, &a.rg_path("workloads"), None).await;
+    assert_eq!(st, 200);
+    let left = ok(&["role", "assignment", "list", "--assignee", &me, "--all"]);
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left[0]["properties"]["scope"], rg_scope.as_str());
+}
