@@ -71,3 +71,23 @@ def test_node_default_azure_credential(up):
 def test_node_unknown_client_id_is_refused(up):
     out = run_node(up, {"credential": "mi", "options": {"clientId": "00000000-0000-0000-0000-000000000000"}, "scope": ARM + "/.default"})
     assert "error" in out, out
+
+
+def test_node_arm_msi_client(up):
+    nm = node_modules()
+    args = {"server": up.info["serverUrl"], "tenant": up.info["tenantId"], "clientId": up.info["adminClientId"],
+            "secret": up.admin_secret, "subscription": up.info["subscriptionId"], "resourceGroup": "keyless",
+            "identity": "node-arm-msi"}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tempfile.gettempdir(),
+           "KEYLESS_NODE_MODULES": nm, "NODE_EXTRA_CA_CERTS": up.info["caFile"]}
+    script = NODE_CLIENT.parent / "arm-msi.mjs"
+    out = subprocess.run([shutil.which("node") or "node", str(script), json.dumps(args)], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["created"]["name"] == "node-arm-msi"
+    assert got["created"]["principalId"] and got["created"]["clientId"]
+    assert got["created"]["tenantId"] == up.info["tenantId"]
+    assert got["get"]["tags"] == {"from": "node"}
+    assert "node-arm-msi" in got["listRg"] and "node-arm-msi" in got["listSub"]
+    assert got["afterDelete"] == 404
