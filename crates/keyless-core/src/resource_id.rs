@@ -11,6 +11,7 @@ use crate::CoreError;
 pub const KNOWN_TYPES: &[(&str, &str)] = &[
     ("Microsoft.ManagedIdentity", "userAssignedIdentities"),
     ("Microsoft.Compute", "virtualMachines"),
+    ("Microsoft.Compute", "virtualMachineScaleSets"),
 ];
 
 /// Canonical spelling of a provider namespace and type, if known.
@@ -25,6 +26,8 @@ pub fn canonical_type(namespace: &str, type_name: &str) -> Option<(&'static str,
 pub const UAMI: (&str, &str) = ("Microsoft.ManagedIdentity", "userAssignedIdentities");
 /// `Microsoft.Compute/virtualMachines`.
 pub const VM: (&str, &str) = ("Microsoft.Compute", "virtualMachines");
+/// `Microsoft.Compute/virtualMachineScaleSets`.
+pub const VMSS: (&str, &str) = ("Microsoft.Compute", "virtualMachineScaleSets");
 
 /// A tracked resource inside a resource group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -120,10 +123,16 @@ pub enum ArmPath {
         type_name: String,
     },
     Resource(ResourceId),
-    /// `POST {resource}/{action}`.
+    /// `{resource}/{segment}`: a POST action, or a GET of a child collection.
     Action {
         resource: ResourceId,
         action: String,
+    },
+    /// `{resource}/{childType}/{name}` (e.g. a scale set's instance).
+    Child {
+        parent: ResourceId,
+        child_type: String,
+        name: String,
     },
     /// `{scope}/providers/Microsoft.Authorization/{roleAssignments|roleDefinitions}[/{name}]`,
     /// an extension resource on a scope (`/` root, subscription, group or resource).
@@ -313,6 +322,11 @@ impl ArmPath {
                         resource,
                         action: action.clone(),
                     }),
+                    [child_type, child] => Ok(ArmPath::Child {
+                        parent: resource,
+                        child_type: child_type.clone(),
+                        name: child.clone(),
+                    }),
                     _ => Err(bad()),
                 }
             }
@@ -422,7 +436,7 @@ mod tests {
             "subscriptions",
             "/subscriptions//resourceGroups",
             "/foo/bar",
-            "/subscriptions/s/resourceGroups/g/providers/a/b/c/d/e",
+            "/subscriptions/s/resourceGroups/g/providers/a/b/c/d/e/f",
             "/subscriptions/s/resourceGroups/g%zz",
         ] {
             assert!(ArmPath::parse(p).is_err(), "{p}");

@@ -170,7 +170,7 @@ pub fn instance_document(agent: &Agent) -> Value {
             "vmId": s("vmId"),
             "vmSize": s("vmSize"),
             "zone": "",
-            "vmScaleSetName": "",
+            "vmScaleSetName": s("vmScaleSetName"),
             "tags": tags.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(";"),
             "tagsList": tags.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
             "osProfile": {"adminUsername": "", "computerName": s("name"), "disablePasswordAuthentication": "true"},

@@ -13,7 +13,7 @@ use axum::routing::any;
 use axum::{Json, Router};
 use keyless_core::api_version;
 use keyless_core::claims::JwtError;
-use keyless_core::resource_id::{canonical_type, ArmPath, ResourceId, UAMI, VM};
+use keyless_core::resource_id::{canonical_type, ArmPath, ResourceId, UAMI, VM, VMSS};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -181,7 +181,7 @@ fn type_versions(
 ) -> Result<(&'static [&'static str], (&'static str, &'static str))> {
     match canonical_type(ns, ty) {
         Some(t) if t == UAMI => Ok((api_version::MSI, t)),
-        Some(t) if t == VM => Ok((api_version::COMPUTE, t)),
+        Some(t) if t == VM || t == VMSS => Ok((api_version::COMPUTE, t)),
         _ => Err(ServerError::InvalidResourceType {
             namespace: ns.to_string(),
             type_name: ty.to_string(),
@@ -368,6 +368,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 let vms = s.store.list_vms(&subscription, resource_group.as_deref())?;
                 let items = vms
                     .iter()
+                    .filter(|v| ResourceId::parse(&v.resource_id).is_ok_and(|r| r.is_type(t)))
                     .map(|v| res::vm_json(&s, v))
                     .collect::<Result<Vec<_>>>()?;
                 Ok(list(
@@ -394,15 +395,68 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 vm(&s, &caller, m, &rid, &body)
             }
         }
+        ArmPath::Child {
+            parent,
+            child_type,
+            name,
+        } => {
+            let (versions, t) = type_versions(&parent.namespace, &parent.type_name)?;
+            check_version(versions, &version, Some(t))?;
+            res::check_subscription(&s, &parent.subscription)?;
+            if t != VMSS || !child_type.eq_ignore_ascii_case("virtualMachines") {
+                return Err(ServerError::InvalidPath(parts.uri.path().to_string()));
+            }
+            let scope = format!("{}/virtualMachines/{name}", parent.canonical());
+            authorize(
+                &s,
+                &caller,
+                &format!(
+                    "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/{}",
+                    verb(m)
+                ),
+                &scope,
+            )?;
+            let ss = res::get_vm(&s, &parent)?;
+            let key = format!("{}/virtualmachines/{}", ss.key, name.to_ascii_lowercase());
+            let instance = s.store.get_instance(&key)?;
+            match (m.clone(), instance) {
+                (Method::GET, Some(i)) => Ok(Json(res::instance_json(&ss, &i)).into_response()),
+                (Method::DELETE, Some(i)) => {
+                    s.store.delete_instance(&i.key)?;
+                    Ok(StatusCode::OK.into_response())
+                }
+                (Method::DELETE, None) => Ok(StatusCode::NO_CONTENT.into_response()),
+                (Method::GET, None) => Err(ServerError::ResourceNotFound {
+                    type_name: "Microsoft.Compute/virtualMachineScaleSets/virtualMachines".into(),
+                    name: format!("{}/{name}", ss.name),
+                    group: ss.resource_group.clone(),
+                }),
+                (m, _) => Err(ServerError::MethodNotAllowed(m.to_string())),
+            }
+        }
         ArmPath::Action { resource, action } => {
             let (versions, t) = type_versions(&resource.namespace, &resource.type_name)?;
             check_version(versions, &version, Some(t))?;
             res::check_subscription(&s, &resource.subscription)?;
-            if t == VM && action.eq_ignore_ascii_case("generateJoinToken") && *m == Method::POST {
+            if t == VMSS && action.eq_ignore_ascii_case("virtualMachines") && *m == Method::GET {
                 authorize(
                     &s,
                     &caller,
-                    "Microsoft.Compute/virtualMachines/generateJoinToken/action",
+                    "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
+                    &resource.canonical(),
+                )?;
+                let ss = res::get_vm(&s, &resource)?;
+                let list = s.store.list_instances(&ss.key)?;
+                return Ok(Json(json!({"value": list.iter().map(|i| res::instance_json(&ss, i)).collect::<Vec<_>>()})).into_response());
+            }
+            if (t == VM || t == VMSS)
+                && action.eq_ignore_ascii_case("generateJoinToken")
+                && *m == Method::POST
+            {
+                authorize(
+                    &s,
+                    &caller,
+                    &format!("{}/{}/generateJoinToken/action", t.0, t.1),
                     &resource.canonical(),
                 )?;
                 #[derive(Default, serde::Deserialize)]

@@ -10,9 +10,9 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use keyless_core::claims::Principal;
 use keyless_core::imds::IssuedToken;
-use keyless_core::resource_id::ResourceId;
+use keyless_core::resource_id::{ResourceId, VMSS};
 use keyless_core::selection::{CallerIdentities, IdentityRef, Selector};
-use keyless_store::{HostCredentialRecord, JoinTokenOutcome, VmRecord};
+use keyless_store::{HostCredentialRecord, InstanceRecord, JoinTokenOutcome, VmRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -64,13 +64,48 @@ pub struct CertificateResponse {
     pub not_after: u64,
 }
 
-fn issue_cert(s: &AppState, vm: &VmRecord, csr: &str) -> Result<CertificateResponse> {
+/// A host: a VM, or an instance of a scale set (whose identities are the scale set's).
+pub struct Host {
+    /// The resource whose identities the host holds (the VM or the scale set).
+    pub owner: VmRecord,
+    pub instance: Option<InstanceRecord>,
+}
+
+impl Host {
+    /// The key host credentials are bound to.
+    pub fn key(&self) -> &str {
+        self.instance
+            .as_ref()
+            .map(|i| i.key.as_str())
+            .unwrap_or(&self.owner.key)
+    }
+    pub fn resource_id(&self) -> &str {
+        self.instance
+            .as_ref()
+            .map(|i| i.resource_id.as_str())
+            .unwrap_or(&self.owner.resource_id)
+    }
+    pub fn name(&self) -> String {
+        match &self.instance {
+            Some(i) => format!("{}_{}", self.owner.name, i.instance_id),
+            None => self.owner.name.clone(),
+        }
+    }
+    pub fn vm_id(&self) -> &str {
+        self.instance
+            .as_ref()
+            .map(|i| i.vm_id.as_str())
+            .unwrap_or(&self.owner.vm_id)
+    }
+}
+
+fn issue_cert(s: &AppState, host: &Host, csr: &str) -> Result<CertificateResponse> {
     let now = s.now();
     let der =
         s.ca.sign_client_csr(
             csr,
-            &vm.name,
-            &format!("keyless:host:{}", vm.vm_id),
+            &host.name(),
+            &format!("keyless:host:{}", host.vm_id()),
             now,
             s.cfg.host_cert_lifetime,
         )
@@ -84,14 +119,14 @@ fn issue_cert(s: &AppState, vm: &VmRecord, csr: &str) -> Result<CertificateRespo
     let (_, not_after) = keyless_pki::cert_validity(&der)?;
     s.store.insert_host_credential(&HostCredentialRecord {
         fingerprint: keyless_pki::sha256_hex(&der),
-        vm_key: vm.key.clone(),
+        vm_key: host.key().to_string(),
         not_after,
         issued: now,
     })?;
     Ok(CertificateResponse {
         certificate: keyless_pki::pem("CERTIFICATE", &der),
         ca: s.ca.cert_pem(),
-        vm_resource_id: vm.resource_id.clone(),
+        vm_resource_id: host.resource_id().to_string(),
         not_after,
     })
 }
@@ -140,13 +175,23 @@ async fn join(
             "The virtual machine of this join token no longer exists.",
         )
     })?;
-    let resp = issue_cert(&s, &vm, &req.csr)?;
-    tracing::info!(vm = %vm.resource_id, "host joined");
+    // joining a scale set makes the host a new instance of it
+    let instance = if ResourceId::parse(&vm.resource_id).is_ok_and(|r| r.is_type(VMSS)) {
+        Some(s.store.create_instance(&vm.key, &vm.resource_id, s.now())?)
+    } else {
+        None
+    };
+    let host = Host {
+        owner: vm,
+        instance,
+    };
+    let resp = issue_cert(&s, &host, &req.csr)?;
+    tracing::info!(host = %host.resource_id(), "host joined");
     Ok(Json(resp))
 }
 
-/// The VM whose credential the connection presented.
-fn host_vm(s: &AppState, peer: &PeerCert) -> Result<VmRecord> {
+/// The host whose credential the connection presented.
+fn host_vm(s: &AppState, peer: &PeerCert) -> Result<Host> {
     let fp = peer.0.as_deref().ok_or_else(|| {
         ServerError::host(
             401,
@@ -165,12 +210,24 @@ fn host_vm(s: &AppState, peer: &PeerCert) -> Result<VmRecord> {
                 "The host credential is unknown, revoked or expired.",
             )
         })?;
-    s.store.get_vm(&cred.vm_key)?.ok_or_else(|| {
+    let gone = || {
         ServerError::host(
             401,
             "invalid_host_credential",
             "The host credential's virtual machine no longer exists.",
         )
+    };
+    if let Some(vm) = s.store.get_vm(&cred.vm_key)? {
+        return Ok(Host {
+            owner: vm,
+            instance: None,
+        });
+    }
+    let instance = s.store.get_instance(&cred.vm_key)?.ok_or_else(gone)?;
+    let owner = s.store.get_vm(&instance.vmss_key)?.ok_or_else(gone)?;
+    Ok(Host {
+        owner,
+        instance: Some(instance),
     })
 }
 
@@ -200,14 +257,21 @@ async fn identities(
     State(s): State<Arc<AppState>>,
     Extension(peer): Extension<PeerCert>,
 ) -> Result<Json<Value>> {
-    let vm = host_vm(&s, &peer)?;
-    let ids = host_identities(&s, &vm)?;
+    let host = host_vm(&s, &peer)?;
+    let ids = host_identities(&s, &host.owner)?;
+    let vm = &host.owner;
+    let scale_set = if host.instance.is_some() {
+        vm.name.as_str()
+    } else {
+        ""
+    };
     Ok(Json(json!({
         "tenantId": s.tenant_id,
         "vm": {
-            "resourceId": vm.resource_id,
-            "name": vm.name,
-            "vmId": vm.vm_id,
+            "resourceId": host.resource_id(),
+            "name": host.name(),
+            "vmId": host.vm_id(),
+            "vmScaleSetName": scale_set,
             "location": vm.location,
             "subscriptionId": vm.subscription,
             "resourceGroupName": vm.resource_group,
@@ -229,7 +293,7 @@ async fn token(
     Extension(peer): Extension<PeerCert>,
     body: axum::body::Bytes,
 ) -> Result<Json<IssuedToken>> {
-    let vm = host_vm(&s, &peer)?;
+    let host = host_vm(&s, &peer)?;
     let req: HostTokenRequest = parse(&body)?;
     let resource = req.resource.trim();
     if resource.is_empty() || resource.len() > keyless_core::imds::MAX_PARAM_LEN {
@@ -239,7 +303,7 @@ async fn token(
             "Required audience parameter not specified",
         ));
     }
-    let ids = host_identities(&s, &vm)?;
+    let ids = host_identities(&s, &host.owner)?;
     let chosen = ids
         .select(&req.selector)
         .map_err(|e| ServerError::host(400, "invalid_request", e.to_string()))?;
@@ -250,10 +314,10 @@ async fn token(
         principal_id: chosen.principal_id.clone(),
         client_id: chosen.client_id.clone(),
         mirid,
-        host_resource: Some(vm.resource_id.clone()),
+        host_resource: Some(host.resource_id().to_string()),
     };
     let t = tokens::mint(&s, &principal, resource, s.cfg.mi_token_lifetime)?;
-    tracing::debug!(vm = %vm.resource_id, identity = %chosen.client_id, resource, "issued managed identity token");
+    tracing::debug!(host = %host.resource_id(), identity = %chosen.client_id, resource, "issued managed identity token");
     Ok(Json(IssuedToken {
         access_token: t.access_token,
         expires_on: t.expires_on,
@@ -275,9 +339,9 @@ async fn rotate(
     Extension(peer): Extension<PeerCert>,
     body: axum::body::Bytes,
 ) -> Result<Json<CertificateResponse>> {
-    let vm = host_vm(&s, &peer)?;
+    let host = host_vm(&s, &peer)?;
     let req: RotateRequest = parse(&body)?;
-    let resp = issue_cert(&s, &vm, &req.csr)?;
-    tracing::info!(vm = %vm.resource_id, "host credential rotated");
+    let resp = issue_cert(&s, &host, &req.csr)?;
+    tracing::info!(host = %host.resource_id(), "host credential rotated");
     Ok(Json(resp))
 }

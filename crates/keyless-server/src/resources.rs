@@ -6,7 +6,7 @@ use crate::state::AppState;
 use crate::util::new_guid;
 use keyless_core::identity_type::{self, HostIdentity, IdentityType};
 use keyless_core::names;
-use keyless_core::resource_id::{ResourceId, UAMI, VM};
+use keyless_core::resource_id::{ResourceId, UAMI, VM, VMSS};
 use keyless_core::CoreError;
 use keyless_store::{IdentityRecord, ResourceGroupRecord, VmRecord};
 use serde_json::{json, Value};
@@ -314,7 +314,8 @@ pub fn write_vm(
         }
     }
 
-    let canonical = ResourceId::new(&s.subscription_id, &rg.name, VM, &rid.name);
+    let kind = if rid.is_type(VMSS) { VMSS } else { VM };
+    let canonical = ResourceId::new(&s.subscription_id, &rg.name, kind, &rid.name);
     let mut properties = match (&existing, body.properties) {
         (Some(e), None) => e.properties.clone(),
         (Some(e), Some(p)) if patch => merge(e.properties.clone(), p),
@@ -406,18 +407,38 @@ pub fn get_vm(s: &AppState, rid: &ResourceId) -> Result<VmRecord> {
     s.store.get_vm(&rid.key())?.ok_or_else(|| not_found(rid))
 }
 
+/// A scale set instance as `virtualMachineScaleSets/{ss}/virtualMachines/{id}` shows it.
+pub fn instance_json(ss: &VmRecord, i: &keyless_store::InstanceRecord) -> Value {
+    json!({
+        "id": i.resource_id,
+        "name": format!("{}_{}", ss.name, i.instance_id),
+        "instanceId": i.instance_id.to_string(),
+        "type": "Microsoft.Compute/virtualMachineScaleSets/virtualMachines",
+        "location": ss.location,
+        "properties": {"vmId": i.vm_id, "provisioningState": "Succeeded", "latestModelApplied": true},
+    })
+}
+
 pub fn vm_json(s: &AppState, vm: &VmRecord) -> Result<Value> {
     let mut props = if vm.properties.is_object() {
         vm.properties.clone()
     } else {
         json!({})
     };
-    props["vmId"] = json!(vm.vm_id);
+    if vm
+        .resource_id
+        .to_ascii_lowercase()
+        .contains("/virtualmachinescalesets/")
+    {
+        props["uniqueId"] = json!(vm.vm_id);
+    } else {
+        props["vmId"] = json!(vm.vm_id);
+    }
     props["provisioningState"] = json!("Succeeded");
     let mut out = json!({
         "id": vm.resource_id,
         "name": vm.name,
-        "type": "Microsoft.Compute/virtualMachines",
+        "type": ResourceId::parse(&vm.resource_id).map(|r| r.full_type()).unwrap_or_default(),
         "location": vm.location,
         "tags": vm.tags,
         "properties": props,

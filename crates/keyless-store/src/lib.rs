@@ -137,6 +137,19 @@ pub trait Store: Send + Sync + 'static {
     fn insert_host_credential(&self, cred: &HostCredentialRecord) -> Result<()>;
     fn get_host_credential(&self, fingerprint: &str) -> Result<Option<HostCredentialRecord>>;
 
+    // -- scale set instances (hosts that joined a scale set)
+    /// Allocate the next instance of a scale set.
+    fn create_instance(
+        &self,
+        vmss_key: &str,
+        vmss_resource_id: &str,
+        now: u64,
+    ) -> Result<InstanceRecord>;
+    fn get_instance(&self, key: &str) -> Result<Option<InstanceRecord>>;
+    fn list_instances(&self, vmss_key: &str) -> Result<Vec<InstanceRecord>>;
+    /// Delete an instance and revoke its host credentials.
+    fn delete_instance(&self, key: &str) -> Result<bool>;
+
     // -- directory and role assignments
     /// What kind of principal an object id names, if it exists.
     fn principal_kind(&self, object_id: &str) -> Result<Option<PrincipalKind>>;

@@ -95,3 +95,15 @@ pub struct RoleAssignmentRecord {
     pub created: u64,
     pub created_by: String,
 }
+
+/// An instance of a scale set: a host that joined with the scale set's join token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub key: String,
+    pub vmss_key: String,
+    pub instance_id: u64,
+    /// `{scale set id}/virtualMachines/{instanceId}`.
+    pub resource_id: String,
+    pub vm_id: String,
+    pub created: u64,
+}

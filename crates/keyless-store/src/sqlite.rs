@@ -38,6 +38,11 @@ ALTER TABLE service_principals ADD COLUMN object_id TEXT;
 UPDATE service_principals SET object_id = lower(json_extract(body, '$.object_id'));
 CREATE INDEX service_principals_object ON service_principals(object_id);
 "#,
+    r#"
+CREATE TABLE vmss_instances(key TEXT PRIMARY KEY, vmss_key TEXT NOT NULL, instance_id INTEGER NOT NULL,
+    body TEXT NOT NULL);
+CREATE UNIQUE INDEX vmss_instances_id ON vmss_instances(vmss_key, instance_id);
+"#,
 ];
 
 /// SQLite implementation of [`Store`].
@@ -150,6 +155,12 @@ fn delete_vm_tx(tx: &Transaction<'_>, key: &str) -> Result<bool> {
         delete_identity_rows(tx, s)?;
     }
     delete_assignments_under(tx, key)?;
+    // a scale set's instances and their host credentials
+    tx.execute(
+        "DELETE FROM host_credentials WHERE vm_key IN (SELECT key FROM vmss_instances WHERE vmss_key = ?1)",
+        [key],
+    )?;
+    tx.execute("DELETE FROM vmss_instances WHERE vmss_key = ?1", [key])?;
     tx.execute("DELETE FROM vm_identities WHERE vm_key = ?1", [key])?;
     tx.execute("DELETE FROM join_tokens WHERE vm_key = ?1", [key])?;
     tx.execute("DELETE FROM host_credentials WHERE vm_key = ?1", [key])?;
@@ -607,6 +618,62 @@ impl Store for SqliteStore {
             )
             .optional()?;
         Ok(id.map(|_| PrincipalKind::ManagedIdentity))
+    }
+
+    fn create_instance(
+        &self,
+        vmss_key: &str,
+        vmss_resource_id: &str,
+        now: u64,
+    ) -> Result<InstanceRecord> {
+        self.tx(|tx| {
+            let next: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(instance_id) + 1, 0) FROM vmss_instances WHERE vmss_key = ?1",
+                [vmss_key],
+                |r| r.get(0),
+            )?;
+            let resource_id = format!("{vmss_resource_id}/virtualMachines/{next}");
+            let rec = InstanceRecord {
+                key: resource_id.to_ascii_lowercase(),
+                vmss_key: vmss_key.to_string(),
+                instance_id: next as u64,
+                resource_id,
+                vm_id: format!("{:08x}-0000-4000-8000-{:012x}", now as u32, next),
+                created: now,
+            };
+            tx.execute(
+                "INSERT INTO vmss_instances(key, vmss_key, instance_id, body) VALUES (?1, ?2, ?3, ?4)",
+                params![rec.key, rec.vmss_key, next, json(&rec)?],
+            )?;
+            Ok(rec)
+        })
+    }
+
+    fn get_instance(&self, key: &str) -> Result<Option<InstanceRecord>> {
+        let body: Option<String> = self
+            .lock()
+            .query_row(
+                "SELECT body FROM vmss_instances WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        body.map(|b| parse(&b)).transpose()
+    }
+
+    fn list_instances(&self, vmss_key: &str) -> Result<Vec<InstanceRecord>> {
+        let conn = self.lock();
+        let mut st = conn
+            .prepare("SELECT body FROM vmss_instances WHERE vmss_key = ?1 ORDER BY instance_id")?;
+        let rows = st.query_map([vmss_key], |r| r.get::<_, String>(0))?;
+        rows.map(|b| parse(&b?)).collect()
+    }
+
+    fn delete_instance(&self, key: &str) -> Result<bool> {
+        self.tx(|tx| {
+            tx.execute("DELETE FROM host_credentials WHERE vm_key = ?1", [key])?;
+            Ok(tx.execute("DELETE FROM vmss_instances WHERE key = ?1", [key])? > 0)
+        })
     }
 
     fn directory_lookup(&self, id: &str) -> Result<Option<DirectoryEntry>> {

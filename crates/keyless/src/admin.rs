@@ -515,6 +515,13 @@ enum VmVerb {
         #[arg(short = 'n', long)]
         name: String,
     },
+    /// List a scale set's instances (hosts that joined it).
+    ListInstances {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
     /// Issue a one-time join token for `keyless node --join-token`.
     JoinToken {
         #[arg(short = 'g', long)]
@@ -562,10 +569,13 @@ fn identity_type(system: bool, user: bool) -> &'static str {
     }
 }
 
-pub async fn vm(c: VmCmd) -> Result<(), CliError> {
+pub const VM_TYPE: &str = "Microsoft.Compute/virtualMachines";
+pub const VMSS_TYPE: &str = "Microsoft.Compute/virtualMachineScaleSets";
+
+/// `keyless vm ...` and `keyless vmss ...` (same verbs; `ty` is the resource type).
+pub async fn vm(c: VmCmd, ty: &'static str) -> Result<(), CliError> {
     let api = Api::connect(&c.conn).await?;
-    const TY: &str = "Microsoft.Compute/virtualMachines";
-    let path = |rg: &str, n: &str| api.res_path(rg, TY, n, COMPUTE_API);
+    let path = |rg: &str, n: &str| api.res_path(rg, ty, n, COMPUTE_API);
     let v = match c.cmd {
         VmVerb::Create {
             resource_group,
@@ -608,7 +618,7 @@ pub async fn vm(c: VmCmd) -> Result<(), CliError> {
                 .await?
         }
         VmVerb::List { resource_group } => {
-            api.list(resource_group.as_deref(), TY, COMPUTE_API).await?
+            api.list(resource_group.as_deref(), ty, COMPUTE_API).await?
         }
         VmVerb::Delete {
             resource_group,
@@ -618,13 +628,28 @@ pub async fn vm(c: VmCmd) -> Result<(), CliError> {
                 .await?;
             return Ok(());
         }
+        VmVerb::ListInstances {
+            resource_group,
+            name,
+        } => {
+            if ty != VMSS_TYPE {
+                return Err(CliError::Usage(
+                    "list-instances applies to scale sets (keyless vmss)".into(),
+                ));
+            }
+            let p = format!(
+                "{}/providers/{ty}/{name}/virtualMachines?api-version={COMPUTE_API}",
+                api.rg_path(&resource_group)
+            );
+            api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
+        }
         VmVerb::JoinToken {
             resource_group,
             name,
             expires_in,
         } => {
             let p = format!(
-                "{}/providers/Microsoft.Compute/virtualMachines/{name}/generateJoinToken?api-version={COMPUTE_API}",
+                "{}/providers/{ty}/{name}/generateJoinToken?api-version={COMPUTE_API}",
                 api.rg_path(&resource_group)
             );
             api.call(

@@ -31,6 +31,8 @@ enum Command {
     Identity(admin::IdentityCmd),
     /// Manage virtual machines (hosts).
     Vm(admin::VmCmd),
+    /// Manage virtual machine scale sets (hosts join as instances and share its identities).
+    Vmss(admin::VmCmd),
     /// Manage resource groups.
     Group(admin::GroupCmd),
     /// Role definitions and role assignments.
@@ -63,7 +65,8 @@ fn main() -> ExitCode {
             Command::Server(a) => run::server(a).await,
             Command::Node(a) => run::node(a).await,
             Command::Identity(c) => admin::identity(c).await,
-            Command::Vm(c) => admin::vm(c).await,
+            Command::Vm(c) => admin::vm(c, admin::VM_TYPE).await,
+            Command::Vmss(c) => admin::vm(c, admin::VMSS_TYPE).await,
             Command::Group(c) => admin::group(c).await,
             Command::Role(c) => admin::role(c).await,
             Command::GetToken(a) => admin::get_token(a).await,

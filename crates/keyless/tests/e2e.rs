@@ -1210,3 +1210,150 @@ async fn rbac_negative_matrix_for_a_managed_identity_caller() {
     assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
     assert_eq!(left[0]["properties"]["scope"], rg_scope.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_set_instances_share_the_scale_set_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(dir.path(), &[]);
+    let cli = |args: &[&str]| server.cli(args);
+    cli(&["group", "create", "-n", "pool"]);
+    let x = cli(&["identity", "create", "-g", "pool", "-n", "pool-id"]);
+    let ss = cli(&[
+        "vmss",
+        "create",
+        "-g",
+        "pool",
+        "-n",
+        "nodes",
+        "--assign-identity",
+        "[system]",
+        "pool-id",
+    ]);
+    assert_eq!(ss["type"], "Microsoft.Compute/virtualMachineScaleSets");
+    let sys = ss["identity"]["principalId"].as_str().unwrap().to_string();
+    let mut imds = vec![];
+    let mut nodes = vec![];
+    for i in 0..2 {
+        let tok = cli(&["vmss", "join-token", "-g", "pool", "-n", "nodes"])["joinToken"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let state = dir
+            .path()
+            .join(format!("n{i}"))
+            .to_string_lossy()
+            .to_string();
+        let node = spawn_until(
+            &server.node_args(&state, Some(&tok)),
+            "IMDS endpoint:",
+            dir.path(),
+        )
+        .unwrap();
+        imds.push(node.find("IMDS endpoint:").unwrap());
+        nodes.push(node);
+    }
+    let instances = cli(&["vmss", "list-instances", "-g", "pool", "-n", "nodes"]);
+    assert_eq!(instances.as_array().unwrap().len(), 2, "{instances}");
+    assert_eq!(instances[1]["name"], "nodes_1");
+    let x_cid = x["properties"]["clientId"].as_str().unwrap();
+    for (i, endpoint) in imds.iter().enumerate() {
+        let (st, t) = imds_token(
+            endpoint,
+            &format!("resource=https://vault.azure.net&client_id={x_cid}"),
+        )
+        .await;
+        assert_eq!(st, 200, "{t}");
+        assert_eq!(
+            claims(t["access_token"].as_str().unwrap())["oid"],
+            x["properties"]["principalId"]
+        );
+        let (st, t) = imds_token(endpoint, "resource=https://vault.azure.net").await;
+        assert_eq!(st, 200);
+        let c = claims(t["access_token"].as_str().unwrap());
+        assert_eq!(
+            c["oid"],
+            sys.as_str(),
+            "one system identity for the whole scale set"
+        );
+        assert!(c["xms_az_rid"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/virtualMachines/{i}")));
+        let doc: Value = http()
+            .get(format!(
+                "{endpoint}/metadata/instance/compute?api-version=2021-02-01"
+            ))
+            .header("Metadata", "true")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(doc["vmScaleSetName"], "nodes");
+        assert_eq!(doc["name"], format!("nodes_{i}"));
+    }
+    // removing an instance revokes that host only
+    let (admin, token) = server.admin().await;
+    let id0 = instances[0]["id"].as_str().unwrap();
+    let r = admin
+        .delete(format!("{}{id0}?api-version=2024-11-01", server.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (st, _) = imds_token(&imds[0], "resource=https://after-delete.example/").await;
+    assert_eq!(st, 400);
+    let (st, _) = imds_token(&imds[1], "resource=https://after-delete.example/").await;
+    assert_eq!(st, 200);
+    // an identity removed from the scale set is no longer issued to its instances
+    cli(&[
+        "vmss",
+        "identity",
+        "remove",
+        "-g",
+        "pool",
+        "-n",
+        "nodes",
+        "--identities",
+        "pool-id",
+    ]);
+    let (st, _) = imds_token(
+        &imds[1],
+        &format!("resource=https://storage.azure.com/&client_id={x_cid}"),
+    )
+    .await;
+    assert_eq!(st, 400);
+    // deleting the scale set revokes every instance
+    cli(&["vmss", "delete", "-g", "pool", "-n", "nodes"]);
+    let (st, _) = imds_token(&imds[1], "resource=https://other.example/").await;
+    assert_eq!(st, 400);
+
+    // a 1,001st user-assigned identity is refused, and nothing is written
+    let sub_prefix = ss["id"]
+        .as_str()
+        .unwrap()
+        .split("/resourceGroups")
+        .next()
+        .unwrap()
+        .to_string();
+    let many: serde_json::Map<String, Value> = (0..=1000)
+        .map(|i| (format!("{sub_prefix}/resourceGroups/pool/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u{i}"), json!({})))
+        .collect();
+    let body = json!({"location": "local", "identity": {"type": "UserAssigned", "userAssignedIdentities": many}});
+    let url = format!("{}{sub_prefix}/resourceGroups/pool/providers/Microsoft.Compute/virtualMachineScaleSets/big?api-version=2024-11-01", server.url);
+    let r = admin
+        .put(&url)
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(code(&v), "InvalidParameter");
+    assert!(v["error"]["message"].as_str().unwrap().contains("1000"));
+    let r = admin.get(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}

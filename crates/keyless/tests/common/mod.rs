@@ -277,6 +277,32 @@ impl ServerProc {
         ServerProc { proc, url, ca, env }
     }
 
+    /// An HTTPS client trusting the server, and an admin bearer token for ARM.
+    pub async fn admin(&self) -> (reqwest::Client, String) {
+        let get = |k: &str| {
+            self.env
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let c = https(&self.ca);
+        let (st, v) = sp_token(
+            &c,
+            &self.url,
+            &get("KEYLESS_TENANT_ID"),
+            &get("KEYLESS_CLIENT_ID"),
+            &get("KEYLESS_CLIENT_SECRET"),
+            "https://management.azure.com/.default",
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        (
+            c,
+            v["access_token"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+
     /// Run an admin verb that must succeed; its JSON output.
     pub fn cli(&self, args: &[&str]) -> Value {
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
