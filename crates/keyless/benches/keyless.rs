@@ -1,11 +1,14 @@
-//! `cargo bench -p keyless --bench tokens`: throughput of the two hot paths, each beside a
+//! `cargo bench -p keyless --bench keyless`: throughput of the hot paths, each beside a
 //! baseline measured in the same run on the same machine (these machines are noisy, so the
 //! ratios are the figures to compare across runs):
 //!
 //! - cached managed-identity tokens at the host agent's IMDS endpoint, vs a bare hyper server
 //!   answering a same-size JSON body (same load generator, same connections);
 //! - fresh RS256 tokens at the token service (client-credentials grant over HTTPS keep-alive),
-//!   vs raw RS256 signatures/s with aws-lc-rs on as many threads as the server has.
+//!   vs raw RS256 signatures/s with aws-lc-rs on as many threads as the server has;
+//! - user-assigned identities created per second through the HTTPS control plane (each an
+//!   authorized ARM PUT), vs direct inserts into the same embedded store;
+//! - the cost of one authorization check with 10,000 role assignments stored.
 //!
 //! Environment: BENCH_SECS (default 5), BENCH_CONNS (default 16).
 
@@ -241,10 +244,116 @@ fn main() {
         }
         let sts = done.load(Ordering::Relaxed) as f64 / secs as f64;
 
+        // ---- identities created per second through the control plane vs direct store inserts
+        let arm_token = {
+            let r = client
+                .post(&url)
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", admin.client_id.as_str()),
+                    ("client_secret", admin.client_secret.as_str()),
+                    ("scope", "https://management.azure.com/.default"),
+                ])
+                .send()
+                .await
+                .unwrap();
+            r.json::<serde_json::Value>().await.unwrap()["access_token"].as_str().unwrap().to_string()
+        };
+        let created = Arc::new(AtomicU64::new(0));
+        let stop = Instant::now() + Duration::from_secs(secs);
+        let mut tasks = vec![];
+        for t in 0..conns {
+            let (client, created, token, base) = (client.clone(), created.clone(), arm_token.clone(), server_url.clone());
+            let sub = s.subscription_id.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0;
+                while Instant::now() < stop {
+                    let url = format!(
+                        "{base}/subscriptions/{sub}/resourceGroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-{t}-{i}?api-version=2023-01-31"
+                    );
+                    let r = client.put(&url).bearer_auth(&token).json(&serde_json::json!({"location": "local"})).send().await.unwrap();
+                    assert_eq!(r.status(), 201);
+                    let _ = r.bytes().await;
+                    i += 1;
+                    created.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let http_ids = created.load(Ordering::Relaxed) as f64 / secs as f64;
+        let store_ids = {
+            let st = s.clone();
+            tokio::task::spawn_blocking(move || {
+                let stop = Instant::now() + Duration::from_secs(secs);
+                let mut n = 0u64;
+                while Instant::now() < stop {
+                    let rid = format!("/subscriptions/{}/resourceGroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/direct-{n}", st.subscription_id);
+                    st.store
+                        .put_identity(&keyless_store::IdentityRecord {
+                            key: rid.to_lowercase(),
+                            resource_id: rid,
+                            name: format!("direct-{n}"),
+                            subscription: st.subscription_id.clone(),
+                            resource_group: "bench".into(),
+                            location: "local".into(),
+                            tags: Default::default(),
+                            tenant_id: st.tenant_id.clone(),
+                            principal_id: uuid::Uuid::new_v4().to_string(),
+                            client_id: uuid::Uuid::new_v4().to_string(),
+                            system_vm: None,
+                            created: 0,
+                        })
+                        .unwrap();
+                    n += 1;
+                }
+                n as f64 / secs as f64
+            })
+            .await
+            .unwrap()
+        };
+
+        // ---- one authorization check with 10,000 role assignments stored
+        let admin_oid = s.store.get_service_principal(&admin.client_id).unwrap().unwrap().object_id;
+        let reader = keyless_core::rbac::role_by_name("Reader").unwrap().id;
+        let st = s.clone();
+        let (check_us, checks_per_s) = tokio::task::spawn_blocking(move || {
+            for i in 0..10_000u32 {
+                // most belong to other principals; 20 to the caller, at other groups
+                let principal = if i % 500 == 0 { admin_oid.clone() } else { uuid::Uuid::new_v4().to_string() };
+                st.store
+                    .insert_role_assignment(&keyless_store::RoleAssignmentRecord {
+                        name: uuid::Uuid::new_v4().to_string(),
+                        scope: format!("/subscriptions/{}/resourceGroups/g{i}", st.subscription_id),
+                        role_definition_id: format!("/providers/Microsoft.Authorization/roleDefinitions/{reader}"),
+                        principal_id: principal,
+                        principal_type: "ServicePrincipal".into(),
+                        description: None,
+                        created: 0,
+                        created_by: "bench".into(),
+                    })
+                    .unwrap();
+            }
+            let scope = format!("/subscriptions/{}/resourceGroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x", st.subscription_id);
+            let n = 20_000u32;
+            let t0 = Instant::now();
+            for _ in 0..n {
+                assert!(keyless_server::authz::permitted(&st, &admin_oid, "Microsoft.ManagedIdentity/userAssignedIdentities/write", &scope).unwrap());
+            }
+            let el = t0.elapsed().as_secs_f64();
+            (el / n as f64 * 1e6, n as f64 / el)
+        })
+        .await
+        .unwrap();
+
         println!("keyless bench ({secs} s per run, {conns} connections, {threads} cores; load generator in the same process)");
         println!("  bare hyper server, same {} B body:    {bare_rps:>10.0} req/s", body.len());
         println!("  agent IMDS, cached token:              {agent_rps:>10.0} req/s   ratio to bare {:.2}", agent_rps / bare_rps);
         println!("  raw RS256 signs (aws-lc-rs, {threads} threads): {raw:>10.0} /s");
         println!("  token service, fresh RS256 tokens:     {sts:>10.0} tokens/s ratio to raw signs {:.2}", sts / raw);
+        println!("  direct store inserts of identities:    {store_ids:>10.0} /s");
+        println!("  identities created via HTTPS ARM PUT:  {http_ids:>10.0} /s       ratio to direct inserts {:.2}", http_ids / store_ids);
+        println!("  authorization check, 10,000 role assignments stored: {check_us:.1} µs each ({checks_per_s:.0}/s)");
     });
 }
