@@ -12,4 +12,7 @@ pub enum CoreError {
     InvalidResourceGroupName(String),
     #[error("{0}")]
     InvalidIdentityType(String),
+    /// More user-assigned identities than a host may hold, or than one request may add.
+    #[error("{0}")]
+    IdentityLimit(String),
 }

@@ -59,6 +59,20 @@ pub struct HostIdentity {
 /// Maximum user-assigned identities per VM / scale set (seed 001).
 pub const MAX_USER_ASSIGNED: usize = 1000;
 
+/// Maximum user-assigned identities one request may newly assign (Azure answers
+/// "User Assigned Identities Number '151' Assign exceed limit '150' in one request.").
+pub const MAX_ASSIGN_PER_REQUEST: usize = 150;
+
+/// Refuse a write that newly assigns more than [`MAX_ASSIGN_PER_REQUEST`] identities.
+pub fn check_assign_batch(newly_assigned: usize) -> Result<(), CoreError> {
+    if newly_assigned > MAX_ASSIGN_PER_REQUEST {
+        return Err(CoreError::IdentityLimit(format!(
+            "User Assigned Identities Number '{newly_assigned}' Assign exceed limit '{MAX_ASSIGN_PER_REQUEST}' in one request."
+        )));
+    }
+    Ok(())
+}
+
 fn parse_uami(id: &str) -> Result<ResourceId, CoreError> {
     let r = ResourceId::parse(id).map_err(|_| {
         CoreError::InvalidIdentityType(format!(
@@ -86,8 +100,8 @@ fn check(kind: IdentityType, user: Vec<ResourceId>) -> Result<HostIdentity, Core
         )));
     }
     if user.len() > MAX_USER_ASSIGNED {
-        return Err(CoreError::InvalidIdentityType(format!(
-            "The number of user-assigned identities ({}) exceeds the limit of {MAX_USER_ASSIGNED}.",
+        return Err(CoreError::IdentityLimit(format!(
+            "User Assigned Identities Number '{}' exceed limit '{MAX_USER_ASSIGNED}'.",
             user.len()
         )));
     }
@@ -228,6 +242,13 @@ mod tests {
         let many: BTreeMap<String, serde_json::Value> = (0..=MAX_USER_ASSIGNED)
             .map(|i| (format!("/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u{i}"), json!({})))
             .collect();
-        assert!(apply_put(Some("UserAssigned"), &many).is_err());
+        assert!(matches!(
+            apply_put(Some("UserAssigned"), &many),
+            Err(CoreError::IdentityLimit(_))
+        ));
+        assert!(check_assign_batch(150).is_ok());
+        assert!(
+            matches!(check_assign_batch(151), Err(CoreError::IdentityLimit(m)) if m.contains("'151'"))
+        );
     }
 }

@@ -34,6 +34,11 @@ impl ImdsError {
         Self::invalid("Identity not found")
     }
 
+    /// 400 for a request that selects no identity the caller holds (`reason` is IMDS's text).
+    pub fn not_selected(reason: &str) -> Self {
+        Self::invalid(reason)
+    }
+
     /// 400 for a missing `Metadata: true` header on the identity endpoint.
     pub fn missing_metadata() -> Self {
         Self::invalid("Required metadata header not specified")

@@ -50,6 +50,9 @@ pub struct CallerIdentities {
 pub enum SelectionError {
     #[error("Identity not found")]
     NotFound,
+    /// No selector, no system-assigned identity and several user-assigned ones (IMDS's text).
+    #[error("Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request")]
+    Ambiguous,
 }
 
 impl CallerIdentities {
@@ -61,11 +64,12 @@ impl CallerIdentities {
     /// if there is none and exactly one user-assigned identity, that one (as IMDS does).
     pub fn select(&self, selector: &Selector) -> Result<&IdentityRef, SelectionError> {
         let found = match selector {
-            Selector::SystemAssigned => self.system.as_ref().or(if self.user.len() == 1 {
-                self.user.first()
-            } else {
-                None
-            }),
+            Selector::SystemAssigned => {
+                if self.system.is_none() && self.user.len() > 1 {
+                    return Err(SelectionError::Ambiguous);
+                }
+                self.system.as_ref().or(self.user.first())
+            }
             Selector::ClientId(c) => self.all().find(|i| i.client_id.eq_ignore_ascii_case(c)),
             Selector::ObjectId(o) => self.all().find(|i| i.principal_id.eq_ignore_ascii_case(o)),
             Selector::ResourceId(r) => {
@@ -160,7 +164,7 @@ mod tests {
         h.system = None;
         assert_eq!(
             h.select(&Selector::SystemAssigned),
-            Err(SelectionError::NotFound)
+            Err(SelectionError::Ambiguous)
         );
         h.user.truncate(1);
         assert_eq!(

@@ -62,6 +62,9 @@ async fn token(State(agent): State<Arc<Agent>>, h: HeaderMap, RawQuery(q): RawQu
     {
         Ok(t) => Json(imds::token_response(&t, &req.selector, agent.clock.now())).into_response(),
         Err(TokenFailure::IdentityNotFound) => err(ImdsError::identity_not_found()),
+        Err(TokenFailure::Ambiguous) => err(ImdsError::not_selected(
+            &keyless_core::selection::SelectionError::Ambiguous.to_string(),
+        )),
         Err(TokenFailure::Upstream(m)) => {
             tracing::warn!(error = %m, "token request failed upstream");
             (

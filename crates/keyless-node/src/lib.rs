@@ -12,7 +12,7 @@ pub mod imds;
 use keyless_core::clock::Clock;
 use keyless_core::imds::IssuedToken;
 use keyless_core::refresh;
-use keyless_core::selection::{CallerIdentities, IdentityRef, Selector};
+use keyless_core::selection::{CallerIdentities, IdentityRef, SelectionError, Selector};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -98,6 +98,8 @@ pub struct Agent {
 #[derive(Debug)]
 pub enum TokenFailure {
     IdentityNotFound,
+    /// The request names no single identity (e.g. several user-assigned and no selector).
+    Ambiguous,
     Upstream(String),
 }
 
@@ -115,8 +117,13 @@ impl Agent {
     }
 
     /// The one decision point: the identity `selector` names among those `caller` may use.
-    pub fn decide(&self, caller: CallerKind, selector: &Selector) -> Option<IdentityRef> {
-        self.allowed(caller)?.select(selector).ok().cloned()
+    pub fn decide(
+        &self,
+        caller: CallerKind,
+        selector: &Selector,
+    ) -> std::result::Result<IdentityRef, SelectionError> {
+        let allowed = self.allowed(caller).ok_or(SelectionError::NotFound)?;
+        allowed.select(selector).cloned()
     }
 
     pub fn view(&self) -> Option<HostView> {
@@ -185,9 +192,10 @@ impl Agent {
         if self.view().is_none() {
             let _ = self.sync().await;
         }
-        let chosen = self
-            .decide(caller, selector)
-            .ok_or(TokenFailure::IdentityNotFound)?;
+        let chosen = self.decide(caller, selector).map_err(|e| match e {
+            SelectionError::Ambiguous => TokenFailure::Ambiguous,
+            SelectionError::NotFound => TokenFailure::IdentityNotFound,
+        })?;
         let key = (chosen.client_id.to_ascii_lowercase(), resource.to_string());
         let now = self.clock.now();
         let cached = self

@@ -209,6 +209,13 @@ fn identity_err(e: CoreError) -> ServerError {
     }
 }
 
+/// Azure wraps identity-service refusals in `FailedIdentityOperation`.
+fn failed_identity_operation(resource: &str, code: &str, message: &str) -> ServerError {
+    ServerError::FailedIdentityOperation(format!(
+        "Identity operation for resource '{resource}' failed with error 'Failed to perform resource identity operation. Status: 'BadRequest'. Response: '{{\"error\":{{\"code\":\"{code}\",\"message\":\"{message}\"}}}}'.'."
+    ))
+}
+
 fn current_host_identity(s: &AppState, vm: &VmRecord) -> Result<HostIdentity> {
     let user = s
         .store
@@ -276,7 +283,12 @@ pub fn write_vm(
         ),
         (_, None) => identity_type::apply_put(None, &BTreeMap::new()),
     }
-    .map_err(identity_err)?;
+    .map_err(|e| match e {
+        CoreError::IdentityLimit(m) => {
+            failed_identity_operation(&rid.canonical(), "BadRequest", &m)
+        }
+        other => identity_err(other),
+    })?;
 
     let current_keys: Vec<String> = match &existing {
         Some(e) => s
@@ -287,6 +299,13 @@ pub fn write_vm(
             .collect(),
         None => vec![],
     };
+    let newly = ident
+        .user
+        .iter()
+        .filter(|u| !current_keys.contains(&u.key()))
+        .count();
+    identity_type::check_assign_batch(newly)
+        .map_err(|e| failed_identity_operation(&rid.canonical(), "BadRequest", &e.to_string()))?;
     // Every user-assigned identity must exist in this subscription.
     let mut user_keys = Vec::with_capacity(ident.user.len());
     for u in &ident.user {
@@ -305,11 +324,14 @@ pub fn write_vm(
                 user_keys.push(i.key)
             }
             None => {
-                return Err(ServerError::FailedIdentityOperation(format!(
-                    "Identity operation for resource '{}' failed with error 'Failed to perform resource identity operation. Status: 'BadRequest'. Response: '{{\"error\":{{\"code\":\"BadRequest\",\"message\":\"Resource '{}' was not found.\"}}}}'.'.",
-                    rid.canonical(),
-                    u.mirid().to_ascii_lowercase()
-                )))
+                return Err(failed_identity_operation(
+                    &rid.canonical(),
+                    "BadRequest",
+                    &format!(
+                        "Resource '{}' was not found.",
+                        u.mirid().to_ascii_lowercase()
+                    ),
+                ))
             }
         }
     }

@@ -1341,7 +1341,7 @@ async fn scale_set_instances_share_the_scale_set_identities() {
     let many: serde_json::Map<String, Value> = (0..=1000)
         .map(|i| (format!("{sub_prefix}/resourceGroups/pool/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u{i}"), json!({})))
         .collect();
-    let body = json!({"location": "local", "identity": {"type": "UserAssigned", "userAssignedIdentities": many}});
+    let body = json!({"location": "local", "identity": {"type": "UserAssigned", "userAssignedIdentities": many.clone()}});
     let url = format!("{}{sub_prefix}/resourceGroups/pool/providers/Microsoft.Compute/virtualMachineScaleSets/big?api-version=2024-11-01", server.url);
     let r = admin
         .put(&url)
@@ -1352,8 +1352,32 @@ async fn scale_set_instances_share_the_scale_set_identities() {
         .unwrap();
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(code(&v), "InvalidParameter");
-    assert!(v["error"]["message"].as_str().unwrap().contains("1000"));
+    assert_eq!(code(&v), "FailedIdentityOperation");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("User Assigned Identities Number '1001' exceed limit '1000'"),
+        "{msg}"
+    );
+    // and, as Azure does, more than 150 newly assigned in one request
+    let some: serde_json::Map<String, Value> = many
+        .iter()
+        .take(151)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let body = json!({"location": "local", "identity": {"type": "UserAssigned", "userAssignedIdentities": some}});
+    let r = admin
+        .put(&url)
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(code(&v), "FailedIdentityOperation");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Assign exceed limit '150' in one request"));
     let r = admin.get(&url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
