@@ -103,6 +103,20 @@ async fn bare_server(body: String) -> SocketAddr {
     addr
 }
 
+/// A client-credentials token request for the bootstrap admin.
+fn token_request(
+    client: &reqwest::Client,
+    url: &str,
+    admin: &keyless_server::AdminCredential,
+) -> reqwest::RequestBuilder {
+    client.post(url).form(&[
+        ("grant_type", "client_credentials"),
+        ("client_id", admin.client_id.as_str()),
+        ("client_secret", admin.client_secret.as_str()),
+        ("scope", "https://management.azure.com/.default"),
+    ])
+}
+
 fn raw_rs256(threads: usize, secs: u64) -> f64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -222,14 +236,7 @@ fn main() {
             let (client, url, done, admin) = (client.clone(), url.clone(), done.clone(), admin.clone());
             tasks.push(tokio::spawn(async move {
                 while Instant::now() < stop {
-                    let r = client
-                        .post(&url)
-                        .form(&[
-                            ("grant_type", "client_credentials"),
-                            ("client_id", admin.client_id.as_str()),
-                            ("client_secret", admin.client_secret.as_str()),
-                            ("scope", "https://management.azure.com/.default"),
-                        ])
+                    let r = token_request(&client, &url, &admin)
                         .send()
                         .await
                         .unwrap();
@@ -246,14 +253,7 @@ fn main() {
 
         // ---- identities created per second through the control plane vs direct store inserts
         let arm_token = {
-            let r = client
-                .post(&url)
-                .form(&[
-                    ("grant_type", "client_credentials"),
-                    ("client_id", admin.client_id.as_str()),
-                    ("client_secret", admin.client_secret.as_str()),
-                    ("scope", "https://management.azure.com/.default"),
-                ])
+            let r = token_request(&client, &url, &admin)
                 .send()
                 .await
                 .unwrap();
