@@ -2,7 +2,8 @@
 
 Usage: client.py '<json args>'. Args:
   credential: "mi" (ManagedIdentityCredential) | "dac" (DefaultAzureCredential), or
-              "mi_async" / "dac_async" for the azure.identity.aio versions
+              "mi_async" / "dac_async" for the azure.identity.aio versions, or "wi"
+              (WorkloadIdentityCredential)
   kwargs:     keyword arguments for the credential
   scope:      the scope to ask for
   verify:     optional {"authority": "https://host:port/<tenant>", "ca": "<pem path>", "audience": "..."}:
@@ -62,6 +63,11 @@ def main():
                 return first, second
 
         get = lambda: asyncio.run(get_twice())
+    elif kind == "wi":
+        from azure.identity import WorkloadIdentityCredential
+
+        cred = WorkloadIdentityCredential(**kwargs)
+        get = lambda: (cred.get_token(args["scope"]), cred.get_token(args["scope"]))
     else:
         cred = ManagedIdentityCredential(**kwargs) if kind == "mi" else DefaultAzureCredential(**kwargs)
         get = lambda: (cred.get_token(args["scope"]), cred.get_token(args["scope"]))

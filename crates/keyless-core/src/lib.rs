@@ -6,6 +6,7 @@
 //! - [`names`]: naming rules for resource groups, identities and VMs.
 //! - [`api_version`]: the api-versions each surface accepts.
 //! - [`claims`]: the claims of a managed-identity access token.
+//! - [`fic`]: federated identity credential rules and assertion matching.
 //! - [`imds`]: parsing and validating IMDS token requests, and the IMDS response/error shapes.
 //! - [`identity_type`]: the `identity` property of a host resource (PUT and PATCH rules).
 //! - [`selection`]: which identity of a host a request selects (the one decision point).
@@ -17,6 +18,7 @@ pub mod api_version;
 pub mod claims;
 pub mod clock;
 pub mod error;
+pub mod fic;
 pub mod identity_type;
 pub mod imds;
 pub mod names;

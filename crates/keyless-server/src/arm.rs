@@ -403,6 +403,9 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             let (versions, t) = type_versions(&parent.namespace, &parent.type_name)?;
             check_version(versions, &version, Some(t))?;
             res::check_subscription(&s, &parent.subscription)?;
+            if t == UAMI && child_type.eq_ignore_ascii_case("federatedIdentityCredentials") {
+                return crate::fics::handle(&s, &caller, m, &parent, Some(&name), &version, &body);
+            }
             if t != VMSS || !child_type.eq_ignore_ascii_case("virtualMachines") {
                 return Err(ServerError::InvalidPath(parts.uri.path().to_string()));
             }
@@ -438,6 +441,12 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             let (versions, t) = type_versions(&resource.namespace, &resource.type_name)?;
             check_version(versions, &version, Some(t))?;
             res::check_subscription(&s, &resource.subscription)?;
+            if t == UAMI
+                && action.eq_ignore_ascii_case("federatedIdentityCredentials")
+                && *m == Method::GET
+            {
+                return crate::fics::handle(&s, &caller, m, &resource, None, &version, &body);
+            }
             if t == VMSS && action.eq_ignore_ascii_case("virtualMachines") && *m == Method::GET {
                 authorize(
                     &s,

@@ -82,6 +82,8 @@ pub enum ServerError {
     PrincipalNotFound { principal: String, tenant: String },
     #[error("The role assignment ID '{0}' is not valid. The role assignment ID must be a GUID.")]
     InvalidRoleAssignmentId(String),
+    #[error("Too many Federated Identity Credentials are written concurrently for the managed identity '{0}'. Concurrent writes to Federated Identity Credentials under the same managed identity are not supported.")]
+    ConcurrentFicWrites(String),
     #[error("The role assignment '{0}' is not found.")]
     RoleAssignmentNotFound(String),
     #[error("The role assignment already exists.")]
@@ -193,6 +195,10 @@ impl ServerError {
             InvalidRoleAssignmentId(_) => (StatusCode::BAD_REQUEST, "InvalidRoleAssignmentId"),
             RoleAssignmentExists => (StatusCode::CONFLICT, "RoleAssignmentExists"),
             RoleAssignmentNotFound(_) => (StatusCode::NOT_FOUND, "RoleAssignmentNotFound"),
+            ConcurrentFicWrites(_) => (
+                StatusCode::CONFLICT,
+                "ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity",
+            ),
             RoleAssignmentUpdateNotPermitted => {
                 (StatusCode::CONFLICT, "RoleAssignmentUpdateNotPermitted")
             }

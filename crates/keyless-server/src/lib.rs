@@ -9,6 +9,8 @@
 pub mod arm;
 pub mod authz;
 pub mod error;
+pub mod federation;
+pub mod fics;
 pub mod graph;
 pub mod host;
 pub mod keys;
@@ -53,6 +55,23 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// HTTPS client for external OIDC issuers: the given CA only, or the system roots.
+fn issuer_client(ca_pem: Option<&str>) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .https_only(true);
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
+            ServerError::Pki(keyless_pki::PkiError::InvalidCertificate(e.to_string()))
+        })?;
+        b = b.tls_certs_only(certs);
+    }
+    b.build()
+        .map_err(|e| ServerError::Pki(keyless_pki::PkiError::InvalidCertificate(e.to_string())))
+}
+
 /// Bootstrap the data dir and start serving on `cfg.listen`.
 pub async fn start(
     cfg: ServerConfig,
@@ -80,6 +99,7 @@ pub async fn start(
         .clone()
         .map(|u| u.trim_end_matches('/').to_string())
         .unwrap_or_else(|| format!("https://localhost:{}", local_addr.port()));
+    let http = issuer_client(cfg.issuer_ca_pem.as_deref())?;
     let state = Arc::new(AppState {
         store,
         clock,
@@ -90,6 +110,9 @@ pub async fn start(
         keys: keys::KeyRing::default(),
         ca,
         cfg,
+        http,
+        jwks: Default::default(),
+        fic_writes: Default::default(),
     });
     state.keys.reload(state.store.as_ref())?;
     state

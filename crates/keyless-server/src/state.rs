@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub host_cert_lifetime: u64,
     /// Location given to resources created by bootstrap.
     pub location: String,
+    /// PEM of the CA(s) trusted for external OIDC issuers (federation); default: system roots.
+    pub issuer_ca_pem: Option<String>,
 }
 
 impl ServerConfig {
@@ -55,6 +57,7 @@ impl ServerConfig {
             key_check_interval: std::time::Duration::from_secs(60),
             host_cert_lifetime: 7 * 86_400,
             location: "local".into(),
+            issuer_ca_pem: None,
         }
     }
 }
@@ -70,6 +73,11 @@ pub struct AppState {
     pub base_url: String,
     pub keys: KeyRing,
     pub ca: Ca,
+    /// Client for external OIDC issuers (federated credentials).
+    pub http: reqwest::Client,
+    pub jwks: crate::federation::JwksCache,
+    /// Identities with a federated-credential write in flight (concurrent writes get 409).
+    pub fic_writes: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl AppState {

@@ -111,6 +111,8 @@ async fn jwks(State(s): State<Arc<AppState>>, Path(tenant): Path<String>) -> Res
     Ok(cached_json(json!({ "keys": s.keys.jwks() })))
 }
 
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
 /// Largest token request body accepted.
 const MAX_FORM: usize = 64 * 1024;
 
@@ -152,7 +154,7 @@ fn require<'a>(form: &'a [(String, String)], name: &str) -> Result<&'a str> {
 }
 
 /// Authenticate the client of a client-credentials request; returns the principal.
-fn authenticate_client(
+async fn authenticate_client(
     s: &AppState,
     form: &[(String, String)],
     basic: Option<(String, String)>,
@@ -174,7 +176,7 @@ fn authenticate_client(
         ),
         (None, None) => (require(form, "client_id")?.to_string(), None),
     };
-    let sp = s.store.get_service_principal(&client_id)?.ok_or_else(|| {
+    let not_found = || {
         ServerError::sts(
             400,
             "unauthorized_client",
@@ -184,7 +186,44 @@ fn authenticate_client(
                 s.tenant_id
             ),
         )
-    })?;
+    };
+    let assertion = field(form, "client_assertion");
+    let sp = match s.store.get_service_principal(&client_id)? {
+        Some(sp) => sp,
+        None => {
+            // a user-assigned identity presenting an external token (workload identity federation)
+            let identity = match s.store.directory_lookup(&client_id)? {
+                Some(e)
+                    if e.kind == keyless_store::PrincipalKind::ManagedIdentity
+                        && e.app_id.eq_ignore_ascii_case(&client_id) =>
+                {
+                    match e.resource_id {
+                        Some(rid) => s.store.get_identity(&rid.to_ascii_lowercase())?,
+                        None => None,
+                    }
+                }
+                _ => None,
+            };
+            let identity = identity.ok_or_else(not_found)?;
+            let Some(assertion) = assertion else {
+                return Err(ServerError::sts(
+                    401,
+                    "invalid_client",
+                    7000218,
+                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+                ));
+            };
+            if field(form, "client_assertion_type") != Some(JWT_BEARER) {
+                return Err(ServerError::sts(
+                    400,
+                    "invalid_request",
+                    900144,
+                    format!("The request body must contain the following parameter: 'client_assertion_type' with the value '{JWT_BEARER}'."),
+                ));
+            }
+            return crate::federation::exchange(s, &identity, assertion).await;
+        }
+    };
     match secret {
         Some(secret) => {
             let presented = keyless_pki::sha256(secret.as_bytes());
@@ -198,7 +237,7 @@ fn authenticate_client(
                 ));
             }
         }
-        None if field(form, "client_assertion").is_some() => {
+        None if assertion.is_some() => {
             return Err(ServerError::sts(
                 401,
                 "invalid_client",
@@ -263,7 +302,7 @@ async fn token_v2(
         ));
     }
     let scope = require(&form, "scope")?;
-    let principal = authenticate_client(&s, &form, basic_auth(&headers))?;
+    let principal = authenticate_client(&s, &form, basic_auth(&headers)).await?;
     let resource = resource_from_scope(scope).ok_or_else(|| {
         ServerError::sts(
             400,
@@ -292,7 +331,7 @@ async fn token_v1(
     check_tenant(&s, &tenant, false)?;
     let form = parse_form(&body)?;
     let resource = require(&form, "resource")?.to_string();
-    let principal = authenticate_client(&s, &form, basic_auth(&headers))?;
+    let principal = authenticate_client(&s, &form, basic_auth(&headers)).await?;
     let t = tokens::mint(&s, &principal, &resource, s.cfg.sp_token_lifetime)?;
     let expires_in = t.expires_on.saturating_sub(s.now());
     Ok(Json(json!({

@@ -63,6 +63,15 @@ pub struct DirectoryEntry {
     pub resource_id: Option<String>,
 }
 
+/// Outcome of writing a federated identity credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FicPut {
+    Created,
+    Updated,
+    LimitReached,
+    DuplicateIssuerSubject,
+}
+
 /// Outcome of inserting a role assignment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoleAssignmentInsert {
@@ -149,6 +158,13 @@ pub trait Store: Send + Sync + 'static {
     fn list_instances(&self, vmss_key: &str) -> Result<Vec<InstanceRecord>>;
     /// Delete an instance and revoke its host credentials.
     fn delete_instance(&self, key: &str) -> Result<bool>;
+
+    // -- federated identity credentials
+    /// Insert or update a FIC, enforcing `max` per identity and unique issuer+subject.
+    fn put_fic(&self, fic: &FicRecord, max: usize) -> Result<FicPut>;
+    fn get_fic(&self, identity_key: &str, name: &str) -> Result<Option<FicRecord>>;
+    fn list_fics(&self, identity_key: &str) -> Result<Vec<FicRecord>>;
+    fn delete_fic(&self, identity_key: &str, name: &str) -> Result<bool>;
 
     // -- directory and role assignments
     /// What kind of principal an object id names, if it exists.

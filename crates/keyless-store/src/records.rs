@@ -107,3 +107,15 @@ pub struct InstanceRecord {
     pub vm_id: String,
     pub created: u64,
 }
+
+/// A federated identity credential of a user-assigned identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FicRecord {
+    pub identity_key: String,
+    pub name: String,
+    pub issuer: String,
+    pub subject: String,
+    pub audiences: Vec<String>,
+    pub description: Option<String>,
+    pub created: u64,
+}

@@ -43,6 +43,10 @@ CREATE TABLE vmss_instances(key TEXT PRIMARY KEY, vmss_key TEXT NOT NULL, instan
     body TEXT NOT NULL);
 CREATE UNIQUE INDEX vmss_instances_id ON vmss_instances(vmss_key, instance_id);
 "#,
+    r#"
+CREATE TABLE fics(identity_key TEXT NOT NULL, name_key TEXT NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY(identity_key, name_key));
+"#,
 ];
 
 /// SQLite implementation of [`Store`].
@@ -137,6 +141,7 @@ fn delete_identity_rows(tx: &Transaction<'_>, key: &str) -> Result<usize> {
         )?;
     }
     tx.execute("DELETE FROM vm_identities WHERE identity_key = ?1", [key])?;
+    tx.execute("DELETE FROM fics WHERE identity_key = ?1", [key])?;
     if !key.ends_with("#system") {
         // a user-assigned identity is also a scope; a system identity's scope is its VM's
         delete_assignments_under(tx, key)?;
@@ -676,6 +681,63 @@ impl Store for SqliteStore {
         })
     }
 
+    fn put_fic(&self, fic: &FicRecord, max: usize) -> Result<FicPut> {
+        self.tx(|tx| {
+            let name_key = lower(&fic.name);
+            let existing: Vec<FicRecord> = {
+                let mut st = tx.prepare("SELECT body FROM fics WHERE identity_key = ?1")?;
+                let rows = st.query_map([&fic.identity_key], |r| r.get::<_, String>(0))?;
+                rows.map(|b| parse(&b?)).collect::<Result<_>>()?
+            };
+            let is_update = existing.iter().any(|f| lower(&f.name) == name_key);
+            if !is_update && existing.len() >= max {
+                return Ok(FicPut::LimitReached);
+            }
+            if existing.iter().any(|f| {
+                lower(&f.name) != name_key && f.issuer == fic.issuer && f.subject == fic.subject
+            }) {
+                return Ok(FicPut::DuplicateIssuerSubject);
+            }
+            tx.execute(
+                "INSERT INTO fics(identity_key, name_key, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(identity_key, name_key) DO UPDATE SET body = excluded.body",
+                params![fic.identity_key, name_key, json(fic)?],
+            )?;
+            Ok(if is_update {
+                FicPut::Updated
+            } else {
+                FicPut::Created
+            })
+        })
+    }
+
+    fn get_fic(&self, identity_key: &str, name: &str) -> Result<Option<FicRecord>> {
+        let body: Option<String> = self
+            .lock()
+            .query_row(
+                "SELECT body FROM fics WHERE identity_key = ?1 AND name_key = ?2",
+                [identity_key, &lower(name)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        body.map(|b| parse(&b)).transpose()
+    }
+
+    fn list_fics(&self, identity_key: &str) -> Result<Vec<FicRecord>> {
+        let conn = self.lock();
+        let mut st =
+            conn.prepare_cached("SELECT body FROM fics WHERE identity_key = ?1 ORDER BY name_key")?;
+        let rows = st.query_map([identity_key], |r| r.get::<_, String>(0))?;
+        rows.map(|b| parse(&b?)).collect()
+    }
+
+    fn delete_fic(&self, identity_key: &str, name: &str) -> Result<bool> {
+        Ok(self.lock().execute(
+            "DELETE FROM fics WHERE identity_key = ?1 AND name_key = ?2",
+            [identity_key, &lower(name)],
+        )? > 0)
+    }
+
     fn directory_lookup(&self, id: &str) -> Result<Option<DirectoryEntry>> {
         let id = lower(id);
         let sp: Option<String> = self
@@ -1007,6 +1069,35 @@ mod tests {
         // deleting the identity deletes what it holds
         assert!(s.delete_identity(&u.key).unwrap());
         assert!(s.list_role_assignments().unwrap().is_empty());
+    }
+
+    #[test]
+    fn fics_limits_and_uniqueness() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let u = ident("u1", "rg");
+        s.put_identity(&u).unwrap();
+        let f = |name: &str, sub: &str| FicRecord {
+            identity_key: u.key.clone(),
+            name: name.into(),
+            issuer: "https://issuer.example".into(),
+            subject: sub.into(),
+            audiences: vec!["api://AzureADTokenExchange".into()],
+            description: None,
+            created: 1,
+        };
+        assert_eq!(s.put_fic(&f("a1", "s1"), 2).unwrap(), FicPut::Created);
+        assert_eq!(s.put_fic(&f("A1", "s1"), 2).unwrap(), FicPut::Updated);
+        assert_eq!(
+            s.put_fic(&f("a2", "s1"), 2).unwrap(),
+            FicPut::DuplicateIssuerSubject
+        );
+        assert_eq!(s.put_fic(&f("a2", "s2"), 2).unwrap(), FicPut::Created);
+        assert_eq!(s.put_fic(&f("a3", "s3"), 2).unwrap(), FicPut::LimitReached);
+        assert_eq!(s.list_fics(&u.key).unwrap().len(), 2);
+        assert!(s.delete_fic(&u.key, "A2").unwrap());
+        assert!(s.delete_identity(&u.key).unwrap());
+        assert!(s.list_fics(&u.key).unwrap().is_empty());
     }
 
     #[test]

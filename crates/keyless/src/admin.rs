@@ -402,7 +402,54 @@ pub struct IdentityCmd {
 }
 
 #[derive(Subcommand)]
+enum FicVerb {
+    Create {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        identity_name: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        subject: String,
+        #[arg(long, num_args = 1.., default_values_t = vec!["api://AzureADTokenExchange".to_string()])]
+        audiences: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    Show {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        identity_name: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        identity_name: String,
+    },
+    Delete {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        identity_name: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum IdentityVerb {
+    /// Federated identity credentials of a user-assigned identity.
+    FederatedCredential {
+        #[command(subcommand)]
+        verb: FicVerb,
+    },
     /// Create (or update) a user-assigned identity.
     Create {
         #[arg(short = 'g', long)]
@@ -436,7 +483,72 @@ pub async fn identity(c: IdentityCmd) -> Result<(), CliError> {
     let api = Api::connect(&c.conn).await?;
     const TY: &str = "Microsoft.ManagedIdentity/userAssignedIdentities";
     let path = |rg: &str, n: &str| api.res_path(rg, TY, n, MSI_API);
+    let fic_path = |rg: &str, id: &str, n: Option<&str>| {
+        let base = format!(
+            "{}/providers/{TY}/{id}/federatedIdentityCredentials",
+            api.rg_path(rg)
+        );
+        match n {
+            Some(n) => format!("{base}/{n}?api-version={MSI_API}"),
+            None => format!("{base}?api-version={MSI_API}"),
+        }
+    };
     let v = match c.cmd {
+        IdentityVerb::FederatedCredential { verb } => match verb {
+            FicVerb::Create {
+                resource_group,
+                identity_name,
+                name,
+                issuer,
+                subject,
+                audiences,
+                description,
+            } => {
+                let body = json!({"properties": {"issuer": issuer, "subject": subject, "audiences": audiences, "description": description}});
+                api.call(
+                    reqwest::Method::PUT,
+                    &fic_path(&resource_group, &identity_name, Some(&name)),
+                    Some(body),
+                )
+                .await?
+            }
+            FicVerb::Show {
+                resource_group,
+                identity_name,
+                name,
+            } => {
+                api.call(
+                    reqwest::Method::GET,
+                    &fic_path(&resource_group, &identity_name, Some(&name)),
+                    None,
+                )
+                .await?
+            }
+            FicVerb::List {
+                resource_group,
+                identity_name,
+            } => api
+                .call(
+                    reqwest::Method::GET,
+                    &fic_path(&resource_group, &identity_name, None),
+                    None,
+                )
+                .await?["value"]
+                .clone(),
+            FicVerb::Delete {
+                resource_group,
+                identity_name,
+                name,
+            } => {
+                api.call(
+                    reqwest::Method::DELETE,
+                    &fic_path(&resource_group, &identity_name, Some(&name)),
+                    None,
+                )
+                .await?;
+                return Ok(());
+            }
+        },
         IdentityVerb::Create {
             resource_group,
             name,

@@ -48,6 +48,10 @@ pub struct ServerArgs {
     /// Host credential lifetime in seconds.
     #[arg(long, default_value_t = 7 * 86_400)]
     pub host_cert_lifetime: u64,
+    /// PEM file of the CA(s) to trust for external OIDC issuers of federated credentials
+    /// (default: the system roots).
+    #[arg(long, env = "KEYLESS_ISSUER_CA_FILE")]
+    pub issuer_ca_file: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -128,7 +132,7 @@ fn open_store(a: &ServerArgs) -> Result<(Arc<dyn Store>, std::fs::File), CliErro
     Ok((Arc::new(store), lock))
 }
 
-fn server_config(a: &ServerArgs, default_listen: &str) -> ServerConfig {
+fn server_config(a: &ServerArgs, default_listen: &str) -> Result<ServerConfig, CliError> {
     let listen = a
         .listen
         .unwrap_or_else(|| default_listen.parse().expect("valid default address"));
@@ -141,7 +145,10 @@ fn server_config(a: &ServerArgs, default_listen: &str) -> ServerConfig {
     cfg.rotation.max_token_lifetime = a.token_lifetime.max(cfg.sp_token_lifetime);
     cfg.key_check_interval = Duration::from_secs(a.key_check_interval.max(1));
     cfg.host_cert_lifetime = a.host_cert_lifetime;
-    cfg
+    if let Some(p) = &a.issuer_ca_file {
+        cfg.issuer_ca_pem = Some(std::fs::read_to_string(p).map_err(io_err(p))?);
+    }
+    Ok(cfg)
 }
 
 fn bind_hint(e: keyless_server::error::ServerError) -> CliError {
@@ -177,7 +184,7 @@ async fn wait_for_signal() {
 pub async fn server(a: ServerArgs) -> Result<(), CliError> {
     let (store, _lock) = open_store(&a)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-    let srv = keyless_server::start(server_config(&a, "0.0.0.0:8443"), store, clock)
+    let srv = keyless_server::start(server_config(&a, "0.0.0.0:8443")?, store, clock)
         .await
         .map_err(bind_hint)?;
     let b = &srv.bootstrap;
@@ -242,7 +249,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     let (store, _lock) = open_store(&a.server)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let srv = keyless_server::start(
-        server_config(&a.server, "127.0.0.1:8443"),
+        server_config(&a.server, "127.0.0.1:8443")?,
         store,
         clock.clone(),
     )

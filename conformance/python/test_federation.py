@@ -1,0 +1,174 @@
+"""Workload identity federation: federated identity credentials on a user-assigned identity and
+the token exchange, with the real python WorkloadIdentityCredential / DefaultAzureCredential and
+a test OIDC issuer (idp.py) minting Kubernetes- and CI-style tokens."""
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import tempfile
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from conftest import keyless_bin, run_client, start_up
+from idp import OidcIssuer
+
+ARM = "https://management.azure.com"
+K8S_SUB = "system:serviceaccount:default:workload"
+GH_SUB = "repo:org/repo:environment:production"
+
+
+@pytest.fixture(scope="module")
+def fed():
+    d = tempfile.mkdtemp(prefix="keyless-fed-")
+    idp = OidcIssuer(d)
+    up = start_up(os.path.join(d, "data"), extra=("--issuer-ca-file", idp.ca_path))
+    env = {**os.environ, "KEYLESS_DATA_DIR": os.path.join(d, "data"), "KEYLESS_CLIENT_SECRET": up.admin_secret}
+    for name, issuer, sub in (("k8s-workload", idp.issuer("k8s"), K8S_SUB), ("gh-prod", idp.issuer("gh"), GH_SUB)):
+        out = subprocess.run([keyless_bin(), "identity", "federated-credential", "create", "-g", "keyless",
+                              "--identity-name", "keyless-demo", "-n", name, "--issuer", issuer, "--subject", sub],
+                             env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    yield up, idp, d, env
+    up.stop()
+    idp.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def wi_env(up, token_file):
+    return {"AZURE_AUTHORITY_HOST": up.info["serverUrl"], "AZURE_TENANT_ID": up.info["tenantId"],
+            "AZURE_CLIENT_ID": up.info["demoIdentity"]["clientId"], "AZURE_FEDERATED_TOKEN_FILE": token_file,
+            "REQUESTS_CA_BUNDLE": up.info["caFile"]}
+
+
+def verify(up):
+    return {"authority": up.authority, "ca": up.info["caFile"], "audience": ARM}
+
+
+def write(d, name, token):
+    p = os.path.join(d, name)
+    with open(p, "w") as f:
+        f.write(token)
+    return p
+
+
+@pytest.mark.parametrize("credential", ["wi", "dac"])
+def test_kubernetes_service_account_token_exchange(fed, credential):
+    up, idp, d, _ = fed
+    token_file = write(d, f"k8s-{credential}", idp.mint("k8s", K8S_SUB))
+    out = run_client({"credential": credential, "scope": ARM + "/.default", "verify": verify(up)}, wi_env(up, token_file))
+    assert "error" not in out, out
+    demo = up.info["demoIdentity"]
+    assert out["claims"]["oid"] == demo["principalId"]
+    assert out["claims"]["appid"] == demo["clientId"]
+    assert out["claims"]["xms_mirid"] == demo["resourceId"].replace("/resourceGroups/", "/resourcegroups/", 1)
+
+
+def test_ci_token_signed_with_es256(fed):
+    up, idp, d, _ = fed
+    token_file = write(d, "gh", idp.mint("gh", GH_SUB, kid="ec1"))
+    out = run_client({"credential": "wi", "scope": ARM + "/.default", "verify": verify(up)}, wi_env(up, token_file))
+    assert "error" not in out, out
+    assert out["claims"]["oid"] == up.info["demoIdentity"]["principalId"]
+
+
+def exchange(up, assertion, client_id=None):
+    form = urllib.parse.urlencode({
+        "grant_type": "client_credentials", "client_id": client_id or up.info["demoIdentity"]["clientId"],
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": assertion, "scope": ARM + "/.default"}).encode()
+    req = urllib.request.Request(f"{up.authority}/oauth2/v2.0/token", data=form)
+    ctx = ssl.create_default_context(cafile=up.info["caFile"])
+    try:
+        with urllib.request.urlopen(req, context=ctx) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_refusals_carry_entra_codes(fed):
+    up, idp, _, _ = fed
+    cases = [
+        (idp.mint("k8s", "system:serviceaccount:default:other"), 401, 700213),
+        (idp.mint("k8s", "SYSTEM:serviceaccount:default:workload"), 401, 700213),
+        (idp.mint("k8s", K8S_SUB, aud="api://other"), 401, 700212),
+        (idp.mint("k8s", K8S_SUB, lifetime=-600), 401, 700024),
+        (idp.mint("k8s", K8S_SUB, nbf_offset=3600), 401, 700024),
+        (idp.mint("k8s", K8S_SUB, key=idp.rogue), 401, 700027),
+        ("not.a.jwt", 400, 50027),
+        ("garbage", 400, 50027),
+    ]
+    for assertion, status, code in cases:
+        st, body = exchange(up, assertion)
+        assert (st, body.get("error_codes")) == (status, [code]), body
+        assert body["error_description"].startswith(f"AADSTS{code}:")
+    # an issuer the identity does not trust (trailing slash matters)
+    tok = idp.mint("k8s", K8S_SUB)
+    import jwt as pyjwt
+    claims = pyjwt.decode(tok, options={"verify_signature": False})
+    claims["iss"] = claims["iss"].rstrip("/")
+    st, body = exchange(up, pyjwt.encode(claims, idp.keys["rsa1"], algorithm="RS256", headers={"kid": "rsa1"}))
+    assert (st, body["error_codes"]) == (401, [700211]), body
+    # the right token for an unknown client id
+    st, body = exchange(up, tok, client_id="00000000-0000-0000-0000-000000000000")
+    assert (st, body["error_codes"]) == (400, [700016]), body
+    # a token from Keyless itself cannot be exchanged
+    own = run_client({"credential": "mi", "scope": ARM + "/.default"}, {"AZURE_POD_IDENTITY_AUTHORITY_HOST": up.info["imdsUrl"]})
+    st, body = exchange(up, own["token"])
+    assert (st, body["error_codes"]) == (400, [700222]), body
+
+
+def arm(up, env, method, path, body=None):
+    from azure.identity import ClientSecretCredential
+
+    cred = ClientSecretCredential(up.info["tenantId"], up.info["adminClientId"], env["KEYLESS_CLIENT_SECRET"],
+                                  authority=up.info["serverUrl"], disable_instance_discovery=True,
+                                  connection_verify=up.info["caFile"])
+    tok = cred.get_token(ARM + "/.default").token
+    req = urllib.request.Request(up.info["serverUrl"] + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json"})
+    ctx = ssl.create_default_context(cafile=up.info["caFile"])
+    try:
+        with urllib.request.urlopen(req, context=ctx) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_fic_rules(fed):
+    up, idp, _, env = fed
+    base = up.info["demoIdentity"]["resourceId"] + "/federatedIdentityCredentials"
+    v = "?api-version=2023-01-31"
+    good = {"properties": {"issuer": "https://issuer.example", "subject": "s", "audiences": ["api://AzureADTokenExchange"]}}
+    bad = [
+        ("ab", good),
+        ("two-auds", {"properties": {**good["properties"], "audiences": ["a", "b"]}}),
+        ("no-aud", {"properties": {**good["properties"], "audiences": []}}),
+        ("wild", {"properties": {**good["properties"], "subject": "repo:org/*"}}),
+        ("plain-http", {"properties": {**good["properties"], "issuer": "http://issuer.example"}}),
+        ("long-subject", {"properties": {**good["properties"], "subject": "x" * 601}}),
+        ("dup", {"properties": {"issuer": idp.issuer("k8s"), "subject": K8S_SUB, "audiences": ["api://AzureADTokenExchange"]}}),
+    ]
+    for name, body in bad:
+        st, resp = arm(up, env, "PUT", f"{base}/{name}{v}", body)
+        assert st == 400, (name, resp)
+    st, listed = arm(up, env, "GET", base + v)
+    assert sorted(f["name"] for f in listed["value"]) == ["gh-prod", "k8s-workload"]
+    # at most 20 per identity
+    for i in range(18):
+        st, _ = arm(up, env, "PUT", f"{base}/extra-{i}{v}", {"properties": {**good["properties"], "subject": f"s{i}"}})
+        assert st == 201
+    st, resp = arm(up, env, "PUT", f"{base}/one-too-many{v}", {"properties": {**good["properties"], "subject": "s99"}})
+    assert st == 400 and "at most 20" in resp["error"]["message"], resp
+    st, got = arm(up, env, "GET", f"{base}/k8s-workload{v}")
+    assert got["properties"]["subject"] == K8S_SUB
+    assert got["type"] == "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials"
+    for i in range(18):
+        st, _ = arm(up, env, "DELETE", f"{base}/extra-{i}{v}")
+        assert st == 200
+    # api-versions before federated credentials existed do not have them
+    st, _ = arm(up, env, "GET", base + "?api-version=2018-11-30")
+    assert st == 404

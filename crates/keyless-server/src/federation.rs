@@ -1,0 +1,247 @@
+//! Workload identity federation: a user-assigned identity's client id plus an external JWT
+//! (`client_assertion`) is exchanged for an access token when the JWT matches one of the
+//! identity's federated identity credentials and verifies against its issuer's keys
+//! (`{iss}/.well-known/openid-configuration` → `jwks_uri`, https only, bounded, cached, refreshed
+//! on an unknown `kid`). Failures are AADSTS errors with 4xx statuses, never 5xx.
+
+use crate::error::{Result, ServerError};
+use crate::state::AppState;
+use aws_lc_rs::signature;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use keyless_core::claims::{self, Principal};
+use keyless_core::fic::{self, Fic, Match};
+use keyless_core::resource_id::ResourceId;
+use keyless_store::IdentityRecord;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Largest discovery document or JWKS accepted.
+const MAX_DOC: usize = 256 * 1024;
+/// Entra considers only the first 100 keys of an issuer.
+const MAX_KEYS: usize = 100;
+/// Clock skew allowed on `exp` / `nbf`.
+const SKEW: u64 = 300;
+
+/// Issuer keys, cached per issuer.
+#[derive(Default)]
+pub struct JwksCache {
+    keys: Mutex<HashMap<String, Vec<Value>>>,
+}
+
+fn sts(status: u16, error: &'static str, code: u32, msg: impl Into<String>) -> ServerError {
+    ServerError::sts(status, error, code, msg)
+}
+
+fn discovery_failed(iss: &str, why: &str) -> ServerError {
+    sts(
+        400,
+        "invalid_request",
+        50166,
+        format!("Request to External OIDC endpoint failed. Issuer '{iss}': {why}"),
+    )
+}
+
+async fn fetch_json(client: &reqwest::Client, url: &str, iss: &str) -> Result<Value> {
+    if !url.starts_with("https://") {
+        return Err(discovery_failed(iss, "the endpoint must use https"));
+    }
+    let resp = client
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| discovery_failed(iss, &format!("{url}: {e}")))?;
+    if !resp.status().is_success() {
+        return Err(discovery_failed(
+            iss,
+            &format!("{url} answered {}", resp.status()),
+        ));
+    }
+    if resp.content_length().is_some_and(|l| l as usize > MAX_DOC) {
+        return Err(discovery_failed(iss, "document too large"));
+    }
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| discovery_failed(iss, &e.to_string()))?;
+    if body.len() > MAX_DOC {
+        return Err(discovery_failed(iss, "document too large"));
+    }
+    serde_json::from_slice(&body).map_err(|_| discovery_failed(iss, &format!("{url} is not JSON")))
+}
+
+/// The issuer's signing keys (first 100), from the cache unless `refresh`.
+async fn issuer_keys(s: &AppState, iss: &str, refresh: bool) -> Result<Vec<Value>> {
+    if !refresh {
+        if let Some(k) = s
+            .jwks
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(iss)
+        {
+            return Ok(k.clone());
+        }
+    }
+    let doc = fetch_json(
+        &s.http,
+        &format!(
+            "{}/.well-known/openid-configuration",
+            iss.trim_end_matches('/')
+        ),
+        iss,
+    )
+    .await?;
+    let jwks_uri = doc["jwks_uri"]
+        .as_str()
+        .ok_or_else(|| discovery_failed(iss, "no jwks_uri"))?;
+    let jwks = fetch_json(&s.http, jwks_uri, iss).await?;
+    let keys: Vec<Value> = jwks["keys"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .take(MAX_KEYS)
+        .collect();
+    s.jwks
+        .keys
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(iss.to_string(), keys.clone());
+    Ok(keys)
+}
+
+fn b64(v: &Value) -> Option<Vec<u8>> {
+    URL_SAFE_NO_PAD
+        .decode(v.as_str()?.trim_end_matches('='))
+        .ok()
+}
+
+/// Verify `input`/`sig` with a JWK for `alg` (RS256 or ES256).
+fn verify_with(jwk: &Value, alg: &str, input: &[u8], sig: &[u8]) -> bool {
+    match (alg, jwk["kty"].as_str()) {
+        ("RS256", Some("RSA")) => match (b64(&jwk["n"]), b64(&jwk["e"])) {
+            (Some(n), Some(e)) => {
+                keyless_pki::verify_rs256(&keyless_pki::RsaPublic { n, e }, input, sig)
+            }
+            _ => false,
+        },
+        ("ES256", Some("EC")) if jwk["crv"] == "P-256" => match (b64(&jwk["x"]), b64(&jwk["y"])) {
+            (Some(x), Some(y)) if x.len() == 32 && y.len() == 32 => {
+                let mut point = vec![4u8];
+                point.extend(x);
+                point.extend(y);
+                signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                    .verify(input, sig)
+                    .is_ok()
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Exchange `assertion` for the identity `id`; returns the principal to issue a token to.
+pub async fn exchange(s: &AppState, id: &IdentityRecord, assertion: &str) -> Result<Principal> {
+    let malformed = || {
+        sts(
+            400,
+            "invalid_request",
+            50027,
+            "Invalid JWT token. The token is malformed.",
+        )
+    };
+    let d = claims::decode(assertion.trim()).map_err(|_| malformed())?;
+    let c = &d.claims;
+    let iss = c["iss"].as_str().ok_or_else(malformed)?.to_string();
+    let sub = c["sub"].as_str().unwrap_or("").to_string();
+    let auds: Vec<String> = match &c["aud"] {
+        Value::String(a) => vec![a.clone()],
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => vec![],
+    };
+    if iss == s.issuer_v1() || iss == s.issuer_v2() {
+        return Err(sts(
+            400,
+            "invalid_client",
+            700222,
+            "Tokens issued by this authority may not be used for federated identity flows.",
+        ));
+    }
+    let fics: Vec<Fic> = s
+        .store
+        .list_fics(&id.key)?
+        .into_iter()
+        .map(|f| Fic {
+            name: f.name,
+            issuer: f.issuer,
+            subject: f.subject,
+            audiences: f.audiences,
+        })
+        .collect();
+    let aud_refs: Vec<&str> = auds.iter().map(String::as_str).collect();
+    match fic::find(&fics, &iss, &sub, &aud_refs) {
+        Match::Matched(_) => {}
+        Match::NoIssuer => {
+            return Err(sts(401, "invalid_client", 700211, format!("No matching federated identity record found for presented assertion issuer '{iss}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.")))
+        }
+        Match::NoSubject => {
+            return Err(sts(401, "invalid_client", 700213, format!("No matching federated identity record found for presented assertion subject '{sub}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.")))
+        }
+        Match::NoAudience => {
+            return Err(sts(401, "invalid_client", 700212, format!("No matching federated identity record found for presented assertion audience '{}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.", auds.join(","))))
+        }
+    }
+    let now = s.now();
+    let num = |k: &str| c[k].as_f64().map(|f| f as u64);
+    let exp = num("exp").ok_or_else(malformed)?;
+    let nbf = num("nbf").or(num("iat")).unwrap_or(0);
+    if exp + SKEW <= now || nbf > now + SKEW {
+        return Err(sts(401, "invalid_client", 700024, format!(
+            "Client assertion is not within its valid time range. Current time: {}, assertion valid from {}, expiry time of assertion {}.",
+            crate::util::format_iso(now), crate::util::format_iso(nbf), crate::util::format_iso(exp)
+        )));
+    }
+    let alg = d.header.alg.as_str();
+    let kid = d.header.kid.clone().unwrap_or_default();
+    let pick = |keys: &[Value]| -> Vec<Value> {
+        keys.iter()
+            .filter(|k| kid.is_empty() || k["kid"].as_str() == Some(kid.as_str()))
+            .cloned()
+            .collect()
+    };
+    let mut candidates = pick(&issuer_keys(s, &iss, false).await?);
+    if candidates.is_empty() {
+        // a key we have not seen: the issuer may have rotated
+        candidates = pick(&issuer_keys(s, &iss, true).await?);
+    }
+    let input = d.signing_input.as_bytes();
+    if !candidates
+        .iter()
+        .any(|k| verify_with(k, alg, input, &d.signature))
+    {
+        return Err(sts(
+            401,
+            "invalid_client",
+            700027,
+            format!(
+                "Client assertion failed signature validation. (key '{kid}', algorithm '{alg}')"
+            ),
+        ));
+    }
+    let rid = ResourceId::parse(&id.resource_id)
+        .map(|r| r.mirid())
+        .unwrap_or_else(|_| id.resource_id.clone());
+    Ok(Principal::ManagedIdentity {
+        principal_id: id.principal_id.clone(),
+        client_id: id.client_id.clone(),
+        mirid: rid,
+        host_resource: None,
+    })
+}

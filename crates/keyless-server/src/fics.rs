@@ -1,0 +1,180 @@
+//! `Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentials[/{name}]`.
+
+use crate::arm::{parse_body, Caller};
+use crate::authz;
+use crate::error::{Result, ServerError};
+use crate::resources as res;
+use crate::state::AppState;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keyless_core::fic::{self, Fic};
+use keyless_core::resource_id::ResourceId;
+use keyless_store::{FicPut, FicRecord};
+use serde_json::{json, Value};
+
+/// The first api-version that has federated identity credentials.
+const FIRST_VERSION: &str = "2022-01-31-preview";
+
+fn fic_json(identity: &ResourceId, f: &FicRecord) -> Value {
+    let mut props = json!({"issuer": f.issuer, "subject": f.subject, "audiences": f.audiences});
+    if let Some(d) = &f.description {
+        props["description"] = json!(d);
+    }
+    json!({
+        "id": format!("{}/federatedIdentityCredentials/{}", identity.canonical(), f.name),
+        "name": f.name,
+        "type": "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials",
+        "properties": props,
+    })
+}
+
+fn bad(message: impl Into<String>) -> ServerError {
+    ServerError::InvalidParameter {
+        message: message.into(),
+        target: None,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Body {
+    properties: Option<Props>,
+}
+
+#[derive(serde::Deserialize)]
+struct Props {
+    issuer: Option<String>,
+    subject: Option<String>,
+    audiences: Option<Vec<String>>,
+    description: Option<String>,
+}
+
+/// Releases an identity's write slot when dropped.
+struct WriteSlot<'a>(&'a AppState, String);
+
+impl Drop for WriteSlot<'_> {
+    fn drop(&mut self) {
+        self.0
+            .fic_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
+/// GET the list (`name` None), or GET / PUT / DELETE one credential.
+pub fn handle(
+    s: &AppState,
+    caller: &Caller,
+    m: &Method,
+    identity: &ResourceId,
+    name: Option<&str>,
+    version: &str,
+    body: &[u8],
+) -> Result<Response> {
+    if version < FIRST_VERSION {
+        return Err(ServerError::InvalidResourceType {
+            namespace: identity.namespace.clone(),
+            type_name: format!("{}/federatedIdentityCredentials", identity.type_name),
+        });
+    }
+    let action = |verb: &str| {
+        format!(
+            "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/{verb}"
+        )
+    };
+    let scope = identity.canonical();
+    let id = res::get_identity(s, identity)?;
+    match (m.clone(), name) {
+        (Method::GET, None) => {
+            authz::check(s, &caller.object_id, &action("read"), &scope)?;
+            let list: Vec<Value> = s
+                .store
+                .list_fics(&id.key)?
+                .iter()
+                .map(|f| fic_json(identity, f))
+                .collect();
+            Ok(Json(json!({ "value": list })).into_response())
+        }
+        (Method::GET, Some(n)) => {
+            authz::check(s, &caller.object_id, &action("read"), &scope)?;
+            let f = s.store.get_fic(&id.key, n)?.ok_or_else(|| ServerError::ResourceNotFound {
+                type_name: "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials".into(),
+                name: format!("{}/{n}", identity.name),
+                group: identity.resource_group.clone(),
+            })?;
+            Ok(Json(fic_json(identity, &f)).into_response())
+        }
+        (Method::DELETE, Some(n)) => {
+            authz::check(s, &caller.object_id, &action("delete"), &scope)?;
+            Ok(if s.store.delete_fic(&id.key, n)? {
+                StatusCode::OK
+            } else {
+                StatusCode::NO_CONTENT
+            }
+            .into_response())
+        }
+        (Method::PUT, Some(n)) => {
+            authz::check(s, &caller.object_id, &action("write"), &scope)?;
+            fic::validate_name(n).map_err(|e| bad(e.to_string()))?;
+            let b: Body = parse_body(body)?;
+            let p = b
+                .properties
+                .ok_or_else(|| bad("The request properties must not be empty."))?;
+            let candidate = Fic {
+                name: n.to_string(),
+                issuer: p.issuer.unwrap_or_default(),
+                subject: p.subject.unwrap_or_default(),
+                audiences: p.audiences.unwrap_or_default(),
+            };
+            fic::validate(&candidate).map_err(|e| bad(e.to_string()))?;
+            if p.description
+                .as_ref()
+                .is_some_and(|d| d.chars().count() > 600)
+            {
+                return Err(bad("The description of a federated identity credential must be at most 600 characters."));
+            }
+            // one write at a time per identity, as Entra enforces (409 for concurrent writes)
+            if !s
+                .fic_writes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.key.clone())
+            {
+                return Err(ServerError::ConcurrentFicWrites(identity.canonical()));
+            }
+            let _slot = WriteSlot(s, id.key.clone());
+            // the name keeps the case it was created with (names are immutable)
+            let name = s
+                .store
+                .get_fic(&id.key, n)?
+                .map(|f| f.name)
+                .unwrap_or_else(|| n.to_string());
+            let rec = FicRecord {
+                identity_key: id.key.clone(),
+                name,
+                issuer: candidate.issuer,
+                subject: candidate.subject,
+                audiences: candidate.audiences,
+                description: p.description,
+                created: s.now(),
+            };
+            match s.store.put_fic(&rec, fic::MAX_PER_IDENTITY)? {
+                FicPut::Created => {
+                    Ok((StatusCode::CREATED, Json(fic_json(identity, &rec))).into_response())
+                }
+                FicPut::Updated => {
+                    Ok((StatusCode::OK, Json(fic_json(identity, &rec))).into_response())
+                }
+                FicPut::DuplicateIssuerSubject => Err(bad(
+                    "Issuer and subject combination already exists for this Managed Identity.",
+                )),
+                FicPut::LimitReached => Err(bad(format!(
+                    "A managed identity may have at most {} federated identity credentials.",
+                    fic::MAX_PER_IDENTITY
+                ))),
+            }
+        }
+        (m, _) => Err(ServerError::MethodNotAllowed(m.to_string())),
+    }
+}
