@@ -1,6 +1,6 @@
 // Run one real @azure/identity credential and print what it returned as JSON, with the token
 // verified against the tenant's JWKS (node:crypto, RS256).
-// Usage: node client.mjs '<json args>'  — args: credential ("mi" | "dac"), options, scope,
+// Usage: node client.mjs '<json args>'  — args: credential ("mi" | "wi" | "dac"), options, scope,
 // verify {authority, audience}. The CA comes from NODE_EXTRA_CA_CERTS.
 import { createRequire } from "node:module";
 import crypto from "node:crypto";
@@ -16,7 +16,9 @@ function b64json(s) {
 async function main() {
   const cred = args.credential === "mi"
     ? new identity.ManagedIdentityCredential(args.options ?? {})
-    : new identity.DefaultAzureCredential(args.options ?? {});
+    : args.credential === "wi"
+      ? new identity.WorkloadIdentityCredential(args.options ?? {})
+      : new identity.DefaultAzureCredential(args.options ?? {});
   let tok;
   try {
     tok = await cred.getToken(args.scope);

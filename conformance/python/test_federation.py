@@ -138,6 +138,63 @@ def arm(up, env, method, path, body=None):
         return e.code, json.loads(e.read() or b"null")
 
 
+def test_unknown_kid_unreachable_issuer_and_deleted_fic(fed):
+    up, idp, d, env = fed
+    # a kid the issuer does not publish, even after the JWKS is fetched again
+    st, body = exchange(up, idp.mint("k8s", K8S_SUB, kid="rsa-unknown", key=idp.rogue))
+    assert (st, body["error_codes"]) == (401, [700027]), body
+    # a FIC whose issuer cannot be reached
+    base = up.info["demoIdentity"]["resourceId"] + "/federatedIdentityCredentials"
+    v = "?api-version=2023-01-31"
+    dead = "https://localhost:9/dead"
+    st, _ = arm(up, env, "PUT", f"{base}/dead-issuer{v}",
+                {"properties": {"issuer": dead, "subject": "s", "audiences": ["api://AzureADTokenExchange"]}})
+    assert st == 201
+    import jwt as pyjwt
+    import time
+    now = int(time.time())
+    tok = pyjwt.encode({"iss": dead, "sub": "s", "aud": "api://AzureADTokenExchange", "iat": now, "nbf": now, "exp": now + 600},
+                       idp.keys["rsa1"], algorithm="RS256", headers={"kid": "rsa1"})
+    st, body = exchange(up, tok)
+    assert (st, body["error_codes"]) == (400, [50166]), body
+    arm(up, env, "DELETE", f"{base}/dead-issuer{v}")
+    # exchange works, the FIC is deleted, the next exchange fails
+    st, _ = arm(up, env, "PUT", f"{base}/short-lived{v}",
+                {"properties": {"issuer": idp.issuer("gh"), "subject": "repo:org/other:ref:refs/heads/main",
+                                "audiences": ["api://AzureADTokenExchange"]}})
+    assert st == 201
+    tok = idp.mint("gh", "repo:org/other:ref:refs/heads/main")
+    st, body = exchange(up, tok)
+    assert st == 200, body
+    assert isinstance(body["expires_in"], int)
+    st, _ = arm(up, env, "DELETE", f"{base}/short-lived{v}")
+    assert st == 200
+    st, body = exchange(up, tok)
+    assert (st, body["error_codes"]) == (401, [700213]), body
+
+
+def test_node_workload_identity_credential(fed):
+    from test_node_identity import NODE_CLIENT, node_modules
+
+    up, idp, d, _ = fed
+    nm = node_modules()
+    token_file = write(d, "k8s-node", idp.mint("k8s", K8S_SUB))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tempfile.gettempdir(), "KEYLESS_NODE_MODULES": nm,
+           "NODE_EXTRA_CA_CERTS": up.info["caFile"], **{k: v for k, v in wi_env(up, token_file).items() if k != "REQUESTS_CA_BUNDLE"}}
+    # Client behaviour, recorded: @azure/identity 4.14.1's WorkloadIdentityCredential asks
+    # login.microsoftonline.com for instance discovery unless `disableInstanceDiscovery: true`
+    # (the option exists on both credentials).
+    for credential in ("wi", "dac"):
+        args = {"credential": credential, "options": {"disableInstanceDiscovery": True}, "scope": ARM + "/.default",
+                "verify": verify(up)}
+        out = subprocess.run([shutil.which("node") or "node", str(NODE_CLIENT), json.dumps(args)],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got.get("verified"), got
+        assert got["claims"]["oid"] == up.info["demoIdentity"]["principalId"]
+
+
 def test_fic_rules(fed):
     up, idp, _, env = fed
     base = up.info["demoIdentity"]["resourceId"] + "/federatedIdentityCredentials"
