@@ -103,6 +103,29 @@ async fn bare_server(body: String) -> SocketAddr {
     addr
 }
 
+/// A Keyless server on a temp data dir, trusting `issuer_ca` for federation.
+async fn start_server(
+    issuer_ca: Option<String>,
+) -> (tempfile::TempDir, keyless_server::RunningServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn keyless_store::Store> = Arc::new(
+        keyless_store::sqlite::SqliteStore::open(
+            &dir.path().join("keyless.db"),
+            keyless_store::Kek::load_or_create(&dir.path().join("kek")).unwrap(),
+        )
+        .unwrap(),
+    );
+    let mut cfg = keyless_server::state::ServerConfig::new(
+        dir.path().to_path_buf(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    cfg.issuer_ca_pem = issuer_ca;
+    let srv = keyless_server::start(cfg, store, Arc::new(SystemClock::new()))
+        .await
+        .unwrap();
+    (dir, srv)
+}
+
 /// A client-credentials token request for the bootstrap admin.
 fn token_request(
     client: &reqwest::Client,
@@ -156,17 +179,11 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn keyless_store::Store> = Arc::new(
-            keyless_store::sqlite::SqliteStore::open(
-                &dir.path().join("keyless.db"),
-                keyless_store::Kek::load_or_create(&dir.path().join("kek")).unwrap(),
-            )
-            .unwrap(),
-        );
         let clock = Arc::new(SystemClock::new());
-        let cfg = keyless_server::state::ServerConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
-        let srv = keyless_server::start(cfg, store, clock.clone()).await.unwrap();
+        // A second Keyless stands in for an external OIDC issuer (its own tenant, keys and CA).
+        let (issuer_dir, issuer) = start_server(None).await;
+        let (dir, srv) = start_server(Some(issuer.state.ca.cert_pem())).await;
+        let _keep = issuer_dir;
         let s = srv.state.clone();
         let admin = srv.bootstrap.new_admin.clone().unwrap();
         // a VM with a system identity, and an agent joined to it
@@ -347,11 +364,91 @@ fn main() {
         .await
         .unwrap();
 
+        // ---- workload identity federation: exchanges/s with the issuer's JWKS cached
+        let issuer_url = format!("https://localhost:{}", issuer.local_addr.port());
+        let issuer_admin = issuer.bootstrap.new_admin.clone().unwrap();
+        let issuer_client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(issuer.state.ca.cert_pem().as_bytes()).unwrap()])
+            .build()
+            .unwrap();
+        let assertion: serde_json::Value = issuer_client
+            .post(format!("{issuer_url}/{}/oauth2/v2.0/token", issuer.state.tenant_id))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", issuer_admin.client_id.as_str()),
+                ("client_secret", issuer_admin.client_secret.as_str()),
+                ("scope", "api://AzureADTokenExchange/.default"),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let assertion = assertion["access_token"].as_str().unwrap().to_string();
+        let issuer_oid = issuer.state.store.get_service_principal(&issuer_admin.client_id).unwrap().unwrap().object_id;
+        let fed_id = ResourceId::new(&s.subscription_id, "bench", keyless_core::resource_id::UAMI, "federated");
+        let (fed, _) = resources::put_identity(&s, &fed_id, Some("local"), None).unwrap();
+        s.store
+            .put_fic(
+                &keyless_store::FicRecord {
+                    identity_key: fed.key.clone(),
+                    name: "bench-issuer".into(),
+                    issuer: issuer.state.issuer_v1(),
+                    subject: issuer_oid,
+                    audiences: vec!["api://AzureADTokenExchange".into()],
+                    description: None,
+                    created: 0,
+                },
+                20,
+            )
+            .unwrap();
+        let (fed_url, fed_cid) = (url.clone(), fed.client_id.clone());
+        let exchange = move |client: reqwest::Client| {
+            let (url, assertion, cid) = (fed_url.clone(), assertion.clone(), fed_cid.clone());
+            async move {
+                let r = client
+                    .post(&url)
+                    .form(&[
+                        ("grant_type", "client_credentials"),
+                        ("client_id", cid.as_str()),
+                        ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                        ("client_assertion", assertion.as_str()),
+                        ("scope", "https://management.azure.com/.default"),
+                    ])
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status();
+                let body = r.bytes().await.unwrap_or_default();
+                assert_eq!(status, 200, "{body:?}");
+            }
+        };
+        exchange(client.clone()).await; // fills the JWKS cache
+
+        let exchanged = Arc::new(AtomicU64::new(0));
+        let stop = Instant::now() + Duration::from_secs(secs);
+        let mut tasks = vec![];
+        for _ in 0..conns {
+            let (client, exchanged, exchange) = (client.clone(), exchanged.clone(), exchange.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < stop {
+                    exchange(client.clone()).await;
+                    exchanged.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let fed_rate = exchanged.load(Ordering::Relaxed) as f64 / secs as f64;
+
         println!("keyless bench ({secs} s per run, {conns} connections, {threads} cores; load generator in the same process)");
         println!("  bare hyper server, same {} B body:    {bare_rps:>10.0} req/s", body.len());
         println!("  agent IMDS, cached token:              {agent_rps:>10.0} req/s   ratio to bare {:.2}", agent_rps / bare_rps);
         println!("  raw RS256 signs (aws-lc-rs, {threads} threads): {raw:>10.0} /s");
         println!("  token service, fresh RS256 tokens:     {sts:>10.0} tokens/s ratio to raw signs {:.2}", sts / raw);
+        println!("  federated token exchanges (JWKS cached): {fed_rate:>8.0} /s       ratio to fresh client-credentials tokens {:.2}", fed_rate / sts);
         println!("  direct store inserts of identities:    {store_ids:>10.0} /s");
         println!("  identities created via HTTPS ARM PUT:  {http_ids:>10.0} /s       ratio to direct inserts {:.2}", http_ids / store_ids);
         println!("  authorization check, 10,000 role assignments stored: {check_us:.1} µs each ({checks_per_s:.0}/s)");
