@@ -229,3 +229,66 @@ def test_fic_rules(fed):
     # api-versions before federated credentials existed do not have them
     st, _ = arm(up, env, "GET", base + "?api-version=2018-11-30")
     assert st == 404
+
+
+def self_signed(d, name):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    both = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()) + cert_pem
+    cert_path, both_path = os.path.join(d, f"{name}-cert.pem"), os.path.join(d, f"{name}.pem")
+    open(cert_path, "wb").write(cert_pem)
+    open(both_path, "wb").write(both)
+    return cert_path, both_path
+
+
+def test_registered_app_with_secret_and_certificate(fed):
+    import sys
+
+    up, _, d, env = fed
+    cert, both = self_signed(d, "app1")
+    _, other = self_signed(d, "not-registered")
+    out = subprocess.run([keyless_bin(), "app", "create", "--display-name", "app1", "--cert-file", cert],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    app = json.loads(out.stdout)
+    assert app["tenant"] == up.info["tenantId"] and app["password"]
+    client_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tempfile.gettempdir(),
+                  "REQUESTS_CA_BUNDLE": up.info["caFile"], "SSL_CERT_FILE": up.info["caFile"]}
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def get(kind, **extra):
+        args = {"kind": kind, "authority": up.info["serverUrl"], "tenant": up.info["tenantId"],
+                "client_id": app["appId"], "scope": "api://resource/.default", **extra}
+        r = subprocess.run([sys.executable, os.path.join(here, "app_client.py"), json.dumps(args)], env=client_env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    import jwt as pyjwt
+    for kind, extra in (("secret", {"secret": app["password"]}), ("cert", {"certificate_path": both}),
+                        ("cert_async", {"certificate_path": both})):
+        got = get(kind, **extra)
+        assert "token" in got, (kind, got)
+        claims = pyjwt.decode(got["token"], options={"verify_signature": False})
+        assert claims["appid"] == app["appId"] and claims["oid"] == app["objectId"], kind
+        assert claims["aud"] == "api://resource"
+    # a certificate that is not registered, and a wrong secret
+    got = get("cert", certificate_path=other)
+    assert "AADSTS700027" in got.get("message", ""), got
+    got = get("cert_async", certificate_path=other)
+    assert "AADSTS700027" in got.get("message", ""), got
+    got = get("secret", secret="wrong")
+    assert "AADSTS7000215" in got.get("message", ""), got

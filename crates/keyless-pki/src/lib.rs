@@ -343,6 +343,40 @@ pub fn verify_rs256(key: &RsaPublic, input: &[u8], sig: &[u8]) -> bool {
         .is_ok()
 }
 
+/// The RSA public key of a certificate, if it has one.
+pub fn cert_rsa_public(cert_der: &[u8]) -> Option<RsaPublic> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    match cert.public_key().parsed().ok()? {
+        x509_parser::public_key::PublicKey::RSA(k) => Some(RsaPublic {
+            n: trim_zeros(k.modulus).to_vec(),
+            e: trim_zeros(k.exponent).to_vec(),
+        }),
+        _ => None,
+    }
+}
+
+/// SHA-1 digest (certificate thumbprints, `x5t`).
+pub fn sha1(data: &[u8]) -> Vec<u8> {
+    digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, data)
+        .as_ref()
+        .to_vec()
+}
+
+/// Verify an RSA signature: `RS256` (PKCS#1 v1.5) or `PS256` (PSS), SHA-256.
+pub fn verify_rsa(key: &RsaPublic, alg: &str, input: &[u8], sig: &[u8]) -> bool {
+    let params: &signature::RsaParameters = match alg {
+        "RS256" => &signature::RSA_PKCS1_2048_8192_SHA256,
+        "PS256" => &signature::RSA_PSS_2048_8192_SHA256,
+        _ => return false,
+    };
+    signature::RsaPublicKeyComponents {
+        n: &key.n,
+        e: &key.e,
+    }
+    .verify(params, input, sig)
+    .is_ok()
+}
+
 /// Install aws-lc-rs as rustls' process-wide provider (idempotent).
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

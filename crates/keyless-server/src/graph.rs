@@ -16,6 +16,7 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1.0/servicePrincipals", get(list))
         .route("/v1.0/servicePrincipals/{id}", get(one))
+        .route("/v1.0/applications", axum::routing::post(create_app))
 }
 
 fn audiences(s: &AppState) -> Vec<String> {
@@ -98,4 +99,90 @@ async fn list(State(s): State<Arc<AppState>>, req: Request) -> Result<Json<Value
         }
     };
     Ok(Json(json!({ "value": value })))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewApp {
+    display_name: String,
+    #[serde(default)]
+    key_credentials: Vec<KeyCredential>,
+}
+
+#[derive(serde::Deserialize)]
+struct KeyCredential {
+    /// base64 DER (or PEM text) of an X.509 certificate
+    key: String,
+}
+
+/// `POST /v1.0/applications`: register an application (service principal) with a generated
+/// client secret (returned once) and optional certificates. Needs the right to assign roles at
+/// the subscription (directory administration stands in for Entra's app-registration rights).
+async fn create_app(
+    State(s): State<Arc<AppState>>,
+    req: Request,
+) -> Result<(axum::http::StatusCode, Json<Value>)> {
+    let caller = authenticate_with(&s, req.headers(), &audiences(&s))?;
+    let scope = format!("/subscriptions/{}", s.subscription_id);
+    if !crate::authz::permitted(
+        &s,
+        &caller.object_id,
+        "Microsoft.Authorization/roleAssignments/write",
+        &scope,
+    )? {
+        return Err(ServerError::AuthorizationFailed {
+            principal: caller.object_id,
+            action: "microsoft.directory/applications/create".into(),
+            scope,
+        });
+    }
+    let body = axum::body::to_bytes(req.into_body(), 256 * 1024)
+        .await
+        .map_err(|_| ServerError::RequestTooLarge(256 * 1024))?;
+    let app: NewApp = crate::arm::parse_body(&body)?;
+    let name = app.display_name.trim();
+    if name.is_empty() || name.chars().count() > 256 {
+        return Err(ServerError::InvalidParameter {
+            message: "displayName must be 1-256 characters.".into(),
+            target: Some("displayName".into()),
+        });
+    }
+    let mut certificates = vec![];
+    for k in &app.key_credentials {
+        let der = keyless_pki::pem_blocks(&k.key, "CERTIFICATE")
+            .into_iter()
+            .next()
+            .or_else(|| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, k.key.trim()).ok())
+            .filter(|d| keyless_pki::cert_rsa_public(d).is_some())
+            .ok_or_else(|| ServerError::InvalidParameter {
+                message: "keyCredentials[].key must be an X.509 certificate with an RSA key (base64 DER or PEM).".into(),
+                target: Some("keyCredentials".into()),
+            })?;
+        certificates.push(der);
+    }
+    let secret = crate::util::random_b64url(32);
+    let sp = keyless_store::ServicePrincipalRecord {
+        client_id: crate::util::new_guid(),
+        object_id: crate::util::new_guid(),
+        display_name: name.to_string(),
+        secret_sha256: keyless_pki::sha256_hex(secret.as_bytes()),
+        created: s.now(),
+        certificates,
+    };
+    s.store.put_service_principal(&sp)?;
+    let keys: Vec<Value> = sp
+        .certificates
+        .iter()
+        .map(|c| json!({"type": "AsymmetricX509Cert", "usage": "Verify", "customKeyIdentifier": hex::encode_upper(keyless_pki::sha1(c))}))
+        .collect();
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(json!({
+            "id": sp.object_id,
+            "appId": sp.client_id,
+            "displayName": sp.display_name,
+            "passwordCredentials": [{"secretText": secret, "keyId": crate::util::new_guid()}],
+            "keyCredentials": keys,
+        })),
+    ))
 }

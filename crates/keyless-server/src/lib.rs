@@ -8,6 +8,7 @@
 
 pub mod arm;
 pub mod authz;
+pub mod client_assertion;
 pub mod error;
 pub mod federation;
 pub mod fics;

@@ -190,6 +190,7 @@ pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Boo
                 object_id: new_guid(),
                 display_name: "keyless-bootstrap-admin".into(),
                 secret_sha256: keyless_pki::sha256_hex(secret.as_bytes()),
+                certificates: vec![],
                 created: now,
             })?;
             store.set_meta("admin_client_id", &client_id)?;

@@ -238,12 +238,20 @@ async fn authenticate_client(
             }
         }
         None if assertion.is_some() => {
-            return Err(ServerError::sts(
-                401,
-                "invalid_client",
-                700027,
-                "Client assertion failed signature validation: no certificate is registered for this client.",
-            ));
+            if field(form, "client_assertion_type") != Some(JWT_BEARER) {
+                return Err(ServerError::sts(
+                    400,
+                    "invalid_request",
+                    900144,
+                    format!("The request body must contain the following parameter: 'client_assertion_type' with the value '{JWT_BEARER}'."),
+                ));
+            }
+            let (b, t) = (&s.base_url, &s.tenant_id);
+            let urls = [
+                format!("{b}/{t}/oauth2/v2.0/token"),
+                format!("{b}/{t}/oauth2/token"),
+            ];
+            crate::client_assertion::verify(s, &sp, assertion.unwrap_or_default(), &urls)?;
         }
         None => {
             return Err(ServerError::sts(

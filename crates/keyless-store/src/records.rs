@@ -60,6 +60,9 @@ pub struct ServicePrincipalRecord {
     /// Hex SHA-256 of the (256-bit random) client secret.
     pub secret_sha256: String,
     pub created: u64,
+    /// Registered certificates (DER; public) for client assertions.
+    #[serde(default)]
+    pub certificates: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

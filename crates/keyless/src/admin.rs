@@ -1303,3 +1303,59 @@ pub async fn role(c: RoleCmd) -> Result<(), CliError> {
     api.print(&v);
     Ok(())
 }
+
+// ------------------------------------------------------------------ app
+
+#[derive(Args)]
+pub struct AppCmd {
+    #[command(subcommand)]
+    cmd: AppVerb,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Subcommand)]
+enum AppVerb {
+    /// Register an application (service principal); prints its client secret once.
+    Create {
+        #[arg(long)]
+        display_name: String,
+        /// PEM file with a certificate to register for client assertions (repeatable).
+        #[arg(long = "cert-file")]
+        cert_files: Vec<PathBuf>,
+    },
+}
+
+pub async fn app(c: AppCmd) -> Result<(), CliError> {
+    let api = Api::connect(&c.conn).await?;
+    let AppVerb::Create {
+        display_name,
+        cert_files,
+    } = c.cmd;
+    let mut keys = vec![];
+    for f in &cert_files {
+        let pem = std::fs::read_to_string(f).map_err(|source| CliError::Io {
+            path: f.display().to_string(),
+            source,
+        })?;
+        keys.push(json!({"type": "AsymmetricX509Cert", "usage": "Verify", "key": pem}));
+    }
+    let body = json!({"displayName": display_name, "keyCredentials": keys});
+    let v = api
+        .call(reqwest::Method::POST, "/v1.0/applications", Some(body))
+        .await?;
+    let tenant = c.conn.tenant.clone().or_else(|| {
+        endpoints(&c.conn.data_dir)["tenantId"]
+            .as_str()
+            .map(str::to_string)
+    });
+    // the shape `az ad sp create-for-rbac` prints
+    api.print(&json!({
+        "appId": v["appId"],
+        "displayName": v["displayName"],
+        "password": v["passwordCredentials"][0]["secretText"],
+        "tenant": tenant,
+        "objectId": v["id"],
+    }));
+    Ok(())
+}

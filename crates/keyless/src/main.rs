@@ -35,6 +35,8 @@ enum Command {
     Vmss(admin::VmCmd),
     /// Manage resource groups.
     Group(admin::GroupCmd),
+    /// Register applications (service principals with a secret and/or certificates).
+    App(admin::AppCmd),
     /// Role definitions and role assignments.
     Role(admin::RoleCmd),
     /// Get a managed-identity token from the local IMDS endpoint.
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
             Command::Vmss(c) => admin::vm(c, admin::VMSS_TYPE).await,
             Command::Group(c) => admin::group(c).await,
             Command::Role(c) => admin::role(c).await,
+            Command::App(c) => admin::app(c).await,
             Command::GetToken(a) => admin::get_token(a).await,
         }
     });

@@ -1,0 +1,116 @@
+//! Certificate client credentials: a `client_assertion` JWT signed with a certificate registered
+//! on a service principal. Accepts what the SDKs send (§4.2 of the protocol notes): RS256 with
+//! `x5t` or PS256 with `x5t#S256`, thumbprints in base64url or standard base64, padded or not,
+//! padded JWT segments, float `exp`/`iat`, missing `iat`/`nbf`; `aud` = our v2 or v1 token URL.
+
+use crate::error::{Result, ServerError};
+use crate::state::AppState;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use keyless_core::claims;
+use keyless_store::ServicePrincipalRecord;
+use serde_json::Value;
+
+const SKEW: u64 = 300;
+
+fn lenient_b64(s: &str) -> Option<Vec<u8>> {
+    let t = s.trim_end_matches('=');
+    URL_SAFE_NO_PAD
+        .decode(t)
+        .ok()
+        .or_else(|| STANDARD.decode(s).ok())
+        .or_else(|| {
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(t)
+                .ok()
+        })
+}
+
+fn invalid(code: u32, msg: impl Into<String>) -> ServerError {
+    ServerError::sts(401, "invalid_client", code, msg)
+}
+
+/// Verify `assertion` as a certificate credential of `sp`; `token_urls` are the audiences
+/// accepted (the endpoint the client posted to, in its v2 and v1 forms).
+pub fn verify(
+    s: &AppState,
+    sp: &ServicePrincipalRecord,
+    assertion: &str,
+    token_urls: &[String],
+) -> Result<()> {
+    // the raw header carries `x5t#S256`, which our header type does not model
+    let raw_header: Value = assertion
+        .split('.')
+        .next()
+        .and_then(lenient_b64)
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            ServerError::sts(
+                400,
+                "invalid_request",
+                50027,
+                "Invalid JWT token. The token is malformed.",
+            )
+        })?;
+    let d = claims::decode(assertion.trim()).map_err(|_| {
+        ServerError::sts(
+            400,
+            "invalid_request",
+            50027,
+            "Invalid JWT token. The token is malformed.",
+        )
+    })?;
+    let alg = d.header.alg.as_str();
+    let thumb = |k: &str| raw_header[k].as_str().and_then(lenient_b64);
+    let cert = sp.certificates.iter().find(|c| {
+        thumb("x5t#S256").is_some_and(|t| t == keyless_pki::sha256(c))
+            || thumb("x5t").is_some_and(|t| t == keyless_pki::sha1(c))
+    });
+    let Some(cert) = cert else {
+        return Err(invalid(700027, "Client assertion failed signature validation: the certificate thumbprint does not match a certificate registered for this application."));
+    };
+    let key = keyless_pki::cert_rsa_public(cert)
+        .ok_or_else(|| invalid(700027, "The registered certificate has no RSA key."))?;
+    if !keyless_pki::verify_rsa(&key, alg, d.signing_input.as_bytes(), &d.signature) {
+        return Err(invalid(
+            700027,
+            format!("Client assertion failed signature validation (algorithm '{alg}')."),
+        ));
+    }
+    let c = &d.claims;
+    let text = |k: &str| c[k].as_str().unwrap_or("").to_string();
+    if !text("iss").eq_ignore_ascii_case(&sp.client_id)
+        || !text("sub").eq_ignore_ascii_case(&sp.client_id)
+    {
+        return Err(invalid(
+            700021,
+            "Client assertion application identifier doesn't match 'client_id' parameter.",
+        ));
+    }
+    let auds: Vec<String> = match &c["aud"] {
+        Value::String(a) => vec![a.clone()],
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => vec![],
+    };
+    if !auds.iter().any(|a| {
+        token_urls
+            .iter()
+            .any(|u| u.eq_ignore_ascii_case(a.trim_end_matches('/')))
+    }) {
+        return Err(invalid(700021, format!("Client assertion audience claim does not match Realm issuer. Review the documentation at https://aka.ms/certCreds . Audience: '{}'.", auds.join(","))));
+    }
+    let now = s.now();
+    let num = |k: &str| c[k].as_f64().map(|f| f as u64);
+    let exp = num("exp").ok_or_else(|| invalid(700024, "Client assertion has no expiry."))?;
+    let nbf = num("nbf").or(num("iat")).unwrap_or(0);
+    if exp + SKEW <= now || nbf > now + SKEW {
+        return Err(invalid(
+            700024,
+            "Client assertion is not within its valid time range.",
+        ));
+    }
+    Ok(())
+}
