@@ -27,6 +27,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/{tenant}/discovery/keys", get(jwks))
         .route("/{tenant}/oauth2/v2.0/token", post(token_v2))
         .route("/{tenant}/oauth2/token", post(token_v1))
+        .route("/common/discovery/instance", get(instance_discovery))
 }
 
 /// Accept our tenant id (any case) and the `common`/`organizations` aliases for discovery.
@@ -104,6 +105,45 @@ async fn discovery_v1(
         "microsoft_multi_refresh_token": true,
         "cloud_instance_name": "keyless",
     })))
+}
+
+/// MSAL's instance discovery, answered for our own host (MSAL asks Microsoft's host by default;
+/// this serves clients pointed at Keyless for discovery).
+async fn instance_discovery(
+    State(s): State<Arc<AppState>>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Result<Response> {
+    let q: Vec<(String, String)> =
+        serde_urlencoded::from_str(q.as_deref().unwrap_or("")).unwrap_or_default();
+    let endpoint = q
+        .iter()
+        .find(|(k, _)| k == "authorization_endpoint")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    let host = s
+        .base_url
+        .split("://")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let Some(rest) = endpoint.strip_prefix(&s.base_url) else {
+        return Ok((
+            axum::http::StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_instance", "error_description": "AADSTS50049: Unknown or invalid instance."})),
+        )
+            .into_response());
+    };
+    let tenant = rest
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("common");
+    Ok(Json(json!({
+        "tenant_discovery_endpoint": format!("{}/{tenant}/v2.0/.well-known/openid-configuration", s.base_url),
+        "api-version": "1.1",
+        "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
+    }))
+    .into_response())
 }
 
 async fn jwks(State(s): State<Arc<AppState>>, Path(tenant): Path<String>) -> Result<Response> {

@@ -1381,3 +1381,73 @@ async fn scale_set_instances_share_the_scale_set_identities() {
     let r = admin.get(&url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_fic_writes_under_one_identity_never_half_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), &[]).unwrap();
+    let a = Admin::new(&up).await;
+    let base = format!(
+        "{}/federatedIdentityCredentials",
+        up.s("/demoIdentity/resourceId")
+    );
+    let mut tasks = vec![];
+    for i in 0..12 {
+        let (c, url, token) = (
+            a.c.clone(),
+            format!("{}{base}/fic-{i}?api-version=2023-01-31", a.server),
+            a.token.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"properties": {"issuer": "https://issuer.example", "subject": format!("s{i}"), "audiences": ["api://AzureADTokenExchange"]}});
+            let r = c.put(url).bearer_auth(token).json(&body).send().await.unwrap();
+            let st = r.status().as_u16();
+            (i, st, r.json::<Value>().await.unwrap_or(Value::Null))
+        }));
+    }
+    let mut created = vec![];
+    for t in tasks {
+        let (i, st, v) = t.await.unwrap();
+        match st {
+            201 => created.push(format!("fic-{i}")),
+            409 => assert_eq!(
+                code(&v),
+                "ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity"
+            ),
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    let (_, list) = a
+        .req(Method::GET, &format!("{base}?api-version=2023-01-31"), None)
+        .await;
+    let mut names: Vec<String> = list["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    created.sort();
+    assert_eq!(
+        names, created,
+        "exactly the writes that answered 201 are stored"
+    );
+    // MSAL instance discovery answered for our host
+    let r: Value = a
+        .c
+        .get(format!("{}/common/discovery/instance?api-version=1.1&authorization_endpoint={}/{}/oauth2/v2.0/authorize", a.server, a.server, up.s("/tenantId")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        r["tenant_discovery_endpoint"],
+        format!(
+            "{}/{}/v2.0/.well-known/openid-configuration",
+            a.server,
+            up.s("/tenantId")
+        )
+    );
+}
