@@ -213,14 +213,14 @@ pub fn decode(token: &str) -> Result<DecodedJwt<'_>, JwtError> {
     })
 }
 
-/// Check `exp` / `nbf`, `iss` (one of `issuers`) and `aud` (one of `audiences`), with `skew`
+/// Check `exp` / `nbf`, `iss` (one of `issuers`) and `aud` (one of `accepted`), with `skew`
 /// seconds of tolerance on times.
 pub fn validate_claims(
     claims: &serde_json::Value,
     now: u64,
     skew: u64,
     issuers: &[&str],
-    audiences: &[&str],
+    accepted: &[&str],
 ) -> Result<(), JwtError> {
     let num = |k: &str| claims.get(k).and_then(|v| v.as_f64()).map(|f| f as u64);
     let exp = num("exp").ok_or(JwtError::Malformed)?;
@@ -236,15 +236,20 @@ pub fn validate_claims(
     if !issuers.contains(&iss) {
         return Err(JwtError::Issuer(iss.to_string()));
     }
-    let auds: Vec<&str> = match claims.get("aud") {
-        Some(serde_json::Value::String(s)) => vec![s.as_str()],
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
-        _ => vec![],
-    };
-    if !auds.iter().any(|a| audiences.contains(a)) {
+    let auds = audiences(claims);
+    if !auds.iter().any(|a| accepted.contains(a)) {
         return Err(JwtError::Audience(auds.join(",")));
     }
     Ok(())
+}
+
+/// The `aud` claim as a list (a JWT may carry one string or an array).
+pub fn audiences(claims: &serde_json::Value) -> Vec<&str> {
+    match claims.get("aud") {
+        Some(serde_json::Value::String(s)) => vec![s.as_str()],
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
+        _ => vec![],
+    }
 }
 
 /// The resource a v2 `scope` asks for: `https://vault.azure.net/.default` →

@@ -87,14 +87,10 @@ pub fn verify(
             "Client assertion application identifier doesn't match 'client_id' parameter.",
         ));
     }
-    let auds: Vec<String> = match &c["aud"] {
-        Value::String(a) => vec![a.clone()],
-        Value::Array(a) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        _ => vec![],
-    };
+    let auds: Vec<String> = claims::audiences(c)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     if !auds.iter().any(|a| {
         token_urls
             .iter()

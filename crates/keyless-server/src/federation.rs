@@ -158,14 +158,10 @@ pub async fn exchange(s: &AppState, id: &IdentityRecord, assertion: &str) -> Res
     let c = &d.claims;
     let iss = c["iss"].as_str().ok_or_else(malformed)?.to_string();
     let sub = c["sub"].as_str().unwrap_or("").to_string();
-    let auds: Vec<String> = match &c["aud"] {
-        Value::String(a) => vec![a.clone()],
-        Value::Array(a) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        _ => vec![],
-    };
+    let auds: Vec<String> = claims::audiences(c)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     if iss == s.issuer_v1() || iss == s.issuer_v2() {
         return Err(sts(
             400,
