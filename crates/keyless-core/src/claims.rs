@@ -125,6 +125,9 @@ pub struct JwtHeader {
     pub x5t: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kid: Option<String>,
+    /// SHA-256 certificate thumbprint (client assertions signed with PS256 send it).
+    #[serde(default, rename = "x5t#S256", skip_serializing_if = "Option::is_none")]
+    pub x5t_s256: Option<String>,
 }
 
 impl JwtHeader {
@@ -134,6 +137,7 @@ impl JwtHeader {
             alg: "RS256".into(),
             x5t: Some(kid.into()),
             kid: Some(kid.into()),
+            x5t_s256: None,
         }
     }
 }

@@ -9,7 +9,6 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use keyless_core::claims;
 use keyless_store::ServicePrincipalRecord;
-use serde_json::Value;
 
 const SKEW: u64 = 300;
 
@@ -38,20 +37,6 @@ pub fn verify(
     assertion: &str,
     token_urls: &[String],
 ) -> Result<()> {
-    // the raw header carries `x5t#S256`, which our header type does not model
-    let raw_header: Value = assertion
-        .split('.')
-        .next()
-        .and_then(lenient_b64)
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or_else(|| {
-            ServerError::sts(
-                400,
-                "invalid_request",
-                50027,
-                "Invalid JWT token. The token is malformed.",
-            )
-        })?;
     let d = claims::decode(assertion.trim()).map_err(|_| {
         ServerError::sts(
             400,
@@ -61,10 +46,11 @@ pub fn verify(
         )
     })?;
     let alg = d.header.alg.as_str();
-    let thumb = |k: &str| raw_header[k].as_str().and_then(lenient_b64);
+    let thumb = |t: &Option<String>| t.as_deref().and_then(lenient_b64);
+    let (s256, s1) = (thumb(&d.header.x5t_s256), thumb(&d.header.x5t));
     let cert = sp.certificates.iter().find(|c| {
-        thumb("x5t#S256").is_some_and(|t| t == keyless_pki::sha256(c))
-            || thumb("x5t").is_some_and(|t| t == keyless_pki::sha1(c))
+        s256.as_ref().is_some_and(|t| *t == keyless_pki::sha256(c))
+            || s1.as_ref().is_some_and(|t| *t == keyless_pki::sha1(c))
     });
     let Some(cert) = cert else {
         return Err(invalid(700027, "Client assertion failed signature validation: the certificate thumbprint does not match a certificate registered for this application."));
