@@ -13,6 +13,7 @@
 //! - [`rbac`]: built-in roles, action wildcard matching, scope inheritance, the access decision.
 //! - [`rotation`]: signing-key rotation plan.
 //! - [`refresh`]: when a cached token must be renewed.
+//! - [`vault`]: Key Vault names, routes, permissions, certificate policies and paging.
 
 pub mod api_version;
 pub mod claims;
@@ -27,5 +28,6 @@ pub mod refresh;
 pub mod resource_id;
 pub mod rotation;
 pub mod selection;
+pub mod vault;
 
 pub use error::CoreError;
