@@ -8,9 +8,11 @@
 pub mod crypto;
 pub mod records;
 pub mod sqlite;
+pub mod vault;
 
 pub use crypto::Kek;
 pub use records::*;
+pub use vault::*;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +85,7 @@ pub enum RoleAssignmentInsert {
 }
 
 /// Everything the server persists. Methods are small and transactional on their own.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: VaultStore + Send + Sync + 'static {
     // -- instance metadata (tenant, subscription, settings)
     fn get_meta(&self, key: &str) -> Result<Option<String>>;
     fn set_meta(&self, key: &str, value: &str) -> Result<()>;

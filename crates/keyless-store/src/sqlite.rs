@@ -47,6 +47,16 @@ CREATE UNIQUE INDEX vmss_instances_id ON vmss_instances(vmss_key, instance_id);
 CREATE TABLE fics(identity_key TEXT NOT NULL, name_key TEXT NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY(identity_key, name_key));
 "#,
+    r#"
+CREATE TABLE vaults(key TEXT PRIMARY KEY, name_key TEXT NOT NULL UNIQUE, subscription TEXT NOT NULL,
+    rg_key TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX vaults_scope ON vaults(subscription, rg_key);
+CREATE TABLE kv_names(vault TEXT NOT NULL, coll TEXT NOT NULL, name_key TEXT NOT NULL, name TEXT NOT NULL,
+    deleted_at INTEGER, purge_at INTEGER, extra TEXT NOT NULL, PRIMARY KEY(vault, coll, name_key));
+CREATE TABLE kv_versions(vault TEXT NOT NULL, coll TEXT NOT NULL, name_key TEXT NOT NULL, version TEXT NOT NULL,
+    seq INTEGER NOT NULL, body TEXT NOT NULL, sealed BLOB, PRIMARY KEY(vault, coll, name_key, version));
+CREATE UNIQUE INDEX kv_versions_seq ON kv_versions(vault, coll, name_key, seq);
+"#,
 ];
 
 /// SQLite implementation of [`Store`].
@@ -354,6 +364,7 @@ impl Store for SqliteStore {
             for id in &ids {
                 delete_identity_rows(tx, id)?;
             }
+            vault_sql::delete_vaults_in_group(tx, &sub, &rg)?;
             delete_assignments_under(tx, &format!("/subscriptions/{sub}/resourcegroups/{rg}"))?;
             let n = tx.execute(
                 "DELETE FROM resource_groups WHERE subscription = ?1 AND name_key = ?2",
@@ -1130,5 +1141,575 @@ mod tests {
         assert!(s.get_vm(&v.key).unwrap().is_none());
         assert!(s.get_host_credential("f").unwrap().is_none());
         assert!(s.list_resource_groups("s").unwrap().is_empty());
+    }
+}
+
+mod vault_sql {
+    //! [`VaultStore`] on SQLite.
+
+    use super::{json, lower, parse, SqliteStore};
+    use crate::vault::*;
+    use crate::{Result, StoreError};
+    use rusqlite::{params, OptionalExtension, Row, Transaction};
+
+    fn aad(v: &KvVersionRecord) -> String {
+        format!("kv:{}/{}/{}/{}", v.vault, v.coll, lower(&v.name), v.version)
+    }
+
+    fn name_row(
+        r: &Row<'_>,
+    ) -> rusqlite::Result<(String, String, String, Option<i64>, Option<i64>, String)> {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ))
+    }
+
+    fn to_name(
+        (vault, coll, name, d, p, extra): (
+            String,
+            String,
+            String,
+            Option<i64>,
+            Option<i64>,
+            String,
+        ),
+    ) -> Result<KvNameRecord> {
+        Ok(KvNameRecord {
+            vault,
+            coll,
+            name,
+            deleted: d.map(|d| (d as u64, p.unwrap_or(0) as u64)),
+            extra: parse(&extra)?,
+        })
+    }
+
+    const NAME_COLS: &str = "vault, coll, name, deleted_at, purge_at, extra";
+
+    impl SqliteStore {
+        fn unseal(
+            &self,
+            mut v: KvVersionRecord,
+            sealed: Option<Vec<u8>>,
+        ) -> Result<KvVersionRecord> {
+            v.private = match sealed {
+                Some(s) => Some(self.kek.open(&aad(&v), &s)?),
+                None => None,
+            };
+            Ok(v)
+        }
+    }
+
+    fn latest_version(
+        tx: &Transaction<'_>,
+        vault: &str,
+        coll: &str,
+        key: &str,
+    ) -> Result<Option<String>> {
+        Ok(tx
+            .query_row(
+                "SELECT version FROM kv_versions WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 ORDER BY seq DESC LIMIT 1",
+                params![vault, coll, key],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn delete_kv_rows(tx: &Transaction<'_>, vault: &str, coll: &str, key: &str) -> Result<usize> {
+        tx.execute(
+            "DELETE FROM kv_versions WHERE vault = ?1 AND coll = ?2 AND name_key = ?3",
+            params![vault, coll, key],
+        )?;
+        Ok(tx.execute(
+            "DELETE FROM kv_names WHERE vault = ?1 AND coll = ?2 AND name_key = ?3",
+            params![vault, coll, key],
+        )?)
+    }
+
+    /// Remove the vaults of a resource group with their objects (inside a group delete).
+    pub(crate) fn delete_vaults_in_group(tx: &Transaction<'_>, sub: &str, rg: &str) -> Result<()> {
+        let names: Vec<String> = {
+            let mut st =
+                tx.prepare("SELECT name_key FROM vaults WHERE subscription = ?1 AND rg_key = ?2")?;
+            let rows = st.query_map([sub, rg], |r| r.get(0))?;
+            rows.collect::<std::result::Result<_, _>>()?
+        };
+        for n in &names {
+            tx.execute("DELETE FROM kv_versions WHERE vault = ?1", [n])?;
+            tx.execute("DELETE FROM kv_names WHERE vault = ?1", [n])?;
+        }
+        tx.execute(
+            "DELETE FROM vaults WHERE subscription = ?1 AND rg_key = ?2",
+            [sub, rg],
+        )?;
+        Ok(())
+    }
+
+    impl VaultStore for SqliteStore {
+        fn put_vault(&self, v: &VaultRecord) -> Result<bool> {
+            let body = json(v)?;
+            self.tx(|tx| {
+                let other: Option<String> = tx
+                    .query_row("SELECT key FROM vaults WHERE name_key = ?1", [lower(&v.name)], |r| r.get(0))
+                    .optional()?;
+                if other.as_deref().is_some_and(|k| k != v.key) {
+                    return Err(StoreError::Conflict(format!("vault name {} is taken", v.name)));
+                }
+                let n = tx.execute(
+                    "INSERT INTO vaults(key, name_key, subscription, rg_key, body) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(key) DO UPDATE SET body = excluded.body",
+                    params![v.key, lower(&v.name), lower(&v.subscription), lower(&v.resource_group), body],
+                )?;
+                Ok(other.is_none() && n > 0)
+            })
+        }
+
+        fn get_vault(&self, key: &str) -> Result<Option<VaultRecord>> {
+            let b: Option<String> = self
+                .lock()
+                .query_row(
+                    "SELECT body FROM vaults WHERE key = ?1",
+                    [lower(key)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            b.map(|b| parse(&b)).transpose()
+        }
+
+        fn get_vault_by_name(&self, name: &str) -> Result<Option<VaultRecord>> {
+            let b: Option<String> = self
+                .lock()
+                .query_row(
+                    "SELECT body FROM vaults WHERE name_key = ?1",
+                    [lower(name)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            b.map(|b| parse(&b)).transpose()
+        }
+
+        fn list_vaults(&self, subscription: &str, rg: Option<&str>) -> Result<Vec<VaultRecord>> {
+            let conn = self.lock();
+            let mut st = conn.prepare(
+                "SELECT body FROM vaults WHERE subscription = ?1 AND (?2 IS NULL OR rg_key = ?2) ORDER BY name_key",
+            )?;
+            let rows = st.query_map(params![lower(subscription), rg.map(lower)], |r| {
+                r.get::<_, String>(0)
+            })?;
+            rows.map(|b| parse(&b?)).collect()
+        }
+
+        fn delete_vault(&self, key: &str) -> Result<bool> {
+            self.tx(|tx| {
+                let name: Option<String> = tx
+                    .query_row(
+                        "SELECT name_key FROM vaults WHERE key = ?1",
+                        [lower(key)],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let Some(name) = name else { return Ok(false) };
+                tx.execute("DELETE FROM kv_versions WHERE vault = ?1", [&name])?;
+                tx.execute("DELETE FROM kv_names WHERE vault = ?1", [&name])?;
+                tx.execute("DELETE FROM vaults WHERE key = ?1", [lower(key)])?;
+                Ok(true)
+            })
+        }
+
+        fn kv_name(&self, vault: &str, coll: &str, name: &str) -> Result<Option<KvNameRecord>> {
+            let row = self
+                .lock()
+                .query_row(
+                    &format!("SELECT {NAME_COLS} FROM kv_names WHERE vault = ?1 AND coll = ?2 AND name_key = ?3"),
+                    params![vault, coll, lower(name)],
+                    name_row,
+                )
+                .optional()?;
+            row.map(to_name).transpose()
+        }
+
+        fn kv_names(&self, vault: &str, coll: &str, deleted: bool) -> Result<Vec<KvNameRecord>> {
+            let conn = self.lock();
+            let mut st = conn.prepare(&format!(
+                "SELECT {NAME_COLS} FROM kv_names WHERE vault = ?1 AND coll = ?2 AND (deleted_at IS NOT NULL) = ?3 ORDER BY name_key"
+            ))?;
+            let rows = st.query_map(params![vault, coll, deleted], name_row)?;
+            rows.map(|r| to_name(r?)).collect()
+        }
+
+        fn kv_all_names(&self, coll: &str) -> Result<Vec<KvNameRecord>> {
+            let conn = self.lock();
+            let mut st = conn.prepare(&format!(
+                "SELECT {NAME_COLS} FROM kv_names WHERE coll = ?1 AND deleted_at IS NULL ORDER BY vault, name_key"
+            ))?;
+            let rows = st.query_map([coll], name_row)?;
+            rows.map(|r| to_name(r?)).collect()
+        }
+
+        fn kv_versions(&self, vault: &str, coll: &str, name: &str) -> Result<Vec<KvVersionRecord>> {
+            let conn = self.lock();
+            let mut st = conn.prepare(
+                "SELECT body FROM kv_versions WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 ORDER BY seq",
+            )?;
+            let rows =
+                st.query_map(params![vault, coll, lower(name)], |r| r.get::<_, String>(0))?;
+            rows.map(|b| parse(&b?)).collect()
+        }
+
+        fn kv_version(
+            &self,
+            vault: &str,
+            coll: &str,
+            name: &str,
+            version: Option<&str>,
+        ) -> Result<Option<KvVersionRecord>> {
+            let row: Option<(String, Option<Vec<u8>>)> = {
+                let conn = self.lock();
+                match version {
+                    Some(v) => conn.query_row(
+                        "SELECT body, sealed FROM kv_versions WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 AND version = ?4",
+                        params![vault, coll, lower(name), v],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    ),
+                    None => conn.query_row(
+                        "SELECT body, sealed FROM kv_versions WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 ORDER BY seq DESC LIMIT 1",
+                        params![vault, coll, lower(name)],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    ),
+                }
+                .optional()?
+            };
+            match row {
+                Some((b, sealed)) => Ok(Some(self.unseal(parse(&b)?, sealed)?)),
+                None => Ok(None),
+            }
+        }
+
+        fn kv_latest(
+            &self,
+            vault: &str,
+            coll: &str,
+            deleted: bool,
+        ) -> Result<Vec<KvVersionRecord>> {
+            let conn = self.lock();
+            let mut st = conn.prepare(
+                "SELECT v.body FROM kv_versions v JOIN kv_names n
+                   ON n.vault = v.vault AND n.coll = v.coll AND n.name_key = v.name_key
+                 WHERE v.vault = ?1 AND v.coll = ?2 AND (n.deleted_at IS NOT NULL) = ?3
+                   AND v.seq = (SELECT max(seq) FROM kv_versions m
+                                WHERE m.vault = v.vault AND m.coll = v.coll AND m.name_key = v.name_key)
+                 ORDER BY v.name_key",
+            )?;
+            let rows = st.query_map(params![vault, coll, deleted], |r| r.get::<_, String>(0))?;
+            rows.map(|b| parse(&b?)).collect()
+        }
+
+        fn kv_write(&self, w: &KvWrite) -> Result<KvWriteOutcome> {
+            let mut sealed = Vec::with_capacity(w.versions.len());
+            for v in &w.versions {
+                sealed.push(match &v.private {
+                    Some(p) => Some(self.kek.seal(&aad(v), p)?),
+                    None => None,
+                });
+            }
+            self.tx(|tx| {
+                if let (Some((coll, expect)), Some(first)) = (&w.expect_latest, w.versions.first()) {
+                    let latest = latest_version(tx, &first.vault, coll, &lower(&first.name))?;
+                    if latest != *expect {
+                        return Ok(KvWriteOutcome::Stale);
+                    }
+                }
+                for (v, s) in w.versions.iter().zip(&sealed) {
+                    let key = lower(&v.name);
+                    let deleted: Option<Option<i64>> = tx
+                        .query_row(
+                            "SELECT deleted_at FROM kv_names WHERE vault = ?1 AND coll = ?2 AND name_key = ?3",
+                            params![v.vault, v.coll, key],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    match deleted {
+                        Some(Some(_)) => return Ok(KvWriteOutcome::Deleted),
+                        Some(None) => {}
+                        None => {
+                            tx.execute(
+                                "INSERT INTO kv_names(vault, coll, name_key, name, extra) VALUES (?1, ?2, ?3, ?4, '{}')",
+                                params![v.vault, v.coll, key, v.name],
+                            )?;
+                        }
+                    }
+                    let seq: i64 = tx.query_row(
+                        "SELECT coalesce(max(seq), 0) + 1 FROM kv_versions WHERE vault = ?1 AND coll = ?2 AND name_key = ?3",
+                        params![v.vault, v.coll, key],
+                        |r| r.get(0),
+                    )?;
+                    tx.execute(
+                        "INSERT INTO kv_versions(vault, coll, name_key, version, seq, body, sealed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![v.vault, v.coll, key, v.version, seq, json(v)?, s],
+                    )?;
+                }
+                if let (Some((coll, extra)), Some(first)) = (&w.extra, w.versions.first()) {
+                    tx.execute(
+                        "UPDATE kv_names SET extra = ?4 WHERE vault = ?1 AND coll = ?2 AND name_key = ?3",
+                        params![first.vault, coll, lower(&first.name), json(extra)?],
+                    )?;
+                }
+                Ok(KvWriteOutcome::Written)
+            })
+        }
+
+        fn kv_update_version(&self, v: &KvVersionRecord) -> Result<bool> {
+            let n = self.lock().execute(
+                "UPDATE kv_versions SET body = ?5 WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 AND version = ?4",
+                params![v.vault, v.coll, lower(&v.name), v.version, json(v)?],
+            )?;
+            Ok(n > 0)
+        }
+
+        fn kv_set_extra(
+            &self,
+            vault: &str,
+            coll: &str,
+            name: &str,
+            extra: &serde_json::Value,
+        ) -> Result<bool> {
+            let n = self.lock().execute(
+                "UPDATE kv_names SET extra = ?4 WHERE vault = ?1 AND coll = ?2 AND name_key = ?3",
+                params![vault, coll, lower(name), json(extra)?],
+            )?;
+            Ok(n > 0)
+        }
+
+        fn kv_delete(
+            &self,
+            vault: &str,
+            colls: &[&str],
+            name: &str,
+            deleted_at: u64,
+            purge_at: Option<u64>,
+        ) -> Result<bool> {
+            let key = lower(name);
+            self.tx(|tx| {
+                let mut any = false;
+                for c in colls {
+                    any |= match purge_at {
+                        Some(p) => tx.execute(
+                            "UPDATE kv_names SET deleted_at = ?4, purge_at = ?5 WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 AND deleted_at IS NULL",
+                            params![vault, c, key, deleted_at as i64, p as i64],
+                        )?,
+                        None => delete_kv_rows(tx, vault, c, &key)?,
+                    } > 0;
+                }
+                Ok(any)
+            })
+        }
+
+        fn kv_recover(&self, vault: &str, colls: &[&str], name: &str) -> Result<bool> {
+            let key = lower(name);
+            self.tx(|tx| {
+                let mut any = false;
+                for c in colls {
+                    any |= tx.execute(
+                        "UPDATE kv_names SET deleted_at = NULL, purge_at = NULL WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 AND deleted_at IS NOT NULL",
+                        params![vault, c, key],
+                    )? > 0;
+                }
+                Ok(any)
+            })
+        }
+
+        fn kv_purge(&self, vault: &str, colls: &[&str], name: &str) -> Result<bool> {
+            let key = lower(name);
+            self.tx(|tx| {
+                let mut any = false;
+                for c in colls {
+                    let deleted: Option<Option<i64>> = tx
+                        .query_row(
+                            "SELECT deleted_at FROM kv_names WHERE vault = ?1 AND coll = ?2 AND name_key = ?3",
+                            params![vault, c, key],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(Some(_)) = deleted {
+                        any |= delete_kv_rows(tx, vault, c, &key)? > 0;
+                    }
+                }
+                Ok(any)
+            })
+        }
+
+        fn kv_purge_expired(&self, now: u64) -> Result<usize> {
+            self.tx(|tx| {
+                let due: Vec<(String, String, String)> = {
+                    let mut st = tx.prepare(
+                        "SELECT vault, coll, name_key FROM kv_names WHERE deleted_at IS NOT NULL AND purge_at <= ?1",
+                    )?;
+                    let rows = st.query_map([now as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                    rows.collect::<std::result::Result<_, _>>()?
+                };
+                for (v, c, k) in &due {
+                    delete_kv_rows(tx, v, c, k)?;
+                }
+                Ok(due.len())
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod vault_tests {
+    use super::*;
+
+    fn store(dir: &Path) -> SqliteStore {
+        SqliteStore::open(&dir.join("k.db"), Kek::from_bytes(&[7u8; 32]).unwrap()).unwrap()
+    }
+
+    fn ver(coll: &str, name: &str, version: &str, value: &[u8]) -> KvVersionRecord {
+        KvVersionRecord {
+            vault: "kv1".into(),
+            coll: coll.into(),
+            name: name.into(),
+            version: version.into(),
+            created: 1,
+            updated: 1,
+            enabled: true,
+            nbf: None,
+            exp: None,
+            content_type: None,
+            tags: Default::default(),
+            managed: false,
+            public: serde_json::json!({}),
+            private: Some(value.to_vec()),
+        }
+    }
+
+    fn write(s: &SqliteStore, v: KvVersionRecord) -> KvWriteOutcome {
+        s.kv_write(&KvWrite {
+            versions: vec![v],
+            extra: None,
+            expect_latest: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn versions_delete_recover_purge() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        assert_eq!(
+            write(&s, ver("secrets", "Db-Pass", "a1", b"one")),
+            KvWriteOutcome::Written
+        );
+        assert_eq!(
+            write(&s, ver("secrets", "db-pass", "a2", b"two")),
+            KvWriteOutcome::Written
+        );
+        let latest = s
+            .kv_version("kv1", "secrets", "DB-PASS", None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (latest.version.as_str(), latest.private.as_deref()),
+            ("a2", Some(&b"two"[..]))
+        );
+        assert_eq!(
+            s.kv_name("kv1", "secrets", "db-pass")
+                .unwrap()
+                .unwrap()
+                .name,
+            "Db-Pass"
+        );
+        assert_eq!(s.kv_versions("kv1", "secrets", "db-pass").unwrap().len(), 2);
+        assert!(s.kv_versions("kv1", "secrets", "db-pass").unwrap()[0]
+            .private
+            .is_none());
+
+        assert!(s
+            .kv_delete("kv1", &["secrets"], "db-pass", 10, Some(100))
+            .unwrap());
+        assert_eq!(
+            write(&s, ver("secrets", "db-pass", "a3", b"x")),
+            KvWriteOutcome::Deleted
+        );
+        assert!(s.kv_latest("kv1", "secrets", false).unwrap().is_empty());
+        assert_eq!(s.kv_latest("kv1", "secrets", true).unwrap().len(), 1);
+        assert!(s.kv_recover("kv1", &["secrets"], "db-pass").unwrap());
+        assert_eq!(
+            s.kv_latest("kv1", "secrets", false).unwrap()[0].version,
+            "a2"
+        );
+        // purge only applies to deleted names
+        assert!(!s.kv_purge("kv1", &["secrets"], "db-pass").unwrap());
+        s.kv_delete("kv1", &["secrets"], "db-pass", 10, Some(100))
+            .unwrap();
+        assert_eq!(s.kv_purge_expired(99).unwrap(), 0);
+        assert_eq!(s.kv_purge_expired(100).unwrap(), 1);
+        assert!(s.kv_name("kv1", "secrets", "db-pass").unwrap().is_none());
+        assert_eq!(
+            write(&s, ver("secrets", "db-pass", "a4", b"y")),
+            KvWriteOutcome::Written
+        );
+    }
+
+    #[test]
+    fn expect_latest_makes_renewal_single() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        write(&s, ver("certificates", "c", "v1", b"k"));
+        let renew = |v: &str| KvWrite {
+            versions: vec![ver("certificates", "c", v, b"k")],
+            extra: None,
+            expect_latest: Some(("certificates".into(), Some("v1".into()))),
+        };
+        assert_eq!(s.kv_write(&renew("v2")).unwrap(), KvWriteOutcome::Written);
+        assert_eq!(s.kv_write(&renew("v3")).unwrap(), KvWriteOutcome::Stale);
+        assert_eq!(s.kv_versions("kv1", "certificates", "c").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn vault_names_are_global_and_values_sealed() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let v = VaultRecord {
+            key: "/subscriptions/s/resourcegroups/rg/providers/microsoft.keyvault/vaults/kv1"
+                .into(),
+            resource_id: "x".into(),
+            name: "KV1".into(),
+            subscription: "s".into(),
+            resource_group: "rg".into(),
+            location: "local".into(),
+            tags: Default::default(),
+            properties: serde_json::json!({}),
+            created: 1,
+        };
+        assert!(s.put_vault(&v).unwrap());
+        assert!(!s.put_vault(&v).unwrap());
+        let mut other = v.clone();
+        other.key =
+            "/subscriptions/s/resourcegroups/rg2/providers/microsoft.keyvault/vaults/kv1".into();
+        assert!(matches!(s.put_vault(&other), Err(StoreError::Conflict(_))));
+        assert!(s.get_vault_by_name("kv1").unwrap().is_some());
+        write(&s, ver("secrets", "pw", "a1", b"PLAINTEXT-MARKER-93f1"));
+        drop(s);
+        let mut raw = std::fs::read(d.path().join("k.db")).unwrap();
+        if let Ok(w) = std::fs::read(d.path().join("k.db-wal")) {
+            raw.extend(w);
+        }
+        assert!(!raw.windows(21).any(|w| w == b"PLAINTEXT-MARKER-93f1"));
+        let s = store(d.path());
+        assert_eq!(
+            s.kv_version("kv1", "secrets", "pw", Some("a1"))
+                .unwrap()
+                .unwrap()
+                .private
+                .unwrap(),
+            b"PLAINTEXT-MARKER-93f1"
+        );
+        assert!(s.delete_vault(&v.key).unwrap());
+        assert!(s.kv_name("kv1", "secrets", "pw").unwrap().is_none());
     }
 }

@@ -1,0 +1,140 @@
+//! Key Vault persistence: vault resources, and the versions of each vault's secrets, keys and
+//! certificates. Secret values and private keys are sealed with the key-encryption key; the
+//! rest (attributes, tags, public key, certificate) is stored as JSON.
+
+use crate::Result;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A `Microsoft.KeyVault/vaults` resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VaultRecord {
+    /// Lookup key (lowercase canonical id).
+    pub key: String,
+    pub resource_id: String,
+    pub name: String,
+    pub subscription: String,
+    pub resource_group: String,
+    pub location: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// `properties` as ARM shows them (tenantId, sku, accessPolicies, vaultUri, ...).
+    pub properties: serde_json::Value,
+    pub created: u64,
+}
+
+/// One version of a secret, key or certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvVersionRecord {
+    /// Vault name, lowercase.
+    pub vault: String,
+    /// `secrets`, `keys` or `certificates`.
+    pub coll: String,
+    /// The object name as first created.
+    pub name: String,
+    pub version: String,
+    pub created: u64,
+    pub updated: u64,
+    pub enabled: bool,
+    pub nbf: Option<u64>,
+    pub exp: Option<u64>,
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Owned by a certificate (its key and secret).
+    #[serde(default)]
+    pub managed: bool,
+    /// Public material (a key's public JWK, a certificate's DER, ...).
+    #[serde(default)]
+    pub public: serde_json::Value,
+    /// The secret value or private key. Never written unsealed.
+    #[serde(skip)]
+    pub private: Option<Vec<u8>>,
+}
+
+/// An object name in a vault: whether it is soft-deleted, and per-object state (a
+/// certificate's policy and pending operation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvNameRecord {
+    pub vault: String,
+    pub coll: String,
+    pub name: String,
+    /// (deleted date, scheduled purge date) while soft-deleted.
+    pub deleted: Option<(u64, u64)>,
+    pub extra: serde_json::Value,
+}
+
+/// A write of new versions (one object, or a certificate's certificate + key + secret).
+#[derive(Debug, Clone)]
+pub struct KvWrite {
+    pub versions: Vec<KvVersionRecord>,
+    /// Per-object state to set, by collection.
+    pub extra: Option<(String, serde_json::Value)>,
+    /// Only write if the latest version of (collection, name) is this one (renewals).
+    pub expect_latest: Option<(String, Option<String>)>,
+}
+
+/// Outcome of a [`KvWrite`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvWriteOutcome {
+    Written,
+    /// The name is soft-deleted in one of the collections (collection given).
+    Deleted,
+    /// `expect_latest` did not hold; nothing written.
+    Stale,
+}
+
+/// What the server needs to persist Key Vault state.
+pub trait VaultStore {
+    /// Insert or replace a vault. Fails with `Conflict` when another vault has the name.
+    fn put_vault(&self, v: &VaultRecord) -> Result<bool>;
+    fn get_vault(&self, key: &str) -> Result<Option<VaultRecord>>;
+    fn get_vault_by_name(&self, name: &str) -> Result<Option<VaultRecord>>;
+    fn list_vaults(&self, subscription: &str, rg: Option<&str>) -> Result<Vec<VaultRecord>>;
+    /// Delete a vault and everything in it.
+    fn delete_vault(&self, key: &str) -> Result<bool>;
+
+    fn kv_name(&self, vault: &str, coll: &str, name: &str) -> Result<Option<KvNameRecord>>;
+    /// Names of a collection, sorted by lowercase name; `deleted` picks the soft-deleted ones.
+    fn kv_names(&self, vault: &str, coll: &str, deleted: bool) -> Result<Vec<KvNameRecord>>;
+    /// Every live name of a collection across vaults (for the renewal scheduler).
+    fn kv_all_names(&self, coll: &str) -> Result<Vec<KvNameRecord>>;
+    /// Versions of one object, oldest first, without private material.
+    fn kv_versions(&self, vault: &str, coll: &str, name: &str) -> Result<Vec<KvVersionRecord>>;
+    /// One version (`None`: the latest), with its private material unsealed.
+    fn kv_version(
+        &self,
+        vault: &str,
+        coll: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<KvVersionRecord>>;
+    /// The latest version of every name of a collection (live or deleted), by lowercase name.
+    fn kv_latest(&self, vault: &str, coll: &str, deleted: bool) -> Result<Vec<KvVersionRecord>>;
+    /// Write new versions atomically.
+    fn kv_write(&self, w: &KvWrite) -> Result<KvWriteOutcome>;
+    /// Update the attributes, tags and public part of an existing version.
+    fn kv_update_version(&self, v: &KvVersionRecord) -> Result<bool>;
+    fn kv_set_extra(
+        &self,
+        vault: &str,
+        coll: &str,
+        name: &str,
+        extra: &serde_json::Value,
+    ) -> Result<bool>;
+    /// Soft-delete (`purge_at` Some) or delete outright the name in each of `colls`.
+    fn kv_delete(
+        &self,
+        vault: &str,
+        colls: &[&str],
+        name: &str,
+        deleted_at: u64,
+        purge_at: Option<u64>,
+    ) -> Result<bool>;
+    /// Bring a soft-deleted name back in each of `colls`.
+    fn kv_recover(&self, vault: &str, colls: &[&str], name: &str) -> Result<bool>;
+    /// Remove a soft-deleted name for good in each of `colls`.
+    fn kv_purge(&self, vault: &str, colls: &[&str], name: &str) -> Result<bool>;
+    /// Purge every soft-deleted name whose scheduled purge date has passed.
+    fn kv_purge_expired(&self, now: u64) -> Result<usize>;
+}
