@@ -12,6 +12,7 @@ pub const KNOWN_TYPES: &[(&str, &str)] = &[
     ("Microsoft.ManagedIdentity", "userAssignedIdentities"),
     ("Microsoft.Compute", "virtualMachines"),
     ("Microsoft.Compute", "virtualMachineScaleSets"),
+    ("Microsoft.KeyVault", "vaults"),
 ];
 
 /// Canonical spelling of a provider namespace and type, if known.
@@ -28,6 +29,9 @@ pub const UAMI: (&str, &str) = ("Microsoft.ManagedIdentity", "userAssignedIdenti
 pub const VM: (&str, &str) = ("Microsoft.Compute", "virtualMachines");
 /// `Microsoft.Compute/virtualMachineScaleSets`.
 pub const VMSS: (&str, &str) = ("Microsoft.Compute", "virtualMachineScaleSets");
+
+/// `Microsoft.KeyVault/vaults`.
+pub const VAULT: (&str, &str) = ("Microsoft.KeyVault", "vaults");
 
 /// A tracked resource inside a resource group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -13,7 +13,7 @@ use axum::routing::any;
 use axum::{Json, Router};
 use keyless_core::api_version;
 use keyless_core::claims::JwtError;
-use keyless_core::resource_id::{canonical_type, ArmPath, ResourceId, UAMI, VM, VMSS};
+use keyless_core::resource_id::{canonical_type, ArmPath, ResourceId, UAMI, VAULT, VM, VMSS};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -182,6 +182,7 @@ fn type_versions(
     match canonical_type(ns, ty) {
         Some(t) if t == UAMI => Ok((api_version::MSI, t)),
         Some(t) if t == VM || t == VMSS => Ok((api_version::COMPUTE, t)),
+        Some(t) if t == VAULT => Ok((keyless_core::vault::ARM_API_VERSIONS, t)),
         _ => Err(ServerError::InvalidResourceType {
             namespace: ns.to_string(),
             type_name: ty.to_string(),
@@ -356,7 +357,15 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             }
             // a subscription-wide list shows what the caller can read
             let grants = authz::grants(&s, &caller.object_id)?;
-            if t == UAMI {
+            if t == VAULT {
+                let vaults = s
+                    .store
+                    .list_vaults(&subscription, resource_group.as_deref())?;
+                let items = vaults.iter().map(crate::vaults::vault_json);
+                Ok(list(
+                    items.filter(|v| readable(&grants, &read, v)).collect(),
+                ))
+            } else if t == UAMI {
                 let ids = s
                     .store
                     .list_identities(&subscription, resource_group.as_deref())?;
@@ -391,6 +400,8 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             )?;
             if t == UAMI {
                 identity(&s, m, &rid, &body)
+            } else if t == VAULT {
+                vault(&s, m, &rid, &body)
             } else {
                 vm(&s, &caller, m, &rid, &body)
             }
@@ -405,6 +416,22 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             res::check_subscription(&s, &parent.subscription)?;
             if t == UAMI && child_type.eq_ignore_ascii_case("federatedIdentityCredentials") {
                 return crate::fics::handle(&s, &caller, m, &parent, Some(&name), &version, &body);
+            }
+            if t == VAULT && child_type.eq_ignore_ascii_case("accessPolicies") {
+                authorize(
+                    &s,
+                    &caller,
+                    "Microsoft.KeyVault/vaults/accessPolicies/write",
+                    &parent.canonical(),
+                )?;
+                if *m != Method::PUT {
+                    return Err(ServerError::MethodNotAllowed(m.to_string()));
+                }
+                let b: Value = parse_body(&body)?;
+                return Ok(
+                    Json(crate::vaults::update_access_policies(&s, &parent, &name, b)?)
+                        .into_response(),
+                );
             }
             if t != VMSS || !child_type.eq_ignore_ascii_case("virtualMachines") {
                 return Err(ServerError::InvalidPath(parts.uri.path().to_string()));
@@ -522,6 +549,27 @@ fn identity(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<R
         Method::DELETE => {
             res::get_resource_group(s, &rid.subscription, &rid.resource_group)?;
             Ok(if s.store.delete_identity(&rid.key())? {
+                StatusCode::OK.into_response()
+            } else {
+                StatusCode::NO_CONTENT.into_response()
+            })
+        }
+        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
+    }
+}
+
+fn vault(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<Response> {
+    use crate::vaults::{get_vault, put_vault, vault_json};
+    match *m {
+        Method::PUT | Method::PATCH => {
+            let b = parse_body(body)?;
+            let (rec, created) = put_vault(s, rid, b, *m == Method::PATCH)?;
+            Ok(created_or_ok(created, vault_json(&rec)))
+        }
+        Method::GET => Ok(Json(vault_json(&get_vault(s, rid)?)).into_response()),
+        Method::DELETE => {
+            res::get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+            Ok(if s.store.delete_vault(&rid.key())? {
                 StatusCode::OK.into_response()
             } else {
                 StatusCode::NO_CONTENT.into_response()

@@ -94,6 +94,19 @@ pub enum ServerError {
     InvalidRoleAssignmentScope(String),
     #[error("The HTTP method '{0}' is not supported for this resource.")]
     MethodNotAllowed(String),
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+
+    // ---- Key Vault data plane (`{"error":{"code","message","innererror"}}`)
+    #[error("{message}")]
+    Vault {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        inner: Option<&'static str>,
+        /// `WWW-Authenticate` value of a 401.
+        challenge: Option<String>,
+    },
 
     // ---- STS (OAuth / AADSTS)
     #[error("{error}: AADSTS{code}: {description}")]
@@ -145,6 +158,42 @@ impl ServerError {
             error,
             code,
             description: description.into(),
+        }
+    }
+
+    /// A Key Vault data-plane error.
+    pub fn kv(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ServerError::Vault {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            code,
+            message: message.into(),
+            inner: None,
+            challenge: None,
+        }
+    }
+
+    /// The same with an `innererror` code.
+    pub fn kv_inner(
+        status: u16,
+        code: &'static str,
+        inner: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        match Self::kv(status, code, message) {
+            ServerError::Vault {
+                status,
+                code,
+                message,
+                challenge,
+                ..
+            } => ServerError::Vault {
+                status,
+                code,
+                message,
+                inner: Some(inner),
+                challenge,
+            },
+            e => e,
         }
     }
 
@@ -206,7 +255,9 @@ impl ServerError {
                 (StatusCode::BAD_REQUEST, "InvalidRoleAssignmentScope")
             }
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
+            Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Sts { .. }
+            | Vault { .. }
             | Host { .. }
             | Store(_)
             | Pki(_)
@@ -249,6 +300,23 @@ impl IntoResponse for ServerError {
                 axum::Json(json!({"error": error, "error_description": description})),
             )
                 .into_response(),
+            ServerError::Vault {
+                status,
+                code,
+                message,
+                inner,
+                challenge,
+            } => {
+                let mut err = json!({"code": code, "message": message});
+                if let Some(i) = inner {
+                    err["innererror"] = json!({"code": i});
+                }
+                let mut resp = (*status, axum::Json(json!({ "error": err }))).into_response();
+                if let Some(c) = challenge.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, c);
+                }
+                resp
+            }
             ServerError::Store(e) => {
                 tracing::error!(error = %e, "storage failure");
                 arm_body(

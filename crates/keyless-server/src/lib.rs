@@ -15,12 +15,14 @@ pub mod fics;
 pub mod graph;
 pub mod host;
 pub mod keys;
+pub mod kv;
 pub mod resources;
 pub mod roles;
 pub mod state;
 pub mod sts;
 pub mod tokens;
 pub mod util;
+pub mod vaults;
 
 use crate::error::{Result, ServerError};
 use crate::host::PeerCert;
@@ -50,10 +52,27 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(arm::routes())
         .merge(host::routes())
         .merge(graph::routes())
+        .route(
+            "/keyless/admin/v1/vault-clock",
+            axum::routing::post(kv::advance_clock),
+        )
         .fallback(|| async {
             ServerError::InvalidPath("The requested path is not served by Keyless.".into())
         })
-        .with_state(state)
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(state, vault_dispatch))
+}
+
+/// Requests for `{vault}.vault.{domain}` go to the Key Vault data plane.
+async fn vault_dispatch(
+    axum::extract::State(s): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match kv::vault_host(&s, req.headers()) {
+        Some(vault) => kv::handle(s, vault, req).await,
+        None => next.run(req).await,
+    }
 }
 
 /// HTTPS client for external OIDC issuers: the given CA only, or the system roots.
@@ -92,7 +111,10 @@ pub async fn start(
         source,
     })?;
     let (boot, ca) = state::bootstrap(store.as_ref(), &cfg, now)?;
-    let sans = state::tls_sans(&cfg.tls_sans);
+    let mut extra_sans = cfg.tls_sans.clone();
+    extra_sans.push(format!("vault.{}", cfg.vault_domain));
+    extra_sans.push(format!("*.vault.{}", cfg.vault_domain));
+    let sans = state::tls_sans(&extra_sans);
     let (chain, key) = state::tls_identity(store.as_ref(), &ca, &sans, now)?;
     let tls = keyless_pki::server_tls_config(chain, &key, ca.cert_der())?;
     let base_url = cfg
@@ -101,6 +123,7 @@ pub async fn start(
         .map(|u| u.trim_end_matches('/').to_string())
         .unwrap_or_else(|| format!("https://localhost:{}", local_addr.port()));
     let http = issuer_client(cfg.issuer_ca_pem.as_deref())?;
+    let vault_clock = kv::VaultClock::new(clock.clone(), cfg.dev_clock);
     let state = Arc::new(AppState {
         store,
         clock,
@@ -114,6 +137,7 @@ pub async fn start(
         http,
         jwks: Default::default(),
         fic_writes: Default::default(),
+        vault_clock,
     });
     state.keys.reload(state.store.as_ref())?;
     state
@@ -133,6 +157,18 @@ pub async fn start(
             });
             if let Err(e) = r {
                 tracing::error!(error = %e, "signing key rotation failed");
+            }
+        }
+    });
+
+    // Certificate lifetime actions and purges of expired soft-deleted objects.
+    let sched = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sched.cfg.vault_check_interval);
+        loop {
+            tick.tick().await;
+            if let Err(e) = kv::renew::run_once(&sched).await {
+                tracing::error!(error = %e, "key vault scheduler pass failed");
             }
         }
     });

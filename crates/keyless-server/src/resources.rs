@@ -16,7 +16,7 @@ fn name_err(e: CoreError) -> ServerError {
     ServerError::InvalidResourceName(e.to_string())
 }
 
-fn location(loc: Option<&str>) -> Result<String> {
+pub(crate) fn location(loc: Option<&str>) -> Result<String> {
     let loc = loc.ok_or_else(|| {
         ServerError::LocationRequired(
             "The location property is required for this definition.".into(),
@@ -28,7 +28,7 @@ fn location(loc: Option<&str>) -> Result<String> {
     })
 }
 
-fn tags(t: Option<BTreeMap<String, String>>) -> Result<BTreeMap<String, String>> {
+pub(crate) fn tags(t: Option<BTreeMap<String, String>>) -> Result<BTreeMap<String, String>> {
     let t = t.unwrap_or_default();
     names::validate_tags(&t).map_err(|e| ServerError::InvalidParameter {
         message: e.to_string(),

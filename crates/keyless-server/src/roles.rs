@@ -11,7 +11,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::rbac::{self, RoleDefinition, BUILT_IN_ROLES};
-use keyless_core::resource_id::{AuthorizationKind, Scope, UAMI, VM};
+use keyless_core::resource_id::{AuthorizationKind, Scope, UAMI, VAULT, VM};
 use keyless_store::{PrincipalKind, RoleAssignmentInsert, RoleAssignmentRecord};
 use serde_json::{json, Value};
 
@@ -94,6 +94,9 @@ fn check_scope(s: &AppState, scope: &Scope) -> Result<()> {
         }
         Scope::Resource(r) if r.is_type(VM) => {
             res::get_vm(s, r)?;
+        }
+        Scope::Resource(r) if r.is_type(VAULT) => {
+            crate::vaults::get_vault(s, r)?;
         }
         Scope::Resource(r) => {
             return Err(ServerError::InvalidResourceType {

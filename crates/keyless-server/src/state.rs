@@ -36,6 +36,12 @@ pub struct ServerConfig {
     pub location: String,
     /// PEM of the CA(s) trusted for external OIDC issuers (federation); default: system roots.
     pub issuer_ca_pem: Option<String>,
+    /// Key Vault host names are `{vault}.vault.{vault_domain}`.
+    pub vault_domain: String,
+    /// Let an Owner move the Key Vault clock forward (tests, demos of certificate renewal).
+    pub dev_clock: bool,
+    /// How often certificate lifetime actions and purges are checked.
+    pub vault_check_interval: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -58,6 +64,9 @@ impl ServerConfig {
             host_cert_lifetime: 7 * 86_400,
             location: "local".into(),
             issuer_ca_pem: None,
+            vault_domain: "localhost".into(),
+            dev_clock: false,
+            vault_check_interval: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -78,6 +87,8 @@ pub struct AppState {
     pub jwks: crate::federation::JwksCache,
     /// Identities with a federated-credential write in flight (concurrent writes get 409).
     pub fic_writes: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Time of the Key Vault (certificate validity, lifetime actions, soft delete).
+    pub vault_clock: crate::kv::VaultClock,
 }
 
 impl AppState {
@@ -90,6 +101,22 @@ impl AppState {
     }
     pub fn issuer_v2(&self) -> String {
         format!("{}/{}/v2.0", self.base_url, self.tenant_id)
+    }
+    /// The public port of this server, when not 443.
+    fn port_suffix(&self) -> String {
+        match self.base_url.rsplit_once(':') {
+            Some((_, p)) if p.bytes().all(|b| b.is_ascii_digit()) && p != "443" => format!(":{p}"),
+            _ => String::new(),
+        }
+    }
+    /// `https://{name}.vault.{domain}[:port]/`.
+    pub fn vault_uri(&self, name: &str) -> String {
+        format!(
+            "https://{}.vault.{}{}/",
+            name.to_ascii_lowercase(),
+            self.cfg.vault_domain,
+            self.port_suffix()
+        )
     }
     /// Audiences the control plane accepts (Azure's management audiences and our own URL).
     pub fn management_audiences(&self) -> Vec<String> {

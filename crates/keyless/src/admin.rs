@@ -1359,3 +1359,207 @@ pub async fn app(c: AppCmd) -> Result<(), CliError> {
     }));
     Ok(())
 }
+
+// ------------------------------------------------------------------ keyvault
+
+const KEYVAULT_API: &str = "2023-07-01";
+const VAULT_TYPE: &str = "Microsoft.KeyVault/vaults";
+
+#[derive(Args)]
+pub struct KeyVaultCmd {
+    #[command(subcommand)]
+    cmd: KeyVaultVerb,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Subcommand)]
+enum KeyVaultVerb {
+    /// Create (or update) a vault. Its data plane is https://{name}.vault.{domain}[:port].
+    Create {
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'l', long, default_value = "local")]
+        location: String,
+        /// Authorize data-plane calls with Azure RBAC data roles instead of access policies.
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        enable_rbac_authorization: Option<bool>,
+        /// Soft-delete retention (7-90 days).
+        #[arg(long)]
+        retention_days: Option<u32>,
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        enable_purge_protection: Option<bool>,
+        #[arg(long, num_args = 0..)]
+        tags: Vec<String>,
+    },
+    /// Show a vault.
+    Show {
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+    },
+    /// List vaults.
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+    },
+    /// Delete a vault and everything in it.
+    Delete {
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+    },
+    /// Grant permissions to a principal (access-policy model).
+    SetPolicy {
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+        /// Object (principal) id of the user, application or managed identity.
+        #[arg(long)]
+        object_id: String,
+        #[arg(long, num_args = 1..)]
+        secret_permissions: Vec<String>,
+        #[arg(long, num_args = 1..)]
+        key_permissions: Vec<String>,
+        #[arg(long, num_args = 1..)]
+        certificate_permissions: Vec<String>,
+    },
+    /// Remove a principal's access policy.
+    DeletePolicy {
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+        #[arg(long)]
+        object_id: String,
+    },
+    /// Move the Key Vault clock forward (server started with --dev-clock) and run the
+    /// certificate lifetime actions that fall due.
+    AdvanceClock {
+        #[arg(long, default_value_t = 0)]
+        days: u64,
+        #[arg(long, default_value_t = 0)]
+        seconds: u64,
+    },
+}
+
+/// The group of vault `name`, given or found by listing the subscription.
+async fn vault_group(api: &Api, name: &str, rg: Option<String>) -> Result<String, CliError> {
+    if let Some(rg) = rg {
+        return Ok(rg);
+    }
+    let all = api.list(None, VAULT_TYPE, KEYVAULT_API).await?;
+    all.as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+        .and_then(|v| v["id"].as_str())
+        .and_then(|id| id.split('/').nth(4))
+        .map(str::to_string)
+        .ok_or_else(|| CliError::Usage(format!("The vault '{name}' was not found in the subscription.")))
+}
+
+pub async fn keyvault(c: KeyVaultCmd) -> Result<(), CliError> {
+    let api = Api::connect(&c.conn).await?;
+    let path = |rg: &str, n: &str| api.res_path(rg, VAULT_TYPE, n, KEYVAULT_API);
+    let policy_path = |rg: &str, n: &str, kind: &str| {
+        format!(
+            "{}/providers/{VAULT_TYPE}/{n}/accessPolicies/{kind}?api-version={KEYVAULT_API}",
+            api.rg_path(rg)
+        )
+    };
+    let v = match c.cmd {
+        KeyVaultVerb::Create {
+            name,
+            resource_group,
+            location,
+            enable_rbac_authorization,
+            retention_days,
+            enable_purge_protection,
+            tags,
+        } => {
+            let tenant = api.call(reqwest::Method::GET, &format!("/subscriptions/{}?api-version={RESOURCES_API}", api.subscription), None).await?["tenantId"].clone();
+            let mut props = json!({"tenantId": tenant, "sku": {"family": "A", "name": "standard"}});
+            if let Some(r) = enable_rbac_authorization {
+                props["enableRbacAuthorization"] = json!(r);
+            }
+            if let Some(d) = retention_days {
+                props["softDeleteRetentionInDays"] = json!(d);
+            }
+            if let Some(p) = enable_purge_protection {
+                props["enablePurgeProtection"] = json!(p);
+            }
+            let body = json!({"location": location, "tags": parse_tags(&tags)?, "properties": props});
+            api.call(reqwest::Method::PUT, &path(&resource_group, &name), Some(body))
+                .await?
+        }
+        KeyVaultVerb::Show {
+            name,
+            resource_group,
+        } => {
+            let rg = vault_group(&api, &name, resource_group).await?;
+            api.call(reqwest::Method::GET, &path(&rg, &name), None).await?
+        }
+        KeyVaultVerb::List { resource_group } => {
+            api.list(resource_group.as_deref(), VAULT_TYPE, KEYVAULT_API)
+                .await?
+        }
+        KeyVaultVerb::Delete {
+            name,
+            resource_group,
+        } => {
+            let rg = vault_group(&api, &name, resource_group).await?;
+            api.call(reqwest::Method::DELETE, &path(&rg, &name), None)
+                .await?;
+            return Ok(());
+        }
+        KeyVaultVerb::SetPolicy {
+            name,
+            resource_group,
+            object_id,
+            secret_permissions,
+            key_permissions,
+            certificate_permissions,
+        } => {
+            let rg = vault_group(&api, &name, resource_group).await?;
+            let vault = api.call(reqwest::Method::GET, &path(&rg, &name), None).await?;
+            let body = json!({"properties": {"accessPolicies": [{
+                "tenantId": vault["properties"]["tenantId"],
+                "objectId": object_id,
+                "permissions": {"secrets": secret_permissions, "keys": key_permissions, "certificates": certificate_permissions},
+            }]}});
+            api.call(reqwest::Method::PUT, &policy_path(&rg, &name, "add"), Some(body))
+                .await?
+        }
+        KeyVaultVerb::DeletePolicy {
+            name,
+            resource_group,
+            object_id,
+        } => {
+            let rg = vault_group(&api, &name, resource_group).await?;
+            let vault = api.call(reqwest::Method::GET, &path(&rg, &name), None).await?;
+            let body = json!({"properties": {"accessPolicies": [{
+                "tenantId": vault["properties"]["tenantId"],
+                "objectId": object_id,
+                "permissions": {},
+            }]}});
+            api.call(reqwest::Method::PUT, &policy_path(&rg, &name, "remove"), Some(body))
+                .await?
+        }
+        KeyVaultVerb::AdvanceClock { days, seconds } => {
+            api.call(
+                reqwest::Method::POST,
+                "/keyless/admin/v1/vault-clock",
+                Some(json!({"advanceSeconds": days * 86_400 + seconds})),
+            )
+            .await?
+        }
+    };
+    api.print(&v);
+    Ok(())
+}

@@ -39,6 +39,8 @@ enum Command {
     App(admin::AppCmd),
     /// Role definitions and role assignments.
     Role(admin::RoleCmd),
+    /// Manage key vaults (`Microsoft.KeyVault/vaults`) and their access policies.
+    Keyvault(admin::KeyVaultCmd),
     /// Get a managed-identity token from the local IMDS endpoint.
     GetToken(admin::GetTokenArgs),
 }
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
             Command::Group(c) => admin::group(c).await,
             Command::Role(c) => admin::role(c).await,
             Command::App(c) => admin::app(c).await,
+            Command::Keyvault(c) => admin::keyvault(c).await,
             Command::GetToken(a) => admin::get_token(a).await,
         }
     });

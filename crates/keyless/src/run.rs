@@ -52,6 +52,17 @@ pub struct ServerArgs {
     /// (default: the system roots).
     #[arg(long, env = "KEYLESS_ISSUER_CA_FILE")]
     pub issuer_ca_file: Option<PathBuf>,
+    /// Key Vault data-plane host names are `{vault}.vault.{domain}` (they must resolve to this
+    /// server: `*.localhost` does with systemd-resolved; otherwise add a hosts entry).
+    #[arg(long, default_value = "localhost", env = "KEYLESS_VAULT_DOMAIN")]
+    pub vault_domain: String,
+    /// Allow an Owner to move the Key Vault clock forward (`keyless keyvault advance-clock`),
+    /// to see certificate lifetime actions without waiting. Not for production.
+    #[arg(long, env = "KEYLESS_DEV_CLOCK")]
+    pub dev_clock: bool,
+    /// How often certificate lifetime actions and purges are checked, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub vault_check_interval: u64,
 }
 
 #[derive(Args, Clone)]
@@ -145,6 +156,9 @@ fn server_config(a: &ServerArgs, default_listen: &str) -> Result<ServerConfig, C
     cfg.rotation.max_token_lifetime = a.token_lifetime.max(cfg.sp_token_lifetime);
     cfg.key_check_interval = Duration::from_secs(a.key_check_interval.max(1));
     cfg.host_cert_lifetime = a.host_cert_lifetime;
+    cfg.vault_domain = a.vault_domain.trim_matches('.').to_ascii_lowercase();
+    cfg.dev_clock = a.dev_clock;
+    cfg.vault_check_interval = Duration::from_secs(a.vault_check_interval.max(1));
     if let Some(p) = &a.issuer_ca_file {
         cfg.issuer_ca_pem = Some(std::fs::read_to_string(p).map_err(io_err(p))?);
     }
@@ -355,6 +369,8 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
         "caFile": b.ca_path.canonicalize().unwrap_or(b.ca_path.clone()),
         "imdsUrl": imds_url,
         "adminClientId": b.admin_client_id,
+        "vaultDomain": s.cfg.vault_domain,
+        "vaultUriTemplate": s.vault_uri("{vault}"),
         "vm": {"resourceId": vm.resource_id, "vmId": vm.vm_id},
         "systemIdentity": system.as_ref().map(|i| json!({"principalId": i.principal_id, "clientId": i.client_id})),
         "demoIdentity": {"resourceId": demo_rec.resource_id, "principalId": demo_rec.principal_id, "clientId": demo_rec.client_id},
@@ -385,6 +401,10 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
         demo_rec.resource_id, demo_rec.client_id
     );
     println!("  CA certificate: {ca}");
+    println!(
+        "  Key Vault:    {} (create one with `keyless keyvault create -n <vault> -g <group>`)",
+        s.vault_uri("<vault>")
+    );
     print_admin(&b);
     println!();
     println!("For workloads (Azure SDKs) on this machine:");

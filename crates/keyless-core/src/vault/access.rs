@@ -275,3 +275,238 @@ mod tests {
         assert!(!known_permission(Coll::Secrets, "sign"));
     }
 }
+
+/// One access-policy entry of a vault (ARM `properties.accessPolicies[]`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicy {
+    pub tenant_id: String,
+    pub object_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_id: Option<String>,
+    #[serde(default)]
+    pub permissions: Permissions,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Permissions {
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    #[serde(default)]
+    pub certificates: Vec<String>,
+    #[serde(default)]
+    pub storage: Vec<String>,
+}
+
+impl Permissions {
+    pub fn of(&self, coll: Coll) -> &[String] {
+        match coll {
+            Coll::Secrets => &self.secrets,
+            Coll::Keys => &self.keys,
+            Coll::Certificates => &self.certificates,
+        }
+    }
+    fn of_mut(&mut self, coll: Coll) -> &mut Vec<String> {
+        match coll {
+            Coll::Secrets => &mut self.secrets,
+            Coll::Keys => &mut self.keys,
+            Coll::Certificates => &mut self.certificates,
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+            && self.secrets.is_empty()
+            && self.certificates.is_empty()
+            && self.storage.is_empty()
+    }
+}
+
+/// Largest number of access policies on a vault.
+pub const MAX_ACCESS_POLICIES: usize = 1024;
+
+/// Validate access policies: GUID-shaped ids, known permissions; returns them with
+/// permissions in their canonical spelling.
+pub fn validate_policies(policies: Vec<AccessPolicy>) -> Result<Vec<AccessPolicy>, String> {
+    if policies.len() > MAX_ACCESS_POLICIES {
+        return Err(format!(
+            "A vault may hold at most {MAX_ACCESS_POLICIES} access policies."
+        ));
+    }
+    let guid = |s: &str| {
+        s.len() == 36
+            && s.bytes().enumerate().all(|(i, b)| {
+                if [8, 13, 18, 23].contains(&i) {
+                    b == b'-'
+                } else {
+                    b.is_ascii_hexdigit()
+                }
+            })
+    };
+    let mut out = Vec::with_capacity(policies.len());
+    for (i, mut p) in policies.into_iter().enumerate() {
+        if !guid(&p.object_id) {
+            return Err(format!(
+                "Invalid value found at accessPolicies[{i}].ObjectId: '{}'",
+                p.object_id
+            ));
+        }
+        if !guid(&p.tenant_id) {
+            return Err(format!(
+                "Invalid value found at accessPolicies[{i}].TenantId: '{}'",
+                p.tenant_id
+            ));
+        }
+        if let Some(a) = &p.application_id {
+            if !guid(a) {
+                return Err(format!(
+                    "Invalid value found at accessPolicies[{i}].ApplicationId: '{a}'"
+                ));
+            }
+        }
+        p.object_id = p.object_id.to_ascii_lowercase();
+        for coll in Coll::ALL {
+            let list = p.permissions.of_mut(coll);
+            for perm in list.iter_mut() {
+                let canon = known_permissions(coll)
+                    .iter()
+                    .find(|k| k.eq_ignore_ascii_case(perm))
+                    .ok_or_else(|| {
+                        format!(
+                            "Invalid value found at accessPolicies[{i}].permissions.{}: '{perm}'",
+                            coll.path()
+                        )
+                    })?;
+                *perm = canon.to_string();
+            }
+            list.dedup();
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// How `accessPolicies/{kind}` changes a vault's policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyUpdate {
+    Add,
+    Replace,
+    Remove,
+}
+
+/// Apply an `accessPolicies/add|replace|remove` request: entries match on tenant, object and
+/// application id; `add` unions permissions, `replace` overwrites the entry, `remove` takes
+/// the listed permissions away (an entry left with none is dropped).
+pub fn update_policies(
+    mut current: Vec<AccessPolicy>,
+    kind: PolicyUpdate,
+    changes: Vec<AccessPolicy>,
+) -> Vec<AccessPolicy> {
+    let same = |a: &AccessPolicy, b: &AccessPolicy| {
+        a.tenant_id.eq_ignore_ascii_case(&b.tenant_id)
+            && a.object_id.eq_ignore_ascii_case(&b.object_id)
+            && a.application_id.as_deref().map(str::to_ascii_lowercase)
+                == b.application_id.as_deref().map(str::to_ascii_lowercase)
+    };
+    for c in changes {
+        let pos = current.iter().position(|p| same(p, &c));
+        match (kind, pos) {
+            (PolicyUpdate::Add, Some(i)) => {
+                for coll in Coll::ALL {
+                    let have = current[i].permissions.of_mut(coll);
+                    for p in c.permissions.of(coll) {
+                        if !have.iter().any(|h| h.eq_ignore_ascii_case(p)) {
+                            have.push(p.clone());
+                        }
+                    }
+                }
+            }
+            (PolicyUpdate::Add | PolicyUpdate::Replace, None) => current.push(c),
+            (PolicyUpdate::Replace, Some(i)) => current[i] = c,
+            (PolicyUpdate::Remove, Some(i)) => {
+                let drop_all = c.permissions.is_empty();
+                for coll in Coll::ALL {
+                    let gone = c.permissions.of(coll).to_vec();
+                    current[i]
+                        .permissions
+                        .of_mut(coll)
+                        .retain(|h| !gone.iter().any(|g| g.eq_ignore_ascii_case(h)));
+                }
+                if drop_all || current[i].permissions.is_empty() {
+                    current.remove(i);
+                }
+            }
+            (PolicyUpdate::Remove, None) => {}
+        }
+    }
+    current
+}
+
+/// The permissions `object_id` (calling as application `app_id`) holds on `coll` under
+/// `policies` of tenant `tenant_id`.
+pub fn permissions_of(
+    policies: &[AccessPolicy],
+    tenant_id: &str,
+    object_id: &str,
+    app_id: &str,
+    coll: Coll,
+) -> Vec<String> {
+    policies
+        .iter()
+        .filter(|p| {
+            p.tenant_id.eq_ignore_ascii_case(tenant_id)
+                && p.object_id.eq_ignore_ascii_case(object_id)
+                && p.application_id
+                    .as_deref()
+                    .is_none_or(|a| a.eq_ignore_ascii_case(app_id))
+        })
+        .flat_map(|p| p.permissions.of(coll).iter().cloned())
+        .collect()
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    const T: &str = "11111111-1111-1111-1111-111111111111";
+    const O: &str = "22222222-2222-2222-2222-222222222222";
+
+    fn ap(secrets: &[&str]) -> AccessPolicy {
+        AccessPolicy {
+            tenant_id: T.into(),
+            object_id: O.into(),
+            application_id: None,
+            permissions: Permissions {
+                secrets: secrets.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn validate() {
+        let v = validate_policies(vec![ap(&["GET", "List"])]).unwrap();
+        assert_eq!(v[0].permissions.secrets, vec!["get", "list"]);
+        assert!(validate_policies(vec![ap(&["sign"])]).is_err());
+        let mut bad = ap(&["get"]);
+        bad.object_id = "nope".into();
+        assert!(validate_policies(vec![bad]).is_err());
+    }
+
+    #[test]
+    fn add_replace_remove() {
+        let p = update_policies(vec![], PolicyUpdate::Add, vec![ap(&["get"])]);
+        let p = update_policies(p, PolicyUpdate::Add, vec![ap(&["list", "get"])]);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].permissions.secrets, vec!["get", "list"]);
+        assert_eq!(permissions_of(&p, T, O, "app", Coll::Secrets), vec!["get", "list"]);
+        assert!(permissions_of(&p, T, O, "app", Coll::Keys).is_empty());
+        let p = update_policies(p, PolicyUpdate::Remove, vec![ap(&["get"])]);
+        assert_eq!(p[0].permissions.secrets, vec!["list"]);
+        let r = update_policies(p.clone(), PolicyUpdate::Replace, vec![ap(&["set"])]);
+        assert_eq!(r[0].permissions.secrets, vec!["set"]);
+        let p = update_policies(p, PolicyUpdate::Remove, vec![ap(&["list"])]);
+        assert!(p.is_empty());
+    }
+}

@@ -1,0 +1,667 @@
+//! The Key Vault data plane: one HTTPS listener serves every vault by host name
+//! (`{vault}.vault.{domain}`). Order of checks, as the SDKs need it: authentication (401 with
+//! the challenge before anything else), api-version, path, vault, authorization (access
+//! policies or RBAC data actions), then the body.
+
+pub mod certs;
+pub mod keys;
+pub mod renew;
+pub mod secrets;
+
+use crate::arm::Caller;
+use crate::error::{Result, ServerError};
+use crate::state::AppState;
+use crate::vaults::VaultSettings;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keyless_core::claims::JwtError;
+use keyless_core::clock::Clock;
+use keyless_core::vault::access::{self, Op};
+use keyless_core::vault::route::{self, Target};
+use keyless_core::vault::{self as kvrules, paging, Coll};
+use keyless_store::{KvVersionRecord, KvWrite, KvWriteOutcome, VaultRecord};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Largest data-plane request body (an imported PFX in base64 fits many times over).
+const MAX_BODY: usize = 1024 * 1024;
+/// Largest secret value (Azure: 25 KB).
+pub const MAX_SECRET_VALUE: usize = 25 * 1024;
+
+/// The Key Vault's clock: the server clock, moved forward by `advance` when the server runs
+/// with `--dev-clock` (so certificate renewal can be shown without waiting months).
+pub struct VaultClock {
+    base: Arc<dyn Clock>,
+    offset: AtomicU64,
+    adjustable: bool,
+}
+
+impl VaultClock {
+    pub fn new(base: Arc<dyn Clock>, adjustable: bool) -> Self {
+        Self {
+            base,
+            offset: AtomicU64::new(0),
+            adjustable,
+        }
+    }
+    pub fn now(&self) -> u64 {
+        self.base.now() + self.offset.load(Ordering::SeqCst)
+    }
+    /// Move forward by `secs`; `None` when the clock is not adjustable.
+    pub fn advance(&self, secs: u64) -> Option<u64> {
+        if !self.adjustable {
+            return None;
+        }
+        self.offset.fetch_add(secs, Ordering::SeqCst);
+        Some(self.now())
+    }
+}
+
+/// The vault a request's `Host` names, if it is a data-plane host.
+pub fn vault_host(s: &AppState, headers: &HeaderMap) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    kvrules::vault_from_host(host, &s.cfg.vault_domain).map(|v| v.to_ascii_lowercase())
+}
+
+/// Serve one data-plane request.
+pub async fn handle(s: Arc<AppState>, vault: String, req: Request) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let client_request_id = req.headers().get("x-ms-client-request-id").cloned();
+    let mut resp = match serve(&s, &vault, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert("x-ms-request-id", v);
+    }
+    h.insert("x-ms-keyvault-service-version", HeaderValue::from_static("1.9.0.0"));
+    h.insert("x-ms-keyvault-region", HeaderValue::from_static("local"));
+    if let Some(c) = client_request_id {
+        h.insert("x-ms-client-request-id", c);
+    }
+    resp
+}
+
+/// Context of one authenticated, authorized-to-enter request.
+pub struct Ctx<'a> {
+    pub s: &'a AppState,
+    pub vault: VaultRecord,
+    pub settings: VaultSettings,
+    /// Vault name, lowercase (the store's key).
+    pub vname: String,
+    /// `https://{host}[:port]` as the client addressed us.
+    pub base: String,
+    pub caller: Caller,
+    pub now: u64,
+    pub query: Vec<(String, String)>,
+    pub api_version: String,
+    pub path: String,
+}
+
+fn unauthorized(challenge: &str, message: impl Into<String>) -> ServerError {
+    ServerError::Vault {
+        status: StatusCode::UNAUTHORIZED,
+        code: "Unauthorized",
+        message: message.into(),
+        inner: None,
+        challenge: Some(challenge.to_string()),
+    }
+}
+
+pub fn bad(message: impl Into<String>) -> ServerError {
+    ServerError::kv(400, "BadParameter", message)
+}
+
+/// The audiences a vault accepts: the advertised resource, and Azure's Key Vault audiences.
+fn audiences(resource: &str) -> Vec<String> {
+    vec![
+        resource.to_string(),
+        format!("{resource}/"),
+        "https://vault.azure.net".into(),
+        "https://vault.azure.net/".into(),
+        "cfa8b339-82a2-471a-a3c9-0fc0be7a4093".into(),
+    ]
+}
+
+fn authenticate(s: &AppState, headers: &HeaderMap, resource: &str) -> Result<Caller> {
+    let challenge = kvrules::challenge(&s.base_url, &s.tenant_id, resource);
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(unauthorized(
+            &challenge,
+            "AKV10000: Request is missing a Bearer or PoP token.",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or_else(|| {
+            unauthorized(&challenge, "AKV10000: Request is missing a Bearer or PoP token.")
+        })?;
+    let claims = crate::tokens::verify(s, token, &audiences(resource)).map_err(|e| {
+        let m = match e {
+            JwtError::Audience(a) => {
+                format!("AKV10022: Invalid audience. Expected {resource}, found: {a}.")
+            }
+            JwtError::Expired => "AKV10013: The token has expired.".to_string(),
+            JwtError::Issuer(i) => format!(
+                "AKV10032: Invalid issuer. Expected one of {}, found: {i}.",
+                s.issuer_v1()
+            ),
+            _ => "AKV10000: The token is invalid: its signature could not be verified.".into(),
+        };
+        unauthorized(&challenge, m)
+    })?;
+    let str_claim = |k: &str| claims.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let object_id = str_claim("oid").to_ascii_lowercase();
+    if object_id.is_empty() {
+        return Err(unauthorized(&challenge, "AKV10000: The token has no oid claim."));
+    }
+    Ok(Caller {
+        object_id,
+        client_id: str_claim("appid"),
+    })
+}
+
+async fn serve(s: &Arc<AppState>, vault: &str, req: Request) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let host = host.strip_suffix(":443").unwrap_or(&host).to_string();
+    let port = match host.rsplit_once(':') {
+        Some((_, p)) => format!(":{p}"),
+        None => String::new(),
+    };
+    let resource = format!("https://vault.{}{port}", s.cfg.vault_domain);
+    let caller = authenticate(s, &parts.headers, &resource)?;
+
+    let query: Vec<(String, String)> =
+        serde_urlencoded::from_str(parts.uri.query().unwrap_or("")).map_err(|_| bad("The query string is malformed."))?;
+    let q = |k: &str| query.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
+    let api_version = q("api-version").ok_or_else(|| bad("The api-version query parameter is required."))?;
+    if !kvrules::data_api_version_ok(&api_version) {
+        return Err(bad(format!(
+            "The specified version ({api_version}) is not recognized. Consider using the latest supported version ({}).",
+            kvrules::LATEST_DATA_API_VERSION
+        )));
+    }
+    let path = parts.uri.path().to_string();
+    let target = route::parse(&path)
+        .ok_or_else(|| ServerError::kv(404, "NotFound", format!("The path '{path}' is not served by this vault.")))?;
+    let rec = s
+        .store
+        .get_vault_by_name(vault)?
+        .ok_or_else(|| ServerError::kv(404, "VaultNotFound", format!("The vault '{vault}' does not exist.")))?;
+    let body = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ServerError::kv(413, "RequestTooLarge", format!("The request body exceeds {MAX_BODY} bytes.")))?;
+    let ctx = Ctx {
+        s,
+        settings: VaultSettings::of(&rec),
+        vname: rec.name.to_ascii_lowercase(),
+        vault: rec,
+        base: format!("https://{host}"),
+        caller,
+        now: s.vault_clock.now(),
+        query,
+        api_version,
+        path,
+    };
+    let m = parts.method;
+    match &target {
+        Target::List(c)
+        | Target::Deleted(c)
+        | Target::DeletedItem(c, _)
+        | Target::Recover(c, _)
+        | Target::Restore(c)
+        | Target::Versions(c, _)
+        | Target::Backup(c, _)
+        | Target::Object { coll: c, .. } => match c {
+            Coll::Secrets => secrets::handle(&ctx, &m, target, &body).await,
+            Coll::Keys => keys::handle(&ctx, &m, target, &body).await,
+            Coll::Certificates => certs::handle(s, &ctx, &m, target, &body).await,
+        },
+        Target::KeyCreate(_)
+        | Target::KeyRotate(_)
+        | Target::KeyRotationPolicy(_)
+        | Target::KeyOperation { .. } => keys::handle(&ctx, &m, target, &body).await,
+        _ => certs::handle(s, &ctx, &m, target, &body).await,
+    }
+}
+
+pub fn method_not_allowed(m: &Method) -> ServerError {
+    ServerError::kv(405, "MethodNotAllowed", format!("The method {m} is not allowed on this path."))
+}
+
+/// Parse a JSON object body; 400 `BadParameter` otherwise.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| bad(format!("The request body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(bad("The request body must be a JSON object."));
+    }
+    serde_json::from_value(v).map_err(|e| bad(format!("The request body is invalid: {e}")))
+}
+
+/// Attributes as sent in requests.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct AttrsIn {
+    pub enabled: Option<bool>,
+    pub nbf: Option<u64>,
+    pub exp: Option<u64>,
+    pub exportable: Option<bool>,
+}
+
+pub fn check_tags(tags: &Option<std::collections::BTreeMap<String, String>>) -> Result<()> {
+    if let Some(t) = tags {
+        if t.len() > 15 {
+            return Err(bad("An object can have at most 15 tags."));
+        }
+        if t.iter().any(|(k, v)| k.is_empty() || k.len() > 512 || v.len() > 256) {
+            return Err(bad("Tag names must be 1-512 characters and tag values at most 256 characters."));
+        }
+    }
+    Ok(())
+}
+
+impl<'a> Ctx<'a> {
+    pub fn q(&self, k: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Name validation (400 `BadParameter`).
+    pub fn name(&self, coll: Coll, n: &str) -> Result<()> {
+        if kvrules::valid_object_name(n) {
+            Ok(())
+        } else {
+            Err(bad(format!(
+                "The {} name '{n}' is invalid. It must be 1-127 characters of letters, digits and dashes.",
+                coll.noun().to_ascii_lowercase()
+            )))
+        }
+    }
+
+    /// Authorize `op` on `coll` (object `name` when one is addressed).
+    pub fn authorize(&self, coll: Coll, op: Op, name: Option<&str>) -> Result<()> {
+        let need = access::need(coll, op);
+        let caller = format!(
+            "appid={};oid={};iss={}",
+            self.caller.client_id,
+            self.caller.object_id,
+            self.s.issuer_v1()
+        );
+        if self.settings.rbac {
+            let scope = match name {
+                Some(n) => format!("{}/{}/{n}", self.vault.resource_id, coll.path()),
+                None => self.vault.resource_id.clone(),
+            };
+            let grants = crate::authz::grants(self.s, &self.caller.object_id)?;
+            if keyless_core::rbac::authorize_data(&grants, need.data_action, &scope).is_some() {
+                return Ok(());
+            }
+            return Err(ServerError::kv_inner(
+                403,
+                "Forbidden",
+                "ForbiddenByRbac",
+                format!(
+                    "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: {caller}\r\nAction: '{}'\r\nResource: '{}'\r\nAssignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: 'DeniedWithNoValidRBAC' \r\nVault: {};location={}\r\n",
+                    need.data_action,
+                    scope.to_ascii_lowercase(),
+                    self.vault.name,
+                    self.vault.location
+                ),
+            ));
+        }
+        let perms = access::permissions_of(
+            &self.settings.policies,
+            &self.s.tenant_id,
+            &self.caller.object_id,
+            &self.caller.client_id,
+            coll,
+        );
+        if access::policy_grants(&perms, need.permission) {
+            return Ok(());
+        }
+        Err(ServerError::kv_inner(
+            403,
+            "Forbidden",
+            "ForbiddenByPolicy",
+            format!(
+                "The user, group or application '{caller}' does not have {} {} permission on key vault '{};location={}'. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125287",
+                coll.path(),
+                need.permission,
+                self.vault.name,
+                self.vault.location
+            ),
+        ))
+    }
+
+    pub fn id(&self, coll: Coll, name: &str, version: Option<&str>) -> String {
+        kvrules::object_id(&self.base, coll, name, version)
+    }
+
+    pub fn recovery_level(&self) -> &'static str {
+        kvrules::recovery_level(
+            self.settings.soft_delete,
+            self.settings.retention_days,
+            self.settings.purge_protection,
+        )
+    }
+
+    /// The `attributes` of a version.
+    pub fn attributes(&self, v: &KvVersionRecord) -> Value {
+        let mut a = json!({
+            "enabled": v.enabled,
+            "created": v.created,
+            "updated": v.updated,
+            "recoveryLevel": self.recovery_level(),
+        });
+        if let Some(n) = v.nbf {
+            a["nbf"] = json!(n);
+        }
+        if let Some(e) = v.exp {
+            a["exp"] = json!(e);
+        }
+        if self.settings.soft_delete {
+            a["recoverableDays"] = json!(self.settings.retention_days);
+        }
+        a
+    }
+
+    /// Not found, in the collection's words.
+    pub fn not_found(&self, coll: Coll, name: &str, version: Option<&str>) -> ServerError {
+        let what = match version {
+            Some(v) => format!("{name}/{v}"),
+            None => name.to_string(),
+        };
+        ServerError::Vault {
+            status: StatusCode::NOT_FOUND,
+            code: not_found_code(coll),
+            message: format!(
+                "A {} with (name/id) {what} was not found in this key vault. If you recently deleted this {} you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182",
+                coll.noun().to_ascii_lowercase(),
+                coll.noun().to_ascii_lowercase()
+            ),
+            inner: None,
+            challenge: None,
+        }
+    }
+
+    pub fn deleted_not_found(&self, coll: Coll, name: &str) -> ServerError {
+        ServerError::kv(404, not_found_code(coll), format!("Deleted {} not found: {name}", coll.noun()))
+    }
+
+    pub fn is_deleted_conflict(&self, coll: Coll, name: &str) -> ServerError {
+        ServerError::kv_inner(
+            409,
+            "Conflict",
+            "ObjectIsDeletedButRecoverable",
+            format!(
+                "{} {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the {} can only be recovered or purged.",
+                coll.noun(),
+                coll.noun().to_ascii_lowercase()
+            ),
+        )
+    }
+
+    /// A live version (`None`: latest), or 404.
+    pub fn live_version(&self, coll: Coll, name: &str, version: Option<&str>) -> Result<KvVersionRecord> {
+        let n = self.s.store.kv_name(&self.vname, coll.path(), name)?;
+        if n.as_ref().is_none_or(|n| n.deleted.is_some()) {
+            return Err(self.not_found(coll, name, version));
+        }
+        if version.is_some_and(|v| !kvrules::valid_version(v)) {
+            return Err(self.not_found(coll, name, version));
+        }
+        self.s
+            .store
+            .kv_version(&self.vname, coll.path(), name, version)?
+            .ok_or_else(|| self.not_found(coll, name, version))
+    }
+
+    /// Write versions; a soft-deleted name is a 409.
+    pub fn write(&self, coll: Coll, name: &str, w: &KvWrite) -> Result<KvWriteOutcome> {
+        match self.s.store.kv_write(w)? {
+            KvWriteOutcome::Deleted => Err(self.is_deleted_conflict(coll, name)),
+            o => Ok(o),
+        }
+    }
+
+    /// A page of `items` (already sorted by `key`) as `{"value":[…],"nextLink":…}`.
+    pub fn page<T>(&self, items: &[T], key: impl Fn(&T) -> String, render: impl Fn(&T) -> Value) -> Result<Response> {
+        let size = paging::page_size(self.q("maxresults")).map_err(bad)?;
+        let after = match self.q("$skiptoken") {
+            Some(t) => Some(paging::decode_token(t).map_err(bad)?),
+            None => None,
+        };
+        let (slice, next) = paging::page(items, key, after.as_deref(), size);
+        let next_link = next.map(|k| {
+            let mut q = vec![
+                ("api-version".to_string(), self.api_version.clone()),
+                ("$skiptoken".to_string(), paging::encode_token(&k)),
+            ];
+            if let Some(m) = self.q("maxresults") {
+                q.push(("maxresults".into(), m.to_string()));
+            }
+            format!(
+                "{}{}?{}",
+                self.base,
+                self.path,
+                serde_urlencoded::to_string(q).unwrap_or_default()
+            )
+        });
+        Ok(Json(json!({"value": slice.iter().map(render).collect::<Vec<_>>(), "nextLink": next_link})).into_response())
+    }
+
+    pub fn new_version(&self, coll: Coll, name: &str) -> KvVersionRecord {
+        KvVersionRecord {
+            vault: self.vname.clone(),
+            coll: coll.path().into(),
+            name: name.to_string(),
+            version: uuid::Uuid::new_v4().simple().to_string(),
+            created: self.now,
+            updated: self.now,
+            enabled: true,
+            nbf: None,
+            exp: None,
+            content_type: None,
+            tags: Default::default(),
+            managed: false,
+            public: json!({}),
+            private: None,
+        }
+    }
+
+    /// Deleted-object fields (`recoveryId`, `deletedDate`, `scheduledPurgeDate`).
+    pub fn deleted_fields(&self, coll: Coll, name: &str, deleted: Option<(u64, u64)>, out: &mut Value) {
+        if let Some((d, p)) = deleted {
+            out["recoveryId"] = json!(kvrules::recovery_id(&self.base, coll, name));
+            out["deletedDate"] = json!(d);
+            out["scheduledPurgeDate"] = json!(p);
+        }
+    }
+}
+
+fn not_found_code(coll: Coll) -> &'static str {
+    match coll {
+        Coll::Secrets => "SecretNotFound",
+        Coll::Keys => "KeyNotFound",
+        Coll::Certificates => "CertificateNotFound",
+    }
+}
+
+/// How one collection renders its versions.
+pub trait Render {
+    const COLL: Coll;
+    /// The full bundle (`value`: include the secret value / private parts the bundle carries).
+    fn bundle(ctx: &Ctx<'_>, v: &KvVersionRecord, value: bool) -> Value;
+    /// A list item (`versioned`: the id carries the version).
+    fn item(ctx: &Ctx<'_>, v: &KvVersionRecord, versioned: bool) -> Value;
+}
+
+/// The collections a delete / recover / purge of `coll` touches (a certificate owns its key
+/// and secret).
+fn cascade(coll: Coll) -> Vec<&'static str> {
+    match coll {
+        Coll::Certificates => vec!["certificates", "keys", "secrets"],
+        c => vec![c.path()],
+    }
+}
+
+/// Refuse direct deletes of a certificate's key or secret.
+fn refuse_managed(ctx: &Ctx<'_>, coll: Coll, name: &str, op: &str) -> Result<()> {
+    if coll != Coll::Certificates
+        && ctx.s.store.kv_name(&ctx.vname, "certificates", name)?.is_some()
+    {
+        return Err(ServerError::kv(
+            403,
+            "Forbidden",
+            format!("Operation {op} is not allowed on a {} managed by certificate {name}; use the certificate.", coll.noun().to_ascii_lowercase()),
+        ));
+    }
+    Ok(())
+}
+
+/// Operations every collection shares: list, versions, delete, the deleted collection,
+/// recover and purge. Returns `None` for targets the collection handles itself.
+pub fn common<R: Render>(ctx: &Ctx<'_>, m: &Method, target: &Target) -> Result<Option<Response>> {
+    let coll = R::COLL;
+    let store = &ctx.s.store;
+    let r = match (m, target) {
+        (&Method::GET, Target::List(_)) => {
+            ctx.authorize(coll, Op::List, None)?;
+            let items = store.kv_latest(&ctx.vname, coll.path(), false)?;
+            ctx.page(&items, |v| v.name.to_ascii_lowercase(), |v| R::item(ctx, v, false))?
+        }
+        (&Method::GET, Target::Versions(_, name)) => {
+            ctx.name(coll, name)?;
+            ctx.authorize(coll, Op::List, Some(name))?;
+            ctx.live_version(coll, name, None)?;
+            let items = store.kv_versions(&ctx.vname, coll.path(), name)?;
+            let indexed: Vec<(usize, KvVersionRecord)> = items.into_iter().enumerate().collect();
+            ctx.page(&indexed, |(i, _)| format!("{i:010}"), |(_, v)| R::item(ctx, v, true))?
+        }
+        (&Method::DELETE, Target::Object { name, version: None, slash: false, .. }) => {
+            ctx.name(coll, name)?;
+            ctx.authorize(coll, Op::Delete, Some(name))?;
+            let latest = ctx.live_version(coll, name, None)?;
+            refuse_managed(ctx, coll, name, "delete")?;
+            let soft = ctx.settings.soft_delete;
+            let purge_at = soft.then(|| ctx.now + u64::from(ctx.settings.retention_days) * 86_400);
+            store.kv_delete(&ctx.vname, &cascade(coll), name, ctx.now, purge_at)?;
+            let mut out = R::bundle(ctx, &latest, false);
+            ctx.deleted_fields(coll, &latest.name, purge_at.map(|p| (ctx.now, p)), &mut out);
+            Json(out).into_response()
+        }
+        (&Method::GET, Target::Deleted(_)) => {
+            ctx.authorize(coll, Op::List, None)?;
+            let names = store.kv_names(&ctx.vname, coll.path(), true)?;
+            let items = store.kv_latest(&ctx.vname, coll.path(), true)?;
+            ctx.page(&items, |v| v.name.to_ascii_lowercase(), |v| {
+                let mut out = R::item(ctx, v, false);
+                let d = names.iter().find(|n| n.name.eq_ignore_ascii_case(&v.name)).and_then(|n| n.deleted);
+                ctx.deleted_fields(coll, &v.name, d, &mut out);
+                out
+            })?
+        }
+        (&Method::GET, Target::DeletedItem(_, name)) => {
+            ctx.name(coll, name)?;
+            ctx.authorize(coll, Op::GetDeleted, Some(name))?;
+            let n = store.kv_name(&ctx.vname, coll.path(), name)?;
+            let Some(deleted) = n.and_then(|n| n.deleted) else {
+                return Err(ctx.deleted_not_found(coll, name));
+            };
+            let v = store
+                .kv_version(&ctx.vname, coll.path(), name, None)?
+                .ok_or_else(|| ctx.deleted_not_found(coll, name))?;
+            let mut out = R::bundle(ctx, &v, false);
+            ctx.deleted_fields(coll, &v.name, Some(deleted), &mut out);
+            Json(out).into_response()
+        }
+        (&Method::DELETE, Target::DeletedItem(_, name)) => {
+            ctx.name(coll, name)?;
+            ctx.authorize(coll, Op::Purge, Some(name))?;
+            if ctx.settings.purge_protection {
+                return Err(ServerError::kv(
+                    403,
+                    "Forbidden",
+                    format!("Operation \"purge\" is not enabled for this vault: purge protection is on. {} {name} is purged on its scheduled purge date.", coll.noun()),
+                ));
+            }
+            refuse_managed(ctx, coll, name, "purge")?;
+            if !store.kv_purge(&ctx.vname, &cascade(coll), name)? {
+                return Err(ctx.deleted_not_found(coll, name));
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        (&Method::POST, Target::Recover(_, name)) => {
+            ctx.name(coll, name)?;
+            ctx.authorize(coll, Op::Recover, Some(name))?;
+            refuse_managed(ctx, coll, name, "recover")?;
+            if !store.kv_recover(&ctx.vname, &cascade(coll), name)? {
+                return Err(ctx.deleted_not_found(coll, name));
+            }
+            let v = ctx.live_version(coll, name, None)?;
+            Json(R::bundle(ctx, &v, false)).into_response()
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(r))
+}
+
+/// Apply request attributes to a version (`nbf`/`exp` only where the collection allows).
+pub fn apply_attrs(v: &mut KvVersionRecord, a: &AttrsIn, times: bool) {
+    if let Some(e) = a.enabled {
+        v.enabled = e;
+    }
+    if times {
+        if a.nbf.is_some() {
+            v.nbf = a.nbf;
+        }
+        if a.exp.is_some() {
+            v.exp = a.exp;
+        }
+    }
+}
+
+/// `POST /keyless/admin/v1/vault-clock`: move the Key Vault clock forward (`--dev-clock`),
+/// then run the lifetime-action scheduler once.
+pub async fn advance_clock(
+    axum::extract::State(s): axum::extract::State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    let caller = crate::arm::authenticate_with(&s, &headers, &s.management_audiences())?;
+    crate::authz::check(
+        &s,
+        &caller.object_id,
+        "Microsoft.KeyVault/vaults/write",
+        &format!("/subscriptions/{}", s.subscription_id),
+    )?;
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Advance {
+        advance_seconds: u64,
+    }
+    let b: Advance = crate::arm::parse_body(&body)?;
+    let now = s.vault_clock.advance(b.advance_seconds).ok_or_else(|| {
+        ServerError::InvalidParameter {
+            message: "The Key Vault clock is fixed; start the server with --dev-clock to move it.".into(),
+            target: None,
+        }
+    })?;
+    let report = renew::run_once(&s).await?;
+    Ok(Json(json!({"now": now, "renewed": report.renewed, "notified": report.notified, "purged": report.purged})).into_response())
+}

@@ -1,0 +1,146 @@
+//! Secrets: set, get (latest / version), update, list, versions, and the shared soft-delete
+//! operations. Values are sealed by the store; a certificate's secret is read-only here.
+
+use super::{apply_attrs, bad, check_tags, common, method_not_allowed, parse_body, AttrsIn, Ctx, Render, MAX_SECRET_VALUE};
+use crate::error::{Result, ServerError};
+use axum::http::Method;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keyless_core::vault::access::Op;
+use keyless_core::vault::route::Target;
+use keyless_core::vault::Coll;
+use keyless_store::{KvVersionRecord, KvWrite};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+pub struct Secrets;
+
+impl Render for Secrets {
+    const COLL: Coll = Coll::Secrets;
+
+    fn bundle(ctx: &Ctx<'_>, v: &KvVersionRecord, value: bool) -> Value {
+        let mut out = json!({
+            "id": ctx.id(Coll::Secrets, &v.name, Some(&v.version)),
+            "attributes": ctx.attributes(v),
+        });
+        if value {
+            out["value"] = json!(String::from_utf8_lossy(v.private.as_deref().unwrap_or_default()));
+        }
+        common_fields(ctx, v, &mut out);
+        out
+    }
+
+    fn item(ctx: &Ctx<'_>, v: &KvVersionRecord, versioned: bool) -> Value {
+        let mut out = json!({
+            "id": ctx.id(Coll::Secrets, &v.name, versioned.then_some(v.version.as_str())),
+            "attributes": ctx.attributes(v),
+        });
+        common_fields(ctx, v, &mut out);
+        out.as_object_mut().map(|o| o.remove("kid"));
+        out
+    }
+}
+
+fn common_fields(ctx: &Ctx<'_>, v: &KvVersionRecord, out: &mut Value) {
+    if let Some(ct) = &v.content_type {
+        out["contentType"] = json!(ct);
+    }
+    if !v.tags.is_empty() {
+        out["tags"] = json!(v.tags);
+    }
+    if v.managed {
+        out["managed"] = json!(true);
+        out["kid"] = json!(ctx.id(Coll::Keys, &v.name, Some(&v.version)));
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SetBody {
+    value: Option<String>,
+    content_type: Option<String>,
+    attributes: Option<AttrsIn>,
+    tags: Option<BTreeMap<String, String>>,
+}
+
+fn check_content_type(ct: &Option<String>) -> Result<()> {
+    if ct.as_ref().is_some_and(|c| c.len() > 255) {
+        return Err(bad("The content type must be at most 255 characters."));
+    }
+    Ok(())
+}
+
+pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> Result<Response> {
+    if let Some(r) = common::<Secrets>(ctx, m, &target)? {
+        return Ok(r);
+    }
+    match (m, target) {
+        (&Method::PUT, Target::Object { name, version: None, slash: false, .. }) => {
+            ctx.name(Coll::Secrets, &name)?;
+            ctx.authorize(Coll::Secrets, Op::Set, Some(&name))?;
+            let b: SetBody = parse_body(body)?;
+            let value = b.value.ok_or_else(|| bad("The secret value is required."))?;
+            if value.len() > MAX_SECRET_VALUE {
+                return Err(bad(format!("The secret value exceeds the maximum size of {MAX_SECRET_VALUE} bytes.")));
+            }
+            check_content_type(&b.content_type)?;
+            check_tags(&b.tags)?;
+            if ctx.s.store.kv_name(&ctx.vname, "certificates", &name)?.is_some() {
+                return Err(ServerError::kv(
+                    409,
+                    "Conflict",
+                    format!("Secret {name} is managed by a certificate of the same name; set a new version through the certificate."),
+                ));
+            }
+            let mut v = ctx.new_version(Coll::Secrets, &name);
+            if let Some(existing) = ctx.s.store.kv_name(&ctx.vname, "secrets", &name)? {
+                v.name = existing.name;
+            }
+            v.content_type = b.content_type;
+            v.tags = b.tags.unwrap_or_default();
+            apply_attrs(&mut v, &b.attributes.unwrap_or_default(), true);
+            v.private = Some(value.into_bytes());
+            ctx.write(Coll::Secrets, &name, &KvWrite { versions: vec![v.clone()], extra: None, expect_latest: None })?;
+            Ok(Json(Secrets::bundle(ctx, &v, true)).into_response())
+        }
+        (&Method::GET, Target::Object { name, version, .. }) => {
+            ctx.name(Coll::Secrets, &name)?;
+            ctx.authorize(Coll::Secrets, Op::Get, Some(&name))?;
+            let v = ctx.live_version(Coll::Secrets, &name, version.as_deref())?;
+            if !v.enabled {
+                return Err(ServerError::kv_inner(403, "Forbidden", "SecretDisabled", "Operation get is not allowed on a disabled secret."));
+            }
+            Ok(Json(Secrets::bundle(ctx, &v, true)).into_response())
+        }
+        (&Method::PATCH, Target::Object { name, version, .. }) => {
+            ctx.name(Coll::Secrets, &name)?;
+            ctx.authorize(Coll::Secrets, Op::Update, Some(&name))?;
+            #[derive(serde::Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Patch {
+                content_type: Option<String>,
+                attributes: Option<AttrsIn>,
+                tags: Option<BTreeMap<String, String>>,
+            }
+            let b: Patch = parse_body(body)?;
+            check_content_type(&b.content_type)?;
+            check_tags(&b.tags)?;
+            let mut v = ctx.live_version(Coll::Secrets, &name, version.as_deref())?;
+            if v.managed {
+                return Err(ServerError::kv(403, "Forbidden", format!("Secret {name} is managed by a certificate; update the certificate instead.")));
+            }
+            if b.content_type.is_some() {
+                v.content_type = b.content_type;
+            }
+            if let Some(t) = b.tags {
+                v.tags = t;
+            }
+            apply_attrs(&mut v, &b.attributes.unwrap_or_default(), true);
+            v.updated = ctx.now;
+            ctx.s.store.kv_update_version(&v)?;
+            Ok(Json(Secrets::bundle(ctx, &v, false)).into_response())
+        }
+        (_, Target::Backup(..) | Target::Restore(_)) => Err(bad("Backup and restore of secrets are not supported by this Keyless version.")),
+        (m, _) => Err(method_not_allowed(m)),
+    }
+}

@@ -1,0 +1,258 @@
+//! `Microsoft.KeyVault/vaults` in the control plane: create / update / get / list / delete,
+//! and `accessPolicies/{add|replace|remove}`. The data plane is in [`crate::kv`].
+
+use crate::error::{Result, ServerError};
+use crate::resources::{get_resource_group, location, tags};
+use crate::state::AppState;
+use keyless_core::resource_id::{ResourceId, VAULT};
+use keyless_core::vault::access::{self, AccessPolicy, PolicyUpdate};
+use keyless_core::vault::validate_vault_name;
+use keyless_store::{StoreError, VaultRecord};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultBody {
+    pub location: Option<String>,
+    pub tags: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub properties: Option<VaultProps>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultProps {
+    pub tenant_id: Option<String>,
+    pub sku: Option<Value>,
+    pub access_policies: Option<Vec<AccessPolicy>>,
+    pub enable_rbac_authorization: Option<bool>,
+    pub enable_soft_delete: Option<bool>,
+    pub soft_delete_retention_in_days: Option<u32>,
+    pub enable_purge_protection: Option<bool>,
+    pub enabled_for_deployment: Option<bool>,
+    pub enabled_for_disk_encryption: Option<bool>,
+    pub enabled_for_template_deployment: Option<bool>,
+    pub public_network_access: Option<String>,
+}
+
+fn bad(message: impl Into<String>) -> ServerError {
+    ServerError::InvalidParameter {
+        message: message.into(),
+        target: None,
+    }
+}
+
+/// Settings of a vault the data plane needs.
+#[derive(Debug, Clone)]
+pub struct VaultSettings {
+    pub rbac: bool,
+    pub soft_delete: bool,
+    pub retention_days: u32,
+    pub purge_protection: bool,
+    pub policies: Vec<AccessPolicy>,
+}
+
+impl VaultSettings {
+    pub fn of(v: &VaultRecord) -> Self {
+        let p = &v.properties;
+        Self {
+            rbac: p["enableRbacAuthorization"].as_bool().unwrap_or(false),
+            soft_delete: p["enableSoftDelete"].as_bool().unwrap_or(true),
+            retention_days: p["softDeleteRetentionInDays"].as_u64().unwrap_or(90) as u32,
+            purge_protection: p["enablePurgeProtection"].as_bool().unwrap_or(false),
+            policies: serde_json::from_value(p["accessPolicies"].clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Create or update (PUT) or patch (PATCH) a vault.
+pub fn put_vault(
+    s: &AppState,
+    rid: &ResourceId,
+    b: VaultBody,
+    patch: bool,
+) -> Result<(VaultRecord, bool)> {
+    let rg = get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+    validate_vault_name(&rid.name).map_err(ServerError::InvalidResourceName)?;
+    let existing = s.store.get_vault(&rid.key())?;
+    if patch && existing.is_none() {
+        return Err(not_found(rid));
+    }
+    let props = b.properties.unwrap_or_default();
+    let cur = existing.as_ref().map(|e| e.properties.clone()).unwrap_or(json!({}));
+    let loc = match (&existing, b.location.as_deref()) {
+        (Some(e), None) => e.location.clone(),
+        (_, l) if patch => l.unwrap_or_default().to_string(),
+        (_, l) => location(l)?,
+    };
+    if let Some(e) = &existing {
+        if !e.location.eq_ignore_ascii_case(&loc) {
+            return Err(ServerError::InvalidResourceLocation(format!(
+                "The resource '{}' already exists in location '{}' in resource group '{}'. A resource with the same name cannot be created in location '{loc}'. Please select a new resource name.",
+                e.name, e.location, e.resource_group
+            )));
+        }
+    }
+    if !patch && existing.is_none() && props.tenant_id.is_none() && props.sku.is_none() {
+        // ARM needs tenantId and sku on create; az always sends both. We default them.
+    }
+    let tenant = props
+        .tenant_id
+        .clone()
+        .or_else(|| cur["tenantId"].as_str().map(str::to_string))
+        .unwrap_or_else(|| s.tenant_id.clone());
+    if !tenant.eq_ignore_ascii_case(&s.tenant_id) {
+        return Err(bad(format!(
+            "The tenant '{tenant}' is not the tenant of this subscription ('{}').",
+            s.tenant_id
+        )));
+    }
+    let sku = props.sku.clone().unwrap_or_else(|| {
+        cur.get("sku")
+            .cloned()
+            .unwrap_or(json!({"family": "A", "name": "standard"}))
+    });
+    let sku_name = sku["name"].as_str().unwrap_or("");
+    if !sku_name.eq_ignore_ascii_case("standard") && !sku_name.eq_ignore_ascii_case("premium") {
+        return Err(bad(format!(
+            "The sku name '{sku_name}' is invalid; use standard or premium."
+        )));
+    }
+    let policies = match props.access_policies {
+        Some(p) => access::validate_policies(p).map_err(bad)?,
+        None => serde_json::from_value(cur["accessPolicies"].clone()).unwrap_or_default(),
+    };
+    let flag = |new: Option<bool>, key: &str, default: bool| {
+        new.or_else(|| cur[key].as_bool()).unwrap_or(default)
+    };
+    let retention = props
+        .soft_delete_retention_in_days
+        .or_else(|| cur["softDeleteRetentionInDays"].as_u64().map(|d| d as u32))
+        .unwrap_or(90);
+    if !(7..=90).contains(&retention) {
+        return Err(bad(format!(
+            "softDeleteRetentionInDays {retention} is out of range; it must be between 7 and 90."
+        )));
+    }
+    let purge_protection = flag(props.enable_purge_protection, "enablePurgeProtection", false);
+    if cur["enablePurgeProtection"].as_bool() == Some(true) && !purge_protection {
+        return Err(bad(
+            "Purge protection cannot be disabled once it has been enabled on a vault.",
+        ));
+    }
+    let soft_delete = flag(props.enable_soft_delete, "enableSoftDelete", true);
+    if purge_protection && !soft_delete {
+        return Err(bad("Purge protection requires soft delete."));
+    }
+    let canonical = ResourceId::new(&s.subscription_id, &rg.name, VAULT, &rid.name);
+    let name = existing
+        .as_ref()
+        .map(|e| e.name.clone())
+        .unwrap_or_else(|| rid.name.clone());
+    let mut properties = json!({
+        "tenantId": tenant,
+        "sku": {"family": "A", "name": sku_name.to_ascii_lowercase()},
+        "accessPolicies": policies,
+        "enabledForDeployment": flag(props.enabled_for_deployment, "enabledForDeployment", false),
+        "enabledForDiskEncryption": flag(props.enabled_for_disk_encryption, "enabledForDiskEncryption", false),
+        "enabledForTemplateDeployment": flag(props.enabled_for_template_deployment, "enabledForTemplateDeployment", false),
+        "enableSoftDelete": soft_delete,
+        "softDeleteRetentionInDays": retention,
+        "enableRbacAuthorization": flag(props.enable_rbac_authorization, "enableRbacAuthorization", false),
+        "vaultUri": s.vault_uri(&name),
+        "provisioningState": "Succeeded",
+        "publicNetworkAccess": props.public_network_access.clone()
+            .or_else(|| cur["publicNetworkAccess"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "Enabled".into()),
+    });
+    if purge_protection {
+        properties["enablePurgeProtection"] = json!(true);
+    }
+    let rec = VaultRecord {
+        key: canonical.key(),
+        resource_id: canonical.canonical(),
+        name: name.clone(),
+        subscription: s.subscription_id.clone(),
+        resource_group: rg.name.clone(),
+        location: loc,
+        tags: match b.tags {
+            Some(t) => tags(Some(t))?,
+            None => existing.as_ref().map(|e| e.tags.clone()).unwrap_or_default(),
+        },
+        properties,
+        created: existing.as_ref().map(|e| e.created).unwrap_or_else(|| s.now()),
+    };
+    match s.store.put_vault(&rec) {
+        Ok(created) => Ok((rec, created)),
+        Err(StoreError::Conflict(_)) => Err(ServerError::Conflict {
+            code: "VaultAlreadyExists",
+            message: format!(
+                "The vault name '{name}' is already in use. Vault names are globally unique so it is possible that the name is already taken."
+            ),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn not_found(rid: &ResourceId) -> ServerError {
+    ServerError::ResourceNotFound {
+        type_name: "Microsoft.KeyVault/vaults".into(),
+        name: rid.name.clone(),
+        group: rid.resource_group.clone(),
+    }
+}
+
+pub fn get_vault(s: &AppState, rid: &ResourceId) -> Result<VaultRecord> {
+    get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+    s.store.get_vault(&rid.key())?.ok_or_else(|| not_found(rid))
+}
+
+/// `accessPolicies/{add|replace|remove}`.
+pub fn update_access_policies(
+    s: &AppState,
+    rid: &ResourceId,
+    kind: &str,
+    body: Value,
+) -> Result<Value> {
+    let kind = match kind.to_ascii_lowercase().as_str() {
+        "add" => PolicyUpdate::Add,
+        "replace" => PolicyUpdate::Replace,
+        "remove" => PolicyUpdate::Remove,
+        _ => {
+            return Err(bad(format!(
+                "The access policy operation '{kind}' is invalid; use add, replace or remove."
+            )))
+        }
+    };
+    let mut v = get_vault(s, rid)?;
+    let changes: Vec<AccessPolicy> =
+        serde_json::from_value(body["properties"]["accessPolicies"].clone()).map_err(|e| {
+            ServerError::InvalidRequestContent(format!("properties.accessPolicies: {e}"))
+        })?;
+    let changes = access::validate_policies(changes).map_err(bad)?;
+    let current: Vec<AccessPolicy> =
+        serde_json::from_value(v.properties["accessPolicies"].clone()).unwrap_or_default();
+    let updated = access::validate_policies(access::update_policies(current, kind, changes))
+        .map_err(bad)?;
+    v.properties["accessPolicies"] = json!(updated);
+    s.store.put_vault(&v)?;
+    Ok(json!({
+        "id": format!("{}/accessPolicies/{}", v.resource_id, format!("{kind:?}").to_ascii_lowercase()),
+        "type": "Microsoft.KeyVault/vaults/accessPolicies",
+        "location": v.location,
+        "properties": {"accessPolicies": updated},
+    }))
+}
+
+pub fn vault_json(v: &VaultRecord) -> Value {
+    json!({
+        "id": v.resource_id,
+        "name": v.name,
+        "type": "Microsoft.KeyVault/vaults",
+        "location": v.location,
+        "tags": v.tags,
+        "properties": v.properties,
+    })
+}
