@@ -1478,8 +1478,9 @@ mod vault_sql {
             extra: &serde_json::Value,
         ) -> Result<bool> {
             let n = self.lock().execute(
-                "UPDATE kv_names SET extra = ?4 WHERE vault = ?1 AND coll = ?2 AND name_key = ?3",
-                params![vault, coll, lower(name), json(extra)?],
+                "INSERT INTO kv_names(vault, coll, name_key, name, extra) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(vault, coll, name_key) DO UPDATE SET extra = excluded.extra",
+                params![vault, coll, lower(name), name, json(extra)?],
             )?;
             Ok(n > 0)
         }

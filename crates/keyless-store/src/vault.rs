@@ -115,6 +115,7 @@ pub trait VaultStore {
     fn kv_write(&self, w: &KvWrite) -> Result<KvWriteOutcome>;
     /// Update the attributes, tags and public part of an existing version.
     fn kv_update_version(&self, v: &KvVersionRecord) -> Result<bool>;
+    /// Set the per-object state of a name (creating the name if needed).
     fn kv_set_extra(
         &self,
         vault: &str,

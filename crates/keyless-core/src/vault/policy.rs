@@ -748,3 +748,51 @@ mod tests {
         );
     }
 }
+
+/// `t` (Unix seconds) plus `months` calendar months (the day clamped to the month's length),
+/// the validity end of a certificate issued at `t`.
+pub fn add_months(t: u64, months: u32) -> u64 {
+    let days = (t / 86_400) as i64;
+    let secs = t % 86_400;
+    // civil-from-days (Howard Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    // add months
+    let total = y * 12 + (m - 1) + i64::from(months);
+    let (ny, nm) = (total.div_euclid(12), total.rem_euclid(12) + 1);
+    let leap = (ny % 4 == 0 && ny % 100 != 0) || ny % 400 == 0;
+    let mdays = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][(nm - 1) as usize];
+    let nd = d.min(mdays);
+    // days-from-civil
+    let yy = if nm <= 2 { ny - 1 } else { ny };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let mp = if nm > 2 { nm - 3 } else { nm + 9 };
+    let doy = (153 * mp + 2) / 5 + nd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days as u64 * 86_400 + secs
+}
+
+#[cfg(test)]
+mod month_tests {
+    use super::add_months;
+
+    #[test]
+    fn calendar_months() {
+        // 2026-01-31T12:00:00Z + 1 month = 2026-02-28T12:00:00Z
+        assert_eq!(add_months(1_769_860_800, 1), 1_772_280_000);
+        // 2024-02-29 + 12 months = 2025-02-28
+        assert_eq!(add_months(1_709_164_800, 12), 1_740_700_800);
+        // 2026-11-22T00:00:00Z + 12 = 2027-11-22
+        assert_eq!(add_months(1_795_305_600, 12), 1_826_841_600);
+        assert_eq!(add_months(1_795_305_600, 0), 1_795_305_600);
+    }
+}

@@ -1,7 +1,18 @@
-//! Certificate lifetime actions and purges of expired soft-deleted objects.
+//! The Key Vault scheduler: certificate lifetime actions (`AutoRenew` issues a new version
+//! from the current policy; `EmailContacts` records a near-expiry event), resuming issuance
+//! interrupted by a restart, and purging soft-deleted objects past their purge date.
+//!
+//! Exactly one renewal per due version: the new version is written only if the due version
+//! is still the latest (one store transaction), so a second pass — concurrent, repeated or
+//! after a restart — finds nothing due.
 
+use super::certs::{self, CertState, Pending};
 use crate::error::Result;
 use crate::state::AppState;
+use keyless_core::vault::policy::{ActionKind, ISSUER_UNKNOWN};
+use keyless_pki::kv::KvKey;
+use serde_json::json;
+use std::sync::Arc;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Report {
@@ -10,8 +21,80 @@ pub struct Report {
     pub purged: usize,
 }
 
+/// Issuance older than this (server time) without completing is resumed.
+const RESUME_AFTER: u64 = 60;
+
 /// One pass of the scheduler.
-pub async fn run_once(s: &AppState) -> Result<Report> {
-    let purged = s.store.kv_purge_expired(s.vault_clock.now())?;
-    Ok(Report { purged, ..Default::default() })
+pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
+    let now = s.vault_clock.now();
+    let mut report = Report {
+        purged: s.store.kv_purge_expired(now)?,
+        ..Default::default()
+    };
+    for n in s.store.kv_all_names("certificates")? {
+        let st: CertState = serde_json::from_value(n.extra.clone()).unwrap_or_default();
+        let Some(policy) = st.policy.clone() else { continue };
+        if let Some(pe) = st.pending.as_ref().filter(|p| p.status == "inProgress") {
+            if pe.issuer != ISSUER_UNKNOWN && !pe.cancellation_requested && s.now() > pe.started + RESUME_AFTER {
+                tracing::info!(vault = %n.vault, certificate = %n.name, "resuming certificate issuance");
+                certs::complete(s.clone(), n.vault.clone(), n.name.clone(), pe.request_id.clone()).await;
+            }
+            continue;
+        }
+        let Some(latest) = s.store.kv_version(&n.vault, "certificates", &n.name, None)? else { continue };
+        let (Some(nbf), Some(exp)) = (latest.nbf, latest.exp) else { continue };
+        let Some((due, kind)) = policy.due(nbf, exp) else { continue };
+        if now < due {
+            continue;
+        }
+        let renewable = kind == ActionKind::AutoRenew && policy.issuer_name() != ISSUER_UNKNOWN;
+        if renewable {
+            let reuse = if policy.key_props.as_ref().and_then(|k| k.reuse_key) == Some(true) {
+                s.store
+                    .kv_version(&n.vault, "keys", &n.name, Some(&latest.version))?
+                    .and_then(|k| k.private)
+                    .and_then(|der| KvKey::from_pkcs8(&der).ok())
+            } else {
+                None
+            };
+            let mut st2 = st.clone();
+            st2.pending = Some(Pending {
+                request_id: uuid::Uuid::new_v4().simple().to_string(),
+                status: "inProgress".into(),
+                issuer: policy.issuer_name().to_string(),
+                base_version: Some(latest.version.clone()),
+                started: s.now(),
+                ..Default::default()
+            });
+            st2.events.push(json!({"type": "CertificateNewVersionCreated", "renewedVersion": latest.version, "at": now}));
+            let written = certs::issue(
+                s,
+                &n.vault,
+                &n.name,
+                &policy,
+                true,
+                latest.tags.clone(),
+                Some(latest.version.clone()),
+                st2,
+                reuse,
+            )
+            .await?;
+            if let Some(v) = written {
+                report.renewed += 1;
+                tracing::info!(vault = %n.vault, certificate = %n.name, version = %v, "certificate renewed by its lifetime action");
+            }
+        } else {
+            let seen = st.events.iter().any(|e| {
+                e["type"] == "CertificateNearExpiry" && e["version"] == json!(latest.version)
+            });
+            if !seen {
+                let mut st2 = st.clone();
+                st2.events.push(json!({"type": "CertificateNearExpiry", "version": latest.version, "expires": exp, "at": now}));
+                s.store.kv_set_extra(&n.vault, "certificates", &n.name, &json!(st2))?;
+                report.notified += 1;
+                tracing::info!(vault = %n.vault, certificate = %n.name, expires = exp, "certificate near expiry: contacts notified");
+            }
+        }
+    }
+    Ok(report)
 }
