@@ -4,6 +4,10 @@
 //! - [`SigningKey`]: RS256 token-signing keys with a CA-issued certificate (for `x5c`/`x5t`).
 //! - [`verify_rs256`]: signature check for our own tokens.
 //! - TLS configurations for the server (optional client auth) and the agent (client auth).
+//! - [`kv`]: Key Vault key and certificate cryptography (JWS/JWE-style key operations,
+//!   certificates from a policy, PFX and PEM bundles).
+
+pub mod kv;
 
 use aws_lc_rs::digest;
 use aws_lc_rs::signature::{self, KeyPair as _, RsaKeyPair};
@@ -34,6 +38,14 @@ pub enum PkiError {
     Tls(#[from] rustls::Error),
     #[error("client verifier: {0}")]
     Verifier(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("PKCS#12: {0}")]
+    Pkcs12(String),
+    #[error("cryptographic operation failed: {0}")]
+    Crypto(&'static str),
 }
 
 type Result<T> = std::result::Result<T, PkiError>;
