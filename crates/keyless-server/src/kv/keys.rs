@@ -273,7 +273,7 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             let alg = b["alg"].as_str().ok_or_else(|| bad("The parameter 'alg' is required."))?.to_string();
             let key = KvKey::from_pkcs8(v.private.as_deref().unwrap_or_default())?;
             let kid = ctx.id(Coll::Keys, &v.name, Some(&v.version));
-            let crypto = |r: keyless_pki::Result<Vec<u8>>| r.map_err(|e| bad(format!("The {wire} operation failed: {e}")));
+            let crypto = |r: std::result::Result<Vec<u8>, keyless_pki::PkiError>| r.map_err(|e| bad(format!("The {wire} operation failed: {e}")));
             let out = match op {
                 KeyOp::Sign => json!({"kid": kid, "value": URL_SAFE_NO_PAD.encode(crypto(key.sign(&alg, &b64(&b, "value")?))?)}),
                 KeyOp::Verify => {
