@@ -8,16 +8,23 @@
 //!   vs raw RS256 signatures/s with aws-lc-rs on as many threads as the server has;
 //! - user-assigned identities created per second through the HTTPS control plane (each an
 //!   authorized ARM PUT), vs direct inserts into the same embedded store;
-//! - the cost of one authorization check with 10,000 role assignments stored.
+//! - the cost of one authorization check with 10,000 role assignments stored;
+//! - Key Vault secret GETs/s through the HTTPS listener (token verified, access policy checked,
+//!   value unsealed), vs a bare hyper + rustls server answering a same-size body with the same
+//!   certificate type (same load generator, same connections);
+//! - Key Vault certificates created per second (Self issuer, RSA-2048; each a key generation,
+//!   a self-signed certificate, a PFX and three sealed rows; done when the pending operation
+//!   says `completed`), vs raw RSA-2048 key generations/s on as many threads as the server has.
 //!
 //! Environment: BENCH_SECS (default 5), BENCH_CONNS (default 16).
 
 use keyless_core::clock::SystemClock;
+use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 fn env_u64(k: &str, d: u64) -> u64 {
     std::env::var(k)
@@ -26,45 +33,31 @@ fn env_u64(k: &str, d: u64) -> u64 {
         .unwrap_or(d)
 }
 
-/// HTTP/1.1 keep-alive GET load: `conns` connections for `secs`; returns requests/s.
-async fn load_get(addr: SocketAddr, request: String, conns: usize, secs: u64) -> f64 {
+/// HTTP/1.1 keep-alive GET load: `conns` connections for `secs`, over TLS when `tls` is given
+/// (connector and server name); returns requests/s.
+async fn load_get(
+    addr: SocketAddr,
+    request: String,
+    conns: usize,
+    secs: u64,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Instant::now() + Duration::from_secs(secs);
     let mut tasks = vec![];
     for _ in 0..conns {
         let done = done.clone();
         let req = request.clone();
+        let tls = tls.clone();
         tasks.push(tokio::spawn(async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
             s.set_nodelay(true).ok();
-            let mut buf = vec![0u8; 64 * 1024];
-            while Instant::now() < stop {
-                s.write_all(req.as_bytes()).await.expect("write");
-                // read one response: headers, then Content-Length bytes
-                let mut have = 0;
-                let (head_end, len) = loop {
-                    let n = s.read(&mut buf[have..]).await.expect("read");
-                    assert!(n > 0, "connection closed");
-                    have += n;
-                    if let Some(p) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = std::str::from_utf8(&buf[..p])
-                            .unwrap_or("")
-                            .to_ascii_lowercase();
-                        assert!(head.starts_with("http/1.1 200"), "{head}");
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        break (p + 4, len);
-                    }
-                };
-                while have < head_end + len {
-                    let n = s.read(&mut buf[have..]).await.expect("read body");
-                    assert!(n > 0);
-                    have += n;
+            match tls {
+                Some((connector, name)) => {
+                    let s = connector.connect(name, s).await.expect("TLS handshake");
+                    drive(s, req.as_bytes(), stop, &done).await
                 }
-                done.fetch_add(1, Ordering::Relaxed);
+                None => drive(s, req.as_bytes(), stop, &done).await,
             }
         }));
     }
@@ -74,33 +67,85 @@ async fn load_get(addr: SocketAddr, request: String, conns: usize, secs: u64) ->
     done.load(Ordering::Relaxed) as f64 / secs as f64
 }
 
-/// A bare hyper server answering every request with `body` (JSON).
-async fn bare_server(body: String) -> SocketAddr {
+/// One load connection: send `req`, read one response (headers, then Content-Length bytes),
+/// repeat until `stop`.
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    req: &[u8],
+    stop: Instant,
+    done: &AtomicU64,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while Instant::now() < stop {
+        s.write_all(req).await.expect("write");
+        s.flush().await.expect("flush");
+        let mut have = 0;
+        let (head_end, len) = loop {
+            let n = s.read(&mut buf[have..]).await.expect("read");
+            assert!(n > 0, "connection closed");
+            have += n;
+            if let Some(p) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&buf[..p])
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 200"), "{head}");
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                break (p + 4, len);
+            }
+        };
+        while have < head_end + len {
+            let n = s.read(&mut buf[have..]).await.expect("read body");
+            assert!(n > 0);
+            have += n;
+        }
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A bare hyper server answering every request with `body` (JSON), over TLS when `tls` is
+/// given.
+async fn bare_server(body: String, tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
-            let body = body.clone();
+            let (body, tls) = (body.clone(), tls.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let body = body.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            hyper::Response::builder()
-                                .header("content-type", "application/json")
-                                .body(body)
-                                .unwrap(),
-                        )
+                match tls {
+                    Some(acceptor) => {
+                        tcp.set_nodelay(true).ok(); // as the Keyless listener does
+                        if let Ok(s) = acceptor.accept(tcp).await {
+                            serve_bare(s, body).await
+                        }
                     }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
+                    None => serve_bare(tcp, body).await,
+                }
             });
         }
     });
     addr
+}
+
+async fn serve_bare<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, body: String) {
+    let svc = hyper::service::service_fn(move |_req| {
+        let body = body.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                hyper::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .unwrap(),
+            )
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+        .await;
 }
 
 /// A Keyless server on a temp data dir, trusting `issuer_ca` for federation.
@@ -126,19 +171,22 @@ async fn start_server(
     (dir, srv)
 }
 
-/// A client-credentials token request for the bootstrap admin.
+/// A client-credentials token request for the bootstrap admin (`scope`: `{resource}/.default`).
 fn token_request(
     client: &reqwest::Client,
     url: &str,
     admin: &keyless_server::AdminCredential,
+    scope: &str,
 ) -> reqwest::RequestBuilder {
     client.post(url).form(&[
         ("grant_type", "client_credentials"),
         ("client_id", admin.client_id.as_str()),
         ("client_secret", admin.client_secret.as_str()),
-        ("scope", "https://management.azure.com/.default"),
+        ("scope", scope),
     ])
 }
+
+const ARM_SCOPE: &str = "https://management.azure.com/.default";
 
 fn raw_rs256(threads: usize, secs: u64) -> f64 {
     let now = std::time::SystemTime::now()
@@ -166,6 +214,27 @@ fn raw_rs256(threads: usize, secs: u64) -> f64 {
         }
     });
     total.load(Ordering::Relaxed) as f64 / secs as f64
+}
+
+/// Raw RSA-2048 key generations/s on `threads` threads (what a certificate creation starts with).
+fn raw_rsa_keygens(threads: usize, secs: u64) -> f64 {
+    use keyless_pki::kv::{KeyType, KvKey};
+    let total = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let stop = t0 + Duration::from_secs(secs);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let total = total.clone();
+            s.spawn(move || {
+                while Instant::now() < stop {
+                    KvKey::generate(KeyType::Rsa { bits: 2048 }).unwrap();
+                    total.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    // the last generation on each thread overruns `stop`: divide by the time actually taken
+    total.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -233,10 +302,10 @@ fn main() {
             .await
             .unwrap();
         assert!(body.contains("access_token"), "{body}");
-        let bare = bare_server(body.clone()).await;
+        let bare = bare_server(body.clone(), None).await;
         let req = |host: SocketAddr| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nMetadata: true\r\n\r\n");
-        let bare_rps = load_get(bare, req(bare), conns, secs).await;
-        let agent_rps = load_get(node.imds_addr, req(node.imds_addr), conns, secs).await;
+        let bare_rps = load_get(bare, req(bare), conns, secs, None).await;
+        let agent_rps = load_get(node.imds_addr, req(node.imds_addr), conns, secs, None).await;
 
         // ---- fresh RS256 tokens at the token service vs raw signatures
         let raw = tokio::task::spawn_blocking(move || raw_rs256(threads, secs)).await.unwrap();
@@ -253,7 +322,7 @@ fn main() {
             let (client, url, done, admin) = (client.clone(), url.clone(), done.clone(), admin.clone());
             tasks.push(tokio::spawn(async move {
                 while Instant::now() < stop {
-                    let r = token_request(&client, &url, &admin)
+                    let r = token_request(&client, &url, &admin, ARM_SCOPE)
                         .send()
                         .await
                         .unwrap();
@@ -270,7 +339,7 @@ fn main() {
 
         // ---- identities created per second through the control plane vs direct store inserts
         let arm_token = {
-            let r = token_request(&client, &url, &admin)
+            let r = token_request(&client, &url, &admin, ARM_SCOPE)
                 .send()
                 .await
                 .unwrap();
@@ -443,6 +512,136 @@ fn main() {
         }
         let fed_rate = exchanged.load(Ordering::Relaxed) as f64 / secs as f64;
 
+        // ---- Key Vault: a vault whose access policy lets the bootstrap admin get and set
+        // secrets and create and get certificates; a token for the vault audience
+        use keyless_core::vault::access::{AccessPolicy, Permissions};
+        use keyless_server::vaults::{put_vault, VaultBody, VaultProps};
+        let port = srv.local_addr.port();
+        let vault_host = format!("bench-kv.vault.localhost:{port}");
+        let kv_oid = s.store.get_service_principal(&admin.client_id).unwrap().unwrap().object_id;
+        let vault_id = ResourceId::new(&s.subscription_id, "bench", keyless_core::resource_id::VAULT, "bench-kv");
+        put_vault(
+            &s,
+            &vault_id,
+            VaultBody {
+                location: Some("local".into()),
+                properties: Some(VaultProps {
+                    access_policies: Some(vec![AccessPolicy {
+                        tenant_id: s.tenant_id.clone(),
+                        object_id: kv_oid,
+                        application_id: None,
+                        permissions: Permissions {
+                            secrets: vec!["get".into(), "set".into()],
+                            certificates: vec!["create".into(), "get".into()],
+                            ..Default::default()
+                        },
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+        let vault_token = {
+            let scope = format!("https://vault.localhost:{port}/.default");
+            let r = token_request(&client, &url, &admin, &scope).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()["access_token"].as_str().unwrap().to_string()
+        };
+        // vault host names resolve to the server here (the certificate covers *.vault.localhost)
+        let kv = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(pem.as_bytes()).unwrap()])
+            .resolve("bench-kv.vault.localhost", srv.local_addr)
+            .build()
+            .unwrap();
+        let kv_base = format!("https://{vault_host}");
+
+        // ---- secret GETs (authenticated, authorized by access policy, decrypted) vs a bare
+        // HTTPS server with the same certificate type, body size and load generator
+        let value: String = (0..100).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let r = kv
+            .put(format!("{kv_base}/secrets/bench?api-version=7.5"))
+            .bearer_auth(&vault_token)
+            .json(&serde_json::json!({ "value": value }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        let secret_path = "/secrets/bench/?api-version=7.5";
+        let bundle = kv.get(format!("{kv_base}{secret_path}")).bearer_auth(&vault_token).send().await.unwrap();
+        assert_eq!(bundle.status(), 200);
+        let bundle = bundle.text().await.unwrap();
+        assert!(bundle.contains(&value), "{bundle}");
+        let get_secret = format!("GET {secret_path} HTTP/1.1\r\nHost: {vault_host}\r\nAuthorization: Bearer {vault_token}\r\n\r\n");
+        let client_tls = {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(rustls::pki_types::CertificateDer::from(s.ca.cert_der().to_vec())).unwrap();
+            let cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+            (tokio_rustls::TlsConnector::from(Arc::new(cfg)), ServerName::try_from("localhost").unwrap())
+        };
+        let bare_tls = {
+            // an ECDSA P-256 leaf from the same CA, as the Keyless listener's, same server config
+            let now = s.now();
+            let (cert, key) = s.ca.issue_server_cert(&["localhost".into()], now, 86_400).unwrap();
+            let cfg = keyless_pki::server_tls_config(vec![cert, s.ca.cert_der().to_vec()], &key, s.ca.cert_der()).unwrap();
+            bare_server(bundle.clone(), Some(tokio_rustls::TlsAcceptor::from(cfg))).await
+        };
+        let bare_https_rps = load_get(bare_tls, get_secret.clone(), conns, secs, Some(client_tls.clone())).await;
+        let secret_rps = load_get(srv.local_addr, get_secret, conns, secs, Some(client_tls)).await;
+
+        // ---- certificate creations (Self issuer, RSA-2048: keygen + self-signed certificate +
+        // PFX + three sealed rows), completion seen through the pending operation, vs raw keygens
+        let keygens = tokio::task::spawn_blocking(move || raw_rsa_keygens(threads, secs)).await.unwrap();
+        let cert_clients = 2 * threads;
+        let certs_done = Arc::new(AtomicU64::new(0));
+        let t0 = Instant::now();
+        let stop = t0 + Duration::from_secs(secs);
+        let mut tasks = vec![];
+        for t in 0..cert_clients {
+            let (kv, base, token, certs_done) = (kv.clone(), kv_base.clone(), vault_token.clone(), certs_done.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0;
+                while Instant::now() < stop {
+                    let r = kv
+                        .post(format!("{base}/certificates/c{t}-{i}/create?api-version=7.5"))
+                        .bearer_auth(&token)
+                        .json(&serde_json::json!({"policy": {"issuer": {"name": "Self"}, "x509_props": {"subject": "CN=bench"}}}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+                    let _ = r.bytes().await;
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let op: serde_json::Value = kv
+                            .get(format!("{base}/certificates/c{t}-{i}/pending?api-version=7.5"))
+                            .bearer_auth(&token)
+                            .send()
+                            .await
+                            .unwrap()
+                            .json()
+                            .await
+                            .unwrap();
+                        match op["status"].as_str() {
+                            Some("completed") => break,
+                            Some("inProgress") => continue,
+                            _ => panic!("certificate creation failed: {op}"),
+                        }
+                    }
+                    certs_done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // every client finishes the creation it started before `stop`: count the time taken
+        let cert_rate = certs_done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+        let stored = s.store.kv_names("bench-kv", "certificates", false).unwrap().len() as u64;
+        assert_eq!(stored, certs_done.load(Ordering::Relaxed));
+
         println!("keyless bench ({secs} s per run, {conns} connections, {threads} cores; load generator in the same process)");
         println!("  bare hyper server, same {} B body:    {bare_rps:>10.0} req/s", body.len());
         println!("  agent IMDS, cached token:              {agent_rps:>10.0} req/s   ratio to bare {:.2}", agent_rps / bare_rps);
@@ -451,6 +650,10 @@ fn main() {
         println!("  federated token exchanges (JWKS cached): {fed_rate:>8.0} /s       ratio to fresh client-credentials tokens {:.2}", fed_rate / sts);
         println!("  direct store inserts of identities:    {store_ids:>10.0} /s");
         println!("  identities created via HTTPS ARM PUT:  {http_ids:>10.0} /s       ratio to direct inserts {:.2}", http_ids / store_ids);
+        println!("  bare HTTPS server (rustls), same {} B body: {bare_https_rps:>7.0} req/s", bundle.len());
+        println!("  Key Vault secret GETs (authorized, decrypted): {secret_rps:>6.0} req/s   ratio to bare HTTPS {:.2}", secret_rps / bare_https_rps);
+        println!("  raw RSA-2048 key generations ({threads} threads): {keygens:>7.1} /s");
+        println!("  certificates created (Self, RSA-2048, {cert_clients} clients): {cert_rate:>5.1} /s       ratio to raw keygens {:.2}", cert_rate / keygens);
         println!("  authorization check, 10,000 role assignments stored: {check_us:.1} µs each ({checks_per_s:.0}/s)");
     });
 }
