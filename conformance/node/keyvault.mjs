@@ -201,10 +201,8 @@ async function secrets() {
   const en = await client.updateSecretProperties(name, s2.properties.version, { enabled: true, tags: { rotated: "yes" } });
   out.reenabled = { enabled: en.enabled, tags: en.tags, value: (await client.getSecret(name)).value };
 
-  // 30 more secrets, 5 at a time
-  for (let i = 0; i < 30; i += 5) {
-    await Promise.all([0, 1, 2, 3, 4].map((j) => client.setSecret(`bulk-${String(i + j).padStart(2, "0")}`, `bulk-value-${i + j}`)));
-  }
+  // 30 more secrets (sequential: the request trace pairs each response with the last request)
+  for (let i = 0; i < 30; i++) await client.setSecret(`bulk-${String(i).padStart(2, "0")}`, `bulk-value-${i}`);
   let t = trace.length;
   out.listNames = await collect(client.listPropertiesOfSecrets(), (p) => p.name);
   out.listRequests = vaultTrace(t).filter((x) => x.startsWith("GET /secrets"));
@@ -220,7 +218,8 @@ async function secrets() {
   t = trace.length;
   const [deleted, deleteMs] = await timed(async () => (await client.beginDeleteSecret(name)).pollUntilDone());
   out.deleted = { name: deleted.name, recoveryId: deleted.recoveryId, deletedOn: deleted.deletedOn?.toISOString(),
-    scheduledPurgeDate: deleted.scheduledPurgeDate?.toISOString(), id: deleted.properties.id, value: deleted.value, ms: deleteMs };
+    scheduledPurgeDate: deleted.scheduledPurgeDate?.toISOString(), id: deleted.properties.id, value: deleted.value,
+    propsRecoveryId: deleted.properties.recoveryId, ms: deleteMs };
   out.deleteRequests = vaultTrace(t);
   out.deleteRequestsTimed = vaultTraceTimed(t);
   const gd = await client.getDeletedSecret(name);
@@ -230,7 +229,7 @@ async function secrets() {
   out.setWhileDeleted = await attempt(() => client.setSecret(name, "reuse"));
   t = trace.length;
   const [recovered, recoverMs] = await timed(async () => (await client.beginRecoverDeletedSecret(name)).pollUntilDone());
-  out.recovered = { name: recovered.name, version: recovered.properties.version, ms: recoverMs };
+  out.recovered = { name: recovered.name, version: recovered.version, enabled: recovered.enabled, ms: recoverMs };
   out.recoverRequests = vaultTrace(t);
   out.afterRecover = (await client.getSecret(name)).value;
   out.versionsAfterRecover = (await collect(client.listPropertiesOfSecretVersions(name))).length;
@@ -262,7 +261,7 @@ async function certs() {
   out.createRequests = vaultTrace(t);
   out.createRequestsTimed = vaultTraceTimed(t);
   const pfx = await sc.getSecret("self-pfx");
-  out.selfSecret = { contentType: pfx.properties.contentType, managed: pfx.properties.managed, keyId: pfx.properties.keyId,
+  out.selfSecret = { contentType: pfx.properties.contentType, managed: pfx.properties.managed, keyId: pfx.properties.certificateKeyId,
     id: pfx.properties.id, version: pfx.properties.version, value: pfx.value };
   try {
     const ctx = tls.createSecureContext({ pfx: Buffer.from(pfx.value, "base64"), passphrase: "" });
@@ -353,14 +352,15 @@ async function renew() {
       validityInMonths: 1, lifetimeActions: [{ action: "AutoRenew", daysBeforeExpiry: 7 }],
     })).pollUntilDone();
     const s = await sc.getSecret(name);
-    return { cert: certView(c), secret: { version: s.properties.version, ...pemView(s.value, caPem) } };
+    return { cert: certView(c), secret: { version: s.properties.version, keyId: s.properties.certificateKeyId, ...pemView(s.value, caPem) } };
   }
   const versions = await collect(cc.listPropertiesOfCertificateVersions(name), (p) => ({
     version: p.version, thumbprint: hex(p.x509Thumbprint), notBefore: p.notBefore?.toISOString(), expiresOn: p.expiresOn?.toISOString() }));
   const c = await cc.getCertificate(name);
   const s = await sc.getSecret(name);
   const secretVersions = await collect(sc.listPropertiesOfSecretVersions(name), (p) => p.version);
-  return { versions, secretVersions, cert: certView(c), secret: { version: s.properties.version, ...pemView(s.value, caPem) } };
+  return { versions, secretVersions, cert: certView(c),
+    secret: { version: s.properties.version, keyId: s.properties.certificateKeyId, previousVersion: s.properties.previousVersion, ...pemView(s.value, caPem) } };
 }
 
 function jwkPublic(k) {

@@ -428,10 +428,10 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                     return Err(ServerError::MethodNotAllowed(m.to_string()));
                 }
                 let b: Value = parse_body(&body)?;
-                return Ok(
-                    Json(crate::vaults::update_access_policies(&s, &parent, &name, b)?)
-                        .into_response(),
-                );
+                return Ok(Json(crate::vaults::update_access_policies(
+                    &s, &parent, &name, b,
+                )?)
+                .into_response());
             }
             if t != VMSS || !child_type.eq_ignore_ascii_case("virtualMachines") {
                 return Err(ServerError::InvalidPath(parts.uri.path().to_string()));

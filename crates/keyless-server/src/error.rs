@@ -312,7 +312,10 @@ impl IntoResponse for ServerError {
                     err["innererror"] = json!({"code": i});
                 }
                 let mut resp = (*status, axum::Json(json!({ "error": err }))).into_response();
-                if let Some(c) = challenge.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+                if let Some(c) = challenge
+                    .as_deref()
+                    .and_then(|c| HeaderValue::from_str(c).ok())
+                {
                     resp.headers_mut().insert(header::WWW_AUTHENTICATE, c);
                 }
                 resp

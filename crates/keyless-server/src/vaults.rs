@@ -81,7 +81,10 @@ pub fn put_vault(
         return Err(not_found(rid));
     }
     let props = b.properties.unwrap_or_default();
-    let cur = existing.as_ref().map(|e| e.properties.clone()).unwrap_or(json!({}));
+    let cur = existing
+        .as_ref()
+        .map(|e| e.properties.clone())
+        .unwrap_or(json!({}));
     let loc = match (&existing, b.location.as_deref()) {
         (Some(e), None) => e.location.clone(),
         (_, l) if patch => l.unwrap_or_default().to_string(),
@@ -136,7 +139,11 @@ pub fn put_vault(
             "softDeleteRetentionInDays {retention} is out of range; it must be between 7 and 90."
         )));
     }
-    let purge_protection = flag(props.enable_purge_protection, "enablePurgeProtection", false);
+    let purge_protection = flag(
+        props.enable_purge_protection,
+        "enablePurgeProtection",
+        false,
+    );
     if cur["enablePurgeProtection"].as_bool() == Some(true) && !purge_protection {
         return Err(bad(
             "Purge protection cannot be disabled once it has been enabled on a vault.",
@@ -179,10 +186,16 @@ pub fn put_vault(
         location: loc,
         tags: match b.tags {
             Some(t) => tags(Some(t))?,
-            None => existing.as_ref().map(|e| e.tags.clone()).unwrap_or_default(),
+            None => existing
+                .as_ref()
+                .map(|e| e.tags.clone())
+                .unwrap_or_default(),
         },
         properties,
-        created: existing.as_ref().map(|e| e.created).unwrap_or_else(|| s.now()),
+        created: existing
+            .as_ref()
+            .map(|e| e.created)
+            .unwrap_or_else(|| s.now()),
     };
     match s.store.put_vault(&rec) {
         Ok(created) => Ok((rec, created)),
@@ -234,8 +247,8 @@ pub fn update_access_policies(
     let changes = access::validate_policies(changes).map_err(bad)?;
     let current: Vec<AccessPolicy> =
         serde_json::from_value(v.properties["accessPolicies"].clone()).unwrap_or_default();
-    let updated = access::validate_policies(access::update_policies(current, kind, changes))
-        .map_err(bad)?;
+    let updated =
+        access::validate_policies(access::update_policies(current, kind, changes)).map_err(bad)?;
     v.properties["accessPolicies"] = json!(updated);
     s.store.put_vault(&v)?;
     Ok(json!({

@@ -1156,9 +1156,10 @@ mod vault_sql {
         format!("kv:{}/{}/{}/{}", v.vault, v.coll, lower(&v.name), v.version)
     }
 
-    fn name_row(
-        r: &Row<'_>,
-    ) -> rusqlite::Result<(String, String, String, Option<i64>, Option<i64>, String)> {
+    /// vault, coll, name, deleted_at, purge_at, extra.
+    type NameRow = (String, String, String, Option<i64>, Option<i64>, String);
+
+    fn name_row(r: &Row<'_>) -> rusqlite::Result<NameRow> {
         Ok((
             r.get(0)?,
             r.get(1)?,
@@ -1169,16 +1170,7 @@ mod vault_sql {
         ))
     }
 
-    fn to_name(
-        (vault, coll, name, d, p, extra): (
-            String,
-            String,
-            String,
-            Option<i64>,
-            Option<i64>,
-            String,
-        ),
-    ) -> Result<KvNameRecord> {
+    fn to_name((vault, coll, name, d, p, extra): NameRow) -> Result<KvNameRecord> {
         Ok(KvNameRecord {
             vault,
             coll,

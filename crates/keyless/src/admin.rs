@@ -1457,11 +1457,19 @@ async fn vault_group(api: &Api, name: &str, rg: Option<String>) -> Result<String
     all.as_array()
         .into_iter()
         .flatten()
-        .find(|v| v["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+        .find(|v| {
+            v["name"]
+                .as_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        })
         .and_then(|v| v["id"].as_str())
         .and_then(|id| id.split('/').nth(4))
         .map(str::to_string)
-        .ok_or_else(|| CliError::Usage(format!("The vault '{name}' was not found in the subscription.")))
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "The vault '{name}' was not found in the subscription."
+            ))
+        })
 }
 
 pub async fn keyvault(c: KeyVaultCmd) -> Result<(), CliError> {
@@ -1483,7 +1491,17 @@ pub async fn keyvault(c: KeyVaultCmd) -> Result<(), CliError> {
             enable_purge_protection,
             tags,
         } => {
-            let tenant = api.call(reqwest::Method::GET, &format!("/subscriptions/{}?api-version={RESOURCES_API}", api.subscription), None).await?["tenantId"].clone();
+            let tenant = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!(
+                        "/subscriptions/{}?api-version={RESOURCES_API}",
+                        api.subscription
+                    ),
+                    None,
+                )
+                .await?["tenantId"]
+                .clone();
             let mut props = json!({"tenantId": tenant, "sku": {"family": "A", "name": "standard"}});
             if let Some(r) = enable_rbac_authorization {
                 props["enableRbacAuthorization"] = json!(r);
@@ -1494,16 +1512,22 @@ pub async fn keyvault(c: KeyVaultCmd) -> Result<(), CliError> {
             if let Some(p) = enable_purge_protection {
                 props["enablePurgeProtection"] = json!(p);
             }
-            let body = json!({"location": location, "tags": parse_tags(&tags)?, "properties": props});
-            api.call(reqwest::Method::PUT, &path(&resource_group, &name), Some(body))
-                .await?
+            let body =
+                json!({"location": location, "tags": parse_tags(&tags)?, "properties": props});
+            api.call(
+                reqwest::Method::PUT,
+                &path(&resource_group, &name),
+                Some(body),
+            )
+            .await?
         }
         KeyVaultVerb::Show {
             name,
             resource_group,
         } => {
             let rg = vault_group(&api, &name, resource_group).await?;
-            api.call(reqwest::Method::GET, &path(&rg, &name), None).await?
+            api.call(reqwest::Method::GET, &path(&rg, &name), None)
+                .await?
         }
         KeyVaultVerb::List { resource_group } => {
             api.list(resource_group.as_deref(), VAULT_TYPE, KEYVAULT_API)
@@ -1527,14 +1551,20 @@ pub async fn keyvault(c: KeyVaultCmd) -> Result<(), CliError> {
             certificate_permissions,
         } => {
             let rg = vault_group(&api, &name, resource_group).await?;
-            let vault = api.call(reqwest::Method::GET, &path(&rg, &name), None).await?;
+            let vault = api
+                .call(reqwest::Method::GET, &path(&rg, &name), None)
+                .await?;
             let body = json!({"properties": {"accessPolicies": [{
                 "tenantId": vault["properties"]["tenantId"],
                 "objectId": object_id,
                 "permissions": {"secrets": secret_permissions, "keys": key_permissions, "certificates": certificate_permissions},
             }]}});
-            api.call(reqwest::Method::PUT, &policy_path(&rg, &name, "add"), Some(body))
-                .await?
+            api.call(
+                reqwest::Method::PUT,
+                &policy_path(&rg, &name, "add"),
+                Some(body),
+            )
+            .await?
         }
         KeyVaultVerb::DeletePolicy {
             name,
@@ -1542,14 +1572,20 @@ pub async fn keyvault(c: KeyVaultCmd) -> Result<(), CliError> {
             object_id,
         } => {
             let rg = vault_group(&api, &name, resource_group).await?;
-            let vault = api.call(reqwest::Method::GET, &path(&rg, &name), None).await?;
+            let vault = api
+                .call(reqwest::Method::GET, &path(&rg, &name), None)
+                .await?;
             let body = json!({"properties": {"accessPolicies": [{
                 "tenantId": vault["properties"]["tenantId"],
                 "objectId": object_id,
                 "permissions": {},
             }]}});
-            api.call(reqwest::Method::PUT, &policy_path(&rg, &name, "remove"), Some(body))
-                .await?
+            api.call(
+                reqwest::Method::PUT,
+                &policy_path(&rg, &name, "remove"),
+                Some(body),
+            )
+            .await?
         }
         KeyVaultVerb::AdvanceClock { days, seconds } => {
             api.call(

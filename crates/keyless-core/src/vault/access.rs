@@ -500,7 +500,10 @@ mod policy_tests {
         let p = update_policies(p, PolicyUpdate::Add, vec![ap(&["list", "get"])]);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].permissions.secrets, vec!["get", "list"]);
-        assert_eq!(permissions_of(&p, T, O, "app", Coll::Secrets), vec!["get", "list"]);
+        assert_eq!(
+            permissions_of(&p, T, O, "app", Coll::Secrets),
+            vec!["get", "list"]
+        );
         assert!(permissions_of(&p, T, O, "app", Coll::Keys).is_empty());
         let p = update_policies(p, PolicyUpdate::Remove, vec![ap(&["get"])]);
         assert_eq!(p[0].permissions.secrets, vec!["list"]);

@@ -768,7 +768,20 @@ pub fn add_months(t: u64, months: u32) -> u64 {
     let total = y * 12 + (m - 1) + i64::from(months);
     let (ny, nm) = (total.div_euclid(12), total.rem_euclid(12) + 1);
     let leap = (ny % 4 == 0 && ny % 100 != 0) || ny % 400 == 0;
-    let mdays = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][(nm - 1) as usize];
+    let mdays = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ][(nm - 1) as usize];
     let nd = d.min(mdays);
     // days-from-civil
     let yy = if nm <= 2 { ny - 1 } else { ny };

@@ -13,7 +13,9 @@ use axum::Json;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use keyless_core::vault::access::Op;
-use keyless_core::vault::policy::{self, KeySpec, Policy, ISSUER_KEYLESS, ISSUER_SELF, ISSUER_UNKNOWN};
+use keyless_core::vault::policy::{
+    self, KeySpec, Policy, ISSUER_KEYLESS, ISSUER_SELF, ISSUER_UNKNOWN,
+};
 use keyless_core::vault::route::Target;
 use keyless_core::vault::Coll;
 use keyless_pki::kv::{CertSpec, Curve, KeyType, KvKey};
@@ -103,7 +105,8 @@ pub fn load_state(s: &AppState, vault: &str, name: &str) -> Result<Option<CertSt
 }
 
 fn save_state(s: &AppState, vault: &str, name: &str, st: &CertState) -> Result<()> {
-    s.store.kv_set_extra(vault, "certificates", name, &json!(st))?;
+    s.store
+        .kv_set_extra(vault, "certificates", name, &json!(st))?;
     Ok(())
 }
 
@@ -186,12 +189,23 @@ fn triple(
 ) -> Result<Vec<KvVersionRecord>> {
     let info = keyless_pki::kv::cert_info(&chain[0])?;
     let exportable = p.exportable();
-    let kty = p.key_props.as_ref().and_then(|k| k.kty.clone()).unwrap_or_else(|| match key.key_type() {
-        KeyType::Rsa { .. } => "RSA".into(),
-        KeyType::Ec { .. } => "EC".into(),
-    });
-    let usage = p.x509_props.as_ref().and_then(|x| x.key_usage.clone()).unwrap_or_default();
-    let ops: Vec<String> = policy::key_ops(&usage).into_iter().map(str::to_string).collect();
+    let kty = p
+        .key_props
+        .as_ref()
+        .and_then(|k| k.kty.clone())
+        .unwrap_or_else(|| match key.key_type() {
+            KeyType::Rsa { .. } => "RSA".into(),
+            KeyType::Ec { .. } => "EC".into(),
+        });
+    let usage = p
+        .x509_props
+        .as_ref()
+        .and_then(|x| x.key_usage.clone())
+        .unwrap_or_default();
+    let ops: Vec<String> = policy::key_ops(&usage)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     let exported = exportable.then_some(key);
     let content_type = p.content_type().to_string();
     let secret_value = if content_type == policy::PEM {
@@ -233,23 +247,40 @@ fn triple(
 }
 
 fn latest_version(s: &AppState, vault: &str, name: &str) -> Result<Option<String>> {
-    Ok(s.store.kv_version(vault, "certificates", name, None)?.map(|v| v.version))
+    Ok(s.store
+        .kv_version(vault, "certificates", name, None)?
+        .map(|v| v.version))
 }
 
-/// Issue a new version of `name` from its policy (Self or Keyless issuer) and write it,
-/// provided the latest version is still `base_version`. Returns the new version, or `None`
-/// when someone else wrote first.
-pub async fn issue(
-    s: &AppState,
-    vault: &str,
-    name: &str,
-    p: &Policy,
-    enabled: bool,
-    tags: BTreeMap<String, String>,
-    base_version: Option<String>,
-    mut state: CertState,
-    reuse: Option<KvKey>,
-) -> Result<Option<String>> {
+/// What [`issue`] needs.
+pub struct Issue<'a> {
+    pub vault: &'a str,
+    pub name: &'a str,
+    pub policy: &'a Policy,
+    pub enabled: bool,
+    pub tags: BTreeMap<String, String>,
+    /// Write only if this is still the latest version.
+    pub base_version: Option<String>,
+    /// The certificate state to store with the new version (its pending op is completed).
+    pub state: CertState,
+    /// Reuse this key (policy `reuse_key`) instead of generating one.
+    pub reuse: Option<KvKey>,
+}
+
+/// Issue a new version of a certificate from its policy (Self or Keyless issuer) and write
+/// it, provided the latest version is still `base_version`. Returns the new version, or
+/// `None` when someone else wrote first.
+pub async fn issue(s: &AppState, req: Issue<'_>) -> Result<Option<String>> {
+    let Issue {
+        vault,
+        name,
+        policy: p,
+        enabled,
+        tags,
+        base_version,
+        mut state,
+        reuse,
+    } = req;
     let now = s.vault_clock.now();
     let key = match reuse {
         Some(k) => k,
@@ -267,7 +298,9 @@ pub async fn issue(
         .kv_name(vault, "certificates", name)?
         .map(|n| n.name)
         .unwrap_or_else(|| name.to_string());
-    let versions = triple(vault, &display, &version, now, p, &key, &chain, enabled, tags)?;
+    let versions = triple(
+        vault, &display, &version, now, p, &key, &chain, enabled, tags,
+    )?;
     if let Some(pe) = state.pending.as_mut() {
         pe.status = "completed".into();
         pe.target_version = Some(version.clone());
@@ -294,7 +327,20 @@ pub async fn complete(s: Arc<AppState>, vault: String, name: String, request_id:
         if pe.cancellation_requested {
             return Ok(());
         }
-        let written = issue(&s, &vault, &name, &p, pe.enabled.unwrap_or(true), pe.tags.clone(), pe.base_version.clone(), st.clone(), None).await?;
+        let written = issue(
+            &s,
+            Issue {
+                vault: &vault,
+                name: &name,
+                policy: &p,
+                enabled: pe.enabled.unwrap_or(true),
+                tags: pe.tags.clone(),
+                base_version: pe.base_version.clone(),
+                state: st.clone(),
+                reuse: None,
+            },
+        )
+        .await?;
         if written.is_none() {
             let mut st = load_state(&s, &vault, &name)?.unwrap_or_default();
             if let Some(cur) = st.pending.as_mut().filter(|c| c.request_id == request_id) {
@@ -311,7 +357,9 @@ pub async fn complete(s: Arc<AppState>, vault: String, name: String, request_id:
         if let Ok(Some(mut st)) = load_state(&s, &vault, &name) {
             if let Some(cur) = st.pending.as_mut().filter(|c| c.request_id == request_id) {
                 cur.status = "failed".into();
-                cur.error = Some(json!({"code": "InternalError", "message": "The certificate could not be issued."}));
+                cur.error = Some(
+                    json!({"code": "InternalError", "message": "The certificate could not be issued."}),
+                );
                 let _ = save_state(&s, &vault, &name, &st);
             }
         }
@@ -335,7 +383,14 @@ fn refuse_plain_objects(ctx: &Ctx<'_>, name: &str) -> Result<()> {
                 .kv_version(&ctx.vname, coll, name, None)?
                 .is_some_and(|v| v.managed);
             if !managed || n.deleted.is_some() {
-                return Err(ServerError::kv(409, "Conflict", format!("A {} named {name} already exists; certificate names cannot reuse it.", &coll[..coll.len() - 1])));
+                return Err(ServerError::kv(
+                    409,
+                    "Conflict",
+                    format!(
+                        "A {} named {name} already exists; certificate names cannot reuse it.",
+                        &coll[..coll.len() - 1]
+                    ),
+                ));
             }
         }
     }
@@ -350,7 +405,13 @@ fn decode_b64(s: &str) -> Option<Vec<u8>> {
         .or_else(|| URL_SAFE_NO_PAD.decode(t.trim_end_matches('=')).ok())
 }
 
-pub async fn handle(s: &Arc<AppState>, ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> Result<Response> {
+pub async fn handle(
+    s: &Arc<AppState>,
+    ctx: &Ctx<'_>,
+    m: &Method,
+    target: Target,
+    body: &[u8],
+) -> Result<Response> {
     if let Some(r) = common::<Certs>(ctx, m, &target)? {
         return Ok(r);
     }

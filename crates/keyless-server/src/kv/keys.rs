@@ -2,7 +2,9 @@
 //! rotate, the shared soft-delete operations, and the cryptographic operations. Private key
 //! material is sealed by the store and never returned.
 
-use super::{apply_attrs, bad, check_tags, common, method_not_allowed, parse_body, AttrsIn, Ctx, Render};
+use super::{
+    apply_attrs, bad, check_tags, common, method_not_allowed, parse_body, AttrsIn, Ctx, Render,
+};
 use crate::error::{Result, ServerError};
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
@@ -19,7 +21,16 @@ use std::collections::BTreeMap;
 
 pub struct Keys;
 
-const KEY_OPS: &[&str] = &["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "import", "export"];
+const KEY_OPS: &[&str] = &[
+    "encrypt",
+    "decrypt",
+    "sign",
+    "verify",
+    "wrapKey",
+    "unwrapKey",
+    "import",
+    "export",
+];
 
 impl Render for Keys {
     const COLL: Coll = Coll::Keys;
@@ -69,7 +80,14 @@ pub fn public_of(key: &KvKey, kty: &str, key_ops: &[String], exportable: bool) -
 
 fn default_ops(t: KeyType) -> Vec<String> {
     let ops: &[&str] = match t {
-        KeyType::Rsa { .. } => &["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
+        KeyType::Rsa { .. } => &[
+            "encrypt",
+            "decrypt",
+            "sign",
+            "verify",
+            "wrapKey",
+            "unwrapKey",
+        ],
         KeyType::Ec { .. } => &["sign", "verify"],
     };
     ops.iter().map(|s| s.to_string()).collect()
@@ -88,12 +106,19 @@ fn check_ops(ops: &[String]) -> Result<Vec<String>> {
 }
 
 /// The key type a create request asks for.
-fn key_type(kty: &str, size: Option<u32>, crv: Option<&str>, exponent: Option<u64>) -> Result<KeyType> {
+fn key_type(
+    kty: &str,
+    size: Option<u32>,
+    crv: Option<&str>,
+    exponent: Option<u64>,
+) -> Result<KeyType> {
     match kty {
         "RSA" | "RSA-HSM" => {
             let bits = size.unwrap_or(2048);
             if ![2048, 3072, 4096].contains(&bits) {
-                return Err(bad(format!("The key size {bits} is not supported; use 2048, 3072 or 4096.")));
+                return Err(bad(format!(
+                    "The key size {bits} is not supported; use 2048, 3072 or 4096."
+                )));
             }
             if exponent.is_some_and(|e| e != 65537) {
                 return Err(bad("Only the public exponent 65537 is supported."));
@@ -102,10 +127,16 @@ fn key_type(kty: &str, size: Option<u32>, crv: Option<&str>, exponent: Option<u6
         }
         "EC" | "EC-HSM" => {
             let c = crv.unwrap_or("P-256");
-            let curve = Curve::parse(c).ok_or_else(|| bad(format!("The curve '{c}' is not supported; use P-256, P-384 or P-521.")))?;
+            let curve = Curve::parse(c).ok_or_else(|| {
+                bad(format!(
+                    "The curve '{c}' is not supported; use P-256, P-384 or P-521."
+                ))
+            })?;
             Ok(KeyType::Ec { curve })
         }
-        "oct" | "oct-HSM" => Err(bad("Symmetric (oct) keys are only supported by Managed HSM.")),
+        "oct" | "oct-HSM" => Err(bad(
+            "Symmetric (oct) keys are only supported by Managed HSM.",
+        )),
         other => Err(bad(format!("The key type '{other}' is invalid."))),
     }
 }
@@ -114,7 +145,13 @@ fn key_type(kty: &str, size: Option<u32>, crv: Option<&str>, exponent: Option<u6
 pub async fn generate(t: KeyType) -> Result<KvKey> {
     tokio::task::spawn_blocking(move || KvKey::generate(t))
         .await
-        .map_err(|_| ServerError::kv(500, "InternalServerError", "Key generation was interrupted."))?
+        .map_err(|_| {
+            ServerError::kv(
+                500,
+                "InternalServerError",
+                "Key generation was interrupted.",
+            )
+        })?
         .map_err(ServerError::from)
 }
 
@@ -130,7 +167,9 @@ struct CreateBody {
 }
 
 fn b64(v: &Value, field: &str) -> Result<Vec<u8>> {
-    let s = v[field].as_str().ok_or_else(|| bad(format!("The parameter '{field}' is required.")))?;
+    let s = v[field]
+        .as_str()
+        .ok_or_else(|| bad(format!("The parameter '{field}' is required.")))?;
     let s = s.trim_end_matches('=');
     URL_SAFE_NO_PAD
         .decode(s)
@@ -139,13 +178,30 @@ fn b64(v: &Value, field: &str) -> Result<Vec<u8>> {
 }
 
 fn refuse_certificate_name(ctx: &Ctx<'_>, name: &str) -> Result<()> {
-    if ctx.s.store.kv_name(&ctx.vname, "certificates", name)?.is_some() {
-        return Err(ServerError::kv(409, "Conflict", format!("Key {name} is managed by a certificate of the same name.")));
+    if ctx
+        .s
+        .store
+        .kv_name(&ctx.vname, "certificates", name)?
+        .is_some()
+    {
+        return Err(ServerError::kv(
+            409,
+            "Conflict",
+            format!("Key {name} is managed by a certificate of the same name."),
+        ));
     }
     Ok(())
 }
 
-async fn write_new(ctx: &Ctx<'_>, name: &str, key: KvKey, kty: &str, ops: Vec<String>, attrs: AttrsIn, tags: BTreeMap<String, String>) -> Result<Response> {
+async fn write_new(
+    ctx: &Ctx<'_>,
+    name: &str,
+    key: KvKey,
+    kty: &str,
+    ops: Vec<String>,
+    attrs: AttrsIn,
+    tags: BTreeMap<String, String>,
+) -> Result<Response> {
     let mut v = ctx.new_version(Coll::Keys, name);
     if let Some(existing) = ctx.s.store.kv_name(&ctx.vname, "keys", name)? {
         v.name = existing.name;
@@ -154,7 +210,15 @@ async fn write_new(ctx: &Ctx<'_>, name: &str, key: KvKey, kty: &str, ops: Vec<St
     apply_attrs(&mut v, &attrs, true);
     v.public = public_of(&key, kty, &ops, attrs.exportable.unwrap_or(false));
     v.private = Some(key.pkcs8().to_vec());
-    ctx.write(Coll::Keys, name, &KvWrite { versions: vec![v.clone()], extra: None, expect_latest: None })?;
+    ctx.write(
+        Coll::Keys,
+        name,
+        &KvWrite {
+            versions: vec![v.clone()],
+            extra: None,
+            expect_latest: None,
+        },
+    )?;
     Ok(Json(Keys::bundle(ctx, &v, false)).into_response())
 }
 
@@ -168,7 +232,9 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             ctx.authorize(Coll::Keys, Op::Create, Some(&name))?;
             let b: CreateBody = parse_body(body)?;
             check_tags(&b.tags)?;
-            let kty = b.kty.ok_or_else(|| bad("The parameter 'kty' is required."))?;
+            let kty = b
+                .kty
+                .ok_or_else(|| bad("The parameter 'kty' is required."))?;
             let t = key_type(&kty, b.key_size, b.crv.as_deref(), b.public_exponent)?;
             let ops = match b.key_ops {
                 Some(o) => check_ops(&o)?,
@@ -176,23 +242,53 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             };
             refuse_certificate_name(ctx, &name)?;
             let key = generate(t).await?;
-            write_new(ctx, &name, key, &kty, ops, b.attributes.unwrap_or_default(), b.tags.unwrap_or_default()).await
+            write_new(
+                ctx,
+                &name,
+                key,
+                &kty,
+                ops,
+                b.attributes.unwrap_or_default(),
+                b.tags.unwrap_or_default(),
+            )
+            .await
         }
         (&Method::POST, Target::KeyRotate(name)) => {
             ctx.name(Coll::Keys, &name)?;
             ctx.authorize(Coll::Keys, Op::Rotate, Some(&name))?;
             let cur = ctx.live_version(Coll::Keys, &name, None)?;
             if cur.managed {
-                return Err(ServerError::kv(403, "Forbidden", format!("Key {name} is managed by a certificate; renew the certificate instead.")));
+                return Err(ServerError::kv(
+                    403,
+                    "Forbidden",
+                    format!(
+                        "Key {name} is managed by a certificate; renew the certificate instead."
+                    ),
+                ));
             }
             let t = KvKey::from_pkcs8(cur.private.as_deref().unwrap_or_default())?.key_type();
             let key = generate(t).await?;
-            let ops: Vec<String> = serde_json::from_value(cur.public["key_ops"].clone()).unwrap_or_default();
-            let kty = cur.public["jwk"]["kty"].as_str().unwrap_or("RSA").to_string();
-            let attrs = AttrsIn { exportable: cur.public["exportable"].as_bool(), ..Default::default() };
+            let ops: Vec<String> =
+                serde_json::from_value(cur.public["key_ops"].clone()).unwrap_or_default();
+            let kty = cur.public["jwk"]["kty"]
+                .as_str()
+                .unwrap_or("RSA")
+                .to_string();
+            let attrs = AttrsIn {
+                exportable: cur.public["exportable"].as_bool(),
+                ..Default::default()
+            };
             write_new(ctx, &name, key, &kty, ops, attrs, cur.tags.clone()).await
         }
-        (&Method::PUT, Target::Object { name, version: None, slash: false, .. }) => {
+        (
+            &Method::PUT,
+            Target::Object {
+                name,
+                version: None,
+                slash: false,
+                ..
+            },
+        ) => {
             ctx.name(Coll::Keys, &name)?;
             ctx.authorize(Coll::Keys, Op::Import, Some(&name))?;
             #[derive(serde::Deserialize)]
@@ -204,19 +300,38 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             }
             let b: ImportBody = parse_body(body)?;
             check_tags(&b.tags)?;
-            let jwk = b.key.ok_or_else(|| bad("The parameter 'key' is required."))?;
+            let jwk = b
+                .key
+                .ok_or_else(|| bad("The parameter 'key' is required."))?;
             let key = KvKey::from_jwk(&jwk).map_err(|e| bad(format!("The key is invalid: {e}")))?;
             let base = match key.key_type() {
                 KeyType::Rsa { .. } => "RSA",
                 KeyType::Ec { .. } => "EC",
             };
-            let kty = if b.hsm == Some(true) { format!("{base}-HSM") } else { base.to_string() };
+            let kty = if b.hsm == Some(true) {
+                format!("{base}-HSM")
+            } else {
+                base.to_string()
+            };
             let ops = match jwk["key_ops"].as_array() {
-                Some(a) => check_ops(&a.iter().filter_map(|o| o.as_str().map(str::to_string)).collect::<Vec<_>>())?,
+                Some(a) => check_ops(
+                    &a.iter()
+                        .filter_map(|o| o.as_str().map(str::to_string))
+                        .collect::<Vec<_>>(),
+                )?,
                 None => default_ops(key.key_type()),
             };
             refuse_certificate_name(ctx, &name)?;
-            write_new(ctx, &name, key, &kty, ops, b.attributes.unwrap_or_default(), b.tags.unwrap_or_default()).await
+            write_new(
+                ctx,
+                &name,
+                key,
+                &kty,
+                ops,
+                b.attributes.unwrap_or_default(),
+                b.tags.unwrap_or_default(),
+            )
+            .await
         }
         (&Method::GET, Target::Object { name, version, .. }) => {
             ctx.name(Coll::Keys, &name)?;
@@ -237,7 +352,13 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             check_tags(&b.tags)?;
             let mut v = ctx.live_version(Coll::Keys, &name, version.as_deref())?;
             if v.managed {
-                return Err(ServerError::kv(403, "Forbidden", format!("Key {name} is managed by a certificate; update the certificate instead.")));
+                return Err(ServerError::kv(
+                    403,
+                    "Forbidden",
+                    format!(
+                        "Key {name} is managed by a certificate; update the certificate instead."
+                    ),
+                ));
             }
             if let Some(o) = b.key_ops {
                 v.public["key_ops"] = json!(check_ops(&o)?);
@@ -264,30 +385,53 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             let b: Value = parse_body(body)?;
             let v = ctx.live_version(Coll::Keys, &name, version.as_deref())?;
             if !v.enabled {
-                return Err(ServerError::kv_inner(403, "Forbidden", "KeyDisabled", format!("Operation {wire} is not allowed on a disabled key.")));
+                return Err(ServerError::kv_inner(
+                    403,
+                    "Forbidden",
+                    "KeyDisabled",
+                    format!("Operation {wire} is not allowed on a disabled key."),
+                ));
             }
-            let allowed = v.public["key_ops"].as_array().is_some_and(|a| a.iter().any(|o| o.as_str().is_some_and(|o| o.eq_ignore_ascii_case(wire))));
+            let allowed = v.public["key_ops"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|o| o.as_str().is_some_and(|o| o.eq_ignore_ascii_case(wire)))
+            });
             if !allowed {
-                return Err(bad(format!("Operation {wire} is not permitted on this key (key_ops).")));
+                return Err(bad(format!(
+                    "Operation {wire} is not permitted on this key (key_ops)."
+                )));
             }
-            let alg = b["alg"].as_str().ok_or_else(|| bad("The parameter 'alg' is required."))?.to_string();
+            let alg = b["alg"]
+                .as_str()
+                .ok_or_else(|| bad("The parameter 'alg' is required."))?
+                .to_string();
             let key = KvKey::from_pkcs8(v.private.as_deref().unwrap_or_default())?;
             let kid = ctx.id(Coll::Keys, &v.name, Some(&v.version));
-            let crypto = |r: std::result::Result<Vec<u8>, keyless_pki::PkiError>| r.map_err(|e| bad(format!("The {wire} operation failed: {e}")));
+            let crypto = |r: std::result::Result<Vec<u8>, keyless_pki::PkiError>| {
+                r.map_err(|e| bad(format!("The {wire} operation failed: {e}")))
+            };
             let out = match op {
-                KeyOp::Sign => json!({"kid": kid, "value": URL_SAFE_NO_PAD.encode(crypto(key.sign(&alg, &b64(&b, "value")?))?)}),
+                KeyOp::Sign => {
+                    json!({"kid": kid, "value": URL_SAFE_NO_PAD.encode(crypto(key.sign(&alg, &b64(&b, "value")?))?)})
+                }
                 KeyOp::Verify => {
-                    let ok = key.verify(&alg, &b64(&b, "digest")?, &b64(&b, "value")?).map_err(|e| bad(format!("The verify operation failed: {e}")))?;
+                    let ok = key
+                        .verify(&alg, &b64(&b, "digest")?, &b64(&b, "value")?)
+                        .map_err(|e| bad(format!("The verify operation failed: {e}")))?;
                     json!({"value": ok})
                 }
-                KeyOp::Encrypt | KeyOp::WrapKey => json!({"kid": kid, "value": URL_SAFE_NO_PAD.encode(crypto(key.encrypt(&alg, &b64(&b, "value")?))?)}),
-                KeyOp::Decrypt | KeyOp::UnwrapKey => json!({"kid": kid, "value": URL_SAFE_NO_PAD.encode(crypto(key.decrypt(&alg, &b64(&b, "value")?))?)}),
+                KeyOp::Encrypt | KeyOp::WrapKey => {
+                    json!({"kid": kid, "value": URL_SAFE_NO_PAD.encode(crypto(key.encrypt(&alg, &b64(&b, "value")?))?)})
+                }
+                KeyOp::Decrypt | KeyOp::UnwrapKey => {
+                    json!({"kid": kid, "value": URL_SAFE_NO_PAD.encode(crypto(key.decrypt(&alg, &b64(&b, "value")?))?)})
+                }
             };
             Ok(Json(out).into_response())
         }
-        (_, Target::KeyRotationPolicy(_) | Target::Backup(..) | Target::Restore(_)) => {
-            Err(bad("Key rotation policies, backup and restore are not supported by this Keyless version."))
-        }
+        (_, Target::KeyRotationPolicy(_) | Target::Backup(..) | Target::Restore(_)) => Err(bad(
+            "Key rotation policies, backup and restore are not supported by this Keyless version.",
+        )),
         (m, _) => Err(method_not_allowed(m)),
     }
 }

@@ -79,7 +79,10 @@ pub async fn handle(s: Arc<AppState>, vault: String, req: Request) -> Response {
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         h.insert("x-ms-request-id", v);
     }
-    h.insert("x-ms-keyvault-service-version", HeaderValue::from_static("1.9.0.0"));
+    h.insert(
+        "x-ms-keyvault-service-version",
+        HeaderValue::from_static("1.9.0.0"),
+    );
     h.insert("x-ms-keyvault-region", HeaderValue::from_static("local"));
     if let Some(c) = client_request_id {
         h.insert("x-ms-client-request-id", c);
@@ -139,10 +142,16 @@ fn authenticate(s: &AppState, headers: &HeaderMap, resource: &str) -> Result<Cal
     let token = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .ok_or_else(|| {
-            unauthorized(&challenge, "AKV10000: Request is missing a Bearer or PoP token.")
+            unauthorized(
+                &challenge,
+                "AKV10000: Request is missing a Bearer or PoP token.",
+            )
         })?;
     let claims = crate::tokens::verify(s, token, &audiences(resource)).map_err(|e| {
         let m = match e {
@@ -158,10 +167,19 @@ fn authenticate(s: &AppState, headers: &HeaderMap, resource: &str) -> Result<Cal
         };
         unauthorized(&challenge, m)
     })?;
-    let str_claim = |k: &str| claims.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let str_claim = |k: &str| {
+        claims
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     let object_id = str_claim("oid").to_ascii_lowercase();
     if object_id.is_empty() {
-        return Err(unauthorized(&challenge, "AKV10000: The token has no oid claim."));
+        return Err(unauthorized(
+            &challenge,
+            "AKV10000: The token has no oid claim.",
+        ));
     }
     Ok(Caller {
         object_id,
@@ -185,10 +203,16 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request) -> Result<Response>
     let resource = format!("https://vault.{}{port}", s.cfg.vault_domain);
     let caller = authenticate(s, &parts.headers, &resource)?;
 
-    let query: Vec<(String, String)> =
-        serde_urlencoded::from_str(parts.uri.query().unwrap_or("")).map_err(|_| bad("The query string is malformed."))?;
-    let q = |k: &str| query.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
-    let api_version = q("api-version").ok_or_else(|| bad("The api-version query parameter is required."))?;
+    let query: Vec<(String, String)> = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
+        .map_err(|_| bad("The query string is malformed."))?;
+    let q = |k: &str| {
+        query
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.clone())
+    };
+    let api_version =
+        q("api-version").ok_or_else(|| bad("The api-version query parameter is required."))?;
     if !kvrules::data_api_version_ok(&api_version) {
         return Err(bad(format!(
             "The specified version ({api_version}) is not recognized. Consider using the latest supported version ({}).",
@@ -196,15 +220,27 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request) -> Result<Response>
         )));
     }
     let path = parts.uri.path().to_string();
-    let target = route::parse(&path)
-        .ok_or_else(|| ServerError::kv(404, "NotFound", format!("The path '{path}' is not served by this vault.")))?;
-    let rec = s
-        .store
-        .get_vault_by_name(vault)?
-        .ok_or_else(|| ServerError::kv(404, "VaultNotFound", format!("The vault '{vault}' does not exist.")))?;
-    let body = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| ServerError::kv(413, "RequestTooLarge", format!("The request body exceeds {MAX_BODY} bytes.")))?;
+    let target = route::parse(&path).ok_or_else(|| {
+        ServerError::kv(
+            404,
+            "NotFound",
+            format!("The path '{path}' is not served by this vault."),
+        )
+    })?;
+    let rec = s.store.get_vault_by_name(vault)?.ok_or_else(|| {
+        ServerError::kv(
+            404,
+            "VaultNotFound",
+            format!("The vault '{vault}' does not exist."),
+        )
+    })?;
+    let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        ServerError::kv(
+            413,
+            "RequestTooLarge",
+            format!("The request body exceeds {MAX_BODY} bytes."),
+        )
+    })?;
     let ctx = Ctx {
         s,
         settings: VaultSettings::of(&rec),
@@ -240,12 +276,17 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request) -> Result<Response>
 }
 
 pub fn method_not_allowed(m: &Method) -> ServerError {
-    ServerError::kv(405, "MethodNotAllowed", format!("The method {m} is not allowed on this path."))
+    ServerError::kv(
+        405,
+        "MethodNotAllowed",
+        format!("The method {m} is not allowed on this path."),
+    )
 }
 
 /// Parse a JSON object body; 400 `BadParameter` otherwise.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| bad(format!("The request body is not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("The request body is not valid JSON: {e}")))?;
     if !v.is_object() {
         return Err(bad("The request body must be a JSON object."));
     }
@@ -266,8 +307,12 @@ pub fn check_tags(tags: &Option<std::collections::BTreeMap<String, String>>) -> 
         if t.len() > 15 {
             return Err(bad("An object can have at most 15 tags."));
         }
-        if t.iter().any(|(k, v)| k.is_empty() || k.len() > 512 || v.len() > 256) {
-            return Err(bad("Tag names must be 1-512 characters and tag values at most 256 characters."));
+        if t.iter()
+            .any(|(k, v)| k.is_empty() || k.len() > 512 || v.len() > 256)
+        {
+            return Err(bad(
+                "Tag names must be 1-512 characters and tag values at most 256 characters.",
+            ));
         }
     }
     Ok(())
@@ -400,7 +445,11 @@ impl<'a> Ctx<'a> {
     }
 
     pub fn deleted_not_found(&self, coll: Coll, name: &str) -> ServerError {
-        ServerError::kv(404, not_found_code(coll), format!("Deleted {} not found: {name}", coll.noun()))
+        ServerError::kv(
+            404,
+            not_found_code(coll),
+            format!("Deleted {} not found: {name}", coll.noun()),
+        )
     }
 
     pub fn is_deleted_conflict(&self, coll: Coll, name: &str) -> ServerError {
@@ -417,7 +466,12 @@ impl<'a> Ctx<'a> {
     }
 
     /// A live version (`None`: latest), or 404.
-    pub fn live_version(&self, coll: Coll, name: &str, version: Option<&str>) -> Result<KvVersionRecord> {
+    pub fn live_version(
+        &self,
+        coll: Coll,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<KvVersionRecord> {
         let n = self.s.store.kv_name(&self.vname, coll.path(), name)?;
         if n.as_ref().is_none_or(|n| n.deleted.is_some()) {
             return Err(self.not_found(coll, name, version));
@@ -440,7 +494,12 @@ impl<'a> Ctx<'a> {
     }
 
     /// A page of `items` (already sorted by `key`) as `{"value":[…],"nextLink":…}`.
-    pub fn page<T>(&self, items: &[T], key: impl Fn(&T) -> String, render: impl Fn(&T) -> Value) -> Result<Response> {
+    pub fn page<T>(
+        &self,
+        items: &[T],
+        key: impl Fn(&T) -> String,
+        render: impl Fn(&T) -> Value,
+    ) -> Result<Response> {
         let size = paging::page_size(self.q("maxresults")).map_err(bad)?;
         let after = match self.q("$skiptoken") {
             Some(t) => Some(paging::decode_token(t).map_err(bad)?),
@@ -462,7 +521,10 @@ impl<'a> Ctx<'a> {
                 serde_urlencoded::to_string(q).unwrap_or_default()
             )
         });
-        Ok(Json(json!({"value": slice.iter().map(render).collect::<Vec<_>>(), "nextLink": next_link})).into_response())
+        Ok(Json(
+            json!({"value": slice.iter().map(render).collect::<Vec<_>>(), "nextLink": next_link}),
+        )
+        .into_response())
     }
 
     pub fn new_version(&self, coll: Coll, name: &str) -> KvVersionRecord {
@@ -485,7 +547,13 @@ impl<'a> Ctx<'a> {
     }
 
     /// Deleted-object fields (`recoveryId`, `deletedDate`, `scheduledPurgeDate`).
-    pub fn deleted_fields(&self, coll: Coll, name: &str, deleted: Option<(u64, u64)>, out: &mut Value) {
+    pub fn deleted_fields(
+        &self,
+        coll: Coll,
+        name: &str,
+        deleted: Option<(u64, u64)>,
+        out: &mut Value,
+    ) {
         if let Some((d, p)) = deleted {
             out["recoveryId"] = json!(kvrules::recovery_id(&self.base, coll, name));
             out["deletedDate"] = json!(d);
@@ -523,7 +591,11 @@ fn cascade(coll: Coll) -> Vec<&'static str> {
 /// Refuse direct deletes of a certificate's key or secret.
 fn refuse_managed(ctx: &Ctx<'_>, coll: Coll, name: &str, op: &str) -> Result<()> {
     if coll != Coll::Certificates
-        && ctx.s.store.kv_name(&ctx.vname, "certificates", name)?.is_some()
+        && ctx
+            .s
+            .store
+            .kv_name(&ctx.vname, "certificates", name)?
+            .is_some()
     {
         return Err(ServerError::kv(
             403,
@@ -543,7 +615,11 @@ pub fn common<R: Render>(ctx: &Ctx<'_>, m: &Method, target: &Target) -> Result<O
         (&Method::GET, Target::List(_)) => {
             ctx.authorize(coll, Op::List, None)?;
             let items = store.kv_latest(&ctx.vname, coll.path(), false)?;
-            ctx.page(&items, |v| v.name.to_ascii_lowercase(), |v| R::item(ctx, v, false))?
+            ctx.page(
+                &items,
+                |v| v.name.to_ascii_lowercase(),
+                |v| R::item(ctx, v, false),
+            )?
         }
         (&Method::GET, Target::Versions(_, name)) => {
             ctx.name(coll, name)?;
@@ -551,9 +627,21 @@ pub fn common<R: Render>(ctx: &Ctx<'_>, m: &Method, target: &Target) -> Result<O
             ctx.live_version(coll, name, None)?;
             let items = store.kv_versions(&ctx.vname, coll.path(), name)?;
             let indexed: Vec<(usize, KvVersionRecord)> = items.into_iter().enumerate().collect();
-            ctx.page(&indexed, |(i, _)| format!("{i:010}"), |(_, v)| R::item(ctx, v, true))?
+            ctx.page(
+                &indexed,
+                |(i, _)| format!("{i:010}"),
+                |(_, v)| R::item(ctx, v, true),
+            )?
         }
-        (&Method::DELETE, Target::Object { name, version: None, slash: false, .. }) => {
+        (
+            &Method::DELETE,
+            Target::Object {
+                name,
+                version: None,
+                slash: false,
+                ..
+            },
+        ) => {
             ctx.name(coll, name)?;
             ctx.authorize(coll, Op::Delete, Some(name))?;
             let latest = ctx.live_version(coll, name, None)?;
@@ -569,12 +657,19 @@ pub fn common<R: Render>(ctx: &Ctx<'_>, m: &Method, target: &Target) -> Result<O
             ctx.authorize(coll, Op::List, None)?;
             let names = store.kv_names(&ctx.vname, coll.path(), true)?;
             let items = store.kv_latest(&ctx.vname, coll.path(), true)?;
-            ctx.page(&items, |v| v.name.to_ascii_lowercase(), |v| {
-                let mut out = R::item(ctx, v, false);
-                let d = names.iter().find(|n| n.name.eq_ignore_ascii_case(&v.name)).and_then(|n| n.deleted);
-                ctx.deleted_fields(coll, &v.name, d, &mut out);
-                out
-            })?
+            ctx.page(
+                &items,
+                |v| v.name.to_ascii_lowercase(),
+                |v| {
+                    let mut out = R::item(ctx, v, false);
+                    let d = names
+                        .iter()
+                        .find(|n| n.name.eq_ignore_ascii_case(&v.name))
+                        .and_then(|n| n.deleted);
+                    ctx.deleted_fields(coll, &v.name, d, &mut out);
+                    out
+                },
+            )?
         }
         (&Method::GET, Target::DeletedItem(_, name)) => {
             ctx.name(coll, name)?;
@@ -656,12 +751,15 @@ pub async fn advance_clock(
         advance_seconds: u64,
     }
     let b: Advance = crate::arm::parse_body(&body)?;
-    let now = s.vault_clock.advance(b.advance_seconds).ok_or_else(|| {
-        ServerError::InvalidParameter {
-            message: "The Key Vault clock is fixed; start the server with --dev-clock to move it.".into(),
-            target: None,
-        }
-    })?;
+    let now =
+        s.vault_clock
+            .advance(b.advance_seconds)
+            .ok_or_else(|| ServerError::InvalidParameter {
+                message:
+                    "The Key Vault clock is fixed; start the server with --dev-clock to move it."
+                        .into(),
+                target: None,
+            })?;
     let report = renew::run_once(&s).await?;
     Ok(Json(json!({"now": now, "renewed": report.renewed, "notified": report.notified, "purged": report.purged})).into_response())
 }

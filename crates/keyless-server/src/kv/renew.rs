@@ -33,17 +33,37 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
     };
     for n in s.store.kv_all_names("certificates")? {
         let st: CertState = serde_json::from_value(n.extra.clone()).unwrap_or_default();
-        let Some(policy) = st.policy.clone() else { continue };
+        let Some(policy) = st.policy.clone() else {
+            continue;
+        };
         if let Some(pe) = st.pending.as_ref().filter(|p| p.status == "inProgress") {
-            if pe.issuer != ISSUER_UNKNOWN && !pe.cancellation_requested && s.now() > pe.started + RESUME_AFTER {
+            if pe.issuer != ISSUER_UNKNOWN
+                && !pe.cancellation_requested
+                && s.now() > pe.started + RESUME_AFTER
+            {
                 tracing::info!(vault = %n.vault, certificate = %n.name, "resuming certificate issuance");
-                certs::complete(s.clone(), n.vault.clone(), n.name.clone(), pe.request_id.clone()).await;
+                certs::complete(
+                    s.clone(),
+                    n.vault.clone(),
+                    n.name.clone(),
+                    pe.request_id.clone(),
+                )
+                .await;
             }
             continue;
         }
-        let Some(latest) = s.store.kv_version(&n.vault, "certificates", &n.name, None)? else { continue };
-        let (Some(nbf), Some(exp)) = (latest.nbf, latest.exp) else { continue };
-        let Some((due, kind)) = policy.due(nbf, exp) else { continue };
+        let Some(latest) = s
+            .store
+            .kv_version(&n.vault, "certificates", &n.name, None)?
+        else {
+            continue;
+        };
+        let (Some(nbf), Some(exp)) = (latest.nbf, latest.exp) else {
+            continue;
+        };
+        let Some((due, kind)) = policy.due(nbf, exp) else {
+            continue;
+        };
         if now < due {
             continue;
         }
@@ -69,14 +89,16 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
             st2.events.push(json!({"type": "CertificateNewVersionCreated", "renewedVersion": latest.version, "at": now}));
             let written = certs::issue(
                 s,
-                &n.vault,
-                &n.name,
-                &policy,
-                true,
-                latest.tags.clone(),
-                Some(latest.version.clone()),
-                st2,
-                reuse,
+                certs::Issue {
+                    vault: &n.vault,
+                    name: &n.name,
+                    policy: &policy,
+                    enabled: true,
+                    tags: latest.tags.clone(),
+                    base_version: Some(latest.version.clone()),
+                    state: st2,
+                    reuse,
+                },
             )
             .await?;
             if let Some(v) = written {
@@ -90,7 +112,8 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
             if !seen {
                 let mut st2 = st.clone();
                 st2.events.push(json!({"type": "CertificateNearExpiry", "version": latest.version, "expires": exp, "at": now}));
-                s.store.kv_set_extra(&n.vault, "certificates", &n.name, &json!(st2))?;
+                s.store
+                    .kv_set_extra(&n.vault, "certificates", &n.name, &json!(st2))?;
                 report.notified += 1;
                 tracing::info!(vault = %n.vault, certificate = %n.name, expires = exp, "certificate near expiry: contacts notified");
             }

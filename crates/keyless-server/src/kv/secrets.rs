@@ -1,7 +1,10 @@
 //! Secrets: set, get (latest / version), update, list, versions, and the shared soft-delete
 //! operations. Values are sealed by the store; a certificate's secret is read-only here.
 
-use super::{apply_attrs, bad, check_tags, common, method_not_allowed, parse_body, AttrsIn, Ctx, Render, MAX_SECRET_VALUE};
+use super::{
+    apply_attrs, bad, check_tags, common, method_not_allowed, parse_body, AttrsIn, Ctx, Render,
+    MAX_SECRET_VALUE,
+};
 use crate::error::{Result, ServerError};
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
@@ -24,7 +27,9 @@ impl Render for Secrets {
             "attributes": ctx.attributes(v),
         });
         if value {
-            out["value"] = json!(String::from_utf8_lossy(v.private.as_deref().unwrap_or_default()));
+            out["value"] = json!(String::from_utf8_lossy(
+                v.private.as_deref().unwrap_or_default()
+            ));
         }
         common_fields(ctx, v, &mut out);
         out
@@ -75,17 +80,34 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
         return Ok(r);
     }
     match (m, target) {
-        (&Method::PUT, Target::Object { name, version: None, slash: false, .. }) => {
+        (
+            &Method::PUT,
+            Target::Object {
+                name,
+                version: None,
+                slash: false,
+                ..
+            },
+        ) => {
             ctx.name(Coll::Secrets, &name)?;
             ctx.authorize(Coll::Secrets, Op::Set, Some(&name))?;
             let b: SetBody = parse_body(body)?;
-            let value = b.value.ok_or_else(|| bad("The secret value is required."))?;
+            let value = b
+                .value
+                .ok_or_else(|| bad("The secret value is required."))?;
             if value.len() > MAX_SECRET_VALUE {
-                return Err(bad(format!("The secret value exceeds the maximum size of {MAX_SECRET_VALUE} bytes.")));
+                return Err(bad(format!(
+                    "The secret value exceeds the maximum size of {MAX_SECRET_VALUE} bytes."
+                )));
             }
             check_content_type(&b.content_type)?;
             check_tags(&b.tags)?;
-            if ctx.s.store.kv_name(&ctx.vname, "certificates", &name)?.is_some() {
+            if ctx
+                .s
+                .store
+                .kv_name(&ctx.vname, "certificates", &name)?
+                .is_some()
+            {
                 return Err(ServerError::kv(
                     409,
                     "Conflict",
@@ -100,7 +122,15 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             v.tags = b.tags.unwrap_or_default();
             apply_attrs(&mut v, &b.attributes.unwrap_or_default(), true);
             v.private = Some(value.into_bytes());
-            ctx.write(Coll::Secrets, &name, &KvWrite { versions: vec![v.clone()], extra: None, expect_latest: None })?;
+            ctx.write(
+                Coll::Secrets,
+                &name,
+                &KvWrite {
+                    versions: vec![v.clone()],
+                    extra: None,
+                    expect_latest: None,
+                },
+            )?;
             Ok(Json(Secrets::bundle(ctx, &v, true)).into_response())
         }
         (&Method::GET, Target::Object { name, version, .. }) => {
@@ -108,7 +138,12 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             ctx.authorize(Coll::Secrets, Op::Get, Some(&name))?;
             let v = ctx.live_version(Coll::Secrets, &name, version.as_deref())?;
             if !v.enabled {
-                return Err(ServerError::kv_inner(403, "Forbidden", "SecretDisabled", "Operation get is not allowed on a disabled secret."));
+                return Err(ServerError::kv_inner(
+                    403,
+                    "Forbidden",
+                    "SecretDisabled",
+                    "Operation get is not allowed on a disabled secret.",
+                ));
             }
             Ok(Json(Secrets::bundle(ctx, &v, true)).into_response())
         }
@@ -140,7 +175,9 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             ctx.s.store.kv_update_version(&v)?;
             Ok(Json(Secrets::bundle(ctx, &v, false)).into_response())
         }
-        (_, Target::Backup(..) | Target::Restore(_)) => Err(bad("Backup and restore of secrets are not supported by this Keyless version.")),
+        (_, Target::Backup(..) | Target::Restore(_)) => Err(bad(
+            "Backup and restore of secrets are not supported by this Keyless version.",
+        )),
         (m, _) => Err(method_not_allowed(m)),
     }
 }
