@@ -246,6 +246,26 @@ async function secrets() {
   return out;
 }
 
+async function backup() {
+  const client = new SecretClient(args.url, credential());
+  const out = {};
+  await client.setSecret("backed-up", "v1", { contentType: "text/plain", tags: { k: "v" } });
+  await client.setSecret("backed-up", "v2");
+  out.backup = await attempt(async () => (await client.backupSecret("backed-up"))?.length ?? 0);
+  if (!out.backup.ok) return out;
+  const blob = await client.backupSecret("backed-up");
+  out.restoreExisting = await attempt(async () => (await client.restoreSecretBackup(blob)).name);
+  await (await client.beginDeleteSecret("backed-up")).pollUntilDone();
+  await client.purgeDeletedSecret("backed-up");
+  out.restore = await attempt(async () => {
+    const p = await client.restoreSecretBackup(blob);
+    return { name: p.name, contentType: p.contentType, tags: p.tags };
+  });
+  out.afterRestore = await attempt(async () => (await client.getSecret("backed-up")).value);
+  out.versionsAfterRestore = (await collect(client.listPropertiesOfSecretVersions("backed-up"))).length;
+  return out;
+}
+
 async function certs() {
   const cred = credential();
   const cc = new CertificateClient(args.url, cred);
@@ -430,7 +450,7 @@ async function seed() {
   return { version: s.properties.version };
 }
 
-const scenarios = { secrets, certs, renew, keys, refused, seed };
+const scenarios = { secrets, backup, certs, renew, keys, refused, seed };
 
 async function main() {
   const fn = scenarios[args.scenario];

@@ -54,7 +54,7 @@ def secrets(args):
     out["updated"] = {"enabled": p.enabled, "tags": p.tags}
     out["disabled_get"] = attempt(lambda: c.get_secret("db-pass").value)
     c.update_secret_properties("db-pass", s2.properties.version, enabled=True)
-    for i in range(30):
+    for i in range(27):
         c.set_secret(f"bulk-{i:02d}", str(i))
     out["listed"] = sorted(p.name for p in c.list_properties_of_secrets())
     pages = c.list_properties_of_secrets(max_page_size=7).by_page()
@@ -72,6 +72,14 @@ def secrets(args):
     c.purge_deleted_secret("bulk-02")
     out["after_purge"] = attempt(lambda: c.get_deleted_secret("bulk-02").name)
     out["reuse_after_purge"] = c.set_secret("bulk-02", "fresh").value
+    import datetime
+    now = datetime.datetime.now(datetime.timezone.utc)
+    c.set_secret("expired", "old", expires_on=now - datetime.timedelta(hours=1))
+    c.set_secret("future", "later", not_before=now + datetime.timedelta(days=1))
+    c.set_secret("current", "now", not_before=now - datetime.timedelta(hours=1), expires_on=now + datetime.timedelta(days=1))
+    out["expired"] = attempt(lambda: c.get_secret("expired").value)
+    out["not_yet_valid"] = attempt(lambda: c.get_secret("future").value)
+    out["in_window"] = c.get_secret("current").value
     out["bad_name"] = attempt(lambda: c.set_secret("bad_name!", "x").id)
     out["missing"] = attempt(lambda: c.get_secret("does-not-exist").value)
     return out

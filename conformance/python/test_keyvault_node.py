@@ -8,7 +8,7 @@ What it proves (each test has its own vault; node does the work in conformance/n
 and reports what it observed, this file asserts on it):
 * secrets: set (contentType, tags) / get latest + by version / disable → 403 / re-enable / list with
   paging past 25 and byPage({maxPageSize: 10}) / versions / delete poller → deleted → 409 on reuse →
-  recover poller → purge (204) → 404;
+  recover poller → purge (204) → 404; backup/restore (xfail while the server answers 400);
 * certificates: create (Self, RSA, PKCS#12 → loadable by node tls) and (Keyless CA, EC P-256, PEM with
   SANs → leaf verifies against the Keyless CA), import of raw PEM text (issuer "Unknown"),
   policy update of lifetime actions, list / versions, delete poller → deleted → recover poller;
@@ -146,6 +146,22 @@ def test_node_secrets(kv):
     assert out["getMissingVersion"]["statusCode"] == 404
 
 
+def test_node_secret_backup_restore(kv):
+    """Spec §10.1 lists backup/restore; the server currently refuses it (400 BadParameter)."""
+    vault = vault_name("nbak")
+    kv.create_vault(vault, principals=[system_oid(kv)])
+    out = kv.node("backup", vault)
+    b = out["backup"]
+    if not b["ok"] and b["statusCode"] == 400 and "not supported" in b["message"]:
+        pytest.xfail(f"server: POST /secrets/{{name}}/backup -> 400 BadParameter: {b['message']}")
+    assert b["ok"] and b["value"] > 0, b
+    # restoring over a live secret is refused with 409; after purge it brings back every version
+    assert out["restoreExisting"]["ok"] is False and out["restoreExisting"]["statusCode"] == 409, out["restoreExisting"]
+    assert out["restore"]["ok"] and out["restore"]["value"]["name"] == "backed-up", out["restore"]
+    assert out["afterRestore"] == {"ok": True, "value": "v2"}, out["afterRestore"]
+    assert out["versionsAfterRestore"] == 2
+
+
 # ---------------------------------------------------------------- certificates
 
 def test_node_certificates(kv):
@@ -179,7 +195,8 @@ def test_node_certificates(kv):
     reqs = out["createRequests"]
     assert reqs[:2] == ["POST /certificates/self-pfx/create -> 401", "POST /certificates/self-pfx/create -> 202"], reqs
     assert any(r.startswith("GET /certificates/self-pfx/pending") for r in reqs), reqs
-    assert reqs[-1].startswith("GET /certificates/self-pfx/") and reqs[-1].endswith("-> 200"), reqs
+    assert reqs[-1] == "GET /certificates/self-pfx/ -> 200", reqs
+    assert all(r.endswith("-> 200") for r in reqs[2:]), reqs
 
     # Keyless CA / EC / PEM
     e = out["ec"]
@@ -266,6 +283,11 @@ def test_node_certificate_autorenew(kv):
     s2 = second["secret"]
     assert s2["version"] == c2["version"] and s2["leafSha1"] == c2["thumbprint"], s2
     assert s2["leafVerifiedByCa"] is True and s2["keyMatchesLeaf"] is True
+    assert s2["keyId"] == c2["keyId"] == c2["keyId"].rsplit("/", 1)[0] + "/" + c2["version"]
+    # the renewal was issued at the (advanced) Key Vault clock: ~25 days after the first version
+    nb1 = datetime.datetime.fromisoformat(c1["notBefore"].replace("Z", "+00:00"))
+    nb2 = datetime.datetime.fromisoformat(c2["notBefore"].replace("Z", "+00:00"))
+    assert datetime.timedelta(days=24) < nb2 - nb1 < datetime.timedelta(days=26), (nb1, nb2)
     assert c2["policy"]["lifetimeActions"] == c1["policy"]["lifetimeActions"]
 
 
@@ -303,10 +325,12 @@ def test_node_refused_without_policy_then_partial_policy(kv):
     kv.node("seed", vault, secretName="app-secret", value="seeded")
     demo = kv.up.info["demoIdentity"]
     out = kv.node("refused", vault, clientId=demo["clientId"])
-    for op in ("get", "set", "list"):
+    for op, perm in (("get", "secrets get"), ("set", "secrets set")):
         r = forbidden(out[op])
-        assert "ForbiddenByPolicy" in (r.get("details") or "") or "does not have" in r["message"], r
-    assert demo["principalId"] in out["get"]["message"], out["get"]
+        assert "ForbiddenByPolicy" in r["details"], r
+        assert f"does not have {perm} permission" in r["message"] and demo["principalId"] in r["message"], r
+    # the node pager replaces the service message ("Pagination failed with unexpected statusCode 403")
+    forbidden(out["list"])
     assert out["requests"][0].endswith("-> 401"), out["requests"]
 
     kv.cli("keyvault", "set-policy", "-n", vault, "--object-id", demo["principalId"], "--secret-permissions", "get")
@@ -326,7 +350,8 @@ def test_node_rbac_vault(kv):
     assert seeded["set"]["ok"], seeded
     out = kv.node("refused", vault, clientId=demo["clientId"])
     r = forbidden(out["get"])
-    assert "ForbiddenByRbac" in (r.get("details") or "") or "not authorized" in r["message"], r
+    assert "ForbiddenByRbac" in r["details"], r
+    assert "secrets/getSecret/action" in r["message"] and demo["principalId"] in r["message"], r
 
     kv.cli("role", "assignment", "create", "--assignee", demo["principalId"], "--role", "Key Vault Secrets User", "--scope", v["id"])
     out = _retry(lambda: kv.node("refused", vault, clientId=demo["clientId"]), lambda o: o["get"]["ok"])

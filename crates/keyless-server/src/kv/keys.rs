@@ -392,6 +392,28 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
                     format!("Operation {wire} is not allowed on a disabled key."),
                 ));
             }
+            // date-time controlled operations: outside nbf..exp a key may still verify,
+            // decrypt and unwrap what it produced, but not sign, encrypt or wrap
+            if matches!(op, KeyOp::Sign | KeyOp::Encrypt | KeyOp::WrapKey) {
+                if v.nbf.is_some_and(|n| ctx.now < n) {
+                    return Err(ServerError::kv_inner(
+                        403,
+                        "Forbidden",
+                        "KeyNotYetValid",
+                        format!(
+                            "Operation {wire} is not allowed on a key that is not yet valid (nbf)."
+                        ),
+                    ));
+                }
+                if v.exp.is_some_and(|e| ctx.now >= e) {
+                    return Err(ServerError::kv_inner(
+                        403,
+                        "Forbidden",
+                        "KeyExpired",
+                        format!("Operation {wire} is not allowed on an expired key."),
+                    ));
+                }
+            }
             let allowed = v.public["key_ops"].as_array().is_some_and(|a| {
                 a.iter()
                     .any(|o| o.as_str().is_some_and(|o| o.eq_ignore_ascii_case(wire)))

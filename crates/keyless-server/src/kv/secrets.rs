@@ -145,6 +145,26 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
                     "Operation get is not allowed on a disabled secret.",
                 ));
             }
+            // nbf / exp of a plain secret are enforced (a certificate's secret stays readable,
+            // so an expired certificate can still be downloaded)
+            if !v.managed {
+                if v.nbf.is_some_and(|n| ctx.now < n) {
+                    return Err(ServerError::kv_inner(
+                        403,
+                        "Forbidden",
+                        "SecretNotYetValid",
+                        "Operation get is not allowed on a secret that is not yet valid (nbf).",
+                    ));
+                }
+                if v.exp.is_some_and(|e| ctx.now >= e) {
+                    return Err(ServerError::kv_inner(
+                        403,
+                        "Forbidden",
+                        "SecretExpired",
+                        "Operation get is not allowed on an expired secret.",
+                    ));
+                }
+            }
             Ok(Json(Secrets::bundle(ctx, &v, true)).into_response())
         }
         (&Method::PATCH, Target::Object { name, version, .. }) => {
