@@ -80,6 +80,14 @@ def secrets(args):
     out["expired"] = attempt(lambda: c.get_secret("expired").value)
     out["not_yet_valid"] = attempt(lambda: c.get_secret("future").value)
     out["in_window"] = c.get_secret("current").value
+    blob = c.backup_secret("db-pass")
+    out["restore_existing"] = attempt(lambda: c.restore_secret_backup(blob).name)
+    c.begin_delete_secret("db-pass").result()
+    c.purge_deleted_secret("db-pass")
+    restored = c.restore_secret_backup(blob)
+    out["restored"] = {"name": restored.name, "versions": len(list(c.list_properties_of_secret_versions("db-pass"))),
+                       "value": c.get_secret("db-pass").value}
+    out["restore_garbage"] = attempt(lambda: c.restore_secret_backup(b"garbage").name)
     out["bad_name"] = attempt(lambda: c.set_secret("bad_name!", "x").id)
     out["missing"] = attempt(lambda: c.get_secret("does-not-exist").value)
     return out
@@ -201,6 +209,12 @@ def certs(args):
     cc.begin_delete_certificate("imported-pem").result()
     cc.purge_deleted_certificate("imported-pem")
     out["purged"] = attempt(lambda: cc.get_deleted_certificate("imported-pem").name)
+    cblob = cc.backup_certificate("ca-ec")
+    cc.begin_delete_certificate("ca-ec").result()
+    cc.purge_deleted_certificate("ca-ec")
+    rc = cc.restore_certificate_backup(cblob)
+    out["cert_restore"] = {"name": rc.name, "has_policy": rc.policy is not None,
+                           "secret_is_pem": sc.get_secret("ca-ec").value.startswith("-----BEGIN PRIVATE KEY")}
     out["managed_secret_delete"] = attempt(lambda: sc.begin_delete_secret("ca-ec").result().name)
     out["bad_policy"] = attempt(lambda: cc.begin_create_certificate("bad", CertificatePolicy(issuer_name="Self", subject="CN=x", key_size=1024)).result().id)
     return out

@@ -66,6 +66,9 @@ def test_secrets_conformance(kv):
     assert out["expired"]["error"]["status"] == 403 and out["expired"]["error"]["inner"] == "SecretExpired"
     assert out["not_yet_valid"]["error"]["status"] == 403 and out["not_yet_valid"]["error"]["inner"] == "SecretNotYetValid"
     assert out["in_window"] == "now"
+    assert out["restore_existing"]["error"]["status"] == 409
+    assert out["restored"] == {"name": "db-pass", "versions": 2, "value": "hunter3"}
+    assert out["restore_garbage"]["error"]["status"] == 400
     assert out["bad_name"]["error"]["status"] == 400 and out["bad_name"]["error"]["code"] == "BadParameter"
     assert out["missing"]["error"]["status"] == 404 and out["missing"]["error"]["code"] == "SecretNotFound"
 
@@ -143,6 +146,7 @@ def test_certificates_conformance(kv):
     assert out["deleted"]["secret_gone"]["error"]["status"] == 404
     assert out["recovered_secret"]
     assert out["purged"]["error"]["status"] == 404
+    assert out["cert_restore"] == {"name": "ca-ec", "has_policy": True, "secret_is_pem": True}
     assert out["managed_secret_delete"]["error"]["status"] == 403
     assert out["bad_policy"]["error"]["status"] == 400
 

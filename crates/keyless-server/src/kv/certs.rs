@@ -412,7 +412,7 @@ pub async fn handle(
     target: Target,
     body: &[u8],
 ) -> Result<Response> {
-    if let Some(r) = common::<Certs>(ctx, m, &target)? {
+    if let Some(r) = common::<Certs>(ctx, m, &target, body)? {
         return Ok(r);
     }
     let base = ctx.base.clone();
@@ -745,7 +745,6 @@ pub async fn handle(
             Ok(Json(json!({"value": [], "nextLink": null})).into_response())
         }
         (_, Target::Issuer(_)) => Err(bad("Certificate issuer objects are not supported; use the issuers Self, Unknown or Keyless (the Keyless CA).")),
-        (_, Target::Backup(..) | Target::Restore(_)) => Err(bad("Backup and restore of certificates are not supported by this Keyless version.")),
         (m, _) => Err(method_not_allowed(m)),
     }
 }

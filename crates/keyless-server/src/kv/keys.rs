@@ -223,7 +223,7 @@ async fn write_new(
 }
 
 pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> Result<Response> {
-    if let Some(r) = common::<Keys>(ctx, m, &target)? {
+    if let Some(r) = common::<Keys>(ctx, m, &target, body)? {
         return Ok(r);
     }
     match (m, target) {
@@ -451,8 +451,8 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             };
             Ok(Json(out).into_response())
         }
-        (_, Target::KeyRotationPolicy(_) | Target::Backup(..) | Target::Restore(_)) => Err(bad(
-            "Key rotation policies, backup and restore are not supported by this Keyless version.",
+        (_, Target::KeyRotationPolicy(_)) => Err(bad(
+            "Key rotation policies are not supported by this Keyless version; rotate with POST /keys/{name}/rotate.",
         )),
         (m, _) => Err(method_not_allowed(m)),
     }

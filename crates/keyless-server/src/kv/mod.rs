@@ -3,6 +3,7 @@
 //! the challenge before anything else), api-version, path, vault, authorization (access
 //! policies or RBAC data actions), then the body.
 
+pub mod backup;
 pub mod certs;
 pub mod keys;
 pub mod renew;
@@ -608,7 +609,12 @@ fn refuse_managed(ctx: &Ctx<'_>, coll: Coll, name: &str, op: &str) -> Result<()>
 
 /// Operations every collection shares: list, versions, delete, the deleted collection,
 /// recover and purge. Returns `None` for targets the collection handles itself.
-pub fn common<R: Render>(ctx: &Ctx<'_>, m: &Method, target: &Target) -> Result<Option<Response>> {
+pub fn common<R: Render>(
+    ctx: &Ctx<'_>,
+    m: &Method,
+    target: &Target,
+    body: &[u8],
+) -> Result<Option<Response>> {
     let coll = R::COLL;
     let store = &ctx.s.store;
     let r = match (m, target) {
@@ -711,6 +717,8 @@ pub fn common<R: Render>(ctx: &Ctx<'_>, m: &Method, target: &Target) -> Result<O
             let v = ctx.live_version(coll, name, None)?;
             Json(R::bundle(ctx, &v, false)).into_response()
         }
+        (&Method::POST, Target::Backup(_, name)) => backup::backup::<R>(ctx, name)?,
+        (&Method::POST, Target::Restore(_)) => backup::restore::<R>(ctx, body)?,
         _ => return Ok(None),
     };
     Ok(Some(r))

@@ -76,7 +76,7 @@ fn check_content_type(ct: &Option<String>) -> Result<()> {
 }
 
 pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> Result<Response> {
-    if let Some(r) = common::<Secrets>(ctx, m, &target)? {
+    if let Some(r) = common::<Secrets>(ctx, m, &target, body)? {
         return Ok(r);
     }
     match (m, target) {
@@ -195,9 +195,6 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             ctx.s.store.kv_update_version(&v)?;
             Ok(Json(Secrets::bundle(ctx, &v, false)).into_response())
         }
-        (_, Target::Backup(..) | Target::Restore(_)) => Err(bad(
-            "Backup and restore of secrets are not supported by this Keyless version.",
-        )),
         (m, _) => Err(method_not_allowed(m)),
     }
 }

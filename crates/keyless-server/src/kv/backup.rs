@@ -1,0 +1,169 @@
+//! Backup and restore of one object with all its versions (a certificate with its key and
+//! secret). The blob is opaque: JSON sealed (AES-256-GCM) under a backup key that is itself
+//! kept encrypted in the store, bound to this tenant — it restores into any vault of the same
+//! Keyless instance, like Azure's restore within a subscription's geography.
+
+use super::{bad, Ctx, Render};
+use crate::error::{Result, ServerError};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use keyless_core::vault::access::Op;
+use keyless_core::vault::Coll;
+use keyless_store::{Kek, KvVersionRecord, KvWrite};
+use serde_json::{json, Value};
+
+const MAGIC: &str = "keyless-kv-backup-1";
+
+fn backup_key(ctx: &Ctx<'_>) -> Result<Kek> {
+    let store = &ctx.s.store;
+    let bytes = match store.get_secret("kv_backup_key")? {
+        Some(k) => k,
+        None => {
+            let mut k = [0u8; 32];
+            aws_lc_rs::rand::fill(&mut k)
+                .map_err(|_| ServerError::kv(500, "InternalServerError", "No randomness."))?;
+            store.put_secret("kv_backup_key", &k)?;
+            // another request may have won the race: use what is stored
+            store
+                .get_secret("kv_backup_key")?
+                .unwrap_or_else(|| k.to_vec())
+        }
+    };
+    Ok(Kek::from_bytes(&bytes)?)
+}
+
+fn aad(ctx: &Ctx<'_>, coll: Coll) -> String {
+    format!("{MAGIC}:{}:{}", ctx.s.tenant_id, coll.path())
+}
+
+fn colls(coll: Coll) -> Vec<Coll> {
+    match coll {
+        Coll::Certificates => vec![Coll::Certificates, Coll::Keys, Coll::Secrets],
+        c => vec![c],
+    }
+}
+
+/// `POST /{coll}/{name}/backup`.
+pub fn backup<R: Render>(ctx: &Ctx<'_>, name: &str) -> Result<Response> {
+    let coll = R::COLL;
+    ctx.name(coll, name)?;
+    ctx.authorize(coll, Op::Backup, Some(name))?;
+    let latest = ctx.live_version(coll, name, None)?;
+    if latest.managed {
+        return Err(ServerError::kv(
+            403,
+            "Forbidden",
+            format!(
+                "{} {name} is managed by a certificate; back up the certificate.",
+                coll.noun()
+            ),
+        ));
+    }
+    let mut objects = vec![];
+    for c in colls(coll) {
+        let mut versions = vec![];
+        for v in ctx.s.store.kv_versions(&ctx.vname, c.path(), name)? {
+            let full = ctx
+                .s
+                .store
+                .kv_version(&ctx.vname, c.path(), name, Some(&v.version))?
+                .ok_or_else(|| ctx.not_found(coll, name, None))?;
+            let private = full.private.as_deref().map(|p| STANDARD.encode(p));
+            versions.push(json!({"record": full, "private": private}));
+        }
+        let extra = ctx
+            .s
+            .store
+            .kv_name(&ctx.vname, c.path(), name)?
+            .map(|n| n.extra);
+        objects.push(json!({"coll": c.path(), "versions": versions, "extra": extra}));
+    }
+    let plain = serde_json::to_vec(&json!({"name": latest.name, "objects": objects}))
+        .map_err(|e| ServerError::kv(500, "InternalServerError", e.to_string()))?;
+    let sealed = backup_key(ctx)?.seal(&aad(ctx, coll), &plain)?;
+    Ok(Json(json!({"value": URL_SAFE_NO_PAD.encode(sealed)})).into_response())
+}
+
+/// `POST /{coll}/restore`: returns the restored latest version.
+pub fn restore<R: Render>(ctx: &Ctx<'_>, body: &[u8]) -> Result<Response> {
+    let coll = R::COLL;
+    ctx.authorize(coll, Op::Restore, None)?;
+    let b: Value = super::parse_body(body)?;
+    let blob = b["value"]
+        .as_str()
+        .ok_or_else(|| bad("The parameter 'value' is required."))?;
+    let invalid = || {
+        bad("The backup blob is invalid, corrupt, or was made by another Keyless instance or for another object type.")
+    };
+    let sealed = URL_SAFE_NO_PAD
+        .decode(blob.trim_end_matches('='))
+        .map_err(|_| invalid())?;
+    let plain = backup_key(ctx)?
+        .open(&aad(ctx, coll), &sealed)
+        .map_err(|_| invalid())?;
+    let doc: Value = serde_json::from_slice(&plain).map_err(|_| invalid())?;
+    let name = doc["name"].as_str().ok_or_else(invalid)?.to_string();
+    for c in colls(coll) {
+        if let Some(n) = ctx.s.store.kv_name(&ctx.vname, c.path(), &name)? {
+            if n.deleted.is_some() {
+                return Err(ctx.is_deleted_conflict(coll, &name));
+            }
+            let has_versions = !ctx
+                .s
+                .store
+                .kv_versions(&ctx.vname, c.path(), &name)?
+                .is_empty();
+            if has_versions {
+                return Err(ServerError::kv(409, "Conflict", format!("{} {name} already exists in this vault; restore needs the name to be free.", c.noun())));
+            }
+        }
+    }
+    let mut versions: Vec<KvVersionRecord> = vec![];
+    let mut extra = None;
+    for o in doc["objects"].as_array().ok_or_else(invalid)? {
+        for v in o["versions"].as_array().ok_or_else(invalid)? {
+            let mut rec: KvVersionRecord =
+                serde_json::from_value(v["record"].clone()).map_err(|_| invalid())?;
+            rec.vault = ctx.vname.clone();
+            rec.private = match v["private"].as_str() {
+                Some(p) => Some(STANDARD.decode(p).map_err(|_| invalid())?),
+                None => None,
+            };
+            versions.push(rec);
+        }
+        if o["coll"] == json!(coll.path()) {
+            extra = o["extra"]
+                .as_object()
+                .map(|e| (coll.path().to_string(), Value::Object(e.clone())));
+        }
+    }
+    // the object's own collection first: the write attaches `extra` to its name
+    versions.sort_by_key(|v| v.coll != coll.path());
+    let latest = versions
+        .iter()
+        .rev()
+        .find(|v| v.coll == coll.path())
+        .cloned()
+        .ok_or_else(invalid)?;
+    let policy = extra
+        .as_ref()
+        .map(|(_, e)| e["policy"].clone())
+        .filter(Value::is_object);
+    ctx.write(
+        coll,
+        &name,
+        &KvWrite {
+            versions,
+            extra,
+            expect_latest: None,
+        },
+    )?;
+    let mut out = R::bundle(ctx, &latest, false);
+    if let Some(mut p) = policy {
+        p["id"] = json!(format!("{}/certificates/{name}/policy", ctx.base));
+        out["policy"] = p;
+    }
+    Ok(Json(out).into_response())
+}
