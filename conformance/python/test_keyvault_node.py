@@ -8,7 +8,7 @@ What it proves (each test has its own vault; node does the work in conformance/n
 and reports what it observed, this file asserts on it):
 * secrets: set (contentType, tags) / get latest + by version / disable → 403 / re-enable / list with
   paging past 25 and byPage({maxPageSize: 10}) / versions / delete poller → deleted → 409 on reuse →
-  recover poller → purge (204) → 404; backup/restore (xfail while the server answers 400);
+  recover poller → purge (204) → 404; backup → 409 on restore over a live name → restore after purge;
 * certificates: create (Self, RSA, PKCS#12 → loadable by node tls) and (Keyless CA, EC P-256, PEM with
   SANs → leaf verifies against the Keyless CA), import of raw PEM text (issuer "Unknown"),
   policy update of lifetime actions, list / versions, delete poller → deleted → recover poller;
@@ -152,8 +152,6 @@ def test_node_secret_backup_restore(kv):
     kv.create_vault(vault, principals=[system_oid(kv)])
     out = kv.node("backup", vault)
     b = out["backup"]
-    if not b["ok"] and b["statusCode"] == 400 and "not supported" in b["message"]:
-        pytest.xfail(f"server: POST /secrets/{{name}}/backup -> 400 BadParameter: {b['message']}")
     assert b["ok"] and b["value"] > 0, b
     # restoring over a live secret is refused with 409; after purge it brings back every version
     assert out["restoreExisting"]["ok"] is False and out["restoreExisting"]["statusCode"] == 409, out["restoreExisting"]
