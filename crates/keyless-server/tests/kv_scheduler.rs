@@ -1,0 +1,130 @@
+//! The certificate scheduler against a real server state and SQLite store: a due renewal
+//! happens exactly once even when two passes race, and an issuance interrupted by a restart
+//! is finished exactly once.
+
+use keyless_core::clock::SystemClock;
+use keyless_core::resource_id::{ResourceId, VAULT};
+use keyless_core::vault::policy::Policy;
+use keyless_server::kv::certs::{self, CertState, Issue, Pending};
+use keyless_server::kv::renew::run_once;
+use keyless_server::state::AppState;
+use keyless_server::vaults::{put_vault, VaultBody};
+use keyless_store::sqlite::SqliteStore;
+use keyless_store::{Kek, VaultStore};
+use serde_json::json;
+use std::sync::Arc;
+
+async fn server(dir: &std::path::Path) -> Arc<AppState> {
+    let mut cfg = keyless_server::Config::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.dev_clock = true;
+    cfg.vault_check_interval = std::time::Duration::from_secs(3600);
+    let store = SqliteStore::open(&dir.join("k.db"), Kek::from_bytes(&[3u8; 32]).unwrap()).unwrap();
+    let s = keyless_server::start(cfg, Arc::new(store), Arc::new(SystemClock))
+        .await
+        .unwrap()
+        .state;
+    let sub = s.subscription_id.clone();
+    keyless_server::resources::put_resource_group(&s, &sub, "rg", Some("local"), None).unwrap();
+    let body = VaultBody {
+        location: Some("local".into()),
+        ..Default::default()
+    };
+    put_vault(&s, &ResourceId::new(&sub, "rg", VAULT, "kv1"), body, false).unwrap();
+    s
+}
+
+fn one_month_policy() -> Policy {
+    serde_json::from_value::<Policy>(json!({
+        "issuer": {"name": "Keyless"},
+        "x509_props": {"subject": "CN=sched.example", "validity_months": 1},
+        "lifetime_actions": [{"trigger": {"days_before_expiry": 7}, "action": {"action_type": "AutoRenew"}}],
+    }))
+    .unwrap()
+    .normalize(true)
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_renewal_happens_once_when_two_passes_race() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path()).await;
+    let p = one_month_policy();
+    let first = certs::issue(
+        &s,
+        Issue {
+            vault: "kv1",
+            name: "c1",
+            policy: &p,
+            enabled: true,
+            tags: Default::default(),
+            base_version: None,
+            state: CertState {
+                policy: Some(p.clone()),
+                ..Default::default()
+            },
+            reuse: None,
+        },
+    )
+    .await
+    .unwrap()
+    .expect("first version");
+
+    // 20 days in: not due
+    s.vault_clock.advance(20 * 86_400).unwrap();
+    assert_eq!(run_once(&s).await.unwrap().renewed, 0);
+    // 25 days in: due; two passes race, one renewal
+    s.vault_clock.advance(5 * 86_400).unwrap();
+    let (a, b) = tokio::join!(run_once(&s), run_once(&s));
+    assert_eq!(a.unwrap().renewed + b.unwrap().renewed, 1);
+    let versions = s.store.kv_versions("kv1", "certificates", "c1").unwrap();
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[0].version, first);
+    // the key and secret versions follow the certificate's
+    assert_eq!(s.store.kv_versions("kv1", "keys", "c1").unwrap().len(), 2);
+    assert_eq!(
+        s.store.kv_versions("kv1", "secrets", "c1").unwrap().len(),
+        2
+    );
+    // and a later pass finds nothing due
+    assert_eq!(run_once(&s).await.unwrap().renewed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_issuance_is_finished_once_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path()).await;
+    let p = one_month_policy();
+    // what a server that stopped right after accepting a create leaves behind
+    let st = CertState {
+        policy: Some(p),
+        pending: Some(Pending {
+            request_id: "r1".into(),
+            status: "inProgress".into(),
+            issuer: "Keyless".into(),
+            started: 0,
+            ..Default::default()
+        }),
+        events: vec![],
+    };
+    s.store
+        .kv_set_extra("kv1", "certificates", "c2", &json!(st))
+        .unwrap();
+    run_once(&s).await.unwrap();
+    run_once(&s).await.unwrap();
+    assert_eq!(
+        s.store
+            .kv_versions("kv1", "certificates", "c2")
+            .unwrap()
+            .len(),
+        1
+    );
+    let after: CertState = serde_json::from_value(
+        s.store
+            .kv_name("kv1", "certificates", "c2")
+            .unwrap()
+            .unwrap()
+            .extra,
+    )
+    .unwrap();
+    assert_eq!(after.pending.unwrap().status, "completed");
+}
