@@ -39,6 +39,7 @@ def netns_up():
         if up:
             up.stop()
         subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -113,3 +114,42 @@ def test_node_azure_identity_with_no_azure_environment(netns_up, credential):
                    prefix=prefix, imds_env=False)
     assert out.get("verified"), out
     assert out["claims"]["oid"] == up.info["systemIdentity"]["principalId"]
+
+
+def test_key_vault_secret_read_with_no_azure_environment(netns_up):
+    # seed 002 end to end on a "VM": an identity, an access policy, a token from the default
+    # IMDS address, a secret read by the unmodified SDK. The only configuration the workload
+    # has is trust in the Keyless CA; `ip netns exec` binds /etc/netns/<ns>/hosts over
+    # /etc/hosts, which names the vault.
+    up, prefix = netns_up
+    ns = prefix[3]
+    vault = f"seed-{uuid.uuid4().hex[:8]}"
+    os.makedirs(f"/etc/netns/{ns}", exist_ok=True)
+    with open(f"/etc/netns/{ns}/hosts", "w") as f:
+        f.write(f"127.0.0.1 localhost\n127.0.0.1 {vault}.vault.localhost\n")
+    from conftest import keyless_bin
+    admin = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KEYLESS_SERVER": up.info["serverUrl"],
+             "KEYLESS_TENANT_ID": up.info["tenantId"], "KEYLESS_CA_FILE": up.info["caFile"],
+             "KEYLESS_CLIENT_ID": up.info["adminClientId"], "KEYLESS_CLIENT_SECRET": up.admin_secret}
+
+    def cli(*args):
+        out = subprocess.run([*prefix, keyless_bin(), *args], env=admin, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+
+    cli("keyvault", "create", "-n", vault, "-g", "keyless")
+    system, demo = up.info["systemIdentity"]["principalId"], up.info["demoIdentity"]
+    cli("keyvault", "set-policy", "-n", vault, "--object-id", system, "--secret-permissions", "get")
+    cli("keyvault", "set-policy", "-n", vault, "--object-id", demo["principalId"], "--secret-permissions", "set")
+    port = up.info["serverUrl"].rsplit(":", 1)[1]
+    url = f"https://{vault}.vault.localhost:{port}"
+    script = str(pathlib.Path(__file__).resolve().parent / "kv_client.py")
+    env = ["env", "-i", f"REQUESTS_CA_BUNDLE={up.info['caFile']}"]
+
+    def run(args):
+        out = subprocess.run([*prefix, *env, __import__("sys").executable, script, json.dumps({"url": url, **args})],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert run({"scenario": "set_secret", "name": "db", "value": "from-imds", "client_id": demo["clientId"]}) == {"ok": "from-imds"}
+    assert run({"scenario": "read_secret", "name": "db"}) == {"ok": "from-imds"}
