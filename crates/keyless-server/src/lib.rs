@@ -138,6 +138,7 @@ pub async fn start(
         jwks: Default::default(),
         fic_writes: Default::default(),
         vault_clock,
+        verified: Default::default(),
     });
     state.keys.reload(state.store.as_ref())?;
     state

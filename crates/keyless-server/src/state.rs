@@ -89,6 +89,8 @@ pub struct AppState {
     pub fic_writes: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Time of the Key Vault (certificate validity, lifetime actions, soft delete).
     pub vault_clock: crate::kv::VaultClock,
+    /// Tokens whose signature was already checked.
+    pub verified: crate::tokens::VerifiedTokens,
 }
 
 impl AppState {

@@ -3,6 +3,7 @@
 use crate::error::{Result, ServerError};
 use crate::state::AppState;
 use keyless_core::claims::{self, IssueContext, JwtError, JwtHeader, Principal};
+use std::sync::Arc;
 
 /// A minted token.
 pub struct Minted {
@@ -41,6 +42,31 @@ pub fn mint(
     })
 }
 
+/// Tokens whose signature has been checked, by SHA-256 of the token: a client reusing its
+/// token pays the RS256 verification once. Time, issuer and audience are still checked on
+/// every use, and the signing key must still be published.
+#[derive(Default)]
+pub struct VerifiedTokens {
+    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (String, Arc<serde_json::Value>)>>,
+}
+
+/// Entries kept before the cache starts over.
+const VERIFIED_MAX: usize = 8192;
+
+impl VerifiedTokens {
+    fn get(&self, digest: &[u8]) -> Option<(String, Arc<serde_json::Value>)> {
+        self.map.lock().ok()?.get(digest).cloned()
+    }
+    fn put(&self, digest: Vec<u8>, kid: String, claims: Arc<serde_json::Value>) {
+        if let Ok(mut m) = self.map.lock() {
+            if m.len() >= VERIFIED_MAX {
+                m.clear();
+            }
+            m.insert(digest, (kid, claims));
+        }
+    }
+}
+
 /// Verify one of our tokens (signature with a published key, time, issuer, audience) and
 /// return its claims.
 pub fn verify(
@@ -48,6 +74,27 @@ pub fn verify(
     token: &str,
     audiences: &[String],
 ) -> std::result::Result<serde_json::Value, JwtError> {
+    let digest = keyless_pki::sha256(token.as_bytes());
+    let claims = match state.verified.get(&digest) {
+        Some((kid, c)) if state.keys.by_kid(&kid).is_some() => c,
+        _ => {
+            let (kid, c) = verify_signature(state, token)?;
+            let c = Arc::new(c);
+            state.verified.put(digest, kid, c.clone());
+            c
+        }
+    };
+    let (v1, v2) = (state.issuer_v1(), state.issuer_v2());
+    let auds: Vec<&str> = audiences.iter().map(String::as_str).collect();
+    claims::validate_claims(&claims, state.now(), 300, &[&v1, &v2], &auds)?;
+    Ok((*claims).clone())
+}
+
+/// The signature check: RS256 with a published key. Returns the kid and the claims.
+fn verify_signature(
+    state: &AppState,
+    token: &str,
+) -> std::result::Result<(String, serde_json::Value), JwtError> {
     let d = claims::decode(token)?;
     if d.header.alg != "RS256" {
         return Err(JwtError::Algorithm(d.header.alg));
@@ -62,8 +109,5 @@ pub fn verify(
     if !keyless_pki::verify_rs256(&key.key.public(), d.signing_input.as_bytes(), &d.signature) {
         return Err(JwtError::Signature);
     }
-    let (v1, v2) = (state.issuer_v1(), state.issuer_v2());
-    let auds: Vec<&str> = audiences.iter().map(String::as_str).collect();
-    claims::validate_claims(&d.claims, state.now(), 300, &[&v1, &v2], &auds)?;
-    Ok(d.claims)
+    Ok((kid.to_string(), d.claims))
 }

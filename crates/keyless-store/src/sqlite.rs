@@ -1275,11 +1275,8 @@ mod vault_sql {
         fn get_vault_by_name(&self, name: &str) -> Result<Option<VaultRecord>> {
             let b: Option<String> = self
                 .lock()
-                .query_row(
-                    "SELECT body FROM vaults WHERE name_key = ?1",
-                    [lower(name)],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT body FROM vaults WHERE name_key = ?1")?
+                .query_row([lower(name)], |r| r.get(0))
                 .optional()?;
             b.map(|b| parse(&b)).transpose()
         }
@@ -1315,11 +1312,10 @@ mod vault_sql {
         fn kv_name(&self, vault: &str, coll: &str, name: &str) -> Result<Option<KvNameRecord>> {
             let row = self
                 .lock()
-                .query_row(
-                    &format!("SELECT {NAME_COLS} FROM kv_names WHERE vault = ?1 AND coll = ?2 AND name_key = ?3"),
-                    params![vault, coll, lower(name)],
-                    name_row,
-                )
+                .prepare_cached(&format!(
+                    "SELECT {NAME_COLS} FROM kv_names WHERE vault = ?1 AND coll = ?2 AND name_key = ?3"
+                ))?
+                .query_row(params![vault, coll, lower(name)], name_row)
                 .optional()?;
             row.map(to_name).transpose()
         }
@@ -1362,13 +1358,15 @@ mod vault_sql {
             let row: Option<(String, Option<Vec<u8>>)> = {
                 let conn = self.lock();
                 match version {
-                    Some(v) => conn.query_row(
+                    Some(v) => conn.prepare_cached(
                         "SELECT body, sealed FROM kv_versions WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 AND version = ?4",
+                    )?.query_row(
                         params![vault, coll, lower(name), v],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     ),
-                    None => conn.query_row(
+                    None => conn.prepare_cached(
                         "SELECT body, sealed FROM kv_versions WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 ORDER BY seq DESC LIMIT 1",
+                    )?.query_row(
                         params![vault, coll, lower(name)],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     ),
