@@ -121,11 +121,15 @@ pub fn bad(message: impl Into<String>) -> ServerError {
     ServerError::kv(400, "BadParameter", message)
 }
 
-/// The audiences a vault accepts: the advertised resource, and Azure's Key Vault audiences.
-fn audiences(resource: &str) -> Vec<String> {
+/// The audiences a vault accepts: the advertised resource (with and without its port), and
+/// Azure's Key Vault audiences.
+fn audiences(resource: &str, domain: &str) -> Vec<String> {
+    let bare = format!("https://vault.{domain}");
     vec![
         resource.to_string(),
         format!("{resource}/"),
+        bare.clone(),
+        format!("{bare}/"),
         "https://vault.azure.net".into(),
         "https://vault.azure.net/".into(),
         "cfa8b339-82a2-471a-a3c9-0fc0be7a4093".into(),
@@ -154,20 +158,21 @@ fn authenticate(s: &AppState, headers: &HeaderMap, resource: &str) -> Result<Cal
                 "AKV10000: Request is missing a Bearer or PoP token.",
             )
         })?;
-    let claims = crate::tokens::verify(s, token, &audiences(resource)).map_err(|e| {
-        let m = match e {
-            JwtError::Audience(a) => {
-                format!("AKV10022: Invalid audience. Expected {resource}, found: {a}.")
-            }
-            JwtError::Expired => "AKV10013: The token has expired.".to_string(),
-            JwtError::Issuer(i) => format!(
-                "AKV10032: Invalid issuer. Expected one of {}, found: {i}.",
-                s.issuer_v1()
-            ),
-            _ => "AKV10000: The token is invalid: its signature could not be verified.".into(),
-        };
-        unauthorized(&challenge, m)
-    })?;
+    let claims = crate::tokens::verify(s, token, &audiences(resource, &s.cfg.vault_domain))
+        .map_err(|e| {
+            let m = match e {
+                JwtError::Audience(a) => {
+                    format!("AKV10022: Invalid audience. Expected {resource}, found: {a}.")
+                }
+                JwtError::Expired => "AKV10013: The token has expired.".to_string(),
+                JwtError::Issuer(i) => format!(
+                    "AKV10032: Invalid issuer. Expected one of {}, found: {i}.",
+                    s.issuer_v1()
+                ),
+                _ => "AKV10000: The token is invalid: its signature could not be verified.".into(),
+            };
+            unauthorized(&challenge, m)
+        })?;
     let str_claim = |k: &str| {
         claims
             .get(k)

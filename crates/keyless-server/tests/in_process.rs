@@ -1,8 +1,11 @@
-//! The certificate scheduler against a real server state and SQLite store: a due renewal
-//! happens exactly once even when two passes race, and an issuance interrupted by a restart
-//! is finished exactly once.
+//! Against a real server state and SQLite store, in process:
+//! - the certificate scheduler: a due renewal happens exactly once even when two passes
+//!   race, an issuance interrupted by a restart is finished exactly once, and an
+//!   `EmailContacts` action is recorded once per version without a new version;
+//! - the verified-token cache: a cached token is still checked for audience and time, and a
+//!   token with the same claims but another signature is verified on its own.
 
-use keyless_core::clock::SystemClock;
+use keyless_core::clock::{Clock, SystemClock};
 use keyless_core::resource_id::{ResourceId, VAULT};
 use keyless_core::vault::policy::Policy;
 use keyless_server::kv::certs::{self, CertState, Issue, Pending};
@@ -12,14 +15,27 @@ use keyless_server::vaults::{put_vault, VaultBody};
 use keyless_store::sqlite::SqliteStore;
 use keyless_store::{Kek, VaultStore};
 use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// The system clock plus a shift the token test moves (the tests in this file share it, and
+/// only that test moves it, after it has what it needs).
+static CLOCK_SHIFT: AtomicU64 = AtomicU64::new(0);
+
+struct ShiftedClock;
+
+impl Clock for ShiftedClock {
+    fn now(&self) -> u64 {
+        SystemClock.now() + CLOCK_SHIFT.load(Ordering::SeqCst)
+    }
+}
 
 async fn server(dir: &std::path::Path) -> Arc<AppState> {
     let mut cfg = keyless_server::Config::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
     cfg.dev_clock = true;
     cfg.vault_check_interval = std::time::Duration::from_secs(3600);
     let store = SqliteStore::open(&dir.join("k.db"), Kek::from_bytes(&[3u8; 32]).unwrap()).unwrap();
-    let s = keyless_server::start(cfg, Arc::new(store), Arc::new(SystemClock))
+    let s = keyless_server::start(cfg, Arc::new(store), Arc::new(ShiftedClock))
         .await
         .unwrap()
         .state;
@@ -127,4 +143,91 @@ async fn an_interrupted_issuance_is_finished_once_after_a_restart() {
     )
     .unwrap();
     assert_eq!(after.pending.unwrap().status, "completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_contacts_is_recorded_once_and_issues_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path()).await;
+    let p: Policy = serde_json::from_value::<Policy>(json!({
+        "issuer": {"name": "Self"},
+        "x509_props": {"subject": "CN=mail.example", "validity_months": 2},
+        "lifetime_actions": [{"trigger": {"lifetime_percentage": 50}, "action": {"action_type": "EmailContacts"}}],
+    }))
+    .unwrap()
+    .normalize(true)
+    .unwrap();
+    certs::issue(
+        &s,
+        Issue {
+            vault: "kv1",
+            name: "m1",
+            policy: &p,
+            enabled: true,
+            tags: Default::default(),
+            base_version: None,
+            state: CertState {
+                policy: Some(p.clone()),
+                ..Default::default()
+            },
+            reuse: None,
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    s.vault_clock.advance(40 * 86_400).unwrap();
+    let first = run_once(&s).await.unwrap();
+    let second = run_once(&s).await.unwrap();
+    assert_eq!((first.notified, first.renewed), (1, 0));
+    assert_eq!((second.notified, second.renewed), (0, 0));
+    assert_eq!(
+        s.store
+            .kv_versions("kv1", "certificates", "m1")
+            .unwrap()
+            .len(),
+        1
+    );
+    let st: CertState = serde_json::from_value(
+        s.store
+            .kv_name("kv1", "certificates", "m1")
+            .unwrap()
+            .unwrap()
+            .extra,
+    )
+    .unwrap();
+    assert_eq!(st.events.len(), 1);
+    assert_eq!(st.events[0]["type"], "CertificateNearExpiry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_tokens_are_still_checked() {
+    use keyless_core::claims::{JwtError, Principal};
+    use keyless_server::tokens::{mint, verify};
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path()).await;
+    let p = Principal::ServicePrincipal {
+        object_id: "00000000-0000-0000-0000-0000000000aa".into(),
+        client_id: "00000000-0000-0000-0000-0000000000bb".into(),
+    };
+    let aud = vec!["https://vault.localhost:8443".to_string()];
+    let t = mint(&s, &p, &aud[0], 600).unwrap().access_token;
+    assert!(verify(&s, &t, &aud).is_ok());
+    // second use (from the cache): the audience is checked again
+    let other = vec!["https://management.azure.com".to_string()];
+    assert!(matches!(verify(&s, &t, &other), Err(JwtError::Audience(_))));
+    assert!(verify(&s, &t, &aud).is_ok());
+    // same header and claims, another signature: not the cached token
+    let (head, sig) = t.rsplit_once('.').unwrap();
+    let flipped = if sig.starts_with('A') { "B" } else { "A" };
+    let forged = format!("{head}.{flipped}{}", &sig[1..]);
+    assert!(matches!(
+        verify(&s, &forged, &aud),
+        Err(JwtError::Signature)
+    ));
+    // expiry is checked on every use, cached or not
+    let t2 = mint(&s, &p, &aud[0], 600).unwrap().access_token;
+    assert!(verify(&s, &t2, &aud).is_ok());
+    CLOCK_SHIFT.fetch_add(600 + 301, Ordering::SeqCst);
+    assert!(matches!(verify(&s, &t2, &aud), Err(JwtError::Expired)));
 }
