@@ -47,14 +47,17 @@ pub fn mint(
 /// every use, and the signing key must still be published.
 #[derive(Default)]
 pub struct VerifiedTokens {
-    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (String, Arc<serde_json::Value>)>>,
+    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Verified>>,
 }
+
+/// The signing key id and the claims of a verified token.
+type Verified = (String, Arc<serde_json::Value>);
 
 /// Entries kept before the cache starts over.
 const VERIFIED_MAX: usize = 8192;
 
 impl VerifiedTokens {
-    fn get(&self, digest: &[u8]) -> Option<(String, Arc<serde_json::Value>)> {
+    fn get(&self, digest: &[u8]) -> Option<Verified> {
         self.map.lock().ok()?.get(digest).cloned()
     }
     fn put(&self, digest: Vec<u8>, kid: String, claims: Arc<serde_json::Value>) {
