@@ -43,6 +43,8 @@ enum Command {
     Keyvault(admin::KeyVaultCmd),
     /// Get a managed-identity token from the local IMDS endpoint.
     GetToken(admin::GetTokenArgs),
+    /// Keep Key Vault certificates on disk as PEM files (the KeyVaultForLinux VM extension).
+    KvAgent(run::KvAgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
             Command::App(c) => admin::app(c).await,
             Command::Keyvault(c) => admin::keyvault(c).await,
             Command::GetToken(a) => admin::get_token(a).await,
+            Command::KvAgent(a) => run::kv_agent(a).await,
         }
     });
     match result {

@@ -425,3 +425,122 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     srv.task.abort();
     Ok(())
 }
+
+#[derive(Args, Clone)]
+pub struct KvAgentArgs {
+    /// Extension settings JSON: the bare `settings` object or the guest agent's handler file
+    /// (`{"runtimeSettings":[{"handlerSettings":{"publicSettings":{…}}}]}`).
+    #[arg(long)]
+    pub settings: PathBuf,
+    /// Directory for the handler status file `<seq>.status`.
+    #[arg(long)]
+    pub status_dir: Option<PathBuf>,
+    /// Sequence number of the status file [default: N when the settings file is `N.settings`,
+    /// else 0].
+    #[arg(long)]
+    pub status_seq: Option<u64>,
+    /// Command run with `sh -c` after a poll that changed certificates; it gets
+    /// KEYLESS_KV_CHANGED = the changed symlink paths, space-separated.
+    #[arg(long)]
+    pub reload_hook: Option<String>,
+    /// PEM file of the CA(s) to trust for the vaults' TLS (default: the system roots).
+    #[arg(long, env = "KEYLESS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Resolve HOST to IP:PORT (like curl --resolve; the URL's port is used), e.g.
+    /// `app-kv.vault.localhost=127.0.0.1:8443`. Repeatable.
+    #[arg(long = "resolve", value_name = "HOST=IP:PORT")]
+    pub resolve: Vec<String>,
+}
+
+fn parse_resolve(s: &str) -> Result<(String, SocketAddr), CliError> {
+    let (host, addr) = s
+        .split_once('=')
+        .ok_or_else(|| CliError::Usage(format!("--resolve {s}: expected HOST=IP:PORT")))?;
+    let addr: SocketAddr = addr
+        .trim()
+        .parse()
+        .map_err(|_| CliError::Usage(format!("--resolve {s}: '{addr}' is not IP:PORT")))?;
+    let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(CliError::Usage(format!("--resolve {s}: empty host")));
+    }
+    Ok((host, addr))
+}
+
+/// `keyless kv-agent`: sync Key Vault certificates to PEM files until SIGTERM / Ctrl-C.
+pub async fn kv_agent(a: KvAgentArgs) -> Result<(), CliError> {
+    let seq = a.status_seq.unwrap_or_else(|| {
+        a.settings
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".settings"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    });
+    let status = keyless_kvagent::status::StatusFile::new(a.status_dir.clone(), seq);
+    let settings_err = |m: String| {
+        let e = keyless_kvagent::Error::Settings(m);
+        let _ = status.write_simple("Enable.", keyless_kvagent::State::Error, 1, &e.to_string());
+        CliError::Usage(e.to_string())
+    };
+    let text = std::fs::read_to_string(&a.settings)
+        .map_err(|e| settings_err(format!("cannot read {}: {e}", a.settings.display())))?;
+    let settings: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| settings_err(format!("{}: not valid JSON ({e})", a.settings.display())))?;
+    let ca_pem = match &a.ca_file {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(io_err(p))?),
+        None => None,
+    };
+    let resolve = a
+        .resolve
+        .iter()
+        .map(|s| parse_resolve(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let agent = keyless_kvagent::Agent::new(keyless_kvagent::AgentConfig {
+        settings,
+        status_dir: a.status_dir.clone(),
+        status_seq: seq,
+        reload_hook: a.reload_hook.clone(),
+        ca_pem,
+        resolve,
+    })
+    .map_err(|e| CliError::Usage(e.to_string()))?;
+    let s = agent.settings();
+    println!(
+        "kv-agent: watching {} certificate(s) every {} s{}",
+        s.observed_certificates.len(),
+        s.polling_interval.as_secs(),
+        if s.require_initial_sync {
+            " (initial sync required)"
+        } else {
+            ""
+        }
+    );
+    for c in &s.observed_certificates {
+        println!("  {} -> {}", c.url, c.link_path().display());
+    }
+    if let Some(p) = agent.status_path() {
+        println!("  status: {}", p.display());
+    }
+    let mut ready = agent.readiness();
+    let watcher = tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let r = ready.borrow_and_update().clone();
+            if last.as_ref() != Some(&r) {
+                match &r {
+                    keyless_kvagent::Readiness::Ready => println!("kv-agent: initial sync done"),
+                    keyless_kvagent::Readiness::Failed(m) => println!("kv-agent: {m}"),
+                    keyless_kvagent::Readiness::Syncing => {}
+                }
+                last = Some(r);
+            }
+            if ready.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    agent.run(wait_for_signal()).await;
+    watcher.abort();
+    Ok(())
+}
