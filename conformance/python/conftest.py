@@ -49,9 +49,9 @@ class Up:
                 self.proc.wait()
 
 
-def start_up(data_dir, extra=(), prefix=()):
+def start_up(data_dir, extra=(), prefix=(), listen="127.0.0.1:0"):
     """Start `keyless up` and wait until it has printed its endpoints."""
-    cmd = [*prefix, keyless_bin(), "up", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *extra]
+    cmd = [*prefix, keyless_bin(), "up", "--data-dir", str(data_dir), "--listen", listen, *extra]
     if "--imds-listen" not in extra:
         cmd += ["--imds-listen", "127.0.0.1:0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -286,6 +286,17 @@ def keys(args):
     return out
 
 
+def create_cert(args):
+    """A certificate issued by the Keyless CA that renews itself 7 days before it expires."""
+    from azure.keyvault.certificates import CertificateClient, CertificatePolicy, CertificatePolicyAction, LifetimeAction
+
+    cc = CertificateClient(args["url"], cred(args))
+    pol = CertificatePolicy(issuer_name="Keyless", subject=f"CN={args['name']}.example", validity_in_months=1,
+                            lifetime_actions=[LifetimeAction(CertificatePolicyAction.auto_renew, days_before_expiry=7)])
+    c = cc.begin_create_certificate(args["name"], pol).result()
+    return {"version": c.properties.version, "x5t": c.properties.x509_thumbprint.hex()}
+
+
 def raw(args):
     """The wire contract without an SDK: the challenge, audiences, api-versions, paging limits."""
     import os
@@ -329,7 +340,8 @@ def raw(args):
 def main():
     args = json.loads(sys.argv[1])
     fn = {"secrets": secrets, "read_secret": read_secret, "set_secret": set_secret, "purge": purge,
-          "certs": certs, "renew": renew, "keys": keys, "raw": raw}[args["scenario"]]
+          "certs": certs, "renew": renew, "keys": keys, "raw": raw,
+          "create_cert": create_cert}[args["scenario"]]
     print(json.dumps(fn(args), default=str))
 
 

@@ -34,6 +34,25 @@ pub const COMPUTE: &[&str] = &[
     "2026-04-01",
 ];
 
+/// `Microsoft.Batch` (batchAccounts, pools).
+pub const BATCH: &[&str] = &[
+    "2017-09-01",
+    "2018-12-01",
+    "2019-08-01",
+    "2020-05-01",
+    "2020-09-01",
+    "2021-01-01",
+    "2021-06-01",
+    "2022-01-01",
+    "2022-06-01",
+    "2022-10-01",
+    "2023-05-01",
+    "2023-11-01",
+    "2024-02-01",
+    "2024-07-01",
+    "2025-06-01",
+];
+
 /// `Microsoft.Resources` (subscriptions, resourceGroups).
 pub const RESOURCES: &[&str] = &[
     "2016-06-01",

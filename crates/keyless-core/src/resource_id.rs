@@ -13,6 +13,7 @@ pub const KNOWN_TYPES: &[(&str, &str)] = &[
     ("Microsoft.Compute", "virtualMachines"),
     ("Microsoft.Compute", "virtualMachineScaleSets"),
     ("Microsoft.KeyVault", "vaults"),
+    ("Microsoft.Batch", "batchAccounts"),
 ];
 
 /// Canonical spelling of a provider namespace and type, if known.
@@ -29,6 +30,21 @@ pub const UAMI: (&str, &str) = ("Microsoft.ManagedIdentity", "userAssignedIdenti
 pub const VM: (&str, &str) = ("Microsoft.Compute", "virtualMachines");
 /// `Microsoft.Compute/virtualMachineScaleSets`.
 pub const VMSS: (&str, &str) = ("Microsoft.Compute", "virtualMachineScaleSets");
+
+/// `Microsoft.Batch/batchAccounts` (its `pools` are children).
+pub const BATCH_ACCOUNT: (&str, &str) = ("Microsoft.Batch", "batchAccounts");
+
+/// Whether `resource_id` names a group of hosts that join as instances and share the group's
+/// identities: a scale set, or a Batch pool (`…/batchAccounts/{a}/pools/{p}`).
+pub fn is_host_group(resource_id: &str) -> bool {
+    match ArmPath::parse(resource_id) {
+        Ok(ArmPath::Resource(r)) => r.is_type(VMSS),
+        Ok(ArmPath::Child {
+            parent, child_type, ..
+        }) => parent.is_type(BATCH_ACCOUNT) && child_type.eq_ignore_ascii_case("pools"),
+        _ => false,
+    }
+}
 
 /// `Microsoft.KeyVault/vaults`.
 pub const VAULT: (&str, &str) = ("Microsoft.KeyVault", "vaults");
@@ -137,6 +153,13 @@ pub enum ArmPath {
         parent: ResourceId,
         child_type: String,
         name: String,
+    },
+    /// `{resource}/{childType}/{name}/{action}` (e.g. a pool's `generateJoinToken`).
+    ChildAction {
+        parent: ResourceId,
+        child_type: String,
+        name: String,
+        action: String,
     },
     /// `{scope}/providers/Microsoft.Authorization/{roleAssignments|roleDefinitions}[/{name}]`,
     /// an extension resource on a scope (`/` root, subscription, group or resource).
@@ -331,6 +354,12 @@ impl ArmPath {
                         child_type: child_type.clone(),
                         name: child.clone(),
                     }),
+                    [child_type, child, action] => Ok(ArmPath::ChildAction {
+                        parent: resource,
+                        child_type: child_type.clone(),
+                        name: child.clone(),
+                        action: action.clone(),
+                    }),
                     _ => Err(bad()),
                 }
             }
@@ -440,7 +469,7 @@ mod tests {
             "subscriptions",
             "/subscriptions//resourceGroups",
             "/foo/bar",
-            "/subscriptions/s/resourceGroups/g/providers/a/b/c/d/e/f",
+            "/subscriptions/s/resourceGroups/g/providers/a/b/c/d/e/f/g",
             "/subscriptions/s/resourceGroups/g%zz",
         ] {
             assert!(ArmPath::parse(p).is_err(), "{p}");
@@ -456,5 +485,29 @@ mod tests {
             panic!()
         };
         assert_eq!(resource_group, "rg(a)");
+    }
+}
+
+#[cfg(test)]
+mod host_group_tests {
+    use super::*;
+
+    #[test]
+    fn pools_and_scale_sets_are_host_groups() {
+        assert!(is_host_group("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/ss"));
+        assert!(is_host_group(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Batch/batchAccounts/a/pools/p"
+        ));
+        assert!(!is_host_group(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm"
+        ));
+        assert!(!is_host_group(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Batch/batchAccounts/a"
+        ));
+        let p = ArmPath::parse("/subscriptions/s/resourceGroups/rg/providers/microsoft.batch/batchaccounts/a/pools/p/generateJoinToken").unwrap();
+        assert!(
+            matches!(p, ArmPath::ChildAction { ref action, .. } if action == "generateJoinToken"),
+            "{p:?}"
+        );
     }
 }

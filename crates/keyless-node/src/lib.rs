@@ -7,6 +7,7 @@
 //! and local users plug in there.
 
 pub mod credential;
+pub mod extensions;
 pub mod imds;
 
 use keyless_core::clock::Clock;
@@ -63,6 +64,9 @@ pub struct NodeConfig {
     pub sync_interval: Duration,
     /// Private IP reported by `/metadata/instance` (detected when absent).
     pub private_ip: Option<String>,
+    /// Command run (`sh -c`) after an extension installed a new certificate version. Set on
+    /// the host, never from the control plane.
+    pub extension_reload_hook: Option<String>,
 }
 
 /// What the server told us about our VM.
@@ -92,6 +96,8 @@ pub struct Agent {
     cred: credential::CredentialHolder,
     view: RwLock<Option<HostView>>,
     cache: Mutex<HashMap<(String, String), Cached>>,
+    /// The VM extensions this host runs (the Key Vault certificate sync).
+    pub extensions: extensions::ExtensionRunner,
 }
 
 /// Why a token could not be served.
@@ -148,6 +154,7 @@ impl Agent {
             // Credential revoked or VM deleted: this host may use nothing.
             *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some(HostView::default());
             self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.extensions.reconcile(&[]);
             return Err(NodeError::Refused {
                 status,
                 message: body.to_string(),
@@ -178,6 +185,8 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(cid, _), _| allowed.contains(cid));
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some(view);
+        let wanted = body["extensions"].as_array().cloned().unwrap_or_default();
+        self.extensions.reconcile(&wanted);
         Ok(())
     }
 
@@ -287,12 +296,18 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         source,
     })?;
     let cred = credential::CredentialHolder::load_or_join(&cfg, clock.as_ref()).await?;
+    let extensions = extensions::ExtensionRunner::new(
+        cfg.state_dir.join("extensions"),
+        cfg.ca_pem.clone(),
+        cfg.extension_reload_hook.clone(),
+    );
     let agent = Arc::new(Agent {
         cfg,
         clock,
         cred,
         view: RwLock::new(None),
         cache: Mutex::new(HashMap::new()),
+        extensions,
     });
     agent.sync().await?;
 

@@ -13,7 +13,9 @@ use axum::routing::any;
 use axum::{Json, Router};
 use keyless_core::api_version;
 use keyless_core::claims::JwtError;
-use keyless_core::resource_id::{canonical_type, ArmPath, ResourceId, UAMI, VAULT, VM, VMSS};
+use keyless_core::resource_id::{
+    canonical_type, ArmPath, ResourceId, BATCH_ACCOUNT, UAMI, VAULT, VM, VMSS,
+};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -183,6 +185,7 @@ fn type_versions(
         Some(t) if t == UAMI => Ok((api_version::MSI, t)),
         Some(t) if t == VM || t == VMSS => Ok((api_version::COMPUTE, t)),
         Some(t) if t == VAULT => Ok((keyless_core::vault::ARM_API_VERSIONS, t)),
+        Some(t) if t == BATCH_ACCOUNT => Ok((api_version::BATCH, t)),
         _ => Err(ServerError::InvalidResourceType {
             namespace: ns.to_string(),
             type_name: ty.to_string(),
@@ -357,7 +360,17 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             }
             // a subscription-wide list shows what the caller can read
             let grants = authz::grants(&s, &caller.object_id)?;
-            if t == VAULT {
+            if t == BATCH_ACCOUNT {
+                let accounts = s.store.list_tracked(
+                    crate::batch::ACCOUNT_TYPE,
+                    &subscription,
+                    resource_group.as_deref(),
+                )?;
+                let items = accounts.into_iter().map(|a| a.body);
+                Ok(list(
+                    items.filter(|v| readable(&grants, &read, v)).collect(),
+                ))
+            } else if t == VAULT {
                 let vaults = s
                     .store
                     .list_vaults(&subscription, resource_group.as_deref())?;
@@ -402,6 +415,8 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 identity(&s, m, &rid, &body)
             } else if t == VAULT {
                 vault(&s, m, &rid, &body)
+            } else if t == BATCH_ACCOUNT {
+                batch_account(&s, m, &rid, &body)
             } else {
                 vm(&s, &caller, m, &rid, &body)
             }
@@ -416,6 +431,24 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             res::check_subscription(&s, &parent.subscription)?;
             if t == UAMI && child_type.eq_ignore_ascii_case("federatedIdentityCredentials") {
                 return crate::fics::handle(&s, &caller, m, &parent, Some(&name), &version, &body);
+            }
+            if t == BATCH_ACCOUNT && child_type.eq_ignore_ascii_case("pools") {
+                authorize(
+                    &s,
+                    &caller,
+                    &format!("Microsoft.Batch/batchAccounts/pools/{}", verb(m)),
+                    &format!("{}/pools/{name}", parent.canonical()),
+                )?;
+                return pool(&s, &caller, m, &parent, &name, &body);
+            }
+            if t == VM && child_type.eq_ignore_ascii_case("extensions") {
+                authorize(
+                    &s,
+                    &caller,
+                    &format!("Microsoft.Compute/virtualMachines/extensions/{}", verb(m)),
+                    &format!("{}/extensions/{name}", parent.canonical()),
+                )?;
+                return vm_extension(&s, m, &parent, &name, &body);
             }
             if t == VAULT && child_type.eq_ignore_ascii_case("accessPolicies") {
                 authorize(
@@ -464,6 +497,36 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 (m, _) => Err(ServerError::MethodNotAllowed(m.to_string())),
             }
         }
+        ArmPath::ChildAction {
+            parent,
+            child_type,
+            name,
+            action,
+        } => {
+            let (versions, t) = type_versions(&parent.namespace, &parent.type_name)?;
+            check_version(versions, &version, Some(t))?;
+            res::check_subscription(&s, &parent.subscription)?;
+            if t == BATCH_ACCOUNT
+                && child_type.eq_ignore_ascii_case("pools")
+                && action.eq_ignore_ascii_case("generateJoinToken")
+                && *m == Method::POST
+            {
+                authorize(
+                    &s,
+                    &caller,
+                    "Microsoft.Batch/batchAccounts/pools/generateJoinToken/action",
+                    &format!("{}/pools/{name}", parent.canonical()),
+                )?;
+                let ttl = join_ttl(&body)?;
+                let (token, expires, pool_id) =
+                    crate::batch::pool_join_token(&s, &parent, &name, ttl)?;
+                return Ok(Json(
+                    json!({"joinToken": token, "expiresOn": expires, "vmResourceId": pool_id}),
+                )
+                .into_response());
+            }
+            Err(ServerError::InvalidPath(parts.uri.path().to_string()))
+        }
         ArmPath::Action { resource, action } => {
             let (versions, t) = type_versions(&resource.namespace, &resource.type_name)?;
             check_version(versions, &version, Some(t))?;
@@ -473,6 +536,31 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 && *m == Method::GET
             {
                 return crate::fics::handle(&s, &caller, m, &resource, None, &version, &body);
+            }
+            if t == BATCH_ACCOUNT && action.eq_ignore_ascii_case("pools") && *m == Method::GET {
+                authorize(
+                    &s,
+                    &caller,
+                    "Microsoft.Batch/batchAccounts/pools/read",
+                    &resource.canonical(),
+                )?;
+                let pools = crate::batch::pools_of(&s, &resource)?;
+                crate::batch::get_account(&s, &resource)?;
+                let items = pools
+                    .iter()
+                    .map(|p| crate::batch::pool_json(&s, p))
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(list(items));
+            }
+            if t == VM && action.eq_ignore_ascii_case("extensions") && *m == Method::GET {
+                authorize(
+                    &s,
+                    &caller,
+                    "Microsoft.Compute/virtualMachines/extensions/read",
+                    &resource.canonical(),
+                )?;
+                let vm = res::get_vm(&s, &resource)?;
+                return Ok(list(crate::batch::list_vm_extensions(&s, &vm)?));
             }
             if t == VMSS && action.eq_ignore_ascii_case("virtualMachines") && *m == Method::GET {
                 authorize(
@@ -495,23 +583,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                     &format!("{}/{}/generateJoinToken/action", t.0, t.1),
                     &resource.canonical(),
                 )?;
-                #[derive(Default, serde::Deserialize)]
-                #[serde(rename_all = "camelCase")]
-                struct JoinBody {
-                    expires_in_seconds: Option<u64>,
-                }
-                let b: JoinBody = if body.is_empty() {
-                    JoinBody::default()
-                } else {
-                    parse_body(&body)?
-                };
-                let ttl = b.expires_in_seconds.unwrap_or(3600);
-                if !(1..=7 * 86_400).contains(&ttl) {
-                    return Err(ServerError::InvalidParameter {
-                        message: "expiresInSeconds must be between 1 and 604800.".into(),
-                        target: Some("expiresInSeconds".into()),
-                    });
-                }
+                let ttl = join_ttl(&body)?;
                 let (token, expires) = res::create_join_token(&s, &resource, ttl)?;
                 let vm = res::get_vm(&s, &resource)?;
                 Ok(Json(json!({"joinToken": token, "expiresOn": expires, "vmResourceId": vm.resource_id})).into_response())
@@ -519,6 +591,114 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 Err(ServerError::InvalidPath(parts.uri.path().to_string()))
             }
         }
+    }
+}
+
+/// `expiresInSeconds` of a join-token request (default one hour, at most a week).
+fn join_ttl(body: &[u8]) -> Result<u64> {
+    #[derive(Default, serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct JoinBody {
+        expires_in_seconds: Option<u64>,
+    }
+    let b: JoinBody = if body.is_empty() {
+        JoinBody::default()
+    } else {
+        parse_body(body)?
+    };
+    let ttl = b.expires_in_seconds.unwrap_or(3600);
+    if !(1..=7 * 86_400).contains(&ttl) {
+        return Err(ServerError::InvalidParameter {
+            message: "expiresInSeconds must be between 1 and 604800.".into(),
+            target: Some("expiresInSeconds".into()),
+        });
+    }
+    Ok(ttl)
+}
+
+fn batch_account(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<Response> {
+    use crate::batch::{delete_account, get_account, put_account};
+    match *m {
+        Method::PUT | Method::PATCH => {
+            let b: Value = parse_body(body)?;
+            let (v, created) = put_account(s, rid, &b, *m == Method::PATCH)?;
+            Ok(created_or_ok(created, v))
+        }
+        Method::GET => Ok(Json(get_account(s, rid)?.body).into_response()),
+        Method::DELETE => Ok(if delete_account(s, rid)? {
+            StatusCode::OK.into_response()
+        } else {
+            StatusCode::NO_CONTENT.into_response()
+        }),
+        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
+    }
+}
+
+fn pool(
+    s: &AppState,
+    caller: &Caller,
+    m: &Method,
+    account: &ResourceId,
+    name: &str,
+    body: &[u8],
+) -> Result<Response> {
+    use crate::batch::{get_pool, pool_json, put_pool};
+    match *m {
+        Method::PUT | Method::PATCH => {
+            let b: Value = parse_body(body)?;
+            let scope = format!("{}/pools/{name}", account.canonical());
+            let may_assign = |identity: &str| -> Result<()> {
+                if authz::permitted(s, &caller.object_id, authz::ASSIGN_IDENTITY, identity)? {
+                    Ok(())
+                } else {
+                    Err(ServerError::LinkedAuthorizationFailed {
+                        principal: caller.object_id.clone(),
+                        action: "Microsoft.Batch/batchAccounts/pools/write".into(),
+                        scope: scope.clone(),
+                        linked_action: authz::ASSIGN_IDENTITY.to_string(),
+                        linked_scope: identity.to_string(),
+                    })
+                }
+            };
+            let (rec, _created) = put_pool(s, account, name, &b, *m == Method::PATCH, &may_assign)?;
+            // Batch answers 200 for both create and update
+            Ok(Json(pool_json(s, &rec)?).into_response())
+        }
+        Method::GET => Ok(Json(pool_json(s, &get_pool(s, account, name)?)?).into_response()),
+        Method::DELETE => {
+            crate::batch::get_account(s, account)?;
+            let key = format!("{}/pools/{}", account.key(), name.to_ascii_lowercase());
+            Ok(if s.store.delete_vm(&key)? {
+                StatusCode::OK.into_response()
+            } else {
+                StatusCode::NO_CONTENT.into_response()
+            })
+        }
+        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
+    }
+}
+
+fn vm_extension(
+    s: &AppState,
+    m: &Method,
+    vm: &ResourceId,
+    name: &str,
+    body: &[u8],
+) -> Result<Response> {
+    use crate::batch::{delete_vm_extension, get_vm_extension, put_vm_extension};
+    match *m {
+        Method::PUT | Method::PATCH => {
+            let b: Value = parse_body(body)?;
+            let (v, created) = put_vm_extension(s, vm, name, &b)?;
+            Ok(created_or_ok(created, v))
+        }
+        Method::GET => Ok(Json(get_vm_extension(s, vm, name)?).into_response()),
+        Method::DELETE => Ok(if delete_vm_extension(s, vm, name)? {
+            StatusCode::OK.into_response()
+        } else {
+            StatusCode::NO_CONTENT.into_response()
+        }),
+        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }
 

@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use keyless_core::claims::Principal;
 use keyless_core::imds::IssuedToken;
-use keyless_core::resource_id::{ResourceId, VMSS};
+use keyless_core::resource_id::ResourceId;
 use keyless_core::selection::{CallerIdentities, IdentityRef, Selector};
 use keyless_store::{HostCredentialRecord, InstanceRecord, JoinTokenOutcome, VmRecord};
 use serde::{Deserialize, Serialize};
@@ -176,7 +176,16 @@ async fn join(
         )
     })?;
     // joining a scale set makes the host a new instance of it
-    let instance = if ResourceId::parse(&vm.resource_id).is_ok_and(|r| r.is_type(VMSS)) {
+    let instance = if keyless_core::resource_id::is_host_group(&vm.resource_id) {
+        if let Some(target) = crate::batch::target_nodes(&vm) {
+            if s.store.list_instances(&vm.key)?.len() as u64 >= target {
+                return Err(ServerError::host(
+                    409,
+                    "pool_full",
+                    format!("The pool {} already has its target of {target} dedicated nodes; resize it to add nodes.", vm.name),
+                ));
+            }
+        }
         Some(s.store.create_instance(&vm.key, &vm.resource_id, s.now())?)
     } else {
         None
@@ -279,6 +288,7 @@ async fn identities(
             "vmSize": vm.properties.pointer("/hardwareProfile/vmSize").cloned().unwrap_or(json!("")),
         },
         "identities": ids,
+        "extensions": crate::batch::host_extensions(&s, &host.owner)?,
     })))
 }
 

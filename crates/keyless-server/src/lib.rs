@@ -8,6 +8,7 @@
 
 pub mod arm;
 pub mod authz;
+pub mod batch;
 pub mod client_assertion;
 pub mod error;
 pub mod federation;

@@ -13,7 +13,7 @@ use keyless_server::kv::renew::run_once;
 use keyless_server::state::AppState;
 use keyless_server::vaults::{put_vault, VaultBody};
 use keyless_store::sqlite::SqliteStore;
-use keyless_store::{Kek, VaultStore};
+use keyless_store::Kek;
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -85,7 +85,38 @@ pub enum RoleAssignmentInsert {
 }
 
 /// Everything the server persists. Methods are small and transactional on their own.
-pub trait Store: VaultStore + Send + Sync + 'static {
+/// A tracked ARM resource kept as its JSON (Batch accounts, VM extensions): the server owns
+/// its shape; the store only keys it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrackedRecord {
+    /// Lookup key (lowercase canonical id).
+    pub key: String,
+    /// `Namespace/type[/childType]`, e.g. `Microsoft.Compute/virtualMachines/extensions`.
+    pub type_name: String,
+    pub subscription: String,
+    pub resource_group: String,
+    /// The resource as ARM shows it.
+    pub body: serde_json::Value,
+}
+
+/// Tracked resources without a table of their own.
+pub trait TrackedStore {
+    /// Insert or replace; returns true when created.
+    fn put_tracked(&self, r: &TrackedRecord) -> Result<bool>;
+    fn get_tracked(&self, key: &str) -> Result<Option<TrackedRecord>>;
+    fn list_tracked(
+        &self,
+        type_name: &str,
+        subscription: &str,
+        rg: Option<&str>,
+    ) -> Result<Vec<TrackedRecord>>;
+    /// Tracked resources of `type_name` below `parent_key` (e.g. a VM's extensions).
+    fn list_tracked_under(&self, parent_key: &str, type_name: &str) -> Result<Vec<TrackedRecord>>;
+    /// Delete a resource and the tracked resources below it.
+    fn delete_tracked(&self, key: &str) -> Result<bool>;
+}
+
+pub trait Store: VaultStore + TrackedStore + Send + Sync + 'static {
     // -- instance metadata (tenant, subscription, settings)
     fn get_meta(&self, key: &str) -> Result<Option<String>>;
     fn set_meta(&self, key: &str, value: &str) -> Result<()>;

@@ -57,6 +57,11 @@ CREATE TABLE kv_versions(vault TEXT NOT NULL, coll TEXT NOT NULL, name_key TEXT 
     seq INTEGER NOT NULL, body TEXT NOT NULL, sealed BLOB, PRIMARY KEY(vault, coll, name_key, version));
 CREATE UNIQUE INDEX kv_versions_seq ON kv_versions(vault, coll, name_key, seq);
 "#,
+    r#"
+CREATE TABLE tracked(key TEXT PRIMARY KEY, type_key TEXT NOT NULL, subscription TEXT NOT NULL,
+    rg_key TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX tracked_scope ON tracked(type_key, subscription, rg_key);
+"#,
 ];
 
 /// SQLite implementation of [`Store`].
@@ -182,6 +187,11 @@ fn delete_vm_tx(tx: &Transaction<'_>, key: &str) -> Result<bool> {
     tx.execute("DELETE FROM vm_identities WHERE vm_key = ?1", [key])?;
     tx.execute("DELETE FROM join_tokens WHERE vm_key = ?1", [key])?;
     tx.execute("DELETE FROM host_credentials WHERE vm_key = ?1", [key])?;
+    // its extensions (tracked children)
+    tx.execute(
+        "DELETE FROM tracked WHERE substr(key, 1, length(?1) + 1) = ?1 || '/'",
+        [key],
+    )?;
     Ok(n > 0)
 }
 
@@ -365,6 +375,10 @@ impl Store for SqliteStore {
                 delete_identity_rows(tx, id)?;
             }
             vault_sql::delete_vaults_in_group(tx, &sub, &rg)?;
+            tx.execute(
+                "DELETE FROM tracked WHERE subscription = ?1 AND rg_key = ?2",
+                [&sub, &rg],
+            )?;
             delete_assignments_under(tx, &format!("/subscriptions/{sub}/resourcegroups/{rg}"))?;
             let n = tx.execute(
                 "DELETE FROM resource_groups WHERE subscription = ?1 AND name_key = ?2",
@@ -1702,5 +1716,83 @@ mod vault_tests {
         );
         assert!(s.delete_vault(&v.key).unwrap());
         assert!(s.kv_name("kv1", "secrets", "pw").unwrap().is_none());
+    }
+}
+
+mod tracked_sql {
+    //! [`TrackedStore`] on SQLite.
+
+    use super::{json, lower, parse, SqliteStore};
+    use crate::{Result, TrackedRecord, TrackedStore};
+    use rusqlite::{params, OptionalExtension};
+
+    impl TrackedStore for SqliteStore {
+        fn put_tracked(&self, r: &TrackedRecord) -> Result<bool> {
+            let n = self.lock().execute(
+                "INSERT INTO tracked(key, type_key, subscription, rg_key, body) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(key) DO NOTHING",
+                params![lower(&r.key), lower(&r.type_name), lower(&r.subscription), lower(&r.resource_group), json(r)?],
+            )?;
+            if n == 0 {
+                self.lock().execute(
+                    "UPDATE tracked SET body = ?2 WHERE key = ?1",
+                    params![lower(&r.key), json(r)?],
+                )?;
+            }
+            Ok(n > 0)
+        }
+
+        fn get_tracked(&self, key: &str) -> Result<Option<TrackedRecord>> {
+            let b: Option<String> = self
+                .lock()
+                .query_row(
+                    "SELECT body FROM tracked WHERE key = ?1",
+                    [lower(key)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            b.map(|b| parse(&b)).transpose()
+        }
+
+        fn list_tracked(
+            &self,
+            type_name: &str,
+            subscription: &str,
+            rg: Option<&str>,
+        ) -> Result<Vec<TrackedRecord>> {
+            let conn = self.lock();
+            let mut st = conn.prepare(
+                "SELECT body FROM tracked WHERE type_key = ?1 AND subscription = ?2 AND (?3 IS NULL OR rg_key = ?3) ORDER BY key",
+            )?;
+            let rows = st.query_map(
+                params![lower(type_name), lower(subscription), rg.map(lower)],
+                |r| r.get::<_, String>(0),
+            )?;
+            rows.map(|b| parse(&b?)).collect()
+        }
+
+        fn list_tracked_under(
+            &self,
+            parent_key: &str,
+            type_name: &str,
+        ) -> Result<Vec<TrackedRecord>> {
+            let conn = self.lock();
+            let mut st = conn.prepare(
+                "SELECT body FROM tracked WHERE type_key = ?2 AND substr(key, 1, length(?1) + 1) = ?1 || '/' ORDER BY key",
+            )?;
+            let rows = st.query_map(params![lower(parent_key), lower(type_name)], |r| {
+                r.get::<_, String>(0)
+            })?;
+            rows.map(|b| parse(&b?)).collect()
+        }
+
+        fn delete_tracked(&self, key: &str) -> Result<bool> {
+            let k = lower(key);
+            let n = self.lock().execute(
+                "DELETE FROM tracked WHERE key = ?1 OR substr(key, 1, length(?1) + 1) = ?1 || '/'",
+                [&k],
+            )?;
+            Ok(n > 0)
+        }
     }
 }

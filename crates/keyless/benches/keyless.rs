@@ -283,6 +283,7 @@ fn main() {
                 imds_listen: "127.0.0.1:0".parse().unwrap(),
                 sync_interval: Duration::from_secs(30),
                 private_ip: None,
+                extension_reload_hook: None,
             },
             clock,
         )

@@ -649,6 +649,68 @@ enum VmVerb {
         #[command(subcommand)]
         verb: VmIdentityVerb,
     },
+    /// VM extensions (e.g. KeyVaultForLinux), run by the VM's host agent.
+    Extension {
+        #[command(subcommand)]
+        verb: VmExtensionVerb,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmExtensionVerb {
+    /// Add or update an extension (`az vm extension set`).
+    Set {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        vm_name: String,
+        /// Extension name (also its type unless --extension-type is given).
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long)]
+        publisher: String,
+        #[arg(long)]
+        extension_type: Option<String>,
+        #[arg(long, default_value = "3.0")]
+        version: String,
+        /// Settings JSON, or @FILE.
+        #[arg(long)]
+        settings: Option<String>,
+    },
+    Show {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        vm_name: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        vm_name: String,
+    },
+    Delete {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        vm_name: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+}
+
+/// A JSON argument given inline or as `@FILE`.
+fn json_arg(v: &str) -> Result<Value, CliError> {
+    let text = match v.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| CliError::Io {
+            path: path.to_string(),
+            source,
+        })?,
+        None => v.to_string(),
+    };
+    serde_json::from_str(&text).map_err(|e| CliError::Usage(format!("invalid JSON: {e}")))
 }
 
 #[derive(Subcommand)]
@@ -770,6 +832,80 @@ pub async fn vm(c: VmCmd, ty: &'static str) -> Result<(), CliError> {
                 Some(json!({"expiresInSeconds": expires_in})),
             )
             .await?
+        }
+        VmVerb::Extension { verb } => {
+            let ext = |rg: &str, vm: &str, n: Option<&str>| {
+                let base = format!("{}/providers/{ty}/{vm}/extensions", api.rg_path(rg));
+                match n {
+                    Some(n) => format!("{base}/{n}?api-version={COMPUTE_API}"),
+                    None => format!("{base}?api-version={COMPUTE_API}"),
+                }
+            };
+            match verb {
+                VmExtensionVerb::Set {
+                    resource_group,
+                    vm_name,
+                    name,
+                    publisher,
+                    extension_type,
+                    version,
+                    settings,
+                } => {
+                    let settings = match settings {
+                        Some(s) => json_arg(&s)?,
+                        None => json!({}),
+                    };
+                    let body = json!({"properties": {
+                        "publisher": publisher,
+                        "type": extension_type.unwrap_or_else(|| name.clone()),
+                        "typeHandlerVersion": version,
+                        "autoUpgradeMinorVersion": true,
+                        "settings": settings,
+                    }});
+                    api.call(
+                        reqwest::Method::PUT,
+                        &ext(&resource_group, &vm_name, Some(&name)),
+                        Some(body),
+                    )
+                    .await?
+                }
+                VmExtensionVerb::Show {
+                    resource_group,
+                    vm_name,
+                    name,
+                } => {
+                    api.call(
+                        reqwest::Method::GET,
+                        &ext(&resource_group, &vm_name, Some(&name)),
+                        None,
+                    )
+                    .await?
+                }
+                VmExtensionVerb::List {
+                    resource_group,
+                    vm_name,
+                } => api
+                    .call(
+                        reqwest::Method::GET,
+                        &ext(&resource_group, &vm_name, None),
+                        None,
+                    )
+                    .await?["value"]
+                    .clone(),
+                VmExtensionVerb::Delete {
+                    resource_group,
+                    vm_name,
+                    name,
+                } => {
+                    api.call(
+                        reqwest::Method::DELETE,
+                        &ext(&resource_group, &vm_name, Some(&name)),
+                        None,
+                    )
+                    .await?;
+                    return Ok(());
+                }
+            }
         }
         VmVerb::Identity { verb } => {
             let (rg, name, ids, assign) = match verb {
@@ -1595,6 +1731,283 @@ pub async fn keyvault(c: KeyVaultCmd) -> Result<(), CliError> {
             )
             .await?
         }
+    };
+    api.print(&v);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ batch
+
+const BATCH_API: &str = "2024-07-01";
+const BATCH_ACCOUNT_TYPE: &str = "Microsoft.Batch/batchAccounts";
+
+#[derive(Args)]
+pub struct BatchCmd {
+    #[command(subcommand)]
+    cmd: BatchVerb,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Subcommand)]
+enum BatchVerb {
+    /// Batch accounts.
+    Account {
+        #[command(subcommand)]
+        verb: BatchAccountVerb,
+    },
+    /// Pools: groups of hosts that share identities and extensions.
+    Pool {
+        #[command(subcommand)]
+        verb: BatchPoolVerb,
+    },
+}
+
+#[derive(Subcommand)]
+enum BatchAccountVerb {
+    Create {
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'l', long, default_value = "local")]
+        location: String,
+    },
+    Show {
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'g', long)]
+        resource_group: String,
+    },
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+    },
+    Delete {
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'g', long)]
+        resource_group: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BatchPoolVerb {
+    /// Create or replace a pool from a Batch management request body (JSON file, or `-`).
+    Create {
+        #[arg(long)]
+        account_name: String,
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long)]
+        body: String,
+    },
+    Show {
+        #[arg(long)]
+        account_name: String,
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+    List {
+        #[arg(long)]
+        account_name: String,
+        #[arg(short = 'g', long)]
+        resource_group: String,
+    },
+    Delete {
+        #[arg(long)]
+        account_name: String,
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+    /// Set the fixed target node count (nodes beyond it are removed, newest first).
+    Resize {
+        #[arg(long)]
+        account_name: String,
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long)]
+        target_dedicated_nodes: u64,
+    },
+    /// A one-time token with which a host agent joins the pool as a node.
+    JoinToken {
+        #[arg(long)]
+        account_name: String,
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long, default_value_t = 3600)]
+        expires_in: u64,
+    },
+}
+
+pub async fn batch(c: BatchCmd) -> Result<(), CliError> {
+    let api = Api::connect(&c.conn).await?;
+    let account = |rg: &str, n: &str| api.res_path(rg, BATCH_ACCOUNT_TYPE, n, BATCH_API);
+    let pool = |rg: &str, a: &str, p: Option<&str>, action: Option<&str>| {
+        let mut path = format!(
+            "{}/providers/{BATCH_ACCOUNT_TYPE}/{a}/pools",
+            api.rg_path(rg)
+        );
+        if let Some(p) = p {
+            path.push('/');
+            path.push_str(p);
+        }
+        if let Some(a) = action {
+            path.push('/');
+            path.push_str(a);
+        }
+        format!("{path}?api-version={BATCH_API}")
+    };
+    let v = match c.cmd {
+        BatchVerb::Account { verb } => match verb {
+            BatchAccountVerb::Create {
+                name,
+                resource_group,
+                location,
+            } => {
+                api.call(
+                    reqwest::Method::PUT,
+                    &account(&resource_group, &name),
+                    Some(json!({"location": location})),
+                )
+                .await?
+            }
+            BatchAccountVerb::Show {
+                name,
+                resource_group,
+            } => {
+                api.call(reqwest::Method::GET, &account(&resource_group, &name), None)
+                    .await?
+            }
+            BatchAccountVerb::List { resource_group } => {
+                api.list(resource_group.as_deref(), BATCH_ACCOUNT_TYPE, BATCH_API)
+                    .await?
+            }
+            BatchAccountVerb::Delete {
+                name,
+                resource_group,
+            } => {
+                api.call(
+                    reqwest::Method::DELETE,
+                    &account(&resource_group, &name),
+                    None,
+                )
+                .await?;
+                return Ok(());
+            }
+        },
+        BatchVerb::Pool { verb } => match verb {
+            BatchPoolVerb::Create {
+                account_name,
+                resource_group,
+                name,
+                body,
+            } => {
+                let text = if body == "-" {
+                    let mut t = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).map_err(
+                        |source| CliError::Io {
+                            path: "-".into(),
+                            source,
+                        },
+                    )?;
+                    t
+                } else {
+                    std::fs::read_to_string(&body).map_err(|source| CliError::Io {
+                        path: body.clone(),
+                        source,
+                    })?
+                };
+                let b: Value = serde_json::from_str(&text)
+                    .map_err(|e| CliError::Usage(format!("{body}: invalid JSON: {e}")))?;
+                // accept the request body, or the whole example document with "parameters"
+                let b = b.pointer("/parameters/parameters").cloned().unwrap_or(b);
+                api.call(
+                    reqwest::Method::PUT,
+                    &pool(&resource_group, &account_name, Some(&name), None),
+                    Some(b),
+                )
+                .await?
+            }
+            BatchPoolVerb::Show {
+                account_name,
+                resource_group,
+                name,
+            } => {
+                api.call(
+                    reqwest::Method::GET,
+                    &pool(&resource_group, &account_name, Some(&name), None),
+                    None,
+                )
+                .await?
+            }
+            BatchPoolVerb::List {
+                account_name,
+                resource_group,
+            } => api
+                .call(
+                    reqwest::Method::GET,
+                    &pool(&resource_group, &account_name, None, None),
+                    None,
+                )
+                .await?["value"]
+                .clone(),
+            BatchPoolVerb::Delete {
+                account_name,
+                resource_group,
+                name,
+            } => {
+                api.call(
+                    reqwest::Method::DELETE,
+                    &pool(&resource_group, &account_name, Some(&name), None),
+                    None,
+                )
+                .await?;
+                return Ok(());
+            }
+            BatchPoolVerb::Resize {
+                account_name,
+                resource_group,
+                name,
+                target_dedicated_nodes,
+            } => {
+                let body = json!({"properties": {"scaleSettings": {"fixedScale": {"targetDedicatedNodes": target_dedicated_nodes}}}});
+                api.call(
+                    reqwest::Method::PATCH,
+                    &pool(&resource_group, &account_name, Some(&name), None),
+                    Some(body),
+                )
+                .await?
+            }
+            BatchPoolVerb::JoinToken {
+                account_name,
+                resource_group,
+                name,
+                expires_in,
+            } => {
+                api.call(
+                    reqwest::Method::POST,
+                    &pool(
+                        &resource_group,
+                        &account_name,
+                        Some(&name),
+                        Some("generateJoinToken"),
+                    ),
+                    Some(json!({"expiresInSeconds": expires_in})),
+                )
+                .await?
+            }
+        },
     };
     api.print(&v);
     Ok(())

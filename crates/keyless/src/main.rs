@@ -41,6 +41,8 @@ enum Command {
     Role(admin::RoleCmd),
     /// Manage key vaults (`Microsoft.KeyVault/vaults`) and their access policies.
     Keyvault(admin::KeyVaultCmd),
+    /// Batch accounts and pools (groups of hosts sharing identities and extensions).
+    Batch(admin::BatchCmd),
     /// Get a managed-identity token from the local IMDS endpoint.
     GetToken(admin::GetTokenArgs),
     /// Keep Key Vault certificates on disk as PEM files (the KeyVaultForLinux VM extension).
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
             Command::Role(c) => admin::role(c).await,
             Command::App(c) => admin::app(c).await,
             Command::Keyvault(c) => admin::keyvault(c).await,
+            Command::Batch(c) => admin::batch(c).await,
             Command::GetToken(a) => admin::get_token(a).await,
             Command::KvAgent(a) => run::kv_agent(a).await,
         }

@@ -105,6 +105,10 @@ pub struct NodeArgs {
     /// Private IP reported in /metadata/instance.
     #[arg(long)]
     pub private_ip: Option<String>,
+    /// Command run (`sh -c`) after a VM extension installed a new certificate version (env
+    /// `KEYLESS_KV_CHANGED` = the changed certificate links).
+    #[arg(long, env = "KEYLESS_EXTENSION_RELOAD_HOOK")]
+    pub extension_reload_hook: Option<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
@@ -239,6 +243,7 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
         imds_listen: a.imds_listen,
         sync_interval: Duration::from_secs(a.sync_interval.max(1)),
         private_ip: a.private_ip.clone(),
+        extension_reload_hook: a.extension_reload_hook.clone(),
     };
     let node = keyless_node::start(cfg, Arc::new(SystemClock::new())).await?;
     println!("IMDS endpoint: http://{}", node.imds_addr);
@@ -330,6 +335,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
             imds_listen: a.imds_listen,
             sync_interval: Duration::from_secs(a.sync_interval.max(1)),
             private_ip: None,
+            extension_reload_hook: None,
         },
         clock,
     )
@@ -348,6 +354,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
                     imds_listen: a.imds_listen,
                     sync_interval: Duration::from_secs(a.sync_interval.max(1)),
                     private_ip: None,
+                    extension_reload_hook: None,
                 },
                 Arc::new(SystemClock::new()),
             )
