@@ -8,6 +8,7 @@
 //! - [`claims`]: the claims of a managed-identity access token.
 //! - [`fic`]: federated identity credential rules and assertion matching.
 //! - [`imds`]: parsing and validating IMDS token requests, and the IMDS response/error shapes.
+//! - [`local_endpoints`]: the VM-extension, App Service and Arc token endpoints.
 //! - [`identity_type`]: the `identity` property of a host resource (PUT and PATCH rules).
 //! - [`selection`]: which identity of a host a request selects (the one decision point).
 //! - [`rbac`]: built-in roles, action wildcard matching, scope inheritance, the access decision.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod fic;
 pub mod identity_type;
 pub mod imds;
+pub mod local_endpoints;
 pub mod names;
 pub mod rbac;
 pub mod refresh;

@@ -9,6 +9,7 @@
 pub mod credential;
 pub mod extensions;
 pub mod imds;
+pub mod local;
 
 use keyless_core::clock::Clock;
 use keyless_core::imds::IssuedToken;
@@ -67,6 +68,8 @@ pub struct NodeConfig {
     /// Command run (`sh -c`) after an extension installed a new certificate version. Set on
     /// the host, never from the control plane.
     pub extension_reload_hook: Option<String>,
+    /// The local endpoints besides IMDS (VM extension, App Service, Arc).
+    pub local: local::LocalConfig,
 }
 
 /// What the server told us about our VM.
@@ -75,6 +78,8 @@ pub struct HostView {
     pub tenant_id: String,
     pub vm: Value,
     pub identities: CallerIdentities,
+    /// The VM extensions the host carries (`{name, publisher, type, settings}`).
+    pub extensions: Vec<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -83,10 +88,12 @@ struct Cached {
     iat: u64,
 }
 
-/// Who is asking. Only the host exists today; pods (NMI) and local users come later.
+/// Who is asking: the host's processes (IMDS, App Service, Arc), or a client of the legacy
+/// VM-extension endpoint (which reaches at most 32 user-assigned identities).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallerKind {
     Host,
+    Extension,
 }
 
 /// The running agent's shared state.
@@ -98,6 +105,8 @@ pub struct Agent {
     cache: Mutex<HashMap<(String, String), Cached>>,
     /// The VM extensions this host runs (the Key Vault certificate sync).
     pub extensions: extensions::ExtensionRunner,
+    /// The legacy VM-extension endpoint, while the extension is attached.
+    pub extension_endpoint: local::ExtensionEndpoint,
 }
 
 /// Why a token could not be served.
@@ -112,14 +121,21 @@ pub enum TokenFailure {
 impl Agent {
     /// The identities `caller` may use.
     fn allowed(&self, caller: CallerKind) -> Option<CallerIdentities> {
-        match caller {
-            CallerKind::Host => self
-                .view
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .map(|v| v.identities.clone()),
-        }
+        let all = self
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|v| v.identities.clone())?;
+        Some(match caller {
+            CallerKind::Host => all,
+            CallerKind::Extension => {
+                let mut ids = all;
+                ids.user
+                    .truncate(keyless_core::local_endpoints::EXTENSION_MAX_USER_IDENTITIES);
+                ids
+            }
+        })
     }
 
     /// The one decision point: the identity `selector` names among those `caller` may use.
@@ -172,6 +188,7 @@ impl Agent {
             tenant_id: body["tenantId"].as_str().unwrap_or_default().to_string(),
             vm: body["vm"].clone(),
             identities,
+            extensions: body["extensions"].as_array().cloned().unwrap_or_default(),
         };
         let allowed: Vec<String> = view
             .identities
@@ -184,8 +201,8 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(cid, _), _| allowed.contains(cid));
+        let wanted = view.extensions.clone();
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some(view);
-        let wanted = body["extensions"].as_array().cloned().unwrap_or_default();
         self.extensions.reconcile(&wanted);
         Ok(())
     }
@@ -279,6 +296,10 @@ impl Agent {
 /// A started agent.
 pub struct RunningNode {
     pub imds_addr: SocketAddr,
+    /// App Service endpoint, and the file holding its `IDENTITY_HEADER`.
+    pub app_service_addr: Option<SocketAddr>,
+    pub identity_header_file: Option<PathBuf>,
+    pub arc_addr: Option<SocketAddr>,
     pub agent: Arc<Agent>,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -308,8 +329,10 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         view: RwLock::new(None),
         cache: Mutex::new(HashMap::new()),
         extensions,
+        extension_endpoint: Default::default(),
     });
     agent.sync().await?;
+    follow_extension_endpoint(&agent).await;
 
     let bg = agent.clone();
     tokio::spawn(async move {
@@ -320,11 +343,63 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
             if let Err(e) = bg.sync().await {
                 tracing::warn!(error = %e, "identity sync failed");
             }
+            follow_extension_endpoint(&bg).await;
             if let Err(e) = bg.cred.rotate_if_due(&bg.cfg, bg.clock.as_ref()).await {
                 tracing::warn!(error = %e, "host credential rotation failed");
             }
         }
     });
+
+    let (app_service_addr, identity_header_file) = match agent.cfg.local.app_service {
+        Some(addr) => {
+            let path = agent.cfg.state_dir.join("identity-header");
+            let secret =
+                local::write_identity_header(&path).map_err(|source| NodeError::State {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            let bound = l.local_addr().unwrap_or(addr);
+            let app = local::app_service_router(agent.clone(), Arc::new(secret));
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app).await;
+            });
+            tracing::info!(%bound, "App Service endpoint listening");
+            (Some(bound), Some(path))
+        }
+        None => (None, None),
+    };
+    let arc_addr = match agent.cfg.local.arc {
+        Some(addr) => {
+            let dir = agent.cfg.local.arc_token_dir.clone();
+            let keys =
+                local::ArcKeys::new(dir.clone(), agent.cfg.local.arc_group).map_err(|source| {
+                    NodeError::State {
+                        path: dir.display().to_string(),
+                        source,
+                    }
+                })?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            let bound = l.local_addr().unwrap_or(addr);
+            let app = local::arc_router(agent.clone(), Arc::new(keys));
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app).await;
+            });
+            tracing::info!(%bound, "Arc endpoint listening");
+            Some(bound)
+        }
+        None => None,
+    };
 
     let app = imds::router(agent.clone());
     let task = tokio::spawn(async move {
@@ -335,7 +410,23 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
     tracing::info!(%imds_addr, "IMDS endpoint listening");
     Ok(RunningNode {
         imds_addr,
+        app_service_addr,
+        identity_header_file,
+        arc_addr,
         agent,
         task,
     })
+}
+
+/// Start, move or stop the VM-extension endpoint to follow the host view.
+async fn follow_extension_endpoint(agent: &Arc<Agent>) {
+    if !agent.cfg.local.extension {
+        return;
+    }
+    let port = agent.view().and_then(|v| {
+        v.extensions
+            .iter()
+            .find_map(keyless_core::local_endpoints::managed_identity_extension_port)
+    });
+    agent.extension_endpoint.reconcile(agent, port).await;
 }

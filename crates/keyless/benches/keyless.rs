@@ -284,6 +284,7 @@ fn main() {
                 sync_interval: Duration::from_secs(30),
                 private_ip: None,
                 extension_reload_hook: None,
+                local: Default::default(),
             },
             clock,
         )

@@ -109,6 +109,25 @@ pub struct NodeArgs {
     /// `KEYLESS_KV_CHANGED` = the changed certificate links).
     #[arg(long, env = "KEYLESS_EXTENSION_RELOAD_HOOK")]
     pub extension_reload_hook: Option<String>,
+    /// Token endpoint styles to serve: imds (always served), extension (the legacy
+    /// localhost:50342 endpoint, while the VM carries the Microsoft.ManagedIdentity
+    /// extension), appservice (IDENTITY_ENDPOINT + IDENTITY_HEADER), arc (the Azure Arc
+    /// challenge-file flow).
+    #[arg(long, default_value = "imds", env = "KEYLESS_ENDPOINTS")]
+    pub endpoints: String,
+    /// App Service endpoint address.
+    #[arg(long, default_value = "127.0.0.1:4141")]
+    pub appservice_listen: SocketAddr,
+    /// Arc endpoint address.
+    #[arg(long, default_value = "127.0.0.1:40342")]
+    pub arc_listen: SocketAddr,
+    /// Directory of the Arc key files (the SDKs only accept /var/opt/azcmagent/tokens).
+    #[arg(long, default_value = "/var/opt/azcmagent/tokens")]
+    pub arc_token_dir: PathBuf,
+    /// Group (name or gid) whose members, besides root, may read Arc key files and so use the
+    /// host's identities through the Arc endpoint.
+    #[arg(long)]
+    pub arc_group: Option<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
@@ -244,14 +263,61 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
         sync_interval: Duration::from_secs(a.sync_interval.max(1)),
         private_ip: a.private_ip.clone(),
         extension_reload_hook: a.extension_reload_hook.clone(),
+        local: local_config(&a)?,
     };
     let node = keyless_node::start(cfg, Arc::new(SystemClock::new())).await?;
     println!("IMDS endpoint: http://{}", node.imds_addr);
+    if let (Some(addr), Some(file)) = (node.app_service_addr, &node.identity_header_file) {
+        println!(
+            "App Service endpoint: export IDENTITY_ENDPOINT=http://{addr}/MSI/token IDENTITY_HEADER=$(cat {})",
+            file.display()
+        );
+    }
+    if let Some(addr) = node.arc_addr {
+        println!(
+            "Arc endpoint: export IDENTITY_ENDPOINT=http://localhost:{}/metadata/identity/oauth2/token IMDS_ENDPOINT=http://localhost:{}",
+            addr.port(),
+            addr.port()
+        );
+    }
     if let Some(v) = node.agent.view() {
         println!("VM: {}", v.vm["resourceId"].as_str().unwrap_or(""));
     }
     wait_for_signal().await;
     Ok(())
+}
+
+/// The local endpoints `keyless node` serves besides IMDS.
+fn local_config(a: &NodeArgs) -> Result<keyless_node::local::LocalConfig, CliError> {
+    use keyless_core::local_endpoints::{parse_styles, Style};
+    let styles = parse_styles(&a.endpoints).map_err(CliError::Usage)?;
+    let arc_group = match &a.arc_group {
+        None => None,
+        Some(g) => Some(match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => group_id(g).ok_or_else(|| CliError::Usage(format!("unknown group '{g}'")))?,
+        }),
+    };
+    Ok(keyless_node::local::LocalConfig {
+        extension: styles.contains(&Style::Extension),
+        app_service: styles
+            .contains(&Style::AppService)
+            .then_some(a.appservice_listen),
+        arc: styles.contains(&Style::Arc).then_some(a.arc_listen),
+        arc_token_dir: a.arc_token_dir.clone(),
+        arc_group,
+    })
+}
+
+/// A group's id from /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+        })
 }
 
 /// A VM name for this machine: the host name when it is a valid VM name.
@@ -336,6 +402,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
             sync_interval: Duration::from_secs(a.sync_interval.max(1)),
             private_ip: None,
             extension_reload_hook: None,
+            local: Default::default(),
         },
         clock,
     )
@@ -355,6 +422,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
                     sync_interval: Duration::from_secs(a.sync_interval.max(1)),
                     private_ip: None,
                     extension_reload_hook: None,
+                    local: Default::default(),
                 },
                 Arc::new(SystemClock::new()),
             )

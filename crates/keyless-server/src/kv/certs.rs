@@ -342,8 +342,14 @@ pub async fn complete(s: Arc<AppState>, vault: String, name: String, request_id:
         )
         .await?;
         if written.is_none() {
+            // someone else wrote first: if it was this very operation (a resumed issuance
+            // racing another pass), it is completed and stays so; otherwise this one failed
             let mut st = load_state(&s, &vault, &name)?.unwrap_or_default();
-            if let Some(cur) = st.pending.as_mut().filter(|c| c.request_id == request_id) {
+            if let Some(cur) = st
+                .pending
+                .as_mut()
+                .filter(|c| c.request_id == request_id && c.status == IN_PROGRESS)
+            {
                 cur.status = "failed".into();
                 cur.error = Some(json!({"code": "Conflict", "message": "Another version of the certificate was created while this one was in progress; create it again."}));
                 save_state(&s, &vault, &name, &st)?;
@@ -355,7 +361,11 @@ pub async fn complete(s: Arc<AppState>, vault: String, name: String, request_id:
     if let Err(e) = r {
         tracing::error!(error = %e, vault = %vault, certificate = %name, "certificate issuance failed");
         if let Ok(Some(mut st)) = load_state(&s, &vault, &name) {
-            if let Some(cur) = st.pending.as_mut().filter(|c| c.request_id == request_id) {
+            if let Some(cur) = st
+                .pending
+                .as_mut()
+                .filter(|c| c.request_id == request_id && c.status == IN_PROGRESS)
+            {
                 cur.status = "failed".into();
                 cur.error = Some(
                     json!({"code": "InternalError", "message": "The certificate could not be issued."}),

@@ -1,0 +1,404 @@
+//! The local token endpoints besides IMDS, each in the shape its clients expect (rules in
+//! `keyless_core::local_endpoints`), all ending in the agent's one decision point:
+//!
+//! - the legacy VM-extension endpoint, listening on `localhost:<port>` while the VM (or scale
+//!   set) carries the `Microsoft.ManagedIdentity` extension — started and stopped with it;
+//! - App Service (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`): the header secret is generated at
+//!   start and written to a file only root can read;
+//! - Azure Arc (`IDENTITY_ENDPOINT` + `IMDS_ENDPOINT`): each request without a key is answered
+//!   401 with a fresh key file in the token directory, readable by root and one configured
+//!   group; the file's content, presented once within a minute, gets the token.
+
+use crate::{Agent, CallerKind, TokenFailure};
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::{Json, Router};
+use keyless_core::imds::{self, ImdsError, TokenRequest};
+use keyless_core::local_endpoints as le;
+use serde_json::json;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+/// Which local endpoints a node serves, and where.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// Serve the VM-extension endpoint while the extension is attached.
+    pub extension: bool,
+    /// App Service endpoint (`/MSI/token`).
+    pub app_service: Option<SocketAddr>,
+    /// Arc endpoint (`/metadata/identity/oauth2/token`).
+    pub arc: Option<SocketAddr>,
+    /// Where Arc key files are written (clients insist on `/var/opt/azcmagent/tokens`).
+    pub arc_token_dir: PathBuf,
+    /// The group (besides root) that may read Arc key files.
+    pub arc_group: Option<u32>,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            extension: false,
+            app_service: None,
+            arc: None,
+            arc_token_dir: PathBuf::from(le::ARC_TOKEN_DIR),
+            arc_group: None,
+        }
+    }
+}
+
+fn err(e: ImdsError) -> Response {
+    (
+        StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+        Json(e.body),
+    )
+        .into_response()
+}
+
+fn failure(f: TokenFailure, app_service: bool) -> Response {
+    let (status, m) = match f {
+        TokenFailure::IdentityNotFound => (400, "Identity not found".to_string()),
+        TokenFailure::Ambiguous => (
+            400,
+            keyless_core::selection::SelectionError::Ambiguous.to_string(),
+        ),
+        TokenFailure::Upstream(m) => {
+            tracing::warn!(error = %m, "token request failed upstream");
+            (
+                500,
+                format!("Failed to retrieve token from the Active directory. {m}"),
+            )
+        }
+    };
+    if app_service {
+        err(le::app_service_error(status, &m))
+    } else {
+        let error = if status == 500 {
+            "unknown"
+        } else {
+            "invalid_request"
+        };
+        err(ImdsError {
+            status,
+            body: json!({"error": error, "error_description": m}),
+        })
+    }
+}
+
+fn metadata(h: &HeaderMap) -> Option<&str> {
+    h.get("metadata").and_then(|v| v.to_str().ok())
+}
+
+fn pairs(raw: &str) -> Result<Vec<(String, String)>, ImdsError> {
+    serde_urlencoded::from_str(raw).map_err(|_| ImdsError {
+        status: 400,
+        body: json!({"error": "invalid_request", "error_description": "The request could not be parsed"}),
+    })
+}
+
+// ------------------------------------------------------------------ VM extension
+
+async fn extension_token(
+    State(agent): State<Arc<Agent>>,
+    method: Method,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: axum::body::Bytes,
+) -> Response {
+    if h.contains_key("x-forwarded-for") {
+        return err(ImdsError {
+            status: 400,
+            body: json!({"error": "invalid_request", "error_description": "Requests with the X-Forwarded-For header are not accepted"}),
+        });
+    }
+    // GET with a query, or POST with a form body (seed 001's curl --data)
+    let raw = if method == Method::POST && !body.is_empty() {
+        String::from_utf8_lossy(&body).to_string()
+    } else {
+        q.unwrap_or_default()
+    };
+    let req = match pairs(&raw).and_then(|p| le::extension_request(&p, metadata(&h))) {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
+    match agent
+        .token(CallerKind::Extension, &req.selector, &req.resource, false)
+        .await
+    {
+        Ok(t) => Json(imds::token_response(&t, &req.selector, agent.clock.now())).into_response(),
+        Err(f) => failure(f, false),
+    }
+}
+
+pub fn extension_router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/oauth2/token", any(extension_token))
+        .route("/oauth2/token/", any(extension_token))
+        .fallback(|| async {
+            (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "unknown_source", "error_description": "Unknown Source"})),
+            )
+        })
+        .with_state(agent)
+}
+
+/// The VM-extension listener, following the host view (attached extension and its port).
+#[derive(Default)]
+pub struct ExtensionEndpoint {
+    current: Mutex<Option<(u16, SocketAddr, oneshot::Sender<()>)>>,
+}
+
+impl ExtensionEndpoint {
+    /// Where it listens now, if it does.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.1)
+    }
+
+    /// Start, move or stop the listener to match `port` (None: the extension is gone).
+    pub async fn reconcile(&self, agent: &Arc<Agent>, port: Option<u16>) {
+        let running = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.0);
+        if running == port {
+            return;
+        }
+        if let Some((p, _, stop)) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            tracing::info!(port = p, "VM-extension endpoint stopped");
+            let _ = stop.send(());
+        }
+        let Some(port) = port else { return };
+        let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(port, error = %e, "cannot listen for the VM-extension endpoint");
+                return;
+            }
+        };
+        let addr = listener
+            .local_addr()
+            .unwrap_or(([127, 0, 0, 1], port).into());
+        let (tx, rx) = oneshot::channel::<()>();
+        let app = extension_router(agent.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        tracing::info!(%addr, "VM-extension endpoint listening");
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((port, addr, tx));
+    }
+}
+
+// ------------------------------------------------------------------ App Service
+
+#[derive(Clone)]
+struct AppServiceState {
+    agent: Arc<Agent>,
+    secret: Arc<String>,
+}
+
+async fn app_service_token(
+    State(st): State<AppServiceState>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let presented = h.get("x-identity-header").and_then(|v| v.to_str().ok());
+    let req = match pairs(&q.unwrap_or_default())
+        .and_then(|p| le::app_service_request(&p, presented, &st.secret))
+    {
+        Ok(r) => r,
+        Err(e) => return err(e),
+    };
+    match st
+        .agent
+        .token(CallerKind::Host, &req.selector, &req.resource, false)
+        .await
+    {
+        Ok(t) => Json(le::app_service_response(&t)).into_response(),
+        Err(f) => failure(f, true),
+    }
+}
+
+pub fn app_service_router(agent: Arc<Agent>, secret: Arc<String>) -> Router {
+    Router::new()
+        .route("/MSI/token", any(app_service_token))
+        .route("/msi/token", any(app_service_token))
+        .with_state(AppServiceState { agent, secret })
+}
+
+// ------------------------------------------------------------------ Arc
+
+/// Outstanding Arc keys: content → (file, expiry).
+pub struct ArcKeys {
+    dir: PathBuf,
+    group: Option<u32>,
+    keys: Mutex<HashMap<String, (PathBuf, u64)>>,
+}
+
+/// How long a key file may be presented.
+const ARC_KEY_LIFETIME: u64 = 60;
+
+impl ArcKeys {
+    pub fn new(dir: PathBuf, group: Option<u32>) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
+        if let Some(g) = group {
+            std::os::unix::fs::chown(&dir, None, Some(g))?;
+        }
+        Ok(Self {
+            dir,
+            group,
+            keys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn sweep(&self, now: u64) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (path, exp)| {
+                let keep = *exp > now;
+                if !keep {
+                    let _ = std::fs::remove_file(path);
+                }
+                keep
+            });
+    }
+
+    /// Write a fresh key file (0640, root and the group) and return its path.
+    fn challenge(&self, now: u64) -> std::io::Result<PathBuf> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        self.sweep(now);
+        let mut raw = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut raw).map_err(|_| std::io::Error::other("no randomness"))?;
+        let key: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let path = self.dir.join(format!("{}.key", uuid::Uuid::new_v4()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&path)?;
+        if let Some(g) = self.group {
+            std::os::unix::fs::chown(&path, None, Some(g))?;
+        }
+        // no trailing newline: clients send the content verbatim
+        f.write_all(key.as_bytes())?;
+        f.sync_all()?;
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (path.clone(), now + ARC_KEY_LIFETIME));
+        Ok(path)
+    }
+
+    /// Consume a presented key: valid once, within its lifetime.
+    fn redeem(&self, presented: &str, now: u64) -> bool {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let found = keys.keys().find(|k| le::secret_eq(k, presented)).cloned();
+        match found.and_then(|k| keys.remove(&k)) {
+            Some((path, exp)) => {
+                let _ = std::fs::remove_file(path);
+                exp > now
+            }
+            None => false,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ArcState {
+    agent: Arc<Agent>,
+    keys: Arc<ArcKeys>,
+}
+
+async fn arc_token(State(st): State<ArcState>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    let req: TokenRequest =
+        match pairs(&q.unwrap_or_default()).and_then(|p| le::arc_request(&p, metadata(&h))) {
+            Ok(r) => r,
+            Err(e) => return err(e),
+        };
+    let now = st.agent.clock.now();
+    let presented =
+        le::arc_presented_key(h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
+    let Some(key) = presented else {
+        return match st.keys.challenge(now) {
+            Ok(path) => {
+                let mut r = (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"error": "unauthorized", "error_description": "Read the key file named in WWW-Authenticate and send its content as Authorization: Basic <content>."})),
+                )
+                    .into_response();
+                if let Ok(v) = HeaderValue::from_str(&le::arc_challenge(&path.to_string_lossy())) {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                r
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write an Arc key file");
+                err(ImdsError {
+                    status: 500,
+                    body: json!({"error": "unknown", "error_description": "The key file could not be written."}),
+                })
+            }
+        };
+    };
+    if !st.keys.redeem(key, now) {
+        return err(ImdsError {
+            status: 401,
+            body: json!({"error": "unauthorized", "error_description": "The key is unknown, used or expired; request a new one."}),
+        });
+    }
+    match st
+        .agent
+        .token(CallerKind::Host, &req.selector, &req.resource, false)
+        .await
+    {
+        Ok(t) => Json(imds::token_response(&t, &req.selector, now)).into_response(),
+        Err(f) => failure(f, false),
+    }
+}
+
+pub fn arc_router(agent: Arc<Agent>, keys: Arc<ArcKeys>) -> Router {
+    Router::new()
+        .route("/metadata/identity/oauth2/token", any(arc_token))
+        .with_state(ArcState { agent, keys })
+}
+
+/// A random App Service identity header, written to `path` (0600).
+pub fn write_identity_header(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut raw = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut raw).map_err(|_| std::io::Error::other("no randomness"))?;
+    let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    Ok(secret)
+}
