@@ -53,7 +53,8 @@ class LegacyHost:
 
     def start(self):
         kv = self.kv
-        kv.cli("vm", "create", "-g", "keyless", "-n", self.vm, "--assign-identity")
+        self.ua = kv.cli("identity", "create", "-g", "keyless", "-n", f"ua-{self.vm}")
+        kv.cli("vm", "create", "-g", "keyless", "-n", self.vm, "--assign-identity", "[system]", f"ua-{self.vm}")
         token = kv.cli("vm", "join-token", "-g", "keyless", "-n", self.vm)["joinToken"]
         cmd = [keyless_bin(), "node", "--server", self.up.info["serverUrl"], "--ca-file", self.up.info["caFile"],
                "--state-dir", str(self.dir / "node"), "--join-token", token,
@@ -175,6 +176,12 @@ def test_app_service_python_and_node(host):
     out = node_client(host, env)
     assert out.get("verified"), out
     assert out["claims"]["oid"] == host.system
+    # user-assigned, by client id and by resource id (mi_res_id)
+    ua = host.ua["properties"]
+    out = py_client(host, env, {"client_id": ua["clientId"]})
+    assert out["claims"]["oid"] == ua["principalId"], out
+    out = node_client(host, env, {"resourceId": host.ua["id"]})
+    assert out.get("verified") and out["claims"]["oid"] == ua["principalId"], out
 
 
 def test_app_service_refuses_a_missing_or_wrong_header(host):
@@ -198,6 +205,11 @@ def test_arc_python_and_node_as_root(host):
     assert out["claims"]["oid"] == host.system
     out = node_client(host, env)
     assert out.get("verified"), out
+    ua = host.ua["properties"]
+    out = py_client(host, env, {"client_id": ua["clientId"]})
+    assert out["claims"]["oid"] == ua["principalId"], out
+    out = node_client(host, env, {"clientId": ua["clientId"]})
+    assert out.get("verified") and out["claims"]["oid"] == ua["principalId"], out
 
 
 def test_arc_member_of_the_group_gets_a_token_and_others_do_not(host):
