@@ -2,8 +2,15 @@
 //! baseline measured in the same run on the same machine (these machines are noisy, so the
 //! ratios are the figures to compare across runs):
 //!
-//! - cached managed-identity tokens at the host agent's IMDS endpoint, vs a bare hyper server
-//!   answering a same-size JSON body (same load generator, same connections);
+//! - cached managed-identity tokens at each of the host agent's local endpoint styles — IMDS,
+//!   App Service (`/MSI/token` with `X-IDENTITY-HEADER`) and the legacy VM-extension endpoint
+//!   (`/oauth2/token`, served while the VM carries the `Microsoft.ManagedIdentity` extension) —
+//!   each vs a bare hyper server answering that style's response body (same load generator,
+//!   same connections);
+//! - Arc token round trips with the token cached: a request without a key (401 naming a fresh
+//!   key file, written and fsynced), a read of the file, and the keyed request, sequentially on
+//!   each connection — two requests, a file write + fsync and an unlink per token — vs the same
+//!   kind of bare server, with the time per round trip split by phase;
 //! - fresh RS256 tokens at the token service (client-credentials grant over HTTPS keep-alive),
 //!   vs raw RS256 signatures/s with aws-lc-rs on as many threads as the server has;
 //! - user-assigned identities created per second through the HTTPS control plane (each an
@@ -79,31 +86,117 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     while Instant::now() < stop {
         s.write_all(req).await.expect("write");
         s.flush().await.expect("flush");
-        let mut have = 0;
-        let (head_end, len) = loop {
-            let n = s.read(&mut buf[have..]).await.expect("read");
-            assert!(n > 0, "connection closed");
-            have += n;
-            if let Some(p) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = std::str::from_utf8(&buf[..p])
-                    .unwrap_or("")
-                    .to_ascii_lowercase();
-                assert!(head.starts_with("http/1.1 200"), "{head}");
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                break (p + 4, len);
-            }
-        };
-        while have < head_end + len {
-            let n = s.read(&mut buf[have..]).await.expect("read body");
-            assert!(n > 0);
-            have += n;
-        }
+        let (head, _) = read_response(&mut s, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         done.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Read one HTTP/1.1 response into `buf`: the head (status line and headers, as received),
+/// then Content-Length bytes of body; returns the head and where the body lies in `buf`.
+async fn read_response<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut [u8],
+) -> (String, std::ops::Range<usize>) {
+    let mut have = 0;
+    let (head, body) = loop {
+        let n = s.read(&mut buf[have..]).await.expect("read");
+        assert!(n > 0, "connection closed");
+        have += n;
+        if let Some(p) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..p]).into_owned();
+            let len: usize = header(&head, "content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            break (head, p + 4..p + 4 + len);
+        }
+    };
+    while have < body.end {
+        let n = s.read(&mut buf[have..]).await.expect("read body");
+        assert!(n > 0);
+        have += n;
+    }
+    (head, body)
+}
+
+/// The value of header `name` (case-insensitive) in a response head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// One GET over a fresh plain-HTTP connection: the response head and body.
+async fn get_once(addr: SocketAddr, request: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let (head, body) = read_response(&mut s, &mut buf).await;
+    (head, String::from_utf8_lossy(&buf[body]).into_owned())
+}
+
+/// Time spent per phase of the Arc round trips, in nanoseconds summed over all connections.
+#[derive(Default)]
+struct ArcPhases {
+    challenge: AtomicU64,
+    key_read: AtomicU64,
+    keyed: AtomicU64,
+}
+
+/// Arc token round trips: on each of `conns` keep-alive connections, for `secs`, a request
+/// without a key (401 naming a fresh key file), a read of that file, and the same request
+/// with `Authorization: Basic <content>` (200). `request(extra)` renders the request with
+/// extra header lines. Returns round trips/s and where their time went.
+async fn arc_round_trips(
+    addr: SocketAddr,
+    request: impl Fn(&str) -> String,
+    conns: usize,
+    secs: u64,
+) -> (f64, Arc<ArcPhases>) {
+    let done = Arc::new(AtomicU64::new(0));
+    let phases = Arc::new(ArcPhases::default());
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let challenge = request("");
+    let mut tasks = vec![];
+    for _ in 0..conns {
+        let (done, phases, challenge) = (done.clone(), phases.clone(), challenge.clone());
+        let keyed = request("Authorization: Basic {key}\r\n");
+        tasks.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.set_nodelay(true).ok();
+            let mut buf = vec![0u8; 64 * 1024];
+            while Instant::now() < stop {
+                let t0 = Instant::now();
+                s.write_all(challenge.as_bytes()).await.expect("write");
+                let (head, _) = read_response(&mut s, &mut buf).await;
+                assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+                let path = header(&head, "www-authenticate")
+                    .and_then(|v| v.strip_prefix("Basic realm="))
+                    .expect("WWW-Authenticate: Basic realm=<key file>")
+                    .to_string();
+                let t1 = Instant::now();
+                // as a client does: a plain blocking read of a small file
+                let key = std::fs::read_to_string(&path).expect("key file");
+                let t2 = Instant::now();
+                s.write_all(keyed.replace("{key}", &key).as_bytes())
+                    .await
+                    .expect("write");
+                let (head, _) = read_response(&mut s, &mut buf).await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                let t3 = Instant::now();
+                let ns = |a: Instant, b: Instant| (b - a).as_nanos() as u64;
+                phases.challenge.fetch_add(ns(t0, t1), Ordering::Relaxed);
+                phases.key_read.fetch_add(ns(t1, t2), Ordering::Relaxed);
+                phases.keyed.fetch_add(ns(t2, t3), Ordering::Relaxed);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("Arc load task");
+    }
+    (done.load(Ordering::Relaxed) as f64 / secs as f64, phases)
 }
 
 /// A bare hyper server answering every request with `body` (JSON), over TLS when `tls` is
@@ -237,6 +330,42 @@ fn raw_rsa_keygens(threads: usize, secs: u64) -> f64 {
     total.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
 }
 
+/// Raw Arc-style key files/s on `threads` threads in `dir`: create (0640), write 64 hex bytes,
+/// fsync when `sync`, unlink — the file work of one Arc token without the HTTP.
+fn raw_key_files(dir: &std::path::Path, threads: usize, secs: u64, sync: bool) -> f64 {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let total = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let stop = t0 + Duration::from_secs(secs);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let total = total.clone();
+            s.spawn(move || {
+                let mut n = 0u64;
+                while Instant::now() < stop {
+                    let path = dir.join(format!("raw-{t}-{n}.key"));
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o640)
+                        .open(&path)
+                        .unwrap();
+                    f.write_all(&[b'a'; 64]).unwrap();
+                    if sync {
+                        f.sync_all().unwrap();
+                    }
+                    drop(f);
+                    std::fs::remove_file(&path).unwrap();
+                    n += 1;
+                }
+                total.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+    });
+    total.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
+}
+
 fn main() {
     let secs = env_u64("BENCH_SECS", 5);
     let conns = env_u64("BENCH_CONNS", 16) as usize;
@@ -272,6 +401,22 @@ fn main() {
             &resources::trusted,
         )
         .unwrap();
+        // the managed-identity VM extension on a free port, so the agent serves the legacy
+        // VM-extension endpoint from its first sync
+        let extension_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        keyless_server::batch::put_vm_extension(
+            &s,
+            &vm,
+            "ManagedIdentityExtensionForLinux",
+            &serde_json::json!({"properties": {
+                "publisher": "Microsoft.ManagedIdentity",
+                "type": "ManagedIdentityExtensionForLinux",
+                "typeHandlerVersion": "1.0",
+                "settings": {"port": extension_port},
+            }}),
+        )
+        .unwrap();
+        let arc_dir = tempfile::tempdir().unwrap();
         let (join, _) = resources::create_join_token(&s, &vm, 60).unwrap();
         let server_url = format!("https://localhost:{}", srv.local_addr.port());
         let node = keyless_node::start(
@@ -284,7 +429,13 @@ fn main() {
                 sync_interval: Duration::from_secs(30),
                 private_ip: None,
                 extension_reload_hook: None,
-                local: Default::default(),
+                local: keyless_node::local::LocalConfig {
+                    extension: true,
+                    app_service: Some("127.0.0.1:0".parse().unwrap()),
+                    arc: Some("127.0.0.1:0".parse().unwrap()),
+                    arc_token_dir: arc_dir.path().join("tokens"),
+                    arc_group: None,
+                },
             },
             clock,
         )
@@ -308,6 +459,67 @@ fn main() {
         let req = |host: SocketAddr| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nMetadata: true\r\n\r\n");
         let bare_rps = load_get(bare, req(bare), conns, secs, None).await;
         let agent_rps = load_get(node.imds_addr, req(node.imds_addr), conns, secs, None).await;
+
+        // ---- the same at the other local endpoint styles, each beside a bare hyper server
+        // answering that style's response body
+        let style_vs_bare = |addr: SocketAddr, request: String| async move {
+            // warm-up (the cache is the one IMDS filled: same identity, same resource), and the
+            // style's real response body
+            let (head, body) = get_once(addr, &request).await;
+            assert!(head.starts_with("HTTP/1.1 200") && body.contains("access_token"), "{head}\n{body}");
+            let bare = bare_server(body.clone(), None).await;
+            let bare_rps = load_get(bare, request.clone(), conns, secs, None).await;
+            let rps = load_get(addr, request, conns, secs, None).await;
+            (body.len(), bare_rps, rps)
+        };
+        let app_service = node.app_service_addr.unwrap();
+        let identity_header = std::fs::read_to_string(node.identity_header_file.as_ref().unwrap()).unwrap();
+        let (app_len, app_bare_rps, app_rps) = style_vs_bare(
+            app_service,
+            format!(
+                "GET /MSI/token?api-version=2019-08-01&resource=https://management.azure.com/ HTTP/1.1\r\nHost: {app_service}\r\nX-IDENTITY-HEADER: {identity_header}\r\n\r\n"
+            ),
+        )
+        .await;
+        let extension = node.agent.extension_endpoint.addr().expect("VM-extension endpoint listening");
+        assert_eq!(extension.port(), extension_port);
+        let (ext_len, ext_bare_rps, ext_rps) = style_vs_bare(
+            extension,
+            format!("GET /oauth2/token?resource=https://management.azure.com/ HTTP/1.1\r\nHost: {extension}\r\nMetadata: true\r\n\r\n"),
+        )
+        .await;
+        // Arc: every token costs a challenge (401 and a fresh key file, written and fsynced)
+        // and a keyed request, whatever the cache holds
+        let arc = node.arc_addr.unwrap();
+        let arc_request = move |extra: &str| {
+            format!(
+                "GET /metadata/identity/oauth2/token?api-version=2020-06-01&resource=https://management.azure.com/ HTTP/1.1\r\nHost: {arc}\r\nMetadata: true\r\n{extra}\r\n"
+            )
+        };
+        let arc_body = {
+            let (head, _) = get_once(arc, &arc_request("")).await;
+            let path = header(&head, "www-authenticate").and_then(|v| v.strip_prefix("Basic realm=")).expect(&head).to_string();
+            assert!(path.starts_with(&arc_dir.path().display().to_string()), "{path}");
+            let key = std::fs::read_to_string(&path).unwrap();
+            let (head, body) = get_once(arc, &arc_request(&format!("Authorization: Basic {key}\r\n"))).await;
+            assert!(head.starts_with("HTTP/1.1 200") && body.contains("access_token"), "{head}\n{body}");
+            body
+        };
+        let arc_bare = bare_server(arc_body.clone(), None).await;
+        let arc_bare_rps = load_get(arc_bare, arc_request(""), conns, secs, None).await;
+        let (arc_rps, arc_phases) = arc_round_trips(arc, arc_request, conns, secs).await;
+        let arc_us = |t: &AtomicU64| t.load(Ordering::Relaxed) as f64 / 1e3 / (arc_rps * secs as f64);
+        let (arc_challenge_us, arc_read_us, arc_keyed_us) =
+            (arc_us(&arc_phases.challenge), arc_us(&arc_phases.key_read), arc_us(&arc_phases.keyed));
+        // each keyed request removed its key file
+        assert_eq!(std::fs::read_dir(arc_dir.path().join("tokens")).unwrap().count(), 0);
+        // where an Arc token's time goes: the same file work without HTTP, in the same directory
+        let raw_dir = arc_dir.path().join("tokens");
+        let (raw_keys_sync, raw_keys_nosync) = tokio::task::spawn_blocking(move || {
+            (raw_key_files(&raw_dir, threads, secs, true), raw_key_files(&raw_dir, threads, secs, false))
+        })
+        .await
+        .unwrap();
 
         // ---- fresh RS256 tokens at the token service vs raw signatures
         let raw = tokio::task::spawn_blocking(move || raw_rs256(threads, secs)).await.unwrap();
@@ -647,6 +859,14 @@ fn main() {
         println!("keyless bench ({secs} s per run, {conns} connections, {threads} cores; load generator in the same process)");
         println!("  bare hyper server, same {} B body:    {bare_rps:>10.0} req/s", body.len());
         println!("  agent IMDS, cached token:              {agent_rps:>10.0} req/s   ratio to bare {:.2}", agent_rps / bare_rps);
+        println!("  bare hyper server, same {app_len} B body:    {app_bare_rps:>10.0} req/s");
+        println!("  agent App Service, cached token:       {app_rps:>10.0} req/s   ratio to bare {:.2}", app_rps / app_bare_rps);
+        println!("  bare hyper server, same {ext_len} B body:    {ext_bare_rps:>10.0} req/s");
+        println!("  agent VM extension, cached token:      {ext_rps:>10.0} req/s   ratio to bare {:.2}", ext_rps / ext_bare_rps);
+        println!("  bare hyper server, same {} B body:    {arc_bare_rps:>10.0} req/s", arc_body.len());
+        println!("  agent Arc token round trips, cached:   {arc_rps:>10.0} /s       ratio to bare {:.2} (each 2 requests + a key file write + fsync)", arc_rps / arc_bare_rps);
+        println!("    per round trip: challenge (401, key file written + fsynced) {arc_challenge_us:.0} µs, key file read {arc_read_us:.0} µs, keyed request {arc_keyed_us:.0} µs");
+        println!("    raw key files in the same directory ({threads} threads; create, write, fsync, unlink): {raw_keys_sync:.0} /s; without fsync: {raw_keys_nosync:.0} /s");
         println!("  raw RS256 signs (aws-lc-rs, {threads} threads): {raw:>10.0} /s");
         println!("  token service, fresh RS256 tokens:     {sts:>10.0} tokens/s ratio to raw signs {:.2}", sts / raw);
         println!("  federated token exchanges (JWKS cached): {fed_rate:>8.0} /s       ratio to fresh client-credentials tokens {:.2}", fed_rate / sts);
