@@ -114,6 +114,8 @@ class KvEnv:
         self.vaults = []
         self.port = up.info["serverUrl"].rsplit(":", 1)[1]
         self.ca = up.info["caFile"]
+        # the "Keyless" certificate issuer's CA (not the platform's TLS CA)
+        self.kv_ca = up.info["keyVaultCaFile"]
         self._write_hosts()
 
     def _write_hosts(self):

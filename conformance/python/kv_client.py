@@ -115,6 +115,21 @@ def purge(args):
             "purge": attempt(lambda: c.purge_deleted_secret(args["name"]))}
 
 
+def raw_create(args, name, policy):
+    """POST /certificates/{name}/create with a raw policy; returns the status code."""
+    import os
+    import requests
+
+    imds = os.environ["AZURE_POD_IDENTITY_AUTHORITY_HOST"]
+    host = args["url"].split("//", 1)[1]
+    resource = "https://vault." + host.split(".vault.", 1)[1]
+    t = requests.get(f"{imds}/metadata/identity/oauth2/token", params={"api-version": "2018-02-01", "resource": resource},
+                     headers={"Metadata": "true"}, timeout=30).json()["access_token"]
+    r = requests.post(f"{args['url']}/certificates/{name}/create?api-version=7.5", json={"policy": policy},
+                      headers={"Authorization": f"Bearer {t}"}, verify=os.environ["REQUESTS_CA_BUNDLE"])
+    return {"status": r.status_code, "code": r.json().get("error", {}).get("code") if r.content else None}
+
+
 def certs(args):
     from azure.keyvault.certificates import (CertificateClient, CertificateContentType, CertificatePolicy,
                                              CertificatePolicyAction, LifetimeAction)
@@ -217,6 +232,9 @@ def certs(args):
                            "secret_is_pem": sc.get_secret("ca-ec").value.startswith("-----BEGIN PRIVATE KEY")}
     out["managed_secret_delete"] = attempt(lambda: sc.begin_delete_secret("ca-ec").result().name)
     out["bad_policy"] = attempt(lambda: cc.begin_create_certificate("bad", CertificatePolicy(issuer_name="Self", subject="CN=x", key_size=1024)).result().id)
+    # the Keyless issuer does not make CA certificates (python has no policy field for
+    # basic constraints, so send the policy as the service's JSON)
+    out["ca_refused"] = raw_create(args, "ca-cert", {"issuer": {"name": "Keyless"}, "x509_props": {"subject": "CN=evil", "basic_constraints": {"ca": True}}})
     return out
 
 

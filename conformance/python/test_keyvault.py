@@ -119,7 +119,7 @@ def test_rbac_vault(kv):
 def test_certificates_conformance(kv):
     name = vault_name("crt")
     kv.create_vault(name, principals=[system(kv)])
-    out = kv.py("certs", name, ca=kv.ca)
+    out = kv.py("certs", name, ca=kv.kv_ca)
     s = out["self_rsa"]
     assert s["policy_issuer"] == "Self" and s["key_size"] == 2048 and s["exportable"] is True
     assert s["content_type"].endswith("PKCS12") or "pkcs12" in s["content_type"]
@@ -149,6 +149,7 @@ def test_certificates_conformance(kv):
     assert out["cert_restore"] == {"name": "ca-ec", "has_policy": True, "secret_is_pem": True}
     assert out["managed_secret_delete"]["error"]["status"] == 403
     assert out["bad_policy"]["error"]["status"] == 400
+    assert out["ca_refused"] == {"status": 400, "code": "BadParameter"}
 
 
 def test_keys_conformance(kv):
@@ -189,7 +190,9 @@ def test_certificate_auto_renewal_under_a_moved_clock(kv, tmp_path):
     assert after["secret_version"] == after["version"] and after["chain"] == 1
     # the renewed certificate chains to the Keyless CA
     leaf = x509.load_pem_x509_certificate(leaf_path.read_bytes())
-    ca = x509.load_pem_x509_certificate(pathlib.Path(kv.ca).read_bytes())
+    ca = x509.load_pem_x509_certificate(pathlib.Path(kv.kv_ca).read_bytes())
+    # and not to the platform's TLS CA
+    assert leaf.issuer != x509.load_pem_x509_certificate(pathlib.Path(kv.ca).read_bytes()).subject
     ca.public_key().verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(leaf.signature_hash_algorithm))
     assert leaf.issuer == ca.subject
 

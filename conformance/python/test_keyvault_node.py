@@ -166,7 +166,7 @@ def test_node_certificates(kv):
     vault = vault_name("ncert")
     kv.create_vault(vault, principals=[system_oid(kv)])
     pem, imported_sha1 = self_signed_pem("imported.node.example")
-    out = kv.node("certs", vault, caFile=kv.ca, importPem=pem)
+    out = kv.node("certs", vault, caFile=kv.kv_ca, importPem=pem)
     base = kv.url(vault)
 
     # Self / PKCS#12
@@ -262,7 +262,7 @@ def test_node_certificates(kv):
 def test_node_certificate_autorenew(kv):
     vault = vault_name("nrenew")
     kv.create_vault(vault, principals=[system_oid(kv)])
-    first = kv.node("renew", vault, phase="create", caFile=kv.ca)
+    first = kv.node("renew", vault, phase="create", caFile=kv.kv_ca)
     c1 = first["cert"]
     assert c1["policy"]["validityInMonths"] == 1
     assert [{k: v for k, v in a.items() if v is not None} for a in c1["policy"]["lifetimeActions"]] == [
@@ -270,7 +270,7 @@ def test_node_certificate_autorenew(kv):
     assert first["secret"]["leafSha1"] == c1["thumbprint"] and first["secret"]["leafVerifiedByCa"]
 
     kv.cli("keyvault", "advance-clock", "--days", "25")
-    second = kv.node("renew", vault, phase="check", caFile=kv.ca)
+    second = kv.node("renew", vault, phase="check", caFile=kv.kv_ca)
     vs = second["versions"]
     assert len(vs) == 2, vs
     assert c1["version"] in [v["version"] for v in vs]

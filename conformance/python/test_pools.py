@@ -77,7 +77,8 @@ class Node:
                keyless_bin(), "node", "--server", self.server, "--ca-file", self.ca,
                "--state-dir", str(self.state), "--join-token", join_token,
                "--imds-listen", "169.254.169.254:80", "--sync-interval", "1",
-               "--extension-reload-hook", f'echo "$KEYLESS_KV_CHANGED" >> {self.hook_log}']
+               "--extension-reload-hook", f'echo "$KEYLESS_KV_CHANGED" >> {self.hook_log}',
+               "--extension-store-root", store_mount]
         self.log = open(self.dir / "node.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         deadline = time.time() + 60

@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 use tokio::sync::oneshot;
 
@@ -23,7 +23,43 @@ pub struct ExtensionRunner {
     dir: PathBuf,
     ca_pem: String,
     reload_hook: Option<String>,
+    /// Certificate stores must lie under this directory: settings come from the control
+    /// plane, and the agent writes there as root.
+    store_root: PathBuf,
     running: Mutex<HashMap<String, Running>>,
+}
+
+/// The default certificate store of KeyVaultForLinux.
+const DEFAULT_STORE: &str = "/var/lib/waagent/Microsoft.Azure.KeyVault.Store";
+
+/// An extension name that is safe as a directory name.
+pub fn valid_extension_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && n.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+/// Every certificate store a KeyVaultForLinux settings object names.
+fn store_locations(settings: &Value) -> Vec<String> {
+    let sms = &settings["secretsManagementSettings"];
+    let global = sms["certificateStoreLocation"]
+        .as_str()
+        .unwrap_or(DEFAULT_STORE)
+        .to_string();
+    let mut out = vec![global.clone()];
+    for c in sms["observedCertificates"].as_array().into_iter().flatten() {
+        if let Some(loc) = c["certificateStoreLocation"].as_str() {
+            out.push(loc.to_string());
+        }
+    }
+    out
+}
+
+/// Whether `path` is an absolute path inside `root` without `..`.
+fn confined(path: &str, root: &Path) -> bool {
+    let p = Path::new(path);
+    p.is_absolute() && !p.components().any(|c| c == Component::ParentDir) && p.starts_with(root)
 }
 
 /// Whether an extension entry is the Key Vault certificate extension.
@@ -34,11 +70,17 @@ pub fn is_key_vault_extension(e: &Value) -> bool {
 }
 
 impl ExtensionRunner {
-    pub fn new(dir: PathBuf, ca_pem: String, reload_hook: Option<String>) -> Self {
+    pub fn new(
+        dir: PathBuf,
+        ca_pem: String,
+        reload_hook: Option<String>,
+        store_root: PathBuf,
+    ) -> Self {
         Self {
             dir,
             ca_pem,
             reload_hook,
+            store_root,
             running: Mutex::new(HashMap::new()),
         }
     }
@@ -68,7 +110,23 @@ impl ExtensionRunner {
                 tracing::debug!(extension = %name, "extension type not run by this agent");
                 continue;
             }
+            if !valid_extension_name(&name) {
+                tracing::warn!(extension = %name, "extension name refused (letters, digits, '.', '_', '-')");
+                continue;
+            }
             let settings = e["settings"].clone();
+            if let Some(bad) = store_locations(&settings)
+                .into_iter()
+                .find(|l| !confined(l, &self.store_root))
+            {
+                tracing::warn!(
+                    extension = %name,
+                    store = %bad,
+                    root = %self.store_root.display(),
+                    "extension refused: its certificate store is outside the node's extension store root"
+                );
+                continue;
+            }
             want.insert(name, (settings.to_string(), settings));
         }
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -142,7 +200,12 @@ mod tests {
     #[tokio::test]
     async fn starts_restarts_and_stops_to_match() {
         let dir = tempfile::tempdir().unwrap();
-        let r = ExtensionRunner::new(dir.path().to_path_buf(), String::new(), None);
+        let r = ExtensionRunner::new(
+            dir.path().to_path_buf(),
+            String::new(),
+            None,
+            PathBuf::from("/var/lib/waagent"),
+        );
         let kv = |interval: &str| {
             json!({"name": "kv", "publisher": "Microsoft.Azure.KeyVault", "type": "KeyVaultForLinux",
                    "settings": {"secretsManagementSettings": {"pollingIntervalInS": interval, "observedCertificates": []}}})
@@ -164,6 +227,39 @@ mod tests {
             "new settings: restarted"
         );
         r.reconcile(&[other]);
+        assert!(r.running().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refuses_stores_outside_the_root_and_bad_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = ExtensionRunner::new(
+            dir.path().to_path_buf(),
+            String::new(),
+            None,
+            PathBuf::from("/var/lib/waagent"),
+        );
+        let kv = |name: &str, store: Value| {
+            json!({"name": name, "publisher": "Microsoft.Azure.KeyVault", "type": "KeyVaultForLinux",
+                   "settings": {"secretsManagementSettings": {"certificateStoreLocation": store, "observedCertificates": [
+                       {"url": "https://v.vault.localhost/secrets/c", "certificateStoreLocation": "/var/lib/waagent/x"}]}}})
+        };
+        for bad in [
+            kv("a", json!("/etc")),
+            kv("b", json!("/var/lib/waagent/../../etc")),
+            kv("c", json!("relative/dir")),
+            kv("..", json!("/var/lib/waagent/s")),
+            kv("/etc", json!("/var/lib/waagent/s")),
+        ] {
+            r.reconcile(&[bad.clone()]);
+            assert!(r.running().is_empty(), "{bad}");
+        }
+        r.reconcile(&[kv("ok", json!("/var/lib/waagent/store"))]);
+        assert_eq!(r.running(), vec!["ok"]);
+        let mut per_cert = kv("d", json!("/var/lib/waagent/s"));
+        per_cert["settings"]["secretsManagementSettings"]["observedCertificates"][0]
+            ["certificateStoreLocation"] = json!("/root");
+        r.reconcile(&[per_cert]);
         assert!(r.running().is_empty());
     }
 }

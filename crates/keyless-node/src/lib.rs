@@ -70,6 +70,8 @@ pub struct NodeConfig {
     pub extension_reload_hook: Option<String>,
     /// The local endpoints besides IMDS (VM extension, App Service, Arc).
     pub local: local::LocalConfig,
+    /// Certificate stores of VM extensions must lie under this directory.
+    pub extension_store_root: PathBuf,
 }
 
 /// What the server told us about our VM.
@@ -321,6 +323,7 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         cfg.state_dir.join("extensions"),
         cfg.ca_pem.clone(),
         cfg.extension_reload_hook.clone(),
+        cfg.extension_store_root.clone(),
     );
     let agent = Arc::new(Agent {
         cfg,

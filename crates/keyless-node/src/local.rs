@@ -256,11 +256,22 @@ pub struct ArcKeys {
 
 /// How long a key file may be presented.
 const ARC_KEY_LIFETIME: u64 = 60;
+/// Key files outstanding at once (a local flood of challenges cannot fill the disk).
+const ARC_MAX_OUTSTANDING: usize = 1024;
 
 impl ArcKeys {
     pub fn new(dir: PathBuf, group: Option<u32>) -> std::io::Result<Self> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         std::fs::create_dir_all(&dir)?;
+        // never follow a symlink planted where the directory should be, nor adopt a
+        // directory someone else owns
+        let meta = std::fs::symlink_metadata(&dir)?;
+        if !meta.is_dir() || meta.uid() != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} must be a directory owned by root",
+                dir.display()
+            )));
+        }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
         if let Some(g) = group {
             std::os::unix::fs::chown(&dir, None, Some(g))?;
@@ -290,6 +301,9 @@ impl ArcKeys {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         self.sweep(now);
+        if self.keys.lock().unwrap_or_else(|p| p.into_inner()).len() >= ARC_MAX_OUTSTANDING {
+            return Err(std::io::Error::other("too many outstanding Arc challenges"));
+        }
         let mut raw = [0u8; 32];
         aws_lc_rs::rand::fill(&mut raw).map_err(|_| std::io::Error::other("no randomness"))?;
         let key: String = raw.iter().map(|b| format!("{b:02x}")).collect();
@@ -299,9 +313,11 @@ impl ArcKeys {
             .create_new(true)
             .mode(0o640)
             .open(&path)?;
+        // on the open file: no path to race, and the mode regardless of umask
         if let Some(g) = self.group {
-            std::os::unix::fs::chown(&path, None, Some(g))?;
+            std::os::unix::fs::fchown(&f, None, Some(g))?;
         }
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o640))?;
         // no trailing newline: clients send the content verbatim. No fsync: the key lives a
         // minute, is only valid in this process's memory, and readers see the page cache
         // (an fsync per challenge capped Arc at ~4k/s and blocked the runtime's workers)

@@ -291,9 +291,15 @@ pub fn put_pool(
         }
     }
     if let Some(exts) =
-        props.pointer("/deploymentConfiguration/virtualMachineConfiguration/extensions")
+        props.pointer_mut("/deploymentConfiguration/virtualMachineConfiguration/extensions")
     {
         check_extensions(exts)?;
+        // protected settings are never stored nor shown (readers of the pool would see them)
+        for e in exts.as_array_mut().into_iter().flatten() {
+            if let Some(o) = e.as_object_mut() {
+                o.remove("protectedSettings");
+            }
+        }
     }
     let now = s.now();
     let rec = VmRecord {
@@ -338,12 +344,28 @@ pub fn put_pool(
     Ok((rec, created))
 }
 
+/// Extension names become directory names on hosts: 1–64 of letters, digits, `.`, `_`, `-`,
+/// starting with a letter or digit.
+fn extension_name_ok(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && n.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
 /// Extensions must name a publisher, type and settings object.
 fn check_extensions(exts: &Value) -> Result<()> {
     let list = exts
         .as_array()
         .ok_or_else(|| bad("extensions must be an array.", "extensions"))?;
     for (i, e) in list.iter().enumerate() {
+        let name = e["name"].as_str().unwrap_or_default();
+        if !name.is_empty() && !extension_name_ok(name) {
+            return Err(bad(
+                format!("extensions[{i}].name '{name}' is invalid: letters, digits, '.', '_', '-', starting with a letter or digit."),
+                &format!("extensions[{i}].name"),
+            ));
+        }
         for f in ["name", "publisher", "type"] {
             if e[f].as_str().is_none_or(|v| v.is_empty()) {
                 return Err(bad(
@@ -433,11 +455,7 @@ pub fn put_vm_extension(
     body: &Value,
 ) -> Result<(Value, bool)> {
     let vm = res::get_vm(s, vm_rid)?;
-    if !(1..=64).contains(&name.len())
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
+    if !extension_name_ok(name) {
         return Err(ServerError::InvalidResourceName(format!(
             "The extension name '{name}' is invalid."
         )));

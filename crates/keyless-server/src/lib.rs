@@ -111,7 +111,7 @@ pub async fn start(
         addr: cfg.listen.to_string(),
         source,
     })?;
-    let (boot, ca) = state::bootstrap(store.as_ref(), &cfg, now)?;
+    let (boot, ca, kv_ca) = state::bootstrap(store.as_ref(), &cfg, now)?;
     let mut extra_sans = cfg.tls_sans.clone();
     extra_sans.push(format!("vault.{}", cfg.vault_domain));
     extra_sans.push(format!("*.vault.{}", cfg.vault_domain));
@@ -134,6 +134,7 @@ pub async fn start(
         base_url,
         keys: keys::KeyRing::default(),
         ca,
+        kv_ca,
         cfg,
         http,
         jwks: Default::default(),

@@ -82,6 +82,8 @@ pub struct AppState {
     pub base_url: String,
     pub keys: KeyRing,
     pub ca: Ca,
+    /// Signs certificates of the Key Vault `Keyless` issuer (not trusted by the platform).
+    pub kv_ca: Ca,
     /// Client for external OIDC issuers (federated credentials).
     pub http: reqwest::Client,
     pub jwks: crate::federation::JwksCache,
@@ -147,6 +149,8 @@ pub struct Bootstrap {
     pub new_admin: Option<AdminCredential>,
     pub admin_client_id: String,
     pub ca_path: PathBuf,
+    /// The Key Vault issuing CA (`Keyless` issuer), for relying parties of vault certificates.
+    pub kv_ca_path: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -165,8 +169,29 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// Load a CA kept as `<prefix>_cert` (meta, public) and `<prefix>_key` (sealed), or create it.
+fn load_or_create_ca(store: &dyn Store, prefix: &str, common_name: &str, now: u64) -> Result<Ca> {
+    let (cert_meta, key_name) = (format!("{prefix}_cert"), format!("{prefix}_key"));
+    Ok(
+        match (store.get_meta(&cert_meta)?, store.get_secret(&key_name)?) {
+            (Some(cert_b64), Some(key)) => {
+                let cert = STANDARD
+                    .decode(cert_b64)
+                    .map_err(|e| keyless_store::StoreError::Corrupt(e.to_string()))?;
+                Ca::load(&cert, &key)?
+            }
+            _ => {
+                let (ca, key) = Ca::generate(common_name, now)?;
+                store.put_secret(&key_name, &key)?;
+                store.set_meta(&cert_meta, &STANDARD.encode(ca.cert_der()))?;
+                ca
+            }
+        },
+    )
+}
+
 /// Create (first start) or load the tenant, subscription, CA and admin.
-pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Bootstrap, Ca)> {
+pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Bootstrap, Ca, Ca)> {
     let tenant_id = match store.get_meta("tenant_id")? {
         Some(t) => t,
         None => {
@@ -184,23 +209,28 @@ pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Boo
         .unwrap_or(now);
 
     // CA: certificate in meta (public), key encrypted.
-    let ca = match (store.get_meta("ca_cert")?, store.get_secret("ca_key")?) {
-        (Some(cert_b64), Some(key)) => {
-            let cert = STANDARD
-                .decode(cert_b64)
-                .map_err(|e| keyless_store::StoreError::Corrupt(e.to_string()))?;
-            Ca::load(&cert, &key)?
-        }
-        _ => {
-            let (ca, key) = Ca::generate(&format!("Keyless Root CA {}", &tenant_id[..8]), now)?;
-            store.put_secret("ca_key", &key)?;
-            store.set_meta("ca_cert", &STANDARD.encode(ca.cert_der()))?;
-            ca
-        }
-    };
+    let ca = load_or_create_ca(
+        store,
+        "ca",
+        &format!("Keyless Root CA {}", &tenant_id[..8]),
+        now,
+    )?;
+    // Key Vault's "Keyless" issuer signs with a CA of its own: nothing in the platform trusts
+    // it for its TLS, so a certificate a vault user obtains cannot impersonate the server.
+    let kv_ca = load_or_create_ca(
+        store,
+        "kv_ca",
+        &format!("Keyless Key Vault CA {}", &tenant_id[..8]),
+        now,
+    )?;
     let pki_dir = cfg.data_dir.join("pki");
     std::fs::create_dir_all(&pki_dir).map_err(|source| ServerError::DataDir {
         path: pki_dir.display().to_string(),
+        source,
+    })?;
+    let kv_ca_path = pki_dir.join("kv-ca.pem");
+    std::fs::write(&kv_ca_path, kv_ca.cert_pem()).map_err(|source| ServerError::DataDir {
+        path: kv_ca_path.display().to_string(),
         source,
     })?;
     let ca_path = pki_dir.join("ca.pem");
@@ -261,8 +291,10 @@ pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Boo
             new_admin,
             admin_client_id,
             ca_path,
+            kv_ca_path,
         },
         ca,
+        kv_ca,
     ))
 }
 

@@ -1195,6 +1195,8 @@ mod vault_sql {
     }
 
     const NAME_COLS: &str = "vault, coll, name, deleted_at, purge_at, extra";
+    /// The rollback marker of a write that met a soft-deleted name.
+    const NAME_DELETED: &str = "kv name is soft-deleted";
 
     impl SqliteStore {
         fn unseal(
@@ -1319,6 +1321,7 @@ mod vault_sql {
                 tx.execute("DELETE FROM kv_versions WHERE vault = ?1", [&name])?;
                 tx.execute("DELETE FROM kv_names WHERE vault = ?1", [&name])?;
                 tx.execute("DELETE FROM vaults WHERE key = ?1", [lower(key)])?;
+                super::delete_assignments_under(tx, &lower(key))?;
                 Ok(true)
             })
         }
@@ -1420,7 +1423,7 @@ mod vault_sql {
                     None => None,
                 });
             }
-            self.tx(|tx| {
+            let r = self.tx(|tx| {
                 if let (Some((coll, expect)), Some(first)) = (&w.expect_latest, w.versions.first()) {
                     let latest = latest_version(tx, &first.vault, coll, &lower(&first.name))?;
                     if latest != *expect {
@@ -1437,7 +1440,8 @@ mod vault_sql {
                         )
                         .optional()?;
                     match deleted {
-                        Some(Some(_)) => return Ok(KvWriteOutcome::Deleted),
+                        // an error rolls back what this write already inserted
+                        Some(Some(_)) => return Err(StoreError::Conflict(NAME_DELETED.into())),
                         Some(None) => {}
                         None => {
                             tx.execute(
@@ -1463,7 +1467,11 @@ mod vault_sql {
                     )?;
                 }
                 Ok(KvWriteOutcome::Written)
-            })
+            });
+            match r {
+                Err(StoreError::Conflict(m)) if m == NAME_DELETED => Ok(KvWriteOutcome::Deleted),
+                other => other,
+            }
         }
 
         fn kv_update_version(&self, v: &KvVersionRecord) -> Result<bool> {
@@ -1658,6 +1666,31 @@ mod vault_tests {
             write(&s, ver("secrets", "db-pass", "a4", b"y")),
             KvWriteOutcome::Written
         );
+    }
+
+    #[test]
+    fn a_write_meeting_a_deleted_name_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        write(&s, ver("secrets", "c", "s1", b"x"));
+        s.kv_delete("kv1", &["secrets"], "c", 1, Some(100)).unwrap();
+        let triple = KvWrite {
+            versions: vec![
+                ver("certificates", "c", "v1", b""),
+                ver("secrets", "c", "v1", b"pem"),
+            ],
+            extra: None,
+            expect_latest: None,
+        };
+        assert_eq!(s.kv_write(&triple).unwrap(), KvWriteOutcome::Deleted);
+        assert!(
+            s.kv_name("kv1", "certificates", "c").unwrap().is_none(),
+            "rolled back"
+        );
+        assert!(s
+            .kv_versions("kv1", "certificates", "c")
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -23,8 +23,8 @@ pub struct VaultRecord {
     pub created: u64,
 }
 
-/// One version of a secret, key or certificate.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One version of a secret, key or certificate. `Debug` never shows the private part.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct KvVersionRecord {
     /// Vault name, lowercase.
     pub vault: String,
@@ -50,6 +50,26 @@ pub struct KvVersionRecord {
     /// The secret value or private key. Never written unsealed.
     #[serde(skip)]
     pub private: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for KvVersionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvVersionRecord")
+            .field("vault", &self.vault)
+            .field("coll", &self.coll)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("enabled", &self.enabled)
+            .field("managed", &self.managed)
+            .field(
+                "private",
+                &self
+                    .private
+                    .as_ref()
+                    .map(|p| format!("<{} bytes>", p.len())),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// An object name in a vault: whether it is soft-deleted, and per-object state (a

@@ -436,6 +436,7 @@ fn main() {
                     arc_token_dir: arc_dir.path().join("tokens"),
                     arc_group: None,
                 },
+                extension_store_root: std::path::PathBuf::from("/var/lib/waagent"),
             },
             clock,
         )

@@ -109,6 +109,10 @@ pub struct NodeArgs {
     /// `KEYLESS_KV_CHANGED` = the changed certificate links).
     #[arg(long, env = "KEYLESS_EXTENSION_RELOAD_HOOK")]
     pub extension_reload_hook: Option<String>,
+    /// VM extensions may only keep certificate stores under this directory (their settings come
+    /// from the control plane; the agent writes there as root).
+    #[arg(long, default_value = "/var/lib/waagent")]
+    pub extension_store_root: PathBuf,
     /// Token endpoint styles to serve: imds (always served), extension (the legacy
     /// localhost:50342 endpoint, while the VM carries the Microsoft.ManagedIdentity
     /// extension), appservice (IDENTITY_ENDPOINT + IDENTITY_HEADER), arc (the Azure Arc
@@ -264,6 +268,7 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
         private_ip: a.private_ip.clone(),
         extension_reload_hook: a.extension_reload_hook.clone(),
         local: local_config(&a)?,
+        extension_store_root: a.extension_store_root.clone(),
     };
     let node = keyless_node::start(cfg, Arc::new(SystemClock::new())).await?;
     println!("IMDS endpoint: http://{}", node.imds_addr);
@@ -403,6 +408,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
             private_ip: None,
             extension_reload_hook: None,
             local: Default::default(),
+            extension_store_root: PathBuf::from("/var/lib/waagent"),
         },
         clock,
     )
@@ -423,6 +429,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
                     private_ip: None,
                     extension_reload_hook: None,
                     local: Default::default(),
+                    extension_store_root: PathBuf::from("/var/lib/waagent"),
                 },
                 Arc::new(SystemClock::new()),
             )
@@ -442,6 +449,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
         "tenantId": b.tenant_id,
         "subscriptionId": b.subscription_id,
         "caFile": b.ca_path.canonicalize().unwrap_or(b.ca_path.clone()),
+        "keyVaultCaFile": b.kv_ca_path.canonicalize().unwrap_or(b.kv_ca_path.clone()),
         "imdsUrl": imds_url,
         "adminClientId": b.admin_client_id,
         "vaultDomain": s.cfg.vault_domain,

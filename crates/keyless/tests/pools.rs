@@ -374,12 +374,10 @@ async fn a_vm_host_agent_runs_the_vm_key_vault_extension() {
         .unwrap()
         .to_string();
     let state = dir.path().join("web1").to_string_lossy().to_string();
-    let _node = spawn_until(
-        &server.node_args(&state, Some(&tok)),
-        "IMDS endpoint:",
-        dir.path(),
-    )
-    .unwrap();
+    let root = dir.path().to_string_lossy().to_string();
+    let mut args = server.node_args(&state, Some(&tok));
+    args.extend(["--extension-store-root", root.as_str()]);
+    let _node = spawn_until(&args, "IMDS endpoint:", dir.path()).unwrap();
     let store = dir.path().join("store");
     let settings = json!({"secretsManagementSettings": {
         "pollingIntervalInS": "60",

@@ -381,6 +381,13 @@ impl Policy {
         }
         x.validity_months = Some(months);
         x.basic_constraints = Some(x.basic_constraints.take().unwrap_or_default());
+        if x.basic_constraints.as_ref().is_some_and(|b| b.ca)
+            && self.issuer.as_ref().and_then(|i| i.name.as_deref()) != Some(ISSUER_SELF)
+        {
+            return Err(bad(
+                "Only self-signed (issuer Self) certificates may be CA certificates.",
+            ));
+        }
         self.x509_props = Some(x);
 
         // lifetime actions

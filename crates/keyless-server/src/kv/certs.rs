@@ -288,7 +288,10 @@ pub async fn issue(s: &AppState, req: Issue<'_>) -> Result<Option<String>> {
     };
     let spec = spec_of(p, now);
     let chain = if p.issuer_name() == ISSUER_KEYLESS {
-        vec![s.ca.issue_for_spec(&spec, &key)?, s.ca.cert_der().to_vec()]
+        vec![
+            s.kv_ca.issue_for_spec(&spec, &key)?,
+            s.kv_ca.cert_der().to_vec(),
+        ]
     } else {
         vec![keyless_pki::kv::self_signed(&spec, &key)?]
     };

@@ -17,6 +17,8 @@ use std::sync::Arc;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Report {
     pub renewed: usize,
+    /// Renewals that failed (logged; the pass went on with the other certificates).
+    pub failed: usize,
     pub notified: usize,
     pub purged: usize,
 }
@@ -69,10 +71,19 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
         }
         let renewable = kind == ActionKind::AutoRenew && policy.issuer_name() != ISSUER_UNKNOWN;
         if renewable {
+            // a reused key keeps its exportability: a policy turned exportable later must not
+            // export a key that was created non-exportable
+            let mut policy = policy.clone();
             let reuse = if policy.key_props.as_ref().and_then(|k| k.reuse_key) == Some(true) {
-                s.store
-                    .kv_version(&n.vault, "keys", &n.name, Some(&latest.version))?
-                    .and_then(|k| k.private)
+                let old = s
+                    .store
+                    .kv_version(&n.vault, "keys", &n.name, Some(&latest.version))?;
+                if old.as_ref().and_then(|k| k.public["exportable"].as_bool()) == Some(false) {
+                    if let Some(kp) = policy.key_props.as_mut() {
+                        kp.exportable = Some(false);
+                    }
+                }
+                old.and_then(|k| k.private)
                     .and_then(|der| KvKey::from_pkcs8(&der).ok())
             } else {
                 None
@@ -87,7 +98,7 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
                 ..Default::default()
             });
             st2.events.push(json!({"type": "CertificateNewVersionCreated", "renewedVersion": latest.version, "at": now}));
-            let written = certs::issue(
+            let written = match certs::issue(
                 s,
                 certs::Issue {
                     vault: &n.vault,
@@ -100,7 +111,16 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
                     reuse,
                 },
             )
-            .await?;
+            .await
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    // one certificate that cannot be issued must not stop the others
+                    tracing::error!(vault = %n.vault, certificate = %n.name, error = %e, "certificate renewal failed");
+                    report.failed += 1;
+                    continue;
+                }
+            };
             if let Some(v) = written {
                 report.renewed += 1;
                 tracing::info!(vault = %n.vault, certificate = %n.name, version = %v, "certificate renewed by its lifetime action");
