@@ -251,7 +251,7 @@ mod tests {
             kv("..", json!("/var/lib/waagent/s")),
             kv("/etc", json!("/var/lib/waagent/s")),
         ] {
-            r.reconcile(&[bad.clone()]);
+            r.reconcile(std::slice::from_ref(&bad));
             assert!(r.running().is_empty(), "{bad}");
         }
         r.reconcile(&[kv("ok", json!("/var/lib/waagent/store"))]);
