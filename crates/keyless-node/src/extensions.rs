@@ -56,6 +56,27 @@ fn store_locations(settings: &Value) -> Vec<String> {
     out
 }
 
+/// Whether the settings' `msiEndpoint` (if any) is the host's own IMDS: settings come from the
+/// control plane, and the agent sends requests there.
+fn msi_endpoint_local(settings: &Value) -> bool {
+    let Some(ep) = settings["authenticationSettings"]["msiEndpoint"].as_str() else {
+        return true;
+    };
+    let rest = ep
+        .strip_prefix("http://")
+        .or_else(|| ep.strip_prefix("https://"))
+        .unwrap_or("");
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    matches!(
+        host,
+        "169.254.169.254" | "127.0.0.1" | "localhost" | "[::1]"
+    )
+}
+
 /// Whether `path` is an absolute path inside `root` without `..`.
 fn confined(path: &str, root: &Path) -> bool {
     let p = Path::new(path);
@@ -115,6 +136,13 @@ impl ExtensionRunner {
                 continue;
             }
             let settings = e["settings"].clone();
+            if !msi_endpoint_local(&settings) {
+                tracing::warn!(
+                    extension = %name,
+                    "extension refused: authenticationSettings.msiEndpoint must be this host's IMDS (169.254.169.254 or loopback)"
+                );
+                continue;
+            }
             if let Some(bad) = store_locations(&settings)
                 .into_iter()
                 .find(|l| !confined(l, &self.store_root))
@@ -255,6 +283,16 @@ mod tests {
             assert!(r.running().is_empty(), "{bad}");
         }
         r.reconcile(&[kv("ok", json!("/var/lib/waagent/store"))]);
+        assert_eq!(r.running(), vec!["ok"]);
+        let mut remote = kv("e", json!("/var/lib/waagent/s"));
+        remote["settings"]["authenticationSettings"] =
+            json!({"msiEndpoint": "http://10.0.0.5/metadata/identity"});
+        r.reconcile(&[remote]);
+        assert!(r.running().is_empty(), "msiEndpoint elsewhere is refused");
+        let mut local = kv("ok", json!("/var/lib/waagent/store"));
+        local["settings"]["authenticationSettings"] =
+            json!({"msiEndpoint": "http://169.254.169.254/metadata/identity"});
+        r.reconcile(&[local]);
         assert_eq!(r.running(), vec!["ok"]);
         let mut per_cert = kv("d", json!("/var/lib/waagent/s"));
         per_cert["settings"]["secretsManagementSettings"]["observedCertificates"][0]

@@ -515,13 +515,29 @@ pub fn delete_vm_extension(s: &AppState, vm_rid: &ResourceId, name: &str) -> Res
 /// The extensions a host runs, in the pool / extension-resource shape
 /// (`{name, publisher, type, typeHandlerVersion, settings}`).
 pub fn host_extensions(s: &AppState, owner: &VmRecord) -> Result<Vec<Value>> {
-    let from_props = owner
-        .properties
-        .pointer("/deploymentConfiguration/virtualMachineConfiguration/extensions")
-        .or_else(|| {
+    // extension lists inside properties count only where they belong: a pool's deployment
+    // configuration, a scale set's profile (not arbitrary properties of a plain VM)
+    let is_pool = owner
+        .key
+        .contains("/providers/microsoft.batch/batchaccounts/");
+    let is_scale_set = owner
+        .key
+        .contains("/providers/microsoft.compute/virtualmachinescalesets/");
+    let from_props = is_pool
+        .then(|| {
             owner
                 .properties
-                .pointer("/virtualMachineProfile/extensionProfile/extensions")
+                .pointer("/deploymentConfiguration/virtualMachineConfiguration/extensions")
+        })
+        .flatten()
+        .or_else(|| {
+            is_scale_set
+                .then(|| {
+                    owner
+                        .properties
+                        .pointer("/virtualMachineProfile/extensionProfile/extensions")
+                })
+                .flatten()
         })
         .and_then(Value::as_array)
         .cloned()

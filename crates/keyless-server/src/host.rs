@@ -177,16 +177,27 @@ async fn join(
     })?;
     // joining a scale set makes the host a new instance of it
     let instance = if keyless_core::resource_id::is_host_group(&vm.resource_id) {
-        if let Some(target) = crate::batch::target_nodes(&vm) {
-            if s.store.list_instances(&vm.key)?.len() as u64 >= target {
+        let target = crate::batch::target_nodes(&vm);
+        match s
+            .store
+            .create_instance(&vm.key, &vm.resource_id, s.now(), target)
+        {
+            Ok(i) => Some(i),
+            Err(keyless_store::StoreError::Conflict(m))
+                if m == keyless_store::sqlite::GROUP_FULL =>
+            {
                 return Err(ServerError::host(
                     409,
                     "pool_full",
-                    format!("The pool {} already has its target of {target} dedicated nodes; resize it to add nodes.", vm.name),
+                    format!(
+                        "The pool {} already has its target of {} dedicated nodes; resize it to add nodes.",
+                        vm.name,
+                        target.unwrap_or(0)
+                    ),
                 ));
             }
+            Err(e) => return Err(e.into()),
         }
-        Some(s.store.create_instance(&vm.key, &vm.resource_id, s.now())?)
     } else {
         None
     };

@@ -124,6 +124,9 @@ pub trait Store: VaultStore + TrackedStore + Send + Sync + 'static {
     // -- encrypted blobs (CA key, TLS key, ...)
     fn put_secret(&self, name: &str, plaintext: &[u8]) -> Result<()>;
     fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Store a blob only if none exists under `name`; true when this call stored it.
+    fn put_secret_if_absent(&self, name: &str, plaintext: &[u8]) -> Result<bool>;
+    fn delete_secret(&self, name: &str) -> Result<bool>;
 
     // -- token signing keys
     fn insert_signing_key(&self, key: &SigningKeyRecord) -> Result<()>;
@@ -180,12 +183,14 @@ pub trait Store: VaultStore + TrackedStore + Send + Sync + 'static {
     fn get_host_credential(&self, fingerprint: &str) -> Result<Option<HostCredentialRecord>>;
 
     // -- scale set instances (hosts that joined a scale set)
-    /// Allocate the next instance of a scale set.
+    /// Allocate the next instance of a scale set or pool (ids are never reused); with `limit`,
+    /// fail with `Conflict(sqlite::GROUP_FULL)` when the group already has that many.
     fn create_instance(
         &self,
         vmss_key: &str,
         vmss_resource_id: &str,
         now: u64,
+        limit: Option<u64>,
     ) -> Result<InstanceRecord>;
     fn get_instance(&self, key: &str) -> Result<Option<InstanceRecord>>;
     fn list_instances(&self, vmss_key: &str) -> Result<Vec<InstanceRecord>>;

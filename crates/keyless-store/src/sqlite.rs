@@ -133,6 +133,9 @@ impl SqliteStore {
     }
 }
 
+/// The error of [`Store::create_instance`] when the group is at its limit.
+pub const GROUP_FULL: &str = "the host group is at its target size";
+
 /// Remove role assignments at or below `scope_key` (lowercase).
 fn delete_assignments_under(tx: &Transaction<'_>, scope_key: &str) -> Result<()> {
     tx.execute(
@@ -242,6 +245,22 @@ impl Store for SqliteStore {
             params![name, sealed],
         )?;
         Ok(())
+    }
+
+    fn put_secret_if_absent(&self, name: &str, plaintext: &[u8]) -> Result<bool> {
+        let sealed = self.kek.seal(&format!("secret:{name}"), plaintext)?;
+        let n = self.lock().execute(
+            "INSERT INTO secrets(name, sealed) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+            params![name, sealed],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn delete_secret(&self, name: &str) -> Result<bool> {
+        let n = self
+            .lock()
+            .execute("DELETE FROM secrets WHERE name = ?1", [name])?;
+        Ok(n > 0)
     }
 
     fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
@@ -658,12 +677,36 @@ impl Store for SqliteStore {
         vmss_key: &str,
         vmss_resource_id: &str,
         now: u64,
+        limit: Option<u64>,
     ) -> Result<InstanceRecord> {
         self.tx(|tx| {
-            let next: i64 = tx.query_row(
+            // the size check and the insert are one transaction: concurrent joins cannot
+            // exceed the limit
+            let count: i64 = tx.query_row(
+                "SELECT count(*) FROM vmss_instances WHERE vmss_key = ?1",
+                [vmss_key],
+                |r| r.get(0),
+            )?;
+            if limit.is_some_and(|l| count as u64 >= l) {
+                return Err(StoreError::Conflict(GROUP_FULL.into()));
+            }
+            // ids are never reused (a deleted instance's credentials must not come back)
+            let seq_key = format!("instance_seq:{vmss_key}");
+            let seq: Option<String> = tx
+                .query_row("SELECT value FROM meta WHERE key = ?1", [&seq_key], |r| r.get(0))
+                .optional()?;
+            let max_next: i64 = tx.query_row(
                 "SELECT COALESCE(MAX(instance_id) + 1, 0) FROM vmss_instances WHERE vmss_key = ?1",
                 [vmss_key],
                 |r| r.get(0),
+            )?;
+            let next = seq
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+                .max(max_next);
+            tx.execute(
+                "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![seq_key, (next + 1).to_string()],
             )?;
             let resource_id = format!("{vmss_resource_id}/virtualMachines/{next}");
             let rec = InstanceRecord {
@@ -1691,6 +1734,30 @@ mod vault_tests {
             .kv_versions("kv1", "certificates", "c")
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn instance_ids_are_never_reused_and_limits_hold() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let a = s.create_instance("g", "/G", 1, Some(2)).unwrap();
+        let b = s.create_instance("g", "/G", 1, Some(2)).unwrap();
+        assert_eq!((a.instance_id, b.instance_id), (0, 1));
+        assert!(matches!(
+            s.create_instance("g", "/G", 1, Some(2)),
+            Err(StoreError::Conflict(_))
+        ));
+        s.delete_instance(&b.key).unwrap();
+        let c = s.create_instance("g", "/G", 1, Some(2)).unwrap();
+        assert_eq!(
+            c.instance_id, 2,
+            "a deleted instance's id is not handed out again"
+        );
+        assert!(s.put_secret_if_absent("k", b"one").unwrap());
+        assert!(!s.put_secret_if_absent("k", b"two").unwrap());
+        assert_eq!(s.get_secret("k").unwrap().unwrap(), b"one");
+        assert!(s.delete_secret("k").unwrap());
+        assert!(s.get_secret("k").unwrap().is_none());
     }
 
     #[test]

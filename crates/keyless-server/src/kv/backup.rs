@@ -24,8 +24,8 @@ fn backup_key(ctx: &Ctx<'_>) -> Result<Kek> {
             let mut k = [0u8; 32];
             aws_lc_rs::rand::fill(&mut k)
                 .map_err(|_| ServerError::kv(500, "InternalServerError", "No randomness."))?;
-            store.put_secret("kv_backup_key", &k)?;
-            // another request may have won the race: use what is stored
+            // the first writer wins; everyone uses what is stored
+            store.put_secret_if_absent("kv_backup_key", &k)?;
             store
                 .get_secret("kv_backup_key")?
                 .unwrap_or_else(|| k.to_vec())

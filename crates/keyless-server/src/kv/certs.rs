@@ -515,6 +515,7 @@ pub async fn handle(
                 Method::DELETE => {
                     st.pending = None;
                     save_state(s, &ctx.vname, &name, &st)?;
+                    s.store.delete_secret(&pending_key_name(&ctx.vname, &name))?;
                 }
                 _ => {}
             }
@@ -565,6 +566,8 @@ pub async fn handle(
                 pe.target_version = Some(version.clone());
             }
             ctx.write(Coll::Certificates, &name, &KvWrite { versions: versions.clone(), extra: Some(("certificates".into(), json!(st2))), expect_latest: None })?;
+            // the pending key now lives (sealed) in the key version
+            s.store.delete_secret(&pending_key_name(&ctx.vname, &name))?;
             let mut out = Certs::bundle(ctx, &versions[0], false);
             out["policy"] = policy_json(&base, &display, &p);
             Ok((StatusCode::CREATED, Json(out)).into_response())
