@@ -66,7 +66,8 @@ pub fn managed_identity_extension_port(e: &Value) -> Option<u16> {
         port.as_u64()
             .or_else(|| port.as_str().and_then(|p| p.parse().ok()))
             .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
+            // an unprivileged port: control-plane settings must not claim system ports
+            .filter(|p| *p >= 1024)
             .unwrap_or(EXTENSION_DEFAULT_PORT),
     )
 }
@@ -325,6 +326,7 @@ mod tests {
             managed_identity_extension_port(&e(Value::Null)),
             Some(50342)
         );
+        assert_eq!(managed_identity_extension_port(&e(json!(22))), Some(50342));
         assert_eq!(
             managed_identity_extension_port(
                 &json!({"publisher": "Microsoft.Azure.KeyVault", "type": "KeyVaultForLinux"})

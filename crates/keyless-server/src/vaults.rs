@@ -76,6 +76,7 @@ pub fn put_vault(
 ) -> Result<(VaultRecord, bool)> {
     let rg = get_resource_group(s, &rid.subscription, &rid.resource_group)?;
     validate_vault_name(&rid.name).map_err(ServerError::InvalidResourceName)?;
+    let _serial = VAULT_WRITES.lock().unwrap_or_else(|p| p.into_inner());
     let existing = s.store.get_vault(&rid.key())?;
     if patch && existing.is_none() {
         return Err(not_found(rid));
@@ -153,6 +154,19 @@ pub fn put_vault(
     if purge_protection && !soft_delete {
         return Err(bad("Purge protection requires soft delete."));
     }
+    // as in Azure: soft delete, once on, stays on; under purge protection the retention is fixed
+    if cur["enableSoftDelete"].as_bool() == Some(true) && !soft_delete {
+        return Err(bad(
+            "Soft delete cannot be turned off once it is enabled on a vault.",
+        ));
+    }
+    if cur["enablePurgeProtection"].as_bool() == Some(true)
+        && cur["softDeleteRetentionInDays"].as_u64() != Some(u64::from(retention))
+    {
+        return Err(bad(
+            "The soft-delete retention of a vault with purge protection cannot be changed.",
+        ));
+    }
     let canonical = ResourceId::new(&s.subscription_id, &rg.name, VAULT, &rid.name);
     let name = existing
         .as_ref()
@@ -222,6 +236,10 @@ pub fn get_vault(s: &AppState, rid: &ResourceId) -> Result<VaultRecord> {
     s.store.get_vault(&rid.key())?.ok_or_else(|| not_found(rid))
 }
 
+/// Serializes read-modify-write updates of vaults in this process (access-policy add / remove
+/// racing each other must not undo one another).
+static VAULT_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `accessPolicies/{add|replace|remove}`.
 pub fn update_access_policies(
     s: &AppState,
@@ -239,6 +257,7 @@ pub fn update_access_policies(
             )))
         }
     };
+    let _serial = VAULT_WRITES.lock().unwrap_or_else(|p| p.into_inner());
     let mut v = get_vault(s, rid)?;
     let changes: Vec<AccessPolicy> =
         serde_json::from_value(body["properties"]["accessPolicies"].clone()).map_err(|e| {

@@ -105,6 +105,20 @@ pub fn restore<R: Render>(ctx: &Ctx<'_>, body: &[u8]) -> Result<Response> {
         .map_err(|_| invalid())?;
     let doc: Value = serde_json::from_slice(&plain).map_err(|_| invalid())?;
     let name = doc["name"].as_str().ok_or_else(invalid)?.to_string();
+    // a secret or key may not land on a certificate's name (even one still pending)
+    if coll != Coll::Certificates
+        && ctx
+            .s
+            .store
+            .kv_name(&ctx.vname, "certificates", &name)?
+            .is_some()
+    {
+        return Err(ServerError::kv(
+            409,
+            "Conflict",
+            format!("{name} is the name of a certificate in this vault; restore needs the name to be free."),
+        ));
+    }
     for c in colls(coll) {
         if let Some(n) = ctx.s.store.kv_name(&ctx.vname, c.path(), &name)? {
             if n.deleted.is_some() {
