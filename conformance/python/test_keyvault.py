@@ -239,6 +239,7 @@ def test_vault_control_plane(kv):
         (("keyvault", "create", "-n", name, "-g", "keyless", "--retention-days", "3"), "softDeleteRetentionInDays"),
         (("keyvault", "set-policy", "-n", name, "--object-id", oid, "--secret-permissions", "sign"), "permissions.secrets"),
         (("keyvault", "set-policy", "-n", name, "--object-id", "not-a-guid", "--secret-permissions", "get"), "ObjectId"),
+        (("keyvault", "create", "-n", name, "-g", "keyless", "--enable-soft-delete", "false"), "Soft delete cannot be turned off"),
     ]:
         out = subprocess.run([keyless_bin(), *args], env=kv.admin_env(), capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and needle in out.stderr, (args, out.stderr)
@@ -248,6 +249,17 @@ def test_vault_control_plane(kv):
     kv.cli("group", "create", "-n", "other-rg", "-l", "local")
     out = subprocess.run([keyless_bin(), "keyvault", "create", "-n", name, "-g", "other-rg"], env=kv.admin_env(), capture_output=True, text=True)
     assert out.returncode != 0 and "VaultAlreadyExists" in out.stderr
+    # purge protection: cannot be turned off, and fixes the retention
+    pp = vault_name("pp")
+    v = kv.create_vault(pp, "--enable-purge-protection", "--retention-days", "30")
+    assert v["properties"]["enablePurgeProtection"] is True
+    for args, needle in [
+        (("keyvault", "create", "-n", pp, "-g", "keyless", "--enable-purge-protection", "false"), "Purge protection"),
+        (("keyvault", "create", "-n", pp, "-g", "keyless", "--retention-days", "60"), "retention"),
+    ]:
+        out = subprocess.run([keyless_bin(), *args], env=kv.admin_env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and needle in out.stderr, (args, out.stderr)
+    assert kv.cli("keyvault", "show", "-n", pp)["properties"]["softDeleteRetentionInDays"] == 30
     # delete removes the vault and its data plane
     kv.cli("keyvault", "delete", "-n", name)
     assert name not in [x["name"] for x in kv.cli("keyvault", "list")]

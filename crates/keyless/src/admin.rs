@@ -1527,6 +1527,9 @@ enum KeyVaultVerb {
         retention_days: Option<u32>,
         #[arg(long, num_args = 0..=1, default_missing_value = "true")]
         enable_purge_protection: Option<bool>,
+        /// Soft delete (on by default; cannot be turned off once on).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        enable_soft_delete: Option<bool>,
         #[arg(long, num_args = 0..)]
         tags: Vec<String>,
     },
@@ -1625,6 +1628,7 @@ pub async fn keyvault(c: KeyVaultCmd) -> Result<(), CliError> {
             enable_rbac_authorization,
             retention_days,
             enable_purge_protection,
+            enable_soft_delete,
             tags,
         } => {
             let tenant = api
@@ -1647,6 +1651,9 @@ pub async fn keyvault(c: KeyVaultCmd) -> Result<(), CliError> {
             }
             if let Some(p) = enable_purge_protection {
                 props["enablePurgeProtection"] = json!(p);
+            }
+            if let Some(sd) = enable_soft_delete {
+                props["enableSoftDelete"] = json!(sd);
             }
             let body =
                 json!({"location": location, "tags": parse_tags(&tags)?, "properties": props});
