@@ -102,6 +102,7 @@ def host():
             pytest.fail("CI must run as root (Arc key files live in /var/opt/azcmagent/tokens)")
         pytest.skip("needs root")
     d = tempfile.mkdtemp(prefix="keyless-local-")
+    started = time.time()
     up = start_up(pathlib.Path(d) / "data", extra=("--sync-interval", "1"))
     h = LegacyHost(up, d)
     try:
@@ -111,6 +112,12 @@ def host():
         h.stop()
         up.stop()
         shutil.rmtree(d, ignore_errors=True)
+        # the agent removes unused key files when it stops; anything left is a leak
+        tokens = pathlib.Path("/var/opt/azcmagent/tokens")
+        leaked = [p for p in tokens.glob("*.key") if p.stat().st_mtime >= started - 1] if tokens.is_dir() else []
+        for p in leaked:
+            p.unlink()
+        assert not leaked, f"Arc key files left behind: {leaked}"
 
 
 def verify(up):

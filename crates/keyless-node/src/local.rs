@@ -343,6 +343,15 @@ impl ArcKeys {
     }
 }
 
+impl Drop for ArcKeys {
+    /// Keys die with the agent: remove the files of those never presented.
+    fn drop(&mut self) {
+        for (_, (path, _)) in self.keys.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 #[derive(Clone)]
 struct ArcState {
     agent: Arc<Agent>,
