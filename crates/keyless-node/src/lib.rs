@@ -361,18 +361,8 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
                     path: path.display().to_string(),
                     source,
                 })?;
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| NodeError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            let bound = l.local_addr().unwrap_or(addr);
             let app = local::app_service_router(agent.clone(), Arc::new(secret));
-            tokio::spawn(async move {
-                let _ = axum::serve(l, app).await;
-            });
-            tracing::info!(%bound, "App Service endpoint listening");
+            let bound = serve_local(addr, app, "App Service").await?;
             (Some(bound), Some(path))
         }
         None => (None, None),
@@ -387,19 +377,8 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
                         source,
                     }
                 })?;
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| NodeError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            let bound = l.local_addr().unwrap_or(addr);
             let app = local::arc_router(agent.clone(), Arc::new(keys));
-            tokio::spawn(async move {
-                let _ = axum::serve(l, app).await;
-            });
-            tracing::info!(%bound, "Arc endpoint listening");
-            Some(bound)
+            Some(serve_local(addr, app, "Arc").await?)
         }
         None => None,
     };
@@ -432,4 +411,20 @@ async fn follow_extension_endpoint(agent: &Arc<Agent>) {
             .find_map(keyless_core::local_endpoints::managed_identity_extension_port)
     });
     agent.extension_endpoint.reconcile(agent, port).await;
+}
+
+/// Bind `addr` and serve `app` there in the background; returns the bound address.
+async fn serve_local(addr: SocketAddr, app: axum::Router, what: &str) -> Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let bound = l.local_addr().unwrap_or(addr);
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    tracing::info!(%bound, "{what} endpoint listening");
+    Ok(bound)
 }

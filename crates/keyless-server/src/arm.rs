@@ -145,6 +145,15 @@ fn list(values: Vec<Value>) -> Response {
     Json(json!({ "value": values })).into_response()
 }
 
+/// ARM's answer to a DELETE: 200 when something was deleted, 204 when there was nothing.
+fn deleted(found: bool) -> Response {
+    if found {
+        StatusCode::OK.into_response()
+    } else {
+        StatusCode::NO_CONTENT.into_response()
+    }
+}
+
 fn created_or_ok(created: bool, body: Value) -> Response {
     let status = if created {
         StatusCode::CREATED
@@ -625,11 +634,7 @@ fn batch_account(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Res
             Ok(created_or_ok(created, v))
         }
         Method::GET => Ok(Json(get_account(s, rid)?.body).into_response()),
-        Method::DELETE => Ok(if delete_account(s, rid)? {
-            StatusCode::OK.into_response()
-        } else {
-            StatusCode::NO_CONTENT.into_response()
-        }),
+        Method::DELETE => Ok(deleted(delete_account(s, rid)?)),
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }
@@ -647,18 +652,14 @@ fn pool(
         Method::PUT | Method::PATCH => {
             let b: Value = parse_body(body)?;
             let scope = format!("{}/pools/{name}", account.canonical());
-            let may_assign = |identity: &str| -> Result<()> {
-                if authz::permitted(s, &caller.object_id, authz::ASSIGN_IDENTITY, identity)? {
-                    Ok(())
-                } else {
-                    Err(ServerError::LinkedAuthorizationFailed {
-                        principal: caller.object_id.clone(),
-                        action: "Microsoft.Batch/batchAccounts/pools/write".into(),
-                        scope: scope.clone(),
-                        linked_action: authz::ASSIGN_IDENTITY.to_string(),
-                        linked_scope: identity.to_string(),
-                    })
-                }
+            let may_assign = |identity: &str| {
+                authz::check_assign(
+                    s,
+                    &caller.object_id,
+                    "Microsoft.Batch/batchAccounts/pools/write",
+                    &scope,
+                    identity,
+                )
             };
             let (rec, _created) = put_pool(s, account, name, &b, *m == Method::PATCH, &may_assign)?;
             // Batch answers 200 for both create and update
@@ -668,11 +669,7 @@ fn pool(
         Method::DELETE => {
             crate::batch::get_account(s, account)?;
             let key = format!("{}/pools/{}", account.key(), name.to_ascii_lowercase());
-            Ok(if s.store.delete_vm(&key)? {
-                StatusCode::OK.into_response()
-            } else {
-                StatusCode::NO_CONTENT.into_response()
-            })
+            Ok(deleted(s.store.delete_vm(&key)?))
         }
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
@@ -693,11 +690,7 @@ fn vm_extension(
             Ok(created_or_ok(created, v))
         }
         Method::GET => Ok(Json(get_vm_extension(s, vm, name)?).into_response()),
-        Method::DELETE => Ok(if delete_vm_extension(s, vm, name)? {
-            StatusCode::OK.into_response()
-        } else {
-            StatusCode::NO_CONTENT.into_response()
-        }),
+        Method::DELETE => Ok(deleted(delete_vm_extension(s, vm, name)?)),
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }
@@ -728,11 +721,7 @@ fn identity(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<R
         Method::GET => Ok(Json(res::identity_json(&res::get_identity(s, rid)?)).into_response()),
         Method::DELETE => {
             res::get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-            Ok(if s.store.delete_identity(&rid.key())? {
-                StatusCode::OK.into_response()
-            } else {
-                StatusCode::NO_CONTENT.into_response()
-            })
+            Ok(deleted(s.store.delete_identity(&rid.key())?))
         }
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
@@ -749,11 +738,7 @@ fn vault(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<Resp
         Method::GET => Ok(Json(vault_json(&get_vault(s, rid)?)).into_response()),
         Method::DELETE => {
             res::get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-            Ok(if s.store.delete_vault(&rid.key())? {
-                StatusCode::OK.into_response()
-            } else {
-                StatusCode::NO_CONTENT.into_response()
-            })
+            Ok(deleted(s.store.delete_vault(&rid.key())?))
         }
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
@@ -769,19 +754,15 @@ fn vm(
     match *m {
         Method::PUT | Method::PATCH => {
             let b: VmBody = parse_body(body)?;
-            let action = "Microsoft.Compute/virtualMachines/write";
-            let may_assign = |identity: &str| -> Result<()> {
-                if authz::permitted(s, &caller.object_id, authz::ASSIGN_IDENTITY, identity)? {
-                    Ok(())
-                } else {
-                    Err(ServerError::LinkedAuthorizationFailed {
-                        principal: caller.object_id.clone(),
-                        action: action.to_string(),
-                        scope: rid.canonical(),
-                        linked_action: authz::ASSIGN_IDENTITY.to_string(),
-                        linked_scope: identity.to_string(),
-                    })
-                }
+            let scope = rid.canonical();
+            let may_assign = |identity: &str| {
+                authz::check_assign(
+                    s,
+                    &caller.object_id,
+                    "Microsoft.Compute/virtualMachines/write",
+                    &scope,
+                    identity,
+                )
             };
             let (rec, created) = res::write_vm(s, rid, b, *m == Method::PATCH, &may_assign)?;
             Ok(created_or_ok(created, res::vm_json(s, &rec)?))
@@ -789,11 +770,7 @@ fn vm(
         Method::GET => Ok(Json(res::vm_json(s, &res::get_vm(s, rid)?)?).into_response()),
         Method::DELETE => {
             res::get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-            Ok(if s.store.delete_vm(&rid.key())? {
-                StatusCode::OK.into_response()
-            } else {
-                StatusCode::NO_CONTENT.into_response()
-            })
+            Ok(deleted(s.store.delete_vm(&rid.key())?))
         }
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }

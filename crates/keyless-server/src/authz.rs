@@ -37,3 +37,25 @@ pub fn check(s: &AppState, principal_id: &str, action: &str, scope: &str) -> Res
 
 /// The action that attaches a user-assigned identity to a host.
 pub const ASSIGN_IDENTITY: &str = "Microsoft.ManagedIdentity/userAssignedIdentities/assign/action";
+
+/// 403 `LinkedAuthorizationFailed` unless `principal_id`, writing `scope` with `action`, may
+/// also attach the user-assigned identity `identity` (a host's or a pool's identity link).
+pub fn check_assign(
+    s: &AppState,
+    principal_id: &str,
+    action: &str,
+    scope: &str,
+    identity: &str,
+) -> Result<()> {
+    if permitted(s, principal_id, ASSIGN_IDENTITY, identity)? {
+        Ok(())
+    } else {
+        Err(ServerError::LinkedAuthorizationFailed {
+            principal: principal_id.to_string(),
+            action: action.to_string(),
+            scope: scope.to_string(),
+            linked_action: ASSIGN_IDENTITY.to_string(),
+            linked_scope: identity.to_string(),
+        })
+    }
+}

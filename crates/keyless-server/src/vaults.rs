@@ -99,9 +99,7 @@ pub fn put_vault(
             )));
         }
     }
-    if !patch && existing.is_none() && props.tenant_id.is_none() && props.sku.is_none() {
-        // ARM needs tenantId and sku on create; az always sends both. We default them.
-    }
+    // ARM needs tenantId and sku on create (az always sends both); missing ones default below
     let tenant = props
         .tenant_id
         .clone()

@@ -49,6 +49,29 @@ async fn server(dir: &std::path::Path) -> Arc<AppState> {
     s
 }
 
+/// Issue the first version of certificate `name` in `kv1`; returns its version.
+async fn first_version(s: &AppState, name: &str, p: &Policy) -> String {
+    certs::issue(
+        s,
+        Issue {
+            vault: "kv1",
+            name,
+            policy: p,
+            enabled: true,
+            tags: Default::default(),
+            base_version: None,
+            state: CertState {
+                policy: Some(p.clone()),
+                ..Default::default()
+            },
+            reuse: None,
+        },
+    )
+    .await
+    .unwrap()
+    .expect("first version")
+}
+
 fn one_month_policy() -> Policy {
     serde_json::from_value::<Policy>(json!({
         "issuer": {"name": "Keyless"},
@@ -65,25 +88,7 @@ async fn a_due_renewal_happens_once_when_two_passes_race() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(dir.path()).await;
     let p = one_month_policy();
-    let first = certs::issue(
-        &s,
-        Issue {
-            vault: "kv1",
-            name: "c1",
-            policy: &p,
-            enabled: true,
-            tags: Default::default(),
-            base_version: None,
-            state: CertState {
-                policy: Some(p.clone()),
-                ..Default::default()
-            },
-            reuse: None,
-        },
-    )
-    .await
-    .unwrap()
-    .expect("first version");
+    let first = first_version(&s, "c1", &p).await;
 
     // 20 days in: not due
     s.vault_clock.advance(20 * 86_400).unwrap();
@@ -157,25 +162,7 @@ async fn email_contacts_is_recorded_once_and_issues_nothing() {
     .unwrap()
     .normalize(true)
     .unwrap();
-    certs::issue(
-        &s,
-        Issue {
-            vault: "kv1",
-            name: "m1",
-            policy: &p,
-            enabled: true,
-            tags: Default::default(),
-            base_version: None,
-            state: CertState {
-                policy: Some(p.clone()),
-                ..Default::default()
-            },
-            reuse: None,
-        },
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    first_version(&s, "m1", &p).await;
     s.vault_clock.advance(40 * 86_400).unwrap();
     let first = run_once(&s).await.unwrap();
     let second = run_once(&s).await.unwrap();

@@ -229,10 +229,25 @@ impl Api {
 
     /// Path of a resource of type `ty` (`Namespace/type`), with its api-version.
     fn res_path(&self, rg: &str, ty: &str, name: &str, version: &str) -> String {
-        format!(
-            "{}/providers/{ty}/{name}?api-version={version}",
-            self.rg_path(rg)
-        )
+        self.sub_path(rg, ty, name, &[], version)
+    }
+
+    /// Path below a resource: `{resource}/{segments…}` (child collections, children, actions),
+    /// with the api-version; `None` segments are left out.
+    fn sub_path(
+        &self,
+        rg: &str,
+        ty: &str,
+        name: &str,
+        segments: &[Option<&str>],
+        version: &str,
+    ) -> String {
+        let mut path = format!("{}/providers/{ty}/{name}", self.rg_path(rg));
+        for seg in segments.iter().flatten() {
+            path.push('/');
+            path.push_str(seg);
+        }
+        format!("{path}?api-version={version}")
     }
 
     /// List resources of type `ty` in a group or the whole subscription.
@@ -484,14 +499,13 @@ pub async fn identity(c: IdentityCmd) -> Result<(), CliError> {
     const TY: &str = "Microsoft.ManagedIdentity/userAssignedIdentities";
     let path = |rg: &str, n: &str| api.res_path(rg, TY, n, MSI_API);
     let fic_path = |rg: &str, id: &str, n: Option<&str>| {
-        let base = format!(
-            "{}/providers/{TY}/{id}/federatedIdentityCredentials",
-            api.rg_path(rg)
-        );
-        match n {
-            Some(n) => format!("{base}/{n}?api-version={MSI_API}"),
-            None => format!("{base}?api-version={MSI_API}"),
-        }
+        api.sub_path(
+            rg,
+            TY,
+            id,
+            &[Some("federatedIdentityCredentials"), n],
+            MSI_API,
+        )
     };
     let v = match c.cmd {
         IdentityVerb::FederatedCredential { verb } => match verb {
@@ -835,11 +849,7 @@ pub async fn vm(c: VmCmd, ty: &'static str) -> Result<(), CliError> {
         }
         VmVerb::Extension { verb } => {
             let ext = |rg: &str, vm: &str, n: Option<&str>| {
-                let base = format!("{}/providers/{ty}/{vm}/extensions", api.rg_path(rg));
-                match n {
-                    Some(n) => format!("{base}/{n}?api-version={COMPUTE_API}"),
-                    None => format!("{base}?api-version={COMPUTE_API}"),
-                }
+                api.sub_path(rg, ty, vm, &[Some("extensions"), n], COMPUTE_API)
             };
             match verb {
                 VmExtensionVerb::Set {
@@ -1615,9 +1625,12 @@ pub async fn keyvault(c: KeyVaultCmd) -> Result<(), CliError> {
     let api = Api::connect(&c.conn).await?;
     let path = |rg: &str, n: &str| api.res_path(rg, VAULT_TYPE, n, KEYVAULT_API);
     let policy_path = |rg: &str, n: &str, kind: &str| {
-        format!(
-            "{}/providers/{VAULT_TYPE}/{n}/accessPolicies/{kind}?api-version={KEYVAULT_API}",
-            api.rg_path(rg)
+        api.sub_path(
+            rg,
+            VAULT_TYPE,
+            n,
+            &[Some("accessPolicies"), Some(kind)],
+            KEYVAULT_API,
         )
     };
     let v = match c.cmd {
@@ -1861,19 +1874,13 @@ pub async fn batch(c: BatchCmd) -> Result<(), CliError> {
     let api = Api::connect(&c.conn).await?;
     let account = |rg: &str, n: &str| api.res_path(rg, BATCH_ACCOUNT_TYPE, n, BATCH_API);
     let pool = |rg: &str, a: &str, p: Option<&str>, action: Option<&str>| {
-        let mut path = format!(
-            "{}/providers/{BATCH_ACCOUNT_TYPE}/{a}/pools",
-            api.rg_path(rg)
-        );
-        if let Some(p) = p {
-            path.push('/');
-            path.push_str(p);
-        }
-        if let Some(a) = action {
-            path.push('/');
-            path.push_str(a);
-        }
-        format!("{path}?api-version={BATCH_API}")
+        api.sub_path(
+            rg,
+            BATCH_ACCOUNT_TYPE,
+            a,
+            &[Some("pools"), p, action],
+            BATCH_API,
+        )
     };
     let v = match c.cmd {
         BatchVerb::Account { verb } => match verb {

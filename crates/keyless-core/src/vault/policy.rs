@@ -759,23 +759,13 @@ mod tests {
 /// `t` (Unix seconds) plus `months` calendar months (the day clamped to the month's length),
 /// the validity end of a certificate issued at `t`.
 pub fn add_months(t: u64, months: u32) -> u64 {
-    let days = (t / 86_400) as i64;
-    let secs = t % 86_400;
-    // civil-from-days (Howard Hinnant)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    // add months
-    let total = y * 12 + (m - 1) + i64::from(months);
-    let (ny, nm) = (total.div_euclid(12), total.rem_euclid(12) + 1);
+    use crate::clock::{civil_from_days, days_from_civil};
+    let (days, secs) = ((t / 86_400) as i64, t % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    let total = y * 12 + i64::from(m - 1) + i64::from(months);
+    let (ny, nm) = (total.div_euclid(12), (total.rem_euclid(12) + 1) as u32);
     let leap = (ny % 4 == 0 && ny % 100 != 0) || ny % 400 == 0;
-    let mdays = [
+    let month_days = [
         31,
         if leap { 29 } else { 28 },
         31,
@@ -788,17 +778,9 @@ pub fn add_months(t: u64, months: u32) -> u64 {
         31,
         30,
         31,
-    ][(nm - 1) as usize];
-    let nd = d.min(mdays);
-    // days-from-civil
-    let yy = if nm <= 2 { ny - 1 } else { ny };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let mp = if nm > 2 { nm - 3 } else { nm + 9 };
-    let doy = (153 * mp + 2) / 5 + nd - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    days as u64 * 86_400 + secs
+    ];
+    let nd = d.min(month_days[(nm - 1) as usize]);
+    days_from_civil(ny, nm, nd) as u64 * 86_400 + secs
 }
 
 #[cfg(test)]
