@@ -14,8 +14,11 @@
 //! - [`rbac`]: built-in roles, action wildcard matching, scope inheritance, the access decision.
 //! - [`rotation`]: signing-key rotation plan.
 //! - [`refresh`]: when a cached token must be renewed.
+//! - [`aks`]: managed clusters: the `podIdentityProfile` rules (names, selectors, limits, kubenet).
+//! - [`pod_identity`]: which identities a pod may use through NMI (bindings, exceptions).
 //! - [`vault`]: Key Vault names, routes, permissions, certificate policies and paging.
 
+pub mod aks;
 pub mod api_version;
 pub mod claims;
 pub mod clock;
@@ -25,6 +28,7 @@ pub mod identity_type;
 pub mod imds;
 pub mod local_endpoints;
 pub mod names;
+pub mod pod_identity;
 pub mod rbac;
 pub mod refresh;
 pub mod resource_id;

@@ -135,48 +135,41 @@ struct CachedToken {
     refresh_at: u64,
 }
 
-/// HTTP clients for IMDS and the vaults, and the token cache (per resource).
-pub struct VaultClient {
-    imds: reqwest::Client,
-    vault: reqwest::Client,
+/// Managed-identity tokens from an IMDS endpoint, cached per resource until 5 minutes before
+/// they expire. Used by the certificate sync agent and by the pod-identity add-on.
+pub struct ImdsTokens {
+    client: reqwest::Client,
     auth: Authentication,
     tokens: HashMap<String, CachedToken>,
 }
 
-impl VaultClient {
-    /// `ca_pem`: the only roots trusted for the vault's TLS (default: the platform's).
+/// HTTP clients for IMDS and the vaults, and the token cache (per resource).
+pub struct VaultClient {
+    imds: ImdsTokens,
+    vault: reqwest::Client,
+}
+
+impl ImdsTokens {
+    /// Tokens from `auth.token_endpoint` (plain HTTP, never through a proxy).
     /// `resolve`: host name → address overrides (the URL's port is used).
-    pub fn new(
-        auth: Authentication,
-        ca_pem: Option<&str>,
-        resolve: &[(String, SocketAddr)],
-    ) -> Result<Self> {
-        let mut imds = reqwest::Client::builder()
+    pub fn new(auth: Authentication, resolve: &[(String, SocketAddr)]) -> Result<Self> {
+        let mut client = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10));
-        let mut vault = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .connect_timeout(Duration::from_secs(10));
-        if let Some(pem) = ca_pem {
-            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-                .map_err(|e| Error::Client(format!("the CA PEM: {}", chain(&e))))?;
-            if certs.is_empty() {
-                return Err(Error::Client("the CA PEM holds no certificate".into()));
-            }
-            vault = vault.tls_certs_only(certs);
-        }
         for (host, addr) in resolve {
-            let host = host.to_ascii_lowercase();
-            imds = imds.resolve(&host, *addr);
-            vault = vault.resolve(&host, *addr);
+            client = client.resolve(&host.to_ascii_lowercase(), *addr);
         }
         Ok(Self {
-            imds: imds.build().map_err(|e| Error::Client(chain(&e)))?,
-            vault: vault.build().map_err(|e| Error::Client(chain(&e)))?,
+            client: client.build().map_err(|e| Error::Client(chain(&e)))?,
             auth,
             tokens: HashMap::new(),
         })
+    }
+
+    /// Forget the cached token of `resource` (the resource refused it).
+    pub fn forget(&mut self, resource: &str) {
+        self.tokens.remove(resource);
     }
 
     /// A token for `resource`, from the cache until 5 minutes before it expires.
@@ -201,7 +194,7 @@ impl VaultClient {
             }
         }
         let resp = self
-            .imds
+            .client
             .get(url)
             .header("Metadata", "true")
             .send()
@@ -254,6 +247,40 @@ impl VaultClient {
         );
         Ok(token)
     }
+}
+
+impl VaultClient {
+    /// `ca_pem`: the only roots trusted for the vault's TLS (default: the platform's).
+    /// `resolve`: host name → address overrides (the URL's port is used).
+    pub fn new(
+        auth: Authentication,
+        ca_pem: Option<&str>,
+        resolve: &[(String, SocketAddr)],
+    ) -> Result<Self> {
+        let mut vault = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(pem) = ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| Error::Client(format!("the CA PEM: {}", chain(&e))))?;
+            if certs.is_empty() {
+                return Err(Error::Client("the CA PEM holds no certificate".into()));
+            }
+            vault = vault.tls_certs_only(certs);
+        }
+        for (host, addr) in resolve {
+            vault = vault.resolve(&host.to_ascii_lowercase(), *addr);
+        }
+        Ok(Self {
+            imds: ImdsTokens::new(auth, resolve)?,
+            vault: vault.build().map_err(|e| Error::Client(chain(&e)))?,
+        })
+    }
+
+    /// A token for `resource` (see [`ImdsTokens::token`]).
+    pub async fn token(&mut self, resource: &str) -> Result<String> {
+        self.imds.token(resource).await
+    }
 
     /// GET the certificate's secret. A 401 with a challenge is answered once with a token
     /// for the challenge's resource (a fresh one when it is the same resource).
@@ -279,7 +306,7 @@ impl VaultClient {
                     .iter()
                     .filter_map(|h| h.to_str().ok())
                     .find_map(challenge_resource);
-                self.tokens.remove(&resource);
+                self.imds.forget(&resource);
                 if let Some(r) = challenged {
                     if !resource_fits_host(&r, &cert.host) {
                         return Err(Error::Content {

@@ -1,0 +1,1 @@
+//! Managed clusters (seed 000): the rules of `podIdentityProfile`.

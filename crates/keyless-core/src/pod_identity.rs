@@ -1,0 +1,1 @@
+//! Pod identity through NMI (seed 000): which identities a pod may use.
