@@ -1,1 +1,648 @@
 //! Pod identity through NMI (seed 000): which identities a pod may use.
+//!
+//! The rules of aad-pod-identity's NMI in managed mode (`../shared/spec/pod-identity.md` §1.2,
+//! §1.3), on plain data (no Kubernetes types, no IO), so the host agent's NMI surface and its
+//! watch-fed index only feed objects in and act on the answer:
+//!
+//! - [`decide`]: is a pod excepted, bound to identities (which, in which order), or neither;
+//! - [`select`]: which of a pod's identities a request names, among those the host holds;
+//! - [`parse_token_request`], [`route`], and NMI's error texts ([`no_identity_message`]);
+//! - [`ClusterView`] (the `cluster` object of the host view) and the kubenet guard
+//!   ([`kubenet_refusal`]).
+//!
+//! Managed mode is namespaced: bindings, identities and exceptions only count in the pod's own
+//! namespace. Only user-assigned managed identities (`type: 0`) are served.
+
+use crate::selection::{IdentityIndex, IdentityRef, SelectionError, Selector};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The pod label a binding's `selector` is matched against (exact string equality).
+pub const BINDING_LABEL: &str = "aadpodidbinding";
+
+/// A pod, as far as the rules care.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// An `AzureIdentity` (upstream field names: `type`, `clientID`, `resourceID`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AzureIdentity {
+    pub namespace: String,
+    pub name: String,
+    /// 0 user-assigned managed identity, 1 / 2 service principal (not served).
+    pub type_: i32,
+    pub client_id: String,
+    pub resource_id: String,
+}
+
+/// An `AzureIdentityBinding`: pods whose `aadpodidbinding` label equals `selector` may use the
+/// AzureIdentity named `azure_identity` (in the binding's namespace).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Binding {
+    pub namespace: String,
+    pub name: String,
+    pub azure_identity: String,
+    pub selector: String,
+}
+
+/// An `AzurePodIdentityException`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exception {
+    pub namespace: String,
+    pub name: String,
+    pub pod_labels: BTreeMap<String, String>,
+}
+
+/// One identity a pod is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundIdentity {
+    /// The AzureIdentity's name (the order of a pod's identities).
+    pub name: String,
+    pub client_id: String,
+    pub resource_id: String,
+}
+
+/// What NMI does with a pod's requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodDecision {
+    /// Not intercepted: the pod gets what the node's own IMDS answers (never a pod identity).
+    Excepted,
+    /// The pod's identities, sorted by AzureIdentity name, each once.
+    Bound(Vec<BoundIdentity>),
+    /// No binding in the pod's namespace selects it.
+    NoBinding,
+}
+
+/// Whether `exception` excepts `pod`: same namespace, and any one of its `podLabels` is on the
+/// pod with the same key and a value equal ignoring case (upstream `strings.EqualFold`).
+pub fn excepts(exception: &Exception, pod: &Pod) -> bool {
+    exception.namespace == pod.namespace
+        && exception.pod_labels.iter().any(|(k, v)| {
+            pod.labels
+                .get(k)
+                .is_some_and(|pv| pv.to_lowercase() == v.to_lowercase())
+        })
+}
+
+/// The decision for `pod` given the cluster's bindings, identities and exceptions (objects of
+/// other namespaces may be passed; they never count).
+///
+/// Exceptions come first (as in NMI). Otherwise the pod is bound to every AzureIdentity of its
+/// namespace named by a binding of its namespace whose `selector` equals the pod's
+/// `aadpodidbinding` label exactly; identities of `type` other than 0, without a client id, or
+/// missing are skipped. The list is sorted by AzureIdentity name, so "the first identity" —
+/// what a request without `client_id` / `object_id` / `msi_res_id` gets — is deterministic
+/// (upstream's choice depended on informer order).
+pub fn decide<'a>(
+    pod: &Pod,
+    bindings: impl IntoIterator<Item = &'a Binding>,
+    identities: impl IntoIterator<Item = &'a AzureIdentity>,
+    exceptions: impl IntoIterator<Item = &'a Exception>,
+) -> PodDecision {
+    if exceptions.into_iter().any(|e| excepts(e, pod)) {
+        return PodDecision::Excepted;
+    }
+    let Some(label) = pod.labels.get(BINDING_LABEL) else {
+        return PodDecision::NoBinding;
+    };
+    let wanted: std::collections::BTreeSet<&str> = bindings
+        .into_iter()
+        .filter(|b| b.namespace == pod.namespace && &b.selector == label)
+        .map(|b| b.azure_identity.as_str())
+        .collect();
+    if wanted.is_empty() {
+        return PodDecision::NoBinding;
+    }
+    let mut found: BTreeMap<&str, BoundIdentity> = BTreeMap::new();
+    for id in identities {
+        if id.namespace == pod.namespace
+            && id.type_ == 0
+            && !id.client_id.is_empty()
+            && wanted.contains(id.name.as_str())
+        {
+            found.entry(id.name.as_str()).or_insert(BoundIdentity {
+                name: id.name.clone(),
+                client_id: id.client_id.clone(),
+                resource_id: id.resource_id.clone(),
+            });
+        }
+    }
+    if found.is_empty() {
+        PodDecision::NoBinding
+    } else {
+        PodDecision::Bound(found.into_values().collect())
+    }
+}
+
+/// Which of a pod's identities a request names, among those the host holds (`host`, matched by
+/// client id; the host's system-assigned identity is never a pod identity).
+///
+/// `client_id`, `object_id` or `msi_res_id` (`mi_res_id`) pick that identity if it is one of
+/// the pod's and on the host; no selector picks the first of the pod's identities (by
+/// AzureIdentity name) that the host holds — deterministic, where NMI took whichever its
+/// informer listed first. Every step is a hash lookup or a walk over the pod's own (few)
+/// identities: the cost does not grow with the host's identities.
+pub fn select<'a>(
+    host: &'a IdentityIndex,
+    bound: &[BoundIdentity],
+    selector: &Selector,
+) -> Result<&'a IdentityRef, SelectionError> {
+    let held = |id: &IdentityRef| {
+        !id.system_assigned
+            && bound
+                .iter()
+                .any(|b| b.client_id.eq_ignore_ascii_case(&id.client_id))
+    };
+    let found = match selector {
+        Selector::SystemAssigned => bound
+            .iter()
+            .filter_map(|b| host.by_client_id(&b.client_id))
+            .find(|id| !id.system_assigned),
+        Selector::ClientId(c) => host.by_client_id(c).filter(|id| held(id)),
+        Selector::ObjectId(o) => host.by_object_id(o).filter(|id| held(id)),
+        Selector::ResourceId(r) => host.by_resource_id(r).filter(|id| held(id)),
+    };
+    found.ok_or(SelectionError::NotFound)
+}
+
+/// A token request as NMI reads it: `resource` required, `api-version` ignored, one selector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodTokenRequest {
+    pub resource: String,
+    pub selector: Selector,
+}
+
+/// NMI's error for a request without `resource` (400, plain text).
+pub const RESOURCE_EMPTY: &str = "parameter resource cannot be empty";
+
+/// Read a token request from the decoded query the way NMI does: the first value of each name
+/// counts, empty values are absent. The selector is `client_id`, else `object_id`, else
+/// `msi_res_id`, else `mi_res_id`; none → [`Selector::SystemAssigned`] ("the first identity").
+pub fn parse_token_request(query: &[(String, String)]) -> Result<PodTokenRequest, &'static str> {
+    let get = |k: &str| {
+        query
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let resource = get("resource").ok_or(RESOURCE_EMPTY)?.to_string();
+    let selector = if let Some(c) = get("client_id") {
+        Selector::ClientId(c.to_string())
+    } else if let Some(o) = get("object_id") {
+        Selector::ObjectId(o.to_string())
+    } else if let Some(r) = get("msi_res_id").or_else(|| get("mi_res_id")) {
+        Selector::ResourceId(r.to_string())
+    } else {
+        Selector::SystemAssigned
+    };
+    Ok(PodTokenRequest { resource, selector })
+}
+
+/// NMI's redaction of a client id in messages: the first and last four characters kept.
+pub fn redact_client_id(client_id: &str) -> String {
+    let chars: Vec<char> = client_id.chars().collect();
+    let edge = |c: &[char]| c.iter().all(|c| !c.is_whitespace());
+    if chars.len() >= 8 && edge(&chars[..4]) && edge(&chars[chars.len() - 4..]) {
+        let head: String = chars[..4].iter().collect();
+        let tail: String = chars[chars.len() - 4..].iter().collect();
+        format!("{head}##### REDACTED #####{tail}")
+    } else {
+        client_id.to_string()
+    }
+}
+
+/// NMI's 404 text when a pod has no (matching) identity.
+pub fn no_identity_message(selector: &Selector) -> String {
+    let client_id = match selector {
+        Selector::ClientId(c) => c.as_str(),
+        _ => "",
+    };
+    format!(
+        "no azure identity found for request clientID {}",
+        redact_client_id(client_id)
+    )
+}
+
+/// Where NMI sends a request path (in NMI's order of matching).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/metadata/identity/oauth2/token…` (`metadata` in any case; a prefix match).
+    Token,
+    /// Another path with `/metadata/identity…oauth2…token` in it: 400 "Invalid request".
+    InvalidTokenPath,
+    /// `/host/token…`.
+    HostToken,
+    /// `/metadata/instance…` while instance metadata is blocked: 403.
+    BlockedInstance,
+    /// Anything else: what the node's IMDS answers.
+    Other,
+}
+
+/// `/metadata/` (`metadata` in any case) at byte `i` of `path`.
+fn metadata_at(path: &str, i: usize) -> bool {
+    let b = path.as_bytes();
+    b.get(i) == Some(&b'/')
+        && b.get(i + 9) == Some(&b'/')
+        && b.get(i + 1..i + 9)
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"metadata"))
+}
+
+/// Route `path` as NMI's router does.
+pub fn route(path: &str, block_instance_metadata: bool) -> Route {
+    if metadata_at(path, 0) && path[9..].starts_with("/identity/oauth2/token") {
+        return Route::Token;
+    }
+    // upstream's unanchored `/(?i:metadata)/identity(.*?)oauth2(.*?)token`: if any occurrence
+    // matches, the leftmost one does (its tail contains every later one's), so only that one
+    // is tried — linear in the path's length
+    let invalid = (0..path.len())
+        .find(|&i| metadata_at(path, i) && path[i + 9..].starts_with("/identity"))
+        .is_some_and(|i| {
+            path[i + 18..]
+                .find("oauth2")
+                .is_some_and(|j| path[i + 18 + j + 6..].contains("token"))
+        });
+    if invalid {
+        return Route::InvalidTokenPath;
+    }
+    if path.starts_with("/host/token") {
+        return Route::HostToken;
+    }
+    if block_instance_metadata && metadata_at(path, 0) && path[9..].starts_with("/instance") {
+        return Route::BlockedInstance;
+    }
+    Route::Other
+}
+
+/// The `cluster` object of the host view, present for nodes of a managed cluster's pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ClusterView {
+    pub id: String,
+    /// `azure` | `kubenet`.
+    pub network_plugin: String,
+    pub pod_identity: ClusterPodIdentity,
+    pub kubelet_identity: Option<KubeletIdentity>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ClusterPodIdentity {
+    pub enabled: bool,
+    pub allow_network_plugin_kubenet: bool,
+    /// Client ids of every pod identity of the cluster (`podIdentityProfile`).
+    pub client_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KubeletIdentity {
+    pub client_id: String,
+    pub object_id: String,
+    pub resource_id: String,
+}
+
+/// The kubenet guard (CVE-2021-1677: on kubenet a pod with `NET_RAW` can take another pod's
+/// IP, and NMI trusts the source IP): why NMI must not start, if it must not. Allowed by the
+/// cluster's `allowNetworkPluginKubenet` or by the node's `--allow-network-plugin-kubenet`.
+pub fn kubenet_refusal(cluster: Option<&ClusterView>, allow_flag: bool) -> Option<String> {
+    let c = cluster?;
+    if !c.network_plugin.eq_ignore_ascii_case("kubenet")
+        || allow_flag
+        || c.pod_identity.allow_network_plugin_kubenet
+    {
+        return None;
+    }
+    Some(format!(
+        "cluster {} uses the kubenet network plugin, where a pod can spoof another pod's IP \
+         (CVE-2021-1677); NMI does not run there unless the cluster allows it \
+         (podIdentityProfile.allowNetworkPluginKubenet, `aks update --enable-pod-identity-with-kubenet`) \
+         or the node is started with --allow-network-plugin-kubenet",
+        if c.id.is_empty() { "(unnamed)" } else { &c.id }
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selection::CallerIdentities;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn pod(ns: &str, kv: &[(&str, &str)]) -> Pod {
+        Pod {
+            namespace: ns.into(),
+            name: "p".into(),
+            labels: labels(kv),
+        }
+    }
+
+    fn ident(ns: &str, name: &str, cid: &str) -> AzureIdentity {
+        AzureIdentity {
+            namespace: ns.into(),
+            name: name.into(),
+            type_: 0,
+            client_id: cid.into(),
+            resource_id: format!("/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"),
+        }
+    }
+
+    fn binding(ns: &str, name: &str, id: &str, sel: &str) -> Binding {
+        Binding {
+            namespace: ns.into(),
+            name: name.into(),
+            azure_identity: id.into(),
+            selector: sel.into(),
+        }
+    }
+
+    fn exception(ns: &str, kv: &[(&str, &str)]) -> Exception {
+        Exception {
+            namespace: ns.into(),
+            name: "e".into(),
+            pod_labels: labels(kv),
+        }
+    }
+
+    fn names(d: &PodDecision) -> Vec<String> {
+        match d {
+            PodDecision::Bound(v) => v.iter().map(|b| b.name.clone()).collect(),
+            other => panic!("not bound: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bindings_select_by_exact_label_in_the_pods_namespace() {
+        let ids = [
+            ident("apps", "b-id", "cb"),
+            ident("apps", "a-id", "ca"),
+            ident("other", "c-id", "cc"),
+        ];
+        let bs = [
+            binding("apps", "b", "b-id", "foo"),
+            binding("apps", "a", "a-id", "foo"),
+            binding("apps", "a2", "a-id", "foo"), // the same identity twice: listed once
+            binding("other", "c", "c-id", "foo"),
+            binding("apps", "x", "c-id", "foo"), // names an identity of another namespace
+        ];
+        let d = decide(&pod("apps", &[("aadpodidbinding", "foo")]), &bs, &ids, &[]);
+        assert_eq!(names(&d), ["a-id", "b-id"], "sorted by AzureIdentity name");
+        // exact: case and surrounding text matter
+        for l in ["Foo", "foo ", "fo"] {
+            assert_eq!(
+                decide(&pod("apps", &[("aadpodidbinding", l)]), &bs, &ids, &[]),
+                PodDecision::NoBinding
+            );
+        }
+        // no label, another label, another namespace with no binding of its own
+        assert_eq!(
+            decide(&pod("apps", &[]), &bs, &ids, &[]),
+            PodDecision::NoBinding
+        );
+        assert_eq!(
+            decide(&pod("apps", &[("app", "foo")]), &bs, &ids, &[]),
+            PodDecision::NoBinding
+        );
+        assert_eq!(
+            decide(&pod("third", &[("aadpodidbinding", "foo")]), &bs, &ids, &[]),
+            PodDecision::NoBinding
+        );
+        // the other namespace's binding serves that namespace's identity only
+        let d = decide(&pod("other", &[("aadpodidbinding", "foo")]), &bs, &ids, &[]);
+        assert_eq!(names(&d), ["c-id"]);
+    }
+
+    #[test]
+    fn only_managed_identities_with_a_client_id_count() {
+        let mut sp = ident("apps", "sp", "csp");
+        sp.type_ = 1;
+        let empty = ident("apps", "empty", "");
+        let ids = [sp, empty];
+        let bs = [
+            binding("apps", "1", "sp", "s"),
+            binding("apps", "2", "empty", "s"),
+            binding("apps", "3", "missing", "s"),
+        ];
+        assert_eq!(
+            decide(&pod("apps", &[("aadpodidbinding", "s")]), &bs, &ids, &[]),
+            PodDecision::NoBinding
+        );
+    }
+
+    #[test]
+    fn exceptions_match_any_label_value_ignoring_case_in_the_pods_namespace() {
+        let ids = [ident("kube-system", "a", "ca")];
+        let bs = [binding("kube-system", "a", "a", "foo")];
+        let ex = [exception(
+            "kube-system",
+            &[("kubernetes.azure.com/managedby", "aks"), ("app", "mic")],
+        )];
+        let p = pod(
+            "kube-system",
+            &[
+                ("kubernetes.azure.com/managedby", "AKS"),
+                ("aadpodidbinding", "foo"),
+            ],
+        );
+        assert_eq!(decide(&p, &bs, &ids, &ex), PodDecision::Excepted);
+        let p = pod("kube-system", &[("app", "mic"), ("other", "x")]);
+        assert_eq!(decide(&p, &bs, &ids, &ex), PodDecision::Excepted);
+        // key compared exactly; value must match
+        let p = pod("kube-system", &[("App", "mic"), ("app", "mic2")]);
+        assert_eq!(decide(&p, &bs, &ids, &ex), PodDecision::NoBinding);
+        // an exception in another namespace does not count
+        let p = pod("default", &[("app", "mic")]);
+        assert_eq!(decide(&p, &bs, &ids, &ex), PodDecision::NoBinding);
+        // an empty exception excepts nothing
+        let p = pod("kube-system", &[("aadpodidbinding", "foo")]);
+        let d = decide(&p, &bs, &ids, &[exception("kube-system", &[])]);
+        assert_eq!(names(&d), ["a"]);
+    }
+
+    fn uref(cid: &str, oid: &str, name: &str) -> IdentityRef {
+        IdentityRef {
+            principal_id: oid.into(),
+            client_id: cid.into(),
+            resource_id: format!("/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"),
+            system_assigned: false,
+        }
+    }
+
+    #[test]
+    fn selection_among_a_pods_identities_on_the_host() {
+        let host = IdentityIndex::new(CallerIdentities {
+            system: Some(IdentityRef {
+                principal_id: "sp".into(),
+                client_id: "sys".into(),
+                resource_id: "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/vm".into(),
+                system_assigned: true,
+            }),
+            user: vec![
+                uref("kubelet", "ko", "kubelet"),
+                uref("CB", "ob", "b-id"),
+                uref("ca", "oa", "a-id"),
+            ],
+        });
+        let bound = |v: &[(&str, &str)]| -> Vec<BoundIdentity> {
+            v.iter()
+                .map(|(n, c)| BoundIdentity {
+                    name: n.to_string(),
+                    client_id: c.to_string(),
+                    resource_id: String::new(),
+                })
+                .collect()
+        };
+        let both = bound(&[("a-id", "CA"), ("b-id", "cb")]);
+        let pick =
+            |b: &[BoundIdentity], s: Selector| select(&host, b, &s).map(|i| i.principal_id.clone());
+        assert_eq!(pick(&both, Selector::SystemAssigned), Ok("oa".into()));
+        assert_eq!(
+            pick(&both, Selector::ClientId("cb".into())),
+            Ok("ob".into())
+        );
+        assert_eq!(
+            pick(&both, Selector::ObjectId("OA".into())),
+            Ok("oa".into())
+        );
+        assert_eq!(
+            pick(
+                &both,
+                Selector::ResourceId("/subscriptions/s/resourcegroups/g/providers/microsoft.managedidentity/userassignedidentities/b-id/".into())
+            ),
+            Ok("ob".into())
+        );
+        // on the host, but not the pod's: the kubelet identity, the system identity
+        for s in [
+            Selector::ClientId("kubelet".into()),
+            Selector::ObjectId("ko".into()),
+            Selector::ClientId("sys".into()),
+            Selector::ObjectId("sp".into()),
+        ] {
+            assert_eq!(pick(&both, s), Err(SelectionError::NotFound));
+        }
+        // the pod's first identity is not on the host: the next one it holds
+        let gone_first = bound(&[("0-gone", "gone"), ("b-id", "cb")]);
+        assert_eq!(pick(&gone_first, Selector::SystemAssigned), Ok("ob".into()));
+        assert_eq!(
+            pick(&gone_first, Selector::ClientId("gone".into())),
+            Err(SelectionError::NotFound)
+        );
+        // a binding naming the system identity's client id never reaches it
+        let sys = bound(&[("s", "sys")]);
+        assert_eq!(
+            pick(&sys, Selector::SystemAssigned),
+            Err(SelectionError::NotFound)
+        );
+        assert_eq!(
+            pick(&[], Selector::SystemAssigned),
+            Err(SelectionError::NotFound)
+        );
+    }
+
+    fn q(s: &str) -> Vec<(String, String)> {
+        serde_urlencoded::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn token_requests_as_nmi_reads_them() {
+        let r = parse_token_request(&q("resource=https://vault.azure.net")).unwrap();
+        assert_eq!(r.resource, "https://vault.azure.net");
+        assert_eq!(r.selector, Selector::SystemAssigned);
+        // api-version ignored, duplicates tolerated (first wins)
+        let r =
+            parse_token_request(&q("resource=r1&resource=r2&client_id=c&msi_res_id=/x")).unwrap();
+        assert_eq!(
+            (r.resource.as_str(), r.selector),
+            ("r1", Selector::ClientId("c".into()))
+        );
+        let r = parse_token_request(&q("resource=r&object_id=o")).unwrap();
+        assert_eq!(r.selector, Selector::ObjectId("o".into()));
+        let r = parse_token_request(&q("resource=r&client_id=&mi_res_id=/m")).unwrap();
+        assert_eq!(r.selector, Selector::ResourceId("/m".into()));
+        let r = parse_token_request(&q("resource=r&msi_res_id=/a&mi_res_id=/m")).unwrap();
+        assert_eq!(r.selector, Selector::ResourceId("/a".into()));
+        for s in ["", "api-version=2018-02-01", "resource=", "client_id=c"] {
+            assert_eq!(parse_token_request(&q(s)), Err(RESOURCE_EMPTY), "{s}");
+        }
+    }
+
+    #[test]
+    fn messages_redact_client_ids_like_nmi() {
+        assert_eq!(
+            no_identity_message(&Selector::ClientId(
+                "77788899-f67e-42e1-9a78-89985f6bff3e".into()
+            )),
+            "no azure identity found for request clientID 7778##### REDACTED #####ff3e"
+        );
+        assert_eq!(
+            no_identity_message(&Selector::SystemAssigned),
+            "no azure identity found for request clientID "
+        );
+        assert_eq!(redact_client_id("short"), "short");
+    }
+
+    #[test]
+    fn routes_in_nmi_order() {
+        use Route::*;
+        for (p, r) in [
+            ("/metadata/identity/oauth2/token", Token),
+            ("/METADATA/identity/oauth2/token/", Token),
+            ("/Metadata/identity/oauth2/tokenx", Token),
+            ("/metadata/identity/oauth2//token", InvalidTokenPath),
+            ("/metadata/identity/x/oauth2/y/token", InvalidTokenPath),
+            ("/foo/metadata/identityoauth2token", InvalidTokenPath),
+            ("/metadata/Identity/oauth2/token", Other),
+            ("/metadata/identity/info", Other),
+            ("/host/token", HostToken),
+            ("/host/token/", HostToken),
+            ("/Host/token", Other),
+            ("/metadata/instance", BlockedInstance),
+            ("/MetaData/instance/compute", BlockedInstance),
+            ("/metadata/versions", Other),
+            ("/", Other),
+            ("", Other),
+            ("/metadat", Other),
+        ] {
+            assert_eq!(route(p, true), r, "{p}");
+        }
+        assert_eq!(route("/metadata/instance", false), Other);
+    }
+
+    #[test]
+    fn the_kubenet_guard() {
+        let mut c: ClusterView = serde_json::from_value(serde_json::json!({
+            "id": "/subscriptions/s/resourceGroups/g/providers/Microsoft.ContainerService/managedClusters/c",
+            "networkPlugin": "kubenet",
+            "podIdentity": {"enabled": true, "allowNetworkPluginKubenet": false, "clientIds": ["a"]},
+            "kubeletIdentity": {"clientId": "k", "objectId": "o", "resourceId": "/r"}
+        }))
+        .unwrap();
+        assert_eq!(c.pod_identity.client_ids, ["a"]);
+        assert_eq!(c.kubelet_identity.as_ref().unwrap().client_id, "k");
+        let m = kubenet_refusal(Some(&c), false).unwrap();
+        assert!(
+            m.contains("kubenet") && m.contains("--allow-network-plugin-kubenet"),
+            "{m}"
+        );
+        assert_eq!(kubenet_refusal(Some(&c), true), None);
+        c.pod_identity.allow_network_plugin_kubenet = true;
+        assert_eq!(kubenet_refusal(Some(&c), false), None);
+        c.pod_identity.allow_network_plugin_kubenet = false;
+        c.network_plugin = "azure".into();
+        assert_eq!(kubenet_refusal(Some(&c), false), None);
+        // not a cluster node: nothing to guard
+        assert_eq!(kubenet_refusal(None, false), None);
+        // partial objects parse with defaults
+        let c: ClusterView = serde_json::from_value(serde_json::json!({"id": "x"})).unwrap();
+        assert_eq!(c.kubelet_identity, None);
+    }
+}

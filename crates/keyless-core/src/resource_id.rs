@@ -14,6 +14,7 @@ pub const KNOWN_TYPES: &[(&str, &str)] = &[
     ("Microsoft.Compute", "virtualMachineScaleSets"),
     ("Microsoft.KeyVault", "vaults"),
     ("Microsoft.Batch", "batchAccounts"),
+    ("Microsoft.ContainerService", "managedClusters"),
 ];
 
 /// Canonical spelling of a provider namespace and type, if known.
@@ -33,6 +34,9 @@ pub const VMSS: (&str, &str) = ("Microsoft.Compute", "virtualMachineScaleSets");
 
 /// `Microsoft.Batch/batchAccounts` (its `pools` are children).
 pub const BATCH_ACCOUNT: (&str, &str) = ("Microsoft.Batch", "batchAccounts");
+
+/// `Microsoft.ContainerService/managedClusters` (its pools are scale sets in the node group).
+pub const MANAGED_CLUSTER: (&str, &str) = ("Microsoft.ContainerService", "managedClusters");
 
 /// Whether `resource_id` names a group of hosts that join as instances and share the group's
 /// identities: a scale set, or a Batch pool (`…/batchAccounts/{a}/pools/{p}`).

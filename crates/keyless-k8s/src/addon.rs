@@ -268,7 +268,11 @@ pub fn desired(profile: &Profile) -> Desired {
     let addon = PodException {
         name: ADDON_EXCEPTION.to_string(),
         namespace: "kube-system".to_string(),
-        pod_labels: [("kubernetes.azure.com/managedby".to_string(), "aks".to_string())].into(),
+        pod_labels: [(
+            "kubernetes.azure.com/managedby".to_string(),
+            "aks".to_string(),
+        )]
+        .into(),
     };
     for e in std::iter::once(&addon).chain(profile.exceptions.iter()) {
         d.namespaces.insert(e.namespace.clone());
@@ -372,7 +376,11 @@ async fn ensure_namespaces(
             metadata: ObjectMeta {
                 name: Some(n.clone()),
                 labels: Some(
-                    [(MANAGED_LABELS[1].0.to_string(), MANAGED_LABELS[1].1.to_string())].into(),
+                    [(
+                        MANAGED_LABELS[1].0.to_string(),
+                        MANAGED_LABELS[1].1.to_string(),
+                    )]
+                    .into(),
                 ),
                 ..Default::default()
             },
@@ -475,7 +483,8 @@ pub fn reports(profile: &Profile, failed: &BTreeMap<(String, String), String>) -
             if p.provisioning_state.as_deref() == Some(state) && p.error_message.as_ref() == err {
                 return None;
             }
-            let mut r = json!({"name": p.name, "namespace": p.namespace, "provisioningState": state});
+            let mut r =
+                json!({"name": p.name, "namespace": p.namespace, "provisioningState": state});
             if let Some(m) = err {
                 r["error"] = json!({"code": "PodIdentityAddonError", "message": m});
             }
@@ -559,7 +568,10 @@ async fn hold_lease(client: &kube::Client, holder: &str) -> Result<bool, kube::E
     let spec = current.spec.clone().unwrap_or_default();
     let mine = spec.holder_identity.as_deref() == Some(holder);
     let expired = spec.renew_time.as_ref().is_none_or(|t| {
-        let secs = i64::from(spec.lease_duration_seconds.unwrap_or(defaults::LEASE_SECONDS));
+        let secs = i64::from(
+            spec.lease_duration_seconds
+                .unwrap_or(defaults::LEASE_SECONDS),
+        );
         t.0.as_second() + secs < now.as_second()
     });
     if !mine && !expired {
@@ -710,7 +722,10 @@ mod tests {
         let p = Profile::parse(&profile()).unwrap();
         let d = desired(&p);
         assert_eq!(d.identities.len(), 2);
-        assert_eq!(d.identities[0].metadata.name.as_deref(), Some("my-pod-identity"));
+        assert_eq!(
+            d.identities[0].metadata.name.as_deref(),
+            Some("my-pod-identity")
+        );
         assert_eq!(d.identities[0].spec.client_id.as_deref(), Some("c1"));
         assert_eq!(d.identities[0].spec.type_, 0);
         assert_eq!(
@@ -724,7 +739,12 @@ mod tests {
         let ex: Vec<_> = d
             .exceptions
             .iter()
-            .map(|e| (e.metadata.namespace.clone().unwrap(), e.metadata.name.clone().unwrap()))
+            .map(|e| {
+                (
+                    e.metadata.namespace.clone().unwrap(),
+                    e.metadata.name.clone().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(
             ex,
@@ -737,7 +757,10 @@ mod tests {
             d.exceptions[0].spec.pod_labels["kubernetes.azure.com/managedby"],
             "aks"
         );
-        for l in [&d.identities[0].metadata.labels, &d.bindings[0].metadata.labels] {
+        for l in [
+            &d.identities[0].metadata.labels,
+            &d.bindings[0].metadata.labels,
+        ] {
             let l = l.as_ref().unwrap();
             assert_eq!(l["kubernetes.azure.com/managedby"], "aks");
             assert_eq!(l["addonmanager.kubernetes.io/mode"], "Reconcile");
@@ -769,7 +792,11 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(r[0]["name"], "my-pod-identity");
         assert_eq!(r[0]["provisioningState"], "Assigned");
-        let failed = [(("my-app".to_string(), "two".to_string()), "boom".to_string())].into();
+        let failed = [(
+            ("my-app".to_string(), "two".to_string()),
+            "boom".to_string(),
+        )]
+        .into();
         let r = reports(&p, &failed);
         assert_eq!(r.len(), 2);
         assert_eq!(r[1]["provisioningState"], "Failed");
@@ -786,7 +813,11 @@ mod tests {
         live.spec.selector = "edited".into();
         assert!(!in_step(&live, want));
         let mut live = want.clone();
-        live.metadata.labels.as_mut().unwrap().remove("kubernetes.azure.com/managedby");
+        live.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove("kubernetes.azure.com/managedby");
         assert!(!in_step(&live, want));
         let mut live = want.clone();
         live.metadata.resource_version = Some("42".into());
@@ -795,7 +826,8 @@ mod tests {
 
     #[test]
     fn bad_profiles_are_refused() {
-        let p = json!({"enabled": true, "userAssignedIdentities": [{"name": "x", "namespace": "n"}]});
+        let p =
+            json!({"enabled": true, "userAssignedIdentities": [{"name": "x", "namespace": "n"}]});
         assert!(Profile::parse(&p).is_err());
     }
 }

@@ -42,19 +42,39 @@ pub struct SecretReference {
 pub struct AzureIdentitySpec {
     #[serde(rename = "type", default)]
     pub type_: i32,
-    #[serde(rename = "resourceID", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "resourceID",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub resource_id: Option<String>,
     #[serde(rename = "clientID", default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
-    #[serde(rename = "clientPassword", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "clientPassword",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub client_password: Option<SecretReference>,
     #[serde(rename = "tenantID", default, skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
-    #[serde(rename = "auxiliaryTenantIDs", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "auxiliaryTenantIDs",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub auxiliary_tenant_ids: Option<Vec<String>>,
-    #[serde(rename = "adEndpoint", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "adEndpoint",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ad_endpoint: Option<String>,
-    #[serde(rename = "adResourceID", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "adResourceID",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ad_resource_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
@@ -63,7 +83,11 @@ pub struct AzureIdentitySpec {
 /// The upstream status of every kind (`availableReplicas`, unused).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ReplicaStatus {
-    #[serde(rename = "availableReplicas", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "availableReplicas",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub available_replicas: Option<i32>,
 }
 
@@ -99,15 +123,27 @@ pub struct AzureIdentityBindingSpec {
     status = "AssignedIdentityStatus"
 )]
 pub struct AzureAssignedIdentitySpec {
-    #[serde(rename = "azureIdentityRef", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "azureIdentityRef",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(schema_with = "preserve_unknown")]
     pub azure_identity_ref: Option<serde_json::Value>,
-    #[serde(rename = "azureBindingRef", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "azureBindingRef",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(schema_with = "preserve_unknown")]
     pub azure_binding_ref: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
-    #[serde(rename = "podNamespace", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "podNamespace",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pod_namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodename: Option<String>,
@@ -120,7 +156,11 @@ pub struct AzureAssignedIdentitySpec {
 pub struct AssignedIdentityStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
-    #[serde(rename = "availableReplicas", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "availableReplicas",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub available_replicas: Option<i32>,
 }
 
@@ -151,7 +191,11 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     ];
     for c in &mut all {
         for v in &mut c.spec.versions {
-            if let Some(schema) = v.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
+            if let Some(schema) = v
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
                 strip_empty_defaults(schema);
             }
         }

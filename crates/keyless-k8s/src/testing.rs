@@ -11,9 +11,7 @@ use std::process::{Command, Stdio};
 pub fn assets_dir() -> PathBuf {
     std::env::var_os("KEYLESS_K8S_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/k8s")
-        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/k8s"))
 }
 
 /// A running control plane; its `env` file's keys (`KUBECONFIG`, `K8S_API_URL`, `K8S_API_PORT`, …).

@@ -54,7 +54,11 @@ async fn add_on_objects_on_a_real_api_server() {
     );
     let exc: Api<AzurePodIdentityException> = Api::namespaced(client.clone(), "kube-system");
     assert_eq!(
-        exc.get("aks-addon-exception").await.unwrap().spec.pod_labels["kubernetes.azure.com/managedby"],
+        exc.get("aks-addon-exception")
+            .await
+            .unwrap()
+            .spec
+            .pod_labels["kubernetes.azure.com/managedby"],
         "aks"
     );
 

@@ -42,26 +42,33 @@ fn headers(h: &HeaderMap) -> RequestHeaders<'_> {
 }
 
 async fn token(State(agent): State<Arc<Agent>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
-    if let Err(e) = imds::check_headers(headers(&h)) {
+    token_for(&agent, CallerKind::Host, &h, q.as_deref()).await
+}
+
+/// The IMDS token endpoint's answer for `caller` (the host here; NMI answers excepted pods
+/// with it, so they get exactly what this handler gives).
+pub async fn token_for(
+    agent: &Agent,
+    caller: CallerKind,
+    h: &HeaderMap,
+    query: Option<&str>,
+) -> Response {
+    if let Err(e) = imds::check_headers(headers(h)) {
         return err(e);
     }
-    let req = match imds::parse_query(q.as_deref().unwrap_or(""))
-        .and_then(|q| imds::parse_token_request(&q))
-    {
-        Ok(r) => r,
-        Err(e) => return err(e),
-    };
+    let req =
+        match imds::parse_query(query.unwrap_or("")).and_then(|q| imds::parse_token_request(&q)) {
+            Ok(r) => r,
+            Err(e) => return err(e),
+        };
     match agent
-        .token(
-            CallerKind::Host,
-            &req.selector,
-            &req.resource,
-            req.bypass_cache,
-        )
+        .token(caller, &req.selector, &req.resource, req.bypass_cache)
         .await
     {
         Ok(t) => Json(imds::token_response(&t, &req.selector, agent.clock.now())).into_response(),
-        Err(TokenFailure::IdentityNotFound) => err(ImdsError::identity_not_found()),
+        Err(TokenFailure::IdentityNotFound | TokenFailure::Refused) => {
+            err(ImdsError::identity_not_found())
+        }
         Err(TokenFailure::Ambiguous) => err(ImdsError::not_selected(
             &keyless_core::selection::SelectionError::Ambiguous.to_string(),
         )),
@@ -115,10 +122,11 @@ async fn info(State(agent): State<Arc<Agent>>, h: HeaderMap, RawQuery(q): RawQue
     if let Err(e) = check_plain(&h, &q) {
         return err(e);
     }
-    Json(json!({"tenantId": agent.view().map(|v| v.tenant_id).unwrap_or_default()})).into_response()
+    Json(json!({"tenantId": agent.view().map(|v| v.tenant_id.clone()).unwrap_or_default()}))
+        .into_response()
 }
 
-fn private_ip(agent: &Agent) -> String {
+pub(crate) fn private_ip(agent: &Agent) -> String {
     if let Some(ip) = &agent.cfg.private_ip {
         return ip.clone();
     }

@@ -3,20 +3,32 @@
 //! thirds of its life) and serves the IMDS contract on plain HTTP to local workloads.
 //!
 //! Every token request ends in one decision, [`Agent::decide`]: which identities may this
-//! caller use, and which one does the request name. Today the caller is the host itself; pods
-//! and local users plug in there.
+//! caller use ([`CallerKind`]: the host, a client of the VM-extension endpoint, a pod through
+//! NMI, an excepted pod), and which one does the request name. The identity sets are built
+//! once per sync (hash-indexed, behind `Arc`s), so a decision costs the same with 1 or 1,000
+//! identities on the host.
+//!
+//! With `--nmi` the agent is also aad-pod-identity's NMI for the pods of its node ([`nmi`]):
+//! pods are found by source IP in a watch-fed index ([`pods`]) and decided here like any other
+//! caller.
 
 pub mod credential;
 pub mod extensions;
 pub mod imds;
+pub mod iptables;
 pub mod local;
+pub mod nmi;
+pub mod pods;
 
 use keyless_core::clock::Clock;
 use keyless_core::imds::IssuedToken;
+use keyless_core::pod_identity::{self, BoundIdentity, ClusterView};
 use keyless_core::refresh;
-use keyless_core::selection::{CallerIdentities, IdentityRef, SelectionError, Selector};
+use keyless_core::selection::{
+    CallerIdentities, IdentityIndex, IdentityRef, SelectionError, Selector,
+};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -45,6 +57,8 @@ pub enum NodeError {
     Pki(#[from] keyless_pki::PkiError),
     #[error("http client: {0}")]
     Client(String),
+    #[error("NMI: {0}")]
+    Nmi(String),
 }
 
 pub type Result<T> = std::result::Result<T, NodeError>;
@@ -72,6 +86,8 @@ pub struct NodeConfig {
     pub local: local::LocalConfig,
     /// Certificate stores of VM extensions must lie under this directory.
     pub extension_store_root: PathBuf,
+    /// Serve pods as aad-pod-identity's NMI (managed mode) on this node.
+    pub nmi: Option<nmi::NmiConfig>,
 }
 
 /// What the server told us about our VM.
@@ -82,6 +98,9 @@ pub struct HostView {
     pub identities: CallerIdentities,
     /// The VM extensions the host carries (`{name, publisher, type, settings}`).
     pub extensions: Vec<Value>,
+    /// The managed cluster whose node pool this host is in (`cluster` in the host view;
+    /// absent for other hosts).
+    pub cluster: Option<ClusterView>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,12 +109,74 @@ struct Cached {
     iat: u64,
 }
 
-/// Who is asking: the host's processes (IMDS, App Service, Arc), or a client of the legacy
-/// VM-extension endpoint (which reaches at most 32 user-assigned identities).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who is asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallerKind {
+    /// The host's processes (IMDS, App Service, Arc): every identity of the VM.
     Host,
+    /// A client of the legacy VM-extension endpoint: at most 32 user-assigned identities.
     Extension,
+    /// A pod through NMI, with the identities its bindings grant (sorted by AzureIdentity
+    /// name): of those, the ones the host holds (matched by client id), picked by
+    /// [`pod_identity::select`].
+    Pod(Arc<[BoundIdentity]>),
+    /// A pod an `AzurePodIdentityException` excepts: what the node's own IMDS would answer,
+    /// minus every pod identity of the cluster (the host view's
+    /// `cluster.podIdentity.clientIds` and the client ids of every `AzureIdentity` the watches
+    /// have seen) — so the kubelet identity, never a pod identity.
+    ExceptedPod,
+}
+
+/// The identity set of each caller kind, built once per sync (and again when the cluster's pod
+/// identities change): a request clones one `Arc` and selects by hash lookup.
+#[derive(Default)]
+struct Synced {
+    view: Arc<HostView>,
+    host: Arc<IdentityIndex>,
+    extension: Arc<IdentityIndex>,
+    excepted: Arc<IdentityIndex>,
+}
+
+impl Synced {
+    fn build(view: Arc<HostView>, k8s_pod_ids: &HashSet<String>) -> Self {
+        let ids = &view.identities;
+        let mut extension = ids.clone();
+        extension
+            .user
+            .truncate(keyless_core::local_endpoints::EXTENSION_MAX_USER_IDENTITIES);
+        let cluster_ids: HashSet<String> = view
+            .cluster
+            .iter()
+            .flat_map(|c| c.pod_identity.client_ids.iter())
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        let is_pod_identity = |i: &IdentityRef| {
+            let c = i.client_id.to_ascii_lowercase();
+            cluster_ids.contains(&c) || k8s_pod_ids.contains(&c)
+        };
+        let excepted = CallerIdentities {
+            system: ids.system.clone().filter(|i| !is_pod_identity(i)),
+            user: ids
+                .user
+                .iter()
+                .filter(|i| !is_pod_identity(i))
+                .cloned()
+                .collect(),
+        };
+        Synced {
+            host: Arc::new(IdentityIndex::new(ids.clone())),
+            extension: Arc::new(IdentityIndex::new(extension)),
+            excepted: Arc::new(IdentityIndex::new(excepted)),
+            view,
+        }
+    }
+}
+
+/// The identities a caller may use, as [`Agent::allowed`] hands them to the decision.
+enum Allowed {
+    Set(Arc<IdentityIndex>),
+    /// The host's identities and the pod's bound ones.
+    Pod(Arc<IdentityIndex>, Arc<[BoundIdentity]>),
 }
 
 /// The running agent's shared state.
@@ -103,7 +184,16 @@ pub struct Agent {
     pub cfg: NodeConfig,
     pub clock: Arc<dyn Clock>,
     cred: credential::CredentialHolder,
-    view: RwLock<Option<HostView>>,
+    synced: RwLock<Option<Arc<Synced>>>,
+    /// Client ids (lowercase) of every `AzureIdentity` in the cluster, fed by NMI's watches.
+    k8s_pod_ids: RwLock<Arc<HashSet<String>>>,
+    /// Tokens by (client id, resource), shared by every caller that may use the identity (the
+    /// token is the same). Nothing is served from here without a decision: [`Agent::token`]
+    /// runs [`Agent::decide`] on every request before looking here, so whatever takes an
+    /// identity away from a caller — a deleted binding, a relabelled pod, an exception added
+    /// (seen by NMI's watches within milliseconds), the identity leaving the host (next sync)
+    /// — refuses that caller's very next request. That is how "a change drops that pod's cached
+    /// tokens at once" holds without evicting entries other callers still use.
     cache: Mutex<HashMap<(String, String), Cached>>,
     /// The VM extensions this host runs (the Key Vault certificate sync).
     pub extensions: extensions::ExtensionRunner,
@@ -114,29 +204,31 @@ pub struct Agent {
 /// Why a token could not be served.
 #[derive(Debug)]
 pub enum TokenFailure {
+    /// The decision found no identity of the caller's that the request names.
     IdentityNotFound,
     /// The request names no single identity (e.g. several user-assigned and no selector).
     Ambiguous,
+    /// The server refused this host the identity (no longer assigned, VM or credential gone).
+    Refused,
     Upstream(String),
 }
 
 impl Agent {
-    /// The identities `caller` may use.
-    fn allowed(&self, caller: CallerKind) -> Option<CallerIdentities> {
-        let all = self
-            .view
+    fn synced(&self) -> Option<Arc<Synced>> {
+        self.synced
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|v| v.identities.clone())?;
+            .clone()
+    }
+
+    /// The identities `caller` may use: an `Arc` of a set built at sync, whatever its size.
+    fn allowed(&self, caller: &CallerKind) -> Option<Allowed> {
+        let s = self.synced()?;
         Some(match caller {
-            CallerKind::Host => all,
-            CallerKind::Extension => {
-                let mut ids = all;
-                ids.user
-                    .truncate(keyless_core::local_endpoints::EXTENSION_MAX_USER_IDENTITIES);
-                ids
-            }
+            CallerKind::Host => Allowed::Set(s.host.clone()),
+            CallerKind::Extension => Allowed::Set(s.extension.clone()),
+            CallerKind::ExceptedPod => Allowed::Set(s.excepted.clone()),
+            CallerKind::Pod(bound) => Allowed::Pod(s.host.clone(), bound.clone()),
         })
     }
 
@@ -146,12 +238,50 @@ impl Agent {
         caller: CallerKind,
         selector: &Selector,
     ) -> std::result::Result<IdentityRef, SelectionError> {
-        let allowed = self.allowed(caller).ok_or(SelectionError::NotFound)?;
-        allowed.select(selector).cloned()
+        match self.allowed(&caller).ok_or(SelectionError::NotFound)? {
+            Allowed::Set(ids) => ids.select(selector).cloned(),
+            Allowed::Pod(host, bound) => pod_identity::select(&host, &bound, selector).cloned(),
+        }
     }
 
-    pub fn view(&self) -> Option<HostView> {
-        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    pub fn view(&self) -> Option<Arc<HostView>> {
+        self.synced().map(|s| s.view.clone())
+    }
+
+    /// Install a new host view (or rebuild the sets of the current one).
+    fn install(&self, view: Option<HostView>) -> Arc<Synced> {
+        let mut slot = self.synced.write().unwrap_or_else(|p| p.into_inner());
+        let view = match view {
+            Some(v) => Arc::new(v),
+            None => slot.as_ref().map(|s| s.view.clone()).unwrap_or_default(),
+        };
+        let k8s = self
+            .k8s_pod_ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let s = Arc::new(Synced::build(view, &k8s));
+        *slot = Some(s.clone());
+        s
+    }
+
+    /// The client ids of every `AzureIdentity` in the cluster (NMI's watches): excepted pods
+    /// never get these. Rebuilds the excepted set when they change.
+    pub fn set_cluster_pod_identities(&self, client_ids: HashSet<String>) {
+        let ids: HashSet<String> = client_ids
+            .into_iter()
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        {
+            let mut cur = self.k8s_pod_ids.write().unwrap_or_else(|p| p.into_inner());
+            if **cur == ids {
+                return;
+            }
+            *cur = Arc::new(ids);
+        }
+        if self.synced().is_some() {
+            self.install(None);
+        }
     }
 
     /// Fetch the VM and its identities; drop cached tokens of identities no longer assigned.
@@ -170,7 +300,7 @@ impl Agent {
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if status == 401 || status == 403 {
             // Credential revoked or VM deleted: this host may use nothing.
-            *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some(HostView::default());
+            self.install(Some(HostView::default()));
             self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
             self.extensions.reconcile(&[]);
             return Err(NodeError::Refused {
@@ -191,20 +321,17 @@ impl Agent {
             vm: body["vm"].clone(),
             identities,
             extensions: body["extensions"].as_array().cloned().unwrap_or_default(),
+            cluster: body
+                .get("cluster")
+                .filter(|c| c.is_object())
+                .and_then(|c| serde_json::from_value(c.clone()).ok()),
         };
-        let allowed: Vec<String> = view
-            .identities
-            .system
-            .iter()
-            .chain(view.identities.user.iter())
-            .map(|i| i.client_id.to_ascii_lowercase())
-            .collect();
+        let wanted = view.extensions.clone();
+        let s = self.install(Some(view));
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|(cid, _), _| allowed.contains(cid));
-        let wanted = view.extensions.clone();
-        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some(view);
+            .retain(|(cid, _), _| s.host.by_client_id(cid).is_some());
         self.extensions.reconcile(&wanted);
         Ok(())
     }
@@ -217,9 +344,11 @@ impl Agent {
         resource: &str,
         bypass_cache: bool,
     ) -> std::result::Result<IssuedToken, TokenFailure> {
-        if self.view().is_none() {
+        if self.synced().is_none() {
             let _ = self.sync().await;
         }
+        // the decision first, on every request: the cache only ever answers for an identity
+        // the caller may use at this moment
         let chosen = self.decide(caller, selector).map_err(|e| match e {
             SelectionError::Ambiguous => TokenFailure::Ambiguous,
             SelectionError::NotFound => TokenFailure::IdentityNotFound,
@@ -248,13 +377,13 @@ impl Agent {
                 );
                 Ok(token)
             }
-            Err(TokenFailure::IdentityNotFound) => {
+            Err(TokenFailure::Refused) => {
                 self.cache
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&key);
                 let _ = self.sync().await;
-                Err(TokenFailure::IdentityNotFound)
+                Err(TokenFailure::Refused)
             }
             Err(e) => match cached {
                 // The server is unreachable: a cached token that is still good is served.
@@ -287,7 +416,7 @@ impl Agent {
                 .map_err(|e| TokenFailure::Upstream(format!("bad token response: {e}"))),
             // The server refused this host the identity (not assigned, VM or credential gone);
             // the caller drops the cached token and re-syncs.
-            400 | 401 | 403 | 404 => Err(TokenFailure::IdentityNotFound),
+            400 | 401 | 403 | 404 => Err(TokenFailure::Refused),
             _ => Err(TokenFailure::Upstream(format!(
                 "the Keyless server answered {status}"
             ))),
@@ -302,8 +431,19 @@ pub struct RunningNode {
     pub app_service_addr: Option<SocketAddr>,
     pub identity_header_file: Option<PathBuf>,
     pub arc_addr: Option<SocketAddr>,
+    /// NMI, when started with [`NodeConfig::nmi`].
+    pub nmi: Option<nmi::Nmi>,
     pub agent: Arc<Agent>,
     pub task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningNode {
+    /// Stop what must not outlive the agent: NMI's listeners and its iptables redirect.
+    pub async fn shutdown(&self) {
+        if let Some(n) = &self.nmi {
+            n.shutdown().await;
+        }
+    }
 }
 
 /// Join (if needed), sync, and serve IMDS.
@@ -329,12 +469,21 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         cfg,
         clock,
         cred,
-        view: RwLock::new(None),
+        synced: RwLock::new(None),
+        k8s_pod_ids: RwLock::new(Arc::new(HashSet::new())),
         cache: Mutex::new(HashMap::new()),
         extensions,
         extension_endpoint: Default::default(),
     });
     agent.sync().await?;
+    if let Some(n) = &agent.cfg.nmi {
+        let cluster = agent.view().and_then(|v| v.cluster.clone());
+        if let Some(why) =
+            pod_identity::kubenet_refusal(cluster.as_ref(), n.allow_network_plugin_kubenet)
+        {
+            return Err(NodeError::Nmi(why));
+        }
+    }
     follow_extension_endpoint(&agent).await;
 
     let bg = agent.clone();
@@ -390,11 +539,16 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         }
     });
     tracing::info!(%imds_addr, "IMDS endpoint listening");
+    let nmi = match agent.cfg.nmi.clone() {
+        Some(c) => Some(nmi::start(agent.clone(), c).await?),
+        None => None,
+    };
     Ok(RunningNode {
         imds_addr,
         app_service_addr,
         identity_header_file,
         arc_addr,
+        nmi,
         agent,
         task,
     })

@@ -61,7 +61,9 @@ fn err(e: ImdsError) -> Response {
 
 fn failure(f: TokenFailure, app_service: bool) -> Response {
     let (status, m) = match f {
-        TokenFailure::IdentityNotFound => (400, "Identity not found".to_string()),
+        TokenFailure::IdentityNotFound | TokenFailure::Refused => {
+            (400, "Identity not found".to_string())
+        }
         TokenFailure::Ambiguous => (
             400,
             keyless_core::selection::SelectionError::Ambiguous.to_string(),

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use keyless_core::api_version;
 use keyless_core::claims::JwtError;
 use keyless_core::resource_id::{
-    canonical_type, ArmPath, ResourceId, BATCH_ACCOUNT, UAMI, VAULT, VM, VMSS,
+    canonical_type, ArmPath, ResourceId, BATCH_ACCOUNT, MANAGED_CLUSTER, UAMI, VAULT, VM, VMSS,
 };
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -164,7 +164,11 @@ fn created_or_ok(created: bool, body: Value) -> Response {
 }
 
 fn check_version(supported: &[&str], v: &str, provider: Option<(&str, &str)>) -> Result<()> {
-    if api_version::is_supported(supported, v) {
+    let ok = match provider {
+        Some(t) if t == MANAGED_CLUSTER => api_version::container_service_supported(v),
+        _ => api_version::is_supported(supported, v),
+    };
+    if ok {
         return Ok(());
     }
     Err(match provider {
@@ -195,6 +199,7 @@ fn type_versions(
         Some(t) if t == VM || t == VMSS => Ok((api_version::COMPUTE, t)),
         Some(t) if t == VAULT => Ok((keyless_core::vault::ARM_API_VERSIONS, t)),
         Some(t) if t == BATCH_ACCOUNT => Ok((api_version::BATCH, t)),
+        Some(t) if t == MANAGED_CLUSTER => Ok((api_version::CONTAINER_SERVICE, t)),
         _ => Err(ServerError::InvalidResourceType {
             namespace: ns.to_string(),
             type_name: ty.to_string(),
@@ -333,6 +338,14 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                     },
                 ),
                 Method::DELETE => {
+                    if let Some(cluster) =
+                        crate::clusters::owner_of_node_group(&s, &subscription, &resource_group)?
+                    {
+                        return Err(ServerError::Conflict {
+                            code: "OperationNotAllowed",
+                            message: format!("The resource group '{resource_group}' is the node resource group of the managed cluster '{cluster}'; it is deleted with the cluster."),
+                        });
+                    }
                     if s.store
                         .delete_resource_group(&subscription, &resource_group)?
                     {
@@ -369,7 +382,15 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             }
             // a subscription-wide list shows what the caller can read
             let grants = authz::grants(&s, &caller.object_id)?;
-            if t == BATCH_ACCOUNT {
+            if t == MANAGED_CLUSTER {
+                let items = crate::clusters::list(&s, &subscription, resource_group.as_deref())?;
+                Ok(list(
+                    items
+                        .into_iter()
+                        .filter(|v| readable(&grants, &read, v))
+                        .collect(),
+                ))
+            } else if t == BATCH_ACCOUNT {
                 let accounts = s.store.list_tracked(
                     crate::batch::ACCOUNT_TYPE,
                     &subscription,
@@ -426,6 +447,8 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 vault(&s, m, &rid, &body)
             } else if t == BATCH_ACCOUNT {
                 batch_account(&s, m, &rid, &body)
+            } else if t == MANAGED_CLUSTER {
+                cluster(&s, &caller, m, &rid, &body)
             } else {
                 vm(&s, &caller, m, &rid, &body)
             }
@@ -515,6 +538,25 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             let (versions, t) = type_versions(&parent.namespace, &parent.type_name)?;
             check_version(versions, &version, Some(t))?;
             res::check_subscription(&s, &parent.subscription)?;
+            if t == MANAGED_CLUSTER
+                && child_type.eq_ignore_ascii_case("agentPools")
+                && action.eq_ignore_ascii_case("generateJoinToken")
+                && *m == Method::POST
+            {
+                authorize(
+                    &s,
+                    &caller,
+                    "Microsoft.ContainerService/managedClusters/agentPools/generateJoinToken/action",
+                    &format!("{}/agentPools/{name}", parent.canonical()),
+                )?;
+                let ttl = join_ttl(&body)?;
+                let (token, expires, vmss) =
+                    crate::clusters::pool_join_token(&s, &parent, &name, ttl)?;
+                return Ok(Json(
+                    json!({"joinToken": token, "expiresOn": expires, "vmResourceId": vmss}),
+                )
+                .into_response());
+            }
             if t == BATCH_ACCOUNT
                 && child_type.eq_ignore_ascii_case("pools")
                 && action.eq_ignore_ascii_case("generateJoinToken")
@@ -545,6 +587,17 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 && *m == Method::GET
             {
                 return crate::fics::handle(&s, &caller, m, &resource, None, &version, &body);
+            }
+            if t == MANAGED_CLUSTER && *m == Method::POST {
+                if action.eq_ignore_ascii_case("readPodIdentityProfile") {
+                    let v = crate::clusters::read_pod_identity_profile(&s, &caller, &resource)?;
+                    return Ok(Json(v).into_response());
+                }
+                if action.eq_ignore_ascii_case("reportPodIdentityStatus") {
+                    let b: Value = parse_body(&body)?;
+                    crate::clusters::report_pod_identity_status(&s, &caller, &resource, &b)?;
+                    return Ok(StatusCode::NO_CONTENT.into_response());
+                }
             }
             if t == BATCH_ACCOUNT && action.eq_ignore_ascii_case("pools") && *m == Method::GET {
                 authorize(
@@ -635,6 +688,46 @@ fn batch_account(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Res
         }
         Method::GET => Ok(Json(get_account(s, rid)?.body).into_response()),
         Method::DELETE => Ok(deleted(delete_account(s, rid)?)),
+        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
+    }
+}
+
+fn cluster(
+    s: &AppState,
+    caller: &Caller,
+    m: &Method,
+    rid: &ResourceId,
+    body: &[u8],
+) -> Result<Response> {
+    use crate::clusters::{cluster_json, delete_cluster, get_cluster, patch_tags, put_cluster};
+    match *m {
+        Method::PUT => {
+            let b: Value = parse_body(body)?;
+            let scope = rid.canonical();
+            let may_assign = |identity: &str| {
+                authz::check_assign(
+                    s,
+                    &caller.object_id,
+                    "Microsoft.ContainerService/managedClusters/write",
+                    &scope,
+                    identity,
+                )
+            };
+            // done when answered: 201/200 with provisioningState Succeeded and no async
+            // header, which the SDK's ARM poller takes as finished
+            let (rec, created) = put_cluster(s, rid, &b, &may_assign)?;
+            Ok(created_or_ok(created, cluster_json(s, &rec)?))
+        }
+        Method::PATCH => {
+            let b: Value = parse_body(body)?;
+            Ok(Json(cluster_json(s, &patch_tags(s, rid, &b)?)?).into_response())
+        }
+        Method::GET => Ok(Json(cluster_json(s, &get_cluster(s, rid)?)?).into_response()),
+        // deleted before the answer; the SDK's delete poller takes 202 or 204 (not 200)
+        Method::DELETE => {
+            delete_cluster(s, rid)?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }

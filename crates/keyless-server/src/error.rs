@@ -4,6 +4,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use keyless_core::aks::AksErrorKind;
 use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +97,9 @@ pub enum ServerError {
     MethodNotAllowed(String),
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// A managed-cluster rule (`keyless_core::aks`), mapped by its kind.
+    #[error(transparent)]
+    Cluster(#[from] keyless_core::aks::AksError),
 
     // ---- Key Vault data plane (`{"error":{"code","message","innererror"}}`)
     #[error("{message}")]
@@ -256,6 +260,13 @@ impl ServerError {
             }
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            Cluster(e) => match e.kind {
+                AksErrorKind::InvalidParameter => (StatusCode::BAD_REQUEST, "InvalidParameter"),
+                AksErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "BadRequest"),
+                AksErrorKind::PropertyChangeNotAllowed => {
+                    (StatusCode::BAD_REQUEST, "PropertyChangeNotAllowed")
+                }
+            },
             Sts { .. }
             | Vault { .. }
             | Host { .. }
@@ -342,6 +353,7 @@ impl IntoResponse for ServerError {
                 let (status, code) = self.arm_code();
                 let target = match &self {
                     ServerError::InvalidParameter { target, .. } => target.clone(),
+                    ServerError::Cluster(e) => e.target.clone(),
                     _ => None,
                 };
                 let mut resp = arm_body(status, code, &self.to_string(), target);

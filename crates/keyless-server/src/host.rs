@@ -285,7 +285,7 @@ async fn identities(
     } else {
         ""
     };
-    Ok(Json(json!({
+    let mut view = json!({
         "tenantId": s.tenant_id,
         "vm": {
             "resourceId": host.resource_id(),
@@ -300,7 +300,12 @@ async fn identities(
         },
         "identities": ids,
         "extensions": crate::batch::host_extensions(&s, &host.owner)?,
-    })))
+    });
+    // a node of a managed cluster's pool: what NMI needs besides the identities
+    if let Some(c) = crate::clusters::host_cluster(&s, &host.owner)? {
+        view["cluster"] = c;
+    }
+    Ok(Json(view))
 }
 
 #[derive(Debug, Deserialize)]

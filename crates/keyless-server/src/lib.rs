@@ -10,6 +10,7 @@ pub mod arm;
 pub mod authz;
 pub mod batch;
 pub mod client_assertion;
+pub mod clusters;
 pub mod error;
 pub mod federation;
 pub mod fics;

@@ -11,7 +11,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::rbac::{self, RoleDefinition, BUILT_IN_ROLES};
-use keyless_core::resource_id::{AuthorizationKind, Scope, UAMI, VAULT, VM};
+use keyless_core::resource_id::{AuthorizationKind, Scope, MANAGED_CLUSTER, UAMI, VAULT, VM, VMSS};
 use keyless_store::{PrincipalKind, RoleAssignmentInsert, RoleAssignmentRecord};
 use serde_json::{json, Value};
 
@@ -92,8 +92,11 @@ fn check_scope(s: &AppState, scope: &Scope) -> Result<()> {
         Scope::Resource(r) if r.is_type(UAMI) => {
             res::get_identity(s, r)?;
         }
-        Scope::Resource(r) if r.is_type(VM) => {
+        Scope::Resource(r) if r.is_type(VM) || r.is_type(VMSS) => {
             res::get_vm(s, r)?;
+        }
+        Scope::Resource(r) if r.is_type(MANAGED_CLUSTER) => {
+            crate::clusters::get_cluster(s, r)?;
         }
         Scope::Resource(r) if r.is_type(VAULT) => {
             crate::vaults::get_vault(s, r)?;

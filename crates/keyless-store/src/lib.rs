@@ -5,11 +5,13 @@
 //! Secrets (private keys) go through [`crypto::Kek`]: AES-256-GCM with a key-encryption key
 //! kept outside the database file.
 
+pub mod cluster;
 pub mod crypto;
 pub mod records;
 pub mod sqlite;
 pub mod vault;
 
+pub use cluster::*;
 pub use crypto::Kek;
 pub use records::*;
 pub use vault::*;
@@ -116,7 +118,7 @@ pub trait TrackedStore {
     fn delete_tracked(&self, key: &str) -> Result<bool>;
 }
 
-pub trait Store: VaultStore + TrackedStore + Send + Sync + 'static {
+pub trait Store: VaultStore + TrackedStore + ClusterStore + Send + Sync + 'static {
     // -- instance metadata (tenant, subscription, settings)
     fn get_meta(&self, key: &str) -> Result<Option<String>>;
     fn set_meta(&self, key: &str, value: &str) -> Result<()>;

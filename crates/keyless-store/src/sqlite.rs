@@ -62,6 +62,12 @@ CREATE TABLE tracked(key TEXT PRIMARY KEY, type_key TEXT NOT NULL, subscription 
     rg_key TEXT NOT NULL, body TEXT NOT NULL);
 CREATE INDEX tracked_scope ON tracked(type_key, subscription, rg_key);
 "#,
+    r#"
+CREATE TABLE clusters(key TEXT PRIMARY KEY, subscription TEXT NOT NULL, rg_key TEXT NOT NULL,
+    node_rg_key TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX clusters_scope ON clusters(subscription, rg_key);
+CREATE UNIQUE INDEX clusters_node_group ON clusters(subscription, node_rg_key);
+"#,
 ];
 
 /// SQLite implementation of [`Store`].
@@ -194,6 +200,49 @@ fn delete_vm_tx(tx: &Transaction<'_>, key: &str) -> Result<bool> {
     tx.execute(
         "DELETE FROM tracked WHERE substr(key, 1, length(?1) + 1) = ?1 || '/'",
         [key],
+    )?;
+    Ok(n > 0)
+}
+
+/// Delete a group and everything in it: its clusters (with their node groups), VMs with their
+/// system identities, instances and credentials, identities, vaults, tracked resources and the
+/// role assignments at those scopes. `sub` and `rg` are lowercase.
+fn delete_group_tx(tx: &Transaction<'_>, sub: &str, rg: &str) -> Result<bool> {
+    let clusters: Vec<String> = {
+        let mut st =
+            tx.prepare("SELECT key FROM clusters WHERE subscription = ?1 AND rg_key = ?2")?;
+        let rows = st.query_map([sub, rg], |r| r.get(0))?;
+        rows.collect::<std::result::Result<_, _>>()?
+    };
+    for c in &clusters {
+        cluster_sql::delete_cluster_tx(tx, c)?;
+    }
+    let vms: Vec<String> = {
+        let mut st = tx.prepare("SELECT key FROM vms WHERE subscription = ?1 AND rg_key = ?2")?;
+        let rows = st.query_map([sub, rg], |r| r.get(0))?;
+        rows.collect::<std::result::Result<_, _>>()?
+    };
+    for vm in &vms {
+        delete_vm_tx(tx, vm)?;
+    }
+    let ids: Vec<String> = {
+        let mut st =
+            tx.prepare("SELECT key FROM identities WHERE subscription = ?1 AND rg_key = ?2")?;
+        let rows = st.query_map([sub, rg], |r| r.get(0))?;
+        rows.collect::<std::result::Result<_, _>>()?
+    };
+    for id in &ids {
+        delete_identity_rows(tx, id)?;
+    }
+    vault_sql::delete_vaults_in_group(tx, sub, rg)?;
+    tx.execute(
+        "DELETE FROM tracked WHERE subscription = ?1 AND rg_key = ?2",
+        [sub, rg],
+    )?;
+    delete_assignments_under(tx, &format!("/subscriptions/{sub}/resourcegroups/{rg}"))?;
+    let n = tx.execute(
+        "DELETE FROM resource_groups WHERE subscription = ?1 AND name_key = ?2",
+        [sub, rg],
     )?;
     Ok(n > 0)
 }
@@ -373,38 +422,7 @@ impl Store for SqliteStore {
 
     fn delete_resource_group(&self, subscription: &str, name: &str) -> Result<bool> {
         let (sub, rg) = (lower(subscription), lower(name));
-        self.tx(|tx| {
-            let vms: Vec<String> = {
-                let mut st =
-                    tx.prepare("SELECT key FROM vms WHERE subscription = ?1 AND rg_key = ?2")?;
-                let rows = st.query_map([&sub, &rg], |r| r.get(0))?;
-                rows.collect::<std::result::Result<_, _>>()?
-            };
-            for vm in &vms {
-                delete_vm_tx(tx, vm)?;
-            }
-            let ids: Vec<String> = {
-                let mut st = tx.prepare(
-                    "SELECT key FROM identities WHERE subscription = ?1 AND rg_key = ?2",
-                )?;
-                let rows = st.query_map([&sub, &rg], |r| r.get(0))?;
-                rows.collect::<std::result::Result<_, _>>()?
-            };
-            for id in &ids {
-                delete_identity_rows(tx, id)?;
-            }
-            vault_sql::delete_vaults_in_group(tx, &sub, &rg)?;
-            tx.execute(
-                "DELETE FROM tracked WHERE subscription = ?1 AND rg_key = ?2",
-                [&sub, &rg],
-            )?;
-            delete_assignments_under(tx, &format!("/subscriptions/{sub}/resourcegroups/{rg}"))?;
-            let n = tx.execute(
-                "DELETE FROM resource_groups WHERE subscription = ?1 AND name_key = ?2",
-                [&sub, &rg],
-            )?;
-            Ok(n > 0)
-        })
+        self.tx(|tx| delete_group_tx(tx, &sub, &rg))
     }
 
     fn put_identity(&self, id: &IdentityRecord) -> Result<bool> {
@@ -1199,6 +1217,144 @@ mod tests {
         assert!(s.get_host_credential("f").unwrap().is_none());
         assert!(s.list_resource_groups("s").unwrap().is_empty());
     }
+
+    #[test]
+    fn a_cluster_owns_its_node_group_and_goes_with_its_group() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path());
+        let rg = |name: &str| ResourceGroupRecord {
+            subscription: "s".into(),
+            name: name.into(),
+            location: "local".into(),
+            tags: Default::default(),
+        };
+        s.put_resource_group(&rg("rg")).unwrap();
+        s.put_resource_group(&rg("ids")).unwrap();
+        let app = ident("app", "ids");
+        s.put_identity(&app).unwrap();
+        let ckey = "/subscriptions/s/resourcegroups/rg/providers/microsoft.containerservice/managedclusters/c1";
+        let mut cluster = ClusterRecord {
+            key: ckey.into(),
+            resource_id: ckey.into(),
+            name: "c1".into(),
+            subscription: "s".into(),
+            resource_group: "rg".into(),
+            location: "local".into(),
+            tags: Default::default(),
+            node_resource_group: "MC_rg_c1_local".into(),
+            identity_type: "SystemAssigned".into(),
+            user_identity: None,
+            kubelet_identity: String::new(),
+            suffix: "12345678".into(),
+            properties: serde_json::json!({}),
+            version: 1,
+            created: 1,
+        };
+        let kubelet = ident("c1-agentpool", "MC_rg_c1_local");
+        cluster.kubelet_identity = kubelet.key.clone();
+        let mut system = ident("c1", "rg");
+        system.key = format!("{ckey}#system");
+        system.system_vm = Some(ckey.into());
+        let mut pool = vm("aks-np1-12345678-vmss");
+        pool.resource_group = "MC_rg_c1_local".into();
+        pool.key = pool.key.replace("/rg/", "/mc_rg_c1_local/");
+        let sets = vec![(pool.clone(), vec![kubelet.key.clone(), app.key.clone()])];
+        let w = ClusterWrite {
+            cluster: &cluster,
+            expect_version: None,
+            node_group: &rg("MC_rg_c1_local"),
+            system_identity: Some(&system),
+            kubelet_identity: &kubelet,
+            scale_sets: &sets,
+            removed_scale_sets: &[],
+        };
+        assert_eq!(s.put_cluster(&w).unwrap(), ClusterPut::Created);
+        // a second create, or a write from a stale read, writes nothing
+        assert_eq!(s.put_cluster(&w).unwrap(), ClusterPut::Stale);
+        assert_eq!(
+            s.put_cluster(&ClusterWrite {
+                expect_version: Some(7),
+                ..w.clone()
+            })
+            .unwrap(),
+            ClusterPut::Stale
+        );
+        assert_eq!(s.vm_user_identities(&pool.key).unwrap().len(), 2);
+        assert_eq!(
+            s.cluster_of_node_group("s", "mc_rg_c1_local")
+                .unwrap()
+                .unwrap()
+                .key,
+            ckey
+        );
+        // an identity that does not exist: the whole write rolls back
+        let mut c2 = cluster.clone();
+        c2.version = 2;
+        let bad = vec![(pool.clone(), vec!["/nope".to_string()])];
+        let e = s.put_cluster(&ClusterWrite {
+            cluster: &c2,
+            expect_version: Some(1),
+            scale_sets: &bad,
+            ..w.clone()
+        });
+        assert!(matches!(e, Err(StoreError::Conflict(_))));
+        assert_eq!(s.get_cluster(ckey).unwrap().unwrap().version, 1);
+        assert_eq!(s.vm_user_identities(&pool.key).unwrap().len(), 2);
+        // status updates name the version they read
+        assert_eq!(s.update_cluster(&c2, 5).unwrap(), ClusterPut::Stale);
+        assert_eq!(s.update_cluster(&c2, 1).unwrap(), ClusterPut::Updated);
+        // a host of the pool, an assignment on the node group, one held by the kubelet identity
+        let inst = s
+            .create_instance(&pool.key, &pool.resource_id, 1, None)
+            .unwrap();
+        s.insert_host_credential(&HostCredentialRecord {
+            fingerprint: "f".into(),
+            vm_key: inst.key.clone(),
+            not_after: 10,
+            issued: 1,
+        })
+        .unwrap();
+        for (name, scope, principal) in [
+            (
+                "a1",
+                "/subscriptions/s/resourcegroups/mc_rg_c1_local",
+                "p-app",
+            ),
+            (
+                "a2",
+                "/subscriptions/s/resourcegroups/ids",
+                "p-c1-agentpool",
+            ),
+            ("a3", "/subscriptions/s/resourcegroups/ids", "p-c1"),
+        ] {
+            s.insert_role_assignment(&RoleAssignmentRecord {
+                name: name.into(),
+                scope: scope.into(),
+                role_definition_id: "r".into(),
+                principal_id: principal.into(),
+                principal_type: "ServicePrincipal".into(),
+                description: None,
+                created: 1,
+                created_by: "x".into(),
+            })
+            .unwrap();
+        }
+        // deleting the cluster's group takes the cluster and its node group along
+        assert!(s.delete_resource_group("s", "rg").unwrap());
+        assert!(s.get_cluster(ckey).unwrap().is_none());
+        assert!(s
+            .get_resource_group("s", "MC_rg_c1_local")
+            .unwrap()
+            .is_none());
+        assert!(s.get_vm(&pool.key).unwrap().is_none());
+        assert!(s.get_instance(&inst.key).unwrap().is_none());
+        assert!(s.get_host_credential("f").unwrap().is_none());
+        assert!(s.get_identity(&kubelet.key).unwrap().is_none());
+        assert!(s.get_identity(&system.key).unwrap().is_none());
+        assert!(s.list_role_assignments().unwrap().is_empty());
+        // the pod identity itself lives on in its own group
+        assert!(s.get_identity(&app.key).unwrap().is_some());
+    }
 }
 
 mod vault_sql {
@@ -1893,6 +2049,201 @@ mod tracked_sql {
                 [&k],
             )?;
             Ok(n > 0)
+        }
+    }
+}
+
+mod cluster_sql {
+    //! [`ClusterStore`] on SQLite.
+
+    use super::{
+        delete_assignments_under, delete_group_tx, delete_identity_rows, delete_vm_tx, json, lower,
+        parse, put_identity_tx, SqliteStore,
+    };
+    use crate::cluster::*;
+    use crate::{Result, StoreError};
+    use rusqlite::{params, OptionalExtension, Transaction};
+
+    fn stored(tx: &Transaction<'_>, key: &str) -> Result<Option<ClusterRecord>> {
+        let b: Option<String> = tx
+            .query_row("SELECT body FROM clusters WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        b.map(|b| parse(&b)).transpose()
+    }
+
+    fn write_row(tx: &Transaction<'_>, c: &ClusterRecord) -> Result<()> {
+        tx.execute(
+            "INSERT INTO clusters(key, subscription, rg_key, node_rg_key, body) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(key) DO UPDATE SET body = excluded.body",
+            params![
+                c.key,
+                lower(&c.subscription),
+                lower(&c.resource_group),
+                lower(&c.node_resource_group),
+                json(c)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn exists(tx: &Transaction<'_>, sql: &str, args: &[&str]) -> Result<bool> {
+        Ok(tx
+            .query_row(sql, rusqlite::params_from_iter(args), |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Delete a cluster and what it owns (see [`ClusterStore::delete_cluster`]).
+    pub(super) fn delete_cluster_tx(tx: &Transaction<'_>, key: &str) -> Result<bool> {
+        let Some(c) = stored(tx, key)? else {
+            return Ok(false);
+        };
+        tx.execute("DELETE FROM clusters WHERE key = ?1", [key])?;
+        delete_identity_rows(tx, &format!("{key}#system"))?;
+        delete_assignments_under(tx, key)?;
+        tx.execute(
+            "DELETE FROM tracked WHERE substr(key, 1, length(?1) + 1) = ?1 || '/'",
+            [key],
+        )?;
+        delete_group_tx(tx, &lower(&c.subscription), &lower(&c.node_resource_group))?;
+        Ok(true)
+    }
+
+    impl ClusterStore for SqliteStore {
+        fn put_cluster(&self, w: &ClusterWrite<'_>) -> Result<ClusterPut> {
+            self.tx(|tx| {
+                let c = w.cluster;
+                let current = stored(tx, &c.key)?;
+                match (&current, w.expect_version) {
+                    (None, None) => {}
+                    (Some(cur), Some(v)) if cur.version == v => {}
+                    _ => return Ok(ClusterPut::Stale),
+                }
+                let (sub, node_rg) = (lower(&c.subscription), lower(&w.node_group.name));
+                let group_exists = exists(
+                    tx,
+                    "SELECT 1 FROM resource_groups WHERE subscription = ?1 AND name_key = ?2",
+                    &[&sub, &node_rg],
+                )?;
+                if current.is_none() && group_exists {
+                    return Ok(ClusterPut::NodeGroupExists);
+                }
+                if !group_exists {
+                    tx.execute(
+                        "INSERT INTO resource_groups(subscription, name_key, body) VALUES (?1, ?2, ?3)",
+                        params![sub, node_rg, json(w.node_group)?],
+                    )?;
+                }
+                let system_key = format!("{}#system", c.key);
+                match w.system_identity {
+                    Some(sys) => {
+                        if !exists(tx, "SELECT 1 FROM identities WHERE key = ?1", &[&sys.key])? {
+                            put_identity_tx(tx, sys)?;
+                        }
+                    }
+                    None => {
+                        delete_identity_rows(tx, &system_key)?;
+                    }
+                }
+                let k = w.kubelet_identity;
+                if !exists(tx, "SELECT 1 FROM identities WHERE key = ?1", &[&k.key])? {
+                    put_identity_tx(tx, k)?;
+                }
+                for key in w.removed_scale_sets {
+                    delete_vm_tx(tx, key)?;
+                }
+                for (vm, identities) in w.scale_sets {
+                    tx.execute(
+                        "INSERT INTO vms(key, subscription, rg_key, body) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(key) DO UPDATE SET body = excluded.body",
+                        params![
+                            vm.key,
+                            lower(&vm.subscription),
+                            lower(&vm.resource_group),
+                            json(vm)?
+                        ],
+                    )?;
+                    tx.execute("DELETE FROM vm_identities WHERE vm_key = ?1", [&vm.key])?;
+                    for id in identities {
+                        if !exists(
+                            tx,
+                            "SELECT 1 FROM identities WHERE key = ?1 AND system_vm IS NULL",
+                            &[id],
+                        )? {
+                            return Err(StoreError::Conflict(format!(
+                                "identity {id} does not exist"
+                            )));
+                        }
+                        tx.execute(
+                            "INSERT OR IGNORE INTO vm_identities(vm_key, identity_key) VALUES (?1, ?2)",
+                            [&vm.key, id],
+                        )?;
+                    }
+                }
+                write_row(tx, c)?;
+                Ok(if current.is_none() {
+                    ClusterPut::Created
+                } else {
+                    ClusterPut::Updated
+                })
+            })
+        }
+
+        fn update_cluster(&self, c: &ClusterRecord, expect_version: u64) -> Result<ClusterPut> {
+            self.tx(|tx| match stored(tx, &c.key)? {
+                Some(cur) if cur.version == expect_version => {
+                    write_row(tx, c)?;
+                    Ok(ClusterPut::Updated)
+                }
+                _ => Ok(ClusterPut::Stale),
+            })
+        }
+
+        fn get_cluster(&self, key: &str) -> Result<Option<ClusterRecord>> {
+            let b: Option<String> = self
+                .lock()
+                .query_row("SELECT body FROM clusters WHERE key = ?1", [key], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            b.map(|b| parse(&b)).transpose()
+        }
+
+        fn list_clusters(
+            &self,
+            subscription: &str,
+            rg: Option<&str>,
+        ) -> Result<Vec<ClusterRecord>> {
+            let conn = self.lock();
+            let mut st = conn.prepare(
+                "SELECT body FROM clusters WHERE subscription = ?1 AND (?2 IS NULL OR rg_key = ?2) ORDER BY key",
+            )?;
+            let rows = st.query_map(params![lower(subscription), rg.map(lower)], |r| {
+                r.get::<_, String>(0)
+            })?;
+            rows.map(|b| parse(&b?)).collect()
+        }
+
+        fn cluster_of_node_group(
+            &self,
+            subscription: &str,
+            rg: &str,
+        ) -> Result<Option<ClusterRecord>> {
+            let b: Option<String> = self
+                .lock()
+                .query_row(
+                    "SELECT body FROM clusters WHERE subscription = ?1 AND node_rg_key = ?2",
+                    [lower(subscription), lower(rg)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            b.map(|b| parse(&b)).transpose()
+        }
+
+        fn delete_cluster(&self, key: &str) -> Result<bool> {
+            self.tx(|tx| delete_cluster_tx(tx, key))
         }
     }
 }

@@ -23,118 +23,19 @@
 //!   a self-signed certificate, a PFX and three sealed rows; done when the pending operation
 //!   says `completed`), vs raw RSA-2048 key generations/s on as many threads as the server has.
 //!
-//! Environment: BENCH_SECS (default 5), BENCH_CONNS (default 16).
+//! Environment: BENCH_SECS (default 5), BENCH_CONNS (default 16), BENCH_VM_USER_IDENTITIES
+//! (user-assigned identities on the bench VM besides its system-assigned one, default 0).
 
+mod common;
+
+use common::*;
 use keyless_core::clock::SystemClock;
 use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-fn env_u64(k: &str, d: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-/// HTTP/1.1 keep-alive GET load: `conns` connections for `secs`, over TLS when `tls` is given
-/// (connector and server name); returns requests/s.
-async fn load_get(
-    addr: SocketAddr,
-    request: String,
-    conns: usize,
-    secs: u64,
-    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
-) -> f64 {
-    let done = Arc::new(AtomicU64::new(0));
-    let stop = Instant::now() + Duration::from_secs(secs);
-    let mut tasks = vec![];
-    for _ in 0..conns {
-        let done = done.clone();
-        let req = request.clone();
-        let tls = tls.clone();
-        tasks.push(tokio::spawn(async move {
-            let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            s.set_nodelay(true).ok();
-            match tls {
-                Some((connector, name)) => {
-                    let s = connector.connect(name, s).await.expect("TLS handshake");
-                    drive(s, req.as_bytes(), stop, &done).await
-                }
-                None => drive(s, req.as_bytes(), stop, &done).await,
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("load task");
-    }
-    done.load(Ordering::Relaxed) as f64 / secs as f64
-}
-
-/// One load connection: send `req`, read one response (headers, then Content-Length bytes),
-/// repeat until `stop`.
-async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    req: &[u8],
-    stop: Instant,
-    done: &AtomicU64,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    while Instant::now() < stop {
-        s.write_all(req).await.expect("write");
-        s.flush().await.expect("flush");
-        let (head, _) = read_response(&mut s, &mut buf).await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        done.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Read one HTTP/1.1 response into `buf`: the head (status line and headers, as received),
-/// then Content-Length bytes of body; returns the head and where the body lies in `buf`.
-async fn read_response<S: AsyncRead + Unpin>(
-    s: &mut S,
-    buf: &mut [u8],
-) -> (String, std::ops::Range<usize>) {
-    let mut have = 0;
-    let (head, body) = loop {
-        let n = s.read(&mut buf[have..]).await.expect("read");
-        assert!(n > 0, "connection closed");
-        have += n;
-        if let Some(p) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..p]).into_owned();
-            let len: usize = header(&head, "content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            break (head, p + 4..p + 4 + len);
-        }
-    };
-    while have < body.end {
-        let n = s.read(&mut buf[have..]).await.expect("read body");
-        assert!(n > 0);
-        have += n;
-    }
-    (head, body)
-}
-
-/// The value of header `name` (case-insensitive) in a response head.
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-/// One GET over a fresh plain-HTTP connection: the response head and body.
-async fn get_once(addr: SocketAddr, request: &str) -> (String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = vec![0u8; 64 * 1024];
-    let (head, body) = read_response(&mut s, &mut buf).await;
-    (head, String::from_utf8_lossy(&buf[body]).into_owned())
-}
+use tokio::io::AsyncWriteExt;
 
 /// Time spent per phase of the Arc round trips, in nanoseconds summed over all connections.
 #[derive(Default)]
@@ -197,71 +98,6 @@ async fn arc_round_trips(
         t.await.expect("Arc load task");
     }
     (done.load(Ordering::Relaxed) as f64 / secs as f64, phases)
-}
-
-/// A bare hyper server answering every request with `body` (JSON), over TLS when `tls` is
-/// given.
-async fn bare_server(body: String, tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let (body, tls) = (body.clone(), tls.clone());
-            tokio::spawn(async move {
-                match tls {
-                    Some(acceptor) => {
-                        tcp.set_nodelay(true).ok(); // as the Keyless listener does
-                        if let Ok(s) = acceptor.accept(tcp).await {
-                            serve_bare(s, body).await
-                        }
-                    }
-                    None => serve_bare(tcp, body).await,
-                }
-            });
-        }
-    });
-    addr
-}
-
-async fn serve_bare<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, body: String) {
-    let svc = hyper::service::service_fn(move |_req| {
-        let body = body.clone();
-        async move {
-            Ok::<_, std::convert::Infallible>(
-                hyper::Response::builder()
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .unwrap(),
-            )
-        }
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
-        .await;
-}
-
-/// A Keyless server on a temp data dir, trusting `issuer_ca` for federation.
-async fn start_server(
-    issuer_ca: Option<String>,
-) -> (tempfile::TempDir, keyless_server::RunningServer) {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn keyless_store::Store> = Arc::new(
-        keyless_store::sqlite::SqliteStore::open(
-            &dir.path().join("keyless.db"),
-            keyless_store::Kek::load_or_create(&dir.path().join("kek")).unwrap(),
-        )
-        .unwrap(),
-    );
-    let mut cfg = keyless_server::state::ServerConfig::new(
-        dir.path().to_path_buf(),
-        "127.0.0.1:0".parse().unwrap(),
-    );
-    cfg.issuer_ca_pem = issuer_ca;
-    let srv = keyless_server::start(cfg, store, Arc::new(SystemClock::new()))
-        .await
-        .unwrap();
-    (dir, srv)
 }
 
 /// A client-credentials token request for the bootstrap admin (`scope`: `{resource}/.default`).
@@ -389,18 +225,35 @@ fn main() {
         use keyless_server::resources;
         resources::put_resource_group(&s, &s.subscription_id, "bench", Some("local"), None).unwrap();
         let vm = ResourceId::new(&s.subscription_id, "bench", VM, "bench-vm");
-        resources::write_vm(
-            &s,
-            &vm,
-            resources::VmBody {
-                location: Some("local".into()),
-                identity: Some(resources::IdentityBody { kind: Some("SystemAssigned".into()), user_assigned: None }),
-                ..Default::default()
-            },
-            false,
-            &resources::trusted,
-        )
-        .unwrap();
+        // BENCH_VM_USER_IDENTITIES user-assigned identities on the VM besides its system one
+        // (the decision point must cost the same with 1 or 1,000), assigned 150 per request
+        let vm_user_ids = env_u64("BENCH_VM_USER_IDENTITIES", 0);
+        let mut user_assigned = vec![];
+        for n in 0..vm_user_ids {
+            let id = ResourceId::new(&s.subscription_id, "bench", keyless_core::resource_id::UAMI, &format!("vm-user-{n}"));
+            let (rec, _) = resources::put_identity(&s, &id, Some("local"), None).unwrap();
+            user_assigned.push(rec.resource_id);
+        }
+        let mut batches: Vec<Option<std::collections::BTreeMap<String, serde_json::Value>>> =
+            user_assigned.chunks(150).map(|c| Some(c.iter().map(|r| (r.clone(), serde_json::json!({}))).collect())).collect();
+        if batches.is_empty() {
+            batches.push(None);
+        }
+        for (i, user_assigned) in batches.into_iter().enumerate() {
+            let kind = if user_assigned.is_some() { "SystemAssigned, UserAssigned" } else { "SystemAssigned" };
+            resources::write_vm(
+                &s,
+                &vm,
+                resources::VmBody {
+                    location: Some("local".into()),
+                    identity: Some(resources::IdentityBody { kind: Some(kind.into()), user_assigned }),
+                    ..Default::default()
+                },
+                i > 0,
+                &resources::trusted,
+            )
+            .unwrap();
+        }
         // the managed-identity VM extension on a free port, so the agent serves the legacy
         // VM-extension endpoint from its first sync
         let extension_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -437,6 +290,7 @@ fn main() {
                     arc_group: None,
                 },
                 extension_store_root: std::path::PathBuf::from("/var/lib/waagent"),
+                nmi: None,
             },
             clock,
         )
@@ -857,7 +711,7 @@ fn main() {
         let stored = s.store.kv_names("bench-kv", "certificates", false).unwrap().len() as u64;
         assert_eq!(stored, certs_done.load(Ordering::Relaxed));
 
-        println!("keyless bench ({secs} s per run, {conns} connections, {threads} cores; load generator in the same process)");
+        println!("keyless bench ({secs} s per run, {conns} connections, {threads} cores; load generator in the same process; {vm_user_ids} user-assigned identities on the VM)");
         println!("  bare hyper server, same {} B body:    {bare_rps:>10.0} req/s", body.len());
         println!("  agent IMDS, cached token:              {agent_rps:>10.0} req/s   ratio to bare {:.2}", agent_rps / bare_rps);
         println!("  bare hyper server, same {app_len} B body:    {app_bare_rps:>10.0} req/s");

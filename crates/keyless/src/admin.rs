@@ -50,6 +50,10 @@ pub struct Conn {
     subscription: Option<String>,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Json, global = true)]
     output: Output,
+    /// JMESPath query of the output (the subset az scripts use: `a.b`, `a[0]`, `a[*].b`,
+    /// `[a, b]`), e.g. `--query nodeResourceGroup -o tsv`.
+    #[arg(long, global = true)]
+    query: Option<String>,
 }
 
 struct Api {
@@ -58,6 +62,7 @@ struct Api {
     token: String,
     subscription: String,
     output: Output,
+    query: Option<crate::query::Query>,
 }
 
 fn endpoints(data_dir: &std::path::Path) -> Value {
@@ -100,6 +105,12 @@ async fn remote_error(resp: reqwest::Response) -> CliError {
 
 impl Api {
     async fn connect(c: &Conn) -> Result<Self, CliError> {
+        let query = c
+            .query
+            .as_deref()
+            .map(crate::query::Query::parse)
+            .transpose()
+            .map_err(CliError::Usage)?;
         let ep = endpoints(&c.data_dir);
         let server = c
             .server
@@ -170,6 +181,7 @@ impl Api {
                     token,
                     subscription: String::new(),
                     output: c.output,
+                    query,
                 };
                 let subs = api
                     .call(
@@ -191,6 +203,7 @@ impl Api {
             token,
             subscription,
             output: c.output,
+            query,
         })
     }
 
@@ -261,7 +274,10 @@ impl Api {
     }
 
     fn print(&self, v: &Value) {
-        print_value(v, self.output);
+        match &self.query {
+            Some(q) => print_value(&q.apply(v), self.output),
+            None => print_value(v, self.output),
+        }
     }
 }
 
@@ -310,7 +326,42 @@ fn flatten_row(v: &Value) -> Vec<(String, String)> {
     out
 }
 
+/// A scalar as tsv / table show it (strings unquoted, null empty).
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(_) | Value::Bool(_) => Some(v.to_string()),
+        Value::Null => Some(String::new()),
+        _ => None,
+    }
+}
+
 fn print_value(v: &Value, output: Output) {
+    // scalars (e.g. after --query) print bare, a list of scalars one per line, as az does
+    if matches!(output, Output::Table | Output::Tsv) {
+        if let Some(t) = scalar_text(v) {
+            println!("{t}");
+            return;
+        }
+        if let Some(items) = v.as_array().filter(|a| a.iter().all(|x| !x.is_object())) {
+            for x in items {
+                match scalar_text(x) {
+                    Some(t) => println!("{t}"),
+                    None => println!(
+                        "{}",
+                        x.as_array()
+                            .map(|a| a
+                                .iter()
+                                .filter_map(scalar_text)
+                                .collect::<Vec<_>>()
+                                .join("\t"))
+                            .unwrap_or_default()
+                    ),
+                }
+            }
+            return;
+        }
+    }
     match output {
         Output::None => {}
         Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
@@ -2025,4 +2076,641 @@ pub async fn batch(c: BatchCmd) -> Result<(), CliError> {
     };
     api.print(&v);
     Ok(())
+}
+
+// ------------------------------------------------------------------ aks
+
+const CONTAINER_API: &str = "2026-08-01";
+const CLUSTER_TYPE: &str = "Microsoft.ContainerService/managedClusters";
+/// "Managed Identity Operator" (read and assign user-assigned identities).
+const MANAGED_IDENTITY_OPERATOR: &str = "f1a07417-d97a-45cb-824c-7a7467783830";
+
+#[derive(Args)]
+pub struct AksCmd {
+    #[command(subcommand)]
+    cmd: AksVerb,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NetworkPluginArg {
+    Azure,
+    Kubenet,
+}
+
+#[derive(Subcommand)]
+enum AksVerb {
+    /// Create a managed cluster: a node resource group with one scale set per pool (nodes are
+    /// host agents that join with `aks nodepool join-token`) and the kubelet identity.
+    Create {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        /// Default: the resource group's location.
+        #[arg(short = 'l', long)]
+        location: Option<String>,
+        #[arg(short = 'c', long, default_value_t = 3)]
+        node_count: u64,
+        #[arg(long, default_value = "nodepool1")]
+        nodepool_name: String,
+        #[arg(short = 's', long, default_value = "Standard_DS2_v2")]
+        node_vm_size: String,
+        #[arg(short = 'k', long)]
+        kubernetes_version: Option<String>,
+        #[arg(long)]
+        dns_name_prefix: Option<String>,
+        /// Default: azure (with --enable-pod-identity-with-kubenet: kubenet).
+        #[arg(long, value_enum)]
+        network_plugin: Option<NetworkPluginArg>,
+        #[arg(long)]
+        node_resource_group: Option<String>,
+        #[arg(long)]
+        enable_pod_identity: bool,
+        /// Allow pod identity on kubenet despite the IP spoofing risk.
+        #[arg(long)]
+        enable_pod_identity_with_kubenet: bool,
+        /// A user-assigned identity (id) as the cluster's identity (default: system-assigned).
+        #[arg(long)]
+        assign_identity: Option<String>,
+        /// Accepted for az compatibility (clusters always have a managed identity).
+        #[arg(long)]
+        enable_managed_identity: bool,
+        /// Accepted for az compatibility.
+        #[arg(long)]
+        generate_ssh_keys: bool,
+        /// Accepted for az compatibility (the create is done when it returns).
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, num_args = 0..)]
+        tags: Vec<String>,
+    },
+    /// Update a cluster: turn the pod identity add-on on or off, tags.
+    Update {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long, conflicts_with = "disable_pod_identity")]
+        enable_pod_identity: bool,
+        #[arg(long)]
+        disable_pod_identity: bool,
+        #[arg(long)]
+        enable_pod_identity_with_kubenet: bool,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, num_args = 0..)]
+        tags: Option<Vec<String>>,
+    },
+    Show {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
+    },
+    /// Delete a cluster with its node resource group and everything in it.
+    Delete {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(short = 'y', long)]
+        yes: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Node pools.
+    Nodepool {
+        #[command(subcommand)]
+        verb: NodepoolVerb,
+    },
+    /// Pod identities of the pod identity add-on (read-modify-write of the cluster, as az).
+    PodIdentity {
+        #[command(subcommand)]
+        verb: PodIdentityVerb,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodepoolVerb {
+    /// Issue a one-time join token: `keyless node --join-token` makes the host a node of the pool.
+    JoinToken {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        cluster_name: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        /// Lifetime in seconds.
+        #[arg(long, visible_alias = "expires-in", default_value_t = 3600)]
+        ttl: u64,
+    },
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        cluster_name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodIdentityVerb {
+    /// Add a pod identity (grants the cluster identity Managed Identity Operator on the
+    /// identity first when it lacks it, as az does).
+    Add {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        cluster_name: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long)]
+        identity_resource_id: String,
+        #[arg(long)]
+        binding_selector: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    Delete {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        cluster_name: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show the cluster (its podIdentityProfile lists the pod identities), as az does.
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        cluster_name: String,
+    },
+    /// Pod identity exceptions (pods that keep the node's own IMDS answer).
+    Exception {
+        #[command(subcommand)]
+        verb: ExceptionVerb,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExceptionVerb {
+    Add {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        cluster_name: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        /// Labels `key=value` ...
+        #[arg(long, num_args = 1.., required = true)]
+        pod_labels: Vec<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    Delete {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        cluster_name: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    Update {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        cluster_name: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long, num_args = 1.., required = true)]
+        pod_labels: Vec<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        cluster_name: String,
+    },
+}
+
+/// `key=value` pairs (both required).
+fn parse_labels(labels: &[String]) -> Result<Value, CliError> {
+    let mut m = serde_json::Map::new();
+    for l in labels {
+        match l.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                m.insert(k.to_string(), json!(v));
+            }
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "invalid pod label '{l}': use key=value"
+                )))
+            }
+        }
+    }
+    Ok(Value::Object(m))
+}
+
+fn same_entry(e: &Value, namespace: &str, name: &str) -> bool {
+    e["namespace"].as_str() == Some(namespace) && e["name"].as_str() == Some(name)
+}
+
+impl Api {
+    fn cluster_path(&self, rg: &str, name: &str) -> String {
+        self.res_path(rg, CLUSTER_TYPE, name, CONTAINER_API)
+    }
+
+    async fn get_cluster(&self, rg: &str, name: &str) -> Result<Value, CliError> {
+        self.call(reqwest::Method::GET, &self.cluster_path(rg, name), None)
+            .await
+    }
+
+    async fn put_cluster(&self, rg: &str, name: &str, body: Value) -> Result<Value, CliError> {
+        self.call(
+            reqwest::Method::PUT,
+            &self.cluster_path(rg, name),
+            Some(body),
+        )
+        .await
+    }
+
+    /// The cluster's podIdentityProfile, which must be enabled (az checks the same first).
+    fn enabled_profile(cluster: &mut Value) -> Result<&mut Value, CliError> {
+        let p = &mut cluster["properties"]["podIdentityProfile"];
+        if p["enabled"].as_bool() != Some(true) {
+            return Err(CliError::Usage(
+                "The pod identity addon is not enabled for this managed cluster yet. Please use `keyless aks update --enable-pod-identity` to enable it.".into(),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Make sure `principal` holds Managed Identity Operator on `scope` (at or above it);
+    /// assign it at `scope` when not.
+    async fn ensure_identity_operator(&self, principal: &str, scope: &str) -> Result<(), CliError> {
+        let f = serde_urlencoded::to_string([(
+            "$filter",
+            format!("atScope() and principalId eq '{principal}'"),
+        )])
+        .unwrap_or_default();
+        let list = self
+            .call(
+                reqwest::Method::GET,
+                &format!("{scope}/providers/Microsoft.Authorization/roleAssignments?api-version={AUTHZ_API}&{f}"),
+                None,
+            )
+            .await?;
+        let held = list["value"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| same_role(a, MANAGED_IDENTITY_OPERATOR));
+        if held {
+            return Ok(());
+        }
+        let role = format!(
+            "/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/{MANAGED_IDENTITY_OPERATOR}",
+            self.subscription
+        );
+        let path = format!(
+            "{scope}/providers/Microsoft.Authorization/roleAssignments/{}?api-version={AUTHZ_API}",
+            uuid::Uuid::new_v4()
+        );
+        let body = json!({"properties": {"roleDefinitionId": role, "principalId": principal, "principalType": "ServicePrincipal"}});
+        match self.call(reqwest::Method::PUT, &path, Some(body)).await {
+            Ok(_) => Ok(()),
+            Err(CliError::Remote { code, .. }) if code == "RoleAssignmentExists" => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The principal the cluster acts as (system-assigned, or its one user-assigned identity).
+fn cluster_principal(cluster: &Value) -> Option<String> {
+    let idn = &cluster["identity"];
+    idn["principalId"].as_str().map(str::to_string).or_else(|| {
+        idn["userAssignedIdentities"]
+            .as_object()
+            .and_then(|m| m.values().next())
+            .and_then(|u| u["principalId"].as_str())
+            .map(str::to_string)
+    })
+}
+
+pub async fn aks(c: AksCmd) -> Result<(), CliError> {
+    let api = Api::connect(&c.conn).await?;
+    let v = match c.cmd {
+        AksVerb::Create {
+            resource_group,
+            name,
+            location,
+            node_count,
+            nodepool_name,
+            node_vm_size,
+            kubernetes_version,
+            dns_name_prefix,
+            network_plugin,
+            node_resource_group,
+            enable_pod_identity,
+            enable_pod_identity_with_kubenet,
+            assign_identity,
+            tags,
+            ..
+        } => {
+            let location = match location {
+                Some(l) => l,
+                None => {
+                    let rg = api
+                        .call(
+                            reqwest::Method::GET,
+                            &format!(
+                                "{}?api-version={RESOURCES_API}",
+                                api.rg_path(&resource_group)
+                            ),
+                            None,
+                        )
+                        .await?;
+                    rg["location"].as_str().unwrap_or("local").to_string()
+                }
+            };
+            let mut props = json!({
+                "agentPoolProfiles": [{
+                    "name": nodepool_name,
+                    "count": node_count,
+                    "vmSize": node_vm_size,
+                    "mode": "System",
+                    "osType": "Linux",
+                    "type": "VirtualMachineScaleSets",
+                }],
+            });
+            // az once defaulted to kubenet; asking for pod identity on kubenet means kubenet
+            let plugin = match (network_plugin, enable_pod_identity_with_kubenet) {
+                (Some(NetworkPluginArg::Azure), _) => Some("azure"),
+                (Some(NetworkPluginArg::Kubenet), _) | (None, true) => Some("kubenet"),
+                (None, false) => None,
+            };
+            if let Some(p) = plugin {
+                props["networkProfile"] = json!({"networkPlugin": p});
+            }
+            for (k, v) in [
+                ("kubernetesVersion", kubernetes_version),
+                ("dnsPrefix", dns_name_prefix),
+                ("nodeResourceGroup", node_resource_group),
+            ] {
+                if let Some(v) = v {
+                    props[k] = json!(v);
+                }
+            }
+            if enable_pod_identity {
+                props["podIdentityProfile"] = json!({
+                    "enabled": true,
+                    "allowNetworkPluginKubenet": enable_pod_identity_with_kubenet,
+                });
+            }
+            let identity = match assign_identity {
+                Some(id) => json!({"type": "UserAssigned", "userAssignedIdentities": {id: {}}}),
+                None => json!({"type": "SystemAssigned"}),
+            };
+            let body = json!({"location": location, "tags": parse_tags(&tags)?,
+                              "identity": identity, "properties": props});
+            api.put_cluster(&resource_group, &name, body).await?
+        }
+        AksVerb::Update {
+            resource_group,
+            name,
+            enable_pod_identity,
+            disable_pod_identity,
+            enable_pod_identity_with_kubenet,
+            tags,
+            ..
+        } => {
+            let mut cluster = api.get_cluster(&resource_group, &name).await?;
+            if enable_pod_identity {
+                let p = &mut cluster["properties"]["podIdentityProfile"];
+                if p["enabled"].as_bool() == Some(true) {
+                    if enable_pod_identity_with_kubenet {
+                        p["allowNetworkPluginKubenet"] = json!(true);
+                    }
+                } else {
+                    *p = json!({"enabled": true, "allowNetworkPluginKubenet": enable_pod_identity_with_kubenet});
+                }
+            } else if disable_pod_identity {
+                cluster["properties"]["podIdentityProfile"] = json!({"enabled": false});
+            } else if enable_pod_identity_with_kubenet {
+                return Err(CliError::Usage(
+                    "--enable-pod-identity-with-kubenet goes with --enable-pod-identity".into(),
+                ));
+            }
+            if let Some(t) = tags {
+                cluster["tags"] = parse_tags(&t)?;
+            }
+            api.put_cluster(&resource_group, &name, cluster).await?
+        }
+        AksVerb::Show {
+            resource_group,
+            name,
+        } => api.get_cluster(&resource_group, &name).await?,
+        AksVerb::List { resource_group } => {
+            api.list(resource_group.as_deref(), CLUSTER_TYPE, CONTAINER_API)
+                .await?
+        }
+        AksVerb::Delete {
+            resource_group,
+            name,
+            ..
+        } => {
+            api.call(
+                reqwest::Method::DELETE,
+                &api.cluster_path(&resource_group, &name),
+                None,
+            )
+            .await?;
+            return Ok(());
+        }
+        AksVerb::Nodepool { verb } => match verb {
+            NodepoolVerb::JoinToken {
+                resource_group,
+                cluster_name,
+                name,
+                ttl,
+            } => {
+                let p = api.sub_path(
+                    &resource_group,
+                    CLUSTER_TYPE,
+                    &cluster_name,
+                    &[Some("agentPools"), Some(&name), Some("generateJoinToken")],
+                    CONTAINER_API,
+                );
+                api.call(
+                    reqwest::Method::POST,
+                    &p,
+                    Some(json!({"expiresInSeconds": ttl})),
+                )
+                .await?
+            }
+            NodepoolVerb::List {
+                resource_group,
+                cluster_name,
+            } => api.get_cluster(&resource_group, &cluster_name).await?["properties"]
+                ["agentPoolProfiles"]
+                .clone(),
+        },
+        AksVerb::PodIdentity { verb } => pod_identity(&api, verb).await?,
+    };
+    api.print(&v);
+    Ok(())
+}
+
+async fn pod_identity(api: &Api, verb: PodIdentityVerb) -> Result<Value, CliError> {
+    Ok(match verb {
+        PodIdentityVerb::Add {
+            resource_group,
+            cluster_name,
+            namespace,
+            name,
+            identity_resource_id,
+            binding_selector,
+            ..
+        } => {
+            let mut cluster = api.get_cluster(&resource_group, &cluster_name).await?;
+            Api::enabled_profile(&mut cluster)?;
+            let ident = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("{identity_resource_id}?api-version={MSI_API}"),
+                    None,
+                )
+                .await?;
+            let principal = cluster_principal(&cluster)
+                .ok_or_else(|| CliError::Usage("the cluster has no managed identity".into()))?;
+            let scope = ident["id"]
+                .as_str()
+                .unwrap_or(&identity_resource_id)
+                .to_string();
+            api.ensure_identity_operator(&principal, &scope).await?;
+            let mut entry = json!({
+                "name": name,
+                "namespace": namespace,
+                "identity": {
+                    "resourceId": scope,
+                    "clientId": ident["properties"]["clientId"],
+                    "objectId": ident["properties"]["principalId"],
+                },
+            });
+            if let Some(b) = binding_selector {
+                entry["bindingSelector"] = json!(b);
+            }
+            let p = Api::enabled_profile(&mut cluster)?;
+            match p["userAssignedIdentities"].as_array_mut() {
+                Some(list) => list.push(entry),
+                None => p["userAssignedIdentities"] = json!([entry]),
+            }
+            api.put_cluster(&resource_group, &cluster_name, cluster)
+                .await?
+        }
+        PodIdentityVerb::Delete {
+            resource_group,
+            cluster_name,
+            namespace,
+            name,
+            ..
+        } => {
+            let mut cluster = api.get_cluster(&resource_group, &cluster_name).await?;
+            let p = Api::enabled_profile(&mut cluster)?;
+            if let Some(list) = p["userAssignedIdentities"].as_array_mut() {
+                list.retain(|e| !same_entry(e, &namespace, &name));
+            }
+            api.put_cluster(&resource_group, &cluster_name, cluster)
+                .await?
+        }
+        PodIdentityVerb::List {
+            resource_group,
+            cluster_name,
+        } => api.get_cluster(&resource_group, &cluster_name).await?,
+        PodIdentityVerb::Exception { verb } => match verb {
+            ExceptionVerb::Add {
+                resource_group,
+                cluster_name,
+                namespace,
+                name,
+                pod_labels,
+                ..
+            } => {
+                let labels = parse_labels(&pod_labels)?;
+                let mut cluster = api.get_cluster(&resource_group, &cluster_name).await?;
+                let p = Api::enabled_profile(&mut cluster)?;
+                let entry = json!({"name": name, "namespace": namespace, "podLabels": labels});
+                match p["userAssignedIdentityExceptions"].as_array_mut() {
+                    Some(list) => list.push(entry),
+                    None => p["userAssignedIdentityExceptions"] = json!([entry]),
+                }
+                api.put_cluster(&resource_group, &cluster_name, cluster)
+                    .await?
+            }
+            ExceptionVerb::Delete {
+                resource_group,
+                cluster_name,
+                namespace,
+                name,
+                ..
+            } => {
+                let mut cluster = api.get_cluster(&resource_group, &cluster_name).await?;
+                let p = Api::enabled_profile(&mut cluster)?;
+                if let Some(list) = p["userAssignedIdentityExceptions"].as_array_mut() {
+                    list.retain(|e| !same_entry(e, &namespace, &name));
+                }
+                api.put_cluster(&resource_group, &cluster_name, cluster)
+                    .await?
+            }
+            ExceptionVerb::Update {
+                resource_group,
+                cluster_name,
+                namespace,
+                name,
+                pod_labels,
+                ..
+            } => {
+                let labels = parse_labels(&pod_labels)?;
+                let mut cluster = api.get_cluster(&resource_group, &cluster_name).await?;
+                let p = Api::enabled_profile(&mut cluster)?;
+                let found = p["userAssignedIdentityExceptions"]
+                    .as_array_mut()
+                    .and_then(|l| l.iter_mut().find(|e| same_entry(e, &namespace, &name)))
+                    .ok_or_else(|| {
+                        CliError::Usage(format!(
+                            "pod identity exception {namespace}/{name} not found"
+                        ))
+                    })?;
+                found["podLabels"] = labels;
+                api.put_cluster(&resource_group, &cluster_name, cluster)
+                    .await?
+            }
+            ExceptionVerb::List {
+                resource_group,
+                cluster_name,
+            } => api.get_cluster(&resource_group, &cluster_name).await?,
+        },
+    })
 }

@@ -1,7 +1,9 @@
 //! `keyless`: one binary for the server, the host agent, the all-in-one `up`, and az-like
 //! admin verbs.
 
+mod addon;
 mod admin;
+mod query;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -43,10 +45,16 @@ enum Command {
     Keyvault(admin::KeyVaultCmd),
     /// Batch accounts and pools (groups of hosts sharing identities and extensions).
     Batch(admin::BatchCmd),
+    /// Managed clusters (`Microsoft.ContainerService/managedClusters`): node pools whose nodes
+    /// are host agents, and the pod identity add-on's profile.
+    Aks(admin::AksCmd),
     /// Get a managed-identity token from the local IMDS endpoint.
     GetToken(admin::GetTokenArgs),
     /// Keep Key Vault certificates on disk as PEM files (the KeyVaultForLinux VM extension).
     KvAgent(run::KvAgentArgs),
+    /// The AKS pod-identity add-on: keeps the aadpodidentity.k8s.io objects of a cluster in step
+    /// with its podIdentityProfile (runs in the cluster, authenticates through its node's IMDS).
+    PodIdentityAddon(addon::AddonArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,8 +88,10 @@ fn main() -> ExitCode {
             Command::App(c) => admin::app(c).await,
             Command::Keyvault(c) => admin::keyvault(c).await,
             Command::Batch(c) => admin::batch(c).await,
+            Command::Aks(c) => admin::aks(c).await,
             Command::GetToken(a) => admin::get_token(a).await,
             Command::KvAgent(a) => run::kv_agent(a).await,
+            Command::PodIdentityAddon(a) => addon::run(a).await,
         }
     });
     match result {

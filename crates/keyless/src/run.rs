@@ -132,9 +132,38 @@ pub struct NodeArgs {
     /// host's identities through the Arc endpoint.
     #[arg(long)]
     pub arc_group: Option<String>,
+    /// Serve the pods of this Kubernetes node as aad-pod-identity's NMI (managed mode): watch
+    /// its pods and the aadpodidentity.k8s.io objects, redirect pod traffic for
+    /// 169.254.169.254:80 here with iptables (chain aad-metadata), answer by source IP.
+    #[arg(long)]
+    pub nmi: bool,
+    /// The Kubernetes node this agent runs on (required with --nmi).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubeconfig for the watches [default: KUBECONFIG, else the in-cluster service account].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// NMI listen address, the target of the DNAT; not a loopback address (a DNAT from
+    /// PREROUTING cannot reach one) [default: the --private-ip (or the address this node
+    /// reaches the server from), port 2579; /host/token is also served on 127.0.0.1 there].
+    #[arg(long)]
+    pub nmi_listen: Option<SocketAddr>,
+    /// Answer /metadata/instance with 403 "Request blocked by AAD Pod Identity NMI".
+    #[arg(long)]
+    pub block_instance_metadata: bool,
+    /// Run NMI on a kubenet cluster even if the cluster does not allow it (pods with NET_RAW
+    /// can spoof each other's IP there, CVE-2021-1677).
+    #[arg(long)]
+    pub allow_network_plugin_kubenet: bool,
+    /// Require `Metadata: true` on NMI requests.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub metadata_header_required: bool,
+    /// How often NMI's iptables rules are checked and repaired, in seconds.
+    #[arg(long, default_value_t = keyless_node::nmi::IPTABLES_RECONCILE_INTERVAL.as_secs())]
+    pub ipt_update_interval_sec: u64,
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     move |source| CliError::Io {
         path: path.display().to_string(),
         source,
@@ -201,7 +230,7 @@ fn bind_hint(e: keyless_server::error::ServerError) -> CliError {
     }
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -269,6 +298,7 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
         extension_reload_hook: a.extension_reload_hook.clone(),
         local: local_config(&a)?,
         extension_store_root: a.extension_store_root.clone(),
+        nmi: nmi_config(&a)?,
     };
     let node = keyless_node::start(cfg, Arc::new(SystemClock::new())).await?;
     println!("IMDS endpoint: http://{}", node.imds_addr);
@@ -288,8 +318,40 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
     if let Some(v) = node.agent.view() {
         println!("VM: {}", v.vm["resourceId"].as_str().unwrap_or(""));
     }
+    if let Some(n) = &node.nmi {
+        // printed once the watches have listed and the iptables redirect is in place
+        println!("NMI endpoint: http://{}", n.addr);
+    }
     wait_for_signal().await;
+    node.shutdown().await;
     Ok(())
+}
+
+/// NMI's settings from the flags (None without --nmi).
+fn nmi_config(a: &NodeArgs) -> Result<Option<keyless_node::nmi::NmiConfig>, CliError> {
+    if !a.nmi {
+        return Ok(None);
+    }
+    let node_name = a
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| CliError::Usage("--nmi needs --node-name (or NODE_NAME)".into()))?;
+    if let Some(l) = a.nmi_listen {
+        if l.ip().is_loopback() {
+            return Err(CliError::Usage(format!(
+                "--nmi-listen {l}: pods are redirected with a DNAT, which cannot reach a loopback address; use an address of this node"
+            )));
+        }
+    }
+    let mut c = keyless_node::nmi::NmiConfig::new(node_name);
+    c.kubeconfig = a.kubeconfig.clone();
+    c.listen = a.nmi_listen;
+    c.block_instance_metadata = a.block_instance_metadata;
+    c.allow_network_plugin_kubenet = a.allow_network_plugin_kubenet;
+    c.metadata_header_required = a.metadata_header_required;
+    c.iptables_interval = Duration::from_secs(a.ipt_update_interval_sec.max(1));
+    Ok(Some(c))
 }
 
 /// The local endpoints `keyless node` serves besides IMDS.
@@ -409,6 +471,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
             extension_reload_hook: None,
             local: Default::default(),
             extension_store_root: PathBuf::from("/var/lib/waagent"),
+            nmi: None,
         },
         clock,
     )
@@ -430,6 +493,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
                     extension_reload_hook: None,
                     local: Default::default(),
                     extension_store_root: PathBuf::from("/var/lib/waagent"),
+                    nmi: None,
                 },
                 Arc::new(SystemClock::new()),
             )

@@ -57,9 +57,20 @@ fn unsafe_free_kill(pid: u32) {
 
 /// Spawn `keyless args...` and read stdout until a line contains `marker`.
 pub fn spawn_until(args: &[&str], marker: &str, log_dir: &Path) -> Result<Proc, String> {
+    spawn_program_until(bin(), args, marker, log_dir)
+}
+
+/// Spawn `program args...` (e.g. `ip netns exec <ns> keyless ...`) and read stdout until a
+/// line contains `marker`.
+pub fn spawn_program_until(
+    program: &str,
+    args: &[&str],
+    marker: &str,
+    log_dir: &Path,
+) -> Result<Proc, String> {
     let stderr_path = log_dir.join(format!("stderr-{}.log", uuid::Uuid::new_v4()));
     let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
-    let mut child = Command::new(bin())
+    let mut child = Command::new(program)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))
@@ -244,9 +255,14 @@ pub struct ServerProc {
 
 impl ServerProc {
     pub fn start(dir: &Path, extra: &[&str]) -> ServerProc {
+        Self::start_on(dir, "127.0.0.1:0", extra)
+    }
+
+    /// [`ServerProc::start`] listening on `listen` (the CLI still uses https://localhost).
+    pub fn start_on(dir: &Path, listen: &str, extra: &[&str]) -> ServerProc {
         let data = dir.join("server");
         let data_s = data.to_string_lossy().to_string();
-        let mut args = vec!["server", "--data-dir", &data_s, "--listen", "127.0.0.1:0"];
+        let mut args = vec!["server", "--data-dir", &data_s, "--listen", listen];
         args.extend_from_slice(extra);
         let proc = spawn_until(&args, "export KEYLESS_CLIENT_SECRET=", dir).unwrap();
         let listen = proc.find("Keyless server listening on https://").unwrap();

@@ -1,0 +1,223 @@
+"""A real Kubernetes control plane (etcd + kube-apiserver from ../shared/k8s) and the network
+plumbing a kubelet and a CNI plugin would do, for the pod-identity tests.
+
+- `ControlPlane`: start-control-plane.sh (path: $KEYLESS_K8S_DIR, else <repo>/../shared/k8s;
+  its binaries follow $KUBEBUILDER_ASSETS as the script documents) with the API server bound to
+  every address so node namespaces reach it as `https://kubernetes:<port>`; `kubectl` wrapper.
+- `NodeNs`: a network namespace with a veth to the root namespace (the server and the API server
+  are reached at the root side's address), 169.254.169.254 on its loopback for the host agent,
+  forwarding on, `/etc/netns/<ns>/hosts` naming `kubernetes`.
+- `PodNs`: a network namespace with a veth into its node's namespace, the pod IP on it, the
+  default route via the node: what a CNI plugin sets up before the kubelet reports `podIP`.
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run([str(a) for a in args], check=check, capture_output=True, text=True, **kw)
+
+
+def k8s_script():
+    d = os.environ.get("KEYLESS_K8S_DIR") or str(ROOT.parent / "shared" / "k8s")
+    s = pathlib.Path(d) / "start-control-plane.sh"
+    return s if s.exists() else None
+
+
+def can_run_fabric():
+    return (os.geteuid() == 0 and shutil.which("ip") and shutil.which("iptables") and shutil.which("etcd")
+            and shutil.which("kubectl") and k8s_script() is not None)
+
+
+class ControlPlane:
+    def __init__(self, workdir):
+        self.dir = pathlib.Path(workdir) / "k8s"
+        env = dict(os.environ, OWNER_PID=str(os.getpid()),
+                   KUBE_APISERVER_EXTRA_ARGS="--bind-address=0.0.0.0")
+        out = subprocess.run([str(k8s_script()), str(self.dir)], env=env, capture_output=True, text=True, timeout=180)
+        if out.returncode != 0:
+            raise RuntimeError(f"control plane did not start: {out.stderr[-3000:]}")
+        self.env = dict(l.split("=", 1) for l in out.stdout.splitlines() if "=" in l)
+        self.port = self.env["K8S_API_PORT"]
+        self.kubeconfig = self.env["KUBECONFIG"]
+
+    def node_kubeconfig(self, path):
+        """The admin kubeconfig, pointing at `https://kubernetes:<port>` (a name the serving
+        certificate carries), for processes in node namespaces."""
+        text = pathlib.Path(self.kubeconfig).read_text()
+        text = text.replace(f"https://127.0.0.1:{self.port}", f"https://kubernetes:{self.port}")
+        pathlib.Path(path).write_text(text)
+        return str(path)
+
+    def kubectl(self, *args, input=None, check=True):
+        out = subprocess.run(["kubectl", "--kubeconfig", self.kubeconfig, *args], input=input,
+                             capture_output=True, text=True, timeout=60)
+        if check and out.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {out.stderr}")
+        return out
+
+    def apply(self, obj):
+        return self.kubectl("apply", "-f", "-", input=json.dumps(obj))
+
+    def get(self, *args):
+        out = self.kubectl("get", *args, "-o", "json", check=False)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def stop(self):
+        subprocess.run([str(k8s_script()), "stop", str(self.dir)], capture_output=True, timeout=60)
+
+
+class NodeNs:
+    """A Kubernetes node: a network namespace holding a host agent (IMDS at 169.254.169.254:80,
+    NMI at <ns_ip>:2579) and the pods' veths."""
+
+    def __init__(self, i, uid):
+        self.i = i
+        self.ns = f"kpn{i}{uid}"
+        b = int(uid[:2], 16)
+        self.host_ip = f"10.{210 + i}.{b}.1"
+        self.ns_ip = f"10.{210 + i}.{b}.2"
+        self.pod_net = f"10.{220 + i}.{b}"
+        self.veth = (f"kh{i}{uid}"[:15], f"kn{i}{uid}"[:15])
+        self.pods = 0
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "link", "add", self.veth[0], "type", "veth", "peer", "name", self.veth[1])
+        sh("ip", "link", "set", self.veth[1], "netns", self.ns)
+        sh("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.veth[0])
+        sh("ip", "link", "set", self.veth[0], "up")
+        sh("ip", "route", "add", f"{self.pod_net}.0/24", "via", self.ns_ip)
+        self.run("ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.veth[1])
+        self.run("ip", "link", "set", self.veth[1], "up")
+        self.run("ip", "link", "set", "lo", "up")
+        self.run("ip", "addr", "add", "169.254.169.254/32", "dev", "lo")
+        self.run("ip", "route", "add", "default", "via", self.host_ip)
+        self.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        os.makedirs(f"/etc/netns/{self.ns}", exist_ok=True)
+        pathlib.Path(f"/etc/netns/{self.ns}/hosts").write_text(
+            f"127.0.0.1 localhost\n{self.host_ip} kubernetes\n")
+
+    def prefix(self):
+        return ("ip", "netns", "exec", self.ns)
+
+    def run(self, *args, check=True):
+        return sh(*self.prefix(), *args, check=check)
+
+    def nat_rules(self):
+        return self.run("iptables", "-t", "nat", "-S", check=False).stdout
+
+    def destroy(self):
+        subprocess.run(["ip", "route", "del", f"{self.pod_net}.0/24"], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.veth[0]], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        shutil.rmtree(f"/etc/netns/{self.ns}", ignore_errors=True)
+
+
+class PodNs:
+    """The network side of one pod: a /30 on a veth into its node (node side .4n+1, pod .4n+2),
+    default route via the node."""
+
+    def __init__(self, node, uid, ip_override=None):
+        node.pods += 1
+        n = node.pods
+        self.node = node
+        self.ns = f"kpp{node.i}{n}{uid}"[:15]
+        base = 4 * n
+        self.gw = f"{node.pod_net}.{base + 1}"
+        self.ip = ip_override or f"{node.pod_net}.{base + 2}"
+        self.veth = (f"pn{node.i}{n}{uid}"[:15], f"pp{node.i}{n}{uid}"[:15])
+        sh("ip", "netns", "add", self.ns)
+        node.run("ip", "link", "add", self.veth[0], "type", "veth", "peer", "name", self.veth[1])
+        node.run("ip", "link", "set", self.veth[1], "netns", self.ns)
+        node.run("ip", "addr", "add", f"{self.gw}/32", "dev", self.veth[0])
+        node.run("ip", "link", "set", self.veth[0], "up")
+        node.run("ip", "route", "add", f"{self.ip}/32", "dev", self.veth[0])
+        self.run("ip", "link", "set", "lo", "up")
+        self.run("ip", "addr", "add", f"{self.ip}/32", "dev", self.veth[1])
+        self.run("ip", "link", "set", self.veth[1], "up")
+        self.run("ip", "route", "add", f"{self.gw}/32", "dev", self.veth[1])
+        self.run("ip", "route", "add", "default", "via", self.gw)
+
+    def prefix(self):
+        return ("ip", "netns", "exec", self.ns)
+
+    def run(self, *args, check=True):
+        return sh(*self.prefix(), *args, check=check)
+
+    def curl(self, path, headers=("Metadata: true",)):
+        """GET http://169.254.169.254<path> from inside the pod: (status, body)."""
+        args = ["curl", "-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}"]
+        for h in headers:
+            args += ["-H", h]
+        out = self.run(*args, f"http://169.254.169.254{path}", check=False)
+        body, _, code = out.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    def destroy(self):
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+
+def pod_manifest(name, namespace, node, labels=None):
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+        "spec": {"nodeName": node, "containers": [{"name": "demo", "image": "mcr.microsoft.com/oss/azure/aad-pod-identity/demo:v1.6.3"}]},
+    }
+
+
+def wait_for(check, timeout=30, step=0.1, what="condition"):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (AssertionError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+            last = e
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+class Proc:
+    """A long-running process started with a marker line on stdout."""
+
+    def __init__(self, cmd, marker, log_path, timeout=90, env=None):
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self.lines = []
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[:6]} exited: {self.lines} {pathlib.Path(log_path).read_text()[-3000:]}")
+                continue
+            self.lines.append(line.rstrip("\n"))
+            if marker in line:
+                return
+        self.stop()
+        raise RuntimeError(f"{cmd[:6]} did not print {marker!r}: {self.lines}")
+
+    def find(self, prefix):
+        for l in self.lines:
+            if l.startswith(prefix):
+                return l[len(prefix):].strip()
+        return None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

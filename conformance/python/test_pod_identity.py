@@ -1,0 +1,307 @@
+"""Seed 000 end to end on a real Kubernetes API server: a cluster resource with pod identity,
+two nodes (network namespaces, each with its own host agent joined to the node pool and running
+NMI), the pod-identity add-on keeping the aadpodidentity.k8s.io objects in step, and pods
+(network namespaces with their pod IPs) whose unmodified SDKs — python and node
+`ManagedIdentityCredential`, the Rust `azure_identity` crate — get tokens from
+169.254.169.254 with no environment at all."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from conftest import keyless_bin, run_client, start_up
+from k8s_fabric import ControlPlane, NodeNs, PodNs, Proc, can_run_fabric, pod_manifest, wait_for
+from test_node_identity import run_node
+
+ARM = "https://management.azure.com"
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+class Fabric:
+    def __init__(self, root, uid):
+        self.root = pathlib.Path(root)
+        self.uid = uid
+        self.nodes, self.pods, self.procs = [], [], []
+        self.up = None
+        self.cp = None
+
+    def admin_env(self):
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "KEYLESS_SERVER": self.up.info["serverUrl"],
+            "KEYLESS_TENANT_ID": self.up.info["tenantId"],
+            "KEYLESS_CA_FILE": self.up.info["caFile"],
+            "KEYLESS_CLIENT_ID": self.up.info["adminClientId"],
+            "KEYLESS_CLIENT_SECRET": self.up.admin_secret,
+        }
+
+    def cli(self, *args, check=True):
+        out = subprocess.run([keyless_bin(), *args], env=self.admin_env(), capture_output=True, text=True, timeout=60)
+        if check:
+            assert out.returncode == 0, f"keyless {' '.join(args)}: {out.stderr}"
+        try:
+            return json.loads(out.stdout) if out.stdout.strip() else None
+        except json.JSONDecodeError:
+            return out.stdout if check else (out.returncode, out.stdout, out.stderr)
+
+    def server_for(self, node):
+        port = self.up.info["serverUrl"].rsplit(":", 1)[1]
+        return f"https://{node.host_ip}:{port}"
+
+    def start_node(self, node, name, join_token):
+        state = self.root / f"state-{name}"
+        kubeconfig = self.cp.node_kubeconfig(self.root / f"kubeconfig-{name}")
+        cmd = [*node.prefix(), keyless_bin(), "node", "--server", self.server_for(node),
+               "--ca-file", self.up.info["caFile"], "--state-dir", str(state), "--join-token", join_token,
+               "--imds-listen", "169.254.169.254:80", "--sync-interval", "1",
+               "--nmi", "--node-name", name, "--kubeconfig", kubeconfig, "--nmi-listen", f"{node.ns_ip}:2579"]
+        p = Proc(cmd, "NMI endpoint:", self.root / f"node-{name}.log")
+        self.procs.append(p)
+        return p
+
+    def start_addon(self, node, cluster_id, kubelet_client_id):
+        kubeconfig = self.cp.node_kubeconfig(self.root / "kubeconfig-addon")
+        cmd = [*node.prefix(), keyless_bin(), "pod-identity-addon", "--cluster-id", cluster_id,
+               "--server", self.server_for(node), "--ca-file", self.up.info["caFile"],
+               "--client-id", kubelet_client_id, "--kubeconfig", kubeconfig, "--profile-poll", "1"]
+        p = Proc(cmd, "pod-identity add-on: in step", self.root / "addon.log")
+        self.procs.append(p)
+        return p
+
+    def pod(self, node_index, name, namespace, labels=None, ip_override=None, k8s_node=None):
+        """Create the pod object on a node, its network namespace, then report its IP."""
+        node = self.nodes[node_index]
+        pod = PodNs(node, self.uid, ip_override=ip_override)
+        self.pods.append(pod)
+        self.cp.apply(pod_manifest(name, namespace, k8s_node or f"aks-nodepool1-{node_index}", labels))
+        status = {"status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}}
+        self.cp.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge",
+                        "-p", json.dumps(status))
+        pod.k8s_name, pod.k8s_namespace = name, namespace
+        return pod
+
+    def verify(self, token):
+        v = {"authority": self.up.authority, "ca": self.up.info["caFile"], "audience": ARM}
+        return run_client({"verify_token": token, "verify": v})["claims"]
+
+    def close(self):
+        for p in reversed(self.procs):
+            p.stop()
+        for p in self.pods:
+            p.destroy()
+        for n in self.nodes:
+            n.destroy()
+        if self.up:
+            self.up.stop()
+        if self.cp:
+            self.cp.stop()
+
+
+@pytest.fixture(scope="module")
+def fab():
+    if not can_run_fabric():
+        if os.environ.get("CI"):
+            pytest.fail("CI must run as root with iproute2, iptables, etcd, kubectl and ../shared/k8s "
+                        "(or KEYLESS_K8S_DIR) for the pod-identity tests")
+        pytest.skip("needs root, iproute2, iptables, etcd, kubectl and a kube-apiserver (KEYLESS_K8S_DIR)")
+    uid = uuid.uuid4().hex[:4]
+    root = tempfile.mkdtemp(prefix="keyless-podid-")
+    f = Fabric(root, uid)
+    try:
+        f.cp = ControlPlane(root)
+        f.nodes = [NodeNs(i, uid) for i in (0, 1)]
+        extra = ["--sync-interval", "1"]
+        for n in f.nodes:
+            extra += ["--tls-san", n.host_ip]
+        f.up = start_up(pathlib.Path(root) / "data", extra=extra, listen="0.0.0.0:0")
+        yield f
+    finally:
+        f.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def seed(fab):
+    """The seed's commands, as written, with `keyless` in place of `az`."""
+    cli = fab.cli
+    cli("group", "create", "--name", "myResourceGroup", "--location", "eastus")
+    cluster = cli("aks", "create", "-g", "myResourceGroup", "-n", "myAKSCluster", "--enable-pod-identity",
+                  "--network-plugin", "azure", "--node-count", "2")
+    assert cluster["properties"]["podIdentityProfile"]["enabled"] is True
+    cli("group", "create", "--name", "myIdentityResourceGroup", "--location", "eastus")
+    ids = [cli("identity", "create", "--resource-group", "myIdentityResourceGroup", "--name", f"application-identity_{i}")
+           for i in (1, 2)]
+    node_group = cli("aks", "show", "-g", "myResourceGroup", "-n", "myAKSCluster")["properties"]["nodeResourceGroup"]
+    assert node_group == "MC_myResourceGroup_myAKSCluster_eastus"
+    nodes_id = cli("group", "show", "-n", node_group)["id"]
+    cli("role", "assignment", "create", "--role", "Virtual Machine Contributor",
+        "--assignee", ids[0]["properties"]["clientId"], "--scope", nodes_id)
+    cli("role", "assignment", "create", "--role", "Reader", "--assignee", ids[1]["properties"]["clientId"], "--scope", nodes_id)
+    base = ["--resource-group", "myResourceGroup", "--cluster-name", "myAKSCluster", "--namespace", "my-app"]
+    cli("aks", "pod-identity", "add", *base, "--name", "my-pod-identity", "--identity-resource-id", ids[0]["id"])
+    cli("aks", "pod-identity", "add", *base, "--name", "my-pod-identity-1", "--identity-resource-id", ids[0]["id"],
+        "--binding-selector", "foo")
+    cli("aks", "pod-identity", "add", *base, "--name", "my-pod-identity-2", "--identity-resource-id", ids[1]["id"],
+        "--binding-selector", "foo")
+    cluster = cli("aks", "show", "-g", "myResourceGroup", "-n", "myAKSCluster")
+    kubelet = cluster["properties"]["identityProfile"]["kubeletidentity"]
+    # the CRDs first (NMI watches them), as the README's install step does
+    crds = subprocess.run([keyless_bin(), "pod-identity-addon", "--print-crds"], capture_output=True, text=True, check=True)
+    fab.cp.kubectl("apply", "-f", "-", input=crds.stdout)
+    agents = []
+    for i, node in enumerate(fab.nodes):
+        token = cli("aks", "nodepool", "join-token", "-g", "myResourceGroup", "--cluster-name", "myAKSCluster",
+                    "-n", "nodepool1")["joinToken"]
+        agents.append(fab.start_node(node, f"aks-nodepool1-{i}", token))
+    fab.start_addon(fab.nodes[0], cluster["id"], kubelet["clientId"])
+    # the add-on created the namespace; there is no controller-manager to create its default
+    # service account, which pods need
+    wait_for(lambda: fab.cp.get("namespace", "my-app"), what="namespace my-app")
+    fab.cp.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "my-app"}})
+    wait_for(lambda: fab.cp.get("azureidentitybinding", "my-pod-identity-2-binding", "-n", "my-app"),
+             what="the add-on's bindings")
+    return {"ids": ids, "cluster": cluster, "kubelet": kubelet, "node_group": node_group, "agents": agents}
+
+
+def principal(identity):
+    return identity["properties"]["principalId"]
+
+
+def client_id(identity):
+    return identity["properties"]["clientId"]
+
+
+def test_add_on_materializes_the_profile_as_aks_does(fab, seed):
+    cp = fab.cp
+    ident = cp.get("azureidentity", "my-pod-identity", "-n", "my-app")
+    assert ident["spec"] == {"type": 0, "resourceID": seed["ids"][0]["id"], "clientID": client_id(seed["ids"][0])}
+    assert ident["metadata"]["labels"]["kubernetes.azure.com/managedby"] == "aks"
+    assert ident["metadata"]["labels"]["addonmanager.kubernetes.io/mode"] == "Reconcile"
+    b = cp.get("azureidentitybinding", "my-pod-identity-binding", "-n", "my-app")
+    assert b["spec"]["selector"] == "my-pod-identity" and b["spec"]["azureIdentity"] == "my-pod-identity"
+    assert cp.get("azureidentitybinding", "my-pod-identity-1-binding", "-n", "my-app")["spec"]["selector"] == "foo"
+    ex = cp.get("azurepodidentityexception", "aks-addon-exception", "-n", "kube-system")
+    assert ex["spec"]["podLabels"] == {"kubernetes.azure.com/managedby": "aks"}
+
+    # provisioningState reported back
+    def assigned():
+        prof = fab.cli("aks", "show", "-g", "myResourceGroup", "-n", "myAKSCluster")["properties"]["podIdentityProfile"]
+        states = {p["name"]: p.get("provisioningState") for p in prof["userAssignedIdentities"]}
+        return states if set(states.values()) == {"Assigned"} else None
+    wait_for(assigned, what="provisioningState Assigned")
+
+    # a manual edit is reverted
+    cp.kubectl("patch", "azureidentitybinding", "my-pod-identity-1-binding", "-n", "my-app", "--type=merge",
+               "-p", json.dumps({"spec": {"selector": "hijacked"}}))
+    wait_for(lambda: cp.get("azureidentitybinding", "my-pod-identity-1-binding", "-n", "my-app")["spec"]["selector"] == "foo",
+             what="the edit reverted")
+
+
+def test_seed_pod_gets_its_identity_from_every_sdk(fab, seed):
+    pod = fab.pod(0, "demo", "my-app", {"aadpodidbinding": "my-pod-identity"})
+    want = principal(seed["ids"][0])
+    # python azure-identity, no environment at all
+    out = run_client({"credential": "mi", "scope": ARM + "/.default"}, prefix=pod.prefix(), clean_env=True)
+    assert "error" not in out, out
+    assert fab.verify(out["token"])["oid"] == want
+    # node @azure/identity
+    out = run_node(fab.up, {"credential": "mi", "scope": ARM + "/.default"}, prefix=pod.prefix(), imds_env=False)
+    assert "error" not in out, out
+    assert fab.verify(out["token"])["oid"] == want
+    # the Rust azure_identity crate
+    from test_netns import rust_client
+    r = subprocess.run([*pod.prefix(), "env", "-i", rust_client(), "system", "-", ARM + "/.default"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "error" not in got, got
+    assert fab.verify(got["token"])["oid"] == want
+
+
+def test_two_identities_under_one_selector_by_client_id(fab, seed):
+    pod = fab.pod(1, "demo-foo", "my-app", {"aadpodidbinding": "foo"})
+    for ident in seed["ids"]:
+        out = run_client({"credential": "mi", "kwargs": {"client_id": client_id(ident)}, "scope": ARM + "/.default"},
+                         prefix=pod.prefix(), clean_env=True)
+        assert "error" not in out, out
+        assert fab.verify(out["token"])["oid"] == principal(ident)
+    out = run_node(fab.up, {"credential": "mi", "options": {"clientId": client_id(seed["ids"][1])}, "scope": ARM + "/.default"},
+                   prefix=pod.prefix(), imds_env=False)
+    assert fab.verify(out["token"])["oid"] == principal(seed["ids"][1])
+    from test_netns import rust_client
+    r = subprocess.run([*pod.prefix(), "env", "-i", rust_client(), "client_id", client_id(seed["ids"][1]), ARM + "/.default"],
+                       capture_output=True, text=True, timeout=120)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert fab.verify(got["token"])["oid"] == principal(seed["ids"][1])
+    # an identity the pod is not bound to (the kubelet identity is on the node) is refused
+    status, body = pod.curl(f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM}/"
+                            f"&client_id={seed['kubelet']['clientId']}")
+    assert status == 404, body
+
+
+def test_demo_lists_vms_in_the_node_group_and_reads_instance_metadata(fab, seed):
+    pod = fab.pod(0, "demo-arm", "my-app", {"aadpodidbinding": "my-pod-identity"})
+    args = {"server": fab.server_for(fab.nodes[0]), "ca": fab.up.info["caFile"],
+            "subscription": fab.up.info["subscriptionId"], "resource_group": seed["node_group"],
+            "client_id": client_id(seed["ids"][0])}
+    r = subprocess.run([*pod.prefix(), "env", "-i", sys.executable, str(HERE / "pod_demo.py"), json.dumps(args)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "error" not in out, out
+    # the node group holds scale sets, no VMs: the demo prints "vm count 0"
+    assert out["vm_count"] == 0
+    assert out["vmss_count"] >= 1
+    assert out["instance"]["compute"]["resourceGroupName"] == seed["node_group"]
+
+
+def test_refusals(fab, seed):
+    q = f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM}/"
+    bare = fab.pod(0, "no-label", "my-app")
+    status, body = bare.curl(q)
+    assert status == 404, body
+    # the label in another namespace
+    fab.cp.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})
+    fab.cp.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "other"}})
+    squatter = fab.pod(1, "squatter", "other", {"aadpodidbinding": "my-pod-identity"})
+    status, body = squatter.curl(q)
+    assert status == 404, body
+    # no Metadata header
+    demo = next(p for p in fab.pods if p.k8s_name == "demo")
+    status, body = demo.curl(q, headers=())
+    assert status == 400 and json.loads(body)["error"] == "invalid_request", body
+
+
+def test_excepted_pod_gets_the_node_identity_and_never_the_pod_identity(fab, seed):
+    fab.cli("aks", "pod-identity", "exception", "add", "--resource-group", "myResourceGroup",
+            "--cluster-name", "myAKSCluster", "--namespace", "my-app", "--name", "probe-exception",
+            "--pod-labels", "app=probe")
+    wait_for(lambda: fab.cp.get("azurepodidentityexception", "probe-exception", "-n", "my-app"), what="exception")
+    pod = fab.pod(0, "probe", "my-app", {"app": "probe", "aadpodidbinding": "my-pod-identity"})
+    out = run_client({"credential": "mi", "kwargs": {"client_id": seed["kubelet"]["clientId"]}, "scope": ARM + "/.default"},
+                     prefix=pod.prefix(), clean_env=True)
+    assert "error" not in out, out
+    assert fab.verify(out["token"])["oid"] == seed["kubelet"]["objectId"]
+    q = f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM}/&client_id={client_id(seed['ids'][0])}"
+    status, body = pod.curl(q)
+    assert status == 400 and "Identity not found" in body, (status, body)
+
+
+def test_removed_pod_identity_is_refused(fab, seed):
+    pod = fab.pod(1, "demo-late", "my-app", {"aadpodidbinding": "my-pod-identity"})
+    q = f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM}/"
+    status, body = pod.curl(q)
+    assert status == 200, body
+    t0 = time.time()
+    fab.cli("aks", "pod-identity", "delete", "--resource-group", "myResourceGroup", "--cluster-name", "myAKSCluster",
+            "--namespace", "my-app", "--name", "my-pod-identity")
+    wait_for(lambda: pod.curl(q)[0] == 404, timeout=30, what="refusal after pod-identity delete")
+    print(f"pod identity removed from the profile -> refused after {1000 * (time.time() - t0):.0f} ms")
+    assert fab.cp.get("azureidentity", "my-pod-identity", "-n", "my-app") is None

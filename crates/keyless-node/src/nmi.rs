@@ -1,0 +1,501 @@
+//! NMI (aad-pod-identity's Node Managed Identity, managed mode) as a caller kind of this agent:
+//! pods of this node ask `169.254.169.254:80`, iptables ([`crate::iptables`]) sends them here,
+//! the source IP finds the pod in the watch-fed index ([`crate::pods`]), and
+//! [`Agent::decide`](crate::Agent::decide) picks the identity like for any other caller
+//! ([`CallerKind::Pod`], [`CallerKind::ExceptedPod`]). Requests and answers follow NMI
+//! (`../shared/spec/pod-identity.md` §1.3):
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/metadata/identity/oauth2/token…` (`/metadata` in any case) | `Metadata: true` required (400 JSON); no `resource` → 400; source IP matches no single pod → 500 `failed to match pod IP …`; excepted pod → exactly the node's IMDS answer for [`CallerKind::ExceptedPod`]; no (matching) identity → 404 `no azure identity found for request clientID …`; token failure → 403; else 200, the IMDS JSON |
+//! | other paths with `/metadata/identity…oauth2…token` | 400 `Invalid request` |
+//! | `/host/token…` | headers `podname` + `podns` (400), only from 127.0.0.1 (500), then as above for that pod; 200 `{"token": {…}, "clientid": …}` |
+//! | `/metadata/instance…` with `--block-instance-metadata` | 403 `Request blocked by AAD Pod Identity NMI` |
+//! | anything else | `Metadata: true` required, then what the node's IMDS answers (in process) |
+//!
+//! Error texts are plain text with a newline, as Go's `http.Error` writes them.
+//!
+//! Listening: pods reach NMI through a DNAT, which cannot target a loopback address from
+//! `PREROUTING`, so NMI listens on a non-loopback address of the node — `--nmi-listen`, by
+//! default the node's private IP (`--private-ip`, else the address it reaches the server
+//! from) on port [`DEFAULT_PORT`] — and, for `/host/token`, also on `127.0.0.1` at the same
+//! port. Connections are bounded ([`MAX_CONNECTIONS`]), headers must arrive within
+//! [`HEADER_READ_TIMEOUT`] and fit [`MAX_HEADER_BYTES`], a request is answered within
+//! [`REQUEST_TIMEOUT`].
+
+use crate::iptables::Redirect;
+use crate::pods::{self, Grant, IpMatch, PodEntry, PodIndex};
+use crate::{imds, Agent, CallerKind, NodeError, Result, TokenFailure};
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use keyless_core::pod_identity::{self as pi, Route};
+use keyless_core::selection::Selector;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tower::ServiceExt;
+
+/// NMI's port (upstream's default).
+pub const DEFAULT_PORT: u16 = 2579;
+/// How often the iptables redirect is checked and repaired (upstream's 60 s).
+pub const IPTABLES_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a request from an IP the index does not know waits for the index to change.
+pub const UNKNOWN_IP_WAIT: Duration = Duration::from_secs(1);
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const MAX_CONNECTIONS: usize = 4096;
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Settings of NMI on this node.
+#[derive(Debug, Clone)]
+pub struct NmiConfig {
+    /// This node's name (`spec.nodeName` of its pods).
+    pub node_name: String,
+    /// Kubeconfig file; None: `KUBECONFIG` or the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// Listen address (the DNAT target; not loopback). None: the node's private IP,
+    /// port [`DEFAULT_PORT`].
+    pub listen: Option<SocketAddr>,
+    /// Answer `/metadata/instance…` with 403.
+    pub block_instance_metadata: bool,
+    /// Run on a kubenet cluster even if the cluster does not allow it.
+    pub allow_network_plugin_kubenet: bool,
+    /// Require `Metadata: true` (upstream default since 1.8.4).
+    pub metadata_header_required: bool,
+    /// How often the iptables redirect is reconciled.
+    pub iptables_interval: Duration,
+}
+
+impl NmiConfig {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        NmiConfig {
+            node_name: node_name.into(),
+            kubeconfig: None,
+            listen: None,
+            block_instance_metadata: false,
+            allow_network_plugin_kubenet: false,
+            metadata_header_required: true,
+            iptables_interval: IPTABLES_RECONCILE_INTERVAL,
+        }
+    }
+}
+
+/// A running NMI: listeners, watches, the redirect and its reconcile loop.
+pub struct Nmi {
+    /// Where pods' redirected connections arrive (the DNAT target).
+    pub addr: SocketAddr,
+    /// The loopback listener (for `/host/token`), if separate.
+    pub loopback_addr: Option<SocketAddr>,
+    pub index: Arc<PodIndex>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    _watches: pods::Watches,
+    stopped: AtomicBool,
+}
+
+impl Nmi {
+    fn stop_tasks(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+
+    /// Stop serving and remove the iptables redirect (the reconcile loop first, so it cannot
+    /// put it back).
+    pub async fn shutdown(&self) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.stop_tasks();
+        match tokio::task::spawn_blocking(Redirect::remove).await {
+            Ok(Ok(())) => tracing::info!("iptables redirect removed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot remove the iptables redirect"),
+            Err(e) => tracing::error!(error = %e, "cannot remove the iptables redirect"),
+        }
+    }
+}
+
+impl Drop for Nmi {
+    fn drop(&mut self) {
+        if !self.stopped.swap(true, Ordering::SeqCst) {
+            self.stop_tasks();
+            if let Err(e) = Redirect::remove() {
+                tracing::error!(error = %e, "cannot remove the iptables redirect");
+            }
+        }
+    }
+}
+
+fn nmi_err(m: impl std::fmt::Display) -> NodeError {
+    NodeError::Nmi(m.to_string())
+}
+
+/// Start NMI for `agent` (already synced): watches with their initial lists, listeners, the
+/// iptables redirect. Returns once all are in place.
+pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
+    let listen = match cfg.listen {
+        Some(a) => a,
+        None => {
+            let ip = imds::private_ip(&agent);
+            let ip: IpAddr = ip.parse().map_err(|_| {
+                nmi_err(format!(
+                    "cannot tell this node's IP (got '{ip}'); pass --private-ip or --nmi-listen"
+                ))
+            })?;
+            SocketAddr::new(ip, DEFAULT_PORT)
+        }
+    };
+    if listen.ip().is_loopback() {
+        return Err(nmi_err(format!(
+            "--nmi-listen {listen}: pods are redirected with a DNAT, which cannot reach a loopback address; use an address of this node"
+        )));
+    }
+    let client = keyless_k8s::client(cfg.kubeconfig.as_deref())
+        .await
+        .map_err(nmi_err)?;
+    let on_ids = agent.clone();
+    let index = Arc::new(PodIndex::new(move |ids| {
+        on_ids.set_cluster_pod_identities(ids)
+    }));
+    let watches = pods::watch(client, &cfg.node_name, index.clone()).await?;
+    tracing::info!(pods = index.len(), node = %cfg.node_name, "NMI watches listed");
+
+    let bind = |a: SocketAddr| async move {
+        tokio::net::TcpListener::bind(a)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: a.to_string(),
+                source,
+            })
+    };
+    let main = bind(listen).await?;
+    let addr = main.local_addr().unwrap_or(listen);
+    let loopback = if addr.ip().is_unspecified() {
+        None
+    } else {
+        Some(bind(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())).await?)
+    };
+    let loopback_addr = loopback.as_ref().and_then(|l| l.local_addr().ok());
+
+    let target = if addr.ip().is_unspecified() {
+        let ip: IpAddr = imds::private_ip(&agent).parse().map_err(|_| {
+            nmi_err("cannot tell this node's IP for the DNAT target; pass --private-ip")
+        })?;
+        SocketAddr::new(ip, addr.port())
+    } else {
+        addr
+    };
+    let redirect = Redirect { target };
+    let r = redirect.clone();
+    tokio::task::spawn_blocking(move || r.ensure())
+        .await
+        .map_err(nmi_err)?
+        .map_err(nmi_err)?;
+    tracing::info!(%target, "iptables redirect of 169.254.169.254:80 in place");
+
+    let st = Arc::new(NmiState {
+        imds: imds::router(agent.clone()),
+        agent,
+        index: index.clone(),
+        cfg: cfg.clone(),
+    });
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut tasks = vec![serve(main, st.clone(), limit.clone())];
+    if let Some(l) = loopback {
+        tasks.push(serve(l, st, limit));
+    }
+    let every = cfg.iptables_interval.max(Duration::from_secs(1));
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let r = redirect.clone();
+            match tokio::task::spawn_blocking(move || r.ensure()).await {
+                Ok(Ok(true)) => tracing::warn!("iptables redirect repaired"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "iptables reconcile failed"),
+                Err(e) => tracing::error!(error = %e, "iptables reconcile failed"),
+            }
+        }
+    }));
+    tracing::info!(%addr, "NMI endpoint listening");
+    Ok(Nmi {
+        addr,
+        loopback_addr,
+        index,
+        tasks: Mutex::new(tasks),
+        _watches: watches,
+        stopped: AtomicBool::new(false),
+    })
+}
+
+struct NmiState {
+    agent: Arc<Agent>,
+    index: Arc<PodIndex>,
+    cfg: NmiConfig,
+    imds: axum::Router,
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    st: Arc<NmiState>,
+    limit: Arc<tokio::sync::Semaphore>,
+) -> tokio::task::JoinHandle<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "NMI accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let st = st.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let st = st.clone();
+                    async move {
+                        let req = req.map(Body::new);
+                        let resp = tokio::time::timeout(REQUEST_TIMEOUT, handle(st, peer, req))
+                            .await
+                            .unwrap_or_else(|_| {
+                                text(StatusCode::GATEWAY_TIMEOUT, "request timed out")
+                            });
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+}
+
+/// A plain-text error as Go's `http.Error` writes it.
+fn text(status: StatusCode, msg: &str) -> Response {
+    let mut r = (status, format!("{msg}\n")).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response {
+    let mut r = (status, v.to_string()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// NMI's 400 for a missing `Metadata: true`.
+fn metadata_missing() -> Response {
+    let body = serde_json::json!({"error": "invalid_request", "error_description": "Required metadata header not specified"});
+    let mut r = (StatusCode::BAD_REQUEST, format!("{body}\n")).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn handle(st: Arc<NmiState>, peer: SocketAddr, req: Request<Body>) -> Response {
+    let route = pi::route(req.uri().path(), st.cfg.block_instance_metadata);
+    match route {
+        Route::Token => {
+            let query = req.uri().query().map(str::to_string);
+            pod_token(&st, peer, req.headers(), query.as_deref()).await
+        }
+        Route::InvalidTokenPath => text(StatusCode::BAD_REQUEST, "Invalid request"),
+        Route::HostToken => {
+            let query = req.uri().query().map(str::to_string);
+            host_token(&st, peer, req.headers(), query.as_deref()).await
+        }
+        Route::BlockedInstance => text(
+            StatusCode::FORBIDDEN,
+            "Request blocked by AAD Pod Identity NMI",
+        ),
+        Route::Other => {
+            if st.cfg.metadata_header_required
+                && header_str(req.headers(), "metadata") != Some("true")
+            {
+                return metadata_missing();
+            }
+            // the agent is the node's IMDS: answer in process
+            match st.imds.clone().oneshot(req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
+        }
+    }
+}
+
+fn parse_request(query: Option<&str>) -> std::result::Result<pi::PodTokenRequest, Response> {
+    // Go's URL.Query(): lenient, first value wins
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.unwrap_or("")).unwrap_or_default();
+    pi::parse_token_request(&pairs).map_err(|m| text(StatusCode::BAD_REQUEST, m))
+}
+
+async fn pod_token(
+    st: &NmiState,
+    peer: SocketAddr,
+    h: &HeaderMap,
+    query: Option<&str>,
+) -> Response {
+    if st.cfg.metadata_header_required && header_str(h, "metadata") != Some("true") {
+        return metadata_missing();
+    }
+    let req = match parse_request(query) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let ip = peer.ip().to_canonical();
+    let pod = match st.index.lookup_ip(ip, UNKNOWN_IP_WAIT).await {
+        IpMatch::One(p) => p,
+        IpMatch::None => {
+            tracing::info!(%ip, "no pod of this node has this IP");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("failed to match pod IP {ip} with []"),
+            );
+        }
+        IpMatch::Many(v) => {
+            let names: Vec<String> = v
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            tracing::warn!(%ip, pods = ?names, "several pods claim this IP");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("failed to match pod IP {ip} with [{}]", names.join(" ")),
+            );
+        }
+    };
+    if pod.grant == Grant::Excepted {
+        // exactly what the node's IMDS answers, for the excepted caller kind
+        return imds::token_for(&st.agent, CallerKind::ExceptedPod, h, query).await;
+    }
+    match pod_identity_token(st, &pod, &req).await {
+        Ok((body, _)) => json(StatusCode::OK, &body),
+        Err(r) => r,
+    }
+}
+
+/// The token of `pod` for `req`: the IMDS JSON and the client id, or NMI's refusal.
+async fn pod_identity_token(
+    st: &NmiState,
+    pod: &PodEntry,
+    req: &pi::PodTokenRequest,
+) -> std::result::Result<(serde_json::Value, String), Response> {
+    let not_found = |sel: &Selector| {
+        tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "no identity for the request");
+        text(StatusCode::NOT_FOUND, &pi::no_identity_message(sel))
+    };
+    let Grant::Bound(bound) = &pod.grant else {
+        return Err(not_found(&req.selector));
+    };
+    match st
+        .agent
+        .token(
+            CallerKind::Pod(bound.clone()),
+            &req.selector,
+            &req.resource,
+            false,
+        )
+        .await
+    {
+        Ok(t) => {
+            let body =
+                keyless_core::imds::token_response(&t, &req.selector, st.agent.clock.now());
+            Ok((body, t.client_id))
+        }
+        Err(TokenFailure::IdentityNotFound | TokenFailure::Ambiguous) => {
+            Err(not_found(&req.selector))
+        }
+        Err(TokenFailure::Refused) => Err(text(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "failed to get service principal token for pod:{}/{}, error: the Keyless server refused this node the identity",
+                pod.namespace, pod.name
+            ),
+        )),
+        Err(TokenFailure::Upstream(m)) => Err(text(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "failed to get service principal token for pod:{}/{}, error: {m}",
+                pod.namespace, pod.name
+            ),
+        )),
+    }
+}
+
+async fn host_token(
+    st: &NmiState,
+    peer: SocketAddr,
+    h: &HeaderMap,
+    query: Option<&str>,
+) -> Response {
+    let (Some(ns), Some(name)) = (
+        header_str(h, "podns").filter(|s| !s.is_empty()),
+        header_str(h, "podname").filter(|s| !s.is_empty()),
+    ) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "missing 'podname' and 'podns' from request header",
+        );
+    };
+    if peer.ip().to_canonical() != IpAddr::V4(Ipv4Addr::LOCALHOST) {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "request remote address is not from a host",
+        );
+    }
+    let req = match parse_request(query) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let Some(pod) = st.index.by_name(ns, name) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!("failed to get pod {ns}/{name}, error: pods \"{name}\" not found"),
+        );
+    };
+    match pod_identity_token(st, &pod, &req).await {
+        Ok((token, client_id)) => json(
+            StatusCode::OK,
+            &serde_json::json!({"token": token, "clientid": client_id}),
+        ),
+        Err(r) => r,
+    }
+}

@@ -1,0 +1,823 @@
+//! NMI's view of the cluster: a watch-fed index source IP → pod → what the pod may use.
+//!
+//! Four watches (kube-rs `watcher`, with its back-off): the Pods with `spec.nodeName=<node>`,
+//! and `AzureIdentity`, `AzureIdentityBinding`, `AzurePodIdentityException` in all namespaces.
+//! Every event updates the index in place: a pod event recomputes that pod; a CRD event
+//! recomputes the pods of its namespace (managed mode is namespaced: nothing else can change);
+//! a relist (`Init … InitDone`) replaces that kind's objects and recomputes every pod. The
+//! rules are `keyless_core::pod_identity::decide`'s. The token path reads the index under a
+//! read lock and makes no API-server call.
+//!
+//! A pod counts for its IPs (`status.podIP` and `status.podIPs`) while its phase is Pending or
+//! Running and it is not on the host network (a host-network pod shares the node's IP, and its
+//! traffic never reaches NMI). An IP two pods claim matches nothing. A request from an IP the
+//! index does not know waits for the index to change ([`PodIndex::lookup_ip`], a
+//! `tokio::sync::watch`, no polling) for a bounded time, so a pod that starts right after its
+//! status patch is not refused while the event is on its way.
+
+use crate::{NodeError, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod as K8sPod;
+use keyless_core::pod_identity::{self as pi, BoundIdentity, PodDecision};
+use keyless_k8s::crd::{AzureIdentity, AzureIdentityBinding, AzurePodIdentityException};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Resource};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt::Debug;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// (namespace, name).
+pub type PodKey = (String, String);
+
+/// What a pod may use, as NMI acts on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    Excepted,
+    /// Its identities, sorted by AzureIdentity name.
+    Bound(Arc<[BoundIdentity]>),
+    NoBinding,
+}
+
+impl From<PodDecision> for Grant {
+    fn from(d: PodDecision) -> Self {
+        match d {
+            PodDecision::Excepted => Grant::Excepted,
+            PodDecision::Bound(v) => Grant::Bound(v.into()),
+            PodDecision::NoBinding => Grant::NoBinding,
+        }
+    }
+}
+
+/// One pod of this node, with its current grant.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    pub namespace: String,
+    pub name: String,
+    pub grant: Grant,
+}
+
+/// The pods a source IP matches.
+#[derive(Debug)]
+pub enum IpMatch {
+    One(Arc<PodEntry>),
+    None,
+    /// Several pods claim the IP: it matches none of them.
+    Many(Vec<Arc<PodEntry>>),
+}
+
+/// A pod as the index keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub pod: pi::Pod,
+    /// The IPs it answers for (empty unless Pending/Running and not on the host network).
+    pub ips: Vec<IpAddr>,
+}
+
+impl PodInfo {
+    /// From the Kubernetes object (None without namespace or name).
+    pub fn from_k8s(p: &K8sPod) -> Option<PodInfo> {
+        let namespace = p.metadata.namespace.clone()?;
+        let name = p.metadata.name.clone()?;
+        let labels = p.metadata.labels.clone().unwrap_or_default();
+        let host_network = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        let mut ips: Vec<IpAddr> = vec![];
+        if let Some(st) = &p.status {
+            let active = matches!(st.phase.as_deref(), Some("Pending" | "Running"));
+            if active && !host_network {
+                let all = st
+                    .pod_ip
+                    .iter()
+                    .chain(st.pod_ips.iter().flatten().map(|i| &i.ip));
+                for ip in all.filter_map(|s| s.parse::<IpAddr>().ok()) {
+                    if !ips.contains(&ip) {
+                        ips.push(ip);
+                    }
+                }
+            }
+        }
+        Some(PodInfo {
+            pod: pi::Pod {
+                namespace,
+                name,
+                labels,
+            },
+            ips,
+        })
+    }
+
+    fn key(&self) -> PodKey {
+        (self.pod.namespace.clone(), self.pod.name.clone())
+    }
+}
+
+fn identity_of(o: &AzureIdentity) -> Option<pi::AzureIdentity> {
+    Some(pi::AzureIdentity {
+        namespace: o.metadata.namespace.clone()?,
+        name: o.metadata.name.clone()?,
+        type_: o.spec.type_,
+        client_id: o.spec.client_id.clone().unwrap_or_default(),
+        resource_id: o.spec.resource_id.clone().unwrap_or_default(),
+    })
+}
+
+fn binding_of(o: &AzureIdentityBinding) -> Option<pi::Binding> {
+    Some(pi::Binding {
+        namespace: o.metadata.namespace.clone()?,
+        name: o.metadata.name.clone()?,
+        azure_identity: o.spec.azure_identity.clone(),
+        selector: o.spec.selector.clone(),
+    })
+}
+
+fn exception_of(o: &AzurePodIdentityException) -> Option<pi::Exception> {
+    Some(pi::Exception {
+        namespace: o.metadata.namespace.clone()?,
+        name: o.metadata.name.clone()?,
+        pod_labels: o.spec.pod_labels.clone(),
+    })
+}
+
+struct PodRec {
+    info: PodInfo,
+    entry: Arc<PodEntry>,
+}
+
+#[derive(Default)]
+struct NsObjects {
+    bindings: BTreeMap<String, pi::Binding>,
+    identities: BTreeMap<String, pi::AzureIdentity>,
+    exceptions: BTreeMap<String, pi::Exception>,
+}
+
+#[derive(Default)]
+struct Inner {
+    pods: HashMap<PodKey, PodRec>,
+    ns_pods: HashMap<String, BTreeSet<String>>,
+    by_ip: HashMap<IpAddr, Vec<Arc<PodEntry>>>,
+    ns: HashMap<String, NsObjects>,
+}
+
+impl Inner {
+    fn grant(&self, info: &PodInfo) -> Grant {
+        let d = match self.ns.get(&info.pod.namespace) {
+            Some(o) => pi::decide(
+                &info.pod,
+                o.bindings.values(),
+                o.identities.values(),
+                o.exceptions.values(),
+            ),
+            None => pi::decide(&info.pod, [], [], []),
+        };
+        d.into()
+    }
+
+    fn unlink_ips(&mut self, key: &PodKey, ips: &[IpAddr]) {
+        for ip in ips {
+            if let Some(v) = self.by_ip.get_mut(ip) {
+                v.retain(|e| (e.namespace.as_str(), e.name.as_str()) != (&key.0, &key.1));
+                if v.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+    }
+
+    fn link_ips(&mut self, entry: &Arc<PodEntry>, ips: &[IpAddr]) {
+        for ip in ips {
+            self.by_ip.entry(*ip).or_default().push(entry.clone());
+        }
+    }
+
+    fn put_pod(&mut self, info: PodInfo) {
+        let key = info.key();
+        if let Some(old) = self.pods.get(&key) {
+            if old.info == info {
+                return;
+            }
+        }
+        self.remove_pod(&key);
+        let entry = Arc::new(PodEntry {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+            grant: self.grant(&info),
+        });
+        self.link_ips(&entry, &info.ips);
+        self.ns_pods
+            .entry(key.0.clone())
+            .or_default()
+            .insert(key.1.clone());
+        self.pods.insert(key, PodRec { info, entry });
+    }
+
+    fn remove_pod(&mut self, key: &PodKey) {
+        if let Some(old) = self.pods.remove(key) {
+            self.unlink_ips(key, &old.info.ips);
+            if let Some(set) = self.ns_pods.get_mut(&key.0) {
+                set.remove(&key.1);
+                if set.is_empty() {
+                    self.ns_pods.remove(&key.0);
+                }
+            }
+        }
+    }
+
+    /// Recompute the grants of the pods of `namespace` (all namespaces when None).
+    fn recompute(&mut self, namespace: Option<&str>) {
+        let keys: Vec<PodKey> = match namespace {
+            Some(ns) => self
+                .ns_pods
+                .get(ns)
+                .map(|s| s.iter().map(|n| (ns.to_string(), n.clone())).collect())
+                .unwrap_or_default(),
+            None => self.pods.keys().cloned().collect(),
+        };
+        for key in keys {
+            let Some(rec) = self.pods.get(&key) else {
+                continue;
+            };
+            let grant = self.grant(&rec.info);
+            if grant == rec.entry.grant {
+                continue;
+            }
+            let ips = rec.info.ips.clone();
+            let entry = Arc::new(PodEntry {
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                grant,
+            });
+            self.unlink_ips(&key, &ips);
+            self.link_ips(&entry, &ips);
+            if let Some(rec) = self.pods.get_mut(&key) {
+                rec.entry = entry;
+            }
+        }
+    }
+
+    fn pod_client_ids(&self) -> HashSet<String> {
+        self.ns
+            .values()
+            .flat_map(|o| o.identities.values())
+            .filter(|i| !i.client_id.is_empty())
+            .map(|i| i.client_id.to_ascii_lowercase())
+            .collect()
+    }
+}
+
+/// Which kind of object changed.
+enum Change<T> {
+    Put(T),
+    Delete(PodKey),
+    Replace(Vec<T>),
+}
+
+/// The index. Writers are the watch tasks; readers are NMI's request handlers.
+pub struct PodIndex {
+    inner: RwLock<Inner>,
+    /// Bumped after every change (request handlers waiting for an unknown IP watch it).
+    version: watch::Sender<u64>,
+    /// Told the client ids of every AzureIdentity whenever they change.
+    on_identities: Box<dyn Fn(HashSet<String>) + Send + Sync>,
+}
+
+impl PodIndex {
+    pub fn new(on_identities: impl Fn(HashSet<String>) + Send + Sync + 'static) -> Self {
+        PodIndex {
+            inner: RwLock::new(Inner::default()),
+            version: watch::channel(0).0,
+            on_identities: Box::new(on_identities),
+        }
+    }
+
+    fn write<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let r = f(&mut self.inner.write().unwrap_or_else(|p| p.into_inner()));
+        self.version.send_modify(|v| *v += 1);
+        r
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&Inner) -> R) -> R {
+        f(&self.inner.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn pods(&self, c: Change<PodInfo>) {
+        self.write(|i| match c {
+            Change::Put(p) => i.put_pod(p),
+            Change::Delete(k) => i.remove_pod(&k),
+            Change::Replace(all) => {
+                let keep: HashSet<PodKey> = all.iter().map(PodInfo::key).collect();
+                let gone: Vec<PodKey> = i
+                    .pods
+                    .keys()
+                    .filter(|k| !keep.contains(*k))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    i.remove_pod(&k);
+                }
+                for p in all {
+                    i.put_pod(p);
+                }
+            }
+        })
+    }
+
+    /// Apply a change to one CRD kind (`slot` picks its map in a namespace), recompute the
+    /// pods it can affect.
+    fn objects<T: Clone>(
+        &self,
+        c: Change<T>,
+        ns_of: impl Fn(&T) -> PodKey,
+        slot: impl Fn(&mut NsObjects) -> &mut BTreeMap<String, T>,
+    ) {
+        let ids = self.write(|i| {
+            let before = i.pod_client_ids();
+            match c {
+                Change::Put(o) => {
+                    let (ns, name) = ns_of(&o);
+                    slot(i.ns.entry(ns.clone()).or_default()).insert(name, o);
+                    i.recompute(Some(&ns));
+                }
+                Change::Delete((ns, name)) => {
+                    if let Some(o) = i.ns.get_mut(&ns) {
+                        slot(o).remove(&name);
+                    }
+                    i.recompute(Some(&ns));
+                }
+                Change::Replace(all) => {
+                    for o in i.ns.values_mut() {
+                        slot(o).clear();
+                    }
+                    for o in all {
+                        let (ns, name) = ns_of(&o);
+                        slot(i.ns.entry(ns).or_default()).insert(name, o);
+                    }
+                    i.recompute(None);
+                }
+            }
+            let after = i.pod_client_ids();
+            (before != after).then_some(after)
+        });
+        if let Some(ids) = ids {
+            (self.on_identities)(ids);
+        }
+    }
+
+    pub fn put_pod(&self, p: PodInfo) {
+        self.pods(Change::Put(p))
+    }
+
+    pub fn delete_pod(&self, namespace: &str, name: &str) {
+        self.pods(Change::Delete((namespace.into(), name.into())))
+    }
+
+    pub fn replace_pods(&self, all: Vec<PodInfo>) {
+        self.pods(Change::Replace(all))
+    }
+
+    pub fn put_identity(&self, o: pi::AzureIdentity) {
+        self.identities(Change::Put(o))
+    }
+    pub fn delete_identity(&self, ns: &str, name: &str) {
+        self.identities(Change::Delete((ns.to_string(), name.to_string())))
+    }
+    pub fn replace_identities(&self, all: Vec<pi::AzureIdentity>) {
+        self.identities(Change::Replace(all))
+    }
+    fn identities(&self, c: Change<pi::AzureIdentity>) {
+        self.objects(
+            c,
+            |o| (o.namespace.clone(), o.name.clone()),
+            |n| &mut n.identities,
+        )
+    }
+
+    pub fn put_binding(&self, o: pi::Binding) {
+        self.bindings(Change::Put(o))
+    }
+    pub fn delete_binding(&self, ns: &str, name: &str) {
+        self.bindings(Change::Delete((ns.to_string(), name.to_string())))
+    }
+    pub fn replace_bindings(&self, all: Vec<pi::Binding>) {
+        self.bindings(Change::Replace(all))
+    }
+    fn bindings(&self, c: Change<pi::Binding>) {
+        self.objects(
+            c,
+            |o| (o.namespace.clone(), o.name.clone()),
+            |n| &mut n.bindings,
+        )
+    }
+
+    pub fn put_exception(&self, o: pi::Exception) {
+        self.exceptions(Change::Put(o))
+    }
+    pub fn delete_exception(&self, ns: &str, name: &str) {
+        self.exceptions(Change::Delete((ns.to_string(), name.to_string())))
+    }
+    pub fn replace_exceptions(&self, all: Vec<pi::Exception>) {
+        self.exceptions(Change::Replace(all))
+    }
+    fn exceptions(&self, c: Change<pi::Exception>) {
+        self.objects(
+            c,
+            |o| (o.namespace.clone(), o.name.clone()),
+            |n| &mut n.exceptions,
+        )
+    }
+
+    /// The pods `ip` matches now.
+    pub fn by_ip(&self, ip: IpAddr) -> IpMatch {
+        self.read(|i| match i.by_ip.get(&ip).map(Vec::as_slice) {
+            None | Some([]) => IpMatch::None,
+            Some([one]) => IpMatch::One(one.clone()),
+            Some(many) => IpMatch::Many(many.to_vec()),
+        })
+    }
+
+    /// The pod `ip` matches, waiting up to `wait` for the index to change while it matches
+    /// no single pod (the pod's event may still be on its way).
+    pub async fn lookup_ip(&self, ip: IpAddr, wait: Duration) -> IpMatch {
+        let mut changed = self.version.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let m = self.by_ip(ip);
+            if matches!(m, IpMatch::One(_)) {
+                return m;
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return m,
+            }
+        }
+    }
+
+    /// A pod of this node by namespace and name (any phase).
+    pub fn by_name(&self, namespace: &str, name: &str) -> Option<Arc<PodEntry>> {
+        self.read(|i| {
+            i.pods
+                .get(&(namespace.to_string(), name.to_string()))
+                .map(|r| r.entry.clone())
+        })
+    }
+
+    /// How many pods of this node the index holds.
+    pub fn len(&self) -> usize {
+        self.read(|i| i.pods.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How long [`watch`] waits for the four initial lists before giving up.
+pub const INITIAL_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The running watches (aborted on drop).
+pub struct Watches {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// What a watch hands on.
+enum Seen<K> {
+    Apply(K),
+    Delete(K),
+    Listed(Vec<K>),
+}
+
+/// Run `watcher(api)` forever, buffering relists, feeding `sink`; set `bit` in `ready` after
+/// the first complete list.
+fn spawn_watch<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    what: &'static str,
+    bit: u8,
+    ready: watch::Sender<u8>,
+    last_error: Arc<Mutex<Option<String>>>,
+    sink: impl Fn(Seen<K>) + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + Debug + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff());
+        let mut buf: Vec<K> = vec![];
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(watcher::Event::Init) => buf.clear(),
+                Ok(watcher::Event::InitApply(o)) => buf.push(o),
+                Ok(watcher::Event::InitDone) => {
+                    sink(Seen::Listed(std::mem::take(&mut buf)));
+                    ready.send_modify(|m| *m |= bit);
+                }
+                Ok(watcher::Event::Apply(o)) => sink(Seen::Apply(o)),
+                Ok(watcher::Event::Delete(o)) => sink(Seen::Delete(o)),
+                Err(e) => {
+                    tracing::warn!(watch = what, error = %e, "watch failed; retrying");
+                    *last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(format!("{what}: {e}"));
+                }
+            }
+        }
+    })
+}
+
+fn name_of<K: Resource>(o: &K) -> (String, String) {
+    (
+        o.meta().namespace.clone().unwrap_or_default(),
+        o.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+/// Start the four watches feeding `index` and wait (up to [`INITIAL_SYNC_TIMEOUT`]) until each
+/// has delivered its initial list.
+pub async fn watch(client: kube::Client, node: &str, index: Arc<PodIndex>) -> Result<Watches> {
+    let (ready, mut ready_rx) = watch::channel(0u8);
+    let last_error = Arc::new(Mutex::new(None));
+    let mut tasks = vec![];
+
+    let ix = index.clone();
+    tasks.push(spawn_watch(
+        Api::<K8sPod>::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+        "pods",
+        1,
+        ready.clone(),
+        last_error.clone(),
+        move |s| match s {
+            Seen::Apply(p) => {
+                if let Some(info) = PodInfo::from_k8s(&p) {
+                    ix.put_pod(info)
+                }
+            }
+            Seen::Delete(p) => {
+                let (ns, n) = name_of(&p);
+                ix.delete_pod(&ns, &n)
+            }
+            Seen::Listed(all) => {
+                ix.replace_pods(all.iter().filter_map(PodInfo::from_k8s).collect())
+            }
+        },
+    ));
+    let ix = index.clone();
+    tasks.push(spawn_watch(
+        Api::<AzureIdentity>::all(client.clone()),
+        watcher::Config::default(),
+        "azureidentities",
+        2,
+        ready.clone(),
+        last_error.clone(),
+        move |s| match s {
+            Seen::Apply(o) => {
+                if let Some(o) = identity_of(&o) {
+                    ix.put_identity(o)
+                }
+            }
+            Seen::Delete(o) => {
+                let (ns, n) = name_of(&o);
+                ix.delete_identity(&ns, &n)
+            }
+            Seen::Listed(all) => {
+                ix.replace_identities(all.iter().filter_map(identity_of).collect())
+            }
+        },
+    ));
+    let ix = index.clone();
+    tasks.push(spawn_watch(
+        Api::<AzureIdentityBinding>::all(client.clone()),
+        watcher::Config::default(),
+        "azureidentitybindings",
+        4,
+        ready.clone(),
+        last_error.clone(),
+        move |s| match s {
+            Seen::Apply(o) => {
+                if let Some(o) = binding_of(&o) {
+                    ix.put_binding(o)
+                }
+            }
+            Seen::Delete(o) => {
+                let (ns, n) = name_of(&o);
+                ix.delete_binding(&ns, &n)
+            }
+            Seen::Listed(all) => ix.replace_bindings(all.iter().filter_map(binding_of).collect()),
+        },
+    ));
+    let ix = index.clone();
+    tasks.push(spawn_watch(
+        Api::<AzurePodIdentityException>::all(client),
+        watcher::Config::default(),
+        "azurepodidentityexceptions",
+        8,
+        ready,
+        last_error.clone(),
+        move |s| match s {
+            Seen::Apply(o) => {
+                if let Some(o) = exception_of(&o) {
+                    ix.put_exception(o)
+                }
+            }
+            Seen::Delete(o) => {
+                let (ns, n) = name_of(&o);
+                ix.delete_exception(&ns, &n)
+            }
+            Seen::Listed(all) => {
+                ix.replace_exceptions(all.iter().filter_map(exception_of).collect())
+            }
+        },
+    ));
+    let watches = Watches { tasks };
+    let done = tokio::time::timeout(INITIAL_SYNC_TIMEOUT, ready_rx.wait_for(|m| *m == 15)).await;
+    match done {
+        Ok(Ok(_)) => Ok(watches),
+        _ => {
+            let why = last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "no answer".into());
+            Err(NodeError::Nmi(format!(
+                "the Kubernetes watches did not list pods and the aadpodidentity.k8s.io objects within {} s (last error: {why})",
+                INITIAL_SYNC_TIMEOUT.as_secs()
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(ns: &str, name: &str, label: Option<&str>, ips: &[&str]) -> PodInfo {
+        PodInfo {
+            pod: pi::Pod {
+                namespace: ns.into(),
+                name: name.into(),
+                labels: label
+                    .map(|l| [(pi::BINDING_LABEL.to_string(), l.to_string())].into())
+                    .unwrap_or_default(),
+            },
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+        }
+    }
+
+    fn ident(ns: &str, name: &str, cid: &str) -> pi::AzureIdentity {
+        pi::AzureIdentity {
+            namespace: ns.into(),
+            name: name.into(),
+            type_: 0,
+            client_id: cid.into(),
+            resource_id: String::new(),
+        }
+    }
+
+    fn binding(ns: &str, name: &str, id: &str, sel: &str) -> pi::Binding {
+        pi::Binding {
+            namespace: ns.into(),
+            name: name.into(),
+            azure_identity: id.into(),
+            selector: sel.into(),
+        }
+    }
+
+    fn grant(ix: &PodIndex, ip: &str) -> Option<Grant> {
+        match ix.by_ip(ip.parse().unwrap()) {
+            IpMatch::One(e) => Some(e.grant.clone()),
+            _ => None,
+        }
+    }
+
+    fn bound(g: Option<Grant>) -> Vec<String> {
+        match g {
+            Some(Grant::Bound(v)) => v.iter().map(|b| b.client_id.clone()).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_update_the_index_incrementally() {
+        let seen = Arc::new(Mutex::new(vec![]));
+        let s2 = seen.clone();
+        let ix = PodIndex::new(move |ids| s2.lock().unwrap().push(ids));
+        ix.replace_pods(vec![
+            info("apps", "a", Some("foo"), &["10.0.0.2"]),
+            info("apps", "b", None, &["10.0.0.3"]),
+            info("other", "c", Some("foo"), &["10.0.0.4"]),
+        ]);
+        assert_eq!(grant(&ix, "10.0.0.2"), Some(Grant::NoBinding));
+        ix.put_identity(ident("apps", "id-a", "CA"));
+        assert_eq!(
+            seen.lock().unwrap().last().unwrap(),
+            &HashSet::from(["ca".to_string()])
+        );
+        ix.put_binding(binding("apps", "bind", "id-a", "foo"));
+        assert_eq!(bound(grant(&ix, "10.0.0.2")), ["CA"]);
+        assert_eq!(grant(&ix, "10.0.0.3"), Some(Grant::NoBinding));
+        assert_eq!(grant(&ix, "10.0.0.4"), Some(Grant::NoBinding), "namespaced");
+        // relabel the pod: no longer bound
+        ix.put_pod(info("apps", "a", Some("bar"), &["10.0.0.2"]));
+        assert_eq!(grant(&ix, "10.0.0.2"), Some(Grant::NoBinding));
+        ix.put_pod(info("apps", "a", Some("foo"), &["10.0.0.2"]));
+        // an exception in the namespace
+        ix.put_exception(pi::Exception {
+            namespace: "apps".into(),
+            name: "e".into(),
+            pod_labels: [(pi::BINDING_LABEL.to_string(), "FOO".to_string())].into(),
+        });
+        assert_eq!(grant(&ix, "10.0.0.2"), Some(Grant::Excepted));
+        ix.delete_exception("apps", "e");
+        assert_eq!(bound(grant(&ix, "10.0.0.2")), ["CA"]);
+        // the binding deleted: refused at once
+        ix.delete_binding("apps", "bind");
+        assert_eq!(grant(&ix, "10.0.0.2"), Some(Grant::NoBinding));
+        // a relist replaces a kind wholesale
+        ix.replace_bindings(vec![binding("apps", "bind2", "id-a", "foo")]);
+        assert_eq!(bound(grant(&ix, "10.0.0.2")), ["CA"]);
+        ix.replace_identities(vec![]);
+        assert_eq!(grant(&ix, "10.0.0.2"), Some(Grant::NoBinding));
+        assert_eq!(seen.lock().unwrap().last().unwrap(), &HashSet::new());
+        // pod deleted, IP moved
+        ix.delete_pod("apps", "b");
+        assert!(matches!(
+            ix.by_ip("10.0.0.3".parse().unwrap()),
+            IpMatch::None
+        ));
+        ix.put_pod(info("apps", "a", Some("foo"), &["10.0.0.9"]));
+        assert!(matches!(
+            ix.by_ip("10.0.0.2".parse().unwrap()),
+            IpMatch::None
+        ));
+        assert!(ix.by_name("apps", "a").is_some());
+        assert_eq!(ix.len(), 2);
+    }
+
+    #[test]
+    fn an_ip_two_pods_claim_matches_nothing() {
+        let ix = PodIndex::new(|_| {});
+        ix.put_pod(info("apps", "a", None, &["10.0.0.2"]));
+        ix.put_pod(info("apps", "b", None, &["10.0.0.2", "fd00::2"]));
+        assert!(matches!(ix.by_ip("10.0.0.2".parse().unwrap()), IpMatch::Many(v) if v.len() == 2));
+        assert!(matches!(
+            ix.by_ip("fd00::2".parse().unwrap()),
+            IpMatch::One(_)
+        ));
+        // the old pod finishes (no IPs counted any more): the IP is unique again
+        ix.put_pod(info("apps", "a", None, &[]));
+        assert!(matches!(ix.by_ip("10.0.0.2".parse().unwrap()), IpMatch::One(e) if e.name == "b"));
+    }
+
+    #[test]
+    fn pods_count_while_pending_or_running_off_the_host_network() {
+        let pod = |phase: &str, host_network: bool| -> K8sPod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "n", "name": "p", "labels": {"aadpodidbinding": "x"}},
+                "spec": {"containers": [], "hostNetwork": host_network},
+                "status": {"phase": phase, "podIP": "10.1.0.5", "podIPs": [{"ip": "10.1.0.5"}, {"ip": "fd00::5"}]}
+            }))
+            .unwrap()
+        };
+        let ips = |p: K8sPod| PodInfo::from_k8s(&p).unwrap().ips;
+        assert_eq!(ips(pod("Running", false)).len(), 2);
+        assert_eq!(ips(pod("Pending", false)).len(), 2);
+        assert!(ips(pod("Succeeded", false)).is_empty());
+        assert!(ips(pod("Failed", false)).is_empty());
+        assert!(ips(pod("Running", true)).is_empty());
+        let p = PodInfo::from_k8s(&pod("Running", false)).unwrap();
+        assert_eq!(p.pod.labels["aadpodidbinding"], "x");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_ip_waits_for_the_index_not_for_a_poll() {
+        let ix = Arc::new(PodIndex::new(|_| {}));
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let w = ix.clone();
+        let t0 = std::time::Instant::now();
+        let waiter = tokio::spawn(async move { w.lookup_ip(ip, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ix.put_pod(info("apps", "late", None, &["10.0.0.7"]));
+        let m = waiter.await.unwrap();
+        assert!(matches!(m, IpMatch::One(e) if e.name == "late"));
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        // nothing arrives: refused after the bound
+        let t0 = std::time::Instant::now();
+        let m = ix
+            .lookup_ip("10.0.0.8".parse().unwrap(), Duration::from_millis(100))
+            .await;
+        assert!(matches!(m, IpMatch::None));
+        assert!(t0.elapsed() >= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,903 @@
+//! `Microsoft.ContainerService/managedClusters` in the control plane (seed 000).
+//!
+//! A cluster owns a node resource group (`MC_{group}_{cluster}_{location}` unless named on
+//! create) holding one scale set per agent pool (`aks-{pool}-{suffix}-vmss`) and the kubelet
+//! identity (`{cluster}-agentpool`). Nodes are host agents that join a pool's scale set with
+//! its join token. As AKS's managed mode does, every pod identity's user-assigned identity is
+//! attached to every pool's scale set (with the kubelet identity), so the nodes' host agents
+//! hold them; which pod may use which is NMI's decision on the node.
+//!
+//! Every write is computed from one read and written in one store transaction that only
+//! succeeds if the cluster is still at the version read (else it is recomputed). Two
+//! Keyless-specific actions serve the in-cluster add-on: `readPodIdentityProfile` and
+//! `reportPodIdentityStatus`.
+
+use crate::arm::Caller;
+use crate::authz;
+use crate::error::{Result, ServerError};
+use crate::resources::{get_resource_group, location, tags, LinkCheck};
+use crate::state::AppState;
+use crate::util::new_guid;
+use keyless_core::aks::{
+    self, AksError, NetworkPlugin, PodIdentityProfile, DEFAULT_KUBERNETES_VERSION,
+};
+use keyless_core::names;
+use keyless_core::resource_id::{ResourceId, MANAGED_CLUSTER, UAMI, VMSS};
+use keyless_store::{
+    ClusterPut, ClusterRecord, ClusterWrite, IdentityRecord, ResourceGroupRecord, VmRecord,
+};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+pub const CLUSTER_TYPE: &str = "Microsoft.ContainerService/managedClusters";
+const WRITE: &str = "Microsoft.ContainerService/managedClusters/write";
+const READ: &str = "Microsoft.ContainerService/managedClusters/read";
+/// How often a write is recomputed when the cluster changed between its read and its write.
+const ATTEMPTS: usize = 5;
+
+fn not_found(rid: &ResourceId) -> ServerError {
+    ServerError::ResourceNotFound {
+        type_name: CLUSTER_TYPE.into(),
+        name: rid.name.clone(),
+        group: rid.resource_group.clone(),
+    }
+}
+
+fn busy() -> ServerError {
+    ServerError::Conflict {
+        code: "OperationNotAllowed",
+        message: "The managed cluster is being changed by another operation; retry.".into(),
+    }
+}
+
+fn invalid(message: impl Into<String>, target: &str) -> ServerError {
+    AksError::invalid(message, target).into()
+}
+
+pub fn get_cluster(s: &AppState, rid: &ResourceId) -> Result<ClusterRecord> {
+    get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+    s.store
+        .get_cluster(&rid.key())?
+        .ok_or_else(|| not_found(rid))
+}
+
+/// The scale set of pool `pool`.
+fn scale_set_id(c: &ClusterRecord, pool: &str) -> ResourceId {
+    ResourceId::new(
+        &c.subscription,
+        &c.node_resource_group,
+        VMSS,
+        &aks::scale_set_name(pool, &c.suffix),
+    )
+}
+
+/// The stored pools' names.
+fn pool_names(c: &ClusterRecord) -> Vec<String> {
+    c.properties["agentPoolProfiles"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn stored_profile(c: &ClusterRecord) -> Option<PodIdentityProfile> {
+    c.properties
+        .get("podIdentityProfile")
+        .filter(|v| v.is_object())
+        .and_then(|v| PodIdentityProfile::parse(v).ok())
+}
+
+fn plugin_of(c: &ClusterRecord) -> NetworkPlugin {
+    NetworkPlugin::parse(c.properties.pointer("/networkProfile/networkPlugin"))
+        .unwrap_or(NetworkPlugin::Azure)
+}
+
+/// A user-assigned identity of this subscription by resource id.
+fn find_identity(s: &AppState, id: &str) -> Result<Option<IdentityRecord>> {
+    let Some(rid) = ResourceId::parse(id).ok().filter(|r| r.is_type(UAMI)) else {
+        return Ok(None);
+    };
+    if !rid.subscription.eq_ignore_ascii_case(&s.subscription_id) {
+        return Ok(None);
+    }
+    Ok(s.store
+        .get_identity(&rid.key())?
+        .filter(|i| i.system_vm.is_none()))
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 4];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    format!("{:08}", u32::from_le_bytes(b) % 100_000_000)
+}
+
+/// The cluster's `identity` in a request: `(type, user-assigned identity)`.
+fn parse_identity(
+    s: &AppState,
+    body: &Value,
+    existing: Option<&ClusterRecord>,
+) -> Result<(String, Option<IdentityRecord>)> {
+    let Some(idn) = body.get("identity").filter(|v| !v.is_null()) else {
+        return Ok(match existing {
+            Some(e) => (
+                e.identity_type.clone(),
+                match &e.user_identity {
+                    Some(k) => s.store.get_identity(k)?,
+                    None => None,
+                },
+            ),
+            None => ("SystemAssigned".into(), None),
+        });
+    };
+    let kind = idn["type"].as_str().unwrap_or("SystemAssigned");
+    if kind.eq_ignore_ascii_case("SystemAssigned") {
+        return Ok(("SystemAssigned".into(), None));
+    }
+    if !kind.eq_ignore_ascii_case("UserAssigned") {
+        return Err(invalid(
+            format!("The identity type '{kind}' is not supported for a managed cluster: SystemAssigned or UserAssigned."),
+            "identity.type",
+        ));
+    }
+    let ids: Vec<&String> = idn["userAssignedIdentities"]
+        .as_object()
+        .map(|m| m.keys().collect())
+        .unwrap_or_default();
+    let [id] = ids.as_slice() else {
+        return Err(invalid(
+            "A UserAssigned cluster identity needs exactly one entry in userAssignedIdentities.",
+            "identity.userAssignedIdentities",
+        ));
+    };
+    let rec = find_identity(s, id)?.ok_or_else(|| {
+        invalid(
+            format!("The user-assigned identity '{id}' was not found."),
+            "identity.userAssignedIdentities",
+        )
+    })?;
+    Ok(("UserAssigned".into(), Some(rec)))
+}
+
+/// Remove the read-only and Keyless-computed fields from request `properties`.
+fn request_properties(body: &Value) -> Result<Map<String, Value>> {
+    let mut props = match body.get("properties") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => {
+            return Err(ServerError::InvalidRequestContent(
+                "properties must be an object".into(),
+            ))
+        }
+    };
+    for read_only in [
+        "provisioningState",
+        "powerState",
+        "fqdn",
+        "azurePortalFQDN",
+        "privateFQDN",
+        "maxAgentPools",
+        "currentKubernetesVersion",
+        "resourceUID",
+    ] {
+        props.remove(read_only);
+    }
+    Ok(props)
+}
+
+/// Create or replace (PUT) a cluster. `may_assign` asks whether the caller may attach a
+/// user-assigned identity (the cluster's own, and each newly added pod identity).
+pub fn put_cluster(
+    s: &AppState,
+    rid: &ResourceId,
+    body: &Value,
+    may_assign: LinkCheck<'_>,
+) -> Result<(ClusterRecord, bool)> {
+    if !body.is_object() {
+        return Err(ServerError::InvalidRequestContent(
+            "The request content must be a JSON object.".into(),
+        ));
+    }
+    for _ in 0..ATTEMPTS {
+        if let Some(done) = try_put(s, rid, body, may_assign)? {
+            return Ok(done);
+        }
+    }
+    Err(busy())
+}
+
+/// One attempt of [`put_cluster`]; `None` when the cluster changed since it was read.
+fn try_put(
+    s: &AppState,
+    rid: &ResourceId,
+    body: &Value,
+    may_assign: LinkCheck<'_>,
+) -> Result<Option<(ClusterRecord, bool)>> {
+    let rg = get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+    aks::validate_cluster_name(&rid.name)?;
+    let canonical = ResourceId::new(&s.subscription_id, &rg.name, MANAGED_CLUSTER, &rid.name);
+    let key = canonical.key();
+    let existing = s.store.get_cluster(&key)?;
+    let ex = existing.as_ref();
+    let name = ex
+        .map(|e| e.name.clone())
+        .unwrap_or_else(|| rid.name.clone());
+    let resource_id = ex
+        .map(|e| e.resource_id.clone())
+        .unwrap_or_else(|| canonical.canonical());
+
+    // location, tags
+    let loc = match (ex, body.get("location").and_then(Value::as_str)) {
+        (Some(e), None) => e.location.clone(),
+        (_, l) => location(l)?,
+    };
+    if let Some(e) = ex {
+        if e.location != loc {
+            return Err(ServerError::InvalidResourceLocation(format!(
+                "The resource '{}' already exists in location '{}' in resource group '{}'. A resource with the same name cannot be created in location '{loc}'. Please select a new resource name.",
+                e.name, e.location, e.resource_group
+            )));
+        }
+    }
+    let t: Option<BTreeMap<String, String>> = match body.get("tags") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            serde_json::from_value(v.clone())
+                .map_err(|_| invalid("tags must be an object of strings.", "tags"))?,
+        ),
+    };
+    let tags = tags(t)?;
+
+    // the cluster's identity
+    let (identity_type, user_identity) = parse_identity(s, body, ex)?;
+    if let Some(u) = &user_identity {
+        if ex.and_then(|e| e.user_identity.as_deref()) != Some(u.key.as_str()) {
+            may_assign(&u.resource_id)?;
+        }
+    }
+
+    let mut props = request_properties(body)?;
+
+    // network plugin: fixed at creation
+    let given_plugin = props
+        .get("networkProfile")
+        .and_then(|n| n.get("networkPlugin"))
+        .filter(|v| !v.is_null());
+    let plugin = match (ex, given_plugin) {
+        (Some(e), None) => plugin_of(e),
+        (_, p) => NetworkPlugin::parse(p)?,
+    };
+    if let Some(e) = ex {
+        if plugin != plugin_of(e) {
+            return Err(
+                AksError::change_not_allowed("properties.networkProfile.networkPlugin").into(),
+            );
+        }
+    }
+    let mut network = match props.remove("networkProfile") {
+        Some(Value::Object(m)) => m,
+        None | Some(Value::Null) => ex
+            .and_then(|e| e.properties["networkProfile"].as_object().cloned())
+            .unwrap_or_default(),
+        Some(_) => {
+            return Err(invalid(
+                "networkProfile must be an object.",
+                "properties.networkProfile",
+            ))
+        }
+    };
+    network.insert("networkPlugin".into(), json!(plugin.as_str()));
+
+    // node resource group: named on create (or the default), fixed afterwards
+    let given_node = match props.remove("nodeResourceGroup") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(n)) if !n.is_empty() => Some(n),
+        Some(_) => {
+            return Err(invalid(
+                "nodeResourceGroup must be a string.",
+                "properties.nodeResourceGroup",
+            ))
+        }
+    };
+    let node_rg = match (ex, given_node) {
+        (Some(e), Some(n)) if !n.eq_ignore_ascii_case(&e.node_resource_group) => {
+            return Err(AksError::change_not_allowed("properties.nodeResourceGroup").into())
+        }
+        (Some(e), _) => e.node_resource_group.clone(),
+        (None, Some(n)) => n,
+        (None, None) => aks::node_resource_group(&rg.name, &name, &loc),
+    };
+    if ex.is_none() {
+        names::validate_resource_group(&node_rg)
+            .map_err(|_| ServerError::InvalidResourceGroup(node_rg.clone()))?;
+        if node_rg.eq_ignore_ascii_case(&rg.name) {
+            return Err(invalid(
+                "The node resource group must not be the cluster's own resource group.",
+                "properties.nodeResourceGroup",
+            ));
+        }
+        if s.store
+            .get_resource_group(&s.subscription_id, &node_rg)?
+            .is_some()
+        {
+            return Err(node_group_exists(&node_rg));
+        }
+    }
+
+    // dnsPrefix, kubernetesVersion
+    let dns_prefix = match (props.remove("dnsPrefix"), ex) {
+        (Some(Value::String(d)), _) => {
+            if !aks::is_dns_prefix(&d) {
+                return Err(invalid(
+                    format!("The dnsPrefix '{d}' is invalid: 1 to 54 letters, numbers and hyphens, starting and ending with a letter or number."),
+                    "properties.dnsPrefix",
+                ));
+            }
+            if let Some(e) = ex {
+                if e.properties["dnsPrefix"].as_str() != Some(d.as_str()) {
+                    return Err(AksError::change_not_allowed("properties.dnsPrefix").into());
+                }
+            }
+            d
+        }
+        (None | Some(Value::Null), Some(e)) => e.properties["dnsPrefix"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        (None | Some(Value::Null), None) => {
+            aks::default_dns_prefix(&name, &rg.name, &s.subscription_id)
+        }
+        (Some(_), _) => {
+            return Err(invalid(
+                "dnsPrefix must be a string.",
+                "properties.dnsPrefix",
+            ))
+        }
+    };
+    let k8s_version = match props.remove("kubernetesVersion") {
+        Some(Value::String(v)) if !v.is_empty() => v,
+        _ => ex
+            .and_then(|e| e.properties["kubernetesVersion"].as_str())
+            .unwrap_or(DEFAULT_KUBERNETES_VERSION)
+            .to_string(),
+    };
+
+    // the kubelet identity is Keyless's: a request may only name the current one
+    if let Some(ip) = props.remove("identityProfile").filter(|v| !v.is_null()) {
+        let given = ip
+            .pointer("/kubeletidentity/resourceId")
+            .and_then(Value::as_str);
+        match (ex, given) {
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "Bringing your own kubelet identity is not supported: Keyless creates it in the node resource group.",
+                    "properties.identityProfile.kubeletidentity",
+                ))
+            }
+            (Some(e), Some(g)) if !g.eq_ignore_ascii_case(&e.kubelet_identity) => {
+                return Err(AksError::change_not_allowed(
+                    "properties.identityProfile.kubeletidentity",
+                )
+                .into())
+            }
+            _ => {}
+        }
+    }
+
+    // agent pools
+    let pools = match props.remove("agentPoolProfiles") {
+        Some(v) if !v.is_null() => aks::parse_agent_pools(&v)?,
+        _ => match ex {
+            Some(e) => aks::parse_agent_pools(&e.properties["agentPoolProfiles"])?,
+            None => return Err(invalid(
+                "agentPoolProfiles is required: a managed cluster needs at least one agent pool.",
+                "properties.agentPoolProfiles",
+            )),
+        },
+    };
+
+    // the pod identity profile
+    let old_profile = ex.and_then(stored_profile);
+    let profile = match props.remove("podIdentityProfile") {
+        Some(v) if !v.is_null() => {
+            let mut p = PodIdentityProfile::parse(&v)?;
+            for i in &mut p.identities {
+                // read-only in requests
+                i.state = None;
+                i.error = None;
+            }
+            Some(p)
+        }
+        _ => old_profile.clone(),
+    };
+    let mut pod_keys: Vec<String> = vec![];
+    let mut newly: Vec<IdentityRecord> = vec![];
+    let profile = match profile {
+        None => None,
+        Some(mut p) => {
+            p.validate(plugin)?;
+            let old_keys: Vec<String> = old_profile
+                .iter()
+                .flat_map(|o| o.identities.iter())
+                .map(|i| i.resource_id.to_ascii_lowercase())
+                .collect();
+            for (i, entry) in p.identities.iter_mut().enumerate() {
+                let rec = find_identity(s, &entry.resource_id)?.ok_or_else(|| {
+                    invalid(
+                        format!(
+                            "The user-assigned identity '{}' of pod identity {}/{} was not found.",
+                            entry.resource_id, entry.namespace, entry.name
+                        ),
+                        &format!(
+                            "properties.podIdentityProfile.userAssignedIdentities[{i}].identity.resourceId"
+                        ),
+                    )
+                })?;
+                aks::check_identity_id(entry.client_id.as_deref(), &rec.client_id, i, "clientId")?;
+                aks::check_identity_id(
+                    entry.object_id.as_deref(),
+                    &rec.principal_id,
+                    i,
+                    "objectId",
+                )?;
+                entry.resource_id = rec.resource_id.clone();
+                entry.client_id = Some(rec.client_id.clone());
+                entry.object_id = Some(rec.principal_id.clone());
+                if !pod_keys.contains(&rec.key) {
+                    pod_keys.push(rec.key.clone());
+                    if !old_keys.contains(&rec.key) {
+                        newly.push(rec);
+                    }
+                }
+            }
+            p.carry_states(old_profile.as_ref());
+            Some(p)
+        }
+    };
+
+    // what the cluster acts as, and what it is made of
+    let system = if identity_type == "SystemAssigned" {
+        Some(match s.store.get_identity(&format!("{key}#system"))? {
+            Some(sys) => sys,
+            None => IdentityRecord {
+                key: format!("{key}#system"),
+                resource_id: resource_id.clone(),
+                name: name.clone(),
+                subscription: s.subscription_id.clone(),
+                resource_group: rg.name.clone(),
+                location: loc.clone(),
+                tags: BTreeMap::new(),
+                tenant_id: s.tenant_id.clone(),
+                principal_id: new_guid(),
+                client_id: new_guid(),
+                system_vm: Some(key.clone()),
+                created: s.now(),
+            },
+        })
+    } else {
+        None
+    };
+    let principal = match (&system, &user_identity) {
+        (Some(sys), _) => sys.principal_id.clone(),
+        (None, Some(u)) => u.principal_id.clone(),
+        (None, None) => String::new(),
+    };
+
+    // linked authorization: the caller and the cluster's identity may assign each identity the
+    // write newly attaches to the pools
+    for rec in &newly {
+        may_assign(&rec.resource_id)?;
+        authz::check_assign(s, &principal, WRITE, &resource_id, &rec.resource_id)?;
+    }
+
+    let kubelet_rid = ResourceId::new(
+        &s.subscription_id,
+        &node_rg,
+        UAMI,
+        &aks::kubelet_identity_name(&name),
+    );
+    let kubelet = match s.store.get_identity(&kubelet_rid.key())? {
+        Some(k) => k,
+        None => IdentityRecord {
+            key: kubelet_rid.key(),
+            resource_id: kubelet_rid.canonical(),
+            name: kubelet_rid.name.clone(),
+            subscription: s.subscription_id.clone(),
+            resource_group: node_rg.clone(),
+            location: loc.clone(),
+            tags: BTreeMap::new(),
+            tenant_id: s.tenant_id.clone(),
+            principal_id: new_guid(),
+            client_id: new_guid(),
+            system_vm: None,
+            created: s.now(),
+        },
+    };
+    let suffix = ex.map(|e| e.suffix.clone()).unwrap_or_else(random_suffix);
+
+    let mut pool_bodies = vec![];
+    for p in &pools {
+        let mut b = p.body.clone();
+        b.insert("name".into(), json!(p.name));
+        b.insert("count".into(), json!(p.count));
+        b.insert("vmSize".into(), json!(p.vm_size));
+        b.insert("mode".into(), json!(p.mode));
+        b.insert("osType".into(), json!("Linux"));
+        b.insert("type".into(), json!("VirtualMachineScaleSets"));
+        pool_bodies.push(Value::Object(b));
+    }
+    props.insert("kubernetesVersion".into(), json!(k8s_version));
+    props.insert("dnsPrefix".into(), json!(dns_prefix));
+    props.insert("networkProfile".into(), Value::Object(network));
+    props.insert("agentPoolProfiles".into(), Value::Array(pool_bodies));
+    if let Some(p) = &profile {
+        props.insert("podIdentityProfile".into(), p.to_json());
+    }
+
+    let now = s.now();
+    let rec = ClusterRecord {
+        key: key.clone(),
+        resource_id: resource_id.clone(),
+        name: name.clone(),
+        subscription: s.subscription_id.clone(),
+        resource_group: rg.name.clone(),
+        location: loc.clone(),
+        tags,
+        node_resource_group: node_rg.clone(),
+        identity_type,
+        user_identity: user_identity.as_ref().map(|u| u.key.clone()),
+        kubelet_identity: kubelet.key.clone(),
+        suffix,
+        properties: Value::Object(props),
+        version: ex.map(|e| e.version + 1).unwrap_or(1),
+        created: ex.map(|e| e.created).unwrap_or(now),
+    };
+
+    // one scale set per pool, holding the kubelet identity and every pod identity
+    let mut held = vec![kubelet.key.clone()];
+    held.extend(pod_keys.iter().cloned());
+    let mut sets = vec![];
+    for p in &pools {
+        let ss = scale_set_id(&rec, &p.name);
+        let current = s.store.get_vm(&ss.key())?;
+        let mut tags = BTreeMap::new();
+        tags.insert("aks-managed-poolName".to_string(), p.name.clone());
+        tags.insert(
+            "aks-managed-resourceNameSuffix".to_string(),
+            rec.suffix.clone(),
+        );
+        tags.insert(
+            "aks-managed-kubeletIdentityClientID".to_string(),
+            kubelet.client_id.clone(),
+        );
+        let vm = VmRecord {
+            key: ss.key(),
+            resource_id: ss.canonical(),
+            name: ss.name.clone(),
+            subscription: s.subscription_id.clone(),
+            resource_group: node_rg.clone(),
+            location: loc.clone(),
+            tags,
+            vm_id: current
+                .as_ref()
+                .map(|c| c.vm_id.clone())
+                .unwrap_or_else(new_guid),
+            identity_type: "UserAssigned".into(),
+            properties: json!({
+                "orchestrationMode": "Uniform",
+                "upgradePolicy": {"mode": "Manual"},
+                "virtualMachineProfile": {
+                    "osProfile": {"computerNamePrefix": format!("{}-", ss.name)},
+                    "hardwareProfile": {"vmSize": p.vm_size},
+                },
+            }),
+            created: current.as_ref().map(|c| c.created).unwrap_or(now),
+        };
+        sets.push((vm, held.clone()));
+    }
+    let removed: Vec<String> = ex
+        .map(pool_names)
+        .unwrap_or_default()
+        .iter()
+        .filter(|n| !pools.iter().any(|p| &p.name == *n))
+        .map(|n| scale_set_id(&rec, n).key())
+        .collect();
+
+    let node_group = ResourceGroupRecord {
+        subscription: s.subscription_id.clone(),
+        name: node_rg.clone(),
+        location: loc.clone(),
+        tags: BTreeMap::from([
+            ("aks-managed-cluster-name".to_string(), name.clone()),
+            ("aks-managed-cluster-rg".to_string(), rg.name.clone()),
+        ]),
+    };
+    let outcome = s
+        .store
+        .put_cluster(&ClusterWrite {
+            cluster: &rec,
+            expect_version: ex.map(|e| e.version),
+            node_group: &node_group,
+            system_identity: system.as_ref(),
+            kubelet_identity: &kubelet,
+            scale_sets: &sets,
+            removed_scale_sets: &removed,
+        })
+        .map_err(|e| match e {
+            // an identity deleted between the checks and the write
+            keyless_store::StoreError::Conflict(m) => invalid(
+                format!("An identity of the cluster no longer exists ({m})."),
+                "properties.podIdentityProfile",
+            ),
+            other => other.into(),
+        })?;
+    match outcome {
+        ClusterPut::Created => Ok(Some((rec, true))),
+        ClusterPut::Updated => Ok(Some((rec, false))),
+        ClusterPut::Stale => Ok(None),
+        ClusterPut::NodeGroupExists => Err(node_group_exists(&node_rg)),
+    }
+}
+
+fn node_group_exists(node_rg: &str) -> ServerError {
+    invalid(
+        format!("The node resource group '{node_rg}' already exists; a managed cluster creates its own node resource group."),
+        "properties.nodeResourceGroup",
+    )
+}
+
+/// PATCH: tags only (`updateTags`).
+pub fn patch_tags(s: &AppState, rid: &ResourceId, body: &Value) -> Result<ClusterRecord> {
+    let t: Option<BTreeMap<String, String>> = match body.get("tags") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            serde_json::from_value(v.clone())
+                .map_err(|_| invalid("tags must be an object of strings.", "tags"))?,
+        ),
+    };
+    for _ in 0..ATTEMPTS {
+        let cur = get_cluster(s, rid)?;
+        let Some(t) = t.clone() else {
+            return Ok(cur);
+        };
+        let mut next = cur.clone();
+        next.tags = tags(Some(t))?;
+        next.version += 1;
+        if s.store.update_cluster(&next, cur.version)? == ClusterPut::Updated {
+            return Ok(next);
+        }
+    }
+    Err(busy())
+}
+
+pub fn delete_cluster(s: &AppState, rid: &ResourceId) -> Result<bool> {
+    get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+    Ok(s.store.delete_cluster(&rid.key())?)
+}
+
+pub fn list(s: &AppState, subscription: &str, rg: Option<&str>) -> Result<Vec<Value>> {
+    s.store
+        .list_clusters(subscription, rg)?
+        .iter()
+        .map(|c| cluster_json(s, c))
+        .collect()
+}
+
+/// `{resourceId, clientId, objectId}` of the kubelet identity.
+fn kubelet_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
+    let k = s.store.get_identity(&c.kubelet_identity)?;
+    Ok(json!({
+        "resourceId": k.as_ref().map(|k| k.resource_id.clone()).unwrap_or_else(|| c.kubelet_identity.clone()),
+        "clientId": k.as_ref().map(|k| k.client_id.clone()),
+        "objectId": k.as_ref().map(|k| k.principal_id.clone()),
+    }))
+}
+
+/// The cluster as `az aks show` shows it.
+pub fn cluster_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
+    let mut props = c.properties.clone();
+    let version = props["kubernetesVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let dns = props["dnsPrefix"].as_str().unwrap_or_default().to_string();
+    let fqdn = format!("{dns}-{}.hcp.{}.azmk8s.io", c.suffix, c.location);
+    props["provisioningState"] = json!("Succeeded");
+    props["powerState"] = json!({"code": "Running"});
+    props["currentKubernetesVersion"] = json!(version);
+    props["fqdn"] = json!(fqdn);
+    props["azurePortalFQDN"] = json!(fqdn);
+    props["nodeResourceGroup"] = json!(c.node_resource_group);
+    props["maxAgentPools"] = json!(aks::MAX_AGENT_POOLS);
+    props["identityProfile"] = json!({"kubeletidentity": kubelet_json(s, c)?});
+    if let Some(pools) = props["agentPoolProfiles"].as_array_mut() {
+        for p in pools {
+            p["provisioningState"] = json!("Succeeded");
+            p["powerState"] = json!({"code": "Running"});
+            if p.get("orchestratorVersion").is_none_or(Value::is_null) {
+                p["orchestratorVersion"] = json!(version);
+            }
+            p["currentOrchestratorVersion"] = p["orchestratorVersion"].clone();
+        }
+    }
+    let identity = match &c.user_identity {
+        None => {
+            let sys = s.store.get_identity(&format!("{}#system", c.key))?;
+            json!({
+                "type": "SystemAssigned",
+                "principalId": sys.as_ref().map(|i| i.principal_id.clone()),
+                "tenantId": s.tenant_id,
+            })
+        }
+        Some(k) => {
+            let mut m = Map::new();
+            if let Some(u) = s.store.get_identity(k)? {
+                m.insert(
+                    u.resource_id,
+                    json!({"principalId": u.principal_id, "clientId": u.client_id}),
+                );
+            }
+            json!({"type": "UserAssigned", "userAssignedIdentities": m})
+        }
+    };
+    Ok(json!({
+        "id": c.resource_id,
+        "name": c.name,
+        "type": CLUSTER_TYPE,
+        "location": c.location,
+        "tags": c.tags,
+        "sku": {"name": "Base", "tier": "Free"},
+        "identity": identity,
+        "properties": props,
+    }))
+}
+
+// ---------------------------------------------------------------- node pools
+
+/// A one-time join token for a node of pool `pool`: the host agent that joins with it becomes
+/// an instance of the pool's scale set. Returns (token, expiry, scale set id).
+pub fn pool_join_token(
+    s: &AppState,
+    rid: &ResourceId,
+    pool: &str,
+    ttl: u64,
+) -> Result<(String, u64, String)> {
+    let c = get_cluster(s, rid)?;
+    let name = pool_names(&c)
+        .into_iter()
+        .find(|n| n.eq_ignore_ascii_case(pool))
+        .ok_or_else(|| ServerError::ResourceNotFound {
+            type_name: format!("{CLUSTER_TYPE}/agentPools"),
+            name: format!("{}/{pool}", c.name),
+            group: c.resource_group.clone(),
+        })?;
+    let ss = scale_set_id(&c, &name);
+    let token = format!("kljt1.{}", crate::util::random_b64url(32));
+    let expires = s.now() + ttl;
+    s.store.insert_join_token(
+        &keyless_pki::sha256_hex(token.as_bytes()),
+        &ss.key(),
+        expires,
+    )?;
+    Ok((token, expires, ss.canonical()))
+}
+
+// ---------------------------------------------------------------- the add-on's actions
+
+/// 403 unless the caller is the cluster's kubelet identity or holds `action` on the cluster.
+/// The cluster is read only after RBAC said no, so a stranger learns nothing of it.
+fn authorize_addon(
+    s: &AppState,
+    caller: &Caller,
+    rid: &ResourceId,
+    action: &str,
+) -> Result<ClusterRecord> {
+    let scope = rid.canonical();
+    if authz::permitted(s, &caller.object_id, action, &scope)? {
+        return get_cluster(s, rid);
+    }
+    let denied = || ServerError::AuthorizationFailed {
+        principal: caller.object_id.clone(),
+        action: action.to_string(),
+        scope: scope.clone(),
+    };
+    let c = match s.store.get_cluster(&rid.key())? {
+        Some(c) => c,
+        None => return Err(denied()),
+    };
+    let kubelet = s.store.get_identity(&c.kubelet_identity)?;
+    match kubelet {
+        Some(k) if k.principal_id.eq_ignore_ascii_case(&caller.object_id) => Ok(c),
+        _ => Err(denied()),
+    }
+}
+
+/// `POST {cluster}/readPodIdentityProfile`:
+/// `{"podIdentityProfile": <as GET shows it>, "kubeletIdentity": {resourceId, clientId, objectId}}`.
+pub fn read_pod_identity_profile(s: &AppState, caller: &Caller, rid: &ResourceId) -> Result<Value> {
+    let c = authorize_addon(s, caller, rid, READ)?;
+    let profile = stored_profile(&c).unwrap_or_default();
+    Ok(json!({
+        "podIdentityProfile": profile.to_json(),
+        "kubeletIdentity": kubelet_json(s, &c)?,
+    }))
+}
+
+/// `POST {cluster}/reportPodIdentityStatus` with
+/// `{"userAssignedIdentities": [{name, namespace, provisioningState: Assigned|Failed, error?}]}`.
+pub fn report_pod_identity_status(
+    s: &AppState,
+    caller: &Caller,
+    rid: &ResourceId,
+    body: &Value,
+) -> Result<()> {
+    authorize_addon(s, caller, rid, WRITE)?;
+    let report = aks::parse_status_report(body)?;
+    for _ in 0..ATTEMPTS {
+        let cur = get_cluster(s, rid)?;
+        let Some(mut profile) = stored_profile(&cur) else {
+            return Ok(());
+        };
+        if !profile.apply_report(&report) {
+            return Ok(());
+        }
+        let mut next = cur.clone();
+        next.properties["podIdentityProfile"] = profile.to_json();
+        next.version += 1;
+        if s.store.update_cluster(&next, cur.version)? == ClusterPut::Updated {
+            return Ok(());
+        }
+    }
+    Err(busy())
+}
+
+// ---------------------------------------------------------------- host view
+
+/// The `cluster` object of a host's view when the host is a node of a cluster pool:
+/// `{id, networkPlugin, podIdentity: {enabled, allowNetworkPluginKubenet, clientIds},
+/// kubeletIdentity: {clientId, objectId, resourceId}}`.
+pub fn host_cluster(s: &AppState, owner: &VmRecord) -> Result<Option<Value>> {
+    if !ResourceId::parse(&owner.resource_id).is_ok_and(|r| r.is_type(VMSS)) {
+        return Ok(None);
+    }
+    let Some(c) = s
+        .store
+        .cluster_of_node_group(&owner.subscription, &owner.resource_group)?
+    else {
+        return Ok(None);
+    };
+    if !pool_names(&c)
+        .iter()
+        .any(|p| scale_set_id(&c, p).key() == owner.key)
+    {
+        return Ok(None);
+    }
+    let profile = stored_profile(&c).unwrap_or_default();
+    let mut client_ids: Vec<String> = profile
+        .identities
+        .iter()
+        .filter_map(|p| p.client_id.clone())
+        .collect();
+    client_ids.sort();
+    client_ids.dedup();
+    Ok(Some(json!({
+        "id": c.resource_id,
+        "networkPlugin": plugin_of(&c).as_str(),
+        "podIdentity": {
+            "enabled": profile.enabled,
+            "allowNetworkPluginKubenet": profile.allow_network_plugin_kubenet,
+            "clientIds": client_ids,
+        },
+        "kubeletIdentity": kubelet_json(s, &c)?,
+    })))
+}
+
+/// The cluster whose node resource group is `rg`, if any (a node group is deleted with its
+/// cluster, not on its own).
+pub fn owner_of_node_group(s: &AppState, sub: &str, rg: &str) -> Result<Option<String>> {
+    Ok(s.store
+        .cluster_of_node_group(sub, rg)?
+        .map(|c| c.resource_id))
+}

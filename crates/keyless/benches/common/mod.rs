@@ -1,0 +1,216 @@
+//! What the bench binaries share (`mod common;` in each): environment knobs, the HTTP/1.1
+//! keep-alive load generator, a bare hyper server as the baseline, and an in-process Keyless
+//! server on a temp data dir.
+#![allow(dead_code)] // each bench uses its own subset
+
+use keyless_core::clock::SystemClock;
+use rustls::pki_types::ServerName;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub fn env_u64(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// HTTP/1.1 keep-alive GET load: `conns` connections for `secs`, over TLS when `tls` is given
+/// (connector and server name); returns requests/s.
+pub async fn load_get(
+    addr: SocketAddr,
+    request: String,
+    conns: usize,
+    secs: u64,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+) -> f64 {
+    if tls.is_none() {
+        let mut streams = vec![];
+        for _ in 0..conns {
+            streams.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        return load_streams(streams, request, secs).await;
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = vec![];
+    for _ in 0..conns {
+        let done = done.clone();
+        let req = request.clone();
+        let (connector, name) = tls.clone().expect("TLS");
+        tasks.push(tokio::spawn(async move {
+            let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.set_nodelay(true).ok();
+            let s = connector.connect(name, s).await.expect("TLS handshake");
+            drive(s, req.as_bytes(), stop, &done).await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    done.load(Ordering::Relaxed) as f64 / secs as f64
+}
+
+/// The same load on connections the caller opened (e.g. from another network namespace):
+/// one task per stream for `secs`; returns requests/s.
+pub async fn load_streams(streams: Vec<tokio::net::TcpStream>, request: String, secs: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = vec![];
+    for s in streams {
+        let done = done.clone();
+        let req = request.clone();
+        s.set_nodelay(true).ok();
+        tasks.push(tokio::spawn(async move {
+            drive(s, req.as_bytes(), stop, &done).await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    done.load(Ordering::Relaxed) as f64 / secs as f64
+}
+
+/// One load connection: send `req`, read one response (headers, then Content-Length bytes),
+/// repeat until `stop`.
+pub async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    req: &[u8],
+    stop: Instant,
+    done: &AtomicU64,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while Instant::now() < stop {
+        s.write_all(req).await.expect("write");
+        s.flush().await.expect("flush");
+        let (head, _) = read_response(&mut s, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Read one HTTP/1.1 response into `buf`: the head (status line and headers, as received),
+/// then Content-Length bytes of body; returns the head and where the body lies in `buf`.
+pub async fn read_response<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut [u8],
+) -> (String, std::ops::Range<usize>) {
+    let mut have = 0;
+    let (head, body) = loop {
+        let n = s.read(&mut buf[have..]).await.expect("read");
+        assert!(n > 0, "connection closed");
+        have += n;
+        if let Some(p) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..p]).into_owned();
+            let len: usize = header(&head, "content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            break (head, p + 4..p + 4 + len);
+        }
+    };
+    while have < body.end {
+        let n = s.read(&mut buf[have..]).await.expect("read body");
+        assert!(n > 0);
+        have += n;
+    }
+    (head, body)
+}
+
+/// The value of header `name` (case-insensitive) in a response head.
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// One GET over a fresh plain-HTTP connection: the response head and body.
+pub async fn get_once(addr: SocketAddr, request: &str) -> (String, String) {
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    get_on(s, request).await
+}
+
+/// One request on `s`: the response head and body.
+pub async fn get_on(mut s: tokio::net::TcpStream, request: &str) -> (String, String) {
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let (head, body) = read_response(&mut s, &mut buf).await;
+    (head, String::from_utf8_lossy(&buf[body]).into_owned())
+}
+
+/// A bare hyper server answering every request with `body` (JSON), over TLS when `tls` is
+/// given.
+pub async fn bare_server(body: String, tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    bare_server_on(listener, body, tls)
+}
+
+/// [`bare_server`] on a listener the caller bound (e.g. in another network namespace).
+pub fn bare_server_on(
+    listener: tokio::net::TcpListener,
+    body: String,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> SocketAddr {
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (body, tls) = (body.clone(), tls.clone());
+            tokio::spawn(async move {
+                match tls {
+                    Some(acceptor) => {
+                        tcp.set_nodelay(true).ok(); // as the Keyless listener does
+                        if let Ok(s) = acceptor.accept(tcp).await {
+                            serve_bare(s, body).await
+                        }
+                    }
+                    None => serve_bare(tcp, body).await,
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn serve_bare<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, body: String) {
+    let svc = hyper::service::service_fn(move |_req| {
+        let body = body.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                hyper::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .unwrap(),
+            )
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+        .await;
+}
+
+/// A Keyless server on a temp data dir, trusting `issuer_ca` for federation.
+pub async fn start_server(
+    issuer_ca: Option<String>,
+) -> (tempfile::TempDir, keyless_server::RunningServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn keyless_store::Store> = Arc::new(
+        keyless_store::sqlite::SqliteStore::open(
+            &dir.path().join("keyless.db"),
+            keyless_store::Kek::load_or_create(&dir.path().join("kek")).unwrap(),
+        )
+        .unwrap(),
+    );
+    let mut cfg = keyless_server::state::ServerConfig::new(
+        dir.path().to_path_buf(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    cfg.issuer_ca_pem = issuer_ca;
+    let srv = keyless_server::start(cfg, store, Arc::new(SystemClock::new()))
+        .await
+        .unwrap();
+    (dir, srv)
+}

@@ -1,0 +1,1112 @@
+//! `cargo bench -p keyless --bench pod_identity` (as root for part 2): pod identity at scale,
+//! every figure beside a baseline measured in the same run on the same machine (these machines
+//! are noisy, so the ratios are the figures to compare across runs).
+//!
+//! 1. The agent's decision point at scale: cached IMDS tokens/s from a host agent whose VM holds
+//!    1 user-assigned identity, and from one whose VM holds 1,000 (the token asked by client id
+//!    is the same identity in both), each beside a bare hyper server answering the same body
+//!    (same load generator, same connections; all in this process, on loopback).
+//! 2. NMI against a real kube-apiserver (`../shared/k8s`, or `KEYLESS_K8S_DIR`): this bench
+//!    plays kubelet and CNI. The node is a network namespace with a veth to the root namespace,
+//!    running `keyless node --nmi` (a separate process) joined to a scale set that holds the pod
+//!    identities; each pod is a network namespace with its IP on a veth into the node; the Pod
+//!    objects carry `spec.nodeName` and get `status.podIP` through the status subresource.
+//!    - (a) time from "the status PATCH returned" to "the pod holds a token" (one GET to
+//!      `http://169.254.169.254` from a socket created in the pod's namespace, no retries),
+//!      p50/p99 over the pods, beside the same GET from the node's namespace to the agent's own
+//!      IMDS (the same cached token, without NMI); and a few pods with the real python SDK
+//!      (`azure-identity` in `.cache/venv`), beside the same SDK run in the node namespace;
+//!    - (b) cached pod tokens/s through NMI (connections opened in pod namespaces, DNAT to NMI)
+//!      beside a bare hyper server in the node namespace reached from the same pod namespaces
+//!      (same veths, no DNAT), and beside the agent's IMDS loaded from the node namespace;
+//!    - (c) API-server requests per pod token request (`apiserver_request_total` from `/metrics`
+//!      before and after, less an idle window of the same length);
+//!    - (d) the agent's RSS with 1,000 pods on the node and 200 AzureIdentities + bindings, beside
+//!      its RSS with no pods and no CRD objects.
+//!
+//!    Everything it creates (network namespaces, veths, `/etc/netns/<ns>`, processes by PID, the
+//!    control plane) is removed at the end, on panic and on Ctrl-C. Without root, `ip`,
+//!    `iptables`, etcd or the control plane script, part 2 is skipped with a message.
+//!
+//! Environment: BENCH_SECS (default 5) per throughput run, BENCH_CONNS (16) connections,
+//! BENCH_IDENTITIES (1000) on the big VM of part 1, BENCH_PODS (200) timed pods,
+//! BENCH_SDK_PODS (5) python SDK pods, BENCH_POD_IDENTITIES (200) AzureIdentities + bindings,
+//! BENCH_NODE_PODS (1000) pods on the node for the RSS figure, BENCH_TOKEN_REQUESTS (5000) for
+//! the API-server count, BENCH_K8S=0 to run part 1 only.
+
+mod common;
+#[path = "../tests/common/mod.rs"]
+mod e2e;
+
+use common::*;
+use k8s_openapi::api::core::v1::Pod;
+use keyless_core::clock::SystemClock;
+use keyless_k8s::crd::{AzureIdentity, AzureIdentityBinding};
+use keyless_k8s::testing::ControlPlane;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const RESOURCE: &str = "https://management.azure.com/";
+const IMDS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+const NODE_NAME: &str = "bench-node";
+
+fn main() {
+    let secs = env_u64("BENCH_SECS", 5);
+    let conns = env_u64("BENCH_CONNS", 16) as usize;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let t0 = Instant::now();
+        tokio::select! {
+            _ = run(secs, conns) => {}
+            _ = tokio::signal::ctrl_c() => eprintln!("interrupted: cleaning up"),
+        }
+        println!("(whole run: {:.0} s)", t0.elapsed().as_secs_f64());
+    });
+}
+
+async fn run(secs: u64, conns: usize) {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "pod identity bench ({secs} s per throughput run, {conns} connections, {cores} cores, \
+         load average at start {}; load generator in this process)",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    decision_point(secs, conns).await;
+    if env_u64("BENCH_K8S", 1) == 0 {
+        println!("part 2 skipped (BENCH_K8S=0)");
+        return;
+    }
+    match missing_prerequisite() {
+        Some(why) => println!("part 2 (NMI on a real kube-apiserver) SKIPPED: {why}"),
+        None => pods(secs, conns).await,
+    }
+}
+
+// ------------------------------------------------------------------ 1. decision point at scale
+
+async fn decision_point(secs: u64, conns: usize) {
+    use keyless_core::resource_id::{ResourceId, UAMI, VM};
+    use keyless_server::resources;
+    let many = env_u64("BENCH_IDENTITIES", 1000);
+    let (dir, srv) = start_server(None).await;
+    let s = srv.state.clone();
+    resources::put_resource_group(&s, &s.subscription_id, "bench", Some("local"), None).unwrap();
+    let mut ids = vec![];
+    for n in 0..many {
+        let id = ResourceId::new(&s.subscription_id, "bench", UAMI, &format!("id-{n}"));
+        ids.push(
+            resources::put_identity(&s, &id, Some("local"), None)
+                .unwrap()
+                .0,
+        );
+    }
+    // the identity asked for is the last one assigned, on both VMs
+    let target = ids.last().expect("BENCH_IDENTITIES > 0").clone();
+    let mut agents = vec![];
+    for (name, assigned) in [("vm-one", &ids[ids.len() - 1..]), ("vm-all", &ids[..])] {
+        let vm = ResourceId::new(&s.subscription_id, "bench", VM, name);
+        // at most 150 identities per request (as Azure): a PUT, then PATCHes that merge
+        for (k, chunk) in assigned.chunks(150).enumerate() {
+            let user_assigned = chunk
+                .iter()
+                .map(|r| (r.resource_id.clone(), json!({})))
+                .collect();
+            resources::write_vm(
+                &s,
+                &vm,
+                resources::VmBody {
+                    location: Some("local".into()),
+                    identity: Some(resources::IdentityBody {
+                        kind: Some("UserAssigned".into()),
+                        user_assigned: Some(user_assigned),
+                    }),
+                    ..Default::default()
+                },
+                k > 0,
+                &resources::trusted,
+            )
+            .unwrap();
+        }
+        let (join, _) = resources::create_join_token(&s, &vm, 60).unwrap();
+        let node = keyless_node::start(
+            keyless_node::NodeConfig {
+                server_url: format!("https://localhost:{}", srv.local_addr.port()),
+                ca_pem: s.ca.cert_pem(),
+                state_dir: dir.path().join(name),
+                join_token: Some(join),
+                imds_listen: "127.0.0.1:0".parse().unwrap(),
+                sync_interval: Duration::from_secs(30),
+                private_ip: None,
+                extension_reload_hook: None,
+                local: Default::default(),
+                extension_store_root: PathBuf::from("/var/lib/waagent"),
+                nmi: None,
+            },
+            Arc::new(SystemClock::new()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            node.agent.view().unwrap().identities.user.len(),
+            assigned.len()
+        );
+        agents.push(node);
+    }
+    let path = format!(
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource={RESOURCE}&client_id={}",
+        target.client_id
+    );
+    let req =
+        |host: SocketAddr| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nMetadata: true\r\n\r\n");
+    let mut rows = vec![];
+    for node in &agents {
+        // warm-up: fills the cache, and gives the body the bare server answers with
+        let (head, body) = get_once(node.imds_addr, &req(node.imds_addr)).await;
+        assert!(
+            head.starts_with("HTTP/1.1 200") && body.contains("access_token"),
+            "{head}\n{body}"
+        );
+        let bare = bare_server(body.clone(), None).await;
+        let bare_rps = load_get(bare, req(bare), conns, secs, None).await;
+        let rps = load_get(node.imds_addr, req(node.imds_addr), conns, secs, None).await;
+        rows.push((body.len(), bare_rps, rps));
+    }
+    let (one, all) = (rows[0], rows[1]);
+    println!(
+        "1. decision point at scale: cached IMDS tokens by client id, agent in process, loopback"
+    );
+    for ((len, bare, rps), n) in [(one, 1), (all, many)] {
+        println!("  bare hyper server, same {len} B body:        {bare:>9.0} req/s");
+        println!(
+            "  agent IMDS, VM with {n:>4} user-assigned:   {rps:>9.0} req/s   ratio to bare {:.2}",
+            rps / bare
+        );
+    }
+    println!(
+        "  {many} identities vs 1: {:.2} raw, {:.2} each against its own bare baseline",
+        all.2 / one.2,
+        (all.2 / all.1) / (one.2 / one.1)
+    );
+}
+
+// ------------------------------------------------------------------ 2. NMI, real API server
+
+/// Why this machine cannot run part 2, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (network namespaces and iptables need root)".into());
+    }
+    for tool in ["ip", "iptables", "etcd"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!("`{tool}` is not installed"));
+        }
+    }
+    let script = keyless_k8s::testing::assets_dir().join("start-control-plane.sh");
+    if !script.exists() {
+        return Some(format!(
+            "{} is missing (set KEYLESS_K8S_DIR)",
+            script.display()
+        ));
+    }
+    None
+}
+
+/// `ip -batch -` (in network namespace `ns` when given): every line must succeed.
+fn ip_batch(ns: Option<&str>, lines: &[String]) {
+    if lines.is_empty() {
+        return;
+    }
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ip");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(lines.join("\n").as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {ns:?} -batch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Everything part 2 sets up, torn down on drop (also on panic and Ctrl-C): the agent (SIGTERM,
+/// so it removes its iptables rules), the server, the network namespaces (their veths go with
+/// them), `/etc/netns/<node>`, the control plane.
+#[derive(Default)]
+struct Fabric {
+    netns: Vec<String>,
+    etc_netns: Option<PathBuf>,
+    root_link: Option<String>,
+    agent: Option<e2e::Proc>,
+    server: Option<e2e::ServerProc>,
+    cp: Option<ControlPlane>,
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.stop();
+        }
+        drop(self.server.take());
+        let del: Vec<String> = self
+            .netns
+            .iter()
+            .rev()
+            .map(|n| format!("netns del {n}"))
+            .collect();
+        let _ = std::panic::catch_unwind(|| ip_batch(None, &del));
+        if let Some(l) = self.root_link.take() {
+            // gone with the node namespace already, normally
+            let _ = Command::new("ip")
+                .args(["link", "del", &l])
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(d) = self.etc_netns.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        drop(self.cp.take());
+    }
+}
+
+/// Run `f` on a thread that has joined network namespace `ns` (setns(2) changes only the
+/// calling thread's namespace; sockets keep the namespace they were created in).
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: a valid namespace fd; only this thread moves
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("network namespace thread")
+}
+
+/// An unconnected TCP socket created in network namespace `ns`.
+fn socket_in(ns: &str) -> tokio::net::TcpSocket {
+    in_netns(ns, || tokio::net::TcpSocket::new_v4().expect("socket"))
+}
+
+/// `n` keep-alive connections to `addr` opened from namespace `ns`.
+async fn connect_from(ns: &str, addr: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut v = vec![];
+    for _ in 0..n {
+        v.push(socket_in(ns).connect(addr).await.expect("connect"));
+    }
+    v
+}
+
+fn token_get(query: &str, close: bool) -> String {
+    format!(
+        "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource={RESOURCE}{query} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n{}\r\n",
+        if close { "Connection: close\r\n" } else { "" }
+    )
+}
+
+/// One GET on a fresh connection from `socket`: Ok(elapsed) when it answered 200 with a token,
+/// else why not. No retries.
+async fn timed_get(
+    socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+    request: &str,
+    t0: Instant,
+) -> Result<Duration, String> {
+    let s = socket
+        .connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (head, body) = tokio::time::timeout(Duration::from_secs(10), try_get(s, request))
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())??;
+    let el = t0.elapsed();
+    if head.starts_with("HTTP/1.1 200") && body.contains("access_token") {
+        Ok(el)
+    } else {
+        Err(format!(
+            "{} {}",
+            head.lines().next().unwrap_or(""),
+            body.trim()
+        ))
+    }
+}
+
+/// One request on `s`, the response read up to its Content-Length; errors as text.
+async fn try_get(mut s: tokio::net::TcpStream, request: &str) -> Result<(String, String), String> {
+    s.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = vec![];
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..p]).into_owned();
+            let len: usize = header(&head, "content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= p + 4 + len || n == 0 {
+                let end = buf.len().min(p + 4 + len);
+                return Ok((head, String::from_utf8_lossy(&buf[p + 4..end]).into_owned()));
+            }
+        }
+        if n == 0 {
+            return Err(format!(
+                "connection closed after {} bytes: {:?}",
+                buf.len(),
+                String::from_utf8_lossy(&buf)
+            ));
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted `v`, in ms.
+fn pct(v: &[Duration], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i].as_secs_f64() * 1e3
+}
+
+fn summary(mut ok: Vec<Duration>, failures: &[String]) -> String {
+    ok.sort();
+    let mut s = format!(
+        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} ok",
+        pct(&ok, 50.0),
+        pct(&ok, 99.0),
+        pct(&ok, 100.0),
+        ok.len()
+    );
+    if failures.is_empty() {
+        s.push_str(", 0 failed)");
+    } else {
+        s.push_str(&format!(
+            ", {} FAILED; first: {})",
+            failures.len(),
+            failures[0]
+        ));
+    }
+    s
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn pod_object(name: &str, selector: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"aadpodidbinding": selector}},
+        "spec": {"nodeName": NODE_NAME, "containers": [{"name": "app", "image": "app"}]}
+    }))
+    .unwrap()
+}
+
+/// What a kubelet reports once the pod's sandbox has its IP.
+async fn report_ip(pods: &Api<Pod>, name: &str, ip: &str) {
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})),
+    )
+    .await
+    .expect("status patch");
+}
+
+/// `apiserver_request_total` series (label set → count) from the API server's `/metrics`.
+async fn request_counts(c: &reqwest::Client, url: &str, token: &str) -> BTreeMap<String, f64> {
+    let text = c
+        .get(format!("{url}/metrics"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("apiserver_request_total"))
+        .filter_map(|l| {
+            let (labels, v) = l.rsplit_once(' ')?;
+            Some((labels.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Series that grew from `a` to `b`, with how much.
+fn grown(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
+    b.iter()
+        .filter_map(|(k, v)| {
+            let d = v - a.get(k).copied().unwrap_or(0.0);
+            (d > 0.0).then(|| (k.clone(), d))
+        })
+        .collect()
+}
+
+/// `verb/resource/subresource (contentType)` of a series, for printing.
+fn short(labels: &str) -> String {
+    let get = |k: &str| {
+        labels
+            .split(&format!("{k}=\""))
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("")
+            .to_string()
+    };
+    format!(
+        "{} {}{} ({}, {})",
+        get("verb"),
+        get("resource"),
+        match get("subresource").as_str() {
+            "" => String::new(),
+            s => format!("/{s}"),
+        },
+        get("code"),
+        get("contentType")
+    )
+}
+
+/// Pod addresses inside the node: pod `i` (with a namespace) has `10.232.x.(4i+2)/30`, the
+/// node side of its veth `4i+1`.
+fn pod_net(i: usize) -> (String, String) {
+    let b = 4 * i;
+    (
+        format!("10.232.{}.{}", b / 256, b % 256 + 1),
+        format!("10.232.{}.{}", b / 256, b % 256 + 2),
+    )
+}
+
+/// `n` pod network namespaces `first..first+n` of `node`, each with its IP on a veth into it.
+fn add_pod_netns(fab: &mut Fabric, tag: &str, node: &str, first: usize, n: usize) -> Vec<String> {
+    let names: Vec<String> = (first..first + n).map(|i| format!("{tag}p{i}")).collect();
+    let root: Vec<String> = names.iter().map(|p| format!("netns add {p}")).collect();
+    ip_batch(None, &root);
+    fab.netns.extend(names.iter().cloned());
+    let mut in_node = vec![];
+    for (k, p) in names.iter().enumerate() {
+        let i = first + k;
+        let (gw, _) = pod_net(i);
+        in_node.push(format!(
+            "link add {tag}v{i} type veth peer name eth0 netns {p}"
+        ));
+        in_node.push(format!("addr add {gw}/30 dev {tag}v{i}"));
+        in_node.push(format!("link set {tag}v{i} up"));
+    }
+    ip_batch(Some(node), &in_node);
+    for (k, p) in names.iter().enumerate() {
+        let (gw, ip) = pod_net(first + k);
+        ip_batch(
+            Some(p),
+            &[
+                "link set lo up".into(),
+                format!("addr add {ip}/30 dev eth0"),
+                "link set eth0 up".into(),
+                format!("route add default via {gw}"),
+            ],
+        );
+    }
+    names
+}
+
+/// The real python SDK (`ManagedIdentityCredential`, no environment at all) in namespace `ns`:
+/// Ok(time from `t0`) when it printed a token.
+async fn python_sdk(ns: &str, kwargs: Value, t0: Instant) -> Result<Duration, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".cache/venv/bin/python");
+    let client = root.join("conformance/python/client.py");
+    let args =
+        json!({"credential": "mi", "kwargs": kwargs, "scope": format!("{RESOURCE}.default")});
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("ip")
+            .args(["netns", "exec", ns, "env", "-i"])
+            .arg(&python)
+            .arg(&client)
+            .arg(args.to_string())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| "python client timed out".to_string())?
+    .map_err(|e| format!("python client: {e}"))?;
+    let el = t0.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rfind(|l| l.starts_with('{')).unwrap_or("");
+    let v: Value = serde_json::from_str(last).unwrap_or(Value::Null);
+    if v["token"].is_string() {
+        Ok(el)
+    } else {
+        Err(format!(
+            "{last} {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        ))
+    }
+}
+
+async fn pods(secs: u64, conns: usize) {
+    let n_pods = env_u64("BENCH_PODS", 200) as usize;
+    let n_sdk = env_u64("BENCH_SDK_PODS", 5) as usize;
+    let n_ids = env_u64("BENCH_POD_IDENTITIES", 200).max(1) as usize;
+    let n_node_pods = env_u64("BENCH_NODE_PODS", 1000) as usize;
+    let n_tokens = env_u64("BENCH_TOKEN_REQUESTS", 5000).max(1) as usize;
+    let t_setup = Instant::now();
+    // declared before the fabric, so dropped after it: the control plane's `stop` reads the
+    // PIDs from its directory
+    let dir = tempfile::tempdir().unwrap();
+    let mut fab = Fabric::default();
+
+    // ---- the control plane, bound to every address so the node namespace reaches it
+    let Some(cp) = ControlPlane::start(&dir.path().join("k8s"), "--bind-address=0.0.0.0") else {
+        println!("part 2 SKIPPED: no control plane");
+        return;
+    };
+    let api_url = cp.env["K8S_API_URL"].clone();
+    let api_port = cp.env["K8S_API_PORT"].clone();
+    let admin_token = std::fs::read_to_string(&cp.env["K8S_ADMIN_TOKEN_FILE"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let metrics_client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(
+            &std::fs::read(&cp.env["K8S_CA_FILE"]).unwrap(),
+        )
+        .unwrap()])
+        .build()
+        .unwrap();
+    let kube = cp.client().await;
+    let node_kubeconfig = dir.path().join("node-kubeconfig");
+    std::fs::write(
+        &node_kubeconfig,
+        std::fs::read_to_string(cp.kubeconfig()).unwrap().replace(
+            &format!("https://127.0.0.1:{api_port}"),
+            &format!("https://kubernetes:{api_port}"),
+        ),
+    )
+    .unwrap();
+    fab.cp = Some(cp);
+
+    // ---- the node: a namespace with a /30 veth to the root namespace; 169.254.169.254 on its
+    // loopback for the agent's own IMDS; `kubernetes` names the root side (the API server's
+    // certificate carries that name)
+    let pid = std::process::id();
+    let tag = format!("kb{:04x}", pid & 0xffff);
+    let k = 20 + pid % 200;
+    let (root_ip, node_ip) = (format!("10.231.{k}.1"), format!("10.231.{k}.2"));
+    let node = format!("{tag}n");
+    ip_batch(None, &[format!("netns add {node}")]);
+    fab.netns.push(node.clone());
+    fab.root_link = Some(format!("{tag}r"));
+    ip_batch(
+        None,
+        &[
+            format!("link add {tag}r type veth peer name eth0 netns {node}"),
+            format!("addr add {root_ip}/30 dev {tag}r"),
+            format!("link set {tag}r up"),
+        ],
+    );
+    ip_batch(
+        Some(&node),
+        &[
+            "link set lo up".into(),
+            format!("addr add {IMDS}/32 dev lo"),
+            format!("addr add {node_ip}/30 dev eth0"),
+            "link set eth0 up".into(),
+            format!("route add default via {root_ip}"),
+        ],
+    );
+    let etc = PathBuf::from("/etc/netns").join(&node);
+    std::fs::create_dir_all(&etc).unwrap();
+    fab.etc_netns = Some(etc.clone());
+    std::fs::write(
+        etc.join("hosts"),
+        format!("127.0.0.1 localhost\n{root_ip} kubernetes\n"),
+    )
+    .unwrap();
+
+    // ---- Keyless: the server (a process, on every address), a scale set holding the pod
+    // identities
+    let server = e2e::ServerProc::start_on(dir.path(), "0.0.0.0:0", &["--tls-san", &root_ip]);
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    let ca = server.ca.clone();
+    let group = server.cli(&["group", "create", "-n", "pods"]);
+    let group_id = group["id"].as_str().unwrap().to_string();
+    let (arm, arm_token) = server.admin().await;
+    let mut ids = vec![];
+    for i in 0..n_ids {
+        let r = arm
+            .put(format!(
+                "{}{group_id}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/pod-id-{i}?api-version=2023-01-31",
+                server.url
+            ))
+            .bearer_auth(&arm_token)
+            .json(&json!({"location": "local"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "identity: {}", r.status());
+        let v: Value = r.json().await.unwrap();
+        ids.push((
+            v["id"].as_str().unwrap().to_string(),
+            v["properties"]["clientId"].as_str().unwrap().to_string(),
+        ));
+    }
+    // at most 150 identities per request (as Azure): create, then assign the rest
+    let names: Vec<String> = (0..n_ids).map(|i| format!("pod-id-{i}")).collect();
+    for (k, chunk) in names.chunks(150).enumerate() {
+        let mut args = if k == 0 {
+            vec![
+                "vmss",
+                "create",
+                "-g",
+                "pods",
+                "-n",
+                "nodes",
+                "--assign-identity",
+            ]
+        } else {
+            vec![
+                "vmss",
+                "identity",
+                "assign",
+                "-g",
+                "pods",
+                "-n",
+                "nodes",
+                "--identities",
+            ]
+        };
+        args.extend(chunk.iter().map(String::as_str));
+        server.cli(&args);
+    }
+    let join = server.cli(&["vmss", "join-token", "-g", "pods", "-n", "nodes"])["joinToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fab.server = Some(server);
+
+    // ---- the CRDs (no objects yet), then the agent with NMI in the node namespace
+    keyless_k8s::addon::install_crds(&kube).await.expect("CRDs");
+    let state = dir.path().join("node").to_string_lossy().to_string();
+    let server_url = format!("https://{root_ip}:{port}");
+    let kc = node_kubeconfig.to_string_lossy().to_string();
+    let nmi_listen = format!("{node_ip}:2579");
+    let imds_listen = format!("{IMDS}:80");
+    let t_agent = Instant::now();
+    let agent = e2e::spawn_program_until(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &node,
+            e2e::bin(),
+            "node",
+            "--server",
+            &server_url,
+            "--ca-file",
+            &ca,
+            "--state-dir",
+            &state,
+            "--join-token",
+            &join,
+            "--imds-listen",
+            &imds_listen,
+            "--nmi",
+            "--node-name",
+            NODE_NAME,
+            "--kubeconfig",
+            &kc,
+            "--nmi-listen",
+            &nmi_listen,
+        ],
+        "NMI endpoint:",
+        dir.path(),
+    )
+    .expect("keyless node --nmi");
+    let agent_ready = t_agent.elapsed();
+    // `ip netns exec` execs the agent: its PID is the agent's
+    let agent_pid = agent.child.id();
+    let comm = std::fs::read_to_string(format!("/proc/{agent_pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "keyless", "the agent's PID");
+    fab.agent = Some(agent);
+    let imds = SocketAddr::from((IMDS, 80));
+    let cid0 = ids[0].1.clone();
+
+    // ---- (a) baseline: the node's own IMDS from the node namespace, one fresh connection per
+    // GET, the same cached token the pods get (the first GET fills the cache)
+    let node_get = token_get(&format!("&client_id={cid0}"), true);
+    timed_get(socket_in(&node), imds, &node_get, Instant::now())
+        .await
+        .expect("node IMDS warm-up");
+    let (mut node_ok, mut node_fail) = (vec![], vec![]);
+    for _ in 0..n_pods {
+        let sock = socket_in(&node);
+        match timed_get(sock, imds, &node_get, Instant::now()).await {
+            Ok(d) => node_ok.push(d),
+            Err(e) => node_fail.push(e),
+        }
+    }
+    // (b) extra baseline, and what the agent's RSS is measured after: IMDS under load
+    let keep_alive = token_get(&format!("&client_id={cid0}"), false);
+    let imds_rps = load_streams(connect_from(&node, imds, conns).await, keep_alive, secs).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_empty = rss_kb(agent_pid);
+
+    // ---- the pod identities in Kubernetes: an AzureIdentity and a binding (selector sel-<i>)
+    // for each, in `default` (whose service account exists)
+    let az_ids: Api<AzureIdentity> = Api::namespaced(kube.clone(), "default");
+    let bindings: Api<AzureIdentityBinding> = Api::namespaced(kube.clone(), "default");
+    let mut set = tokio::task::JoinSet::new();
+    for (i, (rid, cid)) in ids.iter().enumerate() {
+        let (az_ids, bindings) = (az_ids.clone(), bindings.clone());
+        let id: AzureIdentity = serde_json::from_value(json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+            "metadata": {"name": format!("pod-id-{i}")},
+            "spec": {"type": 0, "resourceID": rid, "clientID": cid}
+        }))
+        .unwrap();
+        let b: AzureIdentityBinding = serde_json::from_value(json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+            "metadata": {"name": format!("pod-id-{i}-binding")},
+            "spec": {"azureIdentity": format!("pod-id-{i}"), "selector": format!("sel-{i}")}
+        }))
+        .unwrap();
+        set.spawn(async move {
+            az_ids
+                .create(&PostParams::default(), &id)
+                .await
+                .expect("AzureIdentity");
+            bindings
+                .create(&PostParams::default(), &b)
+                .await
+                .expect("AzureIdentityBinding");
+        });
+        while set.len() >= 8 {
+            set.join_next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+
+    // ---- pod namespaces: a warm-up pod, the timed ones, the SDK ones, a last one
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), "default");
+    let with_ns = 1 + n_pods + n_sdk + 1;
+    let pod_ns = add_pod_netns(&mut fab, &tag, &node, 0, with_ns);
+    let mut created = 0usize;
+
+    // warm-up pod bound to the last binding: once it gets a token, NMI's watches have seen
+    // every identity and binding (each watch delivers in order); setup, so retries are fine
+    let last_sel = format!("sel-{}", n_ids - 1);
+    pods.create(&PostParams::default(), &pod_object("warm", &last_sel))
+        .await
+        .unwrap();
+    report_ip(&pods, "warm", &pod_net(0).1).await;
+    created += 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut warm_tries = 0;
+    loop {
+        warm_tries += 1;
+        let r = timed_get(
+            socket_in(&pod_ns[0]),
+            imds,
+            &token_get("", true),
+            Instant::now(),
+        )
+        .await;
+        match r {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => panic!("warm-up pod never got a token: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let setup = t_setup.elapsed();
+
+    // ---- (a) pod IP reported → token in the pod, no retries
+    let (mut pod_ok, mut pod_fail) = (vec![], vec![]);
+    let pod_get = token_get("", true);
+    for (i, ns) in pod_ns.iter().enumerate().skip(1).take(n_pods) {
+        let name = format!("bench-{i}");
+        pods.create(&PostParams::default(), &pod_object(&name, "sel-0"))
+            .await
+            .unwrap();
+        created += 1;
+        let sock = socket_in(ns);
+        report_ip(&pods, &name, &pod_net(i).1).await;
+        match timed_get(sock, imds, &pod_get, Instant::now()).await {
+            Ok(d) => pod_ok.push(d),
+            Err(e) => pod_fail.push(format!("{name}: {e}")),
+        }
+    }
+    // the python SDK: in pods (NMI picks the pod's identity), and in the node namespace (the
+    // node's IMDS, the same identity by client id)
+    let (mut sdk_ok, mut sdk_fail, mut sdk_node_ok, mut sdk_node_fail) =
+        (vec![], vec![], vec![], vec![]);
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/venv/bin/python");
+    if python.exists() {
+        for (i, ns) in pod_ns.iter().enumerate().skip(1 + n_pods).take(n_sdk) {
+            let name = format!("sdk-{i}");
+            pods.create(&PostParams::default(), &pod_object(&name, "sel-0"))
+                .await
+                .unwrap();
+            created += 1;
+            report_ip(&pods, &name, &pod_net(i).1).await;
+            match python_sdk(ns, json!({}), Instant::now()).await {
+                Ok(d) => sdk_ok.push(d),
+                Err(e) => sdk_fail.push(format!("{name}: {e}")),
+            }
+            match python_sdk(&node, json!({"client_id": cid0}), Instant::now()).await {
+                Ok(d) => sdk_node_ok.push(d),
+                Err(e) => sdk_node_fail.push(e),
+            }
+        }
+    }
+
+    // ---- (b) cached pod tokens/s through NMI: connections from pod namespaces (one per timed
+    // pod, round robin), vs a bare hyper server in the node namespace reached over the same
+    // veths without the DNAT
+    let from = |c: usize| pod_ns[1 + c % n_pods.max(1)].clone();
+    let (head, pod_body) = get_on(
+        socket_in(&from(0)).connect(imds).await.unwrap(),
+        &token_get("", true),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{pod_body}");
+    let bare_listener = {
+        let addr: SocketAddr = format!("{node_ip}:0").parse().unwrap();
+        let l = in_netns(&node, move || {
+            let l = std::net::TcpListener::bind(addr).expect("bind in node");
+            l.set_nonblocking(true).unwrap();
+            l
+        });
+        tokio::net::TcpListener::from_std(l).unwrap()
+    };
+    let bare = bare_server_on(bare_listener, pod_body.clone(), None);
+    let mut streams = vec![];
+    for c in 0..conns {
+        streams.extend(connect_from(&from(c), bare, 1).await);
+    }
+    let bare_req = token_get("", false).replace("Host: 169.254.169.254", &format!("Host: {bare}"));
+    let bare_rps = load_streams(streams, bare_req, secs).await;
+    let mut streams = vec![];
+    for c in 0..conns {
+        streams.extend(connect_from(&from(c), imds, 1).await);
+    }
+    let nmi_rps = load_streams(streams, token_get("", false), secs).await;
+
+    // ---- (c) API-server requests per pod token request: N requests, then an idle window of
+    // the same length (the API server's own controllers make requests of their own)
+    let m0 = request_counts(&metrics_client, &api_url, &admin_token).await;
+    let t_tokens = Instant::now();
+    let mut tasks = vec![];
+    let per_conn = n_tokens.div_ceil(conns);
+    for c in 0..conns {
+        let s = connect_from(&from(c), imds, 1).await.pop().unwrap();
+        let req = token_get("", false);
+        tasks.push(tokio::spawn(async move {
+            let mut s = s;
+            let mut buf = vec![0u8; 64 * 1024];
+            for _ in 0..per_conn {
+                s.write_all(req.as_bytes()).await.unwrap();
+                let (head, _) = read_response(&mut s, &mut buf).await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let tokens_sent = per_conn * conns;
+    let window = t_tokens.elapsed();
+    let m1 = request_counts(&metrics_client, &api_url, &admin_token).await;
+    tokio::time::sleep(window.max(Duration::from_millis(200))).await;
+    let m2 = request_counts(&metrics_client, &api_url, &admin_token).await;
+    let during = grown(&m0, &m1);
+    let idle = grown(&m1, &m2);
+    let sum = |v: &[(String, f64)], f: &dyn Fn(&str) -> bool| {
+        v.iter().filter(|(k, _)| f(k)).map(|(_, d)| d).sum::<f64>()
+    };
+    let all = |_: &str| true;
+    let not_watch = |k: &str| !k.contains("verb=\"WATCH\"");
+    // kube-rs (NMI, this bench) asks for JSON; the API server's loopback client for protobuf
+    let json_clients = |k: &str| not_watch(k) && !k.contains("protobuf");
+
+    // ---- (d) RSS with the node full of pods: the rest as objects only (distinct IPs, bound
+    // to the identities round robin), then one more real pod as the sync point (the pod watch
+    // delivers in order: once it is served, NMI has seen all of them)
+    let rest = n_node_pods.saturating_sub(created + 1);
+    let mut set = tokio::task::JoinSet::new();
+    for j in 0..rest {
+        let pods = pods.clone();
+        let name = format!("obj-{j}");
+        let ip = format!("10.233.{}.{}", j / 250, j % 250 + 1);
+        let sel = format!("sel-{}", j % n_ids);
+        set.spawn(async move {
+            pods.create(&PostParams::default(), &pod_object(&name, &sel))
+                .await
+                .unwrap();
+            report_ip(&pods, &name, &ip).await;
+        });
+        while set.len() >= 8 {
+            set.join_next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    created += rest;
+    let last = with_ns - 1;
+    pods.create(&PostParams::default(), &pod_object("last", "sel-1"))
+        .await
+        .unwrap();
+    created += 1;
+    report_ip(&pods, "last", &pod_net(last).1).await;
+    let last_ok = timed_get(
+        socket_in(&pod_ns[last]),
+        imds,
+        &token_get("", true),
+        Instant::now(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_full = rss_kb(agent_pid);
+    let on_node = pods
+        .list(&kube::api::ListParams::default().fields(&format!("spec.nodeName={NODE_NAME}")))
+        .await
+        .unwrap()
+        .items
+        .len();
+
+    // ---- report
+    println!(
+        "2. NMI on a real kube-apiserver (v1.20.2): node = network namespace with `keyless node --nmi` \
+         (separate process), pods = network namespaces on veths into it; setup {:.1} s (agent ready \
+         in {:.2} s, warm-up pod served after {warm_tries} tries)",
+        setup.as_secs_f64(),
+        agent_ready.as_secs_f64()
+    );
+    println!("  a. first token, one GET, fresh connection, no retries:");
+    println!(
+        "     node namespace → agent IMDS (baseline, same cached token): {}",
+        summary(node_ok, &node_fail)
+    );
+    println!(
+        "     pod: status PATCH returned → token in the pod ({n_pods} pods): {}",
+        summary(pod_ok.clone(), &pod_fail)
+    );
+    if python.exists() {
+        sdk_ok.sort();
+        sdk_node_ok.sort();
+        println!(
+            "     python azure-identity ManagedIdentityCredential (process start + import + token; \
+             python start-up dominates): pod, PATCH returned → token: p50 {:.0} ms ({} ok, {} failed{}); \
+             node namespace → IMDS (baseline): p50 {:.0} ms ({} ok, {} failed{})",
+            pct(&sdk_ok, 50.0),
+            sdk_ok.len(),
+            sdk_fail.len(),
+            sdk_fail.first().map(|e| format!("; {e}")).unwrap_or_default(),
+            pct(&sdk_node_ok, 50.0),
+            sdk_node_ok.len(),
+            sdk_node_fail.len(),
+            sdk_node_fail.first().map(|e| format!("; {e}")).unwrap_or_default(),
+        );
+    } else {
+        println!("     python SDK: not run ({} missing)", python.display());
+    }
+    println!("  b. cached pod tokens, {conns} keep-alive connections from pod namespaces:");
+    println!(
+        "     bare hyper server in the node namespace, same {} B body, same veths, no DNAT: {bare_rps:>8.0} req/s",
+        pod_body.len()
+    );
+    println!(
+        "     agent IMDS from the node namespace (no NMI):                        {imds_rps:>8.0} req/s"
+    );
+    println!(
+        "     NMI (DNAT 169.254.169.254:80 → {nmi_listen}):                    {nmi_rps:>8.0} req/s   ratio to bare {:.2}, to IMDS {:.2}",
+        nmi_rps / bare_rps,
+        nmi_rps / imds_rps
+    );
+    let per_token = (sum(&during, &not_watch) - sum(&idle, &not_watch)) / tokens_sent as f64;
+    println!(
+        "  c. API-server requests per pod token request: {per_token:.4} \
+         ({tokens_sent} token requests in {:.2} s: apiserver_request_total +{} ({} without WATCH, {} from JSON clients); \
+         idle window of the same length: +{} ({} without WATCH))",
+        window.as_secs_f64(),
+        sum(&during, &all),
+        sum(&during, &not_watch),
+        sum(&during, &json_clients),
+        sum(&idle, &all),
+        sum(&idle, &not_watch),
+    );
+    for (k, d) in &during {
+        println!("       during the token requests: +{d} {}", short(k));
+    }
+    for (k, d) in &idle {
+        println!("       during the idle window:    +{d} {}", short(k));
+    }
+    println!(
+        "  d. agent RSS: {} pods on the node ({on_node} listed by spec.nodeName) and {n_ids} AzureIdentities + bindings: {:.1} MiB; \
+         with 0 pods and no CRD objects (after the IMDS load run): {:.1} MiB; ratio {:.2}{}",
+        created,
+        rss_full as f64 / 1024.0,
+        rss_empty as f64 / 1024.0,
+        rss_full as f64 / rss_empty.max(1) as f64,
+        match last_ok {
+            Ok(_) => String::new(),
+            Err(e) => format!(" (the last pod was NOT served: {e})"),
+        }
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "  load average at the end: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    drop(fab);
+}

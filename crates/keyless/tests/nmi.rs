@@ -1,0 +1,869 @@
+//! NMI end to end against a real kube-apiserver (`../shared/k8s`): the test plays kubelet and
+//! CNI. Two nodes are network namespaces with a veth to the root namespace, each running
+//! `keyless node --nmi` joined to one scale set (three user-assigned identities: a
+//! kubelet-like one and two pod identities). Pods are network namespaces with a veth into
+//! their node and the pod IP on it; their Pod objects carry `spec.nodeName` and get
+//! `status.podIP` through the status subresource. Requests are `curl` inside the pod's
+//! namespace to `http://169.254.169.254`, which the node's iptables rules send to NMI.
+//!
+//! Needs root, `ip`, `iptables`, `curl`, etcd and the control plane script
+//! (`KEYLESS_K8S_DIR`, default `<workspace>/../shared/k8s`; `keyless_k8s::testing`). Without
+//! them the test is skipped with a message, unless `CI` is set, where a missing piece is a
+//! failure.
+
+mod common;
+
+use common::*;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use keyless_k8s::crd::{AzureIdentity, AzureIdentityBinding, AzurePodIdentityException};
+use keyless_k8s::testing::ControlPlane;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Why this machine cannot run the test, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    let uid = Command::new("id").arg("-u").output().ok();
+    if uid.map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0") != Some(false) {
+        return Some("not root (network namespaces and iptables need root)".into());
+    }
+    for tool in ["ip", "iptables", "curl"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!("`{tool}` is not installed"));
+        }
+    }
+    None
+}
+
+/// Skip (or, with CI set, fail) when the machine cannot run the test.
+fn prerequisites_met(test: &str) -> bool {
+    match missing_prerequisite() {
+        None => true,
+        Some(why) if std::env::var_os("CI").is_some() => panic!("{test}: {why}"),
+        Some(why) => {
+            eprintln!("skipping {test}: {why}");
+            false
+        }
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh_out(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Network namespaces (and their /etc/netns files), deleted on drop.
+#[derive(Default)]
+struct Netns {
+    names: Vec<String>,
+}
+
+impl Netns {
+    fn add(&mut self, name: &str) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        sh(&["ip", "netns", "add", name]);
+        self.names.push(name.to_string());
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
+    }
+
+    /// A node: a namespace with a /30 veth to the root namespace (root side `.1`, node `.2`),
+    /// its default route there, and `kubernetes` resolving to the root side (the API server's
+    /// certificate names it).
+    fn node(&mut self, name: &str, root_ip: &str, node_ip: &str) {
+        self.add(name);
+        let root_if = format!("{name}r");
+        let _ = Command::new("ip")
+            .args(["link", "del", &root_if])
+            .stderr(Stdio::null())
+            .status();
+        sh(&[
+            "ip", "link", "add", &root_if, "type", "veth", "peer", "name", "eth0", "netns", name,
+        ]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{root_ip}/30"),
+            "dev",
+            &root_if,
+        ]);
+        sh(&["ip", "link", "set", &root_if, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{node_ip}/30"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", name, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", name, "route", "add", "default", "via", root_ip]);
+        let etc = PathBuf::from("/etc/netns").join(name);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(
+            etc.join("hosts"),
+            format!("127.0.0.1 localhost\n{root_ip} kubernetes\n"),
+        )
+        .unwrap();
+    }
+
+    /// A pod of `node`: a namespace with a /30 veth into the node (node side `gw`, pod side
+    /// `ip`), default route via the node.
+    fn pod(&mut self, node: &str, name: &str, gw: &str, ip: &str) {
+        self.add(name);
+        let node_if = format!("{name}v");
+        sh(&[
+            "ip", "-n", node, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0",
+            "netns", name,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{gw}/30"),
+            "dev",
+            &node_if,
+        ]);
+        sh(&["ip", "-n", node, "link", "set", &node_if, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{ip}/30"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", name, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", name, "route", "add", "default", "via", gw]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in self.names.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(n));
+        }
+    }
+}
+
+/// `curl` inside network namespace `ns`: (status, body).
+fn curl(ns: &str, url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        ns,
+        "curl",
+        "-s",
+        "--noproxy",
+        "*",
+        "-m",
+        "15",
+        "-w",
+        "\n%{http_code}",
+    ]);
+    for (k, v) in headers {
+        cmd.arg("-H").arg(format!("{k}: {v}"));
+    }
+    let out = cmd.arg(url).output().expect("curl");
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = s.rsplit_once('\n').unwrap_or(("", &s));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+const MD: (&str, &str) = ("Metadata", "true");
+
+fn token_url(query: &str) -> String {
+    format!("http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&{query}")
+}
+
+fn parsed(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+fn obj<T: DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("object")
+}
+
+async fn create<K>(api: &Api<K>, v: Value) -> K
+where
+    K: kube::Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    api.create(&PostParams::default(), &obj::<K>(v))
+        .await
+        .expect("create")
+}
+
+struct PodSpec {
+    ns: &'static str,
+    name: &'static str,
+    labels: Value,
+    node: &'static str,
+    netns: String,
+    gw: String,
+    ip: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nmi_serves_pods_of_its_node_by_source_ip() {
+    if !prerequisites_met("nmi_serves_pods_of_its_node_by_source_ip") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // nodes (network namespaces) reach the API server through their veth
+    let Some(cp) = ControlPlane::start(&dir.path().join("k8s"), "--bind-address=0.0.0.0") else {
+        return;
+    };
+    let api_port = cp.env["K8S_API_PORT"].clone();
+    let k8s_ca = cp.env["K8S_CA_FILE"].clone();
+
+    // ---- network: two nodes, unique names and addresses per run
+    let tag = format!("kn{:04x}", std::process::id() & 0xffff);
+    let k = 20 + std::process::id() % 200;
+    let (root_a, node_a_ip) = (format!("10.213.{k}.1"), format!("10.213.{k}.2"));
+    let (root_b, node_b_ip) = (format!("10.213.{k}.5"), format!("10.213.{k}.6"));
+    let (ns_a, ns_b) = (format!("{tag}a"), format!("{tag}b"));
+    let mut net = Netns::default();
+    net.node(&ns_a, &root_a, &node_a_ip);
+    net.node(&ns_b, &root_b, &node_b_ip);
+
+    // ---- Keyless: a scale set holding a kubelet-like identity and two pod identities
+    let server = ServerProc::start_on(
+        dir.path(),
+        "0.0.0.0:0",
+        &["--tls-san", &root_a, "--tls-san", &root_b],
+    );
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    let cli = |args: &[&str]| server.cli(args);
+    cli(&["group", "create", "-n", "aks-nodes"]);
+    let kubelet = cli(&["identity", "create", "-g", "aks-nodes", "-n", "kubelet-id"]);
+    let id_a = cli(&["identity", "create", "-g", "aks-nodes", "-n", "pod-a"]);
+    let id_b = cli(&["identity", "create", "-g", "aks-nodes", "-n", "pod-b"]);
+    cli(&[
+        "vmss",
+        "create",
+        "-g",
+        "aks-nodes",
+        "-n",
+        "nodes",
+        "--assign-identity",
+        "kubelet-id",
+        "pod-a",
+        "pod-b",
+    ]);
+    let p = |v: &Value, k: &str| v["properties"][k].as_str().unwrap().to_string();
+    let (a_cid, a_oid) = (p(&id_a, "clientId"), p(&id_a, "principalId"));
+    let (b_cid, b_oid) = (p(&id_b, "clientId"), p(&id_b, "principalId"));
+    let kubelet_oid = p(&kubelet, "principalId");
+    let b_res = id_b["id"].as_str().unwrap().to_string();
+
+    // ---- Kubernetes objects (as admin)
+    let admin = keyless_k8s::client(Some(Path::new(&cp.env["KUBECONFIG"])))
+        .await
+        .expect("admin client");
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    for c in keyless_k8s::crd::crds() {
+        crds.create(&PostParams::default(), &c).await.expect("CRD");
+    }
+    // established: the kinds list
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = Api::<AzureIdentity>::all(admin.clone())
+            .list(&Default::default())
+            .await
+            .is_ok()
+            && Api::<AzureIdentityBinding>::all(admin.clone())
+                .list(&Default::default())
+                .await
+                .is_ok()
+            && Api::<AzurePodIdentityException>::all(admin.clone())
+                .list(&Default::default())
+                .await
+                .is_ok();
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "CRDs not established");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    for ns in ["apps", "other"] {
+        create(&namespaces, json!({"metadata": {"name": ns}})).await;
+    }
+    for ns in ["apps", "other", "kube-system"] {
+        let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
+        create(&sas, json!({"metadata": {"name": "default"}})).await;
+    }
+    // NMI's own service account, with only what it reads
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), "kube-system");
+    create(&sas, json!({"metadata": {"name": "keyless-nmi"}})).await;
+    create(
+        &Api::<ClusterRole>::all(admin.clone()),
+        json!({"metadata": {"name": "keyless-nmi"}, "rules": [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["aadpodidentity.k8s.io"], "resources": ["azureidentities", "azureidentitybindings", "azurepodidentityexceptions"], "verbs": ["get", "list", "watch"]}
+        ]}),
+    )
+    .await;
+    create(
+        &Api::<ClusterRoleBinding>::all(admin.clone()),
+        json!({"metadata": {"name": "keyless-nmi"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "keyless-nmi"},
+               "subjects": [{"kind": "ServiceAccount", "name": "keyless-nmi", "namespace": "kube-system"}]}),
+    )
+    .await;
+    let tr = sas
+        .create_token_request(
+            "keyless-nmi",
+            &PostParams::default(),
+            &obj::<TokenRequest>(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})),
+        )
+        .await
+        .expect("token request");
+    let nmi_token = tr.status.expect("token").token;
+    let kubeconfig = dir.path().join("node-kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        serde_json::to_vec(&json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "k", "cluster": {"server": format!("https://kubernetes:{api_port}"), "certificate-authority": k8s_ca}}],
+            "users": [{"name": "nmi", "user": {"token": nmi_token}}],
+            "contexts": [{"name": "k", "context": {"cluster": "k", "user": "nmi"}}],
+            "current-context": "k"
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+
+    let ids: Api<AzureIdentity> = Api::namespaced(admin.clone(), "apps");
+    let binds: Api<AzureIdentityBinding> = Api::namespaced(admin.clone(), "apps");
+    for (name, id) in [("pod-a", &id_a), ("pod-b", &id_b)] {
+        create(
+            &ids,
+            json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+                   "metadata": {"name": name},
+                   "spec": {"type": 0, "resourceID": id["id"], "clientID": id["properties"]["clientId"]}}),
+        )
+        .await;
+    }
+    // two bindings with one selector; one more for the deletion case
+    for (name, identity, selector) in [
+        ("pod-b-binding", "pod-b", "foo"),
+        ("pod-a-binding", "pod-a", "foo"),
+        ("del-binding", "pod-a", "del"),
+    ] {
+        create(
+            &binds,
+            json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+                   "metadata": {"name": name},
+                   "spec": {"azureIdentity": identity, "selector": selector}}),
+        )
+        .await;
+    }
+    create(
+        &Api::<AzurePodIdentityException>::namespaced(admin.clone(), "kube-system"),
+        json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzurePodIdentityException",
+               "metadata": {"name": "aks-addon-exception"},
+               "spec": {"podLabels": {"kubernetes.azure.com/managedby": "aks"}}}),
+    )
+    .await;
+
+    // ---- the nodes' agents, each its own NMI
+    let ca = server.ca.clone();
+    let kc = kubeconfig.to_string_lossy().to_string();
+    let start_node = |ns: &str, node: &str, root_ip: &str, node_ip: &str| {
+        let token = cli(&["vmss", "join-token", "-g", "aks-nodes", "-n", "nodes"])["joinToken"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let state = dir.path().join(node).to_string_lossy().to_string();
+        let url = format!("https://{root_ip}:{port}");
+        let args: Vec<&str> = vec![
+            "netns",
+            "exec",
+            ns,
+            bin(),
+            "node",
+            "--server",
+            &url,
+            "--ca-file",
+            &ca,
+            "--state-dir",
+            &state,
+            "--imds-listen",
+            "127.0.0.1:0",
+            "--sync-interval",
+            "1",
+            "--join-token",
+            &token,
+            "--nmi",
+            "--node-name",
+            node,
+            "--kubeconfig",
+            &kc,
+            "--private-ip",
+            node_ip,
+            "--ipt-update-interval-sec",
+            "1",
+        ];
+        spawn_program_until("ip", &args, "NMI endpoint:", dir.path())
+    };
+    let t0 = Instant::now();
+    let mut agent_a = start_node(&ns_a, "node-a", &root_a, &node_a_ip).expect("node-a agent");
+    println!(
+        "node-a agent ready (joined, watches listed, iptables in place) in {:?}",
+        t0.elapsed()
+    );
+    let agent_b = start_node(&ns_b, "node-b", &root_b, &node_b_ip).expect("node-b agent");
+    assert_eq!(
+        agent_a.find("NMI endpoint:").unwrap(),
+        format!("http://{node_a_ip}:2579"),
+        "NMI listens on the node IP, port 2579, by default"
+    );
+    let chain = sh_out(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns_a,
+        "iptables",
+        "-t",
+        "nat",
+        "-S",
+        "aad-metadata",
+    ]);
+    assert!(
+        chain.contains(&format!(
+            "-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination {node_a_ip}:2579"
+        )) && chain.contains("-A aad-metadata -j RETURN"),
+        "{chain}"
+    );
+    let pre = sh_out(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns_a,
+        "iptables",
+        "-t",
+        "nat",
+        "-S",
+        "PREROUTING",
+    ]);
+    assert!(pre.contains("-A PREROUTING -j aad-metadata"), "{pre}");
+
+    // ---- pods: the object with spec.nodeName, the namespace with the IP, the status patch
+    let pod_net = |i: u32| {
+        (
+            format!("10.214.{k}.{}", 4 * i + 1),
+            format!("10.214.{k}.{}", 4 * i + 2),
+        )
+    };
+    let spec = |i: u32, ns: &'static str, name: &'static str, labels: Value| {
+        let (gw, ip) = pod_net(i);
+        PodSpec {
+            ns,
+            name,
+            labels,
+            node: "node-a",
+            netns: format!("{tag}p{i}"),
+            gw,
+            ip,
+        }
+    };
+    let pods = [
+        spec(0, "apps", "bound", json!({"aadpodidbinding": "foo"})),
+        spec(1, "apps", "nolabel", json!({"app": "x"})),
+        spec(2, "other", "otherns", json!({"aadpodidbinding": "foo"})),
+        spec(
+            3,
+            "kube-system",
+            "addon",
+            json!({"kubernetes.azure.com/managedby": "aks", "aadpodidbinding": "foo"}),
+        ),
+        spec(4, "apps", "deleted", json!({"aadpodidbinding": "del"})),
+    ];
+    for s in &pods {
+        let api: Api<Pod> = Api::namespaced(admin.clone(), s.ns);
+        create(
+            &api,
+            json!({"metadata": {"name": s.name, "labels": s.labels},
+                   "spec": {"nodeName": s.node, "containers": [{"name": "app", "image": "app"}]}}),
+        )
+        .await;
+        net.pod(&ns_a, &s.netns, &s.gw, &s.ip);
+    }
+    // the kubelet's status patch; the pod asks at once
+    let mut first_token_ms = vec![];
+    for s in &pods {
+        let api: Api<Pod> = Api::namespaced(admin.clone(), s.ns);
+        api.patch_status(
+            s.name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"phase": "Running", "podIP": s.ip, "podIPs": [{"ip": s.ip}]}}),
+            ),
+        )
+        .await
+        .expect("status patch");
+        if s.name == "bound" {
+            let t = Instant::now();
+            let (st, body) = curl(
+                &s.netns,
+                &token_url("resource=https://vault.azure.net"),
+                &[MD],
+            );
+            first_token_ms.push(t.elapsed().as_millis());
+            assert_eq!(
+                st, 200,
+                "a pod asking right after its status patch is served: {body}"
+            );
+        }
+    }
+    println!(
+        "pod IP patched -> token in the pod: {} ms",
+        first_token_ms[0]
+    );
+
+    let bound = &pods[0].netns;
+    let oid_of = |body: &str| {
+        let v = parsed(body);
+        claims(v["access_token"].as_str().unwrap_or_default())["oid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    // bound pod: no selector -> the first identity by AzureIdentity name (pod-a)
+    let (st, body) = curl(bound, &token_url("resource=https://vault.azure.net"), &[MD]);
+    assert_eq!(st, 200, "{body}");
+    let v = parsed(&body);
+    let c = claims(v["access_token"].as_str().unwrap());
+    assert_eq!(c["oid"], a_oid.as_str());
+    assert_eq!(c["appid"], a_cid.as_str());
+    for f in [
+        "access_token",
+        "expires_in",
+        "expires_on",
+        "not_before",
+        "resource",
+        "token_type",
+    ] {
+        assert!(v[f].is_string(), "{f}: {v}");
+    }
+    // each of the two bound identities by client id, object id, resource id
+    let (st, body) = curl(
+        bound,
+        &token_url(&format!(
+            "resource=https://vault.azure.net&client_id={b_cid}"
+        )),
+        &[MD],
+    );
+    assert_eq!((st, oid_of(&body)), (200, b_oid.clone()), "{body}");
+    let (st, body) = curl(
+        bound,
+        &token_url(&format!(
+            "resource=https://vault.azure.net&client_id={a_cid}"
+        )),
+        &[MD],
+    );
+    assert_eq!((st, oid_of(&body)), (200, a_oid.clone()), "{body}");
+    let (st, body) = curl(
+        bound,
+        &token_url(&format!(
+            "resource=https://vault.azure.net&object_id={b_oid}"
+        )),
+        &[MD],
+    );
+    assert_eq!((st, oid_of(&body)), (200, b_oid.clone()), "{body}");
+    let (st, body) = curl(
+        bound,
+        &token_url(&format!(
+            "resource=https://vault.azure.net&msi_res_id={b_res}"
+        )),
+        &[MD],
+    );
+    assert_eq!((st, oid_of(&body)), (200, b_oid.clone()), "{body}");
+    // the node's kubelet identity is not the pod's
+    let kubelet_cid = p(&kubelet, "clientId");
+    let (st, body) = curl(
+        bound,
+        &token_url(&format!(
+            "resource=https://vault.azure.net&client_id={kubelet_cid}"
+        )),
+        &[MD],
+    );
+    assert_eq!(st, 404, "{body}");
+    assert!(
+        body.starts_with("no azure identity found for request clientID "),
+        "{body}"
+    );
+    // NMI's request checks
+    let (st, body) = curl(bound, &token_url("resource=https://vault.azure.net"), &[]);
+    assert_eq!(st, 400);
+    assert_eq!(
+        parsed(&body)["error_description"],
+        "Required metadata header not specified"
+    );
+    let (st, body) = curl(bound, &token_url("x=y"), &[MD]);
+    assert_eq!(
+        (st, body.trim()),
+        (400, "parameter resource cannot be empty")
+    );
+    let (st, body) = curl(
+        bound,
+        "http://169.254.169.254/metadata/identity/x/oauth2/token?resource=r",
+        &[MD],
+    );
+    assert_eq!((st, body.trim()), (400, "Invalid request"));
+    // /metadata/instance as the node's IMDS serves it
+    let (st, body) = curl(
+        bound,
+        "http://169.254.169.254/metadata/instance?api-version=2021-02-01",
+        &[MD],
+    );
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(parsed(&body)["compute"]["vmScaleSetName"], "nodes");
+    // /host/token from a pod: not a host
+    let (st, body) = curl(
+        bound,
+        "http://169.254.169.254/host/token/?resource=https://vault.azure.net",
+        &[("podname", "bound"), ("podns", "apps")],
+    );
+    assert_eq!(
+        (st, body.trim()),
+        (500, "request remote address is not from a host")
+    );
+
+    // refusals: no label; the label in another namespace
+    let (st, body) = curl(
+        &pods[1].netns,
+        &token_url("resource=https://vault.azure.net"),
+        &[MD],
+    );
+    assert_eq!(st, 404, "{body}");
+    let (st, body) = curl(
+        &pods[2].netns,
+        &token_url("resource=https://vault.azure.net"),
+        &[MD],
+    );
+    assert_eq!(st, 404, "the label in another namespace: {body}");
+
+    // the same IP asked from a node the pod is not on
+    let imposter = format!("{tag}x");
+    net.pod(&ns_b, &imposter, &pods[0].gw, &pods[0].ip);
+    let (st, body) = curl(
+        &imposter,
+        &token_url("resource=https://vault.azure.net"),
+        &[MD],
+    );
+    assert_eq!(st, 500, "{body}");
+    assert!(
+        body.starts_with(&format!("failed to match pod IP {}", pods[0].ip)),
+        "{body}"
+    );
+
+    // the excepted pod gets what the node's IMDS answers, minus every pod identity
+    let addon = &pods[3].netns;
+    let (st, body) = curl(addon, &token_url("resource=https://vault.azure.net"), &[MD]);
+    assert_eq!((st, oid_of(&body)), (200, kubelet_oid.clone()), "{body}");
+    for sel in [format!("client_id={a_cid}"), format!("object_id={b_oid}")] {
+        let (st, body) = curl(
+            addon,
+            &token_url(&format!("resource=https://vault.azure.net&{sel}")),
+            &[MD],
+        );
+        assert_eq!(st, 400, "an excepted pod never gets a pod identity: {body}");
+        assert_eq!(parsed(&body)["error_description"], "Identity not found");
+    }
+
+    // /host/token from the node's loopback
+    let host_url = "http://127.0.0.1:2579/host/token/?resource=https://vault.azure.net";
+    let (st, body) = curl(&ns_a, host_url, &[("podname", "bound"), ("podns", "apps")]);
+    assert_eq!(st, 200, "{body}");
+    let v = parsed(&body);
+    assert_eq!(v["clientid"], a_cid.as_str());
+    assert_eq!(
+        claims(v["token"]["access_token"].as_str().unwrap())["oid"],
+        a_oid.as_str()
+    );
+    let (st, _) = curl(&ns_a, host_url, &[("podname", "bound")]);
+    assert_eq!(st, 400);
+    let (st, _) = curl(&ns_a, host_url, &[("podname", "nope"), ("podns", "apps")]);
+    assert_eq!(st, 404);
+
+    // a binding deleted while the pod holds a cached token: refused on the next request
+    let del = &pods[4].netns;
+    let url = token_url("resource=https://storage.azure.com/");
+    let (st, body) = curl(del, &url, &[MD]);
+    assert_eq!((st, oid_of(&body)), (200, a_oid.clone()), "{body}");
+    let (st, _) = curl(del, &url, &[MD]);
+    assert_eq!(st, 200, "cached");
+    binds
+        .delete("del-binding", &DeleteParams::default())
+        .await
+        .expect("delete binding");
+    let deleted = Instant::now();
+    let mut served_after = 0;
+    let refused_ms = loop {
+        let (st, body) = curl(del, &url, &[MD]);
+        if st != 200 {
+            assert_eq!(st, 404, "{body}");
+            break deleted.elapsed().as_secs_f64() * 1000.0;
+        }
+        served_after += 1;
+        assert!(
+            deleted.elapsed() < Duration::from_secs(10),
+            "still served 10 s after the delete"
+        );
+    };
+    println!(
+        "binding DELETE returned -> first refusal: {refused_ms:.1} ms ({served_after} request(s) served in between; each request is a curl process)"
+    );
+    // the other pods are unaffected
+    let (st, _) = curl(
+        bound,
+        &token_url("resource=https://storage.azure.com/"),
+        &[MD],
+    );
+    assert_eq!(st, 200);
+
+    // drift is repaired (reconcile every second here)
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns_a,
+        "iptables",
+        "-t",
+        "nat",
+        "-F",
+        "aad-metadata",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sh_out(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns_a,
+        "iptables",
+        "-t",
+        "nat",
+        "-S",
+        "aad-metadata",
+    ])
+    .contains("DNAT")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the flushed chain was not recreated"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (st, _) = curl(bound, &token_url("resource=https://vault.azure.net"), &[MD]);
+    assert_eq!(st, 200);
+
+    // the agent stops: its redirect goes with it (node-b's stays)
+    agent_a.stop();
+    let all = sh_out(&["ip", "netns", "exec", &ns_a, "iptables", "-t", "nat", "-S"]);
+    assert!(!all.contains("aad-metadata"), "{all}");
+    let all_b = sh_out(&["ip", "netns", "exec", &ns_b, "iptables", "-t", "nat", "-S"]);
+    assert!(all_b.contains("aad-metadata"), "{all_b}");
+    drop(agent_b);
+    drop(net);
+}
+
+/// The kubenet guard, with the cluster resource's host view: a node of a kubenet cluster
+/// without `allowNetworkPluginKubenet` refuses to start NMI unless told
+/// `--allow-network-plugin-kubenet`. No Kubernetes needed: the guard runs first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nmi_refuses_kubenet_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(dir.path(), &[]);
+    let cli = |args: &[&str]| server.cli(args);
+    cli(&["group", "create", "-n", "k8s"]);
+    cli(&[
+        "aks",
+        "create",
+        "-g",
+        "k8s",
+        "-n",
+        "kube1",
+        "--network-plugin",
+        "kubenet",
+        "--node-count",
+        "2",
+    ]);
+    let token = |c: &dyn Fn(&[&str]) -> Value| {
+        c(&[
+            "aks",
+            "nodepool",
+            "join-token",
+            "-g",
+            "k8s",
+            "--cluster-name",
+            "kube1",
+            "-n",
+            "nodepool1",
+        ])["joinToken"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let t1 = token(&cli);
+    let state = dir.path().join("n1").to_string_lossy().to_string();
+    let mut args = server.node_args(&state, Some(&t1));
+    args.extend([
+        "--nmi",
+        "--node-name",
+        "n1",
+        "--nmi-listen",
+        "10.255.255.1:2579",
+        "--kubeconfig",
+        "/nonexistent/kubeconfig",
+    ]);
+    let refused = spawn_until(&args, "NMI endpoint:", dir.path());
+    let err = refused.err().expect("NMI must not start on kubenet");
+    assert!(
+        err.contains("kubenet") && err.contains("--allow-network-plugin-kubenet"),
+        "{err}"
+    );
+
+    // allowed on the node: past the guard (then stopped by the missing kubeconfig)
+    args.push("--allow-network-plugin-kubenet");
+    let err = spawn_until(&args, "NMI endpoint:", dir.path())
+        .err()
+        .expect("no kubeconfig");
+    assert!(
+        !err.contains("CVE-2021-1677") && err.contains("kubeconfig"),
+        "{err}"
+    );
+}
