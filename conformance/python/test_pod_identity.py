@@ -138,12 +138,18 @@ def seed(fab):
     cli("group", "create", "--name", "myIdentityResourceGroup", "--location", "eastus")
     ids = [cli("identity", "create", "--resource-group", "myIdentityResourceGroup", "--name", f"application-identity_{i}")
            for i in (1, 2)]
-    node_group = cli("aks", "show", "-g", "myResourceGroup", "-n", "myAKSCluster")["properties"]["nodeResourceGroup"]
+    # the seed's --query / -o tsv forms
+    client_ids = [cli("identity", "show", "-g", "myIdentityResourceGroup", "-n", f"application-identity_{i}",
+                      "--query", "clientId", "-otsv").strip() for i in (1, 2)]
+    assert client_ids == [i["properties"]["clientId"] for i in ids]
+    node_group = cli("aks", "show", "-g", "myResourceGroup", "-n", "myAKSCluster", "--query", "nodeResourceGroup",
+                     "-o", "tsv").strip()
     assert node_group == "MC_myResourceGroup_myAKSCluster_eastus"
-    nodes_id = cli("group", "show", "-n", node_group)["id"]
+    nodes_id = cli("group", "show", "-n", node_group, "-o", "tsv", "--query", "id").strip()
+    assert nodes_id.endswith("/resourceGroups/" + node_group), nodes_id
     cli("role", "assignment", "create", "--role", "Virtual Machine Contributor",
-        "--assignee", ids[0]["properties"]["clientId"], "--scope", nodes_id)
-    cli("role", "assignment", "create", "--role", "Reader", "--assignee", ids[1]["properties"]["clientId"], "--scope", nodes_id)
+        "--assignee", client_ids[0], "--scope", nodes_id)
+    cli("role", "assignment", "create", "--role", "Reader", "--assignee", client_ids[1], "--scope", nodes_id)
     base = ["--resource-group", "myResourceGroup", "--cluster-name", "myAKSCluster", "--namespace", "my-app"]
     cli("aks", "pod-identity", "add", *base, "--name", "my-pod-identity", "--identity-resource-id", ids[0]["id"])
     cli("aks", "pod-identity", "add", *base, "--name", "my-pod-identity-1", "--identity-resource-id", ids[0]["id"],
@@ -152,6 +158,8 @@ def seed(fab):
         "--binding-selector", "foo")
     cluster = cli("aks", "show", "-g", "myResourceGroup", "-n", "myAKSCluster")
     kubelet = cluster["properties"]["identityProfile"]["kubeletidentity"]
+    assert cli("aks", "show", "-g", "myResourceGroup", "-n", "myAKSCluster", "--query",
+               "identityProfile.kubeletidentity.clientId", "-o", "tsv").strip() == kubelet["clientId"]
     # the CRDs first (NMI watches them), as the README's install step does
     crds = subprocess.run([keyless_bin(), "pod-identity-addon", "--print-crds"], capture_output=True, text=True, check=True)
     fab.cp.kubectl("apply", "-f", "-", input=crds.stdout)
