@@ -360,11 +360,20 @@ async fn handle(st: Arc<NmiState>, peer: SocketAddr, req: Request<Body>) -> Resp
     }
 }
 
-fn parse_request(query: Option<&str>) -> std::result::Result<pi::PodTokenRequest, Response> {
+/// An NMI refusal: status and plain-text message.
+struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn response(self) -> Response {
+        text(self.0, &self.1)
+    }
+}
+
+fn parse_request(query: Option<&str>) -> std::result::Result<pi::PodTokenRequest, Refusal> {
     // Go's URL.Query(): lenient, first value wins
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query.unwrap_or("")).unwrap_or_default();
-    pi::parse_token_request(&pairs).map_err(|m| text(StatusCode::BAD_REQUEST, m))
+    pi::parse_token_request(&pairs).map_err(|m| Refusal(StatusCode::BAD_REQUEST, m.into()))
 }
 
 async fn pod_token(
@@ -378,7 +387,7 @@ async fn pod_token(
     }
     let req = match parse_request(query) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return r.response(),
     };
     let ip = peer.ip().to_canonical();
     let pod = match st.index.lookup_ip(ip, UNKNOWN_IP_WAIT).await {
@@ -408,7 +417,7 @@ async fn pod_token(
     }
     match pod_identity_token(st, &pod, &req).await {
         Ok((body, _)) => json(StatusCode::OK, &body),
-        Err(r) => r,
+        Err(r) => r.response(),
     }
 }
 
@@ -417,10 +426,10 @@ async fn pod_identity_token(
     st: &NmiState,
     pod: &PodEntry,
     req: &pi::PodTokenRequest,
-) -> std::result::Result<(serde_json::Value, String), Response> {
+) -> std::result::Result<(serde_json::Value, String), Refusal> {
     let not_found = |sel: &Selector| {
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "no identity for the request");
-        text(StatusCode::NOT_FOUND, &pi::no_identity_message(sel))
+        Refusal(StatusCode::NOT_FOUND, pi::no_identity_message(sel))
     };
     let Grant::Bound(bound) = &pod.grant else {
         return Err(not_found(&req.selector));
@@ -443,16 +452,16 @@ async fn pod_identity_token(
         Err(TokenFailure::IdentityNotFound | TokenFailure::Ambiguous) => {
             Err(not_found(&req.selector))
         }
-        Err(TokenFailure::Refused) => Err(text(
+        Err(TokenFailure::Refused) => Err(Refusal(
             StatusCode::FORBIDDEN,
-            &format!(
+            format!(
                 "failed to get service principal token for pod:{}/{}, error: the Keyless server refused this node the identity",
                 pod.namespace, pod.name
             ),
         )),
-        Err(TokenFailure::Upstream(m)) => Err(text(
+        Err(TokenFailure::Upstream(m)) => Err(Refusal(
             StatusCode::FORBIDDEN,
-            &format!(
+            format!(
                 "failed to get service principal token for pod:{}/{}, error: {m}",
                 pod.namespace, pod.name
             ),
@@ -483,7 +492,7 @@ async fn host_token(
     }
     let req = match parse_request(query) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return r.response(),
     };
     let Some(pod) = st.index.by_name(ns, name) else {
         return text(
@@ -496,6 +505,6 @@ async fn host_token(
             StatusCode::OK,
             &serde_json::json!({"token": token, "clientid": client_id}),
         ),
-        Err(r) => r,
+        Err(r) => r.response(),
     }
 }

@@ -733,11 +733,12 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         .expect("delete binding");
     let deleted = Instant::now();
     let mut served_after = 0;
-    let refused_ms = loop {
+    let (sent_ms, refused_ms) = loop {
+        let sent = deleted.elapsed().as_secs_f64() * 1000.0;
         let (st, body) = curl(del, &url, &[MD]);
         if st != 200 {
             assert_eq!(st, 404, "{body}");
-            break deleted.elapsed().as_secs_f64() * 1000.0;
+            break (sent, deleted.elapsed().as_secs_f64() * 1000.0);
         }
         served_after += 1;
         assert!(
@@ -746,7 +747,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         );
     };
     println!(
-        "binding DELETE returned -> first refusal: {refused_ms:.1} ms ({served_after} request(s) served in between; each request is a curl process)"
+        "binding DELETE returned -> first refusal: {refused_ms:.1} ms ({served_after} request(s) served in between; the refused request was sent {sent_ms:.1} ms after the DELETE returned, each request is a curl process in the pod's namespace)"
     );
     // the other pods are unaffected
     let (st, _) = curl(
