@@ -16,6 +16,17 @@ pub const MAX_AGENT_POOLS: usize = 100;
 pub const MAX_POOL_COUNT: u64 = 1000;
 /// The suffix the add-on gives an `AzureIdentityBinding` (`<name>-binding`).
 pub const BINDING_SUFFIX: &str = "-binding";
+/// The `AzurePodIdentityException` the add-on writes for its own pods; reserved in
+/// [`RESERVED_EXCEPTION_NAMESPACE`], where a profile entry of that name would fight the add-on.
+pub const RESERVED_EXCEPTION_NAME: &str = "aks-addon-exception";
+/// The namespace of [`RESERVED_EXCEPTION_NAME`].
+pub const RESERVED_EXCEPTION_NAMESPACE: &str = "kube-system";
+/// Entries in one `reportPodIdentityStatus` (a profile holds at most [`MAX_POD_IDENTITIES`]).
+pub const MAX_STATUS_REPORT_ENTRIES: usize = MAX_POD_IDENTITIES;
+/// Longest `error.code` of a status report entry.
+pub const MAX_STATUS_ERROR_CODE: usize = 128;
+/// Longest `error.message` of a status report entry.
+pub const MAX_STATUS_ERROR_MESSAGE: usize = 1024;
 /// Kubernetes version shown when a create names none.
 pub const DEFAULT_KUBERNETES_VERSION: &str = "1.33.0";
 /// VM size of a pool that names none.
@@ -513,6 +524,12 @@ impl PodIdentityProfile {
             let t = format!("{PROFILE}.userAssignedIdentityExceptions[{i}]");
             check_object_name(&e.name, &format!("{t}.name"), "pod identity exception name")?;
             check_namespace(&e.namespace, &format!("{t}.namespace"))?;
+            if e.name == RESERVED_EXCEPTION_NAME && e.namespace == RESERVED_EXCEPTION_NAMESPACE {
+                return Err(AksError::invalid(
+                    format!("The pod identity exception name '{RESERVED_EXCEPTION_NAME}' is reserved in namespace '{RESERVED_EXCEPTION_NAMESPACE}': the pod identity add-on writes its own exception there. Choose another name."),
+                    format!("{t}.name"),
+                ));
+            }
             if e.pod_labels.is_empty() {
                 return Err(AksError::invalid(
                     format!("{t}.podLabels needs at least one label."),
@@ -670,7 +687,8 @@ fn check_namespace(ns: &str, target: &str) -> R<()> {
 pub fn check_identity_id(given: Option<&str>, actual: &str, index: usize, field: &str) -> R<()> {
     match given {
         Some(g) if !g.eq_ignore_ascii_case(actual) => Err(AksError::invalid(
-            format!("The {field} '{g}' does not belong to the identity of pod identity {index}; it is '{actual}'."),
+            // the actual id is not echoed: the caller may not be allowed to read the identity
+            format!("The {field} '{g}' does not belong to the identity of pod identity {index}; omit it, or give the identity's current {field}."),
             format!("{PROFILE}.userAssignedIdentities[{index}].identity.{field}"),
         )),
         _ => Ok(()),
@@ -698,6 +716,15 @@ pub fn parse_status_report(v: &Value) -> R<Vec<StatusReport>> {
             ))
         }
     };
+    if list.len() > MAX_STATUS_REPORT_ENTRIES {
+        return Err(AksError::invalid(
+            format!(
+                "A status report can have at most {MAX_STATUS_REPORT_ENTRIES} entries; it has {}.",
+                list.len()
+            ),
+            T,
+        ));
+    }
     list.iter()
         .enumerate()
         .map(|(i, e)| {
@@ -713,10 +740,23 @@ pub fn parse_status_report(v: &Value) -> R<Vec<StatusReport>> {
                 }
             };
             let error = match e.get("error") {
-                Some(er) if er.is_object() => Some(ProvisioningError {
-                    code: opt_str(er, "code", &format!("{t}.error"))?.unwrap_or_default(),
-                    message: opt_str(er, "message", &format!("{t}.error"))?.unwrap_or_default(),
-                }),
+                Some(er) if er.is_object() => {
+                    let et = format!("{t}.error");
+                    let capped = |key: &str, max: usize| -> R<String> {
+                        let v = opt_str(er, key, &et)?.unwrap_or_default();
+                        if v.chars().count() > max {
+                            return Err(AksError::invalid(
+                                format!("{et}.{key} is longer than {max} characters."),
+                                format!("{et}.{key}"),
+                            ));
+                        }
+                        Ok(v)
+                    };
+                    Some(ProvisioningError {
+                        code: capped("code", MAX_STATUS_ERROR_CODE)?,
+                        message: capped("message", MAX_STATUS_ERROR_MESSAGE)?,
+                    })
+                }
                 None | Some(Value::Null) => None,
                 Some(_) => {
                     return Err(AksError::invalid(
@@ -1057,6 +1097,46 @@ mod tests {
     }
 
     #[test]
+    fn the_addon_exception_name_is_reserved_in_kube_system() {
+        let ex = |name: &str, ns: &str| {
+            check(
+                profile(
+                    vec![],
+                    vec![json!({"name": name, "namespace": ns, "podLabels": {"a": "b"}})],
+                ),
+                NetworkPlugin::Azure,
+            )
+        };
+        let e = ex("aks-addon-exception", "kube-system").unwrap_err();
+        assert_eq!(e.kind, AksErrorKind::InvalidParameter);
+        assert!(e.target.unwrap().ends_with("[0].name"));
+        assert!(e.message.contains("reserved"), "{}", e.message);
+        assert!(ex("aks-addon-exception", "default").is_ok());
+        assert!(ex("mic-exception", "kube-system").is_ok());
+    }
+
+    #[test]
+    fn status_reports_are_capped() {
+        let entry = |code: &str, message: &str| {
+            json!({"name": "a", "namespace": "ns", "provisioningState": "Failed",
+                   "error": {"code": code, "message": message}})
+        };
+        let one = |e: Value| parse_status_report(&json!({ "userAssignedIdentities": [e] }));
+        assert!(one(entry(&"c".repeat(128), &"m".repeat(1024))).is_ok());
+        let e = one(entry(&"c".repeat(129), "m")).unwrap_err();
+        assert!(e.target.unwrap().ends_with(".error.code"));
+        let e = one(entry("c", &"m".repeat(1025))).unwrap_err();
+        assert!(e.target.unwrap().ends_with(".error.message"));
+        let many = |n: usize| {
+            parse_status_report(&json!({"userAssignedIdentities": (0..n)
+                .map(|i| json!({"name": format!("p{i}"), "namespace": "ns", "provisioningState": "Assigned"}))
+                .collect::<Vec<_>>()}))
+        };
+        assert_eq!(many(200).unwrap().len(), 200);
+        assert!(many(201).unwrap_err().message.contains("at most 200"));
+    }
+
+    #[test]
     fn exception_labels() {
         let ex = |labels: Value| {
             check(
@@ -1165,7 +1245,8 @@ mod tests {
     fn identity_ids_must_match_when_given() {
         assert!(check_identity_id(None, "x", 0, "clientId").is_ok());
         assert!(check_identity_id(Some("X"), "x", 0, "clientId").is_ok());
-        let e = check_identity_id(Some("y"), "x", 3, "objectId").unwrap_err();
+        let e = check_identity_id(Some("y"), "actual-object-id", 3, "objectId").unwrap_err();
+        assert!(!e.message.contains("actual-object-id"), "{e}");
         assert_eq!(
             e.target.unwrap(),
             "properties.podIdentityProfile.userAssignedIdentities[3].identity.objectId"

@@ -110,6 +110,20 @@ fn readable(grants: &[keyless_core::rbac::Grant], action: &str, item: &Value) ->
     keyless_core::rbac::authorize(grants, action, id).is_some()
 }
 
+/// Whether a method only reads.
+fn is_read(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD)
+}
+
+/// A write into a managed cluster's node resource group is refused (see
+/// [`crate::clusters::check_not_node_group`]); reads pass.
+fn node_group_lockdown(s: &AppState, m: &Method, sub: &str, rg: &str) -> Result<()> {
+    if is_read(m) {
+        return Ok(());
+    }
+    crate::clusters::check_not_node_group(s, sub, rg)
+}
+
 fn verb(method: &Method) -> &'static str {
     match *method {
         Method::GET | Method::HEAD => "read",
@@ -441,6 +455,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                 &format!("{}/{}/{}", t.0, t.1, verb(m)),
                 &rid.canonical(),
             )?;
+            node_group_lockdown(&s, m, &rid.subscription, &rid.resource_group)?;
             if t == UAMI {
                 identity(&s, m, &rid, &body)
             } else if t == VAULT {
@@ -461,7 +476,22 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             let (versions, t) = type_versions(&parent.namespace, &parent.type_name)?;
             check_version(versions, &version, Some(t))?;
             res::check_subscription(&s, &parent.subscription)?;
+            // fics::handle authorizes first; the lockdown answers only callers that may write
+            let lockdown =
+                || node_group_lockdown(&s, m, &parent.subscription, &parent.resource_group);
             if t == UAMI && child_type.eq_ignore_ascii_case("federatedIdentityCredentials") {
+                if !is_read(m) {
+                    authorize(
+                        &s,
+                        &caller,
+                        &format!(
+                            "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/{}",
+                            verb(m)
+                        ),
+                        &parent.canonical(),
+                    )?;
+                    lockdown()?;
+                }
                 return crate::fics::handle(&s, &caller, m, &parent, Some(&name), &version, &body);
             }
             if t == BATCH_ACCOUNT && child_type.eq_ignore_ascii_case("pools") {
@@ -471,6 +501,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                     &format!("Microsoft.Batch/batchAccounts/pools/{}", verb(m)),
                     &format!("{}/pools/{name}", parent.canonical()),
                 )?;
+                lockdown()?;
                 return pool(&s, &caller, m, &parent, &name, &body);
             }
             if t == VM && child_type.eq_ignore_ascii_case("extensions") {
@@ -480,6 +511,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                     &format!("Microsoft.Compute/virtualMachines/extensions/{}", verb(m)),
                     &format!("{}/extensions/{name}", parent.canonical()),
                 )?;
+                lockdown()?;
                 return vm_extension(&s, m, &parent, &name, &body);
             }
             if t == VAULT && child_type.eq_ignore_ascii_case("accessPolicies") {
@@ -489,6 +521,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                     "Microsoft.KeyVault/vaults/accessPolicies/write",
                     &parent.canonical(),
                 )?;
+                lockdown()?;
                 if *m != Method::PUT {
                     return Err(ServerError::MethodNotAllowed(m.to_string()));
                 }
@@ -568,6 +601,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                     "Microsoft.Batch/batchAccounts/pools/generateJoinToken/action",
                     &format!("{}/pools/{name}", parent.canonical()),
                 )?;
+                node_group_lockdown(&s, m, &parent.subscription, &parent.resource_group)?;
                 let ttl = join_ttl(&body)?;
                 let (token, expires, pool_id) =
                     crate::batch::pool_join_token(&s, &parent, &name, ttl)?;
@@ -645,6 +679,8 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
                     &format!("{}/{}/generateJoinToken/action", t.0, t.1),
                     &resource.canonical(),
                 )?;
+                // a node of a cluster pool joins with the pool's token, never the scale set's
+                node_group_lockdown(&s, m, &resource.subscription, &resource.resource_group)?;
                 let ttl = join_ttl(&body)?;
                 let (token, expires) = res::create_join_token(&s, &resource, ttl)?;
                 let vm = res::get_vm(&s, &resource)?;

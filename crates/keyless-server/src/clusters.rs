@@ -119,6 +119,7 @@ fn parse_identity(
     s: &AppState,
     body: &Value,
     existing: Option<&ClusterRecord>,
+    may_assign: LinkCheck<'_>,
 ) -> Result<(String, Option<IdentityRecord>)> {
     let Some(idn) = body.get("identity").filter(|v| !v.is_null()) else {
         return Ok(match existing {
@@ -152,12 +153,14 @@ fn parse_identity(
             "identity.userAssignedIdentities",
         ));
     };
-    let rec = find_identity(s, id)?.ok_or_else(|| {
-        invalid(
+    let Some(rec) = find_identity(s, id)? else {
+        // whether it exists is told only to a caller that may assign it
+        may_assign(id)?;
+        return Err(invalid(
             format!("The user-assigned identity '{id}' was not found."),
             "identity.userAssignedIdentities",
-        )
-    })?;
+        ));
+    };
     Ok(("UserAssigned".into(), Some(rec)))
 }
 
@@ -185,6 +188,38 @@ fn request_properties(body: &Value) -> Result<Map<String, Value>> {
         props.remove(read_only);
     }
     Ok(props)
+}
+
+/// Whether a property name carries a credential: `secret`, `adminPassword`, `password`,
+/// `serverAppSecret`, `clientSecret` and any other `…secret` / `…password` (case-insensitive).
+fn is_secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    k.ends_with("secret") || k.ends_with("password")
+}
+
+fn drop_secrets(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|k, _| !is_secret_key(k));
+            m.values_mut().for_each(drop_secrets);
+        }
+        Value::Array(a) => a.iter_mut().for_each(drop_secrets),
+        _ => {}
+    }
+}
+
+/// Drop every secret-bearing field from `properties` (at any depth), as ARM never returns
+/// them: `servicePrincipalProfile.secret`, `windowsProfile.adminPassword`,
+/// `aadProfile.serverAppSecret`, … Keyless never uses them, so they are neither stored nor
+/// shown (as Batch pools never store `protectedSettings`). `podIdentityProfile` is Keyless's
+/// own (rebuilt from its parsed form, and its pod labels are data, not fields).
+fn drop_secret_properties(props: &mut Map<String, Value>) {
+    props.retain(|k, _| !is_secret_key(k));
+    for (k, v) in props.iter_mut() {
+        if k != "podIdentityProfile" {
+            drop_secrets(v);
+        }
+    }
 }
 
 /// Create or replace (PUT) a cluster. `may_assign` asks whether the caller may attach a
@@ -251,7 +286,7 @@ fn try_put(
     let tags = tags(t)?;
 
     // the cluster's identity
-    let (identity_type, user_identity) = parse_identity(s, body, ex)?;
+    let (identity_type, user_identity) = parse_identity(s, body, ex, may_assign)?;
     if let Some(u) = &user_identity {
         if ex.and_then(|e| e.user_identity.as_deref()) != Some(u.key.as_str()) {
             may_assign(&u.resource_id)?;
@@ -418,14 +453,16 @@ fn try_put(
         None => None,
         Some(mut p) => {
             p.validate(plugin)?;
-            let old_keys: Vec<String> = old_profile
+            let old_entries: Vec<&aks::PodIdentity> = old_profile
                 .iter()
                 .flat_map(|o| o.identities.iter())
-                .map(|i| i.resource_id.to_ascii_lowercase())
                 .collect();
             for (i, entry) in p.identities.iter_mut().enumerate() {
-                let rec = find_identity(s, &entry.resource_id)?.ok_or_else(|| {
-                    invalid(
+                // whether an identity exists, and its ids, are told only to a caller that may
+                // assign it: its linked check runs before those refusals
+                let Some(rec) = find_identity(s, &entry.resource_id)? else {
+                    may_assign(&entry.resource_id)?;
+                    return Err(invalid(
                         format!(
                             "The user-assigned identity '{}' of pod identity {}/{} was not found.",
                             entry.resource_id, entry.namespace, entry.name
@@ -433,21 +470,43 @@ fn try_put(
                         &format!(
                             "properties.podIdentityProfile.userAssignedIdentities[{i}].identity.resourceId"
                         ),
-                    )
-                })?;
-                aks::check_identity_id(entry.client_id.as_deref(), &rec.client_id, i, "clientId")?;
-                aks::check_identity_id(
-                    entry.object_id.as_deref(),
-                    &rec.principal_id,
+                    ));
+                };
+                let ids = aks::check_identity_id(
+                    entry.client_id.as_deref(),
+                    &rec.client_id,
                     i,
-                    "objectId",
-                )?;
+                    "clientId",
+                )
+                .and_then(|_| {
+                    aks::check_identity_id(
+                        entry.object_id.as_deref(),
+                        &rec.principal_id,
+                        i,
+                        "objectId",
+                    )
+                });
+                if let Err(e) = ids {
+                    may_assign(&rec.resource_id)?;
+                    return Err(e.into());
+                }
                 entry.resource_id = rec.resource_id.clone();
                 entry.client_id = Some(rec.client_id.clone());
                 entry.object_id = Some(rec.principal_id.clone());
                 if !pod_keys.contains(&rec.key) {
                     pod_keys.push(rec.key.clone());
-                    if !old_keys.contains(&rec.key) {
+                    // authorized before only if the stored entry names this very identity: one
+                    // deleted and re-created under the same id is a new identity
+                    let authorized_before = old_entries.iter().any(|o| {
+                        o.resource_id.eq_ignore_ascii_case(&rec.resource_id)
+                            && o.client_id
+                                .as_deref()
+                                .is_some_and(|c| c.eq_ignore_ascii_case(&rec.client_id))
+                            && o.object_id
+                                .as_deref()
+                                .is_some_and(|c| c.eq_ignore_ascii_case(&rec.principal_id))
+                    });
+                    if !authorized_before {
                         newly.push(rec);
                     }
                 }
@@ -535,6 +594,7 @@ fn try_put(
     if let Some(p) = &profile {
         props.insert("podIdentityProfile".into(), p.to_json());
     }
+    drop_secret_properties(&mut props);
 
     let now = s.now();
     let rec = ClusterRecord {
@@ -558,10 +618,19 @@ fn try_put(
     // one scale set per pool, holding the kubelet identity and every pod identity
     let mut held = vec![kubelet.key.clone()];
     held.extend(pod_keys.iter().cloned());
+    let old_pools = ex.map(pool_names).unwrap_or_default();
     let mut sets = vec![];
+    let mut new_sets = vec![];
     for p in &pools {
         let ss = scale_set_id(&rec, &p.name);
-        let current = s.store.get_vm(&ss.key())?;
+        // a pool new to the cluster gets a new scale set: whatever is stored under its key
+        // (not the cluster's) is replaced in the same transaction, never adopted with its nodes
+        let current = if old_pools.iter().any(|n| n == &p.name) {
+            s.store.get_vm(&ss.key())?
+        } else {
+            new_sets.push(ss.key());
+            None
+        };
         let mut tags = BTreeMap::new();
         tags.insert("aks-managed-poolName".to_string(), p.name.clone());
         tags.insert(
@@ -597,9 +666,7 @@ fn try_put(
         };
         sets.push((vm, held.clone()));
     }
-    let removed: Vec<String> = ex
-        .map(pool_names)
-        .unwrap_or_default()
+    let removed: Vec<String> = old_pools
         .iter()
         .filter(|n| !pools.iter().any(|p| &p.name == *n))
         .map(|n| scale_set_id(&rec, n).key())
@@ -624,6 +691,7 @@ fn try_put(
             kubelet_identity: &kubelet,
             scale_sets: &sets,
             removed_scale_sets: &removed,
+            new_scale_sets: &new_sets,
         })
         .map_err(|e| match e {
             // an identity deleted between the checks and the write
@@ -698,6 +766,10 @@ fn kubelet_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
 /// The cluster as `az aks show` shows it.
 pub fn cluster_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
     let mut props = c.properties.clone();
+    // (a record written before secrets were dropped on write shows none either)
+    if let Value::Object(m) = &mut props {
+        drop_secret_properties(m);
+    }
     let version = props["kubernetesVersion"]
         .as_str()
         .unwrap_or_default()
@@ -856,8 +928,11 @@ pub fn report_pod_identity_status(
 // ---------------------------------------------------------------- host view
 
 /// The `cluster` object of a host's view when the host is a node of a cluster pool:
-/// `{id, networkPlugin, podIdentity: {enabled, allowNetworkPluginKubenet, clientIds},
-/// kubeletIdentity: {clientId, objectId, resourceId}}`.
+/// `{id, networkPlugin, podIdentity: {enabled, allowNetworkPluginKubenet, clientIds,
+/// identities: [{namespace, name, clientId}], exceptions: [{namespace, name}]},
+/// kubeletIdentity: {clientId, objectId, resourceId}}` — `identities` is every pod identity
+/// entry of the profile, `exceptions` every `userAssignedIdentityExceptions` entry (both empty
+/// when the add-on is disabled: a disabled profile holds none).
 pub fn host_cluster(s: &AppState, owner: &VmRecord) -> Result<Option<Value>> {
     if !ResourceId::parse(&owner.resource_id).is_ok_and(|r| r.is_type(VMSS)) {
         return Ok(None);
@@ -882,6 +957,25 @@ pub fn host_cluster(s: &AppState, owner: &VmRecord) -> Result<Option<Value>> {
         .collect();
     client_ids.sort();
     client_ids.dedup();
+    let (identities, exceptions): (Vec<Value>, Vec<Value>) = if profile.enabled {
+        (
+            profile
+                .identities
+                .iter()
+                .map(|p| {
+                    json!({"namespace": p.namespace, "name": p.name,
+                           "clientId": p.client_id.clone().unwrap_or_default()})
+                })
+                .collect(),
+            profile
+                .exceptions
+                .iter()
+                .map(|e| json!({"namespace": e.namespace, "name": e.name}))
+                .collect(),
+        )
+    } else {
+        (vec![], vec![])
+    };
     Ok(Some(json!({
         "id": c.resource_id,
         "networkPlugin": plugin_of(&c).as_str(),
@@ -889,9 +983,29 @@ pub fn host_cluster(s: &AppState, owner: &VmRecord) -> Result<Option<Value>> {
             "enabled": profile.enabled,
             "allowNetworkPluginKubenet": profile.allow_network_plugin_kubenet,
             "clientIds": client_ids,
+            "identities": identities,
+            "exceptions": exceptions,
         },
         "kubeletIdentity": kubelet_json(s, &c)?,
     })))
+}
+
+/// AKS's node resource group lockdown: nothing in a cluster's node resource group is written
+/// through ARM (no VM, scale set, identity or other resource created, changed or deleted there,
+/// no scale-set identity list changed, no generic join token issued for its scale sets) — only
+/// the cluster's own code paths write there (this module, and `agentPools/generateJoinToken`).
+/// Reads and role assignments at the group stay allowed. 409 `OperationNotAllowed`.
+pub fn check_not_node_group(s: &AppState, sub: &str, rg: &str) -> Result<()> {
+    match s.store.cluster_of_node_group(sub, rg)? {
+        None => Ok(()),
+        Some(c) => Err(ServerError::Conflict {
+            code: "OperationNotAllowed",
+            message: format!(
+                "The resource group '{rg}' is the node resource group of the managed cluster '{}' and is managed by the cluster: its resources cannot be created, changed or deleted directly. To add a node to a pool, use `aks nodepool join-token` (managedClusters/agentPools/generateJoinToken).",
+                c.resource_id
+            ),
+        }),
+    }
 }
 
 /// The cluster whose node resource group is `rg`, if any (a node group is deleted with its

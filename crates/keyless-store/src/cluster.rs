@@ -53,6 +53,10 @@ pub struct ClusterWrite<'a> {
     pub scale_sets: &'a [(VmRecord, Vec<String>)],
     /// Scale sets of removed pools (deleted with their instances and credentials).
     pub removed_scale_sets: &'a [String],
+    /// Keys of the scale sets of pools this write adds. A record already stored under such a
+    /// key is not the cluster's: it is deleted first, with its instances, credentials, join
+    /// tokens and role assignments, so a new pool never adopts another scale set's nodes.
+    pub new_scale_sets: &'a [String],
 }
 
 /// Outcome of a [`ClusterWrite`] or a status update.

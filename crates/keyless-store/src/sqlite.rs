@@ -1267,6 +1267,7 @@ mod tests {
             kubelet_identity: &kubelet,
             scale_sets: &sets,
             removed_scale_sets: &[],
+            new_scale_sets: &[],
         };
         assert_eq!(s.put_cluster(&w).unwrap(), ClusterPut::Created);
         // a second create, or a write from a stale read, writes nothing
@@ -1339,6 +1340,48 @@ mod tests {
             })
             .unwrap();
         }
+        // a scale set stored under a new pool's key before the pool is added, with a node: the
+        // new pool replaces it and adopts neither its nodes nor their credentials
+        let mut pool2 = vm("aks-np2-12345678-vmss");
+        pool2.resource_group = "MC_rg_c1_local".into();
+        pool2.key = pool2.key.replace("/rg/", "/mc_rg_c1_local/");
+        let mut squatter = pool2.clone();
+        squatter.vm_id = "squatter".into();
+        s.put_vm(&squatter, None, &[]).unwrap();
+        let rogue = s
+            .create_instance(&pool2.key, &pool2.resource_id, 1, None)
+            .unwrap();
+        s.insert_host_credential(&HostCredentialRecord {
+            fingerprint: "rogue".into(),
+            vm_key: rogue.key.clone(),
+            not_after: 10,
+            issued: 1,
+        })
+        .unwrap();
+        let mut c3 = cluster.clone();
+        c3.version = 3;
+        let both = vec![
+            (pool.clone(), vec![kubelet.key.clone(), app.key.clone()]),
+            (pool2.clone(), vec![kubelet.key.clone(), app.key.clone()]),
+        ];
+        assert_eq!(
+            s.put_cluster(&ClusterWrite {
+                cluster: &c3,
+                expect_version: Some(2),
+                scale_sets: &both,
+                new_scale_sets: std::slice::from_ref(&pool2.key),
+                ..w.clone()
+            })
+            .unwrap(),
+            ClusterPut::Updated
+        );
+        assert_ne!(s.get_vm(&pool2.key).unwrap().unwrap().vm_id, "squatter");
+        assert!(s.get_instance(&rogue.key).unwrap().is_none());
+        assert!(s.list_instances(&pool2.key).unwrap().is_empty());
+        assert!(s.get_host_credential("rogue").unwrap().is_none());
+        assert_eq!(s.vm_user_identities(&pool2.key).unwrap().len(), 2);
+        // the existing pool keeps its node
+        assert!(s.get_instance(&inst.key).unwrap().is_some());
         // deleting the cluster's group takes the cluster and its node group along
         assert!(s.delete_resource_group("s", "rg").unwrap());
         assert!(s.get_cluster(ckey).unwrap().is_none());
@@ -2151,7 +2194,7 @@ mod cluster_sql {
                 if !exists(tx, "SELECT 1 FROM identities WHERE key = ?1", &[&k.key])? {
                     put_identity_tx(tx, k)?;
                 }
-                for key in w.removed_scale_sets {
+                for key in w.removed_scale_sets.iter().chain(w.new_scale_sets) {
                     delete_vm_tx(tx, key)?;
                 }
                 for (vm, identities) in w.scale_sets {

@@ -2337,6 +2337,21 @@ fn same_entry(e: &Value, namespace: &str, name: &str) -> bool {
     e["namespace"].as_str() == Some(namespace) && e["name"].as_str() == Some(name)
 }
 
+/// Append `entry` to the profile's list `list` (`userAssignedIdentities`, `…Exceptions`).
+fn push_entry(profile: &mut Value, list: &str, entry: Value) {
+    match profile[list].as_array_mut() {
+        Some(l) => l.push(entry),
+        None => profile[list] = json!([entry]),
+    }
+}
+
+/// Drop the entry `namespace`/`name` from the profile's list `list`.
+fn drop_entry(profile: &mut Value, list: &str, namespace: &str, name: &str) {
+    if let Some(l) = profile[list].as_array_mut() {
+        l.retain(|e| !same_entry(e, namespace, name));
+    }
+}
+
 impl Api {
     fn cluster_path(&self, rg: &str, name: &str) -> String {
         self.res_path(rg, CLUSTER_TYPE, name, CONTAINER_API)
@@ -2354,6 +2369,19 @@ impl Api {
             Some(body),
         )
         .await
+    }
+
+    /// az's read-modify-write of the whole cluster: GET, `edit` its (enabled)
+    /// podIdentityProfile, PUT.
+    async fn edit_profile(
+        &self,
+        rg: &str,
+        name: &str,
+        edit: impl FnOnce(&mut Value) -> Result<(), CliError>,
+    ) -> Result<Value, CliError> {
+        let mut cluster = self.get_cluster(rg, name).await?;
+        edit(Self::enabled_profile(&mut cluster)?)?;
+        self.put_cluster(rg, name, cluster).await
     }
 
     /// The cluster's podIdentityProfile, which must be enabled (az checks the same first).
@@ -2622,11 +2650,11 @@ async fn pod_identity(api: &Api, verb: PodIdentityVerb) -> Result<Value, CliErro
             if let Some(b) = binding_selector {
                 entry["bindingSelector"] = json!(b);
             }
-            let p = Api::enabled_profile(&mut cluster)?;
-            match p["userAssignedIdentities"].as_array_mut() {
-                Some(list) => list.push(entry),
-                None => p["userAssignedIdentities"] = json!([entry]),
-            }
+            push_entry(
+                Api::enabled_profile(&mut cluster)?,
+                "userAssignedIdentities",
+                entry,
+            );
             api.put_cluster(&resource_group, &cluster_name, cluster)
                 .await?
         }
@@ -2637,13 +2665,11 @@ async fn pod_identity(api: &Api, verb: PodIdentityVerb) -> Result<Value, CliErro
             name,
             ..
         } => {
-            let mut cluster = api.get_cluster(&resource_group, &cluster_name).await?;
-            let p = Api::enabled_profile(&mut cluster)?;
-            if let Some(list) = p["userAssignedIdentities"].as_array_mut() {
-                list.retain(|e| !same_entry(e, &namespace, &name));
-            }
-            api.put_cluster(&resource_group, &cluster_name, cluster)
-                .await?
+            api.edit_profile(&resource_group, &cluster_name, |p| {
+                drop_entry(p, "userAssignedIdentities", &namespace, &name);
+                Ok(())
+            })
+            .await?
         }
         PodIdentityVerb::List {
             resource_group,
@@ -2659,15 +2685,12 @@ async fn pod_identity(api: &Api, verb: PodIdentityVerb) -> Result<Value, CliErro
                 ..
             } => {
                 let labels = parse_labels(&pod_labels)?;
-                let mut cluster = api.get_cluster(&resource_group, &cluster_name).await?;
-                let p = Api::enabled_profile(&mut cluster)?;
                 let entry = json!({"name": name, "namespace": namespace, "podLabels": labels});
-                match p["userAssignedIdentityExceptions"].as_array_mut() {
-                    Some(list) => list.push(entry),
-                    None => p["userAssignedIdentityExceptions"] = json!([entry]),
-                }
-                api.put_cluster(&resource_group, &cluster_name, cluster)
-                    .await?
+                api.edit_profile(&resource_group, &cluster_name, |p| {
+                    push_entry(p, "userAssignedIdentityExceptions", entry);
+                    Ok(())
+                })
+                .await?
             }
             ExceptionVerb::Delete {
                 resource_group,
@@ -2676,13 +2699,11 @@ async fn pod_identity(api: &Api, verb: PodIdentityVerb) -> Result<Value, CliErro
                 name,
                 ..
             } => {
-                let mut cluster = api.get_cluster(&resource_group, &cluster_name).await?;
-                let p = Api::enabled_profile(&mut cluster)?;
-                if let Some(list) = p["userAssignedIdentityExceptions"].as_array_mut() {
-                    list.retain(|e| !same_entry(e, &namespace, &name));
-                }
-                api.put_cluster(&resource_group, &cluster_name, cluster)
-                    .await?
+                api.edit_profile(&resource_group, &cluster_name, |p| {
+                    drop_entry(p, "userAssignedIdentityExceptions", &namespace, &name);
+                    Ok(())
+                })
+                .await?
             }
             ExceptionVerb::Update {
                 resource_group,
@@ -2693,19 +2714,19 @@ async fn pod_identity(api: &Api, verb: PodIdentityVerb) -> Result<Value, CliErro
                 ..
             } => {
                 let labels = parse_labels(&pod_labels)?;
-                let mut cluster = api.get_cluster(&resource_group, &cluster_name).await?;
-                let p = Api::enabled_profile(&mut cluster)?;
-                let found = p["userAssignedIdentityExceptions"]
-                    .as_array_mut()
-                    .and_then(|l| l.iter_mut().find(|e| same_entry(e, &namespace, &name)))
-                    .ok_or_else(|| {
-                        CliError::Usage(format!(
-                            "pod identity exception {namespace}/{name} not found"
-                        ))
-                    })?;
-                found["podLabels"] = labels;
-                api.put_cluster(&resource_group, &cluster_name, cluster)
-                    .await?
+                api.edit_profile(&resource_group, &cluster_name, |p| {
+                    let found = p["userAssignedIdentityExceptions"]
+                        .as_array_mut()
+                        .and_then(|l| l.iter_mut().find(|e| same_entry(e, &namespace, &name)))
+                        .ok_or_else(|| {
+                            CliError::Usage(format!(
+                                "pod identity exception {namespace}/{name} not found"
+                            ))
+                        })?;
+                    found["podLabels"] = labels;
+                    Ok(())
+                })
+                .await?
             }
             ExceptionVerb::List {
                 resource_group,

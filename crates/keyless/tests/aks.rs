@@ -102,25 +102,47 @@ fn cluster_path(sub: &str, rg: &str, name: &str) -> String {
 }
 
 /// The host view of a node, read with its own host credential.
-async fn host_view(server: &ServerProc, state: &Path) -> Value {
+/// A client of the host API with the node's credential (mTLS, its host certificate).
+fn host_client(server: &ServerProc, state: &Path) -> reqwest::Client {
     let read = |p: &Path| std::fs::read_to_string(p).unwrap();
     let ca = keyless_pki::pem_blocks(&read(Path::new(&server.ca)), "CERTIFICATE").remove(0);
     let cert =
         keyless_pki::pem_blocks(&read(&state.join("host-cert.pem")), "CERTIFICATE").remove(0);
     let key = keyless_pki::pem_blocks(&read(&state.join("host-key.pem")), "PRIVATE KEY").remove(0);
     let tls = keyless_pki::client_tls_config(&ca, Some((&cert, &key))).unwrap();
-    let c = reqwest::Client::builder()
+    reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .no_proxy()
         .build()
-        .unwrap();
-    let r = c
+        .unwrap()
+}
+
+async fn host_view(server: &ServerProc, state: &Path) -> Value {
+    let r = host_client(server, state)
         .get(format!("{}/keyless/host/v1/identities", server.url))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     r.json().await.unwrap()
+}
+
+/// What the server issues the node itself (the host API, the server's rule: identities
+/// assigned to its scale set), bypassing the agent's narrower per-caller decision.
+async fn host_token(
+    server: &ServerProc,
+    state: &Path,
+    resource: &str,
+    client_id: &str,
+) -> (u16, Value) {
+    let r = host_client(server, state)
+        .post(format!("{}/keyless/host/v1/token", server.url))
+        .json(&json!({"resource": resource, "selector": {"kind": "client_id", "value": client_id}}))
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
 }
 
 /// A token from the node's IMDS, for the identity with `client_id`.
@@ -418,12 +440,17 @@ async fn a_cluster_its_nodes_and_pod_identities() {
     )
     .expect("the node joins");
     let imds = node.find("IMDS endpoint:").unwrap();
-    let (st, t) = node_token(&imds, "https://vault.azure.net", &id1_cid).await;
+    // the server issues the node the pod identity (it is on the pool's scale set) ...
+    let (st, t) = host_token(&server, &state, "https://vault.azure.net", &id1_cid).await;
     assert_eq!(st, 200, "{t}");
     assert_eq!(
         claims(t["access_token"].as_str().unwrap())["oid"],
         id1_oid.as_str()
     );
+    // ... but on a pod-identity cluster the node's own processes never get a pod identity
+    // through its IMDS: only NMI hands them out, to the pods bound to them
+    let (st, t) = node_token(&imds, "https://vault.azure.net", &id1_cid).await;
+    assert_eq!(st, 400, "{t}");
     let (st, kt) = node_token(
         &imds,
         "https://management.azure.com/",
@@ -441,7 +468,13 @@ async fn a_cluster_its_nodes_and_pod_identities() {
         json!({
             "id": cluster["id"],
             "networkPlugin": "azure",
-            "podIdentity": {"enabled": true, "allowNetworkPluginKubenet": false, "clientIds": [id1_cid]},
+            "podIdentity": {
+                "enabled": true,
+                "allowNetworkPluginKubenet": false,
+                "clientIds": [id1_cid],
+                "identities": [{"namespace": "my-app", "name": "my-pod-identity", "clientId": id1_cid}],
+                "exceptions": [],
+            },
             "kubeletIdentity": kubelet,
         })
     );
@@ -492,7 +525,6 @@ async fn a_cluster_its_nodes_and_pod_identities() {
             .0,
         400
     );
-
     // refused callers: a pod identity's token, and a service principal without roles; a
     // Reader of the cluster may read the profile, not report
     let pod_arm = arm.with_token(&s(&node_token(
@@ -510,6 +542,7 @@ async fn a_cluster_its_nodes_and_pod_identities() {
             "{action}: {v}"
         );
     }
+
     let app = cli(&["app", "create", "--display-name", "reader"]);
     let (st, t) = sp_token(
         &https(&server.ca),
@@ -639,6 +672,39 @@ async fn a_cluster_its_nodes_and_pod_identities() {
         after["properties"]["podIdentityProfile"]["userAssignedIdentityExceptions"][0]["podLabels"],
         json!({"app": "mic2"})
     );
+    let view = host_view(&server, &state).await;
+    assert_eq!(
+        view["cluster"]["podIdentity"]["exceptions"],
+        json!([{"namespace": "kube-system", "name": "mic-exception"}])
+    );
+    assert_eq!(
+        view["cluster"]["podIdentity"]["identities"],
+        json!([
+            {"namespace": "my-app", "name": "my-pod-identity", "clientId": id1_cid},
+            {"namespace": "my-app", "name": "my-pod-identity-2", "clientId": id2_cid},
+        ])
+    );
+    // the add-on's own exception is reserved
+    let err = fails(
+        &env,
+        &[
+            "aks",
+            "pod-identity",
+            "exception",
+            "add",
+            "-g",
+            "myResourceGroup",
+            "--cluster-name",
+            "myAKSCluster",
+            "--namespace",
+            "kube-system",
+            "-n",
+            "aks-addon-exception",
+            "--pod-labels",
+            "app=x",
+        ],
+    );
+    assert!(err.contains("reserved"), "{err}");
     let err = fails(
         &env,
         &[
@@ -728,7 +794,7 @@ async fn a_cluster_its_nodes_and_pod_identities() {
             .len(),
         1
     );
-    let (st, v) = node_token(&imds, "https://after-delete.example/", &id1_cid).await;
+    let (st, v) = host_token(&server, &state, "https://after-delete.example/", &id1_cid).await;
     assert_ne!(st, 200, "{v}");
     assert_eq!(
         node_token(
@@ -745,6 +811,11 @@ async fn a_cluster_its_nodes_and_pod_identities() {
         view["cluster"]["podIdentity"]["clientIds"],
         json!([id2_cid])
     );
+    assert_eq!(
+        view["cluster"]["podIdentity"]["identities"],
+        json!([{"namespace": "my-app", "name": "my-pod-identity-2", "clientId": id2_cid}])
+    );
+    assert_eq!(view["cluster"]["podIdentity"]["exceptions"], json!([]));
 
     // turning the add-on off drops every pod identity from the pools
     let after = cli(&[
@@ -761,7 +832,7 @@ async fn a_cluster_its_nodes_and_pod_identities() {
         json!({"enabled": false, "allowNetworkPluginKubenet": false, "userAssignedIdentities": [], "userAssignedIdentityExceptions": []})
     );
     assert_ne!(
-        node_token(&imds, "https://after-disable.example/", &id2_cid)
+        host_token(&server, &state, "https://after-disable.example/", &id2_cid)
             .await
             .0,
         200
@@ -981,6 +1052,17 @@ async fn refused_writes_leave_nothing_written() {
             "InvalidParameter",
         ),
         (
+            "the add-on's own exception",
+            profile(
+                vec![],
+                vec![
+                    json!({"name": "aks-addon-exception", "namespace": "kube-system", "podLabels": {"a": "b"}}),
+                ],
+            ),
+            400,
+            "InvalidParameter",
+        ),
+        (
             "disabled with identities",
             json!({"enabled": false, "userAssignedIdentities": [entry("a", "ns")]}),
             400,
@@ -994,6 +1076,8 @@ async fn refused_writes_leave_nothing_written() {
             (status, code.to_string()),
             "{what}: {v}"
         );
+        // a mismatch names neither of the identity's actual ids
+        assert!(!v.to_string().contains(&id_cid), "{what}: {v}");
         assert_eq!(arm.get(&cpath).await.1, baseline, "{what}: nothing written");
     }
     assert_eq!(cli(&["vmss", "list", "-g", &node_group]), sets_before);
@@ -1078,12 +1162,104 @@ async fn refused_writes_leave_nothing_written() {
         arm.get(&cpath).await.1["properties"]["podIdentityProfile"]["userAssignedIdentities"],
         json!([])
     );
+    // nor does it learn whether an identity it may not assign exists, or its ids
+    let mut wrong_client = entry("a", "ns");
+    wrong_client["identity"]["clientId"] = json!("00000000-0000-0000-0000-000000000000");
+    let unknown = json!({"name": "a", "namespace": "ns", "identity": {"resourceId": id_res.replace("/app", "/nope")}});
+    for (what, e) in [
+        ("wrong client id", wrong_client),
+        ("unknown identity", unknown),
+    ] {
+        let (st, v) = contrib
+            .put(&cpath, &with_profile(&cluster, profile(vec![e], vec![])))
+            .await;
+        assert_eq!(
+            (st, s(&v["error"]["code"])),
+            (403, "LinkedAuthorizationFailed".to_string()),
+            "{what}: {v}"
+        );
+        assert!(!v.to_string().contains(&id_cid), "{what}: {v}");
+    }
     // a write that adds no identity is the caller's to make
     let (st, v) = contrib
         .put(&cpath, &with_profile(&cluster, profile(vec![], vec![])))
         .await;
     assert_eq!(st, 200, "{v}");
-    let _ = id_cid;
+
+    // an identity deleted and re-created under the same id is a new identity: the entry that
+    // named the old one does not carry its authorization over, for the caller nor the cluster
+    let (st, v) = arm
+        .put(
+            &cpath,
+            &with_profile(&cluster, profile(vec![entry("a", "ns")], vec![])),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    cli(&["identity", "delete", "-g", "ids", "-n", "app"]);
+    let again = cli(&["identity", "create", "-g", "ids", "-n", "app"]);
+    let new_cid = s(&again["properties"]["clientId"]);
+    assert_eq!(s(&again["id"]), id_res);
+    assert_ne!(new_cid, id_cid);
+    let stored = arm.get(&cpath).await.1;
+    assert_eq!(
+        stored["properties"]["podIdentityProfile"]["userAssignedIdentities"][0]["identity"]
+            ["clientId"],
+        id_cid.as_str()
+    );
+    let (st, v) = contrib
+        .put(
+            &cpath,
+            &with_profile(&cluster, profile(vec![entry("a", "ns")], vec![])),
+        )
+        .await;
+    assert_eq!(
+        (st, s(&v["error"]["code"])),
+        (403, "LinkedAuthorizationFailed".to_string()),
+        "the caller: {v}"
+    );
+    assert!(
+        s(&v["error"]["message"]).contains(&s(&app["objectId"])),
+        "{v}"
+    );
+    // the admin may assign it, the cluster identity lost its role with the old identity
+    let (st, v) = arm
+        .put(
+            &cpath,
+            &with_profile(&cluster, profile(vec![entry("a", "ns")], vec![])),
+        )
+        .await;
+    assert_eq!(
+        (st, s(&v["error"]["code"])),
+        (403, "LinkedAuthorizationFailed".to_string()),
+        "the cluster identity: {v}"
+    );
+    assert!(s(&v["error"]["message"]).contains(&principal), "{v}");
+    assert_eq!(arm.get(&cpath).await.1, stored, "nothing written");
+    cli(&[
+        "role",
+        "assignment",
+        "create",
+        "--role",
+        "Managed Identity Operator",
+        "--assignee-object-id",
+        &principal,
+        "--scope",
+        &id_res,
+    ]);
+    let (st, v) = arm
+        .put(
+            &cpath,
+            &with_profile(&cluster, profile(vec![entry("a", "ns")], vec![])),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let e = &v["properties"]["podIdentityProfile"]["userAssignedIdentities"][0]["identity"];
+    assert_eq!(e["clientId"], new_cid.as_str());
+    assert_eq!(e["objectId"], again["properties"]["principalId"]);
+    let (st, v) = contrib
+        .put(&cpath, &with_profile(&cluster, profile(vec![], vec![])))
+        .await;
+    assert_eq!(st, 200, "{v}");
 
     // kubenet: pod identity only with allowNetworkPluginKubenet; a refused create leaves no
     // cluster and no node group
@@ -1342,4 +1518,433 @@ async fn deleting_the_group_deletes_its_clusters_and_their_nodes() {
         200
     );
     drop((node, node2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_a_cluster_are_never_stored_or_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(dir.path(), &[]);
+    let cli = |args: &[&str]| server.cli(args);
+    let (c, admin_token) = server.admin().await;
+    let arm = Arm {
+        c,
+        url: server.url.clone(),
+        token: admin_token,
+    };
+    cli(&["group", "create", "-n", "rg"]);
+    let secrets = [
+        "sp-secret-6f1d2c",
+        "windows-password-83aa0e",
+        "server-app-secret-1b7c44",
+        "addon-client-secret-9e0f31",
+        "pool-password-52d8ab",
+    ];
+    let body = json!({"location": "local", "identity": {"type": "SystemAssigned"}, "properties": {
+        "agentPoolProfiles": [{"name": "np1", "count": 1, "linuxProfile": {"password": secrets[4]}}],
+        "servicePrincipalProfile": {"clientId": "msi", "secret": secrets[0]},
+        "windowsProfile": {"adminUsername": "azureuser", "adminPassword": secrets[1]},
+        "aadProfile": {"serverAppID": "server-app", "serverAppSecret": secrets[2], "clientAppID": "client-app"},
+        "addonProfiles": {"ingress": {"enabled": true, "config": {"clientSecret": secrets[3]}}},
+    }});
+    let sub = {
+        let g = cli(&["group", "show", "-n", "rg"]);
+        s(&g["id"]).split('/').nth(2).unwrap().to_string()
+    };
+    let path = cluster_path(&sub, "rg", "c1");
+    let (st, created) = arm.put(&format!("{path}?{API}"), &body).await;
+    assert_eq!(st, 201, "{created}");
+    let (st, got) = arm.get(&format!("{path}?{API}")).await;
+    assert_eq!(st, 200);
+    let (st, in_group) = arm
+        .get(&format!(
+            "/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.ContainerService/managedClusters?{API}"
+        ))
+        .await;
+    assert_eq!(st, 200);
+    let (st, in_sub) = arm
+        .get(&format!(
+            "/subscriptions/{sub}/providers/Microsoft.ContainerService/managedClusters?{API}"
+        ))
+        .await;
+    assert_eq!(st, 200);
+    let shown = cli(&["aks", "show", "-g", "rg", "-n", "c1"]);
+    for (what, v) in [
+        ("PUT", &created),
+        ("GET", &got),
+        ("list in group", &in_group),
+        ("list in subscription", &in_sub),
+        ("aks show", &shown),
+    ] {
+        let text = v.to_string();
+        for sec in secrets {
+            assert!(!text.contains(sec), "{what} shows {sec}: {text}");
+        }
+    }
+    // what is not a secret stays
+    let p = &got["properties"];
+    assert_eq!(p["servicePrincipalProfile"], json!({"clientId": "msi"}));
+    assert_eq!(p["windowsProfile"], json!({"adminUsername": "azureuser"}));
+    assert_eq!(p["aadProfile"]["serverAppID"], "server-app");
+    assert_eq!(p["addonProfiles"]["ingress"]["enabled"], true);
+    assert_eq!(in_group["value"][0]["id"], got["id"]);
+    // a read-modify-write keeps it so
+    let (st, v) = arm.put(&format!("{path}?{API}"), &got).await;
+    assert_eq!(st, 200, "{v}");
+    // and the database never held them (the file, its WAL and journal)
+    let data = dir.path().join("server");
+    let mut blob = vec![];
+    for e in std::fs::read_dir(&data).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with("keyless.db") {
+            blob.extend(std::fs::read(e.path()).unwrap());
+        }
+    }
+    assert!(
+        blob.windows(b"servicePrincipalProfile".len())
+            .any(|w| w == b"servicePrincipalProfile"),
+        "the cluster is in the files read"
+    );
+    for sec in secrets {
+        assert!(
+            !blob.windows(sec.len()).any(|w| w == sec.as_bytes()),
+            "keyless.db holds {sec}"
+        );
+    }
+}
+
+/// AKS's node resource group lockdown: a principal with "Virtual Machine Contributor" on the
+/// node resource group (the seed grants exactly that to a pod identity) may not join a rogue
+/// node through the pool scale set's generic join token, change the scale set's identities, or
+/// create anything there; neither may an Owner. Reads and role assignments stay allowed, the
+/// cluster's own paths (`aks nodepool join-token`, pod identities) keep working. Also the host
+/// view's pod identity entries and exceptions, and the add-on's report limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_resource_group_is_locked_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(dir.path(), &[]);
+    let cli = |args: &[&str]| server.cli(args);
+    let (c, admin_token) = server.admin().await;
+    let arm = Arm {
+        c,
+        url: server.url.clone(),
+        token: admin_token,
+    };
+    cli(&["group", "create", "-n", "rg"]);
+    cli(&["group", "create", "-n", "ids"]);
+    let id1 = cli(&["identity", "create", "-g", "ids", "-n", "app"]);
+    let (id1_res, id1_cid) = (s(&id1["id"]), s(&id1["properties"]["clientId"]));
+    let cluster = cli(&[
+        "aks",
+        "create",
+        "-g",
+        "rg",
+        "-n",
+        "c1",
+        "--enable-pod-identity",
+        "--node-count",
+        "1",
+    ]);
+    let sub = s(&cluster["id"]).split('/').nth(2).unwrap().to_string();
+    let cpath = cluster_path(&sub, "rg", "c1");
+    let node_group = s(&cluster["properties"]["nodeResourceGroup"]);
+    let kubelet = cluster["properties"]["identityProfile"]["kubeletidentity"].clone();
+    let node_rg_id = format!("/subscriptions/{sub}/resourceGroups/{node_group}");
+    cli(&[
+        "aks",
+        "pod-identity",
+        "add",
+        "-g",
+        "rg",
+        "--cluster-name",
+        "c1",
+        "--namespace",
+        "my-app",
+        "-n",
+        "my-pod-identity",
+        "--identity-resource-id",
+        &id1_res,
+    ]);
+    cli(&[
+        "aks",
+        "pod-identity",
+        "exception",
+        "add",
+        "-g",
+        "rg",
+        "--cluster-name",
+        "c1",
+        "--namespace",
+        "kube-system",
+        "-n",
+        "mic-exception",
+        "--pod-labels",
+        "app=mic",
+    ]);
+    let sets = cli(&["vmss", "list", "-g", &node_group]);
+    let ss_id = s(&sets[0]["id"]);
+
+    // the seed's grant at the node group is allowed (a role assignment), to a principal of
+    // its own here: the node IMDS's answers to pod identities are NMI's business
+    let app = cli(&["app", "create", "--display-name", "vm-contributor"]);
+    cli(&[
+        "role",
+        "assignment",
+        "create",
+        "--role",
+        "Virtual Machine Contributor",
+        "--assignee",
+        &s(&app["appId"]),
+        "--scope",
+        &node_rg_id,
+    ]);
+    let (st, t) = sp_token(
+        &https(&server.ca),
+        &server.url,
+        &s(&app["tenant"]),
+        &s(&app["appId"]),
+        &s(&app["password"]),
+        "https://management.azure.com/.default",
+    )
+    .await;
+    assert_eq!(st, 200, "{t}");
+    let vmc = arm.with_token(&s(&t["access_token"]));
+
+    // the node resource group is the cluster's: the pod identity holds Virtual Machine
+    // Contributor there (the seed's grant) yet may not mint a join token for the pool's scale
+    // set (a rogue node would hold every pod identity and the kubelet identity), nor change
+    // the scale set's identities, nor create anything there; neither may the admin (Owner)
+    const COMPUTE: &str = "api-version=2024-11-01";
+    const MSI: &str = "api-version=2023-01-31";
+    let lockdown = |what: &str, (st, v): (u16, Value)| {
+        assert_eq!(
+            (st, s(&v["error"]["code"])),
+            (409, "OperationNotAllowed".to_string()),
+            "{what}: {v}"
+        );
+        let m = s(&v["error"]["message"]);
+        assert!(
+            m.contains("managed by the cluster") && m.contains("aks nodepool join-token"),
+            "{what}: {m}"
+        );
+    };
+    let vmss_patch = json!({"identity": {"type": "UserAssigned", "userAssignedIdentities": {id1_res.clone(): {}}}});
+    let new_vm = json!({"location": "local", "identity": {"type": "SystemAssigned"}});
+    for who in [&vmc, &arm] {
+        lockdown(
+            "scale-set join token",
+            who.post(&format!("{ss_id}/generateJoinToken?{COMPUTE}"), &json!({}))
+                .await,
+        );
+        lockdown(
+            "scale-set identity assign",
+            who.call(
+                reqwest::Method::PATCH,
+                &format!("{ss_id}?{COMPUTE}"),
+                Some(&vmss_patch),
+            )
+            .await,
+        );
+        lockdown(
+            "scale-set replace",
+            who.put(&format!("{ss_id}?{COMPUTE}"), &vmss_patch).await,
+        );
+        lockdown(
+            "scale-set delete",
+            who.call(reqwest::Method::DELETE, &format!("{ss_id}?{COMPUTE}"), None)
+                .await,
+        );
+        lockdown(
+            "new VM",
+            who.put(
+                &format!(
+                    "{node_rg_id}/providers/Microsoft.Compute/virtualMachines/rogue?{COMPUTE}"
+                ),
+                &new_vm,
+            )
+            .await,
+        );
+        lockdown(
+            "new scale set",
+            who.put(
+                &format!("{node_rg_id}/providers/Microsoft.Compute/virtualMachineScaleSets/aks-rogue-1-vmss?{COMPUTE}"),
+                &new_vm,
+            )
+            .await,
+        );
+    }
+    lockdown(
+        "new identity",
+        arm.put(
+            &format!("{node_rg_id}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/rogue?{MSI}"),
+            &json!({"location": "local"}),
+        )
+        .await,
+    );
+    lockdown(
+        "kubelet identity delete",
+        arm.call(
+            reqwest::Method::DELETE,
+            &format!("{}?{MSI}", s(&kubelet["resourceId"])),
+            None,
+        )
+        .await,
+    );
+    lockdown(
+        "federated credential on the kubelet identity",
+        arm.put(
+            &format!(
+                "{}/federatedIdentityCredentials/rogue?{MSI}",
+                s(&kubelet["resourceId"])
+            ),
+            &json!({"properties": {"issuer": "https://issuer.example", "subject": "x", "audiences": ["api://AzureADTokenExchange"]}}),
+        )
+        .await,
+    );
+    // reads stay allowed (the seed's demo lists the VMs), the scale set is unchanged
+    let (st, v) = vmc
+        .get(&format!(
+            "{node_rg_id}/providers/Microsoft.Compute/virtualMachineScaleSets?{COMPUTE}"
+        ))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["value"][0]["identity"], sets[0]["identity"]);
+    assert_eq!(arm.get(&format!("{ss_id}?{COMPUTE}")).await.0, 200);
+    let (st, v) = arm
+        .get(&format!(
+            "{node_rg_id}/providers/Microsoft.Compute/virtualMachines/rogue?{COMPUTE}"
+        ))
+        .await;
+    assert_eq!(st, 404, "{v}");
+    assert_eq!(
+        cli(&["vmss", "list", "-g", &node_group])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // a stranger is told it may not write, not that the group is a cluster's
+    let other = cli(&["app", "create", "--display-name", "stranger"]);
+    let (_, t) = sp_token(
+        &https(&server.ca),
+        &server.url,
+        &s(&other["tenant"]),
+        &s(&other["appId"]),
+        &s(&other["password"]),
+        "https://management.azure.com/.default",
+    )
+    .await;
+    let (st, v) = arm
+        .with_token(&s(&t["access_token"]))
+        .post(&format!("{ss_id}/generateJoinToken?{COMPUTE}"), &json!({}))
+        .await;
+    assert_eq!(
+        (st, s(&v["error"]["code"])),
+        (403, "AuthorizationFailed".to_string()),
+        "{v}"
+    );
+
+    // the cluster's own path: a node joins with the pool's token
+    let join = cli(&[
+        "aks",
+        "nodepool",
+        "join-token",
+        "-g",
+        "rg",
+        "--cluster-name",
+        "c1",
+        "-n",
+        "nodepool1",
+    ]);
+    assert_eq!(s(&join["vmResourceId"]), ss_id);
+    let state = dir.path().join("node1");
+    let node = spawn_until(
+        &server.node_args(
+            &state.to_string_lossy(),
+            Some(join["joinToken"].as_str().unwrap()),
+        ),
+        "IMDS endpoint:",
+        dir.path(),
+    )
+    .expect("the node joins");
+
+    // the host view lists the profile's pod identities and exceptions
+    let view = host_view(&server, &state).await;
+    assert_eq!(
+        view["cluster"]["podIdentity"],
+        json!({
+            "enabled": true,
+            "allowNetworkPluginKubenet": false,
+            "clientIds": [id1_cid],
+            "identities": [{"namespace": "my-app", "name": "my-pod-identity", "clientId": id1_cid}],
+            "exceptions": [{"namespace": "kube-system", "name": "mic-exception"}],
+        })
+    );
+    assert_eq!(view["cluster"]["kubeletIdentity"], kubelet);
+
+    // the add-on's report (the admin holds write on the cluster)
+    let ok = json!({"userAssignedIdentities": [{"name": "my-pod-identity", "namespace": "my-app", "provisioningState": "Assigned"}]});
+    assert_eq!(
+        arm.post(&format!("{cpath}/reportPodIdentityStatus?{API}"), &ok)
+            .await
+            .0,
+        204
+    );
+    // a report's error code, message and entries are capped: longer is refused, nothing kept
+    let failed = |code: String, message: String| {
+        json!({"userAssignedIdentities": [{"name": "my-pod-identity", "namespace": "my-app",
+            "provisioningState": "Failed", "error": {"code": code, "message": message}}]})
+    };
+    let too_many = json!({"userAssignedIdentities": (0..201)
+        .map(|i| json!({"name": format!("p{i}"), "namespace": "my-app", "provisioningState": "Assigned"}))
+        .collect::<Vec<_>>()});
+    for (what, report) in [
+        ("129-char code", failed("c".repeat(129), "m".into())),
+        ("1025-char message", failed("c".into(), "m".repeat(1025))),
+        ("201 entries", too_many),
+    ] {
+        let (st, v) = arm
+            .post(&format!("{cpath}/reportPodIdentityStatus?{API}"), &report)
+            .await;
+        assert_eq!(
+            (st, s(&v["error"]["code"])),
+            (400, "InvalidParameter".to_string()),
+            "{what}: {v}"
+        );
+    }
+    let shown = cli(&["aks", "show", "-g", "rg", "-n", "c1"]);
+    assert_eq!(
+        shown["properties"]["podIdentityProfile"]["userAssignedIdentities"][0]["provisioningState"],
+        "Assigned"
+    );
+    assert_eq!(
+        arm.post(
+            &format!("{cpath}/reportPodIdentityStatus?{API}"),
+            &failed("c".repeat(128), "m".repeat(1024))
+        )
+        .await
+        .0,
+        204
+    );
+    assert_eq!(
+        arm.post(&format!("{cpath}/reportPodIdentityStatus?{API}"), &ok)
+            .await
+            .0,
+        204
+    );
+
+    // turning the add-on off empties both lists
+    cli(&[
+        "aks",
+        "update",
+        "-g",
+        "rg",
+        "-n",
+        "c1",
+        "--disable-pod-identity",
+    ]);
+    let view = host_view(&server, &state).await;
+    assert_eq!(view["cluster"]["podIdentity"]["identities"], json!([]));
+    assert_eq!(view["cluster"]["podIdentity"]["exceptions"], json!([]));
+    drop(node);
 }
