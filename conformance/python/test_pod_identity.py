@@ -59,10 +59,12 @@ class Fabric:
         state = self.root / f"state-{name}"
         kubeconfig = self.cp.node_kubeconfig(self.root / f"kubeconfig-{name}")
         cmd = [*node.prefix(), keyless_bin(), "node", "--server", self.server_for(node),
-               "--ca-file", self.up.info["caFile"], "--state-dir", str(state), "--join-token", join_token,
+               "--ca-file", self.up.info["caFile"], "--state-dir", str(state),
                "--imds-listen", "169.254.169.254:80", "--sync-interval", "1",
                "--nmi", "--node-name", name, "--kubeconfig", kubeconfig, "--nmi-listen", f"{node.ns_ip}:2579"]
-        p = Proc(cmd, "NMI endpoint:", self.root / f"node-{name}.log")
+        # the join token in the environment, not on the command line (ps shows argv)
+        env = dict(os.environ, KEYLESS_JOIN_TOKEN=join_token)
+        p = Proc(cmd, "NMI endpoint:", self.root / f"node-{name}.log", env=env)
         self.procs.append(p)
         return p
 
@@ -285,6 +287,70 @@ def test_refusals(fab, seed):
     demo = next(p for p in fab.pods if p.k8s_name == "demo")
     status, body = demo.curl(q, headers=())
     assert status == 400 and json.loads(body)["error"] == "invalid_request", body
+
+
+def test_a_tenants_own_objects_grant_nothing(fab, seed):
+    """A tenant who may write the aadpodidentity.k8s.io kinds in their namespace: an
+    AzureIdentity naming another namespace's pod identity or the kubelet identity, bound to
+    their pod, and an exception of their own, are not in the cluster's profile, so NMI ignores
+    them."""
+    cp = fab.cp
+    cp.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "evil"}})
+    cp.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": "evil"}})
+    kubelet_cid = seed["kubelet"]["clientId"]
+    for name, cid, rid in [("steal", client_id(seed["ids"][0]), seed["ids"][0]["id"]),
+                           ("kubelet", kubelet_cid, seed["kubelet"]["resourceId"])]:
+        cp.apply({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+                  "metadata": {"name": name, "namespace": "evil"},
+                  "spec": {"type": 0, "clientID": cid, "resourceID": rid}})
+        cp.apply({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+                  "metadata": {"name": f"{name}-binding", "namespace": "evil"},
+                  "spec": {"azureIdentity": name, "selector": name}})
+    cp.apply({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzurePodIdentityException",
+              "metadata": {"name": "aks-addon-exception", "namespace": "evil"},
+              "spec": {"podLabels": {"app": "evil-probe"}}})
+    q = f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM}/"
+    thief = fab.pod(0, "thief", "evil", {"aadpodidbinding": "steal"})
+    status, body = thief.curl(q)
+    assert status == 404, body
+    status, body = thief.curl(q + f"&client_id={client_id(seed['ids'][0])}")
+    assert status == 404, body
+    kthief = fab.pod(1, "kubelet-thief", "evil", {"aadpodidbinding": "kubelet"})
+    status, body = kthief.curl(q + f"&client_id={kubelet_cid}")
+    assert status == 404, body
+    # the tenant's exception does not except: no node identity
+    probe = fab.pod(0, "evil-probe", "evil", {"app": "evil-probe"})
+    status, body = probe.curl(q + f"&client_id={kubelet_cid}")
+    assert status == 404, (status, body)
+    # the profile's own objects still work
+    demo = next(p for p in fab.pods if p.k8s_name == "demo")
+    status, body = demo.curl(q)
+    assert status == 200, body
+
+
+def test_a_pod_bypassing_the_redirect_is_not_the_host(fab, seed):
+    """The node's IMDS (169.254.169.254:80 on the node) answers a pod that reaches it without
+    the DNAT (untracked here, as for a connection older than the rule) as NMI would."""
+    pod = fab.pod(1, "bypass", "my-app", {"aadpodidbinding": "my-pod-identity-2"})
+    node = pod.node
+    q = (f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM}/"
+         f"&client_id={seed['kubelet']['clientId']}")
+    rules = [("PREROUTING", "-s"), ("OUTPUT", "-d")]
+    for chain, d in rules:
+        node.run("iptables", "-t", "raw", "-I", chain, d, pod.ip, "-j", "NOTRACK")
+    try:
+        status, body = pod.curl(q)
+        assert status == 404, (status, body)
+    finally:
+        for chain, d in rules:
+            node.run("iptables", "-t", "raw", "-D", chain, d, pod.ip, "-j", "NOTRACK", check=False)
+    # the node itself is the host: the kubelet identity (never a pod identity, item 3)
+    out = node.run("curl", "-s", "-H", "Metadata: true", f"http://169.254.169.254{q}")
+    assert "access_token" in out.stdout, out.stdout
+    out = node.run("curl", "-s", "-H", "Metadata: true",
+                   f"http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01"
+                   f"&resource={ARM}/&client_id={client_id(seed['ids'][0])}")
+    assert "Identity not found" in out.stdout, out.stdout
 
 
 def test_excepted_pod_gets_the_node_identity_and_never_the_pod_identity(fab, seed):

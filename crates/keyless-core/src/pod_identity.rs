@@ -7,7 +7,8 @@
 //! - [`decide`]: is a pod excepted, bound to identities (which, in which order), or neither;
 //! - [`select`]: which of a pod's identities a request names, among those the host holds;
 //! - [`parse_token_request`], [`route`], and NMI's error texts ([`no_identity_message`]);
-//! - [`ClusterView`] (the `cluster` object of the host view) and the kubenet guard
+//! - [`ClusterView`] (the `cluster` object of the host view), which objects count ([`Trust`]:
+//!   the cluster's profile, not whoever may write the CRDs), and the kubenet guard
 //!   ([`kubenet_refusal`]).
 //!
 //! Managed mode is namespaced: bindings, identities and exceptions only count in the pod's own
@@ -297,6 +298,153 @@ pub struct ClusterPodIdentity {
     pub allow_network_plugin_kubenet: bool,
     /// Client ids of every pod identity of the cluster (`podIdentityProfile`).
     pub client_ids: Vec<String>,
+    /// The profile's pod identities: the only `AzureIdentity` objects NMI honours
+    /// ([`Trust::identity`]).
+    pub identities: Vec<ProfileIdentity>,
+    /// The profile's exceptions: with `kube-system/aks-addon-exception`, the only
+    /// `AzurePodIdentityException` objects NMI honours ([`Trust::exception`]).
+    pub exceptions: Vec<ProfileException>,
+}
+
+/// One pod identity of the cluster's `podIdentityProfile`, as the host view carries it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProfileIdentity {
+    pub namespace: String,
+    pub name: String,
+    pub client_id: String,
+}
+
+/// One exception of the cluster's `podIdentityProfile`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProfileException {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The exception the add-on keeps for its own pods (always honoured).
+pub const ADDON_EXCEPTION: (&str, &str) = ("kube-system", "aks-addon-exception");
+
+/// Which `aadpodidentity.k8s.io` objects NMI believes.
+///
+/// Creating these objects is a namespace-level Kubernetes permission; the identities they name
+/// are not. On a node of a managed cluster (the host view has a `cluster` object) the cluster's
+/// `podIdentityProfile` is the authority: an `AzureIdentity` counts only if its (namespace,
+/// name, clientID) is an entry of the profile (client id compared ignoring case), an exception
+/// only if its (namespace, name) is a profile exception or [`ADDON_EXCEPTION`]. So a tenant
+/// who may write these kinds in their own namespace cannot point an `AzureIdentity` at another
+/// namespace's pod identity or the kubelet identity, nor except their pods into the node's
+/// identities.
+///
+/// On a plain scale set used with `--nmi` (no `cluster` object, [`Trust::Operator`]) there is
+/// no profile: every object is believed, and whoever may write the CRDs decides which of the
+/// host's identities pods get. The operator owns the CRDs there and must restrict who writes
+/// them (RBAC), as with upstream aad-pod-identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Trust {
+    /// No profile: every object counts (the operator owns the CRDs).
+    #[default]
+    Operator,
+    /// The cluster's profile decides.
+    Profile {
+        /// (namespace, name, lowercase client id).
+        identities: std::collections::HashSet<(String, String, String)>,
+        exceptions: std::collections::HashSet<(String, String)>,
+    },
+}
+
+impl Trust {
+    /// The trust a host view's `cluster` object (if any) implies.
+    pub fn of(cluster: Option<&ClusterView>) -> Trust {
+        match cluster {
+            None => Trust::Operator,
+            Some(c) => Trust::Profile {
+                identities: c
+                    .pod_identity
+                    .identities
+                    .iter()
+                    .map(|i| {
+                        (
+                            i.namespace.clone(),
+                            i.name.clone(),
+                            i.client_id.to_ascii_lowercase(),
+                        )
+                    })
+                    .collect(),
+                exceptions: c
+                    .pod_identity
+                    .exceptions
+                    .iter()
+                    .map(|e| (e.namespace.clone(), e.name.clone()))
+                    .collect(),
+            },
+        }
+    }
+
+    /// Whether NMI honours this `AzureIdentity`.
+    pub fn identity(&self, id: &AzureIdentity) -> bool {
+        match self {
+            Trust::Operator => true,
+            Trust::Profile { identities, .. } => identities.contains(&(
+                id.namespace.clone(),
+                id.name.clone(),
+                id.client_id.to_ascii_lowercase(),
+            )),
+        }
+    }
+
+    /// Whether NMI honours this `AzurePodIdentityException`.
+    pub fn exception(&self, e: &Exception) -> bool {
+        if (e.namespace.as_str(), e.name.as_str()) == ADDON_EXCEPTION {
+            return true;
+        }
+        match self {
+            Trust::Operator => true,
+            Trust::Profile { exceptions, .. } => {
+                exceptions.contains(&(e.namespace.clone(), e.name.clone()))
+            }
+        }
+    }
+}
+
+/// [`decide`] over the objects `trust` honours only.
+pub fn decide_trusted<'a>(
+    trust: &Trust,
+    pod: &Pod,
+    bindings: impl IntoIterator<Item = &'a Binding>,
+    identities: impl IntoIterator<Item = &'a AzureIdentity>,
+    exceptions: impl IntoIterator<Item = &'a Exception>,
+) -> PodDecision {
+    decide(
+        pod,
+        bindings,
+        identities.into_iter().filter(|i| trust.identity(i)),
+        exceptions.into_iter().filter(|e| trust.exception(e)),
+    )
+}
+
+/// The client ids (lowercase) an excepted caller never gets: on a managed cluster the
+/// profile's pod identities (`cluster.podIdentity.clientIds`) — never whatever
+/// `AzureIdentity` objects exist, which a tenant could write to take the kubelet identity out
+/// of the set; without a cluster object ([`Trust::Operator`]) the client ids of the
+/// `AzureIdentity` objects seen (`k8s_client_ids`), the operator's.
+pub fn excluded_from_excepted(
+    cluster: Option<&ClusterView>,
+    k8s_client_ids: &std::collections::HashSet<String>,
+) -> std::collections::HashSet<String> {
+    match cluster {
+        Some(c) => c
+            .pod_identity
+            .client_ids
+            .iter()
+            .map(|c| c.to_ascii_lowercase())
+            .collect(),
+        None => k8s_client_ids
+            .iter()
+            .map(|c| c.to_ascii_lowercase())
+            .collect(),
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -466,6 +614,116 @@ mod tests {
         let p = pod("kube-system", &[("aadpodidbinding", "foo")]);
         let d = decide(&p, &bs, &ids, &[exception("kube-system", &[])]);
         assert_eq!(names(&d), ["a"]);
+    }
+
+    fn profile(ids: &[(&str, &str, &str)], ex: &[(&str, &str)]) -> ClusterView {
+        ClusterView {
+            pod_identity: ClusterPodIdentity {
+                enabled: true,
+                client_ids: ids.iter().map(|i| i.2.to_string()).collect(),
+                identities: ids
+                    .iter()
+                    .map(|(ns, n, c)| ProfileIdentity {
+                        namespace: ns.to_string(),
+                        name: n.to_string(),
+                        client_id: c.to_string(),
+                    })
+                    .collect(),
+                exceptions: ex
+                    .iter()
+                    .map(|(ns, n)| ProfileException {
+                        namespace: ns.to_string(),
+                        name: n.to_string(),
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_profile_decides_which_objects_count() {
+        let c = profile(&[("apps", "a-id", "CA-1")], &[("apps", "probe")]);
+        let t = Trust::of(Some(&c));
+        // the profile's own identity, client id ignoring case
+        assert!(t.identity(&ident("apps", "a-id", "ca-1")));
+        // a tenant's copy of another namespace's pod identity, or of the kubelet identity
+        assert!(!t.identity(&ident("evil", "a-id", "ca-1")));
+        assert!(!t.identity(&ident("evil", "steal", "ca-1")));
+        assert!(!t.identity(&ident("apps", "kubelet", "kubelet-cid")));
+        // the right name in the right namespace pointing at another client id
+        assert!(!t.identity(&ident("apps", "a-id", "kubelet-cid")));
+        let ex = |ns: &str, name: &str| Exception {
+            namespace: ns.into(),
+            name: name.into(),
+            pod_labels: labels(&[("app", "x")]),
+        };
+        assert!(t.exception(&ex("apps", "probe")));
+        assert!(t.exception(&ex("kube-system", "aks-addon-exception")));
+        assert!(!t.exception(&ex("evil", "probe")));
+        assert!(!t.exception(&ex("evil", "aks-addon-exception")));
+        assert!(!t.exception(&ex("kube-system", "other")));
+
+        // decisions: the tenant's objects are ignored, the profile's work
+        let ids = [
+            ident("evil", "steal", "ca-1"),
+            ident("apps", "a-id", "CA-1"),
+        ];
+        let bs = [
+            binding("evil", "b", "steal", "x"),
+            binding("apps", "b", "a-id", "x"),
+        ];
+        let evil_pod = pod("evil", &[("aadpodidbinding", "x"), ("app", "x")]);
+        let evil_ex = [ex("evil", "e")];
+        assert_eq!(
+            decide_trusted(&t, &evil_pod, &bs, &ids, &evil_ex),
+            PodDecision::NoBinding
+        );
+        let d = decide_trusted(
+            &t,
+            &pod("apps", &[("aadpodidbinding", "x")]),
+            &bs,
+            &ids,
+            &[],
+        );
+        assert_eq!(names(&d), ["a-id"]);
+        let probe = [ex("apps", "probe")];
+        assert_eq!(
+            decide_trusted(&t, &pod("apps", &[("app", "x")]), &bs, &ids, &probe),
+            PodDecision::Excepted
+        );
+        // no profile: the operator's objects all count
+        let op = Trust::of(None);
+        assert_eq!(op, Trust::Operator);
+        assert_eq!(
+            decide_trusted(&op, &evil_pod, &bs, &ids, &evil_ex),
+            PodDecision::Excepted
+        );
+        assert_eq!(
+            names(&decide_trusted(&op, &evil_pod, &bs, &ids, &[])),
+            ["steal"]
+        );
+        // the host view's JSON
+        let c: ClusterView = serde_json::from_value(serde_json::json!({"podIdentity": {
+            "enabled": true, "clientIds": ["CA-1"],
+            "identities": [{"namespace": "apps", "name": "a-id", "clientId": "CA-1"}],
+            "exceptions": [{"namespace": "apps", "name": "probe"}]}}))
+        .unwrap();
+        assert_eq!(Trust::of(Some(&c)), t);
+    }
+
+    #[test]
+    fn the_excepted_exclusion_comes_from_the_profile_only() {
+        let c = profile(&[("apps", "a-id", "CA-1")], &[]);
+        // a tenant's AzureIdentity carrying the kubelet's client id changes nothing
+        let seen: std::collections::HashSet<String> =
+            ["kubelet-cid".to_string(), "ca-1".to_string()].into();
+        assert_eq!(
+            excluded_from_excepted(Some(&c), &seen),
+            ["ca-1".to_string()].into()
+        );
+        assert_eq!(excluded_from_excepted(None, &seen), seen);
     }
 
     fn uref(cid: &str, oid: &str, name: &str) -> IdentityRef {

@@ -28,7 +28,9 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use keyless_kvagent::fetch::ImdsTokens;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::runtime::watcher;
 use kube::Resource;
 use serde::de::DeserializeOwned;
@@ -307,6 +309,26 @@ fn key<K: Resource>(k: &K) -> (String, String) {
     )
 }
 
+/// `d` as a `K`, or None (with a warning) when it does not read as one.
+pub fn typed_item<K: Resource<DynamicType = ()> + DeserializeOwned>(
+    d: &DynamicObject,
+) -> Option<K> {
+    let v = serde_json::to_value(d).ok()?;
+    match serde_json::from_value::<K>(v) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!(
+                kind = %K::kind(&()),
+                namespace = d.metadata.namespace.as_deref().unwrap_or(""),
+                name = d.metadata.name.as_deref().unwrap_or(""),
+                error = %e,
+                "object does not read as its kind; treated as out of step"
+            );
+            None
+        }
+    }
+}
+
 /// Apply what is out of step, delete managed objects no longer wanted. Returns the error of
 /// each `(namespace, name)` that could not be applied.
 async fn sync_kind<K>(
@@ -320,16 +342,29 @@ where
         + Serialize
         + DeserializeOwned,
 {
-    let all: Api<K> = Api::all(client.clone());
+    // listed untyped and read item by item: one object the typed list cannot read (an
+    // out-of-range integer the API server stored) is out of step, not a failed list
+    let all: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<K>(&()));
     let live = all
         .list(&ListParams::default().labels(&managed_selector()))
         .await?;
-    let live: BTreeMap<_, _> = live.items.into_iter().map(|k| (key(&k), k)).collect();
+    let live: BTreeMap<_, Option<K>> = live
+        .items
+        .into_iter()
+        .map(|d| {
+            let k = key(&d);
+            let typed = typed_item::<K>(&d);
+            (k, typed)
+        })
+        .collect();
     let mut failed = BTreeMap::new();
     let pp = PatchParams::apply(defaults::FIELD_MANAGER).force();
     for w in want {
         let k = key(w);
-        if live.get(&k).is_some_and(|l| in_step(l, w)) {
+        if live
+            .get(&k)
+            .is_some_and(|l| l.as_ref().is_some_and(|l| in_step(l, w)))
+        {
             continue;
         }
         let api: Api<K> = Api::namespaced(client.clone(), &k.0);
@@ -597,7 +632,8 @@ fn watch_managed<K>(client: &kube::Client, wake: Arc<tokio::sync::Notify>)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    let api: Api<K> = Api::all(client.clone());
+    // untyped: one object that does not read as K cannot stop the watch
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<K>(&()));
     let cfg = watcher::Config::default().labels(&managed_selector());
     tokio::spawn(async move {
         let mut events = std::pin::pin!(watcher(api, cfg));

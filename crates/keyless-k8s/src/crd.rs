@@ -197,6 +197,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
                 .and_then(|s| s.open_api_v3_schema.as_mut())
             {
                 strip_empty_defaults(schema);
+                bound_integers(schema, "");
             }
         }
         c.metadata
@@ -220,6 +221,28 @@ fn strip_empty_defaults(
     }
     for p in schema.properties.iter_mut().flat_map(|m| m.values_mut()) {
         strip_empty_defaults(p);
+    }
+}
+
+/// Bound every integer the API server would otherwise take at any size: 1.20 ignores
+/// `format: int32`, so `replicas: 5000000000` is stored and then fails every typed list of the
+/// kind (NMI's watches, the add-on). `type` is 0..=2 (upstream's three identity kinds), the
+/// int32 fields (`replicas`, `weight`, `availableReplicas`) are int32.
+fn bound_integers(
+    schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+    name: &str,
+) {
+    if schema.type_.as_deref() == Some("integer") {
+        let (min, max) = if name == "type" {
+            (0.0, 2.0)
+        } else {
+            (f64::from(i32::MIN), f64::from(i32::MAX))
+        };
+        schema.minimum = Some(min);
+        schema.maximum = Some(max);
+    }
+    for (n, p) in schema.properties.iter_mut().flat_map(|m| m.iter_mut()) {
+        bound_integers(p, n);
     }
 }
 
@@ -265,5 +288,33 @@ mod tests {
         let back = serde_json::to_value(&id.spec).unwrap();
         assert_eq!(back["resourceID"], "/subscriptions/s/x");
         assert_eq!(back["type"], 0);
+    }
+
+    #[test]
+    fn integers_are_bounded_in_the_schema() {
+        let all = serde_json::to_value(crds()).unwrap();
+        let props = |i: usize, path: &[&str]| {
+            let mut v = &all[i]["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+            for p in path {
+                v = &v["properties"][p];
+            }
+            v.clone()
+        };
+        let t = props(0, &["spec", "type"]);
+        assert_eq!(
+            (t["minimum"].as_f64(), t["maximum"].as_f64()),
+            (Some(0.0), Some(2.0))
+        );
+        for (i, path) in [
+            (0, ["spec", "replicas"]),
+            (0, ["status", "availableReplicas"]),
+            (1, ["spec", "weight"]),
+            (1, ["status", "availableReplicas"]),
+            (2, ["spec", "replicas"]),
+        ] {
+            let v = props(i, &path);
+            assert_eq!(v["maximum"].as_f64(), Some(2147483647.0), "{path:?}");
+            assert_eq!(v["minimum"].as_f64(), Some(-2147483648.0), "{path:?}");
+        }
     }
 }

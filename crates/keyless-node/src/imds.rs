@@ -1,17 +1,55 @@
 //! The IMDS HTTP surface: `/metadata/identity/oauth2/token` (with and without the trailing
 //! slash node's SDK sends), `/metadata/instance[/...]`, `/metadata/versions`,
 //! `/metadata/identity/info`. Validation rules live in `keyless_core::imds`.
+//!
+//! [`serve`] is the listener: it knows each request's peer. Without NMI every peer is the host
+//! ([`CallerKind::Host`]), as on a VM. With NMI only the node itself is: a peer that is
+//! loopback or one of the node's own addresses ([`crate::serve::is_own_address`]); any other
+//! peer is a pod that reached `169.254.169.254` without the redirect, and gets NMI's answer
+//! for its source IP ([`crate::nmi`]) — or 503 `Retry-After` while NMI is not serving —
+//! never the host's.
 
 use crate::{Agent, CallerKind, TokenFailure};
+use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use keyless_core::api_version;
 use keyless_core::imds::{self, ImdsError, RequestHeaders};
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use tower::ServiceExt;
+
+/// Serve the node's IMDS on `listener` (bounded as [`crate::serve`] describes), deciding who
+/// asks by the peer address (see the module doc).
+pub fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> tokio::task::JoinHandle<()> {
+    let app = router(agent.clone());
+    let limit = Arc::new(tokio::sync::Semaphore::new(crate::serve::MAX_CONNECTIONS));
+    crate::serve::serve(listener, limit, "IMDS", move |peer, req| {
+        dispatch(agent.clone(), app.clone(), peer, req)
+    })
+}
+
+async fn dispatch(
+    agent: Arc<Agent>,
+    app: Router,
+    peer: SocketAddr,
+    req: Request<Body>,
+) -> Response {
+    if agent.cfg.nmi.is_some() && !crate::serve::is_own_address(peer.ip()) {
+        return match agent.nmi_state() {
+            Some(st) => crate::nmi::handle(st, peer, req).await,
+            None => crate::nmi::not_ready(),
+        };
+    }
+    match app.oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
 
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()

@@ -10,9 +10,13 @@
 //! -A aad-metadata -j RETURN
 //! ```
 //!
-//! [`Redirect::ensure`] runs at start and every reconcile interval: any drift (a rule changed,
-//! added or missing, the jump moved or doubled) flushes and recreates. [`Redirect::remove`]
-//! runs on shutdown.
+//! [`Redirect::ensure`] runs at start and every reconcile interval: a drifted chain (a rule
+//! changed, added or missing) is replaced in one `iptables-restore --noflush` transaction (the
+//! chain declaration flushes it and the rules refill it atomically, so no packet sees it
+//! empty); a missing or misplaced jump is inserted at position 1 before extra jumps are
+//! deleted. [`Redirect::remove`] runs on shutdown, after the node's IMDS listener stopped.
+//! The redirect is a convenience, not the boundary: the node's IMDS answers a pod that
+//! bypasses it as NMI would ([`crate::imds`]).
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -43,6 +47,33 @@ fn iptables(args: &[&str]) -> Result<String, String> {
         Err(format!(
             "iptables -t nat {}: {}",
             args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn restore(input: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("iptables-restore")
+        .args(["-w", "5", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run iptables-restore: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| format!("iptables-restore: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("iptables-restore: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "iptables-restore --noflush: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
@@ -88,49 +119,45 @@ impl Redirect {
         let mut changed = false;
         match iptables(&["-S", CHAIN]) {
             Ok(listing) if self.chain_ok(&listing) => {}
-            Ok(_) => {
-                tracing::warn!("iptables chain {CHAIN} drifted: flushing and recreating it");
-                iptables(&["-F", CHAIN])?;
-                self.fill()?;
-                changed = true;
-            }
-            Err(_) => {
-                iptables(&["-N", CHAIN])?;
-                self.fill()?;
+            other => {
+                if other.is_ok() {
+                    tracing::warn!("iptables chain {CHAIN} drifted: replacing it atomically");
+                }
+                restore(&self.restore_input())?;
                 changed = true;
             }
         }
         let pre = iptables(&["-S", "PREROUTING"])?;
         if !Self::prerouting_ok(&pre) {
-            while iptables(&["-D", "PREROUTING", "-j", CHAIN]).is_ok() {}
-            iptables(&["-I", "PREROUTING", "1", "-j", CHAIN])?;
+            if Self::jump_positions(&pre).first() != Some(&1) {
+                iptables(&["-I", "PREROUTING", "1", "-j", CHAIN])?;
+            }
+            let pre = iptables(&["-S", "PREROUTING"])?;
+            for n in Self::jump_positions(&pre).iter().skip(1).rev() {
+                iptables(&["-D", "PREROUTING", &n.to_string()])?;
+            }
             changed = true;
         }
         Ok(changed)
     }
 
-    fn fill(&self) -> Result<(), String> {
-        let to = self.target.to_string();
-        let port = METADATA_PORT.to_string();
-        iptables(&[
-            "-A",
-            CHAIN,
-            "-p",
-            "tcp",
-            "!",
-            "-s",
-            "127.0.0.1",
-            "-d",
-            METADATA_IP,
-            "--dport",
-            &port,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &to,
-        ])?;
-        iptables(&["-A", CHAIN, "-j", "RETURN"])?;
-        Ok(())
+    /// The `iptables-restore --noflush` input that creates or replaces the chain in one
+    /// transaction (declaring a chain flushes it; other chains are untouched).
+    pub fn restore_input(&self) -> String {
+        let rules: Vec<String> = self.expected()[1..].to_vec();
+        format!("*nat\n:{CHAIN} - [0:0]\n{}\nCOMMIT\n", rules.join("\n"))
+    }
+
+    /// The rule numbers (1-based) of the jumps to the chain in a `-S PREROUTING` listing.
+    pub fn jump_positions(listing: &str) -> Vec<usize> {
+        listing
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("-A "))
+            .enumerate()
+            .filter(|(_, r)| r.split_whitespace().any(|w| w == CHAIN))
+            .map(|(i, _)| i + 1)
+            .collect()
     }
 
     /// Remove the jump and the chain (nothing to do when they are gone).
@@ -168,5 +195,15 @@ mod tests {
             "-P PREROUTING ACCEPT\n-A PREROUTING -j aad-metadata\n-A PREROUTING -j aad-metadata\n"
         ));
         assert!(!Redirect::prerouting_ok("-P PREROUTING ACCEPT\n"));
+        assert_eq!(
+            Redirect::jump_positions(
+                "-P PREROUTING ACCEPT\n-A PREROUTING -j KUBE-SERVICES\n-A PREROUTING -j aad-metadata\n-A PREROUTING -j aad-metadata\n"
+            ),
+            [2, 3]
+        );
+        assert_eq!(
+            r.restore_input(),
+            "*nat\n:aad-metadata - [0:0]\n-A aad-metadata ! -s 127.0.0.1/32 -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.1.2.3:2579\n-A aad-metadata -j RETURN\nCOMMIT\n"
+        );
     }
 }

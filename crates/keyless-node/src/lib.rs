@@ -19,6 +19,7 @@ pub mod iptables;
 pub mod local;
 pub mod nmi;
 pub mod pods;
+pub mod serve;
 
 use keyless_core::clock::Clock;
 use keyless_core::imds::IssuedToken;
@@ -110,20 +111,31 @@ struct Cached {
 }
 
 /// Who is asking.
+///
+/// On a node of a managed cluster with pod identity enabled (the host view's
+/// `cluster.podIdentity.enabled`), `Host` and `Extension` get the excepted set
+/// ([`CallerKind::ExceptedPod`]'s): the node's processes and host-network pods are what
+/// upstream calls the node, and they get the kubelet identity, never a pod identity — so an
+/// excepted pod gets exactly what the node's IMDS answers. Elsewhere `Host` is every identity
+/// of the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallerKind {
-    /// The host's processes (IMDS, App Service, Arc): every identity of the VM.
+    /// The host's processes (IMDS, App Service, Arc): every identity of the VM (see above on a
+    /// pod-identity node). Only peers that are the node itself (loopback or one of its
+    /// addresses) are this kind when NMI runs ([`imds::serve`]).
     Host,
-    /// A client of the legacy VM-extension endpoint: at most 32 user-assigned identities.
+    /// A client of the legacy VM-extension endpoint: at most 32 user-assigned identities (of
+    /// the excepted set on a pod-identity node).
     Extension,
     /// A pod through NMI, with the identities its bindings grant (sorted by AzureIdentity
     /// name): of those, the ones the host holds (matched by client id), picked by
     /// [`pod_identity::select`].
     Pod(Arc<[BoundIdentity]>),
-    /// A pod an `AzurePodIdentityException` excepts: what the node's own IMDS would answer,
-    /// minus every pod identity of the cluster (the host view's
-    /// `cluster.podIdentity.clientIds` and the client ids of every `AzureIdentity` the watches
-    /// have seen) — so the kubelet identity, never a pod identity.
+    /// A pod an `AzurePodIdentityException` excepts: the node's identities minus every pod
+    /// identity of the cluster ([`pod_identity::excluded_from_excepted`]: the host view's
+    /// `cluster.podIdentity.clientIds`; on a plain scale set, the client ids of the
+    /// `AzureIdentity` objects the watches have seen) — so the kubelet identity, never a pod
+    /// identity.
     ExceptedPod,
 }
 
@@ -132,6 +144,8 @@ pub enum CallerKind {
 #[derive(Default)]
 struct Synced {
     view: Arc<HostView>,
+    /// Every identity of the VM (what pod identities are picked from).
+    all: Arc<IdentityIndex>,
     host: Arc<IdentityIndex>,
     extension: Arc<IdentityIndex>,
     excepted: Arc<IdentityIndex>,
@@ -140,20 +154,9 @@ struct Synced {
 impl Synced {
     fn build(view: Arc<HostView>, k8s_pod_ids: &HashSet<String>) -> Self {
         let ids = &view.identities;
-        let mut extension = ids.clone();
-        extension
-            .user
-            .truncate(keyless_core::local_endpoints::EXTENSION_MAX_USER_IDENTITIES);
-        let cluster_ids: HashSet<String> = view
-            .cluster
-            .iter()
-            .flat_map(|c| c.pod_identity.client_ids.iter())
-            .map(|c| c.to_ascii_lowercase())
-            .collect();
-        let is_pod_identity = |i: &IdentityRef| {
-            let c = i.client_id.to_ascii_lowercase();
-            cluster_ids.contains(&c) || k8s_pod_ids.contains(&c)
-        };
+        let excluded = pod_identity::excluded_from_excepted(view.cluster.as_ref(), k8s_pod_ids);
+        let is_pod_identity =
+            |i: &IdentityRef| excluded.contains(&i.client_id.to_ascii_lowercase());
         let excepted = CallerIdentities {
             system: ids.system.clone().filter(|i| !is_pod_identity(i)),
             user: ids
@@ -163,10 +166,30 @@ impl Synced {
                 .cloned()
                 .collect(),
         };
+        let pod_identity_node = view
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.pod_identity.enabled);
+        let host_ids = if pod_identity_node {
+            excepted.clone()
+        } else {
+            ids.clone()
+        };
+        let mut extension = host_ids.clone();
+        extension
+            .user
+            .truncate(keyless_core::local_endpoints::EXTENSION_MAX_USER_IDENTITIES);
+        let all = Arc::new(IdentityIndex::new(ids.clone()));
+        let excepted = Arc::new(IdentityIndex::new(excepted));
         Synced {
-            host: Arc::new(IdentityIndex::new(ids.clone())),
+            host: if pod_identity_node {
+                excepted.clone()
+            } else {
+                all.clone()
+            },
+            all,
             extension: Arc::new(IdentityIndex::new(extension)),
-            excepted: Arc::new(IdentityIndex::new(excepted)),
+            excepted,
             view,
         }
     }
@@ -185,8 +208,12 @@ pub struct Agent {
     pub clock: Arc<dyn Clock>,
     cred: credential::CredentialHolder,
     synced: RwLock<Option<Arc<Synced>>>,
-    /// Client ids (lowercase) of every `AzureIdentity` in the cluster, fed by NMI's watches.
+    /// Client ids (lowercase) of every `AzureIdentity` in the cluster, fed by NMI's watches
+    /// (used without a cluster profile only).
     k8s_pod_ids: RwLock<Arc<HashSet<String>>>,
+    /// NMI while it serves: the node's IMDS hands it the requests of peers that are not the
+    /// node ([`imds::serve`]).
+    nmi: RwLock<Option<Arc<nmi::NmiState>>>,
     /// Tokens by (client id, resource), shared by every caller that may use the identity (the
     /// token is the same). Nothing is served from here without a decision: [`Agent::token`]
     /// runs [`Agent::decide`] on every request before looking here, so whatever takes an
@@ -228,7 +255,7 @@ impl Agent {
             CallerKind::Host => Allowed::Set(s.host.clone()),
             CallerKind::Extension => Allowed::Set(s.extension.clone()),
             CallerKind::ExceptedPod => Allowed::Set(s.excepted.clone()),
-            CallerKind::Pod(bound) => Allowed::Pod(s.host.clone(), bound.clone()),
+            CallerKind::Pod(bound) => Allowed::Pod(s.all.clone(), bound.clone()),
         })
     }
 
@@ -242,6 +269,14 @@ impl Agent {
             Allowed::Set(ids) => ids.select(selector).cloned(),
             Allowed::Pod(host, bound) => pod_identity::select(&host, &bound, selector).cloned(),
         }
+    }
+
+    pub(crate) fn nmi_state(&self) -> Option<Arc<nmi::NmiState>> {
+        self.nmi.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_nmi(&self, st: Option<Arc<nmi::NmiState>>) {
+        *self.nmi.write().unwrap_or_else(|p| p.into_inner()) = st;
     }
 
     pub fn view(&self) -> Option<Arc<HostView>> {
@@ -331,7 +366,11 @@ impl Agent {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|(cid, _), _| s.host.by_client_id(cid).is_some());
+            .retain(|(cid, _), _| s.all.by_client_id(cid).is_some());
+        if let Some(n) = self.nmi_state() {
+            n.index
+                .set_trust(pod_identity::Trust::of(s.view.cluster.as_ref()));
+        }
         self.extensions.reconcile(&wanted);
         Ok(())
     }
@@ -438,8 +477,11 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Stop what must not outlive the agent: NMI's listeners and its iptables redirect.
+    /// Stop what must not outlive the agent: NMI's listeners and its iptables redirect. The
+    /// node's IMDS listener stops accepting first, so no moment has the redirect gone while
+    /// IMDS still takes new connections.
     pub async fn shutdown(&self) {
+        self.task.abort();
         if let Some(n) = &self.nmi {
             n.shutdown().await;
         }
@@ -471,6 +513,7 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         cred,
         synced: RwLock::new(None),
         k8s_pod_ids: RwLock::new(Arc::new(HashSet::new())),
+        nmi: RwLock::new(None),
         cache: Mutex::new(HashMap::new()),
         extensions,
         extension_endpoint: Default::default(),
@@ -532,12 +575,7 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         None => None,
     };
 
-    let app = imds::router(agent.clone());
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "IMDS listener stopped");
-        }
-    });
+    let task = imds::serve(listener, agent.clone());
     tracing::info!(%imds_addr, "IMDS endpoint listening");
     let nmi = match agent.cfg.nmi.clone() {
         Some(c) => Some(nmi::start(agent.clone(), c).await?),
@@ -581,4 +619,62 @@ async fn serve_local(addr: SocketAddr, app: axum::Router, what: &str) -> Result<
     });
     tracing::info!(%bound, "{what} endpoint listening");
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uref(cid: &str) -> IdentityRef {
+        IdentityRef {
+            principal_id: format!("o-{cid}"),
+            client_id: cid.into(),
+            resource_id: format!("/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{cid}"),
+            system_assigned: false,
+        }
+    }
+
+    fn view(cluster: Option<serde_json::Value>) -> Arc<HostView> {
+        Arc::new(HostView {
+            identities: CallerIdentities {
+                system: None,
+                user: vec![uref("kubelet"), uref("pod-a"), uref("pod-b")],
+            },
+            cluster: cluster.map(|c| serde_json::from_value(c).unwrap()),
+            ..Default::default()
+        })
+    }
+
+    fn cids(ix: &IdentityIndex) -> Vec<String> {
+        ix.identities()
+            .user
+            .iter()
+            .map(|i| i.client_id.clone())
+            .collect()
+    }
+
+    #[test]
+    fn the_node_of_a_pod_identity_cluster_gets_the_excepted_set() {
+        let k8s: HashSet<String> = ["kubelet".to_string()].into();
+        let c =
+            serde_json::json!({"podIdentity": {"enabled": true, "clientIds": ["POD-A", "pod-b"]}});
+        let s = Synced::build(view(Some(c)), &k8s);
+        assert_eq!(cids(&s.host), ["kubelet"], "host: never a pod identity");
+        assert_eq!(cids(&s.extension), ["kubelet"]);
+        assert_eq!(
+            cids(&s.excepted),
+            ["kubelet"],
+            "a tenant's AzureIdentity with the kubelet's client id does not take it away"
+        );
+        assert_eq!(cids(&s.all), ["kubelet", "pod-a", "pod-b"]);
+        // pod identity not enabled: the host is every identity
+        let c = serde_json::json!({"podIdentity": {"enabled": false, "clientIds": []}});
+        let s = Synced::build(view(Some(c)), &k8s);
+        assert_eq!(cids(&s.host), ["kubelet", "pod-a", "pod-b"]);
+        // a plain scale set: the AzureIdentity objects seen (the operator's) are excluded
+        let k8s: HashSet<String> = ["pod-a".to_string()].into();
+        let s = Synced::build(view(None), &k8s);
+        assert_eq!(cids(&s.host), ["kubelet", "pod-a", "pod-b"]);
+        assert_eq!(cids(&s.excepted), ["kubelet", "pod-b"]);
+    }
 }

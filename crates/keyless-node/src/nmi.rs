@@ -19,12 +19,27 @@
 //! `PREROUTING`, so NMI listens on a non-loopback address of the node — `--nmi-listen`, by
 //! default the node's private IP (`--private-ip`, else the address it reaches the server
 //! from) on port [`DEFAULT_PORT`] — and, for `/host/token`, also on `127.0.0.1` at the same
-//! port. Connections are bounded ([`MAX_CONNECTIONS`]), headers must arrive within
-//! [`HEADER_READ_TIMEOUT`] and fit [`MAX_HEADER_BYTES`], a request is answered within
-//! [`REQUEST_TIMEOUT`].
+//! port. Connections are bounded as the node's IMDS listener's are ([`crate::serve`]).
+//!
+//! The redirect is not the security boundary. The node's IMDS listener answers NMI's way
+//! ([`handle`]) every peer that is not the node itself, so a pod that reaches
+//! `169.254.169.254` without the DNAT — before the chain is installed, across a repair, over a
+//! conntrack entry or keep-alive connection older than the rule — gets the same answer as
+//! through NMI (or a 503 while NMI is not serving), never the host's. Start order: the redirect
+//! is installed and NMI serves (pods get 503 `Retry-After` until the watches have listed)
+//! before NMI waits for the watches; a failed initial list does not stop the agent (the node's
+//! IMDS keeps serving the node, pods keep getting 503 while the watches retry). Shutdown
+//! order: the node's IMDS listener stops accepting, NMI stops answering pods, then the
+//! redirect goes.
+//!
+//! `/host/token` is served on loopback only and trusts its caller as upstream does: whoever
+//! can connect from the node's `127.0.0.1` (root, host-network pods) may name any pod of the
+//! node.
 
 use crate::iptables::Redirect;
 use crate::pods::{self, Grant, IpMatch, PodEntry, PodIndex};
+use crate::serve::{serve, text};
+pub use crate::serve::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, REQUEST_TIMEOUT};
 use crate::{imds, Agent, CallerKind, NodeError, Result, TokenFailure};
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
@@ -44,10 +59,6 @@ pub const DEFAULT_PORT: u16 = 2579;
 pub const IPTABLES_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 /// How long a request from an IP the index does not know waits for the index to change.
 pub const UNKNOWN_IP_WAIT: Duration = Duration::from_secs(1);
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-pub const MAX_CONNECTIONS: usize = 4096;
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Settings of NMI on this node.
 #[derive(Debug, Clone)]
@@ -90,6 +101,7 @@ pub struct Nmi {
     /// The loopback listener (for `/host/token`), if separate.
     pub loopback_addr: Option<SocketAddr>,
     pub index: Arc<PodIndex>,
+    agent: Arc<Agent>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     _watches: pods::Watches,
     stopped: AtomicBool,
@@ -108,11 +120,12 @@ impl Nmi {
     }
 
     /// Stop serving and remove the iptables redirect (the reconcile loop first, so it cannot
-    /// put it back).
+    /// put it back). The node's IMDS answers pods 503 from here on.
     pub async fn shutdown(&self) {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.agent.set_nmi(None);
         self.stop_tasks();
         match tokio::task::spawn_blocking(Redirect::remove).await {
             Ok(Ok(())) => tracing::info!("iptables redirect removed"),
@@ -125,6 +138,7 @@ impl Nmi {
 impl Drop for Nmi {
     fn drop(&mut self) {
         if !self.stopped.swap(true, Ordering::SeqCst) {
+            self.agent.set_nmi(None);
             self.stop_tasks();
             if let Err(e) = Redirect::remove() {
                 tracing::error!(error = %e, "cannot remove the iptables redirect");
@@ -164,8 +178,9 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
     let index = Arc::new(PodIndex::new(move |ids| {
         on_ids.set_cluster_pod_identities(ids)
     }));
-    let watches = pods::watch(client, &cfg.node_name, index.clone()).await?;
-    tracing::info!(pods = index.len(), node = %cfg.node_name, "NMI watches listed");
+    index.set_trust(pi::Trust::of(
+        agent.view().and_then(|v| v.cluster.clone()).as_ref(),
+    ));
 
     let bind = |a: SocketAddr| async move {
         tokio::net::TcpListener::bind(a)
@@ -192,6 +207,34 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
     } else {
         addr
     };
+
+    // serve first (pods get 503 until the watches have listed), then redirect, then wait
+    let st = Arc::new(NmiState {
+        imds: imds::router(agent.clone()),
+        agent: agent.clone(),
+        index: index.clone(),
+        cfg: cfg.clone(),
+    });
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let handler = {
+        let st = st.clone();
+        move |peer, req| handle(st.clone(), peer, req)
+    };
+    let mut tasks = vec![serve(main, limit.clone(), "NMI", handler.clone())];
+    if let Some(l) = loopback {
+        tasks.push(serve(l, limit, "NMI", handler));
+    }
+    agent.set_nmi(Some(st));
+    let mut nmi = Nmi {
+        addr,
+        loopback_addr,
+        index: index.clone(),
+        agent: agent.clone(),
+        tasks: Mutex::new(tasks),
+        _watches: pods::Watches::default(),
+        stopped: AtomicBool::new(false),
+    };
+
     let redirect = Redirect { target };
     let r = redirect.clone();
     tokio::task::spawn_blocking(move || r.ensure())
@@ -199,20 +242,8 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
         .map_err(nmi_err)?
         .map_err(nmi_err)?;
     tracing::info!(%target, "iptables redirect of 169.254.169.254:80 in place");
-
-    let st = Arc::new(NmiState {
-        imds: imds::router(agent.clone()),
-        agent,
-        index: index.clone(),
-        cfg: cfg.clone(),
-    });
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut tasks = vec![serve(main, st.clone(), limit.clone())];
-    if let Some(l) = loopback {
-        tasks.push(serve(l, st, limit));
-    }
     let every = cfg.iptables_interval.max(Duration::from_secs(1));
-    tasks.push(tokio::spawn(async move {
+    nmi.push_task(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
         loop {
@@ -226,83 +257,37 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
             }
         }
     }));
+
+    let (watches, listed) = pods::watch(
+        client,
+        &cfg.node_name,
+        index.clone(),
+        pods::INITIAL_SYNC_TIMEOUT,
+    )
+    .await;
+    nmi._watches = watches;
+    match listed {
+        Ok(()) => tracing::info!(pods = index.len(), node = %cfg.node_name, "NMI watches listed"),
+        // the node's IMDS keeps serving the node; pods get 503 until the watches list
+        Err(e) => tracing::error!(error = %e, "NMI serves pods 503 until its watches have listed"),
+    }
     tracing::info!(%addr, "NMI endpoint listening");
-    Ok(Nmi {
-        addr,
-        loopback_addr,
-        index,
-        tasks: Mutex::new(tasks),
-        _watches: watches,
-        stopped: AtomicBool::new(false),
-    })
+    Ok(nmi)
 }
 
-struct NmiState {
+impl Nmi {
+    fn push_task(&self, t: tokio::task::JoinHandle<()>) {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+    }
+}
+
+/// What NMI's handlers share (also reached from the node's IMDS listener for peers that are
+/// not the node).
+pub(crate) struct NmiState {
     agent: Arc<Agent>,
-    index: Arc<PodIndex>,
+    pub(crate) index: Arc<PodIndex>,
     cfg: NmiConfig,
     imds: axum::Router,
-}
-
-fn serve(
-    listener: tokio::net::TcpListener,
-    st: Arc<NmiState>,
-    limit: Arc<tokio::sync::Semaphore>,
-) -> tokio::task::JoinHandle<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                return;
-            };
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "NMI accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let st = st.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let st = st.clone();
-                    async move {
-                        let req = req.map(Body::new);
-                        let resp = tokio::time::timeout(REQUEST_TIMEOUT, handle(st, peer, req))
-                            .await
-                            .unwrap_or_else(|_| {
-                                text(StatusCode::GATEWAY_TIMEOUT, "request timed out")
-                            });
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .max_buf_size(MAX_HEADER_BYTES)
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    })
-}
-
-/// A plain-text error as Go's `http.Error` writes it.
-fn text(status: StatusCode, msg: &str) -> Response {
-    let mut r = (status, format!("{msg}\n")).into_response();
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    r
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response {
@@ -329,7 +314,19 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn handle(st: Arc<NmiState>, peer: SocketAddr, req: Request<Body>) -> Response {
+/// NMI's 503 while it cannot tell pods apart yet (its watches have not listed, or it stopped).
+pub(crate) fn not_ready() -> Response {
+    let mut r = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "NMI is not ready to serve pod identities yet",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// NMI's answer to `req` from `peer`.
+pub(crate) async fn handle(st: Arc<NmiState>, peer: SocketAddr, req: Request<Body>) -> Response {
     let route = pi::route(req.uri().path(), st.cfg.block_instance_metadata);
     match route {
         Route::Token => {
@@ -389,6 +386,9 @@ async fn pod_token(
         Ok(r) => r,
         Err(r) => return r.response(),
     };
+    if !st.index.is_synced() {
+        return not_ready();
+    }
     let ip = peer.ip().to_canonical();
     let pod = match st.index.lookup_ip(ip, UNKNOWN_IP_WAIT).await {
         IpMatch::One(p) => p,
@@ -494,6 +494,9 @@ async fn host_token(
         Ok(r) => r,
         Err(r) => return r.response(),
     };
+    if !st.index.is_synced() {
+        return not_ready();
+    }
     let Some(pod) = st.index.by_name(ns, name) else {
         return text(
             StatusCode::NOT_FOUND,

@@ -8,9 +8,22 @@
 //! rules are `keyless_core::pod_identity::decide`'s. The token path reads the index under a
 //! read lock and makes no API-server call.
 //!
+//! Which objects count is [`pi::Trust`]'s: on a managed cluster's node only those the cluster's
+//! `podIdentityProfile` names (the host view's `cluster.podIdentity`, set with
+//! [`PodIndex::set_trust`] at every sync; a change recomputes every pod), on a plain scale set
+//! every object (the operator owns the CRDs).
+//!
+//! The CRD kinds are watched untyped (`DynamicObject`) and read field by field: one object the
+//! typed client could not read (an out-of-range integer the API server stored before the
+//! schema bounded it) neither stops the watch nor the index; a field NMI does not use cannot
+//! matter, and an unreadable `type` is not served.
+//!
 //! A pod counts for its IPs (`status.podIP` and `status.podIPs`) while its phase is Pending or
 //! Running and it is not on the host network (a host-network pod shares the node's IP, and its
-//! traffic never reaches NMI). An IP two pods claim matches nothing. A request from an IP the
+//! traffic never reaches NMI). A terminating pod (`metadata.deletionTimestamp` set) keeps its
+//! IPs while its phase is still Pending or Running — its containers may still run and ask, as
+//! upstream NMI answers them — and loses them once the kubelet reports it Succeeded or Failed
+//! or the object is gone. An IP two pods claim matches nothing. A request from an IP the
 //! index does not know waits for the index to change ([`PodIndex::lookup_ip`], a
 //! `tokio::sync::watch`, no polling) for a bounded time, so a pod that starts right after its
 //! status patch is not refused while the event is on its way.
@@ -20,8 +33,10 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod as K8sPod;
 use keyless_core::pod_identity::{self as pi, BoundIdentity, PodDecision};
 use keyless_k8s::crd::{AzureIdentity, AzureIdentityBinding, AzurePodIdentityException};
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Resource};
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::net::IpAddr;
@@ -117,30 +132,52 @@ impl PodInfo {
     }
 }
 
-fn identity_of(o: &AzureIdentity) -> Option<pi::AzureIdentity> {
+fn spec_str(o: &DynamicObject, field: &str) -> String {
+    o.data["spec"][field]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// An `AzureIdentity` read field by field (see the module doc): a `type` that is not an int32
+/// reads as -1, which is never served.
+pub fn identity_of(o: &DynamicObject) -> Option<pi::AzureIdentity> {
+    let type_ = match &o.data["spec"]["type"] {
+        Value::Null => 0,
+        v => v.as_i64().and_then(|t| i32::try_from(t).ok()).unwrap_or(-1),
+    };
     Some(pi::AzureIdentity {
         namespace: o.metadata.namespace.clone()?,
         name: o.metadata.name.clone()?,
-        type_: o.spec.type_,
-        client_id: o.spec.client_id.clone().unwrap_or_default(),
-        resource_id: o.spec.resource_id.clone().unwrap_or_default(),
+        type_,
+        client_id: spec_str(o, "clientID"),
+        resource_id: spec_str(o, "resourceID"),
     })
 }
 
-fn binding_of(o: &AzureIdentityBinding) -> Option<pi::Binding> {
+pub fn binding_of(o: &DynamicObject) -> Option<pi::Binding> {
     Some(pi::Binding {
         namespace: o.metadata.namespace.clone()?,
         name: o.metadata.name.clone()?,
-        azure_identity: o.spec.azure_identity.clone(),
-        selector: o.spec.selector.clone(),
+        azure_identity: spec_str(o, "azureIdentity"),
+        selector: spec_str(o, "selector"),
     })
 }
 
-fn exception_of(o: &AzurePodIdentityException) -> Option<pi::Exception> {
+/// An exception read field by field: labels whose value is not a string are left out.
+pub fn exception_of(o: &DynamicObject) -> Option<pi::Exception> {
+    let pod_labels = o.data["spec"]["podLabels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
     Some(pi::Exception {
         namespace: o.metadata.namespace.clone()?,
         name: o.metadata.name.clone()?,
-        pod_labels: o.spec.pod_labels.clone(),
+        pod_labels,
     })
 }
 
@@ -162,12 +199,14 @@ struct Inner {
     ns_pods: HashMap<String, BTreeSet<String>>,
     by_ip: HashMap<IpAddr, Vec<Arc<PodEntry>>>,
     ns: HashMap<String, NsObjects>,
+    trust: pi::Trust,
 }
 
 impl Inner {
     fn grant(&self, info: &PodInfo) -> Grant {
         let d = match self.ns.get(&info.pod.namespace) {
-            Some(o) => pi::decide(
+            Some(o) => pi::decide_trusted(
+                &self.trust,
                 &info.pod,
                 o.bindings.values(),
                 o.identities.values(),
@@ -284,6 +323,8 @@ pub struct PodIndex {
     version: watch::Sender<u64>,
     /// Told the client ids of every AzureIdentity whenever they change.
     on_identities: Box<dyn Fn(HashSet<String>) + Send + Sync>,
+    /// Whether each watch has delivered its first complete list.
+    synced: std::sync::atomic::AtomicBool,
 }
 
 impl PodIndex {
@@ -292,7 +333,30 @@ impl PodIndex {
             inner: RwLock::new(Inner::default()),
             version: watch::channel(0).0,
             on_identities: Box::new(on_identities),
+            synced: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Which objects count (the host view's profile); a change recomputes every pod.
+    pub fn set_trust(&self, trust: pi::Trust) {
+        if self.read(|i| i.trust == trust) {
+            return;
+        }
+        self.write(|i| {
+            i.trust = trust;
+            i.recompute(None);
+        });
+    }
+
+    /// Whether every watch has listed once (before that, NMI answers pods 503).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn mark_synced(&self) {
+        self.synced
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.version.send_modify(|v| *v += 1);
     }
 
     fn write<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
@@ -480,6 +544,7 @@ impl PodIndex {
 pub const INITIAL_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The running watches (aborted on drop).
+#[derive(Default)]
 pub struct Watches {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -543,9 +608,16 @@ fn name_of<K: Resource>(o: &K) -> (String, String) {
     )
 }
 
-/// Start the four watches feeding `index` and wait (up to [`INITIAL_SYNC_TIMEOUT`]) until each
-/// has delivered its initial list.
-pub async fn watch(client: kube::Client, node: &str, index: Arc<PodIndex>) -> Result<Watches> {
+/// Start the four watches feeding `index` and wait (up to `initial_wait`) until each has
+/// delivered its initial list; then the index is marked synced. When they have not by then,
+/// the watches go on retrying (the index is marked synced once they have) and the error says
+/// why — the caller decides whether that stops it.
+pub async fn watch(
+    client: kube::Client,
+    node: &str,
+    index: Arc<PodIndex>,
+    initial_wait: Duration,
+) -> (Watches, Result<()>) {
     let (ready, mut ready_rx) = watch::channel(0u8);
     let last_error = Arc::new(Mutex::new(None));
     let mut tasks = vec![];
@@ -573,9 +645,10 @@ pub async fn watch(client: kube::Client, node: &str, index: Arc<PodIndex>) -> Re
             }
         },
     ));
+    let untyped = |r: ApiResource| Api::<DynamicObject>::all_with(client.clone(), &r);
     let ix = index.clone();
     tasks.push(spawn_watch(
-        Api::<AzureIdentity>::all(client.clone()),
+        untyped(ApiResource::erase::<AzureIdentity>(&())),
         watcher::Config::default(),
         "azureidentities",
         2,
@@ -598,7 +671,7 @@ pub async fn watch(client: kube::Client, node: &str, index: Arc<PodIndex>) -> Re
     ));
     let ix = index.clone();
     tasks.push(spawn_watch(
-        Api::<AzureIdentityBinding>::all(client.clone()),
+        untyped(ApiResource::erase::<AzureIdentityBinding>(&())),
         watcher::Config::default(),
         "azureidentitybindings",
         4,
@@ -619,7 +692,7 @@ pub async fn watch(client: kube::Client, node: &str, index: Arc<PodIndex>) -> Re
     ));
     let ix = index.clone();
     tasks.push(spawn_watch(
-        Api::<AzurePodIdentityException>::all(client),
+        untyped(ApiResource::erase::<AzurePodIdentityException>(&())),
         watcher::Config::default(),
         "azurepodidentityexceptions",
         8,
@@ -640,10 +713,17 @@ pub async fn watch(client: kube::Client, node: &str, index: Arc<PodIndex>) -> Re
             }
         },
     ));
+    let mut rx = ready_rx.clone();
+    let ix = index.clone();
+    tasks.push(tokio::spawn(async move {
+        if rx.wait_for(|m| *m == 15).await.is_ok() {
+            ix.mark_synced();
+        }
+    }));
     let watches = Watches { tasks };
-    let done = tokio::time::timeout(INITIAL_SYNC_TIMEOUT, ready_rx.wait_for(|m| *m == 15)).await;
-    match done {
-        Ok(Ok(_)) => Ok(watches),
+    let done = tokio::time::timeout(initial_wait, ready_rx.wait_for(|m| *m == 15)).await;
+    let r = match done {
+        Ok(Ok(_)) => Ok(()),
         _ => {
             let why = last_error
                 .lock()
@@ -652,10 +732,15 @@ pub async fn watch(client: kube::Client, node: &str, index: Arc<PodIndex>) -> Re
                 .unwrap_or_else(|| "no answer".into());
             Err(NodeError::Nmi(format!(
                 "the Kubernetes watches did not list pods and the aadpodidentity.k8s.io objects within {} s (last error: {why})",
-                INITIAL_SYNC_TIMEOUT.as_secs()
+                initial_wait.as_secs()
             )))
         }
+    };
+    // the marker task may not have run yet
+    if r.is_ok() {
+        index.mark_synced();
     }
+    (watches, r)
 }
 
 #[cfg(test)]
@@ -682,6 +767,16 @@ mod tests {
             type_: 0,
             client_id: cid.into(),
             resource_id: String::new(),
+        }
+    }
+
+    trait WithResource {
+        fn with_resource(self, r: &str) -> Self;
+    }
+    impl WithResource for pi::AzureIdentity {
+        fn with_resource(mut self, r: &str) -> Self {
+            self.resource_id = r.into();
+            self
         }
     }
 
@@ -798,6 +893,99 @@ mod tests {
         assert!(ips(pod("Running", true)).is_empty());
         let p = PodInfo::from_k8s(&pod("Running", false)).unwrap();
         assert_eq!(p.pod.labels["aadpodidbinding"], "x");
+    }
+
+    fn dynamic(v: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn one_unreadable_object_does_not_stop_the_index() {
+        // what a 1.20 API server stores without schema bounds
+        let bad = serde_json::json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+            "metadata": {"name": "big", "namespace": "apps"},
+            "spec": {"type": 4294967296u64, "clientID": "c", "replicas": 5000000000u64},
+            "status": {"availableReplicas": 9999999999u64}
+        });
+        assert!(
+            serde_json::from_value::<AzureIdentity>(bad.clone()).is_err(),
+            "the typed client cannot read it"
+        );
+        let id = identity_of(&dynamic(bad)).unwrap();
+        assert_eq!((id.type_, id.client_id.as_str()), (-1, "c"), "never served");
+        // a bad field NMI does not read changes nothing
+        let ok = identity_of(&dynamic(serde_json::json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+            "metadata": {"name": "a", "namespace": "apps"},
+            "spec": {"clientID": "c", "resourceID": "/r", "replicas": 5000000000u64}
+        })))
+        .unwrap();
+        assert_eq!(ok, ident("apps", "a", "c").with_resource("/r"));
+        let b = binding_of(&dynamic(serde_json::json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+            "metadata": {"name": "b", "namespace": "apps"},
+            "spec": {"azureIdentity": "a", "selector": "foo", "weight": 9999999999u64}
+        })))
+        .unwrap();
+        assert_eq!(b, binding("apps", "b", "a", "foo"));
+        let e = exception_of(&dynamic(serde_json::json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzurePodIdentityException",
+            "metadata": {"name": "e", "namespace": "apps"},
+            "spec": {"podLabels": {"app": "x", "n": 5}}
+        })))
+        .unwrap();
+        assert_eq!(e.pod_labels.len(), 1);
+    }
+
+    #[test]
+    fn the_profile_decides_and_a_change_recomputes_every_pod() {
+        let ix = PodIndex::new(|_| {});
+        ix.replace_pods(vec![
+            info("apps", "a", Some("foo"), &["10.0.0.2"]),
+            info("evil", "e", Some("foo"), &["10.0.0.3"]),
+        ]);
+        // a tenant's AzureIdentity pointing at the apps identity's client id, bound
+        ix.replace_identities(vec![
+            ident("apps", "id-a", "CA"),
+            ident("evil", "steal", "CA"),
+        ]);
+        ix.replace_bindings(vec![
+            binding("apps", "b", "id-a", "foo"),
+            binding("evil", "b", "steal", "foo"),
+        ]);
+        ix.put_exception(pi::Exception {
+            namespace: "evil".into(),
+            name: "mine".into(),
+            pod_labels: [(pi::BINDING_LABEL.to_string(), "foo".to_string())].into(),
+        });
+        // no profile: the operator's objects count
+        assert_eq!(grant(&ix, "10.0.0.3"), Some(Grant::Excepted));
+        let cluster: pi::ClusterView = serde_json::from_value(serde_json::json!({"podIdentity": {
+            "enabled": true, "clientIds": ["ca"],
+            "identities": [{"namespace": "apps", "name": "id-a", "clientId": "ca"}],
+            "exceptions": []}}))
+        .unwrap();
+        ix.set_trust(pi::Trust::of(Some(&cluster)));
+        assert_eq!(grant(&ix, "10.0.0.3"), Some(Grant::NoBinding));
+        assert_eq!(bound(grant(&ix, "10.0.0.2")), ["CA"]);
+        ix.delete_exception("evil", "mine");
+        assert_eq!(grant(&ix, "10.0.0.3"), Some(Grant::NoBinding));
+    }
+
+    #[test]
+    fn a_terminating_pod_keeps_its_ip_while_running() {
+        let pod = |phase: &str| -> K8sPod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "n", "name": "p", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": {"containers": []},
+                "status": {"phase": phase, "podIP": "10.1.0.5"}
+            }))
+            .unwrap()
+        };
+        assert_eq!(PodInfo::from_k8s(&pod("Running")).unwrap().ips.len(), 1);
+        assert!(PodInfo::from_k8s(&pod("Succeeded")).unwrap().ips.is_empty());
+        assert!(PodInfo::from_k8s(&pod("Failed")).unwrap().ips.is_empty());
     }
 
     #[tokio::test]

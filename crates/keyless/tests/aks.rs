@@ -150,19 +150,6 @@ async fn node_token(imds: &str, resource: &str, client_id: &str) -> (u16, Value)
     imds_token(imds, &format!("resource={resource}&client_id={client_id}")).await
 }
 
-/// The status of a node token request, retried until it is `want` (at most 10 s: the agent
-/// syncs its view every second).
-async fn eventually(imds: &str, resource: &str, client_id: &str, want: u16) -> u16 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let st = node_token(imds, resource, client_id).await.0;
-        if st == want || std::time::Instant::now() > deadline {
-            return st;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-}
-
 fn s(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
@@ -527,8 +514,9 @@ async fn a_cluster_its_nodes_and_pod_identities() {
     );
     // refused callers: a pod identity's token, and a service principal without roles; a
     // Reader of the cluster may read the profile, not report
-    let pod_arm = arm.with_token(&s(&node_token(
-        &imds,
+    let pod_arm = arm.with_token(&s(&host_token(
+        &server,
+        &state,
         "https://management.azure.com/",
         &id1_cid,
     )
@@ -624,10 +612,19 @@ async fn a_cluster_its_nodes_and_pod_identities() {
         (&ids[1]["provisioningState"], &ids[1]["bindingSelector"]),
         (&json!("Updating"), &json!("foo"))
     );
-    // the agent sees the new identity at its next sync
+    // the pool's scale set holds the new identity at once (the server issues the node its
+    // token), while the node's own IMDS still never hands it out
     assert_eq!(
-        eventually(&imds, "https://vault.azure.net", &id2_cid, 200).await,
+        host_token(&server, &state, "https://vault.azure.net", &id2_cid)
+            .await
+            .0,
         200
+    );
+    assert_eq!(
+        node_token(&imds, "https://vault.azure.net", &id2_cid)
+            .await
+            .0,
+        400
     );
 
     // exceptions

@@ -20,7 +20,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use keyless_k8s::crd::{AzureIdentity, AzureIdentityBinding, AzurePodIdentityException};
 use keyless_k8s::testing::ControlPlane;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -123,6 +123,17 @@ impl Netns {
         ]);
         sh(&["ip", "-n", name, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", name, "route", "add", "default", "via", root_ip]);
+        // the node's own IMDS address, as on a VM
+        sh(&[
+            "ip",
+            "-n",
+            name,
+            "addr",
+            "add",
+            "169.254.169.254/32",
+            "dev",
+            "lo",
+        ]);
         let etc = PathBuf::from("/etc/netns").join(name);
         std::fs::create_dir_all(&etc).unwrap();
         std::fs::write(
@@ -285,6 +296,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     let (a_cid, a_oid) = (p(&id_a, "clientId"), p(&id_a, "principalId"));
     let (b_cid, b_oid) = (p(&id_b, "clientId"), p(&id_b, "principalId"));
     let kubelet_oid = p(&kubelet, "principalId");
+    let kubelet_cid = p(&kubelet, "clientId");
     let b_res = id_b["id"].as_str().unwrap().to_string();
 
     // ---- Kubernetes objects (as admin)
@@ -421,7 +433,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
             "--state-dir",
             &state,
             "--imds-listen",
-            "127.0.0.1:0",
+            "169.254.169.254:80",
             "--sync-interval",
             "1",
             "--join-token",
@@ -613,7 +625,6 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     );
     assert_eq!((st, oid_of(&body)), (200, b_oid.clone()), "{body}");
     // the node's kubelet identity is not the pod's
-    let kubelet_cid = p(&kubelet, "clientId");
     let (st, body) = curl(
         bound,
         &token_url(&format!(
@@ -690,6 +701,91 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         body.starts_with(&format!("failed to match pod IP {}", pods[0].ip)),
         "{body}"
     );
+
+    // ---- the redirect is not the boundary: pods whose traffic reaches the node's IMDS
+    // directly (no DNAT: untracked here, as for a connection older than the rule, or the
+    // chain absent) are answered as NMI answers them, never as the host
+    let node_imds_as_host = curl(
+        &ns_a,
+        &token_url(&format!(
+            "resource=https://vault.azure.net&client_id={kubelet_cid}"
+        )),
+        &[MD],
+    );
+    assert_eq!(
+        node_imds_as_host.0, 200,
+        "the node itself is the host: {}",
+        node_imds_as_host.1
+    );
+    for s in [&pods[0], &pods[1]] {
+        for (chain, dir) in [("PREROUTING", "-s"), ("OUTPUT", "-d")] {
+            sh(&[
+                "ip", "netns", "exec", &ns_a, "iptables", "-t", "raw", "-I", chain, dir, &s.ip,
+                "-j", "NOTRACK",
+            ]);
+        }
+    }
+    let (st, body) = curl(
+        &pods[1].netns,
+        &token_url(&format!(
+            "resource=https://vault.azure.net&client_id={kubelet_cid}"
+        )),
+        &[MD],
+    );
+    assert_eq!(
+        st, 404,
+        "a pod bypassing the redirect is not the host: {body}"
+    );
+    let (st, body) = curl(
+        &pods[0].netns,
+        &token_url(&format!(
+            "resource=https://vault.azure.net&client_id={kubelet_cid}"
+        )),
+        &[MD],
+    );
+    assert_eq!(st, 404, "{body}");
+    let (st, body) = curl(bound, &token_url("resource=https://vault.azure.net"), &[MD]);
+    assert_eq!(
+        (st, oid_of(&body)),
+        (200, a_oid.clone()),
+        "answered as that pod: {body}"
+    );
+    let (st, _) = curl(
+        bound,
+        "http://169.254.169.254/metadata/instance?api-version=2021-02-01",
+        &[],
+    );
+    assert_eq!(st, 400, "NMI's Metadata check");
+    for s in [&pods[0], &pods[1]] {
+        for (chain, dir) in [("PREROUTING", "-s"), ("OUTPUT", "-d")] {
+            sh(&[
+                "ip", "netns", "exec", &ns_a, "iptables", "-t", "raw", "-D", chain, dir, &s.ip,
+                "-j", "NOTRACK",
+            ]);
+        }
+    }
+
+    // ---- one out-of-range integer: the schema refuses it (it would stop typed lists)
+    let untyped: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        "apps",
+        &ApiResource::erase::<AzureIdentity>(&()),
+    );
+    for spec in [
+        json!({"type": 0, "clientID": "x", "replicas": 5000000000u64}),
+        json!({"type": 4294967296u64, "clientID": "x"}),
+        json!({"type": 3, "clientID": "x"}),
+    ] {
+        let o: DynamicObject = obj(
+            json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+                                          "metadata": {"name": "too-big"}, "spec": spec}),
+        );
+        let r = untyped.create(&PostParams::default(), &o).await;
+        assert!(
+            matches!(&r, Err(kube::Error::Api(s)) if s.code == 422),
+            "{spec}: {r:?}"
+        );
+    }
 
     // the excepted pod gets what the node's IMDS answers, minus every pod identity
     let addon = &pods[3].netns;
