@@ -80,6 +80,22 @@ def up():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def wait_for(check, timeout=60, step=0.5, what="condition"):
+    """Poll `check` until it returns something truthy; errors of a not-yet-ready state (a missing
+    file, a partial JSON document, a key not there yet, a failed assertion) count as "not yet"."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (AssertionError, FileNotFoundError, ValueError, KeyError, IndexError, TypeError) as e:
+            last = e
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
 def run_client(args, env=None, prefix=(), clean_env=False):
     """Run client.py with `args` in a fresh process; returns its JSON output."""
     if clean_env:

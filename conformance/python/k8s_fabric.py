@@ -172,20 +172,6 @@ def pod_manifest(name, namespace, node, labels=None):
     }
 
 
-def wait_for(check, timeout=30, step=0.1, what="condition"):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (AssertionError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
-            last = e
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
-
-
 class Proc:
     """A long-running process started with a marker line on stdout."""
 

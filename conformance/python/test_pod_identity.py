@@ -16,8 +16,8 @@ import uuid
 
 import pytest
 
-from conftest import keyless_bin, run_client, start_up
-from k8s_fabric import ControlPlane, NodeNs, PodNs, Proc, can_run_fabric, pod_manifest, wait_for
+from conftest import keyless_bin, run_client, start_up, wait_for
+from k8s_fabric import ControlPlane, NodeNs, PodNs, Proc, can_run_fabric, pod_manifest
 from test_node_identity import run_node
 
 ARM = "https://management.azure.com"
@@ -376,6 +376,6 @@ def test_removed_pod_identity_is_refused(fab, seed):
     t0 = time.time()
     fab.cli("aks", "pod-identity", "delete", "--resource-group", "myResourceGroup", "--cluster-name", "myAKSCluster",
             "--namespace", "my-app", "--name", "my-pod-identity")
-    wait_for(lambda: pod.curl(q)[0] == 404, timeout=30, what="refusal after pod-identity delete")
+    wait_for(lambda: pod.curl(q)[0] == 404, timeout=30, step=0.05, what="refusal after pod-identity delete")
     print(f"pod identity removed from the profile -> refused after {1000 * (time.time() - t0):.0f} ms")
     assert fab.cp.get("azureidentity", "my-pod-identity", "-n", "my-app") is None

@@ -19,21 +19,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from conftest import KvEnv, can_remap_hosts, keyless_bin, start_up
-
-
-def wait_for(check, timeout=60, step=0.5, what="condition"):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (FileNotFoundError, ValueError, json.JSONDecodeError, KeyError, IndexError) as e:
-            last = e
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
+from conftest import KvEnv, can_remap_hosts, keyless_bin, start_up, wait_for
 
 
 class Node:

@@ -14,6 +14,26 @@ pub fn assets_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/k8s"))
 }
 
+/// Why this machine cannot run a test or bench that needs root (network namespaces,
+/// iptables) and `tools` on PATH, if it cannot.
+pub fn missing_prerequisite(tools: &[&str]) -> Option<String> {
+    let uid = Command::new("id").arg("-u").output().ok();
+    if uid.map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0") != Some(false) {
+        return Some("not root (network namespaces and iptables need root)".into());
+    }
+    for tool in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!("`{tool}` is not installed"));
+        }
+    }
+    None
+}
+
 /// A running control plane; its `env` file's keys (`KUBECONFIG`, `K8S_API_URL`, `K8S_API_PORT`, …).
 pub struct ControlPlane {
     pub dir: PathBuf,

@@ -234,19 +234,8 @@ async fn decision_point(secs: u64, conns: usize) {
 
 /// Why this machine cannot run part 2, if it cannot.
 fn missing_prerequisite() -> Option<String> {
-    // SAFETY: geteuid has no preconditions
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (network namespaces and iptables need root)".into());
-    }
-    for tool in ["ip", "iptables", "etcd"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!("`{tool}` is not installed"));
-        }
+    if let Some(why) = keyless_k8s::testing::missing_prerequisite(&["ip", "iptables", "etcd"]) {
+        return Some(why);
     }
     let script = keyless_k8s::testing::assets_dir().join("start-control-plane.sh");
     if !script.exists() {

@@ -27,28 +27,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Why this machine cannot run the test, if it cannot.
-fn missing_prerequisite() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok();
-    if uid.map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0") != Some(false) {
-        return Some("not root (network namespaces and iptables need root)".into());
-    }
-    for tool in ["ip", "iptables", "curl"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!("`{tool}` is not installed"));
-        }
-    }
-    None
-}
-
 /// Skip (or, with CI set, fail) when the machine cannot run the test.
 fn prerequisites_met(test: &str) -> bool {
-    match missing_prerequisite() {
+    match keyless_k8s::testing::missing_prerequisite(&["ip", "iptables", "curl"]) {
         None => true,
         Some(why) if std::env::var_os("CI").is_some() => panic!("{test}: {why}"),
         Some(why) => {
