@@ -571,42 +571,35 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
             let (versions, t) = type_versions(&parent.namespace, &parent.type_name)?;
             check_version(versions, &version, Some(t))?;
             res::check_subscription(&s, &parent.subscription)?;
-            if t == MANAGED_CLUSTER
-                && child_type.eq_ignore_ascii_case("agentPools")
-                && action.eq_ignore_ascii_case("generateJoinToken")
-                && *m == Method::POST
-            {
+            // join tokens of a host group that is a child: a cluster's node pool, a Batch pool
+            let group = if t == MANAGED_CLUSTER {
+                Some((
+                    "agentPools",
+                    crate::clusters::pool_join_token as JoinTokenFn,
+                ))
+            } else if t == BATCH_ACCOUNT {
+                Some(("pools", crate::batch::pool_join_token as JoinTokenFn))
+            } else {
+                None
+            };
+            if let Some((child, issue)) = group.filter(|(c, _)| {
+                child_type.eq_ignore_ascii_case(c)
+                    && action.eq_ignore_ascii_case("generateJoinToken")
+                    && *m == Method::POST
+            }) {
                 authorize(
                     &s,
                     &caller,
-                    "Microsoft.ContainerService/managedClusters/agentPools/generateJoinToken/action",
-                    &format!("{}/agentPools/{name}", parent.canonical()),
+                    &format!("{}/{}/{child}/generateJoinToken/action", t.0, t.1),
+                    &format!("{}/{child}/{name}", parent.canonical()),
                 )?;
+                if t == BATCH_ACCOUNT {
+                    node_group_lockdown(&s, m, &parent.subscription, &parent.resource_group)?;
+                }
                 let ttl = join_ttl(&body)?;
-                let (token, expires, vmss) =
-                    crate::clusters::pool_join_token(&s, &parent, &name, ttl)?;
+                let (token, expires, group_id) = issue(&s, &parent, &name, ttl)?;
                 return Ok(Json(
-                    json!({"joinToken": token, "expiresOn": expires, "vmResourceId": vmss}),
-                )
-                .into_response());
-            }
-            if t == BATCH_ACCOUNT
-                && child_type.eq_ignore_ascii_case("pools")
-                && action.eq_ignore_ascii_case("generateJoinToken")
-                && *m == Method::POST
-            {
-                authorize(
-                    &s,
-                    &caller,
-                    "Microsoft.Batch/batchAccounts/pools/generateJoinToken/action",
-                    &format!("{}/pools/{name}", parent.canonical()),
-                )?;
-                node_group_lockdown(&s, m, &parent.subscription, &parent.resource_group)?;
-                let ttl = join_ttl(&body)?;
-                let (token, expires, pool_id) =
-                    crate::batch::pool_join_token(&s, &parent, &name, ttl)?;
-                return Ok(Json(
-                    json!({"joinToken": token, "expiresOn": expires, "vmResourceId": pool_id}),
+                    json!({"joinToken": token, "expiresOn": expires, "vmResourceId": group_id}),
                 )
                 .into_response());
             }
@@ -693,6 +686,9 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
 }
 
 /// `expiresInSeconds` of a join-token request (default one hour, at most a week).
+/// Issues a join token for a child host group: `(token, expires on, host group resource id)`.
+type JoinTokenFn = fn(&AppState, &ResourceId, &str, u64) -> Result<(String, u64, String)>;
+
 fn join_ttl(body: &[u8]) -> Result<u64> {
     #[derive(Default, serde::Deserialize)]
     #[serde(rename_all = "camelCase")]

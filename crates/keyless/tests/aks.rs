@@ -63,6 +63,16 @@ struct Arm {
 }
 
 impl Arm {
+    /// ARM calls as the bootstrap admin.
+    async fn admin(server: &ServerProc) -> Arm {
+        let (c, token) = server.admin().await;
+        Arm {
+            c,
+            url: server.url.clone(),
+            token,
+        }
+    }
+
     async fn call(
         &self,
         method: reqwest::Method,
@@ -160,12 +170,7 @@ async fn a_cluster_its_nodes_and_pod_identities() {
     let server = ServerProc::start(dir.path(), &[]);
     let env = cli_env(&server, dir.path());
     let cli = |args: &[&str]| server.cli(args);
-    let (c, admin_token) = server.admin().await;
-    let arm = Arm {
-        c,
-        url: server.url.clone(),
-        token: admin_token,
-    };
+    let arm = Arm::admin(&server).await;
 
     // the seed's commands, with keyless in place of az
     cli(&[
@@ -925,12 +930,7 @@ async fn refused_writes_leave_nothing_written() {
     let server = ServerProc::start(dir.path(), &[]);
     let env = cli_env(&server, dir.path());
     let cli = |args: &[&str]| server.cli(args);
-    let (c, admin_token) = server.admin().await;
-    let arm = Arm {
-        c,
-        url: server.url.clone(),
-        token: admin_token,
-    };
+    let arm = Arm::admin(&server).await;
     cli(&["group", "create", "-n", "rg"]);
     cli(&["group", "create", "-n", "ids"]);
     let id = cli(&["identity", "create", "-g", "ids", "-n", "app"]);
@@ -1522,12 +1522,7 @@ async fn secrets_in_a_cluster_are_never_stored_or_shown() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProc::start(dir.path(), &[]);
     let cli = |args: &[&str]| server.cli(args);
-    let (c, admin_token) = server.admin().await;
-    let arm = Arm {
-        c,
-        url: server.url.clone(),
-        token: admin_token,
-    };
+    let arm = Arm::admin(&server).await;
     cli(&["group", "create", "-n", "rg"]);
     let secrets = [
         "sp-secret-6f1d2c",
@@ -1620,12 +1615,7 @@ async fn the_node_resource_group_is_locked_down() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProc::start(dir.path(), &[]);
     let cli = |args: &[&str]| server.cli(args);
-    let (c, admin_token) = server.admin().await;
-    let arm = Arm {
-        c,
-        url: server.url.clone(),
-        token: admin_token,
-    };
+    let arm = Arm::admin(&server).await;
     cli(&["group", "create", "-n", "rg"]);
     cli(&["group", "create", "-n", "ids"]);
     let id1 = cli(&["identity", "create", "-g", "ids", "-n", "app"]);
