@@ -170,23 +170,19 @@ impl Synced {
             .cluster
             .as_ref()
             .is_some_and(|c| c.pod_identity.enabled);
-        let host_ids = if pod_identity_node {
+        let all = Arc::new(IdentityIndex::new(ids.clone()));
+        let excepted = Arc::new(IdentityIndex::new(excepted));
+        let host = if pod_identity_node {
             excepted.clone()
         } else {
-            ids.clone()
+            all.clone()
         };
-        let mut extension = host_ids.clone();
+        let mut extension = host.identities().clone();
         extension
             .user
             .truncate(keyless_core::local_endpoints::EXTENSION_MAX_USER_IDENTITIES);
-        let all = Arc::new(IdentityIndex::new(ids.clone()));
-        let excepted = Arc::new(IdentityIndex::new(excepted));
         Synced {
-            host: if pod_identity_node {
-                excepted.clone()
-            } else {
-                all.clone()
-            },
+            host,
             all,
             extension: Arc::new(IdentityIndex::new(extension)),
             excepted,

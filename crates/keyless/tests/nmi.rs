@@ -573,38 +573,23 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         assert!(v[f].is_string(), "{f}: {v}");
     }
     // each of the two bound identities by client id, object id, resource id
-    let (st, body) = curl(
-        bound,
-        &token_url(&format!(
-            "resource=https://vault.azure.net&client_id={b_cid}"
-        )),
-        &[MD],
-    );
-    assert_eq!((st, oid_of(&body)), (200, b_oid.clone()), "{body}");
-    let (st, body) = curl(
-        bound,
-        &token_url(&format!(
-            "resource=https://vault.azure.net&client_id={a_cid}"
-        )),
-        &[MD],
-    );
-    assert_eq!((st, oid_of(&body)), (200, a_oid.clone()), "{body}");
-    let (st, body) = curl(
-        bound,
-        &token_url(&format!(
-            "resource=https://vault.azure.net&object_id={b_oid}"
-        )),
-        &[MD],
-    );
-    assert_eq!((st, oid_of(&body)), (200, b_oid.clone()), "{body}");
-    let (st, body) = curl(
-        bound,
-        &token_url(&format!(
-            "resource=https://vault.azure.net&msi_res_id={b_res}"
-        )),
-        &[MD],
-    );
-    assert_eq!((st, oid_of(&body)), (200, b_oid.clone()), "{body}");
+    for (selector, want) in [
+        (format!("client_id={b_cid}"), &b_oid),
+        (format!("client_id={a_cid}"), &a_oid),
+        (format!("object_id={b_oid}"), &b_oid),
+        (format!("msi_res_id={b_res}"), &b_oid),
+    ] {
+        let (st, body) = curl(
+            bound,
+            &token_url(&format!("resource=https://vault.azure.net&{selector}")),
+            &[MD],
+        );
+        assert_eq!(
+            (st, oid_of(&body)),
+            (200, want.clone()),
+            "{selector}: {body}"
+        );
+    }
     // the node's kubelet identity is not the pod's
     let (st, body) = curl(
         bound,
