@@ -1,0 +1,18 @@
+//! Operating Keyless: what every process exposes and records so it is boring to run.
+//!
+//! - [`metrics`]: the Prometheus recorder, the metric names, the request/response layer.
+//! - [`health`]: `/healthz` (alive) and `/readyz` (ready = every registered check passes).
+//! - [`listener`]: the separate ops listener of every process (`/metrics`, `/healthz`, `/readyz`).
+//! - [`logging`]: the `tracing` subscriber (`--log-format text|json`), request ids.
+//! - [`audit`]: the append-only, hash-chained audit trail (token issuances and refusals,
+//!   control-plane writes, Key Vault operations), and its chain check.
+//! - [`limits`]: connection caps, timeouts and per-caller fair share for listeners.
+//!
+//! This crate is a leaf: it knows nothing of the server, the node or the store.
+
+pub mod audit;
+pub mod health;
+pub mod limits;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
