@@ -24,6 +24,19 @@ def keyless_bin():
     return str(pathlib.Path(target) / "debug" / "keyless")
 
 
+def admin_secret(data_dir):
+    """The bootstrap admin's secret from the 0600 file the first start writes into the data dir
+    (stdout carries it only with --print-secret)."""
+    try:
+        text = (pathlib.Path(data_dir) / "bootstrap-admin.secret").read_text()
+    except FileNotFoundError:
+        return None
+    m = re.search(r"^KEYLESS_CLIENT_SECRET=(\S+)$", text, re.M)
+    if m:
+        remember_secret(m.group(1))
+    return m.group(1) if m else None
+
+
 class Up:
     """A running `keyless up` (optionally inside a network namespace)."""
 
@@ -32,8 +45,7 @@ class Up:
         self.proc = proc
         self.info = info
         self.stdout = stdout_lines
-        m = re.search(r"KEYLESS_CLIENT_SECRET=(\S+)", "\n".join(stdout_lines))
-        self.admin_secret = m.group(1) if m else None
+        self.admin_secret = admin_secret(data_dir)
 
     @property
     def authority(self):
@@ -104,6 +116,7 @@ def run_client(args, env=None, prefix=(), clean_env=False):
     else:
         cmd = [*prefix, sys.executable, str(CLIENT), json.dumps(args)]
         proc_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tempfile.gettempdir(), **(env or {})}
+    _remember_secrets_in(args)
     out = subprocess.run(cmd, env=proc_env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -216,3 +229,117 @@ def kv():
     finally:
         u.stop()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def audit_records(path):
+    """The records of an audit file (one JSON object a line), in order."""
+    p = pathlib.Path(path)
+    return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
+
+
+def wait_audit(path, what, want, count=1, timeout=10):
+    """The records of the audit file at `path` that `want` accepts, once there are `count` of
+    them (the writer appends within a batch of the answer); fails listing the records otherwise."""
+    deadline = time.time() + timeout
+    while True:
+        recs = audit_records(path)
+        found = [r for r in recs if want(r)]
+        if len(found) >= count:
+            return found
+        if time.time() > deadline:
+            pytest.fail(f"{len(found)} of {count} audit records for {what} in {path}:\n"
+                        + "\n".join(json.dumps(r) for r in recs))
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- no secret in a debug log
+#
+# Every `keyless` process the suite starts (through keyless_bin()) runs with RUST_LOG=debug
+# and its stderr (the logs) teed into LOG_DIR/keyless-<pid>.log, its stdout into .out. At the
+# end of the session every log is searched for any JWT, any PEM private key, and every secret
+# the suite handled (bootstrap admin secrets, app passwords printed by `keyless app`, Key Vault
+# values and client secrets passed to clients): one found fails the run.
+
+LOG_DIR = pathlib.Path(tempfile.mkdtemp(prefix="keyless-conf-logs-"))
+SECRETS = set()
+LOG_LEVEL = os.environ.get("KEYLESS_CONFORMANCE_RUST_LOG", "debug")
+JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
+SECRET_KEYS = re.compile(r"(secret|password|value|client_secret|clientSecret)$", re.I)
+
+
+def remember_secret(v):
+    """A secret value the logs must never contain (short values are too common to search)."""
+    if isinstance(v, str) and len(v) >= 6:
+        SECRETS.add(v)
+
+
+def _remember_secrets_in(obj, key=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _remember_secrets_in(v, str(k))
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _remember_secrets_in(v, key)
+    elif isinstance(obj, str) and SECRET_KEYS.search(key):
+        remember_secret(obj)
+
+
+def _wrap_keyless_bin():
+    real = keyless_bin()
+    wrapper = LOG_DIR / "keyless"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        f"export RUST_LOG=\"{LOG_LEVEL}\"\n"
+        f"exec \"{real}\" \"$@\" 2> >(tee -a \"{LOG_DIR}/keyless-$$.log\" >&2) "
+        f"> >(tee -a \"{LOG_DIR}/keyless-$$.out\")\n")
+    wrapper.chmod(0o755)
+    LOG_DIR.chmod(0o755)
+    os.environ["KEYLESS_BIN"] = str(wrapper)
+
+
+if os.environ.get("KEYLESS_CONFORMANCE_NO_LOG_CHECK") != "1" and os.path.exists(keyless_bin()):
+    _wrap_keyless_bin()
+
+
+def _secrets_from_outputs():
+    """App passwords and secrets the admin verbs printed (JSON on stdout)."""
+    for f in LOG_DIR.glob("*.out"):
+        for m in re.finditer(r'"(password|secret|clientSecret|client_secret|value)"\s*:\s*"([^"]+)"',
+                             f.read_text(errors="replace")):
+            remember_secret(m.group(2))
+        for m in re.finditer(r"KEYLESS_CLIENT_SECRET=(\S+)", f.read_text(errors="replace")):
+            remember_secret(m.group(1))
+
+
+def leaks_in_logs():
+    """(file, what) for every secret found in a log of the session."""
+    _secrets_from_outputs()
+    found = []
+    for f in sorted(LOG_DIR.glob("*.log")):
+        text = f.read_text(errors="replace")
+        for m in JWT.finditer(text):
+            found.append((f.name, f"a JWT {m.group(0)[:24]}…"))
+        if "PRIVATE KEY" in text:
+            found.append((f.name, "a PEM private key"))
+        for s in SECRETS:
+            if s in text:
+                found.append((f.name, f"the secret {s[:4]}… ({len(s)} chars)"))
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("KEYLESS_BIN") != str(LOG_DIR / "keyless"):
+        return
+    logs = list(LOG_DIR.glob("*.log"))
+    leaks = leaks_in_logs()
+    rep = session.config.pluginmanager.get_plugin("terminalreporter")
+    say = rep.write_line if rep else print
+    if leaks:
+        say(f"SECRETS IN THE DEBUG LOGS ({LOG_DIR}):")
+        for f, what in leaks[:50]:
+            say(f"  {f}: {what}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    else:
+        say(f"no secret in {len(logs)} debug logs of keyless processes "
+            f"({len(SECRETS)} secret values, JWTs and private keys searched)")
+        shutil.rmtree(LOG_DIR, ignore_errors=True)

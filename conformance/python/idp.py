@@ -48,6 +48,9 @@ class OidcIssuer:
                                           serialization.NoEncryption()))
         self.keys = {"rsa1": rsa.generate_private_key(public_exponent=65537, key_size=2048),
                      "ec1": ec.generate_private_key(ec.SECP256R1())}
+        # requests served, by path (the re-fetch rate limit is counted on these)
+        self.fetches = {}
+        self.lock = threading.Lock()
         # a key the issuer never publishes (for forged assertions)
         self.rogue = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         idp = self
@@ -57,6 +60,8 @@ class OidcIssuer:
                 pass
 
             def do_GET(self):
+                with idp.lock:
+                    idp.fetches[self.path] = idp.fetches.get(self.path, 0) + 1
                 for name in ("k8s", "gh"):
                     if self.path == f"/{name}/.well-known/openid-configuration":
                         return self.reply({"issuer": idp.issuer(name), "jwks_uri": f"{idp.base}/{name}/jwks",

@@ -3,6 +3,7 @@ the token exchange, with the real python WorkloadIdentityCredential / DefaultAzu
 a test OIDC issuer (idp.py) minting Kubernetes- and CI-style tokens."""
 import json
 import os
+import pathlib
 import shutil
 import ssl
 import subprocess
@@ -12,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import keyless_bin, run_client, start_up
+from conftest import audit_records, keyless_bin, run_client, start_up, wait_audit
 from idp import OidcIssuer
 
 ARM = "https://management.azure.com"
@@ -64,6 +65,9 @@ def test_kubernetes_service_account_token_exchange(fed, credential):
     assert out["claims"]["oid"] == demo["principalId"]
     assert out["claims"]["appid"] == demo["clientId"]
     assert out["claims"]["xms_mirid"] == demo["resourceId"].replace("/resourceGroups/", "/resourcegroups/", 1)
+    wait_audit(pathlib.Path(up.data_dir) / "audit.log", "the exchange", lambda r: r.get("surface") == "sts"
+               and r["kind"] == "federated" and r["outcome"] == "issued" and r["caller"].get("subject") == K8S_SUB
+               and r["caller"].get("issuer") == idp.issuer("k8s") and r["identity"]["clientId"] == demo["clientId"])
 
 
 def test_ci_token_signed_with_es256(fed):
@@ -100,10 +104,26 @@ def test_refusals_carry_entra_codes(fed):
         ("not.a.jwt", 400, 50027),
         ("garbage", 400, 50027),
     ]
+    audit = pathlib.Path(up.data_dir) / "audit.log"
     for assertion, status, code in cases:
+        before = len(audit_records(audit))
         st, body = exchange(up, assertion)
         assert (st, body.get("error_codes")) == (status, [code]), body
         assert body["error_description"].startswith(f"AADSTS{code}:")
+        # recorded as a federated refusal: the identity, and who vouched (issuer, subject)
+        # when the assertion could be read at all
+        import jwt as pyjwt
+        try:
+            claimed = pyjwt.decode(assertion, options={"verify_signature": False})
+        except pyjwt.PyJWTError:
+            claimed = {}
+        wait_audit(audit, f"AADSTS{code}", lambda r: r["seq"] > before and r.get("surface") == "sts"
+                   and r["kind"] == "federated" and r["outcome"] == "refused" and r["status"] == status
+                   and r["reason"] == f"AADSTS{code}"
+                   and r["caller"]["clientId"] == up.info["demoIdentity"]["clientId"]
+                   and r["caller"].get("issuer") == claimed.get("iss")
+                   and r["caller"].get("subject") == claimed.get("sub"))
+        assert assertion not in audit.read_text(), "the assertion in the audit file"
     # an issuer the identity does not trust (trailing slash matters)
     tok = idp.mint("k8s", K8S_SUB)
     import jwt as pyjwt
@@ -292,3 +312,29 @@ def test_registered_app_with_secret_and_certificate(fed):
     assert "AADSTS700027" in got.get("message", ""), got
     got = get("secret", secret="wrong")
     assert "AADSTS7000215" in got.get("message", ""), got
+
+
+def test_unknown_kids_do_not_refetch_the_issuer_each_time(fed):
+    # forged assertions with kids the issuer does not publish, one after another and 16 at
+    # once: each is refused 401 AADSTS700027 as before, and the issuer's discovery document and
+    # JWKS are fetched again at most once (one per issuer per interval, shared by concurrent
+    # requests) instead of once per assertion
+    from concurrent.futures import ThreadPoolExecutor
+    up, idp, d, _ = fed
+    jwks_path = "/k8s/jwks"
+    before = idp.fetches.get(jwks_path, 0), idp.fetches.get("/k8s/.well-known/openid-configuration", 0)
+
+    def forged(i):
+        return exchange(up, idp.mint("k8s", K8S_SUB, kid=f"rsa-unknown-{i}", key=idp.rogue))
+
+    answers = [forged(i) for i in range(8)]
+    with ThreadPoolExecutor(16) as pool:
+        answers += list(pool.map(forged, range(100, 116)))
+    for st, body in answers:
+        assert (st, body["error_codes"]) == (401, [700027]), body
+    after = idp.fetches.get(jwks_path, 0), idp.fetches.get("/k8s/.well-known/openid-configuration", 0)
+    assert after[0] - before[0] <= 1, (before, after)
+    assert after[1] - before[1] <= 1, (before, after)
+    # a genuine assertion with a known kid still exchanges (from the cache)
+    st, body = exchange(up, idp.mint("k8s", K8S_SUB))
+    assert st == 200, body

@@ -12,7 +12,7 @@ import uuid
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import keyless_bin
+from conftest import keyless_bin, wait_audit
 
 
 def vault_name(prefix):
@@ -40,6 +40,18 @@ def test_seed_flow_identity_policy_token_secret(kv):
     denied = kv.py("read_secret", name, name="app-db-password", client_id=demo(kv)["clientId"])
     assert denied["error"]["status"] == 403 and denied["error"]["inner"] == "ForbiddenByPolicy", denied
     assert kv.py("set_secret", name, name="app-db-password", value="x")["error"]["status"] == 403
+    # each operation is in the audit trail: caller, vault, object, operation, result; never the value
+    audit = kv.up.data_dir / "audit.log"
+
+    def op(operation, oid, status, reason=None):
+        return lambda r: (r["type"] == "keyVault" and r["vault"] == name and r.get("name") == "app-db-password"
+                          and r["collection"] == "secrets" and r["operation"] == operation
+                          and r["caller"].get("objectId") == oid and r["status"] == status and r.get("reason") == reason)
+    wait_audit(audit, "the writer's SecretSet", op("SecretSet", demo(kv)["principalId"], 200))
+    wait_audit(audit, "the reader's SecretGet", op("SecretGet", system(kv), 200))
+    wait_audit(audit, "the writer's refused SecretGet", op("SecretGet", demo(kv)["principalId"], 403, "ForbiddenByPolicy"))
+    wait_audit(audit, "the reader's refused SecretSet", op("SecretSet", system(kv), 403, "ForbiddenByPolicy"))
+    assert "s3cr3t-value" not in audit.read_text()
 
 
 def test_secrets_conformance(kv):

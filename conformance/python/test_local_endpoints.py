@@ -25,7 +25,7 @@ import uuid
 
 import pytest
 
-from conftest import KvEnv, keyless_bin, run_client, start_up
+from conftest import KvEnv, keyless_bin, run_client, start_up, wait_audit
 from test_node_identity import node_modules
 
 ARM = "https://management.azure.com"
@@ -199,6 +199,15 @@ def test_app_service_refuses_a_missing_or_wrong_header(host):
     assert st == 401, body
     st, body, _ = http(url, headers={"X-IDENTITY-HEADER": host.app_header})
     assert st == 200 and "expires_in" not in body and body["expires_on"].isdigit(), body
+    # both refusals and the issuance are in the node's audit trail, with the local caller
+    audit = host.dir / "node" / "audit.log"
+
+    def app(outcome, status, reason):
+        return lambda r: (r.get("surface") == "appservice" and r["outcome"] == outcome and r["status"] == status
+                          and r.get("reason") == reason and r["caller"]["peer"].startswith("127.0.0.1:")
+                          and r["caller"].get("uid") == os.geteuid())
+    wait_audit(audit, "App Service refusals", app("refused", 401, "unauthorized"), count=2)
+    wait_audit(audit, "App Service issuance", app("issued", 200, None))
     # the secret file is for root only
     assert oct((host.dir / "node" / "identity-header").stat().st_mode & 0o777) == "0o600"
 
@@ -226,6 +235,10 @@ def test_arc_member_of_the_group_gets_a_token_and_others_do_not(host):
     assert member["claims"]["oid"] == host.system
     outsider = py_client(host, env, user=(65534, 65534, []))
     assert "error" in outsider, outsider
+    # the member's token is recorded with the uid that asked
+    audit = host.dir / "node" / "audit.log"
+    wait_audit(audit, "the Arc member's issuance", lambda r: r.get("surface") == "arc" and r["outcome"] == "issued"
+               and r["caller"].get("uid") == 65534)
     # the challenge names a key file in the tokens directory, 0640, and a used key is gone
     st, _, headers = http(f"{env['IDENTITY_ENDPOINT']}?api-version=2020-06-01&resource={urllib.parse.quote(ARM)}",
                           headers={"Metadata": "true"})
@@ -241,6 +254,8 @@ def test_arc_member_of_the_group_gets_a_token_and_others_do_not(host):
     assert not key.exists()
     st, _, _ = http(url, headers={"Metadata": "true", "Authorization": f"Basic {content}"})
     assert st == 401, "a key is good once"
+    wait_audit(audit, "a used Arc key", lambda r: r.get("surface") == "arc" and r["outcome"] == "refused"
+               and r["status"] == 401 and r["reason"] == "unauthorized")
 
 
 # ---------------------------------------------------------------- VM extension
@@ -277,6 +292,8 @@ def test_vm_extension_endpoint_follows_the_extension(host):
     assert st == 200, body
     st, body, _ = http(f"{url}?resource={urllib.parse.quote(ARM)}")
     assert st == 400 and body["error"] == "bad_request_102", body
+    wait_audit(host.dir / "node" / "audit.log", "no Metadata header at the extension endpoint",
+               lambda r: r.get("surface") == "extension" and r["outcome"] == "refused" and r["reason"] == "bad_request_102")
     # removing the extension stops the listener, the agent keeps running
     kv.cli("vm", "extension", "delete", "-g", "keyless", "--vm-name", host.vm, "-n", "ManagedIdentityExtensionForLinux")
     deadline = time.time() + 20
@@ -310,5 +327,9 @@ def test_extension_endpoint_reaches_32_user_assigned_identities(host):
             refused.append(cid)
         st, _, _ = http(f"{host.imds}/metadata/identity/oauth2/token?api-version=2018-02-01&{q}", headers={"Metadata": "true"})
         imds_ok += st == 200
+        time.sleep(0.1)  # two token requests per 0.1 s: within one caller's share (20/s)
     assert (ext_ok, imds_ok) == (32, 33), (ext_ok, imds_ok)
     assert len(refused) == 1
+    wait_audit(host.dir / "node" / "audit.log", "the 33rd identity at the extension endpoint",
+               lambda r: r.get("surface") == "extension" and r["outcome"] == "refused"
+               and r["reason"] == "identity_not_found" and r.get("identity", {}).get("clientId") == refused[0])

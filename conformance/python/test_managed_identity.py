@@ -5,7 +5,7 @@ import urllib.request
 
 import pytest
 
-from conftest import run_client
+from conftest import audit_records, run_client, wait_audit
 
 ARM = "https://management.azure.com"
 
@@ -152,15 +152,27 @@ def test_node_style_request_with_trailing_slash_and_encoded_resource(up):
         ({"Metadata": "true"}, "api-version=2018-02-01", 400, "Required audience parameter not specified"),
         ({"Metadata": "true"}, "api-version=1999-01-01&resource=x", 400, "api-version is invalid"),
         ({"Metadata": "true"}, "api-version=2018-02-01&resource=x&resource=y", 400, "Duplicate"),
-        ({"Metadata": "true"}, "api-version=2018-02-01&resource=x&client_id=nope", 400, "Identity not found"),
+        ({"Metadata": "true"}, "api-version=2018-02-01&resource=https://x&client_id=nope", 400, "Identity not found"),
+        # the audience must be an absolute URI or a GUID, bounded (keyless_core::audience)
+        ({"Metadata": "true"}, "api-version=2018-02-01&resource=%ZZ", 400, "invalid_resource"),
+        ({"Metadata": "true"}, "api-version=2018-02-01&resource=https://x/%0D%0Ay", 400, "invalid_resource"),
     ],
 )
 def test_imds_refusals(up, headers, query, status, fragment):
+    audit = up.data_dir / "audit.log"
+    before = len(audit_records(audit))
     req = urllib.request.Request(up.info["imdsUrl"] + "/metadata/identity/oauth2/token?" + query, headers=headers)
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == status
-    assert fragment in e.value.read().decode()
+    body = e.value.read().decode()
+    assert fragment in body
+    # recorded with the local caller and the code the answer carries ("Identity not found",
+    # sent as invalid_request, is recorded as identity_not_found)
+    v = json.loads(body)
+    reason = "identity_not_found" if v.get("error_description") == "Identity not found" else v["error"]
+    wait_audit(audit, query, lambda r: r["seq"] > before and r.get("surface") == "imds" and r["outcome"] == "refused"
+               and r["status"] == status and r["reason"] == reason and r["caller"]["peer"].startswith("127.0.0.1:"))
 
 
 def test_instance_metadata(up):

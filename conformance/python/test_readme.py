@@ -45,7 +45,8 @@ def test_readme_first_command_runs_keyless_up():
         import json
 
         up = Up(d / "data", proc, json.loads((d / "data" / "endpoints.json").read_text()), lines)
-        assert up.admin_secret, "the first start prints the admin secret"
+        assert up.admin_secret, "the first start writes the admin secret to the data dir"
+        assert up.admin_secret not in "\n".join(lines), "the secret is not printed without --print-secret"
         out = run_client(
             {"credential": "mi", "scope": ARM + "/.default",
              "verify": {"authority": up.authority, "ca": up.info["caFile"], "audience": ARM}},

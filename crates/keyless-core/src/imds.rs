@@ -2,6 +2,7 @@
 //! validated without IO. See `../shared/spec/identity-protocols.md` §1.
 
 use crate::api_version;
+use crate::audience::{self, AudienceError};
 use crate::selection::Selector;
 use serde_json::{json, Value};
 
@@ -26,6 +27,18 @@ impl ImdsError {
         Self {
             status: 400,
             body: json!({"error": "invalid_request", "error_description": desc}),
+        }
+    }
+
+    /// 400 for a `resource` that is missing (`invalid_request`, IMDS's text) or is not an
+    /// audience (`invalid_resource`, the code Entra gives a resource it cannot resolve).
+    pub fn bad_audience(e: AudienceError) -> Self {
+        match e {
+            AudienceError::Invalid => Self {
+                status: 400,
+                body: json!({"error": "invalid_resource", "error_description": e.describe()}),
+            },
+            _ => Self::invalid(e.describe()),
         }
     }
 
@@ -104,14 +117,7 @@ pub fn parse_token_request(query: &[(String, String)]) -> Result<TokenRequest, I
         return Err(ImdsError::bad_api_version());
     }
     let resource = get("resource").unwrap_or("").trim();
-    if resource.is_empty() {
-        return Err(ImdsError::invalid(
-            "Required audience parameter not specified",
-        ));
-    }
-    if resource.len() > MAX_PARAM_LEN {
-        return Err(ImdsError::invalid("The resource parameter is too long"));
-    }
+    audience::check(resource).map_err(ImdsError::bad_audience)?;
     let mut selectors = Vec::new();
     for (name, make) in [
         ("client_id", Selector::ClientId as fn(String) -> Selector),
@@ -235,7 +241,7 @@ mod tests {
         assert_eq!(r.resource, "https://management.azure.com/");
         assert_eq!(r.selector, Selector::ClientId("abc".into()));
         let r = parse_token_request(&q(
-            "api-version=2018-02-01&resource=x&mi_res_id=/sub/x&bypass_cache=true",
+            "api-version=2018-02-01&resource=https://x&mi_res_id=/sub/x&bypass_cache=true",
         ))
         .unwrap();
         assert_eq!(r.selector, Selector::ResourceId("/sub/x".into()));
@@ -250,9 +256,9 @@ mod tests {
             "api-version=nope&resource=x",
             "api-version=2018-02-01",
             "api-version=2018-02-01&resource=",
-            "api-version=2018-02-01&resource=x&client_id=a&object_id=b",
-            "api-version=2018-02-01&resource=x&client_id=",
-            "api-version=2018-02-01&resource=x&bypass_cache=yes",
+            "api-version=2018-02-01&resource=https://x&client_id=a&object_id=b",
+            "api-version=2018-02-01&resource=https://x&client_id=",
+            "api-version=2018-02-01&resource=https://x&bypass_cache=yes",
         ] {
             let e = parse_token_request(&q(s)).unwrap_err();
             assert_eq!(e.status, 400, "{s}");
@@ -260,6 +266,41 @@ mod tests {
         assert!(parse_query("a=1&a=2").is_err());
         let long = format!("api-version=2018-02-01&resource={}", "x".repeat(3000));
         assert!(parse_token_request(&q(&long)).is_err());
+    }
+
+    #[test]
+    fn refuses_resources_that_are_not_audiences() {
+        for (raw, error) in [
+            ("resource=%25ZZ", "invalid_resource"),
+            ("resource=https%3A%2F%2Fx%2Fa%0D%0Ab", "invalid_resource"),
+            ("resource=https://x/a%20b", "invalid_resource"),
+            ("resource=x", "invalid_resource"),
+            ("resource=", "invalid_request"),
+        ] {
+            let e = parse_token_request(&q(&format!("api-version=2018-02-01&{raw}"))).unwrap_err();
+            assert_eq!(
+                (e.status, e.body["error"].as_str()),
+                (400, Some(error)),
+                "{raw}"
+            );
+        }
+        let long = format!(
+            "api-version=2018-02-01&resource=https://{}",
+            "a".repeat(600)
+        );
+        let e = parse_token_request(&q(&long)).unwrap_err();
+        assert_eq!(
+            e.body["error_description"],
+            "The resource parameter is too long"
+        );
+        for ok in [
+            "api://AzureADTokenExchange",
+            "6dae42f8-4368-4678-94ff-3960e28e3630",
+        ] {
+            let r =
+                parse_token_request(&q(&format!("api-version=2018-02-01&resource={ok}"))).unwrap();
+            assert_eq!(r.resource, ok);
+        }
     }
 
     #[test]

@@ -16,10 +16,15 @@
 //! - [`refresh`]: when a cached token must be renewed.
 //! - [`aks`]: managed clusters: the `podIdentityProfile` rules (names, selectors, limits, kubenet).
 //! - [`pod_identity`]: which identities a pod may use through NMI (bindings, exceptions).
+//! - [`odata`]: strict `$filter` parsing of the role and directory lists.
+//! - [`audience`]: what a token audience (`resource` / scope) may be.
+//! - [`activity_log`]: Activity Log operations, the events list's strict `$filter`, times.
 //! - [`vault`]: Key Vault names, routes, permissions, certificate policies and paging.
 
+pub mod activity_log;
 pub mod aks;
 pub mod api_version;
+pub mod audience;
 pub mod claims;
 pub mod clock;
 pub mod error;
@@ -28,6 +33,7 @@ pub mod identity_type;
 pub mod imds;
 pub mod local_endpoints;
 pub mod names;
+pub mod odata;
 pub mod pod_identity;
 pub mod rbac;
 pub mod refresh;

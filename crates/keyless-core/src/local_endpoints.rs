@@ -96,12 +96,7 @@ fn selector_of(
 
 fn resource_of(get: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     let r = get("resource").unwrap_or_default().trim().to_string();
-    if r.is_empty() {
-        return Err("Required audience parameter not specified".into());
-    }
-    if r.len() > MAX_PARAM_LEN {
-        return Err("The resource parameter is too long".into());
-    }
+    crate::audience::check(&r).map_err(|e| e.describe().to_string())?;
     Ok(r)
 }
 
@@ -347,7 +342,31 @@ mod tests {
         let e = extension_request(&q("resource=x"), None).unwrap_err();
         assert_eq!(e.body["error"], "bad_request_102");
         assert!(extension_request(&q(""), Some("true")).is_err());
-        assert!(extension_request(&q("resource=x&client_id=a&object_id=b"), Some("true")).is_err());
+        assert!(extension_request(
+            &q("resource=https://x&client_id=a&object_id=b"),
+            Some("true")
+        )
+        .is_err());
+        // every local endpoint checks the audience with the one rule (`audience::check`)
+        for bad in [
+            "resource=%25ZZ",
+            "resource=https://x/a%0D%0Ab",
+            "resource=r",
+        ] {
+            let e = extension_request(&q(bad), Some("true")).unwrap_err();
+            assert_eq!(
+                (e.status, e.body["error"].as_str()),
+                (400, Some("invalid_request")),
+                "{bad}"
+            );
+            let e =
+                app_service_request(&q(&format!("api-version=2019-08-01&{bad}")), Some("k"), "k")
+                    .unwrap_err();
+            assert_eq!(e.status, 400, "{bad}");
+            let e = arc_request(&q(&format!("api-version=2020-06-01&{bad}")), Some("true"))
+                .unwrap_err();
+            assert_eq!(e.status, 400, "{bad}");
+        }
     }
 
     #[test]
@@ -368,14 +387,14 @@ mod tests {
             401
         );
         let e = app_service_request(
-            &q("api-version=2017-09-01&resource=r"),
+            &q("api-version=2017-09-01&resource=https://r"),
             Some("s3cret"),
             "s3cret",
         )
         .unwrap_err();
         assert_eq!((e.status, e.body["statusCode"].clone()), (400, json!(400)));
         let r = app_service_request(
-            &q("api-version=2019-08-01&resource=r&mi_res_id=/x"),
+            &q("api-version=2019-08-01&resource=https://r&mi_res_id=/x"),
             Some("s3cret"),
             "s3cret",
         )
@@ -392,8 +411,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.selector, Selector::SystemAssigned);
-        assert!(arc_request(&q("api-version=2018-02-01&resource=r"), Some("true")).is_err());
-        assert!(arc_request(&q("api-version=2020-06-01&resource=r"), None).is_err());
+        assert!(arc_request(
+            &q("api-version=2018-02-01&resource=https://r"),
+            Some("true")
+        )
+        .is_err());
+        assert!(arc_request(&q("api-version=2020-06-01&resource=https://r"), None).is_err());
         assert_eq!(
             arc_challenge("/var/opt/azcmagent/tokens/a.key"),
             "Basic realm=/var/opt/azcmagent/tokens/a.key"

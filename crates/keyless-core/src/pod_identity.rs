@@ -177,7 +177,8 @@ pub struct PodTokenRequest {
     pub selector: Selector,
 }
 
-/// NMI's error for a request without `resource` (400, plain text).
+/// NMI's error for a request without `resource` (400, plain text); a `resource` that is not an
+/// audience (`audience::check`) gets that rule's text, also 400.
 pub const RESOURCE_EMPTY: &str = "parameter resource cannot be empty";
 
 /// Read a token request from the decoded query the way NMI does: the first value of each name
@@ -192,6 +193,7 @@ pub fn parse_token_request(query: &[(String, String)]) -> Result<PodTokenRequest
             .filter(|v| !v.is_empty())
     };
     let resource = get("resource").ok_or(RESOURCE_EMPTY)?.to_string();
+    crate::audience::check(&resource).map_err(crate::audience::AudienceError::describe)?;
     let selector = if let Some(c) = get("client_id") {
         Selector::ClientId(c.to_string())
     } else if let Some(o) = get("object_id") {
@@ -816,20 +818,25 @@ mod tests {
         assert_eq!(r.resource, "https://vault.azure.net");
         assert_eq!(r.selector, Selector::SystemAssigned);
         // api-version ignored, duplicates tolerated (first wins)
-        let r =
-            parse_token_request(&q("resource=r1&resource=r2&client_id=c&msi_res_id=/x")).unwrap();
+        let r = parse_token_request(&q(
+            "resource=api://r1&resource=r2&client_id=c&msi_res_id=/x",
+        ))
+        .unwrap();
         assert_eq!(
             (r.resource.as_str(), r.selector),
-            ("r1", Selector::ClientId("c".into()))
+            ("api://r1", Selector::ClientId("c".into()))
         );
-        let r = parse_token_request(&q("resource=r&object_id=o")).unwrap();
+        let r = parse_token_request(&q("resource=api://r&object_id=o")).unwrap();
         assert_eq!(r.selector, Selector::ObjectId("o".into()));
-        let r = parse_token_request(&q("resource=r&client_id=&mi_res_id=/m")).unwrap();
+        let r = parse_token_request(&q("resource=api://r&client_id=&mi_res_id=/m")).unwrap();
         assert_eq!(r.selector, Selector::ResourceId("/m".into()));
-        let r = parse_token_request(&q("resource=r&msi_res_id=/a&mi_res_id=/m")).unwrap();
+        let r = parse_token_request(&q("resource=api://r&msi_res_id=/a&mi_res_id=/m")).unwrap();
         assert_eq!(r.selector, Selector::ResourceId("/a".into()));
         for s in ["", "api-version=2018-02-01", "resource=", "client_id=c"] {
             assert_eq!(parse_token_request(&q(s)), Err(RESOURCE_EMPTY), "{s}");
+        }
+        for s in ["resource=%25ZZ", "resource=https://x/%0D%0A", "resource=r"] {
+            assert!(parse_token_request(&q(s)).is_err(), "{s}");
         }
     }
 

@@ -67,7 +67,7 @@ async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> Result<
 impl CredentialHolder {
     pub async fn load_or_join(cfg: &NodeConfig, clock: &dyn Clock) -> Result<Self> {
         let dir = &cfg.state_dir;
-        std::fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+        keyless_store::files::private_dir(dir).map_err(|e| state_err(dir, e))?;
         let (key_path, cert_path) = (dir.join("host-key.pem"), dir.join("host-cert.pem"));
         let now = clock.now();
         if let (Ok(key), Ok(cert)) = (
@@ -136,7 +136,8 @@ impl CredentialHolder {
         )
         .map_err(|e| NodeError::Client(format!("cannot write {}: {e}", key_path.display())))?;
         let cert_path = dir.join("host-cert.pem");
-        std::fs::write(&cert_path, cert_pem).map_err(|e| state_err(&cert_path, e))?;
+        write_private(&cert_path, cert_pem.as_bytes())
+            .map_err(|e| NodeError::Client(format!("cannot write {}: {e}", cert_path.display())))?;
         let client = build_client(&cfg.ca_pem, Some((&cert, key_der)))?;
         Ok(Current {
             client,
@@ -152,6 +153,14 @@ impl CredentialHolder {
             .unwrap_or_else(|p| p.into_inner())
             .client
             .clone()
+    }
+
+    /// When the current credential expires (Unix seconds).
+    pub fn not_after(&self) -> u64 {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .not_after
     }
 
     /// Rotate when two thirds of the credential's lifetime have passed.

@@ -18,6 +18,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use keyless_core::api_version;
 use keyless_core::imds::{self, ImdsError, RequestHeaders};
+use keyless_ops::audit::{self, Surface, TokenEvent, TokenKind};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,10 +28,29 @@ use tower::ServiceExt;
 /// asks by the peer address (see the module doc).
 pub fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> tokio::task::JoinHandle<()> {
     let app = router(agent.clone());
-    let limit = Arc::new(tokio::sync::Semaphore::new(crate::serve::MAX_CONNECTIONS));
-    crate::serve::serve(listener, limit, "IMDS", move |peer, req| {
-        dispatch(agent.clone(), app.clone(), peer, req)
+    let a = agent.clone();
+    crate::serve::serve(listener, a, "IMDS", shape, move |peer, req| {
+        let (agent, app) = (agent.clone(), app.clone());
+        // request id, span, metrics and access log, as the surface the peer gets
+        let surface = match shape(&agent, peer) {
+            crate::serve::Shape::Nmi => keyless_ops::request::NMI,
+            _ => keyless_ops::request::IMDS,
+        };
+        let route = (surface == keyless_ops::request::NMI)
+            .then(|| crate::nmi::route_template(req.uri().path()));
+        keyless_ops::request::observe(surface, Some(peer.ip()), route, req, move |req| {
+            dispatch(agent, app, peer, req)
+        })
     })
+}
+
+/// A pod's 429 is NMI's (plain text), the node's own callers' IMDS's.
+fn shape(agent: &Agent, peer: SocketAddr) -> crate::serve::Shape {
+    if agent.cfg.nmi.is_some() && !crate::serve::is_own_address(peer.ip()) {
+        crate::serve::Shape::Nmi
+    } else {
+        crate::serve::Shape::Imds
+    }
 }
 
 async fn dispatch(
@@ -62,6 +82,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/metadata/instance/{*path}", get(instance))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))) })
         .with_state(agent)
+        // the route template for the edge around this router (`serve`, NMI)
+        .layer(axum::middleware::from_fn(
+            keyless_ops::request::matched_route,
+        ))
 }
 
 fn err(e: ImdsError) -> Response {
@@ -79,44 +103,73 @@ fn headers(h: &HeaderMap) -> RequestHeaders<'_> {
     }
 }
 
-async fn token(State(agent): State<Arc<Agent>>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
-    token_for(&agent, CallerKind::Host, &h, q.as_deref()).await
+async fn token(
+    State(agent): State<Arc<Agent>>,
+    peer: Option<axum::Extension<keyless_ops::limits::Peer>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let who = crate::local_caller(peer.as_deref());
+    token_for(
+        &agent,
+        CallerKind::Host,
+        Surface::Imds,
+        who,
+        &h,
+        q.as_deref(),
+    )
+    .await
 }
 
 /// The IMDS token endpoint's answer for `caller` (the host here; NMI answers excepted pods
-/// with it, so they get exactly what this handler gives).
+/// with it, so they get exactly what this handler gives), recorded in the audit trail as
+/// `surface` / `who` asked.
 pub async fn token_for(
+    agent: &Agent,
+    caller: CallerKind,
+    surface: Surface,
+    who: audit::Caller,
+    h: &HeaderMap,
+    query: Option<&str>,
+) -> Response {
+    let mut ev = TokenEvent::new(surface, TokenKind::ManagedIdentity, who);
+    let (resp, ev) = match answer(agent, caller, h, query, &mut ev).await {
+        Ok(body) => (Json(body).into_response(), ev.issued()),
+        Err(e) => {
+            let ev = ev.refused(e.status, crate::reason_of(&e));
+            (err(e), ev)
+        }
+    };
+    agent.cfg.audit.token(ev).await;
+    resp
+}
+
+async fn answer(
     agent: &Agent,
     caller: CallerKind,
     h: &HeaderMap,
     query: Option<&str>,
-) -> Response {
-    if let Err(e) = imds::check_headers(headers(h)) {
-        return err(e);
-    }
-    let req =
-        match imds::parse_query(query.unwrap_or("")).and_then(|q| imds::parse_token_request(&q)) {
-            Ok(r) => r,
-            Err(e) => return err(e),
-        };
+    ev: &mut TokenEvent,
+) -> Result<Value, ImdsError> {
+    imds::check_headers(headers(h))?;
+    let req = imds::parse_query(query.unwrap_or("")).and_then(|q| imds::parse_token_request(&q))?;
     match agent
-        .token(caller, &req.selector, &req.resource, req.bypass_cache)
+        .token(caller, &req.selector, &req.resource, req.bypass_cache, ev)
         .await
     {
-        Ok(t) => Json(imds::token_response(&t, &req.selector, agent.clock.now())).into_response(),
+        Ok(t) => Ok(imds::token_response(&t, &req.selector, agent.clock.now())),
         Err(TokenFailure::IdentityNotFound | TokenFailure::Refused) => {
-            err(ImdsError::identity_not_found())
+            Err(ImdsError::identity_not_found())
         }
-        Err(TokenFailure::Ambiguous) => err(ImdsError::not_selected(
+        Err(TokenFailure::Ambiguous) => Err(ImdsError::not_selected(
             &keyless_core::selection::SelectionError::Ambiguous.to_string(),
         )),
         Err(TokenFailure::Upstream(m)) => {
             tracing::warn!(error = %m, "token request failed upstream");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({"error": "unknown", "error_description": format!("Failed to retrieve token from the Active directory. {m}")})),
-            )
-                .into_response()
+            Err(ImdsError {
+                status: 500,
+                body: json!({"error": "unknown", "error_description": format!("Failed to retrieve token from the Active directory. {m}")}),
+            })
         }
     }
 }

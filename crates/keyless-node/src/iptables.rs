@@ -34,7 +34,7 @@ pub struct Redirect {
     pub target: SocketAddr,
 }
 
-fn iptables(args: &[&str]) -> Result<String, String> {
+pub(crate) fn iptables(args: &[&str]) -> Result<String, String> {
     // -w: wait for the xtables lock other writers (kube-proxy, CNI) hold
     let out = Command::new("iptables")
         .args(["-w", "5", "-t", "nat"])

@@ -18,8 +18,11 @@ pub mod imds;
 pub mod iptables;
 pub mod local;
 pub mod nmi;
+pub mod ops;
 pub mod pods;
 pub mod serve;
+
+pub use keyless_ops::limits::FairShareConfig;
 
 use keyless_core::clock::Clock;
 use keyless_core::imds::IssuedToken;
@@ -28,6 +31,7 @@ use keyless_core::refresh;
 use keyless_core::selection::{
     CallerIdentities, IdentityIndex, IdentityRef, SelectionError, Selector,
 };
+use keyless_ops::audit;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -89,6 +93,10 @@ pub struct NodeConfig {
     pub extension_store_root: PathBuf,
     /// Serve pods as aad-pod-identity's NMI (managed mode) on this node.
     pub nmi: Option<nmi::NmiConfig>,
+    /// Where every token issuance and refusal of this node is recorded.
+    pub audit: Arc<keyless_ops::audit::Audit>,
+    /// Per-caller fair share of the token endpoints (IMDS, NMI per pod, local endpoints).
+    pub fair_share: FairShareConfig,
 }
 
 /// What the server told us about our VM.
@@ -222,6 +230,54 @@ pub struct Agent {
     pub extensions: extensions::ExtensionRunner,
     /// The legacy VM-extension endpoint, while the extension is attached.
     pub extension_endpoint: local::ExtensionEndpoint,
+    /// Token requests per caller ([`serve`]), shared by every surface of the node.
+    pub fair_share: Arc<keyless_ops::limits::CallerLimiter>,
+}
+
+/// The identity a request names, for its audit record.
+pub(crate) fn requested_identity(selector: &Selector) -> audit::Identity {
+    let mut id = audit::Identity::default();
+    match selector {
+        Selector::SystemAssigned => {}
+        Selector::ClientId(c) => id.client_id = Some(c.clone()),
+        Selector::ObjectId(o) => id.object_id = Some(o.clone()),
+        Selector::ResourceId(r) => id.resource_id = Some(r.clone()),
+    }
+    id
+}
+
+/// The reason code of an error answer for its audit record: the code the body carries
+/// (`invalid_request`, `invalid_resource`, …), except "Identity not found", which IMDS sends
+/// as `invalid_request` and the record names `identity_not_found`.
+pub(crate) fn reason_of(e: &keyless_core::imds::ImdsError) -> String {
+    let text = e.body["error_description"]
+        .as_str()
+        .or_else(|| e.body["message"].as_str());
+    if text == Some("Identity not found") {
+        return "identity_not_found".into();
+    }
+    if let Some(code) = e.body["error"].as_str() {
+        return code.to_string();
+    }
+    match e.status {
+        400 => "invalid_request",
+        401 => "unauthorized",
+        _ => "unknown",
+    }
+    .to_string()
+}
+
+/// A local caller for the audit record: the peer the listener saw (and the uid owning its
+/// socket, when the listener could tell).
+pub(crate) fn local_caller(peer: Option<&keyless_ops::limits::Peer>) -> audit::Caller {
+    match peer {
+        Some(p) => audit::Caller {
+            peer: Some(p.addr.to_string()),
+            uid: p.caller.uid,
+            ..Default::default()
+        },
+        None => audit::Caller::default(),
+    }
 }
 
 /// Why a token could not be served.
@@ -317,6 +373,16 @@ impl Agent {
 
     /// Fetch the VM and its identities; drop cached tokens of identities no longer assigned.
     pub async fn sync(&self) -> Result<()> {
+        let r = self.sync_once().await;
+        metrics::counter!(
+            keyless_ops::metrics::AGENT_SYNCS,
+            "result" => keyless_ops::metrics::result_label(&r)
+        )
+        .increment(1);
+        r
+    }
+
+    async fn sync_once(&self) -> Result<()> {
         let client = self.cred.client();
         let url = format!("{}/keyless/host/v1/identities", self.cfg.server_url);
         let resp = client
@@ -371,13 +437,39 @@ impl Agent {
         Ok(())
     }
 
-    /// A token for `resource` as `caller`, from the cache when it is fresh enough.
+    /// A token for `resource` as `caller`, from the cache when it is fresh enough. `ev` (the
+    /// surface's audit record) learns the audience, the identity asked for or chosen, and
+    /// whether the cache answered; the surface records it with its answer.
     pub async fn token(
         &self,
         caller: CallerKind,
         selector: &Selector,
         resource: &str,
         bypass_cache: bool,
+        ev: &mut audit::TokenEvent,
+    ) -> std::result::Result<IssuedToken, TokenFailure> {
+        ev.audience = Some(resource.to_string());
+        ev.identity = requested_identity(selector);
+        let r = self
+            .token_inner(caller, selector, resource, bypass_cache, ev)
+            .await;
+        if let Ok(t) = &r {
+            ev.identity = audit::Identity {
+                client_id: Some(t.client_id.clone()),
+                object_id: Some(t.object_id.clone()),
+                resource_id: Some(t.msi_res_id.clone()).filter(|r| !r.is_empty()),
+            };
+        }
+        r
+    }
+
+    async fn token_inner(
+        &self,
+        caller: CallerKind,
+        selector: &Selector,
+        resource: &str,
+        bypass_cache: bool,
+        ev: &mut audit::TokenEvent,
     ) -> std::result::Result<IssuedToken, TokenFailure> {
         if self.synced().is_none() {
             let _ = self.sync().await;
@@ -398,10 +490,23 @@ impl Agent {
             .cloned();
         if let Some(c) = &cached {
             if !bypass_cache && !refresh::refresh_due(c.iat, c.token.expires_on, now) {
+                ev.cached = Some(true);
+                metrics::counter!(keyless_ops::metrics::AGENT_CACHE_HITS).increment(1);
                 return Ok(c.token.clone());
             }
         }
-        match self.fetch(&chosen, resource).await {
+        ev.cached = Some(false);
+        metrics::counter!(keyless_ops::metrics::AGENT_CACHE_MISSES).increment(1);
+        let fetched = self.fetch(&chosen, resource).await;
+        if cached.is_some() && !bypass_cache {
+            // a cached token due for refresh
+            metrics::counter!(
+                keyless_ops::metrics::AGENT_TOKEN_RENEWALS,
+                "result" => keyless_ops::metrics::result_label(&fetched)
+            )
+            .increment(1);
+        }
+        match fetched {
             Ok(token) => {
                 self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
                     key,
@@ -422,7 +527,10 @@ impl Agent {
             }
             Err(e) => match cached {
                 // The server is unreachable: a cached token that is still good is served.
-                Some(c) if refresh::servable(c.iat, c.token.expires_on, now) => Ok(c.token),
+                Some(c) if refresh::servable(c.iat, c.token.expires_on, now) => {
+                    ev.cached = Some(true);
+                    Ok(c.token)
+                }
                 _ => Err(e),
             },
         }
@@ -486,7 +594,7 @@ impl RunningNode {
 
 /// Join (if needed), sync, and serve IMDS.
 pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode> {
-    let listener = tokio::net::TcpListener::bind(cfg.imds_listen)
+    let listener = keyless_ops::limits::bind(cfg.imds_listen)
         .await
         .map_err(|source| NodeError::Bind {
             addr: cfg.imds_listen.to_string(),
@@ -503,7 +611,9 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         cfg.extension_reload_hook.clone(),
         cfg.extension_store_root.clone(),
     );
+    let fair_share = keyless_ops::limits::CallerLimiter::new(cfg.fair_share);
     let agent = Arc::new(Agent {
+        fair_share,
         cfg,
         clock,
         cred,
@@ -550,7 +660,8 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
                     source,
                 })?;
             let app = local::app_service_router(agent.clone(), Arc::new(secret));
-            let bound = serve_local(addr, app, "App Service").await?;
+            let bound =
+                serve_local(&agent, addr, app, "App Service", serve::Shape::AppService).await?;
             (Some(bound), Some(path))
         }
         None => (None, None),
@@ -566,7 +677,7 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
                     }
                 })?;
             let app = local::arc_router(agent.clone(), Arc::new(keys));
-            Some(serve_local(addr, app, "Arc").await?)
+            Some(serve_local(&agent, addr, app, "Arc", serve::Shape::Imds).await?)
         }
         None => None,
     };
@@ -602,17 +713,21 @@ async fn follow_extension_endpoint(agent: &Arc<Agent>) {
 }
 
 /// Bind `addr` and serve `app` there in the background; returns the bound address.
-async fn serve_local(addr: SocketAddr, app: axum::Router, what: &str) -> Result<SocketAddr> {
-    let l = tokio::net::TcpListener::bind(addr)
+async fn serve_local(
+    agent: &Arc<Agent>,
+    addr: SocketAddr,
+    app: axum::Router,
+    what: &'static str,
+    shape: serve::Shape,
+) -> Result<SocketAddr> {
+    let l = keyless_ops::limits::bind(addr)
         .await
         .map_err(|source| NodeError::Bind {
             addr: addr.to_string(),
             source,
         })?;
     let bound = l.local_addr().unwrap_or(addr);
-    tokio::spawn(async move {
-        let _ = axum::serve(l, app).await;
-    });
+    serve::serve_router(l, agent.clone(), what, shape, app);
     tracing::info!(%bound, "{what} endpoint listening");
     Ok(bound)
 }

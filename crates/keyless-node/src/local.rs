@@ -17,10 +17,12 @@ use axum::routing::any;
 use axum::{Json, Router};
 use keyless_core::imds::{self, ImdsError, TokenRequest};
 use keyless_core::local_endpoints as le;
+use keyless_ops::audit::{Surface, TokenEvent, TokenKind};
+use keyless_ops::limits::Peer;
 use serde_json::json;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -59,7 +61,22 @@ fn err(e: ImdsError) -> Response {
         .into_response()
 }
 
-fn failure(f: TokenFailure, app_service: bool) -> Response {
+/// Record `ev` with the outcome of `r` and answer it.
+async fn recorded(agent: &Agent, ev: TokenEvent, r: Result<Response, ImdsError>) -> Response {
+    match r {
+        Ok(resp) => {
+            agent.cfg.audit.token(ev.issued()).await;
+            resp
+        }
+        Err(e) => {
+            let reason = crate::reason_of(&e);
+            agent.cfg.audit.token(ev.refused(e.status, reason)).await;
+            err(e)
+        }
+    }
+}
+
+fn failure(f: TokenFailure, app_service: bool) -> ImdsError {
     let (status, m) = match f {
         TokenFailure::IdentityNotFound | TokenFailure::Refused => {
             (400, "Identity not found".to_string())
@@ -77,17 +94,17 @@ fn failure(f: TokenFailure, app_service: bool) -> Response {
         }
     };
     if app_service {
-        err(le::app_service_error(status, &m))
+        le::app_service_error(status, &m)
     } else {
         let error = if status == 500 {
             "unknown"
         } else {
             "invalid_request"
         };
-        err(ImdsError {
+        ImdsError {
             status,
             body: json!({"error": error, "error_description": m}),
-        })
+        }
     }
 }
 
@@ -106,33 +123,53 @@ fn pairs(raw: &str) -> Result<Vec<(String, String)>, ImdsError> {
 
 async fn extension_token(
     State(agent): State<Arc<Agent>>,
+    peer: Option<axum::Extension<Peer>>,
     method: Method,
     h: HeaderMap,
     RawQuery(q): RawQuery,
     body: axum::body::Bytes,
 ) -> Response {
+    let who = crate::local_caller(peer.as_deref());
+    let mut ev = TokenEvent::new(Surface::Extension, TokenKind::ManagedIdentity, who);
+    let r = extension_answer(&agent, &method, &h, q, &body, &mut ev).await;
+    recorded(&agent, ev, r).await
+}
+
+async fn extension_answer(
+    agent: &Agent,
+    method: &Method,
+    h: &HeaderMap,
+    q: Option<String>,
+    body: &[u8],
+    ev: &mut TokenEvent,
+) -> Result<Response, ImdsError> {
     if h.contains_key("x-forwarded-for") {
-        return err(ImdsError {
+        return Err(ImdsError {
             status: 400,
             body: json!({"error": "invalid_request", "error_description": "Requests with the X-Forwarded-For header are not accepted"}),
         });
     }
     // GET with a query, or POST with a form body (seed 001's curl --data)
     let raw = if method == Method::POST && !body.is_empty() {
-        String::from_utf8_lossy(&body).to_string()
+        String::from_utf8_lossy(body).to_string()
     } else {
         q.unwrap_or_default()
     };
-    let req = match pairs(&raw).and_then(|p| le::extension_request(&p, metadata(&h))) {
-        Ok(r) => r,
-        Err(e) => return err(e),
-    };
+    let req = pairs(&raw).and_then(|p| le::extension_request(&p, metadata(h)))?;
     match agent
-        .token(CallerKind::Extension, &req.selector, &req.resource, false)
+        .token(
+            CallerKind::Extension,
+            &req.selector,
+            &req.resource,
+            false,
+            ev,
+        )
         .await
     {
-        Ok(t) => Json(imds::token_response(&t, &req.selector, agent.clock.now())).into_response(),
-        Err(f) => failure(f, false),
+        Ok(t) => {
+            Ok(Json(imds::token_response(&t, &req.selector, agent.clock.now())).into_response())
+        }
+        Err(f) => Err(failure(f, false)),
     }
 }
 
@@ -147,6 +184,10 @@ pub fn extension_router(agent: Arc<Agent>) -> Router {
             )
         })
         .with_state(agent)
+        .layer(axum::middleware::from_fn_with_state(
+            keyless_ops::request::Edge::fixed(keyless_ops::request::EXTENSION),
+            keyless_ops::request::edge,
+        ))
 }
 
 /// The VM-extension listener, following the host view (attached extension and its port).
@@ -186,7 +227,7 @@ impl ExtensionEndpoint {
             let _ = stop.send(());
         }
         let Some(port) = port else { return };
-        let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+        let listener = match keyless_ops::limits::bind(("127.0.0.1", port)).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(port, error = %e, "cannot listen for the VM-extension endpoint");
@@ -198,12 +239,17 @@ impl ExtensionEndpoint {
             .unwrap_or(([127, 0, 0, 1], port).into());
         let (tx, rx) = oneshot::channel::<()>();
         let app = extension_router(agent.clone());
+        let task = crate::serve::serve_router(
+            listener,
+            agent.clone(),
+            "VM-extension",
+            crate::serve::Shape::Imds,
+            app,
+        );
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
+            let _ = rx.await;
+            // stop accepting; connections in flight finish on their own
+            task.abort();
         });
         tracing::info!(%addr, "VM-extension endpoint listening");
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((port, addr, tx));
@@ -220,23 +266,32 @@ struct AppServiceState {
 
 async fn app_service_token(
     State(st): State<AppServiceState>,
+    peer: Option<axum::Extension<Peer>>,
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
+    let who = crate::local_caller(peer.as_deref());
+    let mut ev = TokenEvent::new(Surface::AppService, TokenKind::ManagedIdentity, who);
+    let r = app_service_answer(&st, &h, q, &mut ev).await;
+    recorded(&st.agent, ev, r).await
+}
+
+async fn app_service_answer(
+    st: &AppServiceState,
+    h: &HeaderMap,
+    q: Option<String>,
+    ev: &mut TokenEvent,
+) -> Result<Response, ImdsError> {
     let presented = h.get("x-identity-header").and_then(|v| v.to_str().ok());
-    let req = match pairs(&q.unwrap_or_default())
-        .and_then(|p| le::app_service_request(&p, presented, &st.secret))
-    {
-        Ok(r) => r,
-        Err(e) => return err(e),
-    };
+    let req = pairs(&q.unwrap_or_default())
+        .and_then(|p| le::app_service_request(&p, presented, &st.secret))?;
     match st
         .agent
-        .token(CallerKind::Host, &req.selector, &req.resource, false)
+        .token(CallerKind::Host, &req.selector, &req.resource, false, ev)
         .await
     {
-        Ok(t) => Json(le::app_service_response(&t)).into_response(),
-        Err(f) => failure(f, true),
+        Ok(t) => Ok(Json(le::app_service_response(&t)).into_response()),
+        Err(f) => Err(failure(f, true)),
     }
 }
 
@@ -245,6 +300,10 @@ pub fn app_service_router(agent: Arc<Agent>, secret: Arc<String>) -> Router {
         .route("/MSI/token", any(app_service_token))
         .route("/msi/token", any(app_service_token))
         .with_state(AppServiceState { agent, secret })
+        .layer(axum::middleware::from_fn_with_state(
+            keyless_ops::request::Edge::fixed(keyless_ops::request::APPSERVICE),
+            keyless_ops::request::edge,
+        ))
 }
 
 // ------------------------------------------------------------------ Arc
@@ -264,7 +323,18 @@ const ARC_MAX_OUTSTANDING: usize = 1024;
 impl ArcKeys {
     pub fn new(dir: PathBuf, group: Option<u32>) -> std::io::Result<Self> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // parents this creates get 0755 explicitly: the process runs with umask 077, and group
+        // members must be able to reach the key files
+        let missing: Vec<PathBuf> = dir
+            .ancestors()
+            .skip(1)
+            .take_while(|p| !p.exists())
+            .map(Path::to_path_buf)
+            .collect();
         std::fs::create_dir_all(&dir)?;
+        for p in missing {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+        }
         // never follow a symlink planted where the directory should be, nor adopt a
         // directory someone else owns
         let meta = std::fs::symlink_metadata(&dir)?;
@@ -360,17 +430,47 @@ struct ArcState {
     keys: Arc<ArcKeys>,
 }
 
-async fn arc_token(State(st): State<ArcState>, h: HeaderMap, RawQuery(q): RawQuery) -> Response {
+/// The Arc endpoint. The challenge (401 with a fresh key file, the first leg of every Arc
+/// token request) is not recorded; every other answer is.
+async fn arc_token(
+    State(st): State<ArcState>,
+    peer: Option<axum::Extension<Peer>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let who = crate::local_caller(peer.as_deref());
+    let mut ev = TokenEvent::new(Surface::Arc, TokenKind::ManagedIdentity, who);
+    match arc_answer(&st, &h, q, &mut ev).await {
+        Err(ArcAnswer::Challenge(r)) => r,
+        Ok(r) => recorded(&st.agent, ev, Ok(r)).await,
+        Err(ArcAnswer::Error(e)) => recorded(&st.agent, ev, Err(e)).await,
+    }
+}
+
+enum ArcAnswer {
+    Challenge(Response),
+    Error(ImdsError),
+}
+
+impl From<ImdsError> for ArcAnswer {
+    fn from(e: ImdsError) -> Self {
+        ArcAnswer::Error(e)
+    }
+}
+
+async fn arc_answer(
+    st: &ArcState,
+    h: &HeaderMap,
+    q: Option<String>,
+    ev: &mut TokenEvent,
+) -> Result<Response, ArcAnswer> {
     let req: TokenRequest =
-        match pairs(&q.unwrap_or_default()).and_then(|p| le::arc_request(&p, metadata(&h))) {
-            Ok(r) => r,
-            Err(e) => return err(e),
-        };
+        pairs(&q.unwrap_or_default()).and_then(|p| le::arc_request(&p, metadata(h)))?;
     let now = st.agent.clock.now();
     let presented =
         le::arc_presented_key(h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
     let Some(key) = presented else {
-        return match st.keys.challenge(now) {
+        return Err(ArcAnswer::Challenge(match st.keys.challenge(now) {
             Ok(path) => {
                 let mut r = (
                     StatusCode::UNAUTHORIZED,
@@ -389,21 +489,21 @@ async fn arc_token(State(st): State<ArcState>, h: HeaderMap, RawQuery(q): RawQue
                     body: json!({"error": "unknown", "error_description": "The key file could not be written."}),
                 })
             }
-        };
+        }));
     };
     if !st.keys.redeem(key, now) {
-        return err(ImdsError {
+        return Err(ArcAnswer::Error(ImdsError {
             status: 401,
             body: json!({"error": "unauthorized", "error_description": "The key is unknown, used or expired; request a new one."}),
-        });
+        }));
     }
     match st
         .agent
-        .token(CallerKind::Host, &req.selector, &req.resource, false)
+        .token(CallerKind::Host, &req.selector, &req.resource, false, ev)
         .await
     {
-        Ok(t) => Json(imds::token_response(&t, &req.selector, now)).into_response(),
-        Err(f) => failure(f, false),
+        Ok(t) => Ok(Json(imds::token_response(&t, &req.selector, now)).into_response()),
+        Err(f) => Err(ArcAnswer::Error(failure(f, false))),
     }
 }
 
@@ -411,6 +511,10 @@ pub fn arc_router(agent: Arc<Agent>, keys: Arc<ArcKeys>) -> Router {
     Router::new()
         .route("/metadata/identity/oauth2/token", any(arc_token))
         .with_state(ArcState { agent, keys })
+        .layer(axum::middleware::from_fn_with_state(
+            keyless_ops::request::Edge::fixed(keyless_ops::request::ARC),
+            keyless_ops::request::edge,
+        ))
 }
 
 /// A random App Service identity header, written to `path` (0600).

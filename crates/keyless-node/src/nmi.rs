@@ -38,14 +38,15 @@
 
 use crate::iptables::Redirect;
 use crate::pods::{self, Grant, IpMatch, PodEntry, PodIndex};
-use crate::serve::{serve, text};
-pub use crate::serve::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, REQUEST_TIMEOUT};
+use crate::serve::{serve, text, Shape};
+pub use crate::serve::{HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, REQUEST_TIMEOUT};
 use crate::{imds, Agent, CallerKind, NodeError, Result, TokenFailure};
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keyless_core::pod_identity::{self as pi, Route};
 use keyless_core::selection::Selector;
+use keyless_ops::audit::{self, Surface, TokenEvent, TokenKind};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -183,7 +184,7 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
     ));
 
     let bind = |a: SocketAddr| async move {
-        tokio::net::TcpListener::bind(a)
+        keyless_ops::limits::bind(a)
             .await
             .map_err(|source| NodeError::Bind {
                 addr: a.to_string(),
@@ -215,14 +216,30 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
         index: index.clone(),
         cfg: cfg.clone(),
     });
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let handler = {
         let st = st.clone();
-        move |peer, req| handle(st.clone(), peer, req)
+        move |peer: SocketAddr, req: Request<Body>| {
+            let st = st.clone();
+            let route = Some(route_template(req.uri().path()));
+            keyless_ops::request::observe(
+                keyless_ops::request::NMI,
+                Some(peer.ip()),
+                route,
+                req,
+                move |req| handle(st, peer, req),
+            )
+        }
     };
-    let mut tasks = vec![serve(main, limit.clone(), "NMI", handler.clone())];
+    let nmi_shape: fn(&Agent, SocketAddr) -> Shape = |_, _| Shape::Nmi;
+    let mut tasks = vec![serve(
+        main,
+        agent.clone(),
+        "NMI",
+        nmi_shape,
+        handler.clone(),
+    )];
     if let Some(l) = loopback {
-        tasks.push(serve(l, limit, "NMI", handler));
+        tasks.push(serve(l, agent.clone(), "NMI", nmi_shape, handler));
     }
     agent.set_nmi(Some(st));
     let mut nmi = Nmi {
@@ -325,6 +342,19 @@ pub(crate) fn not_ready() -> Response {
     r
 }
 
+/// The route template of an NMI request for metrics and the access log (paths NMI hands to
+/// the node's IMDS get that router's template instead).
+pub(crate) fn route_template(path: &str) -> String {
+    match pi::route(path, true) {
+        Route::Token => "/metadata/identity/oauth2/token",
+        Route::InvalidTokenPath => "invalid token path",
+        Route::HostToken => "/host/token",
+        Route::BlockedInstance => "/metadata/instance",
+        Route::Other => "other",
+    }
+    .to_string()
+}
+
 /// NMI's answer to `req` from `peer`.
 pub(crate) async fn handle(st: Arc<NmiState>, peer: SocketAddr, req: Request<Body>) -> Response {
     let route = pi::route(req.uri().path(), st.cfg.block_instance_metadata);
@@ -357,11 +387,11 @@ pub(crate) async fn handle(st: Arc<NmiState>, peer: SocketAddr, req: Request<Bod
     }
 }
 
-/// An NMI refusal: status and plain-text message.
-struct Refusal(StatusCode, String);
+/// An NMI refusal: status, plain-text message, and the reason code its audit record carries.
+struct Refusal(StatusCode, String, &'static str);
 
 impl Refusal {
-    fn response(self) -> Response {
+    fn response(&self) -> Response {
         text(self.0, &self.1)
     }
 }
@@ -370,7 +400,27 @@ fn parse_request(query: Option<&str>) -> std::result::Result<pi::PodTokenRequest
     // Go's URL.Query(): lenient, first value wins
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query.unwrap_or("")).unwrap_or_default();
-    pi::parse_token_request(&pairs).map_err(|m| Refusal(StatusCode::BAD_REQUEST, m.into()))
+    pi::parse_token_request(&pairs)
+        .map_err(|m| Refusal(StatusCode::BAD_REQUEST, m.into(), "invalid_request"))
+}
+
+/// Record `ev` as refused with `resp`'s status and `reason`, and answer `resp`.
+async fn refused(st: &NmiState, ev: TokenEvent, reason: &str, resp: Response) -> Response {
+    st.agent
+        .cfg
+        .audit
+        .token(ev.refused(resp.status().as_u16(), reason))
+        .await;
+    resp
+}
+
+fn pod_caller(pod: &PodEntry, ip: Option<IpAddr>, mut who: audit::Caller) -> audit::Caller {
+    who.pod_namespace = Some(pod.namespace.clone());
+    who.pod_name = Some(pod.name.clone());
+    if let Some(ip) = ip {
+        who.pod_ip = Some(ip.to_string());
+    }
+    who
 }
 
 async fn pod_token(
@@ -379,25 +429,32 @@ async fn pod_token(
     h: &HeaderMap,
     query: Option<&str>,
 ) -> Response {
+    let ip = peer.ip().to_canonical();
+    let who = audit::Caller {
+        peer: Some(peer.to_string()),
+        pod_ip: Some(ip.to_string()),
+        ..Default::default()
+    };
+    let ev = TokenEvent::new(Surface::Nmi, TokenKind::ManagedIdentity, who.clone());
     if st.cfg.metadata_header_required && header_str(h, "metadata") != Some("true") {
-        return metadata_missing();
+        return refused(st, ev, "invalid_request", metadata_missing()).await;
     }
     let req = match parse_request(query) {
         Ok(r) => r,
-        Err(r) => return r.response(),
+        Err(r) => return refused(st, ev, r.2, r.response()).await,
     };
     if !st.index.is_synced() {
-        return not_ready();
+        return refused(st, ev, "not_ready", not_ready()).await;
     }
-    let ip = peer.ip().to_canonical();
     let pod = match st.index.lookup_ip(ip, UNKNOWN_IP_WAIT).await {
         IpMatch::One(p) => p,
         IpMatch::None => {
             tracing::info!(%ip, "no pod of this node has this IP");
-            return text(
+            let r = text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("failed to match pod IP {ip} with []"),
             );
+            return refused(st, ev, "pod_not_found", r).await;
         }
         IpMatch::Many(v) => {
             let names: Vec<String> = v
@@ -405,19 +462,33 @@ async fn pod_token(
                 .map(|p| format!("{}/{}", p.namespace, p.name))
                 .collect();
             tracing::warn!(%ip, pods = ?names, "several pods claim this IP");
-            return text(
+            let r = text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("failed to match pod IP {ip} with [{}]", names.join(" ")),
             );
+            return refused(st, ev, "pod_ambiguous", r).await;
         }
     };
+    let who = pod_caller(&pod, Some(ip), who);
     if pod.grant == Grant::Excepted {
         // exactly what the node's IMDS answers, for the excepted caller kind
-        return imds::token_for(&st.agent, CallerKind::ExceptedPod, h, query).await;
+        return imds::token_for(
+            &st.agent,
+            CallerKind::ExceptedPod,
+            Surface::Nmi,
+            who,
+            h,
+            query,
+        )
+        .await;
     }
-    match pod_identity_token(st, &pod, &req).await {
-        Ok((body, _)) => json(StatusCode::OK, &body),
-        Err(r) => r.response(),
+    let mut ev = TokenEvent::new(Surface::Nmi, TokenKind::ManagedIdentity, who);
+    match pod_identity_token(st, &pod, &req, &mut ev).await {
+        Ok((body, _)) => {
+            st.agent.cfg.audit.token(ev.issued()).await;
+            json(StatusCode::OK, &body)
+        }
+        Err(r) => refused(st, ev, r.2, r.response()).await,
     }
 }
 
@@ -426,12 +497,19 @@ async fn pod_identity_token(
     st: &NmiState,
     pod: &PodEntry,
     req: &pi::PodTokenRequest,
+    ev: &mut TokenEvent,
 ) -> std::result::Result<(serde_json::Value, String), Refusal> {
     let not_found = |sel: &Selector| {
         tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "no identity for the request");
-        Refusal(StatusCode::NOT_FOUND, pi::no_identity_message(sel))
+        Refusal(
+            StatusCode::NOT_FOUND,
+            pi::no_identity_message(sel),
+            "identity_not_found",
+        )
     };
     let Grant::Bound(bound) = &pod.grant else {
+        ev.audience = Some(req.resource.clone());
+        ev.identity = crate::requested_identity(&req.selector);
         return Err(not_found(&req.selector));
     };
     match st
@@ -441,6 +519,7 @@ async fn pod_identity_token(
             &req.selector,
             &req.resource,
             false,
+            ev,
         )
         .await
     {
@@ -458,6 +537,7 @@ async fn pod_identity_token(
                 "failed to get service principal token for pod:{}/{}, error: the Keyless server refused this node the identity",
                 pod.namespace, pod.name
             ),
+            "identity_refused_by_server",
         )),
         Err(TokenFailure::Upstream(m)) => Err(Refusal(
             StatusCode::FORBIDDEN,
@@ -465,6 +545,7 @@ async fn pod_identity_token(
                 "failed to get service principal token for pod:{}/{}, error: {m}",
                 pod.namespace, pod.name
             ),
+            "upstream_error",
         )),
     }
 }
@@ -475,39 +556,53 @@ async fn host_token(
     h: &HeaderMap,
     query: Option<&str>,
 ) -> Response {
-    let (Some(ns), Some(name)) = (
-        header_str(h, "podns").filter(|s| !s.is_empty()),
-        header_str(h, "podname").filter(|s| !s.is_empty()),
-    ) else {
-        return text(
+    let ns = header_str(h, "podns").filter(|s| !s.is_empty());
+    let name = header_str(h, "podname").filter(|s| !s.is_empty());
+    // who asked: the local peer, naming a pod
+    let who = audit::Caller {
+        peer: Some(peer.to_string()),
+        pod_namespace: ns.map(str::to_string),
+        pod_name: name.map(str::to_string),
+        ..Default::default()
+    };
+    let ev = TokenEvent::new(Surface::Nmi, TokenKind::ManagedIdentity, who.clone());
+    let (Some(ns), Some(name)) = (ns, name) else {
+        let r = text(
             StatusCode::BAD_REQUEST,
             "missing 'podname' and 'podns' from request header",
         );
+        return refused(st, ev, "invalid_request", r).await;
     };
     if peer.ip().to_canonical() != IpAddr::V4(Ipv4Addr::LOCALHOST) {
-        return text(
+        let r = text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "request remote address is not from a host",
         );
+        return refused(st, ev, "not_from_host", r).await;
     }
     let req = match parse_request(query) {
         Ok(r) => r,
-        Err(r) => return r.response(),
+        Err(r) => return refused(st, ev, r.2, r.response()).await,
     };
     if !st.index.is_synced() {
-        return not_ready();
+        return refused(st, ev, "not_ready", not_ready()).await;
     }
     let Some(pod) = st.index.by_name(ns, name) else {
-        return text(
+        let r = text(
             StatusCode::NOT_FOUND,
             &format!("failed to get pod {ns}/{name}, error: pods \"{name}\" not found"),
         );
+        return refused(st, ev, "pod_not_found", r).await;
     };
-    match pod_identity_token(st, &pod, &req).await {
-        Ok((token, client_id)) => json(
-            StatusCode::OK,
-            &serde_json::json!({"token": token, "clientid": client_id}),
-        ),
-        Err(r) => r.response(),
+    let mut ev = TokenEvent::new(Surface::Nmi, TokenKind::ManagedIdentity, who);
+    match pod_identity_token(st, &pod, &req, &mut ev).await {
+        Ok((token, client_id)) => {
+            st.agent.cfg.audit.token(ev.issued()).await;
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"token": token, "clientid": client_id}),
+            )
+        }
+        Err(r) => refused(st, ev, r.2, r.response()).await,
     }
 }

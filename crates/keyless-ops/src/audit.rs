@@ -1,1 +1,966 @@
-//! See the crate documentation.
+//! The audit trail: one JSON line per token issuance or refusal, control-plane write and Key
+//! Vault operation, appended to a file and chained by hashes so an edit shows.
+//!
+//! **Line format.** Every line is one JSON object:
+//! `{"seq":N,"time":"<RFC 3339 UTC>","prev":"<hex>","type":"token|controlPlane|keyVault",…,"hash":"<hex>"}`
+//! where `prev` is the SHA-256 of the previous line (its bytes without the newline; 64 zeros
+//! for the first line) and `hash`, always the last field, is the SHA-256 of this line up to
+//! (not including) `,"hash":`. `seq` counts from 1 without gaps. [`verify`] checks all three,
+//! so a record edited in place fails at its own line (its `hash`), and one whose `hash` was
+//! recomputed fails at the next line (its `prev`); a deleted or reordered line breaks `seq`
+//! and `prev`. What a chain cannot show on its own is the removal of the *last* lines: the
+//! `seq` of the last line and its `hash` are what to copy elsewhere to anchor it.
+//!
+//! **What is never recorded**: a token, a secret value, key material, a client secret, an
+//! assertion — only who asked, for which identity and audience, and the outcome. Record types
+//! have no field that could hold one.
+//!
+//! **Writing.** [`Audit::open`] opens the file `O_APPEND|O_CREAT`, mode 0600, reads its last
+//! line to continue `seq` and `prev`, and starts one writer thread. Emitting a record puts it on
+//! a bounded channel ([`CHANNEL_CAPACITY`]) and returns; the writer takes every record waiting,
+//! numbers and chains them, and appends the batch with one `write(2)` — so a record is in the
+//! file (the page cache; it survives the process being killed) within a batch of the event —
+//! and `fdatasync`s at most every [`SYNC_INTERVAL`] while records keep coming, and when it
+//! stops (so a power loss costs at most about that much). When the channel is full the
+//! emitting request waits for room up to [`FULL_WAIT`] (back-pressure: an identity service
+//! prefers a slower answer to a missing record); past that the record is dropped, counted in
+//! `keyless_audit_dropped_total` and logged at error level. Write errors are logged and
+//! counted the same way.
+//!
+//! Emitting also counts the event in the metrics (tokens issued / refused, Key Vault
+//! operations, control-plane writes), also with [`Audit::disabled`] (tests, `--no-audit`).
+
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Records waiting for the writer at most.
+pub const CHANNEL_CAPACITY: usize = 8192;
+/// How long an emitting request waits for room in a full channel before the record is dropped.
+pub const FULL_WAIT: Duration = Duration::from_secs(2);
+/// `fdatasync` at most this often while records keep coming (and when they stop).
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// The file name of the audit trail in a data or state directory (`--audit-file` default).
+pub const DEFAULT_FILE_NAME: &str = "audit.log";
+/// `prev` of the first line.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Metric names counted by [`Audit`]'s emit functions.
+pub mod names {
+    pub use crate::metrics::{
+        CONTROL_PLANE_WRITES, KEYVAULT_OPERATIONS, TOKENS_ISSUED, TOKEN_REFUSALS,
+    };
+    /// Audit records lost (writer behind past the wait, or a write error).
+    pub const AUDIT_DROPPED: &str = "keyless_audit_dropped_total";
+}
+
+/// The audit file of a data or state directory.
+pub fn default_path(dir: &Path) -> PathBuf {
+    dir.join(DEFAULT_FILE_NAME)
+}
+
+// ------------------------------------------------------------------ records
+
+/// Where a token request arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Surface {
+    /// The node's IMDS endpoint.
+    Imds,
+    /// NMI (a pod, through the redirect or `/host/token`).
+    Nmi,
+    /// The node's App Service endpoint.
+    AppService,
+    /// The node's Azure Arc endpoint.
+    Arc,
+    /// The node's VM-extension endpoint.
+    Extension,
+    /// The server's host API (a node asking for its VM's identities).
+    Host,
+    /// The server's token endpoint (`/oauth2/token`, `/oauth2/v2.0/token`).
+    Sts,
+}
+
+impl Surface {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Surface::Imds => "imds",
+            Surface::Nmi => "nmi",
+            Surface::AppService => "appservice",
+            Surface::Arc => "arc",
+            Surface::Extension => "extension",
+            Surface::Host => "host",
+            Surface::Sts => "sts",
+        }
+    }
+}
+
+/// Which grant a token request was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// A managed identity's token (node surfaces, host API).
+    ManagedIdentity,
+    /// A service principal with its client secret.
+    ClientCredentials,
+    /// A managed identity presenting an external issuer's token (workload identity federation).
+    Federated,
+    /// A service principal with a certificate-signed assertion.
+    ClientAssertion,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::ManagedIdentity => "managed_identity",
+            TokenKind::ClientCredentials => "client_credentials",
+            TokenKind::Federated => "federated",
+            TokenKind::ClientAssertion => "client_assertion",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Issued,
+    Refused,
+}
+
+/// Who asked. Each surface fills what it knows: the node a local process's peer address (and
+/// uid when known) or a pod's namespace/name/IP; the server the host resource from the client
+/// certificate, the client id of a service principal, the issuer and subject of a federated
+/// assertion, the object id of a token's caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Caller {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub peer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pod_namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pod_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pod_ip: Option<String>,
+    /// The VM / scale-set instance resource id bound to a host credential.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub host: Option<String>,
+    /// SHA-256 (hex) of the TLS client certificate presented (a host credential).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub certificate: Option<String>,
+    /// A client's application (client) id.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub object_id: Option<String>,
+    /// A federated assertion's `iss` and `sub`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub subject: Option<String>,
+}
+
+impl Caller {
+    /// A local process known by its peer address.
+    pub fn peer(addr: impl ToString) -> Self {
+        Caller {
+            peer: Some(addr.to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+/// The identity a request named or was issued.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub object_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub resource_id: Option<String>,
+}
+
+impl Identity {
+    pub fn is_empty(&self) -> bool {
+        self.client_id.is_none() && self.object_id.is_none() && self.resource_id.is_none()
+    }
+}
+
+/// A token issuance or refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenEvent {
+    pub surface: Surface,
+    pub kind: TokenKind,
+    pub caller: Caller,
+    #[serde(skip_serializing_if = "Identity::is_empty", default)]
+    pub identity: Identity,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub audience: Option<String>,
+    pub outcome: Outcome,
+    /// The HTTP status of the answer.
+    pub status: u16,
+    /// On a refusal, the code the answer carries (`identity_not_found`, `invalid_request`,
+    /// `AADSTS7000215`, …).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    /// A node's cached token handed to this caller (still an issuance to this caller).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cached: Option<bool>,
+}
+
+impl TokenEvent {
+    /// An event not yet decided: surfaces fill it as they learn, then call
+    /// [`TokenEvent::issued`] or [`TokenEvent::refused`].
+    pub fn new(surface: Surface, kind: TokenKind, caller: Caller) -> Self {
+        TokenEvent {
+            surface,
+            kind,
+            caller,
+            identity: Identity::default(),
+            audience: None,
+            outcome: Outcome::Refused,
+            status: 0,
+            reason: None,
+            cached: None,
+        }
+    }
+    pub fn issued(mut self) -> Self {
+        self.outcome = Outcome::Issued;
+        self.status = 200;
+        self.reason = None;
+        self
+    }
+    pub fn refused(mut self, status: u16, reason: impl Into<String>) -> Self {
+        self.outcome = Outcome::Refused;
+        self.status = status;
+        self.reason = Some(reason.into());
+        self
+    }
+}
+
+/// A control-plane write (PUT, PATCH, DELETE, POST action) and its result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlPlaneEvent {
+    pub caller: Caller,
+    /// E.g. `Microsoft.ManagedIdentity/userAssignedIdentities/write`.
+    pub operation: String,
+    pub resource_id: String,
+    pub status: u16,
+    /// `Succeeded` or `Failed`.
+    pub result: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub correlation_id: Option<String>,
+    /// The error code of a failure.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+}
+
+/// A Key Vault data-plane operation and its result (never the value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyVaultEvent {
+    pub caller: Caller,
+    pub vault: String,
+    /// `secrets`, `keys`, `certificates`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub collection: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub version: Option<String>,
+    /// Key Vault's `AuditEvent` operation name: `SecretGet`, `KeySign`, `CertificateCreate`, …
+    pub operation: String,
+    pub status: u16,
+    /// The error code of a failure.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+}
+
+/// One audit record's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Event {
+    Token(TokenEvent),
+    ControlPlane(ControlPlaneEvent),
+    KeyVault(KeyVaultEvent),
+}
+
+/// A line of the file, as [`read`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    pub time: String,
+    pub prev: String,
+    #[serde(flatten)]
+    pub event: Event,
+    #[serde(default)]
+    pub hash: String,
+}
+
+#[derive(Serialize)]
+struct LineOut<'a> {
+    seq: u64,
+    time: &'a str,
+    prev: &'a str,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref())
+}
+
+const HASH_FIELD: &str = ",\"hash\":\"";
+/// `,"hash":"` + 64 hex digits + `"}`.
+const HASH_SUFFIX_LEN: usize = HASH_FIELD.len() + 64 + 2;
+
+/// The line (without newline) of `event` as record `seq` after a line hashing to `prev`.
+fn render(seq: u64, time: &str, prev: &str, event: &Event) -> String {
+    let mut line = serde_json::to_string(&LineOut {
+        seq,
+        time,
+        prev,
+        event,
+    })
+    .unwrap_or_else(|_| format!("{{\"seq\":{seq},\"time\":\"{time}\",\"prev\":\"{prev}\"}}"));
+    line.pop(); // the closing brace
+    let h = sha256_hex(line.as_bytes());
+    line.push_str(HASH_FIELD);
+    line.push_str(&h);
+    line.push_str("\"}");
+    line
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn rfc3339_now() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+// ------------------------------------------------------------------ the sink
+
+enum Msg {
+    Event(String, Box<Event>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The audit sink: cheap to share (`Arc<Audit>`), passed to whatever emits.
+pub struct Audit {
+    tx: Option<mpsc::Sender<Msg>>,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit").field("path", &self.path).finish()
+    }
+}
+
+/// The chain state the writer continues from.
+struct Tail {
+    seq: u64,
+    prev: String,
+}
+
+/// The last line of `f` (without its newline), if any.
+fn last_line(f: &mut File) -> std::io::Result<Option<Vec<u8>>> {
+    let len = f.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut end = len;
+    let mut buf: Vec<u8> = Vec::new();
+    // skip the trailing newline
+    let mut one = [0u8; 1];
+    f.seek(SeekFrom::Start(len - 1))?;
+    f.read_exact(&mut one)?;
+    if one[0] == b'\n' {
+        end -= 1;
+    }
+    let mut pos = end;
+    const CHUNK: u64 = 64 * 1024;
+    loop {
+        let start = pos.saturating_sub(CHUNK);
+        let mut chunk = vec![0u8; (pos - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&buf);
+        buf = chunk;
+        if let Some(i) = buf.iter().rposition(|&b| b == b'\n') {
+            return Ok(Some(buf[i + 1..].to_vec()));
+        }
+        if start == 0 {
+            return Ok(Some(buf));
+        }
+        pos = start;
+    }
+}
+
+fn read_tail(f: &mut File) -> std::io::Result<Tail> {
+    match last_line(f)? {
+        None => Ok(Tail {
+            seq: 0,
+            prev: GENESIS.to_string(),
+        }),
+        Some(line) => {
+            let seq_of = |l: &[u8]| {
+                serde_json::from_slice::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("seq").and_then(|s| s.as_u64()))
+            };
+            let seq = match seq_of(&line) {
+                Some(seq) => seq,
+                None => {
+                    // a torn or foreign last line (a power loss mid-write, an edit): keep
+                    // serving — the chain continues after it, numbered after the last record
+                    // that reads, and `verify` names the line
+                    tracing::error!(
+                        "the last line of the audit file is not an audit record; continuing after it (`keyless audit verify` names it)"
+                    );
+                    let mut all = Vec::new();
+                    f.seek(SeekFrom::Start(0))?;
+                    f.read_to_end(&mut all)?;
+                    all.split(|&b| b == b'\n')
+                        .rev()
+                        .find_map(seq_of)
+                        .unwrap_or(0)
+                }
+            };
+            Ok(Tail {
+                seq,
+                prev: sha256_hex(&line),
+            })
+        }
+    }
+}
+
+fn dropped(why: &str) {
+    ::metrics::counter!(names::AUDIT_DROPPED).increment(1);
+    tracing::error!(reason = why, "audit record dropped");
+}
+
+impl Audit {
+    /// A sink that records nothing (metrics are still counted).
+    pub fn disabled() -> Arc<Audit> {
+        Arc::new(Audit {
+            tx: None,
+            path: None,
+        })
+    }
+
+    /// Open (or create, 0600) `path` for appending, continue its chain, start the writer.
+    pub fn open(path: &Path) -> std::io::Result<Arc<Audit>> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)?;
+        // an existing file keeps no wider mode than ours
+        if f.metadata()?.permissions().mode() & 0o077 != 0 {
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+        let tail = read_tail(&mut f)?;
+        // a last line without its newline (torn) stays a line of its own
+        let len = f.seek(SeekFrom::End(0))?;
+        if len > 0 {
+            let mut one = [0u8; 1];
+            f.seek(SeekFrom::Start(len - 1))?;
+            f.read_exact(&mut one)?;
+            if one[0] != b'\n' {
+                f.write_all(b"\n")?;
+            }
+        }
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        std::thread::Builder::new()
+            .name("keyless-audit".into())
+            .spawn(move || writer(f, tail, rx))?;
+        Ok(Arc::new(Audit {
+            tx: Some(tx),
+            path: Some(path.to_path_buf()),
+        }))
+    }
+
+    /// Where records go (None when disabled).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    async fn emit(&self, event: Event) {
+        let Some(tx) = &self.tx else { return };
+        let msg = Msg::Event(rfc3339_now(), Box::new(event));
+        match tx.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                if tx.send_timeout(msg, FULL_WAIT).await.is_err() {
+                    dropped("the audit writer is behind");
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => dropped("the audit writer stopped"),
+        }
+    }
+
+    /// Record a token issuance or refusal, and count it.
+    pub async fn token(&self, ev: TokenEvent) {
+        let surface = ev.surface.as_str();
+        match ev.outcome {
+            Outcome::Issued => {
+                ::metrics::counter!(names::TOKENS_ISSUED, "surface" => surface, "kind" => ev.kind.as_str())
+                    .increment(1)
+            }
+            Outcome::Refused => {
+                let reason = ev.reason.clone().unwrap_or_default();
+                ::metrics::counter!(names::TOKEN_REFUSALS, "surface" => surface, "reason" => reason)
+                    .increment(1)
+            }
+        }
+        self.emit(Event::Token(ev)).await
+    }
+
+    /// Record a control-plane write, and count it.
+    pub async fn control_plane(&self, ev: ControlPlaneEvent) {
+        ::metrics::counter!(names::CONTROL_PLANE_WRITES, "operation" => ev.operation.clone(), "result" => ev.result.clone())
+            .increment(1);
+        self.emit(Event::ControlPlane(ev)).await
+    }
+
+    /// Record a Key Vault operation, and count it.
+    pub async fn key_vault(&self, ev: KeyVaultEvent) {
+        let result = if ev.status < 400 {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+        ::metrics::counter!(names::KEYVAULT_OPERATIONS, "operation" => ev.operation.clone(), "result" => result)
+            .increment(1);
+        self.emit(Event::KeyVault(ev)).await
+    }
+
+    /// Wait until every record emitted before this call is in the file.
+    pub async fn flush(&self) {
+        let Some(tx) = &self.tx else { return };
+        let (done, wait) = oneshot::channel();
+        if tx.send(Msg::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+/// The writer thread: batch, number, chain, append; sync on [`SYNC_INTERVAL`]. Its own
+/// single-threaded runtime only waits on the channel and the sync deadline; the file is
+/// written with plain blocking calls on this thread, never on a request's.
+fn writer(f: File, tail: Tail, rx: mpsc::Receiver<Msg>) {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt.block_on(write_loop(f, tail, rx)),
+        Err(e) => tracing::error!(error = %e, "cannot start the audit writer; records are dropped"),
+    }
+}
+
+async fn write_loop(mut f: File, mut tail: Tail, mut rx: mpsc::Receiver<Msg>) {
+    let mut last_sync = Instant::now();
+    let mut unsynced = false;
+    let mut buf = String::new();
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    loop {
+        // wait for a record, or for the sync deadline when records are not yet synced
+        let first = if unsynced {
+            let left = SYNC_INTERVAL.saturating_sub(last_sync.elapsed());
+            match tokio::time::timeout(left, rx.recv()).await {
+                Ok(Some(m)) => Some(m),
+                Ok(None) => break,
+                Err(_) => None,
+            }
+        } else {
+            match rx.recv().await {
+                Some(m) => Some(m),
+                None => break,
+            }
+        };
+        let mut batch: Vec<Msg> = first.into_iter().collect();
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        buf.clear();
+        let mut n = 0usize;
+        let mut written_tail = Tail {
+            seq: tail.seq,
+            prev: tail.prev.clone(),
+        };
+        for m in batch {
+            match m {
+                Msg::Event(time, ev) => {
+                    let seq = written_tail.seq + 1;
+                    let line = render(seq, &time, &written_tail.prev, &ev);
+                    written_tail = Tail {
+                        seq,
+                        prev: sha256_hex(line.as_bytes()),
+                    };
+                    buf.push_str(&line);
+                    buf.push('\n');
+                    n += 1;
+                }
+                Msg::Flush(ack) => acks.push(ack),
+            }
+        }
+        if n > 0 {
+            match f.write_all(buf.as_bytes()) {
+                Ok(()) => {
+                    tail = written_tail;
+                    unsynced = true;
+                }
+                Err(e) => {
+                    // the chain continues from the last line written
+                    ::metrics::counter!(names::AUDIT_DROPPED).increment(n as u64);
+                    tracing::error!(error = %e, records = n, "cannot write the audit file; records dropped");
+                }
+            }
+        }
+        if unsynced && last_sync.elapsed() >= SYNC_INTERVAL {
+            sync(&f);
+            last_sync = Instant::now();
+            unsynced = false;
+        }
+        for a in acks.drain(..) {
+            let _ = a.send(());
+        }
+    }
+    if unsynced {
+        sync(&f);
+    }
+}
+
+fn sync(f: &File) {
+    if let Err(e) = f.sync_data() {
+        tracing::error!(error = %e, "cannot sync the audit file");
+    }
+}
+
+// ------------------------------------------------------------------ reading and checking
+
+/// Why a chain check failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("line {line}: {why}")]
+    Broken { line: usize, why: String },
+}
+
+/// A chain that checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub records: u64,
+    /// `hash` of the last line (what to keep elsewhere to anchor the end).
+    pub last_hash: String,
+}
+
+/// Check every line of `text` (see the module doc); the first broken line, numbered from 1.
+pub fn verify_text(text: &str) -> Result<Verified, VerifyError> {
+    let mut prev = GENESIS.to_string();
+    let mut seq = 0u64;
+    let mut last_hash = String::new();
+    let broken = |line: usize, why: String| VerifyError::Broken { line, why };
+    let mut lines = text.split('\n').enumerate().peekable();
+    while let Some((i, line)) = lines.next() {
+        let n = i + 1;
+        if line.is_empty() && lines.peek().is_none() {
+            break; // the final newline
+        }
+        if !text[..].ends_with('\n') && lines.peek().is_none() {
+            return Err(broken(n, "incomplete last line (no newline)".into()));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| broken(n, format!("not a JSON record: {e}")))?;
+        if line.len() < HASH_SUFFIX_LEN || !line.is_char_boundary(line.len() - HASH_SUFFIX_LEN) {
+            return Err(broken(n, "no hash field at the end".into()));
+        }
+        let (body, suffix) = line.split_at(line.len() - HASH_SUFFIX_LEN);
+        let hash = suffix
+            .strip_prefix(HASH_FIELD)
+            .and_then(|s| s.strip_suffix("\"}"))
+            .filter(|h| h.len() == 64)
+            .ok_or_else(|| broken(n, "no hash field at the end".into()))?;
+        if sha256_hex(body.as_bytes()) != hash {
+            return Err(broken(
+                n,
+                "the record does not match its hash (edited in place)".into(),
+            ));
+        }
+        let got_seq = v.get("seq").and_then(|s| s.as_u64());
+        if got_seq != Some(seq + 1) {
+            return Err(broken(
+                n,
+                format!(
+                    "seq is {} where {} was expected (a record deleted, inserted or moved)",
+                    got_seq.map(|s| s.to_string()).unwrap_or("missing".into()),
+                    seq + 1
+                ),
+            ));
+        }
+        if v.get("prev").and_then(|p| p.as_str()) != Some(prev.as_str()) {
+            return Err(broken(
+                n,
+                "prev does not match the previous line (a record before it changed)".into(),
+            ));
+        }
+        seq += 1;
+        prev = sha256_hex(line.as_bytes());
+        last_hash = hash.to_string();
+    }
+    Ok(Verified {
+        records: seq,
+        last_hash,
+    })
+}
+
+/// [`verify_text`] on the file at `path`.
+pub fn verify(path: &Path) -> Result<Verified, VerifyError> {
+    let text = std::fs::read_to_string(path).map_err(|e| VerifyError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    verify_text(&text)
+}
+
+/// Every record of the file at `path` (lines that do not parse are skipped; use [`verify`]
+/// to check the file).
+pub fn read(path: &Path) -> std::io::Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(n: usize) -> TokenEvent {
+        let mut e = TokenEvent::new(
+            Surface::Imds,
+            TokenKind::ManagedIdentity,
+            Caller::peer(format!("127.0.0.1:{n}")),
+        );
+        e.audience = Some("https://management.azure.com/".into());
+        if n.is_multiple_of(2) {
+            e.issued()
+        } else {
+            e.refused(400, "identity_not_found")
+        }
+    }
+
+    async fn write_n(path: &Path, from: usize, n: usize) {
+        let a = Audit::open(path).unwrap();
+        for i in from..from + n {
+            a.token(ev(i)).await;
+        }
+        a.flush().await;
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn write_lines(path: &Path, lines: &[String]) {
+        let mut s = lines.join("\n");
+        s.push('\n');
+        std::fs::write(path, s).unwrap();
+    }
+
+    fn broken_line(path: &Path) -> usize {
+        match verify(path) {
+            Err(VerifyError::Broken { line, .. }) => line,
+            other => panic!("expected a broken chain, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_chain_continues_across_reopen_and_the_file_is_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/audit.log");
+        write_n(&path, 0, 3).await;
+        write_n(&path, 3, 2).await;
+        let v = verify(&path).unwrap();
+        assert_eq!(v.records, 5);
+        let recs = read(&path).unwrap();
+        assert_eq!(
+            recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(recs[0].prev, GENESIS);
+        assert_eq!(recs[4].hash, v.last_hash);
+        let Event::Token(t) = &recs[3].event else {
+            panic!("a token record")
+        };
+        assert_eq!(t.caller.peer.as_deref(), Some("127.0.0.1:3"));
+        assert_eq!(t.reason.as_deref(), Some("identity_not_found"));
+        assert!(recs[3].time.ends_with('Z') && recs[3].time.contains('T'));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // an empty file verifies (nothing to check)
+        let empty = dir.path().join("empty.log");
+        std::fs::write(&empty, "").unwrap();
+        assert_eq!(verify(&empty).unwrap().records, 0);
+    }
+
+    #[tokio::test]
+    async fn an_edit_in_place_a_deleted_line_or_a_reorder_breaks_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        write_n(&path, 0, 5).await;
+        let good = lines(&path);
+        assert!(verify(&path).is_ok());
+
+        // edited in place: that line fails
+        let mut l = good.clone();
+        l[2] = l[2].replace("\"issued\"", "\"refused\"");
+        assert_ne!(l[2], good[2]);
+        write_lines(&path, &l);
+        assert_eq!(broken_line(&path), 3);
+
+        // edited with its own hash recomputed: the next line fails
+        let mut l = good.clone();
+        let body = &l[2][..l[2].len() - HASH_SUFFIX_LEN].replace("127.0.0.1:2", "127.0.0.1:9");
+        l[2] = format!("{body}{HASH_FIELD}{}\"}}", sha256_hex(body.as_bytes()));
+        write_lines(&path, &l);
+        assert_eq!(broken_line(&path), 4);
+
+        // the last line edited
+        let mut l = good.clone();
+        l[4] = l[4].replace("127.0.0.1:4", "127.0.0.1:5");
+        write_lines(&path, &l);
+        assert_eq!(broken_line(&path), 5);
+
+        // a line deleted
+        let mut l = good.clone();
+        l.remove(1);
+        write_lines(&path, &l);
+        assert_eq!(broken_line(&path), 2);
+
+        // two lines swapped
+        let mut l = good.clone();
+        l.swap(1, 3);
+        write_lines(&path, &l);
+        assert_eq!(broken_line(&path), 2);
+
+        // a line inserted (a copy)
+        let mut l = good.clone();
+        l.insert(2, good[1].clone());
+        write_lines(&path, &l);
+        assert_eq!(broken_line(&path), 3);
+
+        // a torn last line
+        let mut s = good.join("\n");
+        s.push_str("\n{\"seq\":6");
+        std::fs::write(&path, s).unwrap();
+        assert_eq!(broken_line(&path), 6);
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_does_not_stop_the_sink_and_verify_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        write_n(&path, 0, 3).await;
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"seq\":4,\"time\":\"2026");
+        std::fs::write(&path, &text).unwrap();
+        write_n(&path, 3, 2).await;
+        let recs = read(&path).unwrap();
+        assert_eq!(
+            recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(broken_line(&path), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn many_concurrent_writers_make_one_valid_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let a = Audit::open(&path).unwrap();
+        let tasks: Vec<_> = (0..64)
+            .map(|t| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        a.token(ev(t * 1000 + i)).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        a.flush().await;
+        assert_eq!(verify(&path).unwrap().records, 64 * 50);
+        let mut peers: Vec<String> = read(&path)
+            .unwrap()
+            .into_iter()
+            .map(|r| match r.event {
+                Event::Token(t) => t.caller.peer.unwrap(),
+                _ => panic!("a token record"),
+            })
+            .collect();
+        peers.sort();
+        peers.dedup();
+        assert_eq!(peers.len(), 64 * 50, "every record once");
+    }
+
+    #[tokio::test]
+    async fn disabled_records_nothing_and_never_a_token() {
+        let a = Audit::disabled();
+        a.token(ev(1)).await;
+        a.flush().await;
+        assert!(a.path().is_none());
+        // the record types have no field for a token: what a refused record looks like
+        let line = render(1, "t", GENESIS, &Event::Token(ev(1)));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort();
+        let mut want = [
+            "seq", "time", "prev", "type", "surface", "kind", "caller", "audience", "outcome",
+            "status", "reason", "hash",
+        ];
+        want.sort();
+        assert_eq!(keys, want);
+    }
+}

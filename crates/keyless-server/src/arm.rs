@@ -221,9 +221,39 @@ fn type_versions(
     }
 }
 
+/// Every ARM request: authenticate, dispatch, and hand each write with its answer to the
+/// Activity Log hook ([`crate::activity::record`]) — once, whatever the outcome.
 async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response> {
+    let caller = authenticate(&s, req.headers())?;
+    let op = ArmPath::parse(req.uri().path())
+        .ok()
+        .and_then(|p| keyless_core::activity_log::operation(req.method().as_str(), &p));
+    let Some(op) = op else {
+        return dispatch(&s, &caller, req).await;
+    };
+    let (method, headers) = (req.method().to_string(), req.headers().clone());
+    let request_id = req
+        .extensions()
+        .get::<keyless_ops::request::RequestId>()
+        .map(|r| r.0.clone());
+    let resp = dispatch(&s, &caller, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    let event = crate::activity::WriteEvent::new(
+        &caller,
+        op,
+        &method,
+        resp.status().as_u16(),
+        &headers,
+        request_id.as_deref(),
+    );
+    crate::activity::record(&s, &event);
+    Ok(resp)
+}
+
+async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Response> {
+    let (s, caller) = (s.clone(), caller.clone());
     let (parts, body) = req.into_parts();
-    let caller = authenticate(&s, &parts.headers)?;
     let query: Vec<(String, String)> = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
         .map_err(|_| ServerError::InvalidRequestContent("The query string is malformed.".into()))?;
     let version = query
@@ -231,6 +261,13 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
         .find(|(k, _)| k.eq_ignore_ascii_case("api-version"))
         .map(|(_, v)| v.clone())
         .ok_or(ServerError::MissingApiVersion)?;
+    if let Some(sub) = keyless_core::activity_log::events_path(parts.uri.path()) {
+        check_version(keyless_core::activity_log::API_VERSIONS, &version, None)?;
+        if parts.method != Method::GET {
+            return Err(ServerError::MethodNotAllowed(parts.method.to_string()));
+        }
+        return crate::activity::list(&s, &caller, &sub, &query);
+    }
     let path = ArmPath::parse(parts.uri.path())
         .map_err(|_| ServerError::InvalidPath(parts.uri.path().to_string()))?;
     let body = axum::body::to_bytes(body, DRAIN_LIMIT)

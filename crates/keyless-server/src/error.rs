@@ -83,8 +83,15 @@ pub enum ServerError {
     PrincipalNotFound { principal: String, tenant: String },
     #[error("The role assignment ID '{0}' is not valid. The role assignment ID must be a GUID.")]
     InvalidRoleAssignmentId(String),
+    /// A `$filter` the list does not understand (message names the supported forms).
+    #[error("{0}")]
+    UnsupportedQuery(String),
     #[error("Too many Federated Identity Credentials are written concurrently for the managed identity '{0}'. Concurrent writes to Federated Identity Credentials under the same managed identity are not supported.")]
     ConcurrentFicWrites(String),
+    /// A `$filter` / `$select` the Activity Log list refuses: 400 in Microsoft.Insights' flat
+    /// `{"code":"BadRequest","message"}` shape.
+    #[error("{0}")]
+    InsightsBadRequest(String),
     #[error("The role assignment '{0}' is not found.")]
     RoleAssignmentNotFound(String),
     #[error("The role assignment already exists.")]
@@ -246,8 +253,10 @@ impl ServerError {
             }
             PrincipalNotFound { .. } => (StatusCode::BAD_REQUEST, "PrincipalNotFound"),
             InvalidRoleAssignmentId(_) => (StatusCode::BAD_REQUEST, "InvalidRoleAssignmentId"),
+            UnsupportedQuery(_) => (StatusCode::BAD_REQUEST, "UnsupportedQuery"),
             RoleAssignmentExists => (StatusCode::CONFLICT, "RoleAssignmentExists"),
             RoleAssignmentNotFound(_) => (StatusCode::NOT_FOUND, "RoleAssignmentNotFound"),
+            InsightsBadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             ConcurrentFicWrites(_) => (
                 StatusCode::CONFLICT,
                 "ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity",
@@ -331,6 +340,11 @@ impl IntoResponse for ServerError {
                 }
                 resp
             }
+            ServerError::InsightsBadRequest(message) => (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"code": "BadRequest", "message": message})),
+            )
+                .into_response(),
             ServerError::Store(e) => {
                 tracing::error!(error = %e, "storage failure");
                 arm_body(
@@ -385,4 +399,27 @@ fn arm_body(status: StatusCode, code: &str, message: &str, target: Option<String
         err["target"] = json!(t);
     }
     (status, axum::Json(json!({ "error": err }))).into_response()
+}
+
+impl ServerError {
+    /// The status and the code this error answers with (`AADSTS7000215`, a host API `error`,
+    /// a Key Vault `innererror` code or else `code`, an ARM `code`): the reason an audit
+    /// record carries.
+    pub fn status_and_code(&self) -> (u16, String) {
+        match self {
+            ServerError::Sts { status, code, .. } => (status.as_u16(), format!("AADSTS{code}")),
+            ServerError::Host { status, error, .. } => (status.as_u16(), error.to_string()),
+            // the inner code when there is one (`ForbiddenByPolicy` says more than `Forbidden`)
+            ServerError::Vault {
+                status,
+                code,
+                inner,
+                ..
+            } => (status.as_u16(), inner.unwrap_or(code).to_string()),
+            _ => {
+                let (status, code) = self.arm_code();
+                (status.as_u16(), code.to_string())
+            }
+        }
+    }
 }

@@ -2,7 +2,8 @@
 //! (`client_assertion`) is exchanged for an access token when the JWT matches one of the
 //! identity's federated identity credentials and verifies against its issuer's keys
 //! (`{iss}/.well-known/openid-configuration` → `jwks_uri`, https only, bounded, cached, refreshed
-//! on an unknown `kid`). Failures are AADSTS errors with 4xx statuses, never 5xx.
+//! on an unknown `kid` at most once per interval, one fetch shared by concurrent requests).
+//! Failures are AADSTS errors with 4xx statuses, never 5xx.
 
 use crate::error::{Result, ServerError};
 use crate::state::AppState;
@@ -15,8 +16,8 @@ use keyless_core::resource_id::ResourceId;
 use keyless_store::IdentityRecord;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Largest discovery document or JWKS accepted.
 const MAX_DOC: usize = 256 * 1024;
@@ -25,10 +26,45 @@ const MAX_KEYS: usize = 100;
 /// Clock skew allowed on `exp` / `nbf`.
 const SKEW: u64 = 300;
 
-/// Issuer keys, cached per issuer.
+/// What is known of one issuer's keys: the last fetch's result and when it was tried.
+#[derive(Default, Clone)]
+struct IssuerKeys {
+    keys: Option<Vec<Value>>,
+    /// Why the last fetch failed (answered again until the next fetch is allowed).
+    error: Option<String>,
+    fetched: Option<Instant>,
+}
+
+#[derive(Default)]
+struct IssuerEntry {
+    state: Mutex<IssuerKeys>,
+    /// Held while fetching: concurrent requests for the same issuer share one fetch.
+    fetch: tokio::sync::Mutex<()>,
+}
+
+/// Issuer keys, cached per issuer (issuers come from federated credentials, so the map is
+/// bounded by them). An issuer is fetched again at most once per
+/// `ServerConfig::issuer_refetch_interval`, however many unknown `kid`s arrive.
 #[derive(Default)]
 pub struct JwksCache {
-    keys: Mutex<HashMap<String, Vec<Value>>>,
+    issuers: Mutex<HashMap<String, Arc<IssuerEntry>>>,
+}
+
+impl JwksCache {
+    fn entry(&self, iss: &str) -> Arc<IssuerEntry> {
+        self.issuers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(iss.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+impl IssuerEntry {
+    fn snapshot(&self) -> IssuerKeys {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 fn sts(status: u16, error: &'static str, code: u32, msg: impl Into<String>) -> ServerError {
@@ -44,74 +80,102 @@ fn discovery_failed(iss: &str, why: &str) -> ServerError {
     )
 }
 
-async fn fetch_json(client: &reqwest::Client, url: &str, iss: &str) -> Result<Value> {
+async fn fetch_json(client: &reqwest::Client, url: &str) -> std::result::Result<Value, String> {
     if !url.starts_with("https://") {
-        return Err(discovery_failed(iss, "the endpoint must use https"));
+        return Err("the endpoint must use https".into());
     }
     let resp = client
         .get(url)
         .timeout(Duration::from_secs(5))
         .send()
         .await
-        .map_err(|e| discovery_failed(iss, &format!("{url}: {e}")))?;
+        .map_err(|e| format!("{url}: {e}"))?;
     if !resp.status().is_success() {
-        return Err(discovery_failed(
-            iss,
-            &format!("{url} answered {}", resp.status()),
-        ));
+        return Err(format!("{url} answered {}", resp.status()));
     }
     if resp.content_length().is_some_and(|l| l as usize > MAX_DOC) {
-        return Err(discovery_failed(iss, "document too large"));
+        return Err("document too large".into());
     }
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| discovery_failed(iss, &e.to_string()))?;
+    let body = resp.bytes().await.map_err(|e| e.to_string())?;
     if body.len() > MAX_DOC {
-        return Err(discovery_failed(iss, "document too large"));
+        return Err("document too large".into());
     }
-    serde_json::from_slice(&body).map_err(|_| discovery_failed(iss, &format!("{url} is not JSON")))
+    serde_json::from_slice(&body).map_err(|_| format!("{url} is not JSON"))
 }
 
-/// The issuer's signing keys (first 100), from the cache unless `refresh`.
-async fn issuer_keys(s: &AppState, iss: &str, refresh: bool) -> Result<Vec<Value>> {
-    if !refresh {
-        if let Some(k) = s
-            .jwks
-            .keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(iss)
-        {
-            return Ok(k.clone());
-        }
+/// The answer a cached state gives without fetching, if it may: within the re-fetch interval
+/// always (keys or the last failure), after it only for a lookup that wants no refresh.
+fn cached(
+    st: &IssuerKeys,
+    iss: &str,
+    refresh: bool,
+    interval: Duration,
+) -> Option<Result<Vec<Value>>> {
+    let fetched = st.fetched?;
+    let answer = || match (&st.keys, &st.error) {
+        (_, Some(why)) => Err(discovery_failed(iss, why)),
+        (Some(k), None) => Ok(k.clone()),
+        (None, None) => Ok(vec![]),
+    };
+    if fetched.elapsed() < interval || (!refresh && st.keys.is_some() && st.error.is_none()) {
+        Some(answer())
+    } else {
+        None
     }
+}
+
+/// Fetch the discovery document and the JWKS (first 100 keys); `Err` carries the reason.
+async fn fetch_keys(s: &AppState, iss: &str) -> std::result::Result<Vec<Value>, String> {
     let doc = fetch_json(
         &s.http,
         &format!(
             "{}/.well-known/openid-configuration",
             iss.trim_end_matches('/')
         ),
-        iss,
     )
     .await?;
-    let jwks_uri = doc["jwks_uri"]
-        .as_str()
-        .ok_or_else(|| discovery_failed(iss, "no jwks_uri"))?;
-    let jwks = fetch_json(&s.http, jwks_uri, iss).await?;
-    let keys: Vec<Value> = jwks["keys"]
+    let jwks_uri = doc["jwks_uri"].as_str().ok_or("no jwks_uri")?;
+    let jwks = fetch_json(&s.http, jwks_uri).await?;
+    Ok(jwks["keys"]
         .as_array()
         .cloned()
         .unwrap_or_default()
         .into_iter()
         .take(MAX_KEYS)
-        .collect();
-    s.jwks
-        .keys
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(iss.to_string(), keys.clone());
-    Ok(keys)
+        .collect())
+}
+
+/// The issuer's signing keys, from the cache unless `refresh`; a refresh (or a first lookup)
+/// fetches at most once per interval per issuer, and concurrent callers share that fetch.
+async fn issuer_keys(s: &AppState, iss: &str, refresh: bool) -> Result<Vec<Value>> {
+    let interval = s.cfg.issuer_refetch_interval;
+    let entry = s.jwks.entry(iss);
+    let before = entry.snapshot();
+    if let Some(r) = cached(&before, iss, refresh, interval) {
+        return r;
+    }
+    let _fetching = entry.fetch.lock().await;
+    let now = entry.snapshot();
+    if now.fetched != before.fetched {
+        // another request fetched while this one waited: use its result
+        if let Some(r) = cached(&now, iss, false, interval) {
+            return r;
+        }
+    }
+    let result = fetch_keys(s, iss).await;
+    let mut st = entry.state.lock().unwrap_or_else(|p| p.into_inner());
+    st.fetched = Some(Instant::now());
+    match result {
+        Ok(keys) => {
+            st.keys = Some(keys.clone());
+            st.error = None;
+            Ok(keys)
+        }
+        Err(why) => {
+            st.error = Some(why.clone());
+            Err(discovery_failed(iss, &why))
+        }
+    }
 }
 
 fn b64(v: &Value) -> Option<Vec<u8>> {

@@ -66,38 +66,29 @@ async fn list(State(s): State<Arc<AppState>>, req: Request) -> Result<Json<Value
         .find(|(k, _)| k == "$filter")
         .map(|(_, v)| v.as_str())
         .unwrap_or("");
-    let lower = filter.to_ascii_lowercase();
-    let quoted = || {
-        let a = filter.find('\'')? + 1;
-        let b = filter[a..].find('\'')? + a;
-        Some(filter[a..b].to_string())
+    let wanted = keyless_core::odata::DirectoryFilter::parse(filter).map_err(|_| {
+        ServerError::host(
+            400,
+            "Request_UnsupportedQuery",
+            "Only $filter=appId eq '…' or id eq '…' is supported.",
+        )
+    })?;
+    let (by_app, v) = match wanted {
+        keyless_core::odata::DirectoryFilter::AppId(v) => (true, v),
+        keyless_core::odata::DirectoryFilter::Id(v) => (false, v),
     };
-    let value = match (
-        lower.starts_with("appid eq") || lower.starts_with("id eq"),
-        quoted(),
-    ) {
-        (true, Some(v)) => {
-            let by_app = lower.starts_with("appid");
-            s.store
-                .directory_lookup(&v)?
-                .filter(|e| {
-                    if by_app {
-                        e.app_id.eq_ignore_ascii_case(&v)
-                    } else {
-                        e.object_id.eq_ignore_ascii_case(&v)
-                    }
-                })
-                .map(|e| vec![entry_json(&e)])
-                .unwrap_or_default()
-        }
-        _ => {
-            return Err(ServerError::host(
-                400,
-                "Request_UnsupportedQuery",
-                "Only $filter=appId eq '…' or id eq '…' is supported.",
-            ));
-        }
-    };
+    let value = s
+        .store
+        .directory_lookup(&v)?
+        .filter(|e| {
+            if by_app {
+                e.app_id.eq_ignore_ascii_case(&v)
+            } else {
+                e.object_id.eq_ignore_ascii_case(&v)
+            }
+        })
+        .map(|e| vec![entry_json(&e)])
+        .unwrap_or_default();
     Ok(Json(json!({ "value": value })))
 }
 

@@ -12,6 +12,7 @@ use keyless_core::claims::Principal;
 use keyless_core::imds::IssuedToken;
 use keyless_core::resource_id::ResourceId;
 use keyless_core::selection::{CallerIdentities, IdentityRef, Selector};
+use keyless_ops::audit;
 use keyless_store::{HostCredentialRecord, InstanceRecord, JoinTokenOutcome, VmRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -314,13 +315,48 @@ pub struct HostTokenRequest {
     pub selector: Selector,
 }
 
+/// A managed-identity token for the host's VM, recorded in the audit trail either way.
 async fn token(
     State(s): State<Arc<AppState>>,
     Extension(peer): Extension<PeerCert>,
     body: axum::body::Bytes,
 ) -> Result<Json<IssuedToken>> {
-    let host = host_vm(&s, &peer)?;
-    let req: HostTokenRequest = parse(&body)?;
+    let who = audit::Caller {
+        certificate: peer.0.clone(),
+        ..Default::default()
+    };
+    let mut ev =
+        audit::TokenEvent::new(audit::Surface::Host, audit::TokenKind::ManagedIdentity, who);
+    let r = host_token(&s, &peer, &body, &mut ev);
+    let ev = match &r {
+        Ok(t) => {
+            ev.identity = audit::Identity {
+                client_id: Some(t.client_id.clone()),
+                object_id: Some(t.object_id.clone()),
+                resource_id: Some(t.msi_res_id.clone()),
+            };
+            ev.issued()
+        }
+        Err(e) => {
+            let (status, code) = e.status_and_code();
+            ev.refused(status, code)
+        }
+    };
+    s.cfg.audit.token(ev).await;
+    r.map(Json)
+}
+
+fn host_token(
+    s: &AppState,
+    peer: &PeerCert,
+    body: &[u8],
+    ev: &mut audit::TokenEvent,
+) -> Result<IssuedToken> {
+    let host = host_vm(s, peer)?;
+    ev.caller.host = Some(host.resource_id().to_string());
+    let req: HostTokenRequest = parse(body)?;
+    ev.audience = Some(req.resource.clone());
+    ev.identity = selector_identity(&req.selector);
     let resource = req.resource.trim();
     if resource.is_empty() || resource.len() > keyless_core::imds::MAX_PARAM_LEN {
         return Err(ServerError::host(
@@ -329,7 +365,7 @@ async fn token(
             "Required audience parameter not specified",
         ));
     }
-    let ids = host_identities(&s, &host.owner)?;
+    let ids = host_identities(s, &host.owner)?;
     let chosen = ids
         .select(&req.selector)
         .map_err(|e| ServerError::host(400, "invalid_request", e.to_string()))?;
@@ -342,9 +378,9 @@ async fn token(
         mirid,
         host_resource: Some(host.resource_id().to_string()),
     };
-    let t = tokens::mint(&s, &principal, resource, s.cfg.mi_token_lifetime)?;
+    let t = tokens::mint(s, &principal, resource, s.cfg.mi_token_lifetime)?;
     tracing::debug!(host = %host.resource_id(), identity = %chosen.client_id, resource, "issued managed identity token");
-    Ok(Json(IssuedToken {
+    Ok(IssuedToken {
         access_token: t.access_token,
         expires_on: t.expires_on,
         not_before: t.not_before,
@@ -352,7 +388,19 @@ async fn token(
         client_id: chosen.client_id.clone(),
         object_id: chosen.principal_id.clone(),
         msi_res_id: chosen.resource_id.clone(),
-    }))
+    })
+}
+
+/// The identity a selector names, for an audit record.
+fn selector_identity(sel: &Selector) -> audit::Identity {
+    let mut id = audit::Identity::default();
+    match sel {
+        Selector::SystemAssigned => {}
+        Selector::ClientId(c) => id.client_id = Some(c.clone()),
+        Selector::ObjectId(o) => id.object_id = Some(o.clone()),
+        Selector::ResourceId(r) => id.resource_id = Some(r.clone()),
+    }
+    id
 }
 
 #[derive(Debug, Deserialize)]

@@ -80,6 +80,11 @@ impl KeyRing {
         Ok(!actions.is_empty())
     }
 
+    /// The state of every loaded key.
+    pub fn states(&self) -> Vec<KeyState> {
+        self.snapshot().iter().map(|k| k.state.clone()).collect()
+    }
+
     /// The key that signs at `now`.
     pub fn signer(&self, now: u64) -> Option<Arc<LoadedKey>> {
         let keys = self.snapshot();

@@ -6,10 +6,12 @@
 //! client certificate, asks `keyless_core::selection` which of the VM's identities the request
 //! names, and [`tokens::mint`] signs the claims built by `keyless_core::claims`.
 
+pub mod activity;
 pub mod arm;
 pub mod authz;
 pub mod batch;
 pub mod client_assertion;
+pub mod cloud;
 pub mod clusters;
 pub mod error;
 pub mod federation;
@@ -18,6 +20,7 @@ pub mod graph;
 pub mod host;
 pub mod keys;
 pub mod kv;
+pub mod ops;
 pub mod resources;
 pub mod roles;
 pub mod state;
@@ -30,7 +33,6 @@ use crate::error::{Result, ServerError};
 use crate::host::PeerCert;
 use crate::state::{AppState, Bootstrap, ServerConfig};
 use axum::Router;
-use hyper_util::rt::TokioIo;
 use keyless_core::clock::Clock;
 use keyless_store::Store;
 use std::net::SocketAddr;
@@ -54,6 +56,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(arm::routes())
         .merge(host::routes())
         .merge(graph::routes())
+        .merge(cloud::routes())
         .route(
             "/keyless/admin/v1/vault-clock",
             axum::routing::post(kv::advance_clock),
@@ -62,7 +65,16 @@ pub fn app(state: Arc<AppState>) -> Router {
             ServerError::InvalidPath("The requested path is not served by Keyless.".into())
         })
         .with_state(state.clone())
-        .layer(axum::middleware::from_fn_with_state(state, vault_dispatch))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            vault_dispatch,
+        ))
+        // outermost, per route (so the matched route template is known): request id, span,
+        // metrics, access log (`keyless_ops::request`)
+        .layer(axum::middleware::from_fn_with_state(
+            ops::edge(state),
+            keyless_ops::request::edge,
+        ))
 }
 
 /// Requests for `{vault}.vault.{domain}` go to the Key Vault data plane.
@@ -102,7 +114,7 @@ pub async fn start(
 ) -> Result<RunningServer> {
     keyless_pki::install_crypto_provider();
     let now = clock.now();
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
+    let listener = keyless_ops::limits::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Bind {
             addr: cfg.listen.to_string(),
@@ -147,6 +159,7 @@ pub async fn start(
     state
         .keys
         .rotate(state.store.as_ref(), &state.ca, now, &state.cfg.rotation)?;
+    ops::record_signing_key(&state);
 
     // Key rotation, and reloading keys other replicas may have written.
     let rot = state.clone();
@@ -162,6 +175,7 @@ pub async fn start(
             if let Err(e) = r {
                 tracing::error!(error = %e, "signing key rotation failed");
             }
+            ops::record_signing_key(&rot);
         }
     });
 
@@ -179,29 +193,16 @@ pub async fn start(
 
     let app = app(state.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let task = tokio::spawn(async move {
-        loop {
-            let (tcp, _peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
+    // Timeouts, the connection budget and per-caller caps shared with every listener of the
+    // process (`keyless_ops::limits`); the handshake is bounded there too.
+    let task = keyless_ops::limits::serve_with(
+        listener,
+        keyless_ops::limits::governor(),
+        "HTTPS",
+        move |tcp| {
             let acceptor = acceptor.clone();
-            let app = app.clone();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    acceptor.accept(tcp),
-                )
-                .await
-                {
-                    Ok(Ok(t)) => t,
-                    _ => return,
-                };
+            async move {
+                let tls = acceptor.accept(tcp).await.ok()?;
                 let peer = PeerCert(
                     tls.get_ref()
                         .1
@@ -209,20 +210,19 @@ pub async fn start(
                         .and_then(|c| c.first())
                         .map(|c| keyless_pki::sha256_hex(c)),
                 );
-                let svc = hyper::service::service_fn(
-                    move |mut req: hyper::Request<hyper::body::Incoming>| {
-                        req.extensions_mut().insert(peer.clone());
-                        app.clone().oneshot(req.map(axum::body::Body::new))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(30))
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
+                Some((tls, peer))
+            }
+        },
+        move |_peer, req| {
+            let app = app.clone();
+            async move {
+                match app.oneshot(req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                }
+            }
+        },
+    );
     Ok(RunningServer {
         local_addr,
         state,

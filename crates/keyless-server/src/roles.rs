@@ -112,26 +112,17 @@ fn check_scope(s: &AppState, scope: &Scope) -> Result<()> {
     Ok(())
 }
 
-/// `$filter` of role assignment lists: `atScope()`, `principalId eq '…'`, `assignedTo('…')`.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct AssignmentFilter {
-    pub at_scope: bool,
-    pub principal: Option<String>,
+pub use keyless_core::odata::AssignmentFilter;
+use keyless_core::odata::{RoleDefinitionFilter, RoleType};
+
+/// ARM's answer to a role assignment `$filter` it does not support.
+fn unsupported_assignment_filter(f: &str) -> ServerError {
+    ServerError::UnsupportedQuery(format!("The filter '{f}' is not supported. Supported filters are either 'atScope()' or 'principalId eq '{{value}}' or assignedTo('{{value}}')'."))
 }
 
-pub fn parse_filter(f: &str) -> AssignmentFilter {
-    let lower = f.to_ascii_lowercase();
-    let quoted_after = |key: &str| -> Option<String> {
-        let i = lower.find(key)? + key.len();
-        let rest = &f[i..];
-        let start = rest.find('\'')? + 1;
-        let end = rest[start..].find('\'')? + start;
-        Some(rest[start..end].to_string())
-    };
-    AssignmentFilter {
-        at_scope: lower.contains("atscope()"),
-        principal: quoted_after("principalid eq").or_else(|| quoted_after("assignedto(")),
-    }
+/// The same for role definitions.
+fn unsupported_definition_filter(f: &str) -> ServerError {
+    ServerError::UnsupportedQuery(format!("The filter '{f}' is not supported. Supported filters are either 'roleName eq '{{value}}'' or 'type eq 'BuiltInRole|CustomRole''."))
 }
 
 /// Which stored assignments a list at `scope` shows: those at, above (inherited) and, unless
@@ -186,22 +177,18 @@ pub fn handle(
                 "Microsoft.Authorization/roleDefinitions/read",
                 &scope_s,
             )?;
+            let f = RoleDefinitionFilter::parse(filter)
+                .map_err(|e| unsupported_definition_filter(&e.filter))?;
             check_scope(s, scope)?;
-            let lower = filter.to_ascii_lowercase();
-            let wanted = lower.find("rolename eq").and_then(|i| {
-                let rest = &filter[i..];
-                let a = rest.find('\'')? + 1;
-                let b = rest[a..].find('\'')? + a;
-                Some(rest[a..b].to_string())
-            });
             let roles: Vec<Value> = BUILT_IN_ROLES
                 .iter()
                 .filter(|r| {
-                    wanted
+                    f.role_name
                         .as_deref()
                         .is_none_or(|w| r.role_name.eq_ignore_ascii_case(w))
                 })
-                .filter(|_| !lower.contains("type eq 'customrole'"))
+                // every role here is built in
+                .filter(|_| f.role_type != Some(RoleType::Custom))
                 .map(|r| definition_json(s, r))
                 .collect();
             Ok(Json(json!({ "value": roles })).into_response())
@@ -227,8 +214,9 @@ pub fn handle(
                 "Microsoft.Authorization/roleAssignments/read",
                 &scope_s,
             )?;
+            let f = AssignmentFilter::parse(filter)
+                .map_err(|e| unsupported_assignment_filter(&e.filter))?;
             check_scope(s, scope)?;
-            let f = parse_filter(filter);
             let list: Vec<Value> = s
                 .store
                 .list_role_assignments()?
@@ -352,19 +340,14 @@ mod tests {
     }
 
     #[test]
-    fn filters() {
-        assert_eq!(
-            parse_filter("atScope() and principalId eq 'ABC'"),
-            AssignmentFilter {
-                at_scope: true,
-                principal: Some("ABC".into())
-            }
-        );
-        assert_eq!(
-            parse_filter("assignedTo('x')").principal.as_deref(),
-            Some("x")
-        );
-        assert_eq!(parse_filter(""), AssignmentFilter::default());
+    fn unsupported_filter_messages() {
+        let e = unsupported_assignment_filter("principalld eq 'x'");
+        assert!(e
+            .to_string()
+            .starts_with("The filter 'principalld eq 'x'' is not supported."));
+        assert!(e
+            .to_string()
+            .ends_with("'atScope()' or 'principalId eq '{value}' or assignedTo('{value}')'."));
     }
 
     #[test]

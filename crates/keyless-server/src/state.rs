@@ -42,6 +42,12 @@ pub struct ServerConfig {
     pub dev_clock: bool,
     /// How often certificate lifetime actions and purges are checked.
     pub vault_check_interval: std::time::Duration,
+    /// Shortest time between two fetches of one federation issuer's discovery document and
+    /// JWKS (an assertion with an unknown `kid` asks for one).
+    pub issuer_refetch_interval: std::time::Duration,
+    /// Where token issuances and refusals, control-plane writes and Key Vault operations are
+    /// recorded (default: nothing recorded, as for tests; `keyless server` opens the file).
+    pub audit: Arc<keyless_ops::audit::Audit>,
 }
 
 impl ServerConfig {
@@ -67,6 +73,8 @@ impl ServerConfig {
             vault_domain: "localhost".into(),
             dev_clock: false,
             vault_check_interval: std::time::Duration::from_secs(60),
+            issuer_refetch_interval: std::time::Duration::from_secs(60),
+            audit: keyless_ops::audit::Audit::disabled(),
         }
     }
 }
@@ -224,19 +232,24 @@ pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Boo
         now,
     )?;
     let pki_dir = cfg.data_dir.join("pki");
-    std::fs::create_dir_all(&pki_dir).map_err(|source| ServerError::DataDir {
+    // 0700 / 0600 like everything in the data dir (`keyless_store::files`)
+    keyless_store::files::private_dir(&pki_dir).map_err(|source| ServerError::DataDir {
         path: pki_dir.display().to_string(),
         source,
     })?;
     let kv_ca_path = pki_dir.join("kv-ca.pem");
-    std::fs::write(&kv_ca_path, kv_ca.cert_pem()).map_err(|source| ServerError::DataDir {
-        path: kv_ca_path.display().to_string(),
-        source,
-    })?;
+    keyless_store::crypto::write_private(&kv_ca_path, kv_ca.cert_pem().as_bytes()).map_err(
+        |e| ServerError::DataDir {
+            path: kv_ca_path.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        },
+    )?;
     let ca_path = pki_dir.join("ca.pem");
-    std::fs::write(&ca_path, ca.cert_pem()).map_err(|source| ServerError::DataDir {
-        path: ca_path.display().to_string(),
-        source,
+    keyless_store::crypto::write_private(&ca_path, ca.cert_pem().as_bytes()).map_err(|e| {
+        ServerError::DataDir {
+            path: ca_path.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        }
     })?;
 
     let (new_admin, admin_client_id) = match store.get_meta("admin_client_id")? {

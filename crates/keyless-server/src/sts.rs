@@ -9,7 +9,9 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use keyless_core::audience;
 use keyless_core::claims::{resource_from_scope, Principal};
+use keyless_ops::audit;
 use serde_json::json;
 use std::sync::Arc;
 
@@ -25,8 +27,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
         .route("/{tenant}/discovery/v2.0/keys", get(jwks))
         .route("/{tenant}/discovery/keys", get(jwks))
-        .route("/{tenant}/oauth2/v2.0/token", post(token_v2))
-        .route("/{tenant}/oauth2/token", post(token_v1))
+        .route("/{tenant}/oauth2/v2.0/token", post(audited_v2))
+        .route("/{tenant}/oauth2/token", post(audited_v1))
         .route("/common/discovery/instance", get(instance_discovery))
 }
 
@@ -333,6 +335,45 @@ fn basic_auth(headers: &axum::http::HeaderMap) -> Option<(String, String)> {
     Some((unesc(id), unesc(secret)))
 }
 
+/// Echo at most this much of a refused scope / resource.
+const ECHO_MAX: usize = 128;
+
+fn echo(v: &str) -> String {
+    let t: String = v.chars().take(ECHO_MAX).collect();
+    if t.len() < v.len() {
+        format!("{t}…")
+    } else {
+        t
+    }
+}
+
+/// Entra's answer to a scope that is not `<absolute URI or GUID>/.default` of bounded length.
+fn invalid_scope(scope: &str) -> ServerError {
+    ServerError::sts(
+        400,
+        "invalid_scope",
+        70011,
+        format!(
+            "The provided value for the input parameter 'scope' is not valid. The scope {} is not valid.",
+            echo(scope)
+        ),
+    )
+}
+
+/// Entra's answer to a v1 `resource` it cannot resolve (here: one that is not an audience).
+fn invalid_resource(resource: &str) -> ServerError {
+    ServerError::sts(
+        400,
+        "invalid_resource",
+        500011,
+        format!(
+            "The resource principal named {} was not found in the tenant named {}.",
+            echo(resource),
+            "this tenant"
+        ),
+    )
+}
+
 async fn token_v2(
     State(s): State<Arc<AppState>>,
     Path(tenant): Path<String>,
@@ -350,7 +391,10 @@ async fn token_v2(
         ));
     }
     let scope = require(&form, "scope")?;
-    let principal = authenticate_client(&s, &form, basic_auth(&headers)).await?;
+    // the audience rule first: nothing of a malformed scope reaches authentication
+    if !audience::scope_well_formed(scope) {
+        return Err(invalid_scope(scope));
+    }
     let resource = resource_from_scope(scope).ok_or_else(|| {
         ServerError::sts(
             400,
@@ -359,6 +403,8 @@ async fn token_v2(
             format!("The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."),
         )
     })?;
+    audience::check(resource).map_err(|_| invalid_scope(scope))?;
+    let principal = authenticate_client(&s, &form, basic_auth(&headers)).await?;
     let t = tokens::mint(&s, &principal, resource, s.cfg.sp_token_lifetime)?;
     let expires_in = t.expires_on.saturating_sub(s.now());
     Ok(Json(json!({
@@ -379,6 +425,7 @@ async fn token_v1(
     check_tenant(&s, &tenant, false)?;
     let form = parse_form(&body)?;
     let resource = require(&form, "resource")?.to_string();
+    audience::check(&resource).map_err(|_| invalid_resource(&resource))?;
     let principal = authenticate_client(&s, &form, basic_auth(&headers)).await?;
     let t = tokens::mint(&s, &principal, &resource, s.cfg.sp_token_lifetime)?;
     let expires_in = t.expires_on.saturating_sub(s.now());
@@ -392,4 +439,92 @@ async fn token_v1(
         "access_token": t.access_token,
     }))
     .into_response())
+}
+
+// ------------------------------------------------------------------ audit
+
+/// Longest audience kept in an audit record (a refused one may be anything).
+const AUDIT_AUDIENCE_MAX: usize = 512;
+
+async fn audited_v2(
+    State(s): State<Arc<AppState>>,
+    Path(tenant): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    let ev = token_event(&s, &headers, &body, "scope");
+    let r = token_v2(State(s.clone()), Path(tenant), headers, body).await;
+    s.cfg.audit.token(finish(ev, &r)).await;
+    r
+}
+
+async fn audited_v1(
+    State(s): State<Arc<AppState>>,
+    Path(tenant): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    let ev = token_event(&s, &headers, &body, "resource");
+    let r = token_v1(State(s.clone()), Path(tenant), headers, body).await;
+    s.cfg.audit.token(finish(ev, &r)).await;
+    r
+}
+
+fn finish(ev: audit::TokenEvent, r: &Result<Response>) -> audit::TokenEvent {
+    match r {
+        Ok(_) => ev.issued(),
+        Err(e) => {
+            let (status, code) = e.status_and_code();
+            ev.refused(status, code)
+        }
+    }
+}
+
+/// The audit record of a token request, from what it presents: the client (its id; the
+/// issuer and subject of a federated assertion), the grant, the audience. Never the secret or
+/// the assertion.
+fn token_event(
+    s: &AppState,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+    audience_field: &str,
+) -> audit::TokenEvent {
+    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(body).unwrap_or_default();
+    let client_id = basic_auth(headers)
+        .map(|(id, _)| id)
+        .or_else(|| field(&form, "client_id").map(str::to_string));
+    let assertion = field(&form, "client_assertion");
+    let mut who = audit::Caller {
+        client_id: client_id.clone(),
+        ..Default::default()
+    };
+    let kind = match (assertion, &client_id) {
+        (None, _) => audit::TokenKind::ClientCredentials,
+        (Some(a), Some(id)) => {
+            let is_app = matches!(s.store.get_service_principal(id), Ok(Some(_)));
+            if is_app {
+                audit::TokenKind::ClientAssertion
+            } else {
+                // a managed identity presenting an external token: who vouched for whom
+                if let Ok(d) = keyless_core::claims::decode(a.trim()) {
+                    let c = |k: &str| d.claims.get(k).and_then(|v| v.as_str()).map(str::to_string);
+                    who.issuer = c("iss");
+                    who.subject = c("sub");
+                }
+                audit::TokenKind::Federated
+            }
+        }
+        (Some(_), None) => audit::TokenKind::ClientAssertion,
+    };
+    let mut ev = audit::TokenEvent::new(audit::Surface::Sts, kind, who);
+    ev.identity.client_id = client_id;
+    ev.audience = field(&form, audience_field).map(|a| {
+        let a = if audience_field == "scope" {
+            resource_from_scope(a).unwrap_or(a)
+        } else {
+            a
+        };
+        a.chars().take(AUDIT_AUDIENCE_MAX).collect()
+    });
+    ev
 }

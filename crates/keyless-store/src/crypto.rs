@@ -95,6 +95,9 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     #[cfg(unix)]
     opts.mode(0o600);
     let mut f = opts.open(&tmp)?;
+    // a temp file left from before keeps its mode: set it on the open file
+    #[cfg(unix)]
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;

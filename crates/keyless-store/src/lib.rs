@@ -5,12 +5,15 @@
 //! Secrets (private keys) go through [`crypto::Kek`]: AES-256-GCM with a key-encryption key
 //! kept outside the database file.
 
+pub mod activity;
 pub mod cluster;
 pub mod crypto;
+pub mod files;
 pub mod records;
 pub mod sqlite;
 pub mod vault;
 
+pub use activity::*;
 pub use cluster::*;
 pub use crypto::Kek;
 pub use records::*;
@@ -118,7 +121,9 @@ pub trait TrackedStore {
     fn delete_tracked(&self, key: &str) -> Result<bool>;
 }
 
-pub trait Store: VaultStore + TrackedStore + ClusterStore + Send + Sync + 'static {
+pub trait Store:
+    VaultStore + TrackedStore + ClusterStore + ActivityStore + Send + Sync + 'static
+{
     // -- instance metadata (tenant, subscription, settings)
     fn get_meta(&self, key: &str) -> Result<Option<String>>;
     fn set_meta(&self, key: &str, value: &str) -> Result<()>;

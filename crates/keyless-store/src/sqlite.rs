@@ -68,6 +68,13 @@ CREATE TABLE clusters(key TEXT PRIMARY KEY, subscription TEXT NOT NULL, rg_key T
 CREATE INDEX clusters_scope ON clusters(subscription, rg_key);
 CREATE UNIQUE INDEX clusters_node_group ON clusters(subscription, node_rg_key);
 "#,
+    r#"
+CREATE TABLE activity_log(seq INTEGER PRIMARY KEY AUTOINCREMENT, ts INTEGER NOT NULL,
+    subscription TEXT NOT NULL, rg_key TEXT, resource_key TEXT NOT NULL, provider_key TEXT NOT NULL,
+    correlation_key TEXT NOT NULL, caller_key TEXT NOT NULL, status_key TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX activity_log_ts ON activity_log(ts);
+CREATE INDEX activity_log_sub ON activity_log(subscription, seq);
+"#,
 ];
 
 /// SQLite implementation of [`Store`].
@@ -108,7 +115,7 @@ impl SqliteStore {
     }
 
     fn migrate(&self) -> Result<()> {
-        let mut conn = self.lock();
+        let mut conn = self.lock("migrate");
         let done: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if done as usize > MIGRATIONS.len() {
             return Err(StoreError::Corrupt(format!(
@@ -125,17 +132,55 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+    /// The connection for one store call, timed from before the lock (waiting included) to
+    /// the guard's drop under `keyless_store_call_duration_seconds{operation}`.
+    fn lock(&self, operation: &'static str) -> Timed<std::sync::MutexGuard<'_, Connection>> {
+        let started = std::time::Instant::now();
         // A panic while holding the lock leaves the connection usable (SQLite rolls back).
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        let guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        Timed {
+            inner: guard,
+            operation,
+            started,
+        }
     }
 
-    fn tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.lock();
+    fn tx<T>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = self.lock(operation);
         let tx = conn.transaction()?;
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)
+    }
+}
+
+/// A store call's connection guard that records the call's duration when dropped.
+struct Timed<G> {
+    inner: G,
+    operation: &'static str,
+    started: std::time::Instant,
+}
+
+impl<G> std::ops::Deref for Timed<G> {
+    type Target = G;
+    fn deref(&self) -> &G {
+        &self.inner
+    }
+}
+
+impl<G> std::ops::DerefMut for Timed<G> {
+    fn deref_mut(&mut self) -> &mut G {
+        &mut self.inner
+    }
+}
+
+impl<G> Drop for Timed<G> {
+    fn drop(&mut self) {
+        keyless_ops::metrics::store_call(self.operation, self.started.elapsed());
     }
 }
 
@@ -274,13 +319,13 @@ fn put_identity_tx(tx: &Transaction<'_>, id: &IdentityRecord) -> Result<bool> {
 impl Store for SqliteStore {
     fn get_meta(&self, key: &str) -> Result<Option<String>> {
         Ok(self
-            .lock()
+            .lock("get_meta")
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?)
     }
 
     fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        self.lock().execute(
+        self.lock("set_meta").execute(
             "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             [key, value],
         )?;
@@ -289,7 +334,7 @@ impl Store for SqliteStore {
 
     fn put_secret(&self, name: &str, plaintext: &[u8]) -> Result<()> {
         let sealed = self.kek.seal(&format!("secret:{name}"), plaintext)?;
-        self.lock().execute(
+        self.lock("put_secret").execute(
             "INSERT INTO secrets(name, sealed) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed",
             params![name, sealed],
         )?;
@@ -298,7 +343,7 @@ impl Store for SqliteStore {
 
     fn put_secret_if_absent(&self, name: &str, plaintext: &[u8]) -> Result<bool> {
         let sealed = self.kek.seal(&format!("secret:{name}"), plaintext)?;
-        let n = self.lock().execute(
+        let n = self.lock("put_secret_if_absent").execute(
             "INSERT INTO secrets(name, sealed) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
             params![name, sealed],
         )?;
@@ -307,14 +352,14 @@ impl Store for SqliteStore {
 
     fn delete_secret(&self, name: &str) -> Result<bool> {
         let n = self
-            .lock()
+            .lock("delete_secret")
             .execute("DELETE FROM secrets WHERE name = ?1", [name])?;
         Ok(n > 0)
     }
 
     fn get_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let sealed: Option<Vec<u8>> = self
-            .lock()
+            .lock("get_secret")
             .query_row("SELECT sealed FROM secrets WHERE name = ?1", [name], |r| {
                 r.get(0)
             })
@@ -328,7 +373,7 @@ impl Store for SqliteStore {
         let sealed = self
             .kek
             .seal(&format!("signing_key:{}", k.kid), &k.key_pkcs8)?;
-        self.lock().execute(
+        self.lock("insert_signing_key").execute(
             "INSERT INTO signing_keys(kid, created, activate_at, cert_der, sealed_key) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![k.kid, k.created as i64, k.activate_at as i64, k.cert_der, sealed],
         )?;
@@ -336,7 +381,7 @@ impl Store for SqliteStore {
     }
 
     fn list_signing_keys(&self) -> Result<Vec<SigningKeyRecord>> {
-        let conn = self.lock();
+        let conn = self.lock("list_signing_keys");
         let mut st = conn.prepare(
             "SELECT kid, created, activate_at, cert_der, sealed_key FROM signing_keys ORDER BY activate_at, created",
         )?;
@@ -365,13 +410,13 @@ impl Store for SqliteStore {
     }
 
     fn delete_signing_key(&self, kid: &str) -> Result<()> {
-        self.lock()
+        self.lock("delete_signing_key")
             .execute("DELETE FROM signing_keys WHERE kid = ?1", [kid])?;
         Ok(())
     }
 
     fn put_resource_group(&self, rg: &ResourceGroupRecord) -> Result<bool> {
-        self.tx(|tx| {
+        self.tx("put_resource_group", |tx| {
             let key = (lower(&rg.subscription), lower(&rg.name));
             let existing: Option<String> = tx
                 .query_row(
@@ -401,7 +446,7 @@ impl Store for SqliteStore {
         name: &str,
     ) -> Result<Option<ResourceGroupRecord>> {
         let body: Option<String> = self
-            .lock()
+            .lock("get_resource_group")
             .query_row(
                 "SELECT body FROM resource_groups WHERE subscription = ?1 AND name_key = ?2",
                 [lower(subscription), lower(name)],
@@ -412,7 +457,7 @@ impl Store for SqliteStore {
     }
 
     fn list_resource_groups(&self, subscription: &str) -> Result<Vec<ResourceGroupRecord>> {
-        let conn = self.lock();
+        let conn = self.lock("list_resource_groups");
         let mut st = conn.prepare(
             "SELECT body FROM resource_groups WHERE subscription = ?1 ORDER BY name_key",
         )?;
@@ -422,16 +467,16 @@ impl Store for SqliteStore {
 
     fn delete_resource_group(&self, subscription: &str, name: &str) -> Result<bool> {
         let (sub, rg) = (lower(subscription), lower(name));
-        self.tx(|tx| delete_group_tx(tx, &sub, &rg))
+        self.tx("delete_resource_group", |tx| delete_group_tx(tx, &sub, &rg))
     }
 
     fn put_identity(&self, id: &IdentityRecord) -> Result<bool> {
-        self.tx(|tx| put_identity_tx(tx, id))
+        self.tx("put_identity", |tx| put_identity_tx(tx, id))
     }
 
     fn get_identity(&self, key: &str) -> Result<Option<IdentityRecord>> {
         let body: Option<String> = self
-            .lock()
+            .lock("get_identity")
             .query_row("SELECT body FROM identities WHERE key = ?1", [key], |r| {
                 r.get(0)
             })
@@ -440,7 +485,7 @@ impl Store for SqliteStore {
     }
 
     fn list_identities(&self, subscription: &str, rg: Option<&str>) -> Result<Vec<IdentityRecord>> {
-        let conn = self.lock();
+        let conn = self.lock("list_identities");
         let sub = lower(subscription);
         let rows: Vec<String> = match rg {
             Some(rg) => {
@@ -462,7 +507,7 @@ impl Store for SqliteStore {
     }
 
     fn delete_identity(&self, key: &str) -> Result<bool> {
-        self.tx(|tx| {
+        self.tx("delete_identity", |tx| {
             let user: bool = tx
                 .query_row(
                     "SELECT 1 FROM identities WHERE key = ?1 AND system_vm IS NULL",
@@ -481,7 +526,7 @@ impl Store for SqliteStore {
         system: Option<&IdentityRecord>,
         user_keys: &[String],
     ) -> Result<bool> {
-        self.tx(|tx| {
+        self.tx("put_vm", |tx| {
             let existed = tx
                 .query_row("SELECT 1 FROM vms WHERE key = ?1", [&vm.key], |_| Ok(()))
                 .optional()?
@@ -538,14 +583,14 @@ impl Store for SqliteStore {
 
     fn get_vm(&self, key: &str) -> Result<Option<VmRecord>> {
         let body: Option<String> = self
-            .lock()
+            .lock("get_vm")
             .query_row("SELECT body FROM vms WHERE key = ?1", [key], |r| r.get(0))
             .optional()?;
         body.map(|b| parse(&b)).transpose()
     }
 
     fn list_vms(&self, subscription: &str, rg: Option<&str>) -> Result<Vec<VmRecord>> {
-        let conn = self.lock();
+        let conn = self.lock("list_vms");
         let sub = lower(subscription);
         let rows: Vec<String> = match rg {
             Some(rg) => {
@@ -566,11 +611,11 @@ impl Store for SqliteStore {
     }
 
     fn delete_vm(&self, key: &str) -> Result<bool> {
-        self.tx(|tx| delete_vm_tx(tx, key))
+        self.tx("delete_vm", |tx| delete_vm_tx(tx, key))
     }
 
     fn vm_user_identities(&self, vm_key: &str) -> Result<Vec<IdentityRecord>> {
-        let conn = self.lock();
+        let conn = self.lock("vm_user_identities");
         let mut st = conn.prepare(
             "SELECT i.body FROM vm_identities v JOIN identities i ON i.key = v.identity_key
              WHERE v.vm_key = ?1 ORDER BY i.key",
@@ -581,7 +626,7 @@ impl Store for SqliteStore {
 
     fn vm_system_identity(&self, vm_key: &str) -> Result<Option<IdentityRecord>> {
         let body: Option<String> = self
-            .lock()
+            .lock("vm_system_identity")
             .query_row(
                 "SELECT body FROM identities WHERE system_vm = ?1",
                 [vm_key],
@@ -592,7 +637,7 @@ impl Store for SqliteStore {
     }
 
     fn put_service_principal(&self, sp: &ServicePrincipalRecord) -> Result<()> {
-        self.lock().execute(
+        self.lock("put_service_principal").execute(
             "INSERT INTO service_principals(client_id, object_id, body) VALUES (?1, ?2, ?3)
              ON CONFLICT(client_id) DO UPDATE SET body = excluded.body, object_id = excluded.object_id",
             params![sp.client_id, lower(&sp.object_id), json(sp)?],
@@ -602,7 +647,7 @@ impl Store for SqliteStore {
 
     fn get_service_principal(&self, client_id: &str) -> Result<Option<ServicePrincipalRecord>> {
         let body: Option<String> = self
-            .lock()
+            .lock("get_service_principal")
             .query_row(
                 "SELECT body FROM service_principals WHERE client_id = ?1",
                 [lower(client_id)],
@@ -613,7 +658,7 @@ impl Store for SqliteStore {
     }
 
     fn insert_join_token(&self, hash: &str, vm_key: &str, expires_at: u64) -> Result<()> {
-        self.lock().execute(
+        self.lock("insert_join_token").execute(
             "INSERT INTO join_tokens(hash, vm_key, expires_at) VALUES (?1, ?2, ?3)",
             params![hash, vm_key, expires_at as i64],
         )?;
@@ -621,7 +666,7 @@ impl Store for SqliteStore {
     }
 
     fn consume_join_token(&self, hash: &str, now: u64) -> Result<JoinTokenOutcome> {
-        self.tx(|tx| {
+        self.tx("consume_join_token", |tx| {
             let row: Option<(String, i64, Option<i64>)> = tx
                 .query_row(
                     "SELECT vm_key, expires_at, used_at FROM join_tokens WHERE hash = ?1",
@@ -647,7 +692,7 @@ impl Store for SqliteStore {
     }
 
     fn insert_host_credential(&self, cred: &HostCredentialRecord) -> Result<()> {
-        self.lock().execute(
+        self.lock("insert_host_credential").execute(
             "INSERT INTO host_credentials(fingerprint, vm_key, not_after, body) VALUES (?1, ?2, ?3, ?4)",
             params![cred.fingerprint, cred.vm_key, cred.not_after as i64, json(cred)?],
         )?;
@@ -656,7 +701,7 @@ impl Store for SqliteStore {
 
     fn get_host_credential(&self, fingerprint: &str) -> Result<Option<HostCredentialRecord>> {
         let body: Option<String> = self
-            .lock()
+            .lock("get_host_credential")
             .query_row(
                 "SELECT body FROM host_credentials WHERE fingerprint = ?1",
                 [fingerprint],
@@ -667,7 +712,7 @@ impl Store for SqliteStore {
     }
 
     fn principal_kind(&self, object_id: &str) -> Result<Option<PrincipalKind>> {
-        let conn = self.lock();
+        let conn = self.lock("principal_kind");
         let oid = lower(object_id);
         if conn
             .query_row(
@@ -697,7 +742,7 @@ impl Store for SqliteStore {
         now: u64,
         limit: Option<u64>,
     ) -> Result<InstanceRecord> {
-        self.tx(|tx| {
+        self.tx("create_instance", |tx| {
             // the size check and the insert are one transaction: concurrent joins cannot
             // exceed the limit
             let count: i64 = tx.query_row(
@@ -745,7 +790,7 @@ impl Store for SqliteStore {
 
     fn get_instance(&self, key: &str) -> Result<Option<InstanceRecord>> {
         let body: Option<String> = self
-            .lock()
+            .lock("get_instance")
             .query_row(
                 "SELECT body FROM vmss_instances WHERE key = ?1",
                 [key],
@@ -756,7 +801,7 @@ impl Store for SqliteStore {
     }
 
     fn list_instances(&self, vmss_key: &str) -> Result<Vec<InstanceRecord>> {
-        let conn = self.lock();
+        let conn = self.lock("list_instances");
         let mut st = conn
             .prepare("SELECT body FROM vmss_instances WHERE vmss_key = ?1 ORDER BY instance_id")?;
         let rows = st.query_map([vmss_key], |r| r.get::<_, String>(0))?;
@@ -764,14 +809,14 @@ impl Store for SqliteStore {
     }
 
     fn delete_instance(&self, key: &str) -> Result<bool> {
-        self.tx(|tx| {
+        self.tx("delete_instance", |tx| {
             tx.execute("DELETE FROM host_credentials WHERE vm_key = ?1", [key])?;
             Ok(tx.execute("DELETE FROM vmss_instances WHERE key = ?1", [key])? > 0)
         })
     }
 
     fn put_fic(&self, fic: &FicRecord, max: usize) -> Result<FicPut> {
-        self.tx(|tx| {
+        self.tx("put_fic", |tx| {
             let name_key = lower(&fic.name);
             let existing: Vec<FicRecord> = {
                 let mut st = tx.prepare("SELECT body FROM fics WHERE identity_key = ?1")?;
@@ -802,7 +847,7 @@ impl Store for SqliteStore {
 
     fn get_fic(&self, identity_key: &str, name: &str) -> Result<Option<FicRecord>> {
         let body: Option<String> = self
-            .lock()
+            .lock("get_fic")
             .query_row(
                 "SELECT body FROM fics WHERE identity_key = ?1 AND name_key = ?2",
                 [identity_key, &lower(name)],
@@ -813,7 +858,7 @@ impl Store for SqliteStore {
     }
 
     fn list_fics(&self, identity_key: &str) -> Result<Vec<FicRecord>> {
-        let conn = self.lock();
+        let conn = self.lock("list_fics");
         let mut st =
             conn.prepare_cached("SELECT body FROM fics WHERE identity_key = ?1 ORDER BY name_key")?;
         let rows = st.query_map([identity_key], |r| r.get::<_, String>(0))?;
@@ -821,7 +866,7 @@ impl Store for SqliteStore {
     }
 
     fn delete_fic(&self, identity_key: &str, name: &str) -> Result<bool> {
-        Ok(self.lock().execute(
+        Ok(self.lock("delete_fic").execute(
             "DELETE FROM fics WHERE identity_key = ?1 AND name_key = ?2",
             [identity_key, &lower(name)],
         )? > 0)
@@ -830,7 +875,7 @@ impl Store for SqliteStore {
     fn directory_lookup(&self, id: &str) -> Result<Option<DirectoryEntry>> {
         let id = lower(id);
         let sp: Option<String> = self
-            .lock()
+            .lock("directory_lookup")
             .query_row(
                 "SELECT body FROM service_principals WHERE object_id = ?1 OR client_id = ?1",
                 [&id],
@@ -848,7 +893,7 @@ impl Store for SqliteStore {
             }));
         }
         let mi: Option<String> = self
-            .lock()
+            .lock("directory_lookup")
             .query_row(
                 "SELECT body FROM identities WHERE principal_id = ?1 OR client_id = ?1",
                 [&id],
@@ -869,7 +914,7 @@ impl Store for SqliteStore {
     }
 
     fn insert_role_assignment(&self, ra: &RoleAssignmentRecord) -> Result<RoleAssignmentInsert> {
-        self.tx(|tx| {
+        self.tx("insert_role_assignment", |tx| {
             let existing: Option<String> = tx
                 .query_row("SELECT body FROM role_assignments WHERE name = ?1", [&ra.name], |r| r.get(0))
                 .optional()?;
@@ -898,7 +943,7 @@ impl Store for SqliteStore {
 
     fn get_role_assignment(&self, name: &str) -> Result<Option<RoleAssignmentRecord>> {
         let body: Option<String> = self
-            .lock()
+            .lock("get_role_assignment")
             .query_row(
                 "SELECT body FROM role_assignments WHERE name = ?1",
                 [lower(name)],
@@ -909,7 +954,7 @@ impl Store for SqliteStore {
     }
 
     fn list_role_assignments(&self) -> Result<Vec<RoleAssignmentRecord>> {
-        let conn = self.lock();
+        let conn = self.lock("list_role_assignments");
         let mut st = conn.prepare("SELECT body FROM role_assignments ORDER BY scope_key, name")?;
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         rows.map(|b| parse(&b?)).collect()
@@ -919,7 +964,7 @@ impl Store for SqliteStore {
         &self,
         principal_id: &str,
     ) -> Result<Vec<RoleAssignmentRecord>> {
-        let conn = self.lock();
+        let conn = self.lock("role_assignments_for_principal");
         let mut st =
             conn.prepare_cached("SELECT body FROM role_assignments WHERE principal_id = ?1")?;
         let rows = st.query_map([lower(principal_id)], |r| r.get::<_, String>(0))?;
@@ -927,7 +972,7 @@ impl Store for SqliteStore {
     }
 
     fn delete_role_assignment(&self, name: &str) -> Result<Option<RoleAssignmentRecord>> {
-        self.tx(|tx| {
+        self.tx("delete_role_assignment", |tx| {
             let body: Option<String> = tx
                 .query_row(
                     "SELECT body FROM role_assignments WHERE name = ?1",
@@ -1090,7 +1135,7 @@ mod tests {
         s.put_vm(&v, None, std::slice::from_ref(&u1.key)).unwrap();
         // Inject a failure in the middle of the group delete: deleting u2 aborts, after the VM
         // and u1 rows were already deleted inside the same transaction.
-        s.lock()
+        s.lock("a_failure_mid_transaction_leaves_no_trace")
             .execute_batch(&format!(
                 "CREATE TRIGGER fail BEFORE DELETE ON identities WHEN old.key = '{}' BEGIN SELECT RAISE(ABORT, 'injected'); END;",
                 u2.key
@@ -1101,7 +1146,9 @@ mod tests {
         assert!(s.get_identity(&u1.key).unwrap().is_some());
         assert_eq!(s.vm_user_identities(&v.key).unwrap().len(), 1);
         assert!(s.get_resource_group("s", "rg").unwrap().is_some());
-        s.lock().execute_batch("DROP TRIGGER fail;").unwrap();
+        s.lock("a_failure_mid_transaction_leaves_no_trace")
+            .execute_batch("DROP TRIGGER fail;")
+            .unwrap();
         assert!(s.delete_resource_group("s", "rg").unwrap());
         assert!(s.get_identity(&u1.key).unwrap().is_none());
     }
@@ -1502,7 +1549,7 @@ mod vault_sql {
     impl VaultStore for SqliteStore {
         fn put_vault(&self, v: &VaultRecord) -> Result<bool> {
             let body = json(v)?;
-            self.tx(|tx| {
+            self.tx("put_vault", |tx| {
                 let other: Option<String> = tx
                     .query_row("SELECT key FROM vaults WHERE name_key = ?1", [lower(&v.name)], |r| r.get(0))
                     .optional()?;
@@ -1520,7 +1567,7 @@ mod vault_sql {
 
         fn get_vault(&self, key: &str) -> Result<Option<VaultRecord>> {
             let b: Option<String> = self
-                .lock()
+                .lock("get_vault")
                 .query_row(
                     "SELECT body FROM vaults WHERE key = ?1",
                     [lower(key)],
@@ -1532,7 +1579,7 @@ mod vault_sql {
 
         fn get_vault_by_name(&self, name: &str) -> Result<Option<VaultRecord>> {
             let b: Option<String> = self
-                .lock()
+                .lock("get_vault_by_name")
                 .prepare_cached("SELECT body FROM vaults WHERE name_key = ?1")?
                 .query_row([lower(name)], |r| r.get(0))
                 .optional()?;
@@ -1540,7 +1587,7 @@ mod vault_sql {
         }
 
         fn list_vaults(&self, subscription: &str, rg: Option<&str>) -> Result<Vec<VaultRecord>> {
-            let conn = self.lock();
+            let conn = self.lock("list_vaults");
             let mut st = conn.prepare(
                 "SELECT body FROM vaults WHERE subscription = ?1 AND (?2 IS NULL OR rg_key = ?2) ORDER BY name_key",
             )?;
@@ -1551,7 +1598,7 @@ mod vault_sql {
         }
 
         fn delete_vault(&self, key: &str) -> Result<bool> {
-            self.tx(|tx| {
+            self.tx("delete_vault", |tx| {
                 let name: Option<String> = tx
                     .query_row(
                         "SELECT name_key FROM vaults WHERE key = ?1",
@@ -1570,7 +1617,7 @@ mod vault_sql {
 
         fn kv_name(&self, vault: &str, coll: &str, name: &str) -> Result<Option<KvNameRecord>> {
             let row = self
-                .lock()
+                .lock("kv_name")
                 .prepare_cached(&format!(
                     "SELECT {NAME_COLS} FROM kv_names WHERE vault = ?1 AND coll = ?2 AND name_key = ?3"
                 ))?
@@ -1580,7 +1627,7 @@ mod vault_sql {
         }
 
         fn kv_names(&self, vault: &str, coll: &str, deleted: bool) -> Result<Vec<KvNameRecord>> {
-            let conn = self.lock();
+            let conn = self.lock("kv_names");
             let mut st = conn.prepare(&format!(
                 "SELECT {NAME_COLS} FROM kv_names WHERE vault = ?1 AND coll = ?2 AND (deleted_at IS NOT NULL) = ?3 ORDER BY name_key"
             ))?;
@@ -1589,7 +1636,7 @@ mod vault_sql {
         }
 
         fn kv_all_names(&self, coll: &str) -> Result<Vec<KvNameRecord>> {
-            let conn = self.lock();
+            let conn = self.lock("kv_all_names");
             let mut st = conn.prepare(&format!(
                 "SELECT {NAME_COLS} FROM kv_names WHERE coll = ?1 AND deleted_at IS NULL ORDER BY vault, name_key"
             ))?;
@@ -1598,7 +1645,7 @@ mod vault_sql {
         }
 
         fn kv_versions(&self, vault: &str, coll: &str, name: &str) -> Result<Vec<KvVersionRecord>> {
-            let conn = self.lock();
+            let conn = self.lock("kv_versions");
             let mut st = conn.prepare(
                 "SELECT body FROM kv_versions WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 ORDER BY seq",
             )?;
@@ -1615,7 +1662,7 @@ mod vault_sql {
             version: Option<&str>,
         ) -> Result<Option<KvVersionRecord>> {
             let row: Option<(String, Option<Vec<u8>>)> = {
-                let conn = self.lock();
+                let conn = self.lock("kv_version");
                 match version {
                     Some(v) => conn.prepare_cached(
                         "SELECT body, sealed FROM kv_versions WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 AND version = ?4",
@@ -1644,7 +1691,7 @@ mod vault_sql {
             coll: &str,
             deleted: bool,
         ) -> Result<Vec<KvVersionRecord>> {
-            let conn = self.lock();
+            let conn = self.lock("kv_latest");
             let mut st = conn.prepare(
                 "SELECT v.body FROM kv_versions v JOIN kv_names n
                    ON n.vault = v.vault AND n.coll = v.coll AND n.name_key = v.name_key
@@ -1665,7 +1712,7 @@ mod vault_sql {
                     None => None,
                 });
             }
-            let r = self.tx(|tx| {
+            let r = self.tx("kv_write", |tx| {
                 if let (Some((coll, expect)), Some(first)) = (&w.expect_latest, w.versions.first()) {
                     let latest = latest_version(tx, &first.vault, coll, &lower(&first.name))?;
                     if latest != *expect {
@@ -1717,7 +1764,7 @@ mod vault_sql {
         }
 
         fn kv_update_version(&self, v: &KvVersionRecord) -> Result<bool> {
-            let n = self.lock().execute(
+            let n = self.lock("kv_update_version").execute(
                 "UPDATE kv_versions SET body = ?5 WHERE vault = ?1 AND coll = ?2 AND name_key = ?3 AND version = ?4",
                 params![v.vault, v.coll, lower(&v.name), v.version, json(v)?],
             )?;
@@ -1731,7 +1778,7 @@ mod vault_sql {
             name: &str,
             extra: &serde_json::Value,
         ) -> Result<bool> {
-            let n = self.lock().execute(
+            let n = self.lock("kv_set_extra").execute(
                 "INSERT INTO kv_names(vault, coll, name_key, name, extra) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(vault, coll, name_key) DO UPDATE SET extra = excluded.extra",
                 params![vault, coll, lower(name), name, json(extra)?],
@@ -1748,7 +1795,7 @@ mod vault_sql {
             purge_at: Option<u64>,
         ) -> Result<bool> {
             let key = lower(name);
-            self.tx(|tx| {
+            self.tx("kv_delete", |tx| {
                 let mut any = false;
                 for c in colls {
                     any |= match purge_at {
@@ -1765,7 +1812,7 @@ mod vault_sql {
 
         fn kv_recover(&self, vault: &str, colls: &[&str], name: &str) -> Result<bool> {
             let key = lower(name);
-            self.tx(|tx| {
+            self.tx("kv_recover", |tx| {
                 let mut any = false;
                 for c in colls {
                     any |= tx.execute(
@@ -1779,7 +1826,7 @@ mod vault_sql {
 
         fn kv_purge(&self, vault: &str, colls: &[&str], name: &str) -> Result<bool> {
             let key = lower(name);
-            self.tx(|tx| {
+            self.tx("kv_purge", |tx| {
                 let mut any = false;
                 for c in colls {
                     let deleted: Option<Option<i64>> = tx
@@ -1798,7 +1845,7 @@ mod vault_sql {
         }
 
         fn kv_purge_expired(&self, now: u64) -> Result<usize> {
-            self.tx(|tx| {
+            self.tx("kv_purge_expired", |tx| {
                 let due: Vec<(String, String, String)> = {
                     let mut st = tx.prepare(
                         "SELECT vault, coll, name_key FROM kv_names WHERE deleted_at IS NOT NULL AND purge_at <= ?1",
@@ -2027,13 +2074,13 @@ mod tracked_sql {
 
     impl TrackedStore for SqliteStore {
         fn put_tracked(&self, r: &TrackedRecord) -> Result<bool> {
-            let n = self.lock().execute(
+            let n = self.lock("put_tracked").execute(
                 "INSERT INTO tracked(key, type_key, subscription, rg_key, body) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(key) DO NOTHING",
                 params![lower(&r.key), lower(&r.type_name), lower(&r.subscription), lower(&r.resource_group), json(r)?],
             )?;
             if n == 0 {
-                self.lock().execute(
+                self.lock("put_tracked").execute(
                     "UPDATE tracked SET body = ?2 WHERE key = ?1",
                     params![lower(&r.key), json(r)?],
                 )?;
@@ -2043,7 +2090,7 @@ mod tracked_sql {
 
         fn get_tracked(&self, key: &str) -> Result<Option<TrackedRecord>> {
             let b: Option<String> = self
-                .lock()
+                .lock("get_tracked")
                 .query_row(
                     "SELECT body FROM tracked WHERE key = ?1",
                     [lower(key)],
@@ -2059,7 +2106,7 @@ mod tracked_sql {
             subscription: &str,
             rg: Option<&str>,
         ) -> Result<Vec<TrackedRecord>> {
-            let conn = self.lock();
+            let conn = self.lock("list_tracked");
             let mut st = conn.prepare(
                 "SELECT body FROM tracked WHERE type_key = ?1 AND subscription = ?2 AND (?3 IS NULL OR rg_key = ?3) ORDER BY key",
             )?;
@@ -2075,7 +2122,7 @@ mod tracked_sql {
             parent_key: &str,
             type_name: &str,
         ) -> Result<Vec<TrackedRecord>> {
-            let conn = self.lock();
+            let conn = self.lock("list_tracked_under");
             let mut st = conn.prepare(
                 "SELECT body FROM tracked WHERE type_key = ?2 AND substr(key, 1, length(?1) + 1) = ?1 || '/' ORDER BY key",
             )?;
@@ -2087,7 +2134,7 @@ mod tracked_sql {
 
         fn delete_tracked(&self, key: &str) -> Result<bool> {
             let k = lower(key);
-            let n = self.lock().execute(
+            let n = self.lock("delete_tracked").execute(
                 "DELETE FROM tracked WHERE key = ?1 OR substr(key, 1, length(?1) + 1) = ?1 || '/'",
                 [&k],
             )?;
@@ -2156,7 +2203,7 @@ mod cluster_sql {
 
     impl ClusterStore for SqliteStore {
         fn put_cluster(&self, w: &ClusterWrite<'_>) -> Result<ClusterPut> {
-            self.tx(|tx| {
+            self.tx("put_cluster", |tx| {
                 let c = w.cluster;
                 let current = stored(tx, &c.key)?;
                 match (&current, w.expect_version) {
@@ -2235,7 +2282,7 @@ mod cluster_sql {
         }
 
         fn update_cluster(&self, c: &ClusterRecord, expect_version: u64) -> Result<ClusterPut> {
-            self.tx(|tx| match stored(tx, &c.key)? {
+            self.tx("update_cluster", |tx| match stored(tx, &c.key)? {
                 Some(cur) if cur.version == expect_version => {
                     write_row(tx, c)?;
                     Ok(ClusterPut::Updated)
@@ -2246,7 +2293,7 @@ mod cluster_sql {
 
         fn get_cluster(&self, key: &str) -> Result<Option<ClusterRecord>> {
             let b: Option<String> = self
-                .lock()
+                .lock("get_cluster")
                 .query_row("SELECT body FROM clusters WHERE key = ?1", [key], |r| {
                     r.get(0)
                 })
@@ -2259,7 +2306,7 @@ mod cluster_sql {
             subscription: &str,
             rg: Option<&str>,
         ) -> Result<Vec<ClusterRecord>> {
-            let conn = self.lock();
+            let conn = self.lock("list_clusters");
             let mut st = conn.prepare(
                 "SELECT body FROM clusters WHERE subscription = ?1 AND (?2 IS NULL OR rg_key = ?2) ORDER BY key",
             )?;
@@ -2275,7 +2322,7 @@ mod cluster_sql {
             rg: &str,
         ) -> Result<Option<ClusterRecord>> {
             let b: Option<String> = self
-                .lock()
+                .lock("cluster_of_node_group")
                 .query_row(
                     "SELECT body FROM clusters WHERE subscription = ?1 AND node_rg_key = ?2",
                     [lower(subscription), lower(rg)],
@@ -2286,7 +2333,197 @@ mod cluster_sql {
         }
 
         fn delete_cluster(&self, key: &str) -> Result<bool> {
-            self.tx(|tx| delete_cluster_tx(tx, key))
+            self.tx("delete_cluster", |tx| delete_cluster_tx(tx, key))
+        }
+    }
+}
+
+mod activity_sql {
+    //! [`ActivityStore`] on SQLite: `seq` orders events (appended in time order), the indexed
+    //! `ts` bounds the window and the purge.
+
+    use super::{json, lower, parse, SqliteStore};
+    use crate::{ActivityQuery, ActivityRecord, ActivityStore, Result};
+    use rusqlite::types::Value as Sql;
+
+    impl ActivityStore for SqliteStore {
+        fn append_activity(&self, r: &ActivityRecord, purge_before: i64) -> Result<u64> {
+            let body = json(r)?;
+            self.tx("append_activity", |tx| {
+                tx.execute("DELETE FROM activity_log WHERE ts < ?1", [purge_before])?;
+                tx.execute(
+                    "INSERT INTO activity_log(ts, subscription, rg_key, resource_key, provider_key, correlation_key, caller_key, status_key, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    rusqlite::params![
+                        r.timestamp,
+                        lower(&r.subscription),
+                        r.resource_group.as_deref().map(lower),
+                        lower(&r.resource_id),
+                        lower(&r.resource_provider),
+                        lower(&r.correlation_id),
+                        lower(&r.caller),
+                        lower(&r.status),
+                        body
+                    ],
+                )?;
+                Ok(tx.last_insert_rowid() as u64)
+            })
+        }
+
+        fn list_activity(&self, q: &ActivityQuery) -> Result<Vec<ActivityRecord>> {
+            let mut sql = String::from(
+                "SELECT seq, body FROM activity_log WHERE subscription = ?1 AND ts >= ?2 AND ts <= ?3",
+            );
+            let mut args: Vec<Sql> = vec![
+                Sql::Text(lower(&q.subscription)),
+                Sql::Integer(q.from),
+                Sql::Integer(q.to),
+            ];
+            let mut eq = |col: &str, v: &Option<String>| {
+                if let Some(v) = v {
+                    args.push(Sql::Text(lower(v)));
+                    sql.push_str(&format!(" AND {col} = ?{}", args.len()));
+                }
+            };
+            eq("rg_key", &q.resource_group);
+            eq("resource_key", &q.resource_id);
+            eq("provider_key", &q.resource_provider);
+            eq("correlation_key", &q.correlation_id);
+            eq("caller_key", &q.caller);
+            eq("status_key", &q.status);
+            if let Some(after) = q.after {
+                args.push(Sql::Integer(after as i64));
+                sql.push_str(&format!(" AND seq < ?{}", args.len()));
+            }
+            args.push(Sql::Integer(q.limit as i64));
+            sql.push_str(&format!(" ORDER BY seq DESC LIMIT ?{}", args.len()));
+            let conn = self.lock("list_activity");
+            let mut st = conn.prepare(&sql)?;
+            let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut out = vec![];
+            for row in rows {
+                let (seq, body) = row?;
+                let mut rec: ActivityRecord = parse(&body)?;
+                rec.seq = seq as u64;
+                out.push(rec);
+            }
+            Ok(out)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use crate::sqlite::SqliteStore;
+        use crate::{ActivityQuery, ActivityRecord, ActivityStore, Kek};
+
+        fn event(ts: i64, rg: &str, op: &str, corr: &str) -> ActivityRecord {
+            ActivityRecord {
+                seq: 0,
+                event_id: format!("e-{ts}"),
+                timestamp: ts,
+                subscription: "Sub".into(),
+                resource_group: Some(rg.into()),
+                resource_id: format!("/subscriptions/Sub/resourceGroups/{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id{ts}"),
+                resource_provider: "Microsoft.ManagedIdentity".into(),
+                resource_type: "Microsoft.ManagedIdentity/userAssignedIdentities".into(),
+                operation: op.into(),
+                status: "Succeeded".into(),
+                http_status: 201,
+                correlation_id: corr.into(),
+                caller: "oid-1".into(),
+                caller_app_id: "app-1".into(),
+                method: "PUT".into(),
+                client_request_id: None,
+                client_ip: None,
+            }
+        }
+
+        #[test]
+        fn lists_newest_first_filters_pages_and_purges() {
+            let dir = tempfile::tempdir().unwrap();
+            let s = SqliteStore::open(
+                &dir.path().join("k.db"),
+                Kek::from_bytes(&[3u8; 32]).unwrap(),
+            )
+            .unwrap();
+            for t in 1..=5 {
+                let rg = if t % 2 == 0 { "even" } else { "Odd" };
+                s.append_activity(&event(t * 10, rg, "w", &format!("c{t}")), 0)
+                    .unwrap();
+            }
+            let q = ActivityQuery {
+                subscription: "sub".into(),
+                from: 0,
+                to: 100,
+                limit: 2,
+                ..Default::default()
+            };
+            let page = s.list_activity(&q).unwrap();
+            assert_eq!(
+                page.iter().map(|e| e.timestamp).collect::<Vec<_>>(),
+                [50, 40]
+            );
+            let next = s
+                .list_activity(&ActivityQuery {
+                    after: Some(page[1].seq),
+                    ..q.clone()
+                })
+                .unwrap();
+            assert_eq!(
+                next.iter().map(|e| e.timestamp).collect::<Vec<_>>(),
+                [30, 20]
+            );
+            let odd = s
+                .list_activity(&ActivityQuery {
+                    resource_group: Some("odd".into()),
+                    limit: 10,
+                    ..q.clone()
+                })
+                .unwrap();
+            assert_eq!(
+                odd.iter().map(|e| e.timestamp).collect::<Vec<_>>(),
+                [50, 30, 10]
+            );
+            let window = s
+                .list_activity(&ActivityQuery {
+                    from: 20,
+                    to: 30,
+                    limit: 10,
+                    ..q.clone()
+                })
+                .unwrap();
+            assert_eq!(window.len(), 2);
+            let by_corr = s
+                .list_activity(&ActivityQuery {
+                    correlation_id: Some("C3".into()),
+                    caller: Some("OID-1".into()),
+                    limit: 10,
+                    ..q.clone()
+                })
+                .unwrap();
+            assert_eq!(by_corr.len(), 1);
+            assert_eq!(by_corr[0], {
+                let mut e = event(30, "Odd", "w", "c3");
+                e.seq = by_corr[0].seq;
+                e
+            });
+            let other_sub = s
+                .list_activity(&ActivityQuery {
+                    subscription: "other".into(),
+                    limit: 10,
+                    ..q.clone()
+                })
+                .unwrap();
+            assert!(other_sub.is_empty());
+            // appending purges what is older than the retention bound
+            s.append_activity(&event(60, "even", "w", "c6"), 35)
+                .unwrap();
+            let all = s.list_activity(&ActivityQuery { limit: 10, ..q }).unwrap();
+            assert_eq!(
+                all.iter().map(|e| e.timestamp).collect::<Vec<_>>(),
+                [60, 50, 40]
+            );
         }
     }
 }

@@ -291,6 +291,14 @@ fn main() {
                 },
                 extension_store_root: std::path::PathBuf::from("/var/lib/waagent"),
                 nmi: None,
+                // the bench hammers IMDS from one caller
+                fair_share: keyless_node::FairShareConfig::off(),
+                // every token recorded, as in production; KEYLESS_BENCH_NO_AUDIT=1 to compare
+                audit: if std::env::var_os("KEYLESS_BENCH_NO_AUDIT").is_some() {
+                    keyless_ops::audit::Audit::disabled()
+                } else {
+                    keyless_ops::audit::Audit::open(&dir.path().join("audit.log")).unwrap()
+                },
             },
             clock,
         )

@@ -160,6 +160,9 @@ async fn decision_point(secs: u64, conns: usize) {
                 local: Default::default(),
                 extension_store_root: PathBuf::from("/var/lib/waagent"),
                 nmi: None,
+                // the bench hammers IMDS from one caller
+                fair_share: keyless_node::FairShareConfig::off(),
+                audit: keyless_ops::audit::Audit::disabled(),
             },
             Arc::new(SystemClock::new()),
         )

@@ -46,6 +46,8 @@ pub struct AddonArgs {
     /// This replica's name in the Lease (default: host name and process id).
     #[arg(long, env = "POD_NAME")]
     pub holder: Option<String>,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 pub async fn run(a: AddonArgs) -> Result<(), CliError> {
@@ -87,7 +89,18 @@ pub async fn run(a: AddonArgs) -> Result<(), CliError> {
             .await
             .map_err(|e| CliError::Usage(format!("installing the CRDs: {e}")))?;
     }
-    addon::run(cfg, client, wait_for_signal(), || {
+    let health = keyless_ops::health::Health::new();
+    let in_step = health.flag("in step", "the objects have not been reconciled yet");
+    let _ops = a
+        .ops
+        .start(
+            "pod-identity-addon",
+            keyless_ops::listener::defaults::POD_IDENTITY_ADDON,
+            health,
+        )
+        .await?;
+    addon::run(cfg, client, wait_for_signal(), move || {
+        in_step.set();
         println!("pod-identity add-on: in step");
     })
     .await

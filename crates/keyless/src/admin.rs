@@ -56,6 +56,18 @@ pub struct Conn {
     query: Option<String>,
 }
 
+/// `(client id, secret)` from `<data-dir>/bootstrap-admin.secret` (env-file lines).
+fn bootstrap_admin(data_dir: &std::path::Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(data_dir.join(crate::run::BOOTSTRAP_SECRET_FILE)).ok()?;
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(k)?.strip_prefix('='))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    Some((get("KEYLESS_CLIENT_ID")?, get("KEYLESS_CLIENT_SECRET")?))
+}
+
 struct Api {
     http: reqwest::Client,
     server: String,
@@ -133,17 +145,28 @@ impl Api {
             .ca_file
             .clone()
             .or_else(|| ep["caFile"].as_str().map(PathBuf::from));
+        // the bootstrap admin's file in the data dir, when it is readable
+        let saved = bootstrap_admin(&c.data_dir);
         let client_id = c
             .client_id_admin
             .clone()
             .or_else(|| ep["adminClientId"].as_str().map(str::to_string))
+            .or_else(|| saved.as_ref().map(|(id, _)| id.clone()))
             .ok_or_else(|| CliError::Usage("no admin client id: set KEYLESS_CLIENT_ID".into()))?;
-        let secret = c.client_secret.clone().ok_or_else(|| {
-            CliError::Usage(
-                "no admin secret: set KEYLESS_CLIENT_SECRET (printed by the first `keyless up`)"
-                    .into(),
-            )
-        })?;
+        let secret = c
+            .client_secret
+            .clone()
+            .or_else(|| {
+                saved
+                    .filter(|(id, _)| id.eq_ignore_ascii_case(&client_id))
+                    .map(|(_, s)| s)
+            })
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "no admin secret: set KEYLESS_CLIENT_SECRET, or run where {} is readable",
+                    c.data_dir.join(crate::run::BOOTSTRAP_SECRET_FILE).display()
+                ))
+            })?;
         let http = http_client(ca.as_ref())?;
         let url = format!("{server}/{tenant}/oauth2/v2.0/token");
         let resp = http

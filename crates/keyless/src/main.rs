@@ -3,6 +3,7 @@
 
 mod addon;
 mod admin;
+mod ops;
 mod query;
 mod run;
 
@@ -16,6 +17,9 @@ use std::process::ExitCode;
     about = "Self-hosted managed identities, wire-compatible with Azure"
 )]
 struct Cli {
+    /// Log line format on stderr: text or json (one object per line); filter with RUST_LOG.
+    #[arg(long, global = true, env = keyless_ops::logging::FORMAT_ENV, default_value = "text")]
+    log_format: keyless_ops::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,16 +59,37 @@ enum Command {
     /// The AKS pod-identity add-on: keeps the aadpodidentity.k8s.io objects of a cluster in step
     /// with its podIdentityProfile (runs in the cluster, authenticates through its node's IMDS).
     PodIdentityAddon(addon::AddonArgs),
+    /// Readiness of the local server and host agent (their /readyz): a table, and a non-zero
+    /// exit status when one is not ready.
+    Status(ops::StatusArgs),
+    /// The audit trail: check a file's hash chain.
+    #[command(subcommand)]
+    Audit(run::AuditCmd),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    keyless_ops::logging::init(cli.log_format);
+    // the metrics recorder before anything records (the ops listener serves it)
+    let process = match &cli.command {
+        Command::Up(_) => Some("up"),
+        Command::Server(_) => Some("server"),
+        Command::Node(_) => Some("node"),
+        Command::KvAgent(_) => Some("kv-agent"),
+        Command::PodIdentityAddon(_) => Some("pod-identity-addon"),
+        _ => None,
+    };
+    if let Some(p) = process {
+        keyless_ops::metrics::install(p);
+    }
+    if matches!(
+        cli.command,
+        Command::Up(_) | Command::Server(_) | Command::Node(_)
+    ) {
+        // before any thread: everything these write in their data / state dirs is private,
+        // including files libraries create (SQLite's -wal / -shm)
+        keyless_store::files::private_umask();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -92,6 +117,8 @@ fn main() -> ExitCode {
             Command::GetToken(a) => admin::get_token(a).await,
             Command::KvAgent(a) => run::kv_agent(a).await,
             Command::PodIdentityAddon(a) => addon::run(a).await,
+            Command::Audit(c) => run::audit(c),
+            Command::Status(a) => ops::status(a).await,
         }
     });
     match result {

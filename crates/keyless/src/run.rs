@@ -63,6 +63,41 @@ pub struct ServerArgs {
     /// How often certificate lifetime actions and purges are checked, in seconds.
     #[arg(long, default_value_t = 60)]
     pub vault_check_interval: u64,
+    /// Also print the bootstrap admin's secret (created at first start) on stdout; by default
+    /// it is only written to <data-dir>/bootstrap-admin.secret (0600).
+    #[arg(long)]
+    pub print_secret: bool,
+    #[command(flatten)]
+    pub audit: AuditArgs,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
+}
+
+/// The audit trail (token issuances and refusals, control-plane writes, Key Vault
+/// operations): a hash-chained JSON-lines file; check it with `keyless audit verify`.
+#[derive(Args, Clone)]
+pub struct AuditArgs {
+    /// Audit file [default: <data-dir>/audit.log for `server` and `up` (one file for the
+    /// server and its embedded agent), <state-dir>/audit.log for `node`].
+    #[arg(long, env = "KEYLESS_AUDIT_FILE")]
+    pub audit_file: Option<PathBuf>,
+    /// Record nothing (benchmarks); the token and Key Vault metrics are still counted.
+    #[arg(long, conflicts_with = "audit_file")]
+    pub no_audit: bool,
+}
+
+impl AuditArgs {
+    /// The sink these flags ask for; `dir` holds the default file.
+    pub fn open(&self, dir: &Path) -> Result<Arc<keyless_ops::audit::Audit>, CliError> {
+        if self.no_audit {
+            return Ok(keyless_ops::audit::Audit::disabled());
+        }
+        let path = self
+            .audit_file
+            .clone()
+            .unwrap_or_else(|| keyless_ops::audit::default_path(dir));
+        keyless_ops::audit::Audit::open(&path).map_err(io_err(&path))
+    }
 }
 
 #[derive(Args, Clone)]
@@ -76,10 +111,70 @@ pub struct UpArgs {
     /// How often the agent refreshes its identity set, in seconds.
     #[arg(long, default_value_t = 30)]
     pub sync_interval: u64,
+    #[command(flatten)]
+    pub fair_share: FairShareArgs,
+}
+
+#[derive(clap::Subcommand, Clone)]
+pub enum AuditCmd {
+    /// Check the hash chain of an audit file: prints the record count and the last record's
+    /// hash, or the first broken line (exit status 1).
+    Verify {
+        /// The audit file (e.g. <data-dir>/audit.log).
+        file: PathBuf,
+    },
+}
+
+pub fn audit(c: AuditCmd) -> Result<(), CliError> {
+    match c {
+        AuditCmd::Verify { file } => match keyless_ops::audit::verify(&file) {
+            Ok(v) => {
+                println!(
+                    "{}: chain intact, {} records, last hash {}",
+                    file.display(),
+                    v.records,
+                    if v.last_hash.is_empty() {
+                        "-"
+                    } else {
+                        &v.last_hash
+                    }
+                );
+                Ok(())
+            }
+            Err(e @ keyless_ops::audit::VerifyError::Broken { .. }) => Err(CliError::Usage(
+                format!("{}: chain broken at {e}", file.display()),
+            )),
+            Err(e) => Err(CliError::Usage(e.to_string())),
+        },
+    }
+}
+
+/// Per-caller fair share of the node's token endpoints (a caller: a pod's IP, or a local
+/// user — address and UID); over it, 429 with `Retry-After`.
+#[derive(Args, Clone)]
+pub struct FairShareArgs {
+    /// Token requests per second per caller (Azure IMDS: 20 per VM); 0 = no limit.
+    #[arg(long, default_value_t = keyless_node::FairShareConfig::default().rate, env = "KEYLESS_CALLER_RPS")]
+    pub caller_rps: u32,
+    /// Concurrent token requests per caller (Azure IMDS: 5 per VM); 0 = no limit.
+    #[arg(long, default_value_t = keyless_node::FairShareConfig::default().concurrency, env = "KEYLESS_CALLER_CONCURRENCY")]
+    pub caller_concurrency: u32,
+}
+
+impl FairShareArgs {
+    fn config(&self) -> keyless_node::FairShareConfig {
+        keyless_node::FairShareConfig {
+            rate: self.caller_rps,
+            concurrency: self.caller_concurrency,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Args, Clone)]
 pub struct NodeArgs {
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
     /// Server base URL, e.g. https://10.0.0.1:8443.
     #[arg(long, env = "KEYLESS_SERVER")]
     pub server: String,
@@ -122,6 +217,10 @@ pub struct NodeArgs {
     /// App Service endpoint address.
     #[arg(long, default_value = "127.0.0.1:4141")]
     pub appservice_listen: SocketAddr,
+    #[command(flatten)]
+    pub fair_share: FairShareArgs,
+    #[command(flatten)]
+    pub audit: AuditArgs,
     /// Arc endpoint address.
     #[arg(long, default_value = "127.0.0.1:40342")]
     pub arc_listen: SocketAddr,
@@ -172,19 +271,20 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '
 
 /// Open the data dir: lock it (one process per data dir), load the KEK, open the store.
 fn open_store(a: &ServerArgs) -> Result<(Arc<dyn Store>, std::fs::File), CliError> {
-    std::fs::create_dir_all(&a.data_dir).map_err(io_err(&a.data_dir))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&a.data_dir, std::fs::Permissions::from_mode(0o700));
-    }
+    // 0700 / 0600 for everything in it, including what an older version left more open
+    keyless_store::files::private_dir(&a.data_dir).map_err(io_err(&a.data_dir))?;
+    keyless_store::files::tighten(&a.data_dir).map_err(io_err(&a.data_dir))?;
     let lock_path = a.data_dir.join("lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io_err(&lock_path))?;
+    let lock = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(keyless_store::files::FILE_MODE)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?
+    };
     if lock.try_lock().is_err() {
         return Err(CliError::Usage(format!(
             "the data directory {} is in use by another keyless process; stop it or use --data-dir",
@@ -195,7 +295,13 @@ fn open_store(a: &ServerArgs) -> Result<(Arc<dyn Store>, std::fs::File), CliErro
         Some(k) => Kek::from_base64(k)?,
         None => Kek::load_or_create(&a.data_dir.join("kek"))?,
     };
-    let store = SqliteStore::open(&a.data_dir.join("keyless.db"), kek)?;
+    let db = a.data_dir.join("keyless.db");
+    if !db.exists() {
+        // SQLite gives its -wal / -shm files the database file's mode: create it 0600 first
+        keyless_store::files::create_new_private(&db, b"").map_err(io_err(&db))?;
+    }
+    let store = SqliteStore::open(&db, kek)?;
+    keyless_store::files::tighten(&a.data_dir).map_err(io_err(&a.data_dir))?;
     Ok((Arc::new(store), lock))
 }
 
@@ -204,6 +310,7 @@ fn server_config(a: &ServerArgs, default_listen: &str) -> Result<ServerConfig, C
         .listen
         .unwrap_or_else(|| default_listen.parse().expect("valid default address"));
     let mut cfg = ServerConfig::new(a.data_dir.clone(), listen);
+    cfg.audit = a.audit.open(&a.data_dir)?;
     cfg.public_url = a.public_url.clone();
     cfg.tls_sans = a.tls_san.clone();
     cfg.mi_token_lifetime = a.token_lifetime;
@@ -258,6 +365,7 @@ pub async fn server(a: ServerArgs) -> Result<(), CliError> {
         .await
         .map_err(bind_hint)?;
     let b = &srv.bootstrap;
+    save_admin(b, &a.data_dir)?;
     println!(
         "Keyless server listening on https://{} (issuer {})",
         srv.local_addr, srv.state.base_url
@@ -265,27 +373,63 @@ pub async fn server(a: ServerArgs) -> Result<(), CliError> {
     println!("Tenant:        {}", b.tenant_id);
     println!("Subscription:  {}", b.subscription_id);
     println!("CA certificate: {}", b.ca_path.display());
-    print_admin(b);
+    print_admin(b, &a.data_dir, a.print_secret);
+    let health = keyless_ops::health::Health::new();
+    keyless_server::ops::register_checks(&srv.state, &health);
+    let _ops = a
+        .ops
+        .start("server", keyless_ops::listener::defaults::SERVER, health)
+        .await?;
     wait_for_signal().await;
     Ok(())
 }
 
-fn print_admin(b: &keyless_server::state::Bootstrap) {
+/// Where the first start leaves the bootstrap admin's credentials (0600, env-file form:
+/// `KEYLESS_CLIENT_ID=…` / `KEYLESS_CLIENT_SECRET=…`); the admin verbs read it when no secret
+/// is given.
+pub const BOOTSTRAP_SECRET_FILE: &str = "bootstrap-admin.secret";
+
+/// Write the new admin's credentials to [`BOOTSTRAP_SECRET_FILE`], right after the bootstrap
+/// that created them (a file left from an earlier data dir holds a dead secret and is replaced).
+fn save_admin(b: &keyless_server::state::Bootstrap, data_dir: &Path) -> Result<(), CliError> {
+    if let Some(admin) = &b.new_admin {
+        let path = data_dir.join(BOOTSTRAP_SECRET_FILE);
+        let _ = std::fs::remove_file(&path);
+        let body = format!(
+            "# Keyless bootstrap admin. Only a hash of the secret is stored in the server.\nKEYLESS_CLIENT_ID={}\nKEYLESS_CLIENT_SECRET={}\n",
+            admin.client_id, admin.client_secret
+        );
+        keyless_store::files::create_new_private(&path, body.as_bytes()).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
+/// Where the admin's secret is; the secret itself only with `--print-secret`.
+fn print_admin(b: &keyless_server::state::Bootstrap, data_dir: &Path, print_secret: bool) {
+    let path = data_dir.join(BOOTSTRAP_SECRET_FILE);
     match &b.new_admin {
         Some(admin) => {
             println!();
-            println!("Bootstrap admin (shown once; only a hash is stored):");
+            println!(
+                "Bootstrap admin created; its secret is in {} (mode 0600).",
+                path.display()
+            );
             println!("  export KEYLESS_CLIENT_ID={}", admin.client_id);
-            println!("  export KEYLESS_CLIENT_SECRET={}", admin.client_secret);
+            if print_secret {
+                println!("  export KEYLESS_CLIENT_SECRET={}", admin.client_secret);
+            }
         }
         None => println!(
-            "Bootstrap admin client id: {} (its secret was shown at first start)",
-            b.admin_client_id
+            "Bootstrap admin client id: {} (its secret was written to {} at first start)",
+            b.admin_client_id,
+            path.display()
         ),
     }
 }
 
 pub async fn node(a: NodeArgs) -> Result<(), CliError> {
+    keyless_store::files::private_dir(&a.state_dir).map_err(io_err(&a.state_dir))?;
+    keyless_store::files::tighten(&a.state_dir).map_err(io_err(&a.state_dir))?;
     let ca_pem = std::fs::read_to_string(&a.ca_file).map_err(io_err(&a.ca_file))?;
     let cfg = keyless_node::NodeConfig {
         server_url: a.server.trim_end_matches('/').to_string(),
@@ -299,6 +443,8 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
         local: local_config(&a)?,
         extension_store_root: a.extension_store_root.clone(),
         nmi: nmi_config(&a)?,
+        fair_share: a.fair_share.config(),
+        audit: a.audit.open(&a.state_dir)?,
     };
     let node = keyless_node::start(cfg, Arc::new(SystemClock::new())).await?;
     println!("IMDS endpoint: http://{}", node.imds_addr);
@@ -322,6 +468,12 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
         // printed once the watches have listed and the iptables redirect is in place
         println!("NMI endpoint: http://{}", n.addr);
     }
+    let health = keyless_ops::health::Health::new();
+    keyless_node::ops::register_checks(&node, &health);
+    let _ops = a
+        .ops
+        .start("node", keyless_ops::listener::defaults::NODE, health)
+        .await?;
     wait_for_signal().await;
     node.shutdown().await;
     Ok(())
@@ -409,6 +561,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     .map_err(bind_hint)?;
     let s = srv.state.clone();
     let b = srv.bootstrap.clone();
+    save_admin(&b, &a.server.data_dir)?;
 
     // This machine as a VM with a system-assigned identity and the demo user-assigned identity.
     let rg = "keyless";
@@ -472,6 +625,8 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
             local: Default::default(),
             extension_store_root: PathBuf::from("/var/lib/waagent"),
             nmi: None,
+            fair_share: a.fair_share.config(),
+            audit: s.cfg.audit.clone(),
         },
         clock,
     )
@@ -494,6 +649,8 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
                     local: Default::default(),
                     extension_store_root: PathBuf::from("/var/lib/waagent"),
                     nmi: None,
+                    fair_share: a.fair_share.config(),
+                    audit: s.cfg.audit.clone(),
                 },
                 Arc::new(SystemClock::new()),
             )
@@ -507,6 +664,15 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
         Err(e) => return Err(e.into()),
     };
     let imds_url = format!("http://{}", node.imds_addr);
+    // one process, one ops listener: the server's checks and the embedded agent's
+    let health = keyless_ops::health::Health::new();
+    keyless_server::ops::register_checks(&srv.state, &health);
+    keyless_node::ops::register_checks(&node, &health);
+    let _ops = a
+        .server
+        .ops
+        .start("up", keyless_ops::listener::defaults::SERVER, health)
+        .await?;
 
     let info = json!({
         "serverUrl": server_url,
@@ -523,11 +689,10 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
         "demoIdentity": {"resourceId": demo_rec.resource_id, "principalId": demo_rec.principal_id, "clientId": demo_rec.client_id},
     });
     let info_path = a.server.data_dir.join("endpoints.json");
-    std::fs::write(
+    keyless_store::crypto::write_private(
         &info_path,
-        serde_json::to_vec_pretty(&info).unwrap_or_default(),
-    )
-    .map_err(io_err(&info_path))?;
+        &serde_json::to_vec_pretty(&info).unwrap_or_default(),
+    )?;
 
     let ca = info["caFile"].as_str().unwrap_or_default().to_string();
     println!("Keyless is up.");
@@ -552,7 +717,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
         "  Key Vault:    {} (create one with `keyless keyvault create -n <vault> -g <group>`)",
         s.vault_uri("<vault>")
     );
-    print_admin(&b);
+    print_admin(&b, &a.server.data_dir, a.server.print_secret);
     println!();
     println!("For workloads (Azure SDKs) on this machine:");
     println!("  export AZURE_POD_IDENTITY_AUTHORITY_HOST={imds_url}");
@@ -575,6 +740,8 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
 
 #[derive(Args, Clone)]
 pub struct KvAgentArgs {
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
     /// Extension settings JSON: the bare `settings` object or the guest agent's handler file
     /// (`{"runtimeSettings":[{"handlerSettings":{"publicSettings":{…}}}]}`).
     #[arg(long)]
@@ -669,6 +836,21 @@ pub async fn kv_agent(a: KvAgentArgs) -> Result<(), CliError> {
     if let Some(p) = agent.status_path() {
         println!("  status: {}", p.display());
     }
+    let health = keyless_ops::health::Health::new();
+    let rx = agent.readiness();
+    health.register("initial sync", move || match &*rx.borrow() {
+        keyless_kvagent::Readiness::Ready => Ok(()),
+        keyless_kvagent::Readiness::Failed(m) => Err(m.clone()),
+        keyless_kvagent::Readiness::Syncing => Err("the initial sync has not completed".into()),
+    });
+    let _ops = a
+        .ops
+        .start(
+            "kv-agent",
+            keyless_ops::listener::defaults::KV_AGENT,
+            health,
+        )
+        .await?;
     let mut ready = agent.readiness();
     let watcher = tokio::spawn(async move {
         let mut last = None;

@@ -22,7 +22,7 @@ fn cli_env(server: &ServerProc, dir: &Path) -> Vec<(&'static str, String)> {
         ("KEYLESS_CLIENT_ID", find("export KEYLESS_CLIENT_ID=")),
         (
             "KEYLESS_CLIENT_SECRET",
-            find("export KEYLESS_CLIENT_SECRET="),
+            admin_secret(&dir.join("server")).unwrap(),
         ),
         (
             "KEYLESS_DATA_DIR",

@@ -238,6 +238,26 @@ async fn control_plane_refuses_bad_callers_and_bad_input_without_changing_state(
         )
         .await;
     assert_eq!((st, code(&v)), (409, "InvalidResourceLocation"));
+    // each write, applied or refused, is in the audit trail with its caller and result
+    let audit = up.dir.join("audit.log");
+    for (status, result) in [
+        (201, "Succeeded"),
+        (400, "Failed"),
+        (413, "Failed"),
+        (409, "Failed"),
+    ] {
+        wait_audit(&audit, &format!("the write answered {status}"), |r| {
+            r["type"] == "controlPlane"
+                && r["operation"] == "Microsoft.ManagedIdentity/userAssignedIdentities/write"
+                && r["resourceId"]
+                    .as_str()
+                    .is_some_and(|id| id.ends_with("/userAssignedIdentities/stable"))
+                && r["status"] == status
+                && r["result"] == result
+                && r["caller"]["clientId"] == up.s("/adminClientId").as_str()
+                && r["correlationId"].is_string()
+        });
+    }
     let (st, v) = a
         .req(
             Method::PUT,
@@ -340,15 +360,29 @@ async fn token_endpoint_refusals_are_aadsts_shaped() {
             900144,
         ),
     ];
-    for (t, cid, sec, scope, status, aadsts) in cases {
-        let (st, v) = sp_token(&c, &server, &t, &cid, &sec, &scope).await;
-        assert_eq!(st, status, "{v}");
-        assert_eq!(v["error_codes"][0].as_i64(), Some(aadsts), "{v}");
+    let audit = up.dir.join("audit.log");
+    for (t, cid, sec, scope, status, aadsts) in &cases {
+        let (st, v) = sp_token(&c, &server, t, cid, sec, scope).await;
+        assert_eq!(st, *status, "{v}");
+        assert_eq!(v["error_codes"][0].as_i64(), Some(*aadsts), "{v}");
         assert!(v["error_description"]
             .as_str()
             .unwrap()
             .starts_with(&format!("AADSTS{aadsts}:")));
         assert!(v["error"].is_string());
+    }
+    // every refusal is in the audit trail with its caller and the code the answer carried
+    for (_, cid, _, _, status, aadsts) in &cases {
+        let reason = format!("AADSTS{aadsts}");
+        wait_audit(&audit, &reason, |r| {
+            r["type"] == "token"
+                && r["surface"] == "sts"
+                && r["kind"] == "client_credentials"
+                && r["outcome"] == "refused"
+                && r["status"] == *status
+                && r["reason"] == reason.as_str()
+                && r["caller"]["clientId"] == cid.as_str()
+        });
     }
     // no secret and no assertion
     let r = c
@@ -362,6 +396,9 @@ async fn token_endpoint_refusals_are_aadsts_shaped() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    wait_audit(&audit, "no secret", |r| {
+        r["reason"] == "AADSTS7000218" && r["caller"]["clientId"] == id.as_str()
+    });
     // garbage body
     let r = c
         .post(format!("{server}/{tenant}/oauth2/v2.0/token"))
@@ -370,9 +407,20 @@ async fn token_endpoint_refusals_are_aadsts_shaped() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    wait_audit(&audit, "garbage body", |r| {
+        r["reason"] == "AADSTS900144" && r["caller"].get("clientId").is_none()
+    });
     // success: integer expires_in, token verifies as ours
     let (st, v) = sp_token(&c, &server, &tenant, &id, &secret, arm).await;
     assert_eq!(st, 200);
+    wait_audit(&audit, "the issuance", |r| {
+        r["surface"] == "sts"
+            && r["outcome"] == "issued"
+            && r["caller"]["clientId"] == id.as_str()
+            && r["audience"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("https://management.azure.com"))
+    });
     assert!(v["expires_in"].is_u64());
     let cl = claims(v["access_token"].as_str().unwrap());
     assert_eq!(cl["aud"], "https://management.azure.com");
@@ -415,6 +463,34 @@ async fn token_endpoint_refusals_are_aadsts_shaped() {
     }
     assert_eq!(k["kid"], header(v["access_token"].as_str().unwrap())["kid"]);
     assert!(k["x5c"][0].is_string());
+
+    // the trail holds no secret and no token; its chain checks out, and a record edited in
+    // place is named by `keyless audit verify`
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        !text.contains(secret.as_str()),
+        "the client secret in the audit file"
+    );
+    assert!(!text.contains(v["access_token"].as_str().unwrap()));
+    let file = audit.to_string_lossy().to_string();
+    let out = run(&["audit", "verify", &file], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("chain intact"));
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let i = lines
+        .iter()
+        .position(|l| l.contains("\"AADSTS7000215\""))
+        .unwrap();
+    lines[i] = lines[i].replace("\"refused\"", "\"issued\"");
+    std::fs::write(&audit, lines.join("\n") + "\n").unwrap();
+    let out = run(&["audit", "verify", &file], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("line {}:", i + 1)), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -606,19 +682,68 @@ async fn hosts_only_get_their_own_identities() {
         x["properties"]["principalId"]
     );
     assert_eq!(t["client_id"], x_cid);
+    // the same again: the agent's cache answers, still an issuance to this caller
+    let (st, _) = imds_token(
+        &imds_a,
+        &format!("resource=https://vault.azure.net&client_id={x_cid}"),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let node_audit = dir.path().join("a/audit.log");
+    let server_audit = dir.path().join("server/audit.log");
+    let vm_a_id = vm_a["id"].as_str().unwrap();
+    for cached in [false, true] {
+        wait_audit(&node_audit, "x issued", |r| {
+            r["surface"] == "imds"
+                && r["outcome"] == "issued"
+                && r["cached"] == cached
+                && r["identity"]["clientId"] == x_cid
+                && r["audience"] == "https://vault.azure.net"
+                && r["caller"]["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("127.0.0.1:"))
+        });
+    }
+    // the server saw the host behind it: the VM of its certificate
+    wait_audit(&server_audit, "host issued", |r| {
+        r["surface"] == "host"
+            && r["outcome"] == "issued"
+            && r["caller"]["host"].as_str().map(str::to_ascii_lowercase)
+                == Some(vm_a_id.to_ascii_lowercase())
+            && r["identity"]["clientId"] == x_cid
+    });
     // A may not use B's identity, by any selector
-    for q in [
-        format!("client_id={y_cid}"),
-        format!(
-            "object_id={}",
-            y["properties"]["principalId"].as_str().unwrap()
-        ),
-        format!("msi_res_id={}", y["id"].as_str().unwrap()),
+    let y_oid = y["properties"]["principalId"].as_str().unwrap();
+    let y_rid = y["id"].as_str().unwrap();
+    for (q, field, value) in [
+        (format!("client_id={y_cid}"), "clientId", y_cid),
+        (format!("object_id={y_oid}"), "objectId", y_oid),
+        (format!("msi_res_id={y_rid}"), "resourceId", y_rid),
     ] {
         let (st, v) = imds_token(&imds_a, &format!("resource=https://vault.azure.net&{q}")).await;
         assert_eq!(st, 400, "{q}");
         assert_eq!(v["error_description"], "Identity not found");
+        wait_audit(&node_audit, &q, |r| {
+            r["surface"] == "imds"
+                && r["outcome"] == "refused"
+                && r["status"] == 400
+                && r["reason"] == "identity_not_found"
+                && r["identity"][field] == value
+                && r["caller"]["peer"].is_string()
+        });
     }
+    // a request without the Metadata header: refused, with the code the answer carries
+    let r = http()
+        .get(format!(
+            "{imds_a}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    wait_audit(&node_audit, "no Metadata header", |r| {
+        r["outcome"] == "refused" && r["reason"] == "invalid_request" && r.get("audience").is_none()
+    });
     // B has only a user-assigned identity: a default request gets it (as IMDS does)
     let (st, t) = imds_token(&imds_b, "resource=https://vault.azure.net").await;
     assert_eq!(st, 200);
@@ -641,12 +766,23 @@ async fn hosts_only_get_their_own_identities() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    wait_audit(&server_audit, "host API without a certificate", |r| {
+        r["surface"] == "host"
+            && r["outcome"] == "refused"
+            && r["status"] == 401
+            && r["reason"] == "host_credential_required"
+    });
     cli(&["vm", "delete", "-g", "hosts", "-n", "vm-a"]);
     let (st, v) = imds_token(&imds_a, "resource=https://storage.azure.com/").await;
     assert_eq!(
         (st, v["error_description"].as_str()),
         (400, Some("Identity not found"))
     );
+    wait_audit(&node_audit, "after the VM is gone", |r| {
+        r["outcome"] == "refused"
+            && r["reason"] == "identity_not_found"
+            && r["audience"] == "https://storage.azure.com/"
+    });
     std::thread::sleep(Duration::from_millis(1500));
     // after the next sync the cached token is gone too
     let (st, _) = imds_token(&imds_a, "resource=https://management.azure.com/").await;
@@ -712,10 +848,9 @@ async fn restart_keeps_state_and_busy_ports_fail_clearly() {
 
     up.proc.stop();
     let up2 = Up::start(dir.path(), &[]).unwrap();
-    assert!(
-        up2.secret().is_none(),
-        "the admin secret is shown only once"
-    );
+    // the secret stays in the 0600 file of the first start and is printed by neither start
+    assert_eq!(up2.secret().as_deref(), Some(secret.as_str()));
+    assert!(!up2.proc.lines.join("\n").contains(&secret));
     for k in [
         "/tenantId",
         "/subscriptionId",

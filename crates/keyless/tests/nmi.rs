@@ -668,6 +668,63 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         "{body}"
     );
 
+    // ---- every answer above is in the node's audit trail: the pod (namespace, name, IP)
+    // and the reason, as the node saw it
+    let audit_a = dir.path().join("node-a/audit.log");
+    let audit_b = dir.path().join("node-b/audit.log");
+    let pod_is = |r: &Value, s: &PodSpec| {
+        r["surface"] == "nmi"
+            && r["caller"]["podNamespace"] == s.ns
+            && r["caller"]["podName"] == s.name
+            && r["caller"]["podIp"] == s.ip.as_str()
+    };
+    let refused = |r: &Value, status: u16, reason: &str| {
+        r["outcome"] == "refused" && r["status"] == status && r["reason"] == reason
+    };
+    for (cid, oid) in [(&a_cid, &a_oid), (&b_cid, &b_oid)] {
+        wait_audit(&audit_a, "a bound pod's issuance", |r| {
+            pod_is(r, &pods[0])
+                && r["outcome"] == "issued"
+                && r["identity"]["clientId"] == cid.as_str()
+                && r["identity"]["objectId"] == oid.as_str()
+                && r["audience"] == "https://vault.azure.net"
+        });
+    }
+    wait_audit(&audit_a, "the kubelet identity refused to a pod", |r| {
+        pod_is(r, &pods[0])
+            && refused(r, 404, "identity_not_found")
+            && r["identity"]["clientId"] == kubelet_cid.as_str()
+    });
+    for (what, status, reason) in [
+        ("no Metadata header", 400, "invalid_request"),
+        ("no resource", 400, "invalid_request"),
+    ] {
+        // refused before the pod is looked up: the source IP names it
+        wait_audit(&audit_a, what, |r| {
+            r["surface"] == "nmi"
+                && r["caller"]["podIp"] == pods[0].ip.as_str()
+                && refused(r, status, reason)
+        });
+    }
+    wait_audit(&audit_a, "/host/token from a pod", |r| {
+        r["caller"]["podName"] == "bound"
+            && r["caller"]["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with(&format!("{}:", pods[0].ip)))
+            && refused(r, 500, "not_from_host")
+    });
+    for s in [&pods[1], &pods[2]] {
+        wait_audit(&audit_a, s.name, |r| {
+            pod_is(r, s) && refused(r, 404, "identity_not_found")
+        });
+    }
+    wait_audit(&audit_b, "the imposter IP on node-b", |r| {
+        r["surface"] == "nmi"
+            && r["caller"]["podIp"] == pods[0].ip.as_str()
+            && r["caller"].get("podName").is_none()
+            && refused(r, 500, "pod_not_found")
+    });
+
     // ---- the redirect is not the boundary: pods whose traffic reaches the node's IMDS
     // directly (no DNAT: untracked here, as for a connection older than the rule, or the
     // chain absent) are answered as NMI answers them, never as the host

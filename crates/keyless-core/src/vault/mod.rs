@@ -51,6 +51,8 @@ pub const ARM_API_VERSIONS: &[&str] = &[
     "2024-11-01",
     "2024-12-01-preview",
     "2025-05-01",
+    // az 2.91 `keyvault create|show|list`
+    "2026-02-01",
 ];
 
 /// Vault name: 3–24 characters of `[0-9a-zA-Z-]`, starting with a letter, ending with a letter

@@ -71,10 +71,17 @@ pub fn vault_host(s: &AppState, headers: &HeaderMap) -> Option<String> {
 pub async fn handle(s: Arc<AppState>, vault: String, req: Request) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let client_request_id = req.headers().get("x-ms-client-request-id").cloned();
-    let mut resp = match serve(&s, &vault, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    let method = req.method().clone();
+    let mut seen = Seen::default();
+    let (mut resp, reason) = match serve(&s, &vault, req, &mut seen).await {
+        Ok(r) => (r, None),
+        Err(e) => {
+            let (_, code) = e.status_and_code();
+            (e.into_response(), Some(code))
+        }
     };
+    let ev = seen.event(&vault, &method, resp.status().as_u16(), reason);
+    s.cfg.audit.key_vault(ev).await;
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -105,6 +112,8 @@ pub struct Ctx<'a> {
     pub query: Vec<(String, String)>,
     pub api_version: String,
     pub path: String,
+    /// The first operation [`Ctx::authorize`] was asked about (the audit record's).
+    pub authorized: std::sync::OnceLock<(Coll, Op)>,
 }
 
 fn unauthorized(challenge: &str, message: impl Into<String>) -> ServerError {
@@ -193,7 +202,94 @@ fn authenticate(s: &AppState, headers: &HeaderMap, resource: &str) -> Result<Cal
     })
 }
 
-async fn serve(s: &Arc<AppState>, vault: &str, req: Request) -> Result<Response> {
+/// What the audit record of a data-plane request learns while it is served (never a value).
+#[derive(Default)]
+struct Seen {
+    caller: Option<Caller>,
+    target: Option<Target>,
+    /// The operation authorized (or refused) by [`Ctx::authorize`].
+    op: Option<(Coll, Op)>,
+}
+
+impl Seen {
+    fn event(
+        self,
+        vault: &str,
+        m: &Method,
+        status: u16,
+        reason: Option<String>,
+    ) -> keyless_ops::audit::KeyVaultEvent {
+        use keyless_ops::audit::{Caller as Who, KeyVaultEvent};
+        let (coll, name, version) = match &self.target {
+            Some(Target::Object {
+                coll,
+                name,
+                version,
+                ..
+            }) => (Some(*coll), Some(name.clone()), version.clone()),
+            Some(Target::KeyOperation { name, version, .. }) => {
+                (Some(Coll::Keys), Some(name.clone()), version.clone())
+            }
+            Some(
+                Target::DeletedItem(c, n)
+                | Target::Recover(c, n)
+                | Target::Versions(c, n)
+                | Target::Backup(c, n),
+            ) => (Some(*c), Some(n.clone()), None),
+            Some(Target::List(c) | Target::Deleted(c) | Target::Restore(c)) => {
+                (Some(*c), None, None)
+            }
+            Some(Target::KeyCreate(n) | Target::KeyRotate(n) | Target::KeyRotationPolicy(n)) => {
+                (Some(Coll::Keys), Some(n.clone()), None)
+            }
+            Some(
+                Target::CertCreate(n)
+                | Target::CertImport(n)
+                | Target::CertPending(n)
+                | Target::CertMerge(n)
+                | Target::CertPolicy(n)
+                | Target::Issuer(n),
+            ) => (Some(Coll::Certificates), Some(n.clone()), None),
+            Some(Target::Contacts | Target::Issuers) => (Some(Coll::Certificates), None, None),
+            None => (None, None, None),
+        };
+        // Key Vault's AuditEvent names: SecretGet, KeySign, CertificateCreate, …; before
+        // authorization, the collection and the method
+        let operation = match (self.op, coll) {
+            (Some((c, op)), _) => format!("{}{op:?}", c.noun()),
+            (None, c) => format!(
+                "{}{}",
+                c.map(Coll::noun).unwrap_or("Vault"),
+                match *m {
+                    Method::GET => "Get",
+                    Method::PUT => "Set",
+                    Method::PATCH => "Update",
+                    Method::DELETE => "Delete",
+                    _ => "Action",
+                }
+            ),
+        };
+        KeyVaultEvent {
+            caller: self
+                .caller
+                .map(|c| Who {
+                    object_id: Some(c.object_id),
+                    client_id: Some(c.client_id).filter(|a| !a.is_empty()),
+                    ..Default::default()
+                })
+                .unwrap_or_default(),
+            vault: vault.to_string(),
+            collection: coll.map(|c| c.path().to_string()),
+            name,
+            version: version.filter(|v| !v.is_empty()),
+            operation,
+            status,
+            reason,
+        }
+    }
+}
+
+async fn serve(s: &Arc<AppState>, vault: &str, req: Request, seen: &mut Seen) -> Result<Response> {
     let (parts, body) = req.into_parts();
     let host = parts
         .headers
@@ -208,6 +304,7 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request) -> Result<Response>
     };
     let resource = format!("https://vault.{}{port}", s.cfg.vault_domain);
     let caller = authenticate(s, &parts.headers, &resource)?;
+    seen.caller = Some(caller.clone());
 
     let query: Vec<(String, String)> = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
         .map_err(|_| bad("The query string is malformed."))?;
@@ -233,6 +330,7 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request) -> Result<Response>
             format!("The path '{path}' is not served by this vault."),
         )
     })?;
+    seen.target = Some(target.clone());
     let rec = s.store.get_vault_by_name(vault)?.ok_or_else(|| {
         ServerError::kv(
             404,
@@ -258,9 +356,10 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request) -> Result<Response>
         query,
         api_version,
         path,
+        authorized: Default::default(),
     };
     let m = parts.method;
-    match &target {
+    let r = match &target {
         Target::List(c)
         | Target::Deleted(c)
         | Target::DeletedItem(c, _)
@@ -278,7 +377,9 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request) -> Result<Response>
         | Target::KeyRotationPolicy(_)
         | Target::KeyOperation { .. } => keys::handle(&ctx, &m, target, &body).await,
         _ => certs::handle(s, &ctx, &m, target, &body).await,
-    }
+    };
+    seen.op = ctx.authorized.get().copied();
+    r
 }
 
 pub fn method_not_allowed(m: &Method) -> ServerError {
@@ -346,6 +447,7 @@ impl<'a> Ctx<'a> {
 
     /// Authorize `op` on `coll` (object `name` when one is addressed).
     pub fn authorize(&self, coll: Coll, op: Op, name: Option<&str>) -> Result<()> {
+        let _ = self.authorized.set((coll, op));
         let need = access::need(coll, op);
         let caller = format!(
             "appid={};oid={};iss={}",

@@ -63,6 +63,13 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
         let (Some(nbf), Some(exp)) = (latest.nbf, latest.exp) else {
             continue;
         };
+        metrics::gauge!(
+            keyless_ops::metrics::CERTIFICATE_DAYS_TO_EXPIRY,
+            "source" => "keyvault",
+            "vault" => n.vault.clone(),
+            "certificate" => n.name.clone()
+        )
+        .set((exp as f64 - now as f64) / 86_400.0);
         let Some((due, kind)) = policy.due(nbf, exp) else {
             continue;
         };
@@ -118,11 +125,13 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
                     // one certificate that cannot be issued must not stop the others
                     tracing::error!(vault = %n.vault, certificate = %n.name, error = %e, "certificate renewal failed");
                     report.failed += 1;
+                    renewal("error");
                     continue;
                 }
             };
             if let Some(v) = written {
                 report.renewed += 1;
+                renewal("ok");
                 tracing::info!(vault = %n.vault, certificate = %n.name, version = %v, "certificate renewed by its lifetime action");
             }
         } else {
@@ -140,4 +149,14 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// Count a certificate renewal by the scheduler.
+fn renewal(result: &'static str) {
+    metrics::counter!(
+        keyless_ops::metrics::CERTIFICATE_RENEWALS,
+        "source" => "keyvault",
+        "result" => result
+    )
+    .increment(1);
 }

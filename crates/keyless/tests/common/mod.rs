@@ -167,9 +167,19 @@ impl Up {
             .to_string()
     }
 
+    /// The bootstrap admin's secret, from the 0600 file the first start writes (stdout never
+    /// carries it without `--print-secret`).
     pub fn secret(&self) -> Option<String> {
-        self.proc.find("export KEYLESS_CLIENT_SECRET=")
+        admin_secret(&self.dir)
     }
+}
+
+/// `KEYLESS_CLIENT_SECRET` of `<data-dir>/bootstrap-admin.secret`.
+pub fn admin_secret(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join("bootstrap-admin.secret")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("KEYLESS_CLIENT_SECRET="))
+        .map(str::to_string)
 }
 
 pub fn https(ca_file: &str) -> reqwest::Client {
@@ -264,7 +274,7 @@ impl ServerProc {
         let data_s = data.to_string_lossy().to_string();
         let mut args = vec!["server", "--data-dir", &data_s, "--listen", listen];
         args.extend_from_slice(extra);
-        let proc = spawn_until(&args, "export KEYLESS_CLIENT_SECRET=", dir).unwrap();
+        let proc = spawn_until(&args, "export KEYLESS_CLIENT_ID=", dir).unwrap();
         let listen = proc.find("Keyless server listening on https://").unwrap();
         let port = listen
             .split_whitespace()
@@ -286,7 +296,7 @@ impl ServerProc {
             ),
             (
                 "KEYLESS_CLIENT_SECRET",
-                proc.find("export KEYLESS_CLIENT_SECRET=").unwrap(),
+                admin_secret(&data).expect("bootstrap admin secret file"),
             ),
             ("KEYLESS_DATA_DIR", data_s),
         ];
@@ -350,5 +360,35 @@ impl ServerProc {
             v.extend(["--join-token", t]);
         }
         v
+    }
+}
+
+/// The records of an audit file (each line's JSON), in order.
+pub fn audit_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+        .collect()
+}
+
+/// Wait (up to 10 s: the writer appends within a batch of the answer) until the audit file at
+/// `path` has a record `want` accepts; that record. Panics listing the records otherwise.
+pub fn wait_audit(path: &Path, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let recs = audit_records(path);
+        if let Some(r) = recs.iter().find(|r| want(r)) {
+            return r.clone();
+        }
+        if std::time::Instant::now() > deadline {
+            let all: Vec<String> = recs.iter().map(Value::to_string).collect();
+            panic!(
+                "no audit record for {what} in {}:\n{}",
+                path.display(),
+                all.join("\n")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

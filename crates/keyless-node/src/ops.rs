@@ -1,0 +1,52 @@
+//! What the agent tells its operator: its readiness checks (the request metrics are recorded
+//! at the listeners, the cache counters in [`crate::Agent::token`]).
+
+use crate::RunningNode;
+use keyless_ops::health::Health;
+
+/// The agent's readiness checks: the host credential has not expired, the first sync with the
+/// server succeeded (the host view names a VM), and with NMI the watches have listed and the
+/// iptables redirect is in place.
+pub fn register_checks(node: &RunningNode, health: &Health) {
+    let agent = node.agent.clone();
+    health.register("host credential", move || {
+        let (now, not_after) = (agent.clock.now(), agent.cred.not_after());
+        if now < not_after {
+            Ok(())
+        } else {
+            Err(format!(
+                "the host credential expired {} s ago",
+                now - not_after
+            ))
+        }
+    });
+    let agent = node.agent.clone();
+    health.register("first sync", move || match agent.view() {
+        Some(v) if !v.vm.is_null() => Ok(()),
+        Some(_) => Err("the server refused this host (credential revoked or VM deleted)".into()),
+        None => Err("the first sync with the server has not completed".into()),
+    });
+    if let Some(n) = &node.nmi {
+        let index = n.index.clone();
+        health.register("nmi watches", move || {
+            if index.is_synced() {
+                Ok(())
+            } else {
+                Err("NMI's watches have not listed yet (pods get 503)".into())
+            }
+        });
+        // read-only: the jump from PREROUTING to the chain is in place (the reconcile loop
+        // repairs it; this reports the moments it is missing)
+        health.register("nmi iptables redirect", || {
+            let listing = crate::iptables::iptables(&["-S", "PREROUTING"])?;
+            if crate::iptables::Redirect::prerouting_ok(&listing) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "PREROUTING does not jump to {} first",
+                    crate::iptables::CHAIN
+                ))
+            }
+        });
+    }
+}
