@@ -82,6 +82,55 @@ fn canon_child(t: &str) -> Option<&'static str> {
         .copied()
 }
 
+/// The POST actions Keyless serves (canonical spelling); any other action name is the
+/// caller's and labels no metric.
+pub const ACTIONS: &[&str] = &[
+    "generateJoinToken",
+    "readPodIdentityProfile",
+    "reportPodIdentityStatus",
+];
+
+/// Longest operation name kept (an unknown action's name is the caller's; the rest is cut).
+pub const MAX_OPERATION_LEN: usize = 256;
+
+/// The action segment of a POST, in its canonical spelling when Keyless serves it, else as
+/// sent, at most [`MAX_OPERATION_LEN`] characters.
+fn action_name(action: &str) -> String {
+    match ACTIONS.iter().find(|a| a.eq_ignore_ascii_case(action)) {
+        Some(a) => (*a).to_string(),
+        None => action.chars().take(MAX_OPERATION_LEN).collect(),
+    }
+}
+
+/// `name` cut to [`MAX_OPERATION_LEN`] characters.
+fn bounded(name: String) -> String {
+    if name.chars().count() <= MAX_OPERATION_LEN {
+        name
+    } else {
+        name.chars().take(MAX_OPERATION_LEN).collect()
+    }
+}
+
+impl Operation {
+    /// The operation as a metric label: its name when every part of it comes from a fixed list
+    /// (a resource type Keyless serves with `write` / `delete`, or one of [`ACTIONS`]), else
+    /// `other` — a label never takes a caller's free text, so the series stay bounded.
+    pub fn metric_label(&self) -> String {
+        let known = match self.name.rsplit_once('/') {
+            Some((_, "write" | "delete")) => true,
+            Some((rest, "action")) => rest
+                .rsplit_once('/')
+                .is_some_and(|(_, a)| ACTIONS.contains(&a)),
+            _ => false,
+        };
+        if known {
+            self.name.clone()
+        } else {
+            "other".to_string()
+        }
+    }
+}
+
 fn verb(method: &str) -> &'static str {
     match method {
         "DELETE" => "delete",
@@ -124,7 +173,7 @@ pub fn operation(method: &str, path: &ArmPath) -> Option<Operation> {
         ArmPath::Action { resource, action } if method == "POST" => {
             let (ns, ty) = canonical_type(&resource.namespace, &resource.type_name)?;
             Some(Operation {
-                name: format!("{ns}/{ty}/{action}/action"),
+                name: bounded(format!("{ns}/{ty}/{}/action", action_name(action))),
                 resource_id: resource.canonical(),
                 subscription: resource.subscription.clone(),
                 resource_group: Some(resource.resource_group.clone()),
@@ -157,7 +206,7 @@ pub fn operation(method: &str, path: &ArmPath) -> Option<Operation> {
             let (ns, ty) = canonical_type(&parent.namespace, &parent.type_name)?;
             let child = canon_child(child_type)?;
             Some(Operation {
-                name: format!("{ns}/{ty}/{child}/{action}/action"),
+                name: bounded(format!("{ns}/{ty}/{child}/{}/action", action_name(action))),
                 resource_id: format!("{}/{child}/{name}", parent.canonical()),
                 subscription: parent.subscription.clone(),
                 resource_group: Some(parent.resource_group.clone()),
@@ -705,6 +754,39 @@ mod tests {
         assert!(op("PUT", &format!("{rg}/providers/Microsoft.Foo/bars/b")).is_none());
         assert!(op("POST", rg).is_none());
         assert!(op("PUT", "/subscriptions/s").is_none());
+    }
+
+    #[test]
+    fn a_metric_label_never_takes_a_callers_action_name() {
+        let op = |m: &str, p: &str| operation(m, &ArmPath::parse(p).unwrap());
+        let vm = "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/v";
+        let known = op("POST", &format!("{vm}/GENERATEJOINTOKEN")).unwrap();
+        assert_eq!(
+            known.name,
+            "Microsoft.Compute/virtualMachines/generateJoinToken/action"
+        );
+        assert_eq!(known.metric_label(), known.name);
+        let put = op("PUT", vm).unwrap();
+        assert_eq!(
+            put.metric_label(),
+            "Microsoft.Compute/virtualMachines/write"
+        );
+        // any other action: the name keeps it (cut), the label does not
+        let random = op("POST", &format!("{vm}/x7f3a9")).unwrap();
+        assert_eq!(
+            random.name,
+            "Microsoft.Compute/virtualMachines/x7f3a9/action"
+        );
+        assert_eq!(random.metric_label(), "other");
+        let long = op("POST", &format!("{vm}/{}", "a".repeat(5000))).unwrap();
+        assert!(long.name.chars().count() <= MAX_OPERATION_LEN);
+        assert_eq!(long.metric_label(), "other");
+        let child = op(
+            "POST",
+            "/subscriptions/s/resourceGroups/g/providers/Microsoft.Batch/batchAccounts/a/pools/p/nope",
+        )
+        .unwrap();
+        assert_eq!(child.metric_label(), "other");
     }
 
     #[test]

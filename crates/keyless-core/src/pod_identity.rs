@@ -246,6 +246,14 @@ pub enum Route {
     Other,
 }
 
+impl Route {
+    /// Whether this route answers a token (what the node's fair share counts for NMI: the
+    /// same decision as the routing, so no path is answered a token uncounted).
+    pub fn is_token(&self) -> bool {
+        matches!(self, Route::Token | Route::HostToken)
+    }
+}
+
 /// `/metadata/` (`metadata` in any case) at byte `i` of `path`.
 fn metadata_at(path: &str, i: usize) -> bool {
     let b = path.as_bytes();
@@ -880,6 +888,32 @@ mod tests {
             assert_eq!(route(p, true), r, "{p}");
         }
         assert_eq!(route("/metadata/instance", false), Other);
+    }
+
+    #[test]
+    fn what_nmi_answers_as_a_token_is_what_the_fair_share_counts() {
+        // every path NMI answers with a token, however it is spelled past the prefix
+        for p in [
+            "/metadata/identity/oauth2/token",
+            "/metadata/identity/oauth2/token/",
+            "/metadata/identity/oauth2/tokenX",
+            "/METADATA/identity/oauth2/token/anything",
+            "/host/token",
+            "/host/tokenfoo",
+            "/host/token/x",
+        ] {
+            assert!(route(p, true).is_token(), "{p}");
+            assert!(route(p, false).is_token(), "{p}");
+        }
+        for p in [
+            "/metadata/identity/oauth2//token",
+            "/metadata/identity/info",
+            "/metadata/instance",
+            "/Host/token",
+            "/healthz",
+        ] {
+            assert!(!route(p, true).is_token(), "{p}");
+        }
     }
 
     #[test]

@@ -237,16 +237,25 @@ pub fn backoff(attempts: u32) -> Duration {
     Duration::from_secs(secs).min(MAX_BACKOFF)
 }
 
-async fn run_hook(cmd: &str, changed: &[PathBuf]) -> std::result::Result<(), String> {
+async fn run_hook(cmd_line: &str, changed: &[PathBuf]) -> std::result::Result<(), String> {
     let list = changed
         .iter()
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(" ");
-    let mut child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .env("KEYLESS_KV_CHANGED", &list)
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c").arg(cmd_line).env("KEYLESS_KV_CHANGED", &list);
+    // the agent runs with umask 077 for its own state; the hook (a service reload, a copy)
+    // gets the usual 022
+    #[cfg(unix)]
+    // SAFETY: umask is async-signal-safe and only changes the child's mask.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()

@@ -28,8 +28,7 @@ use tower::ServiceExt;
 /// asks by the peer address (see the module doc).
 pub fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> tokio::task::JoinHandle<()> {
     let app = router(agent.clone());
-    let a = agent.clone();
-    crate::serve::serve(listener, a, "IMDS", shape, move |peer, req| {
+    crate::serve::serve(listener, "IMDS", move |peer, req| {
         let (agent, app) = (agent.clone(), app.clone());
         // request id, span, metrics and access log, as the surface the peer gets
         let surface = match shape(&agent, peer) {
@@ -44,7 +43,7 @@ pub fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> tokio::tas
     })
 }
 
-/// A pod's 429 is NMI's (plain text), the node's own callers' IMDS's.
+/// The surface a peer gets: a pod NMI's, the node's own callers IMDS's.
 fn shape(agent: &Agent, peer: SocketAddr) -> crate::serve::Shape {
     if agent.cfg.nmi.is_some() && !crate::serve::is_own_address(peer.ip()) {
         crate::serve::Shape::Nmi
@@ -109,6 +108,16 @@ async fn token(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
+    // the node's own callers (pods are NMI's, which counts its own token routes)
+    let _permit = match crate::serve::fair_share(
+        &agent,
+        peer.as_deref(),
+        keyless_ops::metrics::surface::IMDS,
+        crate::serve::Shape::Imds,
+    ) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     let who = crate::local_caller(peer.as_deref());
     token_for(
         &agent,

@@ -273,7 +273,7 @@ pub(crate) fn local_caller(peer: Option<&keyless_ops::limits::Peer>) -> audit::C
     match peer {
         Some(p) => audit::Caller {
             peer: Some(p.addr.to_string()),
-            uid: p.caller.uid,
+            uid: p.caller.uid(),
             ..Default::default()
         },
         None => audit::Caller::default(),
@@ -583,12 +583,14 @@ pub struct RunningNode {
 impl RunningNode {
     /// Stop what must not outlive the agent: NMI's listeners and its iptables redirect. The
     /// node's IMDS listener stops accepting first, so no moment has the redirect gone while
-    /// IMDS still takes new connections.
+    /// IMDS still takes new connections. Then every audit record emitted so far is written and
+    /// synced ([`keyless_ops::audit::Audit::flush`]).
     pub async fn shutdown(&self) {
         self.task.abort();
         if let Some(n) = &self.nmi {
             n.shutdown().await;
         }
+        self.agent.cfg.audit.flush().await;
     }
 }
 
@@ -660,8 +662,7 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
                     source,
                 })?;
             let app = local::app_service_router(agent.clone(), Arc::new(secret));
-            let bound =
-                serve_local(&agent, addr, app, "App Service", serve::Shape::AppService).await?;
+            let bound = serve_local(addr, app, "App Service").await?;
             (Some(bound), Some(path))
         }
         None => (None, None),
@@ -677,7 +678,7 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
                     }
                 })?;
             let app = local::arc_router(agent.clone(), Arc::new(keys));
-            Some(serve_local(&agent, addr, app, "Arc", serve::Shape::Imds).await?)
+            Some(serve_local(addr, app, "Arc").await?)
         }
         None => None,
     };
@@ -714,11 +715,9 @@ async fn follow_extension_endpoint(agent: &Arc<Agent>) {
 
 /// Bind `addr` and serve `app` there in the background; returns the bound address.
 async fn serve_local(
-    agent: &Arc<Agent>,
     addr: SocketAddr,
     app: axum::Router,
     what: &'static str,
-    shape: serve::Shape,
 ) -> Result<SocketAddr> {
     let l = keyless_ops::limits::bind(addr)
         .await
@@ -727,7 +726,7 @@ async fn serve_local(
             source,
         })?;
     let bound = l.local_addr().unwrap_or(addr);
-    serve::serve_router(l, agent.clone(), what, shape, app);
+    serve::serve_router(l, what, app);
     tracing::info!(%bound, "{what} endpoint listening");
     Ok(bound)
 }

@@ -9,6 +9,7 @@
 //!   401 with a fresh key file in the token directory, readable by root and one configured
 //!   group; the file's content, presented once within a minute, gets the token.
 
+use crate::serve::{fair_share, Shape};
 use crate::{Agent, CallerKind, TokenFailure};
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -19,6 +20,7 @@ use keyless_core::imds::{self, ImdsError, TokenRequest};
 use keyless_core::local_endpoints as le;
 use keyless_ops::audit::{Surface, TokenEvent, TokenKind};
 use keyless_ops::limits::Peer;
+use keyless_ops::metrics::surface::{APPSERVICE, ARC, EXTENSION};
 use serde_json::json;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -129,6 +131,10 @@ async fn extension_token(
     RawQuery(q): RawQuery,
     body: axum::body::Bytes,
 ) -> Response {
+    let _permit = match fair_share(&agent, peer.as_deref(), EXTENSION, Shape::Imds) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     let who = crate::local_caller(peer.as_deref());
     let mut ev = TokenEvent::new(Surface::Extension, TokenKind::ManagedIdentity, who);
     let r = extension_answer(&agent, &method, &h, q, &body, &mut ev).await;
@@ -239,13 +245,7 @@ impl ExtensionEndpoint {
             .unwrap_or(([127, 0, 0, 1], port).into());
         let (tx, rx) = oneshot::channel::<()>();
         let app = extension_router(agent.clone());
-        let task = crate::serve::serve_router(
-            listener,
-            agent.clone(),
-            "VM-extension",
-            crate::serve::Shape::Imds,
-            app,
-        );
+        let task = crate::serve::serve_router(listener, "VM-extension", app);
         tokio::spawn(async move {
             let _ = rx.await;
             // stop accepting; connections in flight finish on their own
@@ -270,6 +270,10 @@ async fn app_service_token(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
+    let _permit = match fair_share(&st.agent, peer.as_deref(), APPSERVICE, Shape::AppService) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     let who = crate::local_caller(peer.as_deref());
     let mut ev = TokenEvent::new(Surface::AppService, TokenKind::ManagedIdentity, who);
     let r = app_service_answer(&st, &h, q, &mut ev).await;
@@ -438,6 +442,10 @@ async fn arc_token(
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
+    let _permit = match fair_share(&st.agent, peer.as_deref(), ARC, Shape::Imds) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     let who = crate::local_caller(peer.as_deref());
     let mut ev = TokenEvent::new(Surface::Arc, TokenKind::ManagedIdentity, who);
     match arc_answer(&st, &h, q, &mut ev).await {

@@ -38,7 +38,7 @@
 
 use crate::iptables::Redirect;
 use crate::pods::{self, Grant, IpMatch, PodEntry, PodIndex};
-use crate::serve::{serve, text, Shape};
+use crate::serve::{fair_share, serve, text, Shape};
 pub use crate::serve::{HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, REQUEST_TIMEOUT};
 use crate::{imds, Agent, CallerKind, NodeError, Result, TokenFailure};
 use axum::body::Body;
@@ -230,16 +230,9 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
             )
         }
     };
-    let nmi_shape: fn(&Agent, SocketAddr) -> Shape = |_, _| Shape::Nmi;
-    let mut tasks = vec![serve(
-        main,
-        agent.clone(),
-        "NMI",
-        nmi_shape,
-        handler.clone(),
-    )];
+    let mut tasks = vec![serve(main, "NMI", handler.clone())];
     if let Some(l) = loopback {
-        tasks.push(serve(l, agent.clone(), "NMI", nmi_shape, handler));
+        tasks.push(serve(l, "NMI", handler));
     }
     agent.set_nmi(Some(st));
     let mut nmi = Nmi {
@@ -358,6 +351,16 @@ pub(crate) fn route_template(path: &str) -> String {
 /// NMI's answer to `req` from `peer`.
 pub(crate) async fn handle(st: Arc<NmiState>, peer: SocketAddr, req: Request<Body>) -> Response {
     let route = pi::route(req.uri().path(), st.cfg.block_instance_metadata);
+    // the fair share counts exactly what is routed as a token request
+    let _permit = if route.is_token() {
+        let p = req.extensions().get::<keyless_ops::limits::Peer>();
+        match fair_share(&st.agent, p, keyless_ops::metrics::surface::NMI, Shape::Nmi) {
+            Ok(p) => p,
+            Err(r) => return *r,
+        }
+    } else {
+        None
+    };
     match route {
         Route::Token => {
             let query = req.uri().query().map(str::to_string);

@@ -2,9 +2,12 @@
 //! reach: the node's IMDS, NMI and the local endpoints (VM extension, App Service, Arc). They
 //! are served by [`keyless_ops::limits::serve`] under the process's connection governor
 //! (timeouts, header size, the connection budget derived from `RLIMIT_NOFILE`, per-caller caps,
-//! eviction of idle connections), and their token requests are counted per caller by the
-//! agent's fair share ([`crate::Agent::fair_share`]): a caller over its share gets 429 +
-//! `Retry-After` in the surface's own error shape ([`Shape`]).
+//! eviction of idle connections). Their token requests are counted per caller by the agent's
+//! fair share ([`crate::Agent::fair_share`]) in the token handlers themselves ([`fair_share`]):
+//! what is counted is exactly what each surface routes as a token request. A caller over its
+//! share gets 429 + `Retry-After` in the surface's own error shape ([`Shape`]), answered
+//! through the surface's request edge (access log, HTTP metrics) and counted as a
+//! `too_many_requests` refusal.
 
 use crate::Agent;
 use axum::body::Body;
@@ -13,10 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 pub use keyless_ops::limits::defaults::{HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, REQUEST_TIMEOUT};
 pub use keyless_ops::limits::is_own_address;
-use keyless_ops::limits::{is_token_path, retry_after_value, Peer};
+use keyless_ops::limits::{retry_after_value, Peer, Permit};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// A plain-text error as Go's `http.Error` writes it.
@@ -56,14 +58,32 @@ pub(crate) fn throttled(shape: Shape, retry_after: Duration) -> Response {
     r
 }
 
+/// Count a token request against its caller's fair share; every token handler calls this
+/// first, for the surface (`keyless_ops::metrics::surface`) it routed the request to. Over the
+/// share: `Err` with the 429 in `shape`, counted as a `too_many_requests` refusal (no audit
+/// record: a flood would fill the audit file). No peer (a router driven without a listener):
+/// not counted.
+pub(crate) fn fair_share(
+    agent: &Agent,
+    peer: Option<&Peer>,
+    surface: &'static str,
+    shape: Shape,
+) -> Result<Option<Permit>, Box<Response>> {
+    let Some(peer) = peer else { return Ok(None) };
+    match agent.fair_share.acquire(peer.caller) {
+        Ok(p) => Ok(Some(p)),
+        Err(wait) => {
+            keyless_ops::metrics::token_throttled(surface);
+            Err(Box::new(throttled(shape, wait)))
+        }
+    }
+}
+
 /// Accept on `listener` until the task is aborted (bounded as the module doc says), answering
-/// each request with `handler(peer, request)`; token requests over the caller's fair share are
-/// answered 429 in the shape `shape(peer)` says.
+/// each request with `handler(peer, request)`.
 pub(crate) fn serve<F, Fut>(
     listener: tokio::net::TcpListener,
-    agent: Arc<Agent>,
     what: &'static str,
-    shape: fn(&Agent, SocketAddr) -> Shape,
     handler: F,
 ) -> tokio::task::JoinHandle<()>
 where
@@ -72,37 +92,18 @@ where
 {
     let gov = keyless_ops::limits::governor();
     keyless_ops::limits::serve(listener, gov, what, move |peer: Peer, req| {
-        let agent = agent.clone();
-        let handler = handler.clone();
-        async move {
-            let _permit = if is_token_path(req.uri().path()) {
-                match agent.fair_share.acquire(peer.caller) {
-                    Ok(p) => Some(p),
-                    Err(wait) => return throttled(shape(&agent, peer.addr), wait),
-                }
-            } else {
-                None
-            };
-            handler(peer.addr, req).await
-        }
+        handler.clone()(peer.addr, req)
     })
 }
 
 /// Serve an axum router the same way (the local endpoints).
 pub(crate) fn serve_router(
     listener: tokio::net::TcpListener,
-    agent: Arc<Agent>,
     what: &'static str,
-    shape: Shape,
     app: axum::Router,
 ) -> tokio::task::JoinHandle<()> {
     use tower::ServiceExt;
-    let shape_of: fn(&Agent, SocketAddr) -> Shape = match shape {
-        Shape::Imds => |_, _| Shape::Imds,
-        Shape::AppService => |_, _| Shape::AppService,
-        Shape::Nmi => |_, _| Shape::Nmi,
-    };
-    serve(listener, agent, what, shape_of, move |_, req| {
+    serve(listener, what, move |_, req| {
         let app = app.clone();
         async move {
             match app.oneshot(req).await {

@@ -11,21 +11,38 @@
 //! and `prev`. What a chain cannot show on its own is the removal of the *last* lines: the
 //! `seq` of the last line and its `hash` are what to copy elsewhere to anchor it.
 //!
+//! **What the chain does not show.** The hash is unkeyed: whoever can write the file can
+//! rewrite any part of it and recompute every `prev` and `hash` after, and [`verify`] passes.
+//! The chain shows accidental damage and edits by someone who did not bother; against a writer
+//! who does, only an anchor outside the file helps — ship the records off the machine as they
+//! are written (a log collector tailing the file), or record the last `seq` / `hash`
+//! (`keyless audit verify` prints them) somewhere the file's writers cannot change, and check
+//! later that the file still holds that line.
+//!
 //! **What is never recorded**: a token, a secret value, key material, a client secret, an
 //! assertion — only who asked, for which identity and audience, and the outcome. Record types
-//! have no field that could hold one.
+//! have no field that could hold one. Every string a caller can choose is cut in one place
+//! ([`Event`]'s bound, applied by every emit) to [`MAX_FIELD_CHARS`] (ids, names, codes) or
+//! [`MAX_LONG_FIELD_CHARS`] (resource ids, audiences, a verified issuer / subject), followed by
+//! [`CUT_MARKER`], so no request can make a record large.
 //!
-//! **Writing.** [`Audit::open`] opens the file `O_APPEND|O_CREAT`, mode 0600, reads its last
-//! line to continue `seq` and `prev`, and starts one writer thread. Emitting a record puts it on
-//! a bounded channel ([`CHANNEL_CAPACITY`]) and returns; the writer takes every record waiting,
-//! numbers and chains them, and appends the batch with one `write(2)` — so a record is in the
-//! file (the page cache; it survives the process being killed) within a batch of the event —
-//! and `fdatasync`s at most every [`SYNC_INTERVAL`] while records keep coming, and when it
-//! stops (so a power loss costs at most about that much). When the channel is full the
-//! emitting request waits for room up to [`FULL_WAIT`] (back-pressure: an identity service
-//! prefers a slower answer to a missing record); past that the record is dropped, counted in
-//! `keyless_audit_dropped_total` and logged at error level. Write errors are logged and
-//! counted the same way.
+//! **Writing.** [`Audit::open`] opens the file `O_APPEND|O_CREAT|O_NOFOLLOW`, mode 0600 (a
+//! symbolic link is refused, never followed or chmodded), takes an exclusive `flock` (a second
+//! writer — another process, or a second open — fails to start, naming the file and, from
+//! `/proc/locks`, the holder), reads its last line to continue `seq` and `prev`, and starts one
+//! writer thread. Emitting a record puts it on a bounded channel ([`CHANNEL_CAPACITY`]) and
+//! waits for the writer's acknowledgement: the writer takes every record waiting, numbers and
+//! chains them, appends the batch with one `write(2)` and then acknowledges each record of it
+//! (group commit) — so a request is answered only after its record is in the file (the page
+//! cache), and killing the process (`kill -9`) loses no answered request's record; at most
+//! records of requests not yet answered. The writer `fdatasync`s at most every
+//! [`SYNC_INTERVAL`] while records keep coming, when they stop, and on [`Audit::flush`] (which
+//! orderly shutdown calls after the listeners stop) — so a power loss costs at most about that
+//! much. When the channel is full the emitting request waits for room, and for the write, up
+//! to [`FULL_WAIT`] in all (back-pressure: an identity service prefers a slower answer to a
+//! missing record); past that a record not yet queued is dropped, counted in
+//! `keyless_audit_dropped_total` and logged at error level (one queued is still written).
+//! Write errors are logged and counted the same way.
 //!
 //! Emitting also counts the event in the metrics (tokens issued / refused, Key Vault
 //! operations, control-plane writes), also with [`Audit::disabled`] (tests, `--no-audit`).
@@ -61,6 +78,91 @@ pub mod names {
 /// The audit file of a data or state directory.
 pub fn default_path(dir: &Path) -> PathBuf {
     dir.join(DEFAULT_FILE_NAME)
+}
+
+// ------------------------------------------------------------------ bounds
+
+/// Longest value kept of a short field a caller may choose (client / object ids, peer, pod
+/// names, certificate digest, reason, operation, correlation id, Key Vault names).
+pub const MAX_FIELD_CHARS: usize = 256;
+/// Longest value kept of a field whose real values can be longer (resource ids, audiences,
+/// a verified issuer and subject: federated credentials allow 600 characters).
+pub const MAX_LONG_FIELD_CHARS: usize = 1024;
+/// Appended to a value that was cut.
+pub const CUT_MARKER: &str = "…[cut]";
+
+/// `s` cut to `max` characters, followed by [`CUT_MARKER`] when it was longer.
+pub fn cap(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}{CUT_MARKER}", &s[..i]),
+    }
+}
+
+fn cap_in_place(s: &mut String, max: usize) {
+    if let Some((i, _)) = s.char_indices().nth(max) {
+        s.truncate(i);
+        s.push_str(CUT_MARKER);
+    }
+}
+
+fn cap_opt(s: &mut Option<String>, max: usize) {
+    if let Some(s) = s {
+        cap_in_place(s, max);
+    }
+}
+
+impl Caller {
+    fn bound(&mut self) {
+        for f in [
+            &mut self.peer,
+            &mut self.pod_namespace,
+            &mut self.pod_name,
+            &mut self.pod_ip,
+            &mut self.certificate,
+            &mut self.client_id,
+            &mut self.object_id,
+        ] {
+            cap_opt(f, MAX_FIELD_CHARS);
+        }
+        for f in [&mut self.host, &mut self.issuer, &mut self.subject] {
+            cap_opt(f, MAX_LONG_FIELD_CHARS);
+        }
+    }
+}
+
+impl Event {
+    /// Cap every string of the record (see [`MAX_FIELD_CHARS`]): the one place that bounds
+    /// what a caller can make a record hold, whatever surface built it.
+    fn bound(&mut self) {
+        match self {
+            Event::Token(t) => {
+                t.caller.bound();
+                cap_opt(&mut t.identity.client_id, MAX_FIELD_CHARS);
+                cap_opt(&mut t.identity.object_id, MAX_FIELD_CHARS);
+                cap_opt(&mut t.identity.resource_id, MAX_LONG_FIELD_CHARS);
+                cap_opt(&mut t.audience, MAX_LONG_FIELD_CHARS);
+                cap_opt(&mut t.reason, MAX_FIELD_CHARS);
+            }
+            Event::ControlPlane(c) => {
+                c.caller.bound();
+                cap_in_place(&mut c.operation, MAX_FIELD_CHARS);
+                cap_in_place(&mut c.resource_id, MAX_LONG_FIELD_CHARS);
+                cap_in_place(&mut c.result, MAX_FIELD_CHARS);
+                cap_opt(&mut c.correlation_id, MAX_FIELD_CHARS);
+                cap_opt(&mut c.reason, MAX_FIELD_CHARS);
+            }
+            Event::KeyVault(k) => {
+                k.caller.bound();
+                cap_in_place(&mut k.vault, MAX_FIELD_CHARS);
+                cap_opt(&mut k.collection, MAX_FIELD_CHARS);
+                cap_opt(&mut k.name, MAX_FIELD_CHARS);
+                cap_opt(&mut k.version, MAX_FIELD_CHARS);
+                cap_in_place(&mut k.operation, MAX_FIELD_CHARS);
+                cap_opt(&mut k.reason, MAX_FIELD_CHARS);
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------------ records
@@ -159,11 +261,16 @@ pub struct Caller {
     pub client_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub object_id: Option<String>,
-    /// A federated assertion's `iss` and `sub`.
+    /// A federated assertion's `iss` and `sub`, once its signature verified (never from an
+    /// assertion that did not: anyone can write any `iss` into an unsigned token).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub issuer: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub subject: Option<String>,
+    /// Whether a presented assertion's signature verified (`false`: refused before or at the
+    /// signature check, so `issuer` / `subject` are absent).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub assertion_verified: Option<bool>,
 }
 
 impl Caller {
@@ -359,14 +466,28 @@ pub fn rfc3339_now() -> String {
 // ------------------------------------------------------------------ the sink
 
 enum Msg {
-    Event(String, Box<Event>),
+    /// A record, its time, and who waits for it to be in the file.
+    Event(String, Box<Event>, oneshot::Sender<()>),
+    /// Answered once everything before it is written and synced.
     Flush(oneshot::Sender<()>),
 }
 
-/// The audit sink: cheap to share (`Arc<Audit>`), passed to whatever emits.
+/// The audit sink: cheap to share (`Arc<Audit>`), passed to whatever emits. Dropping the last
+/// reference stops the writer after it wrote and synced what it holds (and releases the lock).
 pub struct Audit {
     tx: Option<mpsc::Sender<Msg>>,
     path: Option<PathBuf>,
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        self.tx.take();
+        let handle = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Audit {
@@ -453,6 +574,21 @@ fn read_tail(f: &mut File) -> std::io::Result<Tail> {
     }
 }
 
+/// The process holding a `flock` on `f`, from `/proc/locks` (Linux; None when unknown).
+fn lock_holder(f: &File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = f.metadata().ok()?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF`
+    locks.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let at = w.iter().position(|x| *x == "FLOCK")?;
+        let pid = w.get(at + 3)?.parse().ok()?;
+        let file_ino: u64 = w.get(at + 4)?.rsplit(':').next()?.parse().ok()?;
+        (file_ino == ino).then_some(pid)
+    })
+}
+
 fn dropped(why: &str) {
     ::metrics::counter!(names::AUDIT_DROPPED).increment(1);
     tracing::error!(reason = why, "audit record dropped");
@@ -464,12 +600,18 @@ impl Audit {
         Arc::new(Audit {
             tx: None,
             path: None,
+            writer: std::sync::Mutex::new(None),
         })
     }
 
-    /// Open (or create, 0600) `path` for appending, continue its chain, start the writer.
+    /// Open (or create, 0600) `path` for appending, lock it, continue its chain, start the
+    /// writer. Refused: a symbolic link (never followed, never chmodded), anything but a
+    /// regular file, and a file another writer holds (its exclusive `flock`: two writers would
+    /// each continue the chain from their own `seq` / `prev`).
     pub fn open(path: &Path) -> std::io::Result<Arc<Audit>> {
+        use std::io::{Error, ErrorKind};
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        use std::os::unix::io::AsRawFd;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -478,8 +620,45 @@ impl Audit {
             .append(true)
             .create(true)
             .mode(0o600)
-            .open(path)?;
-        // an existing file keeps no wider mode than ours
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    Error::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "the audit file {} is a symbolic link; it is not followed (give the file's own path)",
+                            path.display()
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })?;
+        if !f.metadata()?.is_file() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("the audit file {} is not a regular file", path.display()),
+            ));
+        }
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(e);
+            }
+            let holder = lock_holder(&f)
+                .map(|pid| format!(" (process {pid})"))
+                .unwrap_or_default();
+            return Err(Error::new(
+                ErrorKind::WouldBlock,
+                format!(
+                    "the audit file {} is locked by another writer{holder}; two writers would break its hash chain — give each process its own --audit-file",
+                    path.display()
+                ),
+            ));
+        }
+        // an existing file keeps no wider mode than ours (fchmod: the file opened, no link)
         if f.metadata()?.permissions().mode() & 0o077 != 0 {
             f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         }
@@ -495,12 +674,13 @@ impl Audit {
             }
         }
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("keyless-audit".into())
             .spawn(move || writer(f, tail, rx))?;
         Ok(Arc::new(Audit {
             tx: Some(tx),
             path: Some(path.to_path_buf()),
+            writer: std::sync::Mutex::new(Some(handle)),
         }))
     }
 
@@ -513,17 +693,33 @@ impl Audit {
         self.tx.is_some()
     }
 
-    async fn emit(&self, event: Event) {
+    /// Bound the record, queue it, and wait until the writer has appended the batch holding
+    /// it (group commit: one `write(2)` answers every request of the batch) — so a request is
+    /// answered only once its record is in the file, and a killed process loses none of them.
+    /// The whole wait is bounded by [`FULL_WAIT`]: past it a record not yet queued is dropped
+    /// (counted, logged); one queued stays queued and the request goes on.
+    async fn emit(&self, mut event: Event) {
         let Some(tx) = &self.tx else { return };
-        let msg = Msg::Event(rfc3339_now(), Box::new(event));
+        event.bound();
+        let deadline = tokio::time::Instant::now() + FULL_WAIT;
+        let (ack, written) = oneshot::channel();
+        let msg = Msg::Event(rfc3339_now(), Box::new(event), ack);
         match tx.try_send(msg) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 if tx.send_timeout(msg, FULL_WAIT).await.is_err() {
                     dropped("the audit writer is behind");
+                    return;
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => dropped("the audit writer stopped"),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                dropped("the audit writer stopped");
+                return;
+            }
+        }
+        // Err(RecvError): the write failed (the writer counted and logged it)
+        if tokio::time::timeout_at(deadline, written).await.is_err() {
+            tracing::warn!("the audit writer has not written a record within 2 s; answering before it is in the file");
         }
     }
 
@@ -544,9 +740,23 @@ impl Audit {
         self.emit(Event::Token(ev)).await
     }
 
-    /// Record a control-plane write, and count it.
-    pub async fn control_plane(&self, ev: ControlPlaneEvent) {
-        ::metrics::counter!(names::CONTROL_PLANE_WRITES, "operation" => ev.operation.clone(), "result" => ev.result.clone())
+    /// Record a control-plane write, and count it under `operation_label` — a value from a
+    /// fixed set (`keyless_core::activity_log::Operation::metric_label`), never the record's
+    /// `operation`, which may carry a caller's action name; the result is `Succeeded`,
+    /// `Accepted` or `Failed` (anything else counts as `other`).
+    pub async fn control_plane(&self, ev: ControlPlaneEvent, operation_label: &str) {
+        let label = if operation_label.len() <= MAX_FIELD_CHARS {
+            operation_label.to_string()
+        } else {
+            "other".to_string()
+        };
+        let result = match ev.result.as_str() {
+            "Succeeded" => "Succeeded",
+            "Accepted" => "Accepted",
+            "Failed" => "Failed",
+            _ => "other",
+        };
+        ::metrics::counter!(names::CONTROL_PLANE_WRITES, "operation" => label, "result" => result)
             .increment(1);
         self.emit(Event::ControlPlane(ev)).await
     }
@@ -563,7 +773,8 @@ impl Audit {
         self.emit(Event::KeyVault(ev)).await
     }
 
-    /// Wait until every record emitted before this call is in the file.
+    /// Wait until every record emitted before this call is in the file and synced (orderly
+    /// shutdown calls this after the listeners stopped).
     pub async fn flush(&self) {
         let Some(tx) = &self.tx else { return };
         let (done, wait) = oneshot::channel();
@@ -591,6 +802,7 @@ async fn write_loop(mut f: File, mut tail: Tail, mut rx: mpsc::Receiver<Msg>) {
     let mut unsynced = false;
     let mut buf = String::new();
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         // wait for a record, or for the sync deadline when records are not yet synced
         let first = if unsynced {
@@ -621,7 +833,8 @@ async fn write_loop(mut f: File, mut tail: Tail, mut rx: mpsc::Receiver<Msg>) {
         };
         for m in batch {
             match m {
-                Msg::Event(time, ev) => {
+                Msg::Event(time, ev, ack) => {
+                    acks.push(ack);
                     let seq = written_tail.seq + 1;
                     let line = render(seq, &time, &written_tail.prev, &ev);
                     written_tail = Tail {
@@ -632,7 +845,7 @@ async fn write_loop(mut f: File, mut tail: Tail, mut rx: mpsc::Receiver<Msg>) {
                     buf.push('\n');
                     n += 1;
                 }
-                Msg::Flush(ack) => acks.push(ack),
+                Msg::Flush(ack) => flushes.push(ack),
             }
         }
         if n > 0 {
@@ -642,18 +855,23 @@ async fn write_loop(mut f: File, mut tail: Tail, mut rx: mpsc::Receiver<Msg>) {
                     unsynced = true;
                 }
                 Err(e) => {
-                    // the chain continues from the last line written
+                    // the chain continues from the last line written; the waiting requests
+                    // see their acknowledgement dropped
                     ::metrics::counter!(names::AUDIT_DROPPED).increment(n as u64);
                     tracing::error!(error = %e, records = n, "cannot write the audit file; records dropped");
+                    acks.clear();
                 }
             }
         }
-        if unsynced && last_sync.elapsed() >= SYNC_INTERVAL {
+        for a in acks.drain(..) {
+            let _ = a.send(());
+        }
+        if unsynced && (!flushes.is_empty() || last_sync.elapsed() >= SYNC_INTERVAL) {
             sync(&f);
             last_sync = Instant::now();
             unsynced = false;
         }
-        for a in acks.drain(..) {
+        for a in flushes.drain(..) {
             let _ = a.send(());
         }
     }
@@ -943,6 +1161,143 @@ mod tests {
         peers.sort();
         peers.dedup();
         assert_eq!(peers.len(), 64 * 50, "every record once");
+    }
+
+    #[test]
+    fn cap_cuts_at_a_char_boundary_and_marks_it() {
+        assert_eq!(cap("abc", 3), "abc");
+        assert_eq!(cap("abcd", 3), format!("abc{CUT_MARKER}"));
+        assert_eq!(cap("ééééé", 2), format!("éé{CUT_MARKER}"));
+        assert_eq!(cap("", 0), "");
+    }
+
+    #[tokio::test]
+    async fn every_caller_chosen_string_is_capped_in_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let a = Audit::open(&path).unwrap();
+        let huge = "x".repeat(2 * 1024 * 1024);
+        let mut t = TokenEvent::new(
+            Surface::Sts,
+            TokenKind::Federated,
+            Caller {
+                client_id: Some(huge.clone()),
+                issuer: Some(huge.clone()),
+                subject: Some(huge.clone()),
+                peer: Some(huge.clone()),
+                ..Default::default()
+            },
+        );
+        t.identity.client_id = Some(huge.clone());
+        t.identity.resource_id = Some(huge.clone());
+        t.audience = Some(huge.clone());
+        a.token(t.refused(400, huge.clone())).await;
+        a.control_plane(
+            ControlPlaneEvent {
+                caller: Caller {
+                    object_id: Some(huge.clone()),
+                    ..Default::default()
+                },
+                operation: huge.clone(),
+                resource_id: huge.clone(),
+                status: 404,
+                result: "Failed".into(),
+                correlation_id: Some(huge.clone()),
+                reason: None,
+            },
+            "other",
+        )
+        .await;
+        a.key_vault(KeyVaultEvent {
+            caller: Caller::default(),
+            vault: huge.clone(),
+            collection: None,
+            name: Some(huge.clone()),
+            version: Some(huge.clone()),
+            operation: "SecretGet".into(),
+            status: 404,
+            reason: None,
+        })
+        .await;
+        a.flush().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(verify(&path).unwrap().records, 3);
+        for line in text.lines() {
+            assert!(line.len() < 16 * 1024, "a record of {} bytes", line.len());
+        }
+        let recs = read(&path).unwrap();
+        let Event::Token(t) = &recs[0].event else {
+            panic!("a token record")
+        };
+        let cid = t.caller.client_id.as_deref().unwrap();
+        assert_eq!(
+            cid.chars().count(),
+            MAX_FIELD_CHARS + CUT_MARKER.chars().count()
+        );
+        assert!(cid.ends_with(CUT_MARKER));
+        assert!(t
+            .audience
+            .as_deref()
+            .unwrap()
+            .starts_with(&"x".repeat(MAX_LONG_FIELD_CHARS)));
+        assert!(t.caller.subject.as_deref().unwrap().ends_with(CUT_MARKER));
+        let Event::ControlPlane(c) = &recs[1].event else {
+            panic!("a control-plane record")
+        };
+        assert!(c.operation.ends_with(CUT_MARKER) && c.resource_id.ends_with(CUT_MARKER));
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_is_refused_until_the_first_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let first = Audit::open(&path).unwrap();
+        first.token(ev(0)).await;
+        let err = Audit::open(&path).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("locked by another writer"), "{msg}");
+        assert!(
+            msg.contains(&format!("process {}", std::process::id())),
+            "the holder named: {msg}"
+        );
+        // the first writer's chain is untouched; once it is dropped, the file opens again
+        drop(first);
+        write_n(&path, 1, 2).await;
+        assert_eq!(verify(&path).unwrap().records, 3);
+    }
+
+    #[tokio::test]
+    async fn a_symlinked_audit_file_is_refused_and_its_target_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "precious\n").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let link = dir.path().join("audit.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = Audit::open(&link).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "not chmodded through the link");
+        // a directory is no audit file either
+        let d = dir.path().join("adir");
+        std::fs::create_dir(&d).unwrap();
+        assert!(Audit::open(&d).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_emit_returns_once_its_record_is_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let a = Audit::open(&path).unwrap();
+        for i in 0..20 {
+            a.token(ev(i)).await;
+            // no flush: the record is written (page cache) when the emit returns
+            assert_eq!(lines(&path).len(), i + 1);
+        }
     }
 
     #[tokio::test]

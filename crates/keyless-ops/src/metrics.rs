@@ -222,6 +222,17 @@ pub fn result_label<T, E>(r: &Result<T, E>) -> &'static str {
     }
 }
 
+/// The `reason` of a token request refused for being over its caller's fair share (a 429).
+pub const REASON_TOO_MANY_REQUESTS: &str = "too_many_requests";
+
+/// Count a token request of `surface` refused for being over its caller's fair share. No audit
+/// record is written for it (a flood would fill the audit file): throttling shows here and in
+/// the access log.
+pub fn token_throttled(surface: &'static str) {
+    ::metrics::counter!(TOKEN_REFUSALS, "surface" => surface, "reason" => REASON_TOO_MANY_REQUESTS)
+        .increment(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,8 +88,9 @@ pub fn now_micros() -> i64 {
 }
 
 /// The hook: record one control-plane write. A failure to record is logged, never turned into
-/// an answer (the write itself already happened).
-pub fn record(s: &AppState, e: &WriteEvent) {
+/// an answer (the write itself already happened). Awaited by the request before its answer
+/// leaves, like every audit record: nothing is left to a detached task the runtime may drop.
+pub async fn record(s: &AppState, e: &WriteEvent) {
     let (status, _, _) = al::outcome(e.http_status);
     let op = &e.operation;
     let rec = ActivityRecord {
@@ -115,8 +116,7 @@ pub fn record(s: &AppState, e: &WriteEvent) {
     if let Err(err) = s.store.append_activity(&rec, purge_before) {
         tracing::warn!(error = %err, operation = %op.name, "activity log append failed");
     }
-    // the same write in the audit trail (off this request's path: the writer appends it)
-    let audit = s.cfg.audit.clone();
+    // the same write in the audit trail (the writer appends it; see keyless_ops::audit)
     let ev = keyless_ops::audit::ControlPlaneEvent {
         caller: keyless_ops::audit::Caller {
             object_id: Some(e.caller_object_id.clone()),
@@ -130,7 +130,7 @@ pub fn record(s: &AppState, e: &WriteEvent) {
         correlation_id: Some(e.correlation_id.clone()),
         reason: None,
     };
-    tokio::spawn(async move { audit.control_plane(ev).await });
+    s.cfg.audit.control_plane(ev, &op.metric_label()).await;
 }
 
 /// A `$filter` / `$select` / `$skipToken` the list refuses: 400 in the service's flat
@@ -179,14 +179,7 @@ pub fn list(
     )?;
     let q = ActivityQuery {
         subscription: subscription.to_string(),
-        from: filter.from,
-        to: filter.to,
-        resource_group: filter.resource_group.clone(),
-        resource_id: filter.resource_id.clone(),
-        resource_provider: filter.resource_provider.clone(),
-        correlation_id: filter.correlation_id.clone(),
-        caller: filter.caller.clone(),
-        status: filter.status.clone(),
+        filter: filter.clone(),
         after,
         limit: al::PAGE_SIZE + 1,
     };

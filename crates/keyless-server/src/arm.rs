@@ -247,7 +247,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
         &headers,
         request_id.as_deref(),
     );
-    crate::activity::record(&s, &event);
+    crate::activity::record(&s, &event).await;
     Ok(resp)
 }
 

@@ -208,8 +208,15 @@ fn verify_with(jwk: &Value, alg: &str, input: &[u8], sig: &[u8]) -> bool {
     }
 }
 
-/// Exchange `assertion` for the identity `id`; returns the principal to issue a token to.
-pub async fn exchange(s: &AppState, id: &IdentityRecord, assertion: &str) -> Result<Principal> {
+/// Exchange `assertion` for the identity `id`; returns the principal to issue a token to. Once
+/// the signature verified (never before: an unsigned `iss` is anyone's), the assertion's issuer
+/// and subject go into `who`, the caller of the audit record.
+pub async fn exchange(
+    s: &AppState,
+    id: &IdentityRecord,
+    assertion: &str,
+    who: &mut keyless_ops::audit::Caller,
+) -> Result<Principal> {
     let malformed = || {
         sts(
             400,
@@ -295,6 +302,9 @@ pub async fn exchange(s: &AppState, id: &IdentityRecord, assertion: &str) -> Res
             ),
         ));
     }
+    who.issuer = Some(iss);
+    who.subject = Some(sub);
+    who.assertion_verified = Some(true);
     let rid = ResourceId::parse(&id.resource_id)
         .map(|r| r.mirid())
         .unwrap_or_else(|_| id.resource_id.clone());

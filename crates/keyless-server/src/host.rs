@@ -355,16 +355,18 @@ fn host_token(
     let host = host_vm(s, peer)?;
     ev.caller.host = Some(host.resource_id().to_string());
     let req: HostTokenRequest = parse(body)?;
-    ev.audience = Some(req.resource.clone());
-    ev.identity = selector_identity(&req.selector);
     let resource = req.resource.trim();
-    if resource.is_empty() || resource.len() > keyless_core::imds::MAX_PARAM_LEN {
-        return Err(ServerError::host(
-            400,
-            "invalid_request",
-            "Required audience parameter not specified",
-        ));
-    }
+    // recorded as asked, refused or not (the audit sink caps its length)
+    ev.audience = Some(resource.to_string());
+    ev.identity = selector_identity(&req.selector);
+    // the audience rule of every token surface (`keyless_core::audience`), in this API's shape
+    keyless_core::audience::check(resource).map_err(|e| {
+        let error = match e {
+            keyless_core::audience::AudienceError::Invalid => "invalid_resource",
+            _ => "invalid_request",
+        };
+        ServerError::host(400, error, e.describe())
+    })?;
     let ids = host_identities(s, &host.owner)?;
     let chosen = ids
         .select(&req.selector)

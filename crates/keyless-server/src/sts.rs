@@ -195,11 +195,13 @@ fn require<'a>(form: &'a [(String, String)], name: &str) -> Result<&'a str> {
     })
 }
 
-/// Authenticate the client of a client-credentials request; returns the principal.
+/// Authenticate the client of a client-credentials request; returns the principal. A federated
+/// assertion's issuer and subject go into `who` once its signature verified.
 async fn authenticate_client(
     s: &AppState,
     form: &[(String, String)],
     basic: Option<(String, String)>,
+    who: &mut audit::Caller,
 ) -> Result<Principal> {
     let grant = require(form, "grant_type")?;
     if grant != "client_credentials" {
@@ -263,7 +265,7 @@ async fn authenticate_client(
                     format!("The request body must contain the following parameter: 'client_assertion_type' with the value '{JWT_BEARER}'."),
                 ));
             }
-            return crate::federation::exchange(s, &identity, assertion).await;
+            return crate::federation::exchange(s, &identity, assertion, who).await;
         }
     };
     match secret {
@@ -379,6 +381,7 @@ async fn token_v2(
     Path(tenant): Path<String>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
+    who: &mut audit::Caller,
 ) -> Result<Response> {
     check_tenant(&s, &tenant, false)?;
     let form = parse_form(&body)?;
@@ -404,7 +407,7 @@ async fn token_v2(
         )
     })?;
     audience::check(resource).map_err(|_| invalid_scope(scope))?;
-    let principal = authenticate_client(&s, &form, basic_auth(&headers)).await?;
+    let principal = authenticate_client(&s, &form, basic_auth(&headers), who).await?;
     let t = tokens::mint(&s, &principal, resource, s.cfg.sp_token_lifetime)?;
     let expires_in = t.expires_on.saturating_sub(s.now());
     Ok(Json(json!({
@@ -421,12 +424,13 @@ async fn token_v1(
     Path(tenant): Path<String>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
+    who: &mut audit::Caller,
 ) -> Result<Response> {
     check_tenant(&s, &tenant, false)?;
     let form = parse_form(&body)?;
     let resource = require(&form, "resource")?.to_string();
     audience::check(&resource).map_err(|_| invalid_resource(&resource))?;
-    let principal = authenticate_client(&s, &form, basic_auth(&headers)).await?;
+    let principal = authenticate_client(&s, &form, basic_auth(&headers), who).await?;
     let t = tokens::mint(&s, &principal, &resource, s.cfg.sp_token_lifetime)?;
     let expires_in = t.expires_on.saturating_sub(s.now());
     Ok(Json(json!({
@@ -443,17 +447,21 @@ async fn token_v1(
 
 // ------------------------------------------------------------------ audit
 
-/// Longest audience kept in an audit record (a refused one may be anything).
-const AUDIT_AUDIENCE_MAX: usize = 512;
-
 async fn audited_v2(
     State(s): State<Arc<AppState>>,
     Path(tenant): Path<String>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let ev = token_event(&s, &headers, &body, "scope");
-    let r = token_v2(State(s.clone()), Path(tenant), headers, body).await;
+    let mut ev = token_event(&s, &headers, &body, "scope");
+    let r = token_v2(
+        State(s.clone()),
+        Path(tenant),
+        headers,
+        body,
+        &mut ev.caller,
+    )
+    .await;
     s.cfg.audit.token(finish(ev, &r)).await;
     r
 }
@@ -464,8 +472,15 @@ async fn audited_v1(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let ev = token_event(&s, &headers, &body, "resource");
-    let r = token_v1(State(s.clone()), Path(tenant), headers, body).await;
+    let mut ev = token_event(&s, &headers, &body, "resource");
+    let r = token_v1(
+        State(s.clone()),
+        Path(tenant),
+        headers,
+        body,
+        &mut ev.caller,
+    )
+    .await;
     s.cfg.audit.token(finish(ev, &r)).await;
     r
 }
@@ -480,16 +495,22 @@ fn finish(ev: audit::TokenEvent, r: &Result<Response>) -> audit::TokenEvent {
     }
 }
 
-/// The audit record of a token request, from what it presents: the client (its id; the
-/// issuer and subject of a federated assertion), the grant, the audience. Never the secret or
-/// the assertion.
+/// The audit record of a token request, from what it presents: the client id, the grant, the
+/// audience (every string capped by the audit sink). Never the secret or the assertion; a
+/// federated assertion's issuer and subject only once its signature verified
+/// ([`crate::federation::exchange`] fills them in). A body over [`MAX_FORM`] is not parsed
+/// (the request is refused as too large).
 fn token_event(
     s: &AppState,
     headers: &axum::http::HeaderMap,
     body: &[u8],
     audience_field: &str,
 ) -> audit::TokenEvent {
-    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(body).unwrap_or_default();
+    let form: Vec<(String, String)> = if body.len() > MAX_FORM {
+        Vec::new()
+    } else {
+        serde_urlencoded::from_bytes(body).unwrap_or_default()
+    };
     let client_id = basic_auth(headers)
         .map(|(id, _)| id)
         .or_else(|| field(&form, "client_id").map(str::to_string));
@@ -500,17 +521,14 @@ fn token_event(
     };
     let kind = match (assertion, &client_id) {
         (None, _) => audit::TokenKind::ClientCredentials,
-        (Some(a), Some(id)) => {
+        (Some(_), Some(id)) => {
             let is_app = matches!(s.store.get_service_principal(id), Ok(Some(_)));
             if is_app {
                 audit::TokenKind::ClientAssertion
             } else {
-                // a managed identity presenting an external token: who vouched for whom
-                if let Ok(d) = keyless_core::claims::decode(a.trim()) {
-                    let c = |k: &str| d.claims.get(k).and_then(|v| v.as_str()).map(str::to_string);
-                    who.issuer = c("iss");
-                    who.subject = c("sub");
-                }
+                // a managed identity presenting an external token: not verified until
+                // `federation::exchange` checked its signature (then who vouched for whom)
+                who.assertion_verified = Some(false);
                 audit::TokenKind::Federated
             }
         }
@@ -519,12 +537,11 @@ fn token_event(
     let mut ev = audit::TokenEvent::new(audit::Surface::Sts, kind, who);
     ev.identity.client_id = client_id;
     ev.audience = field(&form, audience_field).map(|a| {
-        let a = if audience_field == "scope" {
-            resource_from_scope(a).unwrap_or(a)
+        if audience_field == "scope" {
+            resource_from_scope(a).unwrap_or(a).to_string()
         } else {
-            a
-        };
-        a.chars().take(AUDIT_AUDIENCE_MAX).collect()
+            a.to_string()
+        }
     });
     ev
 }

@@ -41,19 +41,13 @@ pub struct ActivityRecord {
     pub client_ip: Option<String>,
 }
 
-/// Which events to list. Times are microseconds since the epoch, both ends inclusive; string
-/// filters compare case-insensitively.
+/// Which events to list: a subscription's events matching the parsed `$filter`
+/// (`keyless_core::activity_log::EventFilter`: times in microseconds since the epoch, both ends
+/// inclusive; string filters compare case-insensitively).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ActivityQuery {
     pub subscription: String,
-    pub from: i64,
-    pub to: i64,
-    pub resource_group: Option<String>,
-    pub resource_id: Option<String>,
-    pub resource_provider: Option<String>,
-    pub correlation_id: Option<String>,
-    pub caller: Option<String>,
-    pub status: Option<String>,
+    pub filter: keyless_core::activity_log::EventFilter,
     /// Continue after this `seq` (the last one of the previous page).
     pub after: Option<u64>,
     /// Page size.

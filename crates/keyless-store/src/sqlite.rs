@@ -2375,8 +2375,8 @@ mod activity_sql {
             );
             let mut args: Vec<Sql> = vec![
                 Sql::Text(lower(&q.subscription)),
-                Sql::Integer(q.from),
-                Sql::Integer(q.to),
+                Sql::Integer(q.filter.from),
+                Sql::Integer(q.filter.to),
             ];
             let mut eq = |col: &str, v: &Option<String>| {
                 if let Some(v) = v {
@@ -2384,12 +2384,12 @@ mod activity_sql {
                     sql.push_str(&format!(" AND {col} = ?{}", args.len()));
                 }
             };
-            eq("rg_key", &q.resource_group);
-            eq("resource_key", &q.resource_id);
-            eq("provider_key", &q.resource_provider);
-            eq("correlation_key", &q.correlation_id);
-            eq("caller_key", &q.caller);
-            eq("status_key", &q.status);
+            eq("rg_key", &q.filter.resource_group);
+            eq("resource_key", &q.filter.resource_id);
+            eq("provider_key", &q.filter.resource_provider);
+            eq("correlation_key", &q.filter.correlation_id);
+            eq("caller_key", &q.filter.caller);
+            eq("status_key", &q.filter.status);
             if let Some(after) = q.after {
                 args.push(Sql::Integer(after as i64));
                 sql.push_str(&format!(" AND seq < ?{}", args.len()));
@@ -2416,6 +2416,7 @@ mod activity_sql {
     mod tests {
         use crate::sqlite::SqliteStore;
         use crate::{ActivityQuery, ActivityRecord, ActivityStore, Kek};
+        use keyless_core::activity_log::EventFilter;
 
         fn event(ts: i64, rg: &str, op: &str, corr: &str) -> ActivityRecord {
             ActivityRecord {
@@ -2454,8 +2455,11 @@ mod activity_sql {
             }
             let q = ActivityQuery {
                 subscription: "sub".into(),
-                from: 0,
-                to: 100,
+                filter: EventFilter {
+                    from: 0,
+                    to: 100,
+                    ..Default::default()
+                },
                 limit: 2,
                 ..Default::default()
             };
@@ -2476,7 +2480,10 @@ mod activity_sql {
             );
             let odd = s
                 .list_activity(&ActivityQuery {
-                    resource_group: Some("odd".into()),
+                    filter: EventFilter {
+                        resource_group: Some("odd".into()),
+                        ..q.filter.clone()
+                    },
                     limit: 10,
                     ..q.clone()
                 })
@@ -2487,8 +2494,11 @@ mod activity_sql {
             );
             let window = s
                 .list_activity(&ActivityQuery {
-                    from: 20,
-                    to: 30,
+                    filter: EventFilter {
+                        from: 20,
+                        to: 30,
+                        ..q.filter.clone()
+                    },
                     limit: 10,
                     ..q.clone()
                 })
@@ -2496,8 +2506,11 @@ mod activity_sql {
             assert_eq!(window.len(), 2);
             let by_corr = s
                 .list_activity(&ActivityQuery {
-                    correlation_id: Some("C3".into()),
-                    caller: Some("OID-1".into()),
+                    filter: EventFilter {
+                        correlation_id: Some("C3".into()),
+                        caller: Some("OID-1".into()),
+                        ..q.filter.clone()
+                    },
                     limit: 10,
                     ..q.clone()
                 })

@@ -145,8 +145,12 @@ impl Api {
             .ca_file
             .clone()
             .or_else(|| ep["caFile"].as_str().map(PathBuf::from));
-        // the bootstrap admin's file in the data dir, when it is readable
-        let saved = bootstrap_admin(&c.data_dir);
+        // the bootstrap admin's file in the data dir, when it is readable and only for the
+        // server that data dir belongs to (never sent to another --server)
+        let own_server = ep["serverUrl"]
+            .as_str()
+            .is_some_and(|u| u.trim_end_matches('/') == server);
+        let saved = own_server.then(|| bootstrap_admin(&c.data_dir)).flatten();
         let client_id = c
             .client_id_admin
             .clone()

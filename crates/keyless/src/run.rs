@@ -118,7 +118,9 @@ pub struct UpArgs {
 #[derive(clap::Subcommand, Clone)]
 pub enum AuditCmd {
     /// Check the hash chain of an audit file: prints the record count and the last record's
-    /// hash, or the first broken line (exit status 1).
+    /// seq and hash, or the first broken line (exit status 1). The hash is unkeyed — whoever
+    /// can write the file can rewrite it with a valid chain — so keep the printed anchor (or the
+    /// records themselves) off the machine and check later that the file still holds it.
     Verify {
         /// The audit file (e.g. <data-dir>/audit.log).
         file: PathBuf,
@@ -139,6 +141,13 @@ pub fn audit(c: AuditCmd) -> Result<(), CliError> {
                         &v.last_hash
                     }
                 );
+                if v.records > 0 {
+                    // the hash is unkeyed: only a copy kept elsewhere shows a rewritten file
+                    println!(
+                        "anchor: seq {} hash {} (keep this line where the file's writers cannot change it; a later verify must find that record)",
+                        v.records, v.last_hash
+                    );
+                }
                 Ok(())
             }
             Err(e @ keyless_ops::audit::VerifyError::Broken { .. }) => Err(CliError::Usage(
@@ -381,6 +390,10 @@ pub async fn server(a: ServerArgs) -> Result<(), CliError> {
         .start("server", keyless_ops::listener::defaults::SERVER, health)
         .await?;
     wait_for_signal().await;
+    // stop listening, then put every record emitted so far in the file, synced
+    srv.task.abort();
+    let _ = srv.task.await;
+    srv.state.cfg.audit.flush().await;
     Ok(())
 }
 
@@ -733,8 +746,11 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
         info_path.display()
     );
     wait_for_signal().await;
-    node.task.abort();
+    // stop listening (the agent, then the server), then flush the one audit file they share
+    node.shutdown().await;
     srv.task.abort();
+    let _ = srv.task.await;
+    s.cfg.audit.flush().await;
     Ok(())
 }
 
