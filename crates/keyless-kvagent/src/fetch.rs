@@ -376,6 +376,8 @@ pub struct CertPem {
     pub text: String,
     pub certificates: usize,
     pub has_key: bool,
+    /// The leaf's `notAfter` (Unix seconds).
+    pub not_after: Option<i64>,
 }
 
 impl std::fmt::Debug for CertPem {
@@ -431,6 +433,9 @@ pub fn to_pem(content_type: Option<&str>, value: &str) -> std::result::Result<Ce
         text,
         certificates: certs.len(),
         has_key: key.is_some(),
+        not_after: keyless_pki::cert_validity(leaf)
+            .ok()
+            .map(|(_, na)| na as i64),
     })
 }
 

@@ -618,6 +618,18 @@ impl Agent {
             Err(e) => return fail(on_disk, e.code(), e.to_string()),
         };
         let version = secret.version.clone();
+        if let Some(na) = fetch::to_pem(secret.content_type.as_deref(), &secret.value)
+            .ok()
+            .and_then(|p| p.not_after)
+        {
+            keyless_ops::metrics::certificate_expiry(
+                "kvagent",
+                &spec.vault_name,
+                &spec.name,
+                na,
+                time::OffsetDateTime::now_utc().unix_timestamp(),
+            );
+        }
         if on_disk.as_deref() == Some(version.as_str()) {
             let s = spec.clone();
             let v = version.clone();
@@ -670,6 +682,10 @@ impl Agent {
                 source: std::io::Error::other(e.to_string()),
             })
         });
+        keyless_ops::metrics::certificate_renewal(
+            "kvagent",
+            if installed.is_ok() { "ok" } else { "error" },
+        );
         match installed {
             Ok(done) => {
                 tracing::info!(url = %spec.url, version = %version, file = %done.file.display(), link = %link, "installed a new certificate version");

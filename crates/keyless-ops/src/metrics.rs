@@ -233,6 +233,30 @@ pub fn token_throttled(surface: &'static str) {
         .increment(1);
 }
 
+/// Set the days until a certificate expires (`source`: `keyvault` for the server's vaults,
+/// `kvagent` for a certificate installed on a host), from its `notAfter` and `now` (Unix
+/// seconds).
+pub fn certificate_expiry(
+    source: &'static str,
+    vault: &str,
+    certificate: &str,
+    not_after: i64,
+    now: i64,
+) {
+    ::metrics::gauge!(
+        CERTIFICATE_DAYS_TO_EXPIRY,
+        "source" => source,
+        "vault" => vault.to_string(),
+        "certificate" => certificate.to_string()
+    )
+    .set((not_after - now) as f64 / 86_400.0);
+}
+
+/// Count a certificate renewal (`result`: `ok` | `error` | …).
+pub fn certificate_renewal(source: &'static str, result: &'static str) {
+    ::metrics::counter!(CERTIFICATE_RENEWALS, "source" => source, "result" => result).increment(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -254,6 +254,8 @@ async fn kv_agent_keeps_a_renewing_certificate_on_disk() {
         &ca,
         "--resolve",
         &resolve,
+        "--metrics-listen",
+        "127.0.0.1:0",
     ];
     let started = Instant::now();
     let mut agent: Proc = spawn_until(&agent_args, "kv-agent: initial sync done", tmp.path())
@@ -307,6 +309,43 @@ async fn kv_agent_keeps_a_renewing_certificate_on_disk() {
     .await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(hook_lines(&hook_file).len(), 2, "initial + renewal only");
+
+    // the agent's metrics: two versions installed, and the days left of the one on disk
+    let ops = agent
+        .find("Ops endpoint: http://")
+        .expect("the kv-agent's ops endpoint");
+    let ops = ops.split_whitespace().next().unwrap();
+    let text = reqwest::get(format!("http://{ops}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str, labels: &[&str]| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        sample(
+            "keyless_certificate_renewals_total",
+            &["source=\"kvagent\"", "result=\"ok\""]
+        ),
+        2.0
+    );
+    let certificate = format!("certificate=\"{name}\"");
+    let days = sample(
+        "keyless_certificate_days_to_expiry",
+        &["source=\"kvagent\"", &certificate],
+    );
+    // the renewed version: one month of validity from the Key Vault clock moved 25 days ahead,
+    // counted from the real time (28..31 + 25 days)
+    assert!((52.0..=57.0).contains(&days), "{days}");
 
     // 3. The identity loses access, then a renewal happens: the status reports the vault's
     //    403 ForbiddenByPolicy; the link keeps pointing at the previous complete file.

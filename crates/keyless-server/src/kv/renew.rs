@@ -63,13 +63,9 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
         let (Some(nbf), Some(exp)) = (latest.nbf, latest.exp) else {
             continue;
         };
-        metrics::gauge!(
-            keyless_ops::metrics::CERTIFICATE_DAYS_TO_EXPIRY,
-            "source" => "keyvault",
-            "vault" => n.vault.clone(),
-            "certificate" => n.name.clone()
-        )
-        .set((exp as f64 - now as f64) / 86_400.0);
+        keyless_ops::metrics::certificate_expiry(
+            "keyvault", &n.vault, &n.name, exp as i64, now as i64,
+        );
         let Some((due, kind)) = policy.due(nbf, exp) else {
             continue;
         };
@@ -153,10 +149,5 @@ pub async fn run_once(s: &Arc<AppState>) -> Result<Report> {
 
 /// Count a certificate renewal by the scheduler.
 fn renewal(result: &'static str) {
-    metrics::counter!(
-        keyless_ops::metrics::CERTIFICATE_RENEWALS,
-        "source" => "keyvault",
-        "result" => result
-    )
-    .increment(1);
+    keyless_ops::metrics::certificate_renewal("keyvault", result);
 }
