@@ -290,6 +290,8 @@ def _wrap_keyless_bin():
     wrapper.write_text(
         "#!/usr/bin/env bash\n"
         f"export RUST_LOG=\"{LOG_LEVEL}\"\n"
+        # ops listeners on free ports (the defaults are fixed ports; tests run side by side)
+        "export KEYLESS_METRICS_LISTEN=\"${KEYLESS_METRICS_LISTEN:-127.0.0.1:0}\"\n"
         f"exec \"{real}\" \"$@\" 2> >(tee -a \"{LOG_DIR}/keyless-$$.log\" >&2) "
         f"> >(tee -a \"{LOG_DIR}/keyless-$$.out\")\n")
     wrapper.chmod(0o755)

@@ -9,11 +9,10 @@ mod common;
 
 use common::Proc;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NOBODY: u32 = 65534;
@@ -26,14 +25,10 @@ fn is_root() -> bool {
 /// `keyless args…` with its file limit at `nofile` (soft = hard), read until a stdout line
 /// contains `marker`.
 fn spawn_with_nofile(dir: &Path, args: &[&str], nofile: u64, marker: &str) -> Proc {
-    let stderr_path = dir.join(format!("stderr-{}.log", uuid::Uuid::new_v4()));
-    let stderr = std::fs::File::create(&stderr_path).unwrap();
     // KEYLESS_LIMITS_BIN: run the test against another build (e.g. one before the limits)
     let bin = std::env::var("KEYLESS_LIMITS_BIN").unwrap_or_else(|_| common::bin().into());
     let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(stderr));
+    cmd.args(args);
     // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -47,45 +42,8 @@ fn spawn_with_nofile(dir: &Path, args: &[&str], nofile: u64, marker: &str) -> Pr
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut proc = Proc {
-        child,
-        lines: vec![],
-        stderr_path,
-    };
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) => {
-                let done = l.contains(marker);
-                proc.lines.push(l);
-                if done {
-                    return proc;
-                }
-            }
-            Err(_) => {
-                let err = std::fs::read_to_string(&proc.stderr_path).unwrap_or_default();
-                assert!(
-                    proc.child.try_wait().unwrap().is_none(),
-                    "keyless {args:?} exited: {:?} {err}",
-                    proc.lines
-                );
-                assert!(
-                    Instant::now() < deadline,
-                    "keyless {args:?} did not start: {err}"
-                );
-            }
-        }
-    }
+    common::spawn_command_until(cmd, marker, dir)
+        .unwrap_or_else(|e| panic!("keyless {args:?}: {e}"))
 }
 
 /// `keyless up` with its file limit at `nofile`, on port 0, in `dir`.

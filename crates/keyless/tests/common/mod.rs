@@ -68,10 +68,19 @@ pub fn spawn_program_until(
     marker: &str,
     log_dir: &Path,
 ) -> Result<Proc, String> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    spawn_command_until(cmd, marker, log_dir)
+}
+
+/// Spawn `cmd` (stderr to a file in `log_dir`) and read its stdout until a line contains
+/// `marker`.
+pub fn spawn_command_until(mut cmd: Command, marker: &str, log_dir: &Path) -> Result<Proc, String> {
     let stderr_path = log_dir.join(format!("stderr-{}.log", uuid::Uuid::new_v4()));
     let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
-    let mut child = Command::new(program)
-        .args(args)
+    let mut child = cmd
+        // ops listeners on free ports (the defaults are fixed; tests run side by side)
+        .env("KEYLESS_METRICS_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))
         .spawn()
@@ -80,9 +89,9 @@ pub fn spawn_program_until(
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            // keep draining after the marker: a process whose stdout is closed dies at its
+            // next line (Rust's println! panics on EPIPE)
+            let _ = tx.send(line);
         }
     });
     let mut lines = vec![];
