@@ -53,7 +53,7 @@ pub struct AddonArgs {
 pub async fn run(a: AddonArgs) -> Result<(), CliError> {
     if a.print_crds {
         let manifest = keyless_k8s::crd::crds_manifest();
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&manifest).unwrap_or_default()
         );
@@ -101,7 +101,7 @@ pub async fn run(a: AddonArgs) -> Result<(), CliError> {
         .await?;
     addon::run(cfg, client, wait_for_signal(), move || {
         in_step.set();
-        println!("pod-identity add-on: in step");
+        say!("pod-identity add-on: in step");
     })
     .await
     .map_err(|e| CliError::Usage(e.to_string()))

@@ -1,6 +1,19 @@
 //! `keyless`: one binary for the server, the host agent, the all-in-one `up`, and az-like
 //! admin verbs.
 
+/// `println!` that does not panic when stdout is closed (a daemon whose log reader went away
+/// must keep serving; `println!` panics on EPIPE).
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod addon;
 mod admin;
 mod ops;

@@ -37,7 +37,7 @@ impl OpsArgs {
         })?;
         match keyless_ops::listener::start(addr, Some(handle), health).await {
             Ok(l) => {
-                println!(
+                say!(
                     "Ops endpoint: http://{} (/metrics, /healthz, /readyz)",
                     l.addr
                 );
@@ -119,15 +119,15 @@ pub async fn status(a: StatusArgs) -> Result<(), CliError> {
     }
     let mut failed = false;
     let mut answered = 0;
-    println!("{:<8} {:<10} {:<24} DETAIL", "PROCESS", "STATUS", "CHECK");
+    say!("{:<8} {:<10} {:<24} DETAIL", "PROCESS", "STATUS", "CHECK");
     for (given, r) in &rows {
         match &r.outcome {
             Ok(rep) => {
                 answered += 1;
                 failed |= !rep.ready();
-                println!("{:<8} {:<10} {:<24} {}", r.what, rep.status, "", r.url);
+                say!("{:<8} {:<10} {:<24} {}", r.what, rep.status, "", r.url);
                 for c in &rep.checks {
-                    println!(
+                    say!(
                         "{:<8} {:<10} {:<24} {}",
                         "",
                         if c.ok { "ok" } else { "FAILING" },
@@ -139,7 +139,7 @@ pub async fn status(a: StatusArgs) -> Result<(), CliError> {
             Err(m) => {
                 failed |= *given;
                 let state = if *given { "DOWN" } else { "absent" };
-                println!("{:<8} {:<10} {:<24} {} {}", r.what, state, "", r.url, m);
+                say!("{:<8} {:<10} {:<24} {} {}", r.what, state, "", r.url, m);
             }
         }
     }

@@ -131,7 +131,7 @@ pub fn audit(c: AuditCmd) -> Result<(), CliError> {
     match c {
         AuditCmd::Verify { file } => match keyless_ops::audit::verify(&file) {
             Ok(v) => {
-                println!(
+                say!(
                     "{}: chain intact, {} records, last hash {}",
                     file.display(),
                     v.records,
@@ -143,7 +143,7 @@ pub fn audit(c: AuditCmd) -> Result<(), CliError> {
                 );
                 if v.records > 0 {
                     // the hash is unkeyed: only a copy kept elsewhere shows a rewritten file
-                    println!(
+                    say!(
                         "anchor: seq {} hash {} (keep this line where the file's writers cannot change it; a later verify must find that record)",
                         v.records, v.last_hash
                     );
@@ -375,13 +375,14 @@ pub async fn server(a: ServerArgs) -> Result<(), CliError> {
         .map_err(bind_hint)?;
     let b = &srv.bootstrap;
     save_admin(b, &a.data_dir)?;
-    println!(
+    say!(
         "Keyless server listening on https://{} (issuer {})",
-        srv.local_addr, srv.state.base_url
+        srv.local_addr,
+        srv.state.base_url
     );
-    println!("Tenant:        {}", b.tenant_id);
-    println!("Subscription:  {}", b.subscription_id);
-    println!("CA certificate: {}", b.ca_path.display());
+    say!("Tenant:        {}", b.tenant_id);
+    say!("Subscription:  {}", b.subscription_id);
+    say!("CA certificate: {}", b.ca_path.display());
     print_admin(b, &a.data_dir, a.print_secret);
     let health = keyless_ops::health::Health::new();
     keyless_server::ops::register_checks(&srv.state, &health);
@@ -422,17 +423,17 @@ fn print_admin(b: &keyless_server::state::Bootstrap, data_dir: &Path, print_secr
     let path = data_dir.join(BOOTSTRAP_SECRET_FILE);
     match &b.new_admin {
         Some(admin) => {
-            println!();
-            println!(
+            say!();
+            say!(
                 "Bootstrap admin created; its secret is in {} (mode 0600).",
                 path.display()
             );
-            println!("  export KEYLESS_CLIENT_ID={}", admin.client_id);
+            say!("  export KEYLESS_CLIENT_ID={}", admin.client_id);
             if print_secret {
-                println!("  export KEYLESS_CLIENT_SECRET={}", admin.client_secret);
+                say!("  export KEYLESS_CLIENT_SECRET={}", admin.client_secret);
             }
         }
-        None => println!(
+        None => say!(
             "Bootstrap admin client id: {} (its secret was written to {} at first start)",
             b.admin_client_id,
             path.display()
@@ -460,26 +461,26 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
         audit: a.audit.open(&a.state_dir)?,
     };
     let node = keyless_node::start(cfg, Arc::new(SystemClock::new())).await?;
-    println!("IMDS endpoint: http://{}", node.imds_addr);
+    say!("IMDS endpoint: http://{}", node.imds_addr);
     if let (Some(addr), Some(file)) = (node.app_service_addr, &node.identity_header_file) {
-        println!(
+        say!(
             "App Service endpoint: export IDENTITY_ENDPOINT=http://{addr}/MSI/token IDENTITY_HEADER=$(cat {})",
             file.display()
         );
     }
     if let Some(addr) = node.arc_addr {
-        println!(
+        say!(
             "Arc endpoint: export IDENTITY_ENDPOINT=http://localhost:{}/metadata/identity/oauth2/token IMDS_ENDPOINT=http://localhost:{}",
             addr.port(),
             addr.port()
         );
     }
     if let Some(v) = node.agent.view() {
-        println!("VM: {}", v.vm["resourceId"].as_str().unwrap_or(""));
+        say!("VM: {}", v.vm["resourceId"].as_str().unwrap_or(""));
     }
     if let Some(n) = &node.nmi {
         // printed once the watches have listed and the iptables redirect is in place
-        println!("NMI endpoint: http://{}", n.addr);
+        say!("NMI endpoint: http://{}", n.addr);
     }
     let health = keyless_ops::health::Health::new();
     keyless_node::ops::register_checks(&node, &health);
@@ -708,40 +709,42 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     )?;
 
     let ca = info["caFile"].as_str().unwrap_or_default().to_string();
-    println!("Keyless is up.");
-    println!();
-    println!("  Server (token service + control plane): {server_url}");
-    println!("  IMDS endpoint (host agent):              {imds_url}");
-    println!("  Tenant:       {}", b.tenant_id);
-    println!("  Subscription: {}", b.subscription_id);
-    println!("  VM:           {}", vm.resource_id);
+    say!("Keyless is up.");
+    say!();
+    say!("  Server (token service + control plane): {server_url}");
+    say!("  IMDS endpoint (host agent):              {imds_url}");
+    say!("  Tenant:       {}", b.tenant_id);
+    say!("  Subscription: {}", b.subscription_id);
+    say!("  VM:           {}", vm.resource_id);
     if let Some(sys) = &system {
-        println!(
+        say!(
             "  System-assigned identity: principalId {} clientId {}",
-            sys.principal_id, sys.client_id
+            sys.principal_id,
+            sys.client_id
         );
     }
-    println!(
+    say!(
         "  Demo user-assigned identity: {} (clientId {})",
-        demo_rec.resource_id, demo_rec.client_id
+        demo_rec.resource_id,
+        demo_rec.client_id
     );
-    println!("  CA certificate: {ca}");
-    println!(
+    say!("  CA certificate: {ca}");
+    say!(
         "  Key Vault:    {} (create one with `keyless keyvault create -n <vault> -g <group>`)",
         s.vault_uri("<vault>")
     );
     print_admin(&b, &a.server.data_dir, a.server.print_secret);
-    println!();
-    println!("For workloads (Azure SDKs) on this machine:");
-    println!("  export AZURE_POD_IDENTITY_AUTHORITY_HOST={imds_url}");
-    println!("  export REQUESTS_CA_BUNDLE={ca} SSL_CERT_FILE={ca} NODE_EXTRA_CA_CERTS={ca}");
-    println!("For the keyless admin verbs:");
-    println!(
+    say!();
+    say!("For workloads (Azure SDKs) on this machine:");
+    say!("  export AZURE_POD_IDENTITY_AUTHORITY_HOST={imds_url}");
+    say!("  export REQUESTS_CA_BUNDLE={ca} SSL_CERT_FILE={ca} NODE_EXTRA_CA_CERTS={ca}");
+    say!("For the keyless admin verbs:");
+    say!(
         "  export KEYLESS_SERVER={server_url} KEYLESS_TENANT_ID={} KEYLESS_CA_FILE={ca}",
         b.tenant_id
     );
-    println!();
-    println!(
+    say!();
+    say!(
         "Endpoints are also written to {}. Stop with Ctrl-C.",
         info_path.display()
     );
@@ -836,7 +839,7 @@ pub async fn kv_agent(a: KvAgentArgs) -> Result<(), CliError> {
     })
     .map_err(|e| CliError::Usage(e.to_string()))?;
     let s = agent.settings();
-    println!(
+    say!(
         "kv-agent: watching {} certificate(s) every {} s{}",
         s.observed_certificates.len(),
         s.polling_interval.as_secs(),
@@ -847,10 +850,10 @@ pub async fn kv_agent(a: KvAgentArgs) -> Result<(), CliError> {
         }
     );
     for c in &s.observed_certificates {
-        println!("  {} -> {}", c.url, c.link_path().display());
+        say!("  {} -> {}", c.url, c.link_path().display());
     }
     if let Some(p) = agent.status_path() {
-        println!("  status: {}", p.display());
+        say!("  status: {}", p.display());
     }
     let health = keyless_ops::health::Health::new();
     let rx = agent.readiness();
@@ -874,8 +877,8 @@ pub async fn kv_agent(a: KvAgentArgs) -> Result<(), CliError> {
             let r = ready.borrow_and_update().clone();
             if last.as_ref() != Some(&r) {
                 match &r {
-                    keyless_kvagent::Readiness::Ready => println!("kv-agent: initial sync done"),
-                    keyless_kvagent::Readiness::Failed(m) => println!("kv-agent: {m}"),
+                    keyless_kvagent::Readiness::Ready => say!("kv-agent: initial sync done"),
+                    keyless_kvagent::Readiness::Failed(m) => say!("kv-agent: {m}"),
                     keyless_kvagent::Readiness::Syncing => {}
                 }
                 last = Some(r);

@@ -1586,3 +1586,48 @@ async fn concurrent_fic_writes_under_one_identity_never_half_apply() {
         )
     );
 }
+
+/// A daemon keeps serving when its stdout goes away: the reader of `keyless up`'s output closes
+/// the pipe before the first line, and the host agent still answers (`println!` would have
+/// panicked at the first line on EPIPE).
+#[tokio::test]
+async fn a_closed_stdout_does_not_stop_keyless_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = std::process::Command::new(bin())
+        .args(["up", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--imds-listen", "127.0.0.1:0"])
+        .env("KEYLESS_METRICS_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let info_path = data.join("endpoints.json");
+    let mut info = Value::Null;
+    for _ in 0..600 {
+        if let Ok(b) = std::fs::read(&info_path) {
+            info = serde_json::from_slice(&b).unwrap_or(Value::Null);
+            if info["imdsUrl"].is_string() {
+                break;
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "keyless up exited with its stdout closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // the lines after endpoints.json are printed by now; the agent still answers
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "keyless up died");
+    let (st, body) = imds_token(
+        info["imdsUrl"].as_str().expect("endpoints.json names the IMDS"),
+        "resource=https://management.azure.com/",
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
