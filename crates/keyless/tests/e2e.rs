@@ -1623,7 +1623,9 @@ async fn a_closed_stdout_does_not_stop_keyless_up() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(child.try_wait().unwrap().is_none(), "keyless up died");
     let (st, body) = imds_token(
-        info["imdsUrl"].as_str().expect("endpoints.json names the IMDS"),
+        info["imdsUrl"]
+            .as_str()
+            .expect("endpoints.json names the IMDS"),
         "resource=https://management.azure.com/",
     )
     .await;
