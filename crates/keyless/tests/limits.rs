@@ -50,18 +50,7 @@ fn spawn_with_nofile(dir: &Path, args: &[&str], nofile: u64, marker: &str) -> Pr
 fn up_with_nofile(dir: &Path, nofile: u64) -> (Proc, Value) {
     let data = dir.join("data");
     let data_s = data.to_string_lossy().to_string();
-    let args = [
-        "up",
-        "--data-dir",
-        &data_s,
-        "--listen",
-        "127.0.0.1:0",
-        "--imds-listen",
-        "127.0.0.1:0",
-        "--sync-interval",
-        "1",
-    ];
-    let proc = spawn_with_nofile(dir, &args, nofile, "Stop with Ctrl-C");
+    let proc = spawn_with_nofile(dir, &common::up_args(&data_s), nofile, "Stop with Ctrl-C");
     let info: Value =
         serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
     (proc, info)

@@ -140,21 +140,26 @@ pub struct Up {
     pub dir: PathBuf,
 }
 
+/// `keyless up` on port 0 with its data in `data_dir`, syncing every second.
+pub fn up_args(data_dir: &str) -> Vec<&str> {
+    vec![
+        "up",
+        "--data-dir",
+        data_dir,
+        "--listen",
+        "127.0.0.1:0",
+        "--imds-listen",
+        "127.0.0.1:0",
+        "--sync-interval",
+        "1",
+    ]
+}
+
 impl Up {
     pub fn start(dir: &Path, extra: &[&str]) -> Result<Up, String> {
         let data = dir.join("data");
         let data_s = data.to_string_lossy().to_string();
-        let mut args = vec![
-            "up",
-            "--data-dir",
-            &data_s,
-            "--listen",
-            "127.0.0.1:0",
-            "--imds-listen",
-            "127.0.0.1:0",
-            "--sync-interval",
-            "1",
-        ];
+        let mut args = up_args(&data_s);
         args.extend_from_slice(extra);
         let proc = spawn_until(&args, "Stop with Ctrl-C", dir)?;
         let info: Value = serde_json::from_slice(
