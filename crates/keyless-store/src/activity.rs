@@ -53,11 +53,3 @@ pub struct ActivityQuery {
     /// Page size.
     pub limit: usize,
 }
-
-pub trait ActivityStore {
-    /// Append an event and drop events older than `purge_before` (µs) in the same transaction;
-    /// returns the event's `seq`.
-    fn append_activity(&self, r: &ActivityRecord, purge_before: i64) -> Result<u64>;
-    /// Events matching `q`, newest first, at most `q.limit`.
-    fn list_activity(&self, q: &ActivityQuery) -> Result<Vec<ActivityRecord>>;
-}

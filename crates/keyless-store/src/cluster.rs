@@ -70,18 +70,3 @@ pub enum ClusterPut {
     /// The node resource group of a new cluster exists already: nothing written.
     NodeGroupExists,
 }
-
-pub trait ClusterStore {
-    fn put_cluster(&self, w: &ClusterWrite<'_>) -> Result<ClusterPut>;
-    /// Replace only the cluster row (its `properties`, e.g. pod identity states), if the stored
-    /// version is `expect_version`.
-    fn update_cluster(&self, c: &ClusterRecord, expect_version: u64) -> Result<ClusterPut>;
-    fn get_cluster(&self, key: &str) -> Result<Option<ClusterRecord>>;
-    fn list_clusters(&self, subscription: &str, rg: Option<&str>) -> Result<Vec<ClusterRecord>>;
-    /// The cluster whose node resource group is `rg`.
-    fn cluster_of_node_group(&self, subscription: &str, rg: &str) -> Result<Option<ClusterRecord>>;
-    /// Delete a cluster with its system identity, its node resource group and everything in it
-    /// (scale sets, instances, host credentials, the kubelet identity, role assignments at
-    /// those scopes or held by those identities).
-    fn delete_cluster(&self, key: &str) -> Result<bool>;
-}

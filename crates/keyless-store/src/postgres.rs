@@ -1,0 +1,299 @@
+//! The PostgreSQL backend: `tokio-postgres` with a `deadpool-postgres` pool (see
+//! ARCHITECTURE.md for why), statements prepared once per connection, TLS through rustls.
+//!
+//! A write transaction is `READ COMMITTED`; the rules that count rows under a parent (20
+//! federated credentials per identity, a pool's size, instance ids) lock the parent row first
+//! ([`crate::Tx::lock_row`]), and unique constraints hold the rest. A read transaction is
+//! `REPEATABLE READ READ ONLY`: one snapshot, as on SQLite.
+
+use crate::db::{Backend, Conn, Db, Param, Row, Value};
+use crate::migrations::MIGRATIONS;
+use crate::{Conflict, Result, StoreError};
+use bytes::BytesMut;
+use rustls_pki_types::pem::PemObject as _;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type};
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// `postgres://user:password@host:port/db?sslmode=…` (or the key=value form).
+    pub url: String,
+    /// CA certificates (PEM) that sign the server's certificate; without it, with `sslmode`
+    /// `require`, the system's roots are used.
+    pub ca_file: Option<PathBuf>,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// How long a request waits for a connection before the store answers "unavailable".
+    pub wait_timeout: Duration,
+}
+
+impl PgOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ca_file: None,
+            pool_size: 16,
+            wait_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Whether `s` names a PostgreSQL database rather than a SQLite path.
+pub fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if let Some(db) = e.as_db_error() {
+            let code = db.code();
+            if *code == SqlState::UNIQUE_VIOLATION {
+                return StoreError::Conflict(Conflict::Unique(
+                    db.constraint().unwrap_or("unique").to_string(),
+                ));
+            }
+            if *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::LOCK_NOT_AVAILABLE
+            {
+                return StoreError::Conflict(Conflict::Busy(db.message().to_string()));
+            }
+            let class = &code.code()[..2];
+            // 08 connection, 53 resources, 57 operator intervention (shutdown), 58 system
+            if matches!(class, "08" | "53" | "57" | "58") {
+                return StoreError::Unavailable(db.message().to_string());
+            }
+            return StoreError::Backend(format!("{}: {}", code.code(), db.message()));
+        }
+        // no server answer: the connection is gone or never came up
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            e => StoreError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl ToSql for Param<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match *self {
+            Param::Null => Ok(IsNull::Yes),
+            Param::Int(v) => match *ty {
+                Type::INT2 => i16::try_from(v)?.to_sql(ty, out),
+                Type::INT4 => i32::try_from(v)?.to_sql(ty, out),
+                Type::BOOL => (v != 0).to_sql(ty, out),
+                _ => v.to_sql(ty, out),
+            },
+            Param::Text(s) => s.to_sql(ty, out),
+            Param::Bytes(b) => b.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+fn to_row(r: &tokio_postgres::Row) -> Result<Row> {
+    let mut vals = Vec::with_capacity(r.len());
+    for (i, c) in r.columns().iter().enumerate() {
+        let v = match *c.type_() {
+            Type::INT8 => r.try_get::<_, Option<i64>>(i)?.map(Value::Int),
+            Type::INT4 => r.try_get::<_, Option<i32>>(i)?.map(|v| Value::Int(v as i64)),
+            Type::INT2 => r.try_get::<_, Option<i16>>(i)?.map(|v| Value::Int(v as i64)),
+            Type::BOOL => r.try_get::<_, Option<bool>>(i)?.map(|v| Value::Int(v as i64)),
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
+                r.try_get::<_, Option<String>>(i)?.map(Value::Text)
+            }
+            Type::BYTEA => r.try_get::<_, Option<Vec<u8>>>(i)?.map(Value::Bytes),
+            ref t => {
+                return Err(StoreError::Backend(format!(
+                    "column {} has type {t} the store does not read",
+                    c.name()
+                )))
+            }
+        };
+        vals.push(v.unwrap_or(Value::Null));
+    }
+    Ok(Row(vals))
+}
+
+fn tls(opts: &PgOptions) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = match &opts.ca_file {
+        Some(p) => std::fs::read(p).map_err(|e| {
+            StoreError::Unavailable(format!("database CA file {}: {e}", p.display()))
+        })?,
+        None => std::fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default(),
+    };
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| StoreError::Unavailable(format!("database CA file: {e}")))?;
+        let _ = roots.add(cert);
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// A PostgreSQL database.
+pub struct PgDb {
+    pool: Pool,
+}
+
+impl PgDb {
+    /// Connect, check the server answers and apply pending migrations (under an advisory lock,
+    /// so replicas starting together migrate once).
+    pub async fn connect(opts: &PgOptions) -> Result<Self> {
+        let cfg: tokio_postgres::Config = opts
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Backend(format!("database URL: {e}")))?;
+        let mgr = Manager::from_config(
+            cfg,
+            tls(opts)?,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(opts.pool_size.max(1))
+            .wait_timeout(Some(opts.wait_timeout))
+            .create_timeout(Some(opts.wait_timeout))
+            .recycle_timeout(Some(opts.wait_timeout))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let db = Self { pool };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(7415126); \
+             CREATE TABLE IF NOT EXISTS keyless_schema(version BIGINT NOT NULL); \
+             INSERT INTO keyless_schema(version) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM keyless_schema)",
+        )
+        .await?;
+        let done: i64 = tx
+            .query_one("SELECT version FROM keyless_schema", &[])
+            .await?
+            .get(0);
+        if done as usize > MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "database schema version {done} is newer than this binary ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+            tx.batch_execute(m.postgres).await?;
+            tx.execute(
+                "UPDATE keyless_schema SET version = $1",
+                &[&((i + 1) as i64)],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Db for PgDb {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn begin(&self, write: bool) -> Result<Box<dyn Conn>> {
+        let client = self.pool.get().await?;
+        client
+            .batch_execute(if write {
+                "BEGIN ISOLATION LEVEL READ COMMITTED"
+            } else {
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+            })
+            .await?;
+        Ok(Box::new(PgConn {
+            client: Some(client),
+        }))
+    }
+}
+
+struct PgConn {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl PgConn {
+    fn c(&self) -> &deadpool_postgres::Object {
+        self.client.as_ref().expect("client present until the end")
+    }
+}
+
+#[async_trait::async_trait]
+impl Conn for PgConn {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
+        let c = self.c();
+        let st = c.prepare_cached(sql).await?;
+        let args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+        let rows = c.query(&st, &args).await?;
+        rows.iter().map(to_row).collect()
+    }
+
+    async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        let c = self.c();
+        let st = c.prepare_cached(sql).await?;
+        let args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+        Ok(c.execute(&st, &args).await?)
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        let client = self.client.take().expect("client present until the end");
+        client.batch_execute("COMMIT").await?;
+        Ok(())
+    }
+
+    fn abort(mut self: Box<Self>) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            // the connection goes back to the pool only once it is out of the transaction
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if client.batch_execute("ROLLBACK").await.is_err() {
+                        let _ = deadpool_postgres::Object::take(client);
+                    }
+                });
+            }
+            Err(_) => {
+                // no runtime to roll back on: close the connection (the server rolls back)
+                let _ = deadpool_postgres::Object::take(client);
+            }
+        }
+    }
+}
