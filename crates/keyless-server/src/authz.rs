@@ -1,14 +1,15 @@
-//! Authorization of control-plane calls: the caller's role assignments from the store,
-//! evaluated by `keyless_core::rbac`.
+//! Authorization of control-plane calls: the caller's role assignments from the store (in the
+//! request's unit of work), evaluated by `keyless_core::rbac`.
 
 use crate::error::{Result, ServerError};
-use crate::state::AppState;
 use keyless_core::rbac::{self, Grant};
+use keyless_store::Tx;
 
 /// The caller's grants.
-pub fn grants(s: &AppState, principal_id: &str) -> Result<Vec<Grant>> {
-    Ok(s.store
-        .role_assignments_for_principal(principal_id)?
+pub async fn grants(tx: &mut Tx, principal_id: &str) -> Result<Vec<Grant>> {
+    Ok(tx
+        .role_assignments_for_principal(principal_id)
+        .await?
         .into_iter()
         .map(|r| Grant {
             scope: r.scope,
@@ -18,13 +19,13 @@ pub fn grants(s: &AppState, principal_id: &str) -> Result<Vec<Grant>> {
 }
 
 /// Whether `principal_id` may perform `action` on `scope`.
-pub fn permitted(s: &AppState, principal_id: &str, action: &str, scope: &str) -> Result<bool> {
-    Ok(rbac::authorize(&grants(s, principal_id)?, action, scope).is_some())
+pub async fn permitted(tx: &mut Tx, principal_id: &str, action: &str, scope: &str) -> Result<bool> {
+    Ok(rbac::authorize(&grants(tx, principal_id).await?, action, scope).is_some())
 }
 
 /// 403 `AuthorizationFailed` unless `principal_id` may perform `action` on `scope`.
-pub fn check(s: &AppState, principal_id: &str, action: &str, scope: &str) -> Result<()> {
-    if permitted(s, principal_id, action, scope)? {
+pub async fn check(tx: &mut Tx, principal_id: &str, action: &str, scope: &str) -> Result<()> {
+    if permitted(tx, principal_id, action, scope).await? {
         Ok(())
     } else {
         Err(ServerError::AuthorizationFailed {
@@ -40,14 +41,14 @@ pub const ASSIGN_IDENTITY: &str = "Microsoft.ManagedIdentity/userAssignedIdentit
 
 /// 403 `LinkedAuthorizationFailed` unless `principal_id`, writing `scope` with `action`, may
 /// also attach the user-assigned identity `identity` (a host's or a pool's identity link).
-pub fn check_assign(
-    s: &AppState,
+pub async fn check_assign(
+    tx: &mut Tx,
     principal_id: &str,
     action: &str,
     scope: &str,
     identity: &str,
 ) -> Result<()> {
-    if permitted(s, principal_id, ASSIGN_IDENTITY, identity)? {
+    if permitted(tx, principal_id, ASSIGN_IDENTITY, identity).await? {
         Ok(())
     } else {
         Err(ServerError::LinkedAuthorizationFailed {

@@ -151,7 +151,6 @@ pub async fn start(
         cfg,
         http,
         jwks: Default::default(),
-        fic_writes: Default::default(),
         vault_clock,
         verified: Default::default(),
     });

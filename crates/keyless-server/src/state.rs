@@ -81,7 +81,8 @@ impl ServerConfig {
 
 /// Shared state of a running server.
 pub struct AppState {
-    pub store: Arc<dyn Store>,
+    /// The store handle: `store.read(op)` / `store.write(op)` open a unit of work.
+    pub store: Store,
     pub clock: Arc<dyn Clock>,
     pub cfg: ServerConfig,
     pub tenant_id: String,
@@ -95,8 +96,6 @@ pub struct AppState {
     /// Client for external OIDC issuers (federated credentials).
     pub http: reqwest::Client,
     pub jwks: crate::federation::JwksCache,
-    /// Identities with a federated-credential write in flight (concurrent writes get 409).
-    pub fic_writes: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Time of the Key Vault (certificate validity, lifetime actions, soft delete).
     pub vault_clock: crate::kv::VaultClock,
     /// Tokens whose signature was already checked.

@@ -140,4 +140,3 @@ pub struct TrackedRecord {
     /// The resource as ARM shows it.
     pub body: serde_json::Value,
 }
-

@@ -10,8 +10,8 @@ use crate::db::{Backend, Conn, Db, Param, Row, Value};
 use crate::migrations::MIGRATIONS;
 use crate::{Conflict, Result, StoreError};
 use bytes::BytesMut;
-use rustls_pki_types::pem::PemObject as _;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use rustls_pki_types::pem::PemObject as _;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
@@ -114,9 +114,15 @@ fn to_row(r: &tokio_postgres::Row) -> Result<Row> {
     for (i, c) in r.columns().iter().enumerate() {
         let v = match *c.type_() {
             Type::INT8 => r.try_get::<_, Option<i64>>(i)?.map(Value::Int),
-            Type::INT4 => r.try_get::<_, Option<i32>>(i)?.map(|v| Value::Int(v as i64)),
-            Type::INT2 => r.try_get::<_, Option<i16>>(i)?.map(|v| Value::Int(v as i64)),
-            Type::BOOL => r.try_get::<_, Option<bool>>(i)?.map(|v| Value::Int(v as i64)),
+            Type::INT4 => r
+                .try_get::<_, Option<i32>>(i)?
+                .map(|v| Value::Int(v as i64)),
+            Type::INT2 => r
+                .try_get::<_, Option<i16>>(i)?
+                .map(|v| Value::Int(v as i64)),
+            Type::BOOL => r
+                .try_get::<_, Option<bool>>(i)?
+                .map(|v| Value::Int(v as i64)),
             Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
                 r.try_get::<_, Option<String>>(i)?.map(Value::Text)
             }
@@ -163,10 +169,10 @@ impl PgDb {
     /// Connect, check the server answers and apply pending migrations (under an advisory lock,
     /// so replicas starting together migrate once).
     pub async fn connect(opts: &PgOptions) -> Result<Self> {
-        let cfg: tokio_postgres::Config = opts
-            .url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Backend(format!("database URL: {e}")))?;
+        let cfg: tokio_postgres::Config =
+            opts.url.parse().map_err(|e: tokio_postgres::Error| {
+                StoreError::Backend(format!("database URL: {e}"))
+            })?;
         let mgr = Manager::from_config(
             cfg,
             tls(opts)?,

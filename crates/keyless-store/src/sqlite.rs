@@ -223,7 +223,9 @@ struct ReadConn {
 
 impl ReadConn {
     fn c(&self) -> &Connection {
-        self.conn.as_ref().expect("connection present until dropped")
+        self.conn
+            .as_ref()
+            .expect("connection present until dropped")
     }
     /// End the snapshot and give the connection back (a broken one is dropped).
     fn release(mut self: Box<Self>) {

@@ -30,7 +30,10 @@ impl Store {
 
     /// The embedded default: one SQLite file (created and migrated if needed).
     pub fn sqlite(path: &std::path::Path, kek: Kek) -> Result<Self> {
-        Ok(Self::new(Arc::new(crate::sqlite::SqliteDb::open(path)?), kek))
+        Ok(Self::new(
+            Arc::new(crate::sqlite::SqliteDb::open(path)?),
+            kek,
+        ))
     }
 
     /// A PostgreSQL database (`postgres://…`), migrated if needed.
@@ -104,7 +107,11 @@ impl Tx {
     }
 
     /// The first row, if any.
-    pub(crate) async fn query_opt(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Option<Row>> {
+    pub(crate) async fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<Row>> {
         Ok(self.conn().query(sql, params).await?.into_iter().next())
     }
 
@@ -124,7 +131,12 @@ impl Tx {
     /// another writer in any process. `table` and `column` are literals of the caller. On
     /// SQLite a write transaction already excludes every other writer; the query only tells
     /// whether the row exists. True when the row exists.
-    pub async fn lock_row(&mut self, table: &'static str, column: &'static str, key: &str) -> Result<bool> {
+    pub async fn lock_row(
+        &mut self,
+        table: &'static str,
+        column: &'static str,
+        key: &str,
+    ) -> Result<bool> {
         let sql = match self.backend() {
             Backend::Sqlite => format!("SELECT 1 FROM {table} WHERE {column} = $1"),
             Backend::Postgres => format!("SELECT 1 FROM {table} WHERE {column} = $1 FOR UPDATE"),

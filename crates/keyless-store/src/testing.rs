@@ -88,32 +88,74 @@ impl PgServer {
             eprintln!("PostgreSQL not installed: skipping its cases (set KEYLESS_PG_BIN)");
             return None;
         };
-        let dir = tempfile::Builder::new().prefix("keyless-pg").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("keyless-pg")
+            .tempdir()
+            .expect("temp dir");
         let user = unprivileged();
         if let Some((uid, gid)) = user {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown temp dir");
         }
         let data = dir.path().join("data");
         let out = command(&bin.join("initdb"), user)
-            .args(["-D", data.to_str().unwrap(), "-U", "keyless", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "keyless",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
             .stdout(Stdio::null())
             .output()
             .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log file");
         if let Some((uid, gid)) = user {
             let _ = std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid));
         }
         let child = command(&bin.join("postgres"), user)
-            .args(["-D", data.to_str().unwrap(), "-p", &port.to_string(), "-k", dir.path().to_str().unwrap()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off", "-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-p",
+                &port.to_string(),
+                "-k",
+                dir.path().to_str().unwrap(),
+            ])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+            ])
+            .args([
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "shared_buffers=32MB",
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start postgres");
-        let server = Self { child, dir, port, next_db: AtomicU32::new(0) };
+        let server = Self {
+            child,
+            dir,
+            port,
+            next_db: AtomicU32::new(0),
+        };
         server.wait_ready(&data);
         Some(server)
     }
@@ -142,7 +184,11 @@ impl PgServer {
 
     /// A new empty database of its own (for one test), as a URL.
     pub async fn database(&self) -> String {
-        let name = format!("t{}_{}", std::process::id(), self.next_db.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            self.next_db.fetch_add(1, Ordering::Relaxed)
+        );
         let (client, conn) = tokio_postgres::connect(&self.admin_url(), tokio_postgres::NoTls)
             .await
             .expect("connect to the test server");

@@ -12,7 +12,11 @@ impl Tx {
 
     /// Replace only the cluster row (its `properties`, e.g. pod identity states), if the stored
     /// version is `expect_version`.
-    pub async fn update_cluster(&mut self, c: &ClusterRecord, expect_version: u64) -> Result<ClusterPut> {
+    pub async fn update_cluster(
+        &mut self,
+        c: &ClusterRecord,
+        expect_version: u64,
+    ) -> Result<ClusterPut> {
         todo!("port update_cluster")
     }
 
@@ -20,12 +24,20 @@ impl Tx {
         todo!("port get_cluster")
     }
 
-    pub async fn list_clusters(&mut self, subscription: &str, rg: Option<&str>) -> Result<Vec<ClusterRecord>> {
+    pub async fn list_clusters(
+        &mut self,
+        subscription: &str,
+        rg: Option<&str>,
+    ) -> Result<Vec<ClusterRecord>> {
         todo!("port list_clusters")
     }
 
     /// The cluster whose node resource group is `rg`.
-    pub async fn cluster_of_node_group(&mut self, subscription: &str, rg: &str) -> Result<Option<ClusterRecord>> {
+    pub async fn cluster_of_node_group(
+        &mut self,
+        subscription: &str,
+        rg: &str,
+    ) -> Result<Option<ClusterRecord>> {
         todo!("port cluster_of_node_group")
     }
 

@@ -10,7 +10,10 @@ impl Tx {
         todo!("port put_service_principal")
     }
 
-    pub async fn get_service_principal(&mut self, client_id: &str) -> Result<Option<ServicePrincipalRecord>> {
+    pub async fn get_service_principal(
+        &mut self,
+        client_id: &str,
+    ) -> Result<Option<ServicePrincipalRecord>> {
         todo!("port get_service_principal")
     }
 
@@ -24,11 +27,17 @@ impl Tx {
         todo!("port directory_lookup")
     }
 
-    pub async fn insert_role_assignment(&mut self, ra: &RoleAssignmentRecord) -> Result<RoleAssignmentInsert> {
+    pub async fn insert_role_assignment(
+        &mut self,
+        ra: &RoleAssignmentRecord,
+    ) -> Result<RoleAssignmentInsert> {
         todo!("port insert_role_assignment")
     }
 
-    pub async fn get_role_assignment(&mut self, name: &str) -> Result<Option<RoleAssignmentRecord>> {
+    pub async fn get_role_assignment(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<RoleAssignmentRecord>> {
         todo!("port get_role_assignment")
     }
 
@@ -37,11 +46,17 @@ impl Tx {
     }
 
     /// The assignments a principal holds (the authorization hot path; indexed).
-    pub async fn role_assignments_for_principal(&mut self, principal_id: &str) -> Result<Vec<RoleAssignmentRecord>> {
+    pub async fn role_assignments_for_principal(
+        &mut self,
+        principal_id: &str,
+    ) -> Result<Vec<RoleAssignmentRecord>> {
         todo!("port role_assignments_for_principal")
     }
 
-    pub async fn delete_role_assignment(&mut self, name: &str) -> Result<Option<RoleAssignmentRecord>> {
+    pub async fn delete_role_assignment(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<RoleAssignmentRecord>> {
         todo!("port delete_role_assignment")
     }
 }

@@ -10,11 +10,18 @@ impl Tx {
         todo!("port put_resource_group")
     }
 
-    pub async fn get_resource_group(&mut self, subscription: &str, name: &str) -> Result<Option<ResourceGroupRecord>> {
+    pub async fn get_resource_group(
+        &mut self,
+        subscription: &str,
+        name: &str,
+    ) -> Result<Option<ResourceGroupRecord>> {
         todo!("port get_resource_group")
     }
 
-    pub async fn list_resource_groups(&mut self, subscription: &str) -> Result<Vec<ResourceGroupRecord>> {
+    pub async fn list_resource_groups(
+        &mut self,
+        subscription: &str,
+    ) -> Result<Vec<ResourceGroupRecord>> {
         todo!("port list_resource_groups")
     }
 

@@ -8,7 +8,12 @@ use crate::*;
 impl Tx {
     /// Write a VM, its system identity (created, kept or deleted as `system` says) and its
     /// user-assigned identity set, in one transaction. Returns true when created.
-    pub async fn put_vm(&mut self, vm: &VmRecord, system: Option<&IdentityRecord>, user_keys: &[String]) -> Result<bool> {
+    pub async fn put_vm(
+        &mut self,
+        vm: &VmRecord,
+        system: Option<&IdentityRecord>,
+        user_keys: &[String],
+    ) -> Result<bool> {
         todo!("port put_vm")
     }
 
@@ -16,7 +21,11 @@ impl Tx {
         todo!("port get_vm")
     }
 
-    pub async fn list_vms(&mut self, subscription: &str, rg: Option<&str>) -> Result<Vec<VmRecord>> {
+    pub async fn list_vms(
+        &mut self,
+        subscription: &str,
+        rg: Option<&str>,
+    ) -> Result<Vec<VmRecord>> {
         todo!("port list_vms")
     }
 
@@ -35,7 +44,12 @@ impl Tx {
         todo!("port vm_system_identity")
     }
 
-    pub async fn insert_join_token(&mut self, hash: &str, vm_key: &str, expires_at: u64) -> Result<()> {
+    pub async fn insert_join_token(
+        &mut self,
+        hash: &str,
+        vm_key: &str,
+        expires_at: u64,
+    ) -> Result<()> {
         todo!("port insert_join_token")
     }
 
@@ -47,13 +61,22 @@ impl Tx {
         todo!("port insert_host_credential")
     }
 
-    pub async fn get_host_credential(&mut self, fingerprint: &str) -> Result<Option<HostCredentialRecord>> {
+    pub async fn get_host_credential(
+        &mut self,
+        fingerprint: &str,
+    ) -> Result<Option<HostCredentialRecord>> {
         todo!("port get_host_credential")
     }
 
     /// Allocate the next instance of a scale set or pool (ids are never reused); with `limit`,
     /// fail with `Conflict(sqlite::GROUP_FULL)` when the group already has that many.
-    pub async fn create_instance(&mut self, vmss_key: &str, vmss_resource_id: &str, now: u64, limit: Option<u64>) -> Result<InstanceRecord> {
+    pub async fn create_instance(
+        &mut self,
+        vmss_key: &str,
+        vmss_resource_id: &str,
+        now: u64,
+        limit: Option<u64>,
+    ) -> Result<InstanceRecord> {
         todo!("port create_instance")
     }
 

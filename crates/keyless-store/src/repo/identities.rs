@@ -15,7 +15,11 @@ impl Tx {
         todo!("port get_identity")
     }
 
-    pub async fn list_identities(&mut self, subscription: &str, rg: Option<&str>) -> Result<Vec<IdentityRecord>> {
+    pub async fn list_identities(
+        &mut self,
+        subscription: &str,
+        rg: Option<&str>,
+    ) -> Result<Vec<IdentityRecord>> {
         todo!("port list_identities")
     }
 

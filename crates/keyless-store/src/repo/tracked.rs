@@ -15,12 +15,21 @@ impl Tx {
         todo!("port get_tracked")
     }
 
-    pub async fn list_tracked(&mut self, type_name: &str, subscription: &str, rg: Option<&str>) -> Result<Vec<TrackedRecord>> {
+    pub async fn list_tracked(
+        &mut self,
+        type_name: &str,
+        subscription: &str,
+        rg: Option<&str>,
+    ) -> Result<Vec<TrackedRecord>> {
         todo!("port list_tracked")
     }
 
     /// Tracked resources of `type_name` below `parent_key` (e.g. a VM's extensions).
-    pub async fn list_tracked_under(&mut self, parent_key: &str, type_name: &str) -> Result<Vec<TrackedRecord>> {
+    pub async fn list_tracked_under(
+        &mut self,
+        parent_key: &str,
+        type_name: &str,
+    ) -> Result<Vec<TrackedRecord>> {
         todo!("port list_tracked_under")
     }
 

@@ -19,7 +19,11 @@ impl Tx {
         todo!("port get_vault_by_name")
     }
 
-    pub async fn list_vaults(&mut self, subscription: &str, rg: Option<&str>) -> Result<Vec<VaultRecord>> {
+    pub async fn list_vaults(
+        &mut self,
+        subscription: &str,
+        rg: Option<&str>,
+    ) -> Result<Vec<VaultRecord>> {
         todo!("port list_vaults")
     }
 
@@ -28,12 +32,22 @@ impl Tx {
         todo!("port delete_vault")
     }
 
-    pub async fn kv_name(&mut self, vault: &str, coll: &str, name: &str) -> Result<Option<KvNameRecord>> {
+    pub async fn kv_name(
+        &mut self,
+        vault: &str,
+        coll: &str,
+        name: &str,
+    ) -> Result<Option<KvNameRecord>> {
         todo!("port kv_name")
     }
 
     /// Names of a collection, sorted by lowercase name; `deleted` picks the soft-deleted ones.
-    pub async fn kv_names(&mut self, vault: &str, coll: &str, deleted: bool) -> Result<Vec<KvNameRecord>> {
+    pub async fn kv_names(
+        &mut self,
+        vault: &str,
+        coll: &str,
+        deleted: bool,
+    ) -> Result<Vec<KvNameRecord>> {
         todo!("port kv_names")
     }
 
@@ -43,17 +57,33 @@ impl Tx {
     }
 
     /// Versions of one object, oldest first, without private material.
-    pub async fn kv_versions(&mut self, vault: &str, coll: &str, name: &str) -> Result<Vec<KvVersionRecord>> {
+    pub async fn kv_versions(
+        &mut self,
+        vault: &str,
+        coll: &str,
+        name: &str,
+    ) -> Result<Vec<KvVersionRecord>> {
         todo!("port kv_versions")
     }
 
     /// One version (`None`: the latest), with its private material unsealed.
-    pub async fn kv_version(&mut self, vault: &str, coll: &str, name: &str, version: Option<&str>) -> Result<Option<KvVersionRecord>> {
+    pub async fn kv_version(
+        &mut self,
+        vault: &str,
+        coll: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<KvVersionRecord>> {
         todo!("port kv_version")
     }
 
     /// The latest version of every name of a collection (live or deleted), by lowercase name.
-    pub async fn kv_latest(&mut self, vault: &str, coll: &str, deleted: bool) -> Result<Vec<KvVersionRecord>> {
+    pub async fn kv_latest(
+        &mut self,
+        vault: &str,
+        coll: &str,
+        deleted: bool,
+    ) -> Result<Vec<KvVersionRecord>> {
         todo!("port kv_latest")
     }
 
@@ -68,12 +98,25 @@ impl Tx {
     }
 
     /// Set the per-object state of a name (creating the name if needed).
-    pub async fn kv_set_extra(&mut self, vault: &str, coll: &str, name: &str, extra: &serde_json::Value) -> Result<bool> {
+    pub async fn kv_set_extra(
+        &mut self,
+        vault: &str,
+        coll: &str,
+        name: &str,
+        extra: &serde_json::Value,
+    ) -> Result<bool> {
         todo!("port kv_set_extra")
     }
 
     /// Soft-delete (`purge_at` Some) or delete outright the name in each of `colls`.
-    pub async fn kv_delete(&mut self, vault: &str, colls: &[&str], name: &str, deleted_at: u64, purge_at: Option<u64>) -> Result<bool> {
+    pub async fn kv_delete(
+        &mut self,
+        vault: &str,
+        colls: &[&str],
+        name: &str,
+        deleted_at: u64,
+        purge_at: Option<u64>,
+    ) -> Result<bool> {
         todo!("port kv_delete")
     }
 
