@@ -47,4 +47,9 @@ impl Tx {
     pub async fn delete_cluster(&mut self, key: &str) -> Result<bool> {
         todo!("port delete_cluster")
     }
+
+    /// Delete a cluster and what it owns, its node resource group included.
+    pub(crate) async fn delete_cluster_rows(&mut self, key: &str) -> Result<bool> {
+        todo!("port delete_cluster_tx {key}")
+    }
 }

@@ -59,4 +59,9 @@ impl Tx {
     ) -> Result<Option<RoleAssignmentRecord>> {
         todo!("port delete_role_assignment")
     }
+
+    /// Remove role assignments at or below `scope_key` (lowercase).
+    pub(crate) async fn delete_assignments_under(&mut self, scope_key: &str) -> Result<()> {
+        todo!("port delete_assignments_under {scope_key}")
+    }
 }

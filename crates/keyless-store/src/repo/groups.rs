@@ -30,4 +30,14 @@ impl Tx {
     pub async fn delete_resource_group(&mut self, subscription: &str, name: &str) -> Result<bool> {
         todo!("port delete_resource_group")
     }
+
+    /// Delete a group and everything in it (cascade shared with cluster deletes; boxed because
+    /// a cluster delete deletes its node group). `sub` and `rg` are lowercase.
+    pub(crate) fn delete_group_rows<'a>(
+        &'a mut self,
+        sub: &'a str,
+        rg: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send + 'a>> {
+        Box::pin(async move { todo!("port delete_group_tx {sub} {rg}") })
+    }
 }

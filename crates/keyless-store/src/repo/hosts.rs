@@ -92,4 +92,10 @@ impl Tx {
     pub async fn delete_instance(&mut self, key: &str) -> Result<bool> {
         todo!("port delete_instance")
     }
+
+    /// Delete a VM or scale set and what it owns (system identity, instances, credentials,
+    /// join tokens, extensions, assignments on its scope).
+    pub(crate) async fn delete_vm_rows(&mut self, key: &str) -> Result<bool> {
+        todo!("port delete_vm_tx {key}")
+    }
 }

@@ -45,4 +45,15 @@ impl Tx {
     pub async fn delete_fic(&mut self, identity_key: &str, name: &str) -> Result<bool> {
         todo!("port delete_fic")
     }
+
+    /// Remove an identity and what refers to it (host assignments, role assignments it holds
+    /// or on its scope, its federated credentials).
+    pub(crate) async fn delete_identity_rows(&mut self, key: &str) -> Result<usize> {
+        todo!("port delete_identity_rows {key}")
+    }
+
+    /// Insert or update an identity row; true when created.
+    pub(crate) async fn put_identity_row(&mut self, id: &IdentityRecord) -> Result<bool> {
+        todo!("port put_identity_tx {}", id.key)
+    }
 }

@@ -134,4 +134,9 @@ impl Tx {
     pub async fn kv_purge_expired(&mut self, now: u64) -> Result<usize> {
         todo!("port kv_purge_expired")
     }
+
+    /// Remove the vaults of a resource group with their objects (inside a group delete).
+    pub(crate) async fn delete_vaults_in_group(&mut self, sub: &str, rg: &str) -> Result<()> {
+        todo!("port delete_vaults_in_group {sub} {rg}")
+    }
 }

@@ -4,6 +4,15 @@
 use crate::CaseFn;
 
 mod lease;
+mod meta;
+mod groups;
+mod identities;
+mod hosts;
+mod directory;
+mod vault;
+mod tracked;
+mod cluster;
+mod activity;
 
 /// `case!(f)` → `("f", f boxed)`.
 #[macro_export]
@@ -14,5 +23,17 @@ macro_rules! case {
 }
 
 pub fn all() -> Vec<(&'static str, CaseFn)> {
-    [lease::CASES].concat()
+    [
+        lease::CASES,
+        meta::CASES,
+        groups::CASES,
+        identities::CASES,
+        hosts::CASES,
+        directory::CASES,
+        vault::CASES,
+        tracked::CASES,
+        cluster::CASES,
+        activity::CASES,
+    ]
+    .concat()
 }

@@ -1,0 +1,8 @@
+//! Store suite cases: vault.
+
+#[allow(unused_imports)]
+use crate::case;
+#[allow(unused_imports)]
+use keyless_store::*;
+
+pub const CASES: &[(&str, crate::CaseFn)] = &[];
