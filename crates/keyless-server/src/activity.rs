@@ -12,7 +12,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::activity_log::{self as al, Operation};
-use keyless_store::{ActivityQuery, ActivityRecord};
+use keyless_store::{ActivityQuery, ActivityRecord, Tx};
 use serde_json::{json, Map, Value};
 
 /// One control-plane write, as answered. Holds no token, secret or request body.
@@ -88,8 +88,10 @@ pub fn now_micros() -> i64 {
 }
 
 /// The hook: record one control-plane write. A failure to record is logged, never turned into
-/// an answer (the write itself already happened). Awaited by the request before its answer
-/// leaves, like every audit record: nothing is left to a detached task the runtime may drop.
+/// an answer (the write itself already happened). The record is appended in a unit of work of
+/// its own, after the request's has ended, so a write that failed (and rolled back) is recorded
+/// too. Awaited by the request before its answer leaves, like every audit record: nothing is
+/// left to a detached task the runtime may drop.
 pub async fn record(s: &AppState, e: &WriteEvent) {
     let (status, _, _) = al::outcome(e.http_status);
     let op = &e.operation;
@@ -113,7 +115,12 @@ pub async fn record(s: &AppState, e: &WriteEvent) {
         client_ip: None,
     };
     let purge_before = e.timestamp - al::RETENTION_DAYS * al::DAY_MICROS;
-    if let Err(err) = s.store.append_activity(&rec, purge_before) {
+    let appended = async {
+        let mut tx = s.store.write("activity_append").await?;
+        tx.append_activity(&rec, purge_before).await?;
+        tx.commit().await
+    };
+    if let Err(err) = appended.await {
         tracing::warn!(error = %err, operation = %op.name, "activity log append failed");
     }
     // the same write in the audit trail (the writer appends it; see keyless_ops::audit)
@@ -139,9 +146,11 @@ fn bad_request(message: String) -> ServerError {
     ServerError::InsightsBadRequest(message)
 }
 
-/// `GET …/providers/Microsoft.Insights/eventtypes/management/values`.
-pub fn list(
+/// `GET …/providers/Microsoft.Insights/eventtypes/management/values`, in the request's unit of
+/// work `tx`.
+pub async fn list(
     s: &AppState,
+    tx: &mut Tx,
     caller: &Caller,
     subscription: &str,
     query: &[(String, String)],
@@ -172,18 +181,19 @@ pub fn list(
         (None, None) => format!("/subscriptions/{subscription}"),
     };
     authz::check(
-        s,
+        tx,
         &caller.object_id,
         "Microsoft.Insights/eventtypes/values/read",
         &scope,
-    )?;
+    )
+    .await?;
     let q = ActivityQuery {
         subscription: subscription.to_string(),
         filter: filter.clone(),
         after,
         limit: al::PAGE_SIZE + 1,
     };
-    let mut events = s.store.list_activity(&q)?;
+    let mut events = tx.list_activity(&q).await?;
     let more = events.len() > al::PAGE_SIZE;
     events.truncate(al::PAGE_SIZE);
     let value: Vec<Value> = events

@@ -1,9 +1,15 @@
 //! The control plane over HTTPS in ARM's shapes. Order of checks follows ARM: authentication,
 //! then `api-version`, then the path, then authorization, then the body.
+//!
+//! Each request is one unit of work in the store, opened by `dispatch` once the request is
+//! authenticated and its body read (a read for GET / HEAD, a write otherwise): every handler
+//! below works in it, and it is committed only when the answer is a success (2xx); an error
+//! rolls everything back. The Activity Log record of a write is appended afterwards, in a unit
+//! of work of its own ([`crate::activity::record`]).
 
 use crate::authz;
 use crate::error::{Result, ServerError};
-use crate::resources::{self as res, VmBody};
+use crate::resources::{self as res, LinkCheck, VmBody};
 use crate::state::AppState;
 use crate::tokens;
 use axum::extract::{Request, State};
@@ -16,6 +22,7 @@ use keyless_core::claims::JwtError;
 use keyless_core::resource_id::{
     canonical_type, ArmPath, ResourceId, BATCH_ACCOUNT, MANAGED_CLUSTER, UAMI, VAULT, VM, VMSS,
 };
+use keyless_store::Tx;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -100,8 +107,8 @@ pub fn authenticate_with(
     })
 }
 
-fn authorize(s: &AppState, caller: &Caller, action: &str, scope: &str) -> Result<()> {
-    authz::check(s, &caller.object_id, action, scope)
+async fn authorize(tx: &mut Tx, caller: &Caller, action: &str, scope: &str) -> Result<()> {
+    authz::check(tx, &caller.object_id, action, scope).await
 }
 
 /// Whether `grants` allow `action` on the resource whose JSON is `item` (its `id`).
@@ -117,11 +124,11 @@ fn is_read(method: &Method) -> bool {
 
 /// A write into a managed cluster's node resource group is refused (see
 /// [`crate::clusters::check_not_node_group`]); reads pass.
-fn node_group_lockdown(s: &AppState, m: &Method, sub: &str, rg: &str) -> Result<()> {
+async fn node_group_lockdown(tx: &mut Tx, m: &Method, sub: &str, rg: &str) -> Result<()> {
     if is_read(m) {
         return Ok(());
     }
-    crate::clusters::check_not_node_group(s, sub, rg)
+    crate::clusters::check_not_node_group(tx, sub, rg).await
 }
 
 fn verb(method: &Method) -> &'static str {
@@ -251,6 +258,12 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
     Ok(resp)
 }
 
+/// One authenticated request: parse it, open its unit of work, route it, and commit when the
+/// answer is a success. A PUT of a federated identity credential first takes its identity's
+/// write claim ([`crate::fics::claim_writes`]): before the unit of work begins, because taking
+/// it is a write of its own (on SQLite it would wait forever behind the request's open write),
+/// and released only after the unit of work has ended, so the next writer sees the committed
+/// credentials.
 async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Response> {
     let (s, caller) = (s.clone(), caller.clone());
     let (parts, body) = req.into_parts();
@@ -266,62 +279,136 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
         if parts.method != Method::GET {
             return Err(ServerError::MethodNotAllowed(parts.method.to_string()));
         }
-        return crate::activity::list(&s, &caller, &sub, &query);
+        let mut tx = s.store.read("arm_read").await?;
+        let resp = crate::activity::list(&s, &mut tx, &caller, &sub, &query).await?;
+        tx.commit().await?;
+        return Ok(resp);
     }
     let path = ArmPath::parse(parts.uri.path())
         .map_err(|_| ServerError::InvalidPath(parts.uri.path().to_string()))?;
+    // read to the end before the unit of work begins: a slow client holds no transaction
     let body = axum::body::to_bytes(body, DRAIN_LIMIT)
         .await
         .ok()
         .filter(|b| b.len() <= MAX_BODY)
         .ok_or(ServerError::RequestTooLarge(MAX_BODY))?;
-    let m = &parts.method;
+    let claim = match fic_write(&parts.method, &path) {
+        Some(identity) => Some(crate::fics::claim_writes(&s, identity).await?),
+        None => None,
+    };
+    let req = ArmRequest {
+        caller: &caller,
+        method: &parts.method,
+        uri_path: parts.uri.path(),
+        version: &version,
+        query: &query,
+        body: &body,
+        fic_claimed: matches!(claim, Some(Some(_))),
+    };
+    let answer = in_unit_of_work(&s, &req, path).await;
+    if let Some(Some(claim)) = claim {
+        if let Err(e) = claim.release().await {
+            tracing::warn!(error = %e, "releasing a federated credential write claim failed; it expires by itself");
+        }
+    }
+    answer
+}
+
+/// Route the request in one unit of work: committed when the answer is a success, rolled back
+/// (dropped) otherwise.
+async fn in_unit_of_work(s: &AppState, req: &ArmRequest<'_>, path: ArmPath) -> Result<Response> {
+    let mut tx = if is_read(req.method) {
+        s.store.read("arm_read").await?
+    } else {
+        s.store.write("arm_write").await?
+    };
+    let resp = route(s, &mut tx, req, path).await?;
+    if resp.status().is_success() {
+        tx.commit().await?;
+    }
+    Ok(resp)
+}
+
+/// The identity whose federated credentials a request writes under the write claim (a PUT of
+/// one credential), if it is one.
+fn fic_write<'p>(m: &Method, path: &'p ArmPath) -> Option<&'p ResourceId> {
+    match path {
+        ArmPath::Child {
+            parent, child_type, ..
+        } if *m == Method::PUT
+            && child_type.eq_ignore_ascii_case("federatedIdentityCredentials")
+            && canonical_type(&parent.namespace, &parent.type_name) == Some(UAMI) =>
+        {
+            Some(parent)
+        }
+        _ => None,
+    }
+}
+
+/// What the routes need of a request besides its parsed path.
+struct ArmRequest<'a> {
+    caller: &'a Caller,
+    method: &'a Method,
+    uri_path: &'a str,
+    version: &'a str,
+    query: &'a [(String, String)],
+    body: &'a [u8],
+    /// For a PUT of a federated credential: whether its identity's write claim is held.
+    fic_claimed: bool,
+}
+
+/// Every ARM route, in the request's unit of work `tx` (never committed here).
+async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -> Result<Response> {
+    let (caller, m, version, query, body) =
+        (req.caller, req.method, req.version, req.query, req.body);
     let sub_scope = |sub: &str| format!("/subscriptions/{sub}");
 
     match path {
         ArmPath::Authorization { scope, kind, name } => {
-            check_version(api_version::AUTHORIZATION, &version, None)?;
-            crate::roles::handle(&s, &caller, m, &scope, kind, name, &query, &body)
+            check_version(api_version::AUTHORIZATION, version, None)?;
+            crate::roles::handle(s, tx, caller, m, &scope, kind, name, query, body).await
         }
         ArmPath::Subscriptions => {
-            check_version(api_version::RESOURCES, &version, None)?;
+            check_version(api_version::RESOURCES, version, None)?;
             // the subscriptions the caller can read
             let scope = sub_scope(&s.subscription_id);
             let readable = authz::permitted(
-                &s,
+                tx,
                 &caller.object_id,
                 "Microsoft.Resources/subscriptions/read",
                 &scope,
-            )?;
+            )
+            .await?;
             Ok(list(if readable {
-                vec![subscription_json(&s)]
+                vec![subscription_json(s)]
             } else {
                 vec![]
             }))
         }
         ArmPath::Subscription { subscription } => {
-            check_version(api_version::RESOURCES, &version, None)?;
-            res::check_subscription(&s, &subscription)?;
+            check_version(api_version::RESOURCES, version, None)?;
+            res::check_subscription(s, &subscription)?;
             authorize(
-                &s,
-                &caller,
+                tx,
+                caller,
                 "Microsoft.Resources/subscriptions/read",
                 &sub_scope(&subscription),
-            )?;
+            )
+            .await?;
             match *m {
-                Method::GET => Ok(Json(subscription_json(&s)).into_response()),
+                Method::GET => Ok(Json(subscription_json(s)).into_response()),
                 _ => Err(ServerError::MethodNotAllowed(m.to_string())),
             }
         }
         ArmPath::ResourceGroups { subscription } => {
-            check_version(api_version::RESOURCES, &version, None)?;
-            res::check_subscription(&s, &subscription)?;
+            check_version(api_version::RESOURCES, version, None)?;
+            res::check_subscription(s, &subscription)?;
             if *m != Method::GET {
                 return Err(ServerError::MethodNotAllowed(m.to_string()));
             }
             // the groups the caller can read
-            let grants = authz::grants(&s, &caller.object_id)?;
-            let groups = s.store.list_resource_groups(&subscription)?;
+            let grants = authz::grants(tx, &caller.object_id).await?;
+            let groups = tx.list_resource_groups(&subscription).await?;
             Ok(list(
                 groups
                     .iter()
@@ -340,65 +427,74 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
             subscription,
             resource_group,
         } => {
-            check_version(api_version::RESOURCES, &version, None)?;
-            res::check_subscription(&s, &subscription)?;
+            check_version(api_version::RESOURCES, version, None)?;
+            res::check_subscription(s, &subscription)?;
             let scope = format!("/subscriptions/{subscription}/resourceGroups/{resource_group}");
             authorize(
-                &s,
-                &caller,
+                tx,
+                caller,
                 &format!(
                     "Microsoft.Resources/subscriptions/resourceGroups/{}",
                     verb(m)
                 ),
                 &scope,
-            )?;
+            )
+            .await?;
             match *m {
                 Method::PUT => {
-                    let b: TrackedBody = parse_body(&body)?;
+                    let b: TrackedBody = parse_body(body)?;
                     let (rg, created) = res::put_resource_group(
-                        &s,
+                        s,
+                        tx,
                         &subscription,
                         &resource_group,
                         b.location.as_deref(),
                         b.tags,
-                    )?;
+                    )
+                    .await?;
                     Ok(created_or_ok(created, res::rg_json(&rg)))
                 }
                 Method::PATCH => {
-                    let b: TrackedBody = parse_body(&body)?;
-                    let cur = res::get_resource_group(&s, &subscription, &resource_group)?;
+                    let b: TrackedBody = parse_body(body)?;
+                    let cur =
+                        res::get_resource_group(s, tx, &subscription, &resource_group).await?;
                     let (rg, _) = res::put_resource_group(
-                        &s,
+                        s,
+                        tx,
                         &subscription,
                         &resource_group,
                         Some(&cur.location),
                         b.tags.or(Some(cur.tags)),
-                    )?;
+                    )
+                    .await?;
                     Ok(Json(res::rg_json(&rg)).into_response())
                 }
-                Method::GET => Ok(Json(res::rg_json(&res::get_resource_group(
-                    &s,
-                    &subscription,
-                    &resource_group,
-                )?))
+                Method::GET => Ok(Json(res::rg_json(
+                    &res::get_resource_group(s, tx, &subscription, &resource_group).await?,
+                ))
                 .into_response()),
                 Method::HEAD => Ok(
-                    match s.store.get_resource_group(&subscription, &resource_group)? {
+                    match tx
+                        .get_resource_group(&subscription, &resource_group)
+                        .await?
+                    {
                         Some(_) => StatusCode::NO_CONTENT.into_response(),
                         None => StatusCode::NOT_FOUND.into_response(),
                     },
                 ),
                 Method::DELETE => {
                     if let Some(cluster) =
-                        crate::clusters::owner_of_node_group(&s, &subscription, &resource_group)?
+                        crate::clusters::owner_of_node_group(tx, &subscription, &resource_group)
+                            .await?
                     {
                         return Err(ServerError::Conflict {
                             code: "OperationNotAllowed",
                             message: format!("The resource group '{resource_group}' is the node resource group of the managed cluster '{cluster}'; it is deleted with the cluster."),
                         });
                     }
-                    if s.store
-                        .delete_resource_group(&subscription, &resource_group)?
+                    if tx
+                        .delete_resource_group(&subscription, &resource_group)
+                        .await?
                     {
                         Ok(StatusCode::OK.into_response())
                     } else {
@@ -415,26 +511,27 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
             type_name,
         } => {
             let (versions, t) = type_versions(&namespace, &type_name)?;
-            check_version(versions, &version, Some(t))?;
-            res::check_subscription(&s, &subscription)?;
+            check_version(versions, version, Some(t))?;
+            res::check_subscription(s, &subscription)?;
             let scope = match &resource_group {
                 Some(rg) => format!("/subscriptions/{subscription}/resourceGroups/{rg}"),
                 None => sub_scope(&subscription),
             };
             let read = format!("{}/{}/read", t.0, t.1);
             if resource_group.is_some() {
-                authorize(&s, &caller, &read, &scope)?;
+                authorize(tx, caller, &read, &scope).await?;
             }
             if *m != Method::GET {
                 return Err(ServerError::MethodNotAllowed(m.to_string()));
             }
             if let Some(rg) = &resource_group {
-                res::get_resource_group(&s, &subscription, rg)?;
+                res::get_resource_group(s, tx, &subscription, rg).await?;
             }
             // a subscription-wide list shows what the caller can read
-            let grants = authz::grants(&s, &caller.object_id)?;
+            let grants = authz::grants(tx, &caller.object_id).await?;
             if t == MANAGED_CLUSTER {
-                let items = crate::clusters::list(&s, &subscription, resource_group.as_deref())?;
+                let items =
+                    crate::clusters::list(s, tx, &subscription, resource_group.as_deref()).await?;
                 Ok(list(
                     items
                         .into_iter()
@@ -442,38 +539,44 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
                         .collect(),
                 ))
             } else if t == BATCH_ACCOUNT {
-                let accounts = s.store.list_tracked(
-                    crate::batch::ACCOUNT_TYPE,
-                    &subscription,
-                    resource_group.as_deref(),
-                )?;
+                let accounts = tx
+                    .list_tracked(
+                        crate::batch::ACCOUNT_TYPE,
+                        &subscription,
+                        resource_group.as_deref(),
+                    )
+                    .await?;
                 let items = accounts.into_iter().map(|a| a.body);
                 Ok(list(
                     items.filter(|v| readable(&grants, &read, v)).collect(),
                 ))
             } else if t == VAULT {
-                let vaults = s
-                    .store
-                    .list_vaults(&subscription, resource_group.as_deref())?;
+                let vaults = tx
+                    .list_vaults(&subscription, resource_group.as_deref())
+                    .await?;
                 let items = vaults.iter().map(crate::vaults::vault_json);
                 Ok(list(
                     items.filter(|v| readable(&grants, &read, v)).collect(),
                 ))
             } else if t == UAMI {
-                let ids = s
-                    .store
-                    .list_identities(&subscription, resource_group.as_deref())?;
+                let ids = tx
+                    .list_identities(&subscription, resource_group.as_deref())
+                    .await?;
                 let items = ids.iter().map(res::identity_json);
                 Ok(list(
                     items.filter(|v| readable(&grants, &read, v)).collect(),
                 ))
             } else {
-                let vms = s.store.list_vms(&subscription, resource_group.as_deref())?;
-                let items = vms
+                let vms = tx
+                    .list_vms(&subscription, resource_group.as_deref())
+                    .await?;
+                let mut items = Vec::with_capacity(vms.len());
+                for v in vms
                     .iter()
                     .filter(|v| ResourceId::parse(&v.resource_id).is_ok_and(|r| r.is_type(t)))
-                    .map(|v| res::vm_json(&s, v))
-                    .collect::<Result<Vec<_>>>()?;
+                {
+                    items.push(res::vm_json(tx, v).await?);
+                }
                 Ok(list(
                     items
                         .into_iter()
@@ -484,25 +587,26 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
         }
         ArmPath::Resource(rid) => {
             let (versions, t) = type_versions(&rid.namespace, &rid.type_name)?;
-            check_version(versions, &version, Some(t))?;
-            res::check_subscription(&s, &rid.subscription)?;
+            check_version(versions, version, Some(t))?;
+            res::check_subscription(s, &rid.subscription)?;
             authorize(
-                &s,
-                &caller,
+                tx,
+                caller,
                 &format!("{}/{}/{}", t.0, t.1, verb(m)),
                 &rid.canonical(),
-            )?;
-            node_group_lockdown(&s, m, &rid.subscription, &rid.resource_group)?;
+            )
+            .await?;
+            node_group_lockdown(tx, m, &rid.subscription, &rid.resource_group).await?;
             if t == UAMI {
-                identity(&s, m, &rid, &body)
+                identity(s, tx, m, &rid, body).await
             } else if t == VAULT {
-                vault(&s, m, &rid, &body)
+                vault(s, tx, m, &rid, body).await
             } else if t == BATCH_ACCOUNT {
-                batch_account(&s, m, &rid, &body)
+                batch_account(s, tx, m, &rid, body).await
             } else if t == MANAGED_CLUSTER {
-                cluster(&s, &caller, m, &rid, &body)
+                cluster(s, tx, caller, m, &rid, body).await
             } else {
-                vm(&s, &caller, m, &rid, &body)
+                vm(s, tx, caller, m, &rid, body).await
             }
         }
         ArmPath::Child {
@@ -511,83 +615,95 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
             name,
         } => {
             let (versions, t) = type_versions(&parent.namespace, &parent.type_name)?;
-            check_version(versions, &version, Some(t))?;
-            res::check_subscription(&s, &parent.subscription)?;
+            check_version(versions, version, Some(t))?;
+            res::check_subscription(s, &parent.subscription)?;
             // fics::handle authorizes first; the lockdown answers only callers that may write
-            let lockdown =
-                || node_group_lockdown(&s, m, &parent.subscription, &parent.resource_group);
+            let (sub, rg) = (parent.subscription.as_str(), parent.resource_group.as_str());
             if t == UAMI && child_type.eq_ignore_ascii_case("federatedIdentityCredentials") {
                 if !is_read(m) {
-                    authorize(
-                        &s,
-                        &caller,
+                    authorize(tx, caller,
                         &format!(
                             "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/{}",
                             verb(m)
                         ),
                         &parent.canonical(),
-                    )?;
-                    lockdown()?;
+                    ).await?;
+                    node_group_lockdown(tx, m, sub, rg).await?;
                 }
-                return crate::fics::handle(&s, &caller, m, &parent, Some(&name), &version, &body);
+                return crate::fics::handle(
+                    s,
+                    tx,
+                    caller,
+                    m,
+                    &parent,
+                    Some(&name),
+                    version,
+                    body,
+                    req.fic_claimed,
+                )
+                .await;
             }
             if t == BATCH_ACCOUNT && child_type.eq_ignore_ascii_case("pools") {
                 authorize(
-                    &s,
-                    &caller,
+                    tx,
+                    caller,
                     &format!("Microsoft.Batch/batchAccounts/pools/{}", verb(m)),
                     &format!("{}/pools/{name}", parent.canonical()),
-                )?;
-                lockdown()?;
-                return pool(&s, &caller, m, &parent, &name, &body);
+                )
+                .await?;
+                node_group_lockdown(tx, m, sub, rg).await?;
+                return pool(s, tx, caller, m, &parent, &name, body).await;
             }
             if t == VM && child_type.eq_ignore_ascii_case("extensions") {
                 authorize(
-                    &s,
-                    &caller,
+                    tx,
+                    caller,
                     &format!("Microsoft.Compute/virtualMachines/extensions/{}", verb(m)),
                     &format!("{}/extensions/{name}", parent.canonical()),
-                )?;
-                lockdown()?;
-                return vm_extension(&s, m, &parent, &name, &body);
+                )
+                .await?;
+                node_group_lockdown(tx, m, sub, rg).await?;
+                return vm_extension(s, tx, m, &parent, &name, body).await;
             }
             if t == VAULT && child_type.eq_ignore_ascii_case("accessPolicies") {
                 authorize(
-                    &s,
-                    &caller,
+                    tx,
+                    caller,
                     "Microsoft.KeyVault/vaults/accessPolicies/write",
                     &parent.canonical(),
-                )?;
-                lockdown()?;
+                )
+                .await?;
+                node_group_lockdown(tx, m, sub, rg).await?;
                 if *m != Method::PUT {
                     return Err(ServerError::MethodNotAllowed(m.to_string()));
                 }
-                let b: Value = parse_body(&body)?;
-                return Ok(Json(crate::vaults::update_access_policies(
-                    &s, &parent, &name, b,
-                )?)
+                let b: Value = parse_body(body)?;
+                return Ok(Json(
+                    crate::vaults::update_access_policies(s, tx, &parent, &name, b).await?,
+                )
                 .into_response());
             }
             if t != VMSS || !child_type.eq_ignore_ascii_case("virtualMachines") {
-                return Err(ServerError::InvalidPath(parts.uri.path().to_string()));
+                return Err(ServerError::InvalidPath(req.uri_path.to_string()));
             }
             let scope = format!("{}/virtualMachines/{name}", parent.canonical());
             authorize(
-                &s,
-                &caller,
+                tx,
+                caller,
                 &format!(
                     "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/{}",
                     verb(m)
                 ),
                 &scope,
-            )?;
-            let ss = res::get_vm(&s, &parent)?;
+            )
+            .await?;
+            let ss = res::get_vm(s, tx, &parent).await?;
             let key = format!("{}/virtualmachines/{}", ss.key, name.to_ascii_lowercase());
-            let instance = s.store.get_instance(&key)?;
+            let instance = tx.get_instance(&key).await?;
             match (m.clone(), instance) {
                 (Method::GET, Some(i)) => Ok(Json(res::instance_json(&ss, &i)).into_response()),
                 (Method::DELETE, Some(i)) => {
-                    s.store.delete_instance(&i.key)?;
+                    tx.delete_instance(&i.key).await?;
                     Ok(StatusCode::OK.into_response())
                 }
                 (Method::DELETE, None) => Ok(StatusCode::NO_CONTENT.into_response()),
@@ -606,97 +722,108 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
             action,
         } => {
             let (versions, t) = type_versions(&parent.namespace, &parent.type_name)?;
-            check_version(versions, &version, Some(t))?;
-            res::check_subscription(&s, &parent.subscription)?;
+            check_version(versions, version, Some(t))?;
+            res::check_subscription(s, &parent.subscription)?;
             // join tokens of a host group that is a child: a cluster's node pool, a Batch pool
             let group = if t == MANAGED_CLUSTER {
-                Some((
-                    "agentPools",
-                    crate::clusters::pool_join_token as JoinTokenFn,
-                ))
+                Some("agentPools")
             } else if t == BATCH_ACCOUNT {
-                Some(("pools", crate::batch::pool_join_token as JoinTokenFn))
+                Some("pools")
             } else {
                 None
             };
-            if let Some((child, issue)) = group.filter(|(c, _)| {
+            if let Some(child) = group.filter(|c| {
                 child_type.eq_ignore_ascii_case(c)
                     && action.eq_ignore_ascii_case("generateJoinToken")
                     && *m == Method::POST
             }) {
                 authorize(
-                    &s,
-                    &caller,
+                    tx,
+                    caller,
                     &format!("{}/{}/{child}/generateJoinToken/action", t.0, t.1),
                     &format!("{}/{child}/{name}", parent.canonical()),
-                )?;
+                )
+                .await?;
                 if t == BATCH_ACCOUNT {
-                    node_group_lockdown(&s, m, &parent.subscription, &parent.resource_group)?;
+                    node_group_lockdown(tx, m, &parent.subscription, &parent.resource_group)
+                        .await?;
                 }
-                let ttl = join_ttl(&body)?;
-                let (token, expires, group_id) = issue(&s, &parent, &name, ttl)?;
+                let ttl = join_ttl(body)?;
+                let (token, expires, group_id) = if t == MANAGED_CLUSTER {
+                    crate::clusters::pool_join_token(s, tx, &parent, &name, ttl).await?
+                } else {
+                    crate::batch::pool_join_token(s, tx, &parent, &name, ttl).await?
+                };
                 return Ok(Json(
                     json!({"joinToken": token, "expiresOn": expires, "vmResourceId": group_id}),
                 )
                 .into_response());
             }
-            Err(ServerError::InvalidPath(parts.uri.path().to_string()))
+            Err(ServerError::InvalidPath(req.uri_path.to_string()))
         }
         ArmPath::Action { resource, action } => {
             let (versions, t) = type_versions(&resource.namespace, &resource.type_name)?;
-            check_version(versions, &version, Some(t))?;
-            res::check_subscription(&s, &resource.subscription)?;
+            check_version(versions, version, Some(t))?;
+            res::check_subscription(s, &resource.subscription)?;
             if t == UAMI
                 && action.eq_ignore_ascii_case("federatedIdentityCredentials")
                 && *m == Method::GET
             {
-                return crate::fics::handle(&s, &caller, m, &resource, None, &version, &body);
+                return crate::fics::handle(
+                    s, tx, caller, m, &resource, None, version, body, false,
+                )
+                .await;
             }
             if t == MANAGED_CLUSTER && *m == Method::POST {
                 if action.eq_ignore_ascii_case("readPodIdentityProfile") {
-                    let v = crate::clusters::read_pod_identity_profile(&s, &caller, &resource)?;
+                    let v = crate::clusters::read_pod_identity_profile(s, tx, caller, &resource)
+                        .await?;
                     return Ok(Json(v).into_response());
                 }
                 if action.eq_ignore_ascii_case("reportPodIdentityStatus") {
-                    let b: Value = parse_body(&body)?;
-                    crate::clusters::report_pod_identity_status(&s, &caller, &resource, &b)?;
+                    let b: Value = parse_body(body)?;
+                    crate::clusters::report_pod_identity_status(s, tx, caller, &resource, &b)
+                        .await?;
                     return Ok(StatusCode::NO_CONTENT.into_response());
                 }
             }
             if t == BATCH_ACCOUNT && action.eq_ignore_ascii_case("pools") && *m == Method::GET {
                 authorize(
-                    &s,
-                    &caller,
+                    tx,
+                    caller,
                     "Microsoft.Batch/batchAccounts/pools/read",
                     &resource.canonical(),
-                )?;
-                let pools = crate::batch::pools_of(&s, &resource)?;
-                crate::batch::get_account(&s, &resource)?;
-                let items = pools
-                    .iter()
-                    .map(|p| crate::batch::pool_json(&s, p))
-                    .collect::<Result<Vec<_>>>()?;
+                )
+                .await?;
+                let pools = crate::batch::pools_of(tx, &resource).await?;
+                crate::batch::get_account(s, tx, &resource).await?;
+                let mut items = Vec::with_capacity(pools.len());
+                for p in &pools {
+                    items.push(crate::batch::pool_json(tx, p).await?);
+                }
                 return Ok(list(items));
             }
             if t == VM && action.eq_ignore_ascii_case("extensions") && *m == Method::GET {
                 authorize(
-                    &s,
-                    &caller,
+                    tx,
+                    caller,
                     "Microsoft.Compute/virtualMachines/extensions/read",
                     &resource.canonical(),
-                )?;
-                let vm = res::get_vm(&s, &resource)?;
-                return Ok(list(crate::batch::list_vm_extensions(&s, &vm)?));
+                )
+                .await?;
+                let vm = res::get_vm(s, tx, &resource).await?;
+                return Ok(list(crate::batch::list_vm_extensions(tx, &vm).await?));
             }
             if t == VMSS && action.eq_ignore_ascii_case("virtualMachines") && *m == Method::GET {
                 authorize(
-                    &s,
-                    &caller,
+                    tx,
+                    caller,
                     "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
                     &resource.canonical(),
-                )?;
-                let ss = res::get_vm(&s, &resource)?;
-                let list = s.store.list_instances(&ss.key)?;
+                )
+                .await?;
+                let ss = res::get_vm(s, tx, &resource).await?;
+                let list = tx.list_instances(&ss.key).await?;
                 return Ok(Json(json!({"value": list.iter().map(|i| res::instance_json(&ss, i)).collect::<Vec<_>>()})).into_response());
             }
             if (t == VM || t == VMSS)
@@ -704,28 +831,27 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
                 && *m == Method::POST
             {
                 authorize(
-                    &s,
-                    &caller,
+                    tx,
+                    caller,
                     &format!("{}/{}/generateJoinToken/action", t.0, t.1),
                     &resource.canonical(),
-                )?;
+                )
+                .await?;
                 // a node of a cluster pool joins with the pool's token, never the scale set's
-                node_group_lockdown(&s, m, &resource.subscription, &resource.resource_group)?;
-                let ttl = join_ttl(&body)?;
-                let (token, expires) = res::create_join_token(&s, &resource, ttl)?;
-                let vm = res::get_vm(&s, &resource)?;
+                node_group_lockdown(tx, m, &resource.subscription, &resource.resource_group)
+                    .await?;
+                let ttl = join_ttl(body)?;
+                let (token, expires) = res::create_join_token(s, tx, &resource, ttl).await?;
+                let vm = res::get_vm(s, tx, &resource).await?;
                 Ok(Json(json!({"joinToken": token, "expiresOn": expires, "vmResourceId": vm.resource_id})).into_response())
             } else {
-                Err(ServerError::InvalidPath(parts.uri.path().to_string()))
+                Err(ServerError::InvalidPath(req.uri_path.to_string()))
             }
         }
     }
 }
 
 /// `expiresInSeconds` of a join-token request (default one hour, at most a week).
-/// Issues a join token for a child host group: `(token, expires on, host group resource id)`.
-type JoinTokenFn = fn(&AppState, &ResourceId, &str, u64) -> Result<(String, u64, String)>;
-
 fn join_ttl(body: &[u8]) -> Result<u64> {
     #[derive(Default, serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -747,22 +873,29 @@ fn join_ttl(body: &[u8]) -> Result<u64> {
     Ok(ttl)
 }
 
-fn batch_account(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<Response> {
+async fn batch_account(
+    s: &AppState,
+    tx: &mut Tx,
+    m: &Method,
+    rid: &ResourceId,
+    body: &[u8],
+) -> Result<Response> {
     use crate::batch::{delete_account, get_account, put_account};
     match *m {
         Method::PUT | Method::PATCH => {
             let b: Value = parse_body(body)?;
-            let (v, created) = put_account(s, rid, &b, *m == Method::PATCH)?;
+            let (v, created) = put_account(s, tx, rid, &b, *m == Method::PATCH).await?;
             Ok(created_or_ok(created, v))
         }
-        Method::GET => Ok(Json(get_account(s, rid)?.body).into_response()),
-        Method::DELETE => Ok(deleted(delete_account(s, rid)?)),
+        Method::GET => Ok(Json(get_account(s, tx, rid).await?.body).into_response()),
+        Method::DELETE => Ok(deleted(delete_account(s, tx, rid).await?)),
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }
 
-fn cluster(
+async fn cluster(
     s: &AppState,
+    tx: &mut Tx,
     caller: &Caller,
     m: &Method,
     rid: &ResourceId,
@@ -773,36 +906,37 @@ fn cluster(
         Method::PUT => {
             let b: Value = parse_body(body)?;
             let scope = rid.canonical();
-            let may_assign = |identity: &str| {
-                authz::check_assign(
-                    s,
-                    &caller.object_id,
-                    "Microsoft.ContainerService/managedClusters/write",
-                    &scope,
-                    identity,
-                )
+            let may_assign = LinkCheck::Caller {
+                principal: &caller.object_id,
+                action: "Microsoft.ContainerService/managedClusters/write",
+                scope: &scope,
             };
             // done when answered: 201/200 with provisioningState Succeeded and no async
             // header, which the SDK's ARM poller takes as finished
-            let (rec, created) = put_cluster(s, rid, &b, &may_assign)?;
-            Ok(created_or_ok(created, cluster_json(s, &rec)?))
+            let (rec, created) = put_cluster(s, tx, rid, &b, &may_assign).await?;
+            Ok(created_or_ok(created, cluster_json(s, tx, &rec).await?))
         }
         Method::PATCH => {
             let b: Value = parse_body(body)?;
-            Ok(Json(cluster_json(s, &patch_tags(s, rid, &b)?)?).into_response())
+            let rec = patch_tags(s, tx, rid, &b).await?;
+            Ok(Json(cluster_json(s, tx, &rec).await?).into_response())
         }
-        Method::GET => Ok(Json(cluster_json(s, &get_cluster(s, rid)?)?).into_response()),
+        Method::GET => {
+            let rec = get_cluster(s, tx, rid).await?;
+            Ok(Json(cluster_json(s, tx, &rec).await?).into_response())
+        }
         // deleted before the answer; the SDK's delete poller takes 202 or 204 (not 200)
         Method::DELETE => {
-            delete_cluster(s, rid)?;
+            delete_cluster(s, tx, rid).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }
 
-fn pool(
+async fn pool(
     s: &AppState,
+    tx: &mut Tx,
     caller: &Caller,
     m: &Method,
     account: &ResourceId,
@@ -814,31 +948,32 @@ fn pool(
         Method::PUT | Method::PATCH => {
             let b: Value = parse_body(body)?;
             let scope = format!("{}/pools/{name}", account.canonical());
-            let may_assign = |identity: &str| {
-                authz::check_assign(
-                    s,
-                    &caller.object_id,
-                    "Microsoft.Batch/batchAccounts/pools/write",
-                    &scope,
-                    identity,
-                )
+            let may_assign = LinkCheck::Caller {
+                principal: &caller.object_id,
+                action: "Microsoft.Batch/batchAccounts/pools/write",
+                scope: &scope,
             };
-            let (rec, _created) = put_pool(s, account, name, &b, *m == Method::PATCH, &may_assign)?;
+            let patch = *m == Method::PATCH;
+            let (rec, _created) = put_pool(s, tx, account, name, &b, patch, &may_assign).await?;
             // Batch answers 200 for both create and update
-            Ok(Json(pool_json(s, &rec)?).into_response())
+            Ok(Json(pool_json(tx, &rec).await?).into_response())
         }
-        Method::GET => Ok(Json(pool_json(s, &get_pool(s, account, name)?)?).into_response()),
+        Method::GET => {
+            let rec = get_pool(s, tx, account, name).await?;
+            Ok(Json(pool_json(tx, &rec).await?).into_response())
+        }
         Method::DELETE => {
-            crate::batch::get_account(s, account)?;
+            crate::batch::get_account(s, tx, account).await?;
             let key = format!("{}/pools/{}", account.key(), name.to_ascii_lowercase());
-            Ok(deleted(s.store.delete_vm(&key)?))
+            Ok(deleted(tx.delete_vm(&key).await?))
         }
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }
 
-fn vm_extension(
+async fn vm_extension(
     s: &AppState,
+    tx: &mut Tx,
     m: &Method,
     vm: &ResourceId,
     name: &str,
@@ -848,11 +983,11 @@ fn vm_extension(
     match *m {
         Method::PUT | Method::PATCH => {
             let b: Value = parse_body(body)?;
-            let (v, created) = put_vm_extension(s, vm, name, &b)?;
+            let (v, created) = put_vm_extension(s, tx, vm, name, &b).await?;
             Ok(created_or_ok(created, v))
         }
-        Method::GET => Ok(Json(get_vm_extension(s, vm, name)?).into_response()),
-        Method::DELETE => Ok(deleted(delete_vm_extension(s, vm, name)?)),
+        Method::GET => Ok(Json(get_vm_extension(s, tx, vm, name).await?).into_response()),
+        Method::DELETE => Ok(deleted(delete_vm_extension(s, tx, vm, name).await?)),
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }
@@ -869,45 +1004,63 @@ fn subscription_json(s: &AppState) -> Value {
     })
 }
 
-fn identity(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<Response> {
+async fn identity(
+    s: &AppState,
+    tx: &mut Tx,
+    m: &Method,
+    rid: &ResourceId,
+    body: &[u8],
+) -> Result<Response> {
     match *m {
         Method::PUT => {
             let b: TrackedBody = parse_body(body)?;
-            let (rec, created) = res::put_identity(s, rid, b.location.as_deref(), b.tags)?;
+            let (rec, created) =
+                res::put_identity(s, tx, rid, b.location.as_deref(), b.tags).await?;
             Ok(created_or_ok(created, res::identity_json(&rec)))
         }
         Method::PATCH => {
             let b: TrackedBody = parse_body(body)?;
-            Ok(Json(res::identity_json(&res::patch_identity(s, rid, b.tags)?)).into_response())
+            let rec = res::patch_identity(s, tx, rid, b.tags).await?;
+            Ok(Json(res::identity_json(&rec)).into_response())
         }
-        Method::GET => Ok(Json(res::identity_json(&res::get_identity(s, rid)?)).into_response()),
+        Method::GET => {
+            let rec = res::get_identity(s, tx, rid).await?;
+            Ok(Json(res::identity_json(&rec)).into_response())
+        }
         Method::DELETE => {
-            res::get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-            Ok(deleted(s.store.delete_identity(&rid.key())?))
+            res::get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+            Ok(deleted(tx.delete_identity(&rid.key()).await?))
         }
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }
 
-fn vault(s: &AppState, m: &Method, rid: &ResourceId, body: &[u8]) -> Result<Response> {
+async fn vault(
+    s: &AppState,
+    tx: &mut Tx,
+    m: &Method,
+    rid: &ResourceId,
+    body: &[u8],
+) -> Result<Response> {
     use crate::vaults::{get_vault, put_vault, vault_json};
     match *m {
         Method::PUT | Method::PATCH => {
             let b = parse_body(body)?;
-            let (rec, created) = put_vault(s, rid, b, *m == Method::PATCH)?;
+            let (rec, created) = put_vault(s, tx, rid, b, *m == Method::PATCH).await?;
             Ok(created_or_ok(created, vault_json(&rec)))
         }
-        Method::GET => Ok(Json(vault_json(&get_vault(s, rid)?)).into_response()),
+        Method::GET => Ok(Json(vault_json(&get_vault(s, tx, rid).await?)).into_response()),
         Method::DELETE => {
-            res::get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-            Ok(deleted(s.store.delete_vault(&rid.key())?))
+            res::get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+            Ok(deleted(tx.delete_vault(&rid.key()).await?))
         }
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }
 
-fn vm(
+async fn vm(
     s: &AppState,
+    tx: &mut Tx,
     caller: &Caller,
     m: &Method,
     rid: &ResourceId,
@@ -917,23 +1070,189 @@ fn vm(
         Method::PUT | Method::PATCH => {
             let b: VmBody = parse_body(body)?;
             let scope = rid.canonical();
-            let may_assign = |identity: &str| {
-                authz::check_assign(
-                    s,
-                    &caller.object_id,
-                    "Microsoft.Compute/virtualMachines/write",
-                    &scope,
-                    identity,
-                )
+            let may_assign = LinkCheck::Caller {
+                principal: &caller.object_id,
+                action: "Microsoft.Compute/virtualMachines/write",
+                scope: &scope,
             };
-            let (rec, created) = res::write_vm(s, rid, b, *m == Method::PATCH, &may_assign)?;
-            Ok(created_or_ok(created, res::vm_json(s, &rec)?))
+            let patch = *m == Method::PATCH;
+            let (rec, created) = res::write_vm(s, tx, rid, b, patch, &may_assign).await?;
+            Ok(created_or_ok(created, res::vm_json(tx, &rec).await?))
         }
-        Method::GET => Ok(Json(res::vm_json(s, &res::get_vm(s, rid)?)?).into_response()),
+        Method::GET => {
+            let rec = res::get_vm(s, tx, rid).await?;
+            Ok(Json(res::vm_json(tx, &rec).await?).into_response())
+        }
         Method::DELETE => {
-            res::get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-            Ok(deleted(s.store.delete_vm(&rid.key())?))
+            res::get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+            Ok(deleted(tx.delete_vm(&rid.key()).await?))
         }
         _ => Err(ServerError::MethodNotAllowed(m.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use keyless_core::claims::Principal;
+    use keyless_core::clock::SystemClock;
+    use keyless_store::{Kek, Store};
+    use tower::ServiceExt;
+
+    /// A server on a fresh SQLite file and a management token of its bootstrap admin.
+    async fn server(dir: &std::path::Path) -> (Arc<AppState>, String) {
+        let cfg = crate::state::ServerConfig::new(dir.join("data"), "127.0.0.1:0".parse().unwrap());
+        let store = Store::sqlite(&dir.join("k.db"), Kek::from_bytes(&[5u8; 32]).unwrap()).unwrap();
+        let run = crate::start(cfg, store, Arc::new(SystemClock::new()))
+            .await
+            .unwrap();
+        let s = run.state.clone();
+        let mut tx = s.store.read("test").await.unwrap();
+        let admin = tx
+            .get_service_principal(&run.bootstrap.admin_client_id)
+            .await
+            .unwrap()
+            .unwrap();
+        drop(tx);
+        let principal = Principal::ServicePrincipal {
+            object_id: admin.object_id,
+            client_id: admin.client_id,
+        };
+        let token = tokens::mint(&s, &principal, "https://management.azure.com/", 3600)
+            .unwrap()
+            .access_token;
+        (s, token)
+    }
+
+    async fn call(
+        s: &Arc<AppState>,
+        token: &str,
+        m: Method,
+        path: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        let version = if path.contains("/virtualMachines/") {
+            "2021-07-01"
+        } else if path.contains("/providers/") {
+            "2023-01-31"
+        } else {
+            "2019-10-01"
+        };
+        let req = Request::builder()
+            .method(m)
+            .uri(format!("{path}?api-version={version}"))
+            .header(header::HOST, "localhost")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(if body.is_null() {
+                Body::empty()
+            } else {
+                Body::from(body.to_string())
+            })
+            .unwrap();
+        let resp = crate::app(s.clone()).oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn writes_commit_and_a_refused_write_keeps_nothing_but_is_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, token) = server(dir.path()).await;
+        let sub = s.subscription_id.clone();
+        let rg = format!("/subscriptions/{sub}/resourceGroups/rg1");
+        let (st, _) = call(&s, &token, Method::PUT, &rg, json!({"location": "local"})).await;
+        assert_eq!(st, 201);
+        let id = format!("{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1");
+        let (st, v) = call(&s, &token, Method::PUT, &id, json!({"location": "local"})).await;
+        assert_eq!(st, 201, "{v}");
+        let (st, got) = call(&s, &token, Method::GET, &id, Value::Null).await;
+        assert_eq!(
+            (st, &got["properties"]["clientId"]),
+            (200, &v["properties"]["clientId"])
+        );
+        // a VM naming an identity that does not exist: refused, nothing kept
+        let vm = format!("{rg}/providers/Microsoft.Compute/virtualMachines/vm1");
+        let missing =
+            format!("{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/nope");
+        let body = json!({"location": "local", "identity": {"type": "UserAssigned", "userAssignedIdentities": {missing: {}}}});
+        let (st, v) = call(&s, &token, Method::PUT, &vm, body).await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (400, Some("FailedIdentityOperation"))
+        );
+        let (st, _) = call(&s, &token, Method::GET, &vm, Value::Null).await;
+        assert_eq!(st, 404);
+        // the failed write is in the Activity Log (recorded after its unit of work rolled back)
+        let since =
+            keyless_core::activity_log::format_time(crate::activity::now_micros() - 3_600_000_000);
+        let events = format!(
+            "/subscriptions/{sub}/providers/Microsoft.Insights/eventtypes/management/values?api-version=2015-04-01&$filter=eventTimestamp ge '{since}'"
+        );
+        let req = Request::builder()
+            .uri(events.replace(' ', "%20").replace('\'', "%27"))
+            .header(header::HOST, "localhost")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        let resp = crate::app(s.clone()).oneshot(req).await.unwrap();
+        let st = resp.status();
+        let v: Value = serde_json::from_slice(
+            &axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(st, 200, "{v}");
+        let failed: Vec<&Value> = v["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["resourceId"]
+                    .as_str()
+                    .is_some_and(|r| r.eq_ignore_ascii_case(&vm))
+            })
+            .collect();
+        assert_eq!(failed.len(), 1, "{v}");
+        assert_eq!(failed[0]["status"]["value"], "Failed");
+    }
+
+    #[tokio::test]
+    async fn a_fic_put_while_another_holds_the_identity_is_409_and_the_claim_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, token) = server(dir.path()).await;
+        let sub = s.subscription_id.clone();
+        let rg = format!("/subscriptions/{sub}/resourceGroups/rg1");
+        call(&s, &token, Method::PUT, &rg, json!({"location": "local"})).await;
+        let id = format!("{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1");
+        call(&s, &token, Method::PUT, &id, json!({"location": "local"})).await;
+        let fic = format!("{id}/federatedIdentityCredentials/fic-one");
+        let body = json!({"properties": {"issuer": "https://issuer.example", "subject": "s1", "audiences": ["api://AzureADTokenExchange"]}});
+        // another writer (any process) holds the identity's claim
+        let rid = ResourceId::parse(&id).unwrap();
+        let other = crate::fics::claim_writes(&s, &rid).await.unwrap().unwrap();
+        let (st, v) = call(&s, &token, Method::PUT, &fic, body.clone()).await;
+        assert_eq!(st, 409, "{v}");
+        assert_eq!(
+            v["error"]["code"],
+            "ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity"
+        );
+        let (st, _) = call(&s, &token, Method::GET, &fic, Value::Null).await;
+        assert_eq!(st, 404, "the refused write kept nothing");
+        other.release().await.unwrap();
+        let (st, _) = call(&s, &token, Method::PUT, &fic, body.clone()).await;
+        assert_eq!(st, 201);
+        // released after the commit: the next write and the next claim go through
+        let (st, _) = call(&s, &token, Method::PUT, &fic, body).await;
+        assert_eq!(st, 200);
+        assert!(crate::fics::claim_writes(&s, &rid).await.unwrap().is_some());
     }
 }

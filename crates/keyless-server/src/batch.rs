@@ -12,7 +12,7 @@ use crate::error::{Result, ServerError};
 use crate::resources::{self as res, get_resource_group, location, tags, LinkCheck};
 use crate::state::AppState;
 use keyless_core::resource_id::{ResourceId, UAMI};
-use keyless_store::{TrackedRecord, VmRecord};
+use keyless_store::{TrackedRecord, Tx, VmRecord};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -63,23 +63,24 @@ fn validate_pool_name(n: &str) -> Result<()> {
     }
 }
 
-pub fn get_account(s: &AppState, rid: &ResourceId) -> Result<TrackedRecord> {
-    get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-    s.store
-        .get_tracked(&rid.key())?
+pub async fn get_account(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<TrackedRecord> {
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    tx.get_tracked(&rid.key())
+        .await?
         .ok_or_else(|| account_not_found(rid))
 }
 
 /// PUT / PATCH of a batch account.
-pub fn put_account(
+pub async fn put_account(
     s: &AppState,
+    tx: &mut Tx,
     rid: &ResourceId,
     body: &Value,
     patch: bool,
 ) -> Result<(Value, bool)> {
-    let rg = get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+    let rg = get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
     validate_account_name(&rid.name)?;
-    let existing = s.store.get_tracked(&rid.key())?;
+    let existing = tx.get_tracked(&rid.key()).await?;
     if patch && existing.is_none() {
         return Err(account_not_found(rid));
     }
@@ -122,23 +123,25 @@ pub fn put_account(
             "activeJobAndJobScheduleQuota": 300,
         },
     });
-    let created = s.store.put_tracked(&TrackedRecord {
-        key: canonical.key(),
-        type_name: ACCOUNT_TYPE.into(),
-        subscription: s.subscription_id.clone(),
-        resource_group: rg.name.clone(),
-        body: out.clone(),
-    })?;
+    let created = tx
+        .put_tracked(&TrackedRecord {
+            key: canonical.key(),
+            type_name: ACCOUNT_TYPE.into(),
+            subscription: s.subscription_id.clone(),
+            resource_group: rg.name.clone(),
+            body: out.clone(),
+        })
+        .await?;
     Ok((out, created))
 }
 
 /// Delete an account with its pools (and so its nodes' credentials).
-pub fn delete_account(s: &AppState, rid: &ResourceId) -> Result<bool> {
-    get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-    for p in pools_of(s, rid)? {
-        s.store.delete_vm(&p.key)?;
+pub async fn delete_account(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<bool> {
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    for p in pools_of(tx, rid).await? {
+        tx.delete_vm(&p.key).await?;
     }
-    Ok(s.store.delete_tracked(&rid.key())?)
+    Ok(tx.delete_tracked(&rid.key()).await?)
 }
 
 fn pool_key(account: &ResourceId, pool: &str) -> String {
@@ -153,19 +156,25 @@ fn pool_not_found(account: &ResourceId, pool: &str) -> ServerError {
     }
 }
 
-pub fn pools_of(s: &AppState, account: &ResourceId) -> Result<Vec<VmRecord>> {
+pub async fn pools_of(tx: &mut Tx, account: &ResourceId) -> Result<Vec<VmRecord>> {
     let prefix = format!("{}/pools/", account.key());
-    Ok(s.store
-        .list_vms(&account.subscription, Some(&account.resource_group))?
+    Ok(tx
+        .list_vms(&account.subscription, Some(&account.resource_group))
+        .await?
         .into_iter()
         .filter(|v| v.key.starts_with(&prefix))
         .collect())
 }
 
-pub fn get_pool(s: &AppState, account: &ResourceId, pool: &str) -> Result<VmRecord> {
-    get_account(s, account)?;
-    s.store
-        .get_vm(&pool_key(account, pool))?
+pub async fn get_pool(
+    s: &AppState,
+    tx: &mut Tx,
+    account: &ResourceId,
+    pool: &str,
+) -> Result<VmRecord> {
+    get_account(s, tx, account).await?;
+    tx.get_vm(&pool_key(account, pool))
+        .await?
         .ok_or_else(|| pool_not_found(account, pool))
 }
 
@@ -177,18 +186,19 @@ pub fn target_nodes(pool: &VmRecord) -> Option<u64> {
 }
 
 /// PUT / PATCH of a pool.
-pub fn put_pool(
+pub async fn put_pool(
     s: &AppState,
+    tx: &mut Tx,
     account: &ResourceId,
     pool: &str,
     body: &Value,
     patch: bool,
-    may_assign: LinkCheck<'_>,
+    may_assign: &LinkCheck<'_>,
 ) -> Result<(VmRecord, bool)> {
-    let acct = get_account(s, account)?;
+    let acct = get_account(s, tx, account).await?;
     validate_pool_name(pool)?;
     let key = pool_key(account, pool);
-    let existing = s.store.get_vm(&key)?;
+    let existing = tx.get_vm(&key).await?;
     if patch && existing.is_none() {
         return Err(pool_not_found(account, pool));
     }
@@ -199,9 +209,9 @@ pub fn put_pool(
     }
     // identities: PUT replaces, PATCH keeps them unless `identity` is sent
     let current: Vec<String> = match &existing {
-        Some(e) => s
-            .store
-            .vm_user_identities(&e.key)?
+        Some(e) => tx
+            .vm_user_identities(&e.key)
+            .await?
             .into_iter()
             .map(|i| i.key)
             .collect(),
@@ -252,9 +262,9 @@ pub fn put_pool(
                             "identity.userAssignedIdentities",
                         )
                     })?;
-                let rec = res::get_identity(s, &rid)?;
+                let rec = res::get_identity(s, tx, &rid).await?;
                 if !current.contains(&rec.key) {
-                    may_assign(&rec.resource_id)?;
+                    may_assign.check(tx, &rec.resource_id).await?;
                 }
                 keys.push(rec.key);
             }
@@ -331,14 +341,14 @@ pub fn put_pool(
         properties: props,
         created: existing.as_ref().map(|e| e.created).unwrap_or(now),
     };
-    let created = s.store.put_vm(&rec, None, &user_keys)?;
+    let created = tx.put_vm(&rec, None, &user_keys).await?;
     // shrink to the target: the newest nodes go first
     if let Some(target) = target_nodes(&rec) {
-        let mut nodes = s.store.list_instances(&rec.key)?;
+        let mut nodes = tx.list_instances(&rec.key).await?;
         nodes.sort_by_key(|n| std::cmp::Reverse(n.instance_id));
         let excess = nodes.len().saturating_sub(target as usize);
         for n in nodes.into_iter().take(excess) {
-            s.store.delete_instance(&n.key)?;
+            tx.delete_instance(&n.key).await?;
         }
     }
     Ok((rec, created))
@@ -384,8 +394,8 @@ fn check_extensions(exts: &Value) -> Result<()> {
     Ok(())
 }
 
-pub fn pool_json(s: &AppState, pool: &VmRecord) -> Result<Value> {
-    let nodes = s.store.list_instances(&pool.key)?.len();
+pub async fn pool_json(tx: &mut Tx, pool: &VmRecord) -> Result<Value> {
+    let nodes = tx.list_instances(&pool.key).await?.len();
     let mut props = pool.properties.clone();
     if !props.is_object() {
         props = json!({});
@@ -401,7 +411,7 @@ pub fn pool_json(s: &AppState, pool: &VmRecord) -> Result<Value> {
     props["currentLowPriorityNodes"] = json!(0);
     props["creationTime"] = json!(ts(pool.created));
     props["lastModified"] = json!(ts(pool.created));
-    let users = s.store.vm_user_identities(&pool.key)?;
+    let users = tx.vm_user_identities(&pool.key).await?;
     let identity = if users.is_empty() {
         json!({"type": "None"})
     } else {
@@ -427,17 +437,18 @@ pub fn pool_json(s: &AppState, pool: &VmRecord) -> Result<Value> {
 }
 
 /// One-time join token for nodes of a pool.
-pub fn pool_join_token(
+pub async fn pool_join_token(
     s: &AppState,
+    tx: &mut Tx,
     account: &ResourceId,
     pool: &str,
     ttl: u64,
 ) -> Result<(String, u64, String)> {
-    let p = get_pool(s, account, pool)?;
+    let p = get_pool(s, tx, account, pool).await?;
     let token = format!("kljt1.{}", crate::util::random_b64url(32));
     let expires = s.now() + ttl;
-    s.store
-        .insert_join_token(&keyless_pki::sha256_hex(token.as_bytes()), &p.key, expires)?;
+    tx.insert_join_token(&keyless_pki::sha256_hex(token.as_bytes()), &p.key, expires)
+        .await?;
     Ok((token, expires, p.resource_id))
 }
 
@@ -448,13 +459,14 @@ fn extension_key(vm: &VmRecord, name: &str) -> String {
 }
 
 /// PUT of a VM extension.
-pub fn put_vm_extension(
+pub async fn put_vm_extension(
     s: &AppState,
+    tx: &mut Tx,
     vm_rid: &ResourceId,
     name: &str,
     body: &Value,
 ) -> Result<(Value, bool)> {
-    let vm = res::get_vm(s, vm_rid)?;
+    let vm = res::get_vm(s, tx, vm_rid).await?;
     if !extension_name_ok(name) {
         return Err(ServerError::InvalidResourceName(format!(
             "The extension name '{name}' is invalid."
@@ -477,20 +489,27 @@ pub fn put_vm_extension(
         "location": vm.location,
         "properties": props,
     });
-    let created = s.store.put_tracked(&TrackedRecord {
-        key: extension_key(&vm, name),
-        type_name: VM_EXTENSION_TYPE.into(),
-        subscription: vm.subscription.clone(),
-        resource_group: vm.resource_group.clone(),
-        body: out.clone(),
-    })?;
+    let created = tx
+        .put_tracked(&TrackedRecord {
+            key: extension_key(&vm, name),
+            type_name: VM_EXTENSION_TYPE.into(),
+            subscription: vm.subscription.clone(),
+            resource_group: vm.resource_group.clone(),
+            body: out.clone(),
+        })
+        .await?;
     Ok((out, created))
 }
 
-pub fn get_vm_extension(s: &AppState, vm_rid: &ResourceId, name: &str) -> Result<Value> {
-    let vm = res::get_vm(s, vm_rid)?;
-    s.store
-        .get_tracked(&extension_key(&vm, name))?
+pub async fn get_vm_extension(
+    s: &AppState,
+    tx: &mut Tx,
+    vm_rid: &ResourceId,
+    name: &str,
+) -> Result<Value> {
+    let vm = res::get_vm(s, tx, vm_rid).await?;
+    tx.get_tracked(&extension_key(&vm, name))
+        .await?
         .map(|t| t.body)
         .ok_or_else(|| ServerError::ResourceNotFound {
             type_name: VM_EXTENSION_TYPE.into(),
@@ -499,22 +518,28 @@ pub fn get_vm_extension(s: &AppState, vm_rid: &ResourceId, name: &str) -> Result
         })
 }
 
-pub fn list_vm_extensions(s: &AppState, vm: &VmRecord) -> Result<Vec<Value>> {
-    Ok(s.store
-        .list_tracked_under(&vm.key, VM_EXTENSION_TYPE)?
+pub async fn list_vm_extensions(tx: &mut Tx, vm: &VmRecord) -> Result<Vec<Value>> {
+    Ok(tx
+        .list_tracked_under(&vm.key, VM_EXTENSION_TYPE)
+        .await?
         .into_iter()
         .map(|t| t.body)
         .collect())
 }
 
-pub fn delete_vm_extension(s: &AppState, vm_rid: &ResourceId, name: &str) -> Result<bool> {
-    let vm = res::get_vm(s, vm_rid)?;
-    Ok(s.store.delete_tracked(&extension_key(&vm, name))?)
+pub async fn delete_vm_extension(
+    s: &AppState,
+    tx: &mut Tx,
+    vm_rid: &ResourceId,
+    name: &str,
+) -> Result<bool> {
+    let vm = res::get_vm(s, tx, vm_rid).await?;
+    Ok(tx.delete_tracked(&extension_key(&vm, name)).await?)
 }
 
 /// The extensions a host runs, in the pool / extension-resource shape
 /// (`{name, publisher, type, typeHandlerVersion, settings}`).
-pub fn host_extensions(s: &AppState, owner: &VmRecord) -> Result<Vec<Value>> {
+pub async fn host_extensions(tx: &mut Tx, owner: &VmRecord) -> Result<Vec<Value>> {
     // extension lists inside properties count only where they belong: a pool's deployment
     // configuration, a scale set's profile (not arbitrary properties of a plain VM)
     let is_pool = owner
@@ -549,7 +574,7 @@ pub fn host_extensions(s: &AppState, owner: &VmRecord) -> Result<Vec<Value>> {
             json!({"name": e["name"], "publisher": p["publisher"], "type": p["type"],
                    "typeHandlerVersion": p["typeHandlerVersion"], "settings": p["settings"]})
         });
-    let resources = list_vm_extensions(s, owner)?.into_iter().map(|b| {
+    let resources = list_vm_extensions(tx, owner).await?.into_iter().map(|b| {
         let p = &b["properties"];
         json!({"name": b["name"], "publisher": p["publisher"], "type": p["type"],
                "typeHandlerVersion": p["typeHandlerVersion"], "settings": p["settings"]})

@@ -7,10 +7,11 @@
 //! attached to every pool's scale set (with the kubelet identity), so the nodes' host agents
 //! hold them; which pod may use which is NMI's decision on the node.
 //!
-//! Every write is computed from one read and written in one store transaction that only
-//! succeeds if the cluster is still at the version read (else it is recomputed). Two
-//! Keyless-specific actions serve the in-cluster add-on: `readPodIdentityProfile` and
-//! `reportPodIdentityStatus`.
+//! Every write runs in the request's write transaction: the cluster's row is locked before it is
+//! read, the write is computed from that read, and the store writes it only if the cluster is
+//! still at the version read (else it is recomputed: a concurrent create can win between the
+//! read and the write, as there is no row to lock yet). Two Keyless-specific actions serve the
+//! in-cluster add-on: `readPodIdentityProfile` and `reportPodIdentityStatus`.
 
 use crate::arm::Caller;
 use crate::authz;
@@ -24,7 +25,8 @@ use keyless_core::aks::{
 use keyless_core::names;
 use keyless_core::resource_id::{ResourceId, MANAGED_CLUSTER, UAMI, VMSS};
 use keyless_store::{
-    ClusterPut, ClusterRecord, ClusterWrite, IdentityRecord, ResourceGroupRecord, VmRecord,
+    ClusterPut, ClusterRecord, ClusterWrite, Conflict, IdentityRecord, ResourceGroupRecord,
+    StoreError, Tx, VmRecord,
 };
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -32,7 +34,8 @@ use std::collections::BTreeMap;
 pub const CLUSTER_TYPE: &str = "Microsoft.ContainerService/managedClusters";
 const WRITE: &str = "Microsoft.ContainerService/managedClusters/write";
 const READ: &str = "Microsoft.ContainerService/managedClusters/read";
-/// How often a write is recomputed when the cluster changed between its read and its write.
+/// How often a write is recomputed (in the same transaction) when the cluster changed between
+/// its read and its write.
 const ATTEMPTS: usize = 5;
 
 fn not_found(rid: &ResourceId) -> ServerError {
@@ -54,10 +57,20 @@ fn invalid(message: impl Into<String>, target: &str) -> ServerError {
     AksError::invalid(message, target).into()
 }
 
-pub fn get_cluster(s: &AppState, rid: &ResourceId) -> Result<ClusterRecord> {
-    get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-    s.store
-        .get_cluster(&rid.key())?
+pub async fn get_cluster(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<ClusterRecord> {
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    tx.get_cluster(&rid.key())
+        .await?
+        .ok_or_else(|| not_found(rid))
+}
+
+/// [`get_cluster`] for a read-modify-write: the cluster's row is locked (until the request's
+/// transaction ends) before it is read.
+async fn lock_cluster(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<ClusterRecord> {
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    tx.lock_row("clusters", "key", &rid.key()).await?;
+    tx.get_cluster(&rid.key())
+        .await?
         .ok_or_else(|| not_found(rid))
 }
 
@@ -96,15 +109,16 @@ fn plugin_of(c: &ClusterRecord) -> NetworkPlugin {
 }
 
 /// A user-assigned identity of this subscription by resource id.
-fn find_identity(s: &AppState, id: &str) -> Result<Option<IdentityRecord>> {
+async fn find_identity(s: &AppState, tx: &mut Tx, id: &str) -> Result<Option<IdentityRecord>> {
     let Some(rid) = ResourceId::parse(id).ok().filter(|r| r.is_type(UAMI)) else {
         return Ok(None);
     };
     if !rid.subscription.eq_ignore_ascii_case(&s.subscription_id) {
         return Ok(None);
     }
-    Ok(s.store
-        .get_identity(&rid.key())?
+    Ok(tx
+        .get_identity(&rid.key())
+        .await?
         .filter(|i| i.system_vm.is_none()))
 }
 
@@ -115,18 +129,19 @@ fn random_suffix() -> String {
 }
 
 /// The cluster's `identity` in a request: `(type, user-assigned identity)`.
-fn parse_identity(
+async fn parse_identity(
     s: &AppState,
+    tx: &mut Tx,
     body: &Value,
     existing: Option<&ClusterRecord>,
-    may_assign: LinkCheck<'_>,
+    may_assign: &LinkCheck<'_>,
 ) -> Result<(String, Option<IdentityRecord>)> {
     let Some(idn) = body.get("identity").filter(|v| !v.is_null()) else {
         return Ok(match existing {
             Some(e) => (
                 e.identity_type.clone(),
                 match &e.user_identity {
-                    Some(k) => s.store.get_identity(k)?,
+                    Some(k) => tx.get_identity(k).await?,
                     None => None,
                 },
             ),
@@ -153,9 +168,9 @@ fn parse_identity(
             "identity.userAssignedIdentities",
         ));
     };
-    let Some(rec) = find_identity(s, id)? else {
+    let Some(rec) = find_identity(s, tx, id).await? else {
         // whether it exists is told only to a caller that may assign it
-        may_assign(id)?;
+        may_assign.check(tx, id).await?;
         return Err(invalid(
             format!("The user-assigned identity '{id}' was not found."),
             "identity.userAssignedIdentities",
@@ -222,13 +237,15 @@ fn drop_secret_properties(props: &mut Map<String, Value>) {
     }
 }
 
-/// Create or replace (PUT) a cluster. `may_assign` asks whether the caller may attach a
-/// user-assigned identity (the cluster's own, and each newly added pod identity).
-pub fn put_cluster(
+/// Create or replace (PUT) a cluster, in the request's write transaction. `may_assign` asks
+/// whether the caller may attach a user-assigned identity (the cluster's own, and each newly
+/// added pod identity).
+pub async fn put_cluster(
     s: &AppState,
+    tx: &mut Tx,
     rid: &ResourceId,
     body: &Value,
-    may_assign: LinkCheck<'_>,
+    may_assign: &LinkCheck<'_>,
 ) -> Result<(ClusterRecord, bool)> {
     if !body.is_object() {
         return Err(ServerError::InvalidRequestContent(
@@ -236,25 +253,28 @@ pub fn put_cluster(
         ));
     }
     for _ in 0..ATTEMPTS {
-        if let Some(done) = try_put(s, rid, body, may_assign)? {
+        if let Some(done) = try_put(s, tx, rid, body, may_assign).await? {
             return Ok(done);
         }
     }
     Err(busy())
 }
 
-/// One attempt of [`put_cluster`]; `None` when the cluster changed since it was read.
-fn try_put(
+/// One attempt of [`put_cluster`]; `None` when the cluster changed since it was read (nothing
+/// written: the transaction goes on).
+async fn try_put(
     s: &AppState,
+    tx: &mut Tx,
     rid: &ResourceId,
     body: &Value,
-    may_assign: LinkCheck<'_>,
+    may_assign: &LinkCheck<'_>,
 ) -> Result<Option<(ClusterRecord, bool)>> {
-    let rg = get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+    let rg = get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
     aks::validate_cluster_name(&rid.name)?;
     let canonical = ResourceId::new(&s.subscription_id, &rg.name, MANAGED_CLUSTER, &rid.name);
     let key = canonical.key();
-    let existing = s.store.get_cluster(&key)?;
+    tx.lock_row("clusters", "key", &key).await?;
+    let existing = tx.get_cluster(&key).await?;
     let ex = existing.as_ref();
     let name = ex
         .map(|e| e.name.clone())
@@ -286,10 +306,10 @@ fn try_put(
     let tags = tags(t)?;
 
     // the cluster's identity
-    let (identity_type, user_identity) = parse_identity(s, body, ex, may_assign)?;
+    let (identity_type, user_identity) = parse_identity(s, tx, body, ex, may_assign).await?;
     if let Some(u) = &user_identity {
         if ex.and_then(|e| e.user_identity.as_deref()) != Some(u.key.as_str()) {
-            may_assign(&u.resource_id)?;
+            may_assign.check(tx, &u.resource_id).await?;
         }
     }
 
@@ -353,10 +373,16 @@ fn try_put(
                 "properties.nodeResourceGroup",
             ));
         }
-        if s.store
-            .get_resource_group(&s.subscription_id, &node_rg)?
+        if tx
+            .get_resource_group(&s.subscription_id, &node_rg)
+            .await?
             .is_some()
         {
+            // a concurrent create of this very cluster may have committed since it was read
+            // (there was no row to lock): then recompute, as an update
+            if tx.get_cluster(&key).await?.is_some() {
+                return Ok(None);
+            }
             return Err(node_group_exists(&node_rg));
         }
     }
@@ -460,8 +486,8 @@ fn try_put(
             for (i, entry) in p.identities.iter_mut().enumerate() {
                 // whether an identity exists, and its ids, are told only to a caller that may
                 // assign it: its linked check runs before those refusals
-                let Some(rec) = find_identity(s, &entry.resource_id)? else {
-                    may_assign(&entry.resource_id)?;
+                let Some(rec) = find_identity(s, tx, &entry.resource_id).await? else {
+                    may_assign.check(tx, &entry.resource_id).await?;
                     return Err(invalid(
                         format!(
                             "The user-assigned identity '{}' of pod identity {}/{} was not found.",
@@ -487,7 +513,7 @@ fn try_put(
                     )
                 });
                 if let Err(e) = ids {
-                    may_assign(&rec.resource_id)?;
+                    may_assign.check(tx, &rec.resource_id).await?;
                     return Err(e.into());
                 }
                 entry.resource_id = rec.resource_id.clone();
@@ -518,7 +544,7 @@ fn try_put(
 
     // what the cluster acts as, and what it is made of
     let system = if identity_type == "SystemAssigned" {
-        Some(match s.store.get_identity(&format!("{key}#system"))? {
+        Some(match tx.get_identity(&format!("{key}#system")).await? {
             Some(sys) => sys,
             None => IdentityRecord {
                 key: format!("{key}#system"),
@@ -547,8 +573,8 @@ fn try_put(
     // linked authorization: the caller and the cluster's identity may assign each identity the
     // write newly attaches to the pools
     for rec in &newly {
-        may_assign(&rec.resource_id)?;
-        authz::check_assign(s, &principal, WRITE, &resource_id, &rec.resource_id)?;
+        may_assign.check(tx, &rec.resource_id).await?;
+        authz::check_assign(tx, &principal, WRITE, &resource_id, &rec.resource_id).await?;
     }
 
     let kubelet_rid = ResourceId::new(
@@ -557,7 +583,7 @@ fn try_put(
         UAMI,
         &aks::kubelet_identity_name(&name),
     );
-    let kubelet = match s.store.get_identity(&kubelet_rid.key())? {
+    let kubelet = match tx.get_identity(&kubelet_rid.key()).await? {
         Some(k) => k,
         None => IdentityRecord {
             key: kubelet_rid.key(),
@@ -626,7 +652,7 @@ fn try_put(
         // a pool new to the cluster gets a new scale set: whatever is stored under its key
         // (not the cluster's) is replaced in the same transaction, never adopted with its nodes
         let current = if old_pools.iter().any(|n| n == &p.name) {
-            s.store.get_vm(&ss.key())?
+            tx.get_vm(&ss.key()).await?
         } else {
             new_sets.push(ss.key());
             None
@@ -681,8 +707,7 @@ fn try_put(
             ("aks-managed-cluster-rg".to_string(), rg.name.clone()),
         ]),
     };
-    let outcome = s
-        .store
+    let outcome = tx
         .put_cluster(&ClusterWrite {
             cluster: &rec,
             expect_version: ex.map(|e| e.version),
@@ -693,12 +718,18 @@ fn try_put(
             removed_scale_sets: &removed,
             new_scale_sets: &new_sets,
         })
+        .await
         .map_err(|e| match e {
             // an identity deleted between the checks and the write
-            keyless_store::StoreError::Conflict(m) => invalid(
+            StoreError::Conflict(Conflict::MissingReference(m)) => invalid(
                 format!("An identity of the cluster no longer exists ({m})."),
                 "properties.podIdentityProfile",
             ),
+            // a concurrent write of this cluster (or of its node resource group) won: the
+            // statement failed, so the transaction cannot recompute; the caller retries
+            StoreError::Conflict(
+                Conflict::StaleVersion | Conflict::Unique(_) | Conflict::Busy(_),
+            ) => busy(),
             other => other.into(),
         })?;
     match outcome {
@@ -716,8 +747,13 @@ fn node_group_exists(node_rg: &str) -> ServerError {
     )
 }
 
-/// PATCH: tags only (`updateTags`).
-pub fn patch_tags(s: &AppState, rid: &ResourceId, body: &Value) -> Result<ClusterRecord> {
+/// PATCH: tags only (`updateTags`), in the request's write transaction.
+pub async fn patch_tags(
+    s: &AppState,
+    tx: &mut Tx,
+    rid: &ResourceId,
+    body: &Value,
+) -> Result<ClusterRecord> {
     let t: Option<BTreeMap<String, String>> = match body.get("tags") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -726,36 +762,52 @@ pub fn patch_tags(s: &AppState, rid: &ResourceId, body: &Value) -> Result<Cluste
         ),
     };
     for _ in 0..ATTEMPTS {
-        let cur = get_cluster(s, rid)?;
+        let cur = lock_cluster(s, tx, rid).await?;
         let Some(t) = t.clone() else {
             return Ok(cur);
         };
         let mut next = cur.clone();
         next.tags = tags(Some(t))?;
         next.version += 1;
-        if s.store.update_cluster(&next, cur.version)? == ClusterPut::Updated {
+        if update(tx, &next, cur.version).await? {
             return Ok(next);
         }
     }
     Err(busy())
 }
 
-pub fn delete_cluster(s: &AppState, rid: &ResourceId) -> Result<bool> {
-    get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-    Ok(s.store.delete_cluster(&rid.key())?)
+/// Write the cluster row only (tags, pod identity states) if it is still at `expect_version`:
+/// false when it is not (nothing written).
+async fn update(tx: &mut Tx, next: &ClusterRecord, expect_version: u64) -> Result<bool> {
+    match tx.update_cluster(next, expect_version).await {
+        Ok(outcome) => Ok(outcome == ClusterPut::Updated),
+        // the statement failed, so the transaction cannot recompute; the caller retries
+        Err(StoreError::Conflict(Conflict::StaleVersion | Conflict::Busy(_))) => Err(busy()),
+        Err(e) => Err(e.into()),
+    }
 }
 
-pub fn list(s: &AppState, subscription: &str, rg: Option<&str>) -> Result<Vec<Value>> {
-    s.store
-        .list_clusters(subscription, rg)?
-        .iter()
-        .map(|c| cluster_json(s, c))
-        .collect()
+pub async fn delete_cluster(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<bool> {
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    Ok(tx.delete_cluster(&rid.key()).await?)
+}
+
+pub async fn list(
+    s: &AppState,
+    tx: &mut Tx,
+    subscription: &str,
+    rg: Option<&str>,
+) -> Result<Vec<Value>> {
+    let mut out = vec![];
+    for c in tx.list_clusters(subscription, rg).await? {
+        out.push(cluster_json(s, tx, &c).await?);
+    }
+    Ok(out)
 }
 
 /// `{resourceId, clientId, objectId}` of the kubelet identity.
-fn kubelet_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
-    let k = s.store.get_identity(&c.kubelet_identity)?;
+async fn kubelet_json(tx: &mut Tx, c: &ClusterRecord) -> Result<Value> {
+    let k = tx.get_identity(&c.kubelet_identity).await?;
     Ok(json!({
         "resourceId": k.as_ref().map(|k| k.resource_id.clone()).unwrap_or_else(|| c.kubelet_identity.clone()),
         "clientId": k.as_ref().map(|k| k.client_id.clone()),
@@ -764,7 +816,7 @@ fn kubelet_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
 }
 
 /// The cluster as `az aks show` shows it.
-pub fn cluster_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
+pub async fn cluster_json(s: &AppState, tx: &mut Tx, c: &ClusterRecord) -> Result<Value> {
     let mut props = c.properties.clone();
     // (a record written before secrets were dropped on write shows none either)
     if let Value::Object(m) = &mut props {
@@ -783,7 +835,7 @@ pub fn cluster_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
     props["azurePortalFQDN"] = json!(fqdn);
     props["nodeResourceGroup"] = json!(c.node_resource_group);
     props["maxAgentPools"] = json!(aks::MAX_AGENT_POOLS);
-    props["identityProfile"] = json!({"kubeletidentity": kubelet_json(s, c)?});
+    props["identityProfile"] = json!({"kubeletidentity": kubelet_json(tx, c).await?});
     if let Some(pools) = props["agentPoolProfiles"].as_array_mut() {
         for p in pools {
             p["provisioningState"] = json!("Succeeded");
@@ -796,7 +848,7 @@ pub fn cluster_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
     }
     let identity = match &c.user_identity {
         None => {
-            let sys = s.store.get_identity(&format!("{}#system", c.key))?;
+            let sys = tx.get_identity(&format!("{}#system", c.key)).await?;
             json!({
                 "type": "SystemAssigned",
                 "principalId": sys.as_ref().map(|i| i.principal_id.clone()),
@@ -805,7 +857,7 @@ pub fn cluster_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
         }
         Some(k) => {
             let mut m = Map::new();
-            if let Some(u) = s.store.get_identity(k)? {
+            if let Some(u) = tx.get_identity(k).await? {
                 m.insert(
                     u.resource_id,
                     json!({"principalId": u.principal_id, "clientId": u.client_id}),
@@ -830,13 +882,14 @@ pub fn cluster_json(s: &AppState, c: &ClusterRecord) -> Result<Value> {
 
 /// A one-time join token for a node of pool `pool`: the host agent that joins with it becomes
 /// an instance of the pool's scale set. Returns (token, expiry, scale set id).
-pub fn pool_join_token(
+pub async fn pool_join_token(
     s: &AppState,
+    tx: &mut Tx,
     rid: &ResourceId,
     pool: &str,
     ttl: u64,
 ) -> Result<(String, u64, String)> {
-    let c = get_cluster(s, rid)?;
+    let c = get_cluster(s, tx, rid).await?;
     let name = pool_names(&c)
         .into_iter()
         .find(|n| n.eq_ignore_ascii_case(pool))
@@ -848,11 +901,12 @@ pub fn pool_join_token(
     let ss = scale_set_id(&c, &name);
     let token = format!("kljt1.{}", crate::util::random_b64url(32));
     let expires = s.now() + ttl;
-    s.store.insert_join_token(
+    tx.insert_join_token(
         &keyless_pki::sha256_hex(token.as_bytes()),
         &ss.key(),
         expires,
-    )?;
+    )
+    .await?;
     Ok((token, expires, ss.canonical()))
 }
 
@@ -860,26 +914,27 @@ pub fn pool_join_token(
 
 /// 403 unless the caller is the cluster's kubelet identity or holds `action` on the cluster.
 /// The cluster is read only after RBAC said no, so a stranger learns nothing of it.
-fn authorize_addon(
+async fn authorize_addon(
     s: &AppState,
+    tx: &mut Tx,
     caller: &Caller,
     rid: &ResourceId,
     action: &str,
 ) -> Result<ClusterRecord> {
     let scope = rid.canonical();
-    if authz::permitted(s, &caller.object_id, action, &scope)? {
-        return get_cluster(s, rid);
+    if authz::permitted(tx, &caller.object_id, action, &scope).await? {
+        return get_cluster(s, tx, rid).await;
     }
     let denied = || ServerError::AuthorizationFailed {
         principal: caller.object_id.clone(),
         action: action.to_string(),
         scope: scope.clone(),
     };
-    let c = match s.store.get_cluster(&rid.key())? {
+    let c = match tx.get_cluster(&rid.key()).await? {
         Some(c) => c,
         None => return Err(denied()),
     };
-    let kubelet = s.store.get_identity(&c.kubelet_identity)?;
+    let kubelet = tx.get_identity(&c.kubelet_identity).await?;
     match kubelet {
         Some(k) if k.principal_id.eq_ignore_ascii_case(&caller.object_id) => Ok(c),
         _ => Err(denied()),
@@ -888,27 +943,33 @@ fn authorize_addon(
 
 /// `POST {cluster}/readPodIdentityProfile`:
 /// `{"podIdentityProfile": <as GET shows it>, "kubeletIdentity": {resourceId, clientId, objectId}}`.
-pub fn read_pod_identity_profile(s: &AppState, caller: &Caller, rid: &ResourceId) -> Result<Value> {
-    let c = authorize_addon(s, caller, rid, READ)?;
+pub async fn read_pod_identity_profile(
+    s: &AppState,
+    tx: &mut Tx,
+    caller: &Caller,
+    rid: &ResourceId,
+) -> Result<Value> {
+    let c = authorize_addon(s, tx, caller, rid, READ).await?;
     let profile = stored_profile(&c).unwrap_or_default();
     Ok(json!({
         "podIdentityProfile": profile.to_json(),
-        "kubeletIdentity": kubelet_json(s, &c)?,
+        "kubeletIdentity": kubelet_json(tx, &c).await?,
     }))
 }
 
 /// `POST {cluster}/reportPodIdentityStatus` with
 /// `{"userAssignedIdentities": [{name, namespace, provisioningState: Assigned|Failed, error?}]}`.
-pub fn report_pod_identity_status(
+pub async fn report_pod_identity_status(
     s: &AppState,
+    tx: &mut Tx,
     caller: &Caller,
     rid: &ResourceId,
     body: &Value,
 ) -> Result<()> {
-    authorize_addon(s, caller, rid, WRITE)?;
+    authorize_addon(s, tx, caller, rid, WRITE).await?;
     let report = aks::parse_status_report(body)?;
     for _ in 0..ATTEMPTS {
-        let cur = get_cluster(s, rid)?;
+        let cur = lock_cluster(s, tx, rid).await?;
         let Some(mut profile) = stored_profile(&cur) else {
             return Ok(());
         };
@@ -918,7 +979,7 @@ pub fn report_pod_identity_status(
         let mut next = cur.clone();
         next.properties["podIdentityProfile"] = profile.to_json();
         next.version += 1;
-        if s.store.update_cluster(&next, cur.version)? == ClusterPut::Updated {
+        if update(tx, &next, cur.version).await? {
             return Ok(());
         }
     }
@@ -933,13 +994,13 @@ pub fn report_pod_identity_status(
 /// kubeletIdentity: {clientId, objectId, resourceId}}` — `identities` is every pod identity
 /// entry of the profile, `exceptions` every `userAssignedIdentityExceptions` entry (both empty
 /// when the add-on is disabled: a disabled profile holds none).
-pub fn host_cluster(s: &AppState, owner: &VmRecord) -> Result<Option<Value>> {
+pub async fn host_cluster(tx: &mut Tx, owner: &VmRecord) -> Result<Option<Value>> {
     if !ResourceId::parse(&owner.resource_id).is_ok_and(|r| r.is_type(VMSS)) {
         return Ok(None);
     }
-    let Some(c) = s
-        .store
-        .cluster_of_node_group(&owner.subscription, &owner.resource_group)?
+    let Some(c) = tx
+        .cluster_of_node_group(&owner.subscription, &owner.resource_group)
+        .await?
     else {
         return Ok(None);
     };
@@ -986,7 +1047,7 @@ pub fn host_cluster(s: &AppState, owner: &VmRecord) -> Result<Option<Value>> {
             "identities": identities,
             "exceptions": exceptions,
         },
-        "kubeletIdentity": kubelet_json(s, &c)?,
+        "kubeletIdentity": kubelet_json(tx, &c).await?,
     })))
 }
 
@@ -995,8 +1056,8 @@ pub fn host_cluster(s: &AppState, owner: &VmRecord) -> Result<Option<Value>> {
 /// no scale-set identity list changed, no generic join token issued for its scale sets) — only
 /// the cluster's own code paths write there (this module, and `agentPools/generateJoinToken`).
 /// Reads and role assignments at the group stay allowed. 409 `OperationNotAllowed`.
-pub fn check_not_node_group(s: &AppState, sub: &str, rg: &str) -> Result<()> {
-    match s.store.cluster_of_node_group(sub, rg)? {
+pub async fn check_not_node_group(tx: &mut Tx, sub: &str, rg: &str) -> Result<()> {
+    match tx.cluster_of_node_group(sub, rg).await? {
         None => Ok(()),
         Some(c) => Err(ServerError::Conflict {
             code: "OperationNotAllowed",
@@ -1010,8 +1071,9 @@ pub fn check_not_node_group(s: &AppState, sub: &str, rg: &str) -> Result<()> {
 
 /// The cluster whose node resource group is `rg`, if any (a node group is deleted with its
 /// cluster, not on its own).
-pub fn owner_of_node_group(s: &AppState, sub: &str, rg: &str) -> Result<Option<String>> {
-    Ok(s.store
-        .cluster_of_node_group(sub, rg)?
+pub async fn owner_of_node_group(tx: &mut Tx, sub: &str, rg: &str) -> Result<Option<String>> {
+    Ok(tx
+        .cluster_of_node_group(sub, rg)
+        .await?
         .map(|c| c.resource_id))
 }

@@ -1,11 +1,48 @@
 //! The server's error type, and the one place it becomes an HTTP response in the service's
 //! own error shape: ARM (`{"error":{"code","message"}}`), the STS (AADSTS JSON) or IMDS-style
 //! flat errors for the host API.
+//!
+//! Most variants belong to one surface and carry its shape. A store error does not: it answers
+//! in the shape of the surface serving the request, which [`crate::app`] sets for the request
+//! with [`in_surface`] (ARM's when none is set). The database being unavailable answers 503
+//! with `Retry-After` on every surface, never 500.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keyless_core::aks::AksErrorKind;
+use keyless_store::{Conflict as StoreConflict, StoreError};
 use serde_json::json;
+use std::future::Future;
+
+/// Seconds a client is told to wait after a 503 for an unavailable database.
+pub const RETRY_AFTER_SECS: u64 = 5;
+
+/// The error shape of the surface serving a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `{"error":{"code","message"}}` (also Microsoft Graph's).
+    Arm,
+    /// AADSTS JSON.
+    Sts,
+    /// Flat `{"error","error_description"}`.
+    Host,
+    /// `{"error":{"code","message"}}` of the Key Vault data plane.
+    KeyVault,
+}
+
+tokio::task_local! {
+    static SHAPE: Shape;
+}
+
+/// Run `f` (a request's handling) answering store errors in `shape`.
+pub async fn in_surface<F: Future>(shape: Shape, f: F) -> F::Output {
+    SHAPE.scope(shape, f).await
+}
+
+/// The shape of the surface serving the current request (ARM's outside [`in_surface`]).
+pub fn current_shape() -> Shape {
+    SHAPE.try_with(|s| *s).unwrap_or(Shape::Arm)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -276,6 +313,12 @@ impl ServerError {
                     (StatusCode::BAD_REQUEST, "PropertyChangeNotAllowed")
                 }
             },
+            Store(StoreError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
+            }
+            Store(StoreError::Conflict(StoreConflict::Busy(_))) => {
+                (StatusCode::CONFLICT, "Conflict")
+            }
             Sts { .. }
             | Vault { .. }
             | Host { .. }
@@ -296,21 +339,7 @@ impl IntoResponse for ServerError {
                 error,
                 code,
                 description,
-            } => {
-                let trace = uuid::Uuid::new_v4();
-                let corr = uuid::Uuid::new_v4();
-                let ts = crate::util::utc_timestamp();
-                let body = json!({
-                    "error": error,
-                    "error_description": format!("AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {corr} Timestamp: {ts}"),
-                    "error_codes": [code],
-                    "timestamp": ts,
-                    "trace_id": trace,
-                    "correlation_id": corr,
-                    "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
-                });
-                (*status, axum::Json(body)).into_response()
-            }
+            } => sts_body(*status, error, *code, description),
             ServerError::Host {
                 status,
                 error,
@@ -345,15 +374,7 @@ impl IntoResponse for ServerError {
                 axum::Json(json!({"code": "BadRequest", "message": message})),
             )
                 .into_response(),
-            ServerError::Store(e) => {
-                tracing::error!(error = %e, "storage failure");
-                arm_body(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "InternalServerError",
-                    "An internal storage error occurred.",
-                    None,
-                )
-            }
+            ServerError::Store(e) => store_response(e, current_shape()),
             ServerError::Pki(e) => {
                 tracing::error!(error = %e, "pki failure");
                 arm_body(
@@ -393,6 +414,95 @@ impl IntoResponse for ServerError {
     }
 }
 
+fn sts_body(status: StatusCode, error: &str, code: u32, description: &str) -> Response {
+    let trace = uuid::Uuid::new_v4();
+    let corr = uuid::Uuid::new_v4();
+    let ts = crate::util::utc_timestamp();
+    let body = json!({
+        "error": error,
+        "error_description": format!("AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {corr} Timestamp: {ts}"),
+        "error_codes": [code],
+        "timestamp": ts,
+        "trace_id": trace,
+        "correlation_id": corr,
+        "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+/// How a store error answers on a surface. Nothing of the error itself is shown to the client.
+struct StoreAnswer {
+    status: StatusCode,
+    /// ARM / Key Vault `code`, host API `error`, STS `error`.
+    code: &'static str,
+    /// The AADSTS number (STS only).
+    aadsts: u32,
+    message: &'static str,
+}
+
+/// 503 for an unavailable database, 409 for a busy row (503 on the STS, which has no 409),
+/// 500 for anything else.
+fn store_answer(e: &StoreError, shape: Shape) -> StoreAnswer {
+    const UNAVAILABLE: &str = "The service is temporarily unavailable. Retry the request later.";
+    const BUSY: &str = "Another operation on this resource is in progress. Retry the request.";
+    const INTERNAL: &str = "An internal storage error occurred.";
+    let unavailable = matches!(e, StoreError::Unavailable(_));
+    let busy = matches!(e, StoreError::Conflict(StoreConflict::Busy(_)));
+    let (status, message) = match (unavailable, busy, shape) {
+        (true, _, _) | (_, true, Shape::Sts) => (StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE),
+        (_, true, _) => (StatusCode::CONFLICT, BUSY),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, INTERNAL),
+    };
+    let code = match (shape, status) {
+        (Shape::Arm | Shape::KeyVault, StatusCode::SERVICE_UNAVAILABLE) => "ServiceUnavailable",
+        (Shape::Arm | Shape::KeyVault, StatusCode::CONFLICT) => "Conflict",
+        (Shape::Arm | Shape::KeyVault, _) => "InternalServerError",
+        (Shape::Host, StatusCode::SERVICE_UNAVAILABLE) => "temporarily_unavailable",
+        (Shape::Host, StatusCode::CONFLICT) => "conflict",
+        (Shape::Host, _) => "internal_error",
+        (Shape::Sts, StatusCode::SERVICE_UNAVAILABLE) => "temporarily_unavailable",
+        (Shape::Sts, _) => "server_error",
+    };
+    StoreAnswer {
+        status,
+        code,
+        // Entra's "a transient error has occurred" / "an issue with the sign-in service"
+        aadsts: if status == StatusCode::SERVICE_UNAVAILABLE {
+            90033
+        } else {
+            50000
+        },
+        message,
+    }
+}
+
+/// A store error in `shape` (see [`store_answer`]); a 503 carries `Retry-After`.
+fn store_response(e: &StoreError, shape: Shape) -> Response {
+    // logged for the operator (the database's own message); the client sees none of it
+    match e {
+        StoreError::Unavailable(_) => tracing::warn!(error = %e, "the database is unavailable"),
+        StoreError::Conflict(StoreConflict::Busy(_)) => {
+            tracing::info!(error = %e, "a store write was refused as busy")
+        }
+        _ => tracing::error!(error = %e, "storage failure"),
+    }
+    let a = store_answer(e, shape);
+    let mut resp = match shape {
+        Shape::Arm | Shape::KeyVault => arm_body(a.status, a.code, a.message, None),
+        Shape::Sts => sts_body(a.status, a.code, a.aadsts, a.message),
+        Shape::Host => (
+            a.status,
+            axum::Json(json!({"error": a.code, "error_description": a.message})),
+        )
+            .into_response(),
+    };
+    if a.status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    }
+    resp
+}
+
 fn arm_body(status: StatusCode, code: &str, message: &str, target: Option<String>) -> Response {
     let mut err = json!({"code": code, "message": message});
     if let Some(t) = target {
@@ -416,10 +526,97 @@ impl ServerError {
                 inner,
                 ..
             } => (status.as_u16(), inner.unwrap_or(code).to_string()),
+            ServerError::Store(e) => {
+                let shape = current_shape();
+                let a = store_answer(e, shape);
+                let code = match shape {
+                    Shape::Sts => format!("AADSTS{}", a.aadsts),
+                    _ => a.code.to_string(),
+                };
+                (a.status.as_u16(), code)
+            }
             _ => {
                 let (status, code) = self.arm_code();
                 (status.as_u16(), code.to_string())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn answer(shape: Shape, e: StoreError) -> (u16, Option<String>, serde_json::Value) {
+        let resp = in_surface(shape, async { ServerError::Store(e).into_response() }).await;
+        let status = resp.status().as_u16();
+        let retry = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, retry, serde_json::from_slice(&body).unwrap())
+    }
+
+    fn down() -> StoreError {
+        StoreError::Unavailable("connection refused by db.internal:5432".into())
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_database_answers_503_in_each_surfaces_shape() {
+        for shape in [Shape::Arm, Shape::KeyVault] {
+            let (status, retry, body) = answer(shape, down()).await;
+            assert_eq!((status, retry.as_deref()), (503, Some("5")));
+            assert_eq!(body["error"]["code"], "ServiceUnavailable");
+            assert!(body["error"]["message"].is_string());
+        }
+        let (status, retry, body) = answer(Shape::Sts, down()).await;
+        assert_eq!((status, retry.as_deref()), (503, Some("5")));
+        assert_eq!(body["error"], "temporarily_unavailable");
+        assert_eq!(body["error_codes"], json!([90033]));
+        assert!(body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS90033: "));
+        let (status, retry, body) = answer(Shape::Host, down()).await;
+        assert_eq!((status, retry.as_deref()), (503, Some("5")));
+        assert_eq!(body["error"], "temporarily_unavailable");
+        assert!(body["error_description"].is_string());
+        // nothing of the database's message reaches the client
+        for shape in [Shape::Arm, Shape::Sts, Shape::Host, Shape::KeyVault] {
+            let (_, _, body) = answer(shape, down()).await;
+            assert!(!body.to_string().contains("db.internal"), "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_row_is_a_409_on_arm_and_other_store_errors_a_bare_500() {
+        let busy = || StoreError::Conflict(StoreConflict::Busy("could not obtain lock".into()));
+        let (status, retry, body) = answer(Shape::Arm, busy()).await;
+        assert_eq!((status, retry), (409, None));
+        assert_eq!(body["error"]["code"], "Conflict");
+        // the STS has no 409: a transient error the client retries
+        let (status, retry, _) = answer(Shape::Sts, busy()).await;
+        assert_eq!((status, retry.as_deref()), (503, Some("5")));
+        let (status, retry, body) =
+            answer(Shape::Arm, StoreError::Backend("42P01: relation x".into())).await;
+        assert_eq!((status, retry), (500, None));
+        assert_eq!(body["error"]["code"], "InternalServerError");
+        assert!(!body.to_string().contains("42P01"));
+        let (status, _, body) = answer(Shape::Host, StoreError::Corrupt("row".into())).await;
+        assert_eq!(status, 500);
+        assert_eq!(body["error"], "internal_error");
+    }
+
+    #[tokio::test]
+    async fn the_audit_reason_follows_the_shape() {
+        let e = ServerError::Store(down());
+        assert_eq!(e.status_and_code(), (503, "ServiceUnavailable".into()));
+        let sts = in_surface(Shape::Sts, async { e.status_and_code() }).await;
+        assert_eq!(sts, (503, "AADSTS90033".into()));
+        let host = in_surface(Shape::Host, async { e.status_and_code() }).await;
+        assert_eq!(host, (503, "temporarily_unavailable".into()));
     }
 }

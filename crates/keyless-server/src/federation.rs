@@ -13,7 +13,7 @@ use base64::Engine;
 use keyless_core::claims::{self, Principal};
 use keyless_core::fic::{self, Fic, Match};
 use keyless_core::resource_id::ResourceId;
-use keyless_store::IdentityRecord;
+use keyless_store::{FicRecord, IdentityRecord};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -208,12 +208,15 @@ fn verify_with(jwk: &Value, alg: &str, input: &[u8], sig: &[u8]) -> bool {
     }
 }
 
-/// Exchange `assertion` for the identity `id`; returns the principal to issue a token to. Once
-/// the signature verified (never before: an unsigned `iss` is anyone's), the assertion's issuer
-/// and subject go into `who`, the caller of the audit record.
+/// Exchange `assertion` for the identity `id`, whose federated identity credentials are `fics`
+/// (read by the caller, whose unit of work has ended: the issuer's keys may be fetched here);
+/// returns the principal to issue a token to. Once the signature verified (never before: an
+/// unsigned `iss` is anyone's), the assertion's issuer and subject go into `who`, the caller of
+/// the audit record.
 pub async fn exchange(
     s: &AppState,
     id: &IdentityRecord,
+    fics: &[FicRecord],
     assertion: &str,
     who: &mut keyless_ops::audit::Caller,
 ) -> Result<Principal> {
@@ -241,15 +244,13 @@ pub async fn exchange(
             "Tokens issued by this authority may not be used for federated identity flows.",
         ));
     }
-    let fics: Vec<Fic> = s
-        .store
-        .list_fics(&id.key)?
-        .into_iter()
+    let fics: Vec<Fic> = fics
+        .iter()
         .map(|f| Fic {
-            name: f.name,
-            issuer: f.issuer,
-            subject: f.subject,
-            audiences: f.audiences,
+            name: f.name.clone(),
+            issuer: f.issuer.clone(),
+            subject: f.subject.clone(),
+            audiences: f.audiences.clone(),
         })
         .collect();
     let aud_refs: Vec<&str> = auds.iter().map(String::as_str).collect();

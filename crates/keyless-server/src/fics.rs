@@ -1,4 +1,11 @@
 //! `Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentials[/{name}]`.
+//!
+//! One write at a time per identity, as Entra enforces (409
+//! `ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity` to the next): a PUT
+//! holds the store claim `fic:{identity key}` ([`claim_writes`]) from before its unit of work
+//! begins until after it has committed. [`crate::arm`] takes it (a claim is a write of its own,
+//! which on SQLite must not wait behind the request's open write) and releases it; the write
+//! itself locks the identity's row before it reads and counts the credentials.
 
 use crate::arm::{parse_body, Caller};
 use crate::authz;
@@ -10,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::fic::{self, Fic};
 use keyless_core::resource_id::ResourceId;
-use keyless_store::{FicPut, FicRecord};
+use keyless_store::{Claim, FicPut, FicRecord, Tx};
 use serde_json::{json, Value};
 
 /// The first api-version that has federated identity credentials.
@@ -49,28 +56,30 @@ struct Props {
     description: Option<String>,
 }
 
-/// Releases an identity's write slot when dropped.
-struct WriteSlot<'a>(&'a AppState, String);
+/// How long a write claim lasts at most, should its holder die before releasing it (seconds).
+const CLAIM_TTL: u64 = 30;
 
-impl Drop for WriteSlot<'_> {
-    fn drop(&mut self) {
-        self.0
-            .fic_writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.1);
-    }
+/// Take the write claim on `identity`'s federated credentials, for a PUT: `None` when another
+/// write holds it. Taken before the request's unit of work begins, released after it ends.
+pub async fn claim_writes(s: &AppState, identity: &ResourceId) -> Result<Option<Claim>> {
+    let name = format!("fic:{}", identity.key());
+    Ok(s.store.claim(&name, s.now(), CLAIM_TTL).await?)
 }
 
-/// GET the list (`name` None), or GET / PUT / DELETE one credential.
-pub fn handle(
+/// GET the list (`name` None), or GET / PUT / DELETE one credential, in the request's unit of
+/// work `tx`. `claimed`: for a PUT, whether the request holds the identity's write claim
+/// ([`claim_writes`]); a PUT without it is answered 409 once validated.
+#[allow(clippy::too_many_arguments)]
+pub async fn handle(
     s: &AppState,
+    tx: &mut Tx,
     caller: &Caller,
     m: &Method,
     identity: &ResourceId,
     name: Option<&str>,
     version: &str,
     body: &[u8],
+    claimed: bool,
 ) -> Result<Response> {
     if version < FIRST_VERSION {
         return Err(ServerError::InvalidResourceType {
@@ -84,21 +93,21 @@ pub fn handle(
         )
     };
     let scope = identity.canonical();
-    let id = res::get_identity(s, identity)?;
+    let id = res::get_identity(s, tx, identity).await?;
     match (m.clone(), name) {
         (Method::GET, None) => {
-            authz::check(s, &caller.object_id, &action("read"), &scope)?;
-            let list: Vec<Value> = s
-                .store
-                .list_fics(&id.key)?
+            authz::check(tx, &caller.object_id, &action("read"), &scope).await?;
+            let list: Vec<Value> = tx
+                .list_fics(&id.key)
+                .await?
                 .iter()
                 .map(|f| fic_json(identity, f))
                 .collect();
             Ok(Json(json!({ "value": list })).into_response())
         }
         (Method::GET, Some(n)) => {
-            authz::check(s, &caller.object_id, &action("read"), &scope)?;
-            let f = s.store.get_fic(&id.key, n)?.ok_or_else(|| ServerError::ResourceNotFound {
+            authz::check(tx, &caller.object_id, &action("read"), &scope).await?;
+            let f = tx.get_fic(&id.key, n).await?.ok_or_else(|| ServerError::ResourceNotFound {
                 type_name: "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials".into(),
                 name: format!("{}/{n}", identity.name),
                 group: identity.resource_group.clone(),
@@ -106,8 +115,8 @@ pub fn handle(
             Ok(Json(fic_json(identity, &f)).into_response())
         }
         (Method::DELETE, Some(n)) => {
-            authz::check(s, &caller.object_id, &action("delete"), &scope)?;
-            Ok(if s.store.delete_fic(&id.key, n)? {
+            authz::check(tx, &caller.object_id, &action("delete"), &scope).await?;
+            Ok(if tx.delete_fic(&id.key, n).await? {
                 StatusCode::OK
             } else {
                 StatusCode::NO_CONTENT
@@ -115,7 +124,7 @@ pub fn handle(
             .into_response())
         }
         (Method::PUT, Some(n)) => {
-            authz::check(s, &caller.object_id, &action("write"), &scope)?;
+            authz::check(tx, &caller.object_id, &action("write"), &scope).await?;
             fic::validate_name(n).map_err(|e| bad(e.to_string()))?;
             let b: Body = parse_body(body)?;
             let p = b
@@ -135,19 +144,15 @@ pub fn handle(
                 return Err(bad("The description of a federated identity credential must be at most 600 characters."));
             }
             // one write at a time per identity, as Entra enforces (409 for concurrent writes)
-            if !s
-                .fic_writes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.key.clone())
-            {
+            if !claimed {
                 return Err(ServerError::ConcurrentFicWrites(identity.canonical()));
             }
-            let _slot = WriteSlot(s, id.key.clone());
+            // and, whatever holds the claim, the count below is read under the identity's row
+            tx.lock_row("identities", "key", &id.key).await?;
             // the name keeps the case it was created with (names are immutable)
-            let name = s
-                .store
-                .get_fic(&id.key, n)?
+            let name = tx
+                .get_fic(&id.key, n)
+                .await?
                 .map(|f| f.name)
                 .unwrap_or_else(|| n.to_string());
             let rec = FicRecord {
@@ -159,7 +164,7 @@ pub fn handle(
                 description: p.description,
                 created: s.now(),
             };
-            match s.store.put_fic(&rec, fic::MAX_PER_IDENTITY)? {
+            match tx.put_fic(&rec, fic::MAX_PER_IDENTITY).await? {
                 FicPut::Created => {
                     Ok((StatusCode::CREATED, Json(fic_json(identity, &rec))).into_response())
                 }

@@ -49,9 +49,10 @@ async fn one(
     req: Request,
 ) -> Result<Json<Value>> {
     authenticate_with(&s, req.headers(), &audiences(&s))?;
-    let e = s
-        .store
-        .directory_lookup(&id)?
+    let mut tx = s.store.read("graph_service_principal").await?;
+    let e = tx
+        .directory_lookup(&id)
+        .await?
         .filter(|e| e.object_id.eq_ignore_ascii_case(&id))
         .ok_or_else(|| not_found(&id))?;
     Ok(Json(entry_json(&e)))
@@ -77,9 +78,10 @@ async fn list(State(s): State<Arc<AppState>>, req: Request) -> Result<Json<Value
         keyless_core::odata::DirectoryFilter::AppId(v) => (true, v),
         keyless_core::odata::DirectoryFilter::Id(v) => (false, v),
     };
-    let value = s
-        .store
-        .directory_lookup(&v)?
+    let mut tx = s.store.read("graph_service_principals").await?;
+    let value = tx
+        .directory_lookup(&v)
+        .await?
         .filter(|e| {
             if by_app {
                 e.app_id.eq_ignore_ascii_case(&v)
@@ -115,18 +117,24 @@ async fn create_app(
 ) -> Result<(axum::http::StatusCode, Json<Value>)> {
     let caller = authenticate_with(&s, req.headers(), &audiences(&s))?;
     let scope = format!("/subscriptions/{}", s.subscription_id);
+    // the caller's right is checked before the body is read (a read that ends before it: no
+    // transaction waits on the client's upload)
+    let mut tx = s.store.read("graph_authorize").await?;
     if !crate::authz::permitted(
-        &s,
+        &mut tx,
         &caller.object_id,
         "Microsoft.Authorization/roleAssignments/write",
         &scope,
-    )? {
+    )
+    .await?
+    {
         return Err(ServerError::AuthorizationFailed {
             principal: caller.object_id,
             action: "microsoft.directory/applications/create".into(),
             scope,
         });
     }
+    drop(tx);
     let body = axum::body::to_bytes(req.into_body(), 256 * 1024)
         .await
         .map_err(|_| ServerError::RequestTooLarge(256 * 1024))?;
@@ -160,7 +168,9 @@ async fn create_app(
         created: s.now(),
         certificates,
     };
-    s.store.put_service_principal(&sp)?;
+    let mut tx = s.store.write("graph_create_application").await?;
+    tx.put_service_principal(&sp).await?;
+    tx.commit().await?;
     let keys: Vec<Value> = sp
         .certificates
         .iter()

@@ -1,6 +1,10 @@
 //! The host API used by `keyless node`: join with a one-time token (CSR → client
 //! certificate bound to one VM), then, authenticated by that certificate over mTLS, read the
 //! VM's identities, get managed-identity tokens for them, and rotate the certificate.
+//!
+//! Each request is one unit of work: reads (identities, token) one read transaction, ended
+//! before a token is signed; join and rotate one write transaction, committed before the
+//! certificate is answered (a refused join consumes nothing).
 
 use crate::error::{Result, ServerError};
 use crate::state::AppState;
@@ -13,7 +17,9 @@ use keyless_core::imds::IssuedToken;
 use keyless_core::resource_id::ResourceId;
 use keyless_core::selection::{CallerIdentities, IdentityRef, Selector};
 use keyless_ops::audit;
-use keyless_store::{HostCredentialRecord, InstanceRecord, JoinTokenOutcome, VmRecord};
+use keyless_store::{
+    Conflict, HostCredentialRecord, InstanceRecord, JoinTokenOutcome, StoreError, Tx, VmRecord,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -100,7 +106,13 @@ impl Host {
     }
 }
 
-fn issue_cert(s: &AppState, host: &Host, csr: &str) -> Result<CertificateResponse> {
+/// Sign the host's CSR and record the credential in `tx` (the caller commits).
+async fn issue_cert(
+    s: &AppState,
+    tx: &mut Tx,
+    host: &Host,
+    csr: &str,
+) -> Result<CertificateResponse> {
     let now = s.now();
     let der =
         s.ca.sign_client_csr(
@@ -118,12 +130,13 @@ fn issue_cert(s: &AppState, host: &Host, csr: &str) -> Result<CertificateRespons
             )
         })?;
     let (_, not_after) = keyless_pki::cert_validity(&der)?;
-    s.store.insert_host_credential(&HostCredentialRecord {
+    tx.insert_host_credential(&HostCredentialRecord {
         fingerprint: keyless_pki::sha256_hex(&der),
         vm_key: host.key().to_string(),
         not_after,
         issued: now,
-    })?;
+    })
+    .await?;
     Ok(CertificateResponse {
         certificate: keyless_pki::pem("CERTIFICATE", &der),
         ca: s.ca.cert_pem(),
@@ -145,7 +158,8 @@ async fn join(
         ));
     }
     let hash = keyless_pki::sha256_hex(req.join_token.as_bytes());
-    let vm_key = match s.store.consume_join_token(&hash, s.now())? {
+    let mut tx = s.store.write("host_join").await?;
+    let vm_key = match tx.consume_join_token(&hash, s.now()).await? {
         JoinTokenOutcome::Accepted { vm_key } => vm_key,
         JoinTokenOutcome::Unknown => {
             return Err(ServerError::host(
@@ -169,7 +183,7 @@ async fn join(
             ))
         }
     };
-    let vm = s.store.get_vm(&vm_key)?.ok_or_else(|| {
+    let vm = tx.get_vm(&vm_key).await?.ok_or_else(|| {
         ServerError::host(
             404,
             "vm_not_found",
@@ -179,14 +193,12 @@ async fn join(
     // joining a scale set makes the host a new instance of it
     let instance = if keyless_core::resource_id::is_host_group(&vm.resource_id) {
         let target = crate::batch::target_nodes(&vm);
-        match s
-            .store
+        match tx
             .create_instance(&vm.key, &vm.resource_id, s.now(), target)
+            .await
         {
             Ok(i) => Some(i),
-            Err(keyless_store::StoreError::Conflict(m))
-                if m == keyless_store::sqlite::GROUP_FULL =>
-            {
+            Err(StoreError::Conflict(Conflict::GroupFull)) => {
                 return Err(ServerError::host(
                     409,
                     "pool_full",
@@ -206,13 +218,14 @@ async fn join(
         owner: vm,
         instance,
     };
-    let resp = issue_cert(&s, &host, &req.csr)?;
+    let resp = issue_cert(&s, &mut tx, &host, &req.csr).await?;
+    tx.commit().await?;
     tracing::info!(host = %host.resource_id(), "host joined");
     Ok(Json(resp))
 }
 
 /// The host whose credential the connection presented.
-fn host_vm(s: &AppState, peer: &PeerCert) -> Result<Host> {
+async fn host_vm(s: &AppState, tx: &mut Tx, peer: &PeerCert) -> Result<Host> {
     let fp = peer.0.as_deref().ok_or_else(|| {
         ServerError::host(
             401,
@@ -220,9 +233,9 @@ fn host_vm(s: &AppState, peer: &PeerCert) -> Result<Host> {
             "A host client certificate is required.",
         )
     })?;
-    let cred = s
-        .store
-        .get_host_credential(fp)?
+    let cred = tx
+        .get_host_credential(fp)
+        .await?
         .filter(|c| c.not_after > s.now())
         .ok_or_else(|| {
             ServerError::host(
@@ -238,14 +251,14 @@ fn host_vm(s: &AppState, peer: &PeerCert) -> Result<Host> {
             "The host credential's virtual machine no longer exists.",
         )
     };
-    if let Some(vm) = s.store.get_vm(&cred.vm_key)? {
+    if let Some(vm) = tx.get_vm(&cred.vm_key).await? {
         return Ok(Host {
             owner: vm,
             instance: None,
         });
     }
-    let instance = s.store.get_instance(&cred.vm_key)?.ok_or_else(gone)?;
-    let owner = s.store.get_vm(&instance.vmss_key)?.ok_or_else(gone)?;
+    let instance = tx.get_instance(&cred.vm_key).await?.ok_or_else(gone)?;
+    let owner = tx.get_vm(&instance.vmss_key).await?.ok_or_else(gone)?;
     Ok(Host {
         owner,
         instance: Some(instance),
@@ -253,16 +266,16 @@ fn host_vm(s: &AppState, peer: &PeerCert) -> Result<Host> {
 }
 
 /// The identities a host may use: those assigned to its VM, nothing else.
-pub fn host_identities(s: &AppState, vm: &VmRecord) -> Result<CallerIdentities> {
-    let system = s.store.vm_system_identity(&vm.key)?.map(|i| IdentityRef {
+pub async fn host_identities(tx: &mut Tx, vm: &VmRecord) -> Result<CallerIdentities> {
+    let system = tx.vm_system_identity(&vm.key).await?.map(|i| IdentityRef {
         principal_id: i.principal_id,
         client_id: i.client_id,
         resource_id: vm.resource_id.clone(),
         system_assigned: true,
     });
-    let user = s
-        .store
-        .vm_user_identities(&vm.key)?
+    let user = tx
+        .vm_user_identities(&vm.key)
+        .await?
         .into_iter()
         .map(|i| IdentityRef {
             principal_id: i.principal_id,
@@ -278,8 +291,13 @@ async fn identities(
     State(s): State<Arc<AppState>>,
     Extension(peer): Extension<PeerCert>,
 ) -> Result<Json<Value>> {
-    let host = host_vm(&s, &peer)?;
-    let ids = host_identities(&s, &host.owner)?;
+    let mut tx = s.store.read("host_identities").await?;
+    let host = host_vm(&s, &mut tx, &peer).await?;
+    let ids = host_identities(&mut tx, &host.owner).await?;
+    let extensions = crate::batch::host_extensions(&mut tx, &host.owner).await?;
+    // a node of a managed cluster's pool: what NMI needs besides the identities
+    let cluster = crate::clusters::host_cluster(&mut tx, &host.owner).await?;
+    drop(tx);
     let vm = &host.owner;
     let scale_set = if host.instance.is_some() {
         vm.name.as_str()
@@ -300,10 +318,9 @@ async fn identities(
             "vmSize": vm.properties.pointer("/hardwareProfile/vmSize").cloned().unwrap_or(json!("")),
         },
         "identities": ids,
-        "extensions": crate::batch::host_extensions(&s, &host.owner)?,
+        "extensions": extensions,
     });
-    // a node of a managed cluster's pool: what NMI needs besides the identities
-    if let Some(c) = crate::clusters::host_cluster(&s, &host.owner)? {
+    if let Some(c) = cluster {
         view["cluster"] = c;
     }
     Ok(Json(view))
@@ -327,7 +344,7 @@ async fn token(
     };
     let mut ev =
         audit::TokenEvent::new(audit::Surface::Host, audit::TokenKind::ManagedIdentity, who);
-    let r = host_token(&s, &peer, &body, &mut ev);
+    let r = host_token(&s, &peer, &body, &mut ev).await;
     let ev = match &r {
         Ok(t) => {
             ev.identity = audit::Identity {
@@ -346,13 +363,14 @@ async fn token(
     r.map(Json)
 }
 
-fn host_token(
+async fn host_token(
     s: &AppState,
     peer: &PeerCert,
     body: &[u8],
     ev: &mut audit::TokenEvent,
 ) -> Result<IssuedToken> {
-    let host = host_vm(s, peer)?;
+    let mut tx = s.store.read("host_token").await?;
+    let host = host_vm(s, &mut tx, peer).await?;
     ev.caller.host = Some(host.resource_id().to_string());
     let req: HostTokenRequest = parse(body)?;
     let resource = req.resource.trim();
@@ -367,7 +385,9 @@ fn host_token(
         };
         ServerError::host(400, error, e.describe())
     })?;
-    let ids = host_identities(s, &host.owner)?;
+    let ids = host_identities(&mut tx, &host.owner).await?;
+    // the read ends before the token is signed
+    drop(tx);
     let chosen = ids
         .select(&req.selector)
         .map_err(|e| ServerError::host(400, "invalid_request", e.to_string()))?;
@@ -415,9 +435,11 @@ async fn rotate(
     Extension(peer): Extension<PeerCert>,
     body: axum::body::Bytes,
 ) -> Result<Json<CertificateResponse>> {
-    let host = host_vm(&s, &peer)?;
+    let mut tx = s.store.write("host_rotate").await?;
+    let host = host_vm(&s, &mut tx, &peer).await?;
     let req: RotateRequest = parse(&body)?;
-    let resp = issue_cert(&s, &host, &req.csr)?;
+    let resp = issue_cert(&s, &mut tx, &host, &req.csr).await?;
+    tx.commit().await?;
     tracing::info!(host = %host.resource_id(), "host credential rotated");
     Ok(Json(resp))
 }

@@ -69,6 +69,11 @@ pub fn app(state: Arc<AppState>) -> Router {
             state.clone(),
             vault_dispatch,
         ))
+        // the surface's error shape for errors that have none of their own (the store's)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            error_shape,
+        ))
         // outermost, per route (so the matched route template is known): request id, span,
         // metrics, access log (`keyless_ops::request`)
         .layer(axum::middleware::from_fn_with_state(
@@ -89,6 +94,22 @@ async fn vault_dispatch(
     }
 }
 
+/// Serve the request in its surface's error shape (`error::in_surface`).
+async fn error_shape(
+    axum::extract::State(s): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use keyless_ops::request as edge;
+    let shape = match ops::surface(&s, &req) {
+        x if x == edge::KEYVAULT => error::Shape::KeyVault,
+        x if x == edge::STS => error::Shape::Sts,
+        x if x == edge::HOST => error::Shape::Host,
+        _ => error::Shape::Arm,
+    };
+    error::in_surface(shape, next.run(req)).await
+}
+
 /// HTTPS client for external OIDC issuers: the given CA only, or the system roots.
 fn issuer_client(ca_pem: Option<&str>) -> Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
@@ -106,14 +127,16 @@ fn issuer_client(ca_pem: Option<&str>) -> Result<reqwest::Client> {
         .map_err(|e| ServerError::Pki(keyless_pki::PkiError::InvalidCertificate(e.to_string())))
 }
 
-/// Bootstrap the data dir and start serving on `cfg.listen`.
+/// Bootstrap the data dir and start serving on `cfg.listen`. Several servers may share one
+/// database (`store`): bootstrap and the first signing key are made once between them (see
+/// [`state::bootstrap`], [`keys`]).
 pub async fn start(
     cfg: ServerConfig,
-    store: Arc<dyn Store>,
+    store: Store,
     clock: Arc<dyn Clock>,
 ) -> Result<RunningServer> {
     keyless_pki::install_crypto_provider();
-    let now = clock.now();
+    let replica_id = util::new_guid();
     let listener = keyless_ops::limits::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -124,12 +147,12 @@ pub async fn start(
         addr: cfg.listen.to_string(),
         source,
     })?;
-    let (boot, ca, kv_ca) = state::bootstrap(store.as_ref(), &cfg, now)?;
+    let (boot, ca, kv_ca) = state::bootstrap(&store, &cfg, &replica_id, clock.as_ref()).await?;
     let mut extra_sans = cfg.tls_sans.clone();
     extra_sans.push(format!("vault.{}", cfg.vault_domain));
     extra_sans.push(format!("*.vault.{}", cfg.vault_domain));
     let sans = state::tls_sans(&extra_sans);
-    let (chain, key) = state::tls_identity(store.as_ref(), &ca, &sans, now)?;
+    let (chain, key) = state::tls_identity(&store, &ca, &sans, clock.now()).await?;
     let tls = keyless_pki::server_tls_config(chain, &key, ca.cert_der())?;
     let base_url = cfg
         .public_url
@@ -153,35 +176,55 @@ pub async fn start(
         jwks: Default::default(),
         vault_clock,
         verified: Default::default(),
+        replica_id,
     });
-    state.keys.reload(state.store.as_ref())?;
+    let lease_ttl = keys::lease_ttl(state.cfg.key_check_interval);
     state
         .keys
-        .rotate(state.store.as_ref(), &state.ca, now, &state.cfg.rotation)?;
+        .start(
+            &state.store,
+            &state.ca,
+            state.clock.as_ref(),
+            &state.cfg.rotation,
+            &state.replica_id,
+            lease_ttl,
+        )
+        .await?;
     ops::record_signing_key(&state);
 
-    // Key rotation, and reloading keys other replicas may have written.
+    // Key rotation (by the holder of its lease) and reloading the keys other servers wrote:
+    // a reconcile, an error is logged and the next tick tries again.
     let rot = state.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(rot.cfg.key_check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tick.tick().await;
-            let r = rot.keys.reload(rot.store.as_ref()).and_then(|_| {
-                rot.keys
-                    .rotate(rot.store.as_ref(), &rot.ca, rot.now(), &rot.cfg.rotation)
-            });
+            let r = rot
+                .keys
+                .check(
+                    &rot.store,
+                    &rot.ca,
+                    rot.now(),
+                    &rot.cfg.rotation,
+                    &rot.replica_id,
+                    lease_ttl,
+                )
+                .await;
             if let Err(e) = r {
-                tracing::error!(error = %e, "signing key rotation failed");
+                tracing::error!(error = %e, "signing key check failed; retrying at the next tick");
             }
             ops::record_signing_key(&rot);
         }
     });
 
-    // Certificate lifetime actions and purges of expired soft-deleted objects.
+    // Certificate lifetime actions and purges of expired soft-deleted objects (the pass takes
+    // the scheduler's lease itself: one server acts at a time).
     let sched = state.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(sched.cfg.vault_check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             if let Err(e) = kv::renew::run_once(&sched).await {

@@ -6,7 +6,8 @@ use axum::extract::Request;
 use keyless_ops::health::Health;
 use keyless_ops::metrics::{SIGNING_KEY_AGE, SIGNING_KEY_NEXT_ROTATION};
 use keyless_ops::request::{self as edge, word_in, Edge, Surface};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The request edge of [`crate::app`]: surface by host name (Key Vault) and path.
 pub fn edge(state: Arc<AppState>) -> Edge {
@@ -120,21 +121,87 @@ pub fn route(surface: &'static str, path: &str) -> Option<String> {
     }
 }
 
-/// The server's readiness checks: the store answers a read, and a key signs now.
+/// How often the store is probed for readiness.
+const STORE_PROBE_EVERY: Duration = Duration::from_secs(5);
+/// How long one probe may take before the store counts as not answering.
+const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A successful probe older than this no longer counts (the probe itself is stuck).
+const STORE_PROBE_STALE: Duration = Duration::from_secs(15);
+
+/// The outcome of the last store probe.
+struct StoreProbe {
+    last_ok: Option<Instant>,
+    error: Option<String>,
+}
+
+/// One read of the store, as a request would make.
+async fn probe_store(store: &keyless_store::Store) -> keyless_store::Result<()> {
+    let mut tx = store.read("readiness").await?;
+    tx.get_meta("tenant_id").await?;
+    Ok(())
+}
+
+/// The server's readiness checks: the store answers a read (the database is reachable), and a
+/// key signs now.
+///
+/// Readiness checks are synchronous, a store read is not: a task (started here, in the
+/// caller's runtime, ending with the server's state) reads the store every 5 s, each read
+/// bounded to 3 s, and the check reports its last outcome; it fails until the first read
+/// answered, when the last one failed or timed out, and when none succeeded for 15 s.
 pub fn register_checks(state: &Arc<AppState>, health: &Health) {
-    let s = state.clone();
+    let probe = Arc::new(Mutex::new(StoreProbe {
+        last_ok: None,
+        error: Some("the store has not answered yet".into()),
+    }));
+    let weak = Arc::downgrade(state);
+    let p = probe.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(STORE_PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(store) = weak.upgrade().map(|s| s.store.clone()) else {
+                return;
+            };
+            let r = tokio::time::timeout(STORE_PROBE_TIMEOUT, probe_store(&store)).await;
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            match r {
+                Ok(Ok(())) => {
+                    p.last_ok = Some(Instant::now());
+                    p.error = None;
+                }
+                Ok(Err(e)) => p.error = Some(format!("the store does not answer: {e}")),
+                Err(_) => {
+                    p.error = Some(format!(
+                        "the store did not answer within {} s",
+                        STORE_PROBE_TIMEOUT.as_secs()
+                    ))
+                }
+            }
+        }
+    });
     health.register("store", move || {
-        s.store
-            .get_meta("tenant_id")
-            .map(|_| ())
-            .map_err(|e| format!("the store does not answer: {e}"))
+        let p = probe.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = &p.error {
+            return Err(e.clone());
+        }
+        match p.last_ok {
+            Some(t) if t.elapsed() <= STORE_PROBE_STALE => Ok(()),
+            _ => Err(format!(
+                "the store has not answered for {} s",
+                STORE_PROBE_STALE.as_secs()
+            )),
+        }
     });
     let s = state.clone();
     health.register("signing key", move || {
         if s.keys.signer(s.now()).is_some() {
             Ok(())
         } else {
-            Err("no signing key is active".into())
+            Err(match s.keys.last_error() {
+                Some(e) => format!("no signing key is active (last key check: {e})"),
+                None => "no signing key is active".into(),
+            })
         }
     });
 }

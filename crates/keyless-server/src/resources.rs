@@ -1,6 +1,8 @@
 //! Control-plane operations on resources, independent of HTTP: the ARM handlers and
-//! `keyless up`'s bootstrap both call these, so every rule is applied in one place.
+//! `keyless up`'s bootstrap both call these, so every rule is applied in one place. Each runs in
+//! the caller's unit of work (`tx`); none commits it.
 
+use crate::authz;
 use crate::error::{Result, ServerError};
 use crate::state::AppState;
 use crate::util::new_guid;
@@ -8,7 +10,7 @@ use keyless_core::identity_type::{self, HostIdentity, IdentityType};
 use keyless_core::names;
 use keyless_core::resource_id::{ResourceId, UAMI, VM, VMSS};
 use keyless_core::CoreError;
-use keyless_store::{IdentityRecord, ResourceGroupRecord, VmRecord};
+use keyless_store::{Conflict, IdentityRecord, ResourceGroupRecord, StoreError, Tx, VmRecord};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -47,8 +49,9 @@ pub fn check_subscription(s: &AppState, sub: &str) -> Result<()> {
 
 // ---------------------------------------------------------------- resource groups
 
-pub fn put_resource_group(
+pub async fn put_resource_group(
     s: &AppState,
+    tx: &mut Tx,
     sub: &str,
     name: &str,
     loc: Option<&str>,
@@ -58,7 +61,7 @@ pub fn put_resource_group(
     names::validate_resource_group(name)
         .map_err(|_| ServerError::InvalidResourceGroup(name.to_string()))?;
     let loc = location(loc)?;
-    if let Some(existing) = s.store.get_resource_group(sub, name)? {
+    if let Some(existing) = tx.get_resource_group(sub, name).await? {
         if existing.location != loc {
             return Err(ServerError::InvalidResourceLocation(format!(
                 "Invalid resource group location '{loc}'. The Resource group already exists in location '{}'.",
@@ -72,15 +75,20 @@ pub fn put_resource_group(
         location: loc,
         tags: tags(t)?,
     };
-    let created = s.store.put_resource_group(&rec)?;
-    let stored = s.store.get_resource_group(sub, name)?.unwrap_or(rec);
+    let created = tx.put_resource_group(&rec).await?;
+    let stored = tx.get_resource_group(sub, name).await?.unwrap_or(rec);
     Ok((stored, created))
 }
 
-pub fn get_resource_group(s: &AppState, sub: &str, name: &str) -> Result<ResourceGroupRecord> {
+pub async fn get_resource_group(
+    s: &AppState,
+    tx: &mut Tx,
+    sub: &str,
+    name: &str,
+) -> Result<ResourceGroupRecord> {
     check_subscription(s, sub)?;
-    s.store
-        .get_resource_group(sub, name)?
+    tx.get_resource_group(sub, name)
+        .await?
         .ok_or_else(|| ServerError::ResourceGroupNotFound(name.to_string()))
 }
 
@@ -97,17 +105,18 @@ pub fn rg_json(rg: &ResourceGroupRecord) -> Value {
 
 // ---------------------------------------------------------------- user-assigned identities
 
-pub fn put_identity(
+pub async fn put_identity(
     s: &AppState,
+    tx: &mut Tx,
     rid: &ResourceId,
     loc: Option<&str>,
     t: Option<BTreeMap<String, String>>,
 ) -> Result<(IdentityRecord, bool)> {
-    let rg = get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+    let rg = get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
     names::validate_identity_name(&rid.name).map_err(name_err)?;
     let loc = location(loc)?;
     let tags = tags(t)?;
-    let rec = match s.store.get_identity(&rid.key())? {
+    let rec = match tx.get_identity(&rid.key()).await? {
         Some(mut existing) => {
             if existing.location != loc {
                 return Err(ServerError::InvalidResourceLocation(format!(
@@ -136,7 +145,7 @@ pub fn put_identity(
             }
         }
     };
-    let created = s.store.put_identity(&rec)?;
+    let created = tx.put_identity(&rec).await?;
     Ok((rec, created))
 }
 
@@ -148,22 +157,23 @@ fn not_found(rid: &ResourceId) -> ServerError {
     }
 }
 
-pub fn get_identity(s: &AppState, rid: &ResourceId) -> Result<IdentityRecord> {
-    get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-    s.store
-        .get_identity(&rid.key())?
+pub async fn get_identity(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<IdentityRecord> {
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    tx.get_identity(&rid.key())
+        .await?
         .ok_or_else(|| not_found(rid))
 }
 
-pub fn patch_identity(
+pub async fn patch_identity(
     s: &AppState,
+    tx: &mut Tx,
     rid: &ResourceId,
     t: Option<BTreeMap<String, String>>,
 ) -> Result<IdentityRecord> {
-    let mut rec = get_identity(s, rid)?;
+    let mut rec = get_identity(s, tx, rid).await?;
     if let Some(t) = t {
         rec.tags = tags(Some(t))?;
-        s.store.put_identity(&rec)?;
+        tx.put_identity(&rec).await?;
     }
     Ok(rec)
 }
@@ -216,10 +226,10 @@ fn failed_identity_operation(resource: &str, code: &str, message: &str) -> Serve
     ))
 }
 
-fn current_host_identity(s: &AppState, vm: &VmRecord) -> Result<HostIdentity> {
-    let user = s
-        .store
-        .vm_user_identities(&vm.key)?
+async fn current_host_identity(tx: &mut Tx, vm: &VmRecord) -> Result<HostIdentity> {
+    let user = tx
+        .vm_user_identities(&vm.key)
+        .await?
         .iter()
         .filter_map(|i| ResourceId::parse(&i.resource_id).ok())
         .collect();
@@ -229,28 +239,50 @@ fn current_host_identity(s: &AppState, vm: &VmRecord) -> Result<HostIdentity> {
     })
 }
 
-/// Create or replace (PUT) or merge (PATCH) a VM, applying the identity lifecycle of seed 002:
-/// a system-assigned identity is created with the VM and deleted when the type drops it.
-/// Checks that the caller may attach a user-assigned identity (by its canonical id) to a host.
-pub type LinkCheck<'a> = &'a dyn Fn(&str) -> Result<()>;
-
-/// A [`LinkCheck`] for trusted internal callers (bootstrap).
-pub fn trusted(_: &str) -> Result<()> {
-    Ok(())
+/// Whether the writer of a host (a VM, a scale set, a pool, a cluster) may attach a
+/// user-assigned identity (by its canonical id) to it: asked, by [`LinkCheck::check`], for every
+/// identity the write adds.
+#[derive(Debug, Clone, Copy)]
+pub enum LinkCheck<'a> {
+    /// Trusted internal callers (bootstrap): every link is allowed.
+    Trusted,
+    /// An ARM caller writing `scope` with `action`: the caller needs the identity's
+    /// `assign/action` ([`authz::check_assign`], 403 `LinkedAuthorizationFailed` otherwise).
+    Caller {
+        principal: &'a str,
+        action: &'a str,
+        scope: &'a str,
+    },
 }
 
-/// Create or replace (PUT) or merge (PATCH) a VM. `may_assign` is asked for every
-/// user-assigned identity the write adds to the VM.
-pub fn write_vm(
+impl LinkCheck<'_> {
+    /// Ok when `identity` may be attached, in the request's unit of work.
+    pub async fn check(&self, tx: &mut Tx, identity: &str) -> Result<()> {
+        match *self {
+            LinkCheck::Trusted => Ok(()),
+            LinkCheck::Caller {
+                principal,
+                action,
+                scope,
+            } => authz::check_assign(tx, principal, action, scope, identity).await,
+        }
+    }
+}
+
+/// Create or replace (PUT) or merge (PATCH) a VM, applying the identity lifecycle of seed 002:
+/// a system-assigned identity is created with the VM and deleted when the type drops it.
+/// `may_assign` is asked for every user-assigned identity the write adds to the VM.
+pub async fn write_vm(
     s: &AppState,
+    tx: &mut Tx,
     rid: &ResourceId,
     body: VmBody,
     patch: bool,
-    may_assign: LinkCheck<'_>,
+    may_assign: &LinkCheck<'_>,
 ) -> Result<(VmRecord, bool)> {
-    let rg = get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+    let rg = get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
     names::validate_vm_name(&rid.name).map_err(name_err)?;
-    let existing = s.store.get_vm(&rid.key())?;
+    let existing = tx.get_vm(&rid.key()).await?;
     if patch && existing.is_none() {
         return Err(not_found(rid));
     }
@@ -272,11 +304,11 @@ pub fn write_vm(
     };
     let ident = match (&existing, &body.identity) {
         (Some(e), Some(i)) if patch => identity_type::apply_patch(
-            &current_host_identity(s, e)?,
+            &current_host_identity(tx, e).await?,
             i.kind.as_deref(),
             i.user_assigned.as_ref(),
         ),
-        (Some(e), None) if patch => Ok(current_host_identity(s, e)?),
+        (Some(e), None) if patch => Ok(current_host_identity(tx, e).await?),
         (_, Some(i)) => identity_type::apply_put(
             i.kind.as_deref(),
             &i.user_assigned.clone().unwrap_or_default(),
@@ -291,9 +323,9 @@ pub fn write_vm(
     })?;
 
     let current_keys: Vec<String> = match &existing {
-        Some(e) => s
-            .store
-            .vm_user_identities(&e.key)?
+        Some(e) => tx
+            .vm_user_identities(&e.key)
+            .await?
             .into_iter()
             .map(|i| i.key)
             .collect(),
@@ -310,8 +342,8 @@ pub fn write_vm(
     let mut user_keys = Vec::with_capacity(ident.user.len());
     for u in &ident.user {
         let found = if u.subscription.eq_ignore_ascii_case(&s.subscription_id) {
-            s.store
-                .get_identity(&u.key())?
+            tx.get_identity(&u.key())
+                .await?
                 .filter(|i| i.system_vm.is_none())
         } else {
             None
@@ -319,7 +351,7 @@ pub fn write_vm(
         match found {
             Some(i) => {
                 if !current_keys.contains(&i.key) {
-                    may_assign(&i.resource_id)?;
+                    may_assign.check(tx, &i.resource_id).await?;
                 }
                 user_keys.push(i.key)
             }
@@ -377,7 +409,7 @@ pub fn write_vm(
             .unwrap_or_else(|| s.now()),
     };
     let system = if ident.kind.has_system() {
-        Some(match s.store.vm_system_identity(&vm.key)? {
+        Some(match tx.vm_system_identity(&vm.key).await? {
             Some(sys) => sys,
             None => IdentityRecord {
                 key: format!("{}#system", vm.key),
@@ -397,11 +429,13 @@ pub fn write_vm(
     } else {
         None
     };
-    let created = s
-        .store
+    let created = tx
         .put_vm(&vm, system.as_ref(), &user_keys)
+        .await
         .map_err(|e| match e {
-            keyless_store::StoreError::Conflict(m) => ServerError::FailedIdentityOperation(m),
+            StoreError::Conflict(Conflict::MissingReference(m)) => {
+                ServerError::FailedIdentityOperation(m)
+            }
             other => other.into(),
         })?;
     Ok((vm, created))
@@ -424,9 +458,9 @@ fn merge(mut base: Value, patch: Value) -> Value {
     }
 }
 
-pub fn get_vm(s: &AppState, rid: &ResourceId) -> Result<VmRecord> {
-    get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-    s.store.get_vm(&rid.key())?.ok_or_else(|| not_found(rid))
+pub async fn get_vm(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<VmRecord> {
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    tx.get_vm(&rid.key()).await?.ok_or_else(|| not_found(rid))
 }
 
 /// A scale set instance as `virtualMachineScaleSets/{ss}/virtualMachines/{id}` shows it.
@@ -441,7 +475,7 @@ pub fn instance_json(ss: &VmRecord, i: &keyless_store::InstanceRecord) -> Value 
     })
 }
 
-pub fn vm_json(s: &AppState, vm: &VmRecord) -> Result<Value> {
+pub async fn vm_json(tx: &mut Tx, vm: &VmRecord) -> Result<Value> {
     let mut props = if vm.properties.is_object() {
         vm.properties.clone()
     } else {
@@ -468,14 +502,14 @@ pub fn vm_json(s: &AppState, vm: &VmRecord) -> Result<Value> {
     let kind = IdentityType::parse(&vm.identity_type).unwrap_or(IdentityType::None);
     if kind != IdentityType::None {
         let mut ident = json!({"type": kind.as_str()});
-        if let Some(sys) = s.store.vm_system_identity(&vm.key)? {
+        if let Some(sys) = tx.vm_system_identity(&vm.key).await? {
             ident["principalId"] = json!(sys.principal_id);
             ident["tenantId"] = json!(sys.tenant_id);
         }
         if kind.has_user() {
-            let map: serde_json::Map<String, Value> = s
-                .store
-                .vm_user_identities(&vm.key)?
+            let map: serde_json::Map<String, Value> = tx
+                .vm_user_identities(&vm.key)
+                .await?
                 .into_iter()
                 .map(|u| {
                     (
@@ -492,11 +526,16 @@ pub fn vm_json(s: &AppState, vm: &VmRecord) -> Result<Value> {
 }
 
 /// Issue a one-time join token for a VM: returned once, stored as a SHA-256 digest.
-pub fn create_join_token(s: &AppState, rid: &ResourceId, ttl: u64) -> Result<(String, u64)> {
-    let vm = get_vm(s, rid)?;
+pub async fn create_join_token(
+    s: &AppState,
+    tx: &mut Tx,
+    rid: &ResourceId,
+    ttl: u64,
+) -> Result<(String, u64)> {
+    let vm = get_vm(s, tx, rid).await?;
     let token = format!("kljt1.{}", crate::util::random_b64url(32));
     let expires = s.now() + ttl;
-    s.store
-        .insert_join_token(&keyless_pki::sha256_hex(token.as_bytes()), &vm.key, expires)?;
+    tx.insert_join_token(&keyless_pki::sha256_hex(token.as_bytes()), &vm.key, expires)
+        .await?;
     Ok((token, expires))
 }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::rbac::{self, RoleDefinition, BUILT_IN_ROLES};
 use keyless_core::resource_id::{AuthorizationKind, Scope, MANAGED_CLUSTER, UAMI, VAULT, VM, VMSS};
-use keyless_store::{PrincipalKind, RoleAssignmentInsert, RoleAssignmentRecord};
+use keyless_store::{PrincipalKind, RoleAssignmentInsert, RoleAssignmentRecord, Tx};
 use serde_json::{json, Value};
 
 /// The `{scope}` prefix of an extension resource id (empty for the root scope).
@@ -78,7 +78,7 @@ pub fn assignment_json(ra: &RoleAssignmentRecord) -> Value {
 }
 
 /// The scope must be in our subscription and exist.
-fn check_scope(s: &AppState, scope: &Scope) -> Result<()> {
+async fn check_scope(s: &AppState, tx: &mut Tx, scope: &Scope) -> Result<()> {
     if let Some(sub) = scope.subscription() {
         res::check_subscription(s, sub)?;
     }
@@ -87,19 +87,19 @@ fn check_scope(s: &AppState, scope: &Scope) -> Result<()> {
             subscription,
             resource_group,
         } => {
-            res::get_resource_group(s, subscription, resource_group)?;
+            res::get_resource_group(s, tx, subscription, resource_group).await?;
         }
         Scope::Resource(r) if r.is_type(UAMI) => {
-            res::get_identity(s, r)?;
+            res::get_identity(s, tx, r).await?;
         }
         Scope::Resource(r) if r.is_type(VM) || r.is_type(VMSS) => {
-            res::get_vm(s, r)?;
+            res::get_vm(s, tx, r).await?;
         }
         Scope::Resource(r) if r.is_type(MANAGED_CLUSTER) => {
-            crate::clusters::get_cluster(s, r)?;
+            crate::clusters::get_cluster(s, tx, r).await?;
         }
         Scope::Resource(r) if r.is_type(VAULT) => {
-            crate::vaults::get_vault(s, r)?;
+            crate::vaults::get_vault(s, tx, r).await?;
         }
         Scope::Resource(r) => {
             return Err(ServerError::InvalidResourceType {
@@ -152,9 +152,11 @@ struct AssignmentProps {
     description: Option<String>,
 }
 
+/// One `Microsoft.Authorization` request, in the request's unit of work `tx`.
 #[allow(clippy::too_many_arguments)]
-pub fn handle(
+pub async fn handle(
     s: &AppState,
+    tx: &mut Tx,
     caller: &Caller,
     m: &Method,
     scope: &Scope,
@@ -172,14 +174,15 @@ pub fn handle(
     match (kind, m.clone(), name) {
         (AuthorizationKind::RoleDefinitions, Method::GET, None) => {
             authz::check(
-                s,
+                tx,
                 &caller.object_id,
                 "Microsoft.Authorization/roleDefinitions/read",
                 &scope_s,
-            )?;
+            )
+            .await?;
             let f = RoleDefinitionFilter::parse(filter)
                 .map_err(|e| unsupported_definition_filter(&e.filter))?;
-            check_scope(s, scope)?;
+            check_scope(s, tx, scope).await?;
             let roles: Vec<Value> = BUILT_IN_ROLES
                 .iter()
                 .filter(|r| {
@@ -195,11 +198,12 @@ pub fn handle(
         }
         (AuthorizationKind::RoleDefinitions, Method::GET, Some(id)) => {
             authz::check(
-                s,
+                tx,
                 &caller.object_id,
                 "Microsoft.Authorization/roleDefinitions/read",
                 &scope_s,
-            )?;
+            )
+            .await?;
             let role = rbac::role_by_id(&id).ok_or(ServerError::RoleDefinitionDoesNotExist(id))?;
             Ok(Json(definition_json(s, role)).into_response())
         }
@@ -209,17 +213,18 @@ pub fn handle(
 
         (AuthorizationKind::RoleAssignments, Method::GET, None) => {
             authz::check(
-                s,
+                tx,
                 &caller.object_id,
                 "Microsoft.Authorization/roleAssignments/read",
                 &scope_s,
-            )?;
+            )
+            .await?;
             let f = AssignmentFilter::parse(filter)
                 .map_err(|e| unsupported_assignment_filter(&e.filter))?;
-            check_scope(s, scope)?;
-            let list: Vec<Value> = s
-                .store
-                .list_role_assignments()?
+            check_scope(s, tx, scope).await?;
+            let list: Vec<Value> = tx
+                .list_role_assignments()
+                .await?
                 .iter()
                 .filter(|ra| visible(ra, &scope_s, &f))
                 .map(assignment_json)
@@ -228,14 +233,15 @@ pub fn handle(
         }
         (AuthorizationKind::RoleAssignments, Method::GET, Some(n)) => {
             authz::check(
-                s,
+                tx,
                 &caller.object_id,
                 "Microsoft.Authorization/roleAssignments/read",
                 &scope_s,
-            )?;
-            let ra = s
-                .store
-                .get_role_assignment(&n)?
+            )
+            .await?;
+            let ra = tx
+                .get_role_assignment(&n)
+                .await?
                 .filter(|ra| ra.scope.eq_ignore_ascii_case(&scope_s))
                 .ok_or(ServerError::RoleAssignmentNotFound(n))?;
             Ok(Json(assignment_json(&ra)).into_response())
@@ -244,13 +250,14 @@ pub fn handle(
             let guid = uuid::Uuid::parse_str(&n)
                 .map_err(|_| ServerError::InvalidRoleAssignmentId(n.clone()))?;
             authz::check(
-                s,
+                tx,
                 &caller.object_id,
                 "Microsoft.Authorization/roleAssignments/write",
                 &scope_s,
-            )?;
+            )
+            .await?;
             let b: AssignmentBody = crate::arm::parse_body(body)?;
-            check_scope(s, scope)?;
+            check_scope(s, tx, scope).await?;
             let role = rbac::role_by_id(&b.properties.role_definition_id).ok_or_else(|| {
                 ServerError::RoleDefinitionDoesNotExist(
                     b.properties
@@ -262,7 +269,7 @@ pub fn handle(
                 )
             })?;
             let principal = b.properties.principal_id.trim().to_ascii_lowercase();
-            let kind = s.store.principal_kind(&principal)?.ok_or_else(|| {
+            let kind = tx.principal_kind(&principal).await?.ok_or_else(|| {
                 ServerError::PrincipalNotFound {
                     principal: b.properties.principal_id.clone(),
                     tenant: s.tenant_id.clone(),
@@ -283,7 +290,7 @@ pub fn handle(
                 created: s.now(),
                 created_by: caller.object_id.clone(),
             };
-            match s.store.insert_role_assignment(&rec)? {
+            match tx.insert_role_assignment(&rec).await? {
                 RoleAssignmentInsert::Created => {
                     Ok((StatusCode::CREATED, Json(assignment_json(&rec))).into_response())
                 }
@@ -303,14 +310,15 @@ pub fn handle(
         }
         (AuthorizationKind::RoleAssignments, Method::DELETE, Some(n)) => {
             authz::check(
-                s,
+                tx,
                 &caller.object_id,
                 "Microsoft.Authorization/roleAssignments/delete",
                 &scope_s,
-            )?;
-            match s.store.get_role_assignment(&n)? {
+            )
+            .await?;
+            match tx.get_role_assignment(&n).await? {
                 Some(ra) if ra.scope.eq_ignore_ascii_case(&scope_s) => {
-                    s.store.delete_role_assignment(&n)?;
+                    tx.delete_role_assignment(&n).await?;
                     Ok(Json(assignment_json(&ra)).into_response())
                 }
                 _ => Ok(StatusCode::NO_CONTENT.into_response()),

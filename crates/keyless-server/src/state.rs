@@ -100,6 +100,9 @@ pub struct AppState {
     pub vault_clock: crate::kv::VaultClock,
     /// Tokens whose signature was already checked.
     pub verified: crate::tokens::VerifiedTokens,
+    /// This process among the servers sharing the database: the holder of its leases
+    /// (signing-key rotation, the Key Vault scheduler), a uuid made at start.
+    pub replica_id: String,
 }
 
 impl AppState {
@@ -176,60 +179,137 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// The lease under which one server at a time bootstraps a database.
+pub const BOOTSTRAP_LEASE: &str = "bootstrap";
+/// Seconds the bootstrap lease is held for (its holder finishes well within; a holder that
+/// died frees it when it expires).
+const BOOTSTRAP_LEASE_TTL: u64 = 60;
+/// How long a server waits for another to finish bootstrapping before giving up.
+const BOOTSTRAP_WAIT: std::time::Duration = std::time::Duration::from_secs(3 * BOOTSTRAP_LEASE_TTL);
+
+fn corrupt(e: impl std::fmt::Display) -> ServerError {
+    keyless_store::StoreError::Corrupt(e.to_string()).into()
+}
+
+/// The CA kept as `<prefix>_cert` (meta, public) and `<prefix>_key` (sealed), if stored.
+async fn read_ca(store: &Store, cert_meta: &str, key_name: &str) -> Result<Option<Ca>> {
+    let mut tx = store.read("load_ca").await?;
+    let (cert, key) = (
+        tx.get_meta(cert_meta).await?,
+        tx.get_secret(key_name).await?,
+    );
+    drop(tx);
+    match (cert, key) {
+        (Some(cert_b64), Some(key)) => {
+            let cert = STANDARD.decode(cert_b64).map_err(corrupt)?;
+            Ok(Some(Ca::load(&cert, &key)?))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Load a CA kept as `<prefix>_cert` (meta, public) and `<prefix>_key` (sealed), or create it.
-fn load_or_create_ca(store: &dyn Store, prefix: &str, common_name: &str, now: u64) -> Result<Ca> {
+/// The key is generated outside any transaction; the first writer's CA is kept (a concurrent
+/// creator reads it back instead of its own).
+async fn load_or_create_ca(store: &Store, prefix: &str, common_name: &str, now: u64) -> Result<Ca> {
     let (cert_meta, key_name) = (format!("{prefix}_cert"), format!("{prefix}_key"));
-    Ok(
-        match (store.get_meta(&cert_meta)?, store.get_secret(&key_name)?) {
-            (Some(cert_b64), Some(key)) => {
-                let cert = STANDARD
-                    .decode(cert_b64)
-                    .map_err(|e| keyless_store::StoreError::Corrupt(e.to_string()))?;
-                Ca::load(&cert, &key)?
-            }
-            _ => {
-                let (ca, key) = Ca::generate(common_name, now)?;
-                store.put_secret(&key_name, &key)?;
-                store.set_meta(&cert_meta, &STANDARD.encode(ca.cert_der()))?;
-                ca
-            }
-        },
-    )
+    if let Some(ca) = read_ca(store, &cert_meta, &key_name).await? {
+        return Ok(ca);
+    }
+    let (ca, key) = Ca::generate(common_name, now)?;
+    let mut tx = store.write("create_ca").await?;
+    if tx.put_secret_if_absent(&key_name, &key).await? {
+        tx.set_meta(&cert_meta, &STANDARD.encode(ca.cert_der()))
+            .await?;
+        tx.commit().await?;
+        tracing::info!(ca = prefix, "created certificate authority");
+        return Ok(ca);
+    }
+    drop(tx);
+    read_ca(store, &cert_meta, &key_name)
+        .await?
+        .ok_or_else(|| corrupt(format!("{prefix}: a key is stored without its certificate")))
 }
 
 /// Create (first start) or load the tenant, subscription, CA and admin.
-pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Bootstrap, Ca, Ca)> {
-    let tenant_id = match store.get_meta("tenant_id")? {
-        Some(t) => t,
-        None => {
-            let t = new_guid();
-            store.set_meta("tenant_id", &t)?;
-            store.set_meta("tenant_created", &now.to_string())?;
-            store.set_meta("subscription_id", &new_guid())?;
-            t
+///
+/// Servers sharing one database may start together: bootstrap runs under the lease
+/// [`BOOTSTRAP_LEASE`] (held by `holder`, a per-process id; a server waits up to three minutes
+/// for another holder to finish or its lease to lapse), each step a write unit of work that
+/// first reads what is there, so the tenant, the subscription, the CAs, the bootstrap admin and
+/// its Owner assignment are created once and every other server reads them. Only the server
+/// that created the admin gets its secret ([`Bootstrap::new_admin`]).
+pub async fn bootstrap(
+    store: &Store,
+    cfg: &ServerConfig,
+    holder: &str,
+    clock: &dyn Clock,
+) -> Result<(Bootstrap, Ca, Ca)> {
+    let deadline = std::time::Instant::now() + BOOTSTRAP_WAIT;
+    while !store
+        .try_lease(BOOTSTRAP_LEASE, holder, clock.now(), BOOTSTRAP_LEASE_TTL)
+        .await?
+    {
+        if std::time::Instant::now() >= deadline {
+            return Err(keyless_store::StoreError::Unavailable(format!(
+                "another server has held the {BOOTSTRAP_LEASE:?} lease for over {}s",
+                BOOTSTRAP_WAIT.as_secs()
+            ))
+            .into());
         }
-    };
-    let subscription_id = store.get_meta("subscription_id")?.unwrap_or_default();
-    let tenant_created = store
-        .get_meta("tenant_created")?
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let r = bootstrap_steps(store, cfg, clock.now()).await;
+    if let Err(e) = store.release_lease(BOOTSTRAP_LEASE, holder).await {
+        tracing::warn!(error = %e, "releasing the bootstrap lease failed; it expires by itself");
+    }
+    r
+}
+
+async fn bootstrap_steps(
+    store: &Store,
+    cfg: &ServerConfig,
+    now: u64,
+) -> Result<(Bootstrap, Ca, Ca)> {
+    // tenant and subscription
+    let mut tx = store.write("bootstrap_tenant").await?;
+    if tx.get_meta("tenant_id").await?.is_none() {
+        tx.set_meta("tenant_id", &new_guid()).await?;
+        tx.set_meta("tenant_created", &now.to_string()).await?;
+        tx.set_meta("subscription_id", &new_guid()).await?;
+    }
+    let tenant_id = tx
+        .get_meta("tenant_id")
+        .await?
+        .ok_or_else(|| corrupt("tenant_id"))?;
+    let subscription_id = tx.get_meta("subscription_id").await?.unwrap_or_default();
+    let tenant_created = tx
+        .get_meta("tenant_created")
+        .await?
         .and_then(|s| s.parse().ok())
         .unwrap_or(now);
+    tx.commit().await?;
 
     // CA: certificate in meta (public), key encrypted.
     let ca = load_or_create_ca(
         store,
         "ca",
-        &format!("Keyless Root CA {}", &tenant_id[..8]),
+        &format!("Keyless Root CA {}", &tenant_id[..8.min(tenant_id.len())]),
         now,
-    )?;
+    )
+    .await?;
     // Key Vault's "Keyless" issuer signs with a CA of its own: nothing in the platform trusts
     // it for its TLS, so a certificate a vault user obtains cannot impersonate the server.
     let kv_ca = load_or_create_ca(
         store,
         "kv_ca",
-        &format!("Keyless Key Vault CA {}", &tenant_id[..8]),
+        &format!(
+            "Keyless Key Vault CA {}",
+            &tenant_id[..8.min(tenant_id.len())]
+        ),
         now,
-    )?;
+    )
+    .await?;
     let pki_dir = cfg.data_dir.join("pki");
     // 0700 / 0600 like everything in the data dir (`keyless_store::files`)
     keyless_store::files::private_dir(&pki_dir).map_err(|source| ServerError::DataDir {
@@ -251,20 +331,23 @@ pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Boo
         }
     })?;
 
-    let (new_admin, admin_client_id) = match store.get_meta("admin_client_id")? {
+    // the bootstrap admin
+    let mut tx = store.write("bootstrap_admin").await?;
+    let (new_admin, admin_client_id) = match tx.get_meta("admin_client_id").await? {
         Some(id) => (None, id),
         None => {
             let client_id = new_guid();
             let secret = random_b64url(32);
-            store.put_service_principal(&ServicePrincipalRecord {
+            tx.put_service_principal(&ServicePrincipalRecord {
                 client_id: client_id.clone(),
                 object_id: new_guid(),
                 display_name: "keyless-bootstrap-admin".into(),
                 secret_sha256: keyless_pki::sha256_hex(secret.as_bytes()),
                 certificates: vec![],
                 created: now,
-            })?;
-            store.set_meta("admin_client_id", &client_id)?;
+            })
+            .await?;
+            tx.set_meta("admin_client_id", &client_id).await?;
             (
                 Some(AdminCredential {
                     client_id: client_id.clone(),
@@ -274,13 +357,16 @@ pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Boo
             )
         }
     };
+    tx.commit().await?;
+
     // The bootstrap admin is Owner of the subscription (once: a later removal is respected).
-    if store.get_meta("admin_owner_assigned")?.is_none() {
-        if let Some(sp) = store.get_service_principal(&admin_client_id)? {
+    let mut tx = store.write("bootstrap_owner").await?;
+    if tx.get_meta("admin_owner_assigned").await?.is_none() {
+        if let Some(sp) = tx.get_service_principal(&admin_client_id).await? {
             let role = keyless_core::rbac::role_by_id(keyless_core::rbac::OWNER)
                 .map(|r| r.id)
                 .unwrap_or_default();
-            store.insert_role_assignment(&keyless_store::RoleAssignmentRecord {
+            tx.insert_role_assignment(&keyless_store::RoleAssignmentRecord {
                 name: new_guid(),
                 scope: format!("/subscriptions/{subscription_id}"),
                 role_definition_id: format!(
@@ -291,10 +377,12 @@ pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Boo
                 description: Some("Keyless bootstrap admin".into()),
                 created: now,
                 created_by: "keyless".into(),
-            })?;
+            })
+            .await?;
         }
-        store.set_meta("admin_owner_assigned", "1")?;
+        tx.set_meta("admin_owner_assigned", "1").await?;
     }
+    tx.commit().await?;
     Ok((
         Bootstrap {
             tenant_id,
@@ -310,33 +398,53 @@ pub fn bootstrap(store: &dyn Store, cfg: &ServerConfig, now: u64) -> Result<(Boo
     ))
 }
 
+/// The stored TLS server certificate (chain DER, key DER) if it was issued for exactly `sans`
+/// by `ca` and is valid for 30 more days.
+async fn stored_tls(
+    store: &Store,
+    ca: &Ca,
+    wanted: &str,
+    now: u64,
+) -> Result<Option<(Vec<Vec<u8>>, Vec<u8>)>> {
+    let mut tx = store.read("load_tls_identity").await?;
+    let (have, cert_b64, key) = (
+        tx.get_meta("tls_sans").await?,
+        tx.get_meta("tls_cert").await?,
+        tx.get_secret("tls_key").await?,
+    );
+    drop(tx);
+    let (Some(have), Some(cert_b64), Some(key)) = (have, cert_b64, key) else {
+        return Ok(None);
+    };
+    let cert = STANDARD.decode(cert_b64).map_err(corrupt)?;
+    let fresh = keyless_pki::cert_validity(&cert)
+        .map(|(_, na)| na > now + 30 * 86_400)
+        .unwrap_or(false);
+    Ok((have == wanted && fresh).then(|| (vec![cert, ca.cert_der().to_vec()], key)))
+}
+
 /// Load or (re)issue the TLS server certificate for `sans`; returns (chain DER, key DER).
-pub fn tls_identity(
-    store: &dyn Store,
+///
+/// One certificate is stored (`tls_cert`, `tls_sans` in meta, `tls_key` sealed): servers with
+/// the same SANs share it; a server with other SANs issues its own and stores it in its place
+/// (each serves the one it loaded; certificate, key and SANs are written in one unit of work,
+/// so no server ever reads a key of another certificate).
+pub async fn tls_identity(
+    store: &Store,
     ca: &Ca,
     sans: &[String],
     now: u64,
 ) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
     let wanted = sans.join(",");
-    if let (Some(have), Some(cert_b64), Some(key)) = (
-        store.get_meta("tls_sans")?,
-        store.get_meta("tls_cert")?,
-        store.get_secret("tls_key")?,
-    ) {
-        let cert = STANDARD
-            .decode(cert_b64)
-            .map_err(|e| keyless_store::StoreError::Corrupt(e.to_string()))?;
-        let fresh = keyless_pki::cert_validity(&cert)
-            .map(|(_, na)| na > now + 30 * 86_400)
-            .unwrap_or(false);
-        if have == wanted && fresh {
-            return Ok((vec![cert, ca.cert_der().to_vec()], key));
-        }
+    if let Some(found) = stored_tls(store, ca, &wanted, now).await? {
+        return Ok(found);
     }
     let (cert, key) = ca.issue_server_cert(sans, now, 365 * 86_400)?;
-    store.put_secret("tls_key", &key)?;
-    store.set_meta("tls_cert", &STANDARD.encode(&cert))?;
-    store.set_meta("tls_sans", &wanted)?;
+    let mut tx = store.write("store_tls_identity").await?;
+    tx.put_secret("tls_key", &key).await?;
+    tx.set_meta("tls_cert", &STANDARD.encode(&cert)).await?;
+    tx.set_meta("tls_sans", &wanted).await?;
+    tx.commit().await?;
     Ok((vec![cert, ca.cert_der().to_vec()], key))
 }
 
@@ -354,4 +462,128 @@ pub fn tls_sans(extra: &[String]) -> Vec<String> {
         }
     }
     sans
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use keyless_core::clock::SystemClock;
+    use keyless_store::Kek;
+
+    fn kek() -> Kek {
+        Kek::from_bytes(&[7u8; 32]).unwrap()
+    }
+
+    /// Two handles on one database, as two servers have: the SQLite file, or a fresh
+    /// PostgreSQL database when a server can be started here.
+    pub(crate) async fn replicas(dir: &std::path::Path, pg: Option<&str>) -> (Store, Store) {
+        match pg {
+            None => {
+                let path = dir.join("shared.db");
+                (
+                    Store::sqlite(&path, kek()).unwrap(),
+                    Store::sqlite(&path, kek()).unwrap(),
+                )
+            }
+            Some(url) => {
+                let opts = keyless_store::postgres::PgOptions::new(url.to_string());
+                (
+                    Store::postgres(&opts, kek()).await.unwrap(),
+                    Store::postgres(&opts, kek()).await.unwrap(),
+                )
+            }
+        }
+    }
+
+    async fn two_servers_bootstrap_once(a: Store, b: Store, dir: &std::path::Path) {
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (cfg_a, cfg_b) = (
+            ServerConfig::new(dir.join("a"), listen),
+            ServerConfig::new(dir.join("b"), listen),
+        );
+        let (ta, tb) = (
+            tokio::spawn({
+                let (a, cfg) = (a.clone(), cfg_a.clone());
+                async move { bootstrap(&a, &cfg, "server-a", &SystemClock).await }
+            }),
+            tokio::spawn({
+                let (b, cfg) = (b.clone(), cfg_b.clone());
+                async move { bootstrap(&b, &cfg, "server-b", &SystemClock).await }
+            }),
+        );
+        let (ba, ca_a, kv_a) = ta.await.unwrap().unwrap();
+        let (bb, ca_b, kv_b) = tb.await.unwrap().unwrap();
+        assert_eq!(ba.tenant_id, bb.tenant_id);
+        assert_eq!(ba.subscription_id, bb.subscription_id);
+        assert_eq!(ba.tenant_created, bb.tenant_created);
+        assert_eq!(ba.admin_client_id, bb.admin_client_id);
+        assert_eq!(ca_a.cert_der(), ca_b.cert_der());
+        assert_eq!(kv_a.cert_der(), kv_b.cert_der());
+        assert_ne!(ca_a.cert_der(), kv_a.cert_der());
+        // the admin's secret is shown by the one server that created it
+        assert_eq!(
+            usize::from(ba.new_admin.is_some()) + usize::from(bb.new_admin.is_some()),
+            1
+        );
+        let mut tx = a.read("test").await.unwrap();
+        let sp = tx
+            .get_service_principal(&ba.admin_client_id)
+            .await
+            .unwrap()
+            .expect("the admin");
+        let owner = tx
+            .role_assignments_for_principal(&sp.object_id.to_ascii_lowercase())
+            .await
+            .unwrap();
+        assert_eq!(owner.len(), 1, "{owner:?}");
+        assert_eq!(
+            owner[0].scope,
+            format!("/subscriptions/{}", ba.subscription_id)
+        );
+        drop(tx);
+        // the lease was given back: a later start goes ahead at once and finds it all
+        let (bc, ca_c, _) = bootstrap(&b, &cfg_b, "server-c", &SystemClock)
+            .await
+            .unwrap();
+        assert_eq!(bc.tenant_id, ba.tenant_id);
+        assert!(bc.new_admin.is_none());
+        assert_eq!(ca_c.cert_der(), ca_a.cert_der());
+
+        // the TLS certificate: servers with the same SANs share it
+        let sans = tls_sans(&["vault.localhost".into()]);
+        let (chain_a, key_a) = tls_identity(&a, &ca_a, &sans, SystemClock.now())
+            .await
+            .unwrap();
+        let (chain_b, key_b) = tls_identity(&b, &ca_b, &sans, SystemClock.now())
+            .await
+            .unwrap();
+        assert_eq!((chain_a.clone(), key_a.clone()), (chain_b, key_b));
+        assert_eq!(chain_a[1], ca_a.cert_der());
+        // other SANs: a certificate of their own
+        let other = tls_sans(&["other.example".into()]);
+        let (chain_o, _) = tls_identity(&b, &ca_b, &other, SystemClock.now())
+            .await
+            .unwrap();
+        assert_ne!(chain_o[0], chain_a[0]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_servers_on_one_sqlite_file_bootstrap_once() {
+        keyless_pki::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = replicas(dir.path(), None).await;
+        two_servers_bootstrap_once(a, b, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_servers_on_one_postgres_database_bootstrap_once() {
+        let Some(pg) = keyless_store::testing::PgServer::start() else {
+            return;
+        };
+        keyless_pki::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let url = pg.database().await;
+        let (a, b) = replicas(dir.path(), Some(&url)).await;
+        two_servers_bootstrap_once(a, b, dir.path()).await;
+    }
 }

@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use keyless_core::audience;
 use keyless_core::claims::{resource_from_scope, Principal};
 use keyless_ops::audit;
+use keyless_store::{FicRecord, IdentityRecord, ServicePrincipalRecord};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -195,13 +196,80 @@ fn require<'a>(form: &'a [(String, String)], name: &str) -> Result<&'a str> {
     })
 }
 
-/// Authenticate the client of a client-credentials request; returns the principal. A federated
-/// assertion's issuer and subject go into `who` once its signature verified.
+/// Who a client id is in the directory.
+enum Client {
+    /// An application (service principal).
+    App(ServicePrincipalRecord),
+    /// A user-assigned identity, with its federated identity credentials.
+    Identity(IdentityRecord, Vec<FicRecord>),
+    Unknown,
+}
+
+/// Look `client_id` up, in one read of the store (ended before anything is fetched from an
+/// external issuer).
+async fn lookup_client(s: &AppState, client_id: &str) -> Result<Client> {
+    let mut tx = s.store.read("sts_client").await?;
+    if let Some(sp) = tx.get_service_principal(client_id).await? {
+        return Ok(Client::App(sp));
+    }
+    // a user-assigned identity presenting an external token (workload identity federation)
+    let rid = match tx.directory_lookup(client_id).await? {
+        Some(e)
+            if e.kind == keyless_store::PrincipalKind::ManagedIdentity
+                && e.app_id.eq_ignore_ascii_case(client_id) =>
+        {
+            e.resource_id
+        }
+        _ => None,
+    };
+    let Some(rid) = rid else {
+        return Ok(Client::Unknown);
+    };
+    let Some(identity) = tx.get_identity(&rid.to_ascii_lowercase()).await? else {
+        return Ok(Client::Unknown);
+    };
+    let fics = tx.list_fics(&identity.key).await?;
+    Ok(Client::Identity(identity, fics))
+}
+
+/// The client id a request names: HTTP Basic's, else the form's `client_id`.
+fn client_id_of(form: &[(String, String)], basic: &Option<(String, String)>) -> Option<String> {
+    match basic {
+        Some((id, _)) => Some(id.clone()),
+        None => field(form, "client_id").map(str::to_string),
+    }
+}
+
+/// Look up the client the request names (one read, before anything else of the request is
+/// checked, so the audit record `ev` tells an application's certificate assertion from a
+/// federated one whatever the answer).
+async fn resolve_client(
+    s: &AppState,
+    form: &[(String, String)],
+    basic: &Option<(String, String)>,
+    ev: &mut audit::TokenEvent,
+) -> Result<Client> {
+    let Some(id) = client_id_of(form, basic) else {
+        return Ok(Client::Unknown);
+    };
+    let client = lookup_client(s, &id).await?;
+    if matches!(client, Client::App(_)) && ev.kind == audit::TokenKind::Federated {
+        // an application's certificate credential, not a federated assertion
+        ev.kind = audit::TokenKind::ClientAssertion;
+        ev.caller.assertion_verified = None;
+    }
+    Ok(client)
+}
+
+/// Authenticate the client of a client-credentials request (`client`, as
+/// [`resolve_client`] found it); returns the principal. A federated assertion's issuer and
+/// subject go into the audit record `ev` once its signature verified.
 async fn authenticate_client(
     s: &AppState,
     form: &[(String, String)],
     basic: Option<(String, String)>,
-    who: &mut audit::Caller,
+    client: Client,
+    ev: &mut audit::TokenEvent,
 ) -> Result<Principal> {
     let grant = require(form, "grant_type")?;
     if grant != "client_credentials" {
@@ -232,23 +300,10 @@ async fn authenticate_client(
         )
     };
     let assertion = field(form, "client_assertion");
-    let sp = match s.store.get_service_principal(&client_id)? {
-        Some(sp) => sp,
-        None => {
-            // a user-assigned identity presenting an external token (workload identity federation)
-            let identity = match s.store.directory_lookup(&client_id)? {
-                Some(e)
-                    if e.kind == keyless_store::PrincipalKind::ManagedIdentity
-                        && e.app_id.eq_ignore_ascii_case(&client_id) =>
-                {
-                    match e.resource_id {
-                        Some(rid) => s.store.get_identity(&rid.to_ascii_lowercase())?,
-                        None => None,
-                    }
-                }
-                _ => None,
-            };
-            let identity = identity.ok_or_else(not_found)?;
+    let sp = match client {
+        Client::App(sp) => sp,
+        Client::Unknown => return Err(not_found()),
+        Client::Identity(identity, fics) => {
             let Some(assertion) = assertion else {
                 return Err(ServerError::sts(
                     401,
@@ -265,7 +320,8 @@ async fn authenticate_client(
                     format!("The request body must contain the following parameter: 'client_assertion_type' with the value '{JWT_BEARER}'."),
                 ));
             }
-            return crate::federation::exchange(s, &identity, assertion, who).await;
+            return crate::federation::exchange(s, &identity, &fics, assertion, &mut ev.caller)
+                .await;
         }
     };
     match secret {
@@ -381,10 +437,12 @@ async fn token_v2(
     Path(tenant): Path<String>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
-    who: &mut audit::Caller,
+    ev: &mut audit::TokenEvent,
 ) -> Result<Response> {
     check_tenant(&s, &tenant, false)?;
     let form = parse_form(&body)?;
+    let basic = basic_auth(&headers);
+    let client = resolve_client(&s, &form, &basic, ev).await?;
     if field(&form, "resource").is_some() {
         return Err(ServerError::sts(
             400,
@@ -407,7 +465,7 @@ async fn token_v2(
         )
     })?;
     audience::check(resource).map_err(|_| invalid_scope(scope))?;
-    let principal = authenticate_client(&s, &form, basic_auth(&headers), who).await?;
+    let principal = authenticate_client(&s, &form, basic, client, ev).await?;
     let t = tokens::mint(&s, &principal, resource, s.cfg.sp_token_lifetime)?;
     let expires_in = t.expires_on.saturating_sub(s.now());
     Ok(Json(json!({
@@ -424,13 +482,15 @@ async fn token_v1(
     Path(tenant): Path<String>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
-    who: &mut audit::Caller,
+    ev: &mut audit::TokenEvent,
 ) -> Result<Response> {
     check_tenant(&s, &tenant, false)?;
     let form = parse_form(&body)?;
+    let basic = basic_auth(&headers);
+    let client = resolve_client(&s, &form, &basic, ev).await?;
     let resource = require(&form, "resource")?.to_string();
     audience::check(&resource).map_err(|_| invalid_resource(&resource))?;
-    let principal = authenticate_client(&s, &form, basic_auth(&headers), who).await?;
+    let principal = authenticate_client(&s, &form, basic, client, ev).await?;
     let t = tokens::mint(&s, &principal, &resource, s.cfg.sp_token_lifetime)?;
     let expires_in = t.expires_on.saturating_sub(s.now());
     Ok(Json(json!({
@@ -453,15 +513,8 @@ async fn audited_v2(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let mut ev = token_event(&s, &headers, &body, "scope");
-    let r = token_v2(
-        State(s.clone()),
-        Path(tenant),
-        headers,
-        body,
-        &mut ev.caller,
-    )
-    .await;
+    let mut ev = token_event(&headers, &body, "scope");
+    let r = token_v2(State(s.clone()), Path(tenant), headers, body, &mut ev).await;
     s.cfg.audit.token(finish(ev, &r)).await;
     r
 }
@@ -472,15 +525,8 @@ async fn audited_v1(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let mut ev = token_event(&s, &headers, &body, "resource");
-    let r = token_v1(
-        State(s.clone()),
-        Path(tenant),
-        headers,
-        body,
-        &mut ev.caller,
-    )
-    .await;
+    let mut ev = token_event(&headers, &body, "resource");
+    let r = token_v1(State(s.clone()), Path(tenant), headers, body, &mut ev).await;
     s.cfg.audit.token(finish(ev, &r)).await;
     r
 }
@@ -498,10 +544,10 @@ fn finish(ev: audit::TokenEvent, r: &Result<Response>) -> audit::TokenEvent {
 /// The audit record of a token request, from what it presents: the client id, the grant, the
 /// audience (every string capped by the audit sink). Never the secret or the assertion; a
 /// federated assertion's issuer and subject only once its signature verified
-/// ([`crate::federation::exchange`] fills them in). A body over [`MAX_FORM`] is not parsed
-/// (the request is refused as too large).
+/// ([`crate::federation::exchange`] fills them in). An assertion counts as federated until the
+/// client turns out to be an application ([`resolve_client`] says so). A body over
+/// [`MAX_FORM`] is not parsed (the request is refused as too large).
 fn token_event(
-    s: &AppState,
     headers: &axum::http::HeaderMap,
     body: &[u8],
     audience_field: &str,
@@ -521,16 +567,12 @@ fn token_event(
     };
     let kind = match (assertion, &client_id) {
         (None, _) => audit::TokenKind::ClientCredentials,
-        (Some(_), Some(id)) => {
-            let is_app = matches!(s.store.get_service_principal(id), Ok(Some(_)));
-            if is_app {
-                audit::TokenKind::ClientAssertion
-            } else {
-                // a managed identity presenting an external token: not verified until
-                // `federation::exchange` checked its signature (then who vouched for whom)
-                who.assertion_verified = Some(false);
-                audit::TokenKind::Federated
-            }
+        (Some(_), Some(_)) => {
+            // a managed identity presenting an external token, unless the client is an
+            // application: not verified until `federation::exchange` checked its signature
+            // (then who vouched for whom)
+            who.assertion_verified = Some(false);
+            audit::TokenKind::Federated
         }
         (Some(_), None) => audit::TokenKind::ClientAssertion,
     };

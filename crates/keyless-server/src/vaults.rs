@@ -7,7 +7,7 @@ use crate::state::AppState;
 use keyless_core::resource_id::{ResourceId, VAULT};
 use keyless_core::vault::access::{self, AccessPolicy, PolicyUpdate};
 use keyless_core::vault::validate_vault_name;
-use keyless_store::{StoreError, VaultRecord};
+use keyless_store::{Conflict, StoreError, Tx, VaultRecord};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -67,17 +67,22 @@ impl VaultSettings {
     }
 }
 
-/// Create or update (PUT) or patch (PATCH) a vault.
-pub fn put_vault(
+/// Create or update (PUT) or patch (PATCH) a vault, in the request's write transaction. The
+/// vault's row is locked before it is read, so concurrent updates (from any server process)
+/// apply one after the other instead of undoing each other; a create that finds the vault
+/// created meanwhile by another process answers 409 `OperationNotAllowed` (retry) and writes
+/// nothing.
+pub async fn put_vault(
     s: &AppState,
+    tx: &mut Tx,
     rid: &ResourceId,
     b: VaultBody,
     patch: bool,
 ) -> Result<(VaultRecord, bool)> {
-    let rg = get_resource_group(s, &rid.subscription, &rid.resource_group)?;
+    let rg = get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
     validate_vault_name(&rid.name).map_err(ServerError::InvalidResourceName)?;
-    let _serial = VAULT_WRITES.lock().unwrap_or_else(|p| p.into_inner());
-    let existing = s.store.get_vault(&rid.key())?;
+    tx.lock_row("vaults", "key", &rid.key()).await?;
+    let existing = tx.get_vault(&rid.key()).await?;
     if patch && existing.is_none() {
         return Err(not_found(rid));
     }
@@ -209,15 +214,29 @@ pub fn put_vault(
             .map(|e| e.created)
             .unwrap_or_else(|| s.now()),
     };
-    match s.store.put_vault(&rec) {
-        Ok(created) => Ok((rec, created)),
-        Err(StoreError::Conflict(_)) => Err(ServerError::Conflict {
-            code: "VaultAlreadyExists",
-            message: format!(
-                "The vault name '{name}' is already in use. Vault names are globally unique so it is possible that the name is already taken."
-            ),
+    match tx.put_vault(&rec).await {
+        // there was no row to lock: another process created the vault after it was read, and
+        // this write, computed as a create, must not replace it (the request's transaction
+        // rolls back with the error)
+        Ok(false) if existing.is_none() => Err(ServerError::Conflict {
+            code: "OperationNotAllowed",
+            message: "The vault is being changed by another operation; retry.".into(),
         }),
+        Ok(created) => Ok((rec, created)),
+        // another vault holds the name, or a concurrent create of this one won the race
+        Err(StoreError::Conflict(Conflict::NameTaken(_) | Conflict::Unique(_))) => {
+            Err(name_taken(&name))
+        }
         Err(e) => Err(e.into()),
+    }
+}
+
+fn name_taken(name: &str) -> ServerError {
+    ServerError::Conflict {
+        code: "VaultAlreadyExists",
+        message: format!(
+            "The vault name '{name}' is already in use. Vault names are globally unique so it is possible that the name is already taken."
+        ),
     }
 }
 
@@ -229,18 +248,19 @@ fn not_found(rid: &ResourceId) -> ServerError {
     }
 }
 
-pub fn get_vault(s: &AppState, rid: &ResourceId) -> Result<VaultRecord> {
-    get_resource_group(s, &rid.subscription, &rid.resource_group)?;
-    s.store.get_vault(&rid.key())?.ok_or_else(|| not_found(rid))
+pub async fn get_vault(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<VaultRecord> {
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    tx.get_vault(&rid.key())
+        .await?
+        .ok_or_else(|| not_found(rid))
 }
 
-/// Serializes read-modify-write updates of vaults in this process (access-policy add / remove
-/// racing each other must not undo one another).
-static VAULT_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// `accessPolicies/{add|replace|remove}`.
-pub fn update_access_policies(
+/// `accessPolicies/{add|replace|remove}`, in the request's write transaction: the vault's row is
+/// locked before it is read, so two updates racing each other (in any server process) apply one
+/// after the other and neither undoes the other.
+pub async fn update_access_policies(
     s: &AppState,
+    tx: &mut Tx,
     rid: &ResourceId,
     kind: &str,
     body: Value,
@@ -255,8 +275,12 @@ pub fn update_access_policies(
             )))
         }
     };
-    let _serial = VAULT_WRITES.lock().unwrap_or_else(|p| p.into_inner());
-    let mut v = get_vault(s, rid)?;
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    tx.lock_row("vaults", "key", &rid.key()).await?;
+    let mut v = tx
+        .get_vault(&rid.key())
+        .await?
+        .ok_or_else(|| not_found(rid))?;
     let changes: Vec<AccessPolicy> =
         serde_json::from_value(body["properties"]["accessPolicies"].clone()).map_err(|e| {
             ServerError::InvalidRequestContent(format!("properties.accessPolicies: {e}"))
@@ -267,7 +291,7 @@ pub fn update_access_policies(
     let updated =
         access::validate_policies(access::update_policies(current, kind, changes)).map_err(bad)?;
     v.properties["accessPolicies"] = json!(updated);
-    s.store.put_vault(&v)?;
+    tx.put_vault(&v).await?;
     Ok(json!({
         "id": format!("{}/accessPolicies/{}", v.resource_id, format!("{kind:?}").to_ascii_lowercase()),
         "type": "Microsoft.KeyVault/vaults/accessPolicies",

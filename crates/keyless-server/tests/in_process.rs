@@ -12,8 +12,7 @@ use keyless_server::kv::certs::{self, CertState, Issue, Pending};
 use keyless_server::kv::renew::run_once;
 use keyless_server::state::AppState;
 use keyless_server::vaults::{put_vault, VaultBody};
-use keyless_store::sqlite::SqliteStore;
-use keyless_store::Kek;
+use keyless_store::{Kek, Store};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,19 +33,48 @@ async fn server(dir: &std::path::Path) -> Arc<AppState> {
     let mut cfg = keyless_server::Config::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
     cfg.dev_clock = true;
     cfg.vault_check_interval = std::time::Duration::from_secs(3600);
-    let store = SqliteStore::open(&dir.join("k.db"), Kek::from_bytes(&[3u8; 32]).unwrap()).unwrap();
-    let s = keyless_server::start(cfg, Arc::new(store), Arc::new(ShiftedClock))
+    let store = Store::sqlite(&dir.join("k.db"), Kek::from_bytes(&[3u8; 32]).unwrap()).unwrap();
+    let s = keyless_server::start(cfg, store, Arc::new(ShiftedClock))
         .await
         .unwrap()
         .state;
     let sub = s.subscription_id.clone();
-    keyless_server::resources::put_resource_group(&s, &sub, "rg", Some("local"), None).unwrap();
+    let mut tx = s.store.write("test_setup").await.unwrap();
+    keyless_server::resources::put_resource_group(&s, &mut tx, &sub, "rg", Some("local"), None)
+        .await
+        .unwrap();
     let body = VaultBody {
         location: Some("local".into()),
         ..Default::default()
     };
-    put_vault(&s, &ResourceId::new(&sub, "rg", VAULT, "kv1"), body, false).unwrap();
+    put_vault(
+        &s,
+        &mut tx,
+        &ResourceId::new(&sub, "rg", VAULT, "kv1"),
+        body,
+        false,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
     s
+}
+
+/// How many versions `name` has in collection `coll` of `kv1`.
+async fn versions(s: &AppState, coll: &str, name: &str) -> usize {
+    let mut tx = s.store.read("test_read").await.unwrap();
+    tx.kv_versions("kv1", coll, name).await.unwrap().len()
+}
+
+/// The certificate state of `name` in `kv1`.
+async fn cert_state(s: &AppState, name: &str) -> CertState {
+    let mut tx = s.store.read("test_read").await.unwrap();
+    let n = tx
+        .kv_name("kv1", "certificates", name)
+        .await
+        .unwrap()
+        .unwrap();
+    serde_json::from_value(n.extra).unwrap()
 }
 
 /// Issue the first version of certificate `name` in `kv1`; returns its version.
@@ -97,15 +125,15 @@ async fn a_due_renewal_happens_once_when_two_passes_race() {
     s.vault_clock.advance(5 * 86_400).unwrap();
     let (a, b) = tokio::join!(run_once(&s), run_once(&s));
     assert_eq!(a.unwrap().renewed + b.unwrap().renewed, 1);
-    let versions = s.store.kv_versions("kv1", "certificates", "c1").unwrap();
-    assert_eq!(versions.len(), 2);
-    assert_eq!(versions[0].version, first);
+    let all = {
+        let mut tx = s.store.read("test_read").await.unwrap();
+        tx.kv_versions("kv1", "certificates", "c1").await.unwrap()
+    };
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].version, first);
     // the key and secret versions follow the certificate's
-    assert_eq!(s.store.kv_versions("kv1", "keys", "c1").unwrap().len(), 2);
-    assert_eq!(
-        s.store.kv_versions("kv1", "secrets", "c1").unwrap().len(),
-        2
-    );
+    assert_eq!(versions(&s, "keys", "c1").await, 2);
+    assert_eq!(versions(&s, "secrets", "c1").await, 2);
     // and a later pass finds nothing due
     assert_eq!(run_once(&s).await.unwrap().renewed, 0);
 }
@@ -127,26 +155,15 @@ async fn an_interrupted_issuance_is_finished_once_after_a_restart() {
         }),
         events: vec![],
     };
-    s.store
-        .kv_set_extra("kv1", "certificates", "c2", &json!(st))
+    let mut tx = s.store.write("test_setup").await.unwrap();
+    tx.kv_set_extra("kv1", "certificates", "c2", &json!(st))
+        .await
         .unwrap();
+    tx.commit().await.unwrap();
     run_once(&s).await.unwrap();
     run_once(&s).await.unwrap();
-    assert_eq!(
-        s.store
-            .kv_versions("kv1", "certificates", "c2")
-            .unwrap()
-            .len(),
-        1
-    );
-    let after: CertState = serde_json::from_value(
-        s.store
-            .kv_name("kv1", "certificates", "c2")
-            .unwrap()
-            .unwrap()
-            .extra,
-    )
-    .unwrap();
+    assert_eq!(versions(&s, "certificates", "c2").await, 1);
+    let after = cert_state(&s, "c2").await;
     assert_eq!(after.pending.unwrap().status, "completed");
 }
 
@@ -168,21 +185,8 @@ async fn email_contacts_is_recorded_once_and_issues_nothing() {
     let second = run_once(&s).await.unwrap();
     assert_eq!((first.notified, first.renewed), (1, 0));
     assert_eq!((second.notified, second.renewed), (0, 0));
-    assert_eq!(
-        s.store
-            .kv_versions("kv1", "certificates", "m1")
-            .unwrap()
-            .len(),
-        1
-    );
-    let st: CertState = serde_json::from_value(
-        s.store
-            .kv_name("kv1", "certificates", "m1")
-            .unwrap()
-            .unwrap()
-            .extra,
-    )
-    .unwrap();
+    assert_eq!(versions(&s, "certificates", "m1").await, 1);
+    let st = cert_state(&s, "m1").await;
     assert_eq!(st.events.len(), 1);
     assert_eq!(st.events[0]["type"], "CertificateNearExpiry");
 }

@@ -1,7 +1,6 @@
 //! Activity Log persistence: one row per control-plane write, listed newest first by
 //! subscription and time window, kept for a bounded time.
 
-use crate::Result;
 use serde::{Deserialize, Serialize};
 
 /// One control-plane write as the Activity Log keeps it. Never holds a token, secret or body.

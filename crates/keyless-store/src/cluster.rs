@@ -2,7 +2,7 @@
 //! and what it owns, written together — its node resource group, its system identity, the
 //! kubelet identity and one scale set per agent pool with the identities its nodes hold.
 
-use crate::{IdentityRecord, ResourceGroupRecord, Result, VmRecord};
+use crate::{IdentityRecord, ResourceGroupRecord, VmRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -8,6 +8,7 @@
 //! kept outside the database.
 
 pub mod activity;
+pub mod backup;
 pub mod cluster;
 pub mod crypto;
 pub mod db;

@@ -47,6 +47,39 @@ pub fn is_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
+/// `url` with any password replaced by `***` (for messages and logs).
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((a, h)) => (a, h),
+        None => return url.to_string(),
+    };
+    let user = auth.split_once(':').map(|(u, _)| u).unwrap_or(auth);
+    let mut out = format!("{scheme}://{user}");
+    if auth.contains(':') {
+        out.push_str(":***");
+    }
+    out.push('@');
+    // a password may also come as a query parameter
+    let host = match host.split_once('?') {
+        Some((h, q)) => {
+            let q: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{h}?{}", q.join("&"))
+        }
+        None => host.to_string(),
+    };
+    out.push_str(&host);
+    out
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         if let Some(db) = e.as_db_error() {
@@ -301,5 +334,21 @@ impl Conn for PgConn {
                 let _ = deadpool_postgres::Object::take(client);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact("postgres://app:s3cret@db:5432/keyless?sslmode=require"),
+            "postgres://app:***@db:5432/keyless?sslmode=require"
+        );
+        assert_eq!(
+            super::redact("postgres://app@db/k?password=s3cret&sslmode=disable"),
+            "postgres://app@db/k?password=***&sslmode=disable"
+        );
+        assert_eq!(super::redact("postgres://db/k"), "postgres://db/k");
     }
 }

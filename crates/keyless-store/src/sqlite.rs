@@ -228,6 +228,7 @@ impl ReadConn {
             .expect("connection present until dropped")
     }
     /// End the snapshot and give the connection back (a broken one is dropped).
+    #[allow(clippy::boxed_local)] // called from `Conn` methods that own the box
     fn release(mut self: Box<Self>) {
         if let Some(c) = self.conn.take() {
             if c.execute_batch("ROLLBACK").is_ok() || c.is_autocommit() {

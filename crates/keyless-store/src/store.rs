@@ -70,6 +70,23 @@ impl Store {
         })
     }
 
+    /// Check that this process's key-encryption key is the one the database was sealed with
+    /// (the first process seals a check value): replicas given different keys would each
+    /// seal what the others cannot open.
+    pub async fn verify_kek(&self) -> Result<()> {
+        const NAME: &str = "kek-check";
+        const VALUE: &[u8] = b"keyless key-encryption key check";
+        let mut tx = self.write("verify_kek").await?;
+        tx.put_secret_if_absent(NAME, VALUE).await?;
+        match tx.get_secret(NAME).await {
+            Ok(Some(v)) if v == VALUE => tx.commit().await,
+            Ok(_) | Err(StoreError::Decrypt) => Err(StoreError::Kek(
+                "the database was sealed with a different key-encryption key: give every server the same --kek / KEYLESS_KEK (or the same <data-dir>/kek)".into(),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The key-encryption key (sealing outside a transaction, e.g. for a backup).
     pub fn kek(&self) -> &Kek {
         &self.kek

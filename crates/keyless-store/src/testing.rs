@@ -36,9 +36,12 @@ pub fn pg_required() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var_os("KEYLESS_PG_BIN").is_some()
 }
 
-/// A running PostgreSQL server owned by the test process.
+/// A running PostgreSQL server owned by the test process. It runs under a shell that stops it
+/// (SIGINT, by PID) as soon as its stdin closes — when this value is dropped or the test
+/// process exits in any way, so a server kept in a `static` does not outlive its tests.
 pub struct PgServer {
     child: Child,
+    stdin: Option<std::process::ChildStdin>,
     dir: tempfile::TempDir,
     pub port: u16,
     next_db: AtomicU32,
@@ -121,7 +124,10 @@ impl PgServer {
         if let Some((uid, gid)) = user {
             let _ = std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid));
         }
-        let child = command(&bin.join("postgres"), user)
+        let mut child = command(Path::new("/bin/sh"), user)
+            .arg("-c")
+            .arg(r#""$0" "$@" & pid=$!; read _; kill -INT $pid; wait $pid"#)
+            .arg(bin.join("postgres"))
             .args([
                 "-D",
                 data.to_str().unwrap(),
@@ -146,12 +152,15 @@ impl PgServer {
                 "-c",
                 "shared_buffers=32MB",
             ])
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start postgres");
+        let stdin = child.stdin.take();
         let server = Self {
             child,
+            stdin,
             dir,
             port,
             next_db: AtomicU32::new(0),
@@ -202,19 +211,16 @@ impl PgServer {
         format!("postgres://keyless@127.0.0.1:{}/{name}", self.port)
     }
 
-    /// Stop the server abruptly (SIGKILL of the postmaster) — for outage tests.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// The data directory (for outage tests that stop and start the server).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 }
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        // SIGINT: "fast" shutdown, by PID
-        // SAFETY: signalling our own child
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
-        }
+        // closing stdin makes the shell send postgres SIGINT ("fast" shutdown) and wait for it
+        drop(self.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -225,4 +231,70 @@ impl Drop for PgServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The admin URL of the PostgreSQL server a test run shares (`scripts/test` starts one and
+/// sets `KEYLESS_TEST_PG_ADMIN_URL` when it runs the end-to-end suite on PostgreSQL).
+pub fn shared_admin_url() -> Option<String> {
+    std::env::var("KEYLESS_TEST_PG_ADMIN_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
+/// The database `name` on the server of `admin_url`, created if missing; its URL. Blocking
+/// (runs on a thread of its own), so it can be called from sync or async test code.
+pub fn ensure_database(admin_url: &str, name: &str) -> String {
+    assert!(
+        name.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "database name {name:?}"
+    );
+    let (admin, name2) = (admin_url.to_string(), name.to_string());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .expect("connect to the test PostgreSQL server");
+            let task = tokio::spawn(conn);
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name2])
+                .await
+                .expect("look up database")
+                .is_some();
+            if !exists {
+                // two tests racing to create it: the loser's error is fine if it now exists
+                if let Err(e) = client
+                    .batch_execute(&format!("CREATE DATABASE {name2}"))
+                    .await
+                {
+                    let now = client
+                        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name2])
+                        .await
+                        .expect("look up database");
+                    assert!(now.is_some(), "create database {name2}: {e}");
+                }
+            }
+            drop(client);
+            let _ = task.await;
+        })
+    })
+    .join()
+    .expect("database set-up thread");
+    match admin_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{name}"),
+        None => panic!("admin URL without a database: {admin_url}"),
+    }
+}
+
+/// A database name for a data directory (a restarted server finds its data again).
+pub fn database_for_dir(dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    abs.hash(&mut h);
+    format!("k{}_{:016x}", std::process::id(), h.finish())
 }

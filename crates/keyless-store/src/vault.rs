@@ -2,7 +2,6 @@
 //! certificates. Secret values and private keys are sealed with the key-encryption key; the
 //! rest (attributes, tags, public key, certificate) is stored as JSON.
 
-use crate::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

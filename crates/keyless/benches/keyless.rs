@@ -223,7 +223,8 @@ fn main() {
         // a VM with a system identity, and an agent joined to it
         use keyless_core::resource_id::{ResourceId, VM};
         use keyless_server::resources;
-        resources::put_resource_group(&s, &s.subscription_id, "bench", Some("local"), None).unwrap();
+        let mut tx = s.store.write("bench_setup").await.unwrap();
+        resources::put_resource_group(&s, &mut tx, &s.subscription_id, "bench", Some("local"), None).await.unwrap();
         let vm = ResourceId::new(&s.subscription_id, "bench", VM, "bench-vm");
         // BENCH_VM_USER_IDENTITIES user-assigned identities on the VM besides its system one
         // (the decision point must cost the same with 1 or 1,000), assigned 150 per request
@@ -231,7 +232,7 @@ fn main() {
         let mut user_assigned = vec![];
         for n in 0..vm_user_ids {
             let id = ResourceId::new(&s.subscription_id, "bench", keyless_core::resource_id::UAMI, &format!("vm-user-{n}"));
-            let (rec, _) = resources::put_identity(&s, &id, Some("local"), None).unwrap();
+            let (rec, _) = resources::put_identity(&s, &mut tx, &id, Some("local"), None).await.unwrap();
             user_assigned.push(rec.resource_id);
         }
         let mut batches: Vec<Option<std::collections::BTreeMap<String, serde_json::Value>>> =
@@ -243,6 +244,7 @@ fn main() {
             let kind = if user_assigned.is_some() { "SystemAssigned, UserAssigned" } else { "SystemAssigned" };
             resources::write_vm(
                 &s,
+                &mut tx,
                 &vm,
                 resources::VmBody {
                     location: Some("local".into()),
@@ -250,8 +252,9 @@ fn main() {
                     ..Default::default()
                 },
                 i > 0,
-                &resources::trusted,
+                &resources::LinkCheck::Trusted,
             )
+            .await
             .unwrap();
         }
         // the managed-identity VM extension on a free port, so the agent serves the legacy
@@ -259,6 +262,7 @@ fn main() {
         let extension_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         keyless_server::batch::put_vm_extension(
             &s,
+            &mut tx,
             &vm,
             "ManagedIdentityExtensionForLinux",
             &serde_json::json!({"properties": {
@@ -268,9 +272,11 @@ fn main() {
                 "settings": {"port": extension_port},
             }}),
         )
+        .await
         .unwrap();
         let arc_dir = tempfile::tempdir().unwrap();
-        let (join, _) = resources::create_join_token(&s, &vm, 60).unwrap();
+        let (join, _) = resources::create_join_token(&s, &mut tx, &vm, 60).await.unwrap();
+        tx.commit().await.unwrap();
         let server_url = format!("https://localhost:{}", srv.local_addr.port());
         let node = keyless_node::start(
             keyless_node::NodeConfig {
@@ -448,67 +454,70 @@ fn main() {
         let http_ids = created.load(Ordering::Relaxed) as f64 / secs as f64;
         let store_ids = {
             let st = s.clone();
-            tokio::task::spawn_blocking(move || {
-                let stop = Instant::now() + Duration::from_secs(secs);
-                let mut n = 0u64;
-                while Instant::now() < stop {
-                    let rid = format!("/subscriptions/{}/resourceGroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/direct-{n}", st.subscription_id);
-                    st.store
-                        .put_identity(&keyless_store::IdentityRecord {
-                            key: rid.to_lowercase(),
-                            resource_id: rid,
-                            name: format!("direct-{n}"),
-                            subscription: st.subscription_id.clone(),
-                            resource_group: "bench".into(),
-                            location: "local".into(),
-                            tags: Default::default(),
-                            tenant_id: st.tenant_id.clone(),
-                            principal_id: uuid::Uuid::new_v4().to_string(),
-                            client_id: uuid::Uuid::new_v4().to_string(),
-                            system_vm: None,
-                            created: 0,
-                        })
-                        .unwrap();
-                    n += 1;
-                }
-                n as f64 / secs as f64
-            })
-            .await
-            .unwrap()
+            let stop = Instant::now() + Duration::from_secs(secs);
+            let mut n = 0u64;
+            while Instant::now() < stop {
+                let rid = format!("/subscriptions/{}/resourceGroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/direct-{n}", st.subscription_id);
+                let mut tx = st.store.write("bench_put_identity").await.unwrap();
+                tx.put_identity(&keyless_store::IdentityRecord {
+                    key: rid.to_lowercase(),
+                    resource_id: rid,
+                    name: format!("direct-{n}"),
+                    subscription: st.subscription_id.clone(),
+                    resource_group: "bench".into(),
+                    location: "local".into(),
+                    tags: Default::default(),
+                    tenant_id: st.tenant_id.clone(),
+                    principal_id: uuid::Uuid::new_v4().to_string(),
+                    client_id: uuid::Uuid::new_v4().to_string(),
+                    system_vm: None,
+                    created: 0,
+                })
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+                n += 1;
+            }
+            n as f64 / secs as f64
         };
 
         // ---- one authorization check with 10,000 role assignments stored
-        let admin_oid = s.store.get_service_principal(&admin.client_id).unwrap().unwrap().object_id;
+        let admin_oid = {
+            let mut tx = s.store.read("bench").await.unwrap();
+            tx.get_service_principal(&admin.client_id).await.unwrap().unwrap().object_id
+        };
         let reader = keyless_core::rbac::role_by_name("Reader").unwrap().id;
         let st = s.clone();
-        let (check_us, checks_per_s) = tokio::task::spawn_blocking(move || {
+        let (check_us, checks_per_s) = {
+            let mut tx = st.store.write("bench_role_assignments").await.unwrap();
             for i in 0..10_000u32 {
                 // most belong to other principals; 20 to the caller, at other groups
                 let principal = if i % 500 == 0 { admin_oid.clone() } else { uuid::Uuid::new_v4().to_string() };
-                st.store
-                    .insert_role_assignment(&keyless_store::RoleAssignmentRecord {
-                        name: uuid::Uuid::new_v4().to_string(),
-                        scope: format!("/subscriptions/{}/resourceGroups/g{i}", st.subscription_id),
-                        role_definition_id: format!("/providers/Microsoft.Authorization/roleDefinitions/{reader}"),
-                        principal_id: principal,
-                        principal_type: "ServicePrincipal".into(),
-                        description: None,
-                        created: 0,
-                        created_by: "bench".into(),
-                    })
-                    .unwrap();
+                tx.insert_role_assignment(&keyless_store::RoleAssignmentRecord {
+                    name: uuid::Uuid::new_v4().to_string(),
+                    scope: format!("/subscriptions/{}/resourceGroups/g{i}", st.subscription_id),
+                    role_definition_id: format!("/providers/Microsoft.Authorization/roleDefinitions/{reader}"),
+                    principal_id: principal,
+                    principal_type: "ServicePrincipal".into(),
+                    description: None,
+                    created: 0,
+                    created_by: "bench".into(),
+                })
+                .await
+                .unwrap();
             }
+            tx.commit().await.unwrap();
             let scope = format!("/subscriptions/{}/resourceGroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x", st.subscription_id);
             let n = 20_000u32;
+            // one read unit of work per check, as a request does
             let t0 = Instant::now();
             for _ in 0..n {
-                assert!(keyless_server::authz::permitted(&st, &admin_oid, "Microsoft.ManagedIdentity/userAssignedIdentities/write", &scope).unwrap());
+                let mut tx = st.store.read("bench_authz").await.unwrap();
+                assert!(keyless_server::authz::permitted(&mut tx, &admin_oid, "Microsoft.ManagedIdentity/userAssignedIdentities/write", &scope).await.unwrap());
             }
             let el = t0.elapsed().as_secs_f64();
             (el / n as f64 * 1e6, n as f64 / el)
-        })
-        .await
-        .unwrap();
+        };
 
         // ---- workload identity federation: exchanges/s with the issuer's JWKS cached
         let issuer_url = format!("https://localhost:{}", issuer.local_addr.port());
@@ -532,10 +541,15 @@ fn main() {
             .await
             .unwrap();
         let assertion = assertion["access_token"].as_str().unwrap().to_string();
-        let issuer_oid = issuer.state.store.get_service_principal(&issuer_admin.client_id).unwrap().unwrap().object_id;
+        let issuer_oid = {
+            let mut tx = issuer.state.store.read("bench").await.unwrap();
+            tx.get_service_principal(&issuer_admin.client_id).await.unwrap().unwrap().object_id
+        };
         let fed_id = ResourceId::new(&s.subscription_id, "bench", keyless_core::resource_id::UAMI, "federated");
-        let (fed, _) = resources::put_identity(&s, &fed_id, Some("local"), None).unwrap();
-        s.store
+        let mut tx = s.store.write("bench").await.unwrap();
+        let (fed, _) = resources::put_identity(&s, &mut tx, &fed_id, Some("local"), None).await.unwrap();
+        tx.lock_row("identities", "key", &fed.key).await.unwrap();
+        tx
             .put_fic(
                 &keyless_store::FicRecord {
                     identity_key: fed.key.clone(),
@@ -548,7 +562,9 @@ fn main() {
                 },
                 20,
             )
+            .await
             .unwrap();
+        tx.commit().await.unwrap();
         let (fed_url, fed_cid) = (url.clone(), fed.client_id.clone());
         let exchange = move |client: reqwest::Client| {
             let (url, assertion, cid) = (fed_url.clone(), assertion.clone(), fed_cid.clone());
@@ -595,10 +611,12 @@ fn main() {
         use keyless_server::vaults::{put_vault, VaultBody, VaultProps};
         let port = srv.local_addr.port();
         let vault_host = format!("bench-kv.vault.localhost:{port}");
-        let kv_oid = s.store.get_service_principal(&admin.client_id).unwrap().unwrap().object_id;
+        let mut tx = s.store.write("bench_vault").await.unwrap();
+        let kv_oid = tx.get_service_principal(&admin.client_id).await.unwrap().unwrap().object_id;
         let vault_id = ResourceId::new(&s.subscription_id, "bench", keyless_core::resource_id::VAULT, "bench-kv");
         put_vault(
             &s,
+            &mut tx,
             &vault_id,
             VaultBody {
                 location: Some("local".into()),
@@ -619,7 +637,9 @@ fn main() {
             },
             false,
         )
+        .await
         .unwrap();
+        tx.commit().await.unwrap();
         let vault_token = {
             let scope = format!("https://vault.localhost:{port}/.default");
             let r = token_request(&client, &url, &admin, &scope).send().await.unwrap();
@@ -716,7 +736,10 @@ fn main() {
         }
         // every client finishes the creation it started before `stop`: count the time taken
         let cert_rate = certs_done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
-        let stored = s.store.kv_names("bench-kv", "certificates", false).unwrap().len() as u64;
+        let stored = {
+            let mut tx = s.store.read("bench").await.unwrap();
+            tx.kv_names("bench-kv", "certificates", false).await.unwrap().len() as u64
+        };
         assert_eq!(stored, certs_done.load(Ordering::Relaxed));
 
         println!("keyless bench ({secs} s per run, {conns} connections, {threads} cores; load generator in the same process; {vm_user_ids} user-assigned identities on the VM)");

@@ -109,21 +109,34 @@ async fn decision_point(secs: u64, conns: usize) {
     let many = env_u64("BENCH_IDENTITIES", 1000);
     let (dir, srv) = start_server(None).await;
     let s = srv.state.clone();
-    resources::put_resource_group(&s, &s.subscription_id, "bench", Some("local"), None).unwrap();
+    let mut tx = s.store.write("bench_setup").await.unwrap();
+    resources::put_resource_group(
+        &s,
+        &mut tx,
+        &s.subscription_id,
+        "bench",
+        Some("local"),
+        None,
+    )
+    .await
+    .unwrap();
     let mut ids = vec![];
     for n in 0..many {
         let id = ResourceId::new(&s.subscription_id, "bench", UAMI, &format!("id-{n}"));
         ids.push(
-            resources::put_identity(&s, &id, Some("local"), None)
+            resources::put_identity(&s, &mut tx, &id, Some("local"), None)
+                .await
                 .unwrap()
                 .0,
         );
     }
+    tx.commit().await.unwrap();
     // the identity asked for is the last one assigned, on both VMs
     let target = ids.last().expect("BENCH_IDENTITIES > 0").clone();
     let mut agents = vec![];
     for (name, assigned) in [("vm-one", &ids[ids.len() - 1..]), ("vm-all", &ids[..])] {
         let vm = ResourceId::new(&s.subscription_id, "bench", VM, name);
+        let mut tx = s.store.write("bench_setup").await.unwrap();
         // at most 150 identities per request (as Azure): a PUT, then PATCHes that merge
         for (k, chunk) in assigned.chunks(150).enumerate() {
             let user_assigned = chunk
@@ -132,6 +145,7 @@ async fn decision_point(secs: u64, conns: usize) {
                 .collect();
             resources::write_vm(
                 &s,
+                &mut tx,
                 &vm,
                 resources::VmBody {
                     location: Some("local".into()),
@@ -142,11 +156,15 @@ async fn decision_point(secs: u64, conns: usize) {
                     ..Default::default()
                 },
                 k > 0,
-                &resources::trusted,
+                &resources::LinkCheck::Trusted,
             )
+            .await
             .unwrap();
         }
-        let (join, _) = resources::create_join_token(&s, &vm, 60).unwrap();
+        let (join, _) = resources::create_join_token(&s, &mut tx, &vm, 60)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
         let node = keyless_node::start(
             keyless_node::NodeConfig {
                 server_url: format!("https://localhost:{}", srv.local_addr.port()),

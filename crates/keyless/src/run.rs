@@ -6,7 +6,6 @@ use keyless_core::clock::{Clock, SystemClock};
 use keyless_core::resource_id::{ResourceId, UAMI, VM};
 use keyless_server::resources::{self, IdentityBody, VmBody};
 use keyless_server::state::ServerConfig;
-use keyless_store::sqlite::SqliteStore;
 use keyless_store::{Kek, Store};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -30,9 +29,21 @@ pub struct ServerArgs {
     /// Extra subject alternative names for the TLS certificate (repeatable).
     #[arg(long = "tls-san")]
     pub tls_san: Vec<String>,
-    /// Key-encryption key (base64 of 32 bytes); default: generated into <data-dir>/kek.
+    /// Key-encryption key (base64 of 32 bytes); default: generated into <data-dir>/kek. Every
+    /// replica on one database needs the same key.
     #[arg(long, env = "KEYLESS_KEK", hide_env_values = true)]
     pub kek: Option<String>,
+    /// The database: `postgres://user@host:port/db[?sslmode=require]` to share one PostgreSQL
+    /// between replicas; default: the SQLite file <data-dir>/keyless.db.
+    #[arg(long, env = "KEYLESS_DATABASE_URL", hide_env_values = true)]
+    pub database: Option<String>,
+    /// PEM file of the CA(s) that sign the PostgreSQL server's certificate (with
+    /// `sslmode=require`); default: the system roots.
+    #[arg(long, env = "KEYLESS_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
+    /// PostgreSQL connections per server.
+    #[arg(long, default_value_t = 16, env = "KEYLESS_DATABASE_POOL_SIZE")]
+    pub database_pool_size: usize,
     /// Managed-identity token lifetime in seconds (Azure: 24 h 5 min).
     #[arg(long, default_value_t = 86_700)]
     pub token_lifetime: u64,
@@ -278,8 +289,9 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '
     }
 }
 
-/// Open the data dir: lock it (one process per data dir), load the KEK, open the store.
-fn open_store(a: &ServerArgs) -> Result<(Arc<dyn Store>, std::fs::File), CliError> {
+/// Open the data dir: lock it (one process per data dir), load the KEK, open the store (the
+/// SQLite file in the data dir, or `--database postgres://…`).
+async fn open_store(a: &ServerArgs) -> Result<(Store, std::fs::File), CliError> {
     // 0700 / 0600 for everything in it, including what an older version left more open
     keyless_store::files::private_dir(&a.data_dir).map_err(io_err(&a.data_dir))?;
     keyless_store::files::tighten(&a.data_dir).map_err(io_err(&a.data_dir))?;
@@ -304,14 +316,47 @@ fn open_store(a: &ServerArgs) -> Result<(Arc<dyn Store>, std::fs::File), CliErro
         Some(k) => Kek::from_base64(k)?,
         None => Kek::load_or_create(&a.data_dir.join("kek"))?,
     };
-    let db = a.data_dir.join("keyless.db");
-    if !db.exists() {
-        // SQLite gives its -wal / -shm files the database file's mode: create it 0600 first
-        keyless_store::files::create_new_private(&db, b"").map_err(io_err(&db))?;
-    }
-    let store = SqliteStore::open(&db, kek)?;
+    let store = match &a.database {
+        Some(url) if keyless_store::postgres::is_url(url) => {
+            let mut opts = keyless_store::postgres::PgOptions::new(url.clone());
+            opts.ca_file = a.database_ca_file.clone();
+            opts.pool_size = a.database_pool_size.max(1);
+            Store::postgres(&opts, kek).await.map_err(|e| {
+                CliError::Usage(format!(
+                    "cannot open the database {}: {e}",
+                    keyless_store::postgres::redact(url)
+                ))
+            })?
+        }
+        Some(other) => {
+            return Err(CliError::Usage(format!(
+                "--database must be a postgres:// URL (got {:?}); without it the SQLite file in --data-dir is used",
+                keyless_store::postgres::redact(other)
+            )))
+        }
+        None => {
+            let db = a.data_dir.join("keyless.db");
+            if !db.exists() {
+                // SQLite gives its -wal / -shm files the database file's mode: create it 0600 first
+                keyless_store::files::create_new_private(&db, b"").map_err(io_err(&db))?;
+            }
+            Store::sqlite(&db, kek)?
+        }
+    };
+    store.verify_kek().await?;
     keyless_store::files::tighten(&a.data_dir).map_err(io_err(&a.data_dir))?;
-    Ok((Arc::new(store), lock))
+    Ok((store, lock))
+}
+
+/// A join token (10 minutes) for the embedded agent.
+async fn new_join_token(
+    s: &keyless_server::state::AppState,
+    vm: &ResourceId,
+) -> Result<String, CliError> {
+    let mut tx = s.store.write("up_join_token").await?;
+    let (token, _) = resources::create_join_token(s, &mut tx, vm, 600).await?;
+    tx.commit().await?;
+    Ok(token)
 }
 
 fn server_config(a: &ServerArgs, default_listen: &str) -> Result<ServerConfig, CliError> {
@@ -368,7 +413,7 @@ pub(crate) async fn wait_for_signal() {
 }
 
 pub async fn server(a: ServerArgs) -> Result<(), CliError> {
-    let (store, _lock) = open_store(&a)?;
+    let (store, _lock) = open_store(&a).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let srv = keyless_server::start(server_config(&a, "0.0.0.0:8443")?, store, clock)
         .await
@@ -564,7 +609,7 @@ fn machine_vm_name() -> String {
 }
 
 pub async fn up(a: UpArgs) -> Result<(), CliError> {
-    let (store, _lock) = open_store(&a.server)?;
+    let (store, _lock) = open_store(&a.server).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let srv = keyless_server::start(
         server_config(&a.server, "127.0.0.1:8443")?,
@@ -577,30 +622,37 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     let b = srv.bootstrap.clone();
     save_admin(&b, &a.server.data_dir)?;
 
-    // This machine as a VM with a system-assigned identity and the demo user-assigned identity.
+    // This machine as a VM with a system-assigned identity and the demo user-assigned identity
+    // (one unit of work).
     let rg = "keyless";
     let sub = s.subscription_id.clone();
-    if s.store.get_resource_group(&sub, rg)?.is_none() {
-        resources::put_resource_group(&s, &sub, rg, Some(&s.cfg.location), None)?;
+    let mut tx = s.store.write("up_setup").await?;
+    if tx.get_resource_group(&sub, rg).await?.is_none() {
+        resources::put_resource_group(&s, &mut tx, &sub, rg, Some(&s.cfg.location), None).await?;
     }
     let demo = ResourceId::new(&sub, rg, UAMI, "keyless-demo");
-    let demo_rec = match s.store.get_identity(&demo.key())? {
+    let demo_rec = match tx.get_identity(&demo.key()).await? {
         Some(r) => r,
-        None => resources::put_identity(&s, &demo, Some(&s.cfg.location), None)?.0,
+        None => {
+            resources::put_identity(&s, &mut tx, &demo, Some(&s.cfg.location), None)
+                .await?
+                .0
+        }
     };
-    let vm_id = match s.store.get_meta("up_vm")? {
+    let vm_id = match tx.get_meta("up_vm").await? {
         Some(id) => ResourceId::parse(&id).map_err(|e| CliError::Usage(e.to_string()))?,
         None => {
             let id = ResourceId::new(&sub, rg, VM, &machine_vm_name());
-            s.store.set_meta("up_vm", &id.canonical())?;
+            tx.set_meta("up_vm", &id.canonical()).await?;
             id
         }
     };
-    if s.store.get_vm(&vm_id.key())?.is_none() {
+    if tx.get_vm(&vm_id.key()).await?.is_none() {
         let mut user = BTreeMap::new();
         user.insert(demo_rec.resource_id.clone(), json!({}));
         resources::write_vm(
             &s,
+            &mut tx,
             &vm_id,
             VmBody {
                 location: Some(s.cfg.location.clone()),
@@ -611,11 +663,13 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
                 ..Default::default()
             },
             false,
-            &resources::trusted,
-        )?;
+            &resources::LinkCheck::Trusted,
+        )
+        .await?;
     }
-    let vm = resources::get_vm(&s, &vm_id)?;
-    let system = s.store.vm_system_identity(&vm.key)?;
+    let vm = resources::get_vm(&s, &mut tx, &vm_id).await?;
+    let system = tx.vm_system_identity(&vm.key).await?;
+    tx.commit().await?;
 
     // The embedded host agent joins like any other host.
     let state_dir = a.server.data_dir.join("node");
@@ -623,7 +677,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     let join_token = if joined {
         None
     } else {
-        Some(resources::create_join_token(&s, &vm_id, 600)?.0)
+        Some(new_join_token(&s, &vm_id).await?)
     };
     let server_url = format!("https://localhost:{}", srv.local_addr.port());
     let node = keyless_node::start(
@@ -655,7 +709,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
                     server_url: server_url.clone(),
                     ca_pem: s.ca.cert_pem(),
                     state_dir: state_dir.clone(),
-                    join_token: Some(resources::create_join_token(&s, &vm_id, 600)?.0),
+                    join_token: Some(new_join_token(&s, &vm_id).await?),
                     imds_listen: a.imds_listen,
                     sync_interval: Duration::from_secs(a.sync_interval.max(1)),
                     private_ip: None,

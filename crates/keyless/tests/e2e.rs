@@ -903,37 +903,72 @@ async fn private_keys_are_encrypted_at_rest() {
     up.proc.stop();
     let data = up.dir.clone();
     let kek = keyless_store::Kek::load_or_create(&data.join("kek")).unwrap();
-    let store = keyless_store::sqlite::SqliteStore::open(&data.join("keyless.db"), kek).unwrap();
+    let pg_url = keyless_store::testing::shared_admin_url().map(|admin| {
+        keyless_store::testing::ensure_database(
+            &admin,
+            &keyless_store::testing::database_for_dir(&data),
+        )
+    });
+    let store = match &pg_url {
+        Some(url) => keyless_store::Store::postgres(
+            &keyless_store::postgres::PgOptions::new(url.clone()),
+            kek,
+        )
+        .await
+        .unwrap(),
+        None => keyless_store::Store::sqlite(&data.join("keyless.db"), kek).unwrap(),
+    };
     use base64::Engine;
-    use keyless_store::Store;
+    let mut tx = store.read("test").await.unwrap();
     let mut plaintexts: Vec<Vec<u8>> = vec![];
     let mut public: Vec<u8> = vec![];
     for name in ["ca_key", "tls_key"] {
-        plaintexts.push(store.get_secret(name).unwrap().expect(name));
+        plaintexts.push(tx.get_secret(name).await.unwrap().expect(name));
     }
     for name in ["ca_cert", "tls_cert"] {
-        let b64 = store.get_meta(name).unwrap().expect(name);
+        let b64 = tx.get_meta(name).await.unwrap().expect(name);
         public.extend(
             base64::engine::general_purpose::STANDARD
                 .decode(b64)
                 .unwrap(),
         );
     }
-    for k in store.list_signing_keys().unwrap() {
+    for k in tx.list_signing_keys().await.unwrap() {
         plaintexts.push(k.key_pkcs8);
         public.extend(k.cert_der);
     }
+    drop(tx);
     assert!(plaintexts.len() >= 3);
-    drop(store);
+    // everything stored: the database files, or on PostgreSQL every value of a full backup
     let mut db = vec![];
-    for f in std::fs::read_dir(&data).unwrap() {
-        let p = f.unwrap().path();
-        if p.file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("keyless.db")
-        {
-            db.extend(std::fs::read(&p).unwrap());
+    if pg_url.is_some() {
+        let mut dump = vec![];
+        store.backup(&mut dump).await.unwrap();
+        for line in dump.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+            for cell in v.as_array().into_iter().flatten() {
+                match cell {
+                    serde_json::Value::String(t) => db.extend(t.as_bytes()),
+                    serde_json::Value::Object(o) => db.extend(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(o["b64"].as_str().unwrap())
+                            .unwrap(),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    } else {
+        drop(store);
+        for f in std::fs::read_dir(&data).unwrap() {
+            let p = f.unwrap().path();
+            if p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("keyless.db")
+            {
+                db.extend(std::fs::read(&p).unwrap());
+            }
         }
     }
     assert!(db.len() > 4096);

@@ -11,23 +11,23 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use keyless_core::vault::access::Op;
 use keyless_core::vault::Coll;
-use keyless_store::{Kek, KvVersionRecord, KvWrite};
+use keyless_store::{Kek, KvVersionRecord, KvWrite, Tx};
 use serde_json::{json, Value};
 
 const MAGIC: &str = "keyless-kv-backup-1";
 
-fn backup_key(ctx: &Ctx<'_>) -> Result<Kek> {
-    let store = &ctx.s.store;
-    let bytes = match store.get_secret("kv_backup_key")? {
+/// The backup key, made on first use (in the request's write unit of work).
+async fn backup_key(tx: &mut Tx) -> Result<Kek> {
+    let bytes = match tx.get_secret("kv_backup_key").await? {
         Some(k) => k,
         None => {
             let mut k = [0u8; 32];
             aws_lc_rs::rand::fill(&mut k)
                 .map_err(|_| ServerError::kv(500, "InternalServerError", "No randomness."))?;
             // the first writer wins; everyone uses what is stored
-            store.put_secret_if_absent("kv_backup_key", &k)?;
-            store
-                .get_secret("kv_backup_key")?
+            tx.put_secret_if_absent("kv_backup_key", &k).await?;
+            tx.get_secret("kv_backup_key")
+                .await?
                 .unwrap_or_else(|| k.to_vec())
         }
     };
@@ -46,11 +46,11 @@ fn colls(coll: Coll) -> Vec<Coll> {
 }
 
 /// `POST /{coll}/{name}/backup`.
-pub fn backup<R: Render>(ctx: &Ctx<'_>, name: &str) -> Result<Response> {
+pub async fn backup<R: Render>(ctx: &Ctx<'_>, tx: &mut Tx, name: &str) -> Result<Response> {
     let coll = R::COLL;
     ctx.name(coll, name)?;
-    ctx.authorize(coll, Op::Backup, Some(name))?;
-    let latest = ctx.live_version(coll, name, None)?;
+    ctx.authorize(tx, coll, Op::Backup, Some(name)).await?;
+    let latest = ctx.live_version(tx, coll, name, None).await?;
     if latest.managed {
         return Err(ServerError::kv(
             403,
@@ -64,32 +64,30 @@ pub fn backup<R: Render>(ctx: &Ctx<'_>, name: &str) -> Result<Response> {
     let mut objects = vec![];
     for c in colls(coll) {
         let mut versions = vec![];
-        for v in ctx.s.store.kv_versions(&ctx.vname, c.path(), name)? {
-            let full = ctx
-                .s
-                .store
-                .kv_version(&ctx.vname, c.path(), name, Some(&v.version))?
+        for v in tx.kv_versions(&ctx.vname, c.path(), name).await? {
+            let full = tx
+                .kv_version(&ctx.vname, c.path(), name, Some(&v.version))
+                .await?
                 .ok_or_else(|| ctx.not_found(coll, name, None))?;
             let private = full.private.as_deref().map(|p| STANDARD.encode(p));
             versions.push(json!({"record": full, "private": private}));
         }
-        let extra = ctx
-            .s
-            .store
-            .kv_name(&ctx.vname, c.path(), name)?
+        let extra = tx
+            .kv_name(&ctx.vname, c.path(), name)
+            .await?
             .map(|n| n.extra);
         objects.push(json!({"coll": c.path(), "versions": versions, "extra": extra}));
     }
     let plain = serde_json::to_vec(&json!({"name": latest.name, "objects": objects}))
         .map_err(|e| ServerError::kv(500, "InternalServerError", e.to_string()))?;
-    let sealed = backup_key(ctx)?.seal(&aad(ctx, coll), &plain)?;
+    let sealed = backup_key(tx).await?.seal(&aad(ctx, coll), &plain)?;
     Ok(Json(json!({"value": URL_SAFE_NO_PAD.encode(sealed)})).into_response())
 }
 
 /// `POST /{coll}/restore`: returns the restored latest version.
-pub fn restore<R: Render>(ctx: &Ctx<'_>, body: &[u8]) -> Result<Response> {
+pub async fn restore<R: Render>(ctx: &Ctx<'_>, tx: &mut Tx, body: &[u8]) -> Result<Response> {
     let coll = R::COLL;
-    ctx.authorize(coll, Op::Restore, None)?;
+    ctx.authorize(tx, coll, Op::Restore, None).await?;
     let b: Value = super::parse_body(body)?;
     let blob = b["value"]
         .as_str()
@@ -100,17 +98,17 @@ pub fn restore<R: Render>(ctx: &Ctx<'_>, body: &[u8]) -> Result<Response> {
     let sealed = URL_SAFE_NO_PAD
         .decode(blob.trim_end_matches('='))
         .map_err(|_| invalid())?;
-    let plain = backup_key(ctx)?
+    let plain = backup_key(tx)
+        .await?
         .open(&aad(ctx, coll), &sealed)
         .map_err(|_| invalid())?;
     let doc: Value = serde_json::from_slice(&plain).map_err(|_| invalid())?;
     let name = doc["name"].as_str().ok_or_else(invalid)?.to_string();
     // a secret or key may not land on a certificate's name (even one still pending)
     if coll != Coll::Certificates
-        && ctx
-            .s
-            .store
-            .kv_name(&ctx.vname, "certificates", &name)?
+        && tx
+            .kv_name(&ctx.vname, "certificates", &name)
+            .await?
             .is_some()
     {
         return Err(ServerError::kv(
@@ -120,14 +118,13 @@ pub fn restore<R: Render>(ctx: &Ctx<'_>, body: &[u8]) -> Result<Response> {
         ));
     }
     for c in colls(coll) {
-        if let Some(n) = ctx.s.store.kv_name(&ctx.vname, c.path(), &name)? {
+        if let Some(n) = tx.kv_name(&ctx.vname, c.path(), &name).await? {
             if n.deleted.is_some() {
                 return Err(ctx.is_deleted_conflict(coll, &name));
             }
-            let has_versions = !ctx
-                .s
-                .store
-                .kv_versions(&ctx.vname, c.path(), &name)?
+            let has_versions = !tx
+                .kv_versions(&ctx.vname, c.path(), &name)
+                .await?
                 .is_empty();
             if has_versions {
                 return Err(ServerError::kv(409, "Conflict", format!("{} {name} already exists in this vault; restore needs the name to be free.", c.noun())));
@@ -166,6 +163,7 @@ pub fn restore<R: Render>(ctx: &Ctx<'_>, body: &[u8]) -> Result<Response> {
         .map(|(_, e)| e["policy"].clone())
         .filter(Value::is_object);
     ctx.write(
+        tx,
         coll,
         &name,
         &KvWrite {
@@ -173,7 +171,8 @@ pub fn restore<R: Render>(ctx: &Ctx<'_>, body: &[u8]) -> Result<Response> {
             extra,
             expect_latest: None,
         },
-    )?;
+    )
+    .await?;
     let mut out = R::bundle(ctx, &latest, false);
     if let Some(mut p) = policy {
         p["id"] = json!(format!("{}/certificates/{name}/policy", ctx.base));

@@ -19,10 +19,9 @@ use keyless_core::vault::policy::{
 use keyless_core::vault::route::Target;
 use keyless_core::vault::Coll;
 use keyless_pki::kv::{CertSpec, Curve, KeyType, KvKey};
-use keyless_store::{KvVersionRecord, KvWrite, KvWriteOutcome};
+use keyless_store::{KvVersionRecord, KvWrite, KvWriteOutcome, Tx};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 pub struct Certs;
 
@@ -97,16 +96,17 @@ pub struct Pending {
 
 const IN_PROGRESS: &str = "inProgress";
 
-pub fn load_state(s: &AppState, vault: &str, name: &str) -> Result<Option<CertState>> {
-    Ok(match s.store.kv_name(vault, "certificates", name)? {
+/// The state of a live certificate (`None`: no such certificate, or soft-deleted).
+pub async fn load_state(tx: &mut Tx, vault: &str, name: &str) -> Result<Option<CertState>> {
+    Ok(match tx.kv_name(vault, "certificates", name).await? {
         Some(n) if n.deleted.is_none() => Some(serde_json::from_value(n.extra).unwrap_or_default()),
         _ => None,
     })
 }
 
-fn save_state(s: &AppState, vault: &str, name: &str, st: &CertState) -> Result<()> {
-    s.store
-        .kv_set_extra(vault, "certificates", name, &json!(st))?;
+async fn save_state(tx: &mut Tx, vault: &str, name: &str, st: &CertState) -> Result<()> {
+    tx.kv_set_extra(vault, "certificates", name, &json!(st))
+        .await?;
     Ok(())
 }
 
@@ -246,9 +246,10 @@ fn triple(
     Ok(vec![cert, k, sec])
 }
 
-fn latest_version(s: &AppState, vault: &str, name: &str) -> Result<Option<String>> {
-    Ok(s.store
-        .kv_version(vault, "certificates", name, None)?
+async fn latest_version(tx: &mut Tx, vault: &str, name: &str) -> Result<Option<String>> {
+    Ok(tx
+        .kv_version(vault, "certificates", name, None)
+        .await?
         .map(|v| v.version))
 }
 
@@ -267,20 +268,17 @@ pub struct Issue<'a> {
     pub reuse: Option<KvKey>,
 }
 
-/// Issue a new version of a certificate from its policy (Self or Keyless issuer) and write
-/// it, provided the latest version is still `base_version`. Returns the new version, or
-/// `None` when someone else wrote first.
-pub async fn issue(s: &AppState, req: Issue<'_>) -> Result<Option<String>> {
-    let Issue {
-        vault,
-        name,
-        policy: p,
-        enabled,
-        tags,
-        base_version,
-        mut state,
-        reuse,
-    } = req;
+/// A certificate made from a policy (Self or Keyless issuer), not yet written.
+pub struct Issued {
+    key: KvKey,
+    chain: Vec<Vec<u8>>,
+    /// Key Vault time it was made (its `created` and `nbf`).
+    now: u64,
+}
+
+/// Make a certificate from policy `p` with a new key (or `reuse`). Runs with no unit of work
+/// open: generating an RSA key takes long enough to stall every other writer.
+pub async fn prepare(s: &AppState, p: &Policy, reuse: Option<KvKey>) -> Result<Issued> {
     let now = s.vault_clock.now();
     let key = match reuse {
         Some(k) => k,
@@ -295,14 +293,41 @@ pub async fn issue(s: &AppState, req: Issue<'_>) -> Result<Option<String>> {
     } else {
         vec![keyless_pki::kv::self_signed(&spec, &key)?]
     };
+    Ok(Issued { key, chain, now })
+}
+
+/// Write a prepared certificate as a new version (certificate, key and secret) with `state`
+/// (its pending operation marked completed), in `tx`, provided the latest version is still
+/// `base_version`. Returns the new version, or `None` when another version was written first
+/// or the certificate is deleted (nothing written; the caller need not commit).
+#[allow(clippy::too_many_arguments)]
+pub async fn write_issued(
+    tx: &mut Tx,
+    vault: &str,
+    name: &str,
+    p: &Policy,
+    issued: Issued,
+    enabled: bool,
+    tags: BTreeMap<String, String>,
+    base_version: Option<String>,
+    mut state: CertState,
+) -> Result<Option<String>> {
     let version = uuid::Uuid::new_v4().simple().to_string();
-    let display = s
-        .store
-        .kv_name(vault, "certificates", name)?
+    let display = tx
+        .kv_name(vault, "certificates", name)
+        .await?
         .map(|n| n.name)
         .unwrap_or_else(|| name.to_string());
     let versions = triple(
-        vault, &display, &version, now, p, &key, &chain, enabled, tags,
+        vault,
+        &display,
+        &version,
+        issued.now,
+        p,
+        &issued.key,
+        &issued.chain,
+        enabled,
+        tags,
     )?;
     if let Some(pe) = state.pending.as_mut() {
         pe.status = "completed".into();
@@ -313,70 +338,143 @@ pub async fn issue(s: &AppState, req: Issue<'_>) -> Result<Option<String>> {
         extra: Some(("certificates".into(), json!(state))),
         expect_latest: Some(("certificates".into(), base_version)),
     };
-    match s.store.kv_write(&w)? {
+    match tx.kv_write(&w).await? {
         KvWriteOutcome::Written => Ok(Some(version)),
         _ => Ok(None),
     }
 }
 
-/// Finish a pending Self / Keyless operation (run in the background after a create).
-pub async fn complete(s: Arc<AppState>, vault: String, name: String, request_id: String) {
-    let r = async {
-        let Some(st) = load_state(&s, &vault, &name)? else { return Ok(()) };
-        let Some(p) = st.policy.clone() else { return Ok(()) };
-        let Some(pe) = st.pending.clone().filter(|pe| pe.request_id == request_id && pe.status == IN_PROGRESS) else {
-            return Ok(());
-        };
-        if pe.cancellation_requested {
-            return Ok(());
-        }
-        let written = issue(
-            &s,
-            Issue {
-                vault: &vault,
-                name: &name,
-                policy: &p,
-                enabled: pe.enabled.unwrap_or(true),
-                tags: pe.tags.clone(),
-                base_version: pe.base_version.clone(),
-                state: st.clone(),
-                reuse: None,
-            },
-        )
-        .await?;
-        if written.is_none() {
-            // someone else wrote first: if it was this very operation (a resumed issuance
-            // racing another pass), it is completed and stays so; otherwise this one failed
-            let mut st = load_state(&s, &vault, &name)?.unwrap_or_default();
-            if let Some(cur) = st
-                .pending
-                .as_mut()
-                .filter(|c| c.request_id == request_id && c.status == IN_PROGRESS)
-            {
-                cur.status = "failed".into();
-                cur.error = Some(json!({"code": "Conflict", "message": "Another version of the certificate was created while this one was in progress; create it again."}));
-                save_state(&s, &vault, &name, &st)?;
-            }
-        }
-        Ok::<(), ServerError>(())
+/// Issue a new version of a certificate from its policy (Self or Keyless issuer) and write
+/// it in a unit of work of its own (opened once the key is generated), provided the latest
+/// version is still `base_version`. Returns the new version, or `None` when someone else
+/// wrote first.
+pub async fn issue(s: &AppState, req: Issue<'_>) -> Result<Option<String>> {
+    let Issue {
+        vault,
+        name,
+        policy: p,
+        enabled,
+        tags,
+        base_version,
+        state,
+        reuse,
+    } = req;
+    let issued = prepare(s, p, reuse).await?;
+    let mut tx = s.store.write("kv_certificate_issue").await?;
+    let written = write_issued(
+        &mut tx,
+        vault,
+        name,
+        p,
+        issued,
+        enabled,
+        tags,
+        base_version,
+        state,
+    )
+    .await?;
+    if written.is_some() {
+        tx.commit().await?;
     }
-    .await;
-    if let Err(e) = r {
+    Ok(written)
+}
+
+/// Whether `st` still has operation `request_id` in progress.
+fn in_progress(st: &CertState, request_id: &str) -> bool {
+    st.pending
+        .as_ref()
+        .is_some_and(|c| c.request_id == request_id && c.status == IN_PROGRESS)
+}
+
+/// Finish a pending Self / Keyless operation: in the background after a create (started
+/// once the create is committed), or by the scheduler resuming one a restart interrupted.
+/// The key is generated with no unit of work open; the write then checks, in its own unit of
+/// work, that the operation is still in progress (not cancelled, deleted or replaced) and
+/// that no other version was written since it started.
+pub async fn complete(s: &AppState, vault: &str, name: &str, request_id: &str) {
+    if let Err(e) = finish(s, vault, name, request_id).await {
         tracing::error!(error = %e, vault = %vault, certificate = %name, "certificate issuance failed");
-        if let Ok(Some(mut st)) = load_state(&s, &vault, &name) {
-            if let Some(cur) = st
-                .pending
-                .as_mut()
-                .filter(|c| c.request_id == request_id && c.status == IN_PROGRESS)
-            {
-                cur.status = "failed".into();
-                cur.error = Some(
-                    json!({"code": "InternalError", "message": "The certificate could not be issued."}),
-                );
-                let _ = save_state(&s, &vault, &name, &st);
-            }
+        let failed =
+            json!({"code": "InternalError", "message": "The certificate could not be issued."});
+        if let Err(e) = fail(s, vault, name, request_id, failed).await {
+            tracing::warn!(error = %e, vault = %vault, certificate = %name, "recording a failed certificate issuance failed");
         }
     }
+}
+
+async fn finish(s: &AppState, vault: &str, name: &str, request_id: &str) -> Result<()> {
+    let st = {
+        let mut tx = s.store.read("kv_certificate_pending").await?;
+        load_state(&mut tx, vault, name).await?
+    };
+    let Some(st) = st else { return Ok(()) };
+    let Some(p) = st.policy.clone() else {
+        return Ok(());
+    };
+    let Some(pe) = st.pending.clone().filter(|_| in_progress(&st, request_id)) else {
+        return Ok(());
+    };
+    if pe.cancellation_requested {
+        return Ok(());
+    }
+    let issued = prepare(s, &p, None).await?;
+    let mut tx = s.store.write("kv_certificate_issue").await?;
+    let Some(cur) = load_state(&mut tx, vault, name).await? else {
+        return Ok(());
+    };
+    // cancelled, deleted or finished by another pass (a resumed issuance racing this one)
+    // while the key was generated: nothing to do
+    if !in_progress(&cur, request_id)
+        || cur
+            .pending
+            .as_ref()
+            .is_some_and(|c| c.cancellation_requested)
+    {
+        return Ok(());
+    }
+    let written = write_issued(
+        &mut tx,
+        vault,
+        name,
+        &p,
+        issued,
+        pe.enabled.unwrap_or(true),
+        pe.tags.clone(),
+        pe.base_version.clone(),
+        cur.clone(),
+    )
+    .await?;
+    if written.is_none() {
+        // another version was written while this operation was in progress: it failed
+        let mut cur = cur;
+        if let Some(c) = cur.pending.as_mut() {
+            c.status = "failed".into();
+            c.error = Some(
+                json!({"code": "Conflict", "message": "Another version of the certificate was created while this one was in progress; create it again."}),
+            );
+        }
+        save_state(&mut tx, vault, name, &cur).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Mark operation `request_id` failed with `error`, if it is still in progress.
+async fn fail(s: &AppState, vault: &str, name: &str, request_id: &str, error: Value) -> Result<()> {
+    let mut tx = s.store.write("kv_certificate_issue_failed").await?;
+    let Some(mut st) = load_state(&mut tx, vault, name).await? else {
+        return Ok(());
+    };
+    if !in_progress(&st, request_id) {
+        return Ok(());
+    }
+    if let Some(c) = st.pending.as_mut() {
+        c.status = "failed".into();
+        c.error = Some(error);
+    }
+    save_state(&mut tx, vault, name, &st).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
@@ -387,13 +485,12 @@ struct CreateBody {
     tags: Option<BTreeMap<String, String>>,
 }
 
-fn refuse_plain_objects(ctx: &Ctx<'_>, name: &str) -> Result<()> {
+async fn refuse_plain_objects(ctx: &Ctx<'_>, tx: &mut Tx, name: &str) -> Result<()> {
     for coll in ["secrets", "keys"] {
-        if let Some(n) = ctx.s.store.kv_name(&ctx.vname, coll, name)? {
-            let managed = ctx
-                .s
-                .store
-                .kv_version(&ctx.vname, coll, name, None)?
+        if let Some(n) = tx.kv_name(&ctx.vname, coll, name).await? {
+            let managed = tx
+                .kv_version(&ctx.vname, coll, name, None)
+                .await?
                 .is_some_and(|v| v.managed);
             if !managed || n.deleted.is_some() {
                 return Err(ServerError::kv(
@@ -419,23 +516,23 @@ fn decode_b64(s: &str) -> Option<Vec<u8>> {
 }
 
 pub async fn handle(
-    s: &Arc<AppState>,
     ctx: &Ctx<'_>,
+    tx: &mut Tx,
     m: &Method,
     target: Target,
     body: &[u8],
 ) -> Result<Response> {
-    if let Some(r) = common::<Certs>(ctx, m, &target, body)? {
+    if let Some(r) = common::<Certs>(ctx, tx, m, &target, body).await? {
         return Ok(r);
     }
     let base = ctx.base.clone();
     match (m, target) {
         (&Method::POST, Target::CertCreate(name)) => {
             ctx.name(Coll::Certificates, &name)?;
-            ctx.authorize(Coll::Certificates, Op::Create, Some(&name))?;
+            ctx.authorize(tx, Coll::Certificates, Op::Create, Some(&name)).await?;
             let b: CreateBody = parse_body(body)?;
             check_tags(&b.tags)?;
-            let n = s.store.kv_name(&ctx.vname, "certificates", &name)?;
+            let n = tx.kv_name(&ctx.vname, "certificates", &name).await?;
             if n.as_ref().is_some_and(|n| n.deleted.is_some()) {
                 return Err(ctx.is_deleted_conflict(Coll::Certificates, &name));
             }
@@ -453,7 +550,7 @@ pub async fn handle(
             if st.pending.as_ref().is_some_and(|pe| pe.status == IN_PROGRESS) {
                 return Err(ServerError::kv(409, "Conflict", format!("Certificate {name} has a pending operation in progress; wait for it, or cancel or delete it.")));
             }
-            refuse_plain_objects(ctx, &name)?;
+            refuse_plain_objects(ctx, tx, &name).await?;
             let attrs = p.attributes.get_or_insert_with(Default::default);
             attrs.created = Some(attrs.created.unwrap_or(ctx.now));
             attrs.updated = Some(ctx.now);
@@ -464,21 +561,21 @@ pub async fn handle(
                 issuer: issuer.clone(),
                 enabled: b.attributes.as_ref().and_then(|a| a.enabled),
                 tags: b.tags.unwrap_or_default(),
-                base_version: latest_version(s, &ctx.vname, &name)?,
-                started: s.now(),
+                base_version: latest_version(tx, &ctx.vname, &name).await?,
+                started: ctx.s.now(),
                 ..Default::default()
             };
             if issuer == ISSUER_UNKNOWN {
-                let key = generate(key_type_of(&p)).await?;
+                let key = ctx.key(key_type_of(&p)).await?;
                 let csr = keyless_pki::kv::csr(&spec_of(&p, ctx.now), &key)?;
-                s.store.put_secret(&pending_key_name(&ctx.vname, &name), key.pkcs8())?;
+                tx.put_secret(&pending_key_name(&ctx.vname, &name), key.pkcs8()).await?;
                 pe.csr = Some(STANDARD.encode(csr));
             }
             st.policy = Some(p);
             st.pending = Some(pe.clone());
-            s.store.kv_set_extra(&ctx.vname, "certificates", &name, &json!(st))?;
+            tx.kv_set_extra(&ctx.vname, "certificates", &name, &json!(st)).await?;
             if issuer != ISSUER_UNKNOWN {
-                tokio::spawn(complete(s.clone(), ctx.vname.clone(), name.clone(), request_id.clone()));
+                ctx.start_issuance(&name, &request_id);
             }
             let mut resp = (StatusCode::ACCEPTED, Json(op_json(&base, &name, &pe))).into_response();
             let loc = format!("{base}/certificates/{name}/pending?api-version={}&request_id={request_id}", ctx.api_version);
@@ -496,9 +593,9 @@ pub async fn handle(
                 Method::DELETE => Op::Delete,
                 _ => return Err(method_not_allowed(m)),
             };
-            ctx.authorize(Coll::Certificates, op, Some(&name))?;
+            ctx.authorize(tx, Coll::Certificates, op, Some(&name)).await?;
             let not_found = || ServerError::kv(404, "PendingCertificateNotFound", format!("Pending certificate not found: {name}"));
-            let mut st = load_state(s, &ctx.vname, &name)?.ok_or_else(not_found)?;
+            let mut st = load_state(tx, &ctx.vname, &name).await?.ok_or_else(not_found)?;
             let mut pe = st.pending.clone().ok_or_else(not_found)?;
             match *m {
                 Method::PATCH => {
@@ -510,12 +607,12 @@ pub async fn handle(
                         }
                     }
                     st.pending = Some(pe.clone());
-                    save_state(s, &ctx.vname, &name, &st)?;
+                    save_state(tx, &ctx.vname, &name, &st).await?;
                 }
                 Method::DELETE => {
                     st.pending = None;
-                    save_state(s, &ctx.vname, &name, &st)?;
-                    s.store.delete_secret(&pending_key_name(&ctx.vname, &name))?;
+                    save_state(tx, &ctx.vname, &name, &st).await?;
+                    tx.delete_secret(&pending_key_name(&ctx.vname, &name)).await?;
                 }
                 _ => {}
             }
@@ -527,7 +624,7 @@ pub async fn handle(
         }
         (&Method::POST, Target::CertMerge(name)) => {
             ctx.name(Coll::Certificates, &name)?;
-            ctx.authorize(Coll::Certificates, Op::Create, Some(&name))?;
+            ctx.authorize(tx, Coll::Certificates, Op::Create, Some(&name)).await?;
             #[derive(serde::Deserialize)]
             struct MergeBody {
                 x5c: Option<Vec<String>>,
@@ -537,7 +634,7 @@ pub async fn handle(
             let b: MergeBody = parse_body(body)?;
             check_tags(&b.tags)?;
             let not_found = || ServerError::kv(404, "PendingCertificateNotFound", format!("Pending certificate not found: {name}"));
-            let st = load_state(s, &ctx.vname, &name)?.ok_or_else(not_found)?;
+            let st = load_state(tx, &ctx.vname, &name).await?.ok_or_else(not_found)?;
             let pe = st.pending.clone().filter(|p| p.status == IN_PROGRESS && p.issuer == ISSUER_UNKNOWN).ok_or_else(not_found)?;
             let p = st.policy.clone().ok_or_else(not_found)?;
             let chain: Vec<Vec<u8>> = b
@@ -549,14 +646,14 @@ pub async fn handle(
             if chain.is_empty() {
                 return Err(bad("x5c must hold at least the issued certificate."));
             }
-            let key_der = s.store.get_secret(&pending_key_name(&ctx.vname, &name))?.ok_or_else(not_found)?;
+            let key_der = tx.get_secret(&pending_key_name(&ctx.vname, &name)).await?.ok_or_else(not_found)?;
             let key = KvKey::from_pkcs8(&key_der)?;
             keyless_pki::kv::cert_info(&chain[0]).map_err(|e| bad(format!("The certificate is invalid: {e}")))?;
             if !keyless_pki::kv::cert_matches_key(&chain[0], &key) {
                 return Err(bad("The certificate's public key does not match the pending request's key."));
             }
             let version = uuid::Uuid::new_v4().simple().to_string();
-            let display = s.store.kv_name(&ctx.vname, "certificates", &name)?.map(|n| n.name).unwrap_or(name.clone());
+            let display = tx.kv_name(&ctx.vname, "certificates", &name).await?.map(|n| n.name).unwrap_or(name.clone());
             let enabled = b.attributes.as_ref().and_then(|a| a.enabled).or(pe.enabled).unwrap_or(true);
             let tags = b.tags.unwrap_or(pe.tags.clone());
             let versions = triple(&ctx.vname, &display, &version, ctx.now, &p, &key, &chain, enabled, tags)?;
@@ -565,16 +662,16 @@ pub async fn handle(
                 pe.status = "completed".into();
                 pe.target_version = Some(version.clone());
             }
-            ctx.write(Coll::Certificates, &name, &KvWrite { versions: versions.clone(), extra: Some(("certificates".into(), json!(st2))), expect_latest: None })?;
+            ctx.write(tx, Coll::Certificates, &name, &KvWrite { versions: versions.clone(), extra: Some(("certificates".into(), json!(st2))), expect_latest: None }).await?;
             // the pending key now lives (sealed) in the key version
-            s.store.delete_secret(&pending_key_name(&ctx.vname, &name))?;
+            tx.delete_secret(&pending_key_name(&ctx.vname, &name)).await?;
             let mut out = Certs::bundle(ctx, &versions[0], false);
             out["policy"] = policy_json(&base, &display, &p);
             Ok((StatusCode::CREATED, Json(out)).into_response())
         }
         (&Method::POST, Target::CertImport(name)) => {
             ctx.name(Coll::Certificates, &name)?;
-            ctx.authorize(Coll::Certificates, Op::Import, Some(&name))?;
+            ctx.authorize(tx, Coll::Certificates, Op::Import, Some(&name)).await?;
             #[derive(serde::Deserialize)]
             struct ImportBody {
                 value: Option<String>,
@@ -610,11 +707,11 @@ pub async fn handle(
             if !keyless_pki::kv::cert_matches_key(&chain[0], &key) {
                 return Err(bad("The private key does not match the certificate."));
             }
-            let n = s.store.kv_name(&ctx.vname, "certificates", &name)?;
+            let n = tx.kv_name(&ctx.vname, "certificates", &name).await?;
             if n.as_ref().is_some_and(|n| n.deleted.is_some()) {
                 return Err(ctx.is_deleted_conflict(Coll::Certificates, &name));
             }
-            refuse_plain_objects(ctx, &name)?;
+            refuse_plain_objects(ctx, tx, &name).await?;
             let info = keyless_pki::kv::cert_info(&chain[0])?;
             let given_ct = b.policy.as_ref().and_then(|p| p.secret_props.as_ref()).and_then(|s| s.content_type.clone());
             let imported = policy::ImportedCert {
@@ -650,7 +747,7 @@ pub async fn handle(
             let enabled = b.attributes.as_ref().and_then(|a| a.enabled).unwrap_or(true);
             let versions = triple(&ctx.vname, &display, &version, ctx.now, &p, &key, &chain, enabled, b.tags.unwrap_or_default())?;
             let st = CertState { policy: Some(p.clone()), pending: None, events: vec![] };
-            ctx.write(Coll::Certificates, &name, &KvWrite { versions: versions.clone(), extra: Some(("certificates".into(), json!(st))), expect_latest: None })?;
+            ctx.write(tx, Coll::Certificates, &name, &KvWrite { versions: versions.clone(), extra: Some(("certificates".into(), json!(st))), expect_latest: None }).await?;
             let mut out = Certs::bundle(ctx, &versions[0], false);
             out["policy"] = policy_json(&base, &display, &p);
             Ok(Json(out).into_response())
@@ -658,8 +755,8 @@ pub async fn handle(
         (&Method::GET, Target::CertPolicy(name)) | (&Method::PATCH, Target::CertPolicy(name)) => {
             ctx.name(Coll::Certificates, &name)?;
             let patch = *m == Method::PATCH;
-            ctx.authorize(Coll::Certificates, if patch { Op::Update } else { Op::Get }, Some(&name))?;
-            let mut st = load_state(s, &ctx.vname, &name)?.ok_or_else(|| ctx.not_found(Coll::Certificates, &name, None))?;
+            ctx.authorize(tx, Coll::Certificates, if patch { Op::Update } else { Op::Get }, Some(&name)).await?;
+            let mut st = load_state(tx, &ctx.vname, &name).await?.ok_or_else(|| ctx.not_found(Coll::Certificates, &name, None))?;
             let cur = st.policy.clone().ok_or_else(|| ctx.not_found(Coll::Certificates, &name, None))?;
             let p = if patch {
                 let b: Policy = parse_body(body)?;
@@ -668,7 +765,7 @@ pub async fn handle(
                 attrs.created = cur.attributes.as_ref().and_then(|a| a.created);
                 attrs.updated = Some(ctx.now);
                 st.policy = Some(p.clone());
-                save_state(s, &ctx.vname, &name, &st)?;
+                save_state(tx, &ctx.vname, &name, &st).await?;
                 p
             } else {
                 cur
@@ -677,10 +774,10 @@ pub async fn handle(
         }
         (&Method::GET, Target::Object { name, version, .. }) => {
             ctx.name(Coll::Certificates, &name)?;
-            ctx.authorize(Coll::Certificates, Op::Get, Some(&name))?;
-            let v = ctx.live_version(Coll::Certificates, &name, version.as_deref())?;
+            ctx.authorize(tx, Coll::Certificates, Op::Get, Some(&name)).await?;
+            let v = ctx.live_version(tx, Coll::Certificates, &name, version.as_deref()).await?;
             let mut out = Certs::bundle(ctx, &v, false);
-            if let Some(st) = load_state(s, &ctx.vname, &name)? {
+            if let Some(st) = load_state(tx, &ctx.vname, &name).await? {
                 if let Some(p) = &st.policy {
                     out["policy"] = policy_json(&base, &v.name, p);
                 }
@@ -692,7 +789,7 @@ pub async fn handle(
         }
         (&Method::PATCH, Target::Object { name, version, .. }) => {
             ctx.name(Coll::Certificates, &name)?;
-            ctx.authorize(Coll::Certificates, Op::Update, Some(&name))?;
+            ctx.authorize(tx, Coll::Certificates, Op::Update, Some(&name)).await?;
             #[derive(serde::Deserialize)]
             struct Patch {
                 attributes: Option<AttrsIn>,
@@ -701,7 +798,7 @@ pub async fn handle(
             }
             let b: Patch = parse_body(body)?;
             check_tags(&b.tags)?;
-            let mut v = ctx.live_version(Coll::Certificates, &name, version.as_deref())?;
+            let mut v = ctx.live_version(tx, Coll::Certificates, &name, version.as_deref()).await?;
             let enabled = b.attributes.as_ref().and_then(|a| a.enabled);
             if let Some(t) = b.tags {
                 v.tags = t;
@@ -710,19 +807,19 @@ pub async fn handle(
                 v.enabled = e;
                 // the key and secret of this version follow
                 for coll in ["keys", "secrets"] {
-                    if let Some(mut o) = s.store.kv_version(&ctx.vname, coll, &name, Some(&v.version))? {
+                    if let Some(mut o) = tx.kv_version(&ctx.vname, coll, &name, Some(&v.version)).await? {
                         o.enabled = e;
                         o.updated = ctx.now;
-                        s.store.kv_update_version(&o)?;
+                        tx.kv_update_version(&o).await?;
                     }
                 }
             }
             v.updated = ctx.now;
-            s.store.kv_update_version(&v)?;
-            let mut st = load_state(s, &ctx.vname, &name)?.unwrap_or_default();
+            tx.kv_update_version(&v).await?;
+            let mut st = load_state(tx, &ctx.vname, &name).await?.unwrap_or_default();
             if let (Some(patch), Some(cur)) = (b.policy, st.policy.clone()) {
                 st.policy = Some(cur.merged(patch).normalize(false).map_err(bad)?);
-                save_state(s, &ctx.vname, &name, &st)?;
+                save_state(tx, &ctx.vname, &name, &st).await?;
             }
             let mut out = Certs::bundle(ctx, &v, false);
             if let Some(p) = &st.policy {
@@ -731,9 +828,9 @@ pub async fn handle(
             Ok(Json(out).into_response())
         }
         (_, Target::Contacts) => {
-            ctx.authorize(Coll::Certificates, Op::ManageContacts, None)?;
+            ctx.authorize(tx, Coll::Certificates, Op::ManageContacts, None).await?;
             let id = format!("{base}/certificates/contacts");
-            let cur = s.store.kv_name(&ctx.vname, "settings", "contacts")?.map(|n| n.extra).filter(|e| e.get("contacts").is_some());
+            let cur = tx.kv_name(&ctx.vname, "settings", "contacts").await?.map(|n| n.extra).filter(|e| e.get("contacts").is_some());
             match *m {
                 Method::GET => {
                     let c = cur.ok_or_else(|| ServerError::kv(404, "ContactsNotFound", "Contacts not found"))?;
@@ -745,19 +842,19 @@ pub async fn handle(
                     if list.iter().any(|c| !c["email"].is_string()) {
                         return Err(bad("Every contact needs an email address."));
                     }
-                    s.store.kv_set_extra(&ctx.vname, "settings", "contacts", &json!({"contacts": list}))?;
+                    tx.kv_set_extra(&ctx.vname, "settings", "contacts", &json!({"contacts": list})).await?;
                     Ok(Json(json!({"id": id, "contacts": list})).into_response())
                 }
                 Method::DELETE => {
                     let c = cur.ok_or_else(|| ServerError::kv(404, "ContactsNotFound", "Contacts not found"))?;
-                    s.store.kv_set_extra(&ctx.vname, "settings", "contacts", &json!({}))?;
+                    tx.kv_set_extra(&ctx.vname, "settings", "contacts", &json!({})).await?;
                     Ok(Json(json!({"id": id, "contacts": c["contacts"]})).into_response())
                 }
                 _ => Err(method_not_allowed(m)),
             }
         }
         (&Method::GET, Target::Issuers) => {
-            ctx.authorize(Coll::Certificates, Op::ListIssuers, None)?;
+            ctx.authorize(tx, Coll::Certificates, Op::ListIssuers, None).await?;
             Ok(Json(json!({"value": [], "nextLink": null})).into_response())
         }
         (_, Target::Issuer(_)) => Err(bad("Certificate issuer objects are not supported; use the issuers Self, Unknown or Keyless (the Keyless CA).")),

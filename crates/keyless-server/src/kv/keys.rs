@@ -15,7 +15,7 @@ use keyless_core::vault::access::Op;
 use keyless_core::vault::route::{KeyOp, Target};
 use keyless_core::vault::Coll;
 use keyless_pki::kv::{Curve, KeyType, KvKey};
-use keyless_store::{KvVersionRecord, KvWrite};
+use keyless_store::{KvVersionRecord, KvWrite, Tx};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -141,7 +141,8 @@ fn key_type(
     }
 }
 
-/// Generate a key off the async runtime (RSA 4096 takes a while).
+/// Generate a key off the async runtime (RSA 4096 takes a while). Never called with a unit of
+/// work open: request handlers get their keys through [`Ctx::key`].
 pub async fn generate(t: KeyType) -> Result<KvKey> {
     tokio::task::spawn_blocking(move || KvKey::generate(t))
         .await
@@ -177,11 +178,10 @@ fn b64(v: &Value, field: &str) -> Result<Vec<u8>> {
         .map_err(|_| bad(format!("The parameter '{field}' is not base64url.")))
 }
 
-fn refuse_certificate_name(ctx: &Ctx<'_>, name: &str) -> Result<()> {
-    if ctx
-        .s
-        .store
-        .kv_name(&ctx.vname, "certificates", name)?
+async fn refuse_certificate_name(ctx: &Ctx<'_>, tx: &mut Tx, name: &str) -> Result<()> {
+    if tx
+        .kv_name(&ctx.vname, "certificates", name)
+        .await?
         .is_some()
     {
         return Err(ServerError::kv(
@@ -193,8 +193,10 @@ fn refuse_certificate_name(ctx: &Ctx<'_>, name: &str) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn write_new(
     ctx: &Ctx<'_>,
+    tx: &mut Tx,
     name: &str,
     key: KvKey,
     kty: &str,
@@ -203,7 +205,7 @@ async fn write_new(
     tags: BTreeMap<String, String>,
 ) -> Result<Response> {
     let mut v = ctx.new_version(Coll::Keys, name);
-    if let Some(existing) = ctx.s.store.kv_name(&ctx.vname, "keys", name)? {
+    if let Some(existing) = tx.kv_name(&ctx.vname, "keys", name).await? {
         v.name = existing.name;
     }
     v.tags = tags;
@@ -211,6 +213,7 @@ async fn write_new(
     v.public = public_of(&key, kty, &ops, attrs.exportable.unwrap_or(false));
     v.private = Some(key.pkcs8().to_vec());
     ctx.write(
+        tx,
         Coll::Keys,
         name,
         &KvWrite {
@@ -218,18 +221,25 @@ async fn write_new(
             extra: None,
             expect_latest: None,
         },
-    )?;
+    )
+    .await?;
     Ok(Json(Keys::bundle(ctx, &v, false)).into_response())
 }
 
-pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> Result<Response> {
-    if let Some(r) = common::<Keys>(ctx, m, &target, body)? {
+pub async fn handle(
+    ctx: &Ctx<'_>,
+    tx: &mut Tx,
+    m: &Method,
+    target: Target,
+    body: &[u8],
+) -> Result<Response> {
+    if let Some(r) = common::<Keys>(ctx, tx, m, &target, body).await? {
         return Ok(r);
     }
     match (m, target) {
         (&Method::POST, Target::KeyCreate(name)) => {
             ctx.name(Coll::Keys, &name)?;
-            ctx.authorize(Coll::Keys, Op::Create, Some(&name))?;
+            ctx.authorize(tx, Coll::Keys, Op::Create, Some(&name)).await?;
             let b: CreateBody = parse_body(body)?;
             check_tags(&b.tags)?;
             let kty = b
@@ -240,10 +250,11 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
                 Some(o) => check_ops(&o)?,
                 None => default_ops(t),
             };
-            refuse_certificate_name(ctx, &name)?;
-            let key = generate(t).await?;
+            refuse_certificate_name(ctx, tx, &name).await?;
+            let key = ctx.key(t).await?;
             write_new(
                 ctx,
+                tx,
                 &name,
                 key,
                 &kty,
@@ -255,8 +266,8 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
         }
         (&Method::POST, Target::KeyRotate(name)) => {
             ctx.name(Coll::Keys, &name)?;
-            ctx.authorize(Coll::Keys, Op::Rotate, Some(&name))?;
-            let cur = ctx.live_version(Coll::Keys, &name, None)?;
+            ctx.authorize(tx, Coll::Keys, Op::Rotate, Some(&name)).await?;
+            let cur = ctx.live_version(tx, Coll::Keys, &name, None).await?;
             if cur.managed {
                 return Err(ServerError::kv(
                     403,
@@ -267,7 +278,7 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
                 ));
             }
             let t = KvKey::from_pkcs8(cur.private.as_deref().unwrap_or_default())?.key_type();
-            let key = generate(t).await?;
+            let key = ctx.key(t).await?;
             let ops: Vec<String> =
                 serde_json::from_value(cur.public["key_ops"].clone()).unwrap_or_default();
             let kty = cur.public["jwk"]["kty"]
@@ -278,7 +289,7 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
                 exportable: cur.public["exportable"].as_bool(),
                 ..Default::default()
             };
-            write_new(ctx, &name, key, &kty, ops, attrs, cur.tags.clone()).await
+            write_new(ctx, tx, &name, key, &kty, ops, attrs, cur.tags.clone()).await
         }
         (
             &Method::PUT,
@@ -290,7 +301,7 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             },
         ) => {
             ctx.name(Coll::Keys, &name)?;
-            ctx.authorize(Coll::Keys, Op::Import, Some(&name))?;
+            ctx.authorize(tx, Coll::Keys, Op::Import, Some(&name)).await?;
             #[derive(serde::Deserialize)]
             struct ImportBody {
                 key: Option<Value>,
@@ -321,9 +332,10 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
                 )?,
                 None => default_ops(key.key_type()),
             };
-            refuse_certificate_name(ctx, &name)?;
+            refuse_certificate_name(ctx, tx, &name).await?;
             write_new(
                 ctx,
+                tx,
                 &name,
                 key,
                 &kty,
@@ -335,13 +347,13 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
         }
         (&Method::GET, Target::Object { name, version, .. }) => {
             ctx.name(Coll::Keys, &name)?;
-            ctx.authorize(Coll::Keys, Op::Get, Some(&name))?;
-            let v = ctx.live_version(Coll::Keys, &name, version.as_deref())?;
+            ctx.authorize(tx, Coll::Keys, Op::Get, Some(&name)).await?;
+            let v = ctx.live_version(tx, Coll::Keys, &name, version.as_deref()).await?;
             Ok(Json(Keys::bundle(ctx, &v, false)).into_response())
         }
         (&Method::PATCH, Target::Object { name, version, .. }) => {
             ctx.name(Coll::Keys, &name)?;
-            ctx.authorize(Coll::Keys, Op::Update, Some(&name))?;
+            ctx.authorize(tx, Coll::Keys, Op::Update, Some(&name)).await?;
             #[derive(serde::Deserialize)]
             struct Patch {
                 key_ops: Option<Vec<String>>,
@@ -350,7 +362,7 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             }
             let b: Patch = parse_body(body)?;
             check_tags(&b.tags)?;
-            let mut v = ctx.live_version(Coll::Keys, &name, version.as_deref())?;
+            let mut v = ctx.live_version(tx, Coll::Keys, &name, version.as_deref()).await?;
             if v.managed {
                 return Err(ServerError::kv(
                     403,
@@ -368,7 +380,7 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             }
             apply_attrs(&mut v, &b.attributes.unwrap_or_default(), true);
             v.updated = ctx.now;
-            ctx.s.store.kv_update_version(&v)?;
+            tx.kv_update_version(&v).await?;
             Ok(Json(Keys::bundle(ctx, &v, false)).into_response())
         }
         (&Method::POST, Target::KeyOperation { name, version, op }) => {
@@ -381,9 +393,9 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
                 KeyOp::WrapKey => (Op::WrapKey, "wrapKey"),
                 KeyOp::UnwrapKey => (Op::UnwrapKey, "unwrapKey"),
             };
-            ctx.authorize(Coll::Keys, aop, Some(&name))?;
+            ctx.authorize(tx, Coll::Keys, aop, Some(&name)).await?;
             let b: Value = parse_body(body)?;
-            let v = ctx.live_version(Coll::Keys, &name, version.as_deref())?;
+            let v = ctx.live_version(tx, Coll::Keys, &name, version.as_deref()).await?;
             if !v.enabled {
                 return Err(ServerError::kv_inner(
                     403,

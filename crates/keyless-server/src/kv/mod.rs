@@ -2,6 +2,12 @@
 //! (`{vault}.vault.{domain}`). Order of checks, as the SDKs need it: authentication (401 with
 //! the challenge before anything else), api-version, path, vault, authorization (access
 //! policies or RBAC data actions), then the body.
+//!
+//! Each request is one unit of work of the store, opened after authentication: a read for
+//! `GET`/`HEAD` and the cryptographic key operations, a write otherwise. The handlers take it
+//! as `tx: &mut Tx`; it is committed when the handler answered with a success and rolled back
+//! otherwise. New keys are generated outside it ([`Ctx::key`]) and certificate issuance runs
+//! in the background in units of work of its own, started after the commit.
 
 pub mod backup;
 pub mod certs;
@@ -10,7 +16,7 @@ pub mod renew;
 pub mod secrets;
 
 use crate::arm::Caller;
-use crate::error::{Result, ServerError};
+use crate::error::{Result, ServerError, Shape};
 use crate::state::AppState;
 use crate::vaults::VaultSettings;
 use axum::extract::Request;
@@ -22,10 +28,11 @@ use keyless_core::clock::Clock;
 use keyless_core::vault::access::{self, Op};
 use keyless_core::vault::route::{self, Target};
 use keyless_core::vault::{self as kvrules, paging, Coll};
-use keyless_store::{KvVersionRecord, KvWrite, KvWriteOutcome, VaultRecord};
+use keyless_pki::kv::{KeyType, KvKey};
+use keyless_store::{KvVersionRecord, KvWrite, KvWriteOutcome, Tx, VaultRecord};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Largest data-plane request body (an imported PFX in base64 fits many times over).
 const MAX_BODY: usize = 1024 * 1024;
@@ -67,8 +74,13 @@ pub fn vault_host(s: &AppState, headers: &HeaderMap) -> Option<String> {
     kvrules::vault_from_host(host, &s.cfg.vault_domain).map(|v| v.to_ascii_lowercase())
 }
 
-/// Serve one data-plane request.
+/// Serve one data-plane request. Store errors answer in the Key Vault's shape (503 with
+/// `Retry-After` when the database is unavailable).
 pub async fn handle(s: Arc<AppState>, vault: String, req: Request) -> Response {
+    crate::error::in_surface(Shape::KeyVault, handle_in_surface(s, vault, req)).await
+}
+
+async fn handle_in_surface(s: Arc<AppState>, vault: String, req: Request) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let client_request_id = req.headers().get("x-ms-client-request-id").cloned();
     let method = req.method().clone();
@@ -113,7 +125,11 @@ pub struct Ctx<'a> {
     pub api_version: String,
     pub path: String,
     /// The first operation [`Ctx::authorize`] was asked about (the audit record's).
-    pub authorized: std::sync::OnceLock<(Coll, Op)>,
+    pub authorized: OnceLock<(Coll, Op)>,
+    /// Keys generated outside the unit of work ([`Ctx::key`]).
+    keygen: &'a KeyGen,
+    /// Issuance to start after the commit ([`Ctx::start_issuance`]).
+    issuance: OnceLock<Issuance>,
 }
 
 fn unauthorized(challenge: &str, message: impl Into<String>) -> ServerError {
@@ -289,6 +305,49 @@ impl Seen {
     }
 }
 
+/// The unit of work a request runs in: reads (`GET`, `HEAD`, and the cryptographic key
+/// operations, which only read the key) share one snapshot; everything else is one write.
+fn unit_of_work(m: &Method, target: &Target) -> (&'static str, bool) {
+    match (m, target) {
+        (_, Target::KeyOperation { .. }) => ("kv_key_operation", false),
+        (&Method::GET | &Method::HEAD, _) => ("kv_read", false),
+        _ => ("kv_write", true),
+    }
+}
+
+/// Passes of a handler that asks for a new key ([`Ctx::key`]); the last one generates the key
+/// in place (only reached when the key type changed between passes).
+const KEYGEN_PASSES: u32 = 3;
+
+/// A key a handler needs, generated between two passes of the handler while no unit of work
+/// is open (an RSA 4096 key takes long enough to stall every other writer of the database).
+#[derive(Default)]
+struct KeyGen(Mutex<KeyGenState>);
+
+#[derive(Default)]
+struct KeyGenState {
+    /// The key type the last pass asked for.
+    wanted: Option<KeyType>,
+    /// The key generated for the next pass.
+    ready: Option<KvKey>,
+    /// Generate in the handler (the last pass).
+    in_place: bool,
+}
+
+impl KeyGen {
+    fn state(&self) -> std::sync::MutexGuard<'_, KeyGenState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A certificate issuance to start once the request's unit of work is committed (so the
+/// background task finds the pending operation).
+struct Issuance {
+    vault: String,
+    name: String,
+    request_id: String,
+}
+
 async fn serve(s: &Arc<AppState>, vault: &str, req: Request, seen: &mut Seen) -> Result<Response> {
     let (parts, body) = req.into_parts();
     let host = parts
@@ -331,35 +390,83 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request, seen: &mut Seen) ->
         )
     })?;
     seen.target = Some(target.clone());
-    let rec = s.store.get_vault_by_name(vault)?.ok_or_else(|| {
-        ServerError::kv(
-            404,
-            "VaultNotFound",
-            format!("The vault '{vault}' does not exist."),
-        )
-    })?;
-    let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-        ServerError::kv(
-            413,
-            "RequestTooLarge",
-            format!("The request body exceeds {MAX_BODY} bytes."),
-        )
-    })?;
-    let ctx = Ctx {
-        s,
-        settings: VaultSettings::of(&rec),
-        vname: rec.name.to_ascii_lowercase(),
-        vault: rec,
-        base: format!("https://{host}"),
-        caller,
-        now: s.vault_clock.now(),
-        query,
-        api_version,
-        path,
-        authorized: Default::default(),
-    };
+    // the body is read before the unit of work opens (a slow client holds no transaction); a
+    // body too large is still answered after the vault lookup
+    let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| ());
     let m = parts.method;
-    let r = match &target {
+    let (operation, write) = unit_of_work(&m, &target);
+    let keygen = KeyGen::default();
+    let mut pass = 0;
+    loop {
+        pass += 1;
+        keygen.state().in_place = pass >= KEYGEN_PASSES;
+        let mut tx = if write {
+            s.store.write(operation).await?
+        } else {
+            s.store.read(operation).await?
+        };
+        // hot path: the vault by name and its access policies (`VaultSettings::of`) are read
+        // and parsed on every request; a cache invalidated by the store's change feed goes here
+        let rec = tx.get_vault_by_name(vault).await?.ok_or_else(|| {
+            ServerError::kv(
+                404,
+                "VaultNotFound",
+                format!("The vault '{vault}' does not exist."),
+            )
+        })?;
+        let body = body.as_ref().map_err(|_| {
+            ServerError::kv(
+                413,
+                "RequestTooLarge",
+                format!("The request body exceeds {MAX_BODY} bytes."),
+            )
+        })?;
+        let ctx = Ctx {
+            s,
+            settings: VaultSettings::of(&rec),
+            vname: rec.name.to_ascii_lowercase(),
+            vault: rec,
+            base: format!("https://{host}"),
+            caller: caller.clone(),
+            now: s.vault_clock.now(),
+            query: query.clone(),
+            api_version: api_version.clone(),
+            path: path.clone(),
+            authorized: Default::default(),
+            keygen: &keygen,
+            issuance: Default::default(),
+        };
+        let r = dispatch(&ctx, &mut tx, &m, target.clone(), body).await;
+        seen.op = ctx.authorized.get().copied();
+        let wanted = keygen.state().wanted.take();
+        if let Some(t) = wanted {
+            // the handler needs a new key and wrote nothing yet: end the unit of work,
+            // generate the key outside any transaction, and run the handler again with it
+            drop(tx);
+            let key = keys::generate(t).await?;
+            keygen.state().ready = Some(key);
+            continue;
+        }
+        let resp = r?;
+        tx.commit().await?;
+        if let Some(i) = ctx.issuance.into_inner() {
+            let s = s.clone();
+            tokio::spawn(async move {
+                certs::complete(&s, &i.vault, &i.name, &i.request_id).await;
+            });
+        }
+        return Ok(resp);
+    }
+}
+
+async fn dispatch(
+    ctx: &Ctx<'_>,
+    tx: &mut Tx,
+    m: &Method,
+    target: Target,
+    body: &[u8],
+) -> Result<Response> {
+    match &target {
         Target::List(c)
         | Target::Deleted(c)
         | Target::DeletedItem(c, _)
@@ -368,18 +475,16 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request, seen: &mut Seen) ->
         | Target::Versions(c, _)
         | Target::Backup(c, _)
         | Target::Object { coll: c, .. } => match c {
-            Coll::Secrets => secrets::handle(&ctx, &m, target, &body).await,
-            Coll::Keys => keys::handle(&ctx, &m, target, &body).await,
-            Coll::Certificates => certs::handle(s, &ctx, &m, target, &body).await,
+            Coll::Secrets => secrets::handle(ctx, tx, m, target, body).await,
+            Coll::Keys => keys::handle(ctx, tx, m, target, body).await,
+            Coll::Certificates => certs::handle(ctx, tx, m, target, body).await,
         },
         Target::KeyCreate(_)
         | Target::KeyRotate(_)
         | Target::KeyRotationPolicy(_)
-        | Target::KeyOperation { .. } => keys::handle(&ctx, &m, target, &body).await,
-        _ => certs::handle(s, &ctx, &m, target, &body).await,
-    };
-    seen.op = ctx.authorized.get().copied();
-    r
+        | Target::KeyOperation { .. } => keys::handle(ctx, tx, m, target, body).await,
+        _ => certs::handle(ctx, tx, m, target, body).await,
+    }
 }
 
 pub fn method_not_allowed(m: &Method) -> ServerError {
@@ -445,8 +550,15 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Authorize `op` on `coll` (object `name` when one is addressed).
-    pub fn authorize(&self, coll: Coll, op: Op, name: Option<&str>) -> Result<()> {
+    /// Authorize `op` on `coll` (object `name` when one is addressed); role assignments are
+    /// read in the request's unit of work.
+    pub async fn authorize(
+        &self,
+        tx: &mut Tx,
+        coll: Coll,
+        op: Op,
+        name: Option<&str>,
+    ) -> Result<()> {
         let _ = self.authorized.set((coll, op));
         let need = access::need(coll, op);
         let caller = format!(
@@ -460,7 +572,7 @@ impl<'a> Ctx<'a> {
                 Some(n) => format!("{}/{}/{n}", self.vault.resource_id, coll.path()),
                 None => self.vault.resource_id.clone(),
             };
-            let grants = crate::authz::grants(self.s, &self.caller.object_id)?;
+            let grants = crate::authz::grants(tx, &self.caller.object_id).await?;
             if keyless_core::rbac::authorize_data(&grants, need.data_action, &scope).is_some() {
                 return Ok(());
             }
@@ -574,31 +686,70 @@ impl<'a> Ctx<'a> {
     }
 
     /// A live version (`None`: latest), or 404.
-    pub fn live_version(
+    pub async fn live_version(
         &self,
+        tx: &mut Tx,
         coll: Coll,
         name: &str,
         version: Option<&str>,
     ) -> Result<KvVersionRecord> {
-        let n = self.s.store.kv_name(&self.vname, coll.path(), name)?;
+        let n = tx.kv_name(&self.vname, coll.path(), name).await?;
         if n.as_ref().is_none_or(|n| n.deleted.is_some()) {
             return Err(self.not_found(coll, name, version));
         }
         if version.is_some_and(|v| !kvrules::valid_version(v)) {
             return Err(self.not_found(coll, name, version));
         }
-        self.s
-            .store
-            .kv_version(&self.vname, coll.path(), name, version)?
+        tx.kv_version(&self.vname, coll.path(), name, version)
+            .await?
             .ok_or_else(|| self.not_found(coll, name, version))
     }
 
     /// Write versions; a soft-deleted name is a 409.
-    pub fn write(&self, coll: Coll, name: &str, w: &KvWrite) -> Result<KvWriteOutcome> {
-        match self.s.store.kv_write(w)? {
+    pub async fn write(
+        &self,
+        tx: &mut Tx,
+        coll: Coll,
+        name: &str,
+        w: &KvWrite,
+    ) -> Result<KvWriteOutcome> {
+        match tx.kv_write(w).await? {
             KvWriteOutcome::Deleted => Err(self.is_deleted_conflict(coll, name)),
             o => Ok(o),
         }
+    }
+
+    /// A new key of type `t` for this request. A handler asks for it before it writes
+    /// anything: in a pass without one, the request's unit of work is ended, the key is
+    /// generated outside any transaction and the handler runs again in a new one (the error
+    /// returned here ends the first pass and is never answered). In the last pass (reached
+    /// only if the key type changed between passes) the key is generated in place.
+    pub async fn key(&self, t: KeyType) -> Result<KvKey> {
+        {
+            let mut g = self.keygen.state();
+            if let Some(k) = g.ready.take().filter(|k| k.key_type() == t) {
+                return Ok(k);
+            }
+            if !g.in_place {
+                g.wanted = Some(t);
+                return Err(ServerError::kv(
+                    500,
+                    "InternalServerError",
+                    "The key is generated outside the transaction; the request runs again.",
+                ));
+            }
+        }
+        keys::generate(t).await
+    }
+
+    /// Start issuing certificate `name` in the background (request `request_id`) once the
+    /// request's unit of work is committed.
+    pub fn start_issuance(&self, name: &str, request_id: &str) {
+        let _ = self.issuance.set(Issuance {
+            vault: self.vname.clone(),
+            name: name.to_string(),
+            request_id: request_id.to_string(),
+        });
     }
 
     /// A page of `items` (already sorted by `key`) as `{"value":[…],"nextLink":…}`.
@@ -697,12 +848,17 @@ fn cascade(coll: Coll) -> Vec<&'static str> {
 }
 
 /// Refuse direct deletes of a certificate's key or secret.
-fn refuse_managed(ctx: &Ctx<'_>, coll: Coll, name: &str, op: &str) -> Result<()> {
+async fn refuse_managed(
+    ctx: &Ctx<'_>,
+    tx: &mut Tx,
+    coll: Coll,
+    name: &str,
+    op: &str,
+) -> Result<()> {
     if coll != Coll::Certificates
-        && ctx
-            .s
-            .store
-            .kv_name(&ctx.vname, "certificates", name)?
+        && tx
+            .kv_name(&ctx.vname, "certificates", name)
+            .await?
             .is_some()
     {
         return Err(ServerError::kv(
@@ -716,18 +872,18 @@ fn refuse_managed(ctx: &Ctx<'_>, coll: Coll, name: &str, op: &str) -> Result<()>
 
 /// Operations every collection shares: list, versions, delete, the deleted collection,
 /// recover and purge. Returns `None` for targets the collection handles itself.
-pub fn common<R: Render>(
+pub async fn common<R: Render>(
     ctx: &Ctx<'_>,
+    tx: &mut Tx,
     m: &Method,
     target: &Target,
     body: &[u8],
 ) -> Result<Option<Response>> {
     let coll = R::COLL;
-    let store = &ctx.s.store;
     let r = match (m, target) {
         (&Method::GET, Target::List(_)) => {
-            ctx.authorize(coll, Op::List, None)?;
-            let items = store.kv_latest(&ctx.vname, coll.path(), false)?;
+            ctx.authorize(tx, coll, Op::List, None).await?;
+            let items = tx.kv_latest(&ctx.vname, coll.path(), false).await?;
             ctx.page(
                 &items,
                 |v| v.name.to_ascii_lowercase(),
@@ -736,9 +892,9 @@ pub fn common<R: Render>(
         }
         (&Method::GET, Target::Versions(_, name)) => {
             ctx.name(coll, name)?;
-            ctx.authorize(coll, Op::List, Some(name))?;
-            ctx.live_version(coll, name, None)?;
-            let items = store.kv_versions(&ctx.vname, coll.path(), name)?;
+            ctx.authorize(tx, coll, Op::List, Some(name)).await?;
+            ctx.live_version(tx, coll, name, None).await?;
+            let items = tx.kv_versions(&ctx.vname, coll.path(), name).await?;
             let indexed: Vec<(usize, KvVersionRecord)> = items.into_iter().enumerate().collect();
             ctx.page(
                 &indexed,
@@ -756,20 +912,21 @@ pub fn common<R: Render>(
             },
         ) => {
             ctx.name(coll, name)?;
-            ctx.authorize(coll, Op::Delete, Some(name))?;
-            let latest = ctx.live_version(coll, name, None)?;
-            refuse_managed(ctx, coll, name, "delete")?;
+            ctx.authorize(tx, coll, Op::Delete, Some(name)).await?;
+            let latest = ctx.live_version(tx, coll, name, None).await?;
+            refuse_managed(ctx, tx, coll, name, "delete").await?;
             let soft = ctx.settings.soft_delete;
             let purge_at = soft.then(|| ctx.now + u64::from(ctx.settings.retention_days) * 86_400);
-            store.kv_delete(&ctx.vname, &cascade(coll), name, ctx.now, purge_at)?;
+            tx.kv_delete(&ctx.vname, &cascade(coll), name, ctx.now, purge_at)
+                .await?;
             let mut out = R::bundle(ctx, &latest, false);
             ctx.deleted_fields(coll, &latest.name, purge_at.map(|p| (ctx.now, p)), &mut out);
             Json(out).into_response()
         }
         (&Method::GET, Target::Deleted(_)) => {
-            ctx.authorize(coll, Op::List, None)?;
-            let names = store.kv_names(&ctx.vname, coll.path(), true)?;
-            let items = store.kv_latest(&ctx.vname, coll.path(), true)?;
+            ctx.authorize(tx, coll, Op::List, None).await?;
+            let names = tx.kv_names(&ctx.vname, coll.path(), true).await?;
+            let items = tx.kv_latest(&ctx.vname, coll.path(), true).await?;
             ctx.page(
                 &items,
                 |v| v.name.to_ascii_lowercase(),
@@ -786,13 +943,14 @@ pub fn common<R: Render>(
         }
         (&Method::GET, Target::DeletedItem(_, name)) => {
             ctx.name(coll, name)?;
-            ctx.authorize(coll, Op::GetDeleted, Some(name))?;
-            let n = store.kv_name(&ctx.vname, coll.path(), name)?;
+            ctx.authorize(tx, coll, Op::GetDeleted, Some(name)).await?;
+            let n = tx.kv_name(&ctx.vname, coll.path(), name).await?;
             let Some(deleted) = n.and_then(|n| n.deleted) else {
                 return Err(ctx.deleted_not_found(coll, name));
             };
-            let v = store
-                .kv_version(&ctx.vname, coll.path(), name, None)?
+            let v = tx
+                .kv_version(&ctx.vname, coll.path(), name, None)
+                .await?
                 .ok_or_else(|| ctx.deleted_not_found(coll, name))?;
             let mut out = R::bundle(ctx, &v, false);
             ctx.deleted_fields(coll, &v.name, Some(deleted), &mut out);
@@ -800,7 +958,7 @@ pub fn common<R: Render>(
         }
         (&Method::DELETE, Target::DeletedItem(_, name)) => {
             ctx.name(coll, name)?;
-            ctx.authorize(coll, Op::Purge, Some(name))?;
+            ctx.authorize(tx, coll, Op::Purge, Some(name)).await?;
             if ctx.settings.purge_protection {
                 return Err(ServerError::kv(
                     403,
@@ -808,24 +966,24 @@ pub fn common<R: Render>(
                     format!("Operation \"purge\" is not enabled for this vault: purge protection is on. {} {name} is purged on its scheduled purge date.", coll.noun()),
                 ));
             }
-            refuse_managed(ctx, coll, name, "purge")?;
-            if !store.kv_purge(&ctx.vname, &cascade(coll), name)? {
+            refuse_managed(ctx, tx, coll, name, "purge").await?;
+            if !tx.kv_purge(&ctx.vname, &cascade(coll), name).await? {
                 return Err(ctx.deleted_not_found(coll, name));
             }
             StatusCode::NO_CONTENT.into_response()
         }
         (&Method::POST, Target::Recover(_, name)) => {
             ctx.name(coll, name)?;
-            ctx.authorize(coll, Op::Recover, Some(name))?;
-            refuse_managed(ctx, coll, name, "recover")?;
-            if !store.kv_recover(&ctx.vname, &cascade(coll), name)? {
+            ctx.authorize(tx, coll, Op::Recover, Some(name)).await?;
+            refuse_managed(ctx, tx, coll, name, "recover").await?;
+            if !tx.kv_recover(&ctx.vname, &cascade(coll), name).await? {
                 return Err(ctx.deleted_not_found(coll, name));
             }
-            let v = ctx.live_version(coll, name, None)?;
+            let v = ctx.live_version(tx, coll, name, None).await?;
             Json(R::bundle(ctx, &v, false)).into_response()
         }
-        (&Method::POST, Target::Backup(_, name)) => backup::backup::<R>(ctx, name)?,
-        (&Method::POST, Target::Restore(_)) => backup::restore::<R>(ctx, body)?,
+        (&Method::POST, Target::Backup(_, name)) => backup::backup::<R>(ctx, tx, name).await?,
+        (&Method::POST, Target::Restore(_)) => backup::restore::<R>(ctx, tx, body).await?,
         _ => return Ok(None),
     };
     Ok(Some(r))
@@ -854,12 +1012,17 @@ pub async fn advance_clock(
     body: axum::body::Bytes,
 ) -> Result<Response> {
     let caller = crate::arm::authenticate_with(&s, &headers, &s.management_audiences())?;
-    crate::authz::check(
-        &s,
-        &caller.object_id,
-        "Microsoft.KeyVault/vaults/write",
-        &format!("/subscriptions/{}", s.subscription_id),
-    )?;
+    {
+        // its own read, ended before the scheduler pass (which opens its own units of work)
+        let mut tx = s.store.read("kv_advance_clock").await?;
+        crate::authz::check(
+            &mut tx,
+            &caller.object_id,
+            "Microsoft.KeyVault/vaults/write",
+            &format!("/subscriptions/{}", s.subscription_id),
+        )
+        .await?;
+    }
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Advance {

@@ -12,7 +12,7 @@ use axum::Json;
 use keyless_core::vault::access::Op;
 use keyless_core::vault::route::Target;
 use keyless_core::vault::Coll;
-use keyless_store::{KvVersionRecord, KvWrite};
+use keyless_store::{KvVersionRecord, KvWrite, Tx};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -75,8 +75,14 @@ fn check_content_type(ct: &Option<String>) -> Result<()> {
     Ok(())
 }
 
-pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> Result<Response> {
-    if let Some(r) = common::<Secrets>(ctx, m, &target, body)? {
+pub async fn handle(
+    ctx: &Ctx<'_>,
+    tx: &mut Tx,
+    m: &Method,
+    target: Target,
+    body: &[u8],
+) -> Result<Response> {
+    if let Some(r) = common::<Secrets>(ctx, tx, m, &target, body).await? {
         return Ok(r);
     }
     match (m, target) {
@@ -90,7 +96,8 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             },
         ) => {
             ctx.name(Coll::Secrets, &name)?;
-            ctx.authorize(Coll::Secrets, Op::Set, Some(&name))?;
+            ctx.authorize(tx, Coll::Secrets, Op::Set, Some(&name))
+                .await?;
             let b: SetBody = parse_body(body)?;
             let value = b
                 .value
@@ -102,10 +109,9 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             }
             check_content_type(&b.content_type)?;
             check_tags(&b.tags)?;
-            if ctx
-                .s
-                .store
-                .kv_name(&ctx.vname, "certificates", &name)?
+            if tx
+                .kv_name(&ctx.vname, "certificates", &name)
+                .await?
                 .is_some()
             {
                 return Err(ServerError::kv(
@@ -115,7 +121,7 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
                 ));
             }
             let mut v = ctx.new_version(Coll::Secrets, &name);
-            if let Some(existing) = ctx.s.store.kv_name(&ctx.vname, "secrets", &name)? {
+            if let Some(existing) = tx.kv_name(&ctx.vname, "secrets", &name).await? {
                 v.name = existing.name;
             }
             v.content_type = b.content_type;
@@ -123,6 +129,7 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             apply_attrs(&mut v, &b.attributes.unwrap_or_default(), true);
             v.private = Some(value.into_bytes());
             ctx.write(
+                tx,
                 Coll::Secrets,
                 &name,
                 &KvWrite {
@@ -130,13 +137,17 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
                     extra: None,
                     expect_latest: None,
                 },
-            )?;
+            )
+            .await?;
             Ok(Json(Secrets::bundle(ctx, &v, true)).into_response())
         }
         (&Method::GET, Target::Object { name, version, .. }) => {
             ctx.name(Coll::Secrets, &name)?;
-            ctx.authorize(Coll::Secrets, Op::Get, Some(&name))?;
-            let v = ctx.live_version(Coll::Secrets, &name, version.as_deref())?;
+            ctx.authorize(tx, Coll::Secrets, Op::Get, Some(&name))
+                .await?;
+            let v = ctx
+                .live_version(tx, Coll::Secrets, &name, version.as_deref())
+                .await?;
             if !v.enabled {
                 return Err(ServerError::kv_inner(
                     403,
@@ -169,7 +180,8 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
         }
         (&Method::PATCH, Target::Object { name, version, .. }) => {
             ctx.name(Coll::Secrets, &name)?;
-            ctx.authorize(Coll::Secrets, Op::Update, Some(&name))?;
+            ctx.authorize(tx, Coll::Secrets, Op::Update, Some(&name))
+                .await?;
             #[derive(serde::Deserialize)]
             #[serde(rename_all = "camelCase")]
             struct Patch {
@@ -180,7 +192,9 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             let b: Patch = parse_body(body)?;
             check_content_type(&b.content_type)?;
             check_tags(&b.tags)?;
-            let mut v = ctx.live_version(Coll::Secrets, &name, version.as_deref())?;
+            let mut v = ctx
+                .live_version(tx, Coll::Secrets, &name, version.as_deref())
+                .await?;
             if v.managed {
                 return Err(ServerError::kv(403, "Forbidden", format!("Secret {name} is managed by a certificate; update the certificate instead.")));
             }
@@ -192,7 +206,7 @@ pub async fn handle(ctx: &Ctx<'_>, m: &Method, target: Target, body: &[u8]) -> R
             }
             apply_attrs(&mut v, &b.attributes.unwrap_or_default(), true);
             v.updated = ctx.now;
-            ctx.s.store.kv_update_version(&v)?;
+            tx.kv_update_version(&v).await?;
             Ok(Json(Secrets::bundle(ctx, &v, false)).into_response())
         }
         (m, _) => Err(method_not_allowed(m)),

@@ -1,18 +1,43 @@
 //! Tracked resources without a table of their own (Batch accounts, VM extensions).
 
-#[allow(unused_imports)]
-use crate::store::{json, lower, parse};
-#[allow(unused_imports)]
+use crate::store::{json, lower};
 use crate::*;
 
 impl Tx {
     /// Insert or replace; returns true when created.
     pub async fn put_tracked(&mut self, r: &TrackedRecord) -> Result<bool> {
-        todo!("port put_tracked")
+        let (key, body) = (lower(&r.key), json(r)?);
+        let n = self
+            .execute(
+                "INSERT INTO tracked(key, type_key, subscription, rg_key, body) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT(key) DO NOTHING",
+                &params![
+                    &key,
+                    &lower(&r.type_name),
+                    &lower(&r.subscription),
+                    &lower(&r.resource_group),
+                    &body
+                ],
+            )
+            .await?;
+        if n == 0 {
+            self.execute(
+                "UPDATE tracked SET body = $2 WHERE key = $1",
+                &params![&key, &body],
+            )
+            .await?;
+        }
+        Ok(n > 0)
     }
 
     pub async fn get_tracked(&mut self, key: &str) -> Result<Option<TrackedRecord>> {
-        todo!("port get_tracked")
+        let row = self
+            .query_opt(
+                "SELECT body FROM tracked WHERE key = $1",
+                &params![&lower(key)],
+            )
+            .await?;
+        row.map(|r| r.json(0)).transpose()
     }
 
     pub async fn list_tracked(
@@ -21,7 +46,15 @@ impl Tx {
         subscription: &str,
         rg: Option<&str>,
     ) -> Result<Vec<TrackedRecord>> {
-        todo!("port list_tracked")
+        let rg = rg.map(lower);
+        let rows = self
+            .query(
+                "SELECT body FROM tracked WHERE type_key = $1 AND subscription = $2
+                 AND (CAST($3 AS TEXT) IS NULL OR rg_key = $3) ORDER BY key",
+                &params![&lower(type_name), &lower(subscription), rg.as_ref()],
+            )
+            .await?;
+        rows.iter().map(|r| r.json(0)).collect()
     }
 
     /// Tracked resources of `type_name` below `parent_key` (e.g. a VM's extensions).
@@ -30,11 +63,25 @@ impl Tx {
         parent_key: &str,
         type_name: &str,
     ) -> Result<Vec<TrackedRecord>> {
-        todo!("port list_tracked_under")
+        let rows = self
+            .query(
+                "SELECT body FROM tracked WHERE type_key = $2
+                 AND substr(key, 1, length(CAST($1 AS TEXT)) + 1) = CAST($1 AS TEXT) || '/' ORDER BY key",
+                &params![&lower(parent_key), &lower(type_name)],
+            )
+            .await?;
+        rows.iter().map(|r| r.json(0)).collect()
     }
 
     /// Delete a resource and the tracked resources below it.
     pub async fn delete_tracked(&mut self, key: &str) -> Result<bool> {
-        todo!("port delete_tracked")
+        let n = self
+            .execute(
+                "DELETE FROM tracked WHERE key = $1
+                 OR substr(key, 1, length(CAST($1 AS TEXT)) + 1) = CAST($1 AS TEXT) || '/'",
+                &params![&lower(key)],
+            )
+            .await?;
+        Ok(n > 0)
     }
 }

@@ -3,16 +3,16 @@
 
 use crate::CaseFn;
 
+mod activity;
+mod cluster;
+mod directory;
+mod groups;
+mod hosts;
+mod identities;
 mod lease;
 mod meta;
-mod groups;
-mod identities;
-mod hosts;
-mod directory;
-mod vault;
 mod tracked;
-mod cluster;
-mod activity;
+mod vault;
 
 /// `case!(f)` → `("f", f boxed)`.
 #[macro_export]

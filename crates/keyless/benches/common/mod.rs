@@ -197,13 +197,11 @@ pub async fn start_server(
     issuer_ca: Option<String>,
 ) -> (tempfile::TempDir, keyless_server::RunningServer) {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn keyless_store::Store> = Arc::new(
-        keyless_store::sqlite::SqliteStore::open(
-            &dir.path().join("keyless.db"),
-            keyless_store::Kek::load_or_create(&dir.path().join("kek")).unwrap(),
-        )
-        .unwrap(),
-    );
+    let store = keyless_store::Store::sqlite(
+        &dir.path().join("keyless.db"),
+        keyless_store::Kek::load_or_create(&dir.path().join("kek")).unwrap(),
+    )
+    .unwrap();
     let mut cfg = keyless_server::state::ServerConfig::new(
         dir.path().to_path_buf(),
         "127.0.0.1:0".parse().unwrap(),

@@ -76,6 +76,7 @@ pub fn spawn_program_until(
 /// Spawn `cmd` (stderr to a file in `log_dir`) and read its stdout until a line contains
 /// `marker`.
 pub fn spawn_command_until(mut cmd: Command, marker: &str, log_dir: &Path) -> Result<Proc, String> {
+    on_test_database(&mut cmd);
     let stderr_path = log_dir.join(format!("stderr-{}.log", uuid::Uuid::new_v4()));
     let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
     let mut child = cmd
@@ -122,6 +123,47 @@ pub fn spawn_command_until(mut cmd: Command, marker: &str, log_dir: &Path) -> Re
             }
         }
     }
+}
+
+/// When the suite runs on PostgreSQL (`KEYLESS_TEST_PG_ADMIN_URL`, set by scripts/test), a
+/// `keyless up` / `keyless server` without `--database` gets a database of its own, keyed by
+/// its data dir (a restart on the same dir finds its data).
+fn on_test_database(cmd: &mut Command) {
+    let Some(admin) = keyless_store::testing::shared_admin_url() else {
+        return;
+    };
+    let args: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let Some(at) = args.iter().position(|a| a.ends_with("keyless")) else {
+        return;
+    };
+    let rest = &args[at + 1..];
+    if !matches!(rest.first().map(String::as_str), Some("up" | "server"))
+        || rest.iter().any(|a| a == "--database")
+        || cmd.get_envs().any(|(k, _)| k == "KEYLESS_DATABASE_URL")
+    {
+        return;
+    }
+    let dir = rest
+        .iter()
+        .position(|a| a == "--data-dir")
+        .and_then(|i| rest.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".keyless"));
+    let _ = std::fs::create_dir_all(&dir);
+    let name = keyless_store::testing::database_for_dir(&dir);
+    cmd.env(
+        "KEYLESS_DATABASE_URL",
+        keyless_store::testing::ensure_database(&admin, &name),
+    );
+}
+
+/// Whether this run's servers use PostgreSQL (tests that open the SQLite file skip that part).
+#[allow(dead_code)]
+pub fn on_postgres() -> bool {
+    keyless_store::testing::shared_admin_url().is_some()
 }
 
 /// Run `keyless args...` to completion.
