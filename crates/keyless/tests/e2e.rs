@@ -940,37 +940,8 @@ async fn private_keys_are_encrypted_at_rest() {
     drop(tx);
     assert!(plaintexts.len() >= 3);
     // everything stored: the database files, or on PostgreSQL every value of a full backup
-    let mut db = vec![];
-    if pg_url.is_some() {
-        let mut dump = vec![];
-        store.backup(&mut dump).await.unwrap();
-        for line in dump.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
-            for cell in v.as_array().into_iter().flatten() {
-                match cell {
-                    serde_json::Value::String(t) => db.extend(t.as_bytes()),
-                    serde_json::Value::Object(o) => db.extend(
-                        base64::engine::general_purpose::STANDARD
-                            .decode(o["b64"].as_str().unwrap())
-                            .unwrap(),
-                    ),
-                    _ => {}
-                }
-            }
-        }
-    } else {
-        drop(store);
-        for f in std::fs::read_dir(&data).unwrap() {
-            let p = f.unwrap().path();
-            if p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("keyless.db")
-            {
-                db.extend(std::fs::read(&p).unwrap());
-            }
-        }
-    }
+    drop(store);
+    let db = stored_bytes(&data).await;
     assert!(db.len() > 4096);
     for pt in &plaintexts {
         // the detector finds a key that is stored in the clear

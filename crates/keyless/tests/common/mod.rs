@@ -166,6 +166,50 @@ pub fn on_postgres() -> bool {
     keyless_store::testing::shared_admin_url().is_some()
 }
 
+/// Everything a server with data dir `data_dir` has stored, as bytes to search: the SQLite
+/// file with its WAL and journal, or on PostgreSQL every value of a full backup (text as is,
+/// bytes decoded). The server should be stopped (or idle) first.
+#[allow(dead_code)]
+pub async fn stored_bytes(data_dir: &Path) -> Vec<u8> {
+    let mut out = vec![];
+    let Some(admin) = keyless_store::testing::shared_admin_url() else {
+        for e in std::fs::read_dir(data_dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_name().to_string_lossy().starts_with("keyless.db") {
+                out.extend(std::fs::read(e.path()).unwrap());
+            }
+        }
+        return out;
+    };
+    use base64::Engine as _;
+    let url = keyless_store::testing::ensure_database(
+        &admin,
+        &keyless_store::testing::database_for_dir(data_dir),
+    );
+    let kek = keyless_store::Kek::load_or_create(&data_dir.join("kek")).unwrap();
+    let store =
+        keyless_store::Store::postgres(&keyless_store::postgres::PgOptions::new(url), kek)
+            .await
+            .unwrap();
+    let mut dump = vec![];
+    store.backup(&mut dump).await.unwrap();
+    for line in dump.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let v: Value = serde_json::from_slice(line).unwrap();
+        for cell in v.as_array().into_iter().flatten() {
+            match cell {
+                Value::String(t) => out.extend(t.as_bytes()),
+                Value::Object(o) => out.extend(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(o["b64"].as_str().unwrap())
+                        .unwrap(),
+                ),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 /// Run `keyless args...` to completion.
 pub fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(bin())
