@@ -45,6 +45,54 @@ pub struct PgServer {
     dir: tempfile::TempDir,
     pub port: u16,
     next_db: AtomicU32,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
+}
+
+/// `postgres` under a shell that stops it (SIGINT) when its stdin closes; its log appends to
+/// `<dir>/postgres.log`.
+fn spawn_postgres(
+    bin: &Path,
+    user: Option<(u32, u32)>,
+    dir: &Path,
+    port: u16,
+) -> (Child, Option<std::process::ChildStdin>) {
+    let data = dir.join("data");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("postgres.log"))
+        .expect("log file");
+    if let Some((uid, gid)) = user {
+        let _ = std::os::unix::fs::chown(dir.join("postgres.log"), Some(uid), Some(gid));
+    }
+    let mut child = command(Path::new("/bin/sh"), user)
+        .arg("-c")
+        .arg(r#""$0" "$@" & pid=$!; read _; kill -INT $pid; wait $pid"#)
+        .arg(bin.join("postgres"))
+        .args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
+        .args([
+            "-k",
+            dir.to_str().unwrap(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ])
+        .args([
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ])
+        .args(["-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start postgres");
+    let stdin = child.stdin.take();
+    (child, stdin)
 }
 
 fn free_port() -> u16 {
@@ -120,50 +168,15 @@ impl PgServer {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log file");
-        if let Some((uid, gid)) = user {
-            let _ = std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid));
-        }
-        let mut child = command(Path::new("/bin/sh"), user)
-            .arg("-c")
-            .arg(r#""$0" "$@" & pid=$!; read _; kill -INT $pid; wait $pid"#)
-            .arg(bin.join("postgres"))
-            .args([
-                "-D",
-                data.to_str().unwrap(),
-                "-p",
-                &port.to_string(),
-                "-k",
-                dir.path().to_str().unwrap(),
-            ])
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-            ])
-            .args([
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=300",
-                "-c",
-                "shared_buffers=32MB",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start postgres");
-        let stdin = child.stdin.take();
+        let (child, stdin) = spawn_postgres(&bin, user, dir.path(), port);
         let server = Self {
             child,
             stdin,
             dir,
             port,
             next_db: AtomicU32::new(0),
+            bin,
+            user,
         };
         server.wait_ready(&data);
         Some(server)
@@ -209,6 +222,22 @@ impl PgServer {
         drop(client);
         let _ = task.await;
         format!("postgres://keyless@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Stop the server (a "fast" shutdown: sessions are ended, open transactions roll back) —
+    /// for outage tests; [`PgServer::restart`] brings it back on the same port and data.
+    pub fn stop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+
+    /// Start the server again after [`PgServer::stop`].
+    pub fn restart(&mut self) {
+        let (child, stdin) = spawn_postgres(&self.bin, self.user, self.dir.path(), self.port);
+        self.child = child;
+        self.stdin = stdin;
+        // the old postmaster.pid is gone once it stopped; wait for the new one to be ready
+        self.wait_ready(&self.data_dir());
     }
 
     /// The data directory (for outage tests that stop and start the server).
