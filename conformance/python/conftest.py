@@ -61,12 +61,11 @@ class Up:
                 self.proc.wait()
 
 
-def start_up(data_dir, extra=(), prefix=(), listen="127.0.0.1:0"):
-    """Start `keyless up` and wait until it has printed its endpoints."""
+def _spawn_up(data_dir, extra, prefix, listen, env=None):
     cmd = [*prefix, keyless_bin(), "up", "--data-dir", str(data_dir), "--listen", listen, *extra]
     if "--imds-listen" not in extra:
         cmd += ["--imds-listen", "127.0.0.1:0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     lines = []
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -81,6 +80,50 @@ def start_up(data_dir, extra=(), prefix=(), listen="127.0.0.1:0"):
             return Up(data_dir, proc, info, lines)
     proc.kill()
     raise RuntimeError(f"keyless up did not start: {lines}")
+
+
+_PG_DB_COUNTER = [0]
+
+
+def _migrated_database(data_dir, extra, prefix, listen):
+    """With KEYLESS_CONFORMANCE_PG_ADMIN_URL (scripts/test's second conformance pass): the data
+    dir is first populated by `keyless up` on SQLite, stopped, moved with `keyless admin
+    migrate` into a new PostgreSQL database, and served from there; the URL is kept beside the
+    data dir so a restart finds it."""
+    admin = os.environ.get("KEYLESS_CONFORMANCE_PG_ADMIN_URL")
+    if not admin or prefix:
+        # a server inside a network namespace cannot reach the database on the host's loopback
+        return None
+    marker = pathlib.Path(str(data_dir) + ".pg-url")
+    if marker.exists():
+        return marker.read_text().strip()
+    first = _spawn_up(data_dir, extra, prefix, listen)
+    first.stop()
+    _PG_DB_COUNTER[0] += 1
+    name = f"conf{os.getpid()}_{_PG_DB_COUNTER[0]}"
+    base = admin.rsplit("/", 1)[0]
+    createdb = pathlib.Path(os.environ["KEYLESS_PG_BIN"]) / "createdb"
+    host_port = base.split("@", 1)[1]
+    host, port = host_port.rsplit(":", 1)
+    subprocess.run([str(createdb), "-h", host, "-p", port, "-U", "keyless", name], check=True)
+    url = f"{base}/{name}"
+    out = subprocess.run(
+        [keyless_bin(), "admin", "migrate", "--from", str(data_dir), "--to", url],
+        capture_output=True, text=True,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"keyless admin migrate failed: {out.stderr}")
+    marker.write_text(url)
+    return url
+
+
+def start_up(data_dir, extra=(), prefix=(), listen="127.0.0.1:0"):
+    """Start `keyless up` and wait until it has printed its endpoints."""
+    url = _migrated_database(data_dir, extra, prefix, listen)
+    if url is None:
+        return _spawn_up(data_dir, extra, prefix, listen)
+    env = dict(os.environ, KEYLESS_DATABASE_URL=url)
+    return _spawn_up(data_dir, extra, prefix, listen, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -216,14 +216,43 @@ def test_values_and_private_keys_are_encrypted_at_rest(kv):
     assert kv.py("set_secret", name, name="marker", value=marker) == {"ok": marker}
     kv.py("renew", name, step="create")
     data = pathlib.Path(kv.up.data_dir)
-    blob = b"".join(p.read_bytes() for p in data.glob("keyless.db*"))
+    pg = pathlib.Path(str(data) + ".pg-url")
+    if pg.exists():
+        # on PostgreSQL (a migrated data dir): everything stored, from an online backup
+        blob, n = stored_in_backup(kv, pg.read_text().strip())
+    else:
+        blob = b"".join(p.read_bytes() for p in data.glob("keyless.db*"))
+        # and the database is intact and readable
+        con = sqlite3.connect(f"file:{data / 'keyless.db'}?mode=ro", uri=True)
+        n = con.execute("SELECT count(*) FROM kv_versions WHERE sealed IS NOT NULL").fetchone()[0]
+        con.close()
     assert marker.encode() not in blob
     assert b"PRIVATE KEY" not in blob
-    # and the database is intact and readable
-    con = sqlite3.connect(f"file:{data / 'keyless.db'}?mode=ro", uri=True)
-    n = con.execute("SELECT count(*) FROM kv_versions WHERE sealed IS NOT NULL").fetchone()[0]
-    con.close()
     assert n >= 3
+
+
+def stored_in_backup(kv, url):
+    """Every value a PostgreSQL store holds (`keyless admin backup`, bytes decoded) and the
+    number of sealed Key Vault versions."""
+    import base64
+    import subprocess
+    import tempfile
+    out = pathlib.Path(tempfile.mkdtemp()) / "backup.jsonl"
+    subprocess.run([keyless_bin(), "admin", "backup", "--to", str(out), "--database", url], check=True, capture_output=True)
+    blob, sealed, table, cols = bytearray(), 0, None, []
+    for line in out.read_text().splitlines():
+        v = json.loads(line)
+        if isinstance(v, dict):
+            table, cols = v.get("table", table), v.get("columns", cols)
+            continue
+        for cell in v:
+            if isinstance(cell, str):
+                blob += cell.encode()
+            elif isinstance(cell, dict):
+                blob += base64.b64decode(cell["b64"])
+        if table == "kv_versions" and v[cols.index("sealed")] is not None:
+            sealed += 1
+    return bytes(blob), sealed
 
 
 def test_vault_control_plane(kv):

@@ -1,8 +1,10 @@
 //! The host credential: key pair generated here, certificate issued by the server at join,
 //! kept in the state directory (key 0600), rotated at two thirds of its lifetime.
 
+use crate::upstream::{self, FAILOVER_CONNECT_TIMEOUT};
 use crate::{NodeConfig, NodeError, Result};
 use keyless_core::clock::Clock;
+use keyless_ops::failover::Endpoints;
 use keyless_store::crypto::write_private;
 use serde_json::Value;
 use std::path::Path;
@@ -26,32 +28,43 @@ fn state_err(path: &Path, source: std::io::Error) -> NodeError {
     }
 }
 
-fn build_client(ca_pem: &str, client: Option<(&[u8], &[u8])>) -> Result<reqwest::Client> {
+/// An HTTPS client trusting the Keyless CA (every replica serves the same one), presenting the
+/// host credential when given. Each attempt connects within 5 s, or
+/// [`FAILOVER_CONNECT_TIMEOUT`] when there are several server URLs to fail over to; a request
+/// takes at most 15 s.
+fn build_client(
+    ca_pem: &str,
+    client: Option<(&[u8], &[u8])>,
+    servers: &Endpoints,
+) -> Result<reqwest::Client> {
     let ca = keyless_pki::pem_blocks(ca_pem, "CERTIFICATE")
         .into_iter()
         .next()
         .ok_or_else(|| NodeError::Client("the CA file holds no certificate".into()))?;
     let tls = keyless_pki::client_tls_config(&ca, client)?;
+    let connect_timeout = if servers.urls().len() > 1 {
+        FAILOVER_CONNECT_TIMEOUT
+    } else {
+        std::time::Duration::from_secs(5)
+    };
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .timeout(std::time::Duration::from_secs(15))
-        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_timeout(connect_timeout)
         .no_proxy()
         .build()
         .map_err(|e| NodeError::Client(e.to_string()))
 }
 
-async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> Result<Value> {
-    let resp =
-        client
-            .post(url)
-            .json(body)
-            .send()
-            .await
-            .map_err(|source| NodeError::Unreachable {
-                url: url.to_string(),
-                source,
-            })?;
+/// POST `body` to `path` of the server (failing over between its URLs); the JSON of a 200.
+async fn post_json(
+    client: &reqwest::Client,
+    servers: &Endpoints,
+    path: &str,
+    body: &Value,
+) -> Result<Value> {
+    let (url, resp) = upstream::send(servers, path, |url| client.post(url).json(body)).await;
+    let resp = resp.map_err(|source| NodeError::Unreachable { url, source })?;
     let status = resp.status().as_u16();
     let v: Value = resp.json().await.unwrap_or(Value::Null);
     if status != 200 {
@@ -65,7 +78,13 @@ async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> Result<
 }
 
 impl CredentialHolder {
-    pub async fn load_or_join(cfg: &NodeConfig, clock: &dyn Clock) -> Result<Self> {
+    /// The stored credential when it is still valid, else join with `cfg.join_token` (at the
+    /// current server URL, failing over to the others).
+    pub async fn load_or_join(
+        cfg: &NodeConfig,
+        servers: &Endpoints,
+        clock: &dyn Clock,
+    ) -> Result<Self> {
         let dir = &cfg.state_dir;
         keyless_store::files::private_dir(dir).map_err(|e| state_err(dir, e))?;
         let (key_path, cert_path) = (dir.join("host-key.pem"), dir.join("host-cert.pem"));
@@ -83,7 +102,7 @@ impl CredentialHolder {
             if let (Some(k), Some(c)) = (key_der, cert_der) {
                 let (nb, na) = keyless_pki::cert_validity(&c)?;
                 if na > now + 60 {
-                    let client = build_client(&cfg.ca_pem, Some((&c, &k)))?;
+                    let client = build_client(&cfg.ca_pem, Some((&c, &k)), servers)?;
                     let received = std::fs::metadata(&cert_path)
                         .and_then(|m| m.modified())
                         .ok()
@@ -105,23 +124,29 @@ impl CredentialHolder {
             .join_token
             .as_deref()
             .ok_or_else(|| NodeError::NotJoined(dir.display().to_string()))?;
-        let anon = build_client(&cfg.ca_pem, None)?;
+        let anon = build_client(&cfg.ca_pem, None, servers)?;
         let (csr, key) = keyless_pki::generate_csr("keyless-node")?;
-        let url = format!("{}/keyless/host/v1/join", cfg.server_url);
         let resp = post_json(
             &anon,
-            &url,
+            servers,
+            "/keyless/host/v1/join",
             &serde_json::json!({"joinToken": token, "csr": csr}),
         )
         .await?;
-        let current = Self::save(cfg, &resp, &key, now)?;
+        let current = Self::save(cfg, servers, &resp, &key, now)?;
         tracing::info!(vm = resp["vmResourceId"].as_str().unwrap_or(""), "joined");
         Ok(Self {
             current: RwLock::new(current),
         })
     }
 
-    fn save(cfg: &NodeConfig, resp: &Value, key_der: &[u8], now: u64) -> Result<Current> {
+    fn save(
+        cfg: &NodeConfig,
+        servers: &Endpoints,
+        resp: &Value,
+        key_der: &[u8],
+        now: u64,
+    ) -> Result<Current> {
         let dir = &cfg.state_dir;
         let cert_pem = resp["certificate"].as_str().unwrap_or_default();
         let cert = keyless_pki::pem_blocks(cert_pem, "CERTIFICATE")
@@ -138,7 +163,7 @@ impl CredentialHolder {
         let cert_path = dir.join("host-cert.pem");
         write_private(&cert_path, cert_pem.as_bytes())
             .map_err(|e| NodeError::Client(format!("cannot write {}: {e}", cert_path.display())))?;
-        let client = build_client(&cfg.ca_pem, Some((&cert, key_der)))?;
+        let client = build_client(&cfg.ca_pem, Some((&cert, key_der)), servers)?;
         Ok(Current {
             client,
             received: now,
@@ -164,7 +189,12 @@ impl CredentialHolder {
     }
 
     /// Rotate when two thirds of the credential's lifetime have passed.
-    pub async fn rotate_if_due(&self, cfg: &NodeConfig, clock: &dyn Clock) -> Result<bool> {
+    pub async fn rotate_if_due(
+        &self,
+        cfg: &NodeConfig,
+        servers: &Endpoints,
+        clock: &dyn Clock,
+    ) -> Result<bool> {
         let (received, na, client) = {
             let c = self.current.read().unwrap_or_else(|p| p.into_inner());
             (c.received, c.not_after, c.client.clone())
@@ -174,9 +204,14 @@ impl CredentialHolder {
             return Ok(false);
         }
         let (csr, key) = keyless_pki::generate_csr("keyless-node")?;
-        let url = format!("{}/keyless/host/v1/rotate", cfg.server_url);
-        let resp = post_json(&client, &url, &serde_json::json!({"csr": csr})).await?;
-        let next = Self::save(cfg, &resp, &key, now)?;
+        let resp = post_json(
+            &client,
+            servers,
+            "/keyless/host/v1/rotate",
+            &serde_json::json!({"csr": csr}),
+        )
+        .await?;
+        let next = Self::save(cfg, servers, &resp, &key, now)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
         tracing::info!("host credential rotated");
         Ok(true)

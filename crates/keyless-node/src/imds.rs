@@ -232,8 +232,7 @@ pub(crate) fn private_ip(agent: &Agent) -> String {
     }
     // The address this host uses to reach the server (no packet is sent).
     let host = agent
-        .cfg
-        .server_url
+        .current_server()
         .split("://")
         .nth(1)
         .and_then(|r| r.split('/').next())

@@ -21,6 +21,7 @@ pub mod nmi;
 pub mod ops;
 pub mod pods;
 pub mod serve;
+pub mod upstream;
 
 pub use keyless_ops::limits::FairShareConfig;
 
@@ -71,8 +72,10 @@ pub type Result<T> = std::result::Result<T, NodeError>;
 /// Settings of `keyless node`.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// Base URL of the server, e.g. `https://10.0.0.1:8443`.
-    pub server_url: String,
+    /// Base URLs of the server's replicas, e.g. `https://10.0.0.1:8443`, in the order they are
+    /// tried: every call goes to the current one and fails over to the next on no answer or a
+    /// 502/503/504 ([`upstream`]). At least one.
+    pub server_urls: Vec<String>,
     /// PEM of the Keyless CA (trusted for the server's certificate).
     pub ca_pem: String,
     /// Where the host key and certificate live.
@@ -210,6 +213,8 @@ enum Allowed {
 pub struct Agent {
     pub cfg: NodeConfig,
     pub clock: Arc<dyn Clock>,
+    /// The server's URLs and which one is current ([`upstream`]).
+    servers: keyless_ops::failover::Endpoints,
     cred: credential::CredentialHolder,
     synced: RwLock<Option<Arc<Synced>>>,
     /// Client ids (lowercase) of every `AzureIdentity` in the cluster, fed by NMI's watches
@@ -335,6 +340,11 @@ impl Agent {
         self.synced().map(|s| s.view.clone())
     }
 
+    /// The server URL the next call goes to first (the one that answered last).
+    pub fn current_server(&self) -> &str {
+        self.servers.current()
+    }
+
     /// Install a new host view (or rebuild the sets of the current one).
     fn install(&self, view: Option<HostView>) -> Arc<Synced> {
         let mut slot = self.synced.write().unwrap_or_else(|p| p.into_inner());
@@ -384,15 +394,11 @@ impl Agent {
 
     async fn sync_once(&self) -> Result<()> {
         let client = self.cred.client();
-        let url = format!("{}/keyless/host/v1/identities", self.cfg.server_url);
-        let resp = client
-            .get(&url)
-            .send()
-            .await
-            .map_err(|source| NodeError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let (url, resp) = upstream::send(&self.servers, "/keyless/host/v1/identities", |url| {
+            client.get(url)
+        })
+        .await;
+        let resp = resp.map_err(|source| NodeError::Unreachable { url, source })?;
         let status = resp.status().as_u16();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if status == 401 || status == 403 {
@@ -541,16 +547,18 @@ impl Agent {
         id: &IdentityRef,
         resource: &str,
     ) -> std::result::Result<IssuedToken, TokenFailure> {
-        let url = format!("{}/keyless/host/v1/token", self.cfg.server_url);
         let body = serde_json::json!({"resource": resource, "selector": Selector::ClientId(id.client_id.clone())});
-        let resp = self
-            .cred
-            .client()
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| TokenFailure::Upstream(format!("cannot reach the Keyless server: {e}")))?;
+        let client = self.cred.client();
+        let (_, resp) = upstream::send(&self.servers, "/keyless/host/v1/token", |url| {
+            client.post(url).json(&body)
+        })
+        .await;
+        let resp = resp.map_err(|e| {
+            TokenFailure::Upstream(format!(
+                "cannot reach the Keyless server: {}",
+                upstream::error_chain(&e)
+            ))
+        })?;
         let status = resp.status().as_u16();
         match status {
             200 => resp
@@ -596,6 +604,9 @@ impl RunningNode {
 
 /// Join (if needed), sync, and serve IMDS.
 pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode> {
+    let servers = keyless_ops::failover::Endpoints::new(cfg.server_urls.iter().cloned())
+        .ok_or_else(|| NodeError::Client("no server URL given (pass --server)".into()))?
+        .counting(keyless_ops::metrics::AGENT_SERVER_FAILOVERS);
     let listener = keyless_ops::limits::bind(cfg.imds_listen)
         .await
         .map_err(|source| NodeError::Bind {
@@ -606,7 +617,7 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         addr: cfg.imds_listen.to_string(),
         source,
     })?;
-    let cred = credential::CredentialHolder::load_or_join(&cfg, clock.as_ref()).await?;
+    let cred = credential::CredentialHolder::load_or_join(&cfg, &servers, clock.as_ref()).await?;
     let extensions = extensions::ExtensionRunner::new(
         cfg.state_dir.join("extensions"),
         cfg.ca_pem.clone(),
@@ -618,6 +629,7 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         fair_share,
         cfg,
         clock,
+        servers,
         cred,
         synced: RwLock::new(None),
         k8s_pod_ids: RwLock::new(Arc::new(HashSet::new())),
@@ -647,7 +659,11 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
                 tracing::warn!(error = %e, "identity sync failed");
             }
             follow_extension_endpoint(&bg).await;
-            if let Err(e) = bg.cred.rotate_if_due(&bg.cfg, bg.clock.as_ref()).await {
+            if let Err(e) = bg
+                .cred
+                .rotate_if_due(&bg.cfg, &bg.servers, bg.clock.as_ref())
+                .await
+            {
                 tracing::warn!(error = %e, "host credential rotation failed");
             }
         }

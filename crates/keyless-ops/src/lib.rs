@@ -7,10 +7,12 @@
 //! - [`audit`]: the append-only, hash-chained audit trail (token issuances and refusals,
 //!   control-plane writes, Key Vault operations), and its chain check.
 //! - [`limits`]: connection caps, timeouts and per-caller fair share for listeners.
+//! - [`failover`]: several URLs of one service (replicas), tried in order on retryable failures.
 //!
 //! This crate is a leaf: it knows nothing of the server, the node or the store.
 
 pub mod audit;
+pub mod failover;
 pub mod health;
 pub mod limits;
 pub mod listener;

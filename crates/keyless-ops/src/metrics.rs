@@ -32,6 +32,10 @@ pub const AGENT_CACHE_MISSES: &str = "keyless_agent_token_cache_misses_total";
 pub const AGENT_TOKEN_RENEWALS: &str = "keyless_agent_token_renewals_total";
 /// Counter: the agent's syncs with the server. Label `result` (`ok` | `error`).
 pub const AGENT_SYNCS: &str = "keyless_agent_syncs_total";
+/// Counter: the agent's calls to the server that moved on to the next server URL (the one
+/// tried could not answer: no connection, a timeout, a 502/503/504). Labels `from`, `to`: the
+/// URLs' indexes in `--server` (0-based).
+pub const AGENT_SERVER_FAILOVERS: &str = "keyless_agent_server_failovers_total";
 
 /// Histogram (seconds): store calls. Label `operation`.
 pub const STORE_CALL_DURATION: &str = "keyless_store_call_duration_seconds";
@@ -173,6 +177,10 @@ pub fn describe() {
         AGENT_SYNCS,
         "Agent identity syncs with the server, by result."
     );
+    describe_counter!(
+        AGENT_SERVER_FAILOVERS,
+        "Agent calls to the server that moved on to the next server URL, by from/to URL index."
+    );
     describe_histogram!(
         STORE_CALL_DURATION,
         Unit::Seconds,
@@ -306,6 +314,7 @@ mod tests {
             AGENT_CACHE_MISSES,
             AGENT_TOKEN_RENEWALS,
             AGENT_SYNCS,
+            AGENT_SERVER_FAILOVERS,
             SIGNING_KEY_ROTATIONS,
             CERTIFICATE_RENEWALS,
         ] {

@@ -5,10 +5,12 @@
 //! authenticated and its body read (a read for GET / HEAD, a write otherwise): every handler
 //! below works in it, and it is committed only when the answer is a success (2xx); an error
 //! rolls everything back. The Activity Log record of a write is appended afterwards, in a unit
-//! of work of its own ([`crate::activity::record`]).
+//! of work of its own ([`crate::activity::record`]). Single resources carry a version (`ETag`,
+//! `If-Match` / `If-None-Match`), checked in the same unit of work ([`crate::etag`]).
 
 use crate::authz;
 use crate::error::{Result, ServerError};
+use crate::etag;
 use crate::resources::{self as res, LinkCheck, VmBody};
 use crate::state::AppState;
 use crate::tokens;
@@ -304,6 +306,7 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
         query: &query,
         body: &body,
         fic_claimed: matches!(claim, Some(Some(_))),
+        conditions: etag::Conditions::from_headers(&parts.headers),
     };
     let answer = in_unit_of_work(&s, &req, path).await;
     if let Some(Some(claim)) = claim {
@@ -315,18 +318,124 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
 }
 
 /// Route the request in one unit of work: committed when the answer is a success, rolled back
-/// (dropped) otherwise.
+/// (dropped) otherwise. A single resource's version ([`etag`]) is checked here: a write with
+/// `If-Match` / `If-None-Match` first locks the resource's row and reads its current ETag in
+/// the same unit of work, and is answered 412 without running when the condition does not
+/// hold; a successful GET, PUT or PATCH of one resource answers its `ETag`.
 async fn in_unit_of_work(s: &AppState, req: &ArmRequest<'_>, path: ArmPath) -> Result<Response> {
     let mut tx = if is_read(req.method) {
         s.store.read("arm_read").await?
     } else {
         s.store.write("arm_write").await?
     };
-    let resp = route(s, &mut tx, req, path).await?;
+    let versioned = etag::versioned(&path);
+    if versioned && !is_read(req.method) && !req.conditions.is_empty() {
+        etag::lock(&mut tx, &path, &req.conditions).await?;
+        let current = match current_etag(s, &mut tx, req, &path).await? {
+            Current::Etag(e) => Some(e),
+            Current::Missing => None,
+            Current::Refused(answer) => return Ok(answer),
+        };
+        if let Some(refused) = req.conditions.refusal(req.method, current.as_deref()) {
+            return Ok(refused);
+        }
+    }
+    let mut resp = route(s, &mut tx, req, path.clone()).await?;
+    if versioned
+        && resp.status().is_success()
+        && matches!(*req.method, Method::GET | Method::PUT | Method::PATCH)
+    {
+        resp = with_etag(s, &mut tx, req, &path, resp).await?;
+    }
     if resp.status().is_success() {
         tx.commit().await?;
     }
     Ok(resp)
+}
+
+/// What a single resource's GET answers in the request's unit of work.
+enum Current {
+    /// It exists, with this ETag.
+    Etag(String),
+    /// It does not exist (a 404 other than its resource group's).
+    Missing,
+    /// Any other answer (not authorized to read it, its resource group missing…): the answer
+    /// to the request.
+    Refused(Response),
+}
+
+/// The current ETag of the single resource `path` names, by running its GET route as the
+/// caller in `tx` (which therefore sees what this unit of work wrote).
+async fn current_etag(
+    s: &AppState,
+    tx: &mut Tx,
+    req: &ArmRequest<'_>,
+    path: &ArmPath,
+) -> Result<Current> {
+    let get = ArmRequest {
+        method: &Method::GET,
+        body: &[],
+        fic_claimed: false,
+        conditions: etag::Conditions::default(),
+        ..*req
+    };
+    let resp = match route(s, tx, &get, path.clone()).await {
+        Ok(r) => r,
+        Err(e @ ServerError::ResourceGroupNotFound(_))
+            if !matches!(path, ArmPath::ResourceGroup { .. }) =>
+        {
+            return Ok(Current::Refused(e.into_response()))
+        }
+        Err(ServerError::Store(e)) => return Err(ServerError::Store(e)),
+        Err(e) => e.into_response(),
+    };
+    if resp.status() == StatusCode::NOT_FOUND {
+        return Ok(Current::Missing);
+    }
+    if !resp.status().is_success() {
+        return Ok(Current::Refused(resp));
+    }
+    Ok(match representation(resp).await {
+        Some(v) => Current::Etag(etag::of(&v)),
+        None => Current::Missing,
+    })
+}
+
+/// The JSON body of an answer.
+async fn representation(resp: Response) -> Option<Value> {
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// A successful GET / PUT / PATCH answer of one resource with its ETag: a GET's from its own
+/// body, a write's from the GET of what it wrote (in the same unit of work), so the ETag a
+/// write answers is the one the next GET answers.
+async fn with_etag(
+    s: &AppState,
+    tx: &mut Tx,
+    req: &ArmRequest<'_>,
+    path: &ArmPath,
+    resp: Response,
+) -> Result<Response> {
+    let property = etag::body_property(path, req.version);
+    if *req.method == Method::GET {
+        let (parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default();
+        let resp = Response::from_parts(parts, axum::body::Body::from(bytes.clone()));
+        return Ok(match serde_json::from_slice::<Value>(&bytes) {
+            Ok(v) => etag::stamp(resp, &etag::of(&v), property).await,
+            Err(_) => resp,
+        });
+    }
+    Ok(match current_etag(s, tx, req, path).await? {
+        Current::Etag(e) => etag::stamp(resp, &e, property).await,
+        // a writer that may not read what it wrote gets no version
+        Current::Missing | Current::Refused(_) => resp,
+    })
 }
 
 /// The identity whose federated credentials a request writes under the write claim (a PUT of
@@ -355,6 +464,8 @@ struct ArmRequest<'a> {
     body: &'a [u8],
     /// For a PUT of a federated credential: whether its identity's write claim is held.
     fic_claimed: bool,
+    /// `If-Match` / `If-None-Match`.
+    conditions: etag::Conditions,
 }
 
 /// Every ARM route, in the request's unit of work `tx` (never committed here).

@@ -10,10 +10,12 @@ pub mod activity;
 pub mod arm;
 pub mod authz;
 pub mod batch;
+pub mod cache;
 pub mod client_assertion;
 pub mod cloud;
 pub mod clusters;
 pub mod error;
+mod etag;
 pub mod federation;
 pub mod fics;
 pub mod graph;
@@ -161,6 +163,7 @@ pub async fn start(
         .unwrap_or_else(|| format!("https://localhost:{}", local_addr.port()));
     let http = issuer_client(cfg.issuer_ca_pem.as_deref())?;
     let vault_clock = kv::VaultClock::new(clock.clone(), cfg.dev_clock);
+    let vaults = cache::VaultCache::new(cfg.vault_cache_poll);
     let state = Arc::new(AppState {
         store,
         clock,
@@ -177,7 +180,11 @@ pub async fn start(
         vault_clock,
         verified: Default::default(),
         replica_id,
+        vaults,
     });
+    // the vault cache: evicted by this server's vault writes at commit, and by the change
+    // feed (polled every `vault_cache_poll`) for the writes of other servers
+    cache::follow(&state);
     let lease_ttl = keys::lease_ttl(state.cfg.key_check_interval);
     state
         .keys

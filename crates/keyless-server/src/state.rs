@@ -42,6 +42,10 @@ pub struct ServerConfig {
     pub dev_clock: bool,
     /// How often certificate lifetime actions and purges are checked.
     pub vault_check_interval: std::time::Duration,
+    /// How often the vault cache of the Key Vault data plane reads the store's change feed
+    /// (`cache`): a vault changed through another server is seen here within this interval
+    /// plus one read of the feed, and never later than twice this interval.
+    pub vault_cache_poll: std::time::Duration,
     /// Shortest time between two fetches of one federation issuer's discovery document and
     /// JWKS (an assertion with an unknown `kid` asks for one).
     pub issuer_refetch_interval: std::time::Duration,
@@ -73,6 +77,7 @@ impl ServerConfig {
             vault_domain: "localhost".into(),
             dev_clock: false,
             vault_check_interval: std::time::Duration::from_secs(60),
+            vault_cache_poll: std::time::Duration::from_millis(500),
             issuer_refetch_interval: std::time::Duration::from_secs(60),
             audit: keyless_ops::audit::Audit::disabled(),
         }
@@ -103,6 +108,9 @@ pub struct AppState {
     /// This process among the servers sharing the database: the holder of its leases
     /// (signing-key rotation, the Key Vault scheduler), a uuid made at start.
     pub replica_id: String,
+    /// Vaults with their parsed settings for the Key Vault data plane, kept in step with the
+    /// other servers by the store's change feed (`cache::follow`).
+    pub vaults: crate::cache::VaultCache,
 }
 
 impl AppState {

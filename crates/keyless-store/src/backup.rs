@@ -9,8 +9,10 @@
 //! by a later migration is carried without a change here. Sealed values (private keys, secret
 //! values) are copied as they are stored — still sealed under the key-encryption key, which is
 //! not in the backup: keep it apart, and give the restored server the same key.
-//! Restore writes into an empty database of the same schema version in one transaction and
-//! checks every table's count against the trailer before committing.
+//! Restore writes into an empty database of the same schema version in one transaction, checks
+//! every table's count against the trailer and that the target's key-encryption key opens the
+//! restored data (the check value `Store::verify_kek` seals) before committing: a truncated or
+//! damaged file, a non-empty target or another key leave the target as it was.
 
 use crate::db::{Backend, Param, Value};
 use crate::migrations::MIGRATIONS;
@@ -19,6 +21,7 @@ use base64::Engine as _;
 use serde_json::{json, Value as J};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
+use std::path::Path;
 
 /// Tables that are not data: schema bookkeeping and leases (a lease held in the source means
 /// nothing in the copy).
@@ -26,6 +29,25 @@ const SKIP: &[&str] = &["keyless_schema", "leases"];
 
 /// What a backup or restore carried: rows per table.
 pub type Counts = BTreeMap<String, u64>;
+
+/// The secret `Store::verify_kek` seals to check a key-encryption key (its name there).
+const KEK_CHECK: &str = "kek-check";
+
+/// The schema version (migrations applied) of the SQLite database at `path`, read without
+/// creating, migrating or locking anything: an online backup of a data dir whose server runs
+/// must not change its database, so it checks the version before opening a [`Store`] on it.
+pub fn sqlite_schema_version(path: &Path) -> Result<usize> {
+    use rusqlite::OpenFlags;
+    // read-write without CREATE: a missing file is an error, and a WAL database opens even
+    // when its -shm file does not exist yet (a read-only connection could not create it)
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    Ok(v.max(0) as usize)
+}
 
 fn bad(m: impl Into<String>) -> StoreError {
     StoreError::Corrupt(m.into())
@@ -115,6 +137,20 @@ fn io(e: std::io::Error) -> StoreError {
 }
 
 impl Store {
+    /// Whether this store's key-encryption key opens its data, read-only (nothing is sealed
+    /// or written, so it can run against the database of a running server): `Some(true)` it
+    /// opens the check value, `Some(false)` it does not (another key), `None` no check value
+    /// has been sealed yet.
+    pub async fn kek_opens_data(&self) -> Result<Option<bool>> {
+        let mut tx = self.read("kek_check").await?;
+        match tx.get_secret(KEK_CHECK).await {
+            Ok(Some(_)) => Ok(Some(true)),
+            Ok(None) => Ok(None),
+            Err(StoreError::Decrypt) => Ok(Some(false)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Write a consistent backup of everything to `out`; returns the rows written per table.
     pub async fn backup(&self, out: &mut (dyn Write + Send)) -> Result<Counts> {
         let mut tx = self.read("backup").await?;
@@ -146,14 +182,18 @@ impl Store {
     /// at start). All in one transaction: on any error nothing is written.
     pub async fn restore(&self, input: &mut (dyn BufRead + Send)) -> Result<Counts> {
         let mut lines = input.lines();
+        let mut line_no = 0usize;
         let mut next = || -> Result<Option<J>> {
             match lines.next() {
                 None => Ok(None),
                 Some(l) => {
+                    line_no += 1;
                     let l = l.map_err(io)?;
-                    serde_json::from_str(&l)
-                        .map(Some)
-                        .map_err(|e| bad(format!("backup line: {e}")))
+                    serde_json::from_str(&l).map(Some).map_err(|e| {
+                        bad(format!(
+                            "backup line {line_no} is not JSON ({e}): the file is truncated or damaged"
+                        ))
+                    })
                 }
             }
         };
@@ -213,7 +253,12 @@ impl Store {
                     counts.insert(table.clone(), 0);
                     insert = Some((table, sql, cols.len()));
                 }
-                J::Object(o) if o.contains_key("end") => break line.clone(),
+                J::Object(o) if o.contains_key("end") => {
+                    if next()?.is_some() {
+                        return Err(bad("lines after the backup's trailer"));
+                    }
+                    break line.clone();
+                }
                 J::Array(vals) => {
                     let (table, sql, n) = insert
                         .as_ref()
@@ -251,6 +296,17 @@ impl Store {
                 )));
             }
         }
+        // the restored data must open with this store's key: a server given this key would
+        // otherwise refuse the database (`verify_kek`) after the copy was committed
+        match tx.get_secret(KEK_CHECK).await {
+            Ok(_) => {}
+            Err(StoreError::Decrypt) => {
+                return Err(StoreError::Kek(
+                    "the backup was sealed under a different key-encryption key than the one given: restore it with the key of the servers it came from".into(),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
         if tx.backend() == Backend::Postgres {
             // identity columns continue after the restored values
             let ids = tx
@@ -266,7 +322,6 @@ impl Store {
                     ident(&c)?,
                     ident(&t)?
                 );
-                ident(&t)?;
                 tx.query(&sql, &[]).await?;
             }
         }

@@ -10,6 +10,9 @@ use std::time::Instant;
 pub struct Store {
     pub(crate) db: Arc<dyn Db>,
     pub(crate) kek: Arc<Kek>,
+    /// Called with what a unit of work wrote to the change feed once it commits
+    /// ([`Store::on_commit`]).
+    pub(crate) hooks: Arc<crate::repo::changes::CommitHooks>,
 }
 
 impl std::fmt::Debug for Store {
@@ -25,6 +28,7 @@ impl Store {
         Self {
             db,
             kek: Arc::new(kek),
+            hooks: Default::default(),
         }
     }
 
@@ -64,6 +68,8 @@ impl Store {
         Ok(Tx {
             conn: Some(conn),
             kek: self.kek.clone(),
+            hooks: self.hooks.clone(),
+            changed: Vec::new(),
             operation,
             started,
             write,
@@ -98,6 +104,9 @@ impl Store {
 pub struct Tx {
     conn: Option<Box<dyn Conn>>,
     pub(crate) kek: Arc<Kek>,
+    pub(crate) hooks: Arc<crate::repo::changes::CommitHooks>,
+    /// What this unit of work wrote to the change feed (kind, key), for the commit hooks.
+    pub(crate) changed: Vec<(&'static str, String)>,
     operation: &'static str,
     started: Instant,
     write: bool,
@@ -161,10 +170,17 @@ impl Tx {
         Ok(self.query_opt(&sql, &[Param::Text(key)]).await?.is_some())
     }
 
-    /// Make the unit of work durable.
+    /// Make the unit of work durable. What it wrote to the change feed is then handed to this
+    /// process's commit hooks ([`Store::on_commit`]) before this returns — also when the commit
+    /// failed, as a failed `COMMIT` may still have committed (forgetting a cached value is
+    /// always safe).
     pub async fn commit(mut self) -> Result<()> {
         let conn = self.conn.take().expect("transaction already ended");
-        conn.commit().await
+        let r = conn.commit().await;
+        if !self.changed.is_empty() {
+            self.hooks.notify(&self.changed);
+        }
+        r
     }
 }
 

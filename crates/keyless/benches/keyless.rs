@@ -280,7 +280,7 @@ fn main() {
         let server_url = format!("https://localhost:{}", srv.local_addr.port());
         let node = keyless_node::start(
             keyless_node::NodeConfig {
-                server_url: server_url.clone(),
+                server_urls: vec![server_url.clone()],
                 ca_pem: s.ca.cert_pem(),
                 state_dir: dir.path().join("node"),
                 join_token: Some(join),

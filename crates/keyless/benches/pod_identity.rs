@@ -167,7 +167,7 @@ async fn decision_point(secs: u64, conns: usize) {
         tx.commit().await.unwrap();
         let node = keyless_node::start(
             keyless_node::NodeConfig {
-                server_url: format!("https://localhost:{}", srv.local_addr.port()),
+                server_urls: vec![format!("https://localhost:{}", srv.local_addr.port())],
                 ca_pem: s.ca.cert_pem(),
                 state_dir: dir.path().join(name),
                 join_token: Some(join),

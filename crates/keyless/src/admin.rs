@@ -3,6 +3,8 @@
 
 use crate::CliError;
 use clap::{Args, Subcommand, ValueEnum};
+use keyless_node::upstream;
+use keyless_ops::failover::Endpoints;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -23,8 +25,11 @@ pub enum Output {
 /// from `<data-dir>/endpoints.json` written by `keyless up`.
 #[derive(Args, Clone)]
 pub struct Conn {
-    #[arg(long, env = "KEYLESS_SERVER", global = true)]
-    server: Option<String>,
+    /// Server base URL. Several replicas: repeat the flag or separate URLs with commas; each
+    /// request goes to the one that answered last and fails over to the next, in order, when
+    /// it cannot answer (no connection, a timeout, 502/503/504).
+    #[arg(long, env = "KEYLESS_SERVER", global = true, value_delimiter = ',')]
+    server: Vec<String>,
     #[arg(long = "tenant", env = "KEYLESS_TENANT_ID", global = true)]
     tenant: Option<String>,
     #[arg(long, env = "KEYLESS_CLIENT_ID", global = true)]
@@ -70,7 +75,8 @@ fn bootstrap_admin(data_dir: &std::path::Path) -> Option<(String, String)> {
 
 struct Api {
     http: reqwest::Client,
-    server: String,
+    /// The server's URLs; every request fails over between them ([`keyless_node::upstream`]).
+    servers: Endpoints,
     token: String,
     subscription: String,
     output: Output,
@@ -84,8 +90,14 @@ fn endpoints(data_dir: &std::path::Path) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn http_client(ca_file: Option<&PathBuf>) -> Result<reqwest::Client, CliError> {
+/// The CLI's HTTPS client: 60 s per request, and with several server URLs a connect timeout
+/// of [`upstream::FAILOVER_CONNECT_TIMEOUT`] per attempt, so a dead replica is passed over
+/// quickly.
+fn http_client(ca_file: Option<&PathBuf>, several: bool) -> Result<reqwest::Client, CliError> {
     let mut b = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60));
+    if several {
+        b = b.connect_timeout(upstream::FAILOVER_CONNECT_TIMEOUT);
+    }
     if let Some(ca) = ca_file {
         let pem = std::fs::read(ca).map_err(|source| CliError::Io {
             path: ca.display().to_string(),
@@ -124,16 +136,19 @@ impl Api {
             .transpose()
             .map_err(CliError::Usage)?;
         let ep = endpoints(&c.data_dir);
-        let server = c
-            .server
-            .clone()
-            .or_else(|| ep["serverUrl"].as_str().map(str::to_string))
-            .ok_or_else(|| {
-                CliError::Usage(
-                    "no server: set KEYLESS_SERVER or --server (or run `keyless up` here)".into(),
-                )
-            })?;
-        let server = server.trim_end_matches('/').to_string();
+        let urls = if c.server.is_empty() {
+            ep["serverUrl"]
+                .as_str()
+                .map(|u| keyless_ops::failover::parse_urls([u]))
+                .unwrap_or_default()
+        } else {
+            keyless_ops::failover::parse_urls(&c.server)
+        };
+        let servers = Endpoints::new(urls).ok_or_else(|| {
+            CliError::Usage(
+                "no server: set KEYLESS_SERVER or --server (or run `keyless up` here)".into(),
+            )
+        })?;
         let tenant = c
             .tenant
             .clone()
@@ -146,10 +161,12 @@ impl Api {
             .clone()
             .or_else(|| ep["caFile"].as_str().map(PathBuf::from));
         // the bootstrap admin's file in the data dir, when it is readable and only for the
-        // server that data dir belongs to (never sent to another --server)
-        let own_server = ep["serverUrl"]
-            .as_str()
-            .is_some_and(|u| u.trim_end_matches('/') == server);
+        // server that data dir belongs to (never sent to another --server: every URL given
+        // must be that server's, as a request may fail over to any of them)
+        let own_server = ep["serverUrl"].as_str().is_some_and(|u| {
+            let u = u.trim_end_matches('/');
+            servers.urls().iter().all(|s| s == u)
+        });
         let saved = own_server.then(|| bootstrap_admin(&c.data_dir)).flatten();
         let client_id = c
             .client_id_admin
@@ -171,22 +188,21 @@ impl Api {
                     c.data_dir.join(crate::run::BOOTSTRAP_SECRET_FILE).display()
                 ))
             })?;
-        let http = http_client(ca.as_ref())?;
-        let url = format!("{server}/{tenant}/oauth2/v2.0/token");
-        let resp = http
-            .post(&url)
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", client_id.as_str()),
-                ("client_secret", secret.as_str()),
-                ("scope", "https://management.azure.com/.default"),
-            ])
-            .send()
-            .await
-            .map_err(|source| CliError::Http {
-                url: url.clone(),
-                source,
-            })?;
+        let http = http_client(ca.as_ref(), servers.urls().len() > 1)?;
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id.as_str()),
+            ("client_secret", secret.as_str()),
+            ("scope", "https://management.azure.com/.default"),
+        ];
+        let (url, resp) = upstream::send(&servers, &format!("/{tenant}/oauth2/v2.0/token"), |u| {
+            http.post(u).form(&form)
+        })
+        .await;
+        let resp = resp.map_err(|source| CliError::Http {
+            url: url.clone(),
+            source,
+        })?;
         if !resp.status().is_success() {
             return Err(remote_error(resp).await);
         }
@@ -204,7 +220,7 @@ impl Api {
             None => {
                 let mut api = Self {
                     http,
-                    server,
+                    servers,
                     token,
                     subscription: String::new(),
                     output: c.output,
@@ -226,7 +242,7 @@ impl Api {
         };
         Ok(Self {
             http,
-            server,
+            servers,
             token,
             subscription,
             output: c.output,
@@ -240,12 +256,18 @@ impl Api {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, CliError> {
-        let url = format!("{}{}", self.server, path);
-        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.map_err(|source| CliError::Http {
+        let (url, resp) = upstream::send(&self.servers, path, |url| {
+            let req = self
+                .http
+                .request(method.clone(), url)
+                .bearer_auth(&self.token);
+            match &body {
+                Some(b) => req.json(b),
+                None => req,
+            }
+        })
+        .await;
+        let resp = resp.map_err(|source| CliError::Http {
             url: url.clone(),
             source,
         })?;

@@ -16,6 +16,7 @@ macro_rules! say {
 
 mod addon;
 mod admin;
+mod dbadmin;
 mod ops;
 mod query;
 mod run;
@@ -78,6 +79,10 @@ enum Command {
     /// The audit trail: check a file's hash chain.
     #[command(subcommand)]
     Audit(run::AuditCmd),
+    /// The database: migrate a SQLite data dir into PostgreSQL, online backup, restore into
+    /// an empty database.
+    #[command(subcommand, visible_alias = "db")]
+    Admin(dbadmin::AdminCmd),
 }
 
 fn main() -> ExitCode {
@@ -97,7 +102,7 @@ fn main() -> ExitCode {
     }
     if matches!(
         cli.command,
-        Command::Up(_) | Command::Server(_) | Command::Node(_)
+        Command::Up(_) | Command::Server(_) | Command::Node(_) | Command::Admin(_)
     ) {
         // before any thread: everything these write in their data / state dirs is private,
         // including files libraries create (SQLite's -wal / -shm)
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
             Command::PodIdentityAddon(a) => addon::run(a).await,
             Command::Audit(c) => run::audit(c),
             Command::Status(a) => ops::status(a).await,
+            Command::Admin(c) => dbadmin::run(c).await,
         }
     });
     match result {

@@ -195,9 +195,11 @@ impl FairShareArgs {
 pub struct NodeArgs {
     #[command(flatten)]
     pub ops: crate::ops::OpsArgs,
-    /// Server base URL, e.g. https://10.0.0.1:8443.
-    #[arg(long, env = "KEYLESS_SERVER")]
-    pub server: String,
+    /// Server base URL, e.g. https://10.0.0.1:8443. Several replicas: repeat the flag or
+    /// separate URLs with commas; calls go to the one that answered last and fail over to the
+    /// next, in order, when it cannot answer (no connection, a timeout, 502/503/504).
+    #[arg(long, env = "KEYLESS_SERVER", required = true, value_delimiter = ',')]
+    pub server: Vec<String>,
     /// PEM file of the Keyless CA.
     #[arg(long, env = "KEYLESS_CA_FILE")]
     pub ca_file: PathBuf,
@@ -491,7 +493,7 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
     keyless_store::files::tighten(&a.state_dir).map_err(io_err(&a.state_dir))?;
     let ca_pem = std::fs::read_to_string(&a.ca_file).map_err(io_err(&a.ca_file))?;
     let cfg = keyless_node::NodeConfig {
-        server_url: a.server.trim_end_matches('/').to_string(),
+        server_urls: keyless_ops::failover::parse_urls(&a.server),
         ca_pem,
         state_dir: a.state_dir.clone(),
         join_token: a.join_token.clone(),
@@ -682,7 +684,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     let server_url = format!("https://localhost:{}", srv.local_addr.port());
     let node = keyless_node::start(
         keyless_node::NodeConfig {
-            server_url: server_url.clone(),
+            server_urls: vec![server_url.clone()],
             ca_pem: s.ca.cert_pem(),
             state_dir: state_dir.clone(),
             join_token: join_token.clone(),
@@ -706,7 +708,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
             let _ = std::fs::remove_file(state_dir.join("host-cert.pem"));
             keyless_node::start(
                 keyless_node::NodeConfig {
-                    server_url: server_url.clone(),
+                    server_urls: vec![server_url.clone()],
                     ca_pem: s.ca.cert_pem(),
                     state_dir: state_dir.clone(),
                     join_token: Some(new_join_token(&s, &vm_id).await?),

@@ -64,16 +64,16 @@ pub async fn backup<R: Render>(ctx: &Ctx<'_>, tx: &mut Tx, name: &str) -> Result
     let mut objects = vec![];
     for c in colls(coll) {
         let mut versions = vec![];
-        for v in tx.kv_versions(&ctx.vname, c.path(), name).await? {
+        for v in tx.kv_versions(ctx.vname, c.path(), name).await? {
             let full = tx
-                .kv_version(&ctx.vname, c.path(), name, Some(&v.version))
+                .kv_version(ctx.vname, c.path(), name, Some(&v.version))
                 .await?
                 .ok_or_else(|| ctx.not_found(coll, name, None))?;
             let private = full.private.as_deref().map(|p| STANDARD.encode(p));
             versions.push(json!({"record": full, "private": private}));
         }
         let extra = tx
-            .kv_name(&ctx.vname, c.path(), name)
+            .kv_name(ctx.vname, c.path(), name)
             .await?
             .map(|n| n.extra);
         objects.push(json!({"coll": c.path(), "versions": versions, "extra": extra}));
@@ -107,7 +107,7 @@ pub async fn restore<R: Render>(ctx: &Ctx<'_>, tx: &mut Tx, body: &[u8]) -> Resu
     // a secret or key may not land on a certificate's name (even one still pending)
     if coll != Coll::Certificates
         && tx
-            .kv_name(&ctx.vname, "certificates", &name)
+            .kv_name(ctx.vname, "certificates", &name)
             .await?
             .is_some()
     {
@@ -118,14 +118,11 @@ pub async fn restore<R: Render>(ctx: &Ctx<'_>, tx: &mut Tx, body: &[u8]) -> Resu
         ));
     }
     for c in colls(coll) {
-        if let Some(n) = tx.kv_name(&ctx.vname, c.path(), &name).await? {
+        if let Some(n) = tx.kv_name(ctx.vname, c.path(), &name).await? {
             if n.deleted.is_some() {
                 return Err(ctx.is_deleted_conflict(coll, &name));
             }
-            let has_versions = !tx
-                .kv_versions(&ctx.vname, c.path(), &name)
-                .await?
-                .is_empty();
+            let has_versions = !tx.kv_versions(ctx.vname, c.path(), &name).await?.is_empty();
             if has_versions {
                 return Err(ServerError::kv(409, "Conflict", format!("{} {name} already exists in this vault; restore needs the name to be free.", c.noun())));
             }
@@ -137,7 +134,7 @@ pub async fn restore<R: Render>(ctx: &Ctx<'_>, tx: &mut Tx, body: &[u8]) -> Resu
         for v in o["versions"].as_array().ok_or_else(invalid)? {
             let mut rec: KvVersionRecord =
                 serde_json::from_value(v["record"].clone()).map_err(|_| invalid())?;
-            rec.vault = ctx.vname.clone();
+            rec.vault = ctx.vname.to_string();
             rec.private = match v["private"].as_str() {
                 Some(p) => Some(STANDARD.decode(p).map_err(|_| invalid())?),
                 None => None,

@@ -487,9 +487,9 @@ struct CreateBody {
 
 async fn refuse_plain_objects(ctx: &Ctx<'_>, tx: &mut Tx, name: &str) -> Result<()> {
     for coll in ["secrets", "keys"] {
-        if let Some(n) = tx.kv_name(&ctx.vname, coll, name).await? {
+        if let Some(n) = tx.kv_name(ctx.vname, coll, name).await? {
             let managed = tx
-                .kv_version(&ctx.vname, coll, name, None)
+                .kv_version(ctx.vname, coll, name, None)
                 .await?
                 .is_some_and(|v| v.managed);
             if !managed || n.deleted.is_some() {
@@ -525,14 +525,14 @@ pub async fn handle(
     if let Some(r) = common::<Certs>(ctx, tx, m, &target, body).await? {
         return Ok(r);
     }
-    let base = ctx.base.clone();
+    let base = ctx.base;
     match (m, target) {
         (&Method::POST, Target::CertCreate(name)) => {
             ctx.name(Coll::Certificates, &name)?;
             ctx.authorize(tx, Coll::Certificates, Op::Create, Some(&name)).await?;
             let b: CreateBody = parse_body(body)?;
             check_tags(&b.tags)?;
-            let n = tx.kv_name(&ctx.vname, "certificates", &name).await?;
+            let n = tx.kv_name(ctx.vname, "certificates", &name).await?;
             if n.as_ref().is_some_and(|n| n.deleted.is_some()) {
                 return Err(ctx.is_deleted_conflict(Coll::Certificates, &name));
             }
@@ -561,23 +561,23 @@ pub async fn handle(
                 issuer: issuer.clone(),
                 enabled: b.attributes.as_ref().and_then(|a| a.enabled),
                 tags: b.tags.unwrap_or_default(),
-                base_version: latest_version(tx, &ctx.vname, &name).await?,
+                base_version: latest_version(tx, ctx.vname, &name).await?,
                 started: ctx.s.now(),
                 ..Default::default()
             };
             if issuer == ISSUER_UNKNOWN {
                 let key = ctx.key(key_type_of(&p)).await?;
                 let csr = keyless_pki::kv::csr(&spec_of(&p, ctx.now), &key)?;
-                tx.put_secret(&pending_key_name(&ctx.vname, &name), key.pkcs8()).await?;
+                tx.put_secret(&pending_key_name(ctx.vname, &name), key.pkcs8()).await?;
                 pe.csr = Some(STANDARD.encode(csr));
             }
             st.policy = Some(p);
             st.pending = Some(pe.clone());
-            tx.kv_set_extra(&ctx.vname, "certificates", &name, &json!(st)).await?;
+            tx.kv_set_extra(ctx.vname, "certificates", &name, &json!(st)).await?;
             if issuer != ISSUER_UNKNOWN {
                 ctx.start_issuance(&name, &request_id);
             }
-            let mut resp = (StatusCode::ACCEPTED, Json(op_json(&base, &name, &pe))).into_response();
+            let mut resp = (StatusCode::ACCEPTED, Json(op_json(base, &name, &pe))).into_response();
             let loc = format!("{base}/certificates/{name}/pending?api-version={}&request_id={request_id}", ctx.api_version);
             if let Ok(v) = HeaderValue::from_str(&loc) {
                 resp.headers_mut().insert(header::LOCATION, v);
@@ -595,7 +595,7 @@ pub async fn handle(
             };
             ctx.authorize(tx, Coll::Certificates, op, Some(&name)).await?;
             let not_found = || ServerError::kv(404, "PendingCertificateNotFound", format!("Pending certificate not found: {name}"));
-            let mut st = load_state(tx, &ctx.vname, &name).await?.ok_or_else(not_found)?;
+            let mut st = load_state(tx, ctx.vname, &name).await?.ok_or_else(not_found)?;
             let mut pe = st.pending.clone().ok_or_else(not_found)?;
             match *m {
                 Method::PATCH => {
@@ -607,16 +607,16 @@ pub async fn handle(
                         }
                     }
                     st.pending = Some(pe.clone());
-                    save_state(tx, &ctx.vname, &name, &st).await?;
+                    save_state(tx, ctx.vname, &name, &st).await?;
                 }
                 Method::DELETE => {
                     st.pending = None;
-                    save_state(tx, &ctx.vname, &name, &st).await?;
-                    tx.delete_secret(&pending_key_name(&ctx.vname, &name)).await?;
+                    save_state(tx, ctx.vname, &name, &st).await?;
+                    tx.delete_secret(&pending_key_name(ctx.vname, &name)).await?;
                 }
                 _ => {}
             }
-            let mut resp = Json(op_json(&base, &name, &pe)).into_response();
+            let mut resp = Json(op_json(base, &name, &pe)).into_response();
             if pe.status == IN_PROGRESS {
                 resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
             }
@@ -634,7 +634,7 @@ pub async fn handle(
             let b: MergeBody = parse_body(body)?;
             check_tags(&b.tags)?;
             let not_found = || ServerError::kv(404, "PendingCertificateNotFound", format!("Pending certificate not found: {name}"));
-            let st = load_state(tx, &ctx.vname, &name).await?.ok_or_else(not_found)?;
+            let st = load_state(tx, ctx.vname, &name).await?.ok_or_else(not_found)?;
             let pe = st.pending.clone().filter(|p| p.status == IN_PROGRESS && p.issuer == ISSUER_UNKNOWN).ok_or_else(not_found)?;
             let p = st.policy.clone().ok_or_else(not_found)?;
             let chain: Vec<Vec<u8>> = b
@@ -646,17 +646,17 @@ pub async fn handle(
             if chain.is_empty() {
                 return Err(bad("x5c must hold at least the issued certificate."));
             }
-            let key_der = tx.get_secret(&pending_key_name(&ctx.vname, &name)).await?.ok_or_else(not_found)?;
+            let key_der = tx.get_secret(&pending_key_name(ctx.vname, &name)).await?.ok_or_else(not_found)?;
             let key = KvKey::from_pkcs8(&key_der)?;
             keyless_pki::kv::cert_info(&chain[0]).map_err(|e| bad(format!("The certificate is invalid: {e}")))?;
             if !keyless_pki::kv::cert_matches_key(&chain[0], &key) {
                 return Err(bad("The certificate's public key does not match the pending request's key."));
             }
             let version = uuid::Uuid::new_v4().simple().to_string();
-            let display = tx.kv_name(&ctx.vname, "certificates", &name).await?.map(|n| n.name).unwrap_or(name.clone());
+            let display = tx.kv_name(ctx.vname, "certificates", &name).await?.map(|n| n.name).unwrap_or(name.clone());
             let enabled = b.attributes.as_ref().and_then(|a| a.enabled).or(pe.enabled).unwrap_or(true);
             let tags = b.tags.unwrap_or(pe.tags.clone());
-            let versions = triple(&ctx.vname, &display, &version, ctx.now, &p, &key, &chain, enabled, tags)?;
+            let versions = triple(ctx.vname, &display, &version, ctx.now, &p, &key, &chain, enabled, tags)?;
             let mut st2 = st.clone();
             if let Some(pe) = st2.pending.as_mut() {
                 pe.status = "completed".into();
@@ -664,9 +664,9 @@ pub async fn handle(
             }
             ctx.write(tx, Coll::Certificates, &name, &KvWrite { versions: versions.clone(), extra: Some(("certificates".into(), json!(st2))), expect_latest: None }).await?;
             // the pending key now lives (sealed) in the key version
-            tx.delete_secret(&pending_key_name(&ctx.vname, &name)).await?;
+            tx.delete_secret(&pending_key_name(ctx.vname, &name)).await?;
             let mut out = Certs::bundle(ctx, &versions[0], false);
-            out["policy"] = policy_json(&base, &display, &p);
+            out["policy"] = policy_json(base, &display, &p);
             Ok((StatusCode::CREATED, Json(out)).into_response())
         }
         (&Method::POST, Target::CertImport(name)) => {
@@ -707,7 +707,7 @@ pub async fn handle(
             if !keyless_pki::kv::cert_matches_key(&chain[0], &key) {
                 return Err(bad("The private key does not match the certificate."));
             }
-            let n = tx.kv_name(&ctx.vname, "certificates", &name).await?;
+            let n = tx.kv_name(ctx.vname, "certificates", &name).await?;
             if n.as_ref().is_some_and(|n| n.deleted.is_some()) {
                 return Err(ctx.is_deleted_conflict(Coll::Certificates, &name));
             }
@@ -745,18 +745,18 @@ pub async fn handle(
             let version = uuid::Uuid::new_v4().simple().to_string();
             let display = n.map(|n| n.name).unwrap_or(name.clone());
             let enabled = b.attributes.as_ref().and_then(|a| a.enabled).unwrap_or(true);
-            let versions = triple(&ctx.vname, &display, &version, ctx.now, &p, &key, &chain, enabled, b.tags.unwrap_or_default())?;
+            let versions = triple(ctx.vname, &display, &version, ctx.now, &p, &key, &chain, enabled, b.tags.unwrap_or_default())?;
             let st = CertState { policy: Some(p.clone()), pending: None, events: vec![] };
             ctx.write(tx, Coll::Certificates, &name, &KvWrite { versions: versions.clone(), extra: Some(("certificates".into(), json!(st))), expect_latest: None }).await?;
             let mut out = Certs::bundle(ctx, &versions[0], false);
-            out["policy"] = policy_json(&base, &display, &p);
+            out["policy"] = policy_json(base, &display, &p);
             Ok(Json(out).into_response())
         }
         (&Method::GET, Target::CertPolicy(name)) | (&Method::PATCH, Target::CertPolicy(name)) => {
             ctx.name(Coll::Certificates, &name)?;
             let patch = *m == Method::PATCH;
             ctx.authorize(tx, Coll::Certificates, if patch { Op::Update } else { Op::Get }, Some(&name)).await?;
-            let mut st = load_state(tx, &ctx.vname, &name).await?.ok_or_else(|| ctx.not_found(Coll::Certificates, &name, None))?;
+            let mut st = load_state(tx, ctx.vname, &name).await?.ok_or_else(|| ctx.not_found(Coll::Certificates, &name, None))?;
             let cur = st.policy.clone().ok_or_else(|| ctx.not_found(Coll::Certificates, &name, None))?;
             let p = if patch {
                 let b: Policy = parse_body(body)?;
@@ -765,21 +765,21 @@ pub async fn handle(
                 attrs.created = cur.attributes.as_ref().and_then(|a| a.created);
                 attrs.updated = Some(ctx.now);
                 st.policy = Some(p.clone());
-                save_state(tx, &ctx.vname, &name, &st).await?;
+                save_state(tx, ctx.vname, &name, &st).await?;
                 p
             } else {
                 cur
             };
-            Ok(Json(policy_json(&base, &name, &p)).into_response())
+            Ok(Json(policy_json(base, &name, &p)).into_response())
         }
         (&Method::GET, Target::Object { name, version, .. }) => {
             ctx.name(Coll::Certificates, &name)?;
             ctx.authorize(tx, Coll::Certificates, Op::Get, Some(&name)).await?;
             let v = ctx.live_version(tx, Coll::Certificates, &name, version.as_deref()).await?;
             let mut out = Certs::bundle(ctx, &v, false);
-            if let Some(st) = load_state(tx, &ctx.vname, &name).await? {
+            if let Some(st) = load_state(tx, ctx.vname, &name).await? {
                 if let Some(p) = &st.policy {
-                    out["policy"] = policy_json(&base, &v.name, p);
+                    out["policy"] = policy_json(base, &v.name, p);
                 }
                 if st.pending.as_ref().is_some_and(|p| p.status == IN_PROGRESS) {
                     out["pending"] = json!({"id": format!("{base}/certificates/{}/pending", v.name)});
@@ -807,7 +807,7 @@ pub async fn handle(
                 v.enabled = e;
                 // the key and secret of this version follow
                 for coll in ["keys", "secrets"] {
-                    if let Some(mut o) = tx.kv_version(&ctx.vname, coll, &name, Some(&v.version)).await? {
+                    if let Some(mut o) = tx.kv_version(ctx.vname, coll, &name, Some(&v.version)).await? {
                         o.enabled = e;
                         o.updated = ctx.now;
                         tx.kv_update_version(&o).await?;
@@ -816,21 +816,21 @@ pub async fn handle(
             }
             v.updated = ctx.now;
             tx.kv_update_version(&v).await?;
-            let mut st = load_state(tx, &ctx.vname, &name).await?.unwrap_or_default();
+            let mut st = load_state(tx, ctx.vname, &name).await?.unwrap_or_default();
             if let (Some(patch), Some(cur)) = (b.policy, st.policy.clone()) {
                 st.policy = Some(cur.merged(patch).normalize(false).map_err(bad)?);
-                save_state(tx, &ctx.vname, &name, &st).await?;
+                save_state(tx, ctx.vname, &name, &st).await?;
             }
             let mut out = Certs::bundle(ctx, &v, false);
             if let Some(p) = &st.policy {
-                out["policy"] = policy_json(&base, &v.name, p);
+                out["policy"] = policy_json(base, &v.name, p);
             }
             Ok(Json(out).into_response())
         }
         (_, Target::Contacts) => {
             ctx.authorize(tx, Coll::Certificates, Op::ManageContacts, None).await?;
             let id = format!("{base}/certificates/contacts");
-            let cur = tx.kv_name(&ctx.vname, "settings", "contacts").await?.map(|n| n.extra).filter(|e| e.get("contacts").is_some());
+            let cur = tx.kv_name(ctx.vname, "settings", "contacts").await?.map(|n| n.extra).filter(|e| e.get("contacts").is_some());
             match *m {
                 Method::GET => {
                     let c = cur.ok_or_else(|| ServerError::kv(404, "ContactsNotFound", "Contacts not found"))?;
@@ -842,12 +842,12 @@ pub async fn handle(
                     if list.iter().any(|c| !c["email"].is_string()) {
                         return Err(bad("Every contact needs an email address."));
                     }
-                    tx.kv_set_extra(&ctx.vname, "settings", "contacts", &json!({"contacts": list})).await?;
+                    tx.kv_set_extra(ctx.vname, "settings", "contacts", &json!({"contacts": list})).await?;
                     Ok(Json(json!({"id": id, "contacts": list})).into_response())
                 }
                 Method::DELETE => {
                     let c = cur.ok_or_else(|| ServerError::kv(404, "ContactsNotFound", "Contacts not found"))?;
-                    tx.kv_set_extra(&ctx.vname, "settings", "contacts", &json!({})).await?;
+                    tx.kv_set_extra(ctx.vname, "settings", "contacts", &json!({})).await?;
                     Ok(Json(json!({"id": id, "contacts": c["contacts"]})).into_response())
                 }
                 _ => Err(method_not_allowed(m)),

@@ -179,11 +179,7 @@ fn b64(v: &Value, field: &str) -> Result<Vec<u8>> {
 }
 
 async fn refuse_certificate_name(ctx: &Ctx<'_>, tx: &mut Tx, name: &str) -> Result<()> {
-    if tx
-        .kv_name(&ctx.vname, "certificates", name)
-        .await?
-        .is_some()
-    {
+    if tx.kv_name(ctx.vname, "certificates", name).await?.is_some() {
         return Err(ServerError::kv(
             409,
             "Conflict",
@@ -205,7 +201,7 @@ async fn write_new(
     tags: BTreeMap<String, String>,
 ) -> Result<Response> {
     let mut v = ctx.new_version(Coll::Keys, name);
-    if let Some(existing) = tx.kv_name(&ctx.vname, "keys", name).await? {
+    if let Some(existing) = tx.kv_name(ctx.vname, "keys", name).await? {
         v.name = existing.name;
     }
     v.tags = tags;

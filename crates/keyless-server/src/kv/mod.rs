@@ -8,6 +8,11 @@
 //! as `tx: &mut Tx`; it is committed when the handler answered with a success and rolled back
 //! otherwise. New keys are generated outside it ([`Ctx::key`]) and certificate issuance runs
 //! in the background in units of work of its own, started after the commit.
+//!
+//! A read finds its vault (record, access policies and settings parsed) in the vault cache
+//! (`crate::cache`, kept in step across servers by the store's change feed; see there for the
+//! staleness bound); a write, or a read that misses, reads it in its unit of work. A secret GET
+//! with its vault cached is one indexed statement (`Tx::kv_live_version`).
 
 pub mod backup;
 pub mod certs;
@@ -16,6 +21,7 @@ pub mod renew;
 pub mod secrets;
 
 use crate::arm::Caller;
+use crate::cache::CachedVault;
 use crate::error::{Result, ServerError, Shape};
 use crate::state::AppState;
 use crate::vaults::VaultSettings;
@@ -81,7 +87,8 @@ pub async fn handle(s: Arc<AppState>, vault: String, req: Request) -> Response {
 }
 
 async fn handle_in_surface(s: Arc<AppState>, vault: String, req: Request) -> Response {
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let request_id: &str = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
     let client_request_id = req.headers().get("x-ms-client-request-id").cloned();
     let method = req.method().clone();
     let mut seen = Seen::default();
@@ -96,7 +103,7 @@ async fn handle_in_surface(s: Arc<AppState>, vault: String, req: Request) -> Res
     s.cfg.audit.key_vault(ev).await;
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert("x-ms-request-id", v);
     }
     h.insert(
@@ -113,17 +120,18 @@ async fn handle_in_surface(s: Arc<AppState>, vault: String, req: Request) -> Res
 /// Context of one authenticated, authorized-to-enter request.
 pub struct Ctx<'a> {
     pub s: &'a AppState,
-    pub vault: VaultRecord,
-    pub settings: VaultSettings,
+    /// The vault (from the vault cache, or read in the request's unit of work).
+    pub vault: &'a VaultRecord,
+    pub settings: &'a VaultSettings,
     /// Vault name, lowercase (the store's key).
-    pub vname: String,
+    pub vname: &'a str,
     /// `https://{host}[:port]` as the client addressed us.
-    pub base: String,
-    pub caller: Caller,
+    pub base: &'a str,
+    pub caller: &'a Caller,
     pub now: u64,
-    pub query: Vec<(String, String)>,
-    pub api_version: String,
-    pub path: String,
+    pub query: &'a [(String, String)],
+    pub api_version: &'a str,
+    pub path: &'a str,
     /// The first operation [`Ctx::authorize`] was asked about (the audit record's).
     pub authorized: OnceLock<(Coll, Op)>,
     /// Keys generated outside the unit of work ([`Ctx::key`]).
@@ -148,7 +156,7 @@ pub fn bad(message: impl Into<String>) -> ServerError {
 
 /// The audiences a vault accepts: the advertised resource (with and without its port), and
 /// Azure's Key Vault audiences.
-fn audiences(resource: &str, domain: &str) -> Vec<String> {
+fn audience_list(resource: &str, domain: &str) -> Vec<String> {
     let bare = format!("https://vault.{domain}");
     vec![
         resource.to_string(),
@@ -161,11 +169,38 @@ fn audiences(resource: &str, domain: &str) -> Vec<String> {
     ]
 }
 
+/// Lists of audiences made per resource, kept for the next requests (a server sees one or two
+/// resources — its port — so this stays tiny; past [`AUDIENCE_LISTS`] a list is made each
+/// time, so `Host` headers cannot grow it).
+static AUDIENCES: std::sync::RwLock<Vec<(String, Arc<[String]>)>> =
+    std::sync::RwLock::new(Vec::new());
+const AUDIENCE_LISTS: usize = 8;
+
+/// [`audience_list`] for `resource` (which names `domain`), made once.
+fn audiences(resource: &str, domain: &str) -> Arc<[String]> {
+    let cached = AUDIENCES
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(r, _)| r == resource)
+        .map(|(_, l)| l.clone());
+    if let Some(l) = cached {
+        return l;
+    }
+    let list: Arc<[String]> = audience_list(resource, domain).into();
+    let mut all = AUDIENCES.write().unwrap_or_else(|p| p.into_inner());
+    if all.len() < AUDIENCE_LISTS && !all.iter().any(|(r, _)| r == resource) {
+        all.push((resource.to_string(), list.clone()));
+    }
+    list
+}
+
 fn authenticate(s: &AppState, headers: &HeaderMap, resource: &str) -> Result<Caller> {
-    let challenge = kvrules::challenge(&s.base_url, &s.tenant_id, resource);
+    // the challenge of a 401 (built only for one)
+    let challenge = || kvrules::challenge(&s.base_url, &s.tenant_id, resource);
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(unauthorized(
-            &challenge,
+            &challenge(),
             "AKV10000: Request is missing a Bearer or PoP token.",
         ));
     };
@@ -179,7 +214,7 @@ fn authenticate(s: &AppState, headers: &HeaderMap, resource: &str) -> Result<Cal
         .map(str::trim)
         .ok_or_else(|| {
             unauthorized(
-                &challenge,
+                &challenge(),
                 "AKV10000: Request is missing a Bearer or PoP token.",
             )
         })?;
@@ -196,7 +231,7 @@ fn authenticate(s: &AppState, headers: &HeaderMap, resource: &str) -> Result<Cal
                 ),
                 _ => "AKV10000: The token is invalid: its signature could not be verified.".into(),
             };
-            unauthorized(&challenge, m)
+            unauthorized(&challenge(), m)
         })?;
     let str_claim = |k: &str| {
         claims
@@ -205,10 +240,14 @@ fn authenticate(s: &AppState, headers: &HeaderMap, resource: &str) -> Result<Cal
             .unwrap_or("")
             .to_string()
     };
-    let object_id = str_claim("oid").to_ascii_lowercase();
+    let object_id = claims
+        .get("oid")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if object_id.is_empty() {
         return Err(unauthorized(
-            &challenge,
+            &challenge(),
             "AKV10000: The token has no oid claim.",
         ));
     }
@@ -356,33 +395,31 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request, seen: &mut Seen) ->
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let host = host.strip_suffix(":443").unwrap_or(&host).to_string();
-    let port = match host.rsplit_once(':') {
-        Some((_, p)) => format!(":{p}"),
-        None => String::new(),
+    let host = host.strip_suffix(":443").unwrap_or(&host);
+    let resource = match host.rsplit_once(':') {
+        Some((_, p)) => format!("https://vault.{}:{p}", s.cfg.vault_domain),
+        None => format!("https://vault.{}", s.cfg.vault_domain),
     };
-    let resource = format!("https://vault.{}{port}", s.cfg.vault_domain);
-    let caller = authenticate(s, &parts.headers, &resource)?;
-    seen.caller = Some(caller.clone());
+    // the audit record keeps the caller; the request borrows it from there
+    let caller: &Caller = seen
+        .caller
+        .insert(authenticate(s, &parts.headers, &resource)?);
 
     let query: Vec<(String, String)> = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
         .map_err(|_| bad("The query string is malformed."))?;
-    let q = |k: &str| {
-        query
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(k))
-            .map(|(_, v)| v.clone())
-    };
-    let api_version =
-        q("api-version").ok_or_else(|| bad("The api-version query parameter is required."))?;
-    if !kvrules::data_api_version_ok(&api_version) {
+    let api_version: &str = query
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("api-version"))
+        .map(|(_, v)| v.as_str())
+        .ok_or_else(|| bad("The api-version query parameter is required."))?;
+    if !kvrules::data_api_version_ok(api_version) {
         return Err(bad(format!(
             "The specified version ({api_version}) is not recognized. Consider using the latest supported version ({}).",
             kvrules::LATEST_DATA_API_VERSION
         )));
     }
-    let path = parts.uri.path().to_string();
-    let target = route::parse(&path).ok_or_else(|| {
+    let path = parts.uri.path();
+    let target = route::parse(path).ok_or_else(|| {
         ServerError::kv(
             404,
             "NotFound",
@@ -395,25 +432,38 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request, seen: &mut Seen) ->
     let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| ());
     let m = parts.method;
     let (operation, write) = unit_of_work(&m, &target);
+    let base = format!("https://{host}");
     let keygen = KeyGen::default();
     let mut pass = 0;
     loop {
         pass += 1;
         keygen.state().in_place = pass >= KEYGEN_PASSES;
+        // the vault: a read takes it from the cache (no lookup, nothing parsed); a write, or a
+        // read that misses, reads it in its unit of work (so a write never acts on a vault
+        // changed or deleted through another server) and offers it to the cache with a ticket
+        // taken before the unit of work began
+        let cached = if write { None } else { s.vaults.get(vault) };
+        let ticket = s.vaults.ticket();
         let mut tx = if write {
             s.store.write(operation).await?
         } else {
             s.store.read(operation).await?
         };
-        // hot path: the vault by name and its access policies (`VaultSettings::of`) are read
-        // and parsed on every request; a cache invalidated by the store's change feed goes here
-        let rec = tx.get_vault_by_name(vault).await?.ok_or_else(|| {
-            ServerError::kv(
-                404,
-                "VaultNotFound",
-                format!("The vault '{vault}' does not exist."),
-            )
-        })?;
+        let entry = match cached {
+            Some(v) => v,
+            None => {
+                let rec = tx.get_vault_by_name(vault).await?.ok_or_else(|| {
+                    ServerError::kv(
+                        404,
+                        "VaultNotFound",
+                        format!("The vault '{vault}' does not exist."),
+                    )
+                })?;
+                let v = Arc::new(CachedVault::new(rec));
+                s.vaults.insert(ticket, v.clone());
+                v
+            }
+        };
         let body = body.as_ref().map_err(|_| {
             ServerError::kv(
                 413,
@@ -423,15 +473,15 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request, seen: &mut Seen) ->
         })?;
         let ctx = Ctx {
             s,
-            settings: VaultSettings::of(&rec),
-            vname: rec.name.to_ascii_lowercase(),
-            vault: rec,
-            base: format!("https://{host}"),
-            caller: caller.clone(),
+            vault: &entry.record,
+            settings: &entry.settings,
+            vname: &entry.name,
+            base: &base,
+            caller,
             now: s.vault_clock.now(),
-            query: query.clone(),
-            api_version: api_version.clone(),
-            path: path.clone(),
+            query: &query,
+            api_version,
+            path,
             authorized: Default::default(),
             keygen: &keygen,
             issuance: Default::default(),
@@ -561,12 +611,15 @@ impl<'a> Ctx<'a> {
     ) -> Result<()> {
         let _ = self.authorized.set((coll, op));
         let need = access::need(coll, op);
-        let caller = format!(
-            "appid={};oid={};iss={}",
-            self.caller.client_id,
-            self.caller.object_id,
-            self.s.issuer_v1()
-        );
+        // the caller as the refusal names it (built only for a refusal)
+        let caller = || {
+            format!(
+                "appid={};oid={};iss={}",
+                self.caller.client_id,
+                self.caller.object_id,
+                self.s.issuer_v1()
+            )
+        };
         if self.settings.rbac {
             let scope = match name {
                 Some(n) => format!("{}/{}/{n}", self.vault.resource_id, coll.path()),
@@ -581,7 +634,8 @@ impl<'a> Ctx<'a> {
                 "Forbidden",
                 "ForbiddenByRbac",
                 format!(
-                    "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: {caller}\r\nAction: '{}'\r\nResource: '{}'\r\nAssignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: 'DeniedWithNoValidRBAC' \r\nVault: {};location={}\r\n",
+                    "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: {}\r\nAction: '{}'\r\nResource: '{}'\r\nAssignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: 'DeniedWithNoValidRBAC' \r\nVault: {};location={}\r\n",
+                    caller(),
                     need.data_action,
                     scope.to_ascii_lowercase(),
                     self.vault.name,
@@ -604,7 +658,8 @@ impl<'a> Ctx<'a> {
             "Forbidden",
             "ForbiddenByPolicy",
             format!(
-                "The user, group or application '{caller}' does not have {} {} permission on key vault '{};location={}'. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125287",
+                "The user, group or application '{}' does not have {} {} permission on key vault '{};location={}'. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125287",
+                caller(),
                 coll.path(),
                 need.permission,
                 self.vault.name,
@@ -614,7 +669,7 @@ impl<'a> Ctx<'a> {
     }
 
     pub fn id(&self, coll: Coll, name: &str, version: Option<&str>) -> String {
-        kvrules::object_id(&self.base, coll, name, version)
+        kvrules::object_id(self.base, coll, name, version)
     }
 
     pub fn recovery_level(&self) -> &'static str {
@@ -627,22 +682,23 @@ impl<'a> Ctx<'a> {
 
     /// The `attributes` of a version.
     pub fn attributes(&self, v: &KvVersionRecord) -> Value {
-        let mut a = json!({
-            "enabled": v.enabled,
-            "created": v.created,
-            "updated": v.updated,
-            "recoveryLevel": self.recovery_level(),
-        });
-        if let Some(n) = v.nbf {
-            a["nbf"] = json!(n);
+        serde_json::to_value(self.attrs(v)).unwrap_or_default()
+    }
+
+    /// The `attributes` of a version, typed (serialized straight into a response body).
+    pub fn attrs(&self, v: &KvVersionRecord) -> Attributes {
+        Attributes {
+            created: v.created,
+            enabled: v.enabled,
+            exp: v.exp,
+            nbf: v.nbf,
+            recoverable_days: self
+                .settings
+                .soft_delete
+                .then_some(self.settings.retention_days),
+            recovery_level: self.recovery_level(),
+            updated: v.updated,
         }
-        if let Some(e) = v.exp {
-            a["exp"] = json!(e);
-        }
-        if self.settings.soft_delete {
-            a["recoverableDays"] = json!(self.settings.retention_days);
-        }
-        a
     }
 
     /// Not found, in the collection's words.
@@ -693,14 +749,11 @@ impl<'a> Ctx<'a> {
         name: &str,
         version: Option<&str>,
     ) -> Result<KvVersionRecord> {
-        let n = tx.kv_name(&self.vname, coll.path(), name).await?;
-        if n.as_ref().is_none_or(|n| n.deleted.is_some()) {
-            return Err(self.not_found(coll, name, version));
-        }
         if version.is_some_and(|v| !kvrules::valid_version(v)) {
             return Err(self.not_found(coll, name, version));
         }
-        tx.kv_version(&self.vname, coll.path(), name, version)
+        // one statement: the name must be live, the version must exist
+        tx.kv_live_version(self.vname, coll.path(), name, version)
             .await?
             .ok_or_else(|| self.not_found(coll, name, version))
     }
@@ -746,7 +799,7 @@ impl<'a> Ctx<'a> {
     /// request's unit of work is committed.
     pub fn start_issuance(&self, name: &str, request_id: &str) {
         let _ = self.issuance.set(Issuance {
-            vault: self.vname.clone(),
+            vault: self.vname.to_string(),
             name: name.to_string(),
             request_id: request_id.to_string(),
         });
@@ -767,7 +820,7 @@ impl<'a> Ctx<'a> {
         let (slice, next) = paging::page(items, key, after.as_deref(), size);
         let next_link = next.map(|k| {
             let mut q = vec![
-                ("api-version".to_string(), self.api_version.clone()),
+                ("api-version".to_string(), self.api_version.to_string()),
                 ("$skiptoken".to_string(), paging::encode_token(&k)),
             ];
             if let Some(m) = self.q("maxresults") {
@@ -788,7 +841,7 @@ impl<'a> Ctx<'a> {
 
     pub fn new_version(&self, coll: Coll, name: &str) -> KvVersionRecord {
         KvVersionRecord {
-            vault: self.vname.clone(),
+            vault: self.vname.to_string(),
             coll: coll.path().into(),
             name: name.to_string(),
             version: uuid::Uuid::new_v4().simple().to_string(),
@@ -814,10 +867,45 @@ impl<'a> Ctx<'a> {
         out: &mut Value,
     ) {
         if let Some((d, p)) = deleted {
-            out["recoveryId"] = json!(kvrules::recovery_id(&self.base, coll, name));
+            out["recoveryId"] = json!(kvrules::recovery_id(self.base, coll, name));
             out["deletedDate"] = json!(d);
             out["scheduledPurgeDate"] = json!(p);
         }
+    }
+}
+
+/// The `attributes` of a version. Fields are declared in the order of their JSON names' bytes —
+/// the order a `serde_json::Value` object keeps — so serializing this directly writes the same
+/// body as serializing it as a `Value`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attributes {
+    pub created: u64,
+    pub enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(rename = "recoverableDays", skip_serializing_if = "Option::is_none")]
+    pub recoverable_days: Option<u32>,
+    #[serde(rename = "recoveryLevel")]
+    pub recovery_level: &'static str,
+    pub updated: u64,
+}
+
+/// A `200` JSON response written straight from `v`, as `Json(v)` answers (same body and
+/// `Content-Type`), into a buffer sized for a bundle so it is not grown on the way.
+pub fn json_response<T: serde::Serialize>(v: &T) -> Response {
+    let mut buf = Vec::with_capacity(1024);
+    match serde_json::to_writer(&mut buf, v) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            buf,
+        )
+            .into_response(),
+        Err(e) => ServerError::kv(500, "InternalServerError", e.to_string()).into_response(),
     }
 }
 
@@ -855,12 +943,7 @@ async fn refuse_managed(
     name: &str,
     op: &str,
 ) -> Result<()> {
-    if coll != Coll::Certificates
-        && tx
-            .kv_name(&ctx.vname, "certificates", name)
-            .await?
-            .is_some()
-    {
+    if coll != Coll::Certificates && tx.kv_name(ctx.vname, "certificates", name).await?.is_some() {
         return Err(ServerError::kv(
             403,
             "Forbidden",
@@ -883,7 +966,7 @@ pub async fn common<R: Render>(
     let r = match (m, target) {
         (&Method::GET, Target::List(_)) => {
             ctx.authorize(tx, coll, Op::List, None).await?;
-            let items = tx.kv_latest(&ctx.vname, coll.path(), false).await?;
+            let items = tx.kv_latest(ctx.vname, coll.path(), false).await?;
             ctx.page(
                 &items,
                 |v| v.name.to_ascii_lowercase(),
@@ -894,7 +977,7 @@ pub async fn common<R: Render>(
             ctx.name(coll, name)?;
             ctx.authorize(tx, coll, Op::List, Some(name)).await?;
             ctx.live_version(tx, coll, name, None).await?;
-            let items = tx.kv_versions(&ctx.vname, coll.path(), name).await?;
+            let items = tx.kv_versions(ctx.vname, coll.path(), name).await?;
             let indexed: Vec<(usize, KvVersionRecord)> = items.into_iter().enumerate().collect();
             ctx.page(
                 &indexed,
@@ -917,7 +1000,7 @@ pub async fn common<R: Render>(
             refuse_managed(ctx, tx, coll, name, "delete").await?;
             let soft = ctx.settings.soft_delete;
             let purge_at = soft.then(|| ctx.now + u64::from(ctx.settings.retention_days) * 86_400);
-            tx.kv_delete(&ctx.vname, &cascade(coll), name, ctx.now, purge_at)
+            tx.kv_delete(ctx.vname, &cascade(coll), name, ctx.now, purge_at)
                 .await?;
             let mut out = R::bundle(ctx, &latest, false);
             ctx.deleted_fields(coll, &latest.name, purge_at.map(|p| (ctx.now, p)), &mut out);
@@ -925,8 +1008,8 @@ pub async fn common<R: Render>(
         }
         (&Method::GET, Target::Deleted(_)) => {
             ctx.authorize(tx, coll, Op::List, None).await?;
-            let names = tx.kv_names(&ctx.vname, coll.path(), true).await?;
-            let items = tx.kv_latest(&ctx.vname, coll.path(), true).await?;
+            let names = tx.kv_names(ctx.vname, coll.path(), true).await?;
+            let items = tx.kv_latest(ctx.vname, coll.path(), true).await?;
             ctx.page(
                 &items,
                 |v| v.name.to_ascii_lowercase(),
@@ -944,12 +1027,12 @@ pub async fn common<R: Render>(
         (&Method::GET, Target::DeletedItem(_, name)) => {
             ctx.name(coll, name)?;
             ctx.authorize(tx, coll, Op::GetDeleted, Some(name)).await?;
-            let n = tx.kv_name(&ctx.vname, coll.path(), name).await?;
+            let n = tx.kv_name(ctx.vname, coll.path(), name).await?;
             let Some(deleted) = n.and_then(|n| n.deleted) else {
                 return Err(ctx.deleted_not_found(coll, name));
             };
             let v = tx
-                .kv_version(&ctx.vname, coll.path(), name, None)
+                .kv_version(ctx.vname, coll.path(), name, None)
                 .await?
                 .ok_or_else(|| ctx.deleted_not_found(coll, name))?;
             let mut out = R::bundle(ctx, &v, false);
@@ -967,7 +1050,7 @@ pub async fn common<R: Render>(
                 ));
             }
             refuse_managed(ctx, tx, coll, name, "purge").await?;
-            if !tx.kv_purge(&ctx.vname, &cascade(coll), name).await? {
+            if !tx.kv_purge(ctx.vname, &cascade(coll), name).await? {
                 return Err(ctx.deleted_not_found(coll, name));
             }
             StatusCode::NO_CONTENT.into_response()
@@ -976,7 +1059,7 @@ pub async fn common<R: Render>(
             ctx.name(coll, name)?;
             ctx.authorize(tx, coll, Op::Recover, Some(name)).await?;
             refuse_managed(ctx, tx, coll, name, "recover").await?;
-            if !tx.kv_recover(&ctx.vname, &cascade(coll), name).await? {
+            if !tx.kv_recover(ctx.vname, &cascade(coll), name).await? {
                 return Err(ctx.deleted_not_found(coll, name));
             }
             let v = ctx.live_version(tx, coll, name, None).await?;

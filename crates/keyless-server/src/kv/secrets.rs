@@ -2,8 +2,8 @@
 //! operations. Values are sealed by the store; a certificate's secret is read-only here.
 
 use super::{
-    apply_attrs, bad, check_tags, common, method_not_allowed, parse_body, AttrsIn, Ctx, Render,
-    MAX_SECRET_VALUE,
+    apply_attrs, bad, check_tags, common, json_response, method_not_allowed, parse_body,
+    Attributes, AttrsIn, Ctx, Render, MAX_SECRET_VALUE,
 };
 use crate::error::{Result, ServerError};
 use axum::http::Method;
@@ -14,25 +14,52 @@ use keyless_core::vault::route::Target;
 use keyless_core::vault::Coll;
 use keyless_store::{KvVersionRecord, KvWrite, Tx};
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 pub struct Secrets;
+
+/// A `SecretBundle`, typed: a GET writes it straight into the response body. Fields are
+/// declared in the order of their JSON names' bytes — the order a `serde_json::Value` object
+/// keeps — so the body is the same as the [`Render::bundle`] `Value`'s.
+#[derive(serde::Serialize)]
+struct Bundle<'a> {
+    attributes: Attributes,
+    #[serde(rename = "contentType", skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
+    id: String,
+    /// A certificate's secret names the certificate's key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kid: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    managed: bool,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    tags: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<Cow<'a, str>>,
+}
+
+impl<'a> Bundle<'a> {
+    fn of(ctx: &Ctx<'_>, v: &'a KvVersionRecord, value: bool) -> Self {
+        Bundle {
+            attributes: ctx.attrs(v),
+            content_type: v.content_type.as_deref(),
+            id: ctx.id(Coll::Secrets, &v.name, Some(&v.version)),
+            kid: v
+                .managed
+                .then(|| ctx.id(Coll::Keys, &v.name, Some(&v.version))),
+            managed: v.managed,
+            tags: &v.tags,
+            value: value.then(|| String::from_utf8_lossy(v.private.as_deref().unwrap_or_default())),
+        }
+    }
+}
 
 impl Render for Secrets {
     const COLL: Coll = Coll::Secrets;
 
     fn bundle(ctx: &Ctx<'_>, v: &KvVersionRecord, value: bool) -> Value {
-        let mut out = json!({
-            "id": ctx.id(Coll::Secrets, &v.name, Some(&v.version)),
-            "attributes": ctx.attributes(v),
-        });
-        if value {
-            out["value"] = json!(String::from_utf8_lossy(
-                v.private.as_deref().unwrap_or_default()
-            ));
-        }
-        common_fields(ctx, v, &mut out);
-        out
+        serde_json::to_value(Bundle::of(ctx, v, value)).unwrap_or_default()
     }
 
     fn item(ctx: &Ctx<'_>, v: &KvVersionRecord, versioned: bool) -> Value {
@@ -110,7 +137,7 @@ pub async fn handle(
             check_content_type(&b.content_type)?;
             check_tags(&b.tags)?;
             if tx
-                .kv_name(&ctx.vname, "certificates", &name)
+                .kv_name(ctx.vname, "certificates", &name)
                 .await?
                 .is_some()
             {
@@ -121,7 +148,7 @@ pub async fn handle(
                 ));
             }
             let mut v = ctx.new_version(Coll::Secrets, &name);
-            if let Some(existing) = tx.kv_name(&ctx.vname, "secrets", &name).await? {
+            if let Some(existing) = tx.kv_name(ctx.vname, "secrets", &name).await? {
                 v.name = existing.name;
             }
             v.content_type = b.content_type;
@@ -176,7 +203,7 @@ pub async fn handle(
                     ));
                 }
             }
-            Ok(Json(Secrets::bundle(ctx, &v, true)).into_response())
+            Ok(json_response(&Bundle::of(ctx, &v, true)))
         }
         (&Method::PATCH, Target::Object { name, version, .. }) => {
             ctx.name(Coll::Secrets, &name)?;
@@ -210,5 +237,83 @@ pub async fn handle(
             Ok(Json(Secrets::bundle(ctx, &v, false)).into_response())
         }
         (m, _) => Err(method_not_allowed(m)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(soft_delete: bool, times: bool) -> Attributes {
+        Attributes {
+            created: 10,
+            enabled: true,
+            exp: times.then_some(30),
+            nbf: times.then_some(5),
+            recoverable_days: soft_delete.then_some(90),
+            recovery_level: "Recoverable+Purgeable",
+            updated: 20,
+        }
+    }
+
+    /// The body a GET writes from the typed bundle is, byte for byte, the one the `Value`
+    /// built as before (`json!` + the optional fields) serializes to.
+    #[test]
+    fn typed_bundle_writes_the_value_body() {
+        let tags: BTreeMap<String, String> = [("env".to_string(), "prod".to_string())].into();
+        let none = BTreeMap::new();
+        for (soft, times, ct, managed, tags, value) in [
+            (true, false, None, false, &none, Some("s3cret")),
+            (false, true, Some("text/plain"), false, &tags, Some("é\"\n")),
+            (
+                true,
+                true,
+                Some("application/x-pem-file"),
+                true,
+                &tags,
+                Some("PEM"),
+            ),
+            (true, false, None, false, &none, None),
+        ] {
+            let b = Bundle {
+                attributes: attrs(soft, times),
+                content_type: ct,
+                id: "https://kv.vault.localhost/secrets/n/v1".into(),
+                kid: managed.then(|| "https://kv.vault.localhost/keys/n/v1".to_string()),
+                managed,
+                tags,
+                value: value.map(Cow::Borrowed),
+            };
+            // as the bundle was built before: json! then the optional fields
+            let mut a = json!({"enabled": true, "created": 10, "updated": 20, "recoveryLevel": "Recoverable+Purgeable"});
+            if times {
+                a["nbf"] = json!(5);
+                a["exp"] = json!(30);
+            }
+            if soft {
+                a["recoverableDays"] = json!(90u32);
+            }
+            let mut want =
+                json!({"id": "https://kv.vault.localhost/secrets/n/v1", "attributes": a});
+            if let Some(v) = value {
+                want["value"] = json!(v);
+            }
+            if let Some(c) = ct {
+                want["contentType"] = json!(c);
+            }
+            if !tags.is_empty() {
+                want["tags"] = json!(tags);
+            }
+            if managed {
+                want["managed"] = json!(true);
+                want["kid"] = json!("https://kv.vault.localhost/keys/n/v1");
+            }
+            let direct = serde_json::to_vec(&b).unwrap();
+            assert_eq!(
+                String::from_utf8(direct).unwrap(),
+                serde_json::to_string(&want).unwrap()
+            );
+            assert_eq!(serde_json::to_value(&b).unwrap(), want);
+        }
     }
 }

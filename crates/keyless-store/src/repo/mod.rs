@@ -2,6 +2,7 @@
 //! speak (see `db.rs` for the rules).
 
 pub mod activity;
+pub mod changes;
 pub mod cluster;
 pub mod directory;
 pub mod groups;

@@ -6,6 +6,10 @@
 //! private part sealed with the key-encryption key). A write of versions locks the name rows
 //! it writes under first, so on PostgreSQL two writers of one name take turns: `seq` is
 //! computed under the lock and a renewal's `expect_latest` is checked under it.
+//!
+//! Servers cache vaults (the data plane reads one on every request): every write of a vault row
+//! (create, update, delete, a resource group's delete) appends a `vault` change to the feed in
+//! its transaction (`repo::changes`).
 
 use crate::db::{Backend, Param, Row};
 use crate::store::{json, lower};
@@ -151,7 +155,8 @@ impl Tx {
     }
 
     /// Insert or replace a vault; true when created. Fails with
-    /// `Conflict(NameTaken)` when another vault has the name (vault names are global).
+    /// `Conflict(NameTaken)` when another vault has the name (vault names are global). A
+    /// `vault` change is recorded.
     pub async fn put_vault(&mut self, v: &VaultRecord) -> Result<bool> {
         let body = json(v)?;
         let name_key = lower(&v.name);
@@ -171,6 +176,7 @@ impl Tx {
             )
             .await?;
         if n == 1 {
+            self.record_change(change_kind::VAULT, &name_key).await?;
             return Ok(true);
         }
         let holder = self
@@ -192,6 +198,7 @@ impl Tx {
             &params![&v.key, &body],
         )
         .await?;
+        self.record_change(change_kind::VAULT, &name_key).await?;
         Ok(false)
     }
 
@@ -231,7 +238,8 @@ impl Tx {
         rows.iter().map(|r| r.json(0)).collect()
     }
 
-    /// Delete a vault and everything in it, and the role assignments on its scope.
+    /// Delete a vault and everything in it, and the role assignments on its scope (a `vault`
+    /// change is recorded).
     pub async fn delete_vault(&mut self, key: &str) -> Result<bool> {
         let key = lower(key);
         let row = self
@@ -243,6 +251,7 @@ impl Tx {
         let Some(row) = row else { return Ok(false) };
         self.delete_vault_objects(row.str(0)?).await?;
         self.delete_assignments_under(&key).await?;
+        self.record_change(change_kind::VAULT, row.str(0)?).await?;
         Ok(true)
     }
 
@@ -336,6 +345,46 @@ impl Tx {
                 self.query_opt(
                     "SELECT body, sealed FROM kv_versions WHERE vault = $1 AND coll = $2 AND name_key = $3
                      ORDER BY seq DESC LIMIT 1",
+                    &params![vault, coll, &key],
+                )
+                .await?
+            }
+        };
+        match row {
+            Some(r) => Ok(Some(self.unseal(r.json(0)?, r.opt_bytes(1)?)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A version (`None`: the latest) of a live object — `None` when the name does not exist,
+    /// is soft-deleted, or has no such version — with its private material unsealed. One
+    /// statement: the name row by its primary key, the version by its primary key (or
+    /// `kv_versions_seq` for the latest).
+    pub async fn kv_live_version(
+        &mut self,
+        vault: &str,
+        coll: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<KvVersionRecord>> {
+        let key = lower(name);
+        let row = match version {
+            Some(v) => {
+                self.query_opt(
+                    "SELECT v.body, v.sealed FROM kv_names n JOIN kv_versions v
+                       ON v.vault = n.vault AND v.coll = n.coll AND v.name_key = n.name_key
+                     WHERE n.vault = $1 AND n.coll = $2 AND n.name_key = $3 AND n.deleted_at IS NULL
+                       AND v.version = $4",
+                    &params![vault, coll, &key, v],
+                )
+                .await?
+            }
+            None => {
+                self.query_opt(
+                    "SELECT v.body, v.sealed FROM kv_names n JOIN kv_versions v
+                       ON v.vault = n.vault AND v.coll = n.coll AND v.name_key = n.name_key
+                     WHERE n.vault = $1 AND n.coll = $2 AND n.name_key = $3 AND n.deleted_at IS NULL
+                     ORDER BY v.seq DESC LIMIT 1",
                     &params![vault, coll, &key],
                 )
                 .await?
@@ -592,6 +641,7 @@ impl Tx {
             .await?;
         for r in &names {
             self.delete_vault_objects(r.str(0)?).await?;
+            self.record_change(change_kind::VAULT, r.str(0)?).await?;
         }
         Ok(())
     }

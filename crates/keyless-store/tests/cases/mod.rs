@@ -4,6 +4,7 @@
 use crate::CaseFn;
 
 mod activity;
+mod changes;
 mod cluster;
 mod directory;
 mod groups;
@@ -34,6 +35,7 @@ pub fn all() -> Vec<(&'static str, CaseFn)> {
         tracked::CASES,
         cluster::CASES,
         activity::CASES,
+        changes::CASES,
     ]
     .concat()
 }

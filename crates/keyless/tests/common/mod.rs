@@ -187,10 +187,9 @@ pub async fn stored_bytes(data_dir: &Path) -> Vec<u8> {
         &keyless_store::testing::database_for_dir(data_dir),
     );
     let kek = keyless_store::Kek::load_or_create(&data_dir.join("kek")).unwrap();
-    let store =
-        keyless_store::Store::postgres(&keyless_store::postgres::PgOptions::new(url), kek)
-            .await
-            .unwrap();
+    let store = keyless_store::Store::postgres(&keyless_store::postgres::PgOptions::new(url), kek)
+        .await
+        .unwrap();
     let mut dump = vec![];
     store.backup(&mut dump).await.unwrap();
     for line in dump.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
