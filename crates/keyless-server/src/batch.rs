@@ -198,6 +198,7 @@ pub async fn put_pool(
     let acct = get_account(s, tx, account).await?;
     validate_pool_name(pool)?;
     let key = pool_key(account, pool);
+    tx.lock_row("vms", "key", &key).await?; // read-modify-write, see resources::write_vm
     let existing = tx.get_vm(&key).await?;
     if patch && existing.is_none() {
         return Err(pool_not_found(account, pool));

@@ -282,6 +282,10 @@ pub async fn write_vm(
 ) -> Result<(VmRecord, bool)> {
     let rg = get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
     names::validate_vm_name(&rid.name).map_err(name_err)?;
+    // read-modify-write of the VM's identity set: the row stays locked until the unit of work
+    // ends, so a concurrent write on another replica cannot undo a removal or slip an
+    // identity past the assign check
+    tx.lock_row("vms", "key", &rid.key()).await?;
     let existing = tx.get_vm(&rid.key()).await?;
     if patch && existing.is_none() {
         return Err(not_found(rid));

@@ -47,36 +47,47 @@ pub fn is_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
-/// `url` with any password replaced by `***` (for messages and logs).
+/// `url` with any password replaced by `***` (for messages and logs): the one in the
+/// authority (`user:password@`) and a `password=` parameter, in the URL or the key=value form.
 pub fn redact(url: &str) -> String {
+    let redact_params = |q: &str, sep: char| -> String {
+        q.split(sep)
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.trim().eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(&sep.to_string())
+    };
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        // key=value form: host=… password=…
+        return redact_params(url, ' ');
     };
-    let (auth, host) = match rest.rsplit_once('@') {
-        Some((a, h)) => (a, h),
-        None => return url.to_string(),
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
     };
-    let user = auth.split_once(':').map(|(u, _)| u).unwrap_or(auth);
-    let mut out = format!("{scheme}://{user}");
-    if auth.contains(':') {
-        out.push_str(":***");
+    // the authority ends at the first '/' (a '@' later in the path or query is not one)
+    let (authority, path) = match before_query.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (before_query, None),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{auth}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let mut out = format!("{scheme}://{authority}");
+    if let Some(p) = path {
+        out.push('/');
+        out.push_str(p);
     }
-    out.push('@');
-    // a password may also come as a query parameter
-    let host = match host.split_once('?') {
-        Some((h, q)) => {
-            let q: Vec<String> = q
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                    _ => kv.to_string(),
-                })
-                .collect();
-            format!("{h}?{}", q.join("&"))
-        }
-        None => host.to_string(),
-    };
-    out.push_str(&host);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(&redact_params(q, '&'));
+    }
     out
 }
 
@@ -265,8 +276,9 @@ impl Db for PgDb {
     }
 
     async fn begin(&self, write: bool) -> Result<Box<dyn Conn>> {
-        let client = self.pool.get().await?;
+        let client = Unsettled(Some(self.pool.get().await?));
         client
+            .get()
             .batch_execute(if write {
                 "BEGIN ISOLATION LEVEL READ COMMITTED"
             } else {
@@ -274,8 +286,31 @@ impl Db for PgDb {
             })
             .await?;
         Ok(Box::new(PgConn {
-            client: Some(client),
+            client: Some(client.settle()),
         }))
+    }
+}
+
+/// A pooled connection while a `BEGIN` or `COMMIT` is in flight: if the caller's future is
+/// dropped (a timeout) or the statement fails, the connection's transaction state is unknown,
+/// so it is detached from the pool and closed rather than handed to the next request inside
+/// a transaction.
+struct Unsettled(Option<deadpool_postgres::Object>);
+
+impl Unsettled {
+    fn get(&self) -> &deadpool_postgres::Object {
+        self.0.as_ref().expect("present until settled")
+    }
+    fn settle(mut self) -> deadpool_postgres::Object {
+        self.0.take().expect("present until settled")
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        if let Some(o) = self.0.take() {
+            let _ = deadpool_postgres::Object::take(o);
+        }
     }
 }
 
@@ -311,8 +346,10 @@ impl Conn for PgConn {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        let client = self.client.take().expect("client present until the end");
-        client.batch_execute("COMMIT").await?;
+        let client = Unsettled(self.client.take());
+        client.get().batch_execute("COMMIT").await?;
+        // back to the pool only once the commit answered
+        drop(client.settle());
         Ok(())
     }
 
@@ -350,5 +387,17 @@ mod tests {
             "postgres://app@db/k?password=***&sslmode=disable"
         );
         assert_eq!(super::redact("postgres://db/k"), "postgres://db/k");
+        assert_eq!(
+            super::redact("postgres://db/keyless?user=k&password=s3cret"),
+            "postgres://db/keyless?user=k&password=***"
+        );
+        assert_eq!(
+            super::redact("postgres://app:pw@db/k?application_name=a@b"),
+            "postgres://app:***@db/k?application_name=a@b"
+        );
+        assert_eq!(
+            super::redact("host=db user=app password=s3cret"),
+            "host=db user=app password=***"
+        );
     }
 }

@@ -131,12 +131,29 @@ async fn prepare(s: &Store, case: &str) {
             tx.put_identity(&identity()).await.unwrap();
         }
         "join_token" => {
+            let mut host = scale_set();
+            host.key = "vm".into();
+            tx.put_vm(&host, None, &[]).await.unwrap();
             tx.insert_join_token("h1", "vm", 100).await.unwrap();
         }
         "instances" => {
             tx.put_vm(&scale_set(), None, &[]).await.unwrap();
         }
         "renewal" => {
+            let rid = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv1";
+            tx.put_vault(&VaultRecord {
+                key: rid.to_lowercase(),
+                resource_id: rid.into(),
+                name: "kv1".into(),
+                subscription: "s".into(),
+                resource_group: "rg".into(),
+                location: "local".into(),
+                tags: Default::default(),
+                properties: serde_json::json!({}),
+                created: 1,
+            })
+            .await
+            .unwrap();
             let w = KvWrite {
                 versions: vec![version("certificates", "v1", b"")],
                 extra: None,

@@ -154,6 +154,7 @@ impl Tx {
         vm_key: &str,
         expires_at: u64,
     ) -> Result<()> {
+        self.hold_host(vm_key).await?;
         self.execute(
             "INSERT INTO join_tokens(hash, vm_key, expires_at) VALUES ($1, $2, $3)",
             &params![hash, vm_key, expires_at],
@@ -194,6 +195,7 @@ impl Tx {
     }
 
     pub async fn insert_host_credential(&mut self, cred: &HostCredentialRecord) -> Result<()> {
+        self.hold_host(&cred.vm_key).await?;
         self.execute(
             "INSERT INTO host_credentials(fingerprint, vm_key, not_after, body) VALUES ($1, $2, $3, $4)",
             &params![&cred.fingerprint, &cred.vm_key, cred.not_after, &json(cred)?],
@@ -345,5 +347,26 @@ impl Tx {
             self.execute(sql, &params![key]).await?;
         }
         Ok(n > 0)
+    }
+
+    /// The host a join token or credential is for (a VM or scale set, a scale-set or pool
+    /// instance, or a pool) must exist, and stays until this unit of work ends: a delete of it
+    /// racing on another replica waits, then removes what this one wrote — a credential must
+    /// never outlive its host and pass for a host recreated under the same id.
+    async fn hold_host(&mut self, key: &str) -> Result<()> {
+        for table in ["vms", "vmss_instances", "tracked"] {
+            let sql = match self.backend() {
+                crate::db::Backend::Sqlite => format!("SELECT 1 FROM {table} WHERE key = $1"),
+                crate::db::Backend::Postgres => {
+                    format!("SELECT 1 FROM {table} WHERE key = $1 FOR KEY SHARE")
+                }
+            };
+            if self.query_opt(&sql, &params![key]).await?.is_some() {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Conflict(Conflict::MissingReference(format!(
+            "host {key} does not exist"
+        ))))
     }
 }

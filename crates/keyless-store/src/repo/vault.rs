@@ -434,6 +434,21 @@ impl Tx {
         let Some(first) = w.versions.first() else {
             return Ok(KvWriteOutcome::Written);
         };
+        // the vault must exist, and stay until this write ends: a vault delete racing this
+        // write (another replica) waits for it and then removes what it wrote, instead of
+        // leaving objects behind for the next vault of that name
+        for vault in w.versions.iter().map(|v| lower(&v.vault)) {
+            let sql = locking(
+                self.backend(),
+                "SELECT 1 FROM vaults WHERE name_key = $1",
+                "FOR KEY SHARE",
+            );
+            if self.query_opt(&sql, &params![&vault]).await?.is_none() {
+                return Err(StoreError::Conflict(Conflict::MissingReference(format!(
+                    "vault {vault} does not exist"
+                ))));
+            }
+        }
         // name rows this write created: removed again when it ends up writing nothing
         let mut created: Vec<(String, String, String)> = Vec::new();
         if let Some((coll, expect)) = &w.expect_latest {
@@ -676,6 +691,13 @@ mod tests {
     /// with the store's key only.
     async fn sealed_in_its_row(s: &Store, other: &Store) {
         let mut tx = s.write("test").await.unwrap();
+        // the vault the version belongs to (kv_write requires it)
+        tx.execute(
+            "INSERT INTO vaults(key, name_key, subscription, rg_key, body) VALUES ('v', 'kv1', 's', 'g', '{}')",
+            &params![],
+        )
+        .await
+        .unwrap();
         let w = KvWrite {
             versions: vec![ver(MARKER)],
             extra: None,

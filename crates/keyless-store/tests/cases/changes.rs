@@ -2,7 +2,7 @@
 //! other's writes to cached data), and the one-statement read of a live version the cached
 //! Key Vault data plane makes instead of a name lookup and a version lookup.
 
-use super::vault::{in_read, in_write, vault, ver};
+use super::vault::{ensure_vault, in_read, in_write, vault, ver};
 use crate::case;
 use keyless_store::*;
 use std::sync::{Arc, Mutex};
@@ -254,6 +254,7 @@ async fn purge_keeps_readers_in_step_or_resets_them(s: Store) {
 }
 
 async fn live_version_reads_live_names_only(s: Store) {
+    ensure_vault(&s, "kv1").await;
     let write = |v: KvVersionRecord| {
         let s = s.clone();
         async move {

@@ -7,6 +7,7 @@ use crate::case;
 use keyless_store::*;
 
 pub const CASES: &[(&str, crate::CaseFn)] = &[
+    case!(tokens_and_credentials_need_their_host),
     case!(vm_lifecycle_with_identities),
     case!(vms_are_listed_by_group),
     case!(a_vm_delete_takes_what_it_owns),
@@ -18,6 +19,13 @@ pub const CASES: &[(&str, crate::CaseFn)] = &[
     case!(concurrent_instances_respect_the_limit_and_never_reuse_ids),
     case!(an_identity_deleted_while_assigned_leaves_no_assignment),
 ];
+
+/// A host row stored under the bare key `key` (join tokens and credentials need their host).
+pub(crate) async fn bare_host(s: &Store, key: &str) {
+    let mut v = vm(key);
+    v.key = key.to_string();
+    wtx!(s, |tx| tx.put_vm(&v, None, &[]).await).unwrap();
+}
 
 /// A VM `name` in group `rg` of subscription `s`.
 pub(crate) fn vm(name: &str) -> VmRecord {
@@ -225,6 +233,7 @@ async fn a_vm_delete_takes_what_it_owns(s: Store) {
 }
 
 async fn join_tokens_are_single_use(s: Store) {
+    bare_host(&s, "vm").await;
     wtx!(s, |tx| tx.insert_join_token("h", "vm", 100).await).unwrap();
     let consume = |hash: &'static str, now: u64| {
         let s = s.clone();
@@ -262,6 +271,7 @@ async fn join_tokens_are_single_use(s: Store) {
 }
 
 async fn concurrent_join_token_consumers_one_wins(s: Store) {
+    bare_host(&s, "vm").await;
     for round in 0..3 {
         let hash = format!("h{round}");
         wtx!(s, |tx| tx.insert_join_token(&hash, "vm", 100).await).unwrap();
@@ -455,4 +465,20 @@ async fn an_identity_deleted_while_assigned_leaves_no_assignment(s: Store) {
         );
         assert!(wtx!(s, |tx| tx.delete_identity(&u.key).await).unwrap());
     }
+}
+
+/// A join token or host credential is only written for a host that exists, so neither can
+/// outlive a host deleted on another replica and pass for one recreated under its id.
+async fn tokens_and_credentials_need_their_host(s: Store) {
+    assert!(matches!(
+        wtx!(s, |tx| tx.insert_join_token("h", "gone", 100).await),
+        Err(StoreError::Conflict(Conflict::MissingReference(_)))
+    ));
+    assert!(matches!(
+        wtx!(s, |tx| tx.insert_host_credential(&cred("f", "gone")).await),
+        Err(StoreError::Conflict(Conflict::MissingReference(_)))
+    ));
+    bare_host(&s, "gone").await;
+    wtx!(s, |tx| tx.insert_join_token("h", "gone", 100).await).unwrap();
+    wtx!(s, |tx| tx.insert_host_credential(&cred("f", "gone")).await).unwrap();
 }

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 pub const CASES: &[(&str, crate::CaseFn)] = &[
+    case!(an_object_needs_its_vault),
     case!(versions_delete_recover_purge),
     case!(a_write_meeting_a_deleted_name_leaves_nothing),
     case!(expect_latest_makes_renewal_single),
@@ -108,7 +109,18 @@ fn one(v: KvVersionRecord) -> KvWrite {
     }
 }
 
+/// Vault `name` (group `rg`), created unless it exists: objects are only written into a
+/// vault that exists.
+pub(crate) async fn ensure_vault(s: &Store, name: &str) {
+    let mut tx = s.write("test").await.unwrap();
+    if tx.get_vault_by_name(name).await.unwrap().is_none() {
+        tx.put_vault(&vault(name, "rg")).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
 async fn write(s: &Store, v: KvVersionRecord) -> KvWriteOutcome {
+    ensure_vault(s, &v.vault).await;
     in_write!(s, |tx| tx.kv_write(&one(v)).await).unwrap()
 }
 
@@ -129,6 +141,7 @@ pub(crate) fn vault(name: &str, rg: &str) -> VaultRecord {
 }
 
 async fn versions_delete_recover_purge(s: Store) {
+    ensure_vault(&s, "kv1").await;
     assert_eq!(
         write(&s, ver("secrets", "Db-Pass", "a1", b"one")).await,
         KvWriteOutcome::Written
@@ -267,6 +280,7 @@ async fn versions_delete_recover_purge(s: Store) {
 }
 
 async fn a_write_meeting_a_deleted_name_leaves_nothing(s: Store) {
+    ensure_vault(&s, "kv1").await;
     write(&s, ver("secrets", "c", "s1", b"x")).await;
     in_write!(s, |tx| tx
         .kv_delete("kv1", &["secrets"], "c", 1, Some(100))
@@ -326,6 +340,7 @@ async fn a_write_meeting_a_deleted_name_leaves_nothing(s: Store) {
 }
 
 async fn expect_latest_makes_renewal_single(s: Store) {
+    ensure_vault(&s, "kv1").await;
     write(&s, ver("certificates", "c", "v1", b"k")).await;
     let renew = |v: &str, expect: Option<&str>| KvWrite {
         versions: vec![ver("certificates", "c", v, b"k")],
@@ -378,6 +393,7 @@ async fn expect_latest_makes_renewal_single(s: Store) {
 }
 
 async fn names_keep_their_state_and_versions_their_updates(s: Store) {
+    ensure_vault(&s, "kv1").await;
     // per-object state may come before any version (a pending certificate operation)
     assert!(in_write!(s, |tx| tx
         .kv_set_extra(
@@ -566,6 +582,7 @@ async fn a_group_delete_takes_its_vaults(s: Store) {
 }
 
 async fn concurrent_renewals_write_one_version(s: Store) {
+    ensure_vault(&s, "kv1").await;
     write(&s, ver("certificates", "c", "v1", b"k")).await;
     let outcomes = racing(&s, 10, |i, mut tx| async move {
         let w = KvWrite {
@@ -613,6 +630,7 @@ async fn concurrent_renewals_write_one_version(s: Store) {
 }
 
 async fn concurrent_first_writes_take_turns(s: Store) {
+    ensure_vault(&s, "kv1").await;
     // plain writes of a new name: every one is kept, each its own seq
     let outcomes = racing(&s, 10, |i, mut tx| async move {
         let out = tx
@@ -692,4 +710,28 @@ async fn concurrent_vault_creates_one_wins(s: Store) {
             round + 1
         );
     }
+}
+
+/// Objects are written only into a vault that exists (and holds until the write ends, so a
+/// vault delete on another replica cannot leave them behind for the next vault of the name).
+async fn an_object_needs_its_vault(s: Store) {
+    let w = one(ver("secrets", "orphan", "a1", b"x"));
+    assert!(matches!(
+        in_write!(s, |tx| tx.kv_write(&w).await),
+        Err(StoreError::Conflict(Conflict::MissingReference(_)))
+    ));
+    ensure_vault(&s, "kv1").await;
+    assert_eq!(
+        in_write!(s, |tx| tx.kv_write(&w).await).unwrap(),
+        KvWriteOutcome::Written
+    );
+    // the vault goes, and its objects with it; a new vault of that name starts empty
+    let v = in_read!(s, |tx| tx.get_vault_by_name("kv1").await)
+        .unwrap()
+        .unwrap();
+    assert!(in_write!(s, |tx| tx.delete_vault(&v.key).await).unwrap());
+    ensure_vault(&s, "kv1").await;
+    assert!(in_read!(s, |tx| tx.kv_names("kv1", "secrets", false).await)
+        .unwrap()
+        .is_empty());
 }
