@@ -295,7 +295,7 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
         .filter(|b| b.len() <= MAX_BODY)
         .ok_or(ServerError::RequestTooLarge(MAX_BODY))?;
     let claim = match fic_write(&parts.method, &path) {
-        Some(identity) => Some(crate::fics::claim_writes(&s, identity).await?),
+        Some(identity) => Some(crate::fics::claim_writes(&s, &caller, identity).await?),
         None => None,
     };
     let req = ArmRequest {
@@ -1349,7 +1349,8 @@ mod tests {
         let body = json!({"properties": {"issuer": "https://issuer.example", "subject": "s1", "audiences": ["api://AzureADTokenExchange"]}});
         // another writer (any process) holds the identity's claim
         let rid = ResourceId::parse(&id).unwrap();
-        let other = crate::fics::claim_writes(&s, &rid).await.unwrap().unwrap();
+        let claim = format!("fic:{}", rid.key());
+        let other = s.store.claim(&claim, s.now(), 30).await.unwrap().unwrap();
         let (st, v) = call(&s, &token, Method::PUT, &fic, body.clone()).await;
         assert_eq!(st, 409, "{v}");
         assert_eq!(
@@ -1364,6 +1365,6 @@ mod tests {
         // released after the commit: the next write and the next claim go through
         let (st, _) = call(&s, &token, Method::PUT, &fic, body).await;
         assert_eq!(st, 200);
-        assert!(crate::fics::claim_writes(&s, &rid).await.unwrap().is_some());
+        assert!(s.store.claim(&claim, s.now(), 30).await.unwrap().is_some());
     }
 }

@@ -59,9 +59,28 @@ struct Props {
 /// How long a write claim lasts at most, should its holder die before releasing it (seconds).
 const CLAIM_TTL: u64 = 30;
 
-/// Take the write claim on `identity`'s federated credentials, for a PUT: `None` when another
-/// write holds it. Taken before the request's unit of work begins, released after it ends.
-pub async fn claim_writes(s: &AppState, identity: &ResourceId) -> Result<Option<Claim>> {
+/// Take the write claim on `identity`'s federated credentials, for a PUT by a caller who may
+/// write them: `None` when another write holds it, or when the caller may not write (the
+/// handler then refuses it 403 without having held anyone up). Taken before the request's unit of work begins, released after it ends.
+pub async fn claim_writes(
+    s: &AppState,
+    caller: &Caller,
+    identity: &ResourceId,
+) -> Result<Option<Claim>> {
+    // only a caller who may write the credentials takes the claim: anyone else is refused
+    // 403 by the handler and must not make a legitimate writer's request a 409 meanwhile
+    let mut tx = s.store.read("fic_claim_authz").await?;
+    let may_write = authz::permitted(
+        &mut tx,
+        &caller.object_id,
+        "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/write",
+        &identity.canonical(),
+    )
+    .await?;
+    drop(tx);
+    if !may_write {
+        return Ok(None);
+    }
     let name = format!("fic:{}", identity.key());
     Ok(s.store.claim(&name, s.now(), CLAIM_TTL).await?)
 }
