@@ -204,6 +204,29 @@ fn tls(opts: &PgOptions) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
+/// Without an `sslmode` in the URL, a server on another machine is reached over TLS only:
+/// tokio-postgres's default, `prefer`, falls back to plain text when the other end answers
+/// "no TLS" — which anyone on the path can answer. Loopback and Unix sockets keep `prefer`.
+/// An explicit `sslmode` (even `disable`) is the operator's choice.
+fn secure_default(cfg: &mut tokio_postgres::Config, url: &str) {
+    use tokio_postgres::config::{Host, SslMode};
+    if url.to_ascii_lowercase().contains("sslmode=") {
+        return;
+    }
+    let local = cfg.get_hosts().iter().all(|h| match h {
+        Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Host::Unix(_) => true,
+    });
+    if !local {
+        cfg.ssl_mode(SslMode::Require);
+    }
+}
+
 /// A PostgreSQL database.
 pub struct PgDb {
     pool: Pool,
@@ -213,10 +236,11 @@ impl PgDb {
     /// Connect, check the server answers and apply pending migrations (under an advisory lock,
     /// so replicas starting together migrate once).
     pub async fn connect(opts: &PgOptions) -> Result<Self> {
-        let cfg: tokio_postgres::Config =
+        let mut cfg: tokio_postgres::Config =
             opts.url.parse().map_err(|e: tokio_postgres::Error| {
                 StoreError::Backend(format!("database URL: {e}"))
             })?;
+        secure_default(&mut cfg, &opts.url);
         let mgr = Manager::from_config(
             cfg,
             tls(opts)?,
@@ -376,6 +400,24 @@ impl Conn for PgConn {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tls_is_required_for_remote_servers_unless_the_url_says_otherwise() {
+        use tokio_postgres::config::SslMode;
+        let mode = |url: &str| {
+            let mut cfg: tokio_postgres::Config = url.parse().unwrap();
+            super::secure_default(&mut cfg, url);
+            cfg.get_ssl_mode()
+        };
+        assert_eq!(mode("postgres://k@db.example/keyless"), SslMode::Require);
+        assert_eq!(mode("postgres://k@10.0.0.5:5432/keyless"), SslMode::Require);
+        assert_eq!(mode("postgres://k@127.0.0.1:5432/keyless"), SslMode::Prefer);
+        assert_eq!(mode("postgres://k@localhost/keyless"), SslMode::Prefer);
+        assert_eq!(
+            mode("postgres://k@db.example/keyless?sslmode=disable"),
+            SslMode::Disable
+        );
+    }
+
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(
