@@ -2,8 +2,8 @@
 //! `GET /v1.0/servicePrincipals?$filter=appId eq '…'` (or `id eq '…'`), so tools can resolve an
 //! assignee given by client id to its object id, as `az role assignment create --assignee` does.
 
-use crate::arm::authenticate_with;
 use crate::error::{Result, ServerError};
+use crate::request::authenticate_with;
 use crate::state::AppState;
 use axum::extract::{Path, Request, State};
 use axum::routing::get;
@@ -138,7 +138,7 @@ async fn create_app(
     let body = axum::body::to_bytes(req.into_body(), 256 * 1024)
         .await
         .map_err(|_| ServerError::RequestTooLarge(256 * 1024))?;
-    let app: NewApp = crate::arm::parse_body(&body)?;
+    let app: NewApp = crate::request::parse_body(&body)?;
     let name = app.display_name.trim();
     if name.is_empty() || name.chars().count() > 256 {
         return Err(ServerError::InvalidParameter {

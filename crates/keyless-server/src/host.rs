@@ -192,7 +192,7 @@ async fn join(
     })?;
     // joining a scale set makes the host a new instance of it
     let instance = if keyless_core::resource_id::is_host_group(&vm.resource_id) {
-        let target = crate::batch::target_nodes(&vm);
+        let target = crate::arm::batch::target_nodes(&vm);
         match tx
             .create_instance(&vm.key, &vm.resource_id, s.now(), target)
             .await
@@ -294,9 +294,9 @@ async fn identities(
     let mut tx = s.store.read("host_identities").await?;
     let host = host_vm(&s, &mut tx, &peer).await?;
     let ids = host_identities(&mut tx, &host.owner).await?;
-    let extensions = crate::batch::host_extensions(&mut tx, &host.owner).await?;
+    let extensions = crate::arm::batch::host_extensions(&mut tx, &host.owner).await?;
     // a node of a managed cluster's pool: what NMI needs besides the identities
-    let cluster = crate::clusters::host_cluster(&mut tx, &host.owner).await?;
+    let cluster = crate::arm::clusters::host_cluster(&mut tx, &host.owner).await?;
     drop(tx);
     let vm = &host.owner;
     let scale_set = if host.instance.is_some() {

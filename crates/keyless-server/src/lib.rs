@@ -6,34 +6,36 @@
 //! client certificate, asks `keyless_core::selection` which of the VM's identities the request
 //! names, and [`tokens::mint`] signs the claims built by `keyless_core::claims`.
 
-pub mod activity;
-pub mod arm;
+// Leaves: imported by the contexts, importing none of them.
 pub mod authz;
-pub mod batch;
-pub mod cache;
-pub mod client_assertion;
-pub mod cloud;
-pub mod clusters;
+pub mod caches;
+pub mod clock;
 pub mod error;
-mod etag;
-pub mod federation;
-pub mod fics;
-pub mod graph;
-pub mod host;
 pub mod keys;
-pub mod kv;
-pub mod ops;
-pub mod resources;
-pub mod roles;
+pub mod request;
 pub mod state;
-pub mod sts;
 pub mod tokens;
 pub mod util;
-pub mod vaults;
+
+// The contexts, each serving one surface.
+/// The control plane (Azure Resource Manager) and its resource providers.
+pub mod arm;
+/// The host API: joins, host credentials and managed-identity tokens for host agents.
+pub mod host;
+/// The Key Vault data plane.
+pub mod kv;
+/// The token service (Entra ID's token endpoint and discovery).
+pub mod sts;
+
+pub mod cloud;
+pub mod graph;
+pub mod ops;
+
+// The resource providers the binary and the benches drive directly.
+pub use arm::{activity, batch, clusters, fics, resources, roles, vaults};
 
 use crate::error::{Result, ServerError};
-use crate::host::PeerCert;
-use crate::state::{AppState, Bootstrap, ServerConfig};
+use crate::state::ServerConfig;
 use axum::Router;
 use keyless_core::clock::Clock;
 use keyless_store::Store;
@@ -41,7 +43,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tower::ServiceExt;
 
-pub use state::{AdminCredential, ServerConfig as Config};
+pub use host::PeerCert;
+pub use state::{AdminCredential, AppState, Bootstrap, ServerConfig as Config};
 
 /// A started server.
 pub struct RunningServer {
@@ -162,8 +165,8 @@ pub async fn start(
         .map(|u| u.trim_end_matches('/').to_string())
         .unwrap_or_else(|| format!("https://localhost:{}", local_addr.port()));
     let http = issuer_client(cfg.issuer_ca_pem.as_deref())?;
-    let vault_clock = kv::VaultClock::new(clock.clone(), cfg.dev_clock);
-    let vaults = cache::VaultCache::new(cfg.vault_cache_poll);
+    let vault_clock = clock::VaultClock::new(clock.clone(), cfg.dev_clock);
+    let vaults = caches::vaults::VaultCache::new(cfg.vault_cache_poll);
     let state = Arc::new(AppState {
         store,
         clock,
@@ -184,7 +187,7 @@ pub async fn start(
     });
     // the vault cache: evicted by this server's vault writes at commit, and by the change
     // feed (polled every `vault_cache_poll`) for the writes of other servers
-    cache::follow(&state);
+    caches::vaults::follow(&state, &state.store, |s: &AppState| &s.vaults);
     let lease_ttl = keys::lease_ttl(state.cfg.key_check_interval);
     state
         .keys

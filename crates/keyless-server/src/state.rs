@@ -100,17 +100,17 @@ pub struct AppState {
     pub kv_ca: Ca,
     /// Client for external OIDC issuers (federated credentials).
     pub http: reqwest::Client,
-    pub jwks: crate::federation::JwksCache,
+    pub jwks: crate::caches::jwks::JwksCache,
     /// Time of the Key Vault (certificate validity, lifetime actions, soft delete).
-    pub vault_clock: crate::kv::VaultClock,
+    pub vault_clock: crate::clock::VaultClock,
     /// Tokens whose signature was already checked.
-    pub verified: crate::tokens::VerifiedTokens,
+    pub verified: crate::caches::verified::VerifiedTokens,
     /// This process among the servers sharing the database: the holder of its leases
     /// (signing-key rotation, the Key Vault scheduler), a uuid made at start.
     pub replica_id: String,
     /// Vaults with their parsed settings for the Key Vault data plane, kept in step with the
-    /// other servers by the store's change feed (`cache::follow`).
-    pub vaults: crate::cache::VaultCache,
+    /// other servers by the store's change feed (`caches::vaults::follow`).
+    pub vaults: crate::caches::vaults::VaultCache,
 }
 
 impl AppState {

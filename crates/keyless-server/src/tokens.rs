@@ -42,34 +42,6 @@ pub fn mint(
     })
 }
 
-/// Tokens whose signature has been checked, by SHA-256 of the token: a client reusing its
-/// token pays the RS256 verification once. Time, issuer and audience are still checked on
-/// every use, and the signing key must still be published.
-#[derive(Default)]
-pub struct VerifiedTokens {
-    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Verified>>,
-}
-
-/// The signing key id and the claims of a verified token.
-type Verified = (String, Arc<serde_json::Value>);
-
-/// Entries kept before the cache starts over.
-const VERIFIED_MAX: usize = 8192;
-
-impl VerifiedTokens {
-    fn get(&self, digest: &[u8]) -> Option<Verified> {
-        self.map.lock().ok()?.get(digest).cloned()
-    }
-    fn put(&self, digest: Vec<u8>, kid: String, claims: Arc<serde_json::Value>) {
-        if let Ok(mut m) = self.map.lock() {
-            if m.len() >= VERIFIED_MAX {
-                m.clear();
-            }
-            m.insert(digest, (kid, claims));
-        }
-    }
-}
-
 /// Verify one of our tokens (signature with a published key, time, issuer, audience) and
 /// return its claims.
 pub fn verify(

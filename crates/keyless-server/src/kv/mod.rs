@@ -20,59 +20,28 @@ pub mod keys;
 pub mod renew;
 pub mod secrets;
 
-use crate::arm::Caller;
-use crate::cache::CachedVault;
+use crate::caches::vaults::CachedVault;
+use crate::caches::vaults::VaultSettings;
 use crate::error::{Result, ServerError, Shape};
+use crate::request::Caller;
 use crate::state::AppState;
-use crate::vaults::VaultSettings;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::claims::JwtError;
-use keyless_core::clock::Clock;
 use keyless_core::vault::access::{self, Op};
 use keyless_core::vault::route::{self, Target};
 use keyless_core::vault::{self as kvrules, paging, Coll};
 use keyless_pki::kv::{KeyType, KvKey};
 use keyless_store::{KvVersionRecord, KvWrite, KvWriteOutcome, Tx, VaultRecord};
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Largest data-plane request body (an imported PFX in base64 fits many times over).
 const MAX_BODY: usize = 1024 * 1024;
 /// Largest secret value (Azure: 25 KB).
 pub const MAX_SECRET_VALUE: usize = 25 * 1024;
-
-/// The Key Vault's clock: the server clock, moved forward by `advance` when the server runs
-/// with `--dev-clock` (so certificate renewal can be shown without waiting months).
-pub struct VaultClock {
-    base: Arc<dyn Clock>,
-    offset: AtomicU64,
-    adjustable: bool,
-}
-
-impl VaultClock {
-    pub fn new(base: Arc<dyn Clock>, adjustable: bool) -> Self {
-        Self {
-            base,
-            offset: AtomicU64::new(0),
-            adjustable,
-        }
-    }
-    pub fn now(&self) -> u64 {
-        self.base.now() + self.offset.load(Ordering::SeqCst)
-    }
-    /// Move forward by `secs`; `None` when the clock is not adjustable.
-    pub fn advance(&self, secs: u64) -> Option<u64> {
-        if !self.adjustable {
-            return None;
-        }
-        self.offset.fetch_add(secs, Ordering::SeqCst);
-        Some(self.now())
-    }
-}
 
 /// The vault a request's `Host` names, if it is a data-plane host.
 pub fn vault_host(s: &AppState, headers: &HeaderMap) -> Option<String> {
@@ -1094,7 +1063,7 @@ pub async fn advance_clock(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response> {
-    let caller = crate::arm::authenticate_with(&s, &headers, &s.management_audiences())?;
+    let caller = crate::request::authenticate_with(&s, &headers, &s.management_audiences())?;
     {
         // its own read, ended before the scheduler pass (which opens its own units of work)
         let mut tx = s.store.read("kv_advance_clock").await?;
@@ -1111,7 +1080,7 @@ pub async fn advance_clock(
     struct Advance {
         advance_seconds: u64,
     }
-    let b: Advance = crate::arm::parse_body(&body)?;
+    let b: Advance = crate::request::parse_body(&body)?;
     let now =
         s.vault_clock
             .advance(b.advance_seconds)

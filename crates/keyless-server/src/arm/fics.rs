@@ -7,10 +7,10 @@
 //! which on SQLite must not wait behind the request's open write) and releases it; the write
 //! itself locks the identity's row before it reads and counts the credentials.
 
-use crate::arm::{parse_body, Caller};
+use crate::arm::resources as res;
 use crate::authz;
 use crate::error::{Result, ServerError};
-use crate::resources as res;
+use crate::request::{parse_body, Caller};
 use crate::state::AppState;
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -1,10 +1,10 @@
 //! `Microsoft.Authorization/roleDefinitions` (built-in roles, read-only) and
 //! `Microsoft.Authorization/roleAssignments` at any scope.
 
-use crate::arm::Caller;
+use crate::arm::resources as res;
 use crate::authz;
 use crate::error::{Result, ServerError};
-use crate::resources as res;
+use crate::request::Caller;
 use crate::state::AppState;
 use crate::util::format_iso;
 use axum::http::{Method, StatusCode};
@@ -96,10 +96,10 @@ async fn check_scope(s: &AppState, tx: &mut Tx, scope: &Scope) -> Result<()> {
             res::get_vm(s, tx, r).await?;
         }
         Scope::Resource(r) if r.is_type(MANAGED_CLUSTER) => {
-            crate::clusters::get_cluster(s, tx, r).await?;
+            crate::arm::clusters::get_cluster(s, tx, r).await?;
         }
         Scope::Resource(r) if r.is_type(VAULT) => {
-            crate::vaults::get_vault(s, tx, r).await?;
+            crate::arm::vaults::get_vault(s, tx, r).await?;
         }
         Scope::Resource(r) => {
             return Err(ServerError::InvalidResourceType {
@@ -256,7 +256,7 @@ pub async fn handle(
                 &scope_s,
             )
             .await?;
-            let b: AssignmentBody = crate::arm::parse_body(body)?;
+            let b: AssignmentBody = crate::request::parse_body(body)?;
             check_scope(s, tx, scope).await?;
             let role = rbac::role_by_id(&b.properties.role_definition_id).ok_or_else(|| {
                 ServerError::RoleDefinitionDoesNotExist(

@@ -1,8 +1,8 @@
 //! `Microsoft.KeyVault/vaults` in the control plane: create / update / get / list / delete,
 //! and `accessPolicies/{add|replace|remove}`. The data plane is in [`crate::kv`].
 
+use crate::arm::resources::{get_resource_group, location, tags};
 use crate::error::{Result, ServerError};
-use crate::resources::{get_resource_group, location, tags};
 use crate::state::AppState;
 use keyless_core::resource_id::{ResourceId, VAULT};
 use keyless_core::vault::access::{self, AccessPolicy, PolicyUpdate};
@@ -41,29 +41,6 @@ fn bad(message: impl Into<String>) -> ServerError {
     ServerError::InvalidParameter {
         message: message.into(),
         target: None,
-    }
-}
-
-/// Settings of a vault the data plane needs.
-#[derive(Debug, Clone)]
-pub struct VaultSettings {
-    pub rbac: bool,
-    pub soft_delete: bool,
-    pub retention_days: u32,
-    pub purge_protection: bool,
-    pub policies: Vec<AccessPolicy>,
-}
-
-impl VaultSettings {
-    pub fn of(v: &VaultRecord) -> Self {
-        let p = &v.properties;
-        Self {
-            rbac: p["enableRbacAuthorization"].as_bool().unwrap_or(false),
-            soft_delete: p["enableSoftDelete"].as_bool().unwrap_or(true),
-            retention_days: p["softDeleteRetentionInDays"].as_u64().unwrap_or(90) as u32,
-            purge_protection: p["enablePurgeProtection"].as_bool().unwrap_or(false),
-            policies: serde_json::from_value(p["accessPolicies"].clone()).unwrap_or_default(),
-        }
     }
 }
 

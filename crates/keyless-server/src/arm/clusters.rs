@@ -13,10 +13,10 @@
 //! read and the write, as there is no row to lock yet). Two Keyless-specific actions serve the
 //! in-cluster add-on: `readPodIdentityProfile` and `reportPodIdentityStatus`.
 
-use crate::arm::Caller;
+use crate::arm::resources::{get_resource_group, location, tags, LinkCheck};
 use crate::authz;
 use crate::error::{Result, ServerError};
-use crate::resources::{get_resource_group, location, tags, LinkCheck};
+use crate::request::Caller;
 use crate::state::AppState;
 use crate::util::new_guid;
 use keyless_core::aks::{

@@ -4,9 +4,9 @@
 //! EventData shapes. The operation names and the `$filter` grammar are
 //! `keyless_core::activity_log`.
 
-use crate::arm::Caller;
 use crate::authz;
 use crate::error::{Result, ServerError};
+use crate::request::Caller;
 use crate::state::AppState;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -161,7 +161,7 @@ pub async fn list(
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     };
-    crate::resources::check_subscription(s, subscription)?;
+    crate::arm::resources::check_subscription(s, subscription)?;
     let now = now_micros();
     let filter =
         al::parse_filter(param("$filter").unwrap_or(""), now).map_err(|e| bad_request(e.0))?;

@@ -5,22 +5,29 @@
 //! authenticated and its body read (a read for GET / HEAD, a write otherwise): every handler
 //! below works in it, and it is committed only when the answer is a success (2xx); an error
 //! rolls everything back. The Activity Log record of a write is appended afterwards, in a unit
-//! of work of its own ([`crate::activity::record`]). Single resources carry a version (`ETag`,
-//! `If-Match` / `If-None-Match`), checked in the same unit of work ([`crate::etag`]).
+//! of work of its own ([`crate::arm::activity::record`]). Single resources carry a version (`ETag`,
+//! `If-Match` / `If-None-Match`), checked in the same unit of work ([`crate::arm::etag`]).
 
+pub mod activity;
+pub mod batch;
+pub mod clusters;
+mod etag;
+pub mod fics;
+pub mod resources;
+pub mod roles;
+pub mod vaults;
+
+use crate::arm::resources::{self as res, LinkCheck, VmBody};
 use crate::authz;
 use crate::error::{Result, ServerError};
-use crate::etag;
-use crate::resources::{self as res, LinkCheck, VmBody};
+use crate::request::{authenticate_with, parse_body, Caller};
 use crate::state::AppState;
-use crate::tokens;
 use axum::extract::{Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::{Json, Router};
 use keyless_core::api_version;
-use keyless_core::claims::JwtError;
 use keyless_core::resource_id::{
     canonical_type, ArmPath, ResourceId, BATCH_ACCOUNT, MANAGED_CLUSTER, UAMI, VAULT, VM, VMSS,
 };
@@ -42,71 +49,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/providers/{*rest}", any(handle))
 }
 
-/// The authenticated caller.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub object_id: String,
-    pub client_id: String,
-}
-
 fn authenticate(s: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller> {
     authenticate_with(s, headers, &s.management_audiences())
-}
-
-/// Authenticate a bearer token from our token service for one of `audiences`.
-pub fn authenticate_with(
-    s: &AppState,
-    headers: &axum::http::HeaderMap,
-    audiences: &[String],
-) -> Result<Caller> {
-    let tenant_uri = format!("{}/{}", s.base_url, s.tenant_id);
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(ServerError::AuthenticationMissing { tenant: tenant_uri });
-    };
-    let invalid = |m: &str| ServerError::InvalidAuthenticationToken {
-        tenant: tenant_uri.clone(),
-        message: m.to_string(),
-    };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .ok_or_else(|| invalid("The authentication scheme of Bearer is required."))?;
-    let claims = tokens::verify(s, token, audiences).map_err(|e| match e {
-        JwtError::Expired => ServerError::ExpiredAuthenticationToken(
-            "The access token has expired. Acquire a new token and retry.".into(),
-        ),
-        JwtError::Audience(a) => invalid(&format!(
-            "The access token has been obtained for wrong audience or resource '{a}'. It should exactly match with one of the allowed audiences '{}'.",
-            s.management_audiences().join("','")
-        )),
-        JwtError::Issuer(i) => invalid(&format!(
-            "The access token is from the wrong issuer '{i}'. It must match the tenant '{}' associated with this subscription.",
-            s.issuer_v1()
-        )),
-        _ => invalid("The access token is invalid."),
-    })?;
-    let str_claim = |k: &str| {
-        claims
-            .get(k)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
-    let (object_id, client_id) = (str_claim("oid"), str_claim("appid"));
-    if object_id.is_empty() {
-        return Err(invalid(
-            "The received access token is not valid: at least one of the claims 'puid' or 'altsecid' or 'oid' should be present.",
-        ));
-    }
-    Ok(Caller {
-        object_id,
-        client_id,
-    })
 }
 
 async fn authorize(tx: &mut Tx, caller: &Caller, action: &str, scope: &str) -> Result<()> {
@@ -125,12 +69,12 @@ fn is_read(method: &Method) -> bool {
 }
 
 /// A write into a managed cluster's node resource group is refused (see
-/// [`crate::clusters::check_not_node_group`]); reads pass.
+/// [`crate::arm::clusters::check_not_node_group`]); reads pass.
 async fn node_group_lockdown(tx: &mut Tx, m: &Method, sub: &str, rg: &str) -> Result<()> {
     if is_read(m) {
         return Ok(());
     }
-    crate::clusters::check_not_node_group(tx, sub, rg).await
+    crate::arm::clusters::check_not_node_group(tx, sub, rg).await
 }
 
 fn verb(method: &Method) -> &'static str {
@@ -140,22 +84,6 @@ fn verb(method: &Method) -> &'static str {
         Method::POST => "action",
         _ => "write",
     }
-}
-
-pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
-    if body.is_empty() {
-        return Err(ServerError::InvalidRequestContent(
-            "The request content is empty.".into(),
-        ));
-    }
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ServerError::InvalidRequestContent(e.to_string()))?;
-    if !v.is_object() {
-        return Err(ServerError::InvalidRequestContent(
-            "The request content must be a JSON object.".into(),
-        ));
-    }
-    serde_json::from_value(v).map_err(|e| ServerError::InvalidRequestContent(e.to_string()))
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -231,7 +159,7 @@ fn type_versions(
 }
 
 /// Every ARM request: authenticate, dispatch, and hand each write with its answer to the
-/// Activity Log hook ([`crate::activity::record`]) — once, whatever the outcome.
+/// Activity Log hook ([`crate::arm::activity::record`]) — once, whatever the outcome.
 async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response> {
     let caller = authenticate(&s, req.headers())?;
     let op = ArmPath::parse(req.uri().path())
@@ -248,7 +176,7 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
     let resp = dispatch(&s, &caller, req)
         .await
         .unwrap_or_else(IntoResponse::into_response);
-    let event = crate::activity::WriteEvent::new(
+    let event = crate::arm::activity::WriteEvent::new(
         &caller,
         op,
         &method,
@@ -256,13 +184,13 @@ async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response
         &headers,
         request_id.as_deref(),
     );
-    crate::activity::record(&s, &event).await;
+    crate::arm::activity::record(&s, &event).await;
     Ok(resp)
 }
 
 /// One authenticated request: parse it, open its unit of work, route it, and commit when the
 /// answer is a success. A PUT of a federated identity credential first takes its identity's
-/// write claim ([`crate::fics::claim_writes`]): before the unit of work begins, because taking
+/// write claim ([`crate::arm::fics::claim_writes`]): before the unit of work begins, because taking
 /// it is a write of its own (on SQLite it would wait forever behind the request's open write),
 /// and released only after the unit of work has ended, so the next writer sees the committed
 /// credentials.
@@ -282,7 +210,7 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
             return Err(ServerError::MethodNotAllowed(parts.method.to_string()));
         }
         let mut tx = s.store.read("arm_read").await?;
-        let resp = crate::activity::list(&s, &mut tx, &caller, &sub, &query).await?;
+        let resp = crate::arm::activity::list(&s, &mut tx, &caller, &sub, &query).await?;
         tx.commit().await?;
         return Ok(resp);
     }
@@ -295,7 +223,7 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
         .filter(|b| b.len() <= MAX_BODY)
         .ok_or(ServerError::RequestTooLarge(MAX_BODY))?;
     let claim = match fic_write(&parts.method, &path) {
-        Some(identity) => Some(crate::fics::claim_writes(&s, &caller, identity).await?),
+        Some(identity) => Some(crate::arm::fics::claim_writes(&s, &caller, identity).await?),
         None => None,
     };
     let req = ArmRequest {
@@ -477,7 +405,7 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
     match path {
         ArmPath::Authorization { scope, kind, name } => {
             check_version(api_version::AUTHORIZATION, version, None)?;
-            crate::roles::handle(s, tx, caller, m, &scope, kind, name, query, body).await
+            crate::arm::roles::handle(s, tx, caller, m, &scope, kind, name, query, body).await
         }
         ArmPath::Subscriptions => {
             check_version(api_version::RESOURCES, version, None)?;
@@ -594,9 +522,12 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
                     },
                 ),
                 Method::DELETE => {
-                    if let Some(cluster) =
-                        crate::clusters::owner_of_node_group(tx, &subscription, &resource_group)
-                            .await?
+                    if let Some(cluster) = crate::arm::clusters::owner_of_node_group(
+                        tx,
+                        &subscription,
+                        &resource_group,
+                    )
+                    .await?
                     {
                         return Err(ServerError::Conflict {
                             code: "OperationNotAllowed",
@@ -642,7 +573,8 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             let grants = authz::grants(tx, &caller.object_id).await?;
             if t == MANAGED_CLUSTER {
                 let items =
-                    crate::clusters::list(s, tx, &subscription, resource_group.as_deref()).await?;
+                    crate::arm::clusters::list(s, tx, &subscription, resource_group.as_deref())
+                        .await?;
                 Ok(list(
                     items
                         .into_iter()
@@ -652,7 +584,7 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             } else if t == BATCH_ACCOUNT {
                 let accounts = tx
                     .list_tracked(
-                        crate::batch::ACCOUNT_TYPE,
+                        crate::arm::batch::ACCOUNT_TYPE,
                         &subscription,
                         resource_group.as_deref(),
                     )
@@ -665,7 +597,7 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
                 let vaults = tx
                     .list_vaults(&subscription, resource_group.as_deref())
                     .await?;
-                let items = vaults.iter().map(crate::vaults::vault_json);
+                let items = vaults.iter().map(crate::arm::vaults::vault_json);
                 Ok(list(
                     items.filter(|v| readable(&grants, &read, v)).collect(),
                 ))
@@ -741,7 +673,7 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
                     ).await?;
                     node_group_lockdown(tx, m, sub, rg).await?;
                 }
-                return crate::fics::handle(
+                return crate::arm::fics::handle(
                     s,
                     tx,
                     caller,
@@ -790,7 +722,7 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
                 }
                 let b: Value = parse_body(body)?;
                 return Ok(Json(
-                    crate::vaults::update_access_policies(s, tx, &parent, &name, b).await?,
+                    crate::arm::vaults::update_access_policies(s, tx, &parent, &name, b).await?,
                 )
                 .into_response());
             }
@@ -861,9 +793,9 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
                 }
                 let ttl = join_ttl(body)?;
                 let (token, expires, group_id) = if t == MANAGED_CLUSTER {
-                    crate::clusters::pool_join_token(s, tx, &parent, &name, ttl).await?
+                    crate::arm::clusters::pool_join_token(s, tx, &parent, &name, ttl).await?
                 } else {
-                    crate::batch::pool_join_token(s, tx, &parent, &name, ttl).await?
+                    crate::arm::batch::pool_join_token(s, tx, &parent, &name, ttl).await?
                 };
                 return Ok(Json(
                     json!({"joinToken": token, "expiresOn": expires, "vmResourceId": group_id}),
@@ -880,20 +812,21 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
                 && action.eq_ignore_ascii_case("federatedIdentityCredentials")
                 && *m == Method::GET
             {
-                return crate::fics::handle(
+                return crate::arm::fics::handle(
                     s, tx, caller, m, &resource, None, version, body, false,
                 )
                 .await;
             }
             if t == MANAGED_CLUSTER && *m == Method::POST {
                 if action.eq_ignore_ascii_case("readPodIdentityProfile") {
-                    let v = crate::clusters::read_pod_identity_profile(s, tx, caller, &resource)
-                        .await?;
+                    let v =
+                        crate::arm::clusters::read_pod_identity_profile(s, tx, caller, &resource)
+                            .await?;
                     return Ok(Json(v).into_response());
                 }
                 if action.eq_ignore_ascii_case("reportPodIdentityStatus") {
                     let b: Value = parse_body(body)?;
-                    crate::clusters::report_pod_identity_status(s, tx, caller, &resource, &b)
+                    crate::arm::clusters::report_pod_identity_status(s, tx, caller, &resource, &b)
                         .await?;
                     return Ok(StatusCode::NO_CONTENT.into_response());
                 }
@@ -906,11 +839,11 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
                     &resource.canonical(),
                 )
                 .await?;
-                let pools = crate::batch::pools_of(tx, &resource).await?;
-                crate::batch::get_account(s, tx, &resource).await?;
+                let pools = crate::arm::batch::pools_of(tx, &resource).await?;
+                crate::arm::batch::get_account(s, tx, &resource).await?;
                 let mut items = Vec::with_capacity(pools.len());
                 for p in &pools {
-                    items.push(crate::batch::pool_json(tx, p).await?);
+                    items.push(crate::arm::batch::pool_json(tx, p).await?);
                 }
                 return Ok(list(items));
             }
@@ -923,7 +856,7 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
                 )
                 .await?;
                 let vm = res::get_vm(s, tx, &resource).await?;
-                return Ok(list(crate::batch::list_vm_extensions(tx, &vm).await?));
+                return Ok(list(crate::arm::batch::list_vm_extensions(tx, &vm).await?));
             }
             if t == VMSS && action.eq_ignore_ascii_case("virtualMachines") && *m == Method::GET {
                 authorize(
@@ -991,7 +924,7 @@ async fn batch_account(
     rid: &ResourceId,
     body: &[u8],
 ) -> Result<Response> {
-    use crate::batch::{delete_account, get_account, put_account};
+    use crate::arm::batch::{delete_account, get_account, put_account};
     match *m {
         Method::PUT | Method::PATCH => {
             let b: Value = parse_body(body)?;
@@ -1012,7 +945,9 @@ async fn cluster(
     rid: &ResourceId,
     body: &[u8],
 ) -> Result<Response> {
-    use crate::clusters::{cluster_json, delete_cluster, get_cluster, patch_tags, put_cluster};
+    use crate::arm::clusters::{
+        cluster_json, delete_cluster, get_cluster, patch_tags, put_cluster,
+    };
     match *m {
         Method::PUT => {
             let b: Value = parse_body(body)?;
@@ -1054,7 +989,7 @@ async fn pool(
     name: &str,
     body: &[u8],
 ) -> Result<Response> {
-    use crate::batch::{get_pool, pool_json, put_pool};
+    use crate::arm::batch::{get_pool, pool_json, put_pool};
     match *m {
         Method::PUT | Method::PATCH => {
             let b: Value = parse_body(body)?;
@@ -1074,7 +1009,7 @@ async fn pool(
             Ok(Json(pool_json(tx, &rec).await?).into_response())
         }
         Method::DELETE => {
-            crate::batch::get_account(s, tx, account).await?;
+            crate::arm::batch::get_account(s, tx, account).await?;
             let key = format!("{}/pools/{}", account.key(), name.to_ascii_lowercase());
             Ok(deleted(tx.delete_vm(&key).await?))
         }
@@ -1090,7 +1025,7 @@ async fn vm_extension(
     name: &str,
     body: &[u8],
 ) -> Result<Response> {
-    use crate::batch::{delete_vm_extension, get_vm_extension, put_vm_extension};
+    use crate::arm::batch::{delete_vm_extension, get_vm_extension, put_vm_extension};
     match *m {
         Method::PUT | Method::PATCH => {
             let b: Value = parse_body(body)?;
@@ -1153,7 +1088,7 @@ async fn vault(
     rid: &ResourceId,
     body: &[u8],
 ) -> Result<Response> {
-    use crate::vaults::{get_vault, put_vault, vault_json};
+    use crate::arm::vaults::{get_vault, put_vault, vault_json};
     match *m {
         Method::PUT | Method::PATCH => {
             let b = parse_body(body)?;
@@ -1206,6 +1141,7 @@ async fn vm(
 mod tests {
     use super::*;
     use axum::body::Body;
+    use axum::http::header;
     use keyless_core::claims::Principal;
     use keyless_core::clock::SystemClock;
     use keyless_store::{Kek, Store};
@@ -1230,7 +1166,7 @@ mod tests {
             object_id: admin.object_id,
             client_id: admin.client_id,
         };
-        let token = tokens::mint(&s, &principal, "https://management.azure.com/", 3600)
+        let token = crate::tokens::mint(&s, &principal, "https://management.azure.com/", 3600)
             .unwrap()
             .access_token;
         (s, token)
@@ -1302,8 +1238,9 @@ mod tests {
         let (st, _) = call(&s, &token, Method::GET, &vm, Value::Null).await;
         assert_eq!(st, 404);
         // the failed write is in the Activity Log (recorded after its unit of work rolled back)
-        let since =
-            keyless_core::activity_log::format_time(crate::activity::now_micros() - 3_600_000_000);
+        let since = keyless_core::activity_log::format_time(
+            crate::arm::activity::now_micros() - 3_600_000_000,
+        );
         let events = format!(
             "/subscriptions/{sub}/providers/Microsoft.Insights/eventtypes/management/values?api-version=2015-04-01&$filter=eventTimestamp ge '{since}'"
         );

@@ -1,6 +1,9 @@
 //! The token service: OIDC discovery (v1 and v2), JWKS, and the token endpoints
 //! (`/{tenant}/oauth2/v2.0/token`, `/{tenant}/oauth2/token`) for service principals.
 
+pub mod client_assertion;
+pub mod federation;
+
 use crate::error::{Result, ServerError};
 use crate::state::AppState;
 use crate::tokens;
@@ -320,8 +323,14 @@ async fn authenticate_client(
                     format!("The request body must contain the following parameter: 'client_assertion_type' with the value '{JWT_BEARER}'."),
                 ));
             }
-            return crate::federation::exchange(s, &identity, &fics, assertion, &mut ev.caller)
-                .await;
+            return crate::sts::federation::exchange(
+                s,
+                &identity,
+                &fics,
+                assertion,
+                &mut ev.caller,
+            )
+            .await;
         }
     };
     match secret {
@@ -351,7 +360,7 @@ async fn authenticate_client(
                 format!("{b}/{t}/oauth2/v2.0/token"),
                 format!("{b}/{t}/oauth2/token"),
             ];
-            crate::client_assertion::verify(s, &sp, assertion.unwrap_or_default(), &urls)?;
+            crate::sts::client_assertion::verify(s, &sp, assertion.unwrap_or_default(), &urls)?;
         }
         None => {
             return Err(ServerError::sts(
@@ -544,7 +553,7 @@ fn finish(ev: audit::TokenEvent, r: &Result<Response>) -> audit::TokenEvent {
 /// The audit record of a token request, from what it presents: the client id, the grant, the
 /// audience (every string capped by the audit sink). Never the secret or the assertion; a
 /// federated assertion's issuer and subject only once its signature verified
-/// ([`crate::federation::exchange`] fills them in). An assertion counts as federated until the
+/// ([`crate::sts::federation::exchange`] fills them in). An assertion counts as federated until the
 /// client turns out to be an application ([`resolve_client`] says so). A body over
 /// [`MAX_FORM`] is not parsed (the request is refused as too large).
 fn token_event(

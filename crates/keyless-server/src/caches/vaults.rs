@@ -22,8 +22,7 @@
 //!
 //! [`ServerConfig::vault_cache_poll`]: crate::state::ServerConfig::vault_cache_poll
 
-use crate::state::AppState;
-use crate::vaults::VaultSettings;
+use keyless_core::vault::access::AccessPolicy;
 use keyless_store::{change_kind, ChangeCursor, Store, VaultRecord};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +34,29 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// How long rows of the change feed are kept (far above any poll interval: a server whose
 /// polls stop for longer starts over with an empty cache).
 const RETENTION: Duration = Duration::from_secs(600);
+
+/// Settings of a vault the data plane needs.
+#[derive(Debug, Clone)]
+pub struct VaultSettings {
+    pub rbac: bool,
+    pub soft_delete: bool,
+    pub retention_days: u32,
+    pub purge_protection: bool,
+    pub policies: Vec<AccessPolicy>,
+}
+
+impl VaultSettings {
+    pub fn of(v: &VaultRecord) -> Self {
+        let p = &v.properties;
+        Self {
+            rbac: p["enableRbacAuthorization"].as_bool().unwrap_or(false),
+            soft_delete: p["enableSoftDelete"].as_bool().unwrap_or(true),
+            retention_days: p["softDeleteRetentionInDays"].as_u64().unwrap_or(90) as u32,
+            purge_protection: p["enablePurgeProtection"].as_bool().unwrap_or(false),
+            policies: serde_json::from_value(p["accessPolicies"].clone()).unwrap_or_default(),
+        }
+    }
+}
 
 /// A vault as the data plane uses it.
 #[derive(Debug)]
@@ -169,24 +191,28 @@ impl VaultCache {
     }
 }
 
-/// Keep `s.vaults` in step: this server's own vault writes evict at commit (the store's commit
-/// hook), and a task polls the change feed every `s.cfg.vault_cache_poll` for the writes of
-/// other servers (and removes old rows of the feed every minute). The task ends when the
-/// server's state is dropped.
-pub fn follow(s: &Arc<AppState>) {
-    let weak: Weak<AppState> = Arc::downgrade(s);
-    s.store.on_commit({
+/// Keep the vault cache `cache(owner)` in step: this server's own vault writes evict at commit
+/// (the store's commit hook), and a task polls the change feed every poll interval for the
+/// writes of other servers (and removes old rows of the feed every minute). The task ends when
+/// `owner` (the server's state) is dropped.
+pub fn follow<S: Send + Sync + 'static>(
+    owner: &Arc<S>,
+    store: &Store,
+    cache: fn(&S) -> &VaultCache,
+) {
+    let weak: Weak<S> = Arc::downgrade(owner);
+    store.on_commit({
         let weak = weak.clone();
         move |kind, key| {
             if kind == change_kind::VAULT {
                 if let Some(s) = weak.upgrade() {
-                    s.vaults.evict(key);
+                    cache(&s).evict(key);
                 }
             }
         }
     });
-    let store: Store = s.store.clone();
-    let poll = s.vaults.poll_interval();
+    let store: Store = store.clone();
+    let poll = cache(owner).poll_interval();
     tokio::spawn(async move {
         let mut cursor = ChangeCursor::default();
         let mut tick = tokio::time::interval(poll);
@@ -200,7 +226,7 @@ pub fn follow(s: &Arc<AppState>) {
             let Some(s) = weak.upgrade() else { return };
             match r {
                 Ok(batch) => {
-                    s.vaults.apply(&batch, started);
+                    cache(&s).apply(&batch, started);
                     if failing {
                         tracing::info!("the change feed is read again; the vault cache is in step");
                         failing = false;

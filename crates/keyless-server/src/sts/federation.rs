@@ -5,6 +5,7 @@
 //! on an unknown `kid` at most once per interval, one fetch shared by concurrent requests).
 //! Failures are AADSTS errors with 4xx statuses, never 5xx.
 
+use crate::caches::jwks::IssuerKeys;
 use crate::error::{Result, ServerError};
 use crate::state::AppState;
 use aws_lc_rs::signature;
@@ -15,8 +16,6 @@ use keyless_core::fic::{self, Fic, Match};
 use keyless_core::resource_id::ResourceId;
 use keyless_store::{FicRecord, IdentityRecord};
 use serde_json::Value;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Largest discovery document or JWKS accepted.
@@ -25,47 +24,6 @@ const MAX_DOC: usize = 256 * 1024;
 const MAX_KEYS: usize = 100;
 /// Clock skew allowed on `exp` / `nbf`.
 const SKEW: u64 = 300;
-
-/// What is known of one issuer's keys: the last fetch's result and when it was tried.
-#[derive(Default, Clone)]
-struct IssuerKeys {
-    keys: Option<Vec<Value>>,
-    /// Why the last fetch failed (answered again until the next fetch is allowed).
-    error: Option<String>,
-    fetched: Option<Instant>,
-}
-
-#[derive(Default)]
-struct IssuerEntry {
-    state: Mutex<IssuerKeys>,
-    /// Held while fetching: concurrent requests for the same issuer share one fetch.
-    fetch: tokio::sync::Mutex<()>,
-}
-
-/// Issuer keys, cached per issuer (issuers come from federated credentials, so the map is
-/// bounded by them). An issuer is fetched again at most once per
-/// `ServerConfig::issuer_refetch_interval`, however many unknown `kid`s arrive.
-#[derive(Default)]
-pub struct JwksCache {
-    issuers: Mutex<HashMap<String, Arc<IssuerEntry>>>,
-}
-
-impl JwksCache {
-    fn entry(&self, iss: &str) -> Arc<IssuerEntry> {
-        self.issuers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(iss.to_string())
-            .or_default()
-            .clone()
-    }
-}
-
-impl IssuerEntry {
-    fn snapshot(&self) -> IssuerKeys {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
 
 fn sts(status: u16, error: &'static str, code: u32, msg: impl Into<String>) -> ServerError {
     ServerError::sts(status, error, code, msg)

@@ -8,8 +8,8 @@
 //! Also VM extensions (`Microsoft.Compute/virtualMachines/{vm}/extensions/{name}`), which a
 //! VM's host agent runs the same way.
 
+use crate::arm::resources::{self as res, get_resource_group, location, tags, LinkCheck};
 use crate::error::{Result, ServerError};
-use crate::resources::{self as res, get_resource_group, location, tags, LinkCheck};
 use crate::state::AppState;
 use keyless_core::resource_id::{ResourceId, UAMI};
 use keyless_store::{TrackedRecord, Tx, VmRecord};
