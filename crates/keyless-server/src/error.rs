@@ -148,30 +148,23 @@ pub enum ServerError {
     // ---- Key Vault data plane (`{"error":{"code","message","innererror"}}`)
     #[error("{message}")]
     Vault {
-        status: StatusCode,
-        code: &'static str,
+        kind: KvKind,
         message: String,
-        inner: Option<&'static str>,
         /// `WWW-Authenticate` value of a 401.
         challenge: Option<String>,
     },
 
     // ---- STS (OAuth / AADSTS)
-    #[error("{error}: AADSTS{code}: {description}")]
-    Sts {
-        status: StatusCode,
-        error: &'static str,
-        code: u32,
-        description: String,
-    },
+    #[error("AADSTS{}: {description}", *code as u32)]
+    Sts { code: Aadsts, description: String },
 
     // ---- host API (flat IMDS-like)
-    #[error("{error}: {description}")]
-    Host {
-        status: StatusCode,
-        error: &'static str,
-        description: String,
-    },
+    #[error("{}: {description}", kind.error())]
+    Host { kind: HostKind, description: String },
+
+    // ---- Microsoft Graph (`{"error":{"code","message"}}` with Graph's codes)
+    #[error("{message}")]
+    Graph { kind: GraphKind, message: String },
 
     // ---- internal
     #[error("cannot listen on {addr}: {source}")]
@@ -192,64 +185,260 @@ pub enum ServerError {
     Pki(#[from] keyless_pki::PkiError),
 }
 
+/// What went wrong on the Key Vault data plane. A raise site names the kind; its status and
+/// `code` are chosen here only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvKind {
+    /// 400 `BadParameter`.
+    BadParameter,
+    /// 401 `Unauthorized` (with a challenge: [`ServerError::kv_unauthorized`]).
+    Unauthorized,
+    /// 403 `Forbidden`, with an inner code (`ForbiddenByPolicy`, `SecretDisabled`, …).
+    Forbidden(Option<&'static str>),
+    /// 404 with the object's own code (`SecretNotFound`, `VaultNotFound`, …).
+    NotFound(&'static str),
+    /// 405 `MethodNotAllowed`.
+    MethodNotAllowed,
+    /// 409 `Conflict`, with an inner code (`ObjectIsDeletedButRecoverable`, …).
+    Conflict(Option<&'static str>),
+    /// 413 `RequestTooLarge`.
+    TooLarge,
+    /// 500 `InternalServerError`.
+    Internal,
+}
+
+impl KvKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            KvKind::BadParameter => StatusCode::BAD_REQUEST,
+            KvKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            KvKind::Forbidden(_) => StatusCode::FORBIDDEN,
+            KvKind::NotFound(_) => StatusCode::NOT_FOUND,
+            KvKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            KvKind::Conflict(_) => StatusCode::CONFLICT,
+            KvKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            KvKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+    pub fn code(self) -> &'static str {
+        match self {
+            KvKind::BadParameter => "BadParameter",
+            KvKind::Unauthorized => "Unauthorized",
+            KvKind::Forbidden(_) => "Forbidden",
+            KvKind::NotFound(code) => code,
+            KvKind::MethodNotAllowed => "MethodNotAllowed",
+            KvKind::Conflict(_) => "Conflict",
+            KvKind::TooLarge => "RequestTooLarge",
+            KvKind::Internal => "InternalServerError",
+        }
+    }
+    pub fn inner(self) -> Option<&'static str> {
+        match self {
+            KvKind::Forbidden(i) | KvKind::Conflict(i) => i,
+            _ => None,
+        }
+    }
+}
+
+/// The token service's errors, by their AADSTS number: a raise site names one; the OAuth
+/// `error` and the HTTP status Entra answers with are chosen in [`Aadsts::answer`] only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Aadsts {
+    /// An unexpected error (500 `server_error`).
+    Internal = 50000,
+    /// A malformed JWT.
+    MalformedJwt = 50027,
+    /// Instance discovery for an authority that is not this one.
+    UnknownInstance = 50049,
+    /// The issuer's discovery document or JWKS could not be fetched.
+    IssuerDiscoveryFailed = 50166,
+    /// `grant_type` not supported.
+    UnsupportedGrantType = 70003,
+    /// A scope that is not `{resource}/.default`.
+    InvalidScope = 70011,
+    /// A transient error: retry (503 `temporarily_unavailable`).
+    TemporarilyUnavailable = 90033,
+    /// A request the token service cannot parse.
+    InvalidRequestFormat = 90002,
+    /// A scope naming a resource principal that does not exist.
+    InvalidResource = 500011,
+    /// The application (client id) is not found in the tenant.
+    UnknownClient = 700016,
+    /// The client assertion's issuer, subject or audience is wrong.
+    InvalidClientAssertion = 700021,
+    /// The assertion is not within its valid time range.
+    AssertionOutOfTime = 700024,
+    /// The assertion's signature does not verify.
+    AssertionSignature = 700027,
+    /// No federated credential matches the assertion's issuer.
+    FicIssuerMismatch = 700211,
+    /// No federated credential matches the assertion's audience.
+    FicAudienceMismatch = 700212,
+    /// No federated credential matches the assertion's subject.
+    FicSubjectMismatch = 700213,
+    /// A token of this authority presented as a federated assertion.
+    OwnTokenAsAssertion = 700222,
+    /// A required parameter is missing.
+    MissingParameter = 900144,
+    /// The `resource` parameter of a v1 request is invalid.
+    InvalidResourceParameter = 901002,
+    /// An invalid scope (e.g. several resources).
+    InvalidScopeValue = 1002012,
+    /// The client secret is wrong.
+    InvalidClientSecret = 7000215,
+    /// Neither a client secret nor a client assertion was sent.
+    CredentialRequired = 7000218,
+}
+
+impl Aadsts {
+    /// The status and the OAuth `error` Entra answers this error with.
+    pub fn answer(self) -> (StatusCode, &'static str) {
+        use Aadsts::*;
+        match self {
+            Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+            TemporarilyUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
+            MalformedJwt
+            | IssuerDiscoveryFailed
+            | InvalidRequestFormat
+            | MissingParameter
+            | InvalidResourceParameter => (StatusCode::BAD_REQUEST, "invalid_request"),
+            UnsupportedGrantType => (StatusCode::BAD_REQUEST, "unsupported_grant_type"),
+            UnknownInstance => (StatusCode::BAD_REQUEST, "invalid_instance"),
+            InvalidScope | InvalidScopeValue => (StatusCode::BAD_REQUEST, "invalid_scope"),
+            InvalidResource => (StatusCode::BAD_REQUEST, "invalid_resource"),
+            UnknownClient => (StatusCode::BAD_REQUEST, "unauthorized_client"),
+            OwnTokenAsAssertion => (StatusCode::BAD_REQUEST, "invalid_client"),
+            InvalidClientAssertion
+            | AssertionOutOfTime
+            | AssertionSignature
+            | FicIssuerMismatch
+            | FicAudienceMismatch
+            | FicSubjectMismatch
+            | InvalidClientSecret
+            | CredentialRequired => (StatusCode::UNAUTHORIZED, "invalid_client"),
+        }
+    }
+}
+
+/// The host API's errors (flat `{"error","error_description"}`): a raise site names the kind;
+/// its `error` and status are chosen here only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    /// 400: a request this API does not understand.
+    InvalidRequest,
+    /// 400: an audience / resource the token rules refuse.
+    InvalidResource,
+    /// 401: no host client certificate on the connection.
+    CredentialRequired,
+    /// 401: a client certificate that is no host's current credential.
+    InvalidCredential,
+    /// 401: an unknown, used or expired join token.
+    InvalidJoinToken,
+    /// 404: the host's VM no longer exists.
+    VmNotFound,
+    /// 409: the pool has no room for another node.
+    PoolFull,
+    /// 413.
+    TooLarge,
+}
+
+impl HostKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            HostKind::InvalidRequest | HostKind::InvalidResource => StatusCode::BAD_REQUEST,
+            HostKind::CredentialRequired
+            | HostKind::InvalidCredential
+            | HostKind::InvalidJoinToken => StatusCode::UNAUTHORIZED,
+            HostKind::VmNotFound => StatusCode::NOT_FOUND,
+            HostKind::PoolFull => StatusCode::CONFLICT,
+            HostKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+    pub fn error(self) -> &'static str {
+        match self {
+            HostKind::InvalidRequest => "invalid_request",
+            HostKind::InvalidResource => "invalid_resource",
+            HostKind::CredentialRequired => "host_credential_required",
+            HostKind::InvalidCredential => "invalid_host_credential",
+            HostKind::InvalidJoinToken => "invalid_join_token",
+            HostKind::VmNotFound => "vm_not_found",
+            HostKind::PoolFull => "pool_full",
+            HostKind::TooLarge => "request_too_large",
+        }
+    }
+}
+
+/// Microsoft Graph's errors: a raise site names the kind; status and `code` (Graph's own
+/// codes) are chosen here only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphKind {
+    /// 400 `Request_BadRequest`.
+    BadRequest,
+    /// 400 `Request_UnsupportedQuery`.
+    UnsupportedQuery,
+    /// 403 `Authorization_RequestDenied`.
+    Forbidden,
+    /// 404 `Request_ResourceNotFound`.
+    NotFound,
+    /// 413 `Request_EntityTooLarge`.
+    TooLarge,
+}
+
+impl GraphKind {
+    pub fn answer(self) -> (StatusCode, &'static str) {
+        match self {
+            GraphKind::BadRequest => (StatusCode::BAD_REQUEST, "Request_BadRequest"),
+            GraphKind::UnsupportedQuery => (StatusCode::BAD_REQUEST, "Request_UnsupportedQuery"),
+            GraphKind::Forbidden => (StatusCode::FORBIDDEN, "Authorization_RequestDenied"),
+            GraphKind::NotFound => (StatusCode::NOT_FOUND, "Request_ResourceNotFound"),
+            GraphKind::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "Request_EntityTooLarge"),
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, ServerError>;
 
 impl ServerError {
-    pub fn sts(
-        status: u16,
-        error: &'static str,
-        code: u32,
-        description: impl Into<String>,
-    ) -> Self {
+    /// A token-service error, named by its AADSTS number.
+    pub fn sts(code: Aadsts, description: impl Into<String>) -> Self {
         ServerError::Sts {
-            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-            error,
             code,
             description: description.into(),
         }
     }
 
     /// A Key Vault data-plane error.
-    pub fn kv(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn kv(kind: KvKind, message: impl Into<String>) -> Self {
         ServerError::Vault {
-            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-            code,
+            kind,
             message: message.into(),
-            inner: None,
             challenge: None,
         }
     }
 
-    /// The same with an `innererror` code.
-    pub fn kv_inner(
-        status: u16,
-        code: &'static str,
-        inner: &'static str,
-        message: impl Into<String>,
-    ) -> Self {
-        match Self::kv(status, code, message) {
-            ServerError::Vault {
-                status,
-                code,
-                message,
-                challenge,
-                ..
-            } => ServerError::Vault {
-                status,
-                code,
-                message,
-                inner: Some(inner),
-                challenge,
-            },
-            e => e,
+    /// A Key Vault 401 with its `WWW-Authenticate` challenge.
+    pub fn kv_unauthorized(challenge: impl Into<String>, message: impl Into<String>) -> Self {
+        ServerError::Vault {
+            kind: KvKind::Unauthorized,
+            message: message.into(),
+            challenge: Some(challenge.into()),
         }
     }
 
-    pub fn host(status: u16, error: &'static str, description: impl Into<String>) -> Self {
+    /// A host API error.
+    pub fn host(kind: HostKind, description: impl Into<String>) -> Self {
         ServerError::Host {
-            status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-            error,
+            kind,
             description: description.into(),
+        }
+    }
+
+    /// A Microsoft Graph error.
+    pub fn graph(kind: GraphKind, message: impl Into<String>) -> Self {
+        ServerError::Graph {
+            kind,
+            message: message.into(),
         }
     }
 
@@ -322,6 +511,7 @@ impl ServerError {
             Sts { .. }
             | Vault { .. }
             | Host { .. }
+            | Graph { .. }
             | Store(_)
             | Pki(_)
             | Bind { .. }
@@ -334,33 +524,25 @@ impl ServerError {
 impl IntoResponse for ServerError {
     fn into_response(self) -> Response {
         match &self {
-            ServerError::Sts {
-                status,
-                error,
-                code,
-                description,
-            } => sts_body(*status, error, *code, description),
-            ServerError::Host {
-                status,
-                error,
-                description,
-            } => (
-                *status,
-                axum::Json(json!({"error": error, "error_description": description})),
+            ServerError::Sts { code, description } => {
+                let (status, error) = code.answer();
+                sts_body(status, error, *code as u32, description)
+            }
+            ServerError::Host { kind, description } => (
+                kind.status(),
+                axum::Json(json!({"error": kind.error(), "error_description": description})),
             )
                 .into_response(),
             ServerError::Vault {
-                status,
-                code,
+                kind,
                 message,
-                inner,
                 challenge,
             } => {
-                let mut err = json!({"code": code, "message": message});
-                if let Some(i) = inner {
+                let mut err = json!({"code": kind.code(), "message": message});
+                if let Some(i) = kind.inner() {
                     err["innererror"] = json!({"code": i});
                 }
-                let mut resp = (*status, axum::Json(json!({ "error": err }))).into_response();
+                let mut resp = (kind.status(), axum::Json(json!({ "error": err }))).into_response();
                 if let Some(c) = challenge
                     .as_deref()
                     .and_then(|c| HeaderValue::from_str(c).ok())
@@ -368,6 +550,10 @@ impl IntoResponse for ServerError {
                     resp.headers_mut().insert(header::WWW_AUTHENTICATE, c);
                 }
                 resp
+            }
+            ServerError::Graph { kind, message } => {
+                let (status, code) = kind.answer();
+                arm_body(status, code, message, None)
             }
             ServerError::InsightsBadRequest(message) => (
                 StatusCode::BAD_REQUEST,
@@ -517,15 +703,19 @@ impl ServerError {
     /// record carries.
     pub fn status_and_code(&self) -> (u16, String) {
         match self {
-            ServerError::Sts { status, code, .. } => (status.as_u16(), format!("AADSTS{code}")),
-            ServerError::Host { status, error, .. } => (status.as_u16(), error.to_string()),
+            ServerError::Sts { code, .. } => {
+                (code.answer().0.as_u16(), format!("AADSTS{}", *code as u32))
+            }
+            ServerError::Host { kind, .. } => (kind.status().as_u16(), kind.error().to_string()),
             // the inner code when there is one (`ForbiddenByPolicy` says more than `Forbidden`)
-            ServerError::Vault {
-                status,
-                code,
-                inner,
-                ..
-            } => (status.as_u16(), inner.unwrap_or(code).to_string()),
+            ServerError::Vault { kind, .. } => (
+                kind.status().as_u16(),
+                kind.inner().unwrap_or(kind.code()).to_string(),
+            ),
+            ServerError::Graph { kind, .. } => {
+                let (status, code) = kind.answer();
+                (status.as_u16(), code.to_string())
+            }
             ServerError::Store(e) => {
                 let shape = current_shape();
                 let a = store_answer(e, shape);
@@ -608,6 +798,104 @@ mod tests {
         let (status, _, body) = answer(Shape::Host, StoreError::Corrupt("row".into())).await;
         assert_eq!(status, 500);
         assert_eq!(body["error"], "internal_error");
+    }
+
+    async fn render(e: ServerError) -> (u16, Option<String>, serde_json::Value) {
+        let resp = e.into_response();
+        let status = resp.status().as_u16();
+        let challenge = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, challenge, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn each_surface_renders_its_kinds_in_its_own_shape() {
+        // Key Vault: the kind gives status, code and inner code
+        let (st, _, v) = render(ServerError::kv(
+            KvKind::Forbidden(Some("ForbiddenByPolicy")),
+            "no get permission",
+        ))
+        .await;
+        assert_eq!(st, 403);
+        assert_eq!(v["error"]["code"], "Forbidden");
+        assert_eq!(v["error"]["innererror"]["code"], "ForbiddenByPolicy");
+        let (st, challenge, v) = render(ServerError::kv_unauthorized(
+            "Bearer authorization=\"x\"",
+            "no token",
+        ))
+        .await;
+        assert_eq!(
+            (st, challenge.as_deref()),
+            (401, Some("Bearer authorization=\"x\""))
+        );
+        assert_eq!(v["error"]["code"], "Unauthorized");
+        let (st, _, v) = render(ServerError::kv(KvKind::NotFound("SecretNotFound"), "gone")).await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (404, Some("SecretNotFound"))
+        );
+        assert!(v["error"].get("innererror").is_none());
+        // STS: the AADSTS number gives the OAuth error and Entra's status
+        let (st, _, v) = render(ServerError::sts(Aadsts::InvalidClientSecret, "bad secret")).await;
+        assert_eq!((st, v["error"].as_str()), (401, Some("invalid_client")));
+        assert_eq!(v["error_codes"], json!([7000215]));
+        assert!(v["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS7000215: bad secret"));
+        let (st, _, v) = render(ServerError::sts(Aadsts::OwnTokenAsAssertion, "no")).await;
+        assert_eq!((st, v["error"].as_str()), (400, Some("invalid_client")));
+        // host API: flat
+        let (st, _, v) = render(ServerError::host(HostKind::PoolFull, "full")).await;
+        assert_eq!(st, 409);
+        assert_eq!(
+            v,
+            json!({"error": "pool_full", "error_description": "full"})
+        );
+        // Graph: Graph's codes in `{"error":{"code","message"}}`
+        let (st, _, v) = render(ServerError::graph(GraphKind::Forbidden, "no")).await;
+        assert_eq!(st, 403);
+        assert_eq!(v["error"]["code"], "Authorization_RequestDenied");
+        assert_eq!(v["error"]["message"], "no");
+    }
+
+    #[test]
+    fn every_aadsts_kind_answers_4xx_except_the_server_side_ones() {
+        use Aadsts::*;
+        for k in [
+            MalformedJwt,
+            UnknownInstance,
+            IssuerDiscoveryFailed,
+            UnsupportedGrantType,
+            InvalidScope,
+            InvalidRequestFormat,
+            InvalidResource,
+            UnknownClient,
+            InvalidClientAssertion,
+            AssertionOutOfTime,
+            AssertionSignature,
+            FicIssuerMismatch,
+            FicAudienceMismatch,
+            FicSubjectMismatch,
+            OwnTokenAsAssertion,
+            MissingParameter,
+            InvalidResourceParameter,
+            InvalidScopeValue,
+            InvalidClientSecret,
+            CredentialRequired,
+        ] {
+            assert!(k.answer().0.is_client_error(), "{k:?}");
+        }
+        assert_eq!(Internal.answer().0, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            TemporarilyUnavailable.answer().0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //! `GET /v1.0/servicePrincipals?$filter=appId eq '…'` (or `id eq '…'`), so tools can resolve an
 //! assignee given by client id to its object id, as `az role assignment create --assignee` does.
 
-use crate::error::{Result, ServerError};
+use crate::error::{GraphKind, Result, ServerError};
 use crate::request::authenticate_with;
 use crate::state::AppState;
 use axum::extract::{Path, Request, State};
@@ -40,7 +40,7 @@ fn entry_json(e: &DirectoryEntry) -> Value {
 }
 
 fn not_found(id: &str) -> ServerError {
-    ServerError::host(404, "Request_ResourceNotFound", format!("Resource '{id}' does not exist or one of its queried reference-property objects are not present."))
+    ServerError::graph(GraphKind::NotFound, format!("Resource '{id}' does not exist or one of its queried reference-property objects are not present."))
 }
 
 async fn one(
@@ -68,9 +68,8 @@ async fn list(State(s): State<Arc<AppState>>, req: Request) -> Result<Json<Value
         .map(|(_, v)| v.as_str())
         .unwrap_or("");
     let wanted = keyless_core::odata::DirectoryFilter::parse(filter).map_err(|_| {
-        ServerError::host(
-            400,
-            "Request_UnsupportedQuery",
+        ServerError::graph(
+            GraphKind::UnsupportedQuery,
             "Only $filter=appId eq '…' or id eq '…' is supported.",
         )
     })?;
@@ -128,23 +127,33 @@ async fn create_app(
     )
     .await?
     {
-        return Err(ServerError::AuthorizationFailed {
-            principal: caller.object_id,
-            action: "microsoft.directory/applications/create".into(),
-            scope,
-        });
+        return Err(ServerError::graph(
+            GraphKind::Forbidden,
+            format!(
+                "Insufficient privileges to complete the operation. The caller '{}' may not create applications: that needs 'Microsoft.Authorization/roleAssignments/write' on '{scope}'.",
+                caller.object_id
+            ),
+        ));
     }
     drop(tx);
     let body = axum::body::to_bytes(req.into_body(), 256 * 1024)
         .await
-        .map_err(|_| ServerError::RequestTooLarge(256 * 1024))?;
-    let app: NewApp = crate::request::parse_body(&body)?;
+        .map_err(|_| {
+            ServerError::graph(
+                GraphKind::TooLarge,
+                "The request body is larger than 256 KiB.",
+            )
+        })?;
+    let app: NewApp = crate::request::parse_body(&body).map_err(|e| match e {
+        ServerError::InvalidRequestContent(m) => ServerError::graph(GraphKind::BadRequest, m),
+        e => e,
+    })?;
     let name = app.display_name.trim();
     if name.is_empty() || name.chars().count() > 256 {
-        return Err(ServerError::InvalidParameter {
-            message: "displayName must be 1-256 characters.".into(),
-            target: Some("displayName".into()),
-        });
+        return Err(ServerError::graph(
+            GraphKind::BadRequest,
+            "displayName must be 1-256 characters.",
+        ));
     }
     let mut certificates = vec![];
     for k in &app.key_credentials {
@@ -153,10 +162,10 @@ async fn create_app(
             .next()
             .or_else(|| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, k.key.trim()).ok())
             .filter(|d| keyless_pki::cert_rsa_public(d).is_some())
-            .ok_or_else(|| ServerError::InvalidParameter {
-                message: "keyCredentials[].key must be an X.509 certificate with an RSA key (base64 DER or PEM).".into(),
-                target: Some("keyCredentials".into()),
-            })?;
+            .ok_or_else(|| ServerError::graph(
+                GraphKind::BadRequest,
+                "keyCredentials[].key must be an X.509 certificate with an RSA key (base64 DER or PEM).",
+            ))?;
         certificates.push(der);
     }
     let secret = crate::util::random_b64url(32);

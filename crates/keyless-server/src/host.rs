@@ -6,7 +6,7 @@
 //! before a token is signed; join and rotate one write transaction, committed before the
 //! certificate is answered (a refused join consumes nothing).
 
-use crate::error::{Result, ServerError};
+use crate::error::{HostKind, Result, ServerError};
 use crate::state::AppState;
 use crate::tokens;
 use axum::extract::State;
@@ -41,15 +41,13 @@ const MAX_BODY: usize = 64 * 1024;
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     if body.len() > MAX_BODY {
         return Err(ServerError::host(
-            413,
-            "request_too_large",
+            HostKind::TooLarge,
             "The request body is too large.",
         ));
     }
     serde_json::from_slice(body).map_err(|e| {
         ServerError::host(
-            400,
-            "invalid_request",
+            HostKind::InvalidRequest,
             format!("Malformed request body: {e}"),
         )
     })
@@ -124,8 +122,7 @@ async fn issue_cert(
         )
         .map_err(|_| {
             ServerError::host(
-                400,
-                "invalid_request",
+                HostKind::InvalidRequest,
                 "The certificate signing request is invalid.",
             )
         })?;
@@ -152,8 +149,7 @@ async fn join(
     let req: JoinRequest = parse(&body)?;
     if req.join_token.len() > 256 || req.csr.len() > 16 * 1024 {
         return Err(ServerError::host(
-            400,
-            "invalid_request",
+            HostKind::InvalidRequest,
             "The join request is too large.",
         ));
     }
@@ -163,30 +159,26 @@ async fn join(
         JoinTokenOutcome::Accepted { vm_key } => vm_key,
         JoinTokenOutcome::Unknown => {
             return Err(ServerError::host(
-                401,
-                "invalid_join_token",
+                HostKind::InvalidJoinToken,
                 "The join token is not valid.",
             ))
         }
         JoinTokenOutcome::Expired => {
             return Err(ServerError::host(
-                401,
-                "invalid_join_token",
+                HostKind::InvalidJoinToken,
                 "The join token has expired.",
             ))
         }
         JoinTokenOutcome::AlreadyUsed => {
             return Err(ServerError::host(
-                401,
-                "invalid_join_token",
+                HostKind::InvalidJoinToken,
                 "The join token has already been used.",
             ))
         }
     };
     let vm = tx.get_vm(&vm_key).await?.ok_or_else(|| {
         ServerError::host(
-            404,
-            "vm_not_found",
+            HostKind::VmNotFound,
             "The virtual machine of this join token no longer exists.",
         )
     })?;
@@ -199,9 +191,7 @@ async fn join(
         {
             Ok(i) => Some(i),
             Err(StoreError::Conflict(Conflict::GroupFull)) => {
-                return Err(ServerError::host(
-                    409,
-                    "pool_full",
+                return Err(ServerError::host(HostKind::PoolFull,
                     format!(
                         "The pool {} already has its target of {} dedicated nodes; resize it to add nodes.",
                         vm.name,
@@ -228,8 +218,7 @@ async fn join(
 async fn host_vm(s: &AppState, tx: &mut Tx, peer: &PeerCert) -> Result<Host> {
     let fp = peer.0.as_deref().ok_or_else(|| {
         ServerError::host(
-            401,
-            "host_credential_required",
+            HostKind::CredentialRequired,
             "A host client certificate is required.",
         )
     })?;
@@ -239,15 +228,13 @@ async fn host_vm(s: &AppState, tx: &mut Tx, peer: &PeerCert) -> Result<Host> {
         .filter(|c| c.not_after > s.now())
         .ok_or_else(|| {
             ServerError::host(
-                401,
-                "invalid_host_credential",
+                HostKind::InvalidCredential,
                 "The host credential is unknown, revoked or expired.",
             )
         })?;
     let gone = || {
         ServerError::host(
-            401,
-            "invalid_host_credential",
+            HostKind::InvalidCredential,
             "The host credential's virtual machine no longer exists.",
         )
     };
@@ -379,18 +366,18 @@ async fn host_token(
     ev.identity = selector_identity(&req.selector);
     // the audience rule of every token surface (`keyless_core::audience`), in this API's shape
     keyless_core::audience::check(resource).map_err(|e| {
-        let error = match e {
-            keyless_core::audience::AudienceError::Invalid => "invalid_resource",
-            _ => "invalid_request",
+        let kind = match e {
+            keyless_core::audience::AudienceError::Invalid => HostKind::InvalidResource,
+            _ => HostKind::InvalidRequest,
         };
-        ServerError::host(400, error, e.describe())
+        ServerError::host(kind, e.describe())
     })?;
     let ids = host_identities(&mut tx, &host.owner).await?;
     // the read ends before the token is signed
     drop(tx);
     let chosen = ids
         .select(&req.selector)
-        .map_err(|e| ServerError::host(400, "invalid_request", e.to_string()))?;
+        .map_err(|e| ServerError::host(HostKind::InvalidRequest, e.to_string()))?;
     let mirid = ResourceId::parse(&chosen.resource_id)
         .map(|r| r.mirid())
         .unwrap_or_else(|_| chosen.resource_id.clone());

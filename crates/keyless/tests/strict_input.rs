@@ -119,7 +119,12 @@ async fn filters_not_understood_are_400() {
         format!("appld eq '{admin}'"),
     ] {
         let (st, v) = get(&c, &graph, &sps, &f).await;
-        assert_eq!(st, 400, "{f}: {v}");
+        // Graph's own error shape and code
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (400, Some("Request_UnsupportedQuery")),
+            "{f}: {v}"
+        );
     }
 }
 

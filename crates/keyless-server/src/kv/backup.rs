@@ -4,7 +4,7 @@
 //! Keyless instance, like Azure's restore within a subscription's geography.
 
 use super::{bad, Ctx, Render};
-use crate::error::{Result, ServerError};
+use crate::error::{KvKind, Result, ServerError};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -23,7 +23,7 @@ async fn backup_key(tx: &mut Tx) -> Result<Kek> {
         None => {
             let mut k = [0u8; 32];
             aws_lc_rs::rand::fill(&mut k)
-                .map_err(|_| ServerError::kv(500, "InternalServerError", "No randomness."))?;
+                .map_err(|_| ServerError::kv(KvKind::Internal, "No randomness."))?;
             // the first writer wins; everyone uses what is stored
             tx.put_secret_if_absent("kv_backup_key", &k).await?;
             tx.get_secret("kv_backup_key")
@@ -53,8 +53,7 @@ pub async fn backup<R: Render>(ctx: &Ctx<'_>, tx: &mut Tx, name: &str) -> Result
     let latest = ctx.live_version(tx, coll, name, None).await?;
     if latest.managed {
         return Err(ServerError::kv(
-            403,
-            "Forbidden",
+            KvKind::Forbidden(None),
             format!(
                 "{} {name} is managed by a certificate; back up the certificate.",
                 coll.noun()
@@ -79,7 +78,7 @@ pub async fn backup<R: Render>(ctx: &Ctx<'_>, tx: &mut Tx, name: &str) -> Result
         objects.push(json!({"coll": c.path(), "versions": versions, "extra": extra}));
     }
     let plain = serde_json::to_vec(&json!({"name": latest.name, "objects": objects}))
-        .map_err(|e| ServerError::kv(500, "InternalServerError", e.to_string()))?;
+        .map_err(|e| ServerError::kv(KvKind::Internal, e.to_string()))?;
     let sealed = backup_key(tx).await?.seal(&aad(ctx, coll), &plain)?;
     Ok(Json(json!({"value": URL_SAFE_NO_PAD.encode(sealed)})).into_response())
 }
@@ -111,9 +110,7 @@ pub async fn restore<R: Render>(ctx: &Ctx<'_>, tx: &mut Tx, body: &[u8]) -> Resu
             .await?
             .is_some()
     {
-        return Err(ServerError::kv(
-            409,
-            "Conflict",
+        return Err(ServerError::kv(KvKind::Conflict(None),
             format!("{name} is the name of a certificate in this vault; restore needs the name to be free."),
         ));
     }
@@ -124,7 +121,7 @@ pub async fn restore<R: Render>(ctx: &Ctx<'_>, tx: &mut Tx, body: &[u8]) -> Resu
             }
             let has_versions = !tx.kv_versions(ctx.vname, c.path(), &name).await?.is_empty();
             if has_versions {
-                return Err(ServerError::kv(409, "Conflict", format!("{} {name} already exists in this vault; restore needs the name to be free.", c.noun())));
+                return Err(ServerError::kv(KvKind::Conflict(None), format!("{} {name} already exists in this vault; restore needs the name to be free.", c.noun())));
             }
         }
     }

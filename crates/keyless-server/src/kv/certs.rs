@@ -5,7 +5,7 @@
 
 use super::keys::{generate, public_of};
 use super::{bad, check_tags, common, method_not_allowed, parse_body, AttrsIn, Ctx, Render};
-use crate::error::{Result, ServerError};
+use crate::error::{KvKind, Result, ServerError};
 use crate::state::AppState;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -494,8 +494,7 @@ async fn refuse_plain_objects(ctx: &Ctx<'_>, tx: &mut Tx, name: &str) -> Result<
                 .is_some_and(|v| v.managed);
             if !managed || n.deleted.is_some() {
                 return Err(ServerError::kv(
-                    409,
-                    "Conflict",
+                    KvKind::Conflict(None),
                     format!(
                         "A {} named {name} already exists; certificate names cannot reuse it.",
                         &coll[..coll.len() - 1]
@@ -548,7 +547,7 @@ pub async fn handle(
                 return Err(bad(format!("The issuer '{issuer}' is not known. Use Self, Unknown, or Keyless (the Keyless CA).")));
             }
             if st.pending.as_ref().is_some_and(|pe| pe.status == IN_PROGRESS) {
-                return Err(ServerError::kv(409, "Conflict", format!("Certificate {name} has a pending operation in progress; wait for it, or cancel or delete it.")));
+                return Err(ServerError::kv(KvKind::Conflict(None), format!("Certificate {name} has a pending operation in progress; wait for it, or cancel or delete it.")));
             }
             refuse_plain_objects(ctx, tx, &name).await?;
             let attrs = p.attributes.get_or_insert_with(Default::default);
@@ -594,7 +593,7 @@ pub async fn handle(
                 _ => return Err(method_not_allowed(m)),
             };
             ctx.authorize(tx, Coll::Certificates, op, Some(&name)).await?;
-            let not_found = || ServerError::kv(404, "PendingCertificateNotFound", format!("Pending certificate not found: {name}"));
+            let not_found = || ServerError::kv(KvKind::NotFound("PendingCertificateNotFound"), format!("Pending certificate not found: {name}"));
             let mut st = load_state(tx, ctx.vname, &name).await?.ok_or_else(not_found)?;
             let mut pe = st.pending.clone().ok_or_else(not_found)?;
             match *m {
@@ -633,7 +632,7 @@ pub async fn handle(
             }
             let b: MergeBody = parse_body(body)?;
             check_tags(&b.tags)?;
-            let not_found = || ServerError::kv(404, "PendingCertificateNotFound", format!("Pending certificate not found: {name}"));
+            let not_found = || ServerError::kv(KvKind::NotFound("PendingCertificateNotFound"), format!("Pending certificate not found: {name}"));
             let st = load_state(tx, ctx.vname, &name).await?.ok_or_else(not_found)?;
             let pe = st.pending.clone().filter(|p| p.status == IN_PROGRESS && p.issuer == ISSUER_UNKNOWN).ok_or_else(not_found)?;
             let p = st.policy.clone().ok_or_else(not_found)?;
@@ -833,7 +832,7 @@ pub async fn handle(
             let cur = tx.kv_name(ctx.vname, "settings", "contacts").await?.map(|n| n.extra).filter(|e| e.get("contacts").is_some());
             match *m {
                 Method::GET => {
-                    let c = cur.ok_or_else(|| ServerError::kv(404, "ContactsNotFound", "Contacts not found"))?;
+                    let c = cur.ok_or_else(|| ServerError::kv(KvKind::NotFound("ContactsNotFound"), "Contacts not found"))?;
                     Ok(Json(json!({"id": id, "contacts": c["contacts"]})).into_response())
                 }
                 Method::PUT => {
@@ -846,7 +845,7 @@ pub async fn handle(
                     Ok(Json(json!({"id": id, "contacts": list})).into_response())
                 }
                 Method::DELETE => {
-                    let c = cur.ok_or_else(|| ServerError::kv(404, "ContactsNotFound", "Contacts not found"))?;
+                    let c = cur.ok_or_else(|| ServerError::kv(KvKind::NotFound("ContactsNotFound"), "Contacts not found"))?;
                     tx.kv_set_extra(ctx.vname, "settings", "contacts", &json!({})).await?;
                     Ok(Json(json!({"id": id, "contacts": c["contacts"]})).into_response())
                 }

@@ -5,7 +5,7 @@
 use super::{
     apply_attrs, bad, check_tags, common, method_not_allowed, parse_body, AttrsIn, Ctx, Render,
 };
-use crate::error::{Result, ServerError};
+use crate::error::{KvKind, Result, ServerError};
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -146,13 +146,7 @@ fn key_type(
 pub async fn generate(t: KeyType) -> Result<KvKey> {
     tokio::task::spawn_blocking(move || KvKey::generate(t))
         .await
-        .map_err(|_| {
-            ServerError::kv(
-                500,
-                "InternalServerError",
-                "Key generation was interrupted.",
-            )
-        })?
+        .map_err(|_| ServerError::kv(KvKind::Internal, "Key generation was interrupted."))?
         .map_err(ServerError::from)
 }
 
@@ -181,8 +175,7 @@ fn b64(v: &Value, field: &str) -> Result<Vec<u8>> {
 async fn refuse_certificate_name(ctx: &Ctx<'_>, tx: &mut Tx, name: &str) -> Result<()> {
     if tx.kv_name(ctx.vname, "certificates", name).await?.is_some() {
         return Err(ServerError::kv(
-            409,
-            "Conflict",
+            KvKind::Conflict(None),
             format!("Key {name} is managed by a certificate of the same name."),
         ));
     }
@@ -265,9 +258,7 @@ pub async fn handle(
             ctx.authorize(tx, Coll::Keys, Op::Rotate, Some(&name)).await?;
             let cur = ctx.live_version(tx, Coll::Keys, &name, None).await?;
             if cur.managed {
-                return Err(ServerError::kv(
-                    403,
-                    "Forbidden",
+                return Err(ServerError::kv(KvKind::Forbidden(None),
                     format!(
                         "Key {name} is managed by a certificate; renew the certificate instead."
                     ),
@@ -360,9 +351,7 @@ pub async fn handle(
             check_tags(&b.tags)?;
             let mut v = ctx.live_version(tx, Coll::Keys, &name, version.as_deref()).await?;
             if v.managed {
-                return Err(ServerError::kv(
-                    403,
-                    "Forbidden",
+                return Err(ServerError::kv(KvKind::Forbidden(None),
                     format!(
                         "Key {name} is managed by a certificate; update the certificate instead."
                     ),
@@ -393,10 +382,7 @@ pub async fn handle(
             let b: Value = parse_body(body)?;
             let v = ctx.live_version(tx, Coll::Keys, &name, version.as_deref()).await?;
             if !v.enabled {
-                return Err(ServerError::kv_inner(
-                    403,
-                    "Forbidden",
-                    "KeyDisabled",
+                return Err(ServerError::kv(KvKind::Forbidden(Some("KeyDisabled")),
                     format!("Operation {wire} is not allowed on a disabled key."),
                 ));
             }
@@ -404,20 +390,14 @@ pub async fn handle(
             // decrypt and unwrap what it produced, but not sign, encrypt or wrap
             if matches!(op, KeyOp::Sign | KeyOp::Encrypt | KeyOp::WrapKey) {
                 if v.nbf.is_some_and(|n| ctx.now < n) {
-                    return Err(ServerError::kv_inner(
-                        403,
-                        "Forbidden",
-                        "KeyNotYetValid",
+                    return Err(ServerError::kv(KvKind::Forbidden(Some("KeyNotYetValid")),
                         format!(
                             "Operation {wire} is not allowed on a key that is not yet valid (nbf)."
                         ),
                     ));
                 }
                 if v.exp.is_some_and(|e| ctx.now >= e) {
-                    return Err(ServerError::kv_inner(
-                        403,
-                        "Forbidden",
-                        "KeyExpired",
+                    return Err(ServerError::kv(KvKind::Forbidden(Some("KeyExpired")),
                         format!("Operation {wire} is not allowed on an expired key."),
                     ));
                 }

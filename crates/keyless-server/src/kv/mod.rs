@@ -22,7 +22,7 @@ pub mod secrets;
 
 use crate::caches::vaults::CachedVault;
 use crate::caches::vaults::VaultSettings;
-use crate::error::{Result, ServerError, Shape};
+use crate::error::{KvKind, Result, ServerError, Shape};
 use crate::request::Caller;
 use crate::state::AppState;
 use axum::extract::Request;
@@ -110,17 +110,11 @@ pub struct Ctx<'a> {
 }
 
 fn unauthorized(challenge: &str, message: impl Into<String>) -> ServerError {
-    ServerError::Vault {
-        status: StatusCode::UNAUTHORIZED,
-        code: "Unauthorized",
-        message: message.into(),
-        inner: None,
-        challenge: Some(challenge.to_string()),
-    }
+    ServerError::kv_unauthorized(challenge, message)
 }
 
 pub fn bad(message: impl Into<String>) -> ServerError {
-    ServerError::kv(400, "BadParameter", message)
+    ServerError::kv(KvKind::BadParameter, message)
 }
 
 /// The audiences a vault accepts: the advertised resource (with and without its port), and
@@ -390,8 +384,7 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request, seen: &mut Seen) ->
     let path = parts.uri.path();
     let target = route::parse(path).ok_or_else(|| {
         ServerError::kv(
-            404,
-            "NotFound",
+            KvKind::NotFound("NotFound"),
             format!("The path '{path}' is not served by this vault."),
         )
     })?;
@@ -423,8 +416,7 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request, seen: &mut Seen) ->
             None => {
                 let rec = tx.get_vault_by_name(vault).await?.ok_or_else(|| {
                     ServerError::kv(
-                        404,
-                        "VaultNotFound",
+                        KvKind::NotFound("VaultNotFound"),
                         format!("The vault '{vault}' does not exist."),
                     )
                 })?;
@@ -435,8 +427,7 @@ async fn serve(s: &Arc<AppState>, vault: &str, req: Request, seen: &mut Seen) ->
         };
         let body = body.as_ref().map_err(|_| {
             ServerError::kv(
-                413,
-                "RequestTooLarge",
+                KvKind::TooLarge,
                 format!("The request body exceeds {MAX_BODY} bytes."),
             )
         })?;
@@ -508,8 +499,7 @@ async fn dispatch(
 
 pub fn method_not_allowed(m: &Method) -> ServerError {
     ServerError::kv(
-        405,
-        "MethodNotAllowed",
+        KvKind::MethodNotAllowed,
         format!("The method {m} is not allowed on this path."),
     )
 }
@@ -598,10 +588,7 @@ impl<'a> Ctx<'a> {
             if keyless_core::rbac::authorize_data(&grants, need.data_action, &scope).is_some() {
                 return Ok(());
             }
-            return Err(ServerError::kv_inner(
-                403,
-                "Forbidden",
-                "ForbiddenByRbac",
+            return Err(ServerError::kv(KvKind::Forbidden(Some("ForbiddenByRbac")),
                 format!(
                     "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: {}\r\nAction: '{}'\r\nResource: '{}'\r\nAssignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: 'DeniedWithNoValidRBAC' \r\nVault: {};location={}\r\n",
                     caller(),
@@ -622,10 +609,7 @@ impl<'a> Ctx<'a> {
         if access::policy_grants(&perms, need.permission) {
             return Ok(());
         }
-        Err(ServerError::kv_inner(
-            403,
-            "Forbidden",
-            "ForbiddenByPolicy",
+        Err(ServerError::kv(KvKind::Forbidden(Some("ForbiddenByPolicy")),
             format!(
                 "The user, group or application '{}' does not have {} {} permission on key vault '{};location={}'. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125287",
                 caller(),
@@ -676,32 +660,25 @@ impl<'a> Ctx<'a> {
             Some(v) => format!("{name}/{v}"),
             None => name.to_string(),
         };
-        ServerError::Vault {
-            status: StatusCode::NOT_FOUND,
-            code: not_found_code(coll),
-            message: format!(
+        ServerError::kv(
+            KvKind::NotFound(not_found_code(coll)),
+            format!(
                 "A {} with (name/id) {what} was not found in this key vault. If you recently deleted this {} you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182",
                 coll.noun().to_ascii_lowercase(),
                 coll.noun().to_ascii_lowercase()
             ),
-            inner: None,
-            challenge: None,
-        }
+        )
     }
 
     pub fn deleted_not_found(&self, coll: Coll, name: &str) -> ServerError {
         ServerError::kv(
-            404,
-            not_found_code(coll),
+            KvKind::NotFound(not_found_code(coll)),
             format!("Deleted {} not found: {name}", coll.noun()),
         )
     }
 
     pub fn is_deleted_conflict(&self, coll: Coll, name: &str) -> ServerError {
-        ServerError::kv_inner(
-            409,
-            "Conflict",
-            "ObjectIsDeletedButRecoverable",
+        ServerError::kv(KvKind::Conflict(Some("ObjectIsDeletedButRecoverable")),
             format!(
                 "{} {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the {} can only be recovered or purged.",
                 coll.noun(),
@@ -755,8 +732,7 @@ impl<'a> Ctx<'a> {
             if !g.in_place {
                 g.wanted = Some(t);
                 return Err(ServerError::kv(
-                    500,
-                    "InternalServerError",
+                    KvKind::Internal,
                     "The key is generated outside the transaction; the request runs again.",
                 ));
             }
@@ -874,7 +850,7 @@ pub fn json_response<T: serde::Serialize>(v: &T) -> Response {
             buf,
         )
             .into_response(),
-        Err(e) => ServerError::kv(500, "InternalServerError", e.to_string()).into_response(),
+        Err(e) => ServerError::kv(KvKind::Internal, e.to_string()).into_response(),
     }
 }
 
@@ -913,9 +889,7 @@ async fn refuse_managed(
     op: &str,
 ) -> Result<()> {
     if coll != Coll::Certificates && tx.kv_name(ctx.vname, "certificates", name).await?.is_some() {
-        return Err(ServerError::kv(
-            403,
-            "Forbidden",
+        return Err(ServerError::kv(KvKind::Forbidden(None),
             format!("Operation {op} is not allowed on a {} managed by certificate {name}; use the certificate.", coll.noun().to_ascii_lowercase()),
         ));
     }
@@ -1012,9 +986,7 @@ pub async fn common<R: Render>(
             ctx.name(coll, name)?;
             ctx.authorize(tx, coll, Op::Purge, Some(name)).await?;
             if ctx.settings.purge_protection {
-                return Err(ServerError::kv(
-                    403,
-                    "Forbidden",
+                return Err(ServerError::kv(KvKind::Forbidden(None),
                     format!("Operation \"purge\" is not enabled for this vault: purge protection is on. {} {name} is purged on its scheduled purge date.", coll.noun()),
                 ));
             }

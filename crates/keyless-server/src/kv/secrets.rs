@@ -5,7 +5,7 @@ use super::{
     apply_attrs, bad, check_tags, common, json_response, method_not_allowed, parse_body,
     Attributes, AttrsIn, Ctx, Render, MAX_SECRET_VALUE,
 };
-use crate::error::{Result, ServerError};
+use crate::error::{KvKind, Result, ServerError};
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -141,9 +141,7 @@ pub async fn handle(
                 .await?
                 .is_some()
             {
-                return Err(ServerError::kv(
-                    409,
-                    "Conflict",
+                return Err(ServerError::kv(KvKind::Conflict(None),
                     format!("Secret {name} is managed by a certificate of the same name; set a new version through the certificate."),
                 ));
             }
@@ -176,10 +174,8 @@ pub async fn handle(
                 .live_version(tx, Coll::Secrets, &name, version.as_deref())
                 .await?;
             if !v.enabled {
-                return Err(ServerError::kv_inner(
-                    403,
-                    "Forbidden",
-                    "SecretDisabled",
+                return Err(ServerError::kv(
+                    KvKind::Forbidden(Some("SecretDisabled")),
                     "Operation get is not allowed on a disabled secret.",
                 ));
             }
@@ -187,18 +183,14 @@ pub async fn handle(
             // so an expired certificate can still be downloaded)
             if !v.managed {
                 if v.nbf.is_some_and(|n| ctx.now < n) {
-                    return Err(ServerError::kv_inner(
-                        403,
-                        "Forbidden",
-                        "SecretNotYetValid",
+                    return Err(ServerError::kv(
+                        KvKind::Forbidden(Some("SecretNotYetValid")),
                         "Operation get is not allowed on a secret that is not yet valid (nbf).",
                     ));
                 }
                 if v.exp.is_some_and(|e| ctx.now >= e) {
-                    return Err(ServerError::kv_inner(
-                        403,
-                        "Forbidden",
-                        "SecretExpired",
+                    return Err(ServerError::kv(
+                        KvKind::Forbidden(Some("SecretExpired")),
                         "Operation get is not allowed on an expired secret.",
                     ));
                 }
@@ -223,7 +215,7 @@ pub async fn handle(
                 .live_version(tx, Coll::Secrets, &name, version.as_deref())
                 .await?;
             if v.managed {
-                return Err(ServerError::kv(403, "Forbidden", format!("Secret {name} is managed by a certificate; update the certificate instead.")));
+                return Err(ServerError::kv(KvKind::Forbidden(None), format!("Secret {name} is managed by a certificate; update the certificate instead.")));
             }
             if b.content_type.is_some() {
                 v.content_type = b.content_type;

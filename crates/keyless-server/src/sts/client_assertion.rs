@@ -3,7 +3,7 @@
 //! `x5t` or PS256 with `x5t#S256`, thumbprints in base64url or standard base64, padded or not,
 //! padded JWT segments, float `exp`/`iat`, missing `iat`/`nbf`; `aud` = our v2 or v1 token URL.
 
-use crate::error::{Result, ServerError};
+use crate::error::{Aadsts, Result, ServerError};
 use crate::state::AppState;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -25,8 +25,8 @@ fn lenient_b64(s: &str) -> Option<Vec<u8>> {
         })
 }
 
-fn invalid(code: u32, msg: impl Into<String>) -> ServerError {
-    ServerError::sts(401, "invalid_client", code, msg)
+fn invalid(code: Aadsts, msg: impl Into<String>) -> ServerError {
+    ServerError::sts(code, msg)
 }
 
 /// Verify `assertion` as a certificate credential of `sp`; `token_urls` are the audiences
@@ -39,9 +39,7 @@ pub fn verify(
 ) -> Result<()> {
     let d = claims::decode(assertion.trim()).map_err(|_| {
         ServerError::sts(
-            400,
-            "invalid_request",
-            50027,
+            Aadsts::MalformedJwt,
             "Invalid JWT token. The token is malformed.",
         )
     })?;
@@ -53,13 +51,17 @@ pub fn verify(
             || s1.as_ref().is_some_and(|t| *t == keyless_pki::sha1(c))
     });
     let Some(cert) = cert else {
-        return Err(invalid(700027, "Client assertion failed signature validation: the certificate thumbprint does not match a certificate registered for this application."));
+        return Err(invalid(Aadsts::AssertionSignature, "Client assertion failed signature validation: the certificate thumbprint does not match a certificate registered for this application."));
     };
-    let key = keyless_pki::cert_rsa_public(cert)
-        .ok_or_else(|| invalid(700027, "The registered certificate has no RSA key."))?;
+    let key = keyless_pki::cert_rsa_public(cert).ok_or_else(|| {
+        invalid(
+            Aadsts::AssertionSignature,
+            "The registered certificate has no RSA key.",
+        )
+    })?;
     if !keyless_pki::verify_rsa(&key, alg, d.signing_input.as_bytes(), &d.signature) {
         return Err(invalid(
-            700027,
+            Aadsts::AssertionSignature,
             format!("Client assertion failed signature validation (algorithm '{alg}')."),
         ));
     }
@@ -69,7 +71,7 @@ pub fn verify(
         || !text("sub").eq_ignore_ascii_case(&sp.client_id)
     {
         return Err(invalid(
-            700021,
+            Aadsts::InvalidClientAssertion,
             "Client assertion application identifier doesn't match 'client_id' parameter.",
         ));
     }
@@ -82,15 +84,20 @@ pub fn verify(
             .iter()
             .any(|u| u.eq_ignore_ascii_case(a.trim_end_matches('/')))
     }) {
-        return Err(invalid(700021, format!("Client assertion audience claim does not match Realm issuer. Review the documentation at https://aka.ms/certCreds . Audience: '{}'.", auds.join(","))));
+        return Err(invalid(Aadsts::InvalidClientAssertion, format!("Client assertion audience claim does not match Realm issuer. Review the documentation at https://aka.ms/certCreds . Audience: '{}'.", auds.join(","))));
     }
     let now = s.now();
     let num = |k: &str| c[k].as_f64().map(|f| f as u64);
-    let exp = num("exp").ok_or_else(|| invalid(700024, "Client assertion has no expiry."))?;
+    let exp = num("exp").ok_or_else(|| {
+        invalid(
+            Aadsts::AssertionOutOfTime,
+            "Client assertion has no expiry.",
+        )
+    })?;
     let nbf = num("nbf").or(num("iat")).unwrap_or(0);
     if exp + SKEW <= now || nbf > now + SKEW {
         return Err(invalid(
-            700024,
+            Aadsts::AssertionOutOfTime,
             "Client assertion is not within its valid time range.",
         ));
     }

@@ -6,7 +6,7 @@
 //! Failures are AADSTS errors with 4xx statuses, never 5xx.
 
 use crate::caches::jwks::IssuerKeys;
-use crate::error::{Result, ServerError};
+use crate::error::{Aadsts, Result, ServerError};
 use crate::state::AppState;
 use aws_lc_rs::signature;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -25,15 +25,9 @@ const MAX_KEYS: usize = 100;
 /// Clock skew allowed on `exp` / `nbf`.
 const SKEW: u64 = 300;
 
-fn sts(status: u16, error: &'static str, code: u32, msg: impl Into<String>) -> ServerError {
-    ServerError::sts(status, error, code, msg)
-}
-
 fn discovery_failed(iss: &str, why: &str) -> ServerError {
-    sts(
-        400,
-        "invalid_request",
-        50166,
+    ServerError::sts(
+        Aadsts::IssuerDiscoveryFailed,
         format!("Request to External OIDC endpoint failed. Issuer '{iss}': {why}"),
     )
 }
@@ -179,10 +173,8 @@ pub async fn exchange(
     who: &mut keyless_ops::audit::Caller,
 ) -> Result<Principal> {
     let malformed = || {
-        sts(
-            400,
-            "invalid_request",
-            50027,
+        ServerError::sts(
+            Aadsts::MalformedJwt,
             "Invalid JWT token. The token is malformed.",
         )
     };
@@ -195,10 +187,8 @@ pub async fn exchange(
         .map(str::to_string)
         .collect();
     if iss == s.issuer_v1() || iss == s.issuer_v2() {
-        return Err(sts(
-            400,
-            "invalid_client",
-            700222,
+        return Err(ServerError::sts(
+            Aadsts::OwnTokenAsAssertion,
             "Tokens issued by this authority may not be used for federated identity flows.",
         ));
     }
@@ -215,13 +205,13 @@ pub async fn exchange(
     match fic::find(&fics, &iss, &sub, &aud_refs) {
         Match::Matched(_) => {}
         Match::NoIssuer => {
-            return Err(sts(401, "invalid_client", 700211, format!("No matching federated identity record found for presented assertion issuer '{iss}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.")))
+            return Err(ServerError::sts(Aadsts::FicIssuerMismatch, format!("No matching federated identity record found for presented assertion issuer '{iss}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.")))
         }
         Match::NoSubject => {
-            return Err(sts(401, "invalid_client", 700213, format!("No matching federated identity record found for presented assertion subject '{sub}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.")))
+            return Err(ServerError::sts(Aadsts::FicSubjectMismatch, format!("No matching federated identity record found for presented assertion subject '{sub}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.")))
         }
         Match::NoAudience => {
-            return Err(sts(401, "invalid_client", 700212, format!("No matching federated identity record found for presented assertion audience '{}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.", auds.join(","))))
+            return Err(ServerError::sts(Aadsts::FicAudienceMismatch, format!("No matching federated identity record found for presented assertion audience '{}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.", auds.join(","))))
         }
     }
     let now = s.now();
@@ -229,7 +219,7 @@ pub async fn exchange(
     let exp = num("exp").ok_or_else(malformed)?;
     let nbf = num("nbf").or(num("iat")).unwrap_or(0);
     if exp + SKEW <= now || nbf > now + SKEW {
-        return Err(sts(401, "invalid_client", 700024, format!(
+        return Err(ServerError::sts(Aadsts::AssertionOutOfTime, format!(
             "Client assertion is not within its valid time range. Current time: {}, assertion valid from {}, expiry time of assertion {}.",
             crate::util::format_iso(now), crate::util::format_iso(nbf), crate::util::format_iso(exp)
         )));
@@ -252,10 +242,8 @@ pub async fn exchange(
         .iter()
         .any(|k| verify_with(k, alg, input, &d.signature))
     {
-        return Err(sts(
-            401,
-            "invalid_client",
-            700027,
+        return Err(ServerError::sts(
+            Aadsts::AssertionSignature,
             format!(
                 "Client assertion failed signature validation. (key '{kid}', algorithm '{alg}')"
             ),

@@ -4,7 +4,7 @@
 pub mod client_assertion;
 pub mod federation;
 
-use crate::error::{Result, ServerError};
+use crate::error::{Aadsts, Result, ServerError};
 use crate::state::AppState;
 use crate::tokens;
 use axum::extract::{Path, State};
@@ -43,10 +43,7 @@ fn check_tenant(state: &AppState, tenant: &str, allow_alias: bool) -> Result<()>
     {
         Ok(())
     } else {
-        Err(ServerError::sts(
-            400,
-            "invalid_request",
-            90002,
+        Err(ServerError::sts(Aadsts::InvalidRequestFormat,
             format!("Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."),
         ))
     }
@@ -133,11 +130,10 @@ async fn instance_discovery(
         .unwrap_or_default()
         .to_string();
     let Some(rest) = endpoint.strip_prefix(&s.base_url) else {
-        return Ok((
-            axum::http::StatusCode::BAD_REQUEST,
-            Json(json!({"error": "invalid_instance", "error_description": "AADSTS50049: Unknown or invalid instance."})),
-        )
-            .into_response());
+        return Err(ServerError::sts(
+            Aadsts::UnknownInstance,
+            "Unknown or invalid instance.",
+        ));
     };
     let tenant = rest
         .trim_start_matches('/')
@@ -165,17 +161,13 @@ const MAX_FORM: usize = 64 * 1024;
 fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>> {
     if body.len() > MAX_FORM {
         return Err(ServerError::sts(
-            400,
-            "invalid_request",
-            900144,
+            Aadsts::MissingParameter,
             "The request body is too large.",
         ));
     }
     serde_urlencoded::from_bytes(body).map_err(|_| {
         ServerError::sts(
-            400,
-            "invalid_request",
-            900144,
+            Aadsts::MissingParameter,
             "The request body must be application/x-www-form-urlencoded.",
         )
     })
@@ -191,9 +183,7 @@ fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
 fn require<'a>(form: &'a [(String, String)], name: &str) -> Result<&'a str> {
     field(form, name).ok_or_else(|| {
         ServerError::sts(
-            400,
-            "invalid_request",
-            900144,
+            Aadsts::MissingParameter,
             format!("The request body must contain the following parameter: '{name}'."),
         )
     })
@@ -277,9 +267,7 @@ async fn authenticate_client(
     let grant = require(form, "grant_type")?;
     if grant != "client_credentials" {
         return Err(ServerError::sts(
-            400,
-            "unsupported_grant_type",
-            70003,
+            Aadsts::UnsupportedGrantType,
             format!("The app requested an unsupported grant type '{grant}'."),
         ));
     }
@@ -293,9 +281,7 @@ async fn authenticate_client(
     };
     let not_found = || {
         ServerError::sts(
-            400,
-            "unauthorized_client",
-            700016,
+            Aadsts::UnknownClient,
             format!(
                 "Application with identifier '{client_id}' was not found in the directory '{}'.",
                 s.tenant_id
@@ -308,18 +294,12 @@ async fn authenticate_client(
         Client::Unknown => return Err(not_found()),
         Client::Identity(identity, fics) => {
             let Some(assertion) = assertion else {
-                return Err(ServerError::sts(
-                    401,
-                    "invalid_client",
-                    7000218,
+                return Err(ServerError::sts(Aadsts::CredentialRequired,
                     "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
                 ));
             };
             if field(form, "client_assertion_type") != Some(JWT_BEARER) {
-                return Err(ServerError::sts(
-                    400,
-                    "invalid_request",
-                    900144,
+                return Err(ServerError::sts(Aadsts::MissingParameter,
                     format!("The request body must contain the following parameter: 'client_assertion_type' with the value '{JWT_BEARER}'."),
                 ));
             }
@@ -338,20 +318,14 @@ async fn authenticate_client(
             let presented = keyless_pki::sha256(secret.as_bytes());
             let stored = hex_decode(&sp.secret_sha256);
             if aws_lc_rs::constant_time::verify_slices_are_equal(&presented, &stored).is_err() {
-                return Err(ServerError::sts(
-                    401,
-                    "invalid_client",
-                    7000215,
+                return Err(ServerError::sts(Aadsts::InvalidClientSecret,
                     "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
                 ));
             }
         }
         None if assertion.is_some() => {
             if field(form, "client_assertion_type") != Some(JWT_BEARER) {
-                return Err(ServerError::sts(
-                    400,
-                    "invalid_request",
-                    900144,
+                return Err(ServerError::sts(Aadsts::MissingParameter,
                     format!("The request body must contain the following parameter: 'client_assertion_type' with the value '{JWT_BEARER}'."),
                 ));
             }
@@ -363,10 +337,7 @@ async fn authenticate_client(
             crate::sts::client_assertion::verify(s, &sp, assertion.unwrap_or_default(), &urls)?;
         }
         None => {
-            return Err(ServerError::sts(
-                401,
-                "invalid_client",
-                7000218,
+            return Err(ServerError::sts(Aadsts::CredentialRequired,
                 "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
             ));
         }
@@ -416,10 +387,7 @@ fn echo(v: &str) -> String {
 
 /// Entra's answer to a scope that is not `<absolute URI or GUID>/.default` of bounded length.
 fn invalid_scope(scope: &str) -> ServerError {
-    ServerError::sts(
-        400,
-        "invalid_scope",
-        70011,
+    ServerError::sts(Aadsts::InvalidScope,
         format!(
             "The provided value for the input parameter 'scope' is not valid. The scope {} is not valid.",
             echo(scope)
@@ -430,9 +398,7 @@ fn invalid_scope(scope: &str) -> ServerError {
 /// Entra's answer to a v1 `resource` it cannot resolve (here: one that is not an audience).
 fn invalid_resource(resource: &str) -> ServerError {
     ServerError::sts(
-        400,
-        "invalid_resource",
-        500011,
+        Aadsts::InvalidResource,
         format!(
             "The resource principal named {} was not found in the tenant named {}.",
             echo(resource),
@@ -454,9 +420,7 @@ async fn token_v2(
     let client = resolve_client(&s, &form, &basic, ev).await?;
     if field(&form, "resource").is_some() {
         return Err(ServerError::sts(
-            400,
-            "invalid_request",
-            901002,
+            Aadsts::InvalidResourceParameter,
             "The 'resource' request parameter is not supported.",
         ));
     }
@@ -466,10 +430,7 @@ async fn token_v2(
         return Err(invalid_scope(scope));
     }
     let resource = resource_from_scope(scope).ok_or_else(|| {
-        ServerError::sts(
-            400,
-            "invalid_scope",
-            1002012,
+        ServerError::sts(Aadsts::InvalidScopeValue,
             format!("The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."),
         )
     })?;
