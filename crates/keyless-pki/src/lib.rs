@@ -100,6 +100,19 @@ pub fn pem_blocks(text: &str, label: &str) -> Vec<Vec<u8>> {
     out
 }
 
+/// SHA-256 (hex) of the public key a PEM certificate signing request carries (its
+/// SubjectPublicKeyInfo). The request's signature is not checked here: signing it does that.
+pub fn csr_key_sha256(csr_pem: &str) -> Result<String> {
+    let der = pem_blocks(csr_pem, "CERTIFICATE REQUEST")
+        .into_iter()
+        .next()
+        .ok_or(PkiError::InvalidCsr)?;
+    let (_, csr) =
+        <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(&der)
+            .map_err(|_| PkiError::InvalidCsr)?;
+    Ok(sha256_hex(csr.certification_request_info.subject_pki.raw))
+}
+
 /// The root CA.
 pub struct Ca {
     cert_der: Vec<u8>,

@@ -154,9 +154,25 @@ async fn join(
         ));
     }
     let hash = keyless_pki::sha256_hex(req.join_token.as_bytes());
+    let invalid_csr = || {
+        ServerError::host(
+            HostKind::InvalidRequest,
+            "The certificate signing request is invalid.",
+        )
+    };
+    let spender = keyless_pki::csr_key_sha256(&req.csr).map_err(|_| invalid_csr())?;
     let mut tx = s.store.write("host_join").await?;
-    let vm_key = match tx.consume_join_token(&hash, s.now()).await? {
+    let vm_key = match tx.consume_join_token(&hash, s.now(), &spender).await? {
         JoinTokenOutcome::Accepted { vm_key } => vm_key,
+        JoinTokenOutcome::Replayed { vm_key, host_key } => {
+            // the same key joins again with its token (its first answer was lost): the same
+            // host, a new certificate
+            let host = replayed_host(&mut tx, &vm_key, &host_key).await?;
+            let resp = issue_cert(&s, &mut tx, &host, &req.csr).await?;
+            tx.commit().await?;
+            tracing::info!(host = %host.resource_id(), "host joined again with its join token (a retried join)");
+            return Ok(Json(resp));
+        }
         JoinTokenOutcome::Unknown => {
             return Err(ServerError::host(
                 HostKind::InvalidJoinToken,
@@ -169,19 +185,9 @@ async fn join(
                 "The join token has expired.",
             ))
         }
-        JoinTokenOutcome::AlreadyUsed => {
-            return Err(ServerError::host(
-                HostKind::InvalidJoinToken,
-                "The join token has already been used.",
-            ))
-        }
+        JoinTokenOutcome::AlreadyUsed => return Err(already_used()),
     };
-    let vm = tx.get_vm(&vm_key).await?.ok_or_else(|| {
-        ServerError::host(
-            HostKind::VmNotFound,
-            "The virtual machine of this join token no longer exists.",
-        )
-    })?;
+    let vm = tx.get_vm(&vm_key).await?.ok_or_else(vm_gone)?;
     // joining a scale set makes the host a new instance of it
     let instance = if keyless_core::resource_id::is_host_group(&vm.resource_id) {
         let target = crate::arm::batch::target_nodes(&vm);
@@ -208,10 +214,37 @@ async fn join(
         owner: vm,
         instance,
     };
+    tx.record_join(&hash, host.key()).await?;
     let resp = issue_cert(&s, &mut tx, &host, &req.csr).await?;
     tx.commit().await?;
     tracing::info!(host = %host.resource_id(), "host joined");
     Ok(Json(resp))
+}
+
+fn already_used() -> ServerError {
+    ServerError::host(
+        HostKind::InvalidJoinToken,
+        "The join token has already been used.",
+    )
+}
+
+fn vm_gone() -> ServerError {
+    ServerError::host(
+        HostKind::VmNotFound,
+        "The virtual machine of this join token no longer exists.",
+    )
+}
+
+/// The host a retried join made the first time: the VM, or the scale set instance it became
+/// (a deleted instance is not made again: the token is used).
+async fn replayed_host(tx: &mut Tx, vm_key: &str, host_key: &str) -> Result<Host> {
+    let owner = tx.get_vm(vm_key).await?.ok_or_else(vm_gone)?;
+    let instance = if host_key == owner.key {
+        None
+    } else {
+        Some(tx.get_instance(host_key).await?.ok_or_else(already_used)?)
+    };
+    Ok(Host { owner, instance })
 }
 
 /// The host whose credential the connection presented.

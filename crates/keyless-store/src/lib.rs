@@ -87,6 +87,12 @@ pub enum JoinTokenOutcome {
     Accepted {
         vm_key: String,
     },
+    /// The token was spent by the same public key before and has not expired: a retried join
+    /// whose answer was lost. It made the host `host_key` (the VM, or the scale set instance).
+    Replayed {
+        vm_key: String,
+        host_key: String,
+    },
     Unknown,
     Expired,
     AlreadyUsed,

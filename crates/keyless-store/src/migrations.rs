@@ -188,4 +188,16 @@ CREATE INDEX changes_ts ON changes(ts);
 CREATE INDEX changes_txid ON changes(txid);
 "#,
     },
+    // A join retried with the same key: `spent_by` is the SHA-256 of the public key that spent
+    // the token and `host_key` the host it made, so a node whose join answer was lost (a
+    // server dying after the commit) gets its certificate on retrying before the token expires.
+    Migration {
+        sqlite: r#"
+ALTER TABLE join_tokens ADD COLUMN spent_by TEXT;
+ALTER TABLE join_tokens ADD COLUMN host_key TEXT;
+"#,
+        postgres: r#"
+ALTER TABLE join_tokens ADD COLUMN spent_by TEXT COLLATE "C", ADD COLUMN host_key TEXT COLLATE "C";
+"#,
+    },
 ];

@@ -188,7 +188,9 @@ async fn race_one(s: Store, case: &str, w: usize, i: usize) -> String {
         }
         "join_token" => {
             let mut tx = s.write("race").await.unwrap();
-            let out = tx.consume_join_token("h1", 10).await;
+            let out = tx
+                .consume_join_token("h1", 10, &format!("key-{}", std::process::id()))
+                .await;
             match commit_if_ok(tx, out).await.unwrap() {
                 JoinTokenOutcome::Accepted { .. } => "Accepted".into(),
                 other => format!("{other:?}"),

@@ -1639,3 +1639,61 @@ async fn a_closed_stdout_does_not_stop_keyless_up() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A node whose join answer was lost (a server dying after the commit) retries the same join:
+/// the same key gets a certificate for the same host — the same scale set instance, not a new
+/// one — while the token has not expired; any other key finds the token used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_join_with_the_same_key_gets_the_same_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(dir.path(), &[]);
+    let cli = |args: &[&str]| server.cli(args);
+    cli(&["group", "create", "-n", "pool"]);
+    cli(&["vmss", "create", "-g", "pool", "-n", "nodes"]);
+    let tok = cli(&["vmss", "join-token", "-g", "pool", "-n", "nodes"])["joinToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let c = https(&server.ca);
+    let join = |csr: String| {
+        let (c, url, tok) = (c.clone(), server.url.clone(), tok.clone());
+        async move {
+            let r = c
+                .post(format!("{url}/keyless/host/v1/join"))
+                .json(&json!({"joinToken": tok, "csr": csr}))
+                .send()
+                .await
+                .unwrap();
+            let st = r.status().as_u16();
+            (st, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (csr, _key) = keyless_pki::generate_csr("keyless-node").unwrap();
+    let (st, first) = join(csr.clone()).await;
+    assert_eq!(st, 200, "{first}");
+    let (st, again) = join(csr.clone()).await;
+    assert_eq!(st, 200, "{again}");
+    assert_eq!(again["vmResourceId"], first["vmResourceId"]);
+    assert!(
+        first["vmResourceId"]
+            .as_str()
+            .unwrap()
+            .ends_with("/virtualMachineScaleSets/nodes/virtualMachines/0"),
+        "{first}"
+    );
+    assert_ne!(again["certificate"], first["certificate"], "a new certificate");
+    let instances = cli(&["vmss", "list-instances", "-g", "pool", "-n", "nodes"]);
+    assert_eq!(instances.as_array().unwrap().len(), 1, "{instances}");
+    // another key: the token is used
+    let (other, _key) = keyless_pki::generate_csr("keyless-node").unwrap();
+    let (st, v) = join(other).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (401, Some("invalid_join_token")),
+        "{v}"
+    );
+    assert!(v["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("already been used"));
+}

@@ -165,33 +165,57 @@ impl Tx {
 
     /// Spend a join token. One conditional update does it, so of concurrent consumers (in any
     /// process) exactly one is `Accepted`.
-    pub async fn consume_join_token(&mut self, hash: &str, now: u64) -> Result<JoinTokenOutcome> {
+    /// Spend a join token for the public key whose SHA-256 is `spender`. A token this key
+    /// spent before answers [`JoinTokenOutcome::Replayed`] until it expires (see
+    /// [`Tx::record_join`]); any other spent token is used.
+    pub async fn consume_join_token(
+        &mut self,
+        hash: &str,
+        now: u64,
+        spender: &str,
+    ) -> Result<JoinTokenOutcome> {
         let spent = self
             .execute(
-                "UPDATE join_tokens SET used_at = $2
+                "UPDATE join_tokens SET used_at = $2, spent_by = $3
                  WHERE hash = $1 AND used_at IS NULL AND expires_at > $2",
-                &params![hash, now],
+                &params![hash, now, spender],
             )
             .await?
             == 1;
         let Some(row) = self
             .query_opt(
-                "SELECT vm_key, used_at FROM join_tokens WHERE hash = $1",
+                "SELECT vm_key, used_at, expires_at, spent_by, host_key FROM join_tokens WHERE hash = $1",
                 &params![hash],
             )
             .await?
         else {
             return Ok(JoinTokenOutcome::Unknown);
         };
+        let vm_key = row.text(0)?;
         Ok(if spent {
-            JoinTokenOutcome::Accepted {
-                vm_key: row.text(0)?,
-            }
+            JoinTokenOutcome::Accepted { vm_key }
         } else if row.opt_int(1)?.is_some() {
-            JoinTokenOutcome::AlreadyUsed
+            let live = row.int(2)? > now as i64;
+            match (row.opt_text(3)?, row.opt_text(4)?) {
+                (Some(by), Some(host_key)) if live && by == spender => {
+                    JoinTokenOutcome::Replayed { vm_key, host_key }
+                }
+                _ => JoinTokenOutcome::AlreadyUsed,
+            }
         } else {
             JoinTokenOutcome::Expired
         })
+    }
+
+    /// The host a join token made (the VM's key, or its new scale set instance's), for a retry
+    /// of the same join ([`JoinTokenOutcome::Replayed`]).
+    pub async fn record_join(&mut self, hash: &str, host_key: &str) -> Result<()> {
+        self.execute(
+            "UPDATE join_tokens SET host_key = $2 WHERE hash = $1",
+            &params![hash, host_key],
+        )
+        .await?;
+        Ok(())
     }
 
     pub async fn insert_host_credential(&mut self, cred: &HostCredentialRecord) -> Result<()> {

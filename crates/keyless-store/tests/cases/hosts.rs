@@ -12,6 +12,7 @@ pub const CASES: &[(&str, crate::CaseFn)] = &[
     case!(vms_are_listed_by_group),
     case!(a_vm_delete_takes_what_it_owns),
     case!(join_tokens_are_single_use),
+    case!(a_join_retried_with_the_same_key_finds_its_host_until_the_token_expires),
     case!(concurrent_join_token_consumers_one_wins),
     case!(host_credentials_are_kept_and_revoked_with_their_instance),
     case!(instance_ids_are_never_reused_and_limits_hold),
@@ -227,7 +228,7 @@ async fn a_vm_delete_takes_what_it_owns(s: Store) {
     assert_eq!(left, vec!["a3"]);
     drop(tx);
     assert_eq!(
-        wtx!(s, |tx| tx.consume_join_token("h", 10).await).unwrap(),
+        wtx!(s, |tx| tx.consume_join_token("h", 10, "k").await).unwrap(),
         JoinTokenOutcome::Unknown
     );
 }
@@ -237,7 +238,7 @@ async fn join_tokens_are_single_use(s: Store) {
     wtx!(s, |tx| tx.insert_join_token("h", "vm", 100).await).unwrap();
     let consume = |hash: &'static str, now: u64| {
         let s = s.clone();
-        async move { wtx!(s, |tx| tx.consume_join_token(hash, now).await).unwrap() }
+        async move { wtx!(s, |tx| tx.consume_join_token(hash, now, "k").await).unwrap() }
     };
     assert_eq!(consume("x", 10).await, JoinTokenOutcome::Unknown);
     assert_eq!(
@@ -260,7 +261,7 @@ async fn join_tokens_are_single_use(s: Store) {
     wtx!(s, |tx| tx.insert_join_token("h3", "vm", 100).await).unwrap();
     let mut tx = s.write("test").await.unwrap();
     assert!(matches!(
-        tx.consume_join_token("h3", 10).await.unwrap(),
+        tx.consume_join_token("h3", 10, "k").await.unwrap(),
         JoinTokenOutcome::Accepted { .. }
     ));
     drop(tx);
@@ -270,14 +271,54 @@ async fn join_tokens_are_single_use(s: Store) {
     ));
 }
 
+async fn a_join_retried_with_the_same_key_finds_its_host_until_the_token_expires(s: Store) {
+    bare_host(&s, "vm").await;
+    wtx!(s, |tx| tx.insert_join_token("h", "vm", 100).await).unwrap();
+    let consume = |now: u64, key: &'static str| {
+        let s = s.clone();
+        async move { wtx!(s, |tx| tx.consume_join_token("h", now, key).await).unwrap() }
+    };
+    // spent, but the host it made was never recorded (the join failed after): used
+    let mut tx = s.write("test").await.unwrap();
+    assert!(matches!(
+        tx.consume_join_token("h", 10, "k1").await.unwrap(),
+        JoinTokenOutcome::Accepted { .. }
+    ));
+    tx.commit().await.unwrap();
+    assert_eq!(consume(11, "k1").await, JoinTokenOutcome::AlreadyUsed);
+    // recorded: the same key finds the host, another key does not, nor the same after expiry
+    wtx!(s, |tx| tx.insert_join_token("h2", "vm", 100).await).unwrap();
+    let mut tx = s.write("test").await.unwrap();
+    assert!(matches!(
+        tx.consume_join_token("h2", 10, "k1").await.unwrap(),
+        JoinTokenOutcome::Accepted { .. }
+    ));
+    tx.record_join("h2", "vm/instance-3").await.unwrap();
+    tx.commit().await.unwrap();
+    let again = |now: u64, key: &'static str| {
+        let s = s.clone();
+        async move { wtx!(s, |tx| tx.consume_join_token("h2", now, key).await).unwrap() }
+    };
+    assert_eq!(
+        again(50, "k1").await,
+        JoinTokenOutcome::Replayed {
+            vm_key: "vm".into(),
+            host_key: "vm/instance-3".into()
+        }
+    );
+    assert_eq!(again(50, "k2").await, JoinTokenOutcome::AlreadyUsed);
+    assert_eq!(again(100, "k1").await, JoinTokenOutcome::AlreadyUsed);
+}
+
 async fn concurrent_join_token_consumers_one_wins(s: Store) {
     bare_host(&s, "vm").await;
     for round in 0..3 {
         let hash = format!("h{round}");
         wtx!(s, |tx| tx.insert_join_token(&hash, "vm", 100).await).unwrap();
-        let outcomes = concurrently(12, |_| {
+        let outcomes = concurrently(12, |i| {
             let (s, hash) = (s.clone(), hash.clone());
-            async move { wtx!(s, |tx| tx.consume_join_token(&hash, 10).await).unwrap() }
+            let key = format!("key{i}");
+            async move { wtx!(s, |tx| tx.consume_join_token(&hash, 10, &key).await).unwrap() }
         })
         .await;
         let accepted = outcomes
