@@ -52,6 +52,30 @@ pub struct RunningServer {
     pub state: Arc<AppState>,
     pub bootstrap: Bootstrap,
     pub task: tokio::task::JoinHandle<()>,
+    /// The background loops (key rotation, the Key Vault scheduler).
+    pub background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stop serving and hand the singletons over: the listener and the background loops stop,
+    /// then this server's leases (key rotation, the Key Vault scheduler) are released, so
+    /// another server sharing the database takes them at its next tick instead of when they
+    /// lapse; last, every audit record emitted so far is put in the file, synced.
+    pub async fn shutdown(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        for t in self.background {
+            t.abort();
+            let _ = t.await;
+        }
+        let s = &self.state;
+        for lease in [keys::ROTATION_LEASE, kv::renew::LEASE] {
+            if let Err(e) = s.store.release_lease(lease, &s.replica_id).await {
+                tracing::warn!(lease, error = %e, "releasing a lease at shutdown failed; it lapses on its own");
+            }
+        }
+        s.cfg.audit.flush().await;
+    }
 }
 
 /// The HTTP application (without TLS), for the listener and for tests.
@@ -205,7 +229,7 @@ pub async fn start(
     // Key rotation (by the holder of its lease) and reloading the keys other servers wrote:
     // a reconcile, an error is logged and the next tick tries again.
     let rot = state.clone();
-    tokio::spawn(async move {
+    let rotation = tokio::spawn(async move {
         let mut tick = tokio::time::interval(rot.cfg.key_check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -232,7 +256,7 @@ pub async fn start(
     // Certificate lifetime actions and purges of expired soft-deleted objects (the pass takes
     // the scheduler's lease itself: one server acts at a time).
     let sched = state.clone();
-    tokio::spawn(async move {
+    let scheduler = tokio::spawn(async move {
         let mut tick = tokio::time::interval(sched.cfg.vault_check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -280,5 +304,6 @@ pub async fn start(
         state,
         bootstrap: boot,
         task,
+        background: vec![rotation, scheduler],
     })
 }

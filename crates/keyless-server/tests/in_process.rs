@@ -222,3 +222,36 @@ async fn cached_tokens_are_still_checked() {
     CLOCK_SHIFT.fetch_add(600 + 301, Ordering::SeqCst);
     assert!(matches!(verify(&s, &t2, &aud), Err(JwtError::Expired)));
 }
+
+/// A server stopping hands its singletons over: its rotation lease is released at shutdown
+/// (another server sharing the database takes it at its next tick, not when it lapses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_the_rotation_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg =
+        keyless_server::Config::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.vault_check_interval = std::time::Duration::from_secs(3600);
+    let store = Store::sqlite(
+        &dir.path().join("k.db"),
+        Kek::from_bytes(&[3u8; 32]).unwrap(),
+    )
+    .unwrap();
+    let srv = keyless_server::start(cfg, store.clone(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let me = srv.state.replica_id.clone();
+    let now = SystemClock.now();
+    let holder = store
+        .lease_holder("signing-key-rotation", now)
+        .await
+        .unwrap();
+    assert_eq!(holder.map(|h| h.0), Some(me), "the only server rotates");
+    srv.shutdown().await;
+    assert_eq!(
+        store
+            .lease_holder("signing-key-rotation", now)
+            .await
+            .unwrap(),
+        None
+    );
+}

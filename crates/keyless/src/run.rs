@@ -438,10 +438,8 @@ pub async fn server(a: ServerArgs) -> Result<(), CliError> {
         .start("server", keyless_ops::listener::defaults::SERVER, health)
         .await?;
     wait_for_signal().await;
-    // stop listening, then put every record emitted so far in the file, synced
-    srv.task.abort();
-    let _ = srv.task.await;
-    srv.state.cfg.audit.flush().await;
+    // stop listening, release this replica's leases, flush the audit trail
+    srv.shutdown().await;
     Ok(())
 }
 
@@ -807,9 +805,7 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     wait_for_signal().await;
     // stop listening (the agent, then the server), then flush the one audit file they share
     node.shutdown().await;
-    srv.task.abort();
-    let _ = srv.task.await;
-    s.cfg.audit.flush().await;
+    srv.shutdown().await;
     Ok(())
 }
 
