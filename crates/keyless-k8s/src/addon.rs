@@ -28,6 +28,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use keyless_kvagent::fetch::ImdsTokens;
+use keyless_ops::failover::{error_chain, retry_reason, Endpoints};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
@@ -100,8 +101,9 @@ impl From<kube::Error> for AddonError {
 pub struct AddonConfig {
     /// ARM id of the managed cluster.
     pub cluster_id: String,
-    /// Keyless server (ARM endpoint) base URL.
-    pub server_url: String,
+    /// Keyless server (ARM endpoint) base URLs: replicas, tried in order when one cannot
+    /// answer (`keyless_ops::failover`).
+    pub server_urls: Vec<String>,
     /// PEM of the Keyless CA.
     pub ca_pem: String,
     /// IMDS token endpoint of the node (`http://169.254.169.254/metadata/identity/oauth2/token`).
@@ -435,6 +437,7 @@ async fn ensure_namespaces(
 /// Calls to the Keyless control plane with the add-on's managed identity.
 struct Arm {
     http: reqwest::Client,
+    servers: Endpoints,
     tokens: tokio::sync::Mutex<ImdsTokens>,
     cfg: AddonConfig,
 }
@@ -459,8 +462,12 @@ impl Arm {
             &[],
         )
         .map_err(|e| AddonError::Token(e.to_string()))?;
+        let servers = Endpoints::new(cfg.server_urls.iter().cloned())
+            .ok_or_else(|| AddonError::Token("no server URL".into()))?
+            .counting(keyless_ops::metrics::AGENT_SERVER_FAILOVERS);
         Ok(Arm {
             http,
+            servers,
             tokens: tokio::sync::Mutex::new(tokens),
             cfg,
         })
@@ -474,24 +481,28 @@ impl Arm {
             .token(ARM_RESOURCE)
             .await
             .map_err(|e| AddonError::Token(e.to_string()))?;
-        let url = format!(
-            "{}{}/{action}?api-version={}",
-            self.cfg.server_url.trim_end_matches('/'),
+        let path = format!(
+            "{}/{action}?api-version={}",
             self.cfg.cluster_id,
             defaults::API_VERSION
         );
+        // the next replica when this one cannot answer (no connection, 502/503/504)
+        let (url, resp) = self
+            .servers
+            .call(
+                |base| {
+                    let url = format!("{base}{path}");
+                    let req = self.http.post(&url).bearer_auth(&token).json(body);
+                    async move { (url, req.send().await) }
+                },
+                |(_, r)| retry_reason(r),
+            )
+            .await;
         let fail = |message: String| AddonError::Arm {
             url: url.clone(),
             message,
         };
-        let resp = self
-            .http
-            .post(&url)
-            .bearer_auth(token)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let resp = resp.map_err(|e| fail(error_chain(&e)))?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| fail(e.to_string()))?;
         if status.as_u16() == 401 {

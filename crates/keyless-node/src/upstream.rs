@@ -5,40 +5,14 @@
 //! the answer) or a 502/503/504; a definite answer (2xx, 4xx, any other status) ends the call.
 //! The az-like CLI sends its requests the same way.
 
-use keyless_ops::failover::{retryable_status, Endpoints};
+use keyless_ops::failover::Endpoints;
 use std::time::Duration;
 
 /// Connect timeout of each attempt when there are several URLs: a replica that does not
 /// accept within it is passed over quickly. With one URL the clients keep their own.
 pub const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Why the outcome of one attempt may be tried at the next URL, or `None` when it is an answer
-/// to keep.
-pub fn retry_reason(r: &reqwest::Result<reqwest::Response>) -> Option<String> {
-    match r {
-        Ok(resp) if retryable_status(resp.status().as_u16()) => {
-            Some(format!("answered {}", resp.status()))
-        }
-        Ok(_) => None,
-        // a request that got no answer: refused or failed connection or handshake, timed out,
-        // or cut before the answer (a replica that died with the connection open)
-        Err(e) if e.is_connect() || e.is_timeout() || e.is_request() => Some(error_chain(e)),
-        Err(_) => None,
-    }
-}
-
-/// An error with its sources (`error sending request …: client error (Connect): tcp connect
-/// error: Connection refused`).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+pub use keyless_ops::failover::{error_chain, retry_reason};
 
 /// Send the request `make` builds for the full URL `{base}{path}` of each base URL tried, over
 /// `servers`; the full URL of the last attempt and its outcome.

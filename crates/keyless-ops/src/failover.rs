@@ -38,6 +38,34 @@ where
         .collect()
 }
 
+/// Why the outcome of one attempt may be tried at the next URL, or `None` when it is an answer
+/// to keep.
+pub fn retry_reason(r: &reqwest::Result<reqwest::Response>) -> Option<String> {
+    match r {
+        Ok(resp) if retryable_status(resp.status().as_u16()) => {
+            Some(format!("answered {}", resp.status()))
+        }
+        Ok(_) => None,
+        // a request that got no answer: refused or failed connection or handshake, timed out,
+        // or cut before the answer (a replica that died with the connection open)
+        Err(e) if e.is_connect() || e.is_timeout() || e.is_request() => Some(error_chain(e)),
+        Err(_) => None,
+    }
+}
+
+/// An error with its sources (`error sending request …: client error (Connect): tcp connect
+/// error: Connection refused`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
 /// The base URLs of one service and which of them is current (see the module doc).
 #[derive(Debug)]
 pub struct Endpoints {

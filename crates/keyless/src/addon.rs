@@ -19,9 +19,10 @@ pub struct AddonArgs {
         required_unless_present = "print_crds"
     )]
     pub cluster_id: Option<String>,
-    /// Keyless server base URL.
+    /// Keyless server base URL; several (comma-separated or repeated) are replicas, tried in
+    /// order when one cannot answer.
     #[arg(long, env = "KEYLESS_SERVER", required_unless_present = "print_crds")]
-    pub server: Option<String>,
+    pub server: Vec<String>,
     /// PEM file of the Keyless CA.
     #[arg(long, env = "KEYLESS_CA_FILE", required_unless_present = "print_crds")]
     pub ca_file: Option<PathBuf>,
@@ -74,7 +75,10 @@ pub async fn run(a: AddonArgs) -> Result<(), CliError> {
     });
     let cfg = AddonConfig {
         cluster_id: required(a.cluster_id, "--cluster-id")?,
-        server_url: required(a.server, "--server")?,
+        server_urls: match keyless_ops::failover::parse_urls(&a.server) {
+            urls if urls.is_empty() => return Err(CliError::Usage("--server is required".into())),
+            urls => urls,
+        },
         ca_pem,
         imds_token_endpoint: a.imds_endpoint,
         client_id: a.client_id,
