@@ -377,6 +377,8 @@ pub enum GraphKind {
     BadRequest,
     /// 400 `Request_UnsupportedQuery`.
     UnsupportedQuery,
+    /// 401 `InvalidAuthenticationToken`.
+    Unauthorized,
     /// 403 `Authorization_RequestDenied`.
     Forbidden,
     /// 404 `Request_ResourceNotFound`.
@@ -390,6 +392,7 @@ impl GraphKind {
         match self {
             GraphKind::BadRequest => (StatusCode::BAD_REQUEST, "Request_BadRequest"),
             GraphKind::UnsupportedQuery => (StatusCode::BAD_REQUEST, "Request_UnsupportedQuery"),
+            GraphKind::Unauthorized => (StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken"),
             GraphKind::Forbidden => (StatusCode::FORBIDDEN, "Authorization_RequestDenied"),
             GraphKind::NotFound => (StatusCode::NOT_FOUND, "Request_ResourceNotFound"),
             GraphKind::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "Request_EntityTooLarge"),

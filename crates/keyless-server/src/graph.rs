@@ -3,7 +3,7 @@
 //! assignee given by client id to its object id, as `az role assignment create --assignee` does.
 
 use crate::error::{GraphKind, Result, ServerError};
-use crate::request::authenticate_with;
+use crate::request::{authenticate_with, Caller};
 use crate::state::AppState;
 use axum::extract::{Path, Request, State};
 use axum::routing::get;
@@ -39,6 +39,25 @@ fn entry_json(e: &DirectoryEntry) -> Value {
     })
 }
 
+/// The caller of a Graph request: a token of ours for Graph, else Graph's 401
+/// `InvalidAuthenticationToken` in Graph's words.
+fn caller(s: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller> {
+    authenticate_with(s, headers, &audiences(s)).map_err(|e| match e {
+        ServerError::AuthenticationMissing { .. } => {
+            ServerError::graph(GraphKind::Unauthorized, "Access token is empty.")
+        }
+        ServerError::ExpiredAuthenticationToken(_) => ServerError::graph(
+            GraphKind::Unauthorized,
+            "Lifetime validation failed, the token is expired.",
+        ),
+        ServerError::InvalidAuthenticationToken { message, .. } => ServerError::graph(
+            GraphKind::Unauthorized,
+            format!("Access token validation failure. {message}"),
+        ),
+        e => e,
+    })
+}
+
 fn not_found(id: &str) -> ServerError {
     ServerError::graph(GraphKind::NotFound, format!("Resource '{id}' does not exist or one of its queried reference-property objects are not present."))
 }
@@ -48,7 +67,7 @@ async fn one(
     Path(id): Path<String>,
     req: Request,
 ) -> Result<Json<Value>> {
-    authenticate_with(&s, req.headers(), &audiences(&s))?;
+    caller(&s, req.headers())?;
     let mut tx = s.store.read("graph_service_principal").await?;
     let e = tx
         .directory_lookup(&id)
@@ -59,7 +78,7 @@ async fn one(
 }
 
 async fn list(State(s): State<Arc<AppState>>, req: Request) -> Result<Json<Value>> {
-    authenticate_with(&s, req.headers(), &audiences(&s))?;
+    caller(&s, req.headers())?;
     let q: Vec<(String, String)> =
         serde_urlencoded::from_str(req.uri().query().unwrap_or("")).unwrap_or_default();
     let filter = q
@@ -114,7 +133,7 @@ async fn create_app(
     State(s): State<Arc<AppState>>,
     req: Request,
 ) -> Result<(axum::http::StatusCode, Json<Value>)> {
-    let caller = authenticate_with(&s, req.headers(), &audiences(&s))?;
+    let caller = caller(&s, req.headers())?;
     let scope = format!("/subscriptions/{}", s.subscription_id);
     // the caller's right is checked before the body is read (a read that ends before it: no
     // transaction waits on the client's upload)
