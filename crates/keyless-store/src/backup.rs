@@ -222,13 +222,18 @@ impl Store {
             }
         }
         let mut counts = Counts::new();
-        let mut insert: Option<(String, String, usize)> = None;
+        // rows go in by batches of one multi-row INSERT each (a round trip per batch, not
+        // per row): the current table's, flushed when the table changes and at the trailer
+        let mut batch: Option<Batch> = None;
         let trailer = loop {
             let Some(line) = next()? else {
                 return Err(bad("the backup ends without its trailer (truncated?)"));
             };
             match &line {
                 J::Object(o) if o.contains_key("table") => {
+                    if let Some(b) = batch.as_mut() {
+                        b.flush(&mut tx).await?;
+                    }
                     let table = o["table"]
                         .as_str()
                         .ok_or_else(|| bad("table name"))?
@@ -245,34 +250,44 @@ impl Store {
                         .map(|c| ident(c))
                         .collect::<Result<Vec<_>>>()?
                         .join(", ");
-                    let marks = (1..=cols.len())
-                        .map(|i| format!("${i}"))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let sql = format!("INSERT INTO {} ({names}) VALUES ({marks})", ident(&table)?);
+                    if cols.is_empty() {
+                        return Err(bad(format!("table {table} has no columns")));
+                    }
                     counts.insert(table.clone(), 0);
-                    insert = Some((table, sql, cols.len()));
+                    batch = Some(Batch {
+                        head: format!("INSERT INTO {} ({names}) VALUES ", ident(&table)?),
+                        table,
+                        columns: cols.len(),
+                        rows: Vec::new(),
+                    });
                 }
                 J::Object(o) if o.contains_key("end") => {
                     if next()?.is_some() {
                         return Err(bad("lines after the backup's trailer"));
                     }
+                    if let Some(b) = batch.as_mut() {
+                        b.flush(&mut tx).await?;
+                    }
                     break line.clone();
                 }
                 J::Array(vals) => {
-                    let (table, sql, n) = insert
-                        .as_ref()
+                    let b = batch
+                        .as_mut()
                         .ok_or_else(|| bad("a row before its table"))?;
-                    if vals.len() != *n {
+                    if vals.len() != b.columns {
                         return Err(bad(format!(
-                            "a row of {table} with {} values for {n} columns",
-                            vals.len()
+                            "a row of {} with {} values for {} columns",
+                            b.table,
+                            vals.len(),
+                            b.columns
                         )));
                     }
-                    let vals = vals.iter().map(from_json).collect::<Result<Vec<_>>>()?;
-                    let params: Vec<Param<'_>> = vals.iter().map(param).collect();
-                    tx.execute(sql, &params).await?;
-                    *counts.get_mut(table).expect("counted") += 1;
+                    b.rows
+                        .push(vals.iter().map(from_json).collect::<Result<Vec<_>>>()?);
+                    *counts.get_mut(&b.table).expect("counted") += 1;
+                    if b.rows.len() >= b.capacity() {
+                        b.flush(&mut tx).await?;
+                    }
                 }
                 _ => return Err(bad("an unexpected line in the backup")),
             }
@@ -327,5 +342,48 @@ impl Store {
         }
         tx.commit().await?;
         Ok(counts)
+    }
+}
+
+/// Rows of one table waiting to be restored by one multi-row INSERT.
+struct Batch {
+    table: String,
+    /// `INSERT INTO t (c1, …) VALUES `
+    head: String,
+    columns: usize,
+    rows: Vec<Vec<Value>>,
+}
+
+impl Batch {
+    /// Rows per INSERT: at most 500, and at most 30,000 parameters (SQLite allows 32,766,
+    /// PostgreSQL 65,535).
+    fn capacity(&self) -> usize {
+        (30_000 / self.columns).clamp(1, 500)
+    }
+
+    async fn flush(&mut self, tx: &mut Tx) -> Result<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let mut sql = self.head.clone();
+        let mut n = 0;
+        for (r, _) in self.rows.iter().enumerate() {
+            if r > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for c in 0..self.columns {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                n += 1;
+                sql.push_str(&format!("${n}"));
+            }
+            sql.push(')');
+        }
+        let params: Vec<Param<'_>> = self.rows.iter().flatten().map(param).collect();
+        tx.execute(&sql, &params).await?;
+        self.rows.clear();
+        Ok(())
     }
 }
