@@ -53,6 +53,9 @@ pub enum StoreError {
     Conflict(Conflict),
     #[error("not found")]
     NotFound,
+    /// The database's schema is not this binary's, and opening it was not to migrate it.
+    #[error("the database has schema version {have}, this binary {want}")]
+    SchemaVersion { have: usize, want: usize },
 }
 
 /// Why a write was refused by a rule the database holds.

@@ -29,6 +29,10 @@ pub struct PgOptions {
     pub pool_size: usize,
     /// How long a request waits for a connection before the store answers "unavailable".
     pub wait_timeout: Duration,
+    /// Bring the schema up to this binary's on open (servers, restore, migrate); when false, a
+    /// database at another schema version is refused untouched (an online backup must not
+    /// migrate a database that older servers are running on).
+    pub migrate: bool,
 }
 
 impl PgOptions {
@@ -38,6 +42,7 @@ impl PgOptions {
             ca_file: None,
             pool_size: 16,
             wait_timeout: Duration::from_secs(5),
+            migrate: true,
         }
     }
 }
@@ -257,8 +262,36 @@ impl PgDb {
             .build()
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let db = Self { pool };
-        db.migrate().await?;
+        if opts.migrate {
+            db.migrate().await?;
+        } else {
+            db.require_current().await?;
+        }
         Ok(db)
+    }
+
+    /// Refuse a database whose schema is not this binary's, changing nothing.
+    async fn require_current(&self) -> Result<()> {
+        let client = self.pool.get().await?;
+        let exists = client
+            .query_opt("SELECT to_regclass('keyless_schema') IS NOT NULL", &[])
+            .await?
+            .is_some_and(|r| r.get::<_, bool>(0));
+        let have: i64 = if exists {
+            client
+                .query_opt("SELECT version FROM keyless_schema", &[])
+                .await?
+                .map_or(0, |r| r.get(0))
+        } else {
+            0
+        };
+        if have as usize != MIGRATIONS.len() {
+            return Err(StoreError::SchemaVersion {
+                have: have as usize,
+                want: MIGRATIONS.len(),
+            });
+        }
+        Ok(())
     }
 
     async fn migrate(&self) -> Result<()> {

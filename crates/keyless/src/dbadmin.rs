@@ -10,7 +10,7 @@ use crate::CliError;
 use clap::{Args, Subcommand};
 use keyless_store::backup::Counts;
 use keyless_store::postgres::{is_url, redact, PgOptions};
-use keyless_store::{Kek, Store};
+use keyless_store::{Kek, Store, StoreError};
 use std::io::{BufReader, BufWriter};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -338,10 +338,19 @@ async fn backup(a: BackupArgs) -> Result<(), CliError> {
     };
     let k = kek_text(&a.kek, url.is_none().then_some(a.data_dir.as_path()))?;
     let (store, what) = match url {
-        Some(url) => (
-            open_pg(url, &a.database_ca_file, backup_kek(&k)?).await?,
-            redact(url),
-        ),
+        Some(url) => {
+            // online, with servers running on it: opened as it is, never migrated
+            let mut o = pg_options(url, &a.database_ca_file);
+            o.migrate = false;
+            let store = Store::postgres(&o, backup_kek(&k)?).await.map_err(|e| match e {
+                StoreError::SchemaVersion { have, want } => usage(format!(
+                    "{} has schema version {have}, this keyless {want}: back it up with the keyless version that runs it",
+                    redact(url)
+                )),
+                e => usage(format!("cannot open the database {}: {e}", redact(url))),
+            })?;
+            (store, redact(url))
+        }
         None => {
             let db = a.data_dir.join("keyless.db");
             if !db.is_file() {

@@ -829,4 +829,55 @@ async fn online_backups_restore_into_empty_databases_only() {
     assert!(err.contains("different key-encryption key"), "{err}");
     let store_empty = pg_store(&empty, &kek_file).await;
     assert!(nonzero(&counts(&store_empty).await).is_empty());
+
+    // an online backup of a database older servers run on (another schema version): refused,
+    // and the database is not migrated under them
+    let old = pg.database().await;
+    drop(pg_store(&old, &kek_file).await);
+    let current = keyless_store::migrations::MIGRATIONS.len();
+    psql(
+        &pg,
+        &old,
+        &format!("UPDATE keyless_schema SET version = {}", current - 1),
+    );
+    let err = refused(
+        &keyless(
+            &[
+                "admin",
+                "backup",
+                "--database",
+                &old,
+                "--to",
+                &s(&tmp.path().join("old.backup")),
+                "--kek-file",
+                &kf,
+            ],
+            &[],
+        ),
+        "an online backup of an older schema",
+    );
+    assert!(
+        err.contains(&format!("schema version {}", current - 1)),
+        "{err}"
+    );
+    assert_eq!(
+        psql(&old, "SELECT version FROM keyless_schema"),
+        (current - 1).to_string()
+    );
+    assert!(!tmp.path().join("old.backup").exists());
+}
+
+/// One statement through `psql` against `url`; its output, trimmed.
+fn psql(url: &str, sql: &str) -> String {
+    let bin = keyless_store::testing::pg_bin_dir().expect("PostgreSQL binaries");
+    let out = std::process::Command::new(bin.join("psql"))
+        .args(["-X", "-q", "-t", "-A", "-d", url, "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
