@@ -836,7 +836,6 @@ async fn online_backups_restore_into_empty_databases_only() {
     drop(pg_store(&old, &kek_file).await);
     let current = keyless_store::migrations::MIGRATIONS.len();
     psql(
-        &pg,
         &old,
         &format!("UPDATE keyless_schema SET version = {}", current - 1),
     );
