@@ -111,9 +111,7 @@ fn imports(m: &Module, src: &str, all: &BTreeMap<Module, String>) -> BTreeSet<Mo
             Some(&"crate") => vec![],
             _ => m.clone(),
         };
-        if segs.first() == Some(&"self") {
-            segs.remove(0);
-        } else if segs.first() == Some(&"crate") {
+        if matches!(segs.first(), Some(&"self") | Some(&"crate")) {
             segs.remove(0);
         } else {
             while segs.first() == Some(&"super") {
@@ -125,18 +123,23 @@ fn imports(m: &Module, src: &str, all: &BTreeMap<Module, String>) -> BTreeSet<Mo
             .into_iter()
             .chain(segs.iter().map(|s| s.to_string()))
             .collect();
-        let mut targets = vec![prefix.clone()];
-        if let Some(group) = rest.strip_prefix('{') {
-            let close = group.find('}').unwrap_or(group.len());
-            for item in group[..close].split(',') {
-                let item: Vec<String> = item
-                    .trim()
-                    .split("::")
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty() && s != "self")
-                    .collect();
-                targets.push(prefix.iter().cloned().chain(item).collect());
+        // `a::{b, c::d as e, self}` imports a::b, a::c::d and a itself, not a for the braces
+        let mut targets = vec![];
+        match rest.strip_prefix('{') {
+            Some(group) => {
+                let close = group.find('}').unwrap_or(group.len());
+                for item in group[..close].split(',') {
+                    let item = item.split(" as ").next().unwrap_or("");
+                    let item: Vec<String> = item
+                        .trim()
+                        .split("::")
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty() && s != "self")
+                        .collect();
+                    targets.push(prefix.iter().cloned().chain(item).collect());
+                }
             }
+            None => targets.push(prefix),
         }
         for t in targets {
             if let Some(r) = resolve(&t) {
@@ -234,6 +237,22 @@ fn the_checker_sees_a_cycle() {
         .map(|(k, s)| (k.clone(), imports(k, s, &all)))
         .collect();
     assert_eq!(g[&m("a")], [m("b")].into());
+    // a group names its items, not the module before the braces
+    let nested: BTreeMap<Module, String> = [
+        (m("p"), String::new()),
+        (vec!["p".into(), "x".into()], String::new()),
+        (vec!["p".into(), "y".into()], String::new()),
+        (m("q"), "use crate::p::{x, y as z};".to_string()),
+    ]
+    .into();
+    assert_eq!(
+        imports(&m("q"), &nested[&m("q")], &nested),
+        [
+            vec!["p".to_string(), "x".to_string()],
+            vec!["p".to_string(), "y".to_string()]
+        ]
+        .into()
+    );
     // `super::` from a top-level module names the crate root: resolved like `crate::`
     assert_eq!(g[&m("b")], [m("a")].into());
     assert!(g[&m("c")].is_empty(), "comments and strings are no imports");

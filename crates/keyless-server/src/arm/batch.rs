@@ -6,12 +6,21 @@
 //! join; lowering it removes the newest nodes (their host credentials stop working at once).
 //!
 //! Also VM extensions (`Microsoft.Compute/virtualMachines/{vm}/extensions/{name}`), which a
-//! VM's host agent runs the same way.
+//! VM's host agent runs the same way (served by [`crate::arm::compute`]).
 
+use crate::arm::provider::{
+    handler, Access, Action, Call, Child, ChildId, ChildResource, Collection, Methods, Provider,
+};
+use crate::arm::reply::{self, created_or_ok, deleted};
 use crate::arm::resources::{self as res, get_resource_group, location, tags, LinkCheck};
 use crate::error::{Result, ServerError};
+use crate::request::parse_body;
 use crate::state::AppState;
-use keyless_core::resource_id::{ResourceId, UAMI};
+use axum::http::Method;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keyless_core::api_version;
+use keyless_core::resource_id::{ResourceId, BATCH_ACCOUNT, UAMI};
 use keyless_store::{TrackedRecord, Tx, VmRecord};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -19,6 +28,125 @@ use std::collections::BTreeMap;
 pub const ACCOUNT_TYPE: &str = "Microsoft.Batch/batchAccounts";
 pub const POOL_TYPE: &str = "Microsoft.Batch/batchAccounts/pools";
 pub const VM_EXTENSION_TYPE: &str = "Microsoft.Compute/virtualMachines/extensions";
+
+pub static PROVIDER: Provider = Provider {
+    namespace: BATCH_ACCOUNT.0,
+    type_name: BATCH_ACCOUNT.1,
+    api_versions: api_version::BATCH,
+    accepts: None,
+    list: handler!(list),
+    resource: Methods {
+        get: Some(handler!(get)),
+        put: Some(handler!(put)),
+        patch: Some(handler!(put)),
+        delete: Some(handler!(delete)),
+        ..Methods::NONE
+    },
+    children: &[Child {
+        type_name: "pools",
+        resource: Some(ChildResource {
+            access: Access::Child,
+            lockdown: true,
+            handler: handler!(pool),
+        }),
+        actions: &[Action {
+            name: "generateJoinToken",
+            method: Method::POST,
+            authorize: Some("Microsoft.Batch/batchAccounts/pools/generateJoinToken/action"),
+            lockdown: true,
+            handler: handler!(pool_join),
+        }],
+    }],
+    actions: &[Action {
+        name: "pools",
+        method: Method::GET,
+        authorize: Some("Microsoft.Batch/batchAccounts/pools/read"),
+        lockdown: false,
+        handler: handler!(pools),
+    }],
+    row: Some("tracked"),
+    etag_in_body_since: None,
+    // not a scope of role assignments
+    role_scope: None,
+};
+
+async fn list(_: &AppState, tx: &mut Tx, c: &Call<'_, Collection>) -> Result<Vec<Value>> {
+    let accounts = tx
+        .list_tracked(
+            ACCOUNT_TYPE,
+            &c.target.subscription,
+            c.target.resource_group.as_deref(),
+        )
+        .await?;
+    Ok(accounts.into_iter().map(|a| a.body).collect())
+}
+
+/// PUT (create or replace) or PATCH (merge) of an account.
+async fn put(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let b: Value = parse_body(c.body)?;
+    let (v, created) = put_account(s, tx, c.target, &b, *c.method == Method::PATCH).await?;
+    Ok(created_or_ok(created, v))
+}
+
+async fn get(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    Ok(Json(get_account(s, tx, c.target).await?.body).into_response())
+}
+
+async fn delete(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    Ok(deleted(delete_account(s, tx, c.target).await?))
+}
+
+/// PUT / PATCH / GET / DELETE of one pool.
+async fn pool(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Response> {
+    let ChildId {
+        parent: account,
+        name,
+    } = c.target;
+    match *c.method {
+        Method::PUT | Method::PATCH => {
+            let b: Value = parse_body(c.body)?;
+            let scope = format!("{}/pools/{name}", account.canonical());
+            let may_assign = LinkCheck::Caller {
+                principal: &c.caller.object_id,
+                action: "Microsoft.Batch/batchAccounts/pools/write",
+                scope: &scope,
+            };
+            let patch = *c.method == Method::PATCH;
+            let (rec, _created) = put_pool(s, tx, account, name, &b, patch, &may_assign).await?;
+            // Batch answers 200 for both create and update
+            Ok(Json(pool_json(tx, &rec).await?).into_response())
+        }
+        Method::GET => {
+            let rec = get_pool(s, tx, account, name).await?;
+            Ok(Json(pool_json(tx, &rec).await?).into_response())
+        }
+        Method::DELETE => {
+            get_account(s, tx, account).await?;
+            let key = format!("{}/pools/{}", account.key(), name.to_ascii_lowercase());
+            Ok(deleted(tx.delete_vm(&key).await?))
+        }
+        _ => Err(ServerError::MethodNotAllowed(c.method.to_string())),
+    }
+}
+
+/// `GET {account}/pools`.
+async fn pools(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let pools = pools_of(tx, c.target).await?;
+    get_account(s, tx, c.target).await?;
+    let mut items = Vec::with_capacity(pools.len());
+    for p in &pools {
+        items.push(pool_json(tx, p).await?);
+    }
+    Ok(reply::list(items))
+}
+
+/// `POST {account}/pools/{pool}/generateJoinToken`.
+async fn pool_join(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Response> {
+    let ttl = reply::join_ttl(c.body)?;
+    let (token, expires, pool) =
+        pool_join_token(s, tx, &c.target.parent, &c.target.name, ttl).await?;
+    Ok(reply::join_token(&token, expires, &pool))
+}
 
 fn bad(message: impl Into<String>, target: &str) -> ServerError {
     ServerError::InvalidParameter {

@@ -13,15 +13,21 @@
 //! read and the write, as there is no row to lock yet). Two Keyless-specific actions serve the
 //! in-cluster add-on: `readPodIdentityProfile` and `reportPodIdentityStatus`.
 
+use crate::arm::provider::{handler, Action, Call, Child, ChildId, Collection, Methods, Provider};
+use crate::arm::reply::{self, created_or_ok};
 use crate::arm::resources::{get_resource_group, location, tags, LinkCheck};
 use crate::authz;
 use crate::error::{Result, ServerError};
-use crate::request::Caller;
+use crate::request::{parse_body, Caller};
 use crate::state::AppState;
 use crate::util::new_guid;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use keyless_core::aks::{
     self, AksError, NetworkPlugin, PodIdentityProfile, DEFAULT_KUBERNETES_VERSION,
 };
+use keyless_core::api_version;
 use keyless_core::names;
 use keyless_core::resource_id::{ResourceId, MANAGED_CLUSTER, UAMI, VMSS};
 use keyless_store::{
@@ -37,6 +43,123 @@ const READ: &str = "Microsoft.ContainerService/managedClusters/read";
 /// How often a write is recomputed (in the same transaction) when the cluster changed between
 /// its read and its write.
 const ATTEMPTS: usize = 5;
+
+pub static PROVIDER: Provider = Provider {
+    namespace: MANAGED_CLUSTER.0,
+    type_name: MANAGED_CLUSTER.1,
+    api_versions: api_version::CONTAINER_SERVICE,
+    // any date in a range, as AKS publishes about one a month
+    accepts: Some(api_version::container_service_supported),
+    list: handler!(list_handler),
+    resource: Methods {
+        get: Some(handler!(get)),
+        put: Some(handler!(put)),
+        patch: Some(handler!(patch)),
+        delete: Some(handler!(delete)),
+        ..Methods::NONE
+    },
+    children: &[Child {
+        type_name: "agentPools",
+        // a pool is a part of the cluster's body, not a resource of its own here
+        resource: None,
+        actions: &[Action {
+            name: "generateJoinToken",
+            method: Method::POST,
+            authorize: Some(
+                "Microsoft.ContainerService/managedClusters/agentPools/generateJoinToken/action",
+            ),
+            lockdown: false,
+            handler: handler!(pool_join),
+        }],
+    }],
+    actions: &[
+        Action {
+            name: "readPodIdentityProfile",
+            method: Method::POST,
+            // the cluster's kubelet identity may, without a role: see authorize_addon
+            authorize: None,
+            lockdown: false,
+            handler: handler!(read_profile),
+        },
+        Action {
+            name: "reportPodIdentityStatus",
+            method: Method::POST,
+            authorize: None,
+            lockdown: false,
+            handler: handler!(report_status),
+        },
+    ],
+    row: Some("clusters"),
+    etag_in_body_since: None,
+    role_scope: Some(handler!(exists)),
+};
+
+async fn exists(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<()> {
+    get_cluster(s, tx, rid).await.map(drop)
+}
+
+async fn list_handler(s: &AppState, tx: &mut Tx, c: &Call<'_, Collection>) -> Result<Vec<Value>> {
+    list(
+        s,
+        tx,
+        &c.target.subscription,
+        c.target.resource_group.as_deref(),
+    )
+    .await
+}
+
+async fn put(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let rid = c.target;
+    let b: Value = parse_body(c.body)?;
+    let scope = rid.canonical();
+    let may_assign = LinkCheck::Caller {
+        principal: &c.caller.object_id,
+        action: WRITE,
+        scope: &scope,
+    };
+    // done when answered: 201/200 with provisioningState Succeeded and no async header, which
+    // the SDK's ARM poller takes as finished
+    let (rec, created) = put_cluster(s, tx, rid, &b, &may_assign).await?;
+    Ok(created_or_ok(created, cluster_json(s, tx, &rec).await?))
+}
+
+async fn patch(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let b: Value = parse_body(c.body)?;
+    let rec = patch_tags(s, tx, c.target, &b).await?;
+    Ok(Json(cluster_json(s, tx, &rec).await?).into_response())
+}
+
+async fn get(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let rec = get_cluster(s, tx, c.target).await?;
+    Ok(Json(cluster_json(s, tx, &rec).await?).into_response())
+}
+
+/// Deleted before the answer; the SDK's delete poller takes 202 or 204 (not 200).
+async fn delete(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    delete_cluster(s, tx, c.target).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST {cluster}/agentPools/{pool}/generateJoinToken`.
+async fn pool_join(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Response> {
+    let ttl = reply::join_ttl(c.body)?;
+    let (token, expires, scale_set) =
+        pool_join_token(s, tx, &c.target.parent, &c.target.name, ttl).await?;
+    Ok(reply::join_token(&token, expires, &scale_set))
+}
+
+/// `POST {cluster}/readPodIdentityProfile`.
+async fn read_profile(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let v = read_pod_identity_profile(s, tx, c.caller, c.target).await?;
+    Ok(Json(v).into_response())
+}
+
+/// `POST {cluster}/reportPodIdentityStatus`.
+async fn report_status(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let b: Value = parse_body(c.body)?;
+    report_pod_identity_status(s, tx, c.caller, c.target, &b).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
 
 fn not_found(rid: &ResourceId) -> ServerError {
     ServerError::ResourceNotFound {

@@ -24,15 +24,15 @@
 //! first committed, so of two writers holding the same ETag only one passes.
 //!
 //! Besides the header, the body of a virtual machine or scale set carries the ETag as its
-//! read-only `etag` property from api-version 2023-09-01 (Microsoft.Compute added it then);
-//! the other types Keyless serves answer the header only.
+//! read-only `etag` property from api-version 2023-09-01 (Microsoft.Compute added it then:
+//! [`registry::Provider::etag_in_body_since`]); the other types Keyless serves answer the
+//! header only.
 
+use crate::arm::registry;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use keyless_core::resource_id::{
-    canonical_type, ArmPath, ResourceId, BATCH_ACCOUNT, MANAGED_CLUSTER, UAMI, VAULT, VM, VMSS,
-};
+use keyless_core::resource_id::{ArmPath, ResourceId};
 use keyless_store::Tx;
 use serde_json::{json, Value};
 
@@ -40,8 +40,6 @@ use serde_json::{json, Value};
 pub const PRECONDITION_FAILED: &str = "PreconditionFailed";
 /// The message of a refused condition other than an ETag mismatch.
 const NOT_MET: &str = "The condition specified using HTTP conditional header(s) is not met.";
-/// The first Microsoft.Compute api-version whose VM / scale set body has `etag`.
-const COMPUTE_ETAG_SINCE: &str = "2023-09-01";
 
 /// One of `If-Match` / `If-None-Match`: `*`, or a list of entity tags as sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,17 +204,10 @@ fn feed(ctx: &mut aws_lc_rs::digest::Context, v: &Value) {
     }
 }
 
-/// The table and key of the row whose lock serializes the writes of resource `rid` (and of
-/// its children).
+/// The table of the row (by `key`) whose lock serializes the writes of resource `rid` (and of
+/// its children): its provider's [`registry::Provider::row`].
 fn row_of(rid: &ResourceId) -> Option<&'static str> {
-    match canonical_type(&rid.namespace, &rid.type_name)? {
-        t if t == UAMI => Some("identities"),
-        t if t == VM || t == VMSS => Some("vms"),
-        t if t == VAULT => Some("vaults"),
-        t if t == MANAGED_CLUSTER => Some("clusters"),
-        t if t == BATCH_ACCOUNT => Some("tracked"),
-        _ => None,
-    }
+    registry::lookup(&rid.namespace, &rid.type_name).ok()?.row
 }
 
 /// Lock, for the rest of the write unit of work `tx`, the row that a conditional write of
@@ -254,12 +245,13 @@ pub async fn lock(tx: &mut Tx, path: &ArmPath, c: &Conditions) -> keyless_store:
 
 /// The body property that carries the ETag for `path` at api-version `version`, if any.
 pub fn body_property(path: &ArmPath, version: &str) -> Option<&'static str> {
-    match path {
-        ArmPath::Resource(rid) if (rid.is_type(VM) || rid.is_type(VMSS)) => {
-            (version >= COMPUTE_ETAG_SINCE).then_some("etag")
-        }
-        _ => None,
-    }
+    let ArmPath::Resource(rid) = path else {
+        return None;
+    };
+    let since = registry::lookup(&rid.namespace, &rid.type_name)
+        .ok()?
+        .etag_in_body_since?;
+    (version >= since).then_some("etag")
 }
 
 /// `resp` (a success whose body is the resource as JSON) with its `ETag` header, and with the

@@ -7,17 +7,31 @@
 //! rolls everything back. The Activity Log record of a write is appended afterwards, in a unit
 //! of work of its own ([`crate::arm::activity::record`]). Single resources carry a version (`ETag`,
 //! `If-Match` / `If-None-Match`), checked in the same unit of work ([`crate::arm::etag`]).
+//!
+//! The resource types are the [`registry`]'s: each provider module declares its entry (api-
+//! versions, the handlers of its collection, its resources, their children and actions) next
+//! to its handlers. [`route`] does the generic part once — api-version, subscription,
+//! authorization of the entry's action, the node-resource-group lockdown — and then calls the
+//! entry's handler; only the paths that are no resource type (subscriptions, resource groups,
+//! role assignments and definitions, the Activity Log) are routed here by shape.
 
 pub mod activity;
 pub mod batch;
 pub mod clusters;
+pub mod compute;
 mod etag;
 pub mod fics;
+pub mod identities;
+mod provider;
+pub mod registry;
+mod reply;
 pub mod resources;
 pub mod roles;
 pub mod vaults;
 
-use crate::arm::resources::{self as res, LinkCheck, VmBody};
+use crate::arm::registry::{Access, Call, ChildId, Collection, Provider};
+use crate::arm::reply::{created_or_ok, is_read, list, verb, TrackedBody};
+use crate::arm::resources as res;
 use crate::authz;
 use crate::error::{Result, ServerError};
 use crate::request::{authenticate_with, parse_body, Caller};
@@ -28,12 +42,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::{Json, Router};
 use keyless_core::api_version;
-use keyless_core::resource_id::{
-    canonical_type, ArmPath, ResourceId, BATCH_ACCOUNT, MANAGED_CLUSTER, UAMI, VAULT, VM, VMSS,
-};
+use keyless_core::resource_id::{canonical_type, ArmPath, ResourceId, UAMI};
 use keyless_store::Tx;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Largest control-plane request body.
@@ -63,11 +74,6 @@ fn readable(grants: &[keyless_core::rbac::Grant], action: &str, item: &Value) ->
     keyless_core::rbac::authorize(grants, action, id).is_some()
 }
 
-/// Whether a method only reads.
-fn is_read(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD)
-}
-
 /// A write into a managed cluster's node resource group is refused (see
 /// [`crate::arm::clusters::check_not_node_group`]); reads pass.
 async fn node_group_lockdown(tx: &mut Tx, m: &Method, sub: &str, rg: &str) -> Result<()> {
@@ -77,85 +83,22 @@ async fn node_group_lockdown(tx: &mut Tx, m: &Method, sub: &str, rg: &str) -> Re
     crate::arm::clusters::check_not_node_group(tx, sub, rg).await
 }
 
-fn verb(method: &Method) -> &'static str {
-    match *method {
-        Method::GET | Method::HEAD => "read",
-        Method::DELETE => "delete",
-        Method::POST => "action",
-        _ => "write",
-    }
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-struct TrackedBody {
-    location: Option<String>,
-    tags: Option<BTreeMap<String, String>>,
-}
-
-fn list(values: Vec<Value>) -> Response {
-    Json(json!({ "value": values })).into_response()
-}
-
-/// ARM's answer to a DELETE: 200 when something was deleted, 204 when there was nothing.
-fn deleted(found: bool) -> Response {
-    if found {
-        StatusCode::OK.into_response()
-    } else {
-        StatusCode::NO_CONTENT.into_response()
-    }
-}
-
-fn created_or_ok(created: bool, body: Value) -> Response {
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    (status, Json(body)).into_response()
-}
-
-fn check_version(supported: &[&str], v: &str, provider: Option<(&str, &str)>) -> Result<()> {
-    let ok = match provider {
-        Some(t) if t == MANAGED_CLUSTER => api_version::container_service_supported(v),
-        _ => api_version::is_supported(supported, v),
-    };
-    if ok {
+/// The api-version check of a path that is not a provider's resource type (subscriptions,
+/// resource groups, role assignments, the Activity Log); a type's own is
+/// [`Provider::check_version`].
+fn check_version(supported: &[&str], v: &str) -> Result<()> {
+    if api_version::is_supported(supported, v) {
         return Ok(());
     }
-    Err(match provider {
-        None => ServerError::InvalidApiVersion {
-            version: v.to_string(),
-            supported: supported
-                .iter()
-                .rev()
-                .copied()
-                .collect::<Vec<_>>()
-                .join(","),
-        },
-        Some((_, ty)) => ServerError::NoRegisteredProviderFound {
-            location: "local".into(),
-            version: v.to_string(),
-            type_name: ty.to_string(),
-            supported: supported.join(", "),
-        },
+    Err(ServerError::InvalidApiVersion {
+        version: v.to_string(),
+        supported: supported
+            .iter()
+            .rev()
+            .copied()
+            .collect::<Vec<_>>()
+            .join(","),
     })
-}
-
-fn type_versions(
-    ns: &str,
-    ty: &str,
-) -> Result<(&'static [&'static str], (&'static str, &'static str))> {
-    match canonical_type(ns, ty) {
-        Some(t) if t == UAMI => Ok((api_version::MSI, t)),
-        Some(t) if t == VM || t == VMSS => Ok((api_version::COMPUTE, t)),
-        Some(t) if t == VAULT => Ok((keyless_core::vault::ARM_API_VERSIONS, t)),
-        Some(t) if t == BATCH_ACCOUNT => Ok((api_version::BATCH, t)),
-        Some(t) if t == MANAGED_CLUSTER => Ok((api_version::CONTAINER_SERVICE, t)),
-        _ => Err(ServerError::InvalidResourceType {
-            namespace: ns.to_string(),
-            type_name: ty.to_string(),
-        }),
-    }
 }
 
 /// Every ARM request: authenticate, dispatch, and hand each write with its answer to the
@@ -205,7 +148,7 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
         .map(|(_, v)| v.clone())
         .ok_or(ServerError::MissingApiVersion)?;
     if let Some(sub) = keyless_core::activity_log::events_path(parts.uri.path()) {
-        check_version(keyless_core::activity_log::API_VERSIONS, &version, None)?;
+        check_version(keyless_core::activity_log::API_VERSIONS, &version)?;
         if parts.method != Method::GET {
             return Err(ServerError::MethodNotAllowed(parts.method.to_string()));
         }
@@ -396,6 +339,22 @@ struct ArmRequest<'a> {
     conditions: etag::Conditions,
 }
 
+impl<'a> ArmRequest<'a> {
+    /// The request as provider `p`'s handler of `target` sees it.
+    fn call<'b, T>(&'b self, p: &'static Provider, target: &'b T) -> Call<'b, T> {
+        Call {
+            provider: p,
+            target,
+            caller: self.caller,
+            method: self.method,
+            version: self.version,
+            query: self.query,
+            body: self.body,
+            write_claimed: self.fic_claimed,
+        }
+    }
+}
+
 /// Every ARM route, in the request's unit of work `tx` (never committed here).
 async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -> Result<Response> {
     let (caller, m, version, query, body) =
@@ -404,11 +363,11 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
 
     match path {
         ArmPath::Authorization { scope, kind, name } => {
-            check_version(api_version::AUTHORIZATION, version, None)?;
+            check_version(api_version::AUTHORIZATION, version)?;
             crate::arm::roles::handle(s, tx, caller, m, &scope, kind, name, query, body).await
         }
         ArmPath::Subscriptions => {
-            check_version(api_version::RESOURCES, version, None)?;
+            check_version(api_version::RESOURCES, version)?;
             // the subscriptions the caller can read
             let scope = sub_scope(&s.subscription_id);
             let readable = authz::permitted(
@@ -425,7 +384,7 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             }))
         }
         ArmPath::Subscription { subscription } => {
-            check_version(api_version::RESOURCES, version, None)?;
+            check_version(api_version::RESOURCES, version)?;
             res::check_subscription(s, &subscription)?;
             authorize(
                 tx,
@@ -440,7 +399,7 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             }
         }
         ArmPath::ResourceGroups { subscription } => {
-            check_version(api_version::RESOURCES, version, None)?;
+            check_version(api_version::RESOURCES, version)?;
             res::check_subscription(s, &subscription)?;
             if *m != Method::GET {
                 return Err(ServerError::MethodNotAllowed(m.to_string()));
@@ -466,7 +425,7 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             subscription,
             resource_group,
         } => {
-            check_version(api_version::RESOURCES, version, None)?;
+            check_version(api_version::RESOURCES, version)?;
             res::check_subscription(s, &subscription)?;
             let scope = format!("/subscriptions/{subscription}/resourceGroups/{resource_group}");
             authorize(
@@ -552,14 +511,14 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             namespace,
             type_name,
         } => {
-            let (versions, t) = type_versions(&namespace, &type_name)?;
-            check_version(versions, version, Some(t))?;
+            let p = registry::lookup(&namespace, &type_name)?;
+            p.check_version(version)?;
             res::check_subscription(s, &subscription)?;
             let scope = match &resource_group {
                 Some(rg) => format!("/subscriptions/{subscription}/resourceGroups/{rg}"),
                 None => sub_scope(&subscription),
             };
-            let read = format!("{}/{}/read", t.0, t.1);
+            let read = p.action("read");
             if resource_group.is_some() {
                 authorize(tx, caller, &read, &scope).await?;
             }
@@ -571,85 +530,27 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             }
             // a subscription-wide list shows what the caller can read
             let grants = authz::grants(tx, &caller.object_id).await?;
-            if t == MANAGED_CLUSTER {
-                let items =
-                    crate::arm::clusters::list(s, tx, &subscription, resource_group.as_deref())
-                        .await?;
-                Ok(list(
-                    items
-                        .into_iter()
-                        .filter(|v| readable(&grants, &read, v))
-                        .collect(),
-                ))
-            } else if t == BATCH_ACCOUNT {
-                let accounts = tx
-                    .list_tracked(
-                        crate::arm::batch::ACCOUNT_TYPE,
-                        &subscription,
-                        resource_group.as_deref(),
-                    )
-                    .await?;
-                let items = accounts.into_iter().map(|a| a.body);
-                Ok(list(
-                    items.filter(|v| readable(&grants, &read, v)).collect(),
-                ))
-            } else if t == VAULT {
-                let vaults = tx
-                    .list_vaults(&subscription, resource_group.as_deref())
-                    .await?;
-                let items = vaults.iter().map(crate::arm::vaults::vault_json);
-                Ok(list(
-                    items.filter(|v| readable(&grants, &read, v)).collect(),
-                ))
-            } else if t == UAMI {
-                let ids = tx
-                    .list_identities(&subscription, resource_group.as_deref())
-                    .await?;
-                let items = ids.iter().map(res::identity_json);
-                Ok(list(
-                    items.filter(|v| readable(&grants, &read, v)).collect(),
-                ))
-            } else {
-                let vms = tx
-                    .list_vms(&subscription, resource_group.as_deref())
-                    .await?;
-                let mut items = Vec::with_capacity(vms.len());
-                for v in vms
-                    .iter()
-                    .filter(|v| ResourceId::parse(&v.resource_id).is_ok_and(|r| r.is_type(t)))
-                {
-                    items.push(res::vm_json(tx, v).await?);
-                }
-                Ok(list(
-                    items
-                        .into_iter()
-                        .filter(|v| readable(&grants, &read, v))
-                        .collect(),
-                ))
-            }
+            let target = Collection {
+                subscription,
+                resource_group,
+            };
+            let items = (p.list)(s, tx, &req.call(p, &target)).await?;
+            Ok(list(
+                items
+                    .into_iter()
+                    .filter(|v| readable(&grants, &read, v))
+                    .collect(),
+            ))
         }
         ArmPath::Resource(rid) => {
-            let (versions, t) = type_versions(&rid.namespace, &rid.type_name)?;
-            check_version(versions, version, Some(t))?;
+            let p = registry::lookup(&rid.namespace, &rid.type_name)?;
+            p.check_version(version)?;
             res::check_subscription(s, &rid.subscription)?;
-            authorize(
-                tx,
-                caller,
-                &format!("{}/{}/{}", t.0, t.1, verb(m)),
-                &rid.canonical(),
-            )
-            .await?;
+            authorize(tx, caller, &p.action(verb(m)), &rid.canonical()).await?;
             node_group_lockdown(tx, m, &rid.subscription, &rid.resource_group).await?;
-            if t == UAMI {
-                identity(s, tx, m, &rid, body).await
-            } else if t == VAULT {
-                vault(s, tx, m, &rid, body).await
-            } else if t == BATCH_ACCOUNT {
-                batch_account(s, tx, m, &rid, body).await
-            } else if t == MANAGED_CLUSTER {
-                cluster(s, tx, caller, m, &rid, body).await
-            } else {
-                vm(s, tx, caller, m, &rid, body).await
+            match p.resource.of(m) {
+                Some(handler) => handler(s, tx, &req.call(p, &rid)).await,
+                None => Err(ServerError::MethodNotAllowed(m.to_string())),
             }
         }
         ArmPath::Child {
@@ -657,106 +558,38 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             child_type,
             name,
         } => {
-            let (versions, t) = type_versions(&parent.namespace, &parent.type_name)?;
-            check_version(versions, version, Some(t))?;
+            let p = registry::lookup(&parent.namespace, &parent.type_name)?;
+            p.check_version(version)?;
             res::check_subscription(s, &parent.subscription)?;
-            // fics::handle authorizes first; the lockdown answers only callers that may write
-            let (sub, rg) = (parent.subscription.as_str(), parent.resource_group.as_str());
-            if t == UAMI && child_type.eq_ignore_ascii_case("federatedIdentityCredentials") {
-                if !is_read(m) {
-                    authorize(tx, caller,
-                        &format!(
-                            "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/{}",
-                            verb(m)
-                        ),
-                        &parent.canonical(),
-                    ).await?;
-                    node_group_lockdown(tx, m, sub, rg).await?;
-                }
-                return crate::arm::fics::handle(
-                    s,
-                    tx,
-                    caller,
-                    m,
-                    &parent,
-                    Some(&name),
-                    version,
-                    body,
-                    req.fic_claimed,
-                )
-                .await;
-            }
-            if t == BATCH_ACCOUNT && child_type.eq_ignore_ascii_case("pools") {
-                authorize(
-                    tx,
-                    caller,
-                    &format!("Microsoft.Batch/batchAccounts/pools/{}", verb(m)),
-                    &format!("{}/pools/{name}", parent.canonical()),
-                )
-                .await?;
-                node_group_lockdown(tx, m, sub, rg).await?;
-                return pool(s, tx, caller, m, &parent, &name, body).await;
-            }
-            if t == VM && child_type.eq_ignore_ascii_case("extensions") {
-                authorize(
-                    tx,
-                    caller,
-                    &format!("Microsoft.Compute/virtualMachines/extensions/{}", verb(m)),
-                    &format!("{}/extensions/{name}", parent.canonical()),
-                )
-                .await?;
-                node_group_lockdown(tx, m, sub, rg).await?;
-                return vm_extension(s, tx, m, &parent, &name, body).await;
-            }
-            if t == VAULT && child_type.eq_ignore_ascii_case("accessPolicies") {
-                authorize(
-                    tx,
-                    caller,
-                    "Microsoft.KeyVault/vaults/accessPolicies/write",
-                    &parent.canonical(),
-                )
-                .await?;
-                node_group_lockdown(tx, m, sub, rg).await?;
-                if *m != Method::PUT {
-                    return Err(ServerError::MethodNotAllowed(m.to_string()));
-                }
-                let b: Value = parse_body(body)?;
-                return Ok(Json(
-                    crate::arm::vaults::update_access_policies(s, tx, &parent, &name, b).await?,
-                )
-                .into_response());
-            }
-            if t != VMSS || !child_type.eq_ignore_ascii_case("virtualMachines") {
+            let Some((child, served)) = p
+                .child(&child_type)
+                .and_then(|c| c.resource.as_ref().map(|r| (c, r)))
+            else {
                 return Err(ServerError::InvalidPath(req.uri_path.to_string()));
-            }
-            let scope = format!("{}/virtualMachines/{name}", parent.canonical());
-            authorize(
-                tx,
-                caller,
-                &format!(
-                    "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/{}",
-                    verb(m)
-                ),
-                &scope,
-            )
-            .await?;
-            let ss = res::get_vm(s, tx, &parent).await?;
-            let key = format!("{}/virtualmachines/{}", ss.key, name.to_ascii_lowercase());
-            let instance = tx.get_instance(&key).await?;
-            match (m.clone(), instance) {
-                (Method::GET, Some(i)) => Ok(Json(res::instance_json(&ss, &i)).into_response()),
-                (Method::DELETE, Some(i)) => {
-                    tx.delete_instance(&i.key).await?;
-                    Ok(StatusCode::OK.into_response())
+            };
+            let action = format!("{}/{}/{}", p.namespace, p.type_name, child.type_name);
+            let on_child = format!("{}/{}/{name}", parent.canonical(), child.type_name);
+            match served.access {
+                Access::Child => {
+                    authorize(tx, caller, &format!("{action}/{}", verb(m)), &on_child).await?
                 }
-                (Method::DELETE, None) => Ok(StatusCode::NO_CONTENT.into_response()),
-                (Method::GET, None) => Err(ServerError::ResourceNotFound {
-                    type_name: "Microsoft.Compute/virtualMachineScaleSets/virtualMachines".into(),
-                    name: format!("{}/{name}", ss.name),
-                    group: ss.resource_group.clone(),
-                }),
-                (m, _) => Err(ServerError::MethodNotAllowed(m.to_string())),
+                // the handler authorizes reads (after its own checks of the request); the
+                // lockdown below answers only callers that may write
+                Access::ParentOnWrite if is_read(m) => {}
+                Access::ParentOnWrite => {
+                    let action = format!("{action}/{}", verb(m));
+                    authorize(tx, caller, &action, &parent.canonical()).await?
+                }
+                Access::ParentWrite => {
+                    let action = format!("{action}/write");
+                    authorize(tx, caller, &action, &parent.canonical()).await?
+                }
             }
+            if served.lockdown {
+                node_group_lockdown(tx, m, &parent.subscription, &parent.resource_group).await?;
+            }
+            let target = ChildId { parent, name };
+            (served.handler)(s, tx, &req.call(p, &target)).await
         }
         ArmPath::ChildAction {
             parent,
@@ -764,277 +597,41 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             name,
             action,
         } => {
-            let (versions, t) = type_versions(&parent.namespace, &parent.type_name)?;
-            check_version(versions, version, Some(t))?;
+            let p = registry::lookup(&parent.namespace, &parent.type_name)?;
+            p.check_version(version)?;
             res::check_subscription(s, &parent.subscription)?;
-            // join tokens of a host group that is a child: a cluster's node pool, a Batch pool
-            let group = if t == MANAGED_CLUSTER {
-                Some("agentPools")
-            } else if t == BATCH_ACCOUNT {
-                Some("pools")
-            } else {
-                None
+            let Some((child, a)) = p
+                .child(&child_type)
+                .and_then(|c| c.action_of(&action, m).map(|a| (c, a)))
+            else {
+                return Err(ServerError::InvalidPath(req.uri_path.to_string()));
             };
-            if let Some(child) = group.filter(|c| {
-                child_type.eq_ignore_ascii_case(c)
-                    && action.eq_ignore_ascii_case("generateJoinToken")
-                    && *m == Method::POST
-            }) {
-                authorize(
-                    tx,
-                    caller,
-                    &format!("{}/{}/{child}/generateJoinToken/action", t.0, t.1),
-                    &format!("{}/{child}/{name}", parent.canonical()),
-                )
-                .await?;
-                if t == BATCH_ACCOUNT {
-                    node_group_lockdown(tx, m, &parent.subscription, &parent.resource_group)
-                        .await?;
-                }
-                let ttl = join_ttl(body)?;
-                let (token, expires, group_id) = if t == MANAGED_CLUSTER {
-                    crate::arm::clusters::pool_join_token(s, tx, &parent, &name, ttl).await?
-                } else {
-                    crate::arm::batch::pool_join_token(s, tx, &parent, &name, ttl).await?
-                };
-                return Ok(Json(
-                    json!({"joinToken": token, "expiresOn": expires, "vmResourceId": group_id}),
-                )
-                .into_response());
+            if let Some(rbac) = a.authorize {
+                let scope = format!("{}/{}/{name}", parent.canonical(), child.type_name);
+                authorize(tx, caller, rbac, &scope).await?;
             }
-            Err(ServerError::InvalidPath(req.uri_path.to_string()))
+            if a.lockdown {
+                node_group_lockdown(tx, m, &parent.subscription, &parent.resource_group).await?;
+            }
+            let target = ChildId { parent, name };
+            (a.handler)(s, tx, &req.call(p, &target)).await
         }
         ArmPath::Action { resource, action } => {
-            let (versions, t) = type_versions(&resource.namespace, &resource.type_name)?;
-            check_version(versions, version, Some(t))?;
+            let p = registry::lookup(&resource.namespace, &resource.type_name)?;
+            p.check_version(version)?;
             res::check_subscription(s, &resource.subscription)?;
-            if t == UAMI
-                && action.eq_ignore_ascii_case("federatedIdentityCredentials")
-                && *m == Method::GET
-            {
-                return crate::arm::fics::handle(
-                    s, tx, caller, m, &resource, None, version, body, false,
-                )
-                .await;
+            let Some(a) = p.action_of(&action, m) else {
+                return Err(ServerError::InvalidPath(req.uri_path.to_string()));
+            };
+            if let Some(rbac) = a.authorize {
+                authorize(tx, caller, rbac, &resource.canonical()).await?;
             }
-            if t == MANAGED_CLUSTER && *m == Method::POST {
-                if action.eq_ignore_ascii_case("readPodIdentityProfile") {
-                    let v =
-                        crate::arm::clusters::read_pod_identity_profile(s, tx, caller, &resource)
-                            .await?;
-                    return Ok(Json(v).into_response());
-                }
-                if action.eq_ignore_ascii_case("reportPodIdentityStatus") {
-                    let b: Value = parse_body(body)?;
-                    crate::arm::clusters::report_pod_identity_status(s, tx, caller, &resource, &b)
-                        .await?;
-                    return Ok(StatusCode::NO_CONTENT.into_response());
-                }
-            }
-            if t == BATCH_ACCOUNT && action.eq_ignore_ascii_case("pools") && *m == Method::GET {
-                authorize(
-                    tx,
-                    caller,
-                    "Microsoft.Batch/batchAccounts/pools/read",
-                    &resource.canonical(),
-                )
-                .await?;
-                let pools = crate::arm::batch::pools_of(tx, &resource).await?;
-                crate::arm::batch::get_account(s, tx, &resource).await?;
-                let mut items = Vec::with_capacity(pools.len());
-                for p in &pools {
-                    items.push(crate::arm::batch::pool_json(tx, p).await?);
-                }
-                return Ok(list(items));
-            }
-            if t == VM && action.eq_ignore_ascii_case("extensions") && *m == Method::GET {
-                authorize(
-                    tx,
-                    caller,
-                    "Microsoft.Compute/virtualMachines/extensions/read",
-                    &resource.canonical(),
-                )
-                .await?;
-                let vm = res::get_vm(s, tx, &resource).await?;
-                return Ok(list(crate::arm::batch::list_vm_extensions(tx, &vm).await?));
-            }
-            if t == VMSS && action.eq_ignore_ascii_case("virtualMachines") && *m == Method::GET {
-                authorize(
-                    tx,
-                    caller,
-                    "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
-                    &resource.canonical(),
-                )
-                .await?;
-                let ss = res::get_vm(s, tx, &resource).await?;
-                let list = tx.list_instances(&ss.key).await?;
-                return Ok(Json(json!({"value": list.iter().map(|i| res::instance_json(&ss, i)).collect::<Vec<_>>()})).into_response());
-            }
-            if (t == VM || t == VMSS)
-                && action.eq_ignore_ascii_case("generateJoinToken")
-                && *m == Method::POST
-            {
-                authorize(
-                    tx,
-                    caller,
-                    &format!("{}/{}/generateJoinToken/action", t.0, t.1),
-                    &resource.canonical(),
-                )
-                .await?;
-                // a node of a cluster pool joins with the pool's token, never the scale set's
+            if a.lockdown {
                 node_group_lockdown(tx, m, &resource.subscription, &resource.resource_group)
                     .await?;
-                let ttl = join_ttl(body)?;
-                let (token, expires) = res::create_join_token(s, tx, &resource, ttl).await?;
-                let vm = res::get_vm(s, tx, &resource).await?;
-                Ok(Json(json!({"joinToken": token, "expiresOn": expires, "vmResourceId": vm.resource_id})).into_response())
-            } else {
-                Err(ServerError::InvalidPath(req.uri_path.to_string()))
             }
+            (a.handler)(s, tx, &req.call(p, &resource)).await
         }
-    }
-}
-
-/// `expiresInSeconds` of a join-token request (default one hour, at most a week).
-fn join_ttl(body: &[u8]) -> Result<u64> {
-    #[derive(Default, serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct JoinBody {
-        expires_in_seconds: Option<u64>,
-    }
-    let b: JoinBody = if body.is_empty() {
-        JoinBody::default()
-    } else {
-        parse_body(body)?
-    };
-    let ttl = b.expires_in_seconds.unwrap_or(3600);
-    if !(1..=7 * 86_400).contains(&ttl) {
-        return Err(ServerError::InvalidParameter {
-            message: "expiresInSeconds must be between 1 and 604800.".into(),
-            target: Some("expiresInSeconds".into()),
-        });
-    }
-    Ok(ttl)
-}
-
-async fn batch_account(
-    s: &AppState,
-    tx: &mut Tx,
-    m: &Method,
-    rid: &ResourceId,
-    body: &[u8],
-) -> Result<Response> {
-    use crate::arm::batch::{delete_account, get_account, put_account};
-    match *m {
-        Method::PUT | Method::PATCH => {
-            let b: Value = parse_body(body)?;
-            let (v, created) = put_account(s, tx, rid, &b, *m == Method::PATCH).await?;
-            Ok(created_or_ok(created, v))
-        }
-        Method::GET => Ok(Json(get_account(s, tx, rid).await?.body).into_response()),
-        Method::DELETE => Ok(deleted(delete_account(s, tx, rid).await?)),
-        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
-    }
-}
-
-async fn cluster(
-    s: &AppState,
-    tx: &mut Tx,
-    caller: &Caller,
-    m: &Method,
-    rid: &ResourceId,
-    body: &[u8],
-) -> Result<Response> {
-    use crate::arm::clusters::{
-        cluster_json, delete_cluster, get_cluster, patch_tags, put_cluster,
-    };
-    match *m {
-        Method::PUT => {
-            let b: Value = parse_body(body)?;
-            let scope = rid.canonical();
-            let may_assign = LinkCheck::Caller {
-                principal: &caller.object_id,
-                action: "Microsoft.ContainerService/managedClusters/write",
-                scope: &scope,
-            };
-            // done when answered: 201/200 with provisioningState Succeeded and no async
-            // header, which the SDK's ARM poller takes as finished
-            let (rec, created) = put_cluster(s, tx, rid, &b, &may_assign).await?;
-            Ok(created_or_ok(created, cluster_json(s, tx, &rec).await?))
-        }
-        Method::PATCH => {
-            let b: Value = parse_body(body)?;
-            let rec = patch_tags(s, tx, rid, &b).await?;
-            Ok(Json(cluster_json(s, tx, &rec).await?).into_response())
-        }
-        Method::GET => {
-            let rec = get_cluster(s, tx, rid).await?;
-            Ok(Json(cluster_json(s, tx, &rec).await?).into_response())
-        }
-        // deleted before the answer; the SDK's delete poller takes 202 or 204 (not 200)
-        Method::DELETE => {
-            delete_cluster(s, tx, rid).await?;
-            Ok(StatusCode::NO_CONTENT.into_response())
-        }
-        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
-    }
-}
-
-async fn pool(
-    s: &AppState,
-    tx: &mut Tx,
-    caller: &Caller,
-    m: &Method,
-    account: &ResourceId,
-    name: &str,
-    body: &[u8],
-) -> Result<Response> {
-    use crate::arm::batch::{get_pool, pool_json, put_pool};
-    match *m {
-        Method::PUT | Method::PATCH => {
-            let b: Value = parse_body(body)?;
-            let scope = format!("{}/pools/{name}", account.canonical());
-            let may_assign = LinkCheck::Caller {
-                principal: &caller.object_id,
-                action: "Microsoft.Batch/batchAccounts/pools/write",
-                scope: &scope,
-            };
-            let patch = *m == Method::PATCH;
-            let (rec, _created) = put_pool(s, tx, account, name, &b, patch, &may_assign).await?;
-            // Batch answers 200 for both create and update
-            Ok(Json(pool_json(tx, &rec).await?).into_response())
-        }
-        Method::GET => {
-            let rec = get_pool(s, tx, account, name).await?;
-            Ok(Json(pool_json(tx, &rec).await?).into_response())
-        }
-        Method::DELETE => {
-            crate::arm::batch::get_account(s, tx, account).await?;
-            let key = format!("{}/pools/{}", account.key(), name.to_ascii_lowercase());
-            Ok(deleted(tx.delete_vm(&key).await?))
-        }
-        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
-    }
-}
-
-async fn vm_extension(
-    s: &AppState,
-    tx: &mut Tx,
-    m: &Method,
-    vm: &ResourceId,
-    name: &str,
-    body: &[u8],
-) -> Result<Response> {
-    use crate::arm::batch::{delete_vm_extension, get_vm_extension, put_vm_extension};
-    match *m {
-        Method::PUT | Method::PATCH => {
-            let b: Value = parse_body(body)?;
-            let (v, created) = put_vm_extension(s, tx, vm, name, &b).await?;
-            Ok(created_or_ok(created, v))
-        }
-        Method::GET => Ok(Json(get_vm_extension(s, tx, vm, name).await?).into_response()),
-        Method::DELETE => Ok(deleted(delete_vm_extension(s, tx, vm, name).await?)),
-        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
     }
 }
 
@@ -1048,93 +645,6 @@ fn subscription_json(s: &AppState) -> Value {
         "subscriptionPolicies": {"locationPlacementId": "Public_2014-09-01", "quotaId": "Keyless", "spendingLimit": "Off"},
         "authorizationSource": "RoleBased",
     })
-}
-
-async fn identity(
-    s: &AppState,
-    tx: &mut Tx,
-    m: &Method,
-    rid: &ResourceId,
-    body: &[u8],
-) -> Result<Response> {
-    match *m {
-        Method::PUT => {
-            let b: TrackedBody = parse_body(body)?;
-            let (rec, created) =
-                res::put_identity(s, tx, rid, b.location.as_deref(), b.tags).await?;
-            Ok(created_or_ok(created, res::identity_json(&rec)))
-        }
-        Method::PATCH => {
-            let b: TrackedBody = parse_body(body)?;
-            let rec = res::patch_identity(s, tx, rid, b.tags).await?;
-            Ok(Json(res::identity_json(&rec)).into_response())
-        }
-        Method::GET => {
-            let rec = res::get_identity(s, tx, rid).await?;
-            Ok(Json(res::identity_json(&rec)).into_response())
-        }
-        Method::DELETE => {
-            res::get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
-            Ok(deleted(tx.delete_identity(&rid.key()).await?))
-        }
-        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
-    }
-}
-
-async fn vault(
-    s: &AppState,
-    tx: &mut Tx,
-    m: &Method,
-    rid: &ResourceId,
-    body: &[u8],
-) -> Result<Response> {
-    use crate::arm::vaults::{get_vault, put_vault, vault_json};
-    match *m {
-        Method::PUT | Method::PATCH => {
-            let b = parse_body(body)?;
-            let (rec, created) = put_vault(s, tx, rid, b, *m == Method::PATCH).await?;
-            Ok(created_or_ok(created, vault_json(&rec)))
-        }
-        Method::GET => Ok(Json(vault_json(&get_vault(s, tx, rid).await?)).into_response()),
-        Method::DELETE => {
-            res::get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
-            Ok(deleted(tx.delete_vault(&rid.key()).await?))
-        }
-        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
-    }
-}
-
-async fn vm(
-    s: &AppState,
-    tx: &mut Tx,
-    caller: &Caller,
-    m: &Method,
-    rid: &ResourceId,
-    body: &[u8],
-) -> Result<Response> {
-    match *m {
-        Method::PUT | Method::PATCH => {
-            let b: VmBody = parse_body(body)?;
-            let scope = rid.canonical();
-            let may_assign = LinkCheck::Caller {
-                principal: &caller.object_id,
-                action: "Microsoft.Compute/virtualMachines/write",
-                scope: &scope,
-            };
-            let patch = *m == Method::PATCH;
-            let (rec, created) = res::write_vm(s, tx, rid, b, patch, &may_assign).await?;
-            Ok(created_or_ok(created, res::vm_json(tx, &rec).await?))
-        }
-        Method::GET => {
-            let rec = res::get_vm(s, tx, rid).await?;
-            Ok(Json(res::vm_json(tx, &rec).await?).into_response())
-        }
-        Method::DELETE => {
-            res::get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
-            Ok(deleted(tx.delete_vm(&rid.key()).await?))
-        }
-        _ => Err(ServerError::MethodNotAllowed(m.to_string())),
-    }
 }
 
 #[cfg(test)]

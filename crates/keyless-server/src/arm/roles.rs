@@ -1,6 +1,7 @@
 //! `Microsoft.Authorization/roleDefinitions` (built-in roles, read-only) and
 //! `Microsoft.Authorization/roleAssignments` at any scope.
 
+use crate::arm::registry;
 use crate::arm::resources as res;
 use crate::authz;
 use crate::error::{Result, ServerError};
@@ -11,7 +12,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::rbac::{self, RoleDefinition, BUILT_IN_ROLES};
-use keyless_core::resource_id::{AuthorizationKind, Scope, MANAGED_CLUSTER, UAMI, VAULT, VM, VMSS};
+use keyless_core::resource_id::{AuthorizationKind, Scope};
 use keyless_store::{PrincipalKind, RoleAssignmentInsert, RoleAssignmentRecord, Tx};
 use serde_json::{json, Value};
 
@@ -89,24 +90,16 @@ async fn check_scope(s: &AppState, tx: &mut Tx, scope: &Scope) -> Result<()> {
         } => {
             res::get_resource_group(s, tx, subscription, resource_group).await?;
         }
-        Scope::Resource(r) if r.is_type(UAMI) => {
-            res::get_identity(s, tx, r).await?;
-        }
-        Scope::Resource(r) if r.is_type(VM) || r.is_type(VMSS) => {
-            res::get_vm(s, tx, r).await?;
-        }
-        Scope::Resource(r) if r.is_type(MANAGED_CLUSTER) => {
-            crate::arm::clusters::get_cluster(s, tx, r).await?;
-        }
-        Scope::Resource(r) if r.is_type(VAULT) => {
-            crate::arm::vaults::get_vault(s, tx, r).await?;
-        }
-        Scope::Resource(r) => {
-            return Err(ServerError::InvalidResourceType {
-                namespace: r.namespace.clone(),
-                type_name: r.type_name.clone(),
-            })
-        }
+        // a resource of a type that may be a scope, found as its GET finds it
+        Scope::Resource(r) => match registry::lookup(&r.namespace, &r.type_name)?.role_scope {
+            Some(exists) => exists(s, tx, r).await?,
+            None => {
+                return Err(ServerError::InvalidResourceType {
+                    namespace: r.namespace.clone(),
+                    type_name: r.type_name.clone(),
+                })
+            }
+        },
         Scope::Root | Scope::Subscription(_) => {}
     }
     Ok(())

@@ -1,9 +1,18 @@
 //! `Microsoft.KeyVault/vaults` in the control plane: create / update / get / list / delete,
-//! and `accessPolicies/{add|replace|remove}`. The data plane is in [`crate::kv`].
+//! and `accessPolicies/{add|replace|remove}`, with the provider entry ([`PROVIDER`]). The data
+//! plane is in [`crate::kv`].
 
+use crate::arm::provider::{
+    handler, Access, Call, Child, ChildId, ChildResource, Collection, Methods, Provider,
+};
+use crate::arm::reply::{created_or_ok, deleted};
 use crate::arm::resources::{get_resource_group, location, tags};
 use crate::error::{Result, ServerError};
+use crate::request::parse_body;
 use crate::state::AppState;
+use axum::http::Method;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use keyless_core::resource_id::{ResourceId, VAULT};
 use keyless_core::vault::access::{self, AccessPolicy, PolicyUpdate};
 use keyless_core::vault::validate_vault_name;
@@ -35,6 +44,72 @@ pub struct VaultProps {
     pub enabled_for_disk_encryption: Option<bool>,
     pub enabled_for_template_deployment: Option<bool>,
     pub public_network_access: Option<String>,
+}
+
+pub static PROVIDER: Provider = Provider {
+    namespace: VAULT.0,
+    type_name: VAULT.1,
+    api_versions: keyless_core::vault::ARM_API_VERSIONS,
+    accepts: None,
+    list: handler!(list),
+    resource: Methods {
+        get: Some(handler!(get)),
+        put: Some(handler!(put)),
+        patch: Some(handler!(put)),
+        delete: Some(handler!(delete)),
+        ..Methods::NONE
+    },
+    children: &[Child {
+        type_name: "accessPolicies",
+        resource: Some(ChildResource {
+            access: Access::ParentWrite,
+            lockdown: true,
+            handler: handler!(access_policies),
+        }),
+        actions: &[],
+    }],
+    actions: &[],
+    row: Some("vaults"),
+    etag_in_body_since: None,
+    role_scope: Some(handler!(exists)),
+};
+
+async fn exists(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<()> {
+    get_vault(s, tx, rid).await.map(drop)
+}
+
+async fn list(_: &AppState, tx: &mut Tx, c: &Call<'_, Collection>) -> Result<Vec<Value>> {
+    let vaults = tx
+        .list_vaults(&c.target.subscription, c.target.resource_group.as_deref())
+        .await?;
+    Ok(vaults.iter().map(vault_json).collect())
+}
+
+/// PUT (create or replace) or PATCH (merge).
+async fn put(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let b = parse_body(c.body)?;
+    let (rec, created) = put_vault(s, tx, c.target, b, *c.method == Method::PATCH).await?;
+    Ok(created_or_ok(created, vault_json(&rec)))
+}
+
+async fn get(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    Ok(Json(vault_json(&get_vault(s, tx, c.target).await?)).into_response())
+}
+
+async fn delete(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let rid = c.target;
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    Ok(deleted(tx.delete_vault(&rid.key()).await?))
+}
+
+/// `PUT {vault}/accessPolicies/{add|replace|remove}`.
+async fn access_policies(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Response> {
+    if *c.method != Method::PUT {
+        return Err(ServerError::MethodNotAllowed(c.method.to_string()));
+    }
+    let b: Value = parse_body(c.body)?;
+    let ChildId { parent, name } = c.target;
+    Ok(Json(update_access_policies(s, tx, parent, name, b).await?).into_response())
 }
 
 fn bad(message: impl Into<String>) -> ServerError {
