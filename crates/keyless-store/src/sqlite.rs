@@ -56,27 +56,51 @@ impl rusqlite::ToSql for Param<'_> {
     }
 }
 
-/// `$n` → `?n` (SQLite reads `$1` as a *named* parameter, numbered by first appearance).
-fn translate(sql: &str) -> std::borrow::Cow<'_, str> {
-    if !sql.contains('$') {
-        return sql.into();
+/// `sql` prepared (cached per connection) with `params` bound: `$n` (how both backends
+/// write parameters; SQLite reads it as a *named* parameter, numbered by first appearance) and
+/// `?n` take `params[n - 1]`, a plain `?` the next one. The statement is cached under the SQL
+/// as written, so nothing is rewritten per call. As with numbered parameters, `params` must
+/// hold exactly as many values as the highest number used.
+fn prepare<'c>(
+    conn: &'c Connection,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<rusqlite::CachedStatement<'c>> {
+    let mut st = conn.prepare_cached(sql)?;
+    let mut highest = 0;
+    for i in 1..=st.parameter_count() {
+        let n = match st.parameter_name(i) {
+            None => i,
+            Some(name) => name
+                .strip_prefix(['$', '?'])
+                .and_then(|d| d.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    StoreError::Backend(format!("unsupported SQL parameter {name}: use $n"))
+                })?,
+        };
+        let p = params.get(n - 1).ok_or_else(|| {
+            StoreError::Backend(format!(
+                "SQL parameter {n} not given ({} given)",
+                params.len()
+            ))
+        })?;
+        st.raw_bind_parameter(i, p)?;
+        highest = highest.max(n);
     }
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) {
-            out.push('?');
-        } else {
-            out.push(c);
-        }
+    if highest != params.len() {
+        return Err(StoreError::Backend(format!(
+            "{} SQL parameters given, the statement uses {highest}",
+            params.len()
+        )));
     }
-    out.into()
+    Ok(st)
 }
 
 fn run_query(conn: &Connection, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
-    let mut st = conn.prepare_cached(&translate(sql))?;
+    let mut st = prepare(conn, sql, params)?;
     let n = st.column_count();
-    let mut rows = st.query(rusqlite::params_from_iter(params.iter()))?;
+    let mut rows = st.raw_query();
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
         let mut vals = Vec::with_capacity(n);
@@ -99,8 +123,13 @@ fn run_query(conn: &Connection, sql: &str, params: &[Param<'_>]) -> Result<Vec<R
 }
 
 fn run_execute(conn: &Connection, sql: &str, params: &[Param<'_>]) -> Result<u64> {
-    let mut st = conn.prepare_cached(&translate(sql))?;
-    Ok(st.execute(rusqlite::params_from_iter(params.iter()))? as u64)
+    Ok(prepare(conn, sql, params)?.raw_execute()? as u64)
+}
+
+/// A statement without parameters or rows (`BEGIN`, `COMMIT`, `ROLLBACK`), prepared once per
+/// connection (`execute_batch` would parse it on every call).
+fn run_plain(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.raw_execute().map(|_| ())
 }
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -165,7 +194,7 @@ impl Db for SqliteDb {
     async fn begin(&self, write: bool) -> Result<Box<dyn Conn>> {
         if write {
             let guard = self.writer.clone().lock_owned().await;
-            guard.execute_batch("BEGIN IMMEDIATE")?;
+            run_plain(&guard, "BEGIN IMMEDIATE")?;
             return Ok(Box::new(WriteConn { conn: guard }));
         }
         let permit = self
@@ -179,7 +208,7 @@ impl Db for SqliteDb {
             Some(c) => c,
             None => open_conn(&self.path)?,
         };
-        conn.execute_batch("BEGIN")?;
+        run_plain(&conn, "BEGIN")?;
         Ok(Box::new(ReadConn {
             conn: Some(conn),
             pool: self.readers.clone(),
@@ -204,14 +233,14 @@ impl Conn for WriteConn {
         run_execute(&self.conn, sql, params)
     }
     async fn commit(self: Box<Self>) -> Result<()> {
-        if let Err(e) = self.conn.execute_batch("COMMIT") {
-            let _ = self.conn.execute_batch("ROLLBACK");
+        if let Err(e) = run_plain(&self.conn, "COMMIT") {
+            let _ = run_plain(&self.conn, "ROLLBACK");
             return Err(e.into());
         }
         Ok(())
     }
     fn abort(self: Box<Self>) {
-        let _ = self.conn.execute_batch("ROLLBACK");
+        let _ = run_plain(&self.conn, "ROLLBACK");
     }
 }
 
@@ -231,7 +260,7 @@ impl ReadConn {
     #[allow(clippy::boxed_local)] // called from `Conn` methods that own the box
     fn release(mut self: Box<Self>) {
         if let Some(c) = self.conn.take() {
-            if c.execute_batch("ROLLBACK").is_ok() || c.is_autocommit() {
+            if run_plain(&c, "ROLLBACK").is_ok() || c.is_autocommit() {
                 self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(c);
             }
         }
@@ -262,11 +291,30 @@ impl Conn for ReadConn {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn dollar_parameters_become_numbered() {
+    fn dollar_parameters_bind_by_number() {
+        let c = Connection::open_in_memory().unwrap();
+        let sql = "SELECT $2 || '/' || $1 || '/' || $2, '$1'";
+        let rows = run_query(&c, sql, &[Param::Text("a"), Param::Int(7)]).unwrap();
         assert_eq!(
-            super::translate("SELECT a FROM t WHERE b = $2 AND c = $1 || '/'"),
-            "SELECT a FROM t WHERE b = ?2 AND c = ?1 || '/'"
+            rows[0].0,
+            vec![Value::Text("7/a/7".into()), Value::Text("$1".into())]
         );
+        // cached: the same statement with other values
+        let rows = run_query(&c, sql, &[Param::Text("b"), Param::Null]).unwrap();
+        assert_eq!(rows[0].0, vec![Value::Null, Value::Text("$1".into())]);
+        // the highest number used must be the number of values given
+        assert!(run_query(&c, sql, &[Param::Text("a")]).is_err());
+        assert!(run_query(&c, sql, &[Param::Int(1), Param::Int(2), Param::Int(3)]).is_err());
+        assert!(run_query(&c, "SELECT $1, $3", &[Param::Int(1), Param::Int(2), Param::Int(3)]).is_ok());
+        assert!(run_query(&c, "SELECT :x", &[Param::Int(1)]).is_err());
+        // plain statements
+        run_plain(&c, "BEGIN").unwrap();
+        run_execute(&c, "CREATE TABLE t (a INTEGER)", &[]).unwrap();
+        assert_eq!(run_execute(&c, "INSERT INTO t VALUES ($1)", &[Param::Int(3)]).unwrap(), 1);
+        run_plain(&c, "ROLLBACK").unwrap();
+        assert!(c.is_autocommit());
     }
 }

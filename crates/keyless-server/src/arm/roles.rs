@@ -250,6 +250,12 @@ pub async fn handle(
             )
             .await?;
             let b: AssignmentBody = crate::request::parse_body(body)?;
+            // the scope and the principal are held until the assignment commits (a delete of
+            // either on another replica waits, then takes the assignment with it), and checked
+            // after the hold, so one deleted meanwhile is seen gone
+            tx.hold_scope(&scope_s.to_ascii_lowercase()).await?;
+            tx.hold_principal(&b.properties.principal_id.trim().to_ascii_lowercase())
+                .await?;
             check_scope(s, tx, scope).await?;
             let role = rbac::role_by_id(&b.properties.role_definition_id).ok_or_else(|| {
                 ServerError::RoleDefinitionDoesNotExist(

@@ -1,5 +1,6 @@
 //! The directory (service principals, principal lookups) and role assignments.
 
+use crate::repo::vault::locking;
 use crate::store::{json, lower, parse};
 use crate::*;
 
@@ -199,6 +200,56 @@ impl Tx {
             return Ok(None);
         }
         row.json(0).map(Some)
+    }
+
+    /// Hold the resource group and the resource a scope names (lowercase), `FOR KEY SHARE` on
+    /// PostgreSQL (SQLite's writers take turns), until this unit of work ends: a delete of it
+    /// racing on another replica waits for this one, then removes what it wrote under the
+    /// scope (an assignment must not outlive its scope). False when one of them does not exist.
+    /// The root and subscriptions have no row to hold.
+    pub async fn hold_scope(&mut self, scope_key: &str) -> Result<bool> {
+        let parts: Vec<&str> = scope_key.trim_matches('/').split('/').collect();
+        if parts.len() < 4 || parts[0] != "subscriptions" || parts[2] != "resourcegroups" {
+            return Ok(true);
+        }
+        let group = locking(
+            self.backend(),
+            "SELECT 1 FROM resource_groups WHERE subscription = $1 AND name_key = $2",
+            "FOR KEY SHARE",
+        );
+        if self
+            .query_opt(&group, &params![parts[1], parts[3]])
+            .await?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        if parts.len() == 4 {
+            return Ok(true);
+        }
+        for table in ["vms", "identities", "vaults", "clusters", "tracked"] {
+            let sql = format!("SELECT 1 FROM {table} WHERE key = $1");
+            let sql = locking(self.backend(), &sql, "FOR KEY SHARE");
+            if self.query_opt(&sql, &params![scope_key]).await?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Hold the principal's row (a managed identity's or an application's) like
+    /// [`Tx::hold_scope`]; false when there is none.
+    pub async fn hold_principal(&mut self, object_id: &str) -> Result<bool> {
+        for sql in [
+            "SELECT 1 FROM identities WHERE principal_id = $1",
+            "SELECT 1 FROM service_principals WHERE object_id = $1",
+        ] {
+            let sql = locking(self.backend(), sql, "FOR KEY SHARE");
+            if self.query_opt(&sql, &params![object_id]).await?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Remove role assignments at or below `scope_key` (lowercase).

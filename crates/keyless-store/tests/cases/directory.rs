@@ -1,6 +1,8 @@
 //! Store suite cases: the directory (service principals, principal lookups) and role
 //! assignments.
 
+use super::groups::group;
+use super::hosts::vm;
 use super::identities::ident;
 use super::meta::{concurrently, rtx, wtx};
 use crate::case;
@@ -12,6 +14,7 @@ pub const CASES: &[(&str, crate::CaseFn)] = &[
     case!(assignments_below_a_scope_go_with_it),
     case!(concurrent_assignments_of_one_role_make_one),
     case!(concurrent_assignments_of_one_name_make_one),
+    case!(assignments_written_while_their_scope_goes_do_not_outlive_it),
 ];
 
 const READER: &str =
@@ -232,4 +235,63 @@ async fn concurrent_assignments_of_one_name_make_one(s: Store) {
         rtx!(s, |tx| tx.list_role_assignments().await).unwrap(),
         vec![winner]
     );
+}
+
+/// An assignment written (scope held, as the server does) while its scope is deleted on
+/// another connection never outlives it: the delete waits for the hold, then takes the
+/// assignment with the rest under the scope; or the writer finds the scope gone.
+async fn assignments_written_while_their_scope_goes_do_not_outlive_it(s: Store) {
+    let holders: Vec<IdentityRecord> = (0..9).map(|i| ident(&format!("holder{i}"), "rg")).collect();
+    wtx!(s, |tx| tx.put_resource_group(&group("rg")).await).unwrap();
+    for u in &holders {
+        wtx!(s, |tx| tx.put_identity(u).await).unwrap();
+    }
+    let u = holders[0].clone();
+    for round in 0..4 {
+        let v = vm("scoped");
+        wtx!(s, |tx| tx.put_vm(&v, None, &[]).await).unwrap();
+        let outcomes = concurrently(9, |i| {
+            let (s, v, principal) = (s.clone(), v.clone(), holders[i].principal_id.clone());
+            async move {
+                if i == 4 {
+                    let deleted = wtx!(s, |tx| tx.delete_vm(&v.key).await).unwrap();
+                    return if deleted { "deleted" } else { "not found" };
+                }
+                let mut tx = s.write("test").await.unwrap();
+                if !tx.hold_scope(&v.key).await.unwrap() {
+                    return "gone";
+                }
+                let a = ra(&format!("r{round}-{i}"), &v.resource_id, &principal);
+                match tx.insert_role_assignment(&a).await.unwrap() {
+                    RoleAssignmentInsert::Created => {}
+                    o => panic!("{o:?}"),
+                }
+                tx.commit().await.unwrap();
+                "created"
+            }
+        })
+        .await;
+        assert_eq!(outcomes[4], "deleted");
+        let left: Vec<String> = rtx!(s, |tx| tx.list_role_assignments().await)
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.scope.eq_ignore_ascii_case(&v.resource_id))
+            .map(|a| a.name)
+            .collect();
+        assert!(
+            left.is_empty(),
+            "round {round}: {left:?} outlived the VM ({outcomes:?})"
+        );
+    }
+    // the principal is held the same way
+    assert!(wtx!(s, |tx| tx
+        .hold_principal(&u.principal_id.to_lowercase())
+        .await)
+    .unwrap());
+    assert!(!wtx!(s, |tx| tx.hold_principal("no-such-principal").await).unwrap());
+    assert!(!wtx!(s, |tx| tx
+        .hold_scope("/subscriptions/s/resourcegroups/none")
+        .await)
+    .unwrap());
+    assert!(wtx!(s, |tx| tx.hold_scope("/subscriptions/s").await).unwrap());
 }
