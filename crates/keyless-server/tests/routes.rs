@@ -3477,3 +3477,71 @@ async fn key_vault_certificate_routes() {
 
     srv.finish(KV_CERTIFICATES, PUBLIC, NEVER_ACCEPTED);
 }
+
+/// ARM authorizes a conditional write as the write, before it looks at the conditions: a
+/// reader sending `If-Match` is refused 403 for the write (not 412, whatever the ETag), and a
+/// writer's stale `If-Match` gets 412.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writes_are_authorized_before_their_conditions() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    let reader = nobody(&srv, "etag-reader", ARM_SCOPE).await;
+    put_group(&srv, &adm, "cond").await;
+    let rgp = group(&srv, "cond");
+    let reader_def = format!(
+        "/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/acdd72a7-3385-48ef-bd42-f606fba81ae7",
+        srv.sub
+    );
+    let ra = format!(
+        "{rgp}/providers/Microsoft.Authorization/roleAssignments/{}?{AUTHZ}",
+        uuid::Uuid::new_v4()
+    );
+    let body = json!({"properties": {"roleDefinitionId": reader_def, "principalId": reader.oid}});
+    let route = "ARM PUT {scope}/providers/Microsoft.Authorization/roleAssignments/{name}";
+    srv.expect(srv.call(route, ra).bearer(&adm.token).json(&body), 201)
+        .await;
+
+    let get = "ARM GET /subscriptions/{sub}/resourceGroups/{rg}";
+    let put = "ARM PUT /subscriptions/{sub}/resourceGroups/{rg}";
+    let path = format!("{rgp}?{RES}");
+    let r = srv
+        .send(srv.call(get, path.clone()).bearer(&reader.token))
+        .await;
+    assert_eq!(r.status, 200, "the reader reads: {}", r.text);
+    let current = r.header("etag").expect("an ETag").to_string();
+    let tags = json!({"location": "local", "tags": {"k": "v"}});
+    for etag in [current.as_str(), "\"stale\"", "*"] {
+        let r = srv
+            .send(
+                srv.call(put, path.clone())
+                    .bearer(&reader.token)
+                    .header("if-match", etag)
+                    .json(&tags),
+            )
+            .await;
+        arm_forbidden(&r, &reader.oid);
+        assert!(
+            s(&r.body["error"]["message"]).contains("resourceGroups/write"),
+            "refused for the write: {}",
+            r.text
+        );
+    }
+    let r = srv
+        .send(
+            srv.call(put, path.clone())
+                .bearer(&adm.token)
+                .header("if-match", "\"stale\"")
+                .json(&tags),
+        )
+        .await;
+    arm_error(&r, 412, "PreconditionFailed");
+    let r = srv
+        .send(
+            srv.call(put, path)
+                .bearer(&adm.token)
+                .header("if-match", &current)
+                .json(&tags),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}

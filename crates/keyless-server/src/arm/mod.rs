@@ -172,6 +172,7 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
     let req = ArmRequest {
         caller: &caller,
         method: &parts.method,
+        authz_method: &parts.method,
         uri_path: parts.uri.path(),
         version: &version,
         query: &query,
@@ -245,6 +246,7 @@ async fn current_etag(
 ) -> Result<Current> {
     let get = ArmRequest {
         method: &Method::GET,
+        authz_method: req.method,
         body: &[],
         fic_claimed: false,
         conditions: etag::Conditions::default(),
@@ -329,6 +331,12 @@ fn fic_write<'p>(m: &Method, path: &'p ArmPath) -> Option<&'p ResourceId> {
 struct ArmRequest<'a> {
     caller: &'a Caller,
     method: &'a Method,
+    /// The method whose action is authorized: the request's own, except for the GET that
+    /// reads a resource's current ETag before a conditional write, which is authorized as that
+    /// write (ARM authorizes the write before the provider sees its conditions: a caller who
+    /// may not write is refused 403 whatever the ETag, one who may write but not read still
+    /// gets its conditional write).
+    authz_method: &'a Method,
     uri_path: &'a str,
     version: &'a str,
     query: &'a [(String, String)],
@@ -433,7 +441,7 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
                 caller,
                 &format!(
                     "Microsoft.Resources/subscriptions/resourceGroups/{}",
-                    verb(m)
+                    verb(req.authz_method)
                 ),
                 &scope,
             )
@@ -546,7 +554,13 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             let p = registry::lookup(&rid.namespace, &rid.type_name)?;
             p.check_version(version)?;
             res::check_subscription(s, &rid.subscription)?;
-            authorize(tx, caller, &p.action(verb(m)), &rid.canonical()).await?;
+            authorize(
+                tx,
+                caller,
+                &p.action(verb(req.authz_method)),
+                &rid.canonical(),
+            )
+            .await?;
             node_group_lockdown(tx, m, &rid.subscription, &rid.resource_group).await?;
             match p.resource.of(m) {
                 Some(handler) => handler(s, tx, &req.call(p, &rid)).await,
@@ -571,7 +585,8 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             let on_child = format!("{}/{}/{name}", parent.canonical(), child.type_name);
             match served.access {
                 Access::Child => {
-                    authorize(tx, caller, &format!("{action}/{}", verb(m)), &on_child).await?
+                    let verb = verb(req.authz_method);
+                    authorize(tx, caller, &format!("{action}/{verb}"), &on_child).await?
                 }
                 // the handler authorizes reads (after its own checks of the request); the
                 // lockdown below answers only callers that may write

@@ -101,6 +101,12 @@ impl Call {
         self.body = serde_urlencoded::to_string(pairs).unwrap().into_bytes();
         self
     }
+    /// One more request header.
+    pub fn header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers
+            .push((HeaderName::from_static(name), value.to_string()));
+        self
+    }
     /// The client certificate the TLS layer saw (`None`: the connection presented none).
     pub fn peer(mut self, fingerprint: Option<&str>) -> Self {
         self.peer = Some(PeerCert(fingerprint.map(str::to_string)));
