@@ -333,17 +333,24 @@ impl Db for PgDb {
     }
 
     async fn begin(&self, write: bool) -> Result<Box<dyn Conn>> {
-        let client = Unsettled(Some(self.pool.get().await?));
+        let client = self.pool.get().await?;
+        if !write {
+            // a read's BEGIN goes out with its first statement: one round trip for both
+            return Ok(Box::new(PgConn {
+                client: Some(client),
+                read: true,
+                begun: false,
+            }));
+        }
+        let client = Unsettled(Some(client));
         client
             .get()
-            .batch_execute(if write {
-                "BEGIN ISOLATION LEVEL READ COMMITTED"
-            } else {
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
-            })
+            .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
             .await?;
         Ok(Box::new(PgConn {
             client: Some(client.settle()),
+            read: false,
+            begun: true,
         }))
     }
 }
@@ -371,8 +378,18 @@ impl Drop for Unsettled {
     }
 }
 
+/// The snapshot a read unit of work sees.
+const READ_BEGIN: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+
 struct PgConn {
     client: Option<deadpool_postgres::Object>,
+    /// A read-only unit of work: its `BEGIN` goes out pipelined with its first statement
+    /// (sent first, so the server runs the statement in the snapshot), and it ends without
+    /// waiting for the server (it has nothing to make durable). A write confirms its `BEGIN`
+    /// before it sends anything else.
+    read: bool,
+    /// Whether `BEGIN` has been sent.
+    begun: bool,
 }
 
 impl PgConn {
@@ -388,21 +405,49 @@ impl Conn for PgConn {
     }
 
     async fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
+        let first = !self.begun;
+        self.begun = true;
         let c = self.c();
-        let st = c.prepare_cached(sql).await?;
         let args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-        let rows = c.query(&st, &args).await?;
+        let run = async {
+            let st = c.prepare_cached(sql).await?;
+            Ok::<_, StoreError>(c.query(&st, &args).await?)
+        };
+        let rows = if first {
+            // `join!` polls BEGIN first: it is queued on the connection before the statement
+            let (begun, rows) = tokio::join!(c.batch_execute(READ_BEGIN), run);
+            begun?;
+            rows?
+        } else {
+            run.await?
+        };
         rows.iter().map(to_row).collect()
     }
 
     async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        let first = !self.begun;
+        self.begun = true;
         let c = self.c();
-        let st = c.prepare_cached(sql).await?;
         let args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-        Ok(c.execute(&st, &args).await?)
+        let run = async {
+            let st = c.prepare_cached(sql).await?;
+            Ok::<_, StoreError>(c.execute(&st, &args).await?)
+        };
+        if first {
+            let (begun, n) = tokio::join!(c.batch_execute(READ_BEGIN), run);
+            begun?;
+            n
+        } else {
+            run.await
+        }
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
+        if self.read {
+            // nothing to make durable: ended like an abort, without waiting for the server
+            self.abort();
+            return Ok(());
+        }
         let client = Unsettled(self.client.take());
         client.get().batch_execute("COMMIT").await?;
         // back to the pool only once the commit answered
@@ -414,6 +459,10 @@ impl Conn for PgConn {
         let Some(client) = self.client.take() else {
             return;
         };
+        if !self.begun {
+            // nothing was sent: back to the pool as it came
+            return;
+        }
         match tokio::runtime::Handle::try_current() {
             // the connection goes back to the pool only once it is out of the transaction
             Ok(rt) => {
