@@ -23,10 +23,18 @@
 //!   a self-signed certificate, a PFX and three sealed rows; done when the pending operation
 //!   says `completed`), vs raw RSA-2048 key generations/s on as many threads as the server has.
 //!
+//! - the identity and secret GET rows again on a real PostgreSQL (`keyless_store::testing`),
+//!   each as a ratio to its SQLite row: one server in this process as the SQLite one, then
+//!   `keyless server` processes on one database — replica A alone, and A and B together with
+//!   half the connections each ("two replicas / one"); see `postgres/mod.rs`.
+//!
 //! Environment: BENCH_SECS (default 5), BENCH_CONNS (default 16), BENCH_VM_USER_IDENTITIES
-//! (user-assigned identities on the bench VM besides its system-assigned one, default 0).
+//! (user-assigned identities on the bench VM besides its system-assigned one, default 0),
+//! BENCH_POSTGRES (0 skips the PostgreSQL rows; they are skipped too when PostgreSQL is not
+//! installed — KEYLESS_PG_BIN names its bin directory).
 
 mod common;
+mod postgres;
 
 use common::*;
 use keyless_core::clock::SystemClock;
@@ -428,30 +436,8 @@ fn main() {
                 .unwrap();
             r.json::<serde_json::Value>().await.unwrap()["access_token"].as_str().unwrap().to_string()
         };
-        let created = Arc::new(AtomicU64::new(0));
-        let stop = Instant::now() + Duration::from_secs(secs);
-        let mut tasks = vec![];
-        for t in 0..conns {
-            let (client, created, token, base) = (client.clone(), created.clone(), arm_token.clone(), server_url.clone());
-            let sub = s.subscription_id.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut i = 0;
-                while Instant::now() < stop {
-                    let url = format!(
-                        "{base}/subscriptions/{sub}/resourceGroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-{t}-{i}?api-version=2023-01-31"
-                    );
-                    let r = client.put(&url).bearer_auth(&token).json(&serde_json::json!({"location": "local"})).send().await.unwrap();
-                    assert_eq!(r.status(), 201);
-                    let _ = r.bytes().await;
-                    i += 1;
-                    created.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let http_ids = created.load(Ordering::Relaxed) as f64 / secs as f64;
+        let http_ids =
+            postgres::create_identities(&client, std::slice::from_ref(&server_url), &s.subscription_id, &arm_token, "id", conns, secs).await;
         let store_ids = {
             let st = s.clone();
             let stop = Instant::now() + Duration::from_secs(secs);
@@ -656,7 +642,7 @@ fn main() {
 
         // ---- secret GETs (authenticated, authorized by access policy, decrypted) vs a bare
         // HTTPS server with the same certificate type, body size and load generator
-        let value: String = (0..100).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let value = postgres::secret_value();
         let r = kv
             .put(format!("{kv_base}/secrets/bench?api-version=7.5"))
             .bearer_auth(&vault_token)
@@ -665,7 +651,7 @@ fn main() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200, "{:?}", r.text().await);
-        let secret_path = "/secrets/bench/?api-version=7.5";
+        let secret_path = postgres::SECRET_PATH;
         let bundle = kv.get(format!("{kv_base}{secret_path}")).bearer_auth(&vault_token).send().await.unwrap();
         assert_eq!(bundle.status(), 200);
         let bundle = bundle.text().await.unwrap();
@@ -742,6 +728,14 @@ fn main() {
         };
         assert_eq!(stored, certs_done.load(Ordering::Relaxed));
 
+        // ---- the same two rows on PostgreSQL: one server in process, then one vs two replica
+        // processes on one database (BENCH_POSTGRES=0 skips them)
+        let pg = if env_u64("BENCH_POSTGRES", 1) == 0 {
+            None
+        } else {
+            postgres::run(conns, secs).await
+        };
+
         println!("keyless bench ({secs} s per run, {conns} connections, {threads} cores; load generator in the same process; {vm_user_ids} user-assigned identities on the VM)");
         println!("  bare hyper server, same {} B body:    {bare_rps:>10.0} req/s", body.len());
         println!("  agent IMDS, cached token:              {agent_rps:>10.0} req/s   ratio to bare {:.2}", agent_rps / bare_rps);
@@ -760,6 +754,24 @@ fn main() {
         println!("  identities created via HTTPS ARM PUT:  {http_ids:>10.0} /s       ratio to direct inserts {:.2}", http_ids / store_ids);
         println!("  bare HTTPS server (rustls), same {} B body: {bare_https_rps:>7.0} req/s", bundle.len());
         println!("  Key Vault secret GETs (authorized, decrypted): {secret_rps:>6.0} req/s   ratio to bare HTTPS {:.2}", secret_rps / bare_https_rps);
+        match &pg {
+            None => println!("  PostgreSQL rows skipped (BENCH_POSTGRES=0, or no PostgreSQL installed: set KEYLESS_PG_BIN)"),
+            Some(pg) => {
+                let half = (conns / 2).max(1);
+                let row = |label: String, rate: f64, unit: &str, ratios: String| {
+                    println!("    {label:<58}{rate:>8.0} {unit:<7}{ratios}");
+                };
+                let one = format!("  one replica process ({conns} connections)");
+                let two = format!("  two replica processes ({half} connections each), combined");
+                println!("  on PostgreSQL (a local server, fsync off; each ratio to its SQLite row above, same run):");
+                row("identities created via HTTPS ARM PUT, one server in process".into(), pg.ids, "/s", format!("PostgreSQL / SQLite: {:.2}x", pg.ids / http_ids));
+                row(one.clone(), pg.one_ids, "/s", format!("PostgreSQL / SQLite: {:.2}x", pg.one_ids / http_ids));
+                row(two.clone(), pg.two_ids, "/s", format!("PostgreSQL / SQLite: {:.2}x   two replicas / one: {:.2}x", pg.two_ids / http_ids, pg.two_ids / pg.one_ids));
+                row("Key Vault secret GETs, one server in process".into(), pg.gets, "req/s", format!("PostgreSQL / SQLite: {:.2}x", pg.gets / secret_rps));
+                row(one, pg.one_gets, "req/s", format!("PostgreSQL / SQLite: {:.2}x", pg.one_gets / secret_rps));
+                row(two, pg.two_gets, "req/s", format!("PostgreSQL / SQLite: {:.2}x   two replicas / one: {:.2}x", pg.two_gets / secret_rps, pg.two_gets / pg.one_gets));
+            }
+        }
         println!("  raw RSA-2048 key generations ({threads} threads): {keygens:>7.1} /s");
         println!("  certificates created (Self, RSA-2048, {cert_clients} clients): {cert_rate:>5.1} /s       ratio to raw keygens {:.2}", cert_rate / keygens);
         println!("  authorization check, 10,000 role assignments stored: {check_us:.1} µs each ({checks_per_s:.0}/s)");

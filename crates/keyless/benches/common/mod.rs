@@ -202,10 +202,8 @@ pub async fn start_server(
         keyless_store::Kek::load_or_create(&dir.path().join("kek")).unwrap(),
     )
     .unwrap();
-    let mut cfg = keyless_server::state::ServerConfig::new(
-        dir.path().to_path_buf(),
-        "127.0.0.1:0".parse().unwrap(),
-    );
+    let mut cfg =
+        keyless_server::Config::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
     cfg.issuer_ca_pem = issuer_ca;
     let srv = keyless_server::start(cfg, store, Arc::new(SystemClock::new()))
         .await
