@@ -6,6 +6,7 @@
 //! before a token is signed; join and rotate one write transaction, committed before the
 //! certificate is answered (a refused join consumes nothing).
 
+use crate::caches::hosts::{CachedHost, Host};
 use crate::error::{HostKind, Result, ServerError};
 use crate::state::AppState;
 use crate::tokens;
@@ -17,9 +18,7 @@ use keyless_core::imds::IssuedToken;
 use keyless_core::resource_id::ResourceId;
 use keyless_core::selection::{CallerIdentities, IdentityRef, Selector};
 use keyless_ops::audit;
-use keyless_store::{
-    Conflict, HostCredentialRecord, InstanceRecord, JoinTokenOutcome, StoreError, Tx, VmRecord,
-};
+use keyless_store::{Conflict, HostCredentialRecord, JoinTokenOutcome, StoreError, Tx, VmRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -67,41 +66,6 @@ pub struct CertificateResponse {
     pub ca: String,
     pub vm_resource_id: String,
     pub not_after: u64,
-}
-
-/// A host: a VM, or an instance of a scale set (whose identities are the scale set's).
-pub struct Host {
-    /// The resource whose identities the host holds (the VM or the scale set).
-    pub owner: VmRecord,
-    pub instance: Option<InstanceRecord>,
-}
-
-impl Host {
-    /// The key host credentials are bound to.
-    pub fn key(&self) -> &str {
-        self.instance
-            .as_ref()
-            .map(|i| i.key.as_str())
-            .unwrap_or(&self.owner.key)
-    }
-    pub fn resource_id(&self) -> &str {
-        self.instance
-            .as_ref()
-            .map(|i| i.resource_id.as_str())
-            .unwrap_or(&self.owner.resource_id)
-    }
-    pub fn name(&self) -> String {
-        match &self.instance {
-            Some(i) => format!("{}_{}", self.owner.name, i.instance_id),
-            None => self.owner.name.clone(),
-        }
-    }
-    pub fn vm_id(&self) -> &str {
-        self.instance
-            .as_ref()
-            .map(|i| i.vm_id.as_str())
-            .unwrap_or(&self.owner.vm_id)
-    }
 }
 
 /// Sign the host's CSR and record the credential in `tx` (the caller commits).
@@ -247,24 +211,57 @@ async fn replayed_host(tx: &mut Tx, vm_key: &str, host_key: &str) -> Result<Host
     Ok(Host { owner, instance })
 }
 
-/// The host whose credential the connection presented.
-async fn host_vm(s: &AppState, tx: &mut Tx, peer: &PeerCert) -> Result<Host> {
-    let fp = peer.0.as_deref().ok_or_else(|| {
+/// The host whose credential the connection presented, with its identities: from the cache
+/// (`caches::hosts`), or read in a unit of work of its own and offered to the cache.
+async fn cached_host(s: &AppState, peer: &PeerCert) -> Result<Arc<CachedHost>> {
+    let fp = fingerprint(peer)?;
+    if let Some(h) = s.hosts.get(fp) {
+        return if h.not_after > s.now() {
+            Ok(h)
+        } else {
+            Err(invalid_credential())
+        };
+    }
+    let ticket = s.hosts.ticket();
+    let mut tx = s.store.read("host_token").await?;
+    let (host, not_after) = host_vm(s, &mut tx, peer).await?;
+    let identities = host_identities(&mut tx, &host.owner).await?;
+    drop(tx);
+    let entry = Arc::new(CachedHost {
+        fingerprint: fp.to_string(),
+        host,
+        not_after,
+        identities,
+    });
+    s.hosts.insert(ticket, entry.clone());
+    Ok(entry)
+}
+
+fn fingerprint(peer: &PeerCert) -> Result<&str> {
+    peer.0.as_deref().ok_or_else(|| {
         ServerError::host(
             HostKind::CredentialRequired,
             "A host client certificate is required.",
         )
-    })?;
+    })
+}
+
+fn invalid_credential() -> ServerError {
+    ServerError::host(
+        HostKind::InvalidCredential,
+        "The host credential is unknown, revoked or expired.",
+    )
+}
+
+/// The host whose credential the connection presented, and until when that credential is
+/// valid.
+async fn host_vm(s: &AppState, tx: &mut Tx, peer: &PeerCert) -> Result<(Host, u64)> {
+    let fp = fingerprint(peer)?;
     let cred = tx
         .get_host_credential(fp)
         .await?
         .filter(|c| c.not_after > s.now())
-        .ok_or_else(|| {
-            ServerError::host(
-                HostKind::InvalidCredential,
-                "The host credential is unknown, revoked or expired.",
-            )
-        })?;
+        .ok_or_else(invalid_credential)?;
     let gone = || {
         ServerError::host(
             HostKind::InvalidCredential,
@@ -272,17 +269,19 @@ async fn host_vm(s: &AppState, tx: &mut Tx, peer: &PeerCert) -> Result<Host> {
         )
     };
     if let Some(vm) = tx.get_vm(&cred.vm_key).await? {
-        return Ok(Host {
+        let host = Host {
             owner: vm,
             instance: None,
-        });
+        };
+        return Ok((host, cred.not_after));
     }
     let instance = tx.get_instance(&cred.vm_key).await?.ok_or_else(gone)?;
     let owner = tx.get_vm(&instance.vmss_key).await?.ok_or_else(gone)?;
-    Ok(Host {
+    let host = Host {
         owner,
         instance: Some(instance),
-    })
+    };
+    Ok((host, cred.not_after))
 }
 
 /// The identities a host may use: those assigned to its VM, nothing else.
@@ -312,7 +311,7 @@ async fn identities(
     Extension(peer): Extension<PeerCert>,
 ) -> Result<Json<Value>> {
     let mut tx = s.store.read("host_identities").await?;
-    let host = host_vm(&s, &mut tx, &peer).await?;
+    let (host, _) = host_vm(&s, &mut tx, &peer).await?;
     let ids = host_identities(&mut tx, &host.owner).await?;
     let extensions = crate::arm::batch::host_extensions(&mut tx, &host.owner).await?;
     // a node of a managed cluster's pool: what NMI needs besides the identities
@@ -389,8 +388,8 @@ async fn host_token(
     body: &[u8],
     ev: &mut audit::TokenEvent,
 ) -> Result<IssuedToken> {
-    let mut tx = s.store.read("host_token").await?;
-    let host = host_vm(s, &mut tx, peer).await?;
+    let entry = cached_host(s, peer).await?;
+    let host = &entry.host;
     ev.caller.host = Some(host.resource_id().to_string());
     let req: HostTokenRequest = parse(body)?;
     let resource = req.resource.trim();
@@ -405,10 +404,8 @@ async fn host_token(
         };
         ServerError::host(kind, e.describe())
     })?;
-    let ids = host_identities(&mut tx, &host.owner).await?;
-    // the read ends before the token is signed
-    drop(tx);
-    let chosen = ids
+    let chosen = entry
+        .identities
         .select(&req.selector)
         .map_err(|e| ServerError::host(HostKind::InvalidRequest, e.to_string()))?;
     let mirid = ResourceId::parse(&chosen.resource_id)
@@ -456,7 +453,7 @@ async fn rotate(
     body: axum::body::Bytes,
 ) -> Result<Json<CertificateResponse>> {
     let mut tx = s.store.write("host_rotate").await?;
-    let host = host_vm(&s, &mut tx, &peer).await?;
+    let (host, _) = host_vm(&s, &mut tx, &peer).await?;
     let req: RotateRequest = parse(&body)?;
     let resp = issue_cert(&s, &mut tx, &host, &req.csr).await?;
     tx.commit().await?;

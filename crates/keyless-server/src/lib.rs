@@ -191,6 +191,7 @@ pub async fn start(
     let http = issuer_client(cfg.issuer_ca_pem.as_deref())?;
     let vault_clock = clock::VaultClock::new(clock.clone(), cfg.dev_clock);
     let vaults = caches::vaults::VaultCache::new(cfg.vault_cache_poll);
+    let hosts = caches::hosts::HostCache::new(cfg.vault_cache_poll);
     let state = Arc::new(AppState {
         store,
         clock,
@@ -208,10 +209,13 @@ pub async fn start(
         verified: Default::default(),
         replica_id,
         vaults,
+        hosts,
     });
-    // the vault cache: evicted by this server's vault writes at commit, and by the change
+    // the vault and host caches: evicted by this server's writes at commit, and by the change
     // feed (polled every `vault_cache_poll`) for the writes of other servers
-    caches::vaults::follow(&state, &state.store, |s: &AppState| &s.vaults);
+    caches::feed::follow(&state, &state.store, |s: &AppState| {
+        vec![&s.vaults as &dyn caches::feed::Follower, &s.hosts]
+    });
     let lease_ttl = keys::lease_ttl(state.cfg.key_check_interval);
     state
         .keys

@@ -111,6 +111,9 @@ pub struct AppState {
     /// Vaults with their parsed settings for the Key Vault data plane, kept in step with the
     /// other servers by the store's change feed (`caches::vaults::follow`).
     pub vaults: crate::caches::vaults::VaultCache,
+    /// Hosts by credential fingerprint, with their identities, for token requests; kept in step
+    /// like `vaults` (`caches::hosts`).
+    pub hosts: crate::caches::hosts::HostCache,
 }
 
 impl AppState {

@@ -1407,6 +1407,41 @@ async fn host_api_routes() {
         .await;
     assert_eq!(v["vm"]["name"], "vm1");
 
+    // the host cache answers a token request, and forgets the host when what it read changes:
+    // an identity taken off the VM is refused at once, a deleted VM's credential too
+    let route = "HOST POST /keyless/host/v1/token";
+    let token = |selector: &Value| {
+        srv.call(route, "/keyless/host/v1/token")
+            .peer(Some(&fp2))
+            .json(selector)
+    };
+    srv.expect(token(&user), 200).await;
+    srv.expect(token(&user), 200).await;
+    srv.expect(
+        srv.call(
+            rg!("PUT", "Microsoft.Compute/virtualMachines/{vm}"),
+            format!("{vm_path}?{COMPUTE}"),
+        )
+        .bearer(&adm.token)
+        .json(&json!({"location": "local", "identity": {"type": "SystemAssigned"}})),
+        200,
+    )
+    .await;
+    let r = srv.send(token(&user)).await;
+    host_error(&r, 400, "invalid_request");
+    srv.expect(token(&system), 200).await;
+    srv.expect(
+        srv.call(
+            rg!("DELETE", "Microsoft.Compute/virtualMachines/{vm}"),
+            format!("{vm_path}?{COMPUTE}"),
+        )
+        .bearer(&adm.token),
+        200,
+    )
+    .await;
+    let r = srv.send(token(&system)).await;
+    host_error(&r, 401, "invalid_host_credential");
+
     srv.finish(HOST, PUBLIC, NEVER_ACCEPTED);
 }
 

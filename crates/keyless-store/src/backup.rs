@@ -382,7 +382,8 @@ impl Batch {
             sql.push(')');
         }
         let params: Vec<Param<'_>> = self.rows.iter().flatten().map(param).collect();
-        tx.execute(&sql, &params).await?;
+        // the rows as they were, the change feed's included: nothing is noted in the feed
+        tx.conn().execute(&sql, &params).await?;
         self.rows.clear();
         Ok(())
     }

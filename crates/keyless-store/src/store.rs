@@ -113,7 +113,7 @@ pub struct Tx {
 }
 
 impl Tx {
-    fn conn(&mut self) -> &mut Box<dyn Conn> {
+    pub(crate) fn conn(&mut self) -> &mut Box<dyn Conn> {
         self.conn.as_mut().expect("transaction already ended")
     }
 
@@ -129,7 +129,12 @@ impl Tx {
     }
 
     pub(crate) async fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
-        self.conn().query(sql, params).await
+        let rows = self.conn().query(sql, params).await?;
+        // a write statement answering rows (`… RETURNING`)
+        if self.write && !rows.is_empty() {
+            self.note_write(sql).await?;
+        }
+        Ok(rows)
     }
 
     /// The first row, if any.
@@ -138,7 +143,7 @@ impl Tx {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<Option<Row>> {
-        Ok(self.conn().query(sql, params).await?.into_iter().next())
+        Ok(self.query(sql, params).await?.into_iter().next())
     }
 
     /// Exactly one row.
@@ -149,7 +154,11 @@ impl Tx {
     }
 
     pub(crate) async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
-        self.conn().execute(sql, params).await
+        let n = self.conn().execute(sql, params).await?;
+        if n > 0 {
+            self.note_write(sql).await?;
+        }
+        Ok(n)
     }
 
     /// Lock one row until the transaction ends, so a read-modify-write under that row (the

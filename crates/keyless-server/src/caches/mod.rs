@@ -2,6 +2,8 @@
 //! modules import nothing of the server's contexts: the state ([`crate::state::AppState`])
 //! holds them and the contexts fill and read them.
 
+pub mod feed;
+pub mod hosts;
 pub mod jwks;
 pub mod vaults;
 pub mod verified;

@@ -11,8 +11,8 @@ pub struct VerifiedTokens {
     map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Verified>>,
 }
 
-/// The signing key id and the claims of a verified token.
-pub(crate) type Verified = (String, Arc<serde_json::Value>);
+/// The signing key id and the claims of a verified token (both shared: a hit copies nothing).
+pub(crate) type Verified = (Arc<str>, Arc<serde_json::Value>);
 
 /// Entries kept before the cache starts over.
 const VERIFIED_MAX: usize = 8192;
@@ -26,7 +26,7 @@ impl VerifiedTokens {
             if m.len() >= VERIFIED_MAX {
                 m.clear();
             }
-            m.insert(digest, (kid, claims));
+            m.insert(digest, (kid.into(), claims));
         }
     }
 }

@@ -30,6 +30,39 @@ pub mod kind {
     /// A vault was created, updated (properties, access policies, tags) or deleted; the key is
     /// its name, lowercase.
     pub const VAULT: &str = "vault";
+    /// Something a host's token answer depends on changed — a row of one of
+    /// [`super::HOST_TABLES`] was written — key `*`: a server forgets every host it cached.
+    /// Recorded by [`crate::Tx`] itself for every write statement on those tables, so no
+    /// repository method (present or future) can forget it.
+    pub const HOSTS: &str = "hosts";
+}
+
+/// The tables a host's token answer is read from (its credential, its VM or scale set
+/// instance, the identities it holds) and the group deletes that cascade to them.
+pub const HOST_TABLES: &[&str] = &[
+    "host_credentials",
+    "vms",
+    "vmss_instances",
+    "vm_identities",
+    "identities",
+    "resource_groups",
+    "clusters",
+];
+
+/// The table a write statement (`INSERT INTO t`, `UPDATE t`, `DELETE FROM t`) names, if it is
+/// one.
+pub(crate) fn written_table(sql: &str) -> Option<&str> {
+    let mut words = sql.split_ascii_whitespace();
+    let first = words.next()?;
+    let table = if first.eq_ignore_ascii_case("insert") || first.eq_ignore_ascii_case("delete") {
+        words.next()?; // INTO / FROM
+        words.next()?
+    } else if first.eq_ignore_ascii_case("update") {
+        words.next()?
+    } else {
+        return None;
+    };
+    Some(table.split('(').next().unwrap_or(table))
 }
 
 /// One row of the feed.
@@ -106,8 +139,20 @@ impl Tx {
                  VALUES ($1, $2, $3, CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT))"
             }
         };
-        self.execute(sql, &params![ts, kind, key]).await?;
+        self.conn().execute(sql, &params![ts, kind, key]).await?;
         self.changed.push((kind, key.to_string()));
+        Ok(())
+    }
+
+    /// After a write statement: a write to a host table records [`kind::HOSTS`] once per unit
+    /// of work.
+    pub(crate) async fn note_write(&mut self, sql: &str) -> Result<()> {
+        let Some(table) = written_table(sql) else {
+            return Ok(());
+        };
+        if HOST_TABLES.contains(&table) && !self.changed.iter().any(|(k, _)| *k == kind::HOSTS) {
+            self.record_change(kind::HOSTS, "*").await?;
+        }
         Ok(())
     }
 }
@@ -256,5 +301,28 @@ impl Store {
         }
         tx.commit().await?;
         Ok(gone.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_table_of_a_write_statement() {
+        use super::written_table as t;
+        assert_eq!(t("INSERT INTO vms(key, body) VALUES ($1, $2)"), Some("vms"));
+        assert_eq!(
+            t("\n  insert into vm_identities (a) values (1)"),
+            Some("vm_identities")
+        );
+        assert_eq!(
+            t("UPDATE identities SET body = $2 WHERE key = $1"),
+            Some("identities")
+        );
+        assert_eq!(
+            t("DELETE FROM host_credentials WHERE vm_key = $1"),
+            Some("host_credentials")
+        );
+        assert_eq!(t("SELECT 1 FROM vms"), None);
+        assert_eq!(t(""), None);
     }
 }

@@ -13,11 +13,15 @@ pub const CASES: &[(&str, crate::CaseFn)] = &[
     case!(a_change_committed_out_of_seq_order_is_not_missed),
     case!(purge_keeps_readers_in_step_or_resets_them),
     case!(live_version_reads_live_names_only),
+    case!(host_table_writes_are_in_the_feed),
 ];
 
+/// The vault changes of a batch (the cases here are about them; host-table writes — a group
+/// create or delete — add `hosts` changes, see [`host_table_writes_are_in_the_feed`]).
 fn kinds(b: &ChangeBatch) -> Vec<(String, String)> {
     b.changes
         .iter()
+        .filter(|c| c.kind == change_kind::VAULT)
         .map(|c| (c.kind.clone(), c.key.clone()))
         .collect()
 }
@@ -315,4 +319,54 @@ async fn live_version_reads_live_names_only(s: Store) {
     );
     assert!(in_write!(s, |tx| tx.kv_recover("kv1", &["secrets"], "db-pass").await).unwrap());
     assert_eq!(live(None).await.map(|v| v.0), Some("b2".into()));
+}
+
+/// Every unit of work that writes a row a host's token answer is read from (credentials, VMs,
+/// instances, identities and their assignment to hosts, the groups and clusters whose deletes
+/// cascade to them) leaves one `hosts` change — whichever repository method wrote it; one that
+/// writes none of them, or writes nothing, leaves none.
+async fn host_table_writes_are_in_the_feed(s: Store) {
+    let hosts = |b: &ChangeBatch| {
+        b.changes
+            .iter()
+            .filter(|c| c.kind == change_kind::HOSTS)
+            .map(|c| c.key.clone())
+            .collect::<Vec<_>>()
+    };
+    let mut cur = ChangeCursor::default();
+    s.changes_since(&mut cur).await.unwrap();
+    group(&s, "hosts-rg").await;
+    let u = super::identities::ident("u", "hosts-rg");
+    let v = super::hosts::vm("h");
+    in_write!(s, |tx| tx.put_identity(&u).await).unwrap();
+    in_write!(s, |tx| tx
+        .put_vm(&v, None, std::slice::from_ref(&u.key))
+        .await)
+    .unwrap();
+    let b = s.changes_since(&mut cur).await.unwrap();
+    assert_eq!(hosts(&b), vec!["*", "*", "*"], "{b:?}");
+    // a unit of work writing several host rows: one change
+    let mut tx = s.write("test").await.unwrap();
+    tx.put_vm(&v, None, &[]).await.unwrap();
+    tx.put_vm(&v, None, std::slice::from_ref(&u.key))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(hosts(&s.changes_since(&mut cur).await.unwrap()), vec!["*"]);
+    // a write of nothing, a vault write, a read: none
+    assert!(!in_write!(s, |tx| tx.delete_vm("no-such-vm").await).unwrap());
+    in_write!(s, |tx| tx.put_vault(&vault("not-a-host", "hosts-rg")).await).unwrap();
+    in_read!(s, |tx| tx.get_vm(&v.key).await).unwrap();
+    assert!(hosts(&s.changes_since(&mut cur).await.unwrap()).is_empty());
+    // a delete (which cascades) and the hooks of this process
+    let seen = Arc::new(Mutex::new(vec![]));
+    let sink = seen.clone();
+    s.on_commit(move |kind, key| {
+        if kind == change_kind::HOSTS {
+            sink.lock().unwrap().push(key.to_string());
+        }
+    });
+    assert!(in_write!(s, |tx| tx.delete_identity(&u.key).await).unwrap());
+    assert_eq!(hosts(&s.changes_since(&mut cur).await.unwrap()), vec!["*"]);
+    assert_eq!(*seen.lock().unwrap(), vec!["*"]);
 }
