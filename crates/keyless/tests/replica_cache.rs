@@ -4,6 +4,8 @@
 //! interval, 500 ms by default, plus one read of the feed; never more than twice the
 //! interval), and by A's own data plane at once (its cache is evicted when the write commits).
 //! Each change is made while both servers have just served the vault (so it is cached there).
+//! The same for the host cache of the host API: an identity deleted through A stops being
+//! issued by B within the bound.
 
 mod common;
 
@@ -243,4 +245,70 @@ async fn a_vault_change_through_one_server_reaches_the_other_within_the_bound() 
             "a change took {d:?} to reach the other server: {delays:?}"
         );
     }
+
+    // the host cache: a host joined and served through B (cached there), its identity
+    // deleted through A: B refuses that identity within the bound
+    let ident = a.cli(&["identity", "create", "-g", "cache", "-n", "host-id"]);
+    let cid = ident["properties"]["clientId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.cli(&[
+        "vm",
+        "create",
+        "-g",
+        "cache",
+        "-n",
+        "cached-host",
+        "--assign-identity",
+        "host-id",
+    ]);
+    let join = a.cli(&["vm", "join-token", "-g", "cache", "-n", "cached-host"]);
+    let (csr, key) = keyless_pki::generate_csr("keyless-node").unwrap();
+    let b_url = format!("https://localhost:{port_b}");
+    let r = https(&a.ca)
+        .post(format!("{b_url}/keyless/host/v1/join"))
+        .json(&serde_json::json!({"joinToken": join["joinToken"], "csr": csr}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cert: serde_json::Value = r.json().await.unwrap();
+    let pem = format!(
+        "{}{}",
+        cert["certificate"].as_str().unwrap(),
+        keyless_pki::pem("PRIVATE KEY", &key)
+    );
+    let host = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca_pem).unwrap()])
+        .identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let host_token = || async {
+        host.post(format!("{b_url}/keyless/host/v1/token"))
+            .json(&serde_json::json!({"resource": "https://vault.azure.net",
+                "selector": {"kind": "client_id", "value": cid}}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(host_token().await, 200);
+    assert_eq!(host_token().await, 200, "served from B's host cache");
+    let t = Instant::now();
+    a.cli(&["identity", "delete", "-g", "cache", "-n", "host-id"]);
+    loop {
+        if host_token().await == 400 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "B kept issuing a deleted identity's tokens"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let d = t.elapsed();
+    eprintln!("an identity deleted through A was refused by B's host API after {d:?}");
+    assert!(d <= SEEN_WITHIN, "{d:?}");
 }
