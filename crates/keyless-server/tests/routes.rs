@@ -2517,11 +2517,16 @@ async fn arm_authorization_routes() {
     );
     assert_eq!(reader_role["properties"]["type"], "BuiltInRole");
     let reader_def = s(&reader_role["id"]);
-    arm_refused(&srv, &stranger, route, &list, None).await;
-    // at the root scope (the router's `/providers/…` route): authenticated, then authorized
-    // at `/`, where nobody here holds a role
+    // role definitions are no secret: any signed-in caller lists them, at any scope (the root
+    // one too, the router's `/providers/…` route); only a caller without a token is refused
     let root = format!("/providers/Microsoft.Authorization/roleDefinitions?{AUTHZ}");
-    arm_refused(&srv, &stranger, route, &root, None).await;
+    for path in [&list, &root] {
+        let v = srv
+            .expect(srv.call(route, path.clone()).bearer(&stranger.token), 200)
+            .await;
+        assert!(v["value"].as_array().is_some_and(|a| a.len() >= 3), "{v}");
+        arm_unauthenticated(&srv, &srv.send(srv.call(route, path.clone())).await);
+    }
 
     let route = "ARM GET {scope}/providers/Microsoft.Authorization/roleDefinitions/{id}";
     let one = format!("{reader_def}?{AUTHZ}");
@@ -2530,7 +2535,9 @@ async fn arm_authorization_routes() {
         .await;
     assert_eq!(v["properties"]["roleName"], "Reader");
     assert_eq!(v["id"], reader_def.as_str());
-    arm_refused(&srv, &stranger, route, &one, None).await;
+    srv.expect(srv.call(route, one.clone()).bearer(&stranger.token), 200)
+        .await;
+    arm_unauthenticated(&srv, &srv.send(srv.call(route, one.clone())).await);
 
     // assign Reader on the group to `reader`, which can then read it
     let name = uuid::Uuid::new_v4().to_string();

@@ -165,14 +165,9 @@ pub async fn handle(
         .map(|(_, v)| v.as_str())
         .unwrap_or("");
     match (kind, m.clone(), name) {
+        // role definitions are no secret: any signed-in caller reads them, at any scope
+        // (Azure lists no prerequisite for `az role definition list`)
         (AuthorizationKind::RoleDefinitions, Method::GET, None) => {
-            authz::check(
-                tx,
-                &caller.object_id,
-                "Microsoft.Authorization/roleDefinitions/read",
-                &scope_s,
-            )
-            .await?;
             let f = RoleDefinitionFilter::parse(filter)
                 .map_err(|e| unsupported_definition_filter(&e.filter))?;
             check_scope(s, tx, scope).await?;
@@ -190,13 +185,7 @@ pub async fn handle(
             Ok(Json(json!({ "value": roles })).into_response())
         }
         (AuthorizationKind::RoleDefinitions, Method::GET, Some(id)) => {
-            authz::check(
-                tx,
-                &caller.object_id,
-                "Microsoft.Authorization/roleDefinitions/read",
-                &scope_s,
-            )
-            .await?;
+            check_scope(s, tx, scope).await?;
             let role = rbac::role_by_id(&id).ok_or(ServerError::RoleDefinitionDoesNotExist(id))?;
             Ok(Json(definition_json(s, role)).into_response())
         }
