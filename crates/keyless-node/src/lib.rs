@@ -117,9 +117,13 @@ pub struct HostView {
 
 #[derive(Debug, Clone)]
 struct Cached {
-    token: IssuedToken,
+    /// Shared with the requests it answers (nothing of the token is copied per request).
+    token: Arc<IssuedToken>,
     iat: u64,
 }
+
+/// Cached tokens by client id (lowercase), then resource: looked up without making a key.
+type TokenCache = HashMap<String, HashMap<String, Cached>>;
 
 /// Who is asking.
 ///
@@ -230,13 +234,15 @@ pub struct Agent {
     /// (seen by NMI's watches within milliseconds), the identity leaving the host (next sync)
     /// — refuses that caller's very next request. That is how "a change drops that pod's cached
     /// tokens at once" holds without evicting entries other callers still use.
-    cache: Mutex<HashMap<(String, String), Cached>>,
+    cache: Mutex<TokenCache>,
     /// The VM extensions this host runs (the Key Vault certificate sync).
     pub extensions: extensions::ExtensionRunner,
     /// The legacy VM-extension endpoint, while the extension is attached.
     pub extension_endpoint: local::ExtensionEndpoint,
     /// Token requests per caller ([`serve`]), shared by every surface of the node.
     pub fair_share: Arc<keyless_ops::limits::CallerLimiter>,
+    /// Token response bodies made lately ([`imds::BodyMemo`]).
+    bodies: imds::BodyMemo,
 }
 
 /// The identity a request names, for its audit record.
@@ -434,7 +440,7 @@ impl Agent {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|(cid, _), _| s.all.by_client_id(cid).is_some());
+            .retain(|cid, _| s.all.by_client_id(cid).is_some());
         if let Some(n) = self.nmi_state() {
             n.index
                 .set_trust(pod_identity::Trust::of(s.view.cluster.as_ref()));
@@ -453,7 +459,7 @@ impl Agent {
         resource: &str,
         bypass_cache: bool,
         ev: &mut audit::TokenEvent,
-    ) -> std::result::Result<IssuedToken, TokenFailure> {
+    ) -> std::result::Result<Arc<IssuedToken>, TokenFailure> {
         ev.audience = Some(resource.to_string());
         ev.identity = requested_identity(selector);
         let r = self
@@ -476,23 +482,36 @@ impl Agent {
         resource: &str,
         bypass_cache: bool,
         ev: &mut audit::TokenEvent,
-    ) -> std::result::Result<IssuedToken, TokenFailure> {
+    ) -> std::result::Result<Arc<IssuedToken>, TokenFailure> {
         if self.synced().is_none() {
             let _ = self.sync().await;
         }
         // the decision first, on every request: the cache only ever answers for an identity
-        // the caller may use at this moment
-        let chosen = self.decide(caller, selector).map_err(|e| match e {
+        // the caller may use at this moment ([`Agent::decide`], borrowing the chosen identity
+        // from the caller's set instead of copying it)
+        let allowed = self.allowed(&caller);
+        let chosen = match &allowed {
+            None => Err(SelectionError::NotFound),
+            Some(Allowed::Set(ids)) => ids.select(selector),
+            Some(Allowed::Pod(host, bound)) => pod_identity::select(host, bound, selector),
+        }
+        .map_err(|e| match e {
             SelectionError::Ambiguous => TokenFailure::Ambiguous,
             SelectionError::NotFound => TokenFailure::IdentityNotFound,
         })?;
-        let key = (chosen.client_id.to_ascii_lowercase(), resource.to_string());
+        let cid: std::borrow::Cow<'_, str> =
+            if chosen.client_id.bytes().any(|b| b.is_ascii_uppercase()) {
+                chosen.client_id.to_ascii_lowercase().into()
+            } else {
+                chosen.client_id.as_str().into()
+            };
         let now = self.clock.now();
         let cached = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
+            .get(cid.as_ref())
+            .and_then(|m| m.get(resource))
             .cloned();
         if let Some(c) = &cached {
             if !bypass_cache && !refresh::refresh_due(c.iat, c.token.expires_on, now) {
@@ -503,7 +522,7 @@ impl Agent {
         }
         ev.cached = Some(false);
         metrics::counter!(keyless_ops::metrics::AGENT_CACHE_MISSES).increment(1);
-        let fetched = self.fetch(&chosen, resource).await;
+        let fetched = self.fetch(chosen, resource).await;
         if cached.is_some() && !bypass_cache {
             // a cached token due for refresh
             metrics::counter!(
@@ -514,20 +533,31 @@ impl Agent {
         }
         match fetched {
             Ok(token) => {
-                self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                    key,
-                    Cached {
-                        token: token.clone(),
-                        iat: now,
-                    },
-                );
-                Ok(token)
-            }
-            Err(TokenFailure::Refused) => {
+                let token = Arc::new(token);
                 self.cache
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
+                    .entry(cid.into_owned())
+                    .or_default()
+                    .insert(
+                        resource.to_string(),
+                        Cached {
+                            token: token.clone(),
+                            iat: now,
+                        },
+                    );
+                Ok(token)
+            }
+            Err(TokenFailure::Refused) => {
+                {
+                    let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(m) = cache.get_mut(cid.as_ref()) {
+                        m.remove(resource);
+                        if m.is_empty() {
+                            cache.remove(cid.as_ref());
+                        }
+                    }
+                }
                 let _ = self.sync().await;
                 Err(TokenFailure::Refused)
             }
@@ -637,6 +667,7 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         cache: Mutex::new(HashMap::new()),
         extensions,
         extension_endpoint: Default::default(),
+        bodies: Default::default(),
     });
     agent.sync().await?;
     if let Some(n) = &agent.cfg.nmi {

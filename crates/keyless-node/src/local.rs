@@ -16,7 +16,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::{Json, Router};
-use keyless_core::imds::{self, ImdsError, TokenRequest};
+use keyless_core::imds::{ImdsError, TokenRequest};
 use keyless_core::local_endpoints as le;
 use keyless_ops::audit::{Surface, TokenEvent, TokenKind};
 use keyless_ops::limits::Peer;
@@ -172,9 +172,11 @@ async fn extension_answer(
         )
         .await
     {
-        Ok(t) => {
-            Ok(Json(imds::token_response(&t, &req.selector, agent.clock.now())).into_response())
-        }
+        Ok(t) => Ok(crate::imds::json_body(agent.bodies.get(
+            &t,
+            &req.selector,
+            agent.clock.now(),
+        ))),
         Err(f) => Err(failure(f, false)),
     }
 }
@@ -510,7 +512,11 @@ async fn arc_answer(
         .token(CallerKind::Host, &req.selector, &req.resource, false, ev)
         .await
     {
-        Ok(t) => Ok(Json(imds::token_response(&t, &req.selector, now)).into_response()),
+        Ok(t) => Ok(crate::imds::json_body(st.agent.bodies.get(
+            &t,
+            &req.selector,
+            now,
+        ))),
         Err(f) => Err(ArcAnswer::Error(failure(f, false))),
     }
 }

@@ -220,7 +220,7 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
         let st = st.clone();
         move |peer: SocketAddr, req: Request<Body>| {
             let st = st.clone();
-            let route = Some(route_template(req.uri().path()));
+            let route = Some(route_template(req.uri().path()).into());
             keyless_ops::request::observe(
                 keyless_ops::request::NMI,
                 Some(peer.ip()),
@@ -529,7 +529,7 @@ async fn pod_identity_token(
         Ok(t) => {
             let body =
                 keyless_core::imds::token_response(&t, &req.selector, st.agent.clock.now());
-            Ok((body, t.client_id))
+            Ok((body, t.client_id.clone()))
         }
         Err(TokenFailure::IdentityNotFound | TokenFailure::Ambiguous) => {
             Err(not_found(&req.selector))

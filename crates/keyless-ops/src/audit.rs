@@ -30,19 +30,18 @@
 //! symbolic link is refused, never followed or chmodded), takes an exclusive `flock` (a second
 //! writer — another process, or a second open — fails to start, naming the file and, from
 //! `/proc/locks`, the holder), reads its last line to continue `seq` and `prev`, and starts one
-//! writer thread. Emitting a record puts it on a bounded channel ([`CHANNEL_CAPACITY`]) and
-//! waits for the writer's acknowledgement: the writer takes every record waiting, numbers and
-//! chains them, appends the batch with one `write(2)` and then acknowledges each record of it
-//! (group commit) — so a request is answered only after its record is in the file (the page
-//! cache), and killing the process (`kill -9`) loses no answered request's record; at most
-//! records of requests not yet answered. The writer `fdatasync`s at most every
-//! [`SYNC_INTERVAL`] while records keep coming, when they stop, and on [`Audit::flush`] (which
-//! orderly shutdown calls after the listeners stop) — so a power loss costs at most about that
-//! much. When the channel is full the emitting request waits for room, and for the write, up
-//! to [`FULL_WAIT`] in all (back-pressure: an identity service prefers a slower answer to a
-//! missing record); past that a record not yet queued is dropped, counted in
-//! `keyless_audit_dropped_total` and logged at error level (one queued is still written).
-//! Write errors are logged and counted the same way.
+//! sync thread. Emitting a record serializes it on the emitting task, then takes the chain
+//! (an async FIFO lock: waiting for it never blocks a thread), numbers and chains the record,
+//! appends its line with one `write(2)` and lets the chain go — so a request is answered only
+//! after its record is in the file (the page cache), in the order the records were numbered,
+//! and killing the process (`kill -9`) loses no answered request's record. Nothing crosses a
+//! thread per record: the append is a page-cache copy of a few hundred bytes made under the
+//! lock, which is all the hot path pays. The sync thread `fdatasync`s at most every
+//! [`SYNC_INTERVAL`] while records keep coming and once after they stop, and [`Audit::flush`]
+//! (which orderly shutdown calls after the listeners stop) writes nothing new but syncs — so a
+//! power loss costs at most about that much; `fdatasync` never runs on a request's task. A
+//! write error is logged and counted in `keyless_audit_dropped_total` (the chain continues
+//! from the last line written).
 //!
 //! Emitting also counts the event in the metrics (tokens issued / refused, Key Vault
 //! operations, control-plane writes), also with [`Audit::disabled`] (tests, `--no-audit`).
@@ -51,14 +50,10 @@ use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
 
-/// Records waiting for the writer at most.
-pub const CHANNEL_CAPACITY: usize = 8192;
-/// How long an emitting request waits for room in a full channel before the record is dropped.
-pub const FULL_WAIT: Duration = Duration::from_secs(2);
 /// `fdatasync` at most this often while records keep coming (and when they stop).
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// The file name of the audit trail in a data or state directory (`--audit-file` default).
@@ -71,7 +66,7 @@ pub mod names {
     pub use crate::metrics::{
         CONTROL_PLANE_WRITES, KEYVAULT_OPERATIONS, TOKENS_ISSUED, TOKEN_REFUSALS,
     };
-    /// Audit records lost (writer behind past the wait, or a write error).
+    /// Audit records lost (a write error).
     pub const AUDIT_DROPPED: &str = "keyless_audit_dropped_total";
 }
 
@@ -100,6 +95,10 @@ pub fn cap(s: &str, max: usize) -> String {
 }
 
 fn cap_in_place(s: &mut String, max: usize) {
+    // no more bytes than `max`: no more characters either (the common case, not walked)
+    if s.len() <= max {
+        return;
+    }
     if let Some((i, _)) = s.char_indices().nth(max) {
         s.truncate(i);
         s.push_str(CUT_MARKER);
@@ -414,6 +413,8 @@ pub struct Record {
     pub hash: String,
 }
 
+/// A line as one serialized struct: what [`render_into`] writes, field by field (tests compare).
+#[cfg(test)]
 #[derive(Serialize)]
 struct LineOut<'a> {
     seq: u64,
@@ -432,26 +433,59 @@ const HASH_FIELD: &str = ",\"hash\":\"";
 const HASH_SUFFIX_LEN: usize = HASH_FIELD.len() + 64 + 2;
 
 /// The line (without newline) of `event` as record `seq` after a line hashing to `prev`.
+#[cfg(test)]
 fn render(seq: u64, time: &str, prev: &str, event: &Event) -> String {
-    let mut line = serde_json::to_string(&LineOut {
-        seq,
-        time,
-        prev,
-        event,
-    })
-    .unwrap_or_else(|_| format!("{{\"seq\":{seq},\"time\":\"{time}\",\"prev\":\"{prev}\"}}"));
-    line.pop(); // the closing brace
+    let mut line = String::new();
+    render_into(&mut line, seq, time, prev, &event_json(event));
+    line
+}
+
+/// `event` as JSON (`{"type":…,…}`), made on the emitting task before the chain is taken.
+fn event_json(event: &Event) -> String {
+    serde_json::to_string(event).unwrap_or_else(|_| "{}".into())
+}
+
+/// Write into `line` (cleared first) the line, without newline, of the event whose JSON is
+/// `event` as record `seq` after a line hashing to `prev`: the same bytes as serializing
+/// `{seq, time, prev, ..event}` (the event's fields flattened after `prev`), then `hash`.
+fn render_into(line: &mut String, seq: u64, time: &str, prev: &str, event: &str) {
+    use std::fmt::Write as _;
+    line.clear();
+    let _ = write!(line, "{{\"seq\":{seq},\"time\":");
+    if time
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        line.push('"');
+        line.push_str(time);
+        line.push('"');
+    } else {
+        line.push_str(&serde_json::to_string(time).unwrap_or_else(|_| "\"\"".into()));
+    }
+    line.push_str(",\"prev\":\"");
+    line.push_str(prev);
+    line.push('"');
+    let fields = event
+        .strip_prefix('{')
+        .and_then(|e| e.strip_suffix('}'))
+        .unwrap_or("");
+    if !fields.is_empty() {
+        line.push(',');
+        line.push_str(fields);
+    }
     let h = sha256_hex(line.as_bytes());
     line.push_str(HASH_FIELD);
     line.push_str(&h);
     line.push_str("\"}");
-    line
 }
 
 /// RFC 3339 UTC with milliseconds.
 pub fn rfc3339_now() -> String {
+    use std::fmt::Write as _;
     let t = time::OffsetDateTime::now_utc();
-    format!(
+    let mut out = String::with_capacity(24);
+    let _ = write!(
+        out,
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         t.year(),
         u8::from(t.month()),
@@ -460,30 +494,60 @@ pub fn rfc3339_now() -> String {
         t.minute(),
         t.second(),
         t.millisecond()
-    )
+    );
+    out
 }
 
 // ------------------------------------------------------------------ the sink
 
-enum Msg {
-    /// A record, its time, and who waits for it to be in the file.
-    Event(String, Box<Event>, oneshot::Sender<()>),
-    /// Answered once everything before it is written and synced.
-    Flush(oneshot::Sender<()>),
+/// The audit sink: cheap to share (`Arc<Audit>`), passed to whatever emits. Dropping the last
+/// reference stops the sync thread after it synced what was written (and releases the lock).
+pub struct Audit {
+    chain: Option<Chain>,
+    path: Option<PathBuf>,
+    syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// The audit sink: cheap to share (`Arc<Audit>`), passed to whatever emits. Dropping the last
-/// reference stops the writer after it wrote and synced what it holds (and releases the lock).
-pub struct Audit {
-    tx: Option<mpsc::Sender<Msg>>,
-    path: Option<PathBuf>,
-    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+/// The file and the end of its chain: taken by one emit at a time (FIFO), which numbers,
+/// chains and appends its record.
+struct Chain {
+    writer: tokio::sync::Mutex<Writer>,
+    sync: Arc<SyncState>,
+}
+
+struct Writer {
+    f: File,
+    tail: Tail,
+    /// The line being written (its allocation kept from record to record).
+    line: String,
+}
+
+/// What the sync thread waits on: records written since the last `fdatasync`, or the stop.
+#[derive(Default)]
+struct SyncState {
+    dirty: AtomicBool,
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl SyncState {
+    /// Records were appended: the sync thread syncs within [`SYNC_INTERVAL`] (woken only when
+    /// the file was clean, so at most once per interval).
+    fn written(&self) {
+        if !self.dirty.swap(true, Ordering::AcqRel) {
+            let _g = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+            self.wake.notify_one();
+        }
+    }
 }
 
 impl Drop for Audit {
     fn drop(&mut self) {
-        self.tx.take();
-        let handle = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(c) = &self.chain {
+            *c.sync.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            c.sync.wake.notify_one();
+        }
+        let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
             let _ = h.join();
         }
@@ -589,23 +653,18 @@ fn lock_holder(f: &File) -> Option<u32> {
     })
 }
 
-fn dropped(why: &str) {
-    ::metrics::counter!(names::AUDIT_DROPPED).increment(1);
-    tracing::error!(reason = why, "audit record dropped");
-}
-
 impl Audit {
     /// A sink that records nothing (metrics are still counted).
     pub fn disabled() -> Arc<Audit> {
         Arc::new(Audit {
-            tx: None,
+            chain: None,
             path: None,
-            writer: std::sync::Mutex::new(None),
+            syncer: Mutex::new(None),
         })
     }
 
     /// Open (or create, 0600) `path` for appending, lock it, continue its chain, start the
-    /// writer. Refused: a symbolic link (never followed, never chmodded), anything but a
+    /// sync thread. Refused: a symbolic link (never followed, never chmodded), anything but a
     /// regular file, and a file another writer holds (its exclusive `flock`: two writers would
     /// each continue the chain from their own `seq` / `prev`).
     pub fn open(path: &Path) -> std::io::Result<Arc<Audit>> {
@@ -673,14 +732,24 @@ impl Audit {
                 f.write_all(b"\n")?;
             }
         }
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let handle = std::thread::Builder::new()
-            .name("keyless-audit".into())
-            .spawn(move || writer(f, tail, rx))?;
+        let sync = Arc::new(SyncState::default());
+        let handle = {
+            let (f, sync) = (f.try_clone()?, sync.clone());
+            std::thread::Builder::new()
+                .name("keyless-audit".into())
+                .spawn(move || syncer(f, &sync))?
+        };
         Ok(Arc::new(Audit {
-            tx: Some(tx),
+            chain: Some(Chain {
+                writer: tokio::sync::Mutex::new(Writer {
+                    f,
+                    tail,
+                    line: String::new(),
+                }),
+                sync,
+            }),
             path: Some(path.to_path_buf()),
-            writer: std::sync::Mutex::new(Some(handle)),
+            syncer: Mutex::new(Some(handle)),
         }))
     }
 
@@ -690,36 +759,35 @@ impl Audit {
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.tx.is_some()
+        self.chain.is_some()
     }
 
-    /// Bound the record, queue it, and wait until the writer has appended the batch holding
-    /// it (group commit: one `write(2)` answers every request of the batch) — so a request is
-    /// answered only once its record is in the file, and a killed process loses none of them.
-    /// The whole wait is bounded by [`FULL_WAIT`]: past it a record not yet queued is dropped
-    /// (counted, logged); one queued stays queued and the request goes on.
+    /// Bound the record, serialize it, then take the chain, number and chain it and append
+    /// its line (one `write(2)`) — so a request is answered only once its record is in the
+    /// file, and a killed process loses none of them. A write error is counted and logged
+    /// (the record is lost; the chain continues from the last line written).
     async fn emit(&self, mut event: Event) {
-        let Some(tx) = &self.tx else { return };
+        let Some(chain) = &self.chain else { return };
         event.bound();
-        let deadline = tokio::time::Instant::now() + FULL_WAIT;
-        let (ack, written) = oneshot::channel();
-        let msg = Msg::Event(rfc3339_now(), Box::new(event), ack);
-        match tx.try_send(msg) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                if tx.send_timeout(msg, FULL_WAIT).await.is_err() {
-                    dropped("the audit writer is behind");
-                    return;
-                }
+        let time = rfc3339_now();
+        let json = event_json(&event);
+        let mut guard = chain.writer.lock().await;
+        let w = &mut *guard;
+        let seq = w.tail.seq + 1;
+        render_into(&mut w.line, seq, &time, &w.tail.prev, &json);
+        let hash = sha256_hex(w.line.as_bytes());
+        w.line.push('\n');
+        match (&w.f).write_all(w.line.as_bytes()) {
+            Ok(()) => {
+                w.tail = Tail { seq, prev: hash };
+                chain.sync.written();
+                drop(guard);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                dropped("the audit writer stopped");
-                return;
+            Err(e) => {
+                drop(guard);
+                ::metrics::counter!(names::AUDIT_DROPPED).increment(1);
+                tracing::error!(error = %e, "cannot write the audit file; record dropped");
             }
-        }
-        // Err(RecvError): the write failed (the writer counted and logged it)
-        if tokio::time::timeout_at(deadline, written).await.is_err() {
-            tracing::warn!("the audit writer has not written a record within 2 s; answering before it is in the file");
         }
     }
 
@@ -776,106 +844,47 @@ impl Audit {
     /// Wait until every record emitted before this call is in the file and synced (orderly
     /// shutdown calls this after the listeners stopped).
     pub async fn flush(&self) {
-        let Some(tx) = &self.tx else { return };
-        let (done, wait) = oneshot::channel();
-        if tx.send(Msg::Flush(done)).await.is_ok() {
-            let _ = wait.await;
+        let Some(chain) = &self.chain else { return };
+        // the chain is taken in turn: every emit that took it before is written
+        let w = chain.writer.lock().await;
+        if chain.sync.dirty.swap(false, Ordering::AcqRel) {
+            sync(&w.f);
         }
     }
 }
 
-/// The writer thread: batch, number, chain, append; sync on [`SYNC_INTERVAL`]. Its own
-/// single-threaded runtime only waits on the channel and the sync deadline; the file is
-/// written with plain blocking calls on this thread, never on a request's.
-fn writer(f: File, tail: Tail, rx: mpsc::Receiver<Msg>) {
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    {
-        Ok(rt) => rt.block_on(write_loop(f, tail, rx)),
-        Err(e) => tracing::error!(error = %e, "cannot start the audit writer; records are dropped"),
-    }
-}
-
-async fn write_loop(mut f: File, mut tail: Tail, mut rx: mpsc::Receiver<Msg>) {
+/// The sync thread: `fdatasync` within [`SYNC_INTERVAL`] of a write (at most once per
+/// interval), and a last time when the sink is dropped.
+fn syncer(f: File, st: &SyncState) {
     let mut last_sync = Instant::now();
-    let mut unsynced = false;
-    let mut buf = String::new();
-    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut stop = st.stop.lock().unwrap_or_else(|p| p.into_inner());
     loop {
-        // wait for a record, or for the sync deadline when records are not yet synced
-        let first = if unsynced {
-            let left = SYNC_INTERVAL.saturating_sub(last_sync.elapsed());
-            match tokio::time::timeout(left, rx.recv()).await {
-                Ok(Some(m)) => Some(m),
-                Ok(None) => break,
-                Err(_) => None,
-            }
-        } else {
-            match rx.recv().await {
-                Some(m) => Some(m),
-                None => break,
-            }
-        };
-        let mut batch: Vec<Msg> = first.into_iter().collect();
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
+        if *stop {
+            break;
         }
-        buf.clear();
-        let mut n = 0usize;
-        let mut written_tail = Tail {
-            seq: tail.seq,
-            prev: tail.prev.clone(),
-        };
-        for m in batch {
-            match m {
-                Msg::Event(time, ev, ack) => {
-                    acks.push(ack);
-                    let seq = written_tail.seq + 1;
-                    let line = render(seq, &time, &written_tail.prev, &ev);
-                    written_tail = Tail {
-                        seq,
-                        prev: sha256_hex(line.as_bytes()),
-                    };
-                    buf.push_str(&line);
-                    buf.push('\n');
-                    n += 1;
-                }
-                Msg::Flush(ack) => flushes.push(ack),
-            }
+        if !st.dirty.load(Ordering::Acquire) {
+            stop = st.wake.wait(stop).unwrap_or_else(|p| p.into_inner());
+            continue;
         }
-        if n > 0 {
-            match f.write_all(buf.as_bytes()) {
-                Ok(()) => {
-                    tail = written_tail;
-                    unsynced = true;
-                }
-                Err(e) => {
-                    // the chain continues from the last line written; the waiting requests
-                    // see their acknowledgement dropped
-                    ::metrics::counter!(names::AUDIT_DROPPED).increment(n as u64);
-                    tracing::error!(error = %e, records = n, "cannot write the audit file; records dropped");
-                    acks.clear();
-                }
-            }
+        let due = last_sync + SYNC_INTERVAL;
+        let now = Instant::now();
+        if now < due {
+            stop = st
+                .wake
+                .wait_timeout(stop, due - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            continue;
         }
-        for a in acks.drain(..) {
-            let _ = a.send(());
-        }
-        if unsynced && (!flushes.is_empty() || last_sync.elapsed() >= SYNC_INTERVAL) {
+        drop(stop);
+        if st.dirty.swap(false, Ordering::AcqRel) {
             sync(&f);
-            last_sync = Instant::now();
-            unsynced = false;
         }
-        for a in flushes.drain(..) {
-            let _ = a.send(());
-        }
+        last_sync = Instant::now();
+        stop = st.stop.lock().unwrap_or_else(|p| p.into_inner());
     }
-    if unsynced {
+    drop(stop);
+    if st.dirty.swap(false, Ordering::AcqRel) {
         sync(&f);
     }
 }
@@ -1298,6 +1307,79 @@ mod tests {
             // no flush: the record is written (page cache) when the emit returns
             assert_eq!(lines(&path).len(), i + 1);
         }
+    }
+
+    #[test]
+    fn a_line_is_the_serialized_record_then_its_hash() {
+        let mut cp = ControlPlaneEvent {
+            caller: Caller {
+                client_id: Some("c\"q\\é".into()),
+                ..Default::default()
+            },
+            operation: "Microsoft.ManagedIdentity/userAssignedIdentities/write".into(),
+            resource_id: "/subscriptions/s/x".into(),
+            status: 200,
+            result: "Succeeded".into(),
+            correlation_id: None,
+            reason: None,
+        };
+        let kv = KeyVaultEvent {
+            caller: Caller::default(),
+            vault: "v".into(),
+            collection: Some("secrets".into()),
+            name: Some("n\u{1}".into()),
+            version: None,
+            operation: "SecretGet".into(),
+            status: 200,
+            reason: None,
+        };
+        let mut events = vec![
+            Event::Token(ev(1)),
+            Event::Token(ev(2)),
+            Event::KeyVault(kv),
+            Event::ControlPlane(cp.clone()),
+        ];
+        cp.correlation_id = Some("corr".into());
+        events.push(Event::ControlPlane(cp));
+        for (i, e) in events.iter().enumerate() {
+            for time in ["2026-01-02T03:04:05.678Z", "odd \"time\""] {
+                let mut want = serde_json::to_string(&LineOut {
+                    seq: i as u64 + 1,
+                    time,
+                    prev: GENESIS,
+                    event: e,
+                })
+                .unwrap();
+                want.pop();
+                let h = sha256_hex(want.as_bytes());
+                want.push_str(&format!(",\"hash\":\"{h}\"}}"));
+                assert_eq!(render(i as u64 + 1, time, GENESIS, e), want);
+                if i == 0 {
+                    assert_eq!(verify_text(&format!("{want}\n")).unwrap().records, 1);
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_error_is_counted_and_the_chain_continues() {
+        // a read-only descriptor in place of the file: the write fails, nothing is numbered
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let a = Audit::open(&path).unwrap();
+        a.token(ev(0)).await;
+        let chain = a.chain.as_ref().unwrap();
+        let good = {
+            let mut w = chain.writer.lock().await;
+            let ro = File::open(&path).unwrap();
+            std::mem::replace(&mut w.f, ro)
+        };
+        a.token(ev(1)).await;
+        chain.writer.lock().await.f = good;
+        a.token(ev(2)).await;
+        a.flush().await;
+        let v = verify(&path).unwrap();
+        assert_eq!(v.records, 2, "the failed record is not in the chain");
     }
 
     #[tokio::test]

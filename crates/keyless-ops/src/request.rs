@@ -15,6 +15,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
+use metrics::{Key, Label, Metadata};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -155,7 +156,7 @@ pub async fn edge(State(edge): State<Edge>, req: Request, next: Next) -> Respons
         .route
         .as_ref()
         .and_then(|f| f(surface.name, req.uri().path()));
-    observe(surface, None, route, req, |r| next.run(r)).await
+    observe(surface, None, route.map(Cow::Owned), req, |r| next.run(r)).await
 }
 
 /// An inner axum middleware for routers served behind [`observe`]: puts the matched route
@@ -179,7 +180,7 @@ pub async fn matched_route(req: Request, next: Next) -> Response {
 pub async fn observe<F, Fut>(
     surface: Surface,
     peer: Option<IpAddr>,
-    route: Option<String>,
+    route: Option<Cow<'static, str>>,
     mut req: Request,
     handler: F,
 ) -> Response
@@ -188,7 +189,7 @@ where
     Fut: Future<Output = Response>,
 {
     let start = Instant::now();
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = new_request_id();
     let method = method_label(req.method());
     let peer = peer
         .or_else(|| req.extensions().get::<PeerAddr>().map(|p| p.0.ip()))
@@ -205,26 +206,35 @@ where
     req.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!("request", surface = surface.name, request_id = %id);
     let in_flight = InFlight::new(surface.name);
-    let mut resp = handler(req).instrument(span.clone()).await;
+    let mut resp = if span.is_disabled() {
+        handler(req).await
+    } else {
+        handler(req).instrument(span.clone()).await
+    };
     drop(in_flight);
-    let route = resp
-        .extensions()
-        .get::<RouteTemplate>()
-        .map(|r| r.0.to_string())
-        .or(route)
-        .or(matched)
-        .unwrap_or_else(|| "unmatched".into());
-    let route = bounded_route(surface.name, route);
+    let route: &'static str = match resp.extensions().get::<RouteTemplate>() {
+        Some(r) => bounded_route(surface.name, &r.0),
+        None => bounded_route(
+            surface.name,
+            route
+                .as_deref()
+                .or(matched.as_deref())
+                .unwrap_or("unmatched"),
+        ),
+    };
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
-    let labels = [
-        ("surface", surface.name.to_string()),
-        ("method", method.to_string()),
-        ("route", route.clone()),
-        ("status", status.to_string()),
-    ];
-    ::metrics::counter!(HTTP_REQUESTS, &labels).increment(1);
-    ::metrics::histogram!(HTTP_REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
+    // the labels made once per series: recording allocates nothing
+    let labels = request_labels(surface.name, method, route, status_label(status));
+    ::metrics::with_recorder(|r| {
+        r.register_counter(&Key::from_static_parts(HTTP_REQUESTS, labels), &META)
+            .increment(1);
+        r.register_histogram(
+            &Key::from_static_parts(HTTP_REQUEST_DURATION, labels),
+            &META,
+        )
+        .record(elapsed.as_secs_f64());
+    });
     set_id_headers(resp.headers_mut(), surface.ids, &id, &echo);
     let _g = span.enter();
     tracing::info!(
@@ -241,17 +251,107 @@ where
     resp
 }
 
-struct InFlight(&'static str);
+/// A new request id: a random (version 4) UUID, hyphenated, lowercase. The random bytes come
+/// from AWS-LC's per-thread DRBG (no system call per request), else the system's generator.
+pub fn new_request_id() -> String {
+    let mut b = [0u8; 16];
+    let id = if aws_lc_rs::rand::fill(&mut b).is_ok() {
+        uuid::Builder::from_random_bytes(b).into_uuid()
+    } else {
+        uuid::Uuid::new_v4()
+    };
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    id.hyphenated().encode_lower(&mut buf).to_string()
+}
+
+/// The `status` label of a status code: the common ones spelled out, any other made once
+/// (status codes are 100–999, so at most 900 strings are ever made).
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        409 => "409",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => {
+            static MADE: Mutex<Option<HashMap<u16, &'static str>>> = Mutex::new(None);
+            let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
+            made.get_or_insert_with(HashMap::new)
+                .entry(status)
+                .or_insert_with(|| Box::leak(status.to_string().into_boxed_str()))
+        }
+    }
+}
+
+/// What the metric macros would record as (this module, info).
+static META: Metadata<'static> =
+    Metadata::new(module_path!(), ::metrics::Level::INFO, Some(module_path!()));
+
+type Labels = &'static [Label];
+
+/// The labels of one series of [`HTTP_REQUESTS`] / [`HTTP_REQUEST_DURATION`], made once: every
+/// part is a bounded `'static` label ([`bounded_route`], [`status_label`]), so the series made
+/// here are the series the recorder keeps anyway.
+fn request_labels(
+    surface: &'static str,
+    method: &'static str,
+    route: &'static str,
+    status: &'static str,
+) -> Labels {
+    type Made = HashMap<[&'static str; 4], Labels>;
+    static MADE: Mutex<Option<Made>> = Mutex::new(None);
+    let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
+    made.get_or_insert_with(HashMap::new)
+        .entry([surface, method, route, status])
+        .or_insert_with(|| {
+            Box::leak(Box::new([
+                Label::from_static_parts("surface", surface),
+                Label::from_static_parts("method", method),
+                Label::from_static_parts("route", route),
+                Label::from_static_parts("status", status),
+            ]))
+        })
+}
+
+/// The labels of [`HTTP_REQUESTS_IN_FLIGHT`] for a surface, made once per surface.
+fn surface_labels(surface: &'static str) -> Labels {
+    static MADE: Mutex<Option<HashMap<&'static str, Labels>>> = Mutex::new(None);
+    let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
+    made.get_or_insert_with(HashMap::new)
+        .entry(surface)
+        .or_insert_with(|| Box::leak(Box::new([Label::from_static_parts("surface", surface)])))
+}
+
+struct InFlight(Labels);
 impl InFlight {
     fn new(surface: &'static str) -> Self {
-        ::metrics::gauge!(HTTP_REQUESTS_IN_FLIGHT, "surface" => surface).increment(1.0);
-        InFlight(surface)
+        let labels = surface_labels(surface);
+        in_flight(labels, 1.0);
+        InFlight(labels)
     }
 }
 impl Drop for InFlight {
     fn drop(&mut self) {
-        ::metrics::gauge!(HTTP_REQUESTS_IN_FLIGHT, "surface" => self.0).decrement(1.0);
+        in_flight(self.0, -1.0);
     }
+}
+
+fn in_flight(labels: Labels, delta: f64) {
+    ::metrics::with_recorder(|r| {
+        r.register_gauge(
+            &Key::from_static_parts(HTTP_REQUESTS_IN_FLIGHT, labels),
+            &META,
+        )
+        .increment(delta)
+    });
 }
 
 /// The client's ids a response echoes.
@@ -282,6 +382,9 @@ impl Echo {
 }
 
 fn set_id_headers(h: &mut HeaderMap, ids: IdHeaders, id: &str, echo: &Echo) {
+    if ids == IdHeaders::None {
+        return;
+    }
     let Ok(idv) = HeaderValue::from_str(id) else {
         return;
     };
@@ -341,21 +444,26 @@ pub fn method_label(m: &Method) -> &'static str {
 /// `other` (the series a caller can create stay bounded whatever paths it sends).
 pub const MAX_ROUTES: usize = 256;
 
-fn bounded_route(surface: &str, route: String) -> String {
-    static SEEN: Mutex<Option<HashMap<String, HashSet<String>>>> = Mutex::new(None);
+/// The route label of `route` on `surface`: the first [`MAX_ROUTES`] distinct routes of each
+/// surface are kept (made `'static` once, so labels allocate nothing per request — bounded:
+/// at most `MAX_ROUTES` per surface), later ones are `other`.
+fn bounded_route(surface: &'static str, route: &str) -> &'static str {
+    type Seen = HashMap<&'static str, HashSet<&'static str>>;
+    static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
     let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
     let seen = seen
         .get_or_insert_with(HashMap::new)
-        .entry(surface.to_string())
+        .entry(surface)
         .or_default();
-    if seen.contains(&route) {
-        return route;
+    if let Some(r) = seen.get(route) {
+        return r;
     }
     if seen.len() >= MAX_ROUTES {
-        return "other".into();
+        return "other";
     }
-    seen.insert(route.clone());
-    route
+    let r: &'static str = Box::leak(route.to_string().into_boxed_str());
+    seen.insert(r);
+    r
 }
 
 /// Most path segments a [`template`] keeps.
@@ -439,7 +547,9 @@ mod tests {
         )
         .await;
         let id = r.headers()["x-ms-request-id"].to_str().unwrap().to_string();
-        assert!(uuid::Uuid::parse_str(&id).is_ok());
+        let parsed = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(parsed.get_version_num(), 4);
+        assert_eq!(parsed.hyphenated().to_string(), id, "hyphenated, lowercase");
         assert_eq!(r.headers()["x-ms-correlation-request-id"], id.as_str());
         let r = call(
             arm_app(),
@@ -545,9 +655,18 @@ mod tests {
 
     #[test]
     fn routes_past_the_cap_are_other() {
+        assert_eq!(bounded_route("cap-test", "/r0"), "/r0");
         for i in 0..MAX_ROUTES + 10 {
-            bounded_route("cap-test", format!("/r{i}"));
+            bounded_route("cap-test", &format!("/r{i}"));
         }
-        assert_eq!(bounded_route("cap-test", "/fresh".into()), "other");
+        assert_eq!(bounded_route("cap-test", "/fresh"), "other");
+        assert_eq!(
+            bounded_route("cap-test", "/r0"),
+            "/r0",
+            "a kept route stays"
+        );
+        assert_eq!(status_label(200), "200");
+        assert_eq!(status_label(418), "418");
+        assert!(std::ptr::eq(status_label(418), status_label(418)));
     }
 }

@@ -308,12 +308,20 @@ mod tests {
         // the highest number used must be the number of values given
         assert!(run_query(&c, sql, &[Param::Text("a")]).is_err());
         assert!(run_query(&c, sql, &[Param::Int(1), Param::Int(2), Param::Int(3)]).is_err());
-        assert!(run_query(&c, "SELECT $1, $3", &[Param::Int(1), Param::Int(2), Param::Int(3)]).is_ok());
+        assert!(run_query(
+            &c,
+            "SELECT $1, $3",
+            &[Param::Int(1), Param::Int(2), Param::Int(3)]
+        )
+        .is_ok());
         assert!(run_query(&c, "SELECT :x", &[Param::Int(1)]).is_err());
         // plain statements
         run_plain(&c, "BEGIN").unwrap();
         run_execute(&c, "CREATE TABLE t (a INTEGER)", &[]).unwrap();
-        assert_eq!(run_execute(&c, "INSERT INTO t VALUES ($1)", &[Param::Int(3)]).unwrap(), 1);
+        assert_eq!(
+            run_execute(&c, "INSERT INTO t VALUES ($1)", &[Param::Int(3)]).unwrap(),
+            1
+        );
         run_plain(&c, "ROLLBACK").unwrap();
         assert!(c.is_autocommit());
     }

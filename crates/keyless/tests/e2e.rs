@@ -1681,7 +1681,10 @@ async fn a_retried_join_with_the_same_key_gets_the_same_host() {
             .ends_with("/virtualMachineScaleSets/nodes/virtualMachines/0"),
         "{first}"
     );
-    assert_ne!(again["certificate"], first["certificate"], "a new certificate");
+    assert_ne!(
+        again["certificate"], first["certificate"],
+        "a new certificate"
+    );
     let instances = cli(&["vmss", "list-instances", "-g", "pool", "-n", "nodes"]);
     assert_eq!(instances.as_array().unwrap().len(), 1, "{instances}");
     // another key: the token is used

@@ -56,8 +56,11 @@ pub async fn handle(s: Arc<AppState>, vault: String, req: Request) -> Response {
 }
 
 async fn handle_in_surface(s: Arc<AppState>, vault: String, req: Request) -> Response {
-    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let request_id: &str = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
+    // the request edge's id (it answers with it); a request driven without the edge gets one
+    let request_id = match req.extensions().get::<keyless_ops::request::RequestId>() {
+        Some(id) => id.0.clone(),
+        None => keyless_ops::request::new_request_id(),
+    };
     let client_request_id = req.headers().get("x-ms-client-request-id").cloned();
     let method = req.method().clone();
     let mut seen = Seen::default();
@@ -72,7 +75,7 @@ async fn handle_in_surface(s: Arc<AppState>, vault: String, req: Request) -> Res
     s.cfg.audit.key_vault(ev).await;
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    if let Ok(v) = HeaderValue::from_str(request_id) {
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
         h.insert("x-ms-request-id", v);
     }
     h.insert(
