@@ -29,15 +29,8 @@ pub fn authenticate_with(
         tenant: tenant_uri.clone(),
         message: m.to_string(),
     };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .ok_or_else(|| invalid("The authentication scheme of Bearer is required."))?;
+    let token =
+        bearer(value).ok_or_else(|| invalid("The authentication scheme of Bearer is required."))?;
     let claims = tokens::verify(s, token, audiences).map_err(|e| match e {
         JwtError::Expired => ServerError::ExpiredAuthenticationToken(
             "The access token has expired. Acquire a new token and retry.".into(),
@@ -86,4 +79,12 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
         ));
     }
     serde_json::from_value(v).map_err(|e| ServerError::InvalidRequestContent(e.to_string()))
+}
+
+/// The token of an `Authorization: Bearer …` value (either case of the scheme), trimmed.
+pub fn bearer(value: &axum::http::HeaderValue) -> Option<&str> {
+    let v = value.to_str().ok()?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(str::trim)
 }

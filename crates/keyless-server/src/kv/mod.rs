@@ -170,20 +170,12 @@ fn authenticate(s: &AppState, headers: &HeaderMap, resource: &str) -> Result<Cal
             "AKV10000: Request is missing a Bearer or PoP token.",
         ));
     };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .ok_or_else(|| {
-            unauthorized(
-                &challenge(),
-                "AKV10000: Request is missing a Bearer or PoP token.",
-            )
-        })?;
+    let token = crate::request::bearer(value).ok_or_else(|| {
+        unauthorized(
+            &challenge(),
+            "AKV10000: Request is missing a Bearer or PoP token.",
+        )
+    })?;
     let claims = crate::tokens::verify(s, token, &audiences(resource, &s.cfg.vault_domain))
         .map_err(|e| {
             let m = match e {
