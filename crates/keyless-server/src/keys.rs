@@ -216,7 +216,13 @@ impl KeyRing {
 
     /// A published key by `kid`.
     pub fn by_kid(&self, kid: &str) -> Option<Arc<LoadedKey>> {
-        self.snapshot().into_iter().find(|k| k.state.kid == kid)
+        // looked up under the read lock: every verified token asks, so nothing is copied
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|k| k.state.kid == kid)
+            .cloned()
     }
 
     /// Every published key, newest first.

@@ -198,6 +198,7 @@ pub async fn start(
         tenant_id: boot.tenant_id.clone(),
         subscription_id: boot.subscription_id.clone(),
         tenant_created: boot.tenant_created,
+        issuers: state::issuers(&base_url, &boot.tenant_id),
         base_url,
         keys: keys::KeyRing::default(),
         ca,

@@ -94,6 +94,8 @@ pub struct AppState {
     pub subscription_id: String,
     pub tenant_created: u64,
     pub base_url: String,
+    /// `iss` of v1 and v2 tokens, made once from `base_url` and `tenant_id` ([`issuers`]).
+    pub issuers: (String, String),
     pub keys: KeyRing,
     pub ca: Ca,
     /// Signs certificates of the Key Vault `Keyless` issuer (not trusted by the platform).
@@ -121,11 +123,11 @@ impl AppState {
         self.clock.now()
     }
     /// `iss` of v1 tokens (the form managed-identity tokens carry).
-    pub fn issuer_v1(&self) -> String {
-        format!("{}/{}/", self.base_url, self.tenant_id)
+    pub fn issuer_v1(&self) -> &str {
+        &self.issuers.0
     }
-    pub fn issuer_v2(&self) -> String {
-        format!("{}/{}/v2.0", self.base_url, self.tenant_id)
+    pub fn issuer_v2(&self) -> &str {
+        &self.issuers.1
     }
     /// The public port of this server, when not 443.
     fn port_suffix(&self) -> String {
@@ -181,6 +183,14 @@ pub struct AdminCredential {
 }
 
 /// The host name of this machine.
+/// `iss` of this server's v1 and v2 tokens.
+pub fn issuers(base_url: &str, tenant_id: &str) -> (String, String) {
+    (
+        format!("{base_url}/{tenant_id}/"),
+        format!("{base_url}/{tenant_id}/v2.0"),
+    )
+}
+
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))

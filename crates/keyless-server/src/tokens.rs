@@ -24,7 +24,7 @@ pub fn mint(
     let issuer = state.issuer_v1();
     let uti = crate::util::random_b64url(16);
     let ctx = IssueContext {
-        issuer: &issuer,
+        issuer,
         tenant_id: &state.tenant_id,
         tenant_created: state.tenant_created,
         audience,
@@ -61,7 +61,7 @@ pub fn verify(
     };
     let (v1, v2) = (state.issuer_v1(), state.issuer_v2());
     let auds: Vec<&str> = audiences.iter().map(String::as_str).collect();
-    claims::validate_claims(&claims, state.now(), 300, &[&v1, &v2], &auds)?;
+    claims::validate_claims(&claims, state.now(), 300, &[v1, v2], &auds)?;
     Ok(claims)
 }
 

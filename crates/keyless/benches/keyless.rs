@@ -540,7 +540,7 @@ fn main() {
                 &keyless_store::FicRecord {
                     identity_key: fed.key.clone(),
                     name: "bench-issuer".into(),
-                    issuer: issuer.state.issuer_v1(),
+                    issuer: issuer.state.issuer_v1().to_string(),
                     subject: issuer_oid,
                     audiences: vec!["api://AzureADTokenExchange".into()],
                     description: None,
