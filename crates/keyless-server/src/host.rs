@@ -84,12 +84,7 @@ async fn issue_cert(
             now,
             s.cfg.host_cert_lifetime,
         )
-        .map_err(|_| {
-            ServerError::host(
-                HostKind::InvalidRequest,
-                "The certificate signing request is invalid.",
-            )
-        })?;
+        .map_err(|_| invalid_csr())?;
     let (_, not_after) = keyless_pki::cert_validity(&der)?;
     tx.insert_host_credential(&HostCredentialRecord {
         fingerprint: keyless_pki::sha256_hex(&der),
@@ -118,12 +113,6 @@ async fn join(
         ));
     }
     let hash = keyless_pki::sha256_hex(req.join_token.as_bytes());
-    let invalid_csr = || {
-        ServerError::host(
-            HostKind::InvalidRequest,
-            "The certificate signing request is invalid.",
-        )
-    };
     let spender = keyless_pki::csr_key_sha256(&req.csr).map_err(|_| invalid_csr())?;
     let mut tx = s.store.write("host_join").await?;
     let vm_key = match tx.consume_join_token(&hash, s.now(), &spender).await? {
@@ -183,6 +172,13 @@ async fn join(
     tx.commit().await?;
     tracing::info!(host = %host.resource_id(), "host joined");
     Ok(Json(resp))
+}
+
+fn invalid_csr() -> ServerError {
+    ServerError::host(
+        HostKind::InvalidRequest,
+        "The certificate signing request is invalid.",
+    )
 }
 
 fn already_used() -> ServerError {

@@ -367,7 +367,7 @@ impl Batch {
         }
         let mut sql = self.head.clone();
         let mut n = 0;
-        for (r, _) in self.rows.iter().enumerate() {
+        for r in 0..self.rows.len() {
             if r > 0 {
                 sql.push_str(", ");
             }

@@ -396,6 +396,26 @@ impl PgConn {
     fn c(&self) -> &deadpool_postgres::Object {
         self.client.as_ref().expect("client present until the end")
     }
+
+    /// Whether the next statement is the first (a read's `BEGIN` goes out with it).
+    fn start(&mut self) -> bool {
+        !std::mem::replace(&mut self.begun, true)
+    }
+}
+
+/// Run `statement` on `c`; when `first`, pipelined behind a read's `BEGIN` (`join!` polls the
+/// `BEGIN` first, so it is queued on the connection before the statement).
+async fn behind_begin<T>(
+    c: &deadpool_postgres::Object,
+    first: bool,
+    statement: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    if !first {
+        return statement.await;
+    }
+    let (begun, out) = tokio::join!(c.batch_execute(READ_BEGIN), statement);
+    begun?;
+    out
 }
 
 #[async_trait::async_trait]
@@ -405,41 +425,26 @@ impl Conn for PgConn {
     }
 
     async fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>> {
-        let first = !self.begun;
-        self.begun = true;
+        let first = self.start();
         let c = self.c();
         let args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-        let run = async {
+        let rows = behind_begin(c, first, async {
             let st = c.prepare_cached(sql).await?;
-            Ok::<_, StoreError>(c.query(&st, &args).await?)
-        };
-        let rows = if first {
-            // `join!` polls BEGIN first: it is queued on the connection before the statement
-            let (begun, rows) = tokio::join!(c.batch_execute(READ_BEGIN), run);
-            begun?;
-            rows?
-        } else {
-            run.await?
-        };
+            Ok(c.query(&st, &args).await?)
+        })
+        .await?;
         rows.iter().map(to_row).collect()
     }
 
     async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
-        let first = !self.begun;
-        self.begun = true;
+        let first = self.start();
         let c = self.c();
         let args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-        let run = async {
+        behind_begin(c, first, async {
             let st = c.prepare_cached(sql).await?;
-            Ok::<_, StoreError>(c.execute(&st, &args).await?)
-        };
-        if first {
-            let (begun, n) = tokio::join!(c.batch_execute(READ_BEGIN), run);
-            begun?;
-            n
-        } else {
-            run.await
-        }
+            Ok(c.execute(&st, &args).await?)
+        })
+        .await
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
