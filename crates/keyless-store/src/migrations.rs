@@ -200,4 +200,28 @@ ALTER TABLE join_tokens ADD COLUMN host_key TEXT;
 ALTER TABLE join_tokens ADD COLUMN spent_by TEXT COLLATE "C", ADD COLUMN host_key TEXT COLLATE "C";
 "#,
     },
+    // The Activity Log's order on PostgreSQL (`repo::activity`): `txid` is the id of the
+    // transaction that wrote the row, set by the database on every insert (a trigger: rows
+    // restored from a backup take the restoring transaction's, never another cluster's); lists
+    // go by (txid, seq). Rows written before this step keep 0: below every later one. SQLite
+    // (one writer, rows visible in `seq` order) has the column for backups alike and leaves it
+    // unused.
+    Migration {
+        sqlite: r#"
+ALTER TABLE activity_log ADD COLUMN txid INTEGER NOT NULL DEFAULT 0;
+"#,
+        postgres: r#"
+ALTER TABLE activity_log ADD COLUMN txid BIGINT NOT NULL DEFAULT 0;
+CREATE FUNCTION activity_log_txid() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.txid := CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT);
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER activity_log_txid BEFORE INSERT ON activity_log
+    FOR EACH ROW EXECUTE FUNCTION activity_log_txid();
+CREATE INDEX activity_log_sub_txid ON activity_log(subscription, txid, seq);
+DROP INDEX activity_log_sub;
+"#,
+    },
 ];
