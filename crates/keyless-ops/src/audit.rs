@@ -30,32 +30,53 @@
 //! symbolic link is refused, never followed or chmodded), takes an exclusive `flock` (a second
 //! writer — another process, or a second open — fails to start, naming the file and, from
 //! `/proc/locks`, the holder), reads its last line to continue `seq` and `prev`, and starts one
-//! sync thread. Emitting a record serializes it on the emitting task, then takes the chain
-//! (an async FIFO lock: waiting for it never blocks a thread), numbers and chains the record,
-//! appends its line with one `write(2)` and lets the chain go — so a request is answered only
-//! after its record is in the file (the page cache), in the order the records were numbered,
+//! sync thread. Emitting a record serializes it on the emitting task and queues it in order,
+//! then takes the file (an async FIFO lock: waiting for it never blocks a thread): unless an
+//! emit that held it meanwhile already wrote this record, it numbers and chains every queued
+//! record and appends them with one `write(2)` (group commit) — so a request is answered only
+//! after its record is in the file (the page cache), in the order the records were queued,
 //! and killing the process (`kill -9`) loses no answered request's record. Nothing crosses a
-//! thread per record: the append is a page-cache copy of a few hundred bytes made under the
-//! lock, which is all the hot path pays. The sync thread `fdatasync`s at most every
-//! [`SYNC_INTERVAL`] while records keep coming and once after they stop, and [`Audit::flush`]
-//! (which orderly shutdown calls after the listeners stop) writes nothing new but syncs — so a
-//! power loss costs at most about that much; `fdatasync` never runs on a request's task. A
-//! write error is logged and counted in `keyless_audit_dropped_total` (the chain continues
-//! from the last line written).
+//! thread per record. The sync thread `fdatasync`s at most every [`SYNC_INTERVAL`] while
+//! records keep coming and once after they stop, and [`Audit::flush`] (which orderly shutdown
+//! calls after the listeners stop) writes what is queued and syncs — so a power loss costs at
+//! most about that much; `fdatasync` never runs on a request's task. A write error is logged
+//! and counted in `keyless_audit_dropped_total` (the chain continues from the last line
+//! written).
+//!
+//! **Repeats of a cached token are summarized**, as Entra's sign-in logs aggregate a service
+//! principal's sign-ins. A node's cached token served again to the same caller (same peer
+//! address and uid or pod), for the same identity and audience, on the same surface — an
+//! event equal to a full record written less than [`REPEAT_WINDOW`] before — is counted, not
+//! written; when the window ends (a task checks every [`SYNC_INTERVAL`]) or at
+//! [`Audit::flush`], one record equal to the full one plus `"repeats": N` stands for those N
+//! serves. So every (caller, identity, audience) that got a token is in the file before its
+//! first answer of each window; what a `kill -9` can lose is the count of the current
+//! window's repeats. A client calling IMDS in a loop writes two lines a minute, not one per
+//! call. Refusals, fresh tokens and every server-side record are written one per answer. At
+//! most [`MAX_REPEAT_KEYS`] windows are open; past that, serves get full records.
 //!
 //! Emitting also counts the event in the metrics (tokens issued / refused, Key Vault
 //! operations, control-plane writes), also with [`Audit::disabled`] (tests, `--no-audit`).
 
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// `fdatasync` at most this often while records keep coming (and when they stop).
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long the serves of a cached token that repeat a full record are counted before their
+/// summary record is written (see the module doc).
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Distinct (caller, identity, audience, surface) repeats counted at once; past it a cached
+/// serve of a new one gets a full record.
+pub const MAX_REPEAT_KEYS: usize = 10_000;
 /// The file name of the audit trail in a data or state directory (`--audit-file` default).
 pub const DEFAULT_FILE_NAME: &str = "audit.log";
 /// `prev` of the first line.
@@ -135,14 +156,7 @@ impl Event {
     /// what a caller can make a record hold, whatever surface built it.
     fn bound(&mut self) {
         match self {
-            Event::Token(t) => {
-                t.caller.bound();
-                cap_opt(&mut t.identity.client_id, MAX_FIELD_CHARS);
-                cap_opt(&mut t.identity.object_id, MAX_FIELD_CHARS);
-                cap_opt(&mut t.identity.resource_id, MAX_LONG_FIELD_CHARS);
-                cap_opt(&mut t.audience, MAX_LONG_FIELD_CHARS);
-                cap_opt(&mut t.reason, MAX_FIELD_CHARS);
-            }
+            Event::Token(t) => t.bound(),
             Event::ControlPlane(c) => {
                 c.caller.bound();
                 cap_in_place(&mut c.operation, MAX_FIELD_CHARS);
@@ -167,7 +181,7 @@ impl Event {
 // ------------------------------------------------------------------ records
 
 /// Where a token request arrived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Surface {
     /// The node's IMDS endpoint.
@@ -201,7 +215,7 @@ impl Surface {
 }
 
 /// Which grant a token request was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenKind {
     /// A managed identity's token (node surfaces, host API).
@@ -225,7 +239,7 @@ impl TokenKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     Issued,
@@ -236,7 +250,7 @@ pub enum Outcome {
 /// uid when known) or a pod's namespace/name/IP; the server the host resource from the client
 /// certificate, the client id of a service principal, the issuer and subject of a federated
 /// assertion, the object id of a token's caller.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Caller {
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -283,7 +297,7 @@ impl Caller {
 }
 
 /// The identity a request named or was issued.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Identity {
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -301,7 +315,7 @@ impl Identity {
 }
 
 /// A token issuance or refusal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenEvent {
     pub surface: Surface,
@@ -321,9 +335,23 @@ pub struct TokenEvent {
     /// A node's cached token handed to this caller (still an issuance to this caller).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cached: Option<bool>,
+    /// A summary: this many more serves of a cached token, exactly like the full record of
+    /// this caller, identity and audience before it, within [`REPEAT_WINDOW`] of that record
+    /// (see the module doc).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub repeats: Option<u64>,
 }
 
 impl TokenEvent {
+    fn bound(&mut self) {
+        self.caller.bound();
+        cap_opt(&mut self.identity.client_id, MAX_FIELD_CHARS);
+        cap_opt(&mut self.identity.object_id, MAX_FIELD_CHARS);
+        cap_opt(&mut self.identity.resource_id, MAX_LONG_FIELD_CHARS);
+        cap_opt(&mut self.audience, MAX_LONG_FIELD_CHARS);
+        cap_opt(&mut self.reason, MAX_FIELD_CHARS);
+    }
+
     /// An event not yet decided: surfaces fill it as they learn, then call
     /// [`TokenEvent::issued`] or [`TokenEvent::refused`].
     pub fn new(surface: Surface, kind: TokenKind, caller: Caller) -> Self {
@@ -337,6 +365,7 @@ impl TokenEvent {
             status: 0,
             reason: None,
             cached: None,
+            repeats: None,
         }
     }
     pub fn issued(mut self) -> Self {
@@ -503,7 +532,7 @@ pub fn rfc3339_now() -> String {
 /// The audit sink: cheap to share (`Arc<Audit>`), passed to whatever emits. Dropping the last
 /// reference stops the sync thread after it synced what was written (and releases the lock).
 pub struct Audit {
-    chain: Option<Chain>,
+    chain: Option<Arc<Chain>>,
     path: Option<PathBuf>,
     syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -511,14 +540,42 @@ pub struct Audit {
 /// The file and the end of its chain: taken by one emit at a time (FIFO), which numbers,
 /// chains and appends its record.
 struct Chain {
+    /// Records serialized and in order, not yet written: an emit appends its own here (a
+    /// short synchronous lock) and takes a ticket.
+    pending: Mutex<Pending>,
+    /// The file: whoever holds it writes every pending record in one `write(2)` (group
+    /// commit), so records written meanwhile by other emits need no write of their own.
     writer: tokio::sync::Mutex<Writer>,
+    /// Tickets up to this one are written (or were dropped by a failed write).
+    done: AtomicU64,
+    /// Cached serves repeating a full record, counted until their window ends.
+    repeats: Mutex<HashMap<TokenEvent, RepeatWindow>>,
+    /// Whether the task writing the summaries of ended windows runs.
+    sweeping: AtomicBool,
     sync: Arc<SyncState>,
+}
+
+/// The serves counted since a full record (of the event the window is keyed by).
+struct RepeatWindow {
+    ends: Instant,
+    count: u64,
+}
+
+/// Records waiting for the writer: `(time, event JSON)`, in emit order; `enqueued` counts
+/// every record ever appended (the last one's ticket).
+#[derive(Default)]
+struct Pending {
+    records: Vec<(String, String)>,
+    enqueued: u64,
 }
 
 struct Writer {
     f: File,
     tail: Tail,
-    /// The line being written (its allocation kept from record to record).
+    /// The batch being written, and its records taken out of `pending` (allocations kept).
+    batch: String,
+    taken: Vec<(String, String)>,
+    /// One line being rendered.
     line: String,
 }
 
@@ -740,14 +797,20 @@ impl Audit {
                 .spawn(move || syncer(f, &sync))?
         };
         Ok(Arc::new(Audit {
-            chain: Some(Chain {
+            chain: Some(Arc::new(Chain {
+                pending: Mutex::new(Pending::default()),
                 writer: tokio::sync::Mutex::new(Writer {
                     f,
                     tail,
+                    batch: String::new(),
+                    taken: Vec::new(),
                     line: String::new(),
                 }),
+                done: AtomicU64::new(0),
+                repeats: Mutex::new(HashMap::new()),
+                sweeping: AtomicBool::new(false),
                 sync,
-            }),
+            })),
             path: Some(path.to_path_buf()),
             syncer: Mutex::new(Some(handle)),
         }))
@@ -762,32 +825,15 @@ impl Audit {
         self.chain.is_some()
     }
 
-    /// Bound the record, serialize it, then take the chain, number and chain it and append
-    /// its line (one `write(2)`) — so a request is answered only once its record is in the
-    /// file, and a killed process loses none of them. A write error is counted and logged
-    /// (the record is lost; the chain continues from the last line written).
-    async fn emit(&self, mut event: Event) {
-        let Some(chain) = &self.chain else { return };
-        event.bound();
-        let time = rfc3339_now();
-        let json = event_json(&event);
-        let mut guard = chain.writer.lock().await;
-        let w = &mut *guard;
-        let seq = w.tail.seq + 1;
-        render_into(&mut w.line, seq, &time, &w.tail.prev, &json);
-        let hash = sha256_hex(w.line.as_bytes());
-        w.line.push('\n');
-        match (&w.f).write_all(w.line.as_bytes()) {
-            Ok(()) => {
-                w.tail = Tail { seq, prev: hash };
-                chain.sync.written();
-                drop(guard);
-            }
-            Err(e) => {
-                drop(guard);
-                ::metrics::counter!(names::AUDIT_DROPPED).increment(1);
-                tracing::error!(error = %e, "cannot write the audit file; record dropped");
-            }
+    /// Bound the record, serialize it, queue it (in order), then take the file (in turn):
+    /// unless an emit that held it meanwhile already wrote this record, write every queued
+    /// record — numbered, chained, one `write(2)` for all (group commit). A request is
+    /// answered only once its record is in the file, so a killed process loses none that
+    /// were answered. A write error is counted and logged (that batch is lost; the chain
+    /// continues from the last line written).
+    async fn emit(&self, event: Event) {
+        if let Some(chain) = &self.chain {
+            chain.emit(event).await
         }
     }
 
@@ -805,7 +851,18 @@ impl Audit {
                     .increment(1)
             }
         }
-        self.emit(Event::Token(ev)).await
+        match &self.chain {
+            Some(chain) if ev.outcome == Outcome::Issued && ev.cached == Some(true) => {
+                // bounded first: the window is keyed by the event as it would be written
+                let mut ev = ev;
+                ev.bound();
+                if !chain.count_repeat(&ev) {
+                    chain.emit(Event::Token(ev)).await
+                }
+            }
+            Some(chain) => chain.emit(Event::Token(ev)).await,
+            None => {}
+        }
     }
 
     /// Record a control-plane write, and count it under `operation_label` — a value from a
@@ -845,10 +902,148 @@ impl Audit {
     /// shutdown calls this after the listeners stopped).
     pub async fn flush(&self) {
         let Some(chain) = &self.chain else { return };
-        // the chain is taken in turn: every emit that took it before is written
-        let w = chain.writer.lock().await;
+        // the repeats counted so far are summarized now
+        for summary in chain.end_windows(None) {
+            chain.emit(Event::Token(summary)).await;
+        }
+        // whatever was queued before this call is written (by its emit or here), then synced
+        let mut w = chain.writer.lock().await;
+        chain.write_pending(&mut w);
         if chain.sync.dirty.swap(false, Ordering::AcqRel) {
             sync(&w.f);
+        }
+    }
+}
+
+impl Chain {
+    /// [`Audit`]'s emit (see there).
+    async fn emit(&self, mut event: Event) {
+        let chain = self;
+        event.bound();
+        let record = (rfc3339_now(), event_json(&event));
+        let ticket = {
+            let mut p = chain.pending.lock().unwrap_or_else(|p| p.into_inner());
+            p.records.push(record);
+            p.enqueued += 1;
+            p.enqueued
+        };
+        let mut w = chain.writer.lock().await;
+        if chain.done.load(Ordering::Acquire) < ticket {
+            chain.write_pending(&mut w);
+        }
+    }
+
+    /// Count `ev` (a cached serve, bounded) as a repeat of the full record written for the
+    /// same event within [`REPEAT_WINDOW`]: `true` when counted (no record now), `false` when
+    /// it gets a full record (a first serve, a window ended, or too many windows open; the
+    /// window it opens starts now).
+    fn count_repeat(self: &Arc<Self>, ev: &TokenEvent) -> bool {
+        let now = Instant::now();
+        let mut repeats = self.repeats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = repeats.get_mut(ev) {
+            if now < w.ends {
+                w.count += 1;
+                return true;
+            }
+            // ended, not swept yet: its summary is written by the sweep; this one opens the
+            // next window after it
+            return false;
+        }
+        if repeats.len() >= MAX_REPEAT_KEYS {
+            return false;
+        }
+        repeats.insert(
+            ev.clone(),
+            RepeatWindow {
+                ends: now + REPEAT_WINDOW,
+                count: 0,
+            },
+        );
+        drop(repeats);
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(sweep(Arc::downgrade(self)));
+                }
+                Err(_) => self.sweeping.store(false, Ordering::Release),
+            }
+        }
+        false
+    }
+
+    /// Take out the windows ended by `now` (all of them with `None`), returning the summaries
+    /// of those that counted repeats.
+    fn end_windows(&self, now: Option<Instant>) -> Vec<TokenEvent> {
+        let mut repeats = self.repeats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut summaries = vec![];
+        repeats.retain(|ev, w| {
+            if now.is_some_and(|n| n < w.ends) {
+                return true;
+            }
+            if w.count > 0 {
+                let mut summary = ev.clone();
+                summary.repeats = Some(w.count);
+                summaries.push(summary);
+            }
+            false
+        });
+        summaries
+    }
+
+    /// Number, chain and append every queued record in one write (the caller holds the file).
+    fn write_pending(&self, w: &mut Writer) {
+        let Writer {
+            f,
+            tail,
+            batch,
+            taken,
+            line,
+        } = w;
+        let upto = {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::swap(&mut p.records, taken);
+            p.enqueued
+        };
+        if taken.is_empty() {
+            self.done.store(upto, Ordering::Release);
+            return;
+        }
+        batch.clear();
+        let (mut seq, mut prev) = (tail.seq, tail.prev.clone());
+        for (time, json) in taken.iter() {
+            seq += 1;
+            render_into(line, seq, time, &prev, json);
+            prev = sha256_hex(line.as_bytes());
+            batch.push_str(line);
+            batch.push('\n');
+        }
+        let n = taken.len();
+        taken.clear();
+        let written = (&*f).write_all(batch.as_bytes());
+        match written {
+            Ok(()) => {
+                *tail = Tail { seq, prev };
+                self.sync.written();
+            }
+            Err(e) => {
+                // `tail` stays: the chain goes on from the last line written
+                ::metrics::counter!(names::AUDIT_DROPPED).increment(n as u64);
+                tracing::error!(error = %e, records = n, "cannot write the audit file; records dropped");
+            }
+        }
+        self.done.store(upto, Ordering::Release);
+    }
+}
+
+/// Write the summaries of ended repeat windows, once a second, while the sink lives.
+async fn sweep(chain: std::sync::Weak<Chain>) {
+    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(chain) = chain.upgrade() else { return };
+        for summary in chain.end_windows(Some(Instant::now())) {
+            chain.emit(Event::Token(summary)).await;
         }
     }
 }
@@ -1359,6 +1554,112 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn cached(peer: &str, audience: &str) -> TokenEvent {
+        let mut e = TokenEvent::new(
+            Surface::Imds,
+            TokenKind::ManagedIdentity,
+            Caller::peer(peer),
+        );
+        e.audience = Some(audience.into());
+        e.cached = Some(true);
+        e.issued()
+    }
+
+    fn tokens(path: &Path) -> Vec<TokenEvent> {
+        read(path)
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r.event {
+                Event::Token(t) => Some(t),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn repeated_cached_serves_are_one_record_and_a_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let a = Audit::open(&path).unwrap();
+        let arm = "https://management.azure.com/";
+        for _ in 0..5 {
+            a.token(cached("127.0.0.1:1000", arm)).await;
+        }
+        // the first serve is in the file before its answer, the repeats are not yet
+        assert_eq!(tokens(&path), [cached("127.0.0.1:1000", arm)]);
+        // another caller, another audience, a fresh token and a refusal: full records each
+        a.token(cached("127.0.0.1:2000", arm)).await;
+        a.token(cached("127.0.0.1:1000", "https://vault.azure.net"))
+            .await;
+        let mut fresh = cached("127.0.0.1:1000", arm);
+        fresh.cached = Some(false);
+        a.token(fresh.clone()).await;
+        a.token(fresh.clone()).await;
+        let refused = ev(1);
+        a.token(refused.clone()).await;
+        a.token(refused.clone()).await;
+        a.token(cached("127.0.0.1:1000", arm)).await;
+        assert_eq!(tokens(&path).len(), 7);
+        // flush (orderly shutdown) writes the summary of the open window
+        a.flush().await;
+        let got = tokens(&path);
+        let mut summary = cached("127.0.0.1:1000", arm);
+        summary.repeats = Some(5);
+        assert_eq!(got.len(), 8);
+        assert_eq!(got[7], summary);
+        assert_eq!(verify(&path).unwrap().records, 8);
+        // the window is gone with its summary: the next serve is a full record again
+        a.token(cached("127.0.0.1:1000", arm)).await;
+        assert_eq!(tokens(&path)[8], cached("127.0.0.1:1000", arm));
+    }
+
+    #[tokio::test]
+    async fn an_ended_window_is_summarized_and_the_next_serve_opens_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let a = Audit::open(&path).unwrap();
+        let chain = a.chain.clone().unwrap();
+        let arm = "https://management.azure.com/";
+        for _ in 0..3 {
+            a.token(cached("10.0.0.1:1", arm)).await;
+        }
+        a.token(cached("10.0.0.2:1", arm)).await;
+        // nothing ended yet
+        assert!(chain.end_windows(Some(Instant::now())).is_empty());
+        // at the end of the window: one summary (the caller with no repeat has none)
+        let mut summary = cached("10.0.0.1:1", arm);
+        summary.repeats = Some(2);
+        assert_eq!(
+            chain.end_windows(Some(Instant::now() + REPEAT_WINDOW)),
+            [summary]
+        );
+        assert!(chain.repeats.lock().unwrap().is_empty());
+        a.token(cached("10.0.0.1:1", arm)).await;
+        assert_eq!(
+            tokens(&path).len(),
+            3,
+            "a new window opens with a full record"
+        );
+    }
+
+    #[tokio::test]
+    async fn repeat_windows_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let a = Audit::open(&path).unwrap();
+        let chain = a.chain.clone().unwrap();
+        let arm = "https://management.azure.com/";
+        for i in 0..MAX_REPEAT_KEYS {
+            assert!(!chain.count_repeat(&cached(&format!("10.0.0.1:{i}"), arm)));
+        }
+        // past the bound a new caller's serves are full records, every one
+        let extra = cached("10.0.0.2:1", arm);
+        assert!(!chain.count_repeat(&extra));
+        assert!(!chain.count_repeat(&extra));
+        // the open ones still count
+        assert!(chain.count_repeat(&cached("10.0.0.1:0", arm)));
     }
 
     #[tokio::test]

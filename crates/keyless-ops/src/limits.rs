@@ -3,10 +3,12 @@
 //! idle or noisy peer cannot take the process down for everybody else.
 //!
 //! - Per connection: the request head within [`defaults::HEADER_READ_TIMEOUT`] and
-//!   [`defaults::MAX_HEADER_BYTES`] (hyper runs that timer whenever it waits for a head, so a
-//!   keep-alive connection is also closed after that long without a request), an answer within
-//!   [`defaults::REQUEST_TIMEOUT`], a TLS handshake within [`defaults::HANDSHAKE_TIMEOUT`], and
-//!   no more than [`defaults::IDLE_TIMEOUT`] with no request in flight whatever the phase.
+//!   [`defaults::MAX_HEADER_BYTES`], an answer within [`defaults::REQUEST_TIMEOUT`], a TLS
+//!   handshake within [`defaults::HANDSHAKE_TIMEOUT`]. The head's limit is kept by the
+//!   connection's own watchdog, not by a timer per request: a connection with no request in
+//!   flight is closed [`defaults::HEADER_READ_TIMEOUT`] after its last answer (or its accept) —
+//!   a head sent slowly and a keep-alive connection left idle alike — and never later than
+//!   [`defaults::IDLE_TIMEOUT`] whatever the phase.
 //! - Per process ([`governor`]): the soft `RLIMIT_NOFILE` is raised to the hard limit and the
 //!   listeners together hold at most that minus a reserve (the store, outbound calls, files)
 //!   connections, and one caller at most [`ListenerLimits::per_caller`]. A full budget never
@@ -121,10 +123,16 @@ pub struct Peer {
 // ------------------------------------------------------------------ connection table
 
 /// Result of [`ConnTable::admit`].
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Admit<T> {
     /// The connection is in; `evicted` are the payloads of the connections to close for it.
-    Admitted { id: u64, evicted: Vec<T> },
+    /// `busy` is its request-in-flight flag: the connection's task sets it without the
+    /// table's lock (a request costs no lock), the eviction rule reads it.
+    Admitted {
+        id: u64,
+        busy: Arc<AtomicBool>,
+        evicted: Vec<T>,
+    },
     /// Nothing could make room: close the new connection.
     Refused,
 }
@@ -132,15 +140,14 @@ pub enum Admit<T> {
 #[derive(Debug)]
 struct Conn<T> {
     caller: Caller,
-    busy: bool,
+    busy: Arc<AtomicBool>,
     payload: T,
 }
 
-/// The connections of one caller: all of them, and the idle ones (ids grow with age).
+/// The connections of one caller (ids grow with age).
 #[derive(Debug, Default)]
 struct Holder {
     all: BTreeSet<u64>,
-    idle: BTreeSet<u64>,
 }
 
 /// The connections of a process's listeners by caller, and the eviction rule (pure logic).
@@ -198,32 +205,33 @@ impl<T> ConnTable<T> {
         }
         let id = self.next;
         self.next += 1;
+        let busy = Arc::new(AtomicBool::new(false));
         self.conns.insert(
             id,
             Conn {
                 caller,
-                busy: false,
+                busy: busy.clone(),
                 payload,
             },
         );
-        let h = self.by_caller.entry(caller).or_default();
-        h.all.insert(id);
-        h.idle.insert(id);
-        Admit::Admitted { id, evicted }
+        self.by_caller.entry(caller).or_default().all.insert(id);
+        Admit::Admitted { id, busy, evicted }
     }
 
-    /// Mark a request in flight (or not) on connection `id`.
-    pub fn set_busy(&mut self, id: u64, busy: bool) {
-        if let Some(c) = self.conns.get_mut(&id) {
-            c.busy = busy;
-            if let Some(h) = self.by_caller.get_mut(&c.caller) {
-                if busy {
-                    h.idle.remove(&id);
-                } else {
-                    h.idle.insert(id);
-                }
-            }
+    /// Mark a request in flight (or not) on connection `id` (as its `busy` flag does).
+    pub fn set_busy(&self, id: u64, busy: bool) {
+        if let Some(c) = self.conns.get(&id) {
+            c.busy.store(busy, Ordering::Relaxed);
         }
+    }
+
+    /// The oldest connection of `h` with no request in flight.
+    fn oldest_idle_of(&self, h: &Holder) -> Option<u64> {
+        h.all.iter().copied().find(|id| {
+            self.conns
+                .get(id)
+                .is_some_and(|c| !c.busy.load(Ordering::Relaxed))
+        })
     }
 
     /// Forget connection `id` (closed); its payload if it was still there.
@@ -231,7 +239,6 @@ impl<T> ConnTable<T> {
         let c = self.conns.remove(&id)?;
         if let Some(h) = self.by_caller.get_mut(&c.caller) {
             h.all.remove(&id);
-            h.idle.remove(&id);
             if h.all.is_empty() {
                 self.by_caller.remove(&c.caller);
             }
@@ -246,7 +253,7 @@ impl<T> ConnTable<T> {
     }
 
     fn oldest_idle(&self, caller: &Caller) -> Option<u64> {
-        self.by_caller.get(caller)?.idle.first().copied()
+        self.oldest_idle_of(self.by_caller.get(caller)?)
     }
 
     /// One pass over the callers: of those with an idle connection, the one holding the most;
@@ -254,7 +261,7 @@ impl<T> ConnTable<T> {
     fn victim(&self) -> Option<u64> {
         let mut best: Option<(usize, u64)> = None;
         for h in self.by_caller.values() {
-            let Some(&oldest) = h.idle.first() else {
+            let Some(oldest) = self.oldest_idle_of(h) else {
                 continue;
             };
             let held = h.all.len();
@@ -571,7 +578,6 @@ pub async fn bind(addr: impl tokio::net::ToSocketAddrs) -> std::io::Result<TcpLi
 #[derive(Debug)]
 struct ConnSignal {
     evict: Notify,
-    busy: AtomicBool,
     last_ms: AtomicU64,
 }
 
@@ -672,7 +678,6 @@ impl Governor {
     fn admit(self: &Arc<Self>, caller: Caller) -> Option<ConnHandle> {
         let signal = Arc::new(ConnSignal {
             evict: Notify::new(),
-            busy: AtomicBool::new(false),
             last_ms: AtomicU64::new(self.now_ms()),
         });
         let r = self.table().admit(
@@ -682,13 +687,14 @@ impl Governor {
             signal.clone(),
         );
         match r {
-            Admit::Admitted { id, evicted } => {
+            Admit::Admitted { id, busy, evicted } => {
                 for e in evicted {
                     e.evict.notify_one();
                 }
                 Some(ConnHandle {
                     gov: self.clone(),
                     id,
+                    busy,
                     signal,
                 })
             }
@@ -708,6 +714,8 @@ impl Governor {
 struct ConnHandle {
     gov: Arc<Governor>,
     id: u64,
+    /// A request in flight (the table reads it when it picks a connection to evict).
+    busy: Arc<AtomicBool>,
     signal: Arc<ConnSignal>,
 }
 
@@ -719,17 +727,17 @@ impl Drop for ConnHandle {
 
 impl ConnHandle {
     fn busy(self: &Arc<Self>) -> BusyGuard {
-        self.signal.busy.store(true, Ordering::Relaxed);
-        self.gov.table().set_busy(self.id, true);
+        self.busy.store(true, Ordering::Relaxed);
         BusyGuard(self.clone())
     }
 
-    /// Resolves once the connection has had no request in flight for `idle`.
+    /// Resolves once the connection has had no request in flight for `idle` (one timer per
+    /// connection, re-armed only when it fires: a request costs none).
     async fn idle_expired(&self, idle: Duration) {
         loop {
             let last = Duration::from_millis(self.signal.last_ms.load(Ordering::Relaxed));
             let due = self.gov.epoch + last + idle;
-            if !self.signal.busy.load(Ordering::Relaxed) && Instant::now() >= due {
+            if !self.busy.load(Ordering::Relaxed) && Instant::now() >= due {
                 return;
             }
             let wake = due.max(Instant::now() + Duration::from_millis(100));
@@ -745,8 +753,7 @@ impl Drop for BusyGuard {
     fn drop(&mut self) {
         let c = &self.0;
         c.signal.last_ms.store(c.gov.now_ms(), Ordering::Relaxed);
-        c.signal.busy.store(false, Ordering::Relaxed);
-        c.gov.table().set_busy(c.id, false);
+        c.busy.store(false, Ordering::Relaxed);
     }
 }
 
@@ -812,7 +819,7 @@ where
     H: Fn(Peer, Request<Body>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response> + Send + 'static,
 {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::rt::TokioIo;
     tokio::spawn(async move {
         let mut last_warn: Option<Instant> = None;
         loop {
@@ -869,9 +876,8 @@ where
                             }
                         },
                     );
+                    // no hyper timer: the head's limit is the watchdog's below
                     let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(limits.header_read_timeout)
                         .max_buf_size(limits.max_header_bytes)
                         .serve_connection(TokioIo::new(io), svc)
                         .await;
@@ -879,7 +885,7 @@ where
                 tokio::select! {
                     _ = work => {}
                     _ = conn.signal.evict.notified() => {}
-                    _ = conn.idle_expired(limits.idle_timeout) => {}
+                    _ = conn.idle_expired(limits.header_read_timeout.min(limits.idle_timeout)) => {}
                 }
             });
         }
@@ -1260,7 +1266,7 @@ mod tests {
 
     fn admitted<T: std::fmt::Debug>(a: Admit<T>) -> (u64, Vec<T>) {
         match a {
-            Admit::Admitted { id, evicted } => (id, evicted),
+            Admit::Admitted { id, evicted, .. } => (id, evicted),
             Admit::Refused => panic!("refused"),
         }
     }
@@ -1366,7 +1372,7 @@ mod tests {
         for id in ids {
             t.set_busy(id, true);
         }
-        assert_eq!(t.admit(a, 100, 2, 3), Admit::Refused);
+        assert!(matches!(t.admit(a, 100, 2, 3), Admit::Refused));
         assert_eq!(t.held(&a), 2);
         // an unknown local owner is a caller of its own: not root's, not anybody's cap
         let (_, ev) = admitted(t.admit(Caller::UnknownLocal, 100, 2, 4));
@@ -1383,7 +1389,7 @@ mod tests {
         let mut t = ConnTable::default();
         let x = admitted(t.admit(a, 1, 10, ())).0;
         t.set_busy(x, true);
-        assert_eq!(t.admit(caller(2), 1, 10, ()), Admit::Refused);
+        assert!(matches!(t.admit(caller(2), 1, 10, ()), Admit::Refused));
         assert_eq!(t.evict_one(), None);
         t.remove(x);
         assert!(t.is_empty());
@@ -1532,6 +1538,64 @@ mod tests {
         // the client end goes FIN_WAIT2 with no descriptor (inode 0), then away
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(gov.caller(&tcp, peer), Caller::UnknownLocal);
+    }
+
+    #[tokio::test]
+    async fn a_slow_head_and_an_idle_keep_alive_connection_are_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut limits = ListenerLimits::for_nofile(1024);
+        limits.header_read_timeout = Duration::from_millis(300);
+        let gov = Governor::new(limits);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = serve(l, gov, "test", |_peer: Peer, _req| async move {
+            (StatusCode::OK, "ok").into_response()
+        });
+        // (a connection the watchdog never closed would hang here: the test fails by timeout)
+        let closed = |mut s: TcpStream| async move {
+            let mut rest = vec![];
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+                .await
+                .expect("the connection was not closed")
+                .ok();
+            String::from_utf8_lossy(&rest).into_owned()
+        };
+        // half a head, trickled
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        // a keep-alive connection that got its answer, then says nothing
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 12];
+        idle.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+        assert_eq!(closed(slow).await, "", "no answer to half a head");
+        assert!(closed(idle).await.ends_with("ok"));
+        // a request that keeps the connection busy longer than the head's limit is answered
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut limits = ListenerLimits::for_nofile(1024);
+        limits.header_read_timeout = Duration::from_millis(300);
+        let slow_answer = serve(
+            l,
+            Governor::new(limits),
+            "test",
+            |_peer: Peer, _req| async move {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                (StatusCode::OK, "late").into_response()
+            },
+        );
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(closed(s).await.ends_with("late"));
+        task.abort();
+        slow_answer.abort();
     }
 
     #[tokio::test]

@@ -252,13 +252,31 @@ where
 }
 
 /// A new request id: a random (version 4) UUID, hyphenated, lowercase. The random bytes come
-/// from AWS-LC's per-thread DRBG (no system call per request), else the system's generator.
+/// from AWS-LC's DRBG, drawn 1 KiB at a time into a per-thread pool (one generator call per 64
+/// ids; the process never forks without exec, so no two processes share a pool), else from
+/// the system's generator.
 pub fn new_request_id() -> String {
-    let mut b = [0u8; 16];
-    let id = if aws_lc_rs::rand::fill(&mut b).is_ok() {
-        uuid::Builder::from_random_bytes(b).into_uuid()
-    } else {
-        uuid::Uuid::new_v4()
+    const POOL: usize = 1024;
+    thread_local! {
+        static RANDOM: std::cell::RefCell<([u8; POOL], usize)> =
+            const { std::cell::RefCell::new(([0; POOL], POOL)) };
+    }
+    let drawn = RANDOM.with(|r| {
+        let (pool, used) = &mut *r.borrow_mut();
+        if *used + 16 > POOL {
+            aws_lc_rs::rand::fill(pool).ok()?;
+            *used = 0;
+        }
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&pool[*used..*used + 16]);
+        // each drawn id's bytes are not kept
+        pool[*used..*used + 16].fill(0);
+        *used += 16;
+        Some(b)
+    });
+    let id = match drawn {
+        Some(b) => uuid::Builder::from_random_bytes(b).into_uuid(),
+        None => uuid::Uuid::new_v4(),
     };
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     id.hyphenated().encode_lower(&mut buf).to_string()
@@ -651,6 +669,22 @@ mod tests {
         )
         .await;
         assert!(r.headers().is_empty(), "IMDS answers no id headers");
+    }
+
+    #[test]
+    fn request_ids_are_distinct_version_4_uuids_across_pool_refills_and_threads() {
+        let draw = || (0..1_000).map(|_| new_request_id()).collect::<Vec<_>>();
+        let mut all: Vec<String> = draw();
+        all.extend(std::thread::spawn(draw).join().unwrap());
+        for id in &all {
+            let u = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(u.get_version_num(), 4, "{id}");
+            assert_eq!(&u.hyphenated().to_string(), id);
+        }
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "a request id repeated");
     }
 
     #[test]

@@ -23,6 +23,8 @@
 //!   a self-signed certificate, a PFX and three sealed rows; done when the pending operation
 //!   says `completed`), vs raw RSA-2048 key generations/s on as many threads as the server has.
 //!
+//! `BENCH_IMDS_ONLY=1` measures the first row (cached IMDS vs bare hyper) alone, for profiling.
+//!
 //! - the identity and secret GET rows again on a real PostgreSQL (`keyless_store::testing`),
 //!   each as a ratio to its SQLite row: one server in this process as the SQLite one, then
 //!   `keyless server` processes on one database — replica A alone, and A and B together with
@@ -336,6 +338,12 @@ fn main() {
         let req = |host: SocketAddr| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nMetadata: true\r\n\r\n");
         let bare_rps = load_get(bare, req(bare), conns, secs, None).await;
         let agent_rps = load_get(node.imds_addr, req(node.imds_addr), conns, secs, None).await;
+        if std::env::var_os("BENCH_IMDS_ONLY").is_some() {
+            // the first row alone, for profiling it
+            println!("  bare hyper server, same {} B body:  {bare_rps:>10.0} req/s", body.len());
+            println!("  agent IMDS, cached token:           {agent_rps:>10.0} req/s   ratio to bare {:.2}", agent_rps / bare_rps);
+            return;
+        }
 
         // ---- the same at the other local endpoint styles, each beside a bare hyper server
         // answering that style's response body
