@@ -679,6 +679,8 @@ fn main() {
             bare_server(bundle.clone(), Some(tokio_rustls::TlsAcceptor::from(cfg))).await
         };
         let bare_https_rps = load_get(bare_tls, get_secret.clone(), conns, secs, Some(client_tls.clone())).await;
+        // (a marker on stderr for a profiler to start at)
+        eprintln!("bench phase: Key Vault secret GETs");
         let secret_rps = load_get(srv.local_addr, get_secret, conns, secs, Some(client_tls)).await;
 
         // ---- certificate creations (Self issuer, RSA-2048: keygen + self-signed certificate +
