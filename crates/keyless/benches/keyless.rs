@@ -23,7 +23,9 @@
 //!   a self-signed certificate, a PFX and three sealed rows; done when the pending operation
 //!   says `completed`), vs raw RSA-2048 key generations/s on as many threads as the server has.
 //!
-//! `BENCH_IMDS_ONLY=1` measures the first row (cached IMDS vs bare hyper) alone, for profiling.
+//! The two goal rows (cached IMDS vs bare hyper, Key Vault GETs vs bare HTTPS) are measured in
+//! `BENCH_ROUNDS` alternating pairs (3) and report the median pair. `BENCH_IMDS_ONLY=1`
+//! measures the first row alone, for profiling.
 //!
 //! - the identity and secret GET rows again on a real PostgreSQL (`keyless_store::testing`),
 //!   each as a ratio to its SQLite row: one server in this process as the SQLite one, then
@@ -336,12 +338,15 @@ fn main() {
         assert!(body.contains("access_token"), "{body}");
         let bare = bare_server(body.clone(), None).await;
         let req = |host: SocketAddr| format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nMetadata: true\r\n\r\n");
-        let bare_rps = load_get(bare, req(bare), conns, secs, None).await;
-        let agent_rps = load_get(node.imds_addr, req(node.imds_addr), conns, secs, None).await;
+        let (bare_rps, agent_rps, imds_ratios) = paired(
+            || load_get(bare, req(bare), conns, secs, None),
+            || load_get(node.imds_addr, req(node.imds_addr), conns, secs, None),
+        )
+        .await;
         if std::env::var_os("BENCH_IMDS_ONLY").is_some() {
             // the first row alone, for profiling it
             println!("  bare hyper server, same {} B body:  {bare_rps:>10.0} req/s", body.len());
-            println!("  agent IMDS, cached token:           {agent_rps:>10.0} req/s   ratio to bare {:.2}", agent_rps / bare_rps);
+            println!("  agent IMDS, cached token:           {agent_rps:>10.0} req/s   ratio to bare {:.2}{}", agent_rps / bare_rps, rounds_note(&imds_ratios));
             return;
         }
 
@@ -678,10 +683,15 @@ fn main() {
             let cfg = keyless_pki::server_tls_config(vec![cert, s.ca.cert_der().to_vec()], &key, s.ca.cert_der()).unwrap();
             bare_server(bundle.clone(), Some(tokio_rustls::TlsAcceptor::from(cfg))).await
         };
-        let bare_https_rps = load_get(bare_tls, get_secret.clone(), conns, secs, Some(client_tls.clone())).await;
-        // (a marker on stderr for a profiler to start at)
-        eprintln!("bench phase: Key Vault secret GETs");
-        let secret_rps = load_get(srv.local_addr, get_secret, conns, secs, Some(client_tls)).await;
+        let (bare_https_rps, secret_rps, kv_ratios) = paired(
+            || load_get(bare_tls, get_secret.clone(), conns, secs, Some(client_tls.clone())),
+            || {
+                // (a marker on stderr for a profiler to start at)
+                eprintln!("bench phase: Key Vault secret GETs");
+                load_get(srv.local_addr, get_secret.clone(), conns, secs, Some(client_tls.clone()))
+            },
+        )
+        .await;
 
         // ---- certificate creations (Self issuer, RSA-2048: keygen + self-signed certificate +
         // PFX + three sealed rows), completion seen through the pending operation, vs raw keygens
@@ -748,7 +758,7 @@ fn main() {
 
         println!("keyless bench ({secs} s per run, {conns} connections, {threads} cores; load generator in the same process; {vm_user_ids} user-assigned identities on the VM)");
         println!("  bare hyper server, same {} B body:    {bare_rps:>10.0} req/s", body.len());
-        println!("  agent IMDS, cached token:              {agent_rps:>10.0} req/s   ratio to bare {:.2}", agent_rps / bare_rps);
+        println!("  agent IMDS, cached token:              {agent_rps:>10.0} req/s   ratio to bare {:.2}{}", agent_rps / bare_rps, rounds_note(&imds_ratios));
         println!("  bare hyper server, same {app_len} B body:    {app_bare_rps:>10.0} req/s");
         println!("  agent App Service, cached token:       {app_rps:>10.0} req/s   ratio to bare {:.2}", app_rps / app_bare_rps);
         println!("  bare hyper server, same {ext_len} B body:    {ext_bare_rps:>10.0} req/s");
@@ -763,7 +773,7 @@ fn main() {
         println!("  direct store inserts of identities:    {store_ids:>10.0} /s");
         println!("  identities created via HTTPS ARM PUT:  {http_ids:>10.0} /s       ratio to direct inserts {:.2}", http_ids / store_ids);
         println!("  bare HTTPS server (rustls), same {} B body: {bare_https_rps:>7.0} req/s", bundle.len());
-        println!("  Key Vault secret GETs (authorized, decrypted): {secret_rps:>6.0} req/s   ratio to bare HTTPS {:.2}", secret_rps / bare_https_rps);
+        println!("  Key Vault secret GETs (authorized, decrypted): {secret_rps:>6.0} req/s   ratio to bare HTTPS {:.2}{}", secret_rps / bare_https_rps, rounds_note(&kv_ratios));
         match &pg {
             None => println!("  PostgreSQL rows skipped (BENCH_POSTGRES=0, or no PostgreSQL installed: set KEYLESS_PG_BIN)"),
             Some(pg) => {

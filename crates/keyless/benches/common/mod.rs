@@ -20,6 +20,41 @@ pub fn env_u64(k: &str, d: u64) -> u64 {
 
 /// HTTP/1.1 keep-alive GET load: `conns` connections for `secs`, over TLS when `tls` is given
 /// (connector and server name); returns requests/s.
+/// `baseline` and `subject` measured alternately `BENCH_ROUNDS` times (3 unless set): the pair
+/// whose ratio (subject / baseline) is the median, and every ratio in measuring order — on a
+/// noisy machine a disturbance lands in one pair, not in the figure.
+pub async fn paired<B, BF, S, SF>(mut baseline: B, mut subject: S) -> (f64, f64, Vec<f64>)
+where
+    B: FnMut() -> BF,
+    BF: std::future::Future<Output = f64>,
+    S: FnMut() -> SF,
+    SF: std::future::Future<Output = f64>,
+{
+    let rounds = env_u64("BENCH_ROUNDS", 3).max(1) as usize;
+    let mut pairs = vec![];
+    for _ in 0..rounds {
+        let b = baseline().await;
+        let x = subject().await;
+        pairs.push((b, x));
+    }
+    let ratios: Vec<f64> = pairs.iter().map(|(b, x)| x / b).collect();
+    let mut order: Vec<usize> = (0..rounds).collect();
+    order.sort_by(|&i, &j| ratios[i].total_cmp(&ratios[j]));
+    let (b, x) = pairs[order[rounds / 2]];
+    (b, x, ratios)
+}
+
+/// The ratios of [`paired`] as printed: `(median of 3: 0.80 0.81 0.83)`.
+pub fn rounds_note(ratios: &[f64]) -> String {
+    if ratios.len() < 2 {
+        return String::new();
+    }
+    let mut r = ratios.to_vec();
+    r.sort_by(f64::total_cmp);
+    let all: Vec<String> = r.iter().map(|x| format!("{x:.2}")).collect();
+    format!(" (median of {}: {})", r.len(), all.join(" "))
+}
+
 pub async fn load_get(
     addr: SocketAddr,
     request: String,
