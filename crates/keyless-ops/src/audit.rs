@@ -559,6 +559,8 @@ struct Chain {
 struct RepeatWindow {
     ends: Instant,
     count: u64,
+    /// The full record's ticket.
+    ticket: u64,
 }
 
 /// Records waiting for the writer: `(time, event JSON)`, in emit order; `enqueued` counts
@@ -571,6 +573,8 @@ struct Pending {
 
 struct Writer {
     f: File,
+    /// The file's length after the last whole write (a failed write is cut back to it).
+    len: u64,
     tail: Tail,
     /// The batch being written, and its records taken out of `pending` (allocations kept).
     batch: String,
@@ -800,6 +804,7 @@ impl Audit {
             chain: Some(Arc::new(Chain {
                 pending: Mutex::new(Pending::default()),
                 writer: tokio::sync::Mutex::new(Writer {
+                    len: f.metadata()?.len(),
                     f,
                     tail,
                     batch: String::new(),
@@ -856,9 +861,8 @@ impl Audit {
                 // bounded first: the window is keyed by the event as it would be written
                 let mut ev = ev;
                 ev.bound();
-                if !chain.count_repeat(&ev) {
-                    chain.emit(Event::Token(ev)).await
-                }
+                let (ticket, _) = chain.admit_serve(ev);
+                chain.wait_written(ticket).await
             }
             Some(chain) => chain.emit(Event::Token(ev)).await,
             None => {}
@@ -918,45 +922,58 @@ impl Audit {
 impl Chain {
     /// [`Audit`]'s emit (see there).
     async fn emit(&self, mut event: Event) {
-        let chain = self;
         event.bound();
-        let record = (rfc3339_now(), event_json(&event));
-        let ticket = {
-            let mut p = chain.pending.lock().unwrap_or_else(|p| p.into_inner());
-            p.records.push(record);
-            p.enqueued += 1;
-            p.enqueued
-        };
-        let mut w = chain.writer.lock().await;
-        if chain.done.load(Ordering::Acquire) < ticket {
-            chain.write_pending(&mut w);
+        let ticket = self.queue(&event);
+        self.wait_written(ticket).await
+    }
+
+    /// Queue `event` (bounded) in order; its ticket.
+    fn queue(&self, event: &Event) -> u64 {
+        let record = (rfc3339_now(), event_json(event));
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        p.records.push(record);
+        p.enqueued += 1;
+        p.enqueued
+    }
+
+    /// Take the file in turn and, unless `ticket` was written meanwhile, write every queued
+    /// record.
+    async fn wait_written(&self, ticket: u64) {
+        if self.done.load(Ordering::Acquire) >= ticket {
+            return;
+        }
+        let mut w = self.writer.lock().await;
+        if self.done.load(Ordering::Acquire) < ticket {
+            self.write_pending(&mut w);
         }
     }
 
-    /// Count `ev` (a cached serve, bounded) as a repeat of the full record written for the
-    /// same event within [`REPEAT_WINDOW`]: `true` when counted (no record now), `false` when
-    /// it gets a full record (a first serve, a window ended, or too many windows open; the
-    /// window it opens starts now).
-    fn count_repeat(self: &Arc<Self>, ev: &TokenEvent) -> bool {
+    /// A cached serve (`ev`, bounded): counted as a repeat of the full record of the same event
+    /// while its window is open (`true`), else queued as a full record (`false`; a first serve
+    /// opens a window — unless [`MAX_REPEAT_KEYS`] are open — while one whose window ended and
+    /// was not swept yet gets a full record of its own). Either way the ticket to wait for: a
+    /// repeat is answered only once the full record it repeats is in the file.
+    fn admit_serve(self: &Arc<Self>, ev: TokenEvent) -> (u64, bool) {
         let now = Instant::now();
         let mut repeats = self.repeats.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = repeats.get_mut(ev) {
-            if now < w.ends {
+        let open = repeats.len();
+        match repeats.get_mut(&ev) {
+            Some(w) if now < w.ends => {
                 w.count += 1;
-                return true;
+                return (w.ticket, true);
             }
-            // ended, not swept yet: its summary is written by the sweep; this one opens the
-            // next window after it
-            return false;
+            Some(_) => return (self.queue(&Event::Token(ev)), false),
+            None if open >= MAX_REPEAT_KEYS => return (self.queue(&Event::Token(ev)), false),
+            None => {}
         }
-        if repeats.len() >= MAX_REPEAT_KEYS {
-            return false;
-        }
+        // queued under the windows' lock: a repeat that finds the window finds its ticket
+        let ticket = self.queue(&Event::Token(ev.clone()));
         repeats.insert(
-            ev.clone(),
+            ev,
             RepeatWindow {
                 ends: now + REPEAT_WINDOW,
                 count: 0,
+                ticket,
             },
         );
         drop(repeats);
@@ -968,7 +985,7 @@ impl Chain {
                 Err(_) => self.sweeping.store(false, Ordering::Release),
             }
         }
-        false
+        (ticket, false)
     }
 
     /// Take out the windows ended by `now` (all of them with `None`), returning the summaries
@@ -994,6 +1011,7 @@ impl Chain {
     fn write_pending(&self, w: &mut Writer) {
         let Writer {
             f,
+            len,
             tail,
             batch,
             taken,
@@ -1023,10 +1041,13 @@ impl Chain {
         match written {
             Ok(()) => {
                 *tail = Tail { seq, prev };
+                *len += batch.len() as u64;
                 self.sync.written();
             }
             Err(e) => {
-                // `tail` stays: the chain goes on from the last line written
+                // `tail` stays: the chain goes on from the last line written, and whatever part
+                // of the batch reached the file is cut off (its lines would repeat `seq`s)
+                let _ = f.set_len(*len);
                 ::metrics::counter!(names::AUDIT_DROPPED).increment(n as u64);
                 tracing::error!(error = %e, records = n, "cannot write the audit file; records dropped");
             }
@@ -1652,14 +1673,14 @@ mod tests {
         let chain = a.chain.clone().unwrap();
         let arm = "https://management.azure.com/";
         for i in 0..MAX_REPEAT_KEYS {
-            assert!(!chain.count_repeat(&cached(&format!("10.0.0.1:{i}"), arm)));
+            assert!(!chain.admit_serve(cached(&format!("10.0.0.1:{i}"), arm)).1);
         }
         // past the bound a new caller's serves are full records, every one
         let extra = cached("10.0.0.2:1", arm);
-        assert!(!chain.count_repeat(&extra));
-        assert!(!chain.count_repeat(&extra));
+        assert!(!chain.admit_serve(extra.clone()).1);
+        assert!(!chain.admit_serve(extra).1);
         // the open ones still count
-        assert!(chain.count_repeat(&cached("10.0.0.1:0", arm)));
+        assert!(chain.admit_serve(cached("10.0.0.1:0", arm)).1);
     }
 
     #[tokio::test]

@@ -261,19 +261,23 @@ pub fn new_request_id() -> String {
         static RANDOM: std::cell::RefCell<([u8; POOL], usize)> =
             const { std::cell::RefCell::new(([0; POOL], POOL)) };
     }
-    let drawn = RANDOM.with(|r| {
-        let (pool, used) = &mut *r.borrow_mut();
-        if *used + 16 > POOL {
-            aws_lc_rs::rand::fill(pool).ok()?;
-            *used = 0;
-        }
-        let mut b = [0u8; 16];
-        b.copy_from_slice(&pool[*used..*used + 16]);
-        // each drawn id's bytes are not kept
-        pool[*used..*used + 16].fill(0);
-        *used += 16;
-        Some(b)
-    });
+    // (`try_with`: a thread being torn down has no pool, and draws from the system)
+    let drawn = RANDOM
+        .try_with(|r| {
+            let (pool, used) = &mut *r.borrow_mut();
+            if *used + 16 > POOL {
+                aws_lc_rs::rand::fill(pool).ok()?;
+                *used = 0;
+            }
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&pool[*used..*used + 16]);
+            // each drawn id's bytes are not kept
+            pool[*used..*used + 16].fill(0);
+            *used += 16;
+            Some(b)
+        })
+        .ok()
+        .flatten();
     let id = match drawn {
         Some(b) => uuid::Builder::from_random_bytes(b).into_uuid(),
         None => uuid::Uuid::new_v4(),

@@ -27,6 +27,7 @@ pub use cluster::*;
 pub use crypto::Kek;
 pub use db::Backend;
 pub use records::*;
+pub use repo::activity::ACTIVITY_HOLD_BACK_US;
 pub use repo::changes::{kind as change_kind, Change, ChangeBatch, ChangeCursor};
 pub use repo::lease::Claim;
 pub use store::{Store, Tx};

@@ -203,18 +203,22 @@ ALTER TABLE join_tokens ADD COLUMN spent_by TEXT COLLATE "C", ADD COLUMN host_ke
     // The Activity Log's order on PostgreSQL (`repo::activity`): `txid` is the id of the
     // transaction that wrote the row, set by the database on every insert (a trigger: rows
     // restored from a backup take the restoring transaction's, never another cluster's); lists
-    // go by (txid, seq). Rows written before this step keep 0: below every later one. SQLite
-    // (one writer, rows visible in `seq` order) has the column for backups alike and leaves it
-    // unused.
+    // go by (txid, seq). Rows written before this step keep 0: below every later one.
+    // `written_us` is the database's clock at the insert (µs since the epoch), which bounds how
+    // long a row is held back behind an older running transaction. SQLite (one writer, rows
+    // visible in `seq` order) has the columns for backups alike and leaves them unused.
     Migration {
         sqlite: r#"
 ALTER TABLE activity_log ADD COLUMN txid INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE activity_log ADD COLUMN written_us INTEGER NOT NULL DEFAULT 0;
 "#,
         postgres: r#"
-ALTER TABLE activity_log ADD COLUMN txid BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE activity_log ADD COLUMN txid BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN written_us BIGINT NOT NULL DEFAULT 0;
 CREATE FUNCTION activity_log_txid() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     NEW.txid := CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT);
+    NEW.written_us := CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT);
     RETURN NEW;
 END
 $$;

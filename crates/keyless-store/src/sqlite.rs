@@ -266,6 +266,7 @@ impl Db for SqliteDb {
         Ok(Box::new(ReadConn {
             reader: Some(reader),
             pool: self.readers.clone(),
+            generation: self.generation.clone(),
             _permit: permit,
         }))
     }
@@ -289,17 +290,20 @@ impl Conn for WriteConn {
         run_execute(&self.conn, sql, params)
     }
     async fn commit(self: Box<Self>) -> Result<()> {
-        if let Err(e) = run_plain(&self.conn, "COMMIT") {
-            let _ = run_plain(&self.conn, "ROLLBACK");
-            return Err(e.into());
-        }
-        // before the write's caller goes on: no read that starts after sees an older snapshot
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        // and the snapshots idle in the pool end now (they would hold the WAL back)
+        // the snapshots idle in the pool end first: the checkpoint this COMMIT may run then
+        // finds no reader of its frames but the ones in use (they would hold the WAL back)
         self.readers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain_mut(Reader::end_snapshot);
+        let r = run_plain(&self.conn, "COMMIT");
+        // before the write's caller goes on, whatever COMMIT said (a failed one may still have
+        // committed): no read that starts after uses an older snapshot
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if let Err(e) = r {
+            let _ = run_plain(&self.conn, "ROLLBACK");
+            return Err(e.into());
+        }
         Ok(())
     }
     fn abort(self: Box<Self>) {
@@ -310,6 +314,7 @@ impl Conn for WriteConn {
 struct ReadConn {
     reader: Option<Reader>,
     pool: Arc<Mutex<Vec<Reader>>>,
+    generation: Arc<AtomicU64>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -321,8 +326,9 @@ impl ReadConn {
             .expect("connection present until dropped")
             .conn
     }
-    /// Give the connection back, its snapshot kept for the next read unit of work (`keep`)
-    /// or ended; a broken one is dropped.
+    /// Give the connection back, its snapshot kept for the next read unit of work (`keep`,
+    /// and still the newest: a write committed meanwhile ends it here, so no stale snapshot
+    /// waits in the pool holding the WAL back) or ended; a broken one is dropped.
     #[allow(clippy::boxed_local)] // called from `Conn` methods that own the box
     fn release(mut self: Box<Self>, keep: bool) {
         if let Some(mut r) = self.reader.take() {
@@ -330,6 +336,8 @@ impl ReadConn {
                 // the transaction ended under it (an error): nothing to keep
                 r.snapshot = None;
             }
+            let current = self.generation.load(Ordering::Acquire);
+            let keep = keep && r.snapshot.is_some_and(|(g, _)| g == current);
             if keep || r.end_snapshot() {
                 self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(r);
             }
@@ -444,12 +452,18 @@ mod tests {
             .iter()
             .all(|r| r.snapshot.is_none()));
         assert_eq!(value(&db).await, 2);
-        // a reader in use while a write commits is given back with its old snapshot, which
-        // the next read does not use
+        // a reader in use while a write commits ends its old snapshot when given back
         let mut busy = db.begin(false).await.unwrap();
         assert_eq!(busy.query("SELECT a FROM t", &[]).await.unwrap().len(), 1);
         set(&db, 3).await;
         busy.commit().await.unwrap();
+        let now = db.generation.load(Ordering::Acquire);
+        assert!(db
+            .readers
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|r| r.snapshot.is_none_or(|(g, _)| g == now)));
         for _ in 0..READERS + 1 {
             assert_eq!(value(&db).await, 3);
         }

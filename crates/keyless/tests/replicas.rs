@@ -641,12 +641,18 @@ async fn two_replicas_survive_a_crash_and_a_database_outage() {
         if victim_is_a { "A" } else { "B" },
         started.elapsed()
     );
-    {
+    // the victim's time down: from just before the kill until it listens again
+    let down = {
         let victim = if victim_is_a { &mut a } else { &mut b };
+        let from = Instant::now();
         victim.kill9();
         tokio::time::sleep(Duration::from_secs(2)).await;
         victim.restart();
-    }
+        Down {
+            victim_is_a,
+            during: from..Instant::now(),
+        }
+    };
     let outage_at = Duration::from_secs(secs * 60 / 100);
     if let Some(rest) = outage_at.checked_sub(started.elapsed()) {
         tokio::time::sleep(rest).await;
@@ -797,9 +803,9 @@ async fn two_replicas_survive_a_crash_and_a_database_outage() {
     // the same JWKS from both replicas, apart from at most the key check interval plus one
     // reload (the documented staleness bound, `keys.rs`) plus one sample period. A replica
     // cannot learn of a key while the database is down: a divergence that overlaps the
-    // outage is timed from the database's return.
+    // outage counts its time before and after it.
     let samples = jwks_samples.lock().unwrap().clone();
-    let runs = divergences(&samples, started, &outage);
+    let runs = divergences(&samples, started, &outage, &down);
     for r in &runs {
         eprintln!("JWKS differed {r}");
     }
@@ -850,9 +856,10 @@ impl JwksSample {
     }
 }
 
-/// A time both replicas answered with different JWKS: from its first differing sample to the
-/// first sample that is not (`upper`, the bound a sampler can give; one replica not answering
-/// ends it, as a replica loads the keys afresh when it starts), and what each published.
+/// A time the replicas answered with different JWKS: from its first differing sample to the
+/// first agreeing one, or to the first in which the killed replica is down (it loads the whole
+/// ring when it starts); a sample in which a replica did not answer at another time neither
+/// ends nor extends it. `upper` is the bound a sampler can give.
 #[derive(Debug)]
 struct Divergence {
     /// seconds since the chaos clock started (negative: before it)
@@ -861,6 +868,12 @@ struct Divergence {
     /// the kids of A and of B at the first and at the last differing sample
     first: (Vec<String>, Vec<String>),
     last: (Vec<String>, Vec<String>),
+}
+
+/// The killed replica and its time down.
+struct Down {
+    victim_is_a: bool,
+    during: std::ops::Range<Instant>,
 }
 
 impl std::fmt::Display for Divergence {
@@ -873,12 +886,13 @@ impl std::fmt::Display for Divergence {
     }
 }
 
-/// The divergences in `samples`; one that overlaps `outage` (the database down) counts from
-/// the outage's end.
+/// The divergences in `samples`; one that overlaps `outage` (the database down, when no
+/// replica can read a key) counts its time before and after the outage.
 fn divergences(
     samples: &[JwksSample],
     clock: Instant,
     outage: &std::ops::Range<Instant>,
+    down: &Down,
 ) -> Vec<Divergence> {
     let since = |at: Instant| match at.checked_duration_since(clock) {
         Some(d) => d.as_secs_f64(),
@@ -890,36 +904,50 @@ fn divergences(
             s.b.clone().unwrap_or_default(),
         )
     };
+    // the sample shows the killed replica down
+    let victim_down = |s: &JwksSample| {
+        let silent = if down.victim_is_a {
+            s.a.is_none()
+        } else {
+            s.b.is_none()
+        };
+        silent && down.during.contains(&s.at)
+    };
     let mut runs = vec![];
     let mut open: Option<(usize, usize)> = None;
     for (i, s) in samples.iter().enumerate() {
-        let end = match (s.differ(), open) {
-            (true, None) => {
-                open = Some((i, i));
+        let both = s.a.is_some() && s.b.is_some();
+        let end = match open {
+            None => {
+                if s.differ() {
+                    open = Some((i, i));
+                }
                 None
             }
-            (true, Some((f, _))) => {
+            Some((f, _)) if s.differ() => {
                 open = Some((f, i));
                 None
             }
-            (false, Some((f, l))) => Some((f, l, s.at)),
-            (false, None) => None,
+            Some((f, l)) if both || victim_down(s) => Some((f, l, s.at)),
+            // one replica did not answer this sample: the run goes on
+            Some(_) => None,
         };
         // still differing at the last sample: at least this long
         let end = end.or(match open {
-            Some((f, l)) if i + 1 == samples.len() => Some((f, l, s.at)),
+            Some((f, l)) if i + 1 == samples.len() => Some((f, l, samples[l].at)),
             _ => None,
         });
         if let Some((f, l, until)) = end {
             let (first, last) = (&samples[f], &samples[l]);
-            let from = if first.at < outage.end && until > outage.start {
-                first.at.max(outage.end)
+            let upper = if first.at < outage.end && until > outage.start {
+                outage.start.saturating_duration_since(first.at)
+                    + until.saturating_duration_since(outage.end)
             } else {
-                first.at
+                until.duration_since(first.at)
             };
             runs.push(Divergence {
                 from: since(first.at),
-                upper: until.saturating_duration_since(from),
+                upper,
                 first: kids(first),
                 last: kids(last),
             });

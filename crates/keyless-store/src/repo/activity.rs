@@ -14,6 +14,10 @@ use crate::db::{Backend, Param};
 use crate::store::{json, lower};
 use crate::*;
 
+/// How long (µs) a PostgreSQL row is held back behind an older running transaction at most
+/// (see [`Tx::list_activity`]).
+pub const ACTIVITY_HOLD_BACK_US: i64 = 10_000_000;
+
 impl Tx {
     /// Append an event and drop events older than `purge_before` (µs) in the same transaction;
     /// returns the event's `seq`. (On PostgreSQL the database stamps the row with this
@@ -57,6 +61,12 @@ impl Tx {
     /// was already shown. A row of a transaction at or above the mark (running, or committed
     /// while an older one still runs) is held back until every older writer has ended, then
     /// comes in above all that was listed — late, as Azure's own events do, never lost.
+    /// The hold-back is bounded: a row written [`ACTIVITY_HOLD_BACK_US`] ago (the database's
+    /// clock) is listed whatever still runs — the oldest running transaction may be anyone's
+    /// on the PostgreSQL server (another database's, a session left idle in a transaction),
+    /// and must not hide the log for as long as it runs. Only a Keyless write that commits
+    /// more than that after writing its event could then be passed; units of work last
+    /// milliseconds.
     /// If the event `q.after` names is gone (purged for its age), the page goes on by `seq`
     /// alone (only rows of its own age, at the retention's edge themselves, could be passed).
     pub async fn list_activity(&mut self, q: &ActivityQuery) -> Result<Vec<ActivityRecord>> {
@@ -100,9 +110,12 @@ impl Tx {
             sql.push_str(&format!(" AND {col} = ${}", args.len()));
         }
         if pg {
-            sql.push_str(
-                " AND txid < CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT)",
-            );
+            args.push(Param::Int(ACTIVITY_HOLD_BACK_US));
+            sql.push_str(&format!(
+                " AND (txid < CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS TEXT) AS BIGINT) \
+                 OR written_us < CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT) - ${})",
+                args.len()
+            ));
         }
         match after {
             None => {}

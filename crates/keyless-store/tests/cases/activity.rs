@@ -9,6 +9,7 @@ pub const CASES: &[(&str, crate::CaseFn)] = &[
     case!(lists_newest_first_filters_pages_and_purges),
     case!(concurrent_appends_each_get_their_own_seq),
     case!(a_late_commit_is_never_listed_below_rows_already_shown),
+    case!(an_older_running_transaction_holds_events_back_for_a_bounded_time),
 ];
 
 fn event(ts: i64, rg: &str, op: &str, corr: &str) -> ActivityRecord {
@@ -350,4 +351,26 @@ async fn a_late_commit_is_never_listed_below_rows_already_shown(s: Store) {
     let next = page(&s, first.last().map(|e| e.seq), 10).await;
     assert_eq!(seqs(&next), [x]);
     assert_eq!(seqs(&page(&s, None, 10).await), [w, z, x]);
+}
+
+async fn an_older_running_transaction_holds_events_back_for_a_bounded_time(s: Store) {
+    if s.backend() != Backend::Postgres {
+        return;
+    }
+    // a transaction that wrote and stays open (anyone's, on the server)
+    let mut stuck = s.write("test").await.unwrap();
+    stuck
+        .append_activity(&event(900, "rg", "w", "c900"), 0)
+        .await
+        .unwrap();
+    let later = append(&s, 901).await;
+    // committed after it: held back while it runs ...
+    assert!(!seqs(&page(&s, None, 100).await).contains(&later));
+    // ... but not for longer than the bound
+    tokio::time::sleep(std::time::Duration::from_micros(
+        ACTIVITY_HOLD_BACK_US as u64 + 500_000,
+    ))
+    .await;
+    assert!(seqs(&page(&s, None, 100).await).contains(&later));
+    drop(stuck);
 }
