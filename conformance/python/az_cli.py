@@ -76,7 +76,7 @@ class AzCli:
         self.run("cloud", "register", "-n", cloud, "--endpoint-resource-manager", info["serverUrl"])
         self.run("cloud", "set", "-n", cloud)
         return self("login", "--service-principal", "-u", info["adminClientId"],
-                    "-p", self.up.admin_secret, "--tenant", info["tenantId"])
+                    f"--password={self.up.admin_secret}", "--tenant", info["tenantId"])
 
 
 def new_az(up):

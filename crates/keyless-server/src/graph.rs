@@ -187,7 +187,7 @@ async fn create_app(
             ))?;
         certificates.push(der);
     }
-    let secret = crate::util::random_b64url(32);
+    let secret = crate::util::new_client_secret();
     let sp = keyless_store::ServicePrincipalRecord {
         client_id: crate::util::new_guid(),
         object_id: crate::util::new_guid(),

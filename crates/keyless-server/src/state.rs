@@ -3,7 +3,7 @@
 
 use crate::error::{Result, ServerError};
 use crate::keys::KeyRing;
-use crate::util::{new_guid, random_b64url};
+use crate::util::new_guid;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use keyless_core::clock::Clock;
@@ -358,7 +358,7 @@ async fn bootstrap_steps(
         Some(id) => (None, id),
         None => {
             let client_id = new_guid();
-            let secret = random_b64url(32);
+            let secret = crate::util::new_client_secret();
             tx.put_service_principal(&ServicePrincipalRecord {
                 client_id: client_id.clone(),
                 object_id: new_guid(),

@@ -11,6 +11,18 @@ pub fn random_b64url(n: usize) -> String {
     URL_SAFE_NO_PAD.encode(b)
 }
 
+/// A new client secret: 32 random bytes, base64url — never starting with `-`, which command
+/// lines read as an option (`az login -p <secret>` refuses one; Entra's secrets never start
+/// with it either).
+pub fn new_client_secret() -> String {
+    loop {
+        let s = random_b64url(32);
+        if !s.starts_with('-') {
+            return s;
+        }
+    }
+}
+
 pub fn new_guid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -44,6 +56,14 @@ pub fn utc_timestamp() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_secrets_never_start_with_a_dash() {
+        // one in 64 draws starts with '-': 2,000 draws would show it
+        let all: Vec<String> = (0..2_000).map(|_| new_client_secret()).collect();
+        assert!(all.iter().all(|s| !s.starts_with('-') && s.len() == 43));
+        assert!(all.iter().any(|s| s.contains('-')), "still base64url");
+    }
 
     #[test]
     fn formats_dates() {
