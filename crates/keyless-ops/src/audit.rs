@@ -48,8 +48,8 @@
 //! address and uid or pod), for the same identity and audience, on the same surface — an
 //! event equal to a full record written less than [`REPEAT_WINDOW`] before — is counted, not
 //! written; when the window ends (a task checks every [`SYNC_INTERVAL`]) or at
-//! [`Audit::flush`], one record equal to the full one plus `"repeats": N` stands for those N
-//! serves. So every (caller, identity, audience) that got a token is in the file before its
+//! [`Audit::flush`], one record equal to the full one plus `"repeats": N` and `"since"` (the
+//! full record's `time`) stands for those N serves. So every (caller, identity, audience) that got a token is in the file before its
 //! first answer of each window; what a `kill -9` can lose is the count of the current
 //! window's repeats. A client calling IMDS in a loop writes two lines a minute, not one per
 //! call. Refusals, fresh tokens and every server-side record are written one per answer. At
@@ -340,6 +340,9 @@ pub struct TokenEvent {
     /// (see the module doc).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub repeats: Option<u64>,
+    /// On a summary: the `time` of the full record it repeats (the window's start).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub since: Option<String>,
 }
 
 impl TokenEvent {
@@ -366,6 +369,7 @@ impl TokenEvent {
             reason: None,
             cached: None,
             repeats: None,
+            since: None,
         }
     }
     pub fn issued(mut self) -> Self {
@@ -559,8 +563,9 @@ struct Chain {
 struct RepeatWindow {
     ends: Instant,
     count: u64,
-    /// The full record's ticket.
+    /// The full record's ticket and `time`.
     ticket: u64,
+    since: String,
 }
 
 /// Records waiting for the writer: `(time, event JSON)`, in emit order; `enqueued` counts
@@ -927,9 +932,14 @@ impl Chain {
         self.wait_written(ticket).await
     }
 
-    /// Queue `event` (bounded) in order; its ticket.
+    /// Queue `event` (bounded) in order, recorded now; its ticket.
     fn queue(&self, event: &Event) -> u64 {
-        let record = (rfc3339_now(), event_json(event));
+        self.queue_at(event, rfc3339_now())
+    }
+
+    /// Queue `event` (bounded) in order with the record's `time`; its ticket.
+    fn queue_at(&self, event: &Event, time: String) -> u64 {
+        let record = (time, event_json(event));
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         p.records.push(record);
         p.enqueued += 1;
@@ -967,13 +977,15 @@ impl Chain {
             None => {}
         }
         // queued under the windows' lock: a repeat that finds the window finds its ticket
-        let ticket = self.queue(&Event::Token(ev.clone()));
+        let since = rfc3339_now();
+        let ticket = self.queue_at(&Event::Token(ev.clone()), since.clone());
         repeats.insert(
             ev,
             RepeatWindow {
                 ends: now + REPEAT_WINDOW,
                 count: 0,
                 ticket,
+                since,
             },
         );
         drop(repeats);
@@ -1000,6 +1012,7 @@ impl Chain {
             if w.count > 0 {
                 let mut summary = ev.clone();
                 summary.repeats = Some(w.count);
+                summary.since = Some(w.since.clone());
                 summaries.push(summary);
             }
             false
@@ -1628,6 +1641,8 @@ mod tests {
         let got = tokens(&path);
         let mut summary = cached("127.0.0.1:1000", arm);
         summary.repeats = Some(5);
+        // the window's start: the time of the full record it repeats
+        summary.since = Some(read(&path).unwrap()[0].time.clone());
         assert_eq!(got.len(), 8);
         assert_eq!(got[7], summary);
         assert_eq!(verify(&path).unwrap().records, 8);
@@ -1652,6 +1667,7 @@ mod tests {
         // at the end of the window: one summary (the caller with no repeat has none)
         let mut summary = cached("10.0.0.1:1", arm);
         summary.repeats = Some(2);
+        summary.since = Some(read(&path).unwrap()[0].time.clone());
         assert_eq!(
             chain.end_windows(Some(Instant::now() + REPEAT_WINDOW)),
             [summary]
