@@ -213,6 +213,16 @@ enum Allowed {
     Pod(Arc<IdentityIndex>, Arc<[BoundIdentity]>),
 }
 
+impl Allowed {
+    /// The identity `selector` names among these (borrowed from the set).
+    fn select(&self, selector: &Selector) -> std::result::Result<&IdentityRef, SelectionError> {
+        match self {
+            Allowed::Set(ids) => ids.select(selector),
+            Allowed::Pod(host, bound) => pod_identity::select(host, bound, selector),
+        }
+    }
+}
+
 /// The running agent's shared state.
 pub struct Agent {
     pub cfg: NodeConfig,
@@ -328,10 +338,10 @@ impl Agent {
         caller: CallerKind,
         selector: &Selector,
     ) -> std::result::Result<IdentityRef, SelectionError> {
-        match self.allowed(&caller).ok_or(SelectionError::NotFound)? {
-            Allowed::Set(ids) => ids.select(selector).cloned(),
-            Allowed::Pod(host, bound) => pod_identity::select(&host, &bound, selector).cloned(),
-        }
+        self.allowed(&caller)
+            .ok_or(SelectionError::NotFound)?
+            .select(selector)
+            .cloned()
     }
 
     pub(crate) fn nmi_state(&self) -> Option<Arc<nmi::NmiState>> {
@@ -490,15 +500,14 @@ impl Agent {
         // the caller may use at this moment ([`Agent::decide`], borrowing the chosen identity
         // from the caller's set instead of copying it)
         let allowed = self.allowed(&caller);
-        let chosen = match &allowed {
-            None => Err(SelectionError::NotFound),
-            Some(Allowed::Set(ids)) => ids.select(selector),
-            Some(Allowed::Pod(host, bound)) => pod_identity::select(host, bound, selector),
-        }
-        .map_err(|e| match e {
-            SelectionError::Ambiguous => TokenFailure::Ambiguous,
-            SelectionError::NotFound => TokenFailure::IdentityNotFound,
-        })?;
+        let chosen = allowed
+            .as_ref()
+            .ok_or(SelectionError::NotFound)
+            .and_then(|a| a.select(selector))
+            .map_err(|e| match e {
+                SelectionError::Ambiguous => TokenFailure::Ambiguous,
+                SelectionError::NotFound => TokenFailure::IdentityNotFound,
+            })?;
         let cid: std::borrow::Cow<'_, str> =
             if chosen.client_id.bytes().any(|b| b.is_ascii_uppercase()) {
                 chosen.client_id.to_ascii_lowercase().into()

@@ -48,10 +48,11 @@
 //! address and uid or pod), for the same identity and audience, on the same surface — an
 //! event equal to a full record written less than [`REPEAT_WINDOW`] before — is counted, not
 //! written; when the window ends (a task checks every [`SYNC_INTERVAL`]) or at
-//! [`Audit::flush`], one record equal to the full one plus `"repeats": N` and `"since"` (the
-//! full record's `time`) stands for those N serves. So every (caller, identity, audience) that got a token is in the file before its
-//! first answer of each window; what a `kill -9` can lose is the count of the current
-//! window's repeats. A client calling IMDS in a loop writes two lines a minute, not one per
+//! [`Audit::flush`], or at the next serve after it ended, one record equal to the full one
+//! plus `"repeats": N` and `"since"` (the full record's `time`) stands for those N serves. So
+//! every (caller, identity, audience) that got a token is in the file before its first answer
+//! of each window, and a repeat is answered only once that full record is; what a `kill -9`
+//! can lose is the count of the current window's repeats. A client calling IMDS in a loop writes two lines a minute, not one per
 //! call. Refusals, fresh tokens and every server-side record are written one per answer. At
 //! most [`MAX_REPEAT_KEYS`] windows are open; past that, serves get full records.
 //!
@@ -541,8 +542,7 @@ pub struct Audit {
     syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// The file and the end of its chain: taken by one emit at a time (FIFO), which numbers,
-/// chains and appends its record.
+/// The queue of records, the file with the end of its chain, and the repeat windows.
 struct Chain {
     /// Records serialized and in order, not yet written: an emit appends its own here (a
     /// short synchronous lock) and takes a ticket.
@@ -959,21 +959,27 @@ impl Chain {
     }
 
     /// A cached serve (`ev`, bounded): counted as a repeat of the full record of the same event
-    /// while its window is open (`true`), else queued as a full record (`false`; a first serve
-    /// opens a window — unless [`MAX_REPEAT_KEYS`] are open — while one whose window ended and
-    /// was not swept yet gets a full record of its own). Either way the ticket to wait for: a
+    /// while its window is open (`true`), else queued as a full record that opens a window
+    /// (`false`; a window that ended and was not swept yet is summarized first, unless
+    /// [`MAX_REPEAT_KEYS`] are open, when none is opened). Either way the ticket to wait for: a
     /// repeat is answered only once the full record it repeats is in the file.
     fn admit_serve(self: &Arc<Self>, ev: TokenEvent) -> (u64, bool) {
         let now = Instant::now();
         let mut repeats = self.repeats.lock().unwrap_or_else(|p| p.into_inner());
-        let open = repeats.len();
+        let full = repeats.len() >= MAX_REPEAT_KEYS;
         match repeats.get_mut(&ev) {
             Some(w) if now < w.ends => {
                 w.count += 1;
                 return (w.ticket, true);
             }
-            Some(_) => return (self.queue(&Event::Token(ev)), false),
-            None if open >= MAX_REPEAT_KEYS => return (self.queue(&Event::Token(ev)), false),
+            Some(_) => {
+                if let Some((ended, w)) = repeats.remove_entry(&ev) {
+                    if let Some(summary) = summary(ended, &w) {
+                        self.queue(&Event::Token(summary));
+                    }
+                }
+            }
+            None if full => return (self.queue(&Event::Token(ev)), false),
             None => {}
         }
         // queued under the windows' lock: a repeat that finds the window finds its ticket
@@ -1009,12 +1015,7 @@ impl Chain {
             if now.is_some_and(|n| n < w.ends) {
                 return true;
             }
-            if w.count > 0 {
-                let mut summary = ev.clone();
-                summary.repeats = Some(w.count);
-                summary.since = Some(w.since.clone());
-                summaries.push(summary);
-            }
+            summaries.extend(summary(ev.clone(), w));
             false
         });
         summaries
@@ -1067,6 +1068,15 @@ impl Chain {
         }
         self.done.store(upto, Ordering::Release);
     }
+}
+
+/// The summary record of window `w` of `ev` (none when it counted no repeat).
+fn summary(mut ev: TokenEvent, w: &RepeatWindow) -> Option<TokenEvent> {
+    (w.count > 0).then(|| {
+        ev.repeats = Some(w.count);
+        ev.since = Some(w.since.clone());
+        ev
+    })
 }
 
 /// Write the summaries of ended repeat windows, once a second, while the sink lives.
@@ -1679,6 +1689,38 @@ mod tests {
             3,
             "a new window opens with a full record"
         );
+    }
+
+    #[tokio::test]
+    async fn a_serve_after_its_window_ended_writes_the_summary_then_opens_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let a = Audit::open(&path).unwrap();
+        let chain = a.chain.clone().unwrap();
+        let arm = "https://management.azure.com/";
+        for _ in 0..3 {
+            a.token(cached("10.0.0.1:1", arm)).await;
+        }
+        // the window ends before the sweep came by
+        for w in chain.repeats.lock().unwrap().values_mut() {
+            w.ends = Instant::now();
+        }
+        a.token(cached("10.0.0.1:1", arm)).await;
+        let mut summary = cached("10.0.0.1:1", arm);
+        summary.repeats = Some(2);
+        summary.since = Some(read(&path).unwrap()[0].time.clone());
+        assert_eq!(
+            tokens(&path),
+            [
+                cached("10.0.0.1:1", arm),
+                summary,
+                cached("10.0.0.1:1", arm)
+            ]
+        );
+        // and the new window counts
+        a.token(cached("10.0.0.1:1", arm)).await;
+        assert_eq!(tokens(&path).len(), 3);
+        assert_eq!(verify(&path).unwrap().records, 3);
     }
 
     #[tokio::test]

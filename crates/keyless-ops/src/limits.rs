@@ -7,8 +7,7 @@
 //!   handshake within [`defaults::HANDSHAKE_TIMEOUT`]. The head's limit is kept by the
 //!   connection's own watchdog, not by a timer per request: a connection with no request in
 //!   flight is closed [`defaults::HEADER_READ_TIMEOUT`] after its last answer (or its accept) —
-//!   a head sent slowly and a keep-alive connection left idle alike — and never later than
-//!   [`defaults::IDLE_TIMEOUT`] whatever the phase.
+//!   a head sent slowly and a keep-alive connection left idle alike.
 //! - Per process ([`governor`]): the soft `RLIMIT_NOFILE` is raised to the hard limit and the
 //!   listeners together hold at most that minus a reserve (the store, outbound calls, files)
 //!   connections, and one caller at most [`ListenerLimits::per_caller`]. A full budget never
@@ -46,10 +45,10 @@ use tokio::sync::Notify;
 pub mod defaults {
     use std::time::Duration;
 
-    /// The request head must arrive within this (also the keep-alive idle limit).
+    /// A connection with no request in flight is closed this long after its last answer (or
+    /// its accept): the request head must arrive within it, and it is the keep-alive idle
+    /// limit.
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-    /// A connection with no request in flight is closed after this, whatever its phase.
-    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
     /// A handler must answer within this (504 otherwise).
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     /// A TLS handshake must complete within this.
@@ -493,7 +492,6 @@ pub fn retry_after_value(d: Duration) -> HeaderValue {
 #[derive(Debug, Clone)]
 pub struct ListenerLimits {
     pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_header_bytes: usize,
@@ -515,7 +513,6 @@ impl ListenerLimits {
             );
         ListenerLimits {
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
-            idle_timeout: defaults::IDLE_TIMEOUT,
             request_timeout: defaults::REQUEST_TIMEOUT,
             handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
             max_header_bytes: defaults::MAX_HEADER_BYTES,
@@ -885,7 +882,7 @@ where
                 tokio::select! {
                     _ = work => {}
                     _ = conn.signal.evict.notified() => {}
-                    _ = conn.idle_expired(limits.header_read_timeout.min(limits.idle_timeout)) => {}
+                    _ = conn.idle_expired(limits.header_read_timeout) => {}
                 }
             });
         }

@@ -182,7 +182,6 @@ pub struct AdminCredential {
     pub client_secret: String,
 }
 
-/// The host name of this machine.
 /// `iss` of this server's v1 and v2 tokens.
 pub fn issuers(base_url: &str, tenant_id: &str) -> (String, String) {
     (
@@ -191,6 +190,7 @@ pub fn issuers(base_url: &str, tenant_id: &str) -> (String, String) {
     )
 }
 
+/// The host name of this machine.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))

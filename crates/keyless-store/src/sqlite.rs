@@ -11,7 +11,8 @@
 //! another process, which the generation cannot see). So a read that follows an acknowledged
 //! write always sees it, and a run of reads skips `BEGIN`, `ROLLBACK` and the WAL's
 //! shared-memory lock (`fcntl`) each would take — about a fifth of a cached Key Vault GET.
-//! A commit also ends the snapshots idle in the pool, so none holds the WAL back. Waiting for a connection
+//! A commit first ends the snapshots idle in the pool, so none holds back the checkpoint it
+//! runs, and a reader given back after a commit ends its stale snapshot. Waiting for a connection
 //! is async; a statement itself runs on the calling task — microseconds for the page-cached
 //! lookups this store does. Prepared statements are cached per connection and the query
 //! planner keeps its first plan (`SQLITE_DBCONFIG_ENABLE_QPSG`: the bundled SQLite otherwise
@@ -41,6 +42,13 @@ struct Reader {
 }
 
 impl Reader {
+    fn open(path: &Path) -> Result<Self> {
+        Ok(Reader {
+            conn: open_conn(path)?,
+            snapshot: None,
+        })
+    }
+
     /// End its snapshot; `false` when the connection is broken (dropped then).
     fn end_snapshot(&mut self) -> bool {
         if self.snapshot.take().is_some() {
@@ -243,10 +251,7 @@ impl Db for SqliteDb {
         let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut reader = match pooled {
             Some(r) => r,
-            None => Reader {
-                conn: open_conn(&self.path)?,
-                snapshot: None,
-            },
+            None => Reader::open(&self.path)?,
         };
         // read before BEGIN: the snapshot is at least as new as the generation recorded
         let generation = self.generation.load(Ordering::Acquire);
@@ -255,10 +260,7 @@ impl Db for SqliteDb {
             .is_some_and(|(g, at)| g == generation && at.elapsed() < SNAPSHOT_REUSE);
         if !current {
             if !reader.end_snapshot() {
-                reader = Reader {
-                    conn: open_conn(&self.path)?,
-                    snapshot: None,
-                };
+                reader = Reader::open(&self.path)?;
             }
             run_plain(&reader.conn, "BEGIN")?;
             reader.snapshot = Some((generation, std::time::Instant::now()));
