@@ -32,6 +32,7 @@ pub mod fic;
 pub mod identity_type;
 pub mod imds;
 pub mod local_endpoints;
+pub mod mic;
 pub mod names;
 pub mod odata;
 pub mod pod_identity;

@@ -38,6 +38,9 @@ pub struct AzureIdentity {
     pub type_: i32,
     pub client_id: String,
     pub resource_id: String,
+    /// The `aadpodidentity.k8s.io/Behavior: namespaced` annotation: only pods of its own
+    /// namespace may use it, whatever the mode.
+    pub namespaced: bool,
 }
 
 /// An `AzureIdentityBinding`: pods whose `aadpodidbinding` label equals `selector` may use the
@@ -61,6 +64,8 @@ pub struct Exception {
 /// One identity a pod is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoundIdentity {
+    /// The AzureIdentity's namespace.
+    pub namespace: String,
     /// The AzureIdentity's name (the order of a pod's identities).
     pub name: String,
     pub client_id: String,
@@ -89,16 +94,85 @@ pub fn excepts(exception: &Exception, pod: &Pod) -> bool {
         })
 }
 
-/// The decision for `pod` given the cluster's bindings, identities and exceptions (objects of
-/// other namespaces may be passed; they never count).
-///
-/// Exceptions come first (as in NMI). Otherwise the pod is bound to every AzureIdentity of its
-/// namespace named by a binding of its namespace whose `selector` equals the pod's
-/// `aadpodidbinding` label exactly; identities of `type` other than 0, without a client id, or
-/// missing are skipped. The list is sorted by AzureIdentity name, so "the first identity" —
-/// what a request without `client_id` / `object_id` / `msi_res_id` gets — is deterministic
-/// (upstream's choice depended on informer order).
+/// Which namespaces a pod's bindings may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Namespacing {
+    /// Binding, identity and pod share a namespace (managed mode, and standard mode with
+    /// `--forceNamespaced`).
+    #[default]
+    Always,
+    /// Standard mode's default (upstream): a binding of any namespace selects pods of every
+    /// namespace by their label, unless its identity carries the
+    /// `aadpodidentity.k8s.io/Behavior: namespaced` annotation ([`AzureIdentity::namespaced`]).
+    ByIdentity,
+}
+
+/// The (binding, identity) pairs that bind `pod`: bindings whose `selector` equals the pod's
+/// `aadpodidbinding` label exactly, each naming an AzureIdentity of the binding's own namespace
+/// (a reference is namespace-local); under [`Namespacing::Always`], or for a namespaced
+/// identity, binding and identity must be in the pod's namespace. Identities of `type` other
+/// than 0 or without a client id are skipped. Sorted by identity (name, namespace), then
+/// binding (namespace, name); one entry per identity (its first binding). The one rule NMI
+/// ([`decide_in`]) and MIC (`crate::mic::desired`) both apply.
+pub fn matches<'a>(
+    mode: Namespacing,
+    pod: &Pod,
+    bindings: impl IntoIterator<Item = &'a Binding>,
+    identities: impl IntoIterator<Item = &'a AzureIdentity>,
+) -> Vec<(&'a Binding, &'a AzureIdentity)> {
+    let Some(label) = pod.labels.get(BINDING_LABEL) else {
+        return vec![];
+    };
+    let same_ns = |ns: &str| ns == pod.namespace;
+    let wanted: Vec<&Binding> = bindings
+        .into_iter()
+        .filter(|b| &b.selector == label)
+        .filter(|b| mode == Namespacing::ByIdentity || same_ns(&b.namespace))
+        .collect();
+    if wanted.is_empty() {
+        return vec![];
+    }
+    let mut by_ref: BTreeMap<(&str, &str), &AzureIdentity> = BTreeMap::new();
+    for id in identities {
+        by_ref
+            .entry((id.namespace.as_str(), id.name.as_str()))
+            .or_insert(id);
+    }
+    let mut found: BTreeMap<(&str, &str), (&Binding, &AzureIdentity)> = BTreeMap::new();
+    let mut sorted = wanted;
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    for b in sorted {
+        let Some(id) = by_ref.get(&(b.namespace.as_str(), b.azure_identity.as_str())) else {
+            continue;
+        };
+        let scoped = mode == Namespacing::Always || id.namespaced;
+        if id.type_ != 0 || id.client_id.is_empty() || (scoped && !same_ns(&id.namespace)) {
+            continue;
+        }
+        found
+            .entry((id.name.as_str(), id.namespace.as_str()))
+            .or_insert((b, id));
+    }
+    found.into_values().collect()
+}
+
+/// The decision for `pod` given the cluster's bindings, identities and exceptions, in managed
+/// mode ([`Namespacing::Always`]; objects of other namespaces may be passed, they never count).
 pub fn decide<'a>(
+    pod: &Pod,
+    bindings: impl IntoIterator<Item = &'a Binding>,
+    identities: impl IntoIterator<Item = &'a AzureIdentity>,
+    exceptions: impl IntoIterator<Item = &'a Exception>,
+) -> PodDecision {
+    decide_in(Namespacing::Always, pod, bindings, identities, exceptions)
+}
+
+/// The decision for `pod`: exceptions first (as in NMI; only those of the pod's namespace
+/// count), then the identities [`matches`] finds. The list is sorted by AzureIdentity name, so
+/// "the first identity" — what a request without `client_id` / `object_id` / `msi_res_id`
+/// gets — is deterministic (upstream's choice depended on informer order).
+pub fn decide_in<'a>(
+    mode: Namespacing,
     pod: &Pod,
     bindings: impl IntoIterator<Item = &'a Binding>,
     identities: impl IntoIterator<Item = &'a AzureIdentity>,
@@ -107,35 +181,19 @@ pub fn decide<'a>(
     if exceptions.into_iter().any(|e| excepts(e, pod)) {
         return PodDecision::Excepted;
     }
-    let Some(label) = pod.labels.get(BINDING_LABEL) else {
-        return PodDecision::NoBinding;
-    };
-    let wanted: std::collections::BTreeSet<&str> = bindings
+    let found: Vec<BoundIdentity> = matches(mode, pod, bindings, identities)
         .into_iter()
-        .filter(|b| b.namespace == pod.namespace && &b.selector == label)
-        .map(|b| b.azure_identity.as_str())
+        .map(|(_, id)| BoundIdentity {
+            namespace: id.namespace.clone(),
+            name: id.name.clone(),
+            client_id: id.client_id.clone(),
+            resource_id: id.resource_id.clone(),
+        })
         .collect();
-    if wanted.is_empty() {
-        return PodDecision::NoBinding;
-    }
-    let mut found: BTreeMap<&str, BoundIdentity> = BTreeMap::new();
-    for id in identities {
-        if id.namespace == pod.namespace
-            && id.type_ == 0
-            && !id.client_id.is_empty()
-            && wanted.contains(id.name.as_str())
-        {
-            found.entry(id.name.as_str()).or_insert(BoundIdentity {
-                name: id.name.clone(),
-                client_id: id.client_id.clone(),
-                resource_id: id.resource_id.clone(),
-            });
-        }
-    }
     if found.is_empty() {
         PodDecision::NoBinding
     } else {
-        PodDecision::Bound(found.into_values().collect())
+        PodDecision::Bound(found)
     }
 }
 
@@ -418,15 +476,17 @@ impl Trust {
     }
 }
 
-/// [`decide`] over the objects `trust` honours only.
+/// [`decide_in`] over the objects `trust` honours only.
 pub fn decide_trusted<'a>(
+    mode: Namespacing,
     trust: &Trust,
     pod: &Pod,
     bindings: impl IntoIterator<Item = &'a Binding>,
     identities: impl IntoIterator<Item = &'a AzureIdentity>,
     exceptions: impl IntoIterator<Item = &'a Exception>,
 ) -> PodDecision {
-    decide(
+    decide_in(
+        mode,
         pod,
         bindings,
         identities.into_iter().filter(|i| trust.identity(i)),
@@ -511,6 +571,7 @@ mod tests {
             type_: 0,
             client_id: cid.into(),
             resource_id: format!("/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"),
+            namespaced: false,
         }
     }
 
@@ -687,10 +748,11 @@ mod tests {
         let evil_pod = pod("evil", &[("aadpodidbinding", "x"), ("app", "x")]);
         let evil_ex = [ex("evil", "e")];
         assert_eq!(
-            decide_trusted(&t, &evil_pod, &bs, &ids, &evil_ex),
+            decide_trusted(Namespacing::Always, &t, &evil_pod, &bs, &ids, &evil_ex),
             PodDecision::NoBinding
         );
         let d = decide_trusted(
+            Namespacing::Always,
             &t,
             &pod("apps", &[("aadpodidbinding", "x")]),
             &bs,
@@ -700,18 +762,32 @@ mod tests {
         assert_eq!(names(&d), ["a-id"]);
         let probe = [ex("apps", "probe")];
         assert_eq!(
-            decide_trusted(&t, &pod("apps", &[("app", "x")]), &bs, &ids, &probe),
+            decide_trusted(
+                Namespacing::Always,
+                &t,
+                &pod("apps", &[("app", "x")]),
+                &bs,
+                &ids,
+                &probe
+            ),
             PodDecision::Excepted
         );
         // no profile: the operator's objects all count
         let op = Trust::of(None);
         assert_eq!(op, Trust::Operator);
         assert_eq!(
-            decide_trusted(&op, &evil_pod, &bs, &ids, &evil_ex),
+            decide_trusted(Namespacing::Always, &op, &evil_pod, &bs, &ids, &evil_ex),
             PodDecision::Excepted
         );
         assert_eq!(
-            names(&decide_trusted(&op, &evil_pod, &bs, &ids, &[])),
+            names(&decide_trusted(
+                Namespacing::Always,
+                &op,
+                &evil_pod,
+                &bs,
+                &ids,
+                &[]
+            )),
             ["steal"]
         );
         // the host view's JSON
@@ -763,6 +839,7 @@ mod tests {
         let bound = |v: &[(&str, &str)]| -> Vec<BoundIdentity> {
             v.iter()
                 .map(|(n, c)| BoundIdentity {
+                    namespace: "apps".into(),
                     name: n.to_string(),
                     client_id: c.to_string(),
                     resource_id: String::new(),
@@ -943,5 +1020,45 @@ mod tests {
         // partial objects parse with defaults
         let c: ClusterView = serde_json::from_value(serde_json::json!({"id": "x"})).unwrap();
         assert_eq!(c.kubelet_identity, None);
+    }
+
+    #[test]
+    fn standard_mode_binds_across_namespaces_unless_the_identity_is_namespaced() {
+        let mut scoped = ident("shared", "scoped", "cs");
+        scoped.namespaced = true;
+        let ids = [ident("shared", "shared-id", "cx"), scoped];
+        let bs = [
+            binding("shared", "b", "shared-id", "foo"),
+            binding("shared", "s", "scoped", "foo"),
+        ];
+        let p = pod("apps", &[("aadpodidbinding", "foo")]);
+        assert_eq!(
+            names(&decide_in(Namespacing::ByIdentity, &p, &bs, &ids, &[])),
+            ["shared-id"],
+            "a binding of another namespace selects the pod; the namespaced identity does not"
+        );
+        assert_eq!(
+            decide_in(Namespacing::Always, &p, &bs, &ids, &[]),
+            PodDecision::NoBinding
+        );
+        let home = pod("shared", &[("aadpodidbinding", "foo")]);
+        assert_eq!(
+            names(&decide_in(Namespacing::ByIdentity, &home, &bs, &ids, &[])),
+            ["scoped", "shared-id"]
+        );
+        // a binding names an identity of its own namespace only
+        let bs = [binding("apps", "b", "shared-id", "foo")];
+        assert_eq!(
+            decide_in(Namespacing::ByIdentity, &p, &bs, &ids, &[]),
+            PodDecision::NoBinding
+        );
+        // the pairs carry the binding
+        let bs = [binding("shared", "b", "shared-id", "foo")];
+        let m = matches(Namespacing::ByIdentity, &p, &bs, &ids);
+        assert_eq!(m.len(), 1);
+        assert_eq!(
+            (m[0].0.name.as_str(), m[0].1.name.as_str()),
+            ("b", "shared-id")
+        );
     }
 }

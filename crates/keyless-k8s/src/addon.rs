@@ -24,11 +24,8 @@ use crate::crd::{
 };
 use crate::K8sError;
 use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use keyless_kvagent::fetch::ImdsTokens;
-use keyless_ops::failover::{error_chain, retry_reason, Endpoints};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
@@ -80,10 +77,8 @@ fn managed_selector() -> String {
 /// Errors of one reconcile pass.
 #[derive(Debug, thiserror::Error)]
 pub enum AddonError {
-    #[error("managed-identity token: {0}")]
-    Token(String),
-    #[error("Keyless control plane {url}: {message}")]
-    Arm { url: String, message: String },
+    #[error(transparent)]
+    Arm(#[from] crate::arm::ArmError),
     #[error("the cluster's podIdentityProfile is unusable: {0}")]
     Profile(String),
     #[error(transparent)]
@@ -434,87 +429,37 @@ async fn ensure_namespaces(
     failed
 }
 
-/// Calls to the Keyless control plane with the add-on's managed identity.
+/// The add-on's calls to its cluster's actions, with its managed identity.
 struct Arm {
-    http: reqwest::Client,
-    servers: Endpoints,
-    tokens: tokio::sync::Mutex<ImdsTokens>,
-    cfg: AddonConfig,
+    arm: crate::arm::Arm,
+    cluster_id: String,
 }
 
-const ARM_RESOURCE: &str = "https://management.azure.com/";
-
 impl Arm {
-    fn new(cfg: AddonConfig) -> Result<Arm, AddonError> {
-        let certs = reqwest::Certificate::from_pem_bundle(cfg.ca_pem.as_bytes())
-            .map_err(|e| AddonError::Token(format!("the CA PEM: {e}")))?;
-        let http = reqwest::Client::builder()
-            .tls_certs_only(certs)
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| AddonError::Token(e.to_string()))?;
-        let tokens = ImdsTokens::new(
-            keyless_kvagent::settings::Authentication {
-                token_endpoint: cfg.imds_token_endpoint.clone(),
-                client_id: cfg.client_id.clone(),
-            },
-            &[],
-        )
-        .map_err(|e| AddonError::Token(e.to_string()))?;
-        let servers = Endpoints::new(cfg.server_urls.iter().cloned())
-            .ok_or_else(|| AddonError::Token("no server URL".into()))?
-            .counting(keyless_ops::metrics::AGENT_SERVER_FAILOVERS);
+    fn new(cfg: &AddonConfig) -> Result<Arm, AddonError> {
+        let arm = crate::arm::Arm::new(&crate::arm::ArmConfig {
+            server_urls: cfg.server_urls.clone(),
+            ca_pem: cfg.ca_pem.clone(),
+            imds_token_endpoint: cfg.imds_token_endpoint.clone(),
+            client_id: cfg.client_id.clone(),
+        })?;
         Ok(Arm {
-            http,
-            servers,
-            tokens: tokio::sync::Mutex::new(tokens),
-            cfg,
+            arm,
+            cluster_id: cfg.cluster_id.clone(),
         })
     }
 
     async fn post(&self, action: &str, body: &Value) -> Result<Value, AddonError> {
-        let token = self
-            .tokens
-            .lock()
-            .await
-            .token(ARM_RESOURCE)
-            .await
-            .map_err(|e| AddonError::Token(e.to_string()))?;
         let path = format!(
             "{}/{action}?api-version={}",
-            self.cfg.cluster_id,
+            self.cluster_id,
             defaults::API_VERSION
         );
-        // the next replica when this one cannot answer (no connection, 502/503/504)
-        let (url, resp) = self
-            .servers
-            .call(
-                |base| {
-                    let url = format!("{base}{path}");
-                    let req = self.http.post(&url).bearer_auth(&token).json(body);
-                    async move { (url, req.send().await) }
-                },
-                |(_, r)| retry_reason(r),
-            )
-            .await;
-        let fail = |message: String| AddonError::Arm {
-            url: url.clone(),
-            message,
-        };
-        let resp = resp.map_err(|e| fail(error_chain(&e)))?;
-        let status = resp.status();
-        let text = resp.text().await.map_err(|e| fail(e.to_string()))?;
-        if status.as_u16() == 401 {
-            self.tokens.lock().await.forget(ARM_RESOURCE);
-        }
-        if !status.is_success() {
-            return Err(fail(format!("HTTP {}: {text}", status.as_u16())));
-        }
-        if text.is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_str(&text).map_err(|e| fail(format!("bad JSON: {e}")))
+        let (v, _) = self
+            .arm
+            .call(reqwest::Method::POST, &path, Some(body), None)
+            .await?;
+        Ok(v)
     }
 }
 
@@ -582,59 +527,13 @@ async fn reconcile(client: &kube::Client, arm: &Arm) -> Result<(), AddonError> {
     Ok(())
 }
 
-/// Try to take or renew the Lease; true while this replica holds it.
-async fn hold_lease(client: &kube::Client, holder: &str) -> Result<bool, kube::Error> {
-    let api: Api<Lease> = Api::namespaced(client.clone(), defaults::LEASE_NAMESPACE);
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let fresh = |rv: Option<String>, acquire: Option<MicroTime>| Lease {
-        metadata: ObjectMeta {
-            name: Some(defaults::LEASE_NAME.to_string()),
-            namespace: Some(defaults::LEASE_NAMESPACE.to_string()),
-            resource_version: rv,
-            ..Default::default()
-        },
-        spec: Some(LeaseSpec {
-            holder_identity: Some(holder.to_string()),
-            lease_duration_seconds: Some(defaults::LEASE_SECONDS),
-            acquire_time: Some(acquire.unwrap_or(MicroTime(now))),
-            renew_time: Some(MicroTime(now)),
-            ..Default::default()
-        }),
-    };
-    let current = match api.get_opt(defaults::LEASE_NAME).await? {
-        None => {
-            return match api.create(&PostParams::default(), &fresh(None, None)).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-                Err(e) => Err(e),
-            };
-        }
-        Some(l) => l,
-    };
-    let spec = current.spec.clone().unwrap_or_default();
-    let mine = spec.holder_identity.as_deref() == Some(holder);
-    let expired = spec.renew_time.as_ref().is_none_or(|t| {
-        let secs = i64::from(
-            spec.lease_duration_seconds
-                .unwrap_or(defaults::LEASE_SECONDS),
-        );
-        t.0.as_second() + secs < now.as_second()
-    });
-    if !mine && !expired {
-        return Ok(false);
-    }
-    let acquire = if mine { spec.acquire_time } else { None };
-    match api
-        .replace(
-            defaults::LEASE_NAME,
-            &PostParams::default(),
-            &fresh(current.metadata.resource_version.clone(), acquire),
-        )
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-        Err(e) => Err(e),
+/// The add-on's Lease.
+fn lease(holder: &str) -> crate::lease::LeaseConfig {
+    crate::lease::LeaseConfig {
+        name: defaults::LEASE_NAME.to_string(),
+        namespace: defaults::LEASE_NAMESPACE.to_string(),
+        seconds: defaults::LEASE_SECONDS,
+        holder: holder.to_string(),
     }
 }
 
@@ -668,7 +567,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     ready: impl FnOnce(),
 ) -> Result<(), AddonError> {
-    let arm = Arm::new(cfg.clone())?;
+    let arm = Arm::new(&cfg)?;
+    let lease = lease(&cfg.holder);
     let wake = Arc::new(tokio::sync::Notify::new());
     watch_managed::<AzureIdentity>(&client, wake.clone());
     watch_managed::<AzureIdentityBinding>(&client, wake.clone());
@@ -681,7 +581,7 @@ pub async fn run(
     loop {
         let mut wait = cfg.profile_poll;
         if lease_checked.elapsed() >= defaults::LEASE_RENEW || !leader {
-            match hold_lease(&client, &cfg.holder).await {
+            match crate::lease::hold(&client, &lease).await {
                 Ok(l) => {
                     if l != leader {
                         tracing::info!(leader = l, "pod-identity add-on lease");

@@ -151,17 +151,29 @@ pub struct AzureAssignedIdentitySpec {
     pub replicas: Option<i32>,
 }
 
-/// `Created` | `Assigned` | `Unassigned`.
+/// `Created` | `Assigned` | `Unassigned`, and (a Keyless addition) why MIC could not attach
+/// the identity yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AssignedIdentityStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+    /// The last error of attaching the identity (ARM's code and message), cleared once
+    /// `Assigned`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StatusError>,
     #[serde(
         rename = "availableReplicas",
         default,
         skip_serializing_if = "Option::is_none"
     )]
     pub available_replicas: Option<i32>,
+}
+
+/// An error reported on an object's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StatusError {
+    pub code: String,
+    pub message: String,
 }
 
 /// `AzurePodIdentityException`: pods in this namespace carrying any one of `podLabels` (value
@@ -243,6 +255,105 @@ fn bound_integers(
     }
     for (n, p) in schema.properties.iter_mut().flat_map(|m| m.iter_mut()) {
         bound_integers(p, n);
+    }
+}
+
+/// Reading the kinds field by field from untyped objects (`DynamicObject`): one object a typed
+/// client could not read (an out-of-range integer an API server stored before the schema
+/// bounded it) must stop neither a watch nor a controller; a field that is not read cannot
+/// matter, and an unreadable `type` reads as -1, which is never served.
+pub mod read {
+    use keyless_core::mic::{AssignedState, Assignment, Existing, Key};
+    use keyless_core::pod_identity as pi;
+    use kube::api::DynamicObject;
+    use serde_json::Value;
+
+    fn str_at(v: &Value, field: &str) -> String {
+        v[field].as_str().unwrap_or_default().to_string()
+    }
+
+    /// An AzureIdentity from its JSON (`metadata` + `spec`).
+    fn identity_from(v: &Value) -> Option<pi::AzureIdentity> {
+        let spec = &v["spec"];
+        let type_ = match &spec["type"] {
+            Value::Null => 0,
+            t => t.as_i64().and_then(|t| i32::try_from(t).ok()).unwrap_or(-1),
+        };
+        let meta = &v["metadata"];
+        Some(pi::AzureIdentity {
+            namespace: meta["namespace"].as_str()?.to_string(),
+            name: meta["name"].as_str()?.to_string(),
+            type_,
+            client_id: str_at(spec, "clientID"),
+            resource_id: str_at(spec, "resourceID"),
+            namespaced: meta["annotations"][super::BEHAVIOR_ANNOTATION]
+                .as_str()
+                .is_some_and(|b| b.eq_ignore_ascii_case("namespaced")),
+        })
+    }
+
+    fn whole(o: &DynamicObject) -> Value {
+        let mut v = o.data.clone();
+        if let Value::Object(m) = &mut v {
+            m.insert(
+                "metadata".into(),
+                serde_json::to_value(&o.metadata).unwrap_or_default(),
+            );
+        }
+        v
+    }
+
+    pub fn identity(o: &DynamicObject) -> Option<pi::AzureIdentity> {
+        identity_from(&whole(o))
+    }
+
+    pub fn binding(o: &DynamicObject) -> Option<pi::Binding> {
+        Some(pi::Binding {
+            namespace: o.metadata.namespace.clone()?,
+            name: o.metadata.name.clone()?,
+            azure_identity: str_at(&o.data["spec"], "azureIdentity"),
+            selector: str_at(&o.data["spec"], "selector"),
+        })
+    }
+
+    /// An exception: labels whose value is not a string are left out.
+    pub fn exception(o: &DynamicObject) -> Option<pi::Exception> {
+        let pod_labels = o.data["spec"]["podLabels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(pi::Exception {
+            namespace: o.metadata.namespace.clone()?,
+            name: o.metadata.name.clone()?,
+            pod_labels,
+        })
+    }
+
+    /// An `AzureAssignedIdentity`: its key, what it assigns, its state.
+    pub fn assigned(o: &DynamicObject) -> Option<(Key, Existing)> {
+        let key = (o.metadata.namespace.clone()?, o.metadata.name.clone()?);
+        let spec = &o.data["spec"];
+        let identity = identity_from(&spec["azureIdentityRef"]).unwrap_or_default();
+        let b = &spec["azureBindingRef"]["metadata"];
+        let status = &o.data["status"];
+        let existing = Existing {
+            assignment: Assignment {
+                pod: str_at(spec, "pod"),
+                pod_namespace: str_at(spec, "podNamespace"),
+                node: str_at(spec, "nodename"),
+                identity,
+                binding: (str_at(b, "namespace"), str_at(b, "name")),
+            },
+            state: AssignedState::parse(status["status"].as_str()),
+            error: status["error"]["code"]
+                .as_str()
+                .map(|c| (c.to_string(), str_at(&status["error"], "message"))),
+        };
+        Some((key, existing))
     }
 }
 

@@ -5,7 +5,10 @@
 //! agent (`keyless-node`), which uses the types and client from here.
 
 pub mod addon;
+pub mod arm;
 pub mod crd;
+pub mod lease;
+pub mod mic;
 pub mod testing;
 
 pub use kube;

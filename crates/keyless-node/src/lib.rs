@@ -12,6 +12,7 @@
 //! pods are found by source IP in a watch-fed index ([`pods`]) and decided here like any other
 //! caller.
 
+pub mod attest;
 pub mod credential;
 pub mod extensions;
 pub mod imds;
@@ -167,7 +168,7 @@ struct Synced {
 }
 
 impl Synced {
-    fn build(view: Arc<HostView>, k8s_pod_ids: &HashSet<String>) -> Self {
+    fn build(view: Arc<HostView>, k8s_pod_ids: &HashSet<String>, standard_nmi: bool) -> Self {
         let ids = &view.identities;
         let excluded = pod_identity::excluded_from_excepted(view.cluster.as_ref(), k8s_pod_ids);
         let is_pod_identity =
@@ -181,10 +182,13 @@ impl Synced {
                 .cloned()
                 .collect(),
         };
-        let pod_identity_node = view
-            .cluster
-            .as_ref()
-            .is_some_and(|c| c.pod_identity.enabled);
+        // a node of a pod-identity cluster, or one where NMI runs in standard mode (MIC
+        // attaches pod identities to its scale set): the node itself is not a pod
+        let pod_identity_node = standard_nmi
+            || view
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.pod_identity.enabled);
         let all = Arc::new(IdentityIndex::new(ids.clone()));
         let excepted = Arc::new(IdentityIndex::new(excepted));
         let host = if pod_identity_node {
@@ -373,7 +377,12 @@ impl Agent {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let s = Arc::new(Synced::build(view, &k8s));
+        let standard = self
+            .cfg
+            .nmi
+            .as_ref()
+            .is_some_and(|n| matches!(n.mode, pods::Mode::Standard(_)));
+        let s = Arc::new(Synced::build(view, &k8s, standard));
         *slot = Some(s.clone());
         s
     }
@@ -824,7 +833,7 @@ mod tests {
         let k8s: HashSet<String> = ["kubelet".to_string()].into();
         let c =
             serde_json::json!({"podIdentity": {"enabled": true, "clientIds": ["POD-A", "pod-b"]}});
-        let s = Synced::build(view(Some(c)), &k8s);
+        let s = Synced::build(view(Some(c)), &k8s, false);
         assert_eq!(cids(&s.host), ["kubelet"], "host: never a pod identity");
         assert_eq!(cids(&s.extension), ["kubelet"]);
         assert_eq!(
@@ -835,11 +844,11 @@ mod tests {
         assert_eq!(cids(&s.all), ["kubelet", "pod-a", "pod-b"]);
         // pod identity not enabled: the host is every identity
         let c = serde_json::json!({"podIdentity": {"enabled": false, "clientIds": []}});
-        let s = Synced::build(view(Some(c)), &k8s);
+        let s = Synced::build(view(Some(c)), &k8s, false);
         assert_eq!(cids(&s.host), ["kubelet", "pod-a", "pod-b"]);
         // a plain scale set: the AzureIdentity objects seen (the operator's) are excluded
         let k8s: HashSet<String> = ["pod-a".to_string()].into();
-        let s = Synced::build(view(None), &k8s);
+        let s = Synced::build(view(None), &k8s, false);
         assert_eq!(cids(&s.host), ["kubelet", "pod-a", "pod-b"]);
         assert_eq!(cids(&s.excepted), ["kubelet", "pod-b"]);
     }

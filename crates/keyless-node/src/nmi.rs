@@ -38,7 +38,7 @@
 
 use crate::iptables::Redirect;
 use crate::pods::{self, Grant, IpMatch, PodEntry, PodIndex};
-use crate::serve::{fair_share, serve, text, Shape};
+use crate::serve::{fair_share, text, Shape};
 pub use crate::serve::{HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, REQUEST_TIMEOUT};
 use crate::{imds, Agent, CallerKind, NodeError, Result, TokenFailure};
 use axum::body::Body;
@@ -60,6 +60,14 @@ pub const DEFAULT_PORT: u16 = 2579;
 pub const IPTABLES_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 /// How long a request from an IP the index does not know waits for the index to change.
 pub const UNKNOWN_IP_WAIT: Duration = Duration::from_secs(1);
+/// Standard mode's wait for MIC (upstream's defaults: 16 × 5 s, then 4 × 5 s).
+pub const RETRY_ATTEMPTS_FOR_CREATED: u32 = 16;
+pub const RETRY_ATTEMPTS_FOR_ASSIGNED: u32 = 4;
+pub const FIND_IDENTITY_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// The `Retry-After` of standard mode's 503 (upstream's).
+pub const NOT_ASSIGNED_RETRY_AFTER: &str = "20";
+/// Where the kubelet's cgroups are found.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Settings of NMI on this node.
 #[derive(Debug, Clone)]
@@ -79,6 +87,22 @@ pub struct NmiConfig {
     pub metadata_header_required: bool,
     /// How often the iptables redirect is reconciled.
     pub iptables_interval: Duration,
+    /// Managed (the bindings decide) or standard (MIC's assigned identities too).
+    pub mode: pods::Mode,
+    /// Standard mode: a pod whose identity is not `Assigned` after the wait gets 503 +
+    /// `Retry-After` instead of 404.
+    pub set_retry_after_header: bool,
+    /// Standard mode's wait: up to `retry_attempts_for_created` × `find_identity_retry_interval`
+    /// for MIC to write the pod's assigned identity, then up to
+    /// `retry_attempts_for_assigned` × the interval for it to become `Assigned`.
+    pub retry_attempts_for_created: u32,
+    pub retry_attempts_for_assigned: u32,
+    pub find_identity_retry_interval: Duration,
+    /// Prove each pod's connection by the kernel (its socket in the pod's network namespace,
+    /// held by a process of the pod's cgroup) before answering it.
+    pub caller_attestation: bool,
+    /// Where the cgroup file system is mounted (the kubelet's `kubepods` tree).
+    pub cgroup_root: PathBuf,
 }
 
 impl NmiConfig {
@@ -91,6 +115,13 @@ impl NmiConfig {
             allow_network_plugin_kubenet: false,
             metadata_header_required: true,
             iptables_interval: IPTABLES_RECONCILE_INTERVAL,
+            mode: pods::Mode::Managed,
+            set_retry_after_header: false,
+            retry_attempts_for_created: RETRY_ATTEMPTS_FOR_CREATED,
+            retry_attempts_for_assigned: RETRY_ATTEMPTS_FOR_ASSIGNED,
+            find_identity_retry_interval: FIND_IDENTITY_RETRY_INTERVAL,
+            caller_attestation: true,
+            cgroup_root: PathBuf::from(CGROUP_ROOT),
         }
     }
 }
@@ -172,6 +203,19 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
             "--nmi-listen {listen}: pods are redirected with a DNAT, which cannot reach a loopback address; use an address of this node"
         )));
     }
+    let attestor = if cfg.caller_attestation {
+        let a = crate::attest::Attestor::new(cfg.cgroup_root.clone());
+        a.check().map_err(|why| {
+            nmi_err(format!(
+                "caller attestation cannot work on this node: {why} (pass --caller-attestation=false to run without it: pods are then told apart by their source IP only)"
+            ))
+        })?;
+        tracing::info!(cgroup_root = %cfg.cgroup_root.display(), "caller attestation on: each pod connection is proven by its socket and cgroup");
+        Some(Arc::new(a))
+    } else {
+        tracing::warn!("caller attestation is off (--caller-attestation=false): NMI tells pods apart by their source IP only, so a pod that takes another pod's IP gets its tokens");
+        None
+    };
     let client = keyless_k8s::client(cfg.kubeconfig.as_deref())
         .await
         .map_err(nmi_err)?;
@@ -182,6 +226,7 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
     index.set_trust(pi::Trust::of(
         agent.view().and_then(|v| v.cluster.clone()).as_ref(),
     ));
+    index.set_mode(cfg.mode);
 
     let bind = |a: SocketAddr| async move {
         keyless_ops::limits::bind(a)
@@ -215,6 +260,7 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
         agent: agent.clone(),
         index: index.clone(),
         cfg: cfg.clone(),
+        attestor,
     });
     let handler = {
         let st = st.clone();
@@ -230,9 +276,9 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
             )
         }
     };
-    let mut tasks = vec![serve(main, "NMI", handler.clone())];
+    let mut tasks = vec![serve_attested(main, handler.clone())];
     if let Some(l) = loopback {
-        tasks.push(serve(l, "NMI", handler));
+        tasks.push(serve_attested(l, handler));
     }
     agent.set_nmi(Some(st));
     let mut nmi = Nmi {
@@ -298,6 +344,58 @@ pub(crate) struct NmiState {
     pub(crate) index: Arc<PodIndex>,
     cfg: NmiConfig,
     imds: axum::Router,
+    attestor: Option<Arc<crate::attest::Attestor>>,
+}
+
+/// A connection's attestation, made once (the 4-tuple is the connection's for its lifetime):
+/// the pod uid it was proven for, or why it was not.
+#[derive(Clone, Default)]
+pub(crate) struct ConnAttestation(Arc<Mutex<Option<(String, std::result::Result<(), String>)>>>);
+
+/// [`serve`] with a [`ConnAttestation`] in every request of a connection.
+fn serve_attested<F, Fut>(
+    listener: tokio::net::TcpListener,
+    handler: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(SocketAddr, Request<Body>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send + 'static,
+{
+    keyless_ops::limits::serve_with(
+        listener,
+        keyless_ops::limits::governor(),
+        "NMI",
+        |tcp| async move { Some((tcp, ConnAttestation::default())) },
+        move |peer: keyless_ops::limits::Peer, req| handler.clone()(peer.addr, req),
+    )
+}
+
+/// Whether `peer`'s connection comes from `pod` (always, with attestation off): proven once
+/// per connection when the request carries its [`ConnAttestation`], else per request.
+fn attest(
+    st: &NmiState,
+    conn: Option<&ConnAttestation>,
+    pod: &PodEntry,
+    peer: SocketAddr,
+) -> std::result::Result<(), (String, &'static str)> {
+    let Some(a) = &st.attestor else {
+        return Ok(());
+    };
+    if let Some(c) = conn {
+        let memo = c.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((uid, verdict)) = memo.as_ref() {
+            if uid == &pod.uid {
+                return verdict.clone().map_err(|m| (m, "caller_not_attested"));
+            }
+        }
+    }
+    let verdict = a.verify(&pod.uid, peer);
+    let reason = verdict.as_ref().err().map(|e| e.reason());
+    let verdict = verdict.map_err(|e| e.to_string());
+    if let Some(c) = conn {
+        *c.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((pod.uid.clone(), verdict.clone()));
+    }
+    verdict.map_err(|m| (m, reason.unwrap_or("caller_not_attested")))
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response {
@@ -364,7 +462,8 @@ pub(crate) async fn handle(st: Arc<NmiState>, peer: SocketAddr, req: Request<Bod
     match route {
         Route::Token => {
             let query = req.uri().query().map(str::to_string);
-            pod_token(&st, peer, req.headers(), query.as_deref()).await
+            let conn = req.extensions().get::<ConnAttestation>().cloned();
+            pod_token(&st, peer, conn.as_ref(), req.headers(), query.as_deref()).await
         }
         Route::InvalidTokenPath => text(StatusCode::BAD_REQUEST, "Invalid request"),
         Route::HostToken => {
@@ -429,6 +528,7 @@ fn pod_caller(pod: &PodEntry, ip: Option<IpAddr>, mut who: audit::Caller) -> aud
 async fn pod_token(
     st: &NmiState,
     peer: SocketAddr,
+    conn: Option<&ConnAttestation>,
     h: &HeaderMap,
     query: Option<&str>,
 ) -> Response {
@@ -473,6 +573,42 @@ async fn pod_token(
         }
     };
     let who = pod_caller(&pod, Some(ip), who);
+    if let Err((why, reason)) = attest(st, conn, &pod, peer) {
+        tracing::warn!(%peer, pod = %format!("{}/{}", pod.namespace, pod.name), %why, "caller not attested: refused");
+        let ev = TokenEvent::new(Surface::Nmi, TokenKind::ManagedIdentity, who);
+        let r = text(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "the connection from {peer} does not come from pod {}/{}: {why}",
+                pod.namespace, pod.name
+            ),
+        );
+        return refused(st, ev, reason, r).await;
+    }
+    let pod = match wait_assigned(st, ip, pod, &req.selector).await {
+        Ok(p) => p,
+        Err((pod, refusal)) => {
+            let who = pod_caller(
+                &pod,
+                Some(ip),
+                audit::Caller {
+                    peer: Some(peer.to_string()),
+                    ..Default::default()
+                },
+            );
+            let mut ev = TokenEvent::new(Surface::Nmi, TokenKind::ManagedIdentity, who);
+            ev.audience = Some(req.resource.clone());
+            ev.identity = crate::requested_identity(&req.selector);
+            let mut r = refusal.response();
+            if refusal.0 == StatusCode::SERVICE_UNAVAILABLE {
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(NOT_ASSIGNED_RETRY_AFTER),
+                );
+            }
+            return refused(st, ev, refusal.2, r).await;
+        }
+    };
     if pod.grant == Grant::Excepted {
         // exactly what the node's IMDS answers, for the excepted caller kind
         return imds::token_for(
@@ -492,6 +628,95 @@ async fn pod_token(
             json(StatusCode::OK, &body)
         }
         Err(r) => refused(st, ev, r.2, r.response()).await,
+    }
+}
+
+/// The pending identities of `pod` that `selector` waits for (standard mode): the one it names,
+/// or — with no selector and nothing assigned yet — all of them.
+fn awaited<'a>(pod: &'a PodEntry, selector: &Selector) -> Vec<&'a pods::Pending> {
+    let names = |p: &pods::Pending| match selector {
+        Selector::ClientId(c) => p.identity.client_id.eq_ignore_ascii_case(c),
+        Selector::ResourceId(r) => {
+            keyless_core::resource_id::ResourceId::parse(r)
+                .ok()
+                .map(|x| x.key())
+                == keyless_core::resource_id::ResourceId::parse(&p.identity.resource_id)
+                    .ok()
+                    .map(|x| x.key())
+        }
+        // an object id is not in the AzureIdentity: wait for all of them
+        Selector::ObjectId(_) => true,
+        Selector::SystemAssigned => true,
+    };
+    let nothing_ready = matches!(&pod.grant, Grant::Bound(v) if v.is_empty());
+    match selector {
+        Selector::SystemAssigned | Selector::ObjectId(_) if !nothing_ready => vec![],
+        _ => pod.pending.iter().filter(|p| names(p)).collect(),
+    }
+}
+
+/// Standard mode: wait (on the index, no polling) until the identities the request needs are
+/// `Assigned` — for MIC to write the object within the created budget, then for `Assigned`
+/// within the assigned budget. MIC reporting an error ends the wait at once. Not assigned by
+/// then: 404 (503 + `Retry-After` with `--set-retry-after-header`) naming what is missing.
+async fn wait_assigned(
+    st: &NmiState,
+    ip: IpAddr,
+    mut pod: Arc<PodEntry>,
+    selector: &Selector,
+) -> std::result::Result<Arc<PodEntry>, (Arc<PodEntry>, Refusal)> {
+    if awaited(&pod, selector).is_empty() {
+        return Ok(pod);
+    }
+    let step = st.cfg.find_identity_retry_interval;
+    let t0 = tokio::time::Instant::now();
+    let created_by = t0 + step * st.cfg.retry_attempts_for_created;
+    let mut assigned_by: Option<tokio::time::Instant> = None;
+    let mut changed = st.index.subscribe();
+    loop {
+        let waiting = awaited(&pod, selector);
+        if waiting.is_empty() {
+            return Ok(pod);
+        }
+        let failed = waiting.iter().find_map(|p| p.error.clone().map(|e| (p, e)));
+        let seen = waiting.iter().any(|p| p.state.is_some());
+        if seen && assigned_by.is_none() {
+            assigned_by =
+                Some(tokio::time::Instant::now() + step * st.cfg.retry_attempts_for_assigned);
+        }
+        let deadline = assigned_by.unwrap_or(created_by);
+        if failed.is_some() || tokio::time::Instant::now() >= deadline {
+            let what: Vec<String> = waiting
+                .iter()
+                .map(|p| {
+                    let state = match (&p.state, &p.error) {
+                        (_, Some((code, msg))) => format!("MIC could not assign it: {code}: {msg}"),
+                        (Some(s), None) => format!("its AzureAssignedIdentity is {}", s.as_str()),
+                        (None, None) => "MIC has not created its AzureAssignedIdentity".to_string(),
+                    };
+                    format!("{}/{} ({state})", p.identity.namespace, p.identity.name)
+                })
+                .collect();
+            tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), waited_ms = t0.elapsed().as_millis() as u64, identities = ?what, "identity not assigned");
+            let status = if st.cfg.set_retry_after_header {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::NOT_FOUND
+            };
+            let msg = format!(
+                "{}: not assigned to pod {}/{} yet: {}",
+                pi::no_identity_message(selector),
+                pod.namespace,
+                pod.name,
+                what.join("; ")
+            );
+            return Err((pod, Refusal(status, msg, "identity_not_assigned")));
+        }
+        let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
+        match st.index.by_ip(ip) {
+            IpMatch::One(p) if p.namespace == pod.namespace && p.name == pod.name => pod = p,
+            _ => {}
+        }
     }
 }
 
@@ -515,17 +740,25 @@ async fn pod_identity_token(
         ev.identity = crate::requested_identity(&req.selector);
         return Err(not_found(&req.selector));
     };
-    match st
+    let caller = || CallerKind::Pod(bound.clone());
+    let mut r = st
         .agent
-        .token(
-            CallerKind::Pod(bound.clone()),
-            &req.selector,
-            &req.resource,
-            false,
-            ev,
-        )
-        .await
+        .token(caller(), &req.selector, &req.resource, false, ev)
+        .await;
+    if matches!(r, Err(TokenFailure::IdentityNotFound))
+        && matches!(st.cfg.mode, pods::Mode::Standard(_))
+        && !bound.is_empty()
     {
+        // MIC attached the identity a moment ago: this node's view of its scale set may be
+        // older than that; look again once
+        if st.agent.sync().await.is_ok() {
+            r = st
+                .agent
+                .token(caller(), &req.selector, &req.resource, false, ev)
+                .await;
+        }
+    }
+    match r {
         Ok(t) => {
             let body =
                 keyless_core::imds::token_response(&t, &req.selector, st.agent.clock.now());

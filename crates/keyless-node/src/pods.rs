@@ -31,12 +31,14 @@
 use crate::{NodeError, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod as K8sPod;
-use keyless_core::pod_identity::{self as pi, BoundIdentity, PodDecision};
-use keyless_k8s::crd::{AzureIdentity, AzureIdentityBinding, AzurePodIdentityException};
+use keyless_core::mic::{AssignedState, Existing};
+use keyless_core::pod_identity::{self as pi, BoundIdentity, Namespacing, PodDecision};
+use keyless_k8s::crd::{
+    AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
+};
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Resource};
-use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::net::IpAddr;
@@ -71,7 +73,33 @@ impl From<PodDecision> for Grant {
 pub struct PodEntry {
     pub namespace: String,
     pub name: String,
+    /// `metadata.uid` (names the pod's cgroup; empty when the object had none).
+    pub uid: String,
+    /// What NMI serves now (in standard mode: the bound identities MIC has `Assigned`).
     pub grant: Grant,
+    /// Standard mode: the bound identities not `Assigned` yet, and what their
+    /// `AzureAssignedIdentity` says (empty in managed mode).
+    pub pending: Arc<[Pending]>,
+}
+
+/// A bound identity NMI waits for (standard mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub identity: BoundIdentity,
+    /// The object's state; None while MIC has not written one.
+    pub state: Option<AssignedState>,
+    /// The error MIC reported on it (code, message).
+    pub error: Option<(String, String)>,
+}
+
+/// How NMI decides (`--operation-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The bindings decide (the AKS add-on's mode; always namespaced).
+    #[default]
+    Managed,
+    /// MIC's `AzureAssignedIdentity` objects must say `Assigned` too.
+    Standard(Namespacing),
 }
 
 /// The pods a source IP matches.
@@ -87,6 +115,8 @@ pub enum IpMatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodInfo {
     pub pod: pi::Pod,
+    /// `metadata.uid`.
+    pub uid: String,
     /// The IPs it answers for (empty unless Pending/Running and not on the host network).
     pub ips: Vec<IpAddr>,
 }
@@ -97,6 +127,7 @@ impl PodInfo {
         let namespace = p.metadata.namespace.clone()?;
         let name = p.metadata.name.clone()?;
         let labels = p.metadata.labels.clone().unwrap_or_default();
+        let uid = p.metadata.uid.clone().unwrap_or_default();
         let host_network = p
             .spec
             .as_ref()
@@ -123,6 +154,7 @@ impl PodInfo {
                 name,
                 labels,
             },
+            uid,
             ips,
         })
     }
@@ -132,54 +164,10 @@ impl PodInfo {
     }
 }
 
-fn spec_str(o: &DynamicObject, field: &str) -> String {
-    o.data["spec"][field]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// An `AzureIdentity` read field by field (see the module doc): a `type` that is not an int32
-/// reads as -1, which is never served.
-pub fn identity_of(o: &DynamicObject) -> Option<pi::AzureIdentity> {
-    let type_ = match &o.data["spec"]["type"] {
-        Value::Null => 0,
-        v => v.as_i64().and_then(|t| i32::try_from(t).ok()).unwrap_or(-1),
-    };
-    Some(pi::AzureIdentity {
-        namespace: o.metadata.namespace.clone()?,
-        name: o.metadata.name.clone()?,
-        type_,
-        client_id: spec_str(o, "clientID"),
-        resource_id: spec_str(o, "resourceID"),
-    })
-}
-
-pub fn binding_of(o: &DynamicObject) -> Option<pi::Binding> {
-    Some(pi::Binding {
-        namespace: o.metadata.namespace.clone()?,
-        name: o.metadata.name.clone()?,
-        azure_identity: spec_str(o, "azureIdentity"),
-        selector: spec_str(o, "selector"),
-    })
-}
-
-/// An exception read field by field: labels whose value is not a string are left out.
-pub fn exception_of(o: &DynamicObject) -> Option<pi::Exception> {
-    let pod_labels = o.data["spec"]["podLabels"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
-    Some(pi::Exception {
-        namespace: o.metadata.namespace.clone()?,
-        name: o.metadata.name.clone()?,
-        pod_labels,
-    })
-}
+pub use keyless_k8s::crd::read::{
+    assigned as assigned_of, binding as binding_of, exception as exception_of,
+    identity as identity_of,
+};
 
 struct PodRec {
     info: PodInfo,
@@ -193,6 +181,9 @@ struct NsObjects {
     exceptions: BTreeMap<String, pi::Exception>,
 }
 
+/// What the `AzureAssignedIdentity` objects of one pod say, by identity (namespace, name).
+type AssignedOfPod = BTreeMap<(String, String), (AssignedState, Option<(String, String)>)>;
+
 #[derive(Default)]
 struct Inner {
     pods: HashMap<PodKey, PodRec>,
@@ -200,21 +191,63 @@ struct Inner {
     by_ip: HashMap<IpAddr, Vec<Arc<PodEntry>>>,
     ns: HashMap<String, NsObjects>,
     trust: pi::Trust,
+    mode: Mode,
+    /// Standard mode: assigned identities of this node's pods, by pod, and each object's key
+    /// to its pod and identity (to undo it on delete).
+    assigned: HashMap<PodKey, AssignedOfPod>,
+    assigned_objects: HashMap<PodKey, (PodKey, (String, String))>,
 }
 
 impl Inner {
-    fn grant(&self, info: &PodInfo) -> Grant {
-        let d = match self.ns.get(&info.pod.namespace) {
-            Some(o) => pi::decide_trusted(
+    /// The grant and the pending identities of `info`.
+    fn grant(&self, info: &PodInfo) -> (Grant, Arc<[Pending]>) {
+        let namespacing = match self.mode {
+            Mode::Managed => Namespacing::Always,
+            Mode::Standard(n) => n,
+        };
+        let d = match namespacing {
+            Namespacing::Always => match self.ns.get(&info.pod.namespace) {
+                Some(o) => pi::decide_trusted(
+                    namespacing,
+                    &self.trust,
+                    &info.pod,
+                    o.bindings.values(),
+                    o.identities.values(),
+                    o.exceptions.values(),
+                ),
+                None => pi::decide(&info.pod, [], [], []),
+            },
+            // a binding of any namespace may select the pod
+            Namespacing::ByIdentity => pi::decide_trusted(
+                namespacing,
                 &self.trust,
                 &info.pod,
-                o.bindings.values(),
-                o.identities.values(),
-                o.exceptions.values(),
+                self.ns.values().flat_map(|o| o.bindings.values()),
+                self.ns.values().flat_map(|o| o.identities.values()),
+                self.ns
+                    .get(&info.pod.namespace)
+                    .into_iter()
+                    .flat_map(|o| o.exceptions.values()),
             ),
-            None => pi::decide(&info.pod, [], [], []),
         };
-        d.into()
+        let (Mode::Standard(_), PodDecision::Bound(all)) = (self.mode, &d) else {
+            return (d.into(), Arc::from([]));
+        };
+        let objects = self.assigned.get(&info.key());
+        let mut ready = vec![];
+        let mut pending = vec![];
+        for b in all {
+            let seen = objects.and_then(|m| m.get(&(b.namespace.clone(), b.name.clone())));
+            match seen {
+                Some((state, _)) if state.servable() => ready.push(b.clone()),
+                _ => pending.push(Pending {
+                    identity: b.clone(),
+                    state: seen.map(|s| s.0),
+                    error: seen.and_then(|s| s.1.clone()),
+                }),
+            }
+        }
+        (Grant::Bound(ready.into()), pending.into())
     }
 
     fn unlink_ips(&mut self, key: &PodKey, ips: &[IpAddr]) {
@@ -242,10 +275,13 @@ impl Inner {
             }
         }
         self.remove_pod(&key);
+        let (grant, pending) = self.grant(&info);
         let entry = Arc::new(PodEntry {
             namespace: key.0.clone(),
             name: key.1.clone(),
-            grant: self.grant(&info),
+            uid: info.uid.clone(),
+            grant,
+            pending,
         });
         self.link_ips(&entry, &info.ips);
         self.ns_pods
@@ -267,8 +303,10 @@ impl Inner {
         }
     }
 
-    /// Recompute the grants of the pods of `namespace` (all namespaces when None).
+    /// Recompute the grants of the pods of `namespace` (all namespaces when None, and whenever
+    /// bindings may cross namespaces).
     fn recompute(&mut self, namespace: Option<&str>) {
+        let namespace = namespace.filter(|_| self.mode != Mode::Standard(Namespacing::ByIdentity));
         let keys: Vec<PodKey> = match namespace {
             Some(ns) => self
                 .ns_pods
@@ -278,24 +316,58 @@ impl Inner {
             None => self.pods.keys().cloned().collect(),
         };
         for key in keys {
-            let Some(rec) = self.pods.get(&key) else {
-                continue;
+            self.recompute_pod(&key);
+        }
+    }
+
+    fn recompute_pod(&mut self, key: &PodKey) {
+        {
+            let Some(rec) = self.pods.get(key) else {
+                return;
             };
-            let grant = self.grant(&rec.info);
-            if grant == rec.entry.grant {
-                continue;
+            let (grant, pending) = self.grant(&rec.info);
+            if grant == rec.entry.grant && pending == rec.entry.pending {
+                return;
             }
             let ips = rec.info.ips.clone();
             let entry = Arc::new(PodEntry {
                 namespace: key.0.clone(),
                 name: key.1.clone(),
+                uid: rec.info.uid.clone(),
                 grant,
+                pending,
             });
+            let key = key.clone();
             self.unlink_ips(&key, &ips);
             self.link_ips(&entry, &ips);
             if let Some(rec) = self.pods.get_mut(&key) {
                 rec.entry = entry;
             }
+        }
+    }
+
+    /// Standard mode: an `AzureAssignedIdentity` of this node changed (None: deleted).
+    fn put_assigned(&mut self, object: PodKey, seen: Option<Existing>) {
+        if let Some((pod, id)) = self.assigned_objects.remove(&object) {
+            if let Some(m) = self.assigned.get_mut(&pod) {
+                m.remove(&id);
+                if m.is_empty() {
+                    self.assigned.remove(&pod);
+                }
+            }
+            self.recompute_pod(&pod);
+        }
+        if let Some(e) = seen {
+            let a = &e.assignment;
+            let pod = (a.pod_namespace.clone(), a.pod.clone());
+            let id = (a.identity.namespace.clone(), a.identity.name.clone());
+            let error = e.error.clone();
+            self.assigned
+                .entry(pod.clone())
+                .or_default()
+                .insert(id.clone(), (e.state, error));
+            self.assigned_objects.insert(object, (pod.clone(), id));
+            self.recompute_pod(&pod);
         }
     }
 
@@ -346,6 +418,45 @@ impl PodIndex {
             i.trust = trust;
             i.recompute(None);
         });
+    }
+
+    /// How NMI decides; a change recomputes every pod.
+    pub fn set_mode(&self, mode: Mode) {
+        self.write(|i| {
+            i.mode = mode;
+            i.recompute(None);
+        });
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.read(|i| i.mode)
+    }
+
+    /// Standard mode: an `AzureAssignedIdentity` of this node, (namespace, name) and what it says.
+    pub fn put_assigned(&self, key: PodKey, e: Existing) {
+        self.write(|i| i.put_assigned(key, Some(e)))
+    }
+
+    pub fn delete_assigned(&self, key: PodKey) {
+        self.write(|i| i.put_assigned(key, None))
+    }
+
+    pub fn replace_assigned(&self, all: Vec<(PodKey, Existing)>) {
+        self.write(|i| {
+            let keep: HashSet<&PodKey> = all.iter().map(|(k, _)| k).collect();
+            let gone: Vec<PodKey> = i
+                .assigned_objects
+                .keys()
+                .filter(|k| !keep.contains(k))
+                .cloned()
+                .collect();
+            for k in gone {
+                i.put_assigned(k, None);
+            }
+            for (k, e) in all {
+                i.put_assigned(k, Some(e));
+            }
+        })
     }
 
     /// Whether every watch has listed once (before that, NMI answers pods 503).
@@ -493,6 +604,11 @@ impl PodIndex {
             |o| (o.namespace.clone(), o.name.clone()),
             |n| &mut n.exceptions,
         )
+    }
+
+    /// A receiver told of every change to the index.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     /// The pods `ip` matches now.
@@ -696,7 +812,7 @@ pub async fn watch(
         watcher::Config::default(),
         "azurepodidentityexceptions",
         8,
-        ready,
+        ready.clone(),
         last_error.clone(),
         move |s| match s {
             Seen::Apply(o) => {
@@ -713,15 +829,42 @@ pub async fn watch(
             }
         },
     ));
+    // standard mode: MIC's AzureAssignedIdentity objects of this node
+    let all: u8 = if matches!(index.mode(), Mode::Standard(_)) {
+        let ix = index.clone();
+        tasks.push(spawn_watch(
+            untyped(ApiResource::erase::<AzureAssignedIdentity>(&())),
+            watcher::Config::default().labels(&format!("nodename={node}")),
+            "azureassignedidentities",
+            16,
+            ready.clone(),
+            last_error.clone(),
+            move |s| match s {
+                Seen::Apply(o) => {
+                    if let Some((k, e)) = assigned_of(&o) {
+                        ix.put_assigned(k, e)
+                    }
+                }
+                Seen::Delete(o) => ix.delete_assigned(name_of(&o)),
+                Seen::Listed(all) => {
+                    ix.replace_assigned(all.iter().filter_map(assigned_of).collect())
+                }
+            },
+        ));
+        31
+    } else {
+        15
+    };
+    drop(ready);
     let mut rx = ready_rx.clone();
     let ix = index.clone();
     tasks.push(tokio::spawn(async move {
-        if rx.wait_for(|m| *m == 15).await.is_ok() {
+        if rx.wait_for(|m| *m == all).await.is_ok() {
             ix.mark_synced();
         }
     }));
     let watches = Watches { tasks };
-    let done = tokio::time::timeout(initial_wait, ready_rx.wait_for(|m| *m == 15)).await;
+    let done = tokio::time::timeout(initial_wait, ready_rx.wait_for(|m| *m == all)).await;
     let r = match done {
         Ok(Ok(_)) => Ok(()),
         _ => {
@@ -756,6 +899,7 @@ mod tests {
                     .map(|l| [(pi::BINDING_LABEL.to_string(), l.to_string())].into())
                     .unwrap_or_default(),
             },
+            uid: format!("uid-{name}"),
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
         }
     }
@@ -767,6 +911,7 @@ mod tests {
             type_: 0,
             client_id: cid.into(),
             resource_id: String::new(),
+            namespaced: false,
         }
     }
 
@@ -922,6 +1067,13 @@ mod tests {
         })))
         .unwrap();
         assert_eq!(ok, ident("apps", "a", "c").with_resource("/r"));
+        let scoped = identity_of(&dynamic(serde_json::json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+            "metadata": {"name": "a", "namespace": "apps", "annotations": {"aadpodidentity.k8s.io/Behavior": "namespaced"}},
+            "spec": {"clientID": "c"}
+        })))
+        .unwrap();
+        assert!(scoped.namespaced);
         let b = binding_of(&dynamic(serde_json::json!({
             "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
             "metadata": {"name": "b", "namespace": "apps"},

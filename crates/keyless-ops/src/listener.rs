@@ -27,6 +27,8 @@ pub mod defaults {
     pub const KV_AGENT: &str = "127.0.0.1:9466";
     /// `keyless pod-identity-addon`.
     pub const POD_IDENTITY_ADDON: &str = "127.0.0.1:9467";
+    /// `keyless mic`.
+    pub const MIC: &str = "127.0.0.1:9468";
 }
 
 /// Content type of the text exposition format.

@@ -53,6 +53,13 @@ pub const CERTIFICATE_DAYS_TO_EXPIRY: &str = "keyless_certificate_days_to_expiry
 /// Counter: certificate renewals. Labels `source` (`keyvault` | `kvagent`), `result`.
 pub const CERTIFICATE_RENEWALS: &str = "keyless_certificate_renewals_total";
 
+/// Counter: MIC's syncs (as the Lease holder). Label `result` (`ok` | `error`).
+pub const MIC_SYNCS: &str = "keyless_mic_syncs_total";
+/// Counter: MIC's identity writes (one PATCH of a VM or scale set). Label `result`.
+pub const MIC_TARGET_WRITES: &str = "keyless_mic_target_writes_total";
+/// Gauge: 1 while this MIC replica holds the Lease, else 0.
+pub const MIC_LEADER: &str = "keyless_mic_leader";
+
 /// Gauge (always 1): what is running. Labels `process`, `version`.
 pub const BUILD_INFO: &str = "keyless_build_info";
 /// Gauge: 1 when every readiness check passes, else 0. Label `process`.
@@ -149,6 +156,12 @@ pub fn describe() {
         "HTTP requests being answered, by surface."
     );
     describe_counter!(TOKENS_ISSUED, "Tokens issued, by surface and kind.");
+    describe_counter!(MIC_SYNCS, "MIC syncs as the Lease holder, by result.");
+    describe_counter!(
+        MIC_TARGET_WRITES,
+        "MIC identity writes (one PATCH of a VM or scale set), by result."
+    );
+    describe_gauge!(MIC_LEADER, "1 while this MIC replica holds the Lease.");
     describe_counter!(
         TOKEN_REFUSALS,
         "Token requests refused, by surface and reason."

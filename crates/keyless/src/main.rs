@@ -17,6 +17,7 @@ macro_rules! say {
 mod addon;
 mod admin;
 mod dbadmin;
+mod mic;
 mod ops;
 mod query;
 mod run;
@@ -73,6 +74,11 @@ enum Command {
     /// The AKS pod-identity add-on: keeps the aadpodidentity.k8s.io objects of a cluster in step
     /// with its podIdentityProfile (runs in the cluster, authenticates through its node's IMDS).
     PodIdentityAddon(addon::AddonArgs),
+    /// aad-pod-identity's Managed Identity Controller (standard mode): one AzureAssignedIdentity
+    /// per pod and identity its bindings select, the identities attached to the nodes' scale
+    /// sets / VMs through Keyless ARM (runs in the cluster, authenticates through its node's
+    /// IMDS; several replicas, one acts under a Lease).
+    Mic(mic::MicArgs),
     /// Readiness of the local server and host agent (their /readyz): a table, and a non-zero
     /// exit status when one is not ready.
     Status(ops::StatusArgs),
@@ -95,6 +101,7 @@ fn main() -> ExitCode {
         Command::Node(_) => Some("node"),
         Command::KvAgent(_) => Some("kv-agent"),
         Command::PodIdentityAddon(_) => Some("pod-identity-addon"),
+        Command::Mic(_) => Some("mic"),
         _ => None,
     };
     if let Some(p) = process {
@@ -135,6 +142,7 @@ fn main() -> ExitCode {
             Command::GetToken(a) => admin::get_token(a).await,
             Command::KvAgent(a) => run::kv_agent(a).await,
             Command::PodIdentityAddon(a) => addon::run(a).await,
+            Command::Mic(a) => mic::run(a).await,
             Command::Audit(c) => run::audit(c),
             Command::Status(a) => ops::status(a).await,
             Command::Admin(c) => dbadmin::run(c).await,

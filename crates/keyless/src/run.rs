@@ -282,6 +282,46 @@ pub struct NodeArgs {
     /// How often NMI's iptables rules are checked and repaired, in seconds.
     #[arg(long, default_value_t = keyless_node::nmi::IPTABLES_RECONCILE_INTERVAL.as_secs())]
     pub ipt_update_interval_sec: u64,
+    /// NMI's mode: `managed` (the bindings decide; the AKS add-on's mode) or `standard` (MIC
+    /// attaches identities on demand; a pod is served once its AzureAssignedIdentity is
+    /// Assigned).
+    #[arg(long, value_enum, default_value_t = OperationMode::Managed)]
+    pub operation_mode: OperationMode,
+    /// Standard mode: bindings select pods of their own namespace only (must match MIC's).
+    #[arg(
+        long = "forceNamespaced",
+        visible_alias = "force-namespaced",
+        env = "FORCENAMESPACED"
+    )]
+    pub force_namespaced: bool,
+    /// Standard mode: answer 503 + `Retry-After: 20` instead of 404 when the identity is not
+    /// assigned after the wait.
+    #[arg(long)]
+    pub set_retry_after_header: bool,
+    /// Standard mode: wait up to this many intervals for MIC to create the assigned identity.
+    #[arg(long, default_value_t = keyless_node::nmi::RETRY_ATTEMPTS_FOR_CREATED)]
+    pub retry_attempts_for_created: u32,
+    /// Standard mode: then up to this many intervals for it to become Assigned.
+    #[arg(long, default_value_t = keyless_node::nmi::RETRY_ATTEMPTS_FOR_ASSIGNED)]
+    pub retry_attempts_for_assigned: u32,
+    /// Standard mode: the interval of those waits, in seconds.
+    #[arg(long, default_value_t = keyless_node::nmi::FIND_IDENTITY_RETRY_INTERVAL.as_secs())]
+    pub find_identity_retry_interval: u64,
+    /// Prove each pod connection by the kernel (its socket lives in the pod's network
+    /// namespace, held by a process of the pod's cgroup) before answering; false only where
+    /// that cannot work (pods are then told apart by source IP alone).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub caller_attestation: bool,
+    /// Where the host's cgroup file system is mounted (the kubelet's kubepods tree).
+    #[arg(long, default_value = keyless_node::nmi::CGROUP_ROOT)]
+    pub cgroup_root: PathBuf,
+}
+
+/// `--operation-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OperationMode {
+    Standard,
+    Managed,
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
@@ -526,6 +566,14 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
     if let Some(n) = &node.nmi {
         // printed once the watches have listed and the iptables redirect is in place
         say!("NMI endpoint: http://{}", n.addr);
+        say!(
+            "NMI caller attestation: {}",
+            if a.caller_attestation {
+                "on (each pod connection proven by its socket and cgroup)"
+            } else {
+                "OFF (--caller-attestation=false): pods are told apart by source IP only"
+            }
+        );
     }
     let health = keyless_ops::health::Health::new();
     keyless_node::ops::register_checks(&node, &health);
@@ -562,6 +610,20 @@ fn nmi_config(a: &NodeArgs) -> Result<Option<keyless_node::nmi::NmiConfig>, CliE
     c.allow_network_plugin_kubenet = a.allow_network_plugin_kubenet;
     c.metadata_header_required = a.metadata_header_required;
     c.iptables_interval = Duration::from_secs(a.ipt_update_interval_sec.max(1));
+    c.mode = match a.operation_mode {
+        OperationMode::Managed => keyless_node::pods::Mode::Managed,
+        OperationMode::Standard => keyless_node::pods::Mode::Standard(if a.force_namespaced {
+            keyless_core::pod_identity::Namespacing::Always
+        } else {
+            keyless_core::pod_identity::Namespacing::ByIdentity
+        }),
+    };
+    c.set_retry_after_header = a.set_retry_after_header;
+    c.retry_attempts_for_created = a.retry_attempts_for_created;
+    c.retry_attempts_for_assigned = a.retry_attempts_for_assigned;
+    c.find_identity_retry_interval = Duration::from_secs(a.find_identity_retry_interval);
+    c.caller_attestation = a.caller_attestation;
+    c.cgroup_root = a.cgroup_root.clone();
     Ok(Some(c))
 }
 

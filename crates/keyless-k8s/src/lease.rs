@@ -1,0 +1,96 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease: several replicas of a controller run,
+//! the holder acts. A replica takes the Lease when it is absent or its holder has not renewed
+//! it within its duration; the holder renews it well inside that. Writes are conditional on
+//! the Lease's `resourceVersion`, so two replicas cannot both take it.
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+
+/// Which Lease, for how long.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    pub name: String,
+    pub namespace: String,
+    pub seconds: i32,
+    /// This replica's name in the Lease.
+    pub holder: String,
+}
+
+/// Try to take or renew the Lease; true while this replica holds it.
+pub async fn hold(client: &kube::Client, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let fresh = |rv: Option<String>, acquire: Option<MicroTime>, transitions: Option<i32>| Lease {
+        metadata: ObjectMeta {
+            name: Some(cfg.name.clone()),
+            namespace: Some(cfg.namespace.clone()),
+            resource_version: rv,
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(cfg.holder.clone()),
+            lease_duration_seconds: Some(cfg.seconds),
+            acquire_time: Some(acquire.unwrap_or(MicroTime(now))),
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: transitions,
+            ..Default::default()
+        }),
+    };
+    let current = match api.get_opt(&cfg.name).await? {
+        None => {
+            return match api
+                .create(&PostParams::default(), &fresh(None, None, Some(0)))
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        }
+        Some(l) => l,
+    };
+    let spec = current.spec.clone().unwrap_or_default();
+    let mine = spec.holder_identity.as_deref() == Some(cfg.holder.as_str());
+    let expired = spec.renew_time.as_ref().is_none_or(|t| {
+        let secs = i64::from(spec.lease_duration_seconds.unwrap_or(cfg.seconds));
+        t.0.as_second() + secs < now.as_second()
+    });
+    if !mine && !expired {
+        return Ok(false);
+    }
+    let (acquire, transitions) = if mine {
+        (spec.acquire_time, spec.lease_transitions)
+    } else {
+        (None, Some(spec.lease_transitions.unwrap_or(0) + 1))
+    };
+    match api
+        .replace(
+            &cfg.name,
+            &PostParams::default(),
+            &fresh(
+                current.metadata.resource_version.clone(),
+                acquire,
+                transitions,
+            ),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The holder named in the Lease now (None when there is none).
+pub async fn holder(
+    client: &kube::Client,
+    cfg: &LeaseConfig,
+) -> Result<Option<String>, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    Ok(api
+        .get_opt(&cfg.name)
+        .await?
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity))
+}

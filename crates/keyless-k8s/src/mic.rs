@@ -1,0 +1,580 @@
+//! MIC, the standard-mode controller (`keyless mic`): keeps one `AzureAssignedIdentity` per
+//! pod × identity its bindings select, and the user-assigned identities those need attached to
+//! the nodes' VMs / scale sets through Keyless ARM, with its own managed identity (from its
+//! node's IMDS; it needs Virtual Machine Contributor on the node resource group and Managed
+//! Identity Operator on the identities, and reports ARM's refusal on the objects otherwise).
+//!
+//! Caches: reflectors over pods, nodes and the four kinds (the CRD kinds untyped, read field by
+//! field, `crate::crd::read`). Any event wakes the loop; events arriving within
+//! [`defaults::DEBOUNCE`] make one sync, and a sync runs at least every `resync` (self-healing:
+//! an identity removed from a scale set by hand is attached again). A sync is the plan of
+//! `keyless_core::mic::plan` carried out: objects written (`Created`), then per VM / scale set
+//! one GET and at most one PATCH (If-Match its ETag) adding and removing every identity that
+//! changed, then the objects marked `Assigned`, or `Unassigned` and deleted. A failed sync
+//! backs off (`RETRY_MIN` doubling to `RETRY_MAX`). Only the holder of the Lease syncs; other
+//! replicas keep their caches warm and take over when the holder stops renewing.
+
+use crate::arm::{Arm, ArmConfig, ArmError};
+use crate::crd::{read, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
+use crate::lease::{self, LeaseConfig};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use keyless_core::mic::{self as core, Assignment, Existing, Key, Plan};
+use keyless_core::pod_identity::{self as pi, Namespacing};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Resource;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// MIC's defaults, in one place.
+pub mod defaults {
+    use std::time::Duration;
+    /// Upstream's Lease name; namespace: `$POD_NAMESPACE`, else `default` (upstream).
+    pub const LEASE_NAME: &str = "aad-pod-identity-mic";
+    pub const LEASE_NAMESPACE: &str = "default";
+    pub const LEASE_SECONDS: i32 = 15;
+    pub const LEASE_RENEW: Duration = Duration::from_secs(5);
+    /// Events within this window after the first make one sync.
+    pub const DEBOUNCE: Duration = Duration::from_millis(200);
+    /// A full sync at least this often (re-attaches identities removed by hand).
+    pub const RESYNC: Duration = Duration::from_secs(60);
+    pub const RETRY_MIN: Duration = Duration::from_millis(500);
+    pub const RETRY_MAX: Duration = Duration::from_secs(30);
+    /// Object writes in flight at once (upstream `--createDeleteBatch`).
+    pub const WRITES_IN_FLIGHT: usize = 20;
+    /// The compute api-version of the VM / scale set calls.
+    pub const COMPUTE_API_VERSION: &str = "2023-09-01";
+}
+
+/// Settings of `keyless mic`.
+#[derive(Debug, Clone)]
+pub struct MicConfig {
+    pub arm: ArmConfig,
+    pub lease: LeaseConfig,
+    /// Client ids never detached (`--immutable-user-msis`; MIC's own identity is added).
+    pub immutable: Vec<String>,
+    pub namespacing: Namespacing,
+    pub resync: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MicError {
+    #[error(transparent)]
+    Arm(#[from] ArmError),
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The caches a sync reads.
+#[derive(Clone)]
+struct Caches {
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    identities: Store<DynamicObject>,
+    bindings: Store<DynamicObject>,
+    assigned: Store<DynamicObject>,
+}
+
+fn erased<K: Resource<DynamicType = ()>>() -> ApiResource {
+    ApiResource::erase::<K>(&())
+}
+
+/// Start a reflector over `api` feeding a store; every event wakes the loop.
+fn reflect<K>(
+    api: Api<K>,
+    dt: K::DynamicType,
+    wake: Arc<tokio::sync::Notify>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Store<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
+{
+    let writer = reflector::store::Writer::new(dt);
+    let reader = writer.as_reader();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    tasks.push(tokio::spawn(async move {
+        let mut s = std::pin::pin!(stream);
+        loop {
+            match s.try_next().await {
+                Ok(Some(_)) => wake.notify_one(),
+                Ok(None) => break,
+                Err(e) => tracing::warn!(error = %e, "MIC watch failed; retrying"),
+            }
+        }
+    }));
+    reader
+}
+
+/// The pods as MIC's rules see them.
+fn scheduled(p: &Pod) -> Option<core::ScheduledPod> {
+    Some(core::ScheduledPod {
+        pod: pi::Pod {
+            namespace: p.metadata.namespace.clone()?,
+            name: p.metadata.name.clone()?,
+            labels: p.metadata.labels.clone().unwrap_or_default(),
+        },
+        node: p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
+        finished: matches!(
+            p.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ),
+    })
+}
+
+/// The object MIC writes for `a` (spec only; the status follows).
+fn object(key: &Key, a: &Assignment) -> Value {
+    let id = &a.identity;
+    let mut id_meta = json!({"name": id.name, "namespace": id.namespace});
+    if id.namespaced {
+        id_meta["annotations"] = json!({crate::crd::BEHAVIOR_ANNOTATION: "namespaced"});
+    }
+    json!({
+        "apiVersion": "aadpodidentity.k8s.io/v1",
+        "kind": "AzureAssignedIdentity",
+        "metadata": {"name": key.1, "namespace": key.0, "labels": {"nodename": a.node}},
+        "spec": {
+            "azureIdentityRef": {"metadata": id_meta, "spec": {"type": id.type_, "clientID": id.client_id, "resourceID": id.resource_id}},
+            "azureBindingRef": {"metadata": {"name": a.binding.1, "namespace": a.binding.0}},
+            "pod": a.pod,
+            "podNamespace": a.pod_namespace,
+            "nodename": a.node,
+        }
+    })
+}
+
+struct Mic {
+    client: kube::Client,
+    arm: Arm,
+    cfg: MicConfig,
+    immutable: HashSet<String>,
+}
+
+/// What a target's GET said.
+struct TargetState {
+    identity: Value,
+    etag: Option<String>,
+    attached: BTreeSet<String>,
+}
+
+impl Mic {
+    fn assigned_api(&self, ns: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), ns, &erased::<AzureAssignedIdentity>())
+    }
+
+    async fn get_target(&self, id: &str) -> Result<TargetState, ArmError> {
+        let path = format!("{id}?api-version={}", defaults::COMPUTE_API_VERSION);
+        let (v, etag) = self
+            .arm
+            .call(reqwest::Method::GET, &path, None, None)
+            .await?;
+        let identity = v["identity"].clone();
+        let attached = identity["userAssignedIdentities"]
+            .as_object()
+            .map(|m| m.keys().map(|k| k.to_ascii_lowercase()).collect())
+            .unwrap_or_default();
+        let etag = etag.or_else(|| v["etag"].as_str().map(str::to_string));
+        Ok(TargetState {
+            identity,
+            etag,
+            attached,
+        })
+    }
+
+    async fn set_status(
+        &self,
+        key: &Key,
+        state: &str,
+        error: Option<(&str, &str)>,
+    ) -> Result<(), kube::Error> {
+        let err = match error {
+            Some((code, message)) => json!({"code": code, "message": message}),
+            None => Value::Null,
+        };
+        let patch = json!({"status": {"status": state, "error": err}});
+        self.assigned_api(&key.0)
+            .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+    }
+
+    /// Create the object, or rewrite its spec; then status `Created` (with `error`).
+    async fn write(
+        &self,
+        key: &Key,
+        a: &Assignment,
+        error: Option<(&str, &str)>,
+    ) -> Result<(), kube::Error> {
+        let api = self.assigned_api(&key.0);
+        let obj: DynamicObject =
+            serde_json::from_value(object(key, a)).map_err(kube::Error::SerdeError)?;
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                let patch = json!({"metadata": {"labels": {"nodename": a.node}}, "spec": object(key, a)["spec"]});
+                api.patch(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.set_status(key, "Created", error).await
+    }
+
+    async fn remove(&self, key: &Key) -> Result<(), kube::Error> {
+        match self.set_status(key, "Unassigned", None).await {
+            Ok(()) | Err(kube::Error::Api(_)) => {}
+            Err(e) => return Err(e),
+        }
+        match self
+            .assigned_api(&key.0)
+            .delete(&key.1, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Run `f` over `items`, [`defaults::WRITES_IN_FLIGHT`] at a time; the first error.
+    async fn each<T, F, Fut>(&self, items: Vec<T>, f: F) -> Result<(), kube::Error>
+    where
+        F: Fn(T) -> Fut,
+        Fut: std::future::Future<Output = Result<(), kube::Error>>,
+    {
+        let results: Vec<Result<(), kube::Error>> = futures::stream::iter(items.into_iter().map(f))
+            .buffer_unordered(defaults::WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// One sync; true when something was deferred (sync again soon).
+    async fn sync(&self, c: &Caches) -> Result<bool, MicError> {
+        let mode = self.cfg.namespacing;
+        let pods: Vec<core::ScheduledPod> =
+            c.pods.state().iter().filter_map(|p| scheduled(p)).collect();
+        let bindings: Vec<pi::Binding> = c
+            .bindings
+            .state()
+            .iter()
+            .filter_map(|o| read::binding(o))
+            .collect();
+        let identities: Vec<pi::AzureIdentity> = c
+            .identities
+            .state()
+            .iter()
+            .filter_map(|o| read::identity(o))
+            .collect();
+        let want = core::desired(mode, &pods, &bindings, &identities);
+        let existing: BTreeMap<Key, Existing> = c
+            .assigned
+            .state()
+            .iter()
+            .filter_map(|o| read::assigned(o))
+            .collect();
+        let targets: BTreeMap<String, String> = c
+            .nodes
+            .state()
+            .iter()
+            .filter_map(|n| {
+                let name = n.metadata.name.clone()?;
+                let pid = n.spec.as_ref()?.provider_id.clone()?;
+                Some((name, core::target_of_provider_id(&pid)?))
+            })
+            .collect();
+        let target_of = |node: &str| targets.get(node).cloned();
+        // one GET per VM / scale set involved
+        let involved: BTreeSet<String> = want
+            .values()
+            .map(|a| &a.node)
+            .chain(existing.values().map(|e| &e.assignment.node))
+            .filter_map(|n| target_of(n))
+            .collect();
+        let mut states: BTreeMap<String, TargetState> = BTreeMap::new();
+        let mut get_errors: BTreeMap<String, ArmError> = BTreeMap::new();
+        for t in &involved {
+            match self.get_target(t).await {
+                Ok(s) => {
+                    states.insert(t.to_ascii_lowercase(), s);
+                }
+                Err(e) => {
+                    tracing::warn!(target = %t, error = %e, "cannot read the VM / scale set");
+                    get_errors.insert(t.to_ascii_lowercase(), e);
+                }
+            }
+        }
+        let attached = |t: &str| {
+            states
+                .get(&t.to_ascii_lowercase())
+                .map(|s| s.attached.clone())
+        };
+        let plan: Plan = core::plan(&want, &existing, &target_of, &attached, &self.immutable);
+
+        // objects first (status Created)
+        let unplaced: HashSet<&Key> = plan.unplaced.iter().collect();
+        let no_target = (
+            "NodeNotPlaced",
+            "the node's spec.providerID names no VM or scale set",
+        );
+        let unplaced = &unplaced;
+        self.each(plan.write.iter().collect(), |(k, a)| async move {
+            let err = unplaced.contains(k).then_some(no_target);
+            self.write(k, a, err).await
+        })
+        .await?;
+        // wants whose target could not be read carry that error
+        for (k, a) in &want {
+            if let Some(e) =
+                target_of(&a.node).and_then(|t| get_errors.get(&t.to_ascii_lowercase()))
+            {
+                let code = e.code().unwrap_or("TargetUnreadable").to_string();
+                if existing
+                    .get(k)
+                    .and_then(|x| x.error.as_ref())
+                    .map(|e| e.0.as_str())
+                    != Some(code.as_str())
+                {
+                    self.set_status(k, "Created", Some((&code, &e.message())))
+                        .await?;
+                }
+            }
+        }
+        for (t, change) in &plan.targets {
+            let state = &states[t];
+            let id = involved
+                .iter()
+                .find(|x| x.eq_ignore_ascii_case(t))
+                .cloned()
+                .unwrap_or_else(|| t.clone());
+            let written = match core::identity_patch(&state.identity, &change.add, &change.remove) {
+                None => Ok(()),
+                Some(body) => {
+                    let path = format!("{id}?api-version={}", defaults::COMPUTE_API_VERSION);
+                    let r = self
+                        .arm
+                        .call(
+                            reqwest::Method::PATCH,
+                            &path,
+                            Some(&body),
+                            state.etag.as_deref(),
+                        )
+                        .await
+                        .map(drop);
+                    metrics::counter!(
+                        keyless_ops::metrics::MIC_TARGET_WRITES,
+                        "result" => keyless_ops::metrics::result_label(&r)
+                    )
+                    .increment(1);
+                    match &r {
+                        Ok(()) => tracing::info!(
+                            target = %id,
+                            added = change.add.len(),
+                            removed = change.remove.len(),
+                            "identities written"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(target = %id, error = %e, "identity write refused")
+                        }
+                    }
+                    r
+                }
+            };
+            match written {
+                Ok(()) => {
+                    self.each(change.assign.iter().collect(), |k| {
+                        self.set_status(k, "Assigned", None)
+                    })
+                    .await?;
+                    self.each(change.delete.iter().collect(), |k| self.remove(k))
+                        .await?;
+                }
+                Err(e) => {
+                    // reported on the objects waiting for this write; removed ones stay
+                    let code = e.code().unwrap_or("WriteFailed").to_string();
+                    let msg = e.message();
+                    self.each(change.assign.iter().collect(), |k| {
+                        let (code, msg) = (code.clone(), msg.clone());
+                        async move { self.set_status(k, "Created", Some((&code, &msg))).await }
+                    })
+                    .await?;
+                }
+            }
+        }
+        self.each(plan.orphaned.iter().collect(), |k| self.remove(k))
+            .await?;
+        Ok(!plan.deferred.is_empty())
+    }
+}
+
+/// Run MIC until `shutdown` resolves. `ready` is called once the caches have listed.
+pub async fn run(
+    cfg: MicConfig,
+    client: kube::Client,
+    shutdown: impl std::future::Future<Output = ()>,
+    ready: impl FnOnce(),
+    mut on_leader: impl FnMut(bool),
+) -> Result<(), MicError> {
+    let arm = Arm::new(&cfg.arm)?;
+    let mut immutable: HashSet<String> = cfg
+        .immutable
+        .iter()
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if let Some(own) = &cfg.arm.client_id {
+        immutable.insert(own.to_ascii_lowercase());
+    }
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let mut tasks = vec![];
+    let untyped = |r: ApiResource| Api::<DynamicObject>::all_with(client.clone(), &r);
+    let caches = Caches {
+        pods: reflect(
+            Api::<Pod>::all(client.clone()),
+            (),
+            wake.clone(),
+            &mut tasks,
+        ),
+        nodes: reflect(
+            Api::<Node>::all(client.clone()),
+            (),
+            wake.clone(),
+            &mut tasks,
+        ),
+        identities: reflect(
+            untyped(erased::<AzureIdentity>()),
+            erased::<AzureIdentity>(),
+            wake.clone(),
+            &mut tasks,
+        ),
+        bindings: reflect(
+            untyped(erased::<AzureIdentityBinding>()),
+            erased::<AzureIdentityBinding>(),
+            wake.clone(),
+            &mut tasks,
+        ),
+        assigned: reflect(
+            untyped(erased::<AzureAssignedIdentity>()),
+            erased::<AzureAssignedIdentity>(),
+            wake.clone(),
+            &mut tasks,
+        ),
+    };
+    struct Abort(Vec<tokio::task::JoinHandle<()>>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            for t in &self.0 {
+                t.abort();
+            }
+        }
+    }
+    let _tasks = Abort(tasks);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let listed = async {
+        caches.pods.wait_until_ready().await?;
+        caches.nodes.wait_until_ready().await?;
+        caches.identities.wait_until_ready().await?;
+        caches.bindings.wait_until_ready().await?;
+        caches.assigned.wait_until_ready().await
+    };
+    tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        r = listed => r.map_err(|e| MicError::Other(format!("caches: {e}")))?,
+    }
+    ready();
+    let mic = Mic {
+        client: client.clone(),
+        arm,
+        immutable,
+        cfg,
+    };
+    let mut leader = false;
+    let mut lease_checked = tokio::time::Instant::now() - defaults::LEASE_RENEW;
+    let mut backoff = defaults::RETRY_MIN;
+    let mut last_sync = tokio::time::Instant::now() - mic.cfg.resync;
+    // the error policy: after a failed sync, none before this
+    let mut not_before = tokio::time::Instant::now();
+    let mut pending = true;
+    loop {
+        if lease_checked.elapsed() >= defaults::LEASE_RENEW || !leader {
+            let was = leader;
+            leader = match lease::hold(&client, &mic.cfg.lease).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MIC lease");
+                    false
+                }
+            };
+            lease_checked = tokio::time::Instant::now();
+            if leader != was {
+                tracing::info!(leader, holder = %mic.cfg.lease.holder, "MIC lease");
+                metrics::gauge!(keyless_ops::metrics::MIC_LEADER).set(if leader {
+                    1.0
+                } else {
+                    0.0
+                });
+                on_leader(leader);
+                pending = true;
+            }
+        }
+        let mut wait = if leader {
+            mic.cfg.resync.saturating_sub(last_sync.elapsed())
+        } else {
+            defaults::LEASE_RENEW
+        };
+        if last_sync.elapsed() >= mic.cfg.resync {
+            pending = true;
+        }
+        if leader && pending && tokio::time::Instant::now() >= not_before {
+            let r = mic.sync(&caches).await;
+            metrics::counter!(
+                keyless_ops::metrics::MIC_SYNCS,
+                "result" => keyless_ops::metrics::result_label(&r)
+            )
+            .increment(1);
+            last_sync = tokio::time::Instant::now();
+            match r {
+                Ok(deferred) => {
+                    backoff = defaults::RETRY_MIN;
+                    pending = deferred;
+                    wait = if deferred {
+                        defaults::DEBOUNCE
+                    } else {
+                        mic.cfg.resync
+                    };
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "MIC sync failed");
+                    pending = true;
+                    wait = backoff;
+                    not_before = tokio::time::Instant::now() + backoff;
+                    backoff = (backoff * 2).min(defaults::RETRY_MAX);
+                }
+            }
+        }
+        let wait = wait
+            .min(defaults::LEASE_RENEW)
+            .max(not_before.saturating_duration_since(tokio::time::Instant::now()))
+            .max(Duration::from_millis(10));
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = wake.notified() => {
+                // a burst of events makes one sync
+                tokio::time::sleep(defaults::DEBOUNCE).await;
+                pending = true;
+            },
+            _ = tokio::time::sleep(wait) => {},
+        }
+    }
+}
