@@ -261,8 +261,8 @@ impl Mic {
         results.into_iter().collect()
     }
 
-    /// One sync; true when something was deferred (sync again soon).
-    async fn sync(&self, c: &Caches) -> Result<bool, MicError> {
+    /// One sync.
+    async fn sync(&self, c: &Caches) -> Result<Outcome, MicError> {
         let mode = self.cfg.namespacing;
         let pods: Vec<core::ScheduledPod> =
             c.pods.state().iter().filter_map(|p| scheduled(p)).collect();
@@ -352,6 +352,10 @@ impl Mic {
                 }
             }
         }
+        let mut outcome = Outcome {
+            again: !plan.deferred.is_empty(),
+            ..Outcome::default()
+        };
         for (t, change) in &plan.targets {
             let state = &states[t];
             let id = involved
@@ -359,65 +363,125 @@ impl Mic {
                 .find(|x| x.eq_ignore_ascii_case(t))
                 .cloned()
                 .unwrap_or_else(|| t.clone());
-            let written = match core::identity_patch(&state.identity, &change.add, &change.remove) {
-                None => Ok(()),
-                Some(body) => {
-                    let path = format!("{id}?api-version={}", defaults::COMPUTE_API_VERSION);
-                    let r = self
-                        .arm
-                        .call(
-                            reqwest::Method::PATCH,
-                            &path,
-                            Some(&body),
-                            state.etag.as_deref(),
-                        )
-                        .await
-                        .map(drop);
-                    metrics::counter!(
-                        keyless_ops::metrics::MIC_TARGET_WRITES,
-                        "result" => keyless_ops::metrics::result_label(&r)
-                    )
-                    .increment(1);
-                    match &r {
-                        Ok(()) => tracing::info!(
-                            target = %id,
-                            added = change.add.len(),
-                            removed = change.remove.len(),
-                            "identities written"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(target = %id, error = %e, "identity write refused")
-                        }
-                    }
-                    r
+            let (written, refused) = self.write_target(&id, state, change).await;
+            outcome.refused |= !refused.is_empty();
+            // what each object waiting for this write is told
+            let verdict = |k: &Key| -> Option<(String, String)> {
+                let rid = want.get(k).map(|a| a.identity.resource_id.to_ascii_lowercase())?;
+                if let Some(e) = refused.get(&rid) {
+                    return Some((e.code().unwrap_or("WriteFailed").to_string(), e.message()));
                 }
+                written
+                    .as_ref()
+                    .err()
+                    .map(|e| (e.code().unwrap_or("WriteFailed").to_string(), e.message()))
             };
+            let verdicts: Vec<(&Key, Option<(String, String)>)> =
+                change.assign.iter().map(|k| (k, verdict(k))).collect();
+            self.each(verdicts, |(k, v)| async move {
+                match &v {
+                    None => self.set_status(k, "Assigned", None).await,
+                    Some((code, msg)) => self.set_status(k, "Created", Some((code, msg))).await,
+                }
+            })
+            .await?;
             match written {
+                // removed objects go once their detach is written; else they stay for the retry
                 Ok(()) => {
-                    self.each(change.assign.iter().collect(), |k| {
-                        self.set_status(k, "Assigned", None)
-                    })
-                    .await?;
                     self.each(change.delete.iter().collect(), |k| self.remove(k))
-                        .await?;
+                        .await?
                 }
-                Err(e) => {
-                    // reported on the objects waiting for this write; removed ones stay
-                    let code = e.code().unwrap_or("WriteFailed").to_string();
-                    let msg = e.message();
-                    self.each(change.assign.iter().collect(), |k| {
-                        let (code, msg) = (code.clone(), msg.clone());
-                        async move { self.set_status(k, "Created", Some((&code, &msg))).await }
-                    })
-                    .await?;
-                }
+                Err(e) => outcome.failed.push(format!("{id}: {e}")),
             }
         }
         self.each(plan.orphaned.iter().collect(), |k| self.remove(k))
             .await?;
-        Ok(!plan.deferred.is_empty())
+        Ok(outcome)
+    }
+
+    /// The one identity write of a VM / scale set for `change`: Ok when written (or nothing to
+    /// write). An identity ARM refuses MIC by name (`LinkedAuthorizationFailed`: no assign
+    /// permission on it) is dropped and the rest written (upstream does the same), so one
+    /// identity MIC may not attach does not hold back every other pod of the scale set; the
+    /// refused ones are returned by lowercase resource id.
+    async fn write_target(
+        &self,
+        id: &str,
+        state: &TargetState,
+        change: &core::TargetChange,
+    ) -> (Result<(), ArmError>, BTreeMap<String, ArmError>) {
+        let mut add = change.add.clone();
+        let mut refused = BTreeMap::new();
+        loop {
+            let Some(body) = core::identity_patch(&state.identity, &add, &change.remove) else {
+                return (Ok(()), refused);
+            };
+            let path = format!("{id}?api-version={}", defaults::COMPUTE_API_VERSION);
+            let r = self
+                .arm
+                .call(
+                    reqwest::Method::PATCH,
+                    &path,
+                    Some(&body),
+                    state.etag.as_deref(),
+                )
+                .await
+                .map(drop);
+            metrics::counter!(
+                keyless_ops::metrics::MIC_TARGET_WRITES,
+                "result" => keyless_ops::metrics::result_label(&r)
+            )
+            .increment(1);
+            let e = match r {
+                Ok(()) => {
+                    tracing::info!(
+                        target = %id,
+                        added = add.len(),
+                        removed = change.remove.len(),
+                        "identities written"
+                    );
+                    return (Ok(()), refused);
+                }
+                Err(e) => e,
+            };
+            tracing::warn!(target = %id, error = %e, "identity write refused");
+            let named: Vec<String> = if e.code() == Some("LinkedAuthorizationFailed") {
+                let msg = e.message().to_ascii_lowercase();
+                add.iter()
+                    .filter(|r| msg.contains(&r.to_ascii_lowercase()))
+                    .cloned()
+                    .collect()
+            } else {
+                vec![]
+            };
+            if named.is_empty() {
+                return (Err(e), refused);
+            }
+            for r in named {
+                add.remove(&r);
+                let again = ArmError::Refused {
+                    url: String::new(),
+                    status: 403,
+                    code: e.code().unwrap_or_default().to_string(),
+                    message: e.message(),
+                };
+                refused.insert(r.to_ascii_lowercase(), again);
+            }
+        }
     }
 }
+
+/// What a sync left to do.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// Work deferred to the next sync (a write was full).
+    again: bool,
+    /// Identities ARM refused MIC: retried with back-off.
+    refused: bool,
+    /// VM / scale-set writes that failed: the sync counts as failed.
+    failed: Vec<String>,
+}
+
 
 /// Run MIC until `shutdown` resolves. `ready` is called once the caches have listed.
 pub async fn run(
@@ -505,6 +569,8 @@ pub async fn run(
     let mut last_sync = tokio::time::Instant::now() - mic.cfg.resync;
     // the error policy: after a failed sync, none before this
     let mut not_before = tokio::time::Instant::now();
+    // an identity ARM refused: sync again then
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let mut pending = true;
     loop {
         if lease_checked.elapsed() >= defaults::LEASE_RENEW || !leader {
@@ -533,11 +599,22 @@ pub async fn run(
         } else {
             defaults::LEASE_RENEW
         };
-        if last_sync.elapsed() >= mic.cfg.resync {
+        if let Some(t) = retry_at {
+            wait = wait.min(t.saturating_duration_since(tokio::time::Instant::now()));
+        }
+        if last_sync.elapsed() >= mic.cfg.resync
+            || retry_at.is_some_and(|t| tokio::time::Instant::now() >= t)
+        {
             pending = true;
         }
         if leader && pending && tokio::time::Instant::now() >= not_before {
-            let r = mic.sync(&caches).await;
+            let r = mic.sync(&caches).await.and_then(|o| {
+                if o.failed.is_empty() {
+                    Ok(o)
+                } else {
+                    Err(MicError::Other(o.failed.join("; ")))
+                }
+            });
             metrics::counter!(
                 keyless_ops::metrics::MIC_SYNCS,
                 "result" => keyless_ops::metrics::result_label(&r)
@@ -545,14 +622,19 @@ pub async fn run(
             .increment(1);
             last_sync = tokio::time::Instant::now();
             match r {
-                Ok(deferred) => {
-                    backoff = defaults::RETRY_MIN;
-                    pending = deferred;
-                    wait = if deferred {
-                        defaults::DEBOUNCE
+                Ok(o) => {
+                    pending = o.again;
+                    wait = if o.again { defaults::DEBOUNCE } else { mic.cfg.resync };
+                    if o.refused {
+                        // an identity ARM refused: look again after the back-off (a role may
+                        // be granted meanwhile); events still sync at once
+                        retry_at = Some(tokio::time::Instant::now() + backoff);
+                        wait = wait.min(backoff);
+                        backoff = (backoff * 2).min(defaults::RETRY_MAX);
                     } else {
-                        mic.cfg.resync
-                    };
+                        retry_at = None;
+                        backoff = defaults::RETRY_MIN;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "MIC sync failed");
