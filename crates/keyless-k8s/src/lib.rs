@@ -11,6 +11,7 @@ pub mod lease;
 pub mod mic;
 pub mod testing;
 
+pub use k8s_openapi;
 pub use kube;
 
 /// Errors talking to the Kubernetes API.

@@ -367,7 +367,9 @@ impl Mic {
             outcome.refused |= !refused.is_empty();
             // what each object waiting for this write is told
             let verdict = |k: &Key| -> Option<(String, String)> {
-                let rid = want.get(k).map(|a| a.identity.resource_id.to_ascii_lowercase())?;
+                let rid = want
+                    .get(k)
+                    .map(|a| a.identity.resource_id.to_ascii_lowercase())?;
                 if let Some(e) = refused.get(&rid) {
                     return Some((e.code().unwrap_or("WriteFailed").to_string(), e.message()));
                 }
@@ -481,7 +483,6 @@ struct Outcome {
     /// VM / scale-set writes that failed: the sync counts as failed.
     failed: Vec<String>,
 }
-
 
 /// Run MIC until `shutdown` resolves. `ready` is called once the caches have listed.
 pub async fn run(
@@ -624,7 +625,11 @@ pub async fn run(
             match r {
                 Ok(o) => {
                     pending = o.again;
-                    wait = if o.again { defaults::DEBOUNCE } else { mic.cfg.resync };
+                    wait = if o.again {
+                        defaults::DEBOUNCE
+                    } else {
+                        mic.cfg.resync
+                    };
                     if o.refused {
                         // an identity ARM refused: look again after the back-off (a role may
                         // be granted meanwhile); events still sync at once

@@ -44,9 +44,11 @@ use crate::{imds, Agent, CallerKind, NodeError, Result, TokenFailure};
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
+use keyless_core::pod_explain as pe;
 use keyless_core::pod_identity::{self as pi, Route};
 use keyless_core::selection::Selector;
 use keyless_ops::audit::{self, Surface, TokenEvent, TokenKind};
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -261,6 +263,7 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
         index: index.clone(),
         cfg: cfg.clone(),
         attestor,
+        refusals: Mutex::new(HashMap::new()),
     });
     let handler = {
         let st = st.clone();
@@ -345,7 +348,13 @@ pub(crate) struct NmiState {
     cfg: NmiConfig,
     imds: axum::Router,
     attestor: Option<Arc<crate::attest::Attestor>>,
+    /// The last refusals of each pod, for explanations.
+    refusals: Mutex<HashMap<(String, String), VecDeque<pe::RecentRefusal>>>,
 }
+
+/// Refusals kept per pod, and pods kept, for explanations.
+pub const REFUSALS_PER_POD: usize = 10;
+pub const REFUSAL_PODS: usize = 10_000;
 
 /// A connection's attestation, made once (the 4-tuple is the connection's for its lifetime):
 /// the pod uid it was proven for, or why it was not.
@@ -448,6 +457,9 @@ pub(crate) fn route_template(path: &str) -> String {
 
 /// NMI's answer to `req` from `peer`.
 pub(crate) async fn handle(st: Arc<NmiState>, peer: SocketAddr, req: Request<Body>) -> Response {
+    if req.uri().path() == EXPLAIN_PATH {
+        return explain(&st, peer, req.uri().query());
+    }
     let route = pi::route(req.uri().path(), st.cfg.block_instance_metadata);
     // the fair share counts exactly what is routed as a token request
     let _permit = if route.is_token() {
@@ -489,6 +501,86 @@ pub(crate) async fn handle(st: Arc<NmiState>, peer: SocketAddr, req: Request<Bod
     }
 }
 
+/// NMI's local explanation endpoint (`keyless aks pod-identity explain --agent`).
+pub const EXPLAIN_PATH: &str = "/explain";
+
+/// `GET /explain?namespace=NS&pod=NAME[&identity=CLIENT_ID]`, from the node itself only (its
+/// loopback): what NMI sees of the pod and why it is served or refused
+/// (`keyless_core::pod_explain`), with its last refusals.
+fn explain(st: &NmiState, peer: SocketAddr, query: Option<&str>) -> Response {
+    if !peer.ip().to_canonical().is_loopback() {
+        return text(
+            StatusCode::FORBIDDEN,
+            "explanations are served to the node itself only (127.0.0.1)",
+        );
+    }
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.unwrap_or("")).unwrap_or_default();
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let (Some(ns), Some(name)) = (get("namespace"), get("pod")) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "parameters namespace and pod are required",
+        );
+    };
+    let node = st.cfg.node_name.as_str();
+    let facts = st.index.explain_facts(ns, name, node);
+    let held: Option<std::collections::HashSet<String>> = st.agent.view().map(|v| {
+        v.identities
+            .system
+            .iter()
+            .chain(v.identities.user.iter())
+            .map(|i| i.client_id.to_ascii_lowercase())
+            .collect()
+    });
+    let rules = match st.cfg.mode {
+        pods::Mode::Managed => pe::Rules::Managed,
+        pods::Mode::Standard(n) => pe::Rules::Standard(n),
+    };
+    let empty = pods::ExplainFacts {
+        pod: Default::default(),
+        bindings: vec![],
+        identities: vec![],
+        exceptions: vec![],
+        assigned: vec![],
+        trust: pi::Trust::Operator,
+        mode: st.cfg.mode,
+    };
+    let f = facts.as_ref().unwrap_or(&empty);
+    let mut e = pe::explain(&pe::Facts {
+        namespace: ns,
+        name,
+        pod: facts.as_ref().map(|f| &f.pod),
+        agent_node: Some(node),
+        rules,
+        trust: &f.trust,
+        bindings: &f.bindings,
+        identities: &f.identities,
+        exceptions: &f.exceptions,
+        assigned: &f.assigned,
+        node_identities: held.as_ref(),
+        requested: get("identity"),
+    });
+    e.refusals = Some(
+        st.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(ns.to_string(), name.to_string()))
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default(),
+    );
+    json(
+        StatusCode::OK,
+        &serde_json::to_value(&e).unwrap_or_default(),
+    )
+}
+
 /// An NMI refusal: status, plain-text message, and the reason code its audit record carries.
 struct Refusal(StatusCode, String, &'static str);
 
@@ -508,6 +600,30 @@ fn parse_request(query: Option<&str>) -> std::result::Result<pi::PodTokenRequest
 
 /// Record `ev` as refused with `resp`'s status and `reason`, and answer `resp`.
 async fn refused(st: &NmiState, ev: TokenEvent, reason: &str, resp: Response) -> Response {
+    if let (Some(ns), Some(name)) = (&ev.caller.pod_namespace, &ev.caller.pod_name) {
+        let mut all = st.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        if all.len() >= REFUSAL_PODS && !all.contains_key(&(ns.clone(), name.clone())) {
+            // bounded: forget some pod's history (the pods of a node are far fewer)
+            if let Some(k) = all.keys().next().cloned() {
+                all.remove(&k);
+            }
+        }
+        let ring = all.entry((ns.clone(), name.clone())).or_default();
+        if ring.len() >= REFUSALS_PER_POD {
+            ring.pop_front();
+        }
+        ring.push_back(pe::RecentRefusal {
+            time: keyless_ops::audit::rfc3339_now(),
+            status: resp.status().as_u16(),
+            reason: reason.to_string(),
+            identity: ev
+                .identity
+                .client_id
+                .clone()
+                .or_else(|| ev.identity.resource_id.clone())
+                .or_else(|| ev.identity.object_id.clone()),
+        });
+    }
     st.agent
         .cfg
         .audit

@@ -82,6 +82,18 @@ pub struct PodEntry {
     pub pending: Arc<[Pending]>,
 }
 
+/// What [`PodIndex::explain_facts`] hands the explainer.
+#[derive(Debug, Clone)]
+pub struct ExplainFacts {
+    pub pod: keyless_core::pod_explain::PodFacts,
+    pub bindings: Vec<pi::Binding>,
+    pub identities: Vec<pi::AzureIdentity>,
+    pub exceptions: Vec<pi::Exception>,
+    pub assigned: Vec<Existing>,
+    pub trust: pi::Trust,
+    pub mode: Mode,
+}
+
 /// A bound identity NMI waits for (standard mode).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
@@ -117,6 +129,9 @@ pub struct PodInfo {
     pub pod: pi::Pod,
     /// `metadata.uid`.
     pub uid: String,
+    /// `status.phase` and `spec.hostNetwork` (for explanations).
+    pub phase: String,
+    pub host_network: bool,
     /// The IPs it answers for (empty unless Pending/Running and not on the host network).
     pub ips: Vec<IpAddr>,
 }
@@ -155,6 +170,12 @@ impl PodInfo {
                 labels,
             },
             uid,
+            phase: p
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default(),
+            host_network,
             ips,
         })
     }
@@ -606,6 +627,65 @@ impl PodIndex {
         )
     }
 
+    /// What an explanation of pod `namespace/name` reads (None: not a pod of this node).
+    pub fn explain_facts(&self, namespace: &str, name: &str, node: &str) -> Option<ExplainFacts> {
+        self.read(|i| {
+            let key = (namespace.to_string(), name.to_string());
+            let rec = i.pods.get(&key)?;
+            let info = &rec.info;
+            let assigned = i
+                .assigned
+                .get(&key)
+                .map(|m| {
+                    m.iter()
+                        .map(|((ins, iname), (state, error))| Existing {
+                            assignment: keyless_core::mic::Assignment {
+                                pod: name.to_string(),
+                                pod_namespace: namespace.to_string(),
+                                node: node.to_string(),
+                                identity: pi::AzureIdentity {
+                                    namespace: ins.clone(),
+                                    name: iname.clone(),
+                                    ..Default::default()
+                                },
+                                binding: Default::default(),
+                            },
+                            state: *state,
+                            error: error.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some(ExplainFacts {
+                pod: keyless_core::pod_explain::PodFacts {
+                    pod: info.pod.clone(),
+                    node: node.to_string(),
+                    phase: info.phase.clone(),
+                    ips: info.ips.iter().map(|i| i.to_string()).collect(),
+                    host_network: info.host_network,
+                },
+                bindings: i
+                    .ns
+                    .values()
+                    .flat_map(|o| o.bindings.values().cloned())
+                    .collect(),
+                identities: i
+                    .ns
+                    .values()
+                    .flat_map(|o| o.identities.values().cloned())
+                    .collect(),
+                exceptions: i
+                    .ns
+                    .values()
+                    .flat_map(|o| o.exceptions.values().cloned())
+                    .collect(),
+                assigned,
+                trust: i.trust.clone(),
+                mode: i.mode,
+            })
+        })
+    }
+
     /// A receiver told of every change to the index.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
@@ -900,6 +980,8 @@ mod tests {
                     .unwrap_or_default(),
             },
             uid: format!("uid-{name}"),
+            phase: "Running".into(),
+            host_network: false,
             ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
         }
     }

@@ -53,8 +53,9 @@ pub struct Conn {
     /// Subscription id (default: the one of the tenant).
     #[arg(long, env = "KEYLESS_SUBSCRIPTION_ID", global = true)]
     subscription: Option<String>,
-    #[arg(short = 'o', long, value_enum, default_value_t = Output::Json, global = true)]
-    output: Output,
+    /// Output format [default: json; `aks pod-identity explain`: text].
+    #[arg(short = 'o', long, value_enum, global = true)]
+    output: Option<Output>,
     /// JMESPath query of the output (the subset az scripts use: `a.b`, `a[0]`, `a[*].b`,
     /// `[a, b]`), e.g. `--query nodeResourceGroup -o tsv`.
     #[arg(long, global = true)]
@@ -223,7 +224,7 @@ impl Api {
                     servers,
                     token,
                     subscription: String::new(),
-                    output: c.output,
+                    output: c.output.unwrap_or_default(),
                     query,
                 };
                 let subs = api
@@ -245,7 +246,7 @@ impl Api {
             servers,
             token,
             subscription,
-            output: c.output,
+            output: c.output.unwrap_or_default(),
             query,
         })
     }
@@ -2311,6 +2312,11 @@ enum PodIdentityVerb {
         #[command(subcommand)]
         verb: ExceptionVerb,
     },
+    /// Why a pod gets (or does not get) an identity through NMI: the pod, its label, the
+    /// bindings and identities considered and why each counts or not, exceptions, the
+    /// assignment in standard mode, and (from the agent of the pod's node) its last refusals.
+    /// Plain text; `-o json` for JSON.
+    Explain(crate::explain::ExplainArgs),
 }
 
 #[derive(Subcommand)]
@@ -2497,6 +2503,22 @@ fn cluster_principal(cluster: &Value) -> Option<String> {
 }
 
 pub async fn aks(c: AksCmd) -> Result<(), CliError> {
+    if let AksVerb::PodIdentity {
+        verb: PodIdentityVerb::Explain(a),
+    } = c.cmd
+    {
+        // the API server (and the node's agent) answer; ARM only for a cluster's profile
+        let conn = c.conn.clone();
+        let profile = match (&a.resource_group, &a.cluster_name) {
+            (Some(rg), Some(name)) => {
+                let api = Api::connect(&conn).await?;
+                Some(api.get_cluster(rg, name).await?)
+            }
+            _ => None,
+        };
+        let json = matches!(conn.output, Some(Output::Json));
+        return crate::explain::run(a, profile, json).await;
+    }
     let api = Api::connect(&c.conn).await?;
     let v = match c.cmd {
         AksVerb::Create {
@@ -2724,6 +2746,11 @@ async fn pod_identity(api: &Api, verb: PodIdentityVerb) -> Result<Value, CliErro
             resource_group,
             cluster_name,
         } => api.get_cluster(&resource_group, &cluster_name).await?,
+        PodIdentityVerb::Explain(_) => {
+            return Err(CliError::Usage(
+                "explain is answered before connecting".into(),
+            ))
+        }
         PodIdentityVerb::Exception { verb } => match verb {
             ExceptionVerb::Add {
                 resource_group,

@@ -17,6 +17,7 @@ macro_rules! say {
 mod addon;
 mod admin;
 mod dbadmin;
+mod explain;
 mod mic;
 mod ops;
 mod query;
