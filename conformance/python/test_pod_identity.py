@@ -382,3 +382,61 @@ def test_removed_pod_identity_is_refused(fab, seed):
     # deletes the object on its own next pass
     wait_for(lambda: fab.cp.get("azureidentity", "my-pod-identity", "-n", "my-app") is None, timeout=30,
              step=0.1, what="the add-on deletes the AzureIdentity")
+
+
+def explain(fab, node_index, namespace, pod, *extra):
+    """`keyless aks pod-identity explain --agent` on a node (its NMI loopback endpoint): JSON."""
+    out = fab.nodes[node_index].run(keyless_bin(), "aks", "pod-identity", "explain", "--namespace", namespace,
+                                    "--pod", pod, "--agent", "http://127.0.0.1:2579", "-o", "json", *extra, check=False)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_explain_names_the_reason_of_each_refusal(fab, seed):
+    """The refusal matrix of seed 000, each with its reason, from the agent of the pod's node;
+    the agent's last refusals are listed; the CLI without --agent gives the same verdict from the
+    API server's objects (with the cluster's profile: -g / --cluster-name)."""
+    q = f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM}/"
+    pods = {p.k8s_name: p for p in fab.pods}
+    cases = [
+        ("demo-foo", "my-app", 1, "served"),
+        ("no-label", "my-app", 0, "no_label"),
+        ("demo", "my-app", 0, None),  # its pod identity was deleted from the profile
+        ("squatter", "other", 1, "binding_in_other_namespace"),
+        ("probe", "my-app", 0, "excepted"),
+        ("demo-late", "my-app", 1, None),  # its pod identity was deleted from the profile
+        ("thief", "evil", 0, "identity_not_trusted"),
+    ]
+    for name, ns, node, want in cases:
+        if name not in pods:
+            continue
+        e = explain(fab, node, ns, name)
+        assert e["source"] == f"agent of node aks-nodepool1-{node}", e
+        if want is None:
+            assert e["verdict"]["code"] in ("no_binding", "identity_missing", "identity_not_trusted"), e
+        else:
+            assert e["verdict"]["code"] == want, (name, e)
+        assert any(s["check"] == "pod" and s["ok"] for s in e["steps"]), e
+        # the CLI from the API server, with the cluster's profile
+        out = subprocess.run([keyless_bin(), "aks", "pod-identity", "explain", "--namespace", ns, "--pod", name,
+                              "--kubeconfig", fab.cp.kubeconfig, "-g", "myResourceGroup", "--cluster-name", "myAKSCluster",
+                              "-o", "json"], env=fab.admin_env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["verdict"]["code"] == e["verdict"]["code"], (name, out.stdout, e)
+    # another node's agent: the pod is not its
+    e = explain(fab, 0, "my-app", "demo-foo")
+    assert e["verdict"]["code"] == "not_on_this_node", e
+    # the last refusals of a pod, newest last, with their reasons
+    bare = pods["no-label"]
+    bare.curl(q)
+    e = explain(fab, 0, "my-app", "no-label")
+    assert e["refusals"] and e["refusals"][-1]["status"] == 404, e
+    assert e["refusals"][-1]["reason"] == "identity_not_found", e
+    # plain text by default, one line per step
+    out = fab.nodes[0].run(keyless_bin(), "aks", "pod-identity", "explain", "--namespace", "my-app", "--pod",
+                           "no-label", "--agent", "http://127.0.0.1:2579", check=False)
+    assert out.returncode == 0, out.stderr
+    assert "verdict: no_label" in out.stdout and "[no] label" in out.stdout, out.stdout
+    # explanations are for the node itself: a pod asking its NMI for one is refused
+    status, body = pods["demo-foo"].curl("/explain?namespace=my-app&pod=no-label")
+    assert status == 403, (status, body)

@@ -135,6 +135,8 @@ pub struct Nmi {
     /// The loopback listener (for `/host/token`), if separate.
     pub loopback_addr: Option<SocketAddr>,
     pub index: Arc<PodIndex>,
+    /// The DNAT this NMI keeps in place (the readiness check compares the chain with it).
+    pub redirect: Redirect,
     agent: Arc<Agent>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     _watches: pods::Watches,
@@ -288,6 +290,7 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
         addr,
         loopback_addr,
         index: index.clone(),
+        redirect: Redirect { target },
         agent: agent.clone(),
         tasks: Mutex::new(tasks),
         _watches: pods::Watches::default(),

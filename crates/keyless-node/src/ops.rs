@@ -35,16 +35,26 @@ pub fn register_checks(node: &RunningNode, health: &Health) {
                 Err("NMI's watches have not listed yet (pods get 503)".into())
             }
         });
-        // read-only: the jump from PREROUTING to the chain is in place (the reconcile loop
-        // repairs it; this reports the moments it is missing)
-        health.register("nmi iptables redirect", || {
+        // read-only: the jump from PREROUTING to the chain is in place and the chain holds
+        // exactly the DNAT to NMI (the reconcile loop repairs either; this reports the moments
+        // one is missing, so a probe fails while pods would reach the node's IMDS unredirected)
+        let redirect = n.redirect.clone();
+        health.register("nmi iptables redirect", move || {
             let listing = crate::iptables::iptables(&["-S", "PREROUTING"])?;
-            if crate::iptables::Redirect::prerouting_ok(&listing) {
+            if !crate::iptables::Redirect::prerouting_ok(&listing) {
+                return Err(format!(
+                    "PREROUTING does not jump to {} first",
+                    crate::iptables::CHAIN
+                ));
+            }
+            let chain = crate::iptables::iptables(&["-S", crate::iptables::CHAIN])?;
+            if redirect.chain_ok(&chain) {
                 Ok(())
             } else {
                 Err(format!(
-                    "PREROUTING does not jump to {} first",
-                    crate::iptables::CHAIN
+                    "chain {} does not hold the DNAT to {}",
+                    crate::iptables::CHAIN,
+                    redirect.target
                 ))
             }
         });

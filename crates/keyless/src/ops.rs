@@ -98,7 +98,8 @@ async fn read(client: &reqwest::Client, base: &str) -> Result<Report, String> {
     Ok(report)
 }
 
-/// `keyless status`: read `/readyz` of the server and the agent and print a table. Fails
+/// `keyless status`: read `/readyz` of the server and the agent (only those given, when an
+/// address is given) and print a table. Fails
 /// when a process that answers is not ready, when an address given on the command line does
 /// not answer, or when nothing answers at all.
 pub async fn status(a: StatusArgs) -> Result<(), CliError> {
@@ -108,11 +109,16 @@ pub async fn status(a: StatusArgs) -> Result<(), CliError> {
         .build()
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let mut rows = vec![];
+    // addresses given: only those (a probe of one process is not failed by another's)
+    let any_given = a.server_metrics.is_some() || a.node_metrics.is_some();
     for (what, addr, default) in [
         ("server", &a.server_metrics, defaults::SERVER),
         ("node", &a.node_metrics, defaults::NODE),
     ] {
         let given = addr.is_some();
+        if any_given && !given {
+            continue;
+        }
         let url = base_url(addr.as_deref().unwrap_or(default));
         let outcome = read(&client, &url).await;
         rows.push((given, Row { what, url, outcome }));
