@@ -292,10 +292,10 @@ def test_a_new_pod_waits_for_assigned_then_is_served(std):
     std.fab.cp.apply(binding_obj("not-mine-binding", "not-mine", "nope"))
     stuck = std.pod(1, "stuck", "apps", {"aadpodidbinding": "nope"})
     out = stuck.run("curl", "-s", "-i", "-m", "30", "-H", "Metadata: true", f"http://169.254.169.254{TOKEN_Q}", check=False).stdout
-    head, _, body = out.partition("\r\n\r\n")
+    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
     assert head.startswith("HTTP/1.1 503"), out
     assert "retry-after: 20" in head.lower(), head
-    assert "LinkedAuthorizationFailed" in body and "not-mine" in body, body
+    assert "LinkedAuthorizationFailed" in body and "not-mine" in body, out
     # the other identities of the scale set are not held back by it
     assert std.ids[0]["id"].lower() in std.scale_set_identities()
     assert other["id"].lower() not in std.scale_set_identities()

@@ -362,7 +362,10 @@ pub const REFUSAL_PODS: usize = 10_000;
 /// A connection's attestation, made once (the 4-tuple is the connection's for its lifetime):
 /// the pod uid it was proven for, or why it was not.
 #[derive(Clone, Default)]
-pub(crate) struct ConnAttestation(Arc<Mutex<Option<(String, std::result::Result<(), String>)>>>);
+pub(crate) struct ConnAttestation(Arc<Mutex<Option<Attested>>>);
+
+/// The pod uid a connection was attested for, and the verdict.
+type Attested = (String, std::result::Result<(), String>);
 
 /// [`serve`] with a [`ConnAttestation`] in every request of a connection.
 fn serve_attested<F, Fut>(

@@ -134,9 +134,14 @@ async fn write(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Re
     let rid = c.target;
     let b: VmBody = parse_body(c.body)?;
     let scope = rid.canonical();
+    let action = if rid.is_type(VMSS) {
+        "Microsoft.Compute/virtualMachineScaleSets/write"
+    } else {
+        "Microsoft.Compute/virtualMachines/write"
+    };
     let may_assign = LinkCheck::Caller {
         principal: &c.caller.object_id,
-        action: "Microsoft.Compute/virtualMachines/write",
+        action,
         scope: &scope,
     };
     let patch = *c.method == Method::PATCH;
