@@ -6,9 +6,16 @@ plumbing a kubelet and a CNI plugin would do, for the pod-identity tests.
   every address so node namespaces reach it as `https://kubernetes:<port>`; `kubectl` wrapper.
 - `NodeNs`: a network namespace with a veth to the root namespace (the server and the API server
   are reached at the root side's address), 169.254.169.254 on its loopback for the host agent,
-  forwarding on, `/etc/netns/<ns>/hosts` naming `kubernetes`.
+  forwarding on, `/etc/netns/<ns>/hosts` naming `kubernetes`. Its processes (the host agent with
+  NMI) start with `nsenter --net` in a private mount namespace with that hosts file bound over
+  `/etc/hosts`: `ip netns exec` would mount a fresh `/sys`, hiding `/sys/fs/cgroup`, which NMI's
+  caller attestation reads.
 - `PodNs`: a network namespace with a veth into its node's namespace, the pod IP on it, the
-  default route via the node: what a CNI plugin sets up before the kubelet reports `podIP`.
+  default route via the node: what a CNI plugin sets up before the kubelet reports `podIP`; and,
+  given the Pod's UID, the pod's cgroup as the kubelet names it (systemd driver, BestEffort:
+  `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice`, one container
+  scope in it) in a writable hierarchy of this machine (`cgroup_hierarchy`). Its processes
+  (`prefix()`) run in that cgroup, then in the namespace.
 """
 import json
 import os
@@ -32,9 +39,34 @@ def k8s_script():
     return s if s.exists() else None
 
 
+_HIERARCHY = []
+
+
+def cgroup_hierarchy():
+    """A writable cgroup hierarchy for pod cgroups: /sys/fs/cgroup when it is cgroup v2, else its
+    `unified` (cgroup v2 of the hybrid layout) or `pids` hierarchy; None when there is none."""
+    if not _HIERARCHY:
+        root = pathlib.Path("/sys/fs/cgroup")
+        found = None
+        for h in (root, root / "unified", root / "pids"):
+            if not (h / "cgroup.procs").exists():
+                continue
+            probe = h / f"keyless-probe-{os.getpid()}"
+            try:
+                probe.mkdir()
+                probe.rmdir()
+                found = h
+                break
+            except OSError:
+                continue
+        _HIERARCHY.append(found)
+    return _HIERARCHY[0]
+
+
 def can_run_fabric():
     return (os.geteuid() == 0 and shutil.which("ip") and shutil.which("iptables") and shutil.which("etcd")
-            and shutil.which("kubectl") and k8s_script() is not None)
+            and shutil.which("kubectl") and shutil.which("nsenter") and shutil.which("unshare")
+            and k8s_script() is not None and cgroup_hierarchy() is not None)
 
 
 class ControlPlane:
@@ -105,7 +137,12 @@ class NodeNs:
             f"127.0.0.1 localhost\n{self.host_ip} kubernetes\n")
 
     def prefix(self):
-        return ("ip", "netns", "exec", self.ns)
+        # `ip netns exec` without its fresh /sys: the network namespace only, /etc/hosts from
+        # /etc/netns/<ns>/hosts in a private mount namespace; every program execs the next
+        return ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'if [ -e "/etc/netns/$0/hosts" ]; then mount --bind "/etc/netns/$0/hosts" /etc/hosts || exit 1; fi; '
+                'exec nsenter --net="/run/netns/$0" "$@"',
+                self.ns)
 
     def run(self, *args, check=True):
         return sh(*self.prefix(), *args, check=check)
@@ -120,33 +157,88 @@ class NodeNs:
         shutil.rmtree(f"/etc/netns/{self.ns}", ignore_errors=True)
 
 
-class PodNs:
-    """The network side of one pod: a /30 on a veth into its node (node side .4n+1, pod .4n+2),
-    default route via the node."""
+class PodCgroup:
+    """A pod's cgroup as the kubelet (systemd driver, BestEffort) and containerd make it. Removing
+    it kills (by PID) what is left inside, then removes the pod's directories (the shared parent
+    slices stay: other tests' pods may be in them)."""
 
-    def __init__(self, node, uid, ip_override=None):
-        node.pods += 1
-        n = node.pods
-        self.node = node
-        self.ns = f"kpp{node.i}{n}{uid}"[:15]
-        base = 4 * n
-        self.gw = f"{node.pod_net}.{base + 1}"
-        self.ip = ip_override or f"{node.pod_net}.{base + 2}"
-        self.veth = (f"pn{node.i}{n}{uid}"[:15], f"pp{node.i}{n}{uid}"[:15])
-        sh("ip", "netns", "add", self.ns)
-        node.run("ip", "link", "add", self.veth[0], "type", "veth", "peer", "name", self.veth[1])
-        node.run("ip", "link", "set", self.veth[1], "netns", self.ns)
-        node.run("ip", "addr", "add", f"{self.gw}/32", "dev", self.veth[0])
-        node.run("ip", "link", "set", self.veth[0], "up")
-        node.run("ip", "route", "add", f"{self.ip}/32", "dev", self.veth[0])
-        self.run("ip", "link", "set", "lo", "up")
-        self.run("ip", "addr", "add", f"{self.ip}/32", "dev", self.veth[1])
-        self.run("ip", "link", "set", self.veth[1], "up")
-        self.run("ip", "route", "add", f"{self.gw}/32", "dev", self.veth[1])
-        self.run("ip", "route", "add", "default", "via", self.gw)
+    def __init__(self, pod_uid):
+        u = pod_uid.replace("-", "_")
+        self.pod = (cgroup_hierarchy() / "kubepods.slice" / "kubepods-besteffort.slice"
+                    / f"kubepods-besteffort-pod{u}.slice")
+        self.container = self.pod / f"cri-containerd-{pod_uid.replace('-', '')}.scope"
+        self.container.mkdir(parents=True, exist_ok=True)
+        self.procs = self.container / "cgroup.procs"
 
     def prefix(self):
-        return ("ip", "netns", "exec", self.ns)
+        """Run the rest as a process of the pod: the shell writes its PID, then execs."""
+        return ("sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.procs))
+
+    def pids(self):
+        out = []
+        for d in (self.pod, self.container):
+            try:
+                out += [int(l) for l in (d / "cgroup.procs").read_text().split()]
+            except OSError:
+                pass
+        return out
+
+    def destroy(self):
+        deadline = time.time() + 5
+        while self.pids() and time.time() < deadline:
+            for p in self.pids():
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+        for d in (self.container, self.pod):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+class PodNs:
+    """The network side of one pod: its IP (/32, `.n+1` of the node's pod /24 for its n-th pod,
+    up to 253 pods a node) on a veth into its node, whose node side holds the gateway `.1` (the
+    same on every pod's veth, as Calico does), default route via it; with `pod_uid` (the Pod's
+    metadata.uid), its cgroup. What a constructor that fails half way made is removed."""
+
+    def __init__(self, node, uid, ip_override=None, pod_uid=None):
+        node.pods += 1
+        n = node.pods
+        if n > 253:
+            raise ValueError(f"node {node.ns}: at most 253 pods")
+        self.node = node
+        self.ns = f"kpp{node.i}{n}{uid}"[:15]
+        self.gw = f"{node.pod_net}.1"
+        self.ip = ip_override or f"{node.pod_net}.{n + 1}"
+        self.veth = (f"pn{node.i}{n}{uid}"[:15], f"pp{node.i}{n}{uid}"[:15])
+        self.cgroup = None
+        try:
+            self.cgroup = PodCgroup(pod_uid) if pod_uid else None
+            sh("ip", "netns", "add", self.ns)
+            node.run("ip", "link", "add", self.veth[0], "type", "veth", "peer", "name", self.veth[1])
+            node.run("ip", "link", "set", self.veth[1], "netns", self.ns)
+            node.run("ip", "addr", "add", f"{self.gw}/32", "dev", self.veth[0])
+            node.run("ip", "link", "set", self.veth[0], "up")
+            node.run("ip", "route", "add", f"{self.ip}/32", "dev", self.veth[0])
+            ip = ("ip", "-n", self.ns)
+            sh(*ip, "link", "set", "lo", "up")
+            sh(*ip, "addr", "add", f"{self.ip}/32", "dev", self.veth[1])
+            sh(*ip, "link", "set", self.veth[1], "up")
+            sh(*ip, "route", "add", f"{self.gw}/32", "dev", self.veth[1])
+            sh(*ip, "route", "add", "default", "via", self.gw)
+        except BaseException:
+            self.destroy()
+            raise
+
+    def prefix(self):
+        """Run the rest as a process of the pod: in its cgroup (when it has one), then in its
+        network namespace."""
+        cg = self.cgroup.prefix() if self.cgroup else ()
+        return (*cg, "ip", "netns", "exec", self.ns)
 
     def run(self, *args, check=True):
         return sh(*self.prefix(), *args, check=check)
@@ -161,6 +253,8 @@ class PodNs:
         return int(code or 0), body
 
     def destroy(self):
+        if self.cgroup:
+            self.cgroup.destroy()
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
 
 

@@ -78,11 +78,13 @@ class Fabric:
         return p
 
     def pod(self, node_index, name, namespace, labels=None, ip_override=None, k8s_node=None):
-        """Create the pod object on a node, its network namespace, then report its IP."""
+        """Create the pod object on a node, then (as a kubelet and a CNI plugin would) its cgroup,
+        named after the uid the API server gave it, and its network namespace, then report its IP."""
         node = self.nodes[node_index]
-        pod = PodNs(node, self.uid, ip_override=ip_override)
-        self.pods.append(pod)
         self.cp.apply(pod_manifest(name, namespace, k8s_node or f"aks-nodepool1-{node_index}", labels))
+        pod_uid = self.cp.get("pod", name, "-n", namespace)["metadata"]["uid"]
+        pod = PodNs(node, self.uid, ip_override=ip_override, pod_uid=pod_uid)
+        self.pods.append(pod)
         status = {"status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}}
         self.cp.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge",
                         "-p", json.dumps(status))
@@ -397,12 +399,14 @@ def test_explain_names_the_reason_of_each_refusal(fab, seed):
     the agent's last refusals are listed; the CLI without --agent gives the same verdict from the
     API server's objects (with the cluster's profile: -g / --cluster-name)."""
     q = f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM}/"
+    # the label of a binding of another namespace (my-app's "foo" bindings)
+    fab.pod(1, "squat-foo", "other", {"aadpodidbinding": "foo"})
     pods = {p.k8s_name: p for p in fab.pods}
     cases = [
         ("demo-foo", "my-app", 1, "served"),
         ("no-label", "my-app", 0, "no_label"),
         ("demo", "my-app", 0, None),  # its pod identity was deleted from the profile
-        ("squatter", "other", 1, "binding_in_other_namespace"),
+        ("squat-foo", "other", 1, "binding_in_other_namespace"),
         ("probe", "my-app", 0, "excepted"),
         ("demo-late", "my-app", 1, None),  # its pod identity was deleted from the profile
         ("thief", "evil", 0, "identity_not_trusted"),

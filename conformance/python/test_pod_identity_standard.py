@@ -35,7 +35,7 @@ from test_pod_identity import Fabric
 ARM = "https://management.azure.com"
 MC = "MC_std_cluster_eastus"
 IDS = "std-identities"
-TOKEN_Q = f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM}/"
+TOKEN_Q = f"/metadata/identity/oauth2/token?api-version=2018-02-01&resource={ARM}"
 
 
 class Kube:

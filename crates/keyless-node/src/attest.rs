@@ -13,22 +13,30 @@
 //!    NMI accepted the connection on, [`Attestor::verify_to`]) as its remote address (an
 //!    exact `inet_diag` lookup over `NETLINK_SOCK_DIAG` in that namespace; IPv4-mapped IPv6
 //!    sockets included), in a state a live descriptor holds (established or half closed), and
-//! 3. a process of that cgroup holds that very socket (`/proc/<pid>/fd/* -> socket:[inode]`):
-//!    a process elsewhere that joined the pod's network namespace (`setns`, a privileged
-//!    `hostPID` pod) does not pass.
+//! 3. the socket is the pod's: made in the pod's cgroup (cgroup v2 records the cgroup of a
+//!    socket's creator, which `inet_diag` reports: `INET_DIAG_CGROUP_ID`, Linux 5.7+), or held
+//!    by a process of the pod (`/proc/<pid>/fd/* -> socket:[inode]`; cgroup v1, or a socket
+//!    handed to the pod). A process elsewhere that joined the pod's network namespace
+//!    (`setns`, a privileged `hostPID` pod) does not pass.
 //!
 //! Where the cgroups are: the kubelet's names, both cgroup drivers, all QoS classes
 //! ([`pod_dirs`]), under every hierarchy of the cgroup root — on cgroup v2 the root itself, on
 //! v1 (or hybrid) each mounted hierarchy below it (`unified`, `systemd`, `pids`, `memory`, …).
 //! A pod's directories are cached once found; a cached directory that disappeared is looked
 //! for again. A pod not under the usual names is looked for in the subtrees whose names
-//! start with `kube` (a kubelet `--cgroup-root` such as kind's `kubelet.slice`).
+//! start with `kube` (and their `burstable` / `besteffort`): a kubelet `--cgroup-root` such
+//! as kind's `kubelet` / `kubelet.slice`.
 //!
-//! Per call (a cached pod): one `cgroup.procs` read per cgroup directory of the pod, one
-//! `readlink` of `/proc/<pid>/ns/net` per process, per network namespace of the pod a netlink
-//! socket opened there (the calling thread enters the namespace for the `socket(2)` call and
-//! returns) and one or two exact lookups, then the descriptors of the pod's processes until the
-//! holder is found. Blocking system calls, tens of microseconds for a pod of a few processes.
+//! Cost. The fast path, once a connection of the pod was attested on cgroup v2: a pidfd of one
+//! of the pod's processes is kept, and a call enters that process' network namespace
+//! (`setns(2)` on the pidfd, for the `socket(2)` call only), makes one or two exact lookups,
+//! and compares the socket's cgroup with the pod's: no file is read, ~10 µs whatever the
+//! number of the pod's processes. Otherwise (the first connection, a refusal, cgroup v1): the
+//! pod's `cgroup.procs` (its directory and every descendant), `/proc/<pid>/ns/net` of its
+//! processes until the socket is found, then, unless the socket's cgroup is the pod's, the
+//! descriptors of the pod's processes until the holder is found. Blocking system calls only.
+//! (`/proc/<pid>/net/tcp` is not read: it walks the machine's whole established table, 3-4 ms
+//! per read on a large one.)
 //!
 //! What the agent needs: root (reading other processes' `/proc/<pid>/fd`, entering their
 //! network namespaces: `CAP_SYS_PTRACE`, `CAP_SYS_ADMIN`), the host's PID

@@ -364,8 +364,8 @@ pub const REFUSAL_PODS: usize = 10_000;
 #[derive(Clone, Default)]
 pub(crate) struct ConnAttestation(Arc<Mutex<Option<Attested>>>);
 
-/// The pod uid a connection was attested for, and the verdict.
-type Attested = (String, std::result::Result<(), String>);
+/// The pod uid a connection was attested for, and the verdict (why not, and its reason code).
+type Attested = (String, std::result::Result<(), (String, &'static str)>);
 
 /// [`serve`] with a [`ConnAttestation`] in every request of a connection.
 fn serve_attested<F, Fut>(
@@ -400,17 +400,17 @@ fn attest(
         let memo = c.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((uid, verdict)) = memo.as_ref() {
             if uid == &pod.uid {
-                return verdict.clone().map_err(|m| (m, "caller_not_attested"));
+                return verdict.clone();
             }
         }
     }
-    let verdict = a.verify(&pod.uid, peer);
-    let reason = verdict.as_ref().err().map(|e| e.reason());
-    let verdict = verdict.map_err(|e| e.to_string());
+    let verdict = a
+        .verify(&pod.uid, peer)
+        .map_err(|e| (e.to_string(), e.reason()));
     if let Some(c) = conn {
         *c.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((pod.uid.clone(), verdict.clone()));
     }
-    verdict.map_err(|m| (m, reason.unwrap_or("caller_not_attested")))
+    verdict
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response {

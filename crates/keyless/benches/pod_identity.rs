@@ -9,9 +9,15 @@
 //!    interleaved rounds.
 //! 2. NMI against a real kube-apiserver (`../shared/k8s`, or `KEYLESS_K8S_DIR`): this bench
 //!    plays kubelet and CNI. The node is a network namespace with a veth to the root namespace,
-//!    running `keyless node --nmi` (a separate process) joined to a scale set that holds the pod
-//!    identities; each pod is a network namespace with its IP on a veth into the node; the Pod
-//!    objects carry `spec.nodeName` and get `status.podIP` through the status subresource.
+//!    running `keyless node --nmi` (a separate process, caller attestation on: the default)
+//!    joined to a scale set that holds the pod identities; each pod is a network namespace with
+//!    its IP on a veth into the node and a cgroup named after its Pod's UID as the kubelet names
+//!    it (`tests/common/fabric.rs`), holding a `sleep` as its sandbox process; the Pod objects
+//!    carry `spec.nodeName` and get `status.podIP` through the status subresource. A socket
+//!    "from a pod" is made by a process of the pod (a child forked in the pod's namespace that
+//!    joins the pod's cgroup, makes the socket and hands it to this process over `SCM_RIGHTS`),
+//!    so NMI attests it as it would a pod's own connection (the socket records the cgroup of its
+//!    maker); this process then connects it and carries the traffic.
 //!    - (a) time from "the status PATCH returned" to "the pod holds a token" (one GET to
 //!      `http://169.254.169.254` from a socket created in the pod's namespace, no retries),
 //!      p50/p99 over the pods, beside the same GET from the node's namespace to the agent's own
@@ -34,11 +40,13 @@
 //! part 1, BENCH_PODS (200) timed pods, BENCH_SDK_PODS (5) python SDK pods,
 //! BENCH_POD_IDENTITIES (200) AzureIdentities + bindings, BENCH_NODE_PODS (1000) pods on the
 //! node for the RSS figure, BENCH_TOKEN_REQUESTS (5000) for the API-server count, BENCH_K8S=0
-//! to run part 1 only.
+//! to run part 1 only, BENCH_DECISION=0 to run part 2 only.
 
 mod common;
 #[path = "../tests/common/mod.rs"]
 mod e2e;
+#[path = "../tests/common/fabric.rs"]
+mod fabric;
 
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
@@ -49,7 +57,9 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -90,7 +100,11 @@ async fn run(secs: u64, conns: usize) {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    decision_point(secs, conns).await;
+    if env_u64("BENCH_DECISION", 1) == 0 {
+        println!("part 1 skipped (BENCH_DECISION=0)");
+    } else {
+        decision_point(secs, conns).await;
+    }
     if env_u64("BENCH_K8S", 1) == 0 {
         println!("part 2 skipped (BENCH_K8S=0)");
         return;
@@ -255,7 +269,11 @@ async fn decision_point(secs: u64, conns: usize) {
 
 /// Why this machine cannot run part 2, if it cannot.
 fn missing_prerequisite() -> Option<String> {
-    if let Some(why) = keyless_k8s::testing::missing_prerequisite(&["ip", "iptables", "etcd"]) {
+    if let Some(why) = keyless_k8s::testing::missing_prerequisite(&[
+        "ip", "iptables", "etcd", "nsenter", "unshare",
+    ])
+    .or_else(fabric::missing_cgroups)
+    {
         return Some(why);
     }
     let script = keyless_k8s::testing::assets_dir().join("start-control-plane.sh");
@@ -304,6 +322,9 @@ fn ip_batch(ns: Option<&str>, lines: &[String]) {
 #[derive(Default)]
 struct Fabric {
     netns: Vec<String>,
+    /// the pods' sandbox processes (`sleep`, one per pod with a namespace)
+    sandboxes: Vec<std::process::Child>,
+    cgroups: Vec<fabric::PodCgroup>,
     etc_netns: Option<PathBuf>,
     root_link: Option<String>,
     agent: Option<e2e::Proc>,
@@ -317,6 +338,15 @@ impl Drop for Fabric {
             a.stop();
         }
         drop(self.server.take());
+        for c in &mut self.sandboxes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.cgroups.clear();
+        POD_CGROUPS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let del: Vec<String> = self
             .netns
             .iter()
@@ -353,9 +383,181 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     .expect("network namespace thread")
 }
 
-/// An unconnected TCP socket created in network namespace `ns`.
+/// Pod network namespace → its container cgroup's `cgroup.procs` ([`socket_in`]).
+static POD_CGROUPS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+fn pod_procs(ns: &str) -> Option<PathBuf> {
+    POD_CGROUPS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(n, _)| n == ns)
+        .map(|(_, p)| p.clone())
+}
+
+/// What a kubelet does once the Pod object (`uid`) exists and its sandbox (namespace `ns`) is
+/// up: the pod's cgroup, with the sandbox process (`sleep`) in it and in the namespace.
+fn pod_started(fab: &mut Fabric, ns: &str, uid: &str) {
+    let cg = fabric::PodCgroup::create(uid);
+    let procs = std::ffi::CString::new(cg.procs_file().into_os_string().into_vec()).unwrap();
+    let sandbox = in_netns(ns, move || {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("1000000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // SAFETY: join_cgroup makes only async-signal-safe calls
+        unsafe {
+            cmd.pre_exec(move || join_cgroup(&procs));
+        }
+        cmd.spawn().expect("sandbox process")
+    });
+    POD_CGROUPS
+        .lock()
+        .unwrap()
+        .push((ns.to_string(), cg.procs_file()));
+    fab.sandboxes.push(sandbox);
+    fab.cgroups.push(cg);
+}
+
+/// In a child between fork and exec: write its PID to `procs` (a `cgroup.procs` file). Only
+/// async-signal-safe calls, no allocation.
+fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
+    let err = std::io::Error::last_os_error;
+    // SAFETY: getpid/open/write/close on a NUL-terminated path and a stack buffer
+    unsafe {
+        let mut pid = libc::getpid() as u32;
+        let mut buf = [0u8; 12];
+        let mut i = buf.len();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (pid % 10) as u8;
+            pid /= 10;
+            if pid == 0 {
+                break;
+            }
+        }
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(err());
+        }
+        let n = libc::write(fd, buf[i..].as_ptr().cast(), buf.len() - i);
+        let e = err();
+        libc::close(fd);
+        if n != (buf.len() - i) as isize {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// An unconnected TCP socket created in network namespace `ns`; in a pod's namespace, made by
+/// a process of the pod: a child forked in the namespace joins the pod's cgroup, makes the
+/// socket there and hands it over (`SCM_RIGHTS`) before it exits.
 fn socket_in(ns: &str) -> tokio::net::TcpSocket {
-    in_netns(ns, || tokio::net::TcpSocket::new_v4().expect("socket"))
+    let Some(procs) = pod_procs(ns) else {
+        return in_netns(ns, || tokio::net::TcpSocket::new_v4().expect("socket"));
+    };
+    let procs = std::ffi::CString::new(procs.into_os_string().into_vec()).unwrap();
+    in_netns(ns, move || {
+        let mut sv = [0i32; 2];
+        // SAFETY: socketpair(2) fills `sv` with two new descriptors, owned right after
+        let (ours, theirs) = unsafe {
+            assert_eq!(
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                    0,
+                    sv.as_mut_ptr()
+                ),
+                0,
+                "socketpair"
+            );
+            (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1]))
+        };
+        let to = theirs.as_raw_fd();
+        let mut cmd = Command::new("true");
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        // SAFETY: join_cgroup and send_new_socket make only async-signal-safe calls
+        unsafe {
+            cmd.pre_exec(move || {
+                join_cgroup(&procs)?;
+                send_new_socket(to)
+            });
+        }
+        let st = cmd.status().expect("the pod's socket maker");
+        assert!(st.success(), "the pod's socket maker: {st}");
+        drop(theirs);
+        let fd = recv_fd(&ours).expect("the pod's socket");
+        // SAFETY: a TCP socket descriptor just received, non-blocking, owned by nothing else
+        unsafe { tokio::net::TcpSocket::from_raw_fd(fd.into_raw_fd()) }
+    })
+}
+
+/// In a child between fork and exec: a new non-blocking TCP socket, sent over `to`.
+fn send_new_socket(to: i32) -> std::io::Result<()> {
+    // SAFETY: socket/sendmsg/close with stack buffers only
+    unsafe {
+        let s = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
+        if s < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut cbuf = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), s);
+        let n = libc::sendmsg(to, &msg, 0);
+        let e = std::io::Error::last_os_error();
+        libc::close(s);
+        if n != 1 {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// The descriptor [`send_new_socket`] sent over `from`.
+fn recv_fd(from: &OwnedFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: recvmsg into stack buffers; the control message is checked before it is read
+    unsafe {
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut cbuf = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+        if libc::recvmsg(from.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) != 1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() || (*c).cmsg_level != libc::SOL_SOCKET || (*c).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Err(std::io::Error::other("no descriptor received"));
+        }
+        Ok(OwnedFd::from_raw_fd(std::ptr::read_unaligned(
+            libc::CMSG_DATA(c).cast::<i32>(),
+        )))
+    }
 }
 
 /// `n` keep-alive connections to `addr` opened from namespace `ns`.
@@ -594,13 +796,22 @@ async fn python_sdk(ns: &str, kwargs: Value, t0: Instant) -> Result<Duration, St
         json!({"credential": "mi", "kwargs": kwargs, "scope": format!("{RESOURCE}.default")});
     let out = tokio::time::timeout(
         Duration::from_secs(60),
-        tokio::process::Command::new("ip")
-            .args(["netns", "exec", ns, "env", "-i"])
-            .arg(&python)
-            .arg(&client)
-            .arg(args.to_string())
-            .kill_on_drop(true)
-            .output(),
+        {
+            // a pod's process: in the pod's cgroup first
+            let mut pre = match pod_procs(ns) {
+                Some(procs) => fabric::PodCgroup::enter(&procs),
+                None => vec![],
+            };
+            pre.extend(["ip", "netns", "exec", ns, "env", "-i"].map(String::from));
+            let mut c = tokio::process::Command::new(&pre[0]);
+            c.args(&pre[1..]);
+            c
+        }
+        .arg(&python)
+        .arg(&client)
+        .arg(args.to_string())
+        .kill_on_drop(true)
+        .output(),
     )
     .await
     .map_err(|_| "python client timed out".to_string())?
@@ -771,38 +982,39 @@ async fn pods(secs: u64, conns: usize) {
     let nmi_listen = format!("{node_ip}:2579");
     let imds_listen = format!("{IMDS}:80");
     let t_agent = Instant::now();
-    let agent = e2e::spawn_program_until(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &node,
-            e2e::bin(),
-            "node",
-            "--server",
-            &server_url,
-            "--ca-file",
-            &ca,
-            "--state-dir",
-            &state,
-            "--join-token",
-            &join,
-            "--imds-listen",
-            &imds_listen,
-            "--nmi",
-            "--node-name",
-            NODE_NAME,
-            "--kubeconfig",
-            &kc,
-            "--nmi-listen",
-            &nmi_listen,
-        ],
-        "NMI endpoint:",
-        dir.path(),
-    )
-    .expect("keyless node --nmi");
+    // not `ip netns exec`, whose fresh /sys hides /sys/fs/cgroup from caller attestation
+    let exec = fabric::node_exec(&node);
+    let mut args: Vec<&str> = exec[1..].iter().map(String::as_str).collect();
+    args.extend([
+        e2e::bin(),
+        "node",
+        "--server",
+        &server_url,
+        "--ca-file",
+        &ca,
+        "--state-dir",
+        &state,
+        "--join-token",
+        &join,
+        "--imds-listen",
+        &imds_listen,
+        "--nmi",
+        "--node-name",
+        NODE_NAME,
+        "--kubeconfig",
+        &kc,
+        "--nmi-listen",
+        &nmi_listen,
+        // throughput, not fair share (as part 1's agent: FairShareConfig::off())
+        "--caller-rps",
+        "0",
+        "--caller-concurrency",
+        "0",
+    ]);
+    let agent = e2e::spawn_program_until(&exec[0], &args, "NMI endpoint:", dir.path())
+        .expect("keyless node --nmi");
     let agent_ready = t_agent.elapsed();
-    // `ip netns exec` execs the agent: its PID is the agent's
+    // every program of `exec` execs the next: its PID is the agent's
     let agent_pid = agent.child.id();
     let comm = std::fs::read_to_string(format!("/proc/{agent_pid}/comm")).unwrap_or_default();
     assert_eq!(comm.trim(), "keyless", "the agent's PID");
@@ -882,9 +1094,11 @@ async fn pods(secs: u64, conns: usize) {
     // warm-up pod bound to the last binding: once it gets a token, NMI's watches have seen
     // every identity and binding (each watch delivers in order); setup, so retries are fine
     let last_sel = format!("sel-{}", n_ids - 1);
-    pods.create(&PostParams::default(), &pod_object("warm", &last_sel))
+    let p = pods
+        .create(&PostParams::default(), &pod_object("warm", &last_sel))
         .await
         .unwrap();
+    pod_started(&mut fab, &pod_ns[0], &p.metadata.uid.unwrap());
     report_ip(&pods, "warm", &pod_net(0).1).await;
     created += 1;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -911,9 +1125,11 @@ async fn pods(secs: u64, conns: usize) {
     let pod_get = token_get("", true);
     for (i, ns) in pod_ns.iter().enumerate().skip(1).take(n_pods) {
         let name = format!("bench-{i}");
-        pods.create(&PostParams::default(), &pod_object(&name, "sel-0"))
+        let p = pods
+            .create(&PostParams::default(), &pod_object(&name, "sel-0"))
             .await
             .unwrap();
+        pod_started(&mut fab, ns, &p.metadata.uid.unwrap());
         created += 1;
         let sock = socket_in(ns);
         report_ip(&pods, &name, &pod_net(i).1).await;
@@ -938,9 +1154,11 @@ async fn pods(secs: u64, conns: usize) {
     if python.exists() {
         for (i, ns) in pod_ns.iter().enumerate().skip(1 + n_pods).take(n_sdk) {
             let name = format!("sdk-{i}");
-            pods.create(&PostParams::default(), &pod_object(&name, "sel-0"))
+            let p = pods
+                .create(&PostParams::default(), &pod_object(&name, "sel-0"))
                 .await
                 .unwrap();
+            pod_started(&mut fab, ns, &p.metadata.uid.unwrap());
             created += 1;
             report_ip(&pods, &name, &pod_net(i).1).await;
             match python_sdk(ns, json!({}), Instant::now()).await {
@@ -1071,9 +1289,11 @@ async fn pods(secs: u64, conns: usize) {
     }
     created += rest;
     let last = with_ns - 1;
-    pods.create(&PostParams::default(), &pod_object("last", "sel-1"))
+    let p = pods
+        .create(&PostParams::default(), &pod_object("last", "sel-1"))
         .await
         .unwrap();
+    pod_started(&mut fab, &pod_ns[last], &p.metadata.uid.unwrap());
     created += 1;
     report_ip(&pods, "last", &pod_net(last).1).await;
     let last_ok = timed_get(

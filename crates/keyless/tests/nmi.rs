@@ -3,17 +3,24 @@
 //! `keyless node --nmi` joined to one scale set (three user-assigned identities: a
 //! kubelet-like one and two pod identities). Pods are network namespaces with a veth into
 //! their node and the pod IP on it; their Pod objects carry `spec.nodeName` and get
-//! `status.podIP` through the status subresource. Requests are `curl` inside the pod's
-//! namespace to `http://169.254.169.254`, which the node's iptables rules send to NMI.
+//! `status.podIP` through the status subresource; each pod has a cgroup named after its UID as
+//! the kubelet names it (`common/fabric.rs`). Requests are `curl` in the pod's cgroup and
+//! network namespace to `http://169.254.169.254`, which the node's iptables rules send to NMI.
+//! The agents start with `nsenter --net` (not `ip netns exec`, which hides `/sys/fs/cgroup`) so
+//! caller attestation can read the pods' cgroups.
 //!
-//! Needs root, `ip`, `iptables`, `curl`, etcd and the control plane script
+//! Needs root, `ip`, `iptables`, `curl`, `nsenter`, `unshare`, a writable cgroup hierarchy, etcd
+//! and the control plane script
 //! (`KEYLESS_K8S_DIR`, default `<workspace>/../shared/k8s`; `keyless_k8s::testing`). Without
 //! them the test is skipped with a message, unless `CI` is set, where a missing piece is a
 //! failure.
 
 mod common;
+#[path = "common/fabric.rs"]
+mod fabric;
 
 use common::*;
+use fabric::PodCgroup;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -29,7 +36,11 @@ use std::time::{Duration, Instant};
 
 /// Skip (or, with CI set, fail) when the machine cannot run the test.
 fn prerequisites_met(test: &str) -> bool {
-    match keyless_k8s::testing::missing_prerequisite(&["ip", "iptables", "curl"]) {
+    let missing = keyless_k8s::testing::missing_prerequisite(&[
+        "ip", "iptables", "curl", "nsenter", "unshare",
+    ])
+    .or_else(fabric::missing_cgroups);
+    match missing {
         None => true,
         Some(why) if std::env::var_os("CI").is_some() => panic!("{test}: {why}"),
         Some(why) => {
@@ -53,11 +64,15 @@ fn sh_out(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Network namespaces (and their /etc/netns files), deleted on drop.
+/// Network namespaces (and their /etc/netns files) and pod cgroups, deleted on drop.
 #[derive(Default)]
 struct Netns {
     names: Vec<String>,
+    cgroups: Vec<PodCgroup>,
 }
+
+/// Pod network namespace → the `cgroup.procs` file its processes join ([`curl`]).
+static POD_CGROUPS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
 
 impl Netns {
     fn add(&mut self, name: &str) {
@@ -125,9 +140,18 @@ impl Netns {
     }
 
     /// A pod of `node`: a namespace with a /30 veth into the node (node side `gw`, pod side
-    /// `ip`), default route via the node.
-    fn pod(&mut self, node: &str, name: &str, gw: &str, ip: &str) {
+    /// `ip`), default route via the node; with the Pod's `uid`, its cgroup (where [`curl`]
+    /// runs in this namespace).
+    fn pod(&mut self, node: &str, name: &str, gw: &str, ip: &str, uid: Option<&str>) {
         self.add(name);
+        if let Some(uid) = uid {
+            let cg = PodCgroup::create(uid);
+            POD_CGROUPS
+                .lock()
+                .unwrap()
+                .push((name.to_string(), cg.procs_file()));
+            self.cgroups.push(cg);
+        }
         let node_if = format!("{name}v");
         sh(&[
             "ip", "-n", node, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0",
@@ -161,6 +185,11 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        POD_CGROUPS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(n, _)| !self.names.contains(n));
+        self.cgroups.clear();
         for n in self.names.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(n));
@@ -168,9 +197,24 @@ impl Drop for Netns {
     }
 }
 
-/// `curl` inside network namespace `ns`: (status, body).
+/// `curl` inside network namespace `ns` (and, for a pod's, in the pod's cgroup): (status,
+/// body).
 fn curl(ns: &str, url: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut cmd = Command::new("ip");
+    let cgroup = POD_CGROUPS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(n, _)| n == ns)
+        .map(|(_, p)| p.clone());
+    let mut cmd = match cgroup {
+        Some(procs) => {
+            let pre = PodCgroup::enter(&procs);
+            let mut c = Command::new(&pre[0]);
+            c.args(&pre[1..]).arg("ip");
+            c
+        }
+        None => Command::new("ip"),
+    };
     cmd.args([
         "netns",
         "exec",
@@ -401,10 +445,9 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
             .to_string();
         let state = dir.path().join(node).to_string_lossy().to_string();
         let url = format!("https://{root_ip}:{port}");
-        let args: Vec<&str> = vec![
-            "netns",
-            "exec",
-            ns,
+        let exec = fabric::node_exec(ns);
+        let mut args: Vec<&str> = exec[1..].iter().map(String::as_str).collect();
+        args.extend([
             bin(),
             "node",
             "--server",
@@ -428,8 +471,8 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
             node_ip,
             "--ipt-update-interval-sec",
             "1",
-        ];
-        spawn_program_until("ip", &args, "NMI endpoint:", dir.path())
+        ]);
+        spawn_program_until(&exec[0], &args, "NMI endpoint:", dir.path())
     };
     let t0 = Instant::now();
     let mut agent_a = start_node(&ns_a, "node-a", &root_a, &node_a_ip).expect("node-a agent");
@@ -506,13 +549,14 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     ];
     for s in &pods {
         let api: Api<Pod> = Api::namespaced(admin.clone(), s.ns);
-        create(
+        let created: Pod = create(
             &api,
             json!({"metadata": {"name": s.name, "labels": s.labels},
                    "spec": {"nodeName": s.node, "containers": [{"name": "app", "image": "app"}]}}),
         )
         .await;
-        net.pod(&ns_a, &s.netns, &s.gw, &s.ip);
+        let uid = created.metadata.uid.expect("the API server's uid");
+        net.pod(&ns_a, &s.netns, &s.gw, &s.ip, Some(&uid));
     }
     // the kubelet's status patch; the pod asks at once
     let mut first_token_ms = vec![];
@@ -656,7 +700,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
 
     // the same IP asked from a node the pod is not on
     let imposter = format!("{tag}x");
-    net.pod(&ns_b, &imposter, &pods[0].gw, &pods[0].ip);
+    net.pod(&ns_b, &imposter, &pods[0].gw, &pods[0].ip, None);
     let (st, body) = curl(
         &imposter,
         &token_url("resource=https://vault.azure.net"),
