@@ -405,12 +405,10 @@ ALLOWED = {
     "keyless-mic": [
         ("list", "pods", None, None), ("watch", "pods", None, None), ("get", "nodes", None, None),
         ("list", "nodes", None, None), ("watch", "nodes", None, None),
-        *[(v, pia(k), None, None) for k in KINDS for v in ("get", "list", "watch")],
-        *[(v, pia("azureassignedidentities"), None, None) for v in ("create", "update", "patch", "delete")],
+        *[(v, pia(k), None, None) for k in (KINDS[0], KINDS[1], KINDS[3]) for v in ("get", "list", "watch")],
+        *[(v, pia("azureassignedidentities"), None, None) for v in ("create", "patch", "delete")],
         ("delete", pia("azureassignedidentities"), "app", None),
-        ("update", pia("azureassignedidentities"), None, "status"),
         ("patch", pia("azureassignedidentities"), None, "status"),
-        ("create", "events", None, None), ("patch", "events", "app", None),
         ("create", "leases.coordination.k8s.io", NS, None),
         ("get", "leases.coordination.k8s.io/aad-pod-identity-mic", NS, None),
         ("update", "leases.coordination.k8s.io/aad-pod-identity-mic", NS, None),
@@ -442,6 +440,8 @@ REFUSED = {
         ("get", "secrets", NS, None), ("list", "secrets", None, None), ("get", "configmaps", NS, None),
         ("patch", "pods", None, None), ("update", "nodes", None, None), ("patch", "nodes", None, "status"),
         ("create", "namespaces", None, None), ("delete", "events", "app", None),
+        ("create", "events", None, None), ("list", pia("azurepodidentityexceptions"), None, None),
+        ("update", pia("azureassignedidentities"), None, None),
         ("create", "leases.coordination.k8s.io", "default", None),
         ("update", "leases.coordination.k8s.io", "default", None),
         ("update", "leases.coordination.k8s.io/keyless-pod-identity-addon", NS, None),
@@ -497,10 +497,9 @@ def expected_rules(sa, ns):
     want = {
         "keyless-nmi": {"pods": read, **{pia(k): read for k in KINDS}},
         "keyless-mic": {
-            "pods": read, "nodes": read, **{pia(k): read for k in KINDS[:3]},
-            pia("azureassignedidentities"): r("get list watch create update patch delete"),
-            pia("azureassignedidentities") + "/status": r("update patch"),
-            "events": r("create patch"),
+            "pods": read, "nodes": read, **{pia(k): read for k in KINDS[:2]},
+            pia("azureassignedidentities"): r("get list watch create patch delete"),
+            pia("azureassignedidentities") + "/status": r("patch"),
         },
         "keyless-pod-identity-addon": {
             **{pia(k): r("get list watch create update patch delete") for k in KINDS[:3]},

@@ -73,6 +73,29 @@ class Kube:
         return self.get("/apis/aadpodidentity.k8s.io/v1/azureassignedidentities")["items"]
 
 
+DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "base"
+
+
+def service_account_kubeconfig(fab, component):
+    """The install manifests' ServiceAccount and RBAC of `component` (nmi, mic) applied, and a
+    kubeconfig with that service account's token: the processes run with exactly the
+    permissions the manifests give them."""
+    for f in ("serviceaccount.yaml", "rbac.yaml"):
+        fab.cp.kubectl("apply", "-f", str(DEPLOY / component / f))
+    token = fab.cp.kubectl("create", "token", f"keyless-{component}", "-n", "kube-system",
+                           "--duration", "3600s").stdout.strip()
+    path = fab.root / f"kubeconfig-sa-{component}"
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "k", "cluster": {"server": f"https://kubernetes:{fab.cp.port}",
+                                                "certificate-authority": fab.cp.env["K8S_CA_FILE"]}}],
+        "users": [{"name": component, "user": {"token": token}}],
+        "contexts": [{"name": "k", "context": {"cluster": "k", "user": component}}],
+        "current-context": "k",
+    }))
+    return str(path)
+
+
 class Std:
     def __init__(self, fab):
         self.fab = fab
@@ -84,7 +107,7 @@ class Std:
     def start_node(self, i, join_token, extra=()):
         node = self.fab.nodes[i]
         name = f"std-node-{i}"
-        kubeconfig = self.fab.cp.node_kubeconfig(self.fab.root / f"kubeconfig-{name}")
+        kubeconfig = self.nmi_kubeconfig
         cmd = [*node.prefix(), keyless_bin(), "node", "--server", self.fab.server_for(node),
                "--ca-file", self.fab.up.info["caFile"], "--state-dir", str(self.fab.root / f"state-{name}"),
                "--imds-listen", "169.254.169.254:80", "--sync-interval", "5",
@@ -101,7 +124,7 @@ class Std:
 
     def start_mic(self, holder, kubelet_client_id):
         node = self.fab.nodes[0]
-        kubeconfig = self.fab.cp.node_kubeconfig(self.fab.root / "kubeconfig-mic")
+        kubeconfig = self.mic_kubeconfig
         port = 19468 + len(self.mics)
         cmd = [*node.prefix(), keyless_bin(), "mic", "--server", self.fab.server_for(node),
                "--ca-file", self.fab.up.info["caFile"], "--client-id", kubelet_client_id,
@@ -206,6 +229,9 @@ def std():
         for ns in ("apps", "kube-system"):
             fab.cp.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
             fab.cp.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default", "namespace": ns}})
+        # NMI and MIC run as the install manifests' service accounts (least privilege)
+        s.nmi_kubeconfig = service_account_kubeconfig(fab, "nmi")
+        s.mic_kubeconfig = service_account_kubeconfig(fab, "mic")
         for i in (0, 1):
             token = cli("vmss", "join-token", "-g", MC, "-n", "pool")["joinToken"]
             extra = ("--set-retry-after-header",) if i == 1 else ()
@@ -243,6 +269,20 @@ def test_without_its_roles_mic_reports_the_refusal_and_attaches_nothing(std):
     assert status == 404, (status, body)
     assert "AuthorizationFailed" in body and "not assigned" in body, body
     assert time.time() - t0 < 10
+    # explain says the same: from the agent of the pod's node (with the refusal just answered)
+    # and from the API server
+    out = std.fab.nodes[0].run(keyless_bin(), "aks", "pod-identity", "explain", "--namespace", "apps", "--pod", "first",
+                               "--agent", "http://127.0.0.1:2579", "-o", "json", check=False)
+    assert out.returncode == 0, out.stderr
+    e = json.loads(out.stdout)
+    assert e["mode"] == "standard" and e["verdict"]["code"] == "assignment_failed", e
+    assert "AuthorizationFailed" in e["verdict"]["message"], e
+    assert e["refusals"][-1]["reason"] == "identity_not_assigned" and e["refusals"][-1]["status"] == 404, e
+    out = subprocess.run([keyless_bin(), "aks", "pod-identity", "explain", "--namespace", "apps", "--pod", "first",
+                          "--operation-mode", "standard", "--kubeconfig", std.fab.cp.kubeconfig],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "verdict: assignment_failed" in out.stdout and "[no] assignment" in out.stdout, out.stdout
     # the seed's roles: Virtual Machine Contributor on the node resource group, then Managed
     # Identity Operator on the identities (without it: LinkedAuthorizationFailed)
     kcid = std.kubelet["properties"]["clientId"]
