@@ -310,6 +310,14 @@ def test_the_sdks_in_the_pod_get_its_identity(std):
     out = run_node(std.fab.up, {"credential": "mi", "scope": ARM + "/.default"}, prefix=pod.prefix(), imds_env=False)
     assert "error" not in out, out
     assert std.fab.verify(out["token"])["oid"] == want
+    # the Rust azure_identity crate (only ever calls 169.254.169.254)
+    from test_netns import rust_client
+    r = subprocess.run([*pod.prefix(), "env", "-i", rust_client(), "system", "-", ARM + "/.default"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "error" not in got, got
+    assert std.fab.verify(got["token"])["oid"] == want
     # the kubelet identity is the node's, never the pod's
     status, body = pod.curl(TOKEN_Q + f"&client_id={std.kubelet['properties']['clientId']}")
     assert status == 404, body
@@ -369,6 +377,9 @@ def test_the_other_replica_takes_over_when_the_leader_dies(std):
         std.kube.assigned("default", "after-failover-apps-app-3")), timeout=60, what="reconciled by the new leader")
     done = time.time() - t0
     print(f"MIC leader killed -> standby holds the Lease after {took:.1f} s (lease 15 s), pod assigned after {done:.1f} s")
+    # the standby wakes when the holder's Lease runs out (15 s after its last renewal, which was
+    # before the kill): the lease time, plus this test's polling and a loaded machine's slack
+    assert took <= 15 + 2, took
     status, body = pod.curl(TOKEN_Q)
     assert status == 200, body
 

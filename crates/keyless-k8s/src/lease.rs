@@ -19,6 +19,23 @@ pub struct LeaseConfig {
 
 /// Try to take or renew the Lease; true while this replica holds it.
 pub async fn hold(client: &kube::Client, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+    hold_or_wait(client, cfg).await.map(|h| h.is_none())
+}
+
+/// Try to take or renew the Lease: None while this replica holds it, else how long until the
+/// current holder's Lease runs out (the moment to try again, so a standby takes over within
+/// the lease duration of the holder's last renewal).
+pub async fn hold_or_wait(
+    client: &kube::Client,
+    cfg: &LeaseConfig,
+) -> Result<Option<std::time::Duration>, kube::Error> {
+    let taken = |ok: bool| {
+        if ok {
+            None
+        } else {
+            Some(std::time::Duration::ZERO)
+        }
+    };
     let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     let now = k8s_openapi::jiff::Timestamp::now();
     let fresh = |rv: Option<String>, acquire: Option<MicroTime>, transitions: Option<i32>| Lease {
@@ -43,8 +60,8 @@ pub async fn hold(client: &kube::Client, cfg: &LeaseConfig) -> Result<bool, kube
                 .create(&PostParams::default(), &fresh(None, None, Some(0)))
                 .await
             {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Ok(_) => Ok(taken(true)),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(taken(false)),
                 Err(e) => Err(e),
             };
         }
@@ -52,12 +69,13 @@ pub async fn hold(client: &kube::Client, cfg: &LeaseConfig) -> Result<bool, kube
     };
     let spec = current.spec.clone().unwrap_or_default();
     let mine = spec.holder_identity.as_deref() == Some(cfg.holder.as_str());
-    let expired = spec.renew_time.as_ref().is_none_or(|t| {
+    // milliseconds left on the holder's Lease (≤ 0: expired)
+    let left_ms = spec.renew_time.as_ref().map_or(0, |t| {
         let secs = i64::from(spec.lease_duration_seconds.unwrap_or(cfg.seconds));
-        t.0.as_second() + secs < now.as_second()
+        t.0.as_millisecond() + secs * 1000 - now.as_millisecond()
     });
-    if !mine && !expired {
-        return Ok(false);
+    if !mine && left_ms > 0 {
+        return Ok(Some(std::time::Duration::from_millis(left_ms as u64)));
     }
     let (acquire, transitions) = if mine {
         (spec.acquire_time, spec.lease_transitions)
@@ -76,8 +94,8 @@ pub async fn hold(client: &kube::Client, cfg: &LeaseConfig) -> Result<bool, kube
         )
         .await
     {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Ok(_) => Ok(taken(true)),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(taken(false)),
         Err(e) => Err(e),
     }
 }

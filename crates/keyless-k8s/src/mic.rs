@@ -573,11 +573,22 @@ pub async fn run(
     // an identity ARM refused: sync again then
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut pending = true;
+    // standby: until the holder's Lease runs out
+    let mut standby_for: Option<Duration> = None;
     loop {
-        if lease_checked.elapsed() >= defaults::LEASE_RENEW || !leader {
+        // the holder renews every LEASE_RENEW; a standby looks again when the holder's Lease
+        // runs out (not at every event)
+        if lease_checked.elapsed() >= defaults::LEASE_RENEW
+            || (!leader && standby_for.is_none_or(|d| lease_checked.elapsed() >= d))
+        {
             let was = leader;
-            leader = match lease::hold(&client, &mic.cfg.lease).await {
-                Ok(l) => l,
+            standby_for = None;
+            leader = match lease::hold_or_wait(&client, &mic.cfg.lease).await {
+                Ok(None) => true,
+                Ok(Some(left)) => {
+                    standby_for = Some(left);
+                    false
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "MIC lease");
                     false
@@ -650,8 +661,12 @@ pub async fn run(
                 }
             }
         }
+        let until_expiry = standby_for
+            .filter(|_| !leader)
+            .map(|d| d.saturating_sub(lease_checked.elapsed()) + Duration::from_millis(20));
         let wait = wait
             .min(defaults::LEASE_RENEW)
+            .min(until_expiry.unwrap_or(defaults::LEASE_RENEW))
             .max(not_before.saturating_duration_since(tokio::time::Instant::now()))
             .max(Duration::from_millis(10));
         tokio::select! {
