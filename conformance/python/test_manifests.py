@@ -210,8 +210,9 @@ def test_nmi_daemonset(rendered, overlay):
     assert env_of(c)["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     host_ip = env_of(c)["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert host_ip == "status.hostIP" and arg_value(args, "--nmi-listen") == "$(HOST_IP):2579"
-    assert env_of(c)["KEYLESS_JOIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {
-        "name": "keyless-node", "key": "join-token", "optional": True}
+    # the node's own one-time token, from the host (not a Secret every node would share)
+    assert env_of(c)["KEYLESS_JOIN_TOKEN_FILE"]["value"] == "/etc/keyless-node/join-token"
+    assert "KEYLESS_JOIN_TOKEN" not in env_of(c)
     assert "--join-token" not in " ".join(args), "the join token belongs in the environment, not in argv"
 
     sc = c["securityContext"]

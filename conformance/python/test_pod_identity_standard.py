@@ -113,7 +113,15 @@ class Std:
                "--imds-listen", "169.254.169.254:80", "--sync-interval", "5",
                "--nmi", "--operation-mode", "standard", "--node-name", name, "--kubeconfig", kubeconfig,
                "--nmi-listen", f"{node.ns_ip}:2579", *extra]
-        env = dict(os.environ, KEYLESS_JOIN_TOKEN=join_token)
+        # node 0 reads its token from a file (what the DaemonSet does), node 1 from the env
+        if i == 0:
+            tf = self.fab.root / "join-token-0"
+            tf.write_text(join_token + "\n")
+            tf.chmod(0o600)
+            cmd += ["--join-token-file", str(tf)]
+            env = dict(os.environ)
+        else:
+            env = dict(os.environ, KEYLESS_JOIN_TOKEN=join_token)
         p = Proc(cmd, "NMI caller attestation:", self.fab.root / f"node-{name}.log", env=env)
         self.fab.procs.append(p)
         self.agents.append(p)

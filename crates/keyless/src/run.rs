@@ -209,6 +209,11 @@ pub struct NodeArgs {
     /// One-time join token (from `keyless vm join-token`); needed only for the first start.
     #[arg(long, env = "KEYLESS_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// A file holding this node's one-time join token (written when the node is provisioned;
+    /// a DaemonSet reads it from the host). Read only when --join-token is not given; a
+    /// missing file is no token.
+    #[arg(long, env = "KEYLESS_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
     /// IMDS listen address.
     #[arg(
         long,
@@ -534,7 +539,15 @@ pub async fn node(a: NodeArgs) -> Result<(), CliError> {
         server_urls: keyless_ops::failover::parse_urls(&a.server),
         ca_pem,
         state_dir: a.state_dir.clone(),
-        join_token: a.join_token.clone(),
+        join_token: match (&a.join_token, &a.join_token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => match std::fs::read_to_string(f) {
+                Ok(t) => Some(t.trim().to_string()).filter(|t| !t.is_empty()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io_err(f)(e)),
+            },
+            (None, None) => None,
+        },
         imds_listen: a.imds_listen,
         sync_interval: Duration::from_secs(a.sync_interval.max(1)),
         private_ip: a.private_ip.clone(),
