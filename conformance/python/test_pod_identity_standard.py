@@ -112,7 +112,9 @@ class Std:
                "--ca-file", self.fab.up.info["caFile"], "--state-dir", str(self.fab.root / f"state-{name}"),
                "--imds-listen", "169.254.169.254:80", "--sync-interval", "5",
                "--nmi", "--operation-mode", "standard", "--node-name", name, "--kubeconfig", kubeconfig,
-               "--nmi-listen", f"{node.ns_ip}:2579", *extra]
+               "--nmi-listen", f"{node.ns_ip}:2579",
+               # the ops listener at its default address (the node's own loopback): the probe's
+               "--metrics-listen", "127.0.0.1:9465", *extra]
         # node 0 reads its token from a file (what the DaemonSet does), node 1 from the env
         if i == 0:
             tf = self.fab.root / "join-token-0"
@@ -459,3 +461,30 @@ def test_200_pods_at_once_one_scale_set_write_per_sync(std):
     print(f"200 pods deleted: scale-set writes {writes} over {syncs:.0f} MIC syncs")
     assert 1 <= writes <= syncs
     assert std.kubelet["id"].lower() in std.scale_set_identities()
+
+
+def test_the_probe_fails_while_the_redirect_is_missing(std):
+    """The install manifests' NMI probe (`keyless status --node-metrics 127.0.0.1:9465`) fails
+    while pods would reach the node's IMDS unredirected: the chain's DNAT gone (the jump
+    left in place) or the jump gone; it passes again once the rules are back."""
+    node = std.fab.nodes[1]
+    probe = lambda: node.run(keyless_bin(), "status", "--node-metrics", "127.0.0.1:9465", check=False)
+    ok = probe()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    chain = node.run("iptables", "-t", "nat", "-S", "aad-metadata").stdout.splitlines()
+    dnat = next(l for l in chain if "DNAT" in l)
+    node.run("iptables", "-t", "nat", "-D", *dnat.split()[1:])
+    try:
+        bad = probe()
+        assert bad.returncode != 0, bad.stdout
+        assert "nmi iptables redirect" in bad.stdout and "DNAT" in bad.stdout, bad.stdout
+    finally:
+        node.run("iptables", "-t", "nat", "-I", *dnat.split()[1:2], "1", *dnat.split()[2:], check=False)
+    assert probe().returncode == 0
+    node.run("iptables", "-t", "nat", "-D", "PREROUTING", "-j", "aad-metadata")
+    try:
+        bad = probe()
+        assert bad.returncode != 0 and "PREROUTING" in bad.stdout, bad.stdout
+    finally:
+        node.run("iptables", "-t", "nat", "-I", "PREROUTING", "1", "-j", "aad-metadata", check=False)
+    assert probe().returncode == 0
