@@ -21,6 +21,10 @@ use crate::pod_identity::{self as pi, AzureIdentity, Binding, Namespacing, Pod};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+/// The annotation MIC writes on each `AzureAssignedIdentity`: the ARM id of the VM / scale
+/// set its identity is attached to.
+pub const TARGET_ANNOTATION: &str = "keyless.dev/target";
+
 /// `status.status` of an `AzureAssignedIdentity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AssignedState {
@@ -97,6 +101,9 @@ impl Assignment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Existing {
     pub assignment: Assignment,
+    /// The VM / scale set MIC attached it to ([`TARGET_ANNOTATION`]), so it is detached from
+    /// there even when its node is gone (scale-in) or the object now wants another one.
+    pub target: Option<String>,
     pub state: AssignedState,
     /// The error MIC reported on it (`status.error`: code, message), if any.
     pub error: Option<(String, String)>,
@@ -263,24 +270,34 @@ pub fn plan(
         }
     }
     for (key, e) in existing {
-        if want.contains_key(key) {
-            continue;
-        }
         let a = &e.assignment;
-        let Some(t) = target_of(&a.node) else {
-            p.orphaned.push(key.clone());
+        // where it was attached: the annotation, else its node's VM / scale set
+        let Some(t) = e.target.clone().or_else(|| target_of(&a.node)) else {
+            if !want.contains_key(key) {
+                p.orphaned.push(key.clone());
+            }
             continue;
         };
         let tl = t.to_ascii_lowercase();
-        let Some(held) = on(&t) else { continue };
         let rk = a.resource_key();
+        let rewritten = want.get(key);
+        if rewritten.is_some_and(|w| {
+            w.resource_key() == rk
+                && target_of(&w.node).is_some_and(|wt| wt.eq_ignore_ascii_case(&t))
+        }) {
+            continue; // still wanted there
+        }
+        // gone, or now wanted elsewhere / for another identity: the old one may go
+        let Some(held) = on(&t) else { continue };
         let still = needed.get(&tl).is_some_and(|n| n.contains(&rk));
         let change = p.targets.entry(tl).or_default();
         let keep = still || immutable.contains(&a.identity.client_id.to_ascii_lowercase());
         if !keep && held.contains(&rk) {
             change.remove.insert(a.identity.resource_id.clone());
         }
-        change.delete.push(key.clone());
+        if rewritten.is_none() {
+            change.delete.push(key.clone());
+        }
     }
     p.targets
         .retain(|_, c| c.needs_write() || !c.assign.is_empty() || !c.delete.is_empty());
@@ -397,6 +414,7 @@ mod tests {
                     k.clone(),
                     Existing {
                         assignment: a.clone(),
+                        target: None,
                         state,
                         error: None,
                     },
@@ -615,5 +633,52 @@ mod tests {
             None,
             "not there: nothing to remove"
         );
+    }
+
+    #[test]
+    fn a_node_gone_or_a_pod_moved_still_detaches_from_where_it_was() {
+        let ids = [ident("apps", "id-a")];
+        let bs = [binding("apps", "ba", "id-a", "a")];
+        let attached = |_: &str| Some([rid("id-a").to_ascii_lowercase()].into_iter().collect());
+        let want = desired(
+            Namespacing::Always,
+            &[pod("apps", "p1", "n1", "a")],
+            &bs,
+            &ids,
+        );
+        let mut have = existing(&want, AssignedState::Assigned);
+        for e in have.values_mut() {
+            e.target = Some(SS.to_string());
+        }
+        // the node is gone (no providerID to read): detached from the annotated scale set
+        let gone = |n: &str| if n == "n1" { None } else { nodes(n) };
+        let p = plan(&BTreeMap::new(), &have, &gone, &attached, &HashSet::new());
+        let c = &p.targets[&SS.to_ascii_lowercase()];
+        assert_eq!(c.remove, [rid("id-a")].into());
+        assert_eq!(c.delete.len(), 1);
+        assert!(p.orphaned.is_empty());
+        // the pod re-created under the same name on a node of another scale set: attached
+        // there, detached from the old one, the object rewritten (not deleted)
+        let moved = desired(
+            Namespacing::Always,
+            &[pod("apps", "p1", "n3", "a")],
+            &bs,
+            &ids,
+        );
+        let p = plan(
+            &moved,
+            &have,
+            &nodes,
+            &|_| {
+                Some(BTreeSet::new()).map(|_: BTreeSet<String>| {
+                    [rid("id-a").to_ascii_lowercase()].into_iter().collect()
+                })
+            },
+            &HashSet::new(),
+        );
+        assert_eq!(p.write.len(), 1);
+        let old = &p.targets[&SS.to_ascii_lowercase()];
+        assert_eq!(old.remove, [rid("id-a")].into());
+        assert!(old.delete.is_empty(), "rewritten, not deleted");
     }
 }

@@ -364,11 +364,16 @@ fn walk(f: &Facts<'_>, w: &mut Walk) -> Verdict {
     if let Rules::Standard(_) = f.rules {
         served.clear();
         for b in &bound {
+            let iname = format!("{}/{}", b.namespace, b.name);
+            if b.resource_id.is_empty() {
+                failed.push(format!("{iname}: no resourceID"));
+                w.step("assignment", false, format!("{iname}: the AzureIdentity has no resourceID: MIC cannot attach it to the node's VM / scale set"));
+                continue;
+            }
             let obj = f.assigned.iter().find(|e| {
                 e.assignment.identity.namespace == b.namespace
                     && e.assignment.identity.name == b.name
             });
-            let iname = format!("{}/{}", b.namespace, b.name);
             match obj {
                 Some(e) if e.state == AssignedState::Assigned => {
                     w.step(
@@ -444,6 +449,25 @@ fn walk(f: &Facts<'_>, w: &mut Walk) -> Verdict {
         );
     }
     if let Some(r) = f.requested {
+        // one of the pod's identities that is not served yet: what it waits for
+        let pending_named = bound.iter().find(|b| {
+            b.client_id.eq_ignore_ascii_case(r) && !ids.iter().any(|c| c.eq_ignore_ascii_case(r))
+        });
+        if let Some(b) = pending_named {
+            let iname = format!("{}/{}", b.namespace, b.name);
+            let m = format!("client id {r} is the pod's {iname}, not served yet");
+            w.step("request", false, m);
+            if let Some(f) = failed.iter().find(|x| x.starts_with(&format!("{iname}:"))) {
+                return verdict("assignment_failed", format!("not assigned: {f}"));
+            }
+            if waiting.contains(&iname) {
+                return verdict("not_assigned", format!("waiting for MIC to assign {iname}"));
+            }
+            return verdict(
+                "not_on_node",
+                format!("{iname} is not on the node's VM / scale set"),
+            );
+        }
         if !ids.iter().any(|c| c.eq_ignore_ascii_case(r)) {
             let m = format!(
                 "client id {r} is not one the pod may use here (it may use {})",
@@ -656,6 +680,7 @@ mod tests {
                 identity: ident("apps", "id-a"),
                 binding: ("apps".into(), "id-a-binding".into()),
             },
+            target: None,
             state: AssignedState::Created,
             error: Some(("AuthorizationFailed".into(), "no".into())),
         };

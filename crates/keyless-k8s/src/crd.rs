@@ -348,6 +348,12 @@ pub mod read {
                 identity,
                 binding: (str_at(b, "namespace"), str_at(b, "name")),
             },
+            target: o
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(keyless_core::mic::TARGET_ANNOTATION))
+                .cloned(),
             state: AssignedState::parse(status["status"].as_str()),
             error: status["error"]["code"]
                 .as_str()

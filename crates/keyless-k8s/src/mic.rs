@@ -67,8 +67,12 @@ pub enum MicError {
     Arm(#[from] ArmError),
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Other(String),
+    /// The caches could not list.
+    #[error("caches: {0}")]
+    Caches(String),
+    /// Writes of this sync that failed (objects, VM / scale-set identity writes).
+    #[error("{}", .0.join("; "))]
+    Writes(Vec<String>),
 }
 
 /// The caches a sync reads.
@@ -134,8 +138,9 @@ fn scheduled(p: &Pod) -> Option<core::ScheduledPod> {
     })
 }
 
-/// The object MIC writes for `a` (spec only; the status follows).
-fn object(key: &Key, a: &Assignment) -> Value {
+/// The object MIC writes for `a` (spec only; the status follows), annotated with the VM /
+/// scale set its identity goes to.
+fn object(key: &Key, a: &Assignment, target: Option<&str>) -> Value {
     let id = &a.identity;
     let mut id_meta = json!({"name": id.name, "namespace": id.namespace});
     if id.namespaced {
@@ -144,7 +149,10 @@ fn object(key: &Key, a: &Assignment) -> Value {
     json!({
         "apiVersion": "aadpodidentity.k8s.io/v1",
         "kind": "AzureAssignedIdentity",
-        "metadata": {"name": key.1, "namespace": key.0, "labels": {"nodename": a.node}},
+        "metadata": {
+            "name": key.1, "namespace": key.0, "labels": {"nodename": a.node},
+            "annotations": target.map(|t| json!({core::TARGET_ANNOTATION: t})).unwrap_or(json!({})),
+        },
         "spec": {
             "azureIdentityRef": {"metadata": id_meta, "spec": {"type": id.type_, "clientID": id.client_id, "resourceID": id.resource_id}},
             "azureBindingRef": {"metadata": {"name": a.binding.1, "namespace": a.binding.0}},
@@ -160,6 +168,8 @@ struct Mic {
     arm: Arm,
     cfg: MicConfig,
     immutable: HashSet<String>,
+    /// Whether this replica holds the Lease now (the lease task's view).
+    lead: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What a target's GET said.
@@ -170,6 +180,10 @@ struct TargetState {
 }
 
 impl Mic {
+    fn leading(&self) -> bool {
+        *self.lead.borrow()
+    }
+
     fn assigned_api(&self, ns: &str) -> Api<DynamicObject> {
         Api::namespaced_with(self.client.clone(), ns, &erased::<AzureAssignedIdentity>())
     }
@@ -210,22 +224,27 @@ impl Mic {
             .map(drop)
     }
 
-    /// Create the object, or rewrite its spec; then status `Created` (with `error`).
+    /// Create the object, or rewrite it (status back to `Created` first, so it never says
+    /// `Assigned` with a spec not yet attached); then status `Created` (with `error`).
     async fn write(
         &self,
         key: &Key,
         a: &Assignment,
+        target: Option<&str>,
         error: Option<(&str, &str)>,
     ) -> Result<(), kube::Error> {
         let api = self.assigned_api(&key.0);
+        let body = object(key, a, target);
         let obj: DynamicObject =
-            serde_json::from_value(object(key, a)).map_err(kube::Error::SerdeError)?;
+            serde_json::from_value(body.clone()).map_err(kube::Error::SerdeError)?;
         match api.create(&PostParams::default(), &obj).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {
-                let patch = json!({"metadata": {"labels": {"nodename": a.node}}, "spec": object(key, a)["spec"]});
+                self.set_status(key, "Created", error).await?;
+                let patch = json!({"metadata": body["metadata"], "spec": body["spec"]});
                 api.patch(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
                     .await?;
+                return Ok(());
             }
             Err(e) => return Err(e),
         }
@@ -248,8 +267,9 @@ impl Mic {
         }
     }
 
-    /// Run `f` over `items`, [`defaults::WRITES_IN_FLIGHT`] at a time; the first error.
-    async fn each<T, F, Fut>(&self, items: Vec<T>, f: F) -> Result<(), kube::Error>
+    /// Run `f` over `items`, [`defaults::WRITES_IN_FLIGHT`] at a time: the errors, each
+    /// naming its object (one object the API server refuses does not stop the others).
+    async fn each<T, F, Fut>(&self, items: Vec<T>, f: F) -> Vec<String>
     where
         F: Fn(T) -> Fut,
         Fut: std::future::Future<Output = Result<(), kube::Error>>,
@@ -258,7 +278,14 @@ impl Mic {
             .buffer_unordered(defaults::WRITES_IN_FLIGHT)
             .collect()
             .await;
-        results.into_iter().collect()
+        results
+            .into_iter()
+            .filter_map(|r| r.err())
+            .map(|e| {
+                tracing::warn!(error = %e, "AzureAssignedIdentity write failed");
+                e.to_string()
+            })
+            .collect()
     }
 
     /// One sync.
@@ -302,6 +329,7 @@ impl Mic {
             .map(|a| &a.node)
             .chain(existing.values().map(|e| &e.assignment.node))
             .filter_map(|n| target_of(n))
+            .chain(existing.values().filter_map(|e| e.target.clone()))
             .collect();
         let mut states: BTreeMap<String, TargetState> = BTreeMap::new();
         let mut get_errors: BTreeMap<String, ArmError> = BTreeMap::new();
@@ -330,13 +358,19 @@ impl Mic {
             "the node's spec.providerID names no VM or scale set",
         );
         let unplaced = &unplaced;
-        self.each(plan.write.iter().collect(), |(k, a)| async move {
-            let err = unplaced.contains(k).then_some(no_target);
-            self.write(k, a, err).await
-        })
-        .await?;
-        // wants whose target could not be read carry that error
+        let target_of = &target_of;
+        let mut failed = self
+            .each(plan.write.iter().collect(), |(k, a)| async move {
+                let err = unplaced.contains(k).then_some(no_target);
+                self.write(k, a, target_of(&a.node).as_deref(), err).await
+            })
+            .await;
+        // wants not assigned yet whose target could not be read carry that error (an
+        // Assigned one stays served: its identity is attached, a failed read changes nothing)
         for (k, a) in &want {
+            if existing.get(k).is_some_and(|x| x.state.servable()) {
+                continue;
+            }
             if let Some(e) =
                 target_of(&a.node).and_then(|t| get_errors.get(&t.to_ascii_lowercase()))
             {
@@ -347,16 +381,27 @@ impl Mic {
                     .map(|e| e.0.as_str())
                     != Some(code.as_str())
                 {
-                    self.set_status(k, "Created", Some((&code, &e.message())))
-                        .await?;
+                    if let Err(e) = self
+                        .set_status(k, "Created", Some((&code, &e.message())))
+                        .await
+                    {
+                        failed.push(format!("{}/{}: {e}", k.0, k.1));
+                    }
                 }
             }
         }
         let mut outcome = Outcome {
             again: !plan.deferred.is_empty(),
+            failed,
             ..Outcome::default()
         };
         for (t, change) in &plan.targets {
+            if !self.leading() {
+                outcome
+                    .failed
+                    .push("lost the Lease: this sync stops before its next write".into());
+                return Ok(outcome);
+            }
             let state = &states[t];
             let id = involved
                 .iter()
@@ -380,24 +425,30 @@ impl Mic {
             };
             let verdicts: Vec<(&Key, Option<(String, String)>)> =
                 change.assign.iter().map(|k| (k, verdict(k))).collect();
-            self.each(verdicts, |(k, v)| async move {
-                match &v {
-                    None => self.set_status(k, "Assigned", None).await,
-                    Some((code, msg)) => self.set_status(k, "Created", Some((code, msg))).await,
-                }
-            })
-            .await?;
+            let errs = self
+                .each(verdicts, |(k, v)| async move {
+                    match &v {
+                        None => self.set_status(k, "Assigned", None).await,
+                        Some((code, msg)) => self.set_status(k, "Created", Some((code, msg))).await,
+                    }
+                })
+                .await;
+            outcome.failed.extend(errs);
             match written {
                 // removed objects go once their detach is written; else they stay for the retry
                 Ok(()) => {
-                    self.each(change.delete.iter().collect(), |k| self.remove(k))
-                        .await?
+                    let errs = self
+                        .each(change.delete.iter().collect(), |k| self.remove(k))
+                        .await;
+                    outcome.failed.extend(errs);
                 }
                 Err(e) => outcome.failed.push(format!("{id}: {e}")),
             }
         }
-        self.each(plan.orphaned.iter().collect(), |k| self.remove(k))
-            .await?;
+        let errs = self
+            .each(plan.orphaned.iter().collect(), |k| self.remove(k))
+            .await;
+        outcome.failed.extend(errs);
         Ok(outcome)
     }
 
@@ -555,17 +606,41 @@ pub async fn run(
     };
     tokio::select! {
         _ = &mut shutdown => return Ok(()),
-        r = listed => r.map_err(|e| MicError::Other(format!("caches: {e}")))?,
+        r = listed => r.map_err(|e| MicError::Caches(e.to_string()))?,
     }
     ready();
+    // the Lease in its own task: renewed every LEASE_RENEW however long a sync takes; a
+    // standby tries again when the holder's Lease runs out; the sync loop acts only while
+    // this says so, and a sync checks it before each VM / scale-set write
+    let (lead_tx, mut lead_rx) = tokio::sync::watch::channel(false);
+    let lease_task = {
+        let client = client.clone();
+        let lease = cfg.lease.clone();
+        tokio::spawn(async move {
+            loop {
+                let (leading, next) = match lease::hold_or_wait(&client, &lease).await {
+                    Ok(None) => (true, defaults::LEASE_RENEW),
+                    Ok(Some(left)) => (false, left + Duration::from_millis(20)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "MIC lease: cannot renew; not acting until it can");
+                        (false, defaults::RETRY_MIN * 2)
+                    }
+                };
+                lead_tx.send_if_modified(|l| std::mem::replace(l, leading) != leading);
+                tokio::time::sleep(next.min(Duration::from_secs(lease.seconds.max(1) as u64)))
+                    .await;
+            }
+        })
+    };
+    let _lease_task = Abort(vec![lease_task]);
     let mic = Mic {
         client: client.clone(),
         arm,
         immutable,
         cfg,
+        lead: lead_rx.clone(),
     };
     let mut leader = false;
-    let mut lease_checked = tokio::time::Instant::now() - defaults::LEASE_RENEW;
     let mut backoff = defaults::RETRY_MIN;
     let mut last_sync = tokio::time::Instant::now() - mic.cfg.resync;
     // the error policy: after a failed sync, none before this
@@ -573,58 +648,27 @@ pub async fn run(
     // an identity ARM refused: sync again then
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut pending = true;
-    // standby: until the holder's Lease runs out
-    let mut standby_for: Option<Duration> = None;
     loop {
-        // the holder renews every LEASE_RENEW; a standby looks again when the holder's Lease
-        // runs out (not at every event)
-        if lease_checked.elapsed() >= defaults::LEASE_RENEW
-            || (!leader && standby_for.is_none_or(|d| lease_checked.elapsed() >= d))
-        {
-            let was = leader;
-            standby_for = None;
-            leader = match lease::hold_or_wait(&client, &mic.cfg.lease).await {
-                Ok(None) => true,
-                Ok(Some(left)) => {
-                    standby_for = Some(left);
-                    false
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "MIC lease");
-                    false
-                }
-            };
-            lease_checked = tokio::time::Instant::now();
-            if leader != was {
-                tracing::info!(leader, holder = %mic.cfg.lease.holder, "MIC lease");
-                metrics::gauge!(keyless_ops::metrics::MIC_LEADER).set(if leader {
-                    1.0
-                } else {
-                    0.0
-                });
-                on_leader(leader);
-                pending = true;
-            }
-        }
-        let mut wait = if leader {
-            mic.cfg.resync.saturating_sub(last_sync.elapsed())
-        } else {
-            defaults::LEASE_RENEW
-        };
-        if let Some(t) = retry_at {
-            wait = wait.min(t.saturating_duration_since(tokio::time::Instant::now()));
+        let now_leading = *lead_rx.borrow_and_update();
+        if now_leading != leader {
+            leader = now_leading;
+            tracing::info!(leader, holder = %mic.cfg.lease.holder, "MIC lease");
+            metrics::gauge!(keyless_ops::metrics::MIC_LEADER).set(if leader { 1.0 } else { 0.0 });
+            on_leader(leader);
+            pending = true;
         }
         if last_sync.elapsed() >= mic.cfg.resync
             || retry_at.is_some_and(|t| tokio::time::Instant::now() >= t)
         {
             pending = true;
         }
+        let mut wait = mic.cfg.resync.saturating_sub(last_sync.elapsed());
         if leader && pending && tokio::time::Instant::now() >= not_before {
             let r = mic.sync(&caches).await.and_then(|o| {
                 if o.failed.is_empty() {
                     Ok(o)
                 } else {
-                    Err(MicError::Other(o.failed.join("; ")))
+                    Err(MicError::Writes(o.failed))
                 }
             });
             metrics::counter!(
@@ -661,14 +705,13 @@ pub async fn run(
                 }
             }
         }
-        let until_expiry = standby_for
-            .filter(|_| !leader)
-            .map(|d| d.saturating_sub(lease_checked.elapsed()) + Duration::from_millis(20));
-        let wait = wait
-            .min(defaults::LEASE_RENEW)
-            .min(until_expiry.unwrap_or(defaults::LEASE_RENEW))
-            .max(not_before.saturating_duration_since(tokio::time::Instant::now()))
-            .max(Duration::from_millis(10));
+        if let Some(t) = retry_at {
+            wait = wait.min(t.saturating_duration_since(tokio::time::Instant::now()));
+        }
+        if pending {
+            wait = wait.max(not_before.saturating_duration_since(tokio::time::Instant::now()));
+        }
+        let wait = wait.max(Duration::from_millis(10));
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = wake.notified() => {
@@ -676,6 +719,7 @@ pub async fn run(
                 tokio::time::sleep(defaults::DEBOUNCE).await;
                 pending = true;
             },
+            _ = lead_rx.changed() => {},
             _ = tokio::time::sleep(wait) => {},
         }
     }

@@ -66,16 +66,6 @@ const SEARCH_DEPTH: usize = 4;
 /// Pods with a fast path (each holds a pidfd) at most.
 const MAX_PIDFDS: usize = 512;
 
-/// TCP states (`include/net/tcp_states.h`) of a socket a process still holds: established,
-/// or half closed (a client that shut down its sending side after its request). `TIME_WAIT`
-/// and closed sockets belong to no descriptor (inode 0) and never attest.
-const OWNED_STATES: [u8; 4] = [
-    0x01, // ESTABLISHED
-    0x04, // FIN_WAIT1
-    0x05, // FIN_WAIT2
-    0x08, // CLOSE_WAIT
-];
-
 /// Why a connection was not attested.
 #[derive(Debug, thiserror::Error)]
 pub enum AttestError {
@@ -599,10 +589,11 @@ fn netns_of(pid: u32) -> Option<u64> {
 }
 
 /// The sockets in `target`'s network namespace whose local address is `peer` and whose
-/// remote address is the metadata endpoint (or `local`), in a state a descriptor holds. One
-/// exact `inet_diag` lookup per remote candidate (a hash lookup in the kernel;
-/// `/proc/<pid>/net/tcp` would walk the whole established table of the machine, milliseconds
-/// on a large one), over a `NETLINK_SOCK_DIAG` socket opened in that namespace.
+/// remote address is the metadata endpoint (or `local`), in a state a descriptor holds
+/// ([`keyless_ops::sockdiag::Diag::is_held`]). One exact `inet_diag` lookup per remote
+/// candidate (a hash lookup in the kernel; `/proc/<pid>/net/tcp` would walk the whole
+/// established table of the machine, milliseconds on a large one), over a
+/// `NETLINK_SOCK_DIAG` socket opened in that namespace.
 fn sockets_in(
     target: &diag::Target<'_>,
     home: Option<&std::fs::File>,
@@ -610,8 +601,8 @@ fn sockets_in(
     local: Option<SocketAddr>,
     out: &mut Vec<Found>,
 ) -> Result<(), AttestError> {
-    let nl = match diag::open_in(target, home) {
-        Ok(Some(fd)) => fd,
+    let mut nl = match diag::open_in(target, home) {
+        Ok(Some(nl)) => nl,
         // the process exited meanwhile
         Ok(None) => return Ok(()),
         Err(e) => {
@@ -621,11 +612,11 @@ fn sockets_in(
         }
     };
     let mut remotes = [Some(IMDS_ADDR), local.filter(|l| *l != IMDS_ADDR)];
-    for (seq, remote) in remotes.iter_mut().filter_map(|r| r.take()).enumerate() {
-        match diag::lookup(&nl, seq as u32 + 1, peer, remote) {
-            Ok(Some(r)) if OWNED_STATES.contains(&r.state) && r.inode != 0 => out.push(Found {
+    for remote in remotes.iter_mut().filter_map(|r| r.take()) {
+        match diag::lookup(&mut nl, peer, remote) {
+            Ok(Some(r)) if r.is_held() => out.push(Found {
                 inode: r.inode,
-                cgroup: r.cgroup,
+                cgroup: r.cgroup_id,
             }),
             Ok(_) => {}
             Err(e) => return Err(AttestError::Io(format!("sock_diag lookup: {e}"))),
@@ -634,84 +625,14 @@ fn sockets_in(
     Ok(())
 }
 
-/// `NETLINK_SOCK_DIAG`, exact lookups only (`inet_diag_find_one_icsk`).
+/// `NETLINK_SOCK_DIAG` in another process' network namespace (the lookups themselves:
+/// [`keyless_ops::sockdiag`]).
 mod diag {
+    use keyless_ops::sockdiag::{Diag, SockDiag};
     use std::fs::File;
     use std::io::{Error, ErrorKind, Result};
     use std::net::{IpAddr, SocketAddr};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLMSG_ERROR: u16 = 2;
-    const NLMSG_DONE: u16 = 3;
-    const NLM_F_REQUEST: u16 = 1;
-    const INET_DIAG_NOCOOKIE: u32 = !0;
-
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct NlMsgHdr {
-        len: u32,
-        ty: u16,
-        flags: u16,
-        seq: u32,
-        pid: u32,
-    }
-
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct SockId {
-        sport: u16,
-        dport: u16,
-        src: [u32; 4],
-        dst: [u32; 4],
-        ifindex: u32,
-        cookie: [u32; 2],
-    }
-
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct ReqV2 {
-        family: u8,
-        protocol: u8,
-        ext: u8,
-        pad: u8,
-        states: u32,
-        id: SockId,
-    }
-
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct DiagMsg {
-        family: u8,
-        state: u8,
-        timer: u8,
-        retrans: u8,
-        id: SockId,
-        expires: u32,
-        rqueue: u32,
-        wqueue: u32,
-        uid: u32,
-        inode: u32,
-    }
-
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Msg {
-        hdr: NlMsgHdr,
-        req: ReqV2,
-    }
-
-    const HDR: usize = std::mem::size_of::<NlMsgHdr>();
-    /// `INET_DIAG_CGROUP_ID` (Linux 5.7+): the cgroup v2 id of the socket's creator.
-    const INET_DIAG_CGROUP_ID: u16 = 21;
-
-    /// What a lookup found.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(super) struct Reply {
-        pub state: u8,
-        pub inode: u32,
-        pub cgroup: Option<u64>,
-    }
 
     fn setns(f: &(impl AsRawFd + ?Sized)) -> Result<()> {
         // SAFETY: setns(2) on an open namespace descriptor; it moves only this thread
@@ -738,10 +659,11 @@ mod diag {
     }
 
     /// A `NETLINK_SOCK_DIAG` socket in `target`'s network namespace (`None`: no such
-    /// process). The calling thread enters the namespace for the `socket(2)` call only and
-    /// returns to `home` (this thread's own namespace when not given); if it cannot return,
-    /// the process aborts rather than run on in a pod's namespace.
-    pub(super) fn open_in(target: &Target<'_>, home: Option<&File>) -> Result<Option<OwnedFd>> {
+    /// process): a netlink socket answers for the namespace it was made in. The calling
+    /// thread enters the namespace for [`SockDiag::open`] only and returns to `home` (this
+    /// thread's own namespace when not given); if it cannot return, the process aborts
+    /// rather than run on in a pod's namespace.
+    pub(super) fn open_in(target: &Target<'_>, home: Option<&File>) -> Result<Option<SockDiag>> {
         let opened;
         let ns: &dyn AsRawFd = match target {
             Target::Pid(pid) => match File::open(format!("/proc/{pid}/ns/net")) {
@@ -769,177 +691,34 @@ mod diag {
                 _ => Err(e),
             };
         }
-        // SAFETY: plain socket(2)
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        let err = Error::last_os_error();
+        let nl = SockDiag::open();
         if let Err(e) = setns(home) {
             eprintln!("caller attestation: cannot return to the agent's network namespace: {e}");
             std::process::abort();
         }
-        if fd < 0 {
-            return Err(err);
-        }
-        // SAFETY: a descriptor just returned by socket(2), owned by nothing else
-        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+        nl.map(Some)
     }
 
-    fn words(ip: IpAddr) -> [u32; 4] {
-        let mut w = [0u32; 4];
-        match ip {
-            IpAddr::V4(a) => w[0] = u32::from_ne_bytes(a.octets()),
-            IpAddr::V6(a) => {
-                for (i, c) in a.octets().chunks_exact(4).enumerate() {
-                    w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-        }
-        w
-    }
-
-    fn request(seq: u32, family: i32, src: SocketAddr, dst: SocketAddr) -> Msg {
-        Msg {
-            hdr: NlMsgHdr {
-                len: std::mem::size_of::<Msg>() as u32,
-                ty: SOCK_DIAG_BY_FAMILY,
-                flags: NLM_F_REQUEST,
-                seq,
-                pid: 0,
-            },
-            req: ReqV2 {
-                family: family as u8,
-                protocol: libc::IPPROTO_TCP as u8,
-                ext: 0,
-                pad: 0,
-                states: !0,
-                id: SockId {
-                    sport: src.port().to_be(),
-                    dport: dst.port().to_be(),
-                    src: words(src.ip()),
-                    dst: words(dst.ip()),
-                    ifindex: 0,
-                    cookie: [INET_DIAG_NOCOOKIE; 2],
-                },
-            },
-        }
-    }
-
-    /// (state, inode) of the reply to `seq` in `bytes`; `Some(None)`: no such socket.
-    pub(super) fn parse_reply(bytes: &[u8], seq: u32) -> Option<Option<Reply>> {
-        let mut off = 0usize;
-        while off + HDR <= bytes.len() {
-            // SAFETY: HDR bytes are in bounds (checked above); read_unaligned copies them out
-            let h: NlMsgHdr =
-                unsafe { std::ptr::read_unaligned(bytes[off..].as_ptr().cast::<NlMsgHdr>()) };
-            let len = h.len as usize;
-            if len < HDR || off + len > bytes.len() {
-                break;
-            }
-            if h.seq == seq {
-                match h.ty {
-                    SOCK_DIAG_BY_FAMILY if len >= HDR + std::mem::size_of::<DiagMsg>() => {
-                        // SAFETY: the message (checked to be within `bytes`) holds a DiagMsg
-                        let m: DiagMsg = unsafe {
-                            std::ptr::read_unaligned(bytes[off + HDR..].as_ptr().cast::<DiagMsg>())
-                        };
-                        let attrs_at = off + HDR + std::mem::size_of::<DiagMsg>();
-                        return Some(Some(Reply {
-                            state: m.state,
-                            inode: m.inode,
-                            cgroup: cgroup_attr(&bytes[attrs_at..off + len]),
-                        }));
-                    }
-                    NLMSG_ERROR | NLMSG_DONE => return Some(None),
-                    _ => {}
-                }
-            }
-            off += (len + 3) & !3;
-        }
-        None
-    }
-
-    /// The `INET_DIAG_CGROUP_ID` attribute among `attrs` (netlink attributes: u16 length,
-    /// u16 type, the value, padded to 4 bytes).
-    fn cgroup_attr(attrs: &[u8]) -> Option<u64> {
-        let mut off = 0usize;
-        while off + 4 <= attrs.len() {
-            let len = u16::from_ne_bytes([attrs[off], attrs[off + 1]]) as usize;
-            let ty = u16::from_ne_bytes([attrs[off + 2], attrs[off + 3]]) & 0x3fff;
-            if len < 4 || off + len > attrs.len() {
-                return None;
-            }
-            if ty == INET_DIAG_CGROUP_ID && len >= 12 {
-                let v: [u8; 8] = attrs[off + 4..off + 12].try_into().ok()?;
-                return Some(u64::from_ne_bytes(v));
-            }
-            off += (len + 3) & !3;
-        }
-        None
-    }
-
-    fn ask(fd: &OwnedFd, msg: &Msg) -> Result<Option<Reply>> {
-        // SAFETY: `msg` is a plain repr(C) value sent as bytes; the receive buffer is an
-        // aligned u64 array, parsed with bounds checks.
-        unsafe {
-            let n = libc::send(
-                fd.as_raw_fd(),
-                (msg as *const Msg).cast(),
-                std::mem::size_of::<Msg>(),
-                0,
-            );
-            if n < 0 {
-                return Err(Error::last_os_error());
-            }
-            let mut buf = [0u64; 512];
-            // the kernel answers within send(2): nothing to wait for
-            let n = libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                std::mem::size_of_val(&buf),
-                libc::MSG_DONTWAIT,
-            );
-            if n < 0 {
-                return Err(Error::last_os_error());
-            }
-            let bytes = std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize);
-            Ok(parse_reply(bytes, msg.hdr.seq).flatten())
-        }
-    }
-
-    /// The TCP socket of the namespace of `fd` whose local end is `src` and remote end `dst`:
-    /// (state, inode). An IPv4 pair is looked up as IPv4, then as v4-mapped IPv6 (a dual-stack
-    /// socket's connection).
+    /// The TCP socket of `nl`'s namespace whose local end is `src` and remote end `dst`. An
+    /// IPv4 pair is looked up as IPv4, then as v4-mapped IPv6 (a dual-stack socket's
+    /// connection).
     pub(super) fn lookup(
-        fd: &OwnedFd,
-        seq: u32,
+        nl: &mut SockDiag,
         src: SocketAddr,
         dst: SocketAddr,
-    ) -> Result<Option<Reply>> {
+    ) -> Result<Option<Diag>> {
         match (src.ip(), dst.ip()) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                if let Some(r) = ask(fd, &request(2 * seq, libc::AF_INET, src, dst))? {
+                if let Some(r) = nl.query(src, dst)? {
                     return Ok(Some(r));
                 }
                 let m = |ip: std::net::Ipv4Addr, port| {
                     SocketAddr::new(ip.to_ipv6_mapped().into(), port)
                 };
-                ask(
-                    fd,
-                    &request(
-                        2 * seq + 1,
-                        libc::AF_INET6,
-                        m(s, src.port()),
-                        m(d, dst.port()),
-                    ),
-                )
+                nl.query(m(s, src.port()), m(d, dst.port()))
             }
-            (IpAddr::V6(_), IpAddr::V6(_)) => ask(fd, &request(2 * seq, libc::AF_INET6, src, dst)),
-            _ => Ok(None),
+            // IPv6 as IPv6; mixed families: nothing to ask
+            _ => nl.query(src, dst),
         }
     }
 }
@@ -971,19 +750,6 @@ mod tests {
         assert_eq!(canonical(v4), v4);
         let v6: SocketAddr = "[fd00::1]:80".parse().unwrap();
         assert_eq!(canonical(v6), v6);
-    }
-
-    #[test]
-    fn sock_diag_replies_are_read_by_sequence() {
-        assert_eq!(diag::parse_reply(&[], 1), None);
-        assert_eq!(diag::parse_reply(&[1, 2, 3], 1), None, "short");
-        // an NLMSG_ERROR (ENOENT) for seq 7: no such socket
-        let mut err = vec![0u8; 36];
-        err[0..4].copy_from_slice(&36u32.to_ne_bytes());
-        err[4..6].copy_from_slice(&2u16.to_ne_bytes());
-        err[8..12].copy_from_slice(&7u32.to_ne_bytes());
-        assert_eq!(diag::parse_reply(&err, 7), Some(None));
-        assert_eq!(diag::parse_reply(&err, 8), None, "another query's");
     }
 
     #[test]

@@ -168,9 +168,17 @@ struct Synced {
 }
 
 impl Synced {
-    fn build(view: Arc<HostView>, k8s_pod_ids: &HashSet<String>, standard_nmi: bool) -> Self {
+    /// `keep`: the node's own identities (lowercase client ids, NMI's `--immutable-user-msis`),
+    /// never taken from the node's processes even when an `AzureIdentity` binds pods to one.
+    fn build(
+        view: Arc<HostView>,
+        k8s_pod_ids: &HashSet<String>,
+        standard_nmi: bool,
+        keep: &HashSet<String>,
+    ) -> Self {
         let ids = &view.identities;
-        let excluded = pod_identity::excluded_from_excepted(view.cluster.as_ref(), k8s_pod_ids);
+        let mut excluded = pod_identity::excluded_from_excepted(view.cluster.as_ref(), k8s_pod_ids);
+        excluded.retain(|c| !keep.contains(c));
         let is_pod_identity =
             |i: &IdentityRef| excluded.contains(&i.client_id.to_ascii_lowercase());
         let excepted = CallerIdentities {
@@ -257,6 +265,8 @@ pub struct Agent {
     pub fair_share: Arc<keyless_ops::limits::CallerLimiter>,
     /// Token response bodies made lately ([`imds::BodyMemo`]).
     bodies: imds::BodyMemo,
+    /// When an on-demand resync last finished ([`Agent::sync_coalesced`]).
+    resynced: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// The identity a request names, for its audit record.
@@ -382,7 +392,18 @@ impl Agent {
             .nmi
             .as_ref()
             .is_some_and(|n| matches!(n.mode, pods::Mode::Standard(_)));
-        let s = Arc::new(Synced::build(view, &k8s, standard));
+        let keep: HashSet<String> = self
+            .cfg
+            .nmi
+            .as_ref()
+            .map(|n| {
+                n.immutable_user_msis
+                    .iter()
+                    .map(|c| c.to_ascii_lowercase())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let s = Arc::new(Synced::build(view, &k8s, standard, &keep));
         *slot = Some(s.clone());
         s
     }
@@ -404,6 +425,20 @@ impl Agent {
         if self.synced().is_some() {
             self.install(None);
         }
+    }
+
+    /// [`Agent::sync`] unless one finished within `min` (concurrent callers wait for the one
+    /// in flight and share it): true when the view is at most `min` old.
+    pub async fn sync_coalesced(&self, min: std::time::Duration) -> bool {
+        let mut last = self.resynced.lock().await;
+        if last.is_some_and(|t| t.elapsed() < min) {
+            return true;
+        }
+        let ok = self.sync().await.is_ok();
+        if ok {
+            *last = Some(std::time::Instant::now());
+        }
+        ok
     }
 
     /// Fetch the VM and its identities; drop cached tokens of identities no longer assigned.
@@ -686,6 +721,7 @@ pub async fn start(cfg: NodeConfig, clock: Arc<dyn Clock>) -> Result<RunningNode
         extensions,
         extension_endpoint: Default::default(),
         bodies: Default::default(),
+        resynced: tokio::sync::Mutex::new(None),
     });
     agent.sync().await?;
     if let Some(n) = &agent.cfg.nmi {
@@ -833,7 +869,7 @@ mod tests {
         let k8s: HashSet<String> = ["kubelet".to_string()].into();
         let c =
             serde_json::json!({"podIdentity": {"enabled": true, "clientIds": ["POD-A", "pod-b"]}});
-        let s = Synced::build(view(Some(c)), &k8s, false);
+        let s = Synced::build(view(Some(c)), &k8s, false, &HashSet::new());
         assert_eq!(cids(&s.host), ["kubelet"], "host: never a pod identity");
         assert_eq!(cids(&s.extension), ["kubelet"]);
         assert_eq!(
@@ -844,12 +880,18 @@ mod tests {
         assert_eq!(cids(&s.all), ["kubelet", "pod-a", "pod-b"]);
         // pod identity not enabled: the host is every identity
         let c = serde_json::json!({"podIdentity": {"enabled": false, "clientIds": []}});
-        let s = Synced::build(view(Some(c)), &k8s, false);
+        let s = Synced::build(view(Some(c)), &k8s, false, &HashSet::new());
         assert_eq!(cids(&s.host), ["kubelet", "pod-a", "pod-b"]);
         // a plain scale set: the AzureIdentity objects seen (the operator's) are excluded
         let k8s: HashSet<String> = ["pod-a".to_string()].into();
-        let s = Synced::build(view(None), &k8s, false);
+        let s = Synced::build(view(None), &k8s, false, &HashSet::new());
         assert_eq!(cids(&s.host), ["kubelet", "pod-a", "pod-b"]);
         assert_eq!(cids(&s.excepted), ["kubelet", "pod-b"]);
+        // the node's own identity stays the node's even when an AzureIdentity binds pods to it
+        let k8s: HashSet<String> = ["kubelet".to_string(), "pod-a".to_string()].into();
+        let keep: HashSet<String> = ["kubelet".to_string()].into();
+        let s = Synced::build(view(None), &k8s, true, &keep);
+        assert_eq!(cids(&s.host), ["kubelet", "pod-b"]);
+        assert_eq!(cids(&s.all), ["kubelet", "pod-a", "pod-b"]);
     }
 }

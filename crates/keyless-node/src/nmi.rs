@@ -66,10 +66,24 @@ pub const UNKNOWN_IP_WAIT: Duration = Duration::from_secs(1);
 pub const RETRY_ATTEMPTS_FOR_CREATED: u32 = 16;
 pub const RETRY_ATTEMPTS_FOR_ASSIGNED: u32 = 4;
 pub const FIND_IDENTITY_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// Standard mode: an identity Assigned a moment ago may not be in the node's host view yet;
+/// NMI fetches the view again at most this often for it (concurrent requests share one fetch).
+pub const HOST_VIEW_RESYNC_MIN: Duration = Duration::from_millis(500);
 /// The `Retry-After` of standard mode's 503 (upstream's).
 pub const NOT_ASSIGNED_RETRY_AFTER: &str = "20";
 /// Where the kubelet's cgroups are found.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// MIC's error codes that end standard mode's wait at once (they do not clear by themselves).
+pub const PERMANENT_MIC_ERRORS: [&str; 3] = [
+    "AuthorizationFailed",
+    "LinkedAuthorizationFailed",
+    "NodeNotPlaced",
+];
+/// How long standard mode may wait at most: the answer must leave before the listener's
+/// request timeout ([`REQUEST_TIMEOUT`]) cuts the request off with a bare 504.
+pub fn max_wait() -> Duration {
+    REQUEST_TIMEOUT.saturating_sub(Duration::from_secs(2))
+}
 
 /// Settings of NMI on this node.
 #[derive(Debug, Clone)]
@@ -105,6 +119,10 @@ pub struct NmiConfig {
     pub caller_attestation: bool,
     /// Where the cgroup file system is mounted (the kubelet's `kubepods` tree).
     pub cgroup_root: PathBuf,
+    /// The node's own identities (client ids; MIC's `--immutable-user-msis` and its own, the
+    /// kubelet identity): the node's processes keep them even when an `AzureIdentity` binds
+    /// pods to one.
+    pub immutable_user_msis: Vec<String>,
 }
 
 impl NmiConfig {
@@ -124,6 +142,7 @@ impl NmiConfig {
             find_identity_retry_interval: FIND_IDENTITY_RETRY_INTERVAL,
             caller_attestation: true,
             cgroup_root: PathBuf::from(CGROUP_ROOT),
+            immutable_user_msis: vec![],
         }
     }
 }
@@ -231,6 +250,17 @@ pub async fn start(agent: Arc<Agent>, cfg: NmiConfig) -> Result<Nmi> {
         agent.view().and_then(|v| v.cluster.clone()).as_ref(),
     ));
     index.set_mode(cfg.mode);
+    if matches!(cfg.mode, pods::Mode::Standard(_)) {
+        let budget = cfg.find_identity_retry_interval
+            * (cfg.retry_attempts_for_created + cfg.retry_attempts_for_assigned);
+        if budget > max_wait() {
+            tracing::warn!(
+                budget_s = budget.as_secs(),
+                max_s = max_wait().as_secs(),
+                "the standard-mode wait (retry attempts × interval) exceeds the request timeout: a request waits at most the shorter"
+            );
+        }
+    }
 
     let bind = |a: SocketAddr| async move {
         keyless_ops::limits::bind(a)
@@ -792,7 +822,9 @@ async fn wait_assigned(
     }
     let step = st.cfg.find_identity_retry_interval;
     let t0 = tokio::time::Instant::now();
-    let created_by = t0 + step * st.cfg.retry_attempts_for_created;
+    // the answer must leave before the listener's request timeout cuts the request off
+    let cut = t0 + max_wait();
+    let created_by = (t0 + step * st.cfg.retry_attempts_for_created).min(cut);
     let mut assigned_by: Option<tokio::time::Instant> = None;
     let mut changed = st.index.subscribe();
     loop {
@@ -836,7 +868,12 @@ async fn wait_assigned(
         }
         let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
         match st.index.by_ip(ip) {
-            IpMatch::One(p) if p.namespace == pod.namespace && p.name == pod.name => pod = p,
+            // the same pod (not a new one under its name: attestation was for this uid)
+            IpMatch::One(p)
+                if p.uid == pod.uid && p.namespace == pod.namespace && p.name == pod.name =>
+            {
+                pod = p
+            }
             _ => {}
         }
     }
@@ -873,7 +910,7 @@ async fn pod_identity_token(
     {
         // MIC attached the identity a moment ago: this node's view of its scale set may be
         // older than that; look again once
-        if st.agent.sync().await.is_ok() {
+        if st.agent.sync_coalesced(HOST_VIEW_RESYNC_MIN).await {
             r = st
                 .agent
                 .token(caller(), &req.selector, &req.resource, false, ev)

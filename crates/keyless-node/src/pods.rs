@@ -257,7 +257,8 @@ impl Inner {
         let objects = self.assigned.get(&info.key());
         let mut ready = vec![];
         let mut pending = vec![];
-        for b in all {
+        // an identity without a resourceID is never attached by MIC: not served, not awaited
+        for b in all.iter().filter(|b| !b.resource_id.is_empty()) {
             let seen = objects.and_then(|m| m.get(&(b.namespace.clone(), b.name.clone())));
             match seen {
                 Some((state, _)) if state.servable() => ready.push(b.clone()),
@@ -650,6 +651,7 @@ impl PodIndex {
                                 },
                                 binding: Default::default(),
                             },
+                            target: None,
                             state: *state,
                             error: error.clone(),
                         })

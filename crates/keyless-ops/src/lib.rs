@@ -7,6 +7,8 @@
 //! - [`audit`]: the append-only, hash-chained audit trail (token issuances and refusals,
 //!   control-plane writes, Key Vault operations), and its chain check.
 //! - [`limits`]: connection caps, timeouts and per-caller fair share for listeners.
+//! - [`sockdiag`]: one TCP socket by its exact 4-tuple over `NETLINK_SOCK_DIAG` (its owner UID
+//!   for the listeners, its state, inode and creator's cgroup for caller attestation).
 //! - [`failover`]: several URLs of one service (replicas), tried in order on retryable failures.
 //!
 //! This crate is a leaf: it knows nothing of the server, the node or the store.
@@ -19,3 +21,4 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod request;
+pub mod sockdiag;

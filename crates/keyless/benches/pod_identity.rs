@@ -10,7 +10,7 @@
 //! 2. NMI against a real kube-apiserver (`../shared/k8s`, or `KEYLESS_K8S_DIR`): this bench
 //!    plays kubelet and CNI. The node is a network namespace with a veth to the root namespace,
 //!    running `keyless node --nmi` (a separate process, caller attestation on: the default)
-//!    joined to a scale set that holds the pod identities; each pod is a network namespace with
+//!    joined to a scale set that holds the pod identities (managed mode); each pod is a network namespace with
 //!    its IP on a veth into the node and a cgroup named after its Pod's UID as the kubelet names
 //!    it (`tests/common/fabric.rs`), holding a `sleep` as its sandbox process; the Pod objects
 //!    carry `spec.nodeName` and get `status.podIP` through the status subresource. A socket
@@ -29,18 +29,43 @@
 //!    - (c) API-server requests per pod token request (`apiserver_request_total` from `/metrics`
 //!      before and after, less an idle window of the same length);
 //!    - (d) the agent's RSS with 1,000 pods on the node and 200 AzureIdentities + bindings, beside
-//!      its RSS with no pods and no CRD objects.
+//!      its RSS with no pods and no CRD objects;
+//!    - (e) what caller attestation costs: requests/s through NMI with `--caller-attestation`
+//!      true vs false (the same agent restarted with the flag, same node, same pods; pairs in
+//!      ABBA order, the median on/off ratio reported), over keep-alive connections (attested
+//!      once per connection) and with a new connection per request (`Connection: close`, over
+//!      sockets the pods made before the clock starts: attested every request); each restart
+//!      checks the flag took effect (a socket of the pod's namespace made outside its cgroup
+//!      is refused with it on, served with it off);
+//!    - (f) standard mode beside (a): the managed node's agent is stopped and its pods deleted,
+//!      then a second node joins a second scale set that holds only a kubelet identity (with the
+//!      seed's roles), runs `keyless node --nmi --operation-mode standard`, has a Node object
+//!      whose `spec.providerID` names its VM, and runs ONE `keyless mic` (it holds the Lease at
+//!      once; a second replica would only stand by). Status PATCH → token, measured as in (a)
+//!      but the GET is held by NMI until MIC has attached the identity and marked the pod's
+//!      AzureAssignedIdentity `Assigned`: pods one after another all bound to one identity not
+//!      attached before the first pod; pods one after another each on its own identity (an
+//!      attach each); and a burst (all Pod objects at once, then sandboxes and status PATCHes
+//!      one after another) on one identity not yet attached. MIC's syncs and scale-set writes
+//!      come from its ops listener (`keyless_mic_syncs_total`,
+//!      `keyless_mic_target_writes_total`); where the time goes, from this process's own watch
+//!      of the AzureAssignedIdentity objects.
 //!
-//!    Everything it creates (network namespaces, veths, `/etc/netns/<ns>`, processes by PID, the
-//!    control plane) is removed at the end, on panic and on Ctrl-C. Without root, `ip`,
-//!    `iptables`, etcd or the control plane script, part 2 is skipped with a message.
+//!    Everything it creates (network namespaces, veths, `/etc/netns/<ns>`, pod cgroups,
+//!    processes by PID, the control plane) is removed at the end, on panic and on Ctrl-C.
+//!    Without root, `ip`, `iptables`, etcd or the control plane script, part 2 is skipped with
+//!    a message.
 //!
 //! Environment: BENCH_SECS (default 5) per throughput run, BENCH_CONNS (16) connections,
-//! BENCH_ROUNDS (3) interleaved rounds in part 1, BENCH_IDENTITIES (1000) on the big VM of
-//! part 1, BENCH_PODS (200) timed pods, BENCH_SDK_PODS (5) python SDK pods,
+//! BENCH_ROUNDS (3) interleaved rounds in parts 1 and 2b, BENCH_IDENTITIES (1000) on the big VM
+//! of part 1, BENCH_PODS (200) timed pods, BENCH_SDK_PODS (5) python SDK pods,
 //! BENCH_POD_IDENTITIES (200) AzureIdentities + bindings, BENCH_NODE_PODS (1000) pods on the
-//! node for the RSS figure, BENCH_TOKEN_REQUESTS (5000) for the API-server count, BENCH_K8S=0
-//! to run part 1 only, BENCH_DECISION=0 to run part 2 only.
+//! node for the RSS figure, BENCH_TOKEN_REQUESTS (5000) for the API-server count,
+//! BENCH_ATTEST_PAIRS (3) on/off pairs and BENCH_CONN_REQUESTS (20000) requests per
+//! new-connection round in (e), BENCH_STD_PODS (BENCH_PODS) sequential pods on one identity,
+//! BENCH_STD_OWN_PODS (50) sequential pods on their own identities and BENCH_STD_BURST
+//! (BENCH_PODS) burst pods in (f); BENCH_ATTEST=0 / BENCH_STANDARD=0 skip (e) / (f),
+//! BENCH_K8S=0 runs part 1 only, BENCH_DECISION=0 part 2 only.
 
 mod common;
 #[path = "../tests/common/mod.rs"]
@@ -316,18 +341,21 @@ fn ip_batch(ns: Option<&str>, lines: &[String]) {
     );
 }
 
-/// Everything part 2 sets up, torn down on drop (also on panic and Ctrl-C): the agent (SIGTERM,
-/// so it removes its iptables rules), the server, the network namespaces (their veths go with
-/// them), `/etc/netns/<node>`, the control plane.
+/// Everything part 2 sets up, torn down on drop (also on panic and Ctrl-C): the agents and MIC
+/// (SIGTERM, so an agent removes its iptables rules), the server, the network namespaces (their
+/// veths go with them), `/etc/netns/<node>`, the control plane.
 #[derive(Default)]
 struct Fabric {
     netns: Vec<String>,
     /// the pods' sandbox processes (`sleep`, one per pod with a namespace)
     sandboxes: Vec<std::process::Child>,
     cgroups: Vec<fabric::PodCgroup>,
-    etc_netns: Option<PathBuf>,
-    root_link: Option<String>,
+    etc_netns: Vec<PathBuf>,
+    root_links: Vec<String>,
+    /// the managed-mode node's agent (restarted by part 2e)
     agent: Option<e2e::Proc>,
+    /// the standard-mode node's agent and MIC (part 2f)
+    procs: Vec<e2e::Proc>,
     server: Option<e2e::ServerProc>,
     cp: Option<ControlPlane>,
 }
@@ -336,6 +364,9 @@ impl Drop for Fabric {
     fn drop(&mut self) {
         if let Some(mut a) = self.agent.take() {
             a.stop();
+        }
+        while let Some(mut p) = self.procs.pop() {
+            p.stop();
         }
         drop(self.server.take());
         for c in &mut self.sandboxes {
@@ -354,14 +385,14 @@ impl Drop for Fabric {
             .map(|n| format!("netns del {n}"))
             .collect();
         let _ = std::panic::catch_unwind(|| ip_batch(None, &del));
-        if let Some(l) = self.root_link.take() {
+        for l in self.root_links.drain(..) {
             // gone with the node namespace already, normally
             let _ = Command::new("ip")
                 .args(["link", "del", &l])
                 .stderr(Stdio::null())
                 .status();
         }
-        if let Some(d) = self.etc_netns.take() {
+        for d in self.etc_netns.drain(..) {
             let _ = std::fs::remove_dir_all(d);
         }
         drop(self.cp.take());
@@ -454,8 +485,17 @@ fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
 /// a process of the pod: a child forked in the namespace joins the pod's cgroup, makes the
 /// socket there and hands it over (`SCM_RIGHTS`) before it exits.
 fn socket_in(ns: &str) -> tokio::net::TcpSocket {
+    sockets_in(ns, 1).pop().expect("a socket")
+}
+
+/// `n` sockets as [`socket_in`] makes one, all by one child process of the pod.
+fn sockets_in(ns: &str, n: usize) -> Vec<tokio::net::TcpSocket> {
     let Some(procs) = pod_procs(ns) else {
-        return in_netns(ns, || tokio::net::TcpSocket::new_v4().expect("socket"));
+        return in_netns(ns, move || {
+            (0..n)
+                .map(|_| tokio::net::TcpSocket::new_v4().expect("socket"))
+                .collect()
+        });
     };
     let procs = std::ffi::CString::new(procs.into_os_string().into_vec()).unwrap();
     in_netns(ns, move || {
@@ -465,7 +505,7 @@ fn socket_in(ns: &str) -> tokio::net::TcpSocket {
             assert_eq!(
                 libc::socketpair(
                     libc::AF_UNIX,
-                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                    libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
                     0,
                     sv.as_mut_ptr()
                 ),
@@ -474,6 +514,18 @@ fn socket_in(ns: &str) -> tokio::net::TcpSocket {
             );
             (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1]))
         };
+        // received while the child sends (its sends block once the pair's buffer is full);
+        // the end of the child (its end of the pair closed) ends the receiving
+        let receiver = std::thread::spawn(move || {
+            let mut got = vec![];
+            while got.len() < n {
+                match recv_fd(&ours) {
+                    Ok(fd) => got.push(fd),
+                    Err(_) => break,
+                }
+            }
+            got
+        });
         let to = theirs.as_raw_fd();
         let mut cmd = Command::new("true");
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
@@ -481,15 +533,21 @@ fn socket_in(ns: &str) -> tokio::net::TcpSocket {
         unsafe {
             cmd.pre_exec(move || {
                 join_cgroup(&procs)?;
-                send_new_socket(to)
+                for _ in 0..n {
+                    send_new_socket(to)?;
+                }
+                Ok(())
             });
         }
         let st = cmd.status().expect("the pod's socket maker");
-        assert!(st.success(), "the pod's socket maker: {st}");
         drop(theirs);
-        let fd = recv_fd(&ours).expect("the pod's socket");
-        // SAFETY: a TCP socket descriptor just received, non-blocking, owned by nothing else
-        unsafe { tokio::net::TcpSocket::from_raw_fd(fd.into_raw_fd()) }
+        assert!(st.success(), "the pod's socket maker: {st}");
+        let fds = receiver.join().expect("socket receiver");
+        assert_eq!(fds.len(), n, "sockets received from the pod");
+        fds.into_iter()
+            // SAFETY: TCP socket descriptors just received, non-blocking, owned by nothing else
+            .map(|fd| unsafe { tokio::net::TcpSocket::from_raw_fd(fd.into_raw_fd()) })
+            .collect()
     })
 }
 
@@ -584,16 +642,29 @@ async fn timed_get(
     request: &str,
     t0: Instant,
 ) -> Result<Duration, String> {
+    timed_get_within(socket, addr, request, t0, Duration::from_secs(10))
+        .await
+        .map(|(d, _)| d)
+}
+
+/// [`timed_get`] waiting up to `within` for the answer; Ok(elapsed, body).
+async fn timed_get_within(
+    socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+    request: &str,
+    t0: Instant,
+    within: Duration,
+) -> Result<(Duration, String), String> {
     let s = socket
         .connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let (head, body) = tokio::time::timeout(Duration::from_secs(10), try_get(s, request))
+    let (head, body) = tokio::time::timeout(within, try_get(s, request))
         .await
-        .map_err(|_| "no answer within 10 s".to_string())??;
+        .map_err(|_| format!("no answer within {} s", within.as_secs()))??;
     let el = t0.elapsed();
     if head.starts_with("HTTP/1.1 200") && body.contains("access_token") {
-        Ok(el)
+        Ok((el, body))
     } else {
         Err(format!(
             "{} {}",
@@ -673,9 +744,15 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 fn pod_object(name: &str, selector: &str) -> Pod {
+    pod_object_on(name, selector, NODE_NAME)
+}
+
+/// A Pod object scheduled on `node` (`spec.nodeName`), its label selecting `selector`'s
+/// bindings.
+fn pod_object_on(name: &str, selector: &str, node: &str) -> Pod {
     serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"aadpodidbinding": selector}},
-        "spec": {"nodeName": NODE_NAME, "containers": [{"name": "app", "image": "app"}]}
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]}
     }))
     .unwrap()
 }
@@ -747,32 +824,51 @@ fn short(labels: &str) -> String {
 /// Pod addresses inside the node: pod `i` (with a namespace) has `10.232.x.(4i+2)/30`, the
 /// node side of its veth `4i+1`.
 fn pod_net(i: usize) -> (String, String) {
+    pod_net_in(232, i)
+}
+
+/// [`pod_net`] in `10.<base>.0.0/16` (one range per node).
+fn pod_net_in(base: u8, i: usize) -> (String, String) {
     let b = 4 * i;
     (
-        format!("10.232.{}.{}", b / 256, b % 256 + 1),
-        format!("10.232.{}.{}", b / 256, b % 256 + 2),
+        format!("10.{base}.{}.{}", b / 256, b % 256 + 1),
+        format!("10.{base}.{}.{}", b / 256, b % 256 + 2),
     )
 }
 
 /// `n` pod network namespaces `first..first+n` of `node`, each with its IP on a veth into it.
 fn add_pod_netns(fab: &mut Fabric, tag: &str, node: &str, first: usize, n: usize) -> Vec<String> {
-    let names: Vec<String> = (first..first + n).map(|i| format!("{tag}p{i}")).collect();
+    add_pod_netns_in(fab, tag, node, 232, first, n)
+}
+
+/// [`add_pod_netns`] with names `<prefix>p<i>` / `<prefix>v<i>` and addresses in `10.<base>/16`.
+fn add_pod_netns_in(
+    fab: &mut Fabric,
+    prefix: &str,
+    node: &str,
+    base: u8,
+    first: usize,
+    n: usize,
+) -> Vec<String> {
+    let names: Vec<String> = (first..first + n)
+        .map(|i| format!("{prefix}p{i}"))
+        .collect();
     let root: Vec<String> = names.iter().map(|p| format!("netns add {p}")).collect();
     ip_batch(None, &root);
     fab.netns.extend(names.iter().cloned());
     let mut in_node = vec![];
     for (k, p) in names.iter().enumerate() {
         let i = first + k;
-        let (gw, _) = pod_net(i);
+        let (gw, _) = pod_net_in(base, i);
         in_node.push(format!(
-            "link add {tag}v{i} type veth peer name eth0 netns {p}"
+            "link add {prefix}v{i} type veth peer name eth0 netns {p}"
         ));
-        in_node.push(format!("addr add {gw}/30 dev {tag}v{i}"));
-        in_node.push(format!("link set {tag}v{i} up"));
+        in_node.push(format!("addr add {gw}/30 dev {prefix}v{i}"));
+        in_node.push(format!("link set {prefix}v{i} up"));
     }
     ip_batch(Some(node), &in_node);
     for (k, p) in names.iter().enumerate() {
-        let (gw, ip) = pod_net(first + k);
+        let (gw, ip) = pod_net_in(base, first + k);
         ip_batch(
             Some(p),
             &[
@@ -784,6 +880,58 @@ fn add_pod_netns(fab: &mut Fabric, tag: &str, node: &str, first: usize, n: usize
         );
     }
     names
+}
+
+/// A node: network namespace `name` with a /30 veth (`link` on the root side) to the root
+/// namespace, 169.254.169.254 on its loopback for the agent's own IMDS, and `kubernetes`
+/// naming the root side (the API server's certificate carries that name).
+fn add_node(fab: &mut Fabric, name: &str, link: &str, root_ip: &str, node_ip: &str) {
+    ip_batch(None, &[format!("netns add {name}")]);
+    fab.netns.push(name.to_string());
+    fab.root_links.push(link.to_string());
+    ip_batch(
+        None,
+        &[
+            format!("link add {link} type veth peer name eth0 netns {name}"),
+            format!("addr add {root_ip}/30 dev {link}"),
+            format!("link set {link} up"),
+        ],
+    );
+    ip_batch(
+        Some(name),
+        &[
+            "link set lo up".into(),
+            format!("addr add {IMDS}/32 dev lo"),
+            format!("addr add {node_ip}/30 dev eth0"),
+            "link set eth0 up".into(),
+            format!("route add default via {root_ip}"),
+        ],
+    );
+    let etc = PathBuf::from("/etc/netns").join(name);
+    std::fs::create_dir_all(&etc).unwrap();
+    fab.etc_netns.push(etc.clone());
+    std::fs::write(
+        etc.join("hosts"),
+        format!("127.0.0.1 localhost\n{root_ip} kubernetes\n"),
+    )
+    .unwrap();
+}
+
+/// `keyless node` with `args` in node namespace `ns`, started with the host's `/sys` in view
+/// (not `ip netns exec`, whose fresh /sys hides /sys/fs/cgroup from caller attestation); ready
+/// once it printed its NMI endpoint (the watches listed, the redirect in place).
+fn spawn_agent(ns: &str, args: &[String], log_dir: &Path) -> e2e::Proc {
+    let exec = fabric::node_exec(ns);
+    let mut all: Vec<&str> = exec[1..].iter().map(String::as_str).collect();
+    all.push(e2e::bin());
+    all.extend(args.iter().map(String::as_str));
+    let agent = e2e::spawn_program_until(&exec[0], &all, "NMI endpoint:", log_dir)
+        .expect("keyless node --nmi");
+    // every program of `exec` execs the next: its PID is the agent's
+    let pid = agent.child.id();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "keyless", "the agent's PID");
+    agent
 }
 
 /// The real python SDK (`ManagedIdentityCredential`, no environment at all) in namespace `ns`:
@@ -875,43 +1023,13 @@ async fn pods(secs: u64, conns: usize) {
     .unwrap();
     fab.cp = Some(cp);
 
-    // ---- the node: a namespace with a /30 veth to the root namespace; 169.254.169.254 on its
-    // loopback for the agent's own IMDS; `kubernetes` names the root side (the API server's
-    // certificate carries that name)
+    // ---- the node: a namespace with a /30 veth to the root namespace ([`add_node`])
     let pid = std::process::id();
     let tag = format!("kb{:04x}", pid & 0xffff);
     let k = 20 + pid % 200;
     let (root_ip, node_ip) = (format!("10.231.{k}.1"), format!("10.231.{k}.2"));
     let node = format!("{tag}n");
-    ip_batch(None, &[format!("netns add {node}")]);
-    fab.netns.push(node.clone());
-    fab.root_link = Some(format!("{tag}r"));
-    ip_batch(
-        None,
-        &[
-            format!("link add {tag}r type veth peer name eth0 netns {node}"),
-            format!("addr add {root_ip}/30 dev {tag}r"),
-            format!("link set {tag}r up"),
-        ],
-    );
-    ip_batch(
-        Some(&node),
-        &[
-            "link set lo up".into(),
-            format!("addr add {IMDS}/32 dev lo"),
-            format!("addr add {node_ip}/30 dev eth0"),
-            "link set eth0 up".into(),
-            format!("route add default via {root_ip}"),
-        ],
-    );
-    let etc = PathBuf::from("/etc/netns").join(&node);
-    std::fs::create_dir_all(&etc).unwrap();
-    fab.etc_netns = Some(etc.clone());
-    std::fs::write(
-        etc.join("hosts"),
-        format!("127.0.0.1 localhost\n{root_ip} kubernetes\n"),
-    )
-    .unwrap();
+    add_node(&mut fab, &node, &format!("{tag}r"), &root_ip, &node_ip);
 
     // ---- Keyless: the server (a process, on every address), a scale set holding the pod
     // identities
@@ -923,22 +1041,16 @@ async fn pods(secs: u64, conns: usize) {
     let (arm, arm_token) = server.admin().await;
     let mut ids = vec![];
     for i in 0..n_ids {
-        let r = arm
-            .put(format!(
-                "{}{group_id}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/pod-id-{i}?api-version=2023-01-31",
-                server.url
-            ))
-            .bearer_auth(&arm_token)
-            .json(&json!({"location": "local"}))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "identity: {}", r.status());
-        let v: Value = r.json().await.unwrap();
-        ids.push((
-            v["id"].as_str().unwrap().to_string(),
-            v["properties"]["clientId"].as_str().unwrap().to_string(),
-        ));
+        ids.push(
+            put_identity(
+                &arm,
+                &server.url,
+                &arm_token,
+                &group_id,
+                &format!("pod-id-{i}"),
+            )
+            .await,
+        );
     }
     // at most 150 identities per request (as Azure): create, then assign the rest
     let names: Vec<String> = (0..n_ids).map(|i| format!("pod-id-{i}")).collect();
@@ -982,11 +1094,7 @@ async fn pods(secs: u64, conns: usize) {
     let nmi_listen = format!("{node_ip}:2579");
     let imds_listen = format!("{IMDS}:80");
     let t_agent = Instant::now();
-    // not `ip netns exec`, whose fresh /sys hides /sys/fs/cgroup from caller attestation
-    let exec = fabric::node_exec(&node);
-    let mut args: Vec<&str> = exec[1..].iter().map(String::as_str).collect();
-    args.extend([
-        e2e::bin(),
+    let agent_args: Vec<String> = [
         "node",
         "--server",
         &server_url,
@@ -1010,14 +1118,12 @@ async fn pods(secs: u64, conns: usize) {
         "0",
         "--caller-concurrency",
         "0",
-    ]);
-    let agent = e2e::spawn_program_until(&exec[0], &args, "NMI endpoint:", dir.path())
-        .expect("keyless node --nmi");
+    ]
+    .map(String::from)
+    .to_vec();
+    let agent = spawn_agent(&node, &agent_args, dir.path());
     let agent_ready = t_agent.elapsed();
-    // every program of `exec` execs the next: its PID is the agent's
     let agent_pid = agent.child.id();
-    let comm = std::fs::read_to_string(format!("/proc/{agent_pid}/comm")).unwrap_or_default();
-    assert_eq!(comm.trim(), "keyless", "the agent's PID");
     fab.agent = Some(agent);
     let imds = SocketAddr::from((IMDS, 80));
     let cid0 = ids[0].1.clone();
@@ -1313,6 +1419,8 @@ async fn pods(secs: u64, conns: usize) {
         .len();
 
     // ---- report
+    let mut managed_sorted = pod_ok.clone();
+    managed_sorted.sort();
     println!(
         "2. NMI on a real kube-apiserver (v1.20.2): node = network namespace with `keyless node --nmi` \
          (separate process), pods = network namespaces on veths into it; setup {:.1} s (agent ready \
@@ -1363,7 +1471,9 @@ async fn pods(secs: u64, conns: usize) {
         "     agent IMDS from the node namespace (no NMI, same agent, same token):  {imds_rps:>8.0} req/s"
     );
     println!(
-        "     NMI (DNAT 169.254.169.254:80 → {nmi_listen}):                    {nmi_rps:>8.0} req/s   ratio to bare {:.2}, to IMDS {:.2}",
+        "     NMI (DNAT 169.254.169.254:80 → {nmi_listen}): \
+          \
+         {nmi_rps:>8.0} req/s   ratio to bare {:.2}, to IMDS {:.2}",
         nmi_to_bare, nmi_to_imds
     );
     let per_token = sum(&during, &not_watch) as f64 / tokens_sent as f64;
@@ -1397,6 +1507,42 @@ async fn pods(secs: u64, conns: usize) {
             Err(e) => format!(" (the last pod was NOT served: {e})"),
         }
     );
+    // ---- (e) caller attestation on vs off, (f) standard mode
+    if env_u64("BENCH_ATTEST", 1) == 0 || n_pods == 0 {
+        println!("  e. caller attestation cost: skipped (BENCH_ATTEST=0 or BENCH_PODS=0)");
+    } else {
+        attestation_cost(
+            &mut fab,
+            &node,
+            &agent_args,
+            dir.path(),
+            &pod_ns[1..1 + n_pods],
+            imds,
+            conns,
+            secs,
+        )
+        .await;
+    }
+    if env_u64("BENCH_STANDARD", 1) == 0 {
+        println!("  f. standard mode: skipped (BENCH_STANDARD=0)");
+    } else {
+        let cx = StdCtx {
+            dir: dir.path(),
+            kube: kube.clone(),
+            arm,
+            arm_token,
+            agent_server_url: server_url.clone(),
+            ca: ca.clone(),
+            kubeconfig: kc.clone(),
+            tag: tag.clone(),
+            k,
+            watch_client: metrics_client.clone(),
+            api_url: api_url.clone(),
+            admin_token: admin_token.clone(),
+            managed: managed_sorted,
+        };
+        standard_mode(&mut fab, cx).await;
+    }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "  load average at the end: {}",
@@ -1405,5 +1551,827 @@ async fn pods(secs: u64, conns: usize) {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    // the processes stopped first, so their logs are complete
     drop(fab);
+    if let Some(to) = std::env::var_os("BENCH_KEEP_LOGS") {
+        keep_logs(dir.path(), Path::new(&to));
+    }
+}
+
+/// BENCH_KEEP_LOGS=DIR: the stderr logs of every process part 2 started (agents, MIC, server)
+/// copied to DIR before the temporary directory goes.
+fn keep_logs(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            let _ = std::fs::copy(&p, to.join(e.file_name()));
+        }
+    }
+    println!("  logs kept in {}", to.display());
+}
+
+/// A user-assigned identity `name` in resource group `group_id` (an ARM id), through ARM: its
+/// resource id and client id.
+async fn put_identity(
+    arm: &reqwest::Client,
+    url: &str,
+    token: &str,
+    group_id: &str,
+    name: &str,
+) -> (String, String) {
+    let r = arm
+        .put(format!(
+            "{url}{group_id}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}?api-version=2023-01-31"
+        ))
+        .bearer_auth(token)
+        .json(&json!({"location": "local"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "identity: {}", r.status());
+    let v: Value = r.json().await.unwrap();
+    (
+        v["id"].as_str().unwrap().to_string(),
+        v["properties"]["clientId"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The median of `v` (any order), NaN when empty.
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `a − b` in ms, negative when `a` came first.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b {
+        (a - b).as_secs_f64() * 1e3
+    } else {
+        -((b - a).as_secs_f64() * 1e3)
+    }
+}
+
+// ------------------------------------------------------------------ 2e. caller attestation cost
+
+/// Requests/s through NMI with caller attestation on and off: the managed node's agent
+/// restarted with `--caller-attestation true|false` for each round (same node, same pods, same
+/// binary), pairs in ABBA order, on/off ratios per pair, their median reported. Each round:
+/// `conns` keep-alive connections for `secs` (attestation paid once per connection), then
+/// BENCH_CONN_REQUESTS requests each on a new connection (`Connection: close`; paid every
+/// request), `conns` at a time, over sockets the pods made before the clock starts.
+#[allow(clippy::too_many_arguments)]
+async fn attestation_cost(
+    fab: &mut Fabric,
+    node: &str,
+    agent_args: &[String],
+    log_dir: &Path,
+    from: &[String],
+    imds: SocketAddr,
+    conns: usize,
+    secs: u64,
+) {
+    let pairs = env_u64("BENCH_ATTEST_PAIRS", 3).max(1) as usize;
+    let n_close = env_u64("BENCH_CONN_REQUESTS", 20000).max(1) as usize;
+    let keep = token_get("", false);
+    let close = token_get("", true);
+    // [pair] → (on: (keep-alive, per connection), off: (…))
+    let mut results = vec![[(0f64, 0f64); 2]; pairs];
+    let mut restarts = vec![];
+    for (p, result) in results.iter_mut().enumerate() {
+        let order = if p % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for on in order {
+            if let Some(mut a) = fab.agent.take() {
+                a.stop();
+            }
+            let mut args = agent_args.to_vec();
+            args.extend(["--caller-attestation".to_string(), on.to_string()]);
+            let t = Instant::now();
+            fab.agent = Some(spawn_agent(node, &args, log_dir));
+            // warm-up: the token cache starts empty
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match timed_get(socket_in(&from[0]), imds, &close, Instant::now()).await {
+                    Ok(_) => break,
+                    Err(e) if Instant::now() > deadline => {
+                        panic!("no token after the restart (attestation {on}): {e}")
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            restarts.push(t.elapsed());
+            // the flag took effect: a socket of the pod's network namespace made by this
+            // process (not by a process of the pod's cgroup) is refused only with it on
+            let ns = from[0].clone();
+            let stranger = in_netns(&ns, || tokio::net::TcpSocket::new_v4().expect("socket"));
+            let r = timed_get(stranger, imds, &close, Instant::now()).await;
+            match (on, &r) {
+                (true, Err(e)) if e.starts_with("HTTP/1.1 403") => {}
+                (false, Ok(_)) => {}
+                _ => panic!(
+                    "caller attestation {on}: a socket from outside the pod's cgroup got {r:?}"
+                ),
+            }
+            let mut streams = vec![];
+            for c in 0..conns {
+                streams.extend(connect_from(&from[c % from.len()], imds, 1).await);
+            }
+            let ka = load_streams(streams, keep.clone(), secs).await;
+            // in batches of at most 4,000 sockets (the descriptors are held until used); the
+            // sockets of a batch are made before its clock starts
+            let (mut done, mut busy) = (0usize, Duration::ZERO);
+            while done < n_close {
+                let batch = (n_close - done).min(4000);
+                let mut socks = vec![];
+                for (j, ns) in from.iter().enumerate() {
+                    let n = batch / from.len() + usize::from(j < batch % from.len());
+                    if n > 0 {
+                        socks.extend(sockets_in(ns, n));
+                    }
+                }
+                busy += per_connection(socks, imds, close.clone(), conns).await;
+                done += batch;
+            }
+            let pc = n_close as f64 / busy.as_secs_f64();
+            result[usize::from(!on)] = (ka, pc);
+        }
+    }
+    let ratio = |f: &dyn Fn(&(f64, f64)) -> f64| {
+        let v: Vec<f64> = results.iter().map(|r| f(&r[0]) / f(&r[1])).collect();
+        (median(v.clone()), rounds_note(&v))
+    };
+    let abs = |k: usize, f: &dyn Fn(&(f64, f64)) -> f64| {
+        median(results.iter().map(|r| f(&r[k])).collect())
+    };
+    let (ka_ratio, ka_note) = ratio(&|r| r.0);
+    let (pc_ratio, pc_note) = ratio(&|r| r.1);
+    let restart_ms: Vec<f64> = restarts.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    println!(
+        "  e. caller attestation cost: NMI on the managed node, agent restarted with --caller-attestation true|false \
+         for each round ({pairs} pairs, ABBA order; restart → first pod token p50 {:.0} ms), same {} pods, {conns} concurrent connections:",
+        median(restart_ms),
+        from.len()
+    );
+    println!(
+        "     keep-alive ({secs} s per round; attested once per connection): on {:>8.0} req/s, off {:>8.0} req/s; ratio on/off {ka_ratio:.3}{ka_note}",
+        abs(0, &|r| r.0),
+        abs(1, &|r| r.0)
+    );
+    println!(
+        "     new connection per request ({n_close} requests per round, `Connection: close`, sockets made by the pods beforehand; \
+         attested every request): on {:>8.0} req/s, off {:>8.0} req/s; ratio on/off {pc_ratio:.3}{pc_note}",
+        abs(0, &|r| r.1),
+        abs(1, &|r| r.1)
+    );
+}
+
+/// `socks.len()` requests, each on its own new connection from one of `socks` (`conns` at a
+/// time), every answer a 200; how long they took.
+async fn per_connection(
+    socks: Vec<tokio::net::TcpSocket>,
+    addr: SocketAddr,
+    request: String,
+    conns: usize,
+) -> Duration {
+    let queue = Arc::new(std::sync::Mutex::new(socks));
+    let t0 = Instant::now();
+    let mut tasks = vec![];
+    for _ in 0..conns.max(1) {
+        let (queue, req) = (queue.clone(), request.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let Some(sock) = queue.lock().unwrap().pop() else {
+                    break;
+                };
+                let mut s = sock.connect(addr).await.expect("connect");
+                s.set_nodelay(true).ok();
+                s.write_all(req.as_bytes()).await.expect("write");
+                let (head, _) = read_response(&mut s, &mut buf).await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("per-connection task");
+    }
+    t0.elapsed()
+}
+
+// ------------------------------------------------------------------ 2f. standard mode
+
+const STD_NODE: &str = "bench-std-node";
+
+/// What part 2f takes over from part 2's set-up.
+struct StdCtx<'a> {
+    dir: &'a Path,
+    kube: kube::Client,
+    arm: reqwest::Client,
+    arm_token: String,
+    /// the Keyless server as the nodes reach it
+    agent_server_url: String,
+    ca: String,
+    /// the nodes' kubeconfig (`kubernetes` resolves to the root namespace)
+    kubeconfig: String,
+    tag: String,
+    k: u32,
+    /// the API server's watch, from this process
+    watch_client: reqwest::Client,
+    api_url: String,
+    admin_token: String,
+    /// row a's pod latencies (managed mode), sorted
+    managed: Vec<Duration>,
+}
+
+/// When this process saw each AzureAssignedIdentity (by name) first, and first `Assigned`.
+type Seen = Arc<std::sync::Mutex<std::collections::HashMap<String, [Option<Instant>; 2]>>>;
+
+/// Watch every AzureAssignedIdentity (raw watch over HTTPS, resumed from the last
+/// resourceVersion when the API server ends it), noting into `seen` when each was first seen
+/// and first seen `Assigned`.
+async fn watch_assigned(c: reqwest::Client, api: String, token: String, seen: Seen) {
+    let mut rv = String::new();
+    loop {
+        let mut url =
+            format!("{api}/apis/aadpodidentity.k8s.io/v1/azureassignedidentities?watch=1");
+        if !rv.is_empty() {
+            url.push_str(&format!("&resourceVersion={rv}"));
+        }
+        let Ok(mut resp) = c.get(&url).bearer_auth(&token).send().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut buf: Vec<u8> = vec![];
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            let now = Instant::now();
+            buf.extend_from_slice(&chunk);
+            while let Some(p) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=p).collect();
+                let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
+                    continue;
+                };
+                if ev["type"] == "ERROR" {
+                    rv.clear(); // expired: list again
+                    continue;
+                }
+                let o = &ev["object"];
+                if let Some(v) = o["metadata"]["resourceVersion"].as_str() {
+                    rv = v.to_string();
+                }
+                let Some(name) = o["metadata"]["name"].as_str() else {
+                    continue;
+                };
+                let mut seen = seen.lock().unwrap();
+                let e = seen.entry(name.to_string()).or_default();
+                e[0].get_or_insert(now);
+                if o["status"]["status"] == "Assigned" {
+                    e[1].get_or_insert(now);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// MIC's counters from its ops listener: (syncs, scale-set writes ok, scale-set writes failed).
+async fn mic_counts(url: &str) -> (f64, f64, f64) {
+    let text = reqwest::get(url)
+        .await
+        .expect("MIC /metrics")
+        .text()
+        .await
+        .unwrap();
+    let (mut syncs, mut ok, mut err) = (0.0, 0.0, 0.0);
+    for l in text.lines() {
+        let Some(v) = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        if l.starts_with(keyless_ops::metrics::MIC_SYNCS) {
+            syncs += v;
+        } else if l.starts_with(keyless_ops::metrics::MIC_TARGET_WRITES) {
+            if l.contains("result=\"ok\"") {
+                ok += v;
+            } else {
+                err += v;
+            }
+        }
+    }
+    (syncs, ok, err)
+}
+
+/// One standard-mode pod's run: when its object was created, when its status PATCH returned,
+/// and when its first GET (sent right after the PATCH) was answered with a token.
+struct PodRun {
+    /// its AzureAssignedIdentity's name (`<pod>-default-<identity>`)
+    assigned: String,
+    created: Instant,
+    patched: Instant,
+    token: Result<Instant, String>,
+}
+
+/// A token answer (`body`) for client id `cid`, as Ok(when) or why not.
+fn token_for(
+    r: Result<(Duration, String), String>,
+    t0: Instant,
+    cid: &str,
+) -> Result<Instant, String> {
+    let (d, body) = r?;
+    let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+    if v["client_id"] == cid {
+        Ok(t0 + d)
+    } else {
+        Err(format!("a token for {} instead of {cid}", v["client_id"]))
+    }
+}
+
+/// p50 / p99 / max of the PATCH → token times of `runs`, and the failures.
+fn std_summary(runs: &[PodRun]) -> String {
+    let ok: Vec<Duration> = runs
+        .iter()
+        .filter_map(|r| r.token.as_ref().ok().map(|t| *t - r.patched))
+        .collect();
+    let failed: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r.token.as_ref().err().cloned())
+        .collect();
+    summary(ok, &failed)
+}
+
+/// Where the time of sequential pods goes (medians; the object times are this process's own
+/// watch, which the API server feeds as it feeds NMI's). MIC acts on the Pod object (its
+/// `spec.nodeName` is set when it is created), so its part runs from the POST, beside the
+/// sandbox start and the status PATCH.
+fn breakdown(runs: &[PodRun], seen: &Seen) -> String {
+    let seen = seen.lock().unwrap();
+    let (mut c2p, mut c2o, mut o2a, mut a2t, mut c2t) = (vec![], vec![], vec![], vec![], vec![]);
+    for r in runs {
+        let Ok(done) = r.token else { continue };
+        c2p.push(signed_ms(r.patched, r.created));
+        c2t.push(signed_ms(done, r.created));
+        let Some([Some(o), a]) = seen.get(&r.assigned).copied() else {
+            continue;
+        };
+        c2o.push(signed_ms(o, r.created));
+        if let Some(a) = a {
+            o2a.push(signed_ms(a, o));
+            a2t.push(signed_ms(done, a));
+        }
+    }
+    format!(
+        "Pod POST returned → token {:.0} ms, of which: POST → status PATCH returned {:.0} ms (sandbox, cgroup, PATCH; the \
+         GET starts there); POST → AzureAssignedIdentity seen {:.0} ms (MIC: debounce from the pod event, then the sync \
+         writes the object); object → seen Assigned {:.0} ms; Assigned seen → token in the pod {:.1} ms",
+        median(c2t),
+        median(c2p),
+        median(c2o),
+        median(o2a),
+        median(a2t)
+    )
+}
+
+/// Pods one after another on the standard node: each created, started (cgroup, sandbox),
+/// its IP reported, then one GET; `(pod name, identity name, client id)` per pod.
+#[allow(clippy::too_many_arguments)]
+async fn std_sequential(
+    fab: &mut Fabric,
+    pods: &Api<Pod>,
+    ns: &[String],
+    first: usize,
+    which: &[(String, String, String)],
+    imds: SocketAddr,
+) -> Vec<PodRun> {
+    let get = token_get("", true);
+    let mut runs = vec![];
+    for (j, (name, identity, cid)) in which.iter().enumerate() {
+        let i = first + j;
+        let p = pods
+            .create(
+                &PostParams::default(),
+                &pod_object_on(name, identity, STD_NODE),
+            )
+            .await
+            .unwrap();
+        let created = Instant::now();
+        pod_started(fab, &ns[i], &p.metadata.uid.unwrap());
+        let sock = socket_in(&ns[i]);
+        report_ip(pods, name, &pod_net_in(234, i).1).await;
+        let patched = Instant::now();
+        let r = timed_get_within(sock, imds, &get, patched, Duration::from_secs(120)).await;
+        runs.push(PodRun {
+            assigned: format!("{name}-default-{identity}"),
+            created,
+            patched,
+            token: token_for(r, patched, cid),
+        });
+    }
+    runs
+}
+
+async fn standard_mode(fab: &mut Fabric, cx: StdCtx<'_>) {
+    let n_pods = env_u64("BENCH_PODS", 200) as usize;
+    let n_seq = env_u64("BENCH_STD_PODS", n_pods as u64) as usize;
+    let n_own = env_u64("BENCH_STD_OWN_PODS", 50) as usize;
+    let n_burst = env_u64("BENCH_STD_BURST", n_pods as u64) as usize;
+    let t_setup = Instant::now();
+    let pods: Api<Pod> = Api::namespaced(cx.kube.clone(), "default");
+    let imds = SocketAddr::from((IMDS, 80));
+
+    // ---- the managed node's agent stopped and its pods deleted: MIC would otherwise take
+    // every pod its bindings select (1,000 here) and place them on a node with no Node object
+    if let Some(mut a) = fab.agent.take() {
+        a.stop();
+    }
+    let on_managed = kube::api::ListParams::default().fields(&format!("spec.nodeName={NODE_NAME}"));
+    pods.delete_collection(
+        &kube::api::DeleteParams::default().grace_period(0),
+        &on_managed,
+    )
+    .await
+    .expect("delete the managed node's pods");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pods.list(&on_managed).await.unwrap().items.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the managed node's pods not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // ---- Keyless: a node resource group with a scale set holding only the kubelet identity,
+    // a group of identities none of which is attached anywhere; the kubelet identity gets the
+    // seed's roles (Virtual Machine Contributor on the node group, Managed Identity Operator on
+    // the identities' group)
+    let server = fab.server.as_ref().expect("the server");
+    let mc_id = server.cli(&["group", "create", "-n", "std-mc"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ids_id = server.cli(&["group", "create", "-n", "std-ids"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, kubelet_cid) = put_identity(
+        &cx.arm,
+        &server.url,
+        &cx.arm_token,
+        &mc_id,
+        "kubelet-identity",
+    )
+    .await;
+    server.cli(&[
+        "vmss",
+        "create",
+        "-g",
+        "std-mc",
+        "-n",
+        "std-pool",
+        "--assign-identity",
+        "kubelet-identity",
+    ]);
+    for (role, scope) in [
+        ("Virtual Machine Contributor", &mc_id),
+        ("Managed Identity Operator", &ids_id),
+    ] {
+        server.cli(&[
+            "role",
+            "assignment",
+            "create",
+            "--role",
+            role,
+            "--assignee",
+            &kubelet_cid,
+            "--scope",
+            scope,
+        ]);
+    }
+    let join = server.cli(&["vmss", "join-token", "-g", "std-mc", "-n", "std-pool"])["joinToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut names = vec!["std-warm".to_string(), "std-one".into(), "std-burst".into()];
+    names.extend((0..n_own).map(|j| format!("std-own-{j}")));
+    let mut cids = BTreeMap::new();
+    for n in &names {
+        let (rid, cid) = put_identity(&cx.arm, &server.url, &cx.arm_token, &ids_id, n).await;
+        cids.insert(n.clone(), (rid, cid));
+    }
+    // in Kubernetes: an AzureIdentity and a binding (selector = its name) each
+    let az_ids: Api<AzureIdentity> = Api::namespaced(cx.kube.clone(), "default");
+    let bindings: Api<AzureIdentityBinding> = Api::namespaced(cx.kube.clone(), "default");
+    for (n, (rid, cid)) in &cids {
+        let id: AzureIdentity = serde_json::from_value(json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+            "metadata": {"name": n},
+            "spec": {"type": 0, "resourceID": rid, "clientID": cid}
+        }))
+        .unwrap();
+        az_ids
+            .create(&PostParams::default(), &id)
+            .await
+            .expect("AzureIdentity");
+        let b: AzureIdentityBinding = serde_json::from_value(json!({
+            "apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+            "metadata": {"name": format!("{n}-binding")},
+            "spec": {"azureIdentity": n, "selector": n}
+        }))
+        .unwrap();
+        bindings
+            .create(&PostParams::default(), &b)
+            .await
+            .expect("AzureIdentityBinding");
+    }
+
+    // ---- the standard node: namespace, agent (--operation-mode standard), Node object
+    let (tag, k) = (&cx.tag, cx.k);
+    let std_node = format!("{tag}m");
+    let (sroot, snode) = (format!("10.231.{k}.5"), format!("10.231.{k}.6"));
+    add_node(fab, &std_node, &format!("{tag}q"), &sroot, &snode);
+    let state = cx.dir.join("std-node").to_string_lossy().to_string();
+    let args: Vec<String> = [
+        "node",
+        "--server",
+        &cx.agent_server_url,
+        "--ca-file",
+        &cx.ca,
+        "--state-dir",
+        &state,
+        "--join-token",
+        &join,
+        "--imds-listen",
+        &format!("{IMDS}:80"),
+        "--nmi",
+        "--operation-mode",
+        "standard",
+        "--node-name",
+        STD_NODE,
+        "--kubeconfig",
+        &cx.kubeconfig,
+        "--nmi-listen",
+        &format!("{snode}:2579"),
+        "--caller-rps",
+        "0",
+        "--caller-concurrency",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec();
+    let agent = spawn_agent(&std_node, &args, cx.dir);
+    let vm = agent.find("VM:").expect("the agent's VM");
+    fab.procs.push(agent);
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(cx.kube.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": STD_NODE},
+                "spec": {"providerID": format!("azure://{vm}")}
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("Node");
+
+    // ---- pod namespaces on it: the warm-up pod, the sequential rows, the burst
+    let total = 1 + n_seq + n_own + n_burst;
+    let ns = add_pod_netns_in(fab, &format!("{tag}s"), &std_node, 234, 0, total);
+
+    // ---- this process's own watch of the assigned identities, then MIC (one replica: it
+    // holds the Lease at once), acting as the kubelet identity through this node's IMDS
+    let seen: Seen = Default::default();
+    let watch = tokio::spawn(watch_assigned(
+        cx.watch_client.clone(),
+        cx.api_url.clone(),
+        cx.admin_token.clone(),
+        seen.clone(),
+    ));
+    let exec = fabric::node_exec(&std_node);
+    let mic_listen = format!("{snode}:9468");
+    let mut mic_args: Vec<&str> = exec[1..].iter().map(String::as_str).collect();
+    mic_args.extend([
+        e2e::bin(),
+        "mic",
+        "--server",
+        &cx.agent_server_url,
+        "--ca-file",
+        &cx.ca,
+        "--client-id",
+        &kubelet_cid,
+        "--kubeconfig",
+        &cx.kubeconfig,
+        "--lease-namespace",
+        "kube-system",
+        "--holder",
+        "bench-mic",
+        "--metrics-listen",
+        &mic_listen,
+    ]);
+    let mic = e2e::spawn_program_until(&exec[0], &mic_args, "MIC: caches listed", cx.dir)
+        .expect("keyless mic");
+    fab.procs.push(mic);
+    let mic_metrics = format!("http://{mic_listen}/metrics");
+
+    // ---- warm-up: a pod on its own identity, asked until served (MIC leading, NMI listed,
+    // the first attach done); setup, so retries are fine
+    let p = pods
+        .create(
+            &PostParams::default(),
+            &pod_object_on("std-warm", "std-warm", STD_NODE),
+        )
+        .await
+        .unwrap();
+    pod_started(fab, &ns[0], &p.metadata.uid.unwrap());
+    report_ip(&pods, "std-warm", &pod_net_in(234, 0).1).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let get = token_get("", true);
+    loop {
+        let r = timed_get_within(
+            socket_in(&ns[0]),
+            imds,
+            &get,
+            Instant::now(),
+            Duration::from_secs(120),
+        )
+        .await;
+        match r {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => {
+                panic!("standard-mode warm-up pod never got a token: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let setup = t_setup.elapsed();
+
+    // ---- (1) pods one after another, all bound to std-one (not attached before the first)
+    let one_cid = cids["std-one"].1.clone();
+    let which: Vec<(String, String, String)> = (0..n_seq)
+        .map(|j| (format!("seq-{j}"), "std-one".to_string(), one_cid.clone()))
+        .collect();
+    let m0 = mic_counts(&mic_metrics).await;
+    let seq = std_sequential(fab, &pods, &ns, 1, &which, imds).await;
+    let m1 = mic_counts(&mic_metrics).await;
+
+    // ---- (2) pods one after another, each on its own identity (an attach each)
+    let which: Vec<(String, String, String)> = (0..n_own)
+        .map(|j| {
+            let id = format!("std-own-{j}");
+            let cid = cids[&id].1.clone();
+            (format!("own-{j}"), id, cid)
+        })
+        .collect();
+    let m2 = mic_counts(&mic_metrics).await;
+    let own = std_sequential(fab, &pods, &ns, 1 + n_seq, &which, imds).await;
+    let m3 = mic_counts(&mic_metrics).await;
+
+    // ---- (3) a burst: every Pod object created at once (16 POSTs in flight) on std-burst (not
+    // attached), then each pod's sandbox started, its IP reported and its GET sent (not awaited)
+    // one pod after another, as a kubelet reports sandboxes as they come up
+    let burst_cid = cids["std-burst"].1.clone();
+    let first = 1 + n_seq + n_own;
+    let m4 = mic_counts(&mic_metrics).await;
+    let t_first = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    let mut uids = vec![String::new(); n_burst];
+    for j in 0..n_burst {
+        let pods = pods.clone();
+        set.spawn(async move {
+            let p = pods
+                .create(
+                    &PostParams::default(),
+                    &pod_object_on(&format!("burst-{j}"), "std-burst", STD_NODE),
+                )
+                .await
+                .unwrap();
+            (j, p.metadata.uid.unwrap())
+        });
+        while set.len() >= 16 {
+            let (j, uid) = set.join_next().await.unwrap().unwrap();
+            uids[j] = uid;
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        let (j, uid) = r.unwrap();
+        uids[j] = uid;
+    }
+    let objects_in = t_first.elapsed();
+    let mut gets = tokio::task::JoinSet::new();
+    let mut burst = vec![];
+    for (j, uid) in uids.iter().enumerate() {
+        let i = first + j;
+        let sock = tokio::task::block_in_place(|| {
+            pod_started(fab, &ns[i], uid);
+            socket_in(&ns[i])
+        });
+        let name = format!("burst-{j}");
+        report_ip(&pods, &name, &pod_net_in(234, i).1).await;
+        let patched = Instant::now();
+        let (get, cid) = (get.clone(), burst_cid.clone());
+        gets.spawn(async move {
+            let r = timed_get_within(sock, imds, &get, patched, Duration::from_secs(120)).await;
+            (j, token_for(r, patched, &cid))
+        });
+        burst.push(PodRun {
+            assigned: format!("{name}-default-std-burst"),
+            created: t_first,
+            patched,
+            token: Err("not answered".into()),
+        });
+    }
+    let patches_in = t_first.elapsed() - objects_in;
+    while let Some(r) = gets.join_next().await {
+        let (j, t) = r.unwrap();
+        burst[j].token = t;
+    }
+    let m5 = mic_counts(&mic_metrics).await;
+    watch.abort();
+    let last = burst
+        .iter()
+        .filter_map(|r| r.token.as_ref().ok().copied())
+        .max()
+        .map(|t| (t - t_first).as_secs_f64())
+        .unwrap_or(f64::NAN);
+    let (first_patch, first_token) = burst
+        .first()
+        .map(|r| match &r.token {
+            Ok(t) => (
+                (r.patched - t_first).as_secs_f64() * 1e3,
+                (*t - r.patched).as_secs_f64() * 1e3,
+            ),
+            Err(_) => (f64::NAN, f64::NAN),
+        })
+        .unwrap_or((f64::NAN, f64::NAN));
+
+    // ---- report
+    let mic = |a: (f64, f64, f64), b: (f64, f64, f64)| {
+        format!(
+            "MIC: {} scale-set writes ok ({} failed) over {} syncs",
+            b.1 - a.1,
+            b.2 - a.2,
+            b.0 - a.0
+        )
+    };
+    let first_of = |runs: &[PodRun]| match runs.first().map(|r| &r.token) {
+        Some(Ok(t)) => format!("{:.0} ms", (*t - runs[0].patched).as_secs_f64() * 1e3),
+        Some(Err(e)) => format!("FAILED: {e}"),
+        None => "-".into(),
+    };
+    let p50 = |runs: &[PodRun]| {
+        let mut v: Vec<Duration> = runs
+            .iter()
+            .filter_map(|r| r.token.as_ref().ok().map(|t| *t - r.patched))
+            .collect();
+        v.sort();
+        (pct(&v, 50.0), pct(&v, 99.0))
+    };
+    let (mp50, mp99) = (pct(&cx.managed, 50.0), pct(&cx.managed, 99.0));
+    println!(
+        "  f. standard mode: a second node (namespace) joined to scale set std-pool, which holds only a kubelet identity (Virtual Machine \
+         Contributor on its group, Managed Identity Operator on the identities' group); `keyless node --nmi --operation-mode standard`; \
+         ONE `keyless mic` replica (holds the Lease; syncs debounced {} ms); the managed node's agent stopped and its pods deleted first; \
+         setup {:.1} s. Status PATCH returned → token in the pod, one GET sent right after the PATCH (NMI holds it until the pod's \
+         AzureAssignedIdentity is Assigned), fresh connection, no retries:",
+        keyless_k8s::mic::defaults::DEBOUNCE.as_millis(),
+        setup.as_secs_f64()
+    );
+    println!(
+        "     managed mode, same run (row a: {} pods, identities attached beforehand): \
+           p50 {mp50:.2} ms, p99 {mp99:.2} ms",
+        cx.managed.len()
+    );
+    let (s50, s99) = p50(&seq);
+    println!(
+        "     standard, {n_seq} pods one after another, one identity attached by the first: {}; first pod {}; \
+         p50/p99 vs managed ×{:.0}/×{:.0}; {}",
+        std_summary(&seq),
+        first_of(&seq),
+        s50 / mp50,
+        s99 / mp99,
+        mic(m0, m1)
+    );
+    println!("        where it goes (p50): {}", breakdown(&seq, &seen));
+    println!(
+        "     standard, {n_own} pods one after another, each its own identity (an attach each): {}; {}",
+        std_summary(&own),
+        mic(m2, m3)
+    );
+    println!("        where it goes (p50): {}", breakdown(&own, &seen));
+    println!(
+        "     standard, {n_burst} pods at once on one identity not yet attached (objects POSTed in {:.2} s, then sandboxes + status \
+         PATCHes one after another over {:.2} s): {}; the first pod PATCHed {:.0} ms after the first POST, served {:.0} ms after its \
+         PATCH; all served {:.2} s after the first POST; {}",
+        objects_in.as_secs_f64(),
+        patches_in.as_secs_f64(),
+        std_summary(&burst),
+        first_patch,
+        first_token,
+        last,
+        mic(m4, m5)
+    );
 }

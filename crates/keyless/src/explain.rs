@@ -225,6 +225,8 @@ async fn from_api(a: &ExplainArgs, cluster: Option<&Value>) -> Result<pe::Explan
         .await?
         .into_iter()
         .filter(|e| e.assignment.pod == a.pod && e.assignment.pod_namespace == a.namespace)
+        // the pod's node's (NMI watches only those)
+        .filter(|e| facts.as_ref().is_some_and(|f| f.node == e.assignment.node))
         .collect()
     } else {
         vec![]

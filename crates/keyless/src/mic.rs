@@ -23,9 +23,10 @@ pub struct MicArgs {
         default_value = "http://169.254.169.254/metadata/identity/oauth2/token"
     )]
     pub imds_endpoint: String,
-    /// Client id of the identity to act as (the cluster's kubelet identity); never detached.
+    /// Client id of the identity to act as (the cluster's kubelet identity); never detached
+    /// (required: without it MIC could detach its own identity from a scale set).
     #[arg(long, env = "AZURE_CLIENT_ID")]
-    pub client_id: Option<String>,
+    pub client_id: String,
     /// Kubeconfig (default: KUBECONFIG, then the in-cluster service account).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
@@ -74,7 +75,7 @@ pub async fn run(a: MicArgs) -> Result<(), CliError> {
             server_urls,
             ca_pem,
             imds_token_endpoint: a.imds_endpoint,
-            client_id: a.client_id,
+            client_id: Some(a.client_id),
         },
         lease: keyless_k8s::lease::LeaseConfig {
             name: a.lease_name,

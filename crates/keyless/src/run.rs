@@ -320,6 +320,11 @@ pub struct NodeArgs {
     /// Where the host's cgroup file system is mounted (the kubelet's kubepods tree).
     #[arg(long, default_value = keyless_node::nmi::CGROUP_ROOT)]
     pub cgroup_root: PathBuf,
+    /// The node's own identities (client ids, comma-separated: the kubelet identity, as given
+    /// to MIC): the node's processes keep them even when an AzureIdentity binds pods to one
+    /// (otherwise an identity an AzureIdentity names is a pod identity, not the node's).
+    #[arg(long, value_delimiter = ',')]
+    pub immutable_user_msis: Vec<String>,
 }
 
 /// `--operation-mode`.
@@ -637,6 +642,12 @@ fn nmi_config(a: &NodeArgs) -> Result<Option<keyless_node::nmi::NmiConfig>, CliE
     c.find_identity_retry_interval = Duration::from_secs(a.find_identity_retry_interval);
     c.caller_attestation = a.caller_attestation;
     c.cgroup_root = a.cgroup_root.clone();
+    c.immutable_user_msis = a
+        .immutable_user_msis
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
     Ok(Some(c))
 }
 

@@ -30,157 +30,39 @@ mod common;
 mod fabric;
 
 use common::*;
-use fabric::PodCgroup;
+use fabric::{create, curl, prerequisites_met, sh, sh_out, Namespaces};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use keyless_k8s::crd::{AzureIdentity, AzureIdentityBinding};
 use keyless_k8s::testing::ControlPlane;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
-fn prerequisites_met(test: &str) -> bool {
-    let missing = keyless_k8s::testing::missing_prerequisite(&[
-        "ip", "iptables", "curl", "nsenter", "unshare",
-    ])
-    .or_else(fabric::missing_cgroups);
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("CI").is_some() => panic!("{test}: {why}"),
-        Some(why) => {
-            eprintln!("skipping {test}: {why}");
-            false
-        }
-    }
+/// The kubenet-like node: [`Namespaces::node`] and bridge `cbr0` with `gw/24`.
+fn kubenet_node(net: &mut Namespaces, name: &str, root_ip: &str, node_ip: &str, gw: &str) {
+    net.node(name, root_ip, node_ip);
+    sh(&["ip", "-n", name, "link", "add", "cbr0", "type", "bridge"]);
+    let gw = format!("{gw}/24");
+    sh(&["ip", "-n", name, "addr", "add", &gw, "dev", "cbr0"]);
+    sh(&["ip", "-n", name, "link", "set", "cbr0", "up"]);
 }
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sh_out(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The kubenet-like node and its pods; deleted on drop (cgroups first: their processes are
-/// killed, then the namespaces go with their veths and the bridge).
-struct Net {
-    node: String,
-    pods: Vec<String>,
-    cgroups: Vec<PodCgroup>,
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.cgroups.clear();
-        for n in self.pods.iter().chain([&self.node]) {
-            let _ = Command::new("ip")
-                .args(["netns", "del", n])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.node));
-    }
-}
-
-impl Net {
-    /// The node: a /30 veth to the root namespace (root side `root_ip`), `kubernetes` naming
-    /// the root side, 169.254.169.254 on its loopback (its own IMDS), and bridge `cbr0` with
-    /// `gw/24`.
-    fn node(name: &str, root_ip: &str, node_ip: &str, gw: &str) -> Net {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        sh(&["ip", "netns", "add", name]);
-        let net = Net {
-            node: name.to_string(),
-            pods: vec![],
-            cgroups: vec![],
-        };
-        let root_if = format!("{name}r");
-        let _ = Command::new("ip")
-            .args(["link", "del", &root_if])
-            .stderr(Stdio::null())
-            .status();
-        sh(&[
-            "ip", "link", "add", &root_if, "type", "veth", "peer", "name", "eth0", "netns", name,
-        ]);
-        sh(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{root_ip}/30"),
-            "dev",
-            &root_if,
-        ]);
-        sh(&["ip", "link", "set", &root_if, "up"]);
-        let n = |args: &[&str]| {
-            let mut v = vec!["ip", "-n", name];
-            v.extend_from_slice(args);
-            sh(&v);
-        };
-        n(&["link", "set", "lo", "up"]);
-        n(&["addr", "add", &format!("{node_ip}/30"), "dev", "eth0"]);
-        n(&["link", "set", "eth0", "up"]);
-        n(&["route", "add", "default", "via", root_ip]);
-        n(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
-        n(&["link", "add", "cbr0", "type", "bridge"]);
-        n(&["addr", "add", &format!("{gw}/24"), "dev", "cbr0"]);
-        n(&["link", "set", "cbr0", "up"]);
-        let etc = PathBuf::from("/etc/netns").join(name);
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(
-            etc.join("hosts"),
-            format!("127.0.0.1 localhost\n{root_ip} kubernetes\n"),
-        )
-        .unwrap();
-        net
-    }
-
-    /// A pod on the bridge: its namespace, a veth whose node side is a port of `cbr0`, `ip/24`
-    /// on its `eth0`, default route via the bridge; its cgroup (Pod `uid`). Returns its MAC.
-    fn pod(&mut self, name: &str, ip: &str, gw: &str, uid: &str) -> String {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        sh(&["ip", "netns", "add", name]);
-        self.pods.push(name.to_string());
-        self.cgroups.push(PodCgroup::create(uid));
-        let node = self.node.clone();
-        let port = format!("{name}v");
-        sh(&[
-            "ip", "-n", &node, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-            "netns", name,
-        ]);
-        sh(&["ip", "-n", &node, "link", "set", &port, "master", "cbr0"]);
-        sh(&["ip", "-n", &node, "link", "set", &port, "up"]);
-        sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            name,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&["ip", "-n", name, "link", "set", "eth0", "up"]);
-        sh(&["ip", "-n", name, "route", "add", "default", "via", gw]);
-        mac(name)
-    }
-
-    fn cgroup(&self, uid: &str) -> &PodCgroup {
-        self.cgroups.iter().find(|c| c.uid == uid).unwrap()
-    }
+/// A pod on `node`'s bridge: its namespace, a veth whose node side is a port of `cbr0`,
+/// `ip/24` on its `eth0`, default route via the bridge; its cgroup (Pod `uid`). Returns its
+/// MAC.
+fn bridged_pod(
+    net: &mut Namespaces,
+    node: &str,
+    name: &str,
+    ip: &str,
+    gw: &str,
+    uid: &str,
+) -> String {
+    let port = net.pod(node, name, Some(uid));
+    sh(&["ip", "-n", node, "link", "set", &port, "master", "cbr0"]);
+    sh(&["ip", "-n", node, "link", "set", &port, "up"]);
+    fabric::pod_address(name, &format!("{ip}/24"), gw);
+    mac(name)
 }
 
 /// The MAC of `eth0` in namespace `ns`.
@@ -193,26 +75,8 @@ fn mac(ns: &str) -> String {
         .to_string()
 }
 
-/// Run `prefix… curl …` : (status, body).
-fn curl(prefix: &[String], extra: &[&str], url: &str) -> (u16, String) {
-    let mut cmd = Command::new(&prefix[0]);
-    cmd.args(&prefix[1..]).args([
-        "curl",
-        "-s",
-        "--noproxy",
-        "*",
-        "-m",
-        "15",
-        "-w",
-        "\n%{http_code}",
-        "-H",
-        "Metadata: true",
-    ]);
-    let out = cmd.args(extra).arg(url).output().expect("curl");
-    let s = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = s.rsplit_once('\n').unwrap_or(("", &s));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
+/// curl's arguments for the `Metadata: true` header.
+const MD: [&str; 2] = ["-H", "Metadata: true"];
 
 const URL: &str = "http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net";
 
@@ -222,10 +86,6 @@ fn oid(body: &str) -> String {
         .as_str()
         .unwrap_or_default()
         .to_string()
-}
-
-fn obj<T: serde::de::DeserializeOwned>(v: Value) -> T {
-    serde_json::from_value(v).expect("object")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,7 +98,6 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
     let Some(cp) = ControlPlane::start(&dir.path().join("k8s"), "--bind-address=0.0.0.0") else {
         return;
     };
-    let api_port = cp.env["K8S_API_PORT"].clone();
 
     // ---- the node and its bridge, unique names and addresses per run
     let pid = std::process::id();
@@ -248,7 +107,8 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
     let gw = format!("10.218.{k}.1");
     let (ip_a, ip_b) = (format!("10.218.{k}.10"), format!("10.218.{k}.11"));
     let node = format!("{tag}n");
-    let mut net = Net::node(&node, &root_ip, &node_ip, &gw);
+    let mut net = Namespaces::default();
+    kubenet_node(&mut net, &node, &root_ip, &node_ip, &gw);
 
     // ---- Keyless: a scale set holding a pod identity (and a kubelet-like one)
     let server = ServerProc::start_on(dir.path(), "0.0.0.0:0", &["--tls-san", &root_ip]);
@@ -276,40 +136,30 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
     // ---- Kubernetes: the CRDs, pod A's identity and binding, the two pods
     let kube = cp.client().await;
     keyless_k8s::addon::install_crds(&kube).await.expect("CRDs");
-    Api::<Namespace>::all(kube.clone())
-        .create(
-            &PostParams::default(),
-            &obj(json!({"metadata": {"name": "apps"}})),
-        )
-        .await
-        .unwrap();
-    Api::<ServiceAccount>::namespaced(kube.clone(), "apps")
-        .create(
-            &PostParams::default(),
-            &obj(json!({"metadata": {"name": "default"}})),
-        )
-        .await
-        .unwrap();
-    Api::<AzureIdentity>::namespaced(kube.clone(), "apps")
-        .create(
-            &PostParams::default(),
-            &obj(json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
-                   "metadata": {"name": "pod-a-id"},
-                   "spec": {"type": 0, "resourceID": id_a["id"], "clientID": id_a["properties"]["clientId"]}})),
-        )
-        .await
-        .unwrap();
-    Api::<AzureIdentityBinding>::namespaced(kube.clone(), "apps")
-        .create(
-            &PostParams::default(),
-            &obj(
-                json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
-                   "metadata": {"name": "pod-a-binding"},
-                   "spec": {"azureIdentity": "pod-a-id", "selector": "a"}}),
-            ),
-        )
-        .await
-        .unwrap();
+    create(
+        &Api::<Namespace>::all(kube.clone()),
+        json!({"metadata": {"name": "apps"}}),
+    )
+    .await;
+    create(
+        &Api::<ServiceAccount>::namespaced(kube.clone(), "apps"),
+        json!({"metadata": {"name": "default"}}),
+    )
+    .await;
+    create(
+        &Api::<AzureIdentity>::namespaced(kube.clone(), "apps"),
+        json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+               "metadata": {"name": "pod-a-id"},
+               "spec": {"type": 0, "resourceID": id_a["id"], "clientID": id_a["properties"]["clientId"]}}),
+    )
+    .await;
+    create(
+        &Api::<AzureIdentityBinding>::namespaced(kube.clone(), "apps"),
+        json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+               "metadata": {"name": "pod-a-binding"},
+               "spec": {"azureIdentity": "pod-a-id", "selector": "a"}}),
+    )
+    .await;
     let pods: Api<Pod> = Api::namespaced(kube.clone(), "apps");
     let mut uids = vec![];
     let (ns_a, ns_b) = (format!("{tag}a"), format!("{tag}b"));
@@ -318,16 +168,14 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
         ("pod-a", json!({"aadpodidbinding": "a"}), &ns_a, &ip_a),
         ("pod-b", json!({"app": "b"}), &ns_b, &ip_b),
     ] {
-        let p = pods
-            .create(
-                &PostParams::default(),
-                &obj(json!({"metadata": {"name": name, "labels": labels},
-                       "spec": {"nodeName": "node-1", "containers": [{"name": "app", "image": "app"}]}})),
-            )
-            .await
-            .unwrap();
+        let p = create(
+            &pods,
+            json!({"metadata": {"name": name, "labels": labels},
+                   "spec": {"nodeName": "node-1", "containers": [{"name": "app", "image": "app"}]}}),
+        )
+        .await;
         let uid = p.metadata.uid.expect("uid");
-        macs.push(net.pod(netns, ip, &gw, &uid));
+        macs.push(bridged_pod(&mut net, &node, netns, ip, &gw, &uid));
         pods.patch_status(
             name,
             &PatchParams::default(),
@@ -340,8 +188,8 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
         uids.push(uid);
     }
     let (mac_a, mac_b) = (macs[0].clone(), macs[1].clone());
-    let a_pod = net.cgroup(&uids[0]).prefix(&ns_a);
-    let b_pod = net.cgroup(&uids[1]).prefix(&ns_b);
+    let a_pod = net.prefix(&ns_a);
+    let b_pod = net.prefix(&ns_b);
     // a process outside pod A's cgroup (this test's) in A's network namespace
     let a_netns_only: Vec<String> = ["ip", "netns", "exec", &ns_a]
         .iter()
@@ -350,14 +198,7 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
 
     // the admin kubeconfig, for the node namespace (`kubernetes` names the root side)
     let kubeconfig = dir.path().join("node-kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        std::fs::read_to_string(cp.kubeconfig()).unwrap().replace(
-            &format!("https://127.0.0.1:{api_port}"),
-            &format!("https://kubernetes:{api_port}"),
-        ),
-    )
-    .unwrap();
+    fabric::node_kubeconfig(&cp, &kubeconfig);
     let kc = kubeconfig.to_string_lossy().to_string();
     let ca = server.ca.clone();
     let server_url = format!("https://{root_ip}:{port}");
@@ -367,55 +208,35 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
             .unwrap()
             .to_string();
         let state = state.to_string_lossy().to_string();
-        let exec = fabric::node_exec(&node);
-        let mut args: Vec<&str> = exec[1..].iter().map(String::as_str).collect();
-        args.extend([
-            bin(),
-            "node",
-            "--server",
-            &server_url,
-            "--ca-file",
-            &ca,
-            "--state-dir",
-            &state,
-            "--join-token",
-            &token,
-            "--imds-listen",
-            "169.254.169.254:80",
-            "--nmi",
-            "--node-name",
-            "node-1",
-            "--kubeconfig",
-            &kc,
-            "--private-ip",
-            &node_ip,
-        ]);
-        args.extend(extra);
-        spawn_program_until(&exec[0], &args, "NMI endpoint:", dir.path()).expect("keyless node")
+        let agent = fabric::NmiAgent {
+            server_url: &server_url,
+            ca_file: &ca,
+            state_dir: &state,
+            join_token: &token,
+            node_name: "node-1",
+            kubeconfig: &kc,
+        };
+        let mut all = vec!["--private-ip", node_ip.as_str()];
+        all.extend(extra);
+        let cmd = agent.command(&node, bin(), &all);
+        let args: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
+        spawn_program_until(&cmd[0], &args, "NMI endpoint:", dir.path()).expect("keyless node")
     };
 
     // the attack's two halves: B takes A's IP (and the node's neighbour entry for it); undone
     // afterwards, B's address first (else both pods would answer ARP for it)
+    let neigh = |mac: &str, nud: &str| {
+        sh(&[
+            "ip", "-n", &node, "neigh", "replace", &ip_a, "lladdr", mac, "dev", "cbr0", "nud", nud,
+        ])
+    };
     let poison = || {
         // as a process of pod B (its cgroup, its namespace)
         let add_ip = format!("{ip_a}/32");
         let mut args: Vec<&str> = b_pod.iter().map(String::as_str).collect();
         args.extend(["ip", "addr", "add", &add_ip, "dev", "eth0"]);
         sh(&args);
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "neigh",
-            "replace",
-            &ip_a,
-            "lladdr",
-            &mac_b,
-            "dev",
-            "cbr0",
-            "nud",
-            "permanent",
-        ]);
+        neigh(&mac_b, "permanent");
     };
     let restore = || {
         sh(&[
@@ -428,29 +249,16 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
             "dev",
             "eth0",
         ]);
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "neigh",
-            "replace",
-            &ip_a,
-            "lladdr",
-            &mac_a,
-            "dev",
-            "cbr0",
-            "nud",
-            "reachable",
-        ]);
+        neigh(&mac_a, "reachable");
     };
-    let spoofed = || curl(&b_pod, &["--interface", &ip_a], URL);
+    let spoofed = || curl(&b_pod, &[MD[0], MD[1], "--interface", &ip_a], URL);
 
     // ---- attestation off: the attack works
     let state_off = dir.path().join("node-off");
     let mut agent = start_node(&state_off, &["--caller-attestation", "false"]);
-    let (st, body) = curl(&a_pod, &[], URL);
+    let (st, body) = curl(&a_pod, &MD, URL);
     assert_eq!((st, oid(&body)), (200, a_oid.clone()), "pod A: {body}");
-    let (st, body) = curl(&b_pod, &[], URL);
+    let (st, body) = curl(&b_pod, &MD, URL);
     assert_eq!(st, 404, "pod B has no identity of its own: {body}");
     poison();
     let (st, body) = spoofed();
@@ -460,7 +268,7 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
         "without attestation B, with A's IP, gets A's token: {body}"
     );
     restore();
-    let (st, body) = curl(&a_netns_only, &[], URL);
+    let (st, body) = curl(&a_netns_only, &MD, URL);
     assert_eq!(
         (st, oid(&body)),
         (200, a_oid.clone()),
@@ -471,7 +279,7 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
     // ---- attestation on (the default): refused, and recorded
     let state_on = dir.path().join("node-on");
     let agent = start_node(&state_on, &[]);
-    let (st, body) = curl(&a_pod, &[], URL);
+    let (st, body) = curl(&a_pod, &MD, URL);
     assert_eq!((st, oid(&body)), (200, a_oid.clone()), "pod A: {body}");
     poison();
     let (st, body) = spoofed();
@@ -479,10 +287,10 @@ async fn a_pod_that_takes_another_pods_ip_gets_nothing() {
     assert!(body.contains("does not come from pod apps/pod-a"), "{body}");
     assert!(!body.contains("access_token"), "{body}");
     restore();
-    let (st, body) = curl(&a_netns_only, &[], URL);
+    let (st, body) = curl(&a_netns_only, &MD, URL);
     assert_eq!(st, 403, "in A's namespace, not in A's cgroup: {body}");
     // A itself, once its neighbour entry is its own again
-    let (st, body) = curl(&a_pod, &[], URL);
+    let (st, body) = curl(&a_pod, &MD, URL);
     assert_eq!(
         (st, oid(&body)),
         (200, a_oid.clone()),

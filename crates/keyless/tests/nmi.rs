@@ -20,7 +20,7 @@ mod common;
 mod fabric;
 
 use common::*;
-use fabric::PodCgroup;
+use fabric::{create, obj, prerequisites_met, sh, sh_out, Namespaces};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -28,213 +28,35 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use keyless_k8s::crd::{AzureIdentity, AzureIdentityBinding, AzurePodIdentityException};
 use keyless_k8s::testing::ControlPlane;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Skip (or, with CI set, fail) when the machine cannot run the test.
-fn prerequisites_met(test: &str) -> bool {
-    let missing = keyless_k8s::testing::missing_prerequisite(&[
-        "ip", "iptables", "curl", "nsenter", "unshare",
-    ])
-    .or_else(fabric::missing_cgroups);
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("CI").is_some() => panic!("{test}: {why}"),
-        Some(why) => {
-            eprintln!("skipping {test}: {why}");
-            false
-        }
-    }
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sh_out(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Network namespaces (and their /etc/netns files) and pod cgroups, deleted on drop.
-#[derive(Default)]
-struct Netns {
-    names: Vec<String>,
-    cgroups: Vec<PodCgroup>,
-}
-
-/// Pod network namespace → the `cgroup.procs` file its processes join ([`curl`]).
-static POD_CGROUPS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
-
-impl Netns {
-    fn add(&mut self, name: &str) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        sh(&["ip", "netns", "add", name]);
-        self.names.push(name.to_string());
-        sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
-    }
-
-    /// A node: a namespace with a /30 veth to the root namespace (root side `.1`, node `.2`),
-    /// its default route there, and `kubernetes` resolving to the root side (the API server's
-    /// certificate names it).
-    fn node(&mut self, name: &str, root_ip: &str, node_ip: &str) {
-        self.add(name);
-        let root_if = format!("{name}r");
-        let _ = Command::new("ip")
-            .args(["link", "del", &root_if])
-            .stderr(Stdio::null())
-            .status();
-        sh(&[
-            "ip", "link", "add", &root_if, "type", "veth", "peer", "name", "eth0", "netns", name,
-        ]);
-        sh(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{root_ip}/30"),
-            "dev",
-            &root_if,
-        ]);
-        sh(&["ip", "link", "set", &root_if, "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            name,
-            "addr",
-            "add",
-            &format!("{node_ip}/30"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&["ip", "-n", name, "link", "set", "eth0", "up"]);
-        sh(&["ip", "-n", name, "route", "add", "default", "via", root_ip]);
-        // the node's own IMDS address, as on a VM
-        sh(&[
-            "ip",
-            "-n",
-            name,
-            "addr",
-            "add",
-            "169.254.169.254/32",
-            "dev",
-            "lo",
-        ]);
-        let etc = PathBuf::from("/etc/netns").join(name);
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(
-            etc.join("hosts"),
-            format!("127.0.0.1 localhost\n{root_ip} kubernetes\n"),
-        )
-        .unwrap();
-    }
-
-    /// A pod of `node`: a namespace with a /30 veth into the node (node side `gw`, pod side
-    /// `ip`), default route via the node; with the Pod's `uid`, its cgroup (where [`curl`]
-    /// runs in this namespace).
-    fn pod(&mut self, node: &str, name: &str, gw: &str, ip: &str, uid: Option<&str>) {
-        self.add(name);
-        if let Some(uid) = uid {
-            let cg = PodCgroup::create(uid);
-            POD_CGROUPS
-                .lock()
-                .unwrap()
-                .push((name.to_string(), cg.procs_file()));
-            self.cgroups.push(cg);
-        }
-        let node_if = format!("{name}v");
-        sh(&[
-            "ip", "-n", node, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0",
-            "netns", name,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            node,
-            "addr",
-            "add",
-            &format!("{gw}/30"),
-            "dev",
-            &node_if,
-        ]);
-        sh(&["ip", "-n", node, "link", "set", &node_if, "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            name,
-            "addr",
-            "add",
-            &format!("{ip}/30"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&["ip", "-n", name, "link", "set", "eth0", "up"]);
-        sh(&["ip", "-n", name, "route", "add", "default", "via", gw]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        POD_CGROUPS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(n, _)| !self.names.contains(n));
-        self.cgroups.clear();
-        for n in self.names.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(n));
-        }
-    }
-}
-
-/// `curl` inside network namespace `ns` (and, for a pod's, in the pod's cgroup): (status,
-/// body).
-fn curl(ns: &str, url: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let cgroup = POD_CGROUPS
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(n, _)| n == ns)
-        .map(|(_, p)| p.clone());
-    let mut cmd = match cgroup {
-        Some(procs) => {
-            let pre = PodCgroup::enter(&procs);
-            let mut c = Command::new(&pre[0]);
-            c.args(&pre[1..]).arg("ip");
-            c
-        }
-        None => Command::new("ip"),
-    };
-    cmd.args([
-        "netns",
-        "exec",
-        ns,
-        "curl",
-        "-s",
-        "--noproxy",
-        "*",
-        "-m",
-        "15",
-        "-w",
-        "\n%{http_code}",
+/// A pod of `node` (see [`Namespaces::pod`]): a /30 veth into the node (node side `gw`, pod
+/// side `ip`), default route via the node; with the Pod's `uid`, its cgroup (where [`curl`]
+/// runs in this namespace).
+fn pod(net: &mut Namespaces, node: &str, name: &str, gw: &str, ip: &str, uid: Option<&str>) {
+    let node_if = net.pod(node, name, uid);
+    sh(&[
+        "ip",
+        "-n",
+        node,
+        "addr",
+        "add",
+        &format!("{gw}/30"),
+        "dev",
+        &node_if,
     ]);
-    for (k, v) in headers {
-        cmd.arg("-H").arg(format!("{k}: {v}"));
-    }
-    let out = cmd.arg(url).output().expect("curl");
-    let s = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = s.rsplit_once('\n').unwrap_or(("", &s));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    sh(&["ip", "-n", node, "link", "set", &node_if, "up"]);
+    fabric::pod_address(name, &format!("{ip}/30"), gw);
+}
+
+/// `curl` inside network namespace `ns` (and, for a pod's, in the pod's cgroup) with
+/// `headers`: (status, body).
+fn curl(net: &Namespaces, ns: &str, url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let headers: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let args: Vec<&str> = headers.iter().flat_map(|h| ["-H", h.as_str()]).collect();
+    fabric::curl(&net.prefix(ns), &args, url)
 }
 
 const MD: (&str, &str) = ("Metadata", "true");
@@ -245,19 +67,6 @@ fn token_url(query: &str) -> String {
 
 fn parsed(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or(Value::Null)
-}
-
-fn obj<T: DeserializeOwned>(v: Value) -> T {
-    serde_json::from_value(v).expect("object")
-}
-
-async fn create<K>(api: &Api<K>, v: Value) -> K
-where
-    K: kube::Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    api.create(&PostParams::default(), &obj::<K>(v))
-        .await
-        .expect("create")
 }
 
 struct PodSpec {
@@ -289,7 +98,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     let (root_a, node_a_ip) = (format!("10.213.{k}.1"), format!("10.213.{k}.2"));
     let (root_b, node_b_ip) = (format!("10.213.{k}.5"), format!("10.213.{k}.6"));
     let (ns_a, ns_b) = (format!("{tag}a"), format!("{tag}b"));
-    let mut net = Netns::default();
+    let mut net = Namespaces::default();
     net.node(&ns_a, &root_a, &node_a_ip);
     net.node(&ns_b, &root_b, &node_b_ip);
 
@@ -445,34 +254,25 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
             .to_string();
         let state = dir.path().join(node).to_string_lossy().to_string();
         let url = format!("https://{root_ip}:{port}");
-        let exec = fabric::node_exec(ns);
-        let mut args: Vec<&str> = exec[1..].iter().map(String::as_str).collect();
-        args.extend([
-            bin(),
-            "node",
-            "--server",
-            &url,
-            "--ca-file",
-            &ca,
-            "--state-dir",
-            &state,
-            "--imds-listen",
-            "169.254.169.254:80",
+        let agent = fabric::NmiAgent {
+            server_url: &url,
+            ca_file: &ca,
+            state_dir: &state,
+            join_token: &token,
+            node_name: node,
+            kubeconfig: &kc,
+        };
+        let extra = [
             "--sync-interval",
             "1",
-            "--join-token",
-            &token,
-            "--nmi",
-            "--node-name",
-            node,
-            "--kubeconfig",
-            &kc,
             "--private-ip",
             node_ip,
             "--ipt-update-interval-sec",
             "1",
-        ]);
-        spawn_program_until(&exec[0], &args, "NMI endpoint:", dir.path())
+        ];
+        let cmd = agent.command(ns, bin(), &extra);
+        let args: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
+        spawn_program_until(&cmd[0], &args, "NMI endpoint:", dir.path())
     };
     let t0 = Instant::now();
     let mut agent_a = start_node(&ns_a, "node-a", &root_a, &node_a_ip).expect("node-a agent");
@@ -556,7 +356,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         )
         .await;
         let uid = created.metadata.uid.expect("the API server's uid");
-        net.pod(&ns_a, &s.netns, &s.gw, &s.ip, Some(&uid));
+        pod(&mut net, &ns_a, &s.netns, &s.gw, &s.ip, Some(&uid));
     }
     // the kubelet's status patch; the pod asks at once
     let mut first_token_ms = vec![];
@@ -574,6 +374,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         if s.name == "bound" {
             let t = Instant::now();
             let (st, body) = curl(
+                &net,
                 &s.netns,
                 &token_url("resource=https://vault.azure.net"),
                 &[MD],
@@ -600,7 +401,12 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     };
 
     // bound pod: no selector -> the first identity by AzureIdentity name (pod-a)
-    let (st, body) = curl(bound, &token_url("resource=https://vault.azure.net"), &[MD]);
+    let (st, body) = curl(
+        &net,
+        bound,
+        &token_url("resource=https://vault.azure.net"),
+        &[MD],
+    );
     assert_eq!(st, 200, "{body}");
     let v = parsed(&body);
     let c = claims(v["access_token"].as_str().unwrap());
@@ -624,6 +430,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         (format!("msi_res_id={b_res}"), &b_oid),
     ] {
         let (st, body) = curl(
+            &net,
             bound,
             &token_url(&format!("resource=https://vault.azure.net&{selector}")),
             &[MD],
@@ -636,6 +443,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     }
     // the node's kubelet identity is not the pod's
     let (st, body) = curl(
+        &net,
         bound,
         &token_url(&format!(
             "resource=https://vault.azure.net&client_id={kubelet_cid}"
@@ -648,18 +456,24 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         "{body}"
     );
     // NMI's request checks
-    let (st, body) = curl(bound, &token_url("resource=https://vault.azure.net"), &[]);
+    let (st, body) = curl(
+        &net,
+        bound,
+        &token_url("resource=https://vault.azure.net"),
+        &[],
+    );
     assert_eq!(st, 400);
     assert_eq!(
         parsed(&body)["error_description"],
         "Required metadata header not specified"
     );
-    let (st, body) = curl(bound, &token_url("x=y"), &[MD]);
+    let (st, body) = curl(&net, bound, &token_url("x=y"), &[MD]);
     assert_eq!(
         (st, body.trim()),
         (400, "parameter resource cannot be empty")
     );
     let (st, body) = curl(
+        &net,
         bound,
         "http://169.254.169.254/metadata/identity/x/oauth2/token?resource=r",
         &[MD],
@@ -667,6 +481,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     assert_eq!((st, body.trim()), (400, "Invalid request"));
     // /metadata/instance as the node's IMDS serves it
     let (st, body) = curl(
+        &net,
         bound,
         "http://169.254.169.254/metadata/instance?api-version=2021-02-01",
         &[MD],
@@ -675,6 +490,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     assert_eq!(parsed(&body)["compute"]["vmScaleSetName"], "nodes");
     // /host/token from a pod: not a host
     let (st, body) = curl(
+        &net,
         bound,
         "http://169.254.169.254/host/token/?resource=https://vault.azure.net",
         &[("podname", "bound"), ("podns", "apps")],
@@ -686,12 +502,14 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
 
     // refusals: no label; the label in another namespace
     let (st, body) = curl(
+        &net,
         &pods[1].netns,
         &token_url("resource=https://vault.azure.net"),
         &[MD],
     );
     assert_eq!(st, 404, "{body}");
     let (st, body) = curl(
+        &net,
         &pods[2].netns,
         &token_url("resource=https://vault.azure.net"),
         &[MD],
@@ -700,8 +518,9 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
 
     // the same IP asked from a node the pod is not on
     let imposter = format!("{tag}x");
-    net.pod(&ns_b, &imposter, &pods[0].gw, &pods[0].ip, None);
+    pod(&mut net, &ns_b, &imposter, &pods[0].gw, &pods[0].ip, None);
     let (st, body) = curl(
+        &net,
         &imposter,
         &token_url("resource=https://vault.azure.net"),
         &[MD],
@@ -773,6 +592,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     // directly (no DNAT: untracked here, as for a connection older than the rule, or the
     // chain absent) are answered as NMI answers them, never as the host
     let node_imds_as_host = curl(
+        &net,
         &ns_a,
         &token_url(&format!(
             "resource=https://vault.azure.net&client_id={kubelet_cid}"
@@ -793,6 +613,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         }
     }
     let (st, body) = curl(
+        &net,
         &pods[1].netns,
         &token_url(&format!(
             "resource=https://vault.azure.net&client_id={kubelet_cid}"
@@ -804,6 +625,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         "a pod bypassing the redirect is not the host: {body}"
     );
     let (st, body) = curl(
+        &net,
         &pods[0].netns,
         &token_url(&format!(
             "resource=https://vault.azure.net&client_id={kubelet_cid}"
@@ -811,13 +633,19 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         &[MD],
     );
     assert_eq!(st, 404, "{body}");
-    let (st, body) = curl(bound, &token_url("resource=https://vault.azure.net"), &[MD]);
+    let (st, body) = curl(
+        &net,
+        bound,
+        &token_url("resource=https://vault.azure.net"),
+        &[MD],
+    );
     assert_eq!(
         (st, oid_of(&body)),
         (200, a_oid.clone()),
         "answered as that pod: {body}"
     );
     let (st, _) = curl(
+        &net,
         bound,
         "http://169.254.169.254/metadata/instance?api-version=2021-02-01",
         &[],
@@ -856,10 +684,16 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
 
     // the excepted pod gets what the node's IMDS answers, minus every pod identity
     let addon = &pods[3].netns;
-    let (st, body) = curl(addon, &token_url("resource=https://vault.azure.net"), &[MD]);
+    let (st, body) = curl(
+        &net,
+        addon,
+        &token_url("resource=https://vault.azure.net"),
+        &[MD],
+    );
     assert_eq!((st, oid_of(&body)), (200, kubelet_oid.clone()), "{body}");
     for sel in [format!("client_id={a_cid}"), format!("object_id={b_oid}")] {
         let (st, body) = curl(
+            &net,
             addon,
             &token_url(&format!("resource=https://vault.azure.net&{sel}")),
             &[MD],
@@ -870,7 +704,12 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
 
     // /host/token from the node's loopback
     let host_url = "http://127.0.0.1:2579/host/token/?resource=https://vault.azure.net";
-    let (st, body) = curl(&ns_a, host_url, &[("podname", "bound"), ("podns", "apps")]);
+    let (st, body) = curl(
+        &net,
+        &ns_a,
+        host_url,
+        &[("podname", "bound"), ("podns", "apps")],
+    );
     assert_eq!(st, 200, "{body}");
     let v = parsed(&body);
     assert_eq!(v["clientid"], a_cid.as_str());
@@ -878,17 +717,22 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         claims(v["token"]["access_token"].as_str().unwrap())["oid"],
         a_oid.as_str()
     );
-    let (st, _) = curl(&ns_a, host_url, &[("podname", "bound")]);
+    let (st, _) = curl(&net, &ns_a, host_url, &[("podname", "bound")]);
     assert_eq!(st, 400);
-    let (st, _) = curl(&ns_a, host_url, &[("podname", "nope"), ("podns", "apps")]);
+    let (st, _) = curl(
+        &net,
+        &ns_a,
+        host_url,
+        &[("podname", "nope"), ("podns", "apps")],
+    );
     assert_eq!(st, 404);
 
     // a binding deleted while the pod holds a cached token: refused on the next request
     let del = &pods[4].netns;
     let url = token_url("resource=https://storage.azure.com/");
-    let (st, body) = curl(del, &url, &[MD]);
+    let (st, body) = curl(&net, del, &url, &[MD]);
     assert_eq!((st, oid_of(&body)), (200, a_oid.clone()), "{body}");
-    let (st, _) = curl(del, &url, &[MD]);
+    let (st, _) = curl(&net, del, &url, &[MD]);
     assert_eq!(st, 200, "cached");
     binds
         .delete("del-binding", &DeleteParams::default())
@@ -898,7 +742,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     let mut served_after = 0;
     let (sent_ms, refused_ms) = loop {
         let sent = deleted.elapsed().as_secs_f64() * 1000.0;
-        let (st, body) = curl(del, &url, &[MD]);
+        let (st, body) = curl(&net, del, &url, &[MD]);
         if st != 200 {
             assert_eq!(st, 404, "{body}");
             break (sent, deleted.elapsed().as_secs_f64() * 1000.0);
@@ -914,6 +758,7 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
     );
     // the other pods are unaffected
     let (st, _) = curl(
+        &net,
         bound,
         &token_url("resource=https://storage.azure.com/"),
         &[MD],
@@ -952,7 +797,12 @@ async fn nmi_serves_pods_of_its_node_by_source_ip() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (st, _) = curl(bound, &token_url("resource=https://vault.azure.net"), &[MD]);
+    let (st, _) = curl(
+        &net,
+        bound,
+        &token_url("resource=https://vault.azure.net"),
+        &[MD],
+    );
     assert_eq!(st, 200);
 
     // the agent stops: its redirect goes with it (node-b's stays)
