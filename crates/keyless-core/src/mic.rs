@@ -126,7 +126,11 @@ pub fn desired<'a>(
     bindings: &[Binding],
     identities: &[AzureIdentity],
 ) -> BTreeMap<Key, Assignment> {
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<Key, Assignment> = BTreeMap::new();
+    // sorted, so that when two pods' names collide (`a-b` in `c` and `a` in `b-c` both make
+    // `a-b-c-<identity>`) the same one wins every sync instead of the object flapping
+    let mut pods: Vec<&ScheduledPod> = pods.into_iter().collect();
+    pods.sort_by(|a, b| (&a.pod.namespace, &a.pod.name).cmp(&(&b.pod.namespace, &b.pod.name)));
     for p in pods {
         if p.node.is_empty() || p.finished {
             continue;
@@ -142,7 +146,7 @@ pub fn desired<'a>(
                 identity: id.clone(),
                 binding: (b.namespace.clone(), b.name.clone()),
             };
-            out.insert(a.key(mode), a);
+            out.entry(a.key(mode)).or_insert(a);
         }
     }
     out
@@ -443,6 +447,19 @@ mod tests {
         assert!(d.contains_key(&("apps".to_string(), "p1-apps-id-a".to_string())));
         let a = d.values().next().unwrap();
         assert_eq!((a.node.as_str(), a.binding.1.as_str()), ("n1", "b"));
+    }
+
+    #[test]
+    fn colliding_names_resolve_the_same_way_every_time() {
+        let ids = [ident("c", "x"), ident("b-c", "x")];
+        let bs = [binding("c", "bc", "x", "l"), binding("b-c", "bb", "x", "l")];
+        let p1 = pod("c", "a-b", "n1", "l");
+        let p2 = pod("b-c", "a", "n1", "l");
+        let one = desired(Namespacing::ByIdentity, [&p1, &p2], &bs, &ids);
+        let two = desired(Namespacing::ByIdentity, [&p2, &p1], &bs, &ids);
+        assert_eq!(one, two);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one.values().next().unwrap().pod_namespace, "b-c");
     }
 
     #[test]
