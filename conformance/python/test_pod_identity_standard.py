@@ -395,6 +395,9 @@ def test_the_other_replica_takes_over_when_the_leader_dies(std):
     std.fab.cp.apply(identity_obj("app-3", std.ids[2]))
     std.fab.cp.apply(binding_obj("app-3-binding", "app-3", "app3"))
     pod = std.pod(0, "after-failover", "apps", {"aadpodidbinding": "app3"})
+    # no MIC acts until the Lease runs out (≥ 10 s after the kill): not yet assigned
+    e = agent_explain(std, 0, "apps", "after-failover")
+    assert e["verdict"]["code"] == "not_assigned", e
     wait_for(lambda: std.leader() == other, timeout=60, step=0.2, what="the standby takes the Lease")
     took = time.time() - t0
     try:
@@ -411,6 +414,19 @@ def test_the_other_replica_takes_over_when_the_leader_dies(std):
     assert took <= 15 + 2, took
     status, body = pod.curl(TOKEN_Q)
     assert status == 200, body
+    # the binding deleted: refused at once, and explain says why
+    std.fab.cp.kubectl("delete", "azureidentitybinding", "app-3-binding", "-n", "apps")
+    wait_for(lambda: pod.curl(TOKEN_Q)[0] == 404, timeout=30, step=0.1, what="refused after the binding's deletion")
+    e = agent_explain(std, 0, "apps", "after-failover")
+    assert e["verdict"]["code"] == "no_binding" and "app3" in e["verdict"]["message"], e
+    assert e["refusals"][-1]["status"] == 404, e
+
+
+def agent_explain(std, node, namespace, pod):
+    out = std.fab.nodes[node].run(keyless_bin(), "aks", "pod-identity", "explain", "--namespace", namespace,
+                                  "--pod", pod, "--agent", "http://127.0.0.1:2579", "-o", "json", check=False)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def test_200_pods_at_once_one_scale_set_write_per_sync(std):
