@@ -265,7 +265,7 @@ pub struct Agent {
     pub fair_share: Arc<keyless_ops::limits::CallerLimiter>,
     /// Token response bodies made lately ([`imds::BodyMemo`]).
     bodies: imds::BodyMemo,
-    /// When an on-demand resync last finished ([`Agent::sync_coalesced`]).
+    /// When the last completed on-demand resync started ([`Agent::sync_after`]).
     resynced: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
@@ -427,16 +427,18 @@ impl Agent {
         }
     }
 
-    /// [`Agent::sync`] unless one finished within `min` (concurrent callers wait for the one
-    /// in flight and share it): true when the view is at most `min` old.
-    pub async fn sync_coalesced(&self, min: std::time::Duration) -> bool {
+    /// [`Agent::sync`] unless one that *started* after `seen` (the moment the caller found its
+    /// view too old) has completed: concurrent callers queue and share a fetch that began
+    /// after their moment, never one that began before it. True when the view is that fresh.
+    pub async fn sync_after(&self, seen: std::time::Instant) -> bool {
         let mut last = self.resynced.lock().await;
-        if last.is_some_and(|t| t.elapsed() < min) {
+        if last.is_some_and(|started| started >= seen) {
             return true;
         }
+        let started = std::time::Instant::now();
         let ok = self.sync().await.is_ok();
         if ok {
-            *last = Some(std::time::Instant::now());
+            *last = Some(started);
         }
         ok
     }

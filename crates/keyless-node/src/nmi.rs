@@ -66,9 +66,6 @@ pub const UNKNOWN_IP_WAIT: Duration = Duration::from_secs(1);
 pub const RETRY_ATTEMPTS_FOR_CREATED: u32 = 16;
 pub const RETRY_ATTEMPTS_FOR_ASSIGNED: u32 = 4;
 pub const FIND_IDENTITY_RETRY_INTERVAL: Duration = Duration::from_secs(5);
-/// Standard mode: an identity Assigned a moment ago may not be in the node's host view yet;
-/// NMI fetches the view again at most this often for it (concurrent requests share one fetch).
-pub const HOST_VIEW_RESYNC_MIN: Duration = Duration::from_millis(500);
 /// The `Retry-After` of standard mode's 503 (upstream's).
 pub const NOT_ASSIGNED_RETRY_AFTER: &str = "20";
 /// Where the kubelet's cgroups are found.
@@ -910,7 +907,7 @@ async fn pod_identity_token(
     {
         // MIC attached the identity a moment ago: this node's view of its scale set may be
         // older than that; look again once
-        if st.agent.sync_coalesced(HOST_VIEW_RESYNC_MIN).await {
+        if st.agent.sync_after(std::time::Instant::now()).await {
             r = st
                 .agent
                 .token(caller(), &req.selector, &req.resource, false, ev)

@@ -61,7 +61,7 @@
 //! of part 1, BENCH_PODS (200) timed pods, BENCH_SDK_PODS (5) python SDK pods,
 //! BENCH_POD_IDENTITIES (200) AzureIdentities + bindings, BENCH_NODE_PODS (1000) pods on the
 //! node for the RSS figure, BENCH_TOKEN_REQUESTS (5000) for the API-server count,
-//! BENCH_ATTEST_PAIRS (3) on/off pairs and BENCH_CONN_REQUESTS (20000) requests per
+//! BENCH_ATTEST_PAIRS (5) on/off pairs and BENCH_CONN_REQUESTS (20000) requests per
 //! new-connection round in (e), BENCH_STD_PODS (BENCH_PODS) sequential pods on one identity,
 //! BENCH_STD_OWN_PODS (50) sequential pods on their own identities and BENCH_STD_BURST
 //! (BENCH_PODS) burst pods in (f); BENCH_ATTEST=0 / BENCH_STANDARD=0 skip (e) / (f),
@@ -1634,12 +1634,12 @@ async fn attestation_cost(
     conns: usize,
     secs: u64,
 ) {
-    let pairs = env_u64("BENCH_ATTEST_PAIRS", 3).max(1) as usize;
+    let pairs = env_u64("BENCH_ATTEST_PAIRS", 5).max(1) as usize;
     let n_close = env_u64("BENCH_CONN_REQUESTS", 20000).max(1) as usize;
     let keep = token_get("", false);
     let close = token_get("", true);
-    // [pair] → (on: (keep-alive, per connection), off: (…))
-    let mut results = vec![[(0f64, 0f64); 2]; pairs];
+    // [pair] → [on, off]
+    let mut results = vec![[Round::default(); 2]; pairs];
     let mut restarts = vec![];
     for (p, result) in results.iter_mut().enumerate() {
         let order = if p % 2 == 0 {
@@ -1654,7 +1654,9 @@ async fn attestation_cost(
             let mut args = agent_args.to_vec();
             args.extend(["--caller-attestation".to_string(), on.to_string()]);
             let t = Instant::now();
-            fab.agent = Some(spawn_agent(node, &args, log_dir));
+            let agent = spawn_agent(node, &args, log_dir);
+            let pid = agent.child.id();
+            fab.agent = Some(agent);
             // warm-up: the token cache starts empty
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
@@ -1683,12 +1685,14 @@ async fn attestation_cost(
             for c in 0..conns {
                 streams.extend(connect_from(&from[c % from.len()], imds, 1).await);
             }
+            let cpu0 = cpu_secs(pid);
             let ka = load_streams(streams, keep.clone(), secs).await;
-            // in batches of at most 4,000 sockets (the descriptors are held until used); the
+            let ka_cpu = cpu_secs(pid) - cpu0;
+            // in batches of at most 10,000 sockets (the descriptors are held until used); the
             // sockets of a batch are made before its clock starts
-            let (mut done, mut busy) = (0usize, Duration::ZERO);
+            let (mut done, mut busy, mut pc_cpu) = (0usize, Duration::ZERO, 0.0);
             while done < n_close {
-                let batch = (n_close - done).min(4000);
+                let batch = (n_close - done).min(10_000);
                 let mut socks = vec![];
                 for (j, ns) in from.iter().enumerate() {
                     let n = batch / from.len() + usize::from(j < batch % from.len());
@@ -1696,40 +1700,86 @@ async fn attestation_cost(
                         socks.extend(sockets_in(ns, n));
                     }
                 }
+                let cpu0 = cpu_secs(pid);
                 busy += per_connection(socks, imds, close.clone(), conns).await;
+                pc_cpu += cpu_secs(pid) - cpu0;
                 done += batch;
             }
-            let pc = n_close as f64 / busy.as_secs_f64();
-            result[usize::from(!on)] = (ka, pc);
+            result[usize::from(!on)] = Round {
+                ka_rps: ka,
+                ka_cpu_us: ka_cpu * 1e6 / (ka * secs as f64).max(1.0),
+                pc_rps: n_close as f64 / busy.as_secs_f64(),
+                pc_cpu_us: pc_cpu * 1e6 / n_close as f64,
+            };
         }
     }
-    let ratio = |f: &dyn Fn(&(f64, f64)) -> f64| {
+    // the median over pairs of f(on) / f(off), every pair's ratio; the medians of f(on), f(off)
+    let ratio = |f: &dyn Fn(&Round) -> f64| {
         let v: Vec<f64> = results.iter().map(|r| f(&r[0]) / f(&r[1])).collect();
         (median(v.clone()), rounds_note(&v))
     };
-    let abs = |k: usize, f: &dyn Fn(&(f64, f64)) -> f64| {
-        median(results.iter().map(|r| f(&r[k])).collect())
-    };
-    let (ka_ratio, ka_note) = ratio(&|r| r.0);
-    let (pc_ratio, pc_note) = ratio(&|r| r.1);
+    let abs =
+        |k: usize, f: &dyn Fn(&Round) -> f64| median(results.iter().map(|r| f(&r[k])).collect());
     let restart_ms: Vec<f64> = restarts.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     println!(
         "  e. caller attestation cost: NMI on the managed node, agent restarted with --caller-attestation true|false \
-         for each round ({pairs} pairs, ABBA order; restart → first pod token p50 {:.0} ms), same {} pods, {conns} concurrent connections:",
+         for each round ({pairs} pairs, ABBA order; restart → first pod token p50 {:.0} ms), same {} pods, {conns} concurrent \
+         connections; requests/s (noisy: other work on the machine) and the agent's CPU time per request (user + system, \
+         /proc/<pid>/stat: what the agent itself spent):",
         median(restart_ms),
         from.len()
     );
-    println!(
-        "     keep-alive ({secs} s per round; attested once per connection): on {:>8.0} req/s, off {:>8.0} req/s; ratio on/off {ka_ratio:.3}{ka_note}",
-        abs(0, &|r| r.0),
-        abs(1, &|r| r.0)
+    let line = |what: &str, rps: &dyn Fn(&Round) -> f64, cpu: &dyn Fn(&Round) -> f64| {
+        let (r, rn) = ratio(rps);
+        let (c, cn) = ratio(cpu);
+        println!(
+            "     {what}: on {:>6.0} req/s, off {:>6.0} req/s, ratio on/off {r:.3}{rn}; agent CPU per request on {:.1} µs, \
+             off {:.1} µs, ratio on/off {c:.3}{cn}",
+            abs(0, rps),
+            abs(1, rps),
+            abs(0, cpu),
+            abs(1, cpu)
+        );
+    };
+    line(
+        &format!("keep-alive ({secs} s per round; attested once per connection)"),
+        &|r| r.ka_rps,
+        &|r| r.ka_cpu_us,
     );
-    println!(
-        "     new connection per request ({n_close} requests per round, `Connection: close`, sockets made by the pods beforehand; \
-         attested every request): on {:>8.0} req/s, off {:>8.0} req/s; ratio on/off {pc_ratio:.3}{pc_note}",
-        abs(0, &|r| r.1),
-        abs(1, &|r| r.1)
+    line(
+        &format!(
+            "new connection per request ({n_close} requests per round, `Connection: close`, sockets made by the pods \
+             beforehand; attested every request)"
+        ),
+        &|r| r.pc_rps,
+        &|r| r.pc_cpu_us,
     );
+}
+
+/// One round of [`attestation_cost`].
+#[derive(Clone, Copy, Default)]
+struct Round {
+    ka_rps: f64,
+    ka_cpu_us: f64,
+    pc_rps: f64,
+    pc_cpu_us: f64,
+}
+
+/// CPU time (user + system, every thread) process `pid` has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // fields after the command (which may hold spaces) in parentheses: state is field 3,
+    // utime 14, stime 15
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    f.iter().sum::<u64>() as f64 / tick
 }
 
 /// `socks.len()` requests, each on its own new connection from one of `socks` (`conns` at a
@@ -1840,30 +1890,56 @@ async fn watch_assigned(c: reqwest::Client, api: String, token: String, seen: Se
     }
 }
 
-/// MIC's counters from its ops listener: (syncs, scale-set writes ok, scale-set writes failed).
-async fn mic_counts(url: &str) -> (f64, f64, f64) {
-    let text = reqwest::get(url)
-        .await
-        .expect("MIC /metrics")
-        .text()
-        .await
-        .unwrap();
-    let (mut syncs, mut ok, mut err) = (0.0, 0.0, 0.0);
-    for l in text.lines() {
-        let Some(v) = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
-            continue;
+/// Counters of the standard-mode processes' ops listeners: MIC's syncs, its scale-set writes
+/// (ok, failed), and the node agent's host-view fetches.
+#[derive(Clone, Copy, Default)]
+struct StdCounts {
+    syncs: f64,
+    writes_ok: f64,
+    writes_failed: f64,
+    host_views: f64,
+}
+
+impl StdCounts {
+    async fn read(mic: &str, agent: &str) -> StdCounts {
+        let scrape = |url: String| async move {
+            reqwest::get(&url)
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}"))
+                .text()
+                .await
+                .unwrap()
         };
-        if l.starts_with(keyless_ops::metrics::MIC_SYNCS) {
-            syncs += v;
-        } else if l.starts_with(keyless_ops::metrics::MIC_TARGET_WRITES) {
-            if l.contains("result=\"ok\"") {
-                ok += v;
-            } else {
-                err += v;
-            }
+        let (m, a) = (
+            scrape(mic.to_string()).await,
+            scrape(agent.to_string()).await,
+        );
+        // the samples of `name` whose labels contain `with`
+        let sum = |text: &str, name: &str, with: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && l.contains(with))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        use keyless_ops::metrics::{AGENT_SYNCS, MIC_SYNCS, MIC_TARGET_WRITES};
+        StdCounts {
+            syncs: sum(&m, MIC_SYNCS, ""),
+            writes_ok: sum(&m, MIC_TARGET_WRITES, "result=\"ok\""),
+            writes_failed: sum(&m, MIC_TARGET_WRITES, "result=\"error\""),
+            host_views: sum(&a, AGENT_SYNCS, ""),
         }
     }
-    (syncs, ok, err)
+
+    /// What happened between `self` and `later`, as printed.
+    fn until(self, later: StdCounts) -> String {
+        format!(
+            "MIC: {} scale-set writes ok ({} failed) over {} syncs; the node's host-view fetches: {}",
+            later.writes_ok - self.writes_ok,
+            later.writes_failed - self.writes_failed,
+            later.syncs - self.syncs,
+            later.host_views - self.host_views
+        )
+    }
 }
 
 /// One standard-mode pod's run: when its object was created, when its status PATCH returned,
@@ -1893,6 +1969,10 @@ fn token_for(
 
 /// p50 / p99 / max of the PATCH → token times of `runs`, and the failures.
 fn std_summary(runs: &[PodRun]) -> String {
+    std_summary_of(&runs.iter().collect::<Vec<_>>())
+}
+
+fn std_summary_of(runs: &[&PodRun]) -> String {
     let ok: Vec<Duration> = runs
         .iter()
         .filter_map(|r| r.token.as_ref().ok().map(|t| *t - r.patched))
@@ -1938,7 +2018,6 @@ fn breakdown(runs: &[PodRun], seen: &Seen) -> String {
 
 /// Pods one after another on the standard node: each created, started (cgroup, sandbox),
 /// its IP reported, then one GET; `(pod name, identity name, client id)` per pod.
-#[allow(clippy::too_many_arguments)]
 async fn std_sequential(
     fab: &mut Fabric,
     pods: &Api<Pod>,
@@ -2119,9 +2198,12 @@ async fn standard_mode(fab: &mut Fabric, cx: StdCtx<'_>) {
         "0",
         "--caller-concurrency",
         "0",
+        "--metrics-listen",
+        &format!("{snode}:9465"),
     ]
     .map(String::from)
     .to_vec();
+    let agent_metrics = format!("http://{snode}:9465/metrics");
     let agent = spawn_agent(&std_node, &args, cx.dir);
     let vm = agent.find("VM:").expect("the agent's VM");
     fab.procs.push(agent);
@@ -2214,9 +2296,9 @@ async fn standard_mode(fab: &mut Fabric, cx: StdCtx<'_>) {
     let which: Vec<(String, String, String)> = (0..n_seq)
         .map(|j| (format!("seq-{j}"), "std-one".to_string(), one_cid.clone()))
         .collect();
-    let m0 = mic_counts(&mic_metrics).await;
+    let m0 = StdCounts::read(&mic_metrics, &agent_metrics).await;
     let seq = std_sequential(fab, &pods, &ns, 1, &which, imds).await;
-    let m1 = mic_counts(&mic_metrics).await;
+    let m1 = StdCounts::read(&mic_metrics, &agent_metrics).await;
 
     // ---- (2) pods one after another, each on its own identity (an attach each)
     let which: Vec<(String, String, String)> = (0..n_own)
@@ -2226,16 +2308,16 @@ async fn standard_mode(fab: &mut Fabric, cx: StdCtx<'_>) {
             (format!("own-{j}"), id, cid)
         })
         .collect();
-    let m2 = mic_counts(&mic_metrics).await;
+    let m2 = StdCounts::read(&mic_metrics, &agent_metrics).await;
     let own = std_sequential(fab, &pods, &ns, 1 + n_seq, &which, imds).await;
-    let m3 = mic_counts(&mic_metrics).await;
+    let m3 = StdCounts::read(&mic_metrics, &agent_metrics).await;
 
     // ---- (3) a burst: every Pod object created at once (16 POSTs in flight) on std-burst (not
     // attached), then each pod's sandbox started, its IP reported and its GET sent (not awaited)
     // one pod after another, as a kubelet reports sandboxes as they come up
     let burst_cid = cids["std-burst"].1.clone();
     let first = 1 + n_seq + n_own;
-    let m4 = mic_counts(&mic_metrics).await;
+    let m4 = StdCounts::read(&mic_metrics, &agent_metrics).await;
     let t_first = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     let mut uids = vec![String::new(); n_burst];
@@ -2289,7 +2371,7 @@ async fn standard_mode(fab: &mut Fabric, cx: StdCtx<'_>) {
         let (j, t) = r.unwrap();
         burst[j].token = t;
     }
-    let m5 = mic_counts(&mic_metrics).await;
+    let m5 = StdCounts::read(&mic_metrics, &agent_metrics).await;
     watch.abort();
     let last = burst
         .iter()
@@ -2309,14 +2391,6 @@ async fn standard_mode(fab: &mut Fabric, cx: StdCtx<'_>) {
         .unwrap_or((f64::NAN, f64::NAN));
 
     // ---- report
-    let mic = |a: (f64, f64, f64), b: (f64, f64, f64)| {
-        format!(
-            "MIC: {} scale-set writes ok ({} failed) over {} syncs",
-            b.1 - a.1,
-            b.2 - a.2,
-            b.0 - a.0
-        )
-    };
     let first_of = |runs: &[PodRun]| match runs.first().map(|r| &r.token) {
         Some(Ok(t)) => format!("{:.0} ms", (*t - runs[0].patched).as_secs_f64() * 1e3),
         Some(Err(e)) => format!("FAILED: {e}"),
@@ -2353,15 +2427,25 @@ async fn standard_mode(fab: &mut Fabric, cx: StdCtx<'_>) {
         first_of(&seq),
         s50 / mp50,
         s99 / mp99,
-        mic(m0, m1)
+        m0.until(m1)
     );
     println!("        where it goes (p50): {}", breakdown(&seq, &seen));
     println!(
         "     standard, {n_own} pods one after another, each its own identity (an attach each): {}; {}",
         std_summary(&own),
-        mic(m2, m3)
+        m2.until(m3)
     );
     println!("        where it goes (p50): {}", breakdown(&own, &seen));
+    // the burst's pods whose object was Assigned before their PATCH returned (MIC works from
+    // the POST) and those whose GET waited for it
+    let (pre, waited): (Vec<&PodRun>, Vec<&PodRun>) = {
+        let seen = seen.lock().unwrap();
+        burst.iter().partition(|r| {
+            seen.get(&r.assigned)
+                .and_then(|e| e[1])
+                .is_some_and(|a| a <= r.patched)
+        })
+    };
     println!(
         "     standard, {n_burst} pods at once on one identity not yet attached (objects POSTed in {:.2} s, then sandboxes + status \
          PATCHes one after another over {:.2} s): {}; the first pod PATCHed {:.0} ms after the first POST, served {:.0} ms after its \
@@ -2372,6 +2456,13 @@ async fn standard_mode(fab: &mut Fabric, cx: StdCtx<'_>) {
         first_patch,
         first_token,
         last,
-        mic(m4, m5)
+        m4.until(m5)
+    );
+    println!(
+        "        of which {} pods were already Assigned when their PATCH returned: {}; {} pods waited for MIC: {}",
+        pre.len(),
+        std_summary_of(&pre),
+        waited.len(),
+        std_summary_of(&waited)
     );
 }
