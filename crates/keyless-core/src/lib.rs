@@ -43,5 +43,6 @@ pub mod resource_id;
 pub mod rotation;
 pub mod selection;
 pub mod vault;
+pub mod workload_identity;
 
 pub use error::CoreError;
