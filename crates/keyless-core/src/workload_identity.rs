@@ -171,6 +171,48 @@ pub fn patch(
     Ok(ops)
 }
 
+/// The `admission.k8s.io/v1` answer to an `AdmissionReview` request for a pod CREATE:
+/// `service_account` is the pod's service account (looked up by the caller from the request's
+/// namespace and `spec.serviceAccountName`, default `default`; None when it does not exist).
+/// A pod that does not ask is allowed unchanged; a refusal is `allowed: false` with the reason
+/// (status 400); otherwise the patch, base64 JSON, `patchType: JSONPatch`. The request's `uid`
+/// is echoed, as the API server requires.
+pub fn review(request: &Value, service_account: Option<&Value>, d: &Defaults) -> Value {
+    let uid = request["request"]["uid"].clone();
+    let pod = &request["request"]["object"];
+    let answer = |extra: Value| {
+        let mut r = json!({"uid": uid, "allowed": true});
+        if let (Value::Object(r), Value::Object(x)) = (&mut r, extra) {
+            r.extend(x);
+        }
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": r})
+    };
+    if !wants_identity(pod) {
+        return answer(json!({}));
+    }
+    let empty = json!({});
+    let sa = service_account.unwrap_or(&empty);
+    match patch(pod, sa, d) {
+        Ok(ops) if ops.is_empty() => answer(json!({})),
+        Ok(ops) => {
+            use base64::Engine;
+            let bytes = serde_json::to_vec(&ops).unwrap_or_default();
+            answer(json!({"patchType": "JSONPatch",
+                "patch": base64::engine::general_purpose::STANDARD.encode(bytes)}))
+        }
+        Err(e) => answer(json!({"allowed": false,
+            "status": {"code": 400, "message": e.to_string(), "reason": "BadRequest"}})),
+    }
+}
+
+/// The service account a pod runs as (`spec.serviceAccountName`, default `default`).
+pub fn service_account_name(pod: &Value) -> &str {
+    pod["spec"]["serviceAccountName"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+}
+
 /// Ops adding `items` to the array at `path`: the whole array when there is none yet, else
 /// one `/-` append each.
 fn append(ops: &mut Vec<Value>, path: &str, exists: bool, items: Vec<Value>) {
@@ -337,5 +379,51 @@ mod tests {
             ));
         }
         assert!(!wants_identity(&json!({"metadata": {}})));
+    }
+
+    #[test]
+    fn admission_reviews_echo_the_uid_and_carry_the_patch() {
+        use base64::Engine;
+        let pod = json!({"metadata": {"labels": {USE_LABEL: "true"}},
+            "spec": {"serviceAccountName": "web", "containers": [{"name": "app"}]}});
+        assert_eq!(service_account_name(&pod), "web");
+        assert_eq!(service_account_name(&json!({"spec": {}})), "default");
+        let req = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u-1", "object": pod}});
+        let sa = sa(json!({CLIENT_ID_ANNOTATION: "cid"}));
+        let r = review(&req, Some(&sa), &defaults());
+        assert_eq!(r["kind"], "AdmissionReview");
+        assert_eq!(r["response"]["uid"], "u-1");
+        assert_eq!(r["response"]["allowed"], true);
+        assert_eq!(r["response"]["patchType"], "JSONPatch");
+        let ops: Vec<Value> = serde_json::from_slice(
+            &base64::engine::general_purpose::STANDARD
+                .decode(r["response"]["patch"].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let out = apply(req["request"]["object"].clone(), &ops);
+        assert_eq!(out["spec"]["volumes"][0]["name"], TOKEN_VOLUME);
+        // not asking: allowed, no patch
+        let plain = json!({"request": {"uid": "u-2", "object": {"metadata": {}, "spec": {"containers": []}}}});
+        let r = review(&plain, None, &defaults());
+        assert_eq!(
+            (
+                r["response"]["allowed"].as_bool(),
+                r["response"].get("patch")
+            ),
+            (Some(true), None)
+        );
+        // a bad expiration: refused with the reason
+        let bad = json!({"request": {"uid": "u-3", "object": {"metadata": {"labels": {USE_LABEL: "true"},
+            "annotations": {TOKEN_EXPIRATION_ANNOTATION: "10"}}, "spec": {"containers": [{"name": "a"}]}}}});
+        let r = review(&bad, Some(&sa), &defaults());
+        assert_eq!(r["response"]["allowed"], false);
+        assert_eq!(r["response"]["uid"], "u-3");
+        assert_eq!(r["response"]["status"]["code"], 400);
+        assert!(r["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("3600"));
     }
 }
