@@ -4,6 +4,7 @@ NMI), the pod-identity add-on keeping the aadpodidentity.k8s.io objects in step,
 (network namespaces with their pod IPs) whose unmodified SDKs — python and node
 `ManagedIdentityCredential`, the Rust `azure_identity` crate — get tokens from
 169.254.169.254 with no environment at all."""
+import contextlib
 import json
 import os
 import pathlib
@@ -108,15 +109,18 @@ class Fabric:
             self.cp.stop()
 
 
-@pytest.fixture(scope="module")
-def fab():
+@contextlib.contextmanager
+def running_fabric(prefix):
+    """A control plane, two node namespaces and `keyless up` reachable from them (its
+    certificate names the nodes' side of their veths), torn down afterwards; skipped (failed
+    under CI) where the machine cannot run it."""
     if not can_run_fabric():
         if os.environ.get("CI"):
             pytest.fail("CI must run as root with iproute2, iptables, etcd, kubectl and ../shared/k8s "
                         "(or KEYLESS_K8S_DIR) for the pod-identity tests")
         pytest.skip("needs root, iproute2, iptables, etcd, kubectl and a kube-apiserver (KEYLESS_K8S_DIR)")
     uid = uuid.uuid4().hex[:4]
-    root = tempfile.mkdtemp(prefix="keyless-podid-")
+    root = tempfile.mkdtemp(prefix=prefix)
     f = Fabric(root, uid)
     try:
         f.cp = ControlPlane(root)
@@ -125,10 +129,17 @@ def fab():
         for n in f.nodes:
             extra += ["--tls-san", n.host_ip]
         f.up = start_up(pathlib.Path(root) / "data", extra=extra, listen="0.0.0.0:0")
+        f.up.data_dir = pathlib.Path(root) / "data"
         yield f
     finally:
         f.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fab():
+    with running_fabric("keyless-podid-") as f:
+        yield f
 
 
 @pytest.fixture(scope="module")

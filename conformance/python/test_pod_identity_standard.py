@@ -13,24 +13,20 @@ its roles, and fails over to the other replica when the leader dies."""
 import json
 import os
 import pathlib
-import shutil
 import signal
 import ssl
 import subprocess
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import keyless_bin, run_client, start_up, wait_for
-from k8s_fabric import ControlPlane, NodeNs, PodNs, Proc, can_run_fabric
+from conftest import keyless_bin, run_client, wait_for
+from k8s_fabric import PodNs, Proc
 from test_node_identity import run_node
-from test_pod_identity import Fabric
+from test_pod_identity import running_fabric
 
 ARM = "https://management.azure.com"
 MC = "MC_std_cluster_eastus"
@@ -214,21 +210,7 @@ def binding_obj(name, identity_name, selector, ns="apps"):
 
 @pytest.fixture(scope="module")
 def std():
-    if not can_run_fabric():
-        if os.environ.get("CI"):
-            pytest.fail("CI must run as root with iproute2, iptables, etcd, kubectl and ../shared/k8s")
-        pytest.skip("needs root, iproute2, iptables, etcd, kubectl and a kube-apiserver (KEYLESS_K8S_DIR)")
-    uid = uuid.uuid4().hex[:4]
-    root = tempfile.mkdtemp(prefix="keyless-std-")
-    fab = Fabric(root, uid)
-    try:
-        fab.cp = ControlPlane(root)
-        fab.nodes = [NodeNs(i, uid) for i in (0, 1)]
-        extra = ["--sync-interval", "1"]
-        for n in fab.nodes:
-            extra += ["--tls-san", n.host_ip]
-        fab.up = start_up(pathlib.Path(root) / "data", extra=extra, listen="0.0.0.0:0")
-        fab.up.data_dir = pathlib.Path(root) / "data"
+    with running_fabric("keyless-std-") as fab:
         s = Std(fab)
         cli = fab.cli
         cli("group", "create", "-n", MC, "--location", "eastus")
@@ -256,9 +238,6 @@ def std():
         s.start_mic("mic-b", kcid)
         wait_for(lambda: s.leader() in ("mic-a", "mic-b"), what="a MIC leader")
         yield s
-    finally:
-        fab.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_without_its_roles_mic_reports_the_refusal_and_attaches_nothing(std):

@@ -303,6 +303,37 @@ pub mod read {
         v
     }
 
+    /// A pod as the pod-identity rules read it (NMI's index, MIC, explanations): namespace,
+    /// name and labels, `spec.nodeName`, `status.phase`, `spec.hostNetwork`, and every IP its
+    /// status reports (`podIP`, then `podIPs`, each once) whatever the phase.
+    pub fn pod(p: &k8s_openapi::api::core::v1::Pod) -> Option<keyless_core::pod_explain::PodFacts> {
+        let st = p.status.as_ref();
+        let mut ips: Vec<String> = vec![];
+        let reported = st.and_then(|s| s.pod_ip.as_ref()).into_iter().chain(
+            st.and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|i| &i.ip),
+        );
+        for ip in reported {
+            if !ips.contains(ip) {
+                ips.push(ip.clone());
+            }
+        }
+        let spec = p.spec.as_ref();
+        Some(keyless_core::pod_explain::PodFacts {
+            pod: pi::Pod {
+                namespace: p.metadata.namespace.clone()?,
+                name: p.metadata.name.clone()?,
+                labels: p.metadata.labels.clone().unwrap_or_default(),
+            },
+            node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            phase: st.and_then(|s| s.phase.clone()).unwrap_or_default(),
+            ips,
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        })
+    }
+
     pub fn identity(o: &DynamicObject) -> Option<pi::AzureIdentity> {
         identity_from(&whole(o))
     }

@@ -99,16 +99,3 @@ pub async fn hold_or_wait(
         Err(e) => Err(e),
     }
 }
-
-/// The holder named in the Lease now (None when there is none).
-pub async fn holder(
-    client: &kube::Client,
-    cfg: &LeaseConfig,
-) -> Result<Option<String>, kube::Error> {
-    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    Ok(api
-        .get_opt(&cfg.name)
-        .await?
-        .and_then(|l| l.spec)
-        .and_then(|s| s.holder_identity))
-}

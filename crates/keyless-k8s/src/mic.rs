@@ -120,21 +120,11 @@ where
 
 /// The pods as MIC's rules see them.
 fn scheduled(p: &Pod) -> Option<core::ScheduledPod> {
+    let f = read::pod(p)?;
     Some(core::ScheduledPod {
-        pod: pi::Pod {
-            namespace: p.metadata.namespace.clone()?,
-            name: p.metadata.name.clone()?,
-            labels: p.metadata.labels.clone().unwrap_or_default(),
-        },
-        node: p
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .unwrap_or_default(),
-        finished: matches!(
-            p.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        ),
+        finished: matches!(f.phase.as_str(), "Succeeded" | "Failed"),
+        pod: f.pod,
+        node: f.node,
     })
 }
 

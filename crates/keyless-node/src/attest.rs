@@ -146,11 +146,6 @@ impl Attestor {
         }
     }
 
-    /// The cgroup root this attestor reads.
-    pub fn cgroup_root(&self) -> &Path {
-        &self.root
-    }
-
     /// Whether attestation can work on this node; `Err(why)` names what is missing.
     pub fn check(&self) -> Result<(), String> {
         let h = hierarchies(&self.root);

@@ -139,43 +139,27 @@ pub struct PodInfo {
 impl PodInfo {
     /// From the Kubernetes object (None without namespace or name).
     pub fn from_k8s(p: &K8sPod) -> Option<PodInfo> {
-        let namespace = p.metadata.namespace.clone()?;
-        let name = p.metadata.name.clone()?;
-        let labels = p.metadata.labels.clone().unwrap_or_default();
-        let uid = p.metadata.uid.clone().unwrap_or_default();
-        let host_network = p
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false);
-        let mut ips: Vec<IpAddr> = vec![];
-        if let Some(st) = &p.status {
-            let active = matches!(st.phase.as_deref(), Some("Pending" | "Running"));
-            if active && !host_network {
-                let all = st
-                    .pod_ip
-                    .iter()
-                    .chain(st.pod_ips.iter().flatten().map(|i| &i.ip));
-                for ip in all.filter_map(|s| s.parse::<IpAddr>().ok()) {
-                    if !ips.contains(&ip) {
-                        ips.push(ip);
+        let f = keyless_k8s::crd::read::pod(p)?;
+        // NMI answers for a pod's IPs while it is Pending or Running off the host network
+        let active = matches!(f.phase.as_str(), "Pending" | "Running") && !f.host_network;
+        let ips = if active {
+            f.ips
+                .iter()
+                .filter_map(|s| s.parse::<IpAddr>().ok())
+                .fold(vec![], |mut v, ip| {
+                    if !v.contains(&ip) {
+                        v.push(ip);
                     }
-                }
-            }
-        }
+                    v
+                })
+        } else {
+            vec![]
+        };
         Some(PodInfo {
-            pod: pi::Pod {
-                namespace,
-                name,
-                labels,
-            },
-            uid,
-            phase: p
-                .status
-                .as_ref()
-                .and_then(|s| s.phase.clone())
-                .unwrap_or_default(),
-            host_network,
+            pod: f.pod,
+            uid: p.metadata.uid.clone().unwrap_or_default(),
+            phase: f.phase,
+            host_network: f.host_network,
             ips,
         })
     }

@@ -5,7 +5,7 @@
 
 use crate::CliError;
 use keyless_core::mic::Existing;
-use keyless_core::pod_explain::{self as pe, PodFacts};
+use keyless_core::pod_explain as pe;
 use keyless_core::pod_identity::{self as pi, ClusterView, Namespacing};
 use keyless_k8s::crd::{
     read, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding, AzurePodIdentityException,
@@ -158,34 +158,7 @@ async fn from_api(a: &ExplainArgs, cluster: Option<&Value>) -> Result<pe::Explan
         .get_opt(&a.pod)
         .await
         .map_err(|e| CliError::Usage(format!("kubernetes API: {e}")))?;
-    let facts = pod.as_ref().map(|p| {
-        let st = p.status.clone().unwrap_or_default();
-        let mut ips: Vec<String> = st.pod_ip.iter().cloned().collect();
-        for i in st.pod_ips.iter().flatten() {
-            if !ips.contains(&i.ip) {
-                ips.push(i.ip.clone());
-            }
-        }
-        PodFacts {
-            pod: pi::Pod {
-                namespace: a.namespace.clone(),
-                name: a.pod.clone(),
-                labels: p.metadata.labels.clone().unwrap_or_default(),
-            },
-            node: p
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .unwrap_or_default(),
-            phase: st.phase.clone().unwrap_or_default(),
-            ips,
-            host_network: p
-                .spec
-                .as_ref()
-                .and_then(|s| s.host_network)
-                .unwrap_or(false),
-        }
-    });
+    let facts = pod.as_ref().and_then(read::pod);
     let bindings = list(
         &client,
         ApiResource::erase::<AzureIdentityBinding>(&()),
