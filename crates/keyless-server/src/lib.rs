@@ -29,6 +29,8 @@ pub mod sts;
 
 pub mod cloud;
 pub mod graph;
+/// The clusters' OIDC issuers (discovery and JWKS of the keys their add-ons publish).
+pub mod oidc;
 pub mod ops;
 
 // The resource providers the binary and the benches drive directly.
@@ -86,6 +88,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(host::routes())
         .merge(graph::routes())
         .merge(cloud::routes())
+        .merge(oidc::routes())
         .route(
             "/keyless/admin/v1/vault-clock",
             axum::routing::post(kv::advance_clock),

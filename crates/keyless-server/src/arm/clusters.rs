@@ -1035,9 +1035,15 @@ pub async fn pool_join_token(
 
 // ---------------------------------------------------------------- the add-on's actions
 
+/// The cluster's OIDC issuer URL (`{base_url}/oidc/{issuer id}/`) while
+/// `oidcIssuerProfile.enabled`.
+pub(crate) fn oidc_issuer_url(_s: &AppState, _c: &ClusterRecord) -> Option<String> {
+    None
+}
+
 /// 403 unless the caller is the cluster's kubelet identity or holds `action` on the cluster.
 /// The cluster is read only after RBAC said no, so a stranger learns nothing of it.
-async fn authorize_addon(
+pub(crate) async fn authorize_addon(
     s: &AppState,
     tx: &mut Tx,
     caller: &Caller,

@@ -24,6 +24,9 @@ const MAX_DOC: usize = 256 * 1024;
 const MAX_KEYS: usize = 100;
 /// Clock skew allowed on `exp` / `nbf`.
 const SKEW: u64 = 300;
+/// Shortest time between two reads of a cluster issuer's published keys (served by this
+/// server, so a store read, not a fetch).
+const OWN_ISSUER_REFETCH: Duration = Duration::from_secs(1);
 
 fn discovery_failed(iss: &str, why: &str) -> ServerError {
     ServerError::sts(
@@ -78,6 +81,10 @@ fn cached(
 
 /// Fetch the discovery document and the JWKS (first 100 keys); `Err` carries the reason.
 async fn fetch_keys(s: &AppState, iss: &str) -> std::result::Result<Vec<Value>, String> {
+    if let Some(id) = crate::oidc::issuer_id_of(s, iss) {
+        // a cluster issuer of this server: its keys are in the store
+        return crate::oidc::published_keys(s, &id).await;
+    }
     let doc = fetch_json(
         &s.http,
         &format!(
@@ -100,7 +107,11 @@ async fn fetch_keys(s: &AppState, iss: &str) -> std::result::Result<Vec<Value>, 
 /// The issuer's signing keys, from the cache unless `refresh`; a refresh (or a first lookup)
 /// fetches at most once per interval per issuer, and concurrent callers share that fetch.
 async fn issuer_keys(s: &AppState, iss: &str, refresh: bool) -> Result<Vec<Value>> {
-    let interval = s.cfg.issuer_refetch_interval;
+    // a cluster issuer of this server is a store read: its rotation is seen within a second
+    let interval = match crate::oidc::issuer_id_of(s, iss) {
+        Some(_) => OWN_ISSUER_REFETCH,
+        None => s.cfg.issuer_refetch_interval,
+    };
     let entry = s.jwks.entry(iss);
     let before = entry.snapshot();
     if let Some(r) = cached(&before, iss, refresh, interval) {
