@@ -70,10 +70,10 @@ def can_run_fabric():
 
 
 class ControlPlane:
-    def __init__(self, workdir):
+    def __init__(self, workdir, extra_args=()):
         self.dir = pathlib.Path(workdir) / "k8s"
         env = dict(os.environ, OWNER_PID=str(os.getpid()),
-                   KUBE_APISERVER_EXTRA_ARGS="--bind-address=0.0.0.0")
+                   KUBE_APISERVER_EXTRA_ARGS=" ".join(["--bind-address=0.0.0.0", *extra_args]))
         out = subprocess.run([str(k8s_script()), str(self.dir)], env=env, capture_output=True, text=True, timeout=180)
         if out.returncode != 0:
             raise RuntimeError(f"control plane did not start: {out.stderr[-3000:]}")
@@ -102,6 +102,62 @@ class ControlPlane:
     def get(self, *args):
         out = self.kubectl("get", *args, "-o", "json", check=False)
         return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def rotate_signing_key(self):
+        """Restart kube-apiserver with a new service-account signing key, as an operator rotating
+        it does: the new key signs, the old and new public keys both verify (the overlap). etcd
+        keeps running, so every object stays. Returns the new key's path."""
+        env_file = self.dir / "env"
+        pid = int(self.env["KUBE_APISERVER_PID"])
+        argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        n = len(list(self.dir.glob("sa-rotated-*.key"))) + 1
+        key, pub = self.dir / f"sa-rotated-{n}.key", self.dir / f"sa-rotated-{n}.pub"
+        subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+        subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)], check=True,
+                       capture_output=True)
+        args = []
+        for a in (x.decode() for x in argv):
+            if a.startswith("--service-account-signing-key-file="):
+                a = f"--service-account-signing-key-file={key}"
+            elif a.startswith("--service-account-key-file="):
+                # old keys still verify: the previous signing key stays listed
+                args.append(a)
+                a = f"--service-account-key-file={pub}"
+            args.append(a)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 20
+        while pathlib.Path(f"/proc/{pid}").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        log = open(self.dir / f"kube-apiserver-{n}.log", "w")
+        p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        self.env["KUBE_APISERVER_PID"] = str(p.pid)
+        text = env_file.read_text()
+        env_file.write_text("\n".join(f"KUBE_APISERVER_PID={p.pid}" if l.startswith("KUBE_APISERVER_PID=") else l
+                                      for l in text.splitlines()) + "\n")
+        token = (self.dir / "admin.token").read_text().strip()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
+                                  "--cacert", str(self.dir / "ca.pem"), "-H", f"Authorization: Bearer {token}",
+                                  f"https://127.0.0.1:{self.port}/readyz"], capture_output=True, text=True)
+            if out.stdout == "200":
+                return key
+            if p.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError("kube-apiserver did not come back after the key rotation")
+
+    def request(self, method, path, body=None):
+        """One API call as the admin (for what kubectl cannot say, e.g. the TokenRequest API)."""
+        import ssl
+        import urllib.request
+        token = (self.dir / "admin.token").read_text().strip()
+        ctx = ssl.create_default_context(cafile=str(self.dir / "ca.pem"))
+        req = urllib.request.Request(f"https://127.0.0.1:{self.port}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+            return json.load(r)
 
     def stop(self):
         subprocess.run([str(k8s_script()), "stop", str(self.dir)], capture_output=True, timeout=60)

@@ -110,10 +110,11 @@ class Fabric:
 
 
 @contextlib.contextmanager
-def running_fabric(prefix):
-    """A control plane, two node namespaces and `keyless up` reachable from them (its
-    certificate names the nodes' side of their veths), torn down afterwards; skipped (failed
-    under CI) where the machine cannot run it."""
+def running_fabric(prefix, control_plane=True):
+    """A control plane (unless the caller starts it later, e.g. with an issuer known only once a
+    cluster exists), two node namespaces and `keyless up` reachable from them (its certificate
+    names the nodes' side of their veths), torn down afterwards; skipped (failed under CI) where
+    the machine cannot run it."""
     if not can_run_fabric():
         if os.environ.get("CI"):
             pytest.fail("CI must run as root with iproute2, iptables, etcd, kubectl and ../shared/k8s "
@@ -123,7 +124,8 @@ def running_fabric(prefix):
     root = tempfile.mkdtemp(prefix=prefix)
     f = Fabric(root, uid)
     try:
-        f.cp = ControlPlane(root)
+        if control_plane:
+            f.cp = ControlPlane(root)
         f.nodes = [NodeNs(i, uid) for i in (0, 1)]
         extra = ["--sync-interval", "1"]
         for n in f.nodes:

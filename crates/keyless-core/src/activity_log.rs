@@ -68,6 +68,7 @@ pub fn is_write(method: &str) -> bool {
 /// Child resource types Keyless serves, with their canonical spelling.
 const CHILD_TYPES: &[&str] = &[
     "federatedIdentityCredentials",
+    "federatedIdentityCredentialPatterns",
     "pools",
     "extensions",
     "accessPolicies",
@@ -88,6 +89,9 @@ pub const ACTIONS: &[&str] = &[
     "generateJoinToken",
     "readPodIdentityProfile",
     "reportPodIdentityStatus",
+    "publishServiceAccountKeys",
+    "issueWebhookCertificate",
+    "checkWorkloadIdentity",
 ];
 
 /// Longest operation name kept (an unknown action's name is the caller's; the rest is cut).

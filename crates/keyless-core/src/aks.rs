@@ -42,6 +42,9 @@ pub enum AksErrorKind {
     BadRequest,
     /// A property fixed at creation changed (400 `PropertyChangeNotAllowed`).
     PropertyChangeNotAllowed,
+    /// An action that needs the cluster's OIDC issuer while it is off (400
+    /// `OIDCIssuerNotEnabled`; the add-on idles on it until the issuer is enabled).
+    OidcIssuerNotEnabled,
 }
 
 /// A refusal of a managed-cluster write.
@@ -66,6 +69,15 @@ impl AksError {
         AksError {
             kind: AksErrorKind::BadRequest,
             message: message.into(),
+            target: None,
+        }
+    }
+    pub fn issuer_not_enabled(cluster: &str) -> Self {
+        AksError {
+            kind: AksErrorKind::OidcIssuerNotEnabled,
+            message: format!(
+                "The OIDC issuer of the managed cluster '{cluster}' is not enabled: enable it first (oidcIssuerProfile.enabled, az aks update --enable-oidc-issuer)."
+            ),
             target: None,
         }
     }
@@ -904,6 +916,278 @@ pub fn parse_agent_pools(v: &Value) -> R<Vec<AgentPool>> {
     Ok(pools)
 }
 
+// ---------------------------------------------------------------- OIDC issuer and workload identity (issue 15)
+
+/// Keys one `publishServiceAccountKeys` may carry (Entra considers only an issuer's first 100).
+pub const MAX_PUBLISHED_KEYS: usize = 100;
+/// Largest `publishServiceAccountKeys` body.
+pub const MAX_PUBLISH_BODY: usize = 64 * 1024;
+/// SANs of one webhook serving certificate.
+pub const MAX_WEBHOOK_SANS: usize = 20;
+/// Webhook serving certificate validity when the request names none (7 days).
+pub const DEFAULT_WEBHOOK_VALIDITY: u64 = 7 * 86_400;
+/// Shortest webhook serving certificate validity.
+pub const MIN_WEBHOOK_VALIDITY: u64 = 60;
+/// Longest webhook serving certificate validity (30 days).
+pub const MAX_WEBHOOK_VALIDITY: u64 = 30 * 86_400;
+/// Members of a JWK that carry private key material (RFC 7518 §6.2.2, §6.3.2, §6.4).
+pub const PRIVATE_JWK_MEMBERS: &[&str] = &["d", "p", "q", "dp", "dq", "qi", "k", "oth"];
+
+const OIDC: &str = "properties.oidcIssuerProfile";
+const WORKLOAD_IDENTITY: &str = "properties.securityProfile.workloadIdentity";
+
+/// The `enabled` a request's `oidcIssuerProfile` asks for: `None` keeps what is stored (the
+/// profile absent or null, or without `enabled`). `issuerURL` is read-only and ignored (az
+/// sends back what GET showed).
+pub fn requested_oidc_issuer(v: Option<&Value>) -> R<Option<bool>> {
+    requested_enabled(v, OIDC)
+}
+
+/// The `enabled` a request's `securityProfile.workloadIdentity` asks for (`None`: keep).
+pub fn requested_workload_identity(security_profile: Option<&Value>) -> R<Option<bool>> {
+    match security_profile {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => requested_enabled(m.get("workloadIdentity"), WORKLOAD_IDENTITY),
+        Some(_) => Err(AksError::invalid(
+            "securityProfile must be an object.",
+            "properties.securityProfile",
+        )),
+    }
+}
+
+fn requested_enabled(v: Option<&Value>, target: &str) -> R<Option<bool>> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => match m.get("enabled") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(AksError::invalid(
+                format!("{target}.enabled must be true or false."),
+                format!("{target}.enabled"),
+            )),
+        },
+        Some(_) => Err(AksError::invalid(
+            format!("{target} must be an object."),
+            target,
+        )),
+    }
+}
+
+/// What a write leaves enabled: the OIDC issuer and workload identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssuerSettings {
+    pub oidc_issuer: bool,
+    pub workload_identity: bool,
+}
+
+/// AKS's rules: what a request does not name stays as stored; the OIDC issuer, once enabled,
+/// cannot be disabled; workload identity needs the OIDC issuer.
+pub fn resolve_issuer_settings(
+    requested_oidc: Option<bool>,
+    requested_workload_identity: Option<bool>,
+    stored_oidc: bool,
+    stored_workload_identity: bool,
+) -> R<IssuerSettings> {
+    if stored_oidc && requested_oidc == Some(false) {
+        return Err(AksError::bad_request(
+            "OIDC issuer feature cannot be disabled: once enabled, the cluster's OIDC issuer stays enabled.",
+        ));
+    }
+    let oidc_issuer = requested_oidc.unwrap_or(stored_oidc);
+    let workload_identity = requested_workload_identity.unwrap_or(stored_workload_identity);
+    if workload_identity && !oidc_issuer {
+        return Err(AksError::bad_request(
+            "Enabling workload identity requires enabling OIDC issuer (oidcIssuerProfile.enabled, az --enable-oidc-issuer).",
+        ));
+    }
+    Ok(IssuerSettings {
+        oidc_issuer,
+        workload_identity,
+    })
+}
+
+/// The issuer id of a stored cluster's `properties` while its OIDC issuer is enabled (the
+/// stored profile is [`stored_oidc_issuer_profile`]'s).
+pub fn stored_issuer_id(properties: &Value) -> Option<&str> {
+    let p = properties.get("oidcIssuerProfile")?;
+    if p.get("enabled").and_then(Value::as_bool) != Some(true) {
+        return None;
+    }
+    p.get("issuerId")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// Whether a stored cluster has workload identity enabled.
+pub fn stored_workload_identity(properties: &Value) -> bool {
+    properties
+        .pointer("/securityProfile/workloadIdentity/enabled")
+        .and_then(Value::as_bool)
+        == Some(true)
+}
+
+/// The stored form of `oidcIssuerProfile`: `{"enabled", "issuerId"}` (the id is the server's;
+/// GET shows `issuerURL` instead).
+pub fn stored_oidc_issuer_profile(issuer_id: Option<&str>) -> Value {
+    match issuer_id {
+        Some(id) => json!({"enabled": true, "issuerId": id}),
+        None => json!({"enabled": false}),
+    }
+}
+
+/// `oidcIssuerProfile` as GET shows it.
+pub fn shown_oidc_issuer_profile(issuer_url: Option<&str>) -> Value {
+    match issuer_url {
+        Some(u) => json!({"enabled": true, "issuerURL": u}),
+        None => json!({"enabled": false}),
+    }
+}
+
+fn b64url_len(v: Option<&Value>) -> Option<usize> {
+    use base64::Engine;
+    let s = v?.as_str()?;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .ok()
+        .map(|b| b.len())
+        .filter(|n| *n > 0)
+}
+
+/// The keys of a `publishServiceAccountKeys` body (`{"keys": [<JWK>, …]}`, the API server's
+/// `/openid/v1/jwks` as it is): 1 to [`MAX_PUBLISHED_KEYS`], each RSA (`n`, `e`) or EC P-256
+/// (`x`, `y`, 32 bytes each) with a `kid` of its own and no private member. Returned as given.
+pub fn validate_published_keys(body: &Value) -> R<Vec<Value>> {
+    let Some(keys) = body.get("keys").and_then(Value::as_array) else {
+        return Err(AksError::invalid(
+            "The body must be a JSON Web Key Set: {\"keys\": [...]}.",
+            "keys",
+        ));
+    };
+    if keys.is_empty() || keys.len() > MAX_PUBLISHED_KEYS {
+        return Err(AksError::invalid(
+            format!(
+                "A key set must have 1 to {MAX_PUBLISHED_KEYS} keys; it has {}.",
+                keys.len()
+            ),
+            "keys",
+        ));
+    }
+    let mut kids: Vec<&str> = vec![];
+    for (i, k) in keys.iter().enumerate() {
+        let target = format!("keys[{i}]");
+        let bad = |why: String| {
+            Err(AksError::invalid(
+                format!("The key {target} {why}"),
+                &target,
+            ))
+        };
+        let Some(m) = k.as_object() else {
+            return bad("is not a JSON object.".into());
+        };
+        let kid = match m.get("kid") {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.as_str(),
+            _ => return bad("has no kid (a non-empty string of at most 256 characters).".into()),
+        };
+        let named = format!("(kid '{kid}')");
+        if let Some(p) = PRIVATE_JWK_MEMBERS.iter().find(|p| m.contains_key(**p)) {
+            return bad(format!(
+                "{named} has the private key member '{p}': publish public keys only."
+            ));
+        }
+        if kids.contains(&kid) {
+            return bad(format!("{named} repeats a kid of another key of the set."));
+        }
+        kids.push(kid);
+        for member in ["use", "alg"] {
+            if m.get(member).is_some_and(|v| !v.is_string()) {
+                return bad(format!("{named} has a '{member}' that is not a string."));
+            }
+        }
+        if m.get("use")
+            .and_then(Value::as_str)
+            .is_some_and(|u| u != "sig")
+        {
+            return bad(format!("{named} is not a signing key (use 'sig')."));
+        }
+        match m.get("kty").and_then(Value::as_str) {
+            Some("RSA") => {
+                if b64url_len(m.get("n")).is_none_or(|n| n < 128)
+                    || b64url_len(m.get("e")).is_none()
+                {
+                    return bad(format!(
+                        "{named} is an RSA key without a valid modulus 'n' (at least 1024 bits) and exponent 'e' (base64url)."
+                    ));
+                }
+            }
+            Some("EC") => {
+                if m.get("crv").and_then(Value::as_str) != Some("P-256") {
+                    return bad(format!("{named} is an EC key on a curve other than P-256."));
+                }
+                if b64url_len(m.get("x")) != Some(32) || b64url_len(m.get("y")) != Some(32) {
+                    return bad(format!(
+                        "{named} is an EC key without valid coordinates 'x' and 'y' (32 bytes each, base64url)."
+                    ));
+                }
+            }
+            _ => {
+                return bad(format!(
+                    "{named} has an unsupported key type: 'RSA' or 'EC' (P-256)."
+                ))
+            }
+        }
+    }
+    Ok(keys.clone())
+}
+
+/// The validity of a webhook serving certificate from a request's `validityInSeconds`: the
+/// default when absent or null, else clamped to [[`MIN_WEBHOOK_VALIDITY`],
+/// [`MAX_WEBHOOK_VALIDITY`]].
+pub fn webhook_validity(v: Option<&Value>) -> R<u64> {
+    match v {
+        None | Some(Value::Null) => Ok(DEFAULT_WEBHOOK_VALIDITY),
+        Some(Value::Number(n)) => {
+            let secs = match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => i.max(0) as u64,
+                (None, Some(u)) => u,
+                _ => {
+                    return Err(AksError::invalid(
+                        "validityInSeconds must be an integer.",
+                        "validityInSeconds",
+                    ))
+                }
+            };
+            Ok(secs.clamp(MIN_WEBHOOK_VALIDITY, MAX_WEBHOOK_VALIDITY))
+        }
+        Some(_) => Err(AksError::invalid(
+            "validityInSeconds must be an integer.",
+            "validityInSeconds",
+        )),
+    }
+}
+
+/// The subject alternative names a webhook certificate request may carry: 1 to
+/// [`MAX_WEBHOOK_SANS`], each an IP address or a lowercase DNS name (no wildcard).
+pub fn check_webhook_sans(sans: &[String]) -> R<()> {
+    if sans.is_empty() || sans.len() > MAX_WEBHOOK_SANS {
+        return Err(AksError::invalid(
+            format!(
+                "The certificate signing request must ask for 1 to {MAX_WEBHOOK_SANS} DNS names or IP addresses (subjectAltName); it asks for {}.",
+                sans.len()
+            ),
+            "csr",
+        ));
+    }
+    for s in sans {
+        if s.parse::<std::net::IpAddr>().is_err() && !is_dns_subdomain(s) {
+            return Err(AksError::invalid(
+                format!("The subject alternative name '{s}' is neither an IP address nor a DNS name (lowercase letters, digits, '-' and '.', no wildcard)."),
+                "csr",
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1283,6 +1567,181 @@ mod tests {
             json!({"name": "a"}),
         ] {
             assert!(parse_agent_pools(&bad).is_err(), "{bad}");
+        }
+    }
+
+    // ------------------------------------------------------------ OIDC issuer, workload identity
+
+    fn rsa_jwk(kid: &str) -> Value {
+        json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+               "n": format!("w{}", "A".repeat(341)), "e": "AQAB"})
+    }
+
+    #[test]
+    fn issuer_profiles_parse_and_keep_what_a_request_does_not_name() {
+        assert_eq!(requested_oidc_issuer(None).unwrap(), None);
+        assert_eq!(requested_oidc_issuer(Some(&json!(null))).unwrap(), None);
+        assert_eq!(
+            requested_oidc_issuer(Some(&json!({"issuerURL": "https://x/"}))).unwrap(),
+            None
+        );
+        assert_eq!(
+            requested_oidc_issuer(Some(&json!({"enabled": true, "issuerURL": "https://x/"})))
+                .unwrap(),
+            Some(true)
+        );
+        for bad in [json!({"enabled": "true"}), json!(true), json!([])] {
+            let e = requested_oidc_issuer(Some(&bad)).unwrap_err();
+            assert_eq!(e.kind, AksErrorKind::InvalidParameter, "{bad}");
+        }
+        assert_eq!(requested_workload_identity(Some(&json!({}))).unwrap(), None);
+        assert_eq!(
+            requested_workload_identity(Some(&json!({"workloadIdentity": {"enabled": false}})))
+                .unwrap(),
+            Some(false)
+        );
+        assert!(requested_workload_identity(Some(&json!({"workloadIdentity": 1}))).is_err());
+        assert!(requested_workload_identity(Some(&json!("x"))).is_err());
+    }
+
+    #[test]
+    fn the_issuer_cannot_be_disabled_and_workload_identity_needs_it() {
+        let ok = |o, w, so, sw| resolve_issuer_settings(o, w, so, sw).unwrap();
+        let on = |o, w| IssuerSettings {
+            oidc_issuer: o,
+            workload_identity: w,
+        };
+        assert_eq!(ok(None, None, false, false), on(false, false));
+        assert_eq!(ok(Some(true), None, false, false), on(true, false));
+        assert_eq!(ok(Some(true), Some(true), false, false), on(true, true));
+        // kept when not named, and workload identity may be turned off again
+        assert_eq!(ok(None, None, true, true), on(true, true));
+        assert_eq!(ok(None, Some(false), true, true), on(true, false));
+        assert_eq!(ok(Some(true), None, true, false), on(true, false));
+        let e = resolve_issuer_settings(Some(false), None, true, false).unwrap_err();
+        assert_eq!(e.kind, AksErrorKind::BadRequest);
+        assert!(e.message.contains("cannot be disabled"), "{e}");
+        for (o, so) in [(None, false), (Some(false), false)] {
+            let e = resolve_issuer_settings(o, Some(true), so, false).unwrap_err();
+            assert_eq!(e.kind, AksErrorKind::BadRequest);
+            assert!(e.message.contains("requires enabling OIDC issuer"), "{e}");
+        }
+    }
+
+    #[test]
+    fn stored_profiles() {
+        let props = json!({"oidcIssuerProfile": stored_oidc_issuer_profile(Some("abc")),
+                           "securityProfile": {"workloadIdentity": {"enabled": true}}});
+        assert_eq!(stored_issuer_id(&props), Some("abc"));
+        assert!(stored_workload_identity(&props));
+        let off = json!({"oidcIssuerProfile": stored_oidc_issuer_profile(None)});
+        assert_eq!(stored_issuer_id(&off), None);
+        assert!(!stored_workload_identity(&off));
+        // a profile written by a caller (no id of the server's) names no issuer
+        assert_eq!(
+            stored_issuer_id(&json!({"oidcIssuerProfile": {"enabled": true}})),
+            None
+        );
+        assert_eq!(
+            shown_oidc_issuer_profile(Some("https://k/oidc/abc/")),
+            json!({"enabled": true, "issuerURL": "https://k/oidc/abc/"})
+        );
+        assert_eq!(shown_oidc_issuer_profile(None), json!({"enabled": false}));
+    }
+
+    #[test]
+    fn published_key_sets() {
+        let ec = json!({"kty": "EC", "crv": "P-256", "kid": "e1",
+                        "x": "A".repeat(43), "y": format!("{}E", "A".repeat(42))});
+        let set = json!({"keys": [rsa_jwk("r1"), ec.clone()]});
+        assert_eq!(validate_published_keys(&set).unwrap().len(), 2);
+        let many: Vec<Value> = (0..MAX_PUBLISHED_KEYS)
+            .map(|i| rsa_jwk(&format!("k{i}")))
+            .collect();
+        assert!(validate_published_keys(&json!({ "keys": many })).is_ok());
+        let too_many: Vec<Value> = (0..=MAX_PUBLISHED_KEYS)
+            .map(|i| rsa_jwk(&format!("k{i}")))
+            .collect();
+        let e = validate_published_keys(&json!({ "keys": too_many })).unwrap_err();
+        assert_eq!(e.target.as_deref(), Some("keys"));
+        for p in PRIVATE_JWK_MEMBERS {
+            let mut k = rsa_jwk("priv");
+            k[*p] = json!("AQAB");
+            let e = validate_published_keys(&json!({"keys": [rsa_jwk("ok"), k]})).unwrap_err();
+            assert_eq!(e.kind, AksErrorKind::InvalidParameter);
+            assert_eq!(e.target.as_deref(), Some("keys[1]"), "{p}");
+            assert!(e.message.contains("'priv'") && e.message.contains(p), "{e}");
+        }
+        let mut no_kid = rsa_jwk("x");
+        no_kid.as_object_mut().unwrap().remove("kid");
+        let mut short_n = rsa_jwk("s");
+        short_n["n"] = json!("AQAB");
+        let mut bad_b64 = rsa_jwk("b");
+        bad_b64["n"] = json!("!!!");
+        let mut enc = rsa_jwk("enc");
+        enc["use"] = json!("enc");
+        let mut p384 = ec.clone();
+        p384["crv"] = json!("P-384");
+        let mut short_x = ec.clone();
+        short_x["x"] = json!("AQAB");
+        for bad in [
+            json!({}),
+            json!({"keys": []}),
+            json!({"keys": "x"}),
+            json!({"keys": [1]}),
+            json!({"keys": [no_kid]}),
+            json!({"keys": [short_n]}),
+            json!({"keys": [bad_b64]}),
+            json!({"keys": [enc]}),
+            json!({"keys": [p384]}),
+            json!({"keys": [short_x]}),
+            json!({"keys": [{"kty": "oct", "kid": "o"}]}),
+            json!({"keys": [rsa_jwk("d"), rsa_jwk("d")]}),
+        ] {
+            let e = validate_published_keys(&bad).unwrap_err();
+            assert_eq!(e.kind, AksErrorKind::InvalidParameter, "{bad}");
+        }
+    }
+
+    #[test]
+    fn webhook_certificate_requests() {
+        assert_eq!(webhook_validity(None).unwrap(), DEFAULT_WEBHOOK_VALIDITY);
+        assert_eq!(
+            webhook_validity(Some(&json!(null))).unwrap(),
+            DEFAULT_WEBHOOK_VALIDITY
+        );
+        assert_eq!(webhook_validity(Some(&json!(3600))).unwrap(), 3600);
+        assert_eq!(
+            webhook_validity(Some(&json!(1))).unwrap(),
+            MIN_WEBHOOK_VALIDITY
+        );
+        assert_eq!(
+            webhook_validity(Some(&json!(-5))).unwrap(),
+            MIN_WEBHOOK_VALIDITY
+        );
+        assert_eq!(
+            webhook_validity(Some(&json!(u64::MAX))).unwrap(),
+            MAX_WEBHOOK_VALIDITY
+        );
+        assert!(webhook_validity(Some(&json!("60"))).is_err());
+        assert!(webhook_validity(Some(&json!(1.5))).is_err());
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_webhook_sans(&names(&[
+            "azure-wi-webhook-webhook-service.azure-workload-identity-system.svc",
+            "127.0.0.1",
+            "::1",
+        ]))
+        .is_ok());
+        for bad in [
+            names(&[]),
+            names(&["*.svc"]),
+            names(&["Upper.svc"]),
+            names(&["a..b"]),
+            names(&["-a"]),
+            (0..=MAX_WEBHOOK_SANS).map(|i| format!("s{i}")).collect(),
+        ] {
+            let e = check_webhook_sans(&bad).unwrap_err();
+            assert_eq!(e.target.as_deref(), Some("csr"), "{bad:?}");
         }
     }
 }

@@ -297,6 +297,40 @@ mod tests {
     }
 
     #[test]
+    fn credential_patterns_need_their_own_action() {
+        // issue 15: a role that grants the federated credentials' actions one by one (Managed
+        // Identity Contributor) does not grant the patterns'; `*` (Owner, Contributor) does
+        let r = |n| role_by_name(n).unwrap();
+        let ns = "Microsoft.ManagedIdentity/userAssignedIdentities";
+        for verb in ["read", "write", "delete"] {
+            let fic = format!("{ns}/federatedIdentityCredentials/{verb}");
+            let pattern = format!("{ns}/federatedIdentityCredentialPatterns/{verb}");
+            assert!(role_permits(r("Managed Identity Contributor"), &fic));
+            assert!(!role_permits(r("Managed Identity Contributor"), &pattern));
+            // Operator's `userAssignedIdentities/*/read` reads them, as it reads the FICs
+            let operator_may = verb == "read";
+            assert_eq!(
+                role_permits(r("Managed Identity Operator"), &pattern),
+                operator_may
+            );
+            assert!(role_permits(r("Owner"), &pattern));
+            assert!(role_permits(r("Contributor"), &pattern));
+        }
+        assert!(!action_matches(
+            &format!("{ns}/federatedIdentityCredentials/*"),
+            &format!("{ns}/federatedIdentityCredentialPatterns/write")
+        ));
+        assert!(role_permits(
+            r("Reader"),
+            &format!("{ns}/federatedIdentityCredentialPatterns/read")
+        ));
+        assert!(!role_permits(
+            r("Reader"),
+            &format!("{ns}/federatedIdentityCredentialPatterns/write")
+        ));
+    }
+
+    #[test]
     fn scopes_inherit_downwards_only() {
         let sub = "/subscriptions/S";
         let rg = "/subscriptions/s/resourceGroups/RG";

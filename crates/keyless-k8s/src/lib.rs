@@ -10,6 +10,8 @@ pub mod crd;
 pub mod lease;
 pub mod mic;
 pub mod testing;
+pub mod webhook;
+pub mod wi_addon;
 
 pub use k8s_openapi;
 pub use kube;

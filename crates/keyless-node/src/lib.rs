@@ -23,6 +23,7 @@ pub mod ops;
 pub mod pods;
 pub mod serve;
 pub mod upstream;
+pub mod wi_proxy;
 
 pub use keyless_ops::limits::FairShareConfig;
 

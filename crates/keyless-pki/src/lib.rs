@@ -227,6 +227,44 @@ impl Ca {
         Ok(cert.der().to_vec())
     }
 
+    /// Issue a TLS server certificate for the public key in `csr_pem` (its signature checked):
+    /// only the key is taken from the request; the names are `sans` (DNS names or IP addresses,
+    /// the first also the subject's CN), key usage digitalSignature + keyEncipherment, EKU
+    /// serverAuth, valid from `not_before` to `not_after` (Unix seconds), a random serial.
+    pub fn sign_server_csr(
+        &self,
+        csr_pem: &str,
+        sans: &[String],
+        not_before: u64,
+        not_after: u64,
+    ) -> Result<Vec<u8>> {
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|_| PkiError::InvalidCsr)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        for s in sans {
+            params.subject_alt_names.push(san_of(s)?);
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            sans.first().cloned().unwrap_or_default(),
+        );
+        params.distinguished_name = dn;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = at(not_before)?;
+        params.not_after = at(not_after)?;
+        let mut serial = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut serial).map_err(|_| PkiError::Sign)?;
+        serial[0] &= 0x7f;
+        params.serial_number = Some(serial.to_vec().into());
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.der().to_vec())
+    }
+
     /// Issue a certificate for a token-signing key (so JWKS can carry `x5c`).
     fn issue_for_key(&self, key: &KeyPair, cn: &str, now: u64, lifetime: u64) -> Result<Vec<u8>> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -240,6 +278,61 @@ impl Ca {
     }
 }
 
+/// A DNS name or IP address as a SAN.
+fn san_of(s: &str) -> Result<SanType> {
+    Ok(match s.parse::<std::net::IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => SanType::DnsName(
+            s.to_string()
+                .try_into()
+                .map_err(|_| PkiError::InvalidCertificate(format!("bad SAN {s}")))?,
+        ),
+    })
+}
+
+/// The subject alternative names a PEM certificate signing request asks for (its requested
+/// extensions), DNS names and IP addresses as text, in order. Any other kind of name (URI,
+/// e-mail, …) is refused, as is a request that cannot be parsed; its signature is checked when
+/// it is signed ([`Ca::sign_server_csr`]).
+pub fn csr_sans(csr_pem: &str) -> Result<Vec<String>> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    let der = pem_blocks(csr_pem, "CERTIFICATE REQUEST")
+        .into_iter()
+        .next()
+        .ok_or(PkiError::InvalidCsr)?;
+    let (_, csr) =
+        <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(&der)
+            .map_err(|_| PkiError::InvalidCsr)?;
+    let mut out = vec![];
+    for ext in csr.requested_extensions().into_iter().flatten() {
+        let ParsedExtension::SubjectAlternativeName(san) = ext else {
+            continue;
+        };
+        for name in &san.general_names {
+            out.push(match name {
+                GeneralName::DNSName(d) => d.to_string(),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => std::net::IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())
+                        .to_string(),
+                    16 => std::net::IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())
+                        .to_string(),
+                    _ => {
+                        return Err(PkiError::InvalidInput(
+                            "an IP address SAN of a bad length".into(),
+                        ))
+                    }
+                },
+                other => {
+                    return Err(PkiError::InvalidInput(format!(
+                    "unsupported subject alternative name {other}: DNS names and IP addresses only"
+                )))
+                }
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// A fresh ECDSA P-256 key and a CSR for it (the agent's side of joining).
 /// Returns (CSR PEM, PKCS#8 key DER).
 pub fn generate_csr(common_name: &str) -> Result<(String, Vec<u8>)> {
@@ -247,6 +340,25 @@ pub fn generate_csr(common_name: &str) -> Result<(String, Vec<u8>)> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_der()))
+}
+
+/// A fresh ECDSA P-256 key and a CSR for it asking for `sans` (DNS names or IP addresses; the
+/// first is also the CN): a TLS server's side of [`Ca::sign_server_csr`]. Returns (CSR PEM,
+/// PKCS#8 key DER).
+pub fn generate_server_csr(sans: &[String]) -> Result<(String, Vec<u8>)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    for s in sans {
+        params.subject_alt_names.push(san_of(s)?);
+    }
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        sans.first().cloned().unwrap_or_default(),
+    );
     params.distinguished_name = dn;
     let csr = params.serialize_request(&key)?;
     Ok((csr.pem()?, key.serialize_der()))
@@ -485,6 +597,42 @@ mod tests {
             pem_blocks(&ca.cert_pem(), "CERTIFICATE"),
             vec![ca.cert_der().to_vec()]
         );
+    }
+
+    #[test]
+    fn server_csrs_are_signed_with_their_sans_and_server_auth() {
+        let now = 1_800_000_000;
+        let (ca, _) = Ca::generate("webhook CA", now).unwrap();
+        let sans: Vec<String> = ["svc.ns.svc", "10.0.0.1", "::1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (csr, _key) = generate_server_csr(&sans).unwrap();
+        assert_eq!(csr_sans(&csr).unwrap(), sans);
+        let cert = ca
+            .sign_server_csr(&csr, &sans[..2], now - 60, now + 600)
+            .unwrap();
+        assert_eq!(cert_validity(&cert).unwrap(), (now - 60, now + 600));
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+        let san = parsed.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(san.value.general_names.len(), 2);
+        let eku = parsed.extended_key_usage().unwrap().unwrap();
+        assert!(eku.value.server_auth && !eku.value.client_auth);
+        let (_, ca_cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+        parsed.verify_signature(Some(ca_cert.public_key())).unwrap();
+        // a request without names asks for none; garbage is no request
+        let (plain, _) = generate_csr("x").unwrap();
+        assert!(csr_sans(&plain).unwrap().is_empty());
+        assert!(csr_sans("garbage").is_err());
+        assert!(ca.sign_server_csr("garbage", &sans, now, now + 60).is_err());
+        // a tampered request (another key's signature) is refused when signed
+        let (other, _) = generate_server_csr(&["other.svc".to_string()]).unwrap();
+        let mut der = pem_blocks(&csr, "CERTIFICATE REQUEST").remove(0);
+        let other_der = pem_blocks(&other, "CERTIFICATE REQUEST").remove(0);
+        let n = der.len();
+        der[n - 8..].copy_from_slice(&other_der[other_der.len() - 8..]);
+        let tampered = pem("CERTIFICATE REQUEST", &der);
+        assert!(ca.sign_server_csr(&tampered, &sans, now, now + 60).is_err());
     }
 
     #[test]

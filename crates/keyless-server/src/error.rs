@@ -504,6 +504,9 @@ impl ServerError {
                 AksErrorKind::PropertyChangeNotAllowed => {
                     (StatusCode::BAD_REQUEST, "PropertyChangeNotAllowed")
                 }
+                AksErrorKind::OidcIssuerNotEnabled => {
+                    (StatusCode::BAD_REQUEST, "OIDCIssuerNotEnabled")
+                }
             },
             Store(StoreError::Unavailable(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")

@@ -58,6 +58,9 @@ const ROUTES: &[&str] = &[
     "STS GET /common/discovery/instance",
     // cloud metadata (`cloud::routes`) and the admin vault clock (`app`)
     "CLOUD GET /metadata/endpoints",
+    // the clusters' OIDC issuers (`oidc::routes`)
+    "OIDC GET /oidc/{id}/.well-known/openid-configuration",
+    "OIDC GET /oidc/{id}/openid/v1/jwks",
     "ADMIN POST /keyless/admin/v1/vault-clock",
     // Microsoft Graph (`graph::routes`)
     "GRAPH GET /v1.0/servicePrincipals",
@@ -110,6 +113,22 @@ const ROUTES: &[&str] = &[
     rg!(
         "DELETE",
         "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentials/{fic}"
+    ),
+    rg!(
+        "GET",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns"
+    ),
+    rg!(
+        "PUT",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns/{pattern}"
+    ),
+    rg!(
+        "GET",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns/{pattern}"
+    ),
+    rg!(
+        "DELETE",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns/{pattern}"
     ),
     sub!("GET", "Microsoft.Compute/virtualMachines"),
     rg!("GET", "Microsoft.Compute/virtualMachines"),
@@ -227,6 +246,18 @@ const ROUTES: &[&str] = &[
         "POST",
         "Microsoft.ContainerService/managedClusters/{cluster}/reportPodIdentityStatus"
     ),
+    rg!(
+        "POST",
+        "Microsoft.ContainerService/managedClusters/{cluster}/publishServiceAccountKeys"
+    ),
+    rg!(
+        "POST",
+        "Microsoft.ContainerService/managedClusters/{cluster}/issueWebhookCertificate"
+    ),
+    rg!(
+        "POST",
+        "Microsoft.ContainerService/managedClusters/{cluster}/checkWorkloadIdentity"
+    ),
     "ARM GET {scope}/providers/Microsoft.Authorization/roleDefinitions",
     "ARM GET {scope}/providers/Microsoft.Authorization/roleDefinitions/{id}",
     "ARM GET {scope}/providers/Microsoft.Authorization/roleAssignments",
@@ -299,7 +330,11 @@ const ROUTES: &[&str] = &[
 
 /// Routes with no caller to refuse: ARM's cloud metadata is public, as on
 /// `management.azure.com`.
-const PUBLIC: &[&str] = &["CLOUD GET /metadata/endpoints"];
+const PUBLIC: &[&str] = &[
+    "CLOUD GET /metadata/endpoints",
+    "OIDC GET /oidc/{id}/.well-known/openid-configuration",
+    "OIDC GET /oidc/{id}/openid/v1/jwks",
+];
 
 /// Routes served only to refuse (what they address is not supported): nothing to accept.
 const NEVER_ACCEPTED: &[&str] = &[
@@ -322,6 +357,11 @@ const STS: &[&str] = &[
 const CLOUD_AND_ADMIN: &[&str] = &[
     "CLOUD GET /metadata/endpoints",
     "ADMIN POST /keyless/admin/v1/vault-clock",
+];
+
+const OIDC: &[&str] = &[
+    "OIDC GET /oidc/{id}/.well-known/openid-configuration",
+    "OIDC GET /oidc/{id}/openid/v1/jwks",
 ];
 
 const GRAPH: &[&str] = &[
@@ -382,6 +422,22 @@ const ARM_IDENTITIES: &[&str] = &[
     rg!(
         "DELETE",
         "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentials/{fic}"
+    ),
+    rg!(
+        "GET",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns"
+    ),
+    rg!(
+        "PUT",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns/{pattern}"
+    ),
+    rg!(
+        "GET",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns/{pattern}"
+    ),
+    rg!(
+        "DELETE",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns/{pattern}"
     ),
 ];
 
@@ -511,6 +567,18 @@ const ARM_CLUSTERS: &[&str] = &[
         "POST",
         "Microsoft.ContainerService/managedClusters/{cluster}/reportPodIdentityStatus"
     ),
+    rg!(
+        "POST",
+        "Microsoft.ContainerService/managedClusters/{cluster}/publishServiceAccountKeys"
+    ),
+    rg!(
+        "POST",
+        "Microsoft.ContainerService/managedClusters/{cluster}/issueWebhookCertificate"
+    ),
+    rg!(
+        "POST",
+        "Microsoft.ContainerService/managedClusters/{cluster}/checkWorkloadIdentity"
+    ),
 ];
 
 const ARM_AUTHORIZATION: &[&str] = &[
@@ -601,6 +669,10 @@ const AREAS: &[(&str, &[&str])] = &[
     ("token_service_routes", STS),
     ("cloud_metadata_and_vault_clock_routes", CLOUD_AND_ADMIN),
     ("graph_routes", GRAPH),
+    (
+        "arm_managed_cluster_routes (the cluster's OIDC issuer)",
+        OIDC,
+    ),
     ("host_api_routes", HOST),
     ("arm_subscription_and_resource_group_routes", ARM_GROUPS),
     (
@@ -628,7 +700,7 @@ fn every_route_is_enumerated_and_tested() {
         assert!(
             matches!(
                 surface,
-                Some("STS" | "CLOUD" | "ADMIN" | "GRAPH" | "HOST" | "ARM" | "KV")
+                Some("STS" | "CLOUD" | "ADMIN" | "GRAPH" | "HOST" | "ARM" | "KV" | "OIDC")
             ),
             "{r}"
         );
@@ -1721,6 +1793,62 @@ async fn arm_identity_and_federated_credential_routes() {
     srv.expect(srv.call(route, fic_path.clone()).bearer(&adm.token), 204)
         .await;
 
+    // federated credential patterns (Keyless's, beyond the 20-credential cap): their own action
+    let pat = format!("{id}/federatedIdentityCredentialPatterns/team-a");
+    let pat_path = format!("{pat}?{MSI}");
+    let route = rg!(
+        "PUT",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns/{pattern}"
+    );
+    let body = json!({"properties": {
+        "issuer": "https://issuer.example/",
+        "subjectPattern": "system:serviceaccount:team-a:*",
+        "audiences": ["api://AzureADTokenExchange"]}});
+    arm_refused(&srv, &stranger, route, &pat_path, Some(&body)).await;
+    let v = srv
+        .expect(
+            srv.call(route, pat_path.clone())
+                .bearer(&adm.token)
+                .json(&body),
+            201,
+        )
+        .await;
+    assert_eq!(v["name"], "team-a");
+    assert_eq!(
+        v["type"],
+        "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentialPatterns"
+    );
+    assert_eq!(
+        v["properties"]["subjectPattern"],
+        "system:serviceaccount:team-a:*"
+    );
+    let route = rg!(
+        "GET",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns/{pattern}"
+    );
+    let v = srv
+        .expect(srv.call(route, pat_path.clone()).bearer(&adm.token), 200)
+        .await;
+    assert_eq!(v["properties"]["issuer"], "https://issuer.example/");
+    arm_refused(&srv, &stranger, route, &pat_path, None).await;
+    let route = rg!(
+        "GET",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns"
+    );
+    let list = format!("{id}/federatedIdentityCredentialPatterns?{MSI}");
+    let v = srv
+        .expect(srv.call(route, list.clone()).bearer(&adm.token), 200)
+        .await;
+    assert_eq!(v["value"].as_array().map(Vec::len), Some(1), "{v}");
+    arm_refused(&srv, &stranger, route, &list, None).await;
+    let route = rg!(
+        "DELETE",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentialPatterns/{pattern}"
+    );
+    arm_refused(&srv, &stranger, route, &pat_path, None).await;
+    srv.expect(srv.call(route, pat_path.clone()).bearer(&adm.token), 200)
+        .await;
+
     let route = rg!(
         "DELETE",
         "Microsoft.ManagedIdentity/userAssignedIdentities/{id}"
@@ -2452,6 +2580,135 @@ async fn arm_managed_cluster_routes() {
     assert_eq!(r.status, 204, "{}", r.text);
     arm_refused(&srv, &stranger, route, &rs, Some(&report)).await;
 
+    // workload identity: the OIDC issuer (enabled by az's GET-modify-PUT), its two public
+    // documents, and the add-on's and the webhook's actions
+    let mut body = srv
+        .expect(
+            srv.call(
+                rg!(
+                    "GET",
+                    "Microsoft.ContainerService/managedClusters/{cluster}"
+                ),
+                path.clone(),
+            )
+            .bearer(&adm.token),
+            200,
+        )
+        .await;
+    body["properties"]["oidcIssuerProfile"] = json!({"enabled": true});
+    body["properties"]["securityProfile"] = json!({"workloadIdentity": {"enabled": true}});
+    let v = srv
+        .expect(
+            srv.call(
+                rg!(
+                    "PUT",
+                    "Microsoft.ContainerService/managedClusters/{cluster}"
+                ),
+                path.clone(),
+            )
+            .bearer(&adm.token)
+            .json(&body),
+            200,
+        )
+        .await;
+    let issuer = s(&v["properties"]["oidcIssuerProfile"]["issuerURL"]);
+    let issuer_path = issuer
+        .strip_prefix(&srv.base)
+        .expect("the issuer is served here")
+        .to_string();
+
+    let route = rg!(
+        "POST",
+        "Microsoft.ContainerService/managedClusters/{cluster}/publishServiceAccountKeys"
+    );
+    let pk = format!("{cluster}/publishServiceAccountKeys?{AKS}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (ca, _) = keyless_pki::Ca::generate("routes apiserver", now).unwrap();
+    let (sa_key, _) = keyless_pki::SigningKey::generate(&ca, now, 3600).unwrap();
+    let jwk = sa_key.jwk();
+    let keys = json!({"keys": [{"kty": "RSA", "use": "sig", "alg": "RS256", "kid": jwk.kid,
+                                "n": jwk.n, "e": jwk.e}]});
+    let v = srv
+        .expect(
+            srv.call(route, pk.clone()).bearer(&adm.token).json(&keys),
+            200,
+        )
+        .await;
+    assert_eq!(v["issuerURL"], issuer.as_str());
+    assert_eq!(v["keys"], 1);
+    arm_refused(&srv, &stranger, route, &pk, Some(&keys)).await;
+
+    let route = "OIDC GET /oidc/{id}/.well-known/openid-configuration";
+    let v = srv
+        .expect(
+            srv.call(
+                route,
+                format!("{issuer_path}.well-known/openid-configuration"),
+            ),
+            200,
+        )
+        .await;
+    assert_eq!(v["issuer"], issuer.as_str());
+    assert_eq!(v["jwks_uri"], format!("{issuer}openid/v1/jwks"));
+    let route = "OIDC GET /oidc/{id}/openid/v1/jwks";
+    let v = srv
+        .expect(srv.call(route, format!("{issuer_path}openid/v1/jwks")), 200)
+        .await;
+    assert_eq!(v["keys"][0]["kid"], jwk.kid.as_str());
+    // an issuer no cluster has: 404 in ARM's shape
+    let r = srv
+        .send(srv.call(
+            route,
+            format!("/oidc/{}/openid/v1/jwks", uuid::Uuid::new_v4()),
+        ))
+        .await;
+    arm_error(&r, 404, "InvalidResourceId");
+
+    let route = rg!(
+        "POST",
+        "Microsoft.ContainerService/managedClusters/{cluster}/issueWebhookCertificate"
+    );
+    let wc = format!("{cluster}/issueWebhookCertificate?{AKS}");
+    let sans =
+        vec!["azure-wi-webhook-webhook-service.azure-workload-identity-system.svc".to_string()];
+    let (csr, _) = keyless_pki::generate_server_csr(&sans).unwrap();
+    let req = json!({"csr": csr});
+    let v = srv
+        .expect(
+            srv.call(route, wc.clone()).bearer(&adm.token).json(&req),
+            200,
+        )
+        .await;
+    assert!(
+        s(&v["certificate"]).starts_with("-----BEGIN CERTIFICATE-----"),
+        "{v}"
+    );
+    assert!(
+        s(&v["caBundle"]).starts_with("-----BEGIN CERTIFICATE-----"),
+        "{v}"
+    );
+    arm_refused(&srv, &stranger, route, &wc, Some(&req)).await;
+
+    let route = rg!(
+        "POST",
+        "Microsoft.ContainerService/managedClusters/{cluster}/checkWorkloadIdentity"
+    );
+    let cw = format!("{cluster}/checkWorkloadIdentity?{AKS}");
+    let req = json!({"subjects": [{"clientId": uuid::Uuid::new_v4().to_string(),
+                                   "subject": "system:serviceaccount:app:web"}]});
+    let v = srv
+        .expect(
+            srv.call(route, cw.clone()).bearer(&adm.token).json(&req),
+            200,
+        )
+        .await;
+    assert_eq!(v["results"][0]["ready"], false, "{v}");
+    assert_eq!(v["results"][0]["reason"], "identity_not_found", "{v}");
+    arm_refused(&srv, &stranger, route, &cw, Some(&req)).await;
+
     let route = rg!(
         "DELETE",
         "Microsoft.ContainerService/managedClusters/{cluster}"
@@ -2474,6 +2731,7 @@ async fn arm_managed_cluster_routes() {
     arm_error(&r, 404, "ResourceNotFound");
 
     srv.finish(ARM_CLUSTERS, PUBLIC, NEVER_ACCEPTED);
+    srv.finish(OIDC, PUBLIC, NEVER_ACCEPTED);
 }
 
 // ------------------------------------------------------------------ ARM: authorization

@@ -30,6 +30,7 @@ pub use records::*;
 pub use repo::activity::ACTIVITY_HOLD_BACK_US;
 pub use repo::changes::{kind as change_kind, Change, ChangeBatch, ChangeCursor};
 pub use repo::lease::Claim;
+pub use repo::oidc::{OidcIssuerRecord, WebhookCaRecord};
 pub use store::{Store, Tx};
 pub use vault::*;
 

@@ -228,4 +228,36 @@ CREATE INDEX activity_log_sub_txid ON activity_log(subscription, txid, seq);
 DROP INDEX activity_log_sub;
 "#,
     },
+    // Federated identity credential patterns (issue 15): an identity's subject patterns, with
+    // issuer and pattern as columns so a write finds a duplicate without reading every body.
+    Migration {
+        sqlite: r#"
+CREATE TABLE fic_patterns(identity_key TEXT NOT NULL, name_key TEXT NOT NULL, issuer TEXT NOT NULL,
+    subject_pattern TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY(identity_key, name_key));
+"#,
+        postgres: r#"
+CREATE TABLE fic_patterns(identity_key TEXT COLLATE "C" NOT NULL, name_key TEXT COLLATE "C" NOT NULL, issuer TEXT COLLATE "C" NOT NULL,
+    subject_pattern TEXT COLLATE "C" NOT NULL, body TEXT COLLATE "C" NOT NULL, PRIMARY KEY(identity_key, name_key));
+"#,
+    },
+    // Cluster OIDC issuers (issue 15): an issuer id (the server's GUID, in the cluster's
+    // `oidcIssuerProfile`) → its cluster and the service-account keys its add-on published
+    // (a JWKS `keys` array as JSON, NULL until the first publish); and each cluster's webhook
+    // CA (certificate DER, PKCS#8 key sealed with the KEK, bound to `webhook_ca:{cluster_key}`).
+    Migration {
+        sqlite: r#"
+CREATE TABLE oidc_issuers(issuer_id TEXT PRIMARY KEY, cluster_key TEXT NOT NULL, jwks TEXT,
+    updated INTEGER NOT NULL);
+CREATE INDEX oidc_issuers_cluster ON oidc_issuers(cluster_key);
+CREATE TABLE webhook_cas(cluster_key TEXT PRIMARY KEY, cert_der BLOB NOT NULL, sealed_key BLOB NOT NULL,
+    created INTEGER NOT NULL);
+"#,
+        postgres: r#"
+CREATE TABLE oidc_issuers(issuer_id TEXT COLLATE "C" PRIMARY KEY, cluster_key TEXT COLLATE "C" NOT NULL, jwks TEXT COLLATE "C",
+    updated BIGINT NOT NULL);
+CREATE INDEX oidc_issuers_cluster ON oidc_issuers(cluster_key);
+CREATE TABLE webhook_cas(cluster_key TEXT COLLATE "C" PRIMARY KEY, cert_der BYTEA NOT NULL, sealed_key BYTEA NOT NULL,
+    created BIGINT NOT NULL);
+"#,
+    },
 ];

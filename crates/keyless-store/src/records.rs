@@ -122,3 +122,17 @@ pub struct FicRecord {
     pub description: Option<String>,
     pub created: u64,
 }
+
+/// A federated identity credential pattern of a user-assigned identity (issue 15, a Keyless
+/// extension): as a [`FicRecord`], with a subject pattern (`*` = one or more characters other
+/// than `:`) instead of an exact subject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FicPatternRecord {
+    pub identity_key: String,
+    pub name: String,
+    pub issuer: String,
+    pub subject_pattern: String,
+    pub audiences: Vec<String>,
+    pub description: Option<String>,
+    pub created: u64,
+}

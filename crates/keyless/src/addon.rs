@@ -1,9 +1,12 @@
-//! `keyless pod-identity-addon`: the in-cluster controller of the AKS pod-identity add-on
-//! (`keyless_k8s::addon`), and `keyless pod-identity-addon --print-crds`.
+//! `keyless pod-identity-addon` (also `keyless cluster-addon`): the in-cluster controller of
+//! the AKS pod-identity add-on (`keyless_k8s::addon`) and, in the same process, workload
+//! identity's loops (`keyless_k8s::wi_addon`: the API server's keys published to the cluster's
+//! OIDC issuer, pods' readiness gate); and `keyless pod-identity-addon --print-crds`.
 
 use crate::run::{io_err, wait_for_signal};
 use crate::CliError;
 use keyless_k8s::addon::{self, AddonConfig};
+use keyless_k8s::wi_addon::{self, WiConfig, WiStatus};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -44,9 +47,25 @@ pub struct AddonArgs {
     /// Do not apply the CRDs at start (they are managed elsewhere).
     #[arg(long)]
     pub skip_crds: bool,
-    /// This replica's name in the Lease (default: host name and process id).
+    /// This replica's name in the Leases (default: host name and process id).
     #[arg(long, env = "POD_NAME")]
     pub holder: Option<String>,
+    /// Seconds between reads of the API server's service-account keys (published to the
+    /// cluster's OIDC issuer when they change; idle while the issuer is not enabled).
+    #[arg(long, default_value_t = wi_addon::defaults::JWKS_SYNC_INTERVAL.as_secs())]
+    pub jwks_sync_interval: u64,
+    /// Seconds between checks of a pod whose workload-identity readiness condition is False.
+    #[arg(long, default_value_t = wi_addon::defaults::NOT_READY_EVERY.as_secs())]
+    pub readiness_poll: u64,
+    /// Seconds between checks of a pod whose workload-identity readiness condition is True.
+    #[arg(long, default_value_t = wi_addon::defaults::READY_EVERY.as_secs())]
+    pub readiness_recheck: u64,
+    /// Audience of the pods' projected service-account tokens (the webhook's --audience).
+    #[arg(long, default_value = wi_addon::defaults::AUDIENCE)]
+    pub wi_audience: String,
+    /// Do not run the workload-identity loops (key publishing, readiness gate).
+    #[arg(long)]
+    pub no_workload_identity: bool,
     #[command(flatten)]
     pub ops: crate::ops::OpsArgs,
 }
@@ -95,6 +114,28 @@ pub async fn run(a: AddonArgs) -> Result<(), CliError> {
     }
     let health = keyless_ops::health::Health::new();
     let in_step = health.flag("in step", "the objects have not been reconciled yet");
+    let wi = (!a.no_workload_identity).then(|| {
+        let mut w = WiConfig::new(
+            cfg.cluster_id.clone(),
+            keyless_k8s::arm::ArmConfig {
+                server_urls: cfg.server_urls.clone(),
+                ca_pem: cfg.ca_pem.clone(),
+                imds_token_endpoint: cfg.imds_token_endpoint.clone(),
+                client_id: cfg.client_id.clone(),
+            },
+            cfg.holder.clone(),
+        );
+        w.jwks_interval = Duration::from_secs(a.jwks_sync_interval.max(1));
+        w.not_ready_every = Duration::from_secs(a.readiness_poll.max(1));
+        w.ready_every = Duration::from_secs(a.readiness_recheck.max(1));
+        w.audience = a.wi_audience.clone();
+        w
+    });
+    let wi_status = WiStatus::new();
+    if wi.is_some() {
+        let s = wi_status.clone();
+        health.register("workload identity", move || s.check());
+    }
     let _ops = a
         .ops
         .start(
@@ -103,10 +144,41 @@ pub async fn run(a: AddonArgs) -> Result<(), CliError> {
             health,
         )
         .await?;
-    addon::run(cfg, client, wait_for_signal(), move || {
+    // one signal stops both controllers
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let wi_task = wi.map(|w| {
+        let client = client.clone();
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            let r = wi_addon::run(w, client, stop, wi_status, || {
+                say!("workload identity: caches listed");
+            })
+            .await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "workload-identity loops stopped");
+            }
+            r
+        })
+    });
+    let signal = async move {
+        wait_for_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    let r = addon::run(cfg, client, signal, move || {
         in_step.set();
         say!("pod-identity add-on: in step");
     })
     .await
-    .map_err(|e| CliError::Usage(e.to_string()))
+    .map_err(|e| CliError::Usage(e.to_string()));
+    if let Some(t) = wi_task {
+        if r.is_err() {
+            t.abort();
+        } else if let Ok(Err(e)) = t.await {
+            return Err(CliError::Usage(format!("workload identity: {e}")));
+        }
+    }
+    r
 }

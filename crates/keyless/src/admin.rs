@@ -530,7 +530,53 @@ enum FicVerb {
         issuer: String,
         #[arg(long)]
         subject: String,
-        #[arg(long, num_args = 1.., default_values_t = vec!["api://AzureADTokenExchange".to_string()])]
+        /// As az: space-separated, default api://AzureADTokenExchange (`--audience` also taken).
+        #[arg(long, alias = "audience", num_args = 1.., default_values_t = vec!["api://AzureADTokenExchange".to_string()])]
+        audiences: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    Show {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        identity_name: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+    List {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        identity_name: String,
+    },
+    Delete {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        identity_name: String,
+        #[arg(short = 'n', long)]
+        name: String,
+    },
+}
+
+/// The verbs of `identity federated-credential-pattern` (a Keyless extension).
+#[derive(Subcommand)]
+enum FicPatternVerb {
+    Create {
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        #[arg(long)]
+        identity_name: String,
+        #[arg(short = 'n', long)]
+        name: String,
+        #[arg(long)]
+        issuer: String,
+        /// `*` stands for one or more characters other than `:`
+        /// (`system:serviceaccount:team-a:*`).
+        #[arg(long)]
+        subject_pattern: String,
+        #[arg(long, alias = "audience", num_args = 1.., default_values_t = vec!["api://AzureADTokenExchange".to_string()])]
         audiences: Vec<String>,
         #[arg(long)]
         description: Option<String>,
@@ -565,6 +611,12 @@ enum IdentityVerb {
     FederatedCredential {
         #[command(subcommand)]
         verb: FicVerb,
+    },
+    /// Federated identity credential patterns of a user-assigned identity (Keyless): subjects
+    /// matched by a pattern, beyond the 20 credentials' cap.
+    FederatedCredentialPattern {
+        #[command(subcommand)]
+        verb: FicPatternVerb,
     },
     /// Create (or update) a user-assigned identity.
     Create {
@@ -608,7 +660,71 @@ pub async fn identity(c: IdentityCmd) -> Result<(), CliError> {
             MSI_API,
         )
     };
+    let pattern_path = |rg: &str, id: &str, n: Option<&str>| {
+        api.sub_path(
+            rg,
+            TY,
+            id,
+            &[Some("federatedIdentityCredentialPatterns"), n],
+            MSI_API,
+        )
+    };
     let v = match c.cmd {
+        IdentityVerb::FederatedCredentialPattern { verb } => match verb {
+            FicPatternVerb::Create {
+                resource_group,
+                identity_name,
+                name,
+                issuer,
+                subject_pattern,
+                audiences,
+                description,
+            } => {
+                let body = json!({"properties": {"issuer": issuer, "subjectPattern": subject_pattern, "audiences": audiences, "description": description}});
+                api.call(
+                    reqwest::Method::PUT,
+                    &pattern_path(&resource_group, &identity_name, Some(&name)),
+                    Some(body),
+                )
+                .await?
+            }
+            FicPatternVerb::Show {
+                resource_group,
+                identity_name,
+                name,
+            } => {
+                api.call(
+                    reqwest::Method::GET,
+                    &pattern_path(&resource_group, &identity_name, Some(&name)),
+                    None,
+                )
+                .await?
+            }
+            FicPatternVerb::List {
+                resource_group,
+                identity_name,
+            } => api
+                .call(
+                    reqwest::Method::GET,
+                    &pattern_path(&resource_group, &identity_name, None),
+                    None,
+                )
+                .await?["value"]
+                .clone(),
+            FicPatternVerb::Delete {
+                resource_group,
+                identity_name,
+                name,
+            } => {
+                api.call(
+                    reqwest::Method::DELETE,
+                    &pattern_path(&resource_group, &identity_name, Some(&name)),
+                    None,
+                )
+                .await?;
+                return Ok(());
+            }
+        },
         IdentityVerb::FederatedCredential { verb } => match verb {
             FicVerb::Create {
                 resource_group,
@@ -2184,6 +2300,12 @@ enum AksVerb {
         /// A user-assigned identity (id) as the cluster's identity (default: system-assigned).
         #[arg(long)]
         assign_identity: Option<String>,
+        /// Give the cluster an OIDC issuer served by Keyless (cannot be disabled later).
+        #[arg(long)]
+        enable_oidc_issuer: bool,
+        /// Enable workload identity (needs --enable-oidc-issuer).
+        #[arg(long)]
+        enable_workload_identity: bool,
         /// Accepted for az compatibility (clusters always have a managed identity).
         #[arg(long)]
         enable_managed_identity: bool,
@@ -2196,7 +2318,8 @@ enum AksVerb {
         #[arg(long, num_args = 0..)]
         tags: Vec<String>,
     },
-    /// Update a cluster: turn the pod identity add-on on or off, tags.
+    /// Update a cluster: turn the pod identity add-on on or off, enable the OIDC issuer, turn
+    /// workload identity on or off, tags.
     Update {
         #[arg(short = 'g', long)]
         resource_group: String,
@@ -2208,6 +2331,15 @@ enum AksVerb {
         disable_pod_identity: bool,
         #[arg(long)]
         enable_pod_identity_with_kubenet: bool,
+        /// Give the cluster an OIDC issuer served by Keyless (cannot be disabled later).
+        #[arg(long)]
+        enable_oidc_issuer: bool,
+        /// Enable workload identity (needs the OIDC issuer: already enabled, or
+        /// --enable-oidc-issuer).
+        #[arg(long, conflicts_with = "disable_workload_identity")]
+        enable_workload_identity: bool,
+        #[arg(long)]
+        disable_workload_identity: bool,
         #[arg(long)]
         no_wait: bool,
         #[arg(long, num_args = 0..)]
@@ -2490,6 +2622,24 @@ impl Api {
     }
 }
 
+/// az's own refusal of workload identity without the OIDC issuer.
+const WI_NEEDS_ISSUER: &str =
+    "Enabling workload identity requires enabling OIDC issuer (--enable-oidc-issuer).";
+
+/// A cluster as az prints it: az shows the SDK's model, whose `oidcIssuerProfile` field is
+/// `issuerUrl` (the wire's `issuerURL`), so `--query oidcIssuerProfile.issuerUrl` finds it.
+fn az_cluster(mut v: Value) -> Value {
+    if let Some(p) = v
+        .pointer_mut("/properties/oidcIssuerProfile")
+        .and_then(Value::as_object_mut)
+    {
+        if let Some(u) = p.remove("issuerURL") {
+            p.insert("issuerUrl".into(), u);
+        }
+    }
+    v
+}
+
 /// The principal the cluster acts as (system-assigned, or its one user-assigned identity).
 fn cluster_principal(cluster: &Value) -> Option<String> {
     let idn = &cluster["identity"];
@@ -2535,9 +2685,14 @@ pub async fn aks(c: AksCmd) -> Result<(), CliError> {
             enable_pod_identity,
             enable_pod_identity_with_kubenet,
             assign_identity,
+            enable_oidc_issuer,
+            enable_workload_identity,
             tags,
             ..
         } => {
+            if enable_workload_identity && !enable_oidc_issuer {
+                return Err(CliError::Usage(WI_NEEDS_ISSUER.into()));
+            }
             let location = match location {
                 Some(l) => l,
                 None => {
@@ -2588,13 +2743,19 @@ pub async fn aks(c: AksCmd) -> Result<(), CliError> {
                     "allowNetworkPluginKubenet": enable_pod_identity_with_kubenet,
                 });
             }
+            if enable_oidc_issuer {
+                props["oidcIssuerProfile"] = json!({"enabled": true});
+            }
+            if enable_workload_identity {
+                props["securityProfile"] = json!({"workloadIdentity": {"enabled": true}});
+            }
             let identity = match assign_identity {
                 Some(id) => json!({"type": "UserAssigned", "userAssignedIdentities": {id: {}}}),
                 None => json!({"type": "SystemAssigned"}),
             };
             let body = json!({"location": location, "tags": parse_tags(&tags)?,
                               "identity": identity, "properties": props});
-            api.put_cluster(&resource_group, &name, body).await?
+            az_cluster(api.put_cluster(&resource_group, &name, body).await?)
         }
         AksVerb::Update {
             resource_group,
@@ -2602,10 +2763,29 @@ pub async fn aks(c: AksCmd) -> Result<(), CliError> {
             enable_pod_identity,
             disable_pod_identity,
             enable_pod_identity_with_kubenet,
+            enable_oidc_issuer,
+            enable_workload_identity,
+            disable_workload_identity,
             tags,
             ..
         } => {
             let mut cluster = api.get_cluster(&resource_group, &name).await?;
+            // as az: the issuer only ever turned on; workload identity needs it (asked now,
+            // or already on)
+            let issuer_on = cluster["properties"]["oidcIssuerProfile"]["enabled"] == json!(true);
+            if enable_workload_identity && !(enable_oidc_issuer || issuer_on) {
+                return Err(CliError::Usage(WI_NEEDS_ISSUER.into()));
+            }
+            if enable_oidc_issuer {
+                cluster["properties"]["oidcIssuerProfile"]["enabled"] = json!(true);
+            }
+            if enable_workload_identity || disable_workload_identity {
+                let sp = &mut cluster["properties"]["securityProfile"];
+                if !sp.is_object() {
+                    *sp = json!({});
+                }
+                sp["workloadIdentity"] = json!({"enabled": enable_workload_identity});
+            }
             if enable_pod_identity {
                 let p = &mut cluster["properties"]["podIdentityProfile"];
                 if p["enabled"].as_bool() == Some(true) {
@@ -2625,15 +2805,20 @@ pub async fn aks(c: AksCmd) -> Result<(), CliError> {
             if let Some(t) = tags {
                 cluster["tags"] = parse_tags(&t)?;
             }
-            api.put_cluster(&resource_group, &name, cluster).await?
+            az_cluster(api.put_cluster(&resource_group, &name, cluster).await?)
         }
         AksVerb::Show {
             resource_group,
             name,
-        } => api.get_cluster(&resource_group, &name).await?,
+        } => az_cluster(api.get_cluster(&resource_group, &name).await?),
         AksVerb::List { resource_group } => {
-            api.list(resource_group.as_deref(), CLUSTER_TYPE, CONTAINER_API)
+            match api
+                .list(resource_group.as_deref(), CLUSTER_TYPE, CONTAINER_API)
                 .await?
+            {
+                Value::Array(a) => Value::Array(a.into_iter().map(az_cluster).collect()),
+                other => other,
+            }
         }
         AksVerb::Delete {
             resource_group,

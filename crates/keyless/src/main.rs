@@ -22,6 +22,8 @@ mod mic;
 mod ops;
 mod query;
 mod run;
+mod webhook;
+mod wi_proxy;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -73,13 +75,26 @@ enum Command {
     /// Keep Key Vault certificates on disk as PEM files (the KeyVaultForLinux VM extension).
     KvAgent(run::KvAgentArgs),
     /// The AKS pod-identity add-on: keeps the aadpodidentity.k8s.io objects of a cluster in step
-    /// with its podIdentityProfile (runs in the cluster, authenticates through its node's IMDS).
+    /// with its podIdentityProfile (runs in the cluster, authenticates through its node's IMDS),
+    /// and publishes the API server's service-account keys to the cluster's OIDC issuer and
+    /// sets pods' workload-identity readiness gate.
+    #[command(visible_alias = "cluster-addon")]
     PodIdentityAddon(addon::AddonArgs),
+    /// Workload identity's IMDS proxy sidecar: `init` redirects the pod's 169.254.169.254:80
+    /// traffic to it, `serve` answers IMDS token requests with the pod's federated token.
+    #[command(subcommand)]
+    WiProxy(wi_proxy::WiProxyCmd),
     /// aad-pod-identity's Managed Identity Controller (standard mode): one AzureAssignedIdentity
     /// per pod and identity its bindings select, the identities attached to the nodes' scale
     /// sets / VMs through Keyless ARM (runs in the cluster, authenticates through its node's
     /// IMDS; several replicas, one acts under a Lease).
     Mic(mic::MicArgs),
+    /// Workload identity's mutating admission webhook: pods labelled
+    /// azure.workload.identity/use get the AZURE_* environment and the projected token (its
+    /// serving certificate from Keyless, renewed without a restart; runs in the cluster,
+    /// authenticates through its node's IMDS).
+    #[command(name = "wi-webhook")]
+    WiWebhook(webhook::WebhookArgs),
     /// Readiness of the local server and host agent (their /readyz): a table, and a non-zero
     /// exit status when one is not ready.
     Status(ops::StatusArgs),
@@ -103,6 +118,7 @@ fn main() -> ExitCode {
         Command::KvAgent(_) => Some("kv-agent"),
         Command::PodIdentityAddon(_) => Some("pod-identity-addon"),
         Command::Mic(_) => Some("mic"),
+        Command::WiWebhook(_) => Some("wi-webhook"),
         _ => None,
     };
     if let Some(p) = process {
@@ -143,7 +159,9 @@ fn main() -> ExitCode {
             Command::GetToken(a) => admin::get_token(a).await,
             Command::KvAgent(a) => run::kv_agent(a).await,
             Command::PodIdentityAddon(a) => addon::run(a).await,
+            Command::WiProxy(c) => wi_proxy::run(c).await,
             Command::Mic(a) => mic::run(a).await,
+            Command::WiWebhook(a) => webhook::run(a).await,
             Command::Audit(c) => run::audit(c),
             Command::Status(a) => ops::status(a).await,
             Command::Admin(c) => dbadmin::run(c).await,

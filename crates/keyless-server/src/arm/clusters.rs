@@ -10,8 +10,17 @@
 //! Every write runs in the request's write transaction: the cluster's row is locked before it is
 //! read, the write is computed from that read, and the store writes it only if the cluster is
 //! still at the version read (else it is recomputed: a concurrent create can win between the
-//! read and the write, as there is no row to lock yet). Two Keyless-specific actions serve the
-//! in-cluster add-on: `readPodIdentityProfile` and `reportPodIdentityStatus`.
+//! read and the write, as there is no row to lock yet). Keyless-specific actions serve the
+//! in-cluster add-on: `readPodIdentityProfile` and `reportPodIdentityStatus` (pod identity),
+//! `publishServiceAccountKeys` and `issueWebhookCertificate` (workload identity, issue 15).
+//!
+//! Workload identity (issue 15): `oidcIssuerProfile.enabled` gives the cluster an OIDC issuer
+//! served by Keyless (`crate::oidc`) at `{base_url}/oidc/{issuer id}/`, the id a GUID made the
+//! first time it is enabled and kept in the stored profile (`{"enabled", "issuerId"}`; GET shows
+//! `issuerURL`); it cannot be disabled, and `securityProfile.workloadIdentity` needs it
+//! (`keyless_core::aks`). The add-on publishes the API server's service-account keys to it, and
+//! the webhook gets its serving certificate from the cluster's own webhook CA; both go with the
+//! cluster.
 
 use crate::arm::provider::{handler, Action, Call, Child, ChildId, Collection, Methods, Provider};
 use crate::arm::reply::{self, created_or_ok};
@@ -32,7 +41,7 @@ use keyless_core::names;
 use keyless_core::resource_id::{ResourceId, MANAGED_CLUSTER, UAMI, VMSS};
 use keyless_store::{
     ClusterPut, ClusterRecord, ClusterWrite, Conflict, IdentityRecord, ResourceGroupRecord,
-    StoreError, Tx, VmRecord,
+    StoreError, Tx, VmRecord, WebhookCaRecord,
 };
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -88,11 +97,48 @@ pub static PROVIDER: Provider = Provider {
             lockdown: false,
             handler: handler!(report_status),
         },
+        Action {
+            // C2: the add-on (kubelet identity) or …/write; see publish_service_account_keys
+            name: "publishServiceAccountKeys",
+            method: Method::POST,
+            authorize: None,
+            lockdown: false,
+            handler: handler!(publish_keys),
+        },
+        Action {
+            // C3: the webhook (kubelet identity) or …/write; see issue_webhook_certificate
+            name: "issueWebhookCertificate",
+            method: Method::POST,
+            authorize: None,
+            lockdown: false,
+            handler: handler!(webhook_certificate),
+        },
+        Action {
+            // C4: the add-on (kubelet identity) or …/read; the check is arm::wi_check, handed
+            // the cluster and its issuer URL (it imports nothing of this module)
+            name: "checkWorkloadIdentity",
+            method: Method::POST,
+            authorize: None,
+            lockdown: false,
+            handler: handler!(check_workload_identity),
+        },
     ],
     row: Some("clusters"),
     etag_in_body_since: None,
     role_scope: Some(handler!(exists)),
 };
+
+/// `POST {cluster}/checkWorkloadIdentity` (the add-on's readiness conditions): the caller is
+/// authorized here, the answer is `wi_check`'s (which imports nothing of this module).
+async fn check_workload_identity(
+    s: &AppState,
+    tx: &mut Tx,
+    c: &Call<'_, ResourceId>,
+) -> Result<Response> {
+    let cluster = authorize_addon(s, tx, c.caller, c.target, READ).await?;
+    let issuer = oidc_issuer_url(s, &cluster);
+    crate::arm::wi_check::check(s, tx, c, &cluster, issuer).await
+}
 
 async fn exists(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<()> {
     get_cluster(s, tx, rid).await.map(drop)
@@ -159,6 +205,22 @@ async fn report_status(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> R
     let b: Value = parse_body(c.body)?;
     report_pod_identity_status(s, tx, c.caller, c.target, &b).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST {cluster}/publishServiceAccountKeys`.
+async fn publish_keys(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    publish_service_account_keys(s, tx, c.caller, c.target, c.body).await
+}
+
+/// `POST {cluster}/issueWebhookCertificate`.
+async fn webhook_certificate(
+    s: &AppState,
+    tx: &mut Tx,
+    c: &Call<'_, ResourceId>,
+) -> Result<Response> {
+    let b: Value = parse_body(c.body)?;
+    let v = issue_webhook_certificate(s, tx, c.caller, c.target, &b).await?;
+    Ok(Json(v).into_response())
 }
 
 fn not_found(rid: &ResourceId) -> ServerError {
@@ -665,6 +727,45 @@ async fn try_put(
         }
     };
 
+    // the OIDC issuer and workload identity: what the request does not name stays; the
+    // issuer id is the server's, made the first time the issuer is enabled and kept for the
+    // cluster's life (a request's `issuerURL` is read-only, an `issuerId` is never read)
+    let requested_oidc = aks::requested_oidc_issuer(props.remove("oidcIssuerProfile").as_ref())?;
+    let stored_issuer = ex
+        .and_then(|e| aks::stored_issuer_id(&e.properties))
+        .map(str::to_string);
+    let stored_wi = ex.is_some_and(|e| aks::stored_workload_identity(&e.properties));
+    let mut security = match props.remove("securityProfile") {
+        Some(Value::Object(m)) => m,
+        None | Some(Value::Null) => ex
+            .and_then(|e| e.properties["securityProfile"].as_object().cloned())
+            .unwrap_or_default(),
+        Some(_) => {
+            return Err(invalid(
+                "securityProfile must be an object.",
+                "properties.securityProfile",
+            ))
+        }
+    };
+    let requested_wi = aks::requested_workload_identity(Some(&Value::Object(security.clone())))?;
+    let issuer = aks::resolve_issuer_settings(
+        requested_oidc,
+        requested_wi,
+        stored_issuer.is_some(),
+        stored_wi,
+    )?;
+    let issuer_id = match (issuer.oidc_issuer, &stored_issuer) {
+        (false, _) => None,
+        (true, Some(id)) => Some(id.clone()),
+        (true, None) => Some(new_guid()),
+    };
+    if issuer.workload_identity || security.contains_key("workloadIdentity") {
+        security.insert(
+            "workloadIdentity".into(),
+            json!({"enabled": issuer.workload_identity}),
+        );
+    }
+
     // what the cluster acts as, and what it is made of
     let system = if identity_type == "SystemAssigned" {
         Some(match tx.get_identity(&format!("{key}#system")).await? {
@@ -742,6 +843,13 @@ async fn try_put(
     props.insert("agentPoolProfiles".into(), Value::Array(pool_bodies));
     if let Some(p) = &profile {
         props.insert("podIdentityProfile".into(), p.to_json());
+    }
+    props.insert(
+        "oidcIssuerProfile".into(),
+        aks::stored_oidc_issuer_profile(issuer_id.as_deref()),
+    );
+    if !security.is_empty() {
+        props.insert("securityProfile".into(), Value::Object(security));
     }
     drop_secret_properties(&mut props);
 
@@ -855,12 +963,24 @@ async fn try_put(
             ) => busy(),
             other => other.into(),
         })?;
-    match outcome {
-        ClusterPut::Created => Ok(Some((rec, true))),
-        ClusterPut::Updated => Ok(Some((rec, false))),
-        ClusterPut::Stale => Ok(None),
-        ClusterPut::NodeGroupExists => Err(node_group_exists(&node_rg)),
+    let created = match outcome {
+        ClusterPut::Created => true,
+        ClusterPut::Updated => false,
+        ClusterPut::Stale => return Ok(None),
+        ClusterPut::NodeGroupExists => return Err(node_group_exists(&node_rg)),
+    };
+    if created {
+        // what an earlier cluster of this name left (deleted with its resource group) is not
+        // this one's: its issuers and its webhook CA
+        tx.delete_cluster_oidc(&key).await?;
     }
+    if let Some(id) = issuer_id
+        .as_deref()
+        .filter(|id| created || stored_issuer.as_deref() != Some(*id))
+    {
+        tx.put_oidc_issuer(id, &key, s.now()).await?;
+    }
+    Ok(Some((rec, created)))
 }
 
 fn node_group_exists(node_rg: &str) -> ServerError {
@@ -912,6 +1032,8 @@ async fn update(tx: &mut Tx, next: &ClusterRecord, expect_version: u64) -> Resul
 
 pub async fn delete_cluster(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<bool> {
     get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    // its published keys and its webhook CA go with it (the store's rule, also for a group's
+    // delete)
     Ok(tx.delete_cluster(&rid.key()).await?)
 }
 
@@ -959,6 +1081,7 @@ pub async fn cluster_json(s: &AppState, tx: &mut Tx, c: &ClusterRecord) -> Resul
     props["nodeResourceGroup"] = json!(c.node_resource_group);
     props["maxAgentPools"] = json!(aks::MAX_AGENT_POOLS);
     props["identityProfile"] = json!({"kubeletidentity": kubelet_json(tx, c).await?});
+    props["oidcIssuerProfile"] = aks::shown_oidc_issuer_profile(oidc_issuer_url(s, c).as_deref());
     if let Some(pools) = props["agentPoolProfiles"].as_array_mut() {
         for p in pools {
             p["provisioningState"] = json!("Succeeded");
@@ -1037,8 +1160,8 @@ pub async fn pool_join_token(
 
 /// The cluster's OIDC issuer URL (`{base_url}/oidc/{issuer id}/`) while
 /// `oidcIssuerProfile.enabled`.
-pub(crate) fn oidc_issuer_url(_s: &AppState, _c: &ClusterRecord) -> Option<String> {
-    None
+pub(crate) fn oidc_issuer_url(s: &AppState, c: &ClusterRecord) -> Option<String> {
+    aks::stored_issuer_id(&c.properties).map(|id| crate::oidc::issuer_url(s, id))
 }
 
 /// 403 unless the caller is the cluster's kubelet identity or holds `action` on the cluster.
@@ -1113,6 +1236,117 @@ pub async fn report_pod_identity_status(
         }
     }
     Err(busy())
+}
+
+/// `POST {cluster}/publishServiceAccountKeys` with `{"keys": [<JWK>, …]}` (the API server's
+/// `/openid/v1/jwks` as it is): the keys the cluster's issuer serves from now on, in the
+/// request's unit of work. Caller: the kubelet identity or `managedClusters/write`. Answers
+/// `{"issuerURL", "keys": <count>, "changed": <whether the stored set differed>}`.
+pub async fn publish_service_account_keys(
+    s: &AppState,
+    tx: &mut Tx,
+    caller: &Caller,
+    rid: &ResourceId,
+    body: &[u8],
+) -> Result<Response> {
+    let c = authorize_addon(s, tx, caller, rid, WRITE).await?;
+    if body.len() > aks::MAX_PUBLISH_BODY {
+        return Err(ServerError::RequestTooLarge(aks::MAX_PUBLISH_BODY));
+    }
+    let (Some(id), Some(url)) = (aks::stored_issuer_id(&c.properties), oidc_issuer_url(s, &c))
+    else {
+        return Err(AksError::issuer_not_enabled(&c.name).into());
+    };
+    let b: Value = parse_body(body)?;
+    let keys = aks::validate_published_keys(&b)?;
+    match tx.get_oidc_issuer(id).await? {
+        // the id is another cluster's (never so through this server): nothing of it is ours
+        Some(r) if r.cluster_key != c.key => {
+            return Err(AksError::issuer_not_enabled(&c.name).into())
+        }
+        Some(_) => {}
+        // an issuer enabled before its row was kept (never so through this server): kept now
+        None => tx.put_oidc_issuer(id, &c.key, s.now()).await?,
+    }
+    let changed = tx.set_oidc_issuer_keys(id, &keys, s.now()).await?;
+    if changed {
+        crate::oidc::forget_cached_keys(s, &url);
+    }
+    Ok(Json(json!({"issuerURL": url, "keys": keys.len(), "changed": changed})).into_response())
+}
+
+/// The cluster's webhook CA: made on first use (ECDSA P-256, ten years), its key sealed in
+/// the store; of two concurrent first uses one is kept and both answer with it.
+async fn webhook_ca(s: &AppState, tx: &mut Tx, c: &ClusterRecord) -> Result<keyless_pki::Ca> {
+    let rec = match tx.get_webhook_ca(&c.key).await? {
+        Some(rec) => rec,
+        None => {
+            let now = s.now();
+            let (ca, key_pkcs8) =
+                keyless_pki::Ca::generate(&format!("Keyless webhook CA {}", c.name), now)?;
+            let rec = WebhookCaRecord {
+                cert_der: ca.cert_der().to_vec(),
+                key_pkcs8,
+                created: now,
+            };
+            if tx.put_webhook_ca_if_absent(&c.key, &rec).await? {
+                rec
+            } else {
+                tx.get_webhook_ca(&c.key)
+                    .await?
+                    .ok_or_else(|| ServerError::Store(StoreError::NotFound))?
+            }
+        }
+    };
+    Ok(keyless_pki::Ca::load(&rec.cert_der, &rec.key_pkcs8)?)
+}
+
+/// `POST {cluster}/issueWebhookCertificate` with `{"csr": "<PEM PKCS#10>",
+/// "validityInSeconds": <optional>}`: a serving certificate for the CSR's key, signed by the
+/// cluster's webhook CA, carrying the CSR's DNS / IP SANs (1 to 20, each checked), EKU
+/// serverAuth, valid from a minute ago for the validity asked (default 7 days, clamped to
+/// [60 s, 30 days]). Caller: the kubelet identity or `managedClusters/write`. Answers
+/// `{"certificate", "caBundle", "notBefore", "notAfter"}` (PEM, PEM, RFC 3339, RFC 3339).
+pub async fn issue_webhook_certificate(
+    s: &AppState,
+    tx: &mut Tx,
+    caller: &Caller,
+    rid: &ResourceId,
+    body: &Value,
+) -> Result<Value> {
+    let c = authorize_addon(s, tx, caller, rid, WRITE).await?;
+    let csr = match body.get("csr") {
+        Some(Value::String(p)) if p.contains("-----BEGIN CERTIFICATE REQUEST-----") => p.as_str(),
+        _ => return Err(invalid(
+            "csr must be a PEM certificate signing request (-----BEGIN CERTIFICATE REQUEST-----).",
+            "csr",
+        )),
+    };
+    let validity = aks::webhook_validity(body.get("validityInSeconds"))?;
+    let sans = keyless_pki::csr_sans(csr).map_err(|e| {
+        invalid(
+            format!("The certificate signing request cannot be read: {e}."),
+            "csr",
+        )
+    })?;
+    aks::check_webhook_sans(&sans)?;
+    let ca = webhook_ca(s, tx, &c).await?;
+    let now = s.now();
+    let (not_before, not_after) = (now.saturating_sub(60), now + validity);
+    let der = ca
+        .sign_server_csr(csr, &sans, not_before, not_after)
+        .map_err(|_| {
+            invalid(
+                "The certificate signing request is not valid (its signature does not verify, or it asks for an extension other than names and key usages).",
+                "csr",
+            )
+        })?;
+    Ok(json!({
+        "certificate": keyless_pki::pem("CERTIFICATE", &der),
+        "caBundle": ca.cert_pem(),
+        "notBefore": crate::util::format_iso(not_before),
+        "notAfter": crate::util::format_iso(not_after),
+    }))
 }
 
 // ---------------------------------------------------------------- host view

@@ -1,6 +1,6 @@
 //! `Microsoft.ManagedIdentity/userAssignedIdentities` in the control plane: the provider entry
 //! and its HTTP handlers over the operations of [`crate::arm::resources`], with the federated
-//! identity credentials ([`crate::arm::fics`]) as its child.
+//! identity credentials and the credential patterns ([`crate::arm::fics`]) as its children.
 
 use crate::arm::fics;
 use crate::arm::provider::{
@@ -32,23 +32,45 @@ pub static PROVIDER: Provider = Provider {
         delete: Some(handler!(delete)),
         ..Methods::NONE
     },
-    children: &[Child {
-        type_name: "federatedIdentityCredentials",
-        resource: Some(ChildResource {
-            // reads are authorized by the handler, after the api-version check of its own
-            access: Access::ParentOnWrite,
-            lockdown: true,
-            handler: handler!(fic),
-        }),
-        actions: &[],
-    }],
-    actions: &[Action {
-        name: "federatedIdentityCredentials",
-        method: Method::GET,
-        authorize: None,
-        lockdown: false,
-        handler: handler!(fic_list),
-    }],
+    children: &[
+        Child {
+            type_name: "federatedIdentityCredentials",
+            resource: Some(ChildResource {
+                // reads are authorized by the handler, after the api-version check of its own
+                access: Access::ParentOnWrite,
+                lockdown: true,
+                handler: handler!(fic),
+            }),
+            actions: &[],
+        },
+        Child {
+            type_name: "federatedIdentityCredentialPatterns",
+            resource: Some(ChildResource {
+                // writes: `…/federatedIdentityCredentialPatterns/{write,delete}` on the identity;
+                // reads are authorized by the handler, after the api-version check of its own
+                access: Access::ParentOnWrite,
+                lockdown: true,
+                handler: handler!(fic_pattern),
+            }),
+            actions: &[],
+        },
+    ],
+    actions: &[
+        Action {
+            name: "federatedIdentityCredentials",
+            method: Method::GET,
+            authorize: None,
+            lockdown: false,
+            handler: handler!(fic_list),
+        },
+        Action {
+            name: "federatedIdentityCredentialPatterns",
+            method: Method::GET,
+            authorize: None,
+            lockdown: false,
+            handler: handler!(fic_pattern_list),
+        },
+    ],
     row: Some("identities"),
     etag_in_body_since: None,
     role_scope: Some(handler!(exists)),
@@ -111,4 +133,25 @@ async fn fic_list(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result
         s, tx, c.caller, c.method, c.target, None, c.version, c.body, false,
     )
     .await
+}
+
+/// GET / PUT / DELETE of one credential pattern.
+async fn fic_pattern(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Response> {
+    let ChildId { parent, name } = c.target;
+    fics::handle_patterns(
+        s,
+        tx,
+        c.caller,
+        c.method,
+        parent,
+        Some(name),
+        c.version,
+        c.body,
+    )
+    .await
+}
+
+/// GET of the identity's credential patterns.
+async fn fic_pattern_list(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    fics::handle_patterns(s, tx, c.caller, c.method, c.target, None, c.version, c.body).await
 }

@@ -28,6 +28,7 @@ mod reply;
 pub mod resources;
 pub mod roles;
 pub mod vaults;
+pub mod wi_check;
 
 use crate::arm::registry::{Access, Call, ChildId, Collection, Provider};
 use crate::arm::reply::{created_or_ok, is_read, list, verb, TrackedBody};

@@ -12,9 +12,9 @@ use aws_lc_rs::signature;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use keyless_core::claims::{self, Principal};
-use keyless_core::fic::{self, Fic, Match};
+use keyless_core::fic::{self, Fic, FicPattern, Match};
 use keyless_core::resource_id::ResourceId;
-use keyless_store::{FicRecord, IdentityRecord};
+use keyless_store::{FicPatternRecord, FicRecord, IdentityRecord};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -171,8 +171,35 @@ fn verify_with(jwk: &Value, alg: &str, input: &[u8], sig: &[u8]) -> bool {
     }
 }
 
+/// The matching fields of stored credentials.
+fn to_fics(fics: &[FicRecord]) -> Vec<Fic> {
+    fics.iter()
+        .map(|f| Fic {
+            name: f.name.clone(),
+            issuer: f.issuer.clone(),
+            subject: f.subject.clone(),
+            audiences: f.audiences.clone(),
+        })
+        .collect()
+}
+
+/// The matching fields of stored credential patterns.
+fn to_patterns(patterns: &[FicPatternRecord]) -> Vec<FicPattern> {
+    patterns
+        .iter()
+        .map(|p| FicPattern {
+            name: p.name.clone(),
+            issuer: p.issuer.clone(),
+            subject_pattern: p.subject_pattern.clone(),
+            audiences: p.audiences.clone(),
+        })
+        .collect()
+}
+
 /// Exchange `assertion` for the identity `id`, whose federated identity credentials are `fics`
-/// (read by the caller, whose unit of work has ended: the issuer's keys may be fetched here);
+/// and credential patterns `patterns` (read by the caller in one unit of work, which has ended:
+/// the issuer's keys may be fetched here); matched by [`fic::find`] — exact credentials first,
+/// then patterns, Entra's errors when neither matches;
 /// returns the principal to issue a token to. Once the signature verified (never before: an
 /// unsigned `iss` is anyone's), the assertion's issuer and subject go into `who`, the caller of
 /// the audit record.
@@ -180,6 +207,7 @@ pub async fn exchange(
     s: &AppState,
     id: &IdentityRecord,
     fics: &[FicRecord],
+    patterns: &[FicPatternRecord],
     assertion: &str,
     who: &mut keyless_ops::audit::Caller,
 ) -> Result<Principal> {
@@ -203,17 +231,9 @@ pub async fn exchange(
             "Tokens issued by this authority may not be used for federated identity flows.",
         ));
     }
-    let fics: Vec<Fic> = fics
-        .iter()
-        .map(|f| Fic {
-            name: f.name.clone(),
-            issuer: f.issuer.clone(),
-            subject: f.subject.clone(),
-            audiences: f.audiences.clone(),
-        })
-        .collect();
+    let (fics, patterns) = (to_fics(fics), to_patterns(patterns));
     let aud_refs: Vec<&str> = auds.iter().map(String::as_str).collect();
-    match fic::find(&fics, &iss, &sub, &aud_refs) {
+    match fic::find(&fics, &patterns, &iss, &sub, &aud_refs) {
         Match::Matched(_) => {}
         Match::NoIssuer => {
             return Err(ServerError::sts(Aadsts::FicIssuerMismatch, format!("No matching federated identity record found for presented assertion issuer '{iss}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.")))

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use keyless_core::audience;
 use keyless_core::claims::{resource_from_scope, Principal};
 use keyless_ops::audit;
-use keyless_store::{FicRecord, IdentityRecord, ServicePrincipalRecord};
+use keyless_store::{FicPatternRecord, FicRecord, IdentityRecord, ServicePrincipalRecord};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -193,8 +193,9 @@ fn require<'a>(form: &'a [(String, String)], name: &str) -> Result<&'a str> {
 enum Client {
     /// An application (service principal).
     App(ServicePrincipalRecord),
-    /// A user-assigned identity, with its federated identity credentials.
-    Identity(IdentityRecord, Vec<FicRecord>),
+    /// A user-assigned identity, with its federated identity credentials and credential
+    /// patterns (read in the same unit of work).
+    Identity(IdentityRecord, Vec<FicRecord>, Vec<FicPatternRecord>),
     Unknown,
 }
 
@@ -222,7 +223,8 @@ async fn lookup_client(s: &AppState, client_id: &str) -> Result<Client> {
         return Ok(Client::Unknown);
     };
     let fics = tx.list_fics(&identity.key).await?;
-    Ok(Client::Identity(identity, fics))
+    let patterns = tx.list_fic_patterns(&identity.key).await?;
+    Ok(Client::Identity(identity, fics, patterns))
 }
 
 /// The client id a request names: HTTP Basic's, else the form's `client_id`.
@@ -292,7 +294,7 @@ async fn authenticate_client(
     let sp = match client {
         Client::App(sp) => sp,
         Client::Unknown => return Err(not_found()),
-        Client::Identity(identity, fics) => {
+        Client::Identity(identity, fics, patterns) => {
             let Some(assertion) = assertion else {
                 return Err(ServerError::sts(Aadsts::CredentialRequired,
                     "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
@@ -307,6 +309,7 @@ async fn authenticate_client(
                 s,
                 &identity,
                 &fics,
+                &patterns,
                 assertion,
                 &mut ev.caller,
             )

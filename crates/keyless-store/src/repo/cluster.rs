@@ -246,6 +246,8 @@ impl Tx {
         };
         self.execute("DELETE FROM clusters WHERE key = $1", &params![key])
             .await?;
+        // its OIDC issuer (published keys) and webhook CA go with it
+        self.delete_cluster_oidc(key).await?;
         self.delete_identity_rows(&format!("{key}#system")).await?;
         self.delete_assignments_under(key).await?;
         self.execute(

@@ -1,4 +1,5 @@
-//! Identities (user- and system-assigned) and their federated identity credentials.
+//! Identities (user- and system-assigned), their federated identity credentials and their
+//! federated identity credential patterns.
 
 use crate::store::{json, lower, parse};
 use crate::*;
@@ -134,8 +135,107 @@ impl Tx {
         Ok(n > 0)
     }
 
+    /// Insert or update a credential pattern, enforcing `max` per identity and unique issuer +
+    /// subject pattern. As [`Tx::put_fic`]: the identity's row is locked first, so concurrent
+    /// writers (in any process) count one after the other; a missing identity is
+    /// `Conflict::MissingReference`.
+    pub async fn put_fic_pattern(&mut self, p: &FicPatternRecord, max: usize) -> Result<FicPut> {
+        if !self.lock_row("identities", "key", &p.identity_key).await? {
+            return Err(StoreError::Conflict(Conflict::MissingReference(format!(
+                "identity {} does not exist",
+                p.identity_key
+            ))));
+        }
+        let name_key = lower(&p.name);
+        let is_update = self
+            .query_opt(
+                "SELECT 1 FROM fic_patterns WHERE identity_key = $1 AND name_key = $2",
+                &params![&p.identity_key, &name_key],
+            )
+            .await?
+            .is_some();
+        if !is_update {
+            let count = self
+                .query_one(
+                    "SELECT COUNT(*) FROM fic_patterns WHERE identity_key = $1",
+                    &params![&p.identity_key],
+                )
+                .await?
+                .int(0)?;
+            if count as usize >= max {
+                return Ok(FicPut::LimitReached);
+            }
+        }
+        if self
+            .query_opt(
+                "SELECT 1 FROM fic_patterns WHERE identity_key = $1 AND issuer = $2
+                 AND subject_pattern = $3 AND name_key <> $4",
+                &params![&p.identity_key, &p.issuer, &p.subject_pattern, &name_key],
+            )
+            .await?
+            .is_some()
+        {
+            return Ok(FicPut::DuplicateIssuerSubject);
+        }
+        self.execute(
+            "INSERT INTO fic_patterns(identity_key, name_key, issuer, subject_pattern, body)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT(identity_key, name_key) DO UPDATE SET issuer = excluded.issuer,
+                 subject_pattern = excluded.subject_pattern, body = excluded.body",
+            &params![
+                &p.identity_key,
+                &name_key,
+                &p.issuer,
+                &p.subject_pattern,
+                &json(p)?
+            ],
+        )
+        .await?;
+        Ok(if is_update {
+            FicPut::Updated
+        } else {
+            FicPut::Created
+        })
+    }
+
+    pub async fn get_fic_pattern(
+        &mut self,
+        identity_key: &str,
+        name: &str,
+    ) -> Result<Option<FicPatternRecord>> {
+        self.query_opt(
+            "SELECT body FROM fic_patterns WHERE identity_key = $1 AND name_key = $2",
+            &params![identity_key, &lower(name)],
+        )
+        .await?
+        .map(|r| r.json(0))
+        .transpose()
+    }
+
+    /// An identity's credential patterns, by name.
+    pub async fn list_fic_patterns(&mut self, identity_key: &str) -> Result<Vec<FicPatternRecord>> {
+        self.query(
+            "SELECT body FROM fic_patterns WHERE identity_key = $1 ORDER BY name_key",
+            &params![identity_key],
+        )
+        .await?
+        .iter()
+        .map(|r| parse(r.str(0)?))
+        .collect()
+    }
+
+    pub async fn delete_fic_pattern(&mut self, identity_key: &str, name: &str) -> Result<bool> {
+        let n = self
+            .execute(
+                "DELETE FROM fic_patterns WHERE identity_key = $1 AND name_key = $2",
+                &params![identity_key, &lower(name)],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
     /// Remove an identity and what refers to it (host assignments, role assignments it holds
-    /// or on its scope, its federated credentials); the number of identity rows deleted.
+    /// or on its scope, its federated credentials and patterns); the number of identity rows deleted.
     ///
     /// The identity row goes first: a writer that locked it to add something under it (a VM
     /// assignment, a federated credential) has committed by the time this delete proceeds,
@@ -168,6 +268,11 @@ impl Tx {
         .await?;
         self.execute("DELETE FROM fics WHERE identity_key = $1", &params![key])
             .await?;
+        self.execute(
+            "DELETE FROM fic_patterns WHERE identity_key = $1",
+            &params![key],
+        )
+        .await?;
         if !key.ends_with("#system") {
             // a user-assigned identity is also a scope; a system identity's scope is its VM's
             self.delete_assignments_under(key).await?;

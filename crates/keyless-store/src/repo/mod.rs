@@ -10,5 +10,6 @@ pub mod hosts;
 pub mod identities;
 pub mod lease;
 pub mod meta;
+pub mod oidc;
 pub mod tracked;
 pub mod vault;

@@ -1,0 +1,764 @@
+//! A managed cluster's OIDC issuer served by Keyless (issue 15, contracts C1–C3), in process
+//! like `tests/routes.rs` (its harness: a real server state on its own SQLite file, requests
+//! handed to the router, no TCP): enabling the issuer on the cluster resource (and the rules
+//! AKS has for it), the discovery document and JWKS before and after the add-on publishes
+//! the API server's keys, who may publish what, the webhook serving certificate, and a
+//! federated exchange end to end with a service-account token signed by a published key —
+//! including a key rotation.
+
+#[allow(dead_code)]
+#[path = "routes/harness.rs"]
+mod harness;
+
+use harness::*;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+macro_rules! rg {
+    ($m:literal, $tail:literal) => {
+        concat!(
+            "ARM ",
+            $m,
+            " /subscriptions/{sub}/resourceGroups/{rg}/providers/",
+            $tail
+        )
+    };
+}
+
+const PUT_GROUP: &str = "ARM PUT /subscriptions/{sub}/resourceGroups/{rg}";
+const PUT_CLUSTER: &str = rg!(
+    "PUT",
+    "Microsoft.ContainerService/managedClusters/{cluster}"
+);
+const GET_CLUSTER: &str = rg!(
+    "GET",
+    "Microsoft.ContainerService/managedClusters/{cluster}"
+);
+const DELETE_CLUSTER: &str = rg!(
+    "DELETE",
+    "Microsoft.ContainerService/managedClusters/{cluster}"
+);
+const JOIN_TOKEN: &str = rg!(
+    "POST",
+    "Microsoft.ContainerService/managedClusters/{cluster}/agentPools/{pool}/generateJoinToken"
+);
+const PUBLISH: &str = rg!(
+    "POST",
+    "Microsoft.ContainerService/managedClusters/{cluster}/publishServiceAccountKeys"
+);
+const WEBHOOK_CERT: &str = rg!(
+    "POST",
+    "Microsoft.ContainerService/managedClusters/{cluster}/issueWebhookCertificate"
+);
+const PUT_IDENTITY: &str = rg!(
+    "PUT",
+    "Microsoft.ManagedIdentity/userAssignedIdentities/{id}"
+);
+const PUT_FIC: &str = rg!(
+    "PUT",
+    "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentials/{fic}"
+);
+const DISCOVERY: &str = "OIDC GET /oidc/{id}/.well-known/openid-configuration";
+const JWKS: &str = "OIDC GET /oidc/{id}/openid/v1/jwks";
+const TOKEN: &str = "STS POST /{tenant}/oauth2/v2.0/token";
+
+const ROUTES: &[&str] = &[
+    PUT_GROUP,
+    PUT_CLUSTER,
+    GET_CLUSTER,
+    DELETE_CLUSTER,
+    JOIN_TOKEN,
+    PUBLISH,
+    WEBHOOK_CERT,
+    PUT_IDENTITY,
+    PUT_FIC,
+    DISCOVERY,
+    JWKS,
+    TOKEN,
+    "GRAPH POST /v1.0/applications",
+    "HOST POST /keyless/host/v1/join",
+    "HOST POST /keyless/host/v1/token",
+];
+
+const AKS: &str = "api-version=2026-08-01";
+const MSI: &str = "api-version=2023-01-31";
+const RES: &str = "api-version=2022-12-01";
+const EXCHANGE_AUDIENCE: &str = "api://AzureADTokenExchange";
+const SUBJECT: &str = "system:serviceaccount:app:web";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// A caller: its ARM token and its object id.
+struct Who {
+    token: String,
+    oid: String,
+}
+
+async fn admin(srv: &Srv) -> Who {
+    let token = srv.admin_token(ARM_SCOPE).await;
+    let oid = s(&claims(&token)["oid"]);
+    Who { token, oid }
+}
+
+async fn stranger(srv: &Srv) -> Who {
+    let (id, oid, secret) = srv.roleless_app("stranger").await;
+    Who {
+        token: srv.token(&id, &secret, ARM_SCOPE).await,
+        oid,
+    }
+}
+
+fn group(srv: &Srv, rg: &str) -> String {
+    format!("/subscriptions/{}/resourceGroups/{rg}", srv.sub)
+}
+
+async fn put_group(srv: &Srv, who: &Who, rg: &str) {
+    let c = srv
+        .call(PUT_GROUP, format!("{}?{RES}", group(srv, rg)))
+        .bearer(&who.token)
+        .json(&json!({"location": "local"}));
+    srv.expect(c, 201).await;
+}
+
+/// `/subscriptions/…/resourceGroups/rg1/providers/Microsoft.ContainerService/managedClusters/{name}`.
+fn cluster_id(srv: &Srv, name: &str) -> String {
+    format!(
+        "{}/providers/Microsoft.ContainerService/managedClusters/{name}",
+        group(srv, "rg1")
+    )
+}
+
+fn cluster_body(properties: Value) -> Value {
+    let mut props = json!({"dnsPrefix": "c", "agentPoolProfiles": [{"name": "np1", "count": 1, "mode": "System"}]});
+    for (k, v) in properties.as_object().unwrap() {
+        props[k] = v.clone();
+    }
+    json!({"location": "local", "identity": {"type": "SystemAssigned"}, "properties": props})
+}
+
+async fn put_cluster(srv: &Srv, who: &Who, name: &str, body: &Value) -> harness::Resp {
+    srv.send(
+        srv.call(PUT_CLUSTER, format!("{}?{AKS}", cluster_id(srv, name)))
+            .bearer(&who.token)
+            .json(body),
+    )
+    .await
+}
+
+async fn get_cluster(srv: &Srv, who: &Who, name: &str) -> Value {
+    srv.expect(
+        srv.call(GET_CLUSTER, format!("{}?{AKS}", cluster_id(srv, name)))
+            .bearer(&who.token),
+        200,
+    )
+    .await
+}
+
+/// A cluster `name` in rg1 with its OIDC issuer enabled: (its GET body, its issuer URL).
+async fn cluster_with_issuer(srv: &Srv, who: &Who, name: &str) -> (Value, String) {
+    let body = cluster_body(json!({"oidcIssuerProfile": {"enabled": true}}));
+    let r = put_cluster(srv, who, name, &body).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let url = s(&r.body["properties"]["oidcIssuerProfile"]["issuerURL"]);
+    (r.body, url)
+}
+
+/// The issuer id of an issuer URL (`{base}/oidc/{id}/`).
+fn issuer_id(srv: &Srv, url: &str) -> String {
+    url.strip_prefix(&format!("{}/oidc/", srv.base))
+        .and_then(|r| r.strip_suffix('/'))
+        .unwrap_or_else(|| panic!("{url} is no issuer URL of {}", srv.base))
+        .to_string()
+}
+
+async fn publish(srv: &Srv, token: &str, cluster: &str, body: &Value) -> harness::Resp {
+    srv.send(
+        srv.call(
+            PUBLISH,
+            format!(
+                "{}/publishServiceAccountKeys?{AKS}",
+                cluster_id(srv, cluster)
+            ),
+        )
+        .bearer(token)
+        .json(body),
+    )
+    .await
+}
+
+async fn webhook_cert(srv: &Srv, token: &str, cluster: &str, body: &Value) -> harness::Resp {
+    srv.send(
+        srv.call(
+            WEBHOOK_CERT,
+            format!("{}/issueWebhookCertificate?{AKS}", cluster_id(srv, cluster)),
+        )
+        .bearer(token)
+        .json(body),
+    )
+    .await
+}
+
+async fn discovery(srv: &Srv, id: &str) -> harness::Resp {
+    srv.send(srv.call(
+        DISCOVERY,
+        format!("/oidc/{id}/.well-known/openid-configuration"),
+    ))
+    .await
+}
+
+async fn jwks(srv: &Srv, id: &str) -> harness::Resp {
+    srv.send(srv.call(JWKS, format!("/oidc/{id}/openid/v1/jwks")))
+        .await
+}
+
+/// An RS256 key as the API server's signing key: the key and its public JWK as
+/// `/openid/v1/jwks` shows it.
+fn sa_key(now: u64) -> (keyless_pki::SigningKey, Value) {
+    let (ca, _) = keyless_pki::Ca::generate("test", now).unwrap();
+    let (key, _) = keyless_pki::SigningKey::generate(&ca, now, 86_400).unwrap();
+    let j = key.jwk();
+    let jwk = json!({"use": "sig", "kty": "RSA", "kid": j.kid, "alg": "RS256", "n": j.n, "e": j.e});
+    (key, jwk)
+}
+
+/// A service-account token signed by `key` (its `kid` in the header).
+fn sa_token(key: &keyless_pki::SigningKey, iss: &str, sub: &str, aud: &str, now: u64) -> String {
+    let header = json!({"alg": "RS256", "kid": key.kid(), "typ": "JWT"});
+    let claims = json!({"iss": iss, "sub": sub, "aud": [aud], "iat": now, "nbf": now,
+                        "exp": now + 3600,
+                        "kubernetes.io": {"namespace": "app", "serviceaccount": {"name": "web"}}});
+    let input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let sig = key.sign(input.as_bytes()).unwrap();
+    format!("{input}.{}", b64url(&sig))
+}
+
+/// Exchange `assertion` for a token of the identity `client_id` at the v2 endpoint.
+async fn exchange(srv: &Srv, client_id: &str, assertion: &str) -> harness::Resp {
+    srv.send(
+        srv.call(TOKEN, format!("/{}/oauth2/v2.0/token", srv.tenant))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_assertion_type", JWT_BEARER),
+                ("client_assertion", assertion),
+                ("scope", "https://management.azure.com/.default"),
+            ]),
+    )
+    .await
+}
+
+/// Join a node to pool np1 of `cluster` and get an ARM token of the cluster's kubelet identity
+/// through the host API (as the add-on on a node gets it from IMDS).
+async fn kubelet_token(srv: &Srv, adm: &Who, cluster: &str, kubelet_client_id: &str) -> String {
+    let jt = srv
+        .expect(
+            srv.call(
+                JOIN_TOKEN,
+                format!(
+                    "{}/agentPools/np1/generateJoinToken?{AKS}",
+                    cluster_id(srv, cluster)
+                ),
+            )
+            .bearer(&adm.token),
+            200,
+        )
+        .await;
+    let (csr, _key) = keyless_pki::generate_csr("keyless-node").unwrap();
+    let v = srv
+        .expect(
+            srv.call("HOST POST /keyless/host/v1/join", "/keyless/host/v1/join")
+                .json(&json!({"joinToken": jt["joinToken"], "csr": csr})),
+            200,
+        )
+        .await;
+    let cert = keyless_pki::pem_blocks(&s(&v["certificate"]), "CERTIFICATE");
+    let fp = keyless_pki::sha256_hex(&cert[0]);
+    let v = srv
+        .expect(
+            srv.call("HOST POST /keyless/host/v1/token", "/keyless/host/v1/token")
+                .peer(Some(&fp))
+                .json(&json!({"resource": "https://management.azure.com/",
+                    "selector": {"kind": "client_id", "value": kubelet_client_id}})),
+            200,
+        )
+        .await;
+    s(&v["access_token"])
+}
+
+// ------------------------------------------------------------------ C1 + C2
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issuer_is_enabled_on_the_cluster_and_serves_what_the_add_on_publishes() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    let other = stranger(&srv).await;
+    put_group(&srv, &adm, "rg1").await;
+
+    // a cluster without the issuer: GET says so, workload identity alone is refused, and
+    // there is nothing to publish to
+    let r = put_cluster(&srv, &adm, "c1", &cluster_body(json!({}))).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(
+        r.body["properties"]["oidcIssuerProfile"],
+        json!({"enabled": false})
+    );
+    let (sk, jwk) = sa_key(srv.s.now());
+    let r = publish(&srv, &adm.token, "c1", &json!({"keys": [jwk.clone()]})).await;
+    arm_error(&r, 400, "OIDCIssuerNotEnabled");
+    let mut c = get_cluster(&srv, &adm, "c1").await;
+    c["properties"]["securityProfile"] = json!({"workloadIdentity": {"enabled": true}});
+    let r = put_cluster(&srv, &adm, "c1", &c).await;
+    arm_error(&r, 400, "BadRequest");
+    assert!(
+        s(&r.body["error"]["message"]).contains("requires enabling OIDC issuer"),
+        "{}",
+        r.text
+    );
+
+    // az aks update --enable-oidc-issuer --enable-workload-identity: GET, modify, PUT; the
+    // issuer id is the server's (a caller's is not read)
+    c["properties"]["oidcIssuerProfile"] = json!({"enabled": true, "issuerId": "mine"});
+    let r = put_cluster(&srv, &adm, "c1", &c).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let url = s(&r.body["properties"]["oidcIssuerProfile"]["issuerURL"]);
+    let id = issuer_id(&srv, &url);
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{url}");
+    assert_eq!(
+        r.body["properties"]["oidcIssuerProfile"],
+        json!({"enabled": true, "issuerURL": url})
+    );
+    assert_eq!(
+        r.body["properties"]["securityProfile"]["workloadIdentity"],
+        json!({"enabled": true})
+    );
+    // kept for the cluster's life: another write (the GET body sent back) keeps it, one that
+    // names neither profile keeps both
+    let c = get_cluster(&srv, &adm, "c1").await;
+    assert_eq!(
+        c["properties"]["oidcIssuerProfile"]["issuerURL"],
+        url.as_str()
+    );
+    let r = put_cluster(&srv, &adm, "c1", &c).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = put_cluster(&srv, &adm, "c1", &cluster_body(json!({}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.body["properties"]["oidcIssuerProfile"]["issuerURL"],
+        url.as_str()
+    );
+    assert_eq!(
+        r.body["properties"]["securityProfile"]["workloadIdentity"]["enabled"],
+        true
+    );
+    // and it cannot be disabled
+    let mut off = c.clone();
+    off["properties"]["oidcIssuerProfile"] = json!({"enabled": false});
+    let r = put_cluster(&srv, &adm, "c1", &off).await;
+    arm_error(&r, 400, "BadRequest");
+    assert!(
+        s(&r.body["error"]["message"]).contains("cannot be disabled"),
+        "{}",
+        r.text
+    );
+    let c = get_cluster(&srv, &adm, "c1").await;
+    assert_eq!(
+        c["properties"]["oidcIssuerProfile"]["issuerURL"],
+        url.as_str()
+    );
+
+    // served, unauthenticated, before any publish: discovery, and an empty key set
+    let r = discovery(&srv, &id).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.body,
+        json!({"issuer": url, "jwks_uri": format!("{url}openid/v1/jwks"),
+               "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+               "id_token_signing_alg_values_supported": ["RS256"]})
+    );
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+    let r = jwks(&srv, &id).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body, json!({"keys": []}));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+    // an unknown issuer is 404 in ARM's shape
+    for unknown in [uuid::Uuid::new_v4().to_string(), "x".into()] {
+        arm_error(&discovery(&srv, &unknown).await, 404, "InvalidResourceId");
+        arm_error(&jwks(&srv, &unknown).await, 404, "InvalidResourceId");
+    }
+
+    // publish refusals: a stranger (the cluster is not told of), a private key, too many keys,
+    // a body too large
+    let r = publish(&srv, &other.token, "c1", &json!({"keys": [jwk.clone()]})).await;
+    arm_forbidden(&r, &other.oid);
+    let mut private = jwk.clone();
+    private["d"] = json!("AQAB");
+    let r = publish(&srv, &adm.token, "c1", &json!({"keys": [private]})).await;
+    arm_error(&r, 400, "InvalidParameter");
+    assert_eq!(r.body["error"]["target"], "keys[0]", "{}", r.text);
+    assert!(
+        s(&r.body["error"]["message"]).contains(&format!("'{}'", sk.kid())),
+        "{}",
+        r.text
+    );
+    let many: Vec<Value> = (0..101)
+        .map(|i| {
+            let mut k = jwk.clone();
+            k["kid"] = json!(format!("k{i}"));
+            k
+        })
+        .collect();
+    let r = publish(&srv, &adm.token, "c1", &json!({ "keys": many })).await;
+    arm_error(&r, 400, "InvalidParameter");
+    let r = publish(
+        &srv,
+        &adm.token,
+        "c1",
+        &json!({"keys": [], "pad": "x".repeat(70_000)}),
+    )
+    .await;
+    arm_error(&r, 413, "RequestEntityTooLarge");
+    let r = publish(&srv, &adm.token, "c1", &json!({"keys": "none"})).await;
+    arm_error(&r, 400, "InvalidParameter");
+    assert_eq!(jwks(&srv, &id).await.body, json!({"keys": []}));
+
+    // a publish: served at once; the same set again changes nothing
+    let set = json!({"keys": [jwk.clone()]});
+    let r = publish(&srv, &adm.token, "c1", &set).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.body,
+        json!({"issuerURL": url, "keys": 1, "changed": true})
+    );
+    assert_eq!(jwks(&srv, &id).await.body, set);
+    let r = publish(&srv, &adm.token, "c1", &set).await;
+    assert_eq!(
+        r.body,
+        json!({"issuerURL": url, "keys": 1, "changed": false})
+    );
+
+    // the kubelet identity (the add-on on a node) may publish without any role
+    let kubelet = c["properties"]["identityProfile"]["kubeletidentity"].clone();
+    let kt = kubelet_token(&srv, &adm, "c1", &s(&kubelet["clientId"])).await;
+    assert_eq!(claims(&kt)["oid"], kubelet["objectId"]);
+    let (_, jwk2) = sa_key(srv.s.now());
+    let set2 = json!({"keys": [jwk.clone(), jwk2]});
+    let r = publish(&srv, &kt, "c1", &set2).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.body,
+        json!({"issuerURL": url, "keys": 2, "changed": true})
+    );
+    assert_eq!(jwks(&srv, &id).await.body, set2);
+    // … but not to another cluster
+    cluster_with_issuer(&srv, &adm, "c2").await;
+    let r = publish(&srv, &kt, "c2", &set2).await;
+    arm_forbidden(&r, &s(&kubelet["objectId"]));
+
+    // the issuer and its keys go with the cluster; a new cluster of the same name has an
+    // issuer of its own
+    srv.expect(
+        srv.call(DELETE_CLUSTER, format!("{}?{AKS}", cluster_id(&srv, "c1")))
+            .bearer(&adm.token),
+        204,
+    )
+    .await;
+    arm_error(&discovery(&srv, &id).await, 404, "InvalidResourceId");
+    arm_error(&jwks(&srv, &id).await, 404, "InvalidResourceId");
+    let (_, url2) = cluster_with_issuer(&srv, &adm, "c1").await;
+    assert_ne!(url2, url);
+    let id2 = issuer_id(&srv, &url2);
+    assert_eq!(jwks(&srv, &id2).await.body, json!({"keys": []}));
+    arm_error(&jwks(&srv, &id).await, 404, "InvalidResourceId");
+}
+
+// ------------------------------------------------------------------ C3
+
+fn verifier(ca_bundle: &str) -> Arc<rustls::client::WebPkiServerVerifier> {
+    keyless_pki::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for der in keyless_pki::pem_blocks(ca_bundle, "CERTIFICATE") {
+        roots.add(CertificateDer::from(der)).unwrap();
+    }
+    rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+        .build()
+        .unwrap()
+}
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_gets_its_serving_certificate_from_the_clusters_own_ca() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    let other = stranger(&srv).await;
+    put_group(&srv, &adm, "rg1").await;
+    let (c, _) = cluster_with_issuer(&srv, &adm, "c1").await;
+    let svc = "azure-wi-webhook-webhook-service.azure-workload-identity-system.svc";
+    let sans = names(&[
+        svc,
+        "azure-wi-webhook-webhook-service.azure-workload-identity-system.svc.cluster.local",
+        "10.0.0.7",
+    ]);
+    let (csr, _key) = keyless_pki::generate_server_csr(&sans).unwrap();
+
+    // a stranger is refused before anything is made
+    let r = webhook_cert(&srv, &other.token, "c1", &json!({"csr": csr})).await;
+    arm_forbidden(&r, &other.oid);
+
+    // the default validity (7 days): the CSR's names, serverAuth, a chain to the caBundle
+    let r = webhook_cert(&srv, &adm.token, "c1", &json!({"csr": csr})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let leaf = keyless_pki::pem_blocks(&s(&r.body["certificate"]), "CERTIFICATE");
+    assert_eq!(leaf.len(), 1, "{}", r.text);
+    let bundle = s(&r.body["caBundle"]);
+    let (nb, na) = keyless_pki::cert_validity(&leaf[0]).unwrap();
+    assert_eq!(na - nb, 7 * 86_400 + 60);
+    let now = srv.s.now();
+    assert!(
+        na >= now + 7 * 86_400 - 5 && na <= now + 7 * 86_400 + 5,
+        "{na} vs {now}"
+    );
+    let iso = |t: u64| {
+        let (d, s) = ((t / 86_400) as i64, t % 86_400);
+        let (y, m, dd) = keyless_core::clock::civil_from_days(d);
+        format!(
+            "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}Z",
+            s / 3600,
+            (s / 60) % 60,
+            s % 60
+        )
+    };
+    assert_eq!(r.body["notBefore"], iso(nb).as_str());
+    assert_eq!(r.body["notAfter"], iso(na).as_str());
+    let v = verifier(&bundle);
+    for name in [svc, "10.0.0.7"] {
+        v.verify_server_cert(
+            &CertificateDer::from(leaf[0].clone()),
+            &[],
+            &ServerName::try_from(name.to_string()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    // a name it was not asked for does not verify, nor does the chain to another CA
+    assert!(v
+        .verify_server_cert(
+            &CertificateDer::from(leaf[0].clone()),
+            &[],
+            &ServerName::try_from("other.svc".to_string()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .is_err());
+    let (foreign, _) = keyless_pki::Ca::generate("foreign", now).unwrap();
+    assert!(verifier(&foreign.cert_pem())
+        .verify_server_cert(
+            &CertificateDer::from(leaf[0].clone()),
+            &[],
+            &ServerName::try_from(svc.to_string()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .is_err());
+
+    // validity clamped to [60 s, 30 days]; the CA is kept (the same bundle)
+    for (asked, got) in [(1i64, 60u64), (3600, 3600), (1_000_000_000, 30 * 86_400)] {
+        let r = webhook_cert(
+            &srv,
+            &adm.token,
+            "c1",
+            &json!({"csr": csr, "validityInSeconds": asked}),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let leaf = keyless_pki::pem_blocks(&s(&r.body["certificate"]), "CERTIFICATE");
+        let (nb, na) = keyless_pki::cert_validity(&leaf[0]).unwrap();
+        assert_eq!(na - nb, got + 60, "asked {asked}");
+        assert_eq!(s(&r.body["caBundle"]), bundle);
+    }
+
+    // refusals: no CSR, garbage, no names, a wildcard, 21 names, a bad validity
+    let (no_names, _) = keyless_pki::generate_csr("webhook").unwrap();
+    let (wild, _) = keyless_pki::generate_server_csr(&names(&["*.svc"])).unwrap();
+    let many: Vec<String> = (0..21).map(|i| format!("s{i}.svc")).collect();
+    let (too_many, _) = keyless_pki::generate_server_csr(&many).unwrap();
+    for body in [
+        json!({}),
+        json!({"csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"}),
+        json!({"csr": no_names}),
+        json!({"csr": wild}),
+        json!({"csr": too_many}),
+        json!({"csr": csr, "validityInSeconds": "60"}),
+    ] {
+        let r = webhook_cert(&srv, &adm.token, "c1", &body).await;
+        arm_error(&r, 400, "InvalidParameter");
+    }
+
+    // the kubelet identity (the webhook on a node) may ask too; another cluster has its own CA
+    let kubelet = c["properties"]["identityProfile"]["kubeletidentity"].clone();
+    let kt = kubelet_token(&srv, &adm, "c1", &s(&kubelet["clientId"])).await;
+    let r = webhook_cert(&srv, &kt, "c1", &json!({"csr": csr})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(s(&r.body["caBundle"]), bundle);
+    cluster_with_issuer(&srv, &adm, "c2").await;
+    let r = webhook_cert(&srv, &kt, "c2", &json!({"csr": csr})).await;
+    arm_forbidden(&r, &s(&kubelet["objectId"]));
+    let r = webhook_cert(&srv, &adm.token, "c2", &json!({"csr": csr})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_ne!(s(&r.body["caBundle"]), bundle);
+
+    // the CA goes with the cluster: a new cluster of the same name has another
+    srv.expect(
+        srv.call(DELETE_CLUSTER, format!("{}?{AKS}", cluster_id(&srv, "c1")))
+            .bearer(&adm.token),
+        204,
+    )
+    .await;
+    cluster_with_issuer(&srv, &adm, "c1").await;
+    let r = webhook_cert(&srv, &adm.token, "c1", &json!({"csr": csr})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_ne!(s(&r.body["caBundle"]), bundle);
+}
+
+// ------------------------------------------------------------------ federation end to end
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_token_signed_by_a_published_key_exchanges() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    put_group(&srv, &adm, "rg1").await;
+    let (_, url) = cluster_with_issuer(&srv, &adm, "c1").await;
+
+    // a user-assigned identity trusting the cluster's issuer for app/web
+    let ident_id = format!(
+        "{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/web",
+        group(&srv, "rg1")
+    );
+    let ident = srv
+        .expect(
+            srv.call(PUT_IDENTITY, format!("{ident_id}?{MSI}"))
+                .bearer(&adm.token)
+                .json(&json!({"location": "local"})),
+            201,
+        )
+        .await;
+    let client_id = s(&ident["properties"]["clientId"]);
+    srv.expect(
+        srv.call(
+            PUT_FIC,
+            format!("{ident_id}/federatedIdentityCredentials/aks-web?{MSI}"),
+        )
+        .bearer(&adm.token)
+        .json(&json!({"properties": {"issuer": url, "subject": SUBJECT,
+                                     "audiences": [EXCHANGE_AUDIENCE]}})),
+        201,
+    )
+    .await;
+
+    let now = srv.s.now();
+    let (k1, jwk1) = sa_key(now);
+    // before any publish the issuer has no keys: refused as an issuer whose keys cannot be read
+    let t1 = sa_token(&k1, &url, SUBJECT, EXCHANGE_AUDIENCE, now);
+    let r = exchange(&srv, &client_id, &t1).await;
+    sts_error(&r, 400, "invalid_request", 50166);
+
+    let r = publish(&srv, &adm.token, "c1", &json!({"keys": [jwk1]})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = exchange(&srv, &client_id, &t1).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let c = claims(&s(&r.body["access_token"]));
+    assert_eq!(c["oid"], ident["properties"]["principalId"]);
+    assert_eq!(c["aud"], "https://management.azure.com");
+
+    // a token signed by a key that is not published: refused on its signature, whether it
+    // names an unknown kid or the published one
+    let (k_other, _) = sa_key(now);
+    let r = exchange(
+        &srv,
+        &client_id,
+        &sa_token(&k_other, &url, SUBJECT, EXCHANGE_AUDIENCE, now),
+    )
+    .await;
+    sts_error(&r, 401, "invalid_client", 700027);
+    let forged = {
+        let t = sa_token(&k_other, &url, SUBJECT, EXCHANGE_AUDIENCE, now);
+        let parts: Vec<&str> = t.split('.').collect();
+        let header = b64url(
+            json!({"alg": "RS256", "kid": k1.kid(), "typ": "JWT"})
+                .to_string()
+                .as_bytes(),
+        );
+        let input = format!("{header}.{}", parts[1]);
+        format!(
+            "{input}.{}",
+            b64url(&k_other.sign(input.as_bytes()).unwrap())
+        )
+    };
+    let r = exchange(&srv, &client_id, &forged).await;
+    sts_error(&r, 401, "invalid_client", 700027);
+    // another subject and another audience are the credential's refusals
+    let r = exchange(
+        &srv,
+        &client_id,
+        &sa_token(
+            &k1,
+            &url,
+            "system:serviceaccount:app:other",
+            EXCHANGE_AUDIENCE,
+            now,
+        ),
+    )
+    .await;
+    sts_error(&r, 401, "invalid_client", 700213);
+    let r = exchange(
+        &srv,
+        &client_id,
+        &sa_token(&k1, &url, SUBJECT, "api://other", now),
+    )
+    .await;
+    sts_error(&r, 401, "invalid_client", 700212);
+    // an issuer URL of this server that no cluster has: never fetched over HTTP, refused
+    let ghost = format!("{}/oidc/{}/", srv.base, uuid::Uuid::new_v4());
+    srv.expect(
+        srv.call(
+            PUT_FIC,
+            format!("{ident_id}/federatedIdentityCredentials/ghost?{MSI}"),
+        )
+        .bearer(&adm.token)
+        .json(&json!({"properties": {"issuer": ghost, "subject": SUBJECT,
+                                     "audiences": [EXCHANGE_AUDIENCE]}})),
+        201,
+    )
+    .await;
+    let r = exchange(
+        &srv,
+        &client_id,
+        &sa_token(&k1, &ghost, SUBJECT, EXCHANGE_AUDIENCE, now),
+    )
+    .await;
+    sts_error(&r, 400, "invalid_request", 50166);
+
+    // the API server's key rotated: the add-on publishes the new set, and a token of the new
+    // key exchanges at once on this server (its cached keys of the issuer were forgotten)
+    let (k2, jwk2) = sa_key(now);
+    let r = publish(&srv, &adm.token, "c1", &json!({"keys": [jwk2]})).await;
+    assert_eq!(r.body["changed"], true, "{}", r.text);
+    let r = exchange(
+        &srv,
+        &client_id,
+        &sa_token(&k2, &url, SUBJECT, EXCHANGE_AUDIENCE, now),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // and the retired key's tokens no longer do
+    let r = exchange(&srv, &client_id, &t1).await;
+    sts_error(&r, 401, "invalid_client", 700027);
+}
