@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -110,7 +111,7 @@ class Fabric:
 
 
 @contextlib.contextmanager
-def running_fabric(prefix, control_plane=True):
+def running_fabric(prefix, control_plane=True, public_on_node=False):
     """A control plane (unless the caller starts it later, e.g. with an issuer known only once a
     cluster exists), two node namespaces and `keyless up` reachable from them (its certificate
     names the nodes' side of their veths), torn down afterwards; skipped (failed under CI) where
@@ -130,7 +131,17 @@ def running_fabric(prefix, control_plane=True):
         extra = ["--sync-interval", "1"]
         for n in f.nodes:
             extra += ["--tls-san", n.host_ip]
-        f.up = start_up(pathlib.Path(root) / "data", extra=extra, listen="0.0.0.0:0")
+        listen = "0.0.0.0:0"
+        if public_on_node:
+            # the server's public URL (its token issuer) is the address pods reach it at, as in
+            # a real cluster: MSAL (node) refuses a discovery document whose issuer is on
+            # another origin than the authority it was given
+            with socket.socket() as sock:
+                sock.bind(("0.0.0.0", 0))
+                port = sock.getsockname()[1]
+            listen = f"0.0.0.0:{port}"
+            extra += ["--public-url", f"https://{f.nodes[0].host_ip}:{port}"]
+        f.up = start_up(pathlib.Path(root) / "data", extra=extra, listen=listen)
         f.up.data_dir = pathlib.Path(root) / "data"
         yield f
     finally:

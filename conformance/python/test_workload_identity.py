@@ -164,7 +164,7 @@ class Wi:
 
 @pytest.fixture(scope="module")
 def wi():
-    with running_fabric("keyless-wi-", control_plane=False) as fab:
+    with running_fabric("keyless-wi-", control_plane=False, public_on_node=True) as fab:
         cli = fab.cli
         cli("group", "create", "--name", "wiRG", "--location", "eastus")
         cli("group", "create", "--name", "wiIdentities", "--location", "eastus")
@@ -173,7 +173,7 @@ def wi():
         # seed 003's form
         issuer = cli("aks", "show", "-g", "wiRG", "-n", "wiCluster", "--query", "oidcIssuerProfile.issuerUrl",
                      "-o", "tsv").strip()
-        assert issuer.startswith(fab.up.info["serverUrl"] + "/oidc/") and issuer.endswith("/"), issuer
+        assert issuer.startswith(fab.server_for(fab.nodes[0]) + "/oidc/") and issuer.endswith("/"), issuer
         assert cluster["properties"]["securityProfile"]["workloadIdentity"]["enabled"] is True
         # the API server signs service-account tokens as Keyless's issuer for this cluster
         fab.cp = ControlPlane(fab.root, extra_args=[f"--service-account-issuer={issuer}",
@@ -191,16 +191,16 @@ def wi():
         kubeconfig = fab.cp.node_kubeconfig(pathlib.Path(fab.root) / "kubeconfig-node0")
         common = ["--cluster-id", cluster["id"], "--server", fab.server_for(node), "--ca-file",
                   fab.up.info["caFile"], "--client-id", kubelet["clientId"], "--kubeconfig", kubeconfig]
-        fab.procs.append(Proc([*node.prefix(), keyless_bin(), "cluster-addon", *common, "--skip-crds",
-                               "--profile-poll", "1", "--jwks-sync-interval", "1"],
-                              "pod-identity add-on: in step", pathlib.Path(fab.root) / "addon.log"))
+        fab.procs.append(Proc([*node.prefix(), keyless_bin(), "cluster-addon", *common,
+                               "--profile-poll", "1", "--jwks-sync-interval", "1", "--readiness-poll", "1"],
+                              "workload identity: caches listed", pathlib.Path(fab.root) / "addon.log"))
         port = 9443
         fab.procs.append(Proc([*node.prefix(), keyless_bin(), "wi-webhook", *common,
                                "--listen", f"{node.ns_ip}:{port}", "--tls-san", node.ns_ip,
                                "--tenant-id", fab.up.info["tenantId"],
                                "--authority-host", fab.server_for(node) + "/",
                                "--proxy-image", "keyless:test", "--metrics-listen", "off"],
-                              "wi-webhook: serving", pathlib.Path(fab.root) / "webhook.log"))
+                              "Workload identity webhook listening on", pathlib.Path(fab.root) / "webhook.log"))
         # the registration the install manifests make, with a URL (no Service without a kubelet);
         # the webhook fills caBundle with its CA from Keyless
         fab.cp.apply({
@@ -349,7 +349,7 @@ def test_refusals(wi):
     # another cluster's token: its own issuer, its own key, the same namespace and name
     other = wi.fab.cli("aks", "create", "-g", "wiRG", "-n", "otherCluster", "--node-count", "1",
                        "--enable-oidc-issuer")
-    other_issuer = other["properties"]["oidcIssuerProfile"]["issuerURL"]
+    other_issuer = other["properties"]["oidcIssuerProfile"]["issuerUrl"]
     foreign_key = pathlib.Path(wi.fab.root) / "foreign.key"
     subprocess.run(["openssl", "genrsa", "-out", str(foreign_key), "2048"], check=True, capture_output=True)
     foreign = sign_rs256(foreign_key, {"iss": other_issuer, "sub": "system:serviceaccount:app:strict",
@@ -414,7 +414,8 @@ def test_pattern_needs_its_own_action_and_stays_in_its_namespace(wi):
     app = wi.fab.cli("app", "create", "--display-name", "wi-contributor")
     wi.fab.cli("role", "assignment", "create", "--role", "Managed Identity Contributor", "--assignee",
                app["appId"], "--scope", ident["id"])
-    env = {**wi.fab.admin_env(), "KEYLESS_CLIENT_ID": app["appId"], "KEYLESS_CLIENT_SECRET": app["password"]}
+    env = {**wi.fab.admin_env(), "KEYLESS_CLIENT_ID": app["appId"], "KEYLESS_CLIENT_SECRET": app["password"],
+           "KEYLESS_SUBSCRIPTION_ID": ident["id"].split("/")[2]}
     base = ["--identity-name", "pattern-identity", "--resource-group", "wiIdentities", "--issuer", wi.issuer]
     out = subprocess.run([keyless_bin(), "identity", "federated-credential", "create", "--name", "exact-one",
                           *base, "--subject", "system:serviceaccount:team-c:any"], env=env, capture_output=True,
@@ -449,7 +450,7 @@ def test_proxy_sidecar_answers_imds_from_the_projected_token(wi):
     assert out.returncode == 0, out.stderr
     sidecar_env = {**wi.container_env(pod, "azwi-proxy"), "KEYLESS_CA_FILE": wi.fab.up.info["caFile"]}
     proxy = Proc([*wi.in_pod(ns, tokens), "env", "-i", *[f"{k}={v}" for k, v in sidecar_env.items()],
-                  *command(sidecar)], "wi-proxy: serving", pathlib.Path(wi.fab.root) / "proxy.log")
+                  *command(sidecar)], "wi-proxy: listening on", pathlib.Path(wi.fab.root) / "proxy.log")
     wi.fab.procs.append(proxy)
     # the old code: ManagedIdentityCredential with no environment at all
     got = run_client({"credential": "mi", "scope": ARM + "/.default"}, prefix=ns.prefix(), clean_env=True)
