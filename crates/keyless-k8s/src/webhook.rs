@@ -701,18 +701,37 @@ pub async fn start(
     )));
 
     // HTTPS
+    tasks.push(serve_https(
+        listener,
+        slot.clone(),
+        App {
+            client,
+            service_accounts,
+            defaults: cfg.defaults.clone(),
+            health,
+        },
+    ));
+    Ok(Webhook {
+        addr,
+        certificate: slot,
+        tasks,
+    })
+}
+
+/// The HTTPS listener: TLS with the certificate `slot` holds, [`router`] over `app`, under the
+/// process's connection governor.
+fn serve_https(
+    listener: tokio::net::TcpListener,
+    slot: Arc<CertSlot>,
+    app: App,
+) -> tokio::task::JoinHandle<()> {
     let mut tls = rustls::ServerConfig::builder()
         .with_no_client_auth()
-        .with_cert_resolver(slot.clone());
+        .with_cert_resolver(slot);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let app = router(Arc::new(App {
-        client,
-        service_accounts,
-        defaults: cfg.defaults.clone(),
-        health,
-    }));
-    tasks.push(keyless_ops::limits::serve_with(
+    let app = router(Arc::new(app));
+    keyless_ops::limits::serve_with(
         listener,
         keyless_ops::limits::governor(),
         "wi-webhook HTTPS",
@@ -730,11 +749,51 @@ pub async fn start(
                 }
             }
         },
-    ));
+    )
+}
+
+/// The admission server alone, without an API server or Keyless (benches): the HTTPS
+/// listener, TLS and handler of [`start`] on `listener`, serving `key` (never renewed), with
+/// `service_accounts` (their metadata) as the whole service-account cache. A service account
+/// not among them is read from an API server that is not there (`https://127.0.0.1:1`): the
+/// pod is refused (500), as when the API server cannot be reached.
+pub async fn serve_prefilled(
+    listener: tokio::net::TcpListener,
+    service_accounts: impl IntoIterator<Item = kube::api::ObjectMeta>,
+    defaults: Defaults,
+    key: Arc<CertifiedKey>,
+) -> std::io::Result<Webhook> {
+    use kube::core::PartialObjectMetaExt;
+    keyless_pki::install_crypto_provider();
+    metric::describe();
+    let addr = listener.local_addr()?;
+    let mut writer = reflector::store::Writer::<PartialObjectMeta<ServiceAccount>>::default();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for meta in service_accounts {
+        let sa = meta.into_request_partial::<ServiceAccount>();
+        writer.apply_watcher_event(&watcher::Event::InitApply(sa));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    let nowhere = axum::http::Uri::from_static("https://127.0.0.1:1");
+    let client =
+        kube::Client::try_from(kube::Config::new(nowhere)).map_err(std::io::Error::other)?;
+    let slot = Arc::new(CertSlot::default());
+    slot.set(key, u64::MAX);
+    let task = serve_https(
+        listener,
+        slot.clone(),
+        App {
+            client,
+            service_accounts: writer.as_reader(),
+            defaults,
+            health: Health::new(),
+        },
+    );
+    // the store's writer is dropped: the cache stays as it was filled
     Ok(Webhook {
         addr,
         certificate: slot,
-        tasks,
+        tasks: vec![task],
     })
 }
 

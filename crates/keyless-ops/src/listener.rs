@@ -29,6 +29,8 @@ pub mod defaults {
     pub const POD_IDENTITY_ADDON: &str = "127.0.0.1:9467";
     /// `keyless mic`.
     pub const MIC: &str = "127.0.0.1:9468";
+    /// `keyless wi-webhook`.
+    pub const WI_WEBHOOK: &str = "127.0.0.1:9469";
 }
 
 /// Content type of the text exposition format.

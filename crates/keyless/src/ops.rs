@@ -11,8 +11,9 @@ use std::net::SocketAddr;
 pub struct OpsArgs {
     /// Ops listener (plain HTTP: /metrics, /healthz, /readyz), or `off` [default:
     /// 127.0.0.1:9464 for `server` and `up`, 9465 for `node`, 9466 for `kv-agent`, 9467 for
-    /// `pod-identity-addon`; if the default port is taken a warning is logged and the process
-    /// runs without it, an address given here must bind].
+    /// `pod-identity-addon` / `cluster-addon`, 9468 for `mic`, 9469 for `wi-webhook`; if the
+    /// default port is taken a warning is logged and the process runs without it, an address
+    /// given here must bind].
     #[arg(long, env = "KEYLESS_METRICS_LISTEN", value_name = "ADDR|off")]
     pub metrics_listen: Option<String>,
 }

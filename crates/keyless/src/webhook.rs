@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// The ops listener's default address (`--metrics-listen`).
-pub const OPS_LISTEN: &str = "127.0.0.1:9469";
 
 #[derive(clap::Args)]
 pub struct WebhookArgs {
@@ -123,7 +122,11 @@ pub async fn run(a: WebhookArgs) -> Result<(), CliError> {
     let health = keyless_ops::health::Health::new();
     let _ops = a
         .ops
-        .start("wi-webhook", OPS_LISTEN, health.clone())
+        .start(
+            "wi-webhook",
+            keyless_ops::listener::defaults::WI_WEBHOOK,
+            health.clone(),
+        )
         .await?;
     let hook = webhook::start(cfg, client, health)
         .await
