@@ -102,6 +102,23 @@ def main():
     tagged = cs.managed_clusters.begin_update_tags(rg, name, m.TagsObject(tags={"team": "sdk", "k": "v"})).result()
     out["tags"] = tagged.tags
 
+    # workload identity as az aks update --enable-oidc-issuer --enable-workload-identity writes it
+    got = cs.managed_clusters.get(rg, name)
+    got.oidc_issuer_profile = m.ManagedClusterOIDCIssuerProfile(enabled=True)
+    got.security_profile = m.ManagedClusterSecurityProfile(
+        workload_identity=m.ManagedClusterSecurityProfileWorkloadIdentity(enabled=True))
+    wi = cs.managed_clusters.begin_create_or_update(rg, name, got).result()
+    out["oidc"] = {"issuer_url": wi.oidc_issuer_profile.issuer_url, "enabled": wi.oidc_issuer_profile.enabled,
+                   "workload_identity": wi.security_profile.workload_identity.enabled}
+    again = cs.managed_clusters.get(rg, name)
+    out["oidc"]["issuer_url_again"] = again.oidc_issuer_profile.issuer_url
+    again.oidc_issuer_profile = m.ManagedClusterOIDCIssuerProfile(enabled=False)
+    try:
+        cs.managed_clusters.begin_create_or_update(rg, name, again).result()
+        out["oidc"]["disable"] = None
+    except HttpResponseError as e:
+        out["oidc"]["disable"] = {"status": e.status_code, "code": e.error.code if e.error else None}
+
     t0 = time.monotonic()
     cs.managed_clusters.begin_delete(rg, name).result()
     out["delete_seconds"] = time.monotonic() - t0

@@ -54,6 +54,14 @@ def test_managed_cluster_round_trip_with_pod_identity(up):
         "/resourceGroups/MC_keyless_sdk-aks_local/providers/Microsoft.ManagedIdentity/userAssignedIdentities/sdk-aks-agentpool")
     assert kubelet["clientId"] and kubelet["objectId"]
 
+    # the OIDC issuer and workload identity, read by the SDK's own models (issuerURL on the wire)
+    oidc = out["oidc"]
+    assert oidc["enabled"] is True and oidc["workload_identity"] is True
+    assert oidc["issuer_url"].startswith(up.info["serverUrl"] + "/oidc/") and oidc["issuer_url"].endswith("/"), oidc
+    assert oidc["issuer_url_again"] == oidc["issuer_url"]
+    # the issuer cannot be turned off again (AKS's rule)
+    assert oidc["disable"] == {"status": 400, "code": "BadRequest"}, oidc
+
     # the cluster identity did not hold Managed Identity Operator yet
     assert out["refused"] == {"status": 403, "code": "LinkedAuthorizationFailed"}
 

@@ -245,3 +245,107 @@ pub async fn start_server(
         .unwrap();
     (dir, srv)
 }
+
+/// [`paired`] for runs that yield more than a rate (e.g. [`Timed`], with latencies): `rate`
+/// reads a run's rate; returns the median pair's runs themselves and every ratio in measuring
+/// order.
+pub async fn paired_by<T, B, BF, S, SF, R>(
+    mut baseline: B,
+    mut subject: S,
+    rate: R,
+) -> (T, T, Vec<f64>)
+where
+    B: FnMut() -> BF,
+    BF: std::future::Future<Output = T>,
+    S: FnMut() -> SF,
+    SF: std::future::Future<Output = T>,
+    R: Fn(&T) -> f64,
+{
+    let rounds = env_u64("BENCH_ROUNDS", 3).max(1) as usize;
+    let mut pairs = vec![];
+    for _ in 0..rounds {
+        let b = baseline().await;
+        let x = subject().await;
+        pairs.push((b, x));
+    }
+    let ratios: Vec<f64> = pairs.iter().map(|(b, x)| rate(x) / rate(b)).collect();
+    let mut order: Vec<usize> = (0..rounds).collect();
+    order.sort_by(|&i, &j| ratios[i].total_cmp(&ratios[j]));
+    let (b, x) = pairs.swap_remove(order[rounds / 2]);
+    (b, x, ratios)
+}
+
+/// One timed load run: requests/s and every request's latency (request written → whole
+/// response read), sorted.
+#[derive(Debug, Clone)]
+pub struct Timed {
+    pub rps: f64,
+    pub latencies: Vec<Duration>,
+}
+
+impl Timed {
+    /// Nearest-rank percentile `p` (0..=100) of the latencies, in ms.
+    pub fn pct_ms(&self, p: f64) -> f64 {
+        let v = &self.latencies;
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1].as_secs_f64() * 1000.0
+    }
+}
+
+/// [`load_get`] (any request: a POST with its body works the same) timing each request.
+pub async fn load_timed(
+    addr: SocketAddr,
+    request: String,
+    conns: usize,
+    secs: u64,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+) -> Timed {
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = vec![];
+    for _ in 0..conns {
+        let req = request.clone();
+        let tls = tls.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            s.set_nodelay(true).ok();
+            match tls {
+                Some((connector, name)) => {
+                    let s = connector.connect(name, s).await.expect("TLS handshake");
+                    drive_timed(s, req.as_bytes(), stop).await
+                }
+                None => drive_timed(s, req.as_bytes(), stop).await,
+            }
+        }));
+    }
+    let mut latencies = vec![];
+    for t in tasks {
+        latencies.extend(t.await.expect("load task"));
+    }
+    latencies.sort_unstable();
+    Timed {
+        rps: latencies.len() as f64 / secs as f64,
+        latencies,
+    }
+}
+
+/// [`drive`], returning each request's latency.
+pub async fn drive_timed<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    req: &[u8],
+    stop: Instant,
+) -> Vec<Duration> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = vec![];
+    while Instant::now() < stop {
+        let t0 = Instant::now();
+        s.write_all(req).await.expect("write");
+        s.flush().await.expect("flush");
+        let (head, _) = read_response(&mut s, &mut buf).await;
+        out.push(t0.elapsed());
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    out
+}
