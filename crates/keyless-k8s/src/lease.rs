@@ -6,6 +6,7 @@
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
+use std::time::Duration;
 
 /// Which Lease, for how long.
 #[derive(Debug, Clone)]
@@ -15,6 +16,43 @@ pub struct LeaseConfig {
     pub seconds: i32,
     /// This replica's name in the Lease.
     pub holder: String,
+}
+
+/// Hold the Lease from a task of its own, for a controller that acts only while it leads (MIC,
+/// the workload-identity loops): the task renews it every `renew` while held, however long
+/// the controller's work takes; otherwise tries again when the holder's Lease runs out, or
+/// after `retry` when the API server cannot be asked (logged as `what`'s); never waiting
+/// longer than the Lease's duration. The receiver says whether this replica holds it;
+/// `on_change` is called from the task each time that changes.
+pub fn keep(
+    client: kube::Client,
+    cfg: LeaseConfig,
+    renew: Duration,
+    retry: Duration,
+    what: &'static str,
+    mut on_change: impl FnMut(bool) + Send + 'static,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::watch::Receiver<bool>,
+) {
+    let (lead_tx, lead_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        loop {
+            let (leading, next) = match hold_or_wait(&client, &cfg).await {
+                Ok(None) => (true, renew),
+                Ok(Some(left)) => (false, left + Duration::from_millis(20)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} lease: cannot renew; not acting until it can");
+                    (false, retry)
+                }
+            };
+            if lead_tx.send_if_modified(|l| std::mem::replace(l, leading) != leading) {
+                on_change(leading);
+            }
+            tokio::time::sleep(next.min(Duration::from_secs(cfg.seconds.max(1) as u64))).await;
+        }
+    });
+    (task, lead_rx)
 }
 
 /// Try to take or renew the Lease; true while this replica holds it.

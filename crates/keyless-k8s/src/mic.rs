@@ -602,26 +602,14 @@ pub async fn run(
     // the Lease in its own task: renewed every LEASE_RENEW however long a sync takes; a
     // standby tries again when the holder's Lease runs out; the sync loop acts only while
     // this says so, and a sync checks it before each VM / scale-set write
-    let (lead_tx, mut lead_rx) = tokio::sync::watch::channel(false);
-    let lease_task = {
-        let client = client.clone();
-        let lease = cfg.lease.clone();
-        tokio::spawn(async move {
-            loop {
-                let (leading, next) = match lease::hold_or_wait(&client, &lease).await {
-                    Ok(None) => (true, defaults::LEASE_RENEW),
-                    Ok(Some(left)) => (false, left + Duration::from_millis(20)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "MIC lease: cannot renew; not acting until it can");
-                        (false, defaults::RETRY_MIN * 2)
-                    }
-                };
-                lead_tx.send_if_modified(|l| std::mem::replace(l, leading) != leading);
-                tokio::time::sleep(next.min(Duration::from_secs(lease.seconds.max(1) as u64)))
-                    .await;
-            }
-        })
-    };
+    let (lease_task, mut lead_rx) = lease::keep(
+        client.clone(),
+        cfg.lease.clone(),
+        defaults::LEASE_RENEW,
+        defaults::RETRY_MIN * 2,
+        "MIC",
+        |_| {},
+    );
     let _lease_task = Abort(vec![lease_task]);
     let mic = Mic {
         client: client.clone(),

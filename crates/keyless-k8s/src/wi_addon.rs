@@ -1006,33 +1006,23 @@ async fn run_loops(
         r = listed => r.map_err(|e| WiError::Caches(e.to_string()))?,
     }
     ready();
-    let (lead_tx, lead_rx) = tokio::sync::watch::channel(false);
-    let lease_task = {
-        let client = client.clone();
-        let lease = cfg.lease.clone();
+    let holder = cfg.lease.holder.clone();
+    let on_change = {
         let status = status.clone();
-        tokio::spawn(async move {
-            loop {
-                let (leading, next) = match lease::hold_or_wait(&client, &lease).await {
-                    Ok(None) => (true, defaults::LEASE_RENEW),
-                    Ok(Some(left)) => (false, left + Duration::from_millis(20)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "workload-identity lease: cannot renew; not acting until it can");
-                        (false, defaults::RETRY_MIN * 2)
-                    }
-                };
-                let changed =
-                    lead_tx.send_if_modified(|l| std::mem::replace(l, leading) != leading);
-                if changed {
-                    tracing::info!(leader = leading, holder = %lease.holder, "workload-identity lease");
-                    metrics::gauge!(metric::LEADER).set(if leading { 1.0 } else { 0.0 });
-                    status.update(|s| s.leader = leading);
-                }
-                tokio::time::sleep(next.min(Duration::from_secs(lease.seconds.max(1) as u64)))
-                    .await;
-            }
-        })
+        move |leading: bool| {
+            tracing::info!(leader = leading, holder = %holder, "workload-identity lease");
+            metrics::gauge!(metric::LEADER).set(if leading { 1.0 } else { 0.0 });
+            status.update(|s| s.leader = leading);
+        }
     };
+    let (lease_task, lead_rx) = lease::keep(
+        client.clone(),
+        cfg.lease.clone(),
+        defaults::LEASE_RENEW,
+        defaults::RETRY_MIN * 2,
+        "workload-identity",
+        on_change,
+    );
     let _lease = Abort(vec![lease_task]);
     let loops = async {
         futures::join!(

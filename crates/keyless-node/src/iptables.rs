@@ -52,7 +52,9 @@ pub(crate) fn iptables(args: &[&str]) -> Result<String, String> {
     }
 }
 
-fn restore(input: &str) -> Result<(), String> {
+/// Apply `input` with `iptables-restore --noflush` (one transaction; also the IMDS proxy
+/// sidecar's, [`crate::wi_proxy`]).
+pub(crate) fn restore(input: &str) -> Result<(), String> {
     use std::io::Write;
     let mut child = Command::new("iptables-restore")
         .args(["-w", "5", "--noflush"])

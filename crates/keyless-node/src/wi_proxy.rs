@@ -131,7 +131,7 @@ impl Redirect {
         match crate::iptables::iptables(&["-S", CHAIN]) {
             Ok(l) if self.chain_ok(&l) => {}
             _ => {
-                restore(&self.restore_input())?;
+                crate::iptables::restore(&self.restore_input())?;
                 changed = true;
             }
         }
@@ -149,33 +149,6 @@ impl Redirect {
             changed = true;
         }
         Ok(changed)
-    }
-}
-
-fn restore(input: &str) -> Result<(), String> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("iptables-restore")
-        .args(["-w", "5", "--noflush"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run iptables-restore: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|e| format!("iptables-restore: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("iptables-restore: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "iptables-restore --noflush: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
     }
 }
 

@@ -20,6 +20,7 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::sync::Arc;
 use time::OffsetDateTime;
+use x509_parser::certification_request::X509CertificationRequest;
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -100,16 +101,26 @@ pub fn pem_blocks(text: &str, label: &str) -> Vec<Vec<u8>> {
     out
 }
 
+/// The DER of the first certificate signing request in a PEM text.
+fn csr_der(csr_pem: &str) -> Result<Vec<u8>> {
+    pem_blocks(csr_pem, "CERTIFICATE REQUEST")
+        .into_iter()
+        .next()
+        .ok_or(PkiError::InvalidCsr)
+}
+
+/// A certificate signing request parsed (its signature not checked).
+fn parse_csr(der: &[u8]) -> Result<X509CertificationRequest<'_>> {
+    use x509_parser::prelude::FromDer;
+    let (_, csr) = X509CertificationRequest::from_der(der).map_err(|_| PkiError::InvalidCsr)?;
+    Ok(csr)
+}
+
 /// SHA-256 (hex) of the public key a PEM certificate signing request carries (its
 /// SubjectPublicKeyInfo). The request's signature is not checked here: signing it does that.
 pub fn csr_key_sha256(csr_pem: &str) -> Result<String> {
-    let der = pem_blocks(csr_pem, "CERTIFICATE REQUEST")
-        .into_iter()
-        .next()
-        .ok_or(PkiError::InvalidCsr)?;
-    let (_, csr) =
-        <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(&der)
-            .map_err(|_| PkiError::InvalidCsr)?;
+    let der = csr_der(csr_pem)?;
+    let csr = parse_csr(&der)?;
     Ok(sha256_hex(csr.certification_request_info.subject_pki.raw))
 }
 
@@ -169,24 +180,7 @@ impl Ca {
         lifetime: u64,
     ) -> Result<(Vec<u8>, Vec<u8>)> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        for s in sans {
-            let san = match s.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(
-                    s.clone()
-                        .try_into()
-                        .map_err(|_| PkiError::InvalidCertificate(format!("bad SAN {s}")))?,
-                ),
-            };
-            params.subject_alt_names.push(san);
-        }
-        let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            sans.first().cloned().unwrap_or_default(),
-        );
-        params.distinguished_name = dn;
+        let mut params = server_params(sans)?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = at(now.saturating_sub(300))?;
@@ -207,10 +201,7 @@ impl Ca {
     ) -> Result<Vec<u8>> {
         let csr =
             CertificateSigningRequestParams::from_pem(csr_pem).map_err(|_| PkiError::InvalidCsr)?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, subject);
-        params.distinguished_name = dn;
+        let mut params = params_for(subject)?;
         params.subject_alt_names =
             vec![SanType::URI(uri.to_string().try_into().map_err(|_| {
                 PkiError::InvalidCertificate("bad URI SAN".into())
@@ -219,10 +210,7 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = at(now.saturating_sub(300))?;
         params.not_after = at(now + lifetime)?;
-        let mut serial = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut serial).map_err(|_| PkiError::Sign)?;
-        serial[0] &= 0x7f;
-        params.serial_number = Some(serial.to_vec().into());
+        params.serial_number = Some(random_serial()?);
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(cert.der().to_vec())
     }
@@ -240,16 +228,7 @@ impl Ca {
     ) -> Result<Vec<u8>> {
         let csr =
             CertificateSigningRequestParams::from_pem(csr_pem).map_err(|_| PkiError::InvalidCsr)?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        for s in sans {
-            params.subject_alt_names.push(san_of(s)?);
-        }
-        let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            sans.first().cloned().unwrap_or_default(),
-        );
-        params.distinguished_name = dn;
+        let mut params = server_params(sans)?;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -257,25 +236,53 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = at(not_before)?;
         params.not_after = at(not_after)?;
-        let mut serial = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut serial).map_err(|_| PkiError::Sign)?;
-        serial[0] &= 0x7f;
-        params.serial_number = Some(serial.to_vec().into());
+        params.serial_number = Some(random_serial()?);
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(cert.der().to_vec())
     }
 
     /// Issue a certificate for a token-signing key (so JWKS can carry `x5c`).
     fn issue_for_key(&self, key: &KeyPair, cn: &str, now: u64, lifetime: u64) -> Result<Vec<u8>> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, cn);
-        params.distinguished_name = dn;
+        let mut params = params_for(cn)?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = at(now.saturating_sub(300))?;
         params.not_after = at(now + lifetime)?;
         Ok(params.signed_by(key, &self.issuer)?.der().to_vec())
     }
+}
+
+/// Certificate parameters with the subject `CN={cn}` and nothing else set.
+fn params_for(cn: &str) -> Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    Ok(params)
+}
+
+/// Certificate parameters naming a TLS server: `sans` (DNS names or IP addresses), the first
+/// also the subject's CN.
+fn server_params(sans: &[String]) -> Result<CertificateParams> {
+    let mut params = params_for(sans.first().map_or("", String::as_str))?;
+    for s in sans {
+        params.subject_alt_names.push(san_of(s)?);
+    }
+    Ok(params)
+}
+
+/// A random positive 128-bit serial number.
+fn random_serial() -> Result<rcgen::SerialNumber> {
+    let mut serial = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut serial).map_err(|_| PkiError::Sign)?;
+    serial[0] &= 0x7f;
+    Ok(serial.to_vec().into())
+}
+
+/// A fresh ECDSA P-256 key and a CSR of `params` for it: (CSR PEM, PKCS#8 key DER).
+fn csr_for_new_key(params: &CertificateParams) -> Result<(String, Vec<u8>)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_der()))
 }
 
 /// A DNS name or IP address as a SAN.
@@ -296,13 +303,8 @@ fn san_of(s: &str) -> Result<SanType> {
 /// it is signed ([`Ca::sign_server_csr`]).
 pub fn csr_sans(csr_pem: &str) -> Result<Vec<String>> {
     use x509_parser::extensions::{GeneralName, ParsedExtension};
-    let der = pem_blocks(csr_pem, "CERTIFICATE REQUEST")
-        .into_iter()
-        .next()
-        .ok_or(PkiError::InvalidCsr)?;
-    let (_, csr) =
-        <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(&der)
-            .map_err(|_| PkiError::InvalidCsr)?;
+    let der = csr_der(csr_pem)?;
+    let csr = parse_csr(&der)?;
     let mut out = vec![];
     for ext in csr.requested_extensions().into_iter().flatten() {
         let ParsedExtension::SubjectAlternativeName(san) = ext else {
@@ -336,32 +338,14 @@ pub fn csr_sans(csr_pem: &str) -> Result<Vec<String>> {
 /// A fresh ECDSA P-256 key and a CSR for it (the agent's side of joining).
 /// Returns (CSR PEM, PKCS#8 key DER).
 pub fn generate_csr(common_name: &str) -> Result<(String, Vec<u8>)> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    params.distinguished_name = dn;
-    let csr = params.serialize_request(&key)?;
-    Ok((csr.pem()?, key.serialize_der()))
+    csr_for_new_key(&params_for(common_name)?)
 }
 
 /// A fresh ECDSA P-256 key and a CSR for it asking for `sans` (DNS names or IP addresses; the
 /// first is also the CN): a TLS server's side of [`Ca::sign_server_csr`]. Returns (CSR PEM,
 /// PKCS#8 key DER).
 pub fn generate_server_csr(sans: &[String]) -> Result<(String, Vec<u8>)> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    for s in sans {
-        params.subject_alt_names.push(san_of(s)?);
-    }
-    let mut dn = DistinguishedName::new();
-    dn.push(
-        DnType::CommonName,
-        sans.first().cloned().unwrap_or_default(),
-    );
-    params.distinguished_name = dn;
-    let csr = params.serialize_request(&key)?;
-    Ok((csr.pem()?, key.serialize_der()))
+    csr_for_new_key(&server_params(sans)?)
 }
 
 /// Validity of a certificate as Unix seconds (not_before, not_after).

@@ -66,6 +66,11 @@ pub struct AddonArgs {
     /// Do not run the workload-identity loops (key publishing, readiness gate).
     #[arg(long)]
     pub no_workload_identity: bool,
+    /// Do not run the pod-identity reconcile (workload identity only): the aadpodidentity.k8s.io
+    /// CRDs are neither installed nor read, so none need exist and no permission on them is
+    /// needed.
+    #[arg(long, conflicts_with = "no_workload_identity")]
+    pub no_pod_identity: bool,
     #[command(flatten)]
     pub ops: crate::ops::OpsArgs,
 }
@@ -107,13 +112,14 @@ pub async fn run(a: AddonArgs) -> Result<(), CliError> {
     let client = keyless_k8s::client(a.kubeconfig.as_deref())
         .await
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    if !a.skip_crds {
+    if !a.skip_crds && !a.no_pod_identity {
         addon::install_crds(&client)
             .await
             .map_err(|e| CliError::Usage(format!("installing the CRDs: {e}")))?;
     }
     let health = keyless_ops::health::Health::new();
-    let in_step = health.flag("in step", "the objects have not been reconciled yet");
+    let in_step = (!a.no_pod_identity)
+        .then(|| health.flag("in step", "the objects have not been reconciled yet"));
     let wi = (!a.no_workload_identity).then(|| {
         let mut w = WiConfig::new(
             cfg.cluster_id.clone(),
@@ -166,6 +172,27 @@ pub async fn run(a: AddonArgs) -> Result<(), CliError> {
     let signal = async move {
         wait_for_signal().await;
         let _ = stop_tx.send(true);
+    };
+    let Some(in_step) = in_step else {
+        // workload identity alone: its loops until a signal (or until they stop)
+        let Some(mut t) = wi_task else {
+            return Err(CliError::Usage(
+                "--no-pod-identity and --no-workload-identity leave nothing to run".into(),
+            ));
+        };
+        let ended = tokio::select! {
+            _ = signal => None,
+            r = &mut t => Some(r),
+        };
+        let r = match ended {
+            Some(r) => r,
+            None => t.await,
+        };
+        return match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CliError::Usage(format!("workload identity: {e}"))),
+            Err(e) => Err(CliError::Usage(format!("workload identity: {e}"))),
+        };
     };
     let r = addon::run(cfg, client, signal, move || {
         in_step.set();

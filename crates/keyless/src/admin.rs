@@ -517,15 +517,44 @@ pub struct IdentityCmd {
     conn: Conn,
 }
 
+// The user-assigned identity whose federated identity credentials (or credential patterns) a
+// verb is about. (Plain comments: clap would show a doc comment as the verbs' help.)
+#[derive(Args)]
+struct FicOwner {
+    #[arg(short = 'g', long)]
+    resource_group: String,
+    #[arg(long)]
+    identity_name: String,
+}
+
+impl FicOwner {
+    /// The path of its `child`ren (credentials or credential patterns), or of one.
+    fn path(&self, api: &Api, child: &str, name: Option<&str>) -> String {
+        let (rg, identity) = (&self.resource_group, &self.identity_name);
+        api.sub_path(rg, IDENTITY_TY, identity, &[Some(child), name], MSI_API)
+    }
+}
+
+// One federated identity credential (or credential pattern).
+#[derive(Args)]
+struct FicName {
+    #[command(flatten)]
+    owner: FicOwner,
+    #[arg(short = 'n', long)]
+    name: String,
+}
+
+impl FicName {
+    fn path(&self, api: &Api, child: &str) -> String {
+        self.owner.path(api, child, Some(&self.name))
+    }
+}
+
 #[derive(Subcommand)]
 enum FicVerb {
     Create {
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        #[arg(long)]
-        identity_name: String,
-        #[arg(short = 'n', long)]
-        name: String,
+        #[command(flatten)]
+        at: FicName,
         #[arg(long)]
         issuer: String,
         #[arg(long)]
@@ -536,40 +565,16 @@ enum FicVerb {
         #[arg(long)]
         description: Option<String>,
     },
-    Show {
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        #[arg(long)]
-        identity_name: String,
-        #[arg(short = 'n', long)]
-        name: String,
-    },
-    List {
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        #[arg(long)]
-        identity_name: String,
-    },
-    Delete {
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        #[arg(long)]
-        identity_name: String,
-        #[arg(short = 'n', long)]
-        name: String,
-    },
+    #[command(flatten)]
+    Other(FicOtherVerb),
 }
 
 /// The verbs of `identity federated-credential-pattern` (a Keyless extension).
 #[derive(Subcommand)]
 enum FicPatternVerb {
     Create {
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        #[arg(long)]
-        identity_name: String,
-        #[arg(short = 'n', long)]
-        name: String,
+        #[command(flatten)]
+        at: FicName,
         #[arg(long)]
         issuer: String,
         /// `*` stands for one or more characters other than `:`
@@ -581,28 +586,54 @@ enum FicPatternVerb {
         #[arg(long)]
         description: Option<String>,
     },
-    Show {
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        #[arg(long)]
-        identity_name: String,
-        #[arg(short = 'n', long)]
-        name: String,
-    },
-    List {
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        #[arg(long)]
-        identity_name: String,
-    },
-    Delete {
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        #[arg(long)]
-        identity_name: String,
-        #[arg(short = 'n', long)]
-        name: String,
-    },
+    #[command(flatten)]
+    Other(FicOtherVerb),
+}
+
+/// The verbs but `create`, alike for credentials and credential patterns.
+#[derive(Subcommand)]
+enum FicOtherVerb {
+    Show(FicName),
+    List(FicOwner),
+    Delete(FicName),
+}
+
+/// The children of a user-assigned identity that `identity federated-credential` manages.
+const FICS: &str = "federatedIdentityCredentials";
+/// Those `identity federated-credential-pattern` manages.
+const FIC_PATTERNS: &str = "federatedIdentityCredentialPatterns";
+
+/// `create`: PUT the credential (or pattern) `at` names with these `properties`.
+async fn fic_create(
+    api: &Api,
+    child: &str,
+    at: &FicName,
+    properties: Value,
+) -> Result<Value, CliError> {
+    let body = json!({ "properties": properties });
+    api.call(reqwest::Method::PUT, &at.path(api, child), Some(body))
+        .await
+}
+
+/// `show`, `list`, `delete` of `child`ren, printed as the other verbs print.
+async fn fic_other(api: &Api, child: &str, verb: FicOtherVerb) -> Result<(), CliError> {
+    let v = match verb {
+        FicOtherVerb::Show(at) => {
+            api.call(reqwest::Method::GET, &at.path(api, child), None)
+                .await?
+        }
+        FicOtherVerb::List(owner) => {
+            let path = owner.path(api, child, None);
+            api.call(reqwest::Method::GET, &path, None).await?["value"].clone()
+        }
+        FicOtherVerb::Delete(at) => {
+            api.call(reqwest::Method::DELETE, &at.path(api, child), None)
+                .await?;
+            return Ok(());
+        }
+    };
+    api.print(&v);
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -647,139 +678,45 @@ enum IdentityVerb {
     },
 }
 
+/// The type of user-assigned identities.
+const IDENTITY_TY: &str = "Microsoft.ManagedIdentity/userAssignedIdentities";
+
 pub async fn identity(c: IdentityCmd) -> Result<(), CliError> {
     let api = Api::connect(&c.conn).await?;
-    const TY: &str = "Microsoft.ManagedIdentity/userAssignedIdentities";
-    let path = |rg: &str, n: &str| api.res_path(rg, TY, n, MSI_API);
-    let fic_path = |rg: &str, id: &str, n: Option<&str>| {
-        api.sub_path(
-            rg,
-            TY,
-            id,
-            &[Some("federatedIdentityCredentials"), n],
-            MSI_API,
-        )
-    };
-    let pattern_path = |rg: &str, id: &str, n: Option<&str>| {
-        api.sub_path(
-            rg,
-            TY,
-            id,
-            &[Some("federatedIdentityCredentialPatterns"), n],
-            MSI_API,
-        )
-    };
+    let path = |rg: &str, n: &str| api.res_path(rg, IDENTITY_TY, n, MSI_API);
     let v = match c.cmd {
-        IdentityVerb::FederatedCredentialPattern { verb } => match verb {
-            FicPatternVerb::Create {
-                resource_group,
-                identity_name,
-                name,
-                issuer,
-                subject_pattern,
-                audiences,
-                description,
-            } => {
-                let body = json!({"properties": {"issuer": issuer, "subjectPattern": subject_pattern, "audiences": audiences, "description": description}});
-                api.call(
-                    reqwest::Method::PUT,
-                    &pattern_path(&resource_group, &identity_name, Some(&name)),
-                    Some(body),
-                )
-                .await?
-            }
-            FicPatternVerb::Show {
-                resource_group,
-                identity_name,
-                name,
-            } => {
-                api.call(
-                    reqwest::Method::GET,
-                    &pattern_path(&resource_group, &identity_name, Some(&name)),
-                    None,
-                )
-                .await?
-            }
-            FicPatternVerb::List {
-                resource_group,
-                identity_name,
-            } => api
-                .call(
-                    reqwest::Method::GET,
-                    &pattern_path(&resource_group, &identity_name, None),
-                    None,
-                )
-                .await?["value"]
-                .clone(),
-            FicPatternVerb::Delete {
-                resource_group,
-                identity_name,
-                name,
-            } => {
-                api.call(
-                    reqwest::Method::DELETE,
-                    &pattern_path(&resource_group, &identity_name, Some(&name)),
-                    None,
-                )
-                .await?;
-                return Ok(());
-            }
-        },
-        IdentityVerb::FederatedCredential { verb } => match verb {
-            FicVerb::Create {
-                resource_group,
-                identity_name,
-                name,
-                issuer,
-                subject,
-                audiences,
-                description,
-            } => {
-                let body = json!({"properties": {"issuer": issuer, "subject": subject, "audiences": audiences, "description": description}});
-                api.call(
-                    reqwest::Method::PUT,
-                    &fic_path(&resource_group, &identity_name, Some(&name)),
-                    Some(body),
-                )
-                .await?
-            }
-            FicVerb::Show {
-                resource_group,
-                identity_name,
-                name,
-            } => {
-                api.call(
-                    reqwest::Method::GET,
-                    &fic_path(&resource_group, &identity_name, Some(&name)),
-                    None,
-                )
-                .await?
-            }
-            FicVerb::List {
-                resource_group,
-                identity_name,
-            } => api
-                .call(
-                    reqwest::Method::GET,
-                    &fic_path(&resource_group, &identity_name, None),
-                    None,
-                )
-                .await?["value"]
-                .clone(),
-            FicVerb::Delete {
-                resource_group,
-                identity_name,
-                name,
-            } => {
-                api.call(
-                    reqwest::Method::DELETE,
-                    &fic_path(&resource_group, &identity_name, Some(&name)),
-                    None,
-                )
-                .await?;
-                return Ok(());
-            }
-        },
+        IdentityVerb::FederatedCredential {
+            verb:
+                FicVerb::Create {
+                    at,
+                    issuer,
+                    subject,
+                    audiences,
+                    description,
+                },
+        } => {
+            let props = json!({"issuer": issuer, "subject": subject, "audiences": audiences, "description": description});
+            fic_create(&api, FICS, &at, props).await?
+        }
+        IdentityVerb::FederatedCredentialPattern {
+            verb:
+                FicPatternVerb::Create {
+                    at,
+                    issuer,
+                    subject_pattern,
+                    audiences,
+                    description,
+                },
+        } => {
+            let props = json!({"issuer": issuer, "subjectPattern": subject_pattern, "audiences": audiences, "description": description});
+            fic_create(&api, FIC_PATTERNS, &at, props).await?
+        }
+        IdentityVerb::FederatedCredential {
+            verb: FicVerb::Other(verb),
+        } => return fic_other(&api, FICS, verb).await,
+        IdentityVerb::FederatedCredentialPattern {
+            verb: FicPatternVerb::Other(verb),
+        } => return fic_other(&api, FIC_PATTERNS, verb).await,
         IdentityVerb::Create {
             resource_group,
             name,
@@ -802,7 +739,8 @@ pub async fn identity(c: IdentityCmd) -> Result<(), CliError> {
                 .await?
         }
         IdentityVerb::List { resource_group } => {
-            api.list(resource_group.as_deref(), TY, MSI_API).await?
+            api.list(resource_group.as_deref(), IDENTITY_TY, MSI_API)
+                .await?
         }
         IdentityVerb::Delete {
             resource_group,

@@ -14,34 +14,32 @@
 //! [`fic::MAX_PATTERNS_PER_IDENTITY`] instead of Entra's 20 and counted under the identity's
 //! locked row (no write claim: Entra's one-write-at-a-time rule is about its credentials).
 
+use crate::arm::provider::Call;
+use crate::arm::reply::{self, created_or_ok, deleted};
 use crate::arm::resources as res;
 use crate::authz;
 use crate::error::{Result, ServerError};
 use crate::request::{parse_body, Caller};
 use crate::state::AppState;
-use axum::http::{Method, StatusCode};
+use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::fic::{self, Fic, FicPattern};
 use keyless_core::resource_id::ResourceId;
-use keyless_store::{Claim, FicPatternRecord, FicPut, FicRecord, Tx};
+use keyless_store::{Claim, FicPatternRecord, FicPut, FicRecord, Result as StoreResult, Tx};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 /// The first api-version that has federated identity credentials.
 const FIRST_VERSION: &str = "2022-01-31-preview";
 
-fn fic_json(identity: &ResourceId, f: &FicRecord) -> Value {
-    let mut props = json!({"issuer": f.issuer, "subject": f.subject, "audiences": f.audiences});
-    if let Some(d) = &f.description {
-        props["description"] = json!(d);
-    }
-    json!({
-        "id": format!("{}/federatedIdentityCredentials/{}", identity.canonical(), f.name),
-        "name": f.name,
-        "type": "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials",
-        "properties": props,
-    })
-}
+/// The resource type of a federated identity credential.
+const FIC_TYPE: &str =
+    "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials";
+
+/// The resource type of a credential pattern.
+pub const PATTERN_TYPE: &str =
+    "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentialPatterns";
 
 fn bad(message: impl Into<String>) -> ServerError {
     ServerError::InvalidParameter {
@@ -50,9 +48,10 @@ fn bad(message: impl Into<String>) -> ServerError {
     }
 }
 
+/// A PUT's body.
 #[derive(serde::Deserialize)]
-struct Body {
-    properties: Option<Props>,
+struct Body<P> {
+    properties: Option<P>,
 }
 
 #[derive(serde::Deserialize)]
@@ -61,6 +60,286 @@ struct Props {
     subject: Option<String>,
     audiences: Option<Vec<String>>,
     description: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PatternProps {
+    issuer: Option<String>,
+    subject_pattern: Option<String>,
+    audiences: Option<Vec<String>>,
+    description: Option<String>,
+}
+
+/// A PUT as [`route`] hands it to [`Kind::put`]: authorized, its name valid, its body read.
+struct Put<'a, P> {
+    identity_key: String,
+    name: &'a str,
+    props: P,
+}
+
+/// What an identity's credentials ([`FicRecord`]) and its credential patterns
+/// ([`FicPatternRecord`]) differ in as ARM children; [`route`] and the helpers below serve
+/// the rest alike.
+trait Kind: Sized {
+    /// The child's type under the identity.
+    const CHILD: &'static str;
+    /// Its resource type (also the prefix of its RBAC actions).
+    const TYPE: &'static str;
+    /// What one is called in messages.
+    const WHAT: &'static str;
+    /// How many one identity may have.
+    const MAX: usize;
+    /// The refusal of a second one with the same issuer and subject (pattern).
+    const DUPLICATE: &'static str;
+    /// A PUT's `properties`.
+    type Props: DeserializeOwned;
+    fn name(&self) -> &str;
+    fn description(&self) -> Option<&str>;
+    /// Its `properties` in JSON but the description.
+    fn properties(&self) -> Value;
+    async fn list(tx: &mut Tx, key: &str) -> StoreResult<Vec<Self>>;
+    async fn get(tx: &mut Tx, key: &str, name: &str) -> StoreResult<Option<Self>>;
+    async fn delete(tx: &mut Tx, key: &str, name: &str) -> StoreResult<bool>;
+    /// Validate and write a PUT; `claimed`: whether the request holds the identity's write
+    /// claim ([`claim_writes`]).
+    async fn put(
+        s: &AppState,
+        tx: &mut Tx,
+        identity: &ResourceId,
+        put: Put<'_, Self::Props>,
+        claimed: bool,
+    ) -> Result<Response>;
+}
+
+impl Kind for FicRecord {
+    const CHILD: &'static str = "federatedIdentityCredentials";
+    const TYPE: &'static str = FIC_TYPE;
+    const WHAT: &'static str = "federated identity credential";
+    const MAX: usize = fic::MAX_PER_IDENTITY;
+    const DUPLICATE: &'static str =
+        "Issuer and subject combination already exists for this Managed Identity.";
+    type Props = Props;
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+    fn properties(&self) -> Value {
+        json!({"issuer": self.issuer, "subject": self.subject, "audiences": self.audiences})
+    }
+    async fn list(tx: &mut Tx, key: &str) -> StoreResult<Vec<Self>> {
+        tx.list_fics(key).await
+    }
+    async fn get(tx: &mut Tx, key: &str, name: &str) -> StoreResult<Option<Self>> {
+        tx.get_fic(key, name).await
+    }
+    async fn delete(tx: &mut Tx, key: &str, name: &str) -> StoreResult<bool> {
+        tx.delete_fic(key, name).await
+    }
+    async fn put(
+        s: &AppState,
+        tx: &mut Tx,
+        identity: &ResourceId,
+        put: Put<'_, Self::Props>,
+        claimed: bool,
+    ) -> Result<Response> {
+        let (n, p) = (put.name, put.props);
+        let candidate = Fic {
+            name: n.to_string(),
+            issuer: p.issuer.unwrap_or_default(),
+            subject: p.subject.unwrap_or_default(),
+            audiences: p.audiences.unwrap_or_default(),
+        };
+        fic::validate(&candidate).map_err(|e| bad(e.to_string()))?;
+        check_description::<FicRecord>(p.description.as_deref())?;
+        // one write at a time per identity, as Entra enforces (409 for concurrent writes)
+        if !claimed {
+            return Err(ServerError::ConcurrentFicWrites(identity.canonical()));
+        }
+        // and, whatever holds the claim, the count below is read under the identity's row
+        tx.lock_row("identities", "key", &put.identity_key).await?;
+        let rec = FicRecord {
+            name: stored_name::<FicRecord>(tx, &put.identity_key, n).await?,
+            identity_key: put.identity_key,
+            issuer: candidate.issuer,
+            subject: candidate.subject,
+            audiences: candidate.audiences,
+            description: p.description,
+            created: s.now(),
+        };
+        let outcome = tx.put_fic(&rec, FicRecord::MAX).await?;
+        put_answer(identity, &rec, outcome)
+    }
+}
+
+impl Kind for FicPatternRecord {
+    const CHILD: &'static str = "federatedIdentityCredentialPatterns";
+    const TYPE: &'static str = PATTERN_TYPE;
+    const WHAT: &'static str = "federated identity credential pattern";
+    const MAX: usize = fic::MAX_PATTERNS_PER_IDENTITY;
+    const DUPLICATE: &'static str =
+        "Issuer and subject pattern combination already exists for this Managed Identity.";
+    type Props = PatternProps;
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+    fn properties(&self) -> Value {
+        json!({
+            "issuer": self.issuer,
+            "subjectPattern": self.subject_pattern,
+            "audiences": self.audiences,
+        })
+    }
+    async fn list(tx: &mut Tx, key: &str) -> StoreResult<Vec<Self>> {
+        tx.list_fic_patterns(key).await
+    }
+    async fn get(tx: &mut Tx, key: &str, name: &str) -> StoreResult<Option<Self>> {
+        tx.get_fic_pattern(key, name).await
+    }
+    async fn delete(tx: &mut Tx, key: &str, name: &str) -> StoreResult<bool> {
+        tx.delete_fic_pattern(key, name).await
+    }
+    async fn put(
+        s: &AppState,
+        tx: &mut Tx,
+        identity: &ResourceId,
+        put: Put<'_, Self::Props>,
+        _claimed: bool,
+    ) -> Result<Response> {
+        let (n, p) = (put.name, put.props);
+        let candidate = FicPattern {
+            name: n.to_string(),
+            issuer: p.issuer.unwrap_or_default(),
+            subject_pattern: p.subject_pattern.unwrap_or_default(),
+            audiences: p.audiences.unwrap_or_default(),
+        };
+        fic::validate_pattern(&candidate).map_err(|e| bad(e.to_string()))?;
+        check_description::<FicPatternRecord>(p.description.as_deref())?;
+        let rec = FicPatternRecord {
+            name: stored_name::<FicPatternRecord>(tx, &put.identity_key, n).await?,
+            identity_key: put.identity_key,
+            issuer: candidate.issuer,
+            subject_pattern: candidate.subject_pattern,
+            audiences: candidate.audiences,
+            description: p.description,
+            created: s.now(),
+        };
+        // counted under the identity's locked row (the store locks it first)
+        let outcome = tx.put_fic_pattern(&rec, FicPatternRecord::MAX).await?;
+        put_answer(identity, &rec, outcome)
+    }
+}
+
+/// One credential or pattern as ARM shows it.
+fn to_json<K: Kind>(identity: &ResourceId, r: &K) -> Value {
+    let mut props = r.properties();
+    if let Some(d) = r.description() {
+        props["description"] = json!(d);
+    }
+    json!({
+        "id": format!("{}/{}/{}", identity.canonical(), K::CHILD, r.name()),
+        "name": r.name(),
+        "type": K::TYPE,
+        "properties": props,
+    })
+}
+
+/// The requests on `identity`'s children of kind `K` that both kinds answer alike, in the
+/// request's unit of work `tx`: the api-version check, GET of the list (`name` None) and of
+/// one, DELETE, 405 to other methods, and a PUT's authorization, name and body.
+async fn route<K: Kind, T>(
+    s: &AppState,
+    tx: &mut Tx,
+    c: &Call<'_, T>,
+    identity: &ResourceId,
+    name: Option<&str>,
+) -> Result<Response> {
+    if c.version < FIRST_VERSION {
+        return Err(ServerError::InvalidResourceType {
+            namespace: identity.namespace.clone(),
+            type_name: format!("{}/{}", identity.type_name, K::CHILD),
+        });
+    }
+    let action = |verb: &str| format!("{}/{verb}", K::TYPE);
+    let scope = identity.canonical();
+    let id = res::get_identity(s, tx, identity).await?;
+    match (c.method.clone(), name) {
+        (Method::GET, None) => {
+            authz::check(tx, &c.caller.object_id, &action("read"), &scope).await?;
+            let list = K::list(tx, &id.key).await?;
+            Ok(reply::list(
+                list.iter().map(|r| to_json(identity, r)).collect(),
+            ))
+        }
+        (Method::GET, Some(n)) => {
+            authz::check(tx, &c.caller.object_id, &action("read"), &scope).await?;
+            let r = K::get(tx, &id.key, n)
+                .await?
+                .ok_or_else(|| ServerError::ResourceNotFound {
+                    type_name: K::TYPE.into(),
+                    name: format!("{}/{n}", identity.name),
+                    group: identity.resource_group.clone(),
+                })?;
+            Ok(Json(to_json(identity, &r)).into_response())
+        }
+        (Method::DELETE, Some(n)) => {
+            authz::check(tx, &c.caller.object_id, &action("delete"), &scope).await?;
+            Ok(deleted(K::delete(tx, &id.key, n).await?))
+        }
+        (Method::PUT, Some(n)) => {
+            authz::check(tx, &c.caller.object_id, &action("write"), &scope).await?;
+            fic::validate_name(n).map_err(|e| bad(e.to_string()))?;
+            let b: Body<K::Props> = parse_body(c.body)?;
+            let props = b
+                .properties
+                .ok_or_else(|| bad("The request properties must not be empty."))?;
+            let put = Put {
+                identity_key: id.key,
+                name: n,
+                props,
+            };
+            K::put(s, tx, identity, put, c.write_claimed).await
+        }
+        (m, _) => Err(ServerError::MethodNotAllowed(m.to_string())),
+    }
+}
+
+/// A PUT's description: at most 600 characters.
+fn check_description<K: Kind>(description: Option<&str>) -> Result<()> {
+    if description.is_some_and(|d| d.chars().count() > 600) {
+        return Err(bad(format!(
+            "The description of a {} must be at most 600 characters.",
+            K::WHAT
+        )));
+    }
+    Ok(())
+}
+
+/// The name a PUT of `name` writes: the stored one's, if any (a name keeps the case it was
+/// created with: names are immutable).
+async fn stored_name<K: Kind>(tx: &mut Tx, identity_key: &str, name: &str) -> Result<String> {
+    Ok(K::get(tx, identity_key, name)
+        .await?
+        .map_or_else(|| name.to_string(), |r| r.name().to_string()))
+}
+
+/// The answer to a PUT of `rec` the store answered `outcome` to.
+fn put_answer<K: Kind>(identity: &ResourceId, rec: &K, outcome: FicPut) -> Result<Response> {
+    match outcome {
+        FicPut::Created => Ok(created_or_ok(true, to_json(identity, rec))),
+        FicPut::Updated => Ok(created_or_ok(false, to_json(identity, rec))),
+        FicPut::DuplicateIssuerSubject => Err(bad(K::DUPLICATE)),
+        FicPut::LimitReached => Err(bad(format!(
+            "A managed identity may have at most {} {}s.",
+            K::MAX,
+            K::WHAT
+        ))),
+    }
 }
 
 /// How long a write claim lasts at most, should its holder die before releasing it (seconds).
@@ -80,7 +359,7 @@ pub async fn claim_writes(
     let may_write = authz::permitted(
         &mut tx,
         &caller.object_id,
-        "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/write",
+        &format!("{FIC_TYPE}/write"),
         &identity.canonical(),
     )
     .await?;
@@ -93,266 +372,26 @@ pub async fn claim_writes(
 }
 
 /// GET the list (`name` None), or GET / PUT / DELETE one credential, in the request's unit of
-/// work `tx`. `claimed`: for a PUT, whether the request holds the identity's write claim
-/// ([`claim_writes`]); a PUT without it is answered 409 once validated.
-#[allow(clippy::too_many_arguments)]
-pub async fn handle(
+/// work `tx`. `c.write_claimed`: for a PUT, whether the request holds the identity's write
+/// claim ([`claim_writes`]); a PUT without it is answered 409 once validated.
+pub async fn handle<T>(
     s: &AppState,
     tx: &mut Tx,
-    caller: &Caller,
-    m: &Method,
+    c: &Call<'_, T>,
     identity: &ResourceId,
     name: Option<&str>,
-    version: &str,
-    body: &[u8],
-    claimed: bool,
 ) -> Result<Response> {
-    if version < FIRST_VERSION {
-        return Err(ServerError::InvalidResourceType {
-            namespace: identity.namespace.clone(),
-            type_name: format!("{}/federatedIdentityCredentials", identity.type_name),
-        });
-    }
-    let action = |verb: &str| {
-        format!(
-            "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/{verb}"
-        )
-    };
-    let scope = identity.canonical();
-    let id = res::get_identity(s, tx, identity).await?;
-    match (m.clone(), name) {
-        (Method::GET, None) => {
-            authz::check(tx, &caller.object_id, &action("read"), &scope).await?;
-            let list: Vec<Value> = tx
-                .list_fics(&id.key)
-                .await?
-                .iter()
-                .map(|f| fic_json(identity, f))
-                .collect();
-            Ok(Json(json!({ "value": list })).into_response())
-        }
-        (Method::GET, Some(n)) => {
-            authz::check(tx, &caller.object_id, &action("read"), &scope).await?;
-            let f = tx.get_fic(&id.key, n).await?.ok_or_else(|| ServerError::ResourceNotFound {
-                type_name: "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials".into(),
-                name: format!("{}/{n}", identity.name),
-                group: identity.resource_group.clone(),
-            })?;
-            Ok(Json(fic_json(identity, &f)).into_response())
-        }
-        (Method::DELETE, Some(n)) => {
-            authz::check(tx, &caller.object_id, &action("delete"), &scope).await?;
-            Ok(if tx.delete_fic(&id.key, n).await? {
-                StatusCode::OK
-            } else {
-                StatusCode::NO_CONTENT
-            }
-            .into_response())
-        }
-        (Method::PUT, Some(n)) => {
-            authz::check(tx, &caller.object_id, &action("write"), &scope).await?;
-            fic::validate_name(n).map_err(|e| bad(e.to_string()))?;
-            let b: Body = parse_body(body)?;
-            let p = b
-                .properties
-                .ok_or_else(|| bad("The request properties must not be empty."))?;
-            let candidate = Fic {
-                name: n.to_string(),
-                issuer: p.issuer.unwrap_or_default(),
-                subject: p.subject.unwrap_or_default(),
-                audiences: p.audiences.unwrap_or_default(),
-            };
-            fic::validate(&candidate).map_err(|e| bad(e.to_string()))?;
-            if p.description
-                .as_ref()
-                .is_some_and(|d| d.chars().count() > 600)
-            {
-                return Err(bad("The description of a federated identity credential must be at most 600 characters."));
-            }
-            // one write at a time per identity, as Entra enforces (409 for concurrent writes)
-            if !claimed {
-                return Err(ServerError::ConcurrentFicWrites(identity.canonical()));
-            }
-            // and, whatever holds the claim, the count below is read under the identity's row
-            tx.lock_row("identities", "key", &id.key).await?;
-            // the name keeps the case it was created with (names are immutable)
-            let name = tx
-                .get_fic(&id.key, n)
-                .await?
-                .map(|f| f.name)
-                .unwrap_or_else(|| n.to_string());
-            let rec = FicRecord {
-                identity_key: id.key.clone(),
-                name,
-                issuer: candidate.issuer,
-                subject: candidate.subject,
-                audiences: candidate.audiences,
-                description: p.description,
-                created: s.now(),
-            };
-            match tx.put_fic(&rec, fic::MAX_PER_IDENTITY).await? {
-                FicPut::Created => {
-                    Ok((StatusCode::CREATED, Json(fic_json(identity, &rec))).into_response())
-                }
-                FicPut::Updated => {
-                    Ok((StatusCode::OK, Json(fic_json(identity, &rec))).into_response())
-                }
-                FicPut::DuplicateIssuerSubject => Err(bad(
-                    "Issuer and subject combination already exists for this Managed Identity.",
-                )),
-                FicPut::LimitReached => Err(bad(format!(
-                    "A managed identity may have at most {} federated identity credentials.",
-                    fic::MAX_PER_IDENTITY
-                ))),
-            }
-        }
-        (m, _) => Err(ServerError::MethodNotAllowed(m.to_string())),
-    }
-}
-
-/// The resource type of a credential pattern.
-pub const PATTERN_TYPE: &str =
-    "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentialPatterns";
-
-fn pattern_json(identity: &ResourceId, p: &FicPatternRecord) -> Value {
-    let mut props = json!({
-        "issuer": p.issuer,
-        "subjectPattern": p.subject_pattern,
-        "audiences": p.audiences,
-    });
-    if let Some(d) = &p.description {
-        props["description"] = json!(d);
-    }
-    json!({
-        "id": format!("{}/federatedIdentityCredentialPatterns/{}", identity.canonical(), p.name),
-        "name": p.name,
-        "type": PATTERN_TYPE,
-        "properties": props,
-    })
-}
-
-#[derive(serde::Deserialize)]
-struct PatternBody {
-    properties: Option<PatternProps>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PatternProps {
-    issuer: Option<String>,
-    subject_pattern: Option<String>,
-    audiences: Option<Vec<String>>,
-    description: Option<String>,
+    route::<FicRecord, T>(s, tx, c, identity, name).await
 }
 
 /// GET the list of `identity`'s credential patterns (`name` None), or GET / PUT / DELETE one,
 /// in the request's unit of work `tx`.
-#[allow(clippy::too_many_arguments)]
-pub async fn handle_patterns(
+pub async fn handle_patterns<T>(
     s: &AppState,
     tx: &mut Tx,
-    caller: &Caller,
-    m: &Method,
+    c: &Call<'_, T>,
     identity: &ResourceId,
     name: Option<&str>,
-    version: &str,
-    body: &[u8],
 ) -> Result<Response> {
-    if version < FIRST_VERSION {
-        return Err(ServerError::InvalidResourceType {
-            namespace: identity.namespace.clone(),
-            type_name: format!("{}/federatedIdentityCredentialPatterns", identity.type_name),
-        });
-    }
-    let action = |verb: &str| format!("{PATTERN_TYPE}/{verb}");
-    let scope = identity.canonical();
-    let id = res::get_identity(s, tx, identity).await?;
-    match (m.clone(), name) {
-        (Method::GET, None) => {
-            authz::check(tx, &caller.object_id, &action("read"), &scope).await?;
-            let list: Vec<Value> = tx
-                .list_fic_patterns(&id.key)
-                .await?
-                .iter()
-                .map(|p| pattern_json(identity, p))
-                .collect();
-            Ok(Json(json!({ "value": list })).into_response())
-        }
-        (Method::GET, Some(n)) => {
-            authz::check(tx, &caller.object_id, &action("read"), &scope).await?;
-            let p = tx.get_fic_pattern(&id.key, n).await?.ok_or_else(|| {
-                ServerError::ResourceNotFound {
-                    type_name: PATTERN_TYPE.into(),
-                    name: format!("{}/{n}", identity.name),
-                    group: identity.resource_group.clone(),
-                }
-            })?;
-            Ok(Json(pattern_json(identity, &p)).into_response())
-        }
-        (Method::DELETE, Some(n)) => {
-            authz::check(tx, &caller.object_id, &action("delete"), &scope).await?;
-            Ok(if tx.delete_fic_pattern(&id.key, n).await? {
-                StatusCode::OK
-            } else {
-                StatusCode::NO_CONTENT
-            }
-            .into_response())
-        }
-        (Method::PUT, Some(n)) => {
-            authz::check(tx, &caller.object_id, &action("write"), &scope).await?;
-            fic::validate_name(n).map_err(|e| bad(e.to_string()))?;
-            let b: PatternBody = parse_body(body)?;
-            let p = b
-                .properties
-                .ok_or_else(|| bad("The request properties must not be empty."))?;
-            let candidate = FicPattern {
-                name: n.to_string(),
-                issuer: p.issuer.unwrap_or_default(),
-                subject_pattern: p.subject_pattern.unwrap_or_default(),
-                audiences: p.audiences.unwrap_or_default(),
-            };
-            fic::validate_pattern(&candidate).map_err(|e| bad(e.to_string()))?;
-            if p.description
-                .as_ref()
-                .is_some_and(|d| d.chars().count() > 600)
-            {
-                return Err(bad("The description of a federated identity credential pattern must be at most 600 characters."));
-            }
-            // the name keeps the case it was created with (names are immutable)
-            let name = tx
-                .get_fic_pattern(&id.key, n)
-                .await?
-                .map(|p| p.name)
-                .unwrap_or_else(|| n.to_string());
-            let rec = FicPatternRecord {
-                identity_key: id.key.clone(),
-                name,
-                issuer: candidate.issuer,
-                subject_pattern: candidate.subject_pattern,
-                audiences: candidate.audiences,
-                description: p.description,
-                created: s.now(),
-            };
-            // counted under the identity's locked row (the store locks it first)
-            match tx
-                .put_fic_pattern(&rec, fic::MAX_PATTERNS_PER_IDENTITY)
-                .await?
-            {
-                FicPut::Created => {
-                    Ok((StatusCode::CREATED, Json(pattern_json(identity, &rec))).into_response())
-                }
-                FicPut::Updated => {
-                    Ok((StatusCode::OK, Json(pattern_json(identity, &rec))).into_response())
-                }
-                FicPut::DuplicateIssuerSubject => Err(bad(
-                    "Issuer and subject pattern combination already exists for this Managed Identity.",
-                )),
-                FicPut::LimitReached => Err(bad(format!(
-                    "A managed identity may have at most {} federated identity credential patterns.",
-                    fic::MAX_PATTERNS_PER_IDENTITY
-                ))),
-            }
-        }
-        (m, _) => Err(ServerError::MethodNotAllowed(m.to_string())),
-    }
+    route::<FicPatternRecord, T>(s, tx, c, identity, name).await
 }

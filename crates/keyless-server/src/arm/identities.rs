@@ -112,46 +112,20 @@ async fn delete(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<R
 
 /// GET / PUT / DELETE of one federated identity credential.
 async fn fic(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Response> {
-    let ChildId { parent, name } = c.target;
-    fics::handle(
-        s,
-        tx,
-        c.caller,
-        c.method,
-        parent,
-        Some(name),
-        c.version,
-        c.body,
-        c.write_claimed,
-    )
-    .await
+    fics::handle(s, tx, c, &c.target.parent, Some(&c.target.name)).await
 }
 
 /// GET of the identity's federated identity credentials.
 async fn fic_list(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
-    fics::handle(
-        s, tx, c.caller, c.method, c.target, None, c.version, c.body, false,
-    )
-    .await
+    fics::handle(s, tx, c, c.target, None).await
 }
 
 /// GET / PUT / DELETE of one credential pattern.
 async fn fic_pattern(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Response> {
-    let ChildId { parent, name } = c.target;
-    fics::handle_patterns(
-        s,
-        tx,
-        c.caller,
-        c.method,
-        parent,
-        Some(name),
-        c.version,
-        c.body,
-    )
-    .await
+    fics::handle_patterns(s, tx, c, &c.target.parent, Some(&c.target.name)).await
 }
 
 /// GET of the identity's credential patterns.
 async fn fic_pattern_list(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
-    fics::handle_patterns(s, tx, c.caller, c.method, c.target, None, c.version, c.body).await
+    fics::handle_patterns(s, tx, c, c.target, None).await
 }
