@@ -450,16 +450,10 @@ impl Arm {
     }
 
     async fn post(&self, action: &str, body: &Value) -> Result<Value, AddonError> {
-        let path = format!(
-            "{}/{action}?api-version={}",
-            self.cluster_id,
-            defaults::API_VERSION
-        );
-        let (v, _) = self
+        Ok(self
             .arm
-            .call(reqwest::Method::POST, &path, Some(body), None)
-            .await?;
-        Ok(v)
+            .action(&self.cluster_id, action, defaults::API_VERSION, body)
+            .await?)
     }
 }
 

@@ -96,6 +96,22 @@ impl Arm {
         })
     }
 
+    /// `POST {resource}/{action}?api-version={api_version}` with `body`: the answer's JSON
+    /// (the cluster actions of the add-on, its workload-identity loops and the webhook).
+    pub async fn action(
+        &self,
+        resource: &str,
+        action: &str,
+        api_version: &str,
+        body: &Value,
+    ) -> Result<Value, ArmError> {
+        let path = format!(
+            "{}/{action}?api-version={api_version}",
+            resource.trim_end_matches('/')
+        );
+        Ok(self.call(Method::POST, &path, Some(body), None).await?.0)
+    }
+
     /// `method path_and_query` with `body` as JSON (when given): the answer's JSON (`Null`
     /// for an empty body) and, when the server sent one, its `ETag`.
     pub async fn call(

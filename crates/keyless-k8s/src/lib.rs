@@ -9,6 +9,7 @@ pub mod arm;
 pub mod crd;
 pub mod lease;
 pub mod mic;
+mod reflect;
 pub mod testing;
 pub mod webhook;
 pub mod wi_addon;

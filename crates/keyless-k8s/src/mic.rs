@@ -17,13 +17,13 @@
 use crate::arm::{Arm, ArmConfig, ArmError};
 use crate::crd::{read, AzureAssignedIdentity, AzureIdentity, AzureIdentityBinding};
 use crate::lease::{self, LeaseConfig};
-use futures::{StreamExt, TryStreamExt};
+use crate::reflect::reflect;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use keyless_core::mic::{self as core, Assignment, Existing, Key, Plan};
 use keyless_core::pod_identity::{self as pi, Namespacing};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::Store;
 use kube::Resource;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -87,35 +87,6 @@ struct Caches {
 
 fn erased<K: Resource<DynamicType = ()>>() -> ApiResource {
     ApiResource::erase::<K>(&())
-}
-
-/// Start a reflector over `api` feeding a store; every event wakes the loop.
-fn reflect<K>(
-    api: Api<K>,
-    dt: K::DynamicType,
-    wake: Arc<tokio::sync::Notify>,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Store<K>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
-{
-    let writer = reflector::store::Writer::new(dt);
-    let reader = writer.as_reader();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer);
-    tasks.push(tokio::spawn(async move {
-        let mut s = std::pin::pin!(stream);
-        loop {
-            match s.try_next().await {
-                Ok(Some(_)) => wake.notify_one(),
-                Ok(None) => break,
-                Err(e) => tracing::warn!(error = %e, "MIC watch failed; retrying"),
-            }
-        }
-    }));
-    reader
 }
 
 /// The pods as MIC's rules see them.
@@ -551,30 +522,35 @@ pub async fn run(
             (),
             wake.clone(),
             &mut tasks,
+            "MIC",
         ),
         nodes: reflect(
             Api::<Node>::all(client.clone()),
             (),
             wake.clone(),
             &mut tasks,
+            "MIC",
         ),
         identities: reflect(
             untyped(erased::<AzureIdentity>()),
             erased::<AzureIdentity>(),
             wake.clone(),
             &mut tasks,
+            "MIC",
         ),
         bindings: reflect(
             untyped(erased::<AzureIdentityBinding>()),
             erased::<AzureIdentityBinding>(),
             wake.clone(),
             &mut tasks,
+            "MIC",
         ),
         assigned: reflect(
             untyped(erased::<AzureAssignedIdentity>()),
             erased::<AzureAssignedIdentity>(),
             wake.clone(),
             &mut tasks,
+            "MIC",
         ),
     };
     struct Abort(Vec<tokio::task::JoinHandle<()>>);

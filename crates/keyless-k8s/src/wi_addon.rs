@@ -27,11 +27,11 @@
 
 use crate::arm::{Arm, ArmConfig, ArmError};
 use crate::lease::{self, LeaseConfig};
-use futures::{StreamExt, TryStreamExt};
+use crate::reflect::reflect;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, PodCondition, ServiceAccount};
 use kube::api::{Api, GetParams, Patch, PatchParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::{ObjectRef, Store};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -410,16 +410,9 @@ struct Keyless {
 
 impl Keyless {
     async fn post(&self, action: &str, body: &Value) -> Result<Value, ArmError> {
-        let path = format!(
-            "{}/{action}?api-version={}",
-            self.cluster_id,
-            defaults::API_VERSION
-        );
-        let (v, _) = self
-            .arm
-            .call(reqwest::Method::POST, &path, Some(body), None)
-            .await?;
-        Ok(v)
+        self.arm
+            .action(&self.cluster_id, action, defaults::API_VERSION, body)
+            .await
     }
 }
 
@@ -790,39 +783,6 @@ impl Readiness {
     }
 }
 
-/// Start a reflector over `api` feeding a store; every event wakes `wake`.
-fn reflect<K>(
-    api: Api<K>,
-    wake: Arc<tokio::sync::Notify>,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let writer = reflector::store::Writer::new(());
-    let reader = writer.as_reader();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer);
-    tasks.push(tokio::spawn(async move {
-        let mut s = std::pin::pin!(stream);
-        loop {
-            match s.try_next().await {
-                Ok(Some(_)) => wake.notify_one(),
-                Ok(None) => break,
-                Err(e) => tracing::warn!(error = %e, "workload-identity watch failed; retrying"),
-            }
-        }
-    }));
-    reader
-}
-
 struct Abort(Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for Abort {
@@ -989,11 +949,19 @@ async fn run_loops(
     };
     let wake = Arc::new(tokio::sync::Notify::new());
     let mut tasks = vec![];
-    let pods = reflect(Api::<Pod>::all(client.clone()), wake.clone(), &mut tasks);
-    let sas = reflect(
-        Api::<ServiceAccount>::all(client.clone()),
+    let pods = reflect(
+        Api::<Pod>::all(client.clone()),
+        (),
         wake.clone(),
         &mut tasks,
+        "workload-identity",
+    );
+    let sas = reflect(
+        Api::<ServiceAccount>::all(client.clone()),
+        (),
+        wake.clone(),
+        &mut tasks,
+        "workload-identity",
     );
     let _tasks = Abort(tasks);
     let mut shutdown = std::pin::pin!(shutdown);
