@@ -282,13 +282,13 @@ async fn issue(arm: &Arm, cfg: &WebhookConfig) -> Result<Issued, WebhookError> {
     if let Some(v) = cfg.certificate_validity {
         body["validityInSeconds"] = json!(v);
     }
-    let path = format!(
-        "{}/issueWebhookCertificate?api-version={}",
-        cfg.cluster_id.trim_end_matches('/'),
-        defaults::API_VERSION
-    );
-    let (answer, _) = arm
-        .call(reqwest::Method::POST, &path, Some(&body), None)
+    let answer = arm
+        .action(
+            &cfg.cluster_id,
+            "issueWebhookCertificate",
+            defaults::API_VERSION,
+            &body,
+        )
         .await?;
     certified(&answer, key_der)
 }

@@ -246,35 +246,6 @@ pub async fn start_server(
     (dir, srv)
 }
 
-/// [`paired`] for runs that yield more than a rate (e.g. [`Timed`], with latencies): `rate`
-/// reads a run's rate; returns the median pair's runs themselves and every ratio in measuring
-/// order.
-pub async fn paired_by<T, B, BF, S, SF, R>(
-    mut baseline: B,
-    mut subject: S,
-    rate: R,
-) -> (T, T, Vec<f64>)
-where
-    B: FnMut() -> BF,
-    BF: std::future::Future<Output = T>,
-    S: FnMut() -> SF,
-    SF: std::future::Future<Output = T>,
-    R: Fn(&T) -> f64,
-{
-    let rounds = env_u64("BENCH_ROUNDS", 3).max(1) as usize;
-    let mut pairs = vec![];
-    for _ in 0..rounds {
-        let b = baseline().await;
-        let x = subject().await;
-        pairs.push((b, x));
-    }
-    let ratios: Vec<f64> = pairs.iter().map(|(b, x)| rate(x) / rate(b)).collect();
-    let mut order: Vec<usize> = (0..rounds).collect();
-    order.sort_by(|&i, &j| ratios[i].total_cmp(&ratios[j]));
-    let (b, x) = pairs.swap_remove(order[rounds / 2]);
-    (b, x, ratios)
-}
-
 /// One timed load run: requests/s and every request's latency (request written → whole
 /// response read), sorted.
 #[derive(Debug, Clone)]
@@ -348,4 +319,42 @@ pub async fn drive_timed<S: AsyncRead + AsyncWrite + Unpin>(
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     }
     out
+}
+
+/// [`paired`] for runs that yield more than a rate (e.g. [`Timed`], with latencies; `rate`
+/// reads a run's rate), for `n` subjects against one baseline: each round measures the baseline right
+/// before each subject (b, s0, b, s1, …), so a drift over the run lands on every subject
+/// alike; per subject, the median pair and its ratios in measuring order.
+pub async fn paired_each<T, B, BF, S, SF, R>(
+    mut baseline: B,
+    n: usize,
+    mut subject: S,
+    rate: R,
+) -> Vec<(T, T, Vec<f64>)>
+where
+    B: FnMut() -> BF,
+    BF: std::future::Future<Output = T>,
+    S: FnMut(usize) -> SF,
+    SF: std::future::Future<Output = T>,
+    R: Fn(&T) -> f64,
+{
+    let rounds = env_u64("BENCH_ROUNDS", 3).max(1) as usize;
+    let mut pairs: Vec<Vec<(T, T)>> = (0..n).map(|_| vec![]).collect();
+    for _ in 0..rounds {
+        for (i, p) in pairs.iter_mut().enumerate() {
+            let b = baseline().await;
+            let x = subject(i).await;
+            p.push((b, x));
+        }
+    }
+    pairs
+        .into_iter()
+        .map(|mut p| {
+            let ratios: Vec<f64> = p.iter().map(|(b, x)| rate(x) / rate(b)).collect();
+            let mut order: Vec<usize> = (0..rounds).collect();
+            order.sort_by(|&i, &j| ratios[i].total_cmp(&ratios[j]));
+            let (b, x) = p.swap_remove(order[rounds / 2]);
+            (b, x, ratios)
+        })
+        .collect()
 }
