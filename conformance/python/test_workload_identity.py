@@ -154,6 +154,24 @@ class Wi:
         except urllib.error.HTTPError as e:
             return e.code, json.load(e)
 
+    def arm(self, method, path, body=None):
+        """One control-plane call as the admin (client credentials at the token endpoint)."""
+        import ssl
+        import urllib.parse
+        import urllib.request
+        up = self.fab.up
+        ctx = ssl.create_default_context(cafile=up.info["caFile"])
+        form = urllib.parse.urlencode({"grant_type": "client_credentials", "client_id": up.info["adminClientId"],
+                                       "client_secret": up.admin_secret, "scope": ARM + "/.default"}).encode()
+        req = urllib.request.Request(f"{up.info['serverUrl']}/{up.info['tenantId']}/oauth2/v2.0/token", data=form)
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+            token = json.load(r)["access_token"]
+        req = urllib.request.Request(up.info["serverUrl"] + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+            return json.load(r)
+
     def condition(self, namespace, name):
         pod = self.cp.get("pod", name, "-n", namespace) or {}
         for c in pod.get("status", {}).get("conditions", []):
@@ -350,17 +368,40 @@ def test_refusals(wi):
     other = wi.fab.cli("aks", "create", "-g", "wiRG", "-n", "otherCluster", "--node-count", "1",
                        "--enable-oidc-issuer")
     other_issuer = other["properties"]["oidcIssuerProfile"]["issuerUrl"]
+    # the other cluster is real: its API server's key published for its own issuer, and an
+    # identity federated to its `app:strict` exchanges that cluster's token (the positive control)
     foreign_key = pathlib.Path(wi.fab.root) / "foreign.key"
     subprocess.run(["openssl", "genrsa", "-out", str(foreign_key), "2048"], check=True, capture_output=True)
+    wi.arm("POST", f"{other['id']}/publishServiceAccountKeys?api-version=2026-08-01",
+           {"keys": [rsa_jwk(foreign_key, "foreign")]})
+    theirs = wi.fab.cli("identity", "create", "-g", "wiIdentities", "-n", "other-cluster-identity")
+    wi.fab.cli("identity", "federated-credential", "create", "--name", "other-fic", "--identity-name",
+               "other-cluster-identity", "--resource-group", "wiIdentities", "--issuer", other_issuer,
+               "--subject", "system:serviceaccount:app:strict")
     foreign = sign_rs256(foreign_key, {"iss": other_issuer, "sub": "system:serviceaccount:app:strict",
                                        "aud": [EXCHANGE_AUDIENCE], "iat": now, "nbf": now, "exp": now + 600}, "foreign")
+    status, body = wi.exchange(theirs["properties"]["clientId"], foreign)
+    assert status == 200, body
+    # the same namespace and name from the other cluster: not this identity's (its issuer differs)
     status, body = wi.exchange(client_id, foreign)
     assert (status, body.get("error_codes")) == (401, [700211]), body
-    # and one signed with a foreign key under this cluster's issuer
-    forged = sign_rs256(foreign_key, {"iss": wi.issuer, "sub": "system:serviceaccount:app:strict",
-                                      "aud": [EXCHANGE_AUDIENCE], "iat": now, "nbf": now, "exp": now + 600}, kid)
-    status, body = wi.exchange(client_id, forged)
-    assert (status, body.get("error_codes")) == (401, [700027]), body
+    # the other cluster's key does not verify this cluster's issuer, even with this issuer's kid
+    # or its own: each issuer's tokens verify only against the keys published for it
+    for k in (kid, "foreign"):
+        forged = sign_rs256(foreign_key, {"iss": wi.issuer, "sub": "system:serviceaccount:app:strict",
+                                          "aud": [EXCHANGE_AUDIENCE], "iat": now, "nbf": now, "exp": now + 600}, k)
+        status, body = wi.exchange(client_id, forged)
+        assert (status, body.get("error_codes")) == (401, [700027]), body
+
+
+def rsa_jwk(key_path, kid):
+    """The public JWK of an RSA key file (what an API server's /openid/v1/jwks lists)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    pub = load_pem_private_key(pathlib.Path(key_path).read_bytes(), password=None).public_key().public_numbers()
+
+    def b64(n):
+        return base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+    return {"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid, "n": b64(pub.n), "e": b64(pub.e)}
 
 
 def test_kube_system_and_unlabelled_pods_are_never_mutated(wi):

@@ -36,6 +36,17 @@ pub const MAX_PER_IDENTITY: usize = 20;
 /// At most this many credential patterns per identity.
 pub const MAX_PATTERNS_PER_IDENTITY: usize = 1000;
 const MAX_FIELD: usize = 600;
+/// The longest assertion subject matched, in characters: no credential's subject and no
+/// pattern is longer than [`MAX_FIELD`] (600), and a longer `sub` — an unverified claim, up to
+/// the size of a form — is refused as no subject match before any pattern sees it
+/// ([`find`]), so matching costs at most 600 × 600 per pattern.
+pub const MAX_SUBJECT: usize = MAX_FIELD;
+
+/// Whether an assertion's `sub` is longer than [`MAX_SUBJECT`] characters (counted only when
+/// its bytes could exceed the bound).
+pub fn subject_too_long(sub: &str) -> bool {
+    sub.len() > MAX_SUBJECT && sub.chars().count() > MAX_SUBJECT
+}
 
 /// Why a FIC is invalid (ARM 400 messages as Entra words them where known).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -212,7 +223,8 @@ pub enum Match<'a> {
 
 /// Match `iss`, `sub` and the token's audiences against `fics` (Entra's exact rules) and then
 /// against `patterns`; when neither matches, the furthest step either kind reached names the
-/// error (an issuer only a pattern has is a known issuer).
+/// error (an issuer only a pattern has is a known issuer). A `sub` longer than
+/// [`MAX_SUBJECT`] characters is [`Match::NoSubject`] at once, before anything is matched.
 pub fn find<'a>(
     fics: &'a [Fic],
     patterns: &'a [FicPattern],
@@ -220,6 +232,9 @@ pub fn find<'a>(
     sub: &str,
     auds: &[&str],
 ) -> Match<'a> {
+    if subject_too_long(sub) {
+        return Match::NoSubject;
+    }
     let aud_ok = |list: &[String]| list.iter().any(|a| auds.contains(&a.as_str()));
     let exact = fics.iter().filter(|f| f.issuer == iss && f.subject == sub);
     if let Some(f) = exact.clone().find(|f| aud_ok(&f.audiences)) {
@@ -433,6 +448,43 @@ mod tests {
         let p = format!("{}b", "a*".repeat(200));
         let s = "a".repeat(600);
         assert!(!subject_matches(&p, &s));
+    }
+
+    #[test]
+    fn a_subject_longer_than_600_characters_matches_nothing() {
+        let iss = "https://oidc.example/cluster/";
+        let aud = ["api://AzureADTokenExchange"];
+        let patterns = vec![pattern("team-a", iss, "system:serviceaccount:team-a:*")];
+        let prefix = "system:serviceaccount:team-a:";
+        // 600 characters: matched; 601: refused as no subject match, though the pattern fits
+        let at = format!("{prefix}{}", "x".repeat(MAX_SUBJECT - prefix.len()));
+        assert_eq!(at.chars().count(), 600);
+        assert!(!subject_too_long(&at));
+        assert!(subject_matches(&patterns[0].subject_pattern, &at));
+        assert_eq!(
+            find(&[], &patterns, iss, &at, &aud),
+            Match::Matched(Matched::Pattern(&patterns[0]))
+        );
+        let over = format!("{at}x");
+        assert!(subject_too_long(&over));
+        assert!(subject_matches(&patterns[0].subject_pattern, &over));
+        assert_eq!(find(&[], &patterns, iss, &over, &aud), Match::NoSubject);
+        // an assertion's worth (48 KB): refused the same way, whatever the issuer
+        let huge = format!("{prefix}{}", "x".repeat(48 * 1024));
+        assert_eq!(find(&[], &patterns, iss, &huge, &aud), Match::NoSubject);
+        assert_eq!(
+            find(&[], &patterns, "https://other/", &huge, &aud),
+            Match::NoSubject
+        );
+        // characters, not bytes: 600 two-byte characters are within the bound
+        let wide = format!("{prefix}{}", "é".repeat(MAX_SUBJECT - prefix.len()));
+        assert!(wide.len() > MAX_SUBJECT);
+        assert!(!subject_too_long(&wide));
+        assert_eq!(
+            find(&[], &patterns, iss, &wide, &aud),
+            Match::Matched(Matched::Pattern(&patterns[0]))
+        );
+        assert!(subject_too_long(&format!("{wide}é")));
     }
 
     #[test]

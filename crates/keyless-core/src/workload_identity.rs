@@ -8,10 +8,14 @@
 //! never overwritten; a variable whose value would be empty is not injected (upstream #1593).
 //! The answer is an RFC 6902 JSON Patch, as `admission.k8s.io/v1` wants it.
 //!
+//! The pod's service account must exist: a pod that asks whose service account is not found
+//! is refused (400), as upstream refuses when its lookup fails.
+//!
 //! Beyond the environment and the token: a readiness gate
 //! (`keyless.dev/workload-identity-ready`, which the add-on sets once the pod's exchange would
-//! succeed) when [`ReadinessGate`] says so, and the IMDS proxy sidecar
-//! (`azure.workload.identity/inject-proxy-sidecar`): the init container `azwi-proxy-init`
+//! succeed) when [`ReadinessGate`] says so, and the IMDS proxy sidecar (the pod annotation
+//! `azure.workload.identity/inject-proxy-sidecar` present, whatever its value, as upstream's
+//! `shouldInjectProxySidecar` reads it): the init container `azwi-proxy-init`
 //! (`keyless wi-proxy init`, NET_ADMIN) prepended to the init containers and `azwi-proxy`
 //! (`keyless wi-proxy serve`) prepended to the containers, both with the same environment and
 //! mount; refused for `hostNetwork` pods (its iptables rules would change the node's). Pods in
@@ -37,10 +41,14 @@ pub const SYSTEM_NAMESPACE: &str = "kube-system";
 
 pub const PROXY_INIT_CONTAINER: &str = "azwi-proxy-init";
 pub const PROXY_CONTAINER: &str = "azwi-proxy";
-/// The proxy's port when neither the pod nor the webhook says otherwise.
+/// The proxy's port when neither the pod nor the webhook says otherwise (`wi-webhook
+/// --proxy-port`, `wi-proxy init --proxy-port`, `wi-proxy serve --port`).
 pub const DEFAULT_PROXY_PORT: u16 = 8000;
-/// The UID the proxy runs as (the init container's rules let its own traffic through).
-pub const PROXY_UID: i64 = 1501;
+/// The UID the proxy runs as (the container's `runAsUser`; `wi-proxy init --proxy-uid`: the
+/// init container's rules let its own traffic through).
+pub const PROXY_UID: u32 = 1501;
+/// The image of the proxy's two containers when the webhook names none (`--proxy-image`).
+pub const DEFAULT_PROXY_IMAGE: &str = "keyless";
 
 pub const TOKEN_VOLUME: &str = "azure-identity-token";
 pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/azure/tokens";
@@ -51,7 +59,8 @@ pub const DEFAULT_EXPIRATION: i64 = 3600;
 pub const MIN_EXPIRATION: i64 = 3600;
 pub const MAX_EXPIRATION: i64 = 86400;
 
-/// When a mutated pod gets the readiness gate (`--readiness-gate`).
+/// When a mutated pod gets the readiness gate (`--readiness-gate`; its default is
+/// `ReadinessGate::default()`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReadinessGate {
     /// When the pod's annotation [`READINESS_GATE_ANNOTATION`] says `"true"`.
@@ -70,6 +79,17 @@ impl std::str::FromStr for ReadinessGate {
             "never" => Ok(ReadinessGate::Never),
             other => Err(format!("'{other}': expected annotated, always or never")),
         }
+    }
+}
+
+/// The spelling [`FromStr`](std::str::FromStr) reads back.
+impl std::fmt::Display for ReadinessGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReadinessGate::Annotated => "annotated",
+            ReadinessGate::Always => "always",
+            ReadinessGate::Never => "never",
+        })
     }
 }
 
@@ -95,8 +115,8 @@ impl Defaults {
             tenant_id: tenant_id.into(),
             authority_host: authority_host.into(),
             audience: DEFAULT_AUDIENCE.to_string(),
-            readiness_gate: ReadinessGate::Annotated,
-            proxy_image: "keyless".to_string(),
+            readiness_gate: ReadinessGate::default(),
+            proxy_image: DEFAULT_PROXY_IMAGE.to_string(),
             proxy_port: DEFAULT_PROXY_PORT,
         }
     }
@@ -111,6 +131,8 @@ pub enum MutationError {
     ProxyPort(String),
     #[error("the proxy sidecar ({INJECT_PROXY_SIDECAR_ANNOTATION}) cannot be injected into a pod with hostNetwork: true (its iptables rules would redirect the node's own IMDS traffic)")]
     HostNetwork,
+    #[error("service account \"{name}\" not found in namespace \"{namespace}\": workload identity mutates a pod from its service account's annotations ({CLIENT_ID_ANNOTATION})")]
+    ServiceAccountNotFound { namespace: String, name: String },
 }
 
 /// Whether the pod asks for workload identity (its label, exactly `"true"`).
@@ -125,7 +147,7 @@ fn annotation<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
-/// A boolean annotation as Go's `strconv.ParseBool` reads it (upstream's reading).
+/// A boolean annotation of ours read as Go's `strconv.ParseBool` reads a true value.
 fn flag(v: &Value, key: &str) -> bool {
     matches!(
         annotation(v, key),
@@ -133,9 +155,13 @@ fn flag(v: &Value, key: &str) -> bool {
     )
 }
 
-/// Whether the pod asks for the IMDS proxy sidecar.
+/// Whether the pod asks for the IMDS proxy sidecar: the annotation's presence, whatever its
+/// value (`""` and `"false"` included), as upstream's `shouldInjectProxySidecar` reads it
+/// (`_, ok := pod.Annotations[InjectProxySidecarAnnotation]; return ok`).
 pub fn wants_proxy_sidecar(pod: &Value) -> bool {
-    flag(pod, INJECT_PROXY_SIDECAR_ANNOTATION)
+    pod["metadata"]["annotations"]
+        .as_object()
+        .is_some_and(|a| a.contains_key(INJECT_PROXY_SIDECAR_ANNOTATION))
 }
 
 /// Whether the pod gets the readiness gate under `mode`.
@@ -388,19 +414,26 @@ pub fn service_account_ref(request: &Value) -> Option<(&str, &str)> {
 }
 
 /// The `admission.k8s.io/v1` answer to an `AdmissionReview` request for a pod CREATE:
-/// `service_account` is the pod's service account (looked up by the caller from the request's
-/// namespace and `spec.serviceAccountName`, default `default`; None when it does not exist).
+/// `service_account` is the pod's service account (looked up by the caller, only when
+/// [`service_account_ref`] names one, from the request's namespace and
+/// `spec.serviceAccountName`, default `default`; None when it does not exist).
 /// A pod that does not ask, one in `kube-system`, another kind or operation are allowed
-/// unchanged; a refusal is `allowed: false` with the reason (status 400); otherwise the patch,
-/// base64 JSON, `patchType: JSONPatch`. The request's `uid` is echoed, as the API server
-/// requires.
+/// unchanged (whatever `service_account`); a pod that asks without a service account, or
+/// that the rules refuse, is `allowed: false` with the reason (status 400); otherwise the
+/// patch, base64 JSON, `patchType: JSONPatch`. The request's `uid` is echoed, as the API
+/// server requires.
 pub fn review(request: &Value, service_account: Option<&Value>, d: &Defaults) -> Value {
     if !in_scope(request) {
         return allowed(request);
     }
     let pod = &request["request"]["object"];
-    let empty = json!({});
-    let sa = service_account.unwrap_or(&empty);
+    let Some(sa) = service_account else {
+        let e = MutationError::ServiceAccountNotFound {
+            namespace: request_namespace(request).to_string(),
+            name: service_account_name(pod).to_string(),
+        };
+        return refused(request, 400, "BadRequest", &e.to_string());
+    };
     match patch(pod, sa, d) {
         Ok(ops) if ops.is_empty() => allowed(request),
         Ok(ops) => {
@@ -595,6 +628,24 @@ mod tests {
         );
         assert_eq!("ALWAYS".parse::<ReadinessGate>(), Ok(ReadinessGate::Always));
         assert!("sometimes".parse::<ReadinessGate>().is_err());
+        // the CLI's default_value_t prints the default and parses it back
+        for g in [
+            ReadinessGate::Annotated,
+            ReadinessGate::Always,
+            ReadinessGate::Never,
+        ] {
+            assert_eq!(g.to_string().parse::<ReadinessGate>(), Ok(g));
+        }
+        assert_eq!(ReadinessGate::default().to_string(), "annotated");
+        let d = Defaults::new("t", "https://a/");
+        assert_eq!(
+            (d.readiness_gate, d.proxy_image.as_str(), d.proxy_port),
+            (
+                ReadinessGate::Annotated,
+                DEFAULT_PROXY_IMAGE,
+                DEFAULT_PROXY_PORT
+            )
+        );
     }
 
     #[test]
@@ -673,10 +724,34 @@ mod tests {
             "{out}"
         );
         assert_eq!(out["spec"]["containers"][1]["name"], "app");
-        // not asked ("false"): no sidecar
-        let p = pod(json!({INJECT_PROXY_SIDECAR_ANNOTATION: "false"}));
-        let out = apply(p.clone(), &patch(&p, &sa, &defaults()).unwrap());
-        assert_eq!(out["spec"]["containers"].as_array().unwrap().len(), 1);
+        // the annotation's presence asks, whatever its value (upstream's
+        // shouldInjectProxySidecar): "", "false" and "no" inject too; absent does not
+        for v in ["", "false", "no", "true"] {
+            let p = pod(json!({INJECT_PROXY_SIDECAR_ANNOTATION: v}));
+            assert!(wants_proxy_sidecar(&p), "{v:?}");
+            let out = apply(p.clone(), &patch(&p, &sa, &defaults()).unwrap());
+            let names: Vec<&str> = out["spec"]["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|c| c["name"].as_str())
+                .collect();
+            assert_eq!(names, [PROXY_CONTAINER, "app"], "{v:?}");
+            assert_eq!(
+                out["spec"]["initContainers"][0]["name"], PROXY_INIT_CONTAINER,
+                "{v:?}"
+            );
+        }
+        for p in [
+            pod(json!({})),
+            pod(json!({PROXY_SIDECAR_PORT_ANNOTATION: "8123"})),
+            json!({"metadata": {"labels": {USE_LABEL: "true"}},
+                "spec": {"containers": [{"name": "app"}]}}),
+        ] {
+            assert!(!wants_proxy_sidecar(&p), "{p}");
+            let out = apply(p.clone(), &patch(&p, &sa, &defaults()).unwrap());
+            assert_eq!(out["spec"]["containers"].as_array().unwrap().len(), 1);
+        }
         // a bad port and hostNetwork: refused
         for bad in ["0", "65536", "http", "-1"] {
             let p = pod(json!({INJECT_PROXY_SIDECAR_ANNOTATION: "true",
@@ -745,6 +820,60 @@ mod tests {
                 "response": {"uid": "u", "allowed": false,
                     "status": {"code": 500, "message": "no", "reason": "InternalError"}}})
         );
+    }
+
+    #[test]
+    fn a_pod_whose_service_account_is_missing_is_refused() {
+        let pod = json!({"metadata": {"labels": {USE_LABEL: "true"}},
+            "spec": {"serviceAccountName": "ghost", "containers": [{"name": "app"}]}});
+        let req = request(pod.clone(), "app");
+        assert_eq!(service_account_ref(&req), Some(("app", "ghost")));
+        let r = review(&req, None, &defaults());
+        assert_eq!(r["response"]["uid"], "u");
+        assert_eq!(r["response"]["allowed"], false, "{r}");
+        assert_eq!(r["response"]["status"]["code"], 400, "{r}");
+        assert_eq!(r["response"]["status"]["reason"], "BadRequest", "{r}");
+        assert!(r["response"].get("patch").is_none(), "{r}");
+        let msg = r["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("\"ghost\"") && msg.contains("namespace \"app\""),
+            "{msg}"
+        );
+        // the default service account when the pod names none
+        let mut unnamed = pod.clone();
+        unnamed["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("serviceAccountName");
+        let r = review(&request(unnamed, "app"), None, &defaults());
+        assert_eq!(r["response"]["status"]["code"], 400, "{r}");
+        assert!(r["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"default\""));
+        // with the service account: mutated
+        let sa = sa(json!({CLIENT_ID_ANNOTATION: "cid"}));
+        assert!(!patched(&review(&req, Some(&sa), &defaults())).is_empty());
+        // not in scope: allowed unchanged without a service account (none is looked up)
+        let sys = request(pod.clone(), SYSTEM_NAMESPACE);
+        assert_eq!(service_account_ref(&sys), None);
+        let r = review(&sys, None, &defaults());
+        assert_eq!(
+            (r["response"]["allowed"].as_bool(), patched(&r).len()),
+            (Some(true), 0)
+        );
+        let mut plain = pod.clone();
+        plain["metadata"]["labels"] = json!({});
+        let plain = request(plain, "app");
+        assert_eq!(service_account_ref(&plain), None);
+        assert_eq!(
+            review(&plain, None, &defaults())["response"]["allowed"],
+            true
+        );
+        let mut upd = req.clone();
+        upd["request"]["operation"] = json!("UPDATE");
+        assert_eq!(service_account_ref(&upd), None);
+        assert_eq!(review(&upd, None, &defaults())["response"]["allowed"], true);
     }
 
     #[test]

@@ -16,8 +16,13 @@
 //!   [`defaults::CA_BUNDLE_RESYNC`].
 //! - **Service accounts**: a metadata-only reflector over every ServiceAccount (annotations are
 //!   all the rules read); a miss is read from the API server (a service account created just
-//!   before its pod may not be in the cache yet). A failed read refuses the pod (500), so a pod
-//!   is never admitted without the identity its service account names.
+//!   before its pod may not be in the cache yet). Only a pod the rules would mutate
+//!   (`workload_identity::service_account_ref`: labelled, created, outside `kube-system`) is
+//!   looked up. A service account that does not exist refuses the pod (400, naming it and its
+//!   namespace, as upstream's `admission.Errored(400, …)` on a failed lookup: the API server's
+//!   ServiceAccount admission plugin usually refuses such a pod first, but the webhook may be
+//!   called before it); a failed read refuses it (500). A pod is never admitted without the
+//!   identity its service account names.
 //! - **Readiness**: a certificate that has not expired, and the service-account cache listed.
 //! - **Metrics** ([`metric`]): admissions by result and their duration, certificate renewals,
 //!   CA-bundle updates.
@@ -79,8 +84,9 @@ pub mod defaults {
 /// The webhook's metric names (its own: `keyless_ops::metrics` lists the shared ones).
 pub mod metric {
     /// Counter: admission reviews answered. Label `result`: `mutated` (a patch), `allowed`
-    /// (unchanged), `refused` (`allowed: false` by the rules), `error` (refused: the service
-    /// account could not be read), `invalid` (not an AdmissionReview: HTTP 4xx).
+    /// (unchanged), `refused` (`allowed: false` by the rules, a missing service account
+    /// included), `error` (refused: the service account could not be read), `invalid` (not an
+    /// AdmissionReview: HTTP 4xx).
     pub const ADMISSIONS: &str = "keyless_wi_webhook_admissions_total";
     /// Histogram (seconds): time to answer an admission review, label `result` as above.
     pub const ADMISSION_DURATION: &str = "keyless_wi_webhook_admission_duration_seconds";
@@ -534,7 +540,17 @@ impl App {
         let answer = match wi::service_account_ref(&review) {
             None => wi::review(&review, None, &self.defaults),
             Some((ns, name)) => match self.service_account(ns, name).await {
-                Ok(sa) => wi::review(&review, sa.as_ref(), &self.defaults),
+                Ok(sa) => {
+                    if sa.is_none() {
+                        tracing::info!(
+                            namespace = ns,
+                            service_account = name,
+                            "wi-webhook: pod refused: its service account does not exist"
+                        );
+                    }
+                    // None: refused (400) by the rules
+                    wi::review(&review, sa.as_ref(), &self.defaults)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, namespace = ns, service_account = name, "wi-webhook: cannot read the pod's service account");
                     let msg =

@@ -6,8 +6,8 @@
 //! `client_credentials` + `client_assertion`).
 //!
 //! - [`Redirect`] (`init`): a chain [`CHAIN`] jumped to from `OUTPUT` for tcp to
-//!   `169.254.169.254:80`, holding "from uid `proxy_uid` → ACCEPT" (the proxy's own calls, were
-//!   it ever to make one to IMDS) and "everything else → REDIRECT to the proxy port".
+//!   `169.254.169.254:80`, holding "from uid `proxy_uid` → ACCEPT" (the proxy's own calls to
+//!   IMDS: the requests it forwards) and "everything else → REDIRECT to the proxy port".
 //!   Idempotent: a drifted chain is replaced in one `iptables-restore --noflush` transaction,
 //!   duplicate jumps are removed.
 //! - [`Proxy`] (`serve`): `GET /metadata/identity/oauth2/token` (path case-insensitive) with
@@ -16,12 +16,24 @@
 //!   file is read at each exchange (the kubelet rotates it); tokens are cached per (client id,
 //!   resource) until half their life (`keyless_core::refresh`), one exchange at a time per
 //!   key. Answers in IMDS's shape (every value a string); a refused exchange is answered with
-//!   the token endpoint's status and its `error` / `error_description`. `/readyz` → `ok`;
-//!   anything else 404. Served by `keyless_ops::limits::serve` on `127.0.0.1:<port>` (and
-//!   `[::1]:<port>` when the namespace has IPv6 loopback).
+//!   the token endpoint's status and its `error` / `error_description`. `/readyz` → `ok`.
+//!   Every other path is forwarded to the real IMDS (`--imds-upstream`, default
+//!   `http://169.254.169.254`), as upstream's proxy does, for code that reads
+//!   `/metadata/instance` and the like: method, path and query, headers (the `Metadata` one
+//!   included; hop-by-hop ones and `Host` not) and a body of at most
+//!   [`defaults::MAX_FORWARD_BODY`]; IMDS's status, headers and body (at most
+//!   [`defaults::MAX_FORWARD_ANSWER`]) come back as they are; IMDS not reachable within
+//!   [`defaults::FORWARD_TIMEOUT`] → 502 in IMDS's error shape. The proxy's connection is
+//!   not redirected back to it because its UID is exempt (`init --proxy-uid`); should it be
+//!   (the proxy not running as that UID), the request comes back marked with
+//!   [`FORWARDED_HEADER`] and is answered 508 instead of looping. Exceptions: other paths
+//!   under `/metadata/identity` (however spelled: case, `//`, `.`/`..`, `%xx`) are not
+//!   forwarded (404) — the node's identity is not the pod's. Served by
+//!   `keyless_ops::limits::serve` on `127.0.0.1:<port>` (and `[::1]:<port>` when the
+//!   namespace has IPv6 loopback).
 
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::imds::{self, ImdsError, IssuedToken};
@@ -37,13 +49,24 @@ use std::time::Duration;
 pub const CHAIN: &str = "AZWI-PROXY";
 /// The token path (compared case-insensitively, as IMDS does).
 pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
+/// The header a forwarded request carries: one that comes back to the proxy is a loop.
+pub const FORWARDED_HEADER: &str = "x-keyless-wi-proxy-forwarded";
 
+/// The proxy's port and UID are workload identity's (the webhook writes them into the pod):
+/// `keyless_core::workload_identity::{DEFAULT_PROXY_PORT, PROXY_UID}`.
 pub mod defaults {
     use std::time::Duration;
-    /// The proxy's port (azure-workload-identity's default).
-    pub const PORT: u16 = 8000;
-    /// The UID the proxy container runs as; its own traffic is never redirected.
-    pub const PROXY_UID: u32 = 1501;
+    /// Where requests other than the token route go (`--imds-upstream`): the real IMDS.
+    pub const IMDS_UPSTREAM: &str = "http://169.254.169.254";
+    /// One forwarded request at most this long, connection included (inside the listener's
+    /// 30 s answer bound).
+    pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(20);
+    /// The connection to IMDS at most this long.
+    pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// A forwarded request's body at most this big (IMDS's are a few hundred bytes).
+    pub const MAX_FORWARD_BODY: usize = 64 * 1024;
+    /// IMDS's answer at most this big (instance metadata with `userData` is well under it).
+    pub const MAX_FORWARD_ANSWER: usize = 4 * 1024 * 1024;
     /// `AZURE_AUTHORITY_HOST` when unset (azidentity's default).
     pub const AUTHORITY_HOST: &str = "https://login.microsoftonline.com/";
     /// One exchange at most this long (inside the listener's 30 s answer bound).
@@ -169,6 +192,9 @@ pub struct ProxyConfig {
     pub token_file: PathBuf,
     /// PEM of the CA the token endpoint's certificate chains to (None: the system roots).
     pub ca_pem: Option<String>,
+    /// Base URL requests other than the token route are forwarded to
+    /// ([`defaults::IMDS_UPSTREAM`]; `http://` only, as IMDS).
+    pub imds_upstream: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,12 +286,95 @@ struct Cached {
 
 type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
-/// The proxy's state: the HTTPS client and the token cache.
+/// The proxy's state: the HTTPS client, the token cache and the client to IMDS.
 pub struct Proxy {
     cfg: ProxyConfig,
     http: reqwest::Client,
     token_url: String,
     cache: Mutex<HashMap<(String, String), Slot>>,
+    imds: reqwest::Client,
+    /// `imds_upstream` without a trailing `/`.
+    imds_base: String,
+}
+
+/// Headers that belong to one connection (RFC 9110 §7.6.1), never forwarded either way; with
+/// `Host` (the upstream's own) and `Content-Length` (recomputed).
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// `from` without the hop-by-hop headers (and those its `Connection` names) and
+/// `Content-Length`.
+fn end_to_end(from: &HeaderMap) -> HeaderMap {
+    let named: Vec<String> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let mut out = HeaderMap::new();
+    for (k, v) in from {
+        let n = k.as_str();
+        if HOP_BY_HOP.contains(&n) || k == header::CONTENT_LENGTH || named.iter().any(|t| t == n) {
+            continue;
+        }
+        out.append(k.clone(), v.clone());
+    }
+    out
+}
+
+/// Whether `path` names something under `/metadata/identity` however it is spelled (case,
+/// empty and `.` segments, `..`, `\`, percent-encoding once or twice), as a server that
+/// normalizes it might read it.
+pub fn identity_path(path: &str) -> bool {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if b[i] == b'%' && i + 2 < b.len() {
+                if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    let mut p = path.to_string();
+    for _ in 0..3 {
+        let d = decode(&p);
+        if d == p {
+            break;
+        }
+        p = d;
+    }
+    let mut segs: Vec<String> = vec![];
+    for s in p.split(['/', '\\']) {
+        match s.trim() {
+            "" | "." => {}
+            ".." => {
+                segs.pop();
+            }
+            s => segs.push(s.to_ascii_lowercase()),
+        }
+    }
+    segs.len() >= 2 && segs[0] == "metadata" && segs[1] == "identity"
 }
 
 impl Proxy {
@@ -304,11 +413,34 @@ impl Proxy {
             format!("{host}/")
         };
         let token_url = format!("{host}{}/oauth2/v2.0/token", cfg.tenant_id.trim());
+        let upstream = cfg.imds_upstream.trim();
+        let parsed = reqwest::Url::parse(upstream)
+            .map_err(|e| ProxyError::Config(format!("--imds-upstream {upstream:?}: {e}")))?;
+        if parsed.scheme() != "http"
+            || parsed.host().is_none()
+            || parsed.query().is_some()
+            || !parsed.path().trim_end_matches('/').is_empty()
+        {
+            return Err(ProxyError::Config(format!(
+                "--imds-upstream {upstream:?}: expected http://HOST[:PORT]"
+            )));
+        }
+        let imds_base = upstream.trim_end_matches('/').to_string();
+        let imds = reqwest::Client::builder()
+            .timeout(defaults::FORWARD_TIMEOUT)
+            .connect_timeout(defaults::FORWARD_CONNECT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .http1_only()
+            .no_proxy()
+            .build()
+            .map_err(|e| ProxyError::Config(format!("HTTP client: {e}")))?;
         Ok(Arc::new(Proxy {
             cfg,
             http,
             token_url,
             cache: Mutex::new(HashMap::new()),
+            imds,
+            imds_base,
         }))
     }
 
@@ -324,7 +456,14 @@ impl Proxy {
             return keyless_ops::limits::plain_text(StatusCode::OK, "ok");
         }
         if path != TOKEN_PATH {
-            return keyless_ops::limits::plain_text(StatusCode::NOT_FOUND, "404 page not found");
+            if identity_path(req.uri().path()) {
+                return imds_error(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request",
+                    "Under workload identity only /metadata/identity/oauth2/token is served; the node's identity endpoints are not forwarded",
+                );
+            }
+            return self.forward(req).await;
         }
         if req.method() != Method::GET {
             return imds_error(
@@ -395,6 +534,100 @@ impl Proxy {
                 e.response()
             }
         }
+    }
+
+    /// `req` sent on to IMDS and its answer given back (see the module's documentation).
+    async fn forward(&self, req: Request<Body>) -> Response {
+        if req.headers().contains_key(FORWARDED_HEADER) {
+            tracing::warn!(uri = %req.uri(), "a request the proxy forwarded came back to it: its UID is not exempt from the redirect");
+            return imds_error(
+                StatusCode::LOOP_DETECTED,
+                "loop_detected",
+                "The request the workload identity proxy forwarded to IMDS came back to it: the proxy must run as the UID wi-proxy init exempts (--proxy-uid)",
+            );
+        }
+        let too_big = || {
+            imds_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                &format!(
+                    "A request body forwarded to IMDS is at most {} bytes",
+                    defaults::MAX_FORWARD_BODY
+                ),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > defaults::MAX_FORWARD_BODY as u64) {
+            return too_big();
+        }
+        let (parts, body) = req.into_parts();
+        let Ok(body) = axum::body::to_bytes(body, defaults::MAX_FORWARD_BODY).await else {
+            return too_big();
+        };
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let url = format!("{}{path_and_query}", self.imds_base);
+        let mut headers = end_to_end(&parts.headers);
+        headers.insert(
+            HeaderName::from_static(FORWARDED_HEADER),
+            HeaderValue::from_static("1"),
+        );
+        let head = parts.method == Method::HEAD;
+        let sent = self
+            .imds
+            .request(parts.method.clone(), &url)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await;
+        let unreachable = |m: String| {
+            tracing::warn!(method = %parts.method, url = %url, error = %m, "wi-proxy: IMDS could not answer a forwarded request");
+            imds_error(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                &format!("IMDS ({}) could not answer: {m}", self.imds_base),
+            )
+        };
+        let mut resp = match sent {
+            Ok(r) => r,
+            Err(e) => return unreachable(keyless_ops::failover::error_chain(&e)),
+        };
+        let status = resp.status();
+        let mut answer_headers = end_to_end(resp.headers());
+        if head {
+            // no body follows: the length IMDS announced is the answer's
+            if let Some(v) = resp.headers().get(header::CONTENT_LENGTH) {
+                answer_headers.insert(header::CONTENT_LENGTH, v.clone());
+            }
+        }
+        let mut bytes: Vec<u8> = vec![];
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    if bytes.len() + c.len() > defaults::MAX_FORWARD_ANSWER {
+                        return unreachable(format!(
+                            "its answer is larger than {} bytes",
+                            defaults::MAX_FORWARD_ANSWER
+                        ));
+                    }
+                    bytes.extend_from_slice(&c);
+                }
+                Ok(None) => break,
+                Err(e) => return unreachable(keyless_ops::failover::error_chain(&e)),
+            }
+        }
+        tracing::debug!(method = %parts.method, url = %url, status = status.as_u16(), "wi-proxy: forwarded to IMDS");
+        let mut out = Response::new(Body::from(bytes));
+        *out.status_mut() = status;
+        *out.headers_mut() = answer_headers;
+        out
     }
 
     fn slot(&self, client_id: &str, resource: &str) -> Slot {
@@ -618,22 +851,35 @@ mod tests {
         ));
     }
 
-    fn proxy(token_file: PathBuf, authority: &str) -> Arc<Proxy> {
-        Proxy::new(ProxyConfig {
+    /// A port nothing listens on.
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    fn config(token_file: PathBuf, authority: &str, imds: &str) -> ProxyConfig {
+        ProxyConfig {
             port: 0,
             client_id: Some("env-client".into()),
             tenant_id: "t1".into(),
             authority_host: authority.into(),
             token_file,
             ca_pem: None,
-        })
-        .unwrap()
+            imds_upstream: imds.into(),
+        }
+    }
+
+    fn proxy(token_file: PathBuf, authority: &str) -> Arc<Proxy> {
+        let imds = format!("http://127.0.0.1:{}", closed_port());
+        Proxy::new(config(token_file, authority, &imds)).unwrap()
     }
 
     async fn call(p: &Proxy, uri: &str) -> (u16, Value, String) {
-        let r = p
-            .handle(Request::get(uri).body(Body::empty()).unwrap())
-            .await;
+        send(p, Request::get(uri).body(Body::empty()).unwrap()).await
+    }
+
+    async fn send(p: &Proxy, req: Request<Body>) -> (u16, Value, String) {
+        let r = p.handle(req).await;
         let st = r.status().as_u16();
         let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
         let text = String::from_utf8_lossy(&bytes).into_owned();
@@ -653,14 +899,133 @@ mod tests {
             "https://keyless.example/t1/oauth2/v2.0/token"
         );
         assert!(Proxy::new(ProxyConfig {
-            port: 0,
-            client_id: None,
             tenant_id: String::new(),
-            authority_host: "https://x/".into(),
-            token_file: "/x".into(),
-            ca_pem: None,
+            ..config("/x".into(), "https://x/", defaults::IMDS_UPSTREAM)
         })
         .is_err());
+        // the IMDS upstream: http://HOST[:PORT] only
+        for ok in [
+            defaults::IMDS_UPSTREAM,
+            "http://169.254.169.254/",
+            "http://127.0.0.1:8080",
+        ] {
+            let p = Proxy::new(config("/x".into(), "https://x/", ok)).unwrap();
+            assert!(!p.imds_base.ends_with('/'), "{ok}");
+        }
+        for bad in [
+            "",
+            "169.254.169.254",
+            "https://169.254.169.254",
+            "http://169.254.169.254/metadata",
+            "http://169.254.169.254/?a=b",
+            "ftp://x",
+        ] {
+            match Proxy::new(config("/x".into(), "https://x/", bad)) {
+                Err(ProxyError::Config(m)) => assert!(m.contains("--imds-upstream"), "{bad}: {m}"),
+                _ => panic!("{bad:?} accepted"),
+            }
+        }
+    }
+
+    #[test]
+    fn identity_paths_however_spelled() {
+        for p in [
+            "/metadata/identity/info",
+            "/METADATA/Identity/oauth2/token/",
+            "//metadata//identity/oauth2/token",
+            "/metadata/./identity/oauth2/token",
+            "/metadata/instance/../identity/oauth2/token",
+            "/x/../metadata/identity",
+            "/metadata\\identity\\oauth2\\token",
+            "/metadata/%69dentity/oauth2/token",
+            "/metadata%2Fidentity/oauth2/token",
+            "/metadata/%2569dentity/oauth2/token",
+            "/metadata/identity",
+        ] {
+            assert!(identity_path(p), "{p}");
+        }
+        for p in [
+            "/metadata/instance",
+            "/metadata/instance/compute?api-version=2021-02-01",
+            "/metadata/scheduledevents",
+            "/metadata/attested/document",
+            "/metadata/identityx/oauth2/token",
+            "/identity/metadata",
+            "/",
+            "/%zz",
+        ] {
+            assert!(!identity_path(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("metadata", "true"),
+            ("x-ms-client-request-id", "r1"),
+            ("accept", "application/json"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "p"),
+            ("keep-alive", "timeout=5"),
+            ("host", "169.254.169.254"),
+            ("content-length", "12"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "trailers"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        h.append("x-twice", HeaderValue::from_static("1"));
+        h.append("x-twice", HeaderValue::from_static("2"));
+        let out = end_to_end(&h);
+        let mut names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["accept", "metadata", "x-ms-client-request-id", "x-twice"]
+        );
+        assert_eq!(out.get_all("x-twice").iter().count(), 2);
+        assert_eq!(out["metadata"], "true");
+    }
+
+    #[tokio::test]
+    async fn forwarding_refuses_loops_big_bodies_and_reports_a_dead_imds() {
+        let p = proxy("/nonexistent/token".into(), "https://127.0.0.1:1/");
+        // a request the proxy itself forwarded: a loop, not forwarded again
+        let req = Request::get("/metadata/instance?api-version=2021-02-01")
+            .header("Metadata", "true")
+            .header(FORWARDED_HEADER, "1")
+            .body(Body::empty())
+            .unwrap();
+        let (st, body, _) = send(&p, req).await;
+        assert_eq!(st, 508, "{body}");
+        assert_eq!(body["error"], "loop_detected");
+        // a body over the bound: 413, declared or not
+        let big = vec![b'x'; defaults::MAX_FORWARD_BODY + 1];
+        let req = Request::post("/metadata/scheduledevents?api-version=2020-07-01")
+            .header("content-length", big.len().to_string())
+            .body(Body::from(big.clone()))
+            .unwrap();
+        assert_eq!(send(&p, req).await.0, 413);
+        let stream = futures::stream::iter([Ok::<_, std::io::Error>(big)]);
+        let req = Request::post("/metadata/scheduledevents?api-version=2020-07-01")
+            .body(Body::from_stream(stream))
+            .unwrap();
+        assert_eq!(send(&p, req).await.0, 413);
+        // nothing answers at the upstream: 502, IMDS's error shape
+        let (st, body, _) = call(&p, "/metadata/instance?api-version=2021-02-01").await;
+        assert_eq!(st, 502, "{body}");
+        assert_eq!(body["error"], "bad_gateway");
+        assert!(body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("could not answer"));
+        // the node's identity endpoints are not forwarded
+        let (st, body, _) = call(&p, "/metadata/identity/info?api-version=2018-02-01").await;
+        assert_eq!(st, 404, "{body}");
+        assert_eq!(body["error"], "invalid_request");
     }
 
     #[tokio::test]
@@ -668,11 +1033,12 @@ mod tests {
         let p = proxy("/nonexistent/token".into(), "https://127.0.0.1:1/");
         let (st, _, text) = call(&p, "/readyz").await;
         assert_eq!((st, text.trim()), (200, "ok"));
+        // not the token route: forwarded (nothing answers at this upstream)
         assert_eq!(
             call(&p, "/metadata/instance?api-version=2021-02-01")
                 .await
                 .0,
-            404
+            502
         );
         let (st, body, _) =
             call(&p, "/metadata/identity/oauth2/token?api-version=2018-02-01").await;
@@ -708,11 +1074,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("token");
         std::fs::write(&f, "a.b.c\n").unwrap();
-        // a port nothing listens on
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
-        let p = proxy(f, &format!("http://127.0.0.1:{port}/"));
+        let p = proxy(f, &format!("http://127.0.0.1:{}/", closed_port()));
         let (st, body, _) = call(
             &p,
             "/metadata/identity/oauth2/token?resource=https://vault.azure.net",

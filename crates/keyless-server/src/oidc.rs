@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use keyless_core::aks;
+use keyless_store::Tx;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -40,12 +41,12 @@ pub(crate) fn issuer_url(s: &AppState, id: &str) -> String {
 }
 
 /// Forget what this server's federation cache holds of the issuer `iss` (its keys were just
-/// published): the next exchange reads them again. Other servers re-read within their
-/// re-fetch interval of an issuer of theirs (a second).
+/// published, or its cluster deleted): the next exchange reads the store again. Other servers
+/// never answer from keys of an issuer of theirs read more than a second ago
+/// (`sts::federation`), so a key removed from the set, or a deleted cluster, stops verifying
+/// there within that second.
 pub(crate) fn forget_cached_keys(s: &AppState, iss: &str) {
-    let entry = s.jwks.entry(iss);
-    let mut st = entry.state.lock().unwrap_or_else(|p| p.into_inner());
-    st.fetched = None;
+    s.jwks.forget(iss);
 }
 
 /// What the store says of the issuer `id`.
@@ -56,8 +57,14 @@ enum Issuer {
     Served(Option<Vec<Value>>),
 }
 
+/// [`lookup_in`] in a read unit of work of its own (no other may be open in this task).
 async fn lookup(s: &AppState, id: &str) -> Result<Issuer, keyless_store::StoreError> {
     let mut tx = s.store.read("oidc_issuer").await?;
+    lookup_in(&mut tx, id).await
+}
+
+/// What the store says of the issuer `id`, read in `tx`: its row, and its cluster still naming it.
+async fn lookup_in(tx: &mut Tx, id: &str) -> Result<Issuer, keyless_store::StoreError> {
     let Some(rec) = tx.get_oidc_issuer(id).await? else {
         return Ok(Issuer::Unknown);
     };
@@ -70,14 +77,43 @@ async fn lookup(s: &AppState, id: &str) -> Result<Issuer, keyless_store::StoreEr
     Ok(Issuer::Served(rec.keys))
 }
 
-/// The keys published for the issuer `id`; `Err` carries the reason (as a fetch failure of an
-/// external issuer would).
+/// The keys published for the issuer `id`, read in a unit of work of its own (for federation,
+/// which holds none); `Err` carries the reason (as a fetch failure of an external issuer
+/// would).
 pub(crate) async fn published_keys(s: &AppState, id: &str) -> Result<Vec<Value>, String> {
-    match lookup(s, id).await {
+    keys_of(lookup(s, id).await)
+}
+
+/// [`published_keys`] read in the caller's unit of work `tx` (a request that already holds
+/// one, as an ARM action does: a second would take another connection from the pool). A store
+/// error is the outer `Err` (the caller's unit of work failed with it, and its request
+/// answers as any store error does), not a reason.
+pub(crate) async fn published_keys_in(
+    tx: &mut Tx,
+    id: &str,
+) -> Result<Result<Vec<Value>, String>, keyless_store::StoreError> {
+    Ok(keys_of(Ok(lookup_in(tx, id).await?)))
+}
+
+fn keys_of(found: Result<Issuer, keyless_store::StoreError>) -> Result<Vec<Value>, String> {
+    match found {
         Err(e) => Err(format!("the issuer's keys could not be read: {e}")),
         Ok(Issuer::Unknown) => Err("the issuer is not known or not enabled".into()),
         Ok(Issuer::Served(None)) => Err("no keys published".into()),
         Ok(Issuer::Served(Some(keys))) => Ok(keys),
+    }
+}
+
+/// `id_token_signing_alg_values_supported` of the issuer whose keys are `keys`: RS256 for an
+/// RSA key, ES256 for an EC P-256 key (the kinds a publish accepts and federation verifies),
+/// in that order; RS256 when there are none (the API server's default).
+fn signing_algs(keys: &[Value]) -> Vec<&'static str> {
+    let rsa = keys.iter().any(|k| k["kty"] == "RSA");
+    let ec = keys.iter().any(|k| k["kty"] == "EC" && k["crv"] == "P-256");
+    match (rsa, ec) {
+        (_, false) => vec!["RS256"],
+        (false, true) => vec!["ES256"],
+        (true, true) => vec!["RS256", "ES256"],
     }
 }
 
@@ -96,14 +132,15 @@ async fn discovery(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Re
     match lookup(&s, &id).await {
         Err(e) => ServerError::from(e).into_response(),
         Ok(Issuer::Unknown) => not_found(&id, ".well-known/openid-configuration"),
-        Ok(Issuer::Served(_)) => {
+        Ok(Issuer::Served(keys)) => {
+            let algs = signing_algs(keys.as_deref().unwrap_or_default());
             let iss = issuer_url(&s, &id);
             cacheable(json!({
                 "issuer": iss,
                 "jwks_uri": format!("{iss}openid/v1/jwks"),
                 "response_types_supported": ["id_token"],
                 "subject_types_supported": ["public"],
-                "id_token_signing_alg_values_supported": ["RS256"],
+                "id_token_signing_alg_values_supported": algs,
             }))
         }
     }

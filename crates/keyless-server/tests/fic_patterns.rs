@@ -671,6 +671,12 @@ impl Fed {
             keyless_store::Kek::from_bytes(&[9u8; 32]).unwrap(),
         )
         .unwrap();
+        Fed::on(dir, cfg, store).await
+    }
+
+    /// A server on `store` (configured by `cfg`, its data under `dir`) whose first start this
+    /// is: the bootstrap admin's token.
+    async fn on(dir: tempfile::TempDir, cfg: keyless_server::Config, store: Store) -> Fed {
         let run = keyless_server::start(
             cfg,
             store,
@@ -840,6 +846,18 @@ async fn an_exchange_is_matched_by_a_pattern_after_the_exact_credentials() {
     let (st, v) = fed.exchange(&client_id, &other_iss).await;
     assert_sts_refused(st, &v, 700211);
 
+    // a subject over 600 characters is no subject match (an unverified claim is not matched
+    // against every pattern however long the token allows), echoed cut short
+    let long_sub = format!("system:serviceaccount:team-a:{}", "x".repeat(10_000));
+    let (st, v) = fed.exchange(&client_id, &token(&long_sub)).await;
+    assert_sts_refused(st, &v, 700213);
+    let shown = s(&v["error_description"]);
+    assert!(shown.len() < 2_000, "{} bytes", shown.len());
+    let at_bound = format!("system:serviceaccount:team-a:{}", "x".repeat(600 - 29));
+    assert_eq!(at_bound.len(), 600);
+    let (st, v) = fed.exchange(&client_id, &token(&at_bound)).await;
+    assert_eq!(st, 200, "{v}");
+
     // an exact credential outside the pattern is matched first (Entra's rule, unchanged)
     let fic = format!("{id}/federatedIdentityCredentials/team-b-special?{MSI}");
     fed.arm(
@@ -916,7 +934,9 @@ async fn the_readiness_check_answers_what_the_exchange_would() {
         201,
     )
     .await;
-    let (id, v) = put_identity(&srv, &adm, "rg1", "web").await;
+    // names no answer may show (the caller is any cluster's add-on, the identity anyone's)
+    let (ident_name, fic_name, pattern_name) = ("payroll-uami", "exact-cred-7", "pattern-cred-9");
+    let (id, v) = put_identity(&srv, &adm, "rg1", ident_name).await;
     let client_id = s(&v["properties"]["clientId"]);
     let team = |ns: &str, sa: &str| json!({"clientId": client_id, "subject": format!("system:serviceaccount:{ns}:{sa}"), "audience": AUD});
 
@@ -1031,12 +1051,12 @@ async fn the_readiness_check_answers_what_the_exchange_would() {
     assert_eq!(r.status, 200, "{}", r.text);
 
     // published: each subject on its own
-    let exact = format!("{id}/federatedIdentityCredentials/special");
+    let exact = format!("{id}/federatedIdentityCredentials/{fic_name}");
     let r = put_fic(
         &srv,
         &adm,
         &id,
-        "special",
+        fic_name,
         &fic_body(&issuer_url, "system:serviceaccount:team-b:special"),
     )
     .await;
@@ -1045,7 +1065,7 @@ async fn the_readiness_check_answers_what_the_exchange_would() {
         &srv,
         &adm,
         &id,
-        "team-a",
+        pattern_name,
         &pattern_body(&issuer_url, "system:serviceaccount:team-a:*"),
     )
     .await;
@@ -1077,10 +1097,51 @@ async fn the_readiness_check_answers_what_the_exchange_would() {
     .map(|(b, r)| (*b, r.to_string()))
     .collect();
     assert_eq!(outcomes(&r, &asked), want, "{}", r.text);
-    assert!(
-        s(&r.body["results"][0]["message"]).contains("team-a"),
-        "names the pattern: {}",
+    // what matched is said by kind, never by name: no identity, credential or pattern name
+    let message = |i: usize| s(&r.body["results"][i]["message"]);
+    assert_eq!(
+        message(0),
+        "A federated identity credential pattern matches.",
+        "{}",
         r.text
+    );
+    assert_eq!(
+        message(1),
+        "An exact federated identity credential matches.",
+        "{}",
+        r.text
+    );
+    assert!(
+        message(2).contains("system:serviceaccount:team-b:web") && message(2).contains(&issuer_url),
+        "{}",
+        r.text
+    );
+    for i in 0..want.len() {
+        for name in [ident_name, fic_name, pattern_name] {
+            assert!(
+                !message(i).contains(name),
+                "result {i} names '{name}': {}",
+                r.text
+            );
+        }
+    }
+    // the identity is found as the token endpoint finds it: an application's client id (an
+    // app registration, as the exchange answers AADSTS700016 for a federated assertion) is no
+    // identity
+    let (app_id, _, _) = srv.roleless_app("an-app").await;
+    let asked_app = json!([{"clientId": app_id, "subject": "system:serviceaccount:team-a:web"}]);
+    let r_app = check(&srv, &adm, &cluster, asked_app.clone()).await;
+    assert_eq!(
+        outcomes(&r_app, &asked_app),
+        vec![(false, "identity_not_found".to_string())]
+    );
+    // a subject longer than 600 characters matches nothing, though the pattern would fit it
+    // (the exchange refuses such an assertion with AADSTS700213 before matching)
+    let long = json!([team("team-a", &"x".repeat(600))]);
+    let r_long = check(&srv, &adm, &cluster, long.clone()).await;
+    assert_eq!(
+        outcomes(&r_long, &long),
+        vec![(false, "no_matching_credential".to_string())]
     );
 
     // and the exchange agrees: a token of the API server for team-a exchanges
@@ -1104,6 +1165,116 @@ async fn the_readiness_check_answers_what_the_exchange_would() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
+}
+
+/// The readiness check reads everything — the cluster's published keys too — in the request's
+/// unit of work: on a server whose PostgreSQL pool has one connection it answers (a second
+/// unit of work inside the first would wait for that connection until the pool gives up).
+#[test]
+fn the_readiness_check_holds_one_connection_on_postgresql() {
+    let Some(pg) = keyless_store::testing::PgServer::start() else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let url = pg.database().await;
+        let kek = || keyless_store::Kek::from_bytes(&[5u8; 32]).unwrap();
+        let config = |dir: &tempfile::TempDir| {
+            let mut cfg = keyless_server::Config::new(
+                dir.path().join("data"),
+                "127.0.0.1:0".parse().unwrap(),
+            );
+            cfg.vault_check_interval = std::time::Duration::from_secs(3600);
+            cfg
+        };
+        // the cluster, its issuer and keys, an identity with a pattern: through a server with
+        // the default pool
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&dir);
+        let store = Store::postgres(&keyless_store::postgres::PgOptions::new(url.clone()), kek())
+            .await
+            .unwrap();
+        let a = Fed::on(dir, cfg, store).await;
+        let base = a.run.state.base_url.clone();
+        let rg = format!(
+            "/subscriptions/{}/resourceGroups/rg1",
+            a.run.state.subscription_id
+        );
+        a.arm(
+            Method::PUT,
+            &format!("{rg}?{RES}"),
+            &json!({"location": "local"}),
+        )
+        .await;
+        let cluster = format!("{rg}/providers/Microsoft.ContainerService/managedClusters/c1");
+        let mut body = cluster_body();
+        body["properties"]["oidcIssuerProfile"] = json!({"enabled": true});
+        let v = a.arm(Method::PUT, &format!("{cluster}?{AKS}"), &body).await;
+        let issuer_url = s(&v["properties"]["oidcIssuerProfile"]["issuerURL"]);
+        assert!(issuer_url.starts_with(&base), "{v}");
+        let (ca, _) = keyless_pki::Ca::generate("test API server", now()).unwrap();
+        a.arm(
+            Method::POST,
+            &format!("{cluster}/publishServiceAccountKeys?{AKS}"),
+            &json!({"keys": [Signer::new(&ca).jwk()]}),
+        )
+        .await;
+        let id = format!("{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/web");
+        let v = a
+            .arm(
+                Method::PUT,
+                &format!("{id}?{MSI}"),
+                &json!({"location": "local"}),
+            )
+            .await;
+        let client_id = s(&v["properties"]["clientId"]);
+        a.arm(
+            Method::PUT,
+            &format!("{id}/federatedIdentityCredentialPatterns/team-a?{MSI}"),
+            &pattern_body(&issuer_url, "system:serviceaccount:team-a:*"),
+        )
+        .await;
+
+        // another replica of the same URL whose pool has one connection
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(&dir);
+        cfg.public_url = Some(base);
+        let mut opts = keyless_store::postgres::PgOptions::new(url);
+        opts.pool_size = 1;
+        opts.wait_timeout = std::time::Duration::from_secs(3);
+        let store = Store::postgres(&opts, kek()).await.unwrap();
+        let run = keyless_server::start(
+            cfg,
+            store,
+            Arc::new(keyless_core::clock::SystemClock::new()),
+        )
+        .await
+        .unwrap();
+        let b = Fed {
+            run,
+            admin_token: a.admin_token.clone(),
+            _dir: dir,
+        };
+        let subjects = json!({"subjects": [
+            {"clientId": client_id, "subject": "system:serviceaccount:team-a:web"},
+            {"clientId": client_id, "subject": "system:serviceaccount:team-b:web"},
+        ]});
+        let (st, v) = b
+            .send(
+                Method::POST,
+                &format!("{cluster}/checkWorkloadIdentity?{AKS}"),
+                "application/json",
+                serde_json::to_vec(&subjects).unwrap(),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["results"][0]["reason"], "ready", "{v}");
+        assert_eq!(v["results"][1]["reason"], "no_matching_credential", "{v}");
+    });
 }
 
 // ------------------------------------------------------------------ the store, both backends

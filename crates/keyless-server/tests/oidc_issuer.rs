@@ -762,3 +762,226 @@ async fn a_service_account_token_signed_by_a_published_key_exchanges() {
     let r = exchange(&srv, &client_id, &t1).await;
     sts_error(&r, 401, "invalid_client", 700027);
 }
+
+// ------------------------------------------------------------------ what the issuer's keys say
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_discovery_document_names_the_algorithms_of_the_published_keys() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    put_group(&srv, &adm, "rg1").await;
+    let (_, url) = cluster_with_issuer(&srv, &adm, "c1").await;
+    let id = issuer_id(&srv, &url);
+    let algs = |r: &harness::Resp| {
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.body["id_token_signing_alg_values_supported"].clone()
+    };
+    // nothing published: RS256 (the API server's default)
+    assert_eq!(algs(&discovery(&srv, &id).await), json!(["RS256"]));
+    let (_, rsa) = sa_key(srv.s.now());
+    let ec = json!({"use": "sig", "kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256",
+                    "x": "A".repeat(43), "y": format!("{}E", "A".repeat(42))});
+    for (set, want) in [
+        (json!([ec.clone()]), json!(["ES256"])),
+        (json!([ec.clone(), rsa.clone()]), json!(["RS256", "ES256"])),
+        (json!([rsa.clone()]), json!(["RS256"])),
+    ] {
+        let r = publish(&srv, &adm.token, "c1", &json!({ "keys": set })).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(algs(&discovery(&srv, &id).await), want, "{set}");
+    }
+}
+
+/// A user-assigned identity `name` in rg1 trusting `issuer` for [`SUBJECT`]: its client id.
+async fn federated_identity(srv: &Srv, adm: &Who, name: &str, issuer: &str) -> String {
+    let ident_id = format!(
+        "{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}",
+        group(srv, "rg1")
+    );
+    let ident = srv
+        .expect(
+            srv.call(PUT_IDENTITY, format!("{ident_id}?{MSI}"))
+                .bearer(&adm.token)
+                .json(&json!({"location": "local"})),
+            201,
+        )
+        .await;
+    srv.expect(
+        srv.call(
+            PUT_FIC,
+            format!("{ident_id}/federatedIdentityCredentials/aks?{MSI}"),
+        )
+        .bearer(&adm.token)
+        .json(&json!({"properties": {"issuer": issuer, "subject": SUBJECT,
+                                     "audiences": [EXCHANGE_AUDIENCE]}})),
+        201,
+    )
+    .await;
+    s(&ident["properties"]["clientId"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_clusters_tokens_no_longer_exchange() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    put_group(&srv, &adm, "rg1").await;
+    let (_, url) = cluster_with_issuer(&srv, &adm, "c1").await;
+    let client_id = federated_identity(&srv, &adm, "web", &url).await;
+    let now = srv.s.now();
+    let (k1, jwk1) = sa_key(now);
+    let r = publish(&srv, &adm.token, "c1", &json!({"keys": [jwk1]})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // exchanged: the issuer's keys are now in this server's federation cache
+    let t1 = sa_token(&k1, &url, SUBJECT, EXCHANGE_AUDIENCE, now);
+    for _ in 0..2 {
+        let r = exchange(&srv, &client_id, &t1).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    // the cluster is deleted: its issuer is no more, and the same token is refused at once as a
+    // token of an issuer whose keys cannot be read (the credential still names the issuer)
+    srv.expect(
+        srv.call(DELETE_CLUSTER, format!("{}?{AKS}", cluster_id(&srv, "c1")))
+            .bearer(&adm.token),
+        204,
+    )
+    .await;
+    let r = exchange(&srv, &client_id, &t1).await;
+    sts_error(&r, 400, "invalid_request", 50166);
+    assert!(
+        s(&r.body["error_description"]).contains("not known or not enabled"),
+        "{}",
+        r.text
+    );
+}
+
+/// A second server on the same database (another replica behind the same URL), driven in
+/// process like the harness's.
+struct Replica {
+    run: keyless_server::RunningServer,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.run.task.abort();
+        for t in &self.run.background {
+            t.abort();
+        }
+    }
+}
+
+impl Replica {
+    async fn start(srv: &Srv) -> Replica {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg =
+            keyless_server::Config::new(dir.path().join("data"), "127.0.0.1:0".parse().unwrap());
+        cfg.public_url = Some(srv.base.clone());
+        cfg.vault_check_interval = std::time::Duration::from_secs(3600);
+        let run = keyless_server::start(
+            cfg,
+            srv.s.store.clone(),
+            Arc::new(keyless_core::clock::SystemClock::new()),
+        )
+        .await
+        .unwrap();
+        assert!(run.bootstrap.new_admin.is_none(), "the same tenant");
+        assert_eq!(run.state.base_url, srv.base);
+        Replica { run, _dir: dir }
+    }
+
+    async fn publish(&self, token: &str, cluster: &str, body: &Value) -> (u16, Value) {
+        use tower::ServiceExt;
+        let req = axum::http::Request::builder()
+            .method("POST")
+            .uri(format!("{cluster}/publishServiceAccountKeys?{AKS}"))
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {token}"))
+            .body(axum::body::Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap();
+        let resp = keyless_server::app(self.run.state.clone())
+            .oneshot(req)
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// Exchange `assertion` on `srv` until it is refused (or 30 s have passed): the last answer.
+async fn exchange_until_refused(srv: &Srv, client_id: &str, assertion: &str) -> harness::Resp {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = exchange(srv, client_id, assertion).await;
+        if r.status != 200 || std::time::Instant::now() >= deadline {
+            return r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_removed_on_another_replica_stops_verifying_here() {
+    let srv = Srv::start(ROUTES).await;
+    let other = Replica::start(&srv).await;
+    let adm = admin(&srv).await;
+    put_group(&srv, &adm, "rg1").await;
+    let (_, url) = cluster_with_issuer(&srv, &adm, "c1").await;
+    let client_id = federated_identity(&srv, &adm, "web", &url).await;
+    let now = srv.s.now();
+    let (k1, jwk1) = sa_key(now);
+    let (k2, jwk2) = sa_key(now);
+    let r = publish(
+        &srv,
+        &adm.token,
+        "c1",
+        &json!({"keys": [jwk1, jwk2.clone()]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let t1 = sa_token(&k1, &url, SUBJECT, EXCHANGE_AUDIENCE, now);
+    let t2 = sa_token(&k2, &url, SUBJECT, EXCHANGE_AUDIENCE, now);
+    // both keys verify here (and are cached here)
+    for t in [&t1, &t2] {
+        let r = exchange(&srv, &client_id, t).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+
+    // the add-on's publish lands on the other replica: k1 is gone from the set (rotated out,
+    // or compromised). This server's cache is not told; a token of k1 — whose kid its cached
+    // keys still hold — is refused here within a second, k2's still exchange
+    let cluster = cluster_id(&srv, "c1");
+    let (st, v) = other
+        .publish(&adm.token, &cluster, &json!({"keys": [jwk2]}))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["changed"], true, "{v}");
+    let r = exchange_until_refused(&srv, &client_id, &t1).await;
+    sts_error(&r, 401, "invalid_client", 700027);
+    let r = exchange(&srv, &client_id, &t2).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // the cluster is deleted (through the other replica, or with its resource group): k2's
+    // tokens are refused here too, as an issuer that is no more
+    use tower::ServiceExt;
+    let req = axum::http::Request::builder()
+        .method("DELETE")
+        .uri(format!("{cluster}?{AKS}"))
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {}", adm.token))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let resp = keyless_server::app(other.run.state.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    let r = exchange_until_refused(&srv, &client_id, &t2).await;
+    sts_error(&r, 400, "invalid_request", 50166);
+}

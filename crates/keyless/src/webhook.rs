@@ -8,8 +8,6 @@ use keyless_k8s::webhook::{self, defaults, WebhookConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// The ops listener's default address (`--metrics-listen`).
-
 #[derive(clap::Args)]
 pub struct WebhookArgs {
     /// HTTPS address of the webhook (`POST /mutate-v1-pod`, `/healthz`, `/readyz`).
@@ -58,10 +56,10 @@ pub struct WebhookArgs {
     pub kubeconfig: Option<PathBuf>,
     /// When a mutated pod gets the readiness gate keyless.dev/workload-identity-ready:
     /// `annotated` (the pod's keyless.dev/identity-readiness-gate: "true"), `always`, `never`.
-    #[arg(long, default_value = "annotated")]
+    #[arg(long, default_value_t = ReadinessGate::default())]
     pub readiness_gate: ReadinessGate,
     /// Image of the proxy sidecar's containers (azwi-proxy-init, azwi-proxy).
-    #[arg(long, env = "KEYLESS_PROXY_IMAGE", default_value = "keyless")]
+    #[arg(long, env = "KEYLESS_PROXY_IMAGE", default_value = wi::DEFAULT_PROXY_IMAGE)]
     pub proxy_image: String,
     /// The proxy's port when the pod's azure.workload.identity/proxy-sidecar-port names none.
     #[arg(long, default_value_t = wi::DEFAULT_PROXY_PORT)]

@@ -1,9 +1,10 @@
 //! `keyless wi-proxy init|serve`: workload identity's IMDS proxy sidecar
 //! (`keyless_node::wi_proxy`), what the webhook injects into pods annotated
-//! `azure.workload.identity/inject-proxy-sidecar: "true"`.
+//! `azure.workload.identity/inject-proxy-sidecar` (present, whatever its value).
 
 use crate::run::{io_err, wait_for_signal};
 use crate::CliError;
+use keyless_core::workload_identity as wi;
 use keyless_node::wi_proxy::{self, defaults, ProxyConfig, Redirect};
 use std::path::PathBuf;
 
@@ -14,24 +15,26 @@ pub enum WiProxyCmd {
     Init(InitArgs),
     /// Answer IMDS token requests on 127.0.0.1:PORT with tokens exchanged for the pod's
     /// projected service-account token (AZURE_CLIENT_ID, AZURE_TENANT_ID,
-    /// AZURE_FEDERATED_TOKEN_FILE, AZURE_AUTHORITY_HOST).
+    /// AZURE_FEDERATED_TOKEN_FILE, AZURE_AUTHORITY_HOST); other IMDS paths are forwarded to
+    /// the real IMDS (--imds-upstream).
     Serve(ServeArgs),
 }
 
 #[derive(clap::Args)]
 pub struct InitArgs {
     /// The port the proxy listens on.
-    #[arg(long, default_value_t = defaults::PORT)]
+    #[arg(long, default_value_t = wi::DEFAULT_PROXY_PORT)]
     pub proxy_port: u16,
-    /// The UID the proxy runs as (its traffic is not redirected).
-    #[arg(long, default_value_t = defaults::PROXY_UID)]
+    /// The UID the proxy runs as (its traffic, the requests it forwards to IMDS included, is
+    /// not redirected).
+    #[arg(long, default_value_t = wi::PROXY_UID)]
     pub proxy_uid: u32,
 }
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// Port on 127.0.0.1 (and ::1) to listen on (0: any free port, printed).
-    #[arg(long, visible_alias = "proxy-port", default_value_t = defaults::PORT)]
+    #[arg(long, visible_alias = "proxy-port", default_value_t = wi::DEFAULT_PROXY_PORT)]
     pub port: u16,
     /// PEM file of the CA of the token endpoint (Keyless's) [default: the system roots].
     #[arg(long, env = "KEYLESS_CA_FILE")]
@@ -48,6 +51,10 @@ pub struct ServeArgs {
     /// The projected service-account token (read at each exchange).
     #[arg(long, env = "AZURE_FEDERATED_TOKEN_FILE")]
     pub token_file: PathBuf,
+    /// Where requests other than the token route are forwarded (http://HOST[:PORT]): the
+    /// real IMDS, reached because `wi-proxy init` exempts the proxy's UID from the redirect.
+    #[arg(long, default_value = defaults::IMDS_UPSTREAM)]
+    pub imds_upstream: String,
 }
 
 pub async fn run(c: WiProxyCmd) -> Result<(), CliError> {
@@ -78,6 +85,7 @@ pub async fn run(c: WiProxyCmd) -> Result<(), CliError> {
                 authority_host: a.authority_host,
                 token_file: a.token_file,
                 ca_pem,
+                imds_upstream: a.imds_upstream,
             })
             .await
             .map_err(|e| CliError::Usage(e.to_string()))?;

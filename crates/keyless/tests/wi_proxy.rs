@@ -4,14 +4,19 @@
 //!    (the test publishes its own RSA key there, as the add-on would the API server's, and signs
 //!    the service-account token itself), a user-assigned identity whose federated credential
 //!    trusts that issuer; an IMDS request gets the identity's token, refusals are IMDS-shaped.
-//! 2. `wi-proxy init` in a fresh network namespace: a TCP connection to 169.254.169.254:80
-//!    inside reaches the proxy's port; the proxy's own UID is not redirected (root).
+//! 2. `wi-proxy serve --imds-upstream` a stub IMDS: requests other than the token route reach
+//!    it as sent (method, path, query, headers, body) and its answer comes back; the node's
+//!    identity endpoints are not forwarded; an unreachable IMDS is a 502.
+//! 3. `wi-proxy init` in a fresh network namespace: a TCP connection to 169.254.169.254:80
+//!    inside reaches the proxy's port; the proxy's own UID is not redirected (root); a proxy
+//!    not running as that UID answers 508 instead of forwarding to itself forever.
 
 mod common;
 
 use common::*;
 use serde_json::{json, Value};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 const AKS_API: &str = "api-version=2026-08-01";
 const MSI_API: &str = "api-version=2023-01-31";
@@ -293,10 +298,12 @@ async fn serve_answers_imds_with_the_workload_identity_token() {
     )
     .await;
     assert_eq!(st, 400, "{body}");
+    // the node's identity endpoints are not forwarded to IMDS
     let r = http()
         .get(format!(
-            "http://127.0.0.1:{port}/metadata/instance?api-version=2021-02-01"
+            "http://127.0.0.1:{port}/metadata/identity/info?api-version=2018-02-01"
         ))
+        .header("Metadata", "true")
         .send()
         .await
         .unwrap();
@@ -376,6 +383,268 @@ async fn serve_answers_imds_with_the_workload_identity_token() {
         "https://management.azure.com/"
     );
     drop(proxy);
+}
+
+// ------------------------------------------------------------------ forwarding to IMDS
+
+/// One request as the stub IMDS read it off the wire.
+#[derive(Debug, Clone)]
+struct Seen {
+    request_line: String,
+    /// (lower-cased name, value), in order.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// The stub IMDS's answer to `path`: `/metadata/instance…` → 200 with a compute document,
+/// `/metadata/scheduledevents…` → 200 echoing the body, anything else → IMDS's 400.
+fn stub_answer(path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    if path.starts_with("/metadata/instance") {
+        let doc = json!({"compute": {"vmId": "00000000-0000-0000-0000-00000000abcd",
+            "location": "local", "name": "stub-vm"}});
+        (200, doc.to_string().into_bytes())
+    } else if path.starts_with("/metadata/scheduledevents") {
+        (200, body.to_vec())
+    } else {
+        let e = json!({"error": "Bad request. api-version was not specified in the request. For more information refer to aka.ms/azureimds",
+            "newest-versions": ["2023-07-01"]});
+        (400, e.to_string().into_bytes())
+    }
+}
+
+/// A stub IMDS on 127.0.0.1:0: records each request, answers [`stub_answer`], one request per
+/// connection. Stops with the returned task.
+async fn stub_imds() -> (u16, Arc<Mutex<Vec<Seen>>>, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(vec![]));
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![];
+                let mut chunk = [0u8; 4096];
+                let end = loop {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                let mut lines = head.split("\r\n");
+                let request_line = lines.next().unwrap_or_default().to_string();
+                let headers: Vec<(String, String)> = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                    .collect();
+                let len: usize = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-length")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < end + len {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = buf[end..end + len].to_vec();
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
+                let (status, answer) = stub_answer(&path, &body);
+                record.lock().unwrap().push(Seen {
+                    request_line,
+                    headers,
+                    body,
+                });
+                let reason = if status == 200 { "OK" } else { "Bad Request" };
+                let mut out = format!(
+                    "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nX-Stub: imds\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    answer.len()
+                )
+                .into_bytes();
+                out.extend_from_slice(&answer);
+                let _ = s.write_all(&out).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (port, seen, task)
+}
+
+/// `wi-proxy serve --port 0 --imds-upstream UPSTREAM` whose token endpoint is unreachable;
+/// (the process, its port).
+fn proxy_to(upstream: &str, dir: &std::path::Path) -> (Proc, u16) {
+    let token = dir.join("token");
+    std::fs::write(&token, "a.b.c").unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "wi-proxy",
+        "serve",
+        "--port",
+        "0",
+        "--imds-upstream",
+        upstream,
+    ])
+    .env("AZURE_CLIENT_ID", "00000000-0000-0000-0000-000000000001")
+    .env("AZURE_TENANT_ID", "t")
+    .env("AZURE_AUTHORITY_HOST", "http://127.0.0.1:1/")
+    .env("AZURE_FEDERATED_TOKEN_FILE", &token)
+    .env_remove("KEYLESS_CA_FILE");
+    let marker = "wi-proxy: listening on http://127.0.0.1:";
+    let proc = spawn_command_until(cmd, marker, dir).expect("wi-proxy serve");
+    let port = proc.find(marker).unwrap().parse().unwrap();
+    (proc, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_forwards_other_paths_to_imds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (imds_port, seen, stub) = stub_imds().await;
+    let (proxy, port) = proxy_to(&format!("http://127.0.0.1:{imds_port}"), dir.path());
+    let base = format!("http://127.0.0.1:{port}");
+    let count = || seen.lock().unwrap().len();
+
+    // GET with a query and IMDS's headers: reaches IMDS as sent; IMDS's answer comes back
+    let r = http()
+        .get(format!(
+            "{base}/metadata/instance/compute?api-version=2021-02-01&format=json"
+        ))
+        .header("Metadata", "true")
+        .header("x-ms-client-request-id", "req-1")
+        .header("Connection", "keep-alive, x-hop")
+        .header("x-hop", "not forwarded")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers().get("x-stub").and_then(|v| v.to_str().ok()),
+        Some("imds")
+    );
+    assert_eq!(
+        r.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/json; charset=utf-8")
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["compute"]["name"], "stub-vm", "{body}");
+    assert_eq!(count(), 1);
+    let got = seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        got.request_line,
+        "GET /metadata/instance/compute?api-version=2021-02-01&format=json HTTP/1.1"
+    );
+    assert_eq!(got.header("metadata"), ["true"], "{got:?}");
+    assert_eq!(got.header("x-ms-client-request-id"), ["req-1"], "{got:?}");
+    assert_eq!(
+        got.header("host"),
+        [format!("127.0.0.1:{imds_port}").as_str()],
+        "{got:?}"
+    );
+    assert!(got.header("x-hop").is_empty(), "{got:?}");
+    assert_eq!(got.header("x-keyless-wi-proxy-forwarded"), ["1"], "{got:?}");
+    assert!(got.header("x-forwarded-for").is_empty(), "IMDS refuses it");
+
+    // POST with a body: method and body as sent
+    let events = json!({"StartRequests": [{"EventId": "e-1"}]});
+    let r = http()
+        .post(format!(
+            "{base}/metadata/scheduledevents?api-version=2020-07-01"
+        ))
+        .header("Metadata", "true")
+        .json(&events)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), events);
+    let got = seen.lock().unwrap()[1].clone();
+    assert_eq!(
+        got.request_line,
+        "POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1"
+    );
+    assert_eq!(serde_json::from_slice::<Value>(&got.body).unwrap(), events);
+    assert_eq!(got.header("content-type"), ["application/json"]);
+
+    // IMDS's refusal comes back as it is
+    let r = http()
+        .get(format!("{base}/metadata/versions"))
+        .header("Metadata", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::from_slice::<Value>(&stub_answer("/x", b"").1).unwrap()
+    );
+    assert_eq!(count(), 3);
+
+    // not forwarded: the token route, /readyz, the node's identity endpoints
+    let (st, body) = proxy_get(port, "api-version=2018-02-01").await;
+    assert_eq!(st, 400, "{body}");
+    let r = http().get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    for path in [
+        "/metadata/identity/info?api-version=2018-02-01",
+        "/Metadata/Identity/oauth2/token/?resource=https://vault.azure.net",
+        "/metadata//identity/oauth2/token?resource=https://vault.azure.net",
+        "/metadata/%69dentity/oauth2/token?resource=https://vault.azure.net",
+    ] {
+        let r = http()
+            .get(format!("{base}{path}"))
+            .header("Metadata", "true")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404, "{path}");
+    }
+    assert_eq!(count(), 3, "nothing more reached IMDS");
+
+    // IMDS not reachable: 502, IMDS's error shape
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (dead, dead_port) = proxy_to(&format!("http://127.0.0.1:{closed}"), dir.path());
+    let r = http()
+        .get(format!(
+            "http://127.0.0.1:{dead_port}/metadata/instance?api-version=2021-02-01"
+        ))
+        .header("Metadata", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 502);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "bad_gateway", "{body}");
+    assert!(body["error_description"].is_string(), "{body}");
+    drop((dead, proxy));
+    stub.abort();
 }
 
 // ------------------------------------------------------------------ init (root)
@@ -540,6 +809,17 @@ fn init_redirects_the_namespace_to_the_proxy() {
     assert_eq!(st, 503, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"], "service_unavailable");
+    // another IMDS path is forwarded to 169.254.169.254; this proxy runs as root, not as the
+    // exempt UID, so its own connection is redirected back to it: refused as a loop (508),
+    // not forwarded again
+    let (st, body) = curl_in(
+        &exec,
+        "http://169.254.169.254/metadata/instance?api-version=2021-02-01",
+        "10",
+    );
+    assert_eq!(st, 508, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "loop_detected");
     // the proxy's own UID is not redirected: its connection goes out the (dead) route
     let as_proxy = [
         "ip",

@@ -604,6 +604,45 @@ async fn the_webhook_mutates_labelled_pods_with_a_certificate_from_keyless() {
         json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
                "response": {"uid": "direct-1", "allowed": true}})
     );
+    // a labelled pod whose service account does not exist: refused (400) naming it (the API
+    // server's ServiceAccount admission plugin usually refuses it first; asked directly here)
+    let missing0 = metric(
+        &ops,
+        "keyless_wi_webhook_admissions_total{result=\"refused\"}",
+    )
+    .await;
+    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "direct-2", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": "CREATE", "namespace": "app",
+            "object": {"metadata": {"name": "g", "labels": {"azure.workload.identity/use": "true"}},
+                "spec": {"serviceAccountName": "ghost", "containers": [{"name": "a"}]}}}});
+    let (st, body) = post("application/json", serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(st, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let r = &answer["response"];
+    assert_eq!(
+        (
+            r["uid"].as_str(),
+            r["allowed"].as_bool(),
+            r["status"]["code"].as_u64()
+        ),
+        (Some("direct-2"), Some(false), Some(400)),
+        "{answer}"
+    );
+    assert!(r.get("patch").is_none(), "{answer}");
+    let msg = r["status"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("\"ghost\"") && msg.contains("namespace \"app\""),
+        "{msg}"
+    );
+    assert_eq!(
+        metric(
+            &ops,
+            "keyless_wi_webhook_admissions_total{result=\"refused\"}"
+        )
+        .await,
+        missing0 + 1.0
+    );
     assert_eq!(
         trusting
             .get(format!("{base}/nothing-here"))

@@ -1032,9 +1032,19 @@ async fn update(tx: &mut Tx, next: &ClusterRecord, expect_version: u64) -> Resul
 
 pub async fn delete_cluster(s: &AppState, tx: &mut Tx, rid: &ResourceId) -> Result<bool> {
     get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    let issuer = match tx.get_cluster(&rid.key()).await? {
+        Some(c) => oidc_issuer_url(s, &c),
+        None => None,
+    };
     // its published keys and its webhook CA go with it (the store's rule, also for a group's
     // delete)
-    Ok(tx.delete_cluster(&rid.key()).await?)
+    let deleted = tx.delete_cluster(&rid.key()).await?;
+    if let Some(url) = issuer {
+        // this server's federation forgets its keys now (other servers, and a group's delete,
+        // within the second their cached keys of an issuer of theirs may answer)
+        crate::oidc::forget_cached_keys(s, &url);
+    }
+    Ok(deleted)
 }
 
 pub async fn list(

@@ -6,23 +6,28 @@
 //!
 //! `reason`, first that applies: `issuer_not_enabled` (the cluster has no OIDC issuer),
 //! `no_keys_published` (its add-on published no service-account keys yet), `identity_not_found`
-//! (no user-assigned identity has that client id), `no_matching_credential` (no exact federated
-//! credential and no credential pattern for issuer = the cluster's issuer URL, that subject and
-//! that audience — [`keyless_core::fic::find`], the exchange's own rule), else `ready`.
+//! (no user-assigned identity has that client id, found as the token endpoint finds it:
+//! `sts::federation::find_client`), `no_matching_credential` (no exact federated credential
+//! and no credential pattern for issuer = the cluster's issuer URL, that subject and that
+//! audience — [`keyless_core::fic::find`], the exchange's own rule), else `ready`.
 //!
 //! The caller is authorized by the cluster's action entry (the kubelet identity, or
 //! `Microsoft.ContainerService/managedClusters/read` on the cluster), which hands over the
-//! cluster and its issuer URL: this module imports nothing of the cluster provider.
+//! cluster and its issuer URL: this module imports nothing of the cluster provider. The
+//! caller may name any client id of the directory, so a message names no identity, credential
+//! or pattern — only whether an exact credential or a pattern matched. Everything is read in
+//! the request's unit of work (the issuer's keys too).
 
 use crate::arm::provider::Call;
 use crate::error::{Result, ServerError};
 use crate::request::parse_body;
 use crate::state::AppState;
+use crate::sts::federation::{self, Client};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::fic::{self, Fic, FicPattern, Match, Matched};
 use keyless_core::resource_id::ResourceId;
-use keyless_store::{ClusterRecord, PrincipalKind, Tx};
+use keyless_store::{ClusterRecord, Tx};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
@@ -87,59 +92,35 @@ fn parse_subjects(body: &[u8]) -> Result<Vec<Subject>> {
         .collect()
 }
 
-/// A user-assigned identity with what the exchange matches against.
+/// What the exchange matches a user-assigned identity's assertions against.
 struct Federation {
-    name: String,
     fics: Vec<Fic>,
     patterns: Vec<FicPattern>,
 }
 
-/// The user-assigned identity whose client id is `client_id` (as the token endpoint finds it),
-/// with its credentials and patterns; `None` when there is none.
+/// The user-assigned identity whose client id is `client_id`, found as the token endpoint
+/// finds it ([`federation::find_client`]: an application's client id, or a system identity's,
+/// is no identity that federates), with its credentials and patterns; `None` when there is
+/// none.
 async fn federation_of(tx: &mut Tx, client_id: &str) -> Result<Option<Federation>> {
-    let rid = match tx.directory_lookup(client_id).await? {
-        Some(e)
-            if e.kind == PrincipalKind::ManagedIdentity
-                && e.app_id.eq_ignore_ascii_case(client_id) =>
-        {
-            e.resource_id
-        }
-        _ => None,
-    };
-    let Some(rid) = rid else { return Ok(None) };
-    let Some(identity) = tx.get_identity(&rid.to_ascii_lowercase()).await? else {
-        return Ok(None);
-    };
-    if identity.system_vm.is_some() {
-        return Ok(None);
+    Ok(match federation::find_client(tx, client_id).await? {
+        Client::Identity(_, fics, patterns) => Some(Federation {
+            fics: federation::to_fics(&fics),
+            patterns: federation::to_patterns(&patterns),
+        }),
+        Client::App(_) | Client::Unknown => None,
+    })
+}
+
+/// A subject as a message shows it: at most [`fic::MAX_SUBJECT`] characters (a longer one
+/// matches nothing).
+fn shown(sub: &str) -> String {
+    let cut: String = sub.chars().take(fic::MAX_SUBJECT).collect();
+    if cut.len() < sub.len() {
+        format!("{cut}…")
+    } else {
+        cut
     }
-    let fics = tx
-        .list_fics(&identity.key)
-        .await?
-        .into_iter()
-        .map(|f| Fic {
-            name: f.name,
-            issuer: f.issuer,
-            subject: f.subject,
-            audiences: f.audiences,
-        })
-        .collect();
-    let patterns = tx
-        .list_fic_patterns(&identity.key)
-        .await?
-        .into_iter()
-        .map(|p| FicPattern {
-            name: p.name,
-            issuer: p.issuer,
-            subject_pattern: p.subject_pattern,
-            audiences: p.audiences,
-        })
-        .collect();
-    Ok(Some(Federation {
-        name: identity.name,
-        fics,
-        patterns,
-    }))
 }
 
 fn result(e: &Subject, ready: bool, reason: &str, message: String) -> Value {
@@ -172,8 +153,9 @@ pub async fn check(
             ),
         )),
         Some(url) => {
+            // in the request's unit of work (a second one would hold another connection)
             let keys = match crate::oidc::issuer_id_of(s, &url) {
-                Some(id) => crate::oidc::published_keys(s, &id).await,
+                Some(id) => crate::oidc::published_keys_in(tx, &id).await?,
                 None => Err("the issuer is not served by this server".to_string()),
             };
             match keys {
@@ -218,37 +200,31 @@ pub async fn check(
             ));
             continue;
         };
-        let what = format!(
-            "issuer '{iss}', subject '{}' and audience '{}'",
-            e.subject, e.audience
-        );
-        let (name, sub, aud) = (&f.name, &e.subject, e.audience.as_str());
+        // what matched, or not, is said without naming the identity, its credentials or its
+        // patterns: the caller is any cluster's add-on, the identity anyone's
+        let (sub, aud) = (&e.subject, e.audience.as_str());
         results.push(match fic::find(&f.fics, &f.patterns, iss, sub, &[aud]) {
-            Match::Matched(Matched::Exact(m)) => result(
+            Match::Matched(Matched::Exact(_)) => result(
                 e,
                 true,
                 "ready",
-                format!("The federated identity credential '{}' of the identity '{name}' matches {what}.", m.name),
+                "An exact federated identity credential matches.".to_string(),
             ),
-            Match::Matched(Matched::Pattern(m)) => result(
+            Match::Matched(Matched::Pattern(_)) => result(
                 e,
                 true,
                 "ready",
-                format!("The federated identity credential pattern '{}' of the identity '{name}' matches {what}.", m.name),
+                "A federated identity credential pattern matches.".to_string(),
             ),
-            refused => {
-                let step = match refused {
-                    Match::NoIssuer => "none has the issuer",
-                    Match::NoSubject => "none with the issuer has the subject",
-                    _ => "none with the issuer and subject has the audience",
-                };
-                result(
-                    e,
-                    false,
-                    "no_matching_credential",
-                    format!("The identity '{name}' has no federated identity credential or credential pattern for {what} ({step})."),
-                )
-            }
+            _ => result(
+                e,
+                false,
+                "no_matching_credential",
+                format!(
+                    "No federated identity credential or credential pattern of this identity federates '{}' for '{iss}' (audience '{aud}').",
+                    shown(sub)
+                ),
+            ),
         });
     }
     Ok(Json(json!({ "results": results })).into_response())

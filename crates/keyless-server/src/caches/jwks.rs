@@ -1,5 +1,7 @@
-//! External OIDC issuers' keys as last fetched, per issuer (the cache of workload identity
-//! federation; fetching and verifying are in [`crate::sts::federation`]).
+//! OIDC issuers' keys as last fetched, per issuer (the cache of workload identity federation;
+//! fetching and verifying, and how long an entry may answer, are in
+//! [`crate::sts::federation`]): external issuers' over HTTPS, this server's cluster issuers'
+//! from the store.
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -23,8 +25,9 @@ pub(crate) struct IssuerEntry {
 }
 
 /// Issuer keys, cached per issuer (issuers come from federated credentials, so the map is
-/// bounded by them). An issuer is fetched again at most once per
-/// `ServerConfig::issuer_refetch_interval`, however many unknown `kid`s arrive.
+/// bounded by them). An external issuer is fetched again at most once per
+/// `ServerConfig::issuer_refetch_interval`, however many unknown `kid`s arrive; a cluster
+/// issuer of this server is read from the store again once its entry is a second old.
 #[derive(Default)]
 pub struct JwksCache {
     issuers: Mutex<HashMap<String, Arc<IssuerEntry>>>,
@@ -38,6 +41,16 @@ impl JwksCache {
             .entry(iss.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Drop what is known of `iss`: the next lookup reads its keys again. A read under way
+    /// (which may have seen the keys before the change that made them stale) fills the entry
+    /// dropped here, not the one the next lookup makes.
+    pub(crate) fn forget(&self, iss: &str) {
+        self.issuers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(iss);
     }
 }
 

@@ -3,6 +3,9 @@
 //! identity's federated identity credentials and verifies against its issuer's keys
 //! (`{iss}/.well-known/openid-configuration` → `jwks_uri`, https only, bounded, cached, refreshed
 //! on an unknown `kid` at most once per interval, one fetch shared by concurrent requests).
+//! A cluster issuer of this server is read from the store instead (`crate::oidc`), and its
+//! cached keys never answer once a second old: a key its add-on removed from the set, or its
+//! cluster deleted, stops verifying within that second on every replica.
 //! Failures are AADSTS errors with 4xx statuses, never 5xx.
 
 use crate::caches::jwks::IssuerKeys;
@@ -14,7 +17,9 @@ use base64::Engine;
 use keyless_core::claims::{self, Principal};
 use keyless_core::fic::{self, Fic, FicPattern, Match};
 use keyless_core::resource_id::ResourceId;
-use keyless_store::{FicPatternRecord, FicRecord, IdentityRecord};
+use keyless_store::{
+    FicPatternRecord, FicRecord, IdentityRecord, PrincipalKind, ServicePrincipalRecord, Tx,
+};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -58,21 +63,29 @@ async fn fetch_json(client: &reqwest::Client, url: &str) -> std::result::Result<
     serde_json::from_slice(&body).map_err(|_| format!("{url} is not JSON"))
 }
 
-/// The answer a cached state gives without fetching, if it may: within the re-fetch interval
-/// always (keys or the last failure), after it only for a lookup that wants no refresh.
-fn cached(
-    st: &IssuerKeys,
-    iss: &str,
-    refresh: bool,
+/// How long a cached state of the issuer `iss` may answer: an issuer of this server (`own`)
+/// never past [`OWN_ISSUER_REFETCH`] — its keys are a store read, and a key removed from its
+/// set or its cluster deleted (on any replica) must stop verifying —; an external issuer
+/// within `issuer_refetch_interval` always, after it until a lookup asks for a refresh (an
+/// unknown `kid`).
+#[derive(Clone, Copy)]
+struct Freshness {
     interval: Duration,
-) -> Option<Result<Vec<Value>>> {
+    own: bool,
+}
+
+/// The answer a cached state gives without fetching, if it may: within the re-fetch interval
+/// always (keys or the last failure); after it only for an external issuer's lookup that
+/// wants no refresh.
+fn cached(st: &IssuerKeys, iss: &str, refresh: bool, f: Freshness) -> Option<Result<Vec<Value>>> {
     let fetched = st.fetched?;
     let answer = || match (&st.keys, &st.error) {
         (_, Some(why)) => Err(discovery_failed(iss, why)),
         (Some(k), None) => Ok(k.clone()),
         (None, None) => Ok(vec![]),
     };
-    if fetched.elapsed() < interval || (!refresh && st.keys.is_some() && st.error.is_none()) {
+    let stale_ok = !f.own && !refresh && st.keys.is_some() && st.error.is_none();
+    if fetched.elapsed() < f.interval || stale_ok {
         Some(answer())
     } else {
         None
@@ -104,24 +117,32 @@ async fn fetch_keys(s: &AppState, iss: &str) -> std::result::Result<Vec<Value>, 
         .collect())
 }
 
-/// The issuer's signing keys, from the cache unless `refresh`; a refresh (or a first lookup)
-/// fetches at most once per interval per issuer, and concurrent callers share that fetch.
+/// The issuer's signing keys, from the cache unless `refresh` (or, for an issuer of this
+/// server, the cached keys are older than a second); a fetch happens at most once per interval
+/// per issuer, and concurrent callers share it.
 async fn issuer_keys(s: &AppState, iss: &str, refresh: bool) -> Result<Vec<Value>> {
-    // a cluster issuer of this server is a store read: its rotation is seen within a second
-    let interval = match crate::oidc::issuer_id_of(s, iss) {
-        Some(_) => OWN_ISSUER_REFETCH,
-        None => s.cfg.issuer_refetch_interval,
+    // a cluster issuer of this server is a store read: a rotation, a key removed or the
+    // cluster deleted is seen within a second, whatever replica made the change
+    let f = match crate::oidc::issuer_id_of(s, iss) {
+        Some(_) => Freshness {
+            interval: OWN_ISSUER_REFETCH,
+            own: true,
+        },
+        None => Freshness {
+            interval: s.cfg.issuer_refetch_interval,
+            own: false,
+        },
     };
     let entry = s.jwks.entry(iss);
     let before = entry.snapshot();
-    if let Some(r) = cached(&before, iss, refresh, interval) {
+    if let Some(r) = cached(&before, iss, refresh, f) {
         return r;
     }
     let _fetching = entry.fetch.lock().await;
     let now = entry.snapshot();
     if now.fetched != before.fetched {
         // another request fetched while this one waited: use its result
-        if let Some(r) = cached(&now, iss, false, interval) {
+        if let Some(r) = cached(&now, iss, false, f) {
             return r;
         }
     }
@@ -171,8 +192,48 @@ fn verify_with(jwk: &Value, alg: &str, input: &[u8], sig: &[u8]) -> bool {
     }
 }
 
+/// Who a client id is in the directory, as the token endpoint finds it.
+pub(crate) enum Client {
+    /// An application (service principal): it authenticates with its own credentials, never
+    /// with a federated assertion.
+    App(ServicePrincipalRecord),
+    /// A user-assigned identity, with its federated identity credentials and credential
+    /// patterns (read in the same unit of work).
+    Identity(IdentityRecord, Vec<FicRecord>, Vec<FicPatternRecord>),
+    Unknown,
+}
+
+/// Find the client `client_id` in `tx`: a service principal first, else a user-assigned
+/// identity (a VM's or a cluster's system identity has no federated credentials: unknown)
+/// with its credentials and patterns. The one lookup of the token exchange and of the
+/// readiness check (`arm::wi_check`), so "ready" means what the exchange will find.
+pub(crate) async fn find_client(tx: &mut Tx, client_id: &str) -> Result<Client> {
+    if let Some(sp) = tx.get_service_principal(client_id).await? {
+        return Ok(Client::App(sp));
+    }
+    let rid = match tx.directory_lookup(client_id).await? {
+        Some(e)
+            if e.kind == PrincipalKind::ManagedIdentity
+                && e.app_id.eq_ignore_ascii_case(client_id) =>
+        {
+            e.resource_id
+        }
+        _ => None,
+    };
+    let Some(rid) = rid else {
+        return Ok(Client::Unknown);
+    };
+    let identity = match tx.get_identity(&rid.to_ascii_lowercase()).await? {
+        Some(i) if i.system_vm.is_none() => i,
+        _ => return Ok(Client::Unknown),
+    };
+    let fics = tx.list_fics(&identity.key).await?;
+    let patterns = tx.list_fic_patterns(&identity.key).await?;
+    Ok(Client::Identity(identity, fics, patterns))
+}
+
 /// The matching fields of stored credentials.
-fn to_fics(fics: &[FicRecord]) -> Vec<Fic> {
+pub(crate) fn to_fics(fics: &[FicRecord]) -> Vec<Fic> {
     fics.iter()
         .map(|f| Fic {
             name: f.name.clone(),
@@ -184,7 +245,7 @@ fn to_fics(fics: &[FicRecord]) -> Vec<Fic> {
 }
 
 /// The matching fields of stored credential patterns.
-fn to_patterns(patterns: &[FicPatternRecord]) -> Vec<FicPattern> {
+pub(crate) fn to_patterns(patterns: &[FicPatternRecord]) -> Vec<FicPattern> {
     patterns
         .iter()
         .map(|p| FicPattern {
@@ -199,7 +260,8 @@ fn to_patterns(patterns: &[FicPatternRecord]) -> Vec<FicPattern> {
 /// Exchange `assertion` for the identity `id`, whose federated identity credentials are `fics`
 /// and credential patterns `patterns` (read by the caller in one unit of work, which has ended:
 /// the issuer's keys may be fetched here); matched by [`fic::find`] — exact credentials first,
-/// then patterns, Entra's errors when neither matches;
+/// then patterns, Entra's errors when neither matches, a `sub` over [`fic::MAX_SUBJECT`]
+/// characters refused as no subject match (AADSTS700213) before any pattern sees it;
 /// returns the principal to issue a token to. Once the signature verified (never before: an
 /// unsigned `iss` is anyone's), the assertion's issuer and subject go into `who`, the caller of
 /// the audit record.
@@ -239,7 +301,10 @@ pub async fn exchange(
             return Err(ServerError::sts(Aadsts::FicIssuerMismatch, format!("No matching federated identity record found for presented assertion issuer '{iss}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.")))
         }
         Match::NoSubject => {
-            return Err(ServerError::sts(Aadsts::FicSubjectMismatch, format!("No matching federated identity record found for presented assertion subject '{sub}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.")))
+            // (a subject over fic::MAX_SUBJECT characters matches nothing: echoed cut short)
+            let shown: String = sub.chars().take(fic::MAX_SUBJECT).collect();
+            let more = if shown.len() < sub.len() { "…" } else { "" };
+            return Err(ServerError::sts(Aadsts::FicSubjectMismatch, format!("No matching federated identity record found for presented assertion subject '{shown}{more}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.")))
         }
         Match::NoAudience => {
             return Err(ServerError::sts(Aadsts::FicAudienceMismatch, format!("No matching federated identity record found for presented assertion audience '{}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.", auds.join(","))))

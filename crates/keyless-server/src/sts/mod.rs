@@ -4,6 +4,7 @@
 pub mod client_assertion;
 pub mod federation;
 
+use self::federation::Client;
 use crate::error::{Aadsts, Result, ServerError};
 use crate::state::AppState;
 use crate::tokens;
@@ -15,7 +16,6 @@ use axum::{Json, Router};
 use keyless_core::audience;
 use keyless_core::claims::{resource_from_scope, Principal};
 use keyless_ops::audit;
-use keyless_store::{FicPatternRecord, FicRecord, IdentityRecord, ServicePrincipalRecord};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -189,42 +189,11 @@ fn require<'a>(form: &'a [(String, String)], name: &str) -> Result<&'a str> {
     })
 }
 
-/// Who a client id is in the directory.
-enum Client {
-    /// An application (service principal).
-    App(ServicePrincipalRecord),
-    /// A user-assigned identity, with its federated identity credentials and credential
-    /// patterns (read in the same unit of work).
-    Identity(IdentityRecord, Vec<FicRecord>, Vec<FicPatternRecord>),
-    Unknown,
-}
-
 /// Look `client_id` up, in one read of the store (ended before anything is fetched from an
-/// external issuer).
+/// external issuer): [`federation::find_client`], the lookup the readiness check shares.
 async fn lookup_client(s: &AppState, client_id: &str) -> Result<Client> {
     let mut tx = s.store.read("sts_client").await?;
-    if let Some(sp) = tx.get_service_principal(client_id).await? {
-        return Ok(Client::App(sp));
-    }
-    // a user-assigned identity presenting an external token (workload identity federation)
-    let rid = match tx.directory_lookup(client_id).await? {
-        Some(e)
-            if e.kind == keyless_store::PrincipalKind::ManagedIdentity
-                && e.app_id.eq_ignore_ascii_case(client_id) =>
-        {
-            e.resource_id
-        }
-        _ => None,
-    };
-    let Some(rid) = rid else {
-        return Ok(Client::Unknown);
-    };
-    let Some(identity) = tx.get_identity(&rid.to_ascii_lowercase()).await? else {
-        return Ok(Client::Unknown);
-    };
-    let fics = tx.list_fics(&identity.key).await?;
-    let patterns = tx.list_fic_patterns(&identity.key).await?;
-    Ok(Client::Identity(identity, fics, patterns))
+    federation::find_client(&mut tx, client_id).await
 }
 
 /// The client id a request names: HTTP Basic's, else the form's `client_id`.
