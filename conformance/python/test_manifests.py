@@ -258,7 +258,8 @@ def test_overlay_dry_runs_on_the_server(cp, rendered, overlay):
             ("Deployment", "keyless-pod-identity-addon"), ("Deployment", "keyless-wi-webhook"),
             ("MutatingWebhookConfiguration", WEBHOOK_CONFIG), ("Namespace", WI_NS), ("Namespace", NS),
             ("PodDisruptionBudget", "keyless-wi-webhook"), ("Role", "keyless-workload-identity-lease"),
-            ("RoleBinding", "keyless-workload-identity-lease"), ("Service", WEBHOOK_SERVICE),
+            ("Role", "keyless-workload-identity-proof"), ("RoleBinding", "keyless-workload-identity-lease"),
+            ("RoleBinding", "keyless-workload-identity-proof"), ("Service", WEBHOOK_SERVICE),
             ("ServiceAccount", "keyless-pod-identity-addon"), ("ServiceAccount", "keyless-wi-webhook")],
     }[overlay]
     crds = sorted(("CustomResourceDefinition", f"{k}.{PIA}") for k in KINDS) if overlay in PI_OVERLAYS else []
@@ -424,6 +425,15 @@ def test_addon_runs_the_loops_its_overlay_installs(rendered):
     cr = find(rendered["workload-identity"], "ClusterRole", "keyless-workload-identity")
     urls = {u for r in cr["rules"] for u in r.get("nonResourceURLs", [])}
     assert urls == {"/openid/v1/jwks", "/.well-known/openid-configuration"}
+    # the publish proof: tokens of the Deployment's own service account only
+    # (keyless_k8s::wi_addon::defaults::SERVICE_ACCOUNT_NAME, the add-on's default)
+    sa = wi["spec"]["template"]["spec"]["serviceAccountName"]
+    assert sa == "keyless-pod-identity-addon" and wi["metadata"]["namespace"] == NS
+    proof = find(rendered["workload-identity"], "Role", "keyless-workload-identity-proof")
+    assert proof["rules"] == [{"apiGroups": [""], "resources": ["serviceaccounts/token"],
+                               "resourceNames": [sa], "verbs": ["create"]}]
+    binding = find(rendered["workload-identity"], "RoleBinding", "keyless-workload-identity-proof")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NS}]
 
 
 def test_wi_webhook_deployment_service_and_budget(rendered):
@@ -711,6 +721,8 @@ ALLOWED_WI = {
         ("create", "leases.coordination.k8s.io", NS, None),
         ("get", "leases.coordination.k8s.io/keyless-workload-identity", NS, None),
         ("update", "leases.coordination.k8s.io/keyless-workload-identity", NS, None),
+        # the publish proof: a token of its own account
+        ("create", "serviceaccounts/keyless-pod-identity-addon", NS, "token"),
     ],
     "keyless-wi-webhook": [
         ("get", "serviceaccounts", "app", None), ("list", "serviceaccounts", None, None),
@@ -725,7 +737,11 @@ REFUSED_WI = {
         ("get", "pods", "app", None), ("patch", "pods", None, None), ("update", "pods", None, "status"),
         ("create", "pods", "app", None), ("delete", "pods", "app", None), ("create", "pods", "app", "exec"),
         ("get", "serviceaccounts", "app", None), ("patch", "serviceaccounts", None, None),
-        ("create", "serviceaccounts", "app", "token"),
+        ("create", "serviceaccounts", "app", "token"), ("create", "serviceaccounts", NS, "token"),
+        ("create", "serviceaccounts/keyless-wi-webhook", NS, "token"),
+        ("create", "serviceaccounts/keyless-wi-webhook", WI_NS, "token"),
+        ("create", "serviceaccounts/keyless-pod-identity-addon", "default", "token"),
+        ("get", "serviceaccounts/keyless-pod-identity-addon", NS, None),
         ("get", "secrets", NS, None), ("list", "secrets", None, None), ("get", "configmaps", NS, None),
         ("list", "nodes", None, None), ("create", "namespaces", None, None), ("get", "namespaces", None, None),
         ("create", "events", None, None),
@@ -830,6 +846,7 @@ def expected_rules_wi(sa, ns):
     if ns == NS:
         rules[("leases.coordination.k8s.io", "[]", ())] = r("create")
         rules[("leases.coordination.k8s.io", "[]", ("keyless-workload-identity",))] = r("get update")
+        rules[("serviceaccounts/token", "[]", ("keyless-pod-identity-addon",))] = r("create")
     return rules
 
 
@@ -964,7 +981,8 @@ class FakeKeyless:
     """What the add-on and the webhook call, standing in for Keyless and their node's IMDS (the
     processes are the real ones; only their peers are stand-ins, so that what is tested is the
     manifests' RBAC): an IMDS token endpoint (plain HTTP) and, over HTTPS with its own CA,
-    `publishServiceAccountKeys` (answers the API server's own issuer as the cluster's),
+    `publishServiceAccountKeys` (answers the API server's own issuer as the cluster's; refuses a
+    publish without the proof of the API server, as Keyless's `PublishProofRejected`),
     `checkWorkloadIdentity` (every subject ready) and `issueWebhookCertificate` (signs the CSR
     with a webhook CA). Each call is recorded with its bearer token."""
 
@@ -1017,6 +1035,9 @@ class FakeKeyless:
                 if self.headers.get("Authorization") != f"Bearer {fake.token}":
                     return self.answer(401, {"error": {"code": "InvalidAuthenticationToken", "message": "no"}})
                 if action == "publishServiceAccountKeys":
+                    why = fake.proof_problem(body.get("proof"))
+                    if why:
+                        return self.answer(403, {"error": {"code": "PublishProofRejected", "message": why}})
                     return self.answer(200, {"issuerURL": fake.issuer, "keys": len(body["keys"]), "changed": True})
                 if action == "checkWorkloadIdentity":
                     return self.answer(200, {"results": [{**s, "ready": True, "reason": "ready", "message": "ok"}
@@ -1054,6 +1075,26 @@ class FakeKeyless:
         openssl("x509", "-req", "-in", csr, "-CA", ca[1], "-CAkey", ca[0], "-set_serial", secrets.randbits(62),
                 "-days", "1", "-copy_extensions", "copy", "-extfile", ext, "-out", crt)
         return str(crt)
+
+    PUBLISHER = "system:serviceaccount:kube-system:keyless-pod-identity-addon"
+
+    def proof_problem(self, proof):
+        """Why `proof` is not a token of the add-on's service account for the publish audience
+        (None when it is). Its claims only: the signature is the API server's business here."""
+        if not isinstance(proof, str) or proof.count(".") != 2:
+            return f"no proof, or not a JWT: {str(proof)[:20]!r}"
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(proof.split(".")[1] + "=="))
+        except ValueError as e:
+            return f"the proof's claims: {e}"
+        aud = claims.get("aud")
+        aud = aud if isinstance(aud, list) else [aud]
+        want = f"{self.issuer}publishServiceAccountKeys"
+        if claims.get("sub") != self.PUBLISHER or want not in aud or claims.get("iss") != self.issuer:
+            return f"sub/aud/iss {claims.get('sub')}/{aud}/{claims.get('iss')}, not {self.PUBLISHER}/{want}/{self.issuer}"
+        if not claims.get("exp", 0) > time.time():
+            return "the proof has expired"
+        return None
 
     def calls_to(self, action):
         with self.lock:
@@ -1125,7 +1166,11 @@ def test_wi_addon_runs_as_its_service_account(applied_wi, fake_keyless):
                  timeout=60, what="the workload-identity Lease")
         api_keys = cp.request("GET", "/openid/v1/jwks")["keys"]
         published = wait_for(lambda: fake.calls_to("publishServiceAccountKeys"), what="the keys published")
-        assert published[0]["body"] == {"keys": api_keys}
+        assert published[0]["body"]["keys"] == api_keys
+        assert sorted(published[0]["body"]) == ["keys", "proof"]
+        # the proof: minted by the API server for the add-on's own account (TokenRequest, which
+        # its Role allows for that account only), for the publish audience
+        assert [fake.proof_problem(c["body"].get("proof")) for c in published] == [None] * len(published)
         assert published[0]["path"] == f"{CLUSTER_ID}/publishServiceAccountKeys"
 
         def condition():

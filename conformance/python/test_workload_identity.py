@@ -207,6 +207,10 @@ def wi():
                               "IMDS endpoint:", pathlib.Path(fab.root) / "node0.log",
                               env=dict(os.environ, KEYLESS_JOIN_TOKEN=token)))
         kubeconfig = fab.cp.node_kubeconfig(pathlib.Path(fab.root) / "kubeconfig-node0")
+        # the add-on proves its publishes with tokens the API server mints for its own service
+        # account (what the install manifests create)
+        fab.cp.apply({"apiVersion": "v1", "kind": "ServiceAccount",
+                      "metadata": {"name": "keyless-pod-identity-addon", "namespace": "kube-system"}})
         common = ["--cluster-id", cluster["id"], "--server", fab.server_for(node), "--ca-file",
                   fab.up.info["caFile"], "--client-id", kubelet["clientId"], "--kubeconfig", kubeconfig]
         fab.procs.append(Proc([*node.prefix(), keyless_bin(), "cluster-addon", *common,

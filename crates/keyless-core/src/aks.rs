@@ -45,6 +45,10 @@ pub enum AksErrorKind {
     /// An action that needs the cluster's OIDC issuer while it is off (400
     /// `OIDCIssuerNotEnabled`; the add-on idles on it until the issuer is enabled).
     OidcIssuerNotEnabled,
+    /// A kubelet-identity publish whose proof of the API server does not verify: not signed by
+    /// a key it may be signed by, or another issuer, audience, subject or time (403
+    /// `PublishProofRejected`).
+    PublishProofRejected,
 }
 
 /// A refusal of a managed-cluster write.
@@ -79,6 +83,13 @@ impl AksError {
                 "The OIDC issuer of the managed cluster '{cluster}' is not enabled: enable it first (oidcIssuerProfile.enabled, az aks update --enable-oidc-issuer)."
             ),
             target: None,
+        }
+    }
+    pub fn proof_rejected(message: impl Into<String>) -> Self {
+        AksError {
+            kind: AksErrorKind::PublishProofRejected,
+            message: message.into(),
+            target: Some("proof".into()),
         }
     }
     pub fn change_not_allowed(property: &str) -> Self {
@@ -1139,6 +1150,194 @@ pub fn validate_published_keys(body: &Value) -> R<Vec<Value>> {
     Ok(keys.clone())
 }
 
+// ---------------------------------------------------------------- proof of the API server on a publish
+
+/// Clock skew allowed on a publish proof's `exp` / `nbf` / `iat`.
+pub const PROOF_SKEW: u64 = 300;
+/// The prefix of a service account's subject (`system:serviceaccount:NS:NAME`).
+pub const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
+
+/// The audience a publish proof must carry: `{issuerURL}publishServiceAccountKeys` (the issuer
+/// URL with its trailing slash).
+pub fn proof_audience(issuer_url: &str) -> String {
+    format!("{issuer_url}publishServiceAccountKeys")
+}
+
+/// What a `publishServiceAccountKeys` body asks beside its keys.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PublishOptions {
+    /// `proof`: a service-account token of the cluster's API server (a compact JWT).
+    pub proof: Option<String>,
+    /// `resetPublisher`: forget the recorded publisher (a `managedClusters/write` caller only).
+    pub reset_publisher: bool,
+}
+
+/// `proof` (absent, null or a string) and `resetPublisher` (absent, null or a boolean) of a
+/// publish body.
+pub fn publish_options(body: &Value) -> R<PublishOptions> {
+    let proof =
+        match body.get("proof") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err(AksError::invalid(
+                "proof must be a service-account token of the cluster's API server (a JWT string).",
+                "proof",
+            )),
+        };
+    let reset_publisher = match body.get("resetPublisher") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(AksError::invalid(
+                "resetPublisher must be true or false.",
+                "resetPublisher",
+            ))
+        }
+    };
+    Ok(PublishOptions {
+        proof,
+        reset_publisher,
+    })
+}
+
+/// The proof a kubelet-identity publish is missing or cannot be read: 400 `InvalidParameter`,
+/// target `proof`.
+pub fn proof_missing(malformed: bool) -> AksError {
+    let what = if malformed {
+        "The proof is not a JSON Web Token (header.claims.signature, base64url)."
+    } else {
+        "A publish by the cluster's kubelet identity must carry \"proof\": a service-account token of the cluster's API server (TokenRequest) for the add-on's service account."
+    };
+    AksError::invalid(
+        format!("{what} Its audience is '{{issuerURL}}publishServiceAccountKeys'."),
+        "proof",
+    )
+}
+
+/// Which keys may sign a kubelet-identity publish's proof and which subject it must name,
+/// from the publisher recorded for the issuer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProofTrust<'a> {
+    /// A publisher is recorded: signed by a key of the stored set (never of the set being
+    /// published), `sub` = the publisher.
+    Recorded(&'a str),
+    /// None is recorded (the first publish, or the first after an admin's `resetPublisher`):
+    /// signed by a key of the set being published (trust on first use) — or of the stored set,
+    /// which is trusted already —, `sub` any service account, which becomes the publisher.
+    FirstUse,
+}
+
+impl ProofTrust<'_> {
+    pub fn of(publisher: Option<&str>) -> ProofTrust<'_> {
+        match publisher {
+            Some(p) => ProofTrust::Recorded(p),
+            None => ProofTrust::FirstUse,
+        }
+    }
+    /// Whether a key of the set being published may sign the proof.
+    pub fn published_set_may_sign(self) -> bool {
+        self == ProofTrust::FirstUse
+    }
+}
+
+/// Whether `sub` is a service account's subject: `system:serviceaccount:NS:NAME`, the
+/// namespace a DNS label, the name a DNS subdomain.
+pub fn is_service_account_subject(sub: &str) -> bool {
+    let Some(rest) = sub.strip_prefix(SERVICE_ACCOUNT_PREFIX) else {
+        return false;
+    };
+    match rest.split_once(':') {
+        Some((ns, name)) => is_dns_label(ns) && is_dns_subdomain(name),
+        None => false,
+    }
+}
+
+/// Check the claims of a publish proof whose signature verified (the caller checks it with the
+/// keys [`ProofTrust`] allows): `iss` the cluster's issuer URL, `aud` containing
+/// [`proof_audience`], `exp` not past and `nbf` / `iat` not ahead (each with [`PROOF_SKEW`]),
+/// `sub` the recorded publisher — or, on a first use, a service account's subject. Returns
+/// the `sub`. Each refusal is 403 `PublishProofRejected` saying which claim.
+pub fn check_proof_claims(
+    claims: &Value,
+    issuer_url: &str,
+    trust: ProofTrust<'_>,
+    now: u64,
+) -> R<String> {
+    let reject = |why: String| {
+        Err(AksError::proof_rejected(format!(
+            "The publish proof is rejected: {why}"
+        )))
+    };
+    let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+    if iss != issuer_url {
+        return reject(format!(
+            "its issuer '{iss}' is not the cluster's issuer '{issuer_url}'."
+        ));
+    }
+    let want = proof_audience(issuer_url);
+    let auds: Vec<&str> = match claims.get("aud") {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    if !auds.contains(&want.as_str()) {
+        return reject(format!(
+            "its audience '{}' does not contain '{want}'.",
+            auds.join(",")
+        ));
+    }
+    let num = |k: &str| {
+        claims
+            .get(k)
+            .and_then(Value::as_f64)
+            .map(|f| f.max(0.0) as u64)
+    };
+    let Some(exp) = num("exp") else {
+        return reject("it has no expiry (exp).".into());
+    };
+    if exp.saturating_add(PROOF_SKEW) <= now {
+        return reject(format!("it expired at {exp} (now {now})."));
+    }
+    for k in ["nbf", "iat"] {
+        if let Some(t) = num(k) {
+            if t > now.saturating_add(PROOF_SKEW) {
+                return reject(format!("its {k} {t} is in the future (now {now})."));
+            }
+        }
+    }
+    let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
+    match trust {
+        ProofTrust::Recorded(p) if sub != p => reject(format!(
+            "its subject '{sub}' is not the issuer's publisher '{p}' (an administrator may reset it: resetPublisher)."
+        )),
+        ProofTrust::FirstUse if !is_service_account_subject(sub) => reject(format!(
+            "its subject '{sub}' is not a service account (system:serviceaccount:NAMESPACE:NAME)."
+        )),
+        _ => Ok(sub.to_string()),
+    }
+}
+
+/// Who published, for [`next_publisher`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishCaller<'a> {
+    /// A principal holding `managedClusters/write` through RBAC (no proof); `reset` its
+    /// `resetPublisher`.
+    Writer { reset: bool },
+    /// The cluster's kubelet identity, whose proof verified naming `proven` (its `sub`).
+    Kubelet { proven: &'a str },
+}
+
+/// The publisher recorded after a publish: a writer keeps the stored one (or resets it to
+/// none); the kubelet identity keeps the stored one, or — on a first use — records its
+/// proof's subject.
+pub fn next_publisher(stored: Option<&str>, caller: PublishCaller<'_>) -> Option<String> {
+    match caller {
+        PublishCaller::Writer { reset: true } => None,
+        PublishCaller::Writer { reset: false } => stored.map(str::to_string),
+        PublishCaller::Kubelet { proven } => Some(stored.unwrap_or(proven).to_string()),
+    }
+}
+
 /// The validity of a webhook serving certificate from a request's `validityInSeconds`: the
 /// default when absent or null, else clamped to [[`MIN_WEBHOOK_VALIDITY`],
 /// [`MAX_WEBHOOK_VALIDITY`]].
@@ -1743,5 +1942,164 @@ mod tests {
             let e = check_webhook_sans(&bad).unwrap_err();
             assert_eq!(e.target.as_deref(), Some("csr"), "{bad:?}");
         }
+    }
+
+    // ------------------------------------------------------------ publish proof
+
+    const ISS: &str = "https://k.example/oidc/1234/";
+    const SA: &str = "system:serviceaccount:kube-system:keyless-pod-identity-addon";
+
+    fn proof(now: u64) -> Value {
+        json!({"iss": ISS, "sub": SA, "aud": [format!("{ISS}publishServiceAccountKeys")],
+               "exp": now + 3600, "iat": now, "nbf": now})
+    }
+
+    fn rejected(r: R<String>, says: &str) {
+        let e = r.expect_err("rejected");
+        assert_eq!(e.kind, AksErrorKind::PublishProofRejected, "{e}");
+        assert_eq!(e.target.as_deref(), Some("proof"));
+        assert!(e.message.contains(says), "{} lacks {says}", e.message);
+    }
+
+    #[test]
+    fn a_proof_names_the_issuer_its_audience_a_time_and_the_publisher() {
+        let now = 1_000_000;
+        let rec = ProofTrust::Recorded(SA);
+        assert_eq!(check_proof_claims(&proof(now), ISS, rec, now).unwrap(), SA);
+        // the audience as a string, among others
+        let mut p = proof(now);
+        p["aud"] = json!(format!("{ISS}publishServiceAccountKeys"));
+        assert_eq!(check_proof_claims(&p, ISS, rec, now).unwrap(), SA);
+        p["aud"] = json!([
+            "api://AzureADTokenExchange",
+            format!("{ISS}publishServiceAccountKeys")
+        ]);
+        assert_eq!(check_proof_claims(&p, ISS, rec, now).unwrap(), SA);
+        // another issuer (also without the trailing slash)
+        for iss in [
+            json!("https://k.example/oidc/1234"),
+            json!("https://other/"),
+            Value::Null,
+        ] {
+            let mut p = proof(now);
+            p["iss"] = iss;
+            rejected(check_proof_claims(&p, ISS, rec, now), "issuer");
+        }
+        // another audience: the exchange's, or a prefix / suffix of the right one
+        for aud in [
+            json!("api://AzureADTokenExchange"),
+            json!([format!("{ISS}publishServiceAccountKey")]),
+            json!([format!("{ISS}publishServiceAccountKeys/")]),
+            json!("publishServiceAccountKeys"),
+            Value::Null,
+        ] {
+            let mut p = proof(now);
+            p["aud"] = aud;
+            rejected(check_proof_claims(&p, ISS, rec, now), "audience");
+        }
+        // time: expired past the skew, not yet valid past the skew, no exp
+        let mut p = proof(now);
+        p["exp"] = json!(now - PROOF_SKEW);
+        rejected(check_proof_claims(&p, ISS, rec, now), "expired");
+        p["exp"] = json!(now - PROOF_SKEW + 1);
+        assert!(check_proof_claims(&p, ISS, rec, now).is_ok());
+        for k in ["nbf", "iat"] {
+            let mut p = proof(now);
+            p[k] = json!(now + PROOF_SKEW + 1);
+            rejected(check_proof_claims(&p, ISS, rec, now), k);
+            p[k] = json!(now + PROOF_SKEW);
+            assert!(check_proof_claims(&p, ISS, rec, now).is_ok());
+        }
+        let mut p = proof(now);
+        p.as_object_mut().unwrap().remove("exp");
+        rejected(check_proof_claims(&p, ISS, rec, now), "exp");
+        // the subject: the recorded publisher only
+        let mut p = proof(now);
+        p["sub"] = json!("system:serviceaccount:kube-system:other");
+        rejected(check_proof_claims(&p, ISS, rec, now), "publisher");
+        p.as_object_mut().unwrap().remove("sub");
+        rejected(check_proof_claims(&p, ISS, rec, now), "publisher");
+    }
+
+    #[test]
+    fn a_first_use_takes_any_service_account_and_records_it() {
+        let now = 5_000;
+        let first = ProofTrust::of(None);
+        assert_eq!(first, ProofTrust::FirstUse);
+        assert!(first.published_set_may_sign());
+        assert!(!ProofTrust::of(Some(SA)).published_set_may_sign());
+        let mut p = proof(now);
+        p["sub"] = json!("system:serviceaccount:team-a:publisher");
+        assert_eq!(
+            check_proof_claims(&p, ISS, first, now).unwrap(),
+            "system:serviceaccount:team-a:publisher"
+        );
+        for sub in [
+            "admin",
+            "system:serviceaccount:",
+            "system:serviceaccount:ns",
+            "system:serviceaccount:NS:x",
+            "system:serviceaccount:ns:",
+            "system:node:n1",
+        ] {
+            p["sub"] = json!(sub);
+            rejected(check_proof_claims(&p, ISS, first, now), "service account");
+        }
+        assert!(is_service_account_subject(SA));
+        // the publisher after a publish
+        let proven = PublishCaller::Kubelet {
+            proven: "system:serviceaccount:a:b",
+        };
+        assert_eq!(
+            next_publisher(None, proven).as_deref(),
+            Some("system:serviceaccount:a:b")
+        );
+        assert_eq!(next_publisher(Some(SA), proven).as_deref(), Some(SA));
+        let keep = PublishCaller::Writer { reset: false };
+        assert_eq!(next_publisher(Some(SA), keep).as_deref(), Some(SA));
+        assert_eq!(next_publisher(None, keep), None);
+        assert_eq!(
+            next_publisher(Some(SA), PublishCaller::Writer { reset: true }),
+            None
+        );
+    }
+
+    #[test]
+    fn publish_options_are_typed() {
+        assert_eq!(
+            publish_options(&json!({"keys": []})).unwrap(),
+            PublishOptions::default()
+        );
+        assert_eq!(
+            publish_options(&json!({"proof": "a.b.c", "resetPublisher": true})).unwrap(),
+            PublishOptions {
+                proof: Some("a.b.c".into()),
+                reset_publisher: true
+            }
+        );
+        assert_eq!(
+            publish_options(&json!({"proof": null, "resetPublisher": null})).unwrap(),
+            PublishOptions::default()
+        );
+        for (body, target) in [
+            (json!({"proof": 1}), "proof"),
+            (json!({"proof": {"jwt": "x"}}), "proof"),
+            (json!({"resetPublisher": "true"}), "resetPublisher"),
+        ] {
+            let e = publish_options(&body).unwrap_err();
+            assert_eq!(
+                (e.kind, e.target.as_deref()),
+                (AksErrorKind::InvalidParameter, Some(target))
+            );
+        }
+        let e = proof_missing(false);
+        assert_eq!(
+            (e.kind, e.target.as_deref()),
+            (AksErrorKind::InvalidParameter, Some("proof"))
+        );
+        assert_eq!(
+            proof_audience(ISS),
+            "https://k.example/oidc/1234/publishServiceAccountKeys"
+        );
     }
 }

@@ -11,6 +11,17 @@
 //!   `issuer` (`/.well-known/openid-configuration`) with the `issuerURL` Keyless answered and
 //!   reports a mismatch (log, [`metric::ISSUER_MISMATCH`], the readiness check): tokens of such
 //!   an API server never exchange.
+//!
+//!   **The proof.** Each publish carries `"proof"`: a token the API server minted (TokenRequest)
+//!   for the add-on's own service account, audience `{issuer}publishServiceAccountKeys` (the
+//!   issuer of the API server's discovery document). Keyless checks it against the key set it
+//!   already stores (on the first publish, against the set being published), so a node's
+//!   kubelet identity alone cannot publish a key of its own. The loop keeps a proof minted while
+//!   the API server's keys equal the set last published, minting it again when older than
+//!   [`defaults::PROOF_REMINT`] — only while they are equal —, and publishes a changed set (a
+//!   rotation that switched the signing key at once) with the proof it kept, which a published
+//!   key signed. A refused proof (403 `PublishProofRejected`, 400 about `proof`) is logged,
+//!   counted (`result="proof_rejected"`) and retried after the back-off.
 //! - **Readiness.** Pods (all namespaces) whose `spec.readinessGates` name
 //!   [`CONDITION_TYPE`] are checked against `checkWorkloadIdentity` — client id from their
 //!   service account's `azure.workload.identity/client-id` annotation, subject
@@ -29,8 +40,9 @@ use crate::arm::{Arm, ArmConfig, ArmError};
 use crate::lease::{self, LeaseConfig};
 use crate::reflect::reflect;
 use futures::StreamExt;
+use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Pod, PodCondition, ServiceAccount};
-use kube::api::{Api, GetParams, Patch, PatchParams};
+use kube::api::{Api, GetParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -75,13 +87,24 @@ pub mod defaults {
     pub const AUDIENCE: &str = keyless_core::workload_identity::DEFAULT_AUDIENCE;
     /// The containerservice api-version of the calls (the add-on's).
     pub const API_VERSION: &str = crate::addon::defaults::API_VERSION;
+    /// The add-on's own service account, whose TokenRequest token is the publish proof.
+    pub const SERVICE_ACCOUNT_NAME: &str = "keyless-pod-identity-addon";
+    pub const SERVICE_ACCOUNT_NAMESPACE: &str = "kube-system";
+    /// The proof's audience is the issuer URL followed by this.
+    pub const PROOF_AUDIENCE_SUFFIX: &str = "publishServiceAccountKeys";
+    /// `expirationSeconds` of the proof's TokenRequest.
+    pub const PROOF_SECONDS: i64 = 3600;
+    /// A kept proof is minted again when older than this (only while the API server's keys
+    /// equal the set last published).
+    pub const PROOF_REMINT: Duration = Duration::from_secs(600);
 }
 
 /// The metric names of the loops (labels are bounded sets).
 pub mod metric {
     /// Counter: JWKS passes that reached Keyless or found nothing to do. Label `result`:
     /// `changed` (Keyless stored a new key set), `unchanged` (published, Keyless already had
-    /// it), `not_enabled` (the cluster's issuer is off), `error`.
+    /// it), `not_enabled` (the cluster's issuer is off), `proof_rejected` (Keyless refused the
+    /// proof of the API server: 403 `PublishProofRejected` or 400 about `proof`), `error`.
     pub const JWKS_PUBLISHES: &str = "keyless_wi_jwks_publishes_total";
     /// Gauge: keys in the key set last published.
     pub const JWKS_KEYS: &str = "keyless_wi_jwks_keys";
@@ -112,6 +135,10 @@ pub struct WiConfig {
     pub ready_every: Duration,
     /// The audience of the pods' projected tokens.
     pub audience: String,
+    /// The add-on's own service account (namespace, name): its TokenRequest token proves a
+    /// publish came through the API server.
+    pub service_account_namespace: String,
+    pub service_account_name: String,
 }
 
 impl WiConfig {
@@ -130,6 +157,8 @@ impl WiConfig {
             not_ready_every: defaults::NOT_READY_EVERY,
             ready_every: defaults::READY_EVERY,
             audience: defaults::AUDIENCE.into(),
+            service_account_namespace: defaults::SERVICE_ACCOUNT_NAMESPACE.into(),
+            service_account_name: defaults::SERVICE_ACCOUNT_NAME.into(),
         }
     }
 }
@@ -147,6 +176,12 @@ pub enum WiError {
     /// Condition writes of this pass that failed.
     #[error("{}", .0.join("; "))]
     Writes(Vec<String>),
+    /// The publish proof could not be minted (TokenRequest).
+    #[error("minting the publish proof: {0}")]
+    Proof(String),
+    /// Keyless refused the publish proof.
+    #[error("Keyless refused the proof of the API server: {0}")]
+    ProofRejected(String),
 }
 
 // ------------------------------------------------------------------ status (readiness)
@@ -400,6 +435,69 @@ fn due_at(at: Instant, ready: bool, cfg: &WiConfig) -> Instant {
     }
 }
 
+/// The audience of the publish proof: the issuer URL (with its trailing slash) followed by
+/// `publishServiceAccountKeys`.
+pub fn proof_audience(issuer: &str) -> String {
+    format!("{issuer}{}", defaults::PROOF_AUDIENCE_SUFFIX)
+}
+
+/// The `kid` of a JWT's header, if it has one.
+pub fn token_kid(jwt: &str) -> Option<String> {
+    use base64::Engine;
+    let head = jwt.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head.trim_end_matches('='))
+        .ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("kid").and_then(Value::as_str).map(str::to_string)
+}
+
+/// Whether a token whose header names `kid` may be kept as the proof for the published `keys`:
+/// a key of theirs signed it (a token without a `kid` is taken as theirs).
+pub fn signed_by_one_of(kid: Option<&str>, keys: &[Value]) -> bool {
+    kid.is_none_or(|kid| keys.iter().any(|k| k["kid"].as_str() == Some(kid)))
+}
+
+/// Whether Keyless refused the publish for its proof: 403 `PublishProofRejected`, or a 400
+/// about `proof` (missing or malformed).
+pub fn proof_refused(e: &ArmError) -> bool {
+    match e {
+        ArmError::Refused {
+            status,
+            code,
+            message,
+            ..
+        } => {
+            code == "PublishProofRejected"
+                || (*status == 400
+                    && code != "OIDCIssuerNotEnabled"
+                    && message.to_ascii_lowercase().contains("proof"))
+        }
+        _ => false,
+    }
+}
+
+/// A proof the API server minted for the add-on's service account.
+#[derive(Debug, Clone)]
+struct Proof {
+    token: String,
+    audience: String,
+    minted: Instant,
+}
+
+impl Proof {
+    /// Still worth sending: minted less than its lifetime (less a minute) ago.
+    fn usable(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.minted)
+            < Duration::from_secs(defaults::PROOF_SECONDS as u64 - 60)
+    }
+
+    /// Due to be minted again (only asked while the API server's keys equal the published set).
+    fn stale(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.minted) >= defaults::PROOF_REMINT
+    }
+}
+
 // ------------------------------------------------------------------ IO
 
 /// The loops' calls to Keyless.
@@ -445,6 +543,36 @@ pub async fn api_server_issuer(client: &kube::Client) -> Result<String, WiError>
         .ok_or_else(|| WiError::Invalid("the API server's discovery document has no issuer".into()))
 }
 
+/// A TokenRequest token of the service account `ns/name` for `audience` (the publish proof).
+pub async fn mint_proof(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    audience: &str,
+) -> Result<String, WiError> {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let req: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {"audiences": [audience], "expirationSeconds": defaults::PROOF_SECONDS},
+    }))
+    .map_err(|e| WiError::Proof(e.to_string()))?;
+    let tr = api
+        .create_token_request(name, &PostParams::default(), &req)
+        .await
+        .map_err(|e| {
+            WiError::Proof(format!("TokenRequest for service account {ns}/{name}: {e}"))
+        })?;
+    tr.status
+        .and_then(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            WiError::Proof(format!(
+                "TokenRequest for service account {ns}/{name} answered no token"
+            ))
+        })
+}
+
 /// What a JWKS pass did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Published {
@@ -461,9 +589,56 @@ struct Jwks {
     last: Option<(Vec<Value>, Instant)>,
     issuer_url: Option<String>,
     mismatch: Option<String>,
+    /// The proof minted while the API server's keys equalled `last` (a published key signed it).
+    proof: Option<Proof>,
+    /// The add-on's service account (namespace, name).
+    service_account: (String, String),
 }
 
 impl Jwks {
+    fn new(cfg: &WiConfig) -> Jwks {
+        Jwks {
+            last: None,
+            issuer_url: None,
+            mismatch: None,
+            proof: None,
+            service_account: (
+                cfg.service_account_namespace.clone(),
+                cfg.service_account_name.clone(),
+            ),
+        }
+    }
+
+    /// The API server's discovery `issuer`, read at most once a pass (`seen`).
+    async fn api_issuer(
+        client: &kube::Client,
+        seen: &mut Option<String>,
+    ) -> Result<String, WiError> {
+        if let Some(i) = seen {
+            return Ok(i.clone());
+        }
+        let i = api_server_issuer(client).await?;
+        *seen = Some(i.clone());
+        Ok(i)
+    }
+
+    /// A proof minted now (audience from the API server's issuer).
+    async fn mint(
+        &self,
+        client: &kube::Client,
+        seen: &mut Option<String>,
+    ) -> Result<Proof, WiError> {
+        let issuer = Self::api_issuer(client, seen).await?;
+        let audience = proof_audience(&issuer);
+        let (ns, name) = &self.service_account;
+        let token = mint_proof(client, ns, name, &audience).await?;
+        Ok(Proof {
+            token,
+            audience,
+            minted: Instant::now(),
+        })
+    }
+
     async fn pass(
         &mut self,
         client: &kube::Client,
@@ -471,18 +646,38 @@ impl Jwks {
         status: &WiStatus,
     ) -> Result<Published, WiError> {
         let keys = api_server_keys(client).await?;
-        let same = self
-            .last
-            .as_ref()
-            .is_some_and(|(k, at)| *k == keys && at.elapsed() < defaults::REPUBLISH_EVERY);
+        let equal = self.last.as_ref().is_some_and(|(k, _)| *k == keys);
+        let same = equal
+            && self
+                .last
+                .as_ref()
+                .is_some_and(|(_, at)| at.elapsed() < defaults::REPUBLISH_EVERY);
+        let mut seen_issuer: Option<String> = None;
         let outcome = if same {
             Published::Same
         } else {
+            // the proof: the one kept (a published key signed it: what a rotation that switched
+            // the signing key at once needs), else one minted now (the first publish, trusted on
+            // first use; or the set is the published one)
+            let kept = self.proof.clone().filter(|p| p.usable(Instant::now()));
+            let (proof, fresh) = match kept {
+                Some(p) => (p, false),
+                None => (self.mint(client, &mut seen_issuer).await?, true),
+            };
             match keyless
-                .post("publishServiceAccountKeys", &json!({"keys": keys}))
+                .post(
+                    "publishServiceAccountKeys",
+                    &json!({"keys": keys, "proof": proof.token}),
+                )
                 .await
             {
                 Ok(ans) => {
+                    if fresh && signed_by_one_of(token_kid(&proof.token).as_deref(), &keys) {
+                        self.proof = Some(proof);
+                    } else if !equal {
+                        // signed by a key of the set before: minted again against this one
+                        self.proof = None;
+                    }
                     let changed = ans["changed"].as_bool().unwrap_or(true);
                     self.issuer_url = ans["issuerURL"].as_str().map(str::to_string);
                     if changed {
@@ -498,7 +693,7 @@ impl Jwks {
                         s.issuer_url = self.issuer_url.clone();
                         s.published_keys = keys.len();
                     });
-                    self.last = Some((keys, Instant::now()));
+                    self.last = Some((keys.clone(), Instant::now()));
                     Published::Posted { changed }
                 }
                 Err(e) if e.code() == Some("OIDCIssuerNotEnabled") => {
@@ -514,15 +709,47 @@ impl Jwks {
                     });
                     self.issuer_url = None;
                     self.mismatch = None;
+                    if fresh {
+                        // kept for the first publish (not minted again every pass while idle)
+                        self.proof = Some(proof);
+                    }
                     metrics::gauge!(metric::ISSUER_MISMATCH).set(0.0);
                     return Ok(Published::NotEnabled);
+                }
+                Err(e) if proof_refused(&e) => {
+                    // not kept: the next pass mints one (which succeeds after an administrator
+                    // reset the recorded publisher or published the keys)
+                    self.proof = None;
+                    let (ns, name) = &self.service_account;
+                    return Err(WiError::ProofRejected(format!(
+                        "{} (the proof: a token of service account {ns}/{name} for audience {}, {} minted {}s ago; \
+                         a key set Keyless stores must have signed it and its issuer must be the cluster's — \
+                         after a signing-key change with no such proof kept, a principal with \
+                         managedClusters/write must publish the keys or reset the publisher)",
+                        e.message(),
+                        proof.audience,
+                        if fresh { "newly" } else { "kept,"},
+                        proof.minted.elapsed().as_secs(),
+                    )));
                 }
                 Err(e) => return Err(e.into()),
             }
         };
+        // the kept proof: minted again, only while the API server's keys are the published ones
+        let equal_now = self.last.as_ref().is_some_and(|(k, _)| *k == keys);
+        if equal_now && self.proof.as_ref().is_none_or(|p| p.stale(Instant::now())) {
+            let p = self.mint(client, &mut seen_issuer).await?;
+            if signed_by_one_of(token_kid(&p.token).as_deref(), &keys) {
+                tracing::debug!(audience = %p.audience, "minted the publish proof");
+                self.proof = Some(p);
+            } else {
+                // the signing key changed since the keys were read: the next pass publishes
+                tracing::info!("the API server's signing key changed while minting the publish proof: not kept");
+            }
+        }
         if let Some(ours) = self.issuer_url.clone() {
             // a discovery document the add-on may not read is not a failed pass
-            match api_server_issuer(client).await {
+            match Self::api_issuer(client, &mut seen_issuer).await {
                 Ok(theirs) => {
                     let mismatch = (theirs != ours).then_some(theirs);
                     if mismatch != self.mismatch {
@@ -817,11 +1044,7 @@ async fn jwks_loop(
     status: &WiStatus,
     mut lead: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut jwks = Jwks {
-        last: None,
-        issuer_url: None,
-        mismatch: None,
-    };
+    let mut jwks = Jwks::new(cfg);
     let mut backoff = Backoff::new();
     loop {
         if !*lead.borrow_and_update() {
@@ -837,6 +1060,7 @@ async fn jwks_loop(
             Ok(Published::Same) | Ok(Published::Posted { changed: false }) => "unchanged",
             Ok(Published::Posted { changed: true }) => "changed",
             Ok(Published::NotEnabled) => "not_enabled",
+            Err(WiError::ProofRejected(_)) => "proof_rejected",
             Err(_) => "error",
         };
         metrics::counter!(metric::JWKS_PUBLISHES, "result" => label).increment(1);
@@ -845,6 +1069,12 @@ async fn jwks_loop(
                 backoff.ok();
                 status.update(|s| s.jwks = Some(Ok(())));
                 cfg.jwks_interval
+            }
+            Err(e @ WiError::ProofRejected(_)) => {
+                let wait = backoff.failed();
+                tracing::error!(error = %e, retry_in = ?wait, "Keyless refused to publish the API server's keys: the proof did not verify");
+                status.update(|s| s.jwks = Some(Err(e.to_string())));
+                wait
             }
             Err(e) => {
                 let wait = backoff.failed();
@@ -1152,6 +1382,62 @@ mod tests {
         s.update(|x| x.issuer_mismatch = None);
         s.update(|x| x.jwks = Some(Err("boom".into())));
         assert!(s.check().unwrap_err().contains("boom"));
+    }
+
+    #[test]
+    fn the_proof_names_the_issuer_and_a_published_key() {
+        use base64::Engine;
+        assert_eq!(
+            proof_audience("https://k/oidc/1/"),
+            "https://k/oidc/1/publishServiceAccountKeys"
+        );
+        let b64 = |v: Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
+        };
+        let jwt = format!(
+            "{}.{}.sig",
+            b64(json!({"alg": "RS256", "kid": "k1"})),
+            b64(json!({"sub": "x"}))
+        );
+        assert_eq!(token_kid(&jwt).as_deref(), Some("k1"));
+        assert_eq!(token_kid("not a jwt"), None);
+        let keys = vec![json!({"kid": "k0"}), json!({"kid": "k1"})];
+        assert!(signed_by_one_of(Some("k1"), &keys));
+        assert!(!signed_by_one_of(Some("k2"), &keys));
+        assert!(signed_by_one_of(None, &keys));
+        let refused = |status: u16, code: &str, message: &str| ArmError::Refused {
+            url: "u".into(),
+            status,
+            code: code.into(),
+            message: message.into(),
+        };
+        assert!(proof_refused(&refused(403, "PublishProofRejected", "no")));
+        assert!(proof_refused(&refused(
+            400,
+            "InvalidParameter",
+            "The proof is missing."
+        )));
+        assert!(!proof_refused(&refused(
+            400,
+            "InvalidParameter",
+            "key 0 has no kid"
+        )));
+        assert!(!proof_refused(&refused(403, "AuthorizationFailed", "no")));
+        assert!(!proof_refused(&refused(
+            400,
+            "OIDCIssuerNotEnabled",
+            "proof"
+        )));
+        let t = Instant::now();
+        let p = Proof {
+            token: jwt,
+            audience: "a".into(),
+            minted: t,
+        };
+        assert!(p.usable(t) && !p.stale(t));
+        assert!(p.stale(t + defaults::PROOF_REMINT));
+        assert!(p.usable(t + defaults::PROOF_REMINT));
+        assert!(!p.usable(t + Duration::from_secs(defaults::PROOF_SECONDS as u64)));
     }
 
     #[test]

@@ -507,6 +507,9 @@ impl ServerError {
                 AksErrorKind::OidcIssuerNotEnabled => {
                     (StatusCode::BAD_REQUEST, "OIDCIssuerNotEnabled")
                 }
+                AksErrorKind::PublishProofRejected => {
+                    (StatusCode::FORBIDDEN, "PublishProofRejected")
+                }
             },
             Store(StoreError::Unavailable(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")

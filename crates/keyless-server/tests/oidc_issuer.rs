@@ -237,6 +237,30 @@ fn sa_token(key: &keyless_pki::SigningKey, iss: &str, sub: &str, aud: &str, now:
     format!("{input}.{}", b64url(&sig))
 }
 
+/// The add-on's service account, as its proof's `sub`.
+const ADDON_SA: &str = "system:serviceaccount:kube-system:keyless-pod-identity-addon";
+
+/// A compact JWT of `claims` signed by `key` (RS256, its `kid` in the header).
+fn signed(key: &keyless_pki::SigningKey, claims: &Value) -> String {
+    let header = json!({"alg": "RS256", "kid": key.kid(), "typ": "JWT"});
+    let input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let sig = key.sign(input.as_bytes()).unwrap();
+    format!("{input}.{}", b64url(&sig))
+}
+
+/// The claims of a publish proof as the API server mints them (TokenRequest) for `sub`:
+/// issuer the cluster's, audience `{issuerURL}publishServiceAccountKeys`, an hour.
+fn proof_claims(url: &str, sub: &str, now: u64) -> Value {
+    json!({"iss": url, "sub": sub, "aud": [format!("{url}publishServiceAccountKeys")],
+           "iat": now, "nbf": now, "exp": now + 3600,
+           "kubernetes.io": {"namespace": "kube-system",
+                             "serviceaccount": {"name": "keyless-pod-identity-addon"}}})
+}
+
 /// Exchange `assertion` for a token of the identity `client_id` at the v2 endpoint.
 async fn exchange(srv: &Srv, client_id: &str, assertion: &str) -> harness::Resp {
     srv.send(
@@ -441,13 +465,16 @@ async fn the_issuer_is_enabled_on_the_cluster_and_serves_what_the_add_on_publish
         json!({"issuerURL": url, "keys": 1, "changed": false})
     );
 
-    // the kubelet identity (the add-on on a node) may publish without any role
+    // the kubelet identity (the add-on on a node) may publish without any role, with a proof
+    // of the API server (a token signed by a published key)
     let kubelet = c["properties"]["identityProfile"]["kubeletidentity"].clone();
     let kt = kubelet_token(&srv, &adm, "c1", &s(&kubelet["clientId"])).await;
     assert_eq!(claims(&kt)["oid"], kubelet["objectId"]);
     let (_, jwk2) = sa_key(srv.s.now());
     let set2 = json!({"keys": [jwk.clone(), jwk2]});
-    let r = publish(&srv, &kt, "c1", &set2).await;
+    let mut with_proof = set2.clone();
+    with_proof["proof"] = json!(signed(&sk, &proof_claims(&url, ADDON_SA, srv.s.now())));
+    let r = publish(&srv, &kt, "c1", &with_proof).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(
         r.body,
@@ -984,4 +1011,217 @@ async fn a_key_removed_on_another_replica_stops_verifying_here() {
     assert_eq!(resp.status().as_u16(), 204);
     let r = exchange_until_refused(&srv, &client_id, &t2).await;
     sts_error(&r, 400, "invalid_request", 50166);
+}
+
+// ------------------------------------------------------------------ P: proof of the API server
+
+/// `{"keys": [..], "proof": <proof>}`.
+fn with_proof(keys: &[&Value], proof: &str) -> Value {
+    json!({"keys": keys, "proof": proof})
+}
+
+fn proof_rejected(r: &harness::Resp, says: &str) {
+    arm_error(r, 403, "PublishProofRejected");
+    assert_eq!(r.body["error"]["target"], "proof", "{}", r.text);
+    let m = s(&r.body["error"]["message"]);
+    assert!(m.contains(says), "{m} lacks {says}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_publish_proves_the_api_server_with_a_key_already_published() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    put_group(&srv, &adm, "rg1").await;
+    let (c, url) = cluster_with_issuer(&srv, &adm, "c1").await;
+    let id = issuer_id(&srv, &url);
+    let kubelet = c["properties"]["identityProfile"]["kubeletidentity"].clone();
+    let kt = kubelet_token(&srv, &adm, "c1", &s(&kubelet["clientId"])).await;
+    let client_id = federated_identity(&srv, &adm, "web", &url).await;
+    let now = srv.s.now();
+    let (k1, jwk1) = sa_key(now);
+    let (k2, jwk2) = sa_key(now);
+    let (k_stranger, _) = sa_key(now);
+
+    // no proof, or no JWT: 400 InvalidParameter on `proof`
+    for body in [
+        json!({"keys": [jwk1.clone()]}),
+        json!({"keys": [jwk1.clone()], "proof": null}),
+        json!({"keys": [jwk1.clone()], "proof": "not-a-jwt"}),
+        json!({"keys": [jwk1.clone()], "proof": 7}),
+    ] {
+        let r = publish(&srv, &kt, "c1", &body).await;
+        arm_error(&r, 400, "InvalidParameter");
+        assert_eq!(r.body["error"]["target"], "proof", "{}", r.text);
+    }
+
+    // the first publish (nothing stored): a proof signed by a key of neither set, or naming
+    // no service account, is refused
+    let p = signed(&k_stranger, &proof_claims(&url, ADDON_SA, now));
+    proof_rejected(
+        &publish(&srv, &kt, "c1", &with_proof(&[&jwk1], &p)).await,
+        "signature",
+    );
+    let p = signed(&k1, &proof_claims(&url, "system:node:n1", now));
+    proof_rejected(
+        &publish(&srv, &kt, "c1", &with_proof(&[&jwk1], &p)).await,
+        "service account",
+    );
+    assert_eq!(jwks(&srv, &id).await.body, json!({"keys": []}));
+    // … a self-consistent one is trusted on first use, and its subject is the publisher
+    let p1 = signed(&k1, &proof_claims(&url, ADDON_SA, now));
+    let r = publish(&srv, &kt, "c1", &with_proof(&[&jwk1], &p1)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.body,
+        json!({"issuerURL": url, "keys": 1, "changed": true})
+    );
+    assert_eq!(jwks(&srv, &id).await.body, json!({"keys": [jwk1.clone()]}));
+    // the same set again: nothing checked but the caller
+    let r = publish(&srv, &kt, "c1", &json!({"keys": [jwk1.clone()]})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["changed"], false, "{}", r.text);
+
+    // a rotation proven by the key being published only (anyone's key): refused
+    let p = signed(&k2, &proof_claims(&url, ADDON_SA, now));
+    proof_rejected(
+        &publish(&srv, &kt, "c1", &with_proof(&[&jwk2], &p)).await,
+        "never signs",
+    );
+    // a proof that names the stored key's kid but is signed by another
+    let forged = {
+        let t = signed(&k2, &proof_claims(&url, ADDON_SA, now));
+        let parts: Vec<&str> = t.split('.').collect();
+        let header = b64url(
+            json!({"alg": "RS256", "kid": k1.kid(), "typ": "JWT"})
+                .to_string()
+                .as_bytes(),
+        );
+        let input = format!("{header}.{}", parts[1]);
+        format!("{input}.{}", b64url(&k2.sign(input.as_bytes()).unwrap()))
+    };
+    proof_rejected(
+        &publish(&srv, &kt, "c1", &with_proof(&[&jwk2], &forged)).await,
+        "signature",
+    );
+    // signed by the stored key, but another subject, audience, issuer or time
+    let mut wrong: Vec<(Value, &str)> = vec![];
+    wrong.push((
+        proof_claims(&url, "system:serviceaccount:kube-system:other", now),
+        "publisher",
+    ));
+    let mut v = proof_claims(&url, ADDON_SA, now);
+    v["aud"] = json!([EXCHANGE_AUDIENCE]);
+    wrong.push((v, "audience"));
+    let mut v = proof_claims(&url, ADDON_SA, now);
+    v["aud"] = json!(["publishServiceAccountKeys"]);
+    wrong.push((v, "audience"));
+    let mut v = proof_claims(&url, ADDON_SA, now);
+    v["iss"] = json!(url.trim_end_matches('/'));
+    wrong.push((v, "issuer"));
+    let mut v = proof_claims(&url, ADDON_SA, now - 7200);
+    v["exp"] = json!(now - 3600);
+    wrong.push((v, "expired"));
+    let mut v = proof_claims(&url, ADDON_SA, now);
+    v["nbf"] = json!(now + 3600);
+    wrong.push((v, "nbf"));
+    for (claims, says) in wrong {
+        let p = signed(&k1, &claims);
+        proof_rejected(
+            &publish(&srv, &kt, "c1", &with_proof(&[&jwk2], &p)).await,
+            says,
+        );
+    }
+    assert_eq!(jwks(&srv, &id).await.body, json!({"keys": [jwk1.clone()]}));
+
+    // the rotation proven by the stored key (the proof the add-on kept): served at once, and
+    // the new key's tokens exchange, the old one's no longer
+    let r = publish(&srv, &kt, "c1", &with_proof(&[&jwk2], &p1)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["changed"], true, "{}", r.text);
+    assert_eq!(jwks(&srv, &id).await.body, json!({"keys": [jwk2.clone()]}));
+    let r = exchange(
+        &srv,
+        &client_id,
+        &sa_token(&k2, &url, SUBJECT, EXCHANGE_AUDIENCE, now),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = exchange(
+        &srv,
+        &client_id,
+        &sa_token(&k1, &url, SUBJECT, EXCHANGE_AUDIENCE, now),
+    )
+    .await;
+    sts_error(&r, 401, "invalid_client", 700027);
+    // k1 is no longer stored: its proof proves nothing now
+    let (_k3, jwk3) = sa_key(now);
+    proof_rejected(
+        &publish(&srv, &kt, "c1", &with_proof(&[&jwk3], &p1)).await,
+        "signature",
+    );
+
+    // the admin (managedClusters/write through RBAC) publishes without a proof and keeps the
+    // publisher: another subject is still refused, the recorded one is not
+    let r = publish(
+        &srv,
+        &adm.token,
+        "c1",
+        &json!({"keys": [jwk1.clone(), jwk2.clone()]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["changed"], true, "{}", r.text);
+    let other_sa = "system:serviceaccount:kube-system:new-addon";
+    let p_other = signed(&k2, &proof_claims(&url, other_sa, now));
+    proof_rejected(
+        &publish(&srv, &kt, "c1", &with_proof(&[&jwk2], &p_other)).await,
+        "publisher",
+    );
+    // the kubelet identity may not reset the publisher
+    let mut body = with_proof(&[&jwk2], &p_other);
+    body["resetPublisher"] = json!(true);
+    arm_forbidden(
+        &publish(&srv, &kt, "c1", &body).await,
+        &s(&kubelet["objectId"]),
+    );
+    let r = publish(
+        &srv,
+        &adm.token,
+        "c1",
+        &json!({"keys": [jwk1.clone()], "resetPublisher": "yes"}),
+    )
+    .await;
+    arm_error(&r, 400, "InvalidParameter");
+    assert_eq!(r.body["error"]["target"], "resetPublisher", "{}", r.text);
+    // the admin resets it (the set unchanged): the next kubelet publish is a first use again,
+    // and its subject the new publisher
+    let r = publish(
+        &srv,
+        &adm.token,
+        "c1",
+        &json!({"keys": [jwk1.clone(), jwk2.clone()], "resetPublisher": true}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["changed"], false, "{}", r.text);
+    let (k4, jwk4) = sa_key(now);
+    // keys are published: even a first use is proven by one of them, never by the new set alone
+    let p4 = signed(&k4, &proof_claims(&url, other_sa, now));
+    proof_rejected(
+        &publish(&srv, &kt, "c1", &with_proof(&[&jwk4], &p4)).await,
+        "signature",
+    );
+    let p2 = signed(&k2, &proof_claims(&url, other_sa, now));
+    let r = publish(&srv, &kt, "c1", &with_proof(&[&jwk4], &p2)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["changed"], true, "{}", r.text);
+    let p = signed(&k4, &proof_claims(&url, ADDON_SA, now));
+    proof_rejected(
+        &publish(&srv, &kt, "c1", &with_proof(&[&jwk3], &p)).await,
+        "publisher",
+    );
+    let p = signed(&k4, &proof_claims(&url, other_sa, now));
+    let r = publish(&srv, &kt, "c1", &with_proof(&[&jwk3], &p)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(jwks(&srv, &id).await.body, json!({"keys": [jwk3.clone()]}));
 }

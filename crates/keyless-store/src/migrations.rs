@@ -242,19 +242,21 @@ CREATE TABLE fic_patterns(identity_key TEXT COLLATE "C" NOT NULL, name_key TEXT 
     },
     // Cluster OIDC issuers (issue 15): an issuer id (the server's GUID, in the cluster's
     // `oidcIssuerProfile`) → its cluster and the service-account keys its add-on published
-    // (a JWKS `keys` array as JSON, NULL until the first publish); and each cluster's webhook
+    // (a JWKS `keys` array as JSON, NULL until the first publish) with the service account
+    // whose proof a kubelet-identity publish must carry (NULL: the next is trusted on first
+    // use); and each cluster's webhook
     // CA (certificate DER, PKCS#8 key sealed with the KEK, bound to `webhook_ca:{cluster_key}`).
     Migration {
         sqlite: r#"
 CREATE TABLE oidc_issuers(issuer_id TEXT PRIMARY KEY, cluster_key TEXT NOT NULL, jwks TEXT,
-    updated INTEGER NOT NULL);
+    updated INTEGER NOT NULL, publisher TEXT);
 CREATE INDEX oidc_issuers_cluster ON oidc_issuers(cluster_key);
 CREATE TABLE webhook_cas(cluster_key TEXT PRIMARY KEY, cert_der BLOB NOT NULL, sealed_key BLOB NOT NULL,
     created INTEGER NOT NULL);
 "#,
         postgres: r#"
 CREATE TABLE oidc_issuers(issuer_id TEXT COLLATE "C" PRIMARY KEY, cluster_key TEXT COLLATE "C" NOT NULL, jwks TEXT COLLATE "C",
-    updated BIGINT NOT NULL);
+    updated BIGINT NOT NULL, publisher TEXT COLLATE "C");
 CREATE INDEX oidc_issuers_cluster ON oidc_issuers(cluster_key);
 CREATE TABLE webhook_cas(cluster_key TEXT COLLATE "C" PRIMARY KEY, cert_der BYTEA NOT NULL, sealed_key BYTEA NOT NULL,
     created BIGINT NOT NULL);

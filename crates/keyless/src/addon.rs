@@ -63,6 +63,13 @@ pub struct AddonArgs {
     /// Audience of the pods' projected service-account tokens (the webhook's --audience).
     #[arg(long, default_value = wi_addon::defaults::AUDIENCE)]
     pub wi_audience: String,
+    /// The add-on's own service account: each publish of the API server's keys carries a token
+    /// the API server minted for it (TokenRequest; RBAC `create` on `serviceaccounts/token`).
+    #[arg(long, default_value = wi_addon::defaults::SERVICE_ACCOUNT_NAME)]
+    pub service_account_name: String,
+    /// Its namespace (env POD_NAMESPACE, the Downward API's, wins when set).
+    #[arg(long, default_value = wi_addon::defaults::SERVICE_ACCOUNT_NAMESPACE)]
+    pub service_account_namespace: String,
     /// Do not run the workload-identity loops (key publishing, readiness gate).
     #[arg(long)]
     pub no_workload_identity: bool,
@@ -135,6 +142,12 @@ pub async fn run(a: AddonArgs) -> Result<(), CliError> {
         w.not_ready_every = Duration::from_secs(a.readiness_poll.max(1));
         w.ready_every = Duration::from_secs(a.readiness_recheck.max(1));
         w.audience = a.wi_audience.clone();
+        w.service_account_name = a.service_account_name.clone();
+        w.service_account_namespace = std::env::var("POD_NAMESPACE")
+            .ok()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| a.service_account_namespace.clone());
         w
     });
     let wi_status = WiStatus::new();

@@ -3,8 +3,13 @@
 //! kube-apiserver started with the cluster's Keyless issuer URL as `--service-account-issuer`,
 //! and `keyless cluster-addon`:
 //!
-//! - the add-on publishes the API server's keys: the JWKS Keyless serves at the issuer equals
-//!   the API server's, and a TokenRequest token of the API server exchanges at Keyless;
+//! - the add-on publishes the API server's keys with the proof of the API server (a
+//!   TokenRequest token of its own service account `kube-system/keyless-pod-identity-addon`,
+//!   created here: there is no controller-manager): the JWKS Keyless serves at the issuer
+//!   equals the API server's, and a TokenRequest token of the API server exchanges at Keyless;
+//! - without its service account it cannot mint the proof and publishes nothing; an API server
+//!   whose issuer is not the cluster's has its proof refused (`proof_rejected`) until an
+//!   administrator publishes the keys, then the mismatch is reported;
 //! - a pod with the readiness gate whose service account has no matching credential gets the
 //!   condition False with the reason (`NoMatchingCredential`; `NoClientId` for a service
 //!   account without the annotation); after the federated credential is created it turns True;
@@ -251,6 +256,19 @@ async fn wi_check(ops: &str) -> (bool, String) {
     (c["ok"] == true, s(&c["message"]))
 }
 
+/// The add-on's own service account (what the publish proof is minted for).
+const ADDON_SA: &str = "keyless-pod-identity-addon";
+
+async fn addon_service_account(client: &kube::Client) {
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "kube-system");
+    sas.create(
+        &PostParams::default(),
+        &obj(json!({"metadata": {"name": ADDON_SA}})),
+    )
+    .await
+    .unwrap();
+}
+
 /// Namespace `app`, service accounts (name, client id), and pods (name, service account, gated).
 async fn workload(
     client: &kube::Client,
@@ -339,6 +357,29 @@ async fn publishes_the_api_server_keys_and_sets_the_readiness_gate() {
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "app");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
 
+    // without its service account the add-on cannot mint the proof: nothing is published
+    let addon = f.start_addon(&cp.kubeconfig(), dir.path());
+    let ops = ops_of(&addon);
+    let msg = wait_for("the proof cannot be minted", || async {
+        match wi_check(&ops).await {
+            (false, m) if m.contains("publish proof") => Ok(m),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(msg.contains(&format!("kube-system/{ADDON_SA}")), "{msg}");
+    let (st, v) = call(
+        c,
+        admin,
+        reqwest::Method::GET,
+        &format!("{issuer}openid/v1/jwks"),
+        None,
+    )
+    .await;
+    assert_eq!((st, v), (200, json!({"keys": []})), "nothing published yet");
+    drop(addon);
+
+    addon_service_account(&client).await;
     let addon = f.start_addon(&cp.kubeconfig(), dir.path());
     let ops = ops_of(&addon);
 
@@ -479,6 +520,14 @@ async fn publishes_the_api_server_keys_and_sets_the_readiness_gate() {
             "{name} {label}:\n{metrics}"
         );
     }
+    assert!(
+        !has_metric(
+            &metrics,
+            "keyless_wi_jwks_publishes_total",
+            "result=\"proof_rejected\""
+        ),
+        "{metrics}"
+    );
     let (ok, msg) = wi_check(&ops).await;
     assert!(ok, "{msg}");
     drop(addon);
@@ -511,6 +560,7 @@ async fn idles_while_the_issuer_is_off_and_reports_a_foreign_issuer() {
     )
     .await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
+    addon_service_account(&client).await;
     let addon = f.start_addon(&cp.kubeconfig(), dir.path());
     let ops = ops_of(&addon);
 
@@ -533,12 +583,47 @@ async fn idles_while_the_issuer_is_off_and_reports_a_foreign_issuer() {
     let (ok, msg) = wi_check(&ops).await;
     assert!(ok, "idle is not a failure: {msg}");
 
-    // the issuer enabled: published at the next pass (the API server's own keys)
+    // the issuer enabled: the API server's proof names its own issuer, not the cluster's, and
+    // is refused; nothing is published
     f.put_cluster(true).await;
     let issuer = f.issuer();
     assert!(!issuer.is_empty(), "{}", f.cluster);
-    let api_keys = raw(&client, "/openid/v1", "jwks").await["keys"].clone();
+    let msg = wait_for("the proof is refused", || async {
+        match wi_check(&ops).await {
+            (false, m) if m.contains("PublishProofRejected") || m.contains("proof is rejected") => {
+                Ok(m)
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(msg.contains(&api_issuer) && msg.contains(&issuer), "{msg}");
+    assert!(has_metric(
+        &metrics_of(&ops).await,
+        "keyless_wi_jwks_publishes_total",
+        "result=\"proof_rejected\""
+    ));
     let jwks_url = format!("{issuer}openid/v1/jwks");
+    let (st, v) = call(&f.c, &f.admin, reqwest::Method::GET, &jwks_url, None).await;
+    assert_eq!((st, v), (200, json!({"keys": []})), "nothing published");
+    wait_reason(&pods, "web-1", "NoKeysPublished").await;
+
+    // an administrator (managedClusters/write, no proof) publishes the API server's keys: the
+    // add-on's publish of the same set is then idempotent (no proof checked) and it learns the
+    // cluster's issuer URL
+    let api_keys = raw(&client, "/openid/v1", "jwks").await["keys"].clone();
+    let (st, v) = call(
+        &f.c,
+        &f.admin,
+        reqwest::Method::POST,
+        &format!(
+            "{}{}/publishServiceAccountKeys?{AKS_API}",
+            f.server.url, f.cluster_path
+        ),
+        Some(&json!({"keys": api_keys})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
     wait_for("Keyless serves the API server's keys", || async {
         let v: Value =
             f.c.get(&jwks_url)
@@ -558,12 +643,13 @@ async fn idles_while_the_issuer_is_off_and_reports_a_foreign_issuer() {
     // ... but the API server's issuer is not the cluster's: reported
     let msg = wait_for("the mismatch is reported", || async {
         match wi_check(&ops).await {
-            (false, m) if m.contains(&api_issuer) => Ok(m),
+            (false, m) if m.contains(&format!("the API server's issuer {api_issuer}")) => Ok(m),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
     assert!(msg.contains(&issuer), "{msg}");
+    assert!(!msg.contains("proof"), "published: {msg}");
     assert!(has_metric(
         &metrics_of(&ops).await,
         "keyless_wi_issuer_mismatch",
@@ -574,4 +660,178 @@ async fn idles_while_the_issuer_is_off_and_reports_a_foreign_issuer() {
     let (st, _, _) = wait_reason(&pods, "ghost-1", "IdentityNotFound").await;
     assert_eq!(st, "False");
     drop(addon);
+}
+
+/// A TCP relay on loopback to the port in `to` (changed at any time: new connections go there).
+async fn relay(
+    to: std::sync::Arc<std::sync::atomic::AtomicU16>,
+) -> (u16, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut a, _)) = l.accept().await {
+            let port = to.load(std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+/// A rotation that switches the API server's signing key at once (no overlap: the new API
+/// server's JWKS has only the new key): the add-on publishes the new set with the proof it kept,
+/// which the old (published) key signed, and the new key's tokens exchange.
+///
+/// The harness cannot restart one kube-apiserver with another key, so the rotation is a second
+/// control plane with the same issuer (its own signing key) that trusts the first one's client
+/// CA, behind a TCP relay the add-on's kubeconfig names; the relay moves to it and the first
+/// stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_key_rotation_is_published_with_the_kept_proof() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fixture::start(dir.path(), true).await;
+    let issuer = f.issuer();
+    let k1 = dir.path().join("k8s1");
+    let Some(cp1) = keyless_k8s::testing::ControlPlane::start(
+        &k1,
+        &format!("--service-account-issuer={issuer}"),
+    ) else {
+        return;
+    };
+    let cp2 = keyless_k8s::testing::ControlPlane::start(
+        &dir.path().join("k8s2"),
+        &format!(
+            "--service-account-issuer={issuer} --client-ca-file={}",
+            k1.join("ca.pem").display()
+        ),
+    )
+    .expect("the second control plane");
+    let (c1, c2) = (cp1.client().await, cp2.client().await);
+    for c in [&c1, &c2] {
+        addon_service_account(c).await;
+    }
+    let keys1 = raw(&c1, "/openid/v1", "jwks").await["keys"].clone();
+    let keys2 = raw(&c2, "/openid/v1", "jwks").await["keys"].clone();
+    assert_ne!(keys1, keys2, "two signing keys");
+
+    // the add-on's kubeconfig: the relay, both API servers' CAs, the first one's admin
+    // certificate (which the second trusts)
+    let port1: u16 = cp1.env["K8S_API_PORT"].parse().unwrap();
+    let port2: u16 = cp2.env["K8S_API_PORT"].parse().unwrap();
+    let to = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(port1));
+    let (relay_port, relay_task) = relay(to.clone()).await;
+    let b64 = |p: std::path::PathBuf| {
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap())
+    };
+    let mut cas = std::fs::read(k1.join("ca.pem")).unwrap();
+    cas.extend(std::fs::read(dir.path().join("k8s2").join("ca.pem")).unwrap());
+    let kubeconfig = dir.path().join("addon-kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        json!({
+            "apiVersion": "v1", "kind": "Config", "current-context": "relay",
+            "clusters": [{"name": "relay", "cluster": {
+                "server": format!("https://127.0.0.1:{relay_port}"),
+                "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(&cas)}}],
+            "users": [{"name": "admin", "user": {
+                "client-certificate-data": b64(k1.join("admin.pem")),
+                "client-key-data": b64(k1.join("admin-key.pem"))}}],
+            "contexts": [{"name": "relay", "context": {"cluster": "relay", "user": "admin"}}],
+        })
+        .to_string(),
+    )
+    .unwrap();
+
+    let addon = f.start_addon(&kubeconfig, dir.path());
+    let ops = ops_of(&addon);
+    let jwks_url = format!("{issuer}openid/v1/jwks");
+    let served = |want: Value| {
+        let (c, url) = (f.c.clone(), jwks_url.clone());
+        async move {
+            let v: Value = c
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            if v["keys"] == want {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        }
+    };
+    wait_for("Keyless serves the first key", || served(keys1.clone())).await;
+
+    // the rotation: the new API server, the old one gone
+    to.store(port2, std::sync::atomic::Ordering::SeqCst);
+    drop(cp1);
+    wait_for("Keyless serves the new key", || served(keys2.clone())).await;
+    let metrics = metrics_of(&ops).await;
+    assert!(
+        !has_metric(
+            &metrics,
+            "keyless_wi_jwks_publishes_total",
+            "result=\"proof_rejected\""
+        ),
+        "{metrics}"
+    );
+    assert!(has_metric(
+        &metrics,
+        "keyless_wi_jwks_publishes_total",
+        "result=\"changed\""
+    ));
+
+    // a token of the new key exchanges (the federated credential of an identity)
+    let app = f
+        .server
+        .cli(&["identity", "create", "-g", "wi", "-n", "app-id"]);
+    let app_cid = s(&app["properties"]["clientId"]);
+    let (st, v) = call(
+        &f.c,
+        &f.admin,
+        reqwest::Method::PUT,
+        &format!(
+            "{}{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/app-id/federatedIdentityCredentials/web?{MSI_API}",
+            f.server.url, f.rg
+        ),
+        Some(&json!({"properties": {"issuer": issuer, "subject": "system:serviceaccount:default:default", "audiences": [AUDIENCE]}})),
+    )
+    .await;
+    assert!(st == 200 || st == 201, "{st} {v}");
+    let sas: Api<ServiceAccount> = Api::namespaced(c2.clone(), "default");
+    let tr: TokenRequest = sas
+        .create_token_request(
+            "default",
+            &PostParams::default(),
+            &obj(json!({"spec": {"audiences": [AUDIENCE], "expirationSeconds": 3600}})),
+        )
+        .await
+        .unwrap();
+    let token = tr.status.unwrap().token.expect("a token");
+    let r =
+        f.c.post(format!("{}/{}/oauth2/v2.0/token", f.server.url, f.tenant))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", app_cid.as_str()),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", token.as_str()),
+                ("scope", "https://vault.azure.net/.default"),
+            ])
+            .send()
+            .await
+            .unwrap();
+    let st = r.status().as_u16();
+    assert_eq!(st, 200, "{}", r.text().await.unwrap_or_default());
+    drop(addon);
+    relay_task.abort();
 }

@@ -29,6 +29,7 @@ use crate::authz;
 use crate::error::{Result, ServerError};
 use crate::request::{parse_body, Caller};
 use crate::state::AppState;
+use crate::sts::federation;
 use crate::util::new_guid;
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -1174,6 +1175,16 @@ pub(crate) fn oidc_issuer_url(s: &AppState, c: &ClusterRecord) -> Option<String>
     aks::stored_issuer_id(&c.properties).map(|id| crate::oidc::issuer_url(s, id))
 }
 
+/// How a caller of the add-on's actions got in ([`authorize_addon_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AddonCaller {
+    /// It holds the action on the cluster through RBAC.
+    Rbac,
+    /// It is the cluster's kubelet identity (held by every node, and through a node's IMDS by
+    /// its pods), with no role that grants the action.
+    Kubelet,
+}
+
 /// 403 unless the caller is the cluster's kubelet identity or holds `action` on the cluster.
 /// The cluster is read only after RBAC said no, so a stranger learns nothing of it.
 pub(crate) async fn authorize_addon(
@@ -1183,9 +1194,21 @@ pub(crate) async fn authorize_addon(
     rid: &ResourceId,
     action: &str,
 ) -> Result<ClusterRecord> {
+    Ok(authorize_addon_as(s, tx, caller, rid, action).await?.0)
+}
+
+/// [`authorize_addon`], also telling how the caller got in: RBAC first (a kubelet identity
+/// that also holds the action is [`AddonCaller::Rbac`]), else as the kubelet identity.
+pub(crate) async fn authorize_addon_as(
+    s: &AppState,
+    tx: &mut Tx,
+    caller: &Caller,
+    rid: &ResourceId,
+    action: &str,
+) -> Result<(ClusterRecord, AddonCaller)> {
     let scope = rid.canonical();
     if authz::permitted(tx, &caller.object_id, action, &scope).await? {
-        return get_cluster(s, tx, rid).await;
+        return Ok((get_cluster(s, tx, rid).await?, AddonCaller::Rbac));
     }
     let denied = || ServerError::AuthorizationFailed {
         principal: caller.object_id.clone(),
@@ -1198,7 +1221,9 @@ pub(crate) async fn authorize_addon(
     };
     let kubelet = tx.get_identity(&c.kubelet_identity).await?;
     match kubelet {
-        Some(k) if k.principal_id.eq_ignore_ascii_case(&caller.object_id) => Ok(c),
+        Some(k) if k.principal_id.eq_ignore_ascii_case(&caller.object_id) => {
+            Ok((c, AddonCaller::Kubelet))
+        }
         _ => Err(denied()),
     }
 }
@@ -1252,6 +1277,18 @@ pub async fn report_pod_identity_status(
 /// `/openid/v1/jwks` as it is): the keys the cluster's issuer serves from now on, in the
 /// request's unit of work. Caller: the kubelet identity or `managedClusters/write`. Answers
 /// `{"issuerURL", "keys": <count>, "changed": <whether the stored set differed>}`.
+///
+/// The proof of the API server (contract P): every node holds the kubelet identity, so a
+/// publish by it that changes the set must carry `"proof"`, a service-account token the
+/// cluster's API server minted for the add-on's service account, audience
+/// `{issuerURL}publishServiceAccountKeys`, signed by a key of the set stored now (the issuer's
+/// row locked first: what the proof is checked against is what the publish replaces) and
+/// naming the recorded publisher; when none is recorded (the first publish, or after
+/// `resetPublisher`) a key of the set being published may sign it too and its subject becomes
+/// the publisher ([`aks::ProofTrust`]). A caller holding `managedClusters/write` through RBAC
+/// needs no proof; it keeps the publisher, or clears it with `"resetPublisher": true` (the
+/// kubelet identity may not: 403 `AuthorizationFailed`). An unchanged set answers
+/// `changed: false` whoever calls, without a proof.
 pub async fn publish_service_account_keys(
     s: &AppState,
     tx: &mut Tx,
@@ -1259,7 +1296,7 @@ pub async fn publish_service_account_keys(
     rid: &ResourceId,
     body: &[u8],
 ) -> Result<Response> {
-    let c = authorize_addon(s, tx, caller, rid, WRITE).await?;
+    let (c, via) = authorize_addon_as(s, tx, caller, rid, WRITE).await?;
     if body.len() > aks::MAX_PUBLISH_BODY {
         return Err(ServerError::RequestTooLarge(aks::MAX_PUBLISH_BODY));
     }
@@ -1269,20 +1306,95 @@ pub async fn publish_service_account_keys(
     };
     let b: Value = parse_body(body)?;
     let keys = aks::validate_published_keys(&b)?;
-    match tx.get_oidc_issuer(id).await? {
+    let opts = aks::publish_options(&b)?;
+    if opts.reset_publisher && via == AddonCaller::Kubelet {
+        return Err(ServerError::AuthorizationFailed {
+            principal: caller.object_id.clone(),
+            action: WRITE.to_string(),
+            scope: rid.canonical(),
+        });
+    }
+    // the row locked before it is read: the set a proof verifies against is the one replaced
+    let stored = match tx.lock_oidc_issuer(id).await? {
         // the id is another cluster's (never so through this server): nothing of it is ours
         Some(r) if r.cluster_key != c.key => {
             return Err(AksError::issuer_not_enabled(&c.name).into())
         }
-        Some(_) => {}
+        Some(r) => r,
         // an issuer enabled before its row was kept (never so through this server): kept now
-        None => tx.put_oidc_issuer(id, &c.key, s.now()).await?,
-    }
+        None => {
+            tx.put_oidc_issuer(id, &c.key, s.now()).await?;
+            tx.lock_oidc_issuer(id)
+                .await?
+                .ok_or(ServerError::Store(StoreError::NotFound))?
+        }
+    };
+    let unchanged = stored.keys.as_deref() == Some(&keys[..]);
+    let publisher = match via {
+        AddonCaller::Rbac => aks::next_publisher(
+            stored.publisher.as_deref(),
+            aks::PublishCaller::Writer {
+                reset: opts.reset_publisher,
+            },
+        ),
+        // idempotent: the set the add-on last published, again, needs nothing but the caller
+        AddonCaller::Kubelet if unchanged => stored.publisher.clone(),
+        AddonCaller::Kubelet => {
+            let proven = check_publish_proof(s, &url, &stored, &keys, opts.proof.as_deref())?;
+            aks::next_publisher(
+                stored.publisher.as_deref(),
+                aks::PublishCaller::Kubelet { proven: &proven },
+            )
+        }
+    };
     let changed = tx.set_oidc_issuer_keys(id, &keys, s.now()).await?;
+    if publisher != stored.publisher {
+        tx.set_oidc_issuer_publisher(id, publisher.as_deref())
+            .await?;
+    }
     if changed {
         crate::oidc::forget_cached_keys(s, &url);
     }
     Ok(Json(json!({"issuerURL": url, "keys": keys.len(), "changed": changed})).into_response())
+}
+
+/// The proof of a kubelet-identity publish of `published` to the issuer `url` whose row is
+/// `stored`: its signature by a key [`aks::ProofTrust`] allows (the stored set; on a first use
+/// with nothing published yet also the set being published), then its claims ([`aks::check_proof_claims`]). Returns its
+/// subject. 400 `InvalidParameter` (target `proof`) when it is missing or no JWT, 403
+/// `PublishProofRejected` when it does not verify.
+fn check_publish_proof(
+    s: &AppState,
+    url: &str,
+    stored: &keyless_store::OidcIssuerRecord,
+    published: &[Value],
+    proof: Option<&str>,
+) -> Result<String> {
+    let Some(proof) = proof else {
+        return Err(aks::proof_missing(false).into());
+    };
+    let d = keyless_core::claims::decode(proof.trim()).map_err(|_| aks::proof_missing(true))?;
+    let trust = aks::ProofTrust::of(stored.publisher.as_deref());
+    let stored_keys = stored.keys.as_deref().unwrap_or_default();
+    // trust on first use only while nothing is published: once keys are (an administrator's
+    // publish, or a reset publisher), a proof is signed by one of them
+    let self_signed_ok = trust.published_set_may_sign() && stored_keys.is_empty();
+    let signed = federation::signed_by_one_of(stored_keys, &d)
+        || (self_signed_ok && federation::signed_by_one_of(published, &d));
+    if !signed {
+        let by = if self_signed_ok {
+            "a key of the issuer's published set or of the set being published"
+        } else {
+            "a key of the issuer's published set (a key only of the set being published never signs a proof)"
+        };
+        return Err(AksError::proof_rejected(format!(
+            "The publish proof is rejected: its signature (key '{}', algorithm '{}') does not verify with {by}.",
+            d.header.kid.as_deref().unwrap_or_default(),
+            d.header.alg
+        ))
+        .into());
+    }
+    Ok(aks::check_proof_claims(&d.claims, url, trust, s.now())?)
 }
 
 /// The cluster's webhook CA: made on first use (ECDSA P-256, ten years), its key sealed in

@@ -168,8 +168,9 @@ fn b64(v: &Value) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// Verify `input`/`sig` with a JWK for `alg` (RS256 or ES256).
-fn verify_with(jwk: &Value, alg: &str, input: &[u8], sig: &[u8]) -> bool {
+/// Verify `input`/`sig` with a JWK for `alg` (RS256 or ES256). Also the check of a publish's
+/// proof of the API server (`arm::clusters`).
+pub(crate) fn verify_with(jwk: &Value, alg: &str, input: &[u8], sig: &[u8]) -> bool {
     match (alg, jwk["kty"].as_str()) {
         ("RS256", Some("RSA")) => match (b64(&jwk["n"]), b64(&jwk["e"])) {
             (Some(n), Some(e)) => {
@@ -190,6 +191,24 @@ fn verify_with(jwk: &Value, alg: &str, input: &[u8], sig: &[u8]) -> bool {
         },
         _ => false,
     }
+}
+
+/// The keys of `keys` a JWT whose header names `kid` may be signed by: those of that `kid`,
+/// or all of them when the header names none.
+pub(crate) fn pick_keys(keys: &[Value], kid: &str) -> Vec<Value> {
+    keys.iter()
+        .filter(|k| kid.is_empty() || k["kid"].as_str() == Some(kid))
+        .cloned()
+        .collect()
+}
+
+/// Whether a decoded JWT's signature verifies with one of `keys` ([`pick_keys`] by its `kid`,
+/// [`verify_with`] by its `alg`).
+pub(crate) fn signed_by_one_of(keys: &[Value], d: &claims::DecodedJwt<'_>) -> bool {
+    let kid = d.header.kid.as_deref().unwrap_or_default();
+    pick_keys(keys, kid)
+        .iter()
+        .any(|k| verify_with(k, &d.header.alg, d.signing_input.as_bytes(), &d.signature))
 }
 
 /// Who a client id is in the directory, as the token endpoint finds it.
@@ -322,12 +341,7 @@ pub async fn exchange(
     }
     let alg = d.header.alg.as_str();
     let kid = d.header.kid.clone().unwrap_or_default();
-    let pick = |keys: &[Value]| -> Vec<Value> {
-        keys.iter()
-            .filter(|k| kid.is_empty() || k["kid"].as_str() == Some(kid.as_str()))
-            .cloned()
-            .collect()
-    };
+    let pick = |keys: &[Value]| pick_keys(keys, &kid);
     let mut candidates = pick(&issuer_keys(s, &iss, false).await?);
     if candidates.is_empty() {
         // a key we have not seen: the issuer may have rotated

@@ -2,7 +2,10 @@
 //!
 //! `oidc_issuers`: an issuer id (a GUID the server made when the cluster's OIDC issuer was first
 //! enabled) → the cluster's key, and the service-account keys the cluster's add-on last
-//! published (the JWKS `keys` array, as JSON; NULL until the first publish). A row outlives
+//! published (the JWKS `keys` array, as JSON; NULL until the first publish), and the publisher:
+//! the service account (`system:serviceaccount:NS:NAME`) whose proof a publish by the kubelet
+//! identity must carry (NULL until a first such publish records it, or after an admin reset
+//! it). A row outlives
 //! nothing: the cluster's `oidcIssuerProfile` names its issuer id, and a reader checks that
 //! the cluster still names it.
 //!
@@ -21,6 +24,9 @@ pub struct OidcIssuerRecord {
     pub keys: Option<Vec<Value>>,
     /// When the row was made or its keys last changed (Unix seconds).
     pub updated: u64,
+    /// The service account whose proof a kubelet-identity publish must carry; `None` until a
+    /// first publish records it (or after an admin's `resetPublisher`).
+    pub publisher: Option<String>,
 }
 
 /// A cluster's webhook CA: certificate DER and PKCS#8 key DER (unsealed).
@@ -56,7 +62,7 @@ impl Tx {
     pub async fn get_oidc_issuer(&mut self, issuer_id: &str) -> Result<Option<OidcIssuerRecord>> {
         let row = self
             .query_opt(
-                "SELECT issuer_id, cluster_key, jwks, updated FROM oidc_issuers WHERE issuer_id = $1",
+                "SELECT issuer_id, cluster_key, jwks, updated, publisher FROM oidc_issuers WHERE issuer_id = $1",
                 &params![issuer_id],
             )
             .await?;
@@ -72,9 +78,44 @@ impl Tx {
                 cluster_key: r.text(1)?,
                 keys,
                 updated: r.u64(3)?,
+                publisher: r.opt_text(4)?,
             })
         })
         .transpose()
+    }
+
+    /// Lock the row of `issuer_id` for the rest of the unit of work and read it (`None` when
+    /// there is no such issuer): what a publish checks its proof against is what it replaces.
+    pub async fn lock_oidc_issuer(&mut self, issuer_id: &str) -> Result<Option<OidcIssuerRecord>> {
+        if !self
+            .lock_row("oidc_issuers", "issuer_id", issuer_id)
+            .await?
+        {
+            return Ok(None);
+        }
+        self.get_oidc_issuer(issuer_id).await
+    }
+
+    /// Set (or, with `None`, clear) the publisher of `issuer_id`; true when it changed.
+    /// `Err(NotFound)` when there is no such issuer.
+    pub async fn set_oidc_issuer_publisher(
+        &mut self,
+        issuer_id: &str,
+        publisher: Option<&str>,
+    ) -> Result<bool> {
+        let current = self
+            .lock_oidc_issuer(issuer_id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        if current.publisher.as_deref() == publisher {
+            return Ok(false);
+        }
+        self.execute(
+            "UPDATE oidc_issuers SET publisher = $2 WHERE issuer_id = $1",
+            &params![issuer_id, publisher],
+        )
+        .await?;
+        Ok(true)
     }
 
     /// Replace the published keys of `issuer_id` (its row locked first); true when they differ
@@ -179,8 +220,8 @@ mod tests {
         tx.put_oidc_issuer("i1", "other", 11).await.unwrap();
         let r = tx.get_oidc_issuer("i1").await.unwrap().unwrap();
         assert_eq!(
-            (r.cluster_key.as_str(), r.keys, r.updated),
-            ("c1", None, 10)
+            (r.cluster_key.as_str(), r.keys, r.updated, r.publisher),
+            ("c1", None, 10, None)
         );
         let keys = vec![json!({"kty": "RSA", "kid": "a", "n": "AQAB", "e": "AQAB"})];
         assert!(tx.set_oidc_issuer_keys("i1", &keys, 20).await.unwrap());
@@ -189,6 +230,27 @@ mod tests {
         assert_eq!((r.keys.as_deref(), r.updated), (Some(&keys[..]), 20));
         assert!(matches!(
             tx.set_oidc_issuer_keys("nope", &keys, 1).await,
+            Err(StoreError::NotFound)
+        ));
+        // the publisher: recorded, kept by a key change, cleared
+        let sa = "system:serviceaccount:kube-system:addon";
+        assert!(tx.set_oidc_issuer_publisher("i1", Some(sa)).await.unwrap());
+        assert!(!tx.set_oidc_issuer_publisher("i1", Some(sa)).await.unwrap());
+        let keys2 = vec![json!({"kty": "RSA", "kid": "b", "n": "AQAB", "e": "AQAB"})];
+        assert!(tx.set_oidc_issuer_keys("i1", &keys2, 40).await.unwrap());
+        let r = tx.lock_oidc_issuer("i1").await.unwrap().unwrap();
+        assert_eq!(
+            (r.keys.as_deref(), r.publisher.as_deref()),
+            (Some(&keys2[..]), Some(sa))
+        );
+        assert!(tx.set_oidc_issuer_publisher("i1", None).await.unwrap());
+        assert_eq!(
+            tx.get_oidc_issuer("i1").await.unwrap().unwrap().publisher,
+            None
+        );
+        assert!(tx.lock_oidc_issuer("nope").await.unwrap().is_none());
+        assert!(matches!(
+            tx.set_oidc_issuer_publisher("nope", Some(sa)).await,
             Err(StoreError::NotFound)
         ));
         let ca = WebhookCaRecord {
