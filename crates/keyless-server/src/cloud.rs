@@ -11,7 +11,11 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<AppState>> {
-    Router::new().route("/metadata/endpoints", get(endpoints))
+    Router::new()
+        .route("/metadata/endpoints", get(endpoints))
+        // `az cloud register --endpoint-resource-manager https://host/` (with its trailing
+        // slash, as the seeds write it) asks for `//metadata/endpoints`
+        .route("//metadata/endpoints", get(endpoints))
 }
 
 /// The 2022-09-01 (single cloud) shape; every api-version gets it, as clients only read

@@ -93,9 +93,9 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/keyless/admin/v1/vault-clock",
             axum::routing::post(kv::advance_clock),
         )
-        .fallback(|| async {
-            ServerError::InvalidPath("The requested path is not served by Keyless.".into())
-        })
+        .fallback(
+            |uri: axum::http::Uri| async move { ServerError::InvalidPath(uri.path().to_string()) },
+        )
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -181,6 +181,10 @@ pub async fn start(
     })?;
     let (boot, ca, kv_ca) = state::bootstrap(&store, &cfg, &replica_id, clock.as_ref()).await?;
     let mut extra_sans = cfg.tls_sans.clone();
+    // a specific listen address is one clients (the embedded agent of `keyless up`) connect to
+    if !local_addr.ip().is_unspecified() {
+        extra_sans.push(local_addr.ip().to_string());
+    }
     extra_sans.push(format!("vault.{}", cfg.vault_domain));
     extra_sans.push(format!("*.vault.{}", cfg.vault_domain));
     let sans = state::tls_sans(&extra_sans);

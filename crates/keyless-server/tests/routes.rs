@@ -22,6 +22,7 @@ mod harness;
 use harness::*;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
+use tower::ServiceExt;
 
 // ------------------------------------------------------------------ the routes
 
@@ -58,6 +59,8 @@ const ROUTES: &[&str] = &[
     "STS GET /common/discovery/instance",
     // cloud metadata (`cloud::routes`) and the admin vault clock (`app`)
     "CLOUD GET /metadata/endpoints",
+    // `az cloud register --endpoint-resource-manager https://host/` (a trailing slash)
+    "CLOUD GET //metadata/endpoints",
     // the clusters' OIDC issuers (`oidc::routes`)
     "OIDC GET /oidc/{id}/.well-known/openid-configuration",
     "OIDC GET /oidc/{id}/openid/v1/jwks",
@@ -332,6 +335,7 @@ const ROUTES: &[&str] = &[
 /// `management.azure.com`.
 const PUBLIC: &[&str] = &[
     "CLOUD GET /metadata/endpoints",
+    "CLOUD GET //metadata/endpoints",
     "OIDC GET /oidc/{id}/.well-known/openid-configuration",
     "OIDC GET /oidc/{id}/openid/v1/jwks",
 ];
@@ -356,6 +360,7 @@ const STS: &[&str] = &[
 
 const CLOUD_AND_ADMIN: &[&str] = &[
     "CLOUD GET /metadata/endpoints",
+    "CLOUD GET //metadata/endpoints",
     "ADMIN POST /keyless/admin/v1/vault-clock",
 ];
 
@@ -1113,6 +1118,36 @@ async fn cloud_metadata_and_vault_clock_routes() {
     assert_eq!(v["authentication"]["audiences"][0], format!("{b}/"));
     assert_eq!(v["resourceManager"], format!("{b}/"));
     assert_eq!(v["suffixes"]["keyVaultDns"], "vault.localhost");
+    // az asks `//metadata/endpoints` when the registered URL ends with `/`: the same document
+    let again = srv
+        .expect(
+            srv.call(
+                "CLOUD GET //metadata/endpoints",
+                "//metadata/endpoints?api-version=2022-09-01",
+            ),
+            200,
+        )
+        .await;
+    assert_eq!(again, v);
+    // a path nothing serves: 404 naming that path (not a sentence in place of it)
+    let r = keyless_server::app(srv.s.clone())
+        .oneshot(
+            axum::http::Request::builder()
+                .uri("/no/such/path")
+                .header("host", "localhost")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "InvalidResourceId", "{body}");
+    assert_eq!(
+        body["error"]["message"], "The request path '/no/such/path' is not a valid resource path.",
+        "{body}"
+    );
 
     // the Key Vault clock moves for an Owner of the subscription only
     let route = "ADMIN POST /keyless/admin/v1/vault-clock";

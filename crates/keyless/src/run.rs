@@ -765,7 +765,15 @@ pub async fn up(a: UpArgs) -> Result<(), CliError> {
     } else {
         Some(new_join_token(&s, &vm_id).await?)
     };
-    let server_url = format!("https://localhost:{}", srv.local_addr.port());
+    // where the server is reached: `localhost` when it listens on every address or on
+    // 127.0.0.1 (the default issuer's host), else the address it is bound to, which
+    // `localhost` need not name
+    let server_url = match srv.local_addr.ip() {
+        ip if ip.is_unspecified() || ip == std::net::Ipv4Addr::LOCALHOST => {
+            format!("https://localhost:{}", srv.local_addr.port())
+        }
+        _ => format!("https://{}", srv.local_addr),
+    };
     let node = keyless_node::start(
         keyless_node::NodeConfig {
             server_urls: vec![server_url.clone()],

@@ -1700,3 +1700,33 @@ async fn a_retried_join_with_the_same_key_gets_the_same_host() {
         .unwrap()
         .contains("already been used"));
 }
+
+/// `keyless up --listen <an address localhost does not name>`: the embedded agent joins the
+/// server where it listens (it used to join https://localhost:<port> and fail at start).
+#[test]
+fn up_listens_on_a_specific_address_and_its_agent_joins_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_string_lossy().to_string();
+    let args = [
+        "up",
+        "--data-dir",
+        &data_s,
+        "--listen",
+        "127.0.0.2:0",
+        "--imds-listen",
+        "127.0.0.1:0",
+        "--sync-interval",
+        "1",
+    ];
+    let proc = spawn_until(&args, "Stop with Ctrl-C", dir.path()).expect("keyless up starts");
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (st, t) = rt.block_on(imds_token(
+        info["imdsUrl"].as_str().unwrap(),
+        "resource=https://management.azure.com/",
+    ));
+    assert_eq!(st, 200, "{t}");
+    drop(proc);
+}
