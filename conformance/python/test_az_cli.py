@@ -142,3 +142,49 @@ def test_activity_log_filter_is_strict(logged_in, up):
         assert proc.returncode != 0, bad
         assert "Bad Request" in proc.stderr and '"code":"BadRequest"' in proc.stderr.replace(" ", ""), \
             proc.stderr[-2000:]
+
+
+def test_role_assignment_by_client_id(logged_in, up):
+    """`--assignee <client id>`: az 2.91 resolves it through Graph
+    (`servicePrincipalNames/any(c:c eq '…')`, then `directoryObjects/getByIds`), and `-o table`
+    of the lists names the principals through `getByIds`."""
+    az, _ = logged_in
+    rg = f"az-ra-{uuid.uuid4().hex[:8]}"
+    group = az("group", "create", "-n", rg, "-l", "westeurope")
+    ident = az("identity", "create", "-g", rg, "-n", "ra-id")
+    client_id, principal_id = ident["clientId"], ident["principalId"]
+
+    ra = az("role", "assignment", "create", "--assignee", client_id, "--role", "Reader",
+            "--scope", group["id"])
+    assert ra["principalId"] == principal_id, ra
+    assert ra["principalType"] == "ServicePrincipal", ra
+    assert ra["scope"] == group["id"]
+    assert ra["roleDefinitionId"].endswith("/acdd72a7-3385-48ef-bd42-f606fba81ae7"), ra
+    # again: the same assignment (az answers the existing one)
+    again = az("role", "assignment", "create", "--assignee", client_id, "--role", "Reader",
+               "--scope", group["id"])
+    assert again["id"] == ra["id"], again
+
+    listed = az("role", "assignment", "list", "--assignee", client_id, "--all")
+    assert [(a["principalId"], a["roleDefinitionName"], a["scope"]) for a in listed] == [
+        (principal_id, "Reader", group["id"])], listed
+    # the principal's name is its first servicePrincipalName: the client id
+    assert listed[0]["principalName"] == client_id, listed
+
+    table = az.run("role", "assignment", "list", "--assignee", client_id, "--all",
+                   "-o", "table").stdout
+    rows = [line.split() for line in table.splitlines()]
+    assert rows[0][:3] == ["Principal", "Role", "Scope"], table
+    assert [r for r in rows[2:] if r] == [[client_id, "Reader", group["id"]]], table
+
+    table = az.run("role", "assignment", "list", "--scope", group["id"], "-o", "table").stdout
+    rows = [line.split() for line in table.splitlines()]
+    assert [client_id, "Reader", group["id"]] in rows, table
+
+    # an unknown client id: az says it cannot find it (no Graph error, no PUT)
+    unknown = str(uuid.uuid4())
+    proc = az.run("role", "assignment", "create", "--assignee", unknown, "--role", "Reader",
+                  "--scope", group["id"], check=False)
+    assert proc.returncode != 0
+    assert f"Cannot find user or service principal in graph database for '{unknown}'" in proc.stderr, \
+        proc.stderr[-2000:]

@@ -1,5 +1,6 @@
 //! Strict OData `$filter` parsing for the few forms the lists accept. A filter is tokenized and
-//! parsed into clauses (`name(…)` calls and `field eq '…'` comparisons joined by `and`), then
+//! parsed into clauses (`name(…)` calls, `field eq '…'` comparisons and the one lambda form
+//! `collection/any(x:x eq '…')`, joined by `and`), then
 //! typed per list; anything else — an unknown field, `or`, `not`, numbers, unbalanced
 //! parentheses, trailing text — is an error the surface answers with 400.
 //!
@@ -30,15 +31,36 @@ enum Token {
     Str(String),
     Open,
     Close,
+    /// `/` of a path (`collection/any`): no space on either side.
+    Slash,
+    /// `:` of a lambda (`any(c:…)`).
+    Colon,
 }
 
 fn tokenize(f: &str) -> Option<Vec<Token>> {
     let mut out = vec![];
     let mut chars = f.chars().peekable();
+    let mut after_space = false;
     while let Some(&c) = chars.peek() {
+        let space = c == ' ' || c == '\t';
         match c {
             ' ' | '\t' => {
                 chars.next();
+            }
+            '/' => {
+                chars.next();
+                // a path step joins two names: `a/b`, never `a /b`, `a/ b` or `'x'/b`
+                let joined = !after_space
+                    && matches!(out.last(), Some(Token::Ident(_)))
+                    && chars.peek().is_some_and(|c| c.is_ascii_alphabetic());
+                if !joined {
+                    return None;
+                }
+                out.push(Token::Slash);
+            }
+            ':' => {
+                chars.next();
+                out.push(Token::Colon);
             }
             '(' => {
                 chars.next();
@@ -78,6 +100,7 @@ fn tokenize(f: &str) -> Option<Vec<Token>> {
             }
             _ => return None,
         }
+        after_space = space;
     }
     Some(out)
 }
@@ -89,6 +112,8 @@ pub enum Clause {
     Call { name: String, arg: Option<String> },
     /// `field eq 'value'`.
     Eq { field: String, value: String },
+    /// `field/any(x:x eq 'value')`: some member of the collection `field` is `value`.
+    Any { field: String, value: String },
 }
 
 /// Parse `clause (and clause)*`; `None` if the text is not of that form.
@@ -104,32 +129,52 @@ pub fn parse_clauses(f: &str) -> Option<Vec<Clause>> {
             return None;
         };
         let name = name.to_ascii_lowercase();
-        match (toks.get(i + 1), toks.get(i + 2), toks.get(i + 3)) {
-            (Some(Token::Open), Some(Token::Close), _) => {
-                out.push(Clause::Call { name, arg: None });
-                i += 3;
+        if let Some((value, len)) = any_eq(&toks[i + 1..]) {
+            out.push(Clause::Any { field: name, value });
+            i += 1 + len;
+        } else {
+            match (toks.get(i + 1), toks.get(i + 2), toks.get(i + 3)) {
+                (Some(Token::Open), Some(Token::Close), _) => {
+                    out.push(Clause::Call { name, arg: None });
+                    i += 3;
+                }
+                (Some(Token::Open), Some(Token::Str(a)), Some(Token::Close)) => {
+                    out.push(Clause::Call {
+                        name,
+                        arg: Some(a.clone()),
+                    });
+                    i += 4;
+                }
+                (Some(Token::Ident(op)), Some(Token::Str(v)), _)
+                    if op.eq_ignore_ascii_case("eq") =>
+                {
+                    out.push(Clause::Eq {
+                        field: name,
+                        value: v.clone(),
+                    });
+                    i += 3;
+                }
+                _ => return None,
             }
-            (Some(Token::Open), Some(Token::Str(a)), Some(Token::Close)) => {
-                out.push(Clause::Call {
-                    name,
-                    arg: Some(a.clone()),
-                });
-                i += 4;
-            }
-            (Some(Token::Ident(op)), Some(Token::Str(v)), _) if op.eq_ignore_ascii_case("eq") => {
-                out.push(Clause::Eq {
-                    field: name,
-                    value: v.clone(),
-                });
-                i += 3;
-            }
-            _ => return None,
         }
         match toks.get(i) {
             None => return Some(out),
             Some(Token::Ident(k)) if k.eq_ignore_ascii_case("and") => i += 1,
             _ => return None,
         }
+    }
+}
+
+/// After a collection's name: `/any(x:x eq 'value')` — the lambda variable named the same on
+/// both sides, keywords in any case. The value and the number of tokens read.
+fn any_eq(toks: &[Token]) -> Option<(String, usize)> {
+    match toks {
+        [Token::Slash, Token::Ident(any), Token::Open, Token::Ident(x), Token::Colon, Token::Ident(y), Token::Ident(eq), Token::Str(v), Token::Close, ..]
+            if any.eq_ignore_ascii_case("any") && x == y && eq.eq_ignore_ascii_case("eq") =>
+        {
+            Some((v.clone(), 9))
+        }
+        _ => None,
     }
 }
 
@@ -212,12 +257,15 @@ impl RoleDefinitionFilter {
     }
 }
 
-/// `$filter` of the directory's service principal list: exactly one `appId eq '…'` or
-/// `id eq '…'`.
+/// `$filter` of the directory's service principal list: exactly one `appId eq '…'`,
+/// `id eq '…'` or `servicePrincipalNames/any(c:c eq '…')` (how `az role assignment create
+/// --assignee` resolves an assignee).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DirectoryFilter {
     AppId(String),
     Id(String),
+    /// A member of `servicePrincipalNames`.
+    Name(String),
 }
 
 impl DirectoryFilter {
@@ -226,6 +274,9 @@ impl DirectoryFilter {
         match parse_clauses(f).ok_or_else(err)?.as_slice() {
             [Clause::Eq { field, value }] if field == "appid" => Ok(Self::AppId(value.clone())),
             [Clause::Eq { field, value }] if field == "id" => Ok(Self::Id(value.clone())),
+            [Clause::Any { field, value }] if field == "serviceprincipalnames" => {
+                Ok(Self::Name(value.clone()))
+            }
             _ => Err(err()),
         }
     }
@@ -346,5 +397,49 @@ mod tests {
         ] {
             assert!(d(f).is_err(), "{f}");
         }
+    }
+
+    #[test]
+    fn service_principal_name_filters() {
+        let d = |f: &str| DirectoryFilter::parse(f);
+        // as az 2.91 sends it
+        assert_eq!(
+            d("servicePrincipalNames/any(c:c eq '8f0c5e2a-0000-4000-8000-000000000001')").unwrap(),
+            DirectoryFilter::Name("8f0c5e2a-0000-4000-8000-000000000001".into())
+        );
+        // names and keywords in any case, spaces inside the parentheses, doubled quotes
+        assert_eq!(
+            d("ServicePrincipalNames/ANY( x : x EQ 'o''brien' )").unwrap(),
+            DirectoryFilter::Name("o'brien".into())
+        );
+        assert_eq!(
+            d("servicePrincipalNames/any(c:c eq '/subscriptions/s/resourceGroups/g')").unwrap(),
+            DirectoryFilter::Name("/subscriptions/s/resourceGroups/g".into())
+        );
+        for f in [
+            "servicePrincipalNames/any(c:d eq 'a')",
+            "servicePrincipalNames/all(c:c eq 'a')",
+            "servicePrincipalNames/any(c:c ne 'a')",
+            "servicePrincipalNames/any(c:c eq 'a'",
+            "servicePrincipalNames/any(c:c eq a)",
+            "servicePrincipalNames/any(c c eq 'a')",
+            "servicePrincipalNames/any(c:c eq 'a' or c eq 'b')",
+            "servicePrincipalNames/any(c:c eq 'a') or 1 eq 1",
+            "servicePrincipalNames/any(c:c eq 'a') and appId eq 'b'",
+            "servicePrincipalNames /any(c:c eq 'a')",
+            "servicePrincipalNames/ any(c:c eq 'a')",
+            "servicePrincipalNames//any(c:c eq 'a')",
+            "/any(c:c eq 'a')",
+            "servicePrincipalNames/any()",
+            "servicePrincipalNames/any(c:c eq 'a')/x",
+            "tags/any(c:c eq 'a')",
+            "servicePrincipalNames eq 'a'",
+            "appId/any(c:c eq 'a')",
+        ] {
+            assert!(d(f).is_err(), "{f}");
+        }
+        // other lists do not take the lambda
+        assert!(a("principalId/any(c:c eq 'a')").is_err());
+        assert!(RoleDefinitionFilter::parse("roleName/any(c:c eq 'a')").is_err());
     }
 }

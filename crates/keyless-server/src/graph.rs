@@ -1,6 +1,8 @@
-//! A small Microsoft Graph-shaped directory read: `GET /v1.0/servicePrincipals/{id}` and
-//! `GET /v1.0/servicePrincipals?$filter=appId eq '…'` (or `id eq '…'`), so tools can resolve an
-//! assignee given by client id to its object id, as `az role assignment create --assignee` does.
+//! A small Microsoft Graph-shaped directory read: `GET /v1.0/servicePrincipals/{id}`,
+//! `GET /v1.0/servicePrincipals?$filter=appId eq '…'` (or `id eq '…'`, or
+//! `servicePrincipalNames/any(c:c eq '…')`) and `POST /v1.0/directoryObjects/getByIds`, so tools
+//! can resolve an assignee given by client id to its object id and an object id to its kind and
+//! name, as `az role assignment create --assignee` and `az role assignment list` do.
 
 use crate::error::{GraphKind, Result, ServerError};
 use crate::request::{authenticate_with, Caller};
@@ -8,6 +10,7 @@ use crate::state::AppState;
 use axum::extract::{Path, Request, State};
 use axum::routing::get;
 use axum::{Json, Router};
+use keyless_core::odata::DirectoryFilter;
 use keyless_store::{DirectoryEntry, PrincipalKind};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -17,6 +20,10 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1.0/servicePrincipals", get(list))
         .route("/v1.0/servicePrincipals/{id}", get(one))
         .route("/v1.0/applications", axum::routing::post(create_app))
+        .route(
+            "/v1.0/directoryObjects/getByIds",
+            axum::routing::post(get_by_ids),
+        )
 }
 
 fn audiences(s: &AppState) -> Vec<String> {
@@ -28,10 +35,17 @@ fn audiences(s: &AppState) -> Vec<String> {
     a
 }
 
+/// A service principal as Graph shows it. `servicePrincipalNames` starts with the app id (what
+/// `az role assignment list` shows as the principal's name); a managed identity's also holds
+/// its resource id.
 fn entry_json(e: &DirectoryEntry) -> Value {
+    let names: Vec<&str> = std::iter::once(e.app_id.as_str())
+        .chain(e.resource_id.as_deref())
+        .collect();
     json!({
         "id": e.object_id,
         "appId": e.app_id,
+        "servicePrincipalNames": names,
         "displayName": e.display_name,
         "servicePrincipalType": match e.kind { PrincipalKind::ManagedIdentity => "ManagedIdentity", PrincipalKind::ServicePrincipal => "Application" },
         "alternativeNames": e.resource_id.iter().collect::<Vec<_>>(),
@@ -86,30 +100,154 @@ async fn list(State(s): State<Arc<AppState>>, req: Request) -> Result<Json<Value
         .find(|(k, _)| k == "$filter")
         .map(|(_, v)| v.as_str())
         .unwrap_or("");
-    let wanted = keyless_core::odata::DirectoryFilter::parse(filter).map_err(|_| {
+    let wanted = DirectoryFilter::parse(filter).map_err(|_| {
         ServerError::graph(
             GraphKind::UnsupportedQuery,
-            "Only $filter=appId eq '…' or id eq '…' is supported.",
+            "Only $filter=appId eq '…', id eq '…' or servicePrincipalNames/any(c:c eq '…') is supported.",
         )
     })?;
-    let (by_app, v) = match wanted {
-        keyless_core::odata::DirectoryFilter::AppId(v) => (true, v),
-        keyless_core::odata::DirectoryFilter::Id(v) => (false, v),
-    };
     let mut tx = s.store.read("graph_service_principals").await?;
-    let value = tx
-        .directory_lookup(&v)
-        .await?
-        .filter(|e| {
-            if by_app {
-                e.app_id.eq_ignore_ascii_case(&v)
-            } else {
-                e.object_id.eq_ignore_ascii_case(&v)
-            }
-        })
-        .map(|e| vec![entry_json(&e)])
-        .unwrap_or_default();
+    let found = match &wanted {
+        DirectoryFilter::AppId(v) => tx
+            .directory_lookup(v)
+            .await?
+            .filter(|e| e.app_id.eq_ignore_ascii_case(v)),
+        DirectoryFilter::Id(v) => tx
+            .directory_lookup(v)
+            .await?
+            .filter(|e| e.object_id.eq_ignore_ascii_case(v)),
+        DirectoryFilter::Name(v) => by_service_principal_name(&mut tx, v).await?,
+    };
+    let value: Vec<Value> = found.iter().map(entry_json).collect();
     Ok(Json(json!({ "value": value })))
+}
+
+/// The service principal whose `servicePrincipalNames` holds `name`: its app id (client id), or
+/// a managed identity's resource id (a user-assigned identity's, or the resource of a
+/// system-assigned one).
+async fn by_service_principal_name(
+    tx: &mut keyless_store::Tx,
+    name: &str,
+) -> Result<Option<DirectoryEntry>> {
+    if name.starts_with('/') {
+        let Ok(rid) = keyless_core::resource_id::ResourceId::parse(name) else {
+            return Ok(None);
+        };
+        let key = rid.key();
+        for k in [key.clone(), format!("{key}#system")] {
+            if let Some(i) = tx.get_identity(&k).await? {
+                if i.resource_id.eq_ignore_ascii_case(name) {
+                    return Ok(Some(DirectoryEntry {
+                        object_id: i.principal_id,
+                        app_id: i.client_id,
+                        display_name: i.name,
+                        kind: PrincipalKind::ManagedIdentity,
+                        resource_id: Some(i.resource_id),
+                    }));
+                }
+            }
+        }
+        return Ok(None);
+    }
+    Ok(tx
+        .directory_lookup(name)
+        .await?
+        .filter(|e| e.app_id.eq_ignore_ascii_case(name)))
+}
+
+/// Most ids one `getByIds` takes (Graph's documented limit).
+const MAX_IDS: usize = 1000;
+
+/// The directory object types `getByIds` knows (case-insensitive); Keyless's directory holds
+/// service principals only, found when the request names `servicePrincipal` or
+/// `directoryObject` (or no types at all).
+const OBJECT_TYPES: &[&str] = &[
+    "directoryObject",
+    "user",
+    "group",
+    "servicePrincipal",
+    "application",
+    "device",
+    "orgContact",
+    "directoryObjectPartnerReference",
+    "directoryRole",
+    "administrativeUnit",
+];
+
+#[derive(serde::Deserialize)]
+struct GetByIds {
+    ids: Option<Vec<String>>,
+    #[serde(default)]
+    types: Option<Vec<String>>,
+}
+
+/// `POST /v1.0/directoryObjects/getByIds`: the service principals among `ids` (object ids),
+/// each with its `@odata.type`; ids not in the directory are left out, as Graph does.
+async fn get_by_ids(State(s): State<Arc<AppState>>, req: Request) -> Result<Json<Value>> {
+    caller(&s, req.headers())?;
+    let body = axum::body::to_bytes(req.into_body(), 256 * 1024)
+        .await
+        .map_err(|_| {
+            ServerError::graph(
+                GraphKind::TooLarge,
+                "The request body is larger than 256 KiB.",
+            )
+        })?;
+    let bad = |m: String| ServerError::graph(GraphKind::BadRequest, m);
+    let q: GetByIds = crate::request::parse_body(&body).map_err(|e| match e {
+        ServerError::InvalidRequestContent(m) => bad(m),
+        e => e,
+    })?;
+    let ids = q
+        .ids
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| bad("Invalid request: 'ids' must list at least one id.".into()))?;
+    if ids.len() > MAX_IDS {
+        return Err(bad(format!(
+            "Invalid request: at most {MAX_IDS} ids are accepted, {} were given.",
+            ids.len()
+        )));
+    }
+    if let Some(id) = ids.iter().find(|i| uuid::Uuid::parse_str(i).is_err()) {
+        return Err(bad(format!(
+            "Invalid object identifier '{}'.",
+            id.chars().take(100).collect::<String>()
+        )));
+    }
+    let mut wanted = q.types.is_none();
+    for t in q.types.iter().flatten() {
+        if !OBJECT_TYPES.iter().any(|k| k.eq_ignore_ascii_case(t)) {
+            return Err(bad(format!(
+                "Invalid request: unknown type '{}'.",
+                t.chars().take(100).collect::<String>()
+            )));
+        }
+        wanted |=
+            t.eq_ignore_ascii_case("servicePrincipal") || t.eq_ignore_ascii_case("directoryObject");
+    }
+    let mut value = vec![];
+    if wanted {
+        let mut seen = std::collections::HashSet::new();
+        let mut tx = s.store.read("graph_get_by_ids").await?;
+        for id in &ids {
+            if !seen.insert(id.to_ascii_lowercase()) {
+                continue;
+            }
+            if let Some(e) = tx
+                .directory_lookup(id)
+                .await?
+                .filter(|e| e.object_id.eq_ignore_ascii_case(id))
+            {
+                let mut v = entry_json(&e);
+                v["@odata.type"] = json!("#microsoft.graph.servicePrincipal");
+                value.push(v);
+            }
+        }
+    }
+    Ok(Json(json!({
+        "@odata.context": format!("{}/v1.0/$metadata#directoryObjects", s.base_url),
+        "value": value,
+    })))
 }
 
 #[derive(serde::Deserialize)]

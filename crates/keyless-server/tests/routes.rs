@@ -69,6 +69,7 @@ const ROUTES: &[&str] = &[
     "GRAPH GET /v1.0/servicePrincipals",
     "GRAPH GET /v1.0/servicePrincipals/{id}",
     "GRAPH POST /v1.0/applications",
+    "GRAPH POST /v1.0/directoryObjects/getByIds",
     // host API (`host::routes`)
     "HOST POST /keyless/host/v1/join",
     "HOST GET /keyless/host/v1/identities",
@@ -373,6 +374,7 @@ const GRAPH: &[&str] = &[
     "GRAPH GET /v1.0/servicePrincipals",
     "GRAPH GET /v1.0/servicePrincipals/{id}",
     "GRAPH POST /v1.0/applications",
+    "GRAPH POST /v1.0/directoryObjects/getByIds",
 ];
 
 const HOST: &[&str] = &[
@@ -1287,6 +1289,163 @@ async fn graph_routes() {
         .await;
     // Graph's error shape: `{"error":{"code","message"}}`
     arm_error(&r, 404, "Request_ResourceNotFound");
+
+    // `az role assignment create --assignee <guid>` (az 2.91) asks by servicePrincipalNames:
+    // an application's holds its app id; a managed identity's its client id and resource id
+    let adm = admin(&srv).await;
+    put_group(&srv, &adm, "graph-rg").await;
+    let mi_id = format!(
+        "{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/graph-mi",
+        group(&srv, "graph-rg")
+    );
+    let mi = srv
+        .expect(
+            srv.call(
+                rg!(
+                    "PUT",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/{id}"
+                ),
+                format!("{mi_id}?{MSI}"),
+            )
+            .bearer(&adm.token)
+            .json(&json!({"location": "local"})),
+            201,
+        )
+        .await;
+    let (mi_client, mi_principal) = (
+        s(&mi["properties"]["clientId"]),
+        s(&mi["properties"]["principalId"]),
+    );
+    let route = "GRAPH GET /v1.0/servicePrincipals";
+    let by_name = |name: &str| {
+        format!(
+            "/v1.0/servicePrincipals?{}",
+            serde_urlencoded::to_string([(
+                "$filter",
+                format!("servicePrincipalNames/any(c:c eq '{name}')")
+            )])
+            .unwrap()
+        )
+    };
+    let v = srv
+        .expect(srv.call(route, by_name(&app_id)).bearer(&graph), 200)
+        .await;
+    assert_eq!(v["value"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["value"][0]["id"], object_id.as_str());
+    assert_eq!(v["value"][0]["servicePrincipalNames"], json!([app_id]));
+    for name in [mi_client.clone(), mi_id.clone(), mi_id.to_uppercase()] {
+        let v = srv
+            .expect(srv.call(route, by_name(&name)).bearer(&graph), 200)
+            .await;
+        assert_eq!(v["value"].as_array().map(Vec::len), Some(1), "{name}: {v}");
+        assert_eq!(v["value"][0]["id"], mi_principal.as_str(), "{v}");
+        assert_eq!(v["value"][0]["servicePrincipalType"], "ManagedIdentity");
+        assert_eq!(
+            v["value"][0]["servicePrincipalNames"],
+            json!([mi_client, mi_id])
+        );
+    }
+    // an object id is not a service principal name; nor is an unknown name
+    for name in [
+        mi_principal.as_str(),
+        "00000000-0000-0000-0000-000000000000",
+    ] {
+        let v = srv
+            .expect(srv.call(route, by_name(name)).bearer(&graph), 200)
+            .await;
+        assert_eq!(v["value"], json!([]), "{name}");
+    }
+    let r = srv.send(srv.call(route, by_name(&app_id))).await;
+    graph_unauthenticated(&r);
+    // any other filter stays refused
+    for f in [
+        format!("servicePrincipalNames/any(c:c eq '{app_id}') or 1 eq 1"),
+        format!("servicePrincipalNames/any(c:d eq '{app_id}')"),
+        "displayName eq 'ci-deployer'".to_string(),
+    ] {
+        let q = format!(
+            "/v1.0/servicePrincipals?{}",
+            serde_urlencoded::to_string([("$filter", f.as_str())]).unwrap()
+        );
+        let r = srv.send(srv.call(route, q).bearer(&graph)).await;
+        arm_error(&r, 400, "Request_UnsupportedQuery");
+    }
+
+    // object ids to objects, each with its @odata.type (az's fallback for a guid assignee and
+    // `az role assignment list`'s principal names); unknown and repeated ids left out
+    let route = "GRAPH POST /v1.0/directoryObjects/getByIds";
+    let path = "/v1.0/directoryObjects/getByIds";
+    let az_types = json!([
+        "user",
+        "group",
+        "servicePrincipal",
+        "directoryObjectPartnerReference"
+    ]);
+    let v = srv
+        .expect(
+            srv.call(route, path).bearer(&app_graph).json(&json!({
+                "ids": [object_id, mi_principal, "00000000-0000-0000-0000-000000000000", object_id.to_uppercase()],
+                "types": az_types,
+            })),
+            200,
+        )
+        .await;
+    let got = v["value"].as_array().cloned().unwrap_or_default();
+    assert_eq!(got.len(), 2, "{v}");
+    assert_eq!(got[0]["id"], object_id.as_str());
+    assert_eq!(got[0]["@odata.type"], "#microsoft.graph.servicePrincipal");
+    assert_eq!(got[0]["servicePrincipalNames"][0], app_id.as_str());
+    assert_eq!(got[0]["displayName"], "ci-deployer");
+    assert_eq!(got[1]["id"], mi_principal.as_str());
+    assert_eq!(got[1]["@odata.type"], "#microsoft.graph.servicePrincipal");
+    assert_eq!(got[1]["servicePrincipalNames"][0], mi_client.as_str());
+    // without types, every kind; with types that exclude service principals (any case), none
+    let v = srv
+        .expect(
+            srv.call(route, path)
+                .bearer(&graph)
+                .json(&json!({"ids": [mi_principal]})),
+            200,
+        )
+        .await;
+    assert_eq!(v["value"][0]["id"], mi_principal.as_str(), "{v}");
+    let v = srv
+        .expect(
+            srv.call(route, path)
+                .bearer(&graph)
+                .json(&json!({"ids": [mi_principal], "types": ["USER", "Group"]})),
+            200,
+        )
+        .await;
+    assert_eq!(v["value"], json!([]));
+    let body = json!({"ids": [object_id]});
+    let r = srv.send(srv.call(route, path).json(&body)).await;
+    graph_unauthenticated(&r);
+    let r = srv
+        .send(srv.call(route, path).bearer(&kv_token).json(&body))
+        .await;
+    arm_error(&r, 401, "InvalidAuthenticationToken");
+    // bad bodies in Graph's error shape
+    let many: Vec<String> = (0..1001)
+        .map(|i| format!("00000000-0000-0000-0000-{i:012}"))
+        .collect();
+    for bad in [
+        json!({}),
+        json!({"ids": []}),
+        json!({"ids": "x"}),
+        json!({"ids": [1]}),
+        json!({"ids": ["not-a-guid"]}),
+        json!({"ids": [object_id], "types": ["servicePrincipals"]}),
+        json!({"ids": many}),
+        json!([object_id]),
+    ] {
+        let r = srv
+            .send(srv.call(route, path).bearer(&graph).json(&bad))
+            .await;
+        arm_error(&r, 400, "Request_BadRequest");
+    }
+    let r = srv.send(srv.call(route, path).bearer(&graph)).await;
+    arm_error(&r, 400, "Request_BadRequest");
 
     srv.finish(GRAPH, PUBLIC, NEVER_ACCEPTED);
 }
