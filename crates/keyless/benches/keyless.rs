@@ -129,34 +129,6 @@ fn token_request(
 
 const ARM_SCOPE: &str = "https://management.azure.com/.default";
 
-fn raw_rs256(threads: usize, secs: u64) -> f64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let (ca, _) = keyless_pki::Ca::generate("bench", now).unwrap();
-    let (key, der) = keyless_pki::SigningKey::generate(&ca, now, 86_400).unwrap();
-    let cert = key.cert_der().to_vec();
-    let input = vec![b'a'; 700];
-    let total = Arc::new(AtomicU64::new(0));
-    let stop = Instant::now() + Duration::from_secs(secs);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            let (der, cert, input, total) = (&der, &cert, &input, total.clone());
-            s.spawn(move || {
-                let k = keyless_pki::SigningKey::load(der, cert).unwrap();
-                let mut n = 0;
-                while Instant::now() < stop {
-                    k.sign(input).unwrap();
-                    n += 1;
-                }
-                total.fetch_add(n, Ordering::Relaxed);
-            });
-        }
-    });
-    total.load(Ordering::Relaxed) as f64 / secs as f64
-}
-
 /// Raw RSA-2048 key generations/s on `threads` threads (what a certificate creation starts with).
 fn raw_rsa_keygens(threads: usize, secs: u64) -> f64 {
     use keyless_pki::kv::{KeyType, KvKey};

@@ -43,31 +43,6 @@ fn now() -> u64 {
         .as_secs()
 }
 
-/// Raw RS256 signatures/s on `threads` threads.
-fn raw_rs256(threads: usize, secs: u64) -> f64 {
-    let (ca, _) = keyless_pki::Ca::generate("bench", now()).unwrap();
-    let (key, der) = keyless_pki::SigningKey::generate(&ca, now(), 86_400).unwrap();
-    let cert = key.cert_der().to_vec();
-    let input = vec![b'a'; 700];
-    let total = Arc::new(AtomicU64::new(0));
-    let stop = Instant::now() + Duration::from_secs(secs);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            let (der, cert, input, total) = (&der, &cert, &input, total.clone());
-            s.spawn(move || {
-                let k = keyless_pki::SigningKey::load(der, cert).unwrap();
-                let mut n = 0;
-                while Instant::now() < stop {
-                    k.sign(input).unwrap();
-                    n += 1;
-                }
-                total.fetch_add(n, Ordering::Relaxed);
-            });
-        }
-    });
-    total.load(Ordering::Relaxed) as f64 / secs as f64
-}
-
 /// A JWT signed by `key` (what the API server's TokenRequest makes for a pod).
 fn sign(key: &keyless_pki::SigningKey, claims: &Value) -> String {
     let header = json!({"alg": "RS256", "kid": key.kid(), "typ": "JWT"});

@@ -193,34 +193,6 @@ fn kids(jwks: &Value) -> Vec<String> {
     k
 }
 
-/// Whether `token`'s RS256 signature verifies with the key of the JWKS its `kid` names.
-fn verifies(token: &str, jwks: &Value) -> bool {
-    use base64::Engine;
-    let b64 = |s: &str| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(s.trim_end_matches('='))
-            .unwrap()
-    };
-    let kid = header(token)["kid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let Some(key) = jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["kid"] == kid.as_str())
-    else {
-        return false;
-    };
-    let (input, sig) = token.rsplit_once('.').unwrap();
-    let public = keyless_pki::RsaPublic {
-        n: b64(key["n"].as_str().unwrap()),
-        e: b64(key["e"].as_str().unwrap()),
-    };
-    keyless_pki::verify_rs256(&public, input.as_bytes(), &b64(sig))
-}
-
 type Counts = BTreeMap<String, u64>;
 
 /// The row counts of a backup file's trailer.
