@@ -210,7 +210,8 @@ pub const IMDS_IDENTITY_MIN: &str = "2018-02-01";
 
 /// Whether `v` is one of `supported`.
 pub fn is_supported(supported: &[&str], v: &str) -> bool {
-    supported.contains(&v)
+    // ARM compares api-versions without case (`2022-01-31-PREVIEW`, as seed 003's template has it)
+    supported.iter().any(|s| s.eq_ignore_ascii_case(v))
 }
 
 /// Whether `v` is a valid IMDS version for the identity endpoint.

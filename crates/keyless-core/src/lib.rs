@@ -42,6 +42,7 @@ pub mod refresh;
 pub mod resource_id;
 pub mod rotation;
 pub mod selection;
+pub mod template;
 pub mod vault;
 pub mod workload_identity;
 

@@ -15,6 +15,7 @@ pub const KNOWN_TYPES: &[(&str, &str)] = &[
     ("Microsoft.KeyVault", "vaults"),
     ("Microsoft.Batch", "batchAccounts"),
     ("Microsoft.ContainerService", "managedClusters"),
+    ("Microsoft.Resources", "deployments"),
 ];
 
 /// Canonical spelling of a provider namespace and type, if known.
@@ -49,6 +50,9 @@ pub fn is_host_group(resource_id: &str) -> bool {
         _ => false,
     }
 }
+
+/// `Microsoft.Resources/deployments` (at resource-group scope).
+pub const DEPLOYMENT: (&str, &str) = ("Microsoft.Resources", "deployments");
 
 /// `Microsoft.KeyVault/vaults`.
 pub const VAULT: (&str, &str) = ("Microsoft.KeyVault", "vaults");
@@ -164,6 +168,12 @@ pub enum ArmPath {
         child_type: String,
         name: String,
         action: String,
+    },
+    /// `/subscriptions/{s}[/resourceGroups/{rg}]/resources`: every resource of a subscription or
+    /// a group, whatever its type.
+    GenericResources {
+        subscription: String,
+        resource_group: Option<String>,
     },
     /// `{scope}/providers/Microsoft.Authorization/{roleAssignments|roleDefinitions}[/{name}]`,
     /// an extension resource on a scope (`/` root, subscription, group or resource).
@@ -316,6 +326,32 @@ impl ArmPath {
                     resource_group: rg.clone(),
                 })
             }
+            [s, sub, r] if eq(s, "subscriptions") && eq(r, "resources") => {
+                Ok(ArmPath::GenericResources {
+                    subscription: sub.clone(),
+                    resource_group: None,
+                })
+            }
+            [s, sub, g, rg, r]
+                if eq(s, "subscriptions") && eq(g, "resourcegroups") && eq(r, "resources") =>
+            {
+                Ok(ArmPath::GenericResources {
+                    subscription: sub.clone(),
+                    resource_group: Some(rg.clone()),
+                })
+            }
+            // a deployment's operations as the SDKs and az ask for them, without `providers/`
+            // (`…/resourcegroups/{rg}/deployments/{name}/operations[/{id}]`): the same as under
+            // `providers/Microsoft.Resources`
+            [s, sub, g, rg, d, name, rest @ ..]
+                if eq(s, "subscriptions")
+                    && eq(g, "resourcegroups")
+                    && eq(d, "deployments")
+                    && !rest.is_empty() =>
+            {
+                let resource = ResourceId::new(sub, rg, DEPLOYMENT, name);
+                under(resource, rest).ok_or_else(bad)
+            }
             [s, sub, p, ns, ty] if eq(s, "subscriptions") && eq(p, "providers") => {
                 let (ns, ty) = canon(ns, ty);
                 Ok(ArmPath::Collection {
@@ -347,29 +383,34 @@ impl ArmPath {
                     type_name: ty,
                     name: name.clone(),
                 };
-                match rest {
-                    [] => Ok(ArmPath::Resource(resource)),
-                    [action] => Ok(ArmPath::Action {
-                        resource,
-                        action: action.clone(),
-                    }),
-                    [child_type, child] => Ok(ArmPath::Child {
-                        parent: resource,
-                        child_type: child_type.clone(),
-                        name: child.clone(),
-                    }),
-                    [child_type, child, action] => Ok(ArmPath::ChildAction {
-                        parent: resource,
-                        child_type: child_type.clone(),
-                        name: child.clone(),
-                        action: action.clone(),
-                    }),
-                    _ => Err(bad()),
-                }
+                under(resource, rest).ok_or_else(bad)
             }
             _ => Err(bad()),
         }
     }
+}
+
+/// The path `rest` below `resource`: itself, an action, a child, or a child's action.
+fn under(resource: ResourceId, rest: &[String]) -> Option<ArmPath> {
+    Some(match rest {
+        [] => ArmPath::Resource(resource),
+        [action] => ArmPath::Action {
+            resource,
+            action: action.clone(),
+        },
+        [child_type, child] => ArmPath::Child {
+            parent: resource,
+            child_type: child_type.clone(),
+            name: child.clone(),
+        },
+        [child_type, child, action] => ArmPath::ChildAction {
+            parent: resource,
+            child_type: child_type.clone(),
+            name: child.clone(),
+            action: action.clone(),
+        },
+        _ => return None,
+    })
 }
 
 fn canon(ns: &str, ty: &str) -> (String, String) {

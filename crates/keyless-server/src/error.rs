@@ -129,6 +129,9 @@ pub enum ServerError {
     /// `{"code":"BadRequest","message"}` shape.
     #[error("{0}")]
     InsightsBadRequest(String),
+    /// A `$filter` an ARM list does not take (the generic resource list's).
+    #[error("Invalid $filter '{0}' specified in the query string.")]
+    InvalidFilterInQueryString(String),
     #[error("The role assignment '{0}' is not found.")]
     RoleAssignmentNotFound(String),
     #[error("The role assignment already exists.")]
@@ -141,6 +144,16 @@ pub enum ServerError {
     MethodNotAllowed(String),
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// A template deployment refused or failed, with ARM's code (`InvalidTemplate`,
+    /// `InvalidTemplateDeployment`, `DeploymentFailed`, `DeploymentNotFound`,
+    /// `DeploymentActive`, …), sentence, target and per-resource details.
+    #[error("{message}")]
+    Deployment {
+        code: &'static str,
+        message: String,
+        target: Option<String>,
+        details: Vec<serde_json::Value>,
+    },
     /// A managed-cluster rule (`keyless_core::aks`), mapped by its kind.
     #[error(transparent)]
     Cluster(#[from] keyless_core::aks::AksError),
@@ -377,6 +390,9 @@ pub enum GraphKind {
     BadRequest,
     /// 400 `Request_UnsupportedQuery`.
     UnsupportedQuery,
+    /// 400 `BadRequest`: a request only a signed-in user may make (`/me`) with an
+    /// application's token.
+    DelegatedOnly,
     /// 401 `InvalidAuthenticationToken`.
     Unauthorized,
     /// 403 `Authorization_RequestDenied`.
@@ -392,6 +408,7 @@ impl GraphKind {
         match self {
             GraphKind::BadRequest => (StatusCode::BAD_REQUEST, "Request_BadRequest"),
             GraphKind::UnsupportedQuery => (StatusCode::BAD_REQUEST, "Request_UnsupportedQuery"),
+            GraphKind::DelegatedOnly => (StatusCode::BAD_REQUEST, "BadRequest"),
             GraphKind::Unauthorized => (StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken"),
             GraphKind::Forbidden => (StatusCode::FORBIDDEN, "Authorization_RequestDenied"),
             GraphKind::NotFound => (StatusCode::NOT_FOUND, "Request_ResourceNotFound"),
@@ -486,6 +503,9 @@ impl ServerError {
             RoleAssignmentExists => (StatusCode::CONFLICT, "RoleAssignmentExists"),
             RoleAssignmentNotFound(_) => (StatusCode::NOT_FOUND, "RoleAssignmentNotFound"),
             InsightsBadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            InvalidFilterInQueryString(_) => {
+                (StatusCode::BAD_REQUEST, "InvalidFilterInQueryString")
+            }
             ConcurrentFicWrites(_) => (
                 StatusCode::CONFLICT,
                 "ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity",
@@ -498,6 +518,11 @@ impl ServerError {
             }
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            Deployment { code, .. } => match *code {
+                "DeploymentNotFound" => (StatusCode::NOT_FOUND, code),
+                "DeploymentActive" => (StatusCode::CONFLICT, code),
+                _ => (StatusCode::BAD_REQUEST, code),
+            },
             Cluster(e) => match e.kind {
                 AksErrorKind::InvalidParameter => (StatusCode::BAD_REQUEST, "InvalidParameter"),
                 AksErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "BadRequest"),
@@ -569,6 +594,22 @@ impl IntoResponse for ServerError {
                 axum::Json(json!({"code": "BadRequest", "message": message})),
             )
                 .into_response(),
+            ServerError::Deployment {
+                message,
+                target,
+                details,
+                ..
+            } => {
+                let (status, code) = self.arm_code();
+                let mut err = json!({"code": code, "message": message});
+                if let Some(t) = target {
+                    err["target"] = json!(t);
+                }
+                if !details.is_empty() {
+                    err["details"] = json!(details);
+                }
+                (status, axum::Json(json!({ "error": err }))).into_response()
+            }
             ServerError::Store(e) => store_response(e, current_shape()),
             ServerError::Pki(e) => {
                 tracing::error!(error = %e, "pki failure");
@@ -738,6 +779,17 @@ impl ServerError {
                 let (status, code) = self.arm_code();
                 (status.as_u16(), code.to_string())
             }
+        }
+    }
+}
+
+impl From<keyless_core::template::TemplateError> for ServerError {
+    fn from(e: keyless_core::template::TemplateError) -> Self {
+        ServerError::Deployment {
+            code: e.code,
+            message: e.message,
+            target: e.target,
+            details: Vec::new(),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! A small Microsoft Graph-shaped directory read: `GET /v1.0/servicePrincipals/{id}`,
+//! A small Microsoft Graph-shaped directory read: `GET /v1.0/servicePrincipals/{id}`, `GET
+//! /v1.0/me` (refused as Graph refuses an application's token),
 //! `GET /v1.0/servicePrincipals?$filter=appId eq '…'` (or `id eq '…'`, or
 //! `servicePrincipalNames/any(c:c eq '…')`) and `POST /v1.0/directoryObjects/getByIds`, so tools
 //! can resolve an assignee given by client id to its object id and an object id to its kind and
@@ -19,6 +20,7 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1.0/servicePrincipals", get(list))
         .route("/v1.0/servicePrincipals/{id}", get(one))
+        .route("/v1.0/me", get(me))
         .route("/v1.0/applications", axum::routing::post(create_app))
         .route(
             "/v1.0/directoryObjects/getByIds",
@@ -70,6 +72,17 @@ fn caller(s: &AppState, headers: &axum::http::HeaderMap) -> Result<Caller> {
         ),
         e => e,
     })
+}
+
+/// `GET /v1.0/me`: the signed-in user. Every Keyless token is an application's (a service
+/// principal's or a managed identity's), so Graph's answer to an app-only token, once the
+/// token is known good.
+async fn me(State(s): State<Arc<AppState>>, req: Request) -> Result<Json<Value>> {
+    caller(&s, req.headers())?;
+    Err(ServerError::graph(
+        GraphKind::DelegatedOnly,
+        "/me request is only valid with delegated authentication flow.",
+    ))
 }
 
 fn not_found(id: &str) -> ServerError {

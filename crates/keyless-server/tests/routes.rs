@@ -70,6 +70,7 @@ const ROUTES: &[&str] = &[
     "GRAPH GET /v1.0/servicePrincipals/{id}",
     "GRAPH POST /v1.0/applications",
     "GRAPH POST /v1.0/directoryObjects/getByIds",
+    "GRAPH GET /v1.0/me",
     // host API (`host::routes`)
     "HOST POST /keyless/host/v1/join",
     "HOST GET /keyless/host/v1/identities",
@@ -84,6 +85,9 @@ const ROUTES: &[&str] = &[
     "ARM GET /subscriptions/{sub}/resourceGroups/{rg}",
     "ARM HEAD /subscriptions/{sub}/resourceGroups/{rg}",
     "ARM DELETE /subscriptions/{sub}/resourceGroups/{rg}",
+    // ARM's generic list (`arm::generic`)
+    "ARM GET /subscriptions/{sub}/resources",
+    "ARM GET /subscriptions/{sub}/resourceGroups/{rg}/resources",
     sub!("GET", "Microsoft.ManagedIdentity/userAssignedIdentities"),
     rg!("GET", "Microsoft.ManagedIdentity/userAssignedIdentities"),
     rg!(
@@ -193,6 +197,19 @@ const ROUTES: &[&str] = &[
         "PUT",
         "Microsoft.KeyVault/vaults/{vault}/accessPolicies/{operation}"
     ),
+    rg!(
+        "PUT",
+        "Microsoft.KeyVault/vaults/{vault}/secrets/{name}"
+    ),
+    rg!(
+        "PATCH",
+        "Microsoft.KeyVault/vaults/{vault}/secrets/{name}"
+    ),
+    rg!(
+        "GET",
+        "Microsoft.KeyVault/vaults/{vault}/secrets/{name}"
+    ),
+    rg!("GET", "Microsoft.KeyVault/vaults/{vault}/secrets"),
     sub!("GET", "Microsoft.Batch/batchAccounts"),
     rg!("GET", "Microsoft.Batch/batchAccounts"),
     rg!("PUT", "Microsoft.Batch/batchAccounts/{account}"),
@@ -343,6 +360,8 @@ const PUBLIC: &[&str] = &[
 
 /// Routes served only to refuse (what they address is not supported): nothing to accept.
 const NEVER_ACCEPTED: &[&str] = &[
+    // every Keyless token is an application's: Graph's `/me` is for signed-in users
+    "GRAPH GET /v1.0/me",
     "KV GET /keys/{name}/rotationpolicy",
     "KV GET /certificates/issuers/{name}",
 ];
@@ -375,6 +394,7 @@ const GRAPH: &[&str] = &[
     "GRAPH GET /v1.0/servicePrincipals/{id}",
     "GRAPH POST /v1.0/applications",
     "GRAPH POST /v1.0/directoryObjects/getByIds",
+    "GRAPH GET /v1.0/me",
 ];
 
 const HOST: &[&str] = &[
@@ -393,6 +413,11 @@ const ARM_GROUPS: &[&str] = &[
     "ARM GET /subscriptions/{sub}/resourceGroups/{rg}",
     "ARM HEAD /subscriptions/{sub}/resourceGroups/{rg}",
     "ARM DELETE /subscriptions/{sub}/resourceGroups/{rg}",
+];
+
+const ARM_GENERIC: &[&str] = &[
+    "ARM GET /subscriptions/{sub}/resources",
+    "ARM GET /subscriptions/{sub}/resourceGroups/{rg}/resources",
 ];
 
 const ARM_IDENTITIES: &[&str] = &[
@@ -511,6 +536,10 @@ const ARM_VAULTS: &[&str] = &[
         "PUT",
         "Microsoft.KeyVault/vaults/{vault}/accessPolicies/{operation}"
     ),
+    rg!("PUT", "Microsoft.KeyVault/vaults/{vault}/secrets/{name}"),
+    rg!("PATCH", "Microsoft.KeyVault/vaults/{vault}/secrets/{name}"),
+    rg!("GET", "Microsoft.KeyVault/vaults/{vault}/secrets/{name}"),
+    rg!("GET", "Microsoft.KeyVault/vaults/{vault}/secrets"),
 ];
 
 const ARM_BATCH: &[&str] = &[
@@ -682,6 +711,7 @@ const AREAS: &[(&str, &[&str])] = &[
     ),
     ("host_api_routes", HOST),
     ("arm_subscription_and_resource_group_routes", ARM_GROUPS),
+    ("arm_generic_resource_routes", ARM_GENERIC),
     (
         "arm_identity_and_federated_credential_routes",
         ARM_IDENTITIES,
@@ -1119,7 +1149,50 @@ async fn cloud_metadata_and_vault_clock_routes() {
     assert_eq!(v["authentication"]["tenant"], srv.tenant.as_str());
     assert_eq!(v["authentication"]["audiences"][0], format!("{b}/"));
     assert_eq!(v["resourceManager"], format!("{b}/"));
-    assert_eq!(v["suffixes"]["keyVaultDns"], "vault.localhost");
+    // `az keyvault … --vault-name v` builds `https://v.{keyVaultDns}`: the vault's own URL,
+    // port included (az has no other way to learn it)
+    let dns = s(&v["suffixes"]["keyVaultDns"]);
+    assert_eq!(format!("https://kv1.{dns}/"), srv.s.vault_uri("kv1"), "{v}");
+    let port = b.rsplit(':').next().unwrap();
+    assert_eq!(dns, format!("vault.localhost:{port}"), "{v}");
+    // older api-versions get ARM's older shapes: 2015-01-01 (msrestazure) and `1.0` (Azure
+    // Stack, go-autorest) the first one; 2019-05-01 … 2022-08 an array of clouds
+    for version in ["2015-01-01", "1.0"] {
+        let old = srv
+            .expect(
+                srv.call(
+                    "CLOUD GET /metadata/endpoints",
+                    format!("/metadata/endpoints?api-version={version}"),
+                ),
+                200,
+            )
+            .await;
+        assert_eq!(
+            old,
+            json!({
+                "galleryEndpoint": format!("{b}/"),
+                "graphEndpoint": format!("{b}/"),
+                "portalEndpoint": format!("{b}/"),
+                "authentication": {
+                    "loginEndpoint": b,
+                    "audiences": [format!("{b}/"), "https://management.core.windows.net/"],
+                },
+            }),
+            "{version}"
+        );
+    }
+    for version in ["2019-05-01", "2020-06-01"] {
+        let clouds = srv
+            .expect(
+                srv.call(
+                    "CLOUD GET /metadata/endpoints",
+                    format!("/metadata/endpoints?api-version={version}"),
+                ),
+                200,
+            )
+            .await;
+        assert_eq!(clouds, json!([v.clone()]), "{version}");
+    }
     // az asks `//metadata/endpoints` when the registered URL ends with `/`: the same document
     let again = srv
         .expect(
@@ -1446,6 +1519,24 @@ async fn graph_routes() {
     }
     let r = srv.send(srv.call(route, path).bearer(&graph)).await;
     arm_error(&r, 400, "Request_BadRequest");
+
+    // `/me` with an application's token: Graph's own refusal (every Keyless token is one)
+    let route = "GRAPH GET /v1.0/me";
+    for token in [&graph, &app_graph] {
+        let r = srv.send(srv.call(route, "/v1.0/me").bearer(token)).await;
+        arm_error(&r, 400, "BadRequest");
+        assert_eq!(
+            r.body["error"]["message"],
+            "/me request is only valid with delegated authentication flow.",
+            "{}",
+            r.text
+        );
+    }
+    graph_unauthenticated(&srv.send(srv.call(route, "/v1.0/me")).await);
+    let r = srv
+        .send(srv.call(route, "/v1.0/me").bearer(&kv_token))
+        .await;
+    arm_error(&r, 401, "InvalidAuthenticationToken");
 
     srv.finish(GRAPH, PUBLIC, NEVER_ACCEPTED);
 }
@@ -1833,6 +1924,314 @@ async fn arm_subscription_and_resource_group_routes() {
     arm_error(&r, 404, "ResourceGroupNotFound");
 
     srv.finish(ARM_GROUPS, PUBLIC, NEVER_ACCEPTED);
+}
+
+// ------------------------------------------------------------------ ARM: the generic list, paging
+
+/// `path` with `$filter=f` added.
+fn filtered(path: &str, f: &str) -> String {
+    format!(
+        "{path}&{}",
+        serde_urlencoded::to_string([("$filter", f)]).unwrap()
+    )
+}
+
+/// The ids of a list, lowercased and sorted.
+fn ids(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> = v["value"]
+        .as_array()
+        .unwrap_or(&vec![])
+        .iter()
+        .map(|i| s(&i["id"]).to_ascii_lowercase())
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arm_generic_resource_routes() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    let stranger = nobody(&srv, "stranger", ARM_SCOPE).await;
+    let reader = nobody(&srv, "reader", ARM_SCOPE).await;
+    let sub = srv.sub.clone();
+    put_group(&srv, &adm, "gen-a").await;
+    put_group(&srv, &adm, "gen-b").await;
+    let put = |route: &'static str, path: String, body: Value| {
+        let c = srv.call(route, path).bearer(&adm.token).json(&body);
+        srv.expect(c, 201)
+    };
+    let identity = |rg: &str, name: &str| {
+        format!(
+            "{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}",
+            group(&srv, rg)
+        )
+    };
+    let (id_a, id_b) = (identity("gen-a", "id-a"), identity("gen-b", "id-b"));
+    let uami = rg!(
+        "PUT",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/{id}"
+    );
+    put(
+        uami,
+        format!("{id_a}?{MSI}"),
+        json!({"location": "westeurope", "tags": {"Env": "prod"}}),
+    )
+    .await;
+    put(uami, format!("{id_b}?{MSI}"), json!({"location": "local"})).await;
+    // a child resource: not in the generic list
+    put(
+        rg!(
+            "PUT",
+            "Microsoft.ManagedIdentity/userAssignedIdentities/{id}/federatedIdentityCredentials/{fic}"
+        ),
+        format!("{id_a}/federatedIdentityCredentials/fic1?{MSI}"),
+        json!({"properties": {"issuer": "https://issuer.example", "subject": "s",
+                              "audiences": ["api://AzureADTokenExchange"]}}),
+    )
+    .await;
+    let vault = format!(
+        "{}/providers/Microsoft.KeyVault/vaults/gen-kv",
+        group(&srv, "gen-b")
+    );
+    put(
+        rg!("PUT", "Microsoft.KeyVault/vaults/{vault}"),
+        format!("{vault}?{KV_ARM}"),
+        json!({"location": "local", "properties": {"tenantId": srv.tenant,
+               "sku": {"family": "A", "name": "standard"}, "accessPolicies": []}}),
+    )
+    .await;
+
+    // the subscription's: every type, in the generic shape (no properties)
+    let route = "ARM GET /subscriptions/{sub}/resources";
+    let all = format!("/subscriptions/{sub}/resources?{RES}");
+    let v = srv
+        .expect(srv.call(route, all.clone()).bearer(&adm.token), 200)
+        .await;
+    for id in [&id_a, &id_b, &vault] {
+        assert!(lists(&v, id), "{id}: {v}");
+    }
+    assert!(
+        !v["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| s(&i["type"]).contains("federatedIdentityCredentials")),
+        "{v}"
+    );
+    let a = v["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| s(&i["id"]).eq_ignore_ascii_case(&id_a))
+        .unwrap();
+    assert_eq!(a["name"], "id-a");
+    assert_eq!(
+        a["type"],
+        "Microsoft.ManagedIdentity/userAssignedIdentities"
+    );
+    assert_eq!(a["location"], "westeurope");
+    assert_eq!(a["tags"], json!({"Env": "prod"}));
+    assert!(a.get("properties").is_none(), "{a}");
+    assert!(v.get("nextLink").is_none(), "{v}");
+
+    // $filter: a type, a tag (its value: the tags are left out, as ARM does), name / group
+    let v = srv
+        .expect(
+            srv.call(
+                route,
+                filtered(&all, "resourceType eq 'Microsoft.KeyVault/vaults'"),
+            )
+            .bearer(&adm.token),
+            200,
+        )
+        .await;
+    assert_eq!(ids(&v), vec![vault.to_ascii_lowercase()], "{v}");
+    let v = srv
+        .expect(
+            srv.call(
+                route,
+                filtered(&all, "tagName eq 'env' and tagValue eq 'prod'"),
+            )
+            .bearer(&adm.token),
+            200,
+        )
+        .await;
+    assert_eq!(ids(&v), vec![id_a.to_ascii_lowercase()], "{v}");
+    assert!(v["value"][0].get("tags").is_none(), "{v}");
+    let v = srv
+        .expect(
+            srv.call(
+                route,
+                filtered(&all, "resourceGroup eq 'GEN-B' and name eq 'id-b'"),
+            )
+            .bearer(&adm.token),
+            200,
+        )
+        .await;
+    assert_eq!(ids(&v), vec![id_b.to_ascii_lowercase()], "{v}");
+    // the Key Vault SDK's Vaults_List sends its own api-version to this path
+    let kv_list = filtered(
+        &format!("/subscriptions/{sub}/resources?api-version=2015-11-01"),
+        "resourceType eq 'Microsoft.KeyVault/vaults'",
+    );
+    let v = srv
+        .expect(srv.call(route, kv_list).bearer(&adm.token), 200)
+        .await;
+    assert_eq!(ids(&v), vec![vault.to_ascii_lowercase()], "{v}");
+    for bad in [
+        "resourceType eq 'Microsoft.KeyVault/vaults' or name eq 'x'",
+        "tagName eq 'env' and resourceType eq 'Microsoft.KeyVault/vaults'",
+        "tagValue eq 'prod'",
+        "identity eq 'x'",
+    ] {
+        let r = srv
+            .send(srv.call(route, filtered(&all, bad)).bearer(&adm.token))
+            .await;
+        arm_error(&r, 400, "InvalidFilterInQueryString");
+        assert_eq!(
+            s(&r.body["error"]["message"]),
+            format!("Invalid $filter '{bad}' specified in the query string.")
+        );
+    }
+    let r = srv
+        .send(
+            srv.call(
+                route,
+                format!("/subscriptions/{sub}/resources?api-version=2001-01-01"),
+            )
+            .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 400, "InvalidApiVersionParameter");
+    // only what the caller may read: nothing for a stranger, one identity for its reader
+    arm_filtered(&srv, &stranger, route, &all).await;
+    let reader_role =
+        format!("/subscriptions/{sub}/providers/Microsoft.Authorization/roleDefinitions/acdd72a7-3385-48ef-bd42-f606fba81ae7");
+    let ra = format!(
+        "{id_b}/providers/Microsoft.Authorization/roleAssignments/{}",
+        uuid::Uuid::new_v4()
+    );
+    put(
+        "ARM PUT {scope}/providers/Microsoft.Authorization/roleAssignments/{name}",
+        format!("{ra}?{AUTHZ}"),
+        json!({"properties": {"roleDefinitionId": reader_role, "principalId": reader.oid}}),
+    )
+    .await;
+    let v = srv
+        .expect(srv.call(route, all.clone()).bearer(&reader.token), 200)
+        .await;
+    assert_eq!(ids(&v), vec![id_b.to_ascii_lowercase()], "{v}");
+
+    // a group's: its resources only; a group the caller may not read, or none, is refused
+    let route = "ARM GET /subscriptions/{sub}/resourceGroups/{rg}/resources";
+    let in_b = format!("{}/resources?{RES}", group(&srv, "gen-b"));
+    let v = srv
+        .expect(srv.call(route, in_b.clone()).bearer(&adm.token), 200)
+        .await;
+    let mut want = vec![id_b.to_ascii_lowercase(), vault.to_ascii_lowercase()];
+    want.sort();
+    assert_eq!(ids(&v), want, "{v}");
+    let v = srv
+        .expect(
+            srv.call(
+                route,
+                filtered(
+                    &in_b,
+                    "resourceType eq 'Microsoft.ManagedIdentity/userAssignedIdentities'",
+                ),
+            )
+            .bearer(&adm.token),
+            200,
+        )
+        .await;
+    assert_eq!(ids(&v), vec![id_b.to_ascii_lowercase()], "{v}");
+    arm_refused(&srv, &stranger, route, &in_b, None).await;
+    let r = srv
+        .send(
+            srv.call(
+                route,
+                format!("{}/resources?{RES}", group(&srv, "gen-none")),
+            )
+            .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 404, "ResourceGroupNotFound");
+
+    srv.finish(ARM_GENERIC, PUBLIC, NEVER_ACCEPTED);
+}
+
+/// A list longer than its page answers the page and a `nextLink` to where the client called
+/// (its `Host`), with the request's query and a `$skiptoken`; following the links lists every
+/// item once; `$top` makes the pages smaller; a token that is none is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arm_lists_page_with_next_links() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    put_group(&srv, &adm, "many").await;
+    let n = 105;
+    let mut want = vec![];
+    for i in 0..n {
+        let id = format!(
+            "{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-{i:03}",
+            group(&srv, "many")
+        );
+        let c = srv
+            .call(
+                rg!(
+                    "PUT",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/{id}"
+                ),
+                format!("{id}?{MSI}"),
+            )
+            .bearer(&adm.token)
+            .json(&json!({"location": "local"}));
+        srv.expect(c, 201).await;
+        want.push(id.to_ascii_lowercase());
+    }
+    want.sort();
+    let route = rg!("GET", "Microsoft.ManagedIdentity/userAssignedIdentities");
+    let first = format!(
+        "{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities?{MSI}",
+        group(&srv, "many")
+    );
+    // all pages, following nextLink as the SDKs do; the links name the host called
+    let pages = |host: &'static str, start: String| {
+        let srv = &srv;
+        let token = adm.token.clone();
+        async move {
+            let mut got = vec![];
+            let mut sizes = vec![];
+            let mut next = Some(start);
+            while let Some(path) = next.take() {
+                let v = srv
+                    .expect(srv.call(route, path).bearer(&token).host(host), 200)
+                    .await;
+                sizes.push(v["value"].as_array().unwrap().len());
+                got.extend(ids(&v));
+                if let Some(link) = v["nextLink"].as_str() {
+                    let origin = format!("https://{host}");
+                    assert!(link.starts_with(&origin), "{link}");
+                    next = Some(link[origin.len()..].to_string());
+                }
+                assert!(sizes.len() <= n, "the links never end");
+            }
+            got.sort();
+            (got, sizes)
+        }
+    };
+    let (got, sizes) = pages("localhost", first.clone()).await;
+    assert_eq!(sizes, vec![100, 5]);
+    assert_eq!(got, want);
+    let (got, sizes) = pages("127.0.0.2:8443", format!("{first}&$top=40")).await;
+    assert_eq!(sizes, vec![40, 40, 25]);
+    assert_eq!(got, want);
+    for bad in ["$skiptoken=%%%", "$top=0", "$top=x"] {
+        let r = srv
+            .send(srv.call(route, format!("{first}&{bad}")).bearer(&adm.token))
+            .await;
+        arm_error(&r, 400, "InvalidParameter");
+    }
 }
 
 // ------------------------------------------------------------------ ARM: identities, FICs
@@ -2468,6 +2867,52 @@ async fn arm_vault_routes() {
         v["properties"]["accessPolicies"][0]["permissions"]["secrets"],
         json!(["get", "list"])
     );
+
+    // secrets as ARM template deployments write them (`Microsoft.KeyVault/vaults/secrets`):
+    // 201 then 200 (a new version), never the value in an answer
+    let route = rg!("PUT", "Microsoft.KeyVault/vaults/{vault}/secrets/{name}");
+    let secret = format!("{vault}/secrets/db");
+    let sp = format!("{secret}?{KV_ARM}");
+    let body = json!({"properties": {"value": "s3cret-arm", "contentType": "text/plain"}});
+    arm_refused(&srv, &stranger, route, &sp, Some(&body)).await;
+    let put_secret = || srv.call(route, sp.clone()).bearer(&adm.token).json(&body);
+    let v = srv.expect(put_secret(), 201).await;
+    assert_eq!(v["id"], secret.as_str());
+    assert_eq!(v["name"], "db");
+    assert_eq!(v["type"], "Microsoft.KeyVault/vaults/secrets");
+    assert_eq!(
+        v["properties"]["secretUri"],
+        format!("https://{VAULT}.vault.localhost:{port}/secrets/db")
+    );
+    assert!(!v.to_string().contains("s3cret-arm"), "{v}");
+    let first = s(&v["properties"]["secretUriWithVersion"]);
+    let v = srv.expect(put_secret(), 200).await;
+    assert_ne!(s(&v["properties"]["secretUriWithVersion"]), first);
+    let route = rg!("PATCH", "Microsoft.KeyVault/vaults/{vault}/secrets/{name}");
+    let patch = json!({"tags": {"env": "prod"}});
+    let v = srv
+        .expect(
+            srv.call(route, sp.clone()).bearer(&adm.token).json(&patch),
+            200,
+        )
+        .await;
+    assert_eq!(v["tags"], json!({"env": "prod"}));
+    arm_refused(&srv, &stranger, route, &sp, Some(&patch)).await;
+    let route = rg!("GET", "Microsoft.KeyVault/vaults/{vault}/secrets/{name}");
+    let v = srv
+        .expect(srv.call(route, sp.clone()).bearer(&adm.token), 200)
+        .await;
+    assert_eq!(v["properties"]["contentType"], "text/plain");
+    assert!(!v.to_string().contains("s3cret-arm"), "{v}");
+    arm_refused(&srv, &stranger, route, &sp, None).await;
+    let route = rg!("GET", "Microsoft.KeyVault/vaults/{vault}/secrets");
+    let list = format!("{vault}/secrets?{KV_ARM}");
+    let v = srv
+        .expect(srv.call(route, list.clone()).bearer(&adm.token), 200)
+        .await;
+    assert!(lists(&v, &secret), "{v}");
+    assert!(!v.to_string().contains("s3cret-arm"), "{v}");
+    arm_refused(&srv, &stranger, route, &list, None).await;
 
     let route = rg!("DELETE", "Microsoft.KeyVault/vaults/{vault}");
     arm_refused(&srv, &stranger, route, &path, None).await;

@@ -313,6 +313,25 @@ impl Api {
         format!("{path}?api-version={version}")
     }
 
+    /// GET an ARM list and every page after it (`nextLink`): the items, as one array. A next
+    /// link is followed on the server it names' path (any of the servers answers it).
+    async fn list_all(&self, path: &str) -> Result<Value, CliError> {
+        let mut items = Vec::new();
+        let mut next = Some(path.to_string());
+        while let Some(p) = next.take() {
+            let page = self.call(reqwest::Method::GET, &p, None).await?;
+            items.extend(page["value"].as_array().cloned().unwrap_or_default());
+            next = page["nextLink"]
+                .as_str()
+                .and_then(|l| reqwest::Url::parse(l).ok())
+                .map(|u| match u.query() {
+                    Some(q) => format!("{}?{q}", u.path()),
+                    None => u.path().to_string(),
+                });
+        }
+        Ok(Value::Array(items))
+    }
+
     /// List resources of type `ty` in a group or the whole subscription.
     async fn list(&self, rg: Option<&str>, ty: &str, version: &str) -> Result<Value, CliError> {
         let scope = match rg {
@@ -320,7 +339,7 @@ impl Api {
             None => format!("/subscriptions/{}", self.subscription),
         };
         let p = format!("{scope}/providers/{ty}?api-version={version}");
-        Ok(self.call(reqwest::Method::GET, &p, None).await?["value"].clone())
+        self.list_all(&p).await
     }
 
     fn print(&self, v: &Value) {
@@ -624,7 +643,7 @@ async fn fic_other(api: &Api, child: &str, verb: FicOtherVerb) -> Result<(), Cli
         }
         FicOtherVerb::List(owner) => {
             let path = owner.path(api, child, None);
-            api.call(reqwest::Method::GET, &path, None).await?["value"].clone()
+            api.list_all(&path).await?
         }
         FicOtherVerb::Delete(at) => {
             api.call(reqwest::Method::DELETE, &at.path(api, child), None)
@@ -984,7 +1003,7 @@ pub async fn vm(c: VmCmd, ty: &'static str) -> Result<(), CliError> {
                 "{}/providers/{ty}/{name}/virtualMachines?api-version={COMPUTE_API}",
                 api.rg_path(&resource_group)
             );
-            api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
+            api.list_all(&p).await?
         }
         VmVerb::JoinToken {
             resource_group,
@@ -1049,14 +1068,7 @@ pub async fn vm(c: VmCmd, ty: &'static str) -> Result<(), CliError> {
                 VmExtensionVerb::List {
                     resource_group,
                     vm_name,
-                } => api
-                    .call(
-                        reqwest::Method::GET,
-                        &ext(&resource_group, &vm_name, None),
-                        None,
-                    )
-                    .await?["value"]
-                    .clone(),
+                } => api.list_all(&ext(&resource_group, &vm_name, None)).await?,
                 VmExtensionVerb::Delete {
                     resource_group,
                     vm_name,
@@ -1204,7 +1216,7 @@ pub async fn group(c: GroupCmd) -> Result<(), CliError> {
                 "/subscriptions/{}/resourcegroups?api-version={RESOURCES_API}",
                 api.subscription
             );
-            api.call(reqwest::Method::GET, &p, None).await?["value"].clone()
+            api.list_all(&p).await?
         }
         GroupVerb::Delete { name } => {
             api.call(reqwest::Method::DELETE, &path(&name), None)
@@ -1471,7 +1483,9 @@ impl Api {
                 &serde_urlencoded::to_string([("$filter", f.join(" and "))]).unwrap_or_default(),
             );
         }
-        Ok(self.call(reqwest::Method::GET, &path, None).await?["value"]
+        Ok(self
+            .list_all(&path)
+            .await?
             .as_array()
             .cloned()
             .unwrap_or_default())
@@ -1506,7 +1520,7 @@ pub async fn role(c: RoleCmd) -> Result<(), CliError> {
                         .unwrap_or_default(),
                 );
             }
-            api.call(reqwest::Method::GET, &path, None).await?["value"].clone()
+            api.list_all(&path).await?
         }
         RoleVerb::Assignment {
             verb:
@@ -2123,14 +2137,10 @@ pub async fn batch(c: BatchCmd) -> Result<(), CliError> {
             BatchPoolVerb::List {
                 account_name,
                 resource_group,
-            } => api
-                .call(
-                    reqwest::Method::GET,
-                    &pool(&resource_group, &account_name, None, None),
-                    None,
-                )
-                .await?["value"]
-                .clone(),
+            } => {
+                api.list_all(&pool(&resource_group, &account_name, None, None))
+                    .await?
+            }
             BatchPoolVerb::Delete {
                 account_name,
                 resource_group,
@@ -2529,13 +2539,9 @@ impl Api {
         )])
         .unwrap_or_default();
         let list = self
-            .call(
-                reqwest::Method::GET,
-                &format!("{scope}/providers/Microsoft.Authorization/roleAssignments?api-version={AUTHZ_API}&{f}"),
-                None,
-            )
+            .list_all(&format!("{scope}/providers/Microsoft.Authorization/roleAssignments?api-version={AUTHZ_API}&{f}"))
             .await?;
-        let held = list["value"]
+        let held = list
             .as_array()
             .into_iter()
             .flatten()

@@ -210,11 +210,10 @@ pub async fn list(
             params.push(("$select", sel.to_string()));
         }
         params.push(("$skipToken", last.seq.to_string()));
-        let qs = serde_urlencoded::to_string(&params).unwrap_or_default();
-        body["nextLink"] = json!(format!(
-            "{}/subscriptions/{subscription}/providers/Microsoft.Insights/eventtypes/management/values?{qs}",
-            s.base_url
-        ));
+        let path = format!(
+            "/subscriptions/{subscription}/providers/Microsoft.Insights/eventtypes/management/values"
+        );
+        body["nextLink"] = json!(crate::arm::reply::next_link(&s.base_url, &path, &params));
     }
     Ok(Json(body).into_response())
 }

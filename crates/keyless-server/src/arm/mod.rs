@@ -19,8 +19,11 @@ pub mod activity;
 pub mod batch;
 pub mod clusters;
 pub mod compute;
+mod deployment_run;
+pub mod deployments;
 mod etag;
 pub mod fics;
+mod generic;
 pub mod identities;
 mod provider;
 pub mod registry;
@@ -106,6 +109,13 @@ fn check_version(supported: &[&str], v: &str) -> Result<()> {
 /// Activity Log hook ([`crate::arm::activity::record`]) — once, whatever the outcome.
 async fn handle(State(s): State<Arc<AppState>>, req: Request) -> Result<Response> {
     let caller = authenticate(&s, req.headers())?;
+    serve(&s, &caller, req).await
+}
+
+/// An authenticated request (a client's, or one a deployment makes as its caller through
+/// [`front`]).
+async fn serve(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Response> {
+    let (s, caller) = (s.clone(), caller.clone());
     let op = ArmPath::parse(req.uri().path())
         .ok()
         .and_then(|p| keyless_core::activity_log::operation(req.method().as_str(), &p));
@@ -146,7 +156,8 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
     let version = query
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("api-version"))
-        .map(|(_, v)| v.clone())
+        // ARM reads api-versions without case (`2022-01-31-PREVIEW` in seed 003's template)
+        .map(|(_, v)| v.to_ascii_lowercase())
         .ok_or(ServerError::MissingApiVersion)?;
     if let Some(sub) = keyless_core::activity_log::events_path(parts.uri.path()) {
         check_version(keyless_core::activity_log::API_VERSIONS, &version)?;
@@ -167,9 +178,23 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
         .filter(|b| b.len() <= MAX_BODY)
         .ok_or(ServerError::RequestTooLarge(MAX_BODY))?;
     let claim = match fic_write(&parts.method, &path) {
-        Some(identity) => Some(crate::arm::fics::claim_writes(&s, &caller, identity).await?),
+        Some(identity) => {
+            let claim = crate::arm::fics::claim_writes(&s, &caller, identity).await?;
+            // the store's calls complete without yielding when nothing contends: yield once
+            // with the claim held, so a write started at the same time in the same task (a
+            // deployment's parallel resources, [`deployment_run`]) meets the claim, as
+            // concurrent writes do at the real provider, rather than running after this one
+            // has ended
+            tokio::task::yield_now().await;
+            Some(claim)
+        }
         None => None,
     };
+    // a list answers its page, with a `nextLink` to where the client called
+    let host = (parts.headers.get(axum::http::header::HOST))
+        .and_then(|h| h.to_str().ok())
+        .or(parts.uri.authority().map(|a| a.as_str()));
+    let page = reply::Page::of(host, &s.base_url, parts.uri.path(), &query, &path);
     let req = ArmRequest {
         caller: &caller,
         method: &parts.method,
@@ -187,7 +212,35 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
             tracing::warn!(error = %e, "releasing a federated credential write claim failed; it expires by itself");
         }
     }
-    answer
+    let mut answer = answer?;
+    // a deployment accepted and committed: run it
+    if let Some(deployments::Started(job)) = answer.extensions_mut().remove() {
+        tokio::spawn(deployment_run::run(s.clone(), job, front(&s)));
+    }
+    page.answer(answer)
+}
+
+/// The control plane's front door for requests a deployment makes as its caller.
+fn front(s: &Arc<AppState>) -> deployment_run::Front {
+    let s = s.clone();
+    Arc::new(move |caller, method, path, body| {
+        let s = s.clone();
+        Box::pin(async move {
+            let req = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(axum::http::header::CONTENT_TYPE, "application/json")
+                .body(axum::body::Body::from(body));
+            match req {
+                Ok(req) => serve(&s, &caller, req)
+                    .await
+                    .unwrap_or_else(IntoResponse::into_response),
+                Err(_) => {
+                    ServerError::InvalidPath("(a template resource id)".into()).into_response()
+                }
+            }
+        })
+    })
 }
 
 /// Route the request in one unit of work: committed when the answer is a success, rolled back
@@ -360,6 +413,7 @@ impl<'a> ArmRequest<'a> {
             query: self.query,
             body: self.body,
             write_claimed: self.fic_claimed,
+            providers: registry::PROVIDERS,
         }
     }
 }
@@ -514,6 +568,10 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
                 _ => Err(ServerError::MethodNotAllowed(m.to_string())),
             }
         }
+        ArmPath::GenericResources {
+            subscription,
+            resource_group,
+        } => generic::list(s, tx, req, &subscription, resource_group.as_deref()).await,
         ArmPath::Collection {
             subscription,
             resource_group,

@@ -53,6 +53,9 @@ pub struct Call<'a, T> {
     /// Whether the write claim on the parent's children is held (a PUT of a federated
     /// identity credential, see [`crate::arm::fics::claim_writes`]).
     pub write_claimed: bool,
+    /// Every resource type served (the registry's), for a handler that names resources of
+    /// other types (a deployment's preflight) without importing the registry.
+    pub providers: &'static [&'static Provider],
 }
 
 /// A collection of one type: a subscription's, or a resource group's.
@@ -229,6 +232,26 @@ impl Child {
     pub fn action_of(&self, name: &str, m: &Method) -> Option<&'static Action<ChildId>> {
         find_action(self.actions, name, m)
     }
+}
+
+/// The provider of resource type `namespace/type_name` (both case-insensitive) among
+/// `providers`; `InvalidResourceType` when none serves it.
+pub fn find(
+    providers: &'static [&'static Provider],
+    namespace: &str,
+    type_name: &str,
+) -> Result<&'static Provider> {
+    providers
+        .iter()
+        .copied()
+        .find(|p| {
+            p.namespace.eq_ignore_ascii_case(namespace)
+                && p.type_name.eq_ignore_ascii_case(type_name)
+        })
+        .ok_or_else(|| ServerError::InvalidResourceType {
+            namespace: namespace.to_string(),
+            type_name: type_name.to_string(),
+        })
 }
 
 fn find_action<T>(

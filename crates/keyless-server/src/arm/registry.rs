@@ -5,9 +5,10 @@
 use crate::arm::batch;
 use crate::arm::clusters;
 use crate::arm::compute;
+use crate::arm::deployments;
 use crate::arm::identities;
 use crate::arm::vaults;
-use crate::error::{Result, ServerError};
+use crate::error::Result;
 
 pub use crate::arm::provider::{
     Access, Action, Call, Child, ChildId, ChildResource, Collection, Exists, Handler, Methods,
@@ -22,27 +23,19 @@ pub static PROVIDERS: &[&Provider] = &[
     &vaults::PROVIDER,
     &batch::PROVIDER,
     &clusters::PROVIDER,
+    &deployments::PROVIDER,
 ];
 
 /// The provider of resource type `namespace/type_name` (both case-insensitive);
 /// `InvalidResourceType` when none serves it.
 pub fn lookup(namespace: &str, type_name: &str) -> Result<&'static Provider> {
-    PROVIDERS
-        .iter()
-        .copied()
-        .find(|p| {
-            p.namespace.eq_ignore_ascii_case(namespace)
-                && p.type_name.eq_ignore_ascii_case(type_name)
-        })
-        .ok_or_else(|| ServerError::InvalidResourceType {
-            namespace: namespace.to_string(),
-            type_name: type_name.to_string(),
-        })
+    crate::arm::provider::find(PROVIDERS, namespace, type_name)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ServerError;
     use keyless_core::resource_id::KNOWN_TYPES;
 
     #[test]

@@ -182,7 +182,7 @@ pub async fn handle(
                 .filter(|_| f.role_type != Some(RoleType::Custom))
                 .map(|r| definition_json(s, r))
                 .collect();
-            Ok(Json(json!({ "value": roles })).into_response())
+            Ok(crate::arm::reply::list(roles))
         }
         (AuthorizationKind::RoleDefinitions, Method::GET, Some(id)) => {
             check_scope(s, tx, scope).await?;
@@ -211,7 +211,7 @@ pub async fn handle(
                 .filter(|ra| visible(ra, &scope_s, &f))
                 .map(assignment_json)
                 .collect();
-            Ok(Json(json!({ "value": list })).into_response())
+            Ok(crate::arm::reply::list(list))
         }
         (AuthorizationKind::RoleAssignments, Method::GET, Some(n)) => {
             authz::check(

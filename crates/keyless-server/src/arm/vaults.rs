@@ -1,13 +1,17 @@
 //! `Microsoft.KeyVault/vaults` in the control plane: create / update / get / list / delete,
-//! and `accessPolicies/{add|replace|remove}`, with the provider entry ([`PROVIDER`]). The data
-//! plane is in [`crate::kv`].
+//! `accessPolicies/{add|replace|remove}`, and `secrets` (create / update / get / list, as ARM
+//! template deployments write them; the value is written by the data plane's code in
+//! [`crate::kv::arm_secrets`] and never answered), with the provider entry ([`PROVIDER`]). The
+//! data plane is in [`crate::kv`].
 
 use crate::arm::provider::{
-    handler, Access, Call, Child, ChildId, ChildResource, Collection, Methods, Provider,
+    handler, Access, Action, Call, Child, ChildId, ChildResource, Collection, Methods, Provider,
 };
-use crate::arm::reply::{created_or_ok, deleted};
+use crate::arm::reply::{self, created_or_ok, deleted};
 use crate::arm::resources::{get_resource_group, location, tags};
-use crate::error::{Result, ServerError};
+use crate::error::{KvKind, Result, ServerError};
+use crate::kv::arm_secrets::{self, SecretInput, SecretMeta};
+use crate::kv::AttrsIn;
 use crate::request::parse_body;
 use crate::state::AppState;
 use axum::http::Method;
@@ -15,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::resource_id::{ResourceId, VAULT};
 use keyless_core::vault::access::{self, AccessPolicy, PolicyUpdate};
-use keyless_core::vault::validate_vault_name;
+use keyless_core::vault::{valid_object_name, validate_vault_name};
 use keyless_store::{Conflict, StoreError, Tx, VaultRecord};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -59,16 +63,33 @@ pub static PROVIDER: Provider = Provider {
         delete: Some(handler!(delete)),
         ..Methods::NONE
     },
-    children: &[Child {
-        type_name: "accessPolicies",
-        resource: Some(ChildResource {
-            access: Access::ParentWrite,
-            lockdown: true,
-            handler: handler!(access_policies),
-        }),
-        actions: &[],
+    children: &[
+        Child {
+            type_name: "accessPolicies",
+            resource: Some(ChildResource {
+                access: Access::ParentWrite,
+                lockdown: true,
+                handler: handler!(access_policies),
+            }),
+            actions: &[],
+        },
+        Child {
+            type_name: "secrets",
+            resource: Some(ChildResource {
+                access: Access::Child,
+                lockdown: true,
+                handler: handler!(secret),
+            }),
+            actions: &[],
+        },
+    ],
+    actions: &[Action {
+        name: "secrets",
+        method: Method::GET,
+        authorize: Some("Microsoft.KeyVault/vaults/secrets/read"),
+        lockdown: false,
+        handler: handler!(secrets),
     }],
-    actions: &[],
     row: Some("vaults"),
     etag_in_body_since: None,
     role_scope: Some(handler!(exists)),
@@ -110,6 +131,124 @@ async fn access_policies(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Re
     let b: Value = parse_body(c.body)?;
     let ChildId { parent, name } = c.target;
     Ok(Json(update_access_policies(s, tx, parent, name, b).await?).into_response())
+}
+
+/// A secret's PUT / PATCH body (`SecretCreateOrUpdateParameters`, `SecretPatchParameters`).
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SecretBody {
+    tags: Option<BTreeMap<String, String>>,
+    properties: Option<SecretProps>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SecretProps {
+    value: Option<String>,
+    content_type: Option<String>,
+    /// `enabled`, `nbf`, `exp` (the read-only `created` / `updated` are ignored).
+    attributes: Option<AttrsIn>,
+}
+
+/// `PUT | PATCH | GET {vault}/secrets/{name}`: 201 when a PUT creates the secret, 200 when it
+/// writes a new version of one; PATCH updates it (a new version only when it carries a value).
+async fn secret(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Response> {
+    let ChildId { parent, name } = c.target;
+    if !valid_object_name(name) {
+        return Err(ServerError::InvalidResourceName(format!(
+            "The secret name '{name}' is invalid. It must be 1-127 characters of letters, digits and dashes."
+        )));
+    }
+    let vault = get_vault(s, tx, parent).await?;
+    let arm = |e| secret_error(e, &vault, name);
+    match *c.method {
+        Method::PUT | Method::PATCH => {
+            let patch = *c.method == Method::PATCH;
+            let b: SecretBody = parse_body(c.body)?;
+            if !patch && b.properties.is_none() {
+                return Err(bad("The property 'properties' is required."));
+            }
+            let p = b.properties.unwrap_or_default();
+            let input = SecretInput {
+                value: p.value,
+                content_type: p.content_type,
+                attributes: p.attributes,
+                tags: b.tags,
+            };
+            let (m, created) = arm_secrets::put(s, tx, &vault, c.caller, name, input, patch)
+                .await
+                .map_err(arm)?;
+            Ok(created_or_ok(created, secret_json(&vault, &m)))
+        }
+        Method::GET => {
+            let m = arm_secrets::get(s, tx, &vault, c.caller, name)
+                .await
+                .map_err(arm)?;
+            Ok(Json(secret_json(&vault, &m)).into_response())
+        }
+        _ => Err(ServerError::MethodNotAllowed(c.method.to_string())),
+    }
+}
+
+/// `GET {vault}/secrets`.
+async fn secrets(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let vault = get_vault(s, tx, c.target).await?;
+    let items = arm_secrets::list(s, tx, &vault, c.caller).await?;
+    Ok(reply::list(
+        items.iter().map(|m| secret_json(&vault, m)).collect(),
+    ))
+}
+
+/// A data-plane refusal of a secret write or read, in ARM's kinds.
+fn secret_error(e: ServerError, vault: &VaultRecord, name: &str) -> ServerError {
+    let ServerError::Vault { kind, message, .. } = e else {
+        return e;
+    };
+    match kind {
+        KvKind::BadParameter | KvKind::TooLarge => bad(message),
+        KvKind::NotFound(_) => ServerError::ResourceNotFound {
+            type_name: "Microsoft.KeyVault/vaults/secrets".into(),
+            name: format!("{}/{name}", vault.name),
+            group: vault.resource_group.clone(),
+        },
+        KvKind::Conflict(inner) => ServerError::Conflict {
+            code: inner.unwrap_or("Conflict"),
+            message,
+        },
+        // a certificate's secret: changed through the certificate only
+        KvKind::Forbidden(_) => ServerError::Conflict {
+            code: "OperationNotAllowed",
+            message,
+        },
+        kind => ServerError::kv(kind, message),
+    }
+}
+
+/// A secret as ARM shows it (`Microsoft.KeyVault/vaults/secrets`): never its value.
+fn secret_json(vault: &VaultRecord, m: &SecretMeta) -> Value {
+    let mut attributes = json!({"enabled": m.enabled, "created": m.created, "updated": m.updated});
+    if let Some(n) = m.nbf {
+        attributes["nbf"] = json!(n);
+    }
+    if let Some(e) = m.exp {
+        attributes["exp"] = json!(e);
+    }
+    let mut properties = json!({
+        "attributes": attributes,
+        "secretUri": m.uri,
+        "secretUriWithVersion": m.uri_with_version,
+    });
+    if let Some(ct) = &m.content_type {
+        properties["contentType"] = json!(ct);
+    }
+    json!({
+        "id": format!("{}/secrets/{}", vault.resource_id, m.name),
+        "name": m.name,
+        "type": "Microsoft.KeyVault/vaults/secrets",
+        "location": vault.location,
+        "tags": m.tags,
+        "properties": properties,
+    })
 }
 
 fn bad(message: impl Into<String>) -> ServerError {

@@ -14,6 +14,7 @@
 //! staleness bound); a write, or a read that misses, reads it in its unit of work. A secret GET
 //! with its vault cached is one indexed statement (`Tx::kv_live_version`).
 
+pub mod arm_secrets;
 pub mod backup;
 pub mod certs;
 pub mod keys;

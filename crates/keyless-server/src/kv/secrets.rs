@@ -86,13 +86,23 @@ fn common_fields(ctx: &Ctx<'_>, v: &KvVersionRecord, out: &mut Value) {
     }
 }
 
+/// A new version's parameters (`SecretSetParameters`).
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct SetBody {
-    value: Option<String>,
-    content_type: Option<String>,
-    attributes: Option<AttrsIn>,
-    tags: Option<BTreeMap<String, String>>,
+pub(super) struct SetBody {
+    pub(super) value: Option<String>,
+    pub(super) content_type: Option<String>,
+    pub(super) attributes: Option<AttrsIn>,
+    pub(super) tags: Option<BTreeMap<String, String>>,
+}
+
+/// A version's updatable fields (`SecretUpdateParameters`).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Patch {
+    pub(super) content_type: Option<String>,
+    pub(super) attributes: Option<AttrsIn>,
+    pub(super) tags: Option<BTreeMap<String, String>>,
 }
 
 fn check_content_type(ct: &Option<String>) -> Result<()> {
@@ -126,44 +136,7 @@ pub async fn handle(
             ctx.authorize(tx, Coll::Secrets, Op::Set, Some(&name))
                 .await?;
             let b: SetBody = parse_body(body)?;
-            let value = b
-                .value
-                .ok_or_else(|| bad("The secret value is required."))?;
-            if value.len() > MAX_SECRET_VALUE {
-                return Err(bad(format!(
-                    "The secret value exceeds the maximum size of {MAX_SECRET_VALUE} bytes."
-                )));
-            }
-            check_content_type(&b.content_type)?;
-            check_tags(&b.tags)?;
-            if tx
-                .kv_name(ctx.vname, "certificates", &name)
-                .await?
-                .is_some()
-            {
-                return Err(ServerError::kv(KvKind::Conflict(None),
-                    format!("Secret {name} is managed by a certificate of the same name; set a new version through the certificate."),
-                ));
-            }
-            let mut v = ctx.new_version(Coll::Secrets, &name);
-            if let Some(existing) = tx.kv_name(ctx.vname, "secrets", &name).await? {
-                v.name = existing.name;
-            }
-            v.content_type = b.content_type;
-            v.tags = b.tags.unwrap_or_default();
-            apply_attrs(&mut v, &b.attributes.unwrap_or_default(), true);
-            v.private = Some(value.into_bytes());
-            ctx.write(
-                tx,
-                Coll::Secrets,
-                &name,
-                &KvWrite {
-                    versions: vec![v.clone()],
-                    extra: None,
-                    expect_latest: None,
-                },
-            )
-            .await?;
+            let (v, _) = set(ctx, tx, &name, b).await?;
             Ok(Json(Secrets::bundle(ctx, &v, true)).into_response())
         }
         (&Method::GET, Target::Object { name, version, .. }) => {
@@ -201,35 +174,90 @@ pub async fn handle(
             ctx.name(Coll::Secrets, &name)?;
             ctx.authorize(tx, Coll::Secrets, Op::Update, Some(&name))
                 .await?;
-            #[derive(serde::Deserialize)]
-            #[serde(rename_all = "camelCase")]
-            struct Patch {
-                content_type: Option<String>,
-                attributes: Option<AttrsIn>,
-                tags: Option<BTreeMap<String, String>>,
-            }
             let b: Patch = parse_body(body)?;
-            check_content_type(&b.content_type)?;
-            check_tags(&b.tags)?;
-            let mut v = ctx
-                .live_version(tx, Coll::Secrets, &name, version.as_deref())
-                .await?;
-            if v.managed {
-                return Err(ServerError::kv(KvKind::Forbidden(None), format!("Secret {name} is managed by a certificate; update the certificate instead.")));
-            }
-            if b.content_type.is_some() {
-                v.content_type = b.content_type;
-            }
-            if let Some(t) = b.tags {
-                v.tags = t;
-            }
-            apply_attrs(&mut v, &b.attributes.unwrap_or_default(), true);
-            v.updated = ctx.now;
-            tx.kv_update_version(&v).await?;
+            let v = update(ctx, tx, &name, version.as_deref(), b).await?;
             Ok(Json(Secrets::bundle(ctx, &v, false)).into_response())
         }
         (m, _) => Err(method_not_allowed(m)),
     }
+}
+
+/// Write a new version of secret `name` (`PUT /secrets/{name}` once its caller is authorized;
+/// also the control plane's `Microsoft.KeyVault/vaults/secrets`): the value is sealed by the
+/// store when written. Returns the version and whether the name was new to the vault.
+pub(super) async fn set(
+    ctx: &Ctx<'_>,
+    tx: &mut Tx,
+    name: &str,
+    b: SetBody,
+) -> Result<(KvVersionRecord, bool)> {
+    let value = b
+        .value
+        .ok_or_else(|| bad("The secret value is required."))?;
+    if value.len() > MAX_SECRET_VALUE {
+        return Err(bad(format!(
+            "The secret value exceeds the maximum size of {MAX_SECRET_VALUE} bytes."
+        )));
+    }
+    check_content_type(&b.content_type)?;
+    check_tags(&b.tags)?;
+    if tx.kv_name(ctx.vname, "certificates", name).await?.is_some() {
+        return Err(ServerError::kv(KvKind::Conflict(None),
+            format!("Secret {name} is managed by a certificate of the same name; set a new version through the certificate."),
+        ));
+    }
+    let mut v = ctx.new_version(Coll::Secrets, name);
+    let existing = tx.kv_name(ctx.vname, "secrets", name).await?;
+    let created = existing.is_none();
+    if let Some(existing) = existing {
+        v.name = existing.name;
+    }
+    v.content_type = b.content_type;
+    v.tags = b.tags.unwrap_or_default();
+    apply_attrs(&mut v, &b.attributes.unwrap_or_default(), true);
+    v.private = Some(value.into_bytes());
+    ctx.write(
+        tx,
+        Coll::Secrets,
+        name,
+        &KvWrite {
+            versions: vec![v.clone()],
+            extra: None,
+            expect_latest: None,
+        },
+    )
+    .await?;
+    Ok((v, created))
+}
+
+/// Update the attributes, content type and tags of a version (`None`: the latest) of secret
+/// `name` in place (`PATCH /secrets/{name}[/{version}]` once its caller is authorized).
+pub(super) async fn update(
+    ctx: &Ctx<'_>,
+    tx: &mut Tx,
+    name: &str,
+    version: Option<&str>,
+    b: Patch,
+) -> Result<KvVersionRecord> {
+    check_content_type(&b.content_type)?;
+    check_tags(&b.tags)?;
+    let mut v = ctx.live_version(tx, Coll::Secrets, name, version).await?;
+    if v.managed {
+        return Err(ServerError::kv(
+            KvKind::Forbidden(None),
+            format!("Secret {name} is managed by a certificate; update the certificate instead."),
+        ));
+    }
+    if b.content_type.is_some() {
+        v.content_type = b.content_type;
+    }
+    if let Some(t) = b.tags {
+        v.tags = t;
+    }
+    apply_attrs(&mut v, &b.attributes.unwrap_or_default(), true);
+    v.updated = ctx.now;
+    tx.kv_update_version(&v).await?;
+    Ok(v)
 }
 
 #[cfg(test)]

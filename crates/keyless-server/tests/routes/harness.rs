@@ -107,6 +107,11 @@ impl Call {
             .push((HeaderName::from_static(name), value.to_string()));
         self
     }
+    /// The `Host` the client called (default: `localhost`, or the vault's host).
+    pub fn host(mut self, host: &str) -> Self {
+        self.host = host.to_string();
+        self
+    }
     /// The client certificate the TLS layer saw (`None`: the connection presented none).
     pub fn peer(mut self, fingerprint: Option<&str>) -> Self {
         self.peer = Some(PeerCert(fingerprint.map(str::to_string)));

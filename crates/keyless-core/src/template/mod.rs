@@ -1,0 +1,1178 @@
+//! ARM template evaluation (pure, no IO): JSONC parsing, parameters, variables, resources with
+//! copy loops and nested children, `dependsOn` (explicit and implicit via `reference()`),
+//! conditions, outputs, and the template functions.
+//!
+//! Errors carry ARM's codes and sentences:
+//! - `InvalidTemplate`, "Deployment template parse failed: '…'." — the JSON(C) does not parse.
+//! - `InvalidTemplate`, "Deployment template validation failed: '…'." — template structure, parameters
+//!   (not provided, wrong type "Template parameter JToken type is not valid. Expected 'Integer'.
+//!   Actual 'String'.", allowedValues, min/max length and value, unknown parameters "The template
+//!   parameters 'x' in the parameters file are not valid; …", Key Vault references), resources
+//!   ("… has incorrect segment lengths …", "The resource '…' is not defined in the template.",
+//!   "Circular dependency detected on resource: '…'.", "… is defined multiple times in a template.",
+//!   nested copy), outputs (type).
+//! - `InvalidTemplate`, "Deployment template language expression evaluation failed: '…'." — an
+//!   expression: syntax, unknown function ("The template function 'foo' is not valid."), arity
+//!   ("Unable to evaluate template language function 'x': function requires 1 argument(s) while 2
+//!   were provided."), argument types, a function outside its place (utcNow/newGuid outside a
+//!   parameter default, reference/list* outside resource properties and outputs, copyIndex outside a
+//!   loop: "The template function 'x' is not expected at this location."), missing
+//!   parameters/variables/properties, reference() to a resource that does not exist
+//!   ("The Resource '<id>' was not found."), list* functions (not served by Keyless).
+//!
+//! `target` is the failing place when known: "parameters.p", "variables.v", "outputs.o", a
+//! resource's id, or "resources[i]" before the id is known.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{json, Map, Value};
+
+mod eval;
+mod expr;
+mod functions;
+mod hash;
+mod jsonc;
+
+use eval::{
+    eval_count, eval_loop, eval_value, Binding, Ctx, Def, Env, Lazy, LoopKind, Names, Phase, Src,
+};
+
+pub use jsonc::parse_jsonc;
+
+/// Where a deployment runs (resource-group scope).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub subscription_id: String,
+    pub tenant_id: String,
+    /// Name as stored (echo case).
+    pub resource_group: String,
+    pub resource_group_location: String,
+    pub deployment_name: String,
+}
+
+/// A template error with ARM's code and sentence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateError {
+    pub code: &'static str,
+    pub message: String,
+    pub target: Option<String>,
+}
+
+impl std::fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for TemplateError {}
+
+impl TemplateError {
+    fn validation(msg: impl std::fmt::Display, target: Option<String>) -> Self {
+        TemplateError {
+            code: "InvalidTemplate",
+            message: format!("Deployment template validation failed: '{msg}'."),
+            target,
+        }
+    }
+
+    fn expression(msg: impl std::fmt::Display, target: Option<String>) -> Self {
+        TemplateError {
+            code: "InvalidTemplate",
+            message: format!("Deployment template language expression evaluation failed: '{msg}'."),
+            target,
+        }
+    }
+}
+
+/// Answers `reference()` for resources deployed so far or existing ones.
+pub trait References {
+    /// The resource `id` as its GET answers it (the full resource object), or None.
+    fn get(&self, id: &str) -> Option<Value>;
+}
+
+/// No resources: every `reference()` fails.
+pub struct NoReferences;
+
+impl References for NoReferences {
+    fn get(&self, _id: &str) -> Option<Value> {
+        None
+    }
+}
+
+/// One resource instance to deploy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedResource {
+    /// "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials"
+    pub full_type: String,
+    /// The full name: "FIC_UA/testCredential".
+    pub name: String,
+    pub id: String,
+    pub api_version: String,
+    /// Indices into [`Plan::resources`] this one waits for.
+    pub depends_on: Vec<usize>,
+    /// (loop name, index) for an instance of a copy loop.
+    pub copy: Option<(String, usize)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParamType {
+    String,
+    SecureString,
+    Int,
+    Bool,
+    Object,
+    SecureObject,
+    Array,
+}
+
+impl ParamType {
+    fn parse(t: &str) -> Option<Self> {
+        Some(match t.to_ascii_lowercase().as_str() {
+            "string" => ParamType::String,
+            "securestring" => ParamType::SecureString,
+            "int" => ParamType::Int,
+            "bool" => ParamType::Bool,
+            "object" => ParamType::Object,
+            "secureobject" => ParamType::SecureObject,
+            "array" => ParamType::Array,
+            _ => return None,
+        })
+    }
+
+    /// As ARM echoes it.
+    fn echo(self) -> &'static str {
+        match self {
+            ParamType::String => "String",
+            ParamType::SecureString => "SecureString",
+            ParamType::Int => "Int",
+            ParamType::Bool => "Bool",
+            ParamType::Object => "Object",
+            ParamType::SecureObject => "SecureObject",
+            ParamType::Array => "Array",
+        }
+    }
+
+    /// The JToken type a value must have.
+    fn jtoken(self) -> &'static str {
+        match self {
+            ParamType::String | ParamType::SecureString => "String",
+            ParamType::Int => "Integer",
+            ParamType::Bool => "Boolean",
+            ParamType::Object | ParamType::SecureObject => "Object",
+            ParamType::Array => "Array",
+        }
+    }
+
+    fn secure(self) -> bool {
+        matches!(self, ParamType::SecureString | ParamType::SecureObject)
+    }
+}
+
+/// A resource instance's evaluation context.
+#[derive(Debug, Clone)]
+struct Instance {
+    def: usize,
+    bindings: Vec<Binding>,
+}
+
+/// A validated template with its parameters, ready to deploy.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub resources: Vec<PlannedResource>,
+    instances: Vec<Instance>,
+    defs: Vec<Value>,
+    template: Value,
+    scope: Scope,
+    params: HashMap<String, Value>,
+    echo: Vec<(String, ParamType, Value)>,
+    vars: HashMap<String, Value>,
+    names: Names,
+}
+
+/// Members of a resource that are the template's, not the resource's.
+const TEMPLATE_ONLY: &[&str] = &[
+    "type",
+    "name",
+    "apiVersion",
+    "dependsOn",
+    "copy",
+    "condition",
+    "comments",
+    "resources",
+    "scope",
+    "metadata",
+    "existing",
+];
+
+/// An instance before conditions and dependencies are settled.
+struct Pending {
+    inst: Instance,
+    full_type: String,
+    name: String,
+    id: String,
+    api_version: String,
+    condition: bool,
+    depends_raw: Vec<String>,
+    copy: Option<(String, usize)>,
+    /// Extra dependencies (serial copy batches), as pending indices.
+    serial: Vec<usize>,
+}
+
+impl Plan {
+    /// Validate and plan (see the module doc). `utcNow()` and `newGuid()` in parameter defaults
+    /// use the wall clock and fresh randomness; [`Plan::prepare_at`] takes them as inputs.
+    pub fn prepare(
+        template: &Value,
+        parameters: &Value,
+        scope: &Scope,
+    ) -> Result<Plan, TemplateError> {
+        use crate::clock::Clock as _;
+        let now = crate::clock::SystemClock.now();
+        Self::prepare_at(
+            template,
+            parameters,
+            scope,
+            now,
+            uuid::Uuid::new_v4().as_u128(),
+        )
+    }
+
+    /// [`Plan::prepare`] with the time (Unix seconds) for `utcNow()` and a seed for `newGuid()`.
+    pub fn prepare_at(
+        template: &Value,
+        parameters: &Value,
+        scope: &Scope,
+        now: u64,
+        guid_seed: u128,
+    ) -> Result<Plan, TemplateError> {
+        let t = template.as_object().ok_or_else(|| {
+            TemplateError::validation("The template must be a JSON object.", None)
+        })?;
+        if !t.contains_key("$schema") {
+            return Err(TemplateError::validation(
+                "Required property '$schema' not found in JSON. Path 'properties.template'.",
+                None,
+            ));
+        }
+        let resources = match t.get("resources") {
+            Some(Value::Array(a)) => a,
+            None => {
+                return Err(TemplateError::validation(
+                    "Required property 'resources' not found in JSON. Path 'properties.template'.",
+                    None,
+                ))
+            }
+            Some(_) => {
+                return Err(TemplateError::validation(
+                    "The template property 'resources' must be an array. Please see https://aka.ms/arm-syntax-resources for usage details.",
+                    Some("resources".into()),
+                ))
+            }
+        };
+
+        let (params, echo) = resolve_parameters(template, parameters, scope, now, guid_seed)?;
+        let vars = resolve_variables(template, scope, &params)?;
+
+        let mut env = Env {
+            scope,
+            template,
+            params: Src::Done(&params),
+            vars: Src::Done(&vars),
+            names: None,
+            now,
+            guid_seed,
+            guid_counter: Cell::new(0),
+        };
+
+        // Expand resources: copy loops and nested children.
+        let mut defs = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        for (i, r) in resources.iter().enumerate() {
+            expand(
+                r,
+                None,
+                &[],
+                &env,
+                &mut defs,
+                &mut pending,
+                &format!("resources[{i}]"),
+            )?;
+        }
+
+        // Index once: ids, type/name, names, copy loop names.
+        let mut by_id: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_tn: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_loop: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut names = Names::default();
+        for (i, p) in pending.iter().enumerate() {
+            let id = p.id.to_ascii_lowercase();
+            if p.condition
+                && by_id
+                    .get(&id)
+                    .is_some_and(|v| v.iter().any(|&j| pending[j].condition))
+            {
+                return Err(TemplateError::validation(
+                    format!("The resource '{}' at line '1' and column '1' is defined multiple times in a template. Please see https://aka.ms/arm-syntax-resources for usage details.", p.id),
+                    Some(p.id.clone()),
+                ));
+            }
+            by_id.entry(id.clone()).or_default().push(i);
+            by_tn
+                .entry(format!("{}/{}", p.full_type, p.name).to_ascii_lowercase())
+                .or_default()
+                .push(i);
+            let lname = p.name.to_ascii_lowercase();
+            by_name.entry(lname.clone()).or_default().push(i);
+            if let Some((l, _)) = &p.copy {
+                by_loop.entry(l.to_ascii_lowercase()).or_default().push(i);
+            }
+            names.by_name.entry(lname).or_insert_with(|| p.id.clone());
+            names.by_id.entry(id).or_insert_with(|| p.id.clone());
+        }
+
+        // Dependencies: explicit, implicit (reference()/list* to a template resource), serial copies.
+        let mut deps: Vec<Vec<usize>> = Vec::with_capacity(pending.len());
+        for (i, p) in pending.iter().enumerate() {
+            let mut d: Vec<usize> = p.serial.clone();
+            for raw in &p.depends_raw {
+                let key = raw.to_ascii_lowercase();
+                let hit = if raw.starts_with('/') {
+                    by_id.get(&key)
+                } else {
+                    by_tn
+                        .get(&key)
+                        .or_else(|| by_name.get(&key))
+                        .or_else(|| by_loop.get(&key))
+                };
+                match hit {
+                    Some(v) => d.extend(v.iter().copied()),
+                    None => {
+                        return Err(TemplateError::validation(
+                            format!("The resource '{raw}' is not defined in the template. Please see https://aka.ms/arm-syntax for usage details."),
+                            Some(p.id.clone()),
+                        ))
+                    }
+                }
+            }
+            let cx = Ctx {
+                env: &env,
+                phase: Phase::Static,
+                bindings: p.inst.bindings.clone(),
+                refs: None,
+                validate: false,
+            };
+            let mut targets = Vec::new();
+            scan_references(&defs[p.inst.def], &cx, &mut targets, true);
+            for t in targets {
+                let key = t.to_ascii_lowercase();
+                let hit = if t.starts_with('/') {
+                    by_id.get(&key)
+                } else {
+                    by_name.get(&key)
+                };
+                if let Some(v) = hit {
+                    d.extend(v.iter().copied().filter(|&j| j != i));
+                }
+            }
+            deps.push(d);
+        }
+
+        // Drop resources whose condition is false, and dependencies on them.
+        let mut new_index = vec![usize::MAX; pending.len()];
+        let mut kept = 0;
+        for (i, p) in pending.iter().enumerate() {
+            if p.condition {
+                new_index[i] = kept;
+                kept += 1;
+            }
+        }
+        let mut planned = Vec::with_capacity(kept);
+        let mut instances = Vec::with_capacity(kept);
+        for (i, p) in pending.into_iter().enumerate() {
+            if !p.condition {
+                continue;
+            }
+            let mut d: Vec<usize> = deps[i]
+                .iter()
+                .map(|&j| new_index[j])
+                .filter(|&j| j != usize::MAX)
+                .collect();
+            d.sort_unstable();
+            d.dedup();
+            planned.push(PlannedResource {
+                full_type: p.full_type,
+                name: p.name,
+                id: p.id,
+                api_version: p.api_version,
+                depends_on: d,
+                copy: p.copy,
+            });
+            instances.push(p.inst);
+        }
+        check_cycles(&planned)?;
+
+        // Validate what can be evaluated now (reference() waits for the deployment).
+        env.names = Some(&names);
+        for (r, inst) in planned.iter().zip(&instances) {
+            let cx = Ctx {
+                env: &env,
+                phase: Phase::Body,
+                bindings: inst.bindings.clone(),
+                refs: None,
+                validate: true,
+            };
+            eval_value(&body_template(&defs[inst.def]), &cx)
+                .map_err(|e| TemplateError::expression(e, Some(r.id.clone())))?;
+        }
+        evaluate_outputs(&env, None, true)?;
+
+        Ok(Plan {
+            resources: planned,
+            instances,
+            defs,
+            template: template.clone(),
+            scope: scope.clone(),
+            params,
+            echo,
+            vars,
+            names,
+        })
+    }
+
+    fn env(&self) -> Env<'_> {
+        Env {
+            scope: &self.scope,
+            template: &self.template,
+            params: Src::Done(&self.params),
+            vars: Src::Done(&self.vars),
+            names: Some(&self.names),
+            now: 0,
+            guid_seed: 0,
+            guid_counter: Cell::new(0),
+        }
+    }
+
+    /// The body to PUT for resource `i` (template-only members removed, expressions evaluated).
+    pub fn body(&self, i: usize, refs: &dyn References) -> Result<Value, TemplateError> {
+        let (r, inst) = match (self.resources.get(i), self.instances.get(i)) {
+            (Some(r), Some(inst)) => (r, inst),
+            _ => {
+                return Err(TemplateError::validation(
+                    format!("The template has no resource at index '{i}'."),
+                    None,
+                ))
+            }
+        };
+        let env = self.env();
+        let cx = Ctx {
+            env: &env,
+            phase: Phase::Body,
+            bindings: inst.bindings.clone(),
+            refs: Some(refs),
+            validate: false,
+        };
+        eval_value(&body_template(&self.defs[inst.def]), &cx)
+            .map_err(|e| TemplateError::expression(e, Some(r.id.clone())))
+    }
+
+    /// The outputs as ARM returns them: {"name": {"type": "String", "value": …}}; secure ones left out.
+    pub fn outputs(&self, refs: &dyn References) -> Result<Value, TemplateError> {
+        let env = self.env();
+        evaluate_outputs(&env, Some(refs), false)
+    }
+
+    /// The parameters as ARM echoes them; secure ones have no value.
+    pub fn echoed_parameters(&self) -> Value {
+        let mut m = Map::new();
+        for (name, ty, v) in &self.echo {
+            let entry = if ty.secure() {
+                json!({"type": ty.echo()})
+            } else {
+                json!({"type": ty.echo(), "value": v})
+            };
+            m.insert(name.clone(), entry);
+        }
+        Value::Object(m)
+    }
+
+    /// ARM's templateHash: a decimal number string, stable for the same template content.
+    pub fn template_hash(template: &Value) -> String {
+        hash::murmur64(template.to_string().as_bytes()).to_string()
+    }
+}
+
+/// The resource object without its template-only members.
+fn body_template(def: &Value) -> Value {
+    let mut m = Map::new();
+    if let Some(o) = def.as_object() {
+        for (k, v) in o {
+            if !TEMPLATE_ONLY.iter().any(|t| t.eq_ignore_ascii_case(k)) {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Value::Object(m)
+}
+
+fn param_error(msg: String, name: &str) -> TemplateError {
+    TemplateError::validation(msg, Some(format!("parameters.{name}")))
+}
+
+type Resolved = (HashMap<String, Value>, Vec<(String, ParamType, Value)>);
+
+fn resolve_parameters(
+    template: &Value,
+    given: &Value,
+    scope: &Scope,
+    now: u64,
+    guid_seed: u128,
+) -> Result<Resolved, TemplateError> {
+    let empty = Map::new();
+    let decls = match template.get("parameters") {
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(TemplateError::validation(
+                "The template property 'parameters' must be an object.",
+                None,
+            ))
+        }
+    };
+    let given = match given {
+        Value::Null => &empty,
+        Value::Object(m) => m,
+        _ => {
+            return Err(TemplateError::validation(
+                "The deployment parameters must be an object. Please see https://aka.ms/arm-create-parameter-file for usage details.",
+                None,
+            ))
+        }
+    };
+    let lower: HashMap<String, &String> =
+        decls.keys().map(|k| (k.to_ascii_lowercase(), k)).collect();
+    let unknown: Vec<&str> = given
+        .keys()
+        .filter(|k| !lower.contains_key(&k.to_ascii_lowercase()))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        let supported: Vec<&str> = decls.keys().map(String::as_str).collect();
+        return Err(TemplateError::validation(
+            format!(
+                "The template parameters '{}' in the parameters file are not valid; they are not present in the original template and can therefore not be provided at deployment time. The only supported parameters for this template are '{}'. Please see https://aka.ms/arm-pass-parameter-values for usage details.",
+                unknown.join(", "),
+                supported.join(", ")
+            ),
+            None,
+        ));
+    }
+
+    let mut types = Vec::with_capacity(decls.len());
+    let mut lazy = Lazy::new(Phase::Default);
+    for (name, def) in decls {
+        let ty = def
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(ParamType::parse)
+            .ok_or_else(|| {
+                param_error(
+                    format!("The template parameter '{name}' at line '1' and column '1' has an invalid type '{}'. The supported types are 'string, securestring, int, bool, object, secureobject, array'. Please see https://aka.ms/arm-template/#parameters for usage details.", def.get("type").map(functions::to_text).unwrap_or_default()),
+                    name,
+                )
+            })?;
+        types.push((name, def, ty));
+        let key = name.to_ascii_lowercase();
+        let provided = given
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v);
+        match provided {
+            Some(p) if p.get("reference").is_some() => {
+                return Err(param_error(
+                    format!("The value for the template parameter '{name}' is a Key Vault reference. Key Vault references in deployment parameters are not supported by Keyless; pass the secret's value instead."),
+                    name,
+                ))
+            }
+            Some(p) if p.get("value").is_some() => {
+                lazy.done.get_mut().insert(key, p["value"].clone());
+            }
+            _ => {
+                if let Some(d) = def.get("defaultValue") {
+                    lazy.defs.insert(key, Def::Value(d));
+                }
+            }
+        }
+    }
+    for (name, _, _) in &types {
+        let key = name.to_ascii_lowercase();
+        if !lazy.done.get_mut().contains_key(&key) && !lazy.defs.contains_key(&key) {
+            return Err(param_error(
+                format!("The value for the template parameter '{name}' at line '1' and column '1' is not provided. Please see https://aka.ms/arm-create-parameter-file for usage details."),
+                name,
+            ));
+        }
+    }
+    let env = Env {
+        scope,
+        template,
+        params: Src::Lazy(&lazy),
+        vars: Src::Empty,
+        names: None,
+        now,
+        guid_seed,
+        guid_counter: Cell::new(0),
+    };
+    let mut values = HashMap::with_capacity(types.len());
+    let mut echo = Vec::with_capacity(types.len());
+    for (name, def, ty) in types {
+        let key = name.to_ascii_lowercase();
+        let v = env
+            .param(name)
+            .map_err(|e| TemplateError::expression(e, Some(format!("parameters.{name}"))))?
+            .ok_or_else(|| {
+                param_error(
+                    format!("The value for the template parameter '{name}' at line '1' and column '1' is not provided. Please see https://aka.ms/arm-create-parameter-file for usage details."),
+                    name,
+                )
+            })?;
+        check_parameter(name, def, ty, &v)?;
+        echo.push((name.clone(), ty, v.clone()));
+        values.insert(key, v);
+    }
+    Ok((values, echo))
+}
+
+fn check_parameter(name: &str, def: &Value, ty: ParamType, v: &Value) -> Result<(), TemplateError> {
+    let actual = functions::jtype(v);
+    if actual != ty.jtoken() {
+        return Err(param_error(
+            format!("Template parameter JToken type is not valid. Expected '{}'. Actual '{actual}'. Please see https://aka.ms/arm-create-parameter-file for usage details.", ty.jtoken()),
+            name,
+        ));
+    }
+    let shown = |v: &Value| {
+        if ty.secure() {
+            String::new()
+        } else {
+            format!(" '{}'", functions::to_text(v))
+        }
+    };
+    if let Some(Value::Array(allowed)) = def.get("allowedValues") {
+        let ok = match v {
+            Value::Array(items) if !allowed.iter().any(Value::is_array) => {
+                items.iter().all(|x| allowed.contains(x))
+            }
+            other => allowed.contains(other),
+        };
+        if !ok {
+            let list: Vec<String> = allowed.iter().map(functions::to_text).collect();
+            return Err(param_error(
+                format!("The provided value{} for the template parameter '{name}' at line '1' and column '1' is not valid. The parameter value is not part of the allowed value(s): '{}'. Please see https://aka.ms/arm-create-parameter-file for usage details.", shown(v), list.join(",")),
+                name,
+            ));
+        }
+    }
+    let len = match v {
+        Value::String(s) => Some(s.chars().count() as i64),
+        Value::Array(a) => Some(a.len() as i64),
+        _ => None,
+    };
+    if let Some(len) = len {
+        if let Some(min) = def.get("minLength").and_then(Value::as_i64) {
+            if len < min {
+                return Err(param_error(
+                    format!("The provided value for the template parameter '{name}' at line '1' and column '1' is not valid. Length of the value should be greater than or equal to '{min}'. Please see https://aka.ms/arm-create-parameter-file for usage details."),
+                    name,
+                ));
+            }
+        }
+        if let Some(max) = def.get("maxLength").and_then(Value::as_i64) {
+            if len > max {
+                return Err(param_error(
+                    format!("The provided value for the template parameter '{name}' at line '1' and column '1' is not valid. Length of the value should be less than or equal to '{max}'. Please see https://aka.ms/arm-create-parameter-file for usage details."),
+                    name,
+                ));
+            }
+        }
+    }
+    if let Some(x) = v.as_i64() {
+        if let Some(min) = def.get("minValue").and_then(Value::as_i64) {
+            if x < min {
+                return Err(param_error(
+                    format!("The provided value '{x}' for the template parameter '{name}' at line '1' and column '1' is not valid. The value should be greater than or equal to '{min}'. Please see https://aka.ms/arm-create-parameter-file for usage details."),
+                    name,
+                ));
+            }
+        }
+        if let Some(max) = def.get("maxValue").and_then(Value::as_i64) {
+            if x > max {
+                return Err(param_error(
+                    format!("The provided value '{x}' for the template parameter '{name}' at line '1' and column '1' is not valid. The value should be less than or equal to '{max}'. Please see https://aka.ms/arm-create-parameter-file for usage details."),
+                    name,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn resolve_variables(
+    template: &Value,
+    scope: &Scope,
+    params: &HashMap<String, Value>,
+) -> Result<HashMap<String, Value>, TemplateError> {
+    let empty = Map::new();
+    let decls = match template.get("variables") {
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(TemplateError::validation(
+                "The template property 'variables' must be an object.",
+                None,
+            ))
+        }
+    };
+    let mut lazy = Lazy::new(Phase::Variables);
+    let mut order = Vec::new();
+    for (name, v) in decls {
+        if name.eq_ignore_ascii_case("copy") && v.is_array() {
+            for entry in v.as_array().into_iter().flatten() {
+                let n = entry.get("name").and_then(Value::as_str).ok_or_else(|| {
+                    TemplateError::validation("The variable copy entry must have a 'name'. Please see https://aka.ms/arm-copy for usage details.", Some("variables.copy".into()))
+                })?;
+                lazy.defs.insert(n.to_ascii_lowercase(), Def::Loop(entry));
+                order.push(n.to_string());
+            }
+            continue;
+        }
+        lazy.defs.insert(name.to_ascii_lowercase(), Def::Value(v));
+        order.push(name.clone());
+    }
+    let env = Env {
+        scope,
+        template,
+        params: Src::Done(params),
+        vars: Src::Lazy(&lazy),
+        names: None,
+        now: 0,
+        guid_seed: 0,
+        guid_counter: Cell::new(0),
+    };
+    for name in &order {
+        env.var(name)
+            .map_err(|e| TemplateError::expression(e, Some(format!("variables.{name}"))))?;
+    }
+    Ok(lazy.done.into_inner())
+}
+
+fn static_string(
+    v: Option<&Value>,
+    cx: &Ctx,
+    what: &str,
+    path: &str,
+) -> Result<String, TemplateError> {
+    let Some(v) = v else {
+        return Err(TemplateError::validation(
+            format!("Required property '{what}' not found in JSON. Path '{path}'."),
+            Some(path.to_string()),
+        ));
+    };
+    match eval_value(v, cx).map_err(|e| TemplateError::expression(e, Some(path.to_string())))? {
+        Value::String(s) => Ok(s),
+        other => Err(TemplateError::validation(
+            format!("The template resource property '{what}' at '{path}' must be a string. The provided value is of type '{}'.", functions::jtype(&other)),
+            Some(path.to_string()),
+        )),
+    }
+}
+
+struct Parent<'p> {
+    full_type: &'p str,
+    name: &'p str,
+}
+
+fn segment_error(name: &str, ty: &str, path: &str) -> TemplateError {
+    TemplateError::validation(
+        format!("The template resource '{name}' for type '{ty}' at line '1' and column '1' has incorrect segment lengths. A nested resource type must have identical number of segments as its resource name. A root resource type must have segment length one greater than its resource name. Please see https://aka.ms/arm-syntax-resources for usage details."),
+        Some(path.to_string()),
+    )
+}
+
+/// One template resource → its instances (copy loop) and, recursively, its nested children.
+fn expand(
+    r: &Value,
+    parent: Option<&Parent>,
+    bindings: &[Binding],
+    env: &Env,
+    defs: &mut Vec<Value>,
+    out: &mut Vec<Pending>,
+    path: &str,
+) -> Result<(), TemplateError> {
+    let obj = r.as_object().ok_or_else(|| {
+        TemplateError::validation(
+            format!("The template resource at '{path}' must be an object."),
+            Some(path.to_string()),
+        )
+    })?;
+    let base = Ctx {
+        env,
+        phase: Phase::Static,
+        bindings: bindings.to_vec(),
+        refs: None,
+        validate: false,
+    };
+    let ex = |e: String| TemplateError::expression(e, Some(path.to_string()));
+
+    // Copy loop.
+    let mut iterations: Vec<Option<(String, usize)>> = vec![None];
+    let mut batch = 0usize;
+    if let Some(copy) = obj.get("copy") {
+        if parent.is_some() {
+            return Err(TemplateError::validation(
+                "Copying nested resources is not supported. Please see https://aka.ms/arm-copy/#looping-on-a-nested-resource for usage details.",
+                Some(path.to_string()),
+            ));
+        }
+        let name = static_string(copy.get("name"), &base, "name", &format!("{path}.copy"))?;
+        let count = eval_count(copy.get("count").unwrap_or(&Value::Null), &base).map_err(ex)?;
+        let serial = match copy.get("mode") {
+            Some(m) => eval_value(m, &base)
+                .map_err(ex)?
+                .as_str()
+                .is_some_and(|m| m.eq_ignore_ascii_case("serial")),
+            None => false,
+        };
+        if serial {
+            batch = match copy.get("batchSize") {
+                Some(b) => eval_value(b, &base).map_err(ex)?.as_i64().filter(|b| *b >= 1).ok_or_else(|| {
+                    TemplateError::validation(
+                        "The copy 'batchSize' must be a positive integer. Please see https://aka.ms/arm-copy for usage details.",
+                        Some(path.to_string()),
+                    )
+                })? as usize,
+                None => 1,
+            };
+        }
+        iterations = (0..count).map(|i| Some((name.clone(), i))).collect();
+    }
+
+    let mut def = obj.clone();
+    let children = def.remove("resources");
+    let def_index = defs.len();
+    defs.push(Value::Object(def));
+
+    let first = out.len();
+    for (k, it) in iterations.into_iter().enumerate() {
+        let mut b = bindings.to_vec();
+        if let Some((l, i)) = &it {
+            b.push(Binding {
+                name: l.clone(),
+                index: *i,
+                kind: LoopKind::Resource,
+            });
+        }
+        let cx = Ctx {
+            env,
+            phase: Phase::Static,
+            bindings: b.clone(),
+            refs: None,
+            validate: false,
+        };
+        let ty = static_string(obj.get("type"), &cx, "type", path)?;
+        let name = static_string(obj.get("name"), &cx, "name", path)?;
+        let api_version = static_string(obj.get("apiVersion"), &cx, "apiVersion", path)?;
+        let condition = match obj.get("condition") {
+            None => true,
+            Some(c) => match eval_value(c, &cx).map_err(ex)? {
+                Value::Bool(b) => b,
+                other => {
+                    return Err(TemplateError::validation(
+                        format!("The template resource '{name}' condition must evaluate to a boolean. The provided value is of type '{}'.", functions::jtype(&other)),
+                        Some(path.to_string()),
+                    ))
+                }
+            },
+        };
+        let tsegs = ty.split('/').count();
+        let nsegs = name.split('/').count();
+        let (full_type, full_name) = match parent {
+            None => {
+                if tsegs < 2 || tsegs != nsegs + 1 {
+                    return Err(segment_error(&name, &ty, path));
+                }
+                (ty.clone(), name.clone())
+            }
+            Some(_) if ty.contains('/') => {
+                if tsegs != nsegs + 1 {
+                    return Err(segment_error(&name, &ty, path));
+                }
+                (ty.clone(), name.clone())
+            }
+            Some(p) => {
+                if nsegs != 1 {
+                    return Err(segment_error(&name, &ty, path));
+                }
+                (
+                    format!("{}/{}", p.full_type, ty),
+                    format!("{}/{}", p.name, name),
+                )
+            }
+        };
+        let names: Vec<&str> = full_name.split('/').collect();
+        let tail = functions::type_and_names("resourceId", &full_type, &names)
+            .map_err(|_| segment_error(&full_name, &full_type, path))?;
+        let id = match obj.get("scope") {
+            Some(s) => {
+                let s = static_string(Some(s), &cx, "scope", path)?;
+                format!("{}/providers/{tail}", s.trim_end_matches('/'))
+            }
+            None => format!(
+                "/subscriptions/{}/resourceGroups/{}/providers/{tail}",
+                env.scope.subscription_id, env.scope.resource_group
+            ),
+        };
+        let mut depends_raw = Vec::new();
+        match obj.get("dependsOn") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) => {
+                for d in a {
+                    match eval_value(d, &cx).map_err(ex)? {
+                        Value::String(s) => depends_raw.push(s),
+                        Value::Array(items) => {
+                            depends_raw.extend(items.iter().filter_map(|x| x.as_str().map(str::to_string)))
+                        }
+                        other => {
+                            return Err(TemplateError::validation(
+                                format!("The template resource '{name}' dependsOn entries must be strings. The provided value is of type '{}'.", functions::jtype(&other)),
+                                Some(path.to_string()),
+                            ))
+                        }
+                    }
+                }
+            }
+            Some(_) => {
+                return Err(TemplateError::validation(
+                    format!("The template resource '{name}' property 'dependsOn' must be an array. Please see https://aka.ms/arm-syntax-resources for usage details."),
+                    Some(path.to_string()),
+                ))
+            }
+        }
+        let serial = if batch > 0 && k >= batch {
+            let prev = (k / batch - 1) * batch;
+            (prev..prev + batch).map(|j| first + j).collect()
+        } else {
+            Vec::new()
+        };
+        out.push(Pending {
+            inst: Instance {
+                def: def_index,
+                bindings: b.clone(),
+            },
+            full_type: full_type.clone(),
+            name: full_name.clone(),
+            id,
+            api_version,
+            condition,
+            depends_raw,
+            copy: it.clone(),
+            serial,
+        });
+        if let Some(Value::Array(kids)) = &children {
+            if batch > 0 {
+                return Err(TemplateError::validation(
+                    "Nested child resources of a serial copy loop are not supported. Please see https://aka.ms/arm-copy for usage details.",
+                    Some(path.to_string()),
+                ));
+            }
+            let p = Parent {
+                full_type: &full_type,
+                name: &full_name,
+            };
+            for (ci, kid) in kids.iter().enumerate() {
+                expand(
+                    kid,
+                    Some(&p),
+                    &b,
+                    env,
+                    defs,
+                    out,
+                    &format!("{path}.resources[{ci}]"),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The first argument of every reference()/list*() in `v`, where it can be evaluated now.
+fn scan_references(v: &Value, cx: &Ctx, out: &mut Vec<String>, top: bool) {
+    match v {
+        Value::String(s) => {
+            if let expr::StrKind::Expression(e) = expr::classify(s) {
+                if let Ok(parsed) = expr::parse(e) {
+                    scan_expr(&parsed, cx, out);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| scan_references(x, cx, out, false)),
+        Value::Object(m) => {
+            for (k, x) in m {
+                if top && TEMPLATE_ONLY.iter().any(|t| t.eq_ignore_ascii_case(k)) {
+                    continue;
+                }
+                scan_references(x, cx, out, false);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn scan_expr(e: &expr::Expr, cx: &Ctx, out: &mut Vec<String>) {
+    match e {
+        expr::Expr::Call(name, args) => {
+            let l = name.to_ascii_lowercase();
+            if (l == "reference" || l.starts_with("list")) && !args.is_empty() {
+                if let Ok(Value::String(s)) = eval::eval_expr(&args[0], cx) {
+                    out.push(s);
+                }
+            }
+            args.iter().for_each(|a| scan_expr(a, cx, out));
+        }
+        expr::Expr::Prop(b, _) => scan_expr(b, cx, out),
+        expr::Expr::Index(b, i) => {
+            scan_expr(b, cx, out);
+            scan_expr(i, cx, out);
+        }
+        _ => {}
+    }
+}
+
+/// Kahn's algorithm; on a cycle, name a resource on it.
+fn check_cycles(rs: &[PlannedResource]) -> Result<(), TemplateError> {
+    let n = rs.len();
+    let mut remaining: Vec<usize> = rs.iter().map(|r| r.depends_on.len()).collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, r) in rs.iter().enumerate() {
+        for &d in &r.depends_on {
+            dependents[d].push(i);
+        }
+    }
+    let mut ready: Vec<usize> = (0..n).filter(|&i| remaining[i] == 0).collect();
+    let mut done = 0;
+    while let Some(i) = ready.pop() {
+        done += 1;
+        for &j in &dependents[i] {
+            remaining[j] -= 1;
+            if remaining[j] == 0 {
+                ready.push(j);
+            }
+        }
+    }
+    if done == n {
+        return Ok(());
+    }
+    // Walk unfinished dependencies until one repeats: that one is on a cycle.
+    let mut seen = HashSet::new();
+    let mut at = (0..n).find(|&i| remaining[i] > 0).unwrap_or(0);
+    while seen.insert(at) {
+        at = rs[at]
+            .depends_on
+            .iter()
+            .copied()
+            .find(|&d| remaining[d] > 0)
+            .unwrap_or(at);
+    }
+    Err(TemplateError::validation(
+        format!(
+            "Circular dependency detected on resource: '{}'. Please see https://aka.ms/arm-syntax-resources for usage details.",
+            rs[at].id
+        ),
+        Some(rs[at].id.clone()),
+    ))
+}
+
+fn output_type(t: &str) -> Option<(&'static str, &'static str, bool)> {
+    // (echo, JToken type, secure)
+    Some(match t.to_ascii_lowercase().as_str() {
+        "string" => ("String", "String", false),
+        "securestring" => ("SecureString", "String", true),
+        "int" => ("Int", "Integer", false),
+        "bool" => ("Bool", "Boolean", false),
+        "object" => ("Object", "Object", false),
+        "secureobject" => ("SecureObject", "Object", true),
+        "array" => ("Array", "Array", false),
+        _ => return None,
+    })
+}
+
+fn evaluate_outputs(
+    env: &Env,
+    refs: Option<&dyn References>,
+    validate: bool,
+) -> Result<Value, TemplateError> {
+    let mut out = Map::new();
+    let defs = match env.template.get("outputs") {
+        None | Some(Value::Null) => return Ok(Value::Object(out)),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(TemplateError::validation(
+                "The template property 'outputs' must be an object.",
+                None,
+            ))
+        }
+    };
+    for (name, def) in defs {
+        let target = Some(format!("outputs.{name}"));
+        let ty = def.get("type").and_then(Value::as_str).and_then(output_type).ok_or_else(|| {
+            TemplateError::validation(
+                format!("The template output '{name}' at line '1' and column '1' has an invalid type. The supported types are 'string, securestring, int, bool, object, secureobject, array'. Please see https://aka.ms/arm-outputs for usage details."),
+                target.clone(),
+            )
+        })?;
+        let cx = Ctx {
+            env,
+            phase: Phase::Output,
+            bindings: Vec::new(),
+            refs,
+            validate,
+        };
+        if let Some(c) = def.get("condition") {
+            match eval_value(c, &cx).map_err(|e| TemplateError::expression(e, target.clone()))? {
+                Value::Bool(false) => continue,
+                Value::Bool(true) => {}
+                Value::Null if validate => {}
+                other => {
+                    return Err(TemplateError::validation(
+                        format!("The template output '{name}' condition must evaluate to a boolean. The provided value is of type '{}'.", functions::jtype(&other)),
+                        target,
+                    ))
+                }
+            }
+        }
+        if ty.2 && !validate {
+            continue;
+        }
+        let value = match def.get("copy") {
+            Some(copy) => eval_loop(copy, &cx, LoopKind::Output, "input"),
+            None => eval_value(def.get("value").unwrap_or(&Value::Null), &cx),
+        }
+        .map_err(|e| TemplateError::expression(e, target.clone()))?;
+        if validate {
+            continue;
+        }
+        let actual = functions::jtype(&value);
+        if actual != ty.1 {
+            return Err(TemplateError::validation(
+                format!("The template output '{name}' is not valid: Template output JToken type is not valid. Expected '{}'. Actual '{actual}'. Please see https://aka.ms/arm-outputs for usage details.", ty.1),
+                target,
+            ));
+        }
+        out.insert(name.clone(), json!({"type": ty.0, "value": value}));
+    }
+    Ok(Value::Object(out))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,804 @@
+use super::*;
+use serde_json::json;
+
+fn scope() -> Scope {
+    Scope {
+        subscription_id: "00000000-0000-0000-0000-000000000001".into(),
+        tenant_id: "10000000-0000-0000-0000-000000000000".into(),
+        resource_group: "Rg1".into(),
+        resource_group_location: "westus2".into(),
+        deployment_name: "dep1".into(),
+    }
+}
+
+const RG: &str = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/Rg1";
+
+fn tpl(resources: Value) -> Value {
+    json!({
+        "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+        "contentVersion": "1.0.0.0",
+        "resources": resources,
+    })
+}
+
+fn prep(t: &Value, p: Value) -> Result<Plan, TemplateError> {
+    Plan::prepare_at(t, &p, &scope(), 1_709_211_909, 7)
+}
+
+fn err(t: &Value, p: Value) -> TemplateError {
+    prep(t, p).expect_err("template should be refused")
+}
+
+/// Evaluate one expression in a resource body (no parameters).
+fn eval1(expr: &str) -> Result<Value, TemplateError> {
+    let t = tpl(json!([{
+        "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "apiVersion": "2023-01-31",
+        "name": "id1",
+        "properties": {"v": expr},
+    }]));
+    let plan = prep(&t, json!({}))?;
+    Ok(plan.body(0, &NoReferences)?["properties"]["v"].clone())
+}
+
+struct Store(HashMap<String, Value>);
+
+impl References for Store {
+    fn get(&self, id: &str) -> Option<Value> {
+        self.0.get(&id.to_ascii_lowercase()).cloned()
+    }
+}
+
+/// Seed 003's template, as written (indented with spaces here).
+const SEED_003: &str = r#"{
+
+    "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+    "contentVersion": "1.0.0.0",
+    "variables": {},
+    "parameters": {
+        "location": {
+            "type": "string",
+            "defaultValue": "westcentralus",
+            "metadata": {
+                "description": "Location for identities resources. FIC should be enabled in this region."
+            }
+        },
+        "userAssignedIdentityName": {
+            "type": "string",
+            "defaultValue": "FIC_UA",
+            "metadata": {
+                "description": "Name of the User Assigned identity (parent identity)"
+            }
+        },
+        "federatedIdentityCredential": {
+            "type": "string",
+            "defaultValue": "testCredential",
+            "metadata": {
+                "description": "Name of the Federated Identity Credential"
+            }
+        },
+        "federatedIdentityCredentialIssuer": {
+            "type": "string",
+            "defaultValue": "https://aks.azure.com/issuerGUID",
+            "metadata": {
+                "description": "Federated Identity Credential token issuer"
+            }
+        },
+        "federatedIdentityCredentialSubject": {
+            "type": "string",
+            "defaultValue": "system:serviceaccount:ns:svcaccount",
+            "metadata": {
+                "description": "Federated Identity Credential token subject"
+            }
+        },
+        "federatedIdentityCredentialAudience": {
+            "type": "string",
+            "defaultValue": " api://AzureADTokenExchange",
+            "metadata": {
+                "description": "Federated Identity Credential audience. Single value is only supported."
+            }
+        }
+    },
+    "resources": [
+        {
+            "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "apiVersion": "2018-11-30",
+            "name": "[parameters('userAssignedIdentityName')]",
+            "location": "[parameters('location')]",
+            "tags": {
+                "firstTag": "ficTest"
+            },
+            "resources": [
+                {
+                    "type": "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials",
+                    "apiVersion": "2022-01-31-PREVIEW",
+                    "name": "[concat(parameters('userAssignedIdentityName'), '/', parameters('federatedIdentityCredential'))]",
+                    "dependsOn": [
+                      "[resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', parameters('userAssignedIdentityName'))]"
+                    ],
+                    "properties": {
+                        "issuer": "[parameters('federatedIdentityCredentialIssuer')]",
+                        "subject": "[parameters('federatedIdentityCredentialSubject')]",
+                        "audiences": [
+                            "[parameters('federatedIdentityCredentialAudience')]"
+                        ]
+                    }
+                }
+            ]
+        }
+    ]
+}"#;
+
+#[test]
+fn seed_003_template_as_az_sends_it() {
+    let t = parse_jsonc(SEED_003).unwrap();
+    // az passes --parameters on the command line as {"name": {"value": …}}.
+    let p = json!({
+        "userAssignedIdentityName": {"value": "uai-cli01"},
+        "federatedIdentityCredential": {"value": "fic-cli01"},
+        "federatedIdentityCredentialIssuer": {"value": "https://issuer.example/abc"},
+        "location": {"value": "westus2"},
+    });
+    let plan = prep(&t, p).unwrap();
+    assert_eq!(plan.resources.len(), 2);
+    let ua = &plan.resources[0];
+    assert_eq!(
+        ua.full_type,
+        "Microsoft.ManagedIdentity/userAssignedIdentities"
+    );
+    assert_eq!(ua.name, "uai-cli01");
+    assert_eq!(
+        ua.id,
+        format!("{RG}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/uai-cli01")
+    );
+    assert_eq!(ua.api_version, "2018-11-30");
+    assert!(ua.depends_on.is_empty());
+    let fic = &plan.resources[1];
+    assert_eq!(
+        fic.full_type,
+        "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials"
+    );
+    assert_eq!(fic.name, "uai-cli01/fic-cli01");
+    assert_eq!(
+        fic.id,
+        format!("{RG}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/uai-cli01/federatedIdentityCredentials/fic-cli01")
+    );
+    assert_eq!(fic.api_version, "2022-01-31-PREVIEW");
+    assert_eq!(fic.depends_on, vec![0]);
+    assert_eq!(fic.copy, None);
+
+    assert_eq!(
+        plan.body(0, &NoReferences).unwrap(),
+        json!({"location": "westus2", "tags": {"firstTag": "ficTest"}})
+    );
+    assert_eq!(
+        plan.body(1, &NoReferences).unwrap(),
+        json!({"properties": {
+            "issuer": "https://issuer.example/abc",
+            "subject": "system:serviceaccount:ns:svcaccount",
+            "audiences": [" api://AzureADTokenExchange"],
+        }})
+    );
+    let echoed = plan.echoed_parameters();
+    assert_eq!(
+        echoed["location"],
+        json!({"type": "String", "value": "westus2"})
+    );
+    assert_eq!(
+        echoed["federatedIdentityCredentialSubject"],
+        json!({"type": "String", "value": "system:serviceaccount:ns:svcaccount"})
+    );
+    assert_eq!(echoed.as_object().unwrap().len(), 6);
+    assert_eq!(plan.outputs(&NoReferences).unwrap(), json!({}));
+}
+
+#[test]
+fn seed_003_with_its_odd_whitespace_and_comments() {
+    let odd = SEED_003
+        .replace("    ", "\u{202f}\u{202f}\u{202f}\u{202f}")
+        .replacen(
+            "\"variables\": {},",
+            "\"variables\": {}, // none\n /* block */",
+            1,
+        );
+    let t = parse_jsonc(&odd).unwrap();
+    assert_eq!(t, parse_jsonc(SEED_003).unwrap());
+}
+
+#[test]
+fn two_fics_without_depends_on_depend_only_on_the_identity() {
+    let t = tpl(json!([
+        {
+            "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "apiVersion": "2023-01-31",
+            "name": "ua",
+            "location": "[resourceGroup().location]",
+        },
+        {
+            "type": "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials",
+            "apiVersion": "2023-01-31",
+            "name": "ua/fic1",
+            "dependsOn": ["ua"],
+            "properties": {"issuer": "https://i", "subject": "s1", "audiences": ["api://AzureADTokenExchange"]},
+        },
+        {
+            "type": "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials",
+            "apiVersion": "2023-01-31",
+            "name": "ua/fic2",
+            "dependsOn": ["[resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', 'ua')]"],
+            "properties": {"issuer": "https://i", "subject": "s2", "audiences": ["api://AzureADTokenExchange"]},
+        },
+    ]));
+    let plan = prep(&t, json!({})).unwrap();
+    let deps: Vec<Vec<usize>> = plan
+        .resources
+        .iter()
+        .map(|r| r.depends_on.clone())
+        .collect();
+    assert_eq!(deps, vec![vec![], vec![0], vec![0]]);
+    assert_eq!(
+        plan.body(0, &NoReferences).unwrap(),
+        json!({"location": "westus2"})
+    );
+
+    // Chained: fic2 waits for fic1 (by type/name form).
+    let mut chained = t.clone();
+    chained["resources"][2]["dependsOn"] = json!([
+        "ua",
+        "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials/ua/fic1"
+    ]);
+    let plan = prep(&chained, json!({})).unwrap();
+    assert_eq!(plan.resources[2].depends_on, vec![0, 1]);
+}
+
+#[test]
+fn copy_loop_of_50_identities() {
+    let t = tpl(json!([{
+        "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "apiVersion": "2023-01-31",
+        "name": "[format('id-{0:D3}', copyIndex(1))]",
+        "location": "[resourceGroup().location]",
+        "tags": {"n": "[string(copyIndex())]"},
+        "copy": {"name": "ids", "count": "[parameters('n')]"},
+    }, {
+        "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "apiVersion": "2023-01-31",
+        "name": "after",
+        "dependsOn": ["ids"],
+    }]));
+    let mut t = t;
+    t["parameters"] = json!({"n": {"type": "int", "defaultValue": 50, "maxValue": 800}});
+    let plan = prep(&t, json!({})).unwrap();
+    assert_eq!(plan.resources.len(), 51);
+    assert_eq!(plan.resources[0].name, "id-001");
+    assert_eq!(plan.resources[49].name, "id-050");
+    assert_eq!(plan.resources[49].copy, Some(("ids".to_string(), 49)));
+    assert!(
+        plan.resources[..50].iter().all(|r| r.depends_on.is_empty()),
+        "parallel by default"
+    );
+    assert_eq!(plan.resources[50].depends_on, (0..50).collect::<Vec<_>>());
+    assert_eq!(
+        plan.body(7, &NoReferences).unwrap(),
+        json!({"location": "westus2", "tags": {"n": "7"}})
+    );
+
+    // Serial with batchSize 10: each batch waits for the previous one.
+    t["resources"][0]["copy"] =
+        json!({"name": "ids", "count": 50, "mode": "Serial", "batchSize": 10});
+    let plan = prep(&t, json!({})).unwrap();
+    assert!(plan.resources[..10].iter().all(|r| r.depends_on.is_empty()));
+    assert_eq!(plan.resources[10].depends_on, (0..10).collect::<Vec<_>>());
+    assert_eq!(plan.resources[25].depends_on, (10..20).collect::<Vec<_>>());
+}
+
+#[test]
+fn prepare_of_100_resources_is_fast_and_linear() {
+    let resources: Vec<Value> = (0..100)
+        .map(|i| {
+            json!({
+                "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+                "apiVersion": "2023-01-31",
+                "name": format!("id{i}"),
+                "location": "[resourceGroup().location]",
+                "dependsOn": if i > 0 { vec![format!("[resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', 'id{}')]", i - 1)] } else { vec![] },
+            })
+        })
+        .collect();
+    let t = tpl(Value::Array(resources));
+    let plan = prep(&t, json!({})).unwrap();
+    assert_eq!(plan.resources.len(), 100);
+    assert_eq!(plan.resources[99].depends_on, vec![98]);
+}
+
+#[test]
+fn nested_children_short_and_full_forms() {
+    let t = tpl(json!([{
+        "type": "Microsoft.KeyVault/vaults",
+        "apiVersion": "2023-07-01",
+        "name": "kv1",
+        "location": "westus2",
+        "properties": {"tenantId": "[subscription().tenantId]", "sku": {"family": "A", "name": "standard"}, "accessPolicies": []},
+        "resources": [
+            {"type": "secrets", "apiVersion": "2023-07-01", "name": "s1", "dependsOn": ["kv1"], "properties": {"value": "v"}},
+            {"type": "Microsoft.KeyVault/vaults/accessPolicies", "apiVersion": "2023-07-01", "name": "kv1/add", "dependsOn": ["kv1"], "properties": {"accessPolicies": []}},
+        ],
+    }]));
+    let plan = prep(&t, json!({})).unwrap();
+    let r: Vec<(&str, &str)> = plan
+        .resources
+        .iter()
+        .map(|r| (r.full_type.as_str(), r.name.as_str()))
+        .collect();
+    assert_eq!(
+        r,
+        vec![
+            ("Microsoft.KeyVault/vaults", "kv1"),
+            ("Microsoft.KeyVault/vaults/secrets", "kv1/s1"),
+            ("Microsoft.KeyVault/vaults/accessPolicies", "kv1/add"),
+        ]
+    );
+    assert_eq!(
+        plan.resources[1].id,
+        format!("{RG}/providers/Microsoft.KeyVault/vaults/kv1/secrets/s1")
+    );
+    assert_eq!(plan.resources[1].depends_on, vec![0]);
+    assert_eq!(
+        plan.body(0, &NoReferences).unwrap()["properties"]["tenantId"],
+        json!("10000000-0000-0000-0000-000000000000")
+    );
+}
+
+#[test]
+fn conditions_drop_resources_and_dependencies_on_them() {
+    let t = tpl(json!([
+        {"type": "Microsoft.ManagedIdentity/userAssignedIdentities", "apiVersion": "2023-01-31", "name": "a", "condition": "[equals(1, 2)]"},
+        {"type": "Microsoft.ManagedIdentity/userAssignedIdentities", "apiVersion": "2023-01-31", "name": "b"},
+        {"type": "Microsoft.ManagedIdentity/userAssignedIdentities", "apiVersion": "2023-01-31", "name": "c", "dependsOn": ["a", "b"], "condition": true},
+    ]));
+    let plan = prep(&t, json!({})).unwrap();
+    let names: Vec<&str> = plan.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, vec!["b", "c"]);
+    assert_eq!(plan.resources[1].depends_on, vec![0]);
+}
+
+#[test]
+fn implicit_dependency_from_reference_and_outputs() {
+    let t = json!({
+        "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+        "contentVersion": "1.0.0.0",
+        "parameters": {"pw": {"type": "securestring", "defaultValue": "hunter2"}},
+        "variables": {"uaId": "[resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', 'ua')]"},
+        "resources": [
+            {"type": "Microsoft.ManagedIdentity/userAssignedIdentities", "apiVersion": "2023-01-31", "name": "ua", "location": "westus2"},
+            {
+                "type": "Microsoft.Authorization/roleAssignments",
+                "apiVersion": "2022-04-01",
+                "name": "[guid(variables('uaId'), 'reader')]",
+                "properties": {
+                    "principalId": "[reference(variables('uaId'), '2023-01-31').principalId]",
+                    "clientId": "[reference('ua').clientId]",
+                    "full": "[reference('ua', '2023-01-31', 'Full').location]",
+                },
+            },
+        ],
+        "outputs": {
+            "principalId": {"type": "string", "value": "[reference('ua').principalId]"},
+            "ids": {"type": "array", "copy": {"count": 2, "input": "[concat('x', copyIndex())]"}},
+            "secret": {"type": "securestring", "value": "[parameters('pw')]"},
+            "skipped": {"type": "string", "condition": false, "value": "no"},
+            "n": {"type": "int", "value": "[length(variables('uaId'))]"},
+        },
+    });
+    let plan = prep(&t, json!({})).unwrap();
+    assert_eq!(plan.resources[1].depends_on, vec![0]);
+    let ua_id = format!("{RG}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/ua");
+    assert_eq!(plan.resources[1].name, hash::guid(&[&ua_id, "reader"]));
+
+    // Not deployed yet: reference() fails with ARM's sentence.
+    let e = plan.body(1, &NoReferences).unwrap_err();
+    assert_eq!(e.code, "InvalidTemplate");
+    assert!(
+        e.message
+            .contains(&format!("The Resource '{ua_id}' was not found.")),
+        "{}",
+        e.message
+    );
+
+    let store = Store(HashMap::from([(
+        ua_id.to_ascii_lowercase(),
+        json!({"id": ua_id, "location": "westus2", "properties": {"principalId": "p-1", "clientId": "c-1"}}),
+    )]));
+    assert_eq!(
+        plan.body(1, &store).unwrap(),
+        json!({"properties": {"principalId": "p-1", "clientId": "c-1", "full": "westus2"}})
+    );
+    assert_eq!(
+        plan.outputs(&store).unwrap(),
+        json!({
+            "principalId": {"type": "String", "value": "p-1"},
+            "ids": {"type": "Array", "value": ["x0", "x1"]},
+            "n": {"type": "Int", "value": ua_id.len()},
+        })
+    );
+    assert_eq!(
+        plan.echoed_parameters(),
+        json!({"pw": {"type": "SecureString"}})
+    );
+}
+
+#[test]
+fn property_copy_and_variable_copy() {
+    let mut t = tpl(json!([{
+        "type": "Microsoft.Compute/virtualMachines",
+        "apiVersion": "2023-03-01",
+        "name": "vm1",
+        "properties": {
+            "storageProfile": {
+                "copy": [{"name": "dataDisks", "count": 3, "input": {"lun": "[copyIndex('dataDisks')]", "name": "[concat('d', copyIndex('dataDisks', 1))]"}}],
+            },
+            "tags": "[variables('tagList')]",
+        },
+    }]));
+    t["variables"] = json!({
+        "copy": [{"name": "tagList", "count": 2, "input": "[concat('t', copyIndex('tagList'))]"}],
+        "b": "[concat(variables('a'), '-b')]",
+        "a": "[toUpper('a')]",
+    });
+    let plan = prep(&t, json!({})).unwrap();
+    let b = plan.body(0, &NoReferences).unwrap();
+    assert_eq!(
+        b["properties"]["storageProfile"]["dataDisks"],
+        json!([{"lun": 0, "name": "d1"}, {"lun": 1, "name": "d2"}, {"lun": 2, "name": "d3"}])
+    );
+    assert_eq!(b["properties"]["tags"], json!(["t0", "t1"]));
+    assert_eq!(plan.vars["b"], json!("A-b"));
+}
+
+#[test]
+fn parameters_defaults_types_and_constraints() {
+    let mut t = tpl(json!([]));
+    t["parameters"] = json!({
+        "name": {"type": "String", "minLength": 3, "maxLength": 5},
+        "size": {"type": "string", "allowedValues": ["S", "M"], "defaultValue": "M"},
+        "count": {"type": "int", "minValue": 1, "maxValue": 3, "defaultValue": 2},
+        "loc": {"type": "string", "defaultValue": "[resourceGroup().location]"},
+        "derived": {"type": "string", "defaultValue": "[concat(parameters('name'), '-', parameters('loc'))]"},
+        "stamp": {"type": "string", "defaultValue": "[utcNow()]"},
+        "g": {"type": "string", "defaultValue": "[newGuid()]"},
+        "flags": {"type": "array", "allowedValues": ["a", "b"], "defaultValue": ["a"]},
+        "obj": {"type": "object", "defaultValue": {"k": 1}},
+        "on": {"type": "bool", "defaultValue": true},
+    });
+    let plan = prep(&t, json!({"NAME": {"value": "abcd"}})).unwrap();
+    let e = plan.echoed_parameters();
+    assert_eq!(e["name"], json!({"type": "String", "value": "abcd"}));
+    assert_eq!(e["size"]["value"], json!("M"));
+    assert_eq!(e["count"], json!({"type": "Int", "value": 2}));
+    assert_eq!(e["derived"]["value"], json!("abcd-westus2"));
+    assert_eq!(e["stamp"]["value"], json!("20240229T130509Z"));
+    assert_eq!(e["g"]["value"].as_str().unwrap().len(), 36);
+    assert_eq!(e["on"], json!({"type": "Bool", "value": true}));
+    assert_eq!(e["obj"], json!({"type": "Object", "value": {"k": 1}}));
+
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({}), "The value for the template parameter 'name' at line '1' and column '1' is not provided. Please see https://aka.ms/arm-create-parameter-file for usage details."),
+        (json!({"name": {"value": 12}}), "Template parameter JToken type is not valid. Expected 'String'. Actual 'Integer'. Please see https://aka.ms/arm-create-parameter-file for usage details."),
+        (json!({"name": {"value": "abc"}, "count": {"value": "2"}}), "Template parameter JToken type is not valid. Expected 'Integer'. Actual 'String'. Please see https://aka.ms/arm-create-parameter-file for usage details."),
+        (json!({"name": {"value": "ab"}}), "Length of the value should be greater than or equal to '3'."),
+        (json!({"name": {"value": "abcdef"}}), "Length of the value should be less than or equal to '5'."),
+        (json!({"name": {"value": "abc"}, "size": {"value": "L"}}), "The provided value 'L' for the template parameter 'size' at line '1' and column '1' is not valid. The parameter value is not part of the allowed value(s): 'S,M'."),
+        (json!({"name": {"value": "abc"}, "flags": {"value": ["a", "c"]}}), "is not part of the allowed value(s): 'a,b'"),
+        (json!({"name": {"value": "abc"}, "count": {"value": 0}}), "The value should be greater than or equal to '1'."),
+        (json!({"name": {"value": "abc"}, "count": {"value": 4}}), "The value should be less than or equal to '3'."),
+        (json!({"name": {"value": "abc"}, "nope": {"value": 1}, "other": {"value": 2}}), "The template parameters 'nope, other' in the parameters file are not valid; they are not present in the original template and can therefore not be provided at deployment time. The only supported parameters for this template are '"),
+        (json!({"name": {"reference": {"keyVault": {"id": "/x"}, "secretName": "s"}}}), "Key Vault references in deployment parameters are not supported by Keyless"),
+    ];
+    for (p, want) in cases {
+        let e = err(&t, p.clone());
+        assert_eq!(e.code, "InvalidTemplate", "{p}");
+        assert!(
+            e.message
+                .starts_with("Deployment template validation failed: '"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains(want), "{p}: {}", e.message);
+    }
+}
+
+#[test]
+fn bad_templates_from_the_issue() {
+    let id = |name: &str, extra: Value| {
+        let mut r = json!({"type": "Microsoft.ManagedIdentity/userAssignedIdentities", "apiVersion": "2023-01-31", "name": name});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    // Unknown function (in the properties: caught before anything is deployed).
+    let e = err(
+        &tpl(json!([id("a", json!({"properties": {"x": "[foo('1')]"}}))])),
+        json!({}),
+    );
+    assert_eq!(e.code, "InvalidTemplate");
+    assert_eq!(
+        e.message,
+        "Deployment template language expression evaluation failed: 'The template function 'foo' is not valid. Please see https://aka.ms/arm-functions for usage details.'."
+    );
+    let e = err(
+        &tpl(json!([id(
+            "a",
+            json!({"properties": {"x": "[concat(reference('a').x, bar())]"}})
+        )])),
+        json!({}),
+    );
+    assert!(
+        e.message
+            .contains("The template function 'bar' is not valid."),
+        "{}",
+        e.message
+    );
+    // Cycle.
+    let e = err(
+        &tpl(json!([
+            id("a", json!({"dependsOn": ["b"]})),
+            id("b", json!({"dependsOn": ["a"]}))
+        ])),
+        json!({}),
+    );
+    assert!(
+        e.message.starts_with("Deployment template validation failed: 'Circular dependency detected on resource: '/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/Rg1/providers/Microsoft.ManagedIdentity/userAssignedIdentities/"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message
+            .ends_with("'. Please see https://aka.ms/arm-syntax-resources for usage details.'."),
+        "{}",
+        e.message
+    );
+    let e = err(
+        &tpl(json!([id("a", json!({"dependsOn": ["a"]}))])),
+        json!({}),
+    );
+    assert!(
+        e.message.contains("Circular dependency detected"),
+        "{}",
+        e.message
+    );
+    // Unknown dependsOn.
+    let e = err(
+        &tpl(json!([id("a", json!({"dependsOn": ["ghost"]}))])),
+        json!({}),
+    );
+    assert_eq!(
+        e.message,
+        "Deployment template validation failed: 'The resource 'ghost' is not defined in the template. Please see https://aka.ms/arm-syntax for usage details.'."
+    );
+    // Wrong segment counts.
+    let e = err(
+        &tpl(
+            json!([{"type": "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials", "apiVersion": "2023-01-31", "name": "fic"}]),
+        ),
+        json!({}),
+    );
+    assert!(e.message.contains("The template resource 'fic' for type 'Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials' at line '1' and column '1' has incorrect segment lengths."), "{}", e.message);
+    let e = err(
+        &tpl(json!([id(
+            "p",
+            json!({"resources": [{"type": "federatedIdentityCredentials", "apiVersion": "x", "name": "p/c"}]})
+        )])),
+        json!({}),
+    );
+    assert!(
+        e.message.contains("has incorrect segment lengths"),
+        "{}",
+        e.message
+    );
+    // Missing $schema, resources not an array.
+    let mut t = tpl(json!([]));
+    t.as_object_mut().unwrap().remove("$schema");
+    assert!(err(&t, json!({})).message.contains("'$schema'"));
+    let e = err(&tpl(json!({"a": 1})), json!({}));
+    assert!(
+        e.message.contains("'resources' must be an array"),
+        "{}",
+        e.message
+    );
+    // Duplicate resource.
+    let e = err(
+        &tpl(json!([id("a", json!({})), id("A", json!({}))])),
+        json!({}),
+    );
+    assert!(
+        e.message
+            .contains("is defined multiple times in a template"),
+        "{}",
+        e.message
+    );
+    // utcNow outside a parameter default.
+    let e = eval1("[utcNow()]").unwrap_err();
+    assert!(
+        e.message
+            .contains("The template function 'utcNow' is not expected at this location."),
+        "{}",
+        e.message
+    );
+    // reference in a name.
+    let e = err(
+        &tpl(json!([id("[reference('x').name]", json!({}))])),
+        json!({}),
+    );
+    assert!(
+        e.message
+            .contains("The template function 'reference' is not expected at this location."),
+        "{}",
+        e.message
+    );
+    // listKeys is not served.
+    let e = eval1("[listKeys('a', '2023-01-01').keys[0].value]").unwrap_err();
+    assert!(
+        e.message.contains("not supported by Keyless"),
+        "{}",
+        e.message
+    );
+    // Wrong arity.
+    let e = eval1("[length('a', 'b')]").unwrap_err();
+    assert!(
+        e.message
+            .contains("function requires 1 argument(s) while 2 were provided"),
+        "{}",
+        e.message
+    );
+    // Nested copy, copyIndex outside a loop, unknown parameter in an expression.
+    let e = err(
+        &tpl(json!([id(
+            "p",
+            json!({"resources": [{"type": "c", "apiVersion": "x", "name": "c", "copy": {"name": "l", "count": 2}}]})
+        )])),
+        json!({}),
+    );
+    assert!(
+        e.message
+            .contains("Copying nested resources is not supported"),
+        "{}",
+        e.message
+    );
+    let e = eval1("[copyIndex()]").unwrap_err();
+    assert!(
+        e.message
+            .contains("'copyIndex' is not expected at this location"),
+        "{}",
+        e.message
+    );
+    let e = eval1("[parameters('nope')]").unwrap_err();
+    assert!(
+        e.message
+            .contains("The template parameter 'nope' is not found."),
+        "{}",
+        e.message
+    );
+    // Expression syntax.
+    let e = eval1("[concat('a']").unwrap_err();
+    assert!(e.message.contains("is not valid"), "{}", e.message);
+    // Copy count over ARM's limit.
+    let e = err(
+        &tpl(json!([id(
+            "[string(copyIndex())]",
+            json!({"copy": {"name": "l", "count": 801}})
+        )])),
+        json!({}),
+    );
+    assert!(e.message.contains("cannot exceed '800'"), "{}", e.message);
+}
+
+#[test]
+fn functions_evaluate_like_arm() {
+    let cases: Vec<(&str, Value)> = vec![
+        ("[concat('a', 1, true())]", json!("a1True")),
+        ("[concat(createArray(1, 2), createArray(3))]", json!([1, 2, 3])),
+        ("[format('{0}-{1:D2}', 'x', 5)]", json!("x-05")),
+        ("[resourceId('Microsoft.X/a/b', 'n1', 'n2')]", json!(format!("{RG}/providers/Microsoft.X/a/n1/b/n2"))),
+        ("[resourceId('rg2', 'Microsoft.X/a', 'n1')]", json!("/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg2/providers/Microsoft.X/a/n1")),
+        ("[resourceId('s2', 'rg2', 'Microsoft.X/a', 'n1')]", json!("/subscriptions/s2/resourceGroups/rg2/providers/Microsoft.X/a/n1")),
+        ("[subscriptionResourceId('Microsoft.Authorization/roleDefinitions', 'r1')]", json!("/subscriptions/00000000-0000-0000-0000-000000000001/providers/Microsoft.Authorization/roleDefinitions/r1")),
+        ("[tenantResourceId('Microsoft.Authorization/policyDefinitions', 'p')]", json!("/providers/Microsoft.Authorization/policyDefinitions/p")),
+        ("[extensionResourceId('/x/y', 'Microsoft.Authorization/locks', 'l')]", json!("/x/y/providers/Microsoft.Authorization/locks/l")),
+        ("[resourceGroup()]", json!({"id": RG, "name": "Rg1", "type": "Microsoft.Resources/resourceGroups", "location": "westus2", "properties": {"provisioningState": "Succeeded"}})),
+        ("[subscription().subscriptionId]", json!("00000000-0000-0000-0000-000000000001")),
+        ("[tenant().tenantId]", json!("10000000-0000-0000-0000-000000000000")),
+        ("[deployment().name]", json!("dep1")),
+        ("[uniqueString('test')]", json!("rbgf3xv4ufgzg")),
+        ("[guid('a', 'b')]", json!("2d796349-8c7e-55ec-9624-54ece82ed031")),
+        ("[toLower('AbC')]", json!("abc")),
+        ("[toUpper('AbC')]", json!("ABC")),
+        ("[if(equals(1, 1), 'y', div(1, 0))]", json!("y")),
+        ("[and(true(), not(false()))]", json!(true)),
+        ("[or(false(), false())]", json!(false)),
+        ("[empty('')]", json!(true)),
+        ("[empty(createObject('a', 1))]", json!(false)),
+        ("[length(createArray(1, 2, 3))]", json!(3)),
+        ("[contains('abc', 'b')]", json!(true)),
+        ("[contains(createObject('Key', 1), 'key')]", json!(true)),
+        ("[contains(createArray(1, 2), 3)]", json!(false)),
+        ("[string(createObject('a', 1))]", json!("{\"a\":1}")),
+        ("[int('42')]", json!(42)),
+        ("[bool('True')]", json!(true)),
+        ("[json('{\"a\": [1]}').a[0]]", json!(1)),
+        ("[createObject('a', 1, 'b', 'x').b]", json!("x")),
+        ("[createObject('a', 1)['a']]", json!(1)),
+        ("[union(createObject('a', createObject('x', 1)), createObject('a', createObject('y', 2)))]", json!({"a": {"x": 1, "y": 2}})),
+        ("[union(createArray(1, 2), createArray(2, 3))]", json!([1, 2, 3])),
+        ("[coalesce(null(), 'x')]", json!("x")),
+        ("[replace('a-b-c', '-', '')]", json!("abc")),
+        ("[substring('hello', 1, 3)]", json!("ell")),
+        ("[trim('  x ')]", json!("x")),
+        ("[split('a,b;c', createArray(',', ';'))]", json!(["a", "b", "c"])),
+        ("[join(createArray('a', 'b'), '/')]", json!("a/b")),
+        ("[first(createArray(1, 2))]", json!(1)),
+        ("[last('abc')]", json!("c")),
+        ("[add(1, 2)]", json!(3)),
+        ("[sub(1, 2)]", json!(-1)),
+        ("[mul(3, 4)]", json!(12)),
+        ("[div(7, 2)]", json!(3)),
+        ("[mod(7, 2)]", json!(1)),
+        ("[greater(2, 1)]", json!(true)),
+        ("[greaterOrEquals(1, 1)]", json!(true)),
+        ("[less('a', 'b')]", json!(true)),
+        ("[lessOrEquals(2, 1)]", json!(false)),
+        ("[startsWith('Hello', 'he')]", json!(true)),
+        ("[endsWith('Hello', 'LO')]", json!(true)),
+        ("[indexOf('abcabc', 'c')]", json!(2)),
+        ("[padLeft('7', 3, '0')]", json!("007")),
+        ("[take(createArray(1, 2, 3), 2)]", json!([1, 2])),
+        ("[skip('abc', 1)]", json!("bc")),
+        ("[range(2, 3)]", json!([2, 3, 4])),
+        ("[base64('hi')]", json!("aGk=")),
+        ("[base64ToString('aGk=')]", json!("hi")),
+        ("[CONCAT('case', 'insensitive')]", json!("caseinsensitive")),
+        ("[[not an expression]", json!("[not an expression]")),
+        ("['it''s']", json!("it's")),
+    ];
+    for (e, want) in cases {
+        assert_eq!(
+            eval1(e).unwrap_or_else(|x| panic!("{e}: {}", x.message)),
+            want,
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn reference_by_unknown_name_and_member_errors() {
+    let e = eval1("[reference('ghost').x]").unwrap_err();
+    assert!(
+        e.message
+            .contains("The template reference 'ghost' is not valid"),
+        "{}",
+        e.message
+    );
+    let e = eval1("[createObject('a', 1).b]").unwrap_err();
+    assert!(
+        e.message.contains(
+            "The language expression property 'b' doesn't exist, available properties are 'a'."
+        ),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn template_hash_is_a_stable_decimal() {
+    let a = parse_jsonc(SEED_003).unwrap();
+    let h = Plan::template_hash(&a);
+    assert!(h.chars().all(|c| c.is_ascii_digit()) && !h.is_empty());
+    assert_eq!(h, Plan::template_hash(&parse_jsonc(SEED_003).unwrap()));
+    assert_ne!(h, Plan::template_hash(&tpl(json!([]))));
+}
+
+#[test]
+fn plan_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Plan>();
+}

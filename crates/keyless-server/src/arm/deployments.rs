@@ -1,0 +1,665 @@
+//! `Microsoft.Resources/deployments` at resource-group scope: template deployments.
+//!
+//! A PUT validates the template and its parameters ([`keyless_core::template::Plan::prepare`],
+//! pure), checks every resource it names is a type served at its api-version and that the caller
+//! may write it (ARM's preflight), stores the deployment as `Accepted` and answers 201 with
+//! `Azure-AsyncOperation`; nothing is deployed by a request that fails validation. Once that
+//! unit of work has committed, the router takes the [`Started`] job from the answer and runs it
+//! ([`crate::arm::deployment_run`]): every resource is deployed through the control plane's
+//! own front door as the caller, independent resources in parallel as ARM does (so two
+//! federated credentials of one identity without `dependsOn` meet the identity's write claim,
+//! and one fails 409). Each resource's outcome is a deployment operation; the deployment ends
+//! `Succeeded` or `Failed` with the failures per resource in `properties.error.details`.
+//!
+//! Stored in the `tracked` table: the deployment (its public form, its template, whether a cancel
+//! was asked) under the deployment's key, and its operations below it, so deleting a deployment
+//! or its resource group deletes them too.
+
+use crate::arm::provider::{
+    handler, Access, Action, Call, Child, ChildId, ChildResource, Collection, Methods, Provider,
+};
+use crate::arm::reply;
+use crate::arm::resources::get_resource_group;
+use crate::authz;
+use crate::error::{Result, ServerError};
+use crate::request::Caller;
+use crate::state::AppState;
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use keyless_core::api_version;
+use keyless_core::resource_id::{ArmPath, ResourceId, DEPLOYMENT};
+use keyless_core::template::{Plan, Scope};
+use keyless_store::{TrackedRecord, Tx};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub const DEPLOYMENT_TYPE: &str = "Microsoft.Resources/deployments";
+pub const OPERATION_TYPE: &str = "Microsoft.Resources/deployments/operations";
+
+pub static PROVIDER: Provider = Provider {
+    namespace: DEPLOYMENT.0,
+    type_name: DEPLOYMENT.1,
+    api_versions: api_version::RESOURCES,
+    accepts: None,
+    list: handler!(list),
+    resource: Methods {
+        get: Some(handler!(get)),
+        head: Some(handler!(head)),
+        put: Some(handler!(put)),
+        delete: Some(handler!(delete)),
+        ..Methods::NONE
+    },
+    children: &[
+        Child {
+            type_name: "operations",
+            resource: Some(ChildResource {
+                access: Access::Child,
+                lockdown: false,
+                handler: handler!(operation),
+            }),
+            actions: &[],
+        },
+        Child {
+            type_name: "operationStatuses",
+            resource: Some(ChildResource {
+                access: Access::Child,
+                lockdown: false,
+                handler: handler!(status),
+            }),
+            actions: &[],
+        },
+    ],
+    actions: &[
+        Action {
+            name: "validate",
+            method: Method::POST,
+            authorize: Some("Microsoft.Resources/deployments/validate/action"),
+            lockdown: false,
+            handler: handler!(validate),
+        },
+        Action {
+            name: "exportTemplate",
+            method: Method::POST,
+            authorize: Some("Microsoft.Resources/deployments/exportTemplate/action"),
+            lockdown: false,
+            handler: handler!(export_template),
+        },
+        Action {
+            name: "cancel",
+            method: Method::POST,
+            authorize: Some("Microsoft.Resources/deployments/cancel/action"),
+            lockdown: false,
+            handler: handler!(cancel),
+        },
+        Action {
+            name: "operations",
+            method: Method::GET,
+            authorize: Some("Microsoft.Resources/deployments/operations/read"),
+            lockdown: false,
+            handler: handler!(operations),
+        },
+    ],
+    row: Some("tracked"),
+    etag_in_body_since: None,
+    role_scope: None,
+};
+
+/// How a deployment treats what its template does not name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Leave it.
+    Incremental,
+    /// Delete it (the resource group's resources the template no longer names).
+    Complete,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Incremental => "Incremental",
+            Mode::Complete => "Complete",
+        }
+    }
+}
+
+/// A deployment accepted and committed, to be run by [`crate::arm::deployment_run::run`].
+pub struct Job {
+    /// The deployment's store key.
+    pub key: String,
+    /// Its canonical id.
+    pub id: String,
+    pub correlation_id: String,
+    pub subscription: String,
+    pub resource_group: String,
+    pub plan: Plan,
+    pub mode: Mode,
+    /// Who deployed it: every resource is written as this caller.
+    pub caller: Caller,
+}
+
+/// The answer's extension that carries a PUT's [`Job`] to the router, which starts it once the
+/// PUT's unit of work has committed (never before: the job reads what the PUT stored).
+#[derive(Clone)]
+pub struct Started(pub Arc<Job>);
+
+/// What a deployment's request names, checked and evaluated.
+struct Prepared {
+    rid: ResourceId,
+    template: Value,
+    plan: Plan,
+    mode: Mode,
+}
+
+fn not_found(name: &str) -> ServerError {
+    ServerError::Deployment {
+        code: "DeploymentNotFound",
+        message: format!("Deployment '{name}' could not be found."),
+        target: None,
+        details: Vec::new(),
+    }
+}
+
+fn invalid_content(message: impl Into<String>) -> ServerError {
+    ServerError::InvalidRequestContent(message.into())
+}
+
+/// Deployment names: 1–64 characters of letters, digits, `_`, `(`, `)`, `-` and `.`.
+fn check_name(name: &str) -> Result<()> {
+    let ok = (1..=64).contains(&name.chars().count())
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '(' | ')' | '-' | '.'));
+    if ok {
+        return Ok(());
+    }
+    Err(ServerError::Deployment {
+        code: "InvalidDeploymentName",
+        message: format!("The deployment name '{name}' is invalid. It can contain only alphanumeric characters, underscores, parentheses, hyphens and periods, and be at most 64 characters long."),
+        target: None,
+        details: Vec::new(),
+    })
+}
+
+/// The ISO-8601 time of `micros` with ARM's fractional seconds.
+pub fn iso_micros(micros: i64) -> String {
+    let secs = (micros.max(0) / 1_000_000) as u64;
+    let frac = micros.max(0) % 1_000_000;
+    crate::util::format_iso(secs).replacen('Z', &format!(".{frac:06}0Z"), 1)
+}
+
+/// An ISO-8601 duration (`PT1.234S`) of `micros`.
+pub fn duration(micros: i64) -> String {
+    let m = micros.max(0);
+    format!("PT{}.{:06}S", m / 1_000_000, m % 1_000_000)
+}
+
+/// Parse the request's body (az splices the template file raw into it: comments and all) and
+/// evaluate everything that needs no deployed resource.
+async fn prepare(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Prepared> {
+    let rid = c.target.clone();
+    check_name(&rid.name)?;
+    let rg = get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    let text = std::str::from_utf8(c.body)
+        .map_err(|_| invalid_content("The request content is not valid UTF-8."))?;
+    if text.trim().is_empty() {
+        return Err(invalid_content("the body is empty"));
+    }
+    let body = keyless_core::template::parse_jsonc(text).map_err(|e| invalid_content(e.message))?;
+    let props = &body["properties"];
+    if !props.is_object() {
+        return Err(invalid_content("'properties' is required"));
+    }
+    if !props["templateLink"].is_null() || !props["parametersLink"].is_null() {
+        return Err(invalid_content("Keyless cannot fetch a template or parameters by link ('templateLink', 'parametersLink'): send them inline ('az deployment group create --template-file', 'properties.template')."));
+    }
+    let template = props["template"].clone();
+    if !template.is_object() {
+        return Err(ServerError::Deployment {
+            code: "InvalidRequestContent",
+            message: "The request content was invalid and could not be deserialized: 'properties.template' must be a JSON object.".into(),
+            target: None,
+            details: Vec::new(),
+        });
+    }
+    let mode = match props["mode"].as_str() {
+        None => Mode::Incremental,
+        Some(m) if m.eq_ignore_ascii_case("incremental") => Mode::Incremental,
+        Some(m) if m.eq_ignore_ascii_case("complete") => Mode::Complete,
+        Some(m) => {
+            return Err(invalid_content(format!(
+                "The deployment mode '{m}' is not valid: it must be 'Incremental' or 'Complete'."
+            )))
+        }
+    };
+    let parameters = match &props["parameters"] {
+        Value::Null => json!({}),
+        p @ Value::Object(_) => p.clone(),
+        _ => {
+            return Err(invalid_content(
+                "'properties.parameters' must be a JSON object",
+            ))
+        }
+    };
+    let scope = Scope {
+        subscription_id: s.subscription_id.clone(),
+        tenant_id: s.tenant_id.clone(),
+        resource_group: rg.name.clone(),
+        resource_group_location: rg.location.clone(),
+        deployment_name: rid.name.clone(),
+    };
+    let plan = Plan::prepare(&template, &parameters, &scope)?;
+    preflight(tx, c.caller, c.providers, &plan).await?;
+    let rid = ResourceId::new(&rid.subscription, &rg.name, DEPLOYMENT, &rid.name);
+    Ok(Prepared {
+        rid,
+        template,
+        plan,
+        mode,
+    })
+}
+
+/// ARM's preflight: every resource is of a type served, at an api-version its provider serves,
+/// in this deployment's resource group, and the caller may write it. Nothing is deployed when
+/// one fails.
+async fn preflight(
+    tx: &mut Tx,
+    caller: &Caller,
+    providers: &'static [&'static Provider],
+    plan: &Plan,
+) -> Result<()> {
+    let lookup = |ns: &str, ty: &str| crate::arm::provider::find(providers, ns, ty);
+    let grants = authz::grants(tx, &caller.object_id).await?;
+    for r in &plan.resources {
+        let refused = |code: &'static str, message: String| {
+            ServerError::Deployment {
+            code: "InvalidTemplateDeployment",
+            message: format!("The template deployment failed because of policy violation or an unsupported resource: resource '{}' of type '{}'.", r.id, r.full_type),
+            target: Some(r.id.clone()),
+            details: vec![json!({"code": code, "target": r.id, "message": message})],
+        }
+        };
+        let path = ArmPath::parse(&r.id).map_err(|_| {
+            refused(
+                "InvalidResourceId",
+                format!("The resource id '{}' is not valid.", r.id),
+            )
+        })?;
+        let served = match &path {
+            ArmPath::Resource(rid) => {
+                lookup(&rid.namespace, &rid.type_name).and_then(|p| p.check_version(&r.api_version))
+            }
+            ArmPath::Child {
+                parent, child_type, ..
+            } => lookup(&parent.namespace, &parent.type_name).and_then(|p| {
+                p.check_version(&r.api_version)?;
+                match p.child(child_type).and_then(|c| c.resource.as_ref()) {
+                    Some(_) => Ok(()),
+                    None => Err(ServerError::InvalidResourceType {
+                        namespace: parent.namespace.clone(),
+                        type_name: format!("{}/{child_type}", parent.type_name),
+                    }),
+                }
+            }),
+            ArmPath::Authorization {
+                kind: keyless_core::resource_id::AuthorizationKind::RoleAssignments,
+                name: Some(_),
+                ..
+            } => {
+                if api_version::is_supported(api_version::AUTHORIZATION, &r.api_version) {
+                    Ok(())
+                } else {
+                    Err(ServerError::NoRegisteredProviderFound {
+                        location: "local".into(),
+                        version: r.api_version.clone(),
+                        type_name: "roleAssignments".into(),
+                        supported: api_version::AUTHORIZATION.join(", "),
+                    })
+                }
+            }
+            _ => Err(ServerError::InvalidResourceType {
+                namespace: r.full_type.split('/').next().unwrap_or_default().into(),
+                type_name: r
+                    .full_type
+                    .split_once('/')
+                    .map(|x| x.1)
+                    .unwrap_or_default()
+                    .into(),
+            }),
+        };
+        if let Err(e) = served {
+            let (_, code) = e.status_and_code();
+            let code: &'static str = match code.as_str() {
+                "NoRegisteredProviderFound" => "NoRegisteredProviderFound",
+                _ => "InvalidResourceType",
+            };
+            return Err(refused(code, e.to_string()));
+        }
+        let action = format!("{}/write", r.full_type);
+        if keyless_core::rbac::authorize(&grants, &action, &r.id).is_none() {
+            return Err(ServerError::AuthorizationFailed {
+                principal: caller.object_id.clone(),
+                action,
+                scope: r.id.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The public form of a deployment (no template), as a GET answers it.
+fn deployment_json(
+    p: &Prepared,
+    correlation_id: &str,
+    state: &str,
+    now: i64,
+    extra: Value,
+) -> Value {
+    let mut providers: Vec<(String, Vec<String>)> = Vec::new();
+    for r in &p.plan.resources {
+        let (ns, ty) = r.full_type.split_once('/').unwrap_or((&r.full_type, ""));
+        match providers
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case(ns))
+        {
+            Some((_, types)) => {
+                if !types.iter().any(|t| t.eq_ignore_ascii_case(ty)) {
+                    types.push(ty.to_string())
+                }
+            }
+            None => providers.push((ns.to_string(), vec![ty.to_string()])),
+        }
+    }
+    let providers: Vec<Value> = providers
+        .into_iter()
+        .map(|(ns, types)| {
+            json!({"namespace": ns, "resourceTypes": types.iter().map(|t| json!({"resourceType": t, "locations": ["local"]})).collect::<Vec<_>>()})
+        })
+        .collect();
+    let dependencies: Vec<Value> = p
+        .plan
+        .resources
+        .iter()
+        .filter(|r| !r.depends_on.is_empty())
+        .map(|r| {
+            json!({
+                "id": r.id,
+                "resourceType": r.full_type,
+                "resourceName": r.name,
+                "dependsOn": r.depends_on.iter().map(|&d| {
+                    let d = &p.plan.resources[d];
+                    json!({"id": d.id, "resourceType": d.full_type, "resourceName": d.name})
+                }).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut props = json!({
+        "templateHash": Plan::template_hash(&p.template),
+        "parameters": p.plan.echoed_parameters(),
+        "mode": p.mode.as_str(),
+        "provisioningState": state,
+        "timestamp": iso_micros(now),
+        "duration": "PT0S",
+        "correlationId": correlation_id,
+        "providers": providers,
+        "dependencies": dependencies,
+    });
+    if let (Value::Object(m), Value::Object(e)) = (&mut props, extra) {
+        m.extend(e);
+    }
+    json!({
+        "id": p.rid.canonical(),
+        "name": p.rid.name,
+        "type": DEPLOYMENT_TYPE,
+        "properties": props,
+    })
+}
+
+/// The stored deployment `rid`, if any.
+pub async fn load(tx: &mut Tx, rid: &ResourceId) -> Result<Option<TrackedRecord>> {
+    Ok(tx.get_tracked(&rid.key()).await?)
+}
+
+fn is_active(rec: &TrackedRecord) -> bool {
+    matches!(
+        rec.body["deployment"]["properties"]["provisioningState"].as_str(),
+        Some("Accepted" | "Running")
+    )
+}
+
+async fn list(s: &AppState, tx: &mut Tx, c: &Call<'_, Collection>) -> Result<Vec<Value>> {
+    let Some(rg) = &c.target.resource_group else {
+        // subscription-scope deployments are not served: none to list
+        return Ok(Vec::new());
+    };
+    get_resource_group(s, tx, &c.target.subscription, rg).await?;
+    Ok(tx
+        .list_tracked(DEPLOYMENT_TYPE, &c.target.subscription, Some(rg))
+        .await?
+        .into_iter()
+        .map(|r| r.body["deployment"].clone())
+        .collect())
+}
+
+async fn get(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let rid = c.target;
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    let rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
+    Ok(Json(rec.body["deployment"].clone()).into_response())
+}
+
+async fn head(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let rid = c.target;
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    Ok(match load(tx, rid).await? {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    })
+}
+
+/// The `Azure-AsyncOperation` URL of a deployment's run.
+fn status_url(s: &AppState, rid: &ResourceId, correlation_id: &str, version: &str) -> String {
+    format!(
+        "{}{}/operationStatuses/{correlation_id}?api-version={version}",
+        s.base_url,
+        rid.canonical()
+    )
+}
+
+async fn put(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let p = prepare(s, tx, c).await?;
+    tx.lock_row("tracked", "key", &p.rid.key()).await?;
+    let existing = load(tx, &p.rid).await?;
+    if let Some(rec) = &existing {
+        if is_active(rec) {
+            let since = rec.body["deployment"]["properties"]["timestamp"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            return Err(ServerError::Deployment {
+                code: "DeploymentActive",
+                message: format!("Unable to edit or replace deployment '{}': previous deployment from '{since}' is still active (state: Running). Please see https://aka.ms/arm-deploy for usage details.", p.rid.name),
+                target: None,
+                details: Vec::new(),
+            });
+        }
+        // a new run replaces the deployment and its operations
+        tx.delete_tracked(&p.rid.key()).await?;
+    }
+    let correlation_id = crate::util::new_guid();
+    let now = crate::arm::activity::now_micros();
+    let public = deployment_json(&p, &correlation_id, "Accepted", now, json!({}));
+    tx.put_tracked(&TrackedRecord {
+        key: p.rid.key(),
+        type_name: DEPLOYMENT_TYPE.into(),
+        subscription: p.rid.subscription.clone(),
+        resource_group: p.rid.resource_group.clone(),
+        body: json!({"deployment": public, "template": p.template, "cancel": false, "started": now}),
+    })
+    .await?;
+    let job = Job {
+        key: p.rid.key(),
+        id: p.rid.canonical(),
+        correlation_id: correlation_id.clone(),
+        subscription: p.rid.subscription.clone(),
+        resource_group: p.rid.resource_group.clone(),
+        plan: p.plan,
+        mode: p.mode,
+        caller: c.caller.clone(),
+    };
+    let status = if existing.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let mut resp = (status, Json(public)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&status_url(s, &p.rid, &correlation_id, c.version)) {
+        resp.headers_mut().insert("Azure-AsyncOperation", v);
+    }
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp.extensions_mut().insert(Started(Arc::new(job)));
+    Ok(resp)
+}
+
+/// `POST {deployment}/validate`: everything a PUT checks, nothing stored.
+async fn validate(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let p = prepare(s, tx, c).await?;
+    let now = crate::arm::activity::now_micros();
+    let validated: Vec<Value> = p
+        .plan
+        .resources
+        .iter()
+        .map(|r| json!({"id": r.id}))
+        .collect();
+    let body = deployment_json(
+        &p,
+        &crate::util::new_guid(),
+        "Succeeded",
+        now,
+        json!({"validatedResources": validated}),
+    );
+    Ok(Json(body).into_response())
+}
+
+async fn delete(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let rid = c.target;
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    tx.lock_row("tracked", "key", &rid.key()).await?;
+    match load(tx, rid).await? {
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+        Some(rec) if is_active(&rec) => Err(ServerError::Deployment {
+            code: "DeploymentActive",
+            message: format!("The deployment '{}' cannot be deleted while it is active; cancel it first. Please see https://aka.ms/arm-deploy for usage details.", rid.name),
+            target: None,
+            details: Vec::new(),
+        }),
+        Some(_) => {
+            // the deployment's record and its operations; what it deployed stays
+            tx.delete_tracked(&rid.key()).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
+}
+
+async fn export_template(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let rid = c.target;
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    let rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
+    Ok(Json(json!({"template": rec.body["template"]})).into_response())
+}
+
+/// `POST {deployment}/cancel`: a running deployment starts nothing more and ends `Canceled`.
+async fn cancel(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let rid = c.target;
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    tx.lock_row("tracked", "key", &rid.key()).await?;
+    let mut rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
+    if !is_active(&rec) {
+        return Err(ServerError::Conflict {
+            code: "DeploymentCannotBeCancelled",
+            message: format!(
+                "The deployment '{}' cannot be cancelled: it is not running.",
+                rid.name
+            ),
+        });
+    }
+    rec.body["cancel"] = json!(true);
+    tx.put_tracked(&rec).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET {deployment}/operations`.
+async fn operations(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    let rid = c.target;
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
+    let ops = tx.list_tracked_under(&rid.key(), OPERATION_TYPE).await?;
+    Ok(reply::list(ops.into_iter().map(|o| o.body).collect()))
+}
+
+/// `GET {deployment}/operations/{id}`.
+async fn operation(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Response> {
+    if *c.method != Method::GET {
+        return Err(ServerError::MethodNotAllowed(c.method.to_string()));
+    }
+    let rid = &c.target.parent;
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
+    let key = operation_key(&rid.key(), &c.target.name);
+    match tx.get_tracked(&key).await? {
+        Some(o) => Ok(Json(o.body).into_response()),
+        None => Err(ServerError::Deployment {
+            code: "DeploymentOperationNotFound",
+            message: format!(
+                "The deployment operation '{}' of deployment '{}' could not be found.",
+                c.target.name, rid.name
+            ),
+            target: None,
+            details: Vec::new(),
+        }),
+    }
+}
+
+/// The store key of operation `id` of the deployment whose key is `deployment_key`.
+pub fn operation_key(deployment_key: &str, id: &str) -> String {
+    format!("{deployment_key}/operations/{}", id.to_ascii_lowercase())
+}
+
+/// `GET {deployment}/operationStatuses/{correlation id}`: the run's status as the SDKs poll it.
+async fn status(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Response> {
+    if *c.method != Method::GET {
+        return Err(ServerError::MethodNotAllowed(c.method.to_string()));
+    }
+    let rid = &c.target.parent;
+    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    let rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
+    let props = &rec.body["deployment"]["properties"];
+    if !props["correlationId"]
+        .as_str()
+        .is_some_and(|id| id.eq_ignore_ascii_case(&c.target.name))
+    {
+        return Err(ServerError::Deployment {
+            code: "DeploymentOperationNotFound",
+            message: format!(
+                "The operation '{}' of deployment '{}' could not be found.",
+                c.target.name, rid.name
+            ),
+            target: None,
+            details: Vec::new(),
+        });
+    }
+    let state = props["provisioningState"].as_str().unwrap_or("Running");
+    let running = matches!(state, "Accepted" | "Running");
+    let mut body = json!({"status": if running { "Running" } else { state }});
+    if !props["error"].is_null() {
+        body["error"] = props["error"].clone();
+    }
+    let mut resp = Json(body).into_response();
+    if running {
+        // the SDKs poll at this pace (30 s when no answer says)
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    Ok(resp)
+}
