@@ -230,3 +230,116 @@ def test_delete_export_and_list(up):
     assert out["exists"] is False
     # deleting a deployment keeps what it deployed
     assert [r.rsplit("/", 1)[1] for r in out["resources"]] == ["one"]
+
+
+KV = "Microsoft.KeyVault/vaults"
+
+
+def vault_template():
+    vault_id = f"resourceId('{KV}', parameters('vaultName'))"
+    vault = f"[{vault_id}]"
+    return template(
+        [{"type": KV, "apiVersion": "2023-07-01", "name": "[parameters('vaultName')]",
+          "location": "[resourceGroup().location]",
+          "properties": {"tenantId": "[subscription().tenantId]", "sku": {"family": "A", "name": "standard"},
+                         "accessPolicies": []}},
+         {"type": f"{KV}/accessPolicies", "apiVersion": "2023-07-01", "name": "[concat(parameters('vaultName'), '/add')]",
+          "dependsOn": [vault],
+          "properties": {"accessPolicies": [{"tenantId": "[subscription().tenantId]", "objectId": "[parameters('objectId')]",
+                                             "permissions": {"secrets": ["get"]}}]}},
+         {"type": f"{KV}/secrets", "apiVersion": "2023-07-01", "name": "[format('{0}/{1}', parameters('vaultName'), 'app-secret')]",
+          "dependsOn": [vault], "properties": {"value": "[parameters('secretValue')]"}}],
+        parameters={"vaultName": {"type": "string", "minLength": 3, "maxLength": 24},
+                    "objectId": {"type": "string"}, "secretValue": {"type": "securestring"}},
+        outputs={"vaultUri": {"type": "string", "value": f"[reference({vault_id}).vaultUri]"}})
+
+
+def test_vault_access_policy_and_secret_then_the_identity_reads_it(kv):
+    from conftest import remember_secret
+    name = f"dep-{uuid.uuid4().hex[:8]}"
+    value = f"deployed-{uuid.uuid4().hex}"
+    remember_secret(value)
+    demo = kv.up.info["demoIdentity"]
+    params = {"vaultName": {"value": name}, "objectId": {"value": demo["principalId"]},
+              "secretValue": {"value": value}}
+    rg = rg_name("kv")
+    out = deploy(kv.up, rg, "vault", ["group", "validate", "create", "get", "operations", "export"],
+                 vault_template(), params)
+    assert out["create"]["properties"]["provisioning_state"] == "Succeeded", out
+    assert out["create"]["properties"]["outputs"]["vaultUri"]["value"].startswith(f"https://{name}.vault.")
+    # a secure parameter is never echoed: not by validate, the deployment, its operations or export
+    assert out["get"]["properties"]["parameters"]["secretValue"] == {"type": "SecureString"}
+    assert value not in json.dumps(out)
+    kinds = sorted(o["properties"]["target_resource"]["resource_type"] for o in out["operations"])
+    assert kinds == [KV, f"{KV}/accessPolicies", f"{KV}/secrets"]
+    # the identity, given "get" by the template's access policy, reads the template's secret
+    kv.vaults.append(name)
+    kv._write_hosts()
+    got = kv.py("read_secret", name, name="app-secret", client_id=demo["clientId"])
+    assert got == {"ok": value}, got
+    # the host's system identity got no policy: refused by the vault
+    denied = kv.py("read_secret", name, name="app-secret")
+    assert denied["error"]["status"] == 403, denied
+
+
+def test_every_served_type_deploys(up):
+    """One template with every resource type Keyless serves, wired by expressions: an
+    identity with a credential and a Reader role on itself, a VM and a scale set holding it, a
+    Batch account with a pool holding it, a vault with an access policy and a secret, and a
+    managed cluster."""
+    rg = rg_name("all")
+    ident_id = f"resourceId('{UAMI}', 'app-id')"
+    ident = f"[{ident_id}]"
+    holds = {"type": "UserAssigned", "userAssignedIdentities": {ident: {}}}
+    reader = "[subscriptionResourceId('Microsoft.Authorization/roleDefinitions', 'acdd72a7-3385-48ef-bd42-f606fba81ae7')]"
+    vault = "[resourceId('Microsoft.KeyVault/vaults', variables('vault'))]"
+    t = template(
+        [identity("app-id"),
+         fic("app-id", "github-ci", "repo:org/app:ref:refs/heads/main", [ident]),
+         {"type": "Microsoft.Authorization/roleAssignments", "apiVersion": "2022-04-01",
+          "name": "[guid(resourceGroup().id, 'app-id', 'reader')]", "dependsOn": [ident],
+          "properties": {"roleDefinitionId": reader, "principalId": f"[reference({ident_id}).principalId]",
+                         "principalType": "ServicePrincipal"}},
+         {"type": "Microsoft.Compute/virtualMachines", "apiVersion": "2021-07-01", "name": "vm1", "location": "local",
+          "dependsOn": [ident], "identity": holds},
+         {"type": "Microsoft.Compute/virtualMachineScaleSets", "apiVersion": "2021-07-01", "name": "ss1",
+          "location": "local", "dependsOn": [ident], "identity": holds},
+         {"type": "Microsoft.Batch/batchAccounts", "apiVersion": "2024-07-01", "name": "[variables('batch')]",
+          "location": "local"},
+         {"type": "Microsoft.Batch/batchAccounts/pools", "apiVersion": "2024-07-01",
+          "name": "[concat(variables('batch'), '/pool1')]", "identity": holds,
+          "dependsOn": [ident, "[resourceId('Microsoft.Batch/batchAccounts', variables('batch'))]"],
+          "properties": {"scaleSettings": {"fixedScale": {"targetDedicatedNodes": 1}}}},
+         {"type": "Microsoft.KeyVault/vaults", "apiVersion": "2023-07-01", "name": "[variables('vault')]",
+          "location": "local", "properties": {"tenantId": "[subscription().tenantId]",
+                                              "sku": {"family": "A", "name": "standard"}, "accessPolicies": []}},
+         {"type": "Microsoft.KeyVault/vaults/accessPolicies", "apiVersion": "2023-07-01",
+          "name": "[concat(variables('vault'), '/add')]", "dependsOn": [vault, ident],
+          "properties": {"accessPolicies": [{"tenantId": "[subscription().tenantId]",
+                                             "objectId": f"[reference({ident_id}).principalId]",
+                                             "permissions": {"secrets": ["get", "list"]}}]}},
+         {"type": "Microsoft.KeyVault/vaults/secrets", "apiVersion": "2023-07-01",
+          "name": "[concat(variables('vault'), '/s1')]", "dependsOn": [vault], "properties": {"value": "v1"}},
+         {"type": "Microsoft.ContainerService/managedClusters", "apiVersion": "2024-07-01", "name": "aks1",
+          "location": "local", "identity": {"type": "SystemAssigned"},
+          "properties": {"dnsPrefix": "aks1", "agentPoolProfiles": [{"name": "np1", "count": 1, "mode": "System"}]}}],
+        variables={"batch": "[concat('batch', uniqueString(resourceGroup().id))]",
+                   "vault": "[concat('kv-', uniqueString(resourceGroup().id))]"},
+        outputs={"principal": {"type": "string", "value": f"[reference({ident_id}).principalId]"},
+                 "vmIdentities": {"type": "object", "value": "[reference(resourceId('Microsoft.Compute/virtualMachines', 'vm1'), '2021-07-01', 'Full').identity.userAssignedIdentities]"}})
+    out = deploy(up, rg, "everything", ["group", "create", "operations", "resources"], t)
+    assert out["create"]["properties"]["provisioning_state"] == "Succeeded", json.dumps(out)[-3000:]
+    ops = out["operations"]
+    assert all(o["properties"]["provisioning_state"] == "Succeeded" for o in ops)
+    types = sorted({o["properties"]["target_resource"]["resource_type"] for o in ops})
+    assert types == sorted([UAMI, FIC, "Microsoft.Authorization/roleAssignments", "Microsoft.Compute/virtualMachines",
+                            "Microsoft.Compute/virtualMachineScaleSets", "Microsoft.Batch/batchAccounts",
+                            "Microsoft.Batch/batchAccounts/pools", "Microsoft.KeyVault/vaults",
+                            "Microsoft.KeyVault/vaults/accessPolicies", "Microsoft.KeyVault/vaults/secrets",
+                            "Microsoft.ContainerService/managedClusters"])
+    outputs = out["create"]["properties"]["outputs"]
+    assert re.fullmatch(r"[0-9a-f-]{36}", outputs["principal"]["value"])
+    held = {k.lower() for k in outputs["vmIdentities"]["value"]}
+    assert any(k.endswith("/userassignedidentities/app-id") for k in held), outputs
+    listed = {r.rsplit("/", 1)[1] for r in out["resources"]}
+    assert {"app-id", "vm1", "ss1", "aks1"} <= listed, listed
