@@ -343,3 +343,47 @@ def test_every_served_type_deploys(up):
     assert any(k.endswith("/userassignedidentities/app-id") for k in held), outputs
     listed = {r.rsplit("/", 1)[1] for r in out["resources"]}
     assert {"app-id", "vm1", "ss1", "aks1"} <= listed, listed
+
+
+SUB_SCHEMA = "https://schema.management.azure.com/schemas/2018-05-01/subscriptionDeploymentTemplate.json#"
+
+
+def test_subscription_scope_creates_a_group_and_deploys_into_it_with_az(logged_in, up):
+    az, _ = logged_in
+    rg = rg_name("subscope")
+    t = {"$schema": SUB_SCHEMA, "contentVersion": "1.0.0.0",
+         "parameters": {"rgName": {"type": "string"}, "identityName": {"type": "string"}},
+         "resources": [
+             {"type": "Microsoft.Resources/resourceGroups", "apiVersion": "2022-09-01",
+              "name": "[parameters('rgName')]", "location": "[deployment().location]", "tags": {"made-by": "sub"}},
+             {"type": "Microsoft.Resources/deployments", "apiVersion": "2022-09-01", "name": "inside",
+              "resourceGroup": "[parameters('rgName')]",
+              "dependsOn": ["[resourceId('Microsoft.Resources/resourceGroups', parameters('rgName'))]"],
+              "properties": {
+                  "mode": "Incremental", "expressionEvaluationOptions": {"scope": "inner"},
+                  "parameters": {"name": {"value": "[parameters('identityName')]"}},
+                  "template": {"$schema": SCHEMA, "contentVersion": "1.0.0.0",
+                               "parameters": {"name": {"type": "string"}},
+                               "resources": [identity("[parameters('name')]")],
+                               "outputs": {"clientId": {"type": "string",
+                                                        "value": f"[reference(resourceId('{UAMI}', parameters('name'))).clientId]"}}}}}],
+         "outputs": {"clientId": {"type": "string",
+                                  "value": "[reference('inside').outputs.clientId.value]"}}}
+    path = az.dir / "sub.json"
+    path.write_text(json.dumps(t, indent=2))
+    d = az("deployment", "sub", "create", "-l", "local", "-n", f"sub-{rg}", "--template-file", str(path),
+           "--parameters", f"rgName={rg}", "identityName=made-inside")
+    assert d["properties"]["provisioningState"] == "Succeeded", d
+    assert d["location"] == "local"
+    group = az("group", "show", "-n", rg)
+    assert group["tags"] == {"made-by": "sub"}
+    ident = az("identity", "show", "-g", rg, "-n", "made-inside")
+    assert d["properties"]["outputs"]["clientId"]["value"] == ident["clientId"]
+    shown = az("deployment", "sub", "show", "-n", f"sub-{rg}")
+    assert shown["id"] == f"/subscriptions/{up.info['subscriptionId']}/providers/Microsoft.Resources/deployments/sub-{rg}"
+    ops = az("deployment", "operation", "sub", "list", "-n", f"sub-{rg}")
+    assert sorted(o["properties"]["targetResource"]["resourceType"] for o in ops) == [
+        "Microsoft.Resources/deployments", "Microsoft.Resources/resourceGroups"]
+    inner = az("deployment", "group", "show", "-g", rg, "-n", "inside")
+    assert inner["properties"]["provisioningState"] == "Succeeded"
+    assert any(x["name"] == f"sub-{rg}" for x in az("deployment", "sub", "list"))

@@ -169,6 +169,15 @@ pub enum ArmPath {
         name: String,
         action: String,
     },
+    /// `/subscriptions/{s}/providers/{ns}/{type}/{name}[/…]`: a resource at subscription scope
+    /// (a subscription-scope deployment), with what follows its name.
+    AtSubscription {
+        subscription: String,
+        namespace: String,
+        type_name: String,
+        name: String,
+        rest: Vec<String>,
+    },
     /// `/subscriptions/{s}[/resourceGroups/{rg}]/resources`: every resource of a subscription or
     /// a group, whatever its type.
     GenericResources {
@@ -359,6 +368,18 @@ impl ArmPath {
                     resource_group: None,
                     namespace: ns,
                     type_name: ty,
+                })
+            }
+            [s, sub, p, ns, ty, name, rest @ ..]
+                if eq(s, "subscriptions") && eq(p, "providers") && rest.len() <= 2 =>
+            {
+                let (ns, ty) = canon(ns, ty);
+                Ok(ArmPath::AtSubscription {
+                    subscription: sub.clone(),
+                    namespace: ns,
+                    type_name: ty,
+                    name: name.clone(),
+                    rest: rest.to_vec(),
                 })
             }
             [s, sub, g, rg, p, ns, ty]

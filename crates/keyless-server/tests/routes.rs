@@ -286,6 +286,28 @@ const ROUTES: &[&str] = &[
     "ARM GET {scope}/providers/Microsoft.Authorization/roleAssignments/{name}",
     "ARM DELETE {scope}/providers/Microsoft.Authorization/roleAssignments/{name}",
     sub!("GET", "Microsoft.Insights/eventtypes/management/values"),
+    // template deployments (`arm::deployments`); the subscription's list has only
+    // subscription-scope deployments, none of which Keyless serves
+    sub!("GET", "Microsoft.Resources/deployments"),
+    rg!("GET", "Microsoft.Resources/deployments"),
+    // `az deployment group list` (the SDK's path ends with a slash)
+    rg!("GET", "Microsoft.Resources/deployments/"),
+    rg!("PUT", "Microsoft.Resources/deployments/{name}"),
+    rg!("GET", "Microsoft.Resources/deployments/{name}"),
+    rg!("HEAD", "Microsoft.Resources/deployments/{name}"),
+    rg!("DELETE", "Microsoft.Resources/deployments/{name}"),
+    rg!("POST", "Microsoft.Resources/deployments/{name}/validate"),
+    rg!("POST", "Microsoft.Resources/deployments/{name}/exportTemplate"),
+    rg!("POST", "Microsoft.Resources/deployments/{name}/cancel"),
+    rg!("GET", "Microsoft.Resources/deployments/{name}/operations"),
+    rg!("GET", "Microsoft.Resources/deployments/{name}/operations/{id}"),
+    rg!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
+    ),
+    // a deployment's operations as az and the SDKs ask for them (no `providers/`)
+    "ARM GET /subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations",
+    "ARM GET /subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations/{id}",
     // Key Vault data plane (`kv::handle`, paths of `keyless_core::vault::route`)
     "KV PUT /secrets/{name}",
     "KV GET /secrets/{name}",
@@ -631,6 +653,35 @@ const ARM_ACTIVITY: &[&str] = &[sub!(
     "Microsoft.Insights/eventtypes/management/values"
 )];
 
+const ARM_DEPLOYMENTS: &[&str] = &[
+    sub!("GET", "Microsoft.Resources/deployments"),
+    rg!("GET", "Microsoft.Resources/deployments"),
+    // `az deployment group list` (the SDK's path ends with a slash)
+    rg!("GET", "Microsoft.Resources/deployments/"),
+    rg!("PUT", "Microsoft.Resources/deployments/{name}"),
+    rg!("GET", "Microsoft.Resources/deployments/{name}"),
+    rg!("HEAD", "Microsoft.Resources/deployments/{name}"),
+    rg!("DELETE", "Microsoft.Resources/deployments/{name}"),
+    rg!("POST", "Microsoft.Resources/deployments/{name}/validate"),
+    rg!(
+        "POST",
+        "Microsoft.Resources/deployments/{name}/exportTemplate"
+    ),
+    rg!("POST", "Microsoft.Resources/deployments/{name}/cancel"),
+    rg!("GET", "Microsoft.Resources/deployments/{name}/operations"),
+    rg!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operations/{id}"
+    ),
+    rg!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
+    ),
+    // a deployment's operations as az and the SDKs ask for them (no `providers/`)
+    "ARM GET /subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations",
+    "ARM GET /subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations/{id}",
+];
+
 const KV_SECRETS: &[&str] = &[
     "KV PUT /secrets/{name}",
     "KV GET /secrets/{name}",
@@ -722,6 +773,7 @@ const AREAS: &[(&str, &[&str])] = &[
     ("arm_managed_cluster_routes", ARM_CLUSTERS),
     ("arm_authorization_routes", ARM_AUTHORIZATION),
     ("arm_activity_log_route", ARM_ACTIVITY),
+    ("arm_deployment_routes", ARM_DEPLOYMENTS),
     ("key_vault_secret_routes", KV_SECRETS),
     ("key_vault_key_routes", KV_KEYS),
     ("key_vault_certificate_routes", KV_CERTIFICATES),
@@ -786,6 +838,24 @@ fn route_templates_fit_only_their_paths() {
         "{scope}/providers/Microsoft.Authorization/roleAssignments",
         "/subscriptions/s/providers/Microsoft.Authorization/roleDefinitions"
     ));
+    // a list with its trailing slash is its own route, never a resource with an empty name
+    let deps = "/subscriptions/s/resourcegroups/g/providers/Microsoft.Resources/deployments";
+    let list = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Resources/deployments";
+    let one = format!("{list}/{{name}}");
+    assert!(fits(&format!("{list}/"), &format!("{deps}/")));
+    assert!(!fits(list, &format!("{deps}/")));
+    assert!(!fits(&one, &format!("{deps}/")));
+    assert!(!fits(&format!("{list}/"), &format!("{deps}/d1")));
+    assert!(fits(&one, &format!("{deps}/d1")));
+    // an empty segment inside a path does name something: a key's latest version
+    assert!(fits("/keys/{name}/{version}/encrypt", "/keys/k//encrypt"));
+    // a deployment's operations without `providers/` (az, the SDKs) fit only their own form
+    let legacy = "/subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations";
+    let ops = "/subscriptions/s/resourceGroups/g/deployments/d1/operations";
+    assert!(fits(legacy, ops));
+    assert!(fits(&format!("{legacy}/{{id}}"), &format!("{ops}/ABC")));
+    assert!(!fits(&format!("{one}/operations"), ops));
+    assert!(!fits(legacy, &format!("{deps}/d1/operations")));
 }
 
 // ------------------------------------------------------------------ helpers
@@ -3548,6 +3618,651 @@ async fn arm_activity_log_route() {
     arm_refused(&srv, &stranger, route, &path, None).await;
 
     srv.finish(ARM_ACTIVITY, PUBLIC, NEVER_ACCEPTED);
+}
+
+// ------------------------------------------------------------------ ARM: template deployments
+
+const DEPLOY: &str = "api-version=2024-11-01";
+/// Managed Identity Operator: may write deployments (`Microsoft.Resources/deployments/*`),
+/// not identities.
+const IDENTITY_OPERATOR: &str = "f1a07417-d97a-45cb-824c-7a7467783830";
+
+/// Poll a deployment's `Azure-AsyncOperation` URL as the SDKs do until its status is no longer
+/// `Running` (bounded: the run is a spawned task); the last answer.
+async fn poll_deployment(srv: &Srv, token: &str, url: &str) -> Value {
+    let route = rg!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
+    );
+    let path = url
+        .strip_prefix(srv.base.as_str())
+        .unwrap_or_else(|| panic!("{url} is not under {}", srv.base));
+    for _ in 0..600 {
+        let r = srv.send(srv.call(route, path).bearer(token)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        if r.body["status"] != "Running" {
+            return r.body;
+        }
+        assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the deployment at {url} is still running");
+}
+
+/// A template that creates an identity, a vault whose access policy lets `reader` get
+/// secrets, and a secret in it whose value is the `securestring` parameter `secretValue`;
+/// its outputs are the identity's principal and client ids.
+fn deployment_template() -> Value {
+    json!({
+        "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+        "contentVersion": "1.0.0.0",
+        "parameters": {
+            "identityName": {"type": "string", "minLength": 3},
+            "secretValue": {"type": "securestring"},
+            "reader": {"type": "string"},
+        },
+        "variables": {"vaultName": VAULT},
+        "resources": [
+            {
+                "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+                "apiVersion": "2023-01-31",
+                "name": "[parameters('identityName')]",
+                "location": "[resourceGroup().location]",
+            },
+            {
+                "type": "Microsoft.KeyVault/vaults",
+                "apiVersion": "2023-07-01",
+                "name": "[variables('vaultName')]",
+                "location": "[resourceGroup().location]",
+                "properties": {
+                    "tenantId": "[subscription().tenantId]",
+                    "sku": {"family": "A", "name": "standard"},
+                    "accessPolicies": [{
+                        "tenantId": "[subscription().tenantId]",
+                        "objectId": "[parameters('reader')]",
+                        "permissions": {"secrets": ["get"]},
+                    }],
+                },
+            },
+            {
+                "type": "Microsoft.KeyVault/vaults/secrets",
+                "apiVersion": "2023-07-01",
+                "name": "[concat(variables('vaultName'), '/db')]",
+                "dependsOn": ["[resourceId('Microsoft.KeyVault/vaults', variables('vaultName'))]"],
+                "properties": {"value": "[parameters('secretValue')]"},
+            },
+        ],
+        "outputs": {
+            "principalId": {
+                "type": "string",
+                "value": "[reference(resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', parameters('identityName'))).principalId]",
+            },
+            "clientId": {
+                "type": "string",
+                "value": "[reference(parameters('identityName')).clientId]",
+            },
+        },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arm_deployment_routes() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    let stranger = nobody(&srv, "stranger", ARM_SCOPE).await;
+    let operator = nobody(&srv, "operator", ARM_SCOPE).await;
+    put_group(&srv, &adm, "dep").await;
+    let rgp = group(&srv, "dep");
+    // the operator may deploy in the group, but not write identities
+    let ra = format!(
+        "{rgp}/providers/Microsoft.Authorization/roleAssignments/{}",
+        uuid::Uuid::new_v4()
+    );
+    let role = format!(
+        "/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/{IDENTITY_OPERATOR}",
+        srv.sub
+    );
+    let c = srv
+        .call(
+            "ARM PUT {scope}/providers/Microsoft.Authorization/roleAssignments/{name}",
+            format!("{ra}?{AUTHZ}"),
+        )
+        .bearer(&adm.token)
+        .json(&json!({"properties": {"roleDefinitionId": role, "principalId": operator.oid}}));
+    srv.expect(c, 201).await;
+
+    let deps = format!("{rgp}/providers/Microsoft.Resources/deployments");
+    let d1 = format!("{deps}/d1");
+    let p1 = format!("{d1}?{DEPLOY}");
+    let identity =
+        format!("{rgp}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/dep-id");
+    let vault = format!("{rgp}/providers/Microsoft.KeyVault/vaults/{VAULT}");
+    let secret_id = format!("{vault}/secrets/db");
+    let get_identity = || {
+        srv.call(
+            rg!(
+                "GET",
+                "Microsoft.ManagedIdentity/userAssignedIdentities/{id}"
+            ),
+            format!("{identity}?{MSI}"),
+        )
+        .bearer(&adm.token)
+    };
+    const SECRET: &str = "n0t-echoed-S3CRET";
+    let template = deployment_template();
+    let body = json!({"properties": {
+        "mode": "Incremental",
+        "template": template,
+        "parameters": {
+            "identityName": {"value": "dep-id"},
+            "secretValue": {"value": SECRET},
+            "reader": {"value": adm.oid},
+        },
+    }});
+    let not_found = |r: &Resp| {
+        arm_error(r, 404, "DeploymentNotFound");
+        assert!(
+            s(&r.body["error"]["message"]).contains("'d1'"),
+            "{}",
+            r.text
+        );
+    };
+    let route_get = rg!("GET", "Microsoft.Resources/deployments/{name}");
+
+    // validate: everything a PUT checks, the secure value echoed nowhere, nothing stored
+    let route = rg!("POST", "Microsoft.Resources/deployments/{name}/validate");
+    let vp = format!("{d1}/validate?{DEPLOY}");
+    arm_refused(&srv, &stranger, route, &vp, Some(&body)).await;
+    let r = srv
+        .send(
+            srv.call(route, vp.clone())
+                .bearer(&operator.token)
+                .json(&body),
+        )
+        .await;
+    arm_forbidden(&r, &operator.oid);
+    assert!(
+        s(&r.body["error"]["message"])
+            .contains("Microsoft.ManagedIdentity/userAssignedIdentities/write"),
+        "{}",
+        r.text
+    );
+    let r = srv
+        .send(srv.call(route, vp.clone()).bearer(&adm.token).json(&body))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    let v = r.body;
+    assert_eq!(v["id"], d1.as_str());
+    assert_eq!(v["name"], "d1");
+    assert_eq!(v["type"], "Microsoft.Resources/deployments");
+    assert_eq!(v["properties"]["provisioningState"], "Succeeded");
+    assert_eq!(v["properties"]["mode"], "Incremental");
+    assert_eq!(
+        v["properties"]["parameters"]["identityName"],
+        json!({"type": "String", "value": "dep-id"})
+    );
+    assert_eq!(
+        v["properties"]["parameters"]["secretValue"],
+        json!({"type": "SecureString"})
+    );
+    let mut validated: Vec<String> = v["properties"]["validatedResources"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|r| s(&r["id"]).to_ascii_lowercase())
+        .collect();
+    validated.sort();
+    let mut want = vec![
+        identity.to_ascii_lowercase(),
+        vault.to_ascii_lowercase(),
+        secret_id.to_ascii_lowercase(),
+    ];
+    want.sort();
+    assert_eq!(validated, want, "{v}");
+    // a secure value the template refuses is not echoed in the refusal either
+    let mut refused = body.clone();
+    refused["properties"]["template"]["parameters"]["secretValue"]["allowedValues"] =
+        json!(["only-this"]);
+    let r = srv
+        .send(
+            srv.call(route, vp.clone())
+                .bearer(&adm.token)
+                .json(&refused),
+        )
+        .await;
+    arm_error(&r, 400, "InvalidTemplate");
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    // a deployment that is none (validate stored nothing)
+    let r = srv
+        .send(srv.call(route_get, p1.clone()).bearer(&adm.token))
+        .await;
+    not_found(&r);
+
+    // PUT: refused callers, a bad template, and a deployer who may not write what the template
+    // creates (ARM's preflight): 403 naming the resource's write action, nothing stored
+    let route = rg!("PUT", "Microsoft.Resources/deployments/{name}");
+    arm_refused(&srv, &stranger, route, &p1, Some(&body)).await;
+    let mut bad = body.clone();
+    bad["properties"]["template"]["resources"][0]["name"] = json!("[bogus('x')]");
+    let r = srv
+        .send(srv.call(route, p1.clone()).bearer(&adm.token).json(&bad))
+        .await;
+    arm_error(&r, 400, "InvalidTemplate");
+    assert!(
+        s(&r.body["error"]["message"]).contains("bogus"),
+        "{}",
+        r.text
+    );
+    let r = srv
+        .send(
+            srv.call(route, p1.clone())
+                .bearer(&operator.token)
+                .json(&body),
+        )
+        .await;
+    arm_forbidden(&r, &operator.oid);
+    let m = s(&r.body["error"]["message"]);
+    assert!(
+        m.contains("Microsoft.ManagedIdentity/userAssignedIdentities/write"),
+        "{m}"
+    );
+    let r = srv
+        .send(srv.call(route_get, p1.clone()).bearer(&adm.token))
+        .await;
+    not_found(&r);
+    let r = srv.send(get_identity()).await;
+    arm_error(&r, 404, "ResourceNotFound");
+
+    // PUT: accepted (201, Azure-AsyncOperation), run in the background
+    let r = srv
+        .send(srv.call(route, p1.clone()).bearer(&adm.token).json(&body))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    assert_eq!(r.body["id"], d1.as_str());
+    assert_eq!(r.body["name"], "d1");
+    assert_eq!(r.body["type"], "Microsoft.Resources/deployments");
+    assert_eq!(r.body["properties"]["provisioningState"], "Accepted");
+    let correlation = s(&r.body["properties"]["correlationId"]);
+    assert!(!correlation.is_empty(), "{}", r.text);
+    let async_op = r
+        .header("azure-asyncoperation")
+        .unwrap_or_else(|| panic!("no Azure-AsyncOperation: {:?}", r.headers))
+        .to_string();
+    assert_eq!(
+        async_op,
+        format!(
+            "{}{d1}/operationStatuses/{correlation}?api-version=2024-11-01",
+            srv.base
+        )
+    );
+
+    // the run's status, as the SDKs poll it
+    let route = rg!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
+    );
+    let status_path = async_op
+        .strip_prefix(srv.base.as_str())
+        .unwrap()
+        .to_string();
+    arm_refused(&srv, &stranger, route, &status_path, None).await;
+    let v = poll_deployment(&srv, &adm.token, &async_op).await;
+    assert_eq!(v, json!({"status": "Succeeded"}));
+
+    // GET: Succeeded, outputs, outputResources; never the secure value
+    let r = srv
+        .send(srv.call(route_get, p1.clone()).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    let v = r.body;
+    let props = &v["properties"];
+    assert_eq!(props["provisioningState"], "Succeeded", "{v}");
+    assert_eq!(props["correlationId"], correlation.as_str());
+    assert!(s(&props["duration"]).starts_with("PT"), "{v}");
+    assert!(props.get("error").is_none(), "{v}");
+    let id = srv.expect(get_identity(), 200).await;
+    assert_eq!(
+        props["outputs"]["principalId"],
+        json!({"type": "String", "value": id["properties"]["principalId"]})
+    );
+    assert_eq!(
+        props["outputs"]["clientId"],
+        json!({"type": "String", "value": id["properties"]["clientId"]})
+    );
+    let mut deployed: Vec<String> = props["outputResources"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|r| s(&r["id"]).to_ascii_lowercase())
+        .collect();
+    deployed.sort();
+    assert_eq!(deployed, want, "{v}");
+    assert_eq!(
+        props["parameters"]["secretValue"],
+        json!({"type": "SecureString"})
+    );
+    arm_refused(&srv, &stranger, route_get, &p1, None).await;
+    // the secret was written with the parameter's value: the data plane reads it
+    let kv_token = srv.admin_token(KV_SCOPE).await;
+    let v = srv
+        .expect(
+            srv.call("KV GET /secrets/{name}", format!("/secrets/db?{KV}"))
+                .bearer(&kv_token),
+            200,
+        )
+        .await;
+    assert_eq!(v["value"], SECRET);
+
+    // the status of an operation that is none
+    let r = srv
+        .send(
+            srv.call(
+                route,
+                format!("{d1}/operationStatuses/{}?{DEPLOY}", uuid::Uuid::new_v4()),
+            )
+            .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 400, "DeploymentOperationNotFound");
+
+    // HEAD
+    let route = rg!("HEAD", "Microsoft.Resources/deployments/{name}");
+    let r = srv
+        .send(srv.call(route, p1.clone()).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let r = srv
+        .send(
+            srv.call(route, format!("{deps}/none?{DEPLOY}"))
+                .bearer(&adm.token),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    let r = srv.send(srv.call(route, p1.clone())).await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").is_some());
+    let r = srv
+        .send(srv.call(route, p1.clone()).bearer(&stranger.token))
+        .await;
+    assert_eq!(r.status, 403);
+
+    // lists: the group's (with and without the trailing slash az sends); the subscription's
+    // has only subscription-scope deployments
+    for (route, path) in [
+        (
+            rg!("GET", "Microsoft.Resources/deployments"),
+            format!("{deps}?{DEPLOY}"),
+        ),
+        (
+            rg!("GET", "Microsoft.Resources/deployments/"),
+            format!("{deps}/?{DEPLOY}"),
+        ),
+    ] {
+        let r = srv
+            .send(srv.call(route, path.clone()).bearer(&adm.token))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(!r.text.contains(SECRET), "{}", r.text);
+        assert_eq!(ids(&r.body), vec![d1.to_ascii_lowercase()], "{}", r.text);
+        assert_eq!(
+            r.body["value"][0]["properties"]["provisioningState"],
+            "Succeeded"
+        );
+        arm_refused(&srv, &stranger, route, &path, None).await;
+    }
+    let route = sub!("GET", "Microsoft.Resources/deployments");
+    let sub_list = format!(
+        "/subscriptions/{}/providers/Microsoft.Resources/deployments?{DEPLOY}",
+        srv.sub
+    );
+    let v = srv
+        .expect(srv.call(route, sub_list.clone()).bearer(&adm.token), 200)
+        .await;
+    assert_eq!(v["value"], json!([]), "{v}");
+    arm_filtered(&srv, &stranger, route, &sub_list).await;
+
+    // operations: one per resource, naming it; by id; the same without `providers/`
+    let route = rg!("GET", "Microsoft.Resources/deployments/{name}/operations");
+    let ops_path = format!("{d1}/operations?{DEPLOY}");
+    let r = srv
+        .send(srv.call(route, ops_path.clone()).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    let ops = r.body;
+    let items = ops["value"].as_array().unwrap_or_else(|| panic!("{ops}"));
+    let mut targets: Vec<String> = items
+        .iter()
+        .map(|o| s(&o["properties"]["targetResource"]["id"]).to_ascii_lowercase())
+        .collect();
+    targets.sort();
+    assert_eq!(targets, want, "{ops}");
+    for o in items {
+        let p = &o["properties"];
+        assert_eq!(p["provisioningOperation"], "Create", "{o}");
+        assert_eq!(p["provisioningState"], "Succeeded", "{o}");
+        assert_eq!(p["statusCode"], "Created", "{o}");
+        assert_eq!(
+            s(&o["id"]),
+            format!("{d1}/operations/{}", s(&o["operationId"])),
+            "{o}"
+        );
+        let t = &p["targetResource"];
+        assert!(!s(&t["resourceName"]).is_empty(), "{o}");
+        assert!(!s(&t["apiVersion"]).is_empty(), "{o}");
+    }
+    let vault_op = items
+        .iter()
+        .find(|o| o["properties"]["targetResource"]["resourceType"] == "Microsoft.KeyVault/vaults")
+        .unwrap_or_else(|| panic!("{ops}"))
+        .clone();
+    assert_eq!(
+        vault_op["properties"]["targetResource"]["resourceName"],
+        VAULT
+    );
+    let op_id = s(&vault_op["operationId"]);
+    arm_refused(&srv, &stranger, route, &ops_path, None).await;
+    let r = srv
+        .send(
+            srv.call(route, format!("{deps}/none/operations?{DEPLOY}"))
+                .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 404, "DeploymentNotFound");
+
+    let route = rg!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operations/{id}"
+    );
+    let op_path = format!("{d1}/operations/{op_id}?{DEPLOY}");
+    let v = srv
+        .expect(srv.call(route, op_path.clone()).bearer(&adm.token), 200)
+        .await;
+    assert_eq!(v, vault_op);
+    arm_refused(&srv, &stranger, route, &op_path, None).await;
+    let r = srv
+        .send(
+            srv.call(route, format!("{d1}/operations/0000000000000000?{DEPLOY}"))
+                .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 400, "DeploymentOperationNotFound");
+
+    let legacy = format!(
+        "/subscriptions/{}/resourcegroups/dep/deployments/d1/operations",
+        srv.sub
+    );
+    let route = "ARM GET /subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations";
+    let path = format!("{legacy}?{DEPLOY}");
+    let v = srv
+        .expect(srv.call(route, path.clone()).bearer(&adm.token), 200)
+        .await;
+    assert_eq!(v, ops);
+    arm_refused(&srv, &stranger, route, &path, None).await;
+    let route =
+        "ARM GET /subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations/{id}";
+    let path = format!("{legacy}/{op_id}?{DEPLOY}");
+    let v = srv
+        .expect(srv.call(route, path.clone()).bearer(&adm.token), 200)
+        .await;
+    assert_eq!(v, vault_op);
+    arm_refused(&srv, &stranger, route, &path, None).await;
+
+    // exportTemplate: the template as sent (no parameter values)
+    let route = rg!(
+        "POST",
+        "Microsoft.Resources/deployments/{name}/exportTemplate"
+    );
+    let path = format!("{d1}/exportTemplate?{DEPLOY}");
+    let r = srv
+        .send(srv.call(route, path.clone()).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    assert_eq!(r.body, json!({"template": template}));
+    arm_refused(&srv, &stranger, route, &path, None).await;
+    let r = srv
+        .send(
+            srv.call(route, format!("{deps}/none/exportTemplate?{DEPLOY}"))
+                .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 404, "DeploymentNotFound");
+
+    // cancel: a finished deployment cannot be; a running one can (d2 below)
+    let route = rg!("POST", "Microsoft.Resources/deployments/{name}/cancel");
+    let path = format!("{d1}/cancel?{DEPLOY}");
+    let r = srv
+        .send(srv.call(route, path.clone()).bearer(&adm.token))
+        .await;
+    arm_error(&r, 409, "DeploymentCannotBeCancelled");
+    arm_refused(&srv, &stranger, route, &path, None).await;
+    let r = srv
+        .send(
+            srv.call(route, format!("{deps}/none/cancel?{DEPLOY}"))
+                .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 404, "DeploymentNotFound");
+
+    // d2: a deployment whose run stopped midway (its process ended: it stays `Running`, as
+    // `arm::deployment_run` notes) — made so by writing its record back to `Running`, since a
+    // real run cannot be held open without timing assumptions
+    let d2 = format!("{deps}/d2");
+    let p2 = format!("{d2}?{DEPLOY}");
+    let small = json!({"properties": {"mode": "Incremental", "template": {
+        "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+        "contentVersion": "1.0.0.0",
+        "resources": [{"type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "apiVersion": "2023-01-31", "name": "dep-two", "location": "local"}],
+    }}});
+    let r = srv
+        .send(
+            srv.call(
+                rg!("PUT", "Microsoft.Resources/deployments/{name}"),
+                p2.clone(),
+            )
+            .bearer(&adm.token)
+            .json(&small),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let d2_status = r.header("azure-asyncoperation").unwrap().to_string();
+    let v = poll_deployment(&srv, &adm.token, &d2_status).await;
+    assert_eq!(v, json!({"status": "Succeeded"}));
+    {
+        let mut tx = srv.s.store.write("test_stopped_run").await.unwrap();
+        let mut rec = tx
+            .get_tracked(&d2.to_ascii_lowercase())
+            .await
+            .unwrap()
+            .expect("the deployment's record");
+        rec.body["deployment"]["properties"]["provisioningState"] = json!("Running");
+        tx.put_tracked(&rec).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let r = srv
+        .send(
+            srv.call(route, format!("{d2}/cancel?{DEPLOY}"))
+                .bearer(&adm.token),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    // while active, it is neither replaced nor deleted; its status says Running
+    let r = srv
+        .send(
+            srv.call(
+                rg!("PUT", "Microsoft.Resources/deployments/{name}"),
+                p2.clone(),
+            )
+            .bearer(&adm.token)
+            .json(&small),
+        )
+        .await;
+    arm_error(&r, 409, "DeploymentActive");
+    let r = srv
+        .send(
+            srv.call(
+                rg!("DELETE", "Microsoft.Resources/deployments/{name}"),
+                p2.clone(),
+            )
+            .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 409, "DeploymentActive");
+    let path = d2_status
+        .strip_prefix(srv.base.as_str())
+        .unwrap()
+        .to_string();
+    let r = srv
+        .send(
+            srv.call(
+                rg!(
+                    "GET",
+                    "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
+                ),
+                path,
+            )
+            .bearer(&adm.token),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body, json!({"status": "Running"}));
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+
+    // DELETE: the deployment and its operations go, what it deployed stays
+    let route = rg!("DELETE", "Microsoft.Resources/deployments/{name}");
+    arm_refused(&srv, &stranger, route, &p1, None).await;
+    let r = srv
+        .send(srv.call(route, p1.clone()).bearer(&operator.token))
+        .await;
+    assert_eq!(
+        r.status, 204,
+        "the operator may delete deployments: {}",
+        r.text
+    );
+    let r = srv
+        .send(srv.call(route_get, p1.clone()).bearer(&adm.token))
+        .await;
+    not_found(&r);
+    let r = srv
+        .send(
+            srv.call(
+                rg!("GET", "Microsoft.Resources/deployments/{name}/operations"),
+                ops_path.clone(),
+            )
+            .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 404, "DeploymentNotFound");
+    srv.expect(srv.call(route, p1.clone()).bearer(&adm.token), 204)
+        .await;
+    srv.expect(get_identity(), 200).await;
+
+    srv.finish(ARM_DEPLOYMENTS, PUBLIC, NEVER_ACCEPTED);
 }
 
 // ------------------------------------------------------------------ Key Vault: secrets

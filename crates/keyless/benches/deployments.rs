@@ -166,9 +166,7 @@ async fn direct_parallel(arm: &Arc<Arm>, rg: &str, n: usize) -> Duration {
         let (arm, path) = (arm.clone(), format!("{rg}?{GROUP_API}"));
         warm.spawn(async move { arm.call(reqwest::Method::GET, &path, None).await });
     }
-    eprintln!("DBG warm spawned");
     warm.join_all().await;
-    eprintln!("DBG warm done");
     let t0 = Instant::now();
     let mut puts = tokio::task::JoinSet::new();
     for i in 0..n {
@@ -176,7 +174,6 @@ async fn direct_parallel(arm: &Arc<Arm>, rg: &str, n: usize) -> Duration {
         puts.spawn(async move { put_identity(&arm, &rg, i).await });
     }
     puts.join_all().await;
-    eprintln!("DBG puts done");
     t0.elapsed()
 }
 
@@ -405,7 +402,6 @@ fn main() {
         for r in 0..rounds {
             eprintln!("bench phase: round {} of {rounds}", r + 1);
             let rg = arm.new_group(&format!("bench-{r}-parallel")).await;
-            eprintln!("DBG group made");
             let parallel = direct_parallel(&arm, &rg, N).await;
             let rg_flat = arm.new_group(&format!("bench-{r}-deployment")).await;
             let deployed = deploy(&arm, &rg_flat, "identities", &flat, N).await;

@@ -6,6 +6,7 @@ use serde_json::{json, Map, Value};
 use super::eval::{eval_expr, Ctx, LoopKind, Phase};
 use super::expr::Expr;
 use super::hash;
+use super::Level;
 
 /// ARM's name for a JSON value's type (Newtonsoft's JTokenType).
 pub(crate) fn jtype(v: &Value) -> &'static str {
@@ -219,6 +220,10 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
         }
         "resourcegroup" => {
             arity(name, n, 0, 0)?;
+            if scope.level == Level::Subscription {
+                // ARM names the function in capitals here.
+                return Err(not_here("RESOURCEGROUP", ""));
+            }
             json!({
                 "id": format!("/subscriptions/{}/resourceGroups/{}", scope.subscription_id, scope.resource_group),
                 "name": scope.resource_group,
@@ -248,7 +253,7 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
         "deployment" => {
             arity(name, n, 0, 0)?;
             let t = env.template;
-            json!({
+            let mut d = json!({
                 "name": scope.deployment_name,
                 "properties": {
                     "template": {
@@ -259,7 +264,11 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
                     "mode": "Incremental",
                     "provisioningState": "Accepted",
                 },
-            })
+            });
+            if let Some(l) = &scope.location {
+                d["location"] = Value::String(l.clone());
+            }
+            d
         }
         "copyindex" => {
             arity(name, n, 0, 2)?;
@@ -364,9 +373,12 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
                 _ => return Err(arity(name, n, 2, t + 2).unwrap_err()),
             };
             let tail = type_and_names(name, strs[t], &strs[t + 1..])?;
-            Value::String(format!(
-                "/subscriptions/{sub}/resourceGroups/{rg}/providers/{tail}"
-            ))
+            Value::String(if t == 0 && scope.level == Level::Subscription {
+                // No group at subscription level: ARM names the subscription's resource.
+                subscription_id_of(sub, &tail)
+            } else {
+                format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{tail}")
+            })
         }
         "subscriptionresourceid" => {
             arity(name, n, 2, usize::MAX)?;
@@ -380,7 +392,7 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
                 return Err(arity(name, n, 3, usize::MAX).unwrap_err());
             }
             let tail = type_and_names(name, strs[t], &strs[t + 1..])?;
-            Value::String(format!("/subscriptions/{sub}/providers/{tail}"))
+            Value::String(subscription_id_of(sub, &tail))
         }
         "tenantresourceid" => {
             arity(name, n, 2, usize::MAX)?;
@@ -787,6 +799,17 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
         _ => return Err(unknown(name)),
     };
     Ok(v)
+}
+
+/// A subscription-level resource's id; a resource group's is `/subscriptions/{s}/resourceGroups/{name}`.
+pub(crate) fn subscription_id_of(sub: &str, tail: &str) -> String {
+    const RG: &str = "Microsoft.Resources/resourceGroups/";
+    match tail.get(..RG.len()) {
+        Some(head) if head.eq_ignore_ascii_case(RG) && !tail[RG.len()..].contains('/') => {
+            format!("/subscriptions/{sub}/resourceGroups/{}", &tail[RG.len()..])
+        }
+        _ => format!("/subscriptions/{sub}/providers/{tail}"),
+    }
 }
 
 fn all_strings<'v>(name: &str, a: &'v [Value]) -> Result<Vec<&'v str>, String> {

@@ -20,6 +20,19 @@
 //!   parameters/variables/properties, reference() to a resource that does not exist
 //!   ("The Resource '<id>' was not found."), list* functions (not served by Keyless).
 //!
+//! Levels ([`Level`]): at resource-group level a resource's id is in the group; at subscription
+//! level (`az deployment sub create`) it is the subscription's (`/subscriptions/{s}/providers/…`,
+//! a `Microsoft.Resources/resourceGroups` one `/subscriptions/{s}/resourceGroups/{name}`),
+//! `resourceId()` without a group names the subscription's resource, `deployment()` has the
+//! deployment's `location`, and `resourceGroup()` is refused ("The template function
+//! 'RESOURCEGROUP' is not expected at this location.", as ARM words it).
+//!
+//! Nested deployments (`Microsoft.Resources/deployments`): `resourceGroup`/`subscriptionId` name
+//! where they deploy (the id; the subscription must be this one) and are left out of the body;
+//! with `expressionEvaluationOptions.scope` "inner" the body keeps `properties.template` as
+//! written (its expressions are the nested template's) and evaluates the rest (`parameters`) in
+//! this template; otherwise ("outer", ARM's default) the nested template is evaluated here too.
+//!
 //! `target` is the failing place when known: "parameters.p", "variables.v", "outputs.o", a
 //! resource's id, or "resources[i]" before the id is known.
 
@@ -40,15 +53,26 @@ use eval::{
 
 pub use jsonc::parse_jsonc;
 
-/// Where a deployment runs (resource-group scope).
+/// The level a deployment runs at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    ResourceGroup,
+    Subscription,
+}
+
+/// Where a deployment runs (see the module doc for what the level changes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
+    pub level: Level,
     pub subscription_id: String,
     pub tenant_id: String,
-    /// Name as stored (echo case).
+    /// Name as stored (echo case); empty at `Level::Subscription`.
     pub resource_group: String,
+    /// Empty at `Level::Subscription`.
     pub resource_group_location: String,
     pub deployment_name: String,
+    /// A subscription-level deployment's own `location` (required there); None at resource-group level.
+    pub location: Option<String>,
 }
 
 /// A template error with ARM's code and sentence.
@@ -174,7 +198,14 @@ impl ParamType {
 struct Instance {
     def: usize,
     bindings: Vec<Binding>,
+    /// A nested deployment (`Microsoft.Resources/deployments`): Some(inner expression scope).
+    nested: Option<bool>,
 }
+
+const DEPLOYMENTS: &str = "Microsoft.Resources/deployments";
+
+/// Members of a nested deployment that are the template's (where it deploys to).
+const DEPLOYMENT_ONLY: &[&str] = &["resourceGroup", "subscriptionId"];
 
 /// A validated template with its parameters, ready to deploy.
 #[derive(Debug, Clone)]
@@ -364,7 +395,8 @@ impl Plan {
                 validate: false,
             };
             let mut targets = Vec::new();
-            scan_references(&defs[p.inst.def], &cx, &mut targets, true);
+            let (evaluable, _) = split_body(&defs[p.inst.def], p.inst.nested);
+            scan_references(&evaluable, &cx, &mut targets, false);
             for t in targets {
                 let key = t.to_ascii_lowercase();
                 let hit = if t.starts_with('/') {
@@ -423,7 +455,7 @@ impl Plan {
                 refs: None,
                 validate: true,
             };
-            eval_value(&body_template(&defs[inst.def]), &cx)
+            eval_body(&defs[inst.def], inst.nested, &cx)
                 .map_err(|e| TemplateError::expression(e, Some(r.id.clone())))?;
         }
         evaluate_outputs(&env, None, true)?;
@@ -473,7 +505,7 @@ impl Plan {
             refs: Some(refs),
             validate: false,
         };
-        eval_value(&body_template(&self.defs[inst.def]), &cx)
+        eval_body(&self.defs[inst.def], inst.nested, &cx)
             .map_err(|e| TemplateError::expression(e, Some(r.id.clone())))
     }
 
@@ -503,17 +535,58 @@ impl Plan {
     }
 }
 
-/// The resource object without its template-only members.
-fn body_template(def: &Value) -> Value {
+/// The resource object without its template-only members (for a nested deployment also
+/// `resourceGroup` and `subscriptionId`), and, for a nested deployment with inner expression
+/// scope, its `properties.template` taken out: that one is the nested template's own, evaluated
+/// when it deploys.
+fn split_body(def: &Value, nested: Option<bool>) -> (Value, Option<(String, Value)>) {
+    let only = |k: &str| {
+        TEMPLATE_ONLY.iter().any(|t| t.eq_ignore_ascii_case(k))
+            || (nested.is_some() && DEPLOYMENT_ONLY.iter().any(|t| t.eq_ignore_ascii_case(k)))
+    };
     let mut m = Map::new();
     if let Some(o) = def.as_object() {
         for (k, v) in o {
-            if !TEMPLATE_ONLY.iter().any(|t| t.eq_ignore_ascii_case(k)) {
+            if !only(k) {
                 m.insert(k.clone(), v.clone());
             }
         }
     }
-    Value::Object(m)
+    let mut raw = None;
+    if nested == Some(true) {
+        let props = key_of(&m, "properties").and_then(|k| m.get_mut(&k));
+        if let Some(Value::Object(props)) = props {
+            if let Some(k) = key_of(props, "template") {
+                raw = props.remove(&k).map(|t| (k, t));
+            }
+        }
+    }
+    (Value::Object(m), raw)
+}
+
+/// Evaluate a resource's body: see [`split_body`].
+fn eval_body(def: &Value, nested: Option<bool>, cx: &Ctx) -> Result<Value, String> {
+    let (evaluable, raw) = split_body(def, nested);
+    let mut v = eval_value(&evaluable, cx)?;
+    if let (Some((k, t)), Value::Object(m)) = (raw, &mut v) {
+        if let Some(Value::Object(props)) = key_of(m, "properties").and_then(|p| m.get_mut(&p)) {
+            props.insert(k, t);
+        }
+    }
+    Ok(v)
+}
+
+/// The key of `m` that is `name` case-insensitively (exact first).
+fn key_of(m: &Map<String, Value>, name: &str) -> Option<String> {
+    if m.contains_key(name) {
+        return Some(name.to_string());
+    }
+    m.keys().find(|k| k.eq_ignore_ascii_case(name)).cloned()
+}
+
+/// `m[name]`, case-insensitively.
+fn member<'v>(m: &'v Map<String, Value>, name: &str) -> Option<&'v Value> {
+    m.get(&key_of(m, name)?)
 }
 
 fn param_error(msg: String, name: &str) -> TemplateError {
@@ -923,14 +996,33 @@ fn expand(
         let names: Vec<&str> = full_name.split('/').collect();
         let tail = functions::type_and_names("resourceId", &full_type, &names)
             .map_err(|_| segment_error(&full_name, &full_type, path))?;
+        let nested = if full_type.eq_ignore_ascii_case(DEPLOYMENTS) {
+            Some(inner_scope(obj, &cx, &name, path)?)
+        } else {
+            None
+        };
+        let sub = env.scope.subscription_id.as_str();
         let id = match obj.get("scope") {
             Some(s) => {
                 let s = static_string(Some(s), &cx, "scope", path)?;
                 format!("{}/providers/{tail}", s.trim_end_matches('/'))
             }
+            None if nested.is_some() => match deployment_group(obj, &cx, &name, path)? {
+                Some(rg) => format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{tail}"),
+                None if env.scope.level == Level::Subscription => {
+                    format!("/subscriptions/{sub}/providers/{tail}")
+                }
+                None => format!(
+                    "/subscriptions/{sub}/resourceGroups/{}/providers/{tail}",
+                    env.scope.resource_group
+                ),
+            },
+            None if env.scope.level == Level::Subscription => {
+                functions::subscription_id_of(sub, &tail)
+            }
             None => format!(
-                "/subscriptions/{}/resourceGroups/{}/providers/{tail}",
-                env.scope.subscription_id, env.scope.resource_group
+                "/subscriptions/{sub}/resourceGroups/{}/providers/{tail}",
+                env.scope.resource_group
             ),
         };
         let mut depends_raw = Vec::new();
@@ -969,6 +1061,7 @@ fn expand(
             inst: Instance {
                 def: def_index,
                 bindings: b.clone(),
+                nested,
             },
             full_type: full_type.clone(),
             name: full_name.clone(),
@@ -1004,6 +1097,65 @@ fn expand(
         }
     }
     Ok(())
+}
+
+/// A nested deployment's `properties.expressionEvaluationOptions.scope`: true for "inner",
+/// false for "outer" or none.
+fn inner_scope(
+    obj: &Map<String, Value>,
+    cx: &Ctx,
+    name: &str,
+    path: &str,
+) -> Result<bool, TemplateError> {
+    let Some(v) = member(obj, "properties")
+        .and_then(Value::as_object)
+        .and_then(|p| member(p, "expressionEvaluationOptions"))
+        .and_then(Value::as_object)
+        .and_then(|o| member(o, "scope"))
+    else {
+        return Ok(false);
+    };
+    let at = format!("{path}.properties.expressionEvaluationOptions.scope");
+    let s = static_string(Some(v), cx, "scope", &at)?;
+    if s.eq_ignore_ascii_case("inner") {
+        Ok(true)
+    } else if s.eq_ignore_ascii_case("outer") {
+        Ok(false)
+    } else {
+        Err(TemplateError::validation(
+            format!("The template resource '{name}' has an invalid expression evaluation scope '{s}'. The supported values are 'inner, outer'. Please see https://aka.ms/arm-nested-templates for usage details."),
+            Some(at),
+        ))
+    }
+}
+
+/// A nested deployment's target group (`resourceGroup`), checking `subscriptionId` is this one.
+fn deployment_group(
+    obj: &Map<String, Value>,
+    cx: &Ctx,
+    name: &str,
+    path: &str,
+) -> Result<Option<String>, TemplateError> {
+    if let Some(v) = member(obj, "subscriptionId") {
+        let sub = static_string(Some(v), cx, "subscriptionId", path)?;
+        if !sub.eq_ignore_ascii_case(&cx.env.scope.subscription_id) {
+            return Err(TemplateError::validation(
+                format!("The template resource '{name}' targets subscription '{sub}': Keyless deploys nested deployments only into the deployment's own subscription '{}'. Please see https://aka.ms/arm-nested-templates for usage details.", cx.env.scope.subscription_id),
+                Some(path.to_string()),
+            ));
+        }
+    }
+    let Some(v) = member(obj, "resourceGroup") else {
+        return Ok(None);
+    };
+    let rg = static_string(Some(v), cx, "resourceGroup", path)?;
+    if rg.is_empty() {
+        return Err(TemplateError::validation(
+            format!("The template resource '{name}' property 'resourceGroup' must not be empty. Please see https://aka.ms/arm-nested-templates for usage details."),
+            Some(path.to_string()),
+        ));
+    }
+    Ok(Some(rg))
 }
 
 /// The first argument of every reference()/list*() in `v`, where it can be evaluated now.

@@ -3,6 +3,8 @@ use serde_json::json;
 
 fn scope() -> Scope {
     Scope {
+        level: Level::ResourceGroup,
+        location: None,
         subscription_id: "00000000-0000-0000-0000-000000000001".into(),
         tenant_id: "10000000-0000-0000-0000-000000000000".into(),
         resource_group: "Rg1".into(),
@@ -801,4 +803,435 @@ fn template_hash_is_a_stable_decimal() {
 fn plan_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Plan>();
+}
+
+const SUB: &str = "/subscriptions/00000000-0000-0000-0000-000000000001";
+
+/// `az deployment sub create --location eastus`.
+fn sub_scope() -> Scope {
+    Scope {
+        level: Level::Subscription,
+        location: Some("eastus".into()),
+        resource_group: String::new(),
+        resource_group_location: String::new(),
+        ..scope()
+    }
+}
+
+fn sub_prep(t: &Value, p: Value) -> Result<Plan, TemplateError> {
+    Plan::prepare_at(t, &p, &sub_scope(), 1_709_211_909, 7)
+}
+
+fn sub_tpl(resources: Value) -> Value {
+    json!({
+        "$schema": "https://schema.management.azure.com/schemas/2018-05-01/subscriptionDeploymentTemplate.json#",
+        "contentVersion": "1.0.0.0",
+        "resources": resources,
+    })
+}
+
+/// The nested template of [`subscription_template_with_group_and_inner_nested_deployment`]: its
+/// expressions are its own (parameters it declares, resourceGroup()).
+fn inner_template() -> Value {
+    json!({
+        "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+        "contentVersion": "1.0.0.0",
+        "parameters": {"name": {"type": "string"}, "loc": {"type": "string"}},
+        "resources": [{
+            "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "apiVersion": "2023-01-31",
+            "name": "[parameters('name')]",
+            "location": "[resourceGroup().location]",
+        }],
+        "outputs": {
+            "principalId": {
+                "type": "string",
+                "value": "[reference(parameters('name')).principalId]",
+            },
+        },
+    })
+}
+
+#[test]
+fn subscription_template_with_group_and_inner_nested_deployment() {
+    let t = json!({
+        "$schema": "https://schema.management.azure.com/schemas/2018-05-01/subscriptionDeploymentTemplate.json#",
+        "contentVersion": "1.0.0.0",
+        "parameters": {
+            "rgName": {"type": "string", "defaultValue": "rg1"},
+            "idName": {"type": "string"},
+            "location": {"type": "string", "defaultValue": "[deployment().location]"},
+        },
+        "resources": [
+            {
+                "type": "Microsoft.Resources/resourceGroups",
+                "apiVersion": "2022-09-01",
+                "name": "[parameters('rgName')]",
+                "location": "[parameters('location')]",
+            },
+            {
+                "type": "Microsoft.Resources/deployments",
+                "apiVersion": "2022-09-01",
+                "name": "idDeploy",
+                "resourceGroup": "[parameters('rgName')]",
+                "subscriptionId": "[subscription().subscriptionId]",
+                "dependsOn": ["[resourceId('Microsoft.Resources/resourceGroups', parameters('rgName'))]"],
+                "properties": {
+                    "mode": "Incremental",
+                    "expressionEvaluationOptions": {"scope": "Inner"},
+                    "parameters": {
+                        "name": {"value": "[parameters('idName')]"},
+                        "loc": {"value": "[parameters('location')]"},
+                    },
+                    "template": inner_template(),
+                },
+            },
+            {
+                "type": "Microsoft.Authorization/roleAssignments",
+                "apiVersion": "2022-04-01",
+                "name": "[guid(subscription().id, parameters('idName'))]",
+                "properties": {
+                    "roleDefinitionId": "[subscriptionResourceId('Microsoft.Authorization/roleDefinitions', 'acdd72a7-3385-48ef-bd42-f606fba81ae7')]",
+                    "principalId": "[reference('idDeploy').outputs.principalId.value]",
+                },
+            },
+        ],
+        "outputs": {
+            "rgId": {"type": "string", "value": "[subscriptionResourceId('Microsoft.Resources/resourceGroups', parameters('rgName'))]"},
+            "rgId2": {"type": "string", "value": "[resourceId('Microsoft.Resources/resourceGroups', parameters('rgName'))]"},
+            "deploymentLocation": {"type": "string", "value": "[deployment().location]"},
+        },
+    });
+    let plan = sub_prep(&t, json!({"idName": {"value": "uai-sub"}})).unwrap();
+    let rg = format!("{SUB}/resourceGroups/rg1");
+    let nested = format!("{rg}/providers/Microsoft.Resources/deployments/idDeploy");
+    let guid = hash::guid(&[SUB, "uai-sub"]);
+    let ra = format!("{SUB}/providers/Microsoft.Authorization/roleAssignments/{guid}");
+    let ids: Vec<&str> = plan.resources.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, [rg.as_str(), nested.as_str(), ra.as_str()]);
+    let deps: Vec<&[usize]> = plan.resources.iter().map(|r| &r.depends_on[..]).collect();
+    assert_eq!(deps, [&[][..], &[0][..], &[1][..]]);
+    assert_eq!(
+        plan.resources[1].full_type,
+        "Microsoft.Resources/deployments"
+    );
+    assert_eq!(plan.resources[1].name, "idDeploy");
+
+    assert_eq!(
+        plan.body(0, &NoReferences).unwrap(),
+        json!({"location": "eastus"})
+    );
+    // The nested deployment: where it goes is in its id, not its body; the inner template raw.
+    assert_eq!(
+        plan.body(1, &NoReferences).unwrap(),
+        json!({
+            "properties": {
+                "mode": "Incremental",
+                "expressionEvaluationOptions": {"scope": "Inner"},
+                "parameters": {
+                    "name": {"value": "uai-sub"},
+                    "loc": {"value": "eastus"},
+                },
+                "template": inner_template(),
+            },
+        })
+    );
+    // reference() of a nested deployment: its properties, as the server's GET gives them.
+    let store = Store(HashMap::from([(
+        nested.to_ascii_lowercase(),
+        json!({"id": nested, "name": "idDeploy", "properties": {
+            "provisioningState": "Succeeded",
+            "outputs": {"principalId": {"type": "String", "value": "p-123"}},
+        }}),
+    )]));
+    assert_eq!(
+        plan.body(2, &store).unwrap(),
+        json!({"properties": {
+            "roleDefinitionId": format!("{SUB}/providers/Microsoft.Authorization/roleDefinitions/acdd72a7-3385-48ef-bd42-f606fba81ae7"),
+            "principalId": "p-123",
+        }})
+    );
+    assert_eq!(
+        plan.outputs(&store).unwrap(),
+        json!({
+            "rgId": {"type": "String", "value": rg},
+            "rgId2": {"type": "String", "value": rg},
+            "deploymentLocation": {"type": "String", "value": "eastus"},
+        })
+    );
+}
+
+#[test]
+fn subscription_level_ids_and_functions() {
+    let t = sub_tpl(json!([{
+        "type": "Microsoft.Resources/resourceGroups",
+        "apiVersion": "2022-09-01",
+        "name": "rg1",
+        "location": "eastus",
+        "properties": {
+            "noGroup": "[resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', 'u1')]",
+            "group": "[resourceId('rg2', 'Microsoft.ManagedIdentity/userAssignedIdentities', 'u1')]",
+            "other": "[resourceId('sub2', 'rg2', 'Microsoft.ManagedIdentity/userAssignedIdentities', 'u1')]",
+            "sub": "[subscriptionResourceId('Microsoft.Authorization/roleDefinitions', 'r1')]",
+            "deployment": "[deployment().name]",
+        },
+    }, {
+        "type": "Microsoft.Authorization/roleAssignments",
+        "apiVersion": "2022-04-01",
+        "name": "ra1",
+        "dependsOn": ["rg1"],
+        "properties": {},
+    }, {
+        "type": "Microsoft.Resources/deployments",
+        "apiVersion": "2022-09-01",
+        "name": "atSub",
+        "dependsOn": ["Microsoft.Resources/resourceGroups/rg1"],
+        "properties": {"mode": "Incremental", "template": {"resources": []}},
+    }]));
+    let plan = sub_prep(&t, json!({})).unwrap();
+    let ids: Vec<&str> = plan.resources.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            format!("{SUB}/resourceGroups/rg1"),
+            format!("{SUB}/providers/Microsoft.Authorization/roleAssignments/ra1"),
+            format!("{SUB}/providers/Microsoft.Resources/deployments/atSub"),
+        ]
+    );
+    assert_eq!(plan.resources[1].depends_on, [0]);
+    assert_eq!(plan.resources[2].depends_on, [0]);
+    let b = plan.body(0, &NoReferences).unwrap();
+    assert_eq!(
+        b["properties"],
+        json!({
+            "noGroup": format!("{SUB}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u1"),
+            "group": format!("{SUB}/resourceGroups/rg2/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u1"),
+            "other": "/subscriptions/sub2/resourceGroups/rg2/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u1",
+            "sub": format!("{SUB}/providers/Microsoft.Authorization/roleDefinitions/r1"),
+            "deployment": "dep1",
+        })
+    );
+
+    // At resource-group level deployment() has no location; resourceId() names the group's.
+    let rg_level = eval1("[deployment()]").unwrap();
+    assert!(rg_level.get("location").is_none(), "{rg_level}");
+    assert_eq!(
+        eval1("[resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', 'u1')]").unwrap(),
+        json!(format!(
+            "{RG}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u1"
+        ))
+    );
+}
+
+#[test]
+fn resource_group_function_is_refused_at_subscription_level() {
+    let expected = "Deployment template language expression evaluation failed: 'The template function 'RESOURCEGROUP' is not expected at this location. Please see https://aka.ms/arm-template-expressions for usage details.'.";
+    // In a resource's body.
+    let t = sub_tpl(json!([{
+        "type": "Microsoft.Resources/resourceGroups",
+        "apiVersion": "2022-09-01",
+        "name": "rg1",
+        "location": "[resourceGroup().location]",
+    }]));
+    let e = sub_prep(&t, json!({})).unwrap_err();
+    assert_eq!(e.code, "InvalidTemplate");
+    assert_eq!(e.message, expected);
+    assert_eq!(
+        e.target.as_deref(),
+        Some(&*format!("{SUB}/resourceGroups/rg1"))
+    );
+    // In a variable and in an output.
+    let mut t = sub_tpl(json!([]));
+    t["variables"] = json!({"v": "[resourceGroup().name]"});
+    let e = sub_prep(&t, json!({})).unwrap_err();
+    assert_eq!(
+        (e.message.as_str(), e.target.as_deref()),
+        (expected, Some("variables.v"))
+    );
+    let mut t = sub_tpl(json!([]));
+    t["outputs"] = json!({"o": {"type": "string", "value": "[resourceGroup().id]"}});
+    let e = sub_prep(&t, json!({})).unwrap_err();
+    assert_eq!(
+        (e.message.as_str(), e.target.as_deref()),
+        (expected, Some("outputs.o"))
+    );
+    // Inside an inner-scope nested template it is the nested template's business.
+    let t = sub_tpl(json!([{
+        "type": "Microsoft.Resources/deployments",
+        "apiVersion": "2022-09-01",
+        "name": "n",
+        "resourceGroup": "rg1",
+        "properties": {
+            "mode": "Incremental",
+            "expressionEvaluationOptions": {"scope": "inner"},
+            "template": {"resources": [], "outputs": {"o": {"type": "string", "value": "[resourceGroup().id]"}}},
+        },
+    }]));
+    sub_prep(&t, json!({})).unwrap();
+    // ... but not in an outer-scope one (evaluated here).
+    let mut t = t;
+    t["resources"][0]["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("expressionEvaluationOptions");
+    assert_eq!(sub_prep(&t, json!({})).unwrap_err().message, expected);
+}
+
+#[test]
+fn outer_scope_nested_template_is_evaluated_here() {
+    let mut t = tpl(json!([
+        {
+            "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "apiVersion": "2023-01-31",
+            "name": "[parameters('idName')]",
+            "location": "westus2",
+        },
+        {
+            "type": "Microsoft.Resources/deployments",
+            "apiVersion": "2022-09-01",
+            "name": "outer",
+            "dependsOn": ["[parameters('idName')]"],
+            "properties": {
+                "mode": "Incremental",
+                "expressionEvaluationOptions": {"scope": "outer"},
+                "template": {
+                    "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+                    "contentVersion": "1.0.0.0",
+                    "parameters": {"ignored": {"type": "string", "defaultValue": "x"}},
+                    "resources": [{
+                        "type": "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials",
+                        "apiVersion": "2023-01-31",
+                        "name": "[concat(parameters('idName'), '/fic1')]",
+                        "properties": {
+                            "issuer": "[reference(resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', parameters('idName'))).clientId]",
+                            "subject": "[[parameters('ignored')]",
+                            "audiences": ["api://AzureADTokenExchange"],
+                        },
+                    }],
+                },
+            },
+        },
+        {
+            "type": "Microsoft.Resources/deployments",
+            "apiVersion": "2022-09-01",
+            "name": "elsewhere",
+            "resourceGroup": "Other",
+            "properties": {"mode": "Incremental", "template": {"resources": []}},
+        },
+    ]));
+    t["parameters"] = json!({"idName": {"type": "string"}});
+    let plan = prep(&t, json!({"idName": {"value": "uai1"}})).unwrap();
+    let ids: Vec<&str> = plan.resources.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            format!("{RG}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/uai1"),
+            format!("{RG}/providers/Microsoft.Resources/deployments/outer"),
+            format!(
+                "{SUB}/resourceGroups/Other/providers/Microsoft.Resources/deployments/elsewhere"
+            ),
+        ]
+    );
+    assert_eq!(plan.resources[1].depends_on, [0]);
+    assert!(plan.resources[2].depends_on.is_empty());
+    let id = &plan.resources[0].id;
+    let store = Store(HashMap::from([(
+        id.to_ascii_lowercase(),
+        json!({"id": id, "properties": {"clientId": "c-1"}}),
+    )]));
+    let b = plan.body(1, &store).unwrap();
+    assert_eq!(
+        b["properties"]["template"]["resources"][0],
+        json!({
+            "type": "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials",
+            "apiVersion": "2023-01-31",
+            "name": "uai1/fic1",
+            "properties": {
+                "issuer": "c-1",
+                // An escaped expression is left for the nested deployment.
+                "subject": "[parameters('ignored')]",
+                "audiences": ["api://AzureADTokenExchange"],
+            },
+        })
+    );
+    assert_eq!(
+        b["properties"]["expressionEvaluationOptions"],
+        json!({"scope": "outer"})
+    );
+    assert_eq!(
+        plan.body(2, &NoReferences).unwrap(),
+        json!({"properties": {"mode": "Incremental", "template": {"resources": []}}})
+    );
+}
+
+#[test]
+fn nested_deployment_errors() {
+    let nested = |extra: Value| {
+        let mut r = json!({
+            "type": "Microsoft.Resources/deployments",
+            "apiVersion": "2022-09-01",
+            "name": "n",
+            "properties": {
+                "mode": "Incremental",
+                "expressionEvaluationOptions": {"scope": "inner"},
+                "parameters": {"p": {"value": "[parameters('p')]"}},
+                "template": {"resources": [], "outputs": {"o": {"type": "string", "value": "[parameters('p')]"}}},
+            },
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        tpl(json!([r]))
+    };
+    // Inner scope: the nested template's parameters() are its own, but the parameters passed
+    // to it are evaluated here.
+    let e = err(&nested(json!({})), json!({}));
+    assert_eq!(e.code, "InvalidTemplate");
+    assert!(
+        e.message
+            .contains("The template parameter 'p' is not found."),
+        "{}",
+        e.message
+    );
+    let mut ok = nested(json!({}));
+    ok["parameters"] = json!({"p": {"type": "string"}});
+    let plan = prep(&ok, json!({"p": {"value": "v"}})).unwrap();
+    assert_eq!(
+        plan.body(0, &NoReferences).unwrap()["properties"]["parameters"],
+        json!({"p": {"value": "v"}})
+    );
+    // Another subscription.
+    let mut t = nested(json!({"subscriptionId": "00000000-0000-0000-0000-000000000002"}));
+    t["parameters"] = json!({"p": {"type": "string", "defaultValue": "v"}});
+    let e = err(&t, json!({}));
+    assert!(
+        e.message
+            .contains("targets subscription '00000000-0000-0000-0000-000000000002'"),
+        "{}",
+        e.message
+    );
+    // Its own subscription (any case) is fine; its dependsOn is still checked.
+    let mut t = nested(json!({
+        "subscriptionId": "00000000-0000-0000-0000-000000000001".to_uppercase(),
+        "dependsOn": ["missing"],
+    }));
+    t["parameters"] = json!({"p": {"type": "string", "defaultValue": "v"}});
+    let e = err(&t, json!({}));
+    assert!(
+        e.message
+            .contains("The resource 'missing' is not defined in the template."),
+        "{}",
+        e.message
+    );
+    // An unknown evaluation scope.
+    let mut t = nested(json!({}));
+    t["parameters"] = json!({"p": {"type": "string", "defaultValue": "v"}});
+    t["resources"][0]["properties"]["expressionEvaluationOptions"]["scope"] = json!("middle");
+    let e = err(&t, json!({}));
+    assert!(
+        e.message
+            .contains("invalid expression evaluation scope 'middle'"),
+        "{}",
+        e.message
+    );
 }

@@ -12,7 +12,9 @@
 //! A deployment runs in the process that accepted it; a run stopped by the process's end stays
 //! `Running` (noted in the issue; ARM resumes it elsewhere).
 
-use crate::arm::deployments::{duration, iso_micros, operation_key, Job, Mode, OPERATION_TYPE};
+use crate::arm::deployments::{
+    duration, iso_micros, operation_key, run_lease, Job, Mode, OPERATION_TYPE, RUN_LEASE_TTL,
+};
 use crate::arm::registry;
 use crate::error::Result;
 use crate::request::Caller;
@@ -77,10 +79,42 @@ struct Outcome {
 
 /// Run `job` to its end. Never fails: what goes wrong is the deployment's state.
 pub async fn run(s: Arc<AppState>, job: Arc<Job>, front: Front) {
-    if let Err(e) = drive(&s, &job, &front).await {
+    // the run's lease, renewed while it runs: readers tell a run whose server stopped by it
+    let (lease, holder) = (run_lease(&job.key), format!("run:{}", job.correlation_id));
+    if let Err(e) = s
+        .store
+        .try_lease(&lease, &holder, s.now(), RUN_LEASE_TTL)
+        .await
+    {
+        tracing::warn!(deployment = %job.id, error = %e, "taking a deployment run's lease failed");
+    }
+    let renew = tokio::spawn({
+        let (s, lease, holder) = (s.clone(), lease.clone(), holder.clone());
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(RUN_LEASE_TTL / 3)).await;
+                if let Err(e) = s
+                    .store
+                    .try_lease(&lease, &holder, s.now(), RUN_LEASE_TTL)
+                    .await
+                {
+                    tracing::warn!(error = %e, "renewing a deployment run's lease failed");
+                }
+            }
+        }
+    });
+    drive_or_fail(&s, &job, &front).await;
+    renew.abort();
+    if let Err(e) = s.store.release_lease(&lease, &holder).await {
+        tracing::warn!(deployment = %job.id, error = %e, "releasing a deployment run's lease failed; it expires by itself");
+    }
+}
+
+async fn drive_or_fail(s: &AppState, job: &Job, front: &Front) {
+    if let Err(e) = drive(s, job, front).await {
         tracing::error!(deployment = %job.id, error = %e, "a deployment run stopped");
         let error = json!({"code": "InternalServerError", "message": "The deployment stopped because of an internal error."});
-        let _ = finish(&s, &job, "Failed", None, Vec::new(), Some(error)).await;
+        let _ = finish(s, job, "Failed", None, Vec::new(), Some(error)).await;
     }
 }
 
@@ -310,6 +344,9 @@ fn read_version(id: &str) -> Option<&'static str> {
             .last()
             .copied(),
         ArmPath::Authorization { .. } => api_version::AUTHORIZATION.last().copied(),
+        ArmPath::ResourceGroup { .. } | ArmPath::AtSubscription { .. } => {
+            api_version::RESOURCES.last().copied()
+        }
         _ => None,
     }
 }
@@ -396,7 +433,11 @@ async fn deploy(
     loop {
         match current["properties"]["provisioningState"].as_str() {
             Some("Failed" | "Canceled") => {
-                let error = json!({"code": "ResourceDeploymentFailure", "message": format!("The resource write operation failed to complete successfully, because it reached terminal provisioning state '{}'.", current["properties"]["provisioningState"].as_str().unwrap_or_default())});
+                let mut error = json!({"code": "ResourceDeploymentFailure", "message": format!("The resource write operation failed to complete successfully, because it reached terminal provisioning state '{}'.", current["properties"]["provisioningState"].as_str().unwrap_or_default())});
+                // a nested deployment's own error says which of its resources failed
+                if current["properties"]["error"].is_object() {
+                    error["details"] = json!([current["properties"]["error"]]);
+                }
                 return done(false, json!({ "error": error }));
             }
             Some(p) if !p.eq_ignore_ascii_case("Succeeded") => {

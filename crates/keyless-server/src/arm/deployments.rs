@@ -29,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::api_version;
 use keyless_core::resource_id::{ArmPath, ResourceId, DEPLOYMENT};
-use keyless_core::template::{Plan, Scope};
+use keyless_core::template::{Level, Plan, Scope};
 use keyless_store::{TrackedRecord, Tx};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -143,12 +143,65 @@ pub struct Job {
 #[derive(Clone)]
 pub struct Started(pub Arc<Job>);
 
+/// A deployment: in a resource group, or at subscription scope (`resource_group` None).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub subscription: String,
+    pub resource_group: Option<String>,
+    pub name: String,
+}
+
+impl Target {
+    /// A deployment in a resource group, named by its path.
+    pub fn of(rid: &ResourceId) -> Self {
+        Target {
+            subscription: rid.subscription.clone(),
+            resource_group: Some(rid.resource_group.clone()),
+            name: rid.name.clone(),
+        }
+    }
+
+    /// Its id.
+    pub fn canonical(&self) -> String {
+        match &self.resource_group {
+            Some(rg) => ResourceId::new(&self.subscription, rg, DEPLOYMENT, &self.name).canonical(),
+            None => format!(
+                "/subscriptions/{}/providers/{}/{}/{}",
+                self.subscription, DEPLOYMENT.0, DEPLOYMENT.1, self.name
+            ),
+        }
+    }
+
+    /// Its store key.
+    pub fn key(&self) -> String {
+        self.canonical().to_ascii_lowercase()
+    }
+}
+
 /// What a deployment's request names, checked and evaluated.
 struct Prepared {
-    rid: ResourceId,
+    target: Target,
     template: Value,
     plan: Plan,
     mode: Mode,
+    /// A subscription-scope deployment's `location`.
+    location: Option<String>,
+}
+
+/// The resource group a deployment is in (echo case), after checking it exists; None at
+/// subscription scope (its subscription checked).
+async fn scope_of(
+    s: &AppState,
+    tx: &mut Tx,
+    t: &Target,
+) -> Result<Option<keyless_store::ResourceGroupRecord>> {
+    match &t.resource_group {
+        Some(rg) => Ok(Some(get_resource_group(s, tx, &t.subscription, rg).await?)),
+        None => {
+            crate::arm::resources::check_subscription(s, &t.subscription)?;
+            Ok(None)
+        }
+    }
 }
 
 fn not_found(name: &str) -> ServerError {
@@ -196,10 +249,14 @@ pub fn duration(micros: i64) -> String {
 
 /// Parse the request's body (az splices the template file raw into it: comments and all) and
 /// evaluate everything that needs no deployed resource.
-async fn prepare(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Prepared> {
-    let rid = c.target.clone();
-    check_name(&rid.name)?;
-    let rg = get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+async fn prepare<T: Sync>(
+    s: &AppState,
+    tx: &mut Tx,
+    c: &Call<'_, T>,
+    t: &Target,
+) -> Result<Prepared> {
+    check_name(&t.name)?;
+    let rg = scope_of(s, tx, t).await?;
     let text = std::str::from_utf8(c.body)
         .map_err(|_| invalid_content("The request content is not valid UTF-8."))?;
     if text.trim().is_empty() {
@@ -241,21 +298,52 @@ async fn prepare(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<
             ))
         }
     };
+    let location = match (&rg, body["location"].as_str()) {
+        (Some(_), _) => None,
+        (None, Some(l)) if !l.trim().is_empty() => Some(l.to_string()),
+        (None, _) => {
+            return Err(ServerError::Deployment {
+                code: "LocationRequired",
+                message: "The location property is required for this definition: a subscription-scope deployment needs a 'location' (az deployment sub create --location).".into(),
+                target: None,
+                details: Vec::new(),
+            })
+        }
+    };
+    if rg.is_none() && mode == Mode::Complete {
+        return Err(ServerError::Deployment {
+            code: "InvalidDeploymentMode",
+            message: "The deployment mode 'Complete' is not supported for deployments at subscription scope; use 'Incremental'.".into(),
+            target: None,
+            details: Vec::new(),
+        });
+    }
     let scope = Scope {
         subscription_id: s.subscription_id.clone(),
         tenant_id: s.tenant_id.clone(),
-        resource_group: rg.name.clone(),
-        resource_group_location: rg.location.clone(),
-        deployment_name: rid.name.clone(),
+        resource_group: rg.as_ref().map(|g| g.name.clone()).unwrap_or_default(),
+        resource_group_location: rg.as_ref().map(|g| g.location.clone()).unwrap_or_default(),
+        deployment_name: t.name.clone(),
+        level: if rg.is_some() {
+            Level::ResourceGroup
+        } else {
+            Level::Subscription
+        },
+        location: location.clone(),
     };
     let plan = Plan::prepare(&template, &parameters, &scope)?;
     preflight(tx, c.caller, c.providers, &plan).await?;
-    let rid = ResourceId::new(&rid.subscription, &rg.name, DEPLOYMENT, &rid.name);
+    let target = Target {
+        subscription: t.subscription.clone(),
+        resource_group: rg.map(|g| g.name),
+        name: t.name.clone(),
+    };
     Ok(Prepared {
-        rid,
+        target,
         template,
         plan,
         mode,
+        location,
     })
 }
 
@@ -301,6 +389,23 @@ async fn preflight(
                     }),
                 }
             }),
+            // a resource group (at subscription scope) and a nested deployment at subscription
+            // scope: served by the resources provider at its api-versions
+            ArmPath::ResourceGroup { .. } | ArmPath::AtSubscription { .. }
+                if matches!(&path, ArmPath::ResourceGroup { .. })
+                    || r.full_type.eq_ignore_ascii_case(DEPLOYMENT_TYPE) =>
+            {
+                if api_version::is_supported(api_version::RESOURCES, &r.api_version) {
+                    Ok(())
+                } else {
+                    Err(ServerError::NoRegisteredProviderFound {
+                        location: "local".into(),
+                        version: r.api_version.clone(),
+                        type_name: r.full_type.rsplit('/').next().unwrap_or_default().into(),
+                        supported: api_version::RESOURCES.join(", "),
+                    })
+                }
+            }
             ArmPath::Authorization {
                 kind: keyless_core::resource_id::AuthorizationKind::RoleAssignments,
                 name: Some(_),
@@ -335,7 +440,13 @@ async fn preflight(
             };
             return Err(refused(code, e.to_string()));
         }
-        let action = format!("{}/write", r.full_type);
+        // the action the resource's own route authorizes
+        let action = match &path {
+            ArmPath::ResourceGroup { .. } => {
+                "Microsoft.Resources/subscriptions/resourceGroups/write".to_string()
+            }
+            _ => format!("{}/write", r.full_type),
+        };
         if keyless_core::rbac::authorize(&grants, &action, &r.id).is_none() {
             return Err(ServerError::AuthorizationFailed {
                 principal: caller.object_id.clone(),
@@ -407,50 +518,105 @@ fn deployment_json(
     if let (Value::Object(m), Value::Object(e)) = (&mut props, extra) {
         m.extend(e);
     }
-    json!({
-        "id": p.rid.canonical(),
-        "name": p.rid.name,
+    let mut d = json!({
+        "id": p.target.canonical(),
+        "name": p.target.name,
         "type": DEPLOYMENT_TYPE,
         "properties": props,
-    })
+    });
+    if let Some(l) = &p.location {
+        d["location"] = json!(l);
+    }
+    d
 }
 
-/// The stored deployment `rid`, if any.
-pub async fn load(tx: &mut Tx, rid: &ResourceId) -> Result<Option<TrackedRecord>> {
-    Ok(tx.get_tracked(&rid.key()).await?)
+/// The stored deployment `t`, if any.
+pub async fn load(tx: &mut Tx, t: &Target) -> Result<Option<TrackedRecord>> {
+    Ok(tx.get_tracked(&t.key()).await?)
 }
 
-fn is_active(rec: &TrackedRecord) -> bool {
-    matches!(
+/// How long a run's lease lasts unless renewed (every third of it): a deployment whose
+/// server stopped is shown `Failed` within this long.
+pub const RUN_LEASE_TTL: u64 = 30;
+
+/// The lease a deployment's run holds while it runs ([`crate::arm::deployment_run::run`]).
+pub fn run_lease(key: &str) -> String {
+    format!("deployment-run:{key}")
+}
+
+/// Whether the deployment is being run: `Accepted` or `Running`, and its run's lease held (or
+/// accepted so recently that its run may not have taken it yet). A deployment whose server
+/// stopped mid-run is not: it may be deployed again or deleted, and reads show it `Failed`.
+async fn is_active(s: &AppState, rec: &TrackedRecord) -> Result<bool> {
+    let running = matches!(
         rec.body["deployment"]["properties"]["provisioningState"].as_str(),
         Some("Accepted" | "Running")
-    )
+    );
+    if !running {
+        return Ok(false);
+    }
+    let started = rec.body["started"].as_i64().unwrap_or(0);
+    let fresh = crate::arm::activity::now_micros() - started < RUN_LEASE_TTL as i64 * 1_000_000;
+    Ok(fresh
+        || s.store
+            .lease_holder(&run_lease(&rec.key), s.now())
+            .await?
+            .is_some())
+}
+
+/// The deployment as reads show it: a run that stopped with its server is `Failed`.
+async fn shown(s: &AppState, rec: &TrackedRecord) -> Result<Value> {
+    let mut d = rec.body["deployment"].clone();
+    let running = matches!(
+        d["properties"]["provisioningState"].as_str(),
+        Some("Accepted" | "Running")
+    );
+    if running && !is_active(s, rec).await? {
+        d["properties"]["provisioningState"] = json!("Failed");
+        d["properties"]["error"] = json!({
+            "code": "DeploymentRunStopped",
+            "message": "The deployment stopped before it finished: the Keyless server running it ended. Deploy it again; what it deployed so far stays.",
+        });
+    }
+    Ok(d)
 }
 
 async fn list(s: &AppState, tx: &mut Tx, c: &Call<'_, Collection>) -> Result<Vec<Value>> {
-    let Some(rg) = &c.target.resource_group else {
-        // subscription-scope deployments are not served: none to list
-        return Ok(Vec::new());
+    // a group's deployments, or the subscription-scope ones (stored without a group)
+    let rg = match &c.target.resource_group {
+        Some(rg) => {
+            get_resource_group(s, tx, &c.target.subscription, rg)
+                .await?
+                .name
+        }
+        None => String::new(),
     };
-    get_resource_group(s, tx, &c.target.subscription, rg).await?;
-    Ok(tx
-        .list_tracked(DEPLOYMENT_TYPE, &c.target.subscription, Some(rg))
+    let mut out = Vec::new();
+    for r in tx
+        .list_tracked(DEPLOYMENT_TYPE, &c.target.subscription, Some(&rg))
         .await?
-        .into_iter()
-        .map(|r| r.body["deployment"].clone())
-        .collect())
+    {
+        out.push(shown(s, &r).await?);
+    }
+    Ok(out)
 }
 
 async fn get(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
-    let rid = c.target;
-    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    get_at(s, tx, &Target::of(c.target)).await
+}
+
+async fn get_at(s: &AppState, tx: &mut Tx, rid: &Target) -> Result<Response> {
+    scope_of(s, tx, rid).await?;
     let rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
-    Ok(Json(rec.body["deployment"].clone()).into_response())
+    Ok(Json(shown(s, &rec).await?).into_response())
 }
 
 async fn head(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
-    let rid = c.target;
-    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    head_at(s, tx, &Target::of(c.target)).await
+}
+
+async fn head_at(s: &AppState, tx: &mut Tx, rid: &Target) -> Result<Response> {
+    scope_of(s, tx, rid).await?;
     Ok(match load(tx, rid).await? {
         Some(_) => StatusCode::NO_CONTENT.into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
@@ -458,7 +624,7 @@ async fn head(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Res
 }
 
 /// The `Azure-AsyncOperation` URL of a deployment's run.
-fn status_url(s: &AppState, rid: &ResourceId, correlation_id: &str, version: &str) -> String {
+fn status_url(s: &AppState, rid: &Target, correlation_id: &str, version: &str) -> String {
     format!(
         "{}{}/operationStatuses/{correlation_id}?api-version={version}",
         s.base_url,
@@ -467,42 +633,51 @@ fn status_url(s: &AppState, rid: &ResourceId, correlation_id: &str, version: &st
 }
 
 async fn put(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
-    let p = prepare(s, tx, c).await?;
-    tx.lock_row("tracked", "key", &p.rid.key()).await?;
-    let existing = load(tx, &p.rid).await?;
+    put_at(s, tx, c, &Target::of(c.target)).await
+}
+
+async fn put_at<T: Sync>(
+    s: &AppState,
+    tx: &mut Tx,
+    c: &Call<'_, T>,
+    t: &Target,
+) -> Result<Response> {
+    let p = prepare(s, tx, c, t).await?;
+    tx.lock_row("tracked", "key", &p.target.key()).await?;
+    let existing = load(tx, &p.target).await?;
     if let Some(rec) = &existing {
-        if is_active(rec) {
+        if is_active(s, rec).await? {
             let since = rec.body["deployment"]["properties"]["timestamp"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
             return Err(ServerError::Deployment {
                 code: "DeploymentActive",
-                message: format!("Unable to edit or replace deployment '{}': previous deployment from '{since}' is still active (state: Running). Please see https://aka.ms/arm-deploy for usage details.", p.rid.name),
+                message: format!("Unable to edit or replace deployment '{}': previous deployment from '{since}' is still active (state: Running). Please see https://aka.ms/arm-deploy for usage details.", p.target.name),
                 target: None,
                 details: Vec::new(),
             });
         }
         // a new run replaces the deployment and its operations
-        tx.delete_tracked(&p.rid.key()).await?;
+        tx.delete_tracked(&p.target.key()).await?;
     }
     let correlation_id = crate::util::new_guid();
     let now = crate::arm::activity::now_micros();
     let public = deployment_json(&p, &correlation_id, "Accepted", now, json!({}));
     tx.put_tracked(&TrackedRecord {
-        key: p.rid.key(),
+        key: p.target.key(),
         type_name: DEPLOYMENT_TYPE.into(),
-        subscription: p.rid.subscription.clone(),
-        resource_group: p.rid.resource_group.clone(),
+        subscription: p.target.subscription.clone(),
+        resource_group: p.target.resource_group.clone().unwrap_or_default(),
         body: json!({"deployment": public, "template": p.template, "cancel": false, "started": now}),
     })
     .await?;
     let job = Job {
-        key: p.rid.key(),
-        id: p.rid.canonical(),
+        key: p.target.key(),
+        id: p.target.canonical(),
         correlation_id: correlation_id.clone(),
-        subscription: p.rid.subscription.clone(),
-        resource_group: p.rid.resource_group.clone(),
+        subscription: p.target.subscription.clone(),
+        resource_group: p.target.resource_group.clone().unwrap_or_default(),
         plan: p.plan,
         mode: p.mode,
         caller: c.caller.clone(),
@@ -513,7 +688,7 @@ async fn put(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Resp
         StatusCode::CREATED
     };
     let mut resp = (status, Json(public)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&status_url(s, &p.rid, &correlation_id, c.version)) {
+    if let Ok(v) = HeaderValue::from_str(&status_url(s, &p.target, &correlation_id, c.version)) {
         resp.headers_mut().insert("Azure-AsyncOperation", v);
     }
     resp.headers_mut()
@@ -524,7 +699,16 @@ async fn put(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Resp
 
 /// `POST {deployment}/validate`: everything a PUT checks, nothing stored.
 async fn validate(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
-    let p = prepare(s, tx, c).await?;
+    validate_at(s, tx, c, &Target::of(c.target)).await
+}
+
+async fn validate_at<T: Sync>(
+    s: &AppState,
+    tx: &mut Tx,
+    c: &Call<'_, T>,
+    t: &Target,
+) -> Result<Response> {
+    let p = prepare(s, tx, c, t).await?;
     let now = crate::arm::activity::now_micros();
     let validated: Vec<Value> = p
         .plan
@@ -543,12 +727,20 @@ async fn validate(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result
 }
 
 async fn delete(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
-    let rid = c.target;
-    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    delete_at(s, tx, &Target::of(c.target)).await
+}
+
+async fn delete_at(s: &AppState, tx: &mut Tx, rid: &Target) -> Result<Response> {
+    scope_of(s, tx, rid).await?;
     tx.lock_row("tracked", "key", &rid.key()).await?;
-    match load(tx, rid).await? {
+    let rec = load(tx, rid).await?;
+    let active = match &rec {
+        Some(r) => is_active(s, r).await?,
+        None => false,
+    };
+    match rec {
         None => Ok(StatusCode::NO_CONTENT.into_response()),
-        Some(rec) if is_active(&rec) => Err(ServerError::Deployment {
+        Some(_) if active => Err(ServerError::Deployment {
             code: "DeploymentActive",
             message: format!("The deployment '{}' cannot be deleted while it is active; cancel it first. Please see https://aka.ms/arm-deploy for usage details.", rid.name),
             target: None,
@@ -563,19 +755,25 @@ async fn delete(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<R
 }
 
 async fn export_template(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
-    let rid = c.target;
-    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    export_at(s, tx, &Target::of(c.target)).await
+}
+
+async fn export_at(s: &AppState, tx: &mut Tx, rid: &Target) -> Result<Response> {
+    scope_of(s, tx, rid).await?;
     let rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
     Ok(Json(json!({"template": rec.body["template"]})).into_response())
 }
 
 /// `POST {deployment}/cancel`: a running deployment starts nothing more and ends `Canceled`.
 async fn cancel(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
-    let rid = c.target;
-    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    cancel_at(s, tx, &Target::of(c.target)).await
+}
+
+async fn cancel_at(s: &AppState, tx: &mut Tx, rid: &Target) -> Result<Response> {
+    scope_of(s, tx, rid).await?;
     tx.lock_row("tracked", "key", &rid.key()).await?;
     let mut rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
-    if !is_active(&rec) {
+    if !is_active(s, &rec).await? {
         return Err(ServerError::Conflict {
             code: "DeploymentCannotBeCancelled",
             message: format!(
@@ -591,8 +789,11 @@ async fn cancel(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<R
 
 /// `GET {deployment}/operations`.
 async fn operations(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
-    let rid = c.target;
-    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    operations_at(s, tx, &Target::of(c.target)).await
+}
+
+async fn operations_at(s: &AppState, tx: &mut Tx, rid: &Target) -> Result<Response> {
+    scope_of(s, tx, rid).await?;
     load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
     let ops = tx.list_tracked_under(&rid.key(), OPERATION_TYPE).await?;
     Ok(reply::list(ops.into_iter().map(|o| o.body).collect()))
@@ -603,17 +804,20 @@ async fn operation(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<R
     if *c.method != Method::GET {
         return Err(ServerError::MethodNotAllowed(c.method.to_string()));
     }
-    let rid = &c.target.parent;
-    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    operation_at(s, tx, &Target::of(&c.target.parent), &c.target.name).await
+}
+
+async fn operation_at(s: &AppState, tx: &mut Tx, rid: &Target, id: &str) -> Result<Response> {
+    scope_of(s, tx, rid).await?;
     load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
-    let key = operation_key(&rid.key(), &c.target.name);
+    let key = operation_key(&rid.key(), id);
     match tx.get_tracked(&key).await? {
         Some(o) => Ok(Json(o.body).into_response()),
         None => Err(ServerError::Deployment {
             code: "DeploymentOperationNotFound",
             message: format!(
                 "The deployment operation '{}' of deployment '{}' could not be found.",
-                c.target.name, rid.name
+                id, rid.name
             ),
             target: None,
             details: Vec::new(),
@@ -631,19 +835,23 @@ async fn status(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Resp
     if *c.method != Method::GET {
         return Err(ServerError::MethodNotAllowed(c.method.to_string()));
     }
-    let rid = &c.target.parent;
-    get_resource_group(s, tx, &rid.subscription, &rid.resource_group).await?;
+    status_at(s, tx, &Target::of(&c.target.parent), &c.target.name).await
+}
+
+async fn status_at(s: &AppState, tx: &mut Tx, rid: &Target, id: &str) -> Result<Response> {
+    scope_of(s, tx, rid).await?;
     let rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
-    let props = &rec.body["deployment"]["properties"];
+    let d = shown(s, &rec).await?;
+    let props = &d["properties"];
     if !props["correlationId"]
         .as_str()
-        .is_some_and(|id| id.eq_ignore_ascii_case(&c.target.name))
+        .is_some_and(|c| c.eq_ignore_ascii_case(id))
     {
         return Err(ServerError::Deployment {
             code: "DeploymentOperationNotFound",
             message: format!(
                 "The operation '{}' of deployment '{}' could not be found.",
-                c.target.name, rid.name
+                id, rid.name
             ),
             target: None,
             details: Vec::new(),
@@ -662,4 +870,66 @@ async fn status(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Resp
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     Ok(resp)
+}
+
+/// The RBAC action of a request on a subscription-scope deployment (`rest`: what follows its
+/// name), as the resource-group routes' entries say for theirs; None: not a route.
+pub fn subscription_action(m: &Method, rest: &[String]) -> Option<String> {
+    let verb = crate::arm::reply::verb(m);
+    let lower: Vec<String> = rest.iter().map(|r| r.to_ascii_lowercase()).collect();
+    let action = match (
+        m.clone(),
+        lower
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+    ) {
+        (Method::GET | Method::HEAD | Method::PUT | Method::DELETE, []) => {
+            format!("{DEPLOYMENT_TYPE}/{verb}")
+        }
+        (Method::POST, ["validate"]) => format!("{DEPLOYMENT_TYPE}/validate/action"),
+        (Method::POST, ["exporttemplate"]) => format!("{DEPLOYMENT_TYPE}/exportTemplate/action"),
+        (Method::POST, ["cancel"]) => format!("{DEPLOYMENT_TYPE}/cancel/action"),
+        (Method::GET, ["operations"] | ["operations", _]) => {
+            format!("{DEPLOYMENT_TYPE}/operations/read")
+        }
+        (Method::GET, ["operationstatuses", _]) => {
+            format!("{DEPLOYMENT_TYPE}/operationStatuses/read")
+        }
+        _ => return None,
+    };
+    Some(action)
+}
+
+/// A request on a subscription-scope deployment (`az deployment sub …`), authorized by the
+/// router with [`subscription_action`]: the same handlers as a group's deployments.
+pub async fn at_subscription(
+    s: &AppState,
+    tx: &mut Tx,
+    c: &Call<'_, Target>,
+    rest: &[String],
+) -> Result<Response> {
+    let t = c.target;
+    let lower: Vec<String> = rest.iter().map(|r| r.to_ascii_lowercase()).collect();
+    match (
+        c.method.clone(),
+        lower
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+    ) {
+        (Method::GET, []) => get_at(s, tx, t).await,
+        (Method::HEAD, []) => head_at(s, tx, t).await,
+        (Method::PUT, []) => put_at(s, tx, c, t).await,
+        (Method::DELETE, []) => delete_at(s, tx, t).await,
+        (Method::POST, ["validate"]) => validate_at(s, tx, c, t).await,
+        (Method::POST, ["exporttemplate"]) => export_at(s, tx, t).await,
+        (Method::POST, ["cancel"]) => cancel_at(s, tx, t).await,
+        (Method::GET, ["operations"]) => operations_at(s, tx, t).await,
+        (Method::GET, ["operations", _]) => operation_at(s, tx, t, &rest[1]).await,
+        (Method::GET, ["operationstatuses", _]) => status_at(s, tx, t, &rest[1]).await,
+        _ => Err(ServerError::MethodNotAllowed(c.method.to_string())),
+    }
 }

@@ -572,6 +572,29 @@ async fn route(s: &AppState, tx: &mut Tx, req: &ArmRequest<'_>, path: ArmPath) -
             subscription,
             resource_group,
         } => generic::list(s, tx, req, &subscription, resource_group.as_deref()).await,
+        ArmPath::AtSubscription {
+            subscription,
+            namespace,
+            type_name,
+            name,
+            rest,
+        } => {
+            // only deployments are served at subscription scope
+            let p = registry::lookup(&namespace, &type_name)?;
+            let action = deployments::subscription_action(m, &rest);
+            let (true, Some(action)) = (std::ptr::eq(p, &deployments::PROVIDER), action) else {
+                return Err(ServerError::InvalidPath(req.uri_path.to_string()));
+            };
+            p.check_version(version)?;
+            res::check_subscription(s, &subscription)?;
+            let target = deployments::Target {
+                subscription,
+                resource_group: None,
+                name,
+            };
+            authorize(tx, caller, &action, &target.canonical()).await?;
+            deployments::at_subscription(s, tx, &req.call(p, &target), &rest).await
+        }
         ArmPath::Collection {
             subscription,
             resource_group,
@@ -765,6 +788,8 @@ mod tests {
     ) -> (u16, Value) {
         let version = if path.contains("/virtualMachines/") {
             "2021-07-01"
+        } else if path.contains("/Microsoft.Resources/deployments/") {
+            "2025-04-01"
         } else if path.contains("/providers/") {
             "2023-01-31"
         } else {
@@ -887,5 +912,60 @@ mod tests {
         let (st, _) = call(&s, &token, Method::PUT, &fic, body).await;
         assert_eq!(st, 200);
         assert!(s.store.claim(&claim, s.now(), 30).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_deployment_whose_server_stopped_mid_run_reads_failed_and_may_be_deployed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, token) = server(dir.path()).await;
+        let sub = s.subscription_id.clone();
+        let rg = format!("/subscriptions/{sub}/resourceGroups/rg1");
+        call(&s, &token, Method::PUT, &rg, json!({"location": "local"})).await;
+        let dep = format!("{rg}/providers/Microsoft.Resources/deployments/d1");
+        let template = json!({"$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+            "contentVersion": "1.0.0.0", "resources": [{"type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "apiVersion": "2023-01-31", "name": "id1", "location": "local"}]});
+        let body = json!({"properties": {"mode": "Incremental", "template": template}});
+        let (st, v) = call(&s, &token, Method::PUT, &dep, body.clone()).await;
+        assert_eq!(st, 201, "{v}");
+        // the run ends (its record says so)
+        for _ in 0..200 {
+            let (_, v) = call(&s, &token, Method::GET, &dep, Value::Null).await;
+            if v["properties"]["provisioningState"] == "Succeeded" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        // as a server that stopped mid-run leaves it: Running, accepted long ago, no run's lease
+        let rid = ResourceId::new(&sub, "rg1", keyless_core::resource_id::DEPLOYMENT, "d1");
+        let mut tx = s.store.write("test").await.unwrap();
+        let mut rec = tx.get_tracked(&rid.key()).await.unwrap().unwrap();
+        rec.body["deployment"]["properties"]["provisioningState"] = json!("Running");
+        rec.body["started"] = json!(crate::arm::activity::now_micros() - 3_600_000_000);
+        tx.put_tracked(&rec).await.unwrap();
+        tx.commit().await.unwrap();
+        let (st, v) = call(&s, &token, Method::GET, &dep, Value::Null).await;
+        assert_eq!(st, 200);
+        assert_eq!(v["properties"]["provisioningState"], "Failed", "{v}");
+        assert_eq!(v["properties"]["error"]["code"], "DeploymentRunStopped");
+        // while its run's lease is held it is active: a new PUT is refused 409
+        let lease = deployments::run_lease(&rid.key());
+        assert!(s
+            .store
+            .try_lease(&lease, "other-server", s.now(), 30)
+            .await
+            .unwrap());
+        let (st, v) = call(&s, &token, Method::PUT, &dep, body.clone()).await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (409, Some("DeploymentActive")),
+            "{v}"
+        );
+        let (_, v) = call(&s, &token, Method::GET, &dep, Value::Null).await;
+        assert_eq!(v["properties"]["provisioningState"], "Running");
+        // once it lapses, the deployment may be deployed again
+        s.store.release_lease(&lease, "other-server").await.unwrap();
+        let (st, v) = call(&s, &token, Method::PUT, &dep, body).await;
+        assert_eq!(st, 200, "{v}");
     }
 }

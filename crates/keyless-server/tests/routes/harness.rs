@@ -136,7 +136,9 @@ fn parse_key(key: &str) -> (&str, Method, &str) {
 }
 
 /// Whether `path` (no query) fits `template`: fixed segments case-insensitively, `{x}` one
-/// segment, a leading `{scope}` any prefix (the scope of an extension resource, `/` included).
+/// segment, not empty when it is the last (so `…/deployments/` — a list with its trailing
+/// slash — fits no `…/deployments/{name}`), a leading `{scope}` any prefix (the scope of an
+/// extension resource, `/` included).
 pub fn fits(template: &str, path: &str) -> bool {
     let (tail, any_prefix) = match template.strip_prefix("{scope}") {
         Some(t) => (t, true),
@@ -152,9 +154,12 @@ pub fn fits(template: &str, path: &str) -> bool {
         return false;
     }
     let p = &p[p.len() - t.len()..];
-    t.iter().zip(p).all(|(t, p)| {
+    let last = t.len() - 1;
+    t.iter().zip(p).enumerate().all(|(i, (t, p))| {
         if t.starts_with('{') && t.ends_with('}') {
-            true
+            // a trailing slash names nothing (`/keys/k//encrypt`, a key's latest version,
+            // does)
+            i != last || !p.is_empty()
         } else {
             t.eq_ignore_ascii_case(p)
         }
