@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,27 +12,14 @@ import uuid
 
 import pytest
 
-from az_cli import az_bin, new_az
 from conftest import ROOT
+from test_az_cli import az, logged_in  # noqa: F401  (the az fixtures: a registered cloud, logged in)
 
 HERE = pathlib.Path(__file__).resolve().parent
 SEED_003 = ROOT.parent / "shared" / "seeds" / "003_de762688557c05ac.txt"
 UAMI = "Microsoft.ManagedIdentity/userAssignedIdentities"
 FIC = f"{UAMI}/federatedIdentityCredentials"
 SCHEMA = "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#"
-
-
-@pytest.fixture(scope="module")
-def logged_in(up):
-    if not pathlib.Path(az_bin()).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"the Azure CLI is missing at {az_bin()} (scripts/test installs it)")
-        pytest.skip(f"the Azure CLI is not installed at {az_bin()}")
-    cli = new_az(up)
-    try:
-        yield cli, cli.login()
-    finally:
-        shutil.rmtree(cli.dir, ignore_errors=True)
 
 
 def seed_003_template():

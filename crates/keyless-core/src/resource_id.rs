@@ -356,7 +356,7 @@ impl ArmPath {
                 if eq(s, "subscriptions")
                     && eq(g, "resourcegroups")
                     && eq(d, "deployments")
-                    && !rest.is_empty() =>
+                    && rest.first().is_some_and(|r| eq(r, "operations")) =>
             {
                 let resource = ResourceId::new(sub, rg, DEPLOYMENT, name);
                 under(resource, rest).ok_or_else(bad)

@@ -519,7 +519,9 @@ impl ServerError {
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Deployment { code, .. } => match *code {
-                "DeploymentNotFound" => (StatusCode::NOT_FOUND, code),
+                "DeploymentNotFound" | "DeploymentOperationNotFound" => {
+                    (StatusCode::NOT_FOUND, code)
+                }
                 "DeploymentActive" => (StatusCode::CONFLICT, code),
                 _ => (StatusCode::BAD_REQUEST, code),
             },

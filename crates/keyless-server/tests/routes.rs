@@ -286,9 +286,7 @@ const ROUTES: &[&str] = &[
     "ARM GET {scope}/providers/Microsoft.Authorization/roleAssignments/{name}",
     "ARM DELETE {scope}/providers/Microsoft.Authorization/roleAssignments/{name}",
     sub!("GET", "Microsoft.Insights/eventtypes/management/values"),
-    // template deployments (`arm::deployments`); the subscription's list has only
-    // subscription-scope deployments, none of which Keyless serves
-    sub!("GET", "Microsoft.Resources/deployments"),
+    // template deployments (`arm::deployments`), in a group
     rg!("GET", "Microsoft.Resources/deployments"),
     // `az deployment group list` (the SDK's path ends with a slash)
     rg!("GET", "Microsoft.Resources/deployments/"),
@@ -308,6 +306,23 @@ const ROUTES: &[&str] = &[
     // a deployment's operations as az and the SDKs ask for them (no `providers/`)
     "ARM GET /subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations",
     "ARM GET /subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations/{id}",
+    // template deployments at subscription scope (`az deployment sub …`)
+    sub!("GET", "Microsoft.Resources/deployments"),
+    // `az deployment sub list`
+    sub!("GET", "Microsoft.Resources/deployments/"),
+    sub!("PUT", "Microsoft.Resources/deployments/{name}"),
+    sub!("GET", "Microsoft.Resources/deployments/{name}"),
+    sub!("HEAD", "Microsoft.Resources/deployments/{name}"),
+    sub!("DELETE", "Microsoft.Resources/deployments/{name}"),
+    sub!("POST", "Microsoft.Resources/deployments/{name}/validate"),
+    sub!("POST", "Microsoft.Resources/deployments/{name}/exportTemplate"),
+    sub!("POST", "Microsoft.Resources/deployments/{name}/cancel"),
+    sub!("GET", "Microsoft.Resources/deployments/{name}/operations"),
+    sub!("GET", "Microsoft.Resources/deployments/{name}/operations/{id}"),
+    sub!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
+    ),
     // Key Vault data plane (`kv::handle`, paths of `keyless_core::vault::route`)
     "KV PUT /secrets/{name}",
     "KV GET /secrets/{name}",
@@ -654,7 +669,6 @@ const ARM_ACTIVITY: &[&str] = &[sub!(
 )];
 
 const ARM_DEPLOYMENTS: &[&str] = &[
-    sub!("GET", "Microsoft.Resources/deployments"),
     rg!("GET", "Microsoft.Resources/deployments"),
     // `az deployment group list` (the SDK's path ends with a slash)
     rg!("GET", "Microsoft.Resources/deployments/"),
@@ -680,6 +694,31 @@ const ARM_DEPLOYMENTS: &[&str] = &[
     // a deployment's operations as az and the SDKs ask for them (no `providers/`)
     "ARM GET /subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations",
     "ARM GET /subscriptions/{sub}/resourcegroups/{rg}/deployments/{name}/operations/{id}",
+];
+
+const ARM_SUBSCRIPTION_DEPLOYMENTS: &[&str] = &[
+    sub!("GET", "Microsoft.Resources/deployments"),
+    // `az deployment sub list`
+    sub!("GET", "Microsoft.Resources/deployments/"),
+    sub!("PUT", "Microsoft.Resources/deployments/{name}"),
+    sub!("GET", "Microsoft.Resources/deployments/{name}"),
+    sub!("HEAD", "Microsoft.Resources/deployments/{name}"),
+    sub!("DELETE", "Microsoft.Resources/deployments/{name}"),
+    sub!("POST", "Microsoft.Resources/deployments/{name}/validate"),
+    sub!(
+        "POST",
+        "Microsoft.Resources/deployments/{name}/exportTemplate"
+    ),
+    sub!("POST", "Microsoft.Resources/deployments/{name}/cancel"),
+    sub!("GET", "Microsoft.Resources/deployments/{name}/operations"),
+    sub!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operations/{id}"
+    ),
+    sub!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
+    ),
 ];
 
 const KV_SECRETS: &[&str] = &[
@@ -774,6 +813,10 @@ const AREAS: &[(&str, &[&str])] = &[
     ("arm_authorization_routes", ARM_AUTHORIZATION),
     ("arm_activity_log_route", ARM_ACTIVITY),
     ("arm_deployment_routes", ARM_DEPLOYMENTS),
+    (
+        "arm_subscription_deployment_routes",
+        ARM_SUBSCRIPTION_DEPLOYMENTS,
+    ),
     ("key_vault_secret_routes", KV_SECRETS),
     ("key_vault_key_routes", KV_KEYS),
     ("key_vault_certificate_routes", KV_CERTIFICATES),
@@ -3634,6 +3677,11 @@ async fn poll_deployment(srv: &Srv, token: &str, url: &str) -> Value {
         "GET",
         "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
     );
+    poll_deployment_at(srv, route, token, url).await
+}
+
+/// [`poll_deployment`] through `route` (a group's or a subscription's status route).
+async fn poll_deployment_at(srv: &Srv, route: &'static str, token: &str, url: &str) -> Value {
     let path = url
         .strip_prefix(srv.base.as_str())
         .unwrap_or_else(|| panic!("{url} is not under {}", srv.base));
@@ -3647,6 +3695,32 @@ async fn poll_deployment(srv: &Srv, token: &str, url: &str) -> Value {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     panic!("the deployment at {url} is still running");
+}
+
+/// Make deployment `key`'s finished run look like one whose server stopped mid-run: its
+/// record back to `Running`, long started, once its run has let its lease go.
+async fn stop_run(srv: &Srv, key: &str) {
+    let lease = keyless_server::arm::deployments::run_lease(key);
+    let mut free = false;
+    for _ in 0..600 {
+        let holder = srv.s.store.lease_holder(&lease, srv.s.now()).await.unwrap();
+        if holder.is_none() {
+            free = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(free, "the run of {key} still holds its lease");
+    let mut tx = srv.s.store.write("routes_test_stop_run").await.unwrap();
+    let mut rec = tx
+        .get_tracked(key)
+        .await
+        .unwrap()
+        .expect("the deployment's record");
+    rec.body["deployment"]["properties"]["provisioningState"] = json!("Running");
+    rec.body["started"] = json!(0);
+    tx.put_tracked(&rec).await.unwrap();
+    tx.commit().await.unwrap();
 }
 
 /// A template that creates an identity, a vault whose access policy lets `reader` get
@@ -3966,7 +4040,7 @@ async fn arm_deployment_routes() {
             .bearer(&adm.token),
         )
         .await;
-    arm_error(&r, 400, "DeploymentOperationNotFound");
+    arm_error(&r, 404, "DeploymentOperationNotFound");
 
     // HEAD
     let route = rg!("HEAD", "Microsoft.Resources/deployments/{name}");
@@ -4089,7 +4163,7 @@ async fn arm_deployment_routes() {
                 .bearer(&adm.token),
         )
         .await;
-    arm_error(&r, 400, "DeploymentOperationNotFound");
+    arm_error(&r, 404, "DeploymentOperationNotFound");
 
     let legacy = format!(
         "/subscriptions/{}/resourcegroups/dep/deployments/d1/operations",
@@ -4148,9 +4222,9 @@ async fn arm_deployment_routes() {
         .await;
     arm_error(&r, 404, "DeploymentNotFound");
 
-    // d2: a deployment whose run stopped midway (its process ended: it stays `Running`, as
-    // `arm::deployment_run` notes) — made so by writing its record back to `Running`, since a
-    // real run cannot be held open without timing assumptions
+    // d2, made to look mid-run without timing assumptions: its record written back to
+    // `Running` and its run's lease held by the test (as the run holds it while it runs) —
+    // then, the lease let go, a run whose server stopped
     let d2 = format!("{deps}/d2");
     let p2 = format!("{d2}?{DEPLOY}");
     let small = json!({"properties": {"mode": "Incremental", "template": {
@@ -4159,79 +4233,97 @@ async fn arm_deployment_routes() {
         "resources": [{"type": "Microsoft.ManagedIdentity/userAssignedIdentities",
             "apiVersion": "2023-01-31", "name": "dep-two", "location": "local"}],
     }}});
-    let r = srv
-        .send(
-            srv.call(
-                rg!("PUT", "Microsoft.Resources/deployments/{name}"),
-                p2.clone(),
-            )
-            .bearer(&adm.token)
-            .json(&small),
+    let put2 = || {
+        srv.call(
+            rg!("PUT", "Microsoft.Resources/deployments/{name}"),
+            p2.clone(),
         )
-        .await;
+        .bearer(&adm.token)
+        .json(&small)
+    };
+    let r = srv.send(put2()).await;
     assert_eq!(r.status, 201, "{}", r.text);
     let d2_status = r.header("azure-asyncoperation").unwrap().to_string();
     let v = poll_deployment(&srv, &adm.token, &d2_status).await;
     assert_eq!(v, json!({"status": "Succeeded"}));
-    {
-        let mut tx = srv.s.store.write("test_stopped_run").await.unwrap();
-        let mut rec = tx
-            .get_tracked(&d2.to_ascii_lowercase())
-            .await
-            .unwrap()
-            .expect("the deployment's record");
-        rec.body["deployment"]["properties"]["provisioningState"] = json!("Running");
-        tx.put_tracked(&rec).await.unwrap();
-        tx.commit().await.unwrap();
-    }
-    let r = srv
-        .send(
-            srv.call(route, format!("{d2}/cancel?{DEPLOY}"))
-                .bearer(&adm.token),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text);
-    // while active, it is neither replaced nor deleted; its status says Running
-    let r = srv
-        .send(
-            srv.call(
-                rg!("PUT", "Microsoft.Resources/deployments/{name}"),
-                p2.clone(),
-            )
-            .bearer(&adm.token)
-            .json(&small),
-        )
-        .await;
-    arm_error(&r, 409, "DeploymentActive");
-    let r = srv
-        .send(
-            srv.call(
-                rg!("DELETE", "Microsoft.Resources/deployments/{name}"),
-                p2.clone(),
-            )
-            .bearer(&adm.token),
-        )
-        .await;
-    arm_error(&r, 409, "DeploymentActive");
-    let path = d2_status
+    let d2_key = d2.to_ascii_lowercase();
+    stop_run(&srv, &d2_key).await;
+    let lease = keyless_server::arm::deployments::run_lease(&d2_key);
+    let ttl = keyless_server::arm::deployments::RUN_LEASE_TTL;
+    assert!(srv
+        .s
+        .store
+        .try_lease(&lease, "routes-test", srv.s.now(), ttl)
+        .await
+        .unwrap());
+    let status_route = rg!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
+    );
+    let status_path = d2_status
         .strip_prefix(srv.base.as_str())
         .unwrap()
         .to_string();
     let r = srv
         .send(
-            srv.call(
-                rg!(
-                    "GET",
-                    "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
-                ),
-                path,
-            )
-            .bearer(&adm.token),
+            srv.call(status_route, status_path.clone())
+                .bearer(&adm.token),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body, json!({"status": "Running"}));
     assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    // while it runs it is neither replaced nor deleted, and may be canceled
+    let r = srv.send(put2()).await;
+    arm_error(&r, 409, "DeploymentActive");
+    let del2 = || {
+        srv.call(
+            rg!("DELETE", "Microsoft.Resources/deployments/{name}"),
+            p2.clone(),
+        )
+        .bearer(&adm.token)
+    };
+    let r = srv.send(del2()).await;
+    arm_error(&r, 409, "DeploymentActive");
+    let cancel2 = || {
+        srv.call(route, format!("{d2}/cancel?{DEPLOY}"))
+            .bearer(&adm.token)
+    };
+    let r = srv.send(cancel2()).await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    // its server gone (no lease): reads show it Failed; it can no longer be canceled
+    srv.s
+        .store
+        .release_lease(&lease, "routes-test")
+        .await
+        .unwrap();
+    let r = srv
+        .send(srv.call(route_get, p2.clone()).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.body["properties"]["provisioningState"], "Failed",
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        r.body["properties"]["error"]["code"], "DeploymentRunStopped",
+        "{}",
+        r.text
+    );
+    let r = srv
+        .send(srv.call(status_route, status_path).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["status"], "Failed", "{}", r.text);
+    assert_eq!(
+        r.body["error"]["code"], "DeploymentRunStopped",
+        "{}",
+        r.text
+    );
+    let r = srv.send(cancel2()).await;
+    arm_error(&r, 409, "DeploymentCannotBeCancelled");
+    srv.expect(del2(), 204).await;
 
     // DELETE: the deployment and its operations go, what it deployed stays
     let route = rg!("DELETE", "Microsoft.Resources/deployments/{name}");
@@ -4263,6 +4355,333 @@ async fn arm_deployment_routes() {
     srv.expect(get_identity(), 200).await;
 
     srv.finish(ARM_DEPLOYMENTS, PUBLIC, NEVER_ACCEPTED);
+}
+
+/// Deployments at subscription scope (`az deployment sub …`): a template that creates a
+/// resource group; the same life cycle and refusals as a group's deployments, and a deployer
+/// who may not create groups refused by the preflight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arm_subscription_deployment_routes() {
+    let srv = Srv::start(ROUTES).await;
+    let adm = admin(&srv).await;
+    let stranger = nobody(&srv, "stranger", ARM_SCOPE).await;
+    let operator = nobody(&srv, "operator", ARM_SCOPE).await;
+    let subp = format!("/subscriptions/{}", srv.sub);
+    // the operator may deploy at the subscription, but not create resource groups
+    let c = srv
+        .call(
+            "ARM PUT {scope}/providers/Microsoft.Authorization/roleAssignments/{name}",
+            format!(
+                "{subp}/providers/Microsoft.Authorization/roleAssignments/{}?{AUTHZ}",
+                uuid::Uuid::new_v4()
+            ),
+        )
+        .bearer(&adm.token)
+        .json(&json!({"properties": {
+            "roleDefinitionId": format!("{subp}/providers/Microsoft.Authorization/roleDefinitions/{IDENTITY_OPERATOR}"),
+            "principalId": operator.oid,
+        }}));
+    srv.expect(c, 201).await;
+
+    let deps = format!("{subp}/providers/Microsoft.Resources/deployments");
+    let d = format!("{deps}/sd1");
+    let p = format!("{d}?{DEPLOY}");
+    let made = format!("{subp}/resourceGroups/sub-made");
+    const SECRET: &str = "sub-n0t-echoed-S3CRET";
+    let template = json!({
+        "$schema": "https://schema.management.azure.com/schemas/2018-05-01/subscriptionDeploymentTemplate.json#",
+        "contentVersion": "1.0.0.0",
+        "parameters": {
+            "rgName": {"type": "string"},
+            "token": {"type": "securestring"},
+        },
+        "resources": [{
+            "type": "Microsoft.Resources/resourceGroups",
+            "apiVersion": "2022-09-01",
+            "name": "[parameters('rgName')]",
+            "location": "[deployment().location]",
+            "tags": {"by": "[deployment().name]"},
+        }],
+        "outputs": {
+            "rgId": {
+                "type": "string",
+                "value": "[subscriptionResourceId('Microsoft.Resources/resourceGroups', parameters('rgName'))]",
+            },
+        },
+    });
+    let body = json!({"location": "local", "properties": {
+        "mode": "Incremental",
+        "template": template,
+        "parameters": {"rgName": {"value": "sub-made"}, "token": {"value": SECRET}},
+    }});
+    let route_get = sub!("GET", "Microsoft.Resources/deployments/{name}");
+    let get_group = || {
+        srv.call(
+            "ARM GET /subscriptions/{sub}/resourceGroups/{rg}",
+            format!("{made}?{RES}"),
+        )
+        .bearer(&adm.token)
+    };
+
+    // validate
+    let route = sub!("POST", "Microsoft.Resources/deployments/{name}/validate");
+    let vp = format!("{d}/validate?{DEPLOY}");
+    arm_refused(&srv, &stranger, route, &vp, Some(&body)).await;
+    let r = srv
+        .send(
+            srv.call(route, vp.clone())
+                .bearer(&operator.token)
+                .json(&body),
+        )
+        .await;
+    arm_forbidden(&r, &operator.oid);
+    assert!(
+        s(&r.body["error"]["message"])
+            .contains("Microsoft.Resources/subscriptions/resourceGroups/write"),
+        "{}",
+        r.text
+    );
+    let r = srv
+        .send(srv.call(route, vp.clone()).bearer(&adm.token).json(&body))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    assert_eq!(r.body["id"], d.as_str());
+    assert_eq!(r.body["location"], "local");
+    assert_eq!(
+        r.body["properties"]["validatedResources"],
+        json!([{ "id": made }])
+    );
+    assert_eq!(
+        r.body["properties"]["parameters"]["token"],
+        json!({"type": "SecureString"})
+    );
+    arm_error(&srv.send(get_group()).await, 404, "ResourceGroupNotFound");
+
+    // PUT: refused callers, no location, a deployer who may not create groups; then accepted
+    let route = sub!("PUT", "Microsoft.Resources/deployments/{name}");
+    arm_refused(&srv, &stranger, route, &p, Some(&body)).await;
+    let mut nowhere = body.clone();
+    nowhere.as_object_mut().unwrap().remove("location");
+    let r = srv
+        .send(srv.call(route, p.clone()).bearer(&adm.token).json(&nowhere))
+        .await;
+    arm_error(&r, 400, "LocationRequired");
+    let r = srv
+        .send(
+            srv.call(route, p.clone())
+                .bearer(&operator.token)
+                .json(&body),
+        )
+        .await;
+    arm_forbidden(&r, &operator.oid);
+    let r = srv
+        .send(srv.call(route_get, p.clone()).bearer(&adm.token))
+        .await;
+    arm_error(&r, 404, "DeploymentNotFound");
+    arm_error(&srv.send(get_group()).await, 404, "ResourceGroupNotFound");
+    let r = srv
+        .send(srv.call(route, p.clone()).bearer(&adm.token).json(&body))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    assert_eq!(r.body["id"], d.as_str());
+    assert_eq!(r.body["location"], "local");
+    assert_eq!(r.body["properties"]["provisioningState"], "Accepted");
+    let correlation = s(&r.body["properties"]["correlationId"]);
+    let async_op = r.header("azure-asyncoperation").unwrap().to_string();
+    assert_eq!(
+        async_op,
+        format!(
+            "{}{d}/operationStatuses/{correlation}?api-version=2024-11-01",
+            srv.base
+        )
+    );
+
+    // its status, polled; then GET
+    let status_route = sub!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operationStatuses/{id}"
+    );
+    let status_path = async_op
+        .strip_prefix(srv.base.as_str())
+        .unwrap()
+        .to_string();
+    arm_refused(&srv, &stranger, status_route, &status_path, None).await;
+    let v = poll_deployment_at(&srv, status_route, &adm.token, &async_op).await;
+    assert_eq!(v, json!({"status": "Succeeded"}));
+    let r = srv
+        .send(
+            srv.call(
+                status_route,
+                format!("{d}/operationStatuses/{}?{DEPLOY}", uuid::Uuid::new_v4()),
+            )
+            .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 404, "DeploymentOperationNotFound");
+    let r = srv
+        .send(srv.call(route_get, p.clone()).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    let props = &r.body["properties"];
+    assert_eq!(props["provisioningState"], "Succeeded", "{}", r.text);
+    assert_eq!(
+        props["outputs"]["rgId"],
+        json!({"type": "String", "value": made})
+    );
+    assert_eq!(props["outputResources"], json!([{ "id": made }]));
+    arm_refused(&srv, &stranger, route_get, &p, None).await;
+    let g = srv.expect(get_group(), 200).await;
+    assert_eq!(g["location"], "local");
+    assert_eq!(g["tags"], json!({"by": "sd1"}));
+
+    // HEAD
+    let route = sub!("HEAD", "Microsoft.Resources/deployments/{name}");
+    let r = srv
+        .send(srv.call(route, p.clone()).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let r = srv
+        .send(
+            srv.call(route, format!("{deps}/none?{DEPLOY}"))
+                .bearer(&adm.token),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    let r = srv.send(srv.call(route, p.clone())).await;
+    assert_eq!(r.status, 401);
+    let r = srv
+        .send(srv.call(route, p.clone()).bearer(&stranger.token))
+        .await;
+    assert_eq!(r.status, 403);
+
+    // lists: the subscription-scope deployments, what the caller may read
+    for (route, path) in [
+        (
+            sub!("GET", "Microsoft.Resources/deployments"),
+            format!("{deps}?{DEPLOY}"),
+        ),
+        (
+            sub!("GET", "Microsoft.Resources/deployments/"),
+            format!("{deps}/?{DEPLOY}"),
+        ),
+    ] {
+        let r = srv
+            .send(srv.call(route, path.clone()).bearer(&adm.token))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(!r.text.contains(SECRET), "{}", r.text);
+        assert_eq!(ids(&r.body), vec![d.to_ascii_lowercase()], "{}", r.text);
+        arm_filtered(&srv, &stranger, route, &path).await;
+    }
+
+    // operations
+    let route = sub!("GET", "Microsoft.Resources/deployments/{name}/operations");
+    let ops_path = format!("{d}/operations?{DEPLOY}");
+    let r = srv
+        .send(srv.call(route, ops_path.clone()).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    let ops = r.body;
+    assert_eq!(ops["value"].as_array().map(Vec::len), Some(1), "{ops}");
+    let op = ops["value"][0].clone();
+    assert_eq!(
+        op["properties"]["targetResource"]["id"]
+            .as_str()
+            .map(str::to_ascii_lowercase),
+        Some(made.to_ascii_lowercase()),
+        "{op}"
+    );
+    assert_eq!(
+        op["properties"]["targetResource"]["resourceType"],
+        "Microsoft.Resources/resourceGroups"
+    );
+    assert_eq!(op["properties"]["provisioningState"], "Succeeded");
+    arm_refused(&srv, &stranger, route, &ops_path, None).await;
+    let route = sub!(
+        "GET",
+        "Microsoft.Resources/deployments/{name}/operations/{id}"
+    );
+    let op_path = format!("{d}/operations/{}?{DEPLOY}", s(&op["operationId"]));
+    let v = srv
+        .expect(srv.call(route, op_path.clone()).bearer(&adm.token), 200)
+        .await;
+    assert_eq!(v, op);
+    arm_refused(&srv, &stranger, route, &op_path, None).await;
+    let r = srv
+        .send(
+            srv.call(route, format!("{d}/operations/0000000000000000?{DEPLOY}"))
+                .bearer(&adm.token),
+        )
+        .await;
+    arm_error(&r, 404, "DeploymentOperationNotFound");
+
+    // exportTemplate
+    let route = sub!(
+        "POST",
+        "Microsoft.Resources/deployments/{name}/exportTemplate"
+    );
+    let path = format!("{d}/exportTemplate?{DEPLOY}");
+    let r = srv
+        .send(srv.call(route, path.clone()).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    assert_eq!(r.body, json!({ "template": template }));
+    arm_refused(&srv, &stranger, route, &path, None).await;
+
+    // cancel: not once finished; while it runs (its record and run's lease as in
+    // `arm_deployment_routes`)
+    let route = sub!("POST", "Microsoft.Resources/deployments/{name}/cancel");
+    let path = format!("{d}/cancel?{DEPLOY}");
+    let r = srv
+        .send(srv.call(route, path.clone()).bearer(&adm.token))
+        .await;
+    arm_error(&r, 409, "DeploymentCannotBeCancelled");
+    arm_refused(&srv, &stranger, route, &path, None).await;
+    let key = d.to_ascii_lowercase();
+    stop_run(&srv, &key).await;
+    let lease = keyless_server::arm::deployments::run_lease(&key);
+    assert!(srv
+        .s
+        .store
+        .try_lease(
+            &lease,
+            "routes-test",
+            srv.s.now(),
+            keyless_server::arm::deployments::RUN_LEASE_TTL
+        )
+        .await
+        .unwrap());
+    let r = srv
+        .send(srv.call(route, path.clone()).bearer(&adm.token))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let route = sub!("DELETE", "Microsoft.Resources/deployments/{name}");
+    let r = srv
+        .send(srv.call(route, p.clone()).bearer(&adm.token))
+        .await;
+    arm_error(&r, 409, "DeploymentActive");
+    srv.s
+        .store
+        .release_lease(&lease, "routes-test")
+        .await
+        .unwrap();
+
+    // DELETE: the deployment goes, the group it made stays
+    arm_refused(&srv, &stranger, route, &p, None).await;
+    srv.expect(srv.call(route, p.clone()).bearer(&adm.token), 204)
+        .await;
+    let r = srv
+        .send(srv.call(route_get, p.clone()).bearer(&adm.token))
+        .await;
+    arm_error(&r, 404, "DeploymentNotFound");
+    srv.expect(get_group(), 200).await;
+
+    srv.finish(ARM_SUBSCRIPTION_DEPLOYMENTS, PUBLIC, NEVER_ACCEPTED);
 }
 
 // ------------------------------------------------------------------ Key Vault: secrets

@@ -189,12 +189,7 @@ async fn drive(s: &AppState, job: &Job, front: &Front) -> Result<()> {
         return Ok(());
     }
     if !failures.is_empty() {
-        let error = json!({
-            "code": "DeploymentFailed",
-            "target": job.id,
-            "message": "At least one resource deployment operation failed. Please list deployment operations for details. Please see https://aka.ms/arm-deployment-operations for usage details.",
-            "details": failures,
-        });
+        let error = deployment_failed(job, failures);
         finish(s, job, "Failed", None, deployed, Some(error)).await?;
         return Ok(());
     }
@@ -209,12 +204,7 @@ async fn drive(s: &AppState, job: &Job, front: &Front) -> Result<()> {
     if job.mode == Mode::Complete {
         let failures = complete_mode(s, job, front).await?;
         if !failures.is_empty() {
-            let error = json!({
-                "code": "DeploymentFailed",
-                "target": job.id,
-                "message": "At least one resource deployment operation failed. Please list deployment operations for details. Please see https://aka.ms/arm-deployment-operations for usage details.",
-                "details": failures,
-            });
+            let error = deployment_failed(job, failures);
             finish(s, job, "Failed", Some(outputs), deployed, Some(error)).await?;
             return Ok(());
         }
@@ -461,6 +451,16 @@ async fn deploy(
         _ => current,
     };
     done(true, resource)
+}
+
+/// The deployment's error when resources failed: ARM's `DeploymentFailed`, one detail each.
+fn deployment_failed(job: &Job, failures: Vec<Value>) -> Value {
+    json!({
+        "code": "DeploymentFailed",
+        "target": job.id,
+        "message": "At least one resource deployment operation failed. Please list deployment operations for details. Please see https://aka.ms/arm-deployment-operations for usage details.",
+        "details": failures,
+    })
 }
 
 /// A failed resource as the deployment's error lists it.
