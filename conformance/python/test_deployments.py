@@ -106,6 +106,11 @@ def test_seed_003_template_as_written_with_az(logged_in, up):
     assert by_type[FIC]["targetResource"]["resourceName"] == "FIC_UA/testCredential"
     listed = az("deployment", "group", "list", "-g", rg)
     assert [x["name"] for x in listed] == ["seed003"]
+    # the writes the deployment made carry its correlation id in the Activity Log, as ARM's do
+    acts = az("monitor", "activity-log", "list", "--offset", "1h", "--correlation-id",
+              d["properties"]["correlationId"])
+    made = {(e["operationName"]["value"], e["status"]["value"]) for e in acts}
+    assert {(f"{UAMI}/write", "Succeeded"), (f"{FIC}/write", "Succeeded")} <= made, made
 
 
 def test_parallel_fics_fail_without_depends_on_and_succeed_chained(up):

@@ -22,6 +22,7 @@ use crate::state::AppState;
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use keyless_core::api_version;
 use keyless_core::resource_id::ArmPath;
 use keyless_core::template::{PlannedResource, References, TemplateError};
@@ -88,7 +89,7 @@ pub async fn run(s: Arc<AppState>, job: Arc<Job>, front: Front) {
     {
         tracing::warn!(deployment = %job.id, error = %e, "taking a deployment run's lease failed");
     }
-    let renew = tokio::spawn({
+    let renew = AbortOnDrop(tokio::spawn({
         let (s, lease, holder) = (s.clone(), lease.clone(), holder.clone());
         async move {
             loop {
@@ -102,19 +103,38 @@ pub async fn run(s: Arc<AppState>, job: Arc<Job>, front: Front) {
                 }
             }
         }
-    });
+    }));
     drive_or_fail(&s, &job, &front).await;
-    renew.abort();
+    drop(renew);
     if let Err(e) = s.store.release_lease(&lease, &holder).await {
         tracing::warn!(deployment = %job.id, error = %e, "releasing a deployment run's lease failed; it expires by itself");
     }
 }
 
+/// Drive the run; a store error or a panic (anywhere in it: the handlers run in this task)
+/// ends it `Failed`.
 async fn drive_or_fail(s: &AppState, job: &Job, front: &Front) {
-    if let Err(e) = drive(s, job, front).await {
-        tracing::error!(deployment = %job.id, error = %e, "a deployment run stopped");
-        let error = json!({"code": "InternalServerError", "message": "The deployment stopped because of an internal error."});
-        let _ = finish(s, job, "Failed", None, Vec::new(), Some(error)).await;
+    let stopped = match std::panic::AssertUnwindSafe(drive(s, job, front))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "a panic".to_string(),
+    };
+    tracing::error!(deployment = %job.id, error = %stopped, "a deployment run stopped");
+    let error = json!({"code": "InternalServerError", "message": "The deployment stopped because of an internal error."});
+    if let Err(e) = finish(s, job, "Failed", None, Vec::new(), Some(error)).await {
+        tracing::error!(deployment = %job.id, error = %e, "recording a stopped deployment failed");
+    }
+}
+
+/// A task aborted when this is dropped (also by a panic's unwinding).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -127,7 +147,7 @@ async fn drive(s: &AppState, job: &Job, front: &Front) -> Result<()> {
         return Ok(()); // replaced or deleted before it started
     }
     let resources = &job.plan.resources;
-    let mut state = vec![State::Pending; resources.len()];
+    let mut schedule = Schedule::new(resources);
     let refs = RwLock::new(Refs::default());
     // The resources being deployed, polled together in this task: every one ready at the same
     // time starts at once, as ARM sends them, and they interleave at their awaits (a write
@@ -140,17 +160,8 @@ async fn drive(s: &AppState, job: &Job, front: &Front) -> Result<()> {
     let mut failures = Vec::new();
     let mut canceled = false;
     loop {
-        skip_unreachable(resources, &mut state, canceled);
-        for i in 0..resources.len() {
-            let ready = state[i] == State::Pending
-                && resources[i]
-                    .depends_on
-                    .iter()
-                    .all(|&d| state[d] == State::Succeeded);
-            if ready {
-                state[i] = State::Running;
-                running.push(Box::pin(step(s, job, front, &refs, i)));
-            }
+        for i in schedule.take_ready() {
+            running.push(Box::pin(step(s, job, front, &refs, i)));
         }
         let Some(done) = running.next().await else {
             break;
@@ -159,20 +170,20 @@ async fn drive(s: &AppState, job: &Job, front: &Front) -> Result<()> {
             Step::Gone => return Ok(()), // the deployment is gone (its group deleted)
             Step::Canceled(i) => {
                 canceled = true;
-                state[i] = State::Skipped;
+                schedule.cancel(i);
                 continue;
             }
             Step::Done(i, outcome) => (i, outcome),
         };
         let r = &resources[i];
         if outcome.ok {
-            state[i] = State::Succeeded;
+            schedule.succeeded(i);
             refs.write()
                 .unwrap_or_else(|e| e.into_inner())
                 .0
                 .insert(r.id.to_ascii_lowercase(), Some(outcome.body));
         } else {
-            state[i] = State::Failed;
+            schedule.failed(i);
             failures.push(detail(&r.id, &outcome.body));
         }
     }
@@ -180,7 +191,7 @@ async fn drive(s: &AppState, job: &Job, front: &Front) -> Result<()> {
     let refs = refs.into_inner().unwrap_or_else(|e| e.into_inner());
     let deployed: Vec<Value> = resources
         .iter()
-        .zip(&state)
+        .zip(&schedule.state)
         .filter(|(_, st)| **st == State::Succeeded)
         .map(|(r, _)| json!({"id": r.id}))
         .collect();
@@ -253,27 +264,88 @@ async fn step(
     Ok(Step::Done(i, outcome))
 }
 
-/// Mark `Skipped` every pending resource that can no longer start: one it depends on failed or
-/// was skipped, or the run was canceled.
-fn skip_unreachable(resources: &[PlannedResource], state: &mut [State], canceled: bool) {
-    loop {
-        let mut changed = false;
-        for i in 0..resources.len() {
-            if state[i] != State::Pending {
-                continue;
-            }
-            let blocked = canceled
-                || resources[i]
-                    .depends_on
-                    .iter()
-                    .any(|&d| matches!(state[d], State::Failed | State::Skipped));
-            if blocked {
-                state[i] = State::Skipped;
-                changed = true;
+/// Which resources may start, as the run goes: each waits until everything it depends on has
+/// succeeded; one that fails (or is skipped) skips everything that depends on it, transitively.
+/// Linear in resources + dependencies over a whole run (a template may have 800 resources each
+/// depending on a loop of 800).
+struct Schedule {
+    state: Vec<State>,
+    /// How many of its dependencies have not succeeded yet.
+    waiting: Vec<usize>,
+    /// Who depends on each resource.
+    dependents: Vec<Vec<usize>>,
+    ready: Vec<usize>,
+}
+
+impl Schedule {
+    fn new(resources: &[PlannedResource]) -> Self {
+        let n = resources.len();
+        let mut waiting = vec![0; n];
+        let mut dependents = vec![Vec::new(); n];
+        for (i, r) in resources.iter().enumerate() {
+            let mut deps: Vec<usize> = r.depends_on.iter().copied().filter(|&d| d < n).collect();
+            deps.sort_unstable();
+            deps.dedup();
+            waiting[i] = deps.len();
+            for d in deps {
+                dependents[d].push(i);
             }
         }
-        if !changed {
-            return;
+        let ready = (0..n).filter(|&i| waiting[i] == 0).collect();
+        Schedule {
+            state: vec![State::Pending; n],
+            waiting,
+            dependents,
+            ready,
+        }
+    }
+
+    /// The resources that may start now (each marked running).
+    fn take_ready(&mut self) -> Vec<usize> {
+        let ready = std::mem::take(&mut self.ready);
+        for &i in &ready {
+            self.state[i] = State::Running;
+        }
+        ready
+    }
+
+    fn succeeded(&mut self, i: usize) {
+        self.state[i] = State::Succeeded;
+        for k in 0..self.dependents[i].len() {
+            let d = self.dependents[i][k];
+            self.waiting[d] -= 1;
+            if self.waiting[d] == 0 && self.state[d] == State::Pending {
+                self.ready.push(d);
+            }
+        }
+    }
+
+    fn failed(&mut self, i: usize) {
+        self.state[i] = State::Failed;
+        self.skip_dependents(i);
+    }
+
+    /// A cancel was asked (seen by resource `i`, not started): nothing more starts.
+    fn cancel(&mut self, i: usize) {
+        self.state[i] = State::Skipped;
+        self.ready.clear();
+        for st in &mut self.state {
+            if *st == State::Pending {
+                *st = State::Skipped;
+            }
+        }
+    }
+
+    fn skip_dependents(&mut self, i: usize) {
+        let mut stack = vec![i];
+        while let Some(j) = stack.pop() {
+            for k in 0..self.dependents[j].len() {
+                let d = self.dependents[j][k];
+                if self.state[d] == State::Pending {
+                    self.state[d] = State::Skipped;
+                    stack.push(d);
+                }
+            }
         }
     }
 }
@@ -444,7 +516,11 @@ async fn deploy(
             _ => break,
         }
     }
-    // the resource as a GET answers it (a child written as an operation has none: its PUT's)
+    // the resource for `reference()`: the write's answer is the resource as a GET shows it;
+    // read it back only when the answer is not one (no `id`)
+    if current["id"].is_string() {
+        return done(true, current);
+    }
     let resp = front(caller.clone(), Method::GET, path, Vec::new()).await;
     let resource = match answer(resp).await {
         (200, v) => v,
@@ -651,4 +727,74 @@ async fn complete_mode(s: &AppState, job: &Job, front: &Front) -> Result<Vec<Val
         }
     }
     Ok(failures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resources(deps: &[&[usize]]) -> Vec<PlannedResource> {
+        deps.iter()
+            .enumerate()
+            .map(|(i, d)| PlannedResource {
+                full_type: "Microsoft.ManagedIdentity/userAssignedIdentities".into(),
+                name: format!("r{i}"),
+                id: format!("/r{i}"),
+                api_version: "2023-01-31".into(),
+                depends_on: d.to_vec(),
+                copy: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_resource_starts_once_all_it_depends_on_succeeded_and_a_failure_skips_its_dependents() {
+        // 0 → 1 → 3, 0 → 2 → 3, 4 independent, 5 → 1 (duplicate dependency listed twice)
+        let rs = resources(&[&[], &[0], &[0], &[1, 2], &[], &[1, 1]]);
+        let mut s = Schedule::new(&rs);
+        assert_eq!(s.take_ready(), vec![0, 4]);
+        assert!(s.take_ready().is_empty());
+        s.succeeded(0);
+        assert_eq!(s.take_ready(), vec![1, 2]);
+        s.succeeded(1);
+        assert_eq!(s.take_ready(), vec![5], "3 still waits for 2");
+        s.failed(2);
+        assert!(s.take_ready().is_empty());
+        assert_eq!(s.state[3], State::Skipped);
+        s.succeeded(4);
+        s.succeeded(5);
+        assert_eq!(
+            s.state,
+            vec![
+                State::Succeeded,
+                State::Succeeded,
+                State::Failed,
+                State::Skipped,
+                State::Succeeded,
+                State::Succeeded
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cancel_starts_nothing_more_and_a_long_chain_is_linear() {
+        let rs = resources(&[&[], &[0], &[1]]);
+        let mut s = Schedule::new(&rs);
+        assert_eq!(s.take_ready(), vec![0]);
+        s.cancel(0);
+        assert!(s.take_ready().is_empty());
+        assert!(s.state.iter().all(|st| *st == State::Skipped));
+        // 800 resources in 2 loops of 400, each of the second depending on every one of the
+        // first: 160,000 dependencies, each visited once
+        let mut deps: Vec<Vec<usize>> = vec![Vec::new(); 400];
+        deps.extend((0..400).map(|_| (0..400).collect()));
+        let refs: Vec<&[usize]> = deps.iter().map(Vec::as_slice).collect();
+        let mut s = Schedule::new(&resources(&refs));
+        let first = s.take_ready();
+        assert_eq!(first.len(), 400);
+        for i in first {
+            s.succeeded(i);
+        }
+        assert_eq!(s.take_ready().len(), 400);
+    }
 }

@@ -547,7 +547,7 @@ pub fn run_lease(key: &str) -> String {
 /// Whether the deployment is being run: `Accepted` or `Running`, and its run's lease held (or
 /// accepted so recently that its run may not have taken it yet). A deployment whose server
 /// stopped mid-run is not: it may be deployed again or deleted, and reads show it `Failed`.
-async fn is_active(s: &AppState, rec: &TrackedRecord) -> Result<bool> {
+async fn is_active(s: &AppState, tx: &mut Tx, rec: &TrackedRecord) -> Result<bool> {
     let running = matches!(
         rec.body["deployment"]["properties"]["provisioningState"].as_str(),
         Some("Accepted" | "Running")
@@ -557,21 +557,23 @@ async fn is_active(s: &AppState, rec: &TrackedRecord) -> Result<bool> {
     }
     let started = rec.body["started"].as_i64().unwrap_or(0);
     let fresh = crate::arm::activity::now_micros() - started < RUN_LEASE_TTL as i64 * 1_000_000;
+    // in the request's own unit of work: waiting for a second one while holding it could wait
+    // for ever (a few readers, each held by such a request)
     Ok(fresh
-        || s.store
+        || tx
             .lease_holder(&run_lease(&rec.key), s.now())
             .await?
             .is_some())
 }
 
 /// The deployment as reads show it: a run that stopped with its server is `Failed`.
-async fn shown(s: &AppState, rec: &TrackedRecord) -> Result<Value> {
+async fn shown(s: &AppState, tx: &mut Tx, rec: &TrackedRecord) -> Result<Value> {
     let mut d = rec.body["deployment"].clone();
     let running = matches!(
         d["properties"]["provisioningState"].as_str(),
         Some("Accepted" | "Running")
     );
-    if running && !is_active(s, rec).await? {
+    if running && !is_active(s, tx, rec).await? {
         d["properties"]["provisioningState"] = json!("Failed");
         d["properties"]["error"] = json!({
             "code": "DeploymentRunStopped",
@@ -596,7 +598,7 @@ async fn list(s: &AppState, tx: &mut Tx, c: &Call<'_, Collection>) -> Result<Vec
         .list_tracked(DEPLOYMENT_TYPE, &c.target.subscription, Some(&rg))
         .await?
     {
-        out.push(shown(s, &r).await?);
+        out.push(shown(s, tx, &r).await?);
     }
     Ok(out)
 }
@@ -608,7 +610,7 @@ async fn get(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Resp
 async fn get_at(s: &AppState, tx: &mut Tx, rid: &Target) -> Result<Response> {
     scope_of(s, tx, rid).await?;
     let rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
-    Ok(Json(shown(s, &rec).await?).into_response())
+    Ok(Json(shown(s, tx, &rec).await?).into_response())
 }
 
 async fn head(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
@@ -646,7 +648,7 @@ async fn put_at<T: Sync>(
     tx.lock_row("tracked", "key", &p.target.key()).await?;
     let existing = load(tx, &p.target).await?;
     if let Some(rec) = &existing {
-        if is_active(s, rec).await? {
+        if is_active(s, tx, rec).await? {
             let since = rec.body["deployment"]["properties"]["timestamp"]
                 .as_str()
                 .unwrap_or_default()
@@ -735,7 +737,7 @@ async fn delete_at(s: &AppState, tx: &mut Tx, rid: &Target) -> Result<Response> 
     tx.lock_row("tracked", "key", &rid.key()).await?;
     let rec = load(tx, rid).await?;
     let active = match &rec {
-        Some(r) => is_active(s, r).await?,
+        Some(r) => is_active(s, tx, r).await?,
         None => false,
     };
     match rec {
@@ -773,7 +775,7 @@ async fn cancel_at(s: &AppState, tx: &mut Tx, rid: &Target) -> Result<Response> 
     scope_of(s, tx, rid).await?;
     tx.lock_row("tracked", "key", &rid.key()).await?;
     let mut rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
-    if !is_active(s, &rec).await? {
+    if !is_active(s, tx, &rec).await? {
         return Err(ServerError::Conflict {
             code: "DeploymentCannotBeCancelled",
             message: format!(
@@ -841,7 +843,7 @@ async fn status(s: &AppState, tx: &mut Tx, c: &Call<'_, ChildId>) -> Result<Resp
 async fn status_at(s: &AppState, tx: &mut Tx, rid: &Target, id: &str) -> Result<Response> {
     scope_of(s, tx, rid).await?;
     let rec = load(tx, rid).await?.ok_or_else(|| not_found(&rid.name))?;
-    let d = shown(s, &rec).await?;
+    let d = shown(s, tx, &rec).await?;
     let props = &d["properties"];
     if !props["correlationId"]
         .as_str()

@@ -215,21 +215,24 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
     let mut answer = answer?;
     // a deployment accepted and committed: run it
     if let Some(deployments::Started(job)) = answer.extensions_mut().remove() {
-        tokio::spawn(deployment_run::run(s.clone(), job, front(&s)));
+        let front = front(&s, &job.correlation_id);
+        tokio::spawn(deployment_run::run(s.clone(), job, front));
     }
     page.answer(answer)
 }
 
-/// The control plane's front door for requests a deployment makes as its caller.
-fn front(s: &Arc<AppState>) -> deployment_run::Front {
-    let s = s.clone();
+/// The control plane's front door for requests a deployment makes as its caller, each with
+/// the deployment's correlation id (its writes are found in the Activity Log by it, as ARM's).
+fn front(s: &Arc<AppState>, correlation_id: &str) -> deployment_run::Front {
+    let (s, correlation_id) = (s.clone(), correlation_id.to_string());
     Arc::new(move |caller, method, path, body| {
-        let s = s.clone();
+        let (s, correlation_id) = (s.clone(), correlation_id.clone());
         Box::pin(async move {
             let req = axum::http::Request::builder()
                 .method(method)
                 .uri(path)
                 .header(axum::http::header::CONTENT_TYPE, "application/json")
+                .header("x-ms-correlation-request-id", correlation_id)
                 .body(axum::body::Body::from(body));
             match req {
                 Ok(req) => serve(&s, &caller, req)
@@ -963,6 +966,16 @@ mod tests {
         );
         let (_, v) = call(&s, &token, Method::GET, &dep, Value::Null).await;
         assert_eq!(v["properties"]["provisioningState"], "Running");
+        // many readers of a running deployment at once (more than the store has readers): each
+        // reads the run's lease in its own unit of work, none waits for another's
+        let reads = (0..24).map(|_| call(&s, &token, Method::GET, &dep, Value::Null));
+        let answers = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            futures::future::join_all(reads),
+        )
+        .await
+        .expect("concurrent reads of a running deployment never end");
+        assert!(answers.iter().all(|(st, _)| *st == 200));
         // once it lapses, the deployment may be deployed again
         s.store.release_lease(&lease, "other-server").await.unwrap();
         let (st, v) = call(&s, &token, Method::PUT, &dep, body).await;

@@ -3,7 +3,7 @@
 //! credentials of one identity). Both are rows of `leases` with a holder and an expiry, so they
 //! hold across processes and a holder that dies frees them when the expiry passes.
 
-use crate::{params, Result, Store};
+use crate::{params, Result, Store, Tx};
 
 impl Store {
     /// Take lease `name` for `holder`, or renew it, until `now + ttl` (seconds). True when
@@ -36,13 +36,7 @@ impl Store {
     /// Who holds lease `name` and until when, if anyone holds it at `now`.
     pub async fn lease_holder(&self, name: &str, now: u64) -> Result<Option<(String, u64)>> {
         let mut tx = self.read("lease_holder").await?;
-        let row = tx
-            .query_opt(
-                "SELECT holder, expires_at FROM leases WHERE name = $1 AND expires_at > $2",
-                &params![name, now],
-            )
-            .await?;
-        row.map(|r| Ok((r.text(0)?, r.u64(1)?))).transpose()
+        tx.lease_holder(name, now).await
     }
 
     /// Claim `name` for one write (at most `ttl` seconds, in case this process dies holding
@@ -94,5 +88,19 @@ impl Drop for Claim {
                 }
             });
         }
+    }
+}
+
+impl Tx {
+    /// Who holds lease `name` and until when, if anyone holds it at `now`, read in this unit of
+    /// work (a request that holds one must not wait for a second: the readers are few).
+    pub async fn lease_holder(&mut self, name: &str, now: u64) -> Result<Option<(String, u64)>> {
+        let row = self
+            .query_opt(
+                "SELECT holder, expires_at FROM leases WHERE name = $1 AND expires_at > $2",
+                &params![name, now],
+            )
+            .await?;
+        row.map(|r| Ok((r.text(0)?, r.u64(1)?))).transpose()
     }
 }
