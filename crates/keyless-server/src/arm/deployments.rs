@@ -105,6 +105,9 @@ pub static PROVIDER: Provider = Provider {
     role_scope: None,
 };
 
+/// At most this many dependencies are listed in a deployment's `dependencies`.
+const DEPENDENCIES_SHOWN: usize = 2_000;
+
 /// How a deployment treats what its template does not name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -487,11 +490,18 @@ fn deployment_json(
             json!({"namespace": ns, "resourceTypes": types.iter().map(|t| json!({"resourceType": t, "locations": ["local"]})).collect::<Vec<_>>()})
         })
         .collect();
+    // ARM's list of each resource's dependencies, up to DEPENDENCIES_SHOWN of them in all (a
+    // template may have 800 resources each depending on a loop of 800)
+    let mut shown = 0;
     let dependencies: Vec<Value> = p
         .plan
         .resources
         .iter()
         .filter(|r| !r.depends_on.is_empty())
+        .take_while(|r| {
+            shown += r.depends_on.len();
+            shown <= DEPENDENCIES_SHOWN
+        })
         .map(|r| {
             json!({
                 "id": r.id,

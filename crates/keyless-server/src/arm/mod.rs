@@ -46,13 +46,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::{Json, Router};
 use keyless_core::api_version;
-use keyless_core::resource_id::{canonical_type, ArmPath, ResourceId, UAMI};
+use keyless_core::resource_id::{canonical_type, ArmPath, ResourceId, DEPLOYMENT, UAMI};
 use keyless_store::Tx;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
 /// Largest control-plane request body.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// Largest body of a deployment's request (ARM's limit on a template and its parameters).
+pub const MAX_TEMPLATE_BODY: usize = 4 * 1024 * 1024;
 /// Bodies up to this size are read to the end before a 413, so the client, still sending,
 /// sees the answer instead of a reset connection.
 const DRAIN_LIMIT: usize = 8 * MAX_BODY;
@@ -175,8 +177,8 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
     let body = axum::body::to_bytes(body, DRAIN_LIMIT)
         .await
         .ok()
-        .filter(|b| b.len() <= MAX_BODY)
-        .ok_or(ServerError::RequestTooLarge(MAX_BODY))?;
+        .filter(|b| b.len() <= body_limit(&path))
+        .ok_or(ServerError::RequestTooLarge(body_limit(&path)))?;
     let claim = match fic_write(&parts.method, &path) {
         Some(identity) => {
             let claim = crate::arm::fics::claim_writes(&s, &caller, identity).await?;
@@ -366,6 +368,24 @@ async fn with_etag(
         // a writer that may not read what it wrote gets no version
         Current::Missing | Current::Refused(_) => resp,
     })
+}
+
+/// The largest body a request on `path` may carry: a deployment's (a template) more.
+fn body_limit(path: &ArmPath) -> usize {
+    let deployment = match path {
+        ArmPath::Resource(r) | ArmPath::Action { resource: r, .. } => r.is_type(DEPLOYMENT),
+        ArmPath::AtSubscription {
+            namespace,
+            type_name,
+            ..
+        } => canonical_type(namespace, type_name) == Some(DEPLOYMENT),
+        _ => false,
+    };
+    if deployment {
+        MAX_TEMPLATE_BODY
+    } else {
+        MAX_BODY
+    }
 }
 
 /// The identity whose federated credentials a request writes under the write claim (a PUT of
@@ -980,5 +1000,41 @@ mod tests {
         s.store.release_lease(&lease, "other-server").await.unwrap();
         let (st, v) = call(&s, &token, Method::PUT, &dep, body).await;
         assert_eq!(st, 200, "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_deployment_may_carry_a_template_of_up_to_4_mib_other_writes_1_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, token) = server(dir.path()).await;
+        let sub = s.subscription_id.clone();
+        let rg = format!("/subscriptions/{sub}/resourceGroups/rg1");
+        call(&s, &token, Method::PUT, &rg, json!({"location": "local"})).await;
+        let big = "x".repeat(2 * 1024 * 1024);
+        let template = json!({"$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+            "contentVersion": "1.0.0.0", "metadata": {"notes": big},
+            "resources": [{"type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "apiVersion": "2023-01-31", "name": "id1", "location": "local"}]});
+        let dep = format!("{rg}/providers/Microsoft.Resources/deployments/d1/validate");
+        let body = json!({"properties": {"mode": "Incremental", "template": template}});
+        let (st, v) = call(&s, &token, Method::POST, &dep, body).await;
+        assert_eq!(
+            st,
+            200,
+            "{}",
+            &v.to_string()[..v.to_string().len().min(500)]
+        );
+        let id = format!("{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id1");
+        let (st, v) = call(
+            &s,
+            &token,
+            Method::PUT,
+            &id,
+            json!({"location": "local", "tags": {"t": big}}),
+        )
+        .await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (413, Some("RequestEntityTooLarge"))
+        );
     }
 }
