@@ -1,12 +1,122 @@
 //! Evaluation of JSON values and expressions in a context (what is visible where).
+//!
+//! Every evaluation runs under a [`Meter`] (one per `prepare()`, `body()` and `outputs()` call)
+//! that bounds what one request can make the evaluator do:
+//! - depth: function calls, member chains, JSON objects and arrays being evaluated and parameter or
+//!   variable definitions being resolved nest at most [`MAX_DEPTH`] levels in all (so a 2 MiB
+//!   thread stack suffices, debug builds included), and a chain of variables (or parameter
+//!   defaults) each reading the next is at most [`MAX_CHAIN`] long;
+//! - size: every value produced (literals, function results, the copies parameters() and
+//!   variables() hand out, each JSON node at 32 bytes) and every expression parsed is charged
+//!   against [`MAX_BYTES`]; functions whose result can outgrow their arguments check the room left
+//!   before they allocate; no produced value nests deeper than [`MAX_VALUE_DEPTH`].
+//!
+//! Each limit fails with an `InvalidTemplate` expression error naming it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use serde_json::{Map, Value};
 
-use super::expr::{self, classify, Expr, StrKind};
+use super::expr::{self, classify, Access, Expr, StrKind};
 use super::{functions, References, Scope};
+
+/// Nesting levels of evaluation: calls, member chains, JSON containers, definitions resolved.
+pub(crate) const MAX_DEPTH: usize = 160;
+
+/// Variables (or parameter defaults) being resolved at once, each reading the next.
+pub(crate) const MAX_CHAIN: usize = 32;
+
+/// Bytes charged per `prepare()`, `body()` or `outputs()` call.
+pub(crate) const MAX_BYTES: usize = 16 << 20;
+
+/// Nesting levels of a value a function or a parameter or variable reference produces.
+pub(crate) const MAX_VALUE_DEPTH: usize = 64;
+
+/// The charge of one JSON node (a value, an array element, an object member) besides its text.
+const NODE: usize = 32;
+
+/// The limits of one evaluation (see the module doc).
+#[derive(Debug, Default)]
+pub(crate) struct Meter {
+    depth: Cell<usize>,
+    spent: Cell<usize>,
+}
+
+/// One level of [`Meter`] depth, given back when dropped.
+pub(crate) struct Level<'m>(&'m Meter);
+
+impl Drop for Level<'_> {
+    fn drop(&mut self) {
+        self.0.depth.set(self.0.depth.get() - 1);
+    }
+}
+
+impl Meter {
+    /// One level deeper, or the error past [`MAX_DEPTH`].
+    pub fn enter(&self) -> Result<Level<'_>, String> {
+        let d = self.depth.get();
+        if d >= MAX_DEPTH {
+            return Err(format!(
+                "The template is nested too deeply: its function calls, member accesses, objects, arrays and parameter or variable references exceed the limit of '{MAX_DEPTH}' levels. Please see https://aka.ms/arm-template-expressions for usage details."
+            ));
+        }
+        self.depth.set(d + 1);
+        Ok(Level(self))
+    }
+
+    /// Whether `bytes` more fit; nothing is charged.
+    pub fn room(&self, bytes: usize) -> Result<(), String> {
+        if self.spent.get().saturating_add(bytes) > MAX_BYTES {
+            return Err(format!(
+                "The template's evaluated values exceed the limit of '{MAX_BYTES}' bytes. Please see https://aka.ms/arm-template/#template-limits for usage details."
+            ));
+        }
+        Ok(())
+    }
+
+    /// Charge `bytes`.
+    pub fn charge(&self, bytes: usize) -> Result<(), String> {
+        self.room(bytes)?;
+        self.spent.set(self.spent.get() + bytes);
+        Ok(())
+    }
+
+    /// Charge a produced value (its text and nodes); refuse one nested too deeply.
+    pub fn charge_value(&self, v: &Value) -> Result<(), String> {
+        let (bytes, depth) = weight(v);
+        if depth > MAX_VALUE_DEPTH {
+            return Err(format!(
+                "The template language expression produced a value nested more than '{MAX_VALUE_DEPTH}' levels deep. Please see https://aka.ms/arm-template-expressions for usage details."
+            ));
+        }
+        self.charge(bytes)
+    }
+}
+
+/// A value's charge (text plus [`NODE`] per node) and nesting depth, without recursion.
+pub(crate) fn weight(v: &Value) -> (usize, usize) {
+    let mut bytes = 0usize;
+    let mut deepest = 0;
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        bytes = bytes.saturating_add(NODE);
+        match v {
+            Value::String(s) => bytes = bytes.saturating_add(s.len()),
+            Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
+            Value::Object(m) => {
+                for (k, x) in m {
+                    bytes = bytes.saturating_add(k.len());
+                    stack.push((x, d + 1));
+                }
+            }
+            _ => {}
+        }
+    }
+    (bytes, deepest)
+}
 
 /// Where an expression sits; decides which functions it may call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,24 +173,30 @@ impl<'a> Lazy<'a> {
         }
     }
 
-    /// The value of `name` (lower-case), evaluating its definition once.
-    pub fn get(&self, name: &str, env: &Env) -> Result<Option<Value>, String> {
-        if let Some(v) = self.done.borrow().get(name) {
-            return Ok(Some(v.clone()));
+    /// Evaluate the definition of `name` (lower-case) once; false when there is none.
+    pub fn resolve(&self, name: &str, env: &Env) -> Result<bool, String> {
+        if self.done.borrow().contains_key(name) {
+            return Ok(true);
         }
         let Some(def) = self.defs.get(name) else {
-            return Ok(None);
+            return Ok(false);
+        };
+        let what = if self.phase == Phase::Default {
+            "parameter"
+        } else {
+            "variable"
         };
         if self.active.borrow().iter().any(|a| a == name) {
-            let what = if self.phase == Phase::Default {
-                "parameter"
-            } else {
-                "variable"
-            };
             return Err(format!(
                 "The template {what} '{name}' is not valid: circular reference detected. Please see https://aka.ms/arm-template-expressions for usage details."
             ));
         }
+        if self.active.borrow().len() >= MAX_CHAIN {
+            return Err(format!(
+                "The template {what} '{name}' is not valid: it is reached through a chain of more than '{MAX_CHAIN}' {what}s each referencing the next. Please see https://aka.ms/arm-template-expressions for usage details."
+            ));
+        }
+        let _level = env.meter.enter()?;
         self.active.borrow_mut().push(name.to_string());
         let cx = Ctx::new(env, self.phase);
         let r = match def {
@@ -89,8 +205,8 @@ impl<'a> Lazy<'a> {
         };
         self.active.borrow_mut().pop();
         let v = r?;
-        self.done.borrow_mut().insert(name.to_string(), v.clone());
-        Ok(Some(v))
+        self.done.borrow_mut().insert(name.to_string(), v);
+        Ok(true)
     }
 }
 
@@ -117,25 +233,39 @@ pub(crate) struct Env<'a> {
     pub now: u64,
     pub guid_seed: u128,
     pub guid_counter: Cell<u64>,
+    /// The limits of this evaluation.
+    pub meter: &'a Meter,
+    /// The template's hash (`deployment()`), computed once.
+    pub template_hash: &'a OnceLock<String>,
 }
 
 impl Env<'_> {
-    pub fn param(&self, name: &str) -> Result<Option<Value>, String> {
+    /// `f` of parameter (or variable, `vars`) `name`, read in place; None when not defined.
+    pub fn lookup<R>(
+        &self,
+        vars: bool,
+        name: &str,
+        f: impl FnOnce(&Value) -> R,
+    ) -> Result<Option<R>, String> {
         let key = name.to_ascii_lowercase();
-        match &self.params {
-            Src::Done(m) => Ok(m.get(&key).cloned()),
-            Src::Lazy(l) => l.get(&key, self),
+        match if vars { &self.vars } else { &self.params } {
+            Src::Done(m) => Ok(m.get(&key).map(f)),
+            Src::Lazy(l) => {
+                if !l.resolve(&key, self)? {
+                    return Ok(None);
+                }
+                Ok(l.done.borrow().get(&key).map(f))
+            }
             Src::Empty => Ok(None),
         }
     }
 
+    pub fn param(&self, name: &str) -> Result<Option<Value>, String> {
+        self.lookup(false, name, Value::clone)
+    }
+
     pub fn var(&self, name: &str) -> Result<Option<Value>, String> {
-        let key = name.to_ascii_lowercase();
-        match &self.vars {
-            Src::Done(m) => Ok(m.get(&key).cloned()),
-            Src::Lazy(l) => l.get(&key, self),
-            Src::Empty => Ok(None),
-        }
+        self.lookup(true, name, Value::clone)
     }
 }
 
@@ -180,39 +310,56 @@ impl<'a> Ctx<'a> {
 pub(crate) fn eval_value(v: &Value, cx: &Ctx) -> Result<Value, String> {
     match v {
         Value::String(s) => eval_string(s, cx),
-        Value::Array(a) => a
-            .iter()
-            .map(|x| eval_value(x, cx))
-            .collect::<Result<_, _>>()
-            .map(Value::Array),
-        Value::Object(m) => {
-            let mut out = Map::new();
-            for (k, x) in m {
-                if k.eq_ignore_ascii_case("copy") {
-                    if let Some(loops) = property_loops(x) {
-                        for l in loops {
-                            let name = loop_name(l, cx)?;
-                            let arr = eval_loop(l, cx, LoopKind::Property, "input")?;
-                            out.insert(name, arr);
-                        }
-                        continue;
-                    }
-                }
-                let key = match eval_string(k, cx)? {
-                    Value::String(s) => s,
-                    other => {
-                        return Err(format!(
-                            "The template property name '{k}' must evaluate to a string. The provided value is of type '{}'.",
-                            functions::jtype(&other)
-                        ))
-                    }
-                };
-                out.insert(key, eval_value(x, cx)?);
+        Value::Array(a) => {
+            let _level = cx.env.meter.enter()?;
+            cx.env.meter.charge(NODE)?;
+            // A plain loop: in debug builds every iterator adapter is a frame of its own.
+            let mut out = Vec::with_capacity(a.len());
+            for x in a {
+                out.push(eval_value(x, cx)?);
             }
-            Ok(Value::Object(out))
+            Ok(Value::Array(out))
         }
-        other => Ok(other.clone()),
+        Value::Object(m) => {
+            let _level = cx.env.meter.enter()?;
+            eval_object(m, cx)
+        }
+        other => {
+            cx.env.meter.charge(NODE)?;
+            Ok(other.clone())
+        }
     }
+}
+
+#[inline(never)]
+fn eval_object(m: &Map<String, Value>, cx: &Ctx) -> Result<Value, String> {
+    cx.env.meter.charge(NODE)?;
+    let mut out = Map::new();
+    for (k, x) in m {
+        if k.eq_ignore_ascii_case("copy") {
+            if let Some(loops) = property_loops(x) {
+                for l in loops {
+                    let name = loop_name(l, cx)?;
+                    let arr = eval_loop(l, cx, LoopKind::Property, "input")?;
+                    out.insert(name, arr);
+                }
+                continue;
+            }
+        }
+        let key = match eval_string(k, cx)? {
+            Value::String(s) => s,
+            other => return Err(key_type(k, &other)),
+        };
+        out.insert(key, eval_value(x, cx)?);
+    }
+    Ok(Value::Object(out))
+}
+
+fn key_type(k: &str, v: &Value) -> String {
+    format!(
+        "The template property name '{k}' must evaluate to a string. The provided value is of type '{}'.",
+        functions::jtype(v)
+    )
 }
 
 /// A property-level `copy`: an array of {name, count, input}.
@@ -275,8 +422,12 @@ pub(crate) fn eval_loop(l: &Value, cx: &Ctx, kind: LoopKind, input: &str) -> Res
 /// A JSON string: literal, `[[`-escaped literal, or expression.
 pub(crate) fn eval_string(s: &str, cx: &Ctx) -> Result<Value, String> {
     match classify(s) {
-        StrKind::Literal(l) => Ok(Value::String(l.into_owned())),
+        StrKind::Literal(l) => {
+            cx.env.meter.charge(NODE + l.len())?;
+            Ok(Value::String(l.into_owned()))
+        }
         StrKind::Expression(e) => {
+            cx.env.meter.charge(e.len())?;
             let parsed = expr::parse(e)?;
             if cx.validate {
                 if let Some(err) = functions::first_unknown(&parsed) {
@@ -292,61 +443,130 @@ pub(crate) fn eval_string(s: &str, cx: &Ctx) -> Result<Value, String> {
 }
 
 pub(crate) fn eval_expr(e: &Expr, cx: &Ctx) -> Result<Value, String> {
+    let meter = cx.env.meter;
     match e {
-        Expr::Str(s) => Ok(Value::String(s.clone())),
-        Expr::Int(i) => Ok(Value::from(*i)),
-        Expr::Call(name, args) => functions::call(name, args, cx),
-        Expr::Prop(base, prop) => {
-            let b = eval_expr(base, cx)?;
-            member(&b, prop)
+        Expr::Str(s) => {
+            meter.charge(NODE + s.len())?;
+            Ok(Value::String(s.clone()))
         }
-        Expr::Index(base, idx) => {
-            let b = eval_expr(base, cx)?;
-            match eval_expr(idx, cx)? {
-                Value::String(p) => member(&b, &p),
-                Value::Number(n) if n.is_i64() => {
-                    let i = n.as_i64().unwrap_or(-1);
-                    match &b {
-                        Value::Array(a) => usize::try_from(i)
-                            .ok()
-                            .and_then(|i| a.get(i))
-                            .cloned()
-                            .ok_or_else(|| {
-                                format!("The language expression property array index '{i}' is out of bounds.")
-                            }),
-                        other => Err(format!(
-                            "The language expression property array index '{i}' cannot be applied to a value of type '{}'.",
-                            functions::jtype(other)
-                        )),
-                    }
-                }
-                other => Err(format!(
-                    "The language expression index must be an integer or a string. The provided value is of type '{}'.",
-                    functions::jtype(&other)
-                )),
-            }
+        Expr::Int(i) => {
+            meter.charge(NODE)?;
+            Ok(Value::from(*i))
+        }
+        Expr::Call(name, args) => {
+            let _level = meter.enter()?;
+            functions::call(name, args, cx)
+        }
+        Expr::Member(base, path) => {
+            let _level = meter.enter()?;
+            eval_member(base, path, cx)
         }
     }
 }
 
+/// `base.a[i]…`; parameters('p').a.b and variables('v').a.b are read in place: only what is
+/// reached is copied.
+#[inline(never)]
+fn eval_member(base: &Expr, path: &[Access], cx: &Ctx) -> Result<Value, String> {
+    let v = match base {
+        Expr::Call(name, args) if functions::is_lookup(name) => {
+            let mut a = Vec::with_capacity(args.len());
+            for x in args {
+                a.push(eval_expr(x, cx)?);
+            }
+            let keys = keys(path, cx)?;
+            functions::lookup(name, &a, cx, |v| walk(v, &keys).cloned())??
+        }
+        _ => {
+            let b = eval_expr(base, cx)?;
+            let keys = keys(path, cx)?;
+            walk(&b, &keys)?.clone()
+        }
+    };
+    cx.env.meter.charge_value(&v)?;
+    Ok(v)
+}
+
+/// One evaluated step of a member chain.
+enum Key<'e> {
+    /// `.name` as written.
+    Name(&'e str),
+    /// `['name']` computed: a value, never quoted in errors.
+    Computed(String),
+    Position(i64),
+}
+
+fn keys<'e>(path: &'e [Access], cx: &Ctx) -> Result<Vec<Key<'e>>, String> {
+    let mut out = Vec::with_capacity(path.len());
+    for a in path {
+        out.push(match a {
+            Access::Prop(p) | Access::Index(Expr::Str(p)) => Key::Name(p),
+            Access::Index(e) => match eval_expr(e, cx)? {
+                Value::String(p) => Key::Computed(p),
+                Value::Number(n) if n.is_i64() => Key::Position(n.as_i64().unwrap_or(-1)),
+                other => return Err(index_type(&other)),
+            },
+        });
+    }
+    Ok(out)
+}
+
+fn index_type(v: &Value) -> String {
+    format!(
+        "The language expression index must be an integer or a string. The provided value is of type '{}'.",
+        functions::jtype(v)
+    )
+}
+
+/// Follow `keys` from `v`.
+fn walk<'v>(mut v: &'v Value, keys: &[Key]) -> Result<&'v Value, String> {
+    for k in keys {
+        v = match k {
+            Key::Name(p) => member(v, p, true)?,
+            Key::Computed(p) => member(v, p, false)?,
+            Key::Position(i) => match v {
+                Value::Array(a) => usize::try_from(*i)
+                    .ok()
+                    .and_then(|i| a.get(i))
+                    .ok_or_else(|| {
+                        format!("The language expression property array index '{i}' is out of bounds.")
+                    })?,
+                other => {
+                    return Err(format!(
+                        "The language expression property array index '{i}' cannot be applied to a value of type '{}'.",
+                        functions::jtype(other)
+                    ))
+                }
+            },
+        };
+    }
+    Ok(v)
+}
+
 /// `x.prop`: exact name first, then case-insensitive (ARM's lookups are case-insensitive).
-fn member(b: &Value, prop: &str) -> Result<Value, String> {
+/// A computed name (`quote` false) may be a secure value: it is not repeated in the error.
+fn member<'v>(b: &'v Value, prop: &str, quote: bool) -> Result<&'v Value, String> {
+    let shown = if quote {
+        format!(" '{prop}'")
+    } else {
+        String::new()
+    };
     match b {
         Value::Object(m) => {
             if let Some(v) = m.get(prop) {
-                return Ok(v.clone());
+                return Ok(v);
             }
             if let Some((_, v)) = m.iter().find(|(k, _)| k.eq_ignore_ascii_case(prop)) {
-                return Ok(v.clone());
+                return Ok(v);
             }
             let keys: Vec<&str> = m.keys().map(String::as_str).collect();
             Err(format!(
-                "The language expression property '{prop}' doesn't exist, available properties are '{}'.",
+                "The language expression property{shown} doesn't exist, available properties are '{}'.",
                 keys.join(", ")
             ))
         }
         other => Err(format!(
-            "The language expression property '{prop}' can't be evaluated, property name must be a string and the value must be an object. The value is of type '{}'.",
+            "The language expression property{shown} can't be evaluated, property name must be a string and the value must be an object. The value is of type '{}'.",
             functions::jtype(other)
         )),
     }

@@ -3,8 +3,8 @@
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
-use super::eval::{eval_expr, Ctx, LoopKind, Phase};
-use super::expr::Expr;
+use super::eval::{eval_expr, Ctx, LoopKind, Meter, Phase};
+use super::expr::{Access, Expr};
 use super::hash;
 use super::Level;
 
@@ -162,62 +162,117 @@ pub(crate) fn first_unknown(e: &Expr) -> Option<String> {
             }
             args.iter().find_map(first_unknown)
         }
-        Expr::Prop(b, _) => first_unknown(b),
-        Expr::Index(b, i) => first_unknown(b).or_else(|| first_unknown(i)),
+        Expr::Member(b, path) => first_unknown(b).or_else(|| {
+            path.iter().find_map(|a| match a {
+                Access::Index(i) => first_unknown(i),
+                Access::Prop(_) => None,
+            })
+        }),
         _ => None,
     }
 }
 
-/// Call `name` (case-insensitive) with unevaluated `args`.
-pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String> {
-    let lname = name.to_ascii_lowercase();
-    // Functions that evaluate their arguments lazily.
-    match lname.as_str() {
-        "if" => {
-            arity(name, args.len(), 3, 3)?;
-            let c = eval_expr(&args[0], cx)?;
-            let c = boolean(name, &c)?;
-            return eval_expr(&args[if c { 1 } else { 2 }], cx);
-        }
-        "and" | "or" => {
-            arity(name, args.len(), 2, usize::MAX)?;
-            let want = lname == "or";
-            for a in args {
-                let v = eval_expr(a, cx)?;
-                if boolean(name, &v)? == want {
-                    return Ok(Value::Bool(want));
-                }
-            }
-            return Ok(Value::Bool(!want));
-        }
-        _ => {}
+/// The longest `padLeft` result and `format` alignment.
+pub(crate) const MAX_PAD_WIDTH: usize = 16_384;
+
+/// The largest precision of a numeric format (`D`, `X`, `N`, `F`), as .NET Framework's.
+const MAX_PRECISION: usize = 99;
+
+fn overflow(name: &str) -> String {
+    format!("The template language function '{name}' failed: the result is outside the range of a 64-bit integer. Please see https://aka.ms/arm-functions for usage details.")
+}
+
+/// `parameters` and `variables`: functions [`lookup`] can read in place.
+pub(crate) fn is_lookup(name: &str) -> bool {
+    name.eq_ignore_ascii_case("parameters") || name.eq_ignore_ascii_case("variables")
+}
+
+/// `f` of the value `parameters(a[0])` / `variables(a[0])` names, read in place.
+pub(crate) fn lookup<R>(
+    name: &str,
+    a: &[Value],
+    cx: &Ctx,
+    f: impl FnOnce(&Value) -> R,
+) -> Result<R, String> {
+    arity(name, a.len(), 1, 1)?;
+    let vars = name.eq_ignore_ascii_case("variables");
+    if vars && cx.phase == Phase::Default {
+        return Err(not_here(name, ""));
     }
-    let a: Vec<Value> = args
-        .iter()
-        .map(|x| eval_expr(x, cx))
-        .collect::<Result<_, _>>()?;
+    let p = s(name, &a[0])?;
+    cx.env.lookup(vars, p, f)?.ok_or_else(|| {
+        if vars {
+            format!("The template variable '{p}' is not found. Please see https://aka.ms/arm-template/#variables for usage details.")
+        } else {
+            format!("The template parameter '{p}' is not found. Please see https://aka.ms/arm-template/#parameters for usage details.")
+        }
+    })
+}
+
+/// Call `name` (case-insensitive) with unevaluated `args`. Only what evaluates further
+/// (if/and/or, parameters, variables) is handled here, so that each nesting level of an
+/// expression costs this small frame; the other functions are [`apply`]'s.
+pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String> {
+    if let Some(r) = call_lazy(name, args, cx) {
+        return r;
+    }
+    // A plain loop: in debug builds every iterator adapter is a frame of its own.
+    let mut a = Vec::with_capacity(args.len());
+    for x in args {
+        a.push(eval_expr(x, cx)?);
+    }
+    call_with(name, a, cx)
+}
+
+/// Functions that evaluate their arguments lazily: if, and, or.
+#[inline(never)]
+fn call_lazy(name: &str, args: &[Expr], cx: &Ctx) -> Option<Result<Value, String>> {
+    let or = if name.eq_ignore_ascii_case("if") {
+        let r = arity(name, args.len(), 3, 3)
+            .and_then(|()| eval_expr(&args[0], cx))
+            .and_then(|c| boolean(name, &c))
+            .and_then(|c| eval_expr(&args[if c { 1 } else { 2 }], cx));
+        return Some(r);
+    } else if name.eq_ignore_ascii_case("or") {
+        true
+    } else if name.eq_ignore_ascii_case("and") {
+        false
+    } else {
+        return None;
+    };
+    Some((|| {
+        arity(name, args.len(), 2, usize::MAX)?;
+        for a in args {
+            let v = eval_expr(a, cx)?;
+            if boolean(name, &v)? == or {
+                return Ok(Value::Bool(or));
+            }
+        }
+        Ok(Value::Bool(!or))
+    })())
+}
+
+/// A function on its evaluated arguments, the result charged.
+#[inline(never)]
+fn call_with(name: &str, a: Vec<Value>, cx: &Ctx) -> Result<Value, String> {
+    let v = if is_lookup(name) {
+        lookup(name, &a, cx, Value::clone)?
+    } else {
+        apply(name, &name.to_ascii_lowercase(), a, cx)?
+    };
+    cx.env.meter.charge_value(&v)?;
+    Ok(v)
+}
+
+/// The functions that evaluate nothing further, on evaluated arguments.
+#[inline(never)]
+fn apply(name: &str, lname: &str, a: Vec<Value>, cx: &Ctx) -> Result<Value, String> {
     let n = a.len();
     let env = cx.env;
+    let meter = env.meter;
     let scope = env.scope;
-    let v = match lname.as_str() {
+    let v = match lname {
         // Deployment values.
-        "parameters" => {
-            arity(name, n, 1, 1)?;
-            let p = s(name, &a[0])?;
-            env.param(p)?.ok_or_else(|| {
-                format!("The template parameter '{p}' is not found. Please see https://aka.ms/arm-template/#parameters for usage details.")
-            })?
-        }
-        "variables" => {
-            arity(name, n, 1, 1)?;
-            if cx.phase == Phase::Default {
-                return Err(not_here(name, ""));
-            }
-            let p = s(name, &a[0])?;
-            env.var(p)?.ok_or_else(|| {
-                format!("The template variable '{p}' is not found. Please see https://aka.ms/arm-template/#variables for usage details.")
-            })?
-        }
         "resourcegroup" => {
             arity(name, n, 0, 0)?;
             if scope.level == Level::Subscription {
@@ -260,7 +315,7 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
                         "$schema": t.get("$schema").cloned().unwrap_or(Value::Null),
                         "contentVersion": t.get("contentVersion").cloned().unwrap_or(Value::Null),
                     },
-                    "templateHash": super::Plan::template_hash(t),
+                    "templateHash": env.template_hash.get_or_init(|| super::Plan::template_hash(t)),
                     "mode": "Incremental",
                     "provisioningState": "Accepted",
                 },
@@ -292,7 +347,12 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
                         not_here("copyIndex", " The function can only be used in a resource with copy specified.")
                     })?,
             };
-            Value::from(b.index as i64 + offset)
+            Value::from(
+                i64::try_from(b.index)
+                    .ok()
+                    .and_then(|i| i.checked_add(offset))
+                    .ok_or_else(|| overflow(name))?,
+            )
         }
         "reference" => {
             arity(name, n, 1, 3)?;
@@ -434,7 +494,7 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
         }
         "format" => {
             arity(name, n, 1, usize::MAX)?;
-            Value::String(format_dotnet(s(name, &a[0])?, &a[1..])?)
+            Value::String(format_dotnet(s(name, &a[0])?, &a[1..], meter)?)
         }
         "string" => {
             arity(name, n, 1, 1)?;
@@ -454,7 +514,13 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
         }
         "replace" => {
             arity(name, n, 3, 3)?;
-            Value::String(s(name, &a[0])?.replace(s(name, &a[1])?, s(name, &a[2])?))
+            let (text, old, new) = (s(name, &a[0])?, s(name, &a[1])?, s(name, &a[2])?);
+            if old.is_empty() {
+                return Err(format!("The template language function '{name}' cannot replace an empty string. Please see https://aka.ms/arm-functions for usage details."));
+            }
+            let hits = text.matches(old).count();
+            meter.room(hits.saturating_mul(new.len()).saturating_add(text.len()))?;
+            Value::String(text.replace(old, new))
         }
         "substring" => {
             arity(name, n, 2, 3)?;
@@ -465,7 +531,12 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
             } else {
                 chars.len() as i64 - start
             };
-            if start < 0 || len < 0 || start + len > chars.len() as i64 {
+            if start < 0
+                || len < 0
+                || start
+                    .checked_add(len)
+                    .is_none_or(|end| end > chars.len() as i64)
+            {
                 return Err(format!(
                     "The index and length parameters must refer to a location within the string. The index parameter: '{start}', the length parameter: '{len}', the length of the string parameter: '{}'. Please see https://aka.ms/arm-functions for usage details.",
                     chars.len()
@@ -489,6 +560,8 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
             };
             let mut parts = vec![text.to_string()];
             for d in delims.iter().filter(|d| !d.is_empty()) {
+                let more: usize = parts.iter().map(|p| p.matches(d.as_str()).count()).sum();
+                meter.room(more.saturating_mul(64))?;
                 parts = parts
                     .iter()
                     .flat_map(|p| p.split(d.as_str()).map(str::to_string).collect::<Vec<_>>())
@@ -500,13 +573,20 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
             arity(name, n, 2, 2)?;
             let items = arr(name, &a[0])?;
             let d = s(name, &a[1])?;
-            Value::String(items.iter().map(to_text).collect::<Vec<_>>().join(d))
+            let texts: Vec<String> = items.iter().map(to_text).collect();
+            let total = texts.iter().map(String::len).sum::<usize>();
+            meter.room(
+                d.len()
+                    .saturating_mul(texts.len().saturating_sub(1))
+                    .saturating_add(total),
+            )?;
+            Value::String(texts.join(d))
         }
         "startswith" | "endswith" | "indexof" | "lastindexof" => {
             arity(name, n, 2, 2)?;
             let h = s(name, &a[0])?.to_lowercase();
             let nd = s(name, &a[1])?.to_lowercase();
-            match lname.as_str() {
+            match lname {
                 "startswith" => Value::Bool(h.starts_with(&nd)),
                 "endswith" => Value::Bool(h.ends_with(&nd)),
                 "indexof" => Value::from(
@@ -524,7 +604,11 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
         "padleft" => {
             arity(name, n, 2, 3)?;
             let text = to_text(&a[0]);
-            let total = int(name, &a[1])?.max(0) as usize;
+            let width = int(name, &a[1])?;
+            if width > MAX_PAD_WIDTH as i64 {
+                return Err(format!("The template language function '{name}' was given a total width '{width}' beyond the limit of '{MAX_PAD_WIDTH}'. Please see https://aka.ms/arm-functions for usage details."));
+            }
+            let total = width.max(0) as usize;
             let pad = if n == 3 {
                 s(name, &a[2])?.chars().next().unwrap_or(' ')
             } else {
@@ -556,8 +640,9 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
         "int" => {
             arity(name, n, 1, 1)?;
             match &a[0] {
+                // The value is not repeated: it may be a secure parameter's.
                 Value::String(t) => Value::from(t.trim().parse::<i64>().map_err(|_| {
-                    format!("The template language function 'int' was given a value '{t}' that cannot be converted to an integer.")
+                    "The template language function 'int' was given a string value that cannot be converted to an integer.".to_string()
                 })?),
                 Value::Number(x) if x.is_i64() => a[0].clone(),
                 Value::Number(x) => Value::from(x.as_f64().unwrap_or(0.0).trunc() as i64),
@@ -613,7 +698,7 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
                 (x, _) => return Err(wrong_type(name, "Integer", x)),
             };
             use std::cmp::Ordering::*;
-            Value::Bool(match lname.as_str() {
+            Value::Bool(match lname {
                 "greater" => ord == Greater,
                 "greaterorequals" => ord != Less,
                 "less" => ord == Less,
@@ -699,7 +784,8 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
             if !(0..=10_000).contains(&count) {
                 return Err(format!("The template language function 'range' count '{count}' must be between 0 and 10000."));
             }
-            Value::Array((start..start + count).map(Value::from).collect())
+            let end = start.checked_add(count).ok_or_else(|| overflow(name))?;
+            Value::Array((start..end).map(Value::from).collect())
         }
         "union" => {
             arity(name, n, 1, usize::MAX)?;
@@ -707,6 +793,8 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
                 let mut out: Vec<Value> = Vec::new();
                 for x in &a {
                     for item in arr(name, x)? {
+                        // Each comparison is charged: union is quadratic.
+                        meter.charge(out.len())?;
                         if !out.contains(item) {
                             out.push(item.clone());
                         }
@@ -726,6 +814,13 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
         }
         "intersection" => {
             arity(name, n, 2, usize::MAX)?;
+            let others: usize = a[1..]
+                .iter()
+                .map(|o| o.as_array().map_or(1, Vec::len))
+                .sum();
+            if let Value::Array(first) = &a[0] {
+                meter.charge(first.len().saturating_mul(others))?;
+            }
             match &a[0] {
                 Value::Array(first) => Value::Array(
                     first
@@ -772,18 +867,21 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
         "add" | "sub" | "mul" | "div" | "mod" => {
             arity(name, n, 2, 2)?;
             let (x, y) = (int(name, &a[0])?, int(name, &a[1])?);
-            if matches!(lname.as_str(), "div" | "mod") && y == 0 {
+            if matches!(lname, "div" | "mod") && y == 0 {
                 return Err(format!(
                     "The template language function '{name}' cannot divide by zero."
                 ));
             }
-            Value::from(match lname.as_str() {
-                "add" => x.wrapping_add(y),
-                "sub" => x.wrapping_sub(y),
-                "mul" => x.wrapping_mul(y),
-                "div" => x / y,
-                _ => x % y,
-            })
+            Value::from(
+                match lname {
+                    "add" => x.checked_add(y),
+                    "sub" => x.checked_sub(y),
+                    "mul" => x.checked_mul(y),
+                    "div" => x.checked_div(y),
+                    _ => x.checked_rem(y),
+                }
+                .ok_or_else(|| overflow(name))?,
+            )
         }
         l if l.starts_with("list") => {
             if !matches!(cx.phase, Phase::Body | Phase::Output) {
@@ -866,9 +964,13 @@ fn deep_merge(into: &mut Value, from: &Value) {
 }
 
 /// .NET composite formatting: `{0}`, `{1,5}`, `{0:D3}`, `{0:N0}`, `{0:X}`, `{{`, `}}`.
-fn format_dotnet(f: &str, args: &[Value]) -> Result<String, String> {
+/// Alignments are at most [`MAX_PAD_WIDTH`], precisions at most [`MAX_PRECISION`]; the text is
+/// checked against the meter's room as it grows.
+fn format_dotnet(f: &str, args: &[Value], meter: &Meter) -> Result<String, String> {
+    // The format string is not repeated: it may be a secure parameter's.
     let bad = || {
-        format!("The template language function 'format' was given a format string '{f}' that is not valid.")
+        "The template language function 'format' was given a format string that is not valid."
+            .to_string()
     };
     let mut out = String::new();
     let mut it = f.chars().peekable();
@@ -904,18 +1006,23 @@ fn format_dotnet(f: &str, args: &[Value]) -> Result<String, String> {
                 let v = args.get(i).ok_or_else(|| {
                     "The template language function 'format' was given an index that is greater than or equal to the number of arguments.".to_string()
                 })?;
+                if align.is_some_and(|w| w.unsigned_abs() > MAX_PAD_WIDTH as u64) {
+                    return Err(format!("The template language function 'format' was given an alignment beyond the limit of '{MAX_PAD_WIDTH}'."));
+                }
                 let text = match (fmt, v.as_i64()) {
                     (Some(fs), Some(x)) => format_int(x, fs).ok_or_else(bad)?,
                     _ => to_text(v),
                 };
-                match align {
-                    Some(w) if w > 0 => {
-                        out.push_str(&format!("{text:>width$}", width = w as usize))
-                    }
-                    Some(w) if w < 0 => {
-                        out.push_str(&format!("{text:<width$}", width = (-w) as usize))
-                    }
-                    _ => out.push_str(&text),
+                let width = align.map_or(0, |w| w.unsigned_abs() as usize);
+                let pad = width.saturating_sub(text.chars().count());
+                meter.room(out.len() + text.len() + pad)?;
+                let spaces = std::iter::repeat_n(' ', pad);
+                if align.is_some_and(|w| w > 0) {
+                    out.extend(spaces);
+                    out.push_str(&text);
+                } else {
+                    out.push_str(&text);
+                    out.extend(spaces);
                 }
             }
             c => out.push(c),
@@ -924,6 +1031,8 @@ fn format_dotnet(f: &str, args: &[Value]) -> Result<String, String> {
     Ok(out)
 }
 
+/// A number in a .NET numeric format; None when the format is not valid (precision beyond
+/// [`MAX_PRECISION`] included).
 fn format_int(x: i64, f: &str) -> Option<String> {
     let mut chars = f.chars();
     let kind = chars.next()?;
@@ -933,6 +1042,12 @@ fn format_int(x: i64, f: &str) -> Option<String> {
     } else {
         rest.parse().ok()
     };
+    if prec.is_some_and(|p| p > MAX_PRECISION) {
+        return None;
+    }
+    if f.len() > MAX_PAD_WIDTH {
+        return None;
+    }
     if !rest.is_empty() && prec.is_none() {
         // Custom numeric format made of zeros ("000"): zero-padded width.
         if f.chars().all(|c| c == '0') {
@@ -1079,6 +1194,8 @@ mod tests {
     #[test]
     fn dotnet_format() {
         let a = [json!(7), json!("x"), json!(true), json!(1234567)];
+        let m = Meter::default();
+        let format_dotnet = |f: &str, a: &[Value]| format_dotnet(f, a, &m);
         assert_eq!(format_dotnet("{0:D3}-{1}-{2}", &a).unwrap(), "007-x-True");
         assert_eq!(format_dotnet("{{{0}}}", &a).unwrap(), "{7}");
         assert_eq!(format_dotnet("{3:N0}", &a).unwrap(), "1,234,567");

@@ -35,9 +35,31 @@
 //!
 //! `target` is the failing place when known: "parameters.p", "variables.v", "outputs.o", a
 //! resource's id, or "resources[i]" before the id is known.
+//!
+//! Limits (one request must not be able to exhaust the server through the evaluator), each an
+//! `InvalidTemplate`:
+//! - ARM's template limits: 256 parameters, 512 variables (a variable `copy` entry counts once;
+//!   its count is at most 800, as every copy count), 64 outputs, 800 resources after copy
+//!   expansion, nested children included — "The number of template resources limit exceeded.
+//!   Limit: '800' and actual: '1279'. Please see https://aka.ms/arm-template/#resources for usage
+//!   details." — and one expression at most 24,576 characters ("The language expression length
+//!   limit exceeded. Limit: '24576' and actual: '…'."); child resources nest at most 16 levels;
+//! - the evaluator's own (see `eval`'s module doc): nesting depth (64 levels of calls and indexes
+//!   in one expression, 160 levels of evaluation in all, chains of 32 variables), a byte budget of
+//!   16 MiB per `prepare()`, `body()` and `outputs()` call, values at most 64 levels deep,
+//!   `padLeft` and `format` widths at most 16,384, format precisions at most 99, and integer
+//!   arithmetic that fails on overflow instead of wrapping.
+//!
+//! Dependencies are resolved in O(resources + edges): each distinct `dependsOn` entry once, each
+//! edge kept once.
+//!
+//! Nested deployments with outer expression scope: the nested template is evaluated here, and
+//! what it evaluates to is data — every string of it (keys too) that starts with `[` is escaped
+//! (`[[`) so that the nested deployment reads it back as the same literal and does not evaluate
+//! it again.
 
-use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
 
 use serde_json::{json, Map, Value};
 
@@ -48,8 +70,27 @@ mod hash;
 mod jsonc;
 
 use eval::{
-    eval_count, eval_loop, eval_value, Binding, Ctx, Def, Env, Lazy, LoopKind, Names, Phase, Src,
+    eval_count, eval_loop, eval_value, Binding, Ctx, Def, Env, Lazy, LoopKind, Meter, Names, Phase,
+    Src,
 };
+use std::cell::Cell;
+
+/// ARM's limit on a template's parameters.
+const MAX_PARAMETERS: usize = 256;
+/// ARM's limit on a template's variables (learn.microsoft.com's template limits: 512).
+const MAX_VARIABLES: usize = 512;
+/// ARM's limit on a template's outputs.
+const MAX_OUTPUTS: usize = 64;
+/// ARM's limit on a template's resources after copy expansion, nested children included.
+const MAX_RESOURCES: usize = 800;
+
+/// ARM's sentence for a template limit: what ("resources"), the limit, the count, the doc anchor.
+fn limit_exceeded(what: &str, limit: usize, actual: usize, anchor: &str) -> TemplateError {
+    TemplateError::validation(
+        format!("The number of template {what} limit exceeded. Limit: '{limit}' and actual: '{actual}'. Please see https://aka.ms/arm-template/#{anchor} for usage details."),
+        None,
+    )
+}
 
 pub use jsonc::parse_jsonc;
 
@@ -207,8 +248,9 @@ const DEPLOYMENTS: &str = "Microsoft.Resources/deployments";
 /// Members of a nested deployment that are the template's (where it deploys to).
 const DEPLOYMENT_ONLY: &[&str] = &["resourceGroup", "subscriptionId"];
 
-/// A validated template with its parameters, ready to deploy.
-#[derive(Debug, Clone)]
+/// A validated template with its parameters, ready to deploy. Its `Debug` shows the resources
+/// only: the parameters may hold secure values.
+#[derive(Clone)]
 pub struct Plan {
     pub resources: Vec<PlannedResource>,
     instances: Vec<Instance>,
@@ -219,6 +261,16 @@ pub struct Plan {
     echo: Vec<(String, ParamType, Value)>,
     vars: HashMap<String, Value>,
     names: Names,
+    /// The template's hash (`deployment()`), computed at most once.
+    template_hash: OnceLock<String>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("resources", &self.resources)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Members of a resource that are the template's, not the resource's.
@@ -302,8 +354,24 @@ impl Plan {
             }
         };
 
-        let (params, echo) = resolve_parameters(template, parameters, scope, now, guid_seed)?;
-        let vars = resolve_variables(template, scope, &params)?;
+        if let Some(Value::Object(o)) = t.get("outputs") {
+            if o.len() > MAX_OUTPUTS {
+                return Err(limit_exceeded("outputs", MAX_OUTPUTS, o.len(), "outputs"));
+            }
+        }
+
+        let meter = Meter::default();
+        let template_hash = OnceLock::new();
+        let (params, echo) = resolve_parameters(
+            template,
+            parameters,
+            scope,
+            now,
+            guid_seed,
+            &meter,
+            &template_hash,
+        )?;
+        let vars = resolve_variables(template, scope, &params, &meter, &template_hash)?;
 
         let mut env = Env {
             scope,
@@ -314,10 +382,26 @@ impl Plan {
             now,
             guid_seed,
             guid_counter: Cell::new(0),
+            meter: &meter,
+            template_hash: &template_hash,
         };
 
+        // ARM's resource limit, counted before anything is expanded.
+        let total = resources
+            .iter()
+            .map(|r| instance_count(r, &env, true))
+            .fold(0usize, usize::saturating_add);
+        if total > MAX_RESOURCES {
+            return Err(limit_exceeded(
+                "resources",
+                MAX_RESOURCES,
+                total,
+                "resources",
+            ));
+        }
+
         // Expand resources: copy loops and nested children.
-        let mut defs = Vec::new();
+        let mut defs = Defs::default();
         let mut pending: Vec<Pending> = Vec::new();
         for (i, r) in resources.iter().enumerate() {
             expand(
@@ -330,6 +414,7 @@ impl Plan {
                 &format!("resources[{i}]"),
             )?;
         }
+        let defs = defs.list;
 
         // Index once: ids, type/name, names, copy loop names.
         let mut by_id: HashMap<String, Vec<usize>> = HashMap::new();
@@ -364,11 +449,27 @@ impl Plan {
         }
 
         // Dependencies: explicit, implicit (reference()/list* to a template resource), serial copies.
+        // Each distinct entry is resolved once and each edge kept once (`mark`), so the work is
+        // O(resources + edges) however often an entry repeats.
         let mut deps: Vec<Vec<usize>> = Vec::with_capacity(pending.len());
+        let mut mark = vec![usize::MAX; pending.len()];
         for (i, p) in pending.iter().enumerate() {
-            let mut d: Vec<usize> = p.serial.clone();
+            let mut d: Vec<usize> = Vec::new();
+            let mut add = |d: &mut Vec<usize>, j: usize| {
+                if mark[j] != i {
+                    mark[j] = i;
+                    d.push(j);
+                }
+            };
+            for &j in &p.serial {
+                add(&mut d, j);
+            }
+            let mut seen = HashSet::new();
             for raw in &p.depends_raw {
                 let key = raw.to_ascii_lowercase();
+                if !seen.insert(key.clone()) {
+                    continue;
+                }
                 let hit = if raw.starts_with('/') {
                     by_id.get(&key)
                 } else {
@@ -378,7 +479,7 @@ impl Plan {
                         .or_else(|| by_loop.get(&key))
                 };
                 match hit {
-                    Some(v) => d.extend(v.iter().copied()),
+                    Some(v) => v.iter().for_each(|&j| add(&mut d, j)),
                     None => {
                         return Err(TemplateError::validation(
                             format!("The resource '{raw}' is not defined in the template. Please see https://aka.ms/arm-syntax for usage details."),
@@ -395,17 +496,20 @@ impl Plan {
                 validate: false,
             };
             let mut targets = Vec::new();
-            let (evaluable, _) = split_body(&defs[p.inst.def], p.inst.nested);
-            scan_references(&evaluable, &cx, &mut targets, false);
+            scan_body(&defs[p.inst.def], p.inst.nested, &cx, &mut targets)
+                .map_err(|e| TemplateError::expression(e, Some(p.id.clone())))?;
             for t in targets {
                 let key = t.to_ascii_lowercase();
+                if !seen.insert(key.clone()) {
+                    continue;
+                }
                 let hit = if t.starts_with('/') {
                     by_id.get(&key)
                 } else {
                     by_name.get(&key)
                 };
                 if let Some(v) = hit {
-                    d.extend(v.iter().copied().filter(|&j| j != i));
+                    v.iter().filter(|&&j| j != i).for_each(|&j| add(&mut d, j));
                 }
             }
             deps.push(d);
@@ -470,10 +574,11 @@ impl Plan {
             echo,
             vars,
             names,
+            template_hash,
         })
     }
 
-    fn env(&self) -> Env<'_> {
+    fn env<'a>(&'a self, meter: &'a Meter) -> Env<'a> {
         Env {
             scope: &self.scope,
             template: &self.template,
@@ -483,6 +588,8 @@ impl Plan {
             now: 0,
             guid_seed: 0,
             guid_counter: Cell::new(0),
+            meter,
+            template_hash: &self.template_hash,
         }
     }
 
@@ -497,7 +604,8 @@ impl Plan {
                 ))
             }
         };
-        let env = self.env();
+        let meter = Meter::default();
+        let env = self.env(&meter);
         let cx = Ctx {
             env: &env,
             phase: Phase::Body,
@@ -511,7 +619,8 @@ impl Plan {
 
     /// The outputs as ARM returns them: {"name": {"type": "String", "value": …}}; secure ones left out.
     pub fn outputs(&self, refs: &dyn References) -> Result<Value, TemplateError> {
-        let env = self.env();
+        let meter = Meter::default();
+        let env = self.env(&meter);
         evaluate_outputs(&env, Some(refs), false)
     }
 
@@ -535,45 +644,99 @@ impl Plan {
     }
 }
 
-/// The resource object without its template-only members (for a nested deployment also
-/// `resourceGroup` and `subscriptionId`), and, for a nested deployment with inner expression
-/// scope, its `properties.template` taken out: that one is the nested template's own, evaluated
-/// when it deploys.
-fn split_body(def: &Value, nested: Option<bool>) -> (Value, Option<(String, Value)>) {
-    let only = |k: &str| {
-        TEMPLATE_ONLY.iter().any(|t| t.eq_ignore_ascii_case(k))
-            || (nested.is_some() && DEPLOYMENT_ONLY.iter().any(|t| t.eq_ignore_ascii_case(k)))
-    };
-    let mut m = Map::new();
-    if let Some(o) = def.as_object() {
-        for (k, v) in o {
-            if !only(k) {
-                m.insert(k.clone(), v.clone());
-            }
-        }
+/// Whether `k` is a member of a resource's body: not a template-only one (for a nested
+/// deployment not `resourceGroup` or `subscriptionId` either).
+fn body_member(k: &str, nested: Option<bool>) -> bool {
+    !(TEMPLATE_ONLY.iter().any(|t| t.eq_ignore_ascii_case(k))
+        || (nested.is_some() && DEPLOYMENT_ONLY.iter().any(|t| t.eq_ignore_ascii_case(k))))
+}
+
+/// For a nested deployment with inner expression scope, the key of `properties` and of
+/// `properties.template` in `o` (that template is the nested one's own, evaluated when it deploys).
+fn inner_template_keys(o: &Map<String, Value>, nested: Option<bool>) -> Option<(String, String)> {
+    if nested != Some(true) {
+        return None;
     }
+    let pk = key_of(o, "properties")?;
+    let tk = key_of(o.get(&pk)?.as_object()?, "template")?;
+    Some((pk, tk))
+}
+
+/// The resource object's body members ([`body_member`]), without an inner-scope nested template
+/// (returned apart, as written, with its key).
+fn split_body(def: &Value, nested: Option<bool>) -> (Value, Option<(String, &Value)>) {
+    let mut m = Map::new();
     let mut raw = None;
-    if nested == Some(true) {
-        let props = key_of(&m, "properties").and_then(|k| m.get_mut(&k));
-        if let Some(Value::Object(props)) = props {
-            if let Some(k) = key_of(props, "template") {
-                raw = props.remove(&k).map(|t| (k, t));
+    if let Some(o) = def.as_object() {
+        let inner = inner_template_keys(o, nested);
+        for (k, v) in o {
+            if !body_member(k, nested) {
+                continue;
+            }
+            match (&inner, v) {
+                (Some((pk, tk)), Value::Object(props)) if pk == k => {
+                    let rest: Map<String, Value> = props
+                        .iter()
+                        .filter(|(x, _)| *x != tk)
+                        .map(|(x, y)| (x.clone(), y.clone()))
+                        .collect();
+                    raw = props.get(tk).map(|t| (tk.clone(), t));
+                    m.insert(k.clone(), Value::Object(rest));
+                }
+                _ => {
+                    m.insert(k.clone(), v.clone());
+                }
             }
         }
     }
     (Value::Object(m), raw)
 }
 
-/// Evaluate a resource's body: see [`split_body`].
+/// Evaluate a resource's body: see [`split_body`]. The nested template of an inner scope is put
+/// back as written (and charged); that of an outer scope is evaluated here and its strings that
+/// start with `[` escaped ([`escape_literals`]).
 fn eval_body(def: &Value, nested: Option<bool>, cx: &Ctx) -> Result<Value, String> {
     let (evaluable, raw) = split_body(def, nested);
     let mut v = eval_value(&evaluable, cx)?;
-    if let (Some((k, t)), Value::Object(m)) = (raw, &mut v) {
-        if let Some(Value::Object(props)) = key_of(m, "properties").and_then(|p| m.get_mut(&p)) {
-            props.insert(k, t);
+    let Value::Object(m) = &mut v else {
+        return Ok(v);
+    };
+    let props = key_of(m, "properties").and_then(|p| m.get_mut(&p));
+    match (raw, props) {
+        (Some((k, t)), Some(Value::Object(props))) => {
+            cx.env.meter.charge(eval::weight(t).0)?;
+            if !cx.validate {
+                props.insert(k, t.clone());
+            }
         }
+        (None, Some(Value::Object(props))) if nested == Some(false) => {
+            if let Some(t) = key_of(props, "template").and_then(|k| props.get_mut(&k)) {
+                escape_literals(t);
+            }
+        }
+        _ => {}
     }
     Ok(v)
+}
+
+/// Every string in `v` (object keys too) that starts with `[` gets another `[` in front, so that
+/// a template evaluation reads it back as the same literal.
+fn escape_literals(v: &mut Value) {
+    match v {
+        Value::String(s) if s.starts_with('[') => s.insert(0, '['),
+        Value::Array(a) => a.iter_mut().for_each(escape_literals),
+        Value::Object(m) if m.keys().any(|k| k.starts_with('[')) => {
+            for (mut k, mut x) in std::mem::take(m) {
+                if k.starts_with('[') {
+                    k.insert(0, '[');
+                }
+                escape_literals(&mut x);
+                m.insert(k, x);
+            }
+        }
+        Value::Object(m) => m.values_mut().for_each(escape_literals),
+        _ => {}
+    }
 }
 
 /// The key of `m` that is `name` case-insensitively (exact first).
@@ -601,6 +764,8 @@ fn resolve_parameters(
     scope: &Scope,
     now: u64,
     guid_seed: u128,
+    meter: &Meter,
+    template_hash: &OnceLock<String>,
 ) -> Result<Resolved, TemplateError> {
     let empty = Map::new();
     let decls = match template.get("parameters") {
@@ -623,6 +788,14 @@ fn resolve_parameters(
             ))
         }
     };
+    if decls.len() > MAX_PARAMETERS {
+        return Err(limit_exceeded(
+            "parameters",
+            MAX_PARAMETERS,
+            decls.len(),
+            "parameters",
+        ));
+    }
     let lower: HashMap<String, &String> =
         decls.keys().map(|k| (k.to_ascii_lowercase(), k)).collect();
     let unknown: Vec<&str> = given
@@ -696,6 +869,8 @@ fn resolve_parameters(
         now,
         guid_seed,
         guid_counter: Cell::new(0),
+        meter,
+        template_hash,
     };
     let mut values = HashMap::with_capacity(types.len());
     let mut echo = Vec::with_capacity(types.len());
@@ -795,6 +970,8 @@ fn resolve_variables(
     template: &Value,
     scope: &Scope,
     params: &HashMap<String, Value>,
+    meter: &Meter,
+    template_hash: &OnceLock<String>,
 ) -> Result<HashMap<String, Value>, TemplateError> {
     let empty = Map::new();
     let decls = match template.get("variables") {
@@ -823,6 +1000,14 @@ fn resolve_variables(
         lazy.defs.insert(name.to_ascii_lowercase(), Def::Value(v));
         order.push(name.clone());
     }
+    if order.len() > MAX_VARIABLES {
+        return Err(limit_exceeded(
+            "variables",
+            MAX_VARIABLES,
+            order.len(),
+            "variables",
+        ));
+    }
     let env = Env {
         scope,
         template,
@@ -832,6 +1017,8 @@ fn resolve_variables(
         now: 0,
         guid_seed: 0,
         guid_counter: Cell::new(0),
+        meter,
+        template_hash,
     };
     for name in &order {
         env.var(name)
@@ -864,7 +1051,13 @@ fn static_string(
 struct Parent<'p> {
     full_type: &'p str,
     name: &'p str,
+    /// 1 for a top-level resource, 2 for its children, …
+    level: usize,
 }
+
+/// Levels of nested child resources (`resources` in a resource); real resource types have far
+/// fewer segments. Bounds the expansion's recursion.
+const MAX_CHILD_LEVELS: usize = 16;
 
 fn segment_error(name: &str, ty: &str, path: &str) -> TemplateError {
     TemplateError::validation(
@@ -873,13 +1066,46 @@ fn segment_error(name: &str, ty: &str, path: &str) -> TemplateError {
     )
 }
 
+/// The resource definitions (without their nested `resources`), one per template resource
+/// however many instances it has.
+#[derive(Default)]
+struct Defs {
+    list: Vec<Value>,
+    /// The template resource's address → its index in `list`.
+    by_source: HashMap<*const Value, usize>,
+}
+
+/// How many instances the template resource `r` expands to, nested children included (copy count
+/// × (1 + children)), as far as it can be told before expanding: what does not evaluate counts
+/// once (expansion reports it).
+fn instance_count(r: &Value, env: &Env, top: bool) -> usize {
+    let Some(obj) = r.as_object() else {
+        return 1;
+    };
+    let copies = match obj.get("copy") {
+        Some(copy) if top => {
+            let cx = Ctx::new(env, Phase::Static);
+            eval_count(copy.get("count").unwrap_or(&Value::Null), &cx).unwrap_or(1)
+        }
+        _ => 1,
+    };
+    let kids = match obj.get("resources") {
+        Some(Value::Array(kids)) => kids
+            .iter()
+            .map(|k| instance_count(k, env, false))
+            .fold(0usize, usize::saturating_add),
+        _ => 0,
+    };
+    copies.saturating_mul(kids.saturating_add(1))
+}
+
 /// One template resource → its instances (copy loop) and, recursively, its nested children.
 fn expand(
     r: &Value,
     parent: Option<&Parent>,
     bindings: &[Binding],
     env: &Env,
-    defs: &mut Vec<Value>,
+    defs: &mut Defs,
     out: &mut Vec<Pending>,
     path: &str,
 ) -> Result<(), TemplateError> {
@@ -931,10 +1157,16 @@ fn expand(
         iterations = (0..count).map(|i| Some((name.clone(), i))).collect();
     }
 
-    let mut def = obj.clone();
-    let children = def.remove("resources");
-    let def_index = defs.len();
-    defs.push(Value::Object(def));
+    let children = obj.get("resources");
+    let def_index = *defs.by_source.entry(r as *const Value).or_insert_with(|| {
+        let def: Map<String, Value> = obj
+            .iter()
+            .filter(|(k, _)| *k != "resources")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        defs.list.push(Value::Object(def));
+        defs.list.len() - 1
+    });
 
     let first = out.len();
     for (k, it) in iterations.into_iter().enumerate() {
@@ -1051,6 +1283,15 @@ fn expand(
                 ))
             }
         }
+        if out.len() >= MAX_RESOURCES {
+            // instance_count() counted fewer (a count it could not evaluate): refuse here.
+            return Err(limit_exceeded(
+                "resources",
+                MAX_RESOURCES,
+                out.len() + 1,
+                "resources",
+            ));
+        }
         let serial = if batch > 0 && k >= batch {
             let prev = (k / batch - 1) * batch;
             (prev..prev + batch).map(|j| first + j).collect()
@@ -1072,16 +1313,24 @@ fn expand(
             copy: it.clone(),
             serial,
         });
-        if let Some(Value::Array(kids)) = &children {
+        if let Some(Value::Array(kids)) = children {
             if batch > 0 {
                 return Err(TemplateError::validation(
                     "Nested child resources of a serial copy loop are not supported. Please see https://aka.ms/arm-copy for usage details.",
                     Some(path.to_string()),
                 ));
             }
+            let level = parent.map_or(1, |p| p.level + 1);
+            if level >= MAX_CHILD_LEVELS && !kids.is_empty() {
+                return Err(TemplateError::validation(
+                    format!("The template resource '{full_name}' nests child resources more than '{MAX_CHILD_LEVELS}' levels deep. Please see https://aka.ms/arm-syntax-resources for usage details."),
+                    Some(path.to_string()),
+                ));
+            }
             let p = Parent {
                 full_type: &full_type,
                 name: &full_name,
+                level,
             };
             for (ci, kid) in kids.iter().enumerate() {
                 expand(
@@ -1158,27 +1407,59 @@ fn deployment_group(
     Ok(Some(rg))
 }
 
-/// The first argument of every reference()/list*() in `v`, where it can be evaluated now.
-fn scan_references(v: &Value, cx: &Ctx, out: &mut Vec<String>, top: bool) {
+/// The first argument of every reference()/list*() in a resource's body (as [`split_body`]
+/// sees it), where it can be evaluated now. Each expression scanned is charged (by length).
+fn scan_body(
+    def: &Value,
+    nested: Option<bool>,
+    cx: &Ctx,
+    out: &mut Vec<String>,
+) -> Result<(), String> {
+    let Some(o) = def.as_object() else {
+        return Ok(());
+    };
+    let inner = inner_template_keys(o, nested);
+    for (k, v) in o {
+        if !body_member(k, nested) {
+            continue;
+        }
+        match (&inner, v) {
+            (Some((pk, tk)), Value::Object(props)) if pk == k => {
+                for (x, y) in props {
+                    if x != tk {
+                        scan_references(y, cx, out)?;
+                    }
+                }
+            }
+            _ => scan_references(v, cx, out)?,
+        }
+    }
+    Ok(())
+}
+
+fn scan_references(v: &Value, cx: &Ctx, out: &mut Vec<String>) -> Result<(), String> {
     match v {
         Value::String(s) => {
             if let expr::StrKind::Expression(e) = expr::classify(s) {
+                cx.env.meter.charge(e.len())?;
                 if let Ok(parsed) = expr::parse(e) {
                     scan_expr(&parsed, cx, out);
                 }
             }
         }
-        Value::Array(a) => a.iter().for_each(|x| scan_references(x, cx, out, false)),
+        Value::Array(a) => {
+            for x in a {
+                scan_references(x, cx, out)?;
+            }
+        }
         Value::Object(m) => {
-            for (k, x) in m {
-                if top && TEMPLATE_ONLY.iter().any(|t| t.eq_ignore_ascii_case(k)) {
-                    continue;
-                }
-                scan_references(x, cx, out, false);
+            for x in m.values() {
+                scan_references(x, cx, out)?;
             }
         }
         _ => {}
     }
+    Ok(())
 }
 
 fn scan_expr(e: &expr::Expr, cx: &Ctx, out: &mut Vec<String>) {
@@ -1192,10 +1473,13 @@ fn scan_expr(e: &expr::Expr, cx: &Ctx, out: &mut Vec<String>) {
             }
             args.iter().for_each(|a| scan_expr(a, cx, out));
         }
-        expr::Expr::Prop(b, _) => scan_expr(b, cx, out),
-        expr::Expr::Index(b, i) => {
+        expr::Expr::Member(b, path) => {
             scan_expr(b, cx, out);
-            scan_expr(i, cx, out);
+            for a in path {
+                if let expr::Access::Index(i) = a {
+                    scan_expr(i, cx, out);
+                }
+            }
         }
         _ => {}
     }
@@ -1267,6 +1551,9 @@ fn evaluate_outputs(
     let mut out = Map::new();
     let defs = match env.template.get("outputs") {
         None | Some(Value::Null) => return Ok(Value::Object(out)),
+        Some(Value::Object(m)) if m.len() > MAX_OUTPUTS => {
+            return Err(limit_exceeded("outputs", MAX_OUTPUTS, m.len(), "outputs"))
+        }
         Some(Value::Object(m)) => m,
         Some(_) => {
             return Err(TemplateError::validation(

@@ -1148,8 +1148,9 @@ fn outer_scope_nested_template_is_evaluated_here() {
             "name": "uai1/fic1",
             "properties": {
                 "issuer": "c-1",
-                // An escaped expression is left for the nested deployment.
-                "subject": "[parameters('ignored')]",
+                // Evaluated here to the literal "[parameters('ignored')]", escaped again so that
+                // the nested deployment reads the same literal (ARM does not evaluate it twice).
+                "subject": "[[parameters('ignored')]",
                 "audiences": ["api://AzureADTokenExchange"],
             },
         })
@@ -1233,5 +1234,554 @@ fn nested_deployment_errors() {
             .contains("invalid expression evaluation scope 'middle'"),
         "{}",
         e.message
+    );
+}
+
+// ---- Limits: one request must not crash or exhaust the server through the evaluator. ----
+
+/// Runs `f` on a thread with a tokio worker's stack (2 MiB), as the server evaluates templates.
+fn on_small_stack<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn_scoped(s, f)
+            .unwrap()
+            .join()
+            .unwrap()
+    })
+}
+
+fn with_variables(vars: Value) -> Value {
+    let mut t = tpl(json!([]));
+    t["variables"] = vars;
+    t
+}
+
+/// The message of a refused one-expression template.
+fn eval_err(expr: &str) -> String {
+    eval1(expr)
+        .expect_err("expression should be refused")
+        .message
+}
+
+#[test]
+fn deep_nesting_is_refused_without_overflowing_the_stack() {
+    on_small_stack(|| {
+        // 3,000 nested calls in a variable (24 KB): the parser's limit, not a stack overflow.
+        let deep = |n: usize| format!("[{}'x'{}]", "concat(".repeat(n), ")".repeat(n));
+        let e = err(&with_variables(json!({"v": deep(3_000)})), json!({}));
+        assert_eq!(e.code, "InvalidTemplate");
+        assert!(
+            e.message.contains("more than '64' levels deep"),
+            "{}",
+            e.message
+        );
+        // 64 levels evaluate.
+        let plan = prep(&with_variables(json!({"v": deep(64)})), json!({})).unwrap();
+        assert_eq!(plan.vars["v"], json!("x"));
+
+        // 2,000 variables each reading the previous: ARM's variable limit.
+        let mut vars = Map::new();
+        for i in 0..2_000 {
+            vars.insert(
+                format!("v{i:04}"),
+                json!(format!("[variables('v{:04}')]", i + 1)),
+            );
+        }
+        vars.insert("v2000".into(), json!("end"));
+        let e = err(&with_variables(Value::Object(vars)), json!({}));
+        assert!(
+            e.message.contains(
+                "The number of template variables limit exceeded. Limit: '512' and actual: '2001'."
+            ),
+            "{}",
+            e.message
+        );
+        // 500 of them (within the limit): the chain limit.
+        let mut vars = Map::new();
+        for i in 0..500 {
+            vars.insert(
+                format!("v{i:03}"),
+                json!(format!("[variables('v{:03}')]", i + 1)),
+            );
+        }
+        vars.insert("v500".into(), json!("end"));
+        let e = err(&with_variables(Value::Object(vars)), json!({}));
+        assert!(
+            e.message.contains("chain of more than '32' variables"),
+            "{}",
+            e.message
+        );
+        // A chain of 30 resolves.
+        let mut vars = Map::new();
+        for i in 0..30 {
+            vars.insert(
+                format!("v{i:03}"),
+                json!(format!("[variables('v{:03}')]", i + 1)),
+            );
+        }
+        vars.insert("v030".into(), json!("end"));
+        let plan = prep(&with_variables(Value::Object(vars)), json!({})).unwrap();
+        assert_eq!(plan.vars["v000"], json!("end"));
+
+        // Chains of deep expressions: the evaluation depth limit (calls, objects, references
+        // together), reached long before the stack is.
+        let mut vars = Map::new();
+        for i in 0..31 {
+            let inner = format!("variables('v{:03}')", i + 1);
+            let e = format!("[{}{inner}{}]", "concat(".repeat(60), ")".repeat(60));
+            vars.insert(format!("v{i:03}"), json!({"a": {"b": {"c": e}}}));
+        }
+        vars.insert("v031".into(), json!("end"));
+        let e = err(&with_variables(Value::Object(vars)), json!({}));
+        assert!(
+            e.message.contains("exceed the limit of '160' levels"),
+            "{}",
+            e.message
+        );
+    });
+}
+
+#[test]
+fn long_member_chains_are_flat() {
+    on_small_stack(|| {
+        // 10,000 member accesses: parsed in a loop, evaluated in a loop, dropped flat.
+        let e = eval_err(&format!("[json('{{}}'){}]", ".b".repeat(10_000)));
+        assert!(
+            e.contains("The language expression property 'b' doesn't exist"),
+            "{e}"
+        );
+        // Reading deep into a variable: only the part reached is copied.
+        let mut v = json!("leaf");
+        for _ in 0..60 {
+            v = json!({"a": v});
+        }
+        let mut t = tpl(json!([{
+            "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "apiVersion": "2023-01-31",
+            "name": "id1",
+            "properties": {"v": format!("[variables('deep'){}]", ".a".repeat(60))},
+        }]));
+        t["variables"] = json!({"deep": v});
+        let plan = prep(&t, json!({})).unwrap();
+        assert_eq!(
+            plan.body(0, &NoReferences).unwrap()["properties"]["v"],
+            json!("leaf")
+        );
+    });
+}
+
+#[test]
+fn expression_length_is_arms_limit() {
+    let ok = format!("['{}']", "a".repeat(24_576 - 4));
+    assert_eq!(eval1(&ok).unwrap().as_str().map(str::len), Some(24_572));
+    let e = eval_err(&format!("['{}']", "a".repeat(24_576 - 3)));
+    assert!(
+        e.contains(
+            "The language expression length limit exceeded. Limit: '24576' and actual: '24577'."
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn values_nest_at_most_64_levels() {
+    // Each variable wraps the previous one: depth grows without deep evaluation.
+    let mut vars = Map::new();
+    vars.insert("v000".into(), json!("x"));
+    for i in 1..200 {
+        vars.insert(
+            format!("v{i:03}"),
+            json!(format!("[createArray(variables('v{:03}'))]", i - 1)),
+        );
+    }
+    let e = err(&with_variables(Value::Object(vars)), json!({}));
+    assert!(
+        e.message
+            .contains("produced a value nested more than '64' levels deep"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn huge_results_are_refused_before_they_are_allocated() {
+    for (expr, want) in [
+        (
+            "[format('{0:F99999999999}', 1)]",
+            "format string that is not valid",
+        ),
+        ("[format('{0:D100}', 1)]", "format string that is not valid"),
+        ("[format('{0:X100}', 1)]", "format string that is not valid"),
+        ("[format('{0:N100}', 1)]", "format string that is not valid"),
+        (
+            "[format('{0,70000}', 'x')]",
+            "alignment beyond the limit of '16384'",
+        ),
+        (
+            "[format('{0,-70000}', 'x')]",
+            "alignment beyond the limit of '16384'",
+        ),
+        (
+            "[padLeft('a', 3000000000)]",
+            "total width '3000000000' beyond the limit of '16384'",
+        ),
+        ("[padLeft('a', 16385)]", "beyond the limit of '16384'"),
+        (
+            "[replace('abc', '', 'x')]",
+            "cannot replace an empty string",
+        ),
+    ] {
+        let e = eval_err(expr);
+        assert!(e.contains(want), "{expr}: {e}");
+    }
+    // Within the limits.
+    assert_eq!(
+        eval1("[length(padLeft('a', 16384, '0'))]").unwrap(),
+        json!(16384)
+    );
+    assert_eq!(
+        eval1("[format('{0,3}|{0,-3}|', 7)]").unwrap(),
+        json!("  7|7  |")
+    );
+    assert_eq!(
+        eval1("[format('{0:D99}', 1)]")
+            .unwrap()
+            .as_str()
+            .map(str::len),
+        Some(99)
+    );
+    let zeros = "0".repeat(20_000);
+    let e = eval_err(&format!("[format('{{0:{zeros}}}', 1)]"));
+    assert!(e.contains("format string that is not valid"), "{e}");
+
+    // Growth by repetition: the byte budget.
+    let budget = "exceed the limit of '16777216' bytes";
+    for expr in [
+        // 16,384 × 16,384 characters.
+        "[replace(padLeft('', 16384, 'a'), 'a', padLeft('', 16384, 'b'))]",
+        "[join(range(0, 10000), padLeft('', 16384, 'b'))]",
+        // 10,000 × 10,000 comparisons.
+        "[length(union(range(0, 10000), range(10000, 10000)))]",
+        "[length(intersection(range(0, 10000), range(0, 10000)))]",
+    ] {
+        let e = eval_err(expr);
+        assert!(e.contains(budget), "{expr}: {e}");
+    }
+    // 327,680 empty strings out of 320 KB.
+    let commas = vec!["padLeft('', 16384, ',')"; 20].join(", ");
+    let e = eval_err(&format!("[length(split(concat({commas}), ','))]"));
+    assert!(e.contains(budget), "{e}");
+    // format's placeholders each repeating a long argument.
+    let e = eval_err(&format!(
+        "[format('{}', padLeft('', 16384, 'a'))]",
+        "{0}".repeat(2_000)
+    ));
+    assert!(e.contains(budget), "{e}");
+
+    // 24 variables doubling the previous one (1.5 KB of template, 920 MB before).
+    let mut vars = Map::new();
+    vars.insert("v00".into(), json!("xxxxxxxxxxxxxxxx"));
+    for i in 1..30 {
+        vars.insert(
+            format!("v{i:02}"),
+            json!(format!(
+                "[concat(variables('v{0:02}'), variables('v{0:02}'))]",
+                i - 1
+            )),
+        );
+    }
+    let e = err(&with_variables(Value::Object(vars)), json!({}));
+    assert!(e.message.contains(budget), "{}", e.message);
+    // The same with arrays.
+    let mut vars = Map::new();
+    vars.insert("v00".into(), json!([1, 2, 3, 4]));
+    for i in 1..30 {
+        vars.insert(
+            format!("v{i:02}"),
+            json!(format!(
+                "[concat(variables('v{0:02}'), variables('v{0:02}'))]",
+                i - 1
+            )),
+        );
+    }
+    let e = err(&with_variables(Value::Object(vars)), json!({}));
+    assert!(e.message.contains(budget), "{}", e.message);
+}
+
+#[test]
+fn integer_arithmetic_fails_on_overflow() {
+    let overflow = "the result is outside the range of a 64-bit integer";
+    for expr in [
+        "[div(-9223372036854775808, -1)]",
+        "[mod(-9223372036854775808, -1)]",
+        "[add(9223372036854775807, 1)]",
+        "[sub(-9223372036854775808, 1)]",
+        "[mul(4611686018427387904, 2)]",
+        "[range(9223372036854775807, 2)]",
+    ] {
+        let e = eval_err(expr);
+        assert!(e.contains(overflow), "{expr}: {e}");
+    }
+    let e = eval_err("[substring('abc', 9223372036854775807, 1)]");
+    assert!(
+        e.contains("The index and length parameters must refer to a location within the string"),
+        "{e}"
+    );
+    let e = eval_err("[substring('abc', 1, 9223372036854775807)]");
+    assert!(
+        e.contains("must refer to a location within the string"),
+        "{e}"
+    );
+    assert_eq!(eval1("[div(7, -2)]").unwrap(), json!(-3));
+    assert_eq!(eval1("[mod(-7, 2)]").unwrap(), json!(-1));
+    assert_eq!(
+        eval1("[add(9223372036854775806, 1)]").unwrap(),
+        json!(i64::MAX)
+    );
+
+    // copyIndex's offset.
+    let t = tpl(json!([{
+        "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "apiVersion": "2023-01-31",
+        "name": "[concat('id', copyIndex(9223372036854775807))]",
+        "copy": {"name": "ids", "count": 2},
+    }]));
+    let e = err(&t, json!({}));
+    assert!(e.message.contains(overflow), "{}", e.message);
+}
+
+fn identities(n: usize, loop_name: &str) -> Value {
+    json!({
+        "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "apiVersion": "2023-01-31",
+        "name": format!("[concat('{loop_name}', copyIndex())]"),
+        "location": "westus2",
+        "copy": {"name": loop_name, "count": n},
+    })
+}
+
+#[test]
+fn arms_template_limits() {
+    // Resources after copy expansion, nested children included.
+    let with_child = |n: usize| {
+        let mut r = identities(n, "a");
+        r["resources"] = json!([{
+            "type": "federatedIdentityCredentials",
+            "apiVersion": "2023-01-31",
+            "name": "fic",
+            "dependsOn": ["[concat('a', copyIndex())]"],
+            "properties": {"issuer": "https://i", "subject": "s", "audiences": ["x"]},
+        }]);
+        r
+    };
+    let plan = prep(&tpl(json!([with_child(400)])), json!({})).unwrap();
+    assert_eq!(plan.resources.len(), 800);
+    let e = err(
+        &tpl(json!([with_child(400), identities(1, "b")])),
+        json!({}),
+    );
+    assert_eq!(
+        e.message,
+        "Deployment template validation failed: 'The number of template resources limit exceeded. Limit: '800' and actual: '801'. Please see https://aka.ms/arm-template/#resources for usage details.'."
+    );
+    let e = err(
+        &tpl(json!([identities(800, "a"), identities(800, "b")])),
+        json!({}),
+    );
+    assert!(
+        e.message.contains("Limit: '800' and actual: '1600'"),
+        "{}",
+        e.message
+    );
+
+    // Parameters, variables, outputs.
+    let mut t = tpl(json!([]));
+    let params: Map<String, Value> = (0..257)
+        .map(|i| (format!("p{i}"), json!({"type": "int", "defaultValue": i})))
+        .collect();
+    t["parameters"] = Value::Object(params);
+    let e = err(&t, json!({}));
+    assert!(
+        e.message.contains("The number of template parameters limit exceeded. Limit: '256' and actual: '257'. Please see https://aka.ms/arm-template/#parameters for usage details."),
+        "{}",
+        e.message
+    );
+    let mut t = tpl(json!([]));
+    let mut vars: Map<String, Value> = (0..512).map(|i| (format!("v{i}"), json!(i))).collect();
+    assert!(prep(&with_variables(Value::Object(vars.clone())), json!({})).is_ok());
+    vars.insert(
+        "copy".into(),
+        json!([{"name": "more", "count": 800, "input": "[copyIndex('more')]"}]),
+    );
+    t["variables"] = Value::Object(vars);
+    let e = err(&t, json!({}));
+    assert!(
+        e.message.contains("Limit: '512' and actual: '513'"),
+        "{}",
+        e.message
+    );
+    let mut t = tpl(json!([]));
+    let outputs: Map<String, Value> = (0..65)
+        .map(|i| (format!("o{i}"), json!({"type": "int", "value": i})))
+        .collect();
+    t["outputs"] = Value::Object(outputs);
+    let e = err(&t, json!({}));
+    assert!(
+        e.message.contains(
+            "The number of template outputs limit exceeded. Limit: '64' and actual: '65'."
+        ),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn many_dependencies_resolve_in_linear_work() {
+    // 400 resources each depending on a 400-instance loop, every entry named 1,000 times over
+    // (by loop name, by name, by id): 160,000 edges, each kept once.
+    let mut dependent = identities(400, "b");
+    let mut entries = vec![json!("a"); 1_000];
+    entries.push(json!(
+        "[resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', 'a7')]"
+    ));
+    entries.push(json!("a7"));
+    dependent["dependsOn"] = Value::Array(entries);
+    let t = tpl(json!([identities(400, "a"), dependent]));
+    let start = std::time::Instant::now();
+    let plan = prep(&t, json!({})).unwrap();
+    eprintln!(
+        "prepare: 800 resources, 160,000 edges: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(plan.resources.len(), 800);
+    for r in &plan.resources[400..] {
+        assert_eq!(r.depends_on, (0..400).collect::<Vec<_>>());
+    }
+}
+
+fn outer_nested(value_expr: &str) -> Value {
+    json!({
+        "type": "Microsoft.Resources/deployments",
+        "apiVersion": "2022-09-01",
+        "name": "outer",
+        "properties": {
+            "mode": "Incremental",
+            "expressionEvaluationOptions": {"scope": "outer"},
+            "template": {
+                "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+                "contentVersion": "1.0.0.0",
+                "resources": [{
+                    "type": "Microsoft.KeyVault/vaults/secrets",
+                    "apiVersion": "2023-07-01",
+                    "name": "kv1/s1",
+                    "properties": {
+                        "value": value_expr,
+                        "guid": "[guid('a')]",
+                        "literal": "[[x",
+                        "tags": {"[concat('[', 'k')]": "[createArray('[y]')]"},
+                    },
+                }],
+            },
+        },
+    })
+}
+
+#[test]
+fn outer_scope_results_are_literals_in_the_nested_deployment() {
+    let mut t = tpl(json!([outer_nested("[parameters('secret')]")]));
+    t["parameters"] = json!({"secret": {"type": "securestring"}});
+    let secret = "[notAFunction('s')]";
+    let plan = prep(&t, json!({"secret": {"value": secret}})).unwrap();
+    let body = plan.body(0, &NoReferences).unwrap();
+    let nested = &body["properties"]["template"];
+    // What the nested deployment would run: its own prepare and body, as the engine does.
+    let inner = prep(nested, json!({})).unwrap();
+    let b = inner.body(0, &NoReferences).unwrap();
+    assert_eq!(b["properties"]["value"], json!(secret));
+    assert_eq!(b["properties"]["guid"], json!(hash::guid(&["a"])));
+    assert_eq!(b["properties"]["literal"], json!("[x"));
+    assert_eq!(b["properties"]["tags"], json!({"[k": ["[y]"]}));
+}
+
+#[test]
+fn secure_values_are_not_quoted_in_errors() {
+    let secret = "hunter2-very-secret";
+    let mut t = tpl(json!([{
+        "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "apiVersion": "2023-01-31",
+        "name": "id1",
+        "properties": {"v": "[int(parameters('s'))]"},
+    }]));
+    t["parameters"] = json!({"s": {"type": "securestring"}, "o": {"type": "secureObject"}});
+    let given = json!({"s": {"value": secret}, "o": {"value": {"k": secret}}});
+    for v in [
+        "[int(parameters('s'))]",
+        "[format(concat('{', parameters('s')), 1)]",
+        "[parameters('o')[parameters('s')]]",
+        "[createObject('a', 1)[parameters('s')]]",
+        "['x'[parameters('s')]]",
+    ] {
+        t["resources"][0]["properties"]["v"] = json!(v);
+        let e = err(&t, given.clone());
+        assert!(!e.message.contains(secret), "{v}: {}", e.message);
+    }
+    // A secure parameter that breaks allowedValues or its type is not quoted either.
+    let mut t = tpl(json!([]));
+    t["parameters"] = json!({"s": {"type": "securestring", "allowedValues": ["a"]}});
+    let e = err(&t, json!({"s": {"value": secret}}));
+    assert!(!e.message.contains(secret), "{}", e.message);
+    t["parameters"] = json!({"s": {"type": "secureObject"}});
+    let e = err(&t, json!({"s": {"value": secret}}));
+    assert!(!e.message.contains(secret), "{}", e.message);
+}
+
+#[test]
+fn expansion_is_bounded() {
+    on_small_stack(|| {
+        // Child resources nested 40 levels (serde allows 63): refused at 16.
+        let mut r = json!({"type": "c", "apiVersion": "1", "name": "n"});
+        for _ in 0..40 {
+            r = json!({"type": "c", "apiVersion": "1", "name": "n", "resources": [r]});
+        }
+        r["type"] = json!("Microsoft.X/a");
+        let e = err(&tpl(json!([r])), json!({}));
+        assert!(
+            e.message
+                .contains("nests child resources more than '16' levels deep"),
+            "{}",
+            e.message
+        );
+    });
+    // 800 instances × a property copy of 800: 640,000 elements.
+    let mut r = identities(800, "a");
+    r["properties"] =
+        json!({"copy": [{"name": "items", "count": 800, "input": "[copyIndex('items')]"}]});
+    let e = err(&tpl(json!([r])), json!({}));
+    assert!(
+        e.message.contains("exceed the limit of '16777216' bytes"),
+        "{}",
+        e.message
+    );
+    // A variable copy of 800 each holding a property copy of 800.
+    let t = with_variables(json!({"copy": [{
+        "name": "v",
+        "count": 800,
+        "input": {"copy": [{"name": "p", "count": 800, "input": "[copyIndex('p')]"}]},
+    }]}));
+    let e = err(&t, json!({}));
+    assert!(
+        e.message.contains("exceed the limit of '16777216' bytes"),
+        "{}",
+        e.message
+    );
+    // What ARM accepts still plans: 800 instances with a property copy of 10.
+    let mut r = identities(800, "a");
+    r["properties"] =
+        json!({"copy": [{"name": "items", "count": 10, "input": "[copyIndex('items')]"}]});
+    let plan = prep(&tpl(json!([r])), json!({})).unwrap();
+    assert_eq!(
+        plan.body(799, &NoReferences).unwrap()["properties"]["items"],
+        json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     );
 }
