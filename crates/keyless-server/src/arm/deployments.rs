@@ -351,8 +351,8 @@ async fn prepare<T: Sync>(
 }
 
 /// ARM's preflight: every resource is of a type served, at an api-version its provider serves,
-/// in this deployment's resource group, and the caller may write it. Nothing is deployed when
-/// one fails.
+/// and the caller may write it (wherever it is: its own route authorizes it again when it is
+/// written). Nothing is deployed when one fails.
 async fn preflight(
     tx: &mut Tx,
     caller: &Caller,
