@@ -659,16 +659,7 @@ async fn put_at<T: Sync>(
     let existing = load(tx, &p.target).await?;
     if let Some(rec) = &existing {
         if is_active(s, tx, rec).await? {
-            let since = rec.body["deployment"]["properties"]["timestamp"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            return Err(ServerError::Deployment {
-                code: "DeploymentActive",
-                message: format!("Unable to edit or replace deployment '{}': previous deployment from '{since}' is still active (state: Running). Please see https://aka.ms/arm-deploy for usage details.", p.target.name),
-                target: None,
-                details: Vec::new(),
-            });
+            return Err(still_active(&p.target.name, rec));
         }
         // a new run replaces the deployment and its operations
         tx.delete_tracked(&p.target.key()).await?;
@@ -676,14 +667,25 @@ async fn put_at<T: Sync>(
     let correlation_id = crate::util::new_guid();
     let now = crate::arm::activity::now_micros();
     let public = deployment_json(&p, &correlation_id, "Accepted", now, json!({}));
-    tx.put_tracked(&TrackedRecord {
-        key: p.target.key(),
-        type_name: DEPLOYMENT_TYPE.into(),
-        subscription: p.target.subscription.clone(),
-        resource_group: p.target.resource_group.clone().unwrap_or_default(),
-        body: json!({"deployment": public, "template": p.template, "cancel": false, "started": now}),
-    })
-    .await?;
+    let inserted = tx
+        .insert_tracked(&TrackedRecord {
+            key: p.target.key(),
+            type_name: DEPLOYMENT_TYPE.into(),
+            subscription: p.target.subscription.clone(),
+            resource_group: p.target.resource_group.clone().unwrap_or_default(),
+            body: json!({"deployment": public, "template": p.template, "cancel": false, "started": now}),
+        })
+        .await?;
+    if !inserted {
+        // another request created it after this one read it absent (a row that did not exist
+        // could not be locked): that request's run is the one that goes on
+        let rec = load(tx, &p.target).await?.ok_or_else(|| {
+            keyless_store::StoreError::Conflict(keyless_store::Conflict::Busy(
+                "the deployment changed while it was being replaced".into(),
+            ))
+        })?;
+        return Err(still_active(&p.target.name, &rec));
+    }
     let job = Job {
         key: p.target.key(),
         id: p.target.canonical(),
@@ -707,6 +709,19 @@ async fn put_at<T: Sync>(
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     resp.extensions_mut().insert(Started(Arc::new(job)));
     Ok(resp)
+}
+
+/// ARM's refusal to replace a deployment whose run goes on.
+fn still_active(name: &str, rec: &TrackedRecord) -> ServerError {
+    let since = rec.body["deployment"]["properties"]["timestamp"]
+        .as_str()
+        .unwrap_or_default();
+    ServerError::Deployment {
+        code: "DeploymentActive",
+        message: format!("Unable to edit or replace deployment '{name}': previous deployment from '{since}' is still active (state: Running). Please see https://aka.ms/arm-deploy for usage details."),
+        target: None,
+        details: Vec::new(),
+    }
 }
 
 /// `POST {deployment}/validate`: everything a PUT checks, nothing stored.

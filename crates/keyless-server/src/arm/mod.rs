@@ -779,8 +779,13 @@ mod tests {
 
     /// A server on a fresh SQLite file and a management token of its bootstrap admin.
     async fn server(dir: &std::path::Path) -> (Arc<AppState>, String) {
-        let cfg = crate::state::ServerConfig::new(dir.join("data"), "127.0.0.1:0".parse().unwrap());
         let store = Store::sqlite(&dir.join("k.db"), Kek::from_bytes(&[5u8; 32]).unwrap()).unwrap();
+        server_on(dir, store).await
+    }
+
+    /// A server on `store` (its first start) and a management token of its bootstrap admin.
+    async fn server_on(dir: &std::path::Path, store: Store) -> (Arc<AppState>, String) {
+        let cfg = crate::state::ServerConfig::new(dir.join("data"), "127.0.0.1:0".parse().unwrap());
         let run = crate::start(cfg, store, Arc::new(SystemClock::new()))
             .await
             .unwrap();
@@ -1000,6 +1005,53 @@ mod tests {
         s.store.release_lease(&lease, "other-server").await.unwrap();
         let (st, v) = call(&s, &token, Method::PUT, &dep, body).await;
         assert_eq!(st, 200, "{v}");
+    }
+
+    /// Two first PUTs of one deployment at once on PostgreSQL (where a row that does not exist
+    /// yet cannot be locked): one creates it and runs, the other is refused `DeploymentActive`
+    /// (or, had the first already ended, replaces it) — never two creations, never two runs.
+    #[test]
+    fn simultaneous_first_puts_of_a_deployment_on_postgresql_start_one_run() {
+        let Some(pg) = keyless_store::testing::PgServer::start() else {
+            return;
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let url = pg.database().await;
+            let store = Store::postgres(
+                &keyless_store::postgres::PgOptions::new(url),
+                Kek::from_bytes(&[5u8; 32]).unwrap(),
+            )
+            .await
+            .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let (s, token) = server_on(dir.path(), store).await;
+            let sub = s.subscription_id.clone();
+            let rg = format!("/subscriptions/{sub}/resourceGroups/rg1");
+            call(&s, &token, Method::PUT, &rg, json!({"location": "local"})).await;
+            let template = json!({"$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+                "contentVersion": "1.0.0.0", "resources": [{"type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+                "apiVersion": "2023-01-31", "name": "id1", "location": "local"}]});
+            let body = json!({"properties": {"mode": "Incremental", "template": template}});
+            for i in 0..40 {
+                let dep = format!("{rg}/providers/Microsoft.Resources/deployments/race{i}");
+                let (a, b) = tokio::join!(
+                    call(&s, &token, Method::PUT, &dep, body.clone()),
+                    call(&s, &token, Method::PUT, &dep, body.clone()),
+                );
+                let mut got = [(a.0, a.1["error"]["code"].clone()), (b.0, b.1["error"]["code"].clone())];
+                got.sort_by_key(|g| g.0);
+                match [got[0].0, got[1].0] {
+                    [201, 409] => assert_eq!(got[1].1, "DeploymentActive", "{got:?}"),
+                    [200, 201] => {}
+                    other => panic!("deployment race{i}: {other:?} {got:?}"),
+                }
+            }
+        });
     }
 
     #[tokio::test]

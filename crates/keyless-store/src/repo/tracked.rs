@@ -6,27 +6,34 @@ use crate::*;
 impl Tx {
     /// Insert or replace; returns true when created.
     pub async fn put_tracked(&mut self, r: &TrackedRecord) -> Result<bool> {
-        let (key, body) = (lower(&r.key), json(r)?);
+        if self.insert_tracked(r).await? {
+            return Ok(true);
+        }
+        self.execute(
+            "UPDATE tracked SET body = $2 WHERE key = $1",
+            &params![&lower(&r.key), &json(r)?],
+        )
+        .await?;
+        Ok(false)
+    }
+
+    /// Insert only: false (nothing written) when the key exists — also when another unit of
+    /// work inserted it after this one read it absent (a missing row cannot be locked; on
+    /// PostgreSQL this waits for that unit of work and sees its commit).
+    pub async fn insert_tracked(&mut self, r: &TrackedRecord) -> Result<bool> {
         let n = self
             .execute(
                 "INSERT INTO tracked(key, type_key, subscription, rg_key, body) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT(key) DO NOTHING",
                 &params![
-                    &key,
+                    &lower(&r.key),
                     &lower(&r.type_name),
                     &lower(&r.subscription),
                     &lower(&r.resource_group),
-                    &body
+                    &json(r)?
                 ],
             )
             .await?;
-        if n == 0 {
-            self.execute(
-                "UPDATE tracked SET body = $2 WHERE key = $1",
-                &params![&key, &body],
-            )
-            .await?;
-        }
         Ok(n > 0)
     }
 
