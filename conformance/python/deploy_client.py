@@ -1,7 +1,7 @@
 """Drive python `azure-mgmt-resource` deployments against Keyless.
 
 Usage: deploy_client.py '<json args>' with server, tenant, client_id, secret, subscription,
-resource_group, name, template, parameters, mode and ops (a list of: group, validate, create, get,
+resource_group, name, template, parameters, mode and ops (a list of: group, validate, whatif, create, get,
 operations, export, list, exists, delete); prints JSON of what the SDK returned, or for an
 operation the SDK raised on, {"error": {"status", "code", "message", "details"}}.
 REQUESTS_CA_BUNDLE must point at the Keyless CA.
@@ -41,6 +41,9 @@ def main():
                 out[op] = rm.resource_groups.create_or_update(rg, {"location": "local"}).name
             elif op == "validate":
                 r = rm.deployments.begin_validate(rg, name, body).result()
+                out[op] = r.as_dict()
+            elif op == "whatif":
+                r = rm.deployments.begin_what_if(rg, name, {"properties": body["properties"]}).result()
                 out[op] = r.as_dict()
             elif op == "create":
                 out[op] = rm.deployments.begin_create_or_update(rg, name, body).result().as_dict()

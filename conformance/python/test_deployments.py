@@ -113,6 +113,91 @@ def test_seed_003_template_as_written_with_az(logged_in, up):
     assert {(f"{UAMI}/write", "Succeeded"), (f"{FIC}/write", "Succeeded")} <= made, made
 
 
+def seed_003_parameters(subject):
+    return ["--parameters", "location=local", "userAssignedIdentityName=FIC_UA",
+            "federatedIdentityCredential=testCredential",
+            "federatedIdentityCredentialIssuer=https://oidc.keyless.example/issuer-1",
+            f"federatedIdentityCredentialSubject={subject}",
+            "federatedIdentityCredentialAudience=api://AzureADTokenExchange"]
+
+
+def test_what_if_with_az(logged_in, up):
+    """`az deployment group what-if` (and `create --what-if`): before a deployment everything is
+    Create; after it the same template is NoChange; a changed parameter is a Modify of that
+    property; the group's other resources are Ignore, or Delete in complete mode. Nothing is
+    written by a what-if."""
+    az, _ = logged_in
+    rg = rg_name("whatif")
+    az("group", "create", "-n", rg, "-l", "local")
+    path = az.dir / "seed003-whatif.json"
+    path.write_text(seed_003_template())
+    sub = "system:serviceaccount:ns:svcaccount"
+
+    def what_if(subject, *extra):
+        r = az("deployment", "group", "what-if", "-g", rg, "-n", "w", "--template-file", str(path),
+               *seed_003_parameters(subject), "--no-pretty-print", *extra)
+        assert r["status"] == "Succeeded", r
+        return {c["resourceId"].rsplit("/", 1)[1]: c for c in r["changes"]}
+
+    first = what_if(sub)
+    assert {k: c["changeType"] for k, c in first.items()} == {"FIC_UA": "Create", "testCredential": "Create"}
+    assert first["testCredential"]["after"]["properties"]["subject"] == sub
+    assert az("identity", "list", "-g", rg) == [], "a what-if writes nothing"
+    # the pretty form az prints by default reads the same result
+    pretty = az.run("deployment", "group", "what-if", "-g", rg, "-n", "w", "--template-file", str(path),
+                    *seed_003_parameters(sub)).stdout
+    assert "Resource changes: 2 to create." in pretty, pretty
+    az("deployment", "group", "create", "-g", rg, "-n", "seed003", "--template-file", str(path),
+       *seed_003_parameters(sub))
+    az("identity", "create", "-g", rg, "-n", "bystander")
+    same = what_if(sub)
+    assert {k: c["changeType"] for k, c in same.items()} == {
+        "FIC_UA": "NoChange", "testCredential": "NoChange", "bystander": "Ignore"}, same
+    # the provider's own members are in the predicted state, not reported as changes
+    assert same["FIC_UA"]["after"]["properties"]["principalId"]
+    changed = what_if("system:serviceaccount:ns:other")
+    assert changed["testCredential"]["changeType"] == "Modify"
+    assert changed["testCredential"]["delta"] == [{
+        "path": "properties.subject", "propertyChangeType": "Modify", "before": sub,
+        "after": "system:serviceaccount:ns:other", "children": None}], changed
+    complete = what_if(sub, "--mode", "Complete")
+    assert complete["bystander"]["changeType"] == "Delete"
+    assert az("identity", "show", "-g", rg, "-n", "bystander")["name"] == "bystander"
+    fic = az("identity", "federated-credential", "show", "-g", rg, "--identity-name", "FIC_UA", "-n", "testCredential")
+    assert fic["subject"] == sub, "a what-if writes nothing"
+
+
+def test_what_if_with_the_sdk_never_shows_a_secure_value(kv):
+    value = f"whatif-{uuid.uuid4().hex}"
+    from conftest import remember_secret
+    remember_secret(value)
+    demo = kv.up.info["demoIdentity"]
+    name = f"wi-{uuid.uuid4().hex[:8]}"
+    params = {"vaultName": {"value": name}, "objectId": {"value": demo["principalId"]},
+              "secretValue": {"value": value}}
+    rg = rg_name("kvwhatif")
+
+    def kinds(result):
+        return {c["resource_id"].split("/providers/", 1)[1]: c["change_type"] for c in result["changes"]}
+
+    out = deploy(kv.up, rg, "vault", ["group", "whatif"], vault_template(), params)
+    assert value not in json.dumps(out)
+    assert kinds(out["whatif"]) == {
+        f"{KV}/{name}": "Create", f"{KV}/{name}/secrets/app-secret": "Create",
+        # a type without a GET (it is applied to its vault): its change cannot be told
+        f"{KV}/{name}/accessPolicies/add": "Unsupported"}, out
+    out = deploy(kv.up, rg, "vault", ["create", "whatif"], vault_template(), params)
+    assert out["create"]["properties"]["provisioning_state"] == "Succeeded", out
+    assert value not in json.dumps(out)
+    got = kinds(out["whatif"])
+    assert got[f"{KV}/{name}/secrets/app-secret"] == "NoChange", out["whatif"]
+    # redeploying would set the vault's access policies back to the template's empty list (as
+    # ARM would), the access-policy resource adding its policy again
+    vault = next(c for c in out["whatif"]["changes"] if c["resource_id"].endswith(f"{KV}/{name}"))
+    assert vault["change_type"] == "Modify", vault
+    assert [d["path"] for d in vault["delta"]] == ["properties.accessPolicies"], vault
+
+
 def test_parallel_fics_fail_without_depends_on_and_succeed_chained(up):
     rg = rg_name("fic")
     parent = f"[resourceId('{UAMI}', 'parent')]"

@@ -295,6 +295,7 @@ const ROUTES: &[&str] = &[
     rg!("HEAD", "Microsoft.Resources/deployments/{name}"),
     rg!("DELETE", "Microsoft.Resources/deployments/{name}"),
     rg!("POST", "Microsoft.Resources/deployments/{name}/validate"),
+    rg!("POST", "Microsoft.Resources/deployments/{name}/whatIf"),
     rg!("POST", "Microsoft.Resources/deployments/{name}/exportTemplate"),
     rg!("POST", "Microsoft.Resources/deployments/{name}/cancel"),
     rg!("GET", "Microsoft.Resources/deployments/{name}/operations"),
@@ -315,6 +316,7 @@ const ROUTES: &[&str] = &[
     sub!("HEAD", "Microsoft.Resources/deployments/{name}"),
     sub!("DELETE", "Microsoft.Resources/deployments/{name}"),
     sub!("POST", "Microsoft.Resources/deployments/{name}/validate"),
+    sub!("POST", "Microsoft.Resources/deployments/{name}/whatIf"),
     sub!("POST", "Microsoft.Resources/deployments/{name}/exportTemplate"),
     sub!("POST", "Microsoft.Resources/deployments/{name}/cancel"),
     sub!("GET", "Microsoft.Resources/deployments/{name}/operations"),
@@ -677,6 +679,7 @@ const ARM_DEPLOYMENTS: &[&str] = &[
     rg!("HEAD", "Microsoft.Resources/deployments/{name}"),
     rg!("DELETE", "Microsoft.Resources/deployments/{name}"),
     rg!("POST", "Microsoft.Resources/deployments/{name}/validate"),
+    rg!("POST", "Microsoft.Resources/deployments/{name}/whatIf"),
     rg!(
         "POST",
         "Microsoft.Resources/deployments/{name}/exportTemplate"
@@ -705,6 +708,7 @@ const ARM_SUBSCRIPTION_DEPLOYMENTS: &[&str] = &[
     sub!("HEAD", "Microsoft.Resources/deployments/{name}"),
     sub!("DELETE", "Microsoft.Resources/deployments/{name}"),
     sub!("POST", "Microsoft.Resources/deployments/{name}/validate"),
+    sub!("POST", "Microsoft.Resources/deployments/{name}/whatIf"),
     sub!(
         "POST",
         "Microsoft.Resources/deployments/{name}/exportTemplate"
@@ -3907,7 +3911,58 @@ async fn arm_deployment_routes() {
         .await;
     arm_error(&r, 400, "InvalidTemplate");
     assert!(!r.text.contains(SECRET), "{}", r.text);
-    // a deployment that is none (validate stored nothing)
+    // whatIf: what validate checks, then the changes (all three to create), the secure value
+    // in none of them, nothing stored
+    let route = rg!("POST", "Microsoft.Resources/deployments/{name}/whatIf");
+    let wp = format!("{d1}/whatIf?{DEPLOY}");
+    arm_refused(&srv, &stranger, route, &wp, Some(&body)).await;
+    let r = srv
+        .send(
+            srv.call(route, wp.clone())
+                .bearer(&operator.token)
+                .json(&body),
+        )
+        .await;
+    arm_forbidden(&r, &operator.oid);
+    let r = srv
+        .send(srv.call(route, wp.clone()).bearer(&adm.token).json(&body))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    assert_eq!(r.body["status"], "Succeeded", "{}", r.text);
+    let mut changes: Vec<(String, String)> = r.body["properties"]["changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", r.text))
+        .iter()
+        .map(|c| {
+            (
+                s(&c["resourceId"]).to_ascii_lowercase(),
+                s(&c["changeType"]),
+            )
+        })
+        .collect();
+    changes.sort();
+    let creates: Vec<(String, String)> = want
+        .iter()
+        .map(|id| (id.clone(), "Create".into()))
+        .collect();
+    assert_eq!(changes, creates, "{}", r.text);
+    let r = srv
+        .send(
+            srv.call(route, wp.clone())
+                .bearer(&adm.token)
+                .json(&refused),
+        )
+        .await;
+    arm_error(&r, 400, "InvalidTemplate");
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    assert_eq!(
+        srv.send(get_identity()).await.status,
+        404,
+        "a what-if wrote nothing"
+    );
+
+    // a deployment that is none (validate and whatIf stored nothing)
     let r = srv
         .send(srv.call(route_get, p1.clone()).bearer(&adm.token))
         .await;
@@ -4456,6 +4511,30 @@ async fn arm_subscription_deployment_routes() {
         r.body["properties"]["parameters"]["token"],
         json!({"type": "SecureString"})
     );
+    arm_error(&srv.send(get_group()).await, 404, "ResourceGroupNotFound");
+
+    // whatIf: the group to create, nothing written
+    let route = sub!("POST", "Microsoft.Resources/deployments/{name}/whatIf");
+    let wp = format!("{d}/whatIf?{DEPLOY}");
+    arm_refused(&srv, &stranger, route, &wp, Some(&body)).await;
+    let r = srv
+        .send(
+            srv.call(route, wp.clone())
+                .bearer(&operator.token)
+                .json(&body),
+        )
+        .await;
+    arm_forbidden(&r, &operator.oid);
+    let r = srv
+        .send(srv.call(route, wp.clone()).bearer(&adm.token).json(&body))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    let changes = &r.body["properties"]["changes"];
+    assert_eq!(changes.as_array().map(Vec::len), Some(1), "{}", r.text);
+    assert_eq!(changes[0]["resourceId"], made.as_str());
+    assert_eq!(changes[0]["changeType"], "Create");
+    assert_eq!(changes[0]["after"]["tags"], json!({"by": "sd1"}));
     arm_error(&srv.send(get_group()).await, 404, "ResourceGroupNotFound");
 
     // PUT: refused callers, no location, a deployer who may not create groups; then accepted

@@ -68,6 +68,7 @@ mod expr;
 mod functions;
 mod hash;
 mod jsonc;
+pub mod what_if;
 
 use eval::{
     eval_count, eval_loop, eval_value, Binding, Ctx, Def, Env, Lazy, LoopKind, Meter, Names, Phase,
@@ -622,6 +623,26 @@ impl Plan {
         let meter = Meter::default();
         let env = self.env(&meter);
         evaluate_outputs(&env, Some(refs), false)
+    }
+
+    /// Every string of the secure parameters' values (`secureString`, `secureObject`), to be kept
+    /// out of anything shown (a what-if's predicted state).
+    pub fn secure_strings(&self) -> Vec<String> {
+        fn strings(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::String(s) if !s.is_empty() => out.push(s.clone()),
+                Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+                Value::Object(m) => m.values().for_each(|x| strings(x, out)),
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        for (_, ty, v) in &self.echo {
+            if ty.secure() {
+                strings(v, &mut out);
+            }
+        }
+        out
     }
 
     /// The parameters as ARM echoes them; secure ones have no value.

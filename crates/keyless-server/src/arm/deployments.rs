@@ -79,6 +79,13 @@ pub static PROVIDER: Provider = Provider {
             handler: handler!(validate),
         },
         Action {
+            name: "whatIf",
+            method: Method::POST,
+            authorize: Some("Microsoft.Resources/deployments/whatIf/action"),
+            lockdown: false,
+            handler: handler!(what_if),
+        },
+        Action {
             name: "exportTemplate",
             method: Method::POST,
             authorize: Some("Microsoft.Resources/deployments/exportTemplate/action"),
@@ -753,6 +760,32 @@ async fn validate_at<T: Sync>(
     Ok(Json(body).into_response())
 }
 
+/// `POST {deployment}/whatIf`: everything a PUT checks, then the changes the deployment would
+/// make ([`crate::arm::what_if`]); nothing stored. Answered at once (200, the
+/// `WhatIfOperationResult` a poll would end with).
+async fn what_if(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
+    what_if_at(s, tx, c, &Target::of(c.target)).await
+}
+
+async fn what_if_at<T: Sync>(
+    s: &AppState,
+    tx: &mut Tx,
+    c: &Call<'_, T>,
+    t: &Target,
+) -> Result<Response> {
+    let reads = c
+        .reads
+        .ok_or_else(|| ServerError::MethodNotAllowed(c.method.to_string()))?;
+    let p = prepare(s, tx, c, t).await?;
+    let at = crate::arm::what_if::At {
+        subscription: &p.target.subscription,
+        resource_group: p.target.resource_group.as_deref(),
+        complete: p.mode == Mode::Complete,
+    };
+    let changes = crate::arm::what_if::changes(s, tx, c.caller, reads, &p.plan, &at).await?;
+    Ok(Json(json!({"status": "Succeeded", "properties": {"changes": changes}})).into_response())
+}
+
 async fn delete(s: &AppState, tx: &mut Tx, c: &Call<'_, ResourceId>) -> Result<Response> {
     delete_at(s, tx, &Target::of(c.target)).await
 }
@@ -916,6 +949,7 @@ pub fn subscription_action(m: &Method, rest: &[String]) -> Option<String> {
             format!("{DEPLOYMENT_TYPE}/{verb}")
         }
         (Method::POST, ["validate"]) => format!("{DEPLOYMENT_TYPE}/validate/action"),
+        (Method::POST, ["whatif"]) => format!("{DEPLOYMENT_TYPE}/whatIf/action"),
         (Method::POST, ["exporttemplate"]) => format!("{DEPLOYMENT_TYPE}/exportTemplate/action"),
         (Method::POST, ["cancel"]) => format!("{DEPLOYMENT_TYPE}/cancel/action"),
         (Method::GET, ["operations"] | ["operations", _]) => {
@@ -952,6 +986,7 @@ pub async fn at_subscription(
         (Method::PUT, []) => put_at(s, tx, c, t).await,
         (Method::DELETE, []) => delete_at(s, tx, t).await,
         (Method::POST, ["validate"]) => validate_at(s, tx, c, t).await,
+        (Method::POST, ["whatif"]) => what_if_at(s, tx, c, t).await,
         (Method::POST, ["exporttemplate"]) => export_at(s, tx, t).await,
         (Method::POST, ["cancel"]) => cancel_at(s, tx, t).await,
         (Method::GET, ["operations"]) => operations_at(s, tx, t).await,

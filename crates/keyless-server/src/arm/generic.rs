@@ -71,6 +71,7 @@ pub(crate) async fn resources_in(
             body: &[],
             write_claimed: false,
             providers: PROVIDERS,
+            reads: None,
         };
         out.extend((p.list)(s, tx, &call).await?.iter().map(generic));
     }

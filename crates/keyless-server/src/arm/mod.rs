@@ -31,6 +31,7 @@ mod reply;
 pub mod resources;
 pub mod roles;
 pub mod vaults;
+mod what_if;
 pub mod wi_check;
 
 use crate::arm::registry::{Access, Call, ChildId, Collection, Provider};
@@ -437,8 +438,59 @@ impl<'a> ArmRequest<'a> {
             body: self.body,
             write_claimed: self.fic_claimed,
             providers: registry::PROVIDERS,
+            reads: Some(&READS),
         }
     }
+}
+
+/// The reads a provider's handler may make of resources of other types (a deployment's
+/// what-if), through the routes here.
+static READS: provider::Reads = provider::Reads {
+    get: |s, tx, caller, id, version| Box::pin(read_resource(s, tx, caller, id, version)),
+    in_group: |s, tx, subscription, group| {
+        Box::pin(generic::resources_in(s, tx, subscription, Some(group)))
+    },
+};
+
+/// The resource `id` as its GET route answers `caller` in `tx`.
+async fn read_resource(
+    s: &AppState,
+    tx: &mut Tx,
+    caller: &Caller,
+    id: &str,
+    version: &str,
+) -> Result<provider::Read> {
+    let Ok(path) = ArmPath::parse(id) else {
+        return Ok(provider::Read::Refused(400, "InvalidResourceId".into()));
+    };
+    let version = version.to_ascii_lowercase();
+    let get = ArmRequest {
+        caller,
+        method: &Method::GET,
+        authz_method: &Method::GET,
+        uri_path: id,
+        version: &version,
+        query: &[],
+        body: &[],
+        fic_claimed: false,
+        conditions: etag::Conditions::default(),
+    };
+    let resp = match Box::pin(route(s, tx, &get, path)).await {
+        Ok(r) => r,
+        Err(ServerError::Store(e)) => return Err(ServerError::Store(e)),
+        Err(e) => e.into_response(),
+    };
+    let status = resp.status();
+    if status == StatusCode::NOT_FOUND {
+        return Ok(provider::Read::Missing);
+    }
+    let body = representation(resp).await.unwrap_or(Value::Null);
+    Ok(if status.is_success() {
+        provider::Read::Found(body)
+    } else {
+        let code = body["error"]["code"].as_str().unwrap_or_default();
+        provider::Read::Refused(status.as_u16(), code.to_string())
+    })
 }
 
 /// Every ARM route, in the request's unit of work `tx` (never committed here).

@@ -56,6 +56,28 @@ pub struct Call<'a, T> {
     /// Every resource type served (the registry's), for a handler that names resources of
     /// other types (a deployment's preflight) without importing the registry.
     pub providers: &'static [&'static Provider],
+    /// Reads of resources of any type in the request's unit of work, as their own routes answer
+    /// them (a deployment's what-if); None where the caller of the handler is no route.
+    pub reads: Option<&'static Reads>,
+}
+
+/// What a resource's GET answered.
+pub enum Read {
+    Found(Value),
+    /// 404: it (or its resource group) does not exist.
+    Missing,
+    /// Any other answer: its status and error code.
+    Refused(u16, String),
+}
+
+/// Reads the router gives a handler that looks at resources of other types, so that the
+/// provider module never imports the router.
+pub struct Reads {
+    /// The resource `id` as its GET at `api-version` answers the caller.
+    pub get: for<'a> fn(&'a AppState, &'a mut Tx, &'a Caller, &'a str, &'a str) -> Reply<'a, Read>,
+    /// Every resource in a resource group (`subscription`, `group`), as the generic list has
+    /// them.
+    pub in_group: for<'a> fn(&'a AppState, &'a mut Tx, &'a str, &'a str) -> Reply<'a, Vec<Value>>,
 }
 
 /// A collection of one type: a subscription's, or a resource group's.

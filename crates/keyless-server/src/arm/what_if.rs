@@ -1,0 +1,194 @@
+//! A deployment's what-if (`POST {deployment}/whatIf`, `az deployment group what-if`): the
+//! changes the deployment would make, nothing written.
+//!
+//! Each resource the template names is read as the caller through its own route, in the
+//! request's unit of work ([`Reads::get`], at the template's api-version); its body is evaluated
+//! as the run would evaluate it, in dependency order, with `reference()` answered by the
+//! predicted state of the resources before it (those that exist) — and the change is the pure
+//! [`keyless_core::template::what_if::change`]. A resource whose body needs a value only known
+//! once something is deployed (`reference()` of a resource the deployment creates), a nested
+//! deployment, a type that has no GET (a vault's `accessPolicies`) and one the caller may not
+//! read are `Unsupported`, with the reason. In a resource
+//! group, the group's other resources are `Ignore` (incremental mode) or `Delete` (complete).
+
+use crate::arm::provider::{Read, Reads};
+use crate::error::Result;
+use crate::request::Caller;
+use crate::state::AppState;
+use keyless_core::template::what_if;
+use keyless_core::template::{Plan, PlannedResource, References};
+use keyless_store::Tx;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+
+const NESTED: &str = "Microsoft.Resources/deployments";
+
+/// The predicted states so far, by lower-case id, for `reference()`.
+struct Predicted<'a>(&'a HashMap<String, Value>);
+
+impl References for Predicted<'_> {
+    fn get(&self, id: &str) -> Option<Value> {
+        self.0.get(&id.to_ascii_lowercase()).cloned()
+    }
+}
+
+/// Where the deployment deploys.
+pub struct At<'a> {
+    pub subscription: &'a str,
+    /// Its resource group (None: subscription scope).
+    pub resource_group: Option<&'a str>,
+    /// Complete mode: the group's resources the template does not name are deleted.
+    pub complete: bool,
+}
+
+/// The `changes` of `plan`'s deployment `at`, as `caller` would make them.
+pub async fn changes(
+    s: &AppState,
+    tx: &mut Tx,
+    caller: &Caller,
+    reads: &Reads,
+    plan: &Plan,
+    at: &At<'_>,
+) -> Result<Vec<Value>> {
+    let secrets = plan.secure_strings();
+    let n = plan.resources.len();
+    let mut now: Vec<Read> = Vec::with_capacity(n);
+    for r in &plan.resources {
+        now.push(if r.full_type.eq_ignore_ascii_case(NESTED) {
+            Read::Missing
+        } else {
+            (reads.get)(s, tx, caller, &r.id, &r.api_version).await?
+        });
+    }
+    let mut predicted: HashMap<String, Value> = HashMap::new();
+    for (r, read) in plan.resources.iter().zip(&now) {
+        if let Read::Found(v) = read {
+            predicted.insert(r.id.to_ascii_lowercase(), v.clone());
+        }
+    }
+    let mut out: Vec<Option<Value>> = vec![None; n];
+    for i in dependency_order(&plan.resources) {
+        let r = &plan.resources[i];
+        let before = match &now[i] {
+            _ if r.full_type.eq_ignore_ascii_case(NESTED) => {
+                out[i] = Some(what_if::unsupported(
+                    &r.id,
+                    "Keyless's what-if does not look into nested deployments: their resources are shown when the nested template is deployed on its own.",
+                ));
+                continue;
+            }
+            Read::Refused(405, _) => {
+                out[i] = Some(what_if::unsupported(
+                    &r.id,
+                    "This resource type has no GET (it is applied to its parent, as a vault's accessPolicies), so its change cannot be told.",
+                ));
+                continue;
+            }
+            Read::Refused(status, code) => {
+                out[i] = Some(what_if::unsupported(
+                    &r.id,
+                    &format!("Reading the resource as the caller was refused ({status} {code}), so its change cannot be told."),
+                ));
+                continue;
+            }
+            Read::Found(v) => Some(v),
+            Read::Missing => None,
+        };
+        let change = match plan.body(i, &Predicted(&predicted)) {
+            Ok(body) => what_if::change(
+                &r.id,
+                &r.full_type,
+                &r.name,
+                &r.api_version,
+                before,
+                &body,
+                &secrets,
+            ),
+            Err(e) => what_if::unsupported(
+                &r.id,
+                &format!(
+                    "Its properties need values known only once the deployment runs: {}",
+                    e.message
+                ),
+            ),
+        };
+        if let Some(after) = change.get("after") {
+            predicted.insert(r.id.to_ascii_lowercase(), after.clone());
+        }
+        out[i] = Some(change);
+    }
+    let mut changes: Vec<Value> = out.into_iter().flatten().collect();
+    if let Some(group) = at.resource_group {
+        let named: HashSet<String> = plan
+            .resources
+            .iter()
+            .map(|r| r.id.to_ascii_lowercase())
+            .collect();
+        for item in (reads.in_group)(s, tx, at.subscription, group).await? {
+            let Some(id) = item["id"].as_str() else {
+                continue;
+            };
+            if !named.contains(&id.to_ascii_lowercase()) {
+                changes.push(what_if::untouched(id, &item, at.complete));
+            }
+        }
+    }
+    Ok(changes)
+}
+
+/// The resources' indices, each after those it depends on (the plan has no cycles: its
+/// validation refused them).
+fn dependency_order(rs: &[PlannedResource]) -> Vec<usize> {
+    let mut waiting: Vec<usize> = rs.iter().map(|r| r.depends_on.len()).collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); rs.len()];
+    for (i, r) in rs.iter().enumerate() {
+        for &d in &r.depends_on {
+            dependents[d].push(i);
+        }
+    }
+    let mut ready: Vec<usize> = (0..rs.len()).filter(|&i| waiting[i] == 0).rev().collect();
+    let mut order = Vec::with_capacity(rs.len());
+    while let Some(i) = ready.pop() {
+        order.push(i);
+        for &j in dependents[i].iter().rev() {
+            waiting[j] -= 1;
+            if waiting[j] == 0 {
+                ready.push(j);
+            }
+        }
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resources(deps: &[&[usize]]) -> Vec<PlannedResource> {
+        deps.iter()
+            .enumerate()
+            .map(|(i, d)| PlannedResource {
+                full_type: "t".into(),
+                name: format!("r{i}"),
+                id: format!("/r{i}"),
+                api_version: "v".into(),
+                depends_on: d.to_vec(),
+                copy: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_resource_comes_after_what_it_depends_on() {
+        // 3 → 1 → 0, 2 → 0, 4 alone, 1 listed twice by 5
+        let rs = resources(&[&[1, 2], &[3], &[], &[], &[], &[1, 1]]);
+        let order = dependency_order(&rs);
+        assert_eq!(order.len(), rs.len());
+        let pos = |i: usize| order.iter().position(|&x| x == i).unwrap();
+        for (i, r) in rs.iter().enumerate() {
+            for &d in &r.depends_on {
+                assert!(pos(d) < pos(i), "{order:?}");
+            }
+        }
+    }
+}
