@@ -4053,6 +4053,57 @@ async fn arm_deployment_routes() {
     assert!(s(&props["duration"]).starts_with("PT"), "{v}");
     assert!(props.get("error").is_none(), "{v}");
     let id = srv.expect(get_identity(), 200).await;
+    // a what-if now: the same template changes nothing; to the operator (who may deploy but not
+    // read vaults) an empty template shows the identity it may read as Ignore, never the vault
+    let wp = format!("{d1}/whatIf?{DEPLOY}");
+    let what_if = rg!("POST", "Microsoft.Resources/deployments/{name}/whatIf");
+    let r = srv
+        .send(srv.call(what_if, wp.clone()).bearer(&adm.token).json(&body))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(SECRET), "{}", r.text);
+    let kinds: Vec<(String, String)> = r.body["properties"]["changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", r.text))
+        .iter()
+        .map(|c| {
+            (
+                s(&c["resourceId"]).to_ascii_lowercase(),
+                s(&c["changeType"]),
+            )
+        })
+        .filter(|(id, _)| want.contains(id))
+        .collect();
+    assert_eq!(kinds.len(), 3, "{}", r.text);
+    assert!(kinds.iter().all(|(_, k)| k == "NoChange"), "{}", r.text);
+    let mut empty = body.clone();
+    empty["properties"]["template"]["resources"] = json!([]);
+    empty["properties"]["template"]["outputs"] = json!({});
+    let r = srv
+        .send(
+            srv.call(what_if, wp.clone())
+                .bearer(&operator.token)
+                .json(&empty),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let shown: Vec<String> = r.body["properties"]["changes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", r.text))
+        .iter()
+        .map(|c| {
+            assert_eq!(c["changeType"], "Ignore", "{c}");
+            s(&c["resourceId"]).to_ascii_lowercase()
+        })
+        .collect();
+    assert!(shown.contains(&identity.to_ascii_lowercase()), "{}", r.text);
+    assert!(
+        !r.text
+            .to_ascii_lowercase()
+            .contains(&vault.to_ascii_lowercase()),
+        "{}",
+        r.text
+    );
     assert_eq!(
         props["outputs"]["principalId"],
         json!({"type": "String", "value": id["properties"]["principalId"]})

@@ -191,14 +191,30 @@ fn same(path: &str, a: &Value, b: &Value) -> bool {
             x.starts_with('/') && x.eq_ignore_ascii_case(y)
         }
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| same(&join(path, k), v, w)))
+            let member = |m: &Map<String, Value>, k: &str| m.get(k).filter(|v| !empty(v)).cloned();
+            x.keys()
+                .chain(y.keys())
+                .all(|k| match (member(x, k), member(y, k)) {
+                    (None, None) => true,
+                    (Some(v), Some(w)) => same(&join(path, k), &v, &w),
+                    _ => false,
+                })
         }
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same(path, v, w))
         }
         _ => a == b,
+    }
+}
+
+/// A value a provider answers for a member nobody set (`[]`, `{}`, `null`): the same as the
+/// member left out.
+fn empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(m) => m.is_empty(),
+        _ => false,
     }
 }
 
@@ -236,7 +252,7 @@ fn diff_members(path: &str, b: &Map<String, Value>, a: &Map<String, Value>, out:
 
 /// The change at `path` (a dotted path, or an array item's index).
 fn diff(path: &str, b: Option<&Value>, a: Option<&Value>, out: &mut Vec<Value>) {
-    match (b, a) {
+    match (b.filter(|v| !empty(v)), a.filter(|v| !empty(v))) {
         (None, None) => {}
         (None, Some(a)) => {
             out.push(json!({"path": path, "propertyChangeType": "Create", "after": a}))
@@ -365,7 +381,7 @@ mod tests {
         );
         assert_eq!(
             c["delta"],
-            json!([{"path": "tags.team", "propertyChangeType": "Delete", "before": "a"}])
+            json!([{"path": "tags", "propertyChangeType": "Delete", "before": {"team": "a"}}])
         );
         let mut untagged = identity();
         untagged["tags"] = json!({});
@@ -379,6 +395,23 @@ mod tests {
             &[],
         );
         assert_eq!(c["changeType"], "NoChange", "{c}");
+    }
+
+    #[test]
+    fn members_a_provider_answers_empty_are_the_same_as_left_out() {
+        let vault = json!({"id": "/v", "name": "v", "type": "t", "tags": {}, "properties": {
+            "accessPolicies": [{"objectId": "o", "permissions": {"secrets": ["get"], "keys": [], "storage": []}}],
+            "networkAcls": null}});
+        let body = json!({"properties": {"accessPolicies": [{"objectId": "o", "permissions": {"secrets": ["get"]}}]}});
+        let c = change("/v", "t", "v", "x", Some(&vault), &body, &[]);
+        assert_eq!(c["changeType"], "NoChange", "{c}");
+        let body = json!({"properties": {"accessPolicies": [{"objectId": "o", "permissions": {"secrets": ["get", "list"]}}]}});
+        let c = change("/v", "t", "v", "x", Some(&vault), &body, &[]);
+        assert_eq!(c["delta"][0]["path"], "properties.accessPolicies", "{c}");
+        assert_eq!(
+            c["delta"][0]["children"][0]["children"][0]["path"], "permissions.secrets",
+            "{c}"
+        );
     }
 
     #[test]

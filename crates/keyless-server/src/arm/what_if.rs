@@ -119,6 +119,8 @@ pub async fn changes(
     }
     let mut changes: Vec<Value> = out.into_iter().flatten().collect();
     if let Some(group) = at.resource_group {
+        // only what the caller may read: a deployer is shown no resource it could not GET
+        let grants = crate::authz::grants(tx, &caller.object_id).await?;
         let named: HashSet<String> = plan
             .resources
             .iter()
@@ -128,6 +130,10 @@ pub async fn changes(
             let Some(id) = item["id"].as_str() else {
                 continue;
             };
+            let read = format!("{}/read", item["type"].as_str().unwrap_or_default());
+            if keyless_core::rbac::authorize(&grants, &read, id).is_none() {
+                continue;
+            }
             if !named.contains(&id.to_ascii_lowercase()) {
                 changes.push(what_if::untouched(id, &item, at.complete));
             }
