@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from conftest import ROOT
+from az_cli import AzError
 from test_az_cli import az, logged_in  # noqa: F401  (the az fixtures: a registered cloud, logged in)
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -165,6 +166,49 @@ def test_what_if_with_az(logged_in, up):
     assert az("identity", "show", "-g", rg, "-n", "bystander")["name"] == "bystander"
     fic = az("identity", "federated-credential", "show", "-g", rg, "--identity-name", "FIC_UA", "-n", "testCredential")
     assert fic["subject"] == sub, "a what-if writes nothing"
+
+
+def test_a_key_vault_reference_in_a_parameters_file_with_az(logged_in, up):
+    """`az deployment group create --parameters @file` whose file passes a secret by Key Vault
+    reference: the value reaches the template and is echoed by nothing az shows; a vault that
+    does not allow template deployments refuses with ARM's code."""
+    from conftest import remember_secret
+    from test_az_cli import arm
+    az, _ = logged_in
+    sub = up.info["subscriptionId"]
+    rg = rg_name("kvref")
+    az("group", "create", "-n", rg, "-l", "local")
+    vault_name = f"ref{uuid.uuid4().hex[:8]}"
+    vault = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/{KV}/{vault_name}"
+
+    def put_vault(enabled):
+        arm(up, "PUT", vault, {"location": "local", "properties": {
+            "tenantId": up.info["tenantId"], "sku": {"family": "A", "name": "standard"},
+            "accessPolicies": [], "enabledForTemplateDeployment": enabled}}, api_version="2023-07-01")
+
+    put_vault(False)
+    value = f"kvref-{uuid.uuid4().hex}"
+    remember_secret(value)
+    arm(up, "PUT", f"{vault}/secrets/app-password", {"properties": {"value": value}}, api_version="2023-07-01")
+    t = template([identity("kvref-id", tags={"seen": "[parameters('password')]"})],
+                 parameters={"password": {"type": "securestring"}})
+    (az.dir / "kvref.json").write_text(json.dumps(t))
+    (az.dir / "kvref.parameters.json").write_text(json.dumps({
+        "$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#",
+        "contentVersion": "1.0.0.0",
+        "parameters": {"password": {"reference": {"keyVault": {"id": vault}, "secretName": "app-password"}}}}))
+    args = ["deployment", "group", "create", "-g", rg, "-n", "kvref", "--template-file",
+            str(az.dir / "kvref.json"), "--parameters", f"@{az.dir / 'kvref.parameters.json'}"]
+    with pytest.raises(AzError) as e:
+        az(*args)
+    assert "KeyVaultParameterReferenceSecretRetrieveFailed" in e.value.stderr, e.value.stderr[-2000:]
+    assert value not in e.value.stderr
+    put_vault(True)
+    d = az(*args)
+    assert d["properties"]["provisioningState"] == "Succeeded", d
+    assert d["properties"]["parameters"]["password"] == {"type": "SecureString"}
+    assert value not in json.dumps(d)
+    assert az("identity", "show", "-g", rg, "-n", "kvref-id")["tags"] == {"seen": value}
 
 
 def test_what_if_with_the_sdk_never_shows_a_secure_value(kv):

@@ -773,6 +773,88 @@ fn member<'v>(m: &'v Map<String, Value>, name: &str) -> Option<&'v Value> {
     m.get(&key_of(m, name)?)
 }
 
+/// A deployment parameter given as a Key Vault reference:
+/// `{"reference": {"keyVault": {"id": <vault id>}, "secretName": …, "secretVersion": …}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVaultReference {
+    /// The parameter's name as the request gives it.
+    pub parameter: String,
+    pub vault_id: String,
+    pub secret_name: String,
+    pub secret_version: Option<String>,
+    /// The parameter is a `secureObject`: the secret's value is its JSON.
+    pub object: bool,
+}
+
+/// The parameters of a deployment request given as Key Vault references, checked: each names
+/// a vault id and a secret, and its parameter is declared `securestring` or `secureobject` — a
+/// value taken from a vault must never be echoed, so a plain `string` parameter is refused.
+/// A parameter the template does not declare is left to [`Plan::prepare`] (which refuses it).
+pub fn key_vault_references(
+    template: &Value,
+    parameters: &Value,
+) -> Result<Vec<KeyVaultReference>, TemplateError> {
+    let (Some(decls), Some(given)) = (
+        template.get("parameters").and_then(Value::as_object),
+        parameters.as_object(),
+    ) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (name, p) in given {
+        let Some(r) = p.get("reference") else {
+            continue;
+        };
+        let Some(decl) = decls
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|x| x.1)
+        else {
+            continue;
+        };
+        let shape = || {
+            param_error(
+                format!("The Key Vault reference of the template parameter '{name}' is not valid: it must be {{\"reference\": {{\"keyVault\": {{\"id\": \"<vault resource id>\"}}, \"secretName\": \"<name>\"}}}}, with an optional \"secretVersion\". Please see https://aka.ms/arm-keyvault-parameter for usage details."),
+                name,
+            )
+        };
+        let text = |v: Option<&Value>| {
+            v.and_then(Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let vault_id = text(r.get("keyVault").and_then(|k| k.get("id"))).ok_or_else(shape)?;
+        let secret_name = text(r.get("secretName")).ok_or_else(shape)?;
+        let secret_version = match r.get("secretVersion") {
+            None | Some(Value::Null) => None,
+            v => Some(text(v).ok_or_else(shape)?),
+        };
+        let ty = decl
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(ParamType::parse);
+        let object = match ty {
+            Some(ParamType::SecureString) => false,
+            Some(ParamType::SecureObject) => true,
+            _ => {
+                return Err(param_error(
+                    format!("The template parameter '{name}' is given as a Key Vault reference, but its type is '{}': a value from a key vault may only be passed to a 'securestring' or 'secureobject' parameter, which is never echoed.", ty.map(ParamType::echo).unwrap_or("unknown")),
+                    name,
+                ))
+            }
+        };
+        out.push(KeyVaultReference {
+            parameter: name.clone(),
+            vault_id,
+            secret_name,
+            secret_version,
+            object,
+        });
+    }
+    Ok(out)
+}
+
 fn param_error(msg: String, name: &str) -> TemplateError {
     TemplateError::validation(msg, Some(format!("parameters.{name}")))
 }
@@ -858,7 +940,7 @@ fn resolve_parameters(
         match provided {
             Some(p) if p.get("reference").is_some() => {
                 return Err(param_error(
-                    format!("The value for the template parameter '{name}' is a Key Vault reference. Key Vault references in deployment parameters are not supported by Keyless; pass the secret's value instead."),
+                    format!("The value for the template parameter '{name}' is a Key Vault reference that was not resolved."),
                     name,
                 ))
             }

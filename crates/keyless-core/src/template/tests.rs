@@ -494,7 +494,7 @@ fn parameters_defaults_types_and_constraints() {
         (json!({"name": {"value": "abc"}, "count": {"value": 0}}), "The value should be greater than or equal to '1'."),
         (json!({"name": {"value": "abc"}, "count": {"value": 4}}), "The value should be less than or equal to '3'."),
         (json!({"name": {"value": "abc"}, "nope": {"value": 1}, "other": {"value": 2}}), "The template parameters 'nope, other' in the parameters file are not valid; they are not present in the original template and can therefore not be provided at deployment time. The only supported parameters for this template are '"),
-        (json!({"name": {"reference": {"keyVault": {"id": "/x"}, "secretName": "s"}}}), "Key Vault references in deployment parameters are not supported by Keyless"),
+        (json!({"name": {"reference": {"keyVault": {"id": "/x"}, "secretName": "s"}}}), "is a Key Vault reference that was not resolved"),
     ];
     for (p, want) in cases {
         let e = err(&t, p.clone());
@@ -1784,4 +1784,62 @@ fn expansion_is_bounded() {
         plan.body(799, &NoReferences).unwrap()["properties"]["items"],
         json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     );
+}
+
+#[test]
+fn key_vault_references_are_found_checked_and_only_for_secure_parameters() {
+    let t = json!({"$schema": "x", "contentVersion": "1.0.0.0", "resources": [], "parameters": {
+        "Password": {"type": "securestring"}, "settings": {"type": "secureObject"},
+        "plain": {"type": "string"}}});
+    let vault = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v";
+    let refs = key_vault_references(&t, &json!({
+        "password": {"reference": {"keyVault": {"id": vault}, "secretName": "pw"}},
+        "settings": {"reference": {"keyVault": {"id": vault}, "secretName": "cfg", "secretVersion": "abc"}},
+        "plain": {"value": "x"},
+        "undeclared": {"reference": {"keyVault": {"id": vault}, "secretName": "pw"}},
+    }))
+    .unwrap();
+    assert_eq!(
+        refs,
+        vec![
+            KeyVaultReference {
+                parameter: "password".into(),
+                vault_id: vault.into(),
+                secret_name: "pw".into(),
+                secret_version: None,
+                object: false
+            },
+            KeyVaultReference {
+                parameter: "settings".into(),
+                vault_id: vault.into(),
+                secret_name: "cfg".into(),
+                secret_version: Some("abc".into()),
+                object: true
+            },
+        ]
+    );
+    // a plain string parameter would echo the vault's value: refused
+    let e = key_vault_references(
+        &t,
+        &json!({"plain": {"reference": {"keyVault": {"id": vault}, "secretName": "pw"}}}),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (e.code, e.target.as_deref()),
+        ("InvalidTemplate", Some("parameters.plain"))
+    );
+    assert!(
+        e.message.contains("'securestring' or 'secureobject'"),
+        "{}",
+        e.message
+    );
+    for bad in [
+        json!({"reference": {"secretName": "pw"}}),
+        json!({"reference": {"keyVault": {"id": vault}}}),
+        json!({"reference": {"keyVault": {"id": vault}, "secretName": " "}}),
+        json!({"reference": {"keyVault": {"id": vault}, "secretName": "pw", "secretVersion": 3}}),
+    ] {
+        let e = key_vault_references(&t, &json!({"password": bad})).unwrap_err();
+        assert!(e.message.contains("is not valid"), "{bad}: {}", e.message);
+    }
 }

@@ -85,6 +85,41 @@ pub fn valid_version(v: &str) -> bool {
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
+/// Why a secret's version may not be read at `now` (`get`): (error code, Key Vault's sentence).
+/// A disabled version never; a plain secret outside its `nbf`..`exp` window neither (a
+/// certificate's own secret, `managed`, stays readable so an expired certificate can still be
+/// downloaded). The data plane's GET and a deployment's Key Vault reference both ask this.
+pub fn secret_unreadable(
+    enabled: bool,
+    managed: bool,
+    nbf: Option<u64>,
+    exp: Option<u64>,
+    now: u64,
+) -> Option<(&'static str, &'static str)> {
+    if !enabled {
+        return Some((
+            "SecretDisabled",
+            "Operation get is not allowed on a disabled secret.",
+        ));
+    }
+    if managed {
+        return None;
+    }
+    if nbf.is_some_and(|n| now < n) {
+        return Some((
+            "SecretNotYetValid",
+            "Operation get is not allowed on a secret that is not yet valid (nbf).",
+        ));
+    }
+    if exp.is_some_and(|e| now >= e) {
+        return Some((
+            "SecretExpired",
+            "Operation get is not allowed on an expired secret.",
+        ));
+    }
+    None
+}
+
 /// The three object collections of a vault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Coll {
@@ -188,6 +223,29 @@ pub fn vault_from_host<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_secret_is_unreadable_disabled_or_outside_its_window_unless_a_certificates() {
+        use super::secret_unreadable as u;
+        assert_eq!(u(true, false, Some(10), Some(20), 15), None);
+        assert_eq!(
+            u(false, false, None, None, 15).map(|x| x.0),
+            Some("SecretDisabled")
+        );
+        assert_eq!(
+            u(false, true, None, None, 15).map(|x| x.0),
+            Some("SecretDisabled")
+        );
+        assert_eq!(
+            u(true, false, Some(16), None, 15).map(|x| x.0),
+            Some("SecretNotYetValid")
+        );
+        assert_eq!(
+            u(true, false, None, Some(15), 15).map(|x| x.0),
+            Some("SecretExpired")
+        );
+        assert_eq!(u(true, true, Some(16), Some(15), 15), None);
+    }
+
     use super::*;
 
     #[test]

@@ -299,7 +299,7 @@ async fn prepare<T: Sync>(
             )))
         }
     };
-    let parameters = match &props["parameters"] {
+    let mut parameters = match &props["parameters"] {
         Value::Null => json!({}),
         p @ Value::Object(_) => p.clone(),
         _ => {
@@ -341,6 +341,8 @@ async fn prepare<T: Sync>(
         },
         location: location.clone(),
     };
+    // secrets the parameters take from key vaults, read as the caller may read them
+    crate::arm::kv_references::resolve(s, tx, c.caller, &template, &mut parameters).await?;
     let plan = Plan::prepare(&template, &parameters, &scope)?;
     preflight(tx, c.caller, c.providers, &plan).await?;
     let target = Target {

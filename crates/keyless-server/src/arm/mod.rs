@@ -25,6 +25,7 @@ mod etag;
 pub mod fics;
 mod generic;
 pub mod identities;
+mod kv_references;
 mod provider;
 pub mod registry;
 mod reply;

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keyless_core::vault::access::Op;
 use keyless_core::vault::route::Target;
-use keyless_core::vault::Coll;
+use keyless_core::vault::{self as kvrules, Coll};
 use keyless_store::{KvVersionRecord, KvWrite, Tx};
 use serde_json::{json, Value};
 use std::borrow::Cow;
@@ -146,27 +146,10 @@ pub async fn handle(
             let v = ctx
                 .live_version(tx, Coll::Secrets, &name, version.as_deref())
                 .await?;
-            if !v.enabled {
-                return Err(ServerError::kv(
-                    KvKind::Forbidden(Some("SecretDisabled")),
-                    "Operation get is not allowed on a disabled secret.",
-                ));
-            }
-            // nbf / exp of a plain secret are enforced (a certificate's secret stays readable,
-            // so an expired certificate can still be downloaded)
-            if !v.managed {
-                if v.nbf.is_some_and(|n| ctx.now < n) {
-                    return Err(ServerError::kv(
-                        KvKind::Forbidden(Some("SecretNotYetValid")),
-                        "Operation get is not allowed on a secret that is not yet valid (nbf).",
-                    ));
-                }
-                if v.exp.is_some_and(|e| ctx.now >= e) {
-                    return Err(ServerError::kv(
-                        KvKind::Forbidden(Some("SecretExpired")),
-                        "Operation get is not allowed on an expired secret.",
-                    ));
-                }
+            if let Some((code, message)) =
+                kvrules::secret_unreadable(v.enabled, v.managed, v.nbf, v.exp, ctx.now)
+            {
+                return Err(ServerError::kv(KvKind::Forbidden(Some(code)), message));
             }
             Ok(json_response(&Bundle::of(ctx, &v, true)))
         }
