@@ -50,27 +50,6 @@ const READER: &str = "acdd72a7-3385-48ef-bd42-f606fba81ae7";
 const V1: &str = "first-value-7c1e9d";
 const V2: &str = "second-value-4b8a2f";
 
-/// An application without a role: (token for `scope`, object id).
-async fn app(srv: &Srv, name: &str, scope: &str) -> (String, String) {
-    let (id, oid, secret) = srv.roleless_app(name).await;
-    (srv.token(&id, &secret, scope).await, oid)
-}
-
-/// Assign built-in role `role` (a GUID) on `scope` to `principal`, as the admin.
-async fn assign(srv: &Srv, admin: &str, scope: &str, role: &str, principal: &str) {
-    let def = format!(
-        "/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/{role}",
-        srv.sub
-    );
-    let path = format!(
-        "{scope}/providers/Microsoft.Authorization/roleAssignments/{}?api-version=2022-04-01",
-        uuid::Uuid::new_v4()
-    );
-    let body = json!({"properties": {"roleDefinitionId": def, "principalId": principal}});
-    srv.expect(srv.call(ASSIGN, path).bearer(admin).json(&body), 201)
-        .await;
-}
-
 /// The version at the end of a secret id.
 fn version(id: &Value) -> String {
     s(id).rsplit('/').next().unwrap().to_string()
@@ -115,11 +94,11 @@ async fn arm_secrets_are_written_like_the_data_plane_and_never_answer_their_valu
     let vault_uri = s(&v["properties"]["vaultUri"]);
     assert!(vault_uri.ends_with('/'), "{vault_uri}");
 
-    let (deployer, deployer_oid) = app(&srv, "deployer", ARM_SCOPE).await;
-    assign(&srv, &admin, &rgp, CONTRIBUTOR, &deployer_oid).await;
-    let (reader, reader_oid) = app(&srv, "reader", ARM_SCOPE).await;
-    assign(&srv, &admin, &rgp, READER, &reader_oid).await;
-    let (stranger, stranger_oid) = app(&srv, "stranger", ARM_SCOPE).await;
+    let (deployer, deployer_oid) = srv.app("deployer", ARM_SCOPE).await;
+    srv.assign(&admin, &rgp, CONTRIBUTOR, &deployer_oid).await;
+    let (reader, reader_oid) = srv.app("reader", ARM_SCOPE).await;
+    srv.assign(&admin, &rgp, READER, &reader_oid).await;
+    let (stranger, stranger_oid) = srv.app("stranger", ARM_SCOPE).await;
 
     let secret = format!("{vault}/secrets/db-password");
     let path = format!("{secret}?{KV_ARM}");
@@ -291,7 +270,7 @@ async fn arm_secrets_are_written_like_the_data_plane_and_never_answer_their_valu
     // the data plane: refused without an access policy, then an ARM template's
     // `Microsoft.KeyVault/vaults/accessPolicies` `{vault}/add` (api-version 2022-07-01,
     // permissions as templates spell them) lets the workload read what ARM wrote
-    let (workload, workload_oid) = app(&srv, "workload", KV_SCOPE).await;
+    let (workload, workload_oid) = srv.app("workload", KV_SCOPE).await;
     let read = || {
         srv.call(KV_GET, format!("/secrets/db-password?{KV}"))
             .bearer(&workload)

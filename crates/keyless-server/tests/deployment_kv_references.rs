@@ -46,27 +46,6 @@ const CONTRIBUTOR: &str = "b24988ac-6180-42a0-ab88-20f7382dd24c";
 const MI_CONTRIBUTOR: &str = "e40ec5ca-96e0-45a2-b4ff-59039f2c2b59";
 const VALUE: &str = "from-the-vault-5d1c7a";
 
-/// An application without a role: (token for `scope`, object id).
-async fn app(srv: &Srv, name: &str, scope: &str) -> (String, String) {
-    let (id, oid, secret) = srv.roleless_app(name).await;
-    (srv.token(&id, &secret, scope).await, oid)
-}
-
-/// Assign built-in role `role` (a GUID) on `scope` to `principal`, as the admin.
-async fn assign(srv: &Srv, admin: &str, scope: &str, role: &str, principal: &str) {
-    let def = format!(
-        "/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/{role}",
-        srv.sub
-    );
-    let path = format!(
-        "{scope}/providers/Microsoft.Authorization/roleAssignments/{}?api-version=2022-04-01",
-        uuid::Uuid::new_v4()
-    );
-    let body = json!({"properties": {"roleDefinitionId": def, "principalId": principal}});
-    srv.expect(srv.call(ASSIGN, path).bearer(admin).json(&body), 201)
-        .await;
-}
-
 /// A template whose identity carries the parameter in a tag (so the test can see it arrived).
 fn body(vault: &str, secret: &str, param_type: &str, identity: &str) -> Value {
     json!({"properties": {"mode": "Incremental",
@@ -149,8 +128,8 @@ async fn a_key_vault_reference_passes_the_secret_only_to_who_may_and_where_the_v
     srv.expect(put_vault(true), 200).await;
 
     // a deployer who may write identities and deploy, but not `vaults/deploy/action`
-    let (mi, mi_oid) = app(&srv, "mi-contributor", ARM_SCOPE).await;
-    assign(&srv, &admin, &rgp, MI_CONTRIBUTOR, &mi_oid).await;
+    let (mi, mi_oid) = srv.app("mi-contributor", ARM_SCOPE).await;
+    srv.assign(&admin, &rgp, MI_CONTRIBUTOR, &mi_oid).await;
     let r = srv.send(deploy(&mi, "d1", &b)).await;
     arm_forbidden(&r, &mi_oid);
     assert!(
@@ -202,8 +181,8 @@ async fn a_key_vault_reference_passes_the_secret_only_to_who_may_and_where_the_v
     );
 
     // a Contributor (who has `deploy/action`): the value reaches the template, echoed nowhere
-    let (dep, dep_oid) = app(&srv, "deployer", ARM_SCOPE).await;
-    assign(&srv, &admin, &rgp, CONTRIBUTOR, &dep_oid).await;
+    let (dep, dep_oid) = srv.app("deployer", ARM_SCOPE).await;
+    srv.assign(&admin, &rgp, CONTRIBUTOR, &dep_oid).await;
     let r = srv.send(deploy(&dep, "d1", &b)).await;
     assert_eq!(r.status, 201, "{}", r.text);
     assert!(!r.text.contains(VALUE), "{}", r.text);

@@ -322,6 +322,31 @@ impl Srv {
 
     /// Every route of `area` was both accepted and refused in this test (routes of `public`
     /// have no caller to refuse; routes of `never_accepted` are served only to refuse).
+    /// An application without a role: (token for `scope`, object id).
+    #[allow(dead_code)] // the other suites that include this harness use it
+    pub async fn app(&self, name: &str, scope: &str) -> (String, String) {
+        let (id, oid, secret) = self.roleless_app(name).await;
+        (self.token(&id, &secret, scope).await, oid)
+    }
+
+    /// Assign built-in role `role` (a GUID) on `scope` to `principal`, as `admin` (a token).
+    /// The routes must include the role-assignment PUT.
+    #[allow(dead_code)] // the other suites that include this harness use it
+    pub async fn assign(&self, admin: &str, scope: &str, role: &str, principal: &str) {
+        let def = format!(
+            "/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/{role}",
+            self.sub
+        );
+        let path = format!(
+            "{scope}/providers/Microsoft.Authorization/roleAssignments/{}?api-version=2022-04-01",
+            uuid::Uuid::new_v4()
+        );
+        let body = json!({"properties": {"roleDefinitionId": def, "principalId": principal}});
+        let route = "ARM PUT {scope}/providers/Microsoft.Authorization/roleAssignments/{name}";
+        self.expect(self.call(route, path).bearer(admin).json(&body), 201)
+            .await;
+    }
+
     pub fn finish(&self, area: &[&str], public: &[&str], never_accepted: &[&str]) {
         let hits = self.hits.lock().unwrap();
         let mut missing = vec![];
