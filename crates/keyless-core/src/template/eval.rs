@@ -277,6 +277,8 @@ pub(crate) struct Ctx<'a> {
     pub refs: Option<&'a dyn References>,
     /// Validation before deployment: an expression that needs reference() evaluates to null.
     pub validate: bool,
+    /// The variables of the lambdas being evaluated (`lambdaVariables('x')`), innermost last.
+    pub lambda: Vec<(String, Value)>,
 }
 
 /// reference() during validation: not an error, the value is not known yet.
@@ -290,6 +292,21 @@ impl<'a> Ctx<'a> {
             bindings: Vec::new(),
             refs: None,
             validate: false,
+            lambda: Vec::new(),
+        }
+    }
+
+    /// This context with lambda variables `vars` bound (a lambda's body).
+    pub fn with_lambda(&self, vars: impl IntoIterator<Item = (String, Value)>) -> Ctx<'a> {
+        let mut lambda = self.lambda.clone();
+        lambda.extend(vars);
+        Ctx {
+            env: self.env,
+            phase: self.phase,
+            bindings: self.bindings.clone(),
+            refs: self.refs,
+            validate: self.validate,
+            lambda,
         }
     }
 
@@ -302,6 +319,7 @@ impl<'a> Ctx<'a> {
             bindings,
             refs: self.refs,
             validate: self.validate,
+            lambda: self.lambda.clone(),
         }
     }
 }

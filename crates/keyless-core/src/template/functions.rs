@@ -8,6 +8,8 @@ use super::expr::{Access, Expr};
 use super::hash;
 use super::Level;
 
+mod lambdas;
+
 /// ARM's name for a JSON value's type (Newtonsoft's JTokenType).
 pub(crate) fn jtype(v: &Value) -> &'static str {
     match v {
@@ -150,6 +152,16 @@ const KNOWN: &[&str] = &[
     "mul",
     "div",
     "mod",
+    "items",
+    "lambda",
+    "lambdavariables",
+    "filter",
+    "map",
+    "reduce",
+    "sort",
+    "toobject",
+    "mapvalues",
+    "groupby",
 ];
 
 /// The first function in `e` that is not a template function, if any.
@@ -224,9 +236,12 @@ pub(crate) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Result<Value, String>
     call_with(name, a, cx)
 }
 
-/// Functions that evaluate their arguments lazily: if, and, or.
+/// Functions that evaluate their arguments lazily: if, and, or, and the ones taking lambdas.
 #[inline(never)]
 fn call_lazy(name: &str, args: &[Expr], cx: &Ctx) -> Option<Result<Value, String>> {
+    if let Some(r) = lambdas::call(name, args, cx) {
+        return Some(r);
+    }
     let or = if name.eq_ignore_ascii_case("if") {
         let r = arity(name, args.len(), 3, 3)
             .and_then(|()| eval_expr(&args[0], cx))
@@ -719,6 +734,20 @@ fn apply(name: &str, lname: &str, a: Vec<Value>, cx: &Ctx) -> Result<Value, Stri
                 Value::Object(o) => o.is_empty(),
                 _ => false,
             })
+        }
+        "items" => {
+            arity(name, n, 1, 1)?;
+            let o = a[0]
+                .as_object()
+                .ok_or_else(|| wrong_type(name, "Object", &a[0]))?;
+            // ARM sorts the entries by key
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort_by_key(|k| k.to_ascii_lowercase());
+            Value::Array(
+                keys.into_iter()
+                    .map(|k| json!({"key": k, "value": o[k]}))
+                    .collect(),
+            )
         }
         "length" => {
             arity(name, n, 1, 1)?;

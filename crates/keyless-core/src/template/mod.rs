@@ -495,6 +495,7 @@ impl Plan {
                 bindings: p.inst.bindings.clone(),
                 refs: None,
                 validate: false,
+                lambda: Vec::new(),
             };
             let mut targets = Vec::new();
             scan_body(&defs[p.inst.def], p.inst.nested, &cx, &mut targets)
@@ -559,6 +560,7 @@ impl Plan {
                 bindings: inst.bindings.clone(),
                 refs: None,
                 validate: true,
+                lambda: Vec::new(),
             };
             eval_body(&defs[inst.def], inst.nested, &cx)
                 .map_err(|e| TemplateError::expression(e, Some(r.id.clone())))?;
@@ -613,6 +615,7 @@ impl Plan {
             bindings: inst.bindings.clone(),
             refs: Some(refs),
             validate: false,
+            lambda: Vec::new(),
         };
         eval_body(&self.defs[inst.def], inst.nested, &cx)
             .map_err(|e| TemplateError::expression(e, Some(r.id.clone())))
@@ -1224,6 +1227,7 @@ fn expand(
         bindings: bindings.to_vec(),
         refs: None,
         validate: false,
+        lambda: Vec::new(),
     };
     let ex = |e: String| TemplateError::expression(e, Some(path.to_string()));
 
@@ -1287,6 +1291,7 @@ fn expand(
             bindings: b.clone(),
             refs: None,
             validate: false,
+            lambda: Vec::new(),
         };
         let ty = static_string(obj.get("type"), &cx, "type", path)?;
         let name = static_string(obj.get("name"), &cx, "name", path)?;
@@ -1679,6 +1684,7 @@ fn evaluate_outputs(
             bindings: Vec::new(),
             refs,
             validate,
+            lambda: Vec::new(),
         };
         if let Some(c) = def.get("condition") {
             match eval_value(c, &cx).map_err(|e| TemplateError::expression(e, target.clone()))? {

@@ -1843,3 +1843,64 @@ fn key_vault_references_are_found_checked_and_only_for_secure_parameters() {
         assert!(e.message.contains("is not valid"), "{bad}: {}", e.message);
     }
 }
+
+#[test]
+fn lambda_functions_and_items_evaluate_like_arm() {
+    let cases: Vec<(&str, Value)> = vec![
+        ("[filter(createArray(1, 5, 3), lambda('x', greater(lambdaVariables('x'), 2)))]", json!([5, 3])),
+        ("[filter(createArray('a', 'b', 'c'), lambda('x', 'i', not(equals(lambdaVariables('i'), 1))))]", json!(["a", "c"])),
+        ("[map(createArray(1, 2), lambda('x', mul(lambdaVariables('x'), 10)))]", json!([10, 20])),
+        ("[map(createArray(createObject('name', 'a'), createObject('name', 'b')), lambda('d', lambdaVariables('d').name))]", json!(["a", "b"])),
+        ("[map(createArray('a', 'b'), lambda('x', 'i', concat(lambdaVariables('x'), string(lambdaVariables('i')))))]", json!(["a0", "b1"])),
+        ("[reduce(createArray(1, 2, 3), 0, lambda('cur', 'next', add(lambdaVariables('cur'), lambdaVariables('next'))))]", json!(6)),
+        ("[sort(createArray(3, 1, 2, 1), lambda('a', 'b', less(lambdaVariables('a'), lambdaVariables('b'))))]", json!([1, 1, 2, 3])),
+        ("[toObject(createArray(createObject('name', 'a', 'v', 1)), lambda('e', lambdaVariables('e').name), lambda('e', lambdaVariables('e').v))]", json!({"a": 1})),
+        ("[toObject(createArray(createObject('name', 'a')), lambda('e', lambdaVariables('e').name))]", json!({"a": {"name": "a"}})),
+        ("[mapValues(createObject('a', 1, 'b', 2), lambda('v', mul(lambdaVariables('v'), 2)))]", json!({"a": 2, "b": 4})),
+        ("[groupBy(createArray('apple', 'avocado', 'banana'), lambda('x', substring(lambdaVariables('x'), 0, 1)))]", json!({"a": ["apple", "avocado"], "b": ["banana"]})),
+        ("[items(createObject('b', 2, 'a', 1))]", json!([{"key": "a", "value": 1}, {"key": "b", "value": 2}])),
+        // an inner lambda sees the outer one's variables; its own hide them
+        ("[map(createArray(1, 2), lambda('x', map(createArray(10), lambda('y', add(lambdaVariables('x'), lambdaVariables('y'))))))]", json!([[11], [12]])),
+        ("[map(createArray(1), lambda('x', map(createArray(7), lambda('x', lambdaVariables('x')))))]", json!([[7]])),
+    ];
+    for (expr, want) in cases {
+        assert_eq!(
+            eval1(expr).unwrap_or_else(|e| panic!("{expr}: {}", e.message)),
+            want,
+            "{expr}"
+        );
+    }
+    // an order that is none (always "before"): an answer, not a panic
+    let v = eval1("[sort(createArray(3, 1, 2, 5, 4), lambda('a', 'b', true()))]").unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(5));
+    let errors = [
+        ("[lambda('x', 1)]", "is not expected at this location"),
+        (
+            "[lambdaVariables('x')]",
+            "The lambda variable 'x' is not found",
+        ),
+        ("[map(createArray(1), 'x')]", "expects a lambda function"),
+        (
+            "[filter(createArray(1), lambda('x', 1))]",
+            "expects its parameter to be of type 'Boolean'",
+        ),
+        (
+            "[reduce(createArray(1), 0, lambda('a', 1))]",
+            "must take 2 to 3 variable(s) while 1 were provided",
+        ),
+        (
+            "[map(createArray(1), lambda(1, 2))]",
+            "must be non-empty string literals",
+        ),
+        (
+            "[mapValues(createArray(1), lambda('v', 1))]",
+            "type 'Object'",
+        ),
+        ("[items(createArray(1))]", "type 'Object'"),
+    ];
+    for (expr, want) in errors {
+        let e = eval1(expr).unwrap_err();
+        assert_eq!(e.code, "InvalidTemplate", "{expr}");
+        assert!(e.message.contains(want), "{expr}: {}", e.message);
+    }
+}
