@@ -371,7 +371,10 @@ def vault_template():
           "dependsOn": [vault], "properties": {"value": "[parameters('secretValue')]"}}],
         parameters={"vaultName": {"type": "string", "minLength": 3, "maxLength": 24},
                     "objectId": {"type": "string"}, "secretValue": {"type": "securestring"}},
-        outputs={"vaultUri": {"type": "string", "value": f"[reference({vault_id}).vaultUri]"}})
+        outputs={"vaultUri": {"type": "string", "value": f"[reference({vault_id}).vaultUri]"},
+                 # a vault's URL as templates build it from the cloud's suffix
+                 "builtUri": {"type": "string",
+                              "value": "[concat('https://', parameters('vaultName'), environment().suffixes.keyvaultDns, '/')]"}})
 
 
 def test_vault_access_policy_and_secret_then_the_identity_reads_it(kv):
@@ -386,7 +389,9 @@ def test_vault_access_policy_and_secret_then_the_identity_reads_it(kv):
     out = deploy(kv.up, rg, "vault", ["group", "validate", "create", "get", "operations", "export"],
                  vault_template(), params)
     assert out["create"]["properties"]["provisioning_state"] == "Succeeded", out
-    assert out["create"]["properties"]["outputs"]["vaultUri"]["value"].startswith(f"https://{name}.vault.")
+    outputs = out["create"]["properties"]["outputs"]
+    assert outputs["vaultUri"]["value"].startswith(f"https://{name}.vault.")
+    assert outputs["builtUri"]["value"] == outputs["vaultUri"]["value"]
     # a secure parameter is never echoed: not by validate, the deployment, its operations or export
     assert out["get"]["properties"]["parameters"]["secretValue"] == {"type": "SecureString"}
     assert value not in json.dumps(out)

@@ -98,6 +98,30 @@ fn cloud(s: &AppState) -> Value {
     })
 }
 
+/// What a template's `environment()` answers on this server: ARM's shape (`name`,
+/// `resourceManager`, `authentication`, `suffixes.keyvaultDns` with its leading dot, so that
+/// `concat('https://', name, environment().suffixes.keyvaultDns)` is a vault's URL here).
+pub fn template_environment(s: &AppState) -> Value {
+    let base = &s.base_url;
+    json!({
+        "name": "Keyless",
+        "portal": base,
+        "gallery": format!("{base}/"),
+        "graph": format!("{base}/"),
+        "graphAudience": format!("{base}/"),
+        "resourceManager": format!("{base}/"),
+        "authentication": {
+            "loginEndpoint": format!("{base}/"),
+            "audiences": audiences(s),
+            "tenant": "common",
+            "identityProvider": "AAD",
+        },
+        "suffixes": {
+            "keyvaultDns": format!(".{}", key_vault_dns(s)),
+        },
+    })
+}
+
 /// The 2015-01-01 document. `loginEndpoint` without a trailing slash: msrestazure joins the
 /// tenant to it with one.
 fn legacy(s: &AppState) -> Value {

@@ -92,6 +92,7 @@ const KNOWN: &[&str] = &[
     "resourcegroup",
     "subscription",
     "tenant",
+    "environment",
     "deployment",
     "copyindex",
     "reference",
@@ -301,6 +302,10 @@ fn apply(name: &str, lname: &str, a: Vec<Value>, cx: &Ctx) -> Result<Value, Stri
                 "location": scope.resource_group_location,
                 "properties": {"provisioningState": "Succeeded"},
             })
+        }
+        "environment" => {
+            arity(name, n, 0, 0)?;
+            scope.environment.clone()
         }
         "subscription" => {
             arity(name, n, 0, 0)?;

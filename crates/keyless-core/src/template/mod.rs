@@ -103,7 +103,7 @@ pub enum Level {
 }
 
 /// Where a deployment runs (see the module doc for what the level changes).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Scope {
     pub level: Level,
     pub subscription_id: String,
@@ -115,6 +115,8 @@ pub struct Scope {
     pub deployment_name: String,
     /// A subscription-level deployment's own `location` (required there); None at resource-group level.
     pub location: Option<String>,
+    /// What `environment()` answers: the cloud's endpoints and suffixes, in ARM's shape.
+    pub environment: Value,
 }
 
 /// A template error with ARM's code and sentence.

@@ -10,6 +10,7 @@ fn scope() -> Scope {
         resource_group: "Rg1".into(),
         resource_group_location: "westus2".into(),
         deployment_name: "dep1".into(),
+        environment: json!({"name": "Keyless", "suffixes": {"keyvaultDns": ".vault.localhost:8443"}}),
     }
 }
 
@@ -1858,6 +1859,7 @@ fn lambda_functions_and_items_evaluate_like_arm() {
         ("[toObject(createArray(createObject('name', 'a')), lambda('e', lambdaVariables('e').name))]", json!({"a": {"name": "a"}})),
         ("[mapValues(createObject('a', 1, 'b', 2), lambda('v', mul(lambdaVariables('v'), 2)))]", json!({"a": 2, "b": 4})),
         ("[groupBy(createArray('apple', 'avocado', 'banana'), lambda('x', substring(lambdaVariables('x'), 0, 1)))]", json!({"a": ["apple", "avocado"], "b": ["banana"]})),
+        ("[concat('https://kv1', environment().suffixes.keyvaultDns)]", json!("https://kv1.vault.localhost:8443")),
         ("[items(createObject('b', 2, 'a', 1))]", json!([{"key": "a", "value": 1}, {"key": "b", "value": 2}])),
         // an inner lambda sees the outer one's variables; its own hide them
         ("[map(createArray(1, 2), lambda('x', map(createArray(10), lambda('y', add(lambdaVariables('x'), lambdaVariables('y'))))))]", json!([[11], [12]])),

@@ -340,6 +340,7 @@ async fn prepare<T: Sync>(
             Level::Subscription
         },
         location: location.clone(),
+        environment: crate::cloud::template_environment(s),
     };
     // secrets the parameters take from key vaults, read as the caller may read them
     crate::arm::kv_references::resolve(s, tx, c.caller, &template, &mut parameters).await?;
