@@ -24,6 +24,8 @@ const DEPLOY_PUT: &str =
     "ARM PUT /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Resources/deployments/{name}";
 const DEPLOY_GET: &str =
     "ARM GET /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Resources/deployments/{name}";
+const WHAT_IF: &str =
+    "ARM POST /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Resources/deployments/{name}/whatIf";
 const IDENTITY_GET: &str = "ARM GET /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}";
 
 const ROUTES: &[&str] = &[
@@ -36,6 +38,7 @@ const ROUTES: &[&str] = &[
     SECRET_PATCH,
     DEPLOY_PUT,
     DEPLOY_GET,
+    WHAT_IF,
     IDENTITY_GET,
 ];
 
@@ -85,13 +88,19 @@ async fn a_key_vault_reference_passes_the_secret_only_to_who_may_and_where_the_v
     };
     srv.expect(put_vault(false), 201).await;
     let secret = format!("{vault}/secrets/db-password");
-    srv.expect(
-        srv.call(SECRET_PUT, format!("{secret}?{KV_ARM}"))
-            .bearer(&admin)
-            .json(&json!({"properties": {"value": VALUE}})),
-        201,
-    )
-    .await;
+    let v1 = srv
+        .expect(
+            srv.call(SECRET_PUT, format!("{secret}?{KV_ARM}"))
+                .bearer(&admin)
+                .json(&json!({"properties": {"value": VALUE}})),
+            201,
+        )
+        .await;
+    let first_version = s(&v1["properties"]["secretUriWithVersion"])
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
     let deploy = |token: &str, name: &str, b: &Value| {
         srv.call(
             DEPLOY_PUT,
@@ -212,6 +221,75 @@ async fn a_key_vault_reference_passes_the_secret_only_to_who_may_and_where_the_v
     let id = srv.expect(identity("id-a"), 200).await;
     assert_eq!(id["tags"]["seen"], VALUE);
 
+    // a what-if of a new identity tagged from the secret: Create, the value in no part of it
+    let r = srv
+        .send(
+            srv.call(
+                WHAT_IF,
+                format!("{rgp}/providers/Microsoft.Resources/deployments/w/whatIf?{DEPLOY}"),
+            )
+            .bearer(&dep)
+            .json(&body(&vault, "db-password", "securestring", "id-w")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // (the group's id-a is Ignore, showing its tag as any GET of it would)
+    let change = &r.body["properties"]["changes"][0];
+    assert!(!change.to_string().contains(VALUE), "{}", r.text);
+    assert_eq!(change["changeType"], "Create", "{}", r.text);
+    assert!(change["after"]["tags"].get("seen").is_none(), "{}", r.text);
+    assert_eq!(srv.send(identity("id-w")).await.status, 404);
+
+    // a version by its id (a newer one exists); an unknown version; a secure object from a
+    // secret's JSON (not JSON: refused)
+    srv.expect(
+        srv.call(SECRET_PUT, format!("{secret}?{KV_ARM}"))
+            .bearer(&admin)
+            .json(&json!({"properties": {"value": "second-5d1c7a"}})),
+        200,
+    )
+    .await;
+    let mut pinned = body(&vault, "db-password", "securestring", "id-v");
+    pinned["properties"]["parameters"]["password"]["reference"]["secretVersion"] =
+        json!(first_version);
+    let r = srv.send(deploy(&dep, "d3", &pinned)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let mut bogus = pinned.clone();
+    bogus["properties"]["parameters"]["password"]["reference"]["secretVersion"] =
+        json!("0123456789abcdef0123456789abcdef");
+    let r = srv.send(deploy(&dep, "d4", &bogus)).await;
+    refused(
+        &r,
+        400,
+        "KeyVaultParameterReferenceSecretRetrieveFailed",
+        "was not found",
+    );
+    srv.expect(
+        srv.call(SECRET_PUT, format!("{vault}/secrets/settings?{KV_ARM}"))
+            .bearer(&admin)
+            .json(&json!({"properties": {"value": "{\"pin\": 4242}"}})),
+        201,
+    )
+    .await;
+    let mut obj = body(&vault, "settings", "secureObject", "id-o");
+    obj["properties"]["template"]["resources"][0]["tags"]["seen"] =
+        json!("[string(parameters('password').pin)]");
+    let r = srv.send(deploy(&dep, "d5", &obj)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let r = srv
+        .send(deploy(
+            &dep,
+            "d6",
+            &body(&vault, "db-password", "secureObject", "id-x"),
+        ))
+        .await;
+    refused(
+        &r,
+        400,
+        "KeyVaultParameterReferenceSecretRetrieveFailed",
+        "not a JSON object",
+    );
+
     // a disabled secret is not read
     srv.expect(
         srv.call(SECRET_PATCH, format!("{secret}?{KV_ARM}"))
@@ -234,4 +312,17 @@ async fn a_key_vault_reference_passes_the_secret_only_to_who_may_and_where_the_v
         "disabled",
     );
     assert_eq!(srv.send(identity("id-b")).await.status, 404);
+    // the pinned version and the object's member arrived
+    for (name, want) in [("id-v", VALUE), ("id-o", "4242")] {
+        let mut got = Value::Null;
+        for _ in 0..200 {
+            let r = srv.send(identity(name)).await;
+            if r.status == 200 {
+                got = r.body["tags"]["seen"].clone();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!(got, want, "{name}");
+    }
 }

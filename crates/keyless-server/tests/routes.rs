@@ -4564,9 +4564,13 @@ async fn arm_subscription_deployment_routes() {
     );
     arm_error(&srv.send(get_group()).await, 404, "ResourceGroupNotFound");
 
-    // whatIf: the group to create, nothing written
+    // whatIf: the group to create, nothing written; a tag carrying the secure value is in no
+    // part of the answer
     let route = sub!("POST", "Microsoft.Resources/deployments/{name}/whatIf");
     let wp = format!("{d}/whatIf?{DEPLOY}");
+    let mut body = body.clone();
+    body["properties"]["template"]["resources"][0]["tags"]["t"] =
+        json!("[concat('tok-', parameters('token'))]");
     arm_refused(&srv, &stranger, route, &wp, Some(&body)).await;
     let r = srv
         .send(
@@ -4587,6 +4591,14 @@ async fn arm_subscription_deployment_routes() {
     assert_eq!(changes[0]["changeType"], "Create");
     assert_eq!(changes[0]["after"]["tags"], json!({"by": "sd1"}));
     arm_error(&srv.send(get_group()).await, 404, "ResourceGroupNotFound");
+    let body = {
+        let mut b = body;
+        b["properties"]["template"]["resources"][0]["tags"]
+            .as_object_mut()
+            .unwrap()
+            .remove("t");
+        b
+    };
 
     // PUT: refused callers, no location, a deployer who may not create groups; then accepted
     let route = sub!("PUT", "Microsoft.Resources/deployments/{name}");

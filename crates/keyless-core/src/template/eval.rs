@@ -14,7 +14,7 @@
 //! Each limit fails with an `InvalidTemplate` expression error naming it.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use serde_json::{Map, Value};
@@ -161,7 +161,25 @@ pub(crate) struct Lazy<'a> {
     pub done: RefCell<HashMap<String, Value>>,
     pub active: RefCell<Vec<String>>,
     pub phase: Phase,
+    /// The names whose evaluation read a secure value.
+    pub tainted: RefCell<HashSet<String>>,
 }
+
+/// The names whose values are secure (lower-case): the secure parameters, and the variables
+/// computed from one. Reading one marks the expression being evaluated (see [`Env::tainted`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Secure {
+    pub params: HashSet<String>,
+    pub vars: HashSet<String>,
+}
+
+/// An expression that read a secure value and failed: its message is not shown (it could
+/// quote what it computed from the value).
+pub(crate) const WITHHELD: &str = "An expression that uses a secure value failed; its message is withheld so as not to show the value.";
+
+/// What an expression that read a secure value evaluates to where values are shown rather
+/// than used ([`Env::mask`]: a what-if).
+pub const SECURE_MASK: &str = "[secure value]";
 
 impl<'a> Lazy<'a> {
     pub fn new(phase: Phase) -> Self {
@@ -170,6 +188,7 @@ impl<'a> Lazy<'a> {
             done: RefCell::new(HashMap::new()),
             active: RefCell::new(Vec::new()),
             phase,
+            tainted: RefCell::new(HashSet::new()),
         }
     }
 
@@ -199,10 +218,16 @@ impl<'a> Lazy<'a> {
         let _level = env.meter.enter()?;
         self.active.borrow_mut().push(name.to_string());
         let cx = Ctx::new(env, self.phase);
+        let outer = env.tainted.replace(false);
         let r = match def {
             Def::Value(v) => eval_value(v, &cx),
             Def::Loop(entry) => eval_loop(entry, &cx, LoopKind::Variable, "input"),
         };
+        let tainted = env.tainted.get();
+        env.tainted.set(outer || tainted);
+        if tainted {
+            self.tainted.borrow_mut().insert(name.to_string());
+        }
         self.active.borrow_mut().pop();
         let v = r?;
         self.done.borrow_mut().insert(name.to_string(), v);
@@ -237,6 +262,13 @@ pub(crate) struct Env<'a> {
     pub meter: &'a Meter,
     /// The template's hash (`deployment()`), computed once.
     pub template_hash: &'a OnceLock<String>,
+    /// The secure names, where they are known.
+    pub secure: Option<&'a Secure>,
+    /// Whether the expression being evaluated has read a secure value.
+    pub tainted: Cell<bool>,
+    /// Show, rather than use: an expression that read a secure value evaluates to
+    /// [`SECURE_MASK`].
+    pub mask: bool,
 }
 
 impl Env<'_> {
@@ -248,11 +280,19 @@ impl Env<'_> {
         f: impl FnOnce(&Value) -> R,
     ) -> Result<Option<R>, String> {
         let key = name.to_ascii_lowercase();
+        if let Some(sec) = self.secure {
+            if (if vars { &sec.vars } else { &sec.params }).contains(&key) {
+                self.tainted.set(true);
+            }
+        }
         match if vars { &self.vars } else { &self.params } {
             Src::Done(m) => Ok(m.get(&key).map(f)),
             Src::Lazy(l) => {
                 if !l.resolve(&key, self)? {
                     return Ok(None);
+                }
+                if l.tainted.borrow().contains(&key) {
+                    self.tainted.set(true);
                 }
                 Ok(l.done.borrow().get(&key).map(f))
             }
@@ -452,8 +492,20 @@ pub(crate) fn eval_string(s: &str, cx: &Ctx) -> Result<Value, String> {
                     return Err(err);
                 }
             }
-            match eval_expr(&parsed, cx) {
+            // whether this expression reads a secure value, on its own
+            let outer = cx.env.tainted.replace(false);
+            let r = match eval_expr(&parsed, cx) {
                 Err(e) if cx.validate && e == DEFER => Ok(Value::Null),
+                r => r,
+            };
+            let tainted = cx.env.tainted.get();
+            cx.env.tainted.set(outer || tainted);
+            if !tainted {
+                return r;
+            }
+            match r {
+                Ok(_) if cx.env.mask => Ok(Value::String(SECURE_MASK.into())),
+                Err(e) if e != DEFER => Err(WITHHELD.into()),
                 r => r,
             }
         }

@@ -53,6 +53,11 @@
 //! Dependencies are resolved in O(resources + edges): each distinct `dependsOn` entry once, each
 //! edge kept once.
 //!
+//! Secure values: every expression that reads a secure parameter, or a variable computed from
+//! one, is marked while it is evaluated. Where it fails, its message is withheld (it could quote
+//! what it computed from the value); where a body is shown rather than used
+//! ([`Plan::body_shown`], a what-if), its value is [`SECURE_MASK`].
+//!
 //! Nested deployments with outer expression scope: the nested template is evaluated here, and
 //! what it evaluates to is data — every string of it (keys too) that starts with `[` is escaped
 //! (`[[`) so that the nested deployment reads it back as the same literal and does not evaluate
@@ -70,9 +75,10 @@ mod hash;
 mod jsonc;
 pub mod what_if;
 
+pub use eval::SECURE_MASK;
 use eval::{
     eval_count, eval_loop, eval_value, Binding, Ctx, Def, Env, Lazy, LoopKind, Meter, Names, Phase,
-    Src,
+    Secure, Src,
 };
 use std::cell::Cell;
 
@@ -266,6 +272,8 @@ pub struct Plan {
     names: Names,
     /// The template's hash (`deployment()`), computed at most once.
     template_hash: OnceLock<String>,
+    /// The secure parameters and the variables computed from them.
+    secure: Secure,
 }
 
 impl std::fmt::Debug for Plan {
@@ -374,7 +382,17 @@ impl Plan {
             &meter,
             &template_hash,
         )?;
-        let vars = resolve_variables(template, scope, &params, &meter, &template_hash)?;
+        let mut secure = Secure {
+            params: echo
+                .iter()
+                .filter(|(_, ty, _)| ty.secure())
+                .map(|(n, _, _)| n.to_ascii_lowercase())
+                .collect(),
+            vars: Default::default(),
+        };
+        let vars;
+        (vars, secure.vars) =
+            resolve_variables(template, scope, &params, &secure, &meter, &template_hash)?;
 
         let mut env = Env {
             scope,
@@ -387,6 +405,9 @@ impl Plan {
             guid_counter: Cell::new(0),
             meter: &meter,
             template_hash: &template_hash,
+            secure: Some(&secure),
+            tainted: Cell::new(false),
+            mask: false,
         };
 
         // ARM's resource limit, counted before anything is expanded.
@@ -580,6 +601,7 @@ impl Plan {
             vars,
             names,
             template_hash,
+            secure,
         })
     }
 
@@ -595,11 +617,25 @@ impl Plan {
             guid_counter: Cell::new(0),
             meter,
             template_hash: &self.template_hash,
+            secure: Some(&self.secure),
+            tainted: Cell::new(false),
+            mask: false,
         }
     }
 
     /// The body to PUT for resource `i` (template-only members removed, expressions evaluated).
     pub fn body(&self, i: usize, refs: &dyn References) -> Result<Value, TemplateError> {
+        self.body_as(i, refs, false)
+    }
+
+    /// [`Plan::body`] to be shown (a what-if): every expression that reads a secure value —
+    /// a secure parameter, or a variable computed from one, whatever it makes of it — is
+    /// [`SECURE_MASK`] instead.
+    pub fn body_shown(&self, i: usize, refs: &dyn References) -> Result<Value, TemplateError> {
+        self.body_as(i, refs, true)
+    }
+
+    fn body_as(&self, i: usize, refs: &dyn References, mask: bool) -> Result<Value, TemplateError> {
         let (r, inst) = match (self.resources.get(i), self.instances.get(i)) {
             (Some(r), Some(inst)) => (r, inst),
             _ => {
@@ -610,7 +646,10 @@ impl Plan {
             }
         };
         let meter = Meter::default();
-        let env = self.env(&meter);
+        let env = Env {
+            mask,
+            ..self.env(&meter)
+        };
         let cx = Ctx {
             env: &env,
             phase: Phase::Body,
@@ -628,26 +667,6 @@ impl Plan {
         let meter = Meter::default();
         let env = self.env(&meter);
         evaluate_outputs(&env, Some(refs), false)
-    }
-
-    /// Every string of the secure parameters' values (`secureString`, `secureObject`), to be kept
-    /// out of anything shown (a what-if's predicted state).
-    pub fn secure_strings(&self) -> Vec<String> {
-        fn strings(v: &Value, out: &mut Vec<String>) {
-            match v {
-                Value::String(s) if !s.is_empty() => out.push(s.clone()),
-                Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
-                Value::Object(m) => m.values().for_each(|x| strings(x, out)),
-                _ => {}
-            }
-        }
-        let mut out = Vec::new();
-        for (_, ty, v) in &self.echo {
-            if ty.secure() {
-                strings(v, &mut out);
-            }
-        }
-        out
     }
 
     /// The parameters as ARM echoes them; secure ones have no value.
@@ -979,6 +998,9 @@ fn resolve_parameters(
         guid_counter: Cell::new(0),
         meter,
         template_hash,
+        secure: None,
+        tainted: Cell::new(false),
+        mask: false,
     };
     let mut values = HashMap::with_capacity(types.len());
     let mut echo = Vec::with_capacity(types.len());
@@ -1074,13 +1096,17 @@ fn check_parameter(name: &str, def: &Value, ty: ParamType, v: &Value) -> Result<
     Ok(())
 }
 
+/// The variables, and the names of those computed from a secure value.
+type Variables = (HashMap<String, Value>, HashSet<String>);
+
 fn resolve_variables(
     template: &Value,
     scope: &Scope,
     params: &HashMap<String, Value>,
+    secure: &Secure,
     meter: &Meter,
     template_hash: &OnceLock<String>,
-) -> Result<HashMap<String, Value>, TemplateError> {
+) -> Result<Variables, TemplateError> {
     let empty = Map::new();
     let decls = match template.get("variables") {
         None | Some(Value::Null) => &empty,
@@ -1127,12 +1153,15 @@ fn resolve_variables(
         guid_counter: Cell::new(0),
         meter,
         template_hash,
+        secure: Some(secure),
+        tainted: Cell::new(false),
+        mask: false,
     };
     for name in &order {
         env.var(name)
             .map_err(|e| TemplateError::expression(e, Some(format!("variables.{name}"))))?;
     }
-    Ok(lazy.done.into_inner())
+    Ok((lazy.done.into_inner(), lazy.tainted.into_inner()))
 }
 
 fn static_string(

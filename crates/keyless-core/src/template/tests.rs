@@ -1906,3 +1906,32 @@ fn lambda_functions_and_items_evaluate_like_arm() {
         assert!(e.message.contains(want), "{expr}: {}", e.message);
     }
 }
+
+#[test]
+fn an_expression_that_reads_a_secure_value_fails_without_quoting_it() {
+    // prepare (a name), a variable, a resource body: each failing expression computed from the
+    // secret would quote what it computed; none does
+    let mut t = tpl(json!([{
+        "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "apiVersion": "2023-01-31",
+        "name": "id1",
+        "properties": {"v": "[reference(parameters('pw')).x]"},
+    }]));
+    t["parameters"] = json!({"pw": {"type": "securestring"}});
+    let params = json!({"pw": {"value": "hunter2secret"}});
+    let e = prep(&t, params.clone()).unwrap_err();
+    assert!(!e.message.contains("hunter2"), "{}", e.message);
+    assert!(e.message.contains("withheld"), "{}", e.message);
+    t["resources"][0]["properties"]["v"] = json!("[variables('v')]");
+    t["variables"] = json!({"v": "[createObject('a', parameters('pw')).b]"});
+    let e = prep(&t, params.clone()).unwrap_err();
+    assert!(
+        !e.message.contains("hunter2") && e.message.contains("withheld"),
+        "{}",
+        e.message
+    );
+    // the same failure without a secure value keeps its message
+    t["parameters"] = json!({"pw": {"type": "string"}});
+    let e = prep(&t, params).unwrap_err();
+    assert!(e.message.contains("doesn't exist"), "{}", e.message);
+}

@@ -7,9 +7,11 @@
 //! them): members a provider sets itself (`principalId`, `clientId`, timestamps) are not
 //! reported as deleted, as they would be by comparing against the body alone. Resource ids are
 //! compared without case and locations without case and spaces ("East US" is "eastus"), as ARM
-//! reads them. Values of secure parameters are never put into `after` or `delta`: a member that
-//! carries one is left out of the body before it is compared (so a secret's new value is not
-//! reported — it could not be anyway: no GET answers it).
+//! reads them. Secure values are never put into `after` or `delta`: the body comes from
+//! [`super::Plan::body_shown`], where every expression that read a secure value is
+//! [`super::SECURE_MASK`]; such a member is left out of the body before it is compared (so a
+//! secret's new value is not reported — it could not be anyway: no GET answers it), and an
+//! array item keeps the mask (so the other items keep their indexes).
 
 use serde_json::{json, Map, Value};
 
@@ -40,9 +42,9 @@ impl ChangeType {
 /// The members of a resource's JSON that are its identity, not its state.
 const IDENTITY: &[&str] = &["id", "name", "type"];
 
-/// The change a PUT of `body` (the template's resource, template-only members removed) makes to
-/// the resource `id` whose GET answered `before` (None: it does not exist). `secrets` are the
-/// deployment's secure values.
+/// The change a PUT of `body` (the template's resource, template-only members removed, secure
+/// values masked: [`super::Plan::body_shown`]) makes to the resource `id` whose GET answered
+/// `before` (None: it does not exist).
 pub fn change(
     id: &str,
     full_type: &str,
@@ -50,14 +52,12 @@ pub fn change(
     api_version: &str,
     before: Option<&Value>,
     body: &Value,
-    secrets: &[String],
 ) -> Value {
-    let mut body = body.clone();
-    redact(&mut body, secrets);
     let mut after = match before {
-        Some(b) => overlay(b, &body),
-        None => body,
+        Some(b) => overlay(b, body),
+        None => body.clone(),
     };
+    unmask(&mut after, before);
     if let Value::Object(m) = &mut after {
         if before.is_none() {
             m.insert("id".into(), json!(id));
@@ -145,29 +145,29 @@ fn overlay(before: &Value, body: &Value) -> Value {
     out
 }
 
-/// Leave out of `v` every member and item whose value is, or contains, a secure value.
-fn redact(v: &mut Value, secrets: &[String]) {
-    fn carries(v: &Value, secrets: &[String]) -> bool {
-        match v {
-            Value::String(s) => secrets
-                .iter()
-                .any(|x| !x.is_empty() && s.contains(x.as_str())),
-            _ => false,
-        }
-    }
-    match v {
+/// A masked member of `after` (a secure value) as it is now (`before`'s, or left out): not
+/// compared, not shown. Array items keep the mask (the others keep their indexes).
+fn unmask(after: &mut Value, before: Option<&Value>) {
+    match after {
         Value::Object(m) => {
-            m.retain(|_, x| !carries(x, secrets));
-            for x in m.values_mut() {
-                redact(x, secrets);
+            let keys: Vec<String> = m.keys().cloned().collect();
+            for k in keys {
+                let now = before.and_then(|b| b.get(&k));
+                if m[&k].as_str() == Some(super::SECURE_MASK) {
+                    match now {
+                        Some(v) => {
+                            m.insert(k, v.clone());
+                        }
+                        None => {
+                            m.remove(&k);
+                        }
+                    }
+                } else if let Some(v) = m.get_mut(&k) {
+                    unmask(v, now);
+                }
             }
         }
-        Value::Array(a) => {
-            a.retain(|x| !carries(x, secrets));
-            for x in a.iter_mut() {
-                redact(x, secrets);
-            }
-        }
+        Value::Array(a) => a.iter_mut().for_each(|x| unmask(x, None)),
         _ => {}
     }
 }
@@ -306,7 +306,6 @@ mod tests {
             "2023-01-31",
             None,
             &json!({"location": "eastus"}),
-            &[],
         );
         assert_eq!(c["changeType"], "Create");
         assert_eq!(c["after"]["id"], ID);
@@ -327,7 +326,6 @@ mod tests {
             "2023-01-31",
             Some(&identity()),
             &body,
-            &[],
         );
         assert_eq!(c["changeType"], "NoChange", "{c}");
         assert_eq!(c["after"]["properties"]["principalId"], "p");
@@ -337,7 +335,7 @@ mod tests {
         let body =
             json!({"location": "eastus", "tags": {"team": "a"}, "properties": {"scope": ID}});
         assert_eq!(
-            change(ID, TYPE, "id1", "v", Some(&b), &body, &[])["changeType"],
+            change(ID, TYPE, "id1", "v", Some(&b), &body)["changeType"],
             "NoChange"
         );
     }
@@ -346,7 +344,7 @@ mod tests {
     fn changed_members_are_modify_create_and_delete_by_dotted_path() {
         let body = json!({"location": "eastus", "tags": {"team": "b", "env": "dev"},
             "properties": {"isolationScope": "Regional"}});
-        let c = change(ID, TYPE, "id1", "v", Some(&identity()), &body, &[]);
+        let c = change(ID, TYPE, "id1", "v", Some(&identity()), &body);
         assert_eq!(c["changeType"], "Modify");
         let d = c["delta"].as_array().unwrap();
         let by = |p: &str| {
@@ -377,7 +375,6 @@ mod tests {
             "v",
             Some(&identity()),
             &json!({"location": "eastus"}),
-            &[],
         );
         assert_eq!(
             c["delta"],
@@ -392,7 +389,6 @@ mod tests {
             "v",
             Some(&untagged),
             &json!({"location": "eastus"}),
-            &[],
         );
         assert_eq!(c["changeType"], "NoChange", "{c}");
     }
@@ -403,10 +399,10 @@ mod tests {
             "accessPolicies": [{"objectId": "o", "permissions": {"secrets": ["get"], "keys": [], "storage": []}}],
             "networkAcls": null}});
         let body = json!({"properties": {"accessPolicies": [{"objectId": "o", "permissions": {"secrets": ["get"]}}]}});
-        let c = change("/v", "t", "v", "x", Some(&vault), &body, &[]);
+        let c = change("/v", "t", "v", "x", Some(&vault), &body);
         assert_eq!(c["changeType"], "NoChange", "{c}");
         let body = json!({"properties": {"accessPolicies": [{"objectId": "o", "permissions": {"secrets": ["get", "list"]}}]}});
-        let c = change("/v", "t", "v", "x", Some(&vault), &body, &[]);
+        let c = change("/v", "t", "v", "x", Some(&vault), &body);
         assert_eq!(c["delta"][0]["path"], "properties.accessPolicies", "{c}");
         assert_eq!(
             c["delta"][0]["children"][0]["children"][0]["path"], "permissions.secrets",
@@ -419,7 +415,7 @@ mod tests {
         let fic = json!({"id": "/x/f", "name": "f", "type": "t", "properties": {"issuer": "https://i", "subject": "s",
             "audiences": ["api://AzureADTokenExchange"]}});
         let body = json!({"properties": {"issuer": "https://i", "subject": "s", "audiences": ["api://AzureADTokenExchange", "api://other"]}});
-        let c = change("/x/f", "t", "f", "v", Some(&fic), &body, &[]);
+        let c = change("/x/f", "t", "f", "v", Some(&fic), &body);
         assert_eq!(
             c["delta"],
             json!([{"path": "properties.audiences", "propertyChangeType": "Array",
@@ -428,28 +424,71 @@ mod tests {
     }
 
     #[test]
-    fn secure_values_are_never_in_the_change() {
-        let secret = "hunter2-very-secret".to_string();
-        let body = json!({"properties": {"value": secret, "contentType": "text/plain",
-            "attributes": {"enabled": true}, "list": ["a", format!("x{secret}x")]}});
-        for before in [
-            None,
-            Some(
-                json!({"id": "/s", "name": "s", "type": "t", "properties": {"contentType": "text/plain"}}),
-            ),
-        ] {
-            let c = change(
-                "/s",
-                "t",
-                "s",
-                "v",
-                before.as_ref(),
-                &body,
-                std::slice::from_ref(&secret),
+    fn secure_values_and_what_is_made_of_them_are_never_in_the_change() {
+        use crate::template::{NoReferences, Plan, Scope, SECURE_MASK};
+        let scope = Scope {
+            level: crate::template::Level::ResourceGroup,
+            subscription_id: "s".into(),
+            tenant_id: "t".into(),
+            resource_group: "rg".into(),
+            resource_group_location: "eastus".into(),
+            deployment_name: "d".into(),
+            location: None,
+            environment: Value::Null,
+        };
+        // a secret used as is, transformed, inside a list, through a variable; a secure
+        // object's number; a short secret ("e") that must not hide other values
+        let t = json!({"$schema": "x", "contentVersion": "1.0.0.0",
+            "parameters": {"pw": {"type": "securestring"}, "obj": {"type": "secureObject"},
+                "e": {"type": "securestring"}},
+            "variables": {"derived": "[concat('x', toUpper(parameters('pw')))]"},
+            "resources": [{"type": "Microsoft.KeyVault/vaults/secrets", "apiVersion": "2023-07-01",
+                "name": "v/s", "location": "eastus", "properties": {
+                    "value": "[parameters('pw')]", "contentType": "text/plain",
+                    "encoded": "[base64(parameters('pw'))]", "upper": "[toUpper(parameters('pw'))]",
+                    "list": ["a", "[parameters('pw')]", "c"], "viaVariable": "[variables('derived')]",
+                    "pin": "[parameters('obj').pin]", "short": "[parameters('e')]"}}]});
+        let params = json!({"pw": {"value": "hunter2secret"}, "obj": {"value": {"pin": 98765}},
+            "e": {"value": "e"}});
+        let plan = Plan::prepare(&t, &params, &scope).unwrap();
+        let used = plan.body(0, &NoReferences).unwrap();
+        assert_eq!(
+            used["properties"]["upper"], "HUNTER2SECRET",
+            "the run uses the values"
+        );
+        let shown = plan.body_shown(0, &NoReferences).unwrap();
+        let before = json!({"id": "/x/s", "name": "s", "type": "Microsoft.KeyVault/vaults/secrets",
+            "location": "eastus", "properties": {"contentType": "text/plain", "list": ["a", "b", "c"]}});
+        for before in [None, Some(&before)] {
+            let c = change("/x/s", "t", "s", "v", before, &shown);
+            let text = c.to_string();
+            for leak in ["hunter2", "HUNTER2", "aHVudGVy", "98765"] {
+                assert!(!text.contains(leak), "{leak}: {c}");
+            }
+            let props = &c["after"]["properties"];
+            assert_eq!(props["contentType"], "text/plain", "{c}");
+            assert_eq!(
+                c["after"]["location"], "eastus",
+                "a short secret hides nothing else"
             );
-            assert!(!c.to_string().contains(&secret), "{c}");
-            assert_eq!(c["after"]["properties"]["contentType"], "text/plain");
+            assert_eq!(props["list"], json!(["a", SECURE_MASK, "c"]), "{c}");
         }
+        // a masked member is as it is now: a tag the template sets from a secret is no change
+        let tagged =
+            json!({"id": "/i", "name": "i", "type": "t", "tags": {"seen": "now", "a": "1"}});
+        let body = json!({"tags": {"seen": SECURE_MASK, "a": "1"}});
+        let c = change("/i", "t", "i", "v", Some(&tagged), &body);
+        assert_eq!(c["changeType"], "NoChange", "{c}");
+        let c = change("/i", "t", "i", "v", None, &body);
+        assert_eq!(c["after"]["tags"], json!({"a": "1"}), "{c}");
+        // an expression that reads a secure value and fails: its message is withheld
+        let mut bad = t.clone();
+        bad["resources"][0]["properties"]["oops"] =
+            json!("[reference(concat('/', parameters('pw')))]");
+        let plan = Plan::prepare(&bad, &params, &scope).unwrap();
+        let e = plan.body_shown(0, &NoReferences).unwrap_err();
+        assert!(!e.message.contains("hunter2"), "{}", e.message);
+        assert!(e.message.contains("withheld"), "{}", e.message);
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! access policy or data-plane role is needed) — checked first, so a caller without it learns
 //! nothing of the vault; the vault allows it (`enabledForTemplateDeployment`); the secret's
 //! version is readable as the data plane's GET would read it (enabled, within `nbf`..`exp`).
-//! A failure is ARM's `KeyVaultParameterReferenceSecretRetrieveFailed` (400), naming the
-//! parameter, the vault and the secret — never a value. The value lives only in the request's
+//! A failure is ARM's `KeyVaultParameterReferenceNotFound` (no such vault) or
+//! `KeyVaultParameterReferenceSecretRetrieveFailed` (400), naming the parameter, the vault and
+//! the secret — never a value. The value lives only in the request's
 //! memory and the deployment's run; nothing stores it again.
 
 use crate::authz;
@@ -70,7 +71,15 @@ async fn secret(
     } else {
         None
     }
-    .ok_or_else(|| failed(r, "the key vault was not found."))?;
+    .ok_or_else(|| ServerError::Deployment {
+        code: "KeyVaultParameterReferenceNotFound",
+        message: format!(
+            "The specified KeyVault '{}' could not be found (deployment parameter '{}'). Please see https://aka.ms/arm-keyvault-parameter for usage details.",
+            r.vault_id, r.parameter
+        ),
+        target: Some(format!("parameters.{}", r.parameter)),
+        details: Vec::new(),
+    })?;
     if vault.properties["enabledForTemplateDeployment"] != json!(true) {
         return Err(failed(r, "the key vault does not allow template deployments to read its secrets (set 'enabledForTemplateDeployment': az keyvault update --enabled-for-template-deployment true)."));
     }
@@ -87,7 +96,8 @@ async fn secret(
         }
     }
     .ok_or_else(|| failed(r, "the secret (or that version of it) was not found."))?;
-    let now = s.now();
+    // the data plane's clock (the dev clock moves it in tests)
+    let now = s.vault_clock.now();
     if let Some((_, why)) = keyless_core::vault::secret_unreadable(
         version.enabled,
         version.managed,

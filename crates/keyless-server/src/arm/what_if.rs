@@ -50,7 +50,6 @@ pub async fn changes(
     plan: &Plan,
     at: &At<'_>,
 ) -> Result<Vec<Value>> {
-    let secrets = plan.secure_strings();
     let n = plan.resources.len();
     let mut now: Vec<Read> = Vec::with_capacity(n);
     for r in &plan.resources {
@@ -94,16 +93,10 @@ pub async fn changes(
             Read::Found(v) => Some(v),
             Read::Missing => None,
         };
-        let change = match plan.body(i, &Predicted(&predicted)) {
-            Ok(body) => what_if::change(
-                &r.id,
-                &r.full_type,
-                &r.name,
-                &r.api_version,
-                before,
-                &body,
-                &secrets,
-            ),
+        let change = match plan.body_shown(i, &Predicted(&predicted)) {
+            Ok(body) => {
+                what_if::change(&r.id, &r.full_type, &r.name, &r.api_version, before, &body)
+            }
             Err(e) => what_if::unsupported(
                 &r.id,
                 &format!(
