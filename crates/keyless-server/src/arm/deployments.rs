@@ -196,6 +196,9 @@ struct Prepared {
     mode: Mode,
     /// A subscription-scope deployment's `location`.
     location: Option<String>,
+    /// A what-if's `whatIfSettings.resultFormat` is `ResourceIdOnly`: the changes without their
+    /// payloads.
+    ids_only: bool,
 }
 
 /// The resource group a deployment is in (echo case), after checking it exists; None at
@@ -351,12 +354,16 @@ async fn prepare<T: Sync>(
         resource_group: rg.map(|g| g.name),
         name: t.name.clone(),
     };
+    let ids_only = props["whatIfSettings"]["resultFormat"]
+        .as_str()
+        .is_some_and(|f| f.eq_ignore_ascii_case("ResourceIdOnly"));
     Ok(Prepared {
         target,
         template,
         plan,
         mode,
         location,
+        ids_only,
     })
 }
 
@@ -785,7 +792,14 @@ async fn what_if_at<T: Sync>(
         resource_group: p.target.resource_group.as_deref(),
         complete: p.mode == Mode::Complete,
     };
-    let changes = crate::arm::what_if::changes(s, tx, c.caller, reads, &p.plan, &at).await?;
+    let mut changes = crate::arm::what_if::changes(s, tx, c.caller, reads, &p.plan, &at).await?;
+    if p.ids_only {
+        for c in &mut changes {
+            if let Value::Object(m) = c {
+                m.retain(|k, _| !matches!(k.as_str(), "before" | "after" | "delta"));
+            }
+        }
+    }
     Ok(Json(json!({"status": "Succeeded", "properties": {"changes": changes}})).into_response())
 }
 

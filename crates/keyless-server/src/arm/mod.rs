@@ -256,7 +256,7 @@ fn front(s: &Arc<AppState>, correlation_id: &str) -> deployment_run::Front {
 /// the same unit of work, and is answered 412 without running when the condition does not
 /// hold; a successful GET, PUT or PATCH of one resource answers its `ETag`.
 async fn in_unit_of_work(s: &AppState, req: &ArmRequest<'_>, path: ArmPath) -> Result<Response> {
-    let mut tx = if is_read(req.method) {
+    let mut tx = if is_read(req.method) || writes_nothing(req.method, &path) {
         s.store.read("arm_read").await?
     } else {
         s.store.write("arm_write").await?
@@ -284,6 +284,29 @@ async fn in_unit_of_work(s: &AppState, req: &ArmRequest<'_>, path: ArmPath) -> R
         tx.commit().await?;
     }
     Ok(resp)
+}
+
+/// A POST that writes nothing — a deployment's `validate` and `whatIf` — runs in a read unit of
+/// work: it holds no writer (SQLite has one) while it evaluates a template and reads what it
+/// names.
+fn writes_nothing(m: &Method, path: &ArmPath) -> bool {
+    if *m != Method::POST {
+        return false;
+    }
+    let quiet = |a: &str| a.eq_ignore_ascii_case("validate") || a.eq_ignore_ascii_case("whatIf");
+    match path {
+        ArmPath::Action { resource, action } => resource.is_type(DEPLOYMENT) && quiet(action),
+        ArmPath::AtSubscription {
+            namespace,
+            type_name,
+            rest,
+            ..
+        } => {
+            canonical_type(namespace, type_name) == Some(DEPLOYMENT)
+                && matches!(rest.as_slice(), [a] if quiet(a))
+        }
+        _ => false,
+    }
 }
 
 /// What a single resource's GET answers in the request's unit of work.
@@ -1105,6 +1128,61 @@ mod tests {
                 }
             }
         });
+    }
+
+    #[tokio::test]
+    async fn validate_and_what_if_hold_no_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, token) = server(dir.path()).await;
+        let sub = s.subscription_id.clone();
+        let rg = format!("/subscriptions/{sub}/resourceGroups/rg1");
+        call(&s, &token, Method::PUT, &rg, json!({"location": "local"})).await;
+        let template = json!({"$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+            "contentVersion": "1.0.0.0", "resources": [{"type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+            "apiVersion": "2023-01-31", "name": "id1", "location": "local"}]});
+        let body = json!({"properties": {"mode": "Incremental", "template": template,
+            "whatIfSettings": {"resultFormat": "ResourceIdOnly"}}});
+        // another unit of work holds SQLite's writer all along; the request's own unit of work
+        // (`dispatch`: the Activity Log record after it is a write of its own) needs none
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        let caller = authenticate(&s, &headers).unwrap();
+        let writer = s.store.write("test").await.unwrap();
+        for action in ["validate", "whatIf"] {
+            let path = format!("{rg}/providers/Microsoft.Resources/deployments/d1/{action}");
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri(format!("{path}?api-version=2025-04-01"))
+                .header(header::HOST, "localhost")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let resp = tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                dispatch(&s, &caller, req),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{action} waited for the writer"))
+            .unwrap();
+            let st = resp.status().as_u16();
+            let v: Value = serde_json::from_slice(
+                &axum::body::to_bytes(resp.into_body(), usize::MAX)
+                    .await
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(st, 200, "{action}: {v}");
+            if action == "whatIf" {
+                // ResourceIdOnly: the changes without their payloads
+                let c = &v["properties"]["changes"][0];
+                assert_eq!(c["changeType"], "Create", "{v}");
+                assert!(c.get("after").is_none(), "{v}");
+            }
+        }
+        drop(writer);
     }
 
     #[tokio::test]
