@@ -211,6 +211,35 @@ def test_a_key_vault_reference_in_a_parameters_file_with_az(logged_in, up):
     assert az("identity", "show", "-g", rg, "-n", "kvref-id")["tags"] == {"seen": value}
 
 
+def test_what_if_looks_into_a_nested_deployment_as_bicep_modules_compile(up):
+    """A Bicep module compiles to a nested deployment with inner expression scope: what-if
+    shows the module's resources (not the deployment) at the module's group, with its own
+    parameters; after the deployment the same template is NoChange throughout."""
+    rg = rg_name("nested")
+    module = {"type": "Microsoft.Resources/deployments", "apiVersion": "2022-09-01", "name": "idModule",
+              "properties": {"mode": "Incremental", "expressionEvaluationOptions": {"scope": "inner"},
+                             "parameters": {"name": {"value": "[concat(parameters('prefix'), '-mod')]"}},
+                             "template": template(
+                                 [identity("[parameters('name')]"),
+                                  {**fic("x", "fic", "system:serviceaccount:ns:mod",
+                                         ["[resourceId('Microsoft.ManagedIdentity/userAssignedIdentities', parameters('name'))]"]),
+                                   "name": "[concat(parameters('name'), '/fic')]"}],
+                                 parameters={"name": {"type": "string"}})}}
+    t = template([identity("[concat(parameters('prefix'), '-top')]"), module],
+                 parameters={"prefix": {"type": "string", "defaultValue": "app"}})
+
+    def kinds(result):
+        return {c["resource_id"].split("/providers/", 1)[1]: c["change_type"] for c in result["changes"]}
+
+    out = deploy(up, rg, "nested", ["group", "whatif"], t)
+    assert kinds(out["whatif"]) == {
+        f"{UAMI}/app-top": "Create", f"{UAMI}/app-mod": "Create",
+        f"{UAMI}/app-mod/federatedIdentityCredentials/fic": "Create"}, out
+    out = deploy(up, rg, "nested", ["create", "whatif"], t)
+    assert out["create"]["properties"]["provisioning_state"] == "Succeeded", out
+    assert set(kinds(out["whatif"]).values()) == {"NoChange"}, out["whatif"]
+
+
 def test_what_if_with_the_sdk_never_shows_a_secure_value(kv):
     value = f"whatif-{uuid.uuid4().hex}"
     from conftest import remember_secret
@@ -496,6 +525,15 @@ def test_subscription_scope_creates_a_group_and_deploys_into_it_with_az(logged_i
                                   "value": "[reference('inside').outputs.clientId.value]"}}}
     path = az.dir / "sub.json"
     path.write_text(json.dumps(t, indent=2))
+    # what-if first: the group, and inside it (a group that does not exist yet) the identity
+    w = az("deployment", "sub", "what-if", "-l", "local", "-n", f"sub-{rg}", "--template-file", str(path),
+           "--parameters", f"rgName={rg}", "identityName=made-inside", "--no-pretty-print")
+    sub_id = up.info["subscriptionId"]
+    assert {c["resourceId"].lower(): c["changeType"] for c in w["changes"]} == {
+        f"/subscriptions/{sub_id}/resourcegroups/{rg}".lower(): "Create",
+        f"/subscriptions/{sub_id}/resourceGroups/{rg}/providers/{UAMI}/made-inside".lower(): "Create"}, w
+    with pytest.raises(AzError):
+        az("group", "show", "-n", rg)
     d = az("deployment", "sub", "create", "-l", "local", "-n", f"sub-{rg}", "--template-file", str(path),
            "--parameters", f"rgName={rg}", "identityName=made-inside")
     assert d["properties"]["provisioningState"] == "Succeeded", d

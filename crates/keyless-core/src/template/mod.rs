@@ -623,6 +623,11 @@ impl Plan {
         }
     }
 
+    /// Where this deployment runs.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
     /// The body to PUT for resource `i` (template-only members removed, expressions evaluated).
     pub fn body(&self, i: usize, refs: &dyn References) -> Result<Value, TemplateError> {
         self.body_as(i, refs, false)
