@@ -9,6 +9,8 @@ use super::hash;
 use super::Level;
 
 mod lambdas;
+mod time;
+mod values;
 
 /// ARM's name for a JSON value's type (Newtonsoft's JTokenType).
 pub(crate) fn jtype(v: &Value) -> &'static str {
@@ -170,7 +172,10 @@ pub(crate) fn first_unknown(e: &Expr) -> Option<String> {
     match e {
         Expr::Call(name, args) => {
             let l = name.to_ascii_lowercase();
-            if !KNOWN.contains(&l.as_str()) && !l.starts_with("list") {
+            let known = KNOWN.contains(&l.as_str())
+                || time::NAMES.contains(&l.as_str())
+                || values::NAMES.contains(&l.as_str());
+            if !known && !l.starts_with("list") {
                 return Some(unknown(name));
             }
             args.iter().find_map(first_unknown)
@@ -284,6 +289,9 @@ fn call_with(name: &str, a: Vec<Value>, cx: &Ctx) -> Result<Value, String> {
 #[inline(never)]
 fn apply(name: &str, lname: &str, a: Vec<Value>, cx: &Ctx) -> Result<Value, String> {
     let n = a.len();
+    if let Some(r) = time::apply(name, lname, &a).or_else(|| values::apply(name, lname, &a)) {
+        return r;
+    }
     let env = cx.env;
     let meter = env.meter;
     let scope = env.scope;
@@ -1217,7 +1225,7 @@ mod tests {
 
     #[test]
     fn every_known_function_is_served() {
-        for name in KNOWN {
+        for name in KNOWN.iter().chain(time::NAMES).chain(values::NAMES) {
             let e = Expr::Call(name.to_string(), vec![]);
             assert_eq!(first_unknown(&e), None);
         }

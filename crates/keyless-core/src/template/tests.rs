@@ -1935,3 +1935,97 @@ fn an_expression_that_reads_a_secure_value_fails_without_quoting_it() {
     let e = prep(&t, params).unwrap_err();
     assert!(e.message.contains("doesn't exist"), "{}", e.message);
 }
+
+#[test]
+fn date_uri_data_and_collection_functions_evaluate_like_arm() {
+    let cases: Vec<(&str, Value)> = vec![
+        // ARM's own examples (P1Y is 365 days, P1M 30)
+        (
+            "[dateTimeAdd('2023-01-01 00:00:00Z', 'P1Y')]",
+            json!("2024-01-01T00:00:00Z"),
+        ),
+        (
+            "[dateTimeAdd('2024-01-01 00:00:00Z', 'P1Y')]",
+            json!("2024-12-31T00:00:00Z"),
+        ),
+        (
+            "[dateTimeAdd('2023-02-01 00:00:00Z', 'P1M')]",
+            json!("2023-03-03T00:00:00Z"),
+        ),
+        (
+            "[dateTimeAdd('2024-02-01 00:00:00Z', 'P1M')]",
+            json!("2024-03-02T00:00:00Z"),
+        ),
+        (
+            "[dateTimeAdd('2020-04-07 14:53:14Z', '-PT1H', 'yyyy-MM-dd HH:mm')]",
+            json!("2020-04-07 13:53"),
+        ),
+        (
+            "[dateTimeAdd('20200407T145314Z', 'PT10M')]",
+            json!("20200407T150314Z"),
+        ),
+        (
+            "[dateTimeFromEpoch(1683040573)]",
+            json!("2023-05-02T15:16:13Z"),
+        ),
+        (
+            "[dateTimeToEpoch('2023-05-02T15:16:13Z')]",
+            json!(1683040573),
+        ),
+        (
+            "[uri('http://contoso.com/resources/', 'nested/azuredeploy.json')]",
+            json!("http://contoso.com/resources/nested/azuredeploy.json"),
+        ),
+        ("[uriComponent('a b/c')]", json!("a%20b%2Fc")),
+        ("[uriComponentToString('a%20b%2Fc')]", json!("a b/c")),
+        (
+            "[dataUri('Hello')]",
+            json!("data:text/plain;charset=utf8;base64,SGVsbG8="),
+        ),
+        (
+            "[dataUriToString('data:;base64,SGVsbG8sIFdvcmxkIQ==')]",
+            json!("Hello, World!"),
+        ),
+        ("[base64ToJson(base64('{\"a\": [1]}'))]", json!({"a": [1]})),
+        ("[array('x')]", json!(["x"])),
+        ("[array(createArray(1))]", json!([1])),
+        (
+            "[flatten(createArray(createArray(1, 2), createArray(3)))]",
+            json!([1, 2, 3]),
+        ),
+        (
+            "[shallowMerge(createArray(createObject('a', 1, 'b', 1), createObject('b', 2)))]",
+            json!({"a": 1, "b": 2}),
+        ),
+        (
+            "[tryGet(createObject('a', createObject('b', 1)), 'a', 'b')]",
+            json!(1),
+        ),
+        ("[tryGet(createObject('a', 1), 'nope')]", Value::Null),
+        ("[tryGet(createArray(5, 6), 1)]", json!(6)),
+        (
+            "[objectKeys(createObject('a', 1, 'b', 2))]",
+            json!(["a", "b"]),
+        ),
+    ];
+    for (expr, want) in cases {
+        assert_eq!(
+            eval1(expr).unwrap_or_else(|e| panic!("{expr}: {}", e.message)),
+            want,
+            "{expr}"
+        );
+    }
+    for (expr, want) in [
+        ("[dateTimeAdd('yesterday', 'P1D')]", "ISO 8601"),
+        (
+            "[dateTimeAdd('2020-01-01', '1 day')]",
+            "duration in ISO 8601",
+        ),
+        ("[dateTimeFromEpoch(-1)]", "outside 1970-01-01"),
+        ("[flatten(createArray(1))]", "type 'Array'"),
+        ("[dataUriToString('hello')]", "expects a data URI"),
+    ] {
+        let e = eval1(expr).unwrap_err();
+        assert!(e.message.contains(want), "{expr}: {}", e.message);
+    }
+}
