@@ -13,6 +13,8 @@
 //!   connections opened before the clock starts);
 //! - the same 100 identities as a chain (each `dependsOn` the previous, by `resourceId()`),
 //!   vs the direct PUTs one after another: the engine's per-step overhead;
+//! - `POST …/deployments/{name}/whatIf` of it once deployed (100 reads and comparisons), beside
+//!   validate;
 //! - `POST …/deployments/{name}/validate` of the 100-resource template alone (the template
 //!   parsed and evaluated, the preflight; nothing deployed), beside one direct GET of an
 //!   identity: the evaluator's share.
@@ -297,6 +299,27 @@ async fn validate(arm: &Arm, rg: &str, template: &Value, n: usize) -> Duration {
     took
 }
 
+/// `POST …/deployments/{name}/whatIf` of `template` in group `rg`, where all its `n` resources
+/// exist as it deploys them: the time (every change must be NoChange).
+async fn what_if(arm: &Arm, rg: &str, template: &Value, n: usize) -> Duration {
+    let path = format!("{rg}/providers/Microsoft.Resources/deployments/whatif/whatIf?{DEPLOY_API}");
+    let body = deployment_body(template);
+    let t0 = Instant::now();
+    let (status, _, v) = arm.send(reqwest::Method::POST, &path, Some(&body)).await;
+    let took = t0.elapsed();
+    assert_eq!(status, 200, "POST {path}: {v}");
+    let changes = v["properties"]["changes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(changes.len(), n, "changes: {v}");
+    assert!(
+        changes.iter().all(|c| c["changeType"] == "NoChange"),
+        "changes: {v}"
+    );
+    took
+}
+
 /// One direct GET of identity 0 in group `rg`: the time.
 async fn get_identity(arm: &Arm, rg: &str) -> Duration {
     let path = format!(
@@ -343,6 +366,7 @@ struct Round {
     sequential: Duration,
     chained: Deployed,
     validate: Duration,
+    what_if: Duration,
     get: Duration,
 }
 
@@ -410,6 +434,7 @@ fn main() {
             let rg = arm.new_group(&format!("bench-{r}-chain")).await;
             let chained = deploy(&arm, &rg, "chain", &chain, N).await;
             let validate = validate(&arm, &rg_flat, &flat, N).await;
+            let what_if = what_if(&arm, &rg_flat, &flat, N).await;
             let get = get_identity(&arm, &rg_seq).await;
             measured.push(Round {
                 parallel,
@@ -417,6 +442,7 @@ fn main() {
                 sequential,
                 chained,
                 validate,
+                what_if,
                 get,
             });
         }
@@ -428,6 +454,7 @@ fn main() {
         let (seq, dep_s, r_seq) = pairs(|m| m.sequential, |m| m.deployed.total);
         let (seq_c, chain_t, r_chain) = pairs(|m| m.sequential, |m| m.chained.total);
         let (get, val, r_val) = pairs(|m| m.get, |m| m.validate);
+        let (val_w, wif, r_wif) = pairs(|m| m.validate, |m| m.what_if);
         let by_total = |t: Duration, f: fn(&Round) -> &Deployed| {
             measured.iter().map(f).find(|d| d.total == t).unwrap()
         };
@@ -508,6 +535,14 @@ fn main() {
             ms(get),
             val.as_secs_f64() / get.as_secs_f64(),
             rounds_note(&r_val)
+        );
+        println!(
+            "  what-if (POST …/whatIf) of it where all {N} exist ({N} NoChange): {:.2} ms; ratio to validate {:.1}{}; {:.3} ms per resource vs {:.2} ms for one direct GET",
+            ms(wif),
+            wif.as_secs_f64() / val_w.as_secs_f64(),
+            rounds_note(&r_wif),
+            ms(wif) / N as f64,
+            ms(get)
         );
         srv.shutdown().await;
     });
