@@ -279,6 +279,10 @@ pub async fn start(
         }
     });
 
+    // template deployments whose run stopped with another server (or with this one, before
+    // a restart) run on here
+    let resumer = tokio::spawn(arm::resume_deployments(state.clone()));
+
     let app = app(state.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     // Timeouts, the connection budget and per-caller caps shared with every listener of the
@@ -316,6 +320,6 @@ pub async fn start(
         state,
         bootstrap: boot,
         task,
-        background: vec![rotation, scheduler],
+        background: vec![rotation, scheduler, resumer],
     })
 }

@@ -42,6 +42,9 @@ pub struct ServerConfig {
     pub dev_clock: bool,
     /// How often certificate lifetime actions and purges are checked.
     pub vault_check_interval: std::time::Duration,
+    /// How often a server looks for template deployments whose run stopped with its server
+    /// (their lease lapsed) to run them on.
+    pub deployment_resume_interval: std::time::Duration,
     /// How often the vault cache of the Key Vault data plane reads the store's change feed
     /// (`cache`): a vault changed through another server is seen here within this interval
     /// plus one read of the feed, and never later than twice this interval.
@@ -77,6 +80,7 @@ impl ServerConfig {
             vault_domain: "localhost".into(),
             dev_clock: false,
             vault_check_interval: std::time::Duration::from_secs(60),
+            deployment_resume_interval: std::time::Duration::from_secs(10),
             vault_cache_poll: std::time::Duration::from_millis(500),
             issuer_refetch_interval: std::time::Duration::from_secs(60),
             audit: keyless_ops::audit::Audit::disabled(),

@@ -113,6 +113,17 @@ pub struct Tx {
 }
 
 impl Tx {
+    /// `plaintext` sealed with the key-encryption key, bound to `aad` (what it belongs to):
+    /// for a value a caller of the store keeps in a record of its own.
+    pub fn seal(&self, aad: &str, plaintext: &[u8]) -> Result<Vec<u8>> {
+        self.kek.seal(aad, plaintext)
+    }
+
+    /// What [`Tx::seal`] sealed for `aad`.
+    pub fn open_sealed(&self, aad: &str, sealed: &[u8]) -> Result<Vec<u8>> {
+        self.kek.open(aad, sealed)
+    }
+
     pub(crate) fn conn(&mut self) -> &mut Box<dyn Conn> {
         self.conn.as_mut().expect("transaction already ended")
     }

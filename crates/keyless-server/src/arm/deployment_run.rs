@@ -78,10 +78,17 @@ struct Outcome {
     ended: i64,
 }
 
-/// Run `job` to its end. Never fails: what goes wrong is the deployment's state.
-pub async fn run(s: Arc<AppState>, job: Arc<Job>, front: Front) {
-    // the run's lease, renewed while it runs: readers tell a run whose server stopped by it
-    let (lease, holder) = (run_lease(&job.key), format!("run:{}", job.correlation_id));
+/// A holder of a deployment's run lease, unique to this run in this process.
+pub fn new_holder(job: &Job) -> String {
+    format!("run:{}:{}", job.correlation_id, crate::util::new_guid())
+}
+
+/// Run `job` to its end, holding its lease as `holder` ([`new_holder`]). Never fails: what
+/// goes wrong is the deployment's state.
+pub async fn run(s: Arc<AppState>, job: Arc<Job>, front: Front, holder: String) {
+    // the run's lease, renewed while it runs: readers tell a run whose server stopped by it,
+    // and another server takes over a run whose lease lapsed
+    let lease = run_lease(&job.key);
     if let Err(e) = s
         .store
         .try_lease(&lease, &holder, s.now(), RUN_LEASE_TTL)
@@ -626,18 +633,53 @@ async fn cancel_requested(s: &AppState, job: &Job) -> Result<bool> {
 /// Read-modify-write of the deployment's record in one unit of work; false when it is gone or
 /// belongs to another run.
 async fn update(s: &AppState, job: &Job, f: impl FnOnce(&mut Value)) -> Result<bool> {
+    update_run(s, &job.key, &job.correlation_id, false, f).await
+}
+
+/// [`update`] of deployment `key`'s run `correlation_id`; `end`: the run ends, its resumable
+/// record goes in the same unit of work.
+async fn update_run(
+    s: &AppState,
+    key: &str,
+    correlation_id: &str,
+    end: bool,
+    f: impl FnOnce(&mut Value),
+) -> Result<bool> {
     let mut tx = s.store.write("deployment_run").await?;
-    tx.lock_row("tracked", "key", &job.key).await?;
-    let Some(mut rec) = tx.get_tracked(&job.key).await? else {
+    tx.lock_row("tracked", "key", key).await?;
+    let Some(mut rec) = tx.get_tracked(key).await? else {
         return Ok(false);
     };
-    if !same_run(&rec.body, job) {
+    let same = rec.body["deployment"]["properties"]["correlationId"]
+        .as_str()
+        .is_some_and(|c| c == correlation_id);
+    if !same {
         return Ok(false);
     }
     f(&mut rec.body);
     tx.put_tracked(&rec).await?;
+    if end {
+        tx.delete_tracked(&crate::arm::deployments::run_key(key))
+            .await?;
+    }
     tx.commit().await?;
     Ok(true)
+}
+
+/// End deployment `key`'s run `correlation_id` `Failed` with `error`: a stored run that cannot
+/// be run again ([`crate::arm::deployments::Resume::Stop`]).
+pub async fn stop(s: &AppState, key: &str, correlation_id: &str, error: Value) -> Result<()> {
+    let now = crate::arm::activity::now_micros();
+    update_run(s, key, correlation_id, true, |d| {
+        let started = d["started"].as_i64().unwrap_or(now);
+        let p = &mut d["deployment"]["properties"];
+        p["provisioningState"] = json!("Failed");
+        p["timestamp"] = json!(iso_micros(now));
+        p["duration"] = json!(duration(now - started));
+        p["error"] = error;
+    })
+    .await?;
+    Ok(())
 }
 
 /// Store the run's end.
@@ -650,7 +692,7 @@ async fn finish(
     error: Option<Value>,
 ) -> Result<()> {
     let now = crate::arm::activity::now_micros();
-    update(s, job, |d| {
+    update_run(s, &job.key, &job.correlation_id, true, |d| {
         let started = d["started"].as_i64().unwrap_or(now);
         let p = &mut d["deployment"]["properties"];
         p["provisioningState"] = json!(state);

@@ -27,6 +27,7 @@ use crate::state::AppState;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::Engine as _;
 use keyless_core::api_version;
 use keyless_core::resource_id::{ArmPath, ResourceId, DEPLOYMENT};
 use keyless_core::template::{Level, Plan, Scope};
@@ -199,6 +200,10 @@ struct Prepared {
     /// A what-if's `whatIfSettings.resultFormat` is `ResourceIdOnly`: the changes without their
     /// payloads.
     ids_only: bool,
+    /// What evaluates the template again as this request did (a resumed run): its parameters
+    /// (Key Vault references resolved), the time and the seed. Holds secure values: stored
+    /// sealed only ([`RUN_TYPE`]).
+    resume: Value,
 }
 
 /// The resource group a deployment is in (echo case), after checking it exists; None at
@@ -331,23 +336,13 @@ async fn prepare<T: Sync>(
             details: Vec::new(),
         });
     }
-    let scope = Scope {
-        subscription_id: s.subscription_id.clone(),
-        tenant_id: s.tenant_id.clone(),
-        resource_group: rg.as_ref().map(|g| g.name.clone()).unwrap_or_default(),
-        resource_group_location: rg.as_ref().map(|g| g.location.clone()).unwrap_or_default(),
-        deployment_name: t.name.clone(),
-        level: if rg.is_some() {
-            Level::ResourceGroup
-        } else {
-            Level::Subscription
-        },
-        location: location.clone(),
-        environment: crate::cloud::template_environment(s),
-    };
+    let scope = scope_of_run(s, t, rg.as_ref(), location.clone());
     // secrets the parameters take from key vaults, read as the caller may read them
     crate::arm::kv_references::resolve(s, tx, c.caller, &template, &mut parameters).await?;
-    let plan = Plan::prepare(&template, &parameters, &scope)?;
+    // the time and seed of `utcNow()` / `newGuid()`, kept so that a resumed run evaluates the
+    // same values
+    let (now, seed) = (s.now(), uuid::Uuid::new_v4().as_u128());
+    let plan = Plan::prepare_at(&template, &parameters, &scope, now, seed)?;
     preflight(tx, c.caller, c.providers, &plan).await?;
     let target = Target {
         subscription: t.subscription.clone(),
@@ -364,7 +359,32 @@ async fn prepare<T: Sync>(
         mode,
         location,
         ids_only,
+        resume: json!({"parameters": parameters, "now": now, "seed": seed.to_string()}),
     })
+}
+
+/// Where a deployment's template runs: its group (None at subscription scope), its name, a
+/// subscription-scope deployment's `location`.
+fn scope_of_run(
+    s: &AppState,
+    t: &Target,
+    rg: Option<&keyless_store::ResourceGroupRecord>,
+    location: Option<String>,
+) -> Scope {
+    Scope {
+        subscription_id: s.subscription_id.clone(),
+        tenant_id: s.tenant_id.clone(),
+        resource_group: rg.map(|g| g.name.clone()).unwrap_or_default(),
+        resource_group_location: rg.map(|g| g.location.clone()).unwrap_or_default(),
+        deployment_name: t.name.clone(),
+        level: if rg.is_some() {
+            Level::ResourceGroup
+        } else {
+            Level::Subscription
+        },
+        location,
+        environment: crate::cloud::template_environment(s),
+    }
 }
 
 /// ARM's preflight: every resource is of a type served, at an api-version its provider serves,
@@ -590,7 +610,132 @@ async fn is_active(s: &AppState, tx: &mut Tx, rec: &TrackedRecord) -> Result<boo
         || tx
             .lease_holder(&run_lease(&rec.key), s.now())
             .await?
-            .is_some())
+            .is_some()
+        // a run to resume: a server takes it on within `deployment_resume_interval`
+        || tx.get_tracked(&run_key(&rec.key)).await?.is_some())
+}
+
+/// A deployment's resumable run, stored beside it (`{key}/run`) until it ends: the
+/// deployment's parameters, time, seed, mode and caller, sealed. Not an ARM type: no route
+/// and no list shows it.
+pub const RUN_TYPE: &str = "Microsoft.Resources/deployments/run";
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// The key of deployment `key`'s resumable run.
+pub fn run_key(key: &str) -> String {
+    format!("{key}/run")
+}
+
+fn run_aad(key: &str) -> String {
+    format!("deployment-run:{key}")
+}
+
+/// What [`resume`] makes of a stored run.
+pub enum Resume {
+    /// Run it (its lease is free).
+    Job(Box<Job>),
+    /// Nothing to do: it runs somewhere, it ended, or it is gone.
+    Skip,
+    /// It cannot run again: end it `Failed` with this error.
+    Stop(Value),
+}
+
+/// The job of a stored run (`run`, a [`RUN_TYPE`] record) whose server stopped: its template
+/// evaluated again exactly as its request did (same parameters, time and seed).
+pub async fn resume(s: &AppState, tx: &mut Tx, run: &TrackedRecord) -> Result<Resume> {
+    let Some(key) = run.key.strip_suffix("/run") else {
+        return Ok(Resume::Skip);
+    };
+    let Some(rec) = tx.get_tracked(key).await? else {
+        return Ok(Resume::Skip);
+    };
+    let props = &rec.body["deployment"]["properties"];
+    let running = matches!(
+        props["provisioningState"].as_str(),
+        Some("Accepted" | "Running")
+    );
+    if !running || props["correlationId"] != run.body["correlationId"] {
+        return Ok(Resume::Skip);
+    }
+    let started = rec.body["started"].as_i64().unwrap_or(0);
+    let fresh = crate::arm::activity::now_micros() - started < RUN_LEASE_TTL as i64 * 1_000_000;
+    if fresh || tx.lease_holder(&run_lease(key), s.now()).await?.is_some() {
+        return Ok(Resume::Skip);
+    }
+    let stop = |why: &str| {
+        Ok(Resume::Stop(
+            json!({"code": "DeploymentRunStopped", "message": format!(
+                "The deployment stopped with its server and could not be run again: {why} Deploy it again; what it deployed so far stays."
+            )}),
+        ))
+    };
+    let sealed = run.body["sealed"].as_str().and_then(|b| B64.decode(b).ok());
+    let Some(saved) = sealed
+        .and_then(|b| tx.open_sealed(&run_aad(key), &b).ok())
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    else {
+        return stop("its stored parameters cannot be read.");
+    };
+    let target = Target {
+        subscription: rec.subscription.clone(),
+        resource_group: Some(rec.resource_group.clone()).filter(|g| !g.is_empty()),
+        name: rec.body["deployment"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let group = match &target.resource_group {
+        Some(rg) => match get_resource_group(s, tx, &target.subscription, rg).await {
+            Ok(g) => Some(g),
+            Err(ServerError::Store(e)) => return Err(ServerError::Store(e)),
+            Err(_) => return stop("its resource group is gone."),
+        },
+        None => None,
+    };
+    let location = saved["location"].as_str().map(str::to_string);
+    let scope = scope_of_run(s, &target, group.as_ref(), location);
+    let seed = saved["seed"]
+        .as_str()
+        .and_then(|x| x.parse::<u128>().ok())
+        .unwrap_or_default();
+    let plan = match Plan::prepare_at(
+        &rec.body["template"],
+        &saved["parameters"],
+        &scope,
+        saved["now"].as_u64().unwrap_or_default(),
+        seed,
+    ) {
+        Ok(p) => p,
+        Err(e) => return stop(&e.message),
+    };
+    let mode = if saved["mode"] == "Complete" {
+        Mode::Complete
+    } else {
+        Mode::Incremental
+    };
+    Ok(Resume::Job(Box::new(Job {
+        key: key.to_string(),
+        id: target.canonical(),
+        correlation_id: run.body["correlationId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        subscription: target.subscription.clone(),
+        resource_group: target.resource_group.clone().unwrap_or_default(),
+        plan,
+        mode,
+        caller: Caller {
+            object_id: saved["caller"]["objectId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            client_id: saved["caller"]["clientId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        },
+    })))
 }
 
 /// The deployment as reads show it: a run that stopped with its server is `Failed`.
@@ -693,7 +838,23 @@ async fn put_at<T: Sync>(
             body: json!({"deployment": public, "template": p.template, "cancel": false, "started": now}),
         })
         .await?;
-    if !inserted {
+    if inserted {
+        // what another server needs to run it on if this one stops (sealed: secure values)
+        let mut resume = p.resume.clone();
+        resume["mode"] = json!(p.mode.as_str());
+        resume["location"] = json!(p.location);
+        resume["caller"] = json!({"objectId": c.caller.object_id, "clientId": c.caller.client_id});
+        let key = p.target.key();
+        let sealed = tx.seal(&run_aad(&key), resume.to_string().as_bytes())?;
+        tx.insert_tracked(&TrackedRecord {
+            key: run_key(&key),
+            type_name: RUN_TYPE.into(),
+            subscription: p.target.subscription.clone(),
+            resource_group: p.target.resource_group.clone().unwrap_or_default(),
+            body: json!({"sealed": B64.encode(sealed), "correlationId": correlation_id}),
+        })
+        .await?;
+    } else {
         // another request created it after this one read it absent (a row that did not exist
         // could not be locked): that request's run is the one that goes on
         let rec = load(tx, &p.target).await?.ok_or_else(|| {

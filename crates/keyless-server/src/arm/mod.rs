@@ -220,9 +220,66 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
     // a deployment accepted and committed: run it
     if let Some(deployments::Started(job)) = answer.extensions_mut().remove() {
         let front = front(&s, &job.correlation_id);
-        tokio::spawn(deployment_run::run(s.clone(), job, front));
+        let holder = deployment_run::new_holder(&job);
+        tokio::spawn(deployment_run::run(s.clone(), job, front, holder));
     }
     page.answer(answer)
+}
+
+/// Run again, on this server, the template deployments whose run stopped with its server —
+/// every `deployment_resume_interval`: a reconcile of the stored runs whose lease lapsed. Each
+/// is taken under its run lease (one server takes it; the others see it held), evaluated again
+/// as its request was ([`deployments::resume`]) and run from the start: what it deployed
+/// already is written again unchanged, as a redeployment would. One that cannot run again
+/// ends `Failed`. A pass that fails is logged and retried at the next tick.
+pub async fn resume_deployments(s: Arc<AppState>) {
+    let mut tick = tokio::time::interval(s.cfg.deployment_resume_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = resume_pass(&s).await {
+            tracing::warn!(error = %e, "looking for deployments to resume failed; retrying at the next tick");
+        }
+    }
+}
+
+async fn resume_pass(s: &Arc<AppState>) -> Result<()> {
+    let runs = {
+        let mut tx = s.store.read("deployment_resume").await?;
+        tx.list_tracked(deployments::RUN_TYPE, &s.subscription_id, None)
+            .await?
+    };
+    for run in runs {
+        let what = {
+            let mut tx = s.store.read("deployment_resume").await?;
+            deployments::resume(s, &mut tx, &run).await?
+        };
+        let correlation_id = run.body["correlationId"].as_str().unwrap_or_default();
+        match what {
+            deployments::Resume::Skip => {}
+            deployments::Resume::Stop(error) => {
+                let key = run.key.trim_end_matches("/run");
+                deployment_run::stop(s, key, correlation_id, error).await?;
+            }
+            deployments::Resume::Job(job) => {
+                let holder = deployment_run::new_holder(&job);
+                let lease = deployments::run_lease(&job.key);
+                let ttl = deployments::RUN_LEASE_TTL;
+                if !s.store.try_lease(&lease, &holder, s.now(), ttl).await? {
+                    continue; // another server took it
+                }
+                tracing::info!(deployment = %job.id, "resuming a deployment whose server stopped");
+                let front = front(s, &job.correlation_id);
+                tokio::spawn(deployment_run::run(
+                    s.clone(),
+                    Arc::from(job),
+                    front,
+                    holder,
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The control plane's front door for requests a deployment makes as its caller, each with
@@ -861,7 +918,18 @@ mod tests {
 
     /// A server on `store` (its first start) and a management token of its bootstrap admin.
     async fn server_on(dir: &std::path::Path, store: Store) -> (Arc<AppState>, String) {
-        let cfg = crate::state::ServerConfig::new(dir.join("data"), "127.0.0.1:0".parse().unwrap());
+        server_with(dir, store, |_| {}).await
+    }
+
+    /// [`server_on`] with its configuration changed by `f`.
+    async fn server_with(
+        dir: &std::path::Path,
+        store: Store,
+        f: impl FnOnce(&mut crate::state::ServerConfig),
+    ) -> (Arc<AppState>, String) {
+        let mut cfg =
+            crate::state::ServerConfig::new(dir.join("data"), "127.0.0.1:0".parse().unwrap());
+        f(&mut cfg);
         let run = crate::start(cfg, store, Arc::new(SystemClock::new()))
             .await
             .unwrap();
@@ -1127,6 +1195,113 @@ mod tests {
                     other => panic!("deployment race{i}: {other:?} {got:?}"),
                 }
             }
+        });
+    }
+
+    /// A deployment whose server stops mid-run is run on by another server of the same store
+    /// once its run's lease lapses: readers see it running all along (never failed), and it ends
+    /// Succeeded with everything deployed — its template evaluated again as its request had it
+    /// (the secure parameter stored sealed, `utcNow()` the request's time).
+    #[test]
+    fn a_deployment_whose_server_stopped_is_run_on_by_another_server() {
+        let Some(pg) = keyless_store::testing::PgServer::start() else {
+            return;
+        };
+        let kek = || Kek::from_bytes(&[5u8; 32]).unwrap();
+        const N: usize = 12;
+        const SECRET: &str = "resume-s3cret-value";
+        let template = json!({"$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
+            "contentVersion": "1.0.0.0",
+            "parameters": {"pw": {"type": "securestring"}, "stamp": {"type": "string", "defaultValue": "[utcNow()]"}},
+            "resources": [{"type": "Microsoft.ManagedIdentity/userAssignedIdentities", "apiVersion": "2023-01-31",
+                "name": "[concat('id', copyIndex())]", "location": "local",
+                "copy": {"name": "ids", "count": N, "mode": "serial", "batchSize": 1},
+                "tags": {"stamp": "[parameters('stamp')]", "pw": "[uniqueString(parameters('pw'))]"}}]});
+        let body = json!({"properties": {"mode": "Incremental", "template": template,
+            "parameters": {"pw": {"value": SECRET}}}});
+        // server A accepts the deployment and stops before its run ends (its runtime, and every
+        // task of it, dropped)
+        let dir_a = tempfile::tempdir().unwrap();
+        let rt_a = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (url, dep) = rt_a.block_on(async {
+            let url = pg.database().await;
+            let store =
+                Store::postgres(&keyless_store::postgres::PgOptions::new(url.clone()), kek())
+                    .await
+                    .unwrap();
+            let (s, token) = server_on(dir_a.path(), store).await;
+            let rg = format!("/subscriptions/{}/resourceGroups/rg1", s.subscription_id);
+            call(&s, &token, Method::PUT, &rg, json!({"location": "local"})).await;
+            let dep = format!("{rg}/providers/Microsoft.Resources/deployments/d1");
+            let (st, v) = call(&s, &token, Method::PUT, &dep, body.clone()).await;
+            assert_eq!(st, 201, "{v}");
+            (url, dep)
+        });
+        drop(rt_a);
+        // server B, on the same store, looks for runs to resume every 200 ms
+        let dir_b = tempfile::tempdir().unwrap();
+        let rt_b = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt_b.block_on(async {
+            let store = Store::postgres(&keyless_store::postgres::PgOptions::new(url), kek())
+                .await
+                .unwrap();
+            let (s, token) = server_with(dir_b.path(), store, |cfg| {
+                cfg.deployment_resume_interval = std::time::Duration::from_millis(200);
+            })
+            .await;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            let (_, first) = call(&s, &token, Method::GET, &dep, Value::Null).await;
+            assert_ne!(
+                first["properties"]["provisioningState"], "Succeeded",
+                "server A's run ended before A stopped: nothing to resume"
+            );
+            let shown = loop {
+                let (st, v) = call(&s, &token, Method::GET, &dep, Value::Null).await;
+                assert_eq!(st, 200, "{v}");
+                assert!(!v.to_string().contains(SECRET), "{v}");
+                let state = v["properties"]["provisioningState"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                assert!(
+                    matches!(state.as_str(), "Accepted" | "Running" | "Succeeded"),
+                    "a stopped run that will be resumed reads as running: {v}"
+                );
+                if state == "Succeeded" {
+                    break v;
+                }
+                assert!(std::time::Instant::now() < deadline, "not resumed: {v}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            };
+            let stamp = shown["properties"]["parameters"]["stamp"]["value"].clone();
+            assert!(stamp.is_string(), "{shown}");
+            let rg = dep.split("/providers/").next().unwrap();
+            let mut pw_tags = std::collections::HashSet::new();
+            for i in 0..N {
+                let id = format!(
+                    "{rg}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id{i}"
+                );
+                let (st, v) = call(&s, &token, Method::GET, &id, Value::Null).await;
+                assert_eq!(st, 200, "id{i}: {v}");
+                assert_eq!(v["tags"]["stamp"], stamp, "the request's utcNow(): {v}");
+                pw_tags.insert(v["tags"]["pw"].as_str().unwrap_or_default().to_string());
+            }
+            assert_eq!(pw_tags.len(), 1, "one secure value throughout: {pw_tags:?}");
+            // the run's resumable record went with its end
+            let key = dep.to_ascii_lowercase();
+            let mut tx = s.store.read("test").await.unwrap();
+            assert!(tx
+                .get_tracked(&deployments::run_key(&key))
+                .await
+                .unwrap()
+                .is_none());
         });
     }
 
