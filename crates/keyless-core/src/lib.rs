@@ -35,6 +35,7 @@ pub mod local_endpoints;
 pub mod mic;
 pub mod names;
 pub mod odata;
+pub mod percent;
 pub mod pod_explain;
 pub mod pod_identity;
 pub mod rbac;

@@ -339,22 +339,7 @@ fn end_to_end(from: &HeaderMap) -> HeaderMap {
 /// normalizes it might read it.
 pub fn identity_path(path: &str) -> bool {
     fn decode(s: &str) -> String {
-        let b = s.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if b[i] == b'%' && i + 2 < b.len() {
-                if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-            }
-            out.push(b[i]);
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
+        String::from_utf8_lossy(&keyless_core::percent::decode(s)).into_owned()
     }
     let mut p = path.to_string();
     for _ in 0..3 {
