@@ -441,12 +441,18 @@ fn loop_name(l: &Value, cx: &Ctx) -> Result<String, String> {
 
 /// Evaluate a copy count; ARM's limits (0..=800).
 pub(crate) fn eval_count(v: &Value, cx: &Ctx) -> Result<usize, String> {
-    let c = eval_value(v, cx)?;
+    let outer = cx.env.tainted.replace(false);
+    let c = eval_value(v, cx);
+    let secure = cx.env.tainted.get();
+    cx.env.tainted.set(outer || secure);
+    let c = c?;
     if cx.validate && c.is_null() {
         return Ok(0);
     }
     match c.as_i64() {
         Some(n) if (0..=800).contains(&n) => Ok(n as usize),
+        // a count computed from a secure value is not quoted
+        Some(_) if secure => Err("The copy count must be a non-negative integer value and cannot exceed '800'. Please see https://aka.ms/arm-copy for usage details.".into()),
         Some(n) => Err(format!(
             "The copy count must be a non-negative integer value and cannot exceed '800'. The provided value is '{n}'. Please see https://aka.ms/arm-copy for usage details."
         )),

@@ -373,7 +373,7 @@ impl Plan {
 
         let meter = Meter::default();
         let template_hash = OnceLock::new();
-        let (params, echo) = resolve_parameters(
+        let (params, echo, derived) = resolve_parameters(
             template,
             parameters,
             scope,
@@ -387,6 +387,7 @@ impl Plan {
                 .iter()
                 .filter(|(_, ty, _)| ty.secure())
                 .map(|(n, _, _)| n.to_ascii_lowercase())
+                .chain(derived)
                 .collect(),
             vars: Default::default(),
         };
@@ -888,7 +889,13 @@ fn param_error(msg: String, name: &str) -> TemplateError {
     TemplateError::validation(msg, Some(format!("parameters.{name}")))
 }
 
-type Resolved = (HashMap<String, Value>, Vec<(String, ParamType, Value)>);
+/// The parameters' values, as echoed, and the names of those whose default was computed from a
+/// secure parameter.
+type Resolved = (
+    HashMap<String, Value>,
+    Vec<(String, ParamType, Value)>,
+    HashSet<String>,
+);
 
 fn resolve_parameters(
     template: &Value,
@@ -992,6 +999,15 @@ fn resolve_parameters(
             ));
         }
     }
+    // a default computed from a secure parameter is marked (see `Secure`)
+    let declared = Secure {
+        params: types
+            .iter()
+            .filter(|(_, _, ty)| ty.secure())
+            .map(|(n, _, _)| n.to_ascii_lowercase())
+            .collect(),
+        vars: HashSet::new(),
+    };
     let env = Env {
         scope,
         template,
@@ -1003,7 +1019,7 @@ fn resolve_parameters(
         guid_counter: Cell::new(0),
         meter,
         template_hash,
-        secure: None,
+        secure: Some(&declared),
         tainted: Cell::new(false),
         mask: false,
     };
@@ -1024,7 +1040,8 @@ fn resolve_parameters(
         echo.push((name.clone(), ty, v.clone()));
         values.insert(key, v);
     }
-    Ok((values, echo))
+    let derived = lazy.tainted.borrow().clone();
+    Ok((values, echo, derived))
 }
 
 fn check_parameter(name: &str, def: &Value, ty: ParamType, v: &Value) -> Result<(), TemplateError> {

@@ -2029,3 +2029,53 @@ fn date_uri_data_and_collection_functions_evaluate_like_arm() {
         assert!(e.message.contains(want), "{expr}: {}", e.message);
     }
 }
+
+#[test]
+fn what_is_computed_from_a_secure_parameter_is_secure_too() {
+    let mut t = tpl(json!([{
+        "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "apiVersion": "2023-01-31",
+        "name": "id1",
+        "tags": {"copied": "[parameters('copy')]"},
+        "properties": {"n": "[length(createArray(1))]"},
+    }]));
+    t["parameters"] = json!({"pw": {"type": "securestring"}, "obj": {"type": "secureObject"},
+        "copy": {"type": "string", "defaultValue": "[concat('x', parameters('pw'))]"}});
+    let params = json!({"pw": {"value": "hunter2secret"}, "obj": {"value": {"pin": 98765}}});
+    // a default computed from a secure parameter is masked where shown
+    let plan = prep(&t, params.clone()).unwrap();
+    let shown = plan.body_shown(0, &NoReferences).unwrap();
+    assert_eq!(shown["tags"]["copied"], SECURE_MASK, "{shown}");
+    // a copy count computed from one is not quoted when refused
+    t["resources"][0]["copy"] = json!({"name": "c", "count": "[parameters('obj').pin]"});
+    t["resources"][0]["name"] = json!("[concat('id', copyIndex())]");
+    let e = prep(&t, params).unwrap_err();
+    assert!(!e.message.contains("98765"), "{}", e.message);
+}
+
+#[test]
+fn a_lambdas_variables_are_charged_each_time_its_body_sees_them() {
+    // the 2 MiB value is in scope of 20 inner bodies: 40 MiB copied, over the 16 MiB budget
+    // (uncharged, each copy was free and a large value times many calls ran for minutes)
+    let mut t = tpl(json!([{
+        "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "apiVersion": "2023-01-31",
+        "name": "id1",
+        "properties": {"v": "[map(createArray(parameters('big')), lambda('s', map(range(0, 20), lambda('j', 1))))]"},
+    }]));
+    t["parameters"] = json!({"big": {"type": "string"}});
+    let big = "x".repeat(2 * 1024 * 1024);
+    // validation evaluates the body already: refused there
+    let e = prep(&t, json!({"big": {"value": big}})).unwrap_err();
+    assert!(e.message.contains("exceed the limit"), "{}", e.message);
+    // a small value in scope of the same calls is fine
+    assert_eq!(
+        prep(&t, json!({"big": {"value": "small"}}))
+            .unwrap()
+            .body(0, &NoReferences)
+            .unwrap()["properties"]["v"][0]
+            .as_array()
+            .map(Vec::len),
+        Some(20)
+    );
+}

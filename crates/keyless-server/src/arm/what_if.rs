@@ -190,9 +190,10 @@ async fn nested(
             "Deployments nested more than {MAX_NESTING} deep are not looked into."
         ));
     }
-    // the values the run would give it (secure ones too: its own template decides what is
-    // secure there)
-    let body = match plan.body(i, &Predicted(predicted)) {
+    // the values the run would give it, secure ones masked (an outer-scope nested template
+    // inlines this template's values; an inner one may take a secure value as a plain
+    // parameter): a template that cannot be evaluated masked is Unsupported
+    let body = match plan.body_shown(i, &Predicted(predicted)) {
         Ok(b) => b,
         Err(e) => return unsupported(&needs_the_run(&e.message)),
     };

@@ -20,6 +20,10 @@ impl Lambda<'_> {
     /// The body with the variables bound to `values` (extra values are dropped: a lambda may
     /// leave out an optional index).
     fn apply(&self, cx: &Ctx, values: Vec<Value>) -> Result<Value, String> {
+        // the variables in scope are copied into the body's context: charged as any copy
+        for (_, v) in &cx.lambda {
+            cx.env.meter.charge_value(v)?;
+        }
         let cx = cx.with_lambda(self.vars.iter().cloned().zip(values));
         eval_expr(self.body, &cx)
     }

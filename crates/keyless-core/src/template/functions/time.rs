@@ -20,6 +20,10 @@ fn bad_time(name: &str, v: &str) -> String {
 /// zone: UTC), `2020-04-07` and `20200407T145314Z`.
 fn parse_time(text: &str) -> Option<(i64, bool)> {
     let t = text.trim();
+    // every form is ASCII (and slicing at byte offsets below needs it)
+    if !t.is_ascii() {
+        return None;
+    }
     let digits = |s: &str| -> Option<i64> {
         (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
             .then(|| s.parse().ok())
@@ -204,6 +208,10 @@ mod tests {
             "yesterday",
             "2020-04-07T25:00:00Z",
             "2020-04-07X",
+            // not ASCII: refused, never sliced through a character
+            "aaaéxxxT123456Z",
+            "2020-04-0é",
+            "2020-04-07T14:53:1é",
         ] {
             assert_eq!(parse_time(bad), None, "{bad}");
         }
