@@ -9,8 +9,10 @@
 //! final state. Error policy: a failed resource fails the deployment, never the run; a store
 //! error ends the run and is logged (the deployment then shows `Failed` if it can be written).
 //!
-//! A deployment runs in the process that accepted it; a run stopped by the process's end stays
-//! `Running` (noted in the issue; ARM resumes it elsewhere).
+//! A deployment runs in the process that accepted it, under its run lease; a run stopped by
+//! the process's end is taken over, once the lease lapses, by a server of the same store
+//! ([`crate::arm::resume_deployments`]). A run that finds its lease taken (it could not renew it
+//! in time) stops at once: the server now holding it runs the deployment.
 
 use crate::arm::deployments::{
     duration, iso_micros, operation_key, run_lease, Job, Mode, OPERATION_TYPE, RUN_LEASE_TTL,
@@ -89,29 +91,52 @@ pub async fn run(s: Arc<AppState>, job: Arc<Job>, front: Front, holder: String) 
     // the run's lease, renewed while it runs: readers tell a run whose server stopped by it,
     // and another server takes over a run whose lease lapsed
     let lease = run_lease(&job.key);
-    if let Err(e) = s
+    match s
         .store
         .try_lease(&lease, &holder, s.now(), RUN_LEASE_TTL)
         .await
     {
-        tracing::warn!(deployment = %job.id, error = %e, "taking a deployment run's lease failed");
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(deployment = %job.id, "another server holds this deployment's run; it is left to that one");
+            return;
+        }
+        Err(e) => {
+            // without the lease another server could run it too: left to the resumer
+            tracing::warn!(deployment = %job.id, error = %e, "taking a deployment run's lease failed; a server resumes it when the store answers");
+            return;
+        }
     }
+    let lost = Arc::new(tokio::sync::Notify::new());
     let renew = AbortOnDrop(tokio::spawn({
-        let (s, lease, holder) = (s.clone(), lease.clone(), holder.clone());
+        let (s, lease, holder, lost) = (s.clone(), lease.clone(), holder.clone(), lost.clone());
         async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(RUN_LEASE_TTL / 3)).await;
-                if let Err(e) = s
+                match s
                     .store
                     .try_lease(&lease, &holder, s.now(), RUN_LEASE_TTL)
                     .await
                 {
-                    tracing::warn!(error = %e, "renewing a deployment run's lease failed");
+                    Ok(true) => {}
+                    Ok(false) => {
+                        lost.notify_one();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "renewing a deployment run's lease failed")
+                    }
                 }
             }
         }
     }));
-    drive_or_fail(&s, &job, &front).await;
+    tokio::select! {
+        () = drive_or_fail(&s, &job, &front) => {}
+        () = lost.notified() => {
+            tracing::error!(deployment = %job.id, "this deployment's run lease was taken over (it lapsed before it was renewed); this run stops, the server holding it goes on");
+            return;
+        }
+    }
     drop(renew);
     if let Err(e) = s.store.release_lease(&lease, &holder).await {
         tracing::warn!(deployment = %job.id, error = %e, "releasing a deployment run's lease failed; it expires by itself");

@@ -627,8 +627,13 @@ pub fn run_key(key: &str) -> String {
     format!("{key}/run")
 }
 
-fn run_aad(key: &str) -> String {
-    format!("deployment-run:{key}")
+/// What the sealed run is bound to: its deployment, its run and its template (a record moved,
+/// replayed or given another template does not open).
+fn run_aad(key: &str, correlation_id: &str, template: &Value) -> String {
+    format!(
+        "deployment-run:{key}:{correlation_id}:{}",
+        Plan::template_hash(template)
+    )
 }
 
 /// What [`resume`] makes of a stored run.
@@ -641,12 +646,30 @@ pub enum Resume {
     Stop(Value),
 }
 
+/// Whether deployment `key`'s run `correlation_id` still waits to be run: checked again once
+/// a server holds its lease (another may have taken and ended it meanwhile).
+pub async fn still_pending(tx: &mut Tx, key: &str, correlation_id: &str) -> Result<bool> {
+    let Some(rec) = tx.get_tracked(key).await? else {
+        return Ok(false);
+    };
+    let props = &rec.body["deployment"]["properties"];
+    Ok(matches!(
+        props["provisioningState"].as_str(),
+        Some("Accepted" | "Running")
+    ) && props["correlationId"].as_str() == Some(correlation_id)
+        && tx.get_tracked(&run_key(key)).await?.is_some())
+}
+
 /// The job of a stored run (`run`, a [`RUN_TYPE`] record) whose server stopped: its template
 /// evaluated again exactly as its request did (same parameters, time and seed).
 pub async fn resume(s: &AppState, tx: &mut Tx, run: &TrackedRecord) -> Result<Resume> {
     let Some(key) = run.key.strip_suffix("/run") else {
         return Ok(Resume::Skip);
     };
+    // the cheap check first: a run whose lease is held goes on where it is
+    if tx.lease_holder(&run_lease(key), s.now()).await?.is_some() {
+        return Ok(Resume::Skip);
+    }
     let Some(rec) = tx.get_tracked(key).await? else {
         return Ok(Resume::Skip);
     };
@@ -660,7 +683,7 @@ pub async fn resume(s: &AppState, tx: &mut Tx, run: &TrackedRecord) -> Result<Re
     }
     let started = rec.body["started"].as_i64().unwrap_or(0);
     let fresh = crate::arm::activity::now_micros() - started < RUN_LEASE_TTL as i64 * 1_000_000;
-    if fresh || tx.lease_holder(&run_lease(key), s.now()).await?.is_some() {
+    if fresh {
         return Ok(Resume::Skip);
     }
     let stop = |why: &str| {
@@ -671,8 +694,10 @@ pub async fn resume(s: &AppState, tx: &mut Tx, run: &TrackedRecord) -> Result<Re
         ))
     };
     let sealed = run.body["sealed"].as_str().and_then(|b| B64.decode(b).ok());
+    let correlation_id = run.body["correlationId"].as_str().unwrap_or_default();
+    let aad = run_aad(key, correlation_id, &rec.body["template"]);
     let Some(saved) = sealed
-        .and_then(|b| tx.open_sealed(&run_aad(key), &b).ok())
+        .and_then(|b| tx.open_sealed(&aad, &b).ok())
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
     else {
         return stop("its stored parameters cannot be read.");
@@ -845,7 +870,8 @@ async fn put_at<T: Sync>(
         resume["location"] = json!(p.location);
         resume["caller"] = json!({"objectId": c.caller.object_id, "clientId": c.caller.client_id});
         let key = p.target.key();
-        let sealed = tx.seal(&run_aad(&key), resume.to_string().as_bytes())?;
+        let aad = run_aad(&key, &correlation_id, &p.template);
+        let sealed = tx.seal(&aad, resume.to_string().as_bytes())?;
         tx.insert_tracked(&TrackedRecord {
             key: run_key(&key),
             type_name: RUN_TYPE.into(),

@@ -233,12 +233,25 @@ async fn dispatch(s: &Arc<AppState>, caller: &Caller, req: Request) -> Result<Re
 /// already is written again unchanged, as a redeployment would. One that cannot run again
 /// ends `Failed`. A pass that fails is logged and retried at the next tick.
 pub async fn resume_deployments(s: Arc<AppState>) {
+    use futures::FutureExt as _;
     let mut tick = tokio::time::interval(s.cfg.deployment_resume_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = resume_pass(&s).await {
-            tracing::warn!(error = %e, "looking for deployments to resume failed; retrying at the next tick");
+        // a panic in one pass is logged like an error: the loop goes on
+        match std::panic::AssertUnwindSafe(resume_pass(&s))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "looking for deployments to resume failed; retrying at the next tick")
+            }
+            Err(_) => {
+                tracing::error!(
+                    "looking for deployments to resume panicked; retrying at the next tick"
+                )
+            }
         }
     }
 }
@@ -255,29 +268,41 @@ async fn resume_pass(s: &Arc<AppState>) -> Result<()> {
             deployments::resume(s, &mut tx, &run).await?
         };
         let correlation_id = run.body["correlationId"].as_str().unwrap_or_default();
+        let key = run.key.trim_end_matches("/run");
+        if matches!(what, deployments::Resume::Skip) {
+            continue;
+        }
+        // one server acts on it: the one that takes its lease, and finds it still waiting
+        let holder = format!("resume:{correlation_id}:{}", crate::util::new_guid());
+        let lease = deployments::run_lease(key);
+        let ttl = deployments::RUN_LEASE_TTL;
+        if !s.store.try_lease(&lease, &holder, s.now(), ttl).await? {
+            continue;
+        }
+        let pending = {
+            let mut tx = s.store.read("deployment_resume").await?;
+            deployments::still_pending(&mut tx, key, correlation_id).await?
+        };
         match what {
+            _ if !pending => {}
             deployments::Resume::Skip => {}
             deployments::Resume::Stop(error) => {
-                let key = run.key.trim_end_matches("/run");
                 deployment_run::stop(s, key, correlation_id, error).await?;
             }
             deployments::Resume::Job(job) => {
-                let holder = deployment_run::new_holder(&job);
-                let lease = deployments::run_lease(&job.key);
-                let ttl = deployments::RUN_LEASE_TTL;
-                if !s.store.try_lease(&lease, &holder, s.now(), ttl).await? {
-                    continue; // another server took it
-                }
                 tracing::info!(deployment = %job.id, "resuming a deployment whose server stopped");
                 let front = front(s, &job.correlation_id);
+                // the run renews the lease under the same holder
                 tokio::spawn(deployment_run::run(
                     s.clone(),
                     Arc::from(job),
                     front,
                     holder,
                 ));
+                continue;
             }
         }
+        s.store.release_lease(&lease, &holder).await?;
     }
     Ok(())
 }
@@ -1293,8 +1318,32 @@ mod tests {
                 assert_eq!(v["tags"]["stamp"], stamp, "the request's utcNow(): {v}");
                 pw_tags.insert(v["tags"]["pw"].as_str().unwrap_or_default().to_string());
             }
-            assert_eq!(pw_tags.len(), 1, "one secure value throughout: {pw_tags:?}");
-            // the run's resumable record went with its end
+            // the request's secure value, restored from the sealed record
+            let expected = {
+                let t = json!({"$schema": "x", "contentVersion": "1.0.0.0", "resources": [],
+                    "outputs": {"u": {"type": "string", "value": format!("[uniqueString('{SECRET}')]")}}});
+                let scope = keyless_core::template::Scope {
+                    level: keyless_core::template::Level::ResourceGroup,
+                    subscription_id: "s".into(),
+                    tenant_id: "t".into(),
+                    resource_group: "rg".into(),
+                    resource_group_location: "local".into(),
+                    deployment_name: "d".into(),
+                    location: None,
+                    environment: Value::Null,
+                };
+                let plan = keyless_core::template::Plan::prepare(&t, &json!({}), &scope).unwrap();
+                let out = plan
+                    .outputs(&keyless_core::template::NoReferences)
+                    .unwrap();
+                out["u"]["value"].as_str().unwrap().to_string()
+            };
+            assert_eq!(
+                pw_tags,
+                std::collections::HashSet::from([expected]),
+                "the secure parameter as the request gave it"
+            );
+            // the run's resumable record went with its end; no stored row holds the value
             let key = dep.to_ascii_lowercase();
             let mut tx = s.store.read("test").await.unwrap();
             assert!(tx
@@ -1302,6 +1351,8 @@ mod tests {
                 .await
                 .unwrap()
                 .is_none());
+            let rec = tx.get_tracked(&key).await.unwrap().unwrap();
+            assert!(!rec.body.to_string().contains(SECRET));
         });
     }
 
