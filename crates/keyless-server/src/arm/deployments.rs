@@ -660,6 +660,15 @@ pub async fn still_pending(tx: &mut Tx, key: &str, correlation_id: &str) -> Resu
         && tx.get_tracked(&run_key(key)).await?.is_some())
 }
 
+/// A resumed run starts over: the operations its stopped server recorded go, so that the
+/// deployment's operations are this run's.
+pub async fn start_over(tx: &mut Tx, key: &str) -> Result<()> {
+    for op in tx.list_tracked_under(key, OPERATION_TYPE).await? {
+        tx.delete_tracked(&op.key).await?;
+    }
+    Ok(())
+}
+
 /// The job of a stored run (`run`, a [`RUN_TYPE`] record) whose server stopped: its template
 /// evaluated again exactly as its request did (same parameters, time and seed).
 pub async fn resume(s: &AppState, tx: &mut Tx, run: &TrackedRecord) -> Result<Resume> {

@@ -291,6 +291,9 @@ async fn resume_pass(s: &Arc<AppState>) -> Result<()> {
             }
             deployments::Resume::Job(job) => {
                 tracing::info!(deployment = %job.id, "resuming a deployment whose server stopped");
+                let mut tx = s.store.write("deployment_resume").await?;
+                deployments::start_over(&mut tx, key).await?;
+                tx.commit().await?;
                 let front = front(s, &job.correlation_id);
                 // the run renews the lease under the same holder
                 tokio::spawn(deployment_run::run(
@@ -1266,6 +1269,8 @@ mod tests {
             (url, dep)
         });
         drop(rt_a);
+        // as if A had recorded an operation before it stopped
+        let stale = rt_b_setup_stale(&url, &dep, kek());
         // server B, on the same store, looks for runs to resume every 200 ms
         let dir_b = tempfile::tempdir().unwrap();
         let rt_b = tokio::runtime::Builder::new_multi_thread()
@@ -1353,7 +1358,43 @@ mod tests {
                 .is_none());
             let rec = tx.get_tracked(&key).await.unwrap().unwrap();
             assert!(!rec.body.to_string().contains(SECRET));
+            // the resumed run started over: its operations are its own, one per resource
+            assert!(tx.get_tracked(&stale).await.unwrap().is_none());
+            let ops = tx
+                .list_tracked_under(&key, deployments::OPERATION_TYPE)
+                .await
+                .unwrap();
+            assert_eq!(ops.len(), N, "{ops:?}");
         });
+    }
+
+    /// An operation row for deployment `dep` as a stopped run leaves it: its key.
+    fn rt_b_setup_stale(url: &str, dep: &str, kek: Kek) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = Store::postgres(&keyless_store::postgres::PgOptions::new(url), kek)
+                .await
+                .unwrap();
+            let key = dep.to_ascii_lowercase();
+            let rec = {
+                let mut tx = store.read("test").await.unwrap();
+                tx.get_tracked(&key).await.unwrap().unwrap()
+            };
+            let op = keyless_store::TrackedRecord {
+                key: deployments::operation_key(&key, "STALE0000000000"),
+                type_name: deployments::OPERATION_TYPE.into(),
+                subscription: rec.subscription.clone(),
+                resource_group: rec.resource_group.clone(),
+                body: json!({"id": format!("{dep}/operations/STALE0000000000"), "properties": {}}),
+            };
+            let mut tx = store.write("test").await.unwrap();
+            tx.put_tracked(&op).await.unwrap();
+            tx.commit().await.unwrap();
+            op.key
+        })
     }
 
     #[tokio::test]

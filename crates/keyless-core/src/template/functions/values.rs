@@ -1,6 +1,6 @@
 //! Conversions and collection functions: `uri`, `uriComponent`, `uriComponentToString`,
 //! `dataUri`, `dataUriToString`, `base64ToJson`, `array`, `flatten`, `shallowMerge`, `tryGet`,
-//! `objectKeys`.
+//! `objectKeys`, `indexFromEnd`, `tryIndexFromEnd`.
 
 use super::{arity, arr, s, wrong_type};
 use base64::Engine as _;
@@ -57,6 +57,8 @@ pub(super) const NAMES: &[&str] = &[
     "shallowmerge",
     "tryget",
     "objectkeys",
+    "indexfromend",
+    "tryindexfromend",
 ];
 
 /// The functions here, if `lname` (lower-case) is one.
@@ -169,6 +171,20 @@ pub(super) fn apply(name: &str, lname: &str, a: &[Value]) -> Option<Result<Value
                 .as_object()
                 .ok_or_else(|| wrong_type(name, "Object", &a[0]))?;
             Ok(Value::Array(o.keys().cloned().map(Value::String).collect()))
+        }
+        "indexfromend" | "tryindexfromend" => {
+            arity(name, n, 2, 2)?;
+            let items = arr(name, &a[0])?;
+            let back = super::int(name, &a[1])?;
+            let item = usize::try_from(back)
+                .ok()
+                .filter(|&b| b >= 1 && b <= items.len())
+                .map(|b| items[items.len() - b].clone());
+            match item {
+                Some(v) => Ok(v),
+                None if lname == "tryindexfromend" => Ok(Value::Null),
+                None => Err(format!("The template language function '{name}' cannot find the item {back} from the end of an array of {} item(s): the index is from 1 to the array's length. Please see https://aka.ms/arm-functions for usage details.", items.len())),
+            }
         }
         // not reached: NAMES
         _ => Ok(Value::Null),
