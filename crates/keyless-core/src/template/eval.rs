@@ -218,13 +218,10 @@ impl<'a> Lazy<'a> {
         let _level = env.meter.enter()?;
         self.active.borrow_mut().push(name.to_string());
         let cx = Ctx::new(env, self.phase);
-        let outer = env.tainted.replace(false);
-        let r = match def {
+        let (r, tainted) = env.watch_secure(|| match def {
             Def::Value(v) => eval_value(v, &cx),
             Def::Loop(entry) => eval_loop(entry, &cx, LoopKind::Variable, "input"),
-        };
-        let tainted = env.tainted.get();
-        env.tainted.set(outer || tainted);
+        });
         if tainted {
             self.tainted.borrow_mut().insert(name.to_string());
         }
@@ -298,6 +295,16 @@ impl Env<'_> {
             }
             Src::Empty => Ok(None),
         }
+    }
+
+    /// `f`'s result and whether it read a secure value (on its own: what was read before it
+    /// stays marked for the enclosing evaluation, and so does what `f` read).
+    pub fn watch_secure<T>(&self, f: impl FnOnce() -> T) -> (T, bool) {
+        let outer = self.tainted.replace(false);
+        let r = f();
+        let read = self.tainted.get();
+        self.tainted.set(outer || read);
+        (r, read)
     }
 
     pub fn param(&self, name: &str) -> Result<Option<Value>, String> {
@@ -441,10 +448,7 @@ fn loop_name(l: &Value, cx: &Ctx) -> Result<String, String> {
 
 /// Evaluate a copy count; ARM's limits (0..=800).
 pub(crate) fn eval_count(v: &Value, cx: &Ctx) -> Result<usize, String> {
-    let outer = cx.env.tainted.replace(false);
-    let c = eval_value(v, cx);
-    let secure = cx.env.tainted.get();
-    cx.env.tainted.set(outer || secure);
+    let (c, secure) = cx.env.watch_secure(|| eval_value(v, cx));
     let c = c?;
     if cx.validate && c.is_null() {
         return Ok(0);
@@ -499,13 +503,10 @@ pub(crate) fn eval_string(s: &str, cx: &Ctx) -> Result<Value, String> {
                 }
             }
             // whether this expression reads a secure value, on its own
-            let outer = cx.env.tainted.replace(false);
-            let r = match eval_expr(&parsed, cx) {
+            let (r, tainted) = cx.env.watch_secure(|| match eval_expr(&parsed, cx) {
                 Err(e) if cx.validate && e == DEFER => Ok(Value::Null),
                 r => r,
-            };
-            let tainted = cx.env.tainted.get();
-            cx.env.tainted.set(outer || tainted);
+            });
             if !tainted {
                 return r;
             }

@@ -274,6 +274,8 @@ pub struct Plan {
     template_hash: OnceLock<String>,
     /// The secure parameters and the variables computed from them.
     secure: Secure,
+    /// [`Plan::dependency_order`].
+    order: Vec<usize>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -373,7 +375,7 @@ impl Plan {
 
         let meter = Meter::default();
         let template_hash = OnceLock::new();
-        let (params, echo, derived) = resolve_parameters(
+        let (params, echo, secure_params) = resolve_parameters(
             template,
             parameters,
             scope,
@@ -383,12 +385,7 @@ impl Plan {
             &template_hash,
         )?;
         let mut secure = Secure {
-            params: echo
-                .iter()
-                .filter(|(_, ty, _)| ty.secure())
-                .map(|(n, _, _)| n.to_ascii_lowercase())
-                .chain(derived)
-                .collect(),
+            params: secure_params,
             vars: Default::default(),
         };
         let vars;
@@ -573,7 +570,7 @@ impl Plan {
             });
             instances.push(p.inst);
         }
-        check_cycles(&planned)?;
+        let order = dependency_order(&planned)?;
 
         // Validate what can be evaluated now (reference() waits for the deployment).
         env.names = Some(&names);
@@ -603,7 +600,13 @@ impl Plan {
             names,
             template_hash,
             secure,
+            order,
         })
+    }
+
+    /// The resources' indices, each after those it depends on.
+    pub fn dependency_order(&self) -> &[usize] {
+        &self.order
     }
 
     fn env<'a>(&'a self, meter: &'a Meter) -> Env<'a> {
@@ -889,8 +892,8 @@ fn param_error(msg: String, name: &str) -> TemplateError {
     TemplateError::validation(msg, Some(format!("parameters.{name}")))
 }
 
-/// The parameters' values, as echoed, and the names of those whose default was computed from a
-/// secure parameter.
+/// The parameters' values, as echoed, and the names of the secure ones: declared secure, or
+/// with a default computed from one that is.
 type Resolved = (
     HashMap<String, Value>,
     Vec<(String, ParamType, Value)>,
@@ -1040,8 +1043,9 @@ fn resolve_parameters(
         echo.push((name.clone(), ty, v.clone()));
         values.insert(key, v);
     }
-    let derived = lazy.tainted.borrow().clone();
-    Ok((values, echo, derived))
+    let mut secure = declared.params;
+    secure.extend(lazy.tainted.borrow().iter().cloned());
+    Ok((values, echo, secure))
 }
 
 fn check_parameter(name: &str, def: &Value, ty: ParamType, v: &Value) -> Result<(), TemplateError> {
@@ -1646,8 +1650,9 @@ fn scan_expr(e: &expr::Expr, cx: &Ctx, out: &mut Vec<String>) {
     }
 }
 
-/// Kahn's algorithm; on a cycle, name a resource on it.
-fn check_cycles(rs: &[PlannedResource]) -> Result<(), TemplateError> {
+/// The resources' indices, each after those it depends on (Kahn's algorithm); on a cycle, the
+/// error names a resource on it.
+fn dependency_order(rs: &[PlannedResource]) -> Result<Vec<usize>, TemplateError> {
     let n = rs.len();
     let mut remaining: Vec<usize> = rs.iter().map(|r| r.depends_on.len()).collect();
     let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -1657,9 +1662,9 @@ fn check_cycles(rs: &[PlannedResource]) -> Result<(), TemplateError> {
         }
     }
     let mut ready: Vec<usize> = (0..n).filter(|&i| remaining[i] == 0).collect();
-    let mut done = 0;
+    let mut order = Vec::with_capacity(n);
     while let Some(i) = ready.pop() {
-        done += 1;
+        order.push(i);
         for &j in &dependents[i] {
             remaining[j] -= 1;
             if remaining[j] == 0 {
@@ -1667,8 +1672,8 @@ fn check_cycles(rs: &[PlannedResource]) -> Result<(), TemplateError> {
             }
         }
     }
-    if done == n {
-        return Ok(());
+    if order.len() == n {
+        return Ok(order);
     }
     // Walk unfinished dependencies until one repeats: that one is on a cycle.
     let mut seen = HashSet::new();

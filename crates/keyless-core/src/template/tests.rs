@@ -2079,3 +2079,28 @@ fn a_lambdas_variables_are_charged_each_time_its_body_sees_them() {
         Some(20)
     );
 }
+
+#[test]
+fn the_dependency_order_puts_each_resource_after_what_it_depends_on() {
+    let id = |name: &str, deps: Value| {
+        json!({"type": "Microsoft.ManagedIdentity/userAssignedIdentities", "apiVersion": "2023-01-31",
+            "name": name, "dependsOn": deps})
+    };
+    // c → b → a, d → a (listed twice), e alone; written out of order
+    let t = tpl(json!([
+        id("c", json!(["b"])),
+        id("d", json!(["a", "a"])),
+        id("b", json!(["a"])),
+        id("e", json!([])),
+        id("a", json!([])),
+    ]));
+    let plan = prep(&t, json!({})).unwrap();
+    let order = plan.dependency_order();
+    assert_eq!(order.len(), plan.resources.len());
+    let pos = |i: usize| order.iter().position(|&x| x == i).unwrap();
+    for (i, r) in plan.resources.iter().enumerate() {
+        for &d in &r.depends_on {
+            assert!(pos(d) < pos(i), "{order:?}");
+        }
+    }
+}

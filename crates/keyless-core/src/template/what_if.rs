@@ -190,16 +190,16 @@ fn same(path: &str, a: &Value, b: &Value) -> bool {
             }
             x.starts_with('/') && x.eq_ignore_ascii_case(y)
         }
-        (Value::Object(x), Value::Object(y)) => {
-            let member = |m: &Map<String, Value>, k: &str| m.get(k).filter(|v| !empty(v)).cloned();
-            x.keys()
-                .chain(y.keys())
-                .all(|k| match (member(x, k), member(y, k)) {
-                    (None, None) => true,
-                    (Some(v), Some(w)) => same(&join(path, k), &v, &w),
-                    _ => false,
-                })
-        }
+        (Value::Object(x), Value::Object(y)) => x.keys().chain(y.keys()).all(|k| {
+            match (
+                x.get(k).filter(|v| !empty(v)),
+                y.get(k).filter(|v| !empty(v)),
+            ) {
+                (None, None) => true,
+                (Some(v), Some(w)) => same(&join(path, k), v, w),
+                _ => false,
+            }
+        }),
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same(path, v, w))
         }

@@ -639,9 +639,7 @@ async fn record(s: &AppState, job: &Job, r: &PlannedResource, outcome: &Outcome)
 }
 
 fn same_run(record: &Value, job: &Job) -> bool {
-    record["deployment"]["properties"]["correlationId"]
-        .as_str()
-        .is_some_and(|c| c == job.correlation_id)
+    crate::arm::deployments::is_run(record, &job.correlation_id)
 }
 
 /// Whether a cancel was asked for this run.
@@ -675,10 +673,7 @@ async fn update_run(
     let Some(mut rec) = tx.get_tracked(key).await? else {
         return Ok(false);
     };
-    let same = rec.body["deployment"]["properties"]["correlationId"]
-        .as_str()
-        .is_some_and(|c| c == correlation_id);
-    if !same {
+    if !crate::arm::deployments::is_run(&rec.body, correlation_id) {
         return Ok(false);
     }
     f(&mut rec.body);
@@ -694,17 +689,16 @@ async fn update_run(
 /// End deployment `key`'s run `correlation_id` `Failed` with `error`: a stored run that cannot
 /// be run again ([`crate::arm::deployments::Resume::Stop`]).
 pub async fn stop(s: &AppState, key: &str, correlation_id: &str, error: Value) -> Result<()> {
-    let now = crate::arm::activity::now_micros();
-    update_run(s, key, correlation_id, true, |d| {
-        let started = d["started"].as_i64().unwrap_or(now);
-        let p = &mut d["deployment"]["properties"];
-        p["provisioningState"] = json!("Failed");
-        p["timestamp"] = json!(iso_micros(now));
-        p["duration"] = json!(duration(now - started));
-        p["error"] = error;
-    })
-    .await?;
-    Ok(())
+    end(
+        s,
+        key,
+        correlation_id,
+        "Failed",
+        None,
+        Vec::new(),
+        Some(error),
+    )
+    .await
 }
 
 /// Store the run's end.
@@ -716,8 +710,30 @@ async fn finish(
     deployed: Vec<Value>,
     error: Option<Value>,
 ) -> Result<()> {
+    end(
+        s,
+        &job.key,
+        &job.correlation_id,
+        state,
+        outputs,
+        deployed,
+        error,
+    )
+    .await
+}
+
+/// Store run `correlation_id`'s end in deployment `key`'s record; its resumable record goes.
+async fn end(
+    s: &AppState,
+    key: &str,
+    correlation_id: &str,
+    state: &str,
+    outputs: Option<Value>,
+    deployed: Vec<Value>,
+    error: Option<Value>,
+) -> Result<()> {
     let now = crate::arm::activity::now_micros();
-    update_run(s, &job.key, &job.correlation_id, true, |d| {
+    update_run(s, key, correlation_id, true, |d| {
         let started = d["started"].as_i64().unwrap_or(now);
         let p = &mut d["deployment"]["properties"];
         p["provisioningState"] = json!(state);

@@ -200,10 +200,12 @@ struct Prepared {
     /// A what-if's `whatIfSettings.resultFormat` is `ResourceIdOnly`: the changes without their
     /// payloads.
     ids_only: bool,
-    /// What evaluates the template again as this request did (a resumed run): its parameters
-    /// (Key Vault references resolved), the time and the seed. Holds secure values: stored
-    /// sealed only ([`RUN_TYPE`]).
-    resume: Value,
+    /// The parameters as evaluated (Key Vault references resolved: secure values, stored
+    /// sealed only — [`RUN_TYPE`]), and the time and seed of `utcNow()` / `newGuid()`: what
+    /// evaluates the template again as this request did (a resumed run).
+    parameters: Value,
+    now: u64,
+    seed: u128,
 }
 
 /// The resource group a deployment is in (echo case), after checking it exists; None at
@@ -359,7 +361,9 @@ async fn prepare<T: Sync>(
         mode,
         location,
         ids_only,
-        resume: json!({"parameters": parameters, "now": now, "seed": seed.to_string()}),
+        parameters,
+        now,
+        seed,
     })
 }
 
@@ -595,24 +599,37 @@ pub fn run_lease(key: &str) -> String {
 /// accepted so recently that its run may not have taken it yet). A deployment whose server
 /// stopped mid-run is not: it may be deployed again or deleted, and reads show it `Failed`.
 async fn is_active(s: &AppState, tx: &mut Tx, rec: &TrackedRecord) -> Result<bool> {
-    let running = matches!(
-        rec.body["deployment"]["properties"]["provisioningState"].as_str(),
-        Some("Accepted" | "Running")
-    );
-    if !running {
+    if !running(&rec.body) {
         return Ok(false);
     }
-    let started = rec.body["started"].as_i64().unwrap_or(0);
-    let fresh = crate::arm::activity::now_micros() - started < RUN_LEASE_TTL as i64 * 1_000_000;
     // in the request's own unit of work: waiting for a second one while holding it could wait
     // for ever (a few readers, each held by such a request)
-    Ok(fresh
+    Ok(just_started(&rec.body)
         || tx
             .lease_holder(&run_lease(&rec.key), s.now())
             .await?
             .is_some()
         // a run to resume: a server takes it on within `deployment_resume_interval`
         || tx.get_tracked(&run_key(&rec.key)).await?.is_some())
+}
+
+/// Whether a stored deployment (its record's body) has a run that has not ended.
+fn running(body: &Value) -> bool {
+    matches!(
+        body["deployment"]["properties"]["provisioningState"].as_str(),
+        Some("Accepted" | "Running")
+    )
+}
+
+/// Whether its run started less than a run lease ago (it may not hold its lease yet).
+fn just_started(body: &Value) -> bool {
+    let started = body["started"].as_i64().unwrap_or(0);
+    crate::arm::activity::now_micros() - started < RUN_LEASE_TTL as i64 * 1_000_000
+}
+
+/// Whether a stored deployment's body is run `correlation_id`'s (a later PUT replaces it).
+pub fn is_run(body: &Value, correlation_id: &str) -> bool {
+    body["deployment"]["properties"]["correlationId"].as_str() == Some(correlation_id)
 }
 
 /// A deployment's resumable run, stored beside it (`{key}/run`) until it ends: the
@@ -646,20 +663,6 @@ pub enum Resume {
     Stop(Value),
 }
 
-/// Whether deployment `key`'s run `correlation_id` still waits to be run: checked again once
-/// a server holds its lease (another may have taken and ended it meanwhile).
-pub async fn still_pending(tx: &mut Tx, key: &str, correlation_id: &str) -> Result<bool> {
-    let Some(rec) = tx.get_tracked(key).await? else {
-        return Ok(false);
-    };
-    let props = &rec.body["deployment"]["properties"];
-    Ok(matches!(
-        props["provisioningState"].as_str(),
-        Some("Accepted" | "Running")
-    ) && props["correlationId"].as_str() == Some(correlation_id)
-        && tx.get_tracked(&run_key(key)).await?.is_some())
-}
-
 /// A resumed run starts over: the operations its stopped server recorded go, so that the
 /// deployment's operations are this run's.
 pub async fn start_over(tx: &mut Tx, key: &str) -> Result<()> {
@@ -669,30 +672,42 @@ pub async fn start_over(tx: &mut Tx, key: &str) -> Result<()> {
     Ok(())
 }
 
-/// The job of a stored run (`run`, a [`RUN_TYPE`] record) whose server stopped: its template
-/// evaluated again exactly as its request did (same parameters, time and seed).
-pub async fn resume(s: &AppState, tx: &mut Tx, run: &TrackedRecord) -> Result<Resume> {
+/// Whether stored run `run` (a [`RUN_TYPE`] record) waits for a server to take it: its lease
+/// is free (checked first: it is the cheap one), its deployment is still this run's and has
+/// not ended, and it did not start just now. Its deployment's key, if so.
+pub async fn waiting<'r>(
+    s: &AppState,
+    tx: &mut Tx,
+    run: &'r TrackedRecord,
+) -> Result<Option<&'r str>> {
     let Some(key) = run.key.strip_suffix("/run") else {
-        return Ok(Resume::Skip);
+        return Ok(None);
     };
-    // the cheap check first: a run whose lease is held goes on where it is
     if tx.lease_holder(&run_lease(key), s.now()).await?.is_some() {
-        return Ok(Resume::Skip);
+        return Ok(None);
     }
+    let correlation_id = run.body["correlationId"].as_str().unwrap_or_default();
+    Ok(match tx.get_tracked(key).await? {
+        Some(rec)
+            if running(&rec.body)
+                && is_run(&rec.body, correlation_id)
+                && !just_started(&rec.body) =>
+        {
+            Some(key)
+        }
+        _ => None,
+    })
+}
+
+/// The job of stored run `run` ([`waiting`]), for the server that now holds its lease: checked
+/// again (another server may have ended it meanwhile), its template evaluated again exactly as
+/// its request did (same parameters, time and seed).
+pub async fn resume(s: &AppState, tx: &mut Tx, key: &str, run: &TrackedRecord) -> Result<Resume> {
+    let correlation_id = run.body["correlationId"].as_str().unwrap_or_default();
     let Some(rec) = tx.get_tracked(key).await? else {
         return Ok(Resume::Skip);
     };
-    let props = &rec.body["deployment"]["properties"];
-    let running = matches!(
-        props["provisioningState"].as_str(),
-        Some("Accepted" | "Running")
-    );
-    if !running || props["correlationId"] != run.body["correlationId"] {
-        return Ok(Resume::Skip);
-    }
-    let started = rec.body["started"].as_i64().unwrap_or(0);
-    let fresh = crate::arm::activity::now_micros() - started < RUN_LEASE_TTL as i64 * 1_000_000;
-    if fresh {
+    if !running(&rec.body) || !is_run(&rec.body, correlation_id) {
         return Ok(Resume::Skip);
     }
     let stop = |why: &str| {
@@ -703,7 +718,6 @@ pub async fn resume(s: &AppState, tx: &mut Tx, run: &TrackedRecord) -> Result<Re
         ))
     };
     let sealed = run.body["sealed"].as_str().and_then(|b| B64.decode(b).ok());
-    let correlation_id = run.body["correlationId"].as_str().unwrap_or_default();
     let aad = run_aad(key, correlation_id, &rec.body["template"]);
     let Some(saved) = sealed
         .and_then(|b| tx.open_sealed(&aad, &b).ok())
@@ -748,26 +762,18 @@ pub async fn resume(s: &AppState, tx: &mut Tx, run: &TrackedRecord) -> Result<Re
     } else {
         Mode::Incremental
     };
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
     Ok(Resume::Job(Box::new(Job {
         key: key.to_string(),
         id: target.canonical(),
-        correlation_id: run.body["correlationId"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
+        correlation_id: correlation_id.to_string(),
         subscription: target.subscription.clone(),
         resource_group: target.resource_group.clone().unwrap_or_default(),
         plan,
         mode,
         caller: Caller {
-            object_id: saved["caller"]["objectId"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            client_id: saved["caller"]["clientId"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
+            object_id: text(&saved["caller"]["objectId"]),
+            client_id: text(&saved["caller"]["clientId"]),
         },
     })))
 }
@@ -775,11 +781,7 @@ pub async fn resume(s: &AppState, tx: &mut Tx, run: &TrackedRecord) -> Result<Re
 /// The deployment as reads show it: a run that stopped with its server is `Failed`.
 async fn shown(s: &AppState, tx: &mut Tx, rec: &TrackedRecord) -> Result<Value> {
     let mut d = rec.body["deployment"].clone();
-    let running = matches!(
-        d["properties"]["provisioningState"].as_str(),
-        Some("Accepted" | "Running")
-    );
-    if running && !is_active(s, tx, rec).await? {
+    if running(&rec.body) && !is_active(s, tx, rec).await? {
         d["properties"]["provisioningState"] = json!("Failed");
         d["properties"]["error"] = json!({
             "code": "DeploymentRunStopped",
@@ -874,10 +876,14 @@ async fn put_at<T: Sync>(
         .await?;
     if inserted {
         // what another server needs to run it on if this one stops (sealed: secure values)
-        let mut resume = p.resume.clone();
-        resume["mode"] = json!(p.mode.as_str());
-        resume["location"] = json!(p.location);
-        resume["caller"] = json!({"objectId": c.caller.object_id, "clientId": c.caller.client_id});
+        let resume = json!({
+            "parameters": p.parameters,
+            "now": p.now,
+            "seed": p.seed.to_string(),
+            "mode": p.mode.as_str(),
+            "location": p.location,
+            "caller": {"objectId": c.caller.object_id, "clientId": c.caller.client_id},
+        });
         let key = p.target.key();
         let aad = run_aad(&key, &correlation_id, &p.template);
         let sealed = tx.seal(&aad, resume.to_string().as_bytes())?;

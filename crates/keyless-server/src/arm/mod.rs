@@ -263,36 +263,36 @@ async fn resume_pass(s: &Arc<AppState>) -> Result<()> {
             .await?
     };
     for run in runs {
-        let what = {
+        let key = {
             let mut tx = s.store.read("deployment_resume").await?;
-            deployments::resume(s, &mut tx, &run).await?
+            deployments::waiting(s, &mut tx, &run)
+                .await?
+                .map(str::to_string)
         };
-        let correlation_id = run.body["correlationId"].as_str().unwrap_or_default();
-        let key = run.key.trim_end_matches("/run");
-        if matches!(what, deployments::Resume::Skip) {
+        let Some(key) = key else {
             continue;
-        }
-        // one server acts on it: the one that takes its lease, and finds it still waiting
+        };
+        // one server acts on it: the one that takes its lease
+        let correlation_id = run.body["correlationId"].as_str().unwrap_or_default();
         let holder = format!("resume:{correlation_id}:{}", crate::util::new_guid());
-        let lease = deployments::run_lease(key);
+        let lease = deployments::run_lease(&key);
         let ttl = deployments::RUN_LEASE_TTL;
         if !s.store.try_lease(&lease, &holder, s.now(), ttl).await? {
             continue;
         }
-        let pending = {
+        let what = {
             let mut tx = s.store.read("deployment_resume").await?;
-            deployments::still_pending(&mut tx, key, correlation_id).await?
+            deployments::resume(s, &mut tx, &key, &run).await?
         };
         match what {
-            _ if !pending => {}
             deployments::Resume::Skip => {}
             deployments::Resume::Stop(error) => {
-                deployment_run::stop(s, key, correlation_id, error).await?;
+                deployment_run::stop(s, &key, correlation_id, error).await?;
             }
             deployments::Resume::Job(job) => {
                 tracing::info!(deployment = %job.id, "resuming a deployment whose server stopped");
                 let mut tx = s.store.write("deployment_resume").await?;
-                deployments::start_over(&mut tx, key).await?;
+                deployments::start_over(&mut tx, &key).await?;
                 tx.commit().await?;
                 let front = front(s, &job.correlation_id);
                 // the run renews the lease under the same holder
@@ -944,6 +944,17 @@ mod tests {
         server_on(dir, store).await
     }
 
+    /// The store on PostgreSQL database `url`, with the key-encryption key every test server
+    /// here uses.
+    async fn pg_store(url: impl Into<String>) -> Store {
+        Store::postgres(
+            &keyless_store::postgres::PgOptions::new(url),
+            Kek::from_bytes(&[5u8; 32]).unwrap(),
+        )
+        .await
+        .unwrap()
+    }
+
     /// A server on `store` (its first start) and a management token of its bootstrap admin.
     async fn server_on(dir: &std::path::Path, store: Store) -> (Arc<AppState>, String) {
         server_with(dir, store, |_| {}).await
@@ -1194,12 +1205,7 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let url = pg.database().await;
-            let store = Store::postgres(
-                &keyless_store::postgres::PgOptions::new(url),
-                Kek::from_bytes(&[5u8; 32]).unwrap(),
-            )
-            .await
-            .unwrap();
+            let store = pg_store(url).await;
             let dir = tempfile::tempdir().unwrap();
             let (s, token) = server_on(dir.path(), store).await;
             let sub = s.subscription_id.clone();
@@ -1235,7 +1241,6 @@ mod tests {
         let Some(pg) = keyless_store::testing::PgServer::start() else {
             return;
         };
-        let kek = || Kek::from_bytes(&[5u8; 32]).unwrap();
         const N: usize = 12;
         const SECRET: &str = "resume-s3cret-value";
         let template = json!({"$schema": "https://schema.management.azure.com/schemas/2019-04-01/deploymentTemplate.json#",
@@ -1256,10 +1261,7 @@ mod tests {
             .unwrap();
         let (url, dep) = rt_a.block_on(async {
             let url = pg.database().await;
-            let store =
-                Store::postgres(&keyless_store::postgres::PgOptions::new(url.clone()), kek())
-                    .await
-                    .unwrap();
+            let store = pg_store(url.clone()).await;
             let (s, token) = server_on(dir_a.path(), store).await;
             let rg = format!("/subscriptions/{}/resourceGroups/rg1", s.subscription_id);
             call(&s, &token, Method::PUT, &rg, json!({"location": "local"})).await;
@@ -1270,7 +1272,7 @@ mod tests {
         });
         drop(rt_a);
         // as if A had recorded an operation before it stopped
-        let stale = rt_b_setup_stale(&url, &dep, kek());
+        let stale = rt_b_setup_stale(&url, &dep);
         // server B, on the same store, looks for runs to resume every 200 ms
         let dir_b = tempfile::tempdir().unwrap();
         let rt_b = tokio::runtime::Builder::new_multi_thread()
@@ -1279,9 +1281,7 @@ mod tests {
             .build()
             .unwrap();
         rt_b.block_on(async {
-            let store = Store::postgres(&keyless_store::postgres::PgOptions::new(url), kek())
-                .await
-                .unwrap();
+            let store = pg_store(url).await;
             let (s, token) = server_with(dir_b.path(), store, |cfg| {
                 cfg.deployment_resume_interval = std::time::Duration::from_millis(200);
             })
@@ -1369,15 +1369,13 @@ mod tests {
     }
 
     /// An operation row for deployment `dep` as a stopped run leaves it: its key.
-    fn rt_b_setup_stale(url: &str, dep: &str, kek: Kek) -> String {
+    fn rt_b_setup_stale(url: &str, dep: &str) -> String {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            let store = Store::postgres(&keyless_store::postgres::PgOptions::new(url), kek)
-                .await
-                .unwrap();
+            let store = pg_store(url).await;
             let key = dep.to_ascii_lowercase();
             let rec = {
                 let mut tx = store.read("test").await.unwrap();

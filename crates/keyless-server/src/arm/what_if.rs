@@ -18,7 +18,7 @@ use crate::request::Caller;
 use crate::state::AppState;
 use keyless_core::resource_id::ArmPath;
 use keyless_core::template::what_if;
-use keyless_core::template::{Level, Plan, PlannedResource, References, Scope};
+use keyless_core::template::{Level, Plan, References, Scope};
 use keyless_store::Tx;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -56,7 +56,8 @@ pub async fn changes(
     at: &At<'_>,
 ) -> Result<Vec<Value>> {
     let mut predicted = HashMap::new();
-    let all = changes_at(s, tx, caller, reads, plan, at, 0, &mut predicted).await?;
+    let rd = Reader { s, caller, reads };
+    let all = changes_at(&rd, tx, plan, at, 0, &mut predicted).await?;
     // a resource named (here or in a nested deployment) is not also "left as it is", and a
     // group reached twice lists its other resources once
     let named: HashSet<String> = all
@@ -78,14 +79,25 @@ pub async fn changes(
         .collect())
 }
 
+/// Whose reads: the server, the caller, the router's reads.
+struct Reader<'a> {
+    s: &'a AppState,
+    caller: &'a Caller,
+    reads: &'a Reads,
+}
+
+impl Reader<'_> {
+    /// Resource `id` at `version` as its GET answers the caller.
+    async fn get(&self, tx: &mut Tx, id: &str, version: &str) -> Result<Read> {
+        (self.reads.get)(self.s, tx, self.caller, id, version).await
+    }
+}
+
 /// [`changes`] of one template, `depth` deployments deep; `predicted` holds the states the
 /// deployment's resources will have, for `reference()` (and the groups it creates).
-#[allow(clippy::too_many_arguments)]
 async fn changes_at(
-    s: &AppState,
+    rd: &Reader<'_>,
     tx: &mut Tx,
-    caller: &Caller,
-    reads: &Reads,
     plan: &Plan,
     at: &At<'_>,
     depth: usize,
@@ -97,7 +109,7 @@ async fn changes_at(
         now.push(if r.full_type.eq_ignore_ascii_case(NESTED) {
             Read::Missing
         } else {
-            (reads.get)(s, tx, caller, &r.id, &r.api_version).await?
+            rd.get(tx, &r.id, &r.api_version).await?
         });
     }
     for (r, read) in plan.resources.iter().zip(&now) {
@@ -106,11 +118,11 @@ async fn changes_at(
         }
     }
     let mut out: Vec<Vec<Value>> = vec![Vec::new(); n];
-    for i in dependency_order(&plan.resources) {
+    for &i in plan.dependency_order() {
         let r = &plan.resources[i];
         let before = match &now[i] {
             _ if r.full_type.eq_ignore_ascii_case(NESTED) => {
-                out[i] = nested(s, tx, caller, reads, plan, i, depth, predicted).await?;
+                out[i] = nested(rd, tx, plan, i, depth, predicted).await?;
                 continue;
             }
             Read::Refused(405, _) => {
@@ -144,13 +156,13 @@ async fn changes_at(
     let mut changes: Vec<Value> = out.into_iter().flatten().collect();
     if let Some(group) = at.resource_group {
         // only what the caller may read: a deployer is shown no resource it could not GET
-        let grants = crate::authz::grants(tx, &caller.object_id).await?;
+        let grants = crate::authz::grants(tx, &rd.caller.object_id).await?;
         let named: HashSet<String> = plan
             .resources
             .iter()
             .map(|r| r.id.to_ascii_lowercase())
             .collect();
-        for item in (reads.in_group)(s, tx, at.subscription, group).await? {
+        for item in (rd.reads.in_group)(rd.s, tx, at.subscription, group).await? {
             let Some(id) = item["id"].as_str() else {
                 continue;
             };
@@ -172,12 +184,9 @@ fn needs_the_run(message: &str) -> String {
 
 /// The changes of nested deployment `plan.resources[i]`: its template's, at its scope (its
 /// resource group as this deployment predicts it or as it is), as the run would deploy it.
-#[allow(clippy::too_many_arguments)]
 async fn nested(
-    s: &AppState,
+    rd: &Reader<'_>,
     tx: &mut Tx,
-    caller: &Caller,
-    reads: &Reads,
     plan: &Plan,
     i: usize,
     depth: usize,
@@ -214,7 +223,7 @@ async fn nested(
                 .unwrap_or_default();
             let group = match predicted.get(&gid.to_ascii_lowercase()) {
                 Some(g) => Some(g.clone()),
-                None => match (reads.get)(s, tx, caller, &gid, version).await? {
+                None => match rd.get(tx, &gid, version).await? {
                     Read::Found(g) => Some(g),
                     _ => None,
                 },
@@ -266,72 +275,5 @@ async fn nested(
         resource_group: group.as_deref(),
         complete,
     };
-    Box::pin(changes_at(
-        s,
-        tx,
-        caller,
-        reads,
-        &inner,
-        &at,
-        depth + 1,
-        predicted,
-    ))
-    .await
-}
-
-/// The resources' indices, each after those it depends on (the plan has no cycles: its
-/// validation refused them).
-fn dependency_order(rs: &[PlannedResource]) -> Vec<usize> {
-    let mut waiting: Vec<usize> = rs.iter().map(|r| r.depends_on.len()).collect();
-    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); rs.len()];
-    for (i, r) in rs.iter().enumerate() {
-        for &d in &r.depends_on {
-            dependents[d].push(i);
-        }
-    }
-    let mut ready: Vec<usize> = (0..rs.len()).filter(|&i| waiting[i] == 0).rev().collect();
-    let mut order = Vec::with_capacity(rs.len());
-    while let Some(i) = ready.pop() {
-        order.push(i);
-        for &j in dependents[i].iter().rev() {
-            waiting[j] -= 1;
-            if waiting[j] == 0 {
-                ready.push(j);
-            }
-        }
-    }
-    order
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn resources(deps: &[&[usize]]) -> Vec<PlannedResource> {
-        deps.iter()
-            .enumerate()
-            .map(|(i, d)| PlannedResource {
-                full_type: "t".into(),
-                name: format!("r{i}"),
-                id: format!("/r{i}"),
-                api_version: "v".into(),
-                depends_on: d.to_vec(),
-                copy: None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn each_resource_comes_after_what_it_depends_on() {
-        // 3 → 1 → 0, 2 → 0, 4 alone, 1 listed twice by 5
-        let rs = resources(&[&[1, 2], &[3], &[], &[], &[], &[1, 1]]);
-        let order = dependency_order(&rs);
-        assert_eq!(order.len(), rs.len());
-        let pos = |i: usize| order.iter().position(|&x| x == i).unwrap();
-        for (i, r) in rs.iter().enumerate() {
-            for &d in &r.depends_on {
-                assert!(pos(d) < pos(i), "{order:?}");
-            }
-        }
-    }
+    Box::pin(changes_at(rd, tx, &inner, &at, depth + 1, predicted)).await
 }

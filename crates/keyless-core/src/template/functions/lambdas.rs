@@ -60,6 +60,19 @@ fn lambda<'e>(fname: &str, e: &'e Expr, min: usize, max: usize) -> Result<Lambda
     })
 }
 
+/// The functions here (lower-case).
+pub(super) const NAMES: &[&str] = &[
+    "lambda",
+    "lambdavariables",
+    "filter",
+    "map",
+    "reduce",
+    "sort",
+    "toobject",
+    "mapvalues",
+    "groupby",
+];
+
 /// The functions here, if `name` is one.
 pub(super) fn call(name: &str, args: &[Expr], cx: &Ctx) -> Option<Result<Value, String>> {
     let r = match name.to_ascii_lowercase().as_str() {
